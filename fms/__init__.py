@@ -1,0 +1,15 @@
+"""fms: a file store with a cache tier, built as a ZeroMQ broker topology.
+
+The public API is :class:`Client` and the exceptions; everything else is the daemons' code.
+"""
+
+__version__ = "0.1.0"
+
+from .client import Client  # noqa: E402
+from .errors import (  # noqa: E402
+    BadRequest, FmsError, IntegrityError, NotFound, RemoteError, Timeout, TooLarge,
+    TransportError, Unavailable,
+)
+
+__all__ = ["Client", "FmsError", "RemoteError", "NotFound", "BadRequest", "IntegrityError",
+           "Unavailable", "TooLarge", "TransportError", "Timeout", "__version__"]

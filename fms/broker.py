@@ -1,0 +1,337 @@
+"""The broker: routes requests to services and keeps the registry of live workers.
+
+It knows nothing about files.  It reads the small header frame of a client request (for ``op``)
+and the route frame of a worker message; data frames pass through untouched (``copy=False``).
+The broker holds no state that a restart loses: workers re-register, clients retry.
+
+Dispatch is least-loaded: among a service's live workers, the one with the fewest requests in
+flight.  A request in flight on a worker that dies is handed to another worker if its op is
+idempotent, and answered with ``unavailable`` otherwise.
+"""
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import zmq
+
+from . import protocol as p
+from .errors import BadRequest
+from .logutil import RateLimitedLog
+
+log = logging.getLogger("fms.broker")
+
+FRONTEND = "f"
+BACKEND = "b"
+
+
+@dataclass
+class Worker:
+    ident: bytes
+    service: str
+    worker_id: str
+    store_id: str | None
+    expiry: float
+    inflight: set = field(default_factory=set)   # broker request keys
+    served: int = 0
+
+
+@dataclass
+class Pending:
+    worker: bytes
+    service: str
+    op: str
+    origin: dict        # {"from": identity, "via": FRONTEND|BACKEND}
+    body: list          # header frame (+ data frame), kept for re-dispatch
+    req_id: object
+
+
+class Broker:
+    """Routes between a frontend ROUTER (clients) and a backend ROUTER (workers).
+
+    :param frontend: endpoint to bind for clients.
+    :param backend: endpoint to bind for workers.
+    """
+
+    def __init__(self, frontend: str, backend: str, ctx: zmq.Context | None = None):
+        self.ctx = ctx or zmq.Context.instance()
+        self.frontend_endpoint = frontend
+        self.backend_endpoint = backend
+        self.frontend = None
+        self.backend = None
+        self.workers = {}            # ident -> Worker
+        self.pending = {}            # request key -> Pending
+        self._keys = itertools.count(1)
+        self._bad = RateLimitedLog(log)
+        self.started = time.time()
+
+    # --- set-up ---
+
+    def bind(self):
+        """Bind both sockets; the actual endpoints (with any ``*`` port resolved) are kept."""
+        self.frontend = self._router(self.frontend_endpoint)
+        self.backend = self._router(self.backend_endpoint)
+        self.frontend_endpoint = self.frontend.last_endpoint.decode()
+        self.backend_endpoint = self.backend.last_endpoint.decode()
+        log.info("event=listening frontend=%s backend=%s", self.frontend_endpoint,
+                 self.backend_endpoint)
+
+    def _router(self, endpoint: str) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.linger = 0
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)   # an unroutable reply raises, never vanishes
+        sock.setsockopt(zmq.SNDTIMEO, int(p.SEND_TIMEOUT * 1000))
+        sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_SIZE)
+        sock.bind(endpoint)
+        return sock
+
+    def close(self):
+        for sock in (self.frontend, self.backend):
+            if sock is not None:
+                sock.close(linger=0)
+
+    # --- the loop ---
+
+    def run(self, should_stop=lambda: False):
+        poller = zmq.Poller()
+        poller.register(self.frontend, zmq.POLLIN)
+        poller.register(self.backend, zmq.POLLIN)
+        next_heartbeat = time.monotonic() + p.HEARTBEAT_INTERVAL
+        while not should_stop():
+            timeout = max(0.0, next_heartbeat - time.monotonic())
+            events = dict(poller.poll(int(timeout * 1000)))
+            if self.backend in events:
+                self.process_worker(self.backend.recv_multipart(copy=False))
+            if self.frontend in events:
+                self.process_client(self.frontend.recv_multipart(copy=False))
+            if time.monotonic() >= next_heartbeat:
+                self.purge_workers()
+                self.send_heartbeats()
+                next_heartbeat = time.monotonic() + p.HEARTBEAT_INTERVAL
+
+    # --- clients ---
+
+    def process_client(self, frames):
+        """``[identity, header, data?]`` from a client."""
+        ident = frames[0].bytes
+        if len(frames) not in (2, 3):
+            self._bad.warning("event=bad_client_message frames=%d", len(frames))
+            self._reply_error({"from": ident, "via": FRONTEND}, None, "bad_request",
+                              f"a request has 1 or 2 frames (header, data?), got {len(frames) - 1}")
+            return
+        origin = {"from": ident, "via": FRONTEND}
+        req_id = None
+        try:
+            header = p.decode(frames[1].buffer)
+            op = header.get("op")
+            req_id = header.get("id")
+            if header.get("v") != p.PROTOCOL_VERSION:
+                self._reply_error(origin, req_id, "version",
+                                  f"protocol version {header.get('v')!r} is not supported; "
+                                  f"this broker speaks {p.PROTOCOL_VERSION}: upgrade the client")
+                return
+            if not isinstance(op, str) or op not in p.OP_SERVICE:
+                raise BadRequest(f"unknown op {op!r}; known ops: {', '.join(sorted(p.OP_SERVICE))}")
+        except BadRequest as exc:
+            self._bad.warning("event=bad_client_message error=%r", str(exc))
+            self._reply_error(origin, req_id, "bad_request", str(exc))
+            return
+        if op == "status":
+            self._send(self.frontend, [ident, p.encode(p.ok_reply(req_id, **self.status()))])
+            return
+        self.dispatch(p.OP_SERVICE[op], op, req_id, origin, frames[1:])
+
+    def dispatch(self, service: str, op: str, req_id, origin: dict, body: list, exclude=()):
+        """Send a request to the least-loaded live worker of ``service`` (or its fallback)."""
+        worker = self.require_worker(service, exclude)
+        if worker is None and service in p.FALLBACK_SERVICE:
+            worker = self.require_worker(p.FALLBACK_SERVICE[service], exclude)
+        if worker is None:
+            self._reply_error(origin, req_id, "unavailable",
+                              f"no {service} worker is connected to the broker; start one "
+                              f"(python {service}_worker.py) or run a whole cluster with: fms up")
+            return
+        key = next(self._keys)
+        route = {"t": "req", "k": key, **origin}
+        if not self._send(self.backend, [worker.ident, p.encode(route), *body]):
+            self.delete_worker(worker.ident, "unreachable")
+            self.dispatch(service, op, req_id, origin, body, exclude=(*exclude, worker.ident))
+            return
+        worker.inflight.add(key)
+        worker.served += 1
+        self.pending[key] = Pending(worker.ident, service, op, origin, body, req_id)
+
+    def require_worker(self, service: str, exclude=()):
+        """The live worker of ``service`` with the fewest requests in flight, or None."""
+        best = None
+        for worker in self.workers.values():
+            if worker.service == service and worker.ident not in exclude:
+                if best is None or len(worker.inflight) < len(best.inflight):
+                    best = worker
+        return best
+
+    # --- workers ---
+
+    def process_worker(self, frames):
+        """``[identity, route, header?, data?]`` from a worker."""
+        ident = frames[0].bytes
+        try:
+            if len(frames) < 2:
+                raise BadRequest("worker message without a route frame")
+            route = p.decode(frames[1].buffer)
+            kind = route.get("t")
+            worker = self.workers.get(ident)
+            if kind == "ready":
+                self.register_worker(ident, route)
+                return
+            if worker is None:
+                # Not (or no longer) registered, e.g. after a broker restart: ask it to READY.
+                if kind != "bye":
+                    self._send(self.backend, [ident, p.encode({"t": "reregister"})])
+                return
+            worker.expiry = time.monotonic() + p.HEARTBEAT_INTERVAL * p.HEARTBEAT_LIVENESS
+            if kind == "rep":
+                self.process_reply(worker, route, frames[2:])
+            elif kind == "req":
+                self.process_worker_request(worker, route, frames[2:])
+            elif kind == "hb":
+                pass
+            elif kind == "bye":
+                self.delete_worker(ident, "said bye")
+            else:
+                raise BadRequest(f"unknown route type {kind!r}")
+        except BadRequest as exc:
+            self._bad.warning("event=bad_worker_message worker=%s error=%r", ident.hex(), str(exc))
+
+    def register_worker(self, ident: bytes, route: dict):
+        service = route.get("svc")
+        worker_id = str(route.get("wid", ident.hex()))
+        store_id = route.get("store")
+        if route.get("v") != p.PROTOCOL_VERSION:
+            return self._refuse(ident, f"protocol version {route.get('v')!r} is not supported; "
+                                       f"this broker speaks {p.PROTOCOL_VERSION}")
+        if service not in p.SERVICES:
+            return self._refuse(ident, f"unknown service {service!r}")
+        if service == p.STORAGE:
+            current = self.store_id()
+            if current is not None and store_id != current and ident not in self.workers:
+                return self._refuse(
+                    ident, f"this worker serves a different store ({store_id}) than the "
+                           f"storage workers already connected ({current}); start it with the "
+                           f"same --data directory as them (sharding across stores comes later)")
+        if ident in self.workers:
+            self.delete_worker(ident, "registered again")
+        self.workers[ident] = Worker(ident, service, worker_id, store_id,
+                                     time.monotonic() + p.HEARTBEAT_INTERVAL * p.HEARTBEAT_LIVENESS)
+        self._send(self.backend, [ident, p.encode({"t": "welcome"})])
+        log.info("event=worker_ready service=%s worker=%s store=%s", service, worker_id, store_id)
+
+    def store_id(self):
+        for worker in self.workers.values():
+            if worker.service == p.STORAGE:
+                return worker.store_id
+        return None
+
+    def _refuse(self, ident: bytes, message: str):
+        log.warning("event=worker_refused worker=%s reason=%r", ident.hex(), message)
+        self._send(self.backend, [ident, p.encode({"t": "refused", "msg": message})])
+
+    def process_reply(self, worker: Worker, route: dict, body: list):
+        key = route.get("k")
+        pending = self.pending.pop(key, None)
+        if pending is None or pending.worker != worker.ident:
+            # Handed to another worker already, or a duplicate: exactly one reply goes out.
+            if pending is not None:
+                self.pending[key] = pending
+            log.info("event=late_reply worker=%s key=%r action=dropped", worker.worker_id, key)
+            return
+        worker.inflight.discard(key)
+        name = route.get("inv")
+        if isinstance(name, str):
+            # Invalidate before the ack leaves: the cache's pipe is FIFO, so any read the client
+            # sends after this ack reaches the cache after the invalidation (invariant 1).
+            self.invalidate(name)
+        self._deliver(pending.origin, body)
+
+    def process_worker_request(self, worker: Worker, route: dict, body: list):
+        service = route.get("svc")
+        origin = {"from": worker.ident, "via": BACKEND}
+        if len(body) not in (1, 2):
+            raise BadRequest(f"worker request has {len(body)} body frames, expected 1 or 2")
+        header = p.decode(body[0].buffer)
+        if service not in p.SERVICES:
+            self._reply_error(origin, header.get("id"), "bad_request", f"unknown service {service!r}")
+            return
+        self.dispatch(service, str(header.get("op")), header.get("id"), origin, body)
+
+    def invalidate(self, name: str):
+        for worker in list(self.workers.values()):
+            if worker.service == p.CACHE:
+                if not self._send(self.backend, [worker.ident, p.encode({"t": "inv", "name": name})]):
+                    # A cache we cannot tell must not serve reads any more.
+                    self.delete_worker(worker.ident, "missed an invalidation")
+
+    def purge_workers(self):
+        now = time.monotonic()
+        for worker in [w for w in self.workers.values() if w.expiry < now]:
+            self.delete_worker(worker.ident, "heartbeat expired")
+
+    def delete_worker(self, ident: bytes, reason: str):
+        worker = self.workers.pop(ident, None)
+        if worker is None:
+            return
+        log.warning("event=worker_gone service=%s worker=%s reason=%r inflight=%d",
+                    worker.service, worker.worker_id, reason, len(worker.inflight))
+        for key in sorted(worker.inflight):
+            pending = self.pending.pop(key, None)
+            if pending is None:
+                continue
+            if pending.op in p.IDEMPOTENT_OPS:
+                self.dispatch(pending.service, pending.op, pending.req_id, pending.origin,
+                              pending.body, exclude=(ident,))
+            else:
+                self._reply_error(pending.origin, pending.req_id, "unavailable",
+                                  f"the {worker.service} worker died while handling {pending.op}; "
+                                  f"check the result (fms stat) before retrying")
+
+    def send_heartbeats(self):
+        beat = p.encode({"t": "hb"})
+        for worker in list(self.workers.values()):
+            if not self._send(self.backend, [worker.ident, beat]):
+                self.delete_worker(worker.ident, "unreachable")
+
+    # --- status ---
+
+    def status(self) -> dict:
+        return {
+            "broker": {"frontend": self.frontend_endpoint, "backend": self.backend_endpoint,
+                       "uptime": time.time() - self.started, "pending": len(self.pending)},
+            "workers": [
+                {"service": w.service, "id": w.worker_id, "store": w.store_id, "state": "ready",
+                 "inflight": len(w.inflight), "served": w.served}
+                for w in sorted(self.workers.values(), key=lambda w: (w.service, w.worker_id))
+            ],
+        }
+
+    # --- sending ---
+
+    def _deliver(self, origin: dict, body: list):
+        if origin["via"] == FRONTEND:
+            self._send(self.frontend, [origin["from"], *body])
+        else:
+            self._send(self.backend, [origin["from"], p.encode({"t": "rep"}), *body])
+
+    def _reply_error(self, origin: dict, req_id, code: str, message: str):
+        self._deliver(origin, [p.encode(p.error_reply(req_id, code, message))])
+
+    def _send(self, sock: zmq.Socket, frames) -> bool:
+        """Send; on an unknown peer or a full queue log it and return False (invariant 7)."""
+        try:
+            sock.send_multipart(frames, copy=False)
+            return True
+        except zmq.ZMQError as exc:
+            side = "frontend" if sock is self.frontend else "backend"
+            peer = frames[0].hex() if isinstance(frames[0], bytes) else "?"
+            log.warning("event=undeliverable socket=%s peer=%s error=%r", side, peer, exc.strerror)
+            return False

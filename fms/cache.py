@@ -1,0 +1,212 @@
+"""The cache tier's state, as plain objects with no sockets.
+
+:class:`ChunkCache` keeps chunks on disk, bounded in bytes, least-recently-used out first.  Chunks
+are content-addressed, so they are never stale and survive restarts.
+
+:class:`ManifestCache` keeps manifests in memory and decides whether a fill may be stored.  This is
+where read-after-write (DESIGN.md invariant 1) is defended: a fetch records the clock when it
+starts; an invalidation of the name (or of everything) ticks the clock; a fill whose fetch started
+before the latest invalidation of its name is *stale*: it is neither stored nor handed to requests
+that arrived after the invalidation.
+"""
+
+import collections
+import contextlib
+import logging
+import os
+import uuid
+
+from . import protocol as p
+
+log = logging.getLogger("fms.cache")
+
+MAX_MANIFESTS = 100_000  # manifests kept in memory; the oldest are dropped past this
+
+
+class ChunkCache:
+    """Chunks on disk under ``path``, at most ``max_bytes`` in all.
+
+    :param path: the cache directory; created if missing.
+    :param max_bytes: the bound; a chunk larger than it is never cached.
+    """
+
+    def __init__(self, path: str, max_bytes: int):
+        self.path = os.path.abspath(path)
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.evictions = 0
+        self.corrupt = 0
+        self._lru = collections.OrderedDict()  # digest -> size, least recently used first
+        self._tmp = os.path.join(self.path, "tmp")
+        os.makedirs(self._tmp, exist_ok=True)
+        os.makedirs(os.path.join(self.path, "chunks"), exist_ok=True)
+        for entry in os.scandir(self._tmp):  # from a cache that died mid-write
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+        self._load()
+
+    def _load(self):
+        found = []
+        for root, _dirs, names in os.walk(os.path.join(self.path, "chunks")):
+            for name in names:
+                try:
+                    digest = bytes.fromhex(name)
+                    st = os.stat(os.path.join(root, name))
+                except (ValueError, OSError):
+                    continue
+                if len(digest) == p.HASH_LEN:
+                    found.append((st.st_mtime, digest, st.st_size))
+        found.sort()  # by last use (mtime is touched on every hit): oldest first
+        for _mtime, digest, size in found:
+            self._lru[digest] = size
+            self.bytes += size
+        self._evict()
+        log.info("event=cache_loaded entries=%d bytes=%d", len(self._lru), self.bytes)
+
+    def _path(self, digest: bytes) -> str:
+        name = digest.hex()
+        return os.path.join(self.path, "chunks", name[:2], name)
+
+    def __contains__(self, digest: bytes) -> bool:
+        return digest in self._lru
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def get(self, digest: bytes):
+        """A verified chunk as a data frame (bin32 prefix + bytes), or None on a miss.
+
+        A chunk that fails verification is dropped and counts as a miss, so it is refetched.
+        """
+        if digest not in self._lru:
+            return None
+        path = self._path(digest)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
+                frame = p.data_buffer(size)
+                view = memoryview(frame)[p.DATA_PREFIX_LEN:]
+                got = 0
+                while got < size:
+                    n = f.readinto(view[got:])
+                    if not n:
+                        break
+                    got += n
+        except OSError:
+            self._drop(digest)
+            return None
+        if got != size or p.sha256(view) != digest:
+            log.error("event=corrupt_cache_entry chunk=%s action=dropped", digest.hex())
+            self.corrupt += 1
+            self._drop(digest)
+            return None
+        self._lru.move_to_end(digest)
+        with contextlib.suppress(OSError):
+            os.utime(path)  # keeps LRU order across restarts
+        return frame
+
+    def put(self, digest: bytes, payload) -> bool:
+        """Cache a chunk; the caller has verified it against ``digest``.
+
+        :return: True if it is now cached.
+        """
+        size = len(payload)
+        if digest in self._lru:
+            self._lru.move_to_end(digest)
+            return True
+        if size > self.max_bytes:
+            return False
+        final = self._path(digest)
+        tmp = os.path.join(self._tmp, uuid.uuid4().hex)
+        try:
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            # No fsync: a torn file fails verification on read and is refetched.
+            with open(tmp, "wb") as f:
+                f.write(payload)
+            os.replace(tmp, final)
+        except OSError as exc:
+            log.warning("event=cache_write_failed chunk=%s error=%r", digest.hex(), exc.strerror)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            return False
+        self._lru[digest] = size
+        self.bytes += size
+        self._evict()
+        return digest in self._lru
+
+    def _evict(self):
+        while self.bytes > self.max_bytes and self._lru:
+            digest = next(iter(self._lru))
+            self._drop(digest)
+            self.evictions += 1
+
+    def _drop(self, digest: bytes):
+        size = self._lru.pop(digest, None)
+        if size is None:
+            return
+        self.bytes -= size
+        with contextlib.suppress(OSError):
+            os.unlink(self._path(digest))
+
+
+class ManifestCache:
+    """Manifests in memory, with the invalidation clock that keeps fills honest.
+
+    :param max_entries: bound on manifests kept; least recently used go first.
+    """
+
+    def __init__(self, max_entries: int = MAX_MANIFESTS):
+        self.max_entries = max_entries
+        self._entries = collections.OrderedDict()  # name -> manifest
+        self._clock = 0
+        self._invalidated_at = {}   # name -> clock of its latest invalidation
+        self._cleared_at = 0        # clock of the latest invalidate_all
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, name: str):
+        manifest = self._entries.get(name)
+        if manifest is not None:
+            self._entries.move_to_end(name)
+        return manifest
+
+    def begin_fetch(self) -> int:
+        """A token to hand back to :meth:`fresh` / :meth:`fill` when the fetch completes."""
+        return self._clock
+
+    def fresh(self, name: str, token: int) -> bool:
+        """True if no invalidation of ``name`` happened since the fetch that holds ``token``."""
+        return self._invalidated_at.get(name, 0) <= token and self._cleared_at <= token
+
+    def fill(self, name: str, manifest: dict, token: int) -> bool:
+        """Store a fetched manifest unless it is stale.  :return: whether it was stored."""
+        if not self.fresh(name, token):
+            return False
+        self._entries[name] = manifest
+        self._entries.move_to_end(name)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        return True
+
+    def invalidate(self, name: str):
+        self._clock += 1
+        self._invalidated_at[name] = self._clock
+        self._entries.pop(name, None)
+
+    def invalidate_all(self):
+        self._clock += 1
+        self._cleared_at = self._clock
+        self._entries.clear()
+        self._invalidated_at.clear()  # cleared_at now dominates every older entry
+
+    def forget_before(self, oldest_token):
+        """Drop invalidation records no pending fetch can be compared with any more.
+
+        :param oldest_token: the token of the oldest pending fetch, or None if none is pending.
+        """
+        if oldest_token is None:
+            self._invalidated_at.clear()
+        else:
+            self._invalidated_at = {n: c for n, c in self._invalidated_at.items()
+                                    if c > oldest_token}

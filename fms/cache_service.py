@@ -1,0 +1,189 @@
+"""The cache service: answers get and chunk from the cache, forwards misses to storage.
+
+A miss becomes one fetch to storage however many requests wait for the same key; storage pushes
+the data back here, the cache verifies it, fills itself and answers every waiter.  Manifest fills
+go through :class:`~fms.cache.ManifestCache`, which refuses stale ones (see there).
+"""
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+from . import protocol as p
+from .cache import ChunkCache, ManifestCache
+from .errors import BadRequest
+
+FETCH_TIMEOUT = 4.0   # seconds: a storage fetch unanswered this long fails its waiters
+
+log = logging.getLogger("fms.cache")
+
+
+@dataclass
+class Fetch:
+    kind: str                 # "get" or "chunk"
+    key: object               # the name, or the chunk digest
+    token: int                # ManifestCache clock when the fetch started
+    started: float
+    waiters: list = field(default_factory=list)   # (route, request id)
+
+
+class CacheService:
+    """Cache handlers.
+
+    :param chunks: the on-disk chunk cache.
+    :param link: where replies and fetches go.
+    :param manifests: the manifest cache (a fresh one by default).
+    """
+
+    def __init__(self, chunks: ChunkCache, link, manifests: ManifestCache | None = None):
+        self.chunks = chunks
+        self.manifests = manifests or ManifestCache()
+        self.link = link
+        self.hits = 0
+        self.misses = 0
+        self.fetches = 0
+        self._ids = itertools.count(1)
+        self._fetches = {}           # fetch id -> Fetch
+        self._open = {}              # (kind, key) -> fetch id of the newest fetch for that key
+
+    # --- requests from clients ---
+
+    def handle_request(self, route: dict, header: dict, data):
+        op = header.get("op")
+        if header.get("v") != p.PROTOCOL_VERSION:
+            raise BadRequest(f"protocol version {header.get('v')!r} not supported; "
+                             f"this worker speaks {p.PROTOCOL_VERSION}")
+        if op == "get":
+            self._get(route, header)
+        elif op == "chunk":
+            self._chunk(route, header)
+        elif op == "cache_stats":
+            self.link.reply(route, p.ok_reply(header["id"], cache=self.stats()))
+        else:
+            raise BadRequest(f"cache does not serve op {op!r}")
+
+    def _get(self, route, header):
+        name = p.check_name(p.need(header, "name", str))
+        manifest = self.manifests.lookup(name)
+        if manifest is not None:
+            frame = None
+            if _inline(manifest):
+                frame = self.chunks.get(manifest["chunks"][0])
+            if frame is not None or not _inline(manifest):
+                self.hits += 1
+                self.link.reply(route, p.ok_reply(header["id"], manifest=manifest), frame)
+                return
+        self.misses += 1
+        self._wait("get", name, route, header["id"])
+
+    def _chunk(self, route, header):
+        digest = p.need_hash(header, "hash")
+        frame = self.chunks.get(digest)
+        if frame is not None:
+            self.hits += 1
+            self.link.reply(route, p.ok_reply(header["id"]), frame)
+            return
+        self.misses += 1
+        self._wait("chunk", digest, route, header["id"])
+
+    def _wait(self, kind, key, route, req_id):
+        """Join the open fetch for this key if it is still fresh, else start one."""
+        fetch_id = self._open.get((kind, key))
+        fetch = self._fetches.get(fetch_id)
+        if fetch is None or (kind == "get" and not self.manifests.fresh(key, fetch.token)):
+            fetch_id = next(self._ids)
+            fetch = Fetch(kind, key, self.manifests.begin_fetch(), time.monotonic())
+            self._fetches[fetch_id] = fetch
+            self._open[(kind, key)] = fetch_id
+            self.fetches += 1
+            fields = {"name": key} if kind == "get" else {"hash": key}
+            self.link.request(p.STORAGE, {"v": p.PROTOCOL_VERSION, "op": kind, "id": fetch_id,
+                                          **fields})
+        fetch.waiters.append((route, req_id))
+
+    # --- storage pushes the data back ---
+
+    def handle_reply(self, header: dict, data):
+        fetch = self._close(header.get("id"))
+        if fetch is None:
+            return  # timed out already; its waiters were answered
+        if not header.get("ok"):
+            self._answer(fetch, header, None)
+            return
+        try:
+            payload = p.unpack_data(data.buffer) if data is not None else None
+            if fetch.kind == "chunk":
+                self._fill_chunk(fetch, payload)
+            else:
+                self._fill_manifest(fetch, header, payload)
+        except BadRequest as exc:
+            self._fail(fetch, "integrity", f"storage sent a bad reply: {exc}")
+            return
+        self._answer(fetch, header, data)
+
+    def _fill_chunk(self, fetch, payload):
+        if payload is None or p.sha256(payload) != fetch.key:
+            raise BadRequest(f"chunk {fetch.key.hex()[:16]} does not match its sha256")
+        self.chunks.put(fetch.key, payload)
+
+    def _fill_manifest(self, fetch, header, payload):
+        manifest = p.need(header, "manifest", dict)
+        if manifest.get("name") != fetch.key:
+            raise BadRequest("manifest is for another name")
+        if _inline(manifest):
+            if payload is None or p.sha256(payload) != manifest["chunks"][0]:
+                raise BadRequest("inline content does not match its sha256")
+            self.chunks.put(manifest["chunks"][0], payload)
+        if not self.manifests.fill(fetch.key, manifest, fetch.token):
+            log.debug("event=stale_fill_dropped name=%r", fetch.key)
+
+    def _close(self, fetch_id):
+        fetch = self._fetches.pop(fetch_id, None)
+        if fetch is not None and self._open.get((fetch.kind, fetch.key)) == fetch_id:
+            del self._open[(fetch.kind, fetch.key)]
+        if not self._fetches:
+            self.manifests.forget_before(None)
+        return fetch
+
+    def _answer(self, fetch, header, data):
+        buf = data.buffer if data is not None else None
+        for route, req_id in fetch.waiters:
+            self.link.reply(route, {**header, "id": req_id}, buf)
+
+    def _fail(self, fetch, code, message):
+        for route, req_id in fetch.waiters:
+            self.link.reply(route, p.error_reply(req_id, code, message))
+
+    # --- control ---
+
+    def on_invalidate(self, name: str):
+        self.manifests.invalidate(name)
+
+    def on_register(self):
+        # A broker we were cut off from may have acked writes we never heard of.
+        self.manifests.invalidate_all()
+
+    def tick(self, now: float):
+        expired = [fid for fid, f in self._fetches.items() if now - f.started > FETCH_TIMEOUT]
+        for fid in expired:
+            fetch = self._close(fid)
+            log.warning("event=fetch_timeout kind=%s waiters=%d", fetch.kind, len(fetch.waiters))
+            self._fail(fetch, "unavailable", "storage did not answer the cache in time; retry")
+        if self._fetches:
+            self.manifests.forget_before(min(f.token for f in self._fetches.values()))
+
+    def stats(self) -> dict:
+        total = self.hits + self.misses
+        return {
+            "hits": self.hits, "misses": self.misses, "fetches": self.fetches,
+            "hit_ratio": (self.hits / total) if total else 0.0,
+            "bytes": self.chunks.bytes, "max_bytes": self.chunks.max_bytes,
+            "entries": len(self.chunks), "evictions": self.chunks.evictions,
+            "corrupt": self.chunks.corrupt, "manifests": len(self.manifests),
+            "pending_fetches": len(self._fetches),
+        }
+
+
+def _inline(manifest: dict) -> bool:
+    return manifest["size"] <= p.INLINE_MAX and len(manifest["chunks"]) == 1

@@ -1,0 +1,501 @@
+"""Command-line entry points: ``fms`` (every command) and ``client.py`` (the client commands).
+
+Each command parses its arguments, builds the object, runs it and sets the exit code:
+0 success, 1 an fms error (printed as one line), 2 bad usage, 130 interrupted.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from . import __version__
+from . import protocol as p
+from .errors import FmsError, NotFound
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
+DEFAULT_BACKEND = "tcp://127.0.0.1:5556"
+DEFAULT_DATA = "./fms-data"
+DEFAULT_CACHE_BYTES = "1G"
+UP_STOP_TIMEOUT = 8.0      # seconds `fms up` waits for its processes to stop before killing them
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``"512M"`` -> 536870912.  Units are binary (K = 1024); a bare number is bytes."""
+    match = _SIZE.match(str(text))
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write it like 4096, 512M or 2G")
+    number, unit = match.groups()
+    scale = {"": 1, "k": p.KiB, "m": p.MiB, "g": p.GiB, "t": 1024 * p.GiB}[unit.lower()]
+    return int(float(number) * scale)
+
+
+# --- the parser ---
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def build_parser(prog: str = "fms", client_only: bool = False) -> argparse.ArgumentParser:
+    common = _client_options()
+    parser = argparse.ArgumentParser(
+        prog=prog, formatter_class=_Formatter, parents=[common],
+        description="fms: a file store with a cache tier, over ZeroMQ.",
+        epilog="examples:\n"
+               f"  {prog} put report.pdf docs/report.pdf\n"
+               f"  {prog} get docs/report.pdf ./report.pdf\n"
+               f"  {prog} ls docs/\n"
+               + ("" if client_only else f"  {prog} up            # a local cluster\n"))
+    parser.add_argument("--version", action="version", version=f"fms {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    cmd = _sub(sub, "put", "upload a file, or a folder tree with -r", common,
+               f"{prog} put photo.jpg            # stored as 'photo.jpg'\n"
+               f"{prog} put photo.jpg trips/1.jpg\n"
+               f"{prog} put -r ./album trips      # trips/<every file under ./album>")
+    cmd.add_argument("-r", "--recursive", action="store_true", help="upload a folder tree")
+    cmd.add_argument("local", metavar="LOCAL", help="local file (or folder with -r)")
+    cmd.add_argument("name", metavar="NAME", nargs="?",
+                     help="name to store under (default: the base name); with -r, a prefix")
+
+    cmd = _sub(sub, "get", "download a file, or every file under a prefix with -r", common,
+               f"{prog} get trips/1.jpg             # to ./1.jpg\n"
+               f"{prog} get trips/1.jpg /tmp/a.jpg\n"
+               f"{prog} get trips/1.jpg - | wc -c   # to stdout\n"
+               f"{prog} get -r trips ./restore      # keeps the tree")
+    cmd.add_argument("-r", "--recursive", action="store_true", help="download a prefix as a tree")
+    cmd.add_argument("name", metavar="NAME", help="stored name (a prefix with -r)")
+    cmd.add_argument("dest", metavar="DEST", nargs="?",
+                     help="destination file or folder, '-' for stdout (default: ./<base name>)")
+
+    cmd = _sub(sub, "ls", "list stored names", common, f"{prog} ls\n{prog} ls trips/ --json")
+    cmd.add_argument("prefix", metavar="PREFIX", nargs="?", default="", help="only names starting so")
+    cmd.add_argument("--json", action="store_true", help="print a JSON list of objects")
+
+    cmd = _sub(sub, "stat", "show a stored file's size, sha256, mtime, version", common,
+               f"{prog} stat trips/1.jpg --json")
+    cmd.add_argument("name", metavar="NAME")
+    cmd.add_argument("--json", action="store_true", help="print a JSON object")
+
+    cmd = _sub(sub, "rm", "remove a stored name", common, f"{prog} rm trips/1.jpg")
+    cmd.add_argument("name", metavar="NAME")
+
+    cmd = _sub(sub, "stats", "show the live workers and the cache's counters", common,
+               f"{prog} stats --json")
+    cmd.add_argument("--json", action="store_true", help="print a JSON object")
+
+    if not client_only:
+        _daemon_parsers(sub)
+    return parser
+
+
+def _client_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: an option given before the command is not reset by the subcommand's default.
+    common.add_argument("--broker", metavar="ENDPOINT", default=argparse.SUPPRESS,
+                        help="broker frontend (default: $FMS_BROKER, else tcp://127.0.0.1:5555)")
+    common.add_argument("--timeout", type=float, metavar="SECONDS", default=argparse.SUPPRESS,
+                        help="seconds to wait for each reply (default: 5)")
+    common.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS,
+                        help="print only errors")
+    return common
+
+
+def _sub(sub, name: str, summary: str, parent, examples: str, parents=True):
+    return sub.add_parser(name, help=summary, description=summary, formatter_class=_Formatter,
+                          parents=[parent] if parents else [],
+                          epilog="examples:\n  " + examples.replace("\n", "\n  "))
+
+
+def _daemon_parsers(sub):
+    empty = argparse.ArgumentParser(add_help=False)
+    cmd = _sub(sub, "broker", "run the broker", empty,
+               "fms broker --frontend tcp://127.0.0.1:5555 --backend tcp://127.0.0.1:5556")
+    _broker_args(cmd)
+    cmd = _sub(sub, "storage", "run a storage worker (start more to scale out)", empty,
+               "fms storage --data ./fms-data/storage")
+    _storage_args(cmd)
+    cmd = _sub(sub, "cache", "run the cache worker", empty,
+               "fms cache --dir ./fms-data/cache --max-bytes 2G")
+    _cache_args(cmd)
+    cmd = _sub(sub, "up", "run a whole local cluster in the foreground (Ctrl-C stops it)", empty,
+               "fms up --storage 3 --cache-bytes 4G")
+    cmd.add_argument("--frontend", default=DEFAULT_FRONTEND, help="client endpoint (%(default)s)")
+    cmd.add_argument("--backend", default=DEFAULT_BACKEND, help="worker endpoint (%(default)s)")
+    cmd.add_argument("--data", default=DEFAULT_DATA,
+                     help="data folder: DATA/storage and DATA/cache (%(default)s)")
+    cmd.add_argument("--storage", type=int, default=2, metavar="N",
+                     help="storage workers to start (%(default)s)")
+    cmd.add_argument("--cache-bytes", type=parse_size, default=DEFAULT_CACHE_BYTES, metavar="SIZE",
+                     help="cache bound, e.g. 512M or 2G (%(default)s)")
+    _log_arg(cmd)
+
+
+def _log_arg(cmd):
+    cmd.add_argument("--log-level", default="INFO",
+                     choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="(%(default)s)")
+
+
+def _broker_args(cmd):
+    cmd.add_argument("--frontend", default=DEFAULT_FRONTEND,
+                     help="endpoint to bind for clients (%(default)s)")
+    cmd.add_argument("--backend", default=DEFAULT_BACKEND,
+                     help="endpoint to bind for workers (%(default)s)")
+    _log_arg(cmd)
+
+
+def _storage_args(cmd):
+    cmd.add_argument("--broker", default=DEFAULT_BACKEND,
+                     help="broker backend endpoint (%(default)s)")
+    cmd.add_argument("--data", default=os.path.join(DEFAULT_DATA, "storage"),
+                     help="data directory; workers sharing it form one store (%(default)s)")
+    cmd.add_argument("--id", help="worker id shown in stats (default: storage-HOST-PID)")
+    cmd.add_argument("--read-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    _log_arg(cmd)
+
+
+def _cache_args(cmd):
+    cmd.add_argument("--broker", default=DEFAULT_BACKEND,
+                     help="broker backend endpoint (%(default)s)")
+    cmd.add_argument("--dir", default=os.path.join(DEFAULT_DATA, "cache"),
+                     help="cache directory (%(default)s)")
+    cmd.add_argument("--max-bytes", type=parse_size, default=DEFAULT_CACHE_BYTES, metavar="SIZE",
+                     help="cache bound, e.g. 512M or 2G (%(default)s)")
+    cmd.add_argument("--id", help="worker id shown in stats (default: cache-HOST-PID)")
+    _log_arg(cmd)
+
+
+# --- entry points ---
+
+def main(argv=None) -> int:
+    """The ``fms`` console script."""
+    return _run(build_parser("fms"), argv)
+
+
+def client_main(argv=None) -> int:
+    """``python client.py``."""
+    return _run(build_parser("client.py", client_only=True), argv)
+
+
+def daemon_main(kind: str, argv=None) -> int:
+    """``python broker.py`` / ``storage_worker.py`` / ``cache_worker.py``."""
+    parser = argparse.ArgumentParser(prog=f"{kind}.py" if kind == "broker" else f"{kind}_worker.py",
+                                     description=f"Run the fms {kind}.")
+    parser.add_argument("--version", action="version", version=f"fms {__version__}")
+    {"broker": _broker_args, "storage": _storage_args, "cache": _cache_args}[kind](parser)
+    args = parser.parse_args(argv)
+    args.command = kind
+    return _dispatch(args, parser)
+
+
+def _run(parser, argv) -> int:
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return EXIT_USAGE
+    return _dispatch(args, parser)
+
+
+def _dispatch(args, parser) -> int:
+    handlers = {"put": cmd_put, "get": cmd_get, "ls": cmd_ls, "stat": cmd_stat, "rm": cmd_rm,
+                "stats": cmd_stats, "broker": cmd_broker, "storage": cmd_storage,
+                "cache": cmd_cache, "up": cmd_up}
+    try:
+        return handlers[args.command](args) or EXIT_OK
+    except FmsError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader of our stdout went away (e.g. `| head`): not an error of ours.
+        sys.stderr.close()
+        return EXIT_OK
+
+
+# --- client commands ---
+
+def _client(args):
+    from .client import Client
+    return Client(getattr(args, "broker", None), timeout=getattr(args, "timeout", 5.0))
+
+
+def _say(args, text: str):
+    if not getattr(args, "quiet", False):
+        print(text, file=sys.stderr)
+
+
+def cmd_put(args):
+    with _client(args) as client:
+        if args.recursive:
+            items = _local_tree(args.local, args.name)
+            results = client.put_many(items)
+            _say(args, f"uploaded {len(results)} files, "
+                       f"{_human(sum(r['size'] for r in results))}")
+        else:
+            if os.path.isdir(args.local):
+                raise FmsError(f"{args.local} is a folder; upload it with: put -r {args.local}")
+            result = client.put(args.local, args.name)
+            _say(args, f"uploaded {result['name']} ({_human(result['size'])}, "
+                       f"version {result['version']})")
+
+
+def _local_tree(folder: str, prefix) -> list:
+    if not os.path.isdir(folder):
+        raise FmsError(f"{folder} is not a folder")
+    if prefix is None:
+        prefix = os.path.basename(os.path.normpath(os.path.abspath(folder)))
+    prefix = prefix.strip("/")
+    items = []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for fname in sorted(files):
+            path = os.path.join(root, fname)
+            if not os.path.isfile(path):
+                continue  # sockets, fifos, broken links
+            rel = os.path.relpath(path, folder).replace(os.sep, "/")
+            items.append((path, f"{prefix}/{rel}" if prefix else rel))
+    if not items:
+        raise FmsError(f"no files under {folder}")
+    return items
+
+
+def cmd_get(args):
+    with _client(args) as client:
+        if args.recursive:
+            if args.dest is None or args.dest == "-":
+                raise FmsError("get -r needs a destination folder: get -r PREFIX DESTDIR")
+            prefix = args.name.strip("/")
+            entries = client.ls(f"{prefix}/" if prefix else "")
+            if not entries:
+                raise NotFound(f"not found: no files under {args.name!r}; list names with: ls")
+            items = [(e["name"], _inside(args.dest, e["name"][len(prefix) + 1 if prefix else 0:]))
+                     for e in entries]
+            results = client.get_many(items)
+            _say(args, f"downloaded {len(results)} files, "
+                       f"{_human(sum(r['size'] for r in results))} to {args.dest}")
+            return
+        if args.dest == "-":
+            client.get_to(args.name, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+            return
+        dest = args.dest or os.path.basename(args.name)
+        if os.path.isdir(dest):
+            dest = os.path.join(dest, os.path.basename(args.name))
+        result = client.get(args.name, dest)
+        _say(args, f"downloaded {result['name']} ({_human(result['size'])}) to {dest}")
+
+
+def _inside(folder: str, rel: str) -> str:
+    """``folder/rel``, refusing anything that would land outside ``folder``."""
+    base = os.path.abspath(folder)
+    path = os.path.abspath(os.path.join(base, rel))
+    if os.path.commonpath([base, path]) != base or path == base:
+        raise FmsError(f"refusing to write {rel!r} outside {folder}")
+    return path
+
+
+def cmd_ls(args):
+    with _client(args) as client:
+        entries = client.ls(args.prefix)
+    if args.json:
+        print(json.dumps(entries, indent=1))
+        return
+    for e in entries:
+        print(f"{e['size']:>14,}  {_when(e['mtime'])}  {e['name']}")
+
+
+def cmd_stat(args):
+    with _client(args) as client:
+        info = client.stat(args.name)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return
+    for key in ("name", "size", "sha256", "mtime", "version", "chunks", "chunk_size"):
+        value = _when(info[key]) if key == "mtime" else info[key]
+        print(f"{key + ':':<12}{value}")
+
+
+def cmd_rm(args):
+    with _client(args) as client:
+        old = client.rm(args.name)
+    _say(args, f"removed {old['name']}")
+
+
+def cmd_stats(args):
+    from .errors import Unavailable
+    with _client(args) as client:
+        status = client.status()
+        try:
+            cache = client.cache_stats()
+        except Unavailable:
+            cache = None
+    out = {"workers": status["workers"], "cache": cache, "broker": status["broker"]}
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return
+    print(f"broker  frontend={out['broker']['frontend']} backend={out['broker']['backend']}")
+    for w in out["workers"]:
+        print(f"worker  {w['service']:<8} {w['id']:<28} {w['state']:<6} "
+              f"inflight={w['inflight']} served={w['served']}")
+    if cache is None:
+        print("cache   none connected (reads go straight to storage)")
+    else:
+        print(f"cache   hits={cache['hits']} misses={cache['misses']} "
+              f"hit_ratio={cache['hit_ratio']:.2f} bytes={_human(cache['bytes'])}"
+              f"/{_human(cache['max_bytes'])} entries={cache['entries']} "
+              f"evictions={cache['evictions']}")
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _when(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+# --- daemons ---
+
+class _StopFlag:
+    """Set by SIGINT/SIGTERM; the loops poll at least once a second and then return."""
+
+    def __init__(self):
+        self.stop = False
+        signal.signal(signal.SIGTERM, self._set)
+        signal.signal(signal.SIGINT, self._set)
+
+    def _set(self, *_):
+        self.stop = True
+
+    def __call__(self):
+        return self.stop
+
+
+def cmd_broker(args):
+    from .broker import Broker
+    from .logutil import setup_logging
+    setup_logging(args.log_level)
+    broker = Broker(args.frontend, args.backend)
+    try:
+        broker.bind()
+    except Exception as exc:  # zmq.ZMQError: address in use, bad endpoint
+        raise FmsError(f"cannot bind: {exc}; is another broker running on these ports?") from None
+    try:
+        broker.run(_StopFlag())
+    finally:
+        broker.close()
+
+
+def _worker_id(args, kind: str) -> str:
+    return args.id or f"{kind}-{socket.gethostname()}-{os.getpid()}"
+
+
+def _run_worker(args, service, ready: dict, log_name: str):
+    import logging
+
+    import zmq
+
+    from .worker import BrokerLink, WorkerRefused, serve
+    log = logging.getLogger(log_name)
+    link = BrokerLink(zmq.Context.instance(), args.broker, ready, log)
+    service.link = link
+    try:
+        serve(service, link, log, _StopFlag())
+    except WorkerRefused as exc:
+        log.error("event=refused reason=%r", str(exc))
+        print(f"fms {ready['svc']}: refused by the broker: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    finally:
+        link.close()
+    return EXIT_OK
+
+
+def cmd_storage(args):
+    from .logutil import setup_logging
+    from .storage import StorageService
+    from .store import Store
+    setup_logging(args.log_level)
+    store = Store(args.data)
+    store.clean_tmp()
+    service = StorageService(store, None, read_delay=args.read_delay)
+    return _run_worker(args, service, {"svc": p.STORAGE, "wid": _worker_id(args, "storage"),
+                                       "store": store.store_id}, "fms.storage")
+
+
+def cmd_cache(args):
+    from .cache import ChunkCache
+    from .cache_service import CacheService
+    from .logutil import setup_logging
+    setup_logging(args.log_level)
+    try:
+        chunks = ChunkCache(args.dir, args.max_bytes)
+    except OSError as exc:
+        raise FmsError(f"cannot use cache directory {args.dir}: {exc.strerror}") from None
+    service = CacheService(chunks, None)
+    return _run_worker(args, service, {"svc": p.CACHE, "wid": _worker_id(args, "cache")},
+                       "fms.cache")
+
+
+def cmd_up(args):
+    """Start broker, cache and N storage workers as child processes; stop them all on Ctrl-C."""
+    if args.storage < 1:
+        raise FmsError("--storage must be at least 1")
+    py = [sys.executable, "-m", "fms"]
+    log = ["--log-level", args.log_level]
+    specs = [("broker", py + ["broker", "--frontend", args.frontend, "--backend", args.backend] + log),
+             ("cache", py + ["cache", "--broker", args.backend, "--dir",
+                             os.path.join(args.data, "cache"), "--max-bytes",
+                             str(args.cache_bytes)] + log)]
+    for i in range(args.storage):
+        specs.append((f"storage-{i + 1}", py + ["storage", "--broker", args.backend, "--data",
+                                                os.path.join(args.data, "storage"),
+                                                "--id", f"storage-{i + 1}"] + log))
+    os.makedirs(args.data, exist_ok=True)
+    stop = _StopFlag()
+    procs = []
+    try:
+        for name, cmd in specs:
+            procs.append((name, subprocess.Popen(cmd)))
+        print(f"fms up: broker at {args.frontend} (workers on {args.backend}), cache and "
+              f"{args.storage} storage workers, data in {os.path.abspath(args.data)}\n"
+              f"fms up: try `python client.py put FILE` in another terminal; Ctrl-C stops all",
+              file=sys.stderr, flush=True)
+        while not stop():
+            for name, proc in procs:
+                if proc.poll() is not None:
+                    print(f"fms up: {name} exited with code {proc.returncode}; stopping the "
+                          f"cluster", file=sys.stderr)
+                    return EXIT_ERROR
+            time.sleep(0.2)  # polling child processes; nothing to synchronise with
+        return EXIT_OK
+    finally:
+        _stop_all(procs)
+
+
+def _stop_all(procs):
+    for _name, proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + UP_STOP_TIMEOUT
+    for name, proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            print(f"fms up: {name} did not stop in time; killing it", file=sys.stderr)
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,514 @@
+"""``fms.Client``: the Python API, and what the CLI is built on.
+
+::
+
+    with fms.Client("tcp://127.0.0.1:5555") as c:
+        c.put("report.pdf", "docs/report.pdf")
+        c.get("docs/report.pdf", "/tmp/report.pdf")
+        data = c.get_bytes("docs/report.pdf")
+        for entry in c.ls("docs/"):
+            print(entry["name"], entry["size"])
+
+Transfers are pipelined with credit-based flow control: at most ``window`` requests are in
+flight, never more (zguide "file transfer", model 3).  Every chunk is verified against its
+sha256 and every download against the whole-file sha256; downloads are written to a temp file
+beside the destination and renamed into place only when complete and verified.
+
+Every request is idempotent (a commit carries a commit id), so one that times out is sent again,
+up to ``retries`` times, except ``rm``.
+"""
+
+import contextlib
+import hashlib
+import itertools
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+
+import zmq
+
+from . import protocol as p
+from .errors import BadRequest, FmsError, IntegrityError, Timeout, TransportError, from_reply
+
+DEFAULT_BROKER = "tcp://127.0.0.1:5555"
+DEFAULT_TIMEOUT = 5.0          # seconds a request may wait for its reply before a retry
+CONNECT_TIMEOUT = 3.0          # seconds to wait for a connection to the broker
+DEFAULT_RETRIES = 1            # extra tries of a request that timed out
+DEFAULT_WINDOW = 8             # requests in flight during a transfer (chunks of one file)
+MANY_WINDOW = 64               # requests in flight when fetching or storing many small files
+
+
+@dataclass
+class _Outstanding:
+    tag: object
+    frames: list
+    deadline: float
+    tries: int
+    op: str
+
+
+class Client:
+    """A connection to an fms cluster.
+
+    :param broker: the broker's frontend endpoint; default ``$FMS_BROKER`` or
+        ``tcp://127.0.0.1:5555``.
+    :param timeout: seconds a request waits for its reply before it is retried.
+    :param retries: how many times a request that timed out is sent again.
+    :param window: chunk requests kept in flight during one transfer.
+    :param chunk_size: chunk size for uploads, in bytes.
+    :param progress: optional ``callable(done_bytes, total_bytes)`` called as a transfer goes.
+    """
+
+    def __init__(self, broker: str | None = None, *, timeout: float = DEFAULT_TIMEOUT,
+                 retries: int = DEFAULT_RETRIES, window: int = DEFAULT_WINDOW,
+                 chunk_size: int = p.DEFAULT_CHUNK_SIZE, progress=None,
+                 ctx: zmq.Context | None = None):
+        if not p.MIN_CHUNK_SIZE <= chunk_size <= p.MAX_CHUNK_SIZE:
+            raise BadRequest(f"chunk size must be between {p.MIN_CHUNK_SIZE} and "
+                             f"{p.MAX_CHUNK_SIZE} bytes")
+        self.broker = broker or os.environ.get("FMS_BROKER") or DEFAULT_BROKER
+        self.timeout = timeout
+        self.retries = retries
+        self.window = max(1, window)
+        self.chunk_size = chunk_size
+        self.progress = progress
+        self.requests_sent = 0     # round trips made; tests use it to count them
+        self._ctx = ctx or zmq.Context.instance()
+        self._sock = None
+        self._ids = itertools.count(1)
+
+    # --- lifecycle ---
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def _socket(self) -> zmq.Socket:
+        if self._sock is None:
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.linger = 0
+            sock.setsockopt(zmq.IMMEDIATE, 1)   # queue only on a live connection: see below
+            sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_SIZE)
+            try:
+                sock.connect(self.broker)
+            except zmq.ZMQError as exc:
+                sock.close(linger=0)
+                raise TransportError(f"bad broker endpoint {self.broker!r}: {exc.strerror}; "
+                                     f"use the form tcp://HOST:PORT") from None
+            # With IMMEDIATE, POLLOUT means "connected": an unreachable broker is reported now,
+            # clearly, instead of as a timeout on the first request.
+            if not sock.poll(int(CONNECT_TIMEOUT * 1000), zmq.POLLOUT):
+                sock.close(linger=0)
+                raise TransportError(
+                    f"cannot reach the fms broker at {self.broker} (no connection within "
+                    f"{CONNECT_TIMEOUT:.0f} s); is it running? start a local cluster with "
+                    f"'fms up', or point --broker / FMS_BROKER at the right address")
+            self._sock = sock
+        return self._sock
+
+    # --- requests ---
+
+    def _frames(self, op: str, fields: dict, data=None):
+        req_id = next(self._ids)
+        frames = [p.encode({"v": p.PROTOCOL_VERSION, "op": op, "id": req_id, **fields})]
+        if data is not None:
+            frames.append(data)
+        return req_id, frames
+
+    def _send(self, frames):
+        try:
+            self._socket().send_multipart(frames, copy=False)
+        except zmq.ZMQError as exc:
+            raise TransportError(f"cannot send to the broker at {self.broker}: "
+                                 f"{exc.strerror}") from None
+        self.requests_sent += 1
+
+    def _recv(self, deadline: float):
+        """One reply (header, data frame or None), or None if ``deadline`` passes first."""
+        sock = self._socket()
+        while True:
+            wait = deadline - time.monotonic()
+            if wait <= 0 or not sock.poll(int(wait * 1000) + 1, zmq.POLLIN):
+                return None
+            frames = sock.recv_multipart(copy=False)
+            if len(frames) not in (1, 2):
+                continue  # not a reply of ours; the broker never sends this
+            try:
+                header = p.decode(frames[0].buffer)
+            except BadRequest:
+                continue
+            return header, (frames[1] if len(frames) == 2 else None)
+
+    def pipeline(self, requests, window: int | None = None):
+        """Send requests keeping at most ``window`` in flight; yield replies as they come.
+
+        :param requests: iterable of ``(tag, op, fields, data)``; ``data`` is a data frame or None.
+        :return: iterator of ``(tag, header, data_frame)`` in completion order.
+        :raises RemoteError: the first error reply (its subclass names the code).
+        :raises Timeout: a request got no reply after all its tries.
+        """
+        window = window or self.window
+        source = iter(requests)
+        inflight = {}
+        exhausted = False
+        while inflight or not exhausted:
+            while not exhausted and len(inflight) < window:
+                try:
+                    tag, op, fields, data = next(source)
+                except StopIteration:
+                    exhausted = True
+                    break
+                req_id, frames = self._frames(op, fields, data)
+                self._send(frames)
+                inflight[req_id] = _Outstanding(tag, frames, time.monotonic() + self.timeout, 0, op)
+            if not inflight:
+                break
+            reply = self._recv(min(o.deadline for o in inflight.values()))
+            if reply is None:
+                self._retry_expired(inflight)
+                continue
+            header, data = reply
+            out = inflight.pop(header.get("id"), None)
+            if out is None:
+                continue  # a late answer to a request already retried and answered
+            if not header.get("ok"):
+                raise from_reply(str(header.get("error")), str(header.get("message")))
+            yield out.tag, header, data
+
+    def _retry_expired(self, inflight: dict):
+        now = time.monotonic()
+        for out in inflight.values():
+            if out.deadline > now:
+                continue
+            if out.tries >= self.retries or out.op not in p.IDEMPOTENT_OPS:
+                raise Timeout(f"no reply to {out.op} from the fms cluster at {self.broker} "
+                              f"after {out.tries + 1} tries of {self.timeout:.0f} s; is the "
+                              f"broker up and does it have workers? (check with: fms stats)")
+            out.tries += 1
+            out.deadline = now + self.timeout
+            self._send(out.frames)
+
+    def call(self, op: str, data=None, **fields):
+        """One request; returns ``(header, data_frame)``."""
+        for _tag, header, frame in self.pipeline([(None, op, fields, data)], 1):
+            return header, frame
+        raise FmsError(f"no reply to {op}")  # unreachable: pipeline yields or raises
+
+    # --- metadata ---
+
+    def stat(self, name: str) -> dict:
+        """Name, size, sha256 (hex), mtime, version, ... of a stored file.
+
+        :raises NotFound: no such name.
+        """
+        header, _ = self.call("stat", name=p.check_name(name))
+        return _public(header["stat"])
+
+    def ls(self, prefix: str = "") -> list:
+        """Every stored file whose name starts with ``prefix``, sorted by name."""
+        p.check_prefix(prefix)
+        entries, after = [], ""
+        while True:
+            header, _ = self.call("ls", prefix=prefix, after=after)
+            entries.extend(_public(e) for e in header["entries"])
+            if not header.get("more") or not header["entries"]:
+                return entries
+            after = header["entries"][-1]["name"]
+
+    def rm(self, name: str) -> dict:
+        """Remove a name.  :raises NotFound: no such name."""
+        header, _ = self.call("rm", name=p.check_name(name))
+        return _public(header["stat"])
+
+    def status(self) -> dict:
+        """The broker's view: its endpoints and the live workers."""
+        header, _ = self.call("status")
+        return {k: v for k, v in header.items() if k not in ("v", "id", "ok")}
+
+    def cache_stats(self) -> dict:
+        header, _ = self.call("cache_stats")
+        return header["cache"]
+
+    # --- upload ---
+
+    def put(self, path: str, name: str | None = None) -> dict:
+        """Upload a local file under ``name`` (default: its base name).  :return: its stat."""
+        name = p.check_name(name if name is not None else os.path.basename(path))
+        return self.put_many([(path, name)])[0]
+
+    def put_bytes(self, data: bytes, name: str, mtime: float | None = None) -> dict:
+        """Upload bytes held in memory (for small data; large files should use :meth:`put`)."""
+        p.check_name(name)
+        plan = _plan_bytes(bytes(data), self.chunk_size, mtime)
+        return self._put_planned([(None, name, plan)])[0]
+
+    def put_many(self, items) -> list:
+        """Upload many ``(local path, name)`` pairs; small files are committed pipelined.
+
+        :return: the stat of each, in order.
+        """
+        planned = []
+        for path, name in items:
+            p.check_name(name)
+            planned.append((path, name, _plan_file(path, self.chunk_size)))
+        return self._put_planned(planned)
+
+    def _put_planned(self, planned) -> list:
+        results = [None] * len(planned)
+        small = [i for i, (_, _, plan) in enumerate(planned) if plan.inline is not None]
+        # Small files: one commit each carrying the content, many in flight at once.
+        requests = ((i, "commit", _commit_fields(planned[i][1], planned[i][2]),
+                     p.pack_data(planned[i][2].inline)) for i in small)
+        for i, header, _ in self.pipeline(requests, MANY_WINDOW):
+            results[i] = _public(header["stat"])
+        for i, (path, name, plan) in enumerate(planned):
+            if plan.inline is None:
+                self._upload_chunks(path, plan)
+                header, _ = self.call("commit", **_commit_fields(name, plan))
+                results[i] = _public(header["stat"])
+        return results
+
+    def _upload_chunks(self, path: str, plan):
+        missing = set()
+        for start in range(0, len(plan.chunks), p.MAX_HAVE_BATCH):
+            header, _ = self.call("have", hashes=plan.chunks[start:start + p.MAX_HAVE_BATCH])
+            missing.update(header["missing"])
+        todo = [i for i, digest in enumerate(plan.chunks) if digest in missing]
+        sent = {}
+        total = sum(plan.chunk_len(i) for i in todo)
+        done = 0
+        with open(path, "rb", buffering=0) as f:
+            def requests():
+                for i in todo:
+                    if plan.chunks[i] in sent:
+                        continue  # the same content twice in one file
+                    sent[plan.chunks[i]] = i
+                    frame = _read_frame(f, i * plan.chunk_size, plan.chunk_len(i))
+                    if p.sha256(memoryview(frame)[p.DATA_PREFIX_LEN:]) != plan.chunks[i]:
+                        raise FmsError(f"{path} changed while it was being uploaded; "
+                                       f"upload it again when it is no longer being written")
+                    yield i, "put_chunk", {"hash": plan.chunks[i]}, frame
+            for i, _header, _ in self.pipeline(requests()):
+                done += plan.chunk_len(i)
+                self._report(done, total)
+
+    # --- download ---
+
+    def get(self, name: str, dest: str) -> dict:
+        """Download ``name`` to the file ``dest`` (replaced atomically when complete).
+
+        :return: the file's stat.
+        :raises NotFound: no such name.
+        :raises IntegrityError: the content did not match its sha256 (nothing is written).
+        """
+        return self.get_many([(name, dest)])[0]
+
+    def get_many(self, items) -> list:
+        """Download many ``(name, dest path)`` pairs; manifests (and the content of small files)
+        are fetched pipelined, then larger files one after another.
+
+        :return: the stat of each, in order.
+        """
+        items = [(p.check_name(name), dest) for name, dest in items]
+        results = [None] * len(items)
+        large = []
+        requests = ((i, "get", {"name": name}, None) for i, (name, _) in enumerate(items))
+        for i, header, frame in self.pipeline(requests, MANY_WINDOW):
+            manifest = header["manifest"]
+            if frame is not None:
+                with _atomic_file(items[i][1], manifest) as out:
+                    out.write(_checked_whole(manifest, p.unpack_data(frame.buffer)))
+                results[i] = _public(manifest)
+            else:
+                large.append((i, manifest))
+        for i, manifest in large:
+            with _atomic_file(items[i][1], manifest) as out:
+                self._download_chunks(manifest, out)
+            results[i] = _public(manifest)
+        return results
+
+    def get_bytes(self, name: str) -> bytes:
+        """The content of ``name`` in memory (for small files)."""
+        header, frame = self.call("get", name=p.check_name(name))
+        manifest = header["manifest"]
+        if frame is not None:
+            return bytes(_checked_whole(manifest, p.unpack_data(frame.buffer)))
+        parts = []
+        self._download_chunks(manifest, _Collect(parts))
+        return b"".join(parts)
+
+    def get_to(self, name: str, stream) -> dict:
+        """Write the content of ``name`` to a binary stream (e.g. stdout), verified chunk by
+        chunk; the whole-file sha256 is checked at the end (:raises IntegrityError:)."""
+        header, frame = self.call("get", name=p.check_name(name))
+        manifest = header["manifest"]
+        if frame is not None:
+            stream.write(_checked_whole(manifest, p.unpack_data(frame.buffer)))
+        else:
+            self._download_chunks(manifest, stream)
+        return _public(manifest)
+
+    def _download_chunks(self, manifest: dict, out):
+        """Fetch every chunk pipelined, write them in order to ``out``, verify all of it."""
+        chunks, size, chunk_size = manifest["chunks"], manifest["size"], manifest["chunk_size"]
+        whole = hashlib.sha256()
+        held = {}          # out-of-order chunks, at most `window` of them
+        next_index = 0
+        done = 0
+        requests = ((i, "chunk", {"hash": d}, None) for i, d in enumerate(chunks))
+        for i, _header, frame in self.pipeline(requests):
+            if frame is None:
+                raise IntegrityError(f"chunk {i} of {manifest['name']!r} came without data")
+            data = p.unpack_data(frame.buffer)
+            expect = chunk_size if i < len(chunks) - 1 else size - chunk_size * (len(chunks) - 1)
+            if len(data) != expect or p.sha256(data) != chunks[i]:
+                raise IntegrityError(f"chunk {i} of {manifest['name']!r} does not match its "
+                                     f"sha256; nothing was written, try again")
+            held[i] = data
+            while next_index in held:
+                piece = held.pop(next_index)
+                whole.update(piece)
+                out.write(piece)
+                done += len(piece)
+                next_index += 1
+                self._report(done, size)
+        if whole.digest() != manifest["sha256"]:
+            raise IntegrityError(f"{manifest['name']!r} does not match its sha256; "
+                                 f"nothing was written, try again")
+
+    def _report(self, done: int, total: int):
+        if self.progress is not None:
+            self.progress(done, total)
+
+
+# --- upload planning ---
+
+@dataclass
+class _Plan:
+    size: int
+    chunk_size: int
+    chunks: list
+    sha256: bytes
+    mtime: float
+    inline: bytes | None       # the content, if it travels with the commit
+
+    def chunk_len(self, i: int) -> int:
+        return min(self.chunk_size, self.size - i * self.chunk_size)
+
+
+def _plan_file(path: str, chunk_size: int) -> _Plan:
+    """Hash a local file chunk by chunk (one read pass, memory of one chunk)."""
+    try:
+        f = open(path, "rb", buffering=0)
+    except IsADirectoryError:
+        raise BadRequest(f"{path} is a directory; upload a folder with: put -r {path}") from None
+    except OSError as exc:
+        raise FmsError(f"cannot read {path}: {exc.strerror}") from None
+    with f:
+        st = os.fstat(f.fileno())
+        whole = hashlib.sha256()
+        chunks = []
+        size = 0
+        first = b""
+        view = memoryview(bytearray(chunk_size))
+        while True:
+            n = _read_full(f, view)
+            if n == 0:
+                break
+            piece = view[:n]
+            whole.update(piece)
+            chunks.append(p.sha256(piece))
+            if size == 0:
+                first = bytes(piece)
+            size += n
+            if n < chunk_size:
+                break
+    inline = first if size <= p.INLINE_MAX and len(chunks) == 1 else None
+    return _Plan(size, chunk_size, chunks, whole.digest(), st.st_mtime, inline)
+
+
+def _plan_bytes(data: bytes, chunk_size: int, mtime) -> _Plan:
+    chunks = [p.sha256(data[i:i + chunk_size]) for i in range(0, len(data), chunk_size)]
+    inline = data if len(data) <= p.INLINE_MAX and len(chunks) == 1 else None
+    return _Plan(len(data), chunk_size, chunks, p.sha256(data),
+                 mtime if mtime is not None else time.time(), inline)
+
+
+def _commit_fields(name: str, plan: _Plan) -> dict:
+    return {"name": name, "size": plan.size, "chunk_size": plan.chunk_size, "chunks": plan.chunks,
+            "sha256": plan.sha256, "mtime": plan.mtime, "commit": uuid.uuid4().hex}
+
+
+def _read_full(f, view) -> int:
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+def _read_frame(f, offset: int, length: int) -> bytearray:
+    frame = p.data_buffer(length)
+    f.seek(offset)
+    if _read_full(f, memoryview(frame)[p.DATA_PREFIX_LEN:]) != length:
+        raise FmsError(f"{f.name} got shorter while it was being uploaded; upload it again")
+    return frame
+
+
+# --- download helpers ---
+
+def _checked_whole(manifest: dict, data) -> memoryview:
+    if len(data) != manifest["size"] or p.sha256(data) != manifest["sha256"]:
+        raise IntegrityError(f"{manifest['name']!r} does not match its sha256; "
+                             f"nothing was written, try again")
+    return data
+
+
+@contextlib.contextmanager
+def _atomic_file(dest: str, manifest: dict):
+    """A temp file beside ``dest``, fsync'd and renamed onto it only if the body succeeds."""
+    folder = os.path.dirname(os.path.abspath(dest))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(dest)}.",
+                                   suffix=".fms-part")
+    except OSError as exc:
+        raise FmsError(f"cannot write to {folder}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        os.utime(tmp, (time.time(), manifest["mtime"]))
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class _Collect:
+    def __init__(self, parts):
+        self.parts = parts
+
+    def write(self, data):
+        self.parts.append(bytes(data))
+
+
+def _public(entry: dict) -> dict:
+    """A stat or manifest as the API returns it: hex digests, no chunk list."""
+    out = {k: v for k, v in entry.items() if k not in ("chunks", "commit")}
+    out["sha256"] = entry["sha256"].hex()
+    out["chunks"] = len(entry["chunks"]) if isinstance(entry.get("chunks"), list) else entry.get("chunks")
+    return out

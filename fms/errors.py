@@ -1,0 +1,69 @@
+"""The fms exception tree.
+
+::
+
+    FmsError                     base of everything fms raises on purpose
+    ├── RemoteError              the cluster answered {ok: false}; .code is the wire code
+    │   ├── NotFound             not_found
+    │   ├── BadRequest           bad_request (also raised locally for bad names)
+    │   ├── IntegrityError       integrity: a chunk or file did not match its sha256
+    │   ├── Unavailable          unavailable: no worker for a service, disk full, ...
+    │   └── TooLarge             too_large
+    └── TransportError           the broker could not be reached or did not answer
+        └── Timeout              a request got no reply in time
+
+Socket and OS errors are translated into these at the boundary (the client library), so the CLI
+only ever catches :class:`FmsError`.
+"""
+
+
+class FmsError(Exception):
+    """Base class of every error fms raises on purpose."""
+
+
+class RemoteError(FmsError):
+    """An error reply from the cluster."""
+
+    code = "internal"
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class NotFound(RemoteError):
+    code = "not_found"
+
+
+class BadRequest(RemoteError):
+    code = "bad_request"
+
+
+class IntegrityError(RemoteError):
+    code = "integrity"
+
+
+class Unavailable(RemoteError):
+    code = "unavailable"
+
+
+class TooLarge(RemoteError):
+    code = "too_large"
+
+
+class TransportError(FmsError):
+    """The broker could not be reached."""
+
+
+class Timeout(TransportError):
+    """A request got no reply within its deadline."""
+
+
+_BY_CODE = {cls.code: cls for cls in (NotFound, BadRequest, IntegrityError, Unavailable, TooLarge)}
+
+
+def from_reply(code: str, message: str) -> RemoteError:
+    """Build the exception that matches an error reply's code."""
+    cls = _BY_CODE.get(code, RemoteError)
+    return cls(message, code)

@@ -1,0 +1,41 @@
+"""Logging helpers: one line per event with key=value fields, configured only by entry points."""
+
+import logging
+import sys
+import time
+
+LOG_FORMAT = "%(asctime)s level=%(levelname)s proc=%(name)s %(message)s"
+RATE_WINDOW = 10.0   # seconds
+RATE_BURST = 5       # lines per window before further lines of the same kind are counted only
+
+
+def setup_logging(level: str = "INFO"):
+    """Configure the root logger; called once by each entry point."""
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=LOG_FORMAT,
+                        datefmt="%Y-%m-%dT%H:%M:%S", stream=sys.stderr)
+
+
+class RateLimitedLog:
+    """Log lines about hostile or broken input without letting a flood fill the disk.
+
+    At most RATE_BURST lines per RATE_WINDOW; the lines held back are counted and reported in
+    the next line that is let through.
+    """
+
+    def __init__(self, log: logging.Logger):
+        self.log = log
+        self._window_start = 0.0
+        self._count = 0
+        self._suppressed = 0
+
+    def warning(self, msg: str, *args):
+        now = time.monotonic()
+        if now - self._window_start > RATE_WINDOW:
+            if self._suppressed:
+                self.log.warning("event=log_suppressed lines=%d", self._suppressed)
+            self._window_start, self._count, self._suppressed = now, 0, 0
+        self._count += 1
+        if self._count <= RATE_BURST:
+            self.log.warning(msg, *args)
+        else:
+            self._suppressed += 1

@@ -1,0 +1,179 @@
+"""What every worker shares: the link to the broker and the loop around a service's handlers.
+
+A *service* (storage, cache) is an object with these methods, which know no event loop:
+
+- ``handle_request(route, header, data)``: a request routed to this worker; answer it with
+  ``link.reply(route, header, data)`` now or later.
+- ``handle_reply(header, data)``: the answer to a request this worker sent with
+  ``link.request(service, header, data)``.
+- ``on_register()``: called each time the worker (re)registers with a broker.
+- ``on_invalidate(name)``: the broker says a name changed (the cache uses it).
+- ``tick(now)``: called at least once per heartbeat interval.
+
+:class:`BrokerLink` is the real link (a DEALER socket); tests pass a recorder instead.
+"""
+
+import logging
+import time
+
+import zmq
+
+from . import protocol as p
+from .errors import BadRequest, FmsError
+from .logutil import RateLimitedLog
+
+RECONNECT_MIN = 0.25   # seconds: first wait before reconnecting to a silent broker
+RECONNECT_MAX = 4.0    # seconds: the backoff doubles up to this
+
+
+class WorkerRefused(FmsError):
+    """The broker refused this worker; the message says why."""
+
+
+class BrokerLink:
+    """A worker's DEALER connection to the broker's backend.
+
+    :param ctx: the zmq context.
+    :param endpoint: the broker's backend endpoint.
+    :param ready: the READY route fields (service, worker id, store id).
+    """
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, ready: dict, log: logging.Logger):
+        self.ctx = ctx
+        self.endpoint = endpoint
+        self.ready = {"t": "ready", "v": p.PROTOCOL_VERSION, **ready}
+        self.log = log
+        self.sock = None
+        self.registered = False
+
+    def connect(self):
+        if self.sock is not None:
+            self.sock.close(linger=0)
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.linger = 0
+        self.sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_SIZE)
+        self.sock.connect(self.endpoint)
+        self.registered = False
+        self.send_ready()
+
+    def send_ready(self):
+        self._send([p.encode(self.ready)])
+
+    def close(self):
+        if self.sock is not None:
+            try:
+                self._send([p.encode({"t": "bye"})])
+            finally:
+                self.sock.close(linger=100)
+                self.sock = None
+
+    def heartbeat(self):
+        self._send([p.encode({"t": "hb"})])
+
+    def reply(self, route: dict, header: dict, data=None, invalidate=None):
+        """Answer a request that reached this worker with ``route``."""
+        back = {"t": "rep", "k": route.get("k"), "to": route.get("from"), "via": route.get("via")}
+        if invalidate is not None:
+            back["inv"] = invalidate
+        frames = [p.encode(back), p.encode(header)]
+        if data is not None:
+            frames.append(data)
+        self._send(frames)
+
+    def request(self, service: str, header: dict, data=None):
+        """Send a request of this worker's own to ``service``; the reply comes to handle_reply."""
+        frames = [p.encode({"t": "req", "svc": service}), p.encode(header)]
+        if data is not None:
+            frames.append(data)
+        self._send(frames)
+
+    def _send(self, frames):
+        # A DEALER queues while disconnected (up to its HWM); it does not block here.
+        self.sock.send_multipart(frames, copy=False)
+
+
+def serve(service, link: BrokerLink, log: logging.Logger, should_stop=lambda: False):
+    """Run a worker until ``should_stop()`` or until the broker refuses it.
+
+    :raises WorkerRefused: the broker will not take this worker.
+    """
+    bad = RateLimitedLog(log)
+    link.connect()
+    log.info("event=connecting broker=%s", link.endpoint)
+    liveness = p.HEARTBEAT_LIVENESS
+    backoff = RECONNECT_MIN
+    next_heartbeat = time.monotonic() + p.HEARTBEAT_INTERVAL
+    while not should_stop():
+        timeout_ms = max(0, int((next_heartbeat - time.monotonic()) * 1000))
+        if link.sock.poll(timeout_ms, zmq.POLLIN):
+            frames = link.sock.recv_multipart(copy=False)
+            liveness = p.HEARTBEAT_LIVENESS
+            backoff = RECONNECT_MIN
+            try:
+                _dispatch(service, link, frames, log)
+            except WorkerRefused:
+                raise
+            except FmsError as exc:
+                bad.warning("event=bad_message_from_broker error=%r", str(exc))
+        now = time.monotonic()
+        if now >= next_heartbeat:
+            next_heartbeat = now + p.HEARTBEAT_INTERVAL
+            liveness -= 1
+            if liveness <= 0:
+                log.warning("event=broker_silent broker=%s action=reconnect wait=%.2fs",
+                            link.endpoint, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, RECONNECT_MAX)
+                link.connect()
+                liveness = p.HEARTBEAT_LIVENESS
+            else:
+                link.heartbeat()
+            service.tick(now)
+
+
+def _dispatch(service, link: BrokerLink, frames, log):
+    if len(frames) < 1:
+        raise BadRequest("empty message")
+    route = p.decode(frames[0].buffer)
+    kind = route.get("t")
+    if kind == "req":
+        _handle_request(service, link, route, frames[1:], log)
+    elif kind == "rep":
+        if len(frames) not in (2, 3):
+            raise BadRequest(f"reply has {len(frames)} frames, expected 2 or 3")
+        service.handle_reply(p.decode(frames[1].buffer), frames[2] if len(frames) == 3 else None)
+    elif kind == "hb":
+        pass
+    elif kind == "welcome":
+        if not link.registered:
+            link.registered = True
+            log.info("event=registered broker=%s", link.endpoint)
+            service.on_register()
+    elif kind == "inv":
+        service.on_invalidate(p.need(route, "name", str))
+    elif kind == "reregister":
+        log.info("event=reregister broker=%s", link.endpoint)
+        link.registered = False
+        link.send_ready()
+    elif kind == "refused":
+        raise WorkerRefused(str(route.get("msg", "refused by broker")))
+    else:
+        raise BadRequest(f"unknown route type {kind!r}")
+
+
+def _handle_request(service, link, route, body, log):
+    if len(body) not in (1, 2):
+        link.reply(route, p.error_reply(None, "bad_request",
+                                        f"request has {len(body) + 1} frames, expected 2 or 3"))
+        return
+    req_id = None
+    try:
+        header = p.decode(body[0].buffer)
+        req_id = header.get("id")
+        service.handle_request(route, header, body[1] if len(body) == 2 else None)
+    except FmsError as exc:
+        code = getattr(exc, "code", "internal")
+        link.reply(route, p.error_reply(req_id, code, str(exc)))
+    except Exception as exc:  # a bug must cost one request, not the process (invariant 5)
+        log.exception("event=handler_crashed error=%r", exc)
+        link.reply(route, p.error_reply(req_id, "internal", f"internal error: {exc!r}"))

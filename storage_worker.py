@@ -1,0 +1,9 @@
+#!/usr/bin/env python3
+"""Run the fms storage: `python storage_worker.py --help`."""
+
+import sys
+
+from fms.cli import daemon_main
+
+if __name__ == "__main__":
+    sys.exit(daemon_main("storage"))
