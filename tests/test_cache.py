@@ -1,0 +1,219 @@
+"""The cache tier as plain objects: the chunk cache, the manifest cache, the service handlers
+driven through a recording link instead of a socket."""
+
+import os
+
+import pytest
+
+from fms import protocol as p
+from fms.cache import ChunkCache, ManifestCache
+from fms.cache_service import CacheService
+
+
+def chunk(i: int, size: int = 1000) -> tuple:
+    data = bytes([i % 256]) * size
+    return p.sha256(data), data
+
+
+# --- ChunkCache ---
+
+def test_chunk_cache_round_trip(tmp_path):
+    cache = ChunkCache(str(tmp_path), max_bytes=10_000)
+    digest, data = chunk(1)
+    assert cache.get(digest) is None
+    assert cache.put(digest, data)
+    assert bytes(p.unpack_data(cache.get(digest))) == data
+
+
+def test_chunk_cache_stays_within_max_bytes_evicting_least_recently_used(tmp_path):
+    cache = ChunkCache(str(tmp_path), max_bytes=3000)
+    keys = [chunk(i) for i in range(3)]
+    for digest, data in keys:
+        cache.put(digest, data)
+    cache.get(keys[0][0])                      # 0 is now the most recently used
+    d3, data3 = chunk(3)
+    cache.put(d3, data3)
+    assert cache.bytes <= 3000
+    assert keys[1][0] not in cache             # 1 was least recently used
+    assert keys[0][0] in cache and d3 in cache
+    assert cache.evictions == 1
+
+
+def test_chunk_larger_than_the_cache_is_not_cached(tmp_path):
+    cache = ChunkCache(str(tmp_path), max_bytes=500)
+    digest, data = chunk(1, 1000)
+    assert not cache.put(digest, data)
+    assert cache.bytes == 0
+
+
+def test_chunk_cache_keeps_chunks_and_lru_order_across_restarts(tmp_path):
+    cache = ChunkCache(str(tmp_path), max_bytes=10_000)
+    keys = [chunk(i) for i in range(3)]
+    for n, (digest, data) in enumerate(keys):
+        cache.put(digest, data)
+        os.utime(cache._path(digest), (1000 + n, 1000 + n))
+    reopened = ChunkCache(str(tmp_path), max_bytes=2000)   # smaller: must evict on load
+    assert len(reopened) == 2 and reopened.bytes == 2000
+    assert keys[0][0] not in reopened                      # the oldest went
+    assert bytes(p.unpack_data(reopened.get(keys[2][0]))) == keys[2][1]
+
+
+def test_corrupt_cache_entry_is_dropped_not_served(tmp_path):
+    cache = ChunkCache(str(tmp_path), max_bytes=10_000)
+    digest, data = chunk(7)
+    cache.put(digest, data)
+    with open(cache._path(digest), "r+b") as f:
+        f.write(b"\xff")
+    assert cache.get(digest) is None
+    assert digest not in cache and cache.corrupt == 1
+
+
+# --- ManifestCache: the read-after-write rule ---
+
+def test_fill_started_before_an_invalidation_is_stale():
+    m = ManifestCache()
+    token = m.begin_fetch()
+    m.invalidate("a")
+    assert not m.fill("a", {"name": "a"}, token)
+    assert m.lookup("a") is None
+    assert m.fill("a", {"name": "a"}, m.begin_fetch())     # a fetch started after is fine
+
+
+def test_invalidating_another_name_does_not_spoil_a_fill():
+    m = ManifestCache()
+    token = m.begin_fetch()
+    m.invalidate("b")
+    assert m.fill("a", {"name": "a"}, token)
+
+
+def test_invalidate_all_spoils_every_fill_in_flight():
+    m = ManifestCache()
+    token = m.begin_fetch()
+    m.invalidate_all()
+    assert not m.fill("a", {"name": "a"}, token)
+
+
+def test_forgetting_old_invalidations_keeps_pending_fetches_honest():
+    m = ManifestCache()
+    token = m.begin_fetch()
+    m.invalidate("a")
+    m.forget_before(token)                                 # the fetch is still pending
+    assert not m.fresh("a", token)
+
+
+# --- CacheService through a recording link ---
+
+class Link:
+    """Records what the service sends instead of sending it."""
+
+    def __init__(self):
+        self.replies = []     # (route, header, data)
+        self.requests = []    # (service, header)
+
+    def reply(self, route, header, data=None, invalidate=None):
+        self.replies.append((route, header, data))
+
+    def request(self, service, header, data=None):
+        self.requests.append((service, header))
+
+
+class Frame:
+    """Stands in for a zmq.Frame: exposes .buffer."""
+
+    def __init__(self, data):
+        self.buffer = memoryview(data)
+
+
+def route(client: bytes) -> dict:
+    return {"t": "req", "k": 1, "from": client, "via": "f"}
+
+
+def get(name, req_id):
+    return {"v": p.PROTOCOL_VERSION, "op": "get", "id": req_id, "name": name}
+
+
+def manifest_of(name, content, version=1):
+    return {"name": name, "size": len(content), "sha256": p.sha256(content),
+            "chunk_size": p.DEFAULT_CHUNK_SIZE, "chunks": [p.sha256(content)],
+            "mtime": 0.0, "version": version, "commit": "c"}
+
+
+@pytest.fixture
+def service(tmp_path):
+    return CacheService(ChunkCache(str(tmp_path), 10 * p.MiB), Link())
+
+
+def storage_answers(service, fetch_header, content, version):
+    reply = p.ok_reply(fetch_header["id"], manifest=manifest_of(fetch_header["name"], content,
+                                                                version))
+    service.handle_reply(reply, Frame(p.pack_data(content)))
+
+
+def test_concurrent_misses_for_one_name_make_one_fetch_and_all_are_answered(service):
+    for i in range(5):
+        service.handle_request(route(b"c%d" % i), get("f", i), None)
+    assert len(service.link.requests) == 1
+    storage_answers(service, service.link.requests[0][1], b"content", 1)
+    assert sorted(h["id"] for _, h, _ in service.link.replies) == [0, 1, 2, 3, 4]
+    assert all(bytes(p.unpack_data(d)) == b"content" for _, _, d in service.link.replies)
+
+
+def test_hit_is_answered_without_storage(service):
+    service.handle_request(route(b"c"), get("f", 1), None)
+    storage_answers(service, service.link.requests[0][1], b"v1", 1)
+    service.handle_request(route(b"c"), get("f", 2), None)
+    assert len(service.link.requests) == 1
+    assert service.hits == 1 and service.misses == 1
+    assert service.link.replies[-1][1]["manifest"]["version"] == 1
+
+
+def test_fill_in_flight_across_an_invalidation_is_not_kept_nor_given_to_later_readers(service):
+    service.handle_request(route(b"early"), get("f", 1), None)     # miss: fetch #1 starts
+    service.on_invalidate("f")                                     # a write of f is acked
+    service.handle_request(route(b"late"), get("f", 2), None)      # must not join fetch #1
+    assert len(service.link.requests) == 2
+    first, second = (h for _, h in service.link.requests)
+    storage_answers(service, first, b"old", 1)                     # the stale fill lands
+    assert [(r["from"], h["manifest"]["version"]) for r, h, _ in service.link.replies] == \
+        [(b"early", 1)]                                            # only the early reader
+    assert service.manifests.lookup("f") is None                   # and it was not stored
+    storage_answers(service, second, b"new", 2)
+    assert service.link.replies[-1][0]["from"] == b"late"
+    assert service.link.replies[-1][1]["manifest"]["version"] == 2
+    assert service.manifests.lookup("f")["version"] == 2
+
+
+def test_reregistering_drops_every_manifest(service):
+    service.handle_request(route(b"c"), get("f", 1), None)
+    storage_answers(service, service.link.requests[0][1], b"v1", 1)
+    service.on_register()
+    service.handle_request(route(b"c"), get("f", 2), None)
+    assert len(service.link.requests) == 2                          # a miss again
+
+
+def test_storage_error_is_forwarded_to_every_waiter(service):
+    service.handle_request(route(b"a"), get("gone", 1), None)
+    service.handle_request(route(b"b"), get("gone", 2), None)
+    fetch = service.link.requests[0][1]
+    service.handle_reply(p.error_reply(fetch["id"], "not_found", "'gone' not found"), None)
+    assert [(h["id"], h["error"]) for _, h, _ in service.link.replies] == \
+        [(1, "not_found"), (2, "not_found")]
+
+
+def test_corrupt_data_from_storage_is_never_delivered(service):
+    service.handle_request(route(b"a"), {"v": 1, "op": "chunk", "id": 1,
+                                         "hash": p.sha256(b"good")}, None)
+    fetch = service.link.requests[0][1]
+    service.handle_reply(p.ok_reply(fetch["id"]), Frame(p.pack_data(b"evil")))
+    (_, header, data), = service.link.replies
+    assert header["ok"] is False and header["error"] == "integrity" and data is None
+    assert p.sha256(b"good") not in service.chunks
+
+
+def test_fetch_that_times_out_answers_its_waiters(service):
+    service.handle_request(route(b"a"), get("slow", 1), None)
+    fetch = next(iter(service._fetches.values()))
+    service.tick(fetch.started + 60)
+    assert service.link.replies[0][1]["error"] == "unavailable"
+    storage_answers(service, service.link.requests[0][1], b"late", 1)  # too late: ignored
+    assert len(service.link.replies) == 1

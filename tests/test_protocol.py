@@ -1,0 +1,107 @@
+"""The wire codec and name rules, as pure functions: no sockets."""
+
+import io
+
+import msgpack
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fms import protocol as p
+from fms.cli import parse_size
+from fms.errors import BadRequest
+
+
+def test_header_round_trip():
+    header = {"v": 1, "op": "chunk", "id": 7, "hash": b"\x01" * 32}
+    assert p.decode(p.encode(header)) == header
+
+
+@pytest.mark.parametrize("junk", [b"", b"\xc1", b"\x81", p.encode([1, 2]), p.encode(5),
+                                  p.encode({"a": 1}) + b"extra", b"\x92\x01"])
+def test_decode_rejects_junk_with_bad_request(junk):
+    with pytest.raises(BadRequest):
+        p.decode(junk)
+
+
+@given(st.binary(max_size=512))
+def test_decode_never_raises_anything_but_bad_request(junk):
+    try:
+        p.decode(junk)
+    except BadRequest:
+        pass
+
+
+def test_data_frame_is_msgpack_bin_read_by_unpackb():
+    payload = b"hello chunk" * 1000
+    frame = p.pack_data(payload)
+    assert frame[:5] == b"\xc6" + len(payload).to_bytes(4, "big")
+    assert msgpack.unpackb(bytes(frame)) == payload
+
+
+def test_data_frame_built_in_place_with_readinto():
+    payload = bytes(range(256)) * 40
+    frame = p.data_buffer(len(payload))
+    n = io.BytesIO(payload).readinto(memoryview(frame)[p.DATA_PREFIX_LEN:])
+    assert n == len(payload)
+    assert msgpack.unpackb(bytes(frame)) == payload
+
+
+def test_unpack_data_is_a_view_not_a_copy():
+    frame = p.pack_data(b"abcdef")
+    view = p.unpack_data(frame)
+    frame[p.DATA_PREFIX_LEN] = ord("X")   # write through the buffer...
+    assert bytes(view) == b"Xbcdef"       # ...and the view sees it: same memory
+
+
+@pytest.mark.parametrize("size", [0, 1, 255, 256, 65535, 65536, 70000])
+def test_unpack_data_reads_what_msgpack_packb_makes(size):
+    payload = bytes(size)
+    assert bytes(p.unpack_data(msgpack.packb(payload))) == payload
+
+
+@pytest.mark.parametrize("bad", [b"", b"\xc6\x00\x00\x00\x05abc", b"\xa3abc", b"\xc4\x05ab",
+                                 b"\xc6\x00\x00\x00\x01ab"])
+def test_unpack_data_rejects_frames_that_are_not_one_bin(bad):
+    with pytest.raises(BadRequest):
+        p.unpack_data(bad)
+
+
+@pytest.mark.parametrize("name", ["a", "a/b/c.txt", "ünïcødé/ファイル", "x" * 1024, "a..b", ".hidden"])
+def test_valid_names(name):
+    assert p.check_name(name) == name
+
+
+@pytest.mark.parametrize("name,why", [
+    ("", "empty"), ("/etc/passwd", "absolute"), ("../x", "'..'"), ("a/../../x", "'..'"),
+    ("a/..", "'..'"), ("a\x00b", "NUL"), ("x" * 1025, "1024"), ("a//b", "empty"),
+    ("a/./b", "'.'"), ("a/", "empty"), ("tab\there", "control"), (None, "string"),
+])
+def test_invalid_names_say_why(name, why):
+    with pytest.raises(BadRequest, match=why):
+        p.check_name(name)
+
+
+def test_need_checks_types_and_never_takes_bool_for_int():
+    assert p.need_int({"n": 3}, "n") == 3
+    with pytest.raises(BadRequest, match="missing"):
+        p.need({}, "n", int)
+    with pytest.raises(BadRequest, match="bool"):
+        p.need_int({"n": True}, "n")
+    with pytest.raises(BadRequest, match="out of range"):
+        p.need_int({"n": -1}, "n")
+    with pytest.raises(BadRequest, match="32-byte"):
+        p.need_hash({"h": b"short"}, "h")
+
+
+@pytest.mark.parametrize("text,value", [("4096", 4096), ("512M", 512 * p.MiB), ("2G", 2 * p.GiB),
+                                        ("1.5k", 1536), ("64MiB", 64 * p.MiB), ("3mb", 3 * p.MiB)])
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "G", "12Q", "-5", "1e3"])
+def test_parse_size_rejects_nonsense(text):
+    import argparse
+    with pytest.raises(argparse.ArgumentTypeError, match="not a size"):
+        parse_size(text)
