@@ -142,8 +142,6 @@ class CacheService:
         fetch = self._fetches.pop(fetch_id, None)
         if fetch is not None and self._open.get((fetch.kind, fetch.key)) == fetch_id:
             del self._open[(fetch.kind, fetch.key)]
-        if not self._fetches:
-            self.manifests.forget_before(None)
         return fetch
 
     def _answer(self, fetch, header, data):
@@ -170,8 +168,9 @@ class CacheService:
             fetch = self._close(fid)
             log.warning("event=fetch_timeout kind=%s waiters=%d", fetch.kind, len(fetch.waiters))
             self._fail(fetch, "unavailable", "storage did not answer the cache in time; retry")
-        if self._fetches:
-            self.manifests.forget_before(min(f.token for f in self._fetches.values()))
+        # Only here, never while a reply is being handled: a fill must be checked against the
+        # invalidations that happened while it was in flight before they are forgotten.
+        self.manifests.forget_before(min((f.token for f in self._fetches.values()), default=None))
 
     def stats(self) -> dict:
         total = self.hits + self.misses

@@ -183,6 +183,16 @@ def test_fill_in_flight_across_an_invalidation_is_not_kept_nor_given_to_later_re
     assert service.manifests.lookup("f")["version"] == 2
 
 
+def test_lone_fill_in_flight_across_an_invalidation_is_not_kept(service):
+    service.handle_request(route(b"early"), get("f", 1), None)
+    service.on_invalidate("f")
+    storage_answers(service, service.link.requests[0][1], b"old", 1)
+    assert service.link.replies[0][0]["from"] == b"early"          # answered: it came before
+    assert service.manifests.lookup("f") is None                   # but not kept
+    service.handle_request(route(b"late"), get("f", 2), None)
+    assert len(service.link.requests) == 2                          # a later read refetches
+
+
 def test_reregistering_drops_every_manifest(service):
     service.handle_request(route(b"c"), get("f", 1), None)
     storage_answers(service, service.link.requests[0][1], b"v1", 1)

@@ -1,0 +1,341 @@
+"""End to end: broker, cache and storage workers as real processes on random loopback ports."""
+
+import json
+import os
+import socket
+import threading
+import time
+
+import pytest
+import zmq
+
+from fms import protocol as p
+from fms.errors import BadRequest, NotFound
+from tests.conftest import random_bytes, wait_for
+
+MiB = p.MiB
+
+
+def write(path, data: bytes):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return str(path)
+
+
+# --- the basic promise ---
+
+@pytest.mark.parametrize("size", [0, 1, 4096, p.INLINE_MAX + 1, 3 * MiB + 123])
+def test_put_then_get_returns_the_same_bytes(cluster, tmp_path, size):
+    data = random_bytes(size, seed=size)
+    src = write(tmp_path / "src.bin", data)
+    os.utime(src, (1_600_000_000, 1_600_000_000))
+    put = cluster.cli("put", src, "dir/file.bin")
+    assert put.returncode == 0, put.stderr
+    got = cluster.cli("get", "dir/file.bin", str(tmp_path / "out.bin"))
+    assert got.returncode == 0, got.stderr
+    assert (tmp_path / "out.bin").read_bytes() == data
+    assert os.stat(tmp_path / "out.bin").st_mtime == 1_600_000_000   # mtime kept
+
+
+def test_get_defaults_to_base_name_and_to_stdout_with_dash(cluster, tmp_path):
+    data = random_bytes(2 * MiB + 5)
+    cluster.cli("put", write(tmp_path / "a.bin", data), "x/y/z.bin")
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    assert cluster.cli("get", "x/y/z.bin", cwd=str(workdir)).returncode == 0
+    assert (workdir / "z.bin").read_bytes() == data
+    out = cluster.cli("get", "x/y/z.bin", "-")
+    assert out.returncode == 0 and out.stdout == data
+
+
+def test_ls_and_stat_as_text_and_json(cluster, tmp_path):
+    data = random_bytes(5000)
+    cluster.cli("put", write(tmp_path / "f", data), "docs/f")
+    cluster.cli("put", write(tmp_path / "g", b"g"), "other/g")
+    listing = json.loads(cluster.cli("ls", "docs/", "--json").stdout)
+    assert [(e["name"], e["size"]) for e in listing] == [("docs/f", 5000)]
+    assert "docs/f" in cluster.cli("ls").stdout.decode()
+    info = json.loads(cluster.cli("stat", "docs/f", "--json").stdout)
+    assert info["name"] == "docs/f" and info["size"] == 5000
+    assert info["sha256"] == p.sha256(data).hex() and isinstance(info["mtime"], float)
+    assert "sha256:" in cluster.cli("stat", "docs/f").stdout.decode()
+
+
+def test_put_r_and_get_r_keep_the_tree(cluster, tmp_path):
+    tree = {"a.txt": b"a" * 10, "sub/b.bin": random_bytes(3 * MiB, 1),
+            "sub/deeper/c": b"", "sub/deeper/d": random_bytes(70_000, 2)}
+    for rel, data in tree.items():
+        write(tmp_path / "src" / rel, data)
+    put = cluster.cli("put", "-r", str(tmp_path / "src"), "backup")
+    assert put.returncode == 0, put.stderr
+    got = cluster.cli("get", "-r", "backup", str(tmp_path / "restore"))
+    assert got.returncode == 0, got.stderr
+    for rel, data in tree.items():
+        assert (tmp_path / "restore" / rel).read_bytes() == data
+
+
+def test_rm_then_get_is_not_found(cluster, tmp_path):
+    cluster.cli("put", write(tmp_path / "f", b"bye"), "f")
+    assert cluster.cli("rm", "f").returncode == 0
+    got = cluster.cli("get", "f", str(tmp_path / "out"))
+    assert got.returncode != 0 and b"not found" in got.stderr
+    again = cluster.cli("rm", "f")
+    assert again.returncode != 0 and b"not found" in again.stderr
+
+
+# --- the flows of DESIGN.md ---
+
+def test_get_misses_to_storage_then_hits_in_the_cache_and_put_skips_the_cache(cluster):
+    data = random_bytes(3 * MiB, 3)
+    with cluster.client() as c:
+        before = cluster.served()
+        path = cluster.tmp / "big.src"
+        path.write_bytes(data)
+        c.put(str(path), "big")
+        after_put = cluster.served()
+        assert after_put["cache-1"] == before["cache-1"]            # PUT never touches the cache
+        assert sum(after_put[w] for w in ("storage-a", "storage-b")) > \
+            sum(before[w] for w in ("storage-a", "storage-b"))
+
+        cold = c.cache_stats()
+        assert c.get_bytes("big") == data
+        warm = c.cache_stats()
+        assert warm["misses"] - cold["misses"] == 4                  # manifest + 3 chunks
+        assert warm["fetches"] - cold["fetches"] == 4                # each filled from storage
+        storage_before = {w: n for w, n in cluster.served().items() if w.startswith("storage")}
+
+        assert c.get_bytes("big") == data
+        hot = c.cache_stats()
+        assert hot["hits"] - warm["hits"] == 4                       # all answered by the cache
+        assert hot["fetches"] == warm["fetches"]
+        storage_after = {w: n for w, n in cluster.served().items() if w.startswith("storage")}
+        assert storage_after == storage_before                       # storage saw nothing
+
+
+def test_small_file_costs_one_round_trip_each_way(cluster):
+    with cluster.client() as c:
+        sent = c.requests_sent
+        c.put_bytes(b"k" * 4096, "small")
+        assert c.requests_sent - sent == 1
+        sent = c.requests_sent
+        assert c.get_bytes("small") == b"k" * 4096
+        assert c.requests_sent - sent == 1
+
+
+def test_two_storage_workers_serve_one_store_and_share_the_load(cluster, tmp_path):
+    files = {f"f{i}": random_bytes(2 * MiB, 10 + i) for i in range(4)}
+    before = cluster.served()
+    with cluster.client() as c:
+        for name, data in files.items():
+            c.put(write(tmp_path / name, data), name)
+        for name, data in files.items():
+            assert c.get_bytes(name) == data
+    after = cluster.served()
+    gained = {w: after[w] - before[w] for w in ("storage-a", "storage-b")}
+    assert min(gained.values()) > 0, gained
+    # a third worker on the same directory joins and serves the same files
+    cluster.start_storage(wid="storage-c")
+    cluster.wait_workers(storage=3, cache=1)
+
+
+def test_storage_worker_on_another_store_is_refused_clearly(cluster, tmp_path):
+    stray = cluster.start_storage(data=str(tmp_path / "elsewhere"), wid="stray")
+    wait_for(lambda: not stray.alive(), 15, "the stray worker to exit")
+    assert stray.popen.returncode == 3
+    assert "different store" in stray.log() and "--data" in stray.log()
+    assert len(cluster.workers("storage")) == 2
+
+
+# --- read-after-write ---
+
+def test_read_after_write_under_concurrent_reads_and_misses(make_cluster):
+    """Once a put returns, no get that starts later may see an older version.
+
+    Storage delays reads so that cache fills are in flight when writes land: a cache that kept
+    or filled stale data would hand the old version to a reader that started after the ack.
+    """
+    cluster = make_cluster()
+    cluster.start_broker()
+    cluster.start_cache()
+    for wid in ("storage-a", "storage-b"):
+        cluster.start_storage(wid=wid, extra=["--read-delay", "0.02"])
+    cluster.wait_workers(storage=2, cache=1)
+    writes = 25
+    acked = [0]                     # the highest version whose put has returned
+    stop = threading.Event()
+    violations, reads, errors = [], [0], []
+
+    def content(v: int) -> bytes:
+        return f"version {v:06d} ".encode() * 100
+
+    def reader():
+        with cluster.client() as c:
+            while not stop.is_set():
+                floor = acked[0]
+                try:
+                    data = c.get_bytes("hot")
+                except NotFound:
+                    continue
+                except Exception as exc:  # noqa: BLE001 - any failure is a finding
+                    errors.append(repr(exc))
+                    return
+                seen = int(data[8:14])
+                reads[0] += 1
+                if seen < floor:
+                    violations.append((floor, seen))
+
+    with cluster.client() as writer:
+        writer.put_bytes(content(1), "hot")
+        acked[0] = 1
+        threads = [threading.Thread(target=reader) for _ in range(4)]
+        for t in threads:
+            t.start()
+        try:
+            for v in range(2, writes + 1):
+                writer.put_bytes(content(v), "hot")
+                acked[0] = v
+                wait_for(lambda: reads[0] >= 3 * v or errors, 10, "readers to make progress")
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+        stats = writer.cache_stats()
+    assert not errors, errors
+    assert not violations, f"stale reads (acked version, version seen): {violations[:10]}"
+    assert reads[0] >= 3 * writes
+    assert stats["misses"] >= writes            # the writes really did force refills
+    assert stats["hits"] > 0                    # and the cache really did serve in between
+
+
+# --- errors a user meets ---
+
+def test_missing_name_fails_fast_with_not_found(cluster, tmp_path):
+    start = time.monotonic()
+    got = cluster.cli("get", "no/such/file", str(tmp_path / "x"))
+    assert got.returncode == 1
+    assert b"not found" in got.stderr
+    assert time.monotonic() - start < 5      # includes starting the interpreter
+    assert not (tmp_path / "x").exists()
+
+
+def test_unreachable_broker_fails_clearly_within_10_seconds(make_cluster, tmp_path):
+    cluster = make_cluster()
+    with socket.socket() as s:          # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cluster.frontend = f"tcp://127.0.0.1:{port}"
+    start = time.monotonic()
+    got = cluster.cli("ls", timeout=30)
+    assert time.monotonic() - start < 10
+    assert got.returncode == 1
+    assert b"cannot reach the fms broker" in got.stderr
+
+
+@pytest.mark.parametrize("name", ["../escape", "/etc/passwd", "", "a/../../b", "x" * 1025,
+                                  "a//b"])
+def test_bad_names_are_refused_and_nothing_is_written(cluster, tmp_path, name):
+    src = write(tmp_path / "f", b"payload")
+    got = cluster.cli("put", src, name)
+    assert got.returncode == 1
+    assert b"name" in got.stderr
+    assert json.loads(cluster.cli("ls", "--json").stdout) == []
+    assert not (tmp_path.parent / "escape").exists()
+
+
+def test_storage_refuses_bad_names_even_from_a_client_that_skips_the_check(cluster):
+    with cluster.client() as c:
+        with pytest.raises(BadRequest, match="'..'"):
+            c.call("stat", name="../../etc/passwd")
+        with pytest.raises(BadRequest, match="NUL"):
+            c.call("get", name="a\x00b")
+
+
+def test_corrupt_chunk_on_storage_fails_the_download_and_leaves_no_partial_file(cluster, tmp_path):
+    data = random_bytes(3 * MiB, 9)
+    cluster.cli("put", write(tmp_path / "f", data), "f")
+    victim = p.sha256(data[MiB:2 * MiB]).hex()
+    path = os.path.join(cluster.storage_dir, "chunks", victim[:2], victim)
+    with open(path, "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02")
+    dest = tmp_path / "out" / "f"
+    dest.parent.mkdir()
+    dest.write_bytes(b"previous content")
+    got = cluster.cli("get", "f", str(dest))
+    assert got.returncode == 1
+    assert b"corrupt" in got.stderr or b"sha256" in got.stderr
+    assert dest.read_bytes() == b"previous content"          # untouched
+    assert os.listdir(dest.parent) == ["f"]                    # no temp file left behind
+
+
+def test_reads_go_to_storage_when_no_cache_is_connected(make_cluster, tmp_path):
+    cluster = make_cluster()
+    cluster.start_broker()
+    cluster.start_storage(wid="storage-a")
+    cluster.wait_workers(storage=1, cache=0)
+    data = random_bytes(2 * MiB + 1)
+    assert cluster.cli("put", write(tmp_path / "f", data), "f").returncode == 0
+    assert cluster.cli("get", "f", "-").stdout == data
+
+
+# --- the cache's bound and persistence ---
+
+def test_cache_stays_within_max_bytes_and_keeps_chunks_across_restart(make_cluster, tmp_path):
+    cluster = make_cluster()
+    cluster.start_broker()
+    cache = cluster.start_cache(max_bytes="3M")
+    cluster.start_storage(wid="storage-a")
+    cluster.wait_workers(storage=1, cache=1)
+    files = {f"f{i}": random_bytes(MiB, 20 + i) for i in range(6)}
+    with cluster.client() as c:
+        for name, data in files.items():
+            c.put(write(tmp_path / name, data), name)
+        for name, data in files.items():
+            assert c.get_bytes(name) == data
+        stats = c.cache_stats()
+    assert stats["bytes"] <= 3 * MiB and stats["evictions"] >= 3, stats
+
+    cache.stop()
+    cluster.wait_workers(storage=1, cache=0)
+    cluster.start_cache(max_bytes="3M")
+    cluster.wait_workers(storage=1, cache=1)
+    with cluster.client() as c:
+        reloaded = c.cache_stats()
+        assert reloaded["entries"] == stats["entries"] and reloaded["bytes"] == stats["bytes"]
+        assert c.get_bytes("f5") == files["f5"]       # manifest misses, the chunk hits on disk
+        after = c.cache_stats()
+    assert after["hits"] == 1 and after["misses"] == 1, after
+
+
+# --- hostile input keeps everyone alive ---
+
+def test_junk_at_the_broker_gets_errors_and_service_goes_on(cluster):
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(cluster.frontend)
+    try:
+        junk = [[b"\xc1"], [p.encode([1, 2])], [p.encode({"v": 1, "op": "nope", "id": 1})],
+                [b"a", b"b", b"c", b"d"], [p.encode({"v": 99, "op": "ls", "id": 2})]]
+        for frames in junk:
+            sock.send_multipart(frames)
+            assert sock.poll(5000), f"no reply to {frames!r}"
+            header = p.decode(sock.recv_multipart()[0])
+            assert header["ok"] is False and header["error"] in ("bad_request", "version")
+    finally:
+        sock.close()
+    worker = ctx.socket(zmq.DEALER)           # a "worker" that speaks nonsense
+    worker.linger = 0
+    worker.connect(cluster.backend)
+    try:
+        worker.send_multipart([b"\xff\xfe"])
+        worker.send_multipart([p.encode({"t": "ready", "v": 1, "svc": "storage",
+                                         "store": "not-this-store"})])
+        assert worker.poll(5000)
+        assert p.decode(worker.recv_multipart()[0])["t"] == "refused"
+    finally:
+        worker.close()
+    with cluster.client() as c:
+        c.put_bytes(b"still fine", "ok")
+        assert c.get_bytes("ok") == b"still fine"
+    assert all(proc.alive() for proc in cluster.procs)
