@@ -35,6 +35,7 @@ class Worker:
     expiry: float
     inflight: set = field(default_factory=set)   # broker request keys
     served: int = 0
+    last_used: int = 0                           # request key of its latest dispatch
 
 
 @dataclass
@@ -160,16 +161,17 @@ class Broker:
             return
         worker.inflight.add(key)
         worker.served += 1
+        worker.last_used = key
         self.pending[key] = Pending(worker.ident, service, op, origin, body, req_id)
 
     def require_worker(self, service: str, exclude=()):
-        """The live worker of ``service`` with the fewest requests in flight, or None."""
-        best = None
-        for worker in self.workers.values():
-            if worker.service == service and worker.ident not in exclude:
-                if best is None or len(worker.inflight) < len(best.inflight):
-                    best = worker
-        return best
+        """The live worker of ``service`` with the fewest requests in flight, or None.
+
+        Ties go to the worker used least recently, so sequential requests take turns.
+        """
+        candidates = [w for w in self.workers.values()
+                      if w.service == service and w.ident not in exclude]
+        return min(candidates, key=lambda w: (len(w.inflight), w.last_used), default=None)
 
     # --- workers ---
 

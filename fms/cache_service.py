@@ -14,7 +14,9 @@ from . import protocol as p
 from .cache import ChunkCache, ManifestCache
 from .errors import BadRequest
 
-FETCH_TIMEOUT = 4.0   # seconds: a storage fetch unanswered this long fails its waiters
+# Seconds a storage fetch may stay unanswered before its waiters get `unavailable`.  Longer than
+# the broker needs to declare a worker dead and hand its requests to another (3 heartbeats + 1).
+FETCH_TIMEOUT = 8.0
 
 log = logging.getLogger("fms.cache")
 

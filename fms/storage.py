@@ -7,7 +7,7 @@ import logging
 import time
 
 from . import protocol as p
-from .errors import BadRequest
+from .errors import BadRequest, TooLarge
 from .store import Store
 
 LS_PAGE_MAX = 5000   # manifests per ls reply, so a reply stays far below MAX_FRAME_SIZE
@@ -113,7 +113,7 @@ class StorageService:
             raise BadRequest("put_chunk needs a data frame")
         payload = p.unpack_data(data.buffer)
         if len(payload) > p.MAX_CHUNK_SIZE:
-            raise BadRequest(f"chunk of {len(payload)} bytes; at most {p.MAX_CHUNK_SIZE}")
+            raise TooLarge(f"chunk of {len(payload)} bytes; chunks are at most {p.MAX_CHUNK_SIZE}")
         written = self.store.put_chunk(digest, payload)
         self.link.reply(route, p.ok_reply(header["id"], written=written))
 

@@ -138,6 +138,17 @@ def test_two_storage_workers_serve_one_store_and_share_the_load(cluster, tmp_pat
     cluster.wait_workers(storage=3, cache=1)
 
 
+def test_sequential_requests_take_turns_across_storage_workers(cluster):
+    with cluster.client() as c:
+        c.put_bytes(b"x", "x")
+        before = cluster.served()
+        for _ in range(20):
+            c.stat("x")
+    after = cluster.served()
+    gained = [after[w] - before[w] for w in ("storage-a", "storage-b")]
+    assert sum(gained) == 20 and min(gained) >= 8, gained
+
+
 def test_storage_worker_on_another_store_is_refused_clearly(cluster, tmp_path):
     stray = cluster.start_storage(data=str(tmp_path / "elsewhere"), wid="stray")
     wait_for(lambda: not stray.alive(), 15, "the stray worker to exit")
