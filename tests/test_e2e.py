@@ -175,6 +175,7 @@ def test_read_after_write_under_concurrent_reads_and_misses(make_cluster):
     acked = [0]                     # the highest version whose put has returned
     stop = threading.Event()
     violations, reads, errors = [], [0], []
+    count = threading.Lock()
 
     def content(v: int) -> bytes:
         return f"version {v:06d} ".encode() * 100
@@ -191,7 +192,8 @@ def test_read_after_write_under_concurrent_reads_and_misses(make_cluster):
                     errors.append(repr(exc))
                     return
                 seen = int(data[8:14])
-                reads[0] += 1
+                with count:
+                    reads[0] += 1
                 if seen < floor:
                     violations.append((floor, seen))
 
@@ -205,7 +207,10 @@ def test_read_after_write_under_concurrent_reads_and_misses(make_cluster):
             for v in range(2, writes + 1):
                 writer.put_bytes(content(v), "hot")
                 acked[0] = v
-                wait_for(lambda: reads[0] >= 3 * v or errors, 10, "readers to make progress")
+                # More completions than readers: at least one read started after this ack.
+                done_at_ack = reads[0]
+                wait_for(lambda: reads[0] >= done_at_ack + 8 or errors, 10,
+                         "readers to make progress")
         finally:
             stop.set()
             for t in threads:
@@ -213,8 +218,8 @@ def test_read_after_write_under_concurrent_reads_and_misses(make_cluster):
         stats = writer.cache_stats()
     assert not errors, errors
     assert not violations, f"stale reads (acked version, version seen): {violations[:10]}"
-    assert reads[0] >= 3 * writes
-    assert stats["misses"] >= writes            # the writes really did force refills
+    assert reads[0] >= 8 * (writes - 1)
+    assert stats["misses"] >= writes            # every write forced at least one refill
     assert stats["hits"] > 0                    # and the cache really did serve in between
 
 
