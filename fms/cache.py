@@ -17,6 +17,7 @@ import os
 import uuid
 
 from . import protocol as p
+from .fileio import read_frame
 
 log = logging.getLogger("fms.cache")
 
@@ -84,14 +85,7 @@ class ChunkCache:
         try:
             with open(path, "rb", buffering=0) as f:
                 size = os.fstat(f.fileno()).st_size
-                frame = p.data_buffer(size)
-                view = memoryview(frame)[p.DATA_PREFIX_LEN:]
-                got = 0
-                while got < size:
-                    n = f.readinto(view[got:])
-                    if not n:
-                        break
-                    got += n
+                frame, view, got = read_frame(f, size)
         except OSError:
             self._drop(digest)
             return None

@@ -153,25 +153,26 @@ def _broker_args(cmd):
     _log_arg(cmd)
 
 
-def _storage_args(cmd):
+def _worker_args(cmd, kind: str):
     cmd.add_argument("--broker", default=DEFAULT_BACKEND,
                      help="broker backend endpoint (%(default)s)")
-    cmd.add_argument("--data", default=os.path.join(DEFAULT_DATA, "storage"),
-                     help="data directory; workers sharing it form one store (%(default)s)")
-    cmd.add_argument("--id", help="worker id shown in stats (default: storage-HOST-PID)")
-    cmd.add_argument("--read-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    cmd.add_argument("--id", help=f"worker id shown in stats (default: {kind}-HOST-PID)")
     _log_arg(cmd)
 
 
+def _storage_args(cmd):
+    _worker_args(cmd, "storage")
+    cmd.add_argument("--data", default=os.path.join(DEFAULT_DATA, "storage"),
+                     help="data directory; workers sharing it form one store (%(default)s)")
+    cmd.add_argument("--read-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+
+
 def _cache_args(cmd):
-    cmd.add_argument("--broker", default=DEFAULT_BACKEND,
-                     help="broker backend endpoint (%(default)s)")
+    _worker_args(cmd, "cache")
     cmd.add_argument("--dir", default=os.path.join(DEFAULT_DATA, "cache"),
                      help="cache directory (%(default)s)")
     cmd.add_argument("--max-bytes", type=parse_size, default=DEFAULT_CACHE_BYTES, metavar="SIZE",
                      help="cache bound, e.g. 512M or 2G (%(default)s)")
-    cmd.add_argument("--id", help="worker id shown in stats (default: cache-HOST-PID)")
-    _log_arg(cmd)
 
 
 # --- entry points ---

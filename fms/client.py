@@ -31,6 +31,7 @@ import zmq
 
 from . import protocol as p
 from .errors import BadRequest, FmsError, IntegrityError, Timeout, TransportError, from_reply
+from .fileio import read_frame, read_full
 
 DEFAULT_BROKER = "tcp://127.0.0.1:5555"
 DEFAULT_TIMEOUT = 5.0          # seconds a request may wait for its reply before a retry
@@ -292,7 +293,7 @@ class Client:
                     if plan.chunks[i] in sent:
                         continue  # the same content twice in one file
                     sent[plan.chunks[i]] = i
-                    frame = _read_frame(f, i * plan.chunk_size, plan.chunk_len(i))
+                    frame = _read_chunk_frame(f, i * plan.chunk_size, plan.chunk_len(i))
                     if p.sha256(memoryview(frame)[p.DATA_PREFIX_LEN:]) != plan.chunks[i]:
                         raise FmsError(f"{path} changed while it was being uploaded; "
                                        f"upload it again when it is no longer being written")
@@ -421,7 +422,7 @@ def _plan_file(path: str, chunk_size: int) -> _Plan:
         first = b""
         view = memoryview(bytearray(chunk_size))
         while True:
-            n = _read_full(f, view)
+            n = read_full(f, view)
             if n == 0:
                 break
             piece = view[:n]
@@ -448,20 +449,9 @@ def _commit_fields(name: str, plan: _Plan) -> dict:
             "sha256": plan.sha256, "mtime": plan.mtime, "commit": uuid.uuid4().hex}
 
 
-def _read_full(f, view) -> int:
-    got = 0
-    while got < len(view):
-        n = f.readinto(view[got:])
-        if not n:
-            break
-        got += n
-    return got
-
-
-def _read_frame(f, offset: int, length: int) -> bytearray:
-    frame = p.data_buffer(length)
-    f.seek(offset)
-    if _read_full(f, memoryview(frame)[p.DATA_PREFIX_LEN:]) != length:
+def _read_chunk_frame(f, offset: int, length: int):
+    frame, _view, got = read_frame(f, length, offset)
+    if got != length:
         raise FmsError(f"{f.name} got shorter while it was being uploaded; upload it again")
     return frame
 

@@ -26,6 +26,7 @@ import msgpack
 
 from . import protocol as p
 from .errors import BadRequest, FmsError, IntegrityError, NotFound, Unavailable
+from .fileio import read_frame
 
 STORE_FORMAT = 1
 TMP_GRACE = 600.0  # seconds: a chunk write takes well under this, so older temp files are from dead writers
@@ -126,14 +127,7 @@ class Store:
                 if size > p.MAX_CHUNK_SIZE:
                     raise IntegrityError(f"chunk {digest.hex()[:16]} is {size} bytes on disk, "
                                          f"more than any chunk may be")
-                frame = p.data_buffer(size)
-                view = memoryview(frame)[p.DATA_PREFIX_LEN:]
-                got = 0
-                while got < size:
-                    n = f.readinto(view[got:])
-                    if not n:
-                        break
-                    got += n
+                frame, view, got = read_frame(f, size)
         except FileNotFoundError:
             raise NotFound(f"chunk {digest.hex()[:16]} not found in store") from None
         if got != size or p.sha256(view) != digest:

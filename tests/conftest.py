@@ -30,16 +30,19 @@ def wait_for(predicate, timeout: float, what: str):
         time.sleep(0.05)
 
 
-class Proc:
-    """A running fms process with its log in a file."""
+SCRIPTS = {"broker": "broker.py", "storage": "storage_worker.py", "cache": "cache_worker.py"}
 
-    def __init__(self, name: str, args: list, log_path: str):
+
+class Proc:
+    """A running fms process, started from its top-level script as a user would, logging to a
+    file."""
+
+    def __init__(self, name: str, kind: str, args: list, log_path: str):
         self.name = name
-        self.args = args
         self.log_path = log_path
         self._log = open(log_path, "ab")
-        self.popen = subprocess.Popen([sys.executable, "-m", "fms", *args], cwd=ROOT,
-                                      stdout=self._log, stderr=subprocess.STDOUT)
+        self.popen = subprocess.Popen([sys.executable, os.path.join(ROOT, SCRIPTS[kind]), *args],
+                                      cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
 
     @property
     def pid(self) -> int:
@@ -81,7 +84,7 @@ class Cluster:
 
     def _spawn(self, name: str, args: list) -> Proc:
         self._seq += 1
-        proc = Proc(name, args, str(self.tmp / f"{self._seq:02d}-{name}.log"))
+        proc = Proc(name, args[0], args[1:], str(self.tmp / f"{self._seq:02d}-{name}.log"))
         self.procs.append(proc)
         return proc
 
