@@ -19,6 +19,7 @@ import zmq
 from . import protocol as p
 from .errors import BadRequest
 from .logutil import RateLimitedLog
+from .metrics import BrokerMetrics
 
 log = logging.getLogger("fms.broker")
 
@@ -46,6 +47,7 @@ class Pending:
     origin: dict        # {"from": identity, "via": FRONTEND|BACKEND}
     body: list          # header frame (+ data frame), kept for re-dispatch
     req_id: object
+    started: float      # time.monotonic() when the request reached the broker
 
 
 class Broker:
@@ -66,6 +68,7 @@ class Broker:
         self._keys = itertools.count(1)
         self._bad = RateLimitedLog(log)
         self.started = time.time()
+        self.metrics = BrokerMetrics()
 
     # --- set-up ---
 
@@ -140,10 +143,12 @@ class Broker:
             return
         if op == "status":
             self._send(self.frontend, [ident, p.encode(p.ok_reply(req_id, **self.status()))])
+            self.metrics.answered(op, "ok", 0.0)
             return
         self.dispatch(p.OP_SERVICE[op], op, req_id, origin, frames[1:])
 
-    def dispatch(self, service: str, op: str, req_id, origin: dict, body: list, exclude=()):
+    def dispatch(self, service: str, op: str, req_id, origin: dict, body: list, exclude=(),
+                 started=None):
         """Send a request to the least-loaded live worker of ``service`` (or its fallback)."""
         worker = self.require_worker(service, exclude)
         if worker is None and service in p.FALLBACK_SERVICE:
@@ -151,18 +156,21 @@ class Broker:
         if worker is None:
             self._reply_error(origin, req_id, "unavailable",
                               f"no {service} worker is connected to the broker; start one "
-                              f"(python {service}_worker.py) or run a whole cluster with: fms up")
+                              f"(python {service}_worker.py) or run a whole cluster with: fms up",
+                              op=op)
             return
         key = next(self._keys)
         route = {"t": "req", "k": key, **origin}
         if not self._send(self.backend, [worker.ident, p.encode(route), *body]):
             self.delete_worker(worker.ident, "unreachable")
-            self.dispatch(service, op, req_id, origin, body, exclude=(*exclude, worker.ident))
+            self.dispatch(service, op, req_id, origin, body, exclude=(*exclude, worker.ident),
+                          started=started)
             return
         worker.inflight.add(key)
         worker.served += 1
         worker.last_used = key
-        self.pending[key] = Pending(worker.ident, service, op, origin, body, req_id)
+        self.pending[key] = Pending(worker.ident, service, op, origin, body, req_id,
+                                    started if started is not None else time.monotonic())
 
     def require_worker(self, service: str, exclude=()):
         """The live worker of ``service`` with the fewest requests in flight, or None.
@@ -227,7 +235,13 @@ class Broker:
         self.workers[ident] = Worker(ident, service, worker_id, store_id,
                                      time.monotonic() + p.HEARTBEAT_INTERVAL * p.HEARTBEAT_LIVENESS)
         self._send(self.backend, [ident, p.encode({"t": "welcome"})])
+        self._count_workers()
         log.info("event=worker_ready service=%s worker=%s store=%s", service, worker_id, store_id)
+
+    def _count_workers(self):
+        for service in p.SERVICES:
+            self.metrics.workers.labels(service).set(
+                sum(w.service == service for w in self.workers.values()))
 
     def store_id(self):
         for worker in self.workers.values():
@@ -255,6 +269,13 @@ class Broker:
             # sends after this ack reaches the cache after the invalidation (invariant 1).
             self.invalidate(name)
         self._deliver(pending.origin, body)
+        if pending.origin["via"] == FRONTEND:
+            outcome = "ok" if route.get("ok", True) else str(route.get("err"))
+            self.metrics.answered(pending.op, outcome, time.monotonic() - pending.started)
+            if route.get("cache") == "hit":
+                self.metrics.cache_hits.inc()
+            elif route.get("cache") == "miss":
+                self.metrics.cache_misses.inc()
 
     def process_worker_request(self, worker: Worker, route: dict, body: list):
         service = route.get("svc")
@@ -283,6 +304,7 @@ class Broker:
         worker = self.workers.pop(ident, None)
         if worker is None:
             return
+        self._count_workers()
         log.warning("event=worker_gone service=%s worker=%s reason=%r inflight=%d",
                     worker.service, worker.worker_id, reason, len(worker.inflight))
         for key in sorted(worker.inflight):
@@ -290,12 +312,14 @@ class Broker:
             if pending is None:
                 continue
             if pending.op in p.IDEMPOTENT_OPS:
+                self.metrics.redispatched.inc()
                 self.dispatch(pending.service, pending.op, pending.req_id, pending.origin,
-                              pending.body, exclude=(ident,))
+                              pending.body, exclude=(ident,), started=pending.started)
             else:
                 self._reply_error(pending.origin, pending.req_id, "unavailable",
                                   f"the {worker.service} worker died while handling {pending.op}; "
-                                  f"check the result (fms stat) before retrying")
+                                  f"check the result (stat) before retrying", op=pending.op,
+                                  started=pending.started)
 
     def send_heartbeats(self):
         beat = p.encode({"t": "hb"})
@@ -324,8 +348,12 @@ class Broker:
         else:
             self._send(self.backend, [origin["from"], p.encode({"t": "rep"}), *body])
 
-    def _reply_error(self, origin: dict, req_id, code: str, message: str):
+    def _reply_error(self, origin: dict, req_id, code: str, message: str, op="unknown",
+                     started=None):
         self._deliver(origin, [p.encode(p.error_reply(req_id, code, message))])
+        if origin["via"] == FRONTEND:
+            elapsed = time.monotonic() - started if started is not None else 0.0
+            self.metrics.answered(op if op in p.OP_SERVICE else "unknown", code, elapsed)
 
     def _send(self, sock: zmq.Socket, frames) -> bool:
         """Send; on an unknown peer or a full queue log it and return False (invariant 7)."""

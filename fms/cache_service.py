@@ -74,7 +74,8 @@ class CacheService:
                 frame = self.chunks.get(manifest["chunks"][0])
             if frame is not None or not _inline(manifest):
                 self.hits += 1
-                self.link.reply(route, p.ok_reply(header["id"], manifest=manifest), frame)
+                self.link.reply(route, p.ok_reply(header["id"], manifest=manifest), frame,
+                                cache="hit")
                 return
         self.misses += 1
         self._wait("get", name, route, header["id"])
@@ -84,7 +85,7 @@ class CacheService:
         frame = self.chunks.get(digest)
         if frame is not None:
             self.hits += 1
-            self.link.reply(route, p.ok_reply(header["id"]), frame)
+            self.link.reply(route, p.ok_reply(header["id"]), frame, cache="hit")
             return
         self.misses += 1
         self._wait("chunk", digest, route, header["id"])
@@ -149,11 +150,11 @@ class CacheService:
     def _answer(self, fetch, header, data):
         buf = data.buffer if data is not None else None
         for route, req_id in fetch.waiters:
-            self.link.reply(route, {**header, "id": req_id}, buf)
+            self.link.reply(route, {**header, "id": req_id}, buf, cache="miss")
 
     def _fail(self, fetch, code, message):
         for route, req_id in fetch.waiters:
-            self.link.reply(route, p.error_reply(req_id, code, message))
+            self.link.reply(route, p.error_reply(req_id, code, message), cache="miss")
 
     # --- control ---
 

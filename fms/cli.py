@@ -107,6 +107,9 @@ def _client_options() -> argparse.ArgumentParser:
                         help="seconds to wait for each reply (default: 5)")
     common.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS,
                         help="print only errors")
+    common.add_argument("--log-level", default=argparse.SUPPRESS,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="log the client's own events at this level (default: WARNING)")
     return common
 
 
@@ -150,6 +153,8 @@ def _broker_args(cmd):
                      help="endpoint to bind for clients (%(default)s)")
     cmd.add_argument("--backend", default=DEFAULT_BACKEND,
                      help="endpoint to bind for workers (%(default)s)")
+    cmd.add_argument("--metrics-port", type=int, metavar="PORT",
+                     help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics")
     _log_arg(cmd)
 
 
@@ -189,8 +194,13 @@ def client_main(argv=None) -> int:
 
 def daemon_main(kind: str, argv=None) -> int:
     """``python broker.py`` / ``storage_worker.py`` / ``cache_worker.py``."""
-    parser = argparse.ArgumentParser(prog=f"{kind}.py" if kind == "broker" else f"{kind}_worker.py",
-                                     description=f"Run the fms {kind}.")
+    prog = f"{kind}.py" if kind == "broker" else f"{kind}_worker.py"
+    examples = {"broker": "--frontend tcp://127.0.0.1:5555 --backend tcp://127.0.0.1:5556",
+                "storage": "--broker tcp://127.0.0.1:5556 --data ./fms-data/storage",
+                "cache": "--broker tcp://127.0.0.1:5556 --dir ./fms-data/cache --max-bytes 2G"}
+    parser = argparse.ArgumentParser(prog=prog, description=f"Run the fms {kind}.",
+                                     formatter_class=_Formatter,
+                                     epilog=f"example:\n  python {prog} {examples[kind]}")
     parser.add_argument("--version", action="version", version=f"fms {__version__}")
     {"broker": _broker_args, "storage": _storage_args, "cache": _cache_args}[kind](parser)
     args = parser.parse_args(argv)
@@ -201,9 +211,25 @@ def daemon_main(kind: str, argv=None) -> int:
 def _run(parser, argv) -> int:
     args = parser.parse_args(argv)
     if not args.command:
-        parser.print_help()
-        return EXIT_USAGE
+        return _shell(parser, args)
     return _dispatch(args, parser)
+
+
+def _shell(parser, args) -> int:
+    """No command: the interactive shell, keeping the options given before it."""
+    from .shell import run_shell
+    base = []
+    for option in ("broker", "timeout"):
+        if hasattr(args, option):
+            base += [f"--{option}", str(getattr(args, option))]
+    if getattr(args, "quiet", False):
+        base.append("--quiet")
+
+    def run(argv):
+        return _dispatch(parser.parse_args([*base, *argv]), parser)
+
+    with _client(args) as client:
+        return run_shell(run, client, parser, client.broker)
 
 
 def _dispatch(args, parser) -> int:
@@ -226,9 +252,44 @@ def _dispatch(args, parser) -> int:
 
 # --- client commands ---
 
+PROGRESS_MIN = 1 * p.MiB   # transfers larger than this get a progress bar on a terminal
+
+
 def _client(args):
     from .client import Client
-    return Client(getattr(args, "broker", None), timeout=getattr(args, "timeout", 5.0))
+    from .logutil import setup_logging
+    setup_logging(getattr(args, "log_level", "WARNING"))
+    progress = None
+    if not getattr(args, "quiet", False) and sys.stderr.isatty():
+        progress = _ProgressBars()
+    return Client(getattr(args, "broker", None), timeout=getattr(args, "timeout", 5.0),
+                  progress=progress)
+
+
+class _ProgressBars:
+    """One tqdm bar (percent, rate, ETA) per file over PROGRESS_MIN, on stderr."""
+
+    def __init__(self):
+        self.bar = None
+        self.name = None
+
+    def __call__(self, name: str, done: int, total: int):
+        if total <= PROGRESS_MIN:
+            return
+        if self.bar is None or self.name != name:
+            from tqdm import tqdm
+            self.close()
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                            desc=name, file=sys.stderr, leave=True)
+            self.name = name
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.close()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _say(args, text: str):
@@ -341,7 +402,12 @@ def cmd_stats(args):
             cache = client.cache_stats()
         except Unavailable:
             cache = None
-    out = {"workers": status["workers"], "cache": cache, "broker": status["broker"]}
+        try:
+            store = client.usage()
+        except Unavailable:
+            store = None
+    out = {"workers": status["workers"], "cache": cache, "store": store,
+           "broker": status["broker"]}
     if args.json:
         print(json.dumps(out, indent=1))
         return
@@ -356,6 +422,11 @@ def cmd_stats(args):
               f"hit_ratio={cache['hit_ratio']:.2f} bytes={_human(cache['bytes'])}"
               f"/{_human(cache['max_bytes'])} entries={cache['entries']} "
               f"evictions={cache['evictions']}")
+    if store is None:
+        print("store   no storage worker connected")
+    else:
+        print(f"store   files={store['files']} bytes={_human(store['bytes'])} "
+              f"stored={_human(store['chunk_bytes'])} (after dedup)")
 
 
 def _human(n: int) -> str:
@@ -388,13 +459,19 @@ class _StopFlag:
 
 
 def cmd_broker(args):
+    import logging
+
     from .broker import Broker
     from .logutil import setup_logging
     setup_logging(args.log_level)
     broker = Broker(args.frontend, args.backend)
     try:
         broker.bind()
-    except Exception as exc:  # zmq.ZMQError: address in use, bad endpoint
+        if args.metrics_port is not None:
+            broker.metrics.serve(args.metrics_port)
+            logging.getLogger("fms.broker").info(
+                "event=metrics url=http://127.0.0.1:%d/metrics", args.metrics_port)
+    except Exception as exc:  # zmq.ZMQError / OSError: address in use, bad endpoint
         raise FmsError(f"cannot bind: {exc}; is another broker running on these ports?") from None
     try:
         broker.run(_StopFlag())

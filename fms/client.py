@@ -20,6 +20,7 @@ up to ``retries`` times, except ``rm``.
 
 import contextlib
 import hashlib
+import io
 import itertools
 import os
 import tempfile
@@ -59,7 +60,8 @@ class Client:
     :param retries: how many times a request that timed out is sent again.
     :param window: chunk requests kept in flight during one transfer.
     :param chunk_size: chunk size for uploads, in bytes.
-    :param progress: optional ``callable(done_bytes, total_bytes)`` called as a transfer goes.
+    :param progress: optional ``callable(name, done_bytes, total_bytes)`` called as a file's
+        chunks move (not for files that travel in one message).
     """
 
     def __init__(self, broker: str | None = None, *, timeout: float = DEFAULT_TIMEOUT,
@@ -235,6 +237,11 @@ class Client:
         header, _ = self.call("status")
         return {k: v for k, v in header.items() if k not in ("v", "id", "ok")}
 
+    def usage(self) -> dict:
+        """The store's ``files``, ``bytes`` (their sizes) and ``chunk_bytes`` (on disk)."""
+        header, _ = self.call("usage")
+        return header["store"]
+
     def cache_stats(self) -> dict:
         header, _ = self.call("cache_stats")
         return header["cache"]
@@ -273,12 +280,12 @@ class Client:
             results[i] = _public(header["stat"])
         for i, (path, name, plan) in enumerate(planned):
             if plan.inline is None:
-                self._upload_chunks(path, plan)
+                self._upload_chunks(path, plan, name)
                 header, _ = self.call("commit", **_commit_fields(name, plan))
                 results[i] = _public(header["stat"])
         return results
 
-    def _upload_chunks(self, path: str, plan):
+    def _upload_chunks(self, path: str, plan, name: str):
         missing = set()
         for start in range(0, len(plan.chunks), p.MAX_HAVE_BATCH):
             header, _ = self.call("have", hashes=plan.chunks[start:start + p.MAX_HAVE_BATCH])
@@ -300,7 +307,7 @@ class Client:
                     yield i, "put_chunk", {"hash": plan.chunks[i]}, frame
             for i, _header, _ in self.pipeline(requests()):
                 done += plan.chunk_len(i)
-                self._report(done, total)
+                self._report(name, done, total)
 
     # --- download ---
 
@@ -360,12 +367,27 @@ class Client:
 
     def _download_chunks(self, manifest: dict, out):
         """Fetch every chunk pipelined, write them in order to ``out``, verify all of it."""
-        chunks, size, chunk_size = manifest["chunks"], manifest["size"], manifest["chunk_size"]
         whole = hashlib.sha256()
-        held = {}          # out-of-order chunks, at most `window` of them
-        next_index = 0
         done = 0
-        requests = ((i, "chunk", {"hash": d}, None) for i, d in enumerate(chunks))
+        for piece in self.iter_chunks(manifest):
+            whole.update(piece)
+            out.write(piece)
+            done += len(piece)
+            self._report(manifest["name"], done, manifest["size"])
+        if whole.digest() != manifest["sha256"]:
+            raise IntegrityError(f"{manifest['name']!r} does not match its sha256; "
+                                 f"nothing was written, try again")
+
+    def iter_chunks(self, manifest: dict, start: int = 0):
+        """Yield the chunks of ``manifest`` from index ``start`` on, in order, each verified;
+        ``window`` requests stay in flight and out-of-order arrivals wait (at most ``window``).
+
+        :raises IntegrityError: a chunk does not match its sha256.
+        """
+        chunks, size, chunk_size = manifest["chunks"], manifest["size"], manifest["chunk_size"]
+        held = {}
+        next_index = start
+        requests = ((i, "chunk", {"hash": chunks[i]}, None) for i in range(start, len(chunks)))
         for i, _header, frame in self.pipeline(requests):
             if frame is None:
                 raise IntegrityError(f"chunk {i} of {manifest['name']!r} came without data")
@@ -376,19 +398,98 @@ class Client:
                                      f"sha256; nothing was written, try again")
             held[i] = data
             while next_index in held:
-                piece = held.pop(next_index)
-                whole.update(piece)
-                out.write(piece)
-                done += len(piece)
+                yield held.pop(next_index)
                 next_index += 1
-                self._report(done, size)
-        if whole.digest() != manifest["sha256"]:
-            raise IntegrityError(f"{manifest['name']!r} does not match its sha256; "
-                                 f"nothing was written, try again")
 
-    def _report(self, done: int, total: int):
+    def open(self, name: str) -> "RemoteFile":
+        """A read-only, seekable, file-like stream of ``name``'s content.
+
+        Chunks are fetched ahead (``window`` in flight) and verified one by one; a read from the
+        start to the end also checks the whole-file sha256.  Memory: about ``window`` chunks.
+
+        :raises NotFound: no such name.
+        """
+        header, frame = self.call("get", name=p.check_name(name))
+        return RemoteFile(self, header["manifest"], frame)
+
+    def _report(self, name: str, done: int, total: int):
         if self.progress is not None:
-            self.progress(done, total)
+            self.progress(name, done, total)
+
+
+class RemoteFile(io.RawIOBase):
+    """What :meth:`Client.open` returns: read it like a local binary file."""
+
+    def __init__(self, client: Client, manifest: dict, inline_frame=None):
+        super().__init__()
+        self._client = client
+        self.manifest = manifest
+        self.name = manifest["name"]
+        self.size = manifest["size"]
+        self._pos = 0
+        self._buf = memoryview(b"")   # the current chunk, from offset _buf_start
+        self._buf_start = 0
+        self._stream = None
+        self._whole = hashlib.sha256()
+        self._hashed_to = 0           # bytes hashed so far, while reading in order from 0
+        if inline_frame is not None:
+            self._buf = _checked_whole(manifest, p.unpack_data(inline_frame.buffer))
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        """Fill ``buffer`` as far as the content goes (short only at the end of the file)."""
+        if self.closed:
+            raise ValueError("read from a closed file")
+        out = memoryview(buffer).cast("B")
+        filled = 0
+        while filled < len(out) and self._pos < self.size:
+            if not self._buf_start <= self._pos < self._buf_start + len(self._buf):
+                self._fetch_chunk_at(self._pos)
+            start = self._pos - self._buf_start
+            n = min(len(out) - filled, len(self._buf) - start)
+            out[filled:filled + n] = self._buf[start:start + n]
+            filled += n
+            self._pos += n
+        return filled
+
+    def _fetch_chunk_at(self, pos: int):
+        chunk_size = self.manifest["chunk_size"]
+        index = pos // chunk_size
+        expected_start = self._buf_start + len(self._buf)
+        if self._stream is None or pos < self._buf_start or pos >= expected_start + chunk_size:
+            # A jump: restart the prefetching stream at the chunk that holds pos.
+            self._stream = self._client.iter_chunks(self.manifest, index)
+            self._buf_start = index * chunk_size
+        else:
+            self._buf_start = expected_start
+        self._buf = next(self._stream)
+        self._hash_in_order()
+
+    def _hash_in_order(self):
+        if self._buf_start == self._hashed_to:
+            self._whole.update(self._buf)
+            self._hashed_to += len(self._buf)
+            if self._hashed_to == self.size and self._whole.digest() != self.manifest["sha256"]:
+                raise IntegrityError(f"{self.name!r} does not match its sha256")
+
+    def close(self):
+        self._stream = None
+        super().close()
 
 
 # --- upload planning ---
@@ -476,6 +577,7 @@ def _atomic_file(dest: str, manifest: dict):
     except OSError as exc:
         raise FmsError(f"cannot write to {folder}: {exc.strerror}") from None
     try:
+        os.fchmod(fd, 0o666 & ~_umask())   # mkstemp makes 0600; a download is an ordinary file
         with os.fdopen(fd, "wb") as out:
             yield out
             out.flush()
@@ -486,6 +588,12 @@ def _atomic_file(dest: str, manifest: dict):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 class _Collect:

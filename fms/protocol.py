@@ -57,6 +57,7 @@ OP_SERVICE = {
     "ls": STORAGE,
     "stat": STORAGE,
     "rm": STORAGE,
+    "usage": STORAGE,      # files and bytes in the store
     "status": BROKER,      # answered by the broker itself: live workers
 }
 # Ops the broker may hand to another worker when the first one dies before replying.

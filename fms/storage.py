@@ -42,7 +42,7 @@ class StorageService:
         self._handlers = {
             "get": self.op_get, "chunk": self.op_chunk, "have": self.op_have,
             "put_chunk": self.op_put_chunk, "commit": self.op_commit, "ls": self.op_ls,
-            "stat": self.op_stat, "rm": self.op_rm,
+            "stat": self.op_stat, "rm": self.op_rm, "usage": self.op_usage,
         }
 
     def handle_request(self, route: dict, header: dict, data):
@@ -100,6 +100,9 @@ class StorageService:
         page = entries[:limit]
         self.link.reply(route, p.ok_reply(header["id"], entries=page,
                                           more=len(entries) > limit))
+
+    def op_usage(self, route, header, data):
+        self.link.reply(route, p.ok_reply(header["id"], store=self.store.usage()))
 
     # --- write ops ---
 

@@ -174,7 +174,7 @@ class Store:
             with open(path, "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
-            raise NotFound(f"{name_for_errors!r} not found; list names with: fms ls") from None
+            raise NotFound(f"{name_for_errors!r} not found; see what is stored with: ls") from None
         try:
             manifest = msgpack.unpackb(raw, raw=False)
             manifest["name"]
@@ -274,13 +274,15 @@ class Store:
         return found
 
     def usage(self) -> dict:
-        files = sum(1 for _ in self.list())
+        """Files, their total size, and the bytes their chunks take on disk (after dedup)."""
+        manifests = self.list()
         chunk_bytes = 0
         for root, _dirs, names in os.walk(os.path.join(self.path, "chunks")):
             for n in names:
                 with contextlib.suppress(FileNotFoundError):
                     chunk_bytes += os.stat(os.path.join(root, n)).st_size
-        return {"files": files, "chunk_bytes": chunk_bytes}
+        return {"files": len(manifests), "bytes": sum(m["size"] for m in manifests),
+                "chunk_bytes": chunk_bytes}
 
     # --- temp files ---
 

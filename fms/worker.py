@@ -70,11 +70,21 @@ class BrokerLink:
     def heartbeat(self):
         self._send([p.encode({"t": "hb"})])
 
-    def reply(self, route: dict, header: dict, data=None, invalidate=None):
-        """Answer a request that reached this worker with ``route``."""
-        back = {"t": "rep", "k": route.get("k"), "to": route.get("from"), "via": route.get("via")}
+    def reply(self, route: dict, header: dict, data=None, invalidate=None, cache=None):
+        """Answer a request that reached this worker with ``route``.
+
+        The route frame repeats the outcome (``ok``, ``err``) and, from the cache, whether it was
+        a hit, so the broker can count them without decoding the header.  ``invalidate`` names
+        a name the broker must drop from the cache before it forwards this reply.
+        """
+        back = {"t": "rep", "k": route.get("k"), "to": route.get("from"), "via": route.get("via"),
+                "ok": bool(header.get("ok"))}
+        if not back["ok"]:
+            back["err"] = header.get("error")
         if invalidate is not None:
             back["inv"] = invalidate
+        if cache is not None:
+            back["cache"] = cache
         frames = [p.encode(back), p.encode(header)]
         if data is not None:
             frames.append(data)

@@ -88,8 +88,10 @@ class Cluster:
         self.procs.append(proc)
         return proc
 
-    def start_broker(self, frontend="tcp://127.0.0.1:*", backend="tcp://127.0.0.1:*") -> Proc:
-        proc = self._spawn("broker", ["broker", "--frontend", frontend, "--backend", backend])
+    def start_broker(self, frontend="tcp://127.0.0.1:*", backend="tcp://127.0.0.1:*",
+                     extra=()) -> Proc:
+        proc = self._spawn("broker", ["broker", "--frontend", frontend, "--backend", backend,
+                                      *extra])
         pattern = re.compile(r"event=listening frontend=(\S+) backend=(\S+)")
         match = wait_for(lambda: pattern.search(proc.log()) or (not proc.alive() and proc.log()),
                          START_TIMEOUT, "the broker to listen")

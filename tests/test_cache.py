@@ -109,9 +109,11 @@ class Link:
     def __init__(self):
         self.replies = []     # (route, header, data)
         self.requests = []    # (service, header)
+        self.outcomes = []    # "hit" / "miss", as the route frame tells the broker
 
-    def reply(self, route, header, data=None, invalidate=None):
+    def reply(self, route, header, data=None, invalidate=None, cache=None):
         self.replies.append((route, header, data))
+        self.outcomes.append(cache)
 
     def request(self, service, header, data=None):
         self.requests.append((service, header))
@@ -164,6 +166,7 @@ def test_hit_is_answered_without_storage(service):
     service.handle_request(route(b"c"), get("f", 2), None)
     assert len(service.link.requests) == 1
     assert service.hits == 1 and service.misses == 1
+    assert service.link.outcomes == ["miss", "hit"]
     assert service.link.replies[-1][1]["manifest"]["version"] == 1
 
 

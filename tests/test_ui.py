@@ -1,0 +1,217 @@
+"""What users and operators see: the shell, progress bars, stats, metrics, logs, the API, help."""
+
+import fcntl
+import io
+import json
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
+import urllib.request
+
+import pytest
+
+import fms
+from fms import protocol as p
+from fms.cli import build_parser
+from fms.shell import Shell
+from tests.conftest import ROOT, random_bytes
+from tests.test_up import free_port
+
+MiB = p.MiB
+
+
+# --- the interactive shell ---
+
+def test_shell_runs_commands_from_its_prompt_and_survives_errors(cluster, tmp_path):
+    (tmp_path / "f.txt").write_bytes(b"shell data")
+    script = (f"help\nput {tmp_path / 'f.txt'} s/f.txt\nls\nstat s/f.txt --json\n"
+              f"get s/f.txt {tmp_path / 'back.txt'}\nget nope\nbogus\nput\nrm s/f.txt\nls\nquit\n")
+    run = cluster.cli(stdin=script.encode())
+    out, err = run.stdout.decode(), run.stderr.decode()
+    assert run.returncode == 0, err
+    assert out.count("fms> ") >= 10                       # a prompt before every command
+    assert "put LOCAL [NAME]" in out                      # help lists the commands
+    assert json.loads(out[out.index("{"):out.index("}") + 1])["name"] == "s/f.txt"
+    assert (tmp_path / "back.txt").read_bytes() == b"shell data"
+    assert "not found" in err                             # an error, and the shell went on
+    assert "unknown command 'bogus'" in out
+    assert "required: LOCAL" in err                       # argparse's error, no exit
+    assert "removed s/f.txt" in err
+
+
+def test_shell_leaves_on_end_of_input(cluster):
+    run = cluster.cli(stdin=b"ls\n")                       # Ctrl-D is end of input
+    assert run.returncode == 0
+
+
+def test_shell_completes_remote_names_and_commands(cluster):
+    with cluster.client() as c:
+        for name in ("docs/a.txt", "docs/b.txt", "pics/c.jpg"):
+            c.put_bytes(b"x", name)
+        shell = Shell(lambda argv: 0, c, build_parser(), cluster.frontend,
+                      stdin=io.StringIO(), stdout=io.StringIO())
+        assert shell.complete_get("do", "get do", 4, 6) == ["docs/a.txt", "docs/b.txt"]
+        assert shell.complete_rm("pics/", "rm pics/", 3, 8) == ["pics/c.jpg"]
+        assert shell.complete_get("", "get docs/a.txt ", 15, 15) != ["docs/a.txt", "docs/b.txt"]
+        assert shell.completenames("st") == ["stat ", "stats "]
+
+
+# --- progress bars ---
+
+def run_on_a_terminal(args, cwd) -> str:
+    """Run client.py with stderr on a pseudo-terminal; return what it drew there."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 40x120, as a terminal has
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "client.py"), *args],
+                            stdout=subprocess.DEVNULL, stderr=slave, stdin=subprocess.DEVNULL,
+                            cwd=cwd)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:       # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(60)
+    os.close(master)
+    assert proc.returncode == 0, b"".join(chunks)
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_progress_bar_on_a_terminal_only_and_not_with_quiet(cluster, tmp_path):
+    src = tmp_path / "big.bin"
+    src.write_bytes(random_bytes(6 * MiB, 6))
+    drawn = run_on_a_terminal(["--broker", cluster.frontend, "put", str(src), "big"], tmp_path)
+    assert "100%" in drawn and "B/s" in drawn and "big" in drawn
+    drawn = run_on_a_terminal(["--broker", cluster.frontend, "get", "big", str(tmp_path / "o")],
+                              tmp_path)
+    assert "100%" in drawn and "B/s" in drawn
+    quiet = run_on_a_terminal(["--broker", cluster.frontend, "--quiet", "get", "big",
+                               str(tmp_path / "o2")], tmp_path)
+    assert "%" not in quiet and quiet.strip() == ""
+    piped = cluster.cli("get", "big", str(tmp_path / "o3"))
+    assert b"%" not in piped.stderr                        # not a terminal: no bar
+    small = run_on_a_terminal(["--broker", cluster.frontend, "get", "big", "-"], tmp_path)
+    assert "100%" in small                                 # stdout is data, the bar on stderr
+
+
+# --- stats and metrics ---
+
+def test_stats_json_shows_workers_cache_and_store(cluster, tmp_path):
+    with cluster.client() as c:
+        c.put_bytes(b"a" * 1000, "a")
+        c.get_bytes("a")
+        c.get_bytes("a")
+    out = json.loads(cluster.cli("stats", "--json").stdout)
+    assert sorted((w["service"], w["id"]) for w in out["workers"]) == \
+        [("cache", "cache-1"), ("storage", "storage-a"), ("storage", "storage-b")]
+    assert all({"state", "inflight", "served"} <= set(w) for w in out["workers"])
+    assert out["cache"]["hits"] == 1 and out["cache"]["misses"] == 1
+    assert out["cache"]["bytes"] == 1000 and out["cache"]["hit_ratio"] == 0.5
+    assert out["store"] == {"files": 1, "bytes": 1000, "chunk_bytes": 1000}
+    text = cluster.cli("stats").stdout.decode()
+    assert "hits=1" in text and "storage-a" in text and "files=1" in text
+
+
+def test_broker_serves_prometheus_metrics(make_cluster, tmp_path):
+    cluster = make_cluster()
+    port = free_port()
+    cluster.start_broker(extra=["--metrics-port", str(port)])
+    cluster.start_cache()
+    cluster.start_storage(wid="storage-a")
+    cluster.start_storage(wid="storage-b")
+    cluster.wait_workers(storage=2, cache=1)
+    with cluster.client() as c:
+        c.put_bytes(b"m" * 100, "m")
+        c.get_bytes("m")
+        c.get_bytes("m")
+        with pytest.raises(fms.NotFound):
+            c.stat("missing")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+               for line in text.splitlines() if line and not line.startswith("#")}
+    assert samples['fms_requests_total{op="get",outcome="ok"}'] == 2
+    assert samples['fms_requests_total{op="stat",outcome="not_found"}'] == 1
+    assert samples['fms_request_duration_seconds_count{op="commit",outcome="ok"}'] == 1
+    assert samples['fms_cache_hits_total'] == 1 and samples['fms_cache_misses_total'] == 1
+    assert samples['fms_workers{service="storage"}'] == 2
+    assert samples['fms_workers{service="cache"}'] == 1
+    assert all(name.startswith("fms_") for name in samples)
+
+
+# --- logs ---
+
+def test_logs_are_key_value_lines_without_tracebacks_for_expected_errors(cluster, tmp_path):
+    cluster.cli("get", "missing", str(tmp_path / "x"))
+    cluster.cli("put", "/no/such/file", "x")
+    with cluster.client() as c:
+        c.put_bytes(b"x", "x")
+    for proc in cluster.procs:
+        log = proc.log()
+        assert "Traceback" not in log
+        for line in log.splitlines():
+            assert " level=" in line and " proc=fms." in line and "event=" in line, line
+
+
+# --- the Python API ---
+
+def test_client_api_round_trip_and_open_streams_with_seek(cluster, tmp_path):
+    data = random_bytes(3 * MiB + 77, 77)
+    src = tmp_path / "d.bin"
+    src.write_bytes(data)
+    with fms.Client(cluster.frontend, window=4) as c:
+        assert c.put(str(src), "d.bin")["size"] == len(data)
+        with c.open("d.bin") as f:
+            assert f.read(10) == data[:10]
+            assert f.read(MiB) == data[10:MiB + 10]
+            f.seek(2 * MiB + 5)
+            assert f.read(100) == data[2 * MiB + 5:2 * MiB + 105]
+            f.seek(-7, io.SEEK_END)
+            assert f.read() == data[-7:]
+            f.seek(0)
+            assert f.read() == data
+        with c.open("d.bin") as f:
+            assert io.BufferedReader(f).read() == data
+        c.put_bytes(b"tiny", "t")
+        with c.open("t") as f:
+            assert f.read() == b"tiny"
+        assert [e["name"] for e in c.ls()] == ["d.bin", "t"]
+        c.rm("t")
+        with pytest.raises(fms.NotFound):
+            c.open("t")
+        with pytest.raises(fms.BadRequest):
+            c.stat("../x")
+    assert issubclass(fms.NotFound, fms.FmsError)
+
+
+def test_unreachable_broker_raises_transport_error_from_the_api():
+    with fms.Client(f"tcp://127.0.0.1:{free_port()}") as c:
+        with pytest.raises(fms.TransportError, match="cannot reach"):
+            c.ls()
+
+
+# --- --version and --help ---
+
+@pytest.mark.parametrize("script", ["client.py", "broker.py", "storage_worker.py",
+                                    "cache_worker.py"])
+def test_every_entry_point_has_version_and_help_with_an_example(script):
+    run = [sys.executable, os.path.join(ROOT, script)]
+    version = subprocess.run(run + ["--version"], capture_output=True, timeout=30)
+    assert version.stdout.decode().strip() == f"fms {fms.__version__}"
+    helped = subprocess.run(run + ["--help"], capture_output=True, timeout=30)
+    assert helped.returncode == 0 and b"example" in helped.stdout
+
+
+@pytest.mark.parametrize("command", ["put", "get", "ls", "stat", "rm", "stats", "broker",
+                                     "storage", "cache", "up"])
+def test_every_command_has_help_with_an_example(command):
+    helped = subprocess.run([sys.executable, "-m", "fms", command, "--help"], cwd=ROOT,
+                            capture_output=True, timeout=30)
+    assert helped.returncode == 0 and b"examples:" in helped.stdout
