@@ -65,8 +65,10 @@ class Broker:
         self.backend = None
         self.workers = {}            # ident -> Worker
         self.pending = {}            # request key -> Pending
+        self.client_inflight = {}    # client identity -> requests of it in flight
         self._keys = itertools.count(1)
         self._bad = RateLimitedLog(log)
+        self._undeliverable = RateLimitedLog(log)
         self.started = time.time()
         self.metrics = BrokerMetrics()
 
@@ -74,19 +76,23 @@ class Broker:
 
     def bind(self):
         """Bind both sockets; the actual endpoints (with any ``*`` port resolved) are kept."""
-        self.frontend = self._router(self.frontend_endpoint)
+        self.frontend = self._router(self.frontend_endpoint, hwm=p.CLIENT_QUEUE)
         self.backend = self._router(self.backend_endpoint)
         self.frontend_endpoint = self.frontend.last_endpoint.decode()
         self.backend_endpoint = self.backend.last_endpoint.decode()
         log.info("event=listening frontend=%s backend=%s", self.frontend_endpoint,
                  self.backend_endpoint)
 
-    def _router(self, endpoint: str) -> zmq.Socket:
+    def _router(self, endpoint: str, hwm: int | None = None) -> zmq.Socket:
         sock = self.ctx.socket(zmq.ROUTER)
         sock.linger = 0
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)   # an unroutable reply raises, never vanishes
-        sock.setsockopt(zmq.SNDTIMEO, int(p.SEND_TIMEOUT * 1000))
+        # Never wait on one peer: a full queue raises at once and is handled (logged, or the
+        # worker is dropped), so a stalled peer cannot stall the broker for everyone else.
+        sock.setsockopt(zmq.SNDTIMEO, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_SIZE)
+        if hwm is not None:
+            sock.setsockopt(zmq.SNDHWM, hwm)
         sock.bind(endpoint)
         return sock
 
@@ -145,6 +151,11 @@ class Broker:
             self._send(self.frontend, [ident, p.encode(p.ok_reply(req_id, **self.status()))])
             self.metrics.answered(op, "ok", 0.0)
             return
+        if self.client_inflight.get(ident, 0) >= p.MAX_CLIENT_INFLIGHT:
+            self._reply_error(origin, req_id, "too_large",
+                              f"more than {p.MAX_CLIENT_INFLIGHT} requests in flight from one "
+                              f"client; wait for replies before sending more", op=op)
+            return
         self.dispatch(p.OP_SERVICE[op], op, req_id, origin, frames[1:])
 
     def dispatch(self, service: str, op: str, req_id, origin: dict, body: list, exclude=(),
@@ -171,6 +182,7 @@ class Broker:
         worker.last_used = key
         self.pending[key] = Pending(worker.ident, service, op, origin, body, req_id,
                                     started if started is not None else time.monotonic())
+        self._track_client(origin, +1)
 
     def require_worker(self, service: str, exclude=()):
         """The live worker of ``service`` with the fewest requests in flight, or None.
@@ -263,6 +275,7 @@ class Broker:
             log.info("event=late_reply worker=%s key=%r action=dropped", worker.worker_id, key)
             return
         worker.inflight.discard(key)
+        self._track_client(pending.origin, -1)
         name = route.get("inv")
         if isinstance(name, str):
             # Invalidate before the ack leaves: the cache's pipe is FIFO, so any read the client
@@ -311,6 +324,7 @@ class Broker:
             pending = self.pending.pop(key, None)
             if pending is None:
                 continue
+            self._track_client(pending.origin, -1)
             if pending.op in p.IDEMPOTENT_OPS:
                 self.metrics.redispatched.inc()
                 self.dispatch(pending.service, pending.op, pending.req_id, pending.origin,
@@ -326,6 +340,15 @@ class Broker:
         for worker in list(self.workers.values()):
             if not self._send(self.backend, [worker.ident, beat]):
                 self.delete_worker(worker.ident, "unreachable")
+
+    def _track_client(self, origin: dict, delta: int):
+        if origin["via"] != FRONTEND:
+            return
+        count = self.client_inflight.get(origin["from"], 0) + delta
+        if count > 0:
+            self.client_inflight[origin["from"]] = count
+        else:
+            self.client_inflight.pop(origin["from"], None)
 
     # --- status ---
 
@@ -363,5 +386,7 @@ class Broker:
         except zmq.ZMQError as exc:
             side = "frontend" if sock is self.frontend else "backend"
             peer = frames[0].hex() if isinstance(frames[0], bytes) else "?"
-            log.warning("event=undeliverable socket=%s peer=%s error=%r", side, peer, exc.strerror)
+            why = "queue full" if exc.errno == zmq.EAGAIN else exc.strerror
+            self._undeliverable.warning("event=undeliverable socket=%s peer=%s error=%r", side,
+                                        peer, why)
             return False

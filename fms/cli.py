@@ -508,6 +508,8 @@ def cmd_storage(args):
     from .storage import StorageService
     from .store import Store
     setup_logging(args.log_level)
+    if args.data == os.path.join(DEFAULT_DATA, "storage"):
+        os.makedirs(DEFAULT_DATA, exist_ok=True)  # the default just works; a given path must exist
     store = Store(args.data)
     store.clean_tmp()
     service = StorageService(store, None, read_delay=args.read_delay)

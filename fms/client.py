@@ -14,8 +14,8 @@ flight, never more (zguide "file transfer", model 3).  Every chunk is verified a
 sha256 and every download against the whole-file sha256; downloads are written to a temp file
 beside the destination and renamed into place only when complete and verified.
 
-Every request is idempotent (a commit carries a commit id), so one that times out is sent again,
-up to ``retries`` times, except ``rm``.
+Every request is idempotent (commit and rm carry an id that makes a repeat a no-op), so one that
+times out, or meets a moment with no worker, is sent again within its time budget.
 """
 
 import contextlib
@@ -31,13 +31,17 @@ from dataclasses import dataclass
 import zmq
 
 from . import protocol as p
-from .errors import BadRequest, FmsError, IntegrityError, Timeout, TransportError, from_reply
+from .errors import (BadRequest, FmsError, IntegrityError, Timeout, TransportError, Unavailable,
+                     from_reply)
 from .fileio import read_frame, read_full
 
 DEFAULT_BROKER = "tcp://127.0.0.1:5555"
 DEFAULT_TIMEOUT = 5.0          # seconds a request may wait for its reply before a retry
 CONNECT_TIMEOUT = 3.0          # seconds to wait for a connection to the broker
-DEFAULT_RETRIES = 1            # extra tries of a request that timed out
+SEND_TIMEOUT = 1.0             # seconds a send may wait while the connection is down
+DEFAULT_RETRIES = 2            # a request may take (retries + 1) * timeout in all
+RETRY_BACKOFF = 0.25           # seconds before resending after `unavailable`; doubles per try
+RETRY_BACKOFF_MAX = 2.0
 DEFAULT_WINDOW = 8             # requests in flight during a transfer (chunks of one file)
 MANY_WINDOW = 64               # requests in flight when fetching or storing many small files
 
@@ -46,9 +50,10 @@ MANY_WINDOW = 64               # requests in flight when fetching or storing man
 class _Outstanding:
     tag: object
     frames: list
-    deadline: float
-    tries: int
     op: str
+    first_sent: float
+    deadline: float         # when to send it again (after a timeout or a backoff)
+    tries: int = 1
 
 
 class Client:
@@ -101,6 +106,8 @@ class Client:
             sock.linger = 0
             sock.setsockopt(zmq.IMMEDIATE, 1)   # queue only on a live connection: see below
             sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_SIZE)
+            # With IMMEDIATE and the broker gone, a send would block forever: bound it.
+            sock.setsockopt(zmq.SNDTIMEO, int(SEND_TIMEOUT * 1000))
             try:
                 sock.connect(self.broker)
             except zmq.ZMQError as exc:
@@ -128,8 +135,12 @@ class Client:
         return req_id, frames
 
     def _send(self, frames):
+        """Send a request.  If the broker is unreachable right now the send is given up after
+        SEND_TIMEOUT and counts as a try: the retry logic sends it again or times out."""
         try:
             self._socket().send_multipart(frames, copy=False)
+        except zmq.Again:
+            pass
         except zmq.ZMQError as exc:
             raise TransportError(f"cannot send to the broker at {self.broker}: "
                                  f"{exc.strerror}") from None
@@ -154,10 +165,14 @@ class Client:
     def pipeline(self, requests, window: int | None = None):
         """Send requests keeping at most ``window`` in flight; yield replies as they come.
 
+        An idempotent request that gets no reply in ``timeout`` is sent again, and so is one
+        answered ``unavailable`` (no worker right now, a worker died, a broker restart), after a
+        backoff; each request gets ``timeout * (retries + 1)`` seconds in all.
+
         :param requests: iterable of ``(tag, op, fields, data)``; ``data`` is a data frame or None.
         :return: iterator of ``(tag, header, data_frame)`` in completion order.
-        :raises RemoteError: the first error reply (its subclass names the code).
-        :raises Timeout: a request got no reply after all its tries.
+        :raises RemoteError: the first error reply that is not retried (its subclass names the code).
+        :raises Timeout: a request got no reply within its budget.
         """
         window = window or self.window
         source = iter(requests)
@@ -172,30 +187,44 @@ class Client:
                     break
                 req_id, frames = self._frames(op, fields, data)
                 self._send(frames)
-                inflight[req_id] = _Outstanding(tag, frames, time.monotonic() + self.timeout, 0, op)
+                now = time.monotonic()
+                inflight[req_id] = _Outstanding(tag, frames, op, now, now + self.timeout)
             if not inflight:
                 break
             reply = self._recv(min(o.deadline for o in inflight.values()))
             if reply is None:
-                self._retry_expired(inflight)
+                self._resend_due(inflight)
                 continue
             header, data = reply
-            out = inflight.pop(header.get("id"), None)
+            out = inflight.get(header.get("id"))
             if out is None:
                 continue  # a late answer to a request already retried and answered
             if not header.get("ok"):
-                raise from_reply(str(header.get("error")), str(header.get("message")))
+                error = from_reply(str(header.get("error")), str(header.get("message")))
+                if isinstance(error, Unavailable) and self._may_retry(out):
+                    backoff = min(RETRY_BACKOFF * 2 ** (out.tries - 1), RETRY_BACKOFF_MAX)
+                    out.deadline = time.monotonic() + backoff
+                    continue
+                raise error
+            del inflight[header["id"]]
             yield out.tag, header, data
 
-    def _retry_expired(self, inflight: dict):
+    def _budget(self) -> float:
+        return self.timeout * (self.retries + 1)
+
+    def _may_retry(self, out: _Outstanding) -> bool:
+        return (out.op in p.IDEMPOTENT_OPS
+                and time.monotonic() - out.first_sent < self._budget())
+
+    def _resend_due(self, inflight: dict):
         now = time.monotonic()
         for out in inflight.values():
             if out.deadline > now:
                 continue
-            if out.tries >= self.retries or out.op not in p.IDEMPOTENT_OPS:
+            if not self._may_retry(out):
                 raise Timeout(f"no reply to {out.op} from the fms cluster at {self.broker} "
-                              f"after {out.tries + 1} tries of {self.timeout:.0f} s; is the "
-                              f"broker up and does it have workers? (check with: fms stats)")
+                              f"within {now - out.first_sent:.0f} s ({out.tries} tries); is the "
+                              f"broker up and does it have workers? (check with: stats)")
             out.tries += 1
             out.deadline = now + self.timeout
             self._send(out.frames)
@@ -229,7 +258,7 @@ class Client:
 
     def rm(self, name: str) -> dict:
         """Remove a name.  :raises NotFound: no such name."""
-        header, _ = self.call("rm", name=p.check_name(name))
+        header, _ = self.call("rm", name=p.check_name(name), commit=uuid.uuid4().hex)
         return _public(header["stat"])
 
     def status(self) -> dict:

@@ -7,7 +7,8 @@
     │   ├── NotFound             not_found
     │   ├── BadRequest           bad_request (also raised locally for bad names)
     │   ├── IntegrityError       integrity: a chunk or file did not match its sha256
-    │   ├── Unavailable          unavailable: no worker for a service, disk full, ...
+    │   ├── Unavailable          unavailable: no worker right now; retried by the client
+    │   ├── NoSpace              no_space: a disk is full; not retried
     │   └── TooLarge             too_large
     └── TransportError           the broker could not be reached or did not answer
         └── Timeout              a request got no reply in time
@@ -48,6 +49,10 @@ class Unavailable(RemoteError):
     code = "unavailable"
 
 
+class NoSpace(RemoteError):
+    code = "no_space"
+
+
 class TooLarge(RemoteError):
     code = "too_large"
 
@@ -60,7 +65,8 @@ class Timeout(TransportError):
     """A request got no reply within its deadline."""
 
 
-_BY_CODE = {cls.code: cls for cls in (NotFound, BadRequest, IntegrityError, Unavailable, TooLarge)}
+_BY_CODE = {cls.code: cls for cls in (NotFound, BadRequest, IntegrityError, Unavailable, NoSpace,
+                                      TooLarge)}
 
 
 def from_reply(code: str, message: str) -> RemoteError:

@@ -40,7 +40,9 @@ HASH_LEN = 32                   # sha256 digest
 # Times, in seconds.
 HEARTBEAT_INTERVAL = 1.0
 HEARTBEAT_LIVENESS = 3          # missed heartbeats before a peer is declared dead
-SEND_TIMEOUT = 1.0              # SNDTIMEO on ROUTER sockets (ROUTER_MANDATORY may block)
+WORKER_SEND_TIMEOUT = 1.0       # SNDTIMEO on a worker's DEALER: a send never blocks for longer
+MAX_CLIENT_INFLIGHT = 128       # requests one client may have in flight at the broker
+CLIENT_QUEUE = 128              # SNDHWM per client on the frontend: replies queued for a slow one
 
 # Services, and which one serves each client op.
 CACHE = "cache"
@@ -60,14 +62,15 @@ OP_SERVICE = {
     "usage": STORAGE,      # files and bytes in the store
     "status": BROKER,      # answered by the broker itself: live workers
 }
-# Ops the broker may hand to another worker when the first one dies before replying.
-IDEMPOTENT_OPS = frozenset(OP_SERVICE) - {"rm"}
+# Ops the broker may hand to another worker when the first one dies before replying, and the
+# client may send again.  Every op is: commit and rm carry an id that makes a repeat a no-op.
+IDEMPOTENT_OPS = frozenset(OP_SERVICE)
 # When no cache worker is alive, storage answers the cache's ops itself (slower, still correct).
 FALLBACK_SERVICE = {CACHE: STORAGE}
 
 # Error codes carried in {ok: false, error: CODE, message: TEXT}.
-ERROR_CODES = ("not_found", "bad_request", "integrity", "unavailable", "too_large", "version",
-               "internal")
+ERROR_CODES = ("not_found", "bad_request", "integrity", "unavailable", "no_space", "too_large",
+               "version", "internal")
 
 # A data frame: the msgpack bin32 marker, a 4-byte big-endian length, then the bytes.
 BIN32 = 0xC6

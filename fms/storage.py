@@ -11,6 +11,7 @@ from .errors import BadRequest, TooLarge
 from .store import Store
 
 LS_PAGE_MAX = 5000   # manifests per ls reply, so a reply stays far below MAX_FRAME_SIZE
+CLEAN_INTERVAL = 60.0  # seconds between sweeps of temp files left by dead writers
 
 log = logging.getLogger("fms.storage")
 
@@ -39,6 +40,7 @@ class StorageService:
         self.link = link
         self.read_delay = read_delay
         self.served = 0
+        self._next_clean = 0.0
         self._handlers = {
             "get": self.op_get, "chunk": self.op_chunk, "have": self.op_have,
             "put_chunk": self.op_put_chunk, "commit": self.op_commit, "ls": self.op_ls,
@@ -66,7 +68,11 @@ class StorageService:
         pass
 
     def tick(self, now):
-        pass
+        if now >= self._next_clean:
+            self._next_clean = now + CLEAN_INTERVAL
+            removed = self.store.clean_tmp()
+            if removed:
+                log.info("event=temp_files_removed count=%d", removed)
 
     def _delay(self):
         if self.read_delay:
@@ -130,7 +136,8 @@ class StorageService:
                         invalidate=manifest["name"])
 
     def op_rm(self, route, header, data):
-        old = self.store.remove(p.need(header, "name", str))
+        old = self.store.remove(p.need(header, "name", str),
+                                p.need(header, "commit", str, optional=True))
         log.info("event=rm name=%r version=%d", old["name"], old["version"])
         self.link.reply(route, p.ok_reply(header["id"], stat=summary(old)),
                         invalidate=old["name"])

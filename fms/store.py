@@ -4,7 +4,8 @@ Layout of a data directory (several storage worker processes may share one)::
 
     STORE                       msgpack {format, store_id}: written once, identifies the store
     chunks/ab/abcdef...         a chunk, named by the hex sha256 of its content; never changes
-    manifests/xy/xyz...         a name's manifest, named by the hex sha256 of the *name*
+    manifests/xy/xyz...         a name's manifest (or its tombstone, once removed), named by the
+                                hex sha256 of the *name*
     manifests/xy/.lock          flock'd while a name in that shard is committed or removed
     corrupt/                    chunks that failed verification on read, kept for inspection
     tmp/                        files being written; renamed into place when complete
@@ -19,13 +20,14 @@ import errno
 import fcntl
 import logging
 import os
+import socket
 import time
 import uuid
 
 import msgpack
 
 from . import protocol as p
-from .errors import BadRequest, FmsError, IntegrityError, NotFound, Unavailable
+from .errors import BadRequest, FmsError, IntegrityError, NoSpace, NotFound
 from .fileio import read_frame
 
 STORE_FORMAT = 1
@@ -47,6 +49,9 @@ class Store:
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
         self._tmp = os.path.join(self.path, "tmp")
+        if not os.path.isdir(os.path.dirname(self.path)):
+            raise StoreError(f"cannot use data directory {self.path}: its parent folder does not "
+                             f"exist; create it or point --data elsewhere")
         try:
             for sub in ("chunks", "manifests", "tmp", "corrupt"):
                 os.makedirs(os.path.join(self.path, sub), exist_ok=True)
@@ -165,9 +170,12 @@ class Store:
             os.close(fd)  # closing releases the flock
 
     def get_manifest(self, name: str) -> dict:
-        """:raises NotFound: no file by that name."""
+        """:raises NotFound: no file by that name (or only its tombstone)."""
         p.check_name(name)
-        return self._read_manifest(self._manifest_path(name), name)
+        manifest = self._read_manifest(self._manifest_path(name), name)
+        if manifest.get("deleted"):
+            raise NotFound(f"{name!r} not found; see what is stored with: ls")
+        return manifest
 
     def _read_manifest(self, path: str, name_for_errors: str) -> dict:
         try:
@@ -237,19 +245,32 @@ class Store:
             self._fsync_dir(os.path.dirname(path))
         return manifest
 
-    def remove(self, name: str) -> dict:
-        """Remove a name; its chunks become garbage (collected later).
+    def remove(self, name: str, rm_id: str | None = None) -> dict:
+        """Remove a name by writing a tombstone; its chunks become garbage (collected later).
 
-        :return: the manifest that was removed.
+        Idempotent by ``rm_id``: removing again with the same id returns the same result, so a
+        retried rm (after a lost reply or a dead worker) succeeds.  The tombstone keeps the
+        version counting up across removal and re-creation.
+
+        :return: the tombstone: the removed version's fields with ``deleted`` set.
         :raises NotFound: no such name.
         """
         p.check_name(name)
+        rm_id = rm_id or uuid.uuid4().hex
         path = self._manifest_path(name)
         with self._name_lock(name):
             old = self._read_manifest(path, name)
-            os.unlink(path)
+            if old.get("deleted"):
+                if old.get("commit") == rm_id:
+                    return old
+                raise NotFound(f"{name!r} not found; see what is stored with: ls")
+            tombstone = {**old, "chunks": [], "deleted": True, "version": old["version"] + 1,
+                         "commit": rm_id, "committed": time.time()}
+            tmp = self._tmp_path("manifest")
+            self._write_durably(tmp, [p.encode(tombstone)])
+            os.replace(tmp, path)
             self._fsync_dir(os.path.dirname(path))
-        return old
+        return tombstone
 
     def list(self, prefix: str = ""):
         """Manifests whose name starts with ``prefix``, sorted by name."""
@@ -268,7 +289,7 @@ class Store:
                 except IntegrityError:
                     log.error("event=damaged_manifest path=%s", entry.path)
                     continue
-                if manifest["name"].startswith(prefix):
+                if manifest["name"].startswith(prefix) and not manifest.get("deleted"):
                     found.append(manifest)
         found.sort(key=lambda m: m["name"])
         return found
@@ -287,7 +308,8 @@ class Store:
     # --- temp files ---
 
     def _tmp_path(self, kind: str) -> str:
-        return os.path.join(self._tmp, f"{kind}.{os.getpid()}.{uuid.uuid4().hex}")
+        # host and pid in the name let clean_tmp tell a dead writer's file from a live one's.
+        return os.path.join(self._tmp, f"{kind}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex}")
 
     def _write_durably(self, path: str, parts):
         try:
@@ -300,7 +322,8 @@ class Store:
             with contextlib.suppress(OSError):
                 os.unlink(path)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise Unavailable("storage disk is full; free space and retry") from None
+                raise NoSpace("storage disk is full; nothing was changed: free space on the "
+                              "storage volume and try again") from None
             raise
 
     @staticmethod
@@ -312,12 +335,32 @@ class Store:
             os.close(fd)
 
     def clean_tmp(self, older_than: float = TMP_GRACE) -> int:
-        """Remove temp files left by dead writers; those of live writers are younger."""
+        """Remove temp files left by dead writers: those of this host whose process is gone, and
+        any older than ``older_than`` (writers on other hosts sharing the directory).
+
+        :return: how many were removed.
+        """
         removed = 0
         cutoff = time.time() - older_than
         for entry in os.scandir(self._tmp):
+            parts = entry.name.split(".")
+            mine_and_dead = (len(parts) == 4 and parts[1] == _HOST and parts[2].isdigit()
+                             and not _pid_alive(int(parts[2])))
             with contextlib.suppress(FileNotFoundError):
-                if entry.stat().st_mtime < cutoff:
+                if mine_and_dead or entry.stat().st_mtime < cutoff:
                     os.unlink(entry.path)
                     removed += 1
         return removed
+
+
+_HOST = socket.gethostname().replace(".", "_")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True   # alive, someone else's
+    return True

@@ -52,6 +52,7 @@ class BrokerLink:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.linger = 0
         self.sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_SIZE)
+        self.sock.setsockopt(zmq.SNDTIMEO, int(p.WORKER_SEND_TIMEOUT * 1000))
         self.sock.connect(self.endpoint)
         self.registered = False
         self.send_ready()
@@ -98,8 +99,13 @@ class BrokerLink:
         self._send(frames)
 
     def _send(self, frames):
-        # A DEALER queues while disconnected (up to its HWM); it does not block here.
-        self.sock.send_multipart(frames, copy=False)
+        # A DEALER queues while disconnected, up to its HWM; past that it would block, so a send
+        # gives up after WORKER_SEND_TIMEOUT: the requester times out and retries.
+        try:
+            self.sock.send_multipart(frames, copy=False)
+        except zmq.Again:
+            self.log.warning("event=send_dropped broker=%s reason='queue to broker full'",
+                             self.endpoint)
 
 
 def serve(service, link: BrokerLink, log: logging.Logger, should_stop=lambda: False):

@@ -68,11 +68,21 @@ def test_commit_get_versions_and_rm(store):
     assert (m1["version"], m2["version"]) == (1, 2)
     assert store.get_manifest("a/b.txt")["sha256"] == p.sha256(b"two" * 3000)
     removed = store.remove("a/b.txt")
-    assert removed["version"] == 2
+    assert removed["version"] == 3 and removed["deleted"]    # a tombstone, one version on
     with pytest.raises(NotFound, match="not found"):
         store.get_manifest("a/b.txt")
     with pytest.raises(NotFound):
         store.remove("a/b.txt")
+
+
+def test_rm_is_idempotent_by_its_id_and_versions_keep_counting(store):
+    put_file(store, "n", b"data" * 2000, commit="c1")
+    first = store.remove("n", "rm-1")
+    assert store.remove("n", "rm-1") == first           # a retry: same answer
+    with pytest.raises(NotFound):
+        store.remove("n", "rm-2")                       # another rm: it is gone
+    assert store.list() == []
+    assert put_file(store, "n", b"back", commit="c2")["version"] == first["version"] + 1
 
 
 def test_commit_is_idempotent_by_commit_id(store):
@@ -143,13 +153,27 @@ def test_no_temp_files_left_after_writes(store):
     assert os.listdir(os.path.join(store.path, "tmp")) == []
 
 
-def test_old_temp_files_are_cleaned(store):
-    stale = os.path.join(store.path, "tmp", "chunk.1.dead")
-    with open(stale, "wb") as f:
-        f.write(b"partial")
-    os.utime(stale, (0, 0))
-    fresh = os.path.join(store.path, "tmp", "chunk.2.live")
-    with open(fresh, "wb") as f:
-        f.write(b"in flight")
-    assert store.clean_tmp() == 1
-    assert os.listdir(os.path.join(store.path, "tmp")) == ["chunk.2.live"]
+def test_temp_files_of_dead_writers_are_cleaned_and_live_ones_kept(store):
+    import socket
+    import subprocess
+    host = socket.gethostname().replace(".", "_")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    tmp = os.path.join(store.path, "tmp")
+    files = {
+        "dead": f"chunk.{host}.{dead.pid}.aaaa",             # this host, process gone
+        "live": f"chunk.{host}.{os.getpid()}.bbbb",          # this host, process alive
+        "remote_old": "chunk.otherhost.1.cccc",              # another host, old
+        "remote_new": "chunk.otherhost.1.dddd",              # another host, recent
+    }
+    for name in files.values():
+        with open(os.path.join(tmp, name), "wb") as f:
+            f.write(b"partial")
+    os.utime(os.path.join(tmp, files["remote_old"]), (0, 0))
+    assert store.clean_tmp() == 2
+    assert sorted(os.listdir(tmp)) == sorted([files["live"], files["remote_new"]])
+
+
+def test_data_directory_with_a_missing_parent_is_a_clear_error(tmp_path):
+    with pytest.raises(StoreError, match="parent folder does not exist"):
+        Store(str(tmp_path / "no" / "such" / "data"))
