@@ -169,7 +169,7 @@ def _storage_args(cmd):
     _worker_args(cmd, "storage")
     cmd.add_argument("--data", default=os.path.join(DEFAULT_DATA, "storage"),
                      help="data directory; workers sharing it form one store (%(default)s)")
-    cmd.add_argument("--read-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    cmd.add_argument("--debug-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # tests
 
 
 def _cache_args(cmd):
@@ -512,7 +512,7 @@ def cmd_storage(args):
         os.makedirs(DEFAULT_DATA, exist_ok=True)  # the default just works; a given path must exist
     store = Store(args.data)
     store.clean_tmp()
-    service = StorageService(store, None, read_delay=args.read_delay)
+    service = StorageService(store, None, delay=args.debug_delay)
     return _run_worker(args, service, {"svc": p.STORAGE, "wid": _worker_id(args, "storage"),
                                        "store": store.store_id}, "fms.storage")
 

@@ -285,8 +285,9 @@ class Client:
     def put_bytes(self, data: bytes, name: str, mtime: float | None = None) -> dict:
         """Upload bytes held in memory (for small data; large files should use :meth:`put`)."""
         p.check_name(name)
-        plan = _plan_bytes(bytes(data), self.chunk_size, mtime)
-        return self._put_planned([(None, name, plan)])[0]
+        data = bytes(data)
+        plan = _plan_bytes(data, self.chunk_size, mtime)
+        return self._put_planned([(data, name, plan)])[0]
 
     def put_many(self, items) -> list:
         """Upload many ``(local path, name)`` pairs; small files are committed pipelined.
@@ -314,24 +315,25 @@ class Client:
                 results[i] = _public(header["stat"])
         return results
 
-    def _upload_chunks(self, path: str, plan, name: str):
+    def _upload_chunks(self, source, plan, name: str):
+        """Send the chunks storage lacks, pipelined.  ``source`` is a local path or the bytes."""
         missing = set()
         for start in range(0, len(plan.chunks), p.MAX_HAVE_BATCH):
             header, _ = self.call("have", hashes=plan.chunks[start:start + p.MAX_HAVE_BATCH])
             missing.update(header["missing"])
         todo = [i for i, digest in enumerate(plan.chunks) if digest in missing]
-        sent = {}
         total = sum(plan.chunk_len(i) for i in todo)
         done = 0
-        with open(path, "rb", buffering=0) as f:
+        with _chunk_reader(source, plan) as read:
             def requests():
+                sent = set()
                 for i in todo:
                     if plan.chunks[i] in sent:
                         continue  # the same content twice in one file
-                    sent[plan.chunks[i]] = i
-                    frame = _read_chunk_frame(f, i * plan.chunk_size, plan.chunk_len(i))
+                    sent.add(plan.chunks[i])
+                    frame = read(i)
                     if p.sha256(memoryview(frame)[p.DATA_PREFIX_LEN:]) != plan.chunks[i]:
-                        raise FmsError(f"{path} changed while it was being uploaded; "
+                        raise FmsError(f"{source} changed while it was being uploaded; "
                                        f"upload it again when it is no longer being written")
                     yield i, "put_chunk", {"hash": plan.chunks[i]}, frame
             for i, _header, _ in self.pipeline(requests()):
@@ -579,11 +581,22 @@ def _commit_fields(name: str, plan: _Plan) -> dict:
             "sha256": plan.sha256, "mtime": plan.mtime, "commit": uuid.uuid4().hex}
 
 
-def _read_chunk_frame(f, offset: int, length: int):
-    frame, _view, got = read_frame(f, length, offset)
-    if got != length:
-        raise FmsError(f"{f.name} got shorter while it was being uploaded; upload it again")
-    return frame
+@contextlib.contextmanager
+def _chunk_reader(source, plan: _Plan):
+    """``read(i)`` -> chunk i as a data frame, from a local file (``source`` a path, read
+    straight into the frame) or from bytes in memory."""
+    if isinstance(source, bytes):
+        yield lambda i: p.pack_data(source[i * plan.chunk_size:i * plan.chunk_size
+                                           + plan.chunk_len(i)])
+        return
+    with open(source, "rb", buffering=0) as f:
+        def read(i):
+            frame, _view, got = read_frame(f, plan.chunk_len(i), i * plan.chunk_size)
+            if got != plan.chunk_len(i):
+                raise FmsError(f"{source} got shorter while it was being uploaded; upload it "
+                               f"again when it is no longer being written")
+            return frame
+        yield read
 
 
 # --- download helpers ---

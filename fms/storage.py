@@ -31,14 +31,14 @@ class StorageService:
 
     :param store: the store.
     :param link: where replies go (a :class:`~fms.worker.BrokerLink` or a test recorder).
-    :param read_delay: seconds to wait before answering get/chunk; only for tests that need
-        cache fills to be in flight while writes land.
+    :param delay: seconds to wait before handling each request; only for tests that need work
+        in flight at a chosen moment (cache fills across a write, a kill mid-upload).
     """
 
-    def __init__(self, store: Store, link, read_delay: float = 0.0):
+    def __init__(self, store: Store, link, delay: float = 0.0):
         self.store = store
         self.link = link
-        self.read_delay = read_delay
+        self.delay = delay
         self.served = 0
         self._next_clean = 0.0
         self._handlers = {
@@ -56,6 +56,9 @@ class StorageService:
             raise BadRequest(f"protocol version {header.get('v')!r} not supported; "
                              f"this worker speaks {p.PROTOCOL_VERSION}")
         self.served += 1
+        log.debug("event=request op=%s id=%r", op, header.get("id"))
+        if self.delay:
+            time.sleep(self.delay)
         handler(route, header, data)
 
     def handle_reply(self, header, data):
@@ -74,10 +77,6 @@ class StorageService:
             if removed:
                 log.info("event=temp_files_removed count=%d", removed)
 
-    def _delay(self):
-        if self.read_delay:
-            time.sleep(self.read_delay)
-
     # --- read ops (also what the cache forwards on a miss) ---
 
     def op_get(self, route, header, data):
@@ -85,12 +84,10 @@ class StorageService:
         frame = None
         if manifest["size"] <= p.INLINE_MAX and len(manifest["chunks"]) == 1:
             frame = self.store.read_chunk(manifest["chunks"][0])
-        self._delay()
         self.link.reply(route, p.ok_reply(header["id"], manifest=manifest), frame)
 
     def op_chunk(self, route, header, data):
         frame = self.store.read_chunk(p.need_hash(header, "hash"))
-        self._delay()
         self.link.reply(route, p.ok_reply(header["id"]), frame)
 
     def op_stat(self, route, header, data):

@@ -169,7 +169,7 @@ def test_read_after_write_under_concurrent_reads_and_misses(make_cluster):
     cluster.start_broker()
     cluster.start_cache()
     for wid in ("storage-a", "storage-b"):
-        cluster.start_storage(wid=wid, extra=["--read-delay", "0.02"])
+        cluster.start_storage(wid=wid, extra=["--debug-delay", "0.02"])
     cluster.wait_workers(storage=2, cache=1)
     writes = 25
     acked = [0]                     # the highest version whose put has returned
