@@ -135,7 +135,7 @@ class Broker:
         try:
             header = p.decode(frames[1].buffer)
             op = header.get("op")
-            req_id = header.get("id")
+            req_id = p.need(header, "id", (int, str))
             if header.get("v") != p.PROTOCOL_VERSION:
                 self._reply_error(origin, req_id, "version",
                                   f"protocol version {header.get('v')!r} is not supported; "

@@ -131,8 +131,8 @@ class CacheService:
         self.chunks.put(fetch.key, payload)
 
     def _fill_manifest(self, fetch, header, payload):
-        manifest = p.need(header, "manifest", dict)
-        if manifest.get("name") != fetch.key:
+        manifest = p.check_manifest(p.need(header, "manifest", dict))
+        if manifest["name"] != fetch.key:
             raise BadRequest("manifest is for another name")
         if _inline(manifest):
             if payload is None or p.sha256(payload) != manifest["chunks"][0]:

@@ -362,7 +362,7 @@ class Client:
         large = []
         requests = ((i, "get", {"name": name}, None) for i, (name, _) in enumerate(items))
         for i, header, frame in self.pipeline(requests, MANY_WINDOW):
-            manifest = header["manifest"]
+            manifest = p.check_manifest(header.get("manifest"))
             if frame is not None:
                 with _atomic_file(items[i][1], manifest) as out:
                     out.write(_checked_whole(manifest, p.unpack_data(frame.buffer)))
@@ -378,7 +378,7 @@ class Client:
     def get_bytes(self, name: str) -> bytes:
         """The content of ``name`` in memory (for small files)."""
         header, frame = self.call("get", name=p.check_name(name))
-        manifest = header["manifest"]
+        manifest = p.check_manifest(header.get("manifest"))
         if frame is not None:
             return bytes(_checked_whole(manifest, p.unpack_data(frame.buffer)))
         parts = []
@@ -389,7 +389,7 @@ class Client:
         """Write the content of ``name`` to a binary stream (e.g. stdout), verified chunk by
         chunk; the whole-file sha256 is checked at the end (:raises IntegrityError:)."""
         header, frame = self.call("get", name=p.check_name(name))
-        manifest = header["manifest"]
+        manifest = p.check_manifest(header.get("manifest"))
         if frame is not None:
             stream.write(_checked_whole(manifest, p.unpack_data(frame.buffer)))
         else:
@@ -441,7 +441,7 @@ class Client:
         :raises NotFound: no such name.
         """
         header, frame = self.call("get", name=p.check_name(name))
-        return RemoteFile(self, header["manifest"], frame)
+        return RemoteFile(self, p.check_manifest(header.get("manifest")), frame)
 
     def _report(self, name: str, done: int, total: int):
         if self.progress is not None:

@@ -197,6 +197,26 @@ def _kind_name(kind) -> str:
     return names.get(kind, kind.__name__)
 
 
+def check_manifest(manifest) -> dict:
+    """Check that a manifest from the wire has every field with the right type and consistent
+    sizes, so nothing downstream can trip over it.
+
+    :raises BadRequest: it does not.
+    """
+    if not isinstance(manifest, dict):
+        raise BadRequest("manifest must be a map")
+    check_name(need(manifest, "name", str))
+    size = need_int(manifest, "size")
+    chunk_size = need_int(manifest, "chunk_size", lo=MIN_CHUNK_SIZE, hi=MAX_CHUNK_SIZE)
+    need_hash(manifest, "sha256")
+    chunks = need_hashes(manifest, "chunks", -(-size // chunk_size))
+    if len(chunks) != -(-size // chunk_size):
+        raise BadRequest("manifest's chunk count does not fit its size")
+    need(manifest, "mtime", (int, float))
+    need_int(manifest, "version", lo=1)
+    return manifest
+
+
 # --- names ---
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

@@ -131,6 +131,8 @@ def serve(service, link: BrokerLink, log: logging.Logger, should_stop=lambda: Fa
                 raise
             except FmsError as exc:
                 bad.warning("event=bad_message_from_broker error=%r", str(exc))
+            except Exception as exc:  # a bug must cost one message, not the process (invariant 5)
+                log.exception("event=message_handling_crashed error=%r", exc)
         now = time.monotonic()
         if now >= next_heartbeat:
             next_heartbeat = now + p.HEARTBEAT_INTERVAL
@@ -185,7 +187,7 @@ def _handle_request(service, link, route, body, log):
     req_id = None
     try:
         header = p.decode(body[0].buffer)
-        req_id = header.get("id")
+        req_id = p.need(header, "id", (int, str))   # every handler may rely on it
         service.handle_request(route, header, body[1] if len(body) == 2 else None)
     except FmsError as exc:
         code = getattr(exc, "code", "internal")
