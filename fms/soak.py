@@ -1,0 +1,219 @@
+"""Soak test: many clients, mixed put/get/rm, a storage worker killed and restarted mid-run.
+
+    python -m fms.soak [--seconds 60] [--clients 32] [--keep DIR]
+
+It starts its own cluster (broker, cache, two storage workers) on random loopback ports in a
+temporary folder.  Each client owns a few names and knows what it last stored under each, so
+every read is checked: a wrong or stale byte counts as corrupted, any exception as an error.
+A third of the way in, one storage worker is killed with SIGKILL; at half time it is restarted.
+Exit status 0 only if there were no errors and no corrupted bytes.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from .client import Client
+from .errors import FmsError, NotFound
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAMES_PER_CLIENT = 4
+START_TIMEOUT = 20.0   # seconds for the cluster to come up
+
+
+class LocalCluster:
+    """Broker, cache and storage workers from the top-level scripts, on random loopback ports."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.procs = {}
+        self.frontend = self.backend = None
+
+    def start(self, name: str, script: str, *args):
+        log = open(os.path.join(self.folder, f"{name}.log"), "ab")
+        self.procs[name] = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args],
+                                            stdout=log, stderr=log)
+        log.close()
+
+    def log(self, name: str) -> str:
+        with open(os.path.join(self.folder, f"{name}.log"), "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def start_all(self, storage: int = 2):
+        self.start("broker", "broker.py", "--frontend", "tcp://127.0.0.1:*",
+                   "--backend", "tcp://127.0.0.1:*")
+        deadline = time.monotonic() + START_TIMEOUT
+        while not (m := re.search(r"frontend=(\S+) backend=(\S+)", self.log("broker"))):
+            if time.monotonic() > deadline or self.procs["broker"].poll() is not None:
+                raise RuntimeError(f"the broker did not start:\n{self.log('broker')}")
+            time.sleep(0.05)
+        self.frontend, self.backend = m.groups()
+        self.start("cache", "cache_worker.py", "--broker", self.backend, "--dir",
+                   os.path.join(self.folder, "cache"), "--max-bytes", "256M", "--id", "cache")
+        for i in range(1, storage + 1):
+            self.start_storage(i)
+        self.wait_workers(storage)
+
+    def start_storage(self, i: int):
+        self.start(f"storage-{i}", "storage_worker.py", "--broker", self.backend, "--data",
+                   os.path.join(self.folder, "storage"), "--id", f"storage-{i}")
+
+    def wait_workers(self, storage: int):
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                with Client(self.frontend, timeout=2.0) as c:
+                    services = [w["service"] for w in c.status()["workers"]]
+                if services.count("storage") == storage and "cache" in services:
+                    return
+            except FmsError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("the workers did not register in time")
+
+    def stop(self):
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+class Tally:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.ops = {}
+        self.errors = []
+        self.corrupted = 0
+
+    def op(self, kind: str):
+        with self.lock:
+            self.ops[kind] = self.ops.get(kind, 0) + 1
+
+    def error(self, text: str):
+        with self.lock:
+            self.errors.append(text)
+
+    def corrupt(self, n: int, text: str):
+        with self.lock:
+            self.corrupted += n
+            self.errors.append(text)
+
+
+def worker_loop(frontend: str, k: int, stop: threading.Event, tally: Tally, seed: int):
+    rng = random.Random(seed * 1000 + k)
+    names = [f"soak/c{k}/f{j}" for j in range(NAMES_PER_CLIENT)]
+    expected = {name: {None} for name in names}   # name -> acceptable sha256s (None: absent)
+    with Client(frontend, timeout=5.0, retries=3) as c:
+        while not stop.is_set():
+            name = rng.choice(names)
+            roll = rng.random()
+            try:
+                if roll < 0.40:
+                    kind = "get"
+                    try:
+                        data = c.get_bytes(name)
+                        digest = hashlib.sha256(data).digest()
+                    except NotFound:
+                        data, digest = b"", None
+                    if digest not in expected[name]:
+                        tally.corrupt(len(data) or 1, f"{name}: read a version never written "
+                                                      f"or already replaced")
+                    expected[name] = {digest}
+                elif roll < 0.75:
+                    kind = "put"
+                    size = rng.choice([rng.randint(0, 64 * 1024), rng.randint(1, 3 * 1024 * 1024)])
+                    data = rng.randbytes(size)
+                    digest = hashlib.sha256(data).digest()
+                    expected[name] |= {digest}             # if this fails, either may be there
+                    c.put_bytes(data, name)
+                    expected[name] = {digest}
+                elif roll < 0.90:
+                    kind = "rm"
+                    expected[name] |= {None}
+                    try:
+                        c.rm(name)
+                    except NotFound:
+                        pass
+                    expected[name] = {None}
+                else:
+                    kind = "ls"
+                    c.ls(f"soak/c{k}/")
+                tally.op(kind)
+            except FmsError as exc:
+                tally.error(f"{type(exc).__name__}: {exc}")
+
+
+def run(seconds: float, clients: int, folder: str, seed: int = 1) -> dict:
+    cluster = LocalCluster(folder)
+    tally = Tally()
+    stop = threading.Event()
+    events = []
+    try:
+        cluster.start_all()
+        threads = [threading.Thread(target=worker_loop, args=(cluster.frontend, k, stop, tally,
+                                                              seed)) for k in range(clients)]
+        start = time.monotonic()
+        for t in threads:
+            t.start()
+        plan = [(seconds / 3, "kill"), (seconds / 2, "restart")]
+        for at, action in plan:
+            time.sleep(max(0.0, start + at - time.monotonic()))  # the soak's own schedule
+            if action == "kill":
+                cluster.procs["storage-1"].kill()
+                cluster.procs["storage-1"].wait()
+            else:
+                cluster.start_storage(1)
+            events.append(f"{time.monotonic() - start:.1f}s {action} storage-1")
+        time.sleep(max(0.0, start + seconds - time.monotonic()))
+        stop.set()
+        for t in threads:
+            t.join(60)
+        elapsed = time.monotonic() - start
+    finally:
+        stop.set()
+        cluster.stop()
+    return {"seconds": round(elapsed, 1), "clients": clients,
+            "operations": sum(tally.ops.values()), "by_op": tally.ops,
+            "errors": len(tally.errors), "corrupted_bytes": tally.corrupted,
+            "first_errors": tally.errors[:10], "events": events}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fms.soak", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=60.0, help="how long (%(default)s)")
+    parser.add_argument("--clients", type=int, default=32, help="concurrent clients (%(default)s)")
+    parser.add_argument("--keep", metavar="DIR", help="run in DIR and keep its data and logs")
+    args = parser.parse_args(argv)
+    folder = args.keep or tempfile.mkdtemp(prefix="fms-soak-")
+    os.makedirs(folder, exist_ok=True)
+    try:
+        report = run(args.seconds, args.clients, folder)
+    finally:
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
+    print(json.dumps(report, indent=1))
+    ok = report["errors"] == 0 and report["corrupted_bytes"] == 0
+    print(f"soak: {report['operations']} operations by {report['clients']} clients in "
+          f"{report['seconds']} s, {report['errors']} errors, {report['corrupted_bytes']} "
+          f"corrupted bytes: {'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
