@@ -127,6 +127,10 @@ def test_workers_and_clients_ride_through_a_broker_restart(cluster, tmp_path):
         broker.kill()
         thread = threading.Thread(target=around_the_restart)
         thread.start()
+        # The workers notice the silence themselves before the broker comes back.
+        workers = [proc for proc in cluster.procs if proc.name != "broker"]
+        wait_for(lambda: all("event=broker_silent" in w.log() for w in workers), 10,
+                 "every worker to notice the broker is gone")
         cluster.start_broker(frontend=cluster.frontend, backend=cluster.backend)
         thread.join(60)
     assert "error" not in results, results["error"]
@@ -282,9 +286,18 @@ def test_disk_full_is_a_clear_error_changes_nothing_and_service_resumes(make_clu
     assert b"disk is full" in full.stderr
     assert [e["name"] for e in json.loads(cluster.cli("ls", "--json").stdout)] == ["first"]
     assert os.listdir(tiny_disk / "storage" / "tmp") == []
+    rest = tiny_disk / "rest"                      # now truly nothing left, for the cache too
+    with open(rest, "wb") as f:
+        with pytest.raises(OSError):
+            while True:
+                f.write(bytes(64 * 1024))
+                f.flush()
     out = cluster.cli("get", "first", "-")
     assert out.returncode == 0 and out.stdout == first.read_bytes()   # reads still work
+    cache = next(proc for proc in cluster.procs if proc.name == "cache")
+    assert "event=cache_write_failed" in cache.log()                 # the cache could not fill
     filler.unlink()
+    rest.unlink()
     assert cluster.cli("put", str(second), "second").returncode == 0
     assert cluster.cli("get", "second", "-").stdout == second.read_bytes()
 
