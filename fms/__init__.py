@@ -7,9 +7,9 @@ __version__ = "0.1.0"
 
 from .client import Client  # noqa: E402
 from .errors import (  # noqa: E402
-    BadRequest, FmsError, IntegrityError, NoSpace, NotFound, RemoteError, Timeout, TooLarge,
+    BadRequest, FmsError, IntegrityError, NoSpace, NotFound, Refused, RemoteError, Timeout, TooLarge,
     TransportError, Unavailable,
 )
 
 __all__ = ["Client", "FmsError", "RemoteError", "NotFound", "BadRequest", "IntegrityError",
-           "Unavailable", "NoSpace", "TooLarge", "TransportError", "Timeout", "__version__"]
+           "Unavailable", "NoSpace", "Refused", "TooLarge", "TransportError", "Timeout", "__version__"]

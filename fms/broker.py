@@ -57,8 +57,11 @@ class Broker:
     :param backend: endpoint to bind for workers.
     """
 
-    def __init__(self, frontend: str, backend: str, ctx: zmq.Context | None = None):
+    def __init__(self, frontend: str, backend: str, ctx: zmq.Context | None = None, curve=None):
+        """:param curve: a :class:`~fms.security.CurveServer` to require CURVE and an allowlist
+        on both sockets, or None for plaintext."""
         self.ctx = ctx or zmq.Context.instance()
+        self.curve = curve
         self.frontend_endpoint = frontend
         self.backend_endpoint = backend
         self.frontend = None
@@ -93,6 +96,8 @@ class Broker:
         sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_SIZE)
         if hwm is not None:
             sock.setsockopt(zmq.SNDHWM, hwm)
+        if self.curve is not None:
+            self.curve.apply(sock)
         sock.bind(endpoint)
         return sock
 
@@ -100,6 +105,8 @@ class Broker:
         for sock in (self.frontend, self.backend):
             if sock is not None:
                 sock.close(linger=0)
+        if self.curve is not None:
+            self.curve.stop()
 
     # --- the loop ---
 
@@ -143,6 +150,12 @@ class Broker:
                 return
             if not isinstance(op, str) or op not in p.OP_SERVICE:
                 raise BadRequest(f"unknown op {op!r}; known ops: {', '.join(sorted(p.OP_SERVICE))}")
+            if self.curve is not None and not self.curve.allowed(frames[-1]):
+                # Its key was removed from the allow directory since it connected.
+                self._reply_error(origin, req_id, "refused", "this client's key is no longer in "
+                                  "the broker's allow directory; ask the operator to add it back",
+                                  op=op)
+                return
         except BadRequest as exc:
             self._bad.warning("event=bad_client_message error=%r", str(exc))
             self._reply_error(origin, req_id, "bad_request", str(exc))
@@ -198,6 +211,12 @@ class Broker:
     def process_worker(self, frames):
         """``[identity, route, header?, data?]`` from a worker."""
         ident = frames[0].bytes
+        if self.curve is not None and not self.curve.allowed(frames[-1]):
+            # Its key was removed from the allow directory: it gets no more requests.
+            self.delete_worker(ident, "key no longer allowed")
+            self._send(self.backend, [ident, p.encode({"t": "refused", "msg": "this worker's key "
+                                                        "is not in the broker's allow directory"})])
+            return
         try:
             if len(frames) < 2:
                 raise BadRequest("worker message without a route frame")

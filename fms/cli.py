@@ -93,6 +93,12 @@ def build_parser(prog: str = "fms", client_only: bool = False) -> argparse.Argum
                f"{prog} stats --json")
     cmd.add_argument("--json", action="store_true", help="print a JSON object")
 
+    cmd = _sub(sub, "keygen", "make a CURVE keypair: DIR/NAME.key (public), "
+               "DIR/NAME.key_secret (private, mode 0600)", argparse.ArgumentParser(add_help=False),
+               f"{prog} keygen ./keys alice     # then give alice.key to the broker's operator")
+    cmd.add_argument("dir", metavar="DIR")
+    cmd.add_argument("name", metavar="NAME")
+
     if not client_only:
         _daemon_parsers(sub)
     return parser
@@ -110,6 +116,11 @@ def _client_options() -> argparse.ArgumentParser:
     common.add_argument("--log-level", default=argparse.SUPPRESS,
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="log the client's own events at this level (default: WARNING)")
+    common.add_argument("--curve-secret", metavar="FILE", default=argparse.SUPPRESS,
+                        help="this client's .key_secret, for a broker that requires CURVE "
+                             "(default: $FMS_CURVE_SECRET)")
+    common.add_argument("--server-key", metavar="FILE", default=argparse.SUPPRESS,
+                        help="the broker's public .key (default: $FMS_SERVER_KEY)")
     return common
 
 
@@ -140,6 +151,10 @@ def _daemon_parsers(sub):
                      help="storage workers to start (%(default)s)")
     cmd.add_argument("--cache-bytes", type=parse_size, default=DEFAULT_CACHE_BYTES, metavar="SIZE",
                      help="cache bound, e.g. 512M or 2G (%(default)s)")
+    cmd.add_argument("--curve", action="store_true",
+                     help="require CURVE: make keys in DATA/keys (once) and use them")
+    cmd.add_argument("--insecure", action="store_true",
+                     help="allow non-loopback endpoints without CURVE")
     _log_arg(cmd)
 
 
@@ -155,6 +170,12 @@ def _broker_args(cmd):
                      help="endpoint to bind for workers (%(default)s)")
     cmd.add_argument("--metrics-port", type=int, metavar="PORT",
                      help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics")
+    cmd.add_argument("--curve-secret", metavar="FILE",
+                     help="the broker's .key_secret: require CURVE on both sockets")
+    cmd.add_argument("--allow", metavar="DIR",
+                     help="public .key files of the clients and workers let in (re-read live)")
+    cmd.add_argument("--insecure", action="store_true",
+                     help="allow binding a non-loopback address without CURVE")
     _log_arg(cmd)
 
 
@@ -162,6 +183,9 @@ def _worker_args(cmd, kind: str):
     cmd.add_argument("--broker", default=DEFAULT_BACKEND,
                      help="broker backend endpoint (%(default)s)")
     cmd.add_argument("--id", help=f"worker id shown in stats (default: {kind}-HOST-PID)")
+    cmd.add_argument("--curve-secret", metavar="FILE",
+                     help="this worker's .key_secret, for a broker that requires CURVE")
+    cmd.add_argument("--server-key", metavar="FILE", help="the broker's public .key")
     _log_arg(cmd)
 
 
@@ -219,9 +243,9 @@ def _shell(parser, args) -> int:
     """No command: the interactive shell, keeping the options given before it."""
     from .shell import run_shell
     base = []
-    for option in ("broker", "timeout"):
+    for option in ("broker", "timeout", "curve_secret", "server_key"):
         if hasattr(args, option):
-            base += [f"--{option}", str(getattr(args, option))]
+            base += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
     if getattr(args, "quiet", False):
         base.append("--quiet")
 
@@ -234,7 +258,7 @@ def _shell(parser, args) -> int:
 
 def _dispatch(args, parser) -> int:
     handlers = {"put": cmd_put, "get": cmd_get, "ls": cmd_ls, "stat": cmd_stat, "rm": cmd_rm,
-                "stats": cmd_stats, "broker": cmd_broker, "storage": cmd_storage,
+                "stats": cmd_stats, "keygen": cmd_keygen, "broker": cmd_broker, "storage": cmd_storage,
                 "cache": cmd_cache, "up": cmd_up}
     try:
         return handlers[args.command](args) or EXIT_OK
@@ -262,8 +286,10 @@ def _client(args):
     progress = None
     if not getattr(args, "quiet", False) and sys.stderr.isatty():
         progress = _ProgressBars()
+    from .security import client_keys
+    curve = client_keys(getattr(args, "curve_secret", None), getattr(args, "server_key", None))
     return Client(getattr(args, "broker", None), timeout=getattr(args, "timeout", 5.0),
-                  progress=progress)
+                  progress=progress, curve=curve)
 
 
 class _ProgressBars:
@@ -429,6 +455,13 @@ def cmd_stats(args):
               f"stored={_human(store['chunk_bytes'])} (after dedup)")
 
 
+def cmd_keygen(args):
+    from .security import keygen
+    public, secret = keygen(args.dir, args.name)
+    print(f"wrote {public} (public: give it to the broker's operator for its --allow folder)\n"
+          f"wrote {secret} (secret, mode 0600: keep it on this machine only)")
+
+
 def _human(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -464,7 +497,7 @@ def cmd_broker(args):
     from .broker import Broker
     from .logutil import setup_logging
     setup_logging(args.log_level)
-    broker = Broker(args.frontend, args.backend)
+    broker = Broker(args.frontend, args.backend, curve=_broker_curve(args))
     try:
         broker.bind()
         if args.metrics_port is not None:
@@ -479,6 +512,24 @@ def cmd_broker(args):
         broker.close()
 
 
+def _broker_curve(args):
+    """The broker's CurveServer, or None after checking that plaintext is safe to bind."""
+    from .security import CurveServer, SecurityError, is_loopback
+    if bool(args.curve_secret) != bool(args.allow):
+        raise SecurityError("CURVE needs both --curve-secret (the broker's .key_secret) and "
+                            "--allow (a folder of allowed public .key files)")
+    if args.curve_secret:
+        import zmq
+        return CurveServer(zmq.Context.instance(), args.curve_secret, args.allow)
+    exposed = [e for e in (args.frontend, args.backend) if not is_loopback(e)]
+    if exposed and not args.insecure:
+        raise SecurityError(
+            f"refusing to bind {', '.join(exposed)} without encryption: anyone who can reach "
+            f"it could read and overwrite every file. Use --curve-secret and --allow (README, "
+            f"Security), or --insecure if the network is trusted")
+    return None
+
+
 def _worker_id(args, kind: str) -> str:
     return args.id or f"{kind}-{socket.gethostname()}-{os.getpid()}"
 
@@ -489,8 +540,10 @@ def _run_worker(args, service, ready: dict, log_name: str):
     import zmq
 
     from .worker import BrokerLink, WorkerRefused, serve
+    from .security import client_keys
     log = logging.getLogger(log_name)
-    link = BrokerLink(zmq.Context.instance(), args.broker, ready, log)
+    curve = client_keys(args.curve_secret, args.server_key)
+    link = BrokerLink(zmq.Context.instance(), args.broker, ready, log, curve=curve)
     service.link = link
     try:
         serve(service, link, log, _StopFlag())
@@ -537,23 +590,31 @@ def cmd_up(args):
         raise FmsError("--storage must be at least 1")
     py = [sys.executable, "-m", "fms"]
     log = ["--log-level", args.log_level]
-    specs = [("broker", py + ["broker", "--frontend", args.frontend, "--backend", args.backend] + log),
+    os.makedirs(args.data, exist_ok=True)
+    server, workers, client = _up_keys(args) if args.curve else ([], [], None)
+    insecure = ["--insecure"] if args.insecure else []
+    specs = [("broker", py + ["broker", "--frontend", args.frontend, "--backend", args.backend]
+              + server + insecure + log),
              ("cache", py + ["cache", "--broker", args.backend, "--dir",
                              os.path.join(args.data, "cache"), "--max-bytes",
-                             str(args.cache_bytes)] + log)]
+                             str(args.cache_bytes)] + workers + log)]
     for i in range(args.storage):
         specs.append((f"storage-{i + 1}", py + ["storage", "--broker", args.backend, "--data",
                                                 os.path.join(args.data, "storage"),
-                                                "--id", f"storage-{i + 1}"] + log))
-    os.makedirs(args.data, exist_ok=True)
+                                                "--id", f"storage-{i + 1}"] + workers + log))
     stop = _StopFlag()
     procs = []
     try:
         for name, cmd in specs:
             procs.append((name, subprocess.Popen(cmd)))
+        hint = "python client.py put FILE"
+        if client:
+            hint = (f"python client.py --curve-secret {client[0]} --server-key {client[1]} "
+                    f"put FILE")
         print(f"fms up: broker at {args.frontend} (workers on {args.backend}), cache and "
-              f"{args.storage} storage workers, data in {os.path.abspath(args.data)}\n"
-              f"fms up: try `python client.py put FILE` in another terminal; Ctrl-C stops all",
+              f"{args.storage} storage workers, data in {os.path.abspath(args.data)}"
+              f"{', CURVE on' if args.curve else ''}\n"
+              f"fms up: try `{hint}` in another terminal; Ctrl-C stops all",
               file=sys.stderr, flush=True)
         while not stop():
             for name, proc in procs:
@@ -565,6 +626,27 @@ def cmd_up(args):
         return EXIT_OK
     finally:
         _stop_all(procs)
+
+
+def _up_keys(args):
+    """Keys for `fms up --curve` in DATA/keys, made once: the broker's, one shared by the
+    workers, one for local clients; the allow folder holds the workers' and the client's."""
+    from .security import keygen
+    keys = os.path.abspath(os.path.join(args.data, "keys"))
+    allow = os.path.join(keys, "allow")
+    os.makedirs(allow, exist_ok=True)
+    for name in ("broker", "worker", "client"):
+        if not os.path.exists(os.path.join(keys, f"{name}.key_secret")):
+            keygen(keys, name)
+        if name != "broker":
+            with open(os.path.join(keys, f"{name}.key")) as src, \
+                    open(os.path.join(allow, f"{name}.key"), "w") as dst:
+                dst.write(src.read())
+    broker_key = os.path.join(keys, "broker.key")
+    server = ["--curve-secret", os.path.join(keys, "broker.key_secret"), "--allow", allow]
+    workers = ["--curve-secret", os.path.join(keys, "worker.key_secret"), "--server-key",
+               broker_key]
+    return server, workers, (os.path.join(keys, "client.key_secret"), broker_key)
 
 
 def _stop_all(procs):

@@ -29,6 +29,7 @@ import uuid
 from dataclasses import dataclass
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from . import protocol as p
 from .errors import (BadRequest, FmsError, IntegrityError, Timeout, TransportError, Unavailable,
@@ -44,6 +45,8 @@ RETRY_BACKOFF = 0.25           # seconds before resending after `unavailable`; d
 RETRY_BACKOFF_MAX = 2.0
 DEFAULT_WINDOW = 8             # requests in flight during a transfer (chunks of one file)
 MANY_WINDOW = 64               # requests in flight when fetching or storing many small files
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
 @dataclass
@@ -67,12 +70,14 @@ class Client:
     :param chunk_size: chunk size for uploads, in bytes.
     :param progress: optional ``callable(name, done_bytes, total_bytes)`` called as a file's
         chunks move (not for files that travel in one message).
+    :param curve: a :class:`fms.security.CurveClient` (own keys + the broker's public key) to
+        encrypt and authenticate, or None; see :func:`fms.security.client_keys`.
     """
 
     def __init__(self, broker: str | None = None, *, timeout: float = DEFAULT_TIMEOUT,
                  retries: int = DEFAULT_RETRIES, window: int = DEFAULT_WINDOW,
                  chunk_size: int = p.DEFAULT_CHUNK_SIZE, progress=None,
-                 ctx: zmq.Context | None = None):
+                 ctx: zmq.Context | None = None, curve=None):
         if not p.MIN_CHUNK_SIZE <= chunk_size <= p.MAX_CHUNK_SIZE:
             raise BadRequest(f"chunk size must be between {p.MIN_CHUNK_SIZE} and "
                              f"{p.MAX_CHUNK_SIZE} bytes")
@@ -82,6 +87,7 @@ class Client:
         self.window = max(1, window)
         self.chunk_size = chunk_size
         self.progress = progress
+        self.curve = curve         # a fms.security.CurveClient, or None for plaintext
         self.requests_sent = 0     # round trips made; tests use it to count them
         self._ctx = ctx or zmq.Context.instance()
         self._sock = None
@@ -108,22 +114,63 @@ class Client:
             sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_SIZE)
             # With IMMEDIATE and the broker gone, a send would block forever: bound it.
             sock.setsockopt(zmq.SNDTIMEO, int(SEND_TIMEOUT * 1000))
+            if self.curve is not None:
+                self.curve.apply(sock)
+            try:
+                self._connect(sock)
+            except BaseException:
+                sock.close(linger=0)
+                raise
+            self._sock = sock
+        return self._sock
+
+    def _connect(self, sock: zmq.Socket):
+        """Connect and wait until the connection (and any CURVE handshake) is up.
+
+        With IMMEDIATE, POLLOUT means "connected": an unreachable broker is reported now,
+        clearly, instead of as a timeout on the first request; a socket monitor tells why a
+        handshake failed (key not allowed, plaintext against CURVE, wrong server key).
+        """
+        monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED)
+        try:
             try:
                 sock.connect(self.broker)
             except zmq.ZMQError as exc:
-                sock.close(linger=0)
                 raise TransportError(f"bad broker endpoint {self.broker!r}: {exc.strerror}; "
                                      f"use the form tcp://HOST:PORT") from None
-            # With IMMEDIATE, POLLOUT means "connected": an unreachable broker is reported now,
-            # clearly, instead of as a timeout on the first request.
-            if not sock.poll(int(CONNECT_TIMEOUT * 1000), zmq.POLLOUT):
-                sock.close(linger=0)
-                raise TransportError(
-                    f"cannot reach the fms broker at {self.broker} (no connection within "
-                    f"{CONNECT_TIMEOUT:.0f} s); is it running? start a local cluster with "
-                    f"'fms up', or point --broker / FMS_BROKER at the right address")
-            self._sock = sock
-        return self._sock
+            poller = zmq.Poller()
+            poller.register(sock, zmq.POLLOUT)
+            poller.register(monitor, zmq.POLLIN)
+            deadline = time.monotonic() + CONNECT_TIMEOUT
+            while (wait := deadline - time.monotonic()) > 0:
+                ready = dict(poller.poll(int(wait * 1000) + 1))
+                if sock in ready:
+                    return
+                if monitor in ready:
+                    event = recv_monitor_message(monitor)["event"]
+                    raise TransportError(self._handshake_advice(event))
+            raise TransportError(
+                f"cannot reach the fms broker at {self.broker} (no connection within "
+                f"{CONNECT_TIMEOUT:.0f} s); is it running? start a local cluster with "
+                f"'fms up', or point --broker / FMS_BROKER at the right address")
+        finally:
+            sock.disable_monitor()
+            monitor.close(linger=0)
+
+    def _handshake_advice(self, event: int) -> str:
+        where = f"the fms broker at {self.broker}"
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            return (f"{where} refused this client's key: ask its operator to put this client's "
+                    f"public .key file in the broker's allow directory")
+        if self.curve is None:
+            return (f"{where} requires encryption (CURVE): give --curve-secret (this client's "
+                    f".key_secret) and --server-key (the broker's .key), or set "
+                    f"FMS_CURVE_SECRET and FMS_SERVER_KEY")
+        if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            return (f"the secure handshake with {where} failed: the broker does not use CURVE; "
+                    f"drop --curve-secret/--server-key, or start the broker with keys")
+        return (f"the secure handshake with {where} failed: check that --server-key is the "
+                f"broker's public key")
 
     # --- requests ---
 

@@ -9,6 +9,7 @@
     │   ├── IntegrityError       integrity: a chunk or file did not match its sha256
     │   ├── Unavailable          unavailable: no worker right now; retried by the client
     │   ├── NoSpace              no_space: a disk is full; not retried
+    │   ├── Refused              refused: this client's key is not (or no longer) allowed
     │   └── TooLarge             too_large
     └── TransportError           the broker could not be reached or did not answer
         └── Timeout              a request got no reply in time
@@ -53,6 +54,10 @@ class NoSpace(RemoteError):
     code = "no_space"
 
 
+class Refused(RemoteError):
+    code = "refused"
+
+
 class TooLarge(RemoteError):
     code = "too_large"
 
@@ -66,7 +71,7 @@ class Timeout(TransportError):
 
 
 _BY_CODE = {cls.code: cls for cls in (NotFound, BadRequest, IntegrityError, Unavailable, NoSpace,
-                                      TooLarge)}
+                                      Refused, TooLarge)}
 
 
 def from_reply(code: str, message: str) -> RemoteError:

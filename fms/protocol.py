@@ -69,8 +69,8 @@ IDEMPOTENT_OPS = frozenset(OP_SERVICE)
 FALLBACK_SERVICE = {CACHE: STORAGE}
 
 # Error codes carried in {ok: false, error: CODE, message: TEXT}.
-ERROR_CODES = ("not_found", "bad_request", "integrity", "unavailable", "no_space", "too_large",
-               "version", "internal")
+ERROR_CODES = ("not_found", "bad_request", "integrity", "unavailable", "no_space", "refused",
+               "too_large", "version", "internal")
 
 # A data frame: the msgpack bin32 marker, a 4-byte big-endian length, then the bytes.
 BIN32 = 0xC6

@@ -24,6 +24,7 @@ from .logutil import RateLimitedLog
 
 RECONNECT_MIN = 0.25   # seconds: first wait before reconnecting to a silent broker
 RECONNECT_MAX = 4.0    # seconds: the backoff doubles up to this
+REGISTER_WARN = 5.0    # seconds without a welcome before saying what may be wrong
 
 
 class WorkerRefused(FmsError):
@@ -38,8 +39,10 @@ class BrokerLink:
     :param ready: the READY route fields (service, worker id, store id).
     """
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, ready: dict, log: logging.Logger):
+    def __init__(self, ctx: zmq.Context, endpoint: str, ready: dict, log: logging.Logger,
+                 curve=None):
         self.ctx = ctx
+        self.curve = curve      # a fms.security.CurveClient, or None for plaintext
         self.endpoint = endpoint
         self.ready = {"t": "ready", "v": p.PROTOCOL_VERSION, **ready}
         self.log = log
@@ -53,6 +56,8 @@ class BrokerLink:
         self.sock.linger = 0
         self.sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_SIZE)
         self.sock.setsockopt(zmq.SNDTIMEO, int(p.WORKER_SEND_TIMEOUT * 1000))
+        if self.curve is not None:
+            self.curve.apply(self.sock)
         self.sock.connect(self.endpoint)
         self.registered = False
         self.send_ready()
@@ -119,6 +124,7 @@ def serve(service, link: BrokerLink, log: logging.Logger, should_stop=lambda: Fa
     liveness = p.HEARTBEAT_LIVENESS
     backoff = RECONNECT_MIN
     next_heartbeat = time.monotonic() + p.HEARTBEAT_INTERVAL
+    warn_at = time.monotonic() + REGISTER_WARN
     while not should_stop():
         timeout_ms = max(0, int((next_heartbeat - time.monotonic()) * 1000))
         if link.sock.poll(timeout_ms, zmq.POLLIN):
@@ -147,6 +153,11 @@ def serve(service, link: BrokerLink, log: logging.Logger, should_stop=lambda: Fa
             else:
                 link.heartbeat()
             service.tick(now)
+            if not link.registered and now >= warn_at:
+                warn_at = now + REGISTER_WARN * 6
+                log.warning("event=not_registered broker=%s hint=%r", link.endpoint,
+                            "is the broker running? if it requires CURVE, give --curve-secret "
+                            "and --server-key, and have this worker's .key in its --allow folder")
 
 
 def _dispatch(service, link: BrokerLink, frames, log):

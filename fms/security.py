@@ -1,0 +1,197 @@
+"""CurveZMQ keys and the broker's allowlist.
+
+Key files use the ZeroMQ certificate format (``zmq.auth.load_certificate`` reads them):
+``NAME.key`` holds the public key, ``NAME.key_secret`` both keys.  A secret key file is written
+with mode 0600, and one that others can read is refused, as ssh does.
+
+The broker authenticates every connection with ZAP against the public ``*.key`` files in its
+allow directory (clients and workers alike), and checks every message's sender against the
+directory as it is now, so a key removed from it is shut out without a restart, even on a
+connection that is already open.
+"""
+
+import logging
+import os
+import stat
+import time
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from .errors import FmsError
+
+ALLOW_RELOAD = 1.0     # seconds an allowlist read stays fresh
+ZAP_DOMAIN = "fms"
+CURVE_SECRET_ENV = "FMS_CURVE_SECRET"
+SERVER_KEY_ENV = "FMS_SERVER_KEY"
+LOOPBACK_HOSTS = ("127.", "localhost", "[::1]", "::1")
+
+log = logging.getLogger("fms.security")
+
+
+class SecurityError(FmsError):
+    """A key file or the security configuration cannot be used; the message says how to fix it."""
+
+
+def keygen(folder: str, name: str) -> tuple:
+    """Write ``folder/name.key`` and ``folder/name.key_secret`` (mode 0600) for a new keypair.
+
+    :return: the two paths.
+    :raises SecurityError: a file of that name exists already (it is never overwritten).
+    """
+    if not name or "/" in name or name.startswith("."):
+        raise SecurityError(f"key name {name!r} must be a plain file name, such as 'alice'")
+    os.makedirs(folder, exist_ok=True)
+    public, secret = zmq.curve_keypair()
+    public_path = os.path.join(folder, f"{name}.key")
+    secret_path = os.path.join(folder, f"{name}.key_secret")
+    now = time.strftime("%Y-%m-%d %H:%M:%S")
+    _write_new(secret_path, 0o600, f"#   fms CURVE secret key, made {now}; keep it private\n"
+               f"metadata\ncurve\n    public-key = \"{public.decode()}\"\n"
+               f"    secret-key = \"{secret.decode()}\"\n")
+    _write_new(public_path, 0o644, f"#   fms CURVE public key, made {now}\nmetadata\ncurve\n"
+               f"    public-key = \"{public.decode()}\"\n")
+    return public_path, secret_path
+
+
+def _write_new(path: str, mode: int, text: str):
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        raise SecurityError(f"{path} exists already; choose another name or remove it "
+                            f"first") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def load_secret(path: str) -> tuple:
+    """Read a secret key file.  :return: ``(public, secret)`` z85 keys.
+
+    :raises SecurityError: missing, readable by others, or without a secret key.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise SecurityError(f"cannot read secret key file {path}: {exc.strerror}") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise SecurityError(f"secret key file {path} is accessible by others (mode "
+                            f"{stat.S_IMODE(st.st_mode):04o}); it must be private: "
+                            f"chmod 600 {path}")
+    public, secret = _load(path)
+    if not secret:
+        raise SecurityError(f"{path} holds no secret key; give the .key_secret file")
+    return public, secret
+
+
+def load_public(path: str) -> bytes:
+    """:return: the z85 public key in ``path`` (a .key or .key_secret file)."""
+    return _load(path)[0]
+
+
+def _load(path: str) -> tuple:
+    try:
+        return zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise SecurityError(f"cannot read key file {path}: {exc}") from None
+
+
+class AllowList:
+    """The public keys in a folder of ``*.key`` files, re-read when it may have changed."""
+
+    def __init__(self, folder: str):
+        if not os.path.isdir(folder):
+            raise SecurityError(f"allow directory {folder} does not exist; create it and put "
+                                f"the public .key files of allowed clients and workers in it")
+        self.folder = folder
+        self._keys = frozenset()
+        self._read_at = -ALLOW_RELOAD
+
+    def keys(self) -> frozenset:
+        now = time.monotonic()
+        if now - self._read_at >= ALLOW_RELOAD:
+            self._read_at = now
+            try:
+                self._keys = frozenset(zmq.auth.load_certificates(self.folder))
+            except (OSError, ValueError) as exc:
+                log.error("event=allowlist_unreadable folder=%s error=%r", self.folder, str(exc))
+        return self._keys
+
+    def __contains__(self, key) -> bool:
+        if isinstance(key, str):
+            key = key.encode()
+        return key in self.keys()
+
+    # ZAP credentials-provider interface (zmq.auth)
+    def callback(self, domain: str, key: bytes) -> bool:
+        allowed = key in self
+        if not allowed:
+            log.warning("event=key_refused key=%s", key.decode(errors="replace"))
+        return allowed
+
+
+class CurveServer:
+    """The broker's side: ZAP authenticator plus the settings for its two sockets."""
+
+    def __init__(self, ctx: zmq.Context, secret_file: str, allow_dir: str):
+        self.public, self.secret = load_secret(secret_file)
+        self.allow = AllowList(allow_dir)
+        self.auth = ThreadAuthenticator(ctx, log=logging.getLogger("fms.zap"))
+        self.auth.start()
+        self.auth.configure_curve_callback(ZAP_DOMAIN, credentials_provider=self.allow)
+
+    def apply(self, sock: zmq.Socket):
+        sock.zap_domain = ZAP_DOMAIN.encode()
+        sock.curve_server = True
+        sock.curve_publickey = self.public
+        sock.curve_secretkey = self.secret
+
+    def allowed(self, frame) -> bool:
+        """Whether the sender of ``frame`` (a received zmq.Frame) is in the allowlist now."""
+        try:
+            user = frame.get("User-Id")
+        except zmq.ZMQError:
+            return False
+        return user in self.allow
+
+    def stop(self):
+        self.auth.stop()
+
+
+class CurveClient:
+    """A client's or worker's keys: its own keypair and the broker's public key."""
+
+    def __init__(self, secret_file: str, server_key_file: str):
+        self.public, self.secret = load_secret(secret_file)
+        self.server = load_public(server_key_file)
+
+    def apply(self, sock: zmq.Socket):
+        sock.curve_publickey = self.public
+        sock.curve_secretkey = self.secret
+        sock.curve_serverkey = self.server
+
+
+def client_keys(secret_file, server_key_file):
+    """The CurveClient for these options (falling back to $FMS_CURVE_SECRET / $FMS_SERVER_KEY),
+    or None for plaintext.
+
+    :raises SecurityError: only one of the two is given.
+    """
+    secret_file = secret_file or os.environ.get(CURVE_SECRET_ENV)
+    server_key_file = server_key_file or os.environ.get(SERVER_KEY_ENV)
+    if not secret_file and not server_key_file:
+        return None
+    if not (secret_file and server_key_file):
+        raise SecurityError("CURVE needs both --curve-secret (this side's .key_secret) and "
+                            "--server-key (the broker's .key)")
+    return CurveClient(secret_file, server_key_file)
+
+
+def is_loopback(endpoint: str) -> bool:
+    """Whether binding ``endpoint`` only exposes it to this machine."""
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    if not endpoint.startswith("tcp://"):
+        return False
+    host = endpoint[len("tcp://"):].rsplit(":", 1)[0]
+    return host.startswith(LOOPBACK_HOSTS)

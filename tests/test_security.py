@@ -1,0 +1,196 @@
+"""CURVE encryption and the allowlist, with real processes."""
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+import fms
+from fms.security import (ALLOW_RELOAD, AllowList, SecurityError, is_loopback, keygen,
+                          load_secret)
+from tests.conftest import ROOT, wait_for
+from tests.test_up import free_port
+
+
+# --- key files ---
+
+def test_keygen_writes_a_private_secret_and_a_public_key(tmp_path):
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "client.py"), "keygen",
+                          str(tmp_path), "alice"], capture_output=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    secret = tmp_path / "alice.key_secret"
+    assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600
+    public, secret_key = load_secret(str(secret))
+    assert len(public) == 40 and len(secret_key) == 40          # z85 of 32-byte keys
+    assert b"secret" not in (tmp_path / "alice.key").read_bytes().lower().split(b"#")[-1]
+    again = subprocess.run([sys.executable, os.path.join(ROOT, "client.py"), "keygen",
+                            str(tmp_path), "alice"], capture_output=True, timeout=30)
+    assert again.returncode == 1 and b"exists already" in again.stderr   # never overwritten
+
+
+def test_a_secret_key_readable_by_others_is_refused_as_ssh_does(tmp_path):
+    _, secret = keygen(str(tmp_path), "k")
+    os.chmod(secret, 0o644)
+    with pytest.raises(SecurityError, match="chmod 600"):
+        load_secret(secret)
+
+
+def test_allowlist_follows_its_folder(tmp_path):
+    public, _ = keygen(str(tmp_path / "keys"), "a")
+    allow = tmp_path / "allow"
+    allow.mkdir()
+    keys = AllowList(str(allow))
+    key = fms.security.load_public(public)
+    assert key not in keys
+    shutil.copy(public, allow / "a.key")
+    wait_for(lambda: key in keys, ALLOW_RELOAD * 3, "the new key to be seen")
+    (allow / "a.key").unlink()
+    wait_for(lambda: key not in keys, ALLOW_RELOAD * 3, "the removed key to be gone")
+
+
+@pytest.mark.parametrize("endpoint,local", [
+    ("tcp://127.0.0.1:5555", True), ("tcp://127.0.0.1:*", True), ("tcp://localhost:1", True),
+    ("tcp://[::1]:5555", True), ("ipc:///tmp/fms.sock", True), ("tcp://0.0.0.0:5555", False),
+    ("tcp://*:5555", False), ("tcp://192.168.1.5:5555", False), ("tcp://eth0:5555", False)])
+def test_which_endpoints_count_as_loopback(endpoint, local):
+    assert is_loopback(endpoint) is local
+
+
+def test_broker_refuses_a_public_bind_without_curve_and_says_why(tmp_path):
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "broker.py"), "--frontend",
+                          f"tcp://0.0.0.0:{free_port()}", "--backend", "tcp://127.0.0.1:*"],
+                         capture_output=True, timeout=30)
+    assert run.returncode == 1
+    assert b"refusing to bind tcp://0.0.0.0" in run.stderr and b"--curve-secret" in run.stderr
+
+
+# --- a CURVE cluster ---
+
+@pytest.fixture
+def secure(make_cluster, tmp_path):
+    """A cluster that requires CURVE; alice may connect, mallory may not."""
+    keys, allow = tmp_path / "keys", tmp_path / "allow"
+    allow.mkdir()
+    for name in ("broker", "worker", "alice", "mallory"):
+        keygen(str(keys), name)
+    for name in ("worker", "alice"):
+        shutil.copy(keys / f"{name}.key", allow / f"{name}.key")
+    cluster = make_cluster()
+    cluster.start_broker(extra=["--curve-secret", str(keys / "broker.key_secret"),
+                                "--allow", str(allow)])
+    worker_keys = ["--curve-secret", str(keys / "worker.key_secret"),
+                   "--server-key", str(keys / "broker.key")]
+    cluster.start_cache()
+    cluster.procs[-1].popen.kill()                   # restart it with keys
+    cluster.procs.pop()
+    cache = cluster._spawn("cache", ["cache", "--broker", cluster.backend, "--dir",
+                                     cluster.cache_dir, "--id", "cache-1", *worker_keys])
+    storage = cluster.start_storage(wid="storage-a", extra=worker_keys)
+    cluster.keys, cluster.allow, cluster.worker_keys = keys, allow, worker_keys
+    cluster.as_user = lambda name: ["--curve-secret", str(keys / f"{name}.key_secret"),
+                                    "--server-key", str(keys / "broker.key")]
+    cluster.user = lambda name, **kw: fms.Client(
+        cluster.frontend, curve=fms.security.CurveClient(str(keys / f"{name}.key_secret"),
+                                                         str(keys / "broker.key")), **kw)
+    wait_for(lambda: _workers(cluster) == ["cache", "storage"], 15, "the workers to register")
+    assert cache.alive() and storage.alive()
+    return cluster
+
+
+def _workers(cluster) -> list:
+    with cluster.user("alice", timeout=2.0) as c:
+        return sorted(w["service"] for w in c.status()["workers"])
+
+
+def test_an_allowed_client_works_over_curve(secure, tmp_path):
+    (tmp_path / "f").write_bytes(b"secret plans")
+    assert secure.cli(*secure.as_user("alice"), "put", str(tmp_path / "f"), "f").returncode == 0
+    got = secure.cli(*secure.as_user("alice"), "get", "f", "-")
+    assert got.returncode == 0 and got.stdout == b"secret plans"
+
+
+def test_unlisted_and_plaintext_clients_get_a_clear_error_not_a_hang(secure):
+    for args, words in ((secure.as_user("mallory"), b"refused this client's key"),
+                        ((), b"requires encryption")):
+        start = time.monotonic()
+        run = secure.cli(*args, "ls", timeout=30)
+        assert time.monotonic() - start < 10
+        assert run.returncode == 1 and words in run.stderr, run.stderr
+
+
+def test_an_unlisted_worker_never_gets_a_request(secure):
+    stray = secure.start_storage(wid="stray", extra=["--curve-secret",
+                                                     str(secure.keys / "mallory.key_secret"),
+                                                     "--server-key",
+                                                     str(secure.keys / "broker.key")])
+    wait_for(lambda: "event=not_registered" in stray.log(), 15, "the stray to say it is not in")
+    with secure.user("alice") as c:
+        for i in range(10):
+            c.put_bytes(b"x%d" % i, f"x{i}")
+        assert [w["id"] for w in c.status()["workers"] if w["service"] == "storage"] == \
+            ["storage-a"]
+    assert "event=commit" not in stray.log()
+
+
+def test_removing_a_key_shuts_it_out_without_a_restart(secure):
+    with secure.user("alice") as c:
+        c.put_bytes(b"before", "k")
+        (secure.allow / "alice.key").unlink()
+        # the open connection is refused from the next request on...
+        wait_for(lambda: _refused(c), ALLOW_RELOAD * 5, "alice's open connection to be refused")
+    # ...and a new connection fails its handshake
+    run = secure.cli(*secure.as_user("alice"), "ls", timeout=30)
+    assert run.returncode == 1 and b"refused this client's key" in run.stderr
+    shutil.copy(secure.keys / "alice.key", secure.allow / "alice.key")
+    wait_for(lambda: secure.cli(*secure.as_user("alice"), "ls").returncode == 0,
+             ALLOW_RELOAD * 5, "alice to be let back in")
+    # a removed worker key drops the worker: it is refused and stops
+    (secure.allow / "worker.key").unlink()
+    storage = next(proc for proc in secure.procs if proc.name == "storage-a")
+    wait_for(lambda: not storage.alive(), 15, "the shut-out worker to stop")
+    assert "refused by the broker" in storage.log()
+
+
+def _refused(client) -> bool:
+    try:
+        client.get_bytes("k")
+    except fms.Refused:
+        return True
+    return False
+
+
+def test_fms_up_makes_and_uses_its_own_keys(tmp_path):
+    frontend = f"tcp://127.0.0.1:{free_port()}"
+    backend = f"tcp://127.0.0.1:{free_port()}"
+    log = open(tmp_path / "up.log", "wb")
+    up = subprocess.Popen([sys.executable, "-m", "fms", "up", "--curve", "--frontend", frontend,
+                           "--backend", backend, "--data", str(tmp_path / "data")],
+                          cwd=ROOT, stdout=log, stderr=log)
+    keys = tmp_path / "data" / "keys"
+    try:
+        def client():
+            return fms.Client(frontend, timeout=2.0, curve=fms.security.CurveClient(
+                str(keys / "client.key_secret"), str(keys / "broker.key")))
+
+        def ready():
+            try:
+                with client() as c:
+                    return len(c.status()["workers"]) == 3
+            except fms.FmsError:
+                return False
+        wait_for(ready, 20, "fms up --curve to start")
+        with client() as c:
+            c.put_bytes(b"hi", "hi")
+            assert c.get_bytes("hi") == b"hi"
+        assert stat.S_IMODE(os.stat(keys / "client.key_secret").st_mode) == 0o600
+        with pytest.raises(fms.TransportError, match="requires encryption"):
+            with fms.Client(frontend) as plain:
+                plain.ls()
+    finally:
+        up.terminate()
+        up.wait(15)
+        log.close()
