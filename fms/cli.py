@@ -591,7 +591,10 @@ def cmd_up(args):
     py = [sys.executable, "-m", "fms"]
     log = ["--log-level", args.log_level]
     os.makedirs(args.data, exist_ok=True)
-    server, workers, client = _up_keys(args) if args.curve else ([], [], None)
+    server, workers, client = [], [], None
+    if args.curve:
+        from .security import cluster_keys
+        server, workers, client = cluster_keys(os.path.abspath(os.path.join(args.data, "keys")))
     insecure = ["--insecure"] if args.insecure else []
     specs = [("broker", py + ["broker", "--frontend", args.frontend, "--backend", args.backend]
               + server + insecure + log),
@@ -626,27 +629,6 @@ def cmd_up(args):
         return EXIT_OK
     finally:
         _stop_all(procs)
-
-
-def _up_keys(args):
-    """Keys for `fms up --curve` in DATA/keys, made once: the broker's, one shared by the
-    workers, one for local clients; the allow folder holds the workers' and the client's."""
-    from .security import keygen
-    keys = os.path.abspath(os.path.join(args.data, "keys"))
-    allow = os.path.join(keys, "allow")
-    os.makedirs(allow, exist_ok=True)
-    for name in ("broker", "worker", "client"):
-        if not os.path.exists(os.path.join(keys, f"{name}.key_secret")):
-            keygen(keys, name)
-        if name != "broker":
-            with open(os.path.join(keys, f"{name}.key")) as src, \
-                    open(os.path.join(allow, f"{name}.key"), "w") as dst:
-                dst.write(src.read())
-    broker_key = os.path.join(keys, "broker.key")
-    server = ["--curve-secret", os.path.join(keys, "broker.key_secret"), "--allow", allow]
-    workers = ["--curve-secret", os.path.join(keys, "worker.key_secret"), "--server-key",
-               broker_key]
-    return server, workers, (os.path.join(keys, "client.key_secret"), broker_key)
 
 
 def _stop_all(procs):

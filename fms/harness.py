@@ -3,7 +3,6 @@ use `fms up` or start the processes yourself)."""
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import time
 
 from .client import Client
 from .errors import FmsError
-from .security import CurveClient, keygen
+from .security import CurveClient, cluster_keys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_TIMEOUT = 20.0   # seconds for the cluster to come up
@@ -31,19 +30,9 @@ class LocalCluster:
             self._make_keys()
 
     def _make_keys(self):
-        keys = os.path.join(self.folder, "keys")
-        allow = os.path.join(keys, "allow")
-        os.makedirs(allow, exist_ok=True)
-        for name in ("broker", "worker", "client"):
-            keygen(keys, name)
-            if name != "broker":
-                shutil.copy(os.path.join(keys, f"{name}.key"), allow)
-        broker_key = os.path.join(keys, "broker.key")
-        self.server_args = ["--curve-secret", os.path.join(keys, "broker.key_secret"),
-                            "--allow", allow]
-        self.worker_args = ["--curve-secret", os.path.join(keys, "worker.key_secret"),
-                            "--server-key", broker_key]
-        self.client_keys = CurveClient(os.path.join(keys, "client.key_secret"), broker_key)
+        self.server_args, self.worker_args, (secret, broker_key) = cluster_keys(
+            os.path.join(self.folder, "keys"))
+        self.client_keys = CurveClient(secret, broker_key)
 
     def client(self, **kwargs) -> Client:
         return Client(self.frontend, curve=self.client_keys, **kwargs)

@@ -187,6 +187,28 @@ def client_keys(secret_file, server_key_file):
     return CurveClient(secret_file, server_key_file)
 
 
+def cluster_keys(folder: str) -> tuple:
+    """Keys for a one-machine cluster in ``folder``, made once and reused: the broker's, one
+    shared by the workers, one for clients; ``folder/allow`` holds the workers' and the client's.
+
+    :return: ``(broker args, worker args, (client secret file, broker public key file))``.
+    """
+    allow = os.path.join(folder, "allow")
+    os.makedirs(allow, exist_ok=True)
+    for name in ("broker", "worker", "client"):
+        if not os.path.exists(os.path.join(folder, f"{name}.key_secret")):
+            keygen(folder, name)
+        if name != "broker":
+            with open(os.path.join(folder, f"{name}.key")) as src, \
+                    open(os.path.join(allow, f"{name}.key"), "w") as dst:
+                dst.write(src.read())
+    broker_key = os.path.join(folder, "broker.key")
+    server = ["--curve-secret", os.path.join(folder, "broker.key_secret"), "--allow", allow]
+    workers = ["--curve-secret", os.path.join(folder, "worker.key_secret"), "--server-key",
+               broker_key]
+    return server, workers, (os.path.join(folder, "client.key_secret"), broker_key)
+
+
 def is_loopback(endpoint: str) -> bool:
     """Whether binding ``endpoint`` only exposes it to this machine."""
     if endpoint.startswith(("ipc://", "inproc://")):
