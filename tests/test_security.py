@@ -194,3 +194,28 @@ def test_fms_up_makes_and_uses_its_own_keys(tmp_path):
         up.terminate()
         up.wait(15)
         log.close()
+
+
+def test_broker_refuses_a_readable_secret_key_and_insecure_allows_a_public_bind(tmp_path):
+    _, secret = keygen(str(tmp_path / "keys"), "broker")
+    (tmp_path / "allow").mkdir()
+    os.chmod(secret, 0o640)
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "broker.py"), "--frontend",
+                          "tcp://127.0.0.1:*", "--backend", "tcp://127.0.0.1:*",
+                          "--curve-secret", secret, "--allow", str(tmp_path / "allow")],
+                         capture_output=True, timeout=30)
+    assert run.returncode == 1 and b"chmod 600" in run.stderr
+    port = free_port()
+    log = open(tmp_path / "broker.log", "wb")
+    broker = subprocess.Popen([sys.executable, os.path.join(ROOT, "broker.py"), "--frontend",
+                               f"tcp://0.0.0.0:{port}", "--backend", "tcp://127.0.0.1:*",
+                               "--insecure"], stdout=log, stderr=log)
+    try:
+        wait_for(lambda: b"event=listening" in (tmp_path / "broker.log").read_bytes(), 15,
+                 "the broker to bind with --insecure")
+        with fms.Client(f"tcp://127.0.0.1:{port}", timeout=2.0) as c:   # traffic: loopback only
+            assert c.status()["workers"] == []
+    finally:
+        broker.terminate()
+        broker.wait(15)
+        log.close()
