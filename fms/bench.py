@@ -1,34 +1,136 @@
-"""Benchmarks, run side by side in one run and reported as ratios (the machine is shared and
-noisy: absolute times alone say little).
+"""Benchmarks: fms side by side with peers in the same run, reported as ratios (the machine is
+shared and noisy: an absolute time alone says little).
 
-    python -m fms.bench curve [--size 256M] [--out bench-results]
+    python -m fms.bench [SCENARIO ...] [--size 512M] [--rss-size 2G] [--out bench-results]
 
-``curve``: the throughput cost of CurveZMQ.  The same file is uploaded, fetched cold (every chunk
-a cache miss) and fetched warm (every chunk a hit) through a plaintext cluster and through a CURVE
-cluster, alternating plaintext/CURVE for each round; the report gives MiB/s for each and the ratio
-CURVE / plaintext per operation (median of the rounds).
+Scenarios (default: all but curve):
 
-Results go to ``OUT/bench-<scenario>-<date>.json`` and ``.md``.
+- ``large``  PUT, cold GET (every chunk a cache miss) and warm GET (every chunk a hit) of one
+  large file to a file on disk, against ``cp`` + ``sync`` (PUT) and ``curl`` from nginx (GET).
+- ``small``  4 KiB GETs: one client's sequential latency p50/p99 against redis-py GET; 16
+  concurrent clients' requests/s against nginx under ``wrk -c16``.
+- ``many``   ``get -r`` of 1000 x 4 KiB files against one ``curl`` fetching the same 1000 files
+  sequentially over one keep-alive connection.
+- ``rss``    peak RSS of every process while a 2 GiB file is put, fetched cold and warm.
+- ``scale``  cache-miss GET throughput with 1, 2 and 4 storage workers and how evenly requests
+  spread; then storage workers added and removed under load, counting failed requests.
+- ``curve``  the throughput cost of CurveZMQ: the large-file flows, plaintext against CURVE.
+
+Peers (nginx, redis-server, wrk, curl) are started on random loopback ports from a temporary
+folder; one that is missing is installed with apt-get when running as root, else its rows are
+skipped with a message.  Results go to ``OUT/bench-DATE.json`` and ``OUT/bench-DATE.md``.
 """
 
 import argparse
 import datetime
 import json
+import multiprocessing
 import os
 import platform
+import re
+import shutil
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 
 from . import protocol as p
 from .cli import parse_size
+from .client import Client
+from .errors import FmsError
 from .harness import LocalCluster
 
-OPS = ("put", "cold get", "warm get")
+SMALL = 4 * p.KiB
+LOAD_SECONDS = 5.0         # length of each concurrent-load run
+SMALL_SAMPLES = 2000       # sequential GETs for the latency percentiles
+MANY_FILES = 1000
+SCALE_FILES = 48           # files of SCALE_FILE bytes fetched cold per storage-worker count
+SCALE_FILE = 4 * p.MiB
+SCALE_CLIENTS = 4
+PEER_START = 10.0          # seconds for a peer to start listening
 
 
-def _make_file(path: str, size: int):
+# --- peers ---
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, proc: subprocess.Popen, what: str):
+    deadline = time.monotonic() + PEER_START
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on {port}")
+
+
+def ensure_tool(binary: str, package: str) -> bool:
+    """True if ``binary`` is on PATH, installing ``package`` with apt-get (as root) if not."""
+    if shutil.which(binary):
+        return True
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        print(f"bench: installing {package} with apt-get", file=sys.stderr)
+        subprocess.run(["apt-get", "install", "-y", "-qq", package], capture_output=True)
+    if shutil.which(binary):
+        return True
+    print(f"bench: {binary} not available; skipping its comparisons", file=sys.stderr)
+    return False
+
+
+class Nginx:
+    """nginx serving ``root`` on a random loopback port."""
+
+    def __init__(self, root: str, folder: str):
+        self.port = free_port()
+        conf = os.path.join(folder, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(f"""user root; worker_processes 2; daemon off; pid {folder}/nginx.pid;
+error_log {folder}/nginx-error.log;
+events {{ worker_connections 1024; }}
+http {{ access_log off; sendfile on; tcp_nopush on; keepalive_requests 1000000;
+  server {{ listen 127.0.0.1:{self.port}; root {root}; }} }}
+""")
+        self.proc = subprocess.Popen(["nginx", "-c", conf, "-p", folder],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_port(self.port, self.proc, "nginx")
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{path}"
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGQUIT)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+class Redis:
+    def __init__(self):
+        self.port = free_port()
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind",
+                                      "127.0.0.1", "--save", "", "--appendonly", "no"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_port(self.port, self.proc, "redis-server")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+# --- helpers ---
+
+def make_file(path: str, size: int):
     with open(path, "wb") as f:
         left = size
         while left:
@@ -37,77 +139,442 @@ def _make_file(path: str, size: int):
             left -= n
 
 
-def _round(cluster: LocalCluster, src: str, size: int, name: str, folder: str) -> dict:
-    """One put, one cold get and one warm get of ``src``; MiB/s of each."""
-    rates = {}
-    with cluster.client(timeout=30.0) as c:
-        for op in OPS:
-            dest = os.path.join(folder, "out.bin")
-            start = time.perf_counter()
-            if op == "put":
-                c.put(src, name)
-            else:
-                c.get(name, dest)
-            rates[op] = size / p.MiB / (time.perf_counter() - start)
-            if op != "put":
-                os.unlink(dest)
-    return rates
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
-def bench_curve(size: int, rounds: int, folder: str) -> dict:
-    src = os.path.join(folder, "src.bin")
-    _make_file(src, size)
-    clusters = {}
-    results = {"plaintext": {op: [] for op in OPS}, "curve": {op: [] for op in OPS}}
+def row(name: str, fms_value: float, peer_value, peer: str, unit: str, target: str,
+        higher_is_better: bool = True, met=None) -> dict:
+    """One comparison; ``ratio`` is fms / peer (a scenario may redefine it, and its target says
+    how to read it)."""
+    ratio = None
+    if peer_value:
+        ratio = fms_value / peer_value
+    return {"name": name, "fms": fms_value, "peer": peer_value, "peer_name": peer, "unit": unit,
+            "ratio": ratio, "target": target, "met": met}
+
+
+def percentile(values, q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# --- scenarios ---
+
+def bench_large(folder: str, size: int, rounds: int = 2) -> list:
+    src = os.path.join(folder, "large.bin")
+    out = os.path.join(folder, "out.bin")
+    mib = size / p.MiB
+    rates = {k: [] for k in ("put", "cp", "cold", "warm", "curl")}
+    cluster = LocalCluster(_sub(folder, "large-cluster"), cache_bytes=str(3 * size))
+    nginx = Nginx(folder, _sub(folder, "nginx")) if ensure_tool("nginx", "nginx-light") else None
+    has_curl = ensure_tool("curl", "curl")
     try:
-        for mode in results:
-            os.makedirs(os.path.join(folder, mode))
-            clusters[mode] = LocalCluster(os.path.join(folder, mode), curve=(mode == "curve"),
-                                          cache_bytes=str(4 * size))
+        cluster.start_all()
+        with cluster.client(timeout=30.0) as c:
+            for r in range(rounds):
+                make_file(src, size)            # new content: a real upload, a real cold get
+                rates["put"].append(mib / timed(lambda: c.put(src, f"large/{r}")))
+                dst = os.path.join(folder, "cp-copy.bin")
+                rates["cp"].append(mib / timed(lambda: subprocess.run(
+                    f"cp {src} {dst} && sync", shell=True, check=True)))
+                os.unlink(dst)
+                rates["cold"].append(mib / timed(lambda: c.get(f"large/{r}", out)))
+                rates["warm"].append(mib / timed(lambda: c.get(f"large/{r}", out)))
+                if nginx and has_curl:
+                    rates["curl"].append(mib / timed(lambda: subprocess.run(
+                        ["curl", "-sf", "-o", out, nginx.url("large.bin")], check=True)))
+    finally:
+        cluster.stop()
+        if nginx:
+            nginx.stop()
+    med = {k: statistics.median(v) if v else None for k, v in rates.items()}
+    return [
+        _rate_row(f"PUT {mib:.0f} MiB", med["put"], med["cp"], "cp + sync", 0.5),
+        _rate_row(f"cold GET {mib:.0f} MiB", med["cold"], med["curl"], "curl from nginx", 0.35),
+        _rate_row(f"warm GET {mib:.0f} MiB", med["warm"], med["curl"], "curl from nginx", 0.5),
+    ]
+
+
+def _rate_row(name, fms_rate, peer_rate, peer, target):
+    r = row(name, fms_rate, peer_rate, peer, "MiB/s", f">= {target}x")
+    if r["ratio"] is not None:
+        r["met"] = r["ratio"] >= target
+    return r
+
+
+def _get_loop(frontend: str, name: str, seconds: float, counter, errors):
+    """A load process: GET ``name`` for ``seconds``; add to the shared counters."""
+    done = failed = 0
+    with Client(frontend, timeout=10.0) as c:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            try:
+                c.get_bytes(name)
+                done += 1
+            except FmsError:
+                failed += 1
+    with counter.get_lock():
+        counter.value += done
+    with errors.get_lock():
+        errors.value += failed
+
+
+def run_load(frontend: str, name: str, clients: int, seconds: float) -> tuple:
+    ctx = multiprocessing.get_context("spawn")
+    counter, errors = ctx.Value("q", 0), ctx.Value("q", 0)
+    procs = [ctx.Process(target=_get_loop, args=(frontend, name, seconds, counter, errors))
+             for _ in range(clients)]
+    start = time.perf_counter()
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    return counter.value / (time.perf_counter() - start), errors.value
+
+
+def bench_small(folder: str) -> list:
+    data = os.urandom(SMALL)
+    root = _sub(folder, "small-www")
+    with open(os.path.join(root, "small.bin"), "wb") as f:
+        f.write(data)
+    cluster = LocalCluster(_sub(folder, "small-cluster"))
+    rows = []
+    try:
+        cluster.start_all()
+        with cluster.client() as c:
+            c.put_bytes(data, "small.bin")
+            c.get_bytes("small.bin")                      # warm the cache
+            lat = []
+            for _ in range(SMALL_SAMPLES):
+                start = time.perf_counter()
+                c.get_bytes("small.bin")
+                lat.append(time.perf_counter() - start)
+        redis_lat = None
+        if ensure_tool("redis-server", "redis-server") and _has_redis_py():
+            import redis
+            server = Redis()
+            try:
+                r = redis.Redis(port=server.port)
+                r.set("small", data)
+                r.get("small")
+                redis_lat = []
+                for _ in range(SMALL_SAMPLES):
+                    start = time.perf_counter()
+                    r.get("small")
+                    redis_lat.append(time.perf_counter() - start)
+            finally:
+                server.stop()
+        for q, label in ((0.5, "p50"), (0.99, "p99")):
+            fms_ms = percentile(lat, q) * 1000
+            peer_ms = percentile(redis_lat, q) * 1000 if redis_lat else None
+            r_ = row(f"4 KiB GET latency {label}, 1 client", fms_ms, peer_ms, "redis-py GET",
+                     "ms", "p50 <= 3x" if label == "p50" else "(reported)")
+            if label == "p50" and peer_ms:
+                r_["met"] = r_["ratio"] <= 3.0
+            rows.append(r_)
+        fms_rps, failed = run_load(cluster.frontend, "small.bin", 16, LOAD_SECONDS)
+    finally:
+        cluster.stop()
+    nginx_rps = None
+    if ensure_tool("nginx", "nginx-light") and ensure_tool("wrk", "wrk"):
+        nginx = Nginx(root, _sub(folder, "nginx-small"))
+        try:
+            out = subprocess.run(["wrk", "-t2", "-c16", f"-d{LOAD_SECONDS:.0f}s",
+                                  nginx.url("small.bin")], capture_output=True, text=True).stdout
+            nginx_rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+        finally:
+            nginx.stop()
+    r_ = row("4 KiB GET, 16 concurrent clients", fms_rps, nginx_rps, "nginx under wrk -c16",
+             "req/s", ">= 0.25x")
+    r_["failed"] = failed
+    if nginx_rps:
+        r_["met"] = r_["ratio"] >= 0.25
+    rows.append(r_)
+    return rows
+
+
+def _has_redis_py() -> bool:
+    try:
+        import redis  # noqa: F401
+        return True
+    except ImportError:
+        print("bench: redis-py not installed (pip install redis); skipping the redis peer",
+              file=sys.stderr)
+        return False
+
+
+def bench_many(folder: str) -> list:
+    root = _sub(folder, "many-www")
+    src = _sub(root, "many")
+    for i in range(MANY_FILES):
+        with open(os.path.join(src, f"f{i:04d}"), "wb") as f:
+            f.write(os.urandom(SMALL))
+    cluster = LocalCluster(_sub(folder, "many-cluster"))
+    try:
+        cluster.start_all()
+        with cluster.client() as c:
+            c.put_many([(os.path.join(src, n), f"many/{n}") for n in sorted(os.listdir(src))])
+        client_py = os.path.join(os.path.dirname(os.path.dirname(__file__)), "client.py")
+        dest = os.path.join(folder, "many-out")
+        fms_s = timed(lambda: subprocess.run(
+            [sys.executable, client_py, "--broker", cluster.frontend, "--quiet", "get", "-r",
+             "many", dest], check=True))
+    finally:
+        cluster.stop()
+    curl_s = None
+    if ensure_tool("nginx", "nginx-light") and ensure_tool("curl", "curl"):
+        nginx = Nginx(root, _sub(folder, "nginx-many"))
+        config = os.path.join(folder, "curl.cfg")
+        out = _sub(folder, "curl-out")
+        with open(config, "w") as f:
+            for name in sorted(os.listdir(src)):
+                f.write(f'url = "{nginx.url("many/" + name)}"\noutput = "{out}/{name}"\n')
+        try:
+            curl_s = timed(lambda: subprocess.run(["curl", "-sf", "-K", config], check=True))
+        finally:
+            nginx.stop()
+    # Here fms should be faster: ratio = curl time / fms time.
+    r_ = row(f"get -r of {MANY_FILES} x 4 KiB", fms_s, curl_s, "sequential curl, keep-alive",
+             "s", ">= 1.5x (curl time / fms time)")
+    if curl_s:
+        r_["ratio"] = curl_s / fms_s
+        r_["met"] = r_["ratio"] >= 1.5
+    return [r_]
+
+
+def bench_rss(folder: str, size: int) -> list:
+    import resource
+    src = os.path.join(folder, "rss.bin")
+    make_file(src, size)
+    cluster = LocalCluster(_sub(folder, "rss-cluster"), cache_bytes=str(size + size // 2))
+    client_py = os.path.join(os.path.dirname(os.path.dirname(__file__)), "client.py")
+    try:
+        cluster.start_all()
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        for args in (["put", src, "rss"], ["get", "rss", os.path.join(folder, "rss-cold")],
+                     ["get", "rss", os.path.join(folder, "rss-warm")]):
+            subprocess.run([sys.executable, client_py, "--broker", cluster.frontend, "--quiet",
+                            *args], check=True)
+        peaks = {name: _vmhwm(proc.pid) for name, proc in cluster.procs.items()}
+        peaks["client"] = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) * 1024
+    finally:
+        cluster.stop()
+    gib = size / p.GiB
+    return [dict(row(f"peak RSS, {name}, {gib:.0f} GiB put + cold + warm get", rss / p.MiB, None,
+                     "", "MiB", "< 150 MiB"), met=rss < 150 * p.MiB)
+            for name, rss in peaks.items()]
+
+
+def _vmhwm(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _cold_gets(frontend: str, names: list, errors):
+    failed = 0
+    with Client(frontend, timeout=10.0) as c:
+        for name in names:
+            try:
+                c.get_bytes(name)
+            except FmsError:
+                failed += 1
+    with errors.get_lock():
+        errors.value += failed
+
+
+def bench_scale(folder: str) -> list:
+    rows = []
+    rates = {}
+    ctx = multiprocessing.get_context("spawn")
+    for n in (1, 2, 4):
+        cluster = LocalCluster(_sub(folder, f"scale-{n}"), cache_bytes="2G")
+        try:
+            cluster.start_all(storage=n)
+            names = [f"scale/{i}" for i in range(SCALE_FILES)]
+            with cluster.client() as c:
+                for name in names:
+                    c.put_bytes(os.urandom(SCALE_FILE), name)
+                before = {w["id"]: w["served"] for w in c.status()["workers"]}
+            errors = ctx.Value("q", 0)
+            procs = [ctx.Process(target=_cold_gets, args=(cluster.frontend,
+                                                          names[k::SCALE_CLIENTS], errors))
+                     for k in range(SCALE_CLIENTS)]
+            start = time.perf_counter()
+            for proc in procs:
+                proc.start()
+            for proc in procs:
+                proc.join()
+            seconds = time.perf_counter() - start
+            with cluster.client() as c:
+                after = {w["id"]: w["served"] for w in c.status()["workers"]}
+        finally:
+            cluster.stop()
+        served = [after[w] - before.get(w, 0) for w in after if w.startswith("storage")]
+        mean = statistics.mean(served)
+        spread = max(abs(s - mean) / mean for s in served) if mean else 0.0
+        rates[n] = SCALE_FILES * SCALE_FILE / p.MiB / seconds
+        r_ = row(f"cache-miss GET, {n} storage worker{'s' if n > 1 else ''}", rates[n],
+                 rates[1], "1 storage worker", "MiB/s", "spread within +-20%")
+        r_["spread"] = spread
+        r_["served"] = served
+        r_["failed"] = errors.value
+        r_["met"] = spread <= 0.2 and errors.value == 0
+        rows.append(r_)
+    rows.append(_churn(folder))
+    return rows
+
+
+def _mixed_loop(frontend: str, seconds: float, counter, errors):
+    """A load process for the churn run: put, get back and compare, stat; all reach storage."""
+    done = failed = 0
+    me = os.getpid()
+    with Client(frontend, timeout=10.0) as c:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            name = f"churn/{me}/{done % 8}"
+            data = os.urandom(SMALL)
+            try:
+                c.put_bytes(data, name)
+                if c.get_bytes(name) != data or c.stat(name)["size"] != SMALL:
+                    failed += 1
+                done += 3
+            except FmsError:
+                failed += 1
+    with counter.get_lock():
+        counter.value += done
+    with errors.get_lock():
+        errors.value += failed
+
+
+def _churn(folder: str) -> dict:
+    """Storage workers added and removed under load: every request must still succeed."""
+    cluster = LocalCluster(_sub(folder, "churn"))
+    ctx = multiprocessing.get_context("spawn")
+    try:
+        cluster.start_all(storage=2)
+        counter, errors = ctx.Value("q", 0), ctx.Value("q", 0)
+        procs = [ctx.Process(target=_mixed_loop, args=(cluster.frontend, 3 * LOAD_SECONDS,
+                                                       counter, errors)) for _ in range(4)]
+        for proc in procs:
+            proc.start()
+        time.sleep(LOAD_SECONDS)                  # the benchmark's own schedule
+        cluster.start_storage(3)                  # added
+        time.sleep(LOAD_SECONDS / 2)
+        cluster.procs["storage-1"].send_signal(signal.SIGTERM)   # removed cleanly
+        time.sleep(LOAD_SECONDS / 2)
+        cluster.procs["storage-2"].kill()                        # removed by kill -9
+        for proc in procs:
+            proc.join()
+    finally:
+        cluster.stop()
+    r_ = row("storage workers added and removed under load (put/get/stat)", counter.value, None,
+             "", "requests", "0 failed")
+    r_["failed"] = errors.value
+    r_["met"] = errors.value == 0
+    return r_
+
+
+def bench_curve(folder: str, size: int, rounds: int = 3) -> list:
+    src = os.path.join(folder, "curve.bin")
+    out = os.path.join(folder, "curve-out.bin")
+    ops = ("put", "cold get", "warm get")
+    samples = {mode: {op: [] for op in ops} for mode in ("plaintext", "curve")}
+    clusters = {}
+    try:
+        for mode in samples:
+            clusters[mode] = LocalCluster(_sub(folder, f"curve-{mode}"),
+                                          curve=(mode == "curve"), cache_bytes=str(4 * size))
             clusters[mode].start_all()
         for r in range(rounds):
+            make_file(src, size)   # new content: a real upload and a real cache miss
             for mode, cluster in clusters.items():   # alternate, so drift hits both alike
-                for op, rate in _round(cluster, src, size, f"bench/{r}", folder).items():
-                    results[mode][op].append(rate)
-            # Chunks are content-addressed: new content keeps the next round's put a real upload
-            # and its first get a real cache miss.
-            _make_file(src, size)
+                with cluster.client(timeout=30.0) as c:
+                    samples[mode]["put"].append(timed(lambda: c.put(src, f"c{r}")))
+                    samples[mode]["cold get"].append(timed(lambda: c.get(f"c{r}", out)))
+                    samples[mode]["warm get"].append(timed(lambda: c.get(f"c{r}", out)))
     finally:
         for cluster in clusters.values():
             cluster.stop()
-    table = {op: {"plaintext_mib_s": statistics.median(results["plaintext"][op]),
-                  "curve_mib_s": statistics.median(results["curve"][op])} for op in OPS}
-    for row in table.values():
-        row["ratio"] = row["curve_mib_s"] / row["plaintext_mib_s"]
-    return {"scenario": "curve", "file_mib": size / p.MiB, "rounds": rounds, "results": table,
-            "samples": results}
+    mib = size / p.MiB
+    return [row(f"CURVE {op} {mib:.0f} MiB", mib / statistics.median(samples["curve"][op]),
+                mib / statistics.median(samples["plaintext"][op]), "plaintext fms", "MiB/s",
+                "(cost, reported)") for op in ops]
 
+
+def _sub(folder: str, name: str) -> str:
+    path = os.path.join(folder, name)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+# --- report ---
 
 def markdown(report: dict) -> str:
-    lines = [f"CURVE cost, {report['file_mib']:.0f} MiB file, median of {report['rounds']} "
-             f"rounds, {report['date']} on {report['machine']}", "",
-             "| operation | plaintext MiB/s | CURVE MiB/s | CURVE / plaintext |",
-             "|---|---:|---:|---:|"]
-    for op, row in report["results"].items():
-        lines.append(f"| {op} | {row['plaintext_mib_s']:.0f} | {row['curve_mib_s']:.0f} | "
-                     f"{row['ratio']:.2f}x |")
+    lines = [f"fms benchmark, {report['date']}, {report['machine']}", "",
+             "| measurement | fms | peer | ratio | target | met |", "|---|---:|---:|---:|---|---|"]
+    for r in report["rows"]:
+        peer = f"{r['peer']:.3g} ({r['peer_name']})" if r["peer"] else (r["peer_name"] or "")
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else ""
+        extra = ""
+        if "spread" in r:
+            extra = f"; spread {r['spread'] * 100:.0f}%, failed {r['failed']}"
+        elif "failed" in r:
+            extra = f"; failed {r['failed']}"
+        met = {True: "yes", False: "**no**", None: ""}[r["met"]]
+        lines.append(f"| {r['name']} | {r['fms']:.3g} {r['unit']} | {peer} | {ratio} | "
+                     f"{r['target']}{extra} | {met} |")
     return "\n".join(lines) + "\n"
+
+
+SCENARIOS = ("large", "small", "many", "rss", "scale", "curve")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fms.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("scenario", choices=["curve"])
-    parser.add_argument("--size", type=parse_size, default="256M", help="file size (%(default)s)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per mode (%(default)s)")
-    parser.add_argument("--out", default="bench-results", help="folder for results (%(default)s)")
+    parser.add_argument("scenarios", nargs="*", metavar="SCENARIO",
+                        help=f"any of {', '.join(SCENARIOS)} (default: all but curve)")
+    parser.add_argument("--size", type=parse_size, default="512M",
+                        help="large file size (%(default)s)")
+    parser.add_argument("--rss-size", type=parse_size, default="2G",
+                        help="file size for the RSS scenario (%(default)s)")
+    parser.add_argument("--out", default="bench-results", help="results folder (%(default)s)")
     args = parser.parse_args(argv)
+    unknown = set(args.scenarios) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenario {', '.join(sorted(unknown))}; choose from "
+                     f"{', '.join(SCENARIOS)}")
+    chosen = args.scenarios or [s for s in SCENARIOS if s != "curve"]
+    rows = []
     with tempfile.TemporaryDirectory(prefix="fms-bench-") as folder:
-        report = bench_curve(args.size, args.rounds, folder)
-    report["date"] = datetime.date.today().isoformat()
-    report["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+        for name in chosen:
+            print(f"bench: {name} ...", file=sys.stderr, flush=True)
+            scenario_folder = _sub(folder, name)
+            if name == "large":
+                rows += bench_large(scenario_folder, args.size)
+            elif name == "small":
+                rows += bench_small(scenario_folder)
+            elif name == "many":
+                rows += bench_many(scenario_folder)
+            elif name == "rss":
+                rows += bench_rss(scenario_folder, args.rss_size)
+            elif name == "scale":
+                rows += bench_scale(scenario_folder)
+            elif name == "curve":
+                rows += bench_curve(scenario_folder, min(args.size, 256 * p.MiB))
+            shutil.rmtree(scenario_folder, ignore_errors=True)
+    report = {"date": datetime.date.today().isoformat(),
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                         f"Python {platform.python_version()}",
+              "scenarios": chosen, "rows": rows}
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"bench-{report['scenario']}-{report['date']}")
+    stem = os.path.join(args.out, f"bench-{report['date']}")
     with open(stem + ".json", "w") as f:
         json.dump(report, f, indent=1)
     text = markdown(report)

@@ -73,6 +73,9 @@ def build_parser(prog: str = "fms", client_only: bool = False) -> argparse.Argum
                f"{prog} get trips/1.jpg - | wc -c   # to stdout\n"
                f"{prog} get -r trips ./restore      # keeps the tree")
     cmd.add_argument("-r", "--recursive", action="store_true", help="download a prefix as a tree")
+    cmd.add_argument("--fsync", action="store_true",
+                     help="flush downloads to disk before renaming them into place (survives a "
+                          "power loss; slower)")
     cmd.add_argument("name", metavar="NAME", help="stored name (a prefix with -r)")
     cmd.add_argument("dest", metavar="DEST", nargs="?",
                      help="destination file or folder, '-' for stdout (default: ./<base name>)")
@@ -289,7 +292,7 @@ def _client(args):
     from .security import client_keys
     curve = client_keys(getattr(args, "curve_secret", None), getattr(args, "server_key", None))
     return Client(getattr(args, "broker", None), timeout=getattr(args, "timeout", 5.0),
-                  progress=progress, curve=curve)
+                  progress=progress, curve=curve, fsync=getattr(args, "fsync", False))
 
 
 class _ProgressBars:

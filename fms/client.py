@@ -72,12 +72,13 @@ class Client:
         chunks move (not for files that travel in one message).
     :param curve: a :class:`fms.security.CurveClient` (own keys + the broker's public key) to
         encrypt and authenticate, or None; see :func:`fms.security.client_keys`.
+    :param fsync: make downloads durable (fsync) before they are renamed into place.
     """
 
     def __init__(self, broker: str | None = None, *, timeout: float = DEFAULT_TIMEOUT,
                  retries: int = DEFAULT_RETRIES, window: int = DEFAULT_WINDOW,
                  chunk_size: int = p.DEFAULT_CHUNK_SIZE, progress=None,
-                 ctx: zmq.Context | None = None, curve=None):
+                 ctx: zmq.Context | None = None, curve=None, fsync: bool = False):
         if not p.MIN_CHUNK_SIZE <= chunk_size <= p.MAX_CHUNK_SIZE:
             raise BadRequest(f"chunk size must be between {p.MIN_CHUNK_SIZE} and "
                              f"{p.MAX_CHUNK_SIZE} bytes")
@@ -88,6 +89,7 @@ class Client:
         self.chunk_size = chunk_size
         self.progress = progress
         self.curve = curve         # a fms.security.CurveClient, or None for plaintext
+        self.fsync = fsync
         self.requests_sent = 0     # round trips made; tests use it to count them
         self._ctx = ctx or zmq.Context.instance()
         self._sock = None
@@ -411,13 +413,13 @@ class Client:
         for i, header, frame in self.pipeline(requests, MANY_WINDOW):
             manifest = p.check_manifest(header.get("manifest"))
             if frame is not None:
-                with _atomic_file(items[i][1], manifest) as out:
+                with _atomic_file(items[i][1], manifest, self.fsync) as out:
                     out.write(_checked_whole(manifest, p.unpack_data(frame.buffer)))
                 results[i] = _public(manifest)
             else:
                 large.append((i, manifest))
         for i, manifest in large:
-            with _atomic_file(items[i][1], manifest) as out:
+            with _atomic_file(items[i][1], manifest, self.fsync) as out:
                 self._download_chunks(manifest, out)
             results[i] = _public(manifest)
         return results
@@ -656,8 +658,11 @@ def _checked_whole(manifest: dict, data) -> memoryview:
 
 
 @contextlib.contextmanager
-def _atomic_file(dest: str, manifest: dict):
-    """A temp file beside ``dest``, fsync'd and renamed onto it only if the body succeeds."""
+def _atomic_file(dest: str, manifest: dict, fsync: bool = False):
+    """A temp file beside ``dest``, renamed onto it only if the body succeeds (and the content
+    was verified): whenever the client dies, ``dest`` holds the old file or the new one, whole.
+    With ``fsync`` the data also reaches the disk before the rename (survives a power loss),
+    at a price: cp, curl and rsync do not do it by default either."""
     folder = os.path.dirname(os.path.abspath(dest))
     try:
         os.makedirs(folder, exist_ok=True)
@@ -669,8 +674,9 @@ def _atomic_file(dest: str, manifest: dict):
         os.fchmod(fd, 0o666 & ~_umask())   # mkstemp makes 0600; a download is an ordinary file
         with os.fdopen(fd, "wb") as out:
             yield out
-            out.flush()
-            os.fsync(out.fileno())
+            if fsync:
+                out.flush()
+                os.fsync(out.fileno())
         os.utime(tmp, (time.time(), manifest["mtime"]))
         os.replace(tmp, dest)
     except BaseException:

@@ -31,7 +31,8 @@ def test_put_then_get_returns_the_same_bytes(cluster, tmp_path, size):
     os.utime(src, (1_600_000_000, 1_600_000_000))
     put = cluster.cli("put", src, "dir/file.bin")
     assert put.returncode == 0, put.stderr
-    got = cluster.cli("get", "dir/file.bin", str(tmp_path / "out.bin"))
+    got = cluster.cli("get", "dir/file.bin", str(tmp_path / "out.bin"),
+                      *(["--fsync"] if size % 2 else []))      # both ways of writing it
     assert got.returncode == 0, got.stderr
     assert (tmp_path / "out.bin").read_bytes() == data
     assert os.stat(tmp_path / "out.bin").st_mtime == 1_600_000_000   # mtime kept
