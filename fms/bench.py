@@ -140,6 +140,10 @@ def make_file(path: str, size: int):
 
 
 def timed(fn) -> float:
+    """Seconds ``fn`` takes, starting with no dirty pages: the kernel's write-back of earlier
+    runs' data would otherwise throttle whichever side runs next (seen: 400 vs 4000 MiB/s for
+    the same writes), which is noise, not a difference between fms and its peer."""
+    os.sync()
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start

@@ -22,10 +22,16 @@ from .fileio import read_frame
 log = logging.getLogger("fms.cache")
 
 MAX_MANIFESTS = 100_000  # manifests kept in memory; the oldest are dropped past this
+HOT_CHUNK_MAX = 128 * 1024       # chunks up to this size may also be kept in memory...
+HOT_BYTES_MAX = 32 * 1024 * 1024  # ...up to this many bytes: small-file hits skip the disk
 
 
 class ChunkCache:
     """Chunks on disk under ``path``, at most ``max_bytes`` in all.
+
+    Small chunks also live in a memory tier (at most ``HOT_BYTES_MAX``, least recently used out
+    first), so a hit on a small file costs no open, read or hash: each was verified when it was
+    filled or read from disk, and disk is where bytes rot.  Every read from disk is verified.
 
     :param path: the cache directory; created if missing.
     :param max_bytes: the bound; a chunk larger than it is never cached.
@@ -34,6 +40,9 @@ class ChunkCache:
     def __init__(self, path: str, max_bytes: int):
         self.path = os.path.abspath(path)
         self.max_bytes = max_bytes
+        self._hot = collections.OrderedDict()   # digest -> data frame, verified
+        self._hot_bytes = 0
+        self._hot_max = min(HOT_BYTES_MAX, max_bytes // 4)
         self.bytes = 0
         self.evictions = 0
         self.corrupt = 0
@@ -81,6 +90,11 @@ class ChunkCache:
         """
         if digest not in self._lru:
             return None
+        frame = self._hot.get(digest)
+        if frame is not None:
+            self._hot.move_to_end(digest)
+            self._lru.move_to_end(digest)
+            return frame
         path = self._path(digest)
         try:
             with open(path, "rb", buffering=0) as f:
@@ -97,7 +111,18 @@ class ChunkCache:
         self._lru.move_to_end(digest)
         with contextlib.suppress(OSError):
             os.utime(path)  # keeps LRU order across restarts
+        self._keep_hot(digest, frame)
         return frame
+
+    def _keep_hot(self, digest: bytes, frame):
+        size = len(frame)
+        if size > HOT_CHUNK_MAX + p.DATA_PREFIX_LEN or size > self._hot_max:
+            return
+        self._hot[digest] = frame
+        self._hot_bytes += size
+        while self._hot_bytes > self._hot_max:
+            _, old = self._hot.popitem(last=False)
+            self._hot_bytes -= len(old)
 
     def put(self, digest: bytes, payload) -> bool:
         """Cache a chunk; the caller has verified it against ``digest``.
@@ -126,6 +151,8 @@ class ChunkCache:
         self._lru[digest] = size
         self.bytes += size
         self._evict()
+        if digest in self._lru and size <= HOT_CHUNK_MAX:
+            self._keep_hot(digest, p.pack_data(payload))
         return digest in self._lru
 
     def _evict(self):
@@ -135,6 +162,9 @@ class ChunkCache:
             self.evictions += 1
 
     def _drop(self, digest: bytes):
+        hot = self._hot.pop(digest, None)
+        if hot is not None:
+            self._hot_bytes -= len(hot)
         size = self._lru.pop(digest, None)
         if size is None:
             return

@@ -58,10 +58,32 @@ def test_chunk_cache_keeps_chunks_and_lru_order_across_restarts(tmp_path):
     assert bytes(p.unpack_data(reopened.get(keys[2][0]))) == keys[2][1]
 
 
+def test_small_chunks_are_served_from_memory_and_large_ones_from_verified_disk(tmp_path):
+    cache = ChunkCache(str(tmp_path), max_bytes=10 * p.MiB)
+    small, small_data = chunk(1, 4096)
+    large, large_data = chunk(2, 512 * 1024)
+    cache.put(small, small_data)
+    cache.put(large, large_data)
+    os.unlink(cache._path(small))                  # memory answers without the disk
+    assert bytes(p.unpack_data(cache.get(small))) == small_data
+    with open(cache._path(large), "r+b") as f:    # a large chunk is read and verified
+        f.write(b"\xff")
+    assert cache.get(large) is None and cache.corrupt == 1
+
+
+def test_memory_tier_is_bounded(tmp_path):
+    cache = ChunkCache(str(tmp_path), max_bytes=400_000)    # memory tier: a quarter
+    for i in range(50):
+        digest, data = chunk(i, 20_000)
+        cache.put(digest, data)
+    assert cache._hot_bytes <= 100_000 and cache.bytes <= 400_000
+
+
 def test_corrupt_cache_entry_is_dropped_not_served(tmp_path):
     cache = ChunkCache(str(tmp_path), max_bytes=10_000)
     digest, data = chunk(7)
     cache.put(digest, data)
+    cache._hot.clear()                             # a restarted cache reads from disk
     with open(cache._path(digest), "r+b") as f:
         f.write(b"\xff")
     assert cache.get(digest) is None
