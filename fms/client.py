@@ -57,6 +57,7 @@ class _Outstanding:
     first_sent: float
     deadline: float         # when to send it again (after a timeout or a backoff)
     tries: int = 1
+    last_error: Exception | None = None   # the `unavailable` that caused the pending resend
 
 
 class Client:
@@ -253,6 +254,7 @@ class Client:
                 if isinstance(error, Unavailable) and self._may_retry(out):
                     backoff = min(RETRY_BACKOFF * 2 ** (out.tries - 1), RETRY_BACKOFF_MAX)
                     out.deadline = time.monotonic() + backoff
+                    out.last_error = error
                     continue
                 raise error
             del inflight[header["id"]]
@@ -271,11 +273,14 @@ class Client:
             if out.deadline > now:
                 continue
             if not self._may_retry(out):
+                if out.last_error is not None:
+                    raise out.last_error      # it did answer: say what it said
                 raise Timeout(f"no reply to {out.op} from the fms cluster at {self.broker} "
                               f"within {now - out.first_sent:.0f} s ({out.tries} tries); is the "
                               f"broker up and does it have workers? (check with: stats)")
             out.tries += 1
             out.deadline = now + self.timeout
+            out.last_error = None
             self._send(out.frames)
 
     def call(self, op: str, data=None, **fields):

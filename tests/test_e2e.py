@@ -9,6 +9,7 @@ import time
 import pytest
 import zmq
 
+import fms
 from fms import protocol as p
 from fms.errors import BadRequest, NotFound
 from tests.conftest import random_bytes, wait_for
@@ -283,6 +284,14 @@ def test_corrupt_chunk_on_storage_fails_the_download_and_leaves_no_partial_file(
     assert b"corrupt" in got.stderr or b"sha256" in got.stderr
     assert dest.read_bytes() == b"previous content"          # untouched
     assert os.listdir(dest.parent) == ["f"]                    # no temp file left behind
+
+
+def test_no_storage_worker_is_a_clear_unavailable_error_after_retries(make_cluster):
+    cluster = make_cluster()
+    cluster.start_broker()
+    with cluster.client(timeout=0.5, retries=1) as c:
+        with pytest.raises(fms.Unavailable, match="no storage worker"):
+            c.ls()
 
 
 def test_reads_go_to_storage_when_no_cache_is_connected(make_cluster, tmp_path):
