@@ -167,7 +167,7 @@ def percentile(values, q: float) -> float:
 
 # --- scenarios ---
 
-def bench_large(folder: str, size: int, rounds: int = 2) -> list:
+def bench_large(folder: str, size: int, rounds: int = 3) -> list:
     src = os.path.join(folder, "large.bin")
     out = os.path.join(folder, "out.bin")
     mib = size / p.MiB
