@@ -3,7 +3,7 @@ shared and noisy: an absolute time alone says little).
 
     python -m fms.bench [SCENARIO ...] [--size 512M] [--rss-size 2G] [--out bench-results]
 
-Scenarios (default: all but curve):
+Scenarios (default: all but curve and profile):
 
 - ``large``  PUT, cold GET (every chunk a cache miss) and warm GET (every chunk a hit) of one
   large file to a file on disk, against ``cp`` + ``sync`` (PUT) and ``curl`` from nginx (GET).
@@ -15,6 +15,8 @@ Scenarios (default: all but curve):
 - ``scale``  cache-miss GET throughput with 1, 2 and 4 storage workers and how evenly requests
   spread; then storage workers added and removed under load, counting failed requests.
 - ``curve``  the throughput cost of CurveZMQ: the large-file flows, plaintext against CURVE.
+- ``profile`` where the broker and the cache spend their time under the 16-client 4 KiB GET
+  load: py-spy samples both and the heaviest frames are printed (``pip install py-spy``).
 
 Peers (nginx, redis-server, wrk, curl) are started on random loopback ports from a temporary
 folder; one that is missing is installed with apt-get when running as root, else its rows are
@@ -511,6 +513,45 @@ def bench_curve(folder: str, size: int, rounds: int = 3) -> list:
                 "(cost, reported)") for op in ops]
 
 
+def bench_profile(folder: str, seconds: float = LOAD_SECONDS) -> list:
+    """py-spy on the broker and the cache during the 16-client small-GET load."""
+    import collections
+    spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not os.path.exists(spy):
+        print("bench: py-spy not installed (pip install py-spy); skipping profile",
+              file=sys.stderr)
+        return []
+    cluster = LocalCluster(_sub(folder, "profile-cluster"))
+    rows = []
+    try:
+        cluster.start_all()
+        with cluster.client() as c:
+            c.put_bytes(os.urandom(SMALL), "small.bin")
+        spies = {name: subprocess.Popen(
+            [spy, "record", "-f", "raw", "-r", "300", "-d", str(int(seconds)), "-o",
+             os.path.join(folder, f"{name}.txt"), "-p", str(cluster.procs[name].pid)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name in ("broker", "cache")}
+        rps, _ = run_load(cluster.frontend, "small.bin", 16, seconds)
+        for proc in spies.values():
+            proc.wait(60)
+    finally:
+        cluster.stop()
+    for name in ("broker", "cache"):
+        own, total = collections.Counter(), 0
+        with open(os.path.join(folder, f"{name}.txt")) as f:
+            for line in f:
+                stack, _, count = line.rpartition(" ")
+                own[stack.split(";")[-1]] += int(count)
+                total += int(count)
+        print(f"\n{name}: {total} samples at {rps:.0f} req/s; heaviest frames (own time):")
+        for frame, count in own.most_common(8):
+            print(f"  {100 * count / total:5.1f}%  {frame}")
+        idle = sum(c for f, c in own.items() if f.startswith("Poller.poll"))
+        rows.append(row(f"{name} time waiting in poll, 16-client 4 KiB GETs",
+                        100 * idle / max(total, 1), None, "", "%", "(profile, reported)"))
+    return rows
+
+
 def _sub(folder: str, name: str) -> str:
     path = os.path.join(folder, name)
     os.makedirs(path, exist_ok=True)
@@ -536,14 +577,15 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-SCENARIOS = ("large", "small", "many", "rss", "scale", "curve")
+SCENARIOS = ("large", "small", "many", "rss", "scale", "curve", "profile")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fms.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("scenarios", nargs="*", metavar="SCENARIO",
-                        help=f"any of {', '.join(SCENARIOS)} (default: all but curve)")
+                        help=f"any of {', '.join(SCENARIOS)} (default: all but curve and "
+                             f"profile)")
     parser.add_argument("--size", type=parse_size, default="512M",
                         help="large file size (%(default)s)")
     parser.add_argument("--rss-size", type=parse_size, default="2G",
@@ -554,7 +596,7 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown scenario {', '.join(sorted(unknown))}; choose from "
                      f"{', '.join(SCENARIOS)}")
-    chosen = args.scenarios or [s for s in SCENARIOS if s != "curve"]
+    chosen = args.scenarios or [s for s in SCENARIOS if s not in ("curve", "profile")]
     rows = []
     with tempfile.TemporaryDirectory(prefix="fms-bench-") as folder:
         for name in chosen:
@@ -572,6 +614,8 @@ def main(argv=None) -> int:
                 rows += bench_scale(scenario_folder)
             elif name == "curve":
                 rows += bench_curve(scenario_folder, min(args.size, 256 * p.MiB))
+            elif name == "profile":
+                rows += bench_profile(scenario_folder)
             shutil.rmtree(scenario_folder, ignore_errors=True)
     report = {"date": datetime.date.today().isoformat(),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
