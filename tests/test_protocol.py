@@ -105,3 +105,14 @@ def test_parse_size_rejects_nonsense(text):
     import argparse
     with pytest.raises(argparse.ArgumentTypeError, match="not a size"):
         parse_size(text)
+
+
+def test_protocol_doc_covers_every_op_error_code_and_route_type():
+    import os
+    doc_path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "PROTOCOL.md")
+    with open(doc_path) as f:
+        doc = f.read()
+    assert f"version {p.PROTOCOL_VERSION}" in doc
+    for name in [*p.OP_SERVICE, *p.ERROR_CODES, "ready", "welcome", "refused", "hb", "bye",
+                 "reregister", "req", "rep", "inv"]:
+        assert f"`{name}`" in doc, f"docs/PROTOCOL.md does not mention `{name}`"
