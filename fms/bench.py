@@ -211,6 +211,14 @@ def _rate_row(name, fms_rate, peer_rate, peer, target):
     return r
 
 
+def _add_counts(counter, done: int, errors, failed: int):
+    """Add a load process's totals to the counters shared with the benchmark process."""
+    for shared, value in ((counter, done), (errors, failed)):
+        if shared is not None:
+            with shared.get_lock():
+                shared.value += value
+
+
 def _get_loop(frontend: str, name: str, seconds: float, counter, errors):
     """A load process: GET ``name`` for ``seconds``; add to the shared counters."""
     done = failed = 0
@@ -222,10 +230,7 @@ def _get_loop(frontend: str, name: str, seconds: float, counter, errors):
                 done += 1
             except FmsError:
                 failed += 1
-    with counter.get_lock():
-        counter.value += done
-    with errors.get_lock():
-        errors.value += failed
+    _add_counts(counter, done, errors, failed)
 
 
 def run_load(frontend: str, name: str, clients: int, seconds: float) -> tuple:
@@ -390,8 +395,7 @@ def _cold_gets(frontend: str, names: list, errors):
                 c.get_bytes(name)
             except FmsError:
                 failed += 1
-    with errors.get_lock():
-        errors.value += failed
+    _add_counts(None, 0, errors, failed)
 
 
 def bench_scale(folder: str) -> list:
@@ -452,10 +456,7 @@ def _mixed_loop(frontend: str, seconds: float, counter, errors):
                 done += 3
             except FmsError:
                 failed += 1
-    with counter.get_lock():
-        counter.value += done
-    with errors.get_lock():
-        errors.value += failed
+    _add_counts(counter, done, errors, failed)
 
 
 def _churn(folder: str) -> dict:
