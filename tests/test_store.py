@@ -177,3 +177,31 @@ def test_temp_files_of_dead_writers_are_cleaned_and_live_ones_kept(store):
 def test_data_directory_with_a_missing_parent_is_a_clear_error(tmp_path):
     with pytest.raises(StoreError, match="parent folder does not exist"):
         Store(str(tmp_path / "no" / "such" / "data"))
+
+
+def test_ls_pages_through_a_large_listing(store, monkeypatch):
+    from fms import storage
+    for i in range(12):
+        put_file(store, f"d/{i:02d}", b"x%d" % i, commit=f"c{i}")
+
+    class Link:
+        def __init__(self):
+            self.replies = []
+
+        def reply(self, route, header, data=None, invalidate=None, cache=None):
+            self.replies.append(header)
+
+    link = Link()
+    service = storage.StorageService(store, link)
+    monkeypatch.setattr(storage, "LS_PAGE_MAX", 5)
+    names, after = [], ""
+    for _ in range(10):
+        service.handle_request({}, {"v": 1, "op": "ls", "id": 1, "prefix": "d/", "after": after},
+                               None)
+        page = link.replies[-1]
+        names += [e["name"] for e in page["entries"]]
+        if not page["more"]:
+            break
+        after = page["entries"][-1]["name"]
+    assert names == [f"d/{i:02d}" for i in range(12)]
+    assert len(link.replies) == 3                      # 5 + 5 + 2
