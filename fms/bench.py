@@ -233,17 +233,23 @@ def _get_loop(frontend: str, name: str, seconds: float, counter, errors):
     _add_counts(counter, done, errors, failed)
 
 
-def run_load(frontend: str, name: str, clients: int, seconds: float) -> tuple:
-    ctx = multiprocessing.get_context("spawn")
-    counter, errors = ctx.Value("q", 0), ctx.Value("q", 0)
-    procs = [ctx.Process(target=_get_loop, args=(frontend, name, seconds, counter, errors))
-             for _ in range(clients)]
+def _run_processes(ctx, target, arg_lists) -> float:
+    """Start one process per argument tuple, wait for all; :return: seconds from start to end."""
+    procs = [ctx.Process(target=target, args=args) for args in arg_lists]
     start = time.perf_counter()
     for proc in procs:
         proc.start()
     for proc in procs:
         proc.join()
-    return counter.value / (time.perf_counter() - start), errors.value
+    return time.perf_counter() - start
+
+
+def run_load(frontend: str, name: str, clients: int, seconds: float) -> tuple:
+    ctx = multiprocessing.get_context("spawn")
+    counter, errors = ctx.Value("q", 0), ctx.Value("q", 0)
+    elapsed = _run_processes(ctx, _get_loop,
+                             [(frontend, name, seconds, counter, errors)] * clients)
+    return counter.value / elapsed, errors.value
 
 
 def bench_small(folder: str) -> list:
@@ -412,15 +418,9 @@ def bench_scale(folder: str) -> list:
                     c.put_bytes(os.urandom(SCALE_FILE), name)
                 before = {w["id"]: w["served"] for w in c.status()["workers"]}
             errors = ctx.Value("q", 0)
-            procs = [ctx.Process(target=_cold_gets, args=(cluster.frontend,
-                                                          names[k::SCALE_CLIENTS], errors))
-                     for k in range(SCALE_CLIENTS)]
-            start = time.perf_counter()
-            for proc in procs:
-                proc.start()
-            for proc in procs:
-                proc.join()
-            seconds = time.perf_counter() - start
+            seconds = _run_processes(ctx, _cold_gets,
+                                     [(cluster.frontend, names[k::SCALE_CLIENTS], errors)
+                                      for k in range(SCALE_CLIENTS)])
             with cluster.client() as c:
                 after = {w["id"]: w["served"] for w in c.status()["workers"]}
         finally:
