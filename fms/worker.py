@@ -21,10 +21,12 @@ import zmq
 from . import protocol as p
 from .errors import BadRequest, FmsError
 from .logutil import RateLimitedLog
+from .transport import drain, send_frames
 
 RECONNECT_MIN = 0.25   # seconds: first wait before reconnecting to a silent broker
 RECONNECT_MAX = 4.0    # seconds: the backoff doubles up to this
 REGISTER_WARN = 5.0    # seconds without a welcome before saying what may be wrong
+DRAIN_BATCH = 64       # messages handled per poll, so heartbeats and ticks stay on time
 
 
 class WorkerRefused(FmsError):
@@ -107,7 +109,7 @@ class BrokerLink:
         # A DEALER queues while disconnected, up to its HWM; past that it would block, so a send
         # gives up after WORKER_SEND_TIMEOUT: the requester times out and retries.
         try:
-            self.sock.send_multipart(frames, copy=False)
+            send_frames(self.sock, frames)
         except zmq.Again:
             self.log.warning("event=send_dropped broker=%s reason='queue to broker full'",
                              self.endpoint)
@@ -128,17 +130,9 @@ def serve(service, link: BrokerLink, log: logging.Logger, should_stop=lambda: Fa
     while not should_stop():
         timeout_ms = max(0, int((next_heartbeat - time.monotonic()) * 1000))
         if link.sock.poll(timeout_ms, zmq.POLLIN):
-            frames = link.sock.recv_multipart(copy=False)
             liveness = p.HEARTBEAT_LIVENESS
             backoff = RECONNECT_MIN
-            try:
-                _dispatch(service, link, frames, log)
-            except WorkerRefused:
-                raise
-            except FmsError as exc:
-                bad.warning("event=bad_message_from_broker error=%r", str(exc))
-            except Exception as exc:  # a bug must cost one message, not the process (invariant 5)
-                log.exception("event=message_handling_crashed error=%r", exc)
+            drain(link.sock, lambda frames: _handle(service, link, frames, log, bad), DRAIN_BATCH)
         now = time.monotonic()
         if now >= next_heartbeat:
             next_heartbeat = now + p.HEARTBEAT_INTERVAL
@@ -158,6 +152,17 @@ def serve(service, link: BrokerLink, log: logging.Logger, should_stop=lambda: Fa
                 log.warning("event=not_registered broker=%s hint=%r", link.endpoint,
                             "is the broker running? if it requires CURVE, give --curve-secret "
                             "and --server-key, and have this worker's .key in its --allow folder")
+
+
+def _handle(service, link: BrokerLink, frames, log, bad: RateLimitedLog):
+    try:
+        _dispatch(service, link, frames, log)
+    except WorkerRefused:
+        raise
+    except FmsError as exc:
+        bad.warning("event=bad_message_from_broker error=%r", str(exc))
+    except Exception as exc:  # a bug must cost one message, not the process (invariant 5)
+        log.exception("event=message_handling_crashed error=%r", exc)
 
 
 def _dispatch(service, link: BrokerLink, frames, log):
