@@ -10,8 +10,6 @@ import json
 import os
 import re
 import signal
-import socket
-import subprocess
 import sys
 import time
 
@@ -534,7 +532,7 @@ def _broker_curve(args):
 
 
 def _worker_id(args, kind: str) -> str:
-    return args.id or f"{kind}-{socket.gethostname()}-{os.getpid()}"
+    return args.id or f"{kind}-{os.uname().nodename}-{os.getpid()}"
 
 
 def _run_worker(args, service, ready: dict, log_name: str):
@@ -589,6 +587,7 @@ def cmd_cache(args):
 
 def cmd_up(args):
     """Start broker, cache and N storage workers as child processes; stop them all on Ctrl-C."""
+    import subprocess
     if args.storage < 1:
         raise FmsError("--storage must be at least 1")
     py = [sys.executable, "-m", "fms"]
@@ -635,6 +634,7 @@ def cmd_up(args):
 
 
 def _stop_all(procs):
+    import subprocess
     for _name, proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

@@ -23,18 +23,15 @@ import hashlib
 import io
 import itertools
 import os
-import tempfile
 import time
-import uuid
-from dataclasses import dataclass
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from . import protocol as p
 from .errors import (BadRequest, FmsError, IntegrityError, Timeout, TransportError, Unavailable,
                      from_reply)
 from .fileio import read_frame, read_full
+from .transport import recv_frames, send_frames
 
 DEFAULT_BROKER = "tcp://127.0.0.1:5555"
 DEFAULT_TIMEOUT = 5.0          # seconds a request may wait for its reply before a retry
@@ -49,15 +46,18 @@ _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILE
                      | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
-@dataclass
 class _Outstanding:
-    tag: object
-    frames: list
-    op: str
-    first_sent: float
-    deadline: float         # when to send it again (after a timeout or a backoff)
-    tries: int = 1
-    last_error: Exception | None = None   # the `unavailable` that caused the pending resend
+    """A request in flight in :meth:`Client.pipeline`."""
+    __slots__ = ("tag", "frames", "op", "first_sent", "deadline", "tries", "last_error")
+
+    def __init__(self, tag, frames: list, op: str, first_sent: float, deadline: float):
+        self.tag = tag
+        self.frames = frames
+        self.op = op
+        self.first_sent = first_sent
+        self.deadline = deadline     # when to send it again (after a timeout or a backoff)
+        self.tries = 1
+        self.last_error = None       # the `unavailable` that caused the pending resend
 
 
 class Client:
@@ -150,6 +150,8 @@ class Client:
                 if sock in ready:
                     return
                 if monitor in ready:
+                    # Imported here: zmq.utils.monitor pulls in asyncio, a sixth of start-up.
+                    from zmq.utils.monitor import recv_monitor_message
                     event = recv_monitor_message(monitor)["event"]
                     raise TransportError(self._handshake_advice(event))
             raise TransportError(
@@ -188,7 +190,7 @@ class Client:
         """Send a request.  If the broker is unreachable right now the send is given up after
         SEND_TIMEOUT and counts as a try: the retry logic sends it again or times out."""
         try:
-            self._socket().send_multipart(frames, copy=False)
+            send_frames(self._socket(), frames)
         except zmq.Again:
             pass
         except zmq.ZMQError as exc:
@@ -203,7 +205,7 @@ class Client:
             wait = deadline - time.monotonic()
             if wait <= 0 or not sock.poll(int(wait * 1000) + 1, zmq.POLLIN):
                 return None
-            frames = sock.recv_multipart(copy=False)
+            frames = recv_frames(sock)
             if len(frames) not in (1, 2):
                 continue  # not a reply of ours; the broker never sends this
             try:
@@ -228,6 +230,9 @@ class Client:
         source = iter(requests)
         inflight = {}
         exhausted = False
+        # No later than the earliest deadline in flight (an earlier wake-up only costs a check),
+        # kept up to date as requests go out rather than recomputed for every reply.
+        wake = float("inf")
         while inflight or not exhausted:
             while not exhausted and len(inflight) < window:
                 try:
@@ -239,11 +244,13 @@ class Client:
                 self._send(frames)
                 now = time.monotonic()
                 inflight[req_id] = _Outstanding(tag, frames, op, now, now + self.timeout)
+                wake = min(wake, now + self.timeout)
             if not inflight:
                 break
-            reply = self._recv(min(o.deadline for o in inflight.values()))
+            reply = self._recv(wake)
             if reply is None:
                 self._resend_due(inflight)
+                wake = min(o.deadline for o in inflight.values())
                 continue
             header, data = reply
             out = inflight.get(header.get("id"))
@@ -255,6 +262,7 @@ class Client:
                     backoff = min(RETRY_BACKOFF * 2 ** (out.tries - 1), RETRY_BACKOFF_MAX)
                     out.deadline = time.monotonic() + backoff
                     out.last_error = error
+                    wake = min(wake, out.deadline)
                     continue
                 raise error
             del inflight[header["id"]]
@@ -312,7 +320,7 @@ class Client:
 
     def rm(self, name: str) -> dict:
         """Remove a name.  :raises NotFound: no such name."""
-        header, _ = self.call("rm", name=p.check_name(name), commit=uuid.uuid4().hex)
+        header, _ = self.call("rm", name=p.check_name(name), commit=os.urandom(16).hex())
         return _public(header["stat"])
 
     def status(self) -> dict:
@@ -579,14 +587,18 @@ class RemoteFile(io.RawIOBase):
 
 # --- upload planning ---
 
-@dataclass
 class _Plan:
-    size: int
-    chunk_size: int
-    chunks: list
-    sha256: bytes
-    mtime: float
-    inline: bytes | None       # the content, if it travels with the commit
+    """What an upload will send: sizes, chunk digests, and the content of a small file."""
+    __slots__ = ("size", "chunk_size", "chunks", "sha256", "mtime", "inline")
+
+    def __init__(self, size: int, chunk_size: int, chunks: list, sha256: bytes, mtime: float,
+                 inline: bytes | None):
+        self.size = size
+        self.chunk_size = chunk_size
+        self.chunks = chunks
+        self.sha256 = sha256
+        self.mtime = mtime
+        self.inline = inline       # the content, if it travels with the commit
 
     def chunk_len(self, i: int) -> int:
         return min(self.chunk_size, self.size - i * self.chunk_size)
@@ -632,7 +644,7 @@ def _plan_bytes(data: bytes, chunk_size: int, mtime) -> _Plan:
 
 def _commit_fields(name: str, plan: _Plan) -> dict:
     return {"name": name, "size": plan.size, "chunk_size": plan.chunk_size, "chunks": plan.chunks,
-            "sha256": plan.sha256, "mtime": plan.mtime, "commit": uuid.uuid4().hex}
+            "sha256": plan.sha256, "mtime": plan.mtime, "commit": os.urandom(16).hex()}
 
 
 @contextlib.contextmanager
@@ -669,31 +681,31 @@ def _atomic_file(dest: str, manifest: dict, fsync: bool = False):
     With ``fsync`` the data also reaches the disk before the rename (survives a power loss),
     at a price: cp, curl and rsync do not do it by default either."""
     folder = os.path.dirname(os.path.abspath(dest))
+    # Created with the umask's permissions like any new file (0666 & ~umask), O_EXCL so a name
+    # is never shared; pid and random part let `fms` tell its own leftovers.
+    tmp = os.path.join(folder, f".{os.path.basename(dest)}.{os.getpid()}.{os.urandom(4).hex()}"
+                               f".fms-part")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(dest)}.",
-                                   suffix=".fms-part")
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileNotFoundError:
+            os.makedirs(folder, exist_ok=True)
+            fd = os.open(tmp, flags, 0o666)
     except OSError as exc:
         raise FmsError(f"cannot write to {folder}: {exc.strerror}") from None
     try:
-        os.fchmod(fd, 0o666 & ~_umask())   # mkstemp makes 0600; a download is an ordinary file
-        with os.fdopen(fd, "wb") as out:
+        with open(fd, "wb") as out:
             yield out
+            out.flush()
             if fsync:
-                out.flush()
-                os.fsync(out.fileno())
-        os.utime(tmp, (time.time(), manifest["mtime"]))
+                os.fsync(fd)
+            os.utime(fd, (time.time(), manifest["mtime"]))
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 class _Collect:

@@ -17,7 +17,6 @@ import time
 
 import zmq
 import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
 
 from .errors import FmsError
 
@@ -136,6 +135,9 @@ class CurveServer:
     def __init__(self, ctx: zmq.Context, secret_file: str, allow_dir: str):
         self.public, self.secret = load_secret(secret_file)
         self.allow = AllowList(allow_dir)
+        # Imported here: it pulls in asyncio, which clients (who load this module for their
+        # keys) would otherwise pay for at every start.
+        from zmq.auth.thread import ThreadAuthenticator
         self.auth = ThreadAuthenticator(ctx, log=logging.getLogger("fms.zap"))
         self.auth.start()
         self.auth.configure_curve_callback(ZAP_DOMAIN, credentials_provider=self.allow)

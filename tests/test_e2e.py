@@ -3,6 +3,7 @@
 import json
 import os
 import socket
+import stat
 import threading
 import time
 
@@ -15,6 +16,16 @@ from fms.errors import BadRequest, NotFound
 from tests.conftest import random_bytes, wait_for
 
 MiB = p.MiB
+
+
+def mode_of(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write(path, data: bytes):
@@ -37,6 +48,7 @@ def test_put_then_get_returns_the_same_bytes(cluster, tmp_path, size):
     assert got.returncode == 0, got.stderr
     assert (tmp_path / "out.bin").read_bytes() == data
     assert os.stat(tmp_path / "out.bin").st_mtime == 1_600_000_000   # mtime kept
+    assert mode_of(tmp_path / "out.bin") == 0o666 & ~current_umask()  # an ordinary new file
 
 
 def test_get_defaults_to_base_name_and_to_stdout_with_dash(cluster, tmp_path):
@@ -74,6 +86,8 @@ def test_put_r_and_get_r_keep_the_tree(cluster, tmp_path):
     assert got.returncode == 0, got.stderr
     for rel, data in tree.items():
         assert (tmp_path / "restore" / rel).read_bytes() == data
+        assert mode_of(tmp_path / "restore" / rel) == 0o666 & ~current_umask()
+    assert not [f for f in (tmp_path / "restore").rglob("*") if f.name.endswith(".fms-part")]
 
 
 def test_rm_then_get_is_not_found(cluster, tmp_path):
