@@ -117,29 +117,40 @@ class CacheService:
         try:
             payload = p.unpack_data(data.buffer) if data is not None else None
             if fetch.kind == "chunk":
-                self._fill_chunk(fetch, payload)
+                chunk = self._check_chunk(fetch, payload)
             else:
-                self._fill_manifest(fetch, header, payload)
+                chunk = self._fill_manifest(fetch, header, payload)
         except BadRequest as exc:
             self._fail(fetch, "integrity", f"storage sent a bad reply: {exc}")
             return
         self._answer(fetch, header, data)
+        if chunk is not None:
+            # Verified already; written after the answers, so the disk write is not on their
+            # path (the reply frames are not touched by it).
+            self.chunks.put(chunk, payload)
 
-    def _fill_chunk(self, fetch, payload):
+    def _check_chunk(self, fetch, payload) -> bytes:
+        """:return: the digest to cache ``payload`` under, once it matches."""
         if payload is None or p.sha256(payload) != fetch.key:
             raise BadRequest(f"chunk {fetch.key.hex()[:16]} does not match its sha256")
-        self.chunks.put(fetch.key, payload)
+        return fetch.key
 
     def _fill_manifest(self, fetch, header, payload):
+        """Store a fetched manifest if still fresh.
+
+        :return: the digest to cache the inline content under, or None.
+        """
         manifest = p.check_manifest(p.need(header, "manifest", dict))
         if manifest["name"] != fetch.key:
             raise BadRequest("manifest is for another name")
+        inline = None
         if _inline(manifest):
             if payload is None or p.sha256(payload) != manifest["chunks"][0]:
                 raise BadRequest("inline content does not match its sha256")
-            self.chunks.put(manifest["chunks"][0], payload)
+            inline = manifest["chunks"][0]
         if not self.manifests.fill(fetch.key, manifest, fetch.token):
             log.debug("event=stale_fill_dropped name=%r", fetch.key)
+        return inline
 
     def _close(self, fetch_id):
         fetch = self._fetches.pop(fetch_id, None)
