@@ -358,6 +358,11 @@ def bench_small(folder: str) -> list:
             if label == "p50" and peer_ms:
                 r_["met"] = r_["ratio"] <= 3.0
             rows.append(r_)
+        floor_ms = percentile(floor_latencies(SMALL_SAMPLES), 0.5) * 1000
+        rows.append(row("same round trip through a bare pyzmq proxy + echo process, p50 (the "
+                        "topology's floor in Python)", floor_ms,
+                        percentile(redis_lat, 0.5) * 1000 if redis_lat else None, "redis-py GET",
+                        "ms", "(reported)"))
         # Like wrk -t2 -c16: two load processes, 16 connections, one request in flight on each.
         fms_rps, failed = run_load(cluster.frontend, "small.bin", 16, LOAD_SECONDS, processes=2)
         # The same with 16 processes using the client library: its own cost on the same cores.
@@ -384,6 +389,74 @@ def bench_small(folder: str) -> list:
     r_["failed"] = lib_failed
     rows.append(r_)
     return rows
+
+
+# --- the floor: what the topology costs in Python with no fms logic at all ---
+
+def _floor_proxy(frontend: str, backend: str):
+    """A bare ROUTER-ROUTER proxy to the first worker that says hello: no decoding, no state."""
+    import zmq
+    ctx = zmq.Context()
+    front, back = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
+    front.bind(frontend)
+    back.bind(backend)
+    worker = back.recv_multipart()[0]
+    poller = zmq.Poller()
+    poller.register(front, zmq.POLLIN)
+    poller.register(back, zmq.POLLIN)
+    while True:
+        events = dict(poller.poll())
+        if front in events:
+            back.send_multipart([worker, *front.recv_multipart(copy=False)], copy=False)
+        if back in events:
+            front.send_multipart(back.recv_multipart(copy=False)[1:], copy=False)
+
+
+def _floor_echo(backend: str):
+    """A worker that sends every message back as it came."""
+    import zmq
+    sock = zmq.Context().socket(zmq.DEALER)
+    sock.connect(backend)
+    sock.send(b"hello")
+    while True:
+        sock.send_multipart(sock.recv_multipart(copy=False), copy=False)
+
+
+def floor_latencies(samples: int) -> list:
+    """Round trips of a small header and a 4 KiB frame through :func:`_floor_proxy` to
+    :func:`_floor_echo`: two hops each way through two Python processes, as a cache hit takes
+    through the broker and the cache, minus everything fms does."""
+    import zmq
+    ctx = multiprocessing.get_context("spawn")
+    frontend, backend = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
+    procs = [ctx.Process(target=_floor_proxy, args=(frontend, backend), daemon=True),
+             ctx.Process(target=_floor_echo, args=(backend,), daemon=True)]
+    zctx = zmq.Context()
+    sock = zctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.rcvtimeo = 10_000
+    try:
+        for proc in procs:
+            proc.start()
+        sock.connect(frontend)
+        message = [p.encode({"v": 1, "op": "get", "id": 1, "name": "small.bin"}),
+                   p.pack_data(os.urandom(SMALL))]
+        for _ in range(200):
+            sock.send_multipart(message)
+            sock.recv_multipart()
+        lat = []
+        for _ in range(samples):
+            start = time.perf_counter()
+            sock.send_multipart(message)
+            sock.recv_multipart()
+            lat.append(time.perf_counter() - start)
+        return lat
+    finally:
+        sock.close()
+        zctx.term()
+        for proc in procs:
+            proc.terminate()
+            proc.join(5)
 
 
 def _has_redis_py() -> bool:
