@@ -7,16 +7,21 @@ Scenarios (default: all but curve and profile):
 
 - ``large``  PUT, cold GET (every chunk a cache miss) and warm GET (every chunk a hit) of one
   large file to a file on disk, against ``cp`` + ``sync`` (PUT) and ``curl`` from nginx (GET).
-- ``small``  4 KiB GETs: one client's sequential latency p50/p99 against redis-py GET; 16
-  concurrent clients' requests/s against nginx under ``wrk -c16``.
-- ``many``   ``get -r`` of 1000 x 4 KiB files against one ``curl`` fetching the same 1000 files
-  sequentially over one keep-alive connection.
+- ``small``  4 KiB GETs: one client's sequential latency p50/p99 against redis-py GET, and the
+  same round trip through a bare pyzmq proxy and echo process (the topology's floor in Python);
+  16 concurrent connections' requests/s against nginx under ``wrk -t2 -c16``, driven the way wrk
+  drives nginx (two load processes, one request in flight per connection, every reply
+  verified), and again with 16 processes each using :class:`fms.Client`.
+- ``many``   ``get -r`` of 1000 x 4 KiB files through the CLI, with a cold cache then warm (median
+  of 3), against one ``curl`` fetching the same 1000 files sequentially over one keep-alive
+  connection (median of 3).
 - ``rss``    peak RSS of every process while a 2 GiB file is put, fetched cold and warm.
 - ``scale``  cache-miss GET throughput with 1, 2 and 4 storage workers and how evenly requests
   spread; then storage workers added and removed under load, counting failed requests.
 - ``curve``  the throughput cost of CurveZMQ: the large-file flows, plaintext against CURVE.
-- ``profile`` where the broker and the cache spend their time under the 16-client 4 KiB GET
-  load: py-spy samples both and the heaviest frames are printed (``pip install py-spy``).
+- ``profile`` where the time goes under the 16-connection 4 KiB GET load: CPU time per
+  request of the broker, the cache and the load processes, then py-spy samples broker and cache
+  and the heaviest frames are printed (``pip install py-spy``).
 
 Peers (nginx, redis-server, wrk, curl) are started on random loopback ports from a temporary
 folder; one that is missing is installed with apt-get when running as root, else its rows are
@@ -672,30 +677,53 @@ def bench_curve(folder: str, size: int, rounds: int = 3) -> list:
                 "(cost, reported)") for op in ops]
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, from /proc (Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def bench_profile(folder: str, seconds: float = LOAD_SECONDS) -> list:
-    """py-spy on the broker and the cache during the 16-client small-GET load."""
+    """Under the 16-connection small-GET load: CPU time per request of the broker, the cache and
+    the load processes (what bounds requests/s on two cores); then py-spy on broker and cache."""
     import collections
+    import resource
     spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
-    if not os.path.exists(spy):
-        print("bench: py-spy not installed (pip install py-spy); skipping profile",
-              file=sys.stderr)
-        return []
     cluster = LocalCluster(_sub(folder, "profile-cluster"))
     rows = []
     try:
         cluster.start_all()
         with cluster.client() as c:
             c.put_bytes(os.urandom(SMALL), "small.bin")
+            c.get_bytes("small.bin")
+        pids = {name: cluster.procs[name].pid for name in ("broker", "cache")}
+        before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.perf_counter()
+        rps, _ = run_load(cluster.frontend, "small.bin", 16, seconds, processes=2)
+        requests = rps * (time.perf_counter() - start)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = {name: _cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+        cpu["load processes"] = (after.ru_utime + after.ru_stime - children.ru_utime
+                                 - children.ru_stime)
+        for name, used in cpu.items():
+            rows.append(row(f"{name}: CPU per request at {rps:.0f} req/s (16 connections)",
+                            1e6 * used / max(requests, 1), None, "", "us", "(profile, reported)"))
+        if not os.path.exists(spy):
+            print("bench: py-spy not installed (pip install py-spy); skipping the py-spy part",
+                  file=sys.stderr)
+            return rows
         spies = {name: subprocess.Popen(
             [spy, "record", "-f", "raw", "-r", "300", "-d", str(int(seconds)), "-o",
-             os.path.join(folder, f"{name}.txt"), "-p", str(cluster.procs[name].pid)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name in ("broker", "cache")}
-        rps, _ = run_load(cluster.frontend, "small.bin", 16, seconds)
+             os.path.join(folder, f"{name}.txt"), "-p", str(pid)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, pid in pids.items()}
+        rps, _ = run_load(cluster.frontend, "small.bin", 16, seconds, processes=2)
         for proc in spies.values():
             proc.wait(60)
     finally:
         cluster.stop()
-    for name in ("broker", "cache"):
+    for name in pids:
         own, total = collections.Counter(), 0
         with open(os.path.join(folder, f"{name}.txt")) as f:
             for line in f:
@@ -705,9 +733,9 @@ def bench_profile(folder: str, seconds: float = LOAD_SECONDS) -> list:
         print(f"\n{name}: {total} samples at {rps:.0f} req/s; heaviest frames (own time):")
         for frame, count in own.most_common(8):
             print(f"  {100 * count / total:5.1f}%  {frame}")
-        idle = sum(c for f, c in own.items() if f.startswith("Poller.poll"))
-        rows.append(row(f"{name} time waiting in poll, 16-client 4 KiB GETs",
-                        100 * idle / max(total, 1), None, "", "%", "(profile, reported)"))
+        idle = sum(c for f, c in own.items() if "poll" in f.lower())
+        rows.append(row(f"{name} time waiting in poll, 16 connections", 100 * idle / max(total, 1),
+                        None, "", "%", "(profile, reported)"))
     return rows
 
 
