@@ -413,4 +413,3 @@ class Broker:
             self._undeliverable.warning("event=undeliverable socket=%s peer=%s error=%r", side,
                                         peer, why)
             return False
-
