@@ -156,6 +156,16 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def latencies(fn, samples: int) -> list:
+    """Seconds each of ``samples`` sequential calls of ``fn`` takes."""
+    out = []
+    for _ in range(samples):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
 def row(name: str, fms_value: float, peer_value, peer: str, unit: str, target: str,
         higher_is_better: bool = True, met=None) -> dict:
     """One comparison; ``ratio`` is fms / peer (a scenario may redefine it, and its target says
@@ -265,13 +275,13 @@ def _connection_loop(ready, frontend: str, name: str, connections: int, seconds:
     for sock in socks:
         send(sock)
     while time.monotonic() < end:
-        ready = poller.poll(1000)
-        if not ready:
+        events = poller.poll(1000)
+        if not events:
             failed += 1       # a request unanswered for a second counts as failed; resend
             for sock in socks:
                 send(sock)
             continue
-        for sock, _ in ready:
+        for sock, _ in events:
             frames = sock.recv_multipart(copy=False)
             header = p.decode(frames[0].buffer)
             manifest = header.get("manifest") or {}
@@ -287,7 +297,7 @@ def _connection_loop(ready, frontend: str, name: str, connections: int, seconds:
 
 def _run_processes(ctx, target, arg_lists) -> float:
     """Start one process per argument tuple and wait for all.  Each is called with a barrier
-    as its first argument, to wait at once it is ready, so process start-up is not timed.
+    as its first argument and waits on it once it is ready, so process start-up is not timed.
 
     :return: seconds from the moment all were ready to the end of the last.
     """
@@ -309,7 +319,7 @@ def run_load(frontend: str, name: str, clients: int, seconds: float,
     With ``processes`` None, each client is a process of its own using :class:`Client`; else
     the clients are connections shared out among that many wrk-like load processes.
 
-    :return: (requests/s, failed requests).
+    :return: (requests/s, failed requests, seconds timed).
     """
     ctx = multiprocessing.get_context("spawn")
     counter, errors = ctx.Value("q", 0), ctx.Value("q", 0)
@@ -320,7 +330,7 @@ def run_load(frontend: str, name: str, clients: int, seconds: float,
         args = [(frontend, name, clients // processes + (i < clients % processes), seconds,
                  counter, errors) for i in range(processes)]
         elapsed = _run_processes(ctx, _connection_loop, args)
-    return counter.value / elapsed, errors.value
+    return counter.value / elapsed, errors.value, elapsed
 
 
 def bench_small(folder: str) -> list:
@@ -335,11 +345,7 @@ def bench_small(folder: str) -> list:
         with cluster.client() as c:
             c.put_bytes(data, "small.bin")
             c.get_bytes("small.bin")                      # warm the cache
-            lat = []
-            for _ in range(SMALL_SAMPLES):
-                start = time.perf_counter()
-                c.get_bytes("small.bin")
-                lat.append(time.perf_counter() - start)
+            lat = latencies(lambda: c.get_bytes("small.bin"), SMALL_SAMPLES)
         redis_lat = None
         if ensure_tool("redis-server", "redis-server") and _has_redis_py():
             import redis
@@ -348,11 +354,7 @@ def bench_small(folder: str) -> list:
                 r = redis.Redis(port=server.port)
                 r.set("small", data)
                 r.get("small")
-                redis_lat = []
-                for _ in range(SMALL_SAMPLES):
-                    start = time.perf_counter()
-                    r.get("small")
-                    redis_lat.append(time.perf_counter() - start)
+                redis_lat = latencies(lambda: r.get("small"), SMALL_SAMPLES)
             finally:
                 server.stop()
         for q, label in ((0.5, "p50"), (0.99, "p99")):
@@ -369,9 +371,9 @@ def bench_small(folder: str) -> list:
                         percentile(redis_lat, 0.5) * 1000 if redis_lat else None, "redis-py GET",
                         "ms", "(reported)"))
         # Like wrk -t2 -c16: two load processes, 16 connections, one request in flight on each.
-        fms_rps, failed = run_load(cluster.frontend, "small.bin", 16, LOAD_SECONDS, processes=2)
+        fms_rps, failed, _ = run_load(cluster.frontend, "small.bin", 16, LOAD_SECONDS, processes=2)
         # The same with 16 processes using the client library: its own cost on the same cores.
-        lib_rps, lib_failed = run_load(cluster.frontend, "small.bin", 16, LOAD_SECONDS)
+        lib_rps, lib_failed, _ = run_load(cluster.frontend, "small.bin", 16, LOAD_SECONDS)
     finally:
         cluster.stop()
     nginx_rps = None
@@ -444,18 +446,15 @@ def floor_latencies(samples: int) -> list:
         for proc in procs:
             proc.start()
         sock.connect(frontend)
-        message = [p.encode({"v": 1, "op": "get", "id": 1, "name": "small.bin"}),
-                   p.pack_data(os.urandom(SMALL))]
-        for _ in range(200):
+        header = {"v": p.PROTOCOL_VERSION, "op": "get", "id": 1, "name": "small.bin"}
+        message = [p.encode(header), p.pack_data(os.urandom(SMALL))]
+
+        def round_trip():
             sock.send_multipart(message)
             sock.recv_multipart()
-        lat = []
-        for _ in range(samples):
-            start = time.perf_counter()
-            sock.send_multipart(message)
-            sock.recv_multipart()
-            lat.append(time.perf_counter() - start)
-        return lat
+
+        latencies(round_trip, 200)             # warm-up
+        return latencies(round_trip, samples)
     finally:
         sock.close()
         zctx.term()
@@ -700,13 +699,13 @@ def bench_profile(folder: str, seconds: float = LOAD_SECONDS) -> list:
         pids = {name: cluster.procs[name].pid for name in ("broker", "cache")}
         before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
-        start = time.perf_counter()
-        rps, _ = run_load(cluster.frontend, "small.bin", 16, seconds, processes=2)
-        requests = rps * (time.perf_counter() - start)
+        # Counted over the timed window only, not the load processes' start-up.
+        rps, _, timed_seconds = run_load(cluster.frontend, "small.bin", 16, seconds, processes=2)
+        requests = rps * timed_seconds
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = {name: _cpu_seconds(pid) - before[name] for name, pid in pids.items()}
-        cpu["load processes"] = (after.ru_utime + after.ru_stime - children.ru_utime
-                                 - children.ru_stime)
+        cpu["load processes (with their start-up)"] = (
+            after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime)
         for name, used in cpu.items():
             rows.append(row(f"{name}: CPU per request at {rps:.0f} req/s (16 connections)",
                             1e6 * used / max(requests, 1), None, "", "us", "(profile, reported)"))
@@ -718,7 +717,7 @@ def bench_profile(folder: str, seconds: float = LOAD_SECONDS) -> list:
             [spy, "record", "-f", "raw", "-r", "300", "-d", str(int(seconds)), "-o",
              os.path.join(folder, f"{name}.txt"), "-p", str(pid)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, pid in pids.items()}
-        rps, _ = run_load(cluster.frontend, "small.bin", 16, seconds, processes=2)
+        rps, _, _ = run_load(cluster.frontend, "small.bin", 16, seconds, processes=2)
         for proc in spies.values():
             proc.wait(60)
     finally:
