@@ -63,7 +63,9 @@ OP_SERVICE = {
     "ls": STORAGE,
     "stat": STORAGE,
     "rm": STORAGE,
-    "usage": STORAGE,      # files and bytes in the store
+    "usage": STORAGE,      # the store's totals
+    "gc": STORAGE,         # collect garbage now
+    "fsck": STORAGE,       # check a page of stored files' chunks
     "status": BROKER,      # answered by the broker itself: live workers
 }
 # Ops the broker may hand to another worker when the first one dies before replying, and the
