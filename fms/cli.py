@@ -169,6 +169,7 @@ def _daemon_parsers(sub):
                      help="require CURVE: make keys in DATA/keys (once) and use them")
     cmd.add_argument("--insecure", action="store_true",
                      help="allow non-loopback endpoints without CURVE")
+    _backend_args(cmd)
     _gc_grace_arg(cmd)
     _log_arg(cmd)
 
@@ -207,9 +208,21 @@ def _worker_args(cmd, kind: str):
 def _storage_args(cmd):
     _worker_args(cmd, "storage")
     cmd.add_argument("--data", default=os.path.join(DEFAULT_DATA, "storage"),
-                     help="data directory; workers sharing it form one store (%(default)s)")
+                     help="data directory; workers sharing it form one store (%(default)s); "
+                          "scratch only, with both --meta and --chunks")
+    _backend_args(cmd)
     _gc_grace_arg(cmd)
     cmd.add_argument("--debug-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # tests
+
+
+def _backend_args(cmd):
+    cmd.add_argument("--meta", metavar="URL",
+                     help="metadata engine: postgresql://USER[:PASSWORD]@HOST:PORT/DB (default: "
+                          "SQLite in the data directory)")
+    cmd.add_argument("--chunks", metavar="URL",
+                     help="chunk store: s3://BUCKET[/PREFIX], configured by AWS_ENDPOINT_URL, "
+                          "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION (default: the "
+                          "data directory)")
 
 
 def _gc_grace_arg(cmd):
@@ -633,15 +646,16 @@ def _run_worker(args, service, ready: dict, log_name: str):
 
 def cmd_storage(args):
     from .logutil import setup_logging
-    from .storage.engine import open_local
+    from .storage.engine import open_store
     from .storage.service import StorageService
     setup_logging(args.log_level)
     if args.data == os.path.join(DEFAULT_DATA, "storage"):
         os.makedirs(DEFAULT_DATA, exist_ok=True)  # the default just works; a given path must exist
-    store = open_local(args.data)
+    store = open_store(args.data, args.meta, args.chunks)
     store.chunks.clean_tmp()
     service = StorageService(store, None, gc_grace=args.gc_grace,
-                             maintenance_store=open_local(args.data), delay=args.debug_delay)
+                             maintenance_store=open_store(args.data, args.meta, args.chunks),
+                             delay=args.debug_delay)
     try:
         return _run_worker(args, service, {"svc": p.STORAGE, "wid": _worker_id(args, "storage"),
                                            "store": store.store_id}, "fms.storage")
@@ -686,6 +700,8 @@ def cmd_up(args):
                                                 os.path.join(args.data, "storage"),
                                                 "--id", f"storage-{i + 1}",
                                                 "--gc-grace", str(args.gc_grace)]
+                      + (["--meta", args.meta] if args.meta else [])
+                      + (["--chunks", args.chunks] if args.chunks else [])
                       + workers + log))
     stop = _StopFlag()
     procs = []

@@ -225,27 +225,49 @@ def _raise_or(result):
 
 
 def open_local(path: str) -> Store:
-    """The store in data directory ``path``: ``meta.db`` (SQLite) and ``chunks/``; a directory
-    in the format-1 layout is migrated in place first.
+    """The store in data directory ``path``: ``meta.db`` (SQLite) and ``chunks/``."""
+    return open_store(path)
 
-    :raises StoreError: the directory cannot be used, with what to do about it.
+
+def open_store(data: str, meta: str | None = None, chunks: str | None = None) -> Store:
+    """Open a store.
+
+    :param data: the data directory: the whole store by default (``meta.db`` and ``chunks/``; a
+        directory in the format-1 layout is migrated in place first), scratch space only when
+        both ``meta`` and ``chunks`` point elsewhere.
+    :param meta: None for SQLite in ``data``, or ``postgresql://USER@HOST:PORT/DB``.
+    :param chunks: None for ``data/chunks``, or ``s3://BUCKET/PREFIX``.
+    :raises StoreError: it cannot be used, with what to do about it.
     """
-    from .meta import legacy
-    from .meta.sqlite import SQLiteMeta
-    path = os.path.abspath(path)
-    if not os.path.isdir(os.path.dirname(path)):
-        raise StoreError(f"cannot use data directory {path}: its parent folder does not "
+    data = os.path.abspath(data)
+    if not os.path.isdir(os.path.dirname(data)):
+        raise StoreError(f"cannot use data directory {data}: its parent folder does not "
                          f"exist; create it or point --data elsewhere")
     try:
-        os.makedirs(path, exist_ok=True)
-        chunks = LocalDirChunks(path)
-        probe = chunks.tmp_path("probe")
-        with open(probe, "wb"):
-            pass
-        os.unlink(probe)
-        meta = SQLiteMeta(os.path.join(path, META_FILE), store_id=legacy.store_id(path))
-        legacy.migrate(path, meta, chunks)
+        os.makedirs(data, exist_ok=True)
+        if chunks is None:
+            backend = LocalDirChunks(data)
+            probe = backend.tmp_path("probe")
+            with open(probe, "wb"):
+                pass
+            os.unlink(probe)
+        else:
+            from .chunks.s3 import S3Chunks
+            backend = S3Chunks(chunks)
+        if meta is None:
+            from .meta import legacy
+            from .meta.sqlite import SQLiteMeta
+            engine = SQLiteMeta(os.path.join(data, META_FILE), store_id=legacy.store_id(data))
+            if chunks is None:
+                legacy.migrate(data, engine, backend)
+        elif meta.startswith(("postgresql://", "postgres://")):
+            from .meta.postgres import PostgresMeta
+            engine = PostgresMeta(meta)
+        else:
+            raise StoreError(f"--meta {meta!r} is not a metadata engine URL; write "
+                             f"postgresql://USER@HOST:PORT/DB, or leave it out for SQLite in "
+                             f"--data")
     except OSError as exc:
-        raise StoreError(f"cannot use data directory {path}: {exc.strerror}; "
+        raise StoreError(f"cannot use data directory {data}: {exc.strerror}; "
                          f"check that it exists and is writable") from None
-    return Store(meta, chunks)
+    return Store(engine, backend)

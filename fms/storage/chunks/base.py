@@ -35,3 +35,8 @@ class ChunkBackend(ABC):
     @abstractmethod
     def quarantine(self, digest: bytes):
         """Set a blob that failed verification aside (kept for inspection, out of the store)."""
+
+    def clean_tmp(self) -> int:
+        """Remove what dead writers left half written; how many.  Nothing, where writes are
+        atomic."""
+        return 0
