@@ -14,18 +14,30 @@ from storage_helpers import new_version, split
 NOW = 1_800_000_000.0
 
 
-def sqlite_engine(tmp_path):
+def sqlite_engine(request, tmp_path):
     return SQLiteMeta(str(tmp_path / "meta.db"))
 
 
-ENGINES = {"sqlite": sqlite_engine}
+def postgres_engine(request, tmp_path):
+    from fms.storage.meta.postgres import PostgresMeta
+    return PostgresMeta(request.getfixturevalue("pg_database_url"))
+
+
+ENGINES = {"sqlite": sqlite_engine, "postgresql": postgres_engine}
 
 
 @pytest.fixture(params=sorted(ENGINES))
 def engine(request, tmp_path):
-    meta = ENGINES[request.param](tmp_path)
+    meta = ENGINES[request.param](request, tmp_path)
     yield meta
     meta.close()
+
+
+def second_connection(engine):
+    """Another engine on the same store (another worker)."""
+    if isinstance(engine, SQLiteMeta):
+        return SQLiteMeta(engine.path)
+    return type(engine)(engine.url)
 
 
 def claim_all(meta, content, now=NOW, in_engine=True):
@@ -208,14 +220,12 @@ def test_one_lease_holder_at_a_time(engine):
 
 def test_refcount_errors_name_drift(engine):
     commit(engine, "a", b"abc", "c1")
-    engine.db.execute("UPDATE chunks SET refs = 5") if hasattr(engine, "db") else pytest.skip()
+    engine._execute("UPDATE chunks SET refs = 5")
     assert engine.refcount_errors() == [(p.sha256(b"abc"), 5, 1)]
 
 
 def test_two_engines_on_one_store_see_each_other(engine, tmp_path):
-    if not isinstance(engine, SQLiteMeta):
-        pytest.skip("sqlite-specific: a second connection to the same file")
-    other = SQLiteMeta(engine.path)
+    other = second_connection(engine)
     try:
         commit(engine, "x", b"x", "c1")
         assert other.get("x").version == 1 and other.store_id == engine.store_id

@@ -224,6 +224,17 @@ def _raise_or(result):
     return result
 
 
+def _optional(extra: str, package: str, load):
+    """A server-side backend whose library is an optional extra: a clear error if missing."""
+    try:
+        return load()
+    except ModuleNotFoundError as exc:
+        if exc.name != package and not (exc.name or "").startswith(package + "."):
+            raise
+        raise StoreError(f"this backend needs {package}, which is not installed: "
+                         f"pip install 'fms[{extra}]'") from None
+
+
 def open_local(path: str) -> Store:
     """The store in data directory ``path``: ``meta.db`` (SQLite) and ``chunks/``."""
     return open_store(path)
@@ -252,8 +263,8 @@ def open_store(data: str, meta: str | None = None, chunks: str | None = None) ->
                 pass
             os.unlink(probe)
         else:
-            from .chunks.s3 import S3Chunks
-            backend = S3Chunks(chunks)
+            backend = _optional("s3", "boto3", lambda: __import__(
+                "fms.storage.chunks.s3", fromlist=["S3Chunks"]).S3Chunks)(chunks)
         if meta is None:
             from .meta import legacy
             from .meta.sqlite import SQLiteMeta
@@ -261,8 +272,8 @@ def open_store(data: str, meta: str | None = None, chunks: str | None = None) ->
             if chunks is None:
                 legacy.migrate(data, engine, backend)
         elif meta.startswith(("postgresql://", "postgres://")):
-            from .meta.postgres import PostgresMeta
-            engine = PostgresMeta(meta)
+            engine = _optional("postgres", "psycopg", lambda: __import__(
+                "fms.storage.meta.postgres", fromlist=["PostgresMeta"]).PostgresMeta)(meta)
         else:
             raise StoreError(f"--meta {meta!r} is not a metadata engine URL; write "
                              f"postgresql://USER@HOST:PORT/DB, or leave it out for SQLite in "
