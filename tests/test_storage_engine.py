@@ -14,7 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from fms import protocol as p
 from fms.errors import BadRequest, IntegrityError, MissingChunks, NotFound, Unavailable
 from fms.storage import gc
-from fms.storage.engine import StoreError, open_local
+from fms.storage.engine import StoreError, open_local, open_store
 from fms.storage.meta.base import RETAIN_SECONDS
 from fms.storage.service import StorageService
 from storage_helpers import CHUNK, new_version, put_file, split, write_format1
@@ -426,34 +426,71 @@ def _frame(data):
 
 # --- several processes on one SQLite store ---
 
-def _hammer(path, worker, rounds):
-    store = open_local(path)
+def _retrying(call):
+    """What the client does on `unavailable`: back off and send again."""
+    for wait in (0.01, 0.05, 0.1, 0.2, 0.5, 1.0):
+        try:
+            return call()
+        except Unavailable:
+            time.sleep(wait)
+    return call()
+
+
+def _hammer(path, worker, rounds, meta, results):
+    """Commits and removes of the same five names as the other processes; reports how many
+    changes succeeded (each one is a version of its name)."""
+    store = open_store(path, meta)
+    changes = 0
     for i in range(rounds):
-        data = b"%d-%d" % (worker, i)
-        store.put_chunk(p.sha256(data), data)
-        store.commit(new_version(f"shared/{i % 5}", data, commit=f"w{worker}-{i}"))
+        name = f"shared/{i % 5}"
+        if i % 9 == 4:
+            try:
+                store.remove(name, f"w{worker}-rm-{i}")
+                changes += 1
+            except NotFound:
+                pass                                    # another process removed it first
+            continue
+        data = b"%d-%d" % (worker, i) * (1 + i % 3) * 30000     # blobs and small chunks
+        for attempt in range(5):                        # what the client does on missing_chunks
+            for chunk in split(data, 70_000):
+                _retrying(lambda: store.put_chunk(p.sha256(chunk), chunk))
+            try:
+                store.commit(new_version(name, data, commit=f"w{worker}-{i}", chunk_size=70_000))
+                break
+            except MissingChunks:                       # collected by another process's gc
+                continue
+        changes += 1
         if i % 14 == 0:
             try:
-                gc.collect(store, grace=3600)
+                gc.collect(store, grace=0)
             except Unavailable:
                 pass                                    # another process is collecting
     store.close()
+    results.put(changes)
 
 
-def test_workers_sharing_one_store_never_lose_an_update(tmp_path):
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_workers_sharing_one_store_never_lose_an_update(tmp_path, request, engine):
     import multiprocessing
     path = str(tmp_path / "data")
-    open_local(path).close()
+    meta = request.getfixturevalue("pg_database_url") if engine == "postgresql" else None
+    open_store(path, meta).close()
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_hammer, args=(path, w, 60)) for w in range(3)]
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_hammer, args=(path, w, 60, meta, results)) for w in range(3)]
     for proc in procs:
         proc.start()
+    changes = sum(results.get(timeout=60) for _ in procs)
     for proc in procs:
-        proc.join(120)
+        proc.join(30)
         assert proc.exitcode == 0
-    store = open_local(path)
-    assert sum(store.version(f"shared/{k}").version for k in range(5)) == 3 * 60
-    assert store.meta.refcount_errors() == []
+    store = open_store(path, meta)
+    versions = 0
+    for k in range(5):
+        row = store.meta._current(f"shared/{k}")
+        versions += row.version if row else 0
+    assert versions == changes                          # no update lost
+    assert store.meta.refcount_errors() == []           # no reference count drifted
     assert gc.fsck_page(store)["damaged"] == []
 
 
