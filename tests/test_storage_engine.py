@@ -302,6 +302,16 @@ def test_a_format1_directory_is_migrated_in_place(tmp_path):
     assert [v.name for v in again.list("", "", 1000)] == sorted(FILES)
 
 
+def test_migration_repairs_mtimes_format1_let_in(tmp_path):
+    path = str(tmp_path / "old")
+    write_format1(path, {"nan": b"a", "inf": b"b", "ok": b"c"},
+                  mtimes={"nan": math.nan, "inf": math.inf, "ok": 1234.5})
+    store = open_local(path)
+    assert store.version("ok").mtime == 1234.5
+    for name in ("nan", "inf"):
+        assert abs(store.version(name).mtime - time.time()) < 600
+
+
 def test_a_migration_killed_midway_is_finished_by_the_next_start(tmp_path):
     path = str(tmp_path / "old")
     write_format1(path, FILES, removed={"removed"})
