@@ -35,6 +35,8 @@ import time
 
 import pytest
 
+pytest_plugins = ["netns"]     # the host bridge that namespaced processes reach servers on
+
 START_TIMEOUT = 60.0    # seconds for a server to accept connections
 STOP_TIMEOUT = 30.0     # seconds for a server to exit after its polite stop signal
 POLL = 0.05
