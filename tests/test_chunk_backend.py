@@ -9,16 +9,25 @@ from fms.errors import NotFound
 from fms.storage.chunks.localdir import LocalDirChunks
 
 
-def localdir(tmp_path):
+def localdir(request, tmp_path):
     return LocalDirChunks(str(tmp_path / "data"))
 
 
-BACKENDS = {"localdir": localdir}
+def s3(request, tmp_path):
+    from fms.storage.chunks.s3 import S3Chunks
+    server = request.getfixturevalue("s3")
+    monkeypatch = request.getfixturevalue("monkeypatch")
+    for key, value in server.env().items():
+        monkeypatch.setenv(key, value)
+    return S3Chunks(f"s3://{request.getfixturevalue('s3_bucket')}/some/prefix")
+
+
+BACKENDS = {"localdir": localdir, "s3": s3}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def backend(request, tmp_path):
-    return BACKENDS[request.param](tmp_path)
+    return BACKENDS[request.param](request, tmp_path)
 
 
 def test_put_get_has_delete(backend):
