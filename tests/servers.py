@@ -507,7 +507,8 @@ class SeaweedS3:
             return
         t0 = time.monotonic()
         self._log = open(self.log_path, "ab")
-        env = {**os.environ, "WEED_MASTER_VOLUME_GROWTH_COPY_1": "1",
+        env = {**os.environ, "TMPDIR": self.tmp,     # its gRPC unix sockets go to TMPDIR
+               "WEED_MASTER_VOLUME_GROWTH_COPY_1": "1",
                "WEED_MASTER_VOLUME_GROWTH_COPY_OTHER": "1"}
         self.proc = subprocess.Popen(self.argv(), cwd=self.tmp, env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
@@ -529,6 +530,15 @@ class SeaweedS3:
         t0 = time.monotonic()
         _stop_process(self.proc, signal.SIGTERM if graceful else signal.SIGKILL)
         self.stop_seconds = time.monotonic() - t0
+        # weed puts each component's gRPC unix socket at /tmp/seaweedfs-<c>-grpc-<port>.sock
+        # whatever TMPDIR says, and a killed weed leaves them: remove ours (our ports)
+        for comp in self.COMPONENTS:
+            port = self.ports.get(comp + ".grpc")
+            if port is not None and (self.proc is None or self.proc.poll() is not None):
+                try:
+                    os.unlink(f"/tmp/seaweedfs-{comp}-grpc-{port}.sock")
+                except OSError:
+                    pass
         if self._log is not None:
             self._log.close()
             self._log = None
