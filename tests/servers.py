@@ -21,6 +21,7 @@ namespaces reach them (see tests/netns.py). ``.host`` is the address to hand to 
 may run in a namespace; the URL uses it.
 """
 
+import ctypes
 import json
 import os
 import pwd
@@ -91,6 +92,16 @@ def _wait(predicate, timeout: float, what: str, proc=None, log=None):
             raise TimeoutError(f"timed out after {timeout} s waiting for {what} (last error: "
                                f"{last!r})\n--- log ---\n{_log_tail(log) if log else ''}")
         time.sleep(POLL)
+
+
+_prctl = ctypes.CDLL(None, use_errno=True).prctl   # resolved here: the child may not be root
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent():
+    """preexec_fn: SIGKILL this child when the test process dies (even by SIGKILL), so a
+    killed test run leaves no server behind. Runs after the uid switch, which would clear it."""
+    _prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
 
 
 def _stop_process(proc: subprocess.Popen, sig=signal.SIGTERM, timeout=STOP_TIMEOUT):
@@ -181,7 +192,8 @@ class PostgresServer:
 
     # -- helpers
     def _popen_kwargs(self):
-        kw = dict(cwd=self.tmp, start_new_session=True, env={**os.environ, "LC_ALL": "C"})
+        kw = dict(cwd=self.tmp, start_new_session=True, env={**os.environ, "LC_ALL": "C"},
+                  preexec_fn=_die_with_parent)
         if self.run_as is not None:
             kw.update(user=self.run_as.pw_uid, group=self.run_as.pw_gid, extra_groups=[])
             kw["env"]["HOME"] = self.tmp
@@ -511,7 +523,8 @@ class SeaweedS3:
                "WEED_MASTER_VOLUME_GROWTH_COPY_1": "1",
                "WEED_MASTER_VOLUME_GROWTH_COPY_OTHER": "1"}
         self.proc = subprocess.Popen(self.argv(), cwd=self.tmp, env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
         probe = self.client(connect_timeout=1, read_timeout=3, retries={"max_attempts": 1})
         _wait(lambda: probe.list_buckets() is not None, timeout,
               f"SeaweedFS S3 on {self.endpoint_url}", self.proc, self.log_path)
