@@ -32,6 +32,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -98,10 +99,17 @@ _prctl = ctypes.CDLL(None, use_errno=True).prctl   # resolved here: the child ma
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent():
-    """preexec_fn: SIGKILL this child when the test process dies (even by SIGKILL), so a
-    killed test run leaves no server behind. Runs after the uid switch, which would clear it."""
+def _set_pdeathsig():
     _prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+
+def _die_with_parent():
+    """A preexec_fn that SIGKILLs the child when the test process dies (even by SIGKILL), so a
+    killed run leaves no server behind (it runs after the uid switch, which would clear it).
+
+    Only from the main thread: the signal fires when the *thread* that forked the child ends,
+    so a server (re)started from a helper thread (a fault injector) must not carry it."""
+    return _set_pdeathsig if threading.current_thread() is threading.main_thread() else None
 
 
 def _stop_process(proc: subprocess.Popen, sig=signal.SIGTERM, timeout=STOP_TIMEOUT):
@@ -193,7 +201,7 @@ class PostgresServer:
     # -- helpers
     def _popen_kwargs(self):
         kw = dict(cwd=self.tmp, start_new_session=True, env={**os.environ, "LC_ALL": "C"},
-                  preexec_fn=_die_with_parent)
+                  preexec_fn=_die_with_parent())
         if self.run_as is not None:
             kw.update(user=self.run_as.pw_uid, group=self.run_as.pw_gid, extra_groups=[])
             kw["env"]["HOME"] = self.tmp
@@ -524,7 +532,7 @@ class SeaweedS3:
                "WEED_MASTER_VOLUME_GROWTH_COPY_OTHER": "1"}
         self.proc = subprocess.Popen(self.argv(), cwd=self.tmp, env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True,
-                                     preexec_fn=_die_with_parent)
+                                     preexec_fn=_die_with_parent())
         probe = self.client(connect_timeout=1, read_timeout=3, retries={"max_attempts": 1})
         _wait(lambda: probe.list_buckets() is not None, timeout,
               f"SeaweedFS S3 on {self.endpoint_url}", self.proc, self.log_path)
