@@ -2,23 +2,32 @@
 
 Load these fixtures with ``pytest_plugins = ["servers"]`` in a test module (or in conftest.py).
 They are session-scoped: one server of each kind serves the whole run, on free ports, and is
-stopped (and its temp directory removed) at the end of the session, even on failure.
+stopped (and its temp directory removed) at the end of the session, even on failure; started
+from the main thread they also die with the test process if it is killed (PR_SET_PDEATHSIG).
+A server that cannot be found is a skip with the reason, except under CI=true: a failure.
 
 Fixtures
 --------
-``postgres`` (session): a :class:`PostgresServer` (``.url``, ``.host``, ``.port``, ``.stop()``,
-    ``.start()``, ``.restart()``, ``.new_database()``, ``.drop_database()``).
+``postgres`` (session): a :class:`PostgresServer` (``.url``, ``.host``, ``.port``,
+    ``.stop(mode)``, ``.start()``, ``.restart(mode)``, ``.running()``, ``.new_database()``,
+    ``.drop_database(url)``, ``.admin()``, ``.env()``, ``.log_path``). ``mode``: ``fast``
+    (default), ``smart`` or ``immediate`` (a crash: recovery on the next start). Restart keeps
+    the data dir and port and takes ~0.1-0.3 s. Runs as user ``postgres`` when we are root.
 ``postgres_url`` (session): ``postgresql://fms@HOST:PORT/fms`` (superuser ``fms``, trust auth).
-``pg_database_url`` (function): the URL of a FRESH empty database, dropped after the test.
+``pg_database_url`` (function): the URL of a FRESH empty database, dropped afterwards (the
+    server is started again first if the test left it stopped).
 ``s3`` / ``s3_endpoint`` (session): a :class:`SeaweedS3` (``.endpoint_url``, ``.access_key``,
-    ``.secret_key``, ``.region``, ``.env()``, ``.make_bucket()``, ``.client()``, ``.stop()``,
-    ``.start()``, ``.restart()``).
-``s3_bucket`` (function): a fresh empty bucket name on ``s3``.
+    ``.secret_key``, ``.region``, ``.env()``, ``.client()``, ``.make_bucket()``,
+    ``.delete_bucket(name)``, ``.stop(graceful=False)``, ``.start()``, ``.restart()``,
+    ``.running()``, ``.log_path``). ``stop()`` is a SIGKILL (instant; acknowledged objects
+    survive); ``stop(graceful=True)`` is a SIGTERM and takes ~15 s. (Re)start takes ~3 s.
+``s3_bucket`` (function): a fresh empty bucket name on ``s3``, emptied and deleted afterwards.
 
 Addresses: both servers listen on 127.0.0.1 and, when tests/netns.py could create its host
 bridge (root + ``ip``), on the bridge's host address too, so that processes in network
-namespaces reach them (see tests/netns.py). ``.host`` is the address to hand to processes that
-may run in a namespace; the URL uses it.
+namespaces reach them (see tests/netns.py). ``.host`` / the URLs use the bridge address when
+there is one (it is a local address: host processes reach it too), else 127.0.0.1. SeaweedFS's
+S3 gateway binds that one address only; its master, volume and filer stay on 127.0.0.1.
 """
 
 import ctypes
