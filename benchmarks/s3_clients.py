@@ -4,7 +4,7 @@ Starts the tests' SeaweedFS fixture server (tests/servers.py: ``weed server`` on
 then, for each thread count, each library PUTs the same N objects of 1 MiB (distinct random
 payloads, the same for every library) under its own prefix and GETs them back (verified),
 in one process, in rounds whose library order rotates. Reports MiB/s, client CPU seconds per
-MiB and each library's ratio to boto3.
+MiB and each library's ratio to boto3, and the server's CPU per MiB in the same windows.
 
     .venv/bin/pip install boto3 obstore minio      # obstore/minio: measurement only
     .venv/bin/python benchmarks/s3_clients.py [--objects 200] [--threads 1,4] [--rounds 2]
@@ -107,15 +107,23 @@ class MinioClient:
 CLIENTS = [Boto3Client, Boto3NoChecksum, ObstoreClient, MinioClient]
 
 
-def timed(fn, items, threads):
-    c0, t0 = cpu_seconds(), time.perf_counter()
+def proc_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` (the server)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(fn, items, threads, server_pid):
+    c0, s0, t0 = cpu_seconds(), proc_cpu_seconds(server_pid), time.perf_counter()
     if threads == 1:
         for it in items:
             fn(it)
     else:
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(fn, items))
-    return time.perf_counter() - t0, cpu_seconds() - c0
+    return (time.perf_counter() - t0, cpu_seconds() - c0,
+            proc_cpu_seconds(server_pid) - s0)
 
 
 def main():
@@ -150,20 +158,21 @@ def main():
                     keys = [f"{cls.name}/t{threads}/r{rnd}/{i:05d}" for i in range(args.objects)]
                     cl.put(keys[0] + "-warm", payloads[0])     # connection set-up off the clock
                     cl.get(keys[0] + "-warm")
-                    wall, cpu = timed(lambda i: cl.put(keys[i], payloads[i]),
-                                      range(args.objects), threads)
+                    wall, cpu, scpu = timed(lambda i: cl.put(keys[i], payloads[i]),
+                                            range(args.objects), threads, server.proc.pid)
                     results.setdefault((cls.name, threads, "PUT"), []).append(
-                        (args.objects / wall, cpu / args.objects))
+                        (args.objects / wall, cpu / args.objects, scpu / args.objects))
 
                     def get_check(i):
                         if cl.get(keys[i]) != payloads[i]:
                             raise AssertionError(f"{cls.name}: {keys[i]} read back differs")
-                    wall, cpu = timed(get_check, range(args.objects), threads)
+                    wall, cpu, scpu = timed(get_check, range(args.objects), threads,
+                                            server.proc.pid)
                     results.setdefault((cls.name, threads, "GET"), []).append(
-                        (args.objects / wall, cpu / args.objects))
+                        (args.objects / wall, cpu / args.objects, scpu / args.objects))
         print()
         print(f"{'op':4} {'threads':>7} {'client':12} {'MiB/s':>8} {'(rounds)':>18} "
-              f"{'ratio':>6} {'CPU ms/MiB':>10}")
+              f"{'ratio':>6} {'client CPU ms/MiB':>17} {'server CPU ms/MiB':>17}")
         for op in ("PUT", "GET"):
             for threads in threads_list:
                 base = statistics.mean(r[0] for r in results[("boto3", threads, op)]) \
@@ -172,10 +181,11 @@ def main():
                     rs = results[(cls.name, threads, op)]
                     mean = statistics.mean(r[0] for r in rs)
                     cpu = statistics.mean(r[1] for r in rs) * 1000
+                    scpu = statistics.mean(r[2] for r in rs) * 1000
                     per = "/".join(f"{r[0]:.0f}" for r in rs)
                     ratio = f"{mean / base:.2f}" if base else "-"
                     print(f"{op:4} {threads:>7} {cls.name:12} {mean:8.1f} {per:>18} "
-                          f"{ratio:>6} {cpu:10.2f}")
+                          f"{ratio:>6} {cpu:17.2f} {scpu:17.2f}")
     finally:
         server.cleanup()
 

@@ -2,25 +2,35 @@
 
 Load these fixtures with ``pytest_plugins = ["servers"]`` in a test module (or in conftest.py).
 They are session-scoped: one server of each kind serves the whole run, on free ports, and is
-stopped (and its temp directory removed) at the end of the session, even on failure.
+stopped (and its temp directory removed) at the end of the session, even on failure; started
+from the main thread they also die with the test process if it is killed (PR_SET_PDEATHSIG).
+A server that cannot be found is a skip with the reason, except under CI=true: a failure.
 
 Fixtures
 --------
-``postgres`` (session): a :class:`PostgresServer` (``.url``, ``.host``, ``.port``, ``.stop()``,
-    ``.start()``, ``.restart()``, ``.new_database()``, ``.drop_database()``).
+``postgres`` (session): a :class:`PostgresServer` (``.url``, ``.host``, ``.port``,
+    ``.stop(mode)``, ``.start()``, ``.restart(mode)``, ``.running()``, ``.new_database()``,
+    ``.drop_database(url)``, ``.admin()``, ``.env()``, ``.log_path``). ``mode``: ``fast``
+    (default), ``smart`` or ``immediate`` (a crash: recovery on the next start). Restart keeps
+    the data dir and port and takes ~0.1-0.3 s. Runs as user ``postgres`` when we are root.
 ``postgres_url`` (session): ``postgresql://fms@HOST:PORT/fms`` (superuser ``fms``, trust auth).
-``pg_database_url`` (function): the URL of a FRESH empty database, dropped after the test.
+``pg_database_url`` (function): the URL of a FRESH empty database, dropped afterwards (the
+    server is started again first if the test left it stopped).
 ``s3`` / ``s3_endpoint`` (session): a :class:`SeaweedS3` (``.endpoint_url``, ``.access_key``,
-    ``.secret_key``, ``.region``, ``.env()``, ``.make_bucket()``, ``.client()``, ``.stop()``,
-    ``.start()``, ``.restart()``).
-``s3_bucket`` (function): a fresh empty bucket name on ``s3``.
+    ``.secret_key``, ``.region``, ``.env()``, ``.client()``, ``.make_bucket()``,
+    ``.delete_bucket(name)``, ``.stop(graceful=False)``, ``.start()``, ``.restart()``,
+    ``.running()``, ``.log_path``). ``stop()`` is a SIGKILL (instant; acknowledged objects
+    survive); ``stop(graceful=True)`` is a SIGTERM and takes ~15 s. (Re)start takes ~3 s.
+``s3_bucket`` (function): a fresh empty bucket name on ``s3``, emptied and deleted afterwards.
 
 Addresses: both servers listen on 127.0.0.1 and, when tests/netns.py could create its host
 bridge (root + ``ip``), on the bridge's host address too, so that processes in network
-namespaces reach them (see tests/netns.py). ``.host`` is the address to hand to processes that
-may run in a namespace; the URL uses it.
+namespaces reach them (see tests/netns.py). ``.host`` / the URLs use the bridge address when
+there is one (it is a local address: host processes reach it too), else 127.0.0.1. SeaweedFS's
+S3 gateway binds that one address only; its master, volume and filer stay on 127.0.0.1.
 """
 
+import ctypes
 import json
 import os
 import pwd
@@ -31,6 +41,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -91,6 +102,23 @@ def _wait(predicate, timeout: float, what: str, proc=None, log=None):
             raise TimeoutError(f"timed out after {timeout} s waiting for {what} (last error: "
                                f"{last!r})\n--- log ---\n{_log_tail(log) if log else ''}")
         time.sleep(POLL)
+
+
+_prctl = ctypes.CDLL(None, use_errno=True).prctl   # resolved here: the child may not be root
+PR_SET_PDEATHSIG = 1
+
+
+def _set_pdeathsig():
+    _prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+
+def _die_with_parent():
+    """A preexec_fn that SIGKILLs the child when the test process dies (even by SIGKILL), so a
+    killed run leaves no server behind (it runs after the uid switch, which would clear it).
+
+    Only from the main thread: the signal fires when the *thread* that forked the child ends,
+    so a server (re)started from a helper thread (a fault injector) must not carry it."""
+    return _set_pdeathsig if threading.current_thread() is threading.main_thread() else None
 
 
 def _stop_process(proc: subprocess.Popen, sig=signal.SIGTERM, timeout=STOP_TIMEOUT):
@@ -181,7 +209,8 @@ class PostgresServer:
 
     # -- helpers
     def _popen_kwargs(self):
-        kw = dict(cwd=self.tmp, start_new_session=True, env={**os.environ, "LC_ALL": "C"})
+        kw = dict(cwd=self.tmp, start_new_session=True, env={**os.environ, "LC_ALL": "C"},
+                  preexec_fn=_die_with_parent())
         if self.run_as is not None:
             kw.update(user=self.run_as.pw_uid, group=self.run_as.pw_gid, extra_groups=[])
             kw["env"]["HOME"] = self.tmp
@@ -507,10 +536,12 @@ class SeaweedS3:
             return
         t0 = time.monotonic()
         self._log = open(self.log_path, "ab")
-        env = {**os.environ, "WEED_MASTER_VOLUME_GROWTH_COPY_1": "1",
+        env = {**os.environ, "TMPDIR": self.tmp,     # its gRPC unix sockets go to TMPDIR
+               "WEED_MASTER_VOLUME_GROWTH_COPY_1": "1",
                "WEED_MASTER_VOLUME_GROWTH_COPY_OTHER": "1"}
         self.proc = subprocess.Popen(self.argv(), cwd=self.tmp, env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=_die_with_parent())
         probe = self.client(connect_timeout=1, read_timeout=3, retries={"max_attempts": 1})
         _wait(lambda: probe.list_buckets() is not None, timeout,
               f"SeaweedFS S3 on {self.endpoint_url}", self.proc, self.log_path)
@@ -529,6 +560,15 @@ class SeaweedS3:
         t0 = time.monotonic()
         _stop_process(self.proc, signal.SIGTERM if graceful else signal.SIGKILL)
         self.stop_seconds = time.monotonic() - t0
+        # weed puts each component's gRPC unix socket at /tmp/seaweedfs-<c>-grpc-<port>.sock
+        # whatever TMPDIR says, and a killed weed leaves them: remove ours (our ports)
+        for comp in self.COMPONENTS:
+            port = self.ports.get(comp + ".grpc")
+            if port is not None and (self.proc is None or self.proc.poll() is not None):
+                try:
+                    os.unlink(f"/tmp/seaweedfs-{comp}-grpc-{port}.sock")
+                except OSError:
+                    pass
         if self._log is not None:
             self._log.close()
             self._log = None

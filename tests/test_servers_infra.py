@@ -113,3 +113,17 @@ def test_s3_stop_start_keeps_data_and_port(s3, s3_bucket, graceful):
     assert c.get_object(Bucket=s3_bucket, Key="k")["Body"].read() == b"durable"
     print(f"SeaweedFS stop ({'SIGTERM' if graceful else 'SIGKILL'}): {s3.stop_seconds:.2f} s, "
           f"start: {s3.start_seconds:.2f} s")
+
+
+def test_restart_from_a_helper_thread_survives_the_thread(postgres, pg_database_url, s3,
+                                                          s3_bucket):
+    """A fault injector thread may restart the servers: they must outlive that thread."""
+    import threading
+    t = threading.Thread(target=lambda: (postgres.restart(), s3.restart()))
+    t.start()
+    t.join(120)
+    assert not t.is_alive()
+    with psycopg.connect(pg_database_url) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    s3.client().put_object(Bucket=s3_bucket, Key="k", Body=b"v")
+    assert postgres.running() and s3.running()
