@@ -543,9 +543,18 @@ class SeaweedS3:
                                      stderr=subprocess.STDOUT, start_new_session=True,
                                      preexec_fn=_die_with_parent())
         probe = self.client(connect_timeout=1, read_timeout=3, retries={"max_attempts": 1})
-        _wait(lambda: probe.list_buckets() is not None, timeout,
+        _wait(lambda: probe.list_buckets() is not None and self._volume_server_known(), timeout,
               f"SeaweedFS S3 on {self.endpoint_url}", self.proc, self.log_path)
         self.start_seconds = time.monotonic() - t0
+
+    def _volume_server_known(self) -> bool:
+        """The master knows a volume server: reads of stored objects can be served (after a
+        restart the S3 API answers before the volume server has registered again)."""
+        import json
+        import urllib.request
+        url = f"http://127.0.0.1:{self.ports['master']}/dir/status"
+        with urllib.request.urlopen(url, timeout=3) as reply:
+            return bool(json.loads(reply.read())["Topology"]["DataCenters"])
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

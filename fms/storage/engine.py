@@ -163,9 +163,9 @@ class Store:
             self.put_chunk(change.sha256, inline)
             return None
         if count == 1:
-            self._check_sizes(change)
+            self._check_sizes(change, blobs=True)
             return None
-        self._check_sizes(change)
+        self._check_sizes(change, blobs=False)    # the read-back below finds absent blobs
         # One hash pass over what is stored: the whole-file sha256 covers every chunk's bytes, so
         # chunks are verified one by one only when it fails, to tell a damaged chunk (set aside,
         # and uploaded again by the client) from a wrong sha256 in the commit.
@@ -199,12 +199,14 @@ class Store:
             raise MissingChunks(f"chunk {digest.hex()[:16]} is not in the store; upload it and "
                                 f"commit again", missing=[digest]) from None
 
-    def _check_sizes(self, change: NewVersion):
-        """Every chunk is stored (row and bytes) with the length the file's shape gives it."""
+    def _check_sizes(self, change: NewVersion, blobs: bool):
+        """Every chunk has a row (and, with ``blobs``, its bytes are stored) with the length the
+        file's shape gives it."""
         missing = []
         for i, digest in enumerate(change.chunks):
             row = self.meta.chunk(digest)
-            if row is None or row.doomed or not (row.in_engine or self.chunks.has(digest)):
+            if row is None or row.doomed or (blobs and not (row.in_engine
+                                                            or self.chunks.has(digest))):
                 missing.append(digest)
                 continue
             want = p.chunk_length(i, change.size, change.chunk_size)
