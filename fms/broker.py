@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from . import limits
 from . import protocol as p
 from .errors import BadRequest
 from .logutil import RateLimitedLog
@@ -27,6 +28,18 @@ log = logging.getLogger("fms.broker")
 FRONTEND = "f"
 BACKEND = "b"
 DRAIN_BATCH = 64    # messages taken from one socket per poll, so neither socket starves the other
+
+
+def read_header(buf) -> dict:
+    """The fields of a request header the broker needs, within bounds: a small header is
+    decoded (with msgpack's limits), a large one (only commit and have may be) is only peeked
+    at, its lists skipped without being built.
+
+    :raises BadRequest: not a bounded msgpack map (``too_large`` when over the limit).
+    """
+    if limits.frame_len(buf) <= limits.MAX_HEADER:
+        return p.decode(buf, "request")
+    return limits.peek_large(buf)
 
 
 @dataclass
@@ -144,7 +157,7 @@ class Broker:
         origin = {"from": ident, "via": FRONTEND}
         req_id = None
         try:
-            header = p.decode(frames[1].buffer)
+            header = read_header(frames[1].buffer)
             op = header.get("op")
             req_id = p.need(header, "id", (int, str))
             if header.get("v") != p.PROTOCOL_VERSION:
@@ -162,7 +175,7 @@ class Broker:
                 return
         except BadRequest as exc:
             self._bad.warning("event=bad_client_message error=%r", str(exc))
-            self._reply_error(origin, req_id, "bad_request", str(exc))
+            self._reply_error(origin, req_id, exc.code, str(exc))
             return
         if op == "status":
             self._send(self.frontend, [ident, p.encode(p.ok_reply(req_id, **self.status()))])
@@ -224,7 +237,7 @@ class Broker:
         try:
             if len(frames) < 2:
                 raise BadRequest("worker message without a route frame")
-            route = p.decode(frames[1].buffer)
+            route = p.decode(frames[1].buffer, "route")
             kind = route.get("t")
             worker = self.workers.get(ident)
             if kind == "ready":
@@ -318,7 +331,7 @@ class Broker:
         origin = {"from": worker.ident, "via": BACKEND}
         if len(body) not in (1, 2):
             raise BadRequest(f"worker request has {len(body)} body frames, expected 1 or 2")
-        header = p.decode(body[0].buffer)
+        header = read_header(body[0].buffer)
         if service not in p.SERVICES:
             self._reply_error(origin, header.get("id"), "bad_request", f"unknown service {service!r}")
             return

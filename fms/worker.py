@@ -168,7 +168,7 @@ def _handle(service, link: BrokerLink, frames, log, bad: RateLimitedLog):
 def _dispatch(service, link: BrokerLink, frames, log):
     if len(frames) < 1:
         raise BadRequest("empty message")
-    route = p.decode(frames[0].buffer)
+    route = p.decode(frames[0].buffer, "route")
     kind = route.get("t")
     if kind == "req":
         _handle_request(service, link, route, frames[1:], log)
@@ -202,7 +202,7 @@ def _handle_request(service, link, route, body, log):
         return
     req_id = None
     try:
-        header = p.decode(body[0].buffer)
+        header = p.decode(body[0].buffer, "request")
         req_id = p.need(header, "id", (int, str))   # every handler may rely on it
         service.handle_request(route, header, body[1] if len(body) == 2 else None)
     except FmsError as exc:
