@@ -27,6 +27,7 @@ log = logging.getLogger("fms.broker")
 
 FRONTEND = "f"
 BACKEND = "b"
+MAX_ID_LEN = 128    # characters of a worker id or store id kept (they are shown in status)
 DRAIN_BATCH = 64    # messages taken from one socket per poll, so neither socket starves the other
 
 
@@ -72,11 +73,15 @@ class Broker:
     :param backend: endpoint to bind for workers.
     """
 
-    def __init__(self, frontend: str, backend: str, ctx: zmq.Context | None = None, curve=None):
+    def __init__(self, frontend: str, backend: str, ctx: zmq.Context | None = None, curve=None,
+                 store: str | None = None):
         """:param curve: a :class:`~fms.security.CurveServer` to require CURVE and an allowlist
-        on both sockets, or None for plaintext."""
+        on both sockets (clients' on the frontend, workers' on the backend), or None for
+        plaintext.
+        :param store: the store id storage workers must serve; None: the first one's."""
         self.ctx = ctx or zmq.Context.instance()
         self.curve = curve
+        self.pinned_store = store
         self.frontend_endpoint = frontend
         self.backend_endpoint = backend
         self.frontend = None
@@ -87,6 +92,7 @@ class Broker:
         self._keys = itertools.count(1)
         self._bad = RateLimitedLog(log)
         self._undeliverable = RateLimitedLog(log)
+        self._refusals = RateLimitedLog(log)
         self.started = time.time()
         self.metrics = BrokerMetrics()
 
@@ -95,13 +101,13 @@ class Broker:
     def bind(self):
         """Bind both sockets; the actual endpoints (with any ``*`` port resolved) are kept."""
         self.frontend = self._router(self.frontend_endpoint, hwm=p.CLIENT_QUEUE)
-        self.backend = self._router(self.backend_endpoint)
+        self.backend = self._router(self.backend_endpoint, workers=True)
         self.frontend_endpoint = self.frontend.last_endpoint.decode()
         self.backend_endpoint = self.backend.last_endpoint.decode()
         log.info("event=listening frontend=%s backend=%s", self.frontend_endpoint,
                  self.backend_endpoint)
 
-    def _router(self, endpoint: str, hwm: int | None = None) -> zmq.Socket:
+    def _router(self, endpoint: str, hwm: int | None = None, workers: bool = False) -> zmq.Socket:
         sock = self.ctx.socket(zmq.ROUTER)
         sock.linger = 0
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)   # an unroutable reply raises, never vanishes
@@ -112,7 +118,7 @@ class Broker:
         if hwm is not None:
             sock.setsockopt(zmq.SNDHWM, hwm)
         if self.curve is not None:
-            self.curve.apply(sock)
+            self.curve.apply(sock, workers=workers)
         sock.bind(endpoint)
         return sock
 
@@ -186,7 +192,11 @@ class Broker:
                               f"more than {p.MAX_CLIENT_INFLIGHT} requests in flight from one "
                               f"client; wait for replies before sending more", op=op)
             return
-        self.dispatch(p.OP_SERVICE[op], op, req_id, origin, frames[1:])
+        service = p.OP_SERVICE[op]
+        if header.get("fresh") is True and op in ("get", "chunk"):
+            # The client found what the cache gave it corrupt: this once, ask storage itself.
+            service = p.STORAGE
+        self.dispatch(service, op, req_id, origin, frames[1:])
 
     def dispatch(self, service: str, op: str, req_id, origin: dict, body: list, exclude=(),
                  started=None):
@@ -228,11 +238,12 @@ class Broker:
     def process_worker(self, frames):
         """``[identity, route, header?, data?]`` from a worker."""
         ident = frames[0].bytes
-        if self.curve is not None and not self.curve.allowed(frames[-1]):
-            # Its key was removed from the allow directory: it gets no more requests.
+        if self.curve is not None and not self.curve.allowed(frames[-1], workers=True):
+            # Its key was removed from the workers' allow directory: no more requests.
             self.delete_worker(ident, "key no longer allowed")
             self._send(self.backend, [ident, p.encode({"t": "refused", "msg": "this worker's key "
-                                                        "is not in the broker's allow directory"})])
+                                                        "is not in the broker's --allow-workers "
+                                                        "directory"})])
             return
         try:
             if len(frames) < 2:
@@ -264,20 +275,30 @@ class Broker:
 
     def register_worker(self, ident: bytes, route: dict):
         service = route.get("svc")
-        worker_id = str(route.get("wid", ident.hex()))
+        worker_id = str(route.get("wid", ident.hex()))[:MAX_ID_LEN]
         store_id = route.get("store")
+        if store_id is not None and not isinstance(store_id, str):
+            store_id = repr(store_id)
+        if store_id is not None:
+            store_id = store_id[:MAX_ID_LEN]
         if route.get("v") != p.PROTOCOL_VERSION:
             return self._refuse(ident, f"protocol version {route.get('v')!r} is not supported; "
                                        f"this broker speaks {p.PROTOCOL_VERSION}")
         if service not in p.SERVICES:
             return self._refuse(ident, f"unknown service {service!r}")
         if service == p.STORAGE:
-            current = self.store_id()
-            if current is not None and store_id != current and ident not in self.workers:
+            # The store is decided by storage (the broker's --store, read from the data
+            # directory), else by the storage workers already serving.  A worker of another
+            # store is refused but not told to exit: if an impostor registered first, the real
+            # workers keep asking and get in as soon as it is gone.
+            current = self.pinned_store or self.store_id(exclude=ident)
+            if current is not None and store_id != current:
                 return self._refuse(
-                    ident, f"this worker serves a different store ({store_id}) than the "
-                           f"storage workers already connected ({current}); start it with the "
-                           f"same --data directory as them (sharding across stores comes later)")
+                    ident, f"this worker serves a different store ({store_id!r:.80}) than the "
+                           f"{'broker was started for' if self.pinned_store else 'storage workers already connected'} "
+                           f"({current}); start it with the same --data directory as them "
+                           f"(sharding across stores comes later); it retries every second",
+                    retry=True)
         if ident in self.workers:
             self.delete_worker(ident, "registered again")
         self.workers[ident] = Worker(ident, service, worker_id, store_id,
@@ -291,15 +312,18 @@ class Broker:
             self.metrics.workers.labels(service).set(
                 sum(w.service == service for w in self.workers.values()))
 
-    def store_id(self):
+    def store_id(self, exclude=None):
         for worker in self.workers.values():
-            if worker.service == p.STORAGE:
+            if worker.service == p.STORAGE and worker.ident != exclude:
                 return worker.store_id
         return None
 
-    def _refuse(self, ident: bytes, message: str):
-        log.warning("event=worker_refused worker=%s reason=%r", ident.hex(), message)
-        self._send(self.backend, [ident, p.encode({"t": "refused", "msg": message})])
+    def _refuse(self, ident: bytes, message: str, retry: bool = False):
+        self._refusals.warning("event=worker_refused worker=%s reason=%r", ident.hex(), message)
+        route = {"t": "refused", "msg": message}
+        if retry:
+            route["retry"] = True
+        self._send(self.backend, [ident, p.encode(route)])
 
     def process_reply(self, worker: Worker, route: dict, body: list):
         key = route.get("k")

@@ -50,6 +50,7 @@ class BrokerLink:
         self.log = log
         self.sock = None
         self.registered = False
+        self.refusals = RateLimitedLog(log)
 
     def connect(self):
         if self.sock is not None:
@@ -190,7 +191,14 @@ def _dispatch(service, link: BrokerLink, frames, log):
         link.registered = False
         link.send_ready()
     elif kind == "refused":
-        raise WorkerRefused(str(route.get("msg", "refused by broker")))
+        message = str(route.get("msg", "refused by broker"))
+        if route.get("retry") is True:
+            # Not for good (e.g. another store's worker is registered, maybe an impostor):
+            # stay up; the broker's next message makes this worker ask again.
+            link.registered = False
+            link.refusals.warning("event=refused_for_now reason=%r", message)
+            return
+        raise WorkerRefused(message)
     else:
         raise BadRequest(f"unknown route type {kind!r}")
 

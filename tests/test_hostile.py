@@ -114,3 +114,139 @@ def test_commit_and_have_headers_over_64_kib_still_work(cluster):
     with cluster.client(chunk_size=p.MIN_CHUNK_SIZE) as c:
         c.put_bytes(data, "many-chunks")
         assert c.get_bytes("many-chunks") == data
+
+
+# --- 2. only workers serve ---
+
+class FakeWorker:
+    """A process on the backend that says it is a worker (in a thread of the test process).
+
+    :param handle: ``handle(header) -> (reply header, data frame or None)`` for each request.
+    """
+
+    def __init__(self, endpoint, ready: dict, handle=None):
+        import threading
+        self.endpoint = endpoint
+        self.ready = {"t": "ready", "v": 1, **ready}
+        self.handle = handle
+        self.welcomed = threading.Event()
+        self.refused = threading.Event()
+        self.served = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(10)
+        assert not self._thread.is_alive()
+
+    def _run(self):
+        sock = _dealer(self.endpoint)
+        try:
+            sock.send(p.encode(self.ready))
+            next_beat = time.monotonic() + 0.3
+            while not self._stop.is_set():
+                if sock.poll(50):
+                    frames = sock.recv_multipart()
+                    route = p.decode(frames[0])
+                    if route["t"] == "welcome":
+                        self.welcomed.set()
+                    elif route["t"] == "refused":
+                        self.refused.set()
+                    elif route["t"] == "reregister":
+                        sock.send(p.encode(self.ready))
+                    elif route["t"] == "req" and self.handle is not None:
+                        header, data = self.handle(p.decode(frames[1]))
+                        back = {"t": "rep", "k": route["k"], "to": route["from"],
+                                "via": route["via"], "ok": header["ok"]}
+                        self.served += 1
+                        sock.send_multipart([p.encode(back), p.encode(header)]
+                                            + ([data] if data is not None else []))
+                if time.monotonic() >= next_beat:
+                    sock.send(p.encode({"t": "hb"}))
+                    next_beat = time.monotonic() + 0.3
+            sock.send(p.encode({"t": "bye"}))
+        finally:
+            sock.close()
+
+
+def test_an_impostor_registered_first_makes_no_real_storage_worker_exit(make_cluster):
+    """Unpinned broker, an impostor of another store registers first: the real worker is
+    refused for now, stays up, and serves as soon as the impostor is gone."""
+    cluster = make_cluster()
+    cluster.start_broker()
+    with FakeWorker(cluster.backend, {"svc": "storage", "wid": "impostor", "store": "bogus"}) \
+            as fake:
+        assert fake.welcomed.wait(10)
+        real = cluster.start_storage(wid="storage-a")
+        wait_for(lambda: "different store" in real.log(), 15, "the real worker to be refused")
+        assert real.alive()
+    wait_for(lambda: [w["id"] for w in cluster.workers("storage")] == ["storage-a"], 15,
+             "the real worker to get in once the impostor left")
+    with cluster.client() as c:
+        c.put_bytes(b"real", "r")
+        assert c.get_bytes("r") == b"real"
+    assert real.alive()
+
+
+def test_with_the_store_pinned_an_impostor_first_is_refused_and_real_workers_serve(
+        make_cluster, tmp_path):
+    from fms.cli import _store_id
+    cluster = make_cluster()
+    os.makedirs(cluster.storage_dir)
+    cluster.start_broker(extra=["--store", _store_id(cluster.storage_dir)])
+    with FakeWorker(cluster.backend, {"svc": "storage", "wid": "impostor", "store": "bogus"},
+                    lambda h: (p.ok_reply(h["id"], written=True), None)) as fake:
+        assert fake.refused.wait(10) and not fake.welcomed.is_set()
+        cluster.start_cache()
+        cluster.start_storage(wid="storage-a")
+        cluster.start_storage(wid="storage-b")
+        cluster.wait_workers(storage=2, cache=1)
+        with cluster.client() as c:
+            for i in range(30):
+                c.put_bytes(b"upload %d" % i, f"u{i}")
+            for i in range(30):                   # every acked upload is there
+                assert c.get_bytes(f"u{i}") == b"upload %d" % i
+        assert fake.served == 0 and not fake.welcomed.is_set()
+    assert all(proc.alive() for proc in cluster.procs)
+
+
+def test_a_chunk_failing_verification_is_fetched_once_more_from_storage(make_cluster):
+    """A cache (here a fake one) that serves forged bytes: the client checks every chunk and
+    a small file's content, asks storage itself once, and gets the truth."""
+    cluster = make_cluster()
+    cluster.start_broker()
+    cluster.start_storage(wid="storage-a")
+    cluster.wait_workers(storage=1, cache=0)
+    big, small = random_bytes(3 * MiB + 5, 3), b"small and true"
+    with cluster.client() as c:
+        c.put_bytes(big, "big")
+        c.put_bytes(small, "small")
+        manifests = {}
+        for name, data in (("big", big), ("small", small)):
+            st = c.stat(name)
+            manifests[name] = {
+                "name": name, "size": len(data), "sha256": p.sha256(data),
+                "chunk_size": st["chunk_size"], "mtime": st["mtime"], "version": st["version"],
+                "chunks": [p.sha256(data[i:i + st["chunk_size"]])
+                           for i in range(0, len(data), st["chunk_size"])]}
+
+    def forge(header):
+        if header["op"] == "get":
+            forged = bytes(p.pack_data(b"small and FALSE"[:len(small)]))
+            manifest = manifests[header["name"]]
+            return (p.ok_reply(header["id"], manifest=manifest),
+                    forged if header["name"] == "small" else None)
+        size = len(big) - 3 * MiB if header["hash"] == manifests["big"]["chunks"][-1] else MiB
+        return p.ok_reply(header["id"]), bytes(p.pack_data(bytes(size)))
+
+    with FakeWorker(cluster.backend, {"svc": "cache", "wid": "fake-cache"}, forge) as fake:
+        assert fake.welcomed.wait(10)
+        with cluster.client() as c:
+            assert c.get_bytes("big") == big
+            assert c.get_bytes("small") == small
+        assert fake.served >= 2 + 4          # it was asked, and every answer was refused
