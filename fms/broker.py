@@ -9,6 +9,7 @@ flight.  A request in flight on a worker that dies is handed to another worker i
 idempotent, and answered with ``unavailable`` otherwise.
 """
 
+import collections
 import itertools
 import logging
 import time
@@ -29,6 +30,15 @@ FRONTEND = "f"
 BACKEND = "b"
 MAX_ID_LEN = 128    # characters of a worker id or store id kept (they are shown in status)
 DRAIN_BATCH = 64    # messages taken from one socket per poll, so neither socket starves the other
+
+
+def deadline_of(header: dict) -> float:
+    """The broker's own monotonic deadline for a request: now plus the client's relative
+    budget ``ttl_ms`` (relative, so no clocks need agree across hosts), within bounds."""
+    ttl = header.get("ttl_ms")
+    if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl <= 0:
+        ttl = limits.DEFAULT_TTL_MS
+    return time.monotonic() + min(ttl, limits.MAX_TTL_MS) / 1000
 
 
 def read_header(buf) -> dict:
@@ -57,13 +67,16 @@ class Worker:
 
 @dataclass
 class Pending:
-    worker: bytes
-    service: str
+    worker: bytes | None   # None while queued at the broker
+    service: str        # the service asked for
     op: str
     origin: dict        # {"from": identity, "via": FRONTEND|BACKEND}
     body: list          # header frame (+ data frame), kept for re-dispatch
     req_id: object
     started: float      # time.monotonic() when the request reached the broker
+    deadline: float = float("inf")   # time.monotonic() past which nobody waits for it
+    target: str = ""    # the service serving it (the asked one, or its fallback)
+    exclude: tuple = () # workers that died holding it
 
 
 class Broker:
@@ -88,7 +101,16 @@ class Broker:
         self.backend = None
         self.workers = {}            # ident -> Worker
         self.pending = {}            # request key -> Pending
-        self.client_inflight = {}    # client identity -> requests of it in flight
+        self.client_inflight = {}    # client identity -> requests of it in flight (or queued)
+        # Requests wait here while every worker of their service has its credit in flight:
+        # service -> {(via, origin identity) -> deque of request keys}, served round robin, so
+        # one client's flood waits behind everyone else's next request, not in front of it.
+        self.queues = {service: collections.OrderedDict() for service in p.SERVICES}
+        self.dropped = 0             # requests dropped: deadline passed, or their client left
+        self._client_fd = {}         # client identity -> fd of its connection
+        self._fd_clients = {}        # fd -> client identities seen on it
+        self.monitor = None
+        self._drops = RateLimitedLog(log)
         self._keys = itertools.count(1)
         self._bad = RateLimitedLog(log)
         self._undeliverable = RateLimitedLog(log)
@@ -102,6 +124,8 @@ class Broker:
         """Bind both sockets; the actual endpoints (with any ``*`` port resolved) are kept."""
         self.frontend = self._router(self.frontend_endpoint, hwm=p.CLIENT_QUEUE)
         self.backend = self._router(self.backend_endpoint, workers=True)
+        # Disconnections of clients, so that their queued work is dropped at once.
+        self.monitor = self.frontend.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.frontend_endpoint = self.frontend.last_endpoint.decode()
         self.backend_endpoint = self.backend.last_endpoint.decode()
         log.info("event=listening frontend=%s backend=%s", self.frontend_endpoint,
@@ -123,6 +147,9 @@ class Broker:
         return sock
 
     def close(self):
+        if self.monitor is not None:
+            self.frontend.disable_monitor()
+            self.monitor.close(linger=0)
         for sock in (self.frontend, self.backend):
             if sock is not None:
                 sock.close(linger=0)
@@ -135,16 +162,23 @@ class Broker:
         poller = zmq.Poller()
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
         next_heartbeat = time.monotonic() + p.HEARTBEAT_INTERVAL
+        next_sweep = time.monotonic() + limits.SWEEP_INTERVAL
         while not should_stop():
-            timeout = max(0.0, next_heartbeat - time.monotonic())
+            timeout = max(0.0, min(next_heartbeat, next_sweep) - time.monotonic())
             events = dict(poller.poll(int(timeout * 1000)))
+            if self.monitor in events:     # before the frontend: a reused fd is seen gone first
+                drain(self.monitor, self.process_monitor, DRAIN_BATCH)
             # Under load, take what is queued without polling again for each message: a poll
             # costs about as much as the routing.  Replies first, so work in flight drains.
             if self.backend in events:
                 drain(self.backend, self.process_worker, DRAIN_BATCH)
             if self.frontend in events:
                 drain(self.frontend, self.process_client, DRAIN_BATCH)
+            if time.monotonic() >= next_sweep:
+                self.expire(time.monotonic())
+                next_sweep = time.monotonic() + limits.SWEEP_INTERVAL
             if time.monotonic() >= next_heartbeat:
                 self.purge_workers()
                 self.send_heartbeats()
@@ -162,6 +196,7 @@ class Broker:
             return
         origin = {"from": ident, "via": FRONTEND}
         req_id = None
+        self._note_fd(ident, frames[0])
         try:
             header = read_header(frames[1].buffer)
             op = header.get("op")
@@ -196,42 +231,144 @@ class Broker:
         if header.get("fresh") is True and op in ("get", "chunk"):
             # The client found what the cache gave it corrupt: this once, ask storage itself.
             service = p.STORAGE
-        self.dispatch(service, op, req_id, origin, frames[1:])
+        self.dispatch(service, op, req_id, origin, frames[1:], deadline=deadline_of(header))
 
     def dispatch(self, service: str, op: str, req_id, origin: dict, body: list, exclude=(),
-                 started=None):
-        """Send a request to the least-loaded live worker of ``service`` (or its fallback)."""
-        worker = self.require_worker(service, exclude)
-        if worker is None and service in p.FALLBACK_SERVICE:
-            worker = self.require_worker(p.FALLBACK_SERVICE[service], exclude)
-        if worker is None:
+                 started=None, deadline=None):
+        """Queue a request for ``service`` (or its fallback) and send what the workers' credit
+        allows; with no worker of either, answer ``unavailable`` at once."""
+        target = self._serving(service, exclude)
+        if target is None:
             self._reply_error(origin, req_id, "unavailable",
                               f"no {service} worker is connected to the broker; start one "
                               f"(python {service}_worker.py) or run a whole cluster with: fms up",
                               op=op)
             return
+        now = time.monotonic()
         key = next(self._keys)
-        route = {"t": "req", "k": key, **origin}
-        if not self._send(self.backend, [worker.ident, p.encode(route), *body]):
-            self.delete_worker(worker.ident, "unreachable")
-            self.dispatch(service, op, req_id, origin, body, exclude=(*exclude, worker.ident),
-                          started=started)
-            return
-        worker.inflight.add(key)
-        worker.served += 1
-        worker.last_used = key
-        self.pending[key] = Pending(worker.ident, service, op, origin, body, req_id,
-                                    started if started is not None else time.monotonic())
+        self.pending[key] = Pending(None, service, op, origin, body, req_id,
+                                    started if started is not None else now,
+                                    deadline if deadline is not None else
+                                    now + limits.DEFAULT_TTL_MS / 1000, target, tuple(exclude))
         self._track_client(origin, +1)
+        queue = self.queues[target]
+        okey = (origin["via"], origin["from"])
+        if okey not in queue:
+            queue[okey] = collections.deque()
+        queue[okey].append(key)
+        self.pump(target)
 
-    def require_worker(self, service: str, exclude=()):
-        """The live worker of ``service`` with the fewest requests in flight, or None.
+    def _serving(self, service: str, exclude=()):
+        """The service whose workers take ``service``'s requests now: itself, else its
+        fallback, else None."""
+        for candidate in (service, p.FALLBACK_SERVICE.get(service)):
+            if candidate and any(w.service == candidate and w.ident not in exclude
+                                 for w in self.workers.values()):
+                return candidate
+        return None
 
-        Ties go to the worker used least recently, so sequential requests take turns.
-        """
-        candidates = [w for w in self.workers.values()
-                      if w.service == service and w.ident not in exclude]
-        return min(candidates, key=lambda w: (len(w.inflight), w.last_used), default=None)
+    def pump(self, service: str):
+        """Send queued requests of ``service`` to its workers while they have credit: the
+        least loaded first, clients taking turns; drop those whose deadline has passed."""
+        queue = self.queues[service]
+        credit = limits.WORKER_CREDIT[service]
+        while queue:
+            free = [w for w in self.workers.values()
+                    if w.service == service and len(w.inflight) < credit]
+            if not free:
+                return
+            okey, keys = next(iter(queue.items()))
+            key = keys.popleft()
+            if keys:
+                queue.move_to_end(okey)
+            else:
+                del queue[okey]
+            pending = self.pending.get(key)
+            if pending is None:
+                continue
+            now = time.monotonic()
+            if now >= pending.deadline:
+                self._forget(key, pending, "deadline passed")
+                continue
+            # Ties go to the worker used least recently, so sequential requests take turns.
+            worker = min((w for w in free if w.ident not in pending.exclude),
+                         key=lambda w: (len(w.inflight), w.last_used), default=None)
+            if worker is None:     # only workers it must avoid have credit: it waits
+                self._requeue_front(queue, okey, key)
+                return
+            route = {"t": "req", "k": key, **pending.origin,
+                     "ttl": int((pending.deadline - now) * 1000)}
+            if not self._send(self.backend, [worker.ident, p.encode(route), *pending.body]):
+                pending.exclude = (*pending.exclude, worker.ident)
+                self._requeue_front(queue, okey, key)
+                self.delete_worker(worker.ident, "unreachable")
+                return         # delete_worker pumps again
+            pending.worker = worker.ident
+            worker.inflight.add(key)
+            worker.served += 1
+            worker.last_used = key
+
+    @staticmethod
+    def _requeue_front(queue, okey, key):
+        if okey not in queue:
+            queue[okey] = collections.deque()
+        queue[okey].appendleft(key)
+        queue.move_to_end(okey, last=False)
+
+    def expire(self, now: float):
+        """Drop queued requests whose deadline has passed: their clients stopped waiting."""
+        for queue in self.queues.values():
+            for okey, keys in list(queue.items()):
+                alive = collections.deque()
+                for key in keys:
+                    pending = self.pending.get(key)
+                    if pending is None:
+                        continue
+                    if pending.deadline <= now:
+                        self._forget(key, pending, "deadline passed")
+                    else:
+                        alive.append(key)
+                if alive:
+                    queue[okey] = alive
+                else:
+                    del queue[okey]
+
+    def client_gone(self, ident: bytes):
+        """A client disconnected: its queued requests are dropped (no one will read a reply)."""
+        for queue in self.queues.values():
+            for key in queue.pop((FRONTEND, ident), ()):
+                pending = self.pending.get(key)
+                if pending is not None:
+                    self._forget(key, pending, "client gone")
+
+    def _forget(self, key, pending: Pending, why: str):
+        del self.pending[key]
+        self._track_client(pending.origin, -1)
+        self.dropped += 1
+        self._drops.warning("event=request_dropped op=%s reason=%r dropped_total=%d",
+                            pending.op, why, self.dropped)
+
+    def _note_fd(self, ident: bytes, frame):
+        try:
+            fd = frame.get(zmq.SRCFD)
+        except (zmq.ZMQError, AttributeError, TypeError):
+            return
+        if self._client_fd.get(ident) != fd:
+            self._client_fd[ident] = fd
+            self._fd_clients.setdefault(fd, set()).add(ident)
+
+    def process_monitor(self, frames):
+        """A frontend connection closed: the clients seen on it are gone."""
+        if len(frames) != 2 or len(frames[0].bytes) != 6:
+            return
+        event = int.from_bytes(frames[0].bytes[:2], "little")
+        fd = int.from_bytes(frames[0].bytes[2:], "little")
+        if event != zmq.EVENT_DISCONNECTED:
+            return
+        for ident in self._fd_clients.pop(fd, ()):
+            if self._client_fd.get(ident) == fd:
+                del self._client_fd[ident]
+                self.client_gone(ident)
 
     # --- workers ---
 
@@ -336,6 +473,7 @@ class Broker:
             return
         worker.inflight.discard(key)
         self._track_client(pending.origin, -1)
+        self.pump(worker.service)       # its credit is free again
         name = route.get("inv")
         if isinstance(name, str):
             # Invalidate before the ack leaves: the cache's pipe is FIFO, so any read the client
@@ -359,7 +497,8 @@ class Broker:
         if service not in p.SERVICES:
             self._reply_error(origin, header.get("id"), "bad_request", f"unknown service {service!r}")
             return
-        self.dispatch(service, str(header.get("op")), header.get("id"), origin, body)
+        self.dispatch(service, str(header.get("op")), header.get("id"), origin, body,
+                      deadline=deadline_of(header))
 
     def invalidate(self, name: str):
         for worker in list(self.workers.values()):
@@ -388,12 +527,32 @@ class Broker:
             if pending.op in p.IDEMPOTENT_OPS:
                 self.metrics.redispatched.inc()
                 self.dispatch(pending.service, pending.op, pending.req_id, pending.origin,
-                              pending.body, exclude=(ident,), started=pending.started)
+                              pending.body, exclude=(*pending.exclude, ident),
+                              started=pending.started, deadline=pending.deadline)
             else:
                 self._reply_error(pending.origin, pending.req_id, "unavailable",
                                   f"the {worker.service} worker died while handling {pending.op}; "
                                   f"check the result (stat) before retrying", op=pending.op,
                                   started=pending.started)
+        self._requeue_orphans(worker.service)
+
+    def _requeue_orphans(self, service: str):
+        """After a worker left: queued requests of a service with no worker left go to its
+        fallback, or are answered ``unavailable``; the rest are pumped to who is left."""
+        queue = self.queues[service]
+        if self._serving(service) == service:
+            self.pump(service)
+            return
+        while queue:
+            _, keys = queue.popitem(last=False)
+            for key in keys:
+                pending = self.pending.pop(key, None)
+                if pending is None:
+                    continue
+                self._track_client(pending.origin, -1)
+                self.dispatch(pending.service, pending.op, pending.req_id, pending.origin,
+                              pending.body, exclude=pending.exclude, started=pending.started,
+                              deadline=pending.deadline)
 
     def send_heartbeats(self):
         beat = p.encode({"t": "hb"})
@@ -415,7 +574,9 @@ class Broker:
     def status(self) -> dict:
         return {
             "broker": {"frontend": self.frontend_endpoint, "backend": self.backend_endpoint,
-                       "uptime": time.time() - self.started, "pending": len(self.pending)},
+                       "uptime": time.time() - self.started, "pending": len(self.pending),
+                       "queued": {s: sum(map(len, q.values())) for s, q in self.queues.items()},
+                       "dropped": self.dropped},
             "workers": [
                 {"service": w.service, "id": w.worker_id, "store": w.store_id, "state": "ready",
                  "inflight": len(w.inflight), "served": w.served}

@@ -181,7 +181,9 @@ class Client:
 
     def _frames(self, op: str, fields: dict, data=None):
         req_id = next(self._ids)
-        frames = [p.encode({"v": p.PROTOCOL_VERSION, "op": op, "id": req_id, **fields})]
+        # ttl_ms: how long this try will be waited for; the broker drops it once that passes.
+        frames = [p.encode({"v": p.PROTOCOL_VERSION, "op": op, "id": req_id,
+                            "ttl_ms": int(self.timeout * 1000), **fields})]
         if data is not None:
             frames.append(data)
         return req_id, frames

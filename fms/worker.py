@@ -208,6 +208,13 @@ def _handle_request(service, link, route, body, log):
         link.reply(route, p.error_reply(None, "bad_request",
                                         f"request has {len(body) + 1} frames, expected 2 or 3"))
         return
+    ttl = route.get("ttl")
+    if isinstance(ttl, int) and not isinstance(ttl, bool):
+        if ttl <= 0:
+            return          # its deadline passed on the way: nobody waits for the answer
+        # The worker's own deadline (the ttl is relative: no clocks need agree across hosts);
+        # a service that answers later (the cache, after a fetch) drops what has expired.
+        route["deadline"] = time.monotonic() + ttl / 1000
     req_id = None
     try:
         header = p.decode(body[0].buffer, "request")

@@ -250,3 +250,73 @@ def test_a_chunk_failing_verification_is_fetched_once_more_from_storage(make_clu
             assert c.get_bytes("big") == big
             assert c.get_bytes("small") == small
         assert fake.served >= 2 + 4          # it was asked, and every answer was refused
+
+
+# --- 3. deadlines: work outlives no one ---
+
+@pytest.fixture
+def slow_cluster(make_cluster):
+    """Storage that takes 50 ms a request: 40 requests a second with two workers."""
+    cluster = make_cluster()
+    cluster.start_broker()
+    cluster.start_cache()
+    for wid in ("storage-a", "storage-b"):
+        cluster.start_storage(wid=wid, extra=["--debug-delay", "0.05"])
+    cluster.wait_workers(storage=2, cache=1)
+    return cluster
+
+
+def _flood(endpoint, clients: int, per_client: int, ttl_ms=None):
+    socks = []
+    for _ in range(clients):
+        sock = _dealer(endpoint)
+        for i in range(per_client):
+            fields = {"v": 1, "op": "ls" if i % 2 else "have", "id": i, "prefix": "",
+                      "hashes": [bytes(32)] * 64}
+            if ttl_ms is not None:
+                fields["ttl_ms"] = ttl_ms
+            sock.send(p.encode(fields))
+        socks.append(sock)
+    return socks
+
+
+def _broker_status(cluster):
+    with cluster.client(timeout=2.0, retries=0) as c:
+        return c.status()["broker"]
+
+
+def test_a_flood_from_clients_that_leave_leaves_nothing_behind(slow_cluster):
+    """8 clients queue 1024 have/ls (25 s of storage work) and disconnect: their queued work
+    is dropped at once, and a put and a stat succeed within 3 s each."""
+    socks = _flood(slow_cluster.frontend, 8, 128)
+    wait_for(lambda: _broker_status(slow_cluster)["queued"]["storage"] > 500, 10,
+             "the flood to be queued at the broker")
+    for sock in socks:
+        sock.close()
+    wait_for(lambda: _broker_status(slow_cluster)["queued"]["storage"] == 0, 3,
+             "the gone clients' queued work to be dropped")
+    with slow_cluster.client(timeout=3.0, retries=0) as c:
+        start = time.monotonic()
+        c.put_bytes(b"after the flood", "after")
+        assert c.stat("after")["size"] == 15
+        assert time.monotonic() - start < 3
+    assert _broker_status(slow_cluster)["dropped"] > 500
+
+
+def test_a_flood_whose_deadline_passes_is_dropped_and_others_take_turns(slow_cluster):
+    """Clients that stay connected but whose requests expire after 300 ms: dropped by the
+    deadline; during the flood a legit client's requests take turns with it, not after it."""
+    socks = _flood(slow_cluster.frontend, 8, 128, ttl_ms=60_000)
+    try:
+        with slow_cluster.client(timeout=2.0, retries=0) as c:
+            start = time.monotonic()
+            c.put_bytes(b"during", "during")          # have + commit, each queued behind 8
+            assert c.stat("during")["size"] == 6
+            assert time.monotonic() - start < 4
+        expiring = _flood(slow_cluster.frontend, 4, 128, ttl_ms=300)
+        socks += expiring
+        wait_for(lambda: _broker_status(slow_cluster)["dropped"] >= 4 * 128 - 64, 5,
+                 "the expired requests to be dropped")
+    finally:
+        for sock in socks:
+            sock.close()
