@@ -32,6 +32,15 @@ MAX_ID_LEN = 128    # characters of a worker id or store id kept (they are shown
 DRAIN_BATCH = 64    # messages taken from one socket per poll, so neither socket starves the other
 
 
+def _digest(op: str, header: dict) -> bytes:
+    digest = header.get("hash") if op == "chunk" else None
+    return digest if isinstance(digest, bytes) and len(digest) == p.HASH_LEN else b""
+
+
+def _nbytes(frame) -> int:
+    return frame.buffer.nbytes if hasattr(frame, "buffer") else len(frame)
+
+
 def deadline_of(header: dict) -> float:
     """The broker's own monotonic deadline for a request: now plus the client's relative
     budget ``ttl_ms`` (relative, so no clocks need agree across hosts), within bounds."""
@@ -61,6 +70,7 @@ class Worker:
     store_id: str | None
     expiry: float
     inflight: set = field(default_factory=set)   # broker request keys
+    inflight_bytes: int = 0                      # their data + the replies expected of them
     served: int = 0
     last_used: int = 0                           # request key of its latest dispatch
 
@@ -77,6 +87,9 @@ class Pending:
     deadline: float = float("inf")   # time.monotonic() past which nobody waits for it
     target: str = ""    # the service serving it (the asked one, or its fallback)
     exclude: tuple = () # workers that died holding it
+    nbytes: int = 0     # bytes of its data frame, held here until it is answered
+    expect: int = 0     # bytes its reply is expected to carry (a chunk's size, once seen)
+    digest: bytes = b"" # the chunk a `chunk` request asks for, to learn its size
 
 
 class Broker:
@@ -111,6 +124,15 @@ class Broker:
         self._fd_clients = {}        # fd -> client identities seen on it
         self.monitor = None
         self._drops = RateLimitedLog(log)
+        # Byte budgets (fms.limits): request data held per client and in all, and replies a
+        # client has not taken yet, held here (its ZeroMQ queue takes only CLIENT_PIPE).
+        self.req_bytes = {}          # client identity -> bytes of its requests' data held
+        self.total_req = 0
+        self.outbox = {}             # client identity -> deque of (frames, bytes, deadline)
+        self.outbox_bytes = {}       # client identity -> bytes held in its outbox
+        self.total_out = 0
+        self.dropped_replies = 0
+        self.chunk_sizes = collections.OrderedDict()   # digest -> size seen in a reply (LRU)
         self._keys = itertools.count(1)
         self._bad = RateLimitedLog(log)
         self._undeliverable = RateLimitedLog(log)
@@ -122,7 +144,7 @@ class Broker:
 
     def bind(self):
         """Bind both sockets; the actual endpoints (with any ``*`` port resolved) are kept."""
-        self.frontend = self._router(self.frontend_endpoint, hwm=p.CLIENT_QUEUE)
+        self.frontend = self._router(self.frontend_endpoint, hwm=limits.CLIENT_PIPE)
         self.backend = self._router(self.backend_endpoint, workers=True)
         # Disconnections of clients, so that their queued work is dropped at once.
         self.monitor = self.frontend.get_monitor_socket(zmq.EVENT_DISCONNECTED)
@@ -141,6 +163,7 @@ class Broker:
         sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_SIZE)
         if hwm is not None:
             sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.RCVHWM, limits.RECEIVE_PIPE)
         if self.curve is not None:
             self.curve.apply(sock, workers=workers)
         sock.bind(endpoint)
@@ -159,6 +182,8 @@ class Broker:
     # --- the loop ---
 
     def run(self, should_stop=lambda: False):
+        limits.tune_malloc()
+        limits.raise_fd_limit(log)
         poller = zmq.Poller()
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
@@ -167,7 +192,11 @@ class Broker:
         next_sweep = time.monotonic() + limits.SWEEP_INTERVAL
         while not should_stop():
             timeout = max(0.0, min(next_heartbeat, next_sweep) - time.monotonic())
+            if self.outbox:
+                timeout = min(timeout, limits.FLUSH_INTERVAL)
             events = dict(poller.poll(int(timeout * 1000)))
+            if self.outbox:
+                self.flush()
             if self.monitor in events:     # before the frontend: a reused fd is seen gone first
                 drain(self.monitor, self.process_monitor, DRAIN_BATCH)
             # Under load, take what is queued without polling again for each message: a poll
@@ -219,8 +248,12 @@ class Broker:
             self._reply_error(origin, req_id, exc.code, str(exc))
             return
         if op == "status":
-            self._send(self.frontend, [ident, p.encode(p.ok_reply(req_id, **self.status()))])
+            self._deliver(origin, [p.encode(p.ok_reply(req_id, **self.status()))])
             self.metrics.answered(op, "ok", 0.0)
+            return
+        over = self._over_budget(ident, _nbytes(frames[2]) if len(frames) == 3 else 0)
+        if over:
+            self._reply_error(origin, req_id, "unavailable", over, op=op)
             return
         if self.client_inflight.get(ident, 0) >= p.MAX_CLIENT_INFLIGHT:
             self._reply_error(origin, req_id, "too_large",
@@ -231,10 +264,11 @@ class Broker:
         if header.get("fresh") is True and op in ("get", "chunk"):
             # The client found what the cache gave it corrupt: this once, ask storage itself.
             service = p.STORAGE
-        self.dispatch(service, op, req_id, origin, frames[1:], deadline=deadline_of(header))
+        self.dispatch(service, op, req_id, origin, frames[1:], deadline=deadline_of(header),
+                      digest=_digest(op, header))
 
     def dispatch(self, service: str, op: str, req_id, origin: dict, body: list, exclude=(),
-                 started=None, deadline=None):
+                 started=None, deadline=None, digest=b""):
         """Queue a request for ``service`` (or its fallback) and send what the workers' credit
         allows; with no worker of either, answer ``unavailable`` at once."""
         target = self._serving(service, exclude)
@@ -246,11 +280,17 @@ class Broker:
             return
         now = time.monotonic()
         key = next(self._keys)
+        nbytes = _nbytes(body[1]) if len(body) > 1 else 0
+        if op == "chunk":
+            expect = self.chunk_sizes.get(digest, limits.CHUNK_GUESS)
+        else:
+            expect = limits.REPLY_GUESS.get(op, limits.SMALL_REPLY)
         self.pending[key] = Pending(None, service, op, origin, body, req_id,
                                     started if started is not None else now,
                                     deadline if deadline is not None else
-                                    now + limits.DEFAULT_TTL_MS / 1000, target, tuple(exclude))
-        self._track_client(origin, +1)
+                                    now + limits.DEFAULT_TTL_MS / 1000, target, tuple(exclude),
+                                    nbytes, expect, digest)
+        self._track_client(origin, +1, nbytes)
         queue = self.queues[target]
         okey = (origin["via"], origin["from"])
         if okey not in queue:
@@ -272,9 +312,13 @@ class Broker:
         least loaded first, clients taking turns; drop those whose deadline has passed."""
         queue = self.queues[service]
         credit = limits.WORKER_CREDIT[service]
+        budget = limits.WORKER_BYTES
         while queue:
+            # Credit in requests and in bytes (data sent + replies expected): a worker busy
+            # with a few 16 MiB chunks takes no more, so a small request waits behind few.
             free = [w for w in self.workers.values()
-                    if w.service == service and len(w.inflight) < credit]
+                    if w.service == service and len(w.inflight) < credit
+                    and (w.inflight_bytes < budget or not w.inflight)]
             if not free:
                 return
             okey, keys = next(iter(queue.items()))
@@ -304,6 +348,7 @@ class Broker:
                 self.delete_worker(worker.ident, "unreachable")
                 return         # delete_worker pumps again
             pending.worker = worker.ident
+            worker.inflight_bytes += pending.nbytes + pending.expect
             worker.inflight.add(key)
             worker.served += 1
             worker.last_used = key
@@ -340,10 +385,11 @@ class Broker:
                 pending = self.pending.get(key)
                 if pending is not None:
                     self._forget(key, pending, "client gone")
+        self._drop_outbox(ident)
 
     def _forget(self, key, pending: Pending, why: str):
         del self.pending[key]
-        self._track_client(pending.origin, -1)
+        self._track_client(pending.origin, -1, pending.nbytes)
         self.dropped += 1
         self._drops.warning("event=request_dropped op=%s reason=%r dropped_total=%d",
                             pending.op, why, self.dropped)
@@ -472,14 +518,20 @@ class Broker:
             log.info("event=late_reply worker=%s key=%r action=dropped", worker.worker_id, key)
             return
         worker.inflight.discard(key)
-        self._track_client(pending.origin, -1)
+        worker.inflight_bytes -= pending.nbytes + pending.expect
+        self._track_client(pending.origin, -1, pending.nbytes)
+        if pending.digest and len(body) > 1:
+            self.chunk_sizes[pending.digest] = _nbytes(body[1])
+            self.chunk_sizes.move_to_end(pending.digest)
+            if len(self.chunk_sizes) > limits.CHUNK_SIZES_KEPT:
+                self.chunk_sizes.popitem(last=False)
         self.pump(worker.service)       # its credit is free again
         name = route.get("inv")
         if isinstance(name, str):
             # Invalidate before the ack leaves: the cache's pipe is FIFO, so any read the client
             # sends after this ack reaches the cache after the invalidation (invariant 1).
             self.invalidate(name)
-        self._deliver(pending.origin, body)
+        self._deliver(pending.origin, body, pending.deadline)
         if pending.origin["via"] == FRONTEND:
             outcome = "ok" if route.get("ok", True) else str(route.get("err"))
             self.metrics.answered(pending.op, outcome, time.monotonic() - pending.started)
@@ -497,8 +549,9 @@ class Broker:
         if service not in p.SERVICES:
             self._reply_error(origin, header.get("id"), "bad_request", f"unknown service {service!r}")
             return
-        self.dispatch(service, str(header.get("op")), header.get("id"), origin, body,
-                      deadline=deadline_of(header))
+        op = str(header.get("op"))
+        self.dispatch(service, op, header.get("id"), origin, body,
+                      deadline=deadline_of(header), digest=_digest(op, header))
 
     def invalidate(self, name: str):
         for worker in list(self.workers.values()):
@@ -523,12 +576,13 @@ class Broker:
             pending = self.pending.pop(key, None)
             if pending is None:
                 continue
-            self._track_client(pending.origin, -1)
+            self._track_client(pending.origin, -1, pending.nbytes)
             if pending.op in p.IDEMPOTENT_OPS:
                 self.metrics.redispatched.inc()
                 self.dispatch(pending.service, pending.op, pending.req_id, pending.origin,
                               pending.body, exclude=(*pending.exclude, ident),
-                              started=pending.started, deadline=pending.deadline)
+                              started=pending.started, deadline=pending.deadline,
+                              digest=pending.digest)
             else:
                 self._reply_error(pending.origin, pending.req_id, "unavailable",
                                   f"the {worker.service} worker died while handling {pending.op}; "
@@ -549,10 +603,10 @@ class Broker:
                 pending = self.pending.pop(key, None)
                 if pending is None:
                     continue
-                self._track_client(pending.origin, -1)
+                self._track_client(pending.origin, -1, pending.nbytes)
                 self.dispatch(pending.service, pending.op, pending.req_id, pending.origin,
                               pending.body, exclude=pending.exclude, started=pending.started,
-                              deadline=pending.deadline)
+                              deadline=pending.deadline, digest=pending.digest)
 
     def send_heartbeats(self):
         beat = p.encode({"t": "hb"})
@@ -560,14 +614,95 @@ class Broker:
             if not self._send(self.backend, [worker.ident, beat]):
                 self.delete_worker(worker.ident, "unreachable")
 
-    def _track_client(self, origin: dict, delta: int):
+    def _track_client(self, origin: dict, delta: int, nbytes: int = 0):
         if origin["via"] != FRONTEND:
             return
-        count = self.client_inflight.get(origin["from"], 0) + delta
+        ident = origin["from"]
+        count = self.client_inflight.get(ident, 0) + delta
         if count > 0:
-            self.client_inflight[origin["from"]] = count
+            self.client_inflight[ident] = count
         else:
-            self.client_inflight.pop(origin["from"], None)
+            self.client_inflight.pop(ident, None)
+        if nbytes:
+            held = self.req_bytes.get(ident, 0) + delta * nbytes
+            self.total_req += delta * nbytes
+            if held > 0:
+                self.req_bytes[ident] = held
+            else:
+                self.req_bytes.pop(ident, None)
+
+    # --- byte budgets ---
+
+    def _over_budget(self, ident: bytes, nbytes: int):
+        """Why a new request of this client must back off, or None.
+
+        Uploads: the data of its requests held here stays within CLIENT_BYTES, and everyone's
+        within TOTAL_REQUEST_BYTES.  Replies: a client with more than CLIENT_BYTES of replies
+        it has not taken (or with any, while all clients' together pass TOTAL_REPLY_BYTES)
+        gets nothing more until it reads: it stalls itself, never the others.
+        """
+        if nbytes:
+            held = self.req_bytes.get(ident, 0)
+            if held + nbytes > limits.CLIENT_BYTES:
+                return (f"this client already has {held} bytes of uploads in flight at the "
+                        f"broker (budget {limits.CLIENT_BYTES}); wait for replies before "
+                        f"sending more (retried with backoff)")
+            if self.total_req + nbytes > limits.TOTAL_REQUEST_BYTES:
+                return ("the broker holds as many uploads as it may for all clients; retry in a "
+                        "moment (retried with backoff)")
+        unread = self.outbox_bytes.get(ident, 0)
+        if unread > limits.CLIENT_BYTES or (unread and self.total_out > limits.TOTAL_REPLY_BYTES):
+            return (f"this client has {unread} bytes of replies it has not read; read them "
+                    f"before asking for more (retried with backoff)")
+        return None
+
+    def flush(self):
+        """Send what clients' outboxes hold, as far as their queues take it; drop what has
+        passed its deadline."""
+        now = time.monotonic()
+        for ident in list(self.outbox):
+            box = self.outbox[ident]
+            while box:
+                frames, size, deadline = box[0]
+                if deadline > now:
+                    try:
+                        send_frames(self.frontend, [ident, *frames])
+                    except zmq.Again:
+                        break
+                    except zmq.ZMQError:
+                        self._drop_outbox(ident)      # the client is gone
+                        break
+                else:
+                    self.dropped_replies += 1
+                box.popleft()
+                self.outbox_bytes[ident] -= size
+                self.total_out -= size
+            if not box and ident in self.outbox:
+                del self.outbox[ident]
+                del self.outbox_bytes[ident]
+
+    def _hold(self, ident: bytes, frames: list, deadline: float):
+        size = sum(map(_nbytes, frames))
+        held = self.outbox_bytes.get(ident, 0)
+        box = self.outbox.get(ident)
+        if (held + size > limits.CLIENT_BYTES or self.total_out + size > limits.TOTAL_REPLY_BYTES
+                or (box is not None and len(box) >= limits.OUTBOX_MESSAGES)):
+            self.dropped_replies += 1
+            self._undeliverable.warning(
+                "event=undeliverable socket=frontend peer=%s error=%r held=%d", ident.hex(),
+                "queue full: the client does not read; reply dropped (byte budget)", held)
+            return
+        if box is None:
+            box = self.outbox[ident] = collections.deque()
+        box.append((frames, size, deadline))
+        self.outbox_bytes[ident] = held + size
+        self.total_out += size
+
+    def _drop_outbox(self, ident: bytes):
+        box = self.outbox.pop(ident, None)
+        if box is not None:
+            self.dropped_replies += len(box)
+            self.total_out -= self.outbox_bytes.pop(ident)
 
     # --- status ---
 
@@ -576,19 +711,38 @@ class Broker:
             "broker": {"frontend": self.frontend_endpoint, "backend": self.backend_endpoint,
                        "uptime": time.time() - self.started, "pending": len(self.pending),
                        "queued": {s: sum(map(len, q.values())) for s, q in self.queues.items()},
-                       "dropped": self.dropped},
+                       "dropped": self.dropped,
+                       "held_bytes": {"uploads": self.total_req, "replies": self.total_out},
+                       "dropped_replies": self.dropped_replies,
+                       "budgets": {"client_bytes": limits.CLIENT_BYTES,
+                                   "total_upload_bytes": limits.TOTAL_REQUEST_BYTES,
+                                   "total_reply_bytes": limits.TOTAL_REPLY_BYTES}},
             "workers": [
                 {"service": w.service, "id": w.worker_id, "store": w.store_id, "state": "ready",
-                 "inflight": len(w.inflight), "served": w.served}
+                 "inflight": len(w.inflight), "inflight_bytes": w.inflight_bytes,
+                 "served": w.served}
                 for w in sorted(self.workers.values(), key=lambda w: (w.service, w.worker_id))
             ],
         }
 
     # --- sending ---
 
-    def _deliver(self, origin: dict, body: list):
+    def _deliver(self, origin: dict, body: list, deadline: float | None = None):
         if origin["via"] == FRONTEND:
-            self._send(self.frontend, [origin["from"], *body])
+            ident = origin["from"]
+            if ident not in self.outbox:
+                try:
+                    send_frames(self.frontend, [ident, *body])
+                    return
+                except zmq.Again:
+                    pass        # its queue is full: hold the reply here, counted in bytes
+                except zmq.ZMQError as exc:
+                    self._undeliverable.warning("event=undeliverable socket=frontend peer=%s "
+                                                "error=%r", ident.hex(), exc.strerror)
+                    return
+            if deadline is None:
+                deadline = time.monotonic() + limits.DEFAULT_TTL_MS / 1000
+            self._hold(ident, body, deadline)
         else:
             self._send(self.backend, [origin["from"], p.encode({"t": "rep"}), *body])
 

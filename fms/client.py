@@ -27,6 +27,7 @@ import time
 
 import zmq
 
+from . import limits
 from . import protocol as p
 from .errors import (BadRequest, FmsError, IntegrityError, Timeout, TransportError, Unavailable,
                      from_reply)
@@ -400,7 +401,7 @@ class Client:
                         raise FmsError(f"{source} changed while it was being uploaded; "
                                        f"upload it again when it is no longer being written")
                     yield i, "put_chunk", {"hash": plan.chunks[i]}, frame
-            for i, _header, _ in self.pipeline(requests()):
+            for i, _header, _ in self.pipeline(requests(), self._data_window(plan.chunk_size)):
                 done += plan.chunk_len(i)
                 self._report(name, done, total)
 
@@ -462,6 +463,11 @@ class Client:
             self._download_chunks(manifest, stream)
         return _public(manifest)
 
+    def _data_window(self, chunk_size: int) -> int:
+        """Chunks in flight: ``window``, but never more data than the broker's per-client
+        budget (fms.limits.CLIENT_BYTES) holds, so large chunks are not refused."""
+        return max(1, min(self.window, limits.CLIENT_BYTES // (chunk_size + 64 * 1024)))
+
     def _call_aside(self, op: str, **fields):
         """One request on a connection of its own, so that it takes no reply of a pipeline
         under way on this one (rare: after a failed verification)."""
@@ -504,7 +510,7 @@ class Client:
         held = {}
         next_index = start
         requests = ((i, "chunk", {"hash": chunks[i]}, None) for i in range(start, len(chunks)))
-        for i, _header, frame in self.pipeline(requests):
+        for i, _header, frame in self.pipeline(requests, self._data_window(chunk_size)):
             if frame is None:
                 raise IntegrityError(f"chunk {i} of {manifest['name']!r} came without data")
             data = p.unpack_data(frame.buffer)

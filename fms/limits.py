@@ -149,4 +149,71 @@ MAX_TTL_MS = 600_000         # a larger ttl_ms is cut to this
 SWEEP_INTERVAL = 0.25        # seconds between sweeps of queued requests whose deadline passed
 # Requests a worker is given at once; the rest wait at the broker, where a request whose
 # deadline passes or whose client leaves is dropped before it costs a worker anything.
-WORKER_CREDIT = {"storage": 8, "cache": 128}
+WORKER_CREDIT = {"storage": 8, "cache": 32}
+
+# --- byte budgets (the broker, DESIGN.md invariant 4) ---
+
+CLIENT_BYTES = 64 * MiB             # per client: its uploads' data held, and replies it has not read
+TOTAL_REQUEST_BYTES = 512 * MiB     # all clients' uploads' data held by the broker
+TOTAL_REPLY_BYTES = 128 * MiB       # all clients' unread replies held by the broker
+CLIENT_PIPE = 1                     # SNDHWM per client: replies ZeroMQ queues; the rest wait,
+                                    # counted in bytes, in the broker's outbox for that client
+OUTBOX_MESSAGES = 512               # replies one client's outbox may hold whatever their size
+RECEIVE_PIPE = 16                   # RCVHWM per peer on both broker sockets
+WORKER_PIPE = 16                    # SNDHWM of a worker's link: replies queued towards the broker
+FLUSH_INTERVAL = 0.002              # seconds between tries to send what outboxes hold
+WORKER_BYTES = 64 * MiB             # per worker: data sent + replies expected, in flight
+CHUNK_GUESS = 1 * MiB               # a chunk reply's expected size before one was seen
+SMALL_REPLY = 4 * KiB               # expected reply size of a metadata op
+REPLY_GUESS = {"get": 128 * KiB, "ls": 1 * MiB}   # a small file's content; a page of ls
+CHUNK_SIZES_KEPT = 65536            # chunk sizes remembered (LRU), for the guesses above
+
+
+def tune_malloc(threshold: int = 1 * MiB):
+    """Have glibc serve allocations over ``threshold`` (data frames) with their own mappings,
+    given back to the system when freed.  By default the threshold grows with use up to 32 MiB,
+    after which 16 MiB frames come from the heap and a flood's peak stays resident for good.
+    A no-op where there is no glibc."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, threshold)      # M_MMAP_THRESHOLD (also stops it from growing)
+        libc.mallopt(-1, 4 * threshold)  # M_TRIM_THRESHOLD: return freed heap tops
+    except (OSError, AttributeError):
+        pass
+
+
+# --- descriptors ---
+
+def raise_fd_limit(log=None) -> tuple:
+    """Raise this process's soft limit on open descriptors to its hard limit (each client
+    connection costs the broker one; 1024, a common default, is soon reached).
+
+    :return: ``(soft, hard)`` after the change, as ``status`` reports it.
+    """
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            if log is not None:
+                log.warning("event=fd_limit_not_raised soft=%d hard=%d error=%r", soft, hard,
+                            str(exc))
+    if log is not None:
+        log.info("event=fd_limit soft=%d hard=%d", soft, hard)
+    return soft, hard
+
+
+def fd_limit() -> dict:
+    """The descriptor limits and how many are open now (Linux), for ``status``."""
+    import os
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        used = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        used = -1
+    return {"soft": soft, "hard": hard if hard != resource.RLIM_INFINITY else -1, "open": used}

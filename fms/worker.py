@@ -18,6 +18,7 @@ import time
 
 import zmq
 
+from . import limits
 from . import protocol as p
 from .errors import BadRequest, FmsError
 from .logutil import RateLimitedLog
@@ -59,6 +60,9 @@ class BrokerLink:
         self.sock.linger = 0
         self.sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_SIZE)
         self.sock.setsockopt(zmq.SNDTIMEO, int(p.WORKER_SEND_TIMEOUT * 1000))
+        # Replies waiting to reach the broker, in messages (up to 16 MiB each): bounded, so a
+        # slow broker slows this worker instead of growing it.
+        self.sock.setsockopt(zmq.SNDHWM, limits.WORKER_PIPE)
         if self.curve is not None:
             self.curve.apply(self.sock)
         self.sock.connect(self.endpoint)
@@ -122,6 +126,8 @@ def serve(service, link: BrokerLink, log: logging.Logger, should_stop=lambda: Fa
     :raises WorkerRefused: the broker will not take this worker.
     """
     bad = RateLimitedLog(log)
+    limits.tune_malloc()
+    limits.raise_fd_limit(log)
     link.connect()
     log.info("event=connecting broker=%s", link.endpoint)
     liveness = p.HEARTBEAT_LIVENESS

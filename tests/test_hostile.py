@@ -320,3 +320,72 @@ def test_a_flood_whose_deadline_passes_is_dropped_and_others_take_turns(slow_clu
     finally:
         for sock in socks:
             sock.close()
+
+
+# --- 4. memory bounded by bytes ---
+
+def _peak_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_clients_that_never_read_16_mib_chunks_stall_only_themselves(cluster):
+    """8 clients ask again and again for 16 MiB chunks and never read (before: the broker
+    passed 4 GiB and the legit client got nothing). Now the broker holds a bounded number of
+    bytes for them, and a legit client's reads keep succeeding within 3 s each."""
+    big = random_bytes(64 * MiB, 4)
+    small = random_bytes(200 * 1024, 5)
+    with cluster.client(chunk_size=16 * MiB) as c:
+        c.put_bytes(big, "big")
+        c.put_bytes(small, "small")
+        chunks = [p.sha256(big[i:i + 16 * MiB]) for i in range(0, len(big), 16 * MiB)]
+    socks = [_dealer(cluster.frontend, RCVHWM=1, RCVBUF=64 * 1024) for _ in range(8)]
+    try:
+        with cluster.client(timeout=3.0, retries=0) as legit:
+            n = 0
+            end = time.monotonic() + 6
+            reads = 0
+            while time.monotonic() < end:
+                for sock in socks:
+                    for digest in chunks:
+                        n += 1
+                        try:
+                            sock.send(p.encode({"v": 1, "op": "chunk", "id": n, "hash": digest}),
+                                      zmq.NOBLOCK)
+                        except zmq.Again:
+                            pass
+                assert legit.get_bytes("small") == small
+                reads += 1
+            assert reads >= 5
+            status = legit.status()["broker"]
+            assert status["held_bytes"]["replies"] <= status["budgets"]["total_reply_bytes"]
+            assert status["dropped_replies"] > 0
+    finally:
+        for sock in socks:
+            sock.close()
+    broker, cache = cluster.procs[0], cluster.procs[1]
+    assert _peak_rss(broker.pid) < 800 * MiB, _peak_rss(broker.pid) / MiB
+    assert _peak_rss(cache.pid) < 400 * MiB, _peak_rss(cache.pid) / MiB
+    assert all(proc.alive() for proc in cluster.procs)
+
+
+def test_uploads_over_a_clients_byte_budget_back_off_and_large_chunks_still_upload(slow_cluster):
+    sock = _dealer(slow_cluster.frontend)
+    chunk = random_bytes(16 * MiB, 6)
+    try:
+        for i in range(8):                      # 128 MiB at once, never waiting for a reply
+            sock.send_multipart([p.encode({"v": 1, "op": "put_chunk", "id": i,
+                                           "hash": p.sha256(chunk)}), p.pack_data(chunk)])
+        replies = [p.decode(_recv(sock, 10)[0]) for _ in range(8)]
+    finally:
+        sock.close()
+    refused = [r for r in replies if not r["ok"]]
+    assert refused and all(r["error"] == "unavailable" and "uploads in flight" in r["message"]
+                           for r in refused)
+    with slow_cluster.client(chunk_size=16 * MiB) as c:     # the client keeps within it
+        data = random_bytes(80 * MiB, 7)
+        c.put_bytes(data, "big16")
+        assert c.get_bytes("big16") == data
