@@ -714,6 +714,7 @@ class Broker:
                        "dropped": self.dropped,
                        "held_bytes": {"uploads": self.total_req, "replies": self.total_out},
                        "dropped_replies": self.dropped_replies,
+                       "fds": limits.fd_limit(),
                        "budgets": {"client_bytes": limits.CLIENT_BYTES,
                                    "total_upload_bytes": limits.TOTAL_REQUEST_BYTES,
                                    "total_reply_bytes": limits.TOTAL_REPLY_BYTES}},

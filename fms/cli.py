@@ -444,7 +444,9 @@ def cmd_stats(args):
     if args.json:
         print(json.dumps(out, indent=1))
         return
-    print(f"broker  frontend={out['broker']['frontend']} backend={out['broker']['backend']}")
+    fds = out["broker"].get("fds") or {}
+    print(f"broker  frontend={out['broker']['frontend']} backend={out['broker']['backend']}"
+          f" descriptors={fds.get('open')}/{fds.get('soft')}")
     for w in out["workers"]:
         print(f"worker  {w['service']:<8} {w['id']:<28} {w['state']:<6} "
               f"inflight={w['inflight']} served={w['served']}")

@@ -13,6 +13,7 @@ A *service* (storage, cache) is an object with these methods, which know no even
 :class:`BrokerLink` is the real link (a DEALER socket); tests pass a recorder instead.
 """
 
+import errno
 import logging
 import time
 
@@ -229,6 +230,17 @@ def _handle_request(service, link, route, body, log):
     except FmsError as exc:
         code = getattr(exc, "code", "internal")
         link.reply(route, p.error_reply(req_id, code, str(exc)))
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            log.exception("event=handler_crashed error=%r", exc)
+            link.reply(route, p.error_reply(req_id, "internal", f"internal error: {exc!r}"))
+            return
+        # Out of space or of inodes (a directory or file that could not be created), wherever
+        # the handler met it: the write did not happen (temp + rename), say so clearly.
+        log.warning("event=no_space error=%r", exc.strerror)
+        link.reply(route, p.error_reply(req_id, "no_space", "the worker's disk is full (no "
+                                        "space or no inodes left); nothing was changed: free "
+                                        "space on it, then retry"))
     except Exception as exc:  # a bug must cost one request, not the process (invariant 5)
         log.exception("event=handler_crashed error=%r", exc)
         link.reply(route, p.error_reply(req_id, "internal", f"internal error: {exc!r}"))

@@ -389,3 +389,77 @@ def test_uploads_over_a_clients_byte_budget_back_off_and_large_chunks_still_uplo
         data = random_bytes(80 * MiB, 7)
         c.put_bytes(data, "big16")
         assert c.get_bytes("big16") == data
+
+
+# --- 5. inodes, descriptors ---
+
+@pytest.fixture
+def few_inodes(tmp_path):
+    """A tmpfs with room for bytes but only 80 inodes; skipped where mounting is not allowed."""
+    import subprocess
+    mount = tmp_path / "inodes"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,nr_inodes=80", "tmpfs",
+                           str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({made.stderr.decode().strip()}); needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_running_out_of_inodes_is_no_space_and_acked_files_stay(make_cluster, few_inodes):
+    cluster = make_cluster()
+    cluster.start_broker()
+    cluster.start_cache()
+    storage = cluster.start_storage(data=str(few_inodes / "storage"), wid="storage-a")
+    cluster.wait_workers(storage=1, cache=1)
+    acked = []
+    with cluster.client(timeout=5.0) as c:
+        with pytest.raises(fms.NoSpace, match="full"):
+            for i in range(500):
+                c.put_bytes(b"file %d" % i, f"d{i % 7}/f{i}")
+                acked.append(i)
+        assert acked
+        for i in acked:
+            assert c.get_bytes(f"d{i % 7}/f{i}") == b"file %d" % i
+    assert storage.alive() and "handler_crashed" not in storage.log()
+
+
+def test_a_thousand_idle_connections_do_not_exhaust_descriptors(make_cluster):
+    """1,100 idle connections (a 1,024-descriptor limit fell to them before): started with a
+    soft limit of 1,024, the broker raises it to the hard limit and says so in status; everyone
+    is still served."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"the hard descriptor limit here is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))     # what the broker inherits
+    try:
+        cluster = make_cluster()
+        cluster.start_broker()
+        cluster.start_storage(wid="storage-a")
+        cluster.wait_workers(storage=1, cache=0)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    with cluster.client() as c:
+        fds = c.status()["broker"]["fds"]
+        assert fds["soft"] > 1024 and fds["soft"] in (fds["hard"], 1 << 20), fds
+    idle = []
+    ctx = zmq.Context()
+    ctx.set(zmq.MAX_SOCKETS, 4096)          # this test's own side needs them too
+    try:
+        for _ in range(1100):
+            sock = ctx.socket(zmq.DEALER)
+            sock.linger = 0
+            sock.connect(cluster.frontend)
+            idle.append(sock)
+        with cluster.client(timeout=5.0, retries=0) as c:
+            wait_for(lambda: c.status()["broker"]["fds"]["open"] > 1100, 15,
+                     "the idle connections to be accepted")
+            c.put_bytes(b"still served", "served")
+            assert c.get_bytes("served") == b"still served"
+    finally:
+        for sock in idle:
+            sock.close()
+        ctx.term()
+    assert all(proc.alive() for proc in cluster.procs)
