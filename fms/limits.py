@@ -117,6 +117,9 @@ def peek(buf) -> dict:
     size = frame_len(buf)
     if size > MAX_FRAME:
         raise FrameTooLarge(f"header frame of {size} bytes is over the frame limit")
+    first = memoryview(buf)[0] if size else 0
+    if not (0x80 <= first <= 0x8F or first in (0xDE, 0xDF)):
+        raise BadRequest("frame is not a msgpack map")     # before copying it into an unpacker
     unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=max(size, 1),
                                 max_str_len=MAX_HEADER, max_bin_len=MAX_HEADER,
                                 max_array_len=0, max_map_len=MAX_MAP_LEN, max_ext_len=0)

@@ -346,7 +346,7 @@ def test_clients_that_never_read_16_mib_chunks_stall_only_themselves(cluster):
     try:
         with cluster.client(timeout=3.0, retries=0) as legit:
             n = 0
-            end = time.monotonic() + 6
+            end = time.monotonic() + 4
             reads = 0
             while time.monotonic() < end:
                 for sock in socks:
@@ -359,7 +359,7 @@ def test_clients_that_never_read_16_mib_chunks_stall_only_themselves(cluster):
                             pass
                 assert legit.get_bytes("small") == small
                 reads += 1
-            assert reads >= 5
+            assert reads >= 3
             status = legit.status()["broker"]
             assert status["held_bytes"]["replies"] <= status["budgets"]["total_reply_bytes"]
             assert status["dropped_replies"] > 0
@@ -463,3 +463,42 @@ def test_a_thousand_idle_connections_do_not_exhaust_descriptors(make_cluster):
             sock.close()
         ctx.term()
     assert all(proc.alive() for proc in cluster.procs)
+
+
+def test_slow_readers_of_16_mib_chunks_stall_only_themselves(cluster):
+    """8 clients read a file of 16 MiB chunks 1 MiB every 50 ms (before: the broker passed
+    4 GiB and the cache 2.6 GiB); a legit client's reads keep succeeding within 3 s each."""
+    import threading
+    big = random_bytes(48 * MiB, 8)
+    small = random_bytes(1000, 9)
+    with cluster.client(chunk_size=16 * MiB) as c:
+        c.put_bytes(big, "big")
+        c.put_bytes(small, "small")
+    stop = threading.Event()
+    errors = []
+
+    def read():
+        try:
+            with cluster.client(timeout=30.0) as reader, reader.open("big") as f:
+                while not stop.is_set() and f.read(MiB):
+                    stop.wait(0.05)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    readers = [threading.Thread(target=read, daemon=True) for _ in range(8)]
+    for thread in readers:
+        thread.start()
+    try:
+        with cluster.client(timeout=3.0, retries=0) as legit:
+            end = time.monotonic() + 3
+            while time.monotonic() < end:
+                assert legit.get_bytes("small") == small
+                stop.wait(0.1)
+    finally:
+        stop.set()
+        for thread in readers:
+            thread.join(30)
+    assert not errors, errors
+    broker, cache = cluster.procs[0], cluster.procs[1]
+    assert _peak_rss(broker.pid) < 400 * MiB, _peak_rss(broker.pid) / MiB
+    assert _peak_rss(cache.pid) < 400 * MiB, _peak_rss(cache.pid) / MiB
