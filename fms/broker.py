@@ -341,7 +341,7 @@ class Broker:
                 self._requeue_front(queue, okey, key)
                 return
             route = {"t": "req", "k": key, **pending.origin,
-                     "ttl": int((pending.deadline - now) * 1000)}
+                     "ttl": max(1, int((pending.deadline - now) * 1000))}
             if not self._send(self.backend, [worker.ident, p.encode(route), *pending.body]):
                 pending.exclude = (*pending.exclude, worker.ident)
                 self._requeue_front(queue, okey, key)
@@ -361,7 +361,18 @@ class Broker:
         queue.move_to_end(okey, last=False)
 
     def expire(self, now: float):
-        """Drop queued requests whose deadline has passed: their clients stopped waiting."""
+        """Drop queued requests whose deadline has passed: their clients stopped waiting.
+        Forget one a live worker has held unanswered for INFLIGHT_GRACE past its deadline,
+        so a worker that never answers cannot keep its credit (its late reply is dropped)."""
+        stale = now - limits.INFLIGHT_GRACE
+        for key, pending in [(k, q) for k, q in self.pending.items()
+                             if q.worker is not None and q.deadline < stale]:
+            worker = self.workers.get(pending.worker)
+            if worker is not None and key in worker.inflight:
+                worker.inflight.discard(key)
+                worker.inflight_bytes -= pending.nbytes + pending.expect
+                self._forget(key, pending, f"no answer from {worker.worker_id}")
+                self.pump(worker.service)
         for queue in self.queues.values():
             for okey, keys in list(queue.items()):
                 alive = collections.deque()

@@ -163,7 +163,11 @@ class CacheService:
         now = time.monotonic()
         for route, req_id in fetch.waiters:
             if route.get("deadline", now) < now:
-                continue    # its client stopped waiting (fms.worker stamps the deadline)
+                # Its client stopped waiting (fms.worker stamps the deadline): a short answer
+                # instead of the data, which the broker still needs to free this request.
+                self.link.reply(route, p.error_reply(req_id, "unavailable", "the request's "
+                                                     "deadline passed; retry"), cache="miss")
+                continue
             self.link.reply(route, {**header, "id": req_id}, buf, cache="miss")
 
     def _fail(self, fetch, code, message):

@@ -149,6 +149,7 @@ def peek(buf) -> dict:
 
 DEFAULT_TTL_MS = 60_000      # a request without ttl_ms is dropped if still queued after this
 MAX_TTL_MS = 600_000         # a larger ttl_ms is cut to this
+INFLIGHT_GRACE = 30.0        # seconds past its deadline a worker may hold a request unanswered
 SWEEP_INTERVAL = 0.25        # seconds between sweeps of queued requests whose deadline passed
 # Requests a worker is given at once; the rest wait at the broker, where a request whose
 # deadline passes or whose client leaves is dropped before it costs a worker anything.

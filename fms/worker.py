@@ -218,7 +218,11 @@ def _handle_request(service, link, route, body, log):
     ttl = route.get("ttl")
     if isinstance(ttl, int) and not isinstance(ttl, bool):
         if ttl <= 0:
-            return          # its deadline passed on the way: nobody waits for the answer
+            # Its deadline passed on the way: nobody waits for the answer, but the broker
+            # does (it counts the request against this worker's credit until it is answered).
+            link.reply(route, p.error_reply(None, "unavailable", "the request's deadline "
+                                            "passed before it could be handled; retry"))
+            return
         # The worker's own deadline (the ttl is relative: no clocks need agree across hosts);
         # a service that answers later (the cache, after a fetch) drops what has expired.
         route["deadline"] = time.monotonic() + ttl / 1000

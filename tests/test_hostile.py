@@ -502,3 +502,47 @@ def test_slow_readers_of_16_mib_chunks_stall_only_themselves(cluster):
     broker, cache = cluster.procs[0], cluster.procs[1]
     assert _peak_rss(broker.pid) < 400 * MiB, _peak_rss(broker.pid) / MiB
     assert _peak_rss(cache.pid) < 400 * MiB, _peak_rss(cache.pid) / MiB
+
+
+def test_expired_work_is_dropped_and_a_worker_that_never_answers_loses_its_credit():
+    """The broker in this process, driven message by message: queued requests past their
+    deadline are dropped; requests a worker holds unanswered long past theirs are forgotten,
+    so its credit comes back and the next request reaches it."""
+    from fms.broker import Broker
+    from fms.transport import drain
+    ctx = zmq.Context.instance()
+    broker = Broker("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", ctx=ctx)
+    broker.bind()
+    worker, client = _dealer(broker.backend_endpoint), _dealer(broker.frontend_endpoint)
+    try:
+        worker.send(p.encode({"t": "ready", "v": 1, "svc": "storage", "wid": "mute", "store": "s"}))
+        assert broker.backend.poll(5000)
+        drain(broker.backend, broker.process_worker, 10)
+        for i in range(20):
+            client.send(p.encode({"v": 1, "op": "stat", "id": i, "name": "x", "ttl_ms": 100}))
+        deadline = time.monotonic() + 5
+        while len(broker.pending) < 20 and time.monotonic() < deadline:
+            if broker.frontend.poll(100):
+                drain(broker.frontend, broker.process_client, 64)
+        credit = limits.WORKER_CREDIT["storage"]
+        assert broker.status()["broker"]["queued"]["storage"] == 20 - credit
+        broker.expire(time.monotonic() + 1)                   # past the 100 ms deadline
+        assert broker.status()["broker"]["queued"]["storage"] == 0
+        assert len(broker.pending) == credit                  # held by the mute worker
+        broker.expire(time.monotonic() + 1 + limits.INFLIGHT_GRACE)
+        assert not broker.pending and broker.dropped == 20
+        assert broker.status()["workers"][0]["inflight"] == 0
+        got = 0
+        while worker.poll(200):
+            route = p.decode(worker.recv_multipart()[0])
+            got += route["t"] == "req"
+        assert got == credit
+        client.send(p.encode({"v": 1, "op": "stat", "id": 99, "name": "x"}))
+        assert broker.frontend.poll(5000)
+        drain(broker.frontend, broker.process_client, 1)
+        frames = _recv(worker)
+        assert p.decode(frames[0])["t"] == "req" and p.decode(frames[1])["id"] == 99
+    finally:
+        worker.close()
+        client.close()
+        broker.close()
