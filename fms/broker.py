@@ -9,6 +9,7 @@ flight.  A request in flight on a worker that dies is handed to another worker i
 idempotent, and answered with ``unavailable`` otherwise.
 """
 
+import collections
 import itertools
 import logging
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from . import limits
 from . import protocol as p
 from .errors import BadRequest
 from .logutil import RateLimitedLog
@@ -26,7 +28,38 @@ log = logging.getLogger("fms.broker")
 
 FRONTEND = "f"
 BACKEND = "b"
+MAX_ID_LEN = 128    # characters of a worker id or store id kept (they are shown in status)
 DRAIN_BATCH = 64    # messages taken from one socket per poll, so neither socket starves the other
+
+
+def _digest(op: str, header: dict) -> bytes:
+    digest = header.get("hash") if op == "chunk" else None
+    return digest if isinstance(digest, bytes) and len(digest) == p.HASH_LEN else b""
+
+
+def _nbytes(frame) -> int:
+    return frame.buffer.nbytes if hasattr(frame, "buffer") else len(frame)
+
+
+def deadline_of(header: dict) -> float:
+    """The broker's own monotonic deadline for a request: now plus the client's relative
+    budget ``ttl_ms`` (relative, so no clocks need agree across hosts), within bounds."""
+    ttl = header.get("ttl_ms")
+    if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl <= 0:
+        ttl = limits.DEFAULT_TTL_MS
+    return time.monotonic() + min(ttl, limits.MAX_TTL_MS) / 1000
+
+
+def read_header(buf) -> dict:
+    """The fields of a request header the broker needs, within bounds: a small header is
+    decoded (with msgpack's limits), a large one (only commit and have may be) is only peeked
+    at, its lists skipped without being built.
+
+    :raises BadRequest: not a bounded msgpack map (``too_large`` when over the limit).
+    """
+    if limits.frame_len(buf) <= limits.MAX_HEADER:
+        return p.decode(buf, "request")
+    return limits.peek_large(buf)
 
 
 @dataclass
@@ -37,19 +70,26 @@ class Worker:
     store_id: str | None
     expiry: float
     inflight: set = field(default_factory=set)   # broker request keys
+    inflight_bytes: int = 0                      # their data + the replies expected of them
     served: int = 0
     last_used: int = 0                           # request key of its latest dispatch
 
 
 @dataclass
 class Pending:
-    worker: bytes
-    service: str
+    worker: bytes | None   # None while queued at the broker
+    service: str        # the service asked for
     op: str
     origin: dict        # {"from": identity, "via": FRONTEND|BACKEND}
     body: list          # header frame (+ data frame), kept for re-dispatch
     req_id: object
     started: float      # time.monotonic() when the request reached the broker
+    deadline: float = float("inf")   # time.monotonic() past which nobody waits for it
+    target: str = ""    # the service serving it (the asked one, or its fallback)
+    exclude: tuple = () # workers that died holding it
+    nbytes: int = 0     # bytes of its data frame, held here until it is answered
+    expect: int = 0     # bytes its reply is expected to carry (a chunk's size, once seen)
+    digest: bytes = b"" # the chunk a `chunk` request asks for, to learn its size
 
 
 class Broker:
@@ -59,21 +99,44 @@ class Broker:
     :param backend: endpoint to bind for workers.
     """
 
-    def __init__(self, frontend: str, backend: str, ctx: zmq.Context | None = None, curve=None):
+    def __init__(self, frontend: str, backend: str, ctx: zmq.Context | None = None, curve=None,
+                 store: str | None = None):
         """:param curve: a :class:`~fms.security.CurveServer` to require CURVE and an allowlist
-        on both sockets, or None for plaintext."""
+        on both sockets (clients' on the frontend, workers' on the backend), or None for
+        plaintext.
+        :param store: the store id storage workers must serve; None: the first one's."""
         self.ctx = ctx or zmq.Context.instance()
         self.curve = curve
+        self.pinned_store = store
         self.frontend_endpoint = frontend
         self.backend_endpoint = backend
         self.frontend = None
         self.backend = None
         self.workers = {}            # ident -> Worker
         self.pending = {}            # request key -> Pending
-        self.client_inflight = {}    # client identity -> requests of it in flight
+        self.client_inflight = {}    # client identity -> requests of it in flight (or queued)
+        # Requests wait here while every worker of their service has its credit in flight:
+        # service -> {(via, origin identity) -> deque of request keys}, served round robin, so
+        # one client's flood waits behind everyone else's next request, not in front of it.
+        self.queues = {service: collections.OrderedDict() for service in p.SERVICES}
+        self.dropped = 0             # requests dropped: deadline passed, or their client left
+        self._client_fd = {}         # client identity -> fd of its connection
+        self._fd_clients = {}        # fd -> client identities seen on it
+        self.monitor = None
+        self._drops = RateLimitedLog(log)
+        # Byte budgets (fms.limits): request data held per client and in all, and replies a
+        # client has not taken yet, held here (its ZeroMQ queue takes only CLIENT_PIPE).
+        self.req_bytes = {}          # client identity -> bytes of its requests' data held
+        self.total_req = 0
+        self.outbox = {}             # client identity -> deque of (frames, bytes, deadline)
+        self.outbox_bytes = {}       # client identity -> bytes held in its outbox
+        self.total_out = 0
+        self.dropped_replies = 0
+        self.chunk_sizes = collections.OrderedDict()   # digest -> size seen in a reply (LRU)
         self._keys = itertools.count(1)
         self._bad = RateLimitedLog(log)
         self._undeliverable = RateLimitedLog(log)
+        self._refusals = RateLimitedLog(log)
         self.started = time.time()
         self.metrics = BrokerMetrics()
 
@@ -81,14 +144,16 @@ class Broker:
 
     def bind(self):
         """Bind both sockets; the actual endpoints (with any ``*`` port resolved) are kept."""
-        self.frontend = self._router(self.frontend_endpoint, hwm=p.CLIENT_QUEUE)
-        self.backend = self._router(self.backend_endpoint)
+        self.frontend = self._router(self.frontend_endpoint, hwm=limits.CLIENT_PIPE)
+        self.backend = self._router(self.backend_endpoint, workers=True)
+        # Disconnections of clients, so that their queued work is dropped at once.
+        self.monitor = self.frontend.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.frontend_endpoint = self.frontend.last_endpoint.decode()
         self.backend_endpoint = self.backend.last_endpoint.decode()
         log.info("event=listening frontend=%s backend=%s", self.frontend_endpoint,
                  self.backend_endpoint)
 
-    def _router(self, endpoint: str, hwm: int | None = None) -> zmq.Socket:
+    def _router(self, endpoint: str, hwm: int | None = None, workers: bool = False) -> zmq.Socket:
         sock = self.ctx.socket(zmq.ROUTER)
         sock.linger = 0
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)   # an unroutable reply raises, never vanishes
@@ -98,12 +163,16 @@ class Broker:
         sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_SIZE)
         if hwm is not None:
             sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.RCVHWM, limits.RECEIVE_PIPE)
         if self.curve is not None:
-            self.curve.apply(sock)
+            self.curve.apply(sock, workers=workers)
         sock.bind(endpoint)
         return sock
 
     def close(self):
+        if self.monitor is not None:
+            self.frontend.disable_monitor()
+            self.monitor.close(linger=0)
         for sock in (self.frontend, self.backend):
             if sock is not None:
                 sock.close(linger=0)
@@ -113,19 +182,32 @@ class Broker:
     # --- the loop ---
 
     def run(self, should_stop=lambda: False):
+        limits.tune_malloc()
+        limits.raise_fd_limit(log)
         poller = zmq.Poller()
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
         next_heartbeat = time.monotonic() + p.HEARTBEAT_INTERVAL
+        next_sweep = time.monotonic() + limits.SWEEP_INTERVAL
         while not should_stop():
-            timeout = max(0.0, next_heartbeat - time.monotonic())
+            timeout = max(0.0, min(next_heartbeat, next_sweep) - time.monotonic())
+            if self.outbox:
+                timeout = min(timeout, limits.FLUSH_INTERVAL)
             events = dict(poller.poll(int(timeout * 1000)))
+            if self.outbox:
+                self.flush()
+            if self.monitor in events:     # before the frontend: a reused fd is seen gone first
+                drain(self.monitor, self.process_monitor, DRAIN_BATCH)
             # Under load, take what is queued without polling again for each message: a poll
             # costs about as much as the routing.  Replies first, so work in flight drains.
             if self.backend in events:
                 drain(self.backend, self.process_worker, DRAIN_BATCH)
             if self.frontend in events:
                 drain(self.frontend, self.process_client, DRAIN_BATCH)
+            if time.monotonic() >= next_sweep:
+                self.expire(time.monotonic())
+                next_sweep = time.monotonic() + limits.SWEEP_INTERVAL
             if time.monotonic() >= next_heartbeat:
                 self.purge_workers()
                 self.send_heartbeats()
@@ -143,8 +225,9 @@ class Broker:
             return
         origin = {"from": ident, "via": FRONTEND}
         req_id = None
+        self._note_fd(ident, frames[0])
         try:
-            header = p.decode(frames[1].buffer)
+            header = read_header(frames[1].buffer)
             op = header.get("op")
             req_id = p.need(header, "id", (int, str))
             if header.get("v") != p.PROTOCOL_VERSION:
@@ -162,69 +245,204 @@ class Broker:
                 return
         except BadRequest as exc:
             self._bad.warning("event=bad_client_message error=%r", str(exc))
-            self._reply_error(origin, req_id, "bad_request", str(exc))
+            self._reply_error(origin, req_id, exc.code, str(exc))
             return
         if op == "status":
-            self._send(self.frontend, [ident, p.encode(p.ok_reply(req_id, **self.status()))])
+            self._deliver(origin, [p.encode(p.ok_reply(req_id, **self.status()))])
             self.metrics.answered(op, "ok", 0.0)
+            return
+        over = self._over_budget(ident, _nbytes(frames[2]) if len(frames) == 3 else 0)
+        if over:
+            self._reply_error(origin, req_id, "unavailable", over, op=op)
             return
         if self.client_inflight.get(ident, 0) >= p.MAX_CLIENT_INFLIGHT:
             self._reply_error(origin, req_id, "too_large",
                               f"more than {p.MAX_CLIENT_INFLIGHT} requests in flight from one "
                               f"client; wait for replies before sending more", op=op)
             return
-        self.dispatch(p.OP_SERVICE[op], op, req_id, origin, frames[1:])
+        service = p.OP_SERVICE[op]
+        if header.get("fresh") is True and op in ("get", "chunk"):
+            # The client found what the cache gave it corrupt: this once, ask storage itself.
+            service = p.STORAGE
+        self.dispatch(service, op, req_id, origin, frames[1:], deadline=deadline_of(header),
+                      digest=_digest(op, header))
 
     def dispatch(self, service: str, op: str, req_id, origin: dict, body: list, exclude=(),
-                 started=None):
-        """Send a request to the least-loaded live worker of ``service`` (or its fallback)."""
-        worker = self.require_worker(service, exclude)
-        if worker is None and service in p.FALLBACK_SERVICE:
-            worker = self.require_worker(p.FALLBACK_SERVICE[service], exclude)
-        if worker is None:
+                 started=None, deadline=None, digest=b""):
+        """Queue a request for ``service`` (or its fallback) and send what the workers' credit
+        allows; with no worker of either, answer ``unavailable`` at once."""
+        target = self._serving(service, exclude)
+        if target is None:
             self._reply_error(origin, req_id, "unavailable",
                               f"no {service} worker is connected to the broker; start one "
                               f"(python {service}_worker.py) or run a whole cluster with: fms up",
                               op=op)
             return
+        now = time.monotonic()
         key = next(self._keys)
-        route = {"t": "req", "k": key, **origin}
-        if not self._send(self.backend, [worker.ident, p.encode(route), *body]):
-            self.delete_worker(worker.ident, "unreachable")
-            self.dispatch(service, op, req_id, origin, body, exclude=(*exclude, worker.ident),
-                          started=started)
+        nbytes = _nbytes(body[1]) if len(body) > 1 else 0
+        if op == "chunk":
+            expect = self.chunk_sizes.get(digest, limits.CHUNK_GUESS)
+        else:
+            expect = limits.REPLY_GUESS.get(op, limits.SMALL_REPLY)
+        self.pending[key] = Pending(None, service, op, origin, body, req_id,
+                                    started if started is not None else now,
+                                    deadline if deadline is not None else
+                                    now + limits.DEFAULT_TTL_MS / 1000, target, tuple(exclude),
+                                    nbytes, expect, digest)
+        self._track_client(origin, +1, nbytes)
+        queue = self.queues[target]
+        okey = (origin["via"], origin["from"])
+        if okey not in queue:
+            queue[okey] = collections.deque()
+        queue[okey].append(key)
+        self.pump(target)
+
+    def _serving(self, service: str, exclude=()):
+        """The service whose workers take ``service``'s requests now: itself, else its
+        fallback, else None."""
+        for candidate in (service, p.FALLBACK_SERVICE.get(service)):
+            if candidate and any(w.service == candidate and w.ident not in exclude
+                                 for w in self.workers.values()):
+                return candidate
+        return None
+
+    def pump(self, service: str):
+        """Send queued requests of ``service`` to its workers while they have credit: the
+        least loaded first, clients taking turns; drop those whose deadline has passed."""
+        queue = self.queues[service]
+        credit = limits.WORKER_CREDIT[service]
+        budget = limits.WORKER_BYTES
+        while queue:
+            # Credit in requests and in bytes (data sent + replies expected): a worker busy
+            # with a few 16 MiB chunks takes no more, so a small request waits behind few.
+            free = [w for w in self.workers.values()
+                    if w.service == service and len(w.inflight) < credit
+                    and (w.inflight_bytes < budget or not w.inflight)]
+            if not free:
+                return
+            okey, keys = next(iter(queue.items()))
+            key = keys.popleft()
+            if keys:
+                queue.move_to_end(okey)
+            else:
+                del queue[okey]
+            pending = self.pending.get(key)
+            if pending is None:
+                continue
+            now = time.monotonic()
+            if now >= pending.deadline:
+                self._forget(key, pending, "deadline passed")
+                continue
+            # Ties go to the worker used least recently, so sequential requests take turns.
+            worker = min((w for w in free if w.ident not in pending.exclude),
+                         key=lambda w: (len(w.inflight), w.last_used), default=None)
+            if worker is None:     # only workers it must avoid have credit: it waits
+                self._requeue_front(queue, okey, key)
+                return
+            route = {"t": "req", "k": key, **pending.origin,
+                     "ttl": max(1, int((pending.deadline - now) * 1000))}
+            if not self._send(self.backend, [worker.ident, p.encode(route), *pending.body]):
+                pending.exclude = (*pending.exclude, worker.ident)
+                self._requeue_front(queue, okey, key)
+                self.delete_worker(worker.ident, "unreachable")
+                return         # delete_worker pumps again
+            pending.worker = worker.ident
+            worker.inflight_bytes += pending.nbytes + pending.expect
+            worker.inflight.add(key)
+            worker.served += 1
+            worker.last_used = key
+
+    @staticmethod
+    def _requeue_front(queue, okey, key):
+        if okey not in queue:
+            queue[okey] = collections.deque()
+        queue[okey].appendleft(key)
+        queue.move_to_end(okey, last=False)
+
+    def expire(self, now: float):
+        """Drop queued requests whose deadline has passed: their clients stopped waiting.
+        Forget one a live worker has held unanswered for INFLIGHT_GRACE past its deadline,
+        so a worker that never answers cannot keep its credit (its late reply is dropped)."""
+        stale = now - limits.INFLIGHT_GRACE
+        for key, pending in [(k, q) for k, q in self.pending.items()
+                             if q.worker is not None and q.deadline < stale]:
+            worker = self.workers.get(pending.worker)
+            if worker is not None and key in worker.inflight:
+                worker.inflight.discard(key)
+                worker.inflight_bytes -= pending.nbytes + pending.expect
+                self._forget(key, pending, f"no answer from {worker.worker_id}")
+                self.pump(worker.service)
+        for queue in self.queues.values():
+            for okey, keys in list(queue.items()):
+                alive = collections.deque()
+                for key in keys:
+                    pending = self.pending.get(key)
+                    if pending is None:
+                        continue
+                    if pending.deadline <= now:
+                        self._forget(key, pending, "deadline passed")
+                    else:
+                        alive.append(key)
+                if alive:
+                    queue[okey] = alive
+                else:
+                    del queue[okey]
+
+    def client_gone(self, ident: bytes):
+        """A client disconnected: its queued requests are dropped (no one will read a reply)."""
+        for queue in self.queues.values():
+            for key in queue.pop((FRONTEND, ident), ()):
+                pending = self.pending.get(key)
+                if pending is not None:
+                    self._forget(key, pending, "client gone")
+        self._drop_outbox(ident)
+
+    def _forget(self, key, pending: Pending, why: str):
+        del self.pending[key]
+        self._track_client(pending.origin, -1, pending.nbytes)
+        self.dropped += 1
+        self._drops.warning("event=request_dropped op=%s reason=%r dropped_total=%d",
+                            pending.op, why, self.dropped)
+
+    def _note_fd(self, ident: bytes, frame):
+        try:
+            fd = frame.get(zmq.SRCFD)
+        except (zmq.ZMQError, AttributeError, TypeError):
             return
-        worker.inflight.add(key)
-        worker.served += 1
-        worker.last_used = key
-        self.pending[key] = Pending(worker.ident, service, op, origin, body, req_id,
-                                    started if started is not None else time.monotonic())
-        self._track_client(origin, +1)
+        if self._client_fd.get(ident) != fd:
+            self._client_fd[ident] = fd
+            self._fd_clients.setdefault(fd, set()).add(ident)
 
-    def require_worker(self, service: str, exclude=()):
-        """The live worker of ``service`` with the fewest requests in flight, or None.
-
-        Ties go to the worker used least recently, so sequential requests take turns.
-        """
-        candidates = [w for w in self.workers.values()
-                      if w.service == service and w.ident not in exclude]
-        return min(candidates, key=lambda w: (len(w.inflight), w.last_used), default=None)
+    def process_monitor(self, frames):
+        """A frontend connection closed: the clients seen on it are gone."""
+        if len(frames) != 2 or len(frames[0].bytes) != 6:
+            return
+        event = int.from_bytes(frames[0].bytes[:2], "little")
+        fd = int.from_bytes(frames[0].bytes[2:], "little")
+        if event != zmq.EVENT_DISCONNECTED:
+            return
+        for ident in self._fd_clients.pop(fd, ()):
+            if self._client_fd.get(ident) == fd:
+                del self._client_fd[ident]
+                self.client_gone(ident)
 
     # --- workers ---
 
     def process_worker(self, frames):
         """``[identity, route, header?, data?]`` from a worker."""
         ident = frames[0].bytes
-        if self.curve is not None and not self.curve.allowed(frames[-1]):
-            # Its key was removed from the allow directory: it gets no more requests.
+        if self.curve is not None and not self.curve.allowed(frames[-1], workers=True):
+            # Its key was removed from the workers' allow directory: no more requests.
             self.delete_worker(ident, "key no longer allowed")
             self._send(self.backend, [ident, p.encode({"t": "refused", "msg": "this worker's key "
-                                                        "is not in the broker's allow directory"})])
+                                                        "is not in the broker's --allow-workers "
+                                                        "directory"})])
             return
         try:
             if len(frames) < 2:
                 raise BadRequest("worker message without a route frame")
-            route = p.decode(frames[1].buffer)
+            route = p.decode(frames[1].buffer, "route")
             kind = route.get("t")
             worker = self.workers.get(ident)
             if kind == "ready":
@@ -251,20 +469,30 @@ class Broker:
 
     def register_worker(self, ident: bytes, route: dict):
         service = route.get("svc")
-        worker_id = str(route.get("wid", ident.hex()))
+        worker_id = str(route.get("wid", ident.hex()))[:MAX_ID_LEN]
         store_id = route.get("store")
+        if store_id is not None and not isinstance(store_id, str):
+            store_id = repr(store_id)
+        if store_id is not None:
+            store_id = store_id[:MAX_ID_LEN]
         if route.get("v") != p.PROTOCOL_VERSION:
             return self._refuse(ident, f"protocol version {route.get('v')!r} is not supported; "
                                        f"this broker speaks {p.PROTOCOL_VERSION}")
         if service not in p.SERVICES:
             return self._refuse(ident, f"unknown service {service!r}")
         if service == p.STORAGE:
-            current = self.store_id()
-            if current is not None and store_id != current and ident not in self.workers:
+            # The store is decided by storage (the broker's --store, read from the data
+            # directory), else by the storage workers already serving.  A worker of another
+            # store is refused but not told to exit: if an impostor registered first, the real
+            # workers keep asking and get in as soon as it is gone.
+            current = self.pinned_store or self.store_id(exclude=ident)
+            if current is not None and store_id != current:
                 return self._refuse(
-                    ident, f"this worker serves a different store ({store_id}) than the "
-                           f"storage workers already connected ({current}); start it with the "
-                           f"same --data directory as them (sharding across stores comes later)")
+                    ident, f"this worker serves a different store ({store_id!r:.80}) than the "
+                           f"{'broker was started for' if self.pinned_store else 'storage workers already connected'} "
+                           f"({current}); start it with the same --data directory as them "
+                           f"(sharding across stores comes later); it retries every second",
+                    retry=True)
         if ident in self.workers:
             self.delete_worker(ident, "registered again")
         self.workers[ident] = Worker(ident, service, worker_id, store_id,
@@ -278,15 +506,18 @@ class Broker:
             self.metrics.workers.labels(service).set(
                 sum(w.service == service for w in self.workers.values()))
 
-    def store_id(self):
+    def store_id(self, exclude=None):
         for worker in self.workers.values():
-            if worker.service == p.STORAGE:
+            if worker.service == p.STORAGE and worker.ident != exclude:
                 return worker.store_id
         return None
 
-    def _refuse(self, ident: bytes, message: str):
-        log.warning("event=worker_refused worker=%s reason=%r", ident.hex(), message)
-        self._send(self.backend, [ident, p.encode({"t": "refused", "msg": message})])
+    def _refuse(self, ident: bytes, message: str, retry: bool = False):
+        self._refusals.warning("event=worker_refused worker=%s reason=%r", ident.hex(), message)
+        route = {"t": "refused", "msg": message}
+        if retry:
+            route["retry"] = True
+        self._send(self.backend, [ident, p.encode(route)])
 
     def process_reply(self, worker: Worker, route: dict, body: list):
         key = route.get("k")
@@ -298,13 +529,20 @@ class Broker:
             log.info("event=late_reply worker=%s key=%r action=dropped", worker.worker_id, key)
             return
         worker.inflight.discard(key)
-        self._track_client(pending.origin, -1)
+        worker.inflight_bytes -= pending.nbytes + pending.expect
+        self._track_client(pending.origin, -1, pending.nbytes)
+        if pending.digest and len(body) > 1:
+            self.chunk_sizes[pending.digest] = _nbytes(body[1])
+            self.chunk_sizes.move_to_end(pending.digest)
+            if len(self.chunk_sizes) > limits.CHUNK_SIZES_KEPT:
+                self.chunk_sizes.popitem(last=False)
+        self.pump(worker.service)       # its credit is free again
         name = route.get("inv")
         if isinstance(name, str):
             # Invalidate before the ack leaves: the cache's pipe is FIFO, so any read the client
             # sends after this ack reaches the cache after the invalidation (invariant 1).
             self.invalidate(name)
-        self._deliver(pending.origin, body)
+        self._deliver(pending.origin, body, pending.deadline)
         if pending.origin["via"] == FRONTEND:
             outcome = "ok" if route.get("ok", True) else str(route.get("err"))
             self.metrics.answered(pending.op, outcome, time.monotonic() - pending.started)
@@ -318,11 +556,13 @@ class Broker:
         origin = {"from": worker.ident, "via": BACKEND}
         if len(body) not in (1, 2):
             raise BadRequest(f"worker request has {len(body)} body frames, expected 1 or 2")
-        header = p.decode(body[0].buffer)
+        header = read_header(body[0].buffer)
         if service not in p.SERVICES:
             self._reply_error(origin, header.get("id"), "bad_request", f"unknown service {service!r}")
             return
-        self.dispatch(service, str(header.get("op")), header.get("id"), origin, body)
+        op = str(header.get("op"))
+        self.dispatch(service, op, header.get("id"), origin, body,
+                      deadline=deadline_of(header), digest=_digest(op, header))
 
     def invalidate(self, name: str):
         for worker in list(self.workers.values()):
@@ -347,16 +587,37 @@ class Broker:
             pending = self.pending.pop(key, None)
             if pending is None:
                 continue
-            self._track_client(pending.origin, -1)
+            self._track_client(pending.origin, -1, pending.nbytes)
             if pending.op in p.IDEMPOTENT_OPS:
                 self.metrics.redispatched.inc()
                 self.dispatch(pending.service, pending.op, pending.req_id, pending.origin,
-                              pending.body, exclude=(ident,), started=pending.started)
+                              pending.body, exclude=(*pending.exclude, ident),
+                              started=pending.started, deadline=pending.deadline,
+                              digest=pending.digest)
             else:
                 self._reply_error(pending.origin, pending.req_id, "unavailable",
                                   f"the {worker.service} worker died while handling {pending.op}; "
                                   f"check the result (stat) before retrying", op=pending.op,
                                   started=pending.started)
+        self._requeue_orphans(worker.service)
+
+    def _requeue_orphans(self, service: str):
+        """After a worker left: queued requests of a service with no worker left go to its
+        fallback, or are answered ``unavailable``; the rest are pumped to who is left."""
+        queue = self.queues[service]
+        if self._serving(service) == service:
+            self.pump(service)
+            return
+        while queue:
+            _, keys = queue.popitem(last=False)
+            for key in keys:
+                pending = self.pending.pop(key, None)
+                if pending is None:
+                    continue
+                self._track_client(pending.origin, -1, pending.nbytes)
+                self.dispatch(pending.service, pending.op, pending.req_id, pending.origin,
+                              pending.body, exclude=pending.exclude, started=pending.started,
+                              deadline=pending.deadline, digest=pending.digest)
 
     def send_heartbeats(self):
         beat = p.encode({"t": "hb"})
@@ -364,33 +625,136 @@ class Broker:
             if not self._send(self.backend, [worker.ident, beat]):
                 self.delete_worker(worker.ident, "unreachable")
 
-    def _track_client(self, origin: dict, delta: int):
+    def _track_client(self, origin: dict, delta: int, nbytes: int = 0):
         if origin["via"] != FRONTEND:
             return
-        count = self.client_inflight.get(origin["from"], 0) + delta
+        ident = origin["from"]
+        count = self.client_inflight.get(ident, 0) + delta
         if count > 0:
-            self.client_inflight[origin["from"]] = count
+            self.client_inflight[ident] = count
         else:
-            self.client_inflight.pop(origin["from"], None)
+            self.client_inflight.pop(ident, None)
+        if nbytes:
+            held = self.req_bytes.get(ident, 0) + delta * nbytes
+            self.total_req += delta * nbytes
+            if held > 0:
+                self.req_bytes[ident] = held
+            else:
+                self.req_bytes.pop(ident, None)
+
+    # --- byte budgets ---
+
+    def _over_budget(self, ident: bytes, nbytes: int):
+        """Why a new request of this client must back off, or None.
+
+        Uploads: the data of its requests held here stays within CLIENT_BYTES, and everyone's
+        within TOTAL_REQUEST_BYTES.  Replies: a client with more than CLIENT_BYTES of replies
+        it has not taken (or with any, while all clients' together pass TOTAL_REPLY_BYTES)
+        gets nothing more until it reads: it stalls itself, never the others.
+        """
+        if nbytes:
+            held = self.req_bytes.get(ident, 0)
+            if held + nbytes > limits.CLIENT_BYTES:
+                return (f"this client already has {held} bytes of uploads in flight at the "
+                        f"broker (budget {limits.CLIENT_BYTES}); wait for replies before "
+                        f"sending more (retried with backoff)")
+            if self.total_req + nbytes > limits.TOTAL_REQUEST_BYTES:
+                return ("the broker holds as many uploads as it may for all clients; retry in a "
+                        "moment (retried with backoff)")
+        unread = self.outbox_bytes.get(ident, 0)
+        if unread > limits.CLIENT_BYTES or (unread and self.total_out > limits.TOTAL_REPLY_BYTES):
+            return (f"this client has {unread} bytes of replies it has not read; read them "
+                    f"before asking for more (retried with backoff)")
+        return None
+
+    def flush(self):
+        """Send what clients' outboxes hold, as far as their queues take it; drop what has
+        passed its deadline."""
+        now = time.monotonic()
+        for ident in list(self.outbox):
+            box = self.outbox[ident]
+            while box:
+                frames, size, deadline = box[0]
+                if deadline > now:
+                    try:
+                        send_frames(self.frontend, [ident, *frames])
+                    except zmq.Again:
+                        break
+                    except zmq.ZMQError:
+                        self._drop_outbox(ident)      # the client is gone
+                        break
+                else:
+                    self.dropped_replies += 1
+                box.popleft()
+                self.outbox_bytes[ident] -= size
+                self.total_out -= size
+            if not box and ident in self.outbox:
+                del self.outbox[ident]
+                del self.outbox_bytes[ident]
+
+    def _hold(self, ident: bytes, frames: list, deadline: float):
+        size = sum(map(_nbytes, frames))
+        held = self.outbox_bytes.get(ident, 0)
+        box = self.outbox.get(ident)
+        if (held + size > limits.CLIENT_BYTES or self.total_out + size > limits.TOTAL_REPLY_BYTES
+                or (box is not None and len(box) >= limits.OUTBOX_MESSAGES)):
+            self.dropped_replies += 1
+            self._undeliverable.warning(
+                "event=undeliverable socket=frontend peer=%s error=%r held=%d", ident.hex(),
+                "queue full: the client does not read; reply dropped (byte budget)", held)
+            return
+        if box is None:
+            box = self.outbox[ident] = collections.deque()
+        box.append((frames, size, deadline))
+        self.outbox_bytes[ident] = held + size
+        self.total_out += size
+
+    def _drop_outbox(self, ident: bytes):
+        box = self.outbox.pop(ident, None)
+        if box is not None:
+            self.dropped_replies += len(box)
+            self.total_out -= self.outbox_bytes.pop(ident)
 
     # --- status ---
 
     def status(self) -> dict:
         return {
             "broker": {"frontend": self.frontend_endpoint, "backend": self.backend_endpoint,
-                       "uptime": time.time() - self.started, "pending": len(self.pending)},
+                       "uptime": time.time() - self.started, "pending": len(self.pending),
+                       "queued": {s: sum(map(len, q.values())) for s, q in self.queues.items()},
+                       "dropped": self.dropped,
+                       "held_bytes": {"uploads": self.total_req, "replies": self.total_out},
+                       "dropped_replies": self.dropped_replies,
+                       "fds": limits.fd_limit(),
+                       "budgets": {"client_bytes": limits.CLIENT_BYTES,
+                                   "total_upload_bytes": limits.TOTAL_REQUEST_BYTES,
+                                   "total_reply_bytes": limits.TOTAL_REPLY_BYTES}},
             "workers": [
                 {"service": w.service, "id": w.worker_id, "store": w.store_id, "state": "ready",
-                 "inflight": len(w.inflight), "served": w.served}
+                 "inflight": len(w.inflight), "inflight_bytes": w.inflight_bytes,
+                 "served": w.served}
                 for w in sorted(self.workers.values(), key=lambda w: (w.service, w.worker_id))
             ],
         }
 
     # --- sending ---
 
-    def _deliver(self, origin: dict, body: list):
+    def _deliver(self, origin: dict, body: list, deadline: float | None = None):
         if origin["via"] == FRONTEND:
-            self._send(self.frontend, [origin["from"], *body])
+            ident = origin["from"]
+            if ident not in self.outbox:
+                try:
+                    send_frames(self.frontend, [ident, *body])
+                    return
+                except zmq.Again:
+                    pass        # its queue is full: hold the reply here, counted in bytes
+                except zmq.ZMQError as exc:
+                    self._undeliverable.warning("event=undeliverable socket=frontend peer=%s "
+                                                "error=%r", ident.hex(), exc.strerror)
+                    return
+            if deadline is None:
+                deadline = time.monotonic() + limits.DEFAULT_TTL_MS / 1000
+            self._hold(ident, body, deadline)
         else:
             self._send(self.backend, [origin["from"], p.encode({"t": "rep"}), *body])
 

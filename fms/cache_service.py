@@ -100,7 +100,7 @@ class CacheService:
             self.fetches += 1
             fields = {"name": key} if kind == "get" else {"hash": key}
             self.link.request(p.STORAGE, {"v": p.PROTOCOL_VERSION, "op": kind, "id": fetch_id,
-                                          **fields})
+                                          "ttl_ms": int(FETCH_TIMEOUT * 1000), **fields})
         fetch.waiters.append((route, req_id))
 
     # --- storage pushes the data back ---
@@ -158,7 +158,14 @@ class CacheService:
 
     def _answer(self, fetch, header, data):
         buf = data.buffer if data is not None else None
+        now = time.monotonic()
         for route, req_id in fetch.waiters:
+            if route.get("deadline", now) < now:
+                # Its client stopped waiting (fms.worker stamps the deadline): a short answer
+                # instead of the data, which the broker still needs to free this request.
+                self.link.reply(route, p.error_reply(req_id, "unavailable", "the request's "
+                                                     "deadline passed; retry"), cache="miss")
+                continue
             self.link.reply(route, {**header, "id": req_id}, buf, cache="miss")
 
     def _fail(self, fetch, code, message):

@@ -189,7 +189,13 @@ def _broker_args(cmd):
     cmd.add_argument("--curve-secret", metavar="FILE",
                      help="the broker's .key_secret: require CURVE on both sockets")
     cmd.add_argument("--allow", metavar="DIR",
-                     help="public .key files of the clients and workers let in (re-read live)")
+                     help="public .key files of the clients let in (re-read live)")
+    cmd.add_argument("--allow-workers", metavar="DIR",
+                     help="public .key files of the workers let in on the backend (re-read "
+                          "live); kept apart from --allow so a client key cannot act as a worker")
+    cmd.add_argument("--store", metavar="ID",
+                     help="the store id storage workers must serve (from the data directory); "
+                          "without it, the first storage worker's store is served")
     cmd.add_argument("--insecure", action="store_true",
                      help="allow binding a non-loopback address without CURVE")
     _log_arg(cmd)
@@ -525,7 +531,9 @@ def cmd_stats(args):
     if args.json:
         print(json.dumps(out, indent=1))
         return
-    print(f"broker  frontend={out['broker']['frontend']} backend={out['broker']['backend']}")
+    fds = out["broker"].get("fds") or {}
+    print(f"broker  frontend={out['broker']['frontend']} backend={out['broker']['backend']}"
+          f" descriptors={fds.get('open')}/{fds.get('soft')}")
     for w in out["workers"]:
         print(f"worker  {w['service']:<8} {w['id']:<28} {w['state']:<6} "
               f"inflight={w['inflight']} served={w['served']}")
@@ -585,7 +593,7 @@ def cmd_broker(args):
     from .broker import Broker
     from .logutil import setup_logging
     setup_logging(args.log_level)
-    broker = Broker(args.frontend, args.backend, curve=_broker_curve(args))
+    broker = Broker(args.frontend, args.backend, curve=_broker_curve(args), store=args.store)
     try:
         broker.bind()
         if args.metrics_port is not None:
@@ -603,12 +611,16 @@ def cmd_broker(args):
 def _broker_curve(args):
     """The broker's CurveServer, or None after checking that plaintext is safe to bind."""
     from .security import CurveServer, SecurityError, is_loopback
-    if bool(args.curve_secret) != bool(args.allow):
-        raise SecurityError("CURVE needs both --curve-secret (the broker's .key_secret) and "
-                            "--allow (a folder of allowed public .key files)")
+    given = [bool(args.curve_secret), bool(args.allow), bool(args.allow_workers)]
+    if any(given) and not all(given):
+        raise SecurityError("CURVE needs --curve-secret (the broker's .key_secret), --allow (a "
+                            "folder of the clients' public .key files) and --allow-workers (a "
+                            "folder of the workers' public .key files, apart from the clients' "
+                            "so that a client key cannot act as a worker)")
     if args.curve_secret:
         import zmq
-        return CurveServer(zmq.Context.instance(), args.curve_secret, args.allow)
+        return CurveServer(zmq.Context.instance(), args.curve_secret, args.allow,
+                           args.allow_workers)
     exposed = [e for e in (args.frontend, args.backend) if not is_loopback(e)]
     if exposed and not args.insecure:
         raise SecurityError(
@@ -690,8 +702,11 @@ def cmd_up(args):
         from .security import cluster_keys
         server, workers, client = cluster_keys(os.path.abspath(os.path.join(args.data, "keys")))
     insecure = ["--insecure"] if args.insecure else []
+    # The store id comes from the storage directory, so the broker serves that store whichever
+    # storage worker (or impostor) registers first.
+    store = ["--store", _store_id(os.path.join(args.data, "storage"), args.meta, args.chunks)]
     specs = [("broker", py + ["broker", "--frontend", args.frontend, "--backend", args.backend]
-              + server + insecure + log),
+              + server + store + insecure + log),
              ("cache", py + ["cache", "--broker", args.backend, "--dir",
                              os.path.join(args.data, "cache"), "--max-bytes",
                              str(args.cache_bytes)] + workers + log)]
@@ -727,6 +742,16 @@ def cmd_up(args):
         return EXIT_OK
     finally:
         _stop_all(procs)
+
+
+def _store_id(data: str, meta: str | None, chunks: str | None) -> str:
+    """The id of the store the storage workers will open (made now if it is new)."""
+    from .storage.engine import open_store
+    store = open_store(data, meta, chunks)
+    try:
+        return store.store_id
+    finally:
+        store.close()
 
 
 def _stop_all(procs):

@@ -27,6 +27,7 @@ import time
 
 import zmq
 
+from . import limits
 from . import protocol as p
 from .errors import (BadRequest, FmsError, IntegrityError, MissingChunks, Timeout, TransportError,
                      Unavailable, from_reply)
@@ -182,7 +183,9 @@ class Client:
 
     def _frames(self, op: str, fields: dict, data=None):
         req_id = next(self._ids)
-        frames = [p.encode({"v": p.PROTOCOL_VERSION, "op": op, "id": req_id, **fields})]
+        # ttl_ms: how long this try will be waited for; the broker drops it once that passes.
+        frames = [p.encode({"v": p.PROTOCOL_VERSION, "op": op, "id": req_id,
+                            "ttl_ms": int(self.timeout * 1000), **fields})]
         if data is not None:
             frames.append(data)
         return req_id, frames
@@ -460,7 +463,7 @@ class Client:
                         raise FmsError(f"{source} changed while it was being uploaded; "
                                        f"upload it again when it is no longer being written")
                     yield i, "put_chunk", {"hash": plan.chunks[i]}, frame
-            for i, _header, _ in self.pipeline(requests()):
+            for i, _header, _ in self.pipeline(requests(), self._data_window(plan.chunk_size)):
                 done += plan.chunk_len(i)
                 self._report(name, done, total)
 
@@ -488,8 +491,9 @@ class Client:
         for i, header, frame in self.pipeline(requests, MANY_WINDOW):
             manifest = p.check_manifest(header.get("manifest"))
             if frame is not None:
+                manifest, data = self._whole(items[i][0], manifest, frame)
                 with _atomic_file(items[i][1], manifest, self.fsync) as out:
-                    out.write(_checked_whole(manifest, p.unpack_data(frame.buffer)))
+                    out.write(data)
                 results[i] = _public(manifest)
             else:
                 large.append((i, manifest))
@@ -504,7 +508,7 @@ class Client:
         header, frame = self.call("get", name=p.check_name(name))
         manifest = p.check_manifest(header.get("manifest"))
         if frame is not None:
-            return bytes(_checked_whole(manifest, p.unpack_data(frame.buffer)))
+            return bytes(self._whole(name, manifest, frame)[1])
         parts = []
         self._download_chunks(manifest, _Collect(parts))
         return b"".join(parts)
@@ -515,10 +519,35 @@ class Client:
         header, frame = self.call("get", name=p.check_name(name))
         manifest = p.check_manifest(header.get("manifest"))
         if frame is not None:
-            stream.write(_checked_whole(manifest, p.unpack_data(frame.buffer)))
+            manifest, data = self._whole(name, manifest, frame)
+            stream.write(data)
         else:
             self._download_chunks(manifest, stream)
         return _public(manifest)
+
+    def _data_window(self, chunk_size: int) -> int:
+        """Chunks in flight: ``window``, but never more data than the broker's per-client
+        budget (fms.limits.CLIENT_BYTES) holds, so large chunks are not refused."""
+        return max(1, min(self.window, limits.CLIENT_BYTES // (chunk_size + 64 * 1024)))
+
+    def _call_aside(self, op: str, **fields):
+        """One request on a connection of its own, so that it takes no reply of a pipeline
+        under way on this one (rare: after a failed verification)."""
+        with Client(self.broker, timeout=self.timeout, retries=self.retries, ctx=self._ctx,
+                    curve=self.curve) as aside:
+            return aside.call(op, **fields)
+
+    def _whole(self, name: str, manifest: dict, frame):
+        """The verified content of a small file that came with its manifest; if it does not
+        match, asked once more from storage itself (``fresh``).  :return: (manifest, data)."""
+        data = p.unpack_data(frame.buffer)
+        if len(data) == manifest["size"] and p.sha256(data) == manifest["sha256"]:
+            return manifest, data
+        header, frame = self._call_aside("get", name=name, fresh=True)
+        manifest = p.check_manifest(header.get("manifest"))
+        if frame is None:
+            raise IntegrityError(f"{name!r} came without its content from storage; try again")
+        return manifest, _checked_whole(manifest, p.unpack_data(frame.buffer))
 
     def _download_chunks(self, manifest: dict, out):
         """Fetch every chunk pipelined, write them in order to ``out``, verify all of it."""
@@ -543,14 +572,19 @@ class Client:
         held = {}
         next_index = start
         requests = ((i, "chunk", {"hash": chunks[i]}, None) for i in range(start, len(chunks)))
-        for i, _header, frame in self.pipeline(requests):
+        for i, _header, frame in self.pipeline(requests, self._data_window(chunk_size)):
             if frame is None:
                 raise IntegrityError(f"chunk {i} of {manifest['name']!r} came without data")
             data = p.unpack_data(frame.buffer)
             expect = p.chunk_length(i, size, chunk_size)
             if len(data) != expect or p.sha256(data) != chunks[i]:
-                raise IntegrityError(f"chunk {i} of {manifest['name']!r} does not match its "
-                                     f"sha256; nothing was written, try again")
+                # Once more, from storage itself (`fresh`: the broker bypasses the cache).
+                _, frame = self._call_aside("chunk", hash=chunks[i], fresh=True)
+                data = p.unpack_data(frame.buffer) if frame is not None else b""
+                if len(data) != expect or p.sha256(data) != chunks[i]:
+                    raise IntegrityError(f"chunk {i} of {manifest['name']!r} does not match its "
+                                         f"sha256, also from storage; nothing was written, try "
+                                         f"again")
             held[i] = data
             while next_index in held:
                 yield held.pop(next_index)

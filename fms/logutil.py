@@ -7,6 +7,16 @@ import time
 LOG_FORMAT = "%(asctime)s level=%(levelname)s proc=%(name)s %(message)s"
 RATE_WINDOW = 10.0   # seconds
 RATE_BURST = 5       # lines per window before further lines of the same kind are counted only
+LOG_TEXT_MAX = 200   # characters of one text argument (attacker-supplied text is cut to this)
+
+
+def clip(text, limit: int = LOG_TEXT_MAX) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}...({len(text) - limit} more characters)"
 
 
 def setup_logging(level: str = "INFO"):
@@ -19,7 +29,8 @@ class RateLimitedLog:
     """Log lines about hostile or broken input without letting a flood fill the disk.
 
     At most RATE_BURST lines per RATE_WINDOW; the lines held back are counted and reported in
-    the next line that is let through.
+    the next line that is let through.  Text arguments are cut to LOG_TEXT_MAX characters, so
+    a line never echoes more of what an attacker sent than that.
     """
 
     def __init__(self, log: logging.Logger):
@@ -36,6 +47,6 @@ class RateLimitedLog:
             self._window_start, self._count, self._suppressed = now, 0, 0
         self._count += 1
         if self._count <= RATE_BURST:
-            self.log.warning(msg, *args)
+            self.log.warning(msg, *(clip(a) if isinstance(a, (str, bytes)) else a for a in args))
         else:
             self._suppressed += 1

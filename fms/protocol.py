@@ -20,6 +20,7 @@ import re
 
 import msgpack
 
+from . import limits
 from .errors import BadRequest
 
 PROTOCOL_VERSION = 1
@@ -88,15 +89,25 @@ def encode(obj) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-def decode(buf) -> dict:
-    """Unpack a header or route frame, which must be a msgpack map.
+def decode(buf, kind: str = "reply") -> dict:
+    """Unpack a header or route frame, which must be a msgpack map, within bounds
+    (:mod:`fms.limits`): ``kind`` is ``"route"`` (at most 64 KiB), ``"request"`` (at most
+    64 KiB, but a ``commit`` or ``have`` up to the frame limit, flat) or ``"reply"`` (up to the
+    frame limit; what a client or the cache reads from its trusted broker).
 
-    :raises BadRequest: the bytes are not msgpack, hold more than one object, or not a map.
+    :raises BadRequest: the bytes are not msgpack, hold more than one object, not a map, or
+        are over a limit (:class:`fms.limits.FrameTooLarge`, code ``too_large``, before decoding).
     """
-    try:
-        obj = msgpack.unpackb(buf, raw=False, strict_map_key=True)
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise BadRequest(f"frame is not valid msgpack: {exc}") from None
+    size = limits.frame_len(buf)
+    if kind == "route":
+        bounds = {"max_size": limits.MAX_HEADER, "max_containers": limits.MAX_CONTAINERS}
+    elif kind == "request":
+        bounds = limits.request_limits(size)
+        if size > limits.MAX_HEADER:
+            limits.peek_large(buf)
+    else:
+        bounds = {"max_size": MAX_FRAME_SIZE, "max_containers": None, "max_map": 2**16}
+    obj = limits.unpack_bounded(buf, **bounds)
     if not isinstance(obj, dict):
         raise BadRequest(f"frame must be a msgpack map, got {type(obj).__name__}")
     return obj

@@ -4,12 +4,14 @@ Key files use the ZeroMQ certificate format (``zmq.auth.load_certificate`` reads
 ``NAME.key`` holds the public key, ``NAME.key_secret`` both keys.  A secret key file is written
 with mode 0600, and one that others can read is refused, as ssh does.
 
-The broker authenticates every connection with ZAP against the public ``*.key`` files in its
-allow directory (clients and workers alike), and checks every message's sender against the
-directory as it is now, so a key removed from it is shut out without a restart, even on a
-connection that is already open.
+The broker authenticates every connection with ZAP against the public ``*.key`` files of an
+allow directory: ``--allow`` for clients on the frontend, ``--allow-workers`` for workers on the
+backend (two ZAP domains), so a client's key cannot act as a worker.  It checks every message's
+sender against the directory as it is now, so a key removed from it is shut out without a
+restart, even on a connection that is already open.
 """
 
+import contextlib
 import logging
 import os
 import stat
@@ -19,9 +21,12 @@ import zmq
 import zmq.auth
 
 from .errors import FmsError
+from .logutil import RateLimitedLog
 
 ALLOW_RELOAD = 1.0     # seconds an allowlist read stays fresh
-ZAP_DOMAIN = "fms"
+ZAP_DOMAIN = "fms"                  # the frontend: clients
+ZAP_WORKER_DOMAIN = "fms-workers"   # the backend: workers
+REFUSED_KEYS_LOGGED = 1024          # distinct refused keys logged once each; past it, rate-limited
 CURVE_SECRET_ENV = "FMS_CURVE_SECRET"
 SERVER_KEY_ENV = "FMS_SERVER_KEY"
 LOOPBACK_HOSTS = ("127.", "localhost", "[::1]", "::1")
@@ -96,15 +101,21 @@ def _load(path: str) -> tuple:
 
 
 class AllowList:
-    """The public keys in a folder of ``*.key`` files, re-read when it may have changed."""
+    """The public keys in a folder of ``*.key`` files, re-read when it may have changed.
 
-    def __init__(self, folder: str):
+    :param role: who these keys are for (``clients``, ``workers``), for messages and logs.
+    """
+
+    def __init__(self, folder: str, role: str = "clients"):
         if not os.path.isdir(folder):
             raise SecurityError(f"allow directory {folder} does not exist; create it and put "
-                                f"the public .key files of allowed clients and workers in it")
+                                f"the public .key files of allowed {role} in it")
         self.folder = folder
+        self.role = role
         self._keys = frozenset()
         self._read_at = -ALLOW_RELOAD
+        self._logged = set()       # refused keys already logged (each once)
+        self._bad = RateLimitedLog(log)
 
     def keys(self) -> frozenset:
         now = time.monotonic()
@@ -125,36 +136,73 @@ class AllowList:
     def callback(self, domain: str, key: bytes) -> bool:
         allowed = key in self
         if not allowed:
-            log.warning("event=key_refused key=%s", key.decode(errors="replace"))
+            self.refused(key)
         return allowed
+
+    def refused(self, key):
+        """Log a refused key once (a peer retrying every second must not flood the log)."""
+        if isinstance(key, str):
+            key = key.encode()
+        if key in self._logged:
+            return
+        line = ("event=key_refused side=%s key=%s hint=%r", "frontend" if self.role == "clients"
+                else "backend", key.decode(errors="replace"),
+                f"not in the {self.role}' allow directory {self.folder}")
+        if len(self._logged) < REFUSED_KEYS_LOGGED:
+            self._logged.add(key)
+            log.warning(*line)
+        else:
+            self._bad.warning(*line)
 
 
 class CurveServer:
-    """The broker's side: ZAP authenticator plus the settings for its two sockets."""
+    """The broker's side: ZAP authenticator plus the settings for its two sockets.
 
-    def __init__(self, ctx: zmq.Context, secret_file: str, allow_dir: str):
+    :param allow_dir: public keys of the clients (frontend).
+    :param allow_workers_dir: public keys of the workers (backend), kept apart so that a
+        client's key is refused on the backend.
+    """
+
+    def __init__(self, ctx: zmq.Context, secret_file: str, allow_dir: str,
+                 allow_workers_dir: str):
         self.public, self.secret = load_secret(secret_file)
-        self.allow = AllowList(allow_dir)
+        if os.path.realpath(allow_dir) == os.path.realpath(allow_workers_dir):
+            raise SecurityError("--allow and --allow-workers must be different folders: a "
+                                "client's key must not let it act as a worker")
+        self.allow = AllowList(allow_dir, "clients")
+        self.allow_workers = AllowList(allow_workers_dir, "workers")
+        both = self.allow.keys() & self.allow_workers.keys()
+        if both:
+            log.warning("event=key_in_both_allow_dirs keys=%d hint=%r", len(both),
+                        "a key in both folders may act as a client and as a worker; give "
+                        "workers their own keys")
         # Imported here: it pulls in asyncio, which clients (who load this module for their
         # keys) would otherwise pay for at every start.
         from zmq.auth.thread import ThreadAuthenticator
         self.auth = ThreadAuthenticator(ctx, log=logging.getLogger("fms.zap"))
         self.auth.start()
         self.auth.configure_curve_callback(ZAP_DOMAIN, credentials_provider=self.allow)
+        self.auth.configure_curve_callback(ZAP_WORKER_DOMAIN,
+                                           credentials_provider=self.allow_workers)
 
-    def apply(self, sock: zmq.Socket):
-        sock.zap_domain = ZAP_DOMAIN.encode()
+    def apply(self, sock: zmq.Socket, workers: bool = False):
+        sock.zap_domain = (ZAP_WORKER_DOMAIN if workers else ZAP_DOMAIN).encode()
         sock.curve_server = True
         sock.curve_publickey = self.public
         sock.curve_secretkey = self.secret
 
-    def allowed(self, frame) -> bool:
-        """Whether the sender of ``frame`` (a received zmq.Frame) is in the allowlist now."""
+    def allowed(self, frame, workers: bool = False) -> bool:
+        """Whether the sender of ``frame`` (a received zmq.Frame) is in the clients' (or the
+        workers') allowlist now."""
         try:
             user = frame.get("User-Id")
         except zmq.ZMQError:
             return False
-        return user in self.allow
+        keys = self.allow_workers if workers else self.allow
+        if user in keys:
+            return True
+        keys.refused(user)
+        return False
 
     def stop(self):
         self.auth.stop()
@@ -191,21 +239,28 @@ def client_keys(secret_file, server_key_file):
 
 def cluster_keys(folder: str) -> tuple:
     """Keys for a one-machine cluster in ``folder``, made once and reused: the broker's, one
-    shared by the workers, one for clients; ``folder/allow`` holds the workers' and the client's.
+    shared by the workers, one for clients; ``folder/allow`` holds the client's public key,
+    ``folder/allow-workers`` the workers'.
 
     :return: ``(broker args, worker args, (client secret file, broker public key file))``.
     """
     allow = os.path.join(folder, "allow")
+    allow_workers = os.path.join(folder, "allow-workers")
     os.makedirs(allow, exist_ok=True)
-    for name in ("broker", "worker", "client"):
+    os.makedirs(allow_workers, exist_ok=True)
+    # Keys made by an older fms kept the worker's key among the clients': not any more.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(allow, "worker.key"))
+    for name, into in (("broker", None), ("worker", allow_workers), ("client", allow)):
         if not os.path.exists(os.path.join(folder, f"{name}.key_secret")):
             keygen(folder, name)
-        if name != "broker":
+        if into is not None:
             with open(os.path.join(folder, f"{name}.key")) as src, \
-                    open(os.path.join(allow, f"{name}.key"), "w") as dst:
+                    open(os.path.join(into, f"{name}.key"), "w") as dst:
                 dst.write(src.read())
     broker_key = os.path.join(folder, "broker.key")
-    server = ["--curve-secret", os.path.join(folder, "broker.key_secret"), "--allow", allow]
+    server = ["--curve-secret", os.path.join(folder, "broker.key_secret"), "--allow", allow,
+              "--allow-workers", allow_workers]
     workers = ["--curve-secret", os.path.join(folder, "worker.key_secret"), "--server-key",
                broker_key]
     return server, workers, (os.path.join(folder, "client.key_secret"), broker_key)

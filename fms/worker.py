@@ -13,11 +13,13 @@ A *service* (storage, cache) is an object with these methods, which know no even
 :class:`BrokerLink` is the real link (a DEALER socket); tests pass a recorder instead.
 """
 
+import errno
 import logging
 import time
 
 import zmq
 
+from . import limits
 from . import protocol as p
 from .errors import BadRequest, FmsError
 from .logutil import RateLimitedLog
@@ -50,6 +52,7 @@ class BrokerLink:
         self.log = log
         self.sock = None
         self.registered = False
+        self.refusals = RateLimitedLog(log)
 
     def connect(self):
         if self.sock is not None:
@@ -58,6 +61,9 @@ class BrokerLink:
         self.sock.linger = 0
         self.sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_SIZE)
         self.sock.setsockopt(zmq.SNDTIMEO, int(p.WORKER_SEND_TIMEOUT * 1000))
+        # Replies waiting to reach the broker, in messages (up to 16 MiB each): bounded, so a
+        # slow broker slows this worker instead of growing it.
+        self.sock.setsockopt(zmq.SNDHWM, limits.WORKER_PIPE)
         if self.curve is not None:
             self.curve.apply(self.sock)
         self.sock.connect(self.endpoint)
@@ -121,6 +127,8 @@ def serve(service, link: BrokerLink, log: logging.Logger, should_stop=lambda: Fa
     :raises WorkerRefused: the broker will not take this worker.
     """
     bad = RateLimitedLog(log)
+    limits.tune_malloc()
+    limits.raise_fd_limit(log)
     link.connect()
     log.info("event=connecting broker=%s", link.endpoint)
     liveness = p.HEARTBEAT_LIVENESS
@@ -180,7 +188,7 @@ def _handle(service, link: BrokerLink, frames, log, bad: RateLimitedLog):
 def _dispatch(service, link: BrokerLink, frames, log):
     if len(frames) < 1:
         raise BadRequest("empty message")
-    route = p.decode(frames[0].buffer)
+    route = p.decode(frames[0].buffer, "route")
     kind = route.get("t")
     if kind == "req":
         _handle_request(service, link, route, frames[1:], log)
@@ -202,7 +210,14 @@ def _dispatch(service, link: BrokerLink, frames, log):
         link.registered = False
         link.send_ready()
     elif kind == "refused":
-        raise WorkerRefused(str(route.get("msg", "refused by broker")))
+        message = str(route.get("msg", "refused by broker"))
+        if route.get("retry") is True:
+            # Not for good (e.g. another store's worker is registered, maybe an impostor):
+            # stay up; the broker's next message makes this worker ask again.
+            link.registered = False
+            link.refusals.warning("event=refused_for_now reason=%r", message)
+            return
+        raise WorkerRefused(message)
     else:
         raise BadRequest(f"unknown route type {kind!r}")
 
@@ -212,15 +227,37 @@ def _handle_request(service, link, route, body, log):
         link.reply(route, p.error_reply(None, "bad_request",
                                         f"request has {len(body) + 1} frames, expected 2 or 3"))
         return
+    ttl = route.get("ttl")
+    if isinstance(ttl, int) and not isinstance(ttl, bool):
+        if ttl <= 0:
+            # Its deadline passed on the way: nobody waits for the answer, but the broker
+            # does (it counts the request against this worker's credit until it is answered).
+            link.reply(route, p.error_reply(None, "unavailable", "the request's deadline "
+                                            "passed before it could be handled; retry"))
+            return
+        # The worker's own deadline (the ttl is relative: no clocks need agree across hosts);
+        # a service that answers later (the cache, after a fetch) drops what has expired.
+        route["deadline"] = time.monotonic() + ttl / 1000
     req_id = None
     try:
-        header = p.decode(body[0].buffer)
+        header = p.decode(body[0].buffer, "request")
         req_id = p.need(header, "id", (int, str))   # every handler may rely on it
         service.handle_request(route, header, body[1] if len(body) == 2 else None)
     except FmsError as exc:
         code = getattr(exc, "code", "internal")
         extra = exc.reply_fields() if hasattr(exc, "reply_fields") else {}
         link.reply(route, {**p.error_reply(req_id, code, str(exc)), **extra})
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            log.exception("event=handler_crashed error=%r", exc)
+            link.reply(route, p.error_reply(req_id, "internal", f"internal error: {exc!r}"))
+            return
+        # Out of space or of inodes (a directory or file that could not be created), wherever
+        # the handler met it: the write did not happen (temp + rename), say so clearly.
+        log.warning("event=no_space error=%r", exc.strerror)
+        link.reply(route, p.error_reply(req_id, "no_space", "the worker's disk is full (no "
+                                        "space or no inodes left); nothing was changed: free "
+                                        "space on it, then retry"))
     except Exception as exc:  # a bug must cost one request, not the process (invariant 5)
         log.exception("event=handler_crashed error=%r", exc)
         link.reply(route, p.error_reply(req_id, "internal", f"internal error: {exc!r}"))

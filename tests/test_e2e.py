@@ -167,9 +167,9 @@ def test_sequential_requests_take_turns_across_storage_workers(cluster):
 
 def test_storage_worker_on_another_store_is_refused_clearly(cluster, tmp_path):
     stray = cluster.start_storage(data=str(tmp_path / "elsewhere"), wid="stray")
-    wait_for(lambda: not stray.alive(), 15, "the stray worker to exit")
-    assert stray.popen.returncode == 3
-    assert "different store" in stray.log() and "--data" in stray.log()
+    wait_for(lambda: "different store" in stray.log(), 15, "the stray worker to be refused")
+    assert "--data" in stray.log()
+    assert stray.alive()          # refused, not told to exit: it may be the real one (issue 17)
     assert len(cluster.workers("storage")) == 2
 
 

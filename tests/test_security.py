@@ -73,15 +73,16 @@ def test_broker_refuses_a_public_bind_without_curve_and_says_why(tmp_path):
 @pytest.fixture
 def secure(make_cluster, tmp_path):
     """A cluster that requires CURVE; alice may connect, mallory may not."""
-    keys, allow = tmp_path / "keys", tmp_path / "allow"
+    keys, allow, allow_workers = tmp_path / "keys", tmp_path / "allow", tmp_path / "allow-w"
     allow.mkdir()
+    allow_workers.mkdir()
     for name in ("broker", "worker", "alice", "mallory"):
         keygen(str(keys), name)
-    for name in ("worker", "alice"):
-        shutil.copy(keys / f"{name}.key", allow / f"{name}.key")
+    shutil.copy(keys / "worker.key", allow_workers / "worker.key")
+    shutil.copy(keys / "alice.key", allow / "alice.key")
     cluster = make_cluster()
     cluster.start_broker(extra=["--curve-secret", str(keys / "broker.key_secret"),
-                                "--allow", str(allow)])
+                                "--allow", str(allow), "--allow-workers", str(allow_workers)])
     worker_keys = ["--curve-secret", str(keys / "worker.key_secret"),
                    "--server-key", str(keys / "broker.key")]
     cluster.start_cache()
@@ -91,6 +92,7 @@ def secure(make_cluster, tmp_path):
                                      cluster.cache_dir, "--id", "cache-1", *worker_keys])
     storage = cluster.start_storage(wid="storage-a", extra=worker_keys)
     cluster.keys, cluster.allow, cluster.worker_keys = keys, allow, worker_keys
+    cluster.allow_workers = allow_workers
     cluster.as_user = lambda name: ["--curve-secret", str(keys / f"{name}.key_secret"),
                                     "--server-key", str(keys / "broker.key")]
     cluster.user = lambda name, **kw: fms.Client(
@@ -149,10 +151,39 @@ def test_removing_a_key_shuts_it_out_without_a_restart(secure):
     wait_for(lambda: secure.cli(*secure.as_user("alice"), "ls").returncode == 0,
              ALLOW_RELOAD * 5, "alice to be let back in")
     # a removed worker key drops the worker: it is refused and stops
-    (secure.allow / "worker.key").unlink()
+    (secure.allow_workers / "worker.key").unlink()
     storage = next(proc for proc in secure.procs if proc.name == "storage-a")
     wait_for(lambda: not storage.alive(), 15, "the shut-out worker to stop")
     assert "refused by the broker" in storage.log()
+
+
+def test_a_client_key_on_the_backend_is_refused_and_logged_once(secure):
+    """alice may connect as a client; as a worker she is refused, and the broker says so once
+    although her worker retries every second."""
+    fake = secure.start_storage(wid="alice-as-worker", extra=secure.as_user("alice"))
+    wait_for(lambda: "event=not_registered" in fake.log(), 15, "the fake worker to give up")
+    alice = fms.security.load_public(str(secure.keys / "alice.key")).decode()
+    broker = secure.procs[0].log()
+    assert broker.count(f"key={alice}") == 1, broker
+    assert "side=backend" in broker
+    with secure.user("alice") as c:
+        assert [w["id"] for w in c.status()["workers"]] == ["cache-1", "storage-a"]
+        c.put_bytes(b"real", "r")
+        assert c.get_bytes("r") == b"real"
+    assert "event=commit" not in fake.log()
+
+
+def test_broker_needs_a_separate_allow_workers_folder(tmp_path):
+    _, secret = keygen(str(tmp_path / "keys"), "broker")
+    (tmp_path / "allow").mkdir()
+    base = [sys.executable, os.path.join(ROOT, "broker.py"), "--frontend", "tcp://127.0.0.1:*",
+            "--backend", "tcp://127.0.0.1:*", "--curve-secret", secret, "--allow",
+            str(tmp_path / "allow")]
+    run = subprocess.run(base, capture_output=True, timeout=30)
+    assert run.returncode == 1 and b"--allow-workers" in run.stderr
+    run = subprocess.run(base + ["--allow-workers", str(tmp_path / "allow")], capture_output=True,
+                         timeout=30)
+    assert run.returncode == 1 and b"must be different folders" in run.stderr
 
 
 def _refused(client) -> bool:
@@ -187,6 +218,8 @@ def test_fms_up_makes_and_uses_its_own_keys(tmp_path):
             c.put_bytes(b"hi", "hi")
             assert c.get_bytes("hi") == b"hi"
         assert stat.S_IMODE(os.stat(keys / "client.key_secret").st_mode) == 0o600
+        assert os.listdir(keys / "allow") == ["client.key"]
+        assert os.listdir(keys / "allow-workers") == ["worker.key"]
         with pytest.raises(fms.TransportError, match="requires encryption"):
             with fms.Client(frontend) as plain:
                 plain.ls()
@@ -199,10 +232,12 @@ def test_fms_up_makes_and_uses_its_own_keys(tmp_path):
 def test_broker_refuses_a_readable_secret_key_and_insecure_allows_a_public_bind(tmp_path):
     _, secret = keygen(str(tmp_path / "keys"), "broker")
     (tmp_path / "allow").mkdir()
+    (tmp_path / "allow-w").mkdir()
     os.chmod(secret, 0o640)
     run = subprocess.run([sys.executable, os.path.join(ROOT, "broker.py"), "--frontend",
                           "tcp://127.0.0.1:*", "--backend", "tcp://127.0.0.1:*",
-                          "--curve-secret", secret, "--allow", str(tmp_path / "allow")],
+                          "--curve-secret", secret, "--allow", str(tmp_path / "allow"),
+                          "--allow-workers", str(tmp_path / "allow-w")],
                          capture_output=True, timeout=30)
     assert run.returncode == 1 and b"chmod 600" in run.stderr
     port = free_port()

@@ -1,0 +1,178 @@
+"""Peak memory of every process under the floods of issue 17 (not part of the test suite).
+
+    python -m fms.floods [--seconds 10] [--clients 8] [--only NAME ...]
+
+Each scenario starts its own cluster (broker, cache, two storage workers, on random loopback
+ports), runs one attack for a bounded time with a well-behaved client beside it that reads a
+file once every 0.2 s, and reports each process's peak RSS (VmHWM) and what the well-behaved
+client saw (reads that succeeded / failed, its slowest read).
+
+- ``bomb``: 15 frames of 32 MiB of empty msgpack arrays to the frontend, 3 to the backend;
+- ``flood``: clients send 128 have/ls each (the most they may have in flight), then leave;
+- ``nonreaders``: clients that never read ask again and again for 16 MiB chunks;
+- ``slowreaders``: clients read a file of 16 MiB chunks 1 MiB every 50 ms.
+"""
+
+import argparse
+import os
+import tempfile
+import threading
+import time
+
+import msgpack
+import zmq
+
+from . import protocol as p
+from .harness import LocalCluster
+
+MiB = p.MiB
+
+
+def peak_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class Legit(threading.Thread):
+    """Reads ``name`` every 0.2 s and checks it; counts successes, failures, the slowest."""
+
+    def __init__(self, cluster, name: str, data: bytes):
+        super().__init__(daemon=True)
+        self.cluster, self.name, self.data = cluster, name, data
+        self.ok = self.failed = 0
+        self.slowest = 0.0
+        self.stop = threading.Event()
+
+    def run(self):
+        with self.cluster.client(timeout=5.0, retries=0) as c:
+            while not self.stop.is_set():
+                start = time.monotonic()
+                try:
+                    good = c.get_bytes(self.name) == self.data
+                except Exception:  # noqa: BLE001 - counted
+                    good = False
+                self.slowest = max(self.slowest, time.monotonic() - start)
+                if good:
+                    self.ok += 1
+                else:
+                    self.failed += 1
+                self.stop.wait(0.2)
+
+
+def _dealer(endpoint, rcvhwm=None):
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    if rcvhwm:
+        sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        sock.setsockopt(zmq.RCVBUF, 64 * 1024)
+    sock.connect(endpoint)
+    return sock
+
+
+def bomb(cluster, seconds, clients, big):
+    frame = msgpack.packb([[]] * (p.MAX_FRAME_SIZE - 16))
+    front, backs = _dealer(cluster.frontend), [_dealer(cluster.backend) for _ in range(3)]
+    for i in range(15):
+        front.send(frame)
+        if i < 3:
+            backs[i].send(frame)
+    time.sleep(seconds)
+    for sock in (front, *backs):
+        sock.close()
+
+
+def flood(cluster, seconds, clients, big):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        socks = []
+        for _ in range(clients):
+            sock = _dealer(cluster.frontend)
+            for i in range(128):
+                sock.send(p.encode({"v": 1, "op": "ls" if i % 2 else "have", "id": i,
+                                    "hashes": [bytes(32)] * 512}))
+            socks.append(sock)
+        time.sleep(1.0)
+        for sock in socks:
+            sock.close()
+
+
+def nonreaders(cluster, seconds, clients, big):
+    socks = [_dealer(cluster.frontend, rcvhwm=1) for _ in range(clients)]
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end:
+        for sock in socks:
+            for digest in big["chunks"]:
+                n += 1
+                try:
+                    sock.send(p.encode({"v": 1, "op": "chunk", "id": n, "hash": digest}),
+                              zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+        time.sleep(0.1)
+    for sock in socks:
+        sock.close()
+
+
+def slowreaders(cluster, seconds, clients, big):
+    stop = threading.Event()
+
+    def read():
+        with cluster.client(timeout=30.0) as c:
+            while not stop.is_set():
+                with c.open(big["name"]) as f:
+                    while not stop.is_set() and f.read(MiB):
+                        stop.wait(0.05)
+
+    threads = [threading.Thread(target=read, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join(60)
+
+
+SCENARIOS = {"bomb": bomb, "flood": flood, "nonreaders": nonreaders, "slowreaders": slowreaders}
+
+
+def run(name, seconds, clients):
+    with tempfile.TemporaryDirectory(prefix="fms-floods-") as folder:
+        cluster = LocalCluster(folder, cache_bytes="1G")
+        try:
+            cluster.start_all(storage=2)
+            small = os.urandom(200 * 1024)
+            with cluster.client(chunk_size=16 * MiB) as c:
+                c.put_bytes(small, "legit")
+                c.put_bytes(os.urandom(64 * MiB), "big")
+                header, _ = c.call("get", name="big")
+            legit = Legit(cluster, "legit", small)
+            legit.start()
+            SCENARIOS[name](cluster, seconds, clients, header["manifest"])
+            legit.stop.set()
+            legit.join(30)
+            peaks = {proc: peak_rss(popen.pid) for proc, popen in cluster.procs.items()}
+            alive = all(popen.poll() is None for popen in cluster.procs.values())
+        finally:
+            cluster.stop()
+    rss = " ".join(f"{proc}={rss / MiB:.0f}MiB" for proc, rss in peaks.items())
+    print(f"{name:<12} peak RSS: {rss} | legit reads ok={legit.ok} failed={legit.failed} "
+          f"slowest={legit.slowest:.2f}s | all alive={alive}", flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m fms.floods", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--only", nargs="*", choices=sorted(SCENARIOS), default=None)
+    args = parser.parse_args(argv)
+    for name in args.only or SCENARIOS:
+        run(name, args.seconds, args.clients)
+
+
+if __name__ == "__main__":
+    main()

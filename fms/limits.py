@@ -1,0 +1,223 @@
+"""Limits that keep hostile input from costing more than it weighs (DESIGN.md invariants 4, 5, 9).
+
+Decoding.  A msgpack frame can decode to far more memory than it weighs (an empty array is one
+byte on the wire and 56 in Python: 32 MiB of them is about 2.3 GiB and 8 s of CPU).  So:
+
+- a route frame, and a request header, is refused *before* it is decoded when it is over
+  ``MAX_HEADER`` (64 KiB); only ``commit`` and ``have``, whose chunk lists grow with the file,
+  may be larger (up to the frame limit), and the broker never decodes those whole: it reads
+  the few fields it needs (``peek``) and skips the rest without building it;
+- every decode sets msgpack's own limits (``max_str_len``, ``max_bin_len``, ``max_array_len``,
+  ``max_map_len``, ``max_ext_len``) and counts the containers it builds: a request is a flat
+  map with at most a list or two of 32-byte digests, so a frame that nests more is refused
+  as soon as it builds its ``MAX_CONTAINERS + 1``-th array or map.
+
+Together: a request header of n bytes never builds more than about 2n bytes of objects.
+"""
+
+import msgpack
+
+from .errors import BadRequest
+from .logutil import clip
+
+KiB = 1024
+MiB = 1024 * KiB
+
+MAX_HEADER = 64 * KiB        # route frames and request headers (but commit/have)
+LARGE_HEADER_OPS = ("commit", "have")   # their lists of digests grow with the file
+MAX_FRAME = 32 * MiB         # = protocol.MAX_FRAME_SIZE (ZMQ_MAXMSGSIZE); kept here to avoid a cycle
+MAX_CONTAINERS = 8           # arrays + maps one request header or route frame may hold
+MAX_MAP_LEN = 64             # keys in any one map of a request or route
+DIGEST_WIRE = 34             # a 32-byte digest as msgpack bin8: the smallest legit list item
+PEEK_KEYS = ("v", "op", "id", "ttl_ms", "fresh", "rx")
+
+
+class FrameTooLarge(BadRequest):
+    """A header or route frame over its limit, refused before decoding."""
+
+    code = "too_large"
+
+
+class _Counter:
+    """msgpack hooks that refuse a frame once it has built too many containers."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, limit: int):
+        self.left = limit
+
+    def list_hook(self, value):
+        self.left -= 1
+        if self.left < 0:
+            raise ValueError("too many nested arrays or maps")
+        return value
+
+    def object_hook(self, value):
+        self.left -= 1
+        if self.left < 0:
+            raise ValueError("too many nested arrays or maps")
+        return value
+
+
+def frame_len(buf) -> int:
+    return buf.nbytes if isinstance(buf, memoryview) else len(buf)
+
+
+def unpack_bounded(buf, *, max_size: int, max_containers: int | None,
+                   max_array: int | None = None, max_map: int = MAX_MAP_LEN):
+    """msgpack.unpackb with every limit set.  :raises FrameTooLarge: over ``max_size``;
+    :raises BadRequest: not msgpack, or over a limit."""
+    size = frame_len(buf)
+    if size > max_size:
+        raise FrameTooLarge(f"header frame of {size} bytes is over the limit of {max_size} bytes; "
+                            f"send smaller requests (e.g. fewer hashes per have)")
+    kwargs = {}
+    if max_containers is not None:
+        counter = _Counter(max_containers)
+        kwargs = {"list_hook": counter.list_hook, "object_hook": counter.object_hook}
+    try:
+        return msgpack.unpackb(
+            buf, raw=False, strict_map_key=True, max_str_len=size, max_bin_len=size,
+            max_array_len=max_array if max_array is not None else size,
+            max_map_len=max_map, max_ext_len=0, **kwargs)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise BadRequest(f"frame is not valid msgpack: {clip(str(exc))}") from None
+
+
+def request_limits(size: int) -> dict:
+    """Limits for a request header of ``size`` bytes (small, or a large commit/have)."""
+    if size <= MAX_HEADER:
+        return {"max_size": MAX_HEADER, "max_containers": MAX_CONTAINERS}
+    # A large header is one list of digests: no list may hold more items than digests fit.
+    return {"max_size": MAX_FRAME, "max_containers": 4, "max_array": size // DIGEST_WIRE + 16}
+
+
+def peek_large(buf) -> dict:
+    """``peek`` a request header over ``MAX_HEADER``: only ``commit`` and ``have`` may be.
+
+    :raises FrameTooLarge: any other large frame (also one that is not a map at all).
+    """
+    size = frame_len(buf)
+    try:
+        fields = peek(buf)
+    except BadRequest:
+        fields = {}
+    if fields.get("op") not in LARGE_HEADER_OPS:
+        raise FrameTooLarge(f"request header of {size} bytes is over the limit of {MAX_HEADER} "
+                            f"bytes (only {' and '.join(LARGE_HEADER_OPS)} may be larger)")
+    return fields
+
+
+def peek(buf) -> dict:
+    """The top-level scalar fields in ``PEEK_KEYS`` of a request header, without building
+    anything else: the broker's view of a large ``commit`` or ``have``.
+
+    :raises BadRequest: not a msgpack map, or a peeked field is not a scalar.
+    """
+    size = frame_len(buf)
+    if size > MAX_FRAME:
+        raise FrameTooLarge(f"header frame of {size} bytes is over the frame limit")
+    first = memoryview(buf)[0] if size else 0
+    if not (0x80 <= first <= 0x8F or first in (0xDE, 0xDF)):
+        raise BadRequest("frame is not a msgpack map")     # before copying it into an unpacker
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=max(size, 1),
+                                max_str_len=MAX_HEADER, max_bin_len=MAX_HEADER,
+                                max_array_len=0, max_map_len=MAX_MAP_LEN, max_ext_len=0)
+    out = {}
+    try:
+        unpacker.feed(buf)
+        n = unpacker.read_map_header()
+        if n > MAX_MAP_LEN:
+            raise BadRequest(f"header map has {n} keys, at most {MAX_MAP_LEN}")
+        for _ in range(n):
+            key = unpacker.unpack()
+            if isinstance(key, str) and key in PEEK_KEYS:
+                out[key] = unpacker.unpack()      # arrays and maps are refused (max 0 / 64)
+            else:
+                unpacker.skip()
+    except BadRequest:
+        raise
+    except (ValueError, TypeError, msgpack.UnpackException, msgpack.OutOfData) as exc:
+        raise BadRequest(f"frame is not a valid msgpack map: {clip(str(exc) or type(exc).__name__)}"
+                         ) from None
+    if unpacker.tell() != size:
+        raise BadRequest("frame holds more than one msgpack object")
+    return out
+
+
+# --- deadlines and credit (the broker) ---
+
+DEFAULT_TTL_MS = 60_000      # a request without ttl_ms is dropped if still queued after this
+MAX_TTL_MS = 600_000         # a larger ttl_ms is cut to this
+INFLIGHT_GRACE = 30.0        # seconds past its deadline a worker may hold a request unanswered
+SWEEP_INTERVAL = 0.25        # seconds between sweeps of queued requests whose deadline passed
+# Requests a worker is given at once; the rest wait at the broker, where a request whose
+# deadline passes or whose client leaves is dropped before it costs a worker anything.
+WORKER_CREDIT = {"storage": 8, "cache": 32}
+
+# --- byte budgets (the broker, DESIGN.md invariant 4) ---
+
+CLIENT_BYTES = 64 * MiB             # per client: its uploads' data held, and replies it has not read
+TOTAL_REQUEST_BYTES = 512 * MiB     # all clients' uploads' data held by the broker
+TOTAL_REPLY_BYTES = 128 * MiB       # all clients' unread replies held by the broker
+CLIENT_PIPE = 1                     # SNDHWM per client: replies ZeroMQ queues; the rest wait,
+                                    # counted in bytes, in the broker's outbox for that client
+OUTBOX_MESSAGES = 512               # replies one client's outbox may hold whatever their size
+RECEIVE_PIPE = 16                   # RCVHWM per peer on both broker sockets
+WORKER_PIPE = 16                    # SNDHWM of a worker's link: replies queued towards the broker
+FLUSH_INTERVAL = 0.002              # seconds between tries to send what outboxes hold
+WORKER_BYTES = 64 * MiB             # per worker: data sent + replies expected, in flight
+CHUNK_GUESS = 1 * MiB               # a chunk reply's expected size before one was seen
+SMALL_REPLY = 4 * KiB               # expected reply size of a metadata op
+REPLY_GUESS = {"get": 128 * KiB, "ls": 1 * MiB}   # a small file's content; a page of ls
+CHUNK_SIZES_KEPT = 65536            # chunk sizes remembered (LRU), for the guesses above
+
+
+def tune_malloc(threshold: int = 1 * MiB):
+    """Have glibc serve allocations over ``threshold`` (data frames) with their own mappings,
+    given back to the system when freed.  By default the threshold grows with use up to 32 MiB,
+    after which 16 MiB frames come from the heap and a flood's peak stays resident for good.
+    A no-op where there is no glibc."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, threshold)      # M_MMAP_THRESHOLD (also stops it from growing)
+        libc.mallopt(-1, 4 * threshold)  # M_TRIM_THRESHOLD: return freed heap tops
+    except (OSError, AttributeError):
+        pass
+
+
+# --- descriptors ---
+
+def raise_fd_limit(log=None) -> tuple:
+    """Raise this process's soft limit on open descriptors to its hard limit (each client
+    connection costs the broker one; 1024, a common default, is soon reached).
+
+    :return: ``(soft, hard)`` after the change, as ``status`` reports it.
+    """
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            if log is not None:
+                log.warning("event=fd_limit_not_raised soft=%d hard=%d error=%r", soft, hard,
+                            str(exc))
+    if log is not None:
+        log.info("event=fd_limit soft=%d hard=%d", soft, hard)
+    return soft, hard
+
+
+def fd_limit() -> dict:
+    """The descriptor limits and how many are open now (Linux), for ``status``."""
+    import os
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        used = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        used = -1
+    return {"soft": soft, "hard": hard if hard != resource.RLIM_INFINITY else -1, "open": used}

@@ -1,0 +1,548 @@
+"""Hostile load (issue 17): each attack with bounded time and count, against real processes on
+random loopback ports, with a well-behaved client beside it that must keep being served."""
+
+import os
+import time
+
+import msgpack
+import pytest
+import zmq
+
+import fms
+from fms import limits
+from fms import protocol as p
+from tests.conftest import random_bytes, wait_for
+
+MiB = p.MiB
+# 32 MiB of empty arrays: decodes to about 2.3 GiB in about 8 s without limits.
+BOMB = msgpack.packb([[]] * (p.MAX_FRAME_SIZE - 16))
+
+
+def _dealer(endpoint, **opts):
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    for key, value in opts.items():
+        sock.setsockopt(getattr(zmq, key), value)
+    sock.connect(endpoint)
+    return sock
+
+
+def _recv(sock, timeout=5.0):
+    assert sock.poll(int(timeout * 1000)), "no reply in time"
+    return sock.recv_multipart()
+
+
+# --- 1. bounded decoding ---
+
+def test_decoding_refuses_oversize_and_amplifying_frames_before_building_them():
+    assert len(BOMB) <= p.MAX_FRAME_SIZE
+    for kind in ("request", "route"):
+        start = time.monotonic()
+        with pytest.raises(limits.FrameTooLarge):
+            p.decode(BOMB, kind)
+        assert time.monotonic() - start < 0.5
+    # Under the size limit, nesting is what is refused: 60 KiB of empty arrays.
+    small_bomb = msgpack.packb({"v": 1, "op": "ls", "id": 1, "x": [[]] * 60000})
+    assert len(small_bomb) < limits.MAX_HEADER
+    with pytest.raises(fms.BadRequest, match="not valid msgpack"):
+        p.decode(small_bomb, "request")
+    # A commit may be large, but only flat: a list of digests, nothing nested.
+    big_commit = {"v": 1, "op": "commit", "id": 1, "name": "f", "chunks": [b"d" * 32] * 60000}
+    assert p.decode(p.encode(big_commit), "request")["chunks"][-1] == b"d" * 32
+    assert limits.peek(p.encode(big_commit)) == {"v": 1, "op": "commit", "id": 1}
+    nested = msgpack.packb({"v": 1, "op": "commit", "id": 1, "chunks": [[]] * (MiB)})
+    start = time.monotonic()
+    with pytest.raises(fms.BadRequest):
+        p.decode(nested, "request")
+    with pytest.raises(fms.BadRequest):        # a list of a million tiny ints: too long a list
+        p.decode(msgpack.packb({"v": 1, "op": "commit", "id": 1, "chunks": [0] * MiB}), "request")
+    assert time.monotonic() - start < 0.5
+    with pytest.raises(limits.FrameTooLarge):   # only commit and have may be large
+        p.decode(p.encode({**big_commit, "op": "ls"}), "request")
+
+
+def test_amplifying_frames_on_both_ports_stall_nobody(cluster):
+    """15 bombs to the frontend and 3 to the backend: each is refused before decoding, the
+    client beside them keeps being served within its 2 s timeout, no worker is dropped."""
+    data = random_bytes(300 * 1024, 1)
+    with cluster.client(timeout=2.0, retries=0) as c:
+        c.put_bytes(data, "legit")
+        front = _dealer(cluster.frontend)
+        backs = [_dealer(cluster.backend) for _ in range(3)]
+        try:
+            start = time.monotonic()
+            for i in range(15):
+                front.send(BOMB)
+                if i < 3:
+                    backs[i].send(BOMB)
+                assert c.get_bytes("legit") == data          # served between the bombs
+            for _ in range(15):
+                header = p.decode(_recv(front, 10)[0])
+                assert header["ok"] is False and header["error"] == "too_large"
+                assert "over the limit" in header["message"]
+            assert c.stat("legit")["size"] == len(data)
+            assert time.monotonic() - start < 30
+        finally:
+            front.close()
+            for sock in backs:
+                sock.close()
+        assert sorted(w["id"] for w in c.status()["workers"]) == ["cache-1", "storage-a",
+                                                                   "storage-b"]
+    assert all(proc.alive() for proc in cluster.procs)
+
+
+def test_bad_frames_are_logged_rate_limited_and_never_echo_attacker_text(cluster):
+    broker = cluster.procs[0]
+    before = len(broker.log())
+    sock = _dealer(cluster.frontend)
+    try:
+        for i in range(300):
+            sock.send(p.encode({"v": 1, "op": "x" * 50000, "id": i}))
+        for _ in range(300):
+            assert p.decode(_recv(sock)[0])["error"] == "bad_request"
+    finally:
+        sock.close()
+    grown = broker.log()[before:]
+    assert "x" * 201 not in grown
+    assert len(grown) < 20000, f"{len(grown)} bytes of log for 300 bad frames"
+    with cluster.client() as c:
+        assert c.status()["workers"]
+
+
+def test_commit_and_have_headers_over_64_kib_still_work(cluster):
+    data = random_bytes(10 * MiB, 2)                 # 2560 chunks of 4 KiB: headers of ~87 KB
+    with cluster.client(chunk_size=p.MIN_CHUNK_SIZE) as c:
+        c.put_bytes(data, "many-chunks")
+        assert c.get_bytes("many-chunks") == data
+
+
+# --- 2. only workers serve ---
+
+class FakeWorker:
+    """A process on the backend that says it is a worker (in a thread of the test process).
+
+    :param handle: ``handle(header) -> (reply header, data frame or None)`` for each request.
+    """
+
+    def __init__(self, endpoint, ready: dict, handle=None):
+        import threading
+        self.endpoint = endpoint
+        self.ready = {"t": "ready", "v": 1, **ready}
+        self.handle = handle
+        self.welcomed = threading.Event()
+        self.refused = threading.Event()
+        self.served = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(10)
+        assert not self._thread.is_alive()
+
+    def _run(self):
+        sock = _dealer(self.endpoint)
+        try:
+            sock.send(p.encode(self.ready))
+            next_beat = time.monotonic() + 0.3
+            while not self._stop.is_set():
+                if sock.poll(50):
+                    frames = sock.recv_multipart()
+                    route = p.decode(frames[0])
+                    if route["t"] == "welcome":
+                        self.welcomed.set()
+                    elif route["t"] == "refused":
+                        self.refused.set()
+                    elif route["t"] == "reregister":
+                        sock.send(p.encode(self.ready))
+                    elif route["t"] == "req" and self.handle is not None:
+                        header, data = self.handle(p.decode(frames[1]))
+                        back = {"t": "rep", "k": route["k"], "to": route["from"],
+                                "via": route["via"], "ok": header["ok"]}
+                        self.served += 1
+                        sock.send_multipart([p.encode(back), p.encode(header)]
+                                            + ([data] if data is not None else []))
+                if time.monotonic() >= next_beat:
+                    sock.send(p.encode({"t": "hb"}))
+                    next_beat = time.monotonic() + 0.3
+            sock.send(p.encode({"t": "bye"}))
+        finally:
+            sock.close()
+
+
+def test_an_impostor_registered_first_makes_no_real_storage_worker_exit(make_cluster):
+    """Unpinned broker, an impostor of another store registers first: the real worker is
+    refused for now, stays up, and serves as soon as the impostor is gone."""
+    cluster = make_cluster()
+    cluster.start_broker()
+    with FakeWorker(cluster.backend, {"svc": "storage", "wid": "impostor", "store": "bogus"}) \
+            as fake:
+        assert fake.welcomed.wait(10)
+        real = cluster.start_storage(wid="storage-a")
+        wait_for(lambda: "different store" in real.log(), 15, "the real worker to be refused")
+        assert real.alive()
+    wait_for(lambda: [w["id"] for w in cluster.workers("storage")] == ["storage-a"], 15,
+             "the real worker to get in once the impostor left")
+    with cluster.client() as c:
+        c.put_bytes(b"real", "r")
+        assert c.get_bytes("r") == b"real"
+    assert real.alive()
+
+
+def test_with_the_store_pinned_an_impostor_first_is_refused_and_real_workers_serve(
+        make_cluster, tmp_path):
+    from fms.cli import _store_id
+    cluster = make_cluster()
+    os.makedirs(cluster.storage_dir)
+    cluster.start_broker(extra=["--store", _store_id(cluster.storage_dir)])
+    with FakeWorker(cluster.backend, {"svc": "storage", "wid": "impostor", "store": "bogus"},
+                    lambda h: (p.ok_reply(h["id"], written=True), None)) as fake:
+        assert fake.refused.wait(10) and not fake.welcomed.is_set()
+        cluster.start_cache()
+        cluster.start_storage(wid="storage-a")
+        cluster.start_storage(wid="storage-b")
+        cluster.wait_workers(storage=2, cache=1)
+        with cluster.client() as c:
+            for i in range(30):
+                c.put_bytes(b"upload %d" % i, f"u{i}")
+            for i in range(30):                   # every acked upload is there
+                assert c.get_bytes(f"u{i}") == b"upload %d" % i
+        assert fake.served == 0 and not fake.welcomed.is_set()
+    assert all(proc.alive() for proc in cluster.procs)
+
+
+def test_a_chunk_failing_verification_is_fetched_once_more_from_storage(make_cluster):
+    """A cache (here a fake one) that serves forged bytes: the client checks every chunk and
+    a small file's content, asks storage itself once, and gets the truth."""
+    cluster = make_cluster()
+    cluster.start_broker()
+    cluster.start_storage(wid="storage-a")
+    cluster.wait_workers(storage=1, cache=0)
+    big, small = random_bytes(3 * MiB + 5, 3), b"small and true"
+    with cluster.client() as c:
+        c.put_bytes(big, "big")
+        c.put_bytes(small, "small")
+        manifests = {}
+        for name, data in (("big", big), ("small", small)):
+            st = c.stat(name)
+            manifests[name] = {
+                "name": name, "size": len(data), "sha256": p.sha256(data),
+                "chunk_size": st["chunk_size"], "mtime": st["mtime"], "version": st["version"],
+                "chunks": [p.sha256(data[i:i + st["chunk_size"]])
+                           for i in range(0, len(data), st["chunk_size"])]}
+
+    def forge(header):
+        if header["op"] == "get":
+            forged = bytes(p.pack_data(b"small and FALSE"[:len(small)]))
+            manifest = manifests[header["name"]]
+            return (p.ok_reply(header["id"], manifest=manifest),
+                    forged if header["name"] == "small" else None)
+        size = len(big) - 3 * MiB if header["hash"] == manifests["big"]["chunks"][-1] else MiB
+        return p.ok_reply(header["id"]), bytes(p.pack_data(bytes(size)))
+
+    with FakeWorker(cluster.backend, {"svc": "cache", "wid": "fake-cache"}, forge) as fake:
+        assert fake.welcomed.wait(10)
+        with cluster.client() as c:
+            assert c.get_bytes("big") == big
+            assert c.get_bytes("small") == small
+        assert fake.served >= 2 + 4          # it was asked, and every answer was refused
+
+
+# --- 3. deadlines: work outlives no one ---
+
+@pytest.fixture
+def slow_cluster(make_cluster):
+    """Storage that takes 50 ms a request: 40 requests a second with two workers."""
+    cluster = make_cluster()
+    cluster.start_broker()
+    cluster.start_cache()
+    for wid in ("storage-a", "storage-b"):
+        cluster.start_storage(wid=wid, extra=["--debug-delay", "0.05"])
+    cluster.wait_workers(storage=2, cache=1)
+    return cluster
+
+
+def _flood(endpoint, clients: int, per_client: int, ttl_ms=None):
+    socks = []
+    for _ in range(clients):
+        sock = _dealer(endpoint)
+        for i in range(per_client):
+            fields = {"v": 1, "op": "ls" if i % 2 else "have", "id": i, "prefix": "",
+                      "hashes": [bytes(32)] * 64}
+            if ttl_ms is not None:
+                fields["ttl_ms"] = ttl_ms
+            sock.send(p.encode(fields))
+        socks.append(sock)
+    return socks
+
+
+def _broker_status(cluster):
+    with cluster.client(timeout=2.0, retries=0) as c:
+        return c.status()["broker"]
+
+
+def test_a_flood_from_clients_that_leave_leaves_nothing_behind(slow_cluster):
+    """8 clients queue 1024 have/ls (25 s of storage work) and disconnect: their queued work
+    is dropped at once, and a put and a stat succeed within 3 s each."""
+    socks = _flood(slow_cluster.frontend, 8, 128)
+    wait_for(lambda: _broker_status(slow_cluster)["queued"]["storage"] > 500, 10,
+             "the flood to be queued at the broker")
+    for sock in socks:
+        sock.close()
+    wait_for(lambda: _broker_status(slow_cluster)["queued"]["storage"] == 0, 3,
+             "the gone clients' queued work to be dropped")
+    with slow_cluster.client(timeout=3.0, retries=0) as c:
+        start = time.monotonic()
+        c.put_bytes(b"after the flood", "after")
+        assert c.stat("after")["size"] == 15
+        assert time.monotonic() - start < 3
+    assert _broker_status(slow_cluster)["dropped"] > 500
+
+
+def test_a_flood_whose_deadline_passes_is_dropped_and_others_take_turns(slow_cluster):
+    """Clients that stay connected but whose requests expire after 300 ms: dropped by the
+    deadline; during the flood a legit client's requests take turns with it, not after it."""
+    socks = _flood(slow_cluster.frontend, 8, 128, ttl_ms=60_000)
+    try:
+        with slow_cluster.client(timeout=2.0, retries=0) as c:
+            start = time.monotonic()
+            c.put_bytes(b"during", "during")          # have + commit, each queued behind 8
+            assert c.stat("during")["size"] == 6
+            assert time.monotonic() - start < 4
+        expiring = _flood(slow_cluster.frontend, 4, 128, ttl_ms=300)
+        socks += expiring
+        wait_for(lambda: _broker_status(slow_cluster)["dropped"] >= 4 * 128 - 64, 5,
+                 "the expired requests to be dropped")
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+# --- 4. memory bounded by bytes ---
+
+def _peak_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_clients_that_never_read_16_mib_chunks_stall_only_themselves(cluster):
+    """8 clients ask again and again for 16 MiB chunks and never read (before: the broker
+    passed 4 GiB and the legit client got nothing). Now the broker holds a bounded number of
+    bytes for them, and a legit client's reads keep succeeding within 3 s each."""
+    big = random_bytes(64 * MiB, 4)
+    small = random_bytes(200 * 1024, 5)
+    with cluster.client(chunk_size=16 * MiB) as c:
+        c.put_bytes(big, "big")
+        c.put_bytes(small, "small")
+        chunks = [p.sha256(big[i:i + 16 * MiB]) for i in range(0, len(big), 16 * MiB)]
+    socks = [_dealer(cluster.frontend, RCVHWM=1, RCVBUF=64 * 1024) for _ in range(8)]
+    try:
+        with cluster.client(timeout=3.0, retries=0) as legit:
+            n = 0
+            end = time.monotonic() + 4
+            reads = 0
+            while time.monotonic() < end:
+                for sock in socks:
+                    for digest in chunks:
+                        n += 1
+                        try:
+                            sock.send(p.encode({"v": 1, "op": "chunk", "id": n, "hash": digest}),
+                                      zmq.NOBLOCK)
+                        except zmq.Again:
+                            pass
+                assert legit.get_bytes("small") == small
+                reads += 1
+            assert reads >= 3
+            status = legit.status()["broker"]
+            assert status["held_bytes"]["replies"] <= status["budgets"]["total_reply_bytes"]
+            assert status["dropped_replies"] > 0
+    finally:
+        for sock in socks:
+            sock.close()
+    broker, cache = cluster.procs[0], cluster.procs[1]
+    assert _peak_rss(broker.pid) < 800 * MiB, _peak_rss(broker.pid) / MiB
+    assert _peak_rss(cache.pid) < 400 * MiB, _peak_rss(cache.pid) / MiB
+    assert all(proc.alive() for proc in cluster.procs)
+
+
+def test_uploads_over_a_clients_byte_budget_back_off_and_large_chunks_still_upload(slow_cluster):
+    sock = _dealer(slow_cluster.frontend)
+    chunk = random_bytes(16 * MiB, 6)
+    try:
+        for i in range(8):                      # 128 MiB at once, never waiting for a reply
+            sock.send_multipart([p.encode({"v": 1, "op": "put_chunk", "id": i,
+                                           "hash": p.sha256(chunk)}), p.pack_data(chunk)])
+        replies = [p.decode(_recv(sock, 10)[0]) for _ in range(8)]
+    finally:
+        sock.close()
+    refused = [r for r in replies if not r["ok"]]
+    assert refused and all(r["error"] == "unavailable" and "uploads in flight" in r["message"]
+                           for r in refused)
+    with slow_cluster.client(chunk_size=16 * MiB) as c:     # the client keeps within it
+        data = random_bytes(80 * MiB, 7)
+        c.put_bytes(data, "big16")
+        assert c.get_bytes("big16") == data
+
+
+# --- 5. inodes, descriptors ---
+
+@pytest.fixture
+def few_inodes(tmp_path):
+    """A tmpfs with room for bytes but only 80 inodes; skipped where mounting is not allowed."""
+    import subprocess
+    mount = tmp_path / "inodes"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,nr_inodes=80", "tmpfs",
+                           str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({made.stderr.decode().strip()}); needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_running_out_of_inodes_is_no_space_and_acked_files_stay(make_cluster, few_inodes):
+    cluster = make_cluster()
+    cluster.start_broker()
+    cluster.start_cache()
+    storage = cluster.start_storage(data=str(few_inodes / "storage"), wid="storage-a")
+    cluster.wait_workers(storage=1, cache=1)
+    acked = []
+    with cluster.client(timeout=5.0) as c:
+        with pytest.raises(fms.NoSpace, match="full"):
+            for i in range(500):
+                c.put_bytes(b"file %d" % i, f"d{i % 7}/f{i}")
+                acked.append(i)
+        assert acked
+        for i in acked:
+            assert c.get_bytes(f"d{i % 7}/f{i}") == b"file %d" % i
+    assert storage.alive() and "handler_crashed" not in storage.log()
+
+
+def test_a_thousand_idle_connections_do_not_exhaust_descriptors(make_cluster):
+    """1,100 idle connections (a 1,024-descriptor limit fell to them before): started with a
+    soft limit of 1,024, the broker raises it to the hard limit and says so in status; everyone
+    is still served."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"the hard descriptor limit here is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))     # what the broker inherits
+    try:
+        cluster = make_cluster()
+        cluster.start_broker()
+        cluster.start_storage(wid="storage-a")
+        cluster.wait_workers(storage=1, cache=0)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    with cluster.client() as c:
+        fds = c.status()["broker"]["fds"]
+        assert fds["soft"] > 1024 and fds["soft"] in (fds["hard"], 1 << 20), fds
+    idle = []
+    ctx = zmq.Context()
+    ctx.set(zmq.MAX_SOCKETS, 4096)          # this test's own side needs them too
+    try:
+        for _ in range(1100):
+            sock = ctx.socket(zmq.DEALER)
+            sock.linger = 0
+            sock.connect(cluster.frontend)
+            idle.append(sock)
+        with cluster.client(timeout=5.0, retries=0) as c:
+            wait_for(lambda: c.status()["broker"]["fds"]["open"] > 1100, 15,
+                     "the idle connections to be accepted")
+            c.put_bytes(b"still served", "served")
+            assert c.get_bytes("served") == b"still served"
+    finally:
+        for sock in idle:
+            sock.close()
+        ctx.term()
+    assert all(proc.alive() for proc in cluster.procs)
+
+
+def test_slow_readers_of_16_mib_chunks_stall_only_themselves(cluster):
+    """8 clients read a file of 16 MiB chunks 1 MiB every 50 ms (before: the broker passed
+    4 GiB and the cache 2.6 GiB); a legit client's reads keep succeeding within 3 s each."""
+    import threading
+    big = random_bytes(48 * MiB, 8)
+    small = random_bytes(1000, 9)
+    with cluster.client(chunk_size=16 * MiB) as c:
+        c.put_bytes(big, "big")
+        c.put_bytes(small, "small")
+    stop = threading.Event()
+    errors = []
+
+    def read():
+        try:
+            with cluster.client(timeout=30.0) as reader, reader.open("big") as f:
+                while not stop.is_set() and f.read(MiB):
+                    stop.wait(0.05)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    readers = [threading.Thread(target=read, daemon=True) for _ in range(8)]
+    for thread in readers:
+        thread.start()
+    try:
+        with cluster.client(timeout=3.0, retries=0) as legit:
+            end = time.monotonic() + 3
+            while time.monotonic() < end:
+                assert legit.get_bytes("small") == small
+                stop.wait(0.1)
+    finally:
+        stop.set()
+        for thread in readers:
+            thread.join(30)
+    assert not errors, errors
+    broker, cache = cluster.procs[0], cluster.procs[1]
+    assert _peak_rss(broker.pid) < 400 * MiB, _peak_rss(broker.pid) / MiB
+    assert _peak_rss(cache.pid) < 400 * MiB, _peak_rss(cache.pid) / MiB
+
+
+def test_expired_work_is_dropped_and_a_worker_that_never_answers_loses_its_credit():
+    """The broker in this process, driven message by message: queued requests past their
+    deadline are dropped; requests a worker holds unanswered long past theirs are forgotten,
+    so its credit comes back and the next request reaches it."""
+    from fms.broker import Broker
+    from fms.transport import drain
+    ctx = zmq.Context.instance()
+    broker = Broker("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", ctx=ctx)
+    broker.bind()
+    worker, client = _dealer(broker.backend_endpoint), _dealer(broker.frontend_endpoint)
+    try:
+        worker.send(p.encode({"t": "ready", "v": 1, "svc": "storage", "wid": "mute", "store": "s"}))
+        assert broker.backend.poll(5000)
+        drain(broker.backend, broker.process_worker, 10)
+        for i in range(20):
+            client.send(p.encode({"v": 1, "op": "stat", "id": i, "name": "x", "ttl_ms": 100}))
+        deadline = time.monotonic() + 5
+        while len(broker.pending) < 20 and time.monotonic() < deadline:
+            if broker.frontend.poll(100):
+                drain(broker.frontend, broker.process_client, 64)
+        credit = limits.WORKER_CREDIT["storage"]
+        assert broker.status()["broker"]["queued"]["storage"] == 20 - credit
+        broker.expire(time.monotonic() + 1)                   # past the 100 ms deadline
+        assert broker.status()["broker"]["queued"]["storage"] == 0
+        assert len(broker.pending) == credit                  # held by the mute worker
+        broker.expire(time.monotonic() + 1 + limits.INFLIGHT_GRACE)
+        assert not broker.pending and broker.dropped == 20
+        assert broker.status()["workers"][0]["inflight"] == 0
+        got = 0
+        while worker.poll(200):
+            route = p.decode(worker.recv_multipart()[0])
+            got += route["t"] == "req"
+        assert got == credit
+        client.send(p.encode({"v": 1, "op": "stat", "id": 99, "name": "x"}))
+        assert broker.frontend.poll(5000)
+        drain(broker.frontend, broker.process_client, 1)
+        frames = _recv(worker)
+        assert p.decode(frames[0])["t"] == "req" and p.decode(frames[1])["id"] == 99
+    finally:
+        worker.close()
+        client.close()
+        broker.close()
