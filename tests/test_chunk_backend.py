@@ -65,3 +65,12 @@ def test_localdir_leaves_no_temp_files(tmp_path):
     for i in range(5):
         chunks.put(p.sha256(b"%d" % i), b"%d" % i)
     assert os.listdir(chunks.tmp) == []
+
+
+def test_localdir_delete_removes_an_emptied_shard_and_put_recreates_it(tmp_path):
+    chunks = LocalDirChunks(str(tmp_path / "data"))
+    digest = p.sha256(b"only one")
+    chunks.put(digest, b"only one")
+    chunks.delete(digest)
+    assert os.listdir(chunks.root) == []            # du of chunks/ is back where it started
+    assert chunks.put(digest, b"only one") and chunks.has(digest)

@@ -119,6 +119,18 @@ def test_commit_naming_absent_chunks_lists_them(store):
     assert set(caught.value.missing) == {p.sha256(c) for c in split(data)[1:]}
 
 
+def test_every_absent_blob_of_a_commit_is_listed_at_once(store):
+    data = os.urandom(4 * 70_000)
+    chunks = split(data, 70_000)
+    for chunk in chunks:
+        store.put_chunk(p.sha256(chunk), chunk)
+    for gone in (chunks[1], chunks[3]):              # rows claimed, blobs lost (disk full)
+        store.chunks.delete(p.sha256(gone))
+    with pytest.raises(MissingChunks) as caught:
+        store.commit(new_version("n", data, chunk_size=70_000))
+    assert caught.value.missing == [p.sha256(chunks[1]), p.sha256(chunks[3])]
+
+
 def test_a_damaged_stored_chunk_is_reported_missing_at_commit_and_healed_by_upload(store):
     data = os.urandom(3 * 70_000)                   # chunks over SMALL_CHUNK_MAX: blobs
     chunks = split(data, 70_000)

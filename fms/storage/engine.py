@@ -170,9 +170,14 @@ class Store:
         # chunks are verified one by one only when it fails, to tell a damaged chunk (set aside,
         # and uploaded again by the client) from a wrong sha256 in the commit.
         whole = hashlib.sha256()
-        for digest in change.chunks:
-            whole.update(self._stored_bytes(digest))
-            progress()
+        try:
+            for digest in change.chunks:
+                whole.update(self._stored_bytes(digest))
+                progress()
+        except MissingChunks:
+            absent = [d for d in dict.fromkeys(change.chunks) if not self._has_bytes(d)]
+            raise MissingChunks(f"{len(absent)} chunk(s) of {change.name!r} are not in the store; "
+                                f"upload them and commit again", missing=absent) from None
         if whole.digest() == change.sha256:
             return None
         damaged = []
@@ -187,6 +192,10 @@ class Store:
         raise IntegrityError(f"the chunks of {change.name!r} do not hash to the file's sha256; "
                              f"the client computed it wrongly or the file changed while it was "
                              f"read: upload it again")
+
+    def _has_bytes(self, digest: bytes) -> bool:
+        row = self.meta.chunk(digest)
+        return row is not None and not row.doomed and (row.in_engine or self.chunks.has(digest))
 
     def _stored_bytes(self, digest: bytes):
         """A chunk's stored bytes, unverified (the caller verifies)."""
@@ -205,8 +214,7 @@ class Store:
         missing = []
         for i, digest in enumerate(change.chunks):
             row = self.meta.chunk(digest)
-            if row is None or row.doomed or (blobs and not (row.in_engine
-                                                            or self.chunks.has(digest))):
+            if row is None or row.doomed or (blobs and not self._has_bytes(digest)):
                 missing.append(digest)
                 continue
             want = p.chunk_length(i, change.size, change.chunk_size)
