@@ -367,7 +367,7 @@ def test_clients_that_never_read_16_mib_chunks_stall_only_themselves(cluster):
         for sock in socks:
             sock.close()
     broker, cache = cluster.procs[0], cluster.procs[1]
-    assert _peak_rss(broker.pid) < 800 * MiB, _peak_rss(broker.pid) / MiB
+    assert _peak_rss(broker.pid) < 600 * MiB, _peak_rss(broker.pid) / MiB
     assert _peak_rss(cache.pid) < 400 * MiB, _peak_rss(cache.pid) / MiB
     assert all(proc.alive() for proc in cluster.procs)
 
