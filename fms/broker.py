@@ -10,8 +10,11 @@ idempotent, and answered with ``unavailable`` otherwise.
 """
 
 import collections
+import fcntl
 import itertools
 import logging
+import struct
+import termios
 import time
 from dataclasses import dataclass, field
 
@@ -676,6 +679,8 @@ class Broker:
             while box:
                 frames, size, deadline = box[0]
                 if deadline > now:
+                    if size >= limits.LARGE_REPLY and self._backed_up(ident):
+                        break
                     try:
                         send_frames(self.frontend, [ident, *frames])
                     except zmq.Again:
@@ -691,6 +696,19 @@ class Broker:
             if not box and ident in self.outbox:
                 del self.outbox[ident]
                 del self.outbox_bytes[ident]
+
+    def _backed_up(self, ident: bytes) -> bool:
+        """Whether the kernel still holds more than CLIENT_KERNEL_QUEUE bytes not yet taken by
+        this client (Linux SIOCOUTQ on its connection): then a large reply waits in the
+        outbox, counted, instead of in ZeroMQ's queue, where nothing counts its bytes."""
+        fd = self._client_fd.get(ident)
+        if fd is None:
+            return False
+        try:
+            queued = struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+        except OSError:
+            return False
+        return queued > limits.CLIENT_KERNEL_QUEUE
 
     def _hold(self, ident: bytes, frames: list, deadline: float):
         size = sum(map(_nbytes, frames))
@@ -742,7 +760,8 @@ class Broker:
     def _deliver(self, origin: dict, body: list, deadline: float | None = None):
         if origin["via"] == FRONTEND:
             ident = origin["from"]
-            if ident not in self.outbox:
+            if ident not in self.outbox and (len(body) < 2 or _nbytes(body[1]) < limits.LARGE_REPLY
+                                             or not self._backed_up(ident)):
                 try:
                     send_frames(self.frontend, [ident, *body])
                     return

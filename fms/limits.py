@@ -160,8 +160,11 @@ WORKER_CREDIT = {"storage": 8, "cache": 32}
 CLIENT_BYTES = 64 * MiB             # per client: its uploads' data held, and replies it has not read
 TOTAL_REQUEST_BYTES = 512 * MiB     # all clients' uploads' data held by the broker
 TOTAL_REPLY_BYTES = 128 * MiB       # all clients' unread replies held by the broker
-CLIENT_PIPE = 1                     # SNDHWM per client: replies ZeroMQ queues; the rest wait,
+CLIENT_PIPE = 16                    # SNDHWM per client: replies ZeroMQ queues; the rest wait,
                                     # counted in bytes, in the broker's outbox for that client
+LARGE_REPLY = 256 * KiB             # a reply with this much data or more goes to a client's
+CLIENT_KERNEL_QUEUE = 1 * MiB       # ZeroMQ queue only while the kernel holds less than this
+                                    # for it unread (else it waits in the outbox, counted)
 OUTBOX_MESSAGES = 512               # replies one client's outbox may hold whatever their size
 RECEIVE_PIPE = 16                   # RCVHWM per peer on both broker sockets
 WORKER_PIPE = 16                    # SNDHWM of a worker's link: replies queued towards the broker
@@ -173,7 +176,7 @@ REPLY_GUESS = {"get": 128 * KiB, "ls": 1 * MiB}   # a small file's content; a pa
 CHUNK_SIZES_KEPT = 65536            # chunk sizes remembered (LRU), for the guesses above
 
 
-def tune_malloc(threshold: int = 1 * MiB):
+def tune_malloc(threshold: int = 4 * MiB):
     """Have glibc serve allocations over ``threshold`` (data frames) with their own mappings,
     given back to the system when freed.  By default the threshold grows with use up to 32 MiB,
     after which 16 MiB frames come from the heap and a flood's peak stays resident for good.
@@ -182,7 +185,6 @@ def tune_malloc(threshold: int = 1 * MiB):
         import ctypes
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, threshold)      # M_MMAP_THRESHOLD (also stops it from growing)
-        libc.mallopt(-1, 4 * threshold)  # M_TRIM_THRESHOLD: return freed heap tops
     except (OSError, AttributeError):
         pass
 

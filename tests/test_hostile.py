@@ -63,9 +63,10 @@ def test_decoding_refuses_oversize_and_amplifying_frames_before_building_them():
 
 def test_amplifying_frames_on_both_ports_stall_nobody(cluster):
     """15 bombs to the frontend and 3 to the backend: each is refused before decoding, the
-    client beside them keeps being served within its 2 s timeout, no worker is dropped."""
+    client beside them keeps being served within its 3 s timeout (decoding one took 8 s before),
+    no worker is dropped."""
     data = random_bytes(300 * 1024, 1)
-    with cluster.client(timeout=2.0, retries=0) as c:
+    with cluster.client(timeout=3.0, retries=0) as c:
         c.put_bytes(data, "legit")
         front = _dealer(cluster.frontend)
         backs = [_dealer(cluster.backend) for _ in range(3)]
@@ -367,7 +368,7 @@ def test_clients_that_never_read_16_mib_chunks_stall_only_themselves(cluster):
         for sock in socks:
             sock.close()
     broker, cache = cluster.procs[0], cluster.procs[1]
-    assert _peak_rss(broker.pid) < 800 * MiB, _peak_rss(broker.pid) / MiB
+    assert _peak_rss(broker.pid) < 600 * MiB, _peak_rss(broker.pid) / MiB
     assert _peak_rss(cache.pid) < 400 * MiB, _peak_rss(cache.pid) / MiB
     assert all(proc.alive() for proc in cluster.procs)
 
