@@ -199,7 +199,7 @@ def test_with_the_store_pinned_an_impostor_first_is_refused_and_real_workers_ser
     from fms.cli import _store_id
     cluster = make_cluster()
     os.makedirs(cluster.storage_dir)
-    cluster.start_broker(extra=["--store", _store_id(cluster.storage_dir)])
+    cluster.start_broker(extra=["--store", _store_id(cluster.storage_dir, None, None)])
     with FakeWorker(cluster.backend, {"svc": "storage", "wid": "impostor", "store": "bogus"},
                     lambda h: (p.ok_reply(h["id"], written=True), None)) as fake:
         assert fake.refused.wait(10) and not fake.welcomed.is_set()
