@@ -578,3 +578,14 @@ class StoreMachine(RuleBasedStateMachine):
 TestStoreProperties = StoreMachine.TestCase
 TestStoreProperties.settings = settings(max_examples=40, stateful_step_count=25, deadline=None,
                                         suppress_health_check=[HealthCheck.too_slow])
+
+
+def test_a_commit_is_applied_before_the_next_other_op_not_after_the_whole_drain(store):
+    link = Link()
+    service = StorageService(store, link)
+    v = new_version("n", b"x", commit="c1")
+    service.handle_request({}, {"v": 1, "id": 1, "op": "commit", "name": "n", "size": 1,
+                                "chunk_size": CHUNK, "chunks": list(v.chunks), "sha256": v.sha256,
+                                "commit": "c1"}, _frame(b"x"))
+    service.handle_request({}, {"v": 1, "id": 2, "op": "stat", "name": "n"}, None)
+    assert [r["id"] for r in link.replies] == [1, 2] and link.replies[1]["stat"]["version"] == 1

@@ -4,9 +4,11 @@ is alive).
 Handlers parse and check a request's fields, call the :class:`~fms.storage.engine.Store` with
 model objects and answer through ``link``; the loop is in :mod:`fms.worker`.
 
-Commits and removes are *group committed*: those that arrive together (one drain of the worker's
-socket) are applied in one metadata transaction by :meth:`StorageService.flush`, which the
-worker loop calls after each drain, so a burst of small uploads costs one fsync, not one each.
+Commits and removes are *group committed*: those that arrive back to back (within one drain of
+the worker's socket, with no other op between them) are applied in one metadata transaction, by
+:meth:`StorageService.flush` (which the worker loop calls after each drain) or before the next
+other op, so a burst of small uploads costs one fsync, not one each, and no commit waits behind
+other work.
 GC and fsck run on a maintenance thread with a store of their own, so a long pass never delays
 the worker's heartbeats; their replies are sent from the worker's thread by :meth:`tick` and
 :meth:`flush`.
@@ -69,6 +71,8 @@ class StorageService:
         if handler is None:
             raise BadRequest(f"storage does not serve op {op!r}")
         p.check_version(header)
+        if self._pending and op not in ("commit", "rm"):
+            self._apply_pending()       # a group is commits that arrive back to back: none waits
         self.served += 1
         log.debug("event=request op=%s id=%r", op, header.get("id"))
         if self.delay:
@@ -165,18 +169,20 @@ class StorageService:
         """Apply the commits and removes received since the last flush in one transaction,
         answer them, and send what the maintenance thread finished."""
         if self._pending:
-            pending, self._pending = self._pending, []
-            try:
-                results = self.store.apply(
-                    [(change, inline) for _r, _h, change, inline in pending],
-                    progress=self._keep_alive())
-            except FmsError as exc:            # the transaction itself failed: nothing applied
-                results = [exc] * len(pending)
-            for (route, header, change, _inline), result in zip(pending, results):
-                self._answer_change(route, header, change, result)
+            self._apply_pending()
         if self._maintenance is not None:
             for route, header, result in self._maintenance.finished():
                 self._answer(route, header, result)
+
+    def _apply_pending(self):
+        pending, self._pending = self._pending, []
+        try:
+            results = self.store.apply([(change, inline) for _r, _h, change, inline in pending],
+                                       progress=self._keep_alive())
+        except FmsError as exc:            # the transaction itself failed: nothing applied
+            results = [exc] * len(pending)
+        for (route, header, change, _inline), result in zip(pending, results):
+            self._answer_change(route, header, change, result)
 
     def _answer_change(self, route, header, change, result):
         if isinstance(result, FmsError):
