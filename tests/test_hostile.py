@@ -417,12 +417,12 @@ def test_running_out_of_inodes_is_no_space_and_acked_files_stay(make_cluster, fe
     acked = []
     with cluster.client(timeout=5.0) as c:
         with pytest.raises(fms.NoSpace, match="full"):
-            for i in range(500):
-                c.put_bytes(b"file %d" % i, f"d{i % 7}/f{i}")
+            for i in range(500):    # over 64 KiB: a chunk file each (smaller ones go in meta.db)
+                c.put_bytes(b"file %d " % i * 9000, f"d{i % 7}/f{i}")
                 acked.append(i)
         assert acked
         for i in acked:
-            assert c.get_bytes(f"d{i % 7}/f{i}") == b"file %d" % i
+            assert c.get_bytes(f"d{i % 7}/f{i}") == b"file %d " % i * 9000
     assert storage.alive() and "handler_crashed" not in storage.log()
 
 
