@@ -23,7 +23,7 @@ import zmq
 from . import limits
 from . import protocol as p
 from .errors import BadRequest
-from .logutil import RateLimitedLog
+from .logutil import RateLimitedLog, clip
 from .metrics import BrokerMetrics
 from .transport import drain, send_frames
 
@@ -140,6 +140,8 @@ class Broker:
         self._bad = RateLimitedLog(log)
         self._undeliverable = RateLimitedLog(log)
         self._refusals = RateLimitedLog(log)
+        self._crashes = RateLimitedLog(log)
+        self._late = RateLimitedLog(log)
         self.started = time.time()
         self.metrics = BrokerMetrics()
 
@@ -205,9 +207,9 @@ class Broker:
             # Under load, take what is queued without polling again for each message: a poll
             # costs about as much as the routing.  Replies first, so work in flight drains.
             if self.backend in events:
-                drain(self.backend, self.process_worker, DRAIN_BATCH)
+                drain(self.backend, self._guarded(self.process_worker), DRAIN_BATCH)
             if self.frontend in events:
-                drain(self.frontend, self.process_client, DRAIN_BATCH)
+                drain(self.frontend, self._guarded(self.process_client), DRAIN_BATCH)
             if time.monotonic() >= next_sweep:
                 self.expire(time.monotonic())
                 next_sweep = time.monotonic() + limits.SWEEP_INTERVAL
@@ -217,6 +219,15 @@ class Broker:
                 next_heartbeat = time.monotonic() + p.HEARTBEAT_INTERVAL
 
     # --- clients ---
+
+    def _guarded(self, handle):
+        """``handle`` with any bug it meets costing one message, not the broker (invariant 5)."""
+        def guarded(frames):
+            try:
+                handle(frames)
+            except Exception as exc:
+                self._crashes.warning("event=message_handling_crashed error=%r", clip(repr(exc)))
+        return guarded
 
     def process_client(self, frames):
         """``[identity, header, data?]`` from a client."""
@@ -524,12 +535,20 @@ class Broker:
 
     def process_reply(self, worker: Worker, route: dict, body: list):
         key = route.get("k")
+        if not isinstance(key, int) or isinstance(key, bool):
+            raise BadRequest("reply route without an integer request key")
+        name = route.get("inv")
         pending = self.pending.pop(key, None)
         if pending is None or pending.worker != worker.ident:
             # Handed to another worker already, or a duplicate: exactly one reply goes out.
             if pending is not None:
                 self.pending[key] = pending
-            log.info("event=late_reply worker=%s key=%r action=dropped", worker.worker_id, key)
+            if isinstance(name, str) and worker.service == p.STORAGE:
+                # A change storage made late (its request was given up on) still changed the
+                # name: the cache must not keep serving the old version (invariant 1).
+                self.invalidate(name)
+            self._late.warning("event=late_reply worker=%s key=%d action=dropped",
+                               clip(worker.worker_id), key)
             return
         worker.inflight.discard(key)
         worker.inflight_bytes -= pending.nbytes + pending.expect
@@ -540,7 +559,6 @@ class Broker:
             if len(self.chunk_sizes) > limits.CHUNK_SIZES_KEPT:
                 self.chunk_sizes.popitem(last=False)
         self.pump(worker.service)       # its credit is free again
-        name = route.get("inv")
         if isinstance(name, str):
             # Invalidate before the ack leaves: the cache's pipe is FIFO, so any read the client
             # sends after this ack reaches the cache after the invalidation (invariant 1).

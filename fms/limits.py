@@ -122,7 +122,7 @@ def peek(buf) -> dict:
         raise BadRequest("frame is not a msgpack map")     # before copying it into an unpacker
     unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=max(size, 1),
                                 max_str_len=MAX_HEADER, max_bin_len=MAX_HEADER,
-                                max_array_len=0, max_map_len=MAX_MAP_LEN, max_ext_len=0)
+                                max_array_len=0, max_map_len=0, max_ext_len=0)
     out = {}
     try:
         unpacker.feed(buf)
@@ -130,9 +130,13 @@ def peek(buf) -> dict:
         if n > MAX_MAP_LEN:
             raise BadRequest(f"header map has {n} keys, at most {MAX_MAP_LEN}")
         for _ in range(n):
+            # Keys must be strings and peeked values scalars: no container is ever built here
+            # (read_map_header is not bound by max_map_len, nested maps and arrays are).
             key = unpacker.unpack()
-            if isinstance(key, str) and key in PEEK_KEYS:
-                out[key] = unpacker.unpack()      # arrays and maps are refused (max 0 / 64)
+            if not isinstance(key, str):
+                raise BadRequest("header keys must be strings")
+            if key in PEEK_KEYS:
+                out[key] = unpacker.unpack()
             else:
                 unpacker.skip()
     except BadRequest:

@@ -61,6 +61,45 @@ def test_decoding_refuses_oversize_and_amplifying_frames_before_building_them():
         p.decode(p.encode({**big_commit, "op": "ls"}), "request")
 
 
+def _map_tree(width: int, depth: int):
+    return {f"k{i}": _map_tree(width, depth - 1) for i in range(width)} if depth else {}
+
+
+def test_a_map_shaped_bomb_in_a_peeked_field_is_refused_without_building_it():
+    """Maps nested in a field the broker peeks at (the review's reshaped bomb: 2 s and 750 MiB
+    before) are refused; so are keys that are not strings."""
+    bomb = msgpack.packb({"op": "have", "v": _map_tree(8, 6)})
+    assert len(bomb) > limits.MAX_HEADER
+    with pytest.raises(fms.BadRequest):
+        limits.peek(bomb)
+    with pytest.raises(fms.BadRequest):
+        p.decode(bomb, "request")
+    with pytest.raises(fms.BadRequest):
+        limits.peek(msgpack.packb({("a",) * 3: 1, "op": "have"}, use_bin_type=True))
+
+
+def test_a_reply_route_with_a_bad_key_costs_one_message_not_the_broker():
+    from fms.broker import Broker
+
+    class Frame:
+        def __init__(self, data):
+            self.bytes = self.buffer = data
+
+    broker = Broker("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", ctx=zmq.Context.instance())
+    broker.bind()
+    try:
+        ident = b"\x00worker"
+        broker.process_worker([Frame(ident), Frame(p.encode(
+            {"t": "ready", "v": 1, "svc": "storage", "wid": "w", "store": "s"}))])
+        assert ident in broker.workers
+        for key in ([1, 2], {"a": 1}, "k", None):
+            broker._guarded(broker.process_worker)(
+                [Frame(ident), Frame(p.encode({"t": "rep", "k": key})), Frame(p.encode({}))])
+        assert ident in broker.workers                   # still there, nothing escaped
+    finally:
+        broker.close()
+
+
 def test_amplifying_frames_on_both_ports_stall_nobody(cluster):
     """15 bombs to the frontend and 3 to the backend: each is refused before decoding, the
     client beside them keeps being served within its 3 s timeout (decoding one took 8 s before),

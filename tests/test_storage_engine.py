@@ -589,3 +589,25 @@ def test_a_commit_is_applied_before_the_next_other_op_not_after_the_whole_drain(
                                 "commit": "c1"}, _frame(b"x"))
     service.handle_request({}, {"v": 1, "id": 2, "op": "stat", "name": "n"}, None)
     assert [r["id"] for r in link.replies] == [1, 2] and link.replies[1]["stat"]["version"] == 1
+
+
+def test_a_request_whose_deadline_passed_is_answered_short_not_done(store):
+    link = Link()
+    service = StorageService(store, link)
+    with pytest.raises(Unavailable, match="deadline passed"):
+        service.handle_request({"deadline": time.monotonic() - 1},
+                               {"v": 1, "id": 1, "op": "ls", "prefix": ""}, None)
+
+
+def test_a_group_commit_that_crashes_still_answers_every_commit(store, monkeypatch):
+    link = Link()
+    service = StorageService(store, link)
+    monkeypatch.setattr(store.meta, "apply", lambda *a: 1 / 0)
+    for i in range(3):
+        v = new_version(f"n{i}", b"x", commit=f"c{i}")
+        service.handle_request({}, {"v": 1, "id": i, "op": "commit", "name": v.name, "size": 1,
+                                    "chunk_size": CHUNK, "chunks": list(v.chunks),
+                                    "sha256": v.sha256, "commit": v.commit}, _frame(b"x"))
+    service.flush()
+    assert sorted(r["id"] for r in link.replies) == [0, 1, 2]
+    assert {r["error"] for r in link.replies} == {"internal"}

@@ -14,14 +14,16 @@ the worker's heartbeats; their replies are sent from the worker's thread by :met
 :meth:`flush`.
 """
 
+import errno
 import logging
+import math
 import queue
 import threading
 import time
 import uuid
 
 from .. import protocol as p
-from ..errors import BadRequest, FmsError, TooLarge
+from ..errors import BadRequest, FmsError, NoSpace, TooLarge, Unavailable
 from . import gc
 from .engine import Store
 from .model import NewVersion, Removal
@@ -77,6 +79,11 @@ class StorageService:
         log.debug("event=request op=%s id=%r", op, header.get("id"))
         if self.delay:
             time.sleep(self.delay)
+        if route.get("deadline", math.inf) < time.monotonic() and op not in ("commit", "rm"):
+            # Its client stopped waiting (fms.worker stamps the deadline from the broker's ttl):
+            # a short answer gives the broker its credit back, the work is not done.
+            raise Unavailable("the request's deadline passed before storage could handle it; "
+                              "retry")
         handler(route, header, data)
 
     def handle_reply(self, header, data):
@@ -181,6 +188,12 @@ class StorageService:
                                        progress=self._keep_alive())
         except FmsError as exc:            # the transaction itself failed: nothing applied
             results = [exc] * len(pending)
+        except OSError as exc:             # e.g. out of space writing an inline chunk's blob
+            log.warning("event=group_commit_failed error=%r", exc.strerror)
+            results = [_os_failure(exc)] * len(pending)
+        except Exception as exc:           # a bug: every commit of the group still gets an answer
+            log.exception("event=group_commit_crashed error=%r", exc)
+            results = [FmsError(f"internal error: {exc!r}")] * len(pending)
         for (route, header, change, _inline), result in zip(pending, results):
             self._answer_change(route, header, change, result)
 
@@ -243,6 +256,13 @@ class StorageService:
     def _background_gc(self, store):
         gc.collect(store, self.gc_grace)
         return {}
+
+
+def _os_failure(exc: OSError) -> FmsError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace("storage disk is full (space or inodes); nothing was changed: free space "
+                       "on the storage volume and try again")
+    return FmsError(f"internal error: {exc!r}")
 
 
 def _commit_id(header, optional=False) -> str:
