@@ -74,3 +74,10 @@ def test_localdir_delete_removes_an_emptied_shard_and_put_recreates_it(tmp_path)
     chunks.delete(digest)
     assert os.listdir(chunks.root) == []            # du of chunks/ is back where it started
     assert chunks.put(digest, b"only one") and chunks.has(digest)
+
+
+def test_the_store_marker_is_written_once_and_read_back(backend):
+    assert backend.store_marker() is None
+    backend.mark_store("store-a")
+    assert backend.store_marker() == "store-a"
+    assert list(backend.list()) == []              # the marker is not a chunk

@@ -89,6 +89,10 @@ def test_ids_are_idempotent_and_scoped_to_their_request(engine):
         commit(engine, "m", b"x" * 5000, "same")                   # another name
     with pytest.raises(BadRequest, match="already used"):
         commit(engine, "n", b"z" * 5000, "same")                   # other content
+    from dataclasses import replace
+    [other_mtime] = engine.apply([replace(new_version("n", b"x" * 5000, "same"), mtime=5.0)],
+                                 NOW, {})
+    assert isinstance(other_mtime, BadRequest)                     # same content, other mtime
     with pytest.raises(BadRequest, match="already used"):
         remove(engine, "n", "same")                                # an rm reusing a commit's id
     assert engine.get("n").sha256 == p.sha256(b"y" * 5000)          # nothing was applied
@@ -237,3 +241,22 @@ def test_the_lease_holder_is_known(engine):
     assert engine.lease_holder("gc") is None
     engine.lease("gc", "host:1", NOW, 60)
     assert engine.lease_holder("gc") == "host:1"
+
+
+def test_a_connection_lost_midway_is_unavailable_for_the_whole_group(engine):
+    if not hasattr(engine, "url"):
+        pytest.skip("PostgreSQL: a connection that can be lost")
+    from fms.errors import Unavailable as Lost
+    claim_all(engine, b"one")
+    real = engine._commit
+
+    def cut(change, now):
+        engine.db.close()                      # the server went away mid-transaction
+        return real(change, now)
+    engine._commit = cut
+    with pytest.raises(Lost):
+        engine.apply([new_version("a", b"one", "c1"), new_version("b", b"one", "c2")], NOW, {})
+    engine._commit = real
+    assert engine.get("a") is None and engine.get("b") is None    # nothing half applied
+    assert commit(engine, "a", b"one", "c1").version == 1          # and it works again
+    assert engine.totals().files == 1

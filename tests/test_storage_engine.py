@@ -314,6 +314,58 @@ def test_a_format1_directory_is_migrated_in_place(tmp_path):
     assert [v.name for v in again.list("", "", 1000)] == sorted(FILES)
 
 
+def test_a_chunk_format1_lost_counts_as_referenced_until_the_file_is_uploaded_again(tmp_path):
+    path = str(tmp_path / "old")
+    data = content(21, 3 * CHUNK)
+    write_format1(path, {"f": data, "g": b"fine"})
+    lost = p.sha256(split(data)[1])
+    os.unlink(os.path.join(path, "chunks", lost.hex()[:2], lost.hex()))
+    store = open_local(path)
+    assert store.meta.refcount_errors() == []
+    report = gc.fsck_page(store)
+    assert [(d["chunk"], d["problem"], d["names"]) for d in report["damaged"]] == \
+        [(lost, "missing", ["f"])]
+    with pytest.raises(MissingChunks) as caught:      # what the client meets on re-upload...
+        store.commit(new_version("f", data, commit="again"))
+    assert caught.value.missing == [lost]
+    put_file(store, "f", data, commit="again")         # ...and what it then does
+    gc.collect(store, grace=0)
+    assert gc.fsck_page(store)["damaged"] == [] and store.meta.refcount_errors() == []
+
+
+def test_a_damaged_manifest_is_kept_aside_and_an_unreadable_one_stops_the_migration(tmp_path):
+    path = str(tmp_path / "old")
+    write_format1(path, {"a": b"a", "b": b"b"})
+    shard = next(os.scandir(os.path.join(path, "manifests")))
+    victim = next(e.path for e in os.scandir(shard.path))
+    with open(victim, "wb") as f:
+        f.write(b"\xc1 not msgpack")
+    store = open_local(path)
+    assert len(store.list("", "", 10)) == 1
+    assert os.listdir(os.path.join(path, "corrupt", "manifests")) == [os.path.basename(victim)]
+    store.close()
+    other = str(tmp_path / "other")
+    write_format1(other, {"a": b"a"})
+    shard = next(os.scandir(os.path.join(other, "manifests")))
+    unreadable = next(e.path for e in os.scandir(shard.path))
+    os.chmod(unreadable, 0)
+    os.rename(unreadable, unreadable + ".x")
+    os.mkdir(unreadable)                                # reading it fails: EISDIR
+    with pytest.raises(Exception, match="nothing was changed"):
+        open_local(other)
+    assert os.path.isdir(os.path.join(other, "manifests"))
+
+
+def test_a_damaged_small_chunk_is_healed_by_uploading_it_again(store):
+    put_file(store, "s", b"small", commit="c1")
+    digest = p.sha256(b"small")
+    store.meta._execute("UPDATE chunks SET data = ? WHERE digest = ?", (b"smell", digest))
+    with pytest.raises(IntegrityError):
+        store.read_chunk(digest)
+    store.put_chunk(digest, b"small")
+    assert bytes(p.unpack_data(store.read_chunk(digest))) == b"small"
+
+
 def test_migration_repairs_mtimes_format1_let_in(tmp_path):
     path = str(tmp_path / "old")
     write_format1(path, {"nan": b"a", "inf": b"b", "ok": b"c"},
@@ -611,3 +663,12 @@ def test_a_group_commit_that_crashes_still_answers_every_commit(store, monkeypat
     service.flush()
     assert sorted(r["id"] for r in link.replies) == [0, 1, 2]
     assert {r["error"] for r in link.replies} == {"internal"}
+
+
+def test_chunks_of_one_store_cannot_be_used_by_another_stores_metadata(tmp_path, request):
+    path = str(tmp_path / "data")
+    open_local(path).close()                       # chunks/ now belong to this SQLite store
+    url = request.getfixturevalue("pg_database_url")
+    with pytest.raises(StoreError, match="belong to store"):
+        open_store(path, url)                      # PostgreSQL's store with these chunks: no
+    assert open_local(path).store_id               # the rightful owner still opens it

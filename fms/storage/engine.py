@@ -6,13 +6,14 @@ from what the store holds.  Small chunks (up to :data:`SMALL_CHUNK_MAX`) are kep
 metadata engine itself, so a small file costs one transaction and no file of its own.
 """
 
+import errno
 import hashlib
 import logging
 import os
 import time
 
 from .. import protocol as p
-from ..errors import BadRequest, FmsError, IntegrityError, MissingChunks, NotFound
+from ..errors import BadRequest, FmsError, IntegrityError, MissingChunks, NoSpace, NotFound
 from .chunks.base import ChunkBackend
 from .chunks.localdir import LocalDirChunks
 from .meta.base import MetaEngine
@@ -129,6 +130,9 @@ class Store:
             except FmsError as exc:
                 results[i] = exc
                 continue
+            except OSError as exc:      # this commit's disk trouble is not the others'
+                results[i] = os_failure(exc)
+                continue
             changes.append(change)
             where.append(i)
         if changes:
@@ -228,6 +232,15 @@ class Store:
                                 f"again", missing=missing)
 
 
+def os_failure(exc: OSError) -> FmsError:
+    """What a client is told when storage's disk failed a request."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace("storage disk is full (space or inodes); nothing was changed: free space "
+                       "on the storage volume and try again")
+    log.error("event=disk_error error=%r", str(exc))
+    return FmsError(f"storage could not read or write its disk: {exc.strerror or exc}")
+
+
 def _raise_or(result):
     if isinstance(result, BaseException):
         raise result
@@ -288,7 +301,23 @@ def open_store(data: str, meta: str | None = None, chunks: str | None = None) ->
             raise StoreError(f"--meta {meta!r} is not a metadata engine URL; write "
                              f"postgresql://USER@HOST:PORT/DB, or leave it out for SQLite in "
                              f"--data")
+        _tie(engine, backend, chunks or os.path.join(data, "chunks"), meta or "meta.db in --data")
     except OSError as exc:
         raise StoreError(f"cannot use data directory {data}: {exc.strerror}; "
                          f"check that it exists and is writable") from None
     return Store(engine, backend)
+
+
+def _tie(engine, backend, chunks_where: str, meta_where: str):
+    """Chunks belong to one store: a chunk store that another store's metadata uses would have
+    its chunks collected as orphans, so a mismatch is refused before anything runs."""
+    marker = backend.store_marker()
+    if marker is None:
+        backend.mark_store(engine.store_id)
+        marker = backend.store_marker()
+    if marker != engine.store_id:
+        engine.close()
+        raise StoreError(f"the chunks at {chunks_where} belong to store {marker}, but the "
+                         f"metadata ({meta_where}) is store {engine.store_id}: point --meta and "
+                         f"--chunks at the same store (mixing two would let gc delete the other "
+                         f"store's chunks)")

@@ -31,9 +31,12 @@ class Version:
 
     def summary(self) -> dict:
         """What ls and stat return: the manifest without its chunk list."""
-        return {"name": self.name, "size": self.size, "sha256": self.sha256,
-                "mtime": self.mtime, "version": self.version, "chunk_size": self.chunk_size,
-                "chunks": len(self.chunks), "committed": self.committed}
+        out = {"name": self.name, "size": self.size, "sha256": self.sha256,
+               "mtime": self.mtime, "version": self.version, "chunk_size": self.chunk_size,
+               "chunks": len(self.chunks), "committed": self.committed}
+        if self.deleted:
+            out["deleted"] = True
+        return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,6 @@ the worker's heartbeats; their replies are sent from the worker's thread by :met
 :meth:`flush`.
 """
 
-import errno
 import logging
 import math
 import queue
@@ -23,9 +22,9 @@ import time
 import uuid
 
 from .. import protocol as p
-from ..errors import BadRequest, FmsError, NoSpace, TooLarge, Unavailable
+from ..errors import BadRequest, FmsError, TooLarge, Unavailable
 from . import gc
-from .engine import Store
+from .engine import Store, os_failure
 from .model import NewVersion, Removal
 
 LS_PAGE_MAX = 5000        # entries per ls reply, so a reply stays far below MAX_FRAME_SIZE
@@ -188,9 +187,8 @@ class StorageService:
                                        progress=self._keep_alive())
         except FmsError as exc:            # the transaction itself failed: nothing applied
             results = [exc] * len(pending)
-        except OSError as exc:             # e.g. out of space writing an inline chunk's blob
-            log.warning("event=group_commit_failed error=%r", exc.strerror)
-            results = [_os_failure(exc)] * len(pending)
+        except OSError as exc:             # the transaction's own disk trouble
+            results = [os_failure(exc)] * len(pending)
         except Exception as exc:           # a bug: every commit of the group still gets an answer
             log.exception("event=group_commit_crashed error=%r", exc)
             results = [FmsError(f"internal error: {exc!r}")] * len(pending)
@@ -256,13 +254,6 @@ class StorageService:
     def _background_gc(self, store):
         gc.collect(store, self.gc_grace)
         return {}
-
-
-def _os_failure(exc: OSError) -> FmsError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return NoSpace("storage disk is full (space or inodes); nothing was changed: free space "
-                       "on the storage volume and try again")
-    return FmsError(f"internal error: {exc!r}")
 
 
 def _commit_id(header, optional=False) -> str:

@@ -37,6 +37,14 @@ class ChunkBackend(ABC):
     def quarantine(self, digest: bytes):
         """Set a blob that failed verification aside (kept for inspection, out of the store)."""
 
+    @abstractmethod
+    def store_marker(self) -> str | None:
+        """The id of the store these chunks belong to (written by :meth:`mark_store`), or None."""
+
+    @abstractmethod
+    def mark_store(self, store_id: str):
+        """Record which store these chunks belong to."""
+
     def clean_tmp(self) -> int:
         """Remove what dead writers left half written; how many.  Nothing, where writes are
         atomic."""

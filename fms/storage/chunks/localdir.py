@@ -18,6 +18,7 @@ from ...errors import IntegrityError, NoSpace, NotFound
 from ...fileio import read_frame
 from .base import ChunkBackend
 
+MARKER = "STORE"   # chunks/STORE: the id of the store the chunks belong to
 TMP_GRACE = 600.0  # seconds: a chunk write takes far less, so older temp files are from dead writers
 _HOST = socket.gethostname().replace(".", "_")
 
@@ -100,6 +101,24 @@ class LocalDirChunks(ChunkBackend):
                     continue
                 if len(digest) == p.HASH_LEN:
                     yield digest, st.st_size, st.st_mtime
+
+    def store_marker(self):
+        try:
+            with open(os.path.join(self.root, MARKER), encoding="utf-8") as f:
+                return f.read().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def mark_store(self, store_id):
+        tmp = self.tmp_path("marker")
+        write_durably(tmp, [store_id.encode()])
+        try:
+            os.link(tmp, os.path.join(self.root, MARKER))   # never replaces another's marker
+            fsync_dir(self.root)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
 
     def quarantine(self, digest):
         log.error("event=corrupt_chunk chunk=%s action=quarantined", digest.hex())

@@ -84,8 +84,13 @@ class S3Chunks(ChunkBackend):
         except botocore.exceptions.ClientError as exc:
             code = exc.response.get("Error", {}).get("Code")
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code == "NoSuchBucket":
+                raise _unavailable(what, f"bucket {self.bucket!r} no longer exists") from None
             if code in ("NoSuchKey", "404", "NotFound") or status == 404:
                 raise NotFound(f"chunk not found in the object store ({what})") from None
+            if status in (401, 403):
+                raise _unavailable(what, "the object store refused this worker's credentials "
+                                         "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)") from None
             if status is not None and status >= 500 or code in ("SlowDown", "Throttling"):
                 raise _unavailable(what, exc) from None
             raise FmsError(f"object store refused {what}: {exc}") from None
@@ -141,6 +146,16 @@ class S3Chunks(ChunkBackend):
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError,
                 OSError) as exc:
             raise _unavailable("list", exc) from None
+
+    def store_marker(self):
+        try:
+            reply = self._call("get", self.s3.get_object, Key=f"{self.prefix}STORE")
+        except NotFound:
+            return None
+        return reply["Body"].read().decode("utf-8", "replace").strip() or None
+
+    def mark_store(self, store_id):
+        self._call("put", self.s3.put_object, Key=f"{self.prefix}STORE", Body=store_id.encode())
 
     def quarantine(self, digest):
         log.error("event=corrupt_chunk chunk=%s action=quarantined", digest.hex())

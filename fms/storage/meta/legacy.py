@@ -41,8 +41,13 @@ def store_id(path: str) -> str | None:
                        f"must be restored from a copy") from None
 
 
-def manifests(path: str):
-    """Every readable manifest of a format-1 directory (damaged ones are logged and skipped)."""
+def manifests(path: str, damaged: list):
+    """Every readable manifest of a format-1 directory; the paths of damaged ones (not msgpack,
+    fields missing) are added to ``damaged``.
+
+    :raises OSError: a manifest could not be read at all: the migration must not go on without
+        it (its name would be lost when ``manifests/`` is removed).
+    """
     root = os.path.join(path, MANIFESTS)
     for shard in sorted(os.scandir(root), key=lambda e: e.name):
         if not shard.is_dir():
@@ -50,12 +55,20 @@ def manifests(path: str):
         for entry in sorted(os.scandir(shard.path), key=lambda e: e.name):
             if entry.name.startswith("."):
                 continue
+            with open(entry.path, "rb") as f:
+                raw = f.read()
             try:
-                with open(entry.path, "rb") as f:
-                    manifest = msgpack.unpackb(f.read(), raw=False)
-                manifest["name"], manifest["version"]
-            except (OSError, ValueError, KeyError, TypeError):
-                log.error("event=migrate_damaged_manifest path=%s action=skipped", entry.path)
+                manifest = msgpack.unpackb(raw, raw=False)
+                name, size, chunk_size = manifest["name"], manifest["size"], manifest["chunk_size"]
+                manifest["version"], manifest["sha256"]
+                if not manifest.get("deleted") and \
+                        len(manifest["chunks"]) != p.chunk_count(size, chunk_size):
+                    raise ValueError("chunk count")
+                name.encode("utf-8")
+            except (ValueError, KeyError, TypeError, AttributeError, UnicodeError):
+                log.error("event=migrate_damaged_manifest path=%s action=kept_in_corrupt",
+                          entry.path)
+                damaged.append(entry.path)
                 continue
             yield manifest
 
@@ -67,7 +80,17 @@ def migrate(path: str, meta, chunks, slow: float = 0.0):
     """
     pending, done = os.path.join(path, MANIFESTS), os.path.join(path, DONE)
     if os.path.isdir(pending) and meta.setting("migrated") is None:
-        _copy(path, meta, chunks, slow)
+        damaged = []
+        try:
+            _copy(path, meta, chunks, slow, damaged)
+        except OSError as exc:
+            raise FmsError(f"cannot migrate {path}: reading a manifest failed ({exc.strerror}); "
+                           f"nothing was changed: fix the disk error and start again") from None
+        keep = os.path.join(path, "corrupt", "manifests")
+        for item in damaged:            # kept for inspection, out of the way of the clean-up
+            os.makedirs(keep, exist_ok=True)
+            with contextlib.suppress(OSError):
+                shutil.copy2(item, os.path.join(keep, os.path.basename(item)))
     # Another worker may be finishing the same clean-up at the same moment: both are harmless.
     if os.path.isdir(pending):
         with contextlib.suppress(FileNotFoundError):
@@ -87,7 +110,7 @@ def _valid_mtime(manifest, now) -> float:
         return now
 
 
-def _copy(path, meta, chunks, slow):
+def _copy(path, meta, chunks, slow, damaged):
     started = time.time()
     log.info("event=migrate_start path=%s from_format=1", path)
     db = meta.db
@@ -99,7 +122,8 @@ def _copy(path, meta, chunks, slow):
         for digest, size, _mtime in chunks.list():
             db.execute("INSERT OR IGNORE INTO chunks (digest, size, refs, since) VALUES (?, ?, 0, ?)",
                        (digest, size, started))
-        for m in manifests(path):
+        sizes = {}
+        for m in manifests(path, damaged):
             deleted = bool(m.get("deleted"))
             listed = b"".join(m.get("chunks") or [])
             db.execute("INSERT OR REPLACE INTO names VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -110,18 +134,25 @@ def _copy(path, meta, chunks, slow):
             if not deleted:
                 files += 1
                 total += m["size"]
-                refs.update(unpack_digests(listed))
+                digests = unpack_digests(listed)
+                refs.update(digests)
+                for i, d in enumerate(digests):
+                    sizes[d] = p.chunk_length(i, m["size"], m["chunk_size"])
             if names % 1000 == 0:
                 log.info("event=migrate_progress names=%d", names)
             if slow:
                 time.sleep(slow)
+        # A chunk a manifest names but the directory lacks still gets its row and count, so
+        # the references stay exact: fsck names it, and uploading the file again restores it.
+        absent = [d for d in refs if meta.chunk(d) is None]
+        db.executemany("INSERT INTO chunks (digest, size, refs, since) VALUES (?, ?, 0, ?)",
+                       [(d, sizes[d], started) for d in absent])
         db.executemany("UPDATE chunks SET refs = ? WHERE digest = ?",
                        [(n, d) for d, n in refs.items()])
         db.execute("UPDATE totals SET files = ?, bytes = ?, chunks = (SELECT count(*) FROM chunks), "
                    "chunk_bytes = (SELECT coalesce(sum(size), 0) FROM chunks)", (files, total))
         meta.set_setting("migrated", f"format 1 at {started:.0f}")
-    missing = sum(1 for d in refs if meta.chunk(d) is None)
-    log.info("event=migrate_done names=%d files=%d seconds=%.1f missing_chunks=%d", names, files,
-             time.time() - started, missing)
-    if missing:
-        log.error("event=migrate_missing_chunks count=%d hint='run: client.py fsck'", missing)
+    log.info("event=migrate_done names=%d files=%d seconds=%.1f missing_chunks=%d damaged=%d",
+             names, files, time.time() - started, len(absent), len(damaged))
+    if absent:
+        log.error("event=migrate_missing_chunks count=%d hint='run: client.py fsck'", len(absent))

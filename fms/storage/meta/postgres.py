@@ -55,6 +55,8 @@ class PostgresMeta(SQLMeta):
 
     def _execute(self, sql, args=()):
         if self.db is None or self.db.closed or self.db.broken:
+            if self.in_transaction:    # reconnecting now would run the rest outside it
+                raise psycopg.OperationalError("the connection was lost during a transaction")
             self._connect()
         return self.db.execute(sql.replace("?", "%s"), args)
 
@@ -80,8 +82,10 @@ class PostgresMeta(SQLMeta):
                         _first_line(exc))
             with contextlib.suppress(Exception):
                 self.db.close()
-            return Unavailable(f"the metadata database (PostgreSQL) cannot be reached: "
+            lost = Unavailable(f"the metadata database (PostgreSQL) cannot be reached: "
                                f"{_first_line(exc)}; retrying")
+            lost.whole_transaction = True      # no savepoint of it can be rolled back to
+            return lost
         if isinstance(exc, psycopg.Error):
             log.error("event=database_error error=%r", _first_line(exc))
             return FmsError(f"metadata database error: {_first_line(exc)}")

@@ -15,6 +15,7 @@ always changed last.  A deadlock or serialization failure that remains is retrie
 
 import collections
 import contextlib
+import hashlib
 import logging
 
 import msgpack
@@ -84,6 +85,13 @@ def prefix_end(prefix: str) -> str | None:
     return None
 
 
+def _request_digest(change: NewVersion) -> bytes:
+    """What identifies a commit request: every field it carries."""
+    return hashlib.sha256(msgpack.packb(
+        [change.name, change.size, change.sha256, change.chunk_size, list(change.chunks),
+         change.mtime], use_bin_type=True)).digest()
+
+
 def _marks(n: int) -> str:
     return ",".join("?" * n)
 
@@ -96,6 +104,7 @@ class SQLMeta(MetaEngine):
     begin_write = "BEGIN"
     for_update = ""            # appended to SELECTs of rows about to be changed
     skip_locked = ""           # appended to the collector's SELECT
+    in_transaction = False     # a lost connection must not be silently reopened midway
 
     def _execute(self, sql: str, args=()):
         raise NotImplementedError
@@ -134,6 +143,7 @@ class SQLMeta(MetaEngine):
             self._execute(self.begin_write)
         except Exception as exc:
             raise self._error(exc) from None
+        self.in_transaction = True
         try:
             yield
             self._execute("COMMIT")
@@ -144,18 +154,33 @@ class SQLMeta(MetaEngine):
             if translated is not None:
                 raise translated from None
             raise
+        finally:
+            self.in_transaction = False
 
     def _transaction(self, work):
-        """Run ``work()`` in a write transaction, again if it deadlocked."""
+        """Run ``work()`` in a write transaction, again if it deadlocked.  The totals row is
+        changed once, last, with what ``work`` added up through :meth:`_bump`: every writer
+        queues on that one row, so it is held for the shortest time."""
         for attempt in range(RETRIES):
             try:
                 with self._write():
-                    return work()
+                    self._delta = [0, 0, 0, 0]
+                    result = work()
+                    if any(self._delta):
+                        self._execute("UPDATE totals SET files = files + ?, bytes = bytes + ?, "
+                                      "chunks = chunks + ?, chunk_bytes = chunk_bytes + ?",
+                                      self._delta)
+                    return result
             except Retry:
                 if attempt == RETRIES - 1:
                     raise Unavailable("the metadata database kept meeting concurrent writers; "
                                       "try again") from None
                 log.info("event=transaction_retry attempt=%d", attempt + 1)
+
+    def _bump(self, files=0, nbytes=0, chunks=0, chunk_bytes=0):
+        """Add to the totals this transaction will write."""
+        for i, n in enumerate((files, nbytes, chunks, chunk_bytes)):
+            self._delta[i] += n
 
     def _error(self, exc):
         translated = self._translate(exc)
@@ -215,6 +240,7 @@ class SQLMeta(MetaEngine):
             results = []
             for i, change in enumerate(changes):
                 self._execute(f"SAVEPOINT c{i}")
+                saved = list(self._delta)
                 try:
                     if isinstance(change, NewVersion):
                         for digest in sorted(set(change.chunks) & small.keys()):
@@ -226,8 +252,11 @@ class SQLMeta(MetaEngine):
                         raise TypeError(f"not a change: {change!r}")
                     self._execute(f"RELEASE SAVEPOINT c{i}")
                 except FmsError as exc:
+                    if getattr(exc, "whole_transaction", False):
+                        raise               # the connection is gone: nothing of it stands
                     self._execute(f"ROLLBACK TO SAVEPOINT c{i}")
                     self._execute(f"RELEASE SAVEPOINT c{i}")
+                    self._delta = saved
                     result = exc
                 results.append(result)
             return results
@@ -244,19 +273,20 @@ class SQLMeta(MetaEngine):
         fields = msgpack.unpackb(bytes(row[3]), raw=False)
         return Version(**{**fields, "chunks": tuple(fields["chunks"])})
 
-    def _log(self, kind, version: Version, now):
+    def _log(self, kind, version: Version, now, request=None):
+        # The `sha256` column holds the digest of the whole request (see _request_digest), so a
+        # retry is recognised only if it is the very same request.
         result = msgpack.packb({f: getattr(version, f) for f in Version.__slots__},
                                use_bin_type=True)
         self._execute("INSERT INTO commits VALUES (?, ?, ?, ?, ?, ?)",
-                      (version.commit, kind, version.name,
-                       version.sha256 if kind == "commit" else None, result, now))
+                      (version.commit, kind, version.name, request, result, now))
 
     def _current(self, name):
         row = self._one(f"SELECT {_VERSION_COLUMNS} FROM names WHERE name = ?", (name,))
         return _version(row) if row else None
 
     def _commit(self, change: NewVersion, now) -> Version:
-        done = self._logged(change.commit, "commit", change.name, change.sha256)
+        done = self._logged(change.commit, "commit", change.name, _request_digest(change))
         if done is not None:
             return done
         wanted = collections.Counter(change.chunks)
@@ -285,9 +315,9 @@ class SQLMeta(MetaEngine):
         if was_live:
             delta.subtract(old.chunks)
         self._add_refs(delta, now)
-        self._execute("UPDATE totals SET files = files + ?, bytes = bytes + ?",
-                      (0 if was_live else 1, version.size - (old.size if was_live else 0)))
-        self._log("commit", version, now)
+        self._bump(files=0 if was_live else 1,
+                   nbytes=version.size - (old.size if was_live else 0))
+        self._log("commit", version, now, _request_digest(change))
         return version
 
     def _remove(self, change: Removal, now) -> Version:
@@ -305,7 +335,7 @@ class SQLMeta(MetaEngine):
         delta = collections.Counter()
         delta.subtract(old.chunks)
         self._add_refs(delta, now)
-        self._execute("UPDATE totals SET files = files - 1, bytes = bytes - ?", (old.size,))
+        self._bump(files=-1, nbytes=-old.size)
         self._log("rm", tomb, now)
         return tomb
 
@@ -348,8 +378,7 @@ class SQLMeta(MetaEngine):
                 "VALUES (?, ?, 0, ?, 0, ?) ON CONFLICT (digest) DO NOTHING RETURNING digest",
                 (digest, size, now, data)).fetchall()
             if inserted:
-                self._execute("UPDATE totals SET chunks = chunks + 1, "
-                              "chunk_bytes = chunk_bytes + ?", (size,))
+                self._bump(chunks=1, chunk_bytes=size)
                 return data is not None
             row = self._execute(f"SELECT doomed, data IS NOT NULL FROM chunks WHERE digest = ?"
                                 f"{self.for_update}", (digest,)).fetchone()
@@ -360,6 +389,9 @@ class SQLMeta(MetaEngine):
                                   f"send it again in a moment")
             self._execute("UPDATE chunks SET since = ? WHERE digest = ? AND refs = 0",
                           (now, digest))
+            if data is not None and row[1]:     # the bytes arrive again: heal a damaged copy
+                self._execute("UPDATE chunks SET data = ? WHERE digest = ? AND data != ?",
+                              (data, digest, data))
             return bool(row[1])
         raise Unavailable(f"chunk {digest.hex()[:16]} is being collected right now; send it "
                           f"again in a moment")
@@ -382,8 +414,8 @@ class SQLMeta(MetaEngine):
             self._executemany("DELETE FROM chunks WHERE digest = ?", in_engine)
             self._executemany("UPDATE chunks SET doomed = 1 WHERE digest = ?",
                               [(r.digest,) for r in rows if not r.in_engine])
-            self._execute("UPDATE totals SET chunks = chunks - ?, chunk_bytes = chunk_bytes - ?",
-                          (len(in_engine), sum(r.size for r in rows if r.in_engine)))
+            self._bump(chunks=-len(in_engine), chunk_bytes=-sum(r.size for r in rows
+                                                                 if r.in_engine))
             return rows
         return self._transaction(work)
 
@@ -403,8 +435,7 @@ class SQLMeta(MetaEngine):
                                     "RETURNING size", (d,)).fetchone()
                 if row is not None:
                     count, size = count + 1, size + row[0]
-            self._execute("UPDATE totals SET chunks = chunks - ?, chunk_bytes = chunk_bytes - ?",
-                          (count, size))
+            self._bump(chunks=-count, chunk_bytes=-size)
         self._transaction(work)
 
     def adopt_orphan(self, digest, size):
@@ -413,8 +444,7 @@ class SQLMeta(MetaEngine):
                 "INSERT INTO chunks (digest, size, refs, since, doomed) VALUES (?, ?, 0, 0, 1) "
                 "ON CONFLICT (digest) DO NOTHING RETURNING digest", (digest, size)).fetchall()
             if added:
-                self._execute("UPDATE totals SET chunks = chunks + 1, "
-                              "chunk_bytes = chunk_bytes + ?", (size,))
+                self._bump(chunks=1, chunk_bytes=size)
             return bool(added)
         return self._transaction(work)
 
