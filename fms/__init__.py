@@ -3,13 +3,13 @@
 The public API is :class:`Client` and the exceptions; everything else is the daemons' code.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .client import Client  # noqa: E402
 from .errors import (  # noqa: E402
-    BadRequest, FmsError, IntegrityError, NoSpace, NotFound, Refused, RemoteError, Timeout, TooLarge,
-    TransportError, Unavailable,
+    BadRequest, FmsError, IntegrityError, MissingChunks, NoSpace, NotFound, Refused, RemoteError,
+    Timeout, TooLarge, TransportError, Unavailable,
 )
 
 __all__ = ["Client", "FmsError", "RemoteError", "NotFound", "BadRequest", "IntegrityError",
-           "Unavailable", "NoSpace", "Refused", "TooLarge", "TransportError", "Timeout", "__version__"]
+           "MissingChunks", "Unavailable", "NoSpace", "Refused", "TooLarge", "TransportError", "Timeout", "__version__"]

@@ -53,9 +53,7 @@ class CacheService:
 
     def handle_request(self, route: dict, header: dict, data):
         op = header.get("op")
-        if header.get("v") != p.PROTOCOL_VERSION:
-            raise BadRequest(f"protocol version {header.get('v')!r} not supported; "
-                             f"this worker speaks {p.PROTOCOL_VERSION}")
+        p.check_version(header)
         if op == "get":
             self._get(route, header)
         elif op == "chunk":
@@ -199,4 +197,4 @@ class CacheService:
 
 
 def _inline(manifest: dict) -> bool:
-    return manifest["size"] <= p.INLINE_MAX and len(manifest["chunks"]) == 1
+    return p.travels_inline(manifest["size"], len(manifest["chunks"]))

@@ -94,6 +94,19 @@ def build_parser(prog: str = "fms", client_only: bool = False) -> argparse.Argum
                f"{prog} stats --json")
     cmd.add_argument("--json", action="store_true", help="print a JSON object")
 
+    cmd = _sub(sub, "gc", "collect garbage now: free chunks no stored file uses", common,
+               f"{prog} gc --dry-run\n{prog} gc --grace 0      # everything unreferenced, now")
+    cmd.add_argument("--grace", type=_seconds, metavar="SECONDS",
+                     help="collect chunks unreferenced for longer than this (default: the "
+                          "storage workers' --gc-grace; 0 also removes the chunks of uploads in "
+                          "progress, which then fail: at your own risk)")
+    cmd.add_argument("--dry-run", action="store_true", help="count what would be freed")
+    cmd.add_argument("--json", action="store_true", help="print a JSON object")
+
+    cmd = _sub(sub, "fsck", "check that every stored file's chunks exist and match their hash",
+               common, f"{prog} fsck\n{prog} fsck --json")
+    cmd.add_argument("--json", action="store_true", help="print a JSON object")
+
     cmd = _sub(sub, "keygen", "make a CURVE keypair: DIR/NAME.key (public), "
                "DIR/NAME.key_secret (private, mode 0600)", argparse.ArgumentParser(add_help=False),
                f"{prog} keygen ./keys alice     # then give alice.key to the broker's operator")
@@ -156,6 +169,8 @@ def _daemon_parsers(sub):
                      help="require CURVE: make keys in DATA/keys (once) and use them")
     cmd.add_argument("--insecure", action="store_true",
                      help="allow non-loopback endpoints without CURVE")
+    _backend_args(cmd)
+    _gc_grace_arg(cmd)
     _log_arg(cmd)
 
 
@@ -193,8 +208,37 @@ def _worker_args(cmd, kind: str):
 def _storage_args(cmd):
     _worker_args(cmd, "storage")
     cmd.add_argument("--data", default=os.path.join(DEFAULT_DATA, "storage"),
-                     help="data directory; workers sharing it form one store (%(default)s)")
+                     help="data directory; workers sharing it form one store (%(default)s); "
+                          "scratch only, with both --meta and --chunks")
+    _backend_args(cmd)
+    _gc_grace_arg(cmd)
     cmd.add_argument("--debug-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # tests
+
+
+def _backend_args(cmd):
+    cmd.add_argument("--meta", metavar="URL",
+                     help="metadata engine: postgresql://USER[:PASSWORD]@HOST:PORT/DB (default: "
+                          "SQLite in the data directory)")
+    cmd.add_argument("--chunks", metavar="URL",
+                     help="chunk store: s3://BUCKET[/PREFIX], configured by AWS_ENDPOINT_URL, "
+                          "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION (default: the "
+                          "data directory)")
+
+
+def _gc_grace_arg(cmd):
+    cmd.add_argument("--gc-grace", type=_seconds, default=3600.0, metavar="SECONDS",
+                     help="keep an unreferenced chunk this long before collecting it "
+                          "(%(default)s)")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+    return value
 
 
 def _cache_args(cmd):
@@ -259,7 +303,7 @@ def _shell(parser, args) -> int:
 
 def _dispatch(args, parser) -> int:
     handlers = {"put": cmd_put, "get": cmd_get, "ls": cmd_ls, "stat": cmd_stat, "rm": cmd_rm,
-                "stats": cmd_stats, "keygen": cmd_keygen, "broker": cmd_broker, "storage": cmd_storage,
+                "stats": cmd_stats, "gc": cmd_gc, "fsck": cmd_fsck, "keygen": cmd_keygen, "broker": cmd_broker, "storage": cmd_storage,
                 "cache": cmd_cache, "up": cmd_up}
     try:
         return handlers[args.command](args) or EXIT_OK
@@ -395,13 +439,56 @@ def _inside(folder: str, rel: str) -> str:
 
 
 def cmd_ls(args):
+    # Printed page by page as they come: a listing of any length holds one page in memory.
     with _client(args) as client:
-        entries = client.ls(args.prefix)
+        entries = client.iter_ls(args.prefix)
+        if args.json:
+            print("[", end="")
+            for i, e in enumerate(entries):
+                print(("," if i else "") + "\n" + json.dumps(e), end="")
+            print("\n]")
+            return
+        for e in entries:
+            print(f"{e['size']:>14,}  {_when(e['mtime'])}  {e['name']}")
+
+
+def cmd_gc(args):
+    with _client(args) as client:
+        freed = client.gc(args.grace, args.dry_run)
     if args.json:
-        print(json.dumps(entries, indent=1))
+        print(json.dumps(freed, indent=1))
         return
-    for e in entries:
-        print(f"{e['size']:>14,}  {_when(e['mtime'])}  {e['name']}")
+    verb = "would free" if args.dry_run else "freed"
+    print(f"gc: {verb} {freed['chunks']:,} chunks, {_human(freed['bytes'])} "
+               f"({freed['orphans']:,} orphans); dropped {freed['pruned']:,} old tombstones "
+               f"and commit ids")
+
+
+def cmd_fsck(args):
+    totals = {"names": 0, "chunks": 0, "bytes": 0, "damaged": [], "orphans": 0,
+              "refcount_errors": 0}
+    with _client(args) as client:
+        for page in client.fsck():
+            for key in ("names", "chunks", "bytes"):
+                totals[key] += page[key]
+            totals["damaged"] += page["damaged"]
+            if not args.json:
+                for d in page["damaged"]:
+                    print(f"{d['problem']} chunk {d['chunk']}: breaks {', '.join(d['names'])}")
+            for key in ("orphans", "refcount_errors"):
+                totals[key] = page.get(key, totals[key])
+    bad = bool(totals["damaged"]) or totals["refcount_errors"] > 0
+    if args.json:
+        print(json.dumps({**totals, "ok": not bad}, indent=1))
+    else:
+        print(f"fsck: {totals['names']:,} files, {totals['chunks']:,} chunks "
+              f"({_human(totals['bytes'])}) checked; {len(totals['damaged'])} damaged or missing; "
+              f"{totals['orphans']:,} orphan chunks (collected by gc after the grace period); "
+              f"{totals['refcount_errors']} reference counts wrong")
+        if bad:
+            print("fsck: files above cannot be read whole; upload them again to repair them",
+                  file=sys.stderr)
+    return EXIT_ERROR if bad else EXIT_OK
 
 
 def cmd_stat(args):
@@ -559,16 +646,21 @@ def _run_worker(args, service, ready: dict, log_name: str):
 
 def cmd_storage(args):
     from .logutil import setup_logging
-    from .storage import StorageService
-    from .store import Store
+    from .storage.engine import open_store
+    from .storage.service import StorageService
     setup_logging(args.log_level)
     if args.data == os.path.join(DEFAULT_DATA, "storage"):
         os.makedirs(DEFAULT_DATA, exist_ok=True)  # the default just works; a given path must exist
-    store = Store(args.data)
-    store.clean_tmp()
-    service = StorageService(store, None, delay=args.debug_delay)
-    return _run_worker(args, service, {"svc": p.STORAGE, "wid": _worker_id(args, "storage"),
-                                       "store": store.store_id}, "fms.storage")
+    store = open_store(args.data, args.meta, args.chunks)
+    store.chunks.clean_tmp()
+    service = StorageService(store, None, gc_grace=args.gc_grace,
+                             maintenance_store=open_store(args.data, args.meta, args.chunks),
+                             delay=args.debug_delay)
+    try:
+        return _run_worker(args, service, {"svc": p.STORAGE, "wid": _worker_id(args, "storage"),
+                                           "store": store.store_id}, "fms.storage")
+    finally:
+        service.close()
 
 
 def cmd_cache(args):
@@ -606,7 +698,11 @@ def cmd_up(args):
     for i in range(args.storage):
         specs.append((f"storage-{i + 1}", py + ["storage", "--broker", args.backend, "--data",
                                                 os.path.join(args.data, "storage"),
-                                                "--id", f"storage-{i + 1}"] + workers + log))
+                                                "--id", f"storage-{i + 1}",
+                                                "--gc-grace", str(args.gc_grace)]
+                      + (["--meta", args.meta] if args.meta else [])
+                      + (["--chunks", args.chunks] if args.chunks else [])
+                      + workers + log))
     stop = _StopFlag()
     procs = []
     try:

@@ -28,8 +28,8 @@ import time
 import zmq
 
 from . import protocol as p
-from .errors import (BadRequest, FmsError, IntegrityError, Timeout, TransportError, Unavailable,
-                     from_reply)
+from .errors import (BadRequest, FmsError, IntegrityError, MissingChunks, Timeout, TransportError,
+                     Unavailable, from_reply)
 from .fileio import read_frame, read_full
 from .transport import recv_frames, send_frames
 
@@ -37,6 +37,7 @@ DEFAULT_BROKER = "tcp://127.0.0.1:5555"
 DEFAULT_TIMEOUT = 5.0          # seconds a request may wait for its reply before a retry
 CONNECT_TIMEOUT = 3.0          # seconds to wait for a connection to the broker
 SEND_TIMEOUT = 1.0             # seconds a send may wait while the connection is down
+MAINTENANCE_TIMEOUT = 600.0    # seconds a gc or fsck page may take before it is asked again
 DEFAULT_RETRIES = 2            # a request may take (retries + 1) * timeout in all
 RETRY_BACKOFF = 0.25           # seconds before resending after `unavailable`; doubles per try
 RETRY_BACKOFF_MAX = 2.0
@@ -257,7 +258,7 @@ class Client:
             if out is None:
                 continue  # a late answer to a request already retried and answered
             if not header.get("ok"):
-                error = from_reply(str(header.get("error")), str(header.get("message")))
+                error = from_reply(str(header.get("error")), str(header.get("message")), header)
                 if isinstance(error, Unavailable) and self._may_retry(out):
                     backoff = min(RETRY_BACKOFF * 2 ** (out.tries - 1), RETRY_BACKOFF_MAX)
                     out.deadline = time.monotonic() + backoff
@@ -309,13 +310,21 @@ class Client:
 
     def ls(self, prefix: str = "") -> list:
         """Every stored file whose name starts with ``prefix``, sorted by name."""
+        return list(self.iter_ls(prefix))
+
+    def iter_ls(self, prefix: str = "", page: int | None = None):
+        """The stored files whose name starts with ``prefix``, in name order, fetched a page at a
+        time (``page`` entries, default the server's), so a listing of any length takes the
+        memory of one page."""
         p.check_prefix(prefix)
-        entries, after = [], ""
+        after = ""
+        fields = {} if page is None else {"limit": page}
         while True:
-            header, _ = self.call("ls", prefix=prefix, after=after)
-            entries.extend(_public(e) for e in header["entries"])
+            header, _ = self.call("ls", prefix=prefix, after=after, **fields)
+            for entry in header["entries"]:
+                yield _public(entry)
             if not header.get("more") or not header["entries"]:
-                return entries
+                return
             after = header["entries"][-1]["name"]
 
     def rm(self, name: str) -> dict:
@@ -332,6 +341,48 @@ class Client:
         """The store's ``files``, ``bytes`` (their sizes) and ``chunk_bytes`` (on disk)."""
         header, _ = self.call("usage")
         return header["store"]
+
+    def gc(self, grace: float | None = None, dry_run: bool = False) -> dict:
+        """Collect garbage now: chunks unreferenced for longer than ``grace`` seconds (default:
+        the storage workers' ``--gc-grace``).  ``grace=0`` also deletes chunks of uploads still
+        in progress (they fail and must be retried): the caller's own risk.
+
+        :return: ``chunks`` and ``bytes`` freed (would be, with ``dry_run``), ``orphans`` among
+            them, ``pruned`` tombstones and old commit ids.
+        """
+        fields = {"dry_run": dry_run}
+        if grace is not None:
+            fields["grace"] = float(grace)
+        with self._patience(MAINTENANCE_TIMEOUT):
+            header, _ = self.call("gc", **fields)
+        return header["gc"]
+
+    def fsck(self):
+        """Check every stored file's chunks, a page at a time.
+
+        :return: yields one report per page: ``names``, ``chunks`` and ``bytes`` checked,
+            ``damaged`` (``{chunk (hex), problem, names}``); the last page also has ``orphans``
+            and ``refcount_errors``.
+        """
+        after = ""
+        while True:
+            with self._patience(MAINTENANCE_TIMEOUT):
+                header, _ = self.call("fsck", after=after)
+            page = header["fsck"]
+            page["damaged"] = [{**d, "chunk": d["chunk"].hex()} for d in page["damaged"]]
+            yield page
+            if page.get("next") is None:
+                return
+            after = page["next"]
+
+    @contextlib.contextmanager
+    def _patience(self, timeout: float):
+        """Wait up to ``timeout`` for each reply (a GC or fsck pass does real work)."""
+        saved, self.timeout = self.timeout, max(self.timeout, timeout)
+        try:
+            yield
+        finally:
+            self.timeout = saved
 
     def cache_stats(self) -> dict:
         header, _ = self.call("cache_stats")
@@ -372,15 +423,26 @@ class Client:
             results[i] = _public(header["stat"])
         for i, (path, name, plan) in enumerate(planned):
             if plan.inline is None:
-                self._upload_chunks(path, plan, name)
-                header, _ = self.call("commit", **_commit_fields(name, plan))
-                results[i] = _public(header["stat"])
+                results[i] = self._put_chunked(path, name, plan)
         return results
 
-    def _upload_chunks(self, source, plan, name: str):
-        """Send the chunks storage lacks, pipelined.  ``source`` is a local path or the bytes."""
-        missing = set()
-        for start in range(0, len(plan.chunks), p.MAX_HAVE_BATCH):
+    def _put_chunked(self, source, name: str, plan) -> dict:
+        """Upload the chunks storage lacks and commit; if storage reports chunks missing at the
+        commit (collected since `have`, or damaged on its disk), send those and commit again."""
+        fields = _commit_fields(name, plan)
+        self._upload_chunks(source, plan, name)
+        try:
+            header, _ = self.call("commit", **fields)
+        except MissingChunks as exc:
+            self._upload_chunks(source, plan, name, only=set(exc.missing))
+            header, _ = self.call("commit", **fields)
+        return _public(header["stat"])
+
+    def _upload_chunks(self, source, plan, name: str, only=None):
+        """Send the chunks storage lacks (or exactly those in ``only``), pipelined.  ``source``
+        is a local path or the bytes."""
+        missing = set(only or ())
+        for start in range(0, len(plan.chunks) if only is None else 0, p.MAX_HAVE_BATCH):
             header, _ = self.call("have", hashes=plan.chunks[start:start + p.MAX_HAVE_BATCH])
             missing.update(header["missing"])
         todo = [i for i, digest in enumerate(plan.chunks) if digest in missing]
@@ -485,7 +547,7 @@ class Client:
             if frame is None:
                 raise IntegrityError(f"chunk {i} of {manifest['name']!r} came without data")
             data = p.unpack_data(frame.buffer)
-            expect = chunk_size if i < len(chunks) - 1 else size - chunk_size * (len(chunks) - 1)
+            expect = p.chunk_length(i, size, chunk_size)
             if len(data) != expect or p.sha256(data) != chunks[i]:
                 raise IntegrityError(f"chunk {i} of {manifest['name']!r} does not match its "
                                      f"sha256; nothing was written, try again")
@@ -601,7 +663,7 @@ class _Plan:
         self.inline = inline       # the content, if it travels with the commit
 
     def chunk_len(self, i: int) -> int:
-        return min(self.chunk_size, self.size - i * self.chunk_size)
+        return p.chunk_length(i, self.size, self.chunk_size)
 
 
 def _plan_file(path: str, chunk_size: int) -> _Plan:
@@ -631,13 +693,13 @@ def _plan_file(path: str, chunk_size: int) -> _Plan:
             size += n
             if n < chunk_size:
                 break
-    inline = first if size <= p.INLINE_MAX and len(chunks) == 1 else None
+    inline = first if p.travels_inline(size, len(chunks)) else None
     return _Plan(size, chunk_size, chunks, whole.digest(), st.st_mtime, inline)
 
 
 def _plan_bytes(data: bytes, chunk_size: int, mtime) -> _Plan:
     chunks = [p.sha256(data[i:i + chunk_size]) for i in range(0, len(data), chunk_size)]
-    inline = data if len(data) <= p.INLINE_MAX and len(chunks) == 1 else None
+    inline = data if p.travels_inline(len(data), len(chunks)) else None
     return _Plan(len(data), chunk_size, chunks, p.sha256(data),
                  mtime if mtime is not None else time.time(), inline)
 

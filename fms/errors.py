@@ -7,6 +7,7 @@
     │   ├── NotFound             not_found
     │   ├── BadRequest           bad_request (also raised locally for bad names)
     │   ├── IntegrityError       integrity: a chunk or file did not match its sha256
+    │   ├── MissingChunks        missing_chunks: a commit names chunks storage lacks; upload them
     │   ├── Unavailable          unavailable: no worker right now; retried by the client
     │   ├── NoSpace              no_space: a disk is full; not retried
     │   ├── Refused              refused: this client's key is not (or no longer) allowed
@@ -46,6 +47,23 @@ class IntegrityError(RemoteError):
     code = "integrity"
 
 
+class MissingChunks(RemoteError):
+    """A commit named chunks that storage does not hold (never uploaded, or collected since).
+
+    ``missing`` lists their digests; the reply carries them, so the client uploads exactly those
+    and commits again.
+    """
+
+    code = "missing_chunks"
+
+    def __init__(self, message: str, code: str | None = None, missing=()):
+        super().__init__(message, code)
+        self.missing = list(missing)
+
+    def reply_fields(self) -> dict:
+        return {"missing": self.missing}
+
+
 class Unavailable(RemoteError):
     code = "unavailable"
 
@@ -70,11 +88,14 @@ class Timeout(TransportError):
     """A request got no reply within its deadline."""
 
 
-_BY_CODE = {cls.code: cls for cls in (NotFound, BadRequest, IntegrityError, Unavailable, NoSpace,
-                                      Refused, TooLarge)}
+_BY_CODE = {cls.code: cls for cls in (NotFound, BadRequest, IntegrityError, MissingChunks,
+                                      Unavailable, NoSpace, Refused, TooLarge)}
 
 
-def from_reply(code: str, message: str) -> RemoteError:
+def from_reply(code: str, message: str, header: dict | None = None) -> RemoteError:
     """Build the exception that matches an error reply's code."""
     cls = _BY_CODE.get(code, RemoteError)
+    if cls is MissingChunks:
+        missing = (header or {}).get("missing")
+        return cls(message, code, missing if isinstance(missing, list) else ())
     return cls(message, code)

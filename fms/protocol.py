@@ -36,6 +36,10 @@ MAX_FRAME_SIZE = 32 * MiB       # ZMQ_MAXMSGSIZE on every socket: a larger frame
 MAX_NAME_BYTES = 1024
 MAX_HAVE_BATCH = 4096           # chunk hashes per `have` request
 HASH_LEN = 32                   # sha256 digest
+# A file's mtime, in seconds since the epoch: finite, from 1900-01-01 to 9999-12-31 (what
+# datetime and every filesystem fms writes to can hold).
+MTIME_MIN = -2208988800.0
+MTIME_MAX = 253402300799.0
 
 # Times, in seconds.
 HEARTBEAT_INTERVAL = 1.0
@@ -59,7 +63,9 @@ OP_SERVICE = {
     "ls": STORAGE,
     "stat": STORAGE,
     "rm": STORAGE,
-    "usage": STORAGE,      # files and bytes in the store
+    "usage": STORAGE,      # the store's totals
+    "gc": STORAGE,         # collect garbage now
+    "fsck": STORAGE,       # check a page of stored files' chunks
     "status": BROKER,      # answered by the broker itself: live workers
 }
 # Ops the broker may hand to another worker when the first one dies before replying, and the
@@ -69,8 +75,8 @@ IDEMPOTENT_OPS = frozenset(OP_SERVICE)
 FALLBACK_SERVICE = {CACHE: STORAGE}
 
 # Error codes carried in {ok: false, error: CODE, message: TEXT}.
-ERROR_CODES = ("not_found", "bad_request", "integrity", "unavailable", "no_space", "refused",
-               "too_large", "version", "internal")
+ERROR_CODES = ("not_found", "bad_request", "integrity", "missing_chunks", "unavailable",
+               "no_space", "refused", "too_large", "version", "internal")
 
 # A data frame: the msgpack bin32 marker, a 4-byte big-endian length, then the bytes.
 BIN32 = 0xC6
@@ -146,6 +152,23 @@ def sha256(data) -> bytes:
     return hashlib.sha256(data).digest()
 
 
+# --- file shape: the one home of the rules that split a file into chunks ---
+
+def chunk_count(size: int, chunk_size: int) -> int:
+    """How many chunks a ``size``-byte file has in ``chunk_size``-byte chunks (0 if empty)."""
+    return -(-size // chunk_size)
+
+
+def chunk_length(i: int, size: int, chunk_size: int) -> int:
+    """The length of chunk ``i``: ``chunk_size``, except the last, which holds the rest."""
+    return min(chunk_size, size - i * chunk_size)
+
+
+def travels_inline(size: int, chunks: int) -> bool:
+    """Whether a file's content travels in the same message as its manifest (one round trip)."""
+    return size <= INLINE_MAX and chunks == 1
+
+
 # --- field checks: every handler reads its fields through these, never by bare indexing ---
 
 def need(header: dict, key: str, kind, *, optional=False, default=None):
@@ -209,17 +232,17 @@ def check_manifest(manifest) -> dict:
     size = need_int(manifest, "size")
     chunk_size = need_int(manifest, "chunk_size", lo=MIN_CHUNK_SIZE, hi=MAX_CHUNK_SIZE)
     need_hash(manifest, "sha256")
-    chunks = need_hashes(manifest, "chunks", -(-size // chunk_size))
-    if len(chunks) != -(-size // chunk_size):
+    chunks = need_hashes(manifest, "chunks", chunk_count(size, chunk_size))
+    if len(chunks) != chunk_count(size, chunk_size):
         raise BadRequest("manifest's chunk count does not fit its size")
-    need(manifest, "mtime", (int, float))
+    check_mtime(need(manifest, "mtime", (int, float)))
     need_int(manifest, "version", lo=1)
     return manifest
 
 
 # --- names ---
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")   # C0, DEL and C1
 
 
 def check_name(name) -> str:
@@ -255,6 +278,15 @@ def check_name(name) -> str:
     return name
 
 
+def check_mtime(mtime) -> float:
+    """An mtime as a float if finite and within [MTIME_MIN, MTIME_MAX], else :class:`BadRequest`."""
+    value = float(mtime)
+    if not MTIME_MIN <= value <= MTIME_MAX:   # also false for NaN
+        raise BadRequest(f"mtime {mtime!r} is not a time between the years 1900 and 9999; "
+                         f"send seconds since 1970 as a finite number")
+    return value
+
+
 def check_prefix(prefix) -> str:
     """A listing prefix: any string without NUL, at most MAX_NAME_BYTES."""
     if not isinstance(prefix, str):
@@ -262,6 +294,13 @@ def check_prefix(prefix) -> str:
     if "\x00" in prefix or len(prefix.encode("utf-8", "replace")) > MAX_NAME_BYTES:
         raise BadRequest("prefix contains a NUL byte or is over 1024 bytes")
     return prefix
+
+
+def check_version(header: dict, speaker: str = "this worker"):
+    """A worker's check that a request speaks this protocol version (the broker checks first)."""
+    if header.get("v") != PROTOCOL_VERSION:
+        raise BadRequest(f"protocol version {header.get('v')!r} not supported; "
+                         f"{speaker} speaks {PROTOCOL_VERSION}")
 
 
 def error_reply(req_id, code: str, message: str) -> dict:

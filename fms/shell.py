@@ -18,7 +18,7 @@ from .errors import FmsError
 HISTORY_FILE = os.path.expanduser("~/.fms_history")
 HISTORY_LENGTH = 1000
 COMPLETION_TTL = 5.0     # seconds a listing is reused for completion
-COMMANDS = ("put", "get", "ls", "stat", "rm", "stats")
+COMMANDS = ("put", "get", "ls", "stat", "rm", "stats", "gc", "fsck")
 
 
 class Shell(cmd.Cmd):
@@ -76,6 +76,14 @@ class Shell(cmd.Cmd):
     def do_stats(self, line):
         """stats [--json]: workers and cache counters."""
         self._command("stats", line)
+
+    def do_gc(self, line):
+        """gc [--grace SECONDS] [--dry-run]: free chunks no stored file uses."""
+        self._command("gc", line)
+
+    def do_fsck(self, line):
+        """fsck [--json]: check every stored file's chunks."""
+        self._command("fsck", line)
 
     def do_help(self, line):
         """help [COMMAND]: list commands, or show one command's options and examples."""

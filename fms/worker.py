@@ -133,6 +133,7 @@ def serve(service, link: BrokerLink, log: logging.Logger, should_stop=lambda: Fa
             liveness = p.HEARTBEAT_LIVENESS
             backoff = RECONNECT_MIN
             drain(link.sock, lambda frames: _handle(service, link, frames, log, bad), DRAIN_BATCH)
+            _flush(service, log)
         now = time.monotonic()
         if now >= next_heartbeat:
             next_heartbeat = now + p.HEARTBEAT_INTERVAL
@@ -152,6 +153,17 @@ def serve(service, link: BrokerLink, log: logging.Logger, should_stop=lambda: Fa
                 log.warning("event=not_registered broker=%s hint=%r", link.endpoint,
                             "is the broker running? if it requires CURVE, give --curve-secret "
                             "and --server-key, and have this worker's .key in its --allow folder")
+
+
+def _flush(service, log):
+    """Let a service finish what it batched during one drain (storage's group commit)."""
+    flush = getattr(service, "flush", None)
+    if flush is None:
+        return
+    try:
+        flush()
+    except Exception as exc:  # a bug must cost one batch, not the process (invariant 5)
+        log.exception("event=flush_crashed error=%r", exc)
 
 
 def _handle(service, link: BrokerLink, frames, log, bad: RateLimitedLog):
@@ -207,7 +219,8 @@ def _handle_request(service, link, route, body, log):
         service.handle_request(route, header, body[1] if len(body) == 2 else None)
     except FmsError as exc:
         code = getattr(exc, "code", "internal")
-        link.reply(route, p.error_reply(req_id, code, str(exc)))
+        extra = exc.reply_fields() if hasattr(exc, "reply_fields") else {}
+        link.reply(route, {**p.error_reply(req_id, code, str(exc)), **extra})
     except Exception as exc:  # a bug must cost one request, not the process (invariant 5)
         log.exception("event=handler_crashed error=%r", exc)
         link.reply(route, p.error_reply(req_id, "internal", f"internal error: {exc!r}"))

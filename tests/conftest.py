@@ -190,3 +190,7 @@ def random_bytes(n: int, seed: int = 0) -> bytes:
     """Deterministic incompressible bytes (fast: no per-byte Python loop)."""
     import random
     return random.Random(seed).randbytes(n)
+
+
+# Real PostgreSQL and S3 (SeaweedFS) servers, started on first use (tests/servers.py).
+from servers import pg_database_url, postgres, postgres_url  # noqa: E402,F401

@@ -294,6 +294,16 @@ def test_disk_full_is_a_clear_error_changes_nothing_and_service_resumes(make_clu
                 f.flush()
     out = cluster.cli("get", "first", "-")
     assert out.returncode == 0 and out.stdout == first.read_bytes()   # reads still work
+    small = tmp_path / "small"                     # goes into the metadata database itself
+    small.write_bytes(random_bytes(60_000, 92))
+    for i in range(50):                            # until the database needs a block it cannot get
+        put = cluster.cli("put", str(small), f"fill-{i}")
+        if put.returncode:
+            break
+    assert put.returncode == 1 and b"disk is full" in put.stderr, put.stderr
+    overwrite = cluster.cli("put", str(small), "first")
+    assert overwrite.returncode == 1 and b"disk is full" in overwrite.stderr
+    assert cluster.cli("get", "first", "-").stdout == first.read_bytes()  # the old version, whole
     cache = next(proc for proc in cluster.procs if proc.name == "cache")
     assert "event=cache_write_failed" in cache.log()                 # the cache could not fill
     filler.unlink()

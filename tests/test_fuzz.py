@@ -15,8 +15,8 @@ from fms.broker import Broker
 from fms.cache import ChunkCache
 from fms.cache_service import CacheService
 from fms.errors import FmsError
-from fms.storage import StorageService
-from fms.store import Store
+from fms.storage.engine import open_local
+from fms.storage.service import StorageService
 from fms.worker import _dispatch
 
 FIELDS = ["v", "op", "id", "name", "hash", "hashes", "size", "chunk_size", "chunks", "sha256",
@@ -70,7 +70,7 @@ REQ_ROUTE = p.encode({"t": "req", "k": 1, "from": b"client", "via": "f"})
 @pytest.fixture(scope="module")
 def services():
     tmp = tempfile.mkdtemp()
-    store = Store(f"{tmp}/store")
+    store = open_local(f"{tmp}/store")
     cache = ChunkCache(f"{tmp}/cache", 8 * p.MiB)
     return StorageService(store, Link()), CacheService(cache, Link())
 
@@ -80,6 +80,8 @@ def run_request(service, header_frame: bytes, data: bytes | None):
     link.replies.clear()
     frames = [Frame(REQ_ROUTE), Frame(header_frame)] + ([Frame(data)] if data is not None else [])
     _dispatch(service, link, frames, logging.getLogger("fuzz"))
+    if hasattr(service, "flush"):
+        service.flush()              # what the worker loop does after each drain
     return link.replies
 
 

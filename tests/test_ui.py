@@ -114,7 +114,7 @@ def test_stats_json_shows_workers_cache_and_store(cluster, tmp_path):
     assert all({"state", "inflight", "served"} <= set(w) for w in out["workers"])
     assert out["cache"]["hits"] == 1 and out["cache"]["misses"] == 1
     assert out["cache"]["bytes"] == 1000 and out["cache"]["hit_ratio"] == 0.5
-    assert out["store"] == {"files": 1, "bytes": 1000, "chunk_bytes": 1000}
+    assert out["store"] == {"files": 1, "bytes": 1000, "chunks": 1, "chunk_bytes": 1000}
     text = cluster.cli("stats").stdout.decode()
     assert "hits=1" in text and "storage-a" in text and "files=1" in text
 

@@ -1,0 +1,5 @@
+"""Chunk backends: immutable blobs by sha256 (put-if-absent, get, delete, list).
+
+:class:`~fms.storage.chunks.base.ChunkBackend` is the interface; :mod:`.localdir` keeps them in
+the data directory.  A backend knows nothing about names.
+"""

@@ -1,0 +1,42 @@
+"""The chunk backend's interface: blobs named by their sha256, written once, never changed.
+
+A backend does not verify what it returns: the engine checks every chunk it reads against its
+digest (invariant 3) and asks the backend to set a bad one aside.
+"""
+
+from abc import ABC, abstractmethod
+
+
+class ChunkBackend(ABC):
+
+    @abstractmethod
+    def put(self, digest: bytes, data) -> bool:
+        """Store ``data`` under ``digest`` durably unless present.  :return: True if written."""
+
+    @abstractmethod
+    def get(self, digest: bytes):
+        """The blob as a data frame (bin32 prefix + bytes, :func:`fms.protocol.data_buffer`).
+
+        :raises NotFound: no such blob.
+        """
+
+    @abstractmethod
+    def has(self, digest: bytes) -> bool:
+        """Whether the blob exists."""
+
+    @abstractmethod
+    def delete(self, digest: bytes):
+        """Delete the blob; a missing one is not an error."""
+
+    @abstractmethod
+    def list(self):
+        """Every blob as ``(digest, size, mtime)``, in no particular order."""
+
+    @abstractmethod
+    def quarantine(self, digest: bytes):
+        """Set a blob that failed verification aside (kept for inspection, out of the store)."""
+
+    def clean_tmp(self) -> int:
+        """Remove what dead writers left half written; how many.  Nothing, where writes are
+        atomic."""
+        return 0

@@ -1,0 +1,158 @@
+"""Chunks as files in the data directory: ``chunks/ab/abcdef...`` (the hex sha256).
+
+Every write goes to ``tmp/``, is fsync'd, renamed into place, and the shard directory fsync'd,
+so a chunk is whole or absent after a crash (invariant 2).  Temp files left by dead writers
+are removed by :meth:`LocalDirChunks.clean_tmp`.
+"""
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+import time
+import uuid
+
+from ... import protocol as p
+from ...errors import IntegrityError, NoSpace, NotFound
+from ...fileio import read_frame
+from .base import ChunkBackend
+
+TMP_GRACE = 600.0  # seconds: a chunk write takes far less, so older temp files are from dead writers
+_HOST = socket.gethostname().replace(".", "_")
+
+log = logging.getLogger("fms.storage.chunks")
+
+
+class LocalDirChunks(ChunkBackend):
+    """:param path: the data directory; ``chunks/``, ``tmp/`` and ``corrupt/`` live in it."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.root = os.path.join(path, "chunks")
+        self.tmp = os.path.join(path, "tmp")
+        self.corrupt = os.path.join(path, "corrupt")
+        for folder in (self.root, self.tmp, self.corrupt):
+            os.makedirs(folder, exist_ok=True)
+
+    def _path(self, digest: bytes) -> str:
+        name = digest.hex()
+        return os.path.join(self.root, name[:2], name)
+
+    def has(self, digest):
+        return os.path.exists(self._path(digest))
+
+    def put(self, digest, data):
+        final = self._path(digest)
+        if os.path.exists(final):
+            return False
+        shard = os.path.dirname(final)
+        try:
+            if not os.path.isdir(shard):
+                os.makedirs(shard, exist_ok=True)
+                fsync_dir(self.root)
+            tmp = self.tmp_path("chunk")
+            write_durably(tmp, [data])
+            os.replace(tmp, final)
+            fsync_dir(shard)
+        except OSError as exc:
+            raise _os_error(exc) from None
+        return True
+
+    def get(self, digest):
+        path = self._path(digest)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > p.MAX_CHUNK_SIZE:
+                    raise IntegrityError(f"chunk {digest.hex()[:16]} is {size} bytes on disk, "
+                                         f"more than any chunk may be")
+                frame, _view, got = read_frame(f, size)
+        except FileNotFoundError:
+            raise NotFound(f"chunk {digest.hex()[:16]} not found in store") from None
+        if got != size:
+            raise IntegrityError(f"chunk {digest.hex()[:16]} changed size while being read")
+        return frame
+
+    def delete(self, digest):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(digest))
+
+    def list(self):
+        for shard in os.scandir(self.root):
+            if not shard.is_dir():
+                continue
+            for entry in os.scandir(shard.path):
+                try:
+                    digest = bytes.fromhex(entry.name)
+                    st = entry.stat()
+                except (ValueError, FileNotFoundError):
+                    continue
+                if len(digest) == p.HASH_LEN:
+                    yield digest, st.st_size, st.st_mtime
+
+    def quarantine(self, digest):
+        log.error("event=corrupt_chunk chunk=%s action=quarantined", digest.hex())
+        with contextlib.suppress(OSError):  # a concurrent reader may have moved it already
+            os.replace(self._path(digest),
+                       os.path.join(self.corrupt, f"{digest.hex()}.{time.time_ns()}"))
+
+    # --- temp files ---
+
+    def tmp_path(self, kind: str) -> str:
+        # host and pid in the name let clean_tmp tell a dead writer's file from a live one's.
+        return os.path.join(self.tmp, f"{kind}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex}")
+
+    def clean_tmp(self, older_than: float = TMP_GRACE) -> int:
+        """Remove temp files left by dead writers: those of this host whose process is gone, and
+        any older than ``older_than`` (writers on other hosts).  :return: how many."""
+        removed = 0
+        cutoff = time.time() - older_than
+        for entry in os.scandir(self.tmp):
+            parts = entry.name.split(".")
+            mine_and_dead = (len(parts) == 4 and parts[1] == _HOST and parts[2].isdigit()
+                             and not _pid_alive(int(parts[2])))
+            with contextlib.suppress(FileNotFoundError):
+                if mine_and_dead or entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+        return removed
+
+
+def write_durably(path: str, parts):
+    """Write ``parts`` to a new file at ``path`` and fsync it; remove it if that fails."""
+    try:
+        with open(path, "wb") as f:
+            for part in parts:
+                f.write(part)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+
+
+def fsync_dir(path: str):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _os_error(exc: OSError):
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace("storage disk is full (space or inodes); nothing was changed: free space "
+                       "on the storage volume and try again")
+    return exc
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True   # alive, someone else's
+    return True

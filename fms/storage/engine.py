@@ -1,0 +1,284 @@
+"""The storage engine: commit, remove, read and list over a metadata engine and a chunk backend.
+
+It checks everything it stores (invariant 3): a commit's chunks must be in the store with the
+sizes the file's shape needs, and their concatenation must hash to the file's sha256, read back
+from what the store holds.  Small chunks (up to :data:`SMALL_CHUNK_MAX`) are kept in the
+metadata engine itself, so a small file costs one transaction and no file of its own.
+"""
+
+import hashlib
+import logging
+import os
+import time
+
+from .. import protocol as p
+from ..errors import BadRequest, FmsError, IntegrityError, MissingChunks, NotFound
+from .chunks.base import ChunkBackend
+from .chunks.localdir import LocalDirChunks
+from .meta.base import MetaEngine
+from .model import NewVersion, Removal, Version
+
+SMALL_CHUNK_MAX = 64 * p.KiB   # chunks up to this size live in the metadata engine
+META_FILE = "meta.db"
+
+log = logging.getLogger("fms.storage")
+
+
+class StoreError(FmsError):
+    """The data directory or the metadata database cannot be used."""
+
+
+class Store:
+    """A store: a :class:`MetaEngine` for names and references, a :class:`ChunkBackend` for
+    the bytes of chunks over :data:`SMALL_CHUNK_MAX`."""
+
+    def __init__(self, meta: MetaEngine, chunks: ChunkBackend):
+        self.meta = meta
+        self.chunks = chunks
+
+    @property
+    def store_id(self) -> str:
+        return self.meta.store_id
+
+    def close(self):
+        self.meta.close()
+
+    # --- reads ---
+
+    def version(self, name: str) -> Version:
+        """:raises NotFound: no file by that name."""
+        found = self.meta.get(name)
+        if found is None:
+            raise NotFound(f"{name!r} not found; see what is stored with: ls")
+        return found
+
+    def list(self, prefix: str, after: str, limit: int) -> list:
+        return self.meta.list(prefix, after, limit)
+
+    def totals(self):
+        return self.meta.totals()
+
+    def read_chunk(self, digest: bytes):
+        """A chunk as a data frame, verified against its digest.
+
+        :raises NotFound: no such chunk.
+        :raises IntegrityError: the stored bytes do not match; a blob is set aside, so the next
+            upload of the same content restores it.
+        """
+        row = self.meta.chunk(digest)
+        if row is not None and row.in_engine:
+            frame = p.pack_data(row.data)
+            if p.sha256(row.data) != digest:
+                raise IntegrityError(f"chunk {digest.hex()[:16]} is corrupt in the metadata "
+                                     f"database; upload the file again to restore it")
+            return frame
+        frame = self.chunks.get(digest)
+        if p.sha256(memoryview(frame)[p.DATA_PREFIX_LEN:]) != digest:
+            self.chunks.quarantine(digest)
+            raise IntegrityError(f"chunk {digest.hex()[:16]} is corrupt on storage disk; "
+                                 f"it was set aside, upload the file again to restore it")
+        return frame
+
+    # --- writes ---
+
+    def missing(self, digests: list) -> list:
+        """The digests among ``digests`` that must be uploaded; the others are protected from
+        collection for the grace period (a commit naming them is on its way)."""
+        known = self.meta.known(digests, time.time())
+        return [d for d in digests if d not in known]
+
+    def put_chunk(self, digest: bytes, data) -> bool:
+        """Store a chunk after checking it against its digest.  :return: True if written.
+
+        :raises IntegrityError: the data does not hash to ``digest``.
+        """
+        if p.sha256(data) != digest:
+            raise IntegrityError(f"chunk {digest.hex()[:16]} does not match its sha256; "
+                                 f"it was damaged in transit, upload it again")
+        small = len(data) <= SMALL_CHUNK_MAX
+        # The row first: from then on the collector leaves the chunk alone for the grace period,
+        # so the blob written next cannot be deleted under a commit that relies on it.
+        if self.meta.claim_chunk(digest, len(data), time.time(), bytes(data) if small else None):
+            return True
+        return self.chunks.put(digest, data)
+
+    def commit(self, change: NewVersion, inline=None) -> Version:
+        """One commit; see :meth:`apply`.  :raises FmsError: it was refused."""
+        return _raise_or(self.apply([(change, inline)])[0])
+
+    def remove(self, name: str, rm_id: str) -> Version:
+        """Remove a name (idempotent by ``rm_id``).  :return: its tombstone."""
+        return _raise_or(self.apply([(Removal(name, rm_id), None)])[0])
+
+    def apply(self, requests, progress=lambda: None) -> list:
+        """Apply ``(change, inline bytes or None)`` pairs: each commit is checked against the
+        stored chunks, then every change that passed is made in one transaction.
+
+        ``progress`` is called between chunks read back, so a worker can keep its heartbeat.
+
+        :return: per request, the :class:`Version` made or the :class:`FmsError` refusing it.
+        """
+        results = [None] * len(requests)
+        changes, where, small = [], [], {}
+        for i, (change, inline) in enumerate(requests):
+            try:
+                if isinstance(change, NewVersion):
+                    small_bytes = self._check(change, inline, progress)
+                    if small_bytes is not None:
+                        small[change.chunks[0]] = small_bytes
+            except FmsError as exc:
+                results[i] = exc
+                continue
+            changes.append(change)
+            where.append(i)
+        if changes:
+            for i, result in zip(where, self.meta.apply(changes, time.time(), small)):
+                results[i] = result
+        return results
+
+    def _check(self, change: NewVersion, inline, progress):
+        """Check a commit against its shape and the stored chunks.
+
+        :return: the bytes of a small chunk to keep in the metadata engine (sent inline), or None.
+        """
+        count = p.chunk_count(change.size, change.chunk_size)
+        if len(change.chunks) != count:
+            raise BadRequest(f"a {change.size}-byte file in {change.chunk_size}-byte chunks has "
+                             f"{count} chunks, the commit lists {len(change.chunks)}")
+        if count == 0:
+            if change.sha256 != p.sha256(b""):
+                raise IntegrityError("an empty file's sha256 must be that of no bytes")
+            return None
+        if count == 1 and change.sha256 != change.chunks[0]:
+            raise IntegrityError("a one-chunk file's sha256 must equal its chunk's")
+        if inline is not None:
+            if not p.travels_inline(change.size, count):
+                raise BadRequest(f"inline data is only for one-chunk files of at most "
+                                 f"{p.INLINE_MAX} bytes")
+            if len(inline) != change.size or p.sha256(inline) != change.sha256:
+                raise IntegrityError("the inline content does not match the commit's size and "
+                                     "sha256; it was damaged in transit, upload it again")
+            if len(inline) <= SMALL_CHUNK_MAX:
+                return inline
+            self.put_chunk(change.sha256, inline)
+            return None
+        if count == 1:
+            self._check_sizes(change)
+            return None
+        self._check_sizes(change)
+        # One hash pass over what is stored: the whole-file sha256 covers every chunk's bytes, so
+        # chunks are verified one by one only when it fails, to tell a damaged chunk (set aside,
+        # and uploaded again by the client) from a wrong sha256 in the commit.
+        whole = hashlib.sha256()
+        for digest in change.chunks:
+            whole.update(self._stored_bytes(digest))
+            progress()
+        if whole.digest() == change.sha256:
+            return None
+        damaged = []
+        for digest in dict.fromkeys(change.chunks):
+            try:
+                self.read_chunk(digest)
+            except IntegrityError:
+                damaged.append(digest)
+        if damaged:
+            raise MissingChunks(f"{len(damaged)} stored chunk(s) of {change.name!r} were damaged "
+                                f"and set aside; upload them and commit again", missing=damaged)
+        raise IntegrityError(f"the chunks of {change.name!r} do not hash to the file's sha256; "
+                             f"the client computed it wrongly or the file changed while it was "
+                             f"read: upload it again")
+
+    def _stored_bytes(self, digest: bytes):
+        """A chunk's stored bytes, unverified (the caller verifies)."""
+        row = self.meta.chunk(digest)
+        if row is not None and row.in_engine:
+            return row.data
+        try:
+            return memoryview(self.chunks.get(digest))[p.DATA_PREFIX_LEN:]
+        except NotFound:
+            raise MissingChunks(f"chunk {digest.hex()[:16]} is not in the store; upload it and "
+                                f"commit again", missing=[digest]) from None
+
+    def _check_sizes(self, change: NewVersion):
+        """Every chunk is stored (row and bytes) with the length the file's shape gives it."""
+        missing = []
+        for i, digest in enumerate(change.chunks):
+            row = self.meta.chunk(digest)
+            if row is None or row.doomed or not (row.in_engine or self.chunks.has(digest)):
+                missing.append(digest)
+                continue
+            want = p.chunk_length(i, change.size, change.chunk_size)
+            if row.size != want:
+                raise IntegrityError(f"chunk {i} of {change.name!r} is {row.size} bytes, the "
+                                     f"file's shape needs {want}")
+        if missing:
+            missing = list(dict.fromkeys(missing))
+            raise MissingChunks(f"{len(missing)} chunk(s) of {change.name!r} are not in the store "
+                                f"(never uploaded, or collected since); upload them and commit "
+                                f"again", missing=missing)
+
+
+def _raise_or(result):
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def _optional(extra: str, package: str, load):
+    """A server-side backend whose library is an optional extra: a clear error if missing."""
+    try:
+        return load()
+    except ModuleNotFoundError as exc:
+        if exc.name != package and not (exc.name or "").startswith(package + "."):
+            raise
+        raise StoreError(f"this backend needs {package}, which is not installed: "
+                         f"pip install 'fms[{extra}]'") from None
+
+
+def open_local(path: str) -> Store:
+    """The store in data directory ``path``: ``meta.db`` (SQLite) and ``chunks/``."""
+    return open_store(path)
+
+
+def open_store(data: str, meta: str | None = None, chunks: str | None = None) -> Store:
+    """Open a store.
+
+    :param data: the data directory: the whole store by default (``meta.db`` and ``chunks/``; a
+        directory in the format-1 layout is migrated in place first), scratch space only when
+        both ``meta`` and ``chunks`` point elsewhere.
+    :param meta: None for SQLite in ``data``, or ``postgresql://USER@HOST:PORT/DB``.
+    :param chunks: None for ``data/chunks``, or ``s3://BUCKET/PREFIX``.
+    :raises StoreError: it cannot be used, with what to do about it.
+    """
+    data = os.path.abspath(data)
+    if not os.path.isdir(os.path.dirname(data)):
+        raise StoreError(f"cannot use data directory {data}: its parent folder does not "
+                         f"exist; create it or point --data elsewhere")
+    try:
+        os.makedirs(data, exist_ok=True)
+        if chunks is None:
+            backend = LocalDirChunks(data)
+            probe = backend.tmp_path("probe")
+            with open(probe, "wb"):
+                pass
+            os.unlink(probe)
+        else:
+            backend = _optional("s3", "boto3", lambda: __import__(
+                "fms.storage.chunks.s3", fromlist=["S3Chunks"]).S3Chunks)(chunks)
+        if meta is None:
+            from .meta import legacy
+            from .meta.sqlite import SQLiteMeta
+            engine = SQLiteMeta(os.path.join(data, META_FILE), store_id=legacy.store_id(data))
+            if chunks is None:
+                legacy.migrate(data, engine, backend)
+        elif meta.startswith(("postgresql://", "postgres://")):
+            engine = _optional("postgres", "psycopg", lambda: __import__(
+                "fms.storage.meta.postgres", fromlist=["PostgresMeta"]).PostgresMeta)(meta)
+        else:
+            raise StoreError(f"--meta {meta!r} is not a metadata engine URL; write "
+                             f"postgresql://USER@HOST:PORT/DB, or leave it out for SQLite in "
+                             f"--data")
+    except OSError as exc:
+        raise StoreError(f"cannot use data directory {data}: {exc.strerror}; "
+                         f"check that it exists and is writable") from None
+    return Store(engine, backend)

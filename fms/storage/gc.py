@@ -1,0 +1,167 @@
+"""Garbage collection and fsck: space given back, and every reference checked.
+
+**Collection.** A chunk that no live version references and that has been unreferenced for
+longer than the grace period is deleted (see :mod:`fms.storage.meta.base` for why this cannot
+race a commit).  Blobs with no row at all (a writer died between writing and recording, or a
+format-1 store held chunks no manifest named) are deleted once older than the grace period.
+Tombstones and remembered commit ids are dropped after ``RETAIN_SECONDS``.  One collector at a
+time per store: a lease in the metadata engine, renewed while it works.
+
+**fsck** walks the live versions in name order, a page at a time, reads every chunk they name
+once and checks it against its digest; the last page also counts orphan blobs and reference
+counts that differ from a recount.
+"""
+
+import logging
+import os
+import socket
+import time
+
+from .. import protocol as p
+from ..errors import IntegrityError, NotFound, Unavailable
+from .meta.base import RETAIN_SECONDS
+
+DEFAULT_GRACE = 3600.0   # seconds an unreferenced chunk is kept before it is collected
+LEASE = "gc"
+LEASE_SECONDS = 120.0    # a collector that dies holds the lease this long at most
+BATCH = 500              # chunks doomed per transaction
+FSCK_PAGE_BYTES = 256 * p.MiB   # chunk bytes one fsck page reads, so a page answers in seconds
+
+log = logging.getLogger("fms.storage.gc")
+
+_HOLDER = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def collect(store, grace: float = DEFAULT_GRACE, dry_run: bool = False, now=None) -> dict:
+    """Collect what has been garbage for longer than ``grace`` seconds.
+
+    :return: ``chunks`` and ``bytes`` freed (or that would be, with ``dry_run``), ``orphans``
+        among them (blobs no row knew), ``pruned`` tombstones and remembered ids.
+    :raises Unavailable: another collector holds the store's lease.
+    """
+    now = time.time() if now is None else now
+    meta, chunks = store.meta, store.chunks
+    if not meta.lease(LEASE, _HOLDER, now, LEASE_SECONDS):
+        holder = meta.lease_holder(LEASE)
+        if holder is not None and _dead_here(holder):
+            log.info("event=gc_lease_taken_over holder=%s reason='process gone'", holder)
+            meta.release(LEASE, holder)
+    if not meta.lease(LEASE, _HOLDER, now, LEASE_SECONDS):
+        raise Unavailable("another storage worker is collecting garbage in this store right now; "
+                          "try again in a minute")
+    freed = {"chunks": 0, "bytes": 0, "orphans": 0, "pruned": 0, "dry_run": dry_run}
+    try:
+        cutoff = now - grace
+        if dry_run:
+            rows = meta.doom(cutoff, 2**62, dry_run=True)
+            freed["chunks"], freed["bytes"] = len(rows), sum(r.size for r in rows)
+        else:
+            _finish(meta, chunks, meta.doomed(2**62), freed)   # left by a collector that died
+            while True:
+                rows = meta.doom(cutoff, BATCH)
+                _finish(meta, chunks, rows, freed)
+                meta.lease(LEASE, _HOLDER, time.time(), LEASE_SECONDS)
+                if len(rows) < BATCH:
+                    break
+        for digest, size, mtime in chunks.list():
+            if mtime >= cutoff or meta.chunk(digest) is not None:
+                continue
+            if dry_run or meta.adopt_orphan(digest, size):
+                if not dry_run:
+                    chunks.delete(digest)
+                    meta.forget([digest])
+                freed["orphans"] += 1
+                freed["chunks"] += 1
+                freed["bytes"] += size
+        if not dry_run:
+            freed["pruned"] = meta.prune(now - RETAIN_SECONDS)
+    finally:
+        meta.release(LEASE, _HOLDER)
+    if freed["chunks"] or freed["pruned"]:
+        log.info("event=gc chunks=%d bytes=%d orphans=%d pruned=%d dry_run=%s", freed["chunks"],
+                 freed["bytes"], freed["orphans"], freed["pruned"], dry_run)
+    return freed
+
+
+def _dead_here(holder: str) -> bool:
+    """Whether a lease holder (``host:pid``) is a process of this host that no longer runs."""
+    host, _, pid = holder.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _finish(meta, chunks, rows, freed):
+    """Delete the blobs of doomed rows, then the rows."""
+    blobs = [r for r in rows if not r.in_engine]
+    for row in blobs:
+        chunks.delete(row.digest)
+    meta.forget([r.digest for r in blobs])
+    freed["chunks"] += len(rows)
+    freed["bytes"] += sum(r.size for r in rows)
+
+
+def fsck_page(store, after: str = "", page_bytes: int = FSCK_PAGE_BYTES) -> dict:
+    """Check the live versions after name ``after``, reading about ``page_bytes`` of chunks.
+
+    :return: ``names`` and ``chunks`` checked, ``bytes`` read, ``damaged`` (a list of
+        ``{chunk, problem, names}``: problem is ``missing`` or ``corrupt``), ``next`` (the name to
+        continue after, or None when done).  The last page adds ``orphans`` (blobs no row knows,
+        and unreferenced rows whose grace has not run out count as pending, not orphans) and
+        ``refcount_errors``.
+    """
+    out = {"names": 0, "chunks": 0, "bytes": 0, "damaged": [], "next": None}
+    damaged = {}
+    seen = set()
+    last = after
+    while out["bytes"] < page_bytes:
+        versions = store.meta.iter_versions(last, 100)
+        if not versions:
+            break
+        for version in versions:
+            for digest in version.chunks:
+                if digest in damaged:
+                    damaged[digest]["names"].append(version.name)
+                    continue
+                if digest in seen:
+                    continue
+                seen.add(digest)
+                problem = _check_chunk(store, digest, out)
+                if problem:
+                    damaged[digest] = {"chunk": digest, "problem": problem, "names": [version.name]}
+            out["names"] += 1
+            last = version.name
+            if out["bytes"] >= page_bytes:
+                break
+        else:
+            continue
+        break
+    out["damaged"] = [{**d, "names": sorted(set(d["names"]))} for d in damaged.values()]
+    if store.meta.iter_versions(last, 1):
+        out["next"] = last
+    else:
+        out["orphans"] = sum(1 for digest, _s, _m in store.chunks.list()
+                             if store.meta.chunk(digest) is None)
+        out["refcount_errors"] = len(store.meta.refcount_errors())
+    return out
+
+
+def _check_chunk(store, digest, out):
+    out["chunks"] += 1
+    row = store.meta.chunk(digest)
+    if row is None or row.doomed:
+        return "missing"
+    try:
+        frame = store.read_chunk(digest)
+    except NotFound:
+        return "missing"
+    except IntegrityError:
+        return "corrupt"
+    out["bytes"] += len(frame) - p.DATA_PREFIX_LEN
+    return None

@@ -1,0 +1,116 @@
+"""The format-1 layout (fms before the metadata engine), read once to migrate it in place.
+
+Format 1: ``STORE`` (msgpack ``{format, store_id}``), ``chunks/ab/<hex sha256>`` and one
+``manifests/xy/<hex sha256 of the name>`` msgpack file per name (a tombstone once removed).
+Chunks stay where they are: the local chunk backend uses the same layout.
+
+Migration is one SQLite transaction (every name, tombstone and chunk, and the references
+counted from them), so a process killed midway leaves the database as it was and the next start
+does it again; only once it is committed is ``manifests/`` moved away and deleted.  Workers
+starting together take turns on the database's write lock; the second finds the work done.
+"""
+
+import collections
+import contextlib
+import logging
+import os
+import shutil
+import time
+
+import msgpack
+
+from ...errors import FmsError
+from ..model import unpack_digests
+
+log = logging.getLogger("fms.storage.migrate")
+
+MANIFESTS = "manifests"
+DONE = "manifests.migrated"   # renamed here once the database holds everything, then deleted
+
+
+def store_id(path: str) -> str | None:
+    """The store id a format-1 directory carries in ``STORE``, so migration keeps it."""
+    try:
+        with open(os.path.join(path, "STORE"), "rb") as f:
+            return msgpack.unpackb(f.read())["store_id"]
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError):
+        raise FmsError(f"{os.path.join(path, 'STORE')} is damaged; it identifies the store and "
+                       f"must be restored from a copy") from None
+
+
+def manifests(path: str):
+    """Every readable manifest of a format-1 directory (damaged ones are logged and skipped)."""
+    root = os.path.join(path, MANIFESTS)
+    for shard in sorted(os.scandir(root), key=lambda e: e.name):
+        if not shard.is_dir():
+            continue
+        for entry in sorted(os.scandir(shard.path), key=lambda e: e.name):
+            if entry.name.startswith("."):
+                continue
+            try:
+                with open(entry.path, "rb") as f:
+                    manifest = msgpack.unpackb(f.read(), raw=False)
+                manifest["name"], manifest["version"]
+            except (OSError, ValueError, KeyError, TypeError):
+                log.error("event=migrate_damaged_manifest path=%s action=skipped", entry.path)
+                continue
+            yield manifest
+
+
+def migrate(path: str, meta, chunks, slow: float = 0.0):
+    """Upgrade a format-1 directory in place; a no-op when there is nothing to migrate.
+
+    :param slow: seconds to sleep per manifest (tests use it to kill a migration midway).
+    """
+    pending, done = os.path.join(path, MANIFESTS), os.path.join(path, DONE)
+    if os.path.isdir(pending) and meta.setting("migrated") is None:
+        _copy(path, meta, chunks, slow)
+    # Another worker may be finishing the same clean-up at the same moment: both are harmless.
+    if os.path.isdir(pending):
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(pending, done)
+    if os.path.isdir(done):
+        shutil.rmtree(done, ignore_errors=True)
+        log.info("event=migrated_layout_removed path=%s", done)
+
+
+def _copy(path, meta, chunks, slow):
+    started = time.time()
+    log.info("event=migrate_start path=%s from_format=1", path)
+    db = meta.db
+    names = files = total = 0
+    refs = collections.Counter()
+    with meta._write():
+        if meta.setting("migrated") is not None:
+            return                      # another worker finished it while we waited for the lock
+        for digest, size, _mtime in chunks.list():
+            db.execute("INSERT OR IGNORE INTO chunks (digest, size, refs, since) VALUES (?, ?, 0, ?)",
+                       (digest, size, started))
+        for m in manifests(path):
+            deleted = bool(m.get("deleted"))
+            listed = b"".join(m.get("chunks") or [])
+            db.execute("INSERT OR REPLACE INTO names VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (m["name"], m["version"], m["size"], m["sha256"], m["chunk_size"],
+                        b"" if deleted else listed, float(m.get("mtime", 0.0)),
+                        str(m.get("commit", "")), float(m.get("committed", started)), int(deleted)))
+            names += 1
+            if not deleted:
+                files += 1
+                total += m["size"]
+                refs.update(unpack_digests(listed))
+            if names % 1000 == 0:
+                log.info("event=migrate_progress names=%d", names)
+            if slow:
+                time.sleep(slow)
+        db.executemany("UPDATE chunks SET refs = ? WHERE digest = ?",
+                       [(n, d) for d, n in refs.items()])
+        db.execute("UPDATE totals SET files = ?, bytes = ?, chunks = (SELECT count(*) FROM chunks), "
+                   "chunk_bytes = (SELECT coalesce(sum(size), 0) FROM chunks)", (files, total))
+        meta.set_setting("migrated", f"format 1 at {started:.0f}")
+    missing = sum(1 for d in refs if meta.chunk(d) is None)
+    log.info("event=migrate_done names=%d files=%d seconds=%.1f missing_chunks=%d", names, files,
+             time.time() - started, missing)
+    if missing:
+        log.error("event=migrate_missing_chunks count=%d hint='run: client.py fsck'", missing)

@@ -1,0 +1,446 @@
+"""The metadata engine in SQL, shared by SQLite and PostgreSQL.
+
+A subclass supplies the connection and the few places where the two differ (:class:`Dialect`):
+column types, how a write transaction starts, how rows and names are locked, and how driver
+errors translate into the wire's errors.  Every statement is written once, here.
+
+Concurrency.  On SQLite a write transaction holds the database's one write lock (``BEGIN
+IMMEDIATE``), so transactions are serial.  On PostgreSQL (READ COMMITTED) transactions run side
+by side, so each takes what it changes: a commit or rm takes a transaction-scoped advisory lock
+on each of its names (in sorted order, all at the start) and ``FOR UPDATE`` on the chunk rows it
+references (sorted by digest); the collector takes the rows it dooms with ``FOR UPDATE SKIP
+LOCKED``, so it never waits on a commit and never dooms a row a commit holds.  The totals row is
+always changed last.  A deadlock or serialization failure that remains is retried whole.
+"""
+
+import collections
+import contextlib
+import logging
+
+import msgpack
+
+from ...errors import BadRequest, FmsError, MissingChunks, NotFound, Unavailable
+from ..model import NewVersion, Removal, Totals, Version, pack_digests, unpack_digests
+from .base import ChunkRow, MetaEngine
+
+FORMAT = 2            # the store's format; 1 was one manifest file per name
+RETRIES = 5           # a transaction that deadlocked is tried this many times in all
+
+log = logging.getLogger("fms.storage.meta")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS names (
+    name {name_type} PRIMARY KEY, version BIGINT NOT NULL, size BIGINT NOT NULL,
+    sha256 {blob} NOT NULL, chunk_size BIGINT NOT NULL, chunks {blob} NOT NULL,
+    mtime {real} NOT NULL, commit_id TEXT NOT NULL, committed {real} NOT NULL,
+    deleted INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS names_tombstones ON names (committed) WHERE deleted = 1;
+CREATE TABLE IF NOT EXISTS chunks (
+    digest {blob} PRIMARY KEY, size BIGINT NOT NULL, refs BIGINT NOT NULL DEFAULT 0,
+    since {real} NOT NULL, doomed INTEGER NOT NULL DEFAULT 0, data {blob});
+CREATE INDEX IF NOT EXISTS chunks_unreferenced ON chunks (since) WHERE refs = 0;
+CREATE TABLE IF NOT EXISTS commits (
+    id TEXT PRIMARY KEY, kind TEXT NOT NULL, name TEXT NOT NULL, sha256 {blob},
+    result {blob} NOT NULL, at {real} NOT NULL);
+CREATE INDEX IF NOT EXISTS commits_at ON commits (at);
+CREATE TABLE IF NOT EXISTS totals (
+    id INTEGER PRIMARY KEY CHECK (id = 1), files BIGINT NOT NULL, bytes BIGINT NOT NULL,
+    chunks BIGINT NOT NULL, chunk_bytes BIGINT NOT NULL);
+INSERT INTO totals VALUES (1, 0, 0, 0, 0) ON CONFLICT (id) DO NOTHING;
+CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, until {real} NOT NULL)
+"""
+
+_VERSION_COLUMNS = ("name, size, sha256, chunk_size, chunks, mtime, version, commit_id, "
+                    "committed, deleted")
+_CHUNK_COLUMNS = "digest, size, refs, since, doomed, data"
+
+
+class Retry(Exception):
+    """The transaction met a deadlock or a serialization failure: run it again."""
+
+
+def _version(row) -> Version:
+    name, size, sha, chunk_size, chunks, mtime, version, commit, committed, deleted = row
+    return Version(name, size, bytes(sha), chunk_size, unpack_digests(bytes(chunks)), mtime,
+                   version, commit, committed, bool(deleted))
+
+
+def _chunk(row) -> ChunkRow:
+    digest, size, refs, since, doomed, data = row
+    return ChunkRow(bytes(digest), size, refs, since, doomed,
+                    bytes(data) if data is not None else None)
+
+
+def prefix_end(prefix: str) -> str | None:
+    """The least string above every string that starts with ``prefix`` (None: no bound)."""
+    while prefix:
+        last = ord(prefix[-1]) + 1
+        if last == 0xD800:
+            last = 0xE000          # surrogates are not characters a name can hold
+        if last <= 0x10FFFF:
+            return prefix[:-1] + chr(last)
+        prefix = prefix[:-1]
+    return None
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+class SQLMeta(MetaEngine):
+    """The engine over a DB-API connection ``self.db`` in autocommit mode; subclasses open it."""
+
+    # Dialect: overridden by subclasses.
+    types = {"blob": "BLOB", "real": "REAL", "name_type": "TEXT"}
+    begin_write = "BEGIN"
+    for_update = ""            # appended to SELECTs of rows about to be changed
+    skip_locked = ""           # appended to the collector's SELECT
+
+    def _execute(self, sql: str, args=()):
+        raise NotImplementedError
+
+    def _executemany(self, sql: str, rows):
+        raise NotImplementedError
+
+    def _translate(self, exc: Exception):
+        """A driver error as an :class:`FmsError` (or :class:`Retry`), or None if not one of
+        the driver's."""
+        raise NotImplementedError
+
+    def _lock_names(self, names):
+        """Hold ``names`` until the transaction ends (no-op where transactions are serial)."""
+
+    def _lock_schema(self):
+        """Hold off other workers creating the tables at the same moment (no-op if serial)."""
+
+    # --- transactions ---
+
+    def _create_schema(self, store_id):
+        with self._write():
+            self._lock_schema()
+            for statement in SCHEMA.format(**self.types).split(";"):
+                if statement.strip():
+                    self._execute(statement)
+            self._execute("INSERT INTO settings VALUES ('format', ?) ON CONFLICT (key) DO NOTHING",
+                          (str(FORMAT),))
+            self._execute("INSERT INTO settings VALUES ('store_id', ?) ON CONFLICT (key) DO NOTHING",
+                          (store_id,))
+
+    @contextlib.contextmanager
+    def _write(self):
+        """One write transaction; driver errors become the wire's errors."""
+        try:
+            self._execute(self.begin_write)
+        except Exception as exc:
+            raise self._error(exc) from None
+        try:
+            yield
+            self._execute("COMMIT")
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                self._execute("ROLLBACK")
+            translated = self._translate(exc)
+            if translated is not None:
+                raise translated from None
+            raise
+
+    def _transaction(self, work):
+        """Run ``work()`` in a write transaction, again if it deadlocked."""
+        for attempt in range(RETRIES):
+            try:
+                with self._write():
+                    return work()
+            except Retry:
+                if attempt == RETRIES - 1:
+                    raise Unavailable("the metadata database kept meeting concurrent writers; "
+                                      "try again") from None
+                log.info("event=transaction_retry attempt=%d", attempt + 1)
+
+    def _error(self, exc):
+        translated = self._translate(exc)
+        return translated if translated is not None else exc
+
+    def _one(self, sql, args=()):
+        try:
+            return self._execute(sql, args).fetchone()
+        except Exception as exc:
+            raise self._error(exc) from None
+
+    def _all(self, sql, args=()):
+        try:
+            return self._execute(sql, args).fetchall()
+        except Exception as exc:
+            raise self._error(exc) from None
+
+    def setting(self, key: str):
+        row = self._one("SELECT value FROM settings WHERE key = ?", (key,))
+        return row[0] if row else None
+
+    def set_setting(self, key: str, value: str):
+        """Inside a caller's transaction (migration)."""
+        self._execute("INSERT INTO settings VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
+                      "SET value = excluded.value", (key, value))
+
+    # --- names ---
+
+    def get(self, name):
+        row = self._one(f"SELECT {_VERSION_COLUMNS} FROM names WHERE name = ? AND deleted = 0",
+                        (name,))
+        return _version(row) if row else None
+
+    def list(self, prefix, after, limit):
+        lo = max(prefix, after)
+        hi = prefix_end(prefix)
+        sql = f"SELECT {_VERSION_COLUMNS} FROM names WHERE name >= ? AND name != ?"
+        args = [lo, after]
+        if hi is not None:
+            sql += " AND name < ?"
+            args.append(hi)
+        sql += " AND deleted = 0 ORDER BY name LIMIT ?"
+        args.append(limit)
+        return [_version(r) for r in self._all(sql, args)]
+
+    def iter_versions(self, after, limit):
+        return [_version(r) for r in self._all(
+            f"SELECT {_VERSION_COLUMNS} FROM names WHERE name > ? AND deleted = 0 "
+            f"ORDER BY name LIMIT ?", (after, limit))]
+
+    def totals(self):
+        return Totals(*self._one("SELECT files, bytes, chunks, chunk_bytes FROM totals"))
+
+    def apply(self, changes, now, small):
+        def work():
+            self._lock_names(sorted({c.name for c in changes}))
+            results = []
+            for i, change in enumerate(changes):
+                self._execute(f"SAVEPOINT c{i}")
+                try:
+                    if isinstance(change, NewVersion):
+                        for digest in sorted(set(change.chunks) & small.keys()):
+                            self._claim(digest, len(small[digest]), now, bytes(small[digest]))
+                        result = self._commit(change, now)
+                    elif isinstance(change, Removal):
+                        result = self._remove(change, now)
+                    else:
+                        raise TypeError(f"not a change: {change!r}")
+                    self._execute(f"RELEASE SAVEPOINT c{i}")
+                except FmsError as exc:
+                    self._execute(f"ROLLBACK TO SAVEPOINT c{i}")
+                    self._execute(f"RELEASE SAVEPOINT c{i}")
+                    result = exc
+                results.append(result)
+            return results
+        return self._transaction(work)
+
+    def _logged(self, commit_id, kind, name, sha256):
+        row = self._one("SELECT kind, name, sha256, result FROM commits WHERE id = ?",
+                        (commit_id,))
+        if row is None:
+            return None
+        if (row[0], row[1]) != (kind, name) or (sha256 is not None and bytes(row[2]) != sha256):
+            raise BadRequest(f"id {commit_id!r} was already used by another request; every commit "
+                             f"and rm needs a fresh random id")
+        fields = msgpack.unpackb(bytes(row[3]), raw=False)
+        return Version(**{**fields, "chunks": tuple(fields["chunks"])})
+
+    def _log(self, kind, version: Version, now):
+        result = msgpack.packb({f: getattr(version, f) for f in Version.__slots__},
+                               use_bin_type=True)
+        self._execute("INSERT INTO commits VALUES (?, ?, ?, ?, ?, ?)",
+                      (version.commit, kind, version.name,
+                       version.sha256 if kind == "commit" else None, result, now))
+
+    def _current(self, name):
+        row = self._one(f"SELECT {_VERSION_COLUMNS} FROM names WHERE name = ?", (name,))
+        return _version(row) if row else None
+
+    def _commit(self, change: NewVersion, now) -> Version:
+        done = self._logged(change.commit, "commit", change.name, change.sha256)
+        if done is not None:
+            return done
+        wanted = collections.Counter(change.chunks)
+        digests = sorted(wanted)
+        live = {bytes(r[0]) for r in self._all(
+            f"SELECT digest FROM chunks WHERE doomed = 0 AND digest IN ({_marks(len(digests))}) "
+            f"ORDER BY digest{self.for_update}", digests)} if digests else set()
+        missing = [d for d in wanted if d not in live]
+        if missing:
+            raise MissingChunks(f"{len(missing)} chunk(s) of {change.name!r} are not in the store "
+                                f"(never uploaded, or collected since); upload them and commit "
+                                f"again", missing=missing)
+        old = self._current(change.name)
+        version = Version(change.name, change.size, change.sha256, change.chunk_size,
+                          tuple(change.chunks), change.mtime, old.version + 1 if old else 1,
+                          change.commit, now)
+        self._execute(
+            "INSERT INTO names VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0) ON CONFLICT (name) DO UPDATE "
+            "SET version = excluded.version, size = excluded.size, sha256 = excluded.sha256, "
+            "chunk_size = excluded.chunk_size, chunks = excluded.chunks, mtime = excluded.mtime, "
+            "commit_id = excluded.commit_id, committed = excluded.committed, deleted = 0",
+            (version.name, version.version, version.size, version.sha256, version.chunk_size,
+             pack_digests(version.chunks), version.mtime, version.commit, now))
+        was_live = old is not None and not old.deleted
+        delta = wanted.copy()
+        if was_live:
+            delta.subtract(old.chunks)
+        self._add_refs(delta, now)
+        self._execute("UPDATE totals SET files = files + ?, bytes = bytes + ?",
+                      (0 if was_live else 1, version.size - (old.size if was_live else 0)))
+        self._log("commit", version, now)
+        return version
+
+    def _remove(self, change: Removal, now) -> Version:
+        done = self._logged(change.commit, "rm", change.name, None)
+        if done is not None:
+            return done
+        old = self._current(change.name)
+        if old is None or old.deleted:
+            raise NotFound(f"{change.name!r} not found; see what is stored with: ls")
+        tomb = Version(old.name, old.size, old.sha256, old.chunk_size, (), old.mtime,
+                       old.version + 1, change.commit, now, deleted=True)
+        self._execute(
+            "UPDATE names SET version = ?, chunks = ?, commit_id = ?, committed = ?, deleted = 1 "
+            "WHERE name = ?", (tomb.version, b"", tomb.commit, now, tomb.name))
+        delta = collections.Counter()
+        delta.subtract(old.chunks)
+        self._add_refs(delta, now)
+        self._execute("UPDATE totals SET files = files - 1, bytes = bytes - ?", (old.size,))
+        self._log("rm", tomb, now)
+        return tomb
+
+    def _add_refs(self, delta, now):
+        # Sorted by digest: two transactions always lock shared rows in the same order.  An
+        # unreferenced chunk's grace clock starts when its last reference goes.
+        rows = [(n, n, now, d) for d, n in sorted(delta.items()) if n]
+        if rows:
+            self._executemany(
+                "UPDATE chunks SET refs = refs + ?, "
+                "since = CASE WHEN refs + ? = 0 THEN ? ELSE since END WHERE digest = ?", rows)
+
+    # --- chunks ---
+
+    def known(self, digests, now):
+        if not digests:
+            return set()
+        unique = sorted(set(digests))
+        found = set()
+
+        def work():
+            found.clear()
+            for start in range(0, len(unique), 500):
+                part = unique[start:start + 500]
+                self._execute(f"UPDATE chunks SET since = ? WHERE refs = 0 AND doomed = 0 "
+                              f"AND digest IN ({_marks(len(part))})", [now, *part])
+                found.update(bytes(r[0]) for r in self._execute(
+                    f"SELECT digest FROM chunks WHERE doomed = 0 AND digest IN "
+                    f"({_marks(len(part))})", part).fetchall())
+        self._transaction(work)
+        return set(found)
+
+    def claim_chunk(self, digest, size, now, data=None):
+        return self._transaction(lambda: self._claim(digest, size, now, data))
+
+    def _claim(self, digest, size, now, data):
+        inserted = self._execute(
+            "INSERT INTO chunks (digest, size, refs, since, doomed, data) VALUES (?, ?, 0, ?, 0, ?) "
+            "ON CONFLICT (digest) DO NOTHING RETURNING digest", (digest, size, now, data)).fetchall()
+        if inserted:
+            self._execute("UPDATE totals SET chunks = chunks + 1, chunk_bytes = chunk_bytes + ?",
+                          (size,))
+            return data is not None
+        row = self._execute(f"SELECT doomed, data IS NOT NULL FROM chunks WHERE digest = ?"
+                            f"{self.for_update}", (digest,)).fetchone()
+        if row[0]:
+            raise Unavailable(f"chunk {digest.hex()[:16]} is being collected right now; "
+                              f"send it again in a moment")
+        self._execute("UPDATE chunks SET since = ? WHERE digest = ? AND refs = 0", (now, digest))
+        return bool(row[1])
+
+    def chunk(self, digest):
+        row = self._one(f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE digest = ?", (digest,))
+        return _chunk(row) if row else None
+
+    # --- garbage collection ---
+
+    def doom(self, cutoff, limit, dry_run=False):
+        def work():
+            rows = [_chunk(r) for r in self._execute(
+                f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE refs = 0 AND since < ? AND doomed = 0 "
+                f"ORDER BY digest LIMIT ?{'' if dry_run else self.for_update + self.skip_locked}",
+                (cutoff, limit)).fetchall()]
+            if dry_run or not rows:
+                return rows
+            in_engine = [(r.digest,) for r in rows if r.in_engine]
+            self._executemany("DELETE FROM chunks WHERE digest = ?", in_engine)
+            self._executemany("UPDATE chunks SET doomed = 1 WHERE digest = ?",
+                              [(r.digest,) for r in rows if not r.in_engine])
+            self._execute("UPDATE totals SET chunks = chunks - ?, chunk_bytes = chunk_bytes - ?",
+                          (len(in_engine), sum(r.size for r in rows if r.in_engine)))
+            return rows
+        return self._transaction(work)
+
+    def doomed(self, limit):
+        return [_chunk(r) for r in self._all(
+            f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE doomed = 1 ORDER BY digest LIMIT ?",
+            (limit,))]
+
+    def forget(self, digests):
+        if not digests:
+            return
+
+        def work():
+            count = size = 0
+            for d in sorted(digests):
+                row = self._execute("DELETE FROM chunks WHERE digest = ? AND doomed = 1 "
+                                    "RETURNING size", (d,)).fetchone()
+                if row is not None:
+                    count, size = count + 1, size + row[0]
+            self._execute("UPDATE totals SET chunks = chunks - ?, chunk_bytes = chunk_bytes - ?",
+                          (count, size))
+        self._transaction(work)
+
+    def adopt_orphan(self, digest, size):
+        def work():
+            added = self._execute(
+                "INSERT INTO chunks (digest, size, refs, since, doomed) VALUES (?, ?, 0, 0, 1) "
+                "ON CONFLICT (digest) DO NOTHING RETURNING digest", (digest, size)).fetchall()
+            if added:
+                self._execute("UPDATE totals SET chunks = chunks + 1, "
+                              "chunk_bytes = chunk_bytes + ?", (size,))
+            return bool(added)
+        return self._transaction(work)
+
+    def prune(self, cutoff):
+        def work():
+            n = self._execute("DELETE FROM names WHERE deleted = 1 AND committed < ?",
+                              (cutoff,)).rowcount
+            return n + self._execute("DELETE FROM commits WHERE at < ?", (cutoff,)).rowcount
+        return self._transaction(work)
+
+    def lease(self, name, holder, now, seconds):
+        return self._transaction(lambda: self._execute(
+            "INSERT INTO leases VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE "
+            "SET holder = excluded.holder, until = excluded.until "
+            "WHERE leases.holder = excluded.holder OR leases.until <= ?",
+            (name, holder, now + seconds, now)).rowcount == 1)
+
+    def release(self, name, holder):
+        self._transaction(lambda: self._execute(
+            "DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder)))
+
+    def lease_holder(self, name):
+        row = self._one("SELECT holder FROM leases WHERE name = ?", (name,))
+        return row[0] if row else None
+
+    # --- checks ---
+
+    def refcount_errors(self):
+        counted = collections.Counter()
+        for (chunks,) in self._all("SELECT chunks FROM names WHERE deleted = 0"):
+            counted.update(unpack_digests(bytes(chunks)))
+        stored = {bytes(d): refs for d, refs in self._all("SELECT digest, refs FROM chunks")}
+        errors = [(d, refs, counted.get(d, 0)) for d, refs in stored.items()
+                  if refs != counted.get(d, 0)]
+        errors += [(d, None, n) for d, n in counted.items() if d not in stored]
+        return errors

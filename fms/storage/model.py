@@ -1,0 +1,76 @@
+"""What the storage engine stores, as plain objects: no wire headers, no SQL.
+
+A *version* is what a name points at: its size, whole-file sha256, chunk size, chunk digests,
+mtime, version number and the id of the commit that made it.  A *change* asks the metadata
+engine to make a new version (:class:`NewVersion`) or remove a name (:class:`Removal`).
+"""
+
+from dataclasses import dataclass
+
+from .. import protocol as p
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    name: str
+    size: int
+    sha256: bytes
+    chunk_size: int
+    chunks: tuple          # of 32-byte digests, in file order
+    mtime: float
+    version: int
+    commit: str            # id of the commit (or rm) that made this version
+    committed: float       # when, in seconds since the epoch
+    deleted: bool = False  # a tombstone: the name was removed by `commit`
+
+    def manifest(self) -> dict:
+        """The wire form of a manifest (docs/PROTOCOL.md)."""
+        return {"name": self.name, "size": self.size, "sha256": self.sha256,
+                "chunk_size": self.chunk_size, "chunks": list(self.chunks), "mtime": self.mtime,
+                "version": self.version, "commit": self.commit, "committed": self.committed}
+
+    def summary(self) -> dict:
+        """What ls and stat return: the manifest without its chunk list."""
+        return {"name": self.name, "size": self.size, "sha256": self.sha256,
+                "mtime": self.mtime, "version": self.version, "chunk_size": self.chunk_size,
+                "chunks": len(self.chunks), "committed": self.committed}
+
+
+@dataclass(frozen=True, slots=True)
+class NewVersion:
+    """A commit: make ``name`` point at this content.  Checked by the engine before it is asked."""
+    name: str
+    size: int
+    sha256: bytes
+    chunk_size: int
+    chunks: tuple
+    mtime: float
+    commit: str
+
+
+@dataclass(frozen=True, slots=True)
+class Removal:
+    """An rm: remove ``name``."""
+    name: str
+    commit: str
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    files: int = 0         # live names
+    bytes: int = 0         # the sum of their sizes
+    chunks: int = 0        # chunks held, referenced or awaiting collection
+    chunk_bytes: int = 0   # their bytes (after dedup)
+
+    def as_dict(self) -> dict:
+        return {"files": self.files, "bytes": self.bytes, "chunks": self.chunks,
+                "chunk_bytes": self.chunk_bytes}
+
+
+def pack_digests(chunks) -> bytes:
+    return b"".join(chunks)
+
+
+def unpack_digests(blob: bytes) -> tuple:
+    n = p.HASH_LEN
+    return tuple(bytes(blob[i:i + n]) for i in range(0, len(blob), n))

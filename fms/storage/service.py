@@ -1,0 +1,287 @@
+"""The storage service: wire -> model.  Answers storage ops (and the cache's ops when no cache
+is alive).
+
+Handlers parse and check a request's fields, call the :class:`~fms.storage.engine.Store` with
+model objects and answer through ``link``; the loop is in :mod:`fms.worker`.
+
+Commits and removes are *group committed*: those that arrive together (one drain of the worker's
+socket) are applied in one metadata transaction by :meth:`StorageService.flush`, which the
+worker loop calls after each drain, so a burst of small uploads costs one fsync, not one each.
+GC and fsck run on a maintenance thread with a store of their own, so a long pass never delays
+the worker's heartbeats; their replies are sent from the worker's thread by :meth:`tick` and
+:meth:`flush`.
+"""
+
+import logging
+import queue
+import threading
+import time
+import uuid
+
+from .. import protocol as p
+from ..errors import BadRequest, FmsError, TooLarge
+from . import gc
+from .engine import Store
+from .model import NewVersion, Removal
+
+LS_PAGE_MAX = 5000        # entries per ls reply, so a reply stays far below MAX_FRAME_SIZE
+LS_PAGE_DEFAULT = 1000
+CLEAN_INTERVAL = 60.0     # seconds between sweeps of temp files left by dead writers
+GC_INTERVAL = 300.0       # seconds between background collections
+HEARTBEAT_EVERY = 0.5     # seconds: a long commit check keeps the worker's heartbeat going
+
+log = logging.getLogger("fms.storage")
+
+
+class StorageService:
+    """Storage handlers over a :class:`Store`.
+
+    :param store: the store.
+    :param link: where replies go (a :class:`~fms.worker.BrokerLink` or a test recorder).
+    :param gc_grace: seconds an unreferenced chunk is kept before collection.
+    :param maintenance_store: a second :class:`Store` on the same data (its own connections) for
+        the maintenance thread; None runs GC and fsck inline (tests).
+    :param delay: seconds to wait before handling each request; only for tests that need work
+        in flight at a chosen moment (cache fills across a write, a kill mid-upload).
+    """
+
+    def __init__(self, store: Store, link, gc_grace: float = gc.DEFAULT_GRACE,
+                 maintenance_store: Store | None = None, delay: float = 0.0):
+        self.store = store
+        self.link = link
+        self.gc_grace = gc_grace
+        self.delay = delay
+        self.served = 0
+        self._pending = []            # (route, header, change, inline) awaiting flush()
+        self._next_clean = 0.0
+        self._next_gc = time.monotonic() + GC_INTERVAL
+        self._maintenance = _Maintenance(maintenance_store) if maintenance_store else None
+        self._handlers = {
+            "get": self.op_get, "chunk": self.op_chunk, "have": self.op_have,
+            "put_chunk": self.op_put_chunk, "commit": self.op_commit, "ls": self.op_ls,
+            "stat": self.op_stat, "rm": self.op_rm, "usage": self.op_usage,
+            "gc": self.op_gc, "fsck": self.op_fsck,
+        }
+
+    def handle_request(self, route: dict, header: dict, data):
+        op = header.get("op")
+        handler = self._handlers.get(op) if isinstance(op, str) else None
+        if handler is None:
+            raise BadRequest(f"storage does not serve op {op!r}")
+        p.check_version(header)
+        self.served += 1
+        log.debug("event=request op=%s id=%r", op, header.get("id"))
+        if self.delay:
+            time.sleep(self.delay)
+        handler(route, header, data)
+
+    def handle_reply(self, header, data):
+        log.warning("event=unexpected_reply id=%r", header.get("id"))
+
+    def on_register(self):
+        pass
+
+    def on_invalidate(self, name):
+        pass
+
+    def tick(self, now):
+        self.flush()
+        if now >= self._next_clean:
+            self._next_clean = now + CLEAN_INTERVAL
+            removed = self.store.chunks.clean_tmp()
+            if removed:
+                log.info("event=temp_files_removed count=%d", removed)
+        if self._maintenance is not None and now >= self._next_gc:
+            self._next_gc = now + GC_INTERVAL
+            self._maintenance.submit(None, None, self._background_gc)
+
+    def close(self):
+        if self._maintenance is not None:
+            self._maintenance.stop()
+
+    # --- read ops (also what the cache forwards on a miss) ---
+
+    def op_get(self, route, header, data):
+        version = self.store.version(p.check_name(p.need(header, "name", str)))
+        frame = None
+        if p.travels_inline(version.size, len(version.chunks)):
+            frame = self.store.read_chunk(version.chunks[0])
+        self.link.reply(route, p.ok_reply(header["id"], manifest=version.manifest()), frame)
+
+    def op_chunk(self, route, header, data):
+        frame = self.store.read_chunk(p.need_hash(header, "hash"))
+        self.link.reply(route, p.ok_reply(header["id"]), frame)
+
+    def op_stat(self, route, header, data):
+        version = self.store.version(p.check_name(p.need(header, "name", str)))
+        self.link.reply(route, p.ok_reply(header["id"], stat=version.summary()))
+
+    def op_ls(self, route, header, data):
+        prefix = p.check_prefix(p.need(header, "prefix", str, optional=True, default=""))
+        after = p.need(header, "after", str, optional=True, default="")
+        limit = p.need_int(header, "limit", lo=1, hi=LS_PAGE_MAX, optional=True,
+                           default=LS_PAGE_DEFAULT)
+        page = self.store.list(prefix, after, limit + 1)
+        self.link.reply(route, p.ok_reply(header["id"], entries=[v.summary() for v in page[:limit]],
+                                          more=len(page) > limit))
+
+    def op_usage(self, route, header, data):
+        self.link.reply(route, p.ok_reply(header["id"], store=self.store.totals().as_dict()))
+
+    # --- write ops ---
+
+    def op_have(self, route, header, data):
+        hashes = p.need_hashes(header, "hashes", p.MAX_HAVE_BATCH)
+        self.link.reply(route, p.ok_reply(header["id"], missing=self.store.missing(hashes)))
+
+    def op_put_chunk(self, route, header, data):
+        digest = p.need_hash(header, "hash")
+        if data is None:
+            raise BadRequest("put_chunk needs a data frame")
+        payload = p.unpack_data(data.buffer)
+        if len(payload) > p.MAX_CHUNK_SIZE:
+            raise TooLarge(f"chunk of {len(payload)} bytes; chunks are at most {p.MAX_CHUNK_SIZE}")
+        written = self.store.put_chunk(digest, payload)
+        self.link.reply(route, p.ok_reply(header["id"], written=written))
+
+    def op_commit(self, route, header, data):
+        size = p.need_int(header, "size")
+        chunk_size = p.need_int(header, "chunk_size", lo=p.MIN_CHUNK_SIZE, hi=p.MAX_CHUNK_SIZE)
+        change = NewVersion(
+            name=p.check_name(p.need(header, "name", str)), size=size,
+            sha256=p.need_hash(header, "sha256"), chunk_size=chunk_size,
+            chunks=tuple(p.need_hashes(header, "chunks", p.chunk_count(size, chunk_size))),
+            mtime=p.check_mtime(p.need(header, "mtime", (int, float), optional=True,
+                                       default=time.time())),
+            commit=_commit_id(header))
+        inline = bytes(p.unpack_data(data.buffer)) if data is not None else None
+        self._pending.append((route, header, change, inline))
+
+    def op_rm(self, route, header, data):
+        change = Removal(p.check_name(p.need(header, "name", str)), _commit_id(header, optional=True))
+        self._pending.append((route, header, change, None))
+
+    def flush(self):
+        """Apply the commits and removes received since the last flush in one transaction,
+        answer them, and send what the maintenance thread finished."""
+        if self._pending:
+            pending, self._pending = self._pending, []
+            try:
+                results = self.store.apply(
+                    [(change, inline) for _r, _h, change, inline in pending],
+                    progress=self._keep_alive())
+            except FmsError as exc:            # the transaction itself failed: nothing applied
+                results = [exc] * len(pending)
+            for (route, header, change, _inline), result in zip(pending, results):
+                self._answer_change(route, header, change, result)
+        if self._maintenance is not None:
+            for route, header, result in self._maintenance.finished():
+                self._answer(route, header, result)
+
+    def _answer_change(self, route, header, change, result):
+        if isinstance(result, FmsError):
+            self._answer(route, header, result)
+            return
+        if isinstance(change, Removal):
+            log.info("event=rm name=%r version=%d", result.name, result.version)
+        else:
+            log.info("event=commit name=%r version=%d size=%d", result.name, result.version,
+                     result.size)
+        # The broker sees `invalidate` and tells the cache before it forwards this ack.
+        self.link.reply(route, p.ok_reply(header["id"], stat=result.summary()),
+                        invalidate=result.name)
+
+    def _answer(self, route, header, result):
+        if route is None:
+            return                       # a background job: nobody waits for it
+        if isinstance(result, FmsError):
+            code = getattr(result, "code", "internal")
+            extra = result.reply_fields() if hasattr(result, "reply_fields") else {}
+            self.link.reply(route, {**p.error_reply(header["id"], code, str(result)), **extra})
+        else:
+            self.link.reply(route, p.ok_reply(header["id"], **result))
+
+    def _keep_alive(self):
+        last = [time.monotonic()]
+
+        def progress():
+            now = time.monotonic()
+            if now - last[0] >= HEARTBEAT_EVERY and hasattr(self.link, "heartbeat"):
+                last[0] = now
+                self.link.heartbeat()
+        return progress
+
+    # --- maintenance ops ---
+
+    def op_gc(self, route, header, data):
+        grace = p.need(header, "grace", (int, float), optional=True, default=self.gc_grace)
+        if not 0 <= grace <= 10 * 365 * 86400:
+            raise BadRequest(f"grace {grace!r} must be between 0 seconds and 10 years")
+        dry_run = p.need(header, "dry_run", bool, optional=True, default=False)
+        self._run(route, header, lambda store: {"gc": gc.collect(store, float(grace), dry_run)})
+
+    def op_fsck(self, route, header, data):
+        after = p.need(header, "after", str, optional=True, default="")
+        self._run(route, header, lambda store: {"fsck": gc.fsck_page(store, after)})
+
+    def _run(self, route, header, job):
+        if self._maintenance is None:
+            try:
+                result = job(self.store)
+            except FmsError as exc:
+                result = exc
+            self._answer(route, header, result)
+        else:
+            self._maintenance.submit(route, header, job)
+
+    def _background_gc(self, store):
+        gc.collect(store, self.gc_grace)
+        return {}
+
+
+def _commit_id(header, optional=False) -> str:
+    commit = p.need(header, "commit", str, optional=optional, default=None)
+    if commit is None:
+        return uuid.uuid4().hex
+    if not 1 <= len(commit) <= 128:
+        raise BadRequest("field 'commit' must be 1 to 128 characters: a fresh random id")
+    return commit
+
+
+class _Maintenance:
+    """One thread running GC and fsck jobs in order, on a store of its own."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._jobs = queue.Queue()
+        self._done = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="fms-maintenance", daemon=True)
+        self._thread.start()
+
+    def submit(self, route, header, job):
+        self._jobs.put((route, header, job))
+
+    def finished(self):
+        while True:
+            try:
+                yield self._done.get_nowait()
+            except queue.Empty:
+                return
+
+    def stop(self):
+        self._jobs.put(None)
+
+    def _run(self):
+        while True:
+            item = self._jobs.get()
+            if item is None:
+                return
+            route, header, job = item
+            try:
+                result = job(self.store)
+            except FmsError as exc:
+                result = exc
+            except Exception as exc:  # a bug must cost one job, not the thread
+                log.exception("event=maintenance_crashed error=%r", exc)
+                result = FmsError(f"internal error: {exc!r}")
+            self._done.put((route, header, result))

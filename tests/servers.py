@@ -1,0 +1,378 @@
+"""Real PostgreSQL and SeaweedFS (S3) servers for the tests, as separate processes.
+
+Load these fixtures with ``pytest_plugins = ["servers"]`` in a test module (or in conftest.py).
+They are session-scoped: one server of each kind serves the whole run, on free ports, and is
+stopped (and its temp directory removed) at the end of the session, even on failure.
+
+Fixtures
+--------
+``postgres`` (session): a :class:`PostgresServer` (``.url``, ``.host``, ``.port``, ``.stop()``,
+    ``.start()``, ``.restart()``, ``.new_database()``, ``.drop_database()``).
+``postgres_url`` (session): ``postgresql://fms@HOST:PORT/fms`` (superuser ``fms``, trust auth).
+``pg_database_url`` (function): the URL of a FRESH empty database, dropped after the test.
+``s3`` / ``s3_endpoint`` (session): a :class:`SeaweedS3` (``.endpoint_url``, ``.access_key``,
+    ``.secret_key``, ``.region``, ``.env()``, ``.make_bucket()``, ``.client()``, ``.stop()``,
+    ``.start()``, ``.restart()``).
+``s3_bucket`` (function): a fresh empty bucket name on ``s3``.
+
+Addresses: both servers listen on 127.0.0.1 and, when tests/netns.py could create its host
+bridge (root + ``ip``), on the bridge's host address too, so that processes in network
+namespaces reach them (see tests/netns.py). ``.host`` is the address to hand to processes that
+may run in a namespace; the URL uses it.
+"""
+
+import json
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+START_TIMEOUT = 60.0    # seconds for a server to accept connections
+STOP_TIMEOUT = 30.0     # seconds for a server to exit after its polite stop signal
+POLL = 0.05
+
+
+def _log_tail(path: str, n: int = 3000) -> str:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        return data[-n:].decode("utf-8", "replace")
+    except OSError as e:
+        return f"(no log: {e})"
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(hosts=("127.0.0.1",), offsets=(0,), low=20000, high=50000) -> int:
+    """A port P such that P+offset is bindable on every host for every offset.
+
+    Random in [low, high) so that concurrent runs rarely collide; the caller still retries
+    when the server reports the port taken (another process may grab it in between)."""
+    rng = secrets.SystemRandom()
+    for _ in range(500):
+        port = rng.randrange(low, high)
+        if all(_port_free(h, port + o) for h in hosts for o in offsets):
+            return port
+    raise RuntimeError("no free port found")
+
+
+def _wait(predicate, timeout: float, what: str, proc=None, log=None):
+    """Poll ``predicate`` until truthy; raise with the log tail on timeout or process exit."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as e:    # noqa: BLE001 - readiness probes fail in many ways
+            last = e
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: the process exited with {proc.returncode}"
+                               f"\n--- log ---\n{_log_tail(log) if log else ''}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what} (last error: "
+                               f"{last!r})\n--- log ---\n{_log_tail(log) if log else ''}")
+        time.sleep(POLL)
+
+
+def _stop_process(proc: subprocess.Popen, sig=signal.SIGTERM, timeout=STOP_TIMEOUT):
+    """Send ``sig`` to the process group, wait, then SIGKILL the group; always reaps."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(10)
+
+
+# --------------------------------------------------------------------------------------------
+# PostgreSQL
+
+
+def pg_bindir() -> str | None:
+    """Directory of the PostgreSQL server programs (initdb, postgres), or None."""
+    try:
+        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True,
+                             timeout=10)
+        d = out.stdout.strip()
+        if out.returncode == 0 and os.path.exists(os.path.join(d, "postgres")):
+            return d
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    for d in sorted(p for p in (os.path.join("/usr/lib/postgresql", v, "bin")
+                                for v in (os.listdir("/usr/lib/postgresql")
+                                          if os.path.isdir("/usr/lib/postgresql") else []))
+                    if os.path.exists(os.path.join(p, "postgres")))[::-1]:
+        return d
+    initdb = shutil.which("initdb")
+    if initdb:
+        d = os.path.dirname(os.path.realpath(initdb))
+        if os.path.exists(os.path.join(d, "postgres")):
+            return d
+    return None
+
+
+def _server_user() -> pwd.struct_passwd | None:
+    """The unprivileged user PostgreSQL runs as when we are root (initdb refuses root)."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "nobody"):
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            continue
+    raise RuntimeError("running as root and neither user 'postgres' nor 'nobody' exists")
+
+
+class PostgresServer:
+    """A throw-away PostgreSQL cluster: initdb into a temp dir, one ``postgres`` process.
+
+    Superuser role ``fms``, database ``fms``, trust auth for TCP from the listen addresses'
+    networks only (127.0.0.1/32 and the netns bridge subnet if any) and the unix socket in the
+    temp dir. fsync=on."""
+
+    user = "fms"
+    dbname = "fms"
+
+    def __init__(self, hosts=("127.0.0.1",), trusted_nets=("127.0.0.1/32",), port=None):
+        self.bindir = pg_bindir()
+        if self.bindir is None:
+            raise FileNotFoundError("PostgreSQL server programs not found (pg_config --bindir, "
+                                    "/usr/lib/postgresql/*/bin): apt-get install postgresql")
+        self.hosts = list(hosts)
+        self.trusted_nets = list(trusted_nets)
+        self.host = self.hosts[-1]     # the address every process (namespaced too) can reach
+        self.port = port
+        self.run_as = _server_user()
+        self.tmp = tempfile.mkdtemp(prefix="fms-pg-")
+        os.chmod(self.tmp, 0o755)
+        self.data = os.path.join(self.tmp, "data")
+        self.sockdir = os.path.join(self.tmp, "sock")
+        self.log_path = os.path.join(self.tmp, "postgres.log")
+        self.proc = None
+        self._log = None
+        self.start_seconds = None
+
+    # -- helpers
+    def _popen_kwargs(self):
+        kw = dict(cwd=self.tmp, start_new_session=True, env={**os.environ, "LC_ALL": "C"})
+        if self.run_as is not None:
+            kw.update(user=self.run_as.pw_uid, group=self.run_as.pw_gid, extra_groups=[])
+            kw["env"]["HOME"] = self.tmp
+        return kw
+
+    def _chown(self, path):
+        if self.run_as is not None:
+            os.chown(path, self.run_as.pw_uid, self.run_as.pw_gid)
+
+    @property
+    def url(self) -> str:
+        return self.url_for(self.dbname)
+
+    def url_for(self, dbname: str) -> str:
+        return f"postgresql://{self.user}@{self.host}:{self.port}/{dbname}"
+
+    def env(self) -> dict:
+        """libpq variables for psql & co."""
+        return {"PGHOST": self.host, "PGPORT": str(self.port), "PGUSER": self.user,
+                "PGDATABASE": self.dbname}
+
+    # -- lifecycle
+    def initdb(self):
+        os.makedirs(self.sockdir)
+        self._chown(self.tmp)
+        self._chown(self.sockdir)
+        with open(self.log_path, "ab") as log:
+            self._chown(self.log_path)
+            r = subprocess.run([os.path.join(self.bindir, "initdb"), "-D", self.data,
+                                "-U", self.user, "--auth=trust", "-E", "UTF8", "--locale=C",
+                                "--no-sync"], stdout=log, stderr=subprocess.STDOUT,
+                               timeout=120, **self._popen_kwargs())
+        if r.returncode != 0:
+            raise RuntimeError(f"initdb failed ({r.returncode}):\n{_log_tail(self.log_path)}")
+        with open(os.path.join(self.data, "pg_hba.conf"), "w") as f:
+            f.write("# written by tests/servers.py\n"
+                    "local all all trust\n")
+            for net in self.trusted_nets:
+                f.write(f"host all all {net} trust\n")
+        with open(os.path.join(self.data, "postgresql.conf"), "a") as f:
+            f.write("\n# tests/servers.py\n"
+                    f"unix_socket_directories = '{self.sockdir}'\n"
+                    "fsync = on\n"
+                    "shared_buffers = 32MB\n"
+                    "max_connections = 200\n"
+                    "log_min_messages = warning\n"
+                    "log_connections = off\n")
+
+    def _configure_port(self):
+        with open(os.path.join(self.data, "postgresql.auto.conf"), "w") as f:
+            f.write(f"port = {self.port}\nlisten_addresses = '{','.join(self.hosts)}'\n")
+
+    def start(self, timeout=START_TIMEOUT):
+        """Start the server (same data dir and port) and wait until it accepts connections."""
+        if self.running():
+            return
+        t0 = time.monotonic()
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([os.path.join(self.bindir, "postgres"), "-D", self.data],
+                                     stdout=self._log, stderr=subprocess.STDOUT,
+                                     **self._popen_kwargs())
+        _wait(self._ready, timeout, f"PostgreSQL on port {self.port}", self.proc, self.log_path)
+        self.start_seconds = time.monotonic() - t0
+
+    def _ready(self) -> bool:
+        import psycopg
+        with psycopg.connect(self.url_for("postgres"), connect_timeout=2,
+                             autocommit=True) as conn:
+            return conn.execute("SELECT 1").fetchone()[0] == 1
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, mode: str = "fast"):
+        """Stop: ``fast`` (SIGINT: roll back sessions, checkpoint), ``smart`` (SIGTERM: wait
+        for sessions) or ``immediate`` (SIGQUIT: no checkpoint, crash recovery on next start)."""
+        sig = {"smart": signal.SIGTERM, "fast": signal.SIGINT,
+               "immediate": signal.SIGQUIT}[mode]
+        if self.proc is not None and self.proc.poll() is None:
+            # signal the postmaster only: it stops its children itself
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                _stop_process(self.proc, signal.SIGKILL, 10)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def restart(self, mode: str = "fast"):
+        self.stop(mode)
+        self.start()
+
+    def launch(self, attempts=5):
+        """initdb, pick a free port, start; retry on a port taken meanwhile."""
+        self.initdb()
+        for attempt in range(attempts):
+            if self.port is None or attempt:
+                self.port = free_port(self.hosts)
+            self._configure_port()
+            try:
+                self.start()
+                import psycopg
+                with psycopg.connect(self.url_for("postgres"), autocommit=True) as conn:
+                    conn.execute(f'CREATE DATABASE "{self.dbname}"')
+                return self
+            except RuntimeError:
+                if attempt + 1 < attempts and "could not bind" in _log_tail(self.log_path):
+                    self.stop()
+                    continue
+                raise
+        return self
+
+    def cleanup(self):
+        self.stop("fast")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # -- databases
+    def admin(self):
+        import psycopg
+        return psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+
+    def new_database(self) -> str:
+        """CREATE DATABASE test_<random>; returns its URL."""
+        name = "test_" + secrets.token_hex(6)
+        with self.admin() as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url_for(name)
+
+    def drop_database(self, url: str):
+        name = url.rsplit("/", 1)[1]
+        with self.admin() as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _service_hosts(request):
+    """Listen addresses: loopback, plus the netns bridge's host address when it exists."""
+    try:
+        bridge = request.getfixturevalue("netns_bridge")
+    except pytest.FixtureLookupError:
+        bridge = None
+    if bridge is None:
+        return ("127.0.0.1",), ("127.0.0.1/32",)
+    return ("127.0.0.1", bridge.host_address), ("127.0.0.1/32", bridge.subnet)
+
+
+def _skip_or_fail(reason: str):
+    """Skip with a reason; in CI (CI=true) a server that cannot start is a failure."""
+    print(f"\n[servers] {reason}", file=sys.stderr)
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def postgres(request):
+    """A PostgreSQL 15 server for the whole session (see :class:`PostgresServer`)."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        _skip_or_fail("psycopg is not installed: pip install -e '.[test]'")
+    hosts, nets = _service_hosts(request)
+    try:
+        server = PostgresServer(hosts, nets)
+    except (FileNotFoundError, RuntimeError) as e:
+        _skip_or_fail(f"PostgreSQL unavailable: {e}")
+    try:
+        server.launch()
+    except BaseException:
+        log = _log_tail(server.log_path)
+        server.cleanup()
+        raise RuntimeError(f"PostgreSQL did not start:\n{log}")
+    print(f"\n[servers] PostgreSQL at {server.url} (started in {server.start_seconds:.2f} s)",
+          file=sys.stderr)
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres) -> str:
+    return postgres.url
+
+
+@pytest.fixture
+def pg_database_url(postgres):
+    """A fresh empty database for this test; dropped afterwards (the server is started again
+    first if the test left it stopped)."""
+    if not postgres.running():
+        postgres.start()
+    url = postgres.new_database()
+    yield url
+    if not postgres.running():
+        postgres.start()
+    postgres.drop_database(url)

@@ -1,0 +1,239 @@
+"""The metadata engine's contract, one suite run against every engine (``engine`` fixture).
+
+A new engine (PostgreSQL) joins by adding a factory to ENGINES; nothing else changes.
+"""
+
+import pytest
+
+from fms import protocol as p
+from fms.errors import BadRequest, MissingChunks, NotFound, Unavailable
+from fms.storage.meta.sqlite import SQLiteMeta, prefix_end
+from fms.storage.model import Removal, Totals
+from storage_helpers import new_version, split
+
+NOW = 1_800_000_000.0
+
+
+def sqlite_engine(request, tmp_path):
+    return SQLiteMeta(str(tmp_path / "meta.db"))
+
+
+def postgres_engine(request, tmp_path):
+    from fms.storage.meta.postgres import PostgresMeta
+    return PostgresMeta(request.getfixturevalue("pg_database_url"))
+
+
+ENGINES = {"sqlite": sqlite_engine, "postgresql": postgres_engine}
+
+
+@pytest.fixture(params=sorted(ENGINES))
+def engine(request, tmp_path):
+    meta = ENGINES[request.param](request, tmp_path)
+    yield meta
+    meta.close()
+
+
+def second_connection(engine):
+    """Another engine on the same store (another worker)."""
+    if isinstance(engine, SQLiteMeta):
+        return SQLiteMeta(engine.path)
+    return type(engine)(engine.url)
+
+
+def claim_all(meta, content, now=NOW, in_engine=True):
+    for chunk in split(content):
+        meta.claim_chunk(p.sha256(chunk), len(chunk), now, chunk if in_engine else None)
+
+
+def commit(meta, name, content, commit_id, now=NOW):
+    claim_all(meta, content, now)
+    [result] = meta.apply([new_version(name, content, commit_id)], now, {})
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def remove(meta, name, rm_id, now=NOW):
+    [result] = meta.apply([Removal(name, rm_id)], now, {})
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def test_commit_get_and_versions(engine):
+    v1 = commit(engine, "a/b", b"one" * 3000, "c1")
+    v2 = commit(engine, "a/b", b"two" * 3000, "c2")
+    assert (v1.version, v2.version) == (1, 2)
+    got = engine.get("a/b")
+    assert got.sha256 == p.sha256(b"two" * 3000) and got.chunks == v2.chunks
+    assert engine.get("nope") is None
+
+
+def test_remove_leaves_a_tombstone_and_versions_keep_counting(engine):
+    commit(engine, "n", b"data" * 2000, "c1")
+    tomb = remove(engine, "n", "rm-1")
+    assert tomb.deleted and tomb.version == 2
+    assert engine.get("n") is None and engine.list("", "", 10) == []
+    assert remove(engine, "n", "rm-1") == tomb            # a retried rm: the same answer
+    with pytest.raises(NotFound):
+        remove(engine, "n", "rm-2")
+    assert commit(engine, "n", b"back", "c2").version == 3
+
+
+def test_ids_are_idempotent_and_scoped_to_their_request(engine):
+    first = commit(engine, "n", b"x" * 5000, "same")
+    assert commit(engine, "n", b"x" * 5000, "same") == first      # a retry: no new version
+    commit(engine, "n", b"y" * 5000, "other")
+    assert commit(engine, "n", b"x" * 5000, "same") == first      # still what it made
+    with pytest.raises(BadRequest, match="already used"):
+        commit(engine, "m", b"x" * 5000, "same")                   # another name
+    with pytest.raises(BadRequest, match="already used"):
+        commit(engine, "n", b"z" * 5000, "same")                   # other content
+    with pytest.raises(BadRequest, match="already used"):
+        remove(engine, "n", "same")                                # an rm reusing a commit's id
+    assert engine.get("n").sha256 == p.sha256(b"y" * 5000)          # nothing was applied
+
+
+def test_commit_refuses_chunks_without_a_live_row(engine):
+    content = b"a" * 4096 + b"b" * 4096 + b"c" * 100
+    claim_all(engine, content[:4096])
+    [result] = engine.apply([new_version("n", content, "c1")], NOW, {})
+    assert isinstance(result, MissingChunks)
+    assert set(result.missing) == {p.sha256(c) for c in split(content)[1:]}
+    assert engine.get("n") is None
+
+
+def test_group_commit_applies_each_change_on_its_own(engine):
+    claim_all(engine, b"good")
+    changes = [new_version("ok1", b"good", "c1"), new_version("bad", b"never claimed", "c2"),
+               Removal("absent", "r1"), new_version("ok2", b"good", "c3")]
+    results = engine.apply(changes, NOW, {})
+    assert [type(r).__name__ for r in results] == ["Version", "MissingChunks", "NotFound",
+                                                   "Version"]
+    assert [v.name for v in engine.list("", "", 10)] == ["ok1", "ok2"]
+
+
+def test_small_content_travels_with_the_commit(engine):
+    change = new_version("s", b"tiny", "c1")
+    [version] = engine.apply([change], NOW, {change.chunks[0]: b"tiny"})
+    assert version.size == 4
+    assert engine.chunk(change.chunks[0]).data == b"tiny"
+
+
+def test_list_is_a_range_in_name_order_with_a_cursor(engine):
+    names = ["b/2", "a/1", "b/1", "c", "b/10", "b", "bb/1"]
+    for i, name in enumerate(names):
+        commit(engine, name, name.encode(), f"c{i}")
+    assert [v.name for v in engine.list("b/", "", 10)] == ["b/1", "b/10", "b/2"]
+    assert [v.name for v in engine.list("b/", "", 2)] == ["b/1", "b/10"]
+    assert [v.name for v in engine.list("b/", "b/10", 2)] == ["b/2"]
+    assert [v.name for v in engine.list("", "", 100)] == sorted(names)
+    assert [v.name for v in engine.list("", "b/2", 100)] == ["bb/1", "c"]
+
+
+def test_list_handles_prefixes_at_the_edges_of_unicode(engine):
+    names = ["\U0010ffff", "\U0010ffffa", "\ud7ffx", "\ue000", "é/1", "z"]
+    for i, name in enumerate(names):
+        commit(engine, name, name.encode(), f"c{i}")
+    assert [v.name for v in engine.list("\U0010ffff", "", 10)] == ["\U0010ffff", "\U0010ffffa"]
+    assert [v.name for v in engine.list("\ud7ff", "", 10)] == ["\ud7ffx"]
+    assert [v.name for v in engine.list("é", "", 10)] == ["é/1"]
+    assert prefix_end("a\U0010ffff") == "b" and prefix_end("\U0010ffff") is None
+
+
+def test_totals_follow_every_change(engine):
+    commit(engine, "a", b"1" * 5000, "c1")      # 2 chunks: 4096 + 904
+    commit(engine, "b", b"2" * 100, "c2")
+    assert engine.totals() == Totals(files=2, bytes=5100, chunks=3, chunk_bytes=5100)
+    commit(engine, "a", b"3" * 10, "c3")        # overwrite: size changes, old chunks stay held
+    remove(engine, "b", "r1")
+    assert engine.totals() == Totals(files=1, bytes=10, chunks=4, chunk_bytes=5110)
+
+
+def test_references_follow_commits_overwrites_and_removes(engine):
+    shared = b"s" * 4096
+    commit(engine, "a", shared + b"a", "c1")
+    commit(engine, "b", shared + shared, "c2")          # the same chunk twice counts twice
+    assert engine.chunk(p.sha256(shared)).refs == 3
+    commit(engine, "a", b"other", "c3", now=NOW + 5)
+    remove(engine, "b", "r1", now=NOW + 7)
+    row = engine.chunk(p.sha256(shared))
+    assert row.refs == 0 and row.since == NOW + 7       # unreferenced since the last release
+    assert engine.refcount_errors() == []
+
+
+def test_known_reports_live_rows_and_restarts_their_grace(engine):
+    claim_all(engine, b"k" * 10, now=NOW)
+    digest = p.sha256(b"k" * 10)
+    assert engine.known([digest, p.sha256(b"unknown")], NOW + 100) == {digest}
+    assert engine.chunk(digest).since == NOW + 100
+    assert engine.doom(NOW + 50, 10) == []              # protected by the refresh
+
+
+def test_doom_takes_only_old_unreferenced_chunks_and_blocks_claims(engine):
+    commit(engine, "keep", b"kept", "c1")
+    engine.claim_chunk(p.sha256(b"blob"), 4, NOW)                   # a blob, not in the engine
+    engine.claim_chunk(p.sha256(b"young"), 5, NOW + 100, b"young")
+    engine.claim_chunk(p.sha256(b"small"), 5, NOW, b"small")
+    dry = engine.doom(NOW + 50, 10, dry_run=True)
+    assert {r.digest for r in dry} == {p.sha256(b"blob"), p.sha256(b"small")}
+    assert engine.chunk(p.sha256(b"small")) is not None             # a dry run changes nothing
+    doomed = engine.doom(NOW + 50, 10)
+    assert {r.digest for r in doomed} == {p.sha256(b"blob"), p.sha256(b"small")}
+    assert engine.chunk(p.sha256(b"small")) is None                 # in-engine bytes: gone at once
+    assert [r.digest for r in engine.doomed(10)] == [p.sha256(b"blob")]
+    with pytest.raises(Unavailable, match="being collected"):
+        engine.claim_chunk(p.sha256(b"blob"), 4, NOW + 60)
+    [refused] = engine.apply([new_version("late", b"blob", "c9")], NOW + 60, {})
+    assert isinstance(refused, MissingChunks)                      # no commit onto a doomed row
+    engine.forget([p.sha256(b"blob")])
+    assert engine.chunk(p.sha256(b"blob")) is None
+    assert engine.claim_chunk(p.sha256(b"blob"), 4, NOW + 70) is False   # a fresh claim works
+    assert engine.totals().chunks == 3
+
+
+def test_orphans_are_adopted_as_doomed_only_when_unknown(engine):
+    engine.claim_chunk(p.sha256(b"known"), 5, NOW)
+    assert engine.adopt_orphan(p.sha256(b"known"), 5) is False
+    assert engine.adopt_orphan(p.sha256(b"orphan"), 6) is True
+    assert engine.chunk(p.sha256(b"orphan")).doomed
+    engine.forget([p.sha256(b"orphan")])
+    assert engine.totals().chunk_bytes == 5
+
+
+def test_prune_drops_old_tombstones_and_ids(engine):
+    commit(engine, "gone", b"g", "c1", now=NOW)
+    remove(engine, "gone", "r1", now=NOW)
+    commit(engine, "recent", b"r", "c2", now=NOW + 100)
+    assert engine.prune(NOW + 50) == 3                  # 1 tombstone, 2 ids
+    assert commit(engine, "gone", b"g", "c3").version == 1   # its history is gone with it
+
+
+def test_one_lease_holder_at_a_time(engine):
+    assert engine.lease("gc", "w1", NOW, 60)
+    assert not engine.lease("gc", "w2", NOW + 1, 60)
+    assert engine.lease("gc", "w1", NOW + 2, 60)        # renewal
+    assert engine.lease("gc", "w2", NOW + 100, 60)      # expired: taken over
+    engine.release("gc", "w2")
+    assert engine.lease("gc", "w3", NOW + 101, 60)
+
+
+def test_refcount_errors_name_drift(engine):
+    commit(engine, "a", b"abc", "c1")
+    engine._execute("UPDATE chunks SET refs = 5")
+    assert engine.refcount_errors() == [(p.sha256(b"abc"), 5, 1)]
+
+
+def test_two_engines_on_one_store_see_each_other(engine, tmp_path):
+    other = second_connection(engine)
+    try:
+        commit(engine, "x", b"x", "c1")
+        assert other.get("x").version == 1 and other.store_id == engine.store_id
+    finally:
+        other.close()
+
+
+def test_the_lease_holder_is_known(engine):
+    assert engine.lease_holder("gc") is None
+    engine.lease("gc", "host:1", NOW, 60)
+    assert engine.lease_holder("gc") == "host:1"

@@ -1,0 +1,521 @@
+"""The storage engine, GC, fsck and migration as plain objects: no sockets."""
+
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from fms import protocol as p
+from fms.errors import BadRequest, IntegrityError, MissingChunks, NotFound, Unavailable
+from fms.storage import gc
+from fms.storage.engine import StoreError, open_local
+from fms.storage.meta.base import RETAIN_SECONDS
+from fms.storage.service import StorageService
+from storage_helpers import CHUNK, new_version, put_file, split, write_format1
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = open_local(str(tmp_path / "data"))
+    yield s
+    s.close()
+
+
+def blob_bytes(store) -> int:
+    return sum(size for _d, size, _m in store.chunks.list())
+
+
+def content(seed: int, size: int) -> bytes:
+    import random
+    return random.Random(seed).randbytes(size)
+
+
+# --- chunks ---
+
+def test_chunk_round_trip_dedup_and_verification(store):
+    big = os.urandom(100_000)                       # over SMALL_CHUNK_MAX: a blob
+    assert store.put_chunk(p.sha256(big), big) is True
+    assert store.put_chunk(p.sha256(big), big) is False
+    assert bytes(p.unpack_data(store.read_chunk(p.sha256(big)))) == big
+    assert store.missing([p.sha256(big), p.sha256(b"other")]) == [p.sha256(b"other")]
+    with pytest.raises(IntegrityError, match="does not match"):
+        store.put_chunk(p.sha256(b"right"), b"wrong")
+
+
+def test_flipped_bit_on_disk_is_never_returned_and_is_set_aside(store):
+    data = os.urandom(100_000)
+    digest = p.sha256(data)
+    store.put_chunk(digest, data)
+    path = os.path.join(store.chunks.root, digest.hex()[:2], digest.hex())
+    with open(path, "r+b") as f:
+        f.seek(1234)
+        byte = f.read(1)
+        f.seek(1234)
+        f.write(bytes([byte[0] ^ 0x01]))
+    with pytest.raises(IntegrityError, match="corrupt"):
+        store.read_chunk(digest)
+    assert not store.chunks.has(digest)              # moved to corrupt/...
+    assert store.put_chunk(digest, data) is True     # ...so a new upload restores it
+    assert bytes(p.unpack_data(store.read_chunk(digest))) == data
+
+
+# --- commits ---
+
+def test_commit_versions_and_remove(store):
+    v1 = put_file(store, "a/b.txt", content(1, 9000), commit="c1")
+    v2 = put_file(store, "a/b.txt", content(2, 9000), commit="c2")
+    assert (v1.version, v2.version) == (1, 2)
+    tomb = store.remove("a/b.txt", "r1")
+    assert tomb.deleted and tomb.version == 3
+    with pytest.raises(NotFound, match="not found"):
+        store.version("a/b.txt")
+
+
+def test_commit_checks_the_whole_file_sha256_against_stored_chunks(store):
+    data = content(3, 3 * CHUNK + 10)
+    for chunk in split(data):
+        store.put_chunk(p.sha256(chunk), chunk)
+    from dataclasses import replace
+    wrong = replace(new_version("n", data), sha256=p.sha256(b"not it"))
+    with pytest.raises(IntegrityError, match="do not hash to the file's sha256"):
+        store.commit(wrong)
+    with pytest.raises(NotFound):
+        store.version("n")
+    assert store.commit(new_version("n", data)).size == len(data)
+
+
+def test_commit_refuses_bad_shapes(store):
+    from dataclasses import replace
+    data = content(4, 2 * CHUNK)
+    for chunk in split(data):
+        store.put_chunk(p.sha256(chunk), chunk)
+    good = new_version("n", data)
+    with pytest.raises(BadRequest, match="chunks"):
+        store.commit(replace(good, chunks=good.chunks[:1]))
+    with pytest.raises(IntegrityError, match="needs"):
+        store.commit(replace(good, size=2 * CHUNK - 1, sha256=p.sha256(data[:-1])))
+    with pytest.raises(IntegrityError, match="empty file"):
+        store.commit(replace(good, size=0, chunks=(), sha256=p.sha256(b"x")))
+    one = new_version("one", b"tiny")
+    with pytest.raises(IntegrityError, match="one-chunk"):
+        store.commit(replace(one, sha256=p.sha256(b"other")), inline=b"tiny")
+    with pytest.raises(IntegrityError, match="inline content"):
+        store.commit(replace(one, size=4), inline=b"tinx")
+    assert store.commit(new_version("empty", b"", commit="c2")).chunks == ()
+    assert store.commit(one, inline=b"tiny").size == 4
+
+
+def test_commit_naming_absent_chunks_lists_them(store):
+    data = content(5, 3 * CHUNK)
+    store.put_chunk(p.sha256(split(data)[0]), split(data)[0])
+    with pytest.raises(MissingChunks) as caught:
+        store.commit(new_version("n", data))
+    assert set(caught.value.missing) == {p.sha256(c) for c in split(data)[1:]}
+
+
+def test_a_damaged_stored_chunk_is_reported_missing_at_commit_and_healed_by_upload(store):
+    data = os.urandom(3 * 70_000)                   # chunks over SMALL_CHUNK_MAX: blobs
+    chunks = split(data, 70_000)
+    for chunk in chunks:
+        store.put_chunk(p.sha256(chunk), chunk)
+    bad = p.sha256(chunks[1])
+    with open(os.path.join(store.chunks.root, bad.hex()[:2], bad.hex()), "r+b") as f:
+        f.write(b"\x00\x01")
+    with pytest.raises(MissingChunks) as caught:
+        store.commit(new_version("n", data, chunk_size=70_000))
+    assert caught.value.missing == [bad]
+    store.put_chunk(bad, chunks[1])
+    assert store.commit(new_version("n", data, chunk_size=70_000)).size == len(data)
+
+
+# --- garbage collection ---
+
+def test_overwrites_and_rm_give_every_byte_back_after_gc(store):
+    put_file(store, "keep", content(99, 10_000), commit="k")
+    before = (store.totals().chunk_bytes, blob_bytes(store))
+    for i in range(20):
+        put_file(store, "big", os.urandom(3 * 70_000), commit=f"c{i}", chunk_size=70_000)
+    store.remove("big", "r1")
+    assert store.totals().chunk_bytes > before[0] + 20 * 200_000
+    dry = gc.collect(store, grace=0, dry_run=True)
+    assert dry["chunks"] == 60 and store.totals().chunk_bytes > before[0]
+    freed = gc.collect(store, grace=0)
+    assert freed["chunks"] == 60 and freed["bytes"] == 20 * 3 * 70_000
+    assert (store.totals().chunk_bytes, blob_bytes(store)) == before
+    assert store.meta.refcount_errors() == []
+    assert bytes(p.unpack_data(store.read_chunk(store.version("keep").chunks[0])))
+
+
+def test_grace_protects_uploaded_and_announced_chunks(store):
+    data = os.urandom(100_000)
+    store.put_chunk(p.sha256(data), data)
+    assert gc.collect(store, grace=3600)["chunks"] == 0
+    later = time.time() + 7200
+    assert store.missing([p.sha256(data)]) == []      # a client was told not to upload it...
+    store.meta.known([p.sha256(data)], later)         # ...two hours on
+    assert gc.collect(store, grace=3600, now=later + 10)["chunks"] == 0
+    assert gc.collect(store, grace=3600, now=later + 3700)["chunks"] == 1
+
+
+def test_a_commit_whose_chunk_was_collected_is_refused_then_succeeds_after_upload(store):
+    data = os.urandom(2 * 70_000)
+    for chunk in split(data, 70_000):
+        store.put_chunk(p.sha256(chunk), chunk)
+    gc.collect(store, grace=0)                        # the user's own risk: collects them
+    with pytest.raises(MissingChunks) as caught:
+        store.commit(new_version("n", data, chunk_size=70_000))
+    assert len(caught.value.missing) == 2
+    for chunk in split(data, 70_000):
+        store.put_chunk(p.sha256(chunk), chunk)
+    assert store.commit(new_version("n", data, chunk_size=70_000)).size == len(data)
+
+
+def test_orphan_blobs_are_collected_after_the_grace_period(store):
+    data = os.urandom(100_000)
+    digest = p.sha256(data)
+    store.chunks.put(digest, data)                    # a blob no row knows (a writer died)
+    assert gc.collect(store, grace=3600)["orphans"] == 0
+    path = os.path.join(store.chunks.root, digest.hex()[:2], digest.hex())
+    os.utime(path, (time.time() - 7200, time.time() - 7200))
+    freed = gc.collect(store, grace=3600)
+    assert (freed["orphans"], freed["bytes"]) == (1, 100_000)
+    assert not store.chunks.has(digest) and store.totals().chunk_bytes == 0
+
+
+def test_one_collector_at_a_time_and_a_dead_ones_work_is_finished(store):
+    assert store.meta.lease(gc.LEASE, "someone-else", time.time(), 60)
+    with pytest.raises(Unavailable, match="another storage worker"):
+        gc.collect(store, grace=0)
+    store.meta.release(gc.LEASE, "someone-else")
+    data = os.urandom(100_000)
+    store.put_chunk(p.sha256(data), data)
+    store.meta.doom(time.time() + 1, 10)              # a collector died after dooming
+    assert store.chunks.has(p.sha256(data))
+    assert gc.collect(store, grace=3600)["chunks"] == 1
+    assert not store.chunks.has(p.sha256(data)) and store.meta.chunk(p.sha256(data)) is None
+
+
+def test_tombstones_and_commit_ids_are_dropped_after_the_retention(store):
+    put_file(store, "n", b"x", commit="c1")
+    store.remove("n", "r1")
+    assert gc.collect(store, grace=0)["pruned"] == 0
+    assert gc.collect(store, grace=0, now=time.time() + RETAIN_SECONDS + 1)["pruned"] == 3
+
+
+# --- fsck ---
+
+def test_fsck_names_missing_and_corrupt_chunks_with_the_files_they_break(store):
+    shared = os.urandom(70_000)
+    put_file(store, "a", shared + os.urandom(70_000), chunk_size=70_000, commit="c1")
+    put_file(store, "b", shared, chunk_size=70_000, commit="c2")
+    put_file(store, "small", b"fine", commit="c3")
+    clean = gc.fsck_page(store)
+    assert (clean["names"], clean["chunks"], clean["damaged"]) == (3, 3, [])
+    assert (clean["next"], clean["orphans"], clean["refcount_errors"]) == (None, 0, 0)
+    second = store.version("a").chunks[1]
+    os.unlink(os.path.join(store.chunks.root, second.hex()[:2], second.hex()))
+    first = p.sha256(shared)
+    with open(os.path.join(store.chunks.root, first.hex()[:2], first.hex()), "r+b") as f:
+        f.write(b"\xff")
+    store.chunks.put(p.sha256(b"orphan" * 20000), b"orphan" * 20000)
+    report = gc.fsck_page(store)
+    damaged = {(d["chunk"], d["problem"]): d["names"] for d in report["damaged"]}
+    assert damaged == {(first, "corrupt"): ["a", "b"], (second, "missing"): ["a"]}
+    assert report["orphans"] == 1
+
+
+def test_fsck_pages_through_the_store(store):
+    for i in range(5):
+        put_file(store, f"f{i}", os.urandom(70_000), chunk_size=70_000, commit=f"c{i}")
+    pages, after = [], ""
+    while True:
+        page = gc.fsck_page(store, after, page_bytes=100_000)
+        pages.append(page)
+        if page["next"] is None:
+            break
+        after = page["next"]
+    assert len(pages) == 3 and sum(pg["names"] for pg in pages) == 5
+    assert all(pg["damaged"] == [] for pg in pages)
+
+
+# --- the data directory ---
+
+def test_workers_on_one_directory_share_one_store_id(tmp_path):
+    a, b, c = (open_local(str(tmp_path / d)) for d in ("d", "d", "other"))
+    assert a.store_id == b.store_id != c.store_id
+
+
+def test_unusable_directories_give_clear_errors(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")
+    with pytest.raises(StoreError, match="cannot use data directory"):
+        open_local(str(blocker / "data"))
+    with pytest.raises(StoreError, match="parent folder does not exist"):
+        open_local(str(tmp_path / "no" / "such" / "data"))
+
+
+def test_temp_files_of_dead_writers_are_cleaned_and_live_ones_kept(store):
+    import socket
+    host = socket.gethostname().replace(".", "_")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    files = {"dead": f"chunk.{host}.{dead.pid}.aaaa", "live": f"chunk.{host}.{os.getpid()}.bbbb",
+             "remote_old": "chunk.otherhost.1.cccc", "remote_new": "chunk.otherhost.1.dddd"}
+    for name in files.values():
+        with open(os.path.join(store.chunks.tmp, name), "wb") as f:
+            f.write(b"partial")
+    os.utime(os.path.join(store.chunks.tmp, files["remote_old"]), (0, 0))
+    assert store.chunks.clean_tmp() == 2
+    assert sorted(os.listdir(store.chunks.tmp)) == sorted([files["live"], files["remote_new"]])
+
+
+# --- migration from the format-1 layout ---
+
+FILES = {f"dir/{i:03d}": content(i, 100 + 3000 * (i % 4)) for i in range(60)}
+FILES["big"] = os.urandom(5 * CHUNK + 7)
+FILES["removed"] = b"was here"
+
+
+def test_a_format1_directory_is_migrated_in_place(tmp_path):
+    path = str(tmp_path / "old")
+    write_format1(path, FILES, removed={"removed"}, store_id="feedface")
+    store = open_local(path)
+    assert store.store_id == "feedface"
+    assert not os.path.exists(os.path.join(path, "manifests"))
+    listed = [v.name for v in store.list("", "", 1000)]
+    assert listed == sorted(n for n in FILES if n != "removed")
+    for name in listed:
+        got = b"".join(p.unpack_data(store.read_chunk(d)) for d in store.version(name).chunks)
+        assert got == FILES[name], name
+    assert store.meta.refcount_errors() == [] and gc.fsck_page(store)["damaged"] == []
+    assert store.totals().files == len(listed)
+    tombstone = list(FILES).index("removed") + 2     # written as version i+1, removed as i+2
+    assert put_file(store, "removed", b"again", commit="n1").version == tombstone + 1
+    store.close()
+    again = open_local(path)                            # idempotent: nothing more to do
+    assert [v.name for v in again.list("", "", 1000)] == sorted(FILES)
+
+
+def test_a_migration_killed_midway_is_finished_by_the_next_start(tmp_path):
+    path = str(tmp_path / "old")
+    write_format1(path, FILES, removed={"removed"})
+    script = ("import logging, sys; logging.basicConfig(stream=sys.stderr, level=logging.INFO);"
+              "from fms.storage.meta import legacy; from fms.storage.meta.sqlite import SQLiteMeta;"
+              "from fms.storage.chunks.localdir import LocalDirChunks;"
+              f"legacy.migrate({path!r}, SQLiteMeta({path!r} + '/meta.db'), "
+              f"LocalDirChunks({path!r}), slow=0.2)")
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            if "event=migrate_start" in line:
+                break
+        proc.kill()                                     # mid-transaction: 62 manifests take 12 s
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert os.path.isdir(os.path.join(path, "manifests"))
+    store = open_local(path)
+    assert [v.name for v in store.list("", "", 1000)] == sorted(n for n in FILES if n != "removed")
+    assert store.meta.refcount_errors() == []
+
+
+# --- the service: wire -> model ---
+
+class Link:
+    def __init__(self):
+        self.replies = []
+
+    def reply(self, route, header, data=None, invalidate=None, cache=None):
+        self.replies.append(header)
+
+
+def request(service, link, **header):
+    service.handle_request({}, {"v": 1, "id": len(link.replies) + 1, **header}, None)
+    service.flush()
+    return link.replies[-1]
+
+
+@pytest.mark.parametrize("mtime", [math.nan, math.inf, -math.inf, 1e300, -1e12])
+def test_commit_refuses_mtimes_that_are_not_times(store, mtime):
+    service = StorageService(store, Link())
+    fields = new_version("n", b"")
+    with pytest.raises(BadRequest, match="mtime"):
+        service.handle_request({}, {"v": 1, "id": 1, "op": "commit", "name": "n", "size": 0,
+                                    "chunk_size": CHUNK, "chunks": [], "sha256": fields.sha256,
+                                    "commit": "c1", "mtime": mtime}, None)
+
+
+@pytest.mark.parametrize("name", ["a\x85b", "x\x9f", "\x80", "ok\x7f"])
+def test_names_with_control_characters_are_refused(store, name):
+    with pytest.raises(BadRequest, match="control character"):
+        StorageService(store, Link()).handle_request(
+            {}, {"v": 1, "id": 1, "op": "stat", "name": name}, None)
+
+
+def test_an_rm_id_reused_by_a_commit_is_refused_not_answered_with_the_rm(store):
+    link = Link()
+    service = StorageService(store, link)
+    put_file(store, "n", b"data", commit="c1")
+    assert request(service, link, op="rm", name="n", commit="shared-id")["ok"]
+    v = new_version("n", b"data", commit="shared-id")
+    reply = request(service, link, op="commit", name="n", size=v.size, chunk_size=v.chunk_size,
+                    chunks=list(v.chunks), sha256=v.sha256, mtime=v.mtime, commit="shared-id")
+    assert (reply["ok"], reply["error"]) == (False, "bad_request")
+    assert "already used" in reply["message"]
+
+
+def test_commits_that_arrive_together_are_one_transaction_each_answered(store):
+    link = Link()
+    service = StorageService(store, link)
+    for i in range(10):
+        v = new_version(f"n{i}", b"%d" % i, commit=f"c{i}")
+        service.handle_request({}, {"v": 1, "id": i, "op": "commit", "name": v.name,
+                                    "size": v.size, "chunk_size": v.chunk_size,
+                                    "chunks": list(v.chunks), "sha256": v.sha256,
+                                    "commit": v.commit}, _frame(b"%d" % i))
+    assert link.replies == []                           # held for the group commit
+    service.flush()
+    assert sorted(r["id"] for r in link.replies) == list(range(10))
+    assert all(r["ok"] for r in link.replies) and store.totals().files == 10
+
+
+def test_missing_chunks_reply_lists_them(store):
+    link = Link()
+    service = StorageService(store, link)
+    v = new_version("n", content(7, 2 * CHUNK))
+    reply = request(service, link, op="commit", name="n", size=v.size, chunk_size=v.chunk_size,
+                    chunks=list(v.chunks), sha256=v.sha256, commit="c1")
+    assert reply["error"] == "missing_chunks" and set(reply["missing"]) == set(v.chunks)
+
+
+def test_ls_pages_with_a_cursor(store):
+    link = Link()
+    service = StorageService(store, link)
+    for i in range(12):
+        put_file(store, f"d/{i:02d}", b"x%d" % i, commit=f"c{i}")
+    put_file(store, "e", b"e", commit="e")
+    names, after, pages = [], "", 0
+    while True:
+        page = request(service, link, op="ls", prefix="d/", after=after, limit=5)
+        pages += 1
+        names += [e["name"] for e in page["entries"]]
+        if not page["more"]:
+            break
+        after = page["entries"][-1]["name"]
+    assert names == [f"d/{i:02d}" for i in range(12)] and pages == 3
+
+
+def test_usage_is_the_kept_totals(store):
+    link = Link()
+    put_file(store, "a", b"1" * 100, commit="c1")
+    reply = request(StorageService(store, link), link, op="usage")
+    assert reply["store"] == {"files": 1, "bytes": 100, "chunks": 1, "chunk_bytes": 100}
+
+
+def _frame(data):
+    class Frame:
+        buffer = p.pack_data(data)
+    return Frame()
+
+
+# --- several processes on one SQLite store ---
+
+def _hammer(path, worker, rounds):
+    store = open_local(path)
+    for i in range(rounds):
+        data = b"%d-%d" % (worker, i)
+        store.put_chunk(p.sha256(data), data)
+        store.commit(new_version(f"shared/{i % 5}", data, commit=f"w{worker}-{i}"))
+        if i % 14 == 0:
+            try:
+                gc.collect(store, grace=3600)
+            except Unavailable:
+                pass                                    # another process is collecting
+    store.close()
+
+
+def test_workers_sharing_one_store_never_lose_an_update(tmp_path):
+    import multiprocessing
+    path = str(tmp_path / "data")
+    open_local(path).close()
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_hammer, args=(path, w, 60)) for w in range(3)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(120)
+        assert proc.exitcode == 0
+    store = open_local(path)
+    assert sum(store.version(f"shared/{k}").version for k in range(5)) == 3 * 60
+    assert store.meta.refcount_errors() == []
+    assert gc.fsck_page(store)["damaged"] == []
+
+
+# --- a property: references always equal a recount, no referenced chunk is ever freed ---
+
+class StoreMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        import tempfile
+        self.dir = tempfile.mkdtemp(prefix="fms-prop-")
+        self.store = open_local(self.dir + "/data")
+        self.model = {}
+        self.ids = 0
+
+    def _id(self):
+        self.ids += 1
+        return f"id{self.ids}"
+
+    @rule(name=st.sampled_from(["a", "b", "c/d"]), seed=st.integers(0, 6),
+          blocks=st.integers(0, 3), small=st.booleans())
+    def put(self, name, seed, blocks, small):
+        size = blocks * (4096 if small else 70_000) + seed
+        data = content(seed, size)
+        put_file(self.store, name, data, commit=self._id(), chunk_size=4096 if small else 70_000)
+        self.model[name] = data
+
+    @rule(name=st.sampled_from(["a", "b", "c/d"]))
+    def rm(self, name):
+        if name in self.model:
+            self.store.remove(name, self._id())
+            del self.model[name]
+        else:
+            with pytest.raises(NotFound):
+                self.store.remove(name, self._id())
+
+    @rule(grace=st.sampled_from([0, 3600]))
+    def collect(self, grace):
+        gc.collect(self.store, grace=grace)
+
+    @rule()
+    def restart(self):
+        self.store.close()
+        self.store = open_local(self.dir + "/data")
+
+    @invariant()
+    def references_match_a_recount_and_resolve(self):
+        assert self.store.meta.refcount_errors() == []
+        assert [v.name for v in self.store.list("", "", 100)] == sorted(self.model)
+        for name, data in self.model.items():
+            version = self.store.version(name)
+            got = b"".join(p.unpack_data(self.store.read_chunk(d)) for d in version.chunks)
+            assert got == data
+        totals = self.store.totals()
+        assert (totals.files, totals.bytes) == (len(self.model),
+                                                sum(map(len, self.model.values())))
+
+    def teardown(self):
+        import shutil
+        self.store.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+TestStoreProperties = StoreMachine.TestCase
+TestStoreProperties.settings = settings(max_examples=40, stateful_step_count=25, deadline=None,
+                                        suppress_health_check=[HealthCheck.too_slow])
