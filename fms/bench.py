@@ -637,11 +637,11 @@ def bench_ls(folder: str, large: int = LS_LARGE) -> list:
                 usage = c.usage()
                 wrong += len(listing) != LS_FOLDER or usage["files"] != stored
                 ms[target] = (stored, fill_s, _median_ms(lambda: c.ls(LS_LISTED)),
-                              _median_ms(c.usage))
+                              _median_ms(c.usage), _du(os.path.join(cluster.folder, "storage")))
     finally:
         cluster.stop()
-    (n_small, _, ls_small, usage_small), (n_large, fill_s, ls_large, usage_large) = \
-        ms[LS_SMALL], ms[large]
+    (n_small, _, ls_small, usage_small, du_small), \
+        (n_large, fill_s, ls_large, usage_large, du_large) = ms[LS_SMALL], ms[large]
     r_ls = row(f"ls of a {LS_FOLDER}-name folder, Python API, warm, median: among {n_large:,} "
                f"names (filled at {(n_large - n_small) / fill_s:,.0f} names/s) vs among "
                f"{n_small:,}", ls_large, ls_small, f"same among {n_small:,}", "ms",
@@ -650,6 +650,8 @@ def bench_ls(folder: str, large: int = LS_LARGE) -> list:
     r_usage = row(f"usage (stats) among {n_large:,} names vs among {n_small:,}", usage_large,
                   usage_small, f"same among {n_small:,}", "ms", "<= 1.5x (as fast)")
     r_usage["met"] = r_usage["ratio"] <= 1.5
+    r_ls["detail"] = (f"data dir (du -sb) {du_small / p.MiB:.1f} MiB at {n_small:,} names, "
+                      f"{du_large / p.MiB:.1f} MiB at {n_large:,}")
     for r_ in (r_ls, r_usage):
         r_["failed"] = wrong      # listings or counts that came back wrong
         r_["met"] = r_["met"] and not wrong
@@ -758,6 +760,7 @@ def bench_gc(folder: str) -> list:
             available = out.returncode == 0
             measure("gc" if available else "gc unavailable")
             kept_ok = c.get_bytes("gc/kept") == kept
+            empty = sum(1 for root, dirs, names in os.walk(chunks) if not dirs and not names)
     finally:
         cluster.stop()
     rows = []
@@ -771,7 +774,7 @@ def bench_gc(folder: str) -> list:
         if r_["target"] == "== before":
             r_["met"] = (last == before and kept_ok) if available else None
         rows.append(r_)
-    rows[0]["detail"] += f"; gc said: {gc_said}"
+    rows[0]["detail"] += f"; {empty} empty folders left under chunks/; gc said: {gc_said}"
     return rows
 
 
