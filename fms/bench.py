@@ -559,11 +559,10 @@ def bench_many(folder: str, rounds: int = 3) -> list:
         try:
             runs = []
             for k in range(rounds):
-                config = os.path.join(folder, f"curl-{k}.cfg")
                 out = _sub(folder, f"curl-out-{k}")
-                with open(config, "w") as f:
-                    for name in sorted(os.listdir(src)):
-                        f.write(f'url = "{nginx.url("many/" + name)}"\noutput = "{out}/{name}"\n')
+                config = _curl_config(os.path.join(folder, f"curl-{k}.cfg"), (
+                    ("output", f"{out}/{name}", nginx.url("many/" + name))
+                    for name in sorted(os.listdir(src))))
                 runs.append(timed(lambda: subprocess.run(["curl", "-sf", "-K", config],
                                                          check=True)))
             curl_s = statistics.median(runs)
