@@ -12,6 +12,10 @@ import zmq
 
 import fms
 
+# Real PostgreSQL and S3 (SeaweedFS) servers, and network namespaces as hosts, started on first
+# use: tests/servers.py, tests/netns.py.
+pytest_plugins = ["servers", "netns"]
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_TIMEOUT = 15.0    # seconds for a process to come up / a worker to register
 STOP_TIMEOUT = 8.0      # seconds for a process to exit after SIGTERM before it is killed
@@ -105,9 +109,12 @@ class Cluster:
                                  data or self.storage_dir, "--id", wid, *extra])
 
     def start_cache(self, max_bytes="64M", directory=None) -> Proc:
+        return self.start_cache_with([], max_bytes, directory)
+
+    def start_cache_with(self, extra, max_bytes="64M", directory=None) -> Proc:
         return self._spawn("cache", ["cache", "--broker", self.backend, "--dir",
                                      directory or self.cache_dir, "--max-bytes", max_bytes,
-                                     "--id", "cache-1"])
+                                     "--id", "cache-1", *extra])
 
     def workers(self, service=None) -> list:
         with self.client(timeout=2.0) as c:
@@ -191,6 +198,3 @@ def random_bytes(n: int, seed: int = 0) -> bytes:
     import random
     return random.Random(seed).randbytes(n)
 
-
-# Real PostgreSQL and S3 (SeaweedFS) servers, started on first use (tests/servers.py).
-from servers import pg_database_url, postgres, postgres_url  # noqa: E402,F401

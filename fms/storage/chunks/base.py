@@ -11,7 +11,8 @@ class ChunkBackend(ABC):
 
     @abstractmethod
     def put(self, digest: bytes, data) -> bool:
-        """Store ``data`` under ``digest`` durably unless present.  :return: True if written."""
+        """Store ``data`` under ``digest`` durably (a blob already there may be left as it is or
+        written again: content never changes).  :return: True if written."""
 
     @abstractmethod
     def get(self, digest: bytes):

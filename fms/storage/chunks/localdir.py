@@ -48,14 +48,21 @@ class LocalDirChunks(ChunkBackend):
             return False
         shard = os.path.dirname(final)
         try:
-            if not os.path.isdir(shard):
-                os.makedirs(shard, exist_ok=True)
-                fsync_dir(self.root)
             tmp = self.tmp_path("chunk")
             write_durably(tmp, [data])
-            os.replace(tmp, final)
+            for _ in range(3):
+                if not os.path.isdir(shard):
+                    os.makedirs(shard, exist_ok=True)
+                    fsync_dir(self.root)
+                try:
+                    os.replace(tmp, final)
+                    break
+                except FileNotFoundError:
+                    continue    # the collector removed the shard, empty, in between: again
             fsync_dir(shard)
         except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
             raise _os_error(exc) from None
         return True
 
@@ -75,8 +82,11 @@ class LocalDirChunks(ChunkBackend):
         return frame
 
     def delete(self, digest):
+        path = self._path(digest)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._path(digest))
+            os.unlink(path)
+        with contextlib.suppress(OSError):      # a shard left empty goes too (not if in use)
+            os.rmdir(os.path.dirname(path))
 
     def list(self):
         for shard in os.scandir(self.root):

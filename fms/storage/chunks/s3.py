@@ -44,7 +44,11 @@ class S3Chunks(ChunkBackend):
         self.url = url
         self.s3 = boto3.session.Session().client("s3", config=Config(
             connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT,
-            retries={"max_attempts": ATTEMPTS, "mode": "standard"}, max_pool_connections=16))
+            retries={"max_attempts": ATTEMPTS, "mode": "standard"}, max_pool_connections=16,
+            # fms checks every chunk against its sha256 itself; the SDK's CRCs would be a second
+            # pass over each chunk (measured: GET 1.06-1.19x faster without, less CPU).
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required"))
         self._check()
 
     def _check(self):
@@ -96,8 +100,8 @@ class S3Chunks(ChunkBackend):
             return False
 
     def put(self, digest, data):
-        if self.has(digest):
-            return False
+        # No HEAD first: a chunk's content never changes, so writing it again is harmless, and
+        # the engine only gets here for a chunk a client was told to upload.
         self._call("put", self.s3.put_object, Key=self._key(digest), Body=bytes(data))
         return True
 

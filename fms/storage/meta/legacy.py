@@ -19,7 +19,8 @@ import time
 
 import msgpack
 
-from ...errors import FmsError
+from ... import protocol as p
+from ...errors import BadRequest, FmsError
 from ..model import unpack_digests
 
 log = logging.getLogger("fms.storage.migrate")
@@ -76,6 +77,16 @@ def migrate(path: str, meta, chunks, slow: float = 0.0):
         log.info("event=migrated_layout_removed path=%s", done)
 
 
+def _valid_mtime(manifest, now) -> float:
+    """A format-1 manifest's mtime, or ``now`` where format 1 let a NaN or infinity in."""
+    try:
+        return p.check_mtime(manifest.get("mtime", now))
+    except (BadRequest, TypeError, ValueError):
+        log.warning("event=migrate_bad_mtime name=%r mtime=%r action=set_to_now",
+                    manifest["name"], manifest.get("mtime"))
+        return now
+
+
 def _copy(path, meta, chunks, slow):
     started = time.time()
     log.info("event=migrate_start path=%s from_format=1", path)
@@ -93,7 +104,7 @@ def _copy(path, meta, chunks, slow):
             listed = b"".join(m.get("chunks") or [])
             db.execute("INSERT OR REPLACE INTO names VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (m["name"], m["version"], m["size"], m["sha256"], m["chunk_size"],
-                        b"" if deleted else listed, float(m.get("mtime", 0.0)),
+                        b"" if deleted else listed, _valid_mtime(m, started),
                         str(m.get("commit", "")), float(m.get("committed", started)), int(deleted)))
             names += 1
             if not deleted:

@@ -342,20 +342,27 @@ class SQLMeta(MetaEngine):
         return self._transaction(lambda: self._claim(digest, size, now, data))
 
     def _claim(self, digest, size, now, data):
-        inserted = self._execute(
-            "INSERT INTO chunks (digest, size, refs, since, doomed, data) VALUES (?, ?, 0, ?, 0, ?) "
-            "ON CONFLICT (digest) DO NOTHING RETURNING digest", (digest, size, now, data)).fetchall()
-        if inserted:
-            self._execute("UPDATE totals SET chunks = chunks + 1, chunk_bytes = chunk_bytes + ?",
-                          (size,))
-            return data is not None
-        row = self._execute(f"SELECT doomed, data IS NOT NULL FROM chunks WHERE digest = ?"
-                            f"{self.for_update}", (digest,)).fetchone()
-        if row[0]:
-            raise Unavailable(f"chunk {digest.hex()[:16]} is being collected right now; "
-                              f"send it again in a moment")
-        self._execute("UPDATE chunks SET since = ? WHERE digest = ? AND refs = 0", (now, digest))
-        return bool(row[1])
+        for _ in range(RETRIES):
+            inserted = self._execute(
+                "INSERT INTO chunks (digest, size, refs, since, doomed, data) "
+                "VALUES (?, ?, 0, ?, 0, ?) ON CONFLICT (digest) DO NOTHING RETURNING digest",
+                (digest, size, now, data)).fetchall()
+            if inserted:
+                self._execute("UPDATE totals SET chunks = chunks + 1, "
+                              "chunk_bytes = chunk_bytes + ?", (size,))
+                return data is not None
+            row = self._execute(f"SELECT doomed, data IS NOT NULL FROM chunks WHERE digest = ?"
+                                f"{self.for_update}", (digest,)).fetchone()
+            if row is None:
+                continue        # collected between the two statements (PostgreSQL): insert it
+            if row[0]:
+                raise Unavailable(f"chunk {digest.hex()[:16]} is being collected right now; "
+                                  f"send it again in a moment")
+            self._execute("UPDATE chunks SET since = ? WHERE digest = ? AND refs = 0",
+                          (now, digest))
+            return bool(row[1])
+        raise Unavailable(f"chunk {digest.hex()[:16]} is being collected right now; send it "
+                          f"again in a moment")
 
     def chunk(self, digest):
         row = self._one(f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE digest = ?", (digest,))
