@@ -1,12 +1,15 @@
 """Benchmarks: fms side by side with peers in the same run, reported as ratios (the machine is
 shared and noisy: an absolute time alone says little).
 
-    python -m fms.bench [SCENARIO ...] [--size 512M] [--rss-size 2G] [--out bench-results]
+    python -m fms.bench [SCENARIO ...] [--size 512M] [--rss-size 2G] [--names 200000]
+                        [--out bench-results]
 
-Scenarios (default: all but curve and profile):
+Scenarios (default: all but curve and profile; ``meta`` stands for ``ls putr gc``):
 
 - ``large``  PUT, cold GET (every chunk a cache miss) and warm GET (every chunk a hit) of one
-  large file to a file on disk, against ``cp`` + ``sync`` (PUT) and ``curl`` from nginx (GET).
+  large file to a file on disk, against ``cp`` + ``sync`` of the copy (PUT) and ``curl`` from
+  nginx (GET).  Each round writes new content and fsyncs it before either clock starts, and
+  PUT and cp take turns going first.
 - ``small``  4 KiB GETs: one client's sequential latency p50/p99 against redis-py GET, and the
   same round trip through a bare pyzmq proxy and echo process (the topology's floor in Python);
   16 concurrent connections' requests/s against nginx under ``wrk -t2 -c16``, driven the way wrk
@@ -15,6 +18,23 @@ Scenarios (default: all but curve and profile):
 - ``many``   ``get -r`` of 1000 x 4 KiB files through the CLI, with a cold cache then warm (median
   of 3), against one ``curl`` fetching the same 1000 files sequentially over one keep-alive
   connection (median of 3).
+- ``ls``     ``Client.ls`` of a 200-name folder (p500/, in the middle of the key space) and
+  ``Client.usage`` (the ``stats`` figures), warm, median of 20, with 2,000 names stored over
+  1,000 folders, then in the same store grown to 200,000 (``--names``) with pipelined commits
+  of one tiny content (dedup: only metadata is written).  Ratio: time among 200,000 / time
+  among 2,000.  Filling stops after 5 minutes; the row then says how many names it reached.
+- ``putr``   ``put -r`` of 1000 x 4 KiB files through the CLI against one ``curl -K`` uploading
+  the same files (``upload-file``, WebDAV ``PUT``) to nginx over one keep-alive connection,
+  median of 3.  curl as typed sends ``Expect: 100-continue`` and waits for nginx's 100 before
+  each body; a second row has it drop that (``-H 'Expect:'``, about 1.5x faster): the
+  strongest peer.  Every round writes new content (fsync'd before any clock) into a fresh
+  prefix and folder on the same disk, and starts with a different side.  Ratio: curl time /
+  fms time.
+- ``gc``     space given back: a 1.5 MiB file kept throughout, then 20 overwrites of a 3 MiB
+  file with new content, ``rm``, ``client.py gc --grace 0``; ``du -sb`` of the storage's
+  ``chunks/`` and of its whole data directory (``meta.db`` included), the bytes of the chunk
+  files alone, and ``Client.usage()["chunk_bytes"]`` after each step.  Target: after gc, the
+  chunk bytes are what they were before the overwrites, and the kept file reads back whole.
 - ``rss``    peak RSS of every process while a 2 GiB file is put, fetched cold and warm.
 - ``scale``  cache-miss GET throughput with 1, 2 and 4 storage workers and how evenly requests
   spread; then storage workers added and removed under load, counting failed requests.
@@ -30,6 +50,7 @@ skipped with a message.  Results go to ``OUT/bench-DATE.json`` and ``OUT/bench-D
 
 import argparse
 import datetime
+import itertools
 import json
 import multiprocessing
 import os
@@ -58,6 +79,20 @@ SCALE_FILES = 48           # files of SCALE_FILE bytes fetched cold per storage-
 SCALE_FILE = 4 * p.MiB
 SCALE_CLIENTS = 4
 PEER_START = 10.0          # seconds for a peer to start listening
+LS_SMALL = 2_000           # names in the store for the first listing ...
+LS_LARGE = 200_000         # ... and for the second (--names)
+LS_FOLDERS = 1000          # folders p000 .. p999 the names spread over
+LS_LISTED = "p500/"        # the folder listed: LS_FOLDER names, in the middle of the key space
+LS_FOLDER = 200
+LS_BATCH = 5000            # names per put_many while filling the store
+LS_FILL_SECONDS = 300.0    # filling stops after this long; the rows say how many names it reached
+LS_SAMPLES = 20            # warm ls / usage calls timed at each size (fewer if one is slow)
+LS_SAMPLE_SECONDS = 30.0   # ... at most about this long per measurement
+GC_OVERWRITES = 20
+GC_FILE = 3 * p.MiB
+GC_BASE = 3 * p.MiB // 2   # a file kept throughout: gc must leave its chunks alone
+CLIENT_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "client.py")
 
 
 # --- peers ---
@@ -97,15 +132,20 @@ def ensure_tool(binary: str, package: str) -> bool:
 class Nginx:
     """nginx serving ``root`` on a random loopback port."""
 
-    def __init__(self, root: str, folder: str):
+    def __init__(self, root: str, folder: str, dav: bool = False):
+        """:param dav: also accept WebDAV ``PUT`` under ``root`` (ngx_http_dav_module, built
+            into Debian's nginx-light): each upload goes to a temp file, then is renamed into
+            place, creating folders as needed; nothing is fsync'd."""
         self.port = free_port()
         conf = os.path.join(folder, "nginx.conf")
+        put = (f"location / {{ dav_methods PUT; create_full_put_path on; "
+               f"client_body_temp_path {folder}/body; client_max_body_size 0; }}" if dav else "")
         with open(conf, "w") as f:
             f.write(f"""user root; worker_processes 2; daemon off; pid {folder}/nginx.pid;
 error_log {folder}/nginx-error.log;
 events {{ worker_connections 1024; }}
 http {{ access_log off; sendfile on; tcp_nopush on; keepalive_requests 1000000;
-  server {{ listen 127.0.0.1:{self.port}; root {root}; }} }}
+  server {{ listen 127.0.0.1:{self.port}; root {root}; {put} }} }}
 """)
         self.proc = subprocess.Popen(["nginx", "-c", conf, "-p", folder],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -138,12 +178,33 @@ class Redis:
 # --- helpers ---
 
 def make_file(path: str, size: int):
+    """``size`` random bytes at ``path``, fsync'd: a source left dirty would be flushed by
+    whichever side's clock runs first (a peer's ``sync`` would pay for writing it)."""
     with open(path, "wb") as f:
         left = size
         while left:
             n = min(left, 8 * p.MiB)
             f.write(os.urandom(n))
             left -= n
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def make_small_files(folder: str, count: int, size: int = SMALL) -> str:
+    """``count`` files of ``size`` new random bytes in ``folder`` (f0000, f0001, ...), fsync'd
+    (see :func:`make_file`).  :return: ``folder``."""
+    for i in range(count):
+        with open(os.path.join(folder, f"f{i:04d}"), "wb") as f:
+            f.write(os.urandom(size))
+            f.flush()
+            os.fsync(f.fileno())
+    return folder
+
+
+def run_cli(frontend: str, *args, **kwargs) -> subprocess.CompletedProcess:
+    """``client.py --broker FRONTEND --quiet ARGS`` in a new process, as a user runs it."""
+    return subprocess.run([sys.executable, CLIENT_PY, "--broker", frontend, "--quiet", *args],
+                          **kwargs)
 
 
 def timed(fn) -> float:
@@ -196,11 +257,18 @@ def bench_large(folder: str, size: int, rounds: int = 3) -> list:
         cluster.start_all()
         with cluster.client(timeout=30.0) as c:
             for r in range(rounds):
-                make_file(src, size)            # new content: a real upload, a real cold get
-                rates["put"].append(mib / timed(lambda: c.put(src, f"large/{r}")))
+                # New content (a real upload, a real cold get), on disk before either clock.
+                make_file(src, size)
                 dst = os.path.join(folder, "cp-copy.bin")
-                rates["cp"].append(mib / timed(lambda: subprocess.run(
-                    f"cp {src} {dst} && sync", shell=True, check=True)))
+                # sync of the copy only (fsync), as fms syncs only what it writes: a global sync
+                # would also pay for whatever other processes on the machine left dirty.  Each
+                # round starts with the other side: the disk is slower just after a big write.
+                sides = [("put", lambda: c.put(src, f"large/{r}")),
+                         ("cp", lambda: subprocess.run(
+                             ["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", src, dst],
+                             check=True))]
+                for side, fn in sides[r % 2:] + sides[:r % 2]:
+                    rates[side].append(mib / timed(fn))
                 os.unlink(dst)
                 rates["cold"].append(mib / timed(lambda: c.get(f"large/{r}", out)))
                 rates["warm"].append(mib / timed(lambda: c.get(f"large/{r}", out)))
@@ -212,11 +280,15 @@ def bench_large(folder: str, size: int, rounds: int = 3) -> list:
         if nginx:
             nginx.stop()
     med = {k: statistics.median(v) if v else None for k, v in rates.items()}
-    return [
-        _rate_row(f"PUT {mib:.0f} MiB", med["put"], med["cp"], "cp + sync", 0.5),
+    rows = [
+        _rate_row(f"PUT {mib:.0f} MiB", med["put"], med["cp"], "cp + sync", 0.8),
         _rate_row(f"cold GET {mib:.0f} MiB", med["cold"], med["curl"], "curl from nginx", 0.35),
         _rate_row(f"warm GET {mib:.0f} MiB", med["warm"], med["curl"], "curl from nginx", 0.5),
     ]
+    for r_, (side, peer) in zip(rows, (("put", "cp"), ("cold", "curl"), ("warm", "curl"))):
+        r_["detail"] = "rounds (MiB/s): " + "; ".join(
+            f"{k} {' / '.join(f'{v:.0f}' for v in rates[k])}" for k in (side, peer) if rates[k])
+    return rows
 
 
 def _rate_row(name, fms_rate, peer_rate, peer, target):
@@ -477,22 +549,17 @@ def bench_many(folder: str, rounds: int = 3) -> list:
     """``get -r`` of MANY_FILES small files through the CLI, each run into a fresh folder: the
     first with a cold cache (every file a miss), then ``rounds`` warm; curl ``rounds`` times."""
     root = _sub(folder, "many-www")
-    src = _sub(root, "many")
-    for i in range(MANY_FILES):
-        with open(os.path.join(src, f"f{i:04d}"), "wb") as f:
-            f.write(os.urandom(SMALL))
+    src = make_small_files(_sub(root, "many"), MANY_FILES)
     cluster = LocalCluster(_sub(folder, "many-cluster"))
     fms_s = []
     try:
         cluster.start_all()
         with cluster.client() as c:
             c.put_many([(os.path.join(src, n), f"many/{n}") for n in sorted(os.listdir(src))])
-        client_py = os.path.join(os.path.dirname(os.path.dirname(__file__)), "client.py")
         for k in range(rounds + 1):
             dest = os.path.join(folder, f"many-out-{k}")
-            fms_s.append(timed(lambda: subprocess.run(
-                [sys.executable, client_py, "--broker", cluster.frontend, "--quiet", "get",
-                 "-r", "many", dest], check=True)))
+            fms_s.append(timed(lambda: run_cli(cluster.frontend, "get", "-r", "many", dest,
+                                               check=True)))
     finally:
         cluster.stop()
     curl_s = None
@@ -501,11 +568,10 @@ def bench_many(folder: str, rounds: int = 3) -> list:
         try:
             runs = []
             for k in range(rounds):
-                config = os.path.join(folder, f"curl-{k}.cfg")
                 out = _sub(folder, f"curl-out-{k}")
-                with open(config, "w") as f:
-                    for name in sorted(os.listdir(src)):
-                        f.write(f'url = "{nginx.url("many/" + name)}"\noutput = "{out}/{name}"\n')
+                config = _curl_config(os.path.join(folder, f"curl-{k}.cfg"), (
+                    ("output", f"{out}/{name}", nginx.url("many/" + name))
+                    for name in sorted(os.listdir(src))))
                 runs.append(timed(lambda: subprocess.run(["curl", "-sf", "-K", config],
                                                          check=True)))
             curl_s = statistics.median(runs)
@@ -523,19 +589,225 @@ def bench_many(folder: str, rounds: int = 3) -> list:
     return rows
 
 
+# --- the store as it grows: listing, usage, small uploads, space given back ---
+
+def ls_names(total: int):
+    """``total`` names: the listed folder (:data:`LS_LISTED`, :data:`LS_FOLDER` names) first,
+    then the others one per folder per pass over p000 .. p999, so the first 2,000 spread over
+    every folder as evenly as the first 200,000 do, and p500/ sits in the middle."""
+    yield from (f"{LS_LISTED}f{i:03d}" for i in range(min(total, LS_FOLDER)))
+    others = (f"p{j:03d}/f{i:04d}" for i in range(1 << 30) for j in range(LS_FOLDERS)
+              if f"p{j:03d}/" != LS_LISTED)
+    yield from itertools.islice(others, max(0, total - LS_FOLDER))
+
+
+def _fill(client: Client, tiny: str, names, deadline: float) -> int:
+    """Store every name in ``names`` with the content of the file ``tiny`` (identical content:
+    dedup makes it cost nothing but the metadata), :data:`LS_BATCH` pipelined commits at a time,
+    until ``deadline``.  :return: names stored."""
+    stored = 0
+    while time.monotonic() < deadline:
+        batch = list(itertools.islice(names, LS_BATCH))
+        if not batch:
+            break
+        stored += len(client.put_many([(tiny, name) for name in batch]))
+    return stored
+
+
+def _median_ms(fn) -> float:
+    """Median ms of up to :data:`LS_SAMPLES` warm calls of ``fn`` (after one untimed call; fewer
+    samples, at least 3, when one takes so long that they would last over LS_SAMPLE_SECONDS)."""
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    samples = max(3, min(LS_SAMPLES, int(LS_SAMPLE_SECONDS / max(first, 1e-6))))
+    return statistics.median(latencies(fn, samples)) * 1000
+
+
+def bench_ls(folder: str, large: int = LS_LARGE) -> list:
+    """``Client.ls`` of a 200-name folder and ``Client.usage`` with LS_SMALL names stored, then
+    in the same store grown to ``large`` names (or as many as LS_FILL_SECONDS allowed)."""
+    tiny = os.path.join(folder, "tiny")
+    with open(tiny, "wb") as f:
+        f.write(b"fms bench\n")
+    cluster = LocalCluster(_sub(folder, "ls-cluster"))
+    names = ls_names(large)
+    ms, stored, wrong = {}, 0, 0
+    try:
+        cluster.start_all()
+        with cluster.client(timeout=60.0) as c:
+            for target in (LS_SMALL, large):
+                start = time.monotonic()
+                stored += _fill(c, tiny, itertools.islice(names, target - stored),
+                                start + LS_FILL_SECONDS)
+                fill_s = time.monotonic() - start
+                print(f"bench: ls: {stored:,} names stored ({fill_s:.0f} s for this step)",
+                      file=sys.stderr, flush=True)
+                listing = c.ls(LS_LISTED)
+                usage = c.usage()
+                wrong += len(listing) != LS_FOLDER or usage["files"] != stored
+                ms[target] = (stored, fill_s, _median_ms(lambda: c.ls(LS_LISTED)),
+                              _median_ms(c.usage), _du(os.path.join(cluster.folder, "storage")))
+    finally:
+        cluster.stop()
+    (n_small, _, ls_small, usage_small, du_small), \
+        (n_large, fill_s, ls_large, usage_large, du_large) = ms[LS_SMALL], ms[large]
+    r_ls = row(f"ls of a {LS_FOLDER}-name folder, Python API, warm, median: among {n_large:,} "
+               f"names (filled at {(n_large - n_small) / fill_s:,.0f} names/s) vs among "
+               f"{n_small:,}", ls_large, ls_small, f"same among {n_small:,}", "ms",
+               "<= 1.5x and < 20 ms")
+    r_ls["met"] = r_ls["ratio"] <= 1.5 and ls_large < 20
+    r_usage = row(f"usage (stats) among {n_large:,} names vs among {n_small:,}", usage_large,
+                  usage_small, f"same among {n_small:,}", "ms", "<= 1.5x (as fast)")
+    r_usage["met"] = r_usage["ratio"] <= 1.5
+    r_ls["detail"] = (f"data dir (du -sb) {du_small / p.MiB:.1f} MiB at {n_small:,} names, "
+                      f"{du_large / p.MiB:.1f} MiB at {n_large:,}")
+    for r_ in (r_ls, r_usage):
+        r_["failed"] = wrong      # listings or counts that came back wrong
+        r_["met"] = r_["met"] and not wrong
+    return [r_ls, r_usage]
+
+
+def _curl_config(path: str, pairs) -> str:
+    """A curl ``-K`` file with one ``upload-file`` (or ``output``) and ``url`` per pair: one
+    curl process, one keep-alive connection for them all."""
+    with open(path, "w") as f:
+        for key, local, url in pairs:
+            f.write(f'{key} = "{local}"\nurl = "{url}"\n')
+    return path
+
+
+CURL_PUTS = {"curl -T": [],                            # as typed: 4 KiB bodies wait for 100
+             "curl -T -H 'Expect:'": ["-H", "Expect:"]}  # ... or not (the strongest peer)
+
+
+def bench_putr(folder: str, rounds: int = 3) -> list:
+    """``put -r`` of MANY_FILES small files through the CLI against one curl uploading the same
+    files with WebDAV PUT to nginx over one keep-alive connection (as typed, and without the
+    ``Expect: 100-continue`` round trip), each round in a new order; new content every round (no
+    dedup), each into a fresh prefix/folder on the same disk."""
+    src = _sub(folder, "putr-src")
+    www = _sub(folder, "putr-www")
+    cluster = LocalCluster(_sub(folder, "putr-cluster"))
+    nginx = None
+    if ensure_tool("nginx", "nginx-light") and ensure_tool("curl", "curl"):
+        nginx = Nginx(www, _sub(folder, "nginx-putr"), dav=True)
+    seconds, wrong = {"fms": [], **{peer: [] for peer in CURL_PUTS}}, 0
+    try:
+        cluster.start_all()
+        for k in range(rounds):
+            make_small_files(src, MANY_FILES)
+            files = sorted(os.listdir(src))
+            runs = [("fms", f"putr-{k}", lambda: run_cli(cluster.frontend, "put", "-r", src,
+                                                         f"putr-{k}", check=True))]
+            for j, (peer, options) in enumerate(CURL_PUTS.items() if nginx else ()):
+                config = _curl_config(os.path.join(folder, f"curl-put-{k}-{j}.cfg"), (
+                    ("upload-file", os.path.join(src, n), nginx.url(f"putr-{k}-{j}/{n}"))
+                    for n in files))
+                runs.append((peer, f"putr-{k}-{j}", lambda o=options, c=config: subprocess.run(
+                    ["curl", "-sf", *o, "-K", c], stdout=subprocess.DEVNULL, check=True)))
+            for who, _, fn in runs[k % len(runs):] + runs[:k % len(runs)]:
+                seconds[who].append(timed(fn))
+            with cluster.client() as c:
+                wrong += len(c.ls(f"putr-{k}/")) != MANY_FILES
+            wrong += sum(sorted(os.listdir(os.path.join(www, dest))) != files
+                         for who, dest, _ in runs if who != "fms")
+    finally:
+        cluster.stop()
+        if nginx:
+            nginx.stop()
+    fms_med = statistics.median(seconds["fms"])
+    rows = []
+    for peer in CURL_PUTS:
+        peer_med = statistics.median(seconds[peer]) if seconds[peer] else None
+        target = ">= 1.0x (curl time / fms time)" if not rows else "(reported)"
+        # Here fms should be at least as fast: ratio = curl time / fms time.
+        r_ = row(f"put -r of {MANY_FILES} x 4 KiB, new content, median of {rounds}", fms_med,
+                 peer_med, f"{peer} to nginx WebDAV, keep-alive", "s", target)
+        if peer_med:
+            r_["ratio"] = peer_med / fms_med
+            if not rows:
+                r_["met"] = r_["ratio"] >= 1.0 and not wrong
+        r_["failed"] = wrong
+        rows.append(r_)
+    return rows
+
+
+def _du(path: str) -> int:
+    """``du -sb PATH`` (apparent bytes, directories included); 0 if it does not exist."""
+    if not os.path.exists(path):
+        return 0
+    return int(subprocess.run(["du", "-sb", path], capture_output=True, text=True,
+                              check=True).stdout.split()[0])
+
+
+def _file_bytes(path: str) -> int:
+    """Bytes in the regular files under ``path`` (no directory entries)."""
+    return sum(os.path.getsize(os.path.join(root, n)) for root, _, names in os.walk(path)
+               for n in names)
+
+
+def bench_gc(folder: str) -> list:
+    """Space given back: a kept file, then GC_OVERWRITES overwrites of a GC_FILE file with new
+    content, ``rm``, ``client.py gc --grace 0``; the store's size measured after each step."""
+    cluster = LocalCluster(_sub(folder, "gc-cluster"))
+    data = os.path.join(cluster.folder, "storage")
+    chunks = os.path.join(data, "chunks")
+    measures = {"du -sb chunks/": lambda c: _du(chunks),
+                "chunk file bytes under chunks/": lambda c: _file_bytes(chunks),
+                "usage() chunk_bytes": lambda c: c.usage()["chunk_bytes"],
+                "du -sb data dir (meta.db included)": lambda c: _du(data)}
+    stages = {}
+    gc_said = None
+    kept = os.urandom(GC_BASE)
+    try:
+        cluster.start_all()
+        with cluster.client(timeout=60.0) as c:
+
+            def measure(stage):
+                stages[stage] = {what: fn(c) for what, fn in measures.items()}
+
+            c.put_bytes(kept, "gc/kept")
+            measure("before")
+            for _ in range(GC_OVERWRITES):
+                c.put_bytes(os.urandom(GC_FILE), "gc/big")
+            measure(f"{GC_OVERWRITES} overwrites")
+            c.rm("gc/big")
+            measure("rm")
+            out = run_cli(cluster.frontend, "gc", "--grace", "0", capture_output=True, text=True)
+            gc_said = ((out.stdout + out.stderr).strip().splitlines() or [""])[-1][:160]
+            available = out.returncode == 0
+            measure("gc" if available else "gc unavailable")
+            kept_ok = c.get_bytes("gc/kept") == kept
+            empty = sum(1 for root, dirs, names in os.walk(chunks) if not dirs and not names)
+    finally:
+        cluster.stop()
+    rows = []
+    for what in measures:
+        before, last = stages["before"][what], list(stages.values())[-1][what]
+        r_ = row(f"{what}: after {GC_OVERWRITES} overwrites of {GC_FILE // p.MiB} MiB, rm, "
+                 f"gc --grace 0", last / p.MiB, before / p.MiB, "before", "MiB",
+                 "== before" if what != "du -sb data dir (meta.db included)" else "(reported)")
+        r_["detail"] = ("bytes " + ", ".join(f"{stage} {s[what]:,}" for stage, s in stages.items())
+                        + f"; kept file {'intact' if kept_ok else '**damaged**'}")
+        if r_["target"] == "== before":
+            r_["met"] = (last == before and kept_ok) if available else None
+        rows.append(r_)
+    rows[0]["detail"] += f"; {empty} empty folders left under chunks/; gc said: {gc_said}"
+    return rows
+
+
 def bench_rss(folder: str, size: int) -> list:
     import resource
     src = os.path.join(folder, "rss.bin")
     make_file(src, size)
     cluster = LocalCluster(_sub(folder, "rss-cluster"), cache_bytes=str(size + size // 2))
-    client_py = os.path.join(os.path.dirname(os.path.dirname(__file__)), "client.py")
     try:
         cluster.start_all()
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         for args in (["put", src, "rss"], ["get", "rss", os.path.join(folder, "rss-cold")],
                      ["get", "rss", os.path.join(folder, "rss-warm")]):
-            subprocess.run([sys.executable, client_py, "--broker", cluster.frontend, "--quiet",
-                            *args], check=True)
+            run_cli(cluster.frontend, *args, check=True)
         peaks = {name: _vmhwm(proc.pid) for name, proc in cluster.procs.items()}
         peaks["client"] = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) * 1024
     finally:
@@ -757,51 +1029,53 @@ def markdown(report: dict) -> str:
             extra = f"; spread {r['spread'] * 100:.0f}%, failed {r['failed']}"
         elif "failed" in r:
             extra = f"; failed {r['failed']}"
+        if r.get("detail"):
+            extra += f"; {r['detail']}"
         met = {True: "yes", False: "**no**", None: ""}[r["met"]]
         lines.append(f"| {r['name']} | {r['fms']:.3g} {r['unit']} | {peer} | {ratio} | "
                      f"{r['target']}{extra} | {met} |")
     return "\n".join(lines) + "\n"
 
 
-SCENARIOS = ("large", "small", "many", "rss", "scale", "curve", "profile")
+SCENARIOS = ("large", "small", "many", "ls", "putr", "gc", "rss", "scale", "curve", "profile")
+ALIASES = {"meta": ("ls", "putr", "gc")}   # the storage engine's scenarios
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fms.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("scenarios", nargs="*", metavar="SCENARIO",
-                        help=f"any of {', '.join(SCENARIOS)} (default: all but curve and "
-                             f"profile)")
+                        help=f"any of {', '.join(SCENARIOS)}, or meta for "
+                             f"{' '.join(ALIASES['meta'])} (default: all but curve and profile)")
     parser.add_argument("--size", type=parse_size, default="512M",
                         help="large file size (%(default)s)")
     parser.add_argument("--rss-size", type=parse_size, default="2G",
                         help="file size for the RSS scenario (%(default)s)")
+    parser.add_argument("--names", type=int, default=LS_LARGE,
+                        help=f"names in the large store of the ls scenario (%(default)s; the "
+                             f"small one has {LS_SMALL})")
     parser.add_argument("--out", default="bench-results", help="results folder (%(default)s)")
     args = parser.parse_args(argv)
+    args.scenarios = [s for name in args.scenarios for s in ALIASES.get(name, (name,))]
+    if args.names <= LS_SMALL:
+        parser.error(f"--names must be more than {LS_SMALL}")
     unknown = set(args.scenarios) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenario {', '.join(sorted(unknown))}; choose from "
                      f"{', '.join(SCENARIOS)}")
     chosen = args.scenarios or [s for s in SCENARIOS if s not in ("curve", "profile")]
+    runners = {"large": lambda f: bench_large(f, args.size), "small": bench_small,
+               "many": bench_many, "ls": lambda f: bench_ls(f, args.names), "putr": bench_putr,
+               "gc": bench_gc, "rss": lambda f: bench_rss(f, args.rss_size),
+               "scale": bench_scale,
+               "curve": lambda f: bench_curve(f, min(args.size, 256 * p.MiB)),
+               "profile": bench_profile}
     rows = []
     with tempfile.TemporaryDirectory(prefix="fms-bench-") as folder:
         for name in chosen:
             print(f"bench: {name} ...", file=sys.stderr, flush=True)
             scenario_folder = _sub(folder, name)
-            if name == "large":
-                rows += bench_large(scenario_folder, args.size)
-            elif name == "small":
-                rows += bench_small(scenario_folder)
-            elif name == "many":
-                rows += bench_many(scenario_folder)
-            elif name == "rss":
-                rows += bench_rss(scenario_folder, args.rss_size)
-            elif name == "scale":
-                rows += bench_scale(scenario_folder)
-            elif name == "curve":
-                rows += bench_curve(scenario_folder, min(args.size, 256 * p.MiB))
-            elif name == "profile":
-                rows += bench_profile(scenario_folder)
+            rows += runners[name](scenario_folder)
             shutil.rmtree(scenario_folder, ignore_errors=True)
     report = {"date": datetime.date.today().isoformat(),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
