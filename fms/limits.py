@@ -157,7 +157,8 @@ INFLIGHT_GRACE = 30.0        # seconds past its deadline a worker may hold a req
 SWEEP_INTERVAL = 0.25        # seconds between sweeps of queued requests whose deadline passed
 # Requests a worker is given at once; the rest wait at the broker, where a request whose
 # deadline passes or whose client leaves is dropped before it costs a worker anything.
-WORKER_CREDIT = {"storage": 8, "cache": 32}
+# Storage's also bounds its group commit: 8 made put -r of 1,000 small files 1.3x slower.
+WORKER_CREDIT = {"storage": 16, "cache": 32}
 
 # --- byte budgets (the broker, DESIGN.md invariant 4) ---
 

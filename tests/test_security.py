@@ -128,7 +128,8 @@ def test_an_unlisted_worker_never_gets_a_request(secure):
     stray = secure.start_storage(wid="stray", extra=["--curve-secret",
                                                      str(secure.keys / "mallory.key_secret"),
                                                      "--server-key",
-                                                     str(secure.keys / "broker.key")])
+                                                     str(secure.keys / "broker.key"),
+                                                     "--log-level", "DEBUG"])  # commits logged
     wait_for(lambda: "event=not_registered" in stray.log(), 15, "the stray to say it is not in")
     with secure.user("alice") as c:
         for i in range(10):
@@ -160,7 +161,8 @@ def test_removing_a_key_shuts_it_out_without_a_restart(secure):
 def test_a_client_key_on_the_backend_is_refused_and_logged_once(secure):
     """alice may connect as a client; as a worker she is refused, and the broker says so once
     although her worker retries every second."""
-    fake = secure.start_storage(wid="alice-as-worker", extra=secure.as_user("alice"))
+    fake = secure.start_storage(wid="alice-as-worker",
+                                extra=[*secure.as_user("alice"), "--log-level", "DEBUG"])
     wait_for(lambda: "event=not_registered" in fake.log(), 15, "the fake worker to give up")
     alice = fms.security.load_public(str(secure.keys / "alice.key")).decode()
     broker = secure.procs[0].log()

@@ -106,8 +106,12 @@ class StorageService:
             self._maintenance.submit(None, None, self._background_gc)
 
     def close(self):
+        """Stop the maintenance thread and close both stores (SQLite folds its WAL back in)."""
         if self._maintenance is not None:
             self._maintenance.stop()
+            self._maintenance.join()
+            self._maintenance.store.close()
+        self.store.close()
 
     # --- read ops (also what the cache forwards on a miss) ---
 
@@ -199,11 +203,13 @@ class StorageService:
         if isinstance(result, FmsError):
             self._answer(route, header, result)
             return
+        # DEBUG: a line per change cost 7% of the small-commit rate at INFO (and 19 MB of log
+        # per 200,000 commits).
         if isinstance(change, Removal):
-            log.info("event=rm name=%r version=%d", result.name, result.version)
+            log.debug("event=rm name=%r version=%d", result.name, result.version)
         else:
-            log.info("event=commit name=%r version=%d size=%d", result.name, result.version,
-                     result.size)
+            log.debug("event=commit name=%r version=%d size=%d", result.name, result.version,
+                      result.size)
         # The broker sees `invalidate` and tells the cache before it forwards this ack.
         self.link.reply(route, p.ok_reply(header["id"], stat=result.summary()),
                         invalidate=result.name)
@@ -287,6 +293,9 @@ class _Maintenance:
 
     def stop(self):
         self._jobs.put(None)
+
+    def join(self, timeout: float = 10.0):
+        self._thread.join(timeout)
 
     def _run(self):
         while True:
