@@ -95,6 +95,15 @@ class Pending:
     digest: bytes = b"" # the chunk a `chunk` request asks for, to learn its size
 
 
+def _changed_names(inv) -> list:
+    """The names a storage reply says it changed: one (a commit, an rm) or a list (a batch)."""
+    if isinstance(inv, str):
+        return [inv]
+    if isinstance(inv, list):
+        return [name for name in inv if isinstance(name, str)]
+    return []
+
+
 class Broker:
     """Routes between a frontend ROUTER (clients) and a backend ROUTER (workers).
 
@@ -537,16 +546,17 @@ class Broker:
         key = route.get("k")
         if not isinstance(key, int) or isinstance(key, bool):
             raise BadRequest("reply route without an integer request key")
-        name = route.get("inv")
+        names = _changed_names(route.get("inv"))
         pending = self.pending.pop(key, None)
         if pending is None or pending.worker != worker.ident:
             # Handed to another worker already, or a duplicate: exactly one reply goes out.
             if pending is not None:
                 self.pending[key] = pending
-            if isinstance(name, str) and worker.service == p.STORAGE:
+            if worker.service == p.STORAGE:
                 # A change storage made late (its request was given up on) still changed the
                 # name: the cache must not keep serving the old version (invariant 1).
-                self.invalidate(name)
+                for name in names:
+                    self.invalidate(name)
             self._late.warning("event=late_reply worker=%s key=%d action=dropped",
                                clip(worker.worker_id), key)
             return
@@ -559,7 +569,7 @@ class Broker:
             if len(self.chunk_sizes) > limits.CHUNK_SIZES_KEPT:
                 self.chunk_sizes.popitem(last=False)
         self.pump(worker.service)       # its credit is free again
-        if isinstance(name, str):
+        for name in names:
             # Invalidate before the ack leaves: the cache's pipe is FIFO, so any read the client
             # sends after this ack reaches the cache after the invalidation (invariant 1).
             self.invalidate(name)
@@ -586,6 +596,7 @@ class Broker:
                       deadline=deadline_of(header), digest=_digest(op, header))
 
     def invalidate(self, name: str):
+        """Tell every cache worker to drop ``name``."""
         for worker in list(self.workers.values()):
             if worker.service == p.CACHE:
                 if not self._send(self.backend, [worker.ident, p.encode({"t": "inv", "name": name})]):

@@ -43,6 +43,7 @@ DEFAULT_RETRIES = 2            # a request may take (retries + 1) * timeout in a
 RETRY_BACKOFF = 0.25           # seconds before resending after `unavailable`; doubles per try
 RETRY_BACKOFF_MAX = 2.0
 DEFAULT_WINDOW = 8             # requests in flight during a transfer (chunks of one file)
+BATCH_WINDOW = 4               # commit_many messages in flight
 MANY_WINDOW = 64               # requests in flight when fetching or storing many small files
 _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                      | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
@@ -419,11 +420,27 @@ class Client:
     def _put_planned(self, planned) -> list:
         results = [None] * len(planned)
         small = [i for i, (_, _, plan) in enumerate(planned) if plan.inline is not None]
-        # Small files: one commit each carrying the content, many in flight at once.
-        requests = ((i, "commit", _commit_fields(planned[i][1], planned[i][2]),
-                     p.pack_data(planned[i][2].inline)) for i in small)
-        for i, header, _ in self.pipeline(requests, MANY_WINDOW):
-            results[i] = _public(header["stat"])
+        # Small files: their content travels with their commit, many files to a message
+        # (commit_many), a few messages in flight.
+        batches = _batches(small, planned)
+        requests = (_commit_many_request(batch, planned) if len(batch) > 1 else
+                    (batch, "commit", _commit_fields(planned[batch[0]][1], planned[batch[0]][2]),
+                     p.pack_data(planned[batch[0]][2].inline)) for batch in batches)
+        for batch, header, _ in self.pipeline(requests, BATCH_WINDOW):
+            if len(batch) == 1:
+                results[batch[0]] = _public(header["stat"])
+                continue
+            for i, result in zip(batch, header["results"]):
+                if result.get("ok"):
+                    results[i] = _public(result["stat"])
+                    continue
+                error = from_reply(str(result.get("error")), str(result.get("message")), result)
+                if not isinstance(error, Unavailable):
+                    raise error
+                _path, name, plan = planned[i]      # transient for this file: on its own
+                header1, _ = self.call("commit", data=p.pack_data(plan.inline),
+                                       **_commit_fields(name, plan))
+                results[i] = _public(header1["stat"])
         for i, (path, name, plan) in enumerate(planned):
             if plan.inline is None:
                 results[i] = self._put_chunked(path, name, plan)
@@ -736,6 +753,36 @@ def _plan_bytes(data: bytes, chunk_size: int, mtime) -> _Plan:
     inline = data if p.travels_inline(len(data), len(chunks)) else None
     return _Plan(len(data), chunk_size, chunks, p.sha256(data),
                  mtime if mtime is not None else time.time(), inline)
+
+
+BATCH_HEADER_BYTES = 32 * 1024   # names in one commit_many (its header and route stay small)
+
+
+def _batches(indices, planned) -> list:
+    """Small files grouped for commit_many: at most MAX_BATCH_FILES files, MAX_BATCH_BYTES of
+    content and BATCH_HEADER_BYTES of names each."""
+    batches, current, size, names = [], [], 0, 0
+    for i in indices:
+        name, plan = planned[i][1], planned[i][2]
+        n = len(name.encode("utf-8")) + 64
+        if current and (len(current) == p.MAX_BATCH_FILES or size + plan.size > p.MAX_BATCH_BYTES
+                        or names + n > BATCH_HEADER_BYTES):
+            batches.append(current)
+            current, size, names = [], 0, 0
+        current.append(i)
+        size += plan.size
+        names += n
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _commit_many_request(batch, planned):
+    plans = [planned[i][2] for i in batch]
+    fields = {"names": [planned[i][1] for i in batch], "sizes": [pl.size for pl in plans],
+              "sha256s": [pl.sha256 for pl in plans], "mtimes": [pl.mtime for pl in plans],
+              "commits": [os.urandom(16).hex() for _ in batch], "chunk_size": plans[0].chunk_size}
+    return batch, "commit_many", fields, p.pack_data(b"".join(pl.inline for pl in plans))
 
 
 def _commit_fields(name: str, plan: _Plan) -> dict:

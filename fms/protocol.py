@@ -32,6 +32,8 @@ GiB = 1024 * MiB
 DEFAULT_CHUNK_SIZE = 1 * MiB
 MIN_CHUNK_SIZE = 4 * KiB
 MAX_CHUNK_SIZE = 16 * MiB
+MAX_BATCH_FILES = 256           # small files per commit_many
+MAX_BATCH_BYTES = 8 * MiB       # their content per commit_many
 INLINE_MAX = 128 * KiB          # files up to this size travel with their manifest: one round trip
 MAX_FRAME_SIZE = 32 * MiB       # ZMQ_MAXMSGSIZE on every socket: a larger frame drops the peer
 MAX_NAME_BYTES = 1024
@@ -61,6 +63,7 @@ OP_SERVICE = {
     "have": STORAGE,       # which of these chunk hashes are missing
     "put_chunk": STORAGE,
     "commit": STORAGE,     # write a manifest (idempotent by commit id)
+    "commit_many": STORAGE,  # many small files (content inline) in one message
     "ls": STORAGE,
     "stat": STORAGE,
     "rm": STORAGE,

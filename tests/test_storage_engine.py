@@ -672,3 +672,21 @@ def test_chunks_of_one_store_cannot_be_used_by_another_stores_metadata(tmp_path,
     with pytest.raises(StoreError, match="belong to store"):
         open_store(path, url)                      # PostgreSQL's store with these chunks: no
     assert open_local(path).store_id               # the rightful owner still opens it
+
+
+def test_commit_many_commits_each_file_with_its_own_result_in_one_message(store):
+    link = Link()
+    service = StorageService(store, link)
+    put_file(store, "taken", b"old", commit="used-id")
+    files = [("a", b"alpha"), ("b/c", b"beta" * 100), ("taken", b"new")]
+    ids = ["i1", "i2", "used-id"]                       # the last id belongs to another request
+    header = {"v": 1, "id": 7, "op": "commit_many", "names": [n for n, _ in files],
+              "sizes": [len(d) for _, d in files], "sha256s": [p.sha256(d) for _, d in files],
+              "mtimes": [1.0, 2.0, 3.0], "commits": ids, "chunk_size": CHUNK}
+    service.handle_request({}, header, _frame(b"".join(d for _, d in files)))
+    [reply] = link.replies
+    assert [r["ok"] for r in reply["results"]] == [True, True, False]
+    assert reply["results"][2]["error"] == "bad_request"
+    assert bytes(p.unpack_data(store.read_chunk(store.version("b/c").chunks[0]))) == b"beta" * 100
+    with pytest.raises(BadRequest, match="add up"):
+        service.handle_request({}, {**header, "id": 8}, _frame(b"short"))

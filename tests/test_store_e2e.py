@@ -216,3 +216,19 @@ def test_kill_during_gc_leaves_no_reference_dangling_and_the_next_gc_finishes(tm
     assert store.totals().chunks == 6
     assert len(list(store.chunks.list())) == 6
     _check_whole(store)
+
+
+def test_small_files_committed_many_to_a_message_are_read_after_write(cluster, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    names = [f"batch/{i:03d}" for i in range(300)]          # two commit_many messages
+    with cluster.client() as c:
+        for round_ in range(2):
+            for i, name in enumerate(names):
+                (src / f"{i}").write_bytes(b"round %d file %d" % (round_, i))
+            c.put_many([(str(src / f"{i}"), name) for i, name in enumerate(names)])
+            for i in (0, 150, 299):                          # cached in round 0...
+                assert c.get_bytes(names[i]) == b"round %d file %d" % (round_, i)
+        assert c.stat(names[150])["version"] == 2            # ...and never stale in round 1
+    served = cluster.served()
+    assert served["storage-a"] + served["storage-b"] < 300    # not one request per file

@@ -61,7 +61,8 @@ class StorageService:
         self._maintenance = _Maintenance(maintenance_store) if maintenance_store else None
         self._handlers = {
             "get": self.op_get, "chunk": self.op_chunk, "have": self.op_have,
-            "put_chunk": self.op_put_chunk, "commit": self.op_commit, "ls": self.op_ls,
+            "put_chunk": self.op_put_chunk, "commit": self.op_commit,
+            "commit_many": self.op_commit_many, "ls": self.op_ls,
             "stat": self.op_stat, "rm": self.op_rm, "usage": self.op_usage,
             "gc": self.op_gc, "fsck": self.op_fsck,
         }
@@ -170,6 +171,50 @@ class StorageService:
             commit=_commit_id(header))
         inline = bytes(p.unpack_data(data.buffer)) if data is not None else None
         self._pending.append((route, header, change, inline))
+
+    def op_commit_many(self, route, header, data):
+        """Small files (one chunk each, content inline, back to back in the data frame) in one
+        message and one transaction; one reply with a result per file."""
+        names = p.need(header, "names", list)
+        count = len(names)
+        if not 1 <= count <= p.MAX_BATCH_FILES:
+            raise BadRequest(f"commit_many takes 1 to {p.MAX_BATCH_FILES} files, got {count}")
+        columns = {key: p.need(header, key, list) for key in ("sizes", "sha256s", "mtimes",
+                                                              "commits")}
+        if any(len(column) != count for column in columns.values()):
+            raise BadRequest("commit_many: names, sizes, sha256s, mtimes and commits must have "
+                             "one entry per file")
+        chunk_size = p.need_int(header, "chunk_size", lo=p.MIN_CHUNK_SIZE, hi=p.MAX_CHUNK_SIZE)
+        payload = p.unpack_data(data.buffer) if data is not None else memoryview(b"")
+        requests, offset = [], 0
+        for i in range(count):
+            item = {"size": columns["sizes"][i], "sha256": columns["sha256s"][i],
+                    "mtime": columns["mtimes"][i], "commit": columns["commits"][i]}
+            size = p.need_int(item, "size", hi=min(p.INLINE_MAX, chunk_size))
+            digest = p.need_hash(item, "sha256")
+            change = NewVersion(p.check_name(names[i]) if isinstance(names[i], str)
+                                else p.check_name(None), size, digest, chunk_size,
+                                (digest,) if size else (),
+                                p.check_mtime(p.need(item, "mtime", (int, float))),
+                                _commit_id(item))
+            requests.append((change, bytes(payload[offset:offset + size]) if size else None))
+            offset += size
+        if offset != len(payload):
+            raise BadRequest(f"commit_many: the sizes add up to {offset} bytes, the data frame "
+                             f"holds {len(payload)}")
+        if self._pending:
+            self._apply_pending()           # changes apply in the order they arrived
+        results = self.store.apply(requests, progress=self._keep_alive())
+        out, changed = [], []
+        for result in results:
+            if isinstance(result, FmsError):
+                out.append({"ok": False, "error": getattr(result, "code", "internal"),
+                            "message": str(result)})
+            else:
+                out.append({"ok": True, "stat": result.summary()})
+                changed.append(result.name)
+        # The broker drops every changed name from the cache before it forwards this ack.
+        self.link.reply(route, p.ok_reply(header["id"], results=out), invalidate=changed)
 
     def op_rm(self, route, header, data):
         change = Removal(p.check_name(p.need(header, "name", str)), _commit_id(header, optional=True))
