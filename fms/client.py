@@ -755,17 +755,18 @@ def _plan_bytes(data: bytes, chunk_size: int, mtime) -> _Plan:
                  mtime if mtime is not None else time.time(), inline)
 
 
+BATCH_FILES = 128              # small files per commit_many this client sends (at most MAX_BATCH_FILES)
 BATCH_HEADER_BYTES = 32 * 1024   # names in one commit_many (its header and route stay small)
 
 
 def _batches(indices, planned) -> list:
-    """Small files grouped for commit_many: at most MAX_BATCH_FILES files, MAX_BATCH_BYTES of
+    """Small files grouped for commit_many: at most BATCH_FILES files, MAX_BATCH_BYTES of
     content and BATCH_HEADER_BYTES of names each."""
     batches, current, size, names = [], [], 0, 0
     for i in indices:
         name, plan = planned[i][1], planned[i][2]
         n = len(name.encode("utf-8")) + 64
-        if current and (len(current) == p.MAX_BATCH_FILES or size + plan.size > p.MAX_BATCH_BYTES
+        if current and (len(current) == BATCH_FILES or size + plan.size > p.MAX_BATCH_BYTES
                         or names + n > BATCH_HEADER_BYTES):
             batches.append(current)
             current, size, names = [], 0, 0
