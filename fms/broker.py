@@ -166,6 +166,10 @@ class Broker:
         self.backend_endpoint = self.backend.last_endpoint.decode()
         log.info("event=listening frontend=%s backend=%s", self.frontend_endpoint,
                  self.backend_endpoint)
+        if self.pinned_store is None:
+            log.warning("event=store_not_pinned hint=%r", "the first storage worker to register "
+                        "decides which store this broker serves; give --store ID (fms up does) "
+                        "so that an impostor cannot, and use CURVE worker keys")
 
     def _router(self, endpoint: str, hwm: int | None = None, workers: bool = False) -> zmq.Socket:
         sock = self.ctx.socket(zmq.ROUTER)

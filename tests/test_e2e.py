@@ -171,6 +171,8 @@ def test_storage_worker_on_another_store_is_refused_clearly(cluster, tmp_path):
     assert "--data" in stray.log()
     assert stray.alive()          # refused, not told to exit: it may be the real one (issue 17)
     assert len(cluster.workers("storage")) == 2
+    broker = cluster.procs[0].log()       # started without --store: it says what that allows
+    assert "event=store_not_pinned" in broker and "--store" in broker
 
 
 # --- read-after-write ---

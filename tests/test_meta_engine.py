@@ -243,10 +243,11 @@ def test_the_lease_holder_is_known(engine):
     assert engine.lease_holder("gc") == "host:1"
 
 
-def test_a_connection_lost_midway_is_unavailable_for_the_whole_group(engine):
-    if not hasattr(engine, "url"):
-        pytest.skip("PostgreSQL: a connection that can be lost")
+def test_a_connection_lost_midway_is_unavailable_for_the_whole_group(pg_database_url):
+    """PostgreSQL only: a connection that can be lost mid-transaction."""
     from fms.errors import Unavailable as Lost
+    from fms.storage.meta.postgres import PostgresMeta
+    engine = PostgresMeta(pg_database_url)
     claim_all(engine, b"one")
     real = engine._commit
 
@@ -260,3 +261,4 @@ def test_a_connection_lost_midway_is_unavailable_for_the_whole_group(engine):
     assert engine.get("a") is None and engine.get("b") is None    # nothing half applied
     assert commit(engine, "a", b"one", "c1").version == 1          # and it works again
     assert engine.totals().files == 1
+    engine.close()
