@@ -451,11 +451,13 @@ class Client:
         commit (collected since `have`, or damaged on its disk), send those and commit again."""
         fields = _commit_fields(name, plan)
         self._upload_chunks(source, plan, name)
-        try:
-            header, _ = self.call("commit", **fields)
-        except MissingChunks as exc:
-            self._upload_chunks(source, plan, name, only=set(exc.missing))
-            header, _ = self.call("commit", **fields)
+        # Storage reads the file back to check its sha256 before it answers: give it the time.
+        with self._patience(commit_timeout(plan.size, self.timeout)):
+            try:
+                header, _ = self.call("commit", **fields)
+            except MissingChunks as exc:
+                self._upload_chunks(source, plan, name, only=set(exc.missing))
+                header, _ = self.call("commit", **fields)
         return _public(header["stat"])
 
     def _upload_chunks(self, source, plan, name: str, only=None):
@@ -756,6 +758,15 @@ def _plan_bytes(data: bytes, chunk_size: int, mtime) -> _Plan:
 
 
 BATCH_FILES = 128              # small files per commit_many this client sends (at most MAX_BATCH_FILES)
+COMMIT_CHECK_RATE = 32 * p.MiB   # bytes/s a commit's read-back is assumed to run at, at worst
+
+
+def commit_timeout(size: int, timeout: float) -> float:
+    """How long to wait for a commit's reply: storage reads the whole file back to check it
+    (at S3's pace, a few GiB take longer than the usual per-request timeout)."""
+    return max(timeout, size / COMMIT_CHECK_RATE)
+
+
 BATCH_HEADER_BYTES = 32 * 1024   # names in one commit_many (its header and route stay small)
 
 
