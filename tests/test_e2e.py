@@ -13,7 +13,7 @@ import zmq
 import fms
 from fms import protocol as p
 from fms.errors import BadRequest, NotFound
-from tests.conftest import random_bytes, wait_for
+from conftest import random_bytes, wait_for
 
 MiB = p.MiB
 

@@ -14,7 +14,7 @@ import zmq
 
 import fms
 from fms import protocol as p
-from tests.conftest import ROOT, random_bytes, wait_for
+from conftest import ROOT, random_bytes, wait_for
 
 MiB = p.MiB
 

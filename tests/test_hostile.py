@@ -11,7 +11,7 @@ import zmq
 import fms
 from fms import limits
 from fms import protocol as p
-from tests.conftest import random_bytes, wait_for
+from conftest import random_bytes, wait_for
 
 MiB = p.MiB
 # 32 MiB of empty arrays: decodes to about 2.3 GiB in about 8 s without limits.

@@ -12,7 +12,7 @@ import pytest
 
 import fms
 from fms.security import CurveClient, cluster_keys
-from tests.conftest import ROOT, random_bytes, wait_for
+from conftest import ROOT, random_bytes, wait_for
 
 MiB = 1024 * 1024
 

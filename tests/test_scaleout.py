@@ -12,7 +12,7 @@ import time
 import pytest
 
 from fms import protocol as p
-from tests.conftest import ROOT, random_bytes, wait_for
+from conftest import ROOT, random_bytes, wait_for
 
 MiB = p.MiB
 

@@ -12,8 +12,8 @@ import pytest
 import fms
 from fms.security import (ALLOW_RELOAD, AllowList, SecurityError, is_loopback, keygen,
                           load_secret)
-from tests.conftest import ROOT, wait_for
-from tests.test_up import free_port
+from conftest import ROOT, wait_for
+from test_up import free_port
 
 
 # --- key files ---

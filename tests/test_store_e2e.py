@@ -11,7 +11,7 @@ import pytest
 from fms import protocol as p
 from fms.storage import gc
 from fms.storage.engine import open_local
-from tests.conftest import random_bytes
+from conftest import random_bytes
 
 MiB = p.MiB
 

@@ -17,8 +17,8 @@ import fms
 from fms import protocol as p
 from fms.cli import build_parser
 from fms.shell import Shell
-from tests.conftest import ROOT, random_bytes
-from tests.test_up import free_port
+from conftest import ROOT, random_bytes
+from test_up import free_port
 
 MiB = p.MiB
 

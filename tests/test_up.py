@@ -8,7 +8,7 @@ import sys
 import time
 
 import fms
-from tests.conftest import ROOT, wait_for
+from conftest import ROOT, wait_for
 
 
 def free_port() -> int:
