@@ -25,7 +25,6 @@ on failure or SIGTERM.  Takes about a minute on 2 cores.
 
 import argparse
 import datetime
-import json
 import multiprocessing
 import os
 import platform
@@ -39,7 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from fms import protocol as p  # noqa: E402
-from fms.bench import _add_counts, _cpu_seconds, _sub  # noqa: E402
+from fms.bench import _add_counts, _cpu_seconds, _sub, write_report  # noqa: E402
 from fms.client import Client  # noqa: E402
 from fms.errors import FmsError  # noqa: E402
 from fms.harness import LocalCluster  # noqa: E402
@@ -296,14 +295,7 @@ def main(argv=None) -> int:
                          f"{platform.python_version()}, load {os.getloadavg()[0]:.2f}",
               "files": args.files, "put_clients": args.put_clients,
               "get_clients": args.get_clients, "runs": runs}
-    text = markdown(report)
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"scaleout-{report['date'][:10]}")
-    for ext, content in ((".json", json.dumps(report, indent=1)), (".md", text)):
-        with open(stem + ext, "w") as f:
-            f.write(content)
-    print(text)
-    print(f"written: {stem}.json, {stem}.md")
+    write_report(report, markdown(report), args.out, f"scaleout-{report['date'][:10]}")
     return 0
 
 

@@ -69,7 +69,7 @@ from . import protocol as p
 from .cli import parse_size
 from .client import Client
 from .errors import FmsError
-from .harness import LocalCluster
+from .harness import LocalCluster, peak_rss
 
 SMALL = 4 * p.KiB
 LOAD_SECONDS = 5.0         # length of each concurrent-load run
@@ -808,7 +808,7 @@ def bench_rss(folder: str, size: int) -> list:
         for args in (["put", src, "rss"], ["get", "rss", os.path.join(folder, "rss-cold")],
                      ["get", "rss", os.path.join(folder, "rss-warm")]):
             run_cli(cluster.frontend, *args, check=True)
-        peaks = {name: _vmhwm(proc.pid) for name, proc in cluster.procs.items()}
+        peaks = {name: peak_rss(proc.pid) for name, proc in cluster.procs.items()}
         peaks["client"] = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) * 1024
     finally:
         cluster.stop()
@@ -816,14 +816,6 @@ def bench_rss(folder: str, size: int) -> list:
     return [dict(row(f"peak RSS, {name}, {gib:.0f} GiB put + cold + warm get", rss / p.MiB, None,
                      "", "MiB", "< 150 MiB"), met=rss < 150 * p.MiB)
             for name, rss in peaks.items()]
-
-
-def _vmhwm(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _cold_gets(ready, frontend: str, names: list, errors):
@@ -1081,16 +1073,20 @@ def main(argv=None) -> int:
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                          f"Python {platform.python_version()}",
               "scenarios": chosen, "rows": rows}
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"bench-{report['date']}")
-    with open(stem + ".json", "w") as f:
+    write_report(report, markdown(report), args.out, f"bench-{report['date']}")
+    return 0
+
+
+def write_report(report: dict, text: str, out: str, stem: str):
+    """Write ``OUT/STEM.json`` (the report) and ``OUT/STEM.md`` (``text``), print the text."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, stem)
+    with open(path + ".json", "w") as f:
         json.dump(report, f, indent=1)
-    text = markdown(report)
-    with open(stem + ".md", "w") as f:
+    with open(path + ".md", "w") as f:
         f.write(text)
     print(text)
-    print(f"written: {stem}.json, {stem}.md")
-    return 0
+    print(f"written: {path}.json, {path}.md")
 
 
 if __name__ == "__main__":

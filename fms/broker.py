@@ -601,9 +601,10 @@ class Broker:
 
     def invalidate(self, name: str):
         """Tell every cache worker to drop ``name``."""
+        message = p.encode({"t": "inv", "name": name})
         for worker in list(self.workers.values()):
             if worker.service == p.CACHE:
-                if not self._send(self.backend, [worker.ident, p.encode({"t": "inv", "name": name})]):
+                if not self._send(self.backend, [worker.ident, message]):
                     # A cache we cannot tell must not serve reads any more.
                     self.delete_worker(worker.ident, "missed an invalidation")
 

@@ -60,6 +60,13 @@ class MissingChunks(RemoteError):
         super().__init__(message, code)
         self.missing = list(missing)
 
+    @classmethod
+    def absent(cls, name: str, digests) -> "MissingChunks":
+        """The commit of ``name`` names ``digests``, which storage does not hold."""
+        digests = list(dict.fromkeys(digests))
+        return cls(f"{len(digests)} chunk(s) of {name!r} are not in the store (never uploaded, "
+                   f"or collected since); upload them and commit again", missing=digests)
+
     def reply_fields(self) -> dict:
         return {"missing": self.missing}
 

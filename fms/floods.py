@@ -23,17 +23,9 @@ import msgpack
 import zmq
 
 from . import protocol as p
-from .harness import LocalCluster
+from .harness import LocalCluster, peak_rss
 
 MiB = p.MiB
-
-
-def peak_rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 class Legit(threading.Thread):

@@ -16,6 +16,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_TIMEOUT = 20.0   # seconds for the cluster to come up
 
 
+def peak_rss(pid: int) -> int:
+    """VmHWM: a running process's peak resident set size, in bytes (Linux)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
+
+
 class LocalCluster:
     """Broker, cache and storage workers from the top-level scripts, on random loopback ports."""
 

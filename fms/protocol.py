@@ -49,7 +49,6 @@ HEARTBEAT_INTERVAL = 1.0
 HEARTBEAT_LIVENESS = 3          # missed heartbeats before a peer is declared dead
 WORKER_SEND_TIMEOUT = 1.0       # SNDTIMEO on a worker's DEALER: a send never blocks for longer
 MAX_CLIENT_INFLIGHT = 128       # requests one client may have in flight at the broker
-CLIENT_QUEUE = 128              # SNDHWM per client on the frontend: replies queued for a slow one
 
 # Services, and which one serves each client op.
 CACHE = "cache"

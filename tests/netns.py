@@ -38,9 +38,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
+
+from fms.storage.chunks.localdir import pid_alive
 
 SUBNET_BASE = "10.231"          # 10.231.X.0/24, X in 1..254
 LOCK_PATH = "/tmp/fms-netns.lock"
@@ -65,16 +66,6 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _kill_netns_pids(ns: str):
     """SIGKILL every process still inside namespace ``ns`` (all were started by the tests)."""
     r = _ip("netns", "pids", ns, check=False)
@@ -89,11 +80,11 @@ def remove_stale():
     """Remove bridges and namespaces left by earlier runs whose process is gone."""
     for line in _ip("-o", "link", "show", "type", "bridge", check=False).stdout.splitlines():
         m = re.match(r"\d+: (fmsbr(\d+))[:@]", line)
-        if m and not _pid_alive(int(m.group(2))):
+        if m and not pid_alive(int(m.group(2))):
             _ip("link", "del", m.group(1), check=False)
     for line in _ip("netns", "list", check=False).stdout.splitlines():
         m = re.match(r"(fms(\d+)-\d+)\b", line)
-        if m and not _pid_alive(int(m.group(2))):
+        if m and not pid_alive(int(m.group(2))):
             _kill_netns_pids(m.group(1))
             _ip("netns", "del", m.group(1), check=False)
 

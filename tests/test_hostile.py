@@ -11,6 +11,7 @@ import zmq
 import fms
 from fms import limits
 from fms import protocol as p
+from fms.harness import peak_rss
 from conftest import random_bytes, wait_for
 
 MiB = p.MiB
@@ -364,14 +365,6 @@ def test_a_flood_whose_deadline_passes_is_dropped_and_others_take_turns(slow_clu
 
 # --- 4. memory bounded by bytes ---
 
-def _peak_rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
-
-
 def test_clients_that_never_read_16_mib_chunks_stall_only_themselves(cluster):
     """8 clients ask again and again for 16 MiB chunks and never read (before: the broker
     passed 4 GiB and the legit client got nothing). Now the broker holds a bounded number of
@@ -407,8 +400,8 @@ def test_clients_that_never_read_16_mib_chunks_stall_only_themselves(cluster):
         for sock in socks:
             sock.close()
     broker, cache = cluster.procs[0], cluster.procs[1]
-    assert _peak_rss(broker.pid) < 600 * MiB, _peak_rss(broker.pid) / MiB
-    assert _peak_rss(cache.pid) < 400 * MiB, _peak_rss(cache.pid) / MiB
+    assert peak_rss(broker.pid) < 600 * MiB, peak_rss(broker.pid) / MiB
+    assert peak_rss(cache.pid) < 400 * MiB, peak_rss(cache.pid) / MiB
     assert all(proc.alive() for proc in cluster.procs)
 
 
@@ -540,8 +533,8 @@ def test_slow_readers_of_16_mib_chunks_stall_only_themselves(cluster):
             thread.join(30)
     assert not errors, errors
     broker, cache = cluster.procs[0], cluster.procs[1]
-    assert _peak_rss(broker.pid) < 400 * MiB, _peak_rss(broker.pid) / MiB
-    assert _peak_rss(cache.pid) < 400 * MiB, _peak_rss(cache.pid) / MiB
+    assert peak_rss(broker.pid) < 400 * MiB, peak_rss(broker.pid) / MiB
+    assert peak_rss(cache.pid) < 400 * MiB, peak_rss(cache.pid) / MiB
 
 
 def test_expired_work_is_dropped_and_a_worker_that_never_answers_loses_its_credit():

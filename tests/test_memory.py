@@ -8,18 +8,10 @@ import resource
 import pytest
 
 from fms import protocol as p
+from fms.harness import peak_rss
 
 FILE_SIZE = 2 * p.GiB
 RSS_LIMIT = 150 * p.MiB
-
-
-def peak_rss(pid: int) -> int:
-    """VmHWM: the process's peak resident set size, in bytes."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmHWM for pid {pid}")
 
 
 @pytest.mark.slow

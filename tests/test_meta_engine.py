@@ -7,7 +7,8 @@ import pytest
 
 from fms import protocol as p
 from fms.errors import BadRequest, MissingChunks, NotFound, Unavailable
-from fms.storage.meta.sqlite import SQLiteMeta, prefix_end
+from fms.storage.meta.sql import prefix_end
+from fms.storage.meta.sqlite import SQLiteMeta
 from fms.storage.model import Removal, Totals
 from storage_helpers import new_version, split
 

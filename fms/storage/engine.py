@@ -169,19 +169,18 @@ class Store:
         if count == 1:
             self._check_sizes(change, blobs=True)
             return None
-        self._check_sizes(change, blobs=False)    # the read-back below finds absent blobs
+        rows = self._check_sizes(change, blobs=False)   # the read-back finds absent blobs
         # One hash pass over what is stored: the whole-file sha256 covers every chunk's bytes, so
         # chunks are verified one by one only when it fails, to tell a damaged chunk (set aside,
         # and uploaded again by the client) from a wrong sha256 in the commit.
         whole = hashlib.sha256()
         try:
-            for digest in change.chunks:
-                whole.update(self._stored_bytes(digest))
+            for digest, row in zip(change.chunks, rows):
+                whole.update(self._stored_bytes(digest, row))
                 progress()
-        except MissingChunks:
-            absent = [d for d in dict.fromkeys(change.chunks) if not self._has_bytes(d)]
-            raise MissingChunks(f"{len(absent)} chunk(s) of {change.name!r} are not in the store; "
-                                f"upload them and commit again", missing=absent) from None
+        except NotFound:
+            raise MissingChunks.absent(change.name, [
+                d for d in change.chunks if not self._present(self.meta.chunk(d), d)]) from None
         if whole.digest() == change.sha256:
             return None
         damaged = []
@@ -197,28 +196,27 @@ class Store:
                              f"the client computed it wrongly or the file changed while it was "
                              f"read: upload it again")
 
-    def _has_bytes(self, digest: bytes) -> bool:
-        row = self.meta.chunk(digest)
+    def _present(self, row, digest: bytes) -> bool:
+        """Whether a chunk with this row (None: no row) is stored, row and bytes."""
         return row is not None and not row.doomed and (row.in_engine or self.chunks.has(digest))
 
-    def _stored_bytes(self, digest: bytes):
-        """A chunk's stored bytes, unverified (the caller verifies)."""
-        row = self.meta.chunk(digest)
-        if row is not None and row.in_engine:
-            return row.data
-        try:
-            return memoryview(self.chunks.get(digest))[p.DATA_PREFIX_LEN:]
-        except NotFound:
-            raise MissingChunks(f"chunk {digest.hex()[:16]} is not in the store; upload it and "
-                                f"commit again", missing=[digest]) from None
+    def _stored_bytes(self, digest: bytes, row):
+        """A chunk's stored bytes (``row``: its row), unverified (the caller verifies).
 
-    def _check_sizes(self, change: NewVersion, blobs: bool):
+        :raises NotFound: its bytes are not stored.
+        """
+        if row.in_engine:
+            return row.data
+        return memoryview(self.chunks.get(digest))[p.DATA_PREFIX_LEN:]
+
+    def _check_sizes(self, change: NewVersion, blobs: bool) -> list:
         """Every chunk has a row (and, with ``blobs``, its bytes are stored) with the length the
-        file's shape gives it."""
-        missing = []
+        file's shape gives it.  :return: the chunks' rows, in file order."""
+        missing, rows = [], []
         for i, digest in enumerate(change.chunks):
             row = self.meta.chunk(digest)
-            if row is None or row.doomed or (blobs and not self._has_bytes(digest)):
+            rows.append(row)
+            if row is None or row.doomed or (blobs and not self._present(row, digest)):
                 missing.append(digest)
                 continue
             want = p.chunk_length(i, change.size, change.chunk_size)
@@ -226,10 +224,8 @@ class Store:
                 raise IntegrityError(f"chunk {i} of {change.name!r} is {row.size} bytes, the "
                                      f"file's shape needs {want}")
         if missing:
-            missing = list(dict.fromkeys(missing))
-            raise MissingChunks(f"{len(missing)} chunk(s) of {change.name!r} are not in the store "
-                                f"(never uploaded, or collected since); upload them and commit "
-                                f"again", missing=missing)
+            raise MissingChunks.absent(change.name, missing)
+        return rows
 
 
 def os_failure(exc: OSError) -> FmsError:

@@ -19,6 +19,7 @@ import time
 
 from .. import protocol as p
 from ..errors import IntegrityError, NotFound, Unavailable
+from .chunks.localdir import pid_alive
 from .meta.base import RETAIN_SECONDS
 
 DEFAULT_GRACE = 3600.0   # seconds an unreferenced chunk is kept before it is collected
@@ -86,15 +87,7 @@ def collect(store, grace: float = DEFAULT_GRACE, dry_run: bool = False, now=None
 def _dead_here(holder: str) -> bool:
     """Whether a lease holder (``host:pid``) is a process of this host that no longer runs."""
     host, _, pid = holder.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid))
 
 
 def _finish(meta, chunks, rows, freed):

@@ -31,6 +31,7 @@ LS_PAGE_MAX = 5000        # entries per ls reply, so a reply stays far below MAX
 LS_PAGE_DEFAULT = 1000
 CLEAN_INTERVAL = 60.0     # seconds between sweeps of temp files left by dead writers
 GC_INTERVAL = 300.0       # seconds between background collections
+CHANGE_OPS = ("commit", "rm")   # group committed; applied even past their deadline (idempotent)
 HEARTBEAT_EVERY = 0.5     # seconds: a long commit check keeps the worker's heartbeat going
 
 log = logging.getLogger("fms.storage")
@@ -73,13 +74,13 @@ class StorageService:
         if handler is None:
             raise BadRequest(f"storage does not serve op {op!r}")
         p.check_version(header)
-        if self._pending and op not in ("commit", "rm"):
+        if self._pending and op not in CHANGE_OPS:
             self._apply_pending()       # a group is commits that arrive back to back: none waits
         self.served += 1
         log.debug("event=request op=%s id=%r", op, header.get("id"))
         if self.delay:
             time.sleep(self.delay)
-        if route.get("deadline", math.inf) < time.monotonic() and op not in ("commit", "rm"):
+        if route.get("deadline", math.inf) < time.monotonic() and op not in CHANGE_OPS:
             # Its client stopped waiting (fms.worker stamps the deadline from the broker's ttl):
             # a short answer gives the broker its credit back, the work is not done.
             raise Unavailable("the request's deadline passed before storage could handle it; "
@@ -192,8 +193,7 @@ class StorageService:
                     "mtime": columns["mtimes"][i], "commit": columns["commits"][i]}
             size = p.need_int(item, "size", hi=min(p.INLINE_MAX, chunk_size))
             digest = p.need_hash(item, "sha256")
-            change = NewVersion(p.check_name(names[i]) if isinstance(names[i], str)
-                                else p.check_name(None), size, digest, chunk_size,
+            change = NewVersion(p.check_name(names[i]), size, digest, chunk_size,
                                 (digest,) if size else (),
                                 p.check_mtime(p.need(item, "mtime", (int, float))),
                                 _commit_id(item))

@@ -140,7 +140,7 @@ class LocalDirChunks(ChunkBackend):
         for entry in os.scandir(self.tmp):
             parts = entry.name.split(".")
             mine_and_dead = (len(parts) == 4 and parts[1] == _HOST and parts[2].isdigit()
-                             and not _pid_alive(int(parts[2])))
+                             and not pid_alive(int(parts[2])))
             with contextlib.suppress(FileNotFoundError):
                 if mine_and_dead or entry.stat().st_mtime < cutoff:
                     os.unlink(entry.path)
@@ -177,7 +177,8 @@ def _os_error(exc: OSError):
     return exc
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs (someone else's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

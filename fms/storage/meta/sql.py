@@ -296,9 +296,7 @@ class SQLMeta(MetaEngine):
             f"ORDER BY digest{self.for_update}", digests)} if digests else set()
         missing = [d for d in wanted if d not in live]
         if missing:
-            raise MissingChunks(f"{len(missing)} chunk(s) of {change.name!r} are not in the store "
-                                f"(never uploaded, or collected since); upload them and commit "
-                                f"again", missing=missing)
+            raise MissingChunks.absent(change.name, missing)
         old = self._current(change.name)
         version = Version(change.name, change.size, change.sha256, change.chunk_size,
                           tuple(change.chunks), change.mtime, old.version + 1 if old else 1,

@@ -12,7 +12,7 @@ import time
 import uuid
 
 from ...errors import FmsError, NoSpace, Unavailable
-from .sql import SQLMeta, prefix_end  # noqa: F401  (prefix_end: part of this module's API)
+from .sql import SQLMeta
 
 BUSY_TIMEOUT = 60.0   # seconds a writer waits for another worker's transaction
 
@@ -22,7 +22,6 @@ log = logging.getLogger("fms.storage.meta")
 class SQLiteMeta(SQLMeta):
     """:param path: the database file (created with its tables if missing)."""
 
-    types = {"blob": "BLOB", "real": "REAL", "name_type": "TEXT"}
     begin_write = "BEGIN IMMEDIATE"
 
     def __init__(self, path: str, store_id: str | None = None):
