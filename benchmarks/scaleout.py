@@ -37,7 +37,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from fms import protocol as p  # noqa: E402
+from fms import wire as p  # noqa: E402
 from fms.bench import _add_counts, _cpu_seconds, _sub, write_report  # noqa: E402
 from fms.client import Client  # noqa: E402
 from fms.errors import FmsError  # noqa: E402

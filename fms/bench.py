@@ -65,7 +65,7 @@ import sys
 import tempfile
 import time
 
-from . import protocol as p
+from . import wire as p
 from .cli import parse_size
 from .client import Client
 from .errors import FmsError

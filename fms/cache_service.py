@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from . import protocol as p
+from . import wire as p
 from .cache import ChunkCache, ManifestCache
 from .errors import BadRequest
 

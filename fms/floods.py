@@ -22,7 +22,7 @@ import time
 import msgpack
 import zmq
 
-from . import protocol as p
+from . import wire as p
 from .harness import LocalCluster, peak_rss
 
 MiB = p.MiB

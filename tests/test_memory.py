@@ -7,7 +7,7 @@ import resource
 
 import pytest
 
-from fms import protocol as p
+from fms import wire as p
 from fms.harness import peak_rss
 
 FILE_SIZE = 2 * p.GiB
