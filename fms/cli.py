@@ -676,8 +676,7 @@ def cmd_storage(args):
 
 
 def cmd_cache(args):
-    from .cache import ChunkCache
-    from .cache_service import CacheService
+    from .cache import CacheService, ChunkCache
     from .logutil import setup_logging
     setup_logging(args.log_level)
     try:

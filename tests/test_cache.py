@@ -6,8 +6,7 @@ import os
 import pytest
 
 from fms import wire as p
-from fms.cache import ChunkCache, ManifestCache
-from fms.cache_service import CacheService
+from fms.cache import CacheService, ChunkCache, ManifestCache
 
 
 def chunk(i: int, size: int = 1000) -> tuple:

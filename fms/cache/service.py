@@ -2,7 +2,7 @@
 
 A miss becomes one fetch to storage however many requests wait for the same key; storage pushes
 the data back here, the cache verifies it, fills itself and answers every waiter.  Manifest fills
-go through :class:`~fms.cache.ManifestCache`, which refuses stale ones (see there).
+go through :class:`~fms.cache.manifests.ManifestCache`, which refuses stale ones (see there).
 """
 
 import itertools
@@ -10,9 +10,10 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from . import wire as p
-from .cache import ChunkCache, ManifestCache
-from .errors import BadRequest
+from .. import wire as p
+from ..errors import BadRequest
+from .chunks import ChunkCache
+from .manifests import ManifestCache
 
 # Seconds a storage fetch may stay unanswered before its waiters get `unavailable`.  Longer than
 # the broker needs to declare a worker dead and hand its requests to another (3 heartbeats + 1).
