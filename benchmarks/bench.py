@@ -65,7 +65,7 @@ import sys
 import tempfile
 import time
 
-from fms import protocol as p
+from fms import wire as p
 from fms.cli import parse_size
 from fms.client import Client
 from fms.errors import FmsError

@@ -22,7 +22,7 @@ import time
 import msgpack
 import zmq
 
-from fms import protocol as p
+from fms import wire as p
 from harness import Cluster
 
 MiB = p.MiB

@@ -35,7 +35,7 @@ import tempfile
 import time
 
 from benchmarks.bench import _add_counts, _cpu_seconds, _sub, write_report
-from fms import protocol as p
+from fms import wire as p
 from fms.client import Client
 from fms.errors import FmsError
 from harness import Cluster

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 import zmq
 
 from . import limits
-from . import protocol as p
+from . import wire as p
 from .errors import BadRequest
 from .logutil import RateLimitedLog, clip
 from .metrics import BrokerMetrics
-from .transport import drain, send_frames
+from .wire.frames import drain, send_frames
 
 log = logging.getLogger("fms.broker")
 

@@ -14,7 +14,7 @@ import sys
 import time
 
 from . import __version__
-from . import protocol as p
+from . import wire as p
 from .errors import FmsError, NotFound
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130

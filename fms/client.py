@@ -28,11 +28,11 @@ import time
 import zmq
 
 from . import limits
-from . import protocol as p
+from . import wire as p
 from .errors import (BadRequest, FmsError, IntegrityError, MissingChunks, Timeout, TransportError,
                      Unavailable, from_reply)
-from .fileio import read_frame, read_full
-from .transport import recv_frames, send_frames
+from .wire.frames import read_frame, read_full
+from .wire.frames import recv_frames, send_frames
 
 DEFAULT_BROKER = "tcp://127.0.0.1:5555"
 DEFAULT_TIMEOUT = 5.0          # seconds a request may wait for its reply before a retry

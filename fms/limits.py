@@ -25,7 +25,7 @@ MiB = 1024 * KiB
 
 MAX_HEADER = 64 * KiB        # route frames and request headers (but commit/have)
 LARGE_HEADER_OPS = ("commit", "have")   # their lists of digests grow with the file
-MAX_FRAME = 32 * MiB         # = protocol.MAX_FRAME_SIZE (ZMQ_MAXMSGSIZE); kept here to avoid a cycle
+MAX_FRAME = 32 * MiB         # ZMQ_MAXMSGSIZE (fms.wire.codec.MAX_FRAME_SIZE is this)
 MAX_CONTAINERS = 8           # arrays + maps one request header or route frame may hold
 MAX_MAP_LEN = 64             # keys in any one map of a request or route
 DIGEST_WIRE = 34             # a 32-byte digest as msgpack bin8: the smallest legit list item

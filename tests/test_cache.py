@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from fms import protocol as p
+from fms import wire as p
 from fms.cache import CacheService, ChunkCache, ManifestCache
 
 

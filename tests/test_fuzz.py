@@ -10,7 +10,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fms import protocol as p
+from fms import wire as p
 from fms.broker import Broker
 from fms.cache import CacheService, ChunkCache
 from fms.errors import FmsError

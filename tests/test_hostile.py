@@ -10,7 +10,7 @@ import zmq
 
 import fms
 from fms import limits
-from fms import protocol as p
+from fms import wire as p
 from harness import peak_rss
 from conftest import random_bytes, wait_for
 
@@ -542,7 +542,7 @@ def test_expired_work_is_dropped_and_a_worker_that_never_answers_loses_its_credi
     deadline are dropped; requests a worker holds unanswered long past theirs are forgotten,
     so its credit comes back and the next request reaches it."""
     from fms.broker import Broker
-    from fms.transport import drain
+    from fms.wire.frames import drain
     ctx = zmq.Context.instance()
     broker = Broker("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", ctx=ctx)
     broker.bind()

@@ -7,7 +7,7 @@ import resource
 
 import pytest
 
-from fms import protocol as p
+from fms import wire as p
 
 FILE_SIZE = 2 * p.GiB
 RSS_LIMIT = 150 * p.MiB

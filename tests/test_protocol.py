@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fms import protocol as p
+from fms import wire as p
 from fms.cli import parse_size
 from fms.errors import BadRequest
 

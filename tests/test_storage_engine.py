@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from fms import protocol as p
+from fms import wire as p
 from fms.errors import BadRequest, IntegrityError, MissingChunks, NotFound, Unavailable
 from fms.storage import gc
 from fms.storage.engine import StoreError, open_local, open_store

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from fms import protocol as p
+from fms import wire as p
 from fms.storage import gc
 from fms.storage.engine import open_local
 from conftest import random_bytes
@@ -136,7 +136,7 @@ def test_a_data_directory_in_the_old_layout_is_upgraded_on_start(make_cluster, t
 
 CHURN = """
 import sys
-from fms import protocol as p
+from fms import wire as p
 from fms.storage import gc
 from fms.storage.engine import open_local
 from storage_helpers import new_version, split

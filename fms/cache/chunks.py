@@ -10,8 +10,8 @@ import logging
 import os
 import uuid
 
-from .. import protocol as p
-from ..fileio import read_frame
+from .. import wire as p
+from ..wire.frames import read_frame
 
 log = logging.getLogger("fms.cache")
 

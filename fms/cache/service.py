@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from .. import protocol as p
+from .. import wire as p
 from ..errors import BadRequest
 from .chunks import ChunkCache
 from .manifests import ManifestCache

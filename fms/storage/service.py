@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 
-from .. import protocol as p
+from .. import wire as p
 from ..errors import BadRequest, FmsError, TooLarge, Unavailable
 from . import gc
 from .engine import Store, os_failure
