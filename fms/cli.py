@@ -71,6 +71,9 @@ def build_parser(prog: str = "fms", client_only: bool = False) -> argparse.Argum
                f"{prog} get trips/1.jpg - | wc -c   # to stdout\n"
                f"{prog} get -r trips ./restore      # keeps the tree")
     cmd.add_argument("-r", "--recursive", action="store_true", help="download a prefix as a tree")
+    cmd.add_argument("--no-cache", action="store_true",
+                     help="read from storage, not through the cache (a one-time read, e.g. a "
+                          "backup, that should not displace what others read often)")
     cmd.add_argument("--fsync", action="store_true",
                      help="flush downloads to disk before renaming them into place (survives a "
                           "power loss; slower)")
@@ -164,7 +167,11 @@ def _daemon_parsers(sub):
     cmd.add_argument("--storage", type=int, default=2, metavar="N",
                      help="storage workers to start (%(default)s)")
     cmd.add_argument("--cache-bytes", type=parse_size, default=DEFAULT_CACHE_BYTES, metavar="SIZE",
-                     help="cache bound, e.g. 512M or 2G (%(default)s)")
+                     help="cache bound, e.g. 512M or 2G, shared by the cache workers "
+                          "(%(default)s)")
+    cmd.add_argument("--caches", type=int, default=1, metavar="N",
+                     help="cache workers to start; they share the names and chunks by "
+                          "rendezvous hashing (%(default)s)")
     cmd.add_argument("--curve", action="store_true",
                      help="require CURVE: make keys in DATA/keys (once) and use them")
     cmd.add_argument("--insecure", action="store_true",
@@ -253,6 +260,12 @@ def _cache_args(cmd):
                      help="cache directory (%(default)s)")
     cmd.add_argument("--max-bytes", type=parse_size, default=DEFAULT_CACHE_BYTES, metavar="SIZE",
                      help="cache bound, e.g. 512M or 2G (%(default)s)")
+    cmd.add_argument("--memory-bytes", type=parse_size, default=None, metavar="SIZE",
+                     help="chunks also kept in memory, answered without a disk read (default: "
+                          "the smaller of 64M and half of --max-bytes; 0: none)")
+    cmd.add_argument("--max-file", type=parse_size, default=None, metavar="SIZE",
+                     help="files larger than this are read from storage, not cached (default: "
+                          "an eighth of --max-bytes)")
 
 
 # --- entry points ---
@@ -340,7 +353,8 @@ def _client(args):
     from .security import client_keys
     curve = client_keys(getattr(args, "curve_secret", None), getattr(args, "server_key", None))
     return Client(getattr(args, "broker", None), timeout=getattr(args, "timeout", 5.0),
-                  progress=progress, curve=curve, fsync=getattr(args, "fsync", False))
+                  progress=progress, curve=curve, fsync=getattr(args, "fsync", False),
+                  cache=not getattr(args, "no_cache", False))
 
 
 class _ProgressBars:
@@ -526,6 +540,10 @@ def cmd_stats(args):
             store = client.usage()
         except Unavailable:
             store = None
+    if cache is not None:
+        # One worker's own figures (lookups, bytes held), then the tier's, counted by the
+        # broker over every cache worker: GETs whose every piece came from the cache, bytes.
+        cache = {**cache, **status.get("cache", {})}
     out = {"workers": status["workers"], "cache": cache, "store": store,
            "broker": status["broker"]}
     if args.json:
@@ -540,10 +558,15 @@ def cmd_stats(args):
     if cache is None:
         print("cache   none connected (reads go straight to storage)")
     else:
-        print(f"cache   hits={cache['hits']} misses={cache['misses']} "
-              f"hit_ratio={cache['hit_ratio']:.2f} bytes={_human(cache['bytes'])}"
-              f"/{_human(cache['max_bytes'])} entries={cache['entries']} "
-              f"evictions={cache['evictions']}")
+        gets = cache["get_hits"] + cache["get_misses"]
+        ratio = f"{cache['get_hits'] / gets:.2f}" if gets else "-"
+        print(f"cache   get_hits={cache['get_hits']} get_misses={cache['get_misses']} "
+              f"hit_ratio={ratio} bytes_hit={_human(cache['bytes_hit'])} "
+              f"bytes_missed={_human(cache['bytes_missed'])} "
+              f"evictions={cache['evictions']} refused={cache['admissions_refused']}")
+        print(f"cache   (one worker) bytes={_human(cache['bytes'])}/"
+              f"{_human(cache['max_bytes'])} entries={cache['entries']} "
+              f"lookups: hits={cache['hits']} misses={cache['misses']}")
     if store is None:
         print("store   no storage worker connected")
     else:
@@ -680,12 +703,15 @@ def cmd_cache(args):
     from .logutil import setup_logging
     setup_logging(args.log_level)
     try:
-        chunks = ChunkCache(args.dir, args.max_bytes)
+        chunks = ChunkCache(args.dir, args.max_bytes, args.memory_bytes)
     except OSError as exc:
         raise FmsError(f"cannot use cache directory {args.dir}: {exc.strerror}") from None
-    service = CacheService(chunks, None)
-    return _run_worker(args, service, {"svc": p.CACHE, "wid": _worker_id(args, "cache")},
-                       "fms.cache")
+    service = CacheService(chunks, None, max_file=args.max_file)
+    try:
+        return _run_worker(args, service, {"svc": p.CACHE, "wid": _worker_id(args, "cache")},
+                           "fms.cache")
+    finally:
+        chunks.close()
 
 
 def cmd_up(args):
@@ -693,6 +719,8 @@ def cmd_up(args):
     import subprocess
     if args.storage < 1:
         raise FmsError("--storage must be at least 1")
+    if args.caches < 0:
+        raise FmsError("--caches must be 0 or more")
     py = [sys.executable, "-m", "fms"]
     log = ["--log-level", args.log_level]
     os.makedirs(args.data, exist_ok=True)
@@ -705,10 +733,13 @@ def cmd_up(args):
     # storage worker (or impostor) registers first.
     store = ["--store", _store_id(os.path.join(args.data, "storage"), args.meta, args.chunks)]
     specs = [("broker", py + ["broker", "--frontend", args.frontend, "--backend", args.backend]
-              + server + store + insecure + log),
-             ("cache", py + ["cache", "--broker", args.backend, "--dir",
-                             os.path.join(args.data, "cache"), "--max-bytes",
-                             str(args.cache_bytes)] + workers + log)]
+              + server + store + insecure + log)]
+    for i in range(args.caches):
+        # One cache keeps ./cache as before; several split the bound, each in a folder of its own.
+        name = "cache" if args.caches == 1 else f"cache-{i + 1}"
+        specs.append((name, py + ["cache", "--broker", args.backend, "--dir",
+                                  os.path.join(args.data, name), "--id", name, "--max-bytes",
+                                  str(args.cache_bytes // args.caches)] + workers + log))
     for i in range(args.storage):
         specs.append((f"storage-{i + 1}", py + ["storage", "--broker", args.backend, "--data",
                                                 os.path.join(args.data, "storage"),
@@ -726,8 +757,8 @@ def cmd_up(args):
         if client:
             hint = (f"python client.py --curve-secret {client[0]} --server-key {client[1]} "
                     f"put FILE")
-        print(f"fms up: broker at {args.frontend} (workers on {args.backend}), cache and "
-              f"{args.storage} storage workers, data in {os.path.abspath(args.data)}"
+        print(f"fms up: broker at {args.frontend} (workers on {args.backend}), {args.caches} "
+              f"cache and {args.storage} storage workers, data in {os.path.abspath(args.data)}"
               f"{', CURVE on' if args.curve else ''}\n"
               f"fms up: try `{hint}` in another terminal; Ctrl-C stops all",
               file=sys.stderr, flush=True)

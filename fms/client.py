@@ -77,12 +77,15 @@ class Client:
     :param curve: a :class:`fms.security.CurveClient` (own keys + the broker's public key) to
         encrypt and authenticate, or None; see :func:`fms.security.client_keys`.
     :param fsync: make downloads durable (fsync) before they are renamed into place.
+    :param cache: read through the cache tier; False reads from storage (a one-time read the
+        cache need not hold).
     """
 
     def __init__(self, broker: str | None = None, *, timeout: float = DEFAULT_TIMEOUT,
                  retries: int = DEFAULT_RETRIES, window: int = DEFAULT_WINDOW,
                  chunk_size: int = p.DEFAULT_CHUNK_SIZE, progress=None,
-                 ctx: zmq.Context | None = None, curve=None, fsync: bool = False):
+                 ctx: zmq.Context | None = None, curve=None, fsync: bool = False,
+                 cache: bool = True):
         if not p.MIN_CHUNK_SIZE <= chunk_size <= p.MAX_CHUNK_SIZE:
             raise BadRequest(f"chunk size must be between {p.MIN_CHUNK_SIZE} and "
                              f"{p.MAX_CHUNK_SIZE} bytes")
@@ -94,6 +97,7 @@ class Client:
         self.progress = progress
         self.curve = curve         # a fms.security.CurveClient, or None for plaintext
         self.fsync = fsync
+        self.cache = cache
         self.requests_sent = 0     # round trips made; tests use it to count them
         self._ctx = ctx or zmq.Context.instance()
         self._sock = None
@@ -506,7 +510,8 @@ class Client:
         items = [(p.check_name(name), dest) for name, dest in items]
         results = [None] * len(items)
         large = []
-        requests = ((i, "get", {"name": name}, None) for i, (name, _) in enumerate(items))
+        requests = ((i, "get", {"name": name, **self._get_fields()}, None)
+                    for i, (name, _) in enumerate(items))
         for i, header, frame in self.pipeline(requests, MANY_WINDOW):
             manifest = p.check_manifest(header.get("manifest"))
             if frame is not None:
@@ -515,33 +520,50 @@ class Client:
                     out.write(data)
                 results[i] = _public(manifest)
             else:
-                large.append((i, manifest))
-        for i, manifest in large:
+                large.append((i, manifest, self._chunk_fields(header)))
+        for i, manifest, via in large:
             with _atomic_file(items[i][1], manifest, self.fsync) as out:
-                self._download_chunks(manifest, out)
+                self._download_chunks(manifest, out, via)
             results[i] = _public(manifest)
         return results
 
+    def _get_fields(self) -> dict:
+        """Fields of a ``get``: ``fresh`` sends it to storage when the cache is not wanted."""
+        return {} if self.cache else {"fresh": True}
+
+    def _chunk_fields(self, header: dict) -> dict:
+        """Fields of the chunk requests of the file a ``get`` reply describes: through the
+        cache, tagged with the GET (``of``: the broker counts a GET whose every piece came from
+        the cache as a hit); else from storage (``fresh``), when this client reads without the
+        cache or the cache said it will not hold the file (``cache: false``)."""
+        if not self.cache or header.get("cache") is False:
+            return {"fresh": True}
+        return {"of": header["id"]}
+
+    def _manifest(self, name: str):
+        """``get`` a manifest.  :return: (manifest, inline content frame or None, the fields of
+        its chunk requests)."""
+        header, frame = self.call("get", name=p.check_name(name), **self._get_fields())
+        return p.check_manifest(header.get("manifest")), frame, self._chunk_fields(header)
+
     def get_bytes(self, name: str) -> bytes:
         """The content of ``name`` in memory (for small files)."""
-        header, frame = self.call("get", name=p.check_name(name))
-        manifest = p.check_manifest(header.get("manifest"))
+        manifest, frame, via = self._manifest(name)
         if frame is not None:
             return bytes(self._whole(name, manifest, frame)[1])
         parts = []
-        self._download_chunks(manifest, _Collect(parts))
+        self._download_chunks(manifest, _Collect(parts), via)
         return b"".join(parts)
 
     def get_to(self, name: str, stream) -> dict:
         """Write the content of ``name`` to a binary stream (e.g. stdout), verified chunk by
         chunk; the whole-file sha256 is checked at the end (:raises IntegrityError:)."""
-        header, frame = self.call("get", name=p.check_name(name))
-        manifest = p.check_manifest(header.get("manifest"))
+        manifest, frame, via = self._manifest(name)
         if frame is not None:
             manifest, data = self._whole(name, manifest, frame)
             stream.write(data)
         else:
-            self._download_chunks(manifest, stream)
+            self._download_chunks(manifest, stream, via)
         return _public(manifest)
 
     def _data_window(self, chunk_size: int) -> int:
@@ -568,11 +590,11 @@ class Client:
             raise IntegrityError(f"{name!r} came without its content from storage; try again")
         return manifest, _checked_whole(manifest, p.unpack_data(frame.buffer))
 
-    def _download_chunks(self, manifest: dict, out):
+    def _download_chunks(self, manifest: dict, out, via=None):
         """Fetch every chunk pipelined, write them in order to ``out``, verify all of it."""
         whole = hashlib.sha256()
         done = 0
-        for piece in self.iter_chunks(manifest):
+        for piece in self.iter_chunks(manifest, via=via):
             whole.update(piece)
             out.write(piece)
             done += len(piece)
@@ -581,16 +603,19 @@ class Client:
             raise IntegrityError(f"{manifest['name']!r} does not match its sha256; "
                                  f"nothing was written, try again")
 
-    def iter_chunks(self, manifest: dict, start: int = 0):
+    def iter_chunks(self, manifest: dict, start: int = 0, via=None):
         """Yield the chunks of ``manifest`` from index ``start`` on, in order, each verified;
         ``window`` requests stay in flight and out-of-order arrivals wait (at most ``window``).
+        ``via``: fields of each chunk request (see :meth:`_chunk_fields`).
 
         :raises IntegrityError: a chunk does not match its sha256.
         """
         chunks, size, chunk_size = manifest["chunks"], manifest["size"], manifest["chunk_size"]
         held = {}
         next_index = start
-        requests = ((i, "chunk", {"hash": chunks[i]}, None) for i in range(start, len(chunks)))
+        via = via or self._get_fields()
+        requests = ((i, "chunk", {"hash": chunks[i], **via}, None)
+                    for i in range(start, len(chunks)))
         for i, _header, frame in self.pipeline(requests, self._data_window(chunk_size)):
             if frame is None:
                 raise IntegrityError(f"chunk {i} of {manifest['name']!r} came without data")
@@ -617,8 +642,8 @@ class Client:
 
         :raises NotFound: no such name.
         """
-        header, frame = self.call("get", name=p.check_name(name))
-        return RemoteFile(self, p.check_manifest(header.get("manifest")), frame)
+        manifest, frame, via = self._manifest(name)
+        return RemoteFile(self, manifest, frame, via)
 
     def _report(self, name: str, done: int, total: int):
         if self.progress is not None:
@@ -628,9 +653,10 @@ class Client:
 class RemoteFile(io.RawIOBase):
     """What :meth:`Client.open` returns: read it like a local binary file."""
 
-    def __init__(self, client: Client, manifest: dict, inline_frame=None):
+    def __init__(self, client: Client, manifest: dict, inline_frame=None, via=None):
         super().__init__()
         self._client = client
+        self._via = via
         self.manifest = manifest
         self.name = manifest["name"]
         self.size = manifest["size"]
@@ -681,7 +707,7 @@ class RemoteFile(io.RawIOBase):
         expected_start = self._buf_start + len(self._buf)
         if self._stream is None or pos < self._buf_start or pos >= expected_start + chunk_size:
             # A jump: restart the prefetching stream at the chunk that holds pos.
-            self._stream = self._client.iter_chunks(self.manifest, index)
+            self._stream = self._client.iter_chunks(self.manifest, index, self._via)
             self._buf_start = index * chunk_size
         else:
             self._buf_start = expected_start

@@ -3,6 +3,12 @@
 A miss becomes one fetch to storage however many requests wait for the same key; storage pushes
 the data back here, the cache verifies it, fills itself and answers every waiter.  Manifest fills
 go through :class:`~fms.cache.manifests.ManifestCache`, which refuses stale ones (see there).
+
+Each reply's route frame tells the broker whether it was a hit, and a ``get`` reply how many
+chunk requests the client will make for that file (0 when its content came along, or when it is
+too large to cache, ``max_file``: then the reply says ``cache: false`` and the client reads the
+chunks from storage).  The broker counts a client's GET as a hit only when the manifest and every
+chunk came from the cache (fms.metrics.ReadTally).
 """
 
 import itertools
@@ -28,6 +34,7 @@ class Fetch:
     key: object               # the name, or the chunk digest
     token: int                # ManifestCache clock when the fetch started
     started: float
+    counted: bool             # whether the lookup that missed counted towards the frequency
     waiters: list = field(default_factory=list)   # (route, request id)
 
 
@@ -37,15 +44,20 @@ class CacheService:
     :param chunks: the on-disk chunk cache.
     :param link: where replies and fetches go.
     :param manifests: the manifest cache (a fresh one by default).
+    :param max_file: files larger than this are not cached: their chunks are read from storage
+        (default: an eighth of the chunk cache).
     """
 
-    def __init__(self, chunks: ChunkCache, link, manifests: ManifestCache | None = None):
+    def __init__(self, chunks: ChunkCache, link, manifests: ManifestCache | None = None,
+                 max_file: int | None = None):
         self.chunks = chunks
         self.manifests = manifests or ManifestCache()
         self.link = link
-        self.hits = 0
+        self.max_file = chunks.max_bytes // 8 if max_file is None else max_file
+        self.hits = 0                # lookups (manifests and chunks) answered from the cache
         self.misses = 0
         self.fetches = 0
+        self.dropped_chunks = 0      # chunks of dead versions dropped on invalidation
         self._ids = itertools.count(1)
         self._fetches = {}           # fetch id -> Fetch
         self._open = {}              # (kind, key) -> fetch id of the newest fetch for that key
@@ -73,11 +85,20 @@ class CacheService:
                 frame = self.chunks.get(manifest["chunks"][0])
             if frame is not None or not _inline(manifest):
                 self.hits += 1
-                self.link.reply(route, p.ok_reply(header["id"], manifest=manifest), frame,
-                                cache="hit")
+                self._reply_get(route, header["id"], {}, manifest, frame, "hit")
                 return
         self.misses += 1
-        self._wait("get", name, route, header["id"])
+        self._wait("get", name, route, header["id"], counted=manifest is not None)
+
+    def _reply_get(self, route, req_id, header: dict, manifest: dict, frame, outcome: str):
+        """Answer a get; the route tells the broker how many chunk requests will follow."""
+        fields = {"manifest": manifest}
+        chunks = 0 if _inline(manifest) else len(manifest["chunks"])
+        if manifest["size"] > self.max_file:
+            fields["cache"] = False       # the client reads these chunks from storage
+            chunks = 0
+        self.link.reply(route, {**header, **p.ok_reply(req_id, **fields)}, frame, cache=outcome,
+                        chunks=chunks)
 
     def _chunk(self, route, header):
         digest = p.need_hash(header, "hash")
@@ -89,13 +110,13 @@ class CacheService:
         self.misses += 1
         self._wait("chunk", digest, route, header["id"])
 
-    def _wait(self, kind, key, route, req_id):
+    def _wait(self, kind, key, route, req_id, counted=True):
         """Join the open fetch for this key if it is still fresh, else start one."""
         fetch_id = self._open.get((kind, key))
         fetch = self._fetches.get(fetch_id)
         if fetch is None or (kind == "get" and not self.manifests.fresh(key, fetch.token)):
             fetch_id = next(self._ids)
-            fetch = Fetch(kind, key, self.manifests.begin_fetch(), time.monotonic())
+            fetch = Fetch(kind, key, self.manifests.begin_fetch(), time.monotonic(), counted)
             self._fetches[fetch_id] = fetch
             self._open[(kind, key)] = fetch_id
             self.fetches += 1
@@ -126,7 +147,7 @@ class CacheService:
         if chunk is not None:
             # Verified already; written after the answers, so the disk write is not on their
             # path (the reply frames are not touched by it).
-            self.chunks.put(chunk, payload)
+            self.chunks.put(chunk, payload, counted=fetch.counted)
 
     def _check_chunk(self, fetch, payload) -> bytes:
         """:return: the digest to cache ``payload`` under, once it matches."""
@@ -167,7 +188,10 @@ class CacheService:
                 self.link.reply(route, p.error_reply(req_id, "unavailable", "the request's "
                                                      "deadline passed; retry"), cache="miss")
                 continue
-            self.link.reply(route, {**header, "id": req_id}, buf, cache="miss")
+            if fetch.kind == "get" and header.get("ok"):
+                self._reply_get(route, req_id, header, header["manifest"], buf, "miss")
+            else:
+                self.link.reply(route, {**header, "id": req_id}, buf, cache="miss")
 
     def _fail(self, fetch, code, message):
         for route, req_id in fetch.waiters:
@@ -176,7 +200,16 @@ class CacheService:
     # --- control ---
 
     def on_invalidate(self, name: str):
-        self.manifests.invalidate(name)
+        """``name`` changed: drop its manifest, its popularity, and the chunks of the dead
+        version that no other cached manifest lists (content-addressed chunks are never stale,
+        but these would only take room)."""
+        old = self.manifests.invalidate(name)
+        if old is None:
+            return
+        for digest in old["chunks"]:
+            if digest in self.chunks and not self.manifests.shared(digest):
+                self.chunks.drop(digest, forget=True)
+                self.dropped_chunks += 1
 
     def on_register(self):
         # A broker we were cut off from may have acked writes we never heard of.
@@ -193,15 +226,22 @@ class CacheService:
         self.manifests.forget_before(min((f.token for f in self._fetches.values()), default=None))
 
     def stats(self) -> dict:
-        total = self.hits + self.misses
+        """This worker's figures.  ``hits`` / ``misses`` count manifest and chunk lookups alike;
+        per-GET figures are the broker's (``get_hits`` ... in its status, see fms.metrics)."""
         return {
             "hits": self.hits, "misses": self.misses, "fetches": self.fetches,
-            "hit_ratio": (self.hits / total) if total else 0.0,
             "bytes": self.chunks.bytes, "max_bytes": self.chunks.max_bytes,
+            "memory_bytes": self.chunks.memory_bytes, "max_file": self.max_file,
             "entries": len(self.chunks), "evictions": self.chunks.evictions,
+            "admissions_refused": self.chunks.refused, "dropped_chunks": self.dropped_chunks,
             "corrupt": self.chunks.corrupt, "manifests": len(self.manifests),
+            "manifest_evictions": self.manifests.policy.evictions,
             "pending_fetches": len(self._fetches),
         }
+
+    def beat(self) -> dict:
+        """What the heartbeat tells the broker (for its Prometheus counters)."""
+        return {"evictions": self.chunks.evictions, "refused": self.chunks.refused}
 
 
 def _inline(manifest: dict) -> bool:
