@@ -11,7 +11,7 @@ import zmq
 import fms
 from fms import limits
 from fms import wire as p
-from fms.harness import peak_rss
+from harness import peak_rss
 from conftest import random_bytes, wait_for
 
 MiB = p.MiB

@@ -3,7 +3,7 @@
 Multipart send and receive for the hot path: pyzmq's ``send_multipart``/``recv_multipart`` spend
 about a microsecond per frame on Python-level flag arithmetic (enum objects) and option look-ups;
 a small GET crosses four hops, each a receive and a send of two to four frames, so these
-plain-int loops are measurably cheaper (``python -m fms.bench profile`` shows where the broker's
+plain-int loops are measurably cheaper (``python -m benchmarks.bench profile`` shows where the broker's
 time goes).  Semantics are the same: frames are sent without copying, and a multipart message is
 queued whole or not at all.
 
