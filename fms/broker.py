@@ -635,6 +635,8 @@ class Broker:
         if pending.op == "get" and route.get("cache") is not None:
             self.reads.get_answered(pending.origin["from"], pending.req_id, route["cache"],
                                     route.get("n", 0), nbytes)
+        elif pending.op == "get_many" and route.get("cache") is not None:
+            self.reads.batch_answered(route.get("gh"), route.get("gm"))
         elif pending.op == "chunk" and pending.read is not None:
             self.reads.chunk_answered(pending.origin["from"], pending.read, route.get("cache"),
                                       nbytes)

@@ -177,7 +177,8 @@ FLUSH_INTERVAL = 0.002              # seconds between tries to send what outboxe
 WORKER_BYTES = 64 * MiB             # per worker: data sent + replies expected, in flight
 CHUNK_GUESS = 1 * MiB               # a chunk reply's expected size before one was seen
 SMALL_REPLY = 4 * KiB               # expected reply size of a metadata op
-REPLY_GUESS = {"get": 128 * KiB, "ls": 1 * MiB}   # a small file's content; a page of ls
+REPLY_GUESS = {"get": 128 * KiB, "ls": 1 * MiB,     # a small file's content; a page of ls;
+               "get_many": 1 * MiB}                 # 256 small files of 4 KiB
 CHUNK_SIZES_KEPT = 65536            # chunk sizes remembered (LRU), for the guesses above
 
 

@@ -87,6 +87,13 @@ class ReadTally:
         else:
             self._count(hit)
 
+    def batch_answered(self, whole, missed):
+        """A ``get_many``: ``whole`` names came whole from the cache, ``missed`` from storage
+        (large files of a batch, whose chunks follow untagged, are not counted)."""
+        for count, hit in ((whole, True), (missed, False)):
+            if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+                self._count(hit, count)
+
     def chunk_answered(self, client: bytes, read, outcome, nbytes: int):
         """A reply to a ``chunk`` request tagged with the GET it belongs to (``read``), from
         the cache (``outcome``) or from storage (None)."""
@@ -115,13 +122,13 @@ class ReadTally:
             self.bytes_missed += nbytes
             self.metrics.cache_bytes_missed.inc(nbytes)
 
-    def _count(self, hit: bool):
+    def _count(self, hit: bool, gets: int = 1):
         if hit:
-            self.get_hits += 1
-            self.metrics.cache_get_hits.inc()
+            self.get_hits += gets
+            self.metrics.cache_get_hits.inc(gets)
         else:
-            self.get_misses += 1
-            self.metrics.cache_get_misses.inc()
+            self.get_misses += gets
+            self.metrics.cache_get_misses.inc(gets)
 
     def figures(self) -> dict:
         return {"get_hits": self.get_hits, "get_misses": self.get_misses,

@@ -87,12 +87,13 @@ class BrokerLink:
         self._send([p.encode({"t": "hb", "st": stats} if stats else {"t": "hb"})])
 
     def reply(self, route: dict, header: dict, data=None, invalidate=None, cache=None,
-              chunks=None):
+              chunks=None, batch=None):
         """Answer a request that reached this worker with ``route``.
 
         The route frame repeats the outcome (``ok``, ``err``) and, from the cache, whether it was
-        a hit (and, for a ``get``, how many ``chunks`` requests the client will send for it), so
-        the broker can count them without decoding the header.  ``invalidate`` names a name the
+        a hit (for a ``get``, how many ``chunks`` requests the client will send for it; for a
+        ``get_many``, ``batch``: names served whole from the cache, names fetched), so the
+        broker can count them without decoding the header.  ``invalidate`` names a name the
         broker must drop from the cache before it forwards this reply.
         """
         back = {"t": "rep", "k": route.get("k"), "to": route.get("from"), "via": route.get("via"),
@@ -105,6 +106,8 @@ class BrokerLink:
             back["cache"] = cache
         if chunks:
             back["n"] = chunks
+        if batch is not None:
+            back["gh"], back["gm"] = batch
         frames = [p.encode(back), p.encode(header)]
         if data is not None:
             frames.append(data)

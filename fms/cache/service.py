@@ -8,11 +8,13 @@ Each reply's route frame tells the broker whether it was a hit, and a ``get`` re
 chunk requests the client will make for that file (0 when its content came along, or when it is
 too large to cache, ``max_file``: then the reply says ``cache: false`` and the client reads the
 chunks from storage).  The broker counts a client's GET as a hit only when the manifest and every
-chunk came from the cache (fms.metrics.ReadTally).
+chunk came from the cache (fms.metrics.ReadTally); a ``get_many`` reply's route counts its names
+served whole from here (``gh``) and those fetched (``gm``).
 """
 
 import itertools
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -30,12 +32,12 @@ log = logging.getLogger("fms.cache")
 
 @dataclass
 class Fetch:
-    kind: str                 # "get" or "chunk"
-    key: object               # the name, or the chunk digest
+    kind: str                 # "get", "chunk" or "get_many"
+    key: object               # the name, the chunk digest, or the tuple of names missed
     token: int                # ManifestCache clock when the fetch started
     started: float
-    counted: bool             # whether the lookup that missed counted towards the frequency
     waiters: list = field(default_factory=list)   # (route, request id)
+    found: list = None        # get_many: per name asked, (manifest, payload) of a hit or None
 
 
 class CacheService:
@@ -54,10 +56,10 @@ class CacheService:
         self.manifests = manifests or ManifestCache()
         self.link = link
         self.max_file = chunks.max_bytes // 8 if max_file is None else max_file
-        self.hits = 0                # lookups (manifests and chunks) answered from the cache
+        self.dropped_chunks = 0      # chunks of dead versions dropped on invalidation
+        self.hits = 0
         self.misses = 0
         self.fetches = 0
-        self.dropped_chunks = 0      # chunks of dead versions dropped on invalidation
         self._ids = itertools.count(1)
         self._fetches = {}           # fetch id -> Fetch
         self._open = {}              # (kind, key) -> fetch id of the newest fetch for that key
@@ -71,6 +73,8 @@ class CacheService:
             self._get(route, header)
         elif op == "chunk":
             self._chunk(route, header)
+        elif op == "get_many":
+            self._get_many(route, header)
         elif op == "cache_stats":
             self.link.reply(route, p.ok_reply(header["id"], cache=self.stats()))
         else:
@@ -78,17 +82,14 @@ class CacheService:
 
     def _get(self, route, header):
         name = p.check_name(p.need(header, "name", str))
-        manifest = self.manifests.lookup(name)
-        if manifest is not None:
-            frame = None
-            if _inline(manifest):
-                frame = self.chunks.get(manifest["chunks"][0])
-            if frame is not None or not _inline(manifest):
-                self.hits += 1
-                self._reply_get(route, header["id"], {}, manifest, frame, "hit")
-                return
+        hit = self._lookup(name)
+        if hit is not None:
+            self.hits += 1
+            manifest, frame = hit
+            self._reply_get(route, header["id"], {}, manifest, frame, "hit")
+            return
         self.misses += 1
-        self._wait("get", name, route, header["id"], counted=manifest is not None)
+        self._wait("get", name, route, header["id"])
 
     def _reply_get(self, route, req_id, header: dict, manifest: dict, frame, outcome: str):
         """Answer a get; the route tells the broker how many chunk requests will follow."""
@@ -100,6 +101,36 @@ class CacheService:
         self.link.reply(route, {**header, **p.ok_reply(req_id, **fields)}, frame, cache=outcome,
                         chunks=chunks)
 
+    def _lookup(self, name: str):
+        """A hit: ``(manifest, data frame of its content or None)``; None on a miss (no
+        manifest, or a small file's content is not cached)."""
+        manifest = self.manifests.lookup(name)
+        if manifest is None:
+            return None
+        if not _inline(manifest):
+            return manifest, None
+        frame = self.chunks.get(manifest["chunks"][0])
+        return (manifest, frame) if frame is not None else None
+
+    def _get_many(self, route, header):
+        """Many names: the hits from here, all the misses in one storage fetch (not joined with
+        other fetches: one round trip per batch)."""
+        names = p.need_names(header)
+        found = [self._lookup(name) for name in names]
+        missed = tuple(name for name, hit in zip(names, found) if hit is None)
+        self.hits += len(names) - len(missed)
+        self.misses += len(missed)
+        fetch = Fetch("get_many", missed, self.manifests.begin_fetch(), time.monotonic(),
+                      [(route, header["id"])], found)
+        if not missed:
+            self._answer_batch(fetch, {}, "hit")
+            return
+        fetch_id = next(self._ids)
+        self._fetches[fetch_id] = fetch
+        self.fetches += 1
+        self.link.request(p.STORAGE, {"v": p.PROTOCOL_VERSION, "op": "get_many", "id": fetch_id,
+                                      "ttl_ms": int(FETCH_TIMEOUT * 1000), "names": list(missed)})
+
     def _chunk(self, route, header):
         digest = p.need_hash(header, "hash")
         frame = self.chunks.get(digest)
@@ -110,13 +141,13 @@ class CacheService:
         self.misses += 1
         self._wait("chunk", digest, route, header["id"])
 
-    def _wait(self, kind, key, route, req_id, counted=True):
+    def _wait(self, kind, key, route, req_id):
         """Join the open fetch for this key if it is still fresh, else start one."""
         fetch_id = self._open.get((kind, key))
         fetch = self._fetches.get(fetch_id)
         if fetch is None or (kind == "get" and not self.manifests.fresh(key, fetch.token)):
             fetch_id = next(self._ids)
-            fetch = Fetch(kind, key, self.manifests.begin_fetch(), time.monotonic(), counted)
+            fetch = Fetch(kind, key, self.manifests.begin_fetch(), time.monotonic())
             self._fetches[fetch_id] = fetch
             self._open[(kind, key)] = fetch_id
             self.fetches += 1
@@ -134,6 +165,9 @@ class CacheService:
         if not header.get("ok"):
             self._answer(fetch, header, None)
             return
+        if fetch.kind == "get_many":
+            self._fill_batch(fetch, header, data)
+            return
         try:
             payload = p.unpack_data(data.buffer) if data is not None else None
             if fetch.kind == "chunk":
@@ -146,8 +180,9 @@ class CacheService:
         self._answer(fetch, header, data)
         if chunk is not None:
             # Verified already; written after the answers, so the disk write is not on their
-            # path (the reply frames are not touched by it).
-            self.chunks.put(chunk, payload, counted=fetch.counted)
+            # path (the reply frames are not touched by it).  A chunk's miss was counted by its
+            # lookup; a small file's content is counted here (its manifest missed).
+            self.chunks.put(chunk, payload, counted=fetch.kind == "chunk")
 
     def _check_chunk(self, fetch, payload) -> bytes:
         """:return: the digest to cache ``payload`` under, once it matches."""
@@ -172,6 +207,63 @@ class CacheService:
             log.debug("event=stale_fill_dropped name=%r", fetch.key)
         return inline
 
+    def _fill_batch(self, fetch, header, data):
+        """Storage's answer to a batch of misses: verify and fill what came, answer the waiter
+        with the hits and these, then cache the content (off the answer's path)."""
+        try:
+            results = p.read_batch(header, data.buffer if data is not None else None,
+                                   list(fetch.key))
+        except BadRequest as exc:
+            self._fail(fetch, "integrity", f"storage sent a bad reply: {exc}")
+            return
+        fetched, verified = {}, []
+        for name, (result, payload) in zip(fetch.key, results):
+            if "error" in result:
+                fetched[name] = result
+                continue
+            manifest = result["manifest"]
+            if payload is not None and not p.inline_ok(manifest, payload):
+                payload = None     # the client fetches this one alone, from storage if need be
+            if payload is not None:
+                verified.append((manifest["chunks"][0], payload))
+            if not self.manifests.fill(name, manifest, fetch.token):
+                log.debug("event=stale_fill_dropped name=%r", name)
+            fetched[name] = (manifest, payload)
+        self._answer_batch(fetch, fetched, "miss")
+        for digest, payload in verified:
+            self.chunks.put(digest, payload, counted=False)
+
+    def _answer_batch(self, fetch, fetched: dict, cache: str):
+        """Answer a get_many: each name from ``fetch.found`` (a hit) or ``fetched`` (storage's
+        ``(manifest, payload)`` or error result), in the order asked."""
+        route, req_id = fetch.waiters[0]
+        if self._expired(route, req_id, cache):
+            return
+        batch, missed = p.BatchReply(), iter(fetch.key)
+        for hit in fetch.found:
+            if hit is not None:
+                manifest, frame = hit
+                batch.manifest(manifest, p.unpack_data(frame) if frame is not None else None)
+                continue
+            got = fetched[next(missed)]
+            if isinstance(got, dict):
+                batch.error(str(got["error"]), str(got.get("message", "")))
+            else:
+                batch.manifest(*got)
+        whole = sum(1 for hit in fetch.found if hit is not None
+                    and (hit[1] is not None or not hit[0]["chunks"]))
+        self.link.reply(route, p.ok_reply(req_id, results=batch.results), batch.frame(),
+                        cache=cache, batch=(whole, len(fetch.key)))
+
+    def _expired(self, route, req_id, cache) -> bool:
+        """If the request's client stopped waiting (fms.worker stamps the deadline), send a short
+        answer instead of the data, which the broker still needs to free the request."""
+        if route.get("deadline", math.inf) >= time.monotonic():
+            return False
+        self.link.reply(route, p.error_reply(req_id, "unavailable", "the request's deadline "
+                                             "passed; retry"), cache=cache)
+        return True
+
     def _close(self, fetch_id):
         fetch = self._fetches.pop(fetch_id, None)
         if fetch is not None and self._open.get((fetch.kind, fetch.key)) == fetch_id:
@@ -180,13 +272,8 @@ class CacheService:
 
     def _answer(self, fetch, header, data):
         buf = data.buffer if data is not None else None
-        now = time.monotonic()
         for route, req_id in fetch.waiters:
-            if route.get("deadline", now) < now:
-                # Its client stopped waiting (fms.worker stamps the deadline): a short answer
-                # instead of the data, which the broker still needs to free this request.
-                self.link.reply(route, p.error_reply(req_id, "unavailable", "the request's "
-                                                     "deadline passed; retry"), cache="miss")
+            if self._expired(route, req_id, "miss"):
                 continue
             if fetch.kind == "get" and header.get("ok"):
                 self._reply_get(route, req_id, header, header["manifest"], buf, "miss")

@@ -8,7 +8,8 @@ docs/PROTOCOL.md describes every message; this package is its code, one concern 
   zero-copy data frames;
 - :mod:`.fields`: reading and checking a header's fields, name rules, hashes, how a file splits
   into chunks;
-- :mod:`.frames`: multipart send/receive on a socket, file reads straight into data frames.
+- :mod:`.frames`: multipart send/receive on a socket, file reads straight into data frames;
+- :mod:`.batch`: the batched read ``get_many``, its request and reply.
 
 Every frame is msgpack.  Frames as they travel (ROUTER sockets add or strip the identity frame
 themselves)::
@@ -23,13 +24,14 @@ themselves)::
 ``header`` is a map with at least ``v`` (protocol version), ``op`` and ``id`` on requests and
 ``ok`` and ``id`` on replies.  ``data`` is one msgpack ``bin`` object holding file bytes.
 
-The names of all four modules are importable from here (``from fms import wire as p``).
+The names of all five modules are importable from here (``from fms import wire as p``).
 """
 
 from .codec import *  # noqa: F401,F403
 from .fields import *  # noqa: F401,F403
 from .frames import *  # noqa: F401,F403
 from .messages import *  # noqa: F401,F403
-from . import codec, fields, frames, messages
+from .batch import *  # noqa: F401,F403
+from . import batch, codec, fields, frames, messages
 
-__all__ = [*messages.__all__, *codec.__all__, *fields.__all__, *frames.__all__]
+__all__ = [*messages.__all__, *codec.__all__, *fields.__all__, *frames.__all__, *batch.__all__]

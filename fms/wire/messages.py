@@ -19,8 +19,8 @@ GiB = 1024 * MiB
 DEFAULT_CHUNK_SIZE = 1 * MiB
 MIN_CHUNK_SIZE = 4 * KiB
 MAX_CHUNK_SIZE = 16 * MiB
-MAX_BATCH_FILES = 256           # small files per commit_many
-MAX_BATCH_BYTES = 8 * MiB       # their content per commit_many
+MAX_BATCH_FILES = 256           # files per commit_many or get_many
+MAX_BATCH_BYTES = 8 * MiB       # their content in one commit_many or get_many message
 INLINE_MAX = 128 * KiB          # files up to this size travel with their manifest: one round trip
 MAX_HAVE_BATCH = 4096           # chunk hashes per `have` request
 
@@ -38,6 +38,7 @@ SERVICES = (CACHE, STORAGE)
 OP_SERVICE = {
     "get": CACHE,          # manifest (+ content of a small file)
     "chunk": CACHE,        # one chunk by hash
+    "get_many": CACHE,     # many names' manifests (+ small files' content) in one message
     "cache_stats": CACHE,
     "have": STORAGE,       # which of these chunk hashes are missing
     "put_chunk": STORAGE,
