@@ -47,7 +47,7 @@ class CacheService:
     :param link: where replies and fetches go.
     :param manifests: the manifest cache (a fresh one by default).
     :param max_file: files larger than this are not cached: their chunks are read from storage
-        (default: an eighth of the chunk cache).
+        (default: a quarter of the chunk cache).
     """
 
     def __init__(self, chunks: ChunkCache, link, manifests: ManifestCache | None = None,
@@ -55,7 +55,7 @@ class CacheService:
         self.chunks = chunks
         self.manifests = manifests or ManifestCache()
         self.link = link
-        self.max_file = chunks.max_bytes // 8 if max_file is None else max_file
+        self.max_file = chunks.max_bytes // 4 if max_file is None else max_file
         self.dropped_chunks = 0      # chunks of dead versions dropped on invalidation
         self.hits = 0
         self.misses = 0

@@ -255,7 +255,7 @@ def _cache_args(cmd):
                           "the smaller of 64M and half of --max-bytes; 0: none)")
     cmd.add_argument("--max-file", type=parse_size, default=None, metavar="SIZE",
                      help="files larger than this are read from storage, not cached (default: "
-                          "an eighth of --max-bytes)")
+                          "a quarter of --max-bytes)")
 
 
 def daemon_parser(kind: str) -> argparse.ArgumentParser:
