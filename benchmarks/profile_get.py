@@ -1,13 +1,13 @@
-"""Where a large GET spends its time: py-spy samples of every process during a cold GET (every
-chunk a cache miss) and a warm one (every chunk a hit) of one file.
+"""Where a large PUT and GET spend their time: py-spy samples of every process during a PUT of
+new content, a cold GET (every chunk a cache miss) and a warm one (every chunk a hit).
 
     .venv/bin/python -m benchmarks.profile_get [--size 512M] [--rate 250] [--out bench-results]
 
-Starts a cluster (broker, cache, two storage workers), uploads ``--size`` of new content, then
-for each of cold and warm runs ``client.py get`` under ``py-spy record`` while py-spy also
-samples the broker, the cache and the storage workers.  Prints, per process, the samples it was
+Starts a cluster (broker, cache, two storage workers), then runs ``client.py put`` of ``--size``
+of new content (fsync'd before), ``client.py get`` (cold) and again (warm), each under
+``py-spy record`` while py-spy also samples the broker, the cache and the storage workers.  Prints, per process, the samples it was
 busy (not idle) and the functions with the most samples of their own (self time), and writes
-py-spy's raw (collapsed-stack) files to ``OUT/profile-get-{cold,warm}-PROCESS.txt``.  Needs
+py-spy's raw (collapsed-stack) files to ``OUT/profile-{put,cold,warm}-PROCESS.txt``.  Needs
 py-spy (``pip install py-spy``) and the right to trace other processes (root, or
 ``kernel.yama.ptrace_scope=0``).
 """
@@ -54,20 +54,19 @@ def summarize(path: str) -> tuple:
     return total, own.most_common(TOP)
 
 
-def profile(cluster: Cluster, spy: str, label: str, name: str, dest: str, out: str,
-            rate: int) -> dict:
+def profile(cluster: Cluster, spy: str, label: str, cli_args: list, out: str, rate: int) -> dict:
     paths, spies = {}, []
     for proc in cluster.procs:
-        paths[proc.name] = os.path.join(out, f"profile-get-{label}-{proc.name}.txt")
+        paths[proc.name] = os.path.join(out, f"profile-{label}-{proc.name}.txt")
         spies.append(subprocess.Popen([spy, "record", "--pid", str(proc.pid), "--rate", str(rate),
                                        "--format", "raw", "--output", paths[proc.name]],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     time.sleep(SPY_START)          # py-spy attaches; nothing to wait on but its own start
-    paths["client"] = os.path.join(out, f"profile-get-{label}-client.txt")
+    paths["client"] = os.path.join(out, f"profile-{label}-client.txt")
     start = time.perf_counter()
     subprocess.run([spy, "record", "--rate", str(rate), "--format", "raw", "--output",
                     paths["client"], "--", sys.executable, CLIENT_PY, "--broker",
-                    cluster.frontend, "--quiet", "get", name, dest],
+                    cluster.frontend, "--quiet", *cli_args],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seconds = time.perf_counter() - start
     for s in spies:
@@ -90,15 +89,12 @@ def main(argv=None) -> int:
         cluster = Cluster(folder)
         try:
             cluster.start_all(cache_bytes=str(2 * args.size))
-            src = os.path.join(folder, "src.bin")
+            src, dest = os.path.join(folder, "src.bin"), os.path.join(folder, "out.bin")
             make_file(src, args.size)
-            with cluster.client(timeout=60.0) as c:
-                c.put(src, "large")
-            os.unlink(src)
-            for label in ("cold", "warm"):
-                run = profile(cluster, spy, label, "large", os.path.join(folder, "out.bin"),
-                              args.out, args.rate)
-                print(f"\n== {label} GET of {args.size / 2**20:.0f} MiB: {run['seconds']:.2f} s "
+            for label, cli_args in (("put", ["put", src, "large"]), ("cold", ["get", "large", dest]),
+                                    ("warm", ["get", "large", dest])):
+                run = profile(cluster, spy, label, cli_args, args.out, args.rate)
+                print(f"\n== {label} of {args.size / 2**20:.0f} MiB: {run['seconds']:.2f} s "
                       f"(under py-spy; {args.rate} samples/s per process)")
                 for proc, path in run["paths"].items():
                     if not os.path.exists(path):
