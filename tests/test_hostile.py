@@ -236,7 +236,7 @@ def test_an_impostor_registered_first_makes_no_real_storage_worker_exit(make_clu
 
 def test_with_the_store_pinned_an_impostor_first_is_refused_and_real_workers_serve(
         make_cluster, tmp_path):
-    from fms.cli import _store_id
+    from fms.cli.up import _store_id
     cluster = make_cluster()
     os.makedirs(cluster.storage_dir)
     cluster.start_broker(extra=["--store", _store_id(cluster.storage_dir, None, None)])

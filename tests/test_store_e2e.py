@@ -235,6 +235,6 @@ def test_small_files_committed_many_to_a_message_are_read_after_write(cluster, t
 
 
 def test_a_commit_waits_in_proportion_to_the_file_storage_reads_back():
-    from fms.client import COMMIT_CHECK_RATE, commit_timeout
+    from fms.client.upload import COMMIT_CHECK_RATE, commit_timeout
     assert commit_timeout(1 * MiB, 5.0) == 5.0                   # small: the usual timeout
     assert commit_timeout(4 * 1024 * MiB, 5.0) == 4 * 1024 * MiB / COMMIT_CHECK_RATE > 100

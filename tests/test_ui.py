@@ -16,7 +16,7 @@ import pytest
 import fms
 from fms import wire as p
 from fms.cli import build_parser
-from fms.shell import Shell
+from fms.cli.shell import Shell
 from conftest import ROOT, random_bytes
 from test_up import free_port
 
