@@ -307,7 +307,7 @@ class Broker:
                               f"client; wait for replies before sending more", op=op)
             return
         service = p.OP_SERVICE[op]
-        if header.get("fresh") is True and op in ("get", "chunk"):
+        if header.get("fresh") is True and op in ("get", "chunk", "get_many"):
             # The client found what the cache gave it corrupt: this once, ask storage itself.
             service = p.STORAGE
         self.dispatch(service, op, req_id, origin, frames[1:], deadline=deadline_of(header),
