@@ -97,3 +97,24 @@ def test_keys_spread_over_the_caches_and_a_dead_cache_moves_only_its_share(make_
         refetched = storage_served(cluster) - before
     lost = sum(rendezvous(n, ["cache-1", "cache-2", "cache-3"]) == victim for n in files)
     assert refetched == lost                              # only the dead cache's names
+
+
+def test_no_cache_reads_and_files_over_max_file_skip_the_cache(make_cluster, tmp_path):
+    cluster = make_cluster()
+    cluster.start_broker()
+    cluster.start_cache_with(["--max-file", "1M"])
+    cluster.start_storage(wid="storage-a")
+    cluster.wait_workers(storage=1, cache=1)
+    small, large = random_bytes(300_000, 1), random_bytes(2 * MiB, 2)
+    with cluster.client() as c:
+        c.put_bytes(small, "small")
+        c.put_bytes(large, "large")
+    before = cluster.served()["cache-1"]
+    got = cluster.cli("get", "--no-cache", "small", str(tmp_path / "small"))
+    assert got.returncode == 0 and (tmp_path / "small").read_bytes() == small
+    assert cluster.served()["cache-1"] == before                   # not even the manifest
+    with cluster.client() as c:
+        assert c.get_bytes("large") == large                       # manifest from the cache,
+        assert cluster.served()["cache-1"] == before + 1           # its chunks from storage
+        assert c.cache_stats()["entries"] == 0
+        assert c.status()["cache"]["get_misses"] == 1
