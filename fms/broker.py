@@ -367,8 +367,7 @@ class Broker:
             if worker is None:     # only workers it must avoid have credit: it waits
                 self._requeue_front(queue, okey, key)
                 return
-            route = {"t": "req", "k": key, **pending.origin,
-                     "ttl": max(1, int((pending.deadline - now) * 1000))}
+            route = {"t": "req", "k": key, "ttl": max(1, int((pending.deadline - now) * 1000))}
             if not self._send(self.backend, [worker.ident, p.encode(route), *pending.body]):
                 pending.exclude = (*pending.exclude, worker.ident)
                 self._requeue_front(queue, okey, key)

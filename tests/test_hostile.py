@@ -202,8 +202,7 @@ class FakeWorker:
                         sock.send(p.encode(self.ready))
                     elif route["t"] == "req" and self.handle is not None:
                         header, data = self.handle(p.decode(frames[1]))
-                        back = {"t": "rep", "k": route["k"], "to": route["from"],
-                                "via": route["via"], "ok": header["ok"]}
+                        back = {"t": "rep", "k": route["k"], "ok": header["ok"]}
                         self.served += 1
                         sock.send_multipart([p.encode(back), p.encode(header)]
                                             + ([data] if data is not None else []))
