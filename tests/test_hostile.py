@@ -301,7 +301,7 @@ def slow_cluster(make_cluster):
     cluster.start_broker()
     cluster.start_cache()
     for wid in ("storage-a", "storage-b"):
-        cluster.start_storage(wid=wid, extra=["--debug-delay", "0.05"])
+        cluster.start_storage(wid=wid, delay=0.05)
     cluster.wait_workers(storage=2, cache=1)
     return cluster
 
