@@ -31,13 +31,13 @@ def test_each_key_has_one_owner_and_a_joining_worker_takes_only_its_share():
     assert all(two[k] == three[k] for k in keys if three[k] != "cache-2")
 
 
-def start(make_cluster, caches: int, delay: str = "0"):
+def start(make_cluster, caches: int, delay: float = 0.0):
     """A cluster with ``caches`` cache workers; :return: it, and the cache processes by id."""
     cluster = make_cluster()
     cluster.start_broker()
     procs = {f"cache-{i}": cluster.start_cache(wid=f"cache-{i}") for i in range(1, caches + 1)}
     for wid in ("storage-a", "storage-b"):
-        cluster.start_storage(wid=wid, extra=["--debug-delay", delay])
+        cluster.start_storage(wid=wid, delay=delay)
     cluster.wait_workers(storage=2, cache=caches)
     return cluster, procs
 
@@ -49,7 +49,7 @@ def storage_served(cluster) -> int:
 @pytest.mark.parametrize("caches", [2, 3])
 def test_concurrent_misses_make_one_storage_fetch_per_key_with_several_caches(make_cluster,
                                                                               caches):
-    cluster, _ = start(make_cluster, caches, delay="0.05")
+    cluster, _ = start(make_cluster, caches, delay=0.05)
     data = random_bytes(3 * MiB + 5, 16)
     with cluster.client() as c:
         c.put_bytes(data, "cold")
