@@ -590,7 +590,9 @@ class Client:
         chunks, size, chunk_size = manifest["chunks"], manifest["size"], manifest["chunk_size"]
         held = {}
         next_index = start
-        requests = ((i, "chunk", {"hash": chunks[i]}, None) for i in range(start, len(chunks)))
+        # `len` lets the broker reserve room for the reply (else it assumes the largest chunk).
+        requests = ((i, "chunk", {"hash": chunks[i], "len": p.chunk_length(i, size, chunk_size)},
+                     None) for i in range(start, len(chunks)))
         for i, _header, frame in self.pipeline(requests, self._data_window(chunk_size)):
             if frame is None:
                 raise IntegrityError(f"chunk {i} of {manifest['name']!r} came without data")
@@ -598,7 +600,7 @@ class Client:
             expect = p.chunk_length(i, size, chunk_size)
             if len(data) != expect or p.sha256(data) != chunks[i]:
                 # Once more, from storage itself (`fresh`: the broker bypasses the cache).
-                _, frame = self._call_aside("chunk", hash=chunks[i], fresh=True)
+                _, frame = self._call_aside("chunk", hash=chunks[i], len=expect, fresh=True)
                 data = p.unpack_data(frame.buffer) if frame is not None else b""
                 if len(data) != expect or p.sha256(data) != chunks[i]:
                     raise IntegrityError(f"chunk {i} of {manifest['name']!r} does not match its "

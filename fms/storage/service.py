@@ -21,14 +21,13 @@ import threading
 import time
 import uuid
 
+from .. import limits
 from .. import protocol as p
 from ..errors import BadRequest, FmsError, TooLarge, Unavailable
 from . import gc
 from .engine import Store, os_failure
 from .model import NewVersion, Removal
 
-LS_PAGE_MAX = 5000        # entries per ls reply, so a reply stays far below MAX_FRAME_SIZE
-LS_PAGE_DEFAULT = 1000
 CLEAN_INTERVAL = 60.0     # seconds between sweeps of temp files left by dead writers
 GC_INTERVAL = 300.0       # seconds between background collections
 CHANGE_OPS = ("commit", "rm")   # group committed; applied even past their deadline (idempotent)
@@ -135,8 +134,8 @@ class StorageService:
     def op_ls(self, route, header, data):
         prefix = p.check_prefix(p.need(header, "prefix", str, optional=True, default=""))
         after = p.need(header, "after", str, optional=True, default="")
-        limit = p.need_int(header, "limit", lo=1, hi=LS_PAGE_MAX, optional=True,
-                           default=LS_PAGE_DEFAULT)
+        limit = p.need_int(header, "limit", lo=1, hi=limits.LS_PAGE_MAX, optional=True,
+                           default=limits.LS_PAGE_DEFAULT)
         page = self.store.list(prefix, after, limit + 1)
         self.link.reply(route, p.ok_reply(header["id"], entries=[v.summary() for v in page[:limit]],
                                           more=len(page) > limit))
