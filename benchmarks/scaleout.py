@@ -16,7 +16,7 @@ postmaster and every backend), SeaweedFS and the client processes (their own CPU
 window), read from /proc; "busy" is a process's CPU seconds over the wall time (1.0 = one core).
 From these, the report projects the throughput of a machine with more cores.
 
-    .venv/bin/python benchmarks/scaleout.py [--files 64] [--put-clients 8] [--get-clients 16]
+    .venv/bin/python -m benchmarks.scaleout [--files 64] [--put-clients 8] [--get-clients 16]
                                             [--workers 1,2,4] [--out bench-results]
 
 Everything listens on loopback; servers, workers and temp folders are removed at the end, also
@@ -34,31 +34,26 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-
-from fms import protocol as p  # noqa: E402
-from fms.bench import _add_counts, _cpu_seconds, _sub, write_report  # noqa: E402
-from fms.client import Client  # noqa: E402
-from fms.errors import FmsError  # noqa: E402
-from fms.harness import LocalCluster  # noqa: E402
+from benchmarks.bench import _add_counts, _cpu_seconds, _sub, write_report
+from fms import wire as p
+from fms.client import Client
+from fms.errors import FmsError
+from harness import Cluster
 
 FILE = 4 * p.MiB
 CLIENT_TIMEOUT = 30.0    # seconds per request: 16 clients share 2 cores with every server
 
 
-class StoreCluster(LocalCluster):
-    """A :class:`LocalCluster` whose storage workers get ``store_args`` (``--meta``,
-    ``--chunks``) and a scratch ``--data`` each; without them they share one SQLite store."""
-
-    def __init__(self, folder: str, store_args=(), **kwargs):
-        super().__init__(folder, **kwargs)
-        self.store_args = list(store_args)
-
-    def start_storage(self, i: int):
-        data = os.path.join(self.folder, f"scratch-{i}" if self.store_args else "storage")
-        self.start(f"storage-{i}", "storage_worker.py", "--broker", self.backend, "--data", data,
-                   "--id", f"storage-{i}", *self.worker_args, *self.store_args)
+def start_store_cluster(cluster: Cluster, workers: int, store_args: list):
+    """A broker, a 1 GiB cache and ``workers`` storage workers that get ``store_args``
+    (``--meta``, ``--chunks``) and a scratch ``--data`` each; without them they share one SQLite
+    store."""
+    cluster.start_broker()
+    cluster.start_cache(max_bytes="1G")
+    for i in range(1, workers + 1):
+        data = str(cluster.tmp / f"scratch-{i}") if store_args else None
+        cluster.start_storage(data=data, wid=f"storage-{i}", extra=store_args)
+    cluster.wait_workers(storage=workers, cache=1)
 
 
 # --- load ---
@@ -127,10 +122,10 @@ def _machine() -> tuple:
     return sum(t) - t[3] - t[4], t[4]
 
 
-def measure(cluster: StoreCluster, servers: dict, op: str, names: list, clients: int) -> dict:
+def measure(cluster: Cluster, servers: dict, op: str, names: list, clients: int) -> dict:
     """One timed phase: ``clients`` processes ``op`` the ``names`` between them; CPU is counted
-    from the moment all are connected and ready (as in fms.bench._run_processes) to the end."""
-    pids = {name: proc.pid for name, proc in cluster.procs.items()}
+    from the moment all are connected and ready (as in benchmarks.bench._run_processes) to the end."""
+    pids = {proc.name: proc.pid for proc in cluster.procs}
     pids.update({name: server.proc.pid for name, server in servers.items()})
     with cluster.client() as c:
         served = {w["id"]: w["served"] for w in c.status()["workers"]}
@@ -161,10 +156,10 @@ def measure(cluster: StoreCluster, servers: dict, op: str, names: list, clients:
 
 
 def run(label: str, folder: str, workers: int, store_args, servers: dict, args) -> list:
-    cluster = StoreCluster(folder, store_args, cache_bytes="1G")
+    cluster = Cluster(folder)
     names = [f"scaleout/{i:03d}" for i in range(args.files)]
     try:
-        cluster.start_all(storage=workers)
+        start_store_cluster(cluster, workers, list(store_args))
         put = measure(cluster, servers, "put", names, args.put_clients)
         with cluster.client() as c:
             cached = c.cache_stats()["entries"]

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 import zmq
 
 from . import limits
-from . import protocol as p
+from . import wire as p
 from .errors import BadRequest
 from .logutil import RateLimitedLog, clip
 from .metrics import BrokerMetrics
-from .transport import drain, send_frames
+from .wire.frames import drain, send_frames
 
 log = logging.getLogger("fms.broker")
 
@@ -716,6 +716,11 @@ class Broker:
             if not isinstance(page, int) or isinstance(page, bool) or page < 1:
                 page = limits.LS_PAGE_DEFAULT
             return min(page, limits.LS_PAGE_MAX) * limits.LS_ENTRY_MAX + limits.SMALL_REPLY
+        if op == "get_many":    # inline content up to the batch's limit, and the manifests
+            names = header.get("names")
+            count = len(names) if isinstance(names, list) else 1
+            return (min(p.MAX_BATCH_BYTES, count * p.INLINE_MAX)
+                    + count * limits.MANIFEST_GUESS + limits.SMALL_REPLY)
         if op == "have":        # the hashes it asked about, at most
             return size + limits.SMALL_REPLY
         return limits.REPLY_BOUND.get(op, limits.SMALL_REPLY)

@@ -25,7 +25,7 @@ MiB = 1024 * KiB
 
 MAX_HEADER = 64 * KiB        # route frames and request headers (but commit/have)
 LARGE_HEADER_OPS = ("commit", "have")   # their lists of digests grow with the file
-MAX_FRAME = 32 * MiB         # = protocol.MAX_FRAME_SIZE (ZMQ_MAXMSGSIZE); kept here to avoid a cycle
+MAX_FRAME = 32 * MiB         # ZMQ_MAXMSGSIZE (fms.wire.codec.MAX_FRAME_SIZE is this)
 MAX_CONTAINERS = 8           # arrays + maps one request header or route frame may hold
 MAX_MAP_LEN = 64             # keys in any one map of a request or route
 DIGEST_WIRE = 34             # a 32-byte digest as msgpack bin8: the smallest legit list item
@@ -177,15 +177,18 @@ FLUSH_INTERVAL = 0.002              # seconds between tries to send what outboxe
 WORKER_BYTES = 64 * MiB             # per worker: data sent + replies expected, in flight
 CHUNK_GUESS = 1 * MiB               # a chunk reply's expected size before one was seen
 SMALL_REPLY = 4 * KiB               # expected reply size of a metadata op
-REPLY_GUESS = {"get": 128 * KiB, "ls": 1 * MiB}   # a small file's content; a page of ls
+REPLY_GUESS = {"get": 128 * KiB, "ls": 1 * MiB,     # a small file's content; a page of ls;
+               "get_many": 1 * MiB}                 # 256 small files of 4 KiB
 # Reply bytes reserved when a client's request is admitted: at most what its reply carries.
 # A chunk reserves the length the client declares (`len`), else the size seen last, else
-# MAX_CHUNK_SIZE; an ls page LS_ENTRY_MAX per entry; have what it asked about.  A reply larger than its reservation (a
-# manifest of more than ~3,800 chunks, a false `len`) is kept only while the budgets have room.
+# MAX_CHUNK_SIZE; an ls page LS_ENTRY_MAX per entry; have what it asked about.  A reply larger
+# than its reservation (a manifest of more than ~3,800 chunks, a false `len`) is kept only
+# while the budgets have room.
 REPLY_BOUND = {"get": 136 * KiB, "fsck": 1 * MiB, "commit_many": 64 * KiB,
                "status": 64 * KiB, "cache_stats": 16 * KiB}
 LS_PAGE_DEFAULT = 1000              # entries per ls reply when the request gives no limit
 LS_PAGE_MAX = 5000                  # at most, so a page stays far below MAX_FRAME
+MANIFEST_GUESS = 1 * KiB            # a small file's manifest, in a get_many reply
 LS_ENTRY_MAX = 1280                 # bytes of one ls entry at most (a 1,024-byte name + fields)
 CHUNK_SIZES_KEPT = 65536            # chunk sizes remembered (LRU), for the guesses above
 

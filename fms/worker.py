@@ -20,10 +20,10 @@ import time
 import zmq
 
 from . import limits
-from . import protocol as p
+from . import wire as p
 from .errors import BadRequest, FmsError
 from .logutil import RateLimitedLog
-from .transport import drain, send_frames
+from .wire.frames import drain, send_frames
 
 RECONNECT_MIN = 0.25   # seconds: first wait before reconnecting to a silent broker
 RECONNECT_MAX = 4.0    # seconds: the backoff doubles up to this

@@ -5,7 +5,7 @@ import os
 
 import msgpack
 
-from fms import protocol as p
+from fms import wire as p
 from fms.storage.model import NewVersion
 
 CHUNK = p.MIN_CHUNK_SIZE

@@ -5,9 +5,8 @@ import os
 
 import pytest
 
-from fms import protocol as p
-from fms.cache import ChunkCache, ManifestCache
-from fms.cache_service import CacheService
+from fms import wire as p
+from fms.cache import CacheService, ChunkCache, ManifestCache
 
 
 def chunk(i: int, size: int = 1000) -> tuple:
@@ -252,3 +251,69 @@ def test_fetch_that_times_out_answers_its_waiters(service):
     assert service.link.replies[0][1]["error"] == "unavailable"
     storage_answers(service, service.link.requests[0][1], b"late", 1)  # too late: ignored
     assert len(service.link.replies) == 1
+
+
+# --- get_many: hits from the cache, every miss in one storage fetch ---
+
+def get_many(names, req_id):
+    return {"v": p.PROTOCOL_VERSION, "op": "get_many", "id": req_id, "names": names}
+
+
+def storage_answers_batch(service, fetch_header, contents: dict, corrupt=()):
+    batch = p.BatchReply()
+    for name in fetch_header["names"]:
+        if name not in contents:
+            batch.error("not_found", f"{name!r} not found")
+            continue
+        content = contents[name]
+        batch.manifest(manifest_of(name, content), b"X" * len(content) if name in corrupt
+                       else content)
+    frame = batch.frame()
+    service.handle_reply(p.ok_reply(fetch_header["id"], results=batch.results),
+                         Frame(frame) if frame is not None else None)
+
+
+def batch_answer(service, names):
+    _, header, data = service.link.replies[-1]
+    return [(r.get("error"), bytes(d) if d is not None else None)
+            for r, d in p.read_batch(header, data, names)]
+
+
+def test_get_many_answers_hits_itself_and_asks_storage_once_for_all_misses(service):
+    service.handle_request(route(b"c"), get("hot", 1), None)
+    storage_answers(service, service.link.requests[0][1], b"hot!", 1)
+    names = ["a", "hot", "b", "gone"]
+    service.handle_request(route(b"c"), get_many(names, 2), None)
+    assert len(service.link.requests) == 2                            # one fetch for 3 misses
+    assert service.link.requests[1][1]["names"] == ["a", "b", "gone"]
+    storage_answers_batch(service, service.link.requests[1][1], {"a": b"alpha", "b": b"beta"})
+    assert batch_answer(service, names) == [(None, b"alpha"), (None, b"hot!"), (None, b"beta"),
+                                            ("not_found", None)]
+    service.handle_request(route(b"c"), get_many(["b", "a"], 3), None)    # filled: all hits
+    assert len(service.link.requests) == 2
+    assert batch_answer(service, ["b", "a"]) == [(None, b"beta"), (None, b"alpha")]
+    assert service.link.outcomes[-2:] == ["miss", "hit"]
+
+
+def test_get_many_never_delivers_or_keeps_content_that_does_not_verify(service):
+    service.handle_request(route(b"c"), get_many(["a", "b"], 1), None)
+    storage_answers_batch(service, service.link.requests[0][1], {"a": b"alpha", "b": b"beta"},
+                          corrupt={"b"})
+    assert batch_answer(service, ["a", "b"]) == [(None, b"alpha"), (None, None)]
+    assert p.sha256(b"beta") not in service.chunks and p.sha256(b"alpha") in service.chunks
+
+
+def test_get_many_fill_in_flight_across_an_invalidation_is_not_kept(service):
+    service.handle_request(route(b"early"), get_many(["f", "g"], 1), None)
+    service.on_invalidate("f")                                     # a write of f is acked
+    storage_answers_batch(service, service.link.requests[0][1], {"f": b"old", "g": b"g"})
+    assert batch_answer(service, ["f", "g"]) == [(None, b"old"), (None, b"g")]  # it came before
+    assert service.manifests.lookup("f") is None and service.manifests.lookup("g") is not None
+
+
+def test_get_many_bad_reply_from_storage_is_an_integrity_error(service):
+    service.handle_request(route(b"c"), get_many(["a"], 1), None)
+    fetch = service.link.requests[0][1]
+    service.handle_reply(p.ok_reply(fetch["id"], results=[]), None)
+    (_, header, data), = service.link.replies
+    assert header["error"] == "integrity" and data is None

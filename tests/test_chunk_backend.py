@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from fms import protocol as p
+from fms import wire as p
 from fms.errors import NotFound
 from fms.storage.chunks.localdir import LocalDirChunks
 

@@ -11,7 +11,7 @@ import pytest
 import zmq
 
 import fms
-from fms import protocol as p
+from fms import wire as p
 from fms.errors import BadRequest, NotFound
 from conftest import random_bytes, wait_for
 

@@ -13,7 +13,7 @@ import pytest
 import zmq
 
 import fms
-from fms import protocol as p
+from fms import wire as p
 from conftest import ROOT, random_bytes, wait_for
 
 MiB = p.MiB

@@ -10,10 +10,9 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fms import protocol as p
+from fms import wire as p
 from fms.broker import Broker
-from fms.cache import ChunkCache
-from fms.cache_service import CacheService
+from fms.cache import CacheService, ChunkCache
 from fms.errors import FmsError
 from fms.storage.engine import open_local
 from fms.storage.service import StorageService

@@ -11,8 +11,8 @@ import zmq
 
 import fms
 from fms import limits
-from fms import protocol as p
-from fms.harness import peak_rss
+from fms import wire as p
+from harness import peak_rss
 from conftest import random_bytes, wait_for
 
 MiB = p.MiB
@@ -237,7 +237,7 @@ def test_an_impostor_registered_first_makes_no_real_storage_worker_exit(make_clu
 
 def test_with_the_store_pinned_an_impostor_first_is_refused_and_real_workers_serve(
         make_cluster, tmp_path):
-    from fms.cli import _store_id
+    from fms.cli.up import _store_id
     cluster = make_cluster()
     os.makedirs(cluster.storage_dir)
     cluster.start_broker(extra=["--store", _store_id(cluster.storage_dir, None, None)])
@@ -630,7 +630,7 @@ def test_expired_work_is_dropped_and_a_worker_that_never_answers_loses_its_credi
     deadline are dropped; requests a worker holds unanswered long past theirs are forgotten,
     so its credit comes back and the next request reaches it."""
     from fms.broker import Broker
-    from fms.transport import drain
+    from fms.wire.frames import drain
     ctx = zmq.Context.instance()
     broker = Broker("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", ctx=ctx)
     broker.bind()

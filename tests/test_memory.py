@@ -7,8 +7,7 @@ import resource
 
 import pytest
 
-from fms import protocol as p
-from fms.harness import peak_rss
+from fms import wire as p
 
 FILE_SIZE = 2 * p.GiB
 RSS_LIMIT = 150 * p.MiB
@@ -43,7 +42,7 @@ def test_moving_a_2_gib_file_keeps_every_process_under_150_mib(make_cluster, tmp
                 h.update(block)
         assert h.digest() == digest.digest()
 
-    peaks = {proc.name: peak_rss(proc.pid) for proc in cluster.procs}
+    peaks = cluster.peak_rss()
     # The CLI runs were children of this process, already waited for.
     peaks["client (largest of put/get)"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     report = ", ".join(f"{name}={rss / p.MiB:.0f} MiB" for name, rss in peaks.items())

@@ -5,7 +5,7 @@ A new engine (PostgreSQL) joins by adding a factory to ENGINES; nothing else cha
 
 import pytest
 
-from fms import protocol as p
+from fms import wire as p
 from fms.errors import BadRequest, MissingChunks, NotFound, Unavailable
 from fms.storage.meta.sql import prefix_end
 from fms.storage.meta.sqlite import SQLiteMeta

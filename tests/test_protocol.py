@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fms import protocol as p
+from fms import wire as p
 from fms.cli import parse_size
 from fms.errors import BadRequest
 
@@ -116,3 +116,55 @@ def test_protocol_doc_covers_every_op_error_code_and_route_type():
     for name in [*p.OP_SERVICE, *p.ERROR_CODES, "ready", "welcome", "refused", "hb", "bye",
                  "reregister", "req", "rep", "inv"]:
         assert f"`{name}`" in doc, f"docs/PROTOCOL.md does not mention `{name}`"
+
+
+# --- get_many: the batched read's reply ---
+
+def _manifest(name, content, chunks=None):
+    return {"name": name, "size": len(content), "sha256": p.sha256(content),
+            "chunk_size": p.DEFAULT_CHUNK_SIZE,
+            "chunks": [p.sha256(content)] if chunks is None else chunks,
+            "mtime": 0.0, "version": 1, "commit": "c"}
+
+
+def test_batch_reply_round_trip_keeps_order_errors_and_contents():
+    files = {"a": b"alpha", "e": b"", "b": b"beta" * 1000}
+    batch = p.BatchReply()
+    batch.manifest(_manifest("a", files["a"]), files["a"])
+    batch.error("not_found", "'gone' not found")
+    batch.manifest(_manifest("e", b"", chunks=[]), None)
+    batch.manifest(_manifest("b", files["b"]), files["b"])
+    header = msgpack.unpackb(p.encode({"results": batch.results}))    # as it travels
+    results = p.read_batch(header, batch.frame(), ["a", "gone", "e", "b"])
+    assert [r.get("error") for r, _ in results] == [None, "not_found", None, None]
+    assert [bytes(d) if d is not None else None for _, d in results] == \
+        [b"alpha", None, None, b"beta" * 1000]
+    assert all(p.inline_ok(r["manifest"], d) for r, d in results if d is not None)
+
+
+def test_batch_reply_leaves_out_content_past_its_byte_cap(monkeypatch):
+    monkeypatch.setattr(p.batch, "MAX_BATCH_BYTES", 10)
+    batch = p.BatchReply()
+    for name in ("a", "b", "c"):
+        batch.manifest(_manifest(name, b"1234"), b"1234")
+    assert [r["inline"] for r in batch.results] == [True, True, False]
+    assert len(p.unpack_data(batch.frame())) == 8
+
+
+@pytest.mark.parametrize("frame, names, why", [
+    (p.pack_data(b"abc"), ["a"], "shorter"),
+    (p.pack_data(b"alpha!"), ["a"], "longer"),
+    (p.pack_data(b"alpha"), ["other"], "another name"),
+    (p.pack_data(b"alpha"), ["a", "b"], "1 results for 2 names"),
+])
+def test_read_batch_refuses_replies_that_do_not_add_up(frame, names, why):
+    header = {"results": [{"manifest": _manifest("a", b"alpha"), "inline": True}]}
+    with pytest.raises(BadRequest, match=why):
+        p.read_batch(header, frame, names)
+
+
+def test_get_many_takes_1_to_256_valid_names():
+    assert p.need_names({"names": ["a", "b/c"]}) == ["a", "b/c"]
+    for bad in ([], ["x"] * (p.MAX_BATCH_FILES + 1), ["../etc"], [1]):
+        with pytest.raises(BadRequest):
+            p.need_names({"names": bad})

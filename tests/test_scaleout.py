@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from fms import protocol as p
+from fms import wire as p
 from conftest import ROOT, random_bytes, wait_for
 
 MiB = p.MiB

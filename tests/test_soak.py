@@ -1,8 +1,13 @@
-"""The soak run (python -m fms.soak), shortened, as a slow test: pytest -m slow."""
+"""The soak run (python -m benchmarks.soak), shortened, as a slow test: pytest -m slow."""
+
+import sys
 
 import pytest
 
-from fms import soak
+from harness import ROOT
+
+sys.path.insert(0, ROOT)     # benchmarks/ is beside the package, not installed with it
+from benchmarks import soak  # noqa: E402
 
 
 @pytest.mark.slow

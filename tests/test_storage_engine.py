@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from fms import protocol as p
+from fms import wire as p
 from fms.errors import BadRequest, IntegrityError, MissingChunks, NotFound, Unavailable
 from fms.storage import gc
 from fms.storage.engine import StoreError, open_local, open_store
@@ -404,9 +404,11 @@ def test_a_migration_killed_midway_is_finished_by_the_next_start(tmp_path):
 class Link:
     def __init__(self):
         self.replies = []
+        self.frames = []
 
     def reply(self, route, header, data=None, invalidate=None, cache=None):
         self.replies.append(header)
+        self.frames.append(data)
 
 
 def request(service, link, **header):
@@ -690,3 +692,16 @@ def test_commit_many_commits_each_file_with_its_own_result_in_one_message(store)
     assert bytes(p.unpack_data(store.read_chunk(store.version("b/c").chunks[0]))) == b"beta" * 100
     with pytest.raises(BadRequest, match="add up"):
         service.handle_request({}, {**header, "id": 8}, _frame(b"short"))
+
+
+def test_get_many_answers_every_name_in_order_small_contents_inline_errors_per_name(store):
+    link = Link()
+    service = StorageService(store, link)
+    put_file(store, "small", b"tiny")
+    put_file(store, "big", content(3, 2 * CHUNK), commit="c2")
+    names = ["big", "gone", "small"]
+    reply = request(service, link, op="get_many", names=names)
+    results = p.read_batch(reply, link.frames[-1], names)
+    assert [r.get("error") for r, _ in results] == [None, "not_found", None]
+    assert [r.get("inline") for r, _ in results] == [False, None, True]
+    assert bytes(results[2][1]) == b"tiny" and results[0][0]["manifest"]["size"] == 2 * CHUNK

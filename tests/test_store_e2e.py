@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from fms import protocol as p
+from fms import wire as p
 from fms.storage import gc
 from fms.storage.engine import open_local
 from conftest import random_bytes
@@ -136,7 +136,7 @@ def test_a_data_directory_in_the_old_layout_is_upgraded_on_start(make_cluster, t
 
 CHURN = """
 import sys
-from fms import protocol as p
+from fms import wire as p
 from fms.storage import gc
 from fms.storage.engine import open_local
 from storage_helpers import new_version, split
@@ -235,6 +235,6 @@ def test_small_files_committed_many_to_a_message_are_read_after_write(cluster, t
 
 
 def test_a_commit_waits_in_proportion_to_the_file_storage_reads_back():
-    from fms.client import COMMIT_CHECK_RATE, commit_timeout
+    from fms.client.upload import COMMIT_CHECK_RATE, commit_timeout
     assert commit_timeout(1 * MiB, 5.0) == 5.0                   # small: the usual timeout
     assert commit_timeout(4 * 1024 * MiB, 5.0) == 4 * 1024 * MiB / COMMIT_CHECK_RATE > 100

@@ -14,9 +14,9 @@ import urllib.request
 import pytest
 
 import fms
-from fms import protocol as p
+from fms import wire as p
 from fms.cli import build_parser
-from fms.shell import Shell
+from fms.cli.shell import Shell
 from conftest import ROOT, random_bytes
 from test_up import free_port
 

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 
-from .. import protocol as p
+from .. import wire as p
 from ..errors import BadRequest, FmsError, IntegrityError, MissingChunks, NoSpace, NotFound
 from .chunks.base import ChunkBackend
 from .chunks.localdir import LocalDirChunks

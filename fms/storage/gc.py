@@ -17,7 +17,7 @@ import os
 import socket
 import time
 
-from .. import protocol as p
+from .. import wire as p
 from ..errors import IntegrityError, NotFound, Unavailable
 from .chunks.localdir import pid_alive
 from .meta.base import RETAIN_SECONDS

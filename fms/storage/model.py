@@ -7,7 +7,7 @@ engine to make a new version (:class:`NewVersion`) or remove a name (:class:`Rem
 
 from dataclasses import dataclass
 
-from .. import protocol as p
+from .. import wire as p
 
 
 @dataclass(frozen=True, slots=True)

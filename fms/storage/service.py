@@ -22,8 +22,8 @@ import time
 import uuid
 
 from .. import limits
-from .. import protocol as p
-from ..errors import BadRequest, FmsError, TooLarge, Unavailable
+from .. import wire as p
+from ..errors import BadRequest, FmsError, RemoteError, TooLarge, Unavailable
 from . import gc
 from .engine import Store, os_failure
 from .model import NewVersion, Removal
@@ -60,7 +60,8 @@ class StorageService:
         self._next_gc = time.monotonic() + GC_INTERVAL
         self._maintenance = _Maintenance(maintenance_store) if maintenance_store else None
         self._handlers = {
-            "get": self.op_get, "chunk": self.op_chunk, "have": self.op_have,
+            "get": self.op_get, "chunk": self.op_chunk, "get_many": self.op_get_many,
+            "have": self.op_have,
             "put_chunk": self.op_put_chunk, "commit": self.op_commit,
             "commit_many": self.op_commit_many, "ls": self.op_ls,
             "stat": self.op_stat, "rm": self.op_rm, "usage": self.op_usage,
@@ -122,6 +123,21 @@ class StorageService:
         if p.travels_inline(version.size, len(version.chunks)):
             frame = self.store.read_chunk(version.chunks[0])
         self.link.reply(route, p.ok_reply(header["id"], manifest=version.manifest()), frame)
+
+    def op_get_many(self, route, header, data):
+        """Many names in one message (fms.wire.batch): what the cache asks for its misses."""
+        batch = p.BatchReply()
+        for name in p.need_names(header):
+            try:
+                version = self.store.version(name)
+                frame = None
+                if p.travels_inline(version.size, len(version.chunks)):
+                    frame = self.store.read_chunk(version.chunks[0])
+            except RemoteError as exc:       # this name's failure, not the batch's
+                batch.error(exc.code, str(exc))
+                continue
+            batch.manifest(version.manifest(), p.unpack_data(frame) if frame is not None else None)
+        self.link.reply(route, p.ok_reply(header["id"], results=batch.results), batch.frame())
 
     def op_chunk(self, route, header, data):
         frame = self.store.read_chunk(p.need_hash(header, "hash"))

@@ -16,7 +16,7 @@ class ChunkBackend(ABC):
 
     @abstractmethod
     def get(self, digest: bytes):
-        """The blob as a data frame (bin32 prefix + bytes, :func:`fms.protocol.data_buffer`).
+        """The blob as a data frame (bin32 prefix + bytes, :func:`fms.wire.codec.data_buffer`).
 
         :raises NotFound: no such blob.
         """

@@ -13,9 +13,9 @@ import socket
 import time
 import uuid
 
-from ... import protocol as p
+from ... import wire as p
 from ...errors import IntegrityError, NoSpace, NotFound
-from ...fileio import read_frame
+from ...wire.frames import read_frame
 from .base import ChunkBackend
 
 MARKER = "STORE"   # chunks/STORE: the id of the store the chunks belong to

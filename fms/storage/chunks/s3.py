@@ -16,7 +16,7 @@ import boto3
 import botocore.exceptions
 from botocore.config import Config
 
-from ... import protocol as p
+from ... import wire as p
 from ...errors import FmsError, IntegrityError, NotFound, Unavailable
 from .base import ChunkBackend
 

@@ -19,7 +19,7 @@ import time
 
 import msgpack
 
-from ... import protocol as p
+from ... import wire as p
 from ...errors import BadRequest, FmsError
 from ..model import unpack_digests
 

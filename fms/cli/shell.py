@@ -13,7 +13,7 @@ import shlex
 import sys
 import time
 
-from .errors import FmsError
+from ..errors import FmsError
 
 HISTORY_FILE = os.path.expanduser("~/.fms_history")
 HISTORY_LENGTH = 1000

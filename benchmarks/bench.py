@@ -1,7 +1,7 @@
 """Benchmarks: fms side by side with peers in the same run, reported as ratios (the machine is
 shared and noisy: an absolute time alone says little).
 
-    python -m fms.bench [SCENARIO ...] [--size 512M] [--rss-size 2G] [--names 200000]
+    python -m benchmarks.bench [SCENARIO ...] [--size 512M] [--rss-size 2G] [--names 200000]
                         [--out bench-results]
 
 Scenarios (default: all but curve and profile; ``meta`` stands for ``ls putr gc``):
@@ -44,8 +44,8 @@ Scenarios (default: all but curve and profile; ``meta`` stands for ``ls putr gc`
   and the heaviest frames are printed (``pip install py-spy``).
 
 Peers (nginx, redis-server, wrk, curl) are started on random loopback ports from a temporary
-folder; one that is missing is installed with apt-get when running as root, else its rows are
-skipped with a message.  Results go to ``OUT/bench-DATE.json`` and ``OUT/bench-DATE.md``.
+folder; one that is missing is named with the package to install and its rows are skipped
+(the benchmark installs nothing).  Results go to ``OUT/bench-DATE.json`` and ``OUT/bench-DATE.md``.
 """
 
 import argparse
@@ -65,11 +65,11 @@ import sys
 import tempfile
 import time
 
-from . import protocol as p
-from .cli import parse_size
-from .client import Client
-from .errors import FmsError
-from .harness import LocalCluster, peak_rss
+from fms import wire as p
+from fms.cli import parse_size
+from fms.client import Client
+from fms.errors import FmsError
+from harness import ROOT, Cluster
 
 SMALL = 4 * p.KiB
 LOAD_SECONDS = 5.0         # length of each concurrent-load run
@@ -91,8 +91,7 @@ LS_SAMPLE_SECONDS = 30.0   # ... at most about this long per measurement
 GC_OVERWRITES = 20
 GC_FILE = 3 * p.MiB
 GC_BASE = 3 * p.MiB // 2   # a file kept throughout: gc must leave its chunks alone
-CLIENT_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                         "client.py")
+CLIENT_PY = os.path.join(ROOT, "client.py")
 
 
 # --- peers ---
@@ -117,15 +116,12 @@ def _wait_port(port: int, proc: subprocess.Popen, what: str):
 
 
 def ensure_tool(binary: str, package: str) -> bool:
-    """True if ``binary`` is on PATH, installing ``package`` with apt-get (as root) if not."""
+    """True if ``binary`` is on PATH; if not, says which package to install and returns False
+    (the benchmark installs nothing itself)."""
     if shutil.which(binary):
         return True
-    if os.geteuid() == 0 and shutil.which("apt-get"):
-        print(f"bench: installing {package} with apt-get", file=sys.stderr)
-        subprocess.run(["apt-get", "install", "-y", "-qq", package], capture_output=True)
-    if shutil.which(binary):
-        return True
-    print(f"bench: {binary} not available; skipping its comparisons", file=sys.stderr)
+    print(f"bench: {binary} not found, skipping its comparisons (install it, e.g. "
+          f"`apt-get install {package}`)", file=sys.stderr)
     return False
 
 
@@ -250,11 +246,11 @@ def bench_large(folder: str, size: int, rounds: int = 3) -> list:
     out = os.path.join(folder, "out.bin")
     mib = size / p.MiB
     rates = {k: [] for k in ("put", "cp", "cold", "warm", "curl")}
-    cluster = LocalCluster(_sub(folder, "large-cluster"), cache_bytes=str(3 * size))
+    cluster = Cluster(_sub(folder, "large-cluster"))
     nginx = Nginx(folder, _sub(folder, "nginx")) if ensure_tool("nginx", "nginx-light") else None
     has_curl = ensure_tool("curl", "curl")
     try:
-        cluster.start_all()
+        cluster.start_all(cache_bytes=str(3 * size))
         with cluster.client(timeout=30.0) as c:
             for r in range(rounds):
                 # New content (a real upload, a real cold get), on disk before either clock.
@@ -410,7 +406,7 @@ def bench_small(folder: str) -> list:
     root = _sub(folder, "small-www")
     with open(os.path.join(root, "small.bin"), "wb") as f:
         f.write(data)
-    cluster = LocalCluster(_sub(folder, "small-cluster"))
+    cluster = Cluster(_sub(folder, "small-cluster"))
     rows = []
     try:
         cluster.start_all()
@@ -550,7 +546,7 @@ def bench_many(folder: str, rounds: int = 3) -> list:
     first with a cold cache (every file a miss), then ``rounds`` warm; curl ``rounds`` times."""
     root = _sub(folder, "many-www")
     src = make_small_files(_sub(root, "many"), MANY_FILES)
-    cluster = LocalCluster(_sub(folder, "many-cluster"))
+    cluster = Cluster(_sub(folder, "many-cluster"))
     fms_s = []
     try:
         cluster.start_all()
@@ -630,7 +626,7 @@ def bench_ls(folder: str, large: int = LS_LARGE) -> list:
     tiny = os.path.join(folder, "tiny")
     with open(tiny, "wb") as f:
         f.write(b"fms bench\n")
-    cluster = LocalCluster(_sub(folder, "ls-cluster"))
+    cluster = Cluster(_sub(folder, "ls-cluster"))
     names = ls_names(large)
     ms, stored, wrong = {}, 0, 0
     try:
@@ -647,7 +643,7 @@ def bench_ls(folder: str, large: int = LS_LARGE) -> list:
                 usage = c.usage()
                 wrong += len(listing) != LS_FOLDER or usage["files"] != stored
                 ms[target] = (stored, fill_s, _median_ms(lambda: c.ls(LS_LISTED)),
-                              _median_ms(c.usage), _du(os.path.join(cluster.folder, "storage")))
+                              _median_ms(c.usage), _du(cluster.storage_dir))
     finally:
         cluster.stop()
     (n_small, _, ls_small, usage_small, du_small), \
@@ -688,7 +684,7 @@ def bench_putr(folder: str, rounds: int = 3) -> list:
     dedup), each into a fresh prefix/folder on the same disk."""
     src = _sub(folder, "putr-src")
     www = _sub(folder, "putr-www")
-    cluster = LocalCluster(_sub(folder, "putr-cluster"))
+    cluster = Cluster(_sub(folder, "putr-cluster"))
     nginx = None
     if ensure_tool("nginx", "nginx-light") and ensure_tool("curl", "curl"):
         nginx = Nginx(www, _sub(folder, "nginx-putr"), dav=True)
@@ -750,8 +746,8 @@ def _file_bytes(path: str) -> int:
 def bench_gc(folder: str) -> list:
     """Space given back: a kept file, then GC_OVERWRITES overwrites of a GC_FILE file with new
     content, ``rm``, ``client.py gc --grace 0``; the store's size measured after each step."""
-    cluster = LocalCluster(_sub(folder, "gc-cluster"))
-    data = os.path.join(cluster.folder, "storage")
+    cluster = Cluster(_sub(folder, "gc-cluster"))
+    data = cluster.storage_dir
     chunks = os.path.join(data, "chunks")
     measures = {"du -sb chunks/": lambda c: _du(chunks),
                 "chunk file bytes under chunks/": lambda c: _file_bytes(chunks),
@@ -801,14 +797,14 @@ def bench_rss(folder: str, size: int) -> list:
     import resource
     src = os.path.join(folder, "rss.bin")
     make_file(src, size)
-    cluster = LocalCluster(_sub(folder, "rss-cluster"), cache_bytes=str(size + size // 2))
+    cluster = Cluster(_sub(folder, "rss-cluster"))
     try:
-        cluster.start_all()
+        cluster.start_all(cache_bytes=str(size + size // 2))
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         for args in (["put", src, "rss"], ["get", "rss", os.path.join(folder, "rss-cold")],
                      ["get", "rss", os.path.join(folder, "rss-warm")]):
             run_cli(cluster.frontend, *args, check=True)
-        peaks = {name: peak_rss(proc.pid) for name, proc in cluster.procs.items()}
+        peaks = cluster.peak_rss()
         peaks["client"] = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) * 1024
     finally:
         cluster.stop()
@@ -835,9 +831,9 @@ def bench_scale(folder: str) -> list:
     rates = {}
     ctx = multiprocessing.get_context("spawn")
     for n in (1, 2, 4):
-        cluster = LocalCluster(_sub(folder, f"scale-{n}"), cache_bytes="2G")
+        cluster = Cluster(_sub(folder, f"scale-{n}"))
         try:
-            cluster.start_all(storage=n)
+            cluster.start_all(storage=n, cache_bytes="2G")
             names = [f"scale/{i}" for i in range(SCALE_FILES)]
             with cluster.client() as c:
                 for name in names:
@@ -887,7 +883,7 @@ def _mixed_loop(frontend: str, seconds: float, counter, errors):
 
 def _churn(folder: str) -> dict:
     """Storage workers added and removed under load: every request must still succeed."""
-    cluster = LocalCluster(_sub(folder, "churn"))
+    cluster = Cluster(_sub(folder, "churn"))
     ctx = multiprocessing.get_context("spawn")
     try:
         cluster.start_all(storage=2)
@@ -897,11 +893,11 @@ def _churn(folder: str) -> dict:
         for proc in procs:
             proc.start()
         time.sleep(LOAD_SECONDS)                  # the benchmark's own schedule
-        cluster.start_storage(3)                  # added
+        cluster.start_storage(wid="storage-3")   # added
         time.sleep(LOAD_SECONDS / 2)
-        cluster.procs["storage-1"].send_signal(signal.SIGTERM)   # removed cleanly
+        cluster.proc("storage-1").stop()          # removed cleanly (SIGTERM)
         time.sleep(LOAD_SECONDS / 2)
-        cluster.procs["storage-2"].kill()                        # removed by kill -9
+        cluster.proc("storage-2").kill()          # removed by kill -9
         for proc in procs:
             proc.join()
     finally:
@@ -921,9 +917,8 @@ def bench_curve(folder: str, size: int, rounds: int = 3) -> list:
     clusters = {}
     try:
         for mode in samples:
-            clusters[mode] = LocalCluster(_sub(folder, f"curve-{mode}"),
-                                          curve=(mode == "curve"), cache_bytes=str(4 * size))
-            clusters[mode].start_all()
+            clusters[mode] = Cluster(_sub(folder, f"curve-{mode}"), curve=(mode == "curve"))
+            clusters[mode].start_all(cache_bytes=str(4 * size))
         for r in range(rounds):
             make_file(src, size)   # new content: a real upload and a real cache miss
             for mode, cluster in clusters.items():   # alternate, so drift hits both alike
@@ -953,14 +948,14 @@ def bench_profile(folder: str, seconds: float = LOAD_SECONDS) -> list:
     import collections
     import resource
     spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
-    cluster = LocalCluster(_sub(folder, "profile-cluster"))
+    cluster = Cluster(_sub(folder, "profile-cluster"))
     rows = []
     try:
         cluster.start_all()
         with cluster.client() as c:
             c.put_bytes(os.urandom(SMALL), "small.bin")
             c.get_bytes("small.bin")
-        pids = {name: cluster.procs[name].pid for name in ("broker", "cache")}
+        pids = {name: cluster.proc(name).pid for name in ("broker", "cache")}
         before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         # Counted over the timed window only, not the load processes' start-up.
@@ -1034,7 +1029,7 @@ ALIASES = {"meta": ("ls", "putr", "gc")}   # the storage engine's scenarios
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fms.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("scenarios", nargs="*", metavar="SCENARIO",
                         help=f"any of {', '.join(SCENARIOS)}, or meta for "

@@ -3,7 +3,7 @@
 import pytest
 import zmq
 
-from fms.transport import drain, recv_frames, send_frames
+from fms.wire.frames import drain, recv_frames, send_frames
 
 
 @pytest.fixture

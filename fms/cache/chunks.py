@@ -1,13 +1,7 @@
-"""The cache tier's state, as plain objects with no sockets.
+"""The chunk cache, a plain object with no sockets.
 
 :class:`ChunkCache` keeps chunks on disk, bounded in bytes, least-recently-used out first.  Chunks
 are content-addressed, so they are never stale and survive restarts.
-
-:class:`ManifestCache` keeps manifests in memory and decides whether a fill may be stored.  This is
-where read-after-write (DESIGN.md invariant 1) is defended: a fetch records the clock when it
-starts; an invalidation of the name (or of everything) ticks the clock; a fill whose fetch started
-before the latest invalidation of its name is *stale*: it is neither stored nor handed to requests
-that arrived after the invalidation.
 """
 
 import collections
@@ -16,12 +10,11 @@ import logging
 import os
 import uuid
 
-from . import protocol as p
-from .fileio import read_frame
+from .. import wire as p
+from ..wire.frames import read_frame
 
 log = logging.getLogger("fms.cache")
 
-MAX_MANIFESTS = 100_000  # manifests kept in memory; the oldest are dropped past this
 HOT_CHUNK_MAX = 128 * 1024       # chunks up to this size may also be kept in memory...
 HOT_BYTES_MAX = 32 * 1024 * 1024  # ...up to this many bytes: small-file hits skip the disk
 
@@ -171,66 +164,3 @@ class ChunkCache:
         self.bytes -= size
         with contextlib.suppress(OSError):
             os.unlink(self._path(digest))
-
-
-class ManifestCache:
-    """Manifests in memory, with the invalidation clock that keeps fills honest.
-
-    :param max_entries: bound on manifests kept; least recently used go first.
-    """
-
-    def __init__(self, max_entries: int = MAX_MANIFESTS):
-        self.max_entries = max_entries
-        self._entries = collections.OrderedDict()  # name -> manifest
-        self._clock = 0
-        self._invalidated_at = {}   # name -> clock of its latest invalidation
-        self._cleared_at = 0        # clock of the latest invalidate_all
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def lookup(self, name: str):
-        manifest = self._entries.get(name)
-        if manifest is not None:
-            self._entries.move_to_end(name)
-        return manifest
-
-    def begin_fetch(self) -> int:
-        """A token to hand back to :meth:`fresh` / :meth:`fill` when the fetch completes."""
-        return self._clock
-
-    def fresh(self, name: str, token: int) -> bool:
-        """True if no invalidation of ``name`` happened since the fetch that holds ``token``."""
-        return self._invalidated_at.get(name, 0) <= token and self._cleared_at <= token
-
-    def fill(self, name: str, manifest: dict, token: int) -> bool:
-        """Store a fetched manifest unless it is stale.  :return: whether it was stored."""
-        if not self.fresh(name, token):
-            return False
-        self._entries[name] = manifest
-        self._entries.move_to_end(name)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
-        return True
-
-    def invalidate(self, name: str):
-        self._clock += 1
-        self._invalidated_at[name] = self._clock
-        self._entries.pop(name, None)
-
-    def invalidate_all(self):
-        self._clock += 1
-        self._cleared_at = self._clock
-        self._entries.clear()
-        self._invalidated_at.clear()  # cleared_at now dominates every older entry
-
-    def forget_before(self, oldest_token):
-        """Drop invalidation records no pending fetch can be compared with any more.
-
-        :param oldest_token: the token of the oldest pending fetch, or None if none is pending.
-        """
-        if oldest_token is None:
-            self._invalidated_at.clear()
-        else:
-            self._invalidated_at = {n: c for n, c in self._invalidated_at.items()
-                                    if c > oldest_token}

@@ -1,6 +1,6 @@
 """Peak memory of every process under the floods of issue 17 (not part of the test suite).
 
-    python -m fms.floods [--seconds 10] [--clients 8] [--only NAME ...]
+    python -m benchmarks.floods [--seconds 10] [--clients 8] [--only NAME ...]
 
 Each scenario starts its own cluster (broker, cache, two storage workers, on random loopback
 ports), runs one attack for a bounded time with a well-behaved client beside it that reads a
@@ -22,8 +22,8 @@ import time
 import msgpack
 import zmq
 
-from . import protocol as p
-from .harness import LocalCluster, peak_rss
+from fms import wire as p
+from harness import Cluster
 
 MiB = p.MiB
 
@@ -133,9 +133,9 @@ SCENARIOS = {"bomb": bomb, "flood": flood, "nonreaders": nonreaders, "slowreader
 
 def run(name, seconds, clients):
     with tempfile.TemporaryDirectory(prefix="fms-floods-") as folder:
-        cluster = LocalCluster(folder, cache_bytes="1G")
+        cluster = Cluster(folder)
         try:
-            cluster.start_all(storage=2)
+            cluster.start_all(storage=2, cache_bytes="1G")
             small = os.urandom(200 * 1024)
             with cluster.client(chunk_size=16 * MiB) as c:
                 c.put_bytes(small, "legit")
@@ -146,8 +146,8 @@ def run(name, seconds, clients):
             SCENARIOS[name](cluster, seconds, clients, header["manifest"])
             legit.stop.set()
             legit.join(30)
-            peaks = {proc: peak_rss(popen.pid) for proc, popen in cluster.procs.items()}
-            alive = all(popen.poll() is None for popen in cluster.procs.values())
+            peaks = cluster.peak_rss()
+            alive = all(proc.alive() for proc in cluster.procs)
         finally:
             cluster.stop()
     rss = " ".join(f"{proc}={rss / MiB:.0f}MiB" for proc, rss in peaks.items())
@@ -156,7 +156,7 @@ def run(name, seconds, clients):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m fms.floods", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.floods", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=8)

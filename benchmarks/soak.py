@@ -1,6 +1,6 @@
 """Soak test: many clients, mixed put/get/rm, a storage worker killed and restarted mid-run.
 
-    python -m fms.soak [--seconds 60] [--clients 32] [--keep DIR]
+    python -m benchmarks.soak [--seconds 60] [--clients 32] [--keep DIR]
 
 It starts its own cluster (broker, cache, two storage workers) on random loopback ports in a
 temporary folder.  Each client owns a few names and knows what it last stored under each, so
@@ -20,9 +20,9 @@ import tempfile
 import threading
 import time
 
-from .client import Client
-from .errors import FmsError, NotFound
-from .harness import LocalCluster
+from fms.client import Client
+from fms.errors import FmsError, NotFound
+from harness import Cluster
 
 NAMES_PER_CLIENT = 4
 
@@ -93,7 +93,7 @@ def worker_loop(frontend: str, k: int, stop: threading.Event, tally: Tally, seed
 
 
 def run(seconds: float, clients: int, folder: str, seed: int = 1) -> dict:
-    cluster = LocalCluster(folder)
+    cluster = Cluster(folder)
     tally = Tally()
     stop = threading.Event()
     events = []
@@ -108,10 +108,9 @@ def run(seconds: float, clients: int, folder: str, seed: int = 1) -> dict:
         for at, action in plan:
             time.sleep(max(0.0, start + at - time.monotonic()))  # the soak's own schedule
             if action == "kill":
-                cluster.procs["storage-1"].kill()
-                cluster.procs["storage-1"].wait()
+                cluster.proc("storage-1").kill()
             else:
-                cluster.start_storage(1)
+                cluster.start_storage(wid="storage-1")
             events.append(f"{time.monotonic() - start:.1f}s {action} storage-1")
         time.sleep(max(0.0, start + seconds - time.monotonic()))
         stop.set()
@@ -128,7 +127,7 @@ def run(seconds: float, clients: int, folder: str, seed: int = 1) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fms.soak", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=60.0, help="how long (%(default)s)")
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients (%(default)s)")

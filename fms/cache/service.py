@@ -2,17 +2,19 @@
 
 A miss becomes one fetch to storage however many requests wait for the same key; storage pushes
 the data back here, the cache verifies it, fills itself and answers every waiter.  Manifest fills
-go through :class:`~fms.cache.ManifestCache`, which refuses stale ones (see there).
+go through :class:`~fms.cache.manifests.ManifestCache`, which refuses stale ones (see there).
 """
 
 import itertools
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
-from . import protocol as p
-from .cache import ChunkCache, ManifestCache
-from .errors import BadRequest
+from .. import wire as p
+from ..errors import BadRequest
+from .chunks import ChunkCache
+from .manifests import ManifestCache
 
 # Seconds a storage fetch may stay unanswered before its waiters get `unavailable`.  Longer than
 # the broker needs to declare a worker dead and hand its requests to another (3 heartbeats + 1).
@@ -23,11 +25,12 @@ log = logging.getLogger("fms.cache")
 
 @dataclass
 class Fetch:
-    kind: str                 # "get" or "chunk"
-    key: object               # the name, or the chunk digest
+    kind: str                 # "get", "chunk" or "get_many"
+    key: object               # the name, the chunk digest, or the tuple of names missed
     token: int                # ManifestCache clock when the fetch started
     started: float
     waiters: list = field(default_factory=list)   # (route, request id)
+    found: list = None        # get_many: per name asked, (manifest, payload) of a hit or None
 
 
 class CacheService:
@@ -58,6 +61,8 @@ class CacheService:
             self._get(route, header)
         elif op == "chunk":
             self._chunk(route, header)
+        elif op == "get_many":
+            self._get_many(route, header)
         elif op == "cache_stats":
             self.link.reply(route, p.ok_reply(header["id"], cache=self.stats()))
         else:
@@ -65,18 +70,44 @@ class CacheService:
 
     def _get(self, route, header):
         name = p.check_name(p.need(header, "name", str))
-        manifest = self.manifests.lookup(name)
-        if manifest is not None:
-            frame = None
-            if _inline(manifest):
-                frame = self.chunks.get(manifest["chunks"][0])
-            if frame is not None or not _inline(manifest):
-                self.hits += 1
-                self.link.reply(route, p.ok_reply(header["id"], manifest=manifest), frame,
-                                cache="hit")
-                return
+        hit = self._lookup(name)
+        if hit is not None:
+            self.hits += 1
+            manifest, frame = hit
+            self.link.reply(route, p.ok_reply(header["id"], manifest=manifest), frame, cache="hit")
+            return
         self.misses += 1
         self._wait("get", name, route, header["id"])
+
+    def _lookup(self, name: str):
+        """A hit: ``(manifest, data frame of its content or None)``; None on a miss (no
+        manifest, or a small file's content is not cached)."""
+        manifest = self.manifests.lookup(name)
+        if manifest is None:
+            return None
+        if not _inline(manifest):
+            return manifest, None
+        frame = self.chunks.get(manifest["chunks"][0])
+        return (manifest, frame) if frame is not None else None
+
+    def _get_many(self, route, header):
+        """Many names: the hits from here, all the misses in one storage fetch (not joined with
+        other fetches: one round trip per batch)."""
+        names = p.need_names(header)
+        found = [self._lookup(name) for name in names]
+        missed = tuple(name for name, hit in zip(names, found) if hit is None)
+        self.hits += len(names) - len(missed)
+        self.misses += len(missed)
+        fetch = Fetch("get_many", missed, self.manifests.begin_fetch(), time.monotonic(),
+                      [(route, header["id"])], found)
+        if not missed:
+            self._answer_batch(fetch, {}, "hit")
+            return
+        fetch_id = next(self._ids)
+        self._fetches[fetch_id] = fetch
+        self.fetches += 1
+        self.link.request(p.STORAGE, {"v": p.PROTOCOL_VERSION, "op": "get_many", "id": fetch_id,
+                                      "ttl_ms": int(FETCH_TIMEOUT * 1000), "names": list(missed)})
 
     def _chunk(self, route, header):
         digest = p.need_hash(header, "hash")
@@ -111,6 +142,9 @@ class CacheService:
             return  # timed out already; its waiters were answered
         if not header.get("ok"):
             self._answer(fetch, header, None)
+            return
+        if fetch.kind == "get_many":
+            self._fill_batch(fetch, header, data)
             return
         try:
             payload = p.unpack_data(data.buffer) if data is not None else None
@@ -150,6 +184,61 @@ class CacheService:
             log.debug("event=stale_fill_dropped name=%r", fetch.key)
         return inline
 
+    def _fill_batch(self, fetch, header, data):
+        """Storage's answer to a batch of misses: verify and fill what came, answer the waiter
+        with the hits and these, then cache the content (off the answer's path)."""
+        try:
+            results = p.read_batch(header, data.buffer if data is not None else None,
+                                   list(fetch.key))
+        except BadRequest as exc:
+            self._fail(fetch, "integrity", f"storage sent a bad reply: {exc}")
+            return
+        fetched, verified = {}, []
+        for name, (result, payload) in zip(fetch.key, results):
+            if "error" in result:
+                fetched[name] = result
+                continue
+            manifest = result["manifest"]
+            if payload is not None and not p.inline_ok(manifest, payload):
+                payload = None     # the client fetches this one alone, from storage if need be
+            if payload is not None:
+                verified.append((manifest["chunks"][0], payload))
+            if not self.manifests.fill(name, manifest, fetch.token):
+                log.debug("event=stale_fill_dropped name=%r", name)
+            fetched[name] = (manifest, payload)
+        self._answer_batch(fetch, fetched, "miss")
+        for digest, payload in verified:
+            self.chunks.put(digest, payload)
+
+    def _answer_batch(self, fetch, fetched: dict, cache: str):
+        """Answer a get_many: each name from ``fetch.found`` (a hit) or ``fetched`` (storage's
+        ``(manifest, payload)`` or error result), in the order asked."""
+        route, req_id = fetch.waiters[0]
+        if self._expired(route, req_id, cache):
+            return
+        batch, missed = p.BatchReply(), iter(fetch.key)
+        for hit in fetch.found:
+            if hit is not None:
+                manifest, frame = hit
+                batch.manifest(manifest, p.unpack_data(frame) if frame is not None else None)
+                continue
+            got = fetched[next(missed)]
+            if isinstance(got, dict):
+                batch.error(str(got["error"]), str(got.get("message", "")))
+            else:
+                batch.manifest(*got)
+        self.link.reply(route, p.ok_reply(req_id, results=batch.results), batch.frame(),
+                        cache=cache)
+
+    def _expired(self, route, req_id, cache) -> bool:
+        """If the request's client stopped waiting (fms.worker stamps the deadline), send a short
+        answer instead of the data, which the broker still needs to free the request."""
+        if route.get("deadline", math.inf) >= time.monotonic():
+            return False
+        self.link.reply(route, p.error_reply(req_id, "unavailable", "the request's deadline "
+                                             "passed; retry"), cache=cache)
+        return True
+
     def _close(self, fetch_id):
         fetch = self._fetches.pop(fetch_id, None)
         if fetch is not None and self._open.get((fetch.kind, fetch.key)) == fetch_id:
@@ -158,15 +247,9 @@ class CacheService:
 
     def _answer(self, fetch, header, data):
         buf = data.buffer if data is not None else None
-        now = time.monotonic()
         for route, req_id in fetch.waiters:
-            if route.get("deadline", now) < now:
-                # Its client stopped waiting (fms.worker stamps the deadline): a short answer
-                # instead of the data, which the broker still needs to free this request.
-                self.link.reply(route, p.error_reply(req_id, "unavailable", "the request's "
-                                                     "deadline passed; retry"), cache="miss")
-                continue
-            self.link.reply(route, {**header, "id": req_id}, buf, cache="miss")
+            if not self._expired(route, req_id, "miss"):
+                self.link.reply(route, {**header, "id": req_id}, buf, cache="miss")
 
     def _fail(self, fetch, code, message):
         for route, req_id in fetch.waiters:

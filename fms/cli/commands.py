@@ -1,0 +1,254 @@
+"""The client's commands: each takes the parsed arguments, opens a :class:`fms.Client`, runs,
+prints, and returns an exit code (None for success)."""
+
+import datetime
+import json
+import os
+import sys
+
+from .. import wire as p
+from ..errors import FmsError, NotFound
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+PROGRESS_MIN = 1 * p.MiB   # transfers larger than this get a progress bar on a terminal
+
+
+def open_client(args):
+    from ..client import Client
+    from ..logutil import setup_logging
+    setup_logging(getattr(args, "log_level", "WARNING"))
+    progress = None
+    if not getattr(args, "quiet", False) and sys.stderr.isatty():
+        progress = _ProgressBars()
+    from ..security import client_keys
+    curve = client_keys(getattr(args, "curve_secret", None), getattr(args, "server_key", None))
+    return Client(getattr(args, "broker", None), timeout=getattr(args, "timeout", 5.0),
+                  progress=progress, curve=curve, fsync=getattr(args, "fsync", False))
+
+
+class _ProgressBars:
+    """One tqdm bar (percent, rate, ETA) per file over PROGRESS_MIN, on stderr."""
+
+    def __init__(self):
+        self.bar = None
+        self.name = None
+
+    def __call__(self, name: str, done: int, total: int):
+        if total <= PROGRESS_MIN:
+            return
+        if self.bar is None or self.name != name:
+            from tqdm import tqdm
+            self.close()
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                            desc=name, file=sys.stderr, leave=True)
+            self.name = name
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.close()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _say(args, text: str):
+    if not getattr(args, "quiet", False):
+        print(text, file=sys.stderr)
+
+
+def cmd_put(args):
+    with open_client(args) as client:
+        if args.recursive:
+            items = _local_tree(args.local, args.name)
+            results = client.put_many(items)
+            _say(args, f"uploaded {len(results)} files, "
+                       f"{_human(sum(r['size'] for r in results))}")
+        else:
+            if os.path.isdir(args.local):
+                raise FmsError(f"{args.local} is a folder; upload it with: put -r {args.local}")
+            result = client.put(args.local, args.name)
+            _say(args, f"uploaded {result['name']} ({_human(result['size'])}, "
+                       f"version {result['version']})")
+
+
+def _local_tree(folder: str, prefix) -> list:
+    if not os.path.isdir(folder):
+        raise FmsError(f"{folder} is not a folder")
+    if prefix is None:
+        prefix = os.path.basename(os.path.normpath(os.path.abspath(folder)))
+    prefix = prefix.strip("/")
+    items = []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for fname in sorted(files):
+            path = os.path.join(root, fname)
+            if not os.path.isfile(path):
+                continue  # sockets, fifos, broken links
+            rel = os.path.relpath(path, folder).replace(os.sep, "/")
+            items.append((path, f"{prefix}/{rel}" if prefix else rel))
+    if not items:
+        raise FmsError(f"no files under {folder}")
+    return items
+
+
+def cmd_get(args):
+    with open_client(args) as client:
+        if args.recursive:
+            if args.dest is None or args.dest == "-":
+                raise FmsError("get -r needs a destination folder: get -r PREFIX DESTDIR")
+            prefix = args.name.strip("/")
+            entries = client.ls(f"{prefix}/" if prefix else "")
+            if not entries:
+                raise NotFound(f"not found: no files under {args.name!r}; list names with: ls")
+            items = [(e["name"], _inside(args.dest, e["name"][len(prefix) + 1 if prefix else 0:]))
+                     for e in entries]
+            results = client.get_many(items)
+            _say(args, f"downloaded {len(results)} files, "
+                       f"{_human(sum(r['size'] for r in results))} to {args.dest}")
+            return
+        if args.dest == "-":
+            client.get_to(args.name, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+            return
+        dest = args.dest or os.path.basename(args.name)
+        if os.path.isdir(dest):
+            dest = os.path.join(dest, os.path.basename(args.name))
+        result = client.get(args.name, dest)
+        _say(args, f"downloaded {result['name']} ({_human(result['size'])}) to {dest}")
+
+
+def _inside(folder: str, rel: str) -> str:
+    """``folder/rel``, refusing anything that would land outside ``folder``."""
+    base = os.path.abspath(folder)
+    path = os.path.abspath(os.path.join(base, rel))
+    if os.path.commonpath([base, path]) != base or path == base:
+        raise FmsError(f"refusing to write {rel!r} outside {folder}")
+    return path
+
+
+def cmd_ls(args):
+    # Printed page by page as they come: a listing of any length holds one page in memory.
+    with open_client(args) as client:
+        entries = client.iter_ls(args.prefix)
+        if args.json:
+            print("[", end="")
+            for i, e in enumerate(entries):
+                print(("," if i else "") + "\n" + json.dumps(e), end="")
+            print("\n]")
+            return
+        for e in entries:
+            print(f"{e['size']:>14,}  {_when(e['mtime'])}  {e['name']}")
+
+
+def cmd_gc(args):
+    with open_client(args) as client:
+        freed = client.gc(args.grace, args.dry_run)
+    if args.json:
+        print(json.dumps(freed, indent=1))
+        return
+    verb = "would free" if args.dry_run else "freed"
+    print(f"gc: {verb} {freed['chunks']:,} chunks, {_human(freed['bytes'])} "
+               f"({freed['orphans']:,} orphans); dropped {freed['pruned']:,} old tombstones "
+               f"and commit ids")
+
+
+def cmd_fsck(args):
+    totals = {"names": 0, "chunks": 0, "bytes": 0, "damaged": [], "orphans": 0,
+              "refcount_errors": 0}
+    with open_client(args) as client:
+        for page in client.fsck():
+            for key in ("names", "chunks", "bytes"):
+                totals[key] += page[key]
+            totals["damaged"] += page["damaged"]
+            if not args.json:
+                for d in page["damaged"]:
+                    print(f"{d['problem']} chunk {d['chunk']}: breaks {', '.join(d['names'])}")
+            for key in ("orphans", "refcount_errors"):
+                totals[key] = page.get(key, totals[key])
+    bad = bool(totals["damaged"]) or totals["refcount_errors"] > 0
+    if args.json:
+        print(json.dumps({**totals, "ok": not bad}, indent=1))
+    else:
+        print(f"fsck: {totals['names']:,} files, {totals['chunks']:,} chunks "
+              f"({_human(totals['bytes'])}) checked; {len(totals['damaged'])} damaged or missing; "
+              f"{totals['orphans']:,} orphan chunks (collected by gc after the grace period); "
+              f"{totals['refcount_errors']} reference counts wrong")
+        if bad:
+            print("fsck: files above cannot be read whole; upload them again to repair them",
+                  file=sys.stderr)
+    return EXIT_ERROR if bad else EXIT_OK
+
+
+def cmd_stat(args):
+    with open_client(args) as client:
+        info = client.stat(args.name)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return
+    for key in ("name", "size", "sha256", "mtime", "version", "chunks", "chunk_size"):
+        value = _when(info[key]) if key == "mtime" else info[key]
+        print(f"{key + ':':<12}{value}")
+
+
+def cmd_rm(args):
+    with open_client(args) as client:
+        old = client.rm(args.name)
+    _say(args, f"removed {old['name']}")
+
+
+def cmd_stats(args):
+    from ..errors import Unavailable
+    with open_client(args) as client:
+        status = client.status()
+        try:
+            cache = client.cache_stats()
+        except Unavailable:
+            cache = None
+        try:
+            store = client.usage()
+        except Unavailable:
+            store = None
+    out = {"workers": status["workers"], "cache": cache, "store": store,
+           "broker": status["broker"]}
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return
+    fds = out["broker"].get("fds") or {}
+    print(f"broker  frontend={out['broker']['frontend']} backend={out['broker']['backend']}"
+          f" descriptors={fds.get('open')}/{fds.get('soft')}")
+    for w in out["workers"]:
+        print(f"worker  {w['service']:<8} {w['id']:<28} {w['state']:<6} "
+              f"inflight={w['inflight']} served={w['served']}")
+    if cache is None:
+        print("cache   none connected (reads go straight to storage)")
+    else:
+        print(f"cache   hits={cache['hits']} misses={cache['misses']} "
+              f"hit_ratio={cache['hit_ratio']:.2f} bytes={_human(cache['bytes'])}"
+              f"/{_human(cache['max_bytes'])} entries={cache['entries']} "
+              f"evictions={cache['evictions']}")
+    if store is None:
+        print("store   no storage worker connected")
+    else:
+        print(f"store   files={store['files']} bytes={_human(store['bytes'])} "
+              f"stored={_human(store['chunk_bytes'])} (after dedup)")
+
+
+def cmd_keygen(args):
+    from ..security import keygen
+    public, secret = keygen(args.dir, args.name)
+    print(f"wrote {public} (public: give it to the broker's operator for its --allow folder)\n"
+          f"wrote {secret} (secret, mode 0600: keep it on this machine only)")
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _when(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")

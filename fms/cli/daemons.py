@@ -1,0 +1,128 @@
+"""The daemons' commands: ``fms broker``, ``fms storage``, ``fms cache`` (and the scripts
+``broker.py``, ``storage_worker.py``, ``cache_worker.py``): build the object from the options,
+run it until SIGINT/SIGTERM, and return the exit code."""
+
+import os
+import signal
+import sys
+
+from .. import wire as p
+from ..errors import FmsError
+from .commands import EXIT_OK, EXIT_REFUSED
+from .parser import DEFAULT_DATA
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the loops poll at least once a second and then return."""
+
+    def __init__(self):
+        self.stop = False
+        signal.signal(signal.SIGTERM, self._set)
+        signal.signal(signal.SIGINT, self._set)
+
+    def _set(self, *_):
+        self.stop = True
+
+    def __call__(self):
+        return self.stop
+
+
+def cmd_broker(args):
+    import logging
+
+    from ..broker import Broker
+    from ..logutil import setup_logging
+    setup_logging(args.log_level)
+    broker = Broker(args.frontend, args.backend, curve=_broker_curve(args), store=args.store)
+    try:
+        broker.bind()
+        if args.metrics_port is not None:
+            broker.metrics.serve(args.metrics_port)
+            logging.getLogger("fms.broker").info(
+                "event=metrics url=http://127.0.0.1:%d/metrics", args.metrics_port)
+    except Exception as exc:  # zmq.ZMQError / OSError: address in use, bad endpoint
+        raise FmsError(f"cannot bind: {exc}; is another broker running on these ports?") from None
+    try:
+        broker.run(StopFlag())
+    finally:
+        broker.close()
+
+
+def _broker_curve(args):
+    """The broker's CurveServer, or None after checking that plaintext is safe to bind."""
+    from ..security import CurveServer, SecurityError, is_loopback
+    given = [bool(args.curve_secret), bool(args.allow), bool(args.allow_workers)]
+    if any(given) and not all(given):
+        raise SecurityError("CURVE needs --curve-secret (the broker's .key_secret), --allow (a "
+                            "folder of the clients' public .key files) and --allow-workers (a "
+                            "folder of the workers' public .key files, apart from the clients' "
+                            "so that a client key cannot act as a worker)")
+    if args.curve_secret:
+        import zmq
+        return CurveServer(zmq.Context.instance(), args.curve_secret, args.allow,
+                           args.allow_workers)
+    exposed = [e for e in (args.frontend, args.backend) if not is_loopback(e)]
+    if exposed and not args.insecure:
+        raise SecurityError(
+            f"refusing to bind {', '.join(exposed)} without encryption: anyone who can reach "
+            f"it could read and overwrite every file. Use --curve-secret and --allow (README, "
+            f"Security), or --insecure if the network is trusted")
+    return None
+
+
+def _worker_id(args, kind: str) -> str:
+    return args.id or f"{kind}-{os.uname().nodename}-{os.getpid()}"
+
+
+def _run_worker(args, service, ready: dict, log_name: str):
+    import logging
+
+    import zmq
+
+    from ..worker import BrokerLink, WorkerRefused, serve
+    from ..security import client_keys
+    log = logging.getLogger(log_name)
+    curve = client_keys(args.curve_secret, args.server_key)
+    link = BrokerLink(zmq.Context.instance(), args.broker, ready, log, curve=curve)
+    service.link = link
+    try:
+        serve(service, link, log, StopFlag())
+    except WorkerRefused as exc:
+        log.error("event=refused reason=%r", str(exc))
+        print(f"fms {ready['svc']}: refused by the broker: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    finally:
+        link.close()
+    return EXIT_OK
+
+
+def cmd_storage(args):
+    from ..logutil import setup_logging
+    from ..storage.engine import open_store
+    from ..storage.service import StorageService
+    setup_logging(args.log_level)
+    if args.data == os.path.join(DEFAULT_DATA, "storage"):
+        os.makedirs(DEFAULT_DATA, exist_ok=True)  # the default just works; a given path must exist
+    store = open_store(args.data, args.meta, args.chunks)
+    store.chunks.clean_tmp()
+    service = StorageService(store, None, gc_grace=args.gc_grace,
+                             maintenance_store=open_store(args.data, args.meta, args.chunks),
+                             delay=args.debug_delay)
+    try:
+        return _run_worker(args, service, {"svc": p.STORAGE, "wid": _worker_id(args, "storage"),
+                                           "store": store.store_id}, "fms.storage")
+    finally:
+        service.close()
+
+
+def cmd_cache(args):
+    from ..cache import CacheService, ChunkCache
+    from ..logutil import setup_logging
+    setup_logging(args.log_level)
+    try:
+        chunks = ChunkCache(args.dir, args.max_bytes)
+    except OSError as exc:
+        raise FmsError(f"cannot use cache directory {args.dir}: {exc.strerror}") from None
+    service = CacheService(chunks, None)
+    return _run_worker(args, service, {"svc": p.CACHE, "wid": _worker_id(args, "cache")},
+                       "fms.cache")

@@ -1,0 +1,259 @@
+"""The command line's one parser: every command, its options, its help with examples.  The
+``fms`` script offers every command, ``client.py`` the client's, and each daemon script its own
+command's options (see :func:`build_parser`)."""
+
+import argparse
+import os
+import re
+
+from .. import __version__
+from .. import wire as p
+
+DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
+DEFAULT_BACKEND = "tcp://127.0.0.1:5556"
+DEFAULT_DATA = "./fms-data"
+DEFAULT_CACHE_BYTES = "1G"
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``"512M"`` -> 536870912.  Units are binary (K = 1024); a bare number is bytes."""
+    match = _SIZE.match(str(text))
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write it like 4096, 512M or 2G")
+    number, unit = match.groups()
+    scale = {"": 1, "k": p.KiB, "m": p.MiB, "g": p.GiB, "t": 1024 * p.GiB}[unit.lower()]
+    return int(float(number) * scale)
+
+
+# --- the parser ---
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def build_parser(prog: str = "fms", client_only: bool = False) -> argparse.ArgumentParser:
+    common = _client_options()
+    parser = argparse.ArgumentParser(
+        prog=prog, formatter_class=_Formatter, parents=[common],
+        description="fms: a file store with a cache tier, over ZeroMQ.",
+        epilog="examples:\n"
+               f"  {prog} put report.pdf docs/report.pdf\n"
+               f"  {prog} get docs/report.pdf ./report.pdf\n"
+               f"  {prog} ls docs/\n"
+               + ("" if client_only else f"  {prog} up            # a local cluster\n"))
+    parser.add_argument("--version", action="version", version=f"fms {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    cmd = _sub(sub, "put", "upload a file, or a folder tree with -r", common,
+               f"{prog} put photo.jpg            # stored as 'photo.jpg'\n"
+               f"{prog} put photo.jpg trips/1.jpg\n"
+               f"{prog} put -r ./album trips      # trips/<every file under ./album>")
+    cmd.add_argument("-r", "--recursive", action="store_true", help="upload a folder tree")
+    cmd.add_argument("local", metavar="LOCAL", help="local file (or folder with -r)")
+    cmd.add_argument("name", metavar="NAME", nargs="?",
+                     help="name to store under (default: the base name); with -r, a prefix")
+
+    cmd = _sub(sub, "get", "download a file, or every file under a prefix with -r", common,
+               f"{prog} get trips/1.jpg             # to ./1.jpg\n"
+               f"{prog} get trips/1.jpg /tmp/a.jpg\n"
+               f"{prog} get trips/1.jpg - | wc -c   # to stdout\n"
+               f"{prog} get -r trips ./restore      # keeps the tree")
+    cmd.add_argument("-r", "--recursive", action="store_true", help="download a prefix as a tree")
+    cmd.add_argument("--fsync", action="store_true",
+                     help="flush downloads to disk before renaming them into place (survives a "
+                          "power loss; slower)")
+    cmd.add_argument("name", metavar="NAME", help="stored name (a prefix with -r)")
+    cmd.add_argument("dest", metavar="DEST", nargs="?",
+                     help="destination file or folder, '-' for stdout (default: ./<base name>)")
+
+    cmd = _sub(sub, "ls", "list stored names", common, f"{prog} ls\n{prog} ls trips/ --json")
+    cmd.add_argument("prefix", metavar="PREFIX", nargs="?", default="", help="only names starting so")
+    cmd.add_argument("--json", action="store_true", help="print a JSON list of objects")
+
+    cmd = _sub(sub, "stat", "show a stored file's size, sha256, mtime, version", common,
+               f"{prog} stat trips/1.jpg --json")
+    cmd.add_argument("name", metavar="NAME")
+    cmd.add_argument("--json", action="store_true", help="print a JSON object")
+
+    cmd = _sub(sub, "rm", "remove a stored name", common, f"{prog} rm trips/1.jpg")
+    cmd.add_argument("name", metavar="NAME")
+
+    cmd = _sub(sub, "stats", "show the live workers and the cache's counters", common,
+               f"{prog} stats --json")
+    cmd.add_argument("--json", action="store_true", help="print a JSON object")
+
+    cmd = _sub(sub, "gc", "collect garbage now: free chunks no stored file uses", common,
+               f"{prog} gc --dry-run\n{prog} gc --grace 0      # everything unreferenced, now")
+    cmd.add_argument("--grace", type=_seconds, metavar="SECONDS",
+                     help="collect chunks unreferenced for longer than this (default: the "
+                          "storage workers' --gc-grace; 0 also removes the chunks of uploads in "
+                          "progress, which then fail: at your own risk)")
+    cmd.add_argument("--dry-run", action="store_true", help="count what would be freed")
+    cmd.add_argument("--json", action="store_true", help="print a JSON object")
+
+    cmd = _sub(sub, "fsck", "check that every stored file's chunks exist and match their hash",
+               common, f"{prog} fsck\n{prog} fsck --json")
+    cmd.add_argument("--json", action="store_true", help="print a JSON object")
+
+    cmd = _sub(sub, "keygen", "make a CURVE keypair: DIR/NAME.key (public), "
+               "DIR/NAME.key_secret (private, mode 0600)", argparse.ArgumentParser(add_help=False),
+               f"{prog} keygen ./keys alice     # then give alice.key to the broker's operator")
+    cmd.add_argument("dir", metavar="DIR")
+    cmd.add_argument("name", metavar="NAME")
+
+    if not client_only:
+        _daemon_parsers(sub)
+    return parser
+
+
+def _client_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: an option given before the command is not reset by the subcommand's default.
+    common.add_argument("--broker", metavar="ENDPOINT", default=argparse.SUPPRESS,
+                        help="broker frontend (default: $FMS_BROKER, else tcp://127.0.0.1:5555)")
+    common.add_argument("--timeout", type=float, metavar="SECONDS", default=argparse.SUPPRESS,
+                        help="seconds to wait for each reply (default: 5)")
+    common.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS,
+                        help="print only errors")
+    common.add_argument("--log-level", default=argparse.SUPPRESS,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="log the client's own events at this level (default: WARNING)")
+    common.add_argument("--curve-secret", metavar="FILE", default=argparse.SUPPRESS,
+                        help="this client's .key_secret, for a broker that requires CURVE "
+                             "(default: $FMS_CURVE_SECRET)")
+    common.add_argument("--server-key", metavar="FILE", default=argparse.SUPPRESS,
+                        help="the broker's public .key (default: $FMS_SERVER_KEY)")
+    return common
+
+
+def _sub(sub, name: str, summary: str, parent, examples: str, parents=True):
+    return sub.add_parser(name, help=summary, description=summary, formatter_class=_Formatter,
+                          parents=[parent] if parents else [],
+                          epilog="examples:\n  " + examples.replace("\n", "\n  "))
+
+
+def _daemon_parsers(sub):
+    empty = argparse.ArgumentParser(add_help=False)
+    cmd = _sub(sub, "broker", "run the broker", empty,
+               "fms broker --frontend tcp://127.0.0.1:5555 --backend tcp://127.0.0.1:5556")
+    _broker_args(cmd)
+    cmd = _sub(sub, "storage", "run a storage worker (start more to scale out)", empty,
+               "fms storage --data ./fms-data/storage")
+    _storage_args(cmd)
+    cmd = _sub(sub, "cache", "run the cache worker", empty,
+               "fms cache --dir ./fms-data/cache --max-bytes 2G")
+    _cache_args(cmd)
+    cmd = _sub(sub, "up", "run a whole local cluster in the foreground (Ctrl-C stops it)", empty,
+               "fms up --storage 3 --cache-bytes 4G")
+    cmd.add_argument("--frontend", default=DEFAULT_FRONTEND, help="client endpoint (%(default)s)")
+    cmd.add_argument("--backend", default=DEFAULT_BACKEND, help="worker endpoint (%(default)s)")
+    cmd.add_argument("--data", default=DEFAULT_DATA,
+                     help="data folder: DATA/storage and DATA/cache (%(default)s)")
+    cmd.add_argument("--storage", type=int, default=2, metavar="N",
+                     help="storage workers to start (%(default)s)")
+    cmd.add_argument("--cache-bytes", type=parse_size, default=DEFAULT_CACHE_BYTES, metavar="SIZE",
+                     help="cache bound, e.g. 512M or 2G (%(default)s)")
+    cmd.add_argument("--curve", action="store_true",
+                     help="require CURVE: make keys in DATA/keys (once) and use them")
+    cmd.add_argument("--insecure", action="store_true",
+                     help="allow non-loopback endpoints without CURVE")
+    _backend_args(cmd)
+    _gc_grace_arg(cmd)
+    _log_arg(cmd)
+
+
+def _log_arg(cmd):
+    cmd.add_argument("--log-level", default="INFO",
+                     choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="(%(default)s)")
+
+
+def _broker_args(cmd):
+    cmd.add_argument("--frontend", default=DEFAULT_FRONTEND,
+                     help="endpoint to bind for clients (%(default)s)")
+    cmd.add_argument("--backend", default=DEFAULT_BACKEND,
+                     help="endpoint to bind for workers (%(default)s)")
+    cmd.add_argument("--metrics-port", type=int, metavar="PORT",
+                     help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics")
+    cmd.add_argument("--curve-secret", metavar="FILE",
+                     help="the broker's .key_secret: require CURVE on both sockets")
+    cmd.add_argument("--allow", metavar="DIR",
+                     help="public .key files of the clients let in (re-read live)")
+    cmd.add_argument("--allow-workers", metavar="DIR",
+                     help="public .key files of the workers let in on the backend (re-read "
+                          "live); kept apart from --allow so a client key cannot act as a worker")
+    cmd.add_argument("--store", metavar="ID",
+                     help="the store id storage workers must serve (from the data directory); "
+                          "without it, the first storage worker's store is served")
+    cmd.add_argument("--insecure", action="store_true",
+                     help="allow binding a non-loopback address without CURVE")
+    _log_arg(cmd)
+
+
+def _worker_args(cmd, kind: str):
+    cmd.add_argument("--broker", default=DEFAULT_BACKEND,
+                     help="broker backend endpoint (%(default)s)")
+    cmd.add_argument("--id", help=f"worker id shown in stats (default: {kind}-HOST-PID)")
+    cmd.add_argument("--curve-secret", metavar="FILE",
+                     help="this worker's .key_secret, for a broker that requires CURVE")
+    cmd.add_argument("--server-key", metavar="FILE", help="the broker's public .key")
+    _log_arg(cmd)
+
+
+def _storage_args(cmd):
+    _worker_args(cmd, "storage")
+    cmd.add_argument("--data", default=os.path.join(DEFAULT_DATA, "storage"),
+                     help="data directory; workers sharing it form one store (%(default)s); "
+                          "scratch only, with both --meta and --chunks")
+    _backend_args(cmd)
+    _gc_grace_arg(cmd)
+    cmd.add_argument("--debug-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # tests
+
+
+def _backend_args(cmd):
+    cmd.add_argument("--meta", metavar="URL",
+                     help="metadata engine: postgresql://USER[:PASSWORD]@HOST:PORT/DB (default: "
+                          "SQLite in the data directory)")
+    cmd.add_argument("--chunks", metavar="URL",
+                     help="chunk store: s3://BUCKET[/PREFIX], configured by AWS_ENDPOINT_URL, "
+                          "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION (default: the "
+                          "data directory)")
+
+
+def _gc_grace_arg(cmd):
+    cmd.add_argument("--gc-grace", type=_seconds, default=3600.0, metavar="SECONDS",
+                     help="keep an unreferenced chunk this long before collecting it "
+                          "(%(default)s)")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+    return value
+
+
+def _cache_args(cmd):
+    _worker_args(cmd, "cache")
+    cmd.add_argument("--dir", default=os.path.join(DEFAULT_DATA, "cache"),
+                     help="cache directory (%(default)s)")
+    cmd.add_argument("--max-bytes", type=parse_size, default=DEFAULT_CACHE_BYTES, metavar="SIZE",
+                     help="cache bound, e.g. 512M or 2G (%(default)s)")
+
+
+def daemon_parser(kind: str) -> argparse.ArgumentParser:
+    """The parser of ``broker.py`` / ``storage_worker.py`` / ``cache_worker.py``."""
+    prog = f"{kind}.py" if kind == "broker" else f"{kind}_worker.py"
+    examples = {"broker": "--frontend tcp://127.0.0.1:5555 --backend tcp://127.0.0.1:5556",
+                "storage": "--broker tcp://127.0.0.1:5556 --data ./fms-data/storage",
+                "cache": "--broker tcp://127.0.0.1:5556 --dir ./fms-data/cache --max-bytes 2G"}
+    parser = argparse.ArgumentParser(prog=prog, description=f"Run the fms {kind}.",
+                                     formatter_class=_Formatter,
+                                     epilog=f"example:\n  python {prog} {examples[kind]}")
+    parser.add_argument("--version", action="version", version=f"fms {__version__}")
+    {"broker": _broker_args, "storage": _storage_args, "cache": _cache_args}[kind](parser)
+    return parser

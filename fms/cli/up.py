@@ -1,0 +1,93 @@
+"""``fms up``: a whole local cluster (broker, cache worker, N storage workers) as child
+processes in the foreground; Ctrl-C stops them all."""
+
+import os
+import signal
+import sys
+import time
+
+from ..errors import FmsError
+from .commands import EXIT_ERROR, EXIT_OK
+from .daemons import StopFlag
+
+UP_STOP_TIMEOUT = 8.0      # seconds `fms up` waits for its processes to stop before killing them
+
+
+def cmd_up(args):
+    """Start broker, cache and N storage workers as child processes; stop them all on Ctrl-C."""
+    import subprocess
+    if args.storage < 1:
+        raise FmsError("--storage must be at least 1")
+    py = [sys.executable, "-m", "fms"]
+    log = ["--log-level", args.log_level]
+    os.makedirs(args.data, exist_ok=True)
+    server, workers, client = [], [], None
+    if args.curve:
+        from ..security import cluster_keys
+        server, workers, client = cluster_keys(os.path.abspath(os.path.join(args.data, "keys")))
+    insecure = ["--insecure"] if args.insecure else []
+    # The store id comes from the storage directory, so the broker serves that store whichever
+    # storage worker (or impostor) registers first.
+    store = ["--store", _store_id(os.path.join(args.data, "storage"), args.meta, args.chunks)]
+    specs = [("broker", py + ["broker", "--frontend", args.frontend, "--backend", args.backend]
+              + server + store + insecure + log),
+             ("cache", py + ["cache", "--broker", args.backend, "--dir",
+                             os.path.join(args.data, "cache"), "--max-bytes",
+                             str(args.cache_bytes)] + workers + log)]
+    for i in range(args.storage):
+        specs.append((f"storage-{i + 1}", py + ["storage", "--broker", args.backend, "--data",
+                                                os.path.join(args.data, "storage"),
+                                                "--id", f"storage-{i + 1}",
+                                                "--gc-grace", str(args.gc_grace)]
+                      + (["--meta", args.meta] if args.meta else [])
+                      + (["--chunks", args.chunks] if args.chunks else [])
+                      + workers + log))
+    stop = StopFlag()
+    procs = []
+    try:
+        for name, cmd in specs:
+            procs.append((name, subprocess.Popen(cmd)))
+        hint = "python client.py put FILE"
+        if client:
+            hint = (f"python client.py --curve-secret {client[0]} --server-key {client[1]} "
+                    f"put FILE")
+        print(f"fms up: broker at {args.frontend} (workers on {args.backend}), cache and "
+              f"{args.storage} storage workers, data in {os.path.abspath(args.data)}"
+              f"{', CURVE on' if args.curve else ''}\n"
+              f"fms up: try `{hint}` in another terminal; Ctrl-C stops all",
+              file=sys.stderr, flush=True)
+        while not stop():
+            for name, proc in procs:
+                if proc.poll() is not None:
+                    print(f"fms up: {name} exited with code {proc.returncode}; stopping the "
+                          f"cluster", file=sys.stderr)
+                    return EXIT_ERROR
+            time.sleep(0.2)  # polling child processes; nothing to synchronise with
+        return EXIT_OK
+    finally:
+        _stop_all(procs)
+
+
+def _store_id(data: str, meta: str | None, chunks: str | None) -> str:
+    """The id of the store the storage workers will open (made now if it is new)."""
+    from ..storage.engine import open_store
+    store = open_store(data, meta, chunks)
+    try:
+        return store.store_id
+    finally:
+        store.close()
+
+
+def _stop_all(procs):
+    import subprocess
+    for _name, proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + UP_STOP_TIMEOUT
+    for name, proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            print(f"fms up: {name} did not stop in time; killing it", file=sys.stderr)
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,277 @@
+"""``fms.Client``: the Python API, and what the CLI is built on.
+
+::
+
+    with fms.Client("tcp://127.0.0.1:5555") as c:
+        c.put("report.pdf", "docs/report.pdf")
+        c.get("docs/report.pdf", "/tmp/report.pdf")
+        data = c.get_bytes("docs/report.pdf")
+        for entry in c.ls("docs/"):
+            print(entry["name"], entry["size"])
+
+Transfers are pipelined with credit-based flow control: at most ``window`` requests are in
+flight, never more (zguide "file transfer", model 3).  Every chunk is verified against its
+sha256 and every download against the whole-file sha256; downloads are written to a temp file
+beside the destination and renamed into place only when complete and verified.
+
+The connection, pipeline and retries are :class:`fms.client.session.Session`'s; uploads and
+downloads are :mod:`fms.client.upload` and :mod:`fms.client.download`.
+"""
+
+import os
+
+import zmq
+
+from .. import wire as p
+from ..errors import BadRequest
+from . import download, upload
+from .download import RemoteFile
+from .session import DEFAULT_RETRIES, DEFAULT_TIMEOUT, DEFAULT_WINDOW, Session
+
+MAINTENANCE_TIMEOUT = 600.0    # seconds a gc or fsck page may take before it is asked again
+MANY_WINDOW = 64               # requests in flight when fetching or storing many small files
+
+
+class Client:
+    """A connection to an fms cluster.
+
+    :param broker: the broker's frontend endpoint; default ``$FMS_BROKER`` or
+        ``tcp://127.0.0.1:5555``.
+    :param timeout: seconds a request waits for its reply before it is retried.
+    :param retries: how many times a request that timed out is sent again.
+    :param window: chunk requests kept in flight during one transfer.
+    :param chunk_size: chunk size for uploads, in bytes.
+    :param progress: optional ``callable(name, done_bytes, total_bytes)`` called as a file's
+        chunks move (not for files that travel in one message).
+    :param curve: a :class:`fms.security.CurveClient` (own keys + the broker's public key) to
+        encrypt and authenticate, or None; see :func:`fms.security.client_keys`.
+    :param fsync: make downloads durable (fsync) before they are renamed into place.
+    """
+
+    def __init__(self, broker: str | None = None, *, timeout: float = DEFAULT_TIMEOUT,
+                 retries: int = DEFAULT_RETRIES, window: int = DEFAULT_WINDOW,
+                 chunk_size: int = p.DEFAULT_CHUNK_SIZE, progress=None,
+                 ctx: zmq.Context | None = None, curve=None, fsync: bool = False):
+        if not p.MIN_CHUNK_SIZE <= chunk_size <= p.MAX_CHUNK_SIZE:
+            raise BadRequest(f"chunk size must be between {p.MIN_CHUNK_SIZE} and "
+                             f"{p.MAX_CHUNK_SIZE} bytes")
+        self.session = Session(broker, timeout=timeout, retries=retries, window=window, ctx=ctx,
+                               curve=curve)
+        self.chunk_size = chunk_size
+        self.progress = progress
+        self.fsync = fsync
+
+    @property
+    def broker(self) -> str:
+        """The broker's frontend endpoint this client talks to."""
+        return self.session.broker
+
+    @property
+    def requests_sent(self) -> int:
+        return self.session.requests_sent
+
+    # --- lifecycle ---
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self.session.close()
+
+    def call(self, op: str, data=None, **fields):
+        """One request of any op, as docs/PROTOCOL.md describes it; returns ``(header, data
+        frame or None)``.  :raises RemoteError: an error reply (its subclass names the code)."""
+        return self.session.call(op, data, **fields)
+
+    # --- metadata ---
+
+    def stat(self, name: str) -> dict:
+        """Name, size, sha256 (hex), mtime, version, ... of a stored file.
+
+        :raises NotFound: no such name.
+        """
+        header, _ = self.call("stat", name=p.check_name(name))
+        return _public(header["stat"])
+
+    def ls(self, prefix: str = "") -> list:
+        """Every stored file whose name starts with ``prefix``, sorted by name."""
+        return list(self.iter_ls(prefix))
+
+    def iter_ls(self, prefix: str = "", page: int | None = None):
+        """The stored files whose name starts with ``prefix``, in name order, fetched a page at a
+        time (``page`` entries, default the server's), so a listing of any length takes the
+        memory of one page."""
+        p.check_prefix(prefix)
+        after = ""
+        fields = {} if page is None else {"limit": page}
+        while True:
+            header, _ = self.call("ls", prefix=prefix, after=after, **fields)
+            for entry in header["entries"]:
+                yield _public(entry)
+            if not header.get("more") or not header["entries"]:
+                return
+            after = header["entries"][-1]["name"]
+
+    def rm(self, name: str) -> dict:
+        """Remove a name.  :raises NotFound: no such name."""
+        header, _ = self.call("rm", name=p.check_name(name), commit=os.urandom(16).hex())
+        return _public(header["stat"])
+
+    def status(self) -> dict:
+        """The broker's view: its endpoints and the live workers."""
+        header, _ = self.call("status")
+        return {k: v for k, v in header.items() if k not in ("v", "id", "ok")}
+
+    def usage(self) -> dict:
+        """The store's ``files``, ``bytes`` (their sizes) and ``chunk_bytes`` (on disk)."""
+        header, _ = self.call("usage")
+        return header["store"]
+
+    def gc(self, grace: float | None = None, dry_run: bool = False) -> dict:
+        """Collect garbage now: chunks unreferenced for longer than ``grace`` seconds (default:
+        the storage workers' ``--gc-grace``).  ``grace=0`` also deletes chunks of uploads still
+        in progress (they fail and must be retried): the caller's own risk.
+
+        :return: ``chunks`` and ``bytes`` freed (would be, with ``dry_run``), ``orphans`` among
+            them, ``pruned`` tombstones and old commit ids.
+        """
+        fields = {"dry_run": dry_run}
+        if grace is not None:
+            fields["grace"] = float(grace)
+        with self.session.patience(MAINTENANCE_TIMEOUT):
+            header, _ = self.call("gc", **fields)
+        return header["gc"]
+
+    def fsck(self):
+        """Check every stored file's chunks, a page at a time.
+
+        :return: yields one report per page: ``names``, ``chunks`` and ``bytes`` checked,
+            ``damaged`` (``{chunk (hex), problem, names}``); the last page also has ``orphans``
+            and ``refcount_errors``.
+        """
+        after = ""
+        while True:
+            with self.session.patience(MAINTENANCE_TIMEOUT):
+                header, _ = self.call("fsck", after=after)
+            page = header["fsck"]
+            page["damaged"] = [{**d, "chunk": d["chunk"].hex()} for d in page["damaged"]]
+            yield page
+            if page.get("next") is None:
+                return
+            after = page["next"]
+
+    def cache_stats(self) -> dict:
+        header, _ = self.call("cache_stats")
+        return header["cache"]
+
+    # --- upload ---
+
+    def put(self, path: str, name: str | None = None) -> dict:
+        """Upload a local file under ``name`` (default: its base name).  :return: its stat."""
+        name = p.check_name(name if name is not None else os.path.basename(path))
+        return self.put_many([(path, name)])[0]
+
+    def put_bytes(self, data: bytes, name: str, mtime: float | None = None) -> dict:
+        """Upload bytes held in memory (for small data; large files should use :meth:`put`)."""
+        p.check_name(name)
+        data = bytes(data)
+        plan = upload.plan_bytes(data, self.chunk_size, mtime)
+        return self._put_planned([(data, name, plan)])[0]
+
+    def put_many(self, items) -> list:
+        """Upload many ``(local path, name)`` pairs; small files are committed pipelined.
+
+        :return: the stat of each, in order.
+        """
+        planned = []
+        for path, name in items:
+            p.check_name(name)
+            planned.append((path, name, upload.plan_file(path, self.chunk_size)))
+        return self._put_planned(planned)
+
+    def _put_planned(self, planned) -> list:
+        return [_public(stat) for stat in upload.put_planned(self.session, planned, self._report)]
+
+    # --- download ---
+
+    def get(self, name: str, dest: str) -> dict:
+        """Download ``name`` to the file ``dest`` (replaced atomically when complete).
+
+        :return: the file's stat.
+        :raises NotFound: no such name.
+        :raises IntegrityError: the content did not match its sha256 (nothing is written).
+        """
+        return self.get_many([(name, dest)])[0]
+
+    def get_many(self, items) -> list:
+        """Download many ``(name, dest path)`` pairs; manifests (and the content of small files)
+        are fetched pipelined, then larger files one after another.
+
+        :return: the stat of each, in order.
+        """
+        items = [(p.check_name(name), dest) for name, dest in items]
+        results = [None] * len(items)
+        large = []
+        requests = ((i, "get", {"name": name}, None) for i, (name, _) in enumerate(items))
+        for i, header, frame in self.session.pipeline(requests, MANY_WINDOW):
+            manifest = p.check_manifest(header.get("manifest"))
+            if frame is not None:
+                manifest, data = download.fetch_whole(self.session, items[i][0], manifest, frame)
+                with download.atomic_file(items[i][1], manifest, self.fsync) as out:
+                    out.write(data)
+                results[i] = _public(manifest)
+            else:
+                large.append((i, manifest))
+        for i, manifest in large:
+            with download.atomic_file(items[i][1], manifest, self.fsync) as out:
+                download.download_chunks(self.session, manifest, out, self._report)
+            results[i] = _public(manifest)
+        return results
+
+    def get_bytes(self, name: str) -> bytes:
+        """The content of ``name`` in memory (for small files)."""
+        header, frame = self.call("get", name=p.check_name(name))
+        manifest = p.check_manifest(header.get("manifest"))
+        if frame is not None:
+            return bytes(download.fetch_whole(self.session, name, manifest, frame)[1])
+        parts = []
+        download.download_chunks(self.session, manifest, download.Collect(parts), self._report)
+        return b"".join(parts)
+
+    def get_to(self, name: str, stream) -> dict:
+        """Write the content of ``name`` to a binary stream (e.g. stdout), verified chunk by
+        chunk; the whole-file sha256 is checked at the end (:raises IntegrityError:)."""
+        header, frame = self.call("get", name=p.check_name(name))
+        manifest = p.check_manifest(header.get("manifest"))
+        if frame is not None:
+            manifest, data = download.fetch_whole(self.session, name, manifest, frame)
+            stream.write(data)
+        else:
+            download.download_chunks(self.session, manifest, stream, self._report)
+        return _public(manifest)
+
+    def open(self, name: str) -> "RemoteFile":
+        """A read-only, seekable, file-like stream of ``name``'s content.
+
+        Chunks are fetched ahead (``window`` in flight) and verified one by one; a read from the
+        start to the end also checks the whole-file sha256.  Memory: about ``window`` chunks.
+
+        :raises NotFound: no such name.
+        """
+        header, frame = self.call("get", name=p.check_name(name))
+        return RemoteFile(self.session, p.check_manifest(header.get("manifest")), frame)
+
+    def _report(self, name: str, done: int, total: int):
+        if self.progress is not None:
+            self.progress(name, done, total)
+
+
+def _public(entry: dict) -> dict:
+    """A stat or manifest as the API returns it: hex digests, no chunk list."""
+    out = {k: v for k, v in entry.items() if k not in ("chunks", "commit")}
+    out["sha256"] = entry["sha256"].hex()
+    out["chunks"] = len(entry["chunks"]) if isinstance(entry.get("chunks"), list) else entry.get("chunks")
+    return out

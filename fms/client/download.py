@@ -1,0 +1,200 @@
+"""Downloads: chunks fetched pipelined and verified one by one, the whole file checked against its
+sha256, written to a temp file beside the destination and renamed into place only when complete
+and verified; and :class:`RemoteFile`, a seekable read-only stream of a stored file."""
+
+import contextlib
+import hashlib
+import io
+import os
+import time
+
+from .. import wire as p
+from ..errors import FmsError, IntegrityError
+from .session import Session
+
+
+def fetch_whole(session: Session, name: str, manifest: dict, frame):
+    """The verified content of a small file that came with its manifest; if it does not
+    match, asked once more from storage itself (``fresh``).  :return: (manifest, data)."""
+    data = p.unpack_data(frame.buffer)
+    if len(data) == manifest["size"] and p.sha256(data) == manifest["sha256"]:
+        return manifest, data
+    with session.aside() as aside:
+        header, frame = aside.call("get", name=name, fresh=True)
+    manifest = p.check_manifest(header.get("manifest"))
+    if frame is None:
+        raise IntegrityError(f"{name!r} came without its content from storage; try again")
+    return manifest, checked_whole(manifest, p.unpack_data(frame.buffer))
+
+
+def download_chunks(session: Session, manifest: dict, out, report):
+    """Fetch every chunk pipelined, write them in order to ``out``, verify all of it;
+    ``report(name, done, total)`` after each chunk."""
+    whole = hashlib.sha256()
+    done = 0
+    for piece in iter_chunks(session, manifest):
+        whole.update(piece)
+        out.write(piece)
+        done += len(piece)
+        report(manifest["name"], done, manifest["size"])
+    if whole.digest() != manifest["sha256"]:
+        raise IntegrityError(f"{manifest['name']!r} does not match its sha256; "
+                             f"nothing was written, try again")
+
+
+def iter_chunks(session: Session, manifest: dict, start: int = 0):
+    """Yield the chunks of ``manifest`` from index ``start`` on, in order, each verified;
+    ``window`` requests stay in flight and out-of-order arrivals wait (at most ``window``).
+
+    :raises IntegrityError: a chunk does not match its sha256.
+    """
+    chunks, size, chunk_size = manifest["chunks"], manifest["size"], manifest["chunk_size"]
+    held = {}
+    next_index = start
+    # `len` lets the broker reserve room for the reply (else it assumes the largest chunk).
+    requests = ((i, "chunk", {"hash": chunks[i], "len": p.chunk_length(i, size, chunk_size)},
+                 None) for i in range(start, len(chunks)))
+    for i, _header, frame in session.pipeline(requests, session.data_window(chunk_size)):
+        if frame is None:
+            raise IntegrityError(f"chunk {i} of {manifest['name']!r} came without data")
+        data = p.unpack_data(frame.buffer)
+        expect = p.chunk_length(i, size, chunk_size)
+        if len(data) != expect or p.sha256(data) != chunks[i]:
+            # Once more, from storage itself (`fresh`: the broker bypasses the cache).
+            with session.aside() as aside:
+                _, frame = aside.call("chunk", hash=chunks[i], len=expect, fresh=True)
+            data = p.unpack_data(frame.buffer) if frame is not None else b""
+            if len(data) != expect or p.sha256(data) != chunks[i]:
+                raise IntegrityError(f"chunk {i} of {manifest['name']!r} does not match its "
+                                     f"sha256, also from storage; nothing was written, try "
+                                     f"again")
+        held[i] = data
+        while next_index in held:
+            yield held.pop(next_index)
+            next_index += 1
+
+
+class RemoteFile(io.RawIOBase):
+    """What :meth:`fms.Client.open` returns: read it like a local binary file."""
+
+    def __init__(self, session: Session, manifest: dict, inline_frame=None):
+        super().__init__()
+        self._session = session
+        self.manifest = manifest
+        self.name = manifest["name"]
+        self.size = manifest["size"]
+        self._pos = 0
+        self._buf = memoryview(b"")   # the current chunk, from offset _buf_start
+        self._buf_start = 0
+        self._stream = None
+        self._whole = hashlib.sha256()
+        self._hashed_to = 0           # bytes hashed so far, while reading in order from 0
+        if inline_frame is not None:
+            self._buf = checked_whole(manifest, p.unpack_data(inline_frame.buffer))
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        """Fill ``buffer`` as far as the content goes (short only at the end of the file)."""
+        if self.closed:
+            raise ValueError("read from a closed file")
+        out = memoryview(buffer).cast("B")
+        filled = 0
+        while filled < len(out) and self._pos < self.size:
+            if not self._buf_start <= self._pos < self._buf_start + len(self._buf):
+                self._fetch_chunk_at(self._pos)
+            start = self._pos - self._buf_start
+            n = min(len(out) - filled, len(self._buf) - start)
+            out[filled:filled + n] = self._buf[start:start + n]
+            filled += n
+            self._pos += n
+        return filled
+
+    def _fetch_chunk_at(self, pos: int):
+        chunk_size = self.manifest["chunk_size"]
+        index = pos // chunk_size
+        expected_start = self._buf_start + len(self._buf)
+        if self._stream is None or pos < self._buf_start or pos >= expected_start + chunk_size:
+            # A jump: restart the prefetching stream at the chunk that holds pos.
+            self._stream = iter_chunks(self._session, self.manifest, index)
+            self._buf_start = index * chunk_size
+        else:
+            self._buf_start = expected_start
+        self._buf = next(self._stream)
+        self._hash_in_order()
+
+    def _hash_in_order(self):
+        if self._buf_start == self._hashed_to:
+            self._whole.update(self._buf)
+            self._hashed_to += len(self._buf)
+            if self._hashed_to == self.size and self._whole.digest() != self.manifest["sha256"]:
+                raise IntegrityError(f"{self.name!r} does not match its sha256")
+
+    def close(self):
+        self._stream = None
+        super().close()
+
+
+def checked_whole(manifest: dict, data) -> memoryview:
+    if len(data) != manifest["size"] or p.sha256(data) != manifest["sha256"]:
+        raise IntegrityError(f"{manifest['name']!r} does not match its sha256; "
+                             f"nothing was written, try again")
+    return data
+
+
+@contextlib.contextmanager
+def atomic_file(dest: str, manifest: dict, fsync: bool = False):
+    """A temp file beside ``dest``, renamed onto it only if the body succeeds (and the content
+    was verified): whenever the client dies, ``dest`` holds the old file or the new one, whole.
+    With ``fsync`` the data also reaches the disk before the rename (survives a power loss),
+    at a price: cp, curl and rsync do not do it by default either."""
+    folder = os.path.dirname(os.path.abspath(dest))
+    # Created with the umask's permissions like any new file (0666 & ~umask), O_EXCL so a name
+    # is never shared; pid and random part let `fms` tell its own leftovers.
+    tmp = os.path.join(folder, f".{os.path.basename(dest)}.{os.getpid()}.{os.urandom(4).hex()}"
+                               f".fms-part")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    try:
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileNotFoundError:
+            os.makedirs(folder, exist_ok=True)
+            fd = os.open(tmp, flags, 0o666)
+    except OSError as exc:
+        raise FmsError(f"cannot write to {folder}: {exc.strerror}") from None
+    try:
+        with open(fd, "wb") as out:
+            yield out
+            out.flush()
+            if fsync:
+                os.fsync(fd)
+            os.utime(fd, (time.time(), manifest["mtime"]))
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class Collect:
+    """A stream that keeps what is written to it, as bytes, in ``parts``."""
+
+    def __init__(self, parts):
+        self.parts = parts
+
+    def write(self, data):
+        self.parts.append(bytes(data))

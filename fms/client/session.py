@@ -1,0 +1,293 @@
+"""A client's session with the broker: the socket, the connection and CURVE handshake, the
+pipeline (several requests in flight, replies matched by id) and the retries.
+
+This is the seam the rest of the client is built on, and the one unit tests drive: give it an
+endpoint where a test's own ROUTER socket answers (``inproc://`` with a shared context works)
+and it runs with no other process.
+
+Every request is idempotent (commit and rm carry an id that makes a repeat a no-op), so one that
+times out, or meets a moment with no worker, is sent again within its time budget.
+"""
+
+import contextlib
+import itertools
+import os
+import time
+
+import zmq
+
+from .. import limits
+from .. import wire as p
+from ..errors import BadRequest, FmsError, Timeout, TransportError, Unavailable, from_reply
+from ..wire.frames import recv_frames, send_frames
+
+DEFAULT_BROKER = "tcp://127.0.0.1:5555"
+DEFAULT_TIMEOUT = 5.0          # seconds a request may wait for its reply before a retry
+CONNECT_TIMEOUT = 3.0          # seconds to wait for a connection to the broker
+SEND_TIMEOUT = 1.0             # seconds a send may wait while the connection is down
+DEFAULT_RETRIES = 2            # a request may take (retries + 1) * timeout in all
+RETRY_BACKOFF = 0.25           # seconds before resending after `unavailable`; doubles per try
+RETRY_BACKOFF_MAX = 2.0
+DEFAULT_WINDOW = 8             # requests in flight during a transfer (chunks of one file)
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+class _Outstanding:
+    """A request in flight in :meth:`Session.pipeline`."""
+    __slots__ = ("tag", "frames", "op", "first_sent", "deadline", "tries", "last_error")
+
+    def __init__(self, tag, frames: list, op: str, first_sent: float, deadline: float):
+        self.tag = tag
+        self.frames = frames
+        self.op = op
+        self.first_sent = first_sent
+        self.deadline = deadline     # when to send it again (after a timeout or a backoff)
+        self.tries = 1
+        self.last_error = None       # the `unavailable` that caused the pending resend
+
+
+class Session:
+    """A DEALER connection to the broker that sends requests and matches their replies.
+
+    :param broker: the broker's frontend endpoint; default ``$FMS_BROKER`` or
+        ``tcp://127.0.0.1:5555``.
+    :param timeout: seconds a request waits for its reply before it is retried.
+    :param retries: how many times a request that timed out is sent again.
+    :param window: requests kept in flight by :meth:`pipeline` unless told otherwise.
+    :param curve: a :class:`fms.security.CurveClient`, or None for plaintext.
+    """
+
+    def __init__(self, broker: str | None = None, *, timeout: float = DEFAULT_TIMEOUT,
+                 retries: int = DEFAULT_RETRIES, window: int = DEFAULT_WINDOW,
+                 ctx: zmq.Context | None = None, curve=None):
+        self.broker = broker or os.environ.get("FMS_BROKER") or DEFAULT_BROKER
+        self.timeout = timeout
+        self.retries = retries
+        self.window = max(1, window)
+        self.curve = curve         # a fms.security.CurveClient, or None for plaintext
+        self.requests_sent = 0     # round trips made; tests use it to count them
+        self._ctx = ctx or zmq.Context.instance()
+        self._sock = None
+        self._ids = itertools.count(1)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def aside(self) -> "Session":
+        """A new session with the same settings, on a connection of its own: a request sent on
+        it takes no reply of a pipeline under way on this one."""
+        return Session(self.broker, timeout=self.timeout, retries=self.retries, window=self.window,
+                       ctx=self._ctx, curve=self.curve)
+
+    def _socket(self) -> zmq.Socket:
+        if self._sock is None:
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.linger = 0
+            sock.setsockopt(zmq.IMMEDIATE, 1)   # queue only on a live connection: see below
+            sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_SIZE)
+            # With IMMEDIATE and the broker gone, a send would block forever: bound it.
+            sock.setsockopt(zmq.SNDTIMEO, int(SEND_TIMEOUT * 1000))
+            if self.curve is not None:
+                self.curve.apply(sock)
+            try:
+                self._connect(sock)
+            except BaseException:
+                sock.close(linger=0)
+                raise
+            self._sock = sock
+        return self._sock
+
+    def _connect(self, sock: zmq.Socket):
+        """Connect and wait until the connection (and any CURVE handshake) is up.
+
+        With IMMEDIATE, POLLOUT means "connected": an unreachable broker is reported now,
+        clearly, instead of as a timeout on the first request; a socket monitor tells why a
+        handshake failed (key not allowed, plaintext against CURVE, wrong server key).
+        """
+        monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED)
+        try:
+            try:
+                sock.connect(self.broker)
+            except zmq.ZMQError as exc:
+                raise TransportError(f"bad broker endpoint {self.broker!r}: {exc.strerror}; "
+                                     f"use the form tcp://HOST:PORT") from None
+            poller = zmq.Poller()
+            poller.register(sock, zmq.POLLOUT)
+            poller.register(monitor, zmq.POLLIN)
+            deadline = time.monotonic() + CONNECT_TIMEOUT
+            while (wait := deadline - time.monotonic()) > 0:
+                ready = dict(poller.poll(int(wait * 1000) + 1))
+                if sock in ready:
+                    return
+                if monitor in ready:
+                    # Imported here: zmq.utils.monitor pulls in asyncio, a sixth of start-up.
+                    from zmq.utils.monitor import recv_monitor_message
+                    event = recv_monitor_message(monitor)["event"]
+                    raise TransportError(self._handshake_advice(event))
+            raise TransportError(
+                f"cannot reach the fms broker at {self.broker} (no connection within "
+                f"{CONNECT_TIMEOUT:.0f} s); is it running? start a local cluster with "
+                f"'fms up', or point --broker / FMS_BROKER at the right address")
+        finally:
+            sock.disable_monitor()
+            monitor.close(linger=0)
+
+    def _handshake_advice(self, event: int) -> str:
+        where = f"the fms broker at {self.broker}"
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            return (f"{where} refused this client's key: ask its operator to put this client's "
+                    f"public .key file in the broker's allow directory")
+        if self.curve is None:
+            return (f"{where} requires encryption (CURVE): give --curve-secret (this client's "
+                    f".key_secret) and --server-key (the broker's .key), or set "
+                    f"FMS_CURVE_SECRET and FMS_SERVER_KEY")
+        if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            return (f"the secure handshake with {where} failed: the broker does not use CURVE; "
+                    f"drop --curve-secret/--server-key, or start the broker with keys")
+        return (f"the secure handshake with {where} failed: check that --server-key is the "
+                f"broker's public key")
+
+    # --- requests ---
+
+    def _frames(self, op: str, fields: dict, data=None):
+        req_id = next(self._ids)
+        # ttl_ms: how long this try will be waited for; the broker drops it once that passes.
+        frames = [p.encode({"v": p.PROTOCOL_VERSION, "op": op, "id": req_id,
+                            "ttl_ms": int(self.timeout * 1000), **fields})]
+        if data is not None:
+            frames.append(data)
+        return req_id, frames
+
+    def _send(self, frames):
+        """Send a request.  If the broker is unreachable right now the send is given up after
+        SEND_TIMEOUT and counts as a try: the retry logic sends it again or times out."""
+        try:
+            send_frames(self._socket(), frames)
+        except zmq.Again:
+            pass
+        except zmq.ZMQError as exc:
+            raise TransportError(f"cannot send to the broker at {self.broker}: "
+                                 f"{exc.strerror}") from None
+        self.requests_sent += 1
+
+    def _recv(self, deadline: float):
+        """One reply (header, data frame or None), or None if ``deadline`` passes first."""
+        sock = self._socket()
+        while True:
+            wait = deadline - time.monotonic()
+            if wait <= 0 or not sock.poll(int(wait * 1000) + 1, zmq.POLLIN):
+                return None
+            frames = recv_frames(sock)
+            if len(frames) not in (1, 2):
+                continue  # not a reply of ours; the broker never sends this
+            try:
+                header = p.decode(frames[0].buffer)
+            except BadRequest:
+                continue
+            return header, (frames[1] if len(frames) == 2 else None)
+
+    def pipeline(self, requests, window: int | None = None):
+        """Send requests keeping at most ``window`` in flight; yield replies as they come.
+
+        An idempotent request that gets no reply in ``timeout`` is sent again, and so is one
+        answered ``unavailable`` (no worker right now, a worker died, a broker restart), after a
+        backoff; each request gets ``timeout * (retries + 1)`` seconds in all.
+
+        :param requests: iterable of ``(tag, op, fields, data)``; ``data`` is a data frame or None.
+        :return: iterator of ``(tag, header, data_frame)`` in completion order.
+        :raises RemoteError: the first error reply that is not retried (its subclass names the code).
+        :raises Timeout: a request got no reply within its budget.
+        """
+        window = window or self.window
+        source = iter(requests)
+        inflight = {}
+        exhausted = False
+        # No later than the earliest deadline in flight (an earlier wake-up only costs a check),
+        # kept up to date as requests go out rather than recomputed for every reply.
+        wake = float("inf")
+        while inflight or not exhausted:
+            while not exhausted and len(inflight) < window:
+                try:
+                    tag, op, fields, data = next(source)
+                except StopIteration:
+                    exhausted = True
+                    break
+                req_id, frames = self._frames(op, fields, data)
+                self._send(frames)
+                now = time.monotonic()
+                inflight[req_id] = _Outstanding(tag, frames, op, now, now + self.timeout)
+                wake = min(wake, now + self.timeout)
+            if not inflight:
+                break
+            reply = self._recv(wake)
+            if reply is None:
+                self._resend_due(inflight)
+                wake = min(o.deadline for o in inflight.values())
+                continue
+            header, data = reply
+            out = inflight.get(header.get("id"))
+            if out is None:
+                continue  # a late answer to a request already retried and answered
+            if not header.get("ok"):
+                error = from_reply(str(header.get("error")), str(header.get("message")), header)
+                if isinstance(error, Unavailable) and self._may_retry(out):
+                    backoff = min(RETRY_BACKOFF * 2 ** (out.tries - 1), RETRY_BACKOFF_MAX)
+                    out.deadline = time.monotonic() + backoff
+                    out.last_error = error
+                    wake = min(wake, out.deadline)
+                    continue
+                raise error
+            del inflight[header["id"]]
+            yield out.tag, header, data
+
+    def _budget(self) -> float:
+        return self.timeout * (self.retries + 1)
+
+    def _may_retry(self, out: _Outstanding) -> bool:
+        return (out.op in p.IDEMPOTENT_OPS
+                and time.monotonic() - out.first_sent < self._budget())
+
+    def _resend_due(self, inflight: dict):
+        now = time.monotonic()
+        for out in inflight.values():
+            if out.deadline > now:
+                continue
+            if not self._may_retry(out):
+                if out.last_error is not None:
+                    raise out.last_error      # it did answer: say what it said
+                raise Timeout(f"no reply to {out.op} from the fms cluster at {self.broker} "
+                              f"within {now - out.first_sent:.0f} s ({out.tries} tries); is the "
+                              f"broker up and does it have workers? (check with: stats)")
+            out.tries += 1
+            out.deadline = now + self.timeout
+            out.last_error = None
+            self._send(out.frames)
+
+    def call(self, op: str, data=None, **fields):
+        """One request; returns ``(header, data_frame)``."""
+        for _tag, header, frame in self.pipeline([(None, op, fields, data)], 1):
+            return header, frame
+        raise FmsError(f"no reply to {op}")  # unreachable: pipeline yields or raises
+
+    @contextlib.contextmanager
+    def patience(self, timeout: float):
+        """Wait up to ``timeout`` for each reply (a GC or fsck pass does real work)."""
+        saved, self.timeout = self.timeout, max(self.timeout, timeout)
+        try:
+            yield
+        finally:
+            self.timeout = saved
+
+    def data_window(self, chunk_size: int) -> int:
+        """Chunks in flight: ``window``, but never more data than the broker's per-client
+        budget (fms.limits.CLIENT_BYTES) holds, so large chunks are not refused."""
+        return max(1, min(self.window, limits.CLIENT_BYTES // (chunk_size + 64 * 1024)))

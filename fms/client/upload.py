@@ -1,0 +1,207 @@
+"""Uploads: a file is hashed chunk by chunk (one read pass), storage is asked which chunks it
+lacks, those are sent pipelined and the manifest is committed; small files travel with their
+commit, many to a message (``commit_many``)."""
+
+import contextlib
+import hashlib
+import os
+import time
+
+from .. import wire as p
+from ..errors import BadRequest, FmsError, MissingChunks, Unavailable, from_reply
+from ..wire.frames import read_frame, read_full
+from .session import Session
+
+BATCH_WINDOW = 4               # commit_many messages in flight
+
+
+class Plan:
+    """What an upload will send: sizes, chunk digests, and the content of a small file."""
+    __slots__ = ("size", "chunk_size", "chunks", "sha256", "mtime", "inline")
+
+    def __init__(self, size: int, chunk_size: int, chunks: list, sha256: bytes, mtime: float,
+                 inline: bytes | None):
+        self.size = size
+        self.chunk_size = chunk_size
+        self.chunks = chunks
+        self.sha256 = sha256
+        self.mtime = mtime
+        self.inline = inline       # the content, if it travels with the commit
+
+    def chunk_len(self, i: int) -> int:
+        return p.chunk_length(i, self.size, self.chunk_size)
+
+
+def plan_file(path: str, chunk_size: int) -> Plan:
+    """Hash a local file chunk by chunk (one read pass, memory of one chunk)."""
+    try:
+        f = open(path, "rb", buffering=0)
+    except IsADirectoryError:
+        raise BadRequest(f"{path} is a directory; upload a folder with: put -r {path}") from None
+    except OSError as exc:
+        raise FmsError(f"cannot read {path}: {exc.strerror}") from None
+    with f:
+        st = os.fstat(f.fileno())
+        whole = hashlib.sha256()
+        chunks = []
+        size = 0
+        first = b""
+        view = memoryview(bytearray(chunk_size))
+        while True:
+            n = read_full(f, view)
+            if n == 0:
+                break
+            piece = view[:n]
+            whole.update(piece)
+            chunks.append(p.sha256(piece))
+            if size == 0:
+                first = bytes(piece)
+            size += n
+            if n < chunk_size:
+                break
+    inline = first if p.travels_inline(size, len(chunks)) else None
+    return Plan(size, chunk_size, chunks, whole.digest(), st.st_mtime, inline)
+
+
+def plan_bytes(data: bytes, chunk_size: int, mtime) -> Plan:
+    chunks = [p.sha256(data[i:i + chunk_size]) for i in range(0, len(data), chunk_size)]
+    inline = data if p.travels_inline(len(data), len(chunks)) else None
+    return Plan(len(data), chunk_size, chunks, p.sha256(data),
+                 mtime if mtime is not None else time.time(), inline)
+
+
+BATCH_FILES = 128              # small files per commit_many this client sends (at most MAX_BATCH_FILES)
+COMMIT_CHECK_RATE = 32 * p.MiB   # bytes/s a commit's read-back is assumed to run at, at worst
+
+
+def commit_timeout(size: int, timeout: float) -> float:
+    """How long to wait for a commit's reply: storage reads the whole file back to check it
+    (at S3's pace, a few GiB take longer than the usual per-request timeout)."""
+    return max(timeout, size / COMMIT_CHECK_RATE)
+
+
+BATCH_HEADER_BYTES = 32 * 1024   # names in one commit_many (its header and route stay small)
+
+
+def _batches(indices, planned) -> list:
+    """Small files grouped for commit_many: at most BATCH_FILES files, MAX_BATCH_BYTES of
+    content and BATCH_HEADER_BYTES of names each."""
+    batches, current, size, names = [], [], 0, 0
+    for i in indices:
+        name, plan = planned[i][1], planned[i][2]
+        n = len(name.encode("utf-8")) + 64
+        if current and (len(current) == BATCH_FILES or size + plan.size > p.MAX_BATCH_BYTES
+                        or names + n > BATCH_HEADER_BYTES):
+            batches.append(current)
+            current, size, names = [], 0, 0
+        current.append(i)
+        size += plan.size
+        names += n
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _commit_many_request(batch, planned):
+    plans = [planned[i][2] for i in batch]
+    fields = {"names": [planned[i][1] for i in batch], "sizes": [pl.size for pl in plans],
+              "sha256s": [pl.sha256 for pl in plans], "mtimes": [pl.mtime for pl in plans],
+              "commits": [os.urandom(16).hex() for _ in batch], "chunk_size": plans[0].chunk_size}
+    return batch, "commit_many", fields, p.pack_data(b"".join(pl.inline for pl in plans))
+
+
+def _commit_fields(name: str, plan: Plan) -> dict:
+    return {"name": name, "size": plan.size, "chunk_size": plan.chunk_size, "chunks": plan.chunks,
+            "sha256": plan.sha256, "mtime": plan.mtime, "commit": os.urandom(16).hex()}
+
+
+@contextlib.contextmanager
+def _chunk_reader(source, plan: Plan):
+    """``read(i)`` -> chunk i as a data frame, from a local file (``source`` a path, read
+    straight into the frame) or from bytes in memory."""
+    if isinstance(source, bytes):
+        yield lambda i: p.pack_data(source[i * plan.chunk_size:i * plan.chunk_size
+                                           + plan.chunk_len(i)])
+        return
+    with open(source, "rb", buffering=0) as f:
+        def read(i):
+            frame, _view, got = read_frame(f, plan.chunk_len(i), i * plan.chunk_size)
+            if got != plan.chunk_len(i):
+                raise FmsError(f"{source} got shorter while it was being uploaded; upload it "
+                               f"again when it is no longer being written")
+            return frame
+        yield read
+
+
+def put_planned(session: Session, planned, report) -> list:
+    """Upload ``(source, name, Plan)`` triples (``source`` a local path or bytes); :return: the
+    stat of each (as the wire has it), in order."""
+    results = [None] * len(planned)
+    small = [i for i, (_, _, plan) in enumerate(planned) if plan.inline is not None]
+    # Small files: their content travels with their commit, many files to a message
+    # (commit_many), a few messages in flight.
+    batches = _batches(small, planned)
+    requests = (_commit_many_request(batch, planned) if len(batch) > 1 else
+                (batch, "commit", _commit_fields(planned[batch[0]][1], planned[batch[0]][2]),
+                 p.pack_data(planned[batch[0]][2].inline)) for batch in batches)
+    for batch, header, _ in session.pipeline(requests, BATCH_WINDOW):
+        if len(batch) == 1:
+            results[batch[0]] = header["stat"]
+            continue
+        for i, result in zip(batch, header["results"]):
+            if result.get("ok"):
+                results[i] = result["stat"]
+                continue
+            error = from_reply(str(result.get("error")), str(result.get("message")), result)
+            if not isinstance(error, Unavailable):
+                raise error
+            _path, name, plan = planned[i]      # transient for this file: on its own
+            header1, _ = session.call("commit", data=p.pack_data(plan.inline),
+                                      **_commit_fields(name, plan))
+            results[i] = header1["stat"]
+    for i, (path, name, plan) in enumerate(planned):
+        if plan.inline is None:
+            results[i] = put_chunked(session, path, name, plan, report)
+    return results
+
+
+def put_chunked(session: Session, source, name: str, plan: Plan, report) -> dict:
+    """Upload the chunks storage lacks and commit; if storage reports chunks missing at the
+    commit (collected since `have`, or damaged on its disk), send those and commit again."""
+    fields = _commit_fields(name, plan)
+    upload_chunks(session, source, plan, name, report)
+    # Storage reads the file back to check its sha256 before it answers: give it the time.
+    with session.patience(commit_timeout(plan.size, session.timeout)):
+        try:
+            header, _ = session.call("commit", **fields)
+        except MissingChunks as exc:
+            upload_chunks(session, source, plan, name, report, only=set(exc.missing))
+            header, _ = session.call("commit", **fields)
+    return header["stat"]
+
+
+def upload_chunks(session: Session, source, plan: Plan, name: str, report, only=None):
+    """Send the chunks storage lacks (or exactly those in ``only``), pipelined.  ``source``
+    is a local path or the bytes."""
+    missing = set(only or ())
+    for start in range(0, len(plan.chunks) if only is None else 0, p.MAX_HAVE_BATCH):
+        header, _ = session.call("have", hashes=plan.chunks[start:start + p.MAX_HAVE_BATCH])
+        missing.update(header["missing"])
+    todo = [i for i, digest in enumerate(plan.chunks) if digest in missing]
+    total = sum(plan.chunk_len(i) for i in todo)
+    done = 0
+    with _chunk_reader(source, plan) as read:
+        def requests():
+            sent = set()
+            for i in todo:
+                if plan.chunks[i] in sent:
+                    continue  # the same content twice in one file
+                sent.add(plan.chunks[i])
+                frame = read(i)
+                if p.sha256(memoryview(frame)[p.DATA_PREFIX_LEN:]) != plan.chunks[i]:
+                    raise FmsError(f"{source} changed while it was being uploaded; "
+                                   f"upload it again when it is no longer being written")
+                yield i, "put_chunk", {"hash": plan.chunks[i]}, frame
+        for i, _header, _ in session.pipeline(requests(), session.data_window(plan.chunk_size)):
+            done += plan.chunk_len(i)
+            report(name, done, total)

@@ -1,0 +1,101 @@
+"""The batched read, ``get_many``: many names in one message, answered in one.
+
+Storage builds the reply from its store, the cache from its hits plus one storage fetch of its
+misses, and the client reads it; all three use this module, so the layout has one home:
+
+- request: ``names``, 1 to ``MAX_BATCH_FILES`` names;
+- reply: ``results``, one map per name in the same order, either
+  ``{manifest: MANIFEST, inline: BOOL}`` or ``{error: CODE, message: TEXT}``; and, if any result
+  has ``inline: true``, one data frame holding those files' content back to back, in order
+  (each ``manifest.size`` bytes).  Content travels only for files that travel inline
+  (:func:`~fms.wire.fields.travels_inline`), and only while the frame stays within
+  ``MAX_BATCH_BYTES``; a file left out is fetched like a large one (``get``, ``chunk``).
+"""
+
+from ..errors import BadRequest
+from .codec import data_buffer, DATA_PREFIX_LEN, unpack_data
+from .fields import check_manifest, check_name, need, sha256, travels_inline
+from .messages import MAX_BATCH_BYTES, MAX_BATCH_FILES
+
+__all__ = ["need_names", "BatchReply", "read_batch", "inline_ok"]
+
+
+def need_names(header: dict) -> list:
+    """The checked ``names`` of a ``get_many`` request.  :raises BadRequest:"""
+    names = need(header, "names", list)
+    if not 1 <= len(names) <= MAX_BATCH_FILES:
+        raise BadRequest(f"get_many takes 1 to {MAX_BATCH_FILES} names, got {len(names)}")
+    return [check_name(name) for name in names]
+
+
+def inline_ok(manifest: dict, payload) -> bool:
+    """Whether ``payload`` is the whole, verified content of a file that travels inline."""
+    return (payload is not None and len(payload) == manifest["size"]
+            and sha256(payload) == manifest["chunks"][0])
+
+
+class BatchReply:
+    """A ``get_many`` reply under construction, in request order."""
+
+    def __init__(self):
+        self.results = []
+        self._parts = []
+        self._bytes = 0
+
+    def manifest(self, manifest: dict, payload=None):
+        """One name's manifest, with its content if it travels inline and still fits."""
+        inline = (payload is not None and travels_inline(manifest["size"], len(manifest["chunks"]))
+                  and self._bytes + len(payload) <= MAX_BATCH_BYTES)
+        if inline:
+            self._parts.append(payload)
+            self._bytes += len(payload)
+        self.results.append({"manifest": manifest, "inline": inline})
+
+    def error(self, code: str, message: str):
+        self.results.append({"error": code, "message": message})
+
+    def frame(self):
+        """The data frame (one copy of each payload into it), or None if nothing is inline."""
+        if not self._parts:
+            return None
+        buf = data_buffer(self._bytes)
+        view, at = memoryview(buf), DATA_PREFIX_LEN
+        for part in self._parts:
+            view[at:at + len(part)] = part
+            at += len(part)
+        return buf
+
+
+def read_batch(header: dict, data, names: list):
+    """The results of a ``get_many`` reply for ``names``, as ``(result, payload)`` pairs:
+    ``payload`` is a memoryview over the data frame for an inline result, else None.  Payloads
+    are not verified here (:func:`inline_ok`).
+
+    :raises BadRequest: the reply's results or its data frame do not add up.
+    """
+    results = need(header, "results", list)
+    if len(results) != len(names):
+        raise BadRequest(f"get_many: {len(results)} results for {len(names)} names")
+    payload = unpack_data(data) if data is not None else memoryview(b"")
+    out, at = [], 0
+    for name, result in zip(names, results):
+        if not isinstance(result, dict):
+            raise BadRequest("get_many: a result is not a map")
+        if "error" in result:
+            out.append((result, None))
+            continue
+        manifest = check_manifest(need(result, "manifest", dict))
+        if manifest["name"] != name:
+            raise BadRequest("get_many: a manifest is for another name")
+        result = {**result, "manifest": manifest}
+        if need(result, "inline", bool):
+            end = at + manifest["size"]
+            if end > len(payload):
+                raise BadRequest("get_many: the data frame is shorter than its results say")
+            out.append((result, payload[at:end]))
+            at = end
+        else:
+            out.append((result, None))
+    if at != len(payload):
+        raise BadRequest("get_many: the data frame is longer than its results say")
+    return out

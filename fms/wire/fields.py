@@ -1,0 +1,167 @@
+"""Reading a header's fields: every handler reads its fields through these checks, never by
+bare indexing.  Also the rules for names, hashes, mtimes and how a file splits into chunks."""
+
+import hashlib
+import re
+
+from ..errors import BadRequest
+from .messages import INLINE_MAX, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+
+__all__ = ["HASH_LEN", "MAX_NAME_BYTES", "MTIME_MIN", "MTIME_MAX", "sha256", "chunk_count",
+           "chunk_length", "travels_inline", "need", "need_int", "need_hash", "need_hashes",
+           "check_manifest", "check_name", "check_mtime", "check_prefix"]
+
+HASH_LEN = 32                   # sha256 digest, bytes
+MAX_NAME_BYTES = 1024           # a name in UTF-8
+# A file's mtime, in seconds since the epoch: finite, from 1900-01-01 to 9999-12-31 (what
+# datetime and every filesystem fms writes to can hold).
+MTIME_MIN = -2208988800.0
+MTIME_MAX = 253402300799.0
+
+
+def sha256(data) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+# --- file shape: the one home of the rules that split a file into chunks ---
+
+def chunk_count(size: int, chunk_size: int) -> int:
+    """How many chunks a ``size``-byte file has in ``chunk_size``-byte chunks (0 if empty)."""
+    return -(-size // chunk_size)
+
+
+def chunk_length(i: int, size: int, chunk_size: int) -> int:
+    """The length of chunk ``i``: ``chunk_size``, except the last, which holds the rest."""
+    return min(chunk_size, size - i * chunk_size)
+
+
+def travels_inline(size: int, chunks: int) -> bool:
+    """Whether a file's content travels in the same message as its manifest (one round trip)."""
+    return size <= INLINE_MAX and chunks == 1
+
+
+# --- field checks: every handler reads its fields through these, never by bare indexing ---
+
+def need(header: dict, key: str, kind, *, optional=False, default=None):
+    """Read ``header[key]`` and check its type; bools are never ints.
+
+    :raises BadRequest: missing (unless optional) or of the wrong type.
+    """
+    if key not in header:
+        if optional:
+            return default
+        raise BadRequest(f"field {key!r} is missing")
+    value = header[key]
+    if isinstance(value, bool) and kind is not bool:
+        raise BadRequest(f"field {key!r} must be {_kind_name(kind)}, got bool")
+    if not isinstance(value, kind):
+        raise BadRequest(f"field {key!r} must be {_kind_name(kind)}, got {type(value).__name__}")
+    return value
+
+
+def need_int(header: dict, key: str, *, lo=0, hi=2**63 - 1, optional=False, default=None) -> int:
+    value = need(header, key, int, optional=optional, default=default)
+    if value is not None and not lo <= value <= hi:
+        raise BadRequest(f"field {key!r} = {value} is out of range [{lo}, {hi}]")
+    return value
+
+
+def need_hash(header: dict, key: str) -> bytes:
+    value = need(header, key, bytes)
+    if len(value) != HASH_LEN:
+        raise BadRequest(f"field {key!r} must be a {HASH_LEN}-byte sha256, got {len(value)} bytes")
+    return value
+
+
+def need_hashes(header: dict, key: str, limit: int) -> list:
+    values = need(header, key, list)
+    if len(values) > limit:
+        raise BadRequest(f"field {key!r} holds {len(values)} hashes, at most {limit} allowed")
+    for value in values:
+        if not isinstance(value, bytes) or len(value) != HASH_LEN:
+            raise BadRequest(f"field {key!r} must hold {HASH_LEN}-byte sha256 digests")
+    return values
+
+
+def _kind_name(kind) -> str:
+    names = {str: "a string", int: "an integer", bytes: "bytes", list: "a list", dict: "a map",
+             bool: "a boolean", float: "a number"}
+    if isinstance(kind, tuple):
+        return " or ".join(names.get(k, k.__name__) for k in kind)
+    return names.get(kind, kind.__name__)
+
+
+def check_manifest(manifest) -> dict:
+    """Check that a manifest from the wire has every field with the right type and consistent
+    sizes, so nothing downstream can trip over it.
+
+    :raises BadRequest: it does not.
+    """
+    if not isinstance(manifest, dict):
+        raise BadRequest("manifest must be a map")
+    check_name(need(manifest, "name", str))
+    size = need_int(manifest, "size")
+    chunk_size = need_int(manifest, "chunk_size", lo=MIN_CHUNK_SIZE, hi=MAX_CHUNK_SIZE)
+    need_hash(manifest, "sha256")
+    chunks = need_hashes(manifest, "chunks", chunk_count(size, chunk_size))
+    if len(chunks) != chunk_count(size, chunk_size):
+        raise BadRequest("manifest's chunk count does not fit its size")
+    check_mtime(need(manifest, "mtime", (int, float)))
+    need_int(manifest, "version", lo=1)
+    return manifest
+
+
+# --- names ---
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")   # C0, DEL and C1
+
+
+def check_name(name) -> str:
+    """Return ``name`` if it is a valid key, else raise :class:`BadRequest` saying why.
+
+    A name is a key, not a path: relative, ``/``-separated, no empty, ``.`` or ``..`` parts,
+    no NUL or control characters, at most 1024 bytes in UTF-8.  Storage never uses a name as a
+    path (manifests live under the sha256 of the name), so this is about clear errors and about
+    ``get -r`` writing only inside its destination.
+    """
+    if not isinstance(name, str):
+        raise BadRequest(f"a name must be a string, got {type(name).__name__}")
+    if not name:
+        raise BadRequest("the name is empty; give a name such as 'photos/cat.jpg'")
+    if "\x00" in name:
+        raise BadRequest(f"name {name!r} contains a NUL byte; remove it")
+    if _CONTROL.search(name):
+        raise BadRequest(f"name {name!r} contains a control character; remove it")
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise BadRequest(f"name {name!r} is not valid UTF-8") from None
+    if size > MAX_NAME_BYTES:
+        raise BadRequest(f"name is {size} bytes long; names are at most {MAX_NAME_BYTES} bytes")
+    if name.startswith("/"):
+        raise BadRequest(f"name {name!r} is absolute; names are relative keys such as 'a/b.txt'")
+    for part in name.split("/"):
+        if part == "..":
+            raise BadRequest(f"name {name!r} has a '..' component; names cannot climb out")
+        if part in ("", "."):
+            raise BadRequest(f"name {name!r} has an empty or '.' component; write it as "
+                             f"{'/'.join(p for p in name.split('/') if p not in ('', '.'))!r}")
+    return name
+
+
+def check_mtime(mtime) -> float:
+    """An mtime as a float if finite and within [MTIME_MIN, MTIME_MAX], else :class:`BadRequest`."""
+    value = float(mtime)
+    if not MTIME_MIN <= value <= MTIME_MAX:   # also false for NaN
+        raise BadRequest(f"mtime {mtime!r} is not a time between the years 1900 and 9999; "
+                         f"send seconds since 1970 as a finite number")
+    return value
+
+
+def check_prefix(prefix) -> str:
+    """A listing prefix: any string without NUL, at most MAX_NAME_BYTES."""
+    if not isinstance(prefix, str):
+        raise BadRequest(f"a prefix must be a string, got {type(prefix).__name__}")
+    if "\x00" in prefix or len(prefix.encode("utf-8", "replace")) > MAX_NAME_BYTES:
+        raise BadRequest("prefix contains a NUL byte or is over 1024 bytes")
+    return prefix

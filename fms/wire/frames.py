@@ -1,0 +1,78 @@
+"""Frames on a socket and from a file.
+
+Multipart send and receive for the hot path: pyzmq's ``send_multipart``/``recv_multipart`` spend
+about a microsecond per frame on Python-level flag arithmetic (enum objects) and option look-ups;
+a small GET crosses four hops, each a receive and a send of two to four frames, so these
+plain-int loops are measurably cheaper (``python -m benchmarks.bench profile`` shows where the broker's
+time goes).  Semantics are the same: frames are sent without copying, and a multipart message is
+queued whole or not at all.
+
+Reading files straight into data frames: the payload lands behind the reserved bin32 prefix, so
+it is never copied again on its way to the socket.
+"""
+
+import zmq
+
+from .codec import DATA_PREFIX_LEN, data_buffer
+
+__all__ = ["NOBLOCK", "send_frames", "recv_frames", "drain", "read_full", "read_frame"]
+
+_SNDMORE = int(zmq.SNDMORE)
+_RCVMORE = int(zmq.RCVMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+NOBLOCK = int(zmq.NOBLOCK)
+
+
+def send_frames(sock: zmq.Socket, frames, flags: int = 0):
+    """Send ``frames`` as one message (``copy=False``).  :raises zmq.ZMQError: as ``send``."""
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        sock.send(frame, flags | _SNDMORE if i < last else flags, copy=False)
+
+
+def recv_frames(sock: zmq.Socket, flags: int = 0) -> list:
+    """Receive one message as a list of :class:`zmq.Frame` (no copy)."""
+    frames = [sock.recv(flags, copy=False)]
+    while sock.get(_RCVMORE):
+        frames.append(sock.recv(flags, copy=False))
+    return frames
+
+
+def drain(sock: zmq.Socket, handle, limit: int) -> int:
+    """Hand up to ``limit`` queued messages from ``sock`` to ``handle``, without waiting.
+
+    Under load this takes what is queued without a poll per message (a poll costs about as
+    much as routing one).  It asks the socket whether a message is waiting rather than trying
+    and catching ``zmq.Again``: an exception per call costs more than the check.
+
+    :return: how many messages were handled.
+    """
+    done = 0
+    while done < limit and sock.get(_EVENTS) & _POLLIN:
+        handle(recv_frames(sock))
+        done += 1
+    return done
+
+
+def read_full(f, view) -> int:
+    """Fill ``view`` from the unbuffered file ``f``; :return: bytes read (less only at EOF)."""
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+def read_frame(f, length: int, offset: int | None = None):
+    """Read ``length`` bytes (from ``offset``, if given) into a new data frame.
+
+    :return: ``(frame, payload view, bytes actually read)``; a short read means the file shrank.
+    """
+    frame = data_buffer(length)
+    view = memoryview(frame)[DATA_PREFIX_LEN:]
+    if offset is not None:
+        f.seek(offset)
+    return frame, view, read_full(f, view)

@@ -1,0 +1,78 @@
+"""What the messages are: the protocol version, the ops and the service that serves each, the
+error codes, the reply builders, and the sizes and times every peer agrees on."""
+
+from ..errors import BadRequest
+
+__all__ = ["PROTOCOL_VERSION", "KiB", "MiB", "GiB", "DEFAULT_CHUNK_SIZE", "MIN_CHUNK_SIZE",
+           "MAX_CHUNK_SIZE", "MAX_BATCH_FILES", "MAX_BATCH_BYTES", "INLINE_MAX", "MAX_HAVE_BATCH",
+           "HEARTBEAT_INTERVAL", "HEARTBEAT_LIVENESS", "WORKER_SEND_TIMEOUT",
+           "MAX_CLIENT_INFLIGHT", "CACHE", "STORAGE", "BROKER", "SERVICES", "OP_SERVICE",
+           "IDEMPOTENT_OPS", "FALLBACK_SERVICE", "ERROR_CODES", "check_version", "error_reply",
+           "ok_reply"]
+
+PROTOCOL_VERSION = 1
+
+# Sizes, in bytes.
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+DEFAULT_CHUNK_SIZE = 1 * MiB
+MIN_CHUNK_SIZE = 4 * KiB
+MAX_CHUNK_SIZE = 16 * MiB
+MAX_BATCH_FILES = 256           # files per commit_many or get_many
+MAX_BATCH_BYTES = 8 * MiB       # their content in one commit_many or get_many message
+INLINE_MAX = 128 * KiB          # files up to this size travel with their manifest: one round trip
+MAX_HAVE_BATCH = 4096           # chunk hashes per `have` request
+
+# Times, in seconds.
+HEARTBEAT_INTERVAL = 1.0
+HEARTBEAT_LIVENESS = 3          # missed heartbeats before a peer is declared dead
+WORKER_SEND_TIMEOUT = 1.0       # SNDTIMEO on a worker's DEALER: a send never blocks for longer
+MAX_CLIENT_INFLIGHT = 128       # requests one client may have in flight at the broker
+
+# Services, and which one serves each client op.
+CACHE = "cache"
+STORAGE = "storage"
+BROKER = "broker"
+SERVICES = (CACHE, STORAGE)
+OP_SERVICE = {
+    "get": CACHE,          # manifest (+ content of a small file)
+    "chunk": CACHE,        # one chunk by hash
+    "get_many": CACHE,     # many names' manifests (+ small files' content) in one message
+    "cache_stats": CACHE,
+    "have": STORAGE,       # which of these chunk hashes are missing
+    "put_chunk": STORAGE,
+    "commit": STORAGE,     # write a manifest (idempotent by commit id)
+    "commit_many": STORAGE,  # many small files (content inline) in one message
+    "ls": STORAGE,
+    "stat": STORAGE,
+    "rm": STORAGE,
+    "usage": STORAGE,      # the store's totals
+    "gc": STORAGE,         # collect garbage now
+    "fsck": STORAGE,       # check a page of stored files' chunks
+    "status": BROKER,      # answered by the broker itself: live workers
+}
+# Ops the broker may hand to another worker when the first one dies before replying, and the
+# client may send again.  Every op is: commit and rm carry an id that makes a repeat a no-op.
+IDEMPOTENT_OPS = frozenset(OP_SERVICE)
+# When no cache worker is alive, storage answers the cache's ops itself (slower, still correct).
+FALLBACK_SERVICE = {CACHE: STORAGE}
+
+# Error codes carried in {ok: false, error: CODE, message: TEXT}.
+ERROR_CODES = ("not_found", "bad_request", "integrity", "missing_chunks", "unavailable",
+               "no_space", "refused", "too_large", "version", "internal")
+
+
+def check_version(header: dict, speaker: str = "this worker"):
+    """A worker's check that a request speaks this protocol version (the broker checks first)."""
+    if header.get("v") != PROTOCOL_VERSION:
+        raise BadRequest(f"protocol version {header.get('v')!r} not supported; "
+                         f"{speaker} speaks {PROTOCOL_VERSION}")
+
+
+def error_reply(req_id, code: str, message: str) -> dict:
+    return {"v": PROTOCOL_VERSION, "id": req_id, "ok": False, "error": code, "message": message}
+
+
+def ok_reply(req_id, **fields) -> dict:
+    return {"v": PROTOCOL_VERSION, "id": req_id, "ok": True, **fields}
