@@ -257,6 +257,27 @@ def test_with_the_store_pinned_an_impostor_first_is_refused_and_real_workers_ser
     assert all(proc.alive() for proc in cluster.procs)
 
 
+def test_a_broker_other_hosts_can_reach_must_be_told_its_store(tmp_path):
+    """The store is decided by storage, never by whichever worker registers first: a broker
+    whose backend is not loopback refuses to start without --store, and says how to get it;
+    storage_worker.py --print-store-id prints the id fms up pins."""
+    import subprocess
+    import sys
+    from fms.cli.up import _store_id
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, os.path.join(root, "broker.py"), "--frontend",
+                          "tcp://127.0.0.1:*", "--backend", "tcp://0.0.0.0:*", "--insecure"],
+                         capture_output=True, timeout=30)
+    assert run.returncode == 1 and b"Traceback" not in run.stderr
+    assert b"--store ID" in run.stderr and b"--print-store-id" in run.stderr
+    data = tmp_path / "storage"
+    data.mkdir()
+    printed = subprocess.run([sys.executable, os.path.join(root, "storage_worker.py"), "--data",
+                              str(data), "--print-store-id"], capture_output=True, timeout=30)
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout.decode().strip() == _store_id(str(data), None, None)
+
+
 def test_a_chunk_failing_verification_is_fetched_once_more_from_storage(make_cluster):
     """A cache (here a fake one) that serves forged bytes: the client checks every chunk and
     a small file's content, asks storage itself once, and gets the truth."""
