@@ -15,9 +15,9 @@ Scenarios (default: all but curve and profile; ``meta`` stands for ``ls putr gc`
   16 concurrent connections' requests/s against nginx under ``wrk -t2 -c16``, driven the way wrk
   drives nginx (two load processes, one request in flight per connection, every reply
   verified), and again with 16 processes each using :class:`fms.Client`.
-- ``many``   ``get -r`` of 1000 x 4 KiB files through the CLI, with a cold cache then warm (median
-  of 3), against one ``curl`` fetching the same 1000 files sequentially over one keep-alive
-  connection (median of 3).
+- ``many``   ``get -r`` of 1000 x 4 KiB files through the CLI, three trees of new content, each
+  with a cold cache then warm (medians of 3), against one ``curl`` fetching the same 1000 files
+  sequentially over one keep-alive connection (median of 3).
 - ``ls``     ``Client.ls`` of a 200-name folder (p500/, in the middle of the key space) and
   ``Client.usage`` (the ``stats`` figures), warm, median of 20, with 2,000 names stored over
   1,000 folders, then in the same store grown to 200,000 (``--names``) with pipelined commits
@@ -278,8 +278,8 @@ def bench_large(folder: str, size: int, rounds: int = 3) -> list:
     med = {k: statistics.median(v) if v else None for k, v in rates.items()}
     rows = [
         _rate_row(f"PUT {mib:.0f} MiB", med["put"], med["cp"], "cp + sync", 0.8),
-        _rate_row(f"cold GET {mib:.0f} MiB", med["cold"], med["curl"], "curl from nginx", 0.35),
-        _rate_row(f"warm GET {mib:.0f} MiB", med["warm"], med["curl"], "curl from nginx", 0.5),
+        _rate_row(f"cold GET {mib:.0f} MiB", med["cold"], med["curl"], "curl from nginx", 0.5),
+        _rate_row(f"warm GET {mib:.0f} MiB", med["warm"], med["curl"], "curl from nginx", 0.75),
     ]
     for r_, (side, peer) in zip(rows, (("put", "cp"), ("cold", "curl"), ("warm", "curl"))):
         r_["detail"] = "rounds (MiB/s): " + "; ".join(
@@ -433,11 +433,17 @@ def bench_small(folder: str) -> list:
             if label == "p50" and peer_ms:
                 r_["met"] = r_["ratio"] <= 3.0
             rows.append(r_)
-        floor_ms = percentile(floor_latencies(SMALL_SAMPLES), 0.5) * 1000
+        floor = floor_latencies(SMALL_SAMPLES)
         rows.append(row("same round trip through a bare pyzmq proxy + echo process, p50 (the "
-                        "topology's floor in Python)", floor_ms,
+                        "topology's floor in Python)", percentile(floor, 0.5) * 1000,
                         percentile(redis_lat, 0.5) * 1000 if redis_lat else None, "redis-py GET",
                         "ms", "(reported)"))
+        for q, label, target in ((0.5, "p50", 1.3), (0.99, "p99", 2.0)):
+            r_ = row(f"4 KiB GET latency {label}, 1 client, against the floor", percentile(lat, q)
+                     * 1000, percentile(floor, q) * 1000, f"bare pyzmq proxy + echo {label}",
+                     "ms", f"<= {target}x")
+            r_["met"] = r_["ratio"] <= target
+            rows.append(r_)
         # Like wrk -t2 -c16: two load processes, 16 connections, one request in flight on each.
         fms_rps, failed, _ = run_load(cluster.frontend, "small.bin", 16, LOAD_SECONDS, processes=2)
         # The same with 16 processes using the client library: its own cost on the same cores.
@@ -542,20 +548,23 @@ def _has_redis_py() -> bool:
 
 
 def bench_many(folder: str, rounds: int = 3) -> list:
-    """``get -r`` of MANY_FILES small files through the CLI, each run into a fresh folder: the
-    first with a cold cache (every file a miss), then ``rounds`` warm; curl ``rounds`` times."""
+    """``get -r`` of MANY_FILES small files through the CLI, each run into a fresh folder:
+    ``rounds`` times a tree of new content with a cold cache (every file a miss), then warm;
+    curl ``rounds`` times."""
     root = _sub(folder, "many-www")
-    src = make_small_files(_sub(root, "many"), MANY_FILES)
     cluster = Cluster(_sub(folder, "many-cluster"))
-    fms_s = []
+    cold_s, warm_s = [], []
     try:
         cluster.start_all()
-        with cluster.client() as c:
-            c.put_many([(os.path.join(src, n), f"many/{n}") for n in sorted(os.listdir(src))])
-        for k in range(rounds + 1):
-            dest = os.path.join(folder, f"many-out-{k}")
-            fms_s.append(timed(lambda: run_cli(cluster.frontend, "get", "-r", "many", dest,
-                                               check=True)))
+        for k in range(rounds):
+            src = make_small_files(_sub(root, f"many{k}"), MANY_FILES)
+            with cluster.client() as c:
+                c.put_many([(os.path.join(src, n), f"many{k}/{n}")
+                            for n in sorted(os.listdir(src))])
+            for runs, how in ((cold_s, "cold"), (warm_s, "warm")):
+                dest = os.path.join(folder, f"many-out-{k}-{how}")
+                runs.append(timed(lambda: run_cli(cluster.frontend, "get", "-r", f"many{k}", dest,
+                                                  check=True)))
     finally:
         cluster.stop()
     curl_s = None
@@ -566,7 +575,7 @@ def bench_many(folder: str, rounds: int = 3) -> list:
             for k in range(rounds):
                 out = _sub(folder, f"curl-out-{k}")
                 config = _curl_config(os.path.join(folder, f"curl-{k}.cfg"), (
-                    ("output", f"{out}/{name}", nginx.url("many/" + name))
+                    ("output", f"{out}/{name}", nginx.url(f"many{k}/" + name))
                     for name in sorted(os.listdir(src))))
                 runs.append(timed(lambda: subprocess.run(["curl", "-sf", "-K", config],
                                                          check=True)))
@@ -575,12 +584,14 @@ def bench_many(folder: str, rounds: int = 3) -> list:
             nginx.stop()
     rows = []
     # Here fms should be faster: ratio = curl time / fms time.
-    for label, seconds in (("cold cache", fms_s[0]), ("warm cache", statistics.median(fms_s[1:]))):
-        r_ = row(f"get -r of {MANY_FILES} x 4 KiB, {label}", seconds, curl_s,
-                 "sequential curl, keep-alive", "s", ">= 1.5x (curl time / fms time)")
+    for label, runs, target in (("cold cache", cold_s, 1.0), ("warm cache", warm_s, 1.5)):
+        seconds = statistics.median(runs)
+        r_ = row(f"get -r of {MANY_FILES} x 4 KiB, {label}, median of {rounds}", seconds, curl_s,
+                 "sequential curl, keep-alive", "s", f">= {target}x (curl time / fms time)")
+        r_["detail"] = "rounds (s): " + " / ".join(f"{v:.3f}" for v in runs)
         if curl_s:
             r_["ratio"] = curl_s / seconds
-            r_["met"] = r_["ratio"] >= 1.5
+            r_["met"] = r_["ratio"] >= target
         rows.append(r_)
     return rows
 

@@ -65,6 +65,24 @@ def test_flipped_bit_on_disk_is_never_returned_and_is_set_aside(store):
     assert bytes(p.unpack_data(store.read_chunk(digest))) == data
 
 
+def test_blobs_are_synced_once_per_commit_group_and_a_blob_damaged_before_it_is_reuploaded(
+        store, monkeypatch):
+    syncs = []
+    monkeypatch.setattr(store.chunks, "sync", lambda: syncs.append(1))
+    files = {f"f{i}": os.urandom(100_000) for i in range(3)}      # one blob each
+    for content in files.values():
+        store.put_chunk(p.sha256(content), content)
+    damaged = p.sha256(files["f0"])
+    with open(os.path.join(store.chunks.root, damaged.hex()[:2], damaged.hex()), "r+b") as f:
+        f.truncate(50_000)                          # what a power loss before the sync can leave
+    results = store.apply([(new_version(n, c, commit=n, chunk_size=p.MiB), None)
+                           for n, c in files.items()])
+    assert isinstance(results[0], MissingChunks) and results[0].missing == [damaged]
+    assert [r.version for r in results[1:]] == [1, 1] and syncs == [1]
+    assert store.put_chunk(damaged, files["f0"]) is True          # set aside: uploaded again
+    assert store.commit(new_version("f0", files["f0"], "again", p.MiB)).version == 1
+
+
 # --- commits ---
 
 def test_commit_versions_and_remove(store):
@@ -379,11 +397,14 @@ def test_migration_repairs_mtimes_format1_let_in(tmp_path):
 def test_a_migration_killed_midway_is_finished_by_the_next_start(tmp_path):
     path = str(tmp_path / "old")
     write_format1(path, FILES, removed={"removed"})
-    script = ("import logging, sys; logging.basicConfig(stream=sys.stderr, level=logging.INFO);"
+    # The migration is slowed (0.2 s per manifest) by wrapping its reader, here in the test.
+    script = ("import logging, sys, time; logging.basicConfig(stream=sys.stderr, level=logging.INFO);"
               "from fms.storage.meta import legacy; from fms.storage.meta.sqlite import SQLiteMeta;"
               "from fms.storage.chunks.localdir import LocalDirChunks;"
+              "read = legacy.manifests;"
+              "legacy.manifests = lambda *a: (m for m in read(*a) if time.sleep(0.2) is None);"
               f"legacy.migrate({path!r}, SQLiteMeta({path!r} + '/meta.db'), "
-              f"LocalDirChunks({path!r}), slow=0.2)")
+              f"LocalDirChunks({path!r}))")
     proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
     try:
         for line in proc.stderr:

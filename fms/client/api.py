@@ -11,8 +11,8 @@
 
 Transfers are pipelined with credit-based flow control: at most ``window`` requests are in
 flight, never more (zguide "file transfer", model 3).  Every chunk is verified against its
-sha256 and every download against the whole-file sha256; downloads are written to a temp file
-beside the destination and renamed into place only when complete and verified.
+sha256 (which covers the whole-file sha256: :mod:`fms.client.download`); downloads are written
+to a temp file beside the destination and renamed into place only when complete and verified.
 
 The connection, pipeline and retries are :class:`fms.client.session.Session`'s; uploads and
 downloads are :mod:`fms.client.upload` and :mod:`fms.client.download`.
@@ -23,13 +23,14 @@ import os
 import zmq
 
 from .. import wire as p
-from ..errors import BadRequest
+from ..errors import BadRequest, from_reply
 from . import download, upload
 from .download import RemoteFile
 from .session import DEFAULT_RETRIES, DEFAULT_TIMEOUT, DEFAULT_WINDOW, Session
 
 MAINTENANCE_TIMEOUT = 600.0    # seconds a gc or fsck page may take before it is asked again
-MANY_WINDOW = 64               # requests in flight when fetching or storing many small files
+GET_BATCH = 128                # names per get_many message when fetching many files
+BATCH_WINDOW = 4               # get_many messages in flight
 
 
 class Client:
@@ -65,10 +66,6 @@ class Client:
     def broker(self) -> str:
         """The broker's frontend endpoint this client talks to."""
         return self.session.broker
-
-    @property
-    def requests_sent(self) -> int:
-        return self.session.requests_sent
 
     # --- lifecycle ---
 
@@ -163,7 +160,9 @@ class Client:
                 return
             after = page["next"]
 
-    def cache_stats(self) -> dict:
+    def cache_stats(self) -> dict | None:
+        """The cache worker's counters (hits, misses, bytes, ...), or None when no cache worker
+        is connected (storage answers for it)."""
         header, _ = self.call("cache_stats")
         return header["cache"]
 
@@ -204,50 +203,75 @@ class Client:
         :raises NotFound: no such name.
         :raises IntegrityError: the content did not match its sha256 (nothing is written).
         """
-        return self.get_many([(name, dest)])[0]
+        return self._get_one(p.check_name(name), dest)
 
     def get_many(self, items) -> list:
-        """Download many ``(name, dest path)`` pairs; manifests (and the content of small files)
-        are fetched pipelined, then larger files one after another.
+        """Download many ``(name, dest path)`` pairs: manifests and the content of small files
+        in batches (``get_many``, :data:`GET_BATCH` names a message, pipelined), then the other
+        files one after another.
 
         :return: the stat of each, in order.
+        :raises NotFound: a name is not stored (files before it in the batch may be written).
         """
         items = [(p.check_name(name), dest) for name, dest in items]
         results = [None] * len(items)
-        large = []
-        requests = ((i, "get", {"name": name}, None) for i, (name, _) in enumerate(items))
-        for i, header, frame in self.session.pipeline(requests, MANY_WINDOW):
-            manifest = p.check_manifest(header.get("manifest"))
-            if frame is not None:
-                manifest, data = download.fetch_whole(self.session, items[i][0], manifest, frame)
+        later = []
+        batches = [range(k, min(k + GET_BATCH, len(items))) for k in range(0, len(items), GET_BATCH)]
+        requests = ((batch, "get_many", {"names": [items[i][0] for i in batch]}, None)
+                    for batch in batches)
+        for batch, header, frame in self.session.pipeline(requests, BATCH_WINDOW):
+            replies = p.read_batch(header, frame.buffer if frame is not None else None,
+                                   [items[i][0] for i in batch])
+            for i, (result, data) in zip(batch, replies):
+                if "error" in result:
+                    raise from_reply(str(result["error"]), str(result.get("message")), result)
+                if data is None:
+                    later.append((i, result["manifest"]))
+                    continue
+                manifest, data = download.fetch_whole(self.session, items[i][0],
+                                                      result["manifest"], data)
                 with download.atomic_file(items[i][1], manifest, self.fsync) as out:
                     out.write(data)
                 results[i] = _public(manifest)
-            else:
-                large.append((i, manifest))
-        for i, manifest in large:
-            with download.atomic_file(items[i][1], manifest, self.fsync) as out:
-                download.download_chunks(self.session, manifest, out, self._report)
-            results[i] = _public(manifest)
+        for i, manifest in later:
+            results[i] = self._get_one(*items[i], manifest)
         return results
+
+    def _get_one(self, name: str, dest: str, manifest: dict | None = None) -> dict:
+        """Download one file; ``manifest``: already known (only a small file's content, which
+        comes with a ``get``, is then asked for)."""
+        frame = None
+        if manifest is None or p.travels_inline(manifest["size"], len(manifest["chunks"])):
+            header, frame = self.call("get", name=name)
+            manifest = p.check_manifest(header.get("manifest"))
+        with download.atomic_file(dest, manifest, self.fsync) as out:
+            if frame is not None:
+                manifest, data = download.fetch_whole(self.session, name, manifest,
+                                                      p.unpack_data(frame.buffer))
+                out.write(data)
+            else:
+                download.download_to_file(self.session, manifest, out, self._report)
+        return _public(manifest)
 
     def get_bytes(self, name: str) -> bytes:
         """The content of ``name`` in memory (for small files)."""
         header, frame = self.call("get", name=p.check_name(name))
         manifest = p.check_manifest(header.get("manifest"))
         if frame is not None:
-            return bytes(download.fetch_whole(self.session, name, manifest, frame)[1])
+            return bytes(download.fetch_whole(self.session, name, manifest,
+                                              p.unpack_data(frame.buffer))[1])
         parts = []
         download.download_chunks(self.session, manifest, download.Collect(parts), self._report)
         return b"".join(parts)
 
     def get_to(self, name: str, stream) -> dict:
         """Write the content of ``name`` to a binary stream (e.g. stdout), verified chunk by
-        chunk; the whole-file sha256 is checked at the end (:raises IntegrityError:)."""
+        chunk before it is written (:raises IntegrityError:)."""
         header, frame = self.call("get", name=p.check_name(name))
         manifest = p.check_manifest(header.get("manifest"))
         if frame is not None:
-            manifest, data = download.fetch_whole(self.session, name, manifest, frame)
+            manifest, data = download.fetch_whole(self.session, name, manifest,
+                                                  p.unpack_data(frame.buffer))
             stream.write(data)
         else:
             download.download_chunks(self.session, manifest, stream, self._report)

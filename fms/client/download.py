@@ -1,22 +1,39 @@
-"""Downloads: chunks fetched pipelined and verified one by one, the whole file checked against its
-sha256, written to a temp file beside the destination and renamed into place only when complete
-and verified; and :class:`RemoteFile`, a seekable read-only stream of a stored file."""
+"""Downloads: chunks fetched pipelined and verified one by one, written to a temp file beside
+the destination and renamed into place only when complete and verified; many small files in
+batches (``get_many``); and :class:`RemoteFile`, a seekable read-only stream of a stored file.
 
+**One hash pass.**  Every chunk is checked against its digest in the manifest, and storage
+checked those digests against the whole-file sha256 when it accepted the commit (it reads the
+chunks back), so a file whose every chunk verifies is the file whose sha256 the manifest names:
+the whole-file check is derived from the chunk checks rather than done as a second pass.
+"""
+
+import collections
 import contextlib
 import hashlib
 import io
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from .. import wire as p
 from ..errors import FmsError, IntegrityError
 from .session import Session
 
 
-def fetch_whole(session: Session, name: str, manifest: dict, frame):
-    """The verified content of a small file that came with its manifest; if it does not
-    match, asked once more from storage itself (``fresh``).  :return: (manifest, data)."""
-    data = p.unpack_data(frame.buffer)
+VERIFY_THREADS = 2       # threads verifying and writing chunks while the next ones arrive
+
+
+def chunk_fields(manifest: dict, i: int) -> dict:
+    """A ``chunk`` request's fields for chunk ``i``: its hash, and its length, so the broker
+    reserves room for exactly that reply (without ``len`` it assumes the largest chunk)."""
+    return {"hash": manifest["chunks"][i],
+            "len": p.chunk_length(i, manifest["size"], manifest["chunk_size"])}
+
+
+def fetch_whole(session: Session, name: str, manifest: dict, data):
+    """The verified content of a small file that came with its manifest (``data``); if it does
+    not match, asked once more from storage itself (``fresh``).  :return: (manifest, data)."""
     if len(data) == manifest["size"] and p.sha256(data) == manifest["sha256"]:
         return manifest, data
     with session.aside() as aside:
@@ -28,18 +45,79 @@ def fetch_whole(session: Session, name: str, manifest: dict, frame):
 
 
 def download_chunks(session: Session, manifest: dict, out, report):
-    """Fetch every chunk pipelined, write them in order to ``out``, verify all of it;
+    """Fetch every chunk pipelined, verify each and write them in order to the stream ``out``;
     ``report(name, done, total)`` after each chunk."""
-    whole = hashlib.sha256()
     done = 0
     for piece in iter_chunks(session, manifest):
-        whole.update(piece)
         out.write(piece)
         done += len(piece)
         report(manifest["name"], done, manifest["size"])
-    if whole.digest() != manifest["sha256"]:
-        raise IntegrityError(f"{manifest['name']!r} does not match its sha256; "
-                             f"nothing was written, try again")
+
+
+def download_to_file(session: Session, manifest: dict, out, report):
+    """Fetch every chunk pipelined into the file ``out`` (open for writing, empty): while this
+    thread receives, :data:`VERIFY_THREADS` threads check each chunk against its digest and
+    write it at its offset (hashlib and ``os.pwrite`` release the GIL), so hashing, writing and
+    receiving overlap.  Only verified bytes are written; a chunk that fails is fetched once
+    more from storage itself.  ``report(name, done, total)`` as chunks land, in order.
+
+    :raises IntegrityError: a chunk does not match its digest, also from storage.
+    """
+    out.flush()
+    fd, chunk_size = out.fileno(), manifest["chunk_size"]
+    window = session.data_window(chunk_size)
+    requests = ((i, "chunk", chunk_fields(manifest, i), None)
+                for i in range(len(manifest["chunks"])))
+    pending = collections.deque()       # (index, data, future) in arrival order
+    done = 0
+    with ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="fms-verify") as pool:
+        def settle():
+            nonlocal done
+            i, data, future = pending.popleft()
+            if not future.result():
+                _write_at(fd, _refetch(session, manifest, i), i * chunk_size)
+            done += len(data)
+            report(manifest["name"], done, manifest["size"])
+
+        for i, _header, frame in session.pipeline(requests, window):
+            data = p.unpack_data(frame.buffer) if frame is not None else memoryview(b"")
+            pending.append((i, data, pool.submit(_verify_and_write, fd, manifest, i, data)))
+            while pending and (len(pending) > window or pending[0][2].done()):
+                settle()
+        while pending:
+            settle()
+
+
+def _verify_and_write(fd: int, manifest: dict, i: int, data) -> bool:
+    """Write chunk ``i`` at its offset if it is what the manifest says.  :return: whether."""
+    if not _chunk_ok(manifest, i, data):
+        return False
+    _write_at(fd, data, i * manifest["chunk_size"])
+    return True
+
+
+def _write_at(fd: int, data, offset: int):
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _chunk_ok(manifest: dict, i: int, data) -> bool:
+    return (len(data) == p.chunk_length(i, manifest["size"], manifest["chunk_size"])
+            and p.sha256(data) == manifest["chunks"][i])
+
+
+def _refetch(session: Session, manifest: dict, i: int):
+    """Chunk ``i`` once more, from storage itself (``fresh``: the broker bypasses the cache),
+    verified.  :raises IntegrityError: it does not match either."""
+    with session.aside() as aside:
+        _, frame = aside.call("chunk", **chunk_fields(manifest, i), fresh=True)
+    data = p.unpack_data(frame.buffer) if frame is not None else b""
+    if not _chunk_ok(manifest, i, data):
+        raise IntegrityError(f"chunk {i} of {manifest['name']!r} does not match its sha256, "
+                             f"also from storage; nothing was written, try again")
+    return data
 
 
 def iter_chunks(session: Session, manifest: dict, start: int = 0):
@@ -48,26 +126,15 @@ def iter_chunks(session: Session, manifest: dict, start: int = 0):
 
     :raises IntegrityError: a chunk does not match its sha256.
     """
-    chunks, size, chunk_size = manifest["chunks"], manifest["size"], manifest["chunk_size"]
+    chunks = manifest["chunks"]
     held = {}
     next_index = start
-    # `len` lets the broker reserve room for the reply (else it assumes the largest chunk).
-    requests = ((i, "chunk", {"hash": chunks[i], "len": p.chunk_length(i, size, chunk_size)},
-                 None) for i in range(start, len(chunks)))
-    for i, _header, frame in session.pipeline(requests, session.data_window(chunk_size)):
-        if frame is None:
-            raise IntegrityError(f"chunk {i} of {manifest['name']!r} came without data")
-        data = p.unpack_data(frame.buffer)
-        expect = p.chunk_length(i, size, chunk_size)
-        if len(data) != expect or p.sha256(data) != chunks[i]:
-            # Once more, from storage itself (`fresh`: the broker bypasses the cache).
-            with session.aside() as aside:
-                _, frame = aside.call("chunk", hash=chunks[i], len=expect, fresh=True)
-            data = p.unpack_data(frame.buffer) if frame is not None else b""
-            if len(data) != expect or p.sha256(data) != chunks[i]:
-                raise IntegrityError(f"chunk {i} of {manifest['name']!r} does not match its "
-                                     f"sha256, also from storage; nothing was written, try "
-                                     f"again")
+    requests = ((i, "chunk", chunk_fields(manifest, i), None) for i in range(start, len(chunks)))
+    for i, _header, frame in session.pipeline(requests,
+                                              session.data_window(manifest["chunk_size"])):
+        data = p.unpack_data(frame.buffer) if frame is not None else memoryview(b"")
+        if not _chunk_ok(manifest, i, data):
+            data = _refetch(session, manifest, i)
         held[i] = data
         while next_index in held:
             yield held.pop(next_index)

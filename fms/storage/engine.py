@@ -136,6 +136,14 @@ class Store:
             changes.append(change)
             where.append(i)
         if changes:
+            if any(isinstance(c, NewVersion) and c.size > SMALL_CHUNK_MAX for c in changes):
+                try:
+                    self.chunks.sync()   # the blobs these commits name, on disk before they are
+                except OSError as exc:
+                    failure = os_failure(exc)
+                    for i in where:
+                        results[i] = failure
+                    return results
             for i, result in zip(where, self.meta.apply(changes, time.time(), small)):
                 results[i] = result
         return results
@@ -166,13 +174,12 @@ class Store:
                 return inline
             self.put_chunk(change.sha256, inline)
             return None
-        if count == 1:
-            self._check_sizes(change, blobs=True)
-            return None
         rows = self._check_sizes(change, blobs=False)   # the read-back finds absent blobs
         # One hash pass over what is stored: the whole-file sha256 covers every chunk's bytes, so
         # chunks are verified one by one only when it fails, to tell a damaged chunk (set aside,
-        # and uploaded again by the client) from a wrong sha256 in the commit.
+        # and uploaded again by the client) from a wrong sha256 in the commit.  One-chunk files
+        # too: blobs are not fsync'd one by one but once per commit (apply), so a blob written
+        # before a power loss may be damaged, and this is where that is found.
         whole = hashlib.sha256()
         try:
             for digest, row in zip(change.chunks, rows):

@@ -11,8 +11,9 @@ class ChunkBackend(ABC):
 
     @abstractmethod
     def put(self, digest: bytes, data) -> bool:
-        """Store ``data`` under ``digest`` durably (a blob already there may be left as it is or
-        written again: content never changes).  :return: True if written."""
+        """Store ``data`` under ``digest`` (a blob already there may be left as it is or written
+        again: content never changes), durably once :meth:`sync` returns.  :return: True if
+        written."""
 
     @abstractmethod
     def get(self, digest: bytes):
@@ -44,6 +45,11 @@ class ChunkBackend(ABC):
     @abstractmethod
     def mark_store(self, store_id: str):
         """Record which store these chunks belong to."""
+
+    def sync(self):
+        """Make every blob put so far, by any process, durable: called once before a commit
+        that names blobs, instead of once per blob.  Nothing, where a put is durable when it
+        returns."""
 
     def clean_tmp(self) -> int:
         """Remove what dead writers left half written; how many.  Nothing, where writes are

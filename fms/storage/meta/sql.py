@@ -102,6 +102,9 @@ class SQLMeta(MetaEngine):
     # Dialect: overridden by subclasses.
     types = {"blob": "BLOB", "real": "REAL", "name_type": "TEXT"}
     begin_write = "BEGIN"
+    # Statements run before and after a transaction that need not be on disk when it commits
+    # (the next durable commit, which names what it relied on, flushes it along): none here.
+    lazy_commit = ()
     for_update = ""            # appended to SELECTs of rows about to be changed
     skip_locked = ""           # appended to the collector's SELECT
     in_transaction = False     # a lost connection must not be silently reopened midway
@@ -137,8 +140,20 @@ class SQLMeta(MetaEngine):
                           (store_id,))
 
     @contextlib.contextmanager
-    def _write(self):
-        """One write transaction; driver errors become the wire's errors."""
+    def _write(self, durable: bool = True):
+        """One write transaction; driver errors become the wire's errors.  ``durable=False``
+        lets it commit without waiting for the disk (:attr:`lazy_commit`)."""
+        if durable or not self.lazy_commit:
+            yield from self._write_body()
+            return
+        relax, restore = self.lazy_commit
+        self._execute(relax)
+        try:
+            yield from self._write_body()
+        finally:
+            self._execute(restore)      # never left relaxed: if this fails, so does the request
+
+    def _write_body(self):
         try:
             self._execute(self.begin_write)
         except Exception as exc:
@@ -157,13 +172,13 @@ class SQLMeta(MetaEngine):
         finally:
             self.in_transaction = False
 
-    def _transaction(self, work):
+    def _transaction(self, work, durable: bool = True):
         """Run ``work()`` in a write transaction, again if it deadlocked.  The totals row is
         changed once, last, with what ``work`` added up through :meth:`_bump`: every writer
         queues on that one row, so it is held for the shortest time."""
         for attempt in range(RETRIES):
             try:
-                with self._write():
+                with self._write(durable):
                     self._delta = [0, 0, 0, 0]
                     result = work()
                     if any(self._delta):
@@ -367,7 +382,9 @@ class SQLMeta(MetaEngine):
         return set(found)
 
     def claim_chunk(self, digest, size, now, data=None):
-        return self._transaction(lambda: self._claim(digest, size, now, data))
+        # Not flushed on its own: a claim lost in a power loss costs an upload again (the commit
+        # finds the chunk missing), and the commit that relies on it flushes it first.
+        return self._transaction(lambda: self._claim(digest, size, now, data), durable=False)
 
     def _claim(self, digest, size, now, data):
         for _ in range(RETRIES):

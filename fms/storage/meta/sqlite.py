@@ -23,6 +23,7 @@ class SQLiteMeta(SQLMeta):
     """:param path: the database file (created with its tables if missing)."""
 
     begin_write = "BEGIN IMMEDIATE"
+    lazy_commit = ("PRAGMA synchronous=NORMAL", "PRAGMA synchronous=FULL")
 
     def __init__(self, path: str, store_id: str | None = None):
         self.path = path
