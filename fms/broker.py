@@ -32,7 +32,6 @@ log = logging.getLogger("fms.broker")
 FRONTEND = "f"
 BACKEND = "b"
 MAX_ID_LEN = 128    # characters of a worker id or store id kept (they are shown in status)
-STATUS_REUSE = 0.05  # seconds a built status answers further status requests
 DRAIN_BATCH = 64    # messages taken from one socket per poll, so neither socket starves the other
 
 
@@ -152,7 +151,6 @@ class Broker:
         self.shed_replies = 0        # unread replies dropped to make room for another client
         self.shed_requests = 0       # queued requests answered `unavailable` to make room
         self.backed_off = 0          # requests refused at admission: over a byte budget
-        self._status = (-1.0, {})      # (when, what): status built at most every STATUS_REUSE s
         self.dropped_replies = 0
         self.chunk_sizes = collections.OrderedDict()   # digest -> size seen in a reply (LRU)
         self._keys = itertools.count(1)
@@ -296,10 +294,7 @@ class Broker:
             self._reply_error(origin, req_id, "unavailable", over, op=op)
             return
         if op == "status":
-            now = time.monotonic()
-            if now - self._status[0] > STATUS_REUSE:     # a flood of status costs one per 50 ms
-                self._status = (now, self.status())
-            self._deliver(origin, [p.encode(p.ok_reply(req_id, **self._status[1]))])
+            self._deliver(origin, [p.encode(p.ok_reply(req_id, **self.status()))])
             self.metrics.answered(op, "ok", 0.0)
             return
         service = p.OP_SERVICE[op]
