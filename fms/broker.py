@@ -245,15 +245,13 @@ class Broker:
     def process_client(self, frames):
         """``[identity, header, data?]`` from a client."""
         ident = frames[0].bytes
-        if len(frames) not in (2, 3):
-            self._bad.warning("event=bad_client_message frames=%d", len(frames))
-            self._reply_error({"from": ident, "via": FRONTEND}, None, "bad_request",
-                              f"a request has 1 or 2 frames (header, data?), got {len(frames) - 1}")
-            return
         origin = {"from": ident, "via": FRONTEND}
         req_id = None
         self._note_fd(ident, frames[0])
         try:
+            if len(frames) < 2:
+                raise BadRequest("a request has 1 or 2 frames (header, data?), got none")
+            # The header first, so that even a reply about the frame count carries the id.
             header = read_header(frames[1].buffer)
             op = header.get("op")
             req_id = p.need(header, "id", (int, str))
@@ -264,6 +262,7 @@ class Broker:
                 return
             if not isinstance(op, str) or op not in p.OP_SERVICE:
                 raise BadRequest(f"unknown op {op!r}; known ops: {', '.join(sorted(p.OP_SERVICE))}")
+            p.check_frame_count(op, len(frames) - 1)
             if self.curve is not None and not self.curve.allowed(frames[-1]):
                 # Its key was removed from the allow directory since it connected.
                 self._reply_error(origin, req_id, "refused", "this client's key is no longer in "
@@ -367,8 +366,7 @@ class Broker:
             if worker is None:     # only workers it must avoid have credit: it waits
                 self._requeue_front(queue, okey, key)
                 return
-            route = {"t": "req", "k": key, **pending.origin,
-                     "ttl": max(1, int((pending.deadline - now) * 1000))}
+            route = {"t": "req", "k": key, "ttl": max(1, int((pending.deadline - now) * 1000))}
             if not self._send(self.backend, [worker.ident, p.encode(route), *pending.body]):
                 pending.exclude = (*pending.exclude, worker.ident)
                 self._requeue_front(queue, okey, key)
@@ -625,17 +623,13 @@ class Broker:
             if pending is None:
                 continue
             self._track_client(pending.origin, -1, pending.nbytes)
-            if pending.op in p.IDEMPOTENT_OPS:
-                self.metrics.redispatched.inc()
-                self.dispatch(pending.service, pending.op, pending.req_id, pending.origin,
-                              pending.body, exclude=(*pending.exclude, ident),
-                              started=pending.started, deadline=pending.deadline,
-                              digest=pending.digest)
-            else:
-                self._reply_error(pending.origin, pending.req_id, "unavailable",
-                                  f"the {worker.service} worker died while handling {pending.op}; "
-                                  f"check the result (stat) before retrying", op=pending.op,
-                                  started=pending.started)
+            # Every op is idempotent (commit and rm carry an id that makes a repeat a no-op):
+            # another worker takes it.
+            self.metrics.redispatched.inc()
+            self.dispatch(pending.service, pending.op, pending.req_id, pending.origin,
+                          pending.body, exclude=(*pending.exclude, ident),
+                          started=pending.started, deadline=pending.deadline,
+                          digest=pending.digest)
         self._requeue_orphans(worker.service)
 
     def _requeue_orphans(self, service: str):

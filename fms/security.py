@@ -12,8 +12,10 @@ restart, even on a connection that is already open.
 """
 
 import contextlib
+import ipaddress
 import logging
 import os
+import socket
 import stat
 import time
 
@@ -29,7 +31,6 @@ ZAP_WORKER_DOMAIN = "fms-workers"   # the backend: workers
 REFUSED_KEYS_LOGGED = 1024          # distinct refused keys logged once each; past it, rate-limited
 CURVE_SECRET_ENV = "FMS_CURVE_SECRET"
 SERVER_KEY_ENV = "FMS_SERVER_KEY"
-LOOPBACK_HOSTS = ("127.", "localhost", "[::1]", "::1")
 
 log = logging.getLogger("fms.security")
 
@@ -267,10 +268,38 @@ def cluster_keys(folder: str) -> tuple:
 
 
 def is_loopback(endpoint: str) -> bool:
-    """Whether binding ``endpoint`` only exposes it to this machine."""
+    """Whether binding ``endpoint`` exposes it to this machine only."""
+    return exposure(endpoint) is None
+
+
+def exposure(endpoint: str) -> str | None:
+    """Why binding ``endpoint`` would reach beyond this machine, or None if it would not.
+
+    ``ipc://`` and ``inproc://`` stay on this machine.  A ``tcp://`` host counts as loopback only
+    if every address it resolves to (``getaddrinfo``, as ZeroMQ resolves it) is a loopback
+    address: a name is judged by where it points, never by how it is spelt, so
+    ``localhost.example.com`` or ``127.x.net`` are not loopback unless they resolve there.  A host
+    that does not resolve, a wildcard (``*``) and a network interface's name are not loopback.
+    """
     if endpoint.startswith(("ipc://", "inproc://")):
-        return True
+        return None
     if not endpoint.startswith("tcp://"):
-        return False
+        return "is not a tcp://, ipc:// or inproc:// endpoint"
     host = endpoint[len("tcp://"):].rsplit(":", 1)[0]
-    return host.startswith(LOOPBACK_HOSTS)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host in ("", "*"):
+        return "binds every network interface"
+    if host in {name for _index, name in socket.if_nameindex()}:
+        return f"names the network interface {host}; bind 127.0.0.1 for this machine only"
+    try:
+        found = {info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
+    except (socket.gaierror, UnicodeError) as exc:
+        return f"names a host {host!r} that does not resolve ({exc}); use 127.0.0.1 or ::1"
+    addresses = [ipaddress.ip_address(a.split("%")[0]) for a in found]   # fe80::1%lo: scoped
+    if any(a.is_unspecified for a in addresses):
+        return "binds every network interface"
+    outside = sorted(str(a) for a in addresses if not a.is_loopback)
+    if outside:
+        return f"resolves to {', '.join(outside)}, which is not loopback"
+    return None

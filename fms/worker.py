@@ -91,8 +91,7 @@ class BrokerLink:
         a hit, so the broker can count them without decoding the header.  ``invalidate`` names
         a name the broker must drop from the cache before it forwards this reply.
         """
-        back = {"t": "rep", "k": route.get("k"), "to": route.get("from"), "via": route.get("via"),
-                "ok": bool(header.get("ok"))}
+        back = {"t": "rep", "k": route.get("k"), "ok": bool(header.get("ok"))}
         if not back["ok"]:
             back["err"] = header.get("error")
         if invalidate is not None:

@@ -20,7 +20,8 @@ START_TIMEOUT = 15.0    # seconds for a process to come up / a worker to registe
 STOP_TIMEOUT = 8.0      # seconds for a process to exit after SIGTERM before it is killed
 CLI_TIMEOUT = 60.0      # seconds any one CLI command may take in a test
 
-SCRIPTS = {"broker": "broker.py", "storage": "storage_worker.py", "cache": "cache_worker.py"}
+SCRIPTS = {"broker": "broker.py", "storage": "storage_worker.py", "cache": "cache_worker.py",
+           "slow_storage": os.path.join("tests", "slow_storage.py")}
 
 
 def wait_for(predicate, timeout: float, what: str):
@@ -132,9 +133,12 @@ class Cluster:
         self.frontend, self.backend = match.group(1), match.group(2)
         return proc
 
-    def start_storage(self, data=None, wid=None, extra=()) -> Proc:
+    def start_storage(self, data=None, wid=None, extra=(), delay: float = 0.0) -> Proc:
+        """A storage worker; with ``delay``, one that waits that long before each request
+        (tests/slow_storage.py), so that a test can kill it in the middle of work."""
         wid = wid or f"storage-{self._seq + 1}"
-        return self._spawn(wid, ["storage", "--broker", self.backend, "--data",
+        kind = ["slow_storage", str(delay)] if delay else ["storage"]
+        return self._spawn(wid, [*kind, "--broker", self.backend, "--data",
                                  data or self.storage_dir, "--id", wid, *self.worker_args,
                                  *extra])
 

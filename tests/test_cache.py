@@ -147,8 +147,9 @@ class Frame:
         self.buffer = memoryview(data)
 
 
-def route(client: bytes) -> dict:
-    return {"t": "req", "k": 1, "from": client, "via": "f"}
+def route(key: int) -> dict:
+    """The route of the broker's request number ``key``; the reply's route carries it back."""
+    return {"t": "req", "k": key}
 
 
 def get(name, req_id):
@@ -174,7 +175,7 @@ def storage_answers(service, fetch_header, content, version):
 
 def test_concurrent_misses_for_one_name_make_one_fetch_and_all_are_answered(service):
     for i in range(5):
-        service.handle_request(route(b"c%d" % i), get("f", i), None)
+        service.handle_request(route(i), get("f", i), None)
     assert len(service.link.requests) == 1
     storage_answers(service, service.link.requests[0][1], b"content", 1)
     assert sorted(h["id"] for _, h, _ in service.link.replies) == [0, 1, 2, 3, 4]
@@ -182,9 +183,9 @@ def test_concurrent_misses_for_one_name_make_one_fetch_and_all_are_answered(serv
 
 
 def test_hit_is_answered_without_storage(service):
-    service.handle_request(route(b"c"), get("f", 1), None)
+    service.handle_request(route(1), get("f", 1), None)
     storage_answers(service, service.link.requests[0][1], b"v1", 1)
-    service.handle_request(route(b"c"), get("f", 2), None)
+    service.handle_request(route(1), get("f", 2), None)
     assert len(service.link.requests) == 1
     assert service.hits == 1 and service.misses == 1
     assert service.link.outcomes == ["miss", "hit"]
@@ -192,36 +193,36 @@ def test_hit_is_answered_without_storage(service):
 
 
 def test_fill_in_flight_across_an_invalidation_is_not_kept_nor_given_to_later_readers(service):
-    service.handle_request(route(b"early"), get("f", 1), None)     # miss: fetch #1 starts
+    service.handle_request(route(101), get("f", 1), None)     # miss: fetch #1 starts
     service.on_invalidate("f")                                     # a write of f is acked
-    service.handle_request(route(b"late"), get("f", 2), None)      # must not join fetch #1
+    service.handle_request(route(102), get("f", 2), None)      # must not join fetch #1
     assert len(service.link.requests) == 2
     first, second = (h for _, h in service.link.requests)
     storage_answers(service, first, b"old", 1)                     # the stale fill lands
-    assert [(r["from"], h["manifest"]["version"]) for r, h, _ in service.link.replies] == \
-        [(b"early", 1)]                                            # only the early reader
+    assert [(r["k"], h["manifest"]["version"]) for r, h, _ in service.link.replies] == \
+        [(101, 1)]                                            # only the early reader
     assert service.manifests.lookup("f") is None                   # and it was not stored
     storage_answers(service, second, b"new", 2)
-    assert service.link.replies[-1][0]["from"] == b"late"
+    assert service.link.replies[-1][0]["k"] == 102
     assert service.link.replies[-1][1]["manifest"]["version"] == 2
     assert service.manifests.lookup("f")["version"] == 2
 
 
 def test_lone_fill_in_flight_across_an_invalidation_is_not_kept(service):
-    service.handle_request(route(b"early"), get("f", 1), None)
+    service.handle_request(route(101), get("f", 1), None)
     service.on_invalidate("f")
     storage_answers(service, service.link.requests[0][1], b"old", 1)
-    assert service.link.replies[0][0]["from"] == b"early"          # answered: it came before
+    assert service.link.replies[0][0]["k"] == 101          # answered: it came before
     assert service.manifests.lookup("f") is None                   # but not kept
-    service.handle_request(route(b"late"), get("f", 2), None)
+    service.handle_request(route(102), get("f", 2), None)
     assert len(service.link.requests) == 2                          # a later read refetches
 
 
 def test_reregistering_drops_every_manifest(service):
-    service.handle_request(route(b"c"), get("f", 1), None)
+    service.handle_request(route(1), get("f", 1), None)
     storage_answers(service, service.link.requests[0][1], b"v1", 1)
     service.on_register()
-    service.handle_request(route(b"c"), get("f", 2), None)
+    service.handle_request(route(1), get("f", 2), None)
     assert len(service.link.requests) == 2                          # a miss again
 
 
@@ -280,23 +281,23 @@ def batch_answer(service, names):
 
 
 def test_get_many_answers_hits_itself_and_asks_storage_once_for_all_misses(service):
-    service.handle_request(route(b"c"), get("hot", 1), None)
+    service.handle_request(route(1), get("hot", 1), None)
     storage_answers(service, service.link.requests[0][1], b"hot!", 1)
     names = ["a", "hot", "b", "gone"]
-    service.handle_request(route(b"c"), get_many(names, 2), None)
+    service.handle_request(route(1), get_many(names, 2), None)
     assert len(service.link.requests) == 2                            # one fetch for 3 misses
     assert service.link.requests[1][1]["names"] == ["a", "b", "gone"]
     storage_answers_batch(service, service.link.requests[1][1], {"a": b"alpha", "b": b"beta"})
     assert batch_answer(service, names) == [(None, b"alpha"), (None, b"hot!"), (None, b"beta"),
                                             ("not_found", None)]
-    service.handle_request(route(b"c"), get_many(["b", "a"], 3), None)    # filled: all hits
+    service.handle_request(route(1), get_many(["b", "a"], 3), None)    # filled: all hits
     assert len(service.link.requests) == 2
     assert batch_answer(service, ["b", "a"]) == [(None, b"beta"), (None, b"alpha")]
     assert service.link.outcomes[-2:] == ["miss", "hit"]
 
 
 def test_get_many_never_delivers_or_keeps_content_that_does_not_verify(service):
-    service.handle_request(route(b"c"), get_many(["a", "b"], 1), None)
+    service.handle_request(route(1), get_many(["a", "b"], 1), None)
     storage_answers_batch(service, service.link.requests[0][1], {"a": b"alpha", "b": b"beta"},
                           corrupt={"b"})
     assert batch_answer(service, ["a", "b"]) == [(None, b"alpha"), (None, None)]
@@ -304,7 +305,7 @@ def test_get_many_never_delivers_or_keeps_content_that_does_not_verify(service):
 
 
 def test_get_many_fill_in_flight_across_an_invalidation_is_not_kept(service):
-    service.handle_request(route(b"early"), get_many(["f", "g"], 1), None)
+    service.handle_request(route(101), get_many(["f", "g"], 1), None)
     service.on_invalidate("f")                                     # a write of f is acked
     storage_answers_batch(service, service.link.requests[0][1], {"f": b"old", "g": b"g"})
     assert batch_answer(service, ["f", "g"]) == [(None, b"old"), (None, b"g")]  # it came before
@@ -312,7 +313,7 @@ def test_get_many_fill_in_flight_across_an_invalidation_is_not_kept(service):
 
 
 def test_get_many_bad_reply_from_storage_is_an_integrity_error(service):
-    service.handle_request(route(b"c"), get_many(["a"], 1), None)
+    service.handle_request(route(1), get_many(["a"], 1), None)
     fetch = service.link.requests[0][1]
     service.handle_reply(p.ok_reply(fetch["id"], results=[]), None)
     (_, header, data), = service.link.replies

@@ -25,8 +25,8 @@ def test_get_survives_a_storage_worker_killed_mid_transfer(make_cluster, tmp_pat
     cluster = make_cluster()
     cluster.start_broker()
     cluster.start_cache(max_bytes="256M")
-    victim = cluster.start_storage(wid="storage-a", extra=["--debug-delay", "0.05"])
-    cluster.start_storage(wid="storage-b", extra=["--debug-delay", "0.05"])
+    victim = cluster.start_storage(wid="storage-a", delay=0.05)
+    cluster.start_storage(wid="storage-b", delay=0.05)
     cluster.wait_workers(storage=2, cache=1)
     data = random_bytes(40 * MiB, 40)
     src = tmp_path / "big.bin"
@@ -145,8 +145,8 @@ def test_kill_during_an_overwrite_leaves_the_old_or_the_new_content_whole(make_c
     cluster = make_cluster()
     cluster.start_broker()
     cluster.start_cache()
-    victim = cluster.start_storage(wid="storage-a", extra=["--debug-delay", "0.02"])
-    cluster.start_storage(wid="storage-b", extra=["--debug-delay", "0.02"])
+    victim = cluster.start_storage(wid="storage-a", delay=0.02)
+    cluster.start_storage(wid="storage-b", delay=0.02)
     cluster.wait_workers(storage=2, cache=1)
     old, new = tmp_path / "old", tmp_path / "new"
     old.write_bytes(random_bytes(40 * MiB, 50))
@@ -180,8 +180,7 @@ def test_kill_during_an_overwrite_leaves_the_old_or_the_new_content_whole(make_c
 def test_a_reply_that_cannot_be_delivered_is_logged(make_cluster):
     cluster = make_cluster()
     broker = cluster.start_broker()
-    storage = cluster.start_storage(wid="storage-a", extra=["--debug-delay", "0.5",
-                                                            "--log-level", "DEBUG"])
+    storage = cluster.start_storage(wid="storage-a", delay=0.5, extra=["--log-level", "DEBUG"])
     cluster.wait_workers(storage=1, cache=0)
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.linger = 0

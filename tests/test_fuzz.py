@@ -19,7 +19,7 @@ from fms.storage.service import StorageService
 from fms.worker import _dispatch
 
 FIELDS = ["v", "op", "id", "name", "hash", "hashes", "size", "chunk_size", "chunks", "sha256",
-          "commit", "mtime", "prefix", "after", "limit", "t", "k", "from", "via", "svc"]
+          "commit", "mtime", "prefix", "after", "limit", "t", "k", "ttl", "svc"]
 OPS = sorted(p.OP_SERVICE) + ["nope", ""]
 msgpack_ints = st.integers(min_value=-2**63, max_value=2**64 - 1)   # what msgpack can carry
 scalars = st.one_of(st.none(), st.booleans(), msgpack_ints,
@@ -63,7 +63,7 @@ class Link:
         pass
 
 
-REQ_ROUTE = p.encode({"t": "req", "k": 1, "from": b"client", "via": "f"})
+REQ_ROUTE = p.encode({"t": "req", "k": 1})
 
 
 @pytest.fixture(scope="module")

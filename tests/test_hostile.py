@@ -202,8 +202,7 @@ class FakeWorker:
                         sock.send(p.encode(self.ready))
                     elif route["t"] == "req" and self.handle is not None:
                         header, data = self.handle(p.decode(frames[1]))
-                        back = {"t": "rep", "k": route["k"], "to": route["from"],
-                                "via": route["via"], "ok": header["ok"]}
+                        back = {"t": "rep", "k": route["k"], "ok": header["ok"]}
                         self.served += 1
                         sock.send_multipart([p.encode(back), p.encode(header)]
                                             + ([data] if data is not None else []))
@@ -302,7 +301,7 @@ def slow_cluster(make_cluster):
     cluster.start_broker()
     cluster.start_cache()
     for wid in ("storage-a", "storage-b"):
-        cluster.start_storage(wid=wid, extra=["--debug-delay", "0.05"])
+        cluster.start_storage(wid=wid, delay=0.05)
     cluster.wait_workers(storage=2, cache=1)
     return cluster
 

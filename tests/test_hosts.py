@@ -34,12 +34,15 @@ class Hosts:
         self.backends = ["--meta", pg_url, "--chunks", f"s3://{bucket}/fms"]
         self.workers = {}
 
-    def start_worker(self, i: int, extra=()):
+    def start_worker(self, i: int, delay: float = 0.0):
+        """Storage worker ``host-i``; with ``delay``, tests/slow_storage.py."""
+        script = ([os.path.join(ROOT, "tests", "slow_storage.py"), str(delay)] if delay
+                  else [os.path.join(ROOT, "storage_worker.py")])
         log = open(self.tmp / f"host{i}.log", "ab")
         self.workers[i] = self.nets.popen(i, [
-            sys.executable, os.path.join(ROOT, "storage_worker.py"), "--broker",
+            sys.executable, *script, "--broker",
             self.cluster.backend, "--data", str(self.tmp / f"host{i}-scratch"), "--id",
-            f"host-{i}", *self.backends, *self.worker_args, *extra],
+            f"host-{i}", *self.backends, *self.worker_args],
             stdout=log, stderr=subprocess.STDOUT, env=self.env)
         log.close()
 
@@ -93,7 +96,7 @@ def test_workers_on_three_hosts_serve_one_store(hosts, tmp_path):
 
 def test_kill_of_a_host_mid_upload_costs_a_retry_and_gc_and_fsck_span_hosts(hosts, tmp_path):
     for i in range(3):
-        hosts.start_worker(i, ["--debug-delay", "0.01"])
+        hosts.start_worker(i, delay=0.01)
     hosts.wait_for_workers({"host-0", "host-1", "host-2"})
     src = tmp_path / "src"
     src.write_bytes(random_bytes(20 * MiB, 9))

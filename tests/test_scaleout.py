@@ -28,9 +28,9 @@ def backends(request, monkeypatch, pg_database_url):
     return ["--meta", pg_database_url, "--chunks", f"s3://{bucket}/fms"]
 
 
-def start(cluster, tmp_path, backends, wid, extra=()):
+def start(cluster, tmp_path, backends, wid, delay=0.0):
     return cluster.start_storage(data=str(tmp_path / f"scratch-{wid}"), wid=wid,
-                                 extra=[*backends, *extra])
+                                 extra=backends, delay=delay)
 
 
 def files_in(folder) -> list:
@@ -74,8 +74,8 @@ def test_workers_share_a_store_through_postgres_and_s3_and_keep_nothing(make_clu
 def test_a_worker_killed_mid_transfer_costs_only_a_retry(make_cluster, tmp_path, backends):
     cluster = make_cluster()
     cluster.start_broker()
-    victim = start(cluster, tmp_path, backends, "storage-a", ["--debug-delay", "0.01"])
-    start(cluster, tmp_path, backends, "storage-b", ["--debug-delay", "0.01"])
+    victim = start(cluster, tmp_path, backends, "storage-a", delay=0.01)
+    start(cluster, tmp_path, backends, "storage-b", delay=0.01)
     cluster.wait_workers(storage=2, cache=0)
     data = random_bytes(24 * MiB, 5)
     src = tmp_path / "src"

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import time
 import pytest
 
 import fms
-from fms.security import (ALLOW_RELOAD, AllowList, SecurityError, is_loopback, keygen,
+from fms.security import (ALLOW_RELOAD, AllowList, SecurityError, exposure, is_loopback, keygen,
                           load_secret)
 from conftest import ROOT, wait_for
 from test_up import free_port
@@ -54,10 +55,45 @@ def test_allowlist_follows_its_folder(tmp_path):
 
 @pytest.mark.parametrize("endpoint,local", [
     ("tcp://127.0.0.1:5555", True), ("tcp://127.0.0.1:*", True), ("tcp://localhost:1", True),
-    ("tcp://[::1]:5555", True), ("ipc:///tmp/fms.sock", True), ("tcp://0.0.0.0:5555", False),
-    ("tcp://*:5555", False), ("tcp://192.168.1.5:5555", False), ("tcp://eth0:5555", False)])
+    ("tcp://[::1]:5555", True), ("tcp://::1:5555", True), ("ipc:///tmp/fms.sock", True),
+    ("tcp://0.0.0.0:5555", False), ("tcp://*:5555", False), ("tcp://192.168.1.5:5555", False),
+    ("tcp://eth0:5555", False), ("tcp://[::]:5555", False)])
 def test_which_endpoints_count_as_loopback(endpoint, local):
     assert is_loopback(endpoint) is local
+
+
+def fake_resolver(table: dict):
+    """A getaddrinfo that knows only ``table`` (host -> addresses) and fails for the rest."""
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host not in table:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM,
+                 socket.IPPROTO_TCP, "", (a, 0)) for a in table[host]]
+    return getaddrinfo
+
+
+@pytest.mark.parametrize("host", ["localhost.example.com", "127.x.net"])
+def test_a_name_counts_as_loopback_by_where_it_resolves_not_how_it_is_spelt(host, monkeypatch):
+    endpoint = f"tcp://{host}:5555"
+    monkeypatch.setattr(socket, "getaddrinfo", fake_resolver({}))
+    assert not is_loopback(endpoint)
+    assert f"{host!r} that does not resolve" in exposure(endpoint)
+    monkeypatch.setattr(socket, "getaddrinfo", fake_resolver({host: ["203.0.113.7"]}))
+    assert not is_loopback(endpoint) and "203.0.113.7" in exposure(endpoint)
+    monkeypatch.setattr(socket, "getaddrinfo", fake_resolver({host: ["127.0.0.1", "10.1.2.3"]}))
+    assert not is_loopback(endpoint)                 # every address must be loopback
+    monkeypatch.setattr(socket, "getaddrinfo", fake_resolver({host: ["127.0.0.1", "::1"]}))
+    assert is_loopback(endpoint)                     # the same name, pointing home
+
+
+@pytest.mark.parametrize("host", ["localhost.example.com", "127.x.net"])
+def test_broker_refuses_a_name_that_only_looks_local_and_says_why(host):
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "broker.py"), "--frontend",
+                          f"tcp://{host}:{free_port()}", "--backend", "tcp://127.0.0.1:*"],
+                         capture_output=True, timeout=30)
+    assert run.returncode == 1, run.stderr
+    assert f"refusing to bind tcp://{host}".encode() in run.stderr
+    assert b"Traceback" not in run.stderr
 
 
 def test_broker_refuses_a_public_bind_without_curve_and_says_why(tmp_path):

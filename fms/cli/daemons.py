@@ -50,7 +50,7 @@ def cmd_broker(args):
 
 def _broker_curve(args):
     """The broker's CurveServer, or None after checking that plaintext is safe to bind."""
-    from ..security import CurveServer, SecurityError, is_loopback
+    from ..security import CurveServer, SecurityError, exposure
     given = [bool(args.curve_secret), bool(args.allow), bool(args.allow_workers)]
     if any(given) and not all(given):
         raise SecurityError("CURVE needs --curve-secret (the broker's .key_secret), --allow (a "
@@ -61,10 +61,13 @@ def _broker_curve(args):
         import zmq
         return CurveServer(zmq.Context.instance(), args.curve_secret, args.allow,
                            args.allow_workers)
-    exposed = [e for e in (args.frontend, args.backend) if not is_loopback(e)]
-    if exposed and not args.insecure:
+    if args.insecure:
+        return None
+    exposed = [f"{e} ({why})" for e in (args.frontend, args.backend)
+               if (why := exposure(e)) is not None]
+    if exposed:
         raise SecurityError(
-            f"refusing to bind {', '.join(exposed)} without encryption: anyone who can reach "
+            f"refusing to bind {'; '.join(exposed)} without encryption: anyone who can reach "
             f"it could read and overwrite every file. Use --curve-secret and --allow (README, "
             f"Security), or --insecure if the network is trusted")
     return None
@@ -106,8 +109,7 @@ def cmd_storage(args):
     store = open_store(args.data, args.meta, args.chunks)
     store.chunks.clean_tmp()
     service = StorageService(store, None, gc_grace=args.gc_grace,
-                             maintenance_store=open_store(args.data, args.meta, args.chunks),
-                             delay=args.debug_delay)
+                             maintenance_store=open_store(args.data, args.meta, args.chunks))
     try:
         return _run_worker(args, service, {"svc": p.STORAGE, "wid": _worker_id(args, "storage"),
                                            "store": store.store_id}, "fms.storage")

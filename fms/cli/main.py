@@ -11,7 +11,7 @@ import sys
 from ..errors import FmsError
 from . import commands, daemons, up
 from .commands import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK
-from .parser import build_parser, daemon_parser
+from .parser import build_parser, command_parser
 
 
 def main(argv=None) -> int:
@@ -26,7 +26,8 @@ def client_main(argv=None) -> int:
 
 def daemon_main(kind: str, argv=None) -> int:
     """``python broker.py`` / ``storage_worker.py`` / ``cache_worker.py``."""
-    parser = daemon_parser(kind)
+    prog = f"{kind}.py" if kind == "broker" else f"{kind}_worker.py"
+    parser = command_parser(build_parser("fms"), kind, prog)
     args = parser.parse_args(argv)
     args.command = kind
     return _dispatch(args, parser)

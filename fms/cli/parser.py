@@ -1,6 +1,6 @@
 """The command line's one parser: every command, its options, its help with examples.  The
 ``fms`` script offers every command, ``client.py`` the client's, and each daemon script its own
-command's options (see :func:`build_parser`)."""
+command's options (see :func:`command_parser`)."""
 
 import argparse
 import os
@@ -45,6 +45,7 @@ def build_parser(prog: str = "fms", client_only: bool = False) -> argparse.Argum
                + ("" if client_only else f"  {prog} up            # a local cluster\n"))
     parser.add_argument("--version", action="version", version=f"fms {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.commands = sub.choices     # name -> its subparser (see command_parser)
 
     cmd = _sub(sub, "put", "upload a file, or a folder tree with -r", common,
                f"{prog} put photo.jpg            # stored as 'photo.jpg'\n"
@@ -134,8 +135,18 @@ def _sub(sub, name: str, summary: str, parent, examples: str, parents=True):
                           epilog="examples:\n  " + examples.replace("\n", "\n  "))
 
 
+def command_parser(parser: argparse.ArgumentParser, command: str, prog: str):
+    """The subparser of ``command`` in ``parser``, renamed ``prog``: what a daemon's own script
+    (``python broker.py``) parses, so its options and help are the ``fms`` command's."""
+    cmd = parser.commands[command]
+    cmd.prog = prog
+    cmd.epilog = cmd.epilog.replace(f"fms {command}", f"python {prog}")
+    return cmd
+
+
 def _daemon_parsers(sub):
     empty = argparse.ArgumentParser(add_help=False)
+    empty.add_argument("--version", action="version", version=f"fms {__version__}")
     cmd = _sub(sub, "broker", "run the broker", empty,
                "fms broker --frontend tcp://127.0.0.1:5555 --backend tcp://127.0.0.1:5556")
     _broker_args(cmd)
@@ -208,7 +219,6 @@ def _storage_args(cmd):
                           "scratch only, with both --meta and --chunks")
     _backend_args(cmd)
     _gc_grace_arg(cmd)
-    cmd.add_argument("--debug-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # tests
 
 
 def _backend_args(cmd):
@@ -244,16 +254,3 @@ def _cache_args(cmd):
     cmd.add_argument("--max-bytes", type=parse_size, default=DEFAULT_CACHE_BYTES, metavar="SIZE",
                      help="cache bound, e.g. 512M or 2G (%(default)s)")
 
-
-def daemon_parser(kind: str) -> argparse.ArgumentParser:
-    """The parser of ``broker.py`` / ``storage_worker.py`` / ``cache_worker.py``."""
-    prog = f"{kind}.py" if kind == "broker" else f"{kind}_worker.py"
-    examples = {"broker": "--frontend tcp://127.0.0.1:5555 --backend tcp://127.0.0.1:5556",
-                "storage": "--broker tcp://127.0.0.1:5556 --data ./fms-data/storage",
-                "cache": "--broker tcp://127.0.0.1:5556 --dir ./fms-data/cache --max-bytes 2G"}
-    parser = argparse.ArgumentParser(prog=prog, description=f"Run the fms {kind}.",
-                                     formatter_class=_Formatter,
-                                     epilog=f"example:\n  python {prog} {examples[kind]}")
-    parser.add_argument("--version", action="version", version=f"fms {__version__}")
-    {"broker": _broker_args, "storage": _storage_args, "cache": _cache_args}[kind](parser)
-    return parser

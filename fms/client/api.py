@@ -67,10 +67,6 @@ class Client:
         """The broker's frontend endpoint this client talks to."""
         return self.session.broker
 
-    @property
-    def requests_sent(self) -> int:
-        return self.session.requests_sent
-
     # --- lifecycle ---
 
     def __enter__(self):
@@ -164,7 +160,9 @@ class Client:
                 return
             after = page["next"]
 
-    def cache_stats(self) -> dict:
+    def cache_stats(self) -> dict | None:
+        """The cache worker's counters (hits, misses, bytes, ...), or None when no cache worker
+        is connected (storage answers for it)."""
         header, _ = self.call("cache_stats")
         return header["cache"]
 

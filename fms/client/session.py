@@ -66,7 +66,6 @@ class Session:
         self.retries = retries
         self.window = max(1, window)
         self.curve = curve         # a fms.security.CurveClient, or None for plaintext
-        self.requests_sent = 0     # round trips made; tests use it to count them
         self._ctx = ctx or zmq.Context.instance()
         self._sock = None
         self._ids = itertools.count(1)
@@ -177,7 +176,6 @@ class Session:
         except zmq.ZMQError as exc:
             raise TransportError(f"cannot send to the broker at {self.broker}: "
                                  f"{exc.strerror}") from None
-        self.requests_sent += 1
 
     def _recv(self, deadline: float):
         """One reply (header, data frame or None), or None if ``deadline`` passes first."""
@@ -239,7 +237,7 @@ class Session:
                 continue  # a late answer to a request already retried and answered
             if not header.get("ok"):
                 error = from_reply(str(header.get("error")), str(header.get("message")), header)
-                if isinstance(error, Unavailable) and self._may_retry(out):
+                if isinstance(error, Unavailable) and self._within_budget(out):
                     backoff = min(RETRY_BACKOFF * 2 ** (out.tries - 1), RETRY_BACKOFF_MAX)
                     out.deadline = time.monotonic() + backoff
                     out.last_error = error
@@ -252,16 +250,15 @@ class Session:
     def _budget(self) -> float:
         return self.timeout * (self.retries + 1)
 
-    def _may_retry(self, out: _Outstanding) -> bool:
-        return (out.op in p.IDEMPOTENT_OPS
-                and time.monotonic() - out.first_sent < self._budget())
+    def _within_budget(self, out: _Outstanding) -> bool:
+        return time.monotonic() - out.first_sent < self._budget()
 
     def _resend_due(self, inflight: dict):
         now = time.monotonic()
         for out in inflight.values():
             if out.deadline > now:
                 continue
-            if not self._may_retry(out):
+            if not self._within_budget(out):
                 if out.last_error is not None:
                     raise out.last_error      # it did answer: say what it said
                 raise Timeout(f"no reply to {out.op} from the fms cluster at {self.broker} "

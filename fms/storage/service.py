@@ -45,16 +45,13 @@ class StorageService:
     :param gc_grace: seconds an unreferenced chunk is kept before collection.
     :param maintenance_store: a second :class:`Store` on the same data (its own connections) for
         the maintenance thread; None runs GC and fsck inline (tests).
-    :param delay: seconds to wait before handling each request; only for tests that need work
-        in flight at a chosen moment (cache fills across a write, a kill mid-upload).
     """
 
     def __init__(self, store: Store, link, gc_grace: float = gc.DEFAULT_GRACE,
-                 maintenance_store: Store | None = None, delay: float = 0.0):
+                 maintenance_store: Store | None = None):
         self.store = store
         self.link = link
         self.gc_grace = gc_grace
-        self.delay = delay
         self.served = 0
         self._pending = []            # (route, header, change, inline) awaiting flush()
         self._next_clean = 0.0
@@ -66,7 +63,7 @@ class StorageService:
             "put_chunk": self.op_put_chunk, "commit": self.op_commit,
             "commit_many": self.op_commit_many, "ls": self.op_ls,
             "stat": self.op_stat, "rm": self.op_rm, "usage": self.op_usage,
-            "gc": self.op_gc, "fsck": self.op_fsck,
+            "gc": self.op_gc, "fsck": self.op_fsck, "cache_stats": self.op_cache_stats,
         }
 
     def handle_request(self, route: dict, header: dict, data):
@@ -79,8 +76,6 @@ class StorageService:
             self._apply_pending()       # a group is commits that arrive back to back: none waits
         self.served += 1
         log.debug("event=request op=%s id=%r", op, header.get("id"))
-        if self.delay:
-            time.sleep(self.delay)
         if route.get("deadline", math.inf) < time.monotonic() and op not in CHANGE_OPS:
             # Its client stopped waiting (fms.worker stamps the deadline from the broker's ttl):
             # a short answer gives the broker its credit back, the work is not done.
@@ -156,6 +151,10 @@ class StorageService:
         page = self.store.list(prefix, after, limit + 1)
         self.link.reply(route, p.ok_reply(header["id"], entries=[v.summary() for v in page[:limit]],
                                           more=len(page) > limit))
+
+    def op_cache_stats(self, route, header, data):
+        """Storage gets the cache's ops when no cache worker is connected: no cache, no counters."""
+        self.link.reply(route, p.ok_reply(header["id"], cache=None))
 
     def op_usage(self, route, header, data):
         self.link.reply(route, p.ok_reply(header["id"], store=self.store.totals().as_dict()))

@@ -15,8 +15,8 @@ Every frame is msgpack.  Frames as they travel (ROUTER sockets add or strip the 
 themselves)::
 
     client  -> broker   [header, data?]
-    broker  -> worker   [route{t:req, k, from, via}, header, data?]
-    worker  -> broker   [route{t:rep, k, to, via, inv?}, header, data?]     a reply
+    broker  -> worker   [route{t:req, k, ttl}, header, data?]
+    worker  -> broker   [route{t:rep, k, ok, err?, inv?, cache?}, header, data?]   a reply
     worker  -> broker   [route{t:req, svc}, header, data?]                  a worker's own request
     worker <-> broker   [route{t:ready|hb|bye|inv|reregister|refused, ...}] control
     broker  -> client   [header, data?]

@@ -7,8 +7,8 @@ __all__ = ["PROTOCOL_VERSION", "KiB", "MiB", "GiB", "DEFAULT_CHUNK_SIZE", "MIN_C
            "MAX_CHUNK_SIZE", "MAX_BATCH_FILES", "MAX_BATCH_BYTES", "INLINE_MAX", "MAX_HAVE_BATCH",
            "HEARTBEAT_INTERVAL", "HEARTBEAT_LIVENESS", "WORKER_SEND_TIMEOUT",
            "MAX_CLIENT_INFLIGHT", "CACHE", "STORAGE", "BROKER", "SERVICES", "OP_SERVICE",
-           "IDEMPOTENT_OPS", "FALLBACK_SERVICE", "ERROR_CODES", "check_version", "error_reply",
-           "ok_reply"]
+           "FALLBACK_SERVICE", "DATA_OPS", "ERROR_CODES", "check_frame_count", "check_version",
+           "error_reply", "ok_reply"]
 
 PROTOCOL_VERSION = 1
 
@@ -52,9 +52,12 @@ OP_SERVICE = {
     "fsck": STORAGE,       # check a page of stored files' chunks
     "status": BROKER,      # answered by the broker itself: live workers
 }
-# Ops the broker may hand to another worker when the first one dies before replying, and the
-# client may send again.  Every op is: commit and rm carry an id that makes a repeat a no-op.
-IDEMPOTENT_OPS = frozenset(OP_SERVICE)
+# Ops whose request may carry a data frame after its header; any other request is one frame.
+DATA_OPS = frozenset({"put_chunk", "commit", "commit_many"})
+
+# Every op is idempotent (commit, commit_many and rm carry an id that makes a repeat a no-op):
+# the broker hands a request to another worker when the first one dies before replying, and the
+# client sends it again when no reply comes.
 # When no cache worker is alive, storage answers the cache's ops itself (slower, still correct).
 FALLBACK_SERVICE = {CACHE: STORAGE}
 
@@ -68,6 +71,16 @@ def check_version(header: dict, speaker: str = "this worker"):
     if header.get("v") != PROTOCOL_VERSION:
         raise BadRequest(f"protocol version {header.get('v')!r} not supported; "
                          f"{speaker} speaks {PROTOCOL_VERSION}")
+
+
+def check_frame_count(op, frames: int):
+    """That a request of ``op`` has ``frames`` frames: its header, and a data frame only where the
+    op takes one (:data:`DATA_OPS`).  :raises BadRequest: it has not."""
+    if frames > 2 or frames < 1:
+        raise BadRequest(f"a request has 1 or 2 frames (header, data?), got {frames}")
+    if frames == 2 and op not in DATA_OPS:
+        raise BadRequest(f"{op!r} takes no data frame; send its header alone (only "
+                         f"{', '.join(sorted(DATA_OPS))} carry data)")
 
 
 def error_reply(req_id, code: str, message: str) -> dict:

@@ -73,16 +73,13 @@ def manifests(path: str, damaged: list):
             yield manifest
 
 
-def migrate(path: str, meta, chunks, slow: float = 0.0):
-    """Upgrade a format-1 directory in place; a no-op when there is nothing to migrate.
-
-    :param slow: seconds to sleep per manifest (tests use it to kill a migration midway).
-    """
+def migrate(path: str, meta, chunks):
+    """Upgrade a format-1 directory in place; a no-op when there is nothing to migrate."""
     pending, done = os.path.join(path, MANIFESTS), os.path.join(path, DONE)
     if os.path.isdir(pending) and meta.setting("migrated") is None:
         damaged = []
         try:
-            _copy(path, meta, chunks, slow, damaged)
+            _copy(path, meta, chunks, damaged)
         except OSError as exc:
             raise FmsError(f"cannot migrate {path}: reading a manifest failed ({exc.strerror}); "
                            f"nothing was changed: fix the disk error and start again") from None
@@ -110,7 +107,7 @@ def _valid_mtime(manifest, now) -> float:
         return now
 
 
-def _copy(path, meta, chunks, slow, damaged):
+def _copy(path, meta, chunks, damaged):
     started = time.time()
     log.info("event=migrate_start path=%s from_format=1", path)
     db = meta.db
@@ -140,8 +137,6 @@ def _copy(path, meta, chunks, slow, damaged):
                     sizes[d] = p.chunk_length(i, m["size"], m["chunk_size"])
             if names % 1000 == 0:
                 log.info("event=migrate_progress names=%d", names)
-            if slow:
-                time.sleep(slow)
         # A chunk a manifest names but the directory lacks still gets its row and count, so
         # the references stay exact: fsck names it, and uploading the file again restores it.
         absent = [d for d in refs if meta.chunk(d) is None]
