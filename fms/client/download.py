@@ -14,7 +14,6 @@ import hashlib
 import io
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from .. import wire as p
 from ..errors import FmsError, IntegrityError
@@ -44,17 +43,17 @@ def fetch_whole(session: Session, name: str, manifest: dict, data):
     return manifest, checked_whole(manifest, p.unpack_data(frame.buffer))
 
 
-def download_chunks(session: Session, manifest: dict, out, report):
+def download_chunks(session: Session, manifest: dict, out, report, via=None):
     """Fetch every chunk pipelined, verify each and write them in order to the stream ``out``;
-    ``report(name, done, total)`` after each chunk."""
+    ``report(name, done, total)`` after each chunk; ``via``: see :func:`iter_chunks`."""
     done = 0
-    for piece in iter_chunks(session, manifest):
+    for piece in iter_chunks(session, manifest, via=via):
         out.write(piece)
         done += len(piece)
         report(manifest["name"], done, manifest["size"])
 
 
-def download_to_file(session: Session, manifest: dict, out, report):
+def download_to_file(session: Session, manifest: dict, out, report, via=None):
     """Fetch every chunk pipelined into the file ``out`` (open for writing, empty): while this
     thread receives, :data:`VERIFY_THREADS` threads check each chunk against its digest and
     write it at its offset (hashlib and ``os.pwrite`` release the GIL), so hashing, writing and
@@ -63,10 +62,12 @@ def download_to_file(session: Session, manifest: dict, out, report):
 
     :raises IntegrityError: a chunk does not match its digest, also from storage.
     """
+    from concurrent.futures import ThreadPoolExecutor   # not imported for small files
+
     out.flush()
     fd, chunk_size = out.fileno(), manifest["chunk_size"]
     window = session.data_window(chunk_size)
-    requests = ((i, "chunk", chunk_fields(manifest, i), None)
+    requests = ((i, "chunk", {**chunk_fields(manifest, i), **(via or {})}, None)
                 for i in range(len(manifest["chunks"])))
     pending = collections.deque()       # (index, data, future) in arrival order
     done = 0
@@ -120,16 +121,19 @@ def _refetch(session: Session, manifest: dict, i: int):
     return data
 
 
-def iter_chunks(session: Session, manifest: dict, start: int = 0):
+def iter_chunks(session: Session, manifest: dict, start: int = 0, via=None):
     """Yield the chunks of ``manifest`` from index ``start`` on, in order, each verified;
     ``window`` requests stay in flight and out-of-order arrivals wait (at most ``window``).
+    ``via``: fields of every chunk request: the GET they belong to (``of``), or ``fresh``
+    (from storage); see fms.client.api.Client._chunk_fields.
 
     :raises IntegrityError: a chunk does not match its sha256.
     """
     chunks = manifest["chunks"]
     held = {}
     next_index = start
-    requests = ((i, "chunk", chunk_fields(manifest, i), None) for i in range(start, len(chunks)))
+    requests = ((i, "chunk", {**chunk_fields(manifest, i), **(via or {})}, None)
+                for i in range(start, len(chunks)))
     for i, _header, frame in session.pipeline(requests,
                                               session.data_window(manifest["chunk_size"])):
         data = p.unpack_data(frame.buffer) if frame is not None else memoryview(b"")
@@ -144,9 +148,10 @@ def iter_chunks(session: Session, manifest: dict, start: int = 0):
 class RemoteFile(io.RawIOBase):
     """What :meth:`fms.Client.open` returns: read it like a local binary file."""
 
-    def __init__(self, session: Session, manifest: dict, inline_frame=None):
+    def __init__(self, session: Session, manifest: dict, inline_frame=None, via=None):
         super().__init__()
         self._session = session
+        self._via = via
         self.manifest = manifest
         self.name = manifest["name"]
         self.size = manifest["size"]
@@ -197,7 +202,7 @@ class RemoteFile(io.RawIOBase):
         expected_start = self._buf_start + len(self._buf)
         if self._stream is None or pos < self._buf_start or pos >= expected_start + chunk_size:
             # A jump: restart the prefetching stream at the chunk that holds pos.
-            self._stream = iter_chunks(self._session, self.manifest, index)
+            self._stream = iter_chunks(self._session, self.manifest, index, self._via)
             self._buf_start = index * chunk_size
         else:
             self._buf_start = expected_start
@@ -229,32 +234,58 @@ def atomic_file(dest: str, manifest: dict, fsync: bool = False):
     was verified): whenever the client dies, ``dest`` holds the old file or the new one, whole.
     With ``fsync`` the data also reaches the disk before the rename (survives a power loss),
     at a price: cp, curl and rsync do not do it by default either."""
-    folder = os.path.dirname(os.path.abspath(dest))
-    # Created with the umask's permissions like any new file (0666 & ~umask), O_EXCL so a name
-    # is never shared; pid and random part let `fms` tell its own leftovers.
-    tmp = os.path.join(folder, f".{os.path.basename(dest)}.{os.getpid()}.{os.urandom(4).hex()}"
-                               f".fms-part")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-    try:
-        try:
-            fd = os.open(tmp, flags, 0o666)
-        except FileNotFoundError:
-            os.makedirs(folder, exist_ok=True)
-            fd = os.open(tmp, flags, 0o666)
-    except OSError as exc:
-        raise FmsError(f"cannot write to {folder}: {exc.strerror}") from None
+    tmp, fd = _create_temp(dest)
     try:
         with open(fd, "wb") as out:
             yield out
             out.flush()
-            if fsync:
-                os.fsync(fd)
-            os.utime(fd, (time.time(), manifest["mtime"]))
+            _finish(fd, manifest, fsync)
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def write_whole(dest: str, manifest: dict, data, fsync: bool = False):
+    """:func:`atomic_file` for content already in memory and verified (small files), in the
+    fewest system calls: create, write, utime, close, rename."""
+    tmp, fd = _create_temp(dest)
+    try:
+        try:
+            _write_at(fd, data, 0)
+            _finish(fd, manifest, fsync)
+        finally:
+            os.close(fd)
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _create_temp(dest: str) -> tuple:
+    """``(path, fd)`` of a new temp file beside ``dest``, created with the umask's permissions
+    like any new file (0666 & ~umask), O_EXCL so a name is never shared; pid and random part
+    let `fms` tell its own leftovers."""
+    folder = os.path.dirname(os.path.abspath(dest))
+    tmp = os.path.join(folder, f".{os.path.basename(dest)}.{os.getpid()}.{os.urandom(4).hex()}"
+                               f".fms-part")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    try:
+        try:
+            return tmp, os.open(tmp, flags, 0o666)
+        except FileNotFoundError:
+            os.makedirs(folder, exist_ok=True)
+            return tmp, os.open(tmp, flags, 0o666)
+    except OSError as exc:
+        raise FmsError(f"cannot write to {folder}: {exc.strerror}") from None
+
+
+def _finish(fd: int, manifest: dict, fsync: bool):
+    if fsync:
+        os.fsync(fd)
+    os.utime(fd, (time.time(), manifest["mtime"]))
 
 
 class Collect:
