@@ -29,6 +29,7 @@ RECONNECT_MIN = 0.25   # seconds: first wait before reconnecting to a silent bro
 RECONNECT_MAX = 4.0    # seconds: the backoff doubles up to this
 REGISTER_WARN = 5.0    # seconds without a welcome before saying what may be wrong
 DRAIN_BATCH = 64       # messages handled per poll, so heartbeats and ticks stay on time
+STOP_CHECK = 0.1       # seconds: how soon a worker notices SIGINT/SIGTERM
 
 
 class WorkerRefused(FmsError):
@@ -135,7 +136,9 @@ def serve(service, link: BrokerLink, log: logging.Logger, should_stop=lambda: Fa
     next_heartbeat = time.monotonic() + p.HEARTBEAT_INTERVAL
     warn_at = time.monotonic() + REGISTER_WARN
     while not should_stop():
-        timeout_ms = max(0, int((next_heartbeat - time.monotonic()) * 1000))
+        # Woken at least every STOP_CHECK: a signal only sets the stop flag, it does not end
+        # the poll, and a worker that takes a second to stop makes every restart slower.
+        timeout_ms = max(0, int(min(next_heartbeat - time.monotonic(), STOP_CHECK) * 1000))
         if link.sock.poll(timeout_ms, zmq.POLLIN):
             liveness = p.HEARTBEAT_LIVENESS
             backoff = RECONNECT_MIN
