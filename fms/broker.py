@@ -11,6 +11,7 @@ idempotent, and answered with ``unavailable`` otherwise.
 
 import collections
 import fcntl
+import hashlib
 import itertools
 import logging
 import struct
@@ -24,7 +25,7 @@ from . import limits
 from . import wire as p
 from .errors import BadRequest
 from .logutil import RateLimitedLog, clip
-from .metrics import BrokerMetrics
+from .metrics import BrokerMetrics, ReadTally
 from .wire.frames import drain, send_frames
 
 log = logging.getLogger("fms.broker")
@@ -38,6 +39,20 @@ DRAIN_BATCH = 64    # messages taken from one socket per poll, so neither socket
 def _digest(op: str, header: dict) -> bytes:
     digest = header.get("hash") if op == "chunk" else None
     return digest if isinstance(digest, bytes) and len(digest) == p.HASH_LEN else b""
+
+
+def _owner_key(op: str, header: dict):
+    """What a cache request is routed by (rendezvous): a get's name, a chunk's hash."""
+    key = header.get("name") if op == "get" else header.get("hash") if op == "chunk" else None
+    return key if isinstance(key, (str, bytes)) else None
+
+
+def rendezvous(key, worker_ids) -> str | None:
+    """The owner of ``key`` among ``worker_ids``: the one with the highest hash of (id, key).
+    Each key has one owner; a worker that leaves or joins moves only the keys it wins."""
+    raw = key.encode() if isinstance(key, str) else key
+    return max(worker_ids, default=None,
+               key=lambda wid: hashlib.blake2b(raw, digest_size=8, key=wid.encode()[:64]).digest())
 
 
 def _nbytes(frame) -> int:
@@ -76,6 +91,7 @@ class Worker:
     inflight_bytes: int = 0                      # their data + the replies expected of them
     served: int = 0
     last_used: int = 0                           # request key of its latest dispatch
+    stats: dict = field(default_factory=dict)    # a cache's counters, from its heartbeats
 
 
 @dataclass
@@ -93,6 +109,8 @@ class Pending:
     nbytes: int = 0     # bytes of its data frame, held here until it is answered
     expect: int = 0     # bytes its reply is expected to carry (a chunk's size, once seen)
     digest: bytes = b"" # the chunk a `chunk` request asks for, to learn its size
+    owner: object = None  # a cache request's key: the cache worker that owns it serves it
+    read: object = None   # a chunk request's GET (its request id), for the ReadTally
 
 
 def _changed_names(inv) -> list:
@@ -153,6 +171,7 @@ class Broker:
         self._late = RateLimitedLog(log)
         self.started = time.time()
         self.metrics = BrokerMetrics()
+        self.reads = ReadTally(self.metrics)
 
     # --- set-up ---
 
@@ -287,14 +306,15 @@ class Broker:
                               f"client; wait for replies before sending more", op=op)
             return
         service = p.OP_SERVICE[op]
-        if header.get("fresh") is True and op in ("get", "chunk"):
+        if header.get("fresh") is True and op in ("get", "chunk", "get_many"):
             # The client found what the cache gave it corrupt: this once, ask storage itself.
             service = p.STORAGE
         self.dispatch(service, op, req_id, origin, frames[1:], deadline=deadline_of(header),
-                      digest=_digest(op, header))
+                      digest=_digest(op, header), owner=_owner_key(op, header),
+                      read=header.get("of") if op == "chunk" else None)
 
     def dispatch(self, service: str, op: str, req_id, origin: dict, body: list, exclude=(),
-                 started=None, deadline=None, digest=b""):
+                 started=None, deadline=None, digest=b"", owner=None, read=None):
         """Queue a request for ``service`` (or its fallback) and send what the workers' credit
         allows; with no worker of either, answer ``unavailable`` at once."""
         target = self._serving(service, exclude)
@@ -315,7 +335,7 @@ class Broker:
                                     started if started is not None else now,
                                     deadline if deadline is not None else
                                     now + limits.DEFAULT_TTL_MS / 1000, target, tuple(exclude),
-                                    nbytes, expect, digest)
+                                    nbytes, expect, digest, owner, read)
         self._track_client(origin, +1, nbytes)
         queue = self.queues[target]
         okey = (origin["via"], origin["from"])
@@ -339,7 +359,8 @@ class Broker:
         queue = self.queues[service]
         credit = limits.WORKER_CREDIT[service]
         budget = limits.WORKER_BYTES
-        while queue:
+        blocked = 0        # clients in a row whose next request waits for a busy owner
+        while queue and blocked < len(queue):
             # Credit in requests and in bytes (data sent + replies expected): a worker busy
             # with a few 16 MiB chunks takes no more, so a small request waits behind few.
             free = [w for w in self.workers.values()
@@ -360,12 +381,15 @@ class Broker:
             if now >= pending.deadline:
                 self._forget(key, pending, "deadline passed")
                 continue
-            # Ties go to the worker used least recently, so sequential requests take turns.
-            worker = min((w for w in free if w.ident not in pending.exclude),
-                         key=lambda w: (len(w.inflight), w.last_used), default=None)
+            worker = self._pick(service, pending, free)
             if worker is None:     # only workers it must avoid have credit: it waits
                 self._requeue_front(queue, okey, key)
-                return
+                if pending.owner is None or service != p.CACHE:
+                    return
+                queue.move_to_end(okey)     # its owner is busy: the next client's turn
+                blocked += 1
+                continue
+            blocked = 0
             route = {"t": "req", "k": key, "ttl": max(1, int((pending.deadline - now) * 1000))}
             if not self._send(self.backend, [worker.ident, p.encode(route), *pending.body]):
                 pending.exclude = (*pending.exclude, worker.ident)
@@ -377,6 +401,21 @@ class Broker:
             worker.inflight.add(key)
             worker.served += 1
             worker.last_used = key
+
+    def _pick(self, service: str, pending: Pending, free: list):
+        """The worker to send ``pending`` to among ``free``, or None (it waits).
+
+        A cache request goes to the owner of its key among the live cache workers (rendezvous
+        hashing), so each name and chunk is cached, and its misses coalesced, in one place;
+        anything else to the least loaded, ties to the one used least recently, so sequential
+        requests take turns."""
+        if service == p.CACHE and pending.owner is not None:
+            live = {w.worker_id: w for w in self.workers.values()
+                    if w.service == p.CACHE and w.ident not in pending.exclude}
+            owner = live.get(rendezvous(pending.owner, live))
+            return owner if owner in free else None
+        return min((w for w in free if w.ident not in pending.exclude),
+                   key=lambda w: (len(w.inflight), w.last_used), default=None)
 
     @staticmethod
     def _requeue_front(queue, okey, key):
@@ -422,6 +461,7 @@ class Broker:
                 if pending is not None:
                     self._forget(key, pending, "client gone")
         self._drop_outbox(ident)
+        self.reads.client_gone(ident)
 
     def _forget(self, key, pending: Pending, why: str):
         del self.pending[key]
@@ -484,7 +524,7 @@ class Broker:
             elif kind == "req":
                 self.process_worker_request(worker, route, frames[2:])
             elif kind == "hb":
-                pass
+                self._note_stats(worker, route.get("st"))
             elif kind == "bye":
                 self.delete_worker(ident, "said bye")
             else:
@@ -583,6 +623,34 @@ class Broker:
                 self.metrics.cache_hits.inc()
             elif route.get("cache") == "miss":
                 self.metrics.cache_misses.inc()
+            self._tally(pending, route, body)
+
+    def _tally(self, pending: Pending, route: dict, body: list):
+        """Count a reply towards the cache's per-GET figures (fms.metrics.ReadTally)."""
+        if not route.get("ok", True):
+            return
+        nbytes = max(0, _nbytes(body[1]) - p.DATA_PREFIX_LEN) if len(body) > 1 else 0
+        if pending.op == "get" and route.get("cache") is not None:
+            self.reads.get_answered(pending.origin["from"], pending.req_id, route["cache"],
+                                    route.get("n", 0), nbytes)
+        elif pending.op == "get_many" and route.get("cache") is not None:
+            self.reads.batch_answered(route.get("gh"), route.get("gm"))
+        elif pending.op == "chunk" and pending.read is not None:
+            self.reads.chunk_answered(pending.origin["from"], pending.read, route.get("cache"),
+                                      nbytes)
+
+    def _note_stats(self, worker: Worker, stats):
+        """A cache's counters, from its heartbeat: their growth goes to the Prometheus ones."""
+        if not isinstance(stats, dict):
+            return
+        for name, counter in (("evictions", self.metrics.cache_evictions),
+                              ("refused", self.metrics.cache_refused)):
+            value = stats.get(name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                grown = value - worker.stats.get(name, 0)
+                if grown > 0:
+                    counter.inc(grown)
+                worker.stats[name] = value
 
     def process_worker_request(self, worker: Worker, route: dict, body: list):
         service = route.get("svc")
@@ -629,7 +697,7 @@ class Broker:
             self.dispatch(pending.service, pending.op, pending.req_id, pending.origin,
                           pending.body, exclude=(*pending.exclude, ident),
                           started=pending.started, deadline=pending.deadline,
-                          digest=pending.digest)
+                          digest=pending.digest, owner=pending.owner, read=pending.read)
         self._requeue_orphans(worker.service)
 
     def _requeue_orphans(self, service: str):
@@ -648,7 +716,8 @@ class Broker:
                 self._track_client(pending.origin, -1, pending.nbytes)
                 self.dispatch(pending.service, pending.op, pending.req_id, pending.origin,
                               pending.body, exclude=pending.exclude, started=pending.started,
-                              deadline=pending.deadline, digest=pending.digest)
+                              deadline=pending.deadline, digest=pending.digest,
+                              owner=pending.owner, read=pending.read)
 
     def send_heartbeats(self):
         beat = p.encode({"t": "hb"})
@@ -775,6 +844,10 @@ class Broker:
                        "budgets": {"client_bytes": limits.CLIENT_BYTES,
                                    "total_upload_bytes": limits.TOTAL_REQUEST_BYTES,
                                    "total_reply_bytes": limits.TOTAL_REPLY_BYTES}},
+            "cache": {**self.reads.figures(),
+                      "evictions": sum(w.stats.get("evictions", 0) for w in self.workers.values()),
+                      "admissions_refused": sum(w.stats.get("refused", 0)
+                                                for w in self.workers.values())},
             "workers": [
                 {"service": w.service, "id": w.worker_id, "store": w.store_id, "state": "ready",
                  "inflight": len(w.inflight), "inflight_bytes": w.inflight_bytes,

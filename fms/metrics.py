@@ -3,6 +3,8 @@
 Only fms_ metrics are exported: they live in a registry of their own.
 """
 
+import collections
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -23,6 +25,21 @@ class BrokerMetrics:
                                   registry=self.registry)
         self.cache_misses = Counter("fms_cache_misses", "Client reads the cache had to fetch "
                                     "from storage", registry=self.registry)
+        self.cache_get_hits = Counter("fms_cache_get_hits", "Client GETs whose manifest and "
+                                      "every chunk came from the cache", registry=self.registry)
+        self.cache_get_misses = Counter("fms_cache_get_misses", "Client GETs through the cache "
+                                        "with the manifest or a chunk from storage",
+                                        registry=self.registry)
+        self.cache_bytes_hit = Counter("fms_cache_bytes_hit", "Content bytes of client GETs "
+                                       "served by the cache", registry=self.registry)
+        self.cache_bytes_missed = Counter("fms_cache_bytes_missed", "Content bytes of client "
+                                          "GETs through the cache that came from storage",
+                                          registry=self.registry)
+        self.cache_evictions = Counter("fms_cache_evictions", "Chunks the cache workers evicted "
+                                       "to make room", registry=self.registry)
+        self.cache_refused = Counter("fms_cache_admissions_refused", "Chunks the cache workers "
+                                     "did not admit (read less often than what they would "
+                                     "displace, or too large)", registry=self.registry)
         self.workers = Gauge("fms_workers", "Live workers, by service", ["service"],
                              registry=self.registry)
         self.redispatched = Counter("fms_redispatched_requests", "Requests handed to another "
@@ -35,3 +52,84 @@ class BrokerMetrics:
     def serve(self, port: int, addr: str = "127.0.0.1"):
         """Serve /metrics on ``addr:port`` from a daemon thread."""
         start_http_server(port, addr=addr, registry=self.registry)
+
+
+class ReadTally:
+    """Client GETs and bytes the cache tier served, counted whole (issue 16).
+
+    A GET is a *hit* only when its manifest and every one of its chunks came from the cache.  The
+    broker sees every piece go by: the cache's ``get`` reply says in its route whether it was a
+    hit and how many chunk requests will follow (``n``); the client tags each of those with the
+    GET's request id (``of``).  A GET whose pieces have all been answered is counted; one the
+    client abandons part way (a seek, an error) is forgotten after ``MAX_OPEN`` newer ones, or
+    when its client is gone, uncounted.  Bytes are counted per reply: from the cache
+    (``bytes_hit``) or from storage for a GET that went through the cache (``bytes_missed``).
+    GETs that skip the cache (``--no-cache``) are not counted.
+
+    :param metrics: the :class:`BrokerMetrics` whose counters follow these figures.
+    """
+
+    MAX_OPEN = 10_000   # GETs waiting for their chunks, kept at most
+
+    def __init__(self, metrics: BrokerMetrics):
+        self.metrics = metrics
+        self.get_hits = self.get_misses = self.bytes_hit = self.bytes_missed = 0
+        self._open = collections.OrderedDict()   # (client, GET request id) -> [left, all hit]
+
+    def get_answered(self, client: bytes, req_id, outcome, chunks, nbytes: int):
+        """The cache's reply to a ``get`` (``outcome`` "hit" / "miss"; ``chunks`` to follow)."""
+        hit = outcome == "hit"
+        self._bytes(hit, nbytes)
+        if isinstance(chunks, int) and chunks > 0:
+            self._open[(client, req_id)] = [chunks, hit]
+            if len(self._open) > self.MAX_OPEN:
+                self._open.popitem(last=False)
+        else:
+            self._count(hit)
+
+    def batch_answered(self, whole, missed):
+        """A ``get_many``: ``whole`` names came whole from the cache, ``missed`` from storage
+        (large files of a batch, whose chunks follow untagged, are not counted)."""
+        for count, hit in ((whole, True), (missed, False)):
+            if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+                self._count(hit, count)
+
+    def chunk_answered(self, client: bytes, read, outcome, nbytes: int):
+        """A reply to a ``chunk`` request tagged with the GET it belongs to (``read``), from
+        the cache (``outcome``) or from storage (None)."""
+        entry = self._open.get((client, read))
+        hit = outcome == "hit"
+        if entry is None and outcome is None:
+            return               # not part of a GET through the cache
+        self._bytes(hit, nbytes)
+        if entry is None:
+            return
+        entry[0] -= 1
+        entry[1] = entry[1] and hit
+        if entry[0] <= 0:
+            del self._open[(client, read)]
+            self._count(entry[1])
+
+    def client_gone(self, client: bytes):
+        for key in [k for k in self._open if k[0] == client]:
+            del self._open[key]
+
+    def _bytes(self, hit: bool, nbytes: int):
+        if hit:
+            self.bytes_hit += nbytes
+            self.metrics.cache_bytes_hit.inc(nbytes)
+        else:
+            self.bytes_missed += nbytes
+            self.metrics.cache_bytes_missed.inc(nbytes)
+
+    def _count(self, hit: bool, gets: int = 1):
+        if hit:
+            self.get_hits += gets
+            self.metrics.cache_get_hits.inc(gets)
+        else:
+            self.get_misses += gets
+            self.metrics.cache_get_misses.inc(gets)
+
+    def figures(self) -> dict:
+        return {"get_hits": self.get_hits, "get_misses": self.get_misses,
+                "bytes_hit": self.bytes_hit, "bytes_missed": self.bytes_missed}

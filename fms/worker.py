@@ -9,6 +9,7 @@ A *service* (storage, cache) is an object with these methods, which know no even
 - ``on_register()``: called each time the worker (re)registers with a broker.
 - ``on_invalidate(name)``: the broker says a name changed (the cache uses it).
 - ``tick(now)``: called at least once per heartbeat interval.
+- ``beat()`` (optional): a dict of counters each heartbeat carries to the broker.
 
 :class:`BrokerLink` is the real link (a DEALER socket); tests pass a recorder instead.
 """
@@ -82,15 +83,19 @@ class BrokerLink:
                 self.sock.close(linger=100)
                 self.sock = None
 
-    def heartbeat(self):
-        self._send([p.encode({"t": "hb"})])
+    def heartbeat(self, stats: dict | None = None):
+        """:param stats: counters of the service's own for the broker's metrics (the cache's)."""
+        self._send([p.encode({"t": "hb", "st": stats} if stats else {"t": "hb"})])
 
-    def reply(self, route: dict, header: dict, data=None, invalidate=None, cache=None):
+    def reply(self, route: dict, header: dict, data=None, invalidate=None, cache=None,
+              chunks=None, batch=None):
         """Answer a request that reached this worker with ``route``.
 
         The route frame repeats the outcome (``ok``, ``err``) and, from the cache, whether it was
-        a hit, so the broker can count them without decoding the header.  ``invalidate`` names
-        a name the broker must drop from the cache before it forwards this reply.
+        a hit (for a ``get``, how many ``chunks`` requests the client will send for it; for a
+        ``get_many``, ``batch``: names served whole from the cache, names fetched), so the
+        broker can count them without decoding the header.  ``invalidate`` names a name the
+        broker must drop from the cache before it forwards this reply.
         """
         back = {"t": "rep", "k": route.get("k"), "ok": bool(header.get("ok"))}
         if not back["ok"]:
@@ -99,6 +104,10 @@ class BrokerLink:
             back["inv"] = invalidate
         if cache is not None:
             back["cache"] = cache
+        if chunks:
+            back["n"] = chunks
+        if batch is not None:
+            back["gh"], back["gm"] = batch
         frames = [p.encode(back), p.encode(header)]
         if data is not None:
             frames.append(data)
@@ -156,7 +165,8 @@ def serve(service, link: BrokerLink, log: logging.Logger, should_stop=lambda: Fa
                 link.connect()
                 liveness = p.HEARTBEAT_LIVENESS
             else:
-                link.heartbeat()
+                beat = getattr(service, "beat", None)
+                link.heartbeat(beat() if beat is not None else None)
             service.tick(now)
             if not link.registered and now >= warn_at:
                 warn_at = now + REGISTER_WARN * 6

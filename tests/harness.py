@@ -151,13 +151,16 @@ class Cluster:
                                  data or self.storage_dir, "--id", wid, *self.worker_args,
                                  *extra])
 
-    def start_cache(self, max_bytes="64M", directory=None) -> Proc:
-        return self.start_cache_with([], max_bytes, directory)
+    def start_cache(self, max_bytes="64M", directory=None, wid="cache-1") -> Proc:
+        return self.start_cache_with([], max_bytes, directory, wid)
 
-    def start_cache_with(self, extra, max_bytes="64M", directory=None) -> Proc:
-        return self._spawn("cache", ["cache", "--broker", self.backend, "--dir",
-                                     directory or self.cache_dir, "--max-bytes", max_bytes,
-                                     "--id", "cache-1", *self.worker_args, *extra])
+    def start_cache_with(self, extra, max_bytes="64M", directory=None, wid="cache-1") -> Proc:
+        """A cache worker; another ``wid`` gets a directory of its own by default."""
+        if directory is None:
+            directory = self.cache_dir if wid == "cache-1" else str(self.tmp / wid)
+        return self._spawn("cache", ["cache", "--broker", self.backend, "--dir", directory,
+                                     "--max-bytes", max_bytes, "--id", wid, *self.worker_args,
+                                     *extra])
 
     def workers(self, service=None) -> list:
         with self.client(timeout=2.0) as c:

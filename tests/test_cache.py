@@ -10,7 +10,7 @@ from fms.cache import CacheService, ChunkCache, ManifestCache
 
 
 def chunk(i: int, size: int = 1000) -> tuple:
-    data = bytes([i % 256]) * size
+    data = (i.to_bytes(4, "big") * (size // 4 + 1))[:size]
     return p.sha256(data), data
 
 
@@ -24,18 +24,24 @@ def test_chunk_cache_round_trip(tmp_path):
     assert bytes(p.unpack_data(cache.get(digest))) == data
 
 
-def test_chunk_cache_stays_within_max_bytes_evicting_least_recently_used(tmp_path):
-    cache = ChunkCache(str(tmp_path), max_bytes=3000)
+def test_chunk_cache_stays_within_max_bytes_and_keeps_what_is_read_often(tmp_path):
+    cache = ChunkCache(str(tmp_path), max_bytes=3100)      # room for three, and a window
     keys = [chunk(i) for i in range(3)]
     for digest, data in keys:
+        cache.get(digest)                          # the miss counts towards the frequency
         cache.put(digest, data)
-    cache.get(keys[0][0])                      # 0 is now the most recently used
+    for _ in range(3):
+        cache.get(keys[0][0])                      # 0 is read often
     d3, data3 = chunk(3)
+    cache.get(d3)
+    cache.put(d3, data3)                           # read once: not worth 0, nor 1 or 2
+    assert cache.bytes <= 3100
+    assert keys[0][0] in cache and d3 not in cache and cache.refused == 1
+    for _ in range(3):
+        cache.get(d3)                              # now it is read more than 1 and 2
     cache.put(d3, data3)
-    assert cache.bytes <= 3000
-    assert keys[1][0] not in cache             # 1 was least recently used
-    assert keys[0][0] in cache and d3 in cache
-    assert cache.evictions == 1
+    assert d3 in cache and keys[0][0] in cache and cache.evictions == 1
+    assert cache.bytes <= 3100
 
 
 def test_chunk_larger_than_the_cache_is_not_cached(tmp_path):
@@ -45,48 +51,80 @@ def test_chunk_larger_than_the_cache_is_not_cached(tmp_path):
     assert cache.bytes == 0
 
 
-def test_chunk_cache_keeps_chunks_and_lru_order_across_restarts(tmp_path):
+def disk_files(cache) -> list:
+    cache.flush()
+    return [name for _root, _dirs, names in os.walk(os.path.join(cache.path, "chunks"))
+            for name in names]
+
+
+def test_chunk_cache_keeps_chunks_across_restarts_most_recent_first(tmp_path):
     cache = ChunkCache(str(tmp_path), max_bytes=10_000)
     keys = [chunk(i) for i in range(3)]
     for n, (digest, data) in enumerate(keys):
-        cache.put(digest, data)
+        cache.put(digest, data, counted=False)
+        cache.flush()
         os.utime(cache._path(digest), (1000 + n, 1000 + n))
-    reopened = ChunkCache(str(tmp_path), max_bytes=2000)   # smaller: must evict on load
+    cache.close()
+    reopened = ChunkCache(str(tmp_path), max_bytes=2100)   # smaller: room for two
     assert len(reopened) == 2 and reopened.bytes == 2000
     assert keys[0][0] not in reopened                      # the oldest went
     assert bytes(p.unpack_data(reopened.get(keys[2][0]))) == keys[2][1]
+    assert len(disk_files(reopened)) == 2
 
 
-def test_small_chunks_are_served_from_memory_and_large_ones_from_verified_disk(tmp_path):
-    cache = ChunkCache(str(tmp_path), max_bytes=10 * p.MiB)
-    small, small_data = chunk(1, 4096)
-    large, large_data = chunk(2, 512 * 1024)
-    cache.put(small, small_data)
-    cache.put(large, large_data)
-    os.unlink(cache._path(small))                  # memory answers without the disk
-    assert bytes(p.unpack_data(cache.get(small))) == small_data
-    with open(cache._path(large), "r+b") as f:    # a large chunk is read and verified
+def test_hits_come_from_memory_and_disk_reads_are_checked_against_their_crc(tmp_path):
+    cache = ChunkCache(str(tmp_path), max_bytes=10 * p.MiB, memory_bytes=600 * 1024)
+    first, first_data = chunk(1, 512 * 1024)
+    second, second_data = chunk(2, 512 * 1024)
+    cache.put(first, first_data, counted=False)
+    cache.put(second, second_data, counted=False)
+    assert len(disk_files(cache)) == 2                     # main entries are on disk
+    assert bytes(p.unpack_data(cache.get(first))) == first_data     # read, now in memory
+    os.unlink(cache._path(first))
+    assert bytes(p.unpack_data(cache.get(first))) == first_data     # memory answers
+    with open(cache._path(second), "r+b") as f:            # bit rot on disk
         f.write(b"\xff")
-    assert cache.get(large) is None and cache.corrupt == 1
+    assert cache.get(second) is None and cache.corrupt == 1 and second not in cache
 
 
 def test_memory_tier_is_bounded(tmp_path):
-    cache = ChunkCache(str(tmp_path), max_bytes=400_000)    # memory tier: a quarter
+    cache = ChunkCache(str(tmp_path), max_bytes=400_000)    # memory tier: half
     for i in range(50):
         digest, data = chunk(i, 20_000)
-        cache.put(digest, data)
-    assert cache._hot_bytes <= 100_000 and cache.bytes <= 400_000
+        cache.put(digest, data, counted=False)
+        cache.flush()
+        cache.get(digest)
+    assert 0 < cache._hot_bytes <= 200_000 and cache.bytes <= 400_000
 
 
 def test_corrupt_cache_entry_is_dropped_not_served(tmp_path):
-    cache = ChunkCache(str(tmp_path), max_bytes=10_000)
+    cache = ChunkCache(str(tmp_path), max_bytes=10_000, memory_bytes=0)
     digest, data = chunk(7)
-    cache.put(digest, data)
-    cache._hot.clear()                             # a restarted cache reads from disk
+    cache.put(digest, data, counted=False)
+    cache.flush()
     with open(cache._path(digest), "r+b") as f:
         f.write(b"\xff")
     assert cache.get(digest) is None
     assert digest not in cache and cache.corrupt == 1
+
+
+def test_a_one_time_scan_neither_displaces_the_hot_set_nor_touches_the_disk(tmp_path):
+    cache = ChunkCache(str(tmp_path), max_bytes=100 * 4096)
+    hot = [chunk(i, 4096) for i in range(120)]             # more than fits: the cache is full
+    for _ in range(4):
+        for digest, data in hot:
+            if cache.get(digest) is None:
+                cache.put(digest, data)
+    held = [digest for digest, _ in hot if digest in cache]
+    written = set(disk_files(cache))
+    assert len(held) >= 95
+    for i in range(1000, 1500):                            # 5x the cache, read once each
+        digest, data = chunk(i, 4096)
+        if cache.get(digest) is None:
+            cache.put(digest, data)
+    assert sum(digest in cache for digest in held) >= len(held) - 1   # (the window's one)
+    assert set(disk_files(cache)) == written               # nothing of the scan was written
+    assert cache.refused >= 490
 
 
 # --- ManifestCache: the read-after-write rule ---
@@ -95,23 +133,23 @@ def test_fill_started_before_an_invalidation_is_stale():
     m = ManifestCache()
     token = m.begin_fetch()
     m.invalidate("a")
-    assert not m.fill("a", {"name": "a"}, token)
+    assert not m.fill("a", {"name": "a", "chunks": []}, token)
     assert m.lookup("a") is None
-    assert m.fill("a", {"name": "a"}, m.begin_fetch())     # a fetch started after is fine
+    assert m.fill("a", {"name": "a", "chunks": []}, m.begin_fetch())     # a fetch started after is fine
 
 
 def test_invalidating_another_name_does_not_spoil_a_fill():
     m = ManifestCache()
     token = m.begin_fetch()
     m.invalidate("b")
-    assert m.fill("a", {"name": "a"}, token)
+    assert m.fill("a", {"name": "a", "chunks": []}, token)
 
 
 def test_invalidate_all_spoils_every_fill_in_flight():
     m = ManifestCache()
     token = m.begin_fetch()
     m.invalidate_all()
-    assert not m.fill("a", {"name": "a"}, token)
+    assert not m.fill("a", {"name": "a", "chunks": []}, token)
 
 
 def test_forgetting_old_invalidations_keeps_pending_fetches_honest():
@@ -131,10 +169,13 @@ class Link:
         self.replies = []     # (route, header, data)
         self.requests = []    # (service, header)
         self.outcomes = []    # "hit" / "miss", as the route frame tells the broker
+        self.chunks = []      # chunk requests to follow a get, as the route frame tells
 
-    def reply(self, route, header, data=None, invalidate=None, cache=None):
+    def reply(self, route, header, data=None, invalidate=None, cache=None, chunks=None,
+              batch=None):
         self.replies.append((route, header, data))
         self.outcomes.append(cache)
+        self.chunks.append(chunks)
 
     def request(self, service, header, data=None):
         self.requests.append((service, header))
@@ -252,6 +293,47 @@ def test_fetch_that_times_out_answers_its_waiters(service):
     assert service.link.replies[0][1]["error"] == "unavailable"
     storage_answers(service, service.link.requests[0][1], b"late", 1)  # too late: ignored
     assert len(service.link.replies) == 1
+
+
+def fill(service, name, content, version=1, client=b"c", req_id=1):
+    """A get of ``name`` that misses, answered by storage with ``content``."""
+    service.handle_request(route(client), get(name, req_id), None)
+    storage_answers(service, service.link.requests[-1][1], content, version)
+
+
+def test_overwrite_drops_the_old_versions_chunk_and_the_names_popularity(service):
+    for i in range(5):
+        service.handle_request(route(b"c"), get("f", i), None)     # f is popular
+    storage_answers(service, service.link.requests[0][1], b"old", 1)
+    old = p.sha256(b"old")
+    assert old in service.chunks and service.manifests.policy.sketch.frequency("f") >= 5
+    service.on_invalidate("f")
+    assert old not in service.chunks and service.dropped_chunks == 1
+    assert service.manifests.policy.sketch.frequency("f") == 0
+
+
+def test_invalidation_keeps_a_chunk_another_cached_file_shares(service):
+    fill(service, "a", b"same")
+    fill(service, "b", b"same", req_id=2)
+    service.on_invalidate("a")
+    assert p.sha256(b"same") in service.chunks
+    service.on_invalidate("b")
+    assert p.sha256(b"same") not in service.chunks
+
+
+def test_get_reply_tells_the_broker_how_many_chunks_follow_and_skips_large_files(tmp_path):
+    service = CacheService(ChunkCache(str(tmp_path), 10 * p.MiB), Link(), max_file=2 * p.MiB)
+    def big(name, size):
+        digests = [p.sha256(b"%d" % i) for i in range(-(-size // p.DEFAULT_CHUNK_SIZE))]
+        return {**manifest_of(name, b"x"), "size": size, "chunks": digests}
+    for i, (name, size) in enumerate([("two", 2 * p.MiB), ("three", 3 * p.MiB)]):
+        service.handle_request(route(b"c"), get(name, i), None)
+        fetch = service.link.requests[-1][1]
+        service.handle_reply(p.ok_reply(fetch["id"], manifest=big(name, size)), None)
+    service.handle_request(route(b"c"), get("tiny", 9), None)
+    storage_answers(service, service.link.requests[-1][1], b"tiny", 1)
+    assert service.link.chunks == [2, 0, 0]                # 3 MiB > max_file; tiny is inline
+    assert [h.get("cache") for _, h, _ in service.link.replies] == [None, False, None]
 
 
 # --- get_many: hits from the cache, every miss in one storage fetch ---

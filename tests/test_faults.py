@@ -244,9 +244,15 @@ def test_corrupt_cache_entry_is_dropped_and_refetched(cluster):
         c.put_bytes(data, "f")
         assert c.get_bytes("f") == data           # fills the cache
         victim = p.sha256(data[:MiB]).hex()
-        with open(os.path.join(cluster.cache_dir, "chunks", victim[:2], victim), "r+b") as f:
+        folder = os.path.join(cluster.cache_dir, "chunks", victim[:2])
+        # Written behind the reply; named <sha256>.<crc32 recorded at fill>.
+        wait_for(lambda: os.path.isdir(folder) and any(n.startswith(victim)
+                                                       for n in os.listdir(folder)),
+                 10, "the cache's disk write")
+        name, = (n for n in os.listdir(folder) if n.startswith(victim))
+        with open(os.path.join(folder, name), "r+b") as f:
             f.write(b"\x00" * 16)
-        assert c.get_bytes("f") == data
+        assert c.get_bytes("f") == data            # read from disk (not yet in memory): bad CRC
         assert c.cache_stats()["corrupt"] == 1
 
 

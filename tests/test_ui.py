@@ -112,11 +112,14 @@ def test_stats_json_shows_workers_cache_and_store(cluster, tmp_path):
     assert sorted((w["service"], w["id"]) for w in out["workers"]) == \
         [("cache", "cache-1"), ("storage", "storage-a"), ("storage", "storage-b")]
     assert all({"state", "inflight", "served"} <= set(w) for w in out["workers"])
-    assert out["cache"]["hits"] == 1 and out["cache"]["misses"] == 1
-    assert out["cache"]["bytes"] == 1000 and out["cache"]["hit_ratio"] == 0.5
+    assert out["cache"]["hits"] == 1 and out["cache"]["misses"] == 1      # lookups
+    assert out["cache"]["bytes"] == 1000
+    assert (out["cache"]["get_hits"], out["cache"]["get_misses"]) == (1, 1)   # per GET
+    assert (out["cache"]["bytes_hit"], out["cache"]["bytes_missed"]) == (1000, 1000)
+    assert {"evictions", "admissions_refused"} <= set(out["cache"])
     assert out["store"] == {"files": 1, "bytes": 1000, "chunks": 1, "chunk_bytes": 1000}
     text = cluster.cli("stats").stdout.decode()
-    assert "hits=1" in text and "storage-a" in text and "files=1" in text
+    assert "get_hits=1" in text and "storage-a" in text and "files=1" in text
 
 
 def test_broker_serves_prometheus_metrics(make_cluster, tmp_path):
@@ -141,6 +144,10 @@ def test_broker_serves_prometheus_metrics(make_cluster, tmp_path):
     assert samples['fms_requests_total{op="stat",outcome="not_found"}'] == 1
     assert samples['fms_request_duration_seconds_count{op="commit",outcome="ok"}'] == 1
     assert samples['fms_cache_hits_total'] == 1 and samples['fms_cache_misses_total'] == 1
+    assert samples['fms_cache_get_hits_total'] == 1 and samples['fms_cache_get_misses_total'] == 1
+    assert samples['fms_cache_bytes_hit_total'] == 100
+    assert samples['fms_cache_bytes_missed_total'] == 100
+    assert {'fms_cache_evictions_total', 'fms_cache_admissions_refused_total'} <= set(samples)
     assert samples['fms_workers{service="storage"}'] == 2
     assert samples['fms_workers{service="cache"}'] == 1
     assert all(name.startswith("fms_") for name in samples)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 import fms
 from conftest import ROOT, wait_for
 
@@ -39,13 +41,15 @@ def alive(pid: int) -> bool:
         return False
 
 
-def test_up_serves_and_ctrl_c_stops_every_process(tmp_path):
+@pytest.mark.parametrize("caches", [1, 2])
+def test_up_serves_and_ctrl_c_stops_every_process(tmp_path, caches):
     frontend = f"tcp://127.0.0.1:{free_port()}"
     backend = f"tcp://127.0.0.1:{free_port()}"
     log = open(tmp_path / "up.log", "wb")
     up = subprocess.Popen([sys.executable, "-m", "fms", "up", "--frontend", frontend,
                            "--backend", backend, "--data", str(tmp_path / "data"),
-                           "--cache-bytes", "64M"], cwd=ROOT, stdout=log, stderr=log)
+                           "--cache-bytes", "64M", "--caches", str(caches)], cwd=ROOT,
+                          stdout=log, stderr=log)
     kids = []
     try:
         def ready():
@@ -54,10 +58,10 @@ def test_up_serves_and_ctrl_c_stops_every_process(tmp_path):
                     workers = c.status()["workers"]
             except fms.FmsError:
                 return False
-            return sorted(w["service"] for w in workers) == ["cache", "storage", "storage"]
-        wait_for(ready, 20, "fms up to start broker, cache and two storage workers")
+            return sorted(w["service"] for w in workers) == ["cache"] * caches + ["storage"] * 2
+        wait_for(ready, 20, f"fms up to start broker, {caches} cache and two storage workers")
         kids = children_of(up.pid)
-        assert len(kids) == 4
+        assert len(kids) == 3 + caches
         with fms.Client(frontend) as c:
             c.put_bytes(b"hello from up", "greeting")
             assert c.get_bytes("greeting") == b"hello from up"

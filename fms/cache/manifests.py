@@ -9,18 +9,32 @@ that arrived after the invalidation.
 
 import collections
 
-MAX_MANIFESTS = 100_000  # manifests kept in memory; the oldest are dropped past this
+from .policy import WTinyLFU
+
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024   # manifests kept in memory, by their estimated weight
+MANIFEST_OVERHEAD = 256                  # bytes a manifest weighs besides its name and chunks
+
+
+def weight(name: str, manifest: dict) -> int:
+    """About what a manifest holds in memory: its name, its chunk hashes, the rest."""
+    return MANIFEST_OVERHEAD + len(name) + len(manifest["chunks"]) * 40
 
 
 class ManifestCache:
     """Manifests in memory, with the invalidation clock that keeps fills honest.
 
-    :param max_entries: bound on manifests kept; least recently used go first.
+    Which manifests stay is decided by the same W-TinyLFU as chunks (:mod:`.policy`), by
+    weight.  The frequency of a name is forgotten when the name changes: a new version earns
+    its own.  It also counts, for each chunk, how many cached manifests list it, so that the
+    chunks of a dead version can be dropped without dropping a chunk another file still shares.
+
+    :param max_bytes: bound on the manifests' weight.
     """
 
-    def __init__(self, max_entries: int = MAX_MANIFESTS):
-        self.max_entries = max_entries
-        self._entries = collections.OrderedDict()  # name -> manifest
+    def __init__(self, max_bytes: int = MAX_MANIFEST_BYTES):
+        self.policy = WTinyLFU(max_bytes, expected_entries=max_bytes // MANIFEST_OVERHEAD)
+        self._entries = {}          # name -> manifest
+        self._refs = collections.Counter()   # chunk digest -> cached manifests listing it
         self._clock = 0
         self._invalidated_at = {}   # name -> clock of its latest invalidation
         self._cleared_at = 0        # clock of the latest invalidate_all
@@ -29,10 +43,13 @@ class ManifestCache:
         return len(self._entries)
 
     def lookup(self, name: str):
-        manifest = self._entries.get(name)
-        if manifest is not None:
-            self._entries.move_to_end(name)
-        return manifest
+        """The cached manifest of ``name`` or None; counts towards the name's frequency."""
+        self.policy.access(name)
+        return self._entries.get(name)
+
+    def shared(self, digest: bytes) -> bool:
+        """Whether a cached manifest lists this chunk."""
+        return self._refs[digest] > 0
 
     def begin_fetch(self) -> int:
         """A token to hand back to :meth:`fresh` / :meth:`fill` when the fetch completes."""
@@ -46,21 +63,40 @@ class ManifestCache:
         """Store a fetched manifest unless it is stale.  :return: whether it was stored."""
         if not self.fresh(name, token):
             return False
+        self._drop(name)
         self._entries[name] = manifest
-        self._entries.move_to_end(name)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
-        return True
+        self._refs.update(manifest["chunks"])
+        dropped, _ = self.policy.insert(name, weight(name, manifest))
+        for old in dropped:
+            self._drop(old)
+        return name in self._entries
+
+    def _drop(self, name: str):
+        manifest = self._entries.pop(name, None)
+        if manifest is not None:
+            self._refs.subtract(manifest["chunks"])
+            for digest in manifest["chunks"]:
+                if self._refs[digest] <= 0:
+                    del self._refs[digest]
+        return manifest
 
     def invalidate(self, name: str):
+        """Forget ``name``: its manifest, and its popularity.
+
+        :return: the dropped manifest, or None.
+        """
         self._clock += 1
         self._invalidated_at[name] = self._clock
-        self._entries.pop(name, None)
+        self.policy.remove(name, forget=True)
+        return self._drop(name)
 
     def invalidate_all(self):
         self._clock += 1
         self._cleared_at = self._clock
+        for name in list(self._entries):
+            self.policy.remove(name)
         self._entries.clear()
+        self._refs.clear()
         self._invalidated_at.clear()  # cleared_at now dominates every older entry
 
     def forget_before(self, oldest_token):

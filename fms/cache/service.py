@@ -3,6 +3,13 @@
 A miss becomes one fetch to storage however many requests wait for the same key; storage pushes
 the data back here, the cache verifies it, fills itself and answers every waiter.  Manifest fills
 go through :class:`~fms.cache.manifests.ManifestCache`, which refuses stale ones (see there).
+
+Each reply's route frame tells the broker whether it was a hit, and a ``get`` reply how many
+chunk requests the client will make for that file (0 when its content came along, or when it is
+too large to cache, ``max_file``: then the reply says ``cache: false`` and the client reads the
+chunks from storage).  The broker counts a client's GET as a hit only when the manifest and every
+chunk came from the cache (fms.metrics.ReadTally); a ``get_many`` reply's route counts its names
+served whole from here (``gh``) and those fetched (``gm``).
 """
 
 import itertools
@@ -39,12 +46,17 @@ class CacheService:
     :param chunks: the on-disk chunk cache.
     :param link: where replies and fetches go.
     :param manifests: the manifest cache (a fresh one by default).
+    :param max_file: files larger than this are not cached: their chunks are read from storage
+        (default: a quarter of the chunk cache).
     """
 
-    def __init__(self, chunks: ChunkCache, link, manifests: ManifestCache | None = None):
+    def __init__(self, chunks: ChunkCache, link, manifests: ManifestCache | None = None,
+                 max_file: int | None = None):
         self.chunks = chunks
         self.manifests = manifests or ManifestCache()
         self.link = link
+        self.max_file = chunks.max_bytes // 4 if max_file is None else max_file
+        self.dropped_chunks = 0      # chunks of dead versions dropped on invalidation
         self.hits = 0
         self.misses = 0
         self.fetches = 0
@@ -74,10 +86,20 @@ class CacheService:
         if hit is not None:
             self.hits += 1
             manifest, frame = hit
-            self.link.reply(route, p.ok_reply(header["id"], manifest=manifest), frame, cache="hit")
+            self._reply_get(route, header["id"], {}, manifest, frame, "hit")
             return
         self.misses += 1
         self._wait("get", name, route, header["id"])
+
+    def _reply_get(self, route, req_id, header: dict, manifest: dict, frame, outcome: str):
+        """Answer a get; the route tells the broker how many chunk requests will follow."""
+        fields = {"manifest": manifest}
+        chunks = 0 if _inline(manifest) else len(manifest["chunks"])
+        if manifest["size"] > self.max_file:
+            fields["cache"] = False       # the client reads these chunks from storage
+            chunks = 0
+        self.link.reply(route, {**header, **p.ok_reply(req_id, **fields)}, frame, cache=outcome,
+                        chunks=chunks)
 
     def _lookup(self, name: str):
         """A hit: ``(manifest, data frame of its content or None)``; None on a miss (no
@@ -163,8 +185,9 @@ class CacheService:
         self._answer(fetch, header, data)
         if chunk is not None:
             # Verified already; written after the answers, so the disk write is not on their
-            # path (the reply frames are not touched by it).
-            self.chunks.put(chunk, payload)
+            # path (the reply frames are not touched by it).  A chunk's miss was counted by its
+            # lookup; a small file's content is counted here (its manifest missed).
+            self.chunks.put(chunk, payload, counted=fetch.kind == "chunk")
 
     def _check_chunk(self, fetch, payload) -> bytes:
         """:return: the digest to cache ``payload`` under, once it matches."""
@@ -213,7 +236,7 @@ class CacheService:
             fetched[name] = (manifest, payload)
         self._answer_batch(fetch, fetched, "miss")
         for digest, payload in verified:
-            self.chunks.put(digest, payload)
+            self.chunks.put(digest, payload, counted=False)
 
     def _answer_batch(self, fetch, fetched: dict, cache: str):
         """Answer a get_many: each name from ``fetch.found`` (a hit) or ``fetched`` (storage's
@@ -232,8 +255,10 @@ class CacheService:
                 batch.error(str(got["error"]), str(got.get("message", "")))
             else:
                 batch.manifest(*got)
+        whole = sum(1 for hit in fetch.found if hit is not None
+                    and (hit[1] is not None or not hit[0]["chunks"]))
         self.link.reply(route, p.ok_reply(req_id, results=batch.results), batch.frame(),
-                        cache=cache)
+                        cache=cache, batch=(whole, len(fetch.key)))
 
     def _expired(self, route, req_id, cache) -> bool:
         """If the request's client stopped waiting (fms.worker stamps the deadline), send a short
@@ -253,7 +278,11 @@ class CacheService:
     def _answer(self, fetch, header, data):
         buf = data.buffer if data is not None else None
         for route, req_id in fetch.waiters:
-            if not self._expired(route, req_id, "miss"):
+            if self._expired(route, req_id, "miss"):
+                continue
+            if fetch.kind == "get" and header.get("ok"):
+                self._reply_get(route, req_id, header, header["manifest"], buf, "miss")
+            else:
                 self.link.reply(route, {**header, "id": req_id}, buf, cache="miss")
 
     def _fail(self, fetch, code, message):
@@ -263,7 +292,16 @@ class CacheService:
     # --- control ---
 
     def on_invalidate(self, name: str):
-        self.manifests.invalidate(name)
+        """``name`` changed: drop its manifest, its popularity, and the chunks of the dead
+        version that no other cached manifest lists (content-addressed chunks are never stale,
+        but these would only take room)."""
+        old = self.manifests.invalidate(name)
+        if old is None:
+            return
+        for digest in old["chunks"]:
+            if digest in self.chunks and not self.manifests.shared(digest):
+                self.chunks.drop(digest, forget=True)
+                self.dropped_chunks += 1
 
     def on_register(self):
         # A broker we were cut off from may have acked writes we never heard of.
@@ -280,15 +318,22 @@ class CacheService:
         self.manifests.forget_before(min((f.token for f in self._fetches.values()), default=None))
 
     def stats(self) -> dict:
-        total = self.hits + self.misses
+        """This worker's figures.  ``hits`` / ``misses`` count manifest and chunk lookups alike;
+        per-GET figures are the broker's (``get_hits`` ... in its status, see fms.metrics)."""
         return {
             "hits": self.hits, "misses": self.misses, "fetches": self.fetches,
-            "hit_ratio": (self.hits / total) if total else 0.0,
             "bytes": self.chunks.bytes, "max_bytes": self.chunks.max_bytes,
+            "memory_bytes": self.chunks.memory_bytes, "max_file": self.max_file,
             "entries": len(self.chunks), "evictions": self.chunks.evictions,
+            "admissions_refused": self.chunks.refused, "dropped_chunks": self.dropped_chunks,
             "corrupt": self.chunks.corrupt, "manifests": len(self.manifests),
+            "manifest_evictions": self.manifests.policy.evictions,
             "pending_fetches": len(self._fetches),
         }
+
+    def beat(self) -> dict:
+        """What the heartbeat tells the broker (for its Prometheus counters)."""
+        return {"evictions": self.chunks.evictions, "refused": self.chunks.refused}
 
 
 def _inline(manifest: dict) -> bool:

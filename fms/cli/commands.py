@@ -24,7 +24,8 @@ def open_client(args):
     from ..security import client_keys
     curve = client_keys(getattr(args, "curve_secret", None), getattr(args, "server_key", None))
     return Client(getattr(args, "broker", None), timeout=getattr(args, "timeout", 5.0),
-                  progress=progress, curve=curve, fsync=getattr(args, "fsync", False))
+                  progress=progress, curve=curve, fsync=getattr(args, "fsync", False),
+                  cache=not getattr(args, "no_cache", False))
 
 
 class _ProgressBars:
@@ -210,6 +211,10 @@ def cmd_stats(args):
             store = client.usage()
         except Unavailable:
             store = None
+    if cache is not None:
+        # One worker's own figures (lookups, bytes held), then the tier's, counted by the
+        # broker over every cache worker: GETs whose every piece came from the cache, bytes.
+        cache = {**cache, **status.get("cache", {})}
     out = {"workers": status["workers"], "cache": cache, "store": store,
            "broker": status["broker"]}
     if args.json:
@@ -224,10 +229,15 @@ def cmd_stats(args):
     if cache is None:
         print("cache   none connected (reads go straight to storage)")
     else:
-        print(f"cache   hits={cache['hits']} misses={cache['misses']} "
-              f"hit_ratio={cache['hit_ratio']:.2f} bytes={_human(cache['bytes'])}"
-              f"/{_human(cache['max_bytes'])} entries={cache['entries']} "
-              f"evictions={cache['evictions']}")
+        gets = cache["get_hits"] + cache["get_misses"]
+        ratio = f"{cache['get_hits'] / gets:.2f}" if gets else "-"
+        print(f"cache   get_hits={cache['get_hits']} get_misses={cache['get_misses']} "
+              f"hit_ratio={ratio} bytes_hit={_human(cache['bytes_hit'])} "
+              f"bytes_missed={_human(cache['bytes_missed'])} "
+              f"evictions={cache['evictions']} refused={cache['admissions_refused']}")
+        print(f"cache   (one worker) bytes={_human(cache['bytes'])}/"
+              f"{_human(cache['max_bytes'])} entries={cache['entries']} "
+              f"lookups: hits={cache['hits']} misses={cache['misses']}")
     if store is None:
         print("store   no storage worker connected")
     else:

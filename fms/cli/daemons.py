@@ -122,9 +122,12 @@ def cmd_cache(args):
     from ..logutil import setup_logging
     setup_logging(args.log_level)
     try:
-        chunks = ChunkCache(args.dir, args.max_bytes)
+        chunks = ChunkCache(args.dir, args.max_bytes, args.memory_bytes)
     except OSError as exc:
         raise FmsError(f"cannot use cache directory {args.dir}: {exc.strerror}") from None
-    service = CacheService(chunks, None)
-    return _run_worker(args, service, {"svc": p.CACHE, "wid": _worker_id(args, "cache")},
-                       "fms.cache")
+    service = CacheService(chunks, None, max_file=args.max_file)
+    try:
+        return _run_worker(args, service, {"svc": p.CACHE, "wid": _worker_id(args, "cache")},
+                           "fms.cache")
+    finally:
+        chunks.close()

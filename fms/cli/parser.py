@@ -62,6 +62,9 @@ def build_parser(prog: str = "fms", client_only: bool = False) -> argparse.Argum
                f"{prog} get trips/1.jpg - | wc -c   # to stdout\n"
                f"{prog} get -r trips ./restore      # keeps the tree")
     cmd.add_argument("-r", "--recursive", action="store_true", help="download a prefix as a tree")
+    cmd.add_argument("--no-cache", action="store_true",
+                     help="read from storage, not through the cache (a one-time read, e.g. a "
+                          "backup, that should not displace what others read often)")
     cmd.add_argument("--fsync", action="store_true",
                      help="flush downloads to disk before renaming them into place (survives a "
                           "power loss; slower)")
@@ -165,7 +168,11 @@ def _daemon_parsers(sub):
     cmd.add_argument("--storage", type=int, default=2, metavar="N",
                      help="storage workers to start (%(default)s)")
     cmd.add_argument("--cache-bytes", type=parse_size, default=DEFAULT_CACHE_BYTES, metavar="SIZE",
-                     help="cache bound, e.g. 512M or 2G (%(default)s)")
+                     help="cache bound, e.g. 512M or 2G, shared by the cache workers "
+                          "(%(default)s)")
+    cmd.add_argument("--caches", type=int, default=1, metavar="N",
+                     help="cache workers to start; they share the names and chunks by "
+                          "rendezvous hashing (%(default)s)")
     cmd.add_argument("--curve", action="store_true",
                      help="require CURVE: make keys in DATA/keys (once) and use them")
     cmd.add_argument("--insecure", action="store_true",
@@ -253,4 +260,10 @@ def _cache_args(cmd):
                      help="cache directory (%(default)s)")
     cmd.add_argument("--max-bytes", type=parse_size, default=DEFAULT_CACHE_BYTES, metavar="SIZE",
                      help="cache bound, e.g. 512M or 2G (%(default)s)")
+    cmd.add_argument("--memory-bytes", type=parse_size, default=None, metavar="SIZE",
+                     help="chunks also kept in memory, answered without a disk read (default: "
+                          "the smaller of 64M and half of --max-bytes; 0: none)")
+    cmd.add_argument("--max-file", type=parse_size, default=None, metavar="SIZE",
+                     help="files larger than this are read from storage, not cached (default: "
+                          "a quarter of --max-bytes)")
 

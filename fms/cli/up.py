@@ -18,6 +18,8 @@ def cmd_up(args):
     import subprocess
     if args.storage < 1:
         raise FmsError("--storage must be at least 1")
+    if args.caches < 0:
+        raise FmsError("--caches must be 0 or more")
     py = [sys.executable, "-m", "fms"]
     log = ["--log-level", args.log_level]
     os.makedirs(args.data, exist_ok=True)
@@ -30,10 +32,13 @@ def cmd_up(args):
     # storage worker (or impostor) registers first.
     store = ["--store", _store_id(os.path.join(args.data, "storage"), args.meta, args.chunks)]
     specs = [("broker", py + ["broker", "--frontend", args.frontend, "--backend", args.backend]
-              + server + store + insecure + log),
-             ("cache", py + ["cache", "--broker", args.backend, "--dir",
-                             os.path.join(args.data, "cache"), "--max-bytes",
-                             str(args.cache_bytes)] + workers + log)]
+              + server + store + insecure + log)]
+    for i in range(args.caches):
+        # One cache keeps DATA/cache as before; several split the bound, a folder each.
+        name = "cache" if args.caches == 1 else f"cache-{i + 1}"
+        specs.append((name, py + ["cache", "--broker", args.backend, "--dir",
+                                  os.path.join(args.data, name), "--id", name, "--max-bytes",
+                                  str(args.cache_bytes // args.caches)] + workers + log))
     for i in range(args.storage):
         specs.append((f"storage-{i + 1}", py + ["storage", "--broker", args.backend, "--data",
                                                 os.path.join(args.data, "storage"),
@@ -51,8 +56,8 @@ def cmd_up(args):
         if client:
             hint = (f"python client.py --curve-secret {client[0]} --server-key {client[1]} "
                     f"put FILE")
-        print(f"fms up: broker at {args.frontend} (workers on {args.backend}), cache and "
-              f"{args.storage} storage workers, data in {os.path.abspath(args.data)}"
+        print(f"fms up: broker at {args.frontend} (workers on {args.backend}), {args.caches} "
+              f"cache and {args.storage} storage workers, data in {os.path.abspath(args.data)}"
               f"{', CURVE on' if args.curve else ''}\n"
               f"fms up: try `{hint}` in another terminal; Ctrl-C stops all",
               file=sys.stderr, flush=True)

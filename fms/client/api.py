@@ -47,12 +47,15 @@ class Client:
     :param curve: a :class:`fms.security.CurveClient` (own keys + the broker's public key) to
         encrypt and authenticate, or None; see :func:`fms.security.client_keys`.
     :param fsync: make downloads durable (fsync) before they are renamed into place.
+    :param cache: read through the cache tier; False reads from storage (a one-time read the
+        cache need not hold).
     """
 
     def __init__(self, broker: str | None = None, *, timeout: float = DEFAULT_TIMEOUT,
                  retries: int = DEFAULT_RETRIES, window: int = DEFAULT_WINDOW,
                  chunk_size: int = p.DEFAULT_CHUNK_SIZE, progress=None,
-                 ctx: zmq.Context | None = None, curve=None, fsync: bool = False):
+                 ctx: zmq.Context | None = None, curve=None, fsync: bool = False,
+                 cache: bool = True):
         if not p.MIN_CHUNK_SIZE <= chunk_size <= p.MAX_CHUNK_SIZE:
             raise BadRequest(f"chunk size must be between {p.MIN_CHUNK_SIZE} and "
                              f"{p.MAX_CHUNK_SIZE} bytes")
@@ -61,6 +64,7 @@ class Client:
         self.chunk_size = chunk_size
         self.progress = progress
         self.fsync = fsync
+        self.cache = cache
 
     @property
     def broker(self) -> str:
@@ -217,7 +221,8 @@ class Client:
         results = [None] * len(items)
         later = []
         batches = [range(k, min(k + GET_BATCH, len(items))) for k in range(0, len(items), GET_BATCH)]
-        requests = ((batch, "get_many", {"names": [items[i][0] for i in batch]}, None)
+        requests = ((batch, "get_many", {"names": [items[i][0] for i in batch],
+                                         **self._get_fields()}, None)
                     for batch in batches)
         for batch, header, frame in self.session.pipeline(requests, BATCH_WINDOW):
             replies = p.read_batch(header, frame.buffer if frame is not None else None,
@@ -240,41 +245,58 @@ class Client:
     def _get_one(self, name: str, dest: str, manifest: dict | None = None) -> dict:
         """Download one file; ``manifest``: already known (only a small file's content, which
         comes with a ``get``, is then asked for)."""
-        frame = None
+        frame, via = None, self._get_fields()     # a batch's large file: untagged
         if manifest is None or p.travels_inline(manifest["size"], len(manifest["chunks"])):
-            header, frame = self.call("get", name=name)
-            manifest = p.check_manifest(header.get("manifest"))
+            manifest, frame, via = self._manifest(name)
         with download.atomic_file(dest, manifest, self.fsync) as out:
             if frame is not None:
                 manifest, data = download.fetch_whole(self.session, name, manifest,
                                                       p.unpack_data(frame.buffer))
                 out.write(data)
             else:
-                download.download_to_file(self.session, manifest, out, self._report)
+                download.download_to_file(self.session, manifest, out, self._report, via)
         return _public(manifest)
+
+    def _get_fields(self) -> dict:
+        """Fields of a read: ``fresh`` sends it to storage when the cache is not wanted."""
+        return {} if self.cache else {"fresh": True}
+
+    def _chunk_fields(self, header: dict) -> dict:
+        """Fields of the chunk requests of the file a ``get`` reply describes: through the
+        cache, tagged with the GET (``of``: the broker counts a GET whose every piece came from
+        the cache as a hit); else from storage (``fresh``), when this client reads without the
+        cache or the cache said it will not hold the file (``cache: false``)."""
+        if not self.cache or header.get("cache") is False:
+            return {"fresh": True}
+        return {"of": header["id"]}
+
+    def _manifest(self, name: str):
+        """``get`` a manifest.  :return: (manifest, inline content frame or None, the fields of
+        its chunk requests)."""
+        header, frame = self.call("get", name=p.check_name(name), **self._get_fields())
+        return p.check_manifest(header.get("manifest")), frame, self._chunk_fields(header)
 
     def get_bytes(self, name: str) -> bytes:
         """The content of ``name`` in memory (for small files)."""
-        header, frame = self.call("get", name=p.check_name(name))
-        manifest = p.check_manifest(header.get("manifest"))
+        manifest, frame, via = self._manifest(name)
         if frame is not None:
             return bytes(download.fetch_whole(self.session, name, manifest,
                                               p.unpack_data(frame.buffer))[1])
         parts = []
-        download.download_chunks(self.session, manifest, download.Collect(parts), self._report)
+        download.download_chunks(self.session, manifest, download.Collect(parts), self._report,
+                                 via)
         return b"".join(parts)
 
     def get_to(self, name: str, stream) -> dict:
         """Write the content of ``name`` to a binary stream (e.g. stdout), verified chunk by
         chunk before it is written (:raises IntegrityError:)."""
-        header, frame = self.call("get", name=p.check_name(name))
-        manifest = p.check_manifest(header.get("manifest"))
+        manifest, frame, via = self._manifest(name)
         if frame is not None:
             manifest, data = download.fetch_whole(self.session, name, manifest,
                                                   p.unpack_data(frame.buffer))
             stream.write(data)
         else:
-            download.download_chunks(self.session, manifest, stream, self._report)
+            download.download_chunks(self.session, manifest, stream, self._report, via)
         return _public(manifest)
 
     def open(self, name: str) -> "RemoteFile":
@@ -285,8 +307,8 @@ class Client:
 
         :raises NotFound: no such name.
         """
-        header, frame = self.call("get", name=p.check_name(name))
-        return RemoteFile(self.session, p.check_manifest(header.get("manifest")), frame)
+        manifest, frame, via = self._manifest(name)
+        return RemoteFile(self.session, manifest, frame, via)
 
     def _report(self, name: str, done: int, total: int):
         if self.progress is not None:

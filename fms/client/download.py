@@ -37,17 +37,17 @@ def fetch_whole(session: Session, name: str, manifest: dict, data):
     return manifest, checked_whole(manifest, p.unpack_data(frame.buffer))
 
 
-def download_chunks(session: Session, manifest: dict, out, report):
+def download_chunks(session: Session, manifest: dict, out, report, via=None):
     """Fetch every chunk pipelined, verify each and write them in order to the stream ``out``;
-    ``report(name, done, total)`` after each chunk."""
+    ``report(name, done, total)`` after each chunk; ``via``: see :func:`iter_chunks`."""
     done = 0
-    for piece in iter_chunks(session, manifest):
+    for piece in iter_chunks(session, manifest, via=via):
         out.write(piece)
         done += len(piece)
         report(manifest["name"], done, manifest["size"])
 
 
-def download_to_file(session: Session, manifest: dict, out, report):
+def download_to_file(session: Session, manifest: dict, out, report, via=None):
     """Fetch every chunk pipelined into the file ``out`` (open for writing, empty): while this
     thread receives, :data:`VERIFY_THREADS` threads check each chunk against its digest and
     write it at its offset (hashlib and ``os.pwrite`` release the GIL), so hashing, writing and
@@ -59,7 +59,8 @@ def download_to_file(session: Session, manifest: dict, out, report):
     out.flush()
     fd, chunk_size = out.fileno(), manifest["chunk_size"]
     window = session.data_window(chunk_size)
-    requests = ((i, "chunk", {"hash": h}, None) for i, h in enumerate(manifest["chunks"]))
+    requests = ((i, "chunk", {"hash": h, **(via or {})}, None)
+                for i, h in enumerate(manifest["chunks"]))
     pending = collections.deque()       # (index, data, future) in arrival order
     done = 0
     with ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="fms-verify") as pool:
@@ -112,16 +113,19 @@ def _refetch(session: Session, manifest: dict, i: int):
     return data
 
 
-def iter_chunks(session: Session, manifest: dict, start: int = 0):
+def iter_chunks(session: Session, manifest: dict, start: int = 0, via=None):
     """Yield the chunks of ``manifest`` from index ``start`` on, in order, each verified;
     ``window`` requests stay in flight and out-of-order arrivals wait (at most ``window``).
+    ``via``: fields of every chunk request: the GET they belong to (``of``), or ``fresh``
+    (from storage); see fms.client.api.Client._chunk_fields.
 
     :raises IntegrityError: a chunk does not match its sha256.
     """
     chunks = manifest["chunks"]
     held = {}
     next_index = start
-    requests = ((i, "chunk", {"hash": chunks[i]}, None) for i in range(start, len(chunks)))
+    requests = ((i, "chunk", {"hash": chunks[i], **(via or {})}, None)
+                for i in range(start, len(chunks)))
     for i, _header, frame in session.pipeline(requests,
                                               session.data_window(manifest["chunk_size"])):
         data = p.unpack_data(frame.buffer) if frame is not None else memoryview(b"")
@@ -136,9 +140,10 @@ def iter_chunks(session: Session, manifest: dict, start: int = 0):
 class RemoteFile(io.RawIOBase):
     """What :meth:`fms.Client.open` returns: read it like a local binary file."""
 
-    def __init__(self, session: Session, manifest: dict, inline_frame=None):
+    def __init__(self, session: Session, manifest: dict, inline_frame=None, via=None):
         super().__init__()
         self._session = session
+        self._via = via
         self.manifest = manifest
         self.name = manifest["name"]
         self.size = manifest["size"]
@@ -189,7 +194,7 @@ class RemoteFile(io.RawIOBase):
         expected_start = self._buf_start + len(self._buf)
         if self._stream is None or pos < self._buf_start or pos >= expected_start + chunk_size:
             # A jump: restart the prefetching stream at the chunk that holds pos.
-            self._stream = iter_chunks(self._session, self.manifest, index)
+            self._stream = iter_chunks(self._session, self.manifest, index, self._via)
             self._buf_start = index * chunk_size
         else:
             self._buf_start = expected_start

@@ -1,0 +1,211 @@
+"""Admission and eviction: W-TinyLFU weighed by bytes, as plain objects with no I/O.
+
+Why not LRU (issue 16): LRU is blind to frequency and to size.  One pass over cold files (a
+backup, a crawler, a ``get -r``) flushed the hot set, and 1 MiB chunks of large, rarely read
+files held most of the bytes.  W-TinyLFU (Einziger, Friedman, Manes: "TinyLFU: A Highly
+Efficient Cache Admission Policy", 2017; the policy of Caffeine) keeps:
+
+- a *window*, a small LRU (1 % of the bytes) every new entry enters, so a burst of new keys that
+  are read again soon still hits;
+- a *main* segmented LRU (probation, then protected: 80 % of the main bytes) for the rest;
+- a *frequency sketch* (count-min, 4-bit counters, halved every ``RESET_FACTOR`` x its width
+  increments so old popularity fades) counting every access, hit or miss, resident or not.
+
+An entry leaving the window is a *candidate*: it enters the main part only if the sketch says it
+is read more often than the *victim* (the probation LRU entry) it would displace; otherwise it is
+*refused*.  A one-time scan is read once, so it is refused and the hot set stays.  Weights are
+bytes: a large candidate displaces as many victims as it needs, each one compared in turn.
+
+No kept library fits: theine and cachebox count entries, not bytes, and keep their values (the
+cache's are files on disk, written only for entries the main part takes).  The reference
+simulation (``benchmarks/cachesim.py``) checks this class against independent LRU, S3-FIFO,
+W-TinyLFU and Belady on the issue's traces.
+"""
+
+import collections
+
+WINDOW_SHARE = 0.01      # of the bytes: the admission window (Caffeine's default)
+PROTECTED_SHARE = 0.80   # of the main bytes: the protected segment
+SKETCH_DEPTH = 4         # rows of the count-min sketch
+COUNTER_MAX = 15         # 4-bit counters
+RESET_FACTOR = 10        # halve every counter after this many increments per counter width
+MIN_WIDTH = 1 << 10
+MAX_WIDTH = 1 << 22
+_SEEDS = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93)
+_M64 = (1 << 64) - 1
+_HALVE = bytes(i >> 1 for i in range(256))
+
+
+class FrequencySketch:
+    """Approximate access counts (count-min, saturating at ``COUNTER_MAX``), aged by halving.
+
+    :param width: counters per row; rounded up to a power of two.
+    """
+
+    def __init__(self, width: int):
+        width = max(MIN_WIDTH, min(MAX_WIDTH, 1 << max(0, width - 1).bit_length()))
+        self.width = width
+        self._shift = 64 - width.bit_length() + 1
+        self._table = bytearray(width * SKETCH_DEPTH)
+        self._additions = 0
+        self._reset_at = RESET_FACTOR * width
+
+    def _slots(self, key):
+        h = hash(key) & _M64
+        shift, width = self._shift, self.width
+        return [row * width + (((h ^ (h >> 29)) * seed & _M64) >> shift)
+                for row, seed in enumerate(_SEEDS)]
+
+    def increment(self, key):
+        table = self._table
+        for slot in self._slots(key):
+            if table[slot] < COUNTER_MAX:
+                table[slot] += 1
+        self._additions += 1
+        if self._additions >= self._reset_at:
+            self._table = bytearray(self._table.translate(_HALVE))
+            self._additions //= 2
+
+    def frequency(self, key) -> int:
+        table = self._table
+        return min(table[slot] for slot in self._slots(key))
+
+    def forget(self, key):
+        """Take ``key``'s estimate out of its counters (a dead version must not keep its
+        popularity); keys sharing a counter lose at most what they shared."""
+        table = self._table
+        slots = self._slots(key)
+        estimate = min(table[slot] for slot in slots)
+        for slot in slots:
+            table[slot] -= estimate
+
+
+class WTinyLFU:
+    """Which keys to keep within ``capacity`` bytes.  Keys are opaque and hashable.
+
+    The caller reports every lookup with :meth:`access` and every fill with :meth:`insert`, and
+    drops what these return.
+
+    :param capacity: bytes.
+    :param expected_entries: sizes the sketch (default: one per 4 KiB of capacity).
+    """
+
+    def __init__(self, capacity: int, expected_entries: int | None = None):
+        self.capacity = capacity
+        self.window_max = max(1, int(capacity * WINDOW_SHARE))
+        self.main_max = capacity - self.window_max
+        self.protected_max = int(self.main_max * PROTECTED_SHARE)
+        self.sketch = FrequencySketch(expected_entries or capacity // 4096)
+        self._window = collections.OrderedDict()      # key -> size, least recent first
+        self._probation = collections.OrderedDict()
+        self._protected = collections.OrderedDict()
+        self.window_bytes = self.probation_bytes = self.protected_bytes = 0
+        self.evictions = 0   # entries taken out of the main part for others
+        self.refused = 0     # candidates the main part would not take (incl. too large)
+
+    def __contains__(self, key) -> bool:
+        return key in self._window or key in self._probation or key in self._protected
+
+    def __len__(self) -> int:
+        return len(self._window) + len(self._probation) + len(self._protected)
+
+    @property
+    def bytes(self) -> int:
+        return self.window_bytes + self.probation_bytes + self.protected_bytes
+
+    def in_window(self, key) -> bool:
+        return key in self._window
+
+    def access(self, key) -> list:
+        """Count a lookup of ``key`` (hit or miss) and refresh it if resident.
+
+        :return: keys a promotion pushed out (none: a promotion only moves keys between
+            segments; the list is there so every call site reads alike).
+        """
+        self.sketch.increment(key)
+        if key in self._window:
+            self._window.move_to_end(key)
+        elif key in self._protected:
+            self._protected.move_to_end(key)
+        elif key in self._probation:
+            size = self._probation.pop(key)
+            self.probation_bytes -= size
+            self._protected[key] = size
+            self.protected_bytes += size
+            while self.protected_bytes > self.protected_max and len(self._protected) > 1:
+                old, old_size = self._protected.popitem(last=False)
+                self.protected_bytes -= old_size
+                self._probation[old] = old_size
+                self.probation_bytes += old_size
+        return []
+
+    def insert(self, key, size: int) -> tuple[list, list]:
+        """Add a filled ``key`` of ``size`` bytes (its lookup was counted by :meth:`access`).
+
+        :return: ``(dropped, promoted)``: keys no longer resident (victims, refused
+            candidates, or ``key`` itself when it is larger than the whole capacity), and keys
+            that moved from the window into the main part.
+        """
+        if key in self:
+            return [], []
+        if size > self.capacity:
+            self.refused += 1
+            return [key], []
+        self._window[key] = size
+        self.window_bytes += size
+        dropped, promoted = [], []
+        while self.window_bytes > self.window_max and self._window:
+            cand, cand_size = self._window.popitem(last=False)
+            self.window_bytes -= cand_size
+            if self._admit(cand, cand_size, dropped):
+                promoted.append(cand)
+            else:
+                dropped.append(cand)
+        return dropped, promoted
+
+    def _admit(self, cand, size: int, dropped: list) -> bool:
+        """Make room for ``cand`` in the main part if it is read more than each victim."""
+        freq = None
+        while self.probation_bytes + self.protected_bytes + size > self.main_max:
+            segment = self._probation or self._protected
+            victim = next(iter(segment))
+            if freq is None:
+                freq = self.sketch.frequency(cand)
+            if freq <= self.sketch.frequency(victim):
+                self.refused += 1
+                return False
+            self._remove_main(victim)
+            dropped.append(victim)
+            self.evictions += 1
+        self._probation[cand] = size
+        self.probation_bytes += size
+        return True
+
+    def restore(self, key, size: int) -> bool:
+        """Put back an entry kept from an earlier run (into the main part), if there is room."""
+        if key in self or self.probation_bytes + self.protected_bytes + size > self.main_max:
+            return False
+        self._probation[key] = size
+        self.probation_bytes += size
+        return True
+
+    def _remove_main(self, key) -> bool:
+        size = self._probation.pop(key, None)
+        if size is not None:
+            self.probation_bytes -= size
+            return True
+        size = self._protected.pop(key, None)
+        if size is not None:
+            self.protected_bytes -= size
+            return True
+        return False
+
+    def remove(self, key, forget: bool = False):
+        """Take ``key`` out (its content is gone or dead); ``forget`` also clears its count."""
+        size = self._window.pop(key, None)
+        if size is not None:
+            self.window_bytes -= size
+        else:
+            self._remove_main(key)
+        if forget:
+            self.sketch.forget(key)

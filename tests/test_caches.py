@@ -1,0 +1,120 @@
+"""Several cache workers share the key space (issue 16): rendezvous hashing on the name and the
+chunk hash, so each key has one owner; the broker routes by it; a worker that leaves or joins
+moves only its share; misses for one key still make one storage fetch."""
+
+import threading
+
+import pytest
+
+from conftest import random_bytes, wait_for
+from fms import wire as p
+from fms.broker import rendezvous
+
+MiB = 1024 * 1024
+
+
+def owners(keys, workers) -> dict:
+    return {key: rendezvous(key, workers) for key in keys}
+
+
+def test_each_key_has_one_owner_and_a_joining_worker_takes_only_its_share():
+    keys = [f"name-{i}" for i in range(3000)] + [p.sha256(b"%d" % i) for i in range(3000)]
+    three = owners(keys, ["cache-1", "cache-2", "cache-3"])
+    assert three == owners(keys, ["cache-3", "cache-1", "cache-2"])    # order does not matter
+    shares = {w: sum(o == w for o in three.values()) for w in ("cache-1", "cache-2", "cache-3")}
+    assert min(shares.values()) > 0.28 * len(keys), shares            # about a third each
+    four = owners(keys, ["cache-1", "cache-2", "cache-3", "cache-4"])
+    moved = [k for k in keys if four[k] != three[k]]
+    assert all(four[k] == "cache-4" for k in moved)                    # only to the new one
+    assert 0.2 * len(keys) < len(moved) < 0.3 * len(keys)              # about a quarter
+    two = owners(keys, ["cache-1", "cache-3"])                         # cache-2 leaves
+    assert all(two[k] == three[k] for k in keys if three[k] != "cache-2")
+
+
+def start(make_cluster, caches: int, delay: float = 0.0):
+    """A cluster with ``caches`` cache workers; :return: it, and the cache processes by id."""
+    cluster = make_cluster()
+    cluster.start_broker()
+    procs = {f"cache-{i}": cluster.start_cache(wid=f"cache-{i}") for i in range(1, caches + 1)}
+    for wid in ("storage-a", "storage-b"):
+        cluster.start_storage(wid=wid, delay=delay)
+    cluster.wait_workers(storage=2, cache=caches)
+    return cluster, procs
+
+
+def storage_served(cluster) -> int:
+    return sum(n for w, n in cluster.served().items() if w.startswith("storage"))
+
+
+@pytest.mark.parametrize("caches", [2, 3])
+def test_concurrent_misses_make_one_storage_fetch_per_key_with_several_caches(make_cluster,
+                                                                              caches):
+    cluster, _ = start(make_cluster, caches, delay=0.05)
+    data = random_bytes(3 * MiB + 5, 16)
+    with cluster.client() as c:
+        c.put_bytes(data, "cold")
+    before = storage_served(cluster)
+    results, errors = [], []
+
+    def read():
+        try:
+            with cluster.client() as reader:
+                results.append(reader.get_bytes("cold"))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=read) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert results == [data] * 6
+    assert storage_served(cluster) - before == 1 + 4      # the manifest and 4 chunks, once each
+    with cluster.client() as c:
+        assert c.get_bytes("cold") == data                # now all from the caches
+        figures = c.status()["cache"]
+    assert storage_served(cluster) - before == 5
+    assert figures["get_hits"] >= 1
+
+
+def test_keys_spread_over_the_caches_and_a_dead_cache_moves_only_its_share(make_cluster):
+    cluster, procs = start(make_cluster, 3)
+    files = {f"f{i}": random_bytes(2000 + i, i) for i in range(60)}
+    with cluster.client() as c:
+        for name, data in files.items():
+            c.put_bytes(data, name)
+        for name, data in files.items():
+            assert c.get_bytes(name) == data              # fills each name at its owner
+        served = {w: n for w, n in cluster.served().items() if w.startswith("cache")}
+        assert min(served.values()) >= 8, served          # about 20 names each
+        victim = rendezvous("f0", ["cache-1", "cache-2", "cache-3"])
+        procs[victim].kill()
+        wait_for(lambda: len(cluster.workers("cache")) == 2, 10, "the broker to drop it")
+        before = storage_served(cluster)
+        for name, data in files.items():
+            assert c.get_bytes(name) == data
+        refetched = storage_served(cluster) - before
+    lost = sum(rendezvous(n, ["cache-1", "cache-2", "cache-3"]) == victim for n in files)
+    assert refetched == lost                              # only the dead cache's names
+
+
+def test_no_cache_reads_and_files_over_max_file_skip_the_cache(make_cluster, tmp_path):
+    cluster = make_cluster()
+    cluster.start_broker()
+    cluster.start_cache_with(["--max-file", "1M"])
+    cluster.start_storage(wid="storage-a")
+    cluster.wait_workers(storage=1, cache=1)
+    small, large = random_bytes(300_000, 1), random_bytes(2 * MiB, 2)
+    with cluster.client() as c:
+        c.put_bytes(small, "small")
+        c.put_bytes(large, "large")
+    before = cluster.served()["cache-1"]
+    got = cluster.cli("get", "--no-cache", "small", str(tmp_path / "small"))
+    assert got.returncode == 0 and (tmp_path / "small").read_bytes() == small
+    assert cluster.served()["cache-1"] == before                   # not even the manifest
+    with cluster.client() as c:
+        assert c.get_bytes("large") == large                       # manifest from the cache,
+        assert cluster.served()["cache-1"] == before + 1           # its chunks from storage
+        assert c.cache_stats()["entries"] == 0
+        assert c.status()["cache"]["get_misses"] == 1
