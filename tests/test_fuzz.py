@@ -53,7 +53,7 @@ class Link:
         self.replies = []
         self.requests = []
 
-    def reply(self, route, header, data=None, invalidate=None, cache=None):
+    def reply(self, route, header, data=None, **route_fields):
         assert isinstance(header, dict) and "ok" in header
         p.encode(header)                         # a reply must itself be sendable
         self.replies.append(header)

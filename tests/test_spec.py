@@ -167,7 +167,7 @@ class Link:
     def __init__(self):
         self.replies = []
 
-    def reply(self, route, header, data=None, invalidate=None, cache=None):
+    def reply(self, route, header, data=None, **route_fields):
         self.replies.append(header)
 
 
