@@ -2,13 +2,14 @@
 lacks, those are sent pipelined and the manifest is committed; small files travel with their
 commit, many to a message (``commit_many``)."""
 
+import collections
 import contextlib
 import hashlib
 import os
 import time
 
 from .. import wire as p
-from ..errors import BadRequest, FmsError, MissingChunks, Unavailable, from_reply
+from ..errors import BadRequest, FmsError, IntegrityError, MissingChunks, Unavailable, from_reply
 from ..wire.frames import read_frame, read_full
 from .session import Session
 
@@ -32,8 +33,13 @@ class Plan:
         return p.chunk_length(i, self.size, self.chunk_size)
 
 
+HASH_AHEAD = 4                 # chunks read ahead of their digests when hashing a large file
+
+
 def plan_file(path: str, chunk_size: int) -> Plan:
-    """Hash a local file chunk by chunk (one read pass, memory of one chunk)."""
+    """Hash a local file chunk by chunk in one read pass: the whole-file sha256 on this thread,
+    each chunk's on another (hashlib releases the GIL, so the two run on two cores); memory of
+    :data:`HASH_AHEAD` chunks."""
     try:
         f = open(path, "rb", buffering=0)
     except IsADirectoryError:
@@ -42,25 +48,36 @@ def plan_file(path: str, chunk_size: int) -> Plan:
         raise FmsError(f"cannot read {path}: {exc.strerror}") from None
     with f:
         st = os.fstat(f.fileno())
-        whole = hashlib.sha256()
-        chunks = []
-        size = 0
-        first = b""
         view = memoryview(bytearray(chunk_size))
-        while True:
-            n = read_full(f, view)
-            if n == 0:
-                break
-            piece = view[:n]
+        n = read_full(f, view)
+        if n < chunk_size:            # one chunk at most: no thread
+            piece = bytes(view[:n])
+            chunks = [p.sha256(piece)] if n else []
+            inline = piece if p.travels_inline(n, len(chunks)) else None
+            return Plan(n, chunk_size, chunks, chunks[0] if n else p.sha256(b""), st.st_mtime,
+                        inline)
+        return _plan_large(f, view, chunk_size, st.st_mtime)
+
+
+def _plan_large(f, first, chunk_size: int, mtime: float) -> Plan:
+    from concurrent.futures import ThreadPoolExecutor   # only for files of several chunks
+    whole, chunks, size = hashlib.sha256(), [], 0
+    ahead = collections.deque()
+    with ThreadPoolExecutor(1, thread_name_prefix="fms-hash") as pool:
+        piece = first
+        while piece:
+            ahead.append(pool.submit(p.sha256, piece))
             whole.update(piece)
-            chunks.append(p.sha256(piece))
-            if size == 0:
-                first = bytes(piece)
-            size += n
-            if n < chunk_size:
+            size += len(piece)
+            if len(ahead) >= HASH_AHEAD:
+                chunks.append(ahead.popleft().result())
+            if len(piece) < chunk_size:
                 break
-    inline = first if p.travels_inline(size, len(chunks)) else None
-    return Plan(size, chunk_size, chunks, whole.digest(), st.st_mtime, inline)
+            view = memoryview(bytearray(chunk_size))    # the last ones are still being hashed
+            piece = view[:read_full(f, view)]
+        chunks.extend(future.result() for future in ahead)
+    inline = bytes(first) if p.travels_inline(size, len(chunks)) else None
+    return Plan(size, chunk_size, chunks, whole.digest(), mtime, inline)
 
 
 def plan_bytes(data: bytes, chunk_size: int, mtime) -> Plan:
@@ -197,11 +214,24 @@ def upload_chunks(session: Session, source, plan: Plan, name: str, report, only=
                 if plan.chunks[i] in sent:
                     continue  # the same content twice in one file
                 sent.add(plan.chunks[i])
-                frame = read(i)
-                if p.sha256(memoryview(frame)[p.DATA_PREFIX_LEN:]) != plan.chunks[i]:
-                    raise FmsError(f"{source} changed while it was being uploaded; "
-                                   f"upload it again when it is no longer being written")
-                yield i, "put_chunk", {"hash": plan.chunks[i]}, frame
-        for i, _header, _ in session.pipeline(requests(), session.data_window(plan.chunk_size)):
-            done += plan.chunk_len(i)
-            report(name, done, total)
+                # Not hashed again here: storage checks every chunk against its digest and
+                # refuses one that changed since the plan (below).
+                yield i, "put_chunk", {"hash": plan.chunks[i]}, read(i)
+        try:
+            for i, _header, _ in session.pipeline(requests(),
+                                                  session.data_window(plan.chunk_size)):
+                done += plan.chunk_len(i)
+                report(name, done, total)
+        except IntegrityError:
+            if isinstance(source, str) and _changed(source, plan):
+                raise FmsError(f"{source} changed while it was being uploaded; upload it again "
+                               f"when it is no longer being written") from None
+            raise
+
+
+def _changed(path: str, plan: Plan) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return True
+    return (st.st_size, st.st_mtime) != (plan.size, plan.mtime)
