@@ -777,8 +777,8 @@ class Broker:
         if op == "ls":
             page = header.get("limit")
             if not isinstance(page, int) or isinstance(page, bool) or page < 1:
-                page = limits.LS_PAGE_DEFAULT
-            return min(page, limits.LS_PAGE_MAX) * limits.LS_ENTRY_MAX + limits.SMALL_REPLY
+                page = p.LS_PAGE_DEFAULT
+            return min(page, p.LS_PAGE_MAX) * limits.LS_ENTRY_MAX + limits.SMALL_REPLY
         if op == "get_many":    # inline content up to the batch's limit, and the manifests
             names = header.get("names")
             count = len(names) if isinstance(names, list) else 1

@@ -186,8 +186,6 @@ REPLY_GUESS = {"get": 128 * KiB, "ls": 1 * MiB,     # a small file's content; a 
 # while the budgets have room.
 REPLY_BOUND = {"get": 136 * KiB, "fsck": 1 * MiB, "commit_many": 64 * KiB,
                "status": 64 * KiB, "cache_stats": 16 * KiB}
-LS_PAGE_DEFAULT = 1000              # entries per ls reply when the request gives no limit
-LS_PAGE_MAX = 5000                  # at most, so a page stays far below MAX_FRAME
 MANIFEST_GUESS = 1 * KiB            # a small file's manifest, in a get_many reply
 LS_ENTRY_MAX = 1280                 # bytes of one ls entry at most (a 1,024-byte name + fields)
 CHUNK_SIZES_KEPT = 65536            # chunk sizes remembered (LRU), for the guesses above

@@ -21,7 +21,6 @@ import threading
 import time
 import uuid
 
-from .. import limits
 from .. import wire as p
 from ..errors import BadRequest, FmsError, RemoteError, TooLarge, Unavailable
 from . import gc
@@ -145,8 +144,8 @@ class StorageService:
     def op_ls(self, route, header, data):
         prefix = p.check_prefix(p.need(header, "prefix", str, optional=True, default=""))
         after = p.need(header, "after", str, optional=True, default="")
-        limit = p.need_int(header, "limit", lo=1, hi=limits.LS_PAGE_MAX, optional=True,
-                           default=limits.LS_PAGE_DEFAULT)
+        limit = p.need_int(header, "limit", lo=1, hi=p.LS_PAGE_MAX, optional=True,
+                           default=p.LS_PAGE_DEFAULT)
         page = self.store.list(prefix, after, limit + 1)
         self.link.reply(route, p.ok_reply(header["id"], entries=[v.summary() for v in page[:limit]],
                                           more=len(page) > limit))
@@ -297,7 +296,7 @@ class StorageService:
 
     def op_gc(self, route, header, data):
         grace = p.need(header, "grace", (int, float), optional=True, default=self.gc_grace)
-        if not 0 <= grace <= 10 * 365 * 86400:
+        if not 0 <= grace <= p.MAX_GC_GRACE:
             raise BadRequest(f"grace {grace!r} must be between 0 seconds and 10 years")
         dry_run = p.need(header, "dry_run", bool, optional=True, default=False)
         self._run(route, header, lambda store: {"gc": gc.collect(store, float(grace), dry_run)})
@@ -325,8 +324,9 @@ def _commit_id(header, optional=False) -> str:
     commit = p.need(header, "commit", str, optional=optional, default=None)
     if commit is None:
         return uuid.uuid4().hex
-    if not 1 <= len(commit) <= 128:
-        raise BadRequest("field 'commit' must be 1 to 128 characters: a fresh random id")
+    if not 1 <= len(commit) <= p.MAX_COMMIT_ID:
+        raise BadRequest(f"field 'commit' must be 1 to {p.MAX_COMMIT_ID} characters: a fresh "
+                         f"random id")
     return commit
 
 
