@@ -68,17 +68,26 @@ class Proc:
         return self.popen.poll() is None
 
     def stop(self, sig=signal.SIGTERM):
-        if self.alive():
-            self.popen.send_signal(sig)
-            try:
-                self.popen.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-        self._log.close()
+        stop_all([self], sig)
 
     def kill(self):
         self.stop(signal.SIGKILL)
+
+
+def stop_all(procs, sig=signal.SIGTERM):
+    """Stop ``procs`` together: signal every one, then wait for all (killing those still up
+    after STOP_TIMEOUT), so stopping N processes takes as long as the slowest, not the sum."""
+    for proc in procs:
+        if proc.alive():
+            proc.popen.send_signal(sig)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    for proc in procs:
+        try:
+            proc.popen.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.popen.kill()
+            proc.popen.wait()
+        proc._log.close()
 
 
 class Cluster:
@@ -191,8 +200,7 @@ class Cluster:
     def stop(self):
         for client in self._clients:
             client.close()
-        for proc in reversed(self.procs):
-            proc.stop()
+        stop_all(self.procs)
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name} ---\n{p.log()[-4000:]}" for p in self.procs)

@@ -2,6 +2,7 @@
 decoders and handlers of the broker and both workers raise nothing but fms errors (which the
 loops turn into an error reply and a log line) and every request gets exactly one reply."""
 
+import itertools
 import logging
 import tempfile
 
@@ -50,14 +51,15 @@ class Frame:
 class Link:
     def __init__(self):
         self.replies = []
+        self.requests = []
 
-    def reply(self, route, header, data=None, invalidate=None, cache=None):
+    def reply(self, route, header, data=None, **route_fields):
         assert isinstance(header, dict) and "ok" in header
         p.encode(header)                         # a reply must itself be sendable
         self.replies.append(header)
 
     def request(self, service, header, data=None):
-        pass
+        self.requests.append(header)
 
     def send_ready(self):
         pass
@@ -102,11 +104,47 @@ def test_cache_answers_or_fetches_for_every_request_and_never_crashes(services, 
     assert all(r.get("error") != "internal" for r in replies), replies
 
 
+PROBES = itertools.count()
+
+
 @SETTINGS
-@given(header=headers, data=st.one_of(st.none(), st.binary(max_size=100)))
-def test_cache_survives_any_reply_from_storage(services, header, data):
+@given(header=headers, data=st.one_of(st.none(), st.binary(max_size=100)),
+       to_the_fetch=st.booleans())
+def test_cache_survives_any_reply_from_storage(services, header, data, to_the_fetch):
+    """A junk reply from storage, to the fetch in flight or to none: the waiter gets at most one
+    answer, nothing unverified is cached, and the cache still serves the name afterwards."""
     _, cache = services
+    link = cache.link
+    link.replies.clear()
+    link.requests.clear()
+    name = f"probe/{next(PROBES)}"                        # a new name: always a miss
+    cache.handle_request({"t": "req", "k": 1}, {"v": 1, "op": "get", "id": "waiter",
+                                                "name": name}, None)
+    (fetch,) = link.requests
+    if to_the_fetch:
+        header = {**header, "id": fetch["id"]}
     cache.handle_reply(header, Frame(bytes(p.pack_data(data))) if data is not None else None)
+    if header.get("id") != fetch["id"]:
+        assert link.replies == []                         # a reply to no fetch changes nothing
+    else:
+        assert len(link.replies) == 1 and link.replies[0]["id"] == "waiter"
+        assert link.replies[0]["ok"] is False            # junk never verifies
+    assert cache.manifests.lookup(name) is None           # nor is it cached
+    # The cache goes on: a real answer to a real fetch serves the waiter.
+    if link.replies:
+        link.replies.clear()
+        link.requests.clear()
+        cache.handle_request({"t": "req", "k": 2}, {"v": 1, "op": "get", "id": "again",
+                                                    "name": name}, None)
+        (fetch,) = link.requests
+    content = name.encode()
+    manifest = {"name": name, "size": len(content), "sha256": p.sha256(content),
+                "chunk_size": p.DEFAULT_CHUNK_SIZE, "chunks": [p.sha256(content)], "mtime": 0.0,
+                "version": 1, "commit": "c"}
+    cache.handle_reply(p.ok_reply(fetch["id"], manifest=manifest),
+                       Frame(bytes(p.pack_data(content))))
+    assert [r["ok"] for r in link.replies] == [True]
+    assert cache.manifests.lookup(name)["sha256"] == p.sha256(content)
 
 
 @SETTINGS
@@ -119,18 +157,71 @@ def test_worker_dispatch_raises_only_fms_errors(services, frames):
         pass   # the loop logs it (rate-limited) and goes on
 
 
+CLIENT = b"fuzz-client"
+SENTINEL = "sentinel"
+
+
 @pytest.fixture(scope="module")
 def broker():
-    b = Broker("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", ctx=zmq.Context.instance())
+    """A broker with no workers, and ``ask(frames)``: hand it ``frames`` as from a connected
+    client, and return the replies that client gets (read up to a status request's reply)."""
+    ctx = zmq.Context.instance()
+    b = Broker("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", ctx=ctx)
     b.bind()
+    client = ctx.socket(zmq.DEALER)
+    client.linger = 0
+    client.routing_id = CLIENT
+    client.connect(b.frontend_endpoint)
+
+    def ask(frames) -> list:
+        b.process_client([Frame(CLIENT), *[Frame(f) for f in frames]])
+        b.process_client([Frame(CLIENT), Frame(p.encode({"v": 1, "op": "status",
+                                                         "id": SENTINEL}))])
+        replies = []
+        while True:
+            assert client.poll(5000), "no reply from the broker"
+            header = p.decode(client.recv_multipart()[0])
+            if header.get("id") == SENTINEL:
+                assert header["ok"] is True
+                return replies
+            replies.append(header)
+
+    client.send(p.encode({"v": 1, "op": "status", "id": 0}))   # the broker learns the client
+    assert b.frontend.poll(5000)
+    b.process_client(b.frontend.recv_multipart(copy=False))
+    assert client.poll(5000)
+    client.recv_multipart()
+    b.ask = ask
     yield b
+    client.close()
     b.close()
 
 
+def readable_id(frame: bytes):
+    """The id an error reply must echo: a header readable as the spec says (a msgpack map
+    within the limits) with an int or str id; else None."""
+    try:
+        header = p.decode(frame, "request")
+    except FmsError:
+        return None
+    req_id = header.get("id")
+    return req_id if isinstance(req_id, (int, str)) and not isinstance(req_id, bool) else None
+
+
 @SETTINGS
-@given(frames=st.lists(frames_bytes, min_size=0, max_size=4))
-def test_broker_survives_anything_at_the_frontend(broker, frames):
-    broker.process_client([Frame(b"\x00client"), *[Frame(f) for f in frames]])
+@given(frames=st.lists(frames_bytes, min_size=1, max_size=4))
+def test_broker_answers_anything_at_the_frontend_once_echoing_a_readable_id(broker, frames):
+    (reply,) = broker.ask(frames)                         # exactly one reply
+    assert reply["v"] == p.PROTOCOL_VERSION
+    assert reply["id"] == readable_id(frames[0])
+    if reply["ok"] is not True:
+        assert reply["error"] in p.ERROR_CODES and isinstance(reply["message"], str)
+        if len(frames) > 2:
+            assert reply["error"] in ("bad_request", "version")
+    else:                                                 # only status needs no worker
+        assert len(frames) == 1 and p.decode(frames[0])["op"] == "status"
+    # Nothing is left behind for a request that was answered at once.
+    assert not broker.pending and not broker.client_inflight and not broker.req_bytes
 
 
 routes = st.builds(lambda base, extra: p.encode({**extra, **base}),
@@ -145,3 +236,7 @@ routes = st.builds(lambda base, extra: p.encode({**extra, **base}),
 def test_broker_survives_anything_at_the_backend(broker, route, rest, ident):
     broker.process_worker([Frame(ident), Frame(route), *[Frame(f) for f in rest]])
     broker.purge_workers()
+    # Still serving clients, with a registry of real services only.
+    status = broker.ask([p.encode({"v": 1, "op": "status", "id": 1})])[0]
+    assert status["ok"] is True
+    assert all(w["service"] in p.SERVICES for w in status["workers"])

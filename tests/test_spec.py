@@ -1,12 +1,16 @@
 """docs/PROTOCOL.md and the code agree: the spec's tables against the code's constants, and each
 point where a client written from the spec alone found them apart (issue 15), over the wire."""
 
+import logging
 import os
+import re
 
 import pytest
 import zmq
 
+from fms import limits, wire
 from fms import wire as p
+from fms.worker import _dispatch
 from conftest import ROOT
 
 SPEC = os.path.join(ROOT, "docs", "PROTOCOL.md")
@@ -44,6 +48,49 @@ def raw(cluster, raw_of):
 
 def request(op: str, req_id, **fields) -> bytes:
     return p.encode({"v": p.PROTOCOL_VERSION, "op": op, "id": req_id, **fields})
+
+
+def spec_table(heading: str) -> list:
+    """The rows (lists of cells, backticks removed) of the first table under ``heading``."""
+    with open(SPEC, encoding="utf-8") as f:
+        text = f.read()
+    start = text.index(f"\n{heading}\n")
+    rows = []
+    for line in text[start:].splitlines()[1:]:
+        if line.startswith("|"):
+            cells = [c.strip().replace("`", "") for c in line.strip("|").split("|")]
+            if not set(cells[0]) <= set("-"):
+                rows.append(cells)
+        elif rows:
+            break
+    return rows[1:]                                   # without the header row
+
+
+# --- the spec's tables against the code ---
+
+def test_every_number_in_the_spec_is_the_code_s():
+    rows = spec_table("## Numbers")
+    assert len(rows) >= 25
+    for what, value, code in rows:
+        actual = eval(code, {"wire": wire, "limits": limits})   # a dotted name from the table
+        assert float(value) == actual, f"{what}: the spec says {value}, {code} is {actual}"
+
+
+def test_the_ops_table_lists_every_op_with_its_service_and_which_carry_data():
+    rows = spec_table("## Ops")
+    assert {op: service for op, service, *_ in rows} == p.OP_SERVICE
+    assert {op for op, *_, data in rows if "*data*" in data.replace("`", "")} == p.DATA_OPS
+
+
+def test_the_error_table_lists_exactly_the_code_s_error_codes():
+    assert [row[0] for row in spec_table("## Errors")] == list(p.ERROR_CODES)
+
+
+def test_every_field_storage_reads_is_in_the_request_fields_table():
+    with open(os.path.join(ROOT, "fms", "storage", "service.py"), encoding="utf-8") as f:
+        read = set(re.findall(r'need\w*\(header, "(\w+)"', f.read())) | {"commit"}
+    documented = {row[0] for row in spec_table("### Request fields")}
+    assert read <= documented, f"fields storage reads but the spec does not list: {read - documented}"
 
 
 # --- the points the independent client found ---
@@ -87,3 +134,62 @@ def test_cache_stats_without_a_cache_worker_is_answered_and_stats_exits_0(make_c
     assert got.returncode == 0, got.stderr
     assert b"cache   none connected" in got.stdout
 
+
+
+# --- flow control ---
+
+def test_a_client_that_sends_300_requests_before_reading_gets_every_reply(cluster, raw_of):
+    """Issue 15: a client that sent 300 requests without reading lost 44 replies.  Per the spec
+    the first 128 are served and the rest refused with too_large, every one answered."""
+    with cluster.client() as c:
+        c.put_bytes(b"x", "f")
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(cluster.frontend)
+    try:
+        for i in range(300):
+            sock.send(request("stat", i, name="f"))
+        got = {}
+        while len(got) < 300 and sock.poll(REPLY_TIMEOUT_MS):
+            header = p.decode(sock.recv_multipart()[0])
+            assert header["id"] not in got, f"two replies to {header['id']}"
+            got[header["id"]] = header.get("error", "ok")
+    finally:
+        sock.close()
+    assert sorted(got) == list(range(300))
+    assert set(got.values()) <= {"ok", "too_large"}
+    assert list(got.values()).count("ok") >= p.MAX_CLIENT_INFLIGHT
+
+
+# --- a worker's error replies echo the id too ---
+
+class Link:
+    def __init__(self):
+        self.replies = []
+
+    def reply(self, route, header, data=None, **route_fields):
+        self.replies.append(header)
+
+
+class Service:
+    def handle_request(self, route, header, data):
+        raise AssertionError("not to be reached")
+
+
+@pytest.mark.parametrize("route,body,code", [
+    ({"t": "req", "k": 1, "ttl": 0}, [request("stat", 9, name="a")], "unavailable"),
+    ({"t": "req", "k": 1}, [request("stat", 9, name="a"), b"\xc4\x00", b"x"], "bad_request"),
+])
+def test_a_worker_echoes_the_id_on_errors_before_the_handler(route, body, code):
+    link = Link()
+    _dispatch(Service(), link, [FrameOf(p.encode(route)), *map(FrameOf, body)],
+              logging.getLogger("test"))
+    assert [(r["id"], r["error"]) for r in link.replies] == [(9, code)]
+
+
+class FrameOf:
+    """Stands in for a zmq.Frame."""
+
+    def __init__(self, data: bytes):
+        self.bytes = data
+        self.buffer = memoryview(data)

@@ -162,8 +162,13 @@ class CacheService:
         fetch = self._close(header.get("id"))
         if fetch is None:
             return  # timed out already; its waiters were answered
-        if not header.get("ok"):
-            self._answer(fetch, header, None)
+        if header.get("ok") is not True:
+            # Storage's error, passed on as an error reply of the protocol's, whatever it held.
+            code = header.get("error")
+            if header.get("ok") is False and code in p.ERROR_CODES:
+                self._fail(fetch, code, str(header.get("message", "")))
+            else:
+                self._fail(fetch, "internal", "storage sent something that is not a reply; retry")
             return
         if fetch.kind == "get_many":
             self._fill_batch(fetch, header, data)

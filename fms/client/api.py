@@ -189,11 +189,9 @@ class Client:
 
         :return: the stat of each, in order.
         """
-        planned = []
-        for path, name in items:
-            p.check_name(name)
-            planned.append((path, name, upload.plan_file(path, self.chunk_size)))
-        return self._put_planned(planned)
+        items = [(path, p.check_name(name)) for path, name in items]   # every name, first
+        return self._put_planned((path, name, upload.plan_file(path, self.chunk_size))
+                                 for path, name in items)
 
     def _put_planned(self, planned) -> list:
         return [_public(stat) for stat in upload.put_planned(self.session, planned, self._report)]
@@ -235,8 +233,7 @@ class Client:
                     continue
                 manifest, data = download.fetch_whole(self.session, items[i][0],
                                                       result["manifest"], data)
-                with download.atomic_file(items[i][1], manifest, self.fsync) as out:
-                    out.write(data)
+                download.write_whole(items[i][1], manifest, data, self.fsync)
                 results[i] = _public(manifest)
         for i, manifest in later:
             results[i] = self._get_one(*items[i], manifest)
@@ -248,12 +245,12 @@ class Client:
         frame, via = None, self._get_fields()     # a batch's large file: untagged
         if manifest is None or p.travels_inline(manifest["size"], len(manifest["chunks"])):
             manifest, frame, via = self._manifest(name)
-        with download.atomic_file(dest, manifest, self.fsync) as out:
-            if frame is not None:
-                manifest, data = download.fetch_whole(self.session, name, manifest,
-                                                      p.unpack_data(frame.buffer))
-                out.write(data)
-            else:
+        if frame is not None:
+            manifest, data = download.fetch_whole(self.session, name, manifest,
+                                                  p.unpack_data(frame.buffer))
+            download.write_whole(dest, manifest, data, self.fsync)
+        else:
+            with download.atomic_file(dest, manifest, self.fsync) as out:
                 download.download_to_file(self.session, manifest, out, self._report, via)
         return _public(manifest)
 

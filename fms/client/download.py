@@ -14,7 +14,6 @@ import hashlib
 import io
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from .. import wire as p
 from ..errors import FmsError, IntegrityError
@@ -22,6 +21,13 @@ from .session import Session
 
 
 VERIFY_THREADS = 2       # threads verifying and writing chunks while the next ones arrive
+
+
+def chunk_fields(manifest: dict, i: int) -> dict:
+    """A ``chunk`` request's fields for chunk ``i``: its hash, and its length, so the broker
+    reserves room for exactly that reply (without ``len`` it assumes the largest chunk)."""
+    return {"hash": manifest["chunks"][i],
+            "len": p.chunk_length(i, manifest["size"], manifest["chunk_size"])}
 
 
 def fetch_whole(session: Session, name: str, manifest: dict, data):
@@ -56,11 +62,13 @@ def download_to_file(session: Session, manifest: dict, out, report, via=None):
 
     :raises IntegrityError: a chunk does not match its digest, also from storage.
     """
+    from concurrent.futures import ThreadPoolExecutor   # not imported for small files
+
     out.flush()
     fd, chunk_size = out.fileno(), manifest["chunk_size"]
     window = session.data_window(chunk_size)
-    requests = ((i, "chunk", {"hash": h, **(via or {})}, None)
-                for i, h in enumerate(manifest["chunks"]))
+    requests = ((i, "chunk", {**chunk_fields(manifest, i), **(via or {})}, None)
+                for i in range(len(manifest["chunks"])))
     pending = collections.deque()       # (index, data, future) in arrival order
     done = 0
     with ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="fms-verify") as pool:
@@ -105,7 +113,7 @@ def _refetch(session: Session, manifest: dict, i: int):
     """Chunk ``i`` once more, from storage itself (``fresh``: the broker bypasses the cache),
     verified.  :raises IntegrityError: it does not match either."""
     with session.aside() as aside:
-        _, frame = aside.call("chunk", hash=manifest["chunks"][i], fresh=True)
+        _, frame = aside.call("chunk", **chunk_fields(manifest, i), fresh=True)
     data = p.unpack_data(frame.buffer) if frame is not None else b""
     if not _chunk_ok(manifest, i, data):
         raise IntegrityError(f"chunk {i} of {manifest['name']!r} does not match its sha256, "
@@ -124,7 +132,7 @@ def iter_chunks(session: Session, manifest: dict, start: int = 0, via=None):
     chunks = manifest["chunks"]
     held = {}
     next_index = start
-    requests = ((i, "chunk", {"hash": chunks[i], **(via or {})}, None)
+    requests = ((i, "chunk", {**chunk_fields(manifest, i), **(via or {})}, None)
                 for i in range(start, len(chunks)))
     for i, _header, frame in session.pipeline(requests,
                                               session.data_window(manifest["chunk_size"])):
@@ -226,32 +234,58 @@ def atomic_file(dest: str, manifest: dict, fsync: bool = False):
     was verified): whenever the client dies, ``dest`` holds the old file or the new one, whole.
     With ``fsync`` the data also reaches the disk before the rename (survives a power loss),
     at a price: cp, curl and rsync do not do it by default either."""
-    folder = os.path.dirname(os.path.abspath(dest))
-    # Created with the umask's permissions like any new file (0666 & ~umask), O_EXCL so a name
-    # is never shared; pid and random part let `fms` tell its own leftovers.
-    tmp = os.path.join(folder, f".{os.path.basename(dest)}.{os.getpid()}.{os.urandom(4).hex()}"
-                               f".fms-part")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-    try:
-        try:
-            fd = os.open(tmp, flags, 0o666)
-        except FileNotFoundError:
-            os.makedirs(folder, exist_ok=True)
-            fd = os.open(tmp, flags, 0o666)
-    except OSError as exc:
-        raise FmsError(f"cannot write to {folder}: {exc.strerror}") from None
+    tmp, fd = _create_temp(dest)
     try:
         with open(fd, "wb") as out:
             yield out
             out.flush()
-            if fsync:
-                os.fsync(fd)
-            os.utime(fd, (time.time(), manifest["mtime"]))
+            _finish(fd, manifest, fsync)
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def write_whole(dest: str, manifest: dict, data, fsync: bool = False):
+    """:func:`atomic_file` for content already in memory and verified (small files), in the
+    fewest system calls: create, write, utime, close, rename."""
+    tmp, fd = _create_temp(dest)
+    try:
+        try:
+            _write_at(fd, data, 0)
+            _finish(fd, manifest, fsync)
+        finally:
+            os.close(fd)
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _create_temp(dest: str) -> tuple:
+    """``(path, fd)`` of a new temp file beside ``dest``, created with the umask's permissions
+    like any new file (0666 & ~umask), O_EXCL so a name is never shared; pid and random part
+    let `fms` tell its own leftovers."""
+    folder = os.path.dirname(os.path.abspath(dest))
+    tmp = os.path.join(folder, f".{os.path.basename(dest)}.{os.getpid()}.{os.urandom(4).hex()}"
+                               f".fms-part")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    try:
+        try:
+            return tmp, os.open(tmp, flags, 0o666)
+        except FileNotFoundError:
+            os.makedirs(folder, exist_ok=True)
+            return tmp, os.open(tmp, flags, 0o666)
+    except OSError as exc:
+        raise FmsError(f"cannot write to {folder}: {exc.strerror}") from None
+
+
+def _finish(fd: int, manifest: dict, fsync: bool):
+    if fsync:
+        os.fsync(fd)
+    os.utime(fd, (time.time(), manifest["mtime"]))
 
 
 class Collect:

@@ -2,13 +2,14 @@
 lacks, those are sent pipelined and the manifest is committed; small files travel with their
 commit, many to a message (``commit_many``)."""
 
+import collections
 import contextlib
 import hashlib
 import os
 import time
 
 from .. import wire as p
-from ..errors import BadRequest, FmsError, MissingChunks, Unavailable, from_reply
+from ..errors import BadRequest, FmsError, IntegrityError, MissingChunks, Unavailable, from_reply
 from ..wire.frames import read_frame, read_full
 from .session import Session
 
@@ -32,8 +33,13 @@ class Plan:
         return p.chunk_length(i, self.size, self.chunk_size)
 
 
+HASH_AHEAD = 4                 # chunks read ahead of their digests when hashing a large file
+
+
 def plan_file(path: str, chunk_size: int) -> Plan:
-    """Hash a local file chunk by chunk (one read pass, memory of one chunk)."""
+    """Hash a local file chunk by chunk in one read pass: the whole-file sha256 on this thread,
+    each chunk's on another (hashlib releases the GIL, so the two run on two cores); memory of
+    :data:`HASH_AHEAD` chunks."""
     try:
         f = open(path, "rb", buffering=0)
     except IsADirectoryError:
@@ -42,25 +48,36 @@ def plan_file(path: str, chunk_size: int) -> Plan:
         raise FmsError(f"cannot read {path}: {exc.strerror}") from None
     with f:
         st = os.fstat(f.fileno())
-        whole = hashlib.sha256()
-        chunks = []
-        size = 0
-        first = b""
         view = memoryview(bytearray(chunk_size))
-        while True:
-            n = read_full(f, view)
-            if n == 0:
-                break
-            piece = view[:n]
+        n = read_full(f, view)
+        if n < chunk_size:            # one chunk at most: no thread
+            piece = bytes(view[:n])
+            chunks = [p.sha256(piece)] if n else []
+            inline = piece if p.travels_inline(n, len(chunks)) else None
+            return Plan(n, chunk_size, chunks, chunks[0] if n else p.sha256(b""), st.st_mtime,
+                        inline)
+        return _plan_large(f, view, chunk_size, st.st_mtime)
+
+
+def _plan_large(f, first, chunk_size: int, mtime: float) -> Plan:
+    from concurrent.futures import ThreadPoolExecutor   # only for files of several chunks
+    whole, chunks, size = hashlib.sha256(), [], 0
+    ahead = collections.deque()
+    with ThreadPoolExecutor(1, thread_name_prefix="fms-hash") as pool:
+        piece = first
+        while piece:
+            ahead.append(pool.submit(p.sha256, piece))
             whole.update(piece)
-            chunks.append(p.sha256(piece))
-            if size == 0:
-                first = bytes(piece)
-            size += n
-            if n < chunk_size:
+            size += len(piece)
+            if len(ahead) >= HASH_AHEAD:
+                chunks.append(ahead.popleft().result())
+            if len(piece) < chunk_size:
                 break
-    inline = first if p.travels_inline(size, len(chunks)) else None
-    return Plan(size, chunk_size, chunks, whole.digest(), st.st_mtime, inline)
+            view = memoryview(bytearray(chunk_size))    # the last ones are still being hashed
+            piece = view[:read_full(f, view)]
+        chunks.extend(future.result() for future in ahead)
+    inline = bytes(first) if p.travels_inline(size, len(chunks)) else None
+    return Plan(size, chunk_size, chunks, whole.digest(), mtime, inline)
 
 
 def plan_bytes(data: bytes, chunk_size: int, mtime) -> Plan:
@@ -83,23 +100,30 @@ def commit_timeout(size: int, timeout: float) -> float:
 BATCH_HEADER_BYTES = 32 * 1024   # names in one commit_many (its header and route stay small)
 
 
-def _batches(indices, planned) -> list:
-    """Small files grouped for commit_many: at most BATCH_FILES files, MAX_BATCH_BYTES of
-    content and BATCH_HEADER_BYTES of names each."""
-    batches, current, size, names = [], [], 0, 0
-    for i in indices:
-        name, plan = planned[i][1], planned[i][2]
+def _batches(planned, items: list, large: list):
+    """Yield the small files of ``planned`` grouped for commit_many (their indices): at most
+    BATCH_FILES files, MAX_BATCH_BYTES of content and BATCH_HEADER_BYTES of names each.
+    ``planned`` is consumed as batches are asked for, so reading and hashing the next files
+    overlaps storage committing the last batch; each triple is appended to ``items``, and the
+    index of each file that is not small to ``large``."""
+    current, size, names = [], 0, 0
+    for triple in planned:
+        i = len(items)
+        items.append(triple)
+        _source, name, plan = triple
+        if plan.inline is None:
+            large.append(i)
+            continue
         n = len(name.encode("utf-8")) + 64
         if current and (len(current) == BATCH_FILES or size + plan.size > p.MAX_BATCH_BYTES
                         or names + n > BATCH_HEADER_BYTES):
-            batches.append(current)
+            yield current
             current, size, names = [], 0, 0
         current.append(i)
         size += plan.size
         names += n
     if current:
-        batches.append(current)
-    return batches
+        yield current
 
 
 def _commit_many_request(batch, planned):
@@ -134,16 +158,15 @@ def _chunk_reader(source, plan: Plan):
 
 
 def put_planned(session: Session, planned, report) -> list:
-    """Upload ``(source, name, Plan)`` triples (``source`` a local path or bytes); :return: the
-    stat of each (as the wire has it), in order."""
-    results = [None] * len(planned)
-    small = [i for i, (_, _, plan) in enumerate(planned) if plan.inline is not None]
+    """Upload ``(source, name, Plan)`` triples (``source`` a local path or bytes; an iterable,
+    consumed as the upload goes); :return: the stat of each (as the wire has it), in order."""
+    items, large, results = [], [], {}
     # Small files: their content travels with their commit, many files to a message
     # (commit_many), a few messages in flight.
-    batches = _batches(small, planned)
-    requests = (_commit_many_request(batch, planned) if len(batch) > 1 else
-                (batch, "commit", _commit_fields(planned[batch[0]][1], planned[batch[0]][2]),
-                 p.pack_data(planned[batch[0]][2].inline)) for batch in batches)
+    requests = (_commit_many_request(batch, items) if len(batch) > 1 else
+                (batch, "commit", _commit_fields(items[batch[0]][1], items[batch[0]][2]),
+                 p.pack_data(items[batch[0]][2].inline))
+                for batch in _batches(planned, items, large))
     for batch, header, _ in session.pipeline(requests, BATCH_WINDOW):
         if len(batch) == 1:
             results[batch[0]] = header["stat"]
@@ -155,14 +178,13 @@ def put_planned(session: Session, planned, report) -> list:
             error = from_reply(str(result.get("error")), str(result.get("message")), result)
             if not isinstance(error, Unavailable):
                 raise error
-            _path, name, plan = planned[i]      # transient for this file: on its own
+            _path, name, plan = items[i]        # transient for this file: on its own
             header1, _ = session.call("commit", data=p.pack_data(plan.inline),
                                       **_commit_fields(name, plan))
             results[i] = header1["stat"]
-    for i, (path, name, plan) in enumerate(planned):
-        if plan.inline is None:
-            results[i] = put_chunked(session, path, name, plan, report)
-    return results
+    for i in large:
+        results[i] = put_chunked(session, *items[i], report)
+    return [results[i] for i in range(len(items))]
 
 
 def put_chunked(session: Session, source, name: str, plan: Plan, report) -> dict:
@@ -197,11 +219,24 @@ def upload_chunks(session: Session, source, plan: Plan, name: str, report, only=
                 if plan.chunks[i] in sent:
                     continue  # the same content twice in one file
                 sent.add(plan.chunks[i])
-                frame = read(i)
-                if p.sha256(memoryview(frame)[p.DATA_PREFIX_LEN:]) != plan.chunks[i]:
-                    raise FmsError(f"{source} changed while it was being uploaded; "
-                                   f"upload it again when it is no longer being written")
-                yield i, "put_chunk", {"hash": plan.chunks[i]}, frame
-        for i, _header, _ in session.pipeline(requests(), session.data_window(plan.chunk_size)):
-            done += plan.chunk_len(i)
-            report(name, done, total)
+                # Not hashed again here: storage checks every chunk against its digest and
+                # refuses one that changed since the plan (below).
+                yield i, "put_chunk", {"hash": plan.chunks[i]}, read(i)
+        try:
+            for i, _header, _ in session.pipeline(requests(),
+                                                  session.data_window(plan.chunk_size)):
+                done += plan.chunk_len(i)
+                report(name, done, total)
+        except IntegrityError:
+            if isinstance(source, str) and _changed(source, plan):
+                raise FmsError(f"{source} changed while it was being uploaded; upload it again "
+                               f"when it is no longer being written") from None
+            raise
+
+
+def _changed(path: str, plan: Plan) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return True
+    return (st.st_size, st.st_mtime) != (plan.size, plan.mtime)

@@ -27,8 +27,6 @@ from . import gc
 from .engine import Store, os_failure
 from .model import NewVersion, Removal
 
-LS_PAGE_MAX = 5000        # entries per ls reply, so a reply stays far below MAX_FRAME_SIZE
-LS_PAGE_DEFAULT = 1000
 CLEAN_INTERVAL = 60.0     # seconds between sweeps of temp files left by dead writers
 GC_INTERVAL = 300.0       # seconds between background collections
 CHANGE_OPS = ("commit", "rm")   # group committed; applied even past their deadline (idempotent)
@@ -146,8 +144,8 @@ class StorageService:
     def op_ls(self, route, header, data):
         prefix = p.check_prefix(p.need(header, "prefix", str, optional=True, default=""))
         after = p.need(header, "after", str, optional=True, default="")
-        limit = p.need_int(header, "limit", lo=1, hi=LS_PAGE_MAX, optional=True,
-                           default=LS_PAGE_DEFAULT)
+        limit = p.need_int(header, "limit", lo=1, hi=p.LS_PAGE_MAX, optional=True,
+                           default=p.LS_PAGE_DEFAULT)
         page = self.store.list(prefix, after, limit + 1)
         self.link.reply(route, p.ok_reply(header["id"], entries=[v.summary() for v in page[:limit]],
                                           more=len(page) > limit))
@@ -298,7 +296,7 @@ class StorageService:
 
     def op_gc(self, route, header, data):
         grace = p.need(header, "grace", (int, float), optional=True, default=self.gc_grace)
-        if not 0 <= grace <= 10 * 365 * 86400:
+        if not 0 <= grace <= p.MAX_GC_GRACE:
             raise BadRequest(f"grace {grace!r} must be between 0 seconds and 10 years")
         dry_run = p.need(header, "dry_run", bool, optional=True, default=False)
         self._run(route, header, lambda store: {"gc": gc.collect(store, float(grace), dry_run)})
@@ -326,8 +324,9 @@ def _commit_id(header, optional=False) -> str:
     commit = p.need(header, "commit", str, optional=optional, default=None)
     if commit is None:
         return uuid.uuid4().hex
-    if not 1 <= len(commit) <= 128:
-        raise BadRequest("field 'commit' must be 1 to 128 characters: a fresh random id")
+    if not 1 <= len(commit) <= p.MAX_COMMIT_ID:
+        raise BadRequest(f"field 'commit' must be 1 to {p.MAX_COMMIT_ID} characters: a fresh "
+                         f"random id")
     return commit
 
 

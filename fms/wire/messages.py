@@ -5,6 +5,7 @@ from ..errors import BadRequest
 
 __all__ = ["PROTOCOL_VERSION", "KiB", "MiB", "GiB", "DEFAULT_CHUNK_SIZE", "MIN_CHUNK_SIZE",
            "MAX_CHUNK_SIZE", "MAX_BATCH_FILES", "MAX_BATCH_BYTES", "INLINE_MAX", "MAX_HAVE_BATCH",
+           "LS_PAGE_DEFAULT", "LS_PAGE_MAX", "MAX_COMMIT_ID", "MAX_GC_GRACE",
            "HEARTBEAT_INTERVAL", "HEARTBEAT_LIVENESS", "WORKER_SEND_TIMEOUT",
            "MAX_CLIENT_INFLIGHT", "CACHE", "STORAGE", "BROKER", "SERVICES", "OP_SERVICE",
            "FALLBACK_SERVICE", "DATA_OPS", "ERROR_CODES", "check_frame_count", "check_version",
@@ -23,6 +24,10 @@ MAX_BATCH_FILES = 256           # files per commit_many or get_many
 MAX_BATCH_BYTES = 8 * MiB       # their content in one commit_many or get_many message
 INLINE_MAX = 128 * KiB          # files up to this size travel with their manifest: one round trip
 MAX_HAVE_BATCH = 4096           # chunk hashes per `have` request
+LS_PAGE_DEFAULT = 1000          # entries per `ls` reply unless `limit` says otherwise
+LS_PAGE_MAX = 5000              # the largest `limit`: a reply stays far below MAX_FRAME_SIZE
+MAX_COMMIT_ID = 128             # characters in a commit's or rm's `commit` id
+MAX_GC_GRACE = 10 * 365 * 86400  # seconds: the largest `grace` a gc request may ask for
 
 # Times, in seconds.
 HEARTBEAT_INTERVAL = 1.0

@@ -1,0 +1,129 @@
+"""The client's session (fms.client.session) driven with no other process: a ROUTER socket in
+the test plays the broker over inproc://, so each case controls exactly what comes back."""
+
+import contextlib
+import itertools
+import threading
+
+import pytest
+import zmq
+
+from fms import wire as p
+from fms.client.session import Session
+from fms.errors import NotFound, Timeout
+
+RECV_TIMEOUT_MS = 5000
+ENDPOINTS = (f"inproc://session-test-{i}" for i in itertools.count())
+
+
+@pytest.fixture
+def broker():
+    """The fake broker's ROUTER, and a Session connected to it (timeout 0.3 s, 2 retries)."""
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    endpoint = next(ENDPOINTS)
+    router.bind(endpoint)
+    session = Session(endpoint, timeout=0.3, retries=2, ctx=ctx)
+    yield router, session
+    session.close()
+    router.close()
+
+
+@contextlib.contextmanager
+def serving(script):
+    """Run ``script`` (the fake broker's side) in a thread while the body runs the client."""
+    errors = []
+
+    def run():
+        try:
+            script()
+        except BaseException as exc:      # reported by the test, not lost in the thread
+            errors.append(exc)
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join(RECV_TIMEOUT_MS / 1000)
+    assert not thread.is_alive() and not errors, errors
+
+
+def receive(router) -> tuple:
+    """One request at the fake broker: (client identity, header)."""
+    assert router.poll(RECV_TIMEOUT_MS), "the session sent nothing"
+    ident, header, *_ = router.recv_multipart()
+    return ident, p.decode(header)
+
+
+def answer(router, ident, reply: dict):
+    router.send_multipart([ident, p.encode(reply)])
+
+
+def test_replies_out_of_order_are_matched_to_their_requests_by_id(broker):
+    router, session = broker
+
+    def script():
+        asked = [receive(router) for _ in range(3)]
+        for ident, header in reversed(asked):
+            answer(router, ident, p.ok_reply(header["id"], echo=header["name"]))
+    with serving(script):
+        got = [(tag, header["echo"]) for tag, header, _ in
+               session.pipeline([(tag, "stat", {"name": tag}, None) for tag in "abc"])]
+    assert got == [("c", "c"), ("b", "b"), ("a", "a")]
+
+
+def test_no_more_than_window_requests_are_in_flight(broker):
+    router, session = broker
+
+    def script():
+        for _ in range(2):                       # two rounds of two
+            asked = [receive(router) for _ in range(2)]
+            assert not router.poll(200)          # a third waits for a reply
+            for ident, header in asked:
+                answer(router, ident, p.ok_reply(header["id"]))
+    with serving(script):
+        assert len(list(session.pipeline([(i, "stat", {"name": "x"}, None)
+                                           for i in range(4)], window=2))) == 4
+
+
+def test_unavailable_is_sent_again_with_the_same_id_then_succeeds(broker):
+    router, session = broker
+    seen = []
+
+    def script():
+        ident, header = receive(router)
+        seen.append(header["id"])
+        answer(router, ident, p.error_reply(header["id"], "unavailable", "no worker"))
+        ident, header = receive(router)
+        seen.append(header["id"])
+        answer(router, ident, p.ok_reply(header["id"], entries=[]))
+    with serving(script):
+        header, _ = session.call("ls")
+    assert header["entries"] == [] and len(seen) == 2 and seen[0] == seen[1]
+
+
+def test_no_reply_is_retried_with_the_same_id_and_then_times_out_clearly(broker):
+    router, session = broker
+    with pytest.raises(Timeout, match=r"no reply to stat .*\(3 tries\)"):
+        session.call("stat", name="x")
+    ids = []
+    while router.poll(0):
+        ids.append(p.decode(router.recv_multipart()[1])["id"])
+    assert len(ids) == 3 and len(set(ids)) == 1
+
+
+def test_an_error_reply_raises_its_exception_and_a_late_duplicate_is_ignored(broker):
+    router, session = broker
+
+    def script():
+        ident, first = receive(router)
+        answer(router, ident, p.error_reply(first["id"], "not_found", "no such name"))
+        ident, second = receive(router)
+        answer(router, ident, p.ok_reply(first["id"], late=True))     # stale: the first id
+        answer(router, ident, p.ok_reply(second["id"], fresh=True))
+    with serving(script):
+        with pytest.raises(NotFound, match="no such name"):
+            session.call("stat", name="x")
+        header, _ = session.call("stat", name="y")
+    assert header.get("fresh") is True and "late" not in header
