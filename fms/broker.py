@@ -111,6 +111,7 @@ class Pending:
     digest: bytes = b"" # the chunk a `chunk` request asks for, to learn its size
     owner: object = None  # a cache request's key: the cache worker that owns it serves it
     read: object = None   # a chunk request's GET (its request id), for the ReadTally
+    reserve: int = 0    # reply bytes kept free for it in its client's budget (admission)
 
 
 def _changed_names(inv) -> list:
@@ -161,6 +162,13 @@ class Broker:
         self.outbox = {}             # client identity -> deque of (frames, bytes, deadline)
         self.outbox_bytes = {}       # client identity -> bytes held in its outbox
         self.total_out = 0
+        # Reply bytes reserved when a request is admitted, released when its reply arrives: a
+        # reply to an admitted request always has room (it is never dropped for budget).
+        self.reserved = {}           # client identity -> reply bytes reserved for its requests
+        self.total_reserved = 0
+        self.shed_replies = 0        # unread replies dropped to make room for another client
+        self.shed_requests = 0       # queued requests answered `unavailable` to make room
+        self.backed_off = 0          # requests refused at admission: over a byte budget
         self.dropped_replies = 0
         self.chunk_sizes = collections.OrderedDict()   # digest -> size seen in a reply (LRU)
         self._keys = itertools.count(1)
@@ -292,29 +300,32 @@ class Broker:
             self._bad.warning("event=bad_client_message error=%r", str(exc))
             self._reply_error(origin, req_id, exc.code, str(exc))
             return
-        if op == "status":
-            self._deliver(origin, [p.encode(p.ok_reply(req_id, **self.status()))])
-            self.metrics.answered(op, "ok", 0.0)
-            return
-        over = self._over_budget(ident, _nbytes(frames[2]) if len(frames) == 3 else 0)
-        if over:
-            self._reply_error(origin, req_id, "unavailable", over, op=op)
-            return
         if self.client_inflight.get(ident, 0) >= p.MAX_CLIENT_INFLIGHT:
             self._reply_error(origin, req_id, "too_large",
                               f"more than {p.MAX_CLIENT_INFLIGHT} requests in flight from one "
                               f"client; wait for replies before sending more", op=op)
+            return
+        digest = _digest(op, header)
+        reserve = self._reply_bound(op, header, digest, _nbytes(frames[1]))
+        over = self._admit(ident, _nbytes(frames[2]) if len(frames) == 3 else 0, reserve)
+        if over:
+            self.backed_off += 1
+            self._reply_error(origin, req_id, "unavailable", over, op=op)
+            return
+        if op == "status":
+            self._deliver(origin, [p.encode(p.ok_reply(req_id, **self.status()))])
+            self.metrics.answered(op, "ok", 0.0)
             return
         service = p.OP_SERVICE[op]
         if header.get("fresh") is True and op in ("get", "chunk", "get_many"):
             # The client found what the cache gave it corrupt: this once, ask storage itself.
             service = p.STORAGE
         self.dispatch(service, op, req_id, origin, frames[1:], deadline=deadline_of(header),
-                      digest=_digest(op, header), owner=_owner_key(op, header),
-                      read=header.get("of") if op == "chunk" else None)
+                      digest=digest, owner=_owner_key(op, header),
+                      read=header.get("of") if op == "chunk" else None, reserve=reserve)
 
     def dispatch(self, service: str, op: str, req_id, origin: dict, body: list, exclude=(),
-                 started=None, deadline=None, digest=b"", owner=None, read=None):
+                 started=None, deadline=None, digest=b"", owner=None, read=None, reserve=0):
         """Queue a request for ``service`` (or its fallback) and send what the workers' credit
         allows; with no worker of either, answer ``unavailable`` at once."""
         target = self._serving(service, exclude)
@@ -322,7 +333,7 @@ class Broker:
             self._reply_error(origin, req_id, "unavailable",
                               f"no {service} worker is connected to the broker; start one "
                               f"(python {service}_worker.py) or run a whole cluster with: fms up",
-                              op=op)
+                              op=op, admitted=reserve)
             return
         now = time.monotonic()
         key = next(self._keys)
@@ -335,8 +346,8 @@ class Broker:
                                     started if started is not None else now,
                                     deadline if deadline is not None else
                                     now + limits.DEFAULT_TTL_MS / 1000, target, tuple(exclude),
-                                    nbytes, expect, digest, owner, read)
-        self._track_client(origin, +1, nbytes)
+                                    nbytes, expect, digest, owner, read, reserve)
+        self._track_client(origin, +1, nbytes, reserve)
         queue = self.queues[target]
         okey = (origin["via"], origin["from"])
         if okey not in queue:
@@ -465,7 +476,7 @@ class Broker:
 
     def _forget(self, key, pending: Pending, why: str):
         del self.pending[key]
-        self._track_client(pending.origin, -1, pending.nbytes)
+        self._track_client(pending.origin, -1, pending.nbytes, pending.reserve)
         self.dropped += 1
         self._drops.warning("event=request_dropped op=%s reason=%r dropped_total=%d",
                             pending.op, why, self.dropped)
@@ -604,7 +615,7 @@ class Broker:
             return
         worker.inflight.discard(key)
         worker.inflight_bytes -= pending.nbytes + pending.expect
-        self._track_client(pending.origin, -1, pending.nbytes)
+        self._track_client(pending.origin, -1, pending.nbytes, pending.reserve)
         if pending.digest and len(body) > 1:
             self.chunk_sizes[pending.digest] = _nbytes(body[1])
             self.chunk_sizes.move_to_end(pending.digest)
@@ -615,7 +626,7 @@ class Broker:
             # Invalidate before the ack leaves: the cache's pipe is FIFO, so any read the client
             # sends after this ack reaches the cache after the invalidation (invariant 1).
             self.invalidate(name)
-        self._deliver(pending.origin, body, pending.deadline)
+        self._deliver(pending.origin, body, pending.deadline, admitted=pending.reserve)
         if pending.origin["via"] == FRONTEND:
             outcome = "ok" if route.get("ok", True) else str(route.get("err"))
             self.metrics.answered(pending.op, outcome, time.monotonic() - pending.started)
@@ -690,14 +701,15 @@ class Broker:
             pending = self.pending.pop(key, None)
             if pending is None:
                 continue
-            self._track_client(pending.origin, -1, pending.nbytes)
+            self._track_client(pending.origin, -1, pending.nbytes, pending.reserve)
             # Every op is idempotent (commit and rm carry an id that makes a repeat a no-op):
             # another worker takes it.
             self.metrics.redispatched.inc()
             self.dispatch(pending.service, pending.op, pending.req_id, pending.origin,
                           pending.body, exclude=(*pending.exclude, ident),
                           started=pending.started, deadline=pending.deadline,
-                          digest=pending.digest, owner=pending.owner, read=pending.read)
+                          digest=pending.digest, owner=pending.owner, read=pending.read,
+                          reserve=pending.reserve)
         self._requeue_orphans(worker.service)
 
     def _requeue_orphans(self, service: str):
@@ -713,11 +725,11 @@ class Broker:
                 pending = self.pending.pop(key, None)
                 if pending is None:
                     continue
-                self._track_client(pending.origin, -1, pending.nbytes)
+                self._track_client(pending.origin, -1, pending.nbytes, pending.reserve)
                 self.dispatch(pending.service, pending.op, pending.req_id, pending.origin,
                               pending.body, exclude=pending.exclude, started=pending.started,
                               deadline=pending.deadline, digest=pending.digest,
-                              owner=pending.owner, read=pending.read)
+                              owner=pending.owner, read=pending.read, reserve=pending.reserve)
 
     def send_heartbeats(self):
         beat = p.encode({"t": "hb"})
@@ -725,7 +737,7 @@ class Broker:
             if not self._send(self.backend, [worker.ident, beat]):
                 self.delete_worker(worker.ident, "unreachable")
 
-    def _track_client(self, origin: dict, delta: int, nbytes: int = 0):
+    def _track_client(self, origin: dict, delta: int, nbytes: int = 0, reserve: int = 0):
         if origin["via"] != FRONTEND:
             return
         ident = origin["from"]
@@ -741,16 +753,50 @@ class Broker:
                 self.req_bytes[ident] = held
             else:
                 self.req_bytes.pop(ident, None)
+        if reserve:
+            held = self.reserved.get(ident, 0) + delta * reserve
+            self.total_reserved += delta * reserve
+            if held > 0:
+                self.reserved[ident] = held
+            else:
+                self.reserved.pop(ident, None)
 
     # --- byte budgets ---
 
-    def _over_budget(self, ident: bytes, nbytes: int):
-        """Why a new request of this client must back off, or None.
+    def _reply_bound(self, op: str, header: dict, digest: bytes, size: int) -> int:
+        """Reply bytes to reserve for a client's request (of ``size`` header bytes): at most
+        what its reply can carry, or, for a chunk, its length (declared by the client in
+        ``len``, else seen before, else the largest a chunk may be)."""
+        if op == "chunk":
+            declared = header.get("len")
+            seen = self.chunk_sizes.get(digest, 0)
+            if not isinstance(declared, int) or isinstance(declared, bool) or not (
+                    0 <= declared <= p.MAX_CHUNK_SIZE):
+                declared = 0 if seen else p.MAX_CHUNK_SIZE
+            return max(declared, seen) + limits.SMALL_REPLY
+        if op == "ls":
+            page = header.get("limit")
+            if not isinstance(page, int) or isinstance(page, bool) or page < 1:
+                page = p.LS_PAGE_DEFAULT
+            return min(page, p.LS_PAGE_MAX) * limits.LS_ENTRY_MAX + limits.SMALL_REPLY
+        if op == "get_many":    # inline content up to the batch's limit, and the manifests
+            names = header.get("names")
+            count = len(names) if isinstance(names, list) else 1
+            return (min(p.MAX_BATCH_BYTES, count * p.INLINE_MAX)
+                    + count * limits.MANIFEST_GUESS + limits.SMALL_REPLY)
+        if op == "have":        # the hashes it asked about, at most
+            return size + limits.SMALL_REPLY
+        return limits.REPLY_BOUND.get(op, limits.SMALL_REPLY)
 
-        Uploads: the data of its requests held here stays within CLIENT_BYTES, and everyone's
-        within TOTAL_REQUEST_BYTES.  Replies: a client with more than CLIENT_BYTES of replies
-        it has not taken (or with any, while all clients' together pass TOTAL_REPLY_BYTES)
-        gets nothing more until it reads: it stalls itself, never the others.
+    def _admit(self, ident: bytes, nbytes: int, reserve: int):
+        """Admit a client's request: reserve ``reserve`` reply bytes for it and count its
+        ``nbytes`` of upload data; or say why it must back off (None: admitted).
+
+        Per client: its uploads held and its replies (unread or reserved) each stay within
+        CLIENT_BYTES, so a client that does not read stalls itself.  In all: when a total is
+        full, room is made by shedding from whoever holds the most (see :meth:`_shed`), but
+        only from a client holding more than the newcomer would: many clients that flood or
+        never read cannot keep one that reads from being served.
         """
         if nbytes:
             held = self.req_bytes.get(ident, 0)
@@ -758,14 +804,73 @@ class Broker:
                 return (f"this client already has {held} bytes of uploads in flight at the "
                         f"broker (budget {limits.CLIENT_BYTES}); wait for replies before "
                         f"sending more (retried with backoff)")
-            if self.total_req + nbytes > limits.TOTAL_REQUEST_BYTES:
-                return ("the broker holds as many uploads as it may for all clients; retry in a "
-                        "moment (retried with backoff)")
-        unread = self.outbox_bytes.get(ident, 0)
-        if unread > limits.CLIENT_BYTES or (unread and self.total_out > limits.TOTAL_REPLY_BYTES):
-            return (f"this client has {unread} bytes of replies it has not read; read them "
+            while self.total_req + nbytes > limits.TOTAL_REQUEST_BYTES:
+                if not self._shed(held + nbytes, uploads=True):
+                    return ("the broker holds as many uploads as it may for all clients; retry "
+                            "in a moment (retried with backoff)")
+        held = self.outbox_bytes.get(ident, 0) + self.reserved.get(ident, 0)
+        box = self.outbox.get(ident, ())
+        if held + reserve > limits.CLIENT_BYTES or (
+                len(box) + self.client_inflight.get(ident, 0) >= limits.OUTBOX_MESSAGES):
+            return (f"this client has {held} bytes of replies unread or on their way; read them "
                     f"before asking for more (retried with backoff)")
+        while self.total_out + self.total_reserved + reserve > limits.TOTAL_REPLY_BYTES:
+            if not self._shed(held + reserve, uploads=False):
+                return ("the broker holds as many replies as it may for all clients; retry in a "
+                        "moment (retried with backoff)")
         return None
+
+    def _shed(self, needed: int, uploads: bool) -> bool:
+        """Make room in a total: take from the client holding the most (upload bytes, or reply
+        bytes unread and reserved), if it holds more than ``needed``: its newest queued
+        request that holds some is answered ``unavailable`` (it retries with backoff), else
+        (replies) its oldest unread reply is dropped.  False if nobody can give room."""
+        holdings = (self.req_bytes if uploads else
+                    {i: self.outbox_bytes.get(i, 0) + self.reserved.get(i, 0)
+                     for i in {*self.outbox_bytes, *self.reserved}})
+        for ident, held in sorted(holdings.items(), key=lambda kv: -kv[1]):
+            if held <= needed:
+                return False
+            if self._shed_queued(ident, uploads):
+                return True
+            if not uploads and ident in self.outbox:
+                self._shed_reply(ident)
+                return True
+        return False
+
+    def _shed_queued(self, ident: bytes, uploads: bool) -> bool:
+        for queue in self.queues.values():
+            keys = queue.get((FRONTEND, ident))
+            for key in reversed(keys or ()):
+                pending = self.pending.get(key)
+                if pending is None or not (pending.nbytes if uploads else pending.reserve):
+                    continue
+                keys.remove(key)
+                if not keys:
+                    del queue[(FRONTEND, ident)]
+                del self.pending[key]
+                self._track_client(pending.origin, -1, pending.nbytes, pending.reserve)
+                self.shed_requests += 1
+                self._drops.warning("event=request_shed op=%s client=%s", pending.op, ident.hex())
+                self._reply_error(pending.origin, pending.req_id, "unavailable",
+                                  "the broker is full and this client holds the most; retry in "
+                                  "a moment (retried with backoff)", op=pending.op,
+                                  started=pending.started)
+                return True
+        return False
+
+    def _shed_reply(self, ident: bytes):
+        box = self.outbox[ident]
+        _, size, _ = box.popleft()
+        self.outbox_bytes[ident] -= size
+        self.total_out -= size
+        if not box:
+            del self.outbox[ident]
+            del self.outbox_bytes[ident]
+        self.shed_replies += 1
+        self.dropped_replies += 1
+        self._undeliverable.warning("event=reply_shed peer=%s error=%r", ident.hex(),
+                                    "the client does not read and another needs the room")
 
     def flush(self):
         """Send what clients' outboxes hold, as far as their queues take it; drop what has
@@ -807,12 +912,18 @@ class Broker:
             return False
         return queued > limits.CLIENT_KERNEL_QUEUE
 
-    def _hold(self, ident: bytes, frames: list, deadline: float):
+    def _hold(self, ident: bytes, frames: list, deadline: float, admitted: int = 0):
+        """Keep a reply for a client whose queue is full.  A reply to an admitted request had
+        its room reserved (``admitted`` bytes): it is kept; only what goes beyond that (a
+        reply larger than its client declared, an error to a request never admitted) must
+        fit the budgets, or is dropped."""
         size = sum(map(_nbytes, frames))
         held = self.outbox_bytes.get(ident, 0)
         box = self.outbox.get(ident)
-        if (held + size > limits.CLIENT_BYTES or self.total_out + size > limits.TOTAL_REPLY_BYTES
-                or (box is not None and len(box) >= limits.OUTBOX_MESSAGES)):
+        extra = size - admitted
+        if extra > 0 and (held + size > limits.CLIENT_BYTES
+                          or self.total_out + self.total_reserved + extra > limits.TOTAL_REPLY_BYTES
+                          or (box is not None and len(box) >= limits.OUTBOX_MESSAGES)):
             self.dropped_replies += 1
             self._undeliverable.warning(
                 "event=undeliverable socket=frontend peer=%s error=%r held=%d", ident.hex(),
@@ -838,8 +949,11 @@ class Broker:
                        "uptime": time.time() - self.started, "pending": len(self.pending),
                        "queued": {s: sum(map(len, q.values())) for s, q in self.queues.items()},
                        "dropped": self.dropped,
-                       "held_bytes": {"uploads": self.total_req, "replies": self.total_out},
+                       "held_bytes": {"uploads": self.total_req, "replies": self.total_out,
+                                      "replies_reserved": self.total_reserved},
                        "dropped_replies": self.dropped_replies,
+                       "shed": {"replies": self.shed_replies, "requests": self.shed_requests},
+                       "backed_off": self.backed_off,
                        "fds": limits.fd_limit(),
                        "budgets": {"client_bytes": limits.CLIENT_BYTES,
                                    "total_upload_bytes": limits.TOTAL_REQUEST_BYTES,
@@ -858,7 +972,7 @@ class Broker:
 
     # --- sending ---
 
-    def _deliver(self, origin: dict, body: list, deadline: float | None = None):
+    def _deliver(self, origin: dict, body: list, deadline: float | None = None, admitted: int = 0):
         if origin["via"] == FRONTEND:
             ident = origin["from"]
             if ident not in self.outbox and (len(body) < 2 or _nbytes(body[1]) < limits.LARGE_REPLY
@@ -874,13 +988,13 @@ class Broker:
                     return
             if deadline is None:
                 deadline = time.monotonic() + limits.DEFAULT_TTL_MS / 1000
-            self._hold(ident, body, deadline)
+            self._hold(ident, body, deadline, admitted)
         else:
             self._send(self.backend, [origin["from"], p.encode({"t": "rep"}), *body])
 
     def _reply_error(self, origin: dict, req_id, code: str, message: str, op="unknown",
-                     started=None):
-        self._deliver(origin, [p.encode(p.error_reply(req_id, code, message))])
+                     started=None, admitted=0):
+        self._deliver(origin, [p.encode(p.error_reply(req_id, code, message))], admitted=admitted)
         if origin["via"] == FRONTEND:
             elapsed = time.monotonic() - started if started is not None else 0.0
             self.metrics.answered(op if op in p.OP_SERVICE else "unknown", code, elapsed)

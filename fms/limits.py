@@ -179,6 +179,15 @@ CHUNK_GUESS = 1 * MiB               # a chunk reply's expected size before one w
 SMALL_REPLY = 4 * KiB               # expected reply size of a metadata op
 REPLY_GUESS = {"get": 128 * KiB, "ls": 1 * MiB,     # a small file's content; a page of ls;
                "get_many": 1 * MiB}                 # 256 small files of 4 KiB
+# Reply bytes reserved when a client's request is admitted: at most what its reply carries.
+# A chunk reserves the length the client declares (`len`), else the size seen last, else
+# MAX_CHUNK_SIZE; an ls page LS_ENTRY_MAX per entry; have what it asked about.  A reply larger
+# than its reservation (a manifest of more than ~3,800 chunks, a false `len`) is kept only
+# while the budgets have room.
+REPLY_BOUND = {"get": 136 * KiB, "fsck": 1 * MiB, "commit_many": 64 * KiB,
+               "status": 64 * KiB, "cache_stats": 16 * KiB}
+MANIFEST_GUESS = 1 * KiB            # a small file's manifest, in a get_many reply
+LS_ENTRY_MAX = 1280                 # bytes of one ls entry at most (a 1,024-byte name + fields)
 CHUNK_SIZES_KEPT = 65536            # chunk sizes remembered (LRU), for the guesses above
 
 

@@ -2,6 +2,7 @@
 random loopback ports, with a well-behaved client beside it that must keep being served."""
 
 import os
+import threading
 import time
 
 import msgpack
@@ -255,6 +256,27 @@ def test_with_the_store_pinned_an_impostor_first_is_refused_and_real_workers_ser
     assert all(proc.alive() for proc in cluster.procs)
 
 
+def test_a_broker_other_hosts_can_reach_must_be_told_its_store(tmp_path):
+    """The store is decided by storage, never by whichever worker registers first: a broker
+    whose backend is not loopback refuses to start without --store, and says how to get it;
+    storage_worker.py --print-store-id prints the id fms up pins."""
+    import subprocess
+    import sys
+    from fms.cli.up import _store_id
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, os.path.join(root, "broker.py"), "--frontend",
+                          "tcp://127.0.0.1:*", "--backend", "tcp://0.0.0.0:*", "--insecure"],
+                         capture_output=True, timeout=30)
+    assert run.returncode == 1 and b"Traceback" not in run.stderr
+    assert b"--store ID" in run.stderr and b"--print-store-id" in run.stderr
+    data = tmp_path / "storage"
+    data.mkdir()
+    printed = subprocess.run([sys.executable, os.path.join(root, "storage_worker.py"), "--data",
+                              str(data), "--print-store-id"], capture_output=True, timeout=30)
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout.decode().strip() == _store_id(str(data), None, None)
+
+
 def test_a_chunk_failing_verification_is_fetched_once_more_from_storage(make_cluster):
     """A cache (here a fake one) that serves forged bytes: the client checks every chunk and
     a small file's content, asks storage itself once, and gets the truth."""
@@ -311,8 +333,10 @@ def _flood(endpoint, clients: int, per_client: int, ttl_ms=None):
     for _ in range(clients):
         sock = _dealer(endpoint)
         for i in range(per_client):
+            # Pages of one entry: each reserves little of the reply budget (see the next test
+            # for floods of large pages).
             fields = {"v": 1, "op": "ls" if i % 2 else "have", "id": i, "prefix": "",
-                      "hashes": [bytes(32)] * 64}
+                      "limit": 1, "hashes": [bytes(32)] * 64}
             if ttl_ms is not None:
                 fields["ttl_ms"] = ttl_ms
             sock.send(p.encode(fields))
@@ -402,6 +426,91 @@ def test_clients_that_never_read_16_mib_chunks_stall_only_themselves(cluster):
     assert peak_rss(broker.pid) < 600 * MiB, peak_rss(broker.pid) / MiB
     assert peak_rss(cache.pid) < 400 * MiB, peak_rss(cache.pid) / MiB
     assert all(proc.alive() for proc in cluster.procs)
+
+
+def _keep_sending(socks, messages):
+    """Send each socket every message it will take now, without ever reading."""
+    for sock in socks:
+        for frames in messages():
+            try:
+                sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+
+
+def test_clients_that_never_read_cannot_make_a_readers_large_replies_drop(cluster):
+    """Three clients that never read ask for 4 MiB chunks until they hold the broker's whole
+    reply budget (before: a reader's replies of 256 KiB and more were then dropped, and its
+    reads timed out). A reply to an admitted request has its room reserved: the reader's
+    reads of a file in 4 MiB chunks all succeed with no retry, while the non-readers' unread
+    replies are shed to make that room."""
+    hog = random_bytes(32 * MiB, 8)
+    mine = random_bytes(24 * MiB, 9)
+    with cluster.client(chunk_size=4 * MiB) as c:
+        c.put_bytes(hog, "hog")
+        c.put_bytes(mine, "mine")
+    chunks = [p.sha256(hog[i:i + 4 * MiB]) for i in range(0, len(hog), 4 * MiB)]
+    ids = iter(range(1, 1 << 30))
+
+    def asks():
+        return ([p.encode({"v": 1, "op": "chunk", "id": next(ids), "hash": d, "len": 4 * MiB})]
+                for d in chunks)
+    socks = [_dealer(cluster.frontend, RCVHWM=1, RCVBUF=64 * 1024) for _ in range(3)]
+    try:
+        with cluster.client(timeout=3.0, retries=0) as reader:
+            def budget_full():
+                _keep_sending(socks, asks)
+                held = reader.status()["broker"]["held_bytes"]
+                return held["replies"] + held.get("replies_reserved", 0) > 120 * MiB
+            wait_for(budget_full, 20, "the non-readers to hold most of the reply budget")
+            for _ in range(4):
+                _keep_sending(socks, asks)
+                assert reader.get_bytes("mine") == mine
+            status = reader.status()["broker"]
+    finally:
+        for sock in socks:
+            sock.close()
+    assert status["shed"]["replies"] + status["shed"]["requests"] > 0
+    assert status["held_bytes"]["replies"] <= status["budgets"]["total_reply_bytes"]
+
+
+def test_many_uploaders_cannot_keep_another_clients_upload_out(slow_cluster):
+    """Nine connections keep up to 64 MiB of uploads each at the broker, more than its 512 MiB
+    total (before: everyone else's uploads were then refused). Another client's upload gets
+    room: the newest queued upload of whoever holds the most is answered `unavailable`."""
+    chunk = random_bytes(MiB - 64, 10)            # 64 fill a client's 64 MiB budget
+    digest = p.sha256(chunk)
+    data = p.pack_data(chunk)
+    ids = iter(range(1, 1 << 30))
+
+    def uploads():
+        return ([p.encode({"v": 1, "op": "put_chunk", "id": next(ids), "hash": digest}), data]
+                for _ in range(16))
+    socks = [_dealer(slow_cluster.frontend, RCVHWM=1, RCVBUF=64 * 1024) for _ in range(9)]
+    stop = threading.Event()
+
+    def flood():                # the sockets are used by this thread alone from here on
+        while not stop.is_set():
+            _keep_sending(socks, uploads)
+            zmq.select([], socks, [], 0.01)       # until one takes more, or 10 ms
+    flooder = threading.Thread(target=flood, daemon=True)
+    try:
+        with slow_cluster.client(timeout=10.0, retries=0) as c:
+            flooder.start()
+            wait_for(lambda: c.status()["broker"]["held_bytes"]["uploads"]
+                     > limits.TOTAL_REQUEST_BYTES - 32 * MiB, 20,
+                     "the uploaders to hold the broker's upload budget")
+            mine = random_bytes(3 * MiB, 11)
+            c.put_bytes(mine, "mine")
+            status = c.status()["broker"]
+            assert c.get_bytes("mine") == mine
+    finally:
+        stop.set()
+        flooder.join(10) if flooder.is_alive() else None
+        for sock in socks:
+            sock.close()
+    assert status["shed"]["requests"] > 0
+    assert status["held_bytes"]["uploads"] <= limits.TOTAL_REQUEST_BYTES
 
 
 def test_uploads_over_a_clients_byte_budget_back_off_and_large_chunks_still_upload(slow_cluster):

@@ -32,8 +32,16 @@ def cmd_broker(args):
 
     from ..broker import Broker
     from ..logutil import setup_logging
+    from ..security import is_loopback
     setup_logging(args.log_level)
-    broker = Broker(args.frontend, args.backend, curve=_broker_curve(args), store=args.store)
+    curve = _broker_curve(args)
+    if args.store is None and not is_loopback(args.backend):
+        # Only workers on this machine could then choose the store; others must not.
+        raise FmsError(f"a broker whose backend ({args.backend}) other hosts can reach must be "
+                       f"told which store it serves, so that no worker can decide it by "
+                       f"registering first: add --store ID (print the id with: python "
+                       f"storage_worker.py --meta ... --chunks ... --print-store-id)")
+    broker = Broker(args.frontend, args.backend, curve=curve, store=args.store)
     try:
         broker.bind()
         if args.metrics_port is not None:
@@ -107,6 +115,10 @@ def cmd_storage(args):
     if args.data == os.path.join(DEFAULT_DATA, "storage"):
         os.makedirs(DEFAULT_DATA, exist_ok=True)  # the default just works; a given path must exist
     store = open_store(args.data, args.meta, args.chunks)
+    if args.print_store_id:
+        print(store.store_id)
+        store.close()
+        return EXIT_OK
     store.chunks.clean_tmp()
     service = StorageService(store, None, gc_grace=args.gc_grace,
                              maintenance_store=open_store(args.data, args.meta, args.chunks))

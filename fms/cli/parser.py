@@ -202,8 +202,10 @@ def _broker_args(cmd):
                      help="public .key files of the workers let in on the backend (re-read "
                           "live); kept apart from --allow so a client key cannot act as a worker")
     cmd.add_argument("--store", metavar="ID",
-                     help="the store id storage workers must serve (from the data directory); "
-                          "without it, the first storage worker's store is served")
+                     help="the store id storage workers must serve (print it with: "
+                          "storage_worker.py --print-store-id); required when the backend is "
+                          "reachable from other hosts; without it, the first storage worker's "
+                          "store is served")
     cmd.add_argument("--insecure", action="store_true",
                      help="allow binding a non-loopback address without CURVE")
     _log_arg(cmd)
@@ -226,6 +228,8 @@ def _storage_args(cmd):
                           "scratch only, with both --meta and --chunks")
     _backend_args(cmd)
     _gc_grace_arg(cmd)
+    cmd.add_argument("--print-store-id", action="store_true",
+                     help="print the store's id (for the broker's --store) and exit")
 
 
 def _backend_args(cmd):

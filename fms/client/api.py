@@ -189,11 +189,9 @@ class Client:
 
         :return: the stat of each, in order.
         """
-        planned = []
-        for path, name in items:
-            p.check_name(name)
-            planned.append((path, name, upload.plan_file(path, self.chunk_size)))
-        return self._put_planned(planned)
+        items = [(path, p.check_name(name)) for path, name in items]   # every name, first
+        return self._put_planned((path, name, upload.plan_file(path, self.chunk_size))
+                                 for path, name in items)
 
     def _put_planned(self, planned) -> list:
         return [_public(stat) for stat in upload.put_planned(self.session, planned, self._report)]

@@ -23,6 +23,13 @@ from .session import Session
 VERIFY_THREADS = 2       # threads verifying and writing chunks while the next ones arrive
 
 
+def chunk_fields(manifest: dict, i: int) -> dict:
+    """A ``chunk`` request's fields for chunk ``i``: its hash, and its length, so the broker
+    reserves room for exactly that reply (without ``len`` it assumes the largest chunk)."""
+    return {"hash": manifest["chunks"][i],
+            "len": p.chunk_length(i, manifest["size"], manifest["chunk_size"])}
+
+
 def fetch_whole(session: Session, name: str, manifest: dict, data):
     """The verified content of a small file that came with its manifest (``data``); if it does
     not match, asked once more from storage itself (``fresh``).  :return: (manifest, data)."""
@@ -60,8 +67,8 @@ def download_to_file(session: Session, manifest: dict, out, report, via=None):
     out.flush()
     fd, chunk_size = out.fileno(), manifest["chunk_size"]
     window = session.data_window(chunk_size)
-    requests = ((i, "chunk", {"hash": h, **(via or {})}, None)
-                for i, h in enumerate(manifest["chunks"]))
+    requests = ((i, "chunk", {**chunk_fields(manifest, i), **(via or {})}, None)
+                for i in range(len(manifest["chunks"])))
     pending = collections.deque()       # (index, data, future) in arrival order
     done = 0
     with ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="fms-verify") as pool:
@@ -106,7 +113,7 @@ def _refetch(session: Session, manifest: dict, i: int):
     """Chunk ``i`` once more, from storage itself (``fresh``: the broker bypasses the cache),
     verified.  :raises IntegrityError: it does not match either."""
     with session.aside() as aside:
-        _, frame = aside.call("chunk", hash=manifest["chunks"][i], fresh=True)
+        _, frame = aside.call("chunk", **chunk_fields(manifest, i), fresh=True)
     data = p.unpack_data(frame.buffer) if frame is not None else b""
     if not _chunk_ok(manifest, i, data):
         raise IntegrityError(f"chunk {i} of {manifest['name']!r} does not match its sha256, "
@@ -125,7 +132,7 @@ def iter_chunks(session: Session, manifest: dict, start: int = 0, via=None):
     chunks = manifest["chunks"]
     held = {}
     next_index = start
-    requests = ((i, "chunk", {"hash": chunks[i], **(via or {})}, None)
+    requests = ((i, "chunk", {**chunk_fields(manifest, i), **(via or {})}, None)
                 for i in range(start, len(chunks)))
     for i, _header, frame in session.pipeline(requests,
                                               session.data_window(manifest["chunk_size"])):

@@ -100,23 +100,30 @@ def commit_timeout(size: int, timeout: float) -> float:
 BATCH_HEADER_BYTES = 32 * 1024   # names in one commit_many (its header and route stay small)
 
 
-def _batches(indices, planned) -> list:
-    """Small files grouped for commit_many: at most BATCH_FILES files, MAX_BATCH_BYTES of
-    content and BATCH_HEADER_BYTES of names each."""
-    batches, current, size, names = [], [], 0, 0
-    for i in indices:
-        name, plan = planned[i][1], planned[i][2]
+def _batches(planned, items: list, large: list):
+    """Yield the small files of ``planned`` grouped for commit_many (their indices): at most
+    BATCH_FILES files, MAX_BATCH_BYTES of content and BATCH_HEADER_BYTES of names each.
+    ``planned`` is consumed as batches are asked for, so reading and hashing the next files
+    overlaps storage committing the last batch; each triple is appended to ``items``, and the
+    index of each file that is not small to ``large``."""
+    current, size, names = [], 0, 0
+    for triple in planned:
+        i = len(items)
+        items.append(triple)
+        _source, name, plan = triple
+        if plan.inline is None:
+            large.append(i)
+            continue
         n = len(name.encode("utf-8")) + 64
         if current and (len(current) == BATCH_FILES or size + plan.size > p.MAX_BATCH_BYTES
                         or names + n > BATCH_HEADER_BYTES):
-            batches.append(current)
+            yield current
             current, size, names = [], 0, 0
         current.append(i)
         size += plan.size
         names += n
     if current:
-        batches.append(current)
-    return batches
+        yield current
 
 
 def _commit_many_request(batch, planned):
@@ -151,16 +158,15 @@ def _chunk_reader(source, plan: Plan):
 
 
 def put_planned(session: Session, planned, report) -> list:
-    """Upload ``(source, name, Plan)`` triples (``source`` a local path or bytes); :return: the
-    stat of each (as the wire has it), in order."""
-    results = [None] * len(planned)
-    small = [i for i, (_, _, plan) in enumerate(planned) if plan.inline is not None]
+    """Upload ``(source, name, Plan)`` triples (``source`` a local path or bytes; an iterable,
+    consumed as the upload goes); :return: the stat of each (as the wire has it), in order."""
+    items, large, results = [], [], {}
     # Small files: their content travels with their commit, many files to a message
     # (commit_many), a few messages in flight.
-    batches = _batches(small, planned)
-    requests = (_commit_many_request(batch, planned) if len(batch) > 1 else
-                (batch, "commit", _commit_fields(planned[batch[0]][1], planned[batch[0]][2]),
-                 p.pack_data(planned[batch[0]][2].inline)) for batch in batches)
+    requests = (_commit_many_request(batch, items) if len(batch) > 1 else
+                (batch, "commit", _commit_fields(items[batch[0]][1], items[batch[0]][2]),
+                 p.pack_data(items[batch[0]][2].inline))
+                for batch in _batches(planned, items, large))
     for batch, header, _ in session.pipeline(requests, BATCH_WINDOW):
         if len(batch) == 1:
             results[batch[0]] = header["stat"]
@@ -172,14 +178,13 @@ def put_planned(session: Session, planned, report) -> list:
             error = from_reply(str(result.get("error")), str(result.get("message")), result)
             if not isinstance(error, Unavailable):
                 raise error
-            _path, name, plan = planned[i]      # transient for this file: on its own
+            _path, name, plan = items[i]        # transient for this file: on its own
             header1, _ = session.call("commit", data=p.pack_data(plan.inline),
                                       **_commit_fields(name, plan))
             results[i] = header1["stat"]
-    for i, (path, name, plan) in enumerate(planned):
-        if plan.inline is None:
-            results[i] = put_chunked(session, path, name, plan, report)
-    return results
+    for i in large:
+        results[i] = put_chunked(session, *items[i], report)
+    return [results[i] for i in range(len(items))]
 
 
 def put_chunked(session: Session, source, name: str, plan: Plan, report) -> dict:
