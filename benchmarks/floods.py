@@ -4,13 +4,15 @@
 
 Each scenario starts its own cluster (broker, cache, two storage workers, on random loopback
 ports), runs one attack for a bounded time with a well-behaved client beside it that reads a
-file once every 0.2 s, and reports each process's peak RSS (VmHWM) and what the well-behaved
+200 KiB file and a 16 MiB file of 4 MiB chunks every 0.2 s, and reports each process's peak RSS (VmHWM) and what the well-behaved
 client saw (reads that succeeded / failed, its slowest read).
 
 - ``bomb``: 15 frames of 32 MiB of empty msgpack arrays to the frontend, 3 to the backend;
 - ``flood``: clients send 128 have/ls each (the most they may have in flight), then leave;
 - ``nonreaders``: clients that never read ask again and again for 16 MiB chunks;
 - ``slowreaders``: clients read a file of 16 MiB chunks 1 MiB every 50 ms.
+- ``uploaders``: 9 connections keep 64 MiB of uploads each in flight (more than the 512 MiB
+  total) while the legit client uploads 2 MiB files beside them.
 """
 
 import argparse
@@ -29,11 +31,12 @@ MiB = p.MiB
 
 
 class Legit(threading.Thread):
-    """Reads ``name`` every 0.2 s and checks it; counts successes, failures, the slowest."""
+    """Reads each of ``files`` (name -> content) every 0.2 s and checks it; counts successes,
+    failures, the slowest read."""
 
-    def __init__(self, cluster, name: str, data: bytes):
+    def __init__(self, cluster, files: dict):
         super().__init__(daemon=True)
-        self.cluster, self.name, self.data = cluster, name, data
+        self.cluster, self.files = cluster, files
         self.ok = self.failed = 0
         self.slowest = 0.0
         self.stop = threading.Event()
@@ -41,16 +44,17 @@ class Legit(threading.Thread):
     def run(self):
         with self.cluster.client(timeout=5.0, retries=0) as c:
             while not self.stop.is_set():
-                start = time.monotonic()
-                try:
-                    good = c.get_bytes(self.name) == self.data
-                except Exception:  # noqa: BLE001 - counted
-                    good = False
-                self.slowest = max(self.slowest, time.monotonic() - start)
-                if good:
-                    self.ok += 1
-                else:
-                    self.failed += 1
+                for name, data in self.files.items():
+                    start = time.monotonic()
+                    try:
+                        good = c.get_bytes(name) == data
+                    except Exception:  # noqa: BLE001 - counted
+                        good = False
+                    self.slowest = max(self.slowest, time.monotonic() - start)
+                    if good:
+                        self.ok += 1
+                    else:
+                        self.failed += 1
                 self.stop.wait(0.2)
 
 
@@ -109,6 +113,34 @@ def nonreaders(cluster, seconds, clients, big):
         sock.close()
 
 
+def uploaders(cluster, seconds, clients, big):
+    """One more connection than the upload total has room for, each keeping its 64 MiB of
+    1 MiB uploads in flight, never reading; the legit client also uploads beside them."""
+    chunk = os.urandom(MiB - 64)
+    header, data = p.encode({"v": 1, "op": "put_chunk", "id": 0, "hash": p.sha256(chunk)}), \
+        p.pack_data(chunk)
+    socks = [_dealer(cluster.frontend, rcvhwm=1)
+             for _ in range(max(clients, 9))]
+    end = time.monotonic() + seconds
+    ok = failed = 0
+    with cluster.client(timeout=10.0, retries=0) as c:
+        while time.monotonic() < end:
+            for sock in socks:
+                for _ in range(16):
+                    try:
+                        sock.send_multipart([header, data], zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+            try:
+                c.put_bytes(os.urandom(2 * MiB), "legit-upload")
+                ok += 1
+            except Exception:  # noqa: BLE001 - counted
+                failed += 1
+    print(f"uploaders: the legit client's 2 MiB uploads beside them: ok={ok} failed={failed}")
+    for sock in socks:
+        sock.close()
+
+
 def slowreaders(cluster, seconds, clients, big):
     stop = threading.Event()
 
@@ -128,7 +160,8 @@ def slowreaders(cluster, seconds, clients, big):
         t.join(60)
 
 
-SCENARIOS = {"bomb": bomb, "flood": flood, "nonreaders": nonreaders, "slowreaders": slowreaders}
+SCENARIOS = {"bomb": bomb, "flood": flood, "nonreaders": nonreaders, "slowreaders": slowreaders,
+             "uploaders": uploaders}
 
 
 def run(name, seconds, clients):
@@ -136,12 +169,14 @@ def run(name, seconds, clients):
         cluster = Cluster(folder)
         try:
             cluster.start_all(storage=2, cache_bytes="1G")
-            small = os.urandom(200 * 1024)
+            files = {"legit": os.urandom(200 * 1024), "legit-large": os.urandom(16 * MiB)}
+            with cluster.client(chunk_size=4 * MiB) as c:     # replies over 256 KiB
+                c.put_bytes(files["legit-large"], "legit-large")
             with cluster.client(chunk_size=16 * MiB) as c:
-                c.put_bytes(small, "legit")
+                c.put_bytes(files["legit"], "legit")
                 c.put_bytes(os.urandom(64 * MiB), "big")
                 header, _ = c.call("get", name="big")
-            legit = Legit(cluster, "legit", small)
+            legit = Legit(cluster, files)
             legit.start()
             SCENARIOS[name](cluster, seconds, clients, header["manifest"])
             legit.stop.set()

@@ -150,11 +150,22 @@ def test_cache_survives_any_reply_from_storage(services, header, data, to_the_fe
 @SETTINGS
 @given(frames=st.lists(frames_bytes, min_size=0, max_size=4))
 def test_worker_dispatch_raises_only_fms_errors(services, frames):
+    """Whatever reaches a worker: a request (a readable ``req`` route) gets exactly one reply
+    and raises nothing; anything else raises at most an FmsError (the loop logs it, rate-limited,
+    and goes on) and gets no reply, having no return address."""
     storage, _ = services
+    storage.link.replies.clear()
+    try:
+        route = p.decode(frames[0], "route") if frames else None
+    except FmsError:
+        route = None
     try:
         _dispatch(storage, storage.link, [Frame(f) for f in frames], logging.getLogger("fuzz"))
+        storage.flush()                           # commits and removes are answered here
     except FmsError:
-        pass   # the loop logs it (rate-limited) and goes on
+        assert route is None or route.get("t") != "req"
+    expected = 1 if route is not None and route.get("t") == "req" else 0
+    assert len(storage.link.replies) == expected
 
 
 CLIENT = b"fuzz-client"

@@ -14,6 +14,7 @@ RSS_LIMIT = 150 * p.MiB
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)   # 2 GiB up and down, hashed at each end, on a loaded machine
 def test_moving_a_2_gib_file_keeps_every_process_under_150_mib(make_cluster, tmp_path):
     cluster = make_cluster()
     cluster.start_broker()

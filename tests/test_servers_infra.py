@@ -99,7 +99,7 @@ def test_s3_env_for_subprocesses(s3, s3_bucket):
     assert s3.client().get_object(Bucket=s3_bucket, Key="k")["Body"].read() == b"v"
 
 
-@pytest.mark.parametrize("graceful", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("graceful", [False, pytest.param(True, marks=[pytest.mark.slow, pytest.mark.timeout(600)])])
 def test_s3_stop_start_keeps_data_and_port(s3, s3_bucket, graceful):
     from botocore.exceptions import EndpointConnectionError
     c = s3.client()

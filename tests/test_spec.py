@@ -86,11 +86,15 @@ def test_the_error_table_lists_exactly_the_code_s_error_codes():
     assert [row[0] for row in spec_table("## Errors")] == list(p.ERROR_CODES)
 
 
-def test_every_field_storage_reads_is_in_the_request_fields_table():
-    with open(os.path.join(ROOT, "fms", "storage", "service.py"), encoding="utf-8") as f:
-        read = set(re.findall(r'need\w*\(header, "(\w+)"', f.read())) | {"commit"}
+def test_every_request_field_storage_or_the_broker_reads_is_in_the_request_fields_table():
+    read = {"commit"}                                    # storage's _commit_id
+    for path, pattern in ((("storage", "service.py"), r'need\w*\(header, "(\w+)"'),
+                          (("broker.py",), r'header\.get\("(\w+)"')):
+        with open(os.path.join(ROOT, "fms", *path), encoding="utf-8") as f:
+            read |= set(re.findall(pattern, f.read()))
     documented = {row[0] for row in spec_table("### Request fields")}
-    assert read <= documented, f"fields storage reads but the spec does not list: {read - documented}"
+    documented |= {"v", "op", "id", "ttl_ms"}            # every header's (*Messages*)
+    assert read <= documented, f"fields read but not in the spec: {read - documented}"
 
 
 # --- the points the independent client found ---

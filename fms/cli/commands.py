@@ -105,6 +105,7 @@ def cmd_get(args):
                 raise NotFound(f"not found: no files under {args.name!r}; list names with: ls")
             items = [(e["name"], _inside(args.dest, e["name"][len(prefix) + 1 if prefix else 0:]))
                      for e in entries]
+            _check_tree(items)
             results = client.get_many(items)
             _say(args, f"downloaded {len(results)} files, "
                        f"{_human(sum(r['size'] for r in results))} to {args.dest}")
@@ -113,11 +114,51 @@ def cmd_get(args):
             client.get_to(args.name, sys.stdout.buffer)
             sys.stdout.buffer.flush()
             return
-        dest = args.dest or os.path.basename(args.name)
-        if os.path.isdir(dest):
-            dest = os.path.join(dest, os.path.basename(args.name))
+        dest = _file_dest(args.dest, args.name)
         result = client.get(args.name, dest)
         _say(args, f"downloaded {result['name']} ({_human(result['size'])}) to {dest}")
+
+
+def _file_dest(dest: str | None, name: str) -> str:
+    """Where ``get NAME [DEST]`` writes, as ``cp`` decides it: into a folder under the base
+    name; a folder that does not exist is an error (``cp`` does not make it either)."""
+    base = os.path.basename(name)
+    if dest is None:
+        return base
+    if os.path.isdir(dest):
+        return os.path.join(dest, base)
+    folder = os.path.dirname(dest) if not dest.endswith("/") else dest
+    if folder and not os.path.isdir(folder):
+        raise FmsError(f"no folder {folder}: create it first (mkdir -p {folder}), or name "
+                       f"another destination")
+    return dest
+
+
+def _check_tree(items: list):
+    """Refuse, before anything is written, a download tree in which a path would be both a
+    file and a folder: stored names like ``a`` and ``a/b``, or a local folder (file) where a
+    file (folder) is to go."""
+    dests = {dest for _name, dest in items}
+    for name, dest in items:
+        if os.path.isdir(dest) and not os.path.islink(dest):
+            raise FmsError(f"{dest} is a folder, so {name!r} cannot be written there; move it "
+                           f"away or choose another destination; nothing was downloaded")
+    folders = {}
+    for name, dest in items:
+        folder = os.path.dirname(dest)
+        while folder not in folders:
+            folders[folder] = name
+            folder = os.path.dirname(folder)
+    for folder, name in folders.items():
+        if folder in dests:
+            clash = next(n for n, d in items if d == folder)
+            raise FmsError(f"{clash!r} and {name!r} are both stored: {clash!r} would be a file "
+                           f"and a folder at once; fetch them one by one (get NAME DEST); "
+                           f"nothing was downloaded")
+        if os.path.lexists(folder) and not os.path.isdir(folder):
+            raise FmsError(f"{folder} is a file, so {name!r} cannot be written under it; "
+                           f"move it away or choose another destination; nothing was "
+                           f"downloaded")
 
 
 def _inside(folder: str, rel: str) -> str:

@@ -3,6 +3,7 @@
 run it until SIGINT/SIGTERM, and return the exit code."""
 
 import os
+import re
 import signal
 import sys
 
@@ -27,6 +28,18 @@ class StopFlag:
         return self.stop
 
 
+_ENDPOINT = re.compile(r"^(tcp://[^/\s]+:(\d{1,5}|\*)|ipc://\S+|inproc://\S+)$")
+
+
+def check_endpoints(**options):
+    """Refuse, before any process starts, an option's value that is not a ZeroMQ endpoint
+    (``--frontend 47755``): one line saying the form to use."""
+    for option, endpoint in options.items():
+        if not _ENDPOINT.match(str(endpoint)):
+            raise FmsError(f"--{option.replace('_', '-')} {endpoint!r} is not an endpoint; write "
+                           f"it like tcp://127.0.0.1:5555 (or ipc://PATH)")
+
+
 def cmd_broker(args):
     import logging
 
@@ -34,6 +47,7 @@ def cmd_broker(args):
     from ..logutil import setup_logging
     from ..security import is_loopback
     setup_logging(args.log_level)
+    check_endpoints(frontend=args.frontend, backend=args.backend)
     curve = _broker_curve(args)
     if args.store is None and not is_loopback(args.backend):
         # Only workers on this machine could then choose the store; others must not.
@@ -93,6 +107,7 @@ def _run_worker(args, service, ready: dict, log_name: str):
     from ..worker import BrokerLink, WorkerRefused, serve
     from ..security import client_keys
     log = logging.getLogger(log_name)
+    check_endpoints(broker=args.broker)
     curve = client_keys(args.curve_secret, args.server_key)
     link = BrokerLink(zmq.Context.instance(), args.broker, ready, log, curve=curve)
     service.link = link

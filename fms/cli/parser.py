@@ -9,8 +9,6 @@ import re
 from .. import __version__
 from .. import wire as p
 
-DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
-DEFAULT_BACKEND = "tcp://127.0.0.1:5556"
 DEFAULT_DATA = "./fms-data"
 DEFAULT_CACHE_BYTES = "1G"
 
@@ -161,8 +159,8 @@ def _daemon_parsers(sub):
     _cache_args(cmd)
     cmd = _sub(sub, "up", "run a whole local cluster in the foreground (Ctrl-C stops it)", empty,
                "fms up --storage 3 --cache-bytes 4G")
-    cmd.add_argument("--frontend", default=DEFAULT_FRONTEND, help="client endpoint (%(default)s)")
-    cmd.add_argument("--backend", default=DEFAULT_BACKEND, help="worker endpoint (%(default)s)")
+    cmd.add_argument("--frontend", default=p.DEFAULT_FRONTEND, help="client endpoint (%(default)s)")
+    cmd.add_argument("--backend", default=p.DEFAULT_BACKEND, help="worker endpoint (%(default)s)")
     cmd.add_argument("--data", default=DEFAULT_DATA,
                      help="data folder: DATA/storage and DATA/cache (%(default)s)")
     cmd.add_argument("--storage", type=int, default=2, metavar="N",
@@ -188,9 +186,9 @@ def _log_arg(cmd):
 
 
 def _broker_args(cmd):
-    cmd.add_argument("--frontend", default=DEFAULT_FRONTEND,
+    cmd.add_argument("--frontend", default=p.DEFAULT_FRONTEND,
                      help="endpoint to bind for clients (%(default)s)")
-    cmd.add_argument("--backend", default=DEFAULT_BACKEND,
+    cmd.add_argument("--backend", default=p.DEFAULT_BACKEND,
                      help="endpoint to bind for workers (%(default)s)")
     cmd.add_argument("--metrics-port", type=int, metavar="PORT",
                      help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics")
@@ -212,7 +210,7 @@ def _broker_args(cmd):
 
 
 def _worker_args(cmd, kind: str):
-    cmd.add_argument("--broker", default=DEFAULT_BACKEND,
+    cmd.add_argument("--broker", default=p.DEFAULT_BACKEND,
                      help="broker backend endpoint (%(default)s)")
     cmd.add_argument("--id", help=f"worker id shown in stats (default: {kind}-HOST-PID)")
     cmd.add_argument("--curve-secret", metavar="FILE",

@@ -8,7 +8,7 @@ import time
 
 from ..errors import FmsError
 from .commands import EXIT_ERROR, EXIT_OK
-from .daemons import StopFlag
+from .daemons import StopFlag, check_endpoints
 
 UP_STOP_TIMEOUT = 8.0      # seconds `fms up` waits for its processes to stop before killing them
 
@@ -20,6 +20,7 @@ def cmd_up(args):
         raise FmsError("--storage must be at least 1")
     if args.caches < 0:
         raise FmsError("--caches must be 0 or more")
+    check_endpoints(frontend=args.frontend, backend=args.backend)
     py = [sys.executable, "-m", "fms"]
     log = ["--log-level", args.log_level]
     os.makedirs(args.data, exist_ok=True)

@@ -199,7 +199,8 @@ class Client:
     # --- download ---
 
     def get(self, name: str, dest: str) -> dict:
-        """Download ``name`` to the file ``dest`` (replaced atomically when complete).
+        """Download ``name`` to the file ``dest`` (replaced atomically when complete), or as
+        ``cp`` would into a device or a FIFO, or through a symlink to its target.
 
         :return: the file's stat.
         :raises NotFound: no such name.
@@ -233,7 +234,12 @@ class Client:
                     continue
                 manifest, data = download.fetch_whole(self.session, items[i][0],
                                                       result["manifest"], data)
-                download.write_whole(items[i][1], manifest, data, self.fsync)
+                path, in_place = download.destination(items[i][1])
+                if in_place:
+                    with download.in_place(path) as out:
+                        out.write(data)
+                else:
+                    download.write_whole(path, manifest, data, self.fsync)
                 results[i] = _public(manifest)
         for i, manifest in later:
             results[i] = self._get_one(*items[i], manifest)
@@ -241,7 +247,12 @@ class Client:
 
     def _get_one(self, name: str, dest: str, manifest: dict | None = None) -> dict:
         """Download one file; ``manifest``: already known (only a small file's content, which
-        comes with a ``get``, is then asked for)."""
+        comes with a ``get``, is then asked for).  A destination that is not a regular file is
+        written into, never replaced (:func:`download.destination`)."""
+        dest, in_place = download.destination(dest)
+        if in_place:
+            with download.in_place(dest) as out:
+                return self.get_to(name, out)
         frame, via = None, self._get_fields()     # a batch's large file: untagged
         if manifest is None or p.travels_inline(manifest["size"], len(manifest["chunks"])):
             manifest, frame, via = self._manifest(name)

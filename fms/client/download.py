@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import io
 import os
+import stat
 import time
 
 from .. import wire as p
@@ -226,6 +227,37 @@ def checked_whole(manifest: dict, data) -> memoryview:
         raise IntegrityError(f"{manifest['name']!r} does not match its sha256; "
                              f"nothing was written, try again")
     return data
+
+
+def destination(dest: str) -> tuple:
+    """Where a download to ``dest`` goes, as ``cp`` would write it: through a symlink to its
+    target (the link stays a link), and into a destination that is not a regular file (a
+    device, a FIFO) as it is, never replacing it.
+
+    :return: ``(path, in_place)``: ``in_place`` means write into ``path`` as a stream (it cannot
+        be replaced atomically); otherwise ``path`` is a regular file or a new path, replaced
+        by :func:`atomic_file`.
+    :raises FmsError: ``dest`` is a folder.
+    """
+    path = os.path.realpath(dest) if os.path.islink(dest) else dest
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return path, False
+    if stat.S_ISDIR(mode):
+        raise FmsError(f"{dest} is a folder; name a file inside it")
+    return path, not stat.S_ISREG(mode)
+
+
+@contextlib.contextmanager
+def in_place(path: str):
+    """``path`` (a device, a FIFO) opened for writing as ``cp`` opens it; an OS error (such
+    as ENOSPC from /dev/full) becomes one clear :class:`FmsError`."""
+    try:
+        with open(path, "wb") as out:
+            yield out
+    except OSError as exc:
+        raise FmsError(f"cannot write to {path}: {exc.strerror or exc}") from None
 
 
 @contextlib.contextmanager

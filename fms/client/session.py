@@ -21,7 +21,7 @@ from .. import wire as p
 from ..errors import BadRequest, FmsError, Timeout, TransportError, Unavailable, from_reply
 from ..wire.frames import recv_frames, send_frames
 
-DEFAULT_BROKER = "tcp://127.0.0.1:5555"
+DEFAULT_BROKER = p.DEFAULT_FRONTEND
 DEFAULT_TIMEOUT = 5.0          # seconds a request may wait for its reply before a retry
 CONNECT_TIMEOUT = 3.0          # seconds to wait for a connection to the broker
 SEND_TIMEOUT = 1.0             # seconds a send may wait while the connection is down

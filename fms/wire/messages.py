@@ -3,7 +3,7 @@ error codes, the reply builders, and the sizes and times every peer agrees on.""
 
 from ..errors import BadRequest
 
-__all__ = ["PROTOCOL_VERSION", "KiB", "MiB", "GiB", "DEFAULT_CHUNK_SIZE", "MIN_CHUNK_SIZE",
+__all__ = ["PROTOCOL_VERSION", "DEFAULT_FRONTEND", "DEFAULT_BACKEND", "KiB", "MiB", "GiB", "DEFAULT_CHUNK_SIZE", "MIN_CHUNK_SIZE",
            "MAX_CHUNK_SIZE", "MAX_BATCH_FILES", "MAX_BATCH_BYTES", "INLINE_MAX", "MAX_HAVE_BATCH",
            "LS_PAGE_DEFAULT", "LS_PAGE_MAX", "MAX_COMMIT_ID", "MAX_GC_GRACE",
            "HEARTBEAT_INTERVAL", "HEARTBEAT_LIVENESS", "WORKER_SEND_TIMEOUT",
@@ -12,6 +12,11 @@ __all__ = ["PROTOCOL_VERSION", "KiB", "MiB", "GiB", "DEFAULT_CHUNK_SIZE", "MIN_C
            "error_reply", "ok_reply"]
 
 PROTOCOL_VERSION = 1
+
+# Where the broker listens unless told otherwise: clients connect to the frontend, workers to the
+# backend.
+DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
+DEFAULT_BACKEND = "tcp://127.0.0.1:5556"
 
 # Sizes, in bytes.
 KiB = 1024
