@@ -185,7 +185,8 @@ REPLY_GUESS = {"get": 128 * KiB, "ls": 1 * MiB,     # a small file's content; a 
 # than its reservation (a manifest of more than ~3,800 chunks, a false `len`) is kept only
 # while the budgets have room.
 REPLY_BOUND = {"get": 136 * KiB, "fsck": 1 * MiB, "commit_many": 64 * KiB,
-               "status": 64 * KiB, "cache_stats": 16 * KiB}
+               "status": 64 * KiB, "cache_stats": 16 * KiB,
+               "rm_prefix": 64 * KiB}      # the names it removed: at most 32 KiB of them
 MANIFEST_GUESS = 1 * KiB            # a small file's manifest, in a get_many reply
 LS_ENTRY_MAX = 1280                 # bytes of one ls entry at most (a 1,024-byte name + fields)
 CHUNK_SIZES_KEPT = 65536            # chunk sizes remembered (LRU), for the guesses above
