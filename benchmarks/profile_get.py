@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 
-from benchmarks.bench import CLIENT_PY, make_file
+from benchmarks.bench import CLIENT_PY, _cached, make_file
 from fms.cli import parse_size
 from harness import Cluster
 
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="fms-profile-") as folder:
         cluster = Cluster(folder)
         try:
-            cluster.start_all(cache_bytes=str(2 * args.size))
+            cluster.start_all(cache_bytes=str(2 * args.size), cache_args=_cached(args.size))
             src, dest = os.path.join(folder, "src.bin"), os.path.join(folder, "out.bin")
             make_file(src, args.size)
             for label, cli_args in (("put", ["put", src, "large"]), ("cold", ["get", "large", dest]),

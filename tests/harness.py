@@ -122,11 +122,11 @@ class Cluster:
         """The process last started under ``name``."""
         return [p for p in self.procs if p.name == name][-1]
 
-    def start_all(self, storage: int = 2, cache_bytes: str = "256M"):
-        """A broker, a cache worker (``cache``) and ``storage`` workers (``storage-1`` ...)
-        sharing one store; returns once all have registered."""
+    def start_all(self, storage: int = 2, cache_bytes: str = "256M", cache_args=()):
+        """A broker, a cache worker (``cache``, with ``cache_args``) and ``storage`` workers
+        (``storage-1`` ...) sharing one store; returns once all have registered."""
         self.start_broker()
-        self.start_cache(max_bytes=cache_bytes)
+        self.start_cache_with(list(cache_args), max_bytes=cache_bytes)
         for i in range(1, storage + 1):
             self.start_storage(wid=f"storage-{i}")
         self.wait_workers(storage=storage, cache=1)

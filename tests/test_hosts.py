@@ -26,13 +26,22 @@ class Hosts:
         self.server, self.worker_args, (secret, broker_key) = cluster_keys(str(tmp_path / "keys"))
         self.client_args = ["--curve-secret", secret, "--server-key", broker_key]
         self.curve = CurveClient(secret, broker_key)
-        self.cluster = make_cluster()
-        self.cluster.start_broker(frontend="tcp://127.0.0.1:*",
-                                  backend=f"tcp://{self.nets.host_address}:*", extra=self.server)
-        self.cluster.start_cache_with(self.worker_args)
         self.env = {**os.environ, **s3.env()}
         self.backends = ["--meta", pg_url, "--chunks", f"s3://{bucket}/fms"]
         self.workers = {}
+        # As the README says: the broker serves the store storage prints, never the first
+        # worker's (its backend is reachable from the namespaces, so it requires --store).
+        printed = subprocess.run([sys.executable, os.path.join(ROOT, "storage_worker.py"),
+                                  "--data", str(tmp_path / "scratch"), *self.backends,
+                                  "--print-store-id"], capture_output=True, env=self.env,
+                                 timeout=60)
+        assert printed.returncode == 0, printed.stderr
+        self.store = printed.stdout.decode().strip()
+        self.cluster = make_cluster()
+        self.cluster.start_broker(frontend="tcp://127.0.0.1:*",
+                                  backend=f"tcp://{self.nets.host_address}:*",
+                                  extra=[*self.server, "--store", self.store])
+        self.cluster.start_cache_with(self.worker_args)
 
     def start_worker(self, i: int, delay: float = 0.0):
         """Storage worker ``host-i``; with ``delay``, tests/slow_storage.py."""
