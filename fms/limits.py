@@ -28,6 +28,7 @@ LARGE_HEADER_OPS = ("commit", "have")   # their lists of digests grow with the f
 MAX_FRAME = 32 * MiB         # ZMQ_MAXMSGSIZE (fms.wire.codec.MAX_FRAME_SIZE is this)
 MAX_CONTAINERS = 8           # arrays + maps one request header or route frame may hold
 MAX_MAP_LEN = 64             # keys in any one map of a request or route
+INV_NAME_BYTES = 32 * KiB    # names in one `inv` route frame to a cache (well under MAX_HEADER)
 DIGEST_WIRE = 34             # a 32-byte digest as msgpack bin8: the smallest legit list item
 PEEK_KEYS = ("v", "op", "id", "ttl_ms", "fresh", "rx")
 
