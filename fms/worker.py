@@ -219,7 +219,13 @@ def _dispatch(service, link: BrokerLink, frames, log):
             log.info("event=registered broker=%s", link.endpoint)
             service.on_register()
     elif kind == "inv":
-        service.on_invalidate(p.need(route, "name", str))
+        names = route.get("names")
+        if names is None:
+            names = [p.need(route, "name", str)]
+        elif not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise BadRequest("inv: 'names' must be an array of str")
+        for name in names:
+            service.on_invalidate(name)
     elif kind == "reregister":
         log.info("event=reregister broker=%s", link.endpoint)
         link.registered = False
