@@ -123,6 +123,21 @@ def _changed_names(inv) -> list:
     return []
 
 
+def _batches_of_names(names: list, max_bytes: int):
+    """``names`` in consecutive lists whose UTF-8 lengths add up to at most ``max_bytes`` (a
+    longer name alone)."""
+    batch, size = [], 0
+    for name in names:
+        n = len(name.encode())
+        if batch and size + n > max_bytes:
+            yield batch
+            batch, size = [], 0
+        batch.append(name)
+        size += n
+    if batch:
+        yield batch
+
+
 class Broker:
     """Routes between a frontend ROUTER (clients) and a backend ROUTER (workers).
 
@@ -609,8 +624,7 @@ class Broker:
             if worker.service == p.STORAGE:
                 # A change storage made late (its request was given up on) still changed the
                 # name: the cache must not keep serving the old version (invariant 1).
-                for name in names:
-                    self.invalidate(name)
+                self.invalidate(names)
             self._late.warning("event=late_reply worker=%s key=%d action=dropped",
                                clip(worker.worker_id), key)
             return
@@ -623,10 +637,9 @@ class Broker:
             if len(self.chunk_sizes) > limits.CHUNK_SIZES_KEPT:
                 self.chunk_sizes.popitem(last=False)
         self.pump(worker.service)       # its credit is free again
-        for name in names:
-            # Invalidate before the ack leaves: the cache's pipe is FIFO, so any read the client
-            # sends after this ack reaches the cache after the invalidation (invariant 1).
-            self.invalidate(name)
+        # Invalidate before the ack leaves: the cache's pipe is FIFO, so any read the client
+        # sends after this ack reaches the cache after the invalidation (invariant 1).
+        self.invalidate(names)
         self._deliver(pending.origin, body, pending.deadline, admitted=pending.reserve)
         if pending.origin["via"] == FRONTEND:
             outcome = "ok" if route.get("ok", True) else str(route.get("err"))
@@ -681,14 +694,18 @@ class Broker:
         self.dispatch(service, op, header.get("id"), origin, body,
                       deadline=deadline_of(header), digest=_digest(op, header))
 
-    def invalidate(self, name: str):
-        """Tell every cache worker to drop ``name``."""
-        message = p.encode({"t": "inv", "name": name})
-        for worker in list(self.workers.values()):
-            if worker.service == p.CACHE:
-                if not self._send(self.backend, [worker.ident, message]):
-                    # A cache we cannot tell must not serve reads any more.
-                    self.delete_worker(worker.ident, "missed an invalidation")
+    def invalidate(self, names: list):
+        """Tell every cache worker to drop ``names``: one ``inv`` message per at most
+        INV_NAME_BYTES of names (an rm -r page changes a thousand: one message each would
+        overflow the cache's pipe)."""
+        for batch in _batches_of_names(names, limits.INV_NAME_BYTES):
+            message = p.encode({"t": "inv", "name": batch[0]} if len(batch) == 1
+                               else {"t": "inv", "names": batch})
+            for worker in list(self.workers.values()):
+                if worker.service == p.CACHE:
+                    if not self._send(self.backend, [worker.ident, message]):
+                        # A cache we cannot tell must not serve reads any more.
+                        self.delete_worker(worker.ident, "missed an invalidation")
 
     def purge_workers(self):
         now = time.monotonic()

@@ -508,6 +508,33 @@ def test_ls_pages_with_a_cursor(store):
     assert names == [f"d/{i:02d}" for i in range(12)] and pages == 3
 
 
+def test_a_folder_view_collapses_folders_and_pages_past_them(store):
+    for name in ("f/a", "f/b/1", "f/b/2", "f/b/3", "f/c", "f/d/x/y", "f/e", "g"):
+        put_file(store, name, b"x", commit=f"c-{name}")
+    seen, after = [], ""
+    while after is not None:
+        entries, folders, after = store.list_folder("f/", after, 2)
+        assert len(entries) + len(folders) <= 2
+        seen += [v.name for v in entries] + folders
+    assert sorted(seen) == ["f/a", "f/b/", "f/c", "f/d/", "f/e"]
+    entries, folders, after = store.list_folder("", "", 100)
+    assert ([v.name for v in entries], folders, after) == (["g"], ["f/"], None)
+
+
+def test_rm_prefix_removes_a_page_whose_names_fit_the_invalidation(store):
+    for i in range(5):
+        put_file(store, f"p/{i}", b"x", commit=f"c{i}")
+    put_file(store, "pq", b"y", commit="c-pq")
+    removed, more = store.remove_prefix("p/", 3, 1024)
+    assert [v.name for v in removed] == ["p/0", "p/1", "p/2"] and more
+    assert all(v.deleted for v in removed)
+    removed, more = store.remove_prefix("p/", 3, 7)      # "p/3" + "p/4" would be 6 bytes...
+    assert [v.name for v in removed] == ["p/3", "p/4"] and not more
+    removed, more = store.remove_prefix("p/", 3, 2)      # ... and one name always goes
+    assert (removed, more) == ([], False)
+    assert [v.name for v in store.list("", "", 10)] == ["pq"]
+
+
 def test_usage_is_the_kept_totals(store):
     link = Link()
     put_file(store, "a", b"1" * 100, commit="c1")
@@ -622,6 +649,24 @@ class StoreMachine(RuleBasedStateMachine):
         else:
             with pytest.raises(NotFound):
                 self.store.remove(name, self._id())
+
+    @rule(src=st.sampled_from(["a", "b", "c/d"]), dst=st.sampled_from(["a", "b", "c/d", "c/e"]),
+          move=st.booleans())
+    def copy(self, src, dst, move):
+        if src in self.model and src != dst:
+            self.store.copy(src, dst, self._id(), move)
+            self.model[dst] = self.model.pop(src) if move else self.model[src]
+        else:
+            with pytest.raises((NotFound, BadRequest)):
+                self.store.copy(src, dst, self._id(), move)
+
+    @rule(prefix=st.sampled_from(["c/", "a", "b"]), limit=st.integers(1, 3))
+    def rm_prefix(self, prefix, limit):
+        removed, more = self.store.remove_prefix(prefix, limit, 1024)
+        gone = sorted(n for n in self.model if n.startswith(prefix))
+        assert [v.name for v in removed] == gone[:limit] and more == (len(gone) > limit)
+        for version in removed:
+            del self.model[version.name]
 
     @rule(grace=st.sampled_from([0, 3600]))
     def collect(self, grace):

@@ -116,10 +116,60 @@ class Client:
                 return
             after = header["entries"][-1]["name"]
 
+    def iter_folder(self, prefix: str = "", page: int | None = None):
+        """One level under ``prefix`` (``aws s3 ls`` without ``--recursive``): yields the
+        stats of the files directly in it and ``{"name": FOLDER/, "folder": True}`` for each
+        sub-folder, in name order, a page at a time."""
+        p.check_prefix(prefix)
+        after = ""
+        fields = {} if page is None else {"limit": page}
+        while True:
+            header, _ = self.call("ls", prefix=prefix, after=after, folders=True, **fields)
+            items = [_public(e) for e in header["entries"]]
+            items += [{"name": f, "folder": True} for f in header["folders"]]
+            yield from sorted(items, key=lambda item: item["name"])
+            if header.get("next") is None:
+                return
+            after = header["next"]
+
     def rm(self, name: str) -> dict:
         """Remove a name.  :raises NotFound: no such name."""
         header, _ = self.call("rm", name=p.check_name(name), commit=os.urandom(16).hex())
         return _public(header["stat"])
+
+    def rm_prefix(self, prefix: str):
+        """Remove every name under ``prefix`` (non-empty), a page per request (one transaction
+        each).  :return: yields the names removed, page by page (lists)."""
+        while True:
+            header, _ = self.call("rm_prefix", prefix=p.check_prefix(prefix))
+            yield header["removed"]
+            if not header.get("more"):
+                return
+
+    def mv(self, src: str, dst: str) -> dict:
+        """Rename ``src`` to ``dst`` (replacing it) in one transaction, moving no data.
+
+        :return: ``dst``'s stat.  :raises NotFound: no ``src``.
+        """
+        return self._copy("mv", src, dst)
+
+    def cp(self, src: str, dst: str) -> dict:
+        """Copy ``src`` to ``dst`` on the server: metadata only, the chunks are shared.
+
+        :return: ``dst``'s stat.  :raises NotFound: no ``src``.
+        """
+        return self._copy("cp", src, dst)
+
+    def _copy(self, op: str, src: str, dst: str) -> dict:
+        header, _ = self.call(op, src=p.check_name(src), name=p.check_name(dst),
+                              commit=os.urandom(16).hex())
+        return _public(header["stat"])
+
+    def du(self, prefix: str = "") -> dict:
+        """``files`` and ``bytes`` (the sum of their sizes) under ``prefix``, counted by the
+        store's index."""
+        header, _ = self.call("du", prefix=p.check_prefix(prefix))
+        return header["du"]
 
     def status(self) -> dict:
         """The broker's view: its endpoints and the live workers."""

@@ -59,9 +59,15 @@ class MetaEngine(ABC):
         ``after``, in name order (code point order)."""
 
     @abstractmethod
+    def usage(self, prefix: str) -> tuple:
+        """``(files, bytes)``: how many live names start with ``prefix`` and the sum of their
+        sizes, counted in the name index (one range scan, no manifest leaves the engine)."""
+
+    @abstractmethod
     def apply(self, changes: list, now: float, small: dict) -> list:
-        """Apply :class:`~fms.storage.model.NewVersion` and :class:`~fms.storage.model.Removal`
-        changes in one transaction (a group commit); each succeeds or fails on its own.
+        """Apply :class:`~fms.storage.model.NewVersion`, :class:`~fms.storage.model.Removal`
+        and :class:`~fms.storage.model.Copy` changes in one transaction (a group commit); each
+        succeeds or fails on its own.
 
         ``small`` maps digests to the bytes of small chunks that arrived with their commit; they
         are stored in the same transaction.

@@ -21,7 +21,7 @@ import logging
 import msgpack
 
 from ...errors import BadRequest, FmsError, MissingChunks, NotFound, Unavailable
-from ..model import NewVersion, Removal, Totals, Version, pack_digests, unpack_digests
+from ..model import Copy, NewVersion, Removal, Totals, Version, pack_digests, unpack_digests
 from .base import ChunkRow, MetaEngine
 
 FORMAT = 2            # the store's format; 1 was one manifest file per name
@@ -241,6 +241,16 @@ class SQLMeta(MetaEngine):
         args.append(limit)
         return [_version(r) for r in self._all(sql, args)]
 
+    def usage(self, prefix):
+        sql = "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM names WHERE name >= ? AND deleted = 0"
+        args = [prefix]
+        hi = prefix_end(prefix)
+        if hi is not None:
+            sql += " AND name < ?"
+            args.append(hi)
+        files, nbytes = self._one(sql, args)
+        return int(files), int(nbytes)
+
     def iter_versions(self, after, limit):
         return [_version(r) for r in self._all(
             f"SELECT {_VERSION_COLUMNS} FROM names WHERE name > ? AND deleted = 0 "
@@ -251,7 +261,8 @@ class SQLMeta(MetaEngine):
 
     def apply(self, changes, now, small):
         def work():
-            self._lock_names(sorted({c.name for c in changes}))
+            self._lock_names(sorted({n for c in changes for n in c.names} | {
+                c.src for c in changes if isinstance(c, Copy)}))
             results = []
             for i, change in enumerate(changes):
                 self._execute(f"SAVEPOINT c{i}")
@@ -263,6 +274,8 @@ class SQLMeta(MetaEngine):
                         result = self._commit(change, now)
                     elif isinstance(change, Removal):
                         result = self._remove(change, now)
+                    elif isinstance(change, Copy):
+                        result = self._copy(change, now)
                     else:
                         raise TypeError(f"not a change: {change!r}")
                     self._execute(f"RELEASE SAVEPOINT c{i}")
@@ -300,8 +313,9 @@ class SQLMeta(MetaEngine):
         row = self._one(f"SELECT {_VERSION_COLUMNS} FROM names WHERE name = ?", (name,))
         return _version(row) if row else None
 
-    def _commit(self, change: NewVersion, now) -> Version:
-        done = self._logged(change.commit, "commit", change.name, _request_digest(change))
+    def _commit(self, change: NewVersion, now, kind: str = "commit") -> Version:
+        request = _request_digest(change) if kind == "commit" else None
+        done = self._logged(change.commit, kind, change.name, request)
         if done is not None:
             return done
         wanted = collections.Counter(change.chunks)
@@ -330,7 +344,26 @@ class SQLMeta(MetaEngine):
         self._add_refs(delta, now)
         self._bump(files=0 if was_live else 1,
                    nbytes=version.size - (old.size if was_live else 0))
-        self._log("commit", version, now, _request_digest(change))
+        self._log(kind, version, now, request)
+        return version
+
+    def _copy(self, change: Copy, now) -> Version:
+        """``change.name`` gets ``change.src``'s content as a new version: its chunks gain a
+        reference each, nothing else is stored; a move then removes ``src`` (its tombstone's
+        id is the move's, suffixed, so the two never share an id)."""
+        kind = "mv" if change.move else "cp"
+        done = self._logged(change.commit, kind, change.name, None)
+        if done is not None:
+            return done
+        if change.src == change.name:
+            raise BadRequest(f"{change.src!r} is both the source and the destination")
+        src = self._current(change.src)
+        if src is None or src.deleted:
+            raise NotFound(f"{change.src!r} not found; see what is stored with: ls")
+        version = self._commit(NewVersion(change.name, src.size, src.sha256, src.chunk_size,
+                                          src.chunks, src.mtime, change.commit), now, kind)
+        if change.move:
+            self._remove(Removal(change.src, f"{change.commit}/src"), now)
         return version
 
     def _remove(self, change: Removal, now) -> Version:
