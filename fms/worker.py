@@ -151,7 +151,10 @@ def serve(service, link: BrokerLink, log: logging.Logger, should_stop=lambda: Fa
         if link.sock.poll(timeout_ms, zmq.POLLIN):
             liveness = p.HEARTBEAT_LIVENESS
             backoff = RECONNECT_MIN
-            drain(link.sock, lambda frames: _handle(service, link, frames, log, bad), DRAIN_BATCH)
+            # A stopping worker takes no more: the broker hands what it left to another worker
+            # when this one says bye (every op is idempotent).
+            drain(link.sock, lambda frames: _handle(service, link, frames, log, bad), DRAIN_BATCH,
+                  should_stop)
             _flush(service, log)
         now = time.monotonic()
         if now >= next_heartbeat:
