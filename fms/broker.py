@@ -195,6 +195,7 @@ class Broker:
         self.started = time.time()
         self.metrics = BrokerMetrics()
         self.reads = ReadTally(self.metrics)
+        self.cache_seen = {}         # (cache worker id, counter) -> value its heartbeat last had
 
     # --- set-up ---
 
@@ -664,16 +665,20 @@ class Broker:
                                       nbytes)
 
     def _note_stats(self, worker: Worker, stats):
-        """A cache's counters, from its heartbeat: their growth goes to the Prometheus ones."""
+        """A cache's counters, from its heartbeat: their growth goes to the Prometheus ones.
+        What was seen is kept by worker id, so a worker that registers again is not counted
+        twice; a value below it means the worker restarted from 0."""
         if not isinstance(stats, dict):
             return
         for name, counter in (("evictions", self.metrics.cache_evictions),
                               ("refused", self.metrics.cache_refused)):
             value = stats.get(name)
-            if isinstance(value, int) and not isinstance(value, bool):
-                grown = value - worker.stats.get(name, 0)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                seen = self.cache_seen.get((worker.worker_id, name), 0)
+                grown = value - seen if value >= seen else value
                 if grown > 0:
                     counter.inc(grown)
+                self.cache_seen[(worker.worker_id, name)] = value
                 worker.stats[name] = value
 
     def process_worker_request(self, worker: Worker, route: dict, body: list):
