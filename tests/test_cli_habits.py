@@ -294,3 +294,53 @@ def test_the_shell_asks_before_rm_r_and_runs_the_new_commands(cluster):
     assert "2 files" in out
     with cluster.client() as c:
         assert [e["name"] for e in c.ls()] == ["t/b"]
+
+
+# --- point 3: versions ---
+
+@pytest.fixture
+def versioned(make_cluster):
+    """A cluster whose storage keeps 2 replaced versions per name."""
+    c = make_cluster()
+    c.start_broker()
+    c.start_cache()
+    c.start_storage(wid="storage-a", extra=["--keep-versions", "2"])
+    c.wait_workers(storage=1, cache=1)
+    return c
+
+
+def test_versions_get_version_and_restore_also_after_rm_and_gc(versioned, tmp_path):
+    contents = [random_bytes(2 * 1024 * 1024 + i, seed=i) for i in range(4)]
+    with versioned.client() as c:
+        for content in contents:
+            c.put_bytes(content, "doc")
+        assert c.get_bytes("doc") == contents[3]        # cached
+    listed = cli_json(versioned, "versions", "doc")
+    assert [(v["version"], v["current"]) for v in listed] == [(4, True), (3, False), (2, False)]
+    assert listed[1]["sha256"] == hashlib.sha256(contents[2]).hexdigest()
+    assert versioned.cli("versions", "doc").stdout.decode().split()[5::6] == ["current", "retained", "retained"]
+    assert versioned.cli("gc", "--grace", "0").returncode == 0     # frees version 1 only
+    out = tmp_path / "v2"
+    assert versioned.cli("get", "doc", str(out), "--version", "2").returncode == 0
+    assert out.read_bytes() == contents[1]
+    err = one_line_error(versioned.cli("get", "doc", str(tmp_path / "v1"), "--version", "1"))
+    assert "no version 1" in err
+    assert versioned.cli("rm", "doc").returncode == 0
+    stat = cli_json(versioned, "restore", "doc")                    # the newest retained: v4
+    assert stat["version"] == 6
+    with versioned.client() as c:
+        assert c.get_bytes("doc") == contents[3]
+    assert cli_json(versioned, "restore", "doc", "--version", "3")["version"] == 7
+    with versioned.client() as c:
+        assert c.get_bytes("doc") == contents[2]                   # not the cached v4
+    got = versioned.cli("fsck", "--json")
+    assert got.returncode == 0 and json.loads(got.stdout)["refcount_errors"] == 0
+
+
+def test_without_keep_versions_nothing_is_retained(cluster):
+    with cluster.client() as c:
+        c.put_bytes(b"1", "x")
+        c.put_bytes(b"2", "x")
+    assert [v["version"] for v in cli_json(cluster, "versions", "x")] == [2]
+    err = one_line_error(cluster.cli("restore", "x"))
+    assert "--keep-versions" in err

@@ -9,7 +9,7 @@ from fms import wire as p
 from fms.errors import BadRequest, MissingChunks, NotFound, Unavailable
 from fms.storage.meta.sql import prefix_end
 from fms.storage.meta.sqlite import SQLiteMeta
-from fms.storage.model import Copy, Removal, Totals
+from fms.storage.model import Copy, Removal, Restore, Totals
 from storage_helpers import new_version, split
 
 NOW = 1_800_000_000.0
@@ -212,6 +212,40 @@ def test_copy_and_move_refuse_a_missing_source_or_itself(engine, src, dst, error
             apply_one(engine, Copy(src, dst, f"x-{move}", move))
     assert [v.name for v in engine.list("", "", 10)] == ["a"]
     assert engine.totals().files == 1 and engine.refcount_errors() == []
+
+
+def test_retained_versions_keep_their_references_and_the_newest_n_stay(engine):
+    engine.keep_versions = 2
+    contents = [bytes([65 + i]) * 5000 for i in range(4)]
+    for i, content in enumerate(contents):
+        commit(engine, "f", content, f"c{i}")
+    assert [v.version for v in engine.retained("f")] == [3, 2]
+    assert [v.sha256 for v in engine.retained("f")] == [p.sha256(c) for c in contents[2:0:-1]]
+    assert engine.chunk(p.sha256(contents[1][:4096])).refs == 1      # retained: referenced
+    assert engine.chunk(p.sha256(contents[0][:4096])).refs == 0      # dropped out: released
+    assert engine.totals().files == 1 and engine.totals().bytes == 5000
+    assert engine.refcount_errors() == []
+    remove(engine, "f", "r1")                                         # rm retains v4 too
+    assert [v.version for v in engine.retained("f")] == [4, 3]
+    restored = apply_one(engine, Restore("f", None, "re-1"))
+    assert restored.version == 6 and restored.sha256 == p.sha256(contents[3])
+    restored = apply_one(engine, Restore("f", 3, "re-2"))
+    assert restored.version == 7 and engine.get("f").sha256 == p.sha256(contents[2])
+    assert [v.version for v in engine.retained("f")] == [6, 4]
+    with pytest.raises(NotFound):
+        apply_one(engine, Restore("f", 1, "re-3"))
+    assert engine.refcount_errors() == []
+
+
+def test_a_removed_name_with_retained_versions_keeps_its_tombstone(engine):
+    engine.keep_versions = 1
+    commit(engine, "g", b"g1", "c1")
+    remove(engine, "g", "r1")
+    engine.prune(NOW + 10 ** 6)
+    assert apply_one(engine, Restore("g", None, "re-1"), now=NOW + 10 ** 6).version == 3
+    engine.keep_versions = 0
+    commit(engine, "g", b"g2", "c2", now=NOW + 10 ** 6)                # 0 kept: all released
+    assert engine.retained("g") == [] and engine.refcount_errors() == []
 
 
 def test_usage_counts_a_prefix_in_the_index(engine):

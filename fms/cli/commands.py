@@ -133,11 +133,11 @@ def cmd_get(args):
                                          f"{args.dest}")
             return
         if args.dest == "-":
-            client.get_to(args.name, sys.stdout.buffer)
+            client.get_to(args.name, sys.stdout.buffer, args.version_number)
             sys.stdout.buffer.flush()
             return
         dest = _file_dest(args.dest, args.name)
-        result = client.get(args.name, dest)
+        result = client.get(args.name, dest, args.version_number)
         _print_result(args, result, f"downloaded {result['name']} ({_human(result['size'])}) "
                                     f"to {dest}")
 
@@ -241,6 +241,24 @@ def cmd_find(args):
             return
         for e in found:
             print(e["name"])
+
+
+def cmd_versions(args):
+    with open_client(args) as client:
+        found = client.versions(args.name)
+    if args.json:
+        print(json.dumps(found, indent=1))
+        return
+    for v in found:
+        print(f"{'v' + str(v['version']):>6}  {v['size']:>14,}  {_when(v['mtime'])}  "
+              f"{v['sha256'][:12]}  {'current' if v['current'] else 'retained'}")
+
+
+def cmd_restore(args):
+    with open_client(args) as client:
+        stat = client.restore(args.name, args.version_number)
+    _print_result(args, stat, f"restored {stat['name']} as version {stat['version']} "
+                              f"({_human(stat['size'])})")
 
 
 def _into(src: str, dst: str) -> str:

@@ -70,6 +70,8 @@ def build_parser(prog: str = "fms", client_only: bool = False) -> argparse.Argum
     cmd.add_argument("--fsync", action="store_true",
                      help="flush downloads to disk before renaming them into place (survives a "
                           "power loss; slower)")
+    cmd.add_argument("--version", type=int, metavar="V", dest="version_number",
+                     help="read version V, current or retained (see: versions NAME)")
     cmd.add_argument("name", metavar="NAME", help="stored name (a prefix with -r)")
     cmd.add_argument("dest", metavar="DEST", nargs="?",
                      help="destination file or folder, '-' for stdout (default: ./<base name>)")
@@ -109,6 +111,19 @@ def build_parser(prog: str = "fms", client_only: bool = False) -> argparse.Argum
         cmd.add_argument("dst", metavar="DST", help=f"new name; ending in '/': a folder to {name} "
                                                     f"into")
         _json_arg(cmd)
+
+    cmd = _sub(sub, "versions", "list a name's current and retained versions", common,
+               f"{prog} versions notes.txt\n{prog} versions notes.txt --json")
+    cmd.add_argument("name", metavar="NAME")
+    _json_arg(cmd)
+
+    cmd = _sub(sub, "restore", "make a retained version current again (also after rm)", common,
+               f"{prog} restore notes.txt             # the newest retained version\n"
+               f"{prog} restore notes.txt --version 3")
+    cmd.add_argument("name", metavar="NAME")
+    cmd.add_argument("--version", type=int, metavar="V", dest="version_number",
+                     help="which version (see: versions NAME); default the newest retained")
+    _json_arg(cmd)
 
     cmd = _sub(sub, "du", "count the files and bytes under a prefix (from the store's index)",
                common, f"{prog} du\n{prog} du trips/ --json")
@@ -261,6 +276,7 @@ def _daemon_parsers(sub):
                      help="allow non-loopback endpoints without CURVE")
     _backend_args(cmd)
     _gc_grace_arg(cmd)
+    _keep_versions_arg(cmd)
     _log_arg(cmd)
 
 
@@ -310,6 +326,7 @@ def _storage_args(cmd):
                           "scratch only, with both --meta and --chunks")
     _backend_args(cmd)
     _gc_grace_arg(cmd)
+    _keep_versions_arg(cmd)
     cmd.add_argument("--print-store-id", action="store_true",
                      help="print the store's id (for the broker's --store) and exit")
 
@@ -322,6 +339,19 @@ def _backend_args(cmd):
                      help="chunk store: s3://BUCKET[/PREFIX], configured by AWS_ENDPOINT_URL, "
                           "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION (default: the "
                           "data directory)")
+
+
+def _keep_versions_arg(cmd):
+    cmd.add_argument("--keep-versions", type=_count, default=0, metavar="N",
+                     help="keep the N newest versions an overwrite or rm replaces, per name, "
+                          "for `versions`, `get --version` and `restore` (%(default)s: none); "
+                          "their chunks stay until they drop out")
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (0 or more)")
+    return int(text)
 
 
 def _gc_grace_arg(cmd):

@@ -18,8 +18,8 @@ from ..errors import FmsError
 HISTORY_FILE = os.path.expanduser("~/.fms_history")
 HISTORY_LENGTH = 1000
 COMPLETION_TTL = 5.0     # seconds a listing is reused for completion
-COMMANDS = ("put", "get", "ls", "stat", "rm", "mv", "cp", "du", "find", "sync", "stats", "gc",
-            "fsck")
+COMMANDS = ("put", "get", "ls", "stat", "rm", "mv", "cp", "du", "find", "sync", "versions",
+            "restore", "stats", "gc", "fsck")
 
 
 class Shell(cmd.Cmd):
@@ -90,6 +90,14 @@ class Shell(cmd.Cmd):
     def do_cp(self, line):
         """cp SRC DST: copy a stored file on the server (no data moves)."""
         self._command("cp", line)
+
+    def do_versions(self, line):
+        """versions NAME [--json]: current and retained versions."""
+        self._command("versions", line)
+
+    def do_restore(self, line):
+        """restore NAME [--version V]: make a retained version current again."""
+        self._command("restore", line)
 
     def do_du(self, line):
         """du [PREFIX] [--json]: files and bytes under a prefix."""
@@ -165,6 +173,7 @@ class Shell(cmd.Cmd):
         return self._remote(text) if _arg_index(line, begidx) == 1 else _local(text)
 
     complete_stat = complete_rm = complete_ls = complete_du = complete_find = complete_get
+    complete_versions = complete_restore = complete_get
 
     def complete_mv(self, text, line, begidx, endidx):
         return self._remote(text)

@@ -25,11 +25,11 @@ from .. import wire as p
 from ..errors import BadRequest, FmsError, RemoteError, TooLarge, Unavailable
 from . import gc
 from .engine import Store, os_failure
-from .model import Copy, NewVersion, Removal
+from .model import Copy, NewVersion, Removal, Restore
 
 CLEAN_INTERVAL = 60.0     # seconds between sweeps of temp files left by dead writers
 GC_INTERVAL = 300.0       # seconds between background collections
-CHANGE_OPS = ("commit", "rm", "mv", "cp")   # group committed; applied even past their deadline
+CHANGE_OPS = ("commit", "rm", "mv", "cp", "restore")   # group committed; applied even past their deadline
 RM_PAGE = 1000            # names an `rm_prefix` removes per request (one transaction)
 RM_PAGE_NAME_BYTES = 32 * p.KiB   # ... whose names add up to at most this: the broker's `inv`
 HEARTBEAT_EVERY = 0.5     # seconds: a long commit check keeps the worker's heartbeat going
@@ -65,7 +65,8 @@ class StorageService:
             "stat": self.op_stat, "rm": self.op_rm, "usage": self.op_usage,
             "gc": self.op_gc, "fsck": self.op_fsck, "cache_stats": self.op_cache_stats,
             "mv": self.op_mv, "cp": self.op_cp, "rm_prefix": self.op_rm_prefix,
-            "du": self.op_du,
+            "du": self.op_du, "versions": self.op_versions, "get_version": self.op_get_version,
+            "restore": self.op_restore,
         }
 
     def handle_request(self, route: dict, header: dict, data):
@@ -121,6 +122,21 @@ class StorageService:
         if p.travels_inline(version.size, len(version.chunks)):
             frame = self.store.read_chunk(version.chunks[0])
         self.link.reply(route, p.ok_reply(header["id"], manifest=version.manifest()), frame)
+
+    def op_get_version(self, route, header, data):
+        """A retained (or the current) version's manifest, as ``get`` answers it."""
+        version = self.store.retained_version(p.check_name(p.need(header, "name", str)),
+                                               p.need_int(header, "version", lo=1))
+        frame = None
+        if p.travels_inline(version.size, len(version.chunks)):
+            frame = self.store.read_chunk(version.chunks[0])
+        self.link.reply(route, p.ok_reply(header["id"], manifest=version.manifest()), frame)
+
+    def op_versions(self, route, header, data):
+        found = self.store.versions(p.check_name(p.need(header, "name", str)))
+        current = found[0].version if self.store.meta.get(found[0].name) else None
+        self.link.reply(route, p.ok_reply(header["id"], versions=[
+            {**v.summary(), "current": v.version == current} for v in found]))
 
     def op_get_many(self, route, header, data):
         """Many names in one message (fms.wire.batch): what the cache asks for its misses."""
@@ -259,6 +275,12 @@ class StorageService:
         return Copy(p.check_name(p.need(header, "src", str)),
                     p.check_name(p.need(header, "name", str)), _commit_id(header), move)
 
+    def op_restore(self, route, header, data):
+        change = Restore(p.check_name(p.need(header, "name", str)),
+                         p.need_int(header, "version", lo=1, optional=True, default=None),
+                         _commit_id(header))
+        self._pending.append((route, header, change, None))
+
     def op_rm_prefix(self, route, header, data):
         """A page of the names under ``prefix`` removed in one transaction: `rm -r` costs one
         request per page, not one per name."""
@@ -306,6 +328,8 @@ class StorageService:
         # per 200,000 commits).
         if isinstance(change, Removal):
             log.debug("event=rm name=%r version=%d", result.name, result.version)
+        elif isinstance(change, Restore):
+            log.debug("event=restore name=%r version=%d", result.name, result.version)
         elif isinstance(change, Copy):
             log.debug("event=%s src=%r name=%r version=%d", "mv" if change.move else "cp",
                       change.src, result.name, result.version)
