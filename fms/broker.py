@@ -59,6 +59,16 @@ def _nbytes(frame) -> int:
     return frame.buffer.nbytes if hasattr(frame, "buffer") else len(frame)
 
 
+def _add(counts: dict, key, delta: int):
+    """Add ``delta`` to ``counts[key]``, keeping only keys whose count is positive."""
+    if delta:
+        value = counts.get(key, 0) + delta
+        if value > 0:
+            counts[key] = value
+        else:
+            counts.pop(key, None)
+
+
 def deadline_of(header: dict) -> float:
     """The broker's own monotonic deadline for a request: now plus the client's relative
     budget ``ttl_ms`` (relative, so no clocks need agree across hosts), within bounds."""
@@ -763,25 +773,11 @@ class Broker:
         if origin["via"] != FRONTEND:
             return
         ident = origin["from"]
-        count = self.client_inflight.get(ident, 0) + delta
-        if count > 0:
-            self.client_inflight[ident] = count
-        else:
-            self.client_inflight.pop(ident, None)
-        if nbytes:
-            held = self.req_bytes.get(ident, 0) + delta * nbytes
-            self.total_req += delta * nbytes
-            if held > 0:
-                self.req_bytes[ident] = held
-            else:
-                self.req_bytes.pop(ident, None)
-        if reserve:
-            held = self.reserved.get(ident, 0) + delta * reserve
-            self.total_reserved += delta * reserve
-            if held > 0:
-                self.reserved[ident] = held
-            else:
-                self.reserved.pop(ident, None)
+        _add(self.client_inflight, ident, delta)
+        _add(self.req_bytes, ident, delta * nbytes)
+        self.total_req += delta * nbytes
+        _add(self.reserved, ident, delta * reserve)
+        self.total_reserved += delta * reserve
 
     # --- byte budgets ---
 
