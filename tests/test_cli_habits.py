@@ -344,3 +344,17 @@ def test_without_keep_versions_nothing_is_retained(cluster):
     assert [v["version"] for v in cli_json(cluster, "versions", "x")] == [2]
     err = one_line_error(cluster.cli("restore", "x"))
     assert "--keep-versions" in err
+
+
+# --- point 5: patience ---
+
+def test_stats_with_no_workers_answers_at_once_with_what_the_broker_knows(make_cluster):
+    cluster = make_cluster()
+    cluster.start_broker()
+    start = time.monotonic()
+    got = cluster.cli("stats")
+    assert got.returncode == 0, got.stderr
+    assert time.monotonic() - start < 5            # not the 15 s retry budget, twice
+    out = got.stdout.decode()
+    assert "broker  frontend=" in out and "worker  none connected" in out
+    assert "store   no storage worker connected" in out
