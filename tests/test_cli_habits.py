@@ -358,3 +358,47 @@ def test_stats_with_no_workers_answers_at_once_with_what_the_broker_knows(make_c
     out = got.stdout.decode()
     assert "broker  frontend=" in out and "worker  none connected" in out
     assert "store   no storage worker connected" in out
+
+
+def test_fms_up_starts_a_dead_worker_again_and_says_so(tmp_path):
+    import signal
+
+    import fms
+    from conftest import wait_for
+    from test_up import alive, children_of, free_port
+    frontend, backend = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    log_path = tmp_path / "up.log"
+    with open(log_path, "wb") as log:
+        up = subprocess.Popen([sys.executable, "-m", "fms", "up", "--frontend", frontend,
+                               "--backend", backend, "--data", str(tmp_path / "data"),
+                               "--cache-bytes", "64M"], cwd=ROOT, stdout=log, stderr=log)
+    kids = []
+
+    def storage_workers():
+        try:
+            with fms.Client(frontend, timeout=2.0) as c:
+                return sorted(w["id"] for w in c.status()["workers"] if w["service"] == "storage")
+        except fms.FmsError:
+            return []
+    try:
+        wait_for(lambda: storage_workers() == ["storage-1", "storage-2"], 30, "fms up to start")
+        kids = children_of(up.pid)
+        victim = next(pid for pid in kids
+                      if b"storage-1" in open(f"/proc/{pid}/cmdline", "rb").read())
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: b"starting storage-1 again (restart 1)" in log_path.read_bytes(), 30,
+                 "fms up to start storage-1 again")
+        assert b"storage-1 exited with code -9; starting it again in 1 s" in log_path.read_bytes()
+        wait_for(lambda: storage_workers() == ["storage-1", "storage-2"], 30,
+                 "storage-1 to register again")
+        assert up.poll() is None                                  # the cluster never stopped
+        with fms.Client(frontend) as c:
+            c.put_bytes(b"still here", "after")
+            assert c.get_bytes("after") == b"still here"
+        up.send_signal(signal.SIGINT)
+        assert up.wait(15) == 0
+    finally:
+        for pid in [up.pid, *kids, *children_of(up.pid)]:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        up.wait(5)
