@@ -402,3 +402,47 @@ def test_fms_up_starts_a_dead_worker_again_and_says_so(tmp_path):
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
         up.wait(5)
+
+
+# --- point 6: resumable upload ---
+
+def test_an_interrupted_put_run_again_sends_only_what_the_store_lacks(make_cluster, tmp_path):
+    from conftest import wait_for
+    cluster = make_cluster()
+    cluster.start_broker()
+    cluster.start_storage(wid="slow", delay=0.1)         # 0.1 s per request: time to kill
+    cluster.wait_workers(storage=1, cache=0)
+    data = random_bytes(24 * 1024 * 1024, seed=21)
+    path = tmp_path / "big.bin"
+    path.write_bytes(data)
+    first = subprocess.Popen([sys.executable, os.path.join(ROOT, "client.py"), "--broker",
+                              cluster.frontend, "--timeout", "30", "put", str(path), "big"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with cluster.client(timeout=30.0) as c:
+            wait_for(lambda: c.usage()["chunk_bytes"] >= 8 * 1024 * 1024, 60,
+                     "a third of the file to reach storage")
+    finally:
+        first.kill()
+        first.wait()
+    with cluster.client(timeout=30.0) as c:
+        held = c.usage()["chunk_bytes"]
+        assert held < len(data)                          # killed midway
+        with pytest.raises(NotFound):
+            c.stat("big")                                # nothing committed
+    sent = []
+    client = cluster.client(timeout=30.0)
+    pipeline = client.session.pipeline
+
+    def counting(requests, window=None):                 # what the retry puts on the wire
+        def tap():
+            for tag, op, fields, frame in requests:
+                if op == "put_chunk":
+                    sent.append(len(frame) - 5)          # the chunk, without its bin32 prefix
+                yield tag, op, fields, frame
+        return pipeline(tap(), window)
+    client.session.pipeline = counting
+    client.put(str(path), "big")
+    print(f"resume: file {len(data)}, held before the retry {held}, retry sent {sum(sent)}")
+    assert 0 < sum(sent) <= len(data) - held              # only what storage lacked
+    assert client.get_bytes("big") == data
