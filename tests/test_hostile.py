@@ -514,7 +514,16 @@ def test_many_uploaders_cannot_keep_another_clients_upload_out(slow_cluster):
     assert status["held_bytes"]["uploads"] <= limits.TOTAL_REQUEST_BYTES
 
 
-def test_uploads_over_a_clients_byte_budget_back_off_and_large_chunks_still_upload(slow_cluster):
+def test_uploads_over_a_clients_byte_budget_back_off_and_large_chunks_still_upload(make_cluster):
+    """128 MiB of uploads sent at once: what is over the client's 64 MiB is refused (storage
+    takes 0.5 s a request, so none is answered before all have arrived); fms.Client keeps
+    within the budget and uploads a file of 16 MiB chunks."""
+    slow_cluster = make_cluster()
+    slow_cluster.start_broker()
+    slow_cluster.start_cache()
+    for wid in ("storage-a", "storage-b"):
+        slow_cluster.start_storage(wid=wid, delay=0.5)
+    slow_cluster.wait_workers(storage=2, cache=1)
     sock = _dealer(slow_cluster.frontend)
     chunk = random_bytes(16 * MiB, 6)
     try:
