@@ -59,6 +59,16 @@ def _nbytes(frame) -> int:
     return frame.buffer.nbytes if hasattr(frame, "buffer") else len(frame)
 
 
+def _add(counts: dict, key, delta: int):
+    """Add ``delta`` to ``counts[key]``, keeping only keys whose count is positive."""
+    if delta:
+        value = counts.get(key, 0) + delta
+        if value > 0:
+            counts[key] = value
+        else:
+            counts.pop(key, None)
+
+
 def deadline_of(header: dict) -> float:
     """The broker's own monotonic deadline for a request: now plus the client's relative
     budget ``ttl_ms`` (relative, so no clocks need agree across hosts), within bounds."""
@@ -123,6 +133,21 @@ def _changed_names(inv) -> list:
     return []
 
 
+def _batches_of_names(names: list, max_bytes: int):
+    """``names`` in consecutive lists whose UTF-8 lengths add up to at most ``max_bytes`` (a
+    longer name alone)."""
+    batch, size = [], 0
+    for name in names:
+        n = len(name.encode())
+        if batch and size + n > max_bytes:
+            yield batch
+            batch, size = [], 0
+        batch.append(name)
+        size += n
+    if batch:
+        yield batch
+
+
 class Broker:
     """Routes between a frontend ROUTER (clients) and a backend ROUTER (workers).
 
@@ -180,6 +205,7 @@ class Broker:
         self.started = time.time()
         self.metrics = BrokerMetrics()
         self.reads = ReadTally(self.metrics)
+        self.cache_seen = {}         # (cache worker id, counter) -> value its heartbeat last had
 
     # --- set-up ---
 
@@ -608,8 +634,7 @@ class Broker:
             if worker.service == p.STORAGE:
                 # A change storage made late (its request was given up on) still changed the
                 # name: the cache must not keep serving the old version (invariant 1).
-                for name in names:
-                    self.invalidate(name)
+                self.invalidate(names)
             self._late.warning("event=late_reply worker=%s key=%d action=dropped",
                                clip(worker.worker_id), key)
             return
@@ -622,10 +647,9 @@ class Broker:
             if len(self.chunk_sizes) > limits.CHUNK_SIZES_KEPT:
                 self.chunk_sizes.popitem(last=False)
         self.pump(worker.service)       # its credit is free again
-        for name in names:
-            # Invalidate before the ack leaves: the cache's pipe is FIFO, so any read the client
-            # sends after this ack reaches the cache after the invalidation (invariant 1).
-            self.invalidate(name)
+        # Invalidate before the ack leaves: the cache's pipe is FIFO, so any read the client
+        # sends after this ack reaches the cache after the invalidation (invariant 1).
+        self.invalidate(names)
         self._deliver(pending.origin, body, pending.deadline, admitted=pending.reserve)
         if pending.origin["via"] == FRONTEND:
             outcome = "ok" if route.get("ok", True) else str(route.get("err"))
@@ -651,16 +675,20 @@ class Broker:
                                       nbytes)
 
     def _note_stats(self, worker: Worker, stats):
-        """A cache's counters, from its heartbeat: their growth goes to the Prometheus ones."""
+        """A cache's counters, from its heartbeat: their growth goes to the Prometheus ones.
+        What was seen is kept by worker id, so a worker that registers again is not counted
+        twice; a value below it means the worker restarted from 0."""
         if not isinstance(stats, dict):
             return
         for name, counter in (("evictions", self.metrics.cache_evictions),
                               ("refused", self.metrics.cache_refused)):
             value = stats.get(name)
-            if isinstance(value, int) and not isinstance(value, bool):
-                grown = value - worker.stats.get(name, 0)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                seen = self.cache_seen.get((worker.worker_id, name), 0)
+                grown = value - seen if value >= seen else value
                 if grown > 0:
                     counter.inc(grown)
+                self.cache_seen[(worker.worker_id, name)] = value
                 worker.stats[name] = value
 
     def process_worker_request(self, worker: Worker, route: dict, body: list):
@@ -676,14 +704,18 @@ class Broker:
         self.dispatch(service, op, header.get("id"), origin, body,
                       deadline=deadline_of(header), digest=_digest(op, header))
 
-    def invalidate(self, name: str):
-        """Tell every cache worker to drop ``name``."""
-        message = p.encode({"t": "inv", "name": name})
-        for worker in list(self.workers.values()):
-            if worker.service == p.CACHE:
-                if not self._send(self.backend, [worker.ident, message]):
-                    # A cache we cannot tell must not serve reads any more.
-                    self.delete_worker(worker.ident, "missed an invalidation")
+    def invalidate(self, names: list):
+        """Tell every cache worker to drop ``names``: one ``inv`` message per at most
+        INV_NAME_BYTES of names (an rm -r page changes a thousand: one message each would
+        overflow the cache's pipe)."""
+        for batch in _batches_of_names(names, limits.INV_NAME_BYTES):
+            message = p.encode({"t": "inv", "name": batch[0]} if len(batch) == 1
+                               else {"t": "inv", "names": batch})
+            for worker in list(self.workers.values()):
+                if worker.service == p.CACHE:
+                    if not self._send(self.backend, [worker.ident, message]):
+                        # A cache we cannot tell must not serve reads any more.
+                        self.delete_worker(worker.ident, "missed an invalidation")
 
     def purge_workers(self):
         now = time.monotonic()
@@ -741,25 +773,11 @@ class Broker:
         if origin["via"] != FRONTEND:
             return
         ident = origin["from"]
-        count = self.client_inflight.get(ident, 0) + delta
-        if count > 0:
-            self.client_inflight[ident] = count
-        else:
-            self.client_inflight.pop(ident, None)
-        if nbytes:
-            held = self.req_bytes.get(ident, 0) + delta * nbytes
-            self.total_req += delta * nbytes
-            if held > 0:
-                self.req_bytes[ident] = held
-            else:
-                self.req_bytes.pop(ident, None)
-        if reserve:
-            held = self.reserved.get(ident, 0) + delta * reserve
-            self.total_reserved += delta * reserve
-            if held > 0:
-                self.reserved[ident] = held
-            else:
-                self.reserved.pop(ident, None)
+        _add(self.client_inflight, ident, delta)
+        _add(self.req_bytes, ident, delta * nbytes)
+        self.total_req += delta * nbytes
+        _add(self.reserved, ident, delta * reserve)
+        self.total_reserved += delta * reserve
 
     # --- byte budgets ---
 

@@ -28,6 +28,7 @@ LARGE_HEADER_OPS = ("commit", "have")   # their lists of digests grow with the f
 MAX_FRAME = 32 * MiB         # ZMQ_MAXMSGSIZE (fms.wire.codec.MAX_FRAME_SIZE is this)
 MAX_CONTAINERS = 8           # arrays + maps one request header or route frame may hold
 MAX_MAP_LEN = 64             # keys in any one map of a request or route
+INV_NAME_BYTES = 32 * KiB    # names in one `inv` route frame to a cache (well under MAX_HEADER)
 DIGEST_WIRE = 34             # a 32-byte digest as msgpack bin8: the smallest legit list item
 PEEK_KEYS = ("v", "op", "id", "ttl_ms", "fresh", "rx")
 
@@ -185,7 +186,8 @@ REPLY_GUESS = {"get": 128 * KiB, "ls": 1 * MiB,     # a small file's content; a 
 # than its reservation (a manifest of more than ~3,800 chunks, a false `len`) is kept only
 # while the budgets have room.
 REPLY_BOUND = {"get": 136 * KiB, "fsck": 1 * MiB, "commit_many": 64 * KiB,
-               "status": 64 * KiB, "cache_stats": 16 * KiB}
+               "status": 64 * KiB, "cache_stats": 16 * KiB,
+               "rm_prefix": 64 * KiB}      # the names it removed: at most 32 KiB of them
 MANIFEST_GUESS = 1 * KiB            # a small file's manifest, in a get_many reply
 LS_ENTRY_MAX = 1280                 # bytes of one ls entry at most (a 1,024-byte name + fields)
 CHUNK_SIZES_KEPT = 65536            # chunk sizes remembered (LRU), for the guesses above

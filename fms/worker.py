@@ -151,7 +151,10 @@ def serve(service, link: BrokerLink, log: logging.Logger, should_stop=lambda: Fa
         if link.sock.poll(timeout_ms, zmq.POLLIN):
             liveness = p.HEARTBEAT_LIVENESS
             backoff = RECONNECT_MIN
-            drain(link.sock, lambda frames: _handle(service, link, frames, log, bad), DRAIN_BATCH)
+            # A stopping worker takes no more: the broker hands what it left to another worker
+            # when this one says bye (every op is idempotent).
+            drain(link.sock, lambda frames: _handle(service, link, frames, log, bad), DRAIN_BATCH,
+                  should_stop)
             _flush(service, log)
         now = time.monotonic()
         if now >= next_heartbeat:
@@ -216,7 +219,13 @@ def _dispatch(service, link: BrokerLink, frames, log):
             log.info("event=registered broker=%s", link.endpoint)
             service.on_register()
     elif kind == "inv":
-        service.on_invalidate(p.need(route, "name", str))
+        names = route.get("names")
+        if names is None:
+            names = [p.need(route, "name", str)]
+        elif not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise BadRequest("inv: 'names' must be an array of str")
+        for name in names:
+            service.on_invalidate(name)
     elif kind == "reregister":
         log.info("event=reregister broker=%s", link.endpoint)
         link.registered = False

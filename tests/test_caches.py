@@ -118,3 +118,22 @@ def test_no_cache_reads_and_files_over_max_file_skip_the_cache(make_cluster, tmp
         assert cluster.served()["cache-1"] == before + 1           # its chunks from storage
         assert c.cache_stats()["entries"] == 0
         assert c.status()["cache"]["get_misses"] == 1
+
+
+def test_read_tally_counts_a_get_as_a_hit_only_when_every_piece_came_from_the_cache():
+    from fms.metrics import BrokerMetrics, ReadTally
+    tally = ReadTally(BrokerMetrics())
+    tally.get_answered(b"c", 1, "hit", 0, 100)               # a small file, inline: a hit
+    tally.get_answered(b"c", 2, "hit", 2, 0)                 # a manifest hit, 2 chunks to come
+    tally.chunk_answered(b"c", 2, "hit", 1000)
+    tally.chunk_answered(b"c", 2, "miss", 1000)              # one chunk from storage: a miss
+    tally.get_answered(b"c", 3, "hit", 1, 0)
+    tally.chunk_answered(b"c", 3, "hit", 500)
+    tally.get_answered(b"d", 4, "hit", 3, 0)                 # abandoned: its client left
+    tally.chunk_answered(b"d", 4, "hit", 500)
+    tally.client_gone(b"d")
+    tally.chunk_answered(b"d", 4, "hit", 500)
+    tally.chunk_answered(b"e", 9, None, 700)                 # --no-cache: not a GET through it
+    tally.batch_answered(3, 2)
+    assert tally.figures() == {"get_hits": 2 + 3, "get_misses": 1 + 2,
+                               "bytes_hit": 100 + 1000 + 500 + 500 + 500, "bytes_missed": 1000}

@@ -1,15 +1,20 @@
 """The command line as users of cp, mc, rclone and aws s3 expect it (issue 14): destinations
 that are not regular files, errors that are one line with exit status 1, and the commands."""
 
+import datetime
+import hashlib
+import json
 import os
 import stat
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
 from conftest import ROOT, random_bytes
+from fms.errors import NotFound
 
 
 def one_line_error(got) -> str:
@@ -109,3 +114,233 @@ def test_a_bad_endpoint_is_a_one_line_error_before_anything_starts(tmp_path, arg
         capture_output=True, timeout=60, cwd=ROOT)
     err = one_line_error(got)
     assert "is not an endpoint" in err and "tcp://127.0.0.1:5555" in err
+
+
+# --- point 2: commands ---
+
+def cli_json(cluster, *args):
+    got = cluster.cli(*args, "--json")
+    assert got.returncode == 0, got.stderr
+    return json.loads(got.stdout)
+
+
+def test_mv_is_atomic_metadata_only_and_no_cache_serves_either_old_name(cluster):
+    with cluster.client() as c:
+        c.put_bytes(b"old destination", "dst")
+        c.put_bytes(b"moving content", "src")
+        assert c.get_bytes("dst") == b"old destination"     # both now in the cache
+        assert c.get_bytes("src") == b"moving content"
+        before = c.usage()
+    stat = cli_json(cluster, "mv", "src", "dst")
+    assert stat["name"] == "dst" and stat["version"] == 2
+    with cluster.client() as c:
+        assert c.get_bytes("dst") == b"moving content"
+        with pytest.raises(NotFound):
+            c.get_bytes("src")
+        assert c.usage()["chunk_bytes"] == before["chunk_bytes"]   # no chunk written
+    assert cluster.cli("mv", "dst", "folder/").returncode == 0        # into a folder
+    assert [e["name"] for e in cli_json(cluster, "ls", "-r")] == ["folder/dst"]
+
+
+def test_cp_shares_the_chunks_moves_no_data_and_replaces_a_cached_destination(cluster, tmp_path):
+    big = random_bytes(8 * 1024 * 1024 + 3, seed=5)
+    with cluster.client() as c:
+        c.put_bytes(big, "big")
+        c.put_bytes(b"stale", "copy")
+        assert c.get_bytes("copy") == b"stale"              # cached
+        before = c.usage()
+    stat = cli_json(cluster, "cp", "big", "copy")
+    assert stat["size"] == len(big) and stat["sha256"] == hashlib.sha256(big).hexdigest()
+    with cluster.client() as c:
+        after = c.usage()
+        assert c.get_bytes("copy") == big and c.get_bytes("big") == big
+    assert after["files"] == before["files"] and after["bytes"] == 2 * len(big)
+    assert after["chunk_bytes"] == before["chunk_bytes"]      # 8 MiB copied, 0 bytes stored
+    got = cluster.cli("fsck", "--json")
+    assert got.returncode == 0 and json.loads(got.stdout)["refcount_errors"] == 0
+
+
+def storage_served(cluster) -> int:
+    return sum(w["served"] for w in cluster.workers("storage"))
+
+
+def test_rm_r_costs_one_request_per_page_and_no_cache_serves_a_removed_name(cluster):
+    with cluster.client() as c:
+        c.put_many([(__file__, f"tree/{i:05d}") for i in range(2500)])
+        c.put_bytes(b"keep", "tree2/k")
+        assert c.get_bytes("tree/00007") == open(__file__, "rb").read()   # cached
+        served = storage_served(cluster)
+        pages = list(c.rm_prefix("tree/"))
+        assert storage_served(cluster) - served == len(pages) == 3
+        # 2,500 invalidations reached the cache in a few messages, not one each (which would
+        # overflow its pipe and have the broker drop it).
+        assert [w["id"] for w in cluster.workers("cache")] == ["cache-1"]
+        assert sum(map(len, pages)) == 2500
+        with pytest.raises(NotFound):
+            c.get_bytes("tree/00007")
+        assert [e["name"] for e in c.ls()] == ["tree2/k"]
+    assert cli_json(cluster, "rm", "-r", "tree2") == {"prefix": "tree2/", "removed": 1}
+    err = one_line_error(cluster.cli("rm", "-r", "tree2"))
+    assert "no files under 'tree2/'" in err
+
+
+def test_du_counts_files_and_bytes_under_a_prefix(cluster):
+    with cluster.client() as c:
+        for name, size in (("a/1", 10), ("a/b/2", 20), ("ab", 40)):
+            c.put_bytes(b"z" * size, name)
+    assert cli_json(cluster, "du", "a/") == {"prefix": "a/", "files": 2, "bytes": 30}
+    assert cli_json(cluster, "du") == {"prefix": "", "files": 3, "bytes": 70}
+    assert b"2 files" in cluster.cli("du", "a/").stdout
+
+
+def test_find_matches_the_last_part_and_the_mtime(cluster):
+    now = time.time()
+    with cluster.client() as c:
+        c.put_bytes(b"1", "p/new.jpg", mtime=now)
+        c.put_bytes(b"2", "p/old.jpg", mtime=now - 10 * 86400)
+        c.put_bytes(b"3", "p/x.txt", mtime=now)
+        c.put_bytes(b"4", "q/y.jpg", mtime=now)
+    assert cluster.cli("find", "p/", "--name", "*.jpg").stdout.decode().split() == [
+        "p/new.jpg", "p/old.jpg"]
+    found = cli_json(cluster, "find", "", "--name", "*.jpg", "--newer", "2d")
+    assert [e["name"] for e in found] == ["p/new.jpg", "q/y.jpg"]
+    day = datetime.date.fromtimestamp(now - 5 * 86400).isoformat()
+    assert [e["name"] for e in cli_json(cluster, "find", "p/", "--newer", day)] == [
+        "p/new.jpg", "p/x.txt"]
+    got = cluster.cli("find", "p/", "--newer", "yesterday")
+    assert got.returncode == 2 and b"neither a date" in got.stderr
+
+
+def test_ls_shows_one_level_with_folders_collapsed_and_long_human_sizes(cluster):
+    with cluster.client() as c:
+        for name in ("top.txt", "d/a", "d/sub/b", "d/sub/deeper/c", "d/z"):
+            c.put_bytes(b"x" * 1536, name)
+    assert cli_json(cluster, "ls") == [{"name": "d/", "folder": True},
+                                       {**cli_json(cluster, "stat", "top.txt")}]
+    lines = cluster.cli("ls", "d/", "-l", "-h").stdout.decode().splitlines()
+    assert [line.split()[-1] for line in lines] == ["d/a", "d/sub/", "d/z"]
+    assert "1.5 KiB" in lines[0] and "v1" in lines[0] and "PRE" in lines[1]
+    assert [e["name"] for e in cli_json(cluster, "ls", "-r", "d/")] == [
+        "d/a", "d/sub/b", "d/sub/deeper/c", "d/z"]
+
+
+def test_put_several_files_or_one_into_a_folder_as_cp_does(cluster, tmp_path):
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_bytes(name.encode())
+    a, b = str(tmp_path / "a.txt"), str(tmp_path / "b.txt")
+    assert cluster.cli("put", a, "notes/").returncode == 0
+    assert cluster.cli("put", a, b, "more").returncode == 0         # several: a folder
+    stored = cli_json(cluster, "put", a, "renamed.txt")
+    assert [e["name"] for e in stored] == ["renamed.txt"]
+    assert [e["name"] for e in cli_json(cluster, "ls", "-r")] == [
+        "more/a.txt", "more/b.txt", "notes/a.txt", "renamed.txt"]
+    err = one_line_error(cluster.cli("put", a, str(tmp_path / "nope"), "x/"))
+    assert "no such file" in err
+    assert len(cli_json(cluster, "ls", "-r")) == 4                  # nothing of it stored
+
+
+def test_sync_up_and_down_sends_only_what_differs_and_mirrors_with_delete(cluster, tmp_path):
+    src = tmp_path / "photos"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.jpg").write_bytes(b"a" * 100)
+    (src / "sub" / "b.jpg").write_bytes(random_bytes(3 * 1024 * 1024, seed=9))
+    first = cli_json(cluster, "sync", str(src), "fms:photos/")
+    assert len(first["send"]) == 2 and first["unchanged"] == 0
+    again = cli_json(cluster, "sync", str(src), "fms:photos")
+    assert again["send"] == [] and again["unchanged"] == 2
+    (src / "a.jpg").write_bytes(b"b" * 100)              # same size, other content
+    with cluster.client() as c:
+        c.put_bytes(b"only remote", "photos/extra")
+    planned = cli_json(cluster, "sync", str(src), "fms:photos/", "--delete", "--dry-run")
+    assert [s["to"] for s in planned["send"]] == ["photos/a.jpg"]
+    assert planned["delete"] == ["photos/extra"]
+    with cluster.client() as c:
+        assert c.get_bytes("photos/a.jpg") == b"a" * 100    # a dry run changed nothing
+        assert c.stat("photos/extra")
+    assert cluster.cli("sync", str(src), "fms:photos/", "--delete").returncode == 0
+    with cluster.client() as c:
+        assert [e["name"] for e in c.ls("photos/")] == ["photos/a.jpg", "photos/sub/b.jpg"]
+        assert c.get_bytes("photos/a.jpg") == b"b" * 100
+    restore = tmp_path / "restore"
+    down = cli_json(cluster, "sync", "fms:photos/", str(restore))
+    assert len(down["send"]) == 2
+    assert (restore / "sub" / "b.jpg").read_bytes() == (src / "sub" / "b.jpg").read_bytes()
+    (restore / "stray").write_bytes(b"s")
+    mtime = os.stat(restore / "a.jpg").st_mtime_ns
+    down = cli_json(cluster, "sync", "fms:photos/", str(restore), "--delete")
+    assert down["send"] == [] and down["unchanged"] == 2
+    assert not (restore / "stray").exists()
+    assert os.stat(restore / "a.jpg").st_mtime_ns == mtime            # not written again
+    err = one_line_error(cluster.cli("sync", str(src), str(restore)))
+    assert "fms:PREFIX" in err
+
+
+@pytest.mark.parametrize("argv", [["mv", "missing", "x"], ["cp", "missing", "x"],
+                                  ["rm", "missing"], ["get", "-r", "missing", "out"]])
+def test_a_failed_command_exits_1_with_one_line_also_with_json(cluster, argv):
+    for extra in ([], ["--json"]):
+        err = one_line_error(cluster.cli(*argv, *extra))
+        assert "not found" in err
+
+
+def test_the_shell_asks_before_rm_r_and_runs_the_new_commands(cluster):
+    with cluster.client() as c:
+        c.put_bytes(b"1", "s/a")
+    script = "rm -r s\nn\nmv s/a s/b\ncp s/b t/\ndu\nls -r\nrm -r s/\ny\nls -r\nquit\n"
+    run = cluster.cli(stdin=script.encode())
+    out = run.stdout.decode()
+    assert run.returncode == 0, run.stderr
+    assert out.count("remove every name under s/? [y/N]") == 2 and "nothing removed" in out
+    assert "2 files" in out
+    with cluster.client() as c:
+        assert [e["name"] for e in c.ls()] == ["t/b"]
+
+
+# --- point 3: versions ---
+
+@pytest.fixture
+def versioned(make_cluster):
+    """A cluster whose storage keeps 2 replaced versions per name."""
+    c = make_cluster()
+    c.start_broker()
+    c.start_cache()
+    c.start_storage(wid="storage-a", extra=["--keep-versions", "2"])
+    c.wait_workers(storage=1, cache=1)
+    return c
+
+
+def test_versions_get_version_and_restore_also_after_rm_and_gc(versioned, tmp_path):
+    contents = [random_bytes(2 * 1024 * 1024 + i, seed=i) for i in range(4)]
+    with versioned.client() as c:
+        for content in contents:
+            c.put_bytes(content, "doc")
+        assert c.get_bytes("doc") == contents[3]        # cached
+    listed = cli_json(versioned, "versions", "doc")
+    assert [(v["version"], v["current"]) for v in listed] == [(4, True), (3, False), (2, False)]
+    assert listed[1]["sha256"] == hashlib.sha256(contents[2]).hexdigest()
+    assert versioned.cli("versions", "doc").stdout.decode().split()[5::6] == ["current", "retained", "retained"]
+    assert versioned.cli("gc", "--grace", "0").returncode == 0     # frees version 1 only
+    out = tmp_path / "v2"
+    assert versioned.cli("get", "doc", str(out), "--version", "2").returncode == 0
+    assert out.read_bytes() == contents[1]
+    err = one_line_error(versioned.cli("get", "doc", str(tmp_path / "v1"), "--version", "1"))
+    assert "no version 1" in err
+    assert versioned.cli("rm", "doc").returncode == 0
+    stat = cli_json(versioned, "restore", "doc")                    # the newest retained: v4
+    assert stat["version"] == 6
+    with versioned.client() as c:
+        assert c.get_bytes("doc") == contents[3]
+    assert cli_json(versioned, "restore", "doc", "--version", "3")["version"] == 7
+    with versioned.client() as c:
+        assert c.get_bytes("doc") == contents[2]                   # not the cached v4
+    got = versioned.cli("fsck", "--json")
+    assert got.returncode == 0 and json.loads(got.stdout)["refcount_errors"] == 0
+
+
+def test_without_keep_versions_nothing_is_retained(cluster):
+    with cluster.client() as c:
+        c.put_bytes(b"1", "x")
+        c.put_bytes(b"2", "x")
+    assert [v["version"] for v in cli_json(cluster, "versions", "x")] == [2]
+    err = one_line_error(cluster.cli("restore", "x"))
+    assert "--keep-versions" in err

@@ -69,7 +69,8 @@ def test_ls_and_stat_as_text_and_json(cluster, tmp_path):
     cluster.cli("put", write(tmp_path / "g", b"g"), "other/g")
     listing = json.loads(cluster.cli("ls", "docs/", "--json").stdout)
     assert [(e["name"], e["size"]) for e in listing] == [("docs/f", 5000)]
-    assert "docs/f" in cluster.cli("ls").stdout.decode()
+    assert "docs/f" in cluster.cli("ls", "-r").stdout.decode()
+    assert "docs/" in cluster.cli("ls").stdout.decode().split()      # one level: the folder
     info = json.loads(cluster.cli("stat", "docs/f", "--json").stdout)
     assert info["name"] == "docs/f" and info["size"] == 5000
     assert info["sha256"] == p.sha256(data).hex() and isinstance(info["mtime"], float)

@@ -9,7 +9,7 @@ from fms import wire as p
 from fms.errors import BadRequest, MissingChunks, NotFound, Unavailable
 from fms.storage.meta.sql import prefix_end
 from fms.storage.meta.sqlite import SQLiteMeta
-from fms.storage.model import Removal, Totals
+from fms.storage.model import Copy, Removal, Restore, Totals
 from storage_helpers import new_version, split
 
 NOW = 1_800_000_000.0
@@ -165,6 +165,97 @@ def test_references_follow_commits_overwrites_and_removes(engine):
     row = engine.chunk(p.sha256(shared))
     assert row.refs == 0 and row.since == NOW + 7       # unreferenced since the last release
     assert engine.refcount_errors() == []
+
+
+def apply_one(meta, change, now=NOW):
+    [result] = meta.apply([change], now, {})
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def test_copy_shares_the_chunks_and_adds_a_reference_each(engine):
+    content = b"c" * 4096 + b"tail"
+    commit(engine, "src", content, "c1")
+    commit(engine, "dst", b"old", "c2")
+    made = apply_one(engine, Copy("src", "dst", "cp-1"))
+    assert made.version == 2 and made.sha256 == p.sha256(content)
+    assert engine.get("dst").chunks == engine.get("src").chunks
+    assert engine.chunk(p.sha256(b"c" * 4096)).refs == 2
+    assert engine.chunk(p.sha256(b"old")).refs == 0           # the overwritten version's
+    assert engine.totals() == Totals(files=2, bytes=2 * len(content), chunks=3,
+                                     chunk_bytes=len(content) + 3)
+    assert apply_one(engine, Copy("src", "dst", "cp-1")) == made  # a retry: the same answer
+    assert engine.refcount_errors() == []
+
+
+def test_move_is_one_change_of_two_names_moving_no_reference(engine):
+    content = b"m" * 5000
+    commit(engine, "a/old", content, "c1")
+    commit(engine, "b/new", b"replaced", "c2")
+    made = apply_one(engine, Copy("a/old", "b/new", "mv-1", move=True))
+    assert made.name == "b/new" and made.version == 2 and made.sha256 == p.sha256(content)
+    assert engine.get("a/old") is None
+    assert [v.name for v in engine.list("", "", 10)] == ["b/new"]
+    assert engine.chunk(p.sha256(b"m" * 4096)).refs == 1
+    assert engine.totals().files == 1 and engine.totals().bytes == 5000
+    assert apply_one(engine, Copy("a/old", "b/new", "mv-1", move=True)) == made
+    assert commit(engine, "a/old", b"again", "c3").version == 3   # after its tombstone
+    assert engine.refcount_errors() == []
+
+
+@pytest.mark.parametrize("src, dst, error", [("missing", "x", NotFound), ("a", "a", BadRequest)])
+def test_copy_and_move_refuse_a_missing_source_or_itself(engine, src, dst, error):
+    commit(engine, "a", b"a", "c1")
+    for move in (False, True):
+        with pytest.raises(error):
+            apply_one(engine, Copy(src, dst, f"x-{move}", move))
+    assert [v.name for v in engine.list("", "", 10)] == ["a"]
+    assert engine.totals().files == 1 and engine.refcount_errors() == []
+
+
+def test_retained_versions_keep_their_references_and_the_newest_n_stay(engine):
+    engine.keep_versions = 2
+    contents = [bytes([65 + i]) * 5000 for i in range(4)]
+    for i, content in enumerate(contents):
+        commit(engine, "f", content, f"c{i}")
+    assert [v.version for v in engine.retained("f")] == [3, 2]
+    assert [v.sha256 for v in engine.retained("f")] == [p.sha256(c) for c in contents[2:0:-1]]
+    assert engine.chunk(p.sha256(contents[1][:4096])).refs == 1      # retained: referenced
+    assert engine.chunk(p.sha256(contents[0][:4096])).refs == 0      # dropped out: released
+    assert engine.totals().files == 1 and engine.totals().bytes == 5000
+    assert engine.refcount_errors() == []
+    remove(engine, "f", "r1")                                         # rm retains v4 too
+    assert [v.version for v in engine.retained("f")] == [4, 3]
+    restored = apply_one(engine, Restore("f", None, "re-1"))
+    assert restored.version == 6 and restored.sha256 == p.sha256(contents[3])
+    restored = apply_one(engine, Restore("f", 3, "re-2"))
+    assert restored.version == 7 and engine.get("f").sha256 == p.sha256(contents[2])
+    assert [v.version for v in engine.retained("f")] == [6, 4]
+    with pytest.raises(NotFound):
+        apply_one(engine, Restore("f", 1, "re-3"))
+    assert engine.refcount_errors() == []
+
+
+def test_a_removed_name_with_retained_versions_keeps_its_tombstone(engine):
+    engine.keep_versions = 1
+    commit(engine, "g", b"g1", "c1")
+    remove(engine, "g", "r1")
+    engine.prune(NOW + 10 ** 6)
+    assert apply_one(engine, Restore("g", None, "re-1"), now=NOW + 10 ** 6).version == 3
+    engine.keep_versions = 0
+    commit(engine, "g", b"g2", "c2", now=NOW + 10 ** 6)                # 0 kept: all released
+    assert engine.retained("g") == [] and engine.refcount_errors() == []
+
+
+def test_usage_counts_a_prefix_in_the_index(engine):
+    for name, size in (("p/a", 10), ("p/b/c", 20), ("pq", 40), ("q", 80)):
+        commit(engine, name, b"z" * size, f"c-{name}")
+    remove(engine, "p/a", "r1")
+    assert engine.usage("p/") == (1, 20)
+    assert engine.usage("p") == (2, 60)
+    assert engine.usage("") == (3, 140)
+    assert engine.usage("nothing/") == (0, 0)
 
 
 def test_known_reports_live_rows_and_restarts_their_grace(engine):

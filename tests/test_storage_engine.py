@@ -508,6 +508,33 @@ def test_ls_pages_with_a_cursor(store):
     assert names == [f"d/{i:02d}" for i in range(12)] and pages == 3
 
 
+def test_a_folder_view_collapses_folders_and_pages_past_them(store):
+    for name in ("f/a", "f/b/1", "f/b/2", "f/b/3", "f/c", "f/d/x/y", "f/e", "g"):
+        put_file(store, name, b"x", commit=f"c-{name}")
+    seen, after = [], ""
+    while after is not None:
+        entries, folders, after = store.list_folder("f/", after, 2)
+        assert len(entries) + len(folders) <= 2
+        seen += [v.name for v in entries] + folders
+    assert sorted(seen) == ["f/a", "f/b/", "f/c", "f/d/", "f/e"]
+    entries, folders, after = store.list_folder("", "", 100)
+    assert ([v.name for v in entries], folders, after) == (["g"], ["f/"], None)
+
+
+def test_rm_prefix_removes_a_page_whose_names_fit_the_invalidation(store):
+    for i in range(5):
+        put_file(store, f"p/{i}", b"x", commit=f"c{i}")
+    put_file(store, "pq", b"y", commit="c-pq")
+    removed, more = store.remove_prefix("p/", 3, 1024)
+    assert [v.name for v in removed] == ["p/0", "p/1", "p/2"] and more
+    assert all(v.deleted for v in removed)
+    removed, more = store.remove_prefix("p/", 3, 7)      # "p/3" + "p/4" would be 6 bytes...
+    assert [v.name for v in removed] == ["p/3", "p/4"] and not more
+    removed, more = store.remove_prefix("p/", 3, 2)      # ... and one name always goes
+    assert (removed, more) == ([], False)
+    assert [v.name for v in store.list("", "", 10)] == ["pq"]
+
+
 def test_usage_is_the_kept_totals(store):
     link = Link()
     put_file(store, "a", b"1" * 100, commit="c1")
@@ -593,6 +620,13 @@ def test_workers_sharing_one_store_never_lose_an_update(tmp_path, request, engin
 
 # --- a property: references always equal a recount, no referenced chunk is ever freed ---
 
+NAMES = st.sampled_from(["a", "b", "c/d"])
+PUT = {"name": NAMES, "seed": st.integers(0, 6), "blocks": st.integers(0, 3),
+       "small": st.booleans()}
+COPY = {"src": NAMES, "dst": st.sampled_from(["a", "b", "c/d", "c/e"]), "move": st.booleans()}
+RM_PREFIX = {"prefix": st.sampled_from(["c/", "a", "b"]), "limit": st.integers(1, 3)}
+
+
 class StoreMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
@@ -606,15 +640,14 @@ class StoreMachine(RuleBasedStateMachine):
         self.ids += 1
         return f"id{self.ids}"
 
-    @rule(name=st.sampled_from(["a", "b", "c/d"]), seed=st.integers(0, 6),
-          blocks=st.integers(0, 3), small=st.booleans())
+    @rule(**PUT)
     def put(self, name, seed, blocks, small):
         size = blocks * (4096 if small else 70_000) + seed
         data = content(seed, size)
         put_file(self.store, name, data, commit=self._id(), chunk_size=4096 if small else 70_000)
         self.model[name] = data
 
-    @rule(name=st.sampled_from(["a", "b", "c/d"]))
+    @rule(name=NAMES)
     def rm(self, name):
         if name in self.model:
             self.store.remove(name, self._id())
@@ -622,6 +655,23 @@ class StoreMachine(RuleBasedStateMachine):
         else:
             with pytest.raises(NotFound):
                 self.store.remove(name, self._id())
+
+    @rule(**COPY)
+    def copy(self, src, dst, move):
+        if src in self.model and src != dst:
+            self.store.copy(src, dst, self._id(), move)
+            self.model[dst] = self.model.pop(src) if move else self.model[src]
+        else:
+            with pytest.raises((NotFound, BadRequest)):
+                self.store.copy(src, dst, self._id(), move)
+
+    @rule(**RM_PREFIX)
+    def rm_prefix(self, prefix, limit):
+        removed, more = self.store.remove_prefix(prefix, limit, 1024)
+        gone = sorted(n for n in self.model if n.startswith(prefix))
+        assert [v.name for v in removed] == gone[:limit] and more == (len(gone) > limit)
+        for version in removed:
+            del self.model[version.name]
 
     @rule(grace=st.sampled_from([0, 3600]))
     def collect(self, grace):
@@ -653,6 +703,76 @@ class StoreMachine(RuleBasedStateMachine):
 TestStoreProperties = StoreMachine.TestCase
 TestStoreProperties.settings = settings(max_examples=40, stateful_step_count=25, deadline=None,
                                         suppress_health_check=[HealthCheck.too_slow])
+
+
+class VersionedStoreMachine(StoreMachine):
+    """The same, with two replaced versions kept per name: what an overwrite, rm, cp, mv or
+    restore replaces is retained, a restore brings one back, and a collection (grace 0 too)
+    never frees a chunk a retained version names."""
+
+    KEEP = 2
+
+    def __init__(self):
+        super().__init__()
+        self.store.close()
+        self.store = open_local(self.dir + "/data", keep_versions=self.KEEP)
+        self.kept = {}                  # name -> retained contents, newest first
+
+    def _replaced(self, name):
+        if name in self.model:
+            self.kept[name] = [self.model[name], *self.kept.get(name, [])][:self.KEEP]
+
+    @rule(**PUT)
+    def put(self, name, seed, blocks, small):
+        self._replaced(name)
+        super().put(name, seed, blocks, small)
+
+    @rule(name=NAMES)
+    def rm(self, name):
+        self._replaced(name)
+        super().rm(name)
+
+    @rule(**COPY)
+    def copy(self, src, dst, move):
+        if src in self.model and src != dst:
+            self._replaced(dst)
+            if move:
+                self._replaced(src)
+        super().copy(src, dst, move)
+
+    @rule(**RM_PREFIX)
+    def rm_prefix(self, prefix, limit):
+        gone = sorted(n for n in self.model if n.startswith(prefix))[:limit]
+        for name in gone:
+            self._replaced(name)
+        super().rm_prefix(prefix, limit)
+
+    @rule(name=NAMES)
+    def restore(self, name):
+        if not self.kept.get(name):
+            with pytest.raises(NotFound):
+                self.store.restore(name, None, self._id())
+            return
+        content = self.kept[name][0]
+        self.store.restore(name, None, self._id())
+        self._replaced(name)
+        self.model[name] = content
+
+    @rule()
+    def restart(self):
+        self.store.close()
+        self.store = open_local(self.dir + "/data", keep_versions=self.KEEP)
+
+    @invariant()
+    def retained_versions_read_back_whole(self):
+        for name in ("a", "b", "c/d", "c/e"):
+            got = [b"".join(p.unpack_data(self.store.read_chunk(d)) for d in v.chunks)
+                   for v in self.store.meta.retained(name)]
+            assert got == self.kept.get(name, [])
+
+
+TestVersionedStoreProperties = VersionedStoreMachine.TestCase
+TestVersionedStoreProperties.settings = TestStoreProperties.settings
 
 
 def test_a_commit_is_applied_before_the_next_other_op_not_after_the_whole_drain(store):

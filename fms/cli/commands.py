@@ -60,21 +60,42 @@ def _say(args, text: str):
 
 
 def cmd_put(args):
+    items = _put_items(args.local, args.recursive)
     with open_client(args) as client:
-        if args.recursive:
-            items = _local_tree(args.local, args.name)
-            results = client.put_many(items)
-            _say(args, f"uploaded {len(results)} files, "
-                       f"{_human(sum(r['size'] for r in results))}")
+        results = client.put_many(items)
+    if args.json:
+        print(json.dumps(results, indent=1))
+    elif len(results) == 1 and not args.recursive:
+        r = results[0]
+        _say(args, f"uploaded {r['name']} ({_human(r['size'])}, version {r['version']})")
+    else:
+        _say(args, f"uploaded {len(results)} files, {_human(sum(r['size'] for r in results))}")
+
+
+def _put_items(paths: list, recursive: bool) -> list:
+    """``(local path, name)`` for ``put [-r] LOCAL... [NAME]``, as ``cp`` reads its arguments:
+    one LOCAL and a NAME: stored as NAME (with -r, NAME is the prefix); a NAME ending in '/', or
+    several LOCALs: each goes into that folder under its base name."""
+    sources, dest = (paths, None) if len(paths) == 1 else (paths[:-1], paths[-1])
+    into = dest is not None and (dest.endswith("/") or len(sources) > 1)
+    items = []
+    for local in sources:
+        base = os.path.basename(os.path.normpath(os.path.abspath(local)))
+        name = f"{dest.strip('/')}/{base}".lstrip("/") if into else dest
+        if os.path.isdir(local):
+            if not recursive:
+                raise FmsError(f"{local} is a folder; upload it with: put -r {local}")
+            items += _local_tree(local, name)
+        elif not os.path.exists(local):
+            raise FmsError(f"no such file: {local}")
         else:
-            if os.path.isdir(args.local):
-                raise FmsError(f"{args.local} is a folder; upload it with: put -r {args.local}")
-            result = client.put(args.local, args.name)
-            _say(args, f"uploaded {result['name']} ({_human(result['size'])}, "
-                       f"version {result['version']})")
+            items.append((local, name if name is not None else base))
+    return items
 
 
-def _local_tree(folder: str, prefix) -> list:
+def _local_tree(folder: str, prefix, allow_empty: bool = False) -> list:
+    """``(path, name)`` of every regular file under ``folder``, named ``prefix/<relative
+    path>`` (``prefix`` None: the folder's base name), in name order."""
     if not os.path.isdir(folder):
         raise FmsError(f"{folder} is not a folder")
     if prefix is None:
@@ -89,7 +110,7 @@ def _local_tree(folder: str, prefix) -> list:
                 continue  # sockets, fifos, broken links
             rel = os.path.relpath(path, folder).replace(os.sep, "/")
             items.append((path, f"{prefix}/{rel}" if prefix else rel))
-    if not items:
+    if not items and not allow_empty:
         raise FmsError(f"no files under {folder}")
     return items
 
@@ -107,16 +128,18 @@ def cmd_get(args):
                      for e in entries]
             _check_tree(items)
             results = client.get_many(items)
-            _say(args, f"downloaded {len(results)} files, "
-                       f"{_human(sum(r['size'] for r in results))} to {args.dest}")
+            _print_result(args, results, f"downloaded {len(results)} files, "
+                                         f"{_human(sum(r['size'] for r in results))} to "
+                                         f"{args.dest}")
             return
         if args.dest == "-":
-            client.get_to(args.name, sys.stdout.buffer)
+            client.get_to(args.name, sys.stdout.buffer, args.version_number)
             sys.stdout.buffer.flush()
             return
         dest = _file_dest(args.dest, args.name)
-        result = client.get(args.name, dest)
-        _say(args, f"downloaded {result['name']} ({_human(result['size'])}) to {dest}")
+        result = client.get(args.name, dest, args.version_number)
+        _print_result(args, result, f"downloaded {result['name']} ({_human(result['size'])}) "
+                                    f"to {dest}")
 
 
 def _file_dest(dest: str | None, name: str) -> str:
@@ -173,7 +196,8 @@ def _inside(folder: str, rel: str) -> str:
 def cmd_ls(args):
     # Printed page by page as they come: a listing of any length holds one page in memory.
     with open_client(args) as client:
-        entries = client.iter_ls(args.prefix)
+        entries = (client.iter_ls(args.prefix) if args.recursive
+                   else client.iter_folder(args.prefix))
         if args.json:
             print("[", end="")
             for i, e in enumerate(entries):
@@ -181,7 +205,85 @@ def cmd_ls(args):
             print("\n]")
             return
         for e in entries:
-            print(f"{e['size']:>14,}  {_when(e['mtime'])}  {e['name']}")
+            print(_ls_line(e, args.long, args.human))
+
+
+def _ls_line(e: dict, long: bool, human: bool) -> str:
+    """One line of ``ls``: size, mtime, name (``-l``: and version, sha256); a folder as
+    ``aws s3 ls`` shows it, ``PRE``."""
+    if e.get("folder"):
+        size, when, extra = "PRE", "", "" if not long else f"{'':>6}  {'':12}  "
+    else:
+        size = _human(e["size"]) if human else f"{e['size']:,}"
+        when = _when(e["mtime"])
+        extra = f"{'v' + str(e['version']):>6}  {e['sha256'][:12]}  " if long else ""
+    return f"{size:>14}  {when:<19}  {extra}{e['name']}"
+
+
+def cmd_du(args):
+    with open_client(args) as client:
+        du = client.du(args.prefix)
+    if args.json:
+        print(json.dumps({"prefix": args.prefix, **du}))
+    else:
+        print(f"{du['files']:>10,} files  {_human(du['bytes']):>10}  {args.prefix or '(all)'}")
+
+
+def cmd_find(args):
+    import fnmatch
+    with open_client(args) as client:
+        found = (e for e in client.iter_ls(args.prefix)
+                 if (args.name is None or fnmatch.fnmatchcase(e["name"].rsplit("/", 1)[-1],
+                                                              args.name))
+                 and (args.newer is None or e["mtime"] > args.newer))
+        if args.json:
+            print(json.dumps(list(found), indent=1))
+            return
+        for e in found:
+            print(e["name"])
+
+
+def cmd_versions(args):
+    with open_client(args) as client:
+        found = client.versions(args.name)
+    if args.json:
+        print(json.dumps(found, indent=1))
+        return
+    for v in found:
+        print(f"{'v' + str(v['version']):>6}  {v['size']:>14,}  {_when(v['mtime'])}  "
+              f"{v['sha256'][:12]}  {'current' if v['current'] else 'retained'}")
+
+
+def cmd_restore(args):
+    with open_client(args) as client:
+        stat = client.restore(args.name, args.version_number)
+    _print_result(args, stat, f"restored {stat['name']} as version {stat['version']} "
+                              f"({_human(stat['size'])})")
+
+
+def _into(src: str, dst: str) -> str:
+    """``dst``, or ``dst/<base name of src>`` when ``dst`` ends in '/' (a folder)."""
+    return dst + src.rsplit("/", 1)[-1] if dst.endswith("/") else dst
+
+
+def cmd_mv(args):
+    with open_client(args) as client:
+        stat = client.mv(args.src, _into(args.src, args.dst))
+    _print_result(args, stat, f"moved {args.src} to {stat['name']}")
+
+
+def cmd_cp(args):
+    with open_client(args) as client:
+        stat = client.cp(args.src, _into(args.src, args.dst))
+    _print_result(args, stat, f"copied {args.src} to {stat['name']} ({_human(stat['size'])}, "
+                              f"no data moved)")
+
+
+def _print_result(args, result, text: str):
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        _say(args, text)
 
 
 def cmd_gc(args):
@@ -236,8 +338,20 @@ def cmd_stat(args):
 
 def cmd_rm(args):
     with open_client(args) as client:
-        old = client.rm(args.name)
-    _say(args, f"removed {old['name']}")
+        if not args.recursive:
+            old = client.rm(args.name)
+            _print_result(args, old, f"removed {old['name']}")
+            return
+        prefix = args.name.strip("/") + "/"
+        if prefix == "/":
+            raise FmsError("rm -r needs a prefix, such as: rm -r photos/")
+        removed = 0
+        for page in client.rm_prefix(prefix):
+            removed += len(page)
+    if not removed:
+        raise NotFound(f"not found: no files under {prefix!r}; list names with: ls")
+    _print_result(args, {"prefix": prefix, "removed": removed},
+                  f"removed {removed:,} files under {prefix}")
 
 
 def cmd_stats(args):

@@ -129,14 +129,15 @@ def cmd_storage(args):
     setup_logging(args.log_level)
     if args.data == os.path.join(DEFAULT_DATA, "storage"):
         os.makedirs(DEFAULT_DATA, exist_ok=True)  # the default just works; a given path must exist
-    store = open_store(args.data, args.meta, args.chunks)
+    store = open_store(args.data, args.meta, args.chunks, args.keep_versions)
     if args.print_store_id:
         print(store.store_id)
         store.close()
         return EXIT_OK
     store.chunks.clean_tmp()
     service = StorageService(store, None, gc_grace=args.gc_grace,
-                             maintenance_store=open_store(args.data, args.meta, args.chunks))
+                             maintenance_store=open_store(args.data, args.meta, args.chunks,
+                                                          args.keep_versions))
     try:
         return _run_worker(args, service, {"svc": p.STORAGE, "wid": _worker_id(args, "storage"),
                                            "store": store.store_id}, "fms.storage")

@@ -9,7 +9,7 @@ Each command parses its arguments, builds the object, runs it and sets the exit 
 import sys
 
 from ..errors import FmsError
-from . import commands, daemons, up
+from . import commands, daemons, sync, up
 from .commands import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK
 from .parser import build_parser, command_parser
 
@@ -60,7 +60,9 @@ def _shell(parser, args) -> int:
 def _dispatch(args, parser) -> int:
     handlers = {"put": commands.cmd_put, "get": commands.cmd_get, "ls": commands.cmd_ls,
                 "stat": commands.cmd_stat, "rm": commands.cmd_rm, "stats": commands.cmd_stats,
-                "gc": commands.cmd_gc, "fsck": commands.cmd_fsck, "keygen": commands.cmd_keygen,
+                "mv": commands.cmd_mv, "cp": commands.cmd_cp, "du": commands.cmd_du,
+                "find": commands.cmd_find, "versions": commands.cmd_versions,
+                "restore": commands.cmd_restore, "sync": sync.cmd_sync, "gc": commands.cmd_gc, "fsck": commands.cmd_fsck, "keygen": commands.cmd_keygen,
                 "broker": daemons.cmd_broker, "storage": daemons.cmd_storage,
                 "cache": daemons.cmd_cache, "up": up.cmd_up}
     try:

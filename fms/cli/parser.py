@@ -45,14 +45,18 @@ def build_parser(prog: str = "fms", client_only: bool = False) -> argparse.Argum
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     parser.commands = sub.choices     # name -> its subparser (see command_parser)
 
-    cmd = _sub(sub, "put", "upload a file, or a folder tree with -r", common,
+    cmd = _sub(sub, "put", "upload a file, several into a folder, or a folder tree with -r",
+               common,
                f"{prog} put photo.jpg            # stored as 'photo.jpg'\n"
                f"{prog} put photo.jpg trips/1.jpg\n"
+               f"{prog} put a.jpg b.jpg trips/   # trips/a.jpg, trips/b.jpg (as cp does)\n"
                f"{prog} put -r ./album trips      # trips/<every file under ./album>")
-    cmd.add_argument("-r", "--recursive", action="store_true", help="upload a folder tree")
-    cmd.add_argument("local", metavar="LOCAL", help="local file (or folder with -r)")
-    cmd.add_argument("name", metavar="NAME", nargs="?",
-                     help="name to store under (default: the base name); with -r, a prefix")
+    cmd.add_argument("-r", "--recursive", action="store_true", help="upload folder trees")
+    cmd.add_argument("local", metavar="LOCAL", nargs="+",
+                     help="local file(s) (or folders with -r), then optionally the NAME to store "
+                          "under (default: the base name); with -r, a prefix; a NAME ending in "
+                          "'/', or several LOCALs, is a folder they go into")
+    _json_arg(cmd)
 
     cmd = _sub(sub, "get", "download a file, or every file under a prefix with -r", common,
                f"{prog} get trips/1.jpg             # to ./1.jpg\n"
@@ -66,21 +70,89 @@ def build_parser(prog: str = "fms", client_only: bool = False) -> argparse.Argum
     cmd.add_argument("--fsync", action="store_true",
                      help="flush downloads to disk before renaming them into place (survives a "
                           "power loss; slower)")
+    cmd.add_argument("--version", type=int, metavar="V", dest="version_number",
+                     help="read version V, current or retained (see: versions NAME)")
     cmd.add_argument("name", metavar="NAME", help="stored name (a prefix with -r)")
     cmd.add_argument("dest", metavar="DEST", nargs="?",
                      help="destination file or folder, '-' for stdout (default: ./<base name>)")
+    _json_arg(cmd)
 
-    cmd = _sub(sub, "ls", "list stored names", common, f"{prog} ls\n{prog} ls trips/ --json")
-    cmd.add_argument("prefix", metavar="PREFIX", nargs="?", default="", help="only names starting so")
-    cmd.add_argument("--json", action="store_true", help="print a JSON list of objects")
+    cmd = _sub(sub, "ls", "list one level under a prefix (folders collapsed), or every name with -r",
+               common, f"{prog} ls                 # top level: files and folders/\n"
+               f"{prog} ls trips/ -lh\n{prog} ls -r trips/ --json", add_help=False)
+    cmd.add_argument("prefix", metavar="PREFIX", nargs="?", default="",
+                     help="only names starting so (a folder: end it with '/')")
+    cmd.add_argument("-r", "--recursive", action="store_true",
+                     help="every name under PREFIX, not one level")
+    cmd.add_argument("-l", "--long", action="store_true", help="also version and sha256")
+    cmd.add_argument("-h", "--human", dest="human", action="store_true",
+                     help="sizes as 1.5 MiB")
+    _json_arg(cmd, "print a JSON list of objects (folders as {name, folder: true})")
 
     cmd = _sub(sub, "stat", "show a stored file's size, sha256, mtime, version", common,
                f"{prog} stat trips/1.jpg --json")
     cmd.add_argument("name", metavar="NAME")
     cmd.add_argument("--json", action="store_true", help="print a JSON object")
 
-    cmd = _sub(sub, "rm", "remove a stored name", common, f"{prog} rm trips/1.jpg")
+    cmd = _sub(sub, "rm", "remove a stored name, or every name under a prefix with -r", common,
+               f"{prog} rm trips/1.jpg\n{prog} rm -r trips/       # one request per 1000 names")
+    cmd.add_argument("-r", "--recursive", action="store_true",
+                     help="remove every name under the prefix NAME/")
     cmd.add_argument("name", metavar="NAME")
+    _json_arg(cmd)
+
+    for name, summary, example in (
+            ("mv", "rename a stored file (atomic, no data moves)",
+             f"{prog} mv draft.txt final.txt\n{prog} mv a.txt docs/     # docs/a.txt"),
+            ("cp", "copy a stored file on the server (metadata only: instant at any size)",
+             f"{prog} cp big.iso backup/big.iso")):
+        cmd = _sub(sub, name, summary, common, example)
+        cmd.add_argument("src", metavar="SRC")
+        cmd.add_argument("dst", metavar="DST", help=f"new name; ending in '/': a folder to {name} "
+                                                    f"into")
+        _json_arg(cmd)
+
+    cmd = _sub(sub, "versions", "list a name's current and retained versions", common,
+               f"{prog} versions notes.txt\n{prog} versions notes.txt --json")
+    cmd.add_argument("name", metavar="NAME")
+    _json_arg(cmd)
+
+    cmd = _sub(sub, "restore", "make a retained version current again (also after rm)", common,
+               f"{prog} restore notes.txt             # the newest retained version\n"
+               f"{prog} restore notes.txt --version 3")
+    cmd.add_argument("name", metavar="NAME")
+    cmd.add_argument("--version", type=int, metavar="V", dest="version_number",
+                     help="which version (see: versions NAME); default the newest retained")
+    _json_arg(cmd)
+
+    cmd = _sub(sub, "du", "count the files and bytes under a prefix (from the store's index)",
+               common, f"{prog} du\n{prog} du trips/ --json")
+    cmd.add_argument("prefix", metavar="PREFIX", nargs="?", default="")
+    _json_arg(cmd)
+
+    cmd = _sub(sub, "find", "list names under a prefix matching a pattern or newer than a time",
+               common, f"{prog} find trips/ --name '*.jpg'\n"
+               f"{prog} find '' --newer 2d       # changed in the last two days\n"
+               f"{prog} find logs/ --newer 2026-11-01 --json")
+    cmd.add_argument("prefix", metavar="PREFIX", help="where to look ('' for everywhere)")
+    cmd.add_argument("--name", metavar="GLOB",
+                     help="the last part of the name matches this shell pattern (* ? [..])")
+    cmd.add_argument("--newer", metavar="WHEN", type=parse_when,
+                     help="mtime after WHEN: a date (2026-11-01, 2026-11-01T08:30) or an age "
+                          "(90s, 30m, 12h, 7d)")
+    _json_arg(cmd)
+
+    cmd = _sub(sub, "sync", "make DST hold what SRC holds, sending only files that differ",
+               common, f"{prog} sync ./photos fms:photos/           # upload\n"
+               f"{prog} sync fms:photos/ ./restore          # download\n"
+               f"{prog} sync ./photos fms:photos/ --delete --dry-run")
+    cmd.add_argument("src", metavar="SRC", help="a local folder, or fms:PREFIX")
+    cmd.add_argument("dst", metavar="DST", help="fms:PREFIX, or a local folder")
+    cmd.add_argument("--delete", action="store_true",
+                     help="also remove from DST what SRC does not hold (a mirror)")
+    cmd.add_argument("--dry-run", "-n", action="store_true",
+                     help="print what would be done, do nothing")
+    _json_arg(cmd)
 
     cmd = _sub(sub, "stats", "show the live workers and the cache's counters", common,
                f"{prog} stats --json")
@@ -110,6 +182,30 @@ def build_parser(prog: str = "fms", client_only: bool = False) -> argparse.Argum
     return parser
 
 
+def _json_arg(cmd, text: str = "print the result as JSON"):
+    cmd.add_argument("--json", action="store_true", help=text)
+
+
+_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+
+
+def parse_when(text: str) -> float:
+    """``--newer``: an ISO date or date and time (local time), or an age such as ``7d``, as
+    seconds since the epoch."""
+    import time
+    from datetime import datetime
+    match = _AGE.match(text)
+    if match:
+        scale = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}[match.group(2)]
+        return time.time() - float(match.group(1)) * scale
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a date (2026-11-01, 2026-11-01T08:30) nor an age (30m, 12h, "
+            f"7d)") from None
+
+
 def _client_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: an option given before the command is not reset by the subcommand's default.
@@ -130,10 +226,13 @@ def _client_options() -> argparse.ArgumentParser:
     return common
 
 
-def _sub(sub, name: str, summary: str, parent, examples: str, parents=True):
-    return sub.add_parser(name, help=summary, description=summary, formatter_class=_Formatter,
-                          parents=[parent] if parents else [],
-                          epilog="examples:\n  " + examples.replace("\n", "\n  "))
+def _sub(sub, name: str, summary: str, parent, examples: str, parents=True, add_help=True):
+    cmd = sub.add_parser(name, help=summary, description=summary, formatter_class=_Formatter,
+                         parents=[parent] if parents else [], add_help=add_help,
+                         epilog="examples:\n  " + examples.replace("\n", "\n  "))
+    if not add_help:    # -h means something else here (ls -h: human sizes, as ls(1))
+        cmd.add_argument("--help", action="help", help="show this help message and exit")
+    return cmd
 
 
 def command_parser(parser: argparse.ArgumentParser, command: str, prog: str):
@@ -177,6 +276,7 @@ def _daemon_parsers(sub):
                      help="allow non-loopback endpoints without CURVE")
     _backend_args(cmd)
     _gc_grace_arg(cmd)
+    _keep_versions_arg(cmd)
     _log_arg(cmd)
 
 
@@ -226,6 +326,7 @@ def _storage_args(cmd):
                           "scratch only, with both --meta and --chunks")
     _backend_args(cmd)
     _gc_grace_arg(cmd)
+    _keep_versions_arg(cmd)
     cmd.add_argument("--print-store-id", action="store_true",
                      help="print the store's id (for the broker's --store) and exit")
 
@@ -238,6 +339,19 @@ def _backend_args(cmd):
                      help="chunk store: s3://BUCKET[/PREFIX], configured by AWS_ENDPOINT_URL, "
                           "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION (default: the "
                           "data directory)")
+
+
+def _keep_versions_arg(cmd):
+    cmd.add_argument("--keep-versions", type=_count, default=0, metavar="N",
+                     help="keep the N newest versions an overwrite or rm replaces, per name, "
+                          "for `versions`, `get --version` and `restore` (%(default)s: none); "
+                          "their chunks stay until they drop out")
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (0 or more)")
+    return int(text)
 
 
 def _gc_grace_arg(cmd):

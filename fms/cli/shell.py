@@ -18,7 +18,8 @@ from ..errors import FmsError
 HISTORY_FILE = os.path.expanduser("~/.fms_history")
 HISTORY_LENGTH = 1000
 COMPLETION_TTL = 5.0     # seconds a listing is reused for completion
-COMMANDS = ("put", "get", "ls", "stat", "rm", "stats", "gc", "fsck")
+COMMANDS = ("put", "get", "ls", "stat", "rm", "mv", "cp", "du", "find", "sync", "versions",
+            "restore", "stats", "gc", "fsck")
 
 
 class Shell(cmd.Cmd):
@@ -54,7 +55,7 @@ class Shell(cmd.Cmd):
         self._names = (0.0, "", [])  # the store may have changed
 
     def do_put(self, line):
-        """put LOCAL [NAME] | put -r DIR [PREFIX]: upload a file or a folder tree."""
+        """put LOCAL [NAME] | put LOCAL... FOLDER/ | put -r DIR [PREFIX]: upload."""
         self._command("put", line)
 
     def do_get(self, line):
@@ -62,7 +63,7 @@ class Shell(cmd.Cmd):
         self._command("get", line)
 
     def do_ls(self, line):
-        """ls [PREFIX] [--json]: list names."""
+        """ls [PREFIX] [-r] [-l] [-h] [--json]: one level (folders collapsed), or all with -r."""
         self._command("ls", line)
 
     def do_stat(self, line):
@@ -70,8 +71,45 @@ class Shell(cmd.Cmd):
         self._command("stat", line)
 
     def do_rm(self, line):
-        """rm NAME: remove a name."""
+        """rm NAME | rm -r PREFIX: remove a name, or every name under a prefix (asks first)."""
+        words = line.split()
+        if {"-r", "--recursive"} & set(words):
+            prefix = next((w for w in words if not w.startswith("-")), "")
+            self.stdout.write(f"remove every name under {prefix.strip('/')}/? [y/N] ")
+            self.stdout.flush()
+            answer = self.stdin.readline() if not self.use_rawinput else input()
+            if answer.strip().lower() not in ("y", "yes"):
+                self._print("nothing removed")
+                return
         self._command("rm", line)
+
+    def do_mv(self, line):
+        """mv SRC DST: rename a stored file (atomic, no data moves)."""
+        self._command("mv", line)
+
+    def do_cp(self, line):
+        """cp SRC DST: copy a stored file on the server (no data moves)."""
+        self._command("cp", line)
+
+    def do_versions(self, line):
+        """versions NAME [--json]: current and retained versions."""
+        self._command("versions", line)
+
+    def do_restore(self, line):
+        """restore NAME [--version V]: make a retained version current again."""
+        self._command("restore", line)
+
+    def do_du(self, line):
+        """du [PREFIX] [--json]: files and bytes under a prefix."""
+        self._command("du", line)
+
+    def do_find(self, line):
+        """find PREFIX [--name GLOB] [--newer WHEN] [--json]: matching names."""
+        self._command("find", line)
+
+    def do_sync(self, line):
+        """sync SRC DST [--delete] [--dry-run]: ./folder <-> fms:PREFIX, sending what differs."""
+        self._command("sync", line)
 
     def do_stats(self, line):
         """stats [--json]: workers and cache counters."""
@@ -134,7 +172,13 @@ class Shell(cmd.Cmd):
     def complete_get(self, text, line, begidx, endidx):
         return self._remote(text) if _arg_index(line, begidx) == 1 else _local(text)
 
-    complete_stat = complete_rm = complete_ls = complete_get
+    complete_stat = complete_rm = complete_ls = complete_du = complete_find = complete_get
+    complete_versions = complete_restore = complete_get
+
+    def complete_mv(self, text, line, begidx, endidx):
+        return self._remote(text)
+
+    complete_cp = complete_mv
 
     def complete_put(self, text, line, begidx, endidx):
         return _local(text) if _arg_index(line, begidx) == 1 else self._remote(text)

@@ -44,7 +44,8 @@ def cmd_up(args):
         specs.append((f"storage-{i + 1}", py + ["storage", "--broker", args.backend, "--data",
                                                 os.path.join(args.data, "storage"),
                                                 "--id", f"storage-{i + 1}",
-                                                "--gc-grace", str(args.gc_grace)]
+                                                "--gc-grace", str(args.gc_grace),
+                                                "--keep-versions", str(args.keep_versions)]
                       + (["--meta", args.meta] if args.meta else [])
                       + (["--chunks", args.chunks] if args.chunks else [])
                       + workers + log))

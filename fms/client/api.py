@@ -116,10 +116,78 @@ class Client:
                 return
             after = header["entries"][-1]["name"]
 
+    def iter_folder(self, prefix: str = "", page: int | None = None):
+        """One level under ``prefix`` (``aws s3 ls`` without ``--recursive``): yields the
+        stats of the files directly in it and ``{"name": FOLDER/, "folder": True}`` for each
+        sub-folder, in name order, a page at a time."""
+        p.check_prefix(prefix)
+        after = ""
+        fields = {} if page is None else {"limit": page}
+        while True:
+            header, _ = self.call("ls", prefix=prefix, after=after, folders=True, **fields)
+            items = [_public(e) for e in header["entries"]]
+            items += [{"name": f, "folder": True} for f in header["folders"]]
+            yield from sorted(items, key=lambda item: item["name"])
+            if header.get("next") is None:
+                return
+            after = header["next"]
+
     def rm(self, name: str) -> dict:
         """Remove a name.  :raises NotFound: no such name."""
         header, _ = self.call("rm", name=p.check_name(name), commit=os.urandom(16).hex())
         return _public(header["stat"])
+
+    def rm_prefix(self, prefix: str):
+        """Remove every name under ``prefix`` (non-empty), a page per request (one transaction
+        each).  :return: yields the names removed, page by page (lists)."""
+        while True:
+            header, _ = self.call("rm_prefix", prefix=p.check_prefix(prefix))
+            yield header["removed"]
+            if not header.get("more"):
+                return
+
+    def versions(self, name: str) -> list:
+        """The current version of ``name`` (if any) and the retained ones (storage workers
+        started with ``--keep-versions N``), newest first: stats with ``current`` (bool).
+
+        :raises NotFound: no such name and no retained version.
+        """
+        header, _ = self.call("versions", name=p.check_name(name))
+        return [_public(v) for v in header["versions"]]
+
+    def restore(self, name: str, version: int | None = None) -> dict:
+        """Make a retained version of ``name`` (default the newest) current again, as a new
+        version; also after ``rm``.  :return: the new stat.  :raises NotFound: no such
+        retained version."""
+        fields = {} if version is None else {"version": version}
+        header, _ = self.call("restore", name=p.check_name(name), commit=os.urandom(16).hex(),
+                              **fields)
+        return _public(header["stat"])
+
+    def mv(self, src: str, dst: str) -> dict:
+        """Rename ``src`` to ``dst`` (replacing it) in one transaction, moving no data.
+
+        :return: ``dst``'s stat.  :raises NotFound: no ``src``.
+        """
+        return self._copy("mv", src, dst)
+
+    def cp(self, src: str, dst: str) -> dict:
+        """Copy ``src`` to ``dst`` on the server: metadata only, the chunks are shared.
+
+        :return: ``dst``'s stat.  :raises NotFound: no ``src``.
+        """
+        return self._copy("cp", src, dst)
+
+    def _copy(self, op: str, src: str, dst: str) -> dict:
+        header, _ = self.call(op, src=p.check_name(src), name=p.check_name(dst),
+                              commit=os.urandom(16).hex())
+        return _public(header["stat"])
+
+    def du(self, prefix: str = "") -> dict:
+        """``files`` and ``bytes`` (the sum of their sizes) under ``prefix``, counted by the
+        store's index."""
+        header, _ = self.call("du", prefix=p.check_prefix(prefix))
+        return header["du"]
 
     def status(self) -> dict:
         """The broker's view: its endpoints and the live workers."""
@@ -198,15 +266,17 @@ class Client:
 
     # --- download ---
 
-    def get(self, name: str, dest: str) -> dict:
+    def get(self, name: str, dest: str, version: int | None = None) -> dict:
         """Download ``name`` to the file ``dest`` (replaced atomically when complete), or as
         ``cp`` would into a device or a FIFO, or through a symlink to its target.
 
         :return: the file's stat.
         :raises NotFound: no such name.
+        :param version: a version number (current or retained: :meth:`versions`); default the
+            current one.
         :raises IntegrityError: the content did not match its sha256 (nothing is written).
         """
-        return self._get_one(p.check_name(name), dest)
+        return self._get_one(p.check_name(name), dest, version=version)
 
     def get_many(self, items) -> list:
         """Download many ``(name, dest path)`` pairs: manifests and the content of small files
@@ -245,17 +315,18 @@ class Client:
             results[i] = self._get_one(*items[i], manifest)
         return results
 
-    def _get_one(self, name: str, dest: str, manifest: dict | None = None) -> dict:
+    def _get_one(self, name: str, dest: str, manifest: dict | None = None,
+                 version: int | None = None) -> dict:
         """Download one file; ``manifest``: already known (only a small file's content, which
         comes with a ``get``, is then asked for).  A destination that is not a regular file is
         written into, never replaced (:func:`download.destination`)."""
         dest, in_place = download.destination(dest)
         if in_place:
             with download.in_place(dest) as out:
-                return self.get_to(name, out)
+                return self.get_to(name, out, version)
         frame, via = None, self._get_fields()     # a batch's large file: untagged
         if manifest is None or p.travels_inline(manifest["size"], len(manifest["chunks"])):
-            manifest, frame, via = self._manifest(name)
+            manifest, frame, via = self._manifest(name, version)
         if frame is not None:
             manifest, data = download.fetch_whole(self.session, name, manifest,
                                                   p.unpack_data(frame.buffer))
@@ -278,9 +349,12 @@ class Client:
             return {"fresh": True}
         return {"of": header["id"]}
 
-    def _manifest(self, name: str):
-        """``get`` a manifest.  :return: (manifest, inline content frame or None, the fields of
-        its chunk requests)."""
+    def _manifest(self, name: str, version: int | None = None):
+        """``get`` a manifest (``version``: that version's, from storage).  :return: (manifest,
+        inline content frame or None, the fields of its chunk requests)."""
+        if version is not None:
+            header, frame = self.call("get_version", name=p.check_name(name), version=version)
+            return p.check_manifest(header.get("manifest")), frame, {"fresh": True}
         header, frame = self.call("get", name=p.check_name(name), **self._get_fields())
         return p.check_manifest(header.get("manifest")), frame, self._chunk_fields(header)
 
@@ -295,10 +369,10 @@ class Client:
                                  via)
         return b"".join(parts)
 
-    def get_to(self, name: str, stream) -> dict:
-        """Write the content of ``name`` to a binary stream (e.g. stdout), verified chunk by
-        chunk before it is written (:raises IntegrityError:)."""
-        manifest, frame, via = self._manifest(name)
+    def get_to(self, name: str, stream, version: int | None = None) -> dict:
+        """Write the content of ``name`` (``version``: that one) to a binary stream (e.g.
+        stdout), verified chunk by chunk before it is written (:raises IntegrityError:)."""
+        manifest, frame, via = self._manifest(name, version)
         if frame is not None:
             manifest, data = download.fetch_whole(self.session, name, manifest,
                                                   p.unpack_data(frame.buffer))

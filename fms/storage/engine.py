@@ -11,15 +11,17 @@ import hashlib
 import logging
 import os
 import time
+import uuid
 
 from .. import wire as p
 from ..errors import BadRequest, FmsError, IntegrityError, MissingChunks, NoSpace, NotFound
 from .chunks.base import ChunkBackend
 from .chunks.localdir import LocalDirChunks
 from .meta.base import MetaEngine
-from .model import NewVersion, Removal, Version
+from .model import Copy, NewVersion, Removal, Restore, Version
 
 SMALL_CHUNK_MAX = 64 * p.KiB   # chunks up to this size live in the metadata engine
+FOLDER_END = "\U0010ffff"      # after a folder's name: sorts after every name inside it
 META_FILE = "meta.db"
 
 log = logging.getLogger("fms.storage")
@@ -33,9 +35,10 @@ class Store:
     """A store: a :class:`MetaEngine` for names and references, a :class:`ChunkBackend` for
     the bytes of chunks over :data:`SMALL_CHUNK_MAX`."""
 
-    def __init__(self, meta: MetaEngine, chunks: ChunkBackend):
+    def __init__(self, meta: MetaEngine, chunks: ChunkBackend, keep_versions: int = 0):
         self.meta = meta
         self.chunks = chunks
+        meta.keep_versions = keep_versions
 
     @property
     def store_id(self) -> str:
@@ -56,8 +59,60 @@ class Store:
     def list(self, prefix: str, after: str, limit: int) -> list:
         return self.meta.list(prefix, after, limit)
 
+    def versions(self, name: str) -> list:
+        """The current version of ``name`` (if it is live) and its retained ones, newest first.
+
+        :raises NotFound: neither.
+        """
+        found = ([current] if (current := self.meta.get(name)) else []) + self.meta.retained(name)
+        if not found:
+            raise NotFound(f"{name!r} not found, and no version of it is retained; see what is "
+                           f"stored with: ls")
+        return found
+
+    def retained_version(self, name: str, version: int) -> Version:
+        """Version ``version`` of ``name``, current or retained.  :raises NotFound:"""
+        for found in self.versions(name):
+            if found.version == version:
+                return found
+        raise NotFound(f"{name!r} has no version {version}; list them with: versions {name}")
+
     def totals(self):
         return self.meta.totals()
+
+    def usage(self, prefix: str) -> tuple:
+        """``(files, bytes)`` under ``prefix``: the totals for the whole store, else counted in
+        the name index."""
+        if not prefix:
+            totals = self.meta.totals()
+            return totals.files, totals.bytes
+        return self.meta.usage(prefix)
+
+    def list_folder(self, prefix: str, after: str, limit: int) -> tuple:
+        """One level under ``prefix``, like ``aws s3 ls``: the files directly in it and its
+        sub-folders (``prefix`` + up to the next ``/``), each folder once, in name order; a
+        folder is skipped over in the index, not read name by name.
+
+        :return: ``(entries, folders, next)``: up to ``limit`` items in all; ``next`` is the
+            cursor to send as ``after`` for the next page, None when done.
+        """
+        entries, folders = [], []
+        while len(entries) + len(folders) < limit:
+            page = self.meta.list(prefix, after, limit - len(entries) - len(folders))
+            if not page:
+                return entries, folders, None
+            for version in page:
+                slash = version.name.find("/", len(prefix))
+                if slash < 0:
+                    entries.append(version)
+                    after = version.name
+                    continue
+                folder = version.name[:slash + 1]
+                if not folders or folders[-1] != folder:
+                    folders.append(folder)
+                after = folder + FOLDER_END     # past every name in the folder
+                break
+        return entries, folders, after
 
     def read_chunk(self, digest: bytes):
         """A chunk as a data frame, verified against its digest.
@@ -110,6 +165,34 @@ class Store:
     def remove(self, name: str, rm_id: str) -> Version:
         """Remove a name (idempotent by ``rm_id``).  :return: its tombstone."""
         return _raise_or(self.apply([(Removal(name, rm_id), None)])[0])
+
+    def copy(self, src: str, dst: str, commit: str, move: bool = False) -> Version:
+        """Give ``dst`` the content of ``src`` (metadata only; idempotent by ``commit``); with
+        ``move``, remove ``src`` in the same transaction.  :return: ``dst``'s new version."""
+        return _raise_or(self.apply([(Copy(src, dst, commit, move), None)])[0])
+
+    def restore(self, name: str, version: int | None, commit: str) -> Version:
+        """Make a retained version current again (None: the newest); see :class:`Restore`."""
+        return _raise_or(self.apply([(Restore(name, version, commit), None)])[0])
+
+    def remove_prefix(self, prefix: str, limit: int, name_bytes: int) -> tuple:
+        """Remove up to ``limit`` names starting with ``prefix``, whose names add up to at most
+        ``name_bytes`` (in UTF-8: the list the broker is told to invalidate), in one
+        transaction.
+
+        :return: ``(tombstones, more)``: more names remain under ``prefix``.
+        """
+        page = self.meta.list(prefix, "", limit + 1)
+        take, total = [], 0
+        for version in page[:limit]:
+            total += len(version.name.encode())
+            if take and total > name_bytes:
+                break
+            take.append(version)
+        changes = [Removal(v.name, uuid.uuid4().hex) for v in take]
+        results = self.meta.apply(changes, time.time(), {}) if changes else []
+        # A name removed by someone else meanwhile is not an error of this request.
+        return [r for r in results if isinstance(r, Version)], len(page) > len(take)
 
     def apply(self, requests, progress=lambda: None) -> list:
         """Apply ``(change, inline bytes or None)`` pairs: each commit is checked against the
@@ -261,12 +344,13 @@ def _optional(extra: str, package: str, load):
                          f"pip install 'fms[{extra}]'") from None
 
 
-def open_local(path: str) -> Store:
+def open_local(path: str, keep_versions: int = 0) -> Store:
     """The store in data directory ``path``: ``meta.db`` (SQLite) and ``chunks/``."""
-    return open_store(path)
+    return open_store(path, keep_versions=keep_versions)
 
 
-def open_store(data: str, meta: str | None = None, chunks: str | None = None) -> Store:
+def open_store(data: str, meta: str | None = None, chunks: str | None = None,
+               keep_versions: int = 0) -> Store:
     """Open a store.
 
     :param data: the data directory: the whole store by default (``meta.db`` and ``chunks/``; a
@@ -274,6 +358,7 @@ def open_store(data: str, meta: str | None = None, chunks: str | None = None) ->
         both ``meta`` and ``chunks`` point elsewhere.
     :param meta: None for SQLite in ``data``, or ``postgresql://USER@HOST:PORT/DB``.
     :param chunks: None for ``data/chunks``, or ``s3://BUCKET/PREFIX``.
+    :param keep_versions: versions an overwrite or removal replaces kept per name (0: none).
     :raises StoreError: it cannot be used, with what to do about it.
     """
     data = os.path.abspath(data)
@@ -308,7 +393,7 @@ def open_store(data: str, meta: str | None = None, chunks: str | None = None) ->
     except OSError as exc:
         raise StoreError(f"cannot use data directory {data}: {exc.strerror}; "
                          f"check that it exists and is writable") from None
-    return Store(engine, backend)
+    return Store(engine, backend, keep_versions)
 
 
 def _tie(engine, backend, chunks_where: str, meta_where: str):

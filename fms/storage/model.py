@@ -2,7 +2,13 @@
 
 A *version* is what a name points at: its size, whole-file sha256, chunk size, chunk digests,
 mtime, version number and the id of the commit that made it.  A *change* asks the metadata
-engine to make a new version (:class:`NewVersion`) or remove a name (:class:`Removal`).
+engine to make a new version (:class:`NewVersion`), remove a name (:class:`Removal`), give a
+name another name's content (:class:`Copy`: metadata only, the chunks gain a reference; with
+``move``, the source is removed in the same transaction), or make a retained version current
+again (:class:`Restore`).  Every change has ``names``: the names it changes.
+
+With versions kept (``--keep-versions N``), a version that an overwrite or a removal replaces is
+*retained*: it keeps its chunks' references, and ``N`` of them per name are kept, the newest.
 """
 
 from dataclasses import dataclass
@@ -50,12 +56,46 @@ class NewVersion:
     mtime: float
     commit: str
 
+    @property
+    def names(self) -> tuple:
+        return (self.name,)
+
 
 @dataclass(frozen=True, slots=True)
 class Removal:
     """An rm: remove ``name``."""
     name: str
     commit: str
+
+    @property
+    def names(self) -> tuple:
+        return (self.name,)
+
+
+@dataclass(frozen=True, slots=True)
+class Copy:
+    """A cp (or with ``move`` an mv): make ``name`` point at the live content of ``src``."""
+    src: str
+    name: str
+    commit: str
+    move: bool = False
+
+    @property
+    def names(self) -> tuple:
+        return (self.src, self.name) if self.move else (self.name,)
+
+
+@dataclass(frozen=True, slots=True)
+class Restore:
+    """Make retained version ``version`` of ``name`` (None: the newest retained one) current
+    again, as a new version; also after the name was removed."""
+    name: str
+    version: int | None
+    commit: str
+
+    @property
+    def names(self) -> tuple:
+        return (self.name,)
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,11 +25,13 @@ from .. import wire as p
 from ..errors import BadRequest, FmsError, RemoteError, TooLarge, Unavailable
 from . import gc
 from .engine import Store, os_failure
-from .model import NewVersion, Removal
+from .model import Copy, NewVersion, Removal, Restore
 
 CLEAN_INTERVAL = 60.0     # seconds between sweeps of temp files left by dead writers
 GC_INTERVAL = 300.0       # seconds between background collections
-CHANGE_OPS = ("commit", "rm")   # group committed; applied even past their deadline (idempotent)
+CHANGE_OPS = ("commit", "rm", "mv", "cp", "restore")   # group committed; applied even past their deadline
+RM_PAGE = 1000            # names an `rm_prefix` removes per request (one transaction)
+RM_PAGE_NAME_BYTES = 32 * p.KiB   # ... whose names add up to at most this: the broker's `inv`
 HEARTBEAT_EVERY = 0.5     # seconds: a long commit check keeps the worker's heartbeat going
 
 log = logging.getLogger("fms.storage")
@@ -62,6 +64,9 @@ class StorageService:
             "commit_many": self.op_commit_many, "ls": self.op_ls,
             "stat": self.op_stat, "rm": self.op_rm, "usage": self.op_usage,
             "gc": self.op_gc, "fsck": self.op_fsck, "cache_stats": self.op_cache_stats,
+            "mv": self.op_mv, "cp": self.op_cp, "rm_prefix": self.op_rm_prefix,
+            "du": self.op_du, "versions": self.op_versions, "get_version": self.op_get_version,
+            "restore": self.op_restore,
         }
 
     def handle_request(self, route: dict, header: dict, data):
@@ -118,6 +123,21 @@ class StorageService:
             frame = self.store.read_chunk(version.chunks[0])
         self.link.reply(route, p.ok_reply(header["id"], manifest=version.manifest()), frame)
 
+    def op_get_version(self, route, header, data):
+        """A retained (or the current) version's manifest, as ``get`` answers it."""
+        version = self.store.retained_version(p.check_name(p.need(header, "name", str)),
+                                               p.need_int(header, "version", lo=1))
+        frame = None
+        if p.travels_inline(version.size, len(version.chunks)):
+            frame = self.store.read_chunk(version.chunks[0])
+        self.link.reply(route, p.ok_reply(header["id"], manifest=version.manifest()), frame)
+
+    def op_versions(self, route, header, data):
+        found = self.store.versions(p.check_name(p.need(header, "name", str)))
+        current = found[0].version if self.store.meta.get(found[0].name) else None
+        self.link.reply(route, p.ok_reply(header["id"], versions=[
+            {**v.summary(), "current": v.version == current} for v in found]))
+
     def op_get_many(self, route, header, data):
         """Many names in one message (fms.wire.batch): what the cache asks for its misses."""
         batch = p.BatchReply()
@@ -146,9 +166,20 @@ class StorageService:
         after = p.need(header, "after", str, optional=True, default="")
         limit = p.need_int(header, "limit", lo=1, hi=p.LS_PAGE_MAX, optional=True,
                            default=p.LS_PAGE_DEFAULT)
+        if p.need(header, "folders", bool, optional=True, default=False):
+            entries, folders, cursor = self.store.list_folder(prefix, after, limit)
+            self.link.reply(route, p.ok_reply(header["id"], entries=[v.summary() for v in entries],
+                                              folders=folders, next=cursor,
+                                              more=cursor is not None))
+            return
         page = self.store.list(prefix, after, limit + 1)
         self.link.reply(route, p.ok_reply(header["id"], entries=[v.summary() for v in page[:limit]],
                                           more=len(page) > limit))
+
+    def op_du(self, route, header, data):
+        prefix = p.check_prefix(p.need(header, "prefix", str, optional=True, default=""))
+        files, nbytes = self.store.usage(prefix)
+        self.link.reply(route, p.ok_reply(header["id"], du={"files": files, "bytes": nbytes}))
 
     def op_cache_stats(self, route, header, data):
         """Storage gets the cache's ops when no cache worker is connected: no cache, no counters."""
@@ -233,6 +264,38 @@ class StorageService:
         change = Removal(p.check_name(p.need(header, "name", str)), _commit_id(header, optional=True))
         self._pending.append((route, header, change, None))
 
+    def op_mv(self, route, header, data):
+        self._pending.append((route, header, self._copy(header, move=True), None))
+
+    def op_cp(self, route, header, data):
+        self._pending.append((route, header, self._copy(header, move=False), None))
+
+    @staticmethod
+    def _copy(header, move: bool) -> Copy:
+        return Copy(p.check_name(p.need(header, "src", str)),
+                    p.check_name(p.need(header, "name", str)), _commit_id(header), move)
+
+    def op_restore(self, route, header, data):
+        change = Restore(p.check_name(p.need(header, "name", str)),
+                         p.need_int(header, "version", lo=1, optional=True, default=None),
+                         _commit_id(header))
+        self._pending.append((route, header, change, None))
+
+    def op_rm_prefix(self, route, header, data):
+        """A page of the names under ``prefix`` removed in one transaction: `rm -r` costs one
+        request per page, not one per name."""
+        prefix = p.check_prefix(p.need(header, "prefix", str))
+        if not prefix:
+            raise BadRequest("rm_prefix needs a non-empty prefix")
+        limit = p.need_int(header, "limit", lo=1, hi=RM_PAGE, optional=True, default=RM_PAGE)
+        if self._pending:
+            self._apply_pending()           # changes apply in the order they arrived
+        removed, more = self.store.remove_prefix(prefix, limit, RM_PAGE_NAME_BYTES)
+        names = [v.name for v in removed]
+        # The broker drops every removed name from the cache before it forwards this ack.
+        self.link.reply(route, p.ok_reply(header["id"], removed=names, more=more),
+                        invalidate=names)
+
     def flush(self):
         """Apply the commits and removes received since the last flush in one transaction,
         answer them, and send what the maintenance thread finished."""
@@ -265,12 +328,19 @@ class StorageService:
         # per 200,000 commits).
         if isinstance(change, Removal):
             log.debug("event=rm name=%r version=%d", result.name, result.version)
+        elif isinstance(change, Restore):
+            log.debug("event=restore name=%r version=%d", result.name, result.version)
+        elif isinstance(change, Copy):
+            log.debug("event=%s src=%r name=%r version=%d", "mv" if change.move else "cp",
+                      change.src, result.name, result.version)
         else:
             log.debug("event=commit name=%r version=%d size=%d", result.name, result.version,
                       result.size)
-        # The broker sees `invalidate` and tells the cache before it forwards this ack.
+        # The broker sees `invalidate` and tells the cache before it forwards this ack (an mv
+        # changes two names).
+        names = change.names
         self.link.reply(route, p.ok_reply(header["id"], stat=result.summary()),
-                        invalidate=result.name)
+                        invalidate=names[0] if len(names) == 1 else list(names))
 
     def _answer(self, route, header, result):
         if route is None:

@@ -39,8 +39,9 @@ def recv_frames(sock: zmq.Socket, flags: int = 0) -> list:
     return frames
 
 
-def drain(sock: zmq.Socket, handle, limit: int) -> int:
-    """Hand up to ``limit`` queued messages from ``sock`` to ``handle``, without waiting.
+def drain(sock: zmq.Socket, handle, limit: int, until=None) -> int:
+    """Hand up to ``limit`` queued messages from ``sock`` to ``handle``, without waiting, and
+    none once ``until()`` is true (if given).
 
     Under load this takes what is queued without a poll per message (a poll costs about as
     much as routing one).  It asks the socket whether a message is waiting rather than trying
@@ -49,7 +50,7 @@ def drain(sock: zmq.Socket, handle, limit: int) -> int:
     :return: how many messages were handled.
     """
     done = 0
-    while done < limit and sock.get(_EVENTS) & _POLLIN:
+    while done < limit and sock.get(_EVENTS) & _POLLIN and not (until and until()):
         handle(recv_frames(sock))
         done += 1
     return done

@@ -57,6 +57,13 @@ OP_SERVICE = {
     "ls": STORAGE,
     "stat": STORAGE,
     "rm": STORAGE,
+    "mv": STORAGE,         # rename: metadata only, one transaction
+    "cp": STORAGE,         # copy: metadata only, the chunks are shared
+    "rm_prefix": STORAGE,  # remove a page of the names under a prefix
+    "du": STORAGE,         # files and bytes under a prefix
+    "versions": STORAGE,   # a name's current and retained versions
+    "get_version": STORAGE,  # a retained version's manifest (+ content of a small file)
+    "restore": STORAGE,    # make a retained version current again
     "usage": STORAGE,      # the store's totals
     "gc": STORAGE,         # collect garbage now
     "fsck": STORAGE,       # check a page of stored files' chunks
@@ -65,7 +72,8 @@ OP_SERVICE = {
 # Ops whose request may carry a data frame after its header; any other request is one frame.
 DATA_OPS = frozenset({"put_chunk", "commit", "commit_many"})
 
-# Every op is idempotent (commit, commit_many and rm carry an id that makes a repeat a no-op):
+# Every op is idempotent (commit, commit_many, rm, mv, cp and restore carry an id that makes a
+# repeat a no-op; a repeated rm_prefix removes what is left under its prefix):
 # the broker hands a request to another worker when the first one dies before replying, and the
 # client sends it again when no reply comes.
 # When no cache worker is alive, storage answers the cache's ops itself (slower, still correct).

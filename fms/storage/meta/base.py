@@ -46,6 +46,7 @@ class MetaEngine(ABC):
     """One store's metadata.  ``store_id`` identifies the store (workers on one store share it)."""
 
     store_id: str
+    keep_versions: int = 0     # replaced versions retained per name (0: none)
 
     # --- names ---
 
@@ -59,9 +60,21 @@ class MetaEngine(ABC):
         ``after``, in name order (code point order)."""
 
     @abstractmethod
+    def retained(self, name: str) -> list:
+        """The retained (not current) versions of ``name``, newest first: what an overwrite or
+        a removal replaced, at most ``keep_versions`` of them (set by the worker)."""
+
+    @abstractmethod
+    def usage(self, prefix: str) -> tuple:
+        """``(files, bytes)``: how many live names start with ``prefix`` and the sum of their
+        sizes, counted in the name index (one range scan, no manifest leaves the engine)."""
+
+    @abstractmethod
     def apply(self, changes: list, now: float, small: dict) -> list:
-        """Apply :class:`~fms.storage.model.NewVersion` and :class:`~fms.storage.model.Removal`
-        changes in one transaction (a group commit); each succeeds or fails on its own.
+        """Apply :class:`~fms.storage.model.NewVersion`, :class:`~fms.storage.model.Removal`,
+        :class:`~fms.storage.model.Copy` and :class:`~fms.storage.model.Restore` changes in one
+        transaction (a group commit); each
+        succeeds or fails on its own.
 
         ``small`` maps digests to the bytes of small chunks that arrived with their commit; they
         are stored in the same transaction.

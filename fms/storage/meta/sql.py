@@ -21,7 +21,7 @@ import logging
 import msgpack
 
 from ...errors import BadRequest, FmsError, MissingChunks, NotFound, Unavailable
-from ..model import NewVersion, Removal, Totals, Version, pack_digests, unpack_digests
+from ..model import Copy, NewVersion, Removal, Restore, Totals, Version, pack_digests, unpack_digests
 from .base import ChunkRow, MetaEngine
 
 FORMAT = 2            # the store's format; 1 was one manifest file per name
@@ -49,11 +49,17 @@ CREATE TABLE IF NOT EXISTS totals (
     id INTEGER PRIMARY KEY CHECK (id = 1), files BIGINT NOT NULL, bytes BIGINT NOT NULL,
     chunks BIGINT NOT NULL, chunk_bytes BIGINT NOT NULL);
 INSERT INTO totals VALUES (1, 0, 0, 0, 0) ON CONFLICT (id) DO NOTHING;
-CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, until {real} NOT NULL)
+CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, until {real} NOT NULL);
+CREATE TABLE IF NOT EXISTS retained (
+    name {name_type} NOT NULL, version BIGINT NOT NULL, size BIGINT NOT NULL,
+    sha256 {blob} NOT NULL, chunk_size BIGINT NOT NULL, chunks {blob} NOT NULL,
+    mtime {real} NOT NULL, commit_id TEXT NOT NULL, committed {real} NOT NULL,
+    PRIMARY KEY (name, version))
 """
 
 _VERSION_COLUMNS = ("name, size, sha256, chunk_size, chunks, mtime, version, commit_id, "
                     "committed, deleted")
+_RETAINED_COLUMNS = _VERSION_COLUMNS.rsplit(",", 1)[0]     # a retained version is never deleted
 _CHUNK_COLUMNS = "digest, size, refs, since, doomed, data"
 
 
@@ -108,6 +114,7 @@ class SQLMeta(MetaEngine):
     for_update = ""            # appended to SELECTs of rows about to be changed
     skip_locked = ""           # appended to the collector's SELECT
     in_transaction = False     # a lost connection must not be silently reopened midway
+    keep_versions = 0          # replaced versions retained per name (the worker's --keep-versions)
 
     def _execute(self, sql: str, args=()):
         raise NotImplementedError
@@ -241,6 +248,16 @@ class SQLMeta(MetaEngine):
         args.append(limit)
         return [_version(r) for r in self._all(sql, args)]
 
+    def usage(self, prefix):
+        sql = "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM names WHERE name >= ? AND deleted = 0"
+        args = [prefix]
+        hi = prefix_end(prefix)
+        if hi is not None:
+            sql += " AND name < ?"
+            args.append(hi)
+        files, nbytes = self._one(sql, args)
+        return int(files), int(nbytes)
+
     def iter_versions(self, after, limit):
         return [_version(r) for r in self._all(
             f"SELECT {_VERSION_COLUMNS} FROM names WHERE name > ? AND deleted = 0 "
@@ -251,7 +268,8 @@ class SQLMeta(MetaEngine):
 
     def apply(self, changes, now, small):
         def work():
-            self._lock_names(sorted({c.name for c in changes}))
+            self._lock_names(sorted({n for c in changes for n in c.names} | {
+                c.src for c in changes if isinstance(c, Copy)}))
             results = []
             for i, change in enumerate(changes):
                 self._execute(f"SAVEPOINT c{i}")
@@ -263,6 +281,10 @@ class SQLMeta(MetaEngine):
                         result = self._commit(change, now)
                     elif isinstance(change, Removal):
                         result = self._remove(change, now)
+                    elif isinstance(change, Copy):
+                        result = self._copy(change, now)
+                    elif isinstance(change, Restore):
+                        result = self._restore(change, now)
                     else:
                         raise TypeError(f"not a change: {change!r}")
                     self._execute(f"RELEASE SAVEPOINT c{i}")
@@ -300,8 +322,9 @@ class SQLMeta(MetaEngine):
         row = self._one(f"SELECT {_VERSION_COLUMNS} FROM names WHERE name = ?", (name,))
         return _version(row) if row else None
 
-    def _commit(self, change: NewVersion, now) -> Version:
-        done = self._logged(change.commit, "commit", change.name, _request_digest(change))
+    def _commit(self, change: NewVersion, now, kind: str = "commit") -> Version:
+        request = _request_digest(change) if kind == "commit" else None
+        done = self._logged(change.commit, kind, change.name, request)
         if done is not None:
             return done
         wanted = collections.Counter(change.chunks)
@@ -326,11 +349,30 @@ class SQLMeta(MetaEngine):
         was_live = old is not None and not old.deleted
         delta = wanted.copy()
         if was_live:
-            delta.subtract(old.chunks)
+            self._release(old, delta)
         self._add_refs(delta, now)
         self._bump(files=0 if was_live else 1,
                    nbytes=version.size - (old.size if was_live else 0))
-        self._log("commit", version, now, _request_digest(change))
+        self._log(kind, version, now, request)
+        return version
+
+    def _copy(self, change: Copy, now) -> Version:
+        """``change.name`` gets ``change.src``'s content as a new version: its chunks gain a
+        reference each, nothing else is stored; a move then removes ``src`` (its tombstone's
+        id is the move's, suffixed, so the two never share an id)."""
+        kind = "mv" if change.move else "cp"
+        done = self._logged(change.commit, kind, change.name, None)
+        if done is not None:
+            return done
+        if change.src == change.name:
+            raise BadRequest(f"{change.src!r} is both the source and the destination")
+        src = self._current(change.src)
+        if src is None or src.deleted:
+            raise NotFound(f"{change.src!r} not found; see what is stored with: ls")
+        version = self._commit(NewVersion(change.name, src.size, src.sha256, src.chunk_size,
+                                          src.chunks, src.mtime, change.commit), now, kind)
+        if change.move:
+            self._remove(Removal(change.src, f"{change.commit}/src"), now)
         return version
 
     def _remove(self, change: Removal, now) -> Version:
@@ -346,11 +388,53 @@ class SQLMeta(MetaEngine):
             "UPDATE names SET version = ?, chunks = ?, commit_id = ?, committed = ?, deleted = 1 "
             "WHERE name = ?", (tomb.version, b"", tomb.commit, now, tomb.name))
         delta = collections.Counter()
-        delta.subtract(old.chunks)
+        self._release(old, delta)
         self._add_refs(delta, now)
         self._bump(files=-1, nbytes=-old.size)
         self._log("rm", tomb, now)
         return tomb
+
+    def _release(self, old: Version, delta):
+        """``old`` stops being current: retained with its references (versions kept), or its
+        references released; retained versions past :attr:`keep_versions` release theirs.
+        Adds the reference changes to the Counter ``delta``."""
+        if self.keep_versions > 0:
+            self._execute("INSERT INTO retained VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                          "ON CONFLICT (name, version) DO NOTHING",
+                          (old.name, old.version, old.size, old.sha256, old.chunk_size,
+                           pack_digests(old.chunks), old.mtime, old.commit, old.committed))
+        else:
+            delta.subtract(old.chunks)
+        for version, chunks in self._execute(
+                "SELECT version, chunks FROM retained WHERE name = ? ORDER BY version DESC",
+                (old.name,)).fetchall()[self.keep_versions:]:
+            self._execute("DELETE FROM retained WHERE name = ? AND version = ?",
+                          (old.name, version))
+            delta.subtract(unpack_digests(bytes(chunks)))
+
+    def retained(self, name):
+        return [_version((*r, 0)) for r in self._all(
+            f"SELECT {_RETAINED_COLUMNS} FROM retained WHERE name = ? "
+            f"ORDER BY version DESC", (name,))]
+
+    def _restore(self, change: Restore, now) -> Version:
+        done = self._logged(change.commit, "restore", change.name, None)
+        if done is not None:
+            return done
+        sql = f"SELECT {_RETAINED_COLUMNS} FROM retained WHERE name = ?"
+        args = [change.name]
+        if change.version is not None:
+            sql += " AND version = ?"
+            args.append(change.version)
+        row = self._one(sql + " ORDER BY version DESC LIMIT 1", args)
+        if row is None:
+            which = "no retained version" if change.version is None else \
+                f"no retained version {change.version}"
+            raise NotFound(f"{change.name!r} has {which}; list them with: versions "
+                           f"{change.name} (storage keeps them with --keep-versions N)")
+        old = _version((*row, 0))
+        return self._commit(NewVersion(change.name, old.size, old.sha256, old.chunk_size,
+                                       old.chunks, old.mtime, change.commit), now, "restore")
 
     def _add_refs(self, delta, now):
         # Sorted by digest: two transactions always lock shared rows in the same order.  An
@@ -465,7 +549,10 @@ class SQLMeta(MetaEngine):
 
     def prune(self, cutoff):
         def work():
-            n = self._execute("DELETE FROM names WHERE deleted = 1 AND committed < ?",
+            # A removed name with retained versions keeps its tombstone: the version count
+            # goes on, so a later version never takes a retained one's number.
+            n = self._execute("DELETE FROM names WHERE deleted = 1 AND committed < ? AND NOT "
+                              "EXISTS (SELECT 1 FROM retained r WHERE r.name = names.name)",
                               (cutoff,)).rowcount
             return n + self._execute("DELETE FROM commits WHERE at < ?", (cutoff,)).rowcount
         return self._transaction(work)
@@ -489,7 +576,8 @@ class SQLMeta(MetaEngine):
 
     def refcount_errors(self):
         counted = collections.Counter()
-        for (chunks,) in self._all("SELECT chunks FROM names WHERE deleted = 0"):
+        for (chunks,) in self._all("SELECT chunks FROM names WHERE deleted = 0 UNION ALL "
+                                   "SELECT chunks FROM retained"):
             counted.update(unpack_digests(bytes(chunks)))
         stored = {bytes(d): refs for d, refs in self._all("SELECT digest, refs FROM chunks")}
         errors = [(d, refs, counted.get(d, 0)) for d, refs in stored.items()
