@@ -23,6 +23,7 @@ W-TinyLFU and Belady on the issue's traces.
 """
 
 import collections
+import zlib
 
 WINDOW_SHARE = 0.01      # of the bytes: the admission window (Caffeine's default)
 PROTECTED_SHARE = 0.80   # of the main bytes: the protected segment
@@ -51,7 +52,7 @@ class FrequencySketch:
         self._reset_at = RESET_FACTOR * width
 
     def _slots(self, key):
-        h = hash(key) & _M64
+        h = _stable_hash(key)
         shift, width = self._shift, self.width
         return [row * width + (((h ^ (h >> 29)) * seed & _M64) >> shift)
                 for row, seed in enumerate(_SEEDS)]
@@ -78,6 +79,18 @@ class FrequencySketch:
         estimate = min(table[slot] for slot in slots)
         for slot in slots:
             table[slot] -= estimate
+
+
+def _stable_hash(key) -> int:
+    """A hash of ``key`` that is the same in every process (Python's ``hash`` of str and bytes
+    is salted per process, which would make admissions, and so hit ratios, differ run to run):
+    a digest's own first 8 bytes, a name's CRC-32, else ``hash`` (ints and tuples of them are
+    not salted)."""
+    if isinstance(key, bytes) and len(key) >= 8:
+        return int.from_bytes(key[:8], "little")
+    if isinstance(key, (str, bytes)):
+        return zlib.crc32(key.encode() if isinstance(key, str) else key)
+    return hash(key) & _M64
 
 
 class WTinyLFU:

@@ -132,6 +132,8 @@ def cmd_get(args):
                                          f"{_human(sum(r['size'] for r in results))} to "
                                          f"{args.dest}")
             return
+        if args.range is not None:
+            return _get_range(args, client)
         if args.dest == "-":
             client.get_to(args.name, sys.stdout.buffer, args.version_number)
             sys.stdout.buffer.flush()
@@ -140,6 +142,36 @@ def cmd_get(args):
         result = client.get(args.name, dest, args.version_number)
         _print_result(args, result, f"downloaded {result['name']} ({_human(result['size'])}) "
                                     f"to {dest}")
+
+
+RANGE_PIECE = 1 * p.MiB     # bytes a ranged get reads and writes at a time
+
+
+def _get_range(args, client):
+    """``get NAME [DEST] --range START-END``: a ranged read (only the chunks that hold the
+    bytes are fetched), to stdout or to a file written whole or not at all."""
+    from ..client.download import atomic_file
+    start, end = args.range
+    with client.open(args.name) as src:
+        end = src.size if end is None else min(end, src.size)
+        src.seek(start)
+
+        def copy(out):
+            left = max(0, end - start)
+            while left:
+                piece = src.read(min(left, RANGE_PIECE))
+                if not piece:
+                    break
+                out.write(piece)
+                left -= len(piece)
+        if args.dest == "-":
+            copy(sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+            return
+        dest = _file_dest(args.dest, args.name)
+        with atomic_file(dest, src.manifest) as out:
+            copy(out)
+    _say(args, f"downloaded bytes {start}-{max(start, end) - 1} of {args.name} to {dest}")
 
 
 def _file_dest(dest: str | None, name: str) -> str:
