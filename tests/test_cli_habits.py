@@ -446,3 +446,26 @@ def test_an_interrupted_put_run_again_sends_only_what_the_store_lacks(make_clust
     print(f"resume: file {len(data)}, held before the retry {held}, retry sent {sum(sent)}")
     assert 0 < sum(sent) <= len(data) - held              # only what storage lacked
     assert client.get_bytes("big") == data
+
+
+# --- point 5: progress ---
+
+def test_recursive_transfers_draw_files_and_bytes_and_hashing_is_on_the_bar(cluster, tmp_path):
+    from test_ui import run_on_a_terminal
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for i in range(300):
+        (tree / f"f{i:03d}").write_bytes(b"x" * 1000)
+    (tree / "big").write_bytes(random_bytes(3 * 1024 * 1024, seed=31))
+    drawn = run_on_a_terminal(["--broker", cluster.frontend, "put", "-r", str(tree), "t"],
+                              tmp_path)
+    assert "files 301/301" in drawn and "put: 100%" in drawn
+    assert "files 256/301" in drawn                  # and it moved on before the end
+    drawn = run_on_a_terminal(["--broker", cluster.frontend, "get", "-r", "t",
+                               str(tmp_path / "back")], tmp_path)
+    assert "files 301/301" in drawn and "get: 100%" in drawn
+    single = tmp_path / "single.bin"
+    single.write_bytes(random_bytes(6 * 1024 * 1024, seed=32))
+    drawn = run_on_a_terminal(["--broker", cluster.frontend, "put", str(single), "s"], tmp_path)
+    assert "s (sha256): 100%" in drawn                # the hashing before the upload...
+    assert "\rs: 100%" in drawn                       # ... then the upload, on the same line
