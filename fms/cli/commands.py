@@ -1,6 +1,7 @@
 """The client's commands: each takes the parsed arguments, opens a :class:`fms.Client`, runs,
 prints, and returns an exit code (None for success)."""
 
+import contextlib
 import datetime
 import json
 import os
@@ -390,14 +391,16 @@ def cmd_stats(args):
     from ..errors import Unavailable
     with open_client(args) as client:
         status = client.status()
-        try:
-            cache = client.cache_stats()
-        except Unavailable:
-            cache = None
-        try:
-            store = client.usage()
-        except Unavailable:
-            store = None
+        # Ask a service only if the broker knows a worker of it: with none, the request would
+        # wait out the whole retry budget (storage answers the cache's ops without a cache).
+        services = {w["service"] for w in status["workers"]}
+        cache = store = None
+        with contextlib.suppress(Unavailable):
+            if services & {p.CACHE, p.STORAGE}:
+                cache = client.cache_stats()
+        with contextlib.suppress(Unavailable):
+            if p.STORAGE in services:
+                store = client.usage()
     if cache is not None:
         # One worker's own figures (lookups, bytes held), then the tier's, counted by the
         # broker over every cache worker: GETs whose every piece came from the cache, bytes.
@@ -410,6 +413,8 @@ def cmd_stats(args):
     fds = out["broker"].get("fds") or {}
     print(f"broker  frontend={out['broker']['frontend']} backend={out['broker']['backend']}"
           f" descriptors={fds.get('open')}/{fds.get('soft')}")
+    if not out["workers"]:
+        print("worker  none connected: start storage (and cache) workers, or use fms up")
     for w in out["workers"]:
         print(f"worker  {w['service']:<8} {w['id']:<28} {w['state']:<6} "
               f"inflight={w['inflight']} served={w['served']}")
