@@ -344,3 +344,128 @@ def test_without_keep_versions_nothing_is_retained(cluster):
     assert [v["version"] for v in cli_json(cluster, "versions", "x")] == [2]
     err = one_line_error(cluster.cli("restore", "x"))
     assert "--keep-versions" in err
+
+
+# --- point 5: patience ---
+
+def test_stats_with_no_workers_answers_at_once_with_what_the_broker_knows(make_cluster):
+    cluster = make_cluster()
+    cluster.start_broker()
+    start = time.monotonic()
+    got = cluster.cli("stats")
+    assert got.returncode == 0, got.stderr
+    assert time.monotonic() - start < 5            # not the 15 s retry budget, twice
+    out = got.stdout.decode()
+    assert "broker  frontend=" in out and "worker  none connected" in out
+    assert "store   no storage worker connected" in out
+
+
+def test_fms_up_starts_a_dead_worker_again_and_says_so(tmp_path):
+    import signal
+
+    import fms
+    from conftest import wait_for
+    from test_up import alive, children_of, free_port
+    frontend, backend = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    log_path = tmp_path / "up.log"
+    with open(log_path, "wb") as log:
+        up = subprocess.Popen([sys.executable, "-m", "fms", "up", "--frontend", frontend,
+                               "--backend", backend, "--data", str(tmp_path / "data"),
+                               "--cache-bytes", "64M"], cwd=ROOT, stdout=log, stderr=log)
+    kids = []
+
+    def storage_workers():
+        try:
+            with fms.Client(frontend, timeout=2.0) as c:
+                return sorted(w["id"] for w in c.status()["workers"] if w["service"] == "storage")
+        except fms.FmsError:
+            return []
+    try:
+        wait_for(lambda: storage_workers() == ["storage-1", "storage-2"], 30, "fms up to start")
+        kids = children_of(up.pid)
+        victim = next(pid for pid in kids
+                      if b"storage-1" in open(f"/proc/{pid}/cmdline", "rb").read())
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: b"starting storage-1 again (restart 1)" in log_path.read_bytes(), 30,
+                 "fms up to start storage-1 again")
+        assert b"storage-1 exited with code -9; starting it again in 1 s" in log_path.read_bytes()
+        wait_for(lambda: storage_workers() == ["storage-1", "storage-2"], 30,
+                 "storage-1 to register again")
+        assert up.poll() is None                                  # the cluster never stopped
+        with fms.Client(frontend) as c:
+            c.put_bytes(b"still here", "after")
+            assert c.get_bytes("after") == b"still here"
+        up.send_signal(signal.SIGINT)
+        assert up.wait(15) == 0
+    finally:
+        for pid in [up.pid, *kids, *children_of(up.pid)]:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        up.wait(5)
+
+
+# --- point 6: resumable upload ---
+
+def test_an_interrupted_put_run_again_sends_only_what_the_store_lacks(make_cluster, tmp_path):
+    from conftest import wait_for
+    cluster = make_cluster()
+    cluster.start_broker()
+    cluster.start_storage(wid="slow", delay=0.1)         # 0.1 s per request: time to kill
+    cluster.wait_workers(storage=1, cache=0)
+    data = random_bytes(24 * 1024 * 1024, seed=21)
+    path = tmp_path / "big.bin"
+    path.write_bytes(data)
+    first = subprocess.Popen([sys.executable, os.path.join(ROOT, "client.py"), "--broker",
+                              cluster.frontend, "--timeout", "30", "put", str(path), "big"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with cluster.client(timeout=30.0) as c:
+            wait_for(lambda: c.usage()["chunk_bytes"] >= 8 * 1024 * 1024, 60,
+                     "a third of the file to reach storage")
+    finally:
+        first.kill()
+        first.wait()
+    with cluster.client(timeout=30.0) as c:
+        held = c.usage()["chunk_bytes"]
+        assert held < len(data)                          # killed midway
+        with pytest.raises(NotFound):
+            c.stat("big")                                # nothing committed
+    sent = []
+    client = cluster.client(timeout=30.0)
+    pipeline = client.session.pipeline
+
+    def counting(requests, window=None):                 # what the retry puts on the wire
+        def tap():
+            for tag, op, fields, frame in requests:
+                if op == "put_chunk":
+                    sent.append(len(frame) - 5)          # the chunk, without its bin32 prefix
+                yield tag, op, fields, frame
+        return pipeline(tap(), window)
+    client.session.pipeline = counting
+    client.put(str(path), "big")
+    print(f"resume: file {len(data)}, held before the retry {held}, retry sent {sum(sent)}")
+    assert 0 < sum(sent) <= len(data) - held              # only what storage lacked
+    assert client.get_bytes("big") == data
+
+
+# --- point 5: progress ---
+
+def test_recursive_transfers_draw_files_and_bytes_and_hashing_is_on_the_bar(cluster, tmp_path):
+    from test_ui import run_on_a_terminal
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for i in range(300):
+        (tree / f"f{i:03d}").write_bytes(b"x" * 1000)
+    (tree / "big").write_bytes(random_bytes(3 * 1024 * 1024, seed=31))
+    drawn = run_on_a_terminal(["--broker", cluster.frontend, "put", "-r", str(tree), "t"],
+                              tmp_path)
+    assert "files 301/301" in drawn and "put: 100%" in drawn
+    assert "files 256/301" in drawn                  # and it moved on before the end
+    drawn = run_on_a_terminal(["--broker", cluster.frontend, "get", "-r", "t",
+                               str(tmp_path / "back")], tmp_path)
+    assert "files 301/301" in drawn and "get: 100%" in drawn
+    single = tmp_path / "single.bin"
+    single.write_bytes(random_bytes(6 * 1024 * 1024, seed=32))
+    drawn = run_on_a_terminal(["--broker", cluster.frontend, "put", str(single), "s"], tmp_path)
+    assert "s (sha256): 100%" in drawn                # the hashing before the upload...
+    assert "\rs: 100%" in drawn                       # ... then the upload, on the same line

@@ -1,6 +1,7 @@
 """The client's commands: each takes the parsed arguments, opens a :class:`fms.Client`, runs,
 prints, and returns an exit code (None for success)."""
 
+import contextlib
 import datetime
 import json
 import os
@@ -29,29 +30,87 @@ def open_client(args):
 
 
 class _ProgressBars:
-    """One tqdm bar (percent, rate, ETA) per file over PROGRESS_MIN, on stderr."""
+    """Progress on stderr, drawn by tqdm (percent, rate, ETA): for one file over PROGRESS_MIN,
+    a bar through its sha256 being computed (before an upload, ``hashing``) and then its
+    chunks moving, on one line; for a tree (between ``tree`` and ``close``), one bar of all its
+    bytes with the files done beside it."""
 
     def __init__(self):
         self.bar = None
         self.name = None
+        self.files = None           # in a tree: [done, of], and the bytes of files done
+        self.base = 0
+
+    def hashing(self, name: str, done: int, total: int):
+        if self.files is None:
+            self._file(name, done, total, f"{name} (sha256)")
+            if done >= total and self.bar is not None:
+                self.bar.refresh()          # drawn at 100% before the upload takes the line
 
     def __call__(self, name: str, done: int, total: int):
+        if self.files is not None:
+            self.bar.update(self.base + min(done, total) - self.bar.n)
+            return
+        self._file(name, done, total, name)
+        if done >= total:
+            self.close()
+
+    def _file(self, name: str, done: int, total: int, desc: str):
         if total <= PROGRESS_MIN:
             return
         if self.bar is None or self.name != name:
-            from tqdm import tqdm
             self.close()
-            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                            desc=name, file=sys.stderr, leave=True)
+            self.bar = _bar(total, desc)
             self.name = name
+        elif self.bar.desc != desc:          # hashed: the same line goes on with the upload
+            self.bar.reset(total)
+            self.bar.set_description(desc, refresh=False)
         self.bar.update(done - self.bar.n)
-        if done >= total:
-            self.close()
+
+    def tree(self, files: int, nbytes: int, verb: str):
+        """A tree of ``files`` files and ``nbytes`` bytes starts moving."""
+        self.close()
+        self.bar = _bar(nbytes, verb)
+        self.files, self.base = [0, files], 0
+        self.bar.set_postfix_str(f"files 0/{files:,}")
+
+    def files_done(self, count: int, nbytes: int):
+        self.files[0] += count
+        self.base += nbytes
+        self.bar.update(self.base - self.bar.n)
+        self.bar.set_postfix_str(f"files {self.files[0]:,}/{self.files[1]:,}")
 
     def close(self):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        self.files = None
+
+
+def _bar(total: int, desc: str):
+    from tqdm import tqdm
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                file=sys.stderr, leave=True)
+
+
+TREE_SLICE = 256    # files moved between two updates of a tree's progress bar
+
+
+def _move_tree(client, move, items: list, sizes: list, verb: str) -> list:
+    """``move(items)`` (``client.put_many`` or ``get_many``) a slice at a time, drawing one bar
+    for the whole tree when progress is drawn; :return: the results, in order."""
+    bars = client.progress
+    if not isinstance(bars, _ProgressBars) or len(items) < 2:
+        return move(items)
+    bars.tree(len(items), sum(sizes), verb)
+    results = []
+    try:
+        for start in range(0, len(items), TREE_SLICE):
+            results += move(items[start:start + TREE_SLICE])
+            bars.files_done(len(results) - bars.files[0], sum(sizes[bars.files[0]:len(results)]))
+    finally:
+        bars.close()
+    return results
 
 
 def _say(args, text: str):
@@ -62,7 +121,8 @@ def _say(args, text: str):
 def cmd_put(args):
     items = _put_items(args.local, args.recursive)
     with open_client(args) as client:
-        results = client.put_many(items)
+        results = _move_tree(client, client.put_many, items,
+                             [_local_size(path) for path, _name in items], "put")
     if args.json:
         print(json.dumps(results, indent=1))
     elif len(results) == 1 and not args.recursive:
@@ -70,6 +130,13 @@ def cmd_put(args):
         _say(args, f"uploaded {r['name']} ({_human(r['size'])}, version {r['version']})")
     else:
         _say(args, f"uploaded {len(results)} files, {_human(sum(r['size'] for r in results))}")
+
+
+def _local_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0        # put_many says what is wrong with it
 
 
 def _put_items(paths: list, recursive: bool) -> list:
@@ -127,11 +194,14 @@ def cmd_get(args):
             items = [(e["name"], _inside(args.dest, e["name"][len(prefix) + 1 if prefix else 0:]))
                      for e in entries]
             _check_tree(items)
-            results = client.get_many(items)
+            results = _move_tree(client, client.get_many, items, [e["size"] for e in entries],
+                                 "get")
             _print_result(args, results, f"downloaded {len(results)} files, "
                                          f"{_human(sum(r['size'] for r in results))} to "
                                          f"{args.dest}")
             return
+        if args.range is not None:
+            return _get_range(args, client)
         if args.dest == "-":
             client.get_to(args.name, sys.stdout.buffer, args.version_number)
             sys.stdout.buffer.flush()
@@ -140,6 +210,36 @@ def cmd_get(args):
         result = client.get(args.name, dest, args.version_number)
         _print_result(args, result, f"downloaded {result['name']} ({_human(result['size'])}) "
                                     f"to {dest}")
+
+
+RANGE_PIECE = 1 * p.MiB     # bytes a ranged get reads and writes at a time
+
+
+def _get_range(args, client):
+    """``get NAME [DEST] --range START-END``: a ranged read (only the chunks that hold the
+    bytes are fetched), to stdout or to a file written whole or not at all."""
+    from ..client.download import atomic_file
+    start, end = args.range
+    with client.open(args.name) as src:
+        end = src.size if end is None else min(end, src.size)
+        src.seek(start)
+
+        def copy(out):
+            left = max(0, end - start)
+            while left:
+                piece = src.read(min(left, RANGE_PIECE))
+                if not piece:
+                    break
+                out.write(piece)
+                left -= len(piece)
+        if args.dest == "-":
+            copy(sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+            return
+        dest = _file_dest(args.dest, args.name)
+        with atomic_file(dest, src.manifest) as out:
+            copy(out)
+    _say(args, f"downloaded bytes {start}-{max(start, end) - 1} of {args.name} to {dest}")
 
 
 def _file_dest(dest: str | None, name: str) -> str:
@@ -358,14 +458,16 @@ def cmd_stats(args):
     from ..errors import Unavailable
     with open_client(args) as client:
         status = client.status()
-        try:
-            cache = client.cache_stats()
-        except Unavailable:
-            cache = None
-        try:
-            store = client.usage()
-        except Unavailable:
-            store = None
+        # Ask a service only if the broker knows a worker of it: with none, the request would
+        # wait out the whole retry budget (storage answers the cache's ops without a cache).
+        services = {w["service"] for w in status["workers"]}
+        cache = store = None
+        with contextlib.suppress(Unavailable):
+            if services & {p.CACHE, p.STORAGE}:
+                cache = client.cache_stats()
+        with contextlib.suppress(Unavailable):
+            if p.STORAGE in services:
+                store = client.usage()
     if cache is not None:
         # One worker's own figures (lookups, bytes held), then the tier's, counted by the
         # broker over every cache worker: GETs whose every piece came from the cache, bytes.
@@ -378,6 +480,8 @@ def cmd_stats(args):
     fds = out["broker"].get("fds") or {}
     print(f"broker  frontend={out['broker']['frontend']} backend={out['broker']['backend']}"
           f" descriptors={fds.get('open')}/{fds.get('soft')}")
+    if not out["workers"]:
+        print("worker  none connected: start storage (and cache) workers, or use fms up")
     for w in out["workers"]:
         print(f"worker  {w['service']:<8} {w['id']:<28} {w['state']:<6} "
               f"inflight={w['inflight']} served={w['served']}")

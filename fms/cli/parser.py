@@ -62,6 +62,7 @@ def build_parser(prog: str = "fms", client_only: bool = False) -> argparse.Argum
                f"{prog} get trips/1.jpg             # to ./1.jpg\n"
                f"{prog} get trips/1.jpg /tmp/a.jpg\n"
                f"{prog} get trips/1.jpg - | wc -c   # to stdout\n"
+               f"{prog} get big.bin - --range 1048576-1049599   # 1 KiB from 1 MiB on\n"
                f"{prog} get -r trips ./restore      # keeps the tree")
     cmd.add_argument("-r", "--recursive", action="store_true", help="download a prefix as a tree")
     cmd.add_argument("--no-cache", action="store_true",
@@ -72,6 +73,9 @@ def build_parser(prog: str = "fms", client_only: bool = False) -> argparse.Argum
                           "power loss; slower)")
     cmd.add_argument("--version", type=int, metavar="V", dest="version_number",
                      help="read version V, current or retained (see: versions NAME)")
+    cmd.add_argument("--range", type=parse_range, metavar="START-END",
+                     help="only bytes START to END (inclusive, from 0; START- to the end), "
+                          "fetching only the chunks that hold them")
     cmd.add_argument("name", metavar="NAME", help="stored name (a prefix with -r)")
     cmd.add_argument("dest", metavar="DEST", nargs="?",
                      help="destination file or folder, '-' for stdout (default: ./<base name>)")
@@ -184,6 +188,15 @@ def build_parser(prog: str = "fms", client_only: bool = False) -> argparse.Argum
 
 def _json_arg(cmd, text: str = "print the result as JSON"):
     cmd.add_argument("--json", action="store_true", help=text)
+
+
+def parse_range(text: str) -> tuple:
+    """``--range``: ``"100-199"`` -> (100, 200); ``"100-"`` -> (100, None)."""
+    match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d*)\s*", text)
+    if not match or (match.group(2) and int(match.group(2)) < int(match.group(1))):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a byte range; write START-END "
+                                         f"(inclusive, e.g. 0-1023) or START-")
+    return int(match.group(1)), int(match.group(2)) + 1 if match.group(2) else None
 
 
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")

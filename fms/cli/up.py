@@ -7,15 +7,18 @@ import sys
 import time
 
 from ..errors import FmsError
-from .commands import EXIT_ERROR, EXIT_OK
+from .commands import EXIT_OK
 from .daemons import StopFlag, check_endpoints
 
 UP_STOP_TIMEOUT = 8.0      # seconds `fms up` waits for its processes to stop before killing them
+RESTART_BACKOFF = 1.0      # seconds before the first restart of a process that died; doubles...
+RESTART_BACKOFF_MAX = 30.0  # ... up to this
+RESTART_RESET = 60.0       # a process that ran this long starts again from the first backoff
 
 
 def cmd_up(args):
-    """Start broker, cache and N storage workers as child processes; stop them all on Ctrl-C."""
-    import subprocess
+    """Start broker, cache and N storage workers as child processes; start again any that
+    dies (with backoff); stop them all on Ctrl-C."""
     if args.storage < 1:
         raise FmsError("--storage must be at least 1")
     if args.caches < 0:
@@ -53,7 +56,7 @@ def cmd_up(args):
     procs = []
     try:
         for name, cmd in specs:
-            procs.append((name, subprocess.Popen(cmd)))
+            procs.append(_Child(name, cmd))
         hint = "python client.py put FILE"
         if client:
             hint = (f"python client.py --curve-secret {client[0]} --server-key {client[1]} "
@@ -64,15 +67,49 @@ def cmd_up(args):
               f"fms up: try `{hint}` in another terminal; Ctrl-C stops all",
               file=sys.stderr, flush=True)
         while not stop():
-            for name, proc in procs:
-                if proc.poll() is not None:
-                    print(f"fms up: {name} exited with code {proc.returncode}; stopping the "
-                          f"cluster", file=sys.stderr)
-                    return EXIT_ERROR
+            for child in procs:
+                child.watch()
             time.sleep(0.2)  # polling child processes; nothing to synchronise with
         return EXIT_OK
     finally:
-        _stop_all(procs)
+        _stop_all([(child.name, child.proc) for child in procs])
+
+
+class _Child:
+    """A process of the cluster, started again when it dies: after RESTART_BACKOFF seconds,
+    doubling with each death up to RESTART_BACKOFF_MAX, back to the first after it has run for
+    RESTART_RESET seconds.  Each death and restart is said on stderr."""
+
+    def __init__(self, name: str, cmd: list):
+        self.name, self.cmd = name, cmd
+        self.backoff = RESTART_BACKOFF
+        self.restarts = 0
+        self.due = None             # when to start it again, while it is dead
+        self._start()
+
+    def _start(self):
+        import subprocess
+        self.proc = subprocess.Popen(self.cmd)
+        self.started = time.monotonic()
+
+    def watch(self):
+        now = time.monotonic()
+        if self.due is not None:
+            if now >= self.due:
+                self.due = None
+                self.restarts += 1
+                print(f"fms up: starting {self.name} again (restart {self.restarts})",
+                      file=sys.stderr, flush=True)
+                self._start()
+            return
+        if self.proc.poll() is None:
+            return
+        if now - self.started >= RESTART_RESET:
+            self.backoff = RESTART_BACKOFF
+        print(f"fms up: {self.name} exited with code {self.proc.returncode}; starting it again "
+              f"in {self.backoff:.0f} s", file=sys.stderr, flush=True)
+        self.due = now + self.backoff
+        self.backoff = min(self.backoff * 2, RESTART_BACKOFF_MAX)
 
 
 def _store_id(data: str, meta: str | None, chunks: str | None) -> str:

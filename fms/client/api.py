@@ -43,7 +43,9 @@ class Client:
     :param window: chunk requests kept in flight during one transfer.
     :param chunk_size: chunk size for uploads, in bytes.
     :param progress: optional ``callable(name, done_bytes, total_bytes)`` called as a file's
-        chunks move (not for files that travel in one message).
+        chunks move (not for files that travel in one message); if it has a method
+        ``hashing(name, done_bytes, total_bytes)``, that is called as a file is hashed before
+        its upload.
     :param curve: a :class:`fms.security.CurveClient` (own keys + the broker's public key) to
         encrypt and authenticate, or None; see :func:`fms.security.client_keys`.
     :param fsync: make downloads durable (fsync) before they are renamed into place.
@@ -258,7 +260,8 @@ class Client:
         :return: the stat of each, in order.
         """
         items = [(path, p.check_name(name)) for path, name in items]   # every name, first
-        return self._put_planned((path, name, upload.plan_file(path, self.chunk_size))
+        return self._put_planned((path, name, upload.plan_file(path, self.chunk_size,
+                                                               self._hashing(name)))
                                  for path, name in items)
 
     def _put_planned(self, planned) -> list:
@@ -391,6 +394,12 @@ class Client:
         """
         manifest, frame, via = self._manifest(name)
         return RemoteFile(self.session, manifest, frame, via)
+
+    def _hashing(self, name: str):
+        """``report(done, total)`` while ``name``'s file is hashed before its upload: the
+        progress callback's ``hashing(name, done, total)`` method, if it has one."""
+        hook = getattr(self.progress, "hashing", None)
+        return None if hook is None else lambda done, total: hook(name, done, total)
 
     def _report(self, name: str, done: int, total: int):
         if self.progress is not None:

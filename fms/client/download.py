@@ -122,6 +122,13 @@ def _refetch(session: Session, manifest: dict, i: int):
     return data
 
 
+def fetch_chunk(session: Session, manifest: dict, i: int, via=None):
+    """Chunk ``i`` alone, verified (from storage itself if the first copy does not match)."""
+    _, frame = session.call("chunk", **chunk_fields(manifest, i), **(via or {}))
+    data = p.unpack_data(frame.buffer) if frame is not None else memoryview(b"")
+    return data if _chunk_ok(manifest, i, data) else _refetch(session, manifest, i)
+
+
 def iter_chunks(session: Session, manifest: dict, start: int = 0, via=None):
     """Yield the chunks of ``manifest`` from index ``start`` on, in order, each verified;
     ``window`` requests stay in flight and out-of-order arrivals wait (at most ``window``).
@@ -160,6 +167,7 @@ class RemoteFile(io.RawIOBase):
         self._buf = memoryview(b"")   # the current chunk, from offset _buf_start
         self._buf_start = 0
         self._stream = None
+        self._run = 0                 # chunks read in order since the last jump
         self._whole = hashlib.sha256()
         self._hashed_to = 0           # bytes hashed so far, while reading in order from 0
         if inline_frame is not None:
@@ -189,7 +197,7 @@ class RemoteFile(io.RawIOBase):
         filled = 0
         while filled < len(out) and self._pos < self.size:
             if not self._buf_start <= self._pos < self._buf_start + len(self._buf):
-                self._fetch_chunk_at(self._pos)
+                self._fetch_chunk_at(self._pos, self._pos + len(out) - filled)
             start = self._pos - self._buf_start
             n = min(len(out) - filled, len(self._buf) - start)
             out[filled:filled + n] = self._buf[start:start + n]
@@ -197,17 +205,26 @@ class RemoteFile(io.RawIOBase):
             self._pos += n
         return filled
 
-    def _fetch_chunk_at(self, pos: int):
+    def _fetch_chunk_at(self, pos: int, want_end: int):
+        """Make ``_buf`` the chunk that holds ``pos``, for a read up to ``want_end``.  Only the
+        chunks a read touches are fetched, one by one, until reading goes on in order: from
+        the third chunk read in a row, or for a read beyond the next chunk, the following
+        chunks stream (``window`` of them prefetched).  So a ranged read (``seek`` + ``read``)
+        costs the chunks that hold its bytes, and reading a file through costs one round trip
+        per window."""
         chunk_size = self.manifest["chunk_size"]
         index = pos // chunk_size
-        expected_start = self._buf_start + len(self._buf)
-        if self._stream is None or pos < self._buf_start or pos >= expected_start + chunk_size:
-            # A jump: restart the prefetching stream at the chunk that holds pos.
+        in_order = len(self._buf) and self._buf_start + len(self._buf) == index * chunk_size
+        self._run = self._run + 1 if in_order else 0
+        if self._stream is None and in_order and (self._run >= 2
+                                                  or want_end > (index + 1) * chunk_size):
             self._stream = iter_chunks(self._session, self.manifest, index, self._via)
-            self._buf_start = index * chunk_size
+        if self._stream is not None and in_order:
+            self._buf = next(self._stream)
         else:
-            self._buf_start = expected_start
-        self._buf = next(self._stream)
+            self._stream = None
+            self._buf = fetch_chunk(self._session, self.manifest, index, self._via)
+        self._buf_start = index * chunk_size
         self._hash_in_order()
 
     def _hash_in_order(self):

@@ -36,10 +36,10 @@ class Plan:
 HASH_AHEAD = 4                 # chunks read ahead of their digests when hashing a large file
 
 
-def plan_file(path: str, chunk_size: int) -> Plan:
+def plan_file(path: str, chunk_size: int, report=None) -> Plan:
     """Hash a local file chunk by chunk in one read pass: the whole-file sha256 on this thread,
     each chunk's on another (hashlib releases the GIL, so the two run on two cores); memory of
-    :data:`HASH_AHEAD` chunks."""
+    :data:`HASH_AHEAD` chunks.  ``report(done, total)``: called as the bytes are hashed."""
     try:
         f = open(path, "rb", buffering=0)
     except IsADirectoryError:
@@ -56,10 +56,11 @@ def plan_file(path: str, chunk_size: int) -> Plan:
             inline = piece if p.travels_inline(n, len(chunks)) else None
             return Plan(n, chunk_size, chunks, chunks[0] if n else p.sha256(b""), st.st_mtime,
                         inline)
-        return _plan_large(f, view, chunk_size, st.st_mtime)
+        return _plan_large(f, view, chunk_size, st.st_mtime,
+                           (lambda done: report(done, st.st_size)) if report else None)
 
 
-def _plan_large(f, first, chunk_size: int, mtime: float) -> Plan:
+def _plan_large(f, first, chunk_size: int, mtime: float, report=None) -> Plan:
     from concurrent.futures import ThreadPoolExecutor   # only for files of several chunks
     whole, chunks, size = hashlib.sha256(), [], 0
     ahead = collections.deque()
@@ -69,6 +70,8 @@ def _plan_large(f, first, chunk_size: int, mtime: float) -> Plan:
             ahead.append(pool.submit(p.sha256, piece))
             whole.update(piece)
             size += len(piece)
+            if report is not None:
+                report(size)
             if len(ahead) >= HASH_AHEAD:
                 chunks.append(ahead.popleft().result())
             if len(piece) < chunk_size:
