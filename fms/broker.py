@@ -33,6 +33,7 @@ log = logging.getLogger("fms.broker")
 FRONTEND = "f"
 BACKEND = "b"
 MAX_ID_LEN = 128    # characters of a worker id or store id kept (they are shown in status)
+SHED_KEEPS = 1024    # bytes: a held reply this small is not worth shedding (its error is as big)
 DRAIN_BATCH = 64    # messages taken from one socket per poll, so neither socket starves the other
 
 
@@ -186,6 +187,7 @@ class Broker:
         self.total_req = 0
         self.outbox = {}             # client identity -> deque of (frames, bytes, deadline)
         self.outbox_bytes = {}       # client identity -> bytes held in its outbox
+        self.outbox_moved = {}       # client identity -> when its outbox last sent (or began)
         self.total_out = 0
         # Reply bytes reserved when a request is admitted, released when its reply arrives: a
         # reply to an admitted request always has room (it is never dropped for budget).
@@ -333,7 +335,7 @@ class Broker:
             return
         digest = _digest(op, header)
         reserve = self._reply_bound(op, header, digest, _nbytes(frames[1]))
-        over = self._admit(ident, _nbytes(frames[2]) if len(frames) == 3 else 0, reserve)
+        over = self._admit(ident, sum(map(_nbytes, frames[1:])), reserve, shed=op != "status")
         if over:
             self.backed_off += 1
             self._reply_error(origin, req_id, "unavailable", over, op=op)
@@ -363,7 +365,7 @@ class Broker:
             return
         now = time.monotonic()
         key = next(self._keys)
-        nbytes = _nbytes(body[1]) if len(body) > 1 else 0
+        nbytes = sum(map(_nbytes, body))       # header and data: all of it is held here
         if op == "chunk":
             expect = self.chunk_sizes.get(digest, limits.CHUNK_GUESS)
         else:
@@ -419,11 +421,9 @@ class Broker:
                 self._forget(key, pending, "deadline passed")
                 continue
             worker = self._pick(service, pending, free)
-            if worker is None:     # only workers it must avoid have credit: it waits
-                self._requeue_front(queue, okey, key)
-                if pending.owner is None or service != p.CACHE:
-                    return
-                queue.move_to_end(okey)     # its owner is busy: the next client's turn
+            if worker is None:     # its owner is busy, or only workers it must avoid are free:
+                self._requeue_front(queue, okey, key)       # it waits; the next client's turn
+                queue.move_to_end(okey)
                 blocked += 1
                 continue
             blocked = 0
@@ -650,7 +650,8 @@ class Broker:
         # Invalidate before the ack leaves: the cache's pipe is FIFO, so any read the client
         # sends after this ack reaches the cache after the invalidation (invariant 1).
         self.invalidate(names)
-        self._deliver(pending.origin, body, pending.deadline, admitted=pending.reserve)
+        self._deliver(pending.origin, body, pending.deadline, admitted=pending.reserve,
+                      req_id=pending.req_id)
         if pending.origin["via"] == FRONTEND:
             outcome = "ok" if route.get("ok", True) else str(route.get("err"))
             self.metrics.answered(pending.op, outcome, time.monotonic() - pending.started)
@@ -806,53 +807,54 @@ class Broker:
             return size + limits.SMALL_REPLY
         return limits.REPLY_BOUND.get(op, limits.SMALL_REPLY)
 
-    def _admit(self, ident: bytes, nbytes: int, reserve: int):
-        """Admit a client's request: reserve ``reserve`` reply bytes for it and count its
-        ``nbytes`` of upload data; or say why it must back off (None: admitted).
+    def _admit(self, ident: bytes, nbytes: int, reserve: int, shed: bool = True):
+        """Admit a client's request: count its ``nbytes`` (every frame of it: the broker holds
+        them until it is answered) and reserve ``reserve`` reply bytes for it; or say why it
+        must back off (None: admitted).
 
-        Per client: its uploads held and its replies (unread or reserved) each stay within
-        CLIENT_BYTES, so a client that does not read stalls itself.  In all: when a total is
-        full, room is made by shedding from whoever holds the most (see :meth:`_shed`), but
-        only from a client holding more than the newcomer would: many clients that flood or
-        never read cannot keep one that reads from being served.
+        Per client: its requests' bytes held and its replies (unread or reserved) each stay
+        within CLIENT_BYTES, so a client that does not read stalls itself.  In all: when a
+        total is full, room is made by shedding (:meth:`_shed`) from clients holding more
+        than this one does, so many clients that flood or never read cannot keep one that
+        reads from being served.
         """
-        if nbytes:
-            held = self.req_bytes.get(ident, 0)
-            if held + nbytes > limits.CLIENT_BYTES:
-                return (f"this client already has {held} bytes of uploads in flight at the "
-                        f"broker (budget {limits.CLIENT_BYTES}); wait for replies before "
-                        f"sending more (retried with backoff)")
-            while self.total_req + nbytes > limits.TOTAL_REQUEST_BYTES:
-                if not self._shed(held + nbytes, uploads=True):
-                    return ("the broker holds as many uploads as it may for all clients; retry "
-                            "in a moment (retried with backoff)")
+        held_req = self.req_bytes.get(ident, 0)
+        if held_req + nbytes > limits.CLIENT_BYTES:
+            return (f"this client already has {held_req} bytes of requests in flight at the "
+                    f"broker (budget {limits.CLIENT_BYTES}); wait for replies before sending "
+                    f"more (retried with backoff)")
         held = self.outbox_bytes.get(ident, 0) + self.reserved.get(ident, 0)
         box = self.outbox.get(ident, ())
         if held + reserve > limits.CLIENT_BYTES or (
                 len(box) + self.client_inflight.get(ident, 0) >= limits.OUTBOX_MESSAGES):
             return (f"this client has {held} bytes of replies unread or on their way; read them "
                     f"before asking for more (retried with backoff)")
+        while self.total_req + nbytes > limits.TOTAL_REQUEST_BYTES:
+            if not (shed and self._shed(held_req, uploads=True)):
+                return ("the broker holds as many requests as it may for all clients; retry "
+                        "in a moment (retried with backoff)")
         while self.total_out + self.total_reserved + reserve > limits.TOTAL_REPLY_BYTES:
-            if not self._shed(held + reserve, uploads=False):
+            if not (shed and self._shed(held, uploads=False)):
                 return ("the broker holds as many replies as it may for all clients; retry in a "
                         "moment (retried with backoff)")
         return None
 
-    def _shed(self, needed: int, uploads: bool) -> bool:
-        """Make room in a total: take from the client holding the most (upload bytes, or reply
-        bytes unread and reserved), if it holds more than ``needed``: its newest queued
-        request that holds some is answered ``unavailable`` (it retries with backoff), else
-        (replies) its oldest unread reply is dropped.  False if nobody can give room."""
+    def _shed(self, holding: int, uploads: bool) -> bool:
+        """Make room in a total for a client holding ``holding`` bytes: take from the client
+        holding the most (request bytes, or reply bytes unread and reserved), if that is more:
+        its newest request still queued here is answered ``unavailable`` (it retries with
+        backoff), or else (replies) the oldest reply it has left unread for STALLED seconds is
+        replaced by ``unavailable`` with the same id.  A client reading its replies keeps
+        them.  False if nobody can give room."""
         holdings = (self.req_bytes if uploads else
                     {i: self.outbox_bytes.get(i, 0) + self.reserved.get(i, 0)
                      for i in {*self.outbox_bytes, *self.reserved}})
         for ident, held in sorted(holdings.items(), key=lambda kv: -kv[1]):
-            if held <= needed:
+            if held <= holding:
                 return False
             if self._shed_queued(ident, uploads):
                 return True
-            if not uploads and ident in self.outbox:
-                self._shed_reply(ident)
+            if not uploads and self._shed_reply(ident):
                 return True
         return False
 
@@ -873,32 +875,42 @@ class Broker:
                 self._reply_error(pending.origin, pending.req_id, "unavailable",
                                   "the broker is full and this client holds the most; retry in "
                                   "a moment (retried with backoff)", op=pending.op,
-                                  started=pending.started)
+                                  started=pending.started, admitted=pending.reserve)
                 return True
         return False
 
-    def _shed_reply(self, ident: bytes):
-        box = self.outbox[ident]
-        _, size, _ = box.popleft()
-        self.outbox_bytes[ident] -= size
-        self.total_out -= size
-        if not box:
-            del self.outbox[ident]
-            del self.outbox_bytes[ident]
-        self.shed_replies += 1
-        self.dropped_replies += 1
-        self._undeliverable.warning("event=reply_shed peer=%s error=%r", ident.hex(),
-                                    "the client does not read and another needs the room")
+    def _shed_reply(self, ident: bytes) -> bool:
+        """Replace the oldest reply ``ident`` has left unread for STALLED seconds by a small
+        ``unavailable`` with the same id; False if it is reading (or nothing would be freed)."""
+        box = self.outbox.get(ident)
+        if not box or time.monotonic() - self.outbox_moved.get(ident, 0.0) < limits.STALLED:
+            return False
+        for i, (frames, size, deadline, req_id) in enumerate(box):
+            if req_id is None or size <= SHED_KEEPS:
+                continue
+            error = [p.encode(p.error_reply(req_id, "unavailable", "this client left its "
+                                            "replies unread while others needed the room; "
+                                            "ask again"))]
+            freed = size - len(error[0])
+            box[i] = (error, size - freed, deadline, req_id)
+            self.outbox_bytes[ident] -= freed
+            self.total_out -= freed
+            self.shed_replies += 1
+            self._undeliverable.warning("event=reply_shed peer=%s error=%r", ident.hex(),
+                                        "the client does not read and another needs the room")
+            return True
+        return False
 
     def flush(self):
         """Send what clients' outboxes hold, as far as their queues take it; drop what has
-        passed its deadline."""
+        passed its deadline by INFLIGHT_GRACE (a client still reading matches a late reply by
+        its id)."""
         now = time.monotonic()
         for ident in list(self.outbox):
             box = self.outbox[ident]
             while box:
-                frames, size, deadline = box[0]
-                if deadline > now:
+                frames, size, deadline, _ = box[0]
+                if deadline + limits.INFLIGHT_GRACE > now:
                     if size >= limits.LARGE_REPLY and self._backed_up(ident):
                         break
                     try:
@@ -908,6 +920,7 @@ class Broker:
                     except zmq.ZMQError:
                         self._drop_outbox(ident)      # the client is gone
                         break
+                    self.outbox_moved[ident] = now    # it reads
                 else:
                     self.dropped_replies += 1
                 box.popleft()
@@ -916,6 +929,7 @@ class Broker:
             if not box and ident in self.outbox:
                 del self.outbox[ident]
                 del self.outbox_bytes[ident]
+                del self.outbox_moved[ident]
 
     def _backed_up(self, ident: bytes) -> bool:
         """Whether the kernel still holds more than CLIENT_KERNEL_QUEUE bytes not yet taken by
@@ -930,18 +944,19 @@ class Broker:
             return False
         return queued > limits.CLIENT_KERNEL_QUEUE
 
-    def _hold(self, ident: bytes, frames: list, deadline: float, admitted: int = 0):
+    def _hold(self, ident: bytes, frames: list, deadline: float, admitted: int = 0,
+              req_id=None):
         """Keep a reply for a client whose queue is full.  A reply to an admitted request had
-        its room reserved (``admitted`` bytes): it is kept; only what goes beyond that (a
-        reply larger than its client declared, an error to a request never admitted) must
-        fit the budgets, or is dropped."""
+        its room reserved (``admitted`` bytes, released just before): up to that it is kept;
+        a larger one (a client that declared less than it asked for, an error to a request
+        never admitted) must fit the budgets, or is dropped."""
         size = sum(map(_nbytes, frames))
         held = self.outbox_bytes.get(ident, 0)
         box = self.outbox.get(ident)
-        extra = size - admitted
-        if extra > 0 and (held + size > limits.CLIENT_BYTES
-                          or self.total_out + self.total_reserved + extra > limits.TOTAL_REPLY_BYTES
-                          or (box is not None and len(box) >= limits.OUTBOX_MESSAGES)):
+        if size > admitted and (
+                held + self.reserved.get(ident, 0) + size > limits.CLIENT_BYTES
+                or self.total_out + self.total_reserved + size > limits.TOTAL_REPLY_BYTES
+                or (box is not None and len(box) >= limits.OUTBOX_MESSAGES)):
             self.dropped_replies += 1
             self._undeliverable.warning(
                 "event=undeliverable socket=frontend peer=%s error=%r held=%d", ident.hex(),
@@ -949,7 +964,8 @@ class Broker:
             return
         if box is None:
             box = self.outbox[ident] = collections.deque()
-        box.append((frames, size, deadline))
+            self.outbox_moved[ident] = time.monotonic()
+        box.append((frames, size, deadline, req_id))
         self.outbox_bytes[ident] = held + size
         self.total_out += size
 
@@ -958,6 +974,7 @@ class Broker:
         if box is not None:
             self.dropped_replies += len(box)
             self.total_out -= self.outbox_bytes.pop(ident)
+            del self.outbox_moved[ident]
 
     # --- status ---
 
@@ -990,10 +1007,13 @@ class Broker:
 
     # --- sending ---
 
-    def _deliver(self, origin: dict, body: list, deadline: float | None = None, admitted: int = 0):
+    def _deliver(self, origin: dict, body: list, deadline: float | None = None, admitted: int = 0,
+                 req_id=None):
+        """Send a reply (``body``) to whoever asked; to a client whose queue is full or whose
+        connection is backed up (for a large reply), hold it, counted (:meth:`_hold`)."""
         if origin["via"] == FRONTEND:
             ident = origin["from"]
-            if ident not in self.outbox and (len(body) < 2 or _nbytes(body[1]) < limits.LARGE_REPLY
+            if ident not in self.outbox and (sum(map(_nbytes, body)) < limits.LARGE_REPLY
                                              or not self._backed_up(ident)):
                 try:
                     send_frames(self.frontend, [ident, *body])
@@ -1006,13 +1026,14 @@ class Broker:
                     return
             if deadline is None:
                 deadline = time.monotonic() + limits.DEFAULT_TTL_MS / 1000
-            self._hold(ident, body, deadline, admitted)
+            self._hold(ident, body, deadline, admitted, req_id)
         else:
             self._send(self.backend, [origin["from"], p.encode({"t": "rep"}), *body])
 
     def _reply_error(self, origin: dict, req_id, code: str, message: str, op="unknown",
                      started=None, admitted=0):
-        self._deliver(origin, [p.encode(p.error_reply(req_id, code, message))], admitted=admitted)
+        self._deliver(origin, [p.encode(p.error_reply(req_id, code, message))], admitted=admitted,
+                      req_id=req_id)
         if origin["via"] == FRONTEND:
             elapsed = time.monotonic() - started if started is not None else 0.0
             self.metrics.answered(op if op in p.OP_SERVICE else "unknown", code, elapsed)

@@ -171,6 +171,8 @@ CLIENT_PIPE = 16                    # SNDHWM per client: replies ZeroMQ queues; 
 LARGE_REPLY = 256 * KiB             # a reply with this much data or more goes to a client's
 CLIENT_KERNEL_QUEUE = 1 * MiB       # ZeroMQ queue only while the kernel holds less than this
                                     # for it unread (else it waits in the outbox, counted)
+STALLED = 1.0                       # seconds an outbox may send nothing before its client
+                                    # counts as not reading (its replies may then be shed)
 OUTBOX_MESSAGES = 512               # replies one client's outbox may hold whatever their size
 RECEIVE_PIPE = 16                   # RCVHWM per peer on both broker sockets
 WORKER_PIPE = 16                    # SNDHWM of a worker's link: replies queued towards the broker
@@ -185,7 +187,8 @@ REPLY_GUESS = {"get": 128 * KiB, "ls": 1 * MiB,     # a small file's content; a 
 # MAX_CHUNK_SIZE; an ls page LS_ENTRY_MAX per entry; have what it asked about.  A reply larger
 # than its reservation (a manifest of more than ~3,800 chunks, a false `len`) is kept only
 # while the budgets have room.
-REPLY_BOUND = {"get": 136 * KiB, "fsck": 1 * MiB, "commit_many": 64 * KiB,
+REPLY_BOUND = {"get": 136 * KiB, "get_version": 136 * KiB, "versions": 1 * MiB,
+               "fsck": 1 * MiB, "commit_many": 64 * KiB,
                "status": 64 * KiB, "cache_stats": 16 * KiB,
                "rm_prefix": 64 * KiB}      # the names it removed: at most 32 KiB of them
 MANIFEST_GUESS = 1 * KiB            # a small file's manifest, in a get_many reply

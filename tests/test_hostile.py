@@ -442,9 +442,9 @@ def _keep_sending(socks, messages):
 def test_clients_that_never_read_cannot_make_a_readers_large_replies_drop(cluster):
     """Three clients that never read ask for 4 MiB chunks until they hold the broker's whole
     reply budget (before: a reader's replies of 256 KiB and more were then dropped, and its
-    reads timed out). A reply to an admitted request has its room reserved: the reader's
-    reads of a file in 4 MiB chunks all succeed with no retry, while the non-readers' unread
-    replies are shed to make that room."""
+    reads timed out). A reply to an admitted request has its room reserved, and once the
+    non-readers have left their replies unread for STALLED seconds, those are shed to make
+    room: the reader reads a file of 4 MiB chunks again and again with no retry."""
     hog = random_bytes(32 * MiB, 8)
     mine = random_bytes(24 * MiB, 9)
     with cluster.client(chunk_size=4 * MiB) as c:
@@ -464,6 +464,9 @@ def test_clients_that_never_read_cannot_make_a_readers_large_replies_drop(cluste
                 held = reader.status()["broker"]["held_bytes"]
                 return held["replies"] + held.get("replies_reserved", 0) > 120 * MiB
             wait_for(budget_full, 20, "the non-readers to hold most of the reply budget")
+            full = time.monotonic()
+            wait_for(lambda: budget_full() and time.monotonic() - full > limits.STALLED, 20,
+                     "the non-readers to leave their replies unread for STALLED seconds")
             for _ in range(4):
                 _keep_sending(socks, asks)
                 assert reader.get_bytes("mine") == mine
@@ -512,6 +515,26 @@ def test_many_uploaders_cannot_keep_another_clients_upload_out(slow_cluster):
             sock.close()
     assert status["shed"]["requests"] > 0
     assert status["held_bytes"]["uploads"] <= limits.TOTAL_REQUEST_BYTES
+
+
+def test_large_request_headers_count_in_the_clients_budget(slow_cluster):
+    """A `have` header may be up to 32 MiB: five of 16 MiB sent at once would hold 80 MiB at
+    the broker (before, headers were in no budget: 128 of them could hold 4 GiB). Those over
+    the client's 64 MiB are refused at once."""
+    sock = _dealer(slow_cluster.frontend)
+    header = p.encode({"v": 1, "op": "have", "id": 0, "hashes": [bytes(32)] * (16 * MiB // 34)})
+    refused = []
+    try:
+        for _ in range(5):
+            sock.send(header)
+        while len(refused) < 2:             # the admitted ones may take storage a while
+            reply = p.decode(_recv(sock, 20)[0])
+            if not reply["ok"]:
+                refused.append(reply)
+    finally:
+        sock.close()
+    assert all(r["error"] == "unavailable" and "requests in flight" in r["message"]
+               for r in refused)
 
 
 def test_uploads_over_a_clients_byte_budget_back_off_and_large_chunks_still_upload(make_cluster):
