@@ -557,7 +557,7 @@ def test_uploads_over_a_clients_byte_budget_back_off_and_large_chunks_still_uplo
     finally:
         sock.close()
     refused = [r for r in replies if not r["ok"]]
-    assert refused and all(r["error"] == "unavailable" and "uploads in flight" in r["message"]
+    assert refused and all(r["error"] == "unavailable" and "requests in flight" in r["message"]
                            for r in refused)
     with slow_cluster.client(chunk_size=16 * MiB, timeout=20.0) as c:   # it keeps within it
         data = random_bytes(80 * MiB, 7)
