@@ -87,7 +87,10 @@ def replay(cluster: Cluster, slices: list, cache: bool) -> dict:
              for s in slices]
     for proc in procs:
         proc.start()
-    servers = {p.name: p.pid for p in cluster.procs if p.alive()}
+    live = [p for p in cluster.procs if p.alive()]
+    # Cache workers all run under the name "cache": number them.
+    servers = {f"{p.name}-{i}" if p.name == "cache" else p.name: p.pid
+               for i, p in enumerate(live)}
     barrier.wait()
     cpu0 = {name: _cpu_seconds(pid) for name, pid in servers.items()}
     got = [results.get(timeout=600) for _ in procs]

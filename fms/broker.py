@@ -47,6 +47,15 @@ def _owner_key(op: str, header: dict):
     return key if isinstance(key, (str, bytes)) else None
 
 
+def _read_of(op: str, header: dict):
+    """The GET a chunk request belongs to (``of``, a request id: an int or a short str), for
+    the cache counters; anything else is ignored (it only feeds metrics)."""
+    of = header.get("of") if op == "chunk" else None
+    if isinstance(of, bool) or not isinstance(of, (int, str)):
+        return None
+    return of if isinstance(of, int) or len(of) <= MAX_ID_LEN else None
+
+
 def rendezvous(key, worker_ids) -> str | None:
     """The owner of ``key`` among ``worker_ids``: the one with the highest hash of (id, key).
     Each key has one owner; a worker that leaves or joins moves only the keys it wins."""
@@ -348,7 +357,7 @@ class Broker:
             service = p.STORAGE
         self.dispatch(service, op, req_id, origin, frames[1:], deadline=deadline_of(header),
                       digest=digest, owner=_owner_key(op, header),
-                      read=header.get("of") if op == "chunk" else None, reserve=reserve)
+                      read=_read_of(op, header), reserve=reserve)
 
     def dispatch(self, service: str, op: str, req_id, origin: dict, body: list, exclude=(),
                  started=None, deadline=None, digest=b"", owner=None, read=None, reserve=0):

@@ -137,3 +137,17 @@ def test_read_tally_counts_a_get_as_a_hit_only_when_every_piece_came_from_the_ca
     tally.batch_answered(3, 2)
     assert tally.figures() == {"get_hits": 2 + 3, "get_misses": 1 + 2,
                                "bytes_hit": 100 + 1000 + 500 + 500 + 500, "bytes_missed": 1000}
+
+
+def test_a_chunk_request_tagged_with_junk_is_answered_and_crashes_nothing(make_cluster):
+    cluster, _ = start(make_cluster, 2)
+    data = random_bytes(2 * MiB, 3)
+    with cluster.client() as c:
+        c.put_bytes(data, "f")
+        digest = p.sha256(data[:MiB])
+        for junk in ([1, 2], {"a": 1}, True, "x" * 1000, None):
+            header, frame = c.call("chunk", hash=digest, of=junk)
+            assert bytes(p.unpack_data(frame.buffer)) == data[:MiB]
+        assert c.get_bytes("f") == data
+        assert c.status()["cache"]["get_misses"] == 1
+    assert "message_handling_crashed" not in cluster.procs[0].log()
