@@ -162,8 +162,9 @@ class FmsFileSystem(AbstractFileSystem):
                     found = True
                 except NotFound:
                     pass
-            found = any([bool(page) for page in self.client.rm_prefix(f"{name}/" if name else "")
-                         ]) or found if name else found
+            if name:
+                removed = [page for page in self.client.rm_prefix(f"{name}/") if page]
+                found = found or bool(removed)
             if not found:
                 raise FileNotFoundError(one)
         self.invalidate_cache()
