@@ -79,11 +79,16 @@ def _add(counts: dict, key, delta: int):
             counts.pop(key, None)
 
 
+def _int_in(value, lo: int, hi: float = float("inf")) -> bool:
+    """Whether a decoded field is an int (a bool is not) from ``lo`` to ``hi``."""
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+
 def deadline_of(header: dict) -> float:
     """The broker's own monotonic deadline for a request: now plus the client's relative
     budget ``ttl_ms`` (relative, so no clocks need agree across hosts), within bounds."""
     ttl = header.get("ttl_ms")
-    if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl <= 0:
+    if not _int_in(ttl, 1):
         ttl = limits.DEFAULT_TTL_MS
     return time.monotonic() + min(ttl, limits.MAX_TTL_MS) / 1000
 
@@ -693,7 +698,7 @@ class Broker:
         for name, counter in (("evictions", self.metrics.cache_evictions),
                               ("refused", self.metrics.cache_refused)):
             value = stats.get(name)
-            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            if _int_in(value, 0):
                 seen = self.cache_seen.get((worker.worker_id, name), 0)
                 grown = value - seen if value >= seen else value
                 if grown > 0:
@@ -798,13 +803,12 @@ class Broker:
         if op == "chunk":
             declared = header.get("len")
             seen = self.chunk_sizes.get(digest, 0)
-            if not isinstance(declared, int) or isinstance(declared, bool) or not (
-                    0 <= declared <= p.MAX_CHUNK_SIZE):
+            if not _int_in(declared, 0, p.MAX_CHUNK_SIZE):
                 declared = 0 if seen else p.MAX_CHUNK_SIZE
             return max(declared, seen) + limits.SMALL_REPLY
         if op == "ls":
             page = header.get("limit")
-            if not isinstance(page, int) or isinstance(page, bool) or page < 1:
+            if not _int_in(page, 1):
                 page = p.LS_PAGE_DEFAULT
             return min(page, p.LS_PAGE_MAX) * limits.LS_ENTRY_MAX + limits.SMALL_REPLY
         if op == "get_many":    # inline content up to the batch's limit, and the manifests

@@ -29,6 +29,16 @@ def _dealer(endpoint, **opts):
     return sock
 
 
+def _keep_sending(socks, messages):
+    """Send each socket every message it will take now, without ever reading."""
+    for sock in socks:
+        for frames in messages():
+            try:
+                sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+
+
 def _recv(sock, timeout=5.0):
     assert sock.poll(int(timeout * 1000)), "no reply in time"
     return sock.recv_multipart()
@@ -316,16 +326,21 @@ def test_a_chunk_failing_verification_is_fetched_once_more_from_storage(make_clu
 
 # --- 3. deadlines: work outlives no one ---
 
-@pytest.fixture
-def slow_cluster(make_cluster):
-    """Storage that takes 50 ms a request: 40 requests a second with two workers."""
+def _slow(make_cluster, delay: float):
+    """A cluster whose two storage workers each take ``delay`` seconds a request."""
     cluster = make_cluster()
     cluster.start_broker()
     cluster.start_cache()
     for wid in ("storage-a", "storage-b"):
-        cluster.start_storage(wid=wid, delay=0.05)
+        cluster.start_storage(wid=wid, delay=delay)
     cluster.wait_workers(storage=2, cache=1)
     return cluster
+
+
+@pytest.fixture
+def slow_cluster(make_cluster):
+    """Storage that takes 50 ms a request: 40 requests a second with two workers."""
+    return _slow(make_cluster, 0.05)
 
 
 def _flood(endpoint, clients: int, per_client: int, ttl_ms=None):
@@ -399,21 +414,17 @@ def test_clients_that_never_read_16_mib_chunks_stall_only_themselves(cluster):
         c.put_bytes(big, "big")
         c.put_bytes(small, "small")
         chunks = [p.sha256(big[i:i + 16 * MiB]) for i in range(0, len(big), 16 * MiB)]
+    ids = iter(range(1, 1 << 30))
+
+    def asks():
+        return ([p.encode({"v": 1, "op": "chunk", "id": next(ids), "hash": d})] for d in chunks)
     socks = [_dealer(cluster.frontend, RCVHWM=1, RCVBUF=64 * 1024) for _ in range(8)]
     try:
         with cluster.client(timeout=3.0, retries=0) as legit:
-            n = 0
             end = time.monotonic() + 4
             reads = 0
             while time.monotonic() < end:
-                for sock in socks:
-                    for digest in chunks:
-                        n += 1
-                        try:
-                            sock.send(p.encode({"v": 1, "op": "chunk", "id": n, "hash": digest}),
-                                      zmq.NOBLOCK)
-                        except zmq.Again:
-                            pass
+                _keep_sending(socks, asks)
                 assert legit.get_bytes("small") == small
                 reads += 1
             assert reads >= 3
@@ -427,16 +438,6 @@ def test_clients_that_never_read_16_mib_chunks_stall_only_themselves(cluster):
     assert peak_rss(broker.pid) < 600 * MiB, peak_rss(broker.pid) / MiB
     assert peak_rss(cache.pid) < 400 * MiB, peak_rss(cache.pid) / MiB
     assert all(proc.alive() for proc in cluster.procs)
-
-
-def _keep_sending(socks, messages):
-    """Send each socket every message it will take now, without ever reading."""
-    for sock in socks:
-        for frames in messages():
-            try:
-                sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                break
 
 
 def test_clients_that_never_read_cannot_make_a_readers_large_replies_drop(cluster):
@@ -541,12 +542,7 @@ def test_uploads_over_a_clients_byte_budget_back_off_and_large_chunks_still_uplo
     """128 MiB of uploads sent at once: what is over the client's 64 MiB is refused (storage
     takes 0.5 s a request, so none is answered before all have arrived); fms.Client keeps
     within the budget and uploads a file of 16 MiB chunks."""
-    slow_cluster = make_cluster()
-    slow_cluster.start_broker()
-    slow_cluster.start_cache()
-    for wid in ("storage-a", "storage-b"):
-        slow_cluster.start_storage(wid=wid, delay=0.5)
-    slow_cluster.wait_workers(storage=2, cache=1)
+    slow_cluster = _slow(make_cluster, 0.5)
     sock = _dealer(slow_cluster.frontend)
     chunk = random_bytes(16 * MiB, 6)
     try:
