@@ -66,37 +66,39 @@ import sys
 import tempfile
 import time
 
+from harness import ROOT, Cluster
+
 from fms import wire as p
 from fms.cli import parse_size
 from fms.client import Client
 from fms.errors import FmsError
-from harness import ROOT, Cluster
 
 SMALL = 4 * p.KiB
-LOAD_SECONDS = 5.0         # length of each concurrent-load run
-SMALL_SAMPLES = 2000       # sequential GETs for the latency percentiles
-SMALL_BLOCKS = 10          # ... taken in turns with the floor's, in this many blocks
+LOAD_SECONDS = 5.0  # length of each concurrent-load run
+SMALL_SAMPLES = 2000  # sequential GETs for the latency percentiles
+SMALL_BLOCKS = 10  # ... taken in turns with the floor's, in this many blocks
 MANY_FILES = 1000
-SCALE_FILES = 48           # files of SCALE_FILE bytes fetched cold per storage-worker count
+SCALE_FILES = 48  # files of SCALE_FILE bytes fetched cold per storage-worker count
 SCALE_FILE = 4 * p.MiB
 SCALE_CLIENTS = 4
-PEER_START = 10.0          # seconds for a peer to start listening
-LS_SMALL = 2_000           # names in the store for the first listing ...
-LS_LARGE = 200_000         # ... and for the second (--names)
-LS_FOLDERS = 1000          # folders p000 .. p999 the names spread over
-LS_LISTED = "p500/"        # the folder listed: LS_FOLDER names, in the middle of the key space
+PEER_START = 10.0  # seconds for a peer to start listening
+LS_SMALL = 2_000  # names in the store for the first listing ...
+LS_LARGE = 200_000  # ... and for the second (--names)
+LS_FOLDERS = 1000  # folders p000 .. p999 the names spread over
+LS_LISTED = "p500/"  # the folder listed: LS_FOLDER names, in the middle of the key space
 LS_FOLDER = 200
-LS_BATCH = 5000            # names per put_many while filling the store
-LS_FILL_SECONDS = 300.0    # filling stops after this long; the rows say how many names it reached
-LS_SAMPLES = 20            # warm ls / usage calls timed at each size (fewer if one is slow)
-LS_SAMPLE_SECONDS = 30.0   # ... at most about this long per measurement
+LS_BATCH = 5000  # names per put_many while filling the store
+LS_FILL_SECONDS = 300.0  # filling stops after this long; the rows say how many names it reached
+LS_SAMPLES = 20  # warm ls / usage calls timed at each size (fewer if one is slow)
+LS_SAMPLE_SECONDS = 30.0  # ... at most about this long per measurement
 GC_OVERWRITES = 20
 GC_FILE = 3 * p.MiB
-GC_BASE = 3 * p.MiB // 2   # a file kept throughout: gc must leave its chunks alone
+GC_BASE = 3 * p.MiB // 2  # a file kept throughout: gc must leave its chunks alone
 CLIENT_PY = os.path.join(ROOT, "client.py")
 
 
 # --- peers ---
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -122,8 +124,11 @@ def ensure_tool(binary: str, package: str) -> bool:
     (the benchmark installs nothing itself)."""
     if shutil.which(binary):
         return True
-    print(f"bench: {binary} not found, skipping its comparisons (install it, e.g. "
-          f"`apt-get install {package}`)", file=sys.stderr)
+    print(
+        f"bench: {binary} not found, skipping its comparisons (install it, e.g. "
+        f"`apt-get install {package}`)",
+        file=sys.stderr,
+    )
     return False
 
 
@@ -132,12 +137,16 @@ class Nginx:
 
     def __init__(self, root: str, folder: str, dav: bool = False):
         """:param dav: also accept WebDAV ``PUT`` under ``root`` (ngx_http_dav_module, built
-            into Debian's nginx-light): each upload goes to a temp file, then is renamed into
-            place, creating folders as needed; nothing is fsync'd."""
+        into Debian's nginx-light): each upload goes to a temp file, then is renamed into
+        place, creating folders as needed; nothing is fsync'd."""
         self.port = free_port()
         conf = os.path.join(folder, "nginx.conf")
-        put = (f"location / {{ dav_methods PUT; create_full_put_path on; "
-               f"client_body_temp_path {folder}/body; client_max_body_size 0; }}" if dav else "")
+        put = (
+            f"location / {{ dav_methods PUT; create_full_put_path on; "
+            f"client_body_temp_path {folder}/body; client_max_body_size 0; }}"
+            if dav
+            else ""
+        )
         with open(conf, "w") as f:
             f.write(f"""user root; worker_processes 2; daemon off; pid {folder}/nginx.pid;
 error_log {folder}/nginx-error.log;
@@ -145,8 +154,11 @@ events {{ worker_connections 1024; }}
 http {{ access_log off; sendfile on; tcp_nopush on; keepalive_requests 1000000;
   server {{ listen 127.0.0.1:{self.port}; root {root}; {put} }} }}
 """)
-        self.proc = subprocess.Popen(["nginx", "-c", conf, "-p", folder],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            ["nginx", "-c", conf, "-p", folder],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         _wait_port(self.port, self.proc, "nginx")
 
     def url(self, path: str) -> str:
@@ -163,9 +175,21 @@ http {{ access_log off; sendfile on; tcp_nopush on; keepalive_requests 1000000;
 class Redis:
     def __init__(self):
         self.port = free_port()
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind",
-                                      "127.0.0.1", "--save", "", "--appendonly", "no"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         _wait_port(self.port, self.proc, "redis-server")
 
     def stop(self):
@@ -174,6 +198,7 @@ class Redis:
 
 
 # --- helpers ---
+
 
 def make_file(path: str, size: int):
     """``size`` random bytes at ``path``, fsync'd: a source left dirty would be flushed by
@@ -201,8 +226,9 @@ def make_small_files(folder: str, count: int, size: int = SMALL) -> str:
 
 def run_cli(frontend: str, *args, **kwargs) -> subprocess.CompletedProcess:
     """``client.py --broker FRONTEND --quiet ARGS`` in a new process, as a user runs it."""
-    return subprocess.run([sys.executable, CLIENT_PY, "--broker", frontend, "--quiet", *args],
-                          **kwargs)
+    return subprocess.run(
+        [sys.executable, CLIENT_PY, "--broker", frontend, "--quiet", *args], **kwargs
+    )
 
 
 def timed(fn) -> float:
@@ -225,15 +251,31 @@ def latencies(fn, samples: int) -> list:
     return out
 
 
-def row(name: str, fms_value: float, peer_value, peer: str, unit: str, target: str,
-        higher_is_better: bool = True, met=None) -> dict:
+def row(
+    name: str,
+    fms_value: float,
+    peer_value,
+    peer: str,
+    unit: str,
+    target: str,
+    higher_is_better: bool = True,
+    met=None,
+) -> dict:
     """One comparison; ``ratio`` is fms / peer (a scenario may redefine it, and its target says
     how to read it)."""
     ratio = None
     if peer_value:
         ratio = fms_value / peer_value
-    return {"name": name, "fms": fms_value, "peer": peer_value, "peer_name": peer, "unit": unit,
-            "ratio": ratio, "target": target, "met": met}
+    return {
+        "name": name,
+        "fms": fms_value,
+        "peer": peer_value,
+        "peer_name": peer,
+        "unit": unit,
+        "ratio": ratio,
+        "target": target,
+        "met": met,
+    }
 
 
 def percentile(values, q: float) -> float:
@@ -242,6 +284,7 @@ def percentile(values, q: float) -> float:
 
 
 # --- scenarios ---
+
 
 def bench_large(folder: str, size: int, rounds: int = 3) -> list:
     src = os.path.join(folder, "large.bin")
@@ -261,18 +304,29 @@ def bench_large(folder: str, size: int, rounds: int = 3) -> list:
                 # sync of the copy only (fsync), as fms syncs only what it writes: a global sync
                 # would also pay for whatever other processes on the machine left dirty.  Each
                 # round starts with the other side: the disk is slower just after a big write.
-                sides = [("put", lambda: c.put(src, f"large/{r}")),
-                         ("cp", lambda: subprocess.run(
-                             ["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", src, dst],
-                             check=True))]
-                for side, fn in sides[r % 2:] + sides[:r % 2]:
+                sides = [
+                    ("put", lambda: c.put(src, f"large/{r}")),
+                    (
+                        "cp",
+                        lambda: subprocess.run(
+                            ["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", src, dst], check=True
+                        ),
+                    ),
+                ]
+                for side, fn in sides[r % 2 :] + sides[: r % 2]:
                     rates[side].append(mib / timed(fn))
                 os.unlink(dst)
                 rates["cold"].append(mib / timed(lambda: c.get(f"large/{r}", out)))
                 rates["warm"].append(mib / timed(lambda: c.get(f"large/{r}", out)))
                 if nginx and has_curl:
-                    rates["curl"].append(mib / timed(lambda: subprocess.run(
-                        ["curl", "-sf", "-o", out, nginx.url("large.bin")], check=True)))
+                    rates["curl"].append(
+                        mib
+                        / timed(
+                            lambda: subprocess.run(
+                                ["curl", "-sf", "-o", out, nginx.url("large.bin")], check=True
+                            )
+                        )
+                    )
     finally:
         cluster.stop()
         if nginx:
@@ -283,9 +337,12 @@ def bench_large(folder: str, size: int, rounds: int = 3) -> list:
         _rate_row(f"cold GET {mib:.0f} MiB", med["cold"], med["curl"], "curl from nginx", 0.5),
         _rate_row(f"warm GET {mib:.0f} MiB", med["warm"], med["curl"], "curl from nginx", 0.75),
     ]
-    for r_, (side, peer) in zip(rows, (("put", "cp"), ("cold", "curl"), ("warm", "curl"))):
+    for r_, (side, peer) in zip(
+        rows, (("put", "cp"), ("cold", "curl"), ("warm", "curl")), strict=False
+    ):
         r_["detail"] = "rounds (MiB/s): " + "; ".join(
-            f"{k} {' / '.join(f'{v:.0f}' for v in rates[k])}" for k in (side, peer) if rates[k])
+            f"{k} {' / '.join(f'{v:.0f}' for v in rates[k])}" for k in (side, peer) if rates[k]
+        )
     return rows
 
 
@@ -325,12 +382,14 @@ def _get_loop(ready, frontend: str, name: str, seconds: float, counter, errors):
     _add_counts(counter, done, errors, failed)
 
 
-def _connection_loop(ready, frontend: str, name: str, connections: int, seconds: float,
-                     counter, errors):
+def _connection_loop(
+    ready, frontend: str, name: str, connections: int, seconds: float, counter, errors
+):
     """A load process shaped like one of wrk's threads: ``connections`` DEALER sockets, each
     with one GET in flight at a time (a new one as soon as the last is answered).  Every reply
     is checked: ok, and the content's sha256 as in the manifest."""
     import zmq
+
     ctx = zmq.Context()
     poller = zmq.Poller()
     ids = iter(range(1, 1 << 62))
@@ -353,7 +412,7 @@ def _connection_loop(ready, frontend: str, name: str, connections: int, seconds:
     while time.monotonic() < end:
         events = poller.poll(1000)
         if not events:
-            failed += 1       # a request unanswered for a second counts as failed; resend
+            failed += 1  # a request unanswered for a second counts as failed; resend
             for sock in socks:
                 send(sock)
             continue
@@ -361,8 +420,11 @@ def _connection_loop(ready, frontend: str, name: str, connections: int, seconds:
             frames = sock.recv_multipart(copy=False)
             header = p.decode(frames[0].buffer)
             manifest = header.get("manifest") or {}
-            if (header.get("ok") and len(frames) == 2
-                    and p.sha256(p.unpack_data(frames[1].buffer)) == manifest.get("sha256")):
+            if (
+                header.get("ok")
+                and len(frames) == 2
+                and p.sha256(p.unpack_data(frames[1].buffer)) == manifest.get("sha256")
+            ):
                 done += 1
             else:
                 failed += 1
@@ -388,8 +450,9 @@ def _run_processes(ctx, target, arg_lists) -> float:
     return time.perf_counter() - start
 
 
-def run_load(frontend: str, name: str, clients: int, seconds: float,
-             processes: int | None = None) -> tuple:
+def run_load(
+    frontend: str, name: str, clients: int, seconds: float, processes: int | None = None
+) -> tuple:
     """GET ``name`` from ``clients`` concurrent clients for ``seconds``.
 
     With ``processes`` None, each client is a process of its own using :class:`Client`; else
@@ -403,8 +466,17 @@ def run_load(frontend: str, name: str, clients: int, seconds: float,
         args = [(frontend, name, seconds, counter, errors)] * clients
         elapsed = _run_processes(ctx, _get_loop, args)
     else:
-        args = [(frontend, name, clients // processes + (i < clients % processes), seconds,
-                 counter, errors) for i in range(processes)]
+        args = [
+            (
+                frontend,
+                name,
+                clients // processes + (i < clients % processes),
+                seconds,
+                counter,
+                errors,
+            )
+            for i in range(processes)
+        ]
         elapsed = _run_processes(ctx, _connection_loop, args)
     return counter.value / elapsed, errors.value, elapsed
 
@@ -420,16 +492,19 @@ def bench_small(folder: str) -> list:
         cluster.start_all()
         with cluster.client() as c:
             c.put_bytes(data, "small.bin")
-            c.get_bytes("small.bin")                      # warm the cache
+            c.get_bytes("small.bin")  # warm the cache
             # fms and the floor take turns, a block each, so the machine's load hits both alike.
             lat, floor = [], []
             with floor_round_trip() as floor_trip:
                 for _ in range(SMALL_BLOCKS):
-                    lat += latencies(lambda: c.get_bytes("small.bin"), SMALL_SAMPLES // SMALL_BLOCKS)
+                    lat += latencies(
+                        lambda: c.get_bytes("small.bin"), SMALL_SAMPLES // SMALL_BLOCKS
+                    )
                     floor += latencies(floor_trip, SMALL_SAMPLES // SMALL_BLOCKS)
         redis_lat = None
         if ensure_tool("redis-server", "redis-server") and _has_redis_py():
             import redis
+
             server = Redis()
             try:
                 r = redis.Redis(port=server.port)
@@ -441,19 +516,37 @@ def bench_small(folder: str) -> list:
         for q, label in ((0.5, "p50"), (0.99, "p99")):
             fms_ms = percentile(lat, q) * 1000
             peer_ms = percentile(redis_lat, q) * 1000 if redis_lat else None
-            r_ = row(f"4 KiB GET latency {label}, 1 client", fms_ms, peer_ms, "redis-py GET",
-                     "ms", "p50 <= 3x" if label == "p50" else "(reported)")
+            r_ = row(
+                f"4 KiB GET latency {label}, 1 client",
+                fms_ms,
+                peer_ms,
+                "redis-py GET",
+                "ms",
+                "p50 <= 3x" if label == "p50" else "(reported)",
+            )
             if label == "p50" and peer_ms:
                 r_["met"] = r_["ratio"] <= 3.0
             rows.append(r_)
-        rows.append(row("same round trip through a bare pyzmq proxy + echo process, p50 (the "
-                        "topology's floor in Python)", percentile(floor, 0.5) * 1000,
-                        percentile(redis_lat, 0.5) * 1000 if redis_lat else None, "redis-py GET",
-                        "ms", "(reported)"))
+        rows.append(
+            row(
+                "same round trip through a bare pyzmq proxy + echo process, p50 (the "
+                "topology's floor in Python)",
+                percentile(floor, 0.5) * 1000,
+                percentile(redis_lat, 0.5) * 1000 if redis_lat else None,
+                "redis-py GET",
+                "ms",
+                "(reported)",
+            )
+        )
         for q, label, target in ((0.5, "p50", 1.3), (0.99, "p99", 2.0)):
-            r_ = row(f"4 KiB GET latency {label}, 1 client, against the floor", percentile(lat, q)
-                     * 1000, percentile(floor, q) * 1000, f"bare pyzmq proxy + echo {label}",
-                     "ms", f"<= {target}x")
+            r_ = row(
+                f"4 KiB GET latency {label}, 1 client, against the floor",
+                percentile(lat, q) * 1000,
+                percentile(floor, q) * 1000,
+                f"bare pyzmq proxy + echo {label}",
+                "ms",
+                f"<= {target}x",
+            )
             r_["met"] = r_["ratio"] <= target
             rows.append(r_)
         # Like wrk -t2 -c16: two load processes, 16 connections, one request in flight on each.
@@ -466,19 +559,34 @@ def bench_small(folder: str) -> list:
     if ensure_tool("nginx", "nginx-light") and ensure_tool("wrk", "wrk"):
         nginx = Nginx(root, _sub(folder, "nginx-small"))
         try:
-            out = subprocess.run(["wrk", "-t2", "-c16", f"-d{LOAD_SECONDS:.0f}s",
-                                  nginx.url("small.bin")], capture_output=True, text=True).stdout
+            out = subprocess.run(
+                ["wrk", "-t2", "-c16", f"-d{LOAD_SECONDS:.0f}s", nginx.url("small.bin")],
+                capture_output=True,
+                text=True,
+            ).stdout
             nginx_rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
         finally:
             nginx.stop()
-    r_ = row("4 KiB GET, 16 concurrent connections (2 load processes, like wrk -t2 -c16)",
-             fms_rps, nginx_rps, "nginx under wrk -t2 -c16", "req/s", ">= 0.25x")
+    r_ = row(
+        "4 KiB GET, 16 concurrent connections (2 load processes, like wrk -t2 -c16)",
+        fms_rps,
+        nginx_rps,
+        "nginx under wrk -t2 -c16",
+        "req/s",
+        ">= 0.25x",
+    )
     r_["failed"] = failed
     if nginx_rps:
         r_["met"] = r_["ratio"] >= 0.25 and failed == 0
     rows.append(r_)
-    r_ = row("4 KiB GET, 16 client processes (fms.Client each)", lib_rps, nginx_rps,
-             "nginx under wrk -t2 -c16", "req/s", "(reported)")
+    r_ = row(
+        "4 KiB GET, 16 client processes (fms.Client each)",
+        lib_rps,
+        nginx_rps,
+        "nginx under wrk -t2 -c16",
+        "req/s",
+        "(reported)",
+    )
     r_["failed"] = lib_failed
     rows.append(r_)
     return rows
@@ -486,9 +594,11 @@ def bench_small(folder: str) -> list:
 
 # --- the floor: what the topology costs in Python with no fms logic at all ---
 
+
 def _floor_proxy(frontend: str, backend: str):
     """A bare ROUTER-ROUTER proxy to the first worker that says hello: no decoding, no state."""
     import zmq
+
     ctx = zmq.Context()
     front, back = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
     front.bind(frontend)
@@ -508,6 +618,7 @@ def _floor_proxy(frontend: str, backend: str):
 def _floor_echo(backend: str):
     """A worker that sends every message back as it came."""
     import zmq
+
     sock = zmq.Context().socket(zmq.DEALER)
     sock.connect(backend)
     sock.send(b"hello")
@@ -522,10 +633,13 @@ def floor_round_trip():
     processes, as a cache hit takes through the broker and the cache, minus everything fms
     does."""
     import zmq
+
     ctx = multiprocessing.get_context("spawn")
     frontend, backend = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
-    procs = [ctx.Process(target=_floor_proxy, args=(frontend, backend), daemon=True),
-             ctx.Process(target=_floor_echo, args=(backend,), daemon=True)]
+    procs = [
+        ctx.Process(target=_floor_proxy, args=(frontend, backend), daemon=True),
+        ctx.Process(target=_floor_echo, args=(backend,), daemon=True),
+    ]
     zctx = zmq.Context()
     sock = zctx.socket(zmq.DEALER)
     sock.linger = 0
@@ -541,7 +655,7 @@ def floor_round_trip():
             sock.send_multipart(message)
             sock.recv_multipart()
 
-        latencies(round_trip, 200)             # warm-up
+        latencies(round_trip, 200)  # warm-up
         yield round_trip
     finally:
         sock.close()
@@ -554,10 +668,13 @@ def floor_round_trip():
 def _has_redis_py() -> bool:
     try:
         import redis  # noqa: F401
+
         return True
     except ImportError:
-        print("bench: redis-py not installed (pip install redis); skipping the redis peer",
-              file=sys.stderr)
+        print(
+            "bench: redis-py not installed (pip install redis); skipping the redis peer",
+            file=sys.stderr,
+        )
         return False
 
 
@@ -577,19 +694,28 @@ def bench_many(folder: str, rounds: int = 5) -> list:
         for k in range(rounds):
             src = make_small_files(_sub(root, f"many{k}"), MANY_FILES)
             with cluster.client() as c:
-                c.put_many([(os.path.join(src, n), f"many{k}/{n}")
-                            for n in sorted(os.listdir(src))])
+                c.put_many(
+                    [(os.path.join(src, n), f"many{k}/{n}") for n in sorted(os.listdir(src))]
+                )
             for runs, how in ((cold_s, "cold"), (warm_s, "warm")):
                 dest = os.path.join(folder, f"many-out-{k}-{how}")
-                runs.append(timed(lambda: run_cli(cluster.frontend, "get", "-r", f"many{k}", dest,
-                                                  check=True)))
+                runs.append(
+                    timed(
+                        lambda: run_cli(cluster.frontend, "get", "-r", f"many{k}", dest, check=True)
+                    )
+                )
             if nginx:
                 out = _sub(folder, f"curl-out-{k}")
-                config = _curl_config(os.path.join(folder, f"curl-{k}.cfg"), (
-                    ("output", f"{out}/{name}", nginx.url(f"many{k}/" + name))
-                    for name in sorted(os.listdir(src))))
-                curl_runs.append(timed(lambda: subprocess.run(["curl", "-sf", "-K", config],
-                                                              check=True)))
+                config = _curl_config(
+                    os.path.join(folder, f"curl-{k}.cfg"),
+                    (
+                        ("output", f"{out}/{name}", nginx.url(f"many{k}/" + name))
+                        for name in sorted(os.listdir(src))
+                    ),
+                )
+                curl_runs.append(
+                    timed(lambda: subprocess.run(["curl", "-sf", "-K", config], check=True))
+                )
     finally:
         cluster.stop()
         if nginx:
@@ -599,10 +725,20 @@ def bench_many(folder: str, rounds: int = 5) -> list:
     # Here fms should be faster: ratio = curl time / fms time.
     for label, runs, target in (("cold cache", cold_s, 1.0), ("warm cache", warm_s, 1.5)):
         seconds = statistics.median(runs)
-        r_ = row(f"get -r of {MANY_FILES} x 4 KiB, {label}, median of {rounds}", seconds, curl_s,
-                 "sequential curl, keep-alive", "s", f">= {target}x (curl time / fms time)")
-        r_["detail"] = ("rounds (s): " + " / ".join(f"{v:.3f}" for v in runs) + "; curl "
-                        + " / ".join(f"{v:.3f}" for v in curl_runs))
+        r_ = row(
+            f"get -r of {MANY_FILES} x 4 KiB, {label}, median of {rounds}",
+            seconds,
+            curl_s,
+            "sequential curl, keep-alive",
+            "s",
+            f">= {target}x (curl time / fms time)",
+        )
+        r_["detail"] = (
+            "rounds (s): "
+            + " / ".join(f"{v:.3f}" for v in runs)
+            + "; curl "
+            + " / ".join(f"{v:.3f}" for v in curl_runs)
+        )
         if curl_s:
             r_["ratio"] = curl_s / seconds
             r_["met"] = r_["ratio"] >= target
@@ -612,13 +748,18 @@ def bench_many(folder: str, rounds: int = 5) -> list:
 
 # --- the store as it grows: listing, usage, small uploads, space given back ---
 
+
 def ls_names(total: int):
     """``total`` names: the listed folder (:data:`LS_LISTED`, :data:`LS_FOLDER` names) first,
     then the others one per folder per pass over p000 .. p999, so the first 2,000 spread over
     every folder as evenly as the first 200,000 do, and p500/ sits in the middle."""
     yield from (f"{LS_LISTED}f{i:03d}" for i in range(min(total, LS_FOLDER)))
-    others = (f"p{j:03d}/f{i:04d}" for i in range(1 << 30) for j in range(LS_FOLDERS)
-              if f"p{j:03d}/" != LS_LISTED)
+    others = (
+        f"p{j:03d}/f{i:04d}"
+        for i in range(1 << 30)
+        for j in range(LS_FOLDERS)
+        if f"p{j:03d}/" != LS_LISTED
+    )
     yield from itertools.islice(others, max(0, total - LS_FOLDER))
 
 
@@ -659,32 +800,57 @@ def bench_ls(folder: str, large: int = LS_LARGE) -> list:
         with cluster.client(timeout=60.0) as c:
             for target in (LS_SMALL, large):
                 start = time.monotonic()
-                stored += _fill(c, tiny, itertools.islice(names, target - stored),
-                                start + LS_FILL_SECONDS)
+                stored += _fill(
+                    c, tiny, itertools.islice(names, target - stored), start + LS_FILL_SECONDS
+                )
                 fill_s = time.monotonic() - start
-                print(f"bench: ls: {stored:,} names stored ({fill_s:.0f} s for this step)",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"bench: ls: {stored:,} names stored ({fill_s:.0f} s for this step)",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 listing = c.ls(LS_LISTED)
                 usage = c.usage()
                 wrong += len(listing) != LS_FOLDER or usage["files"] != stored
-                ms[target] = (stored, fill_s, _median_ms(lambda: c.ls(LS_LISTED)),
-                              _median_ms(c.usage), _du(cluster.storage_dir))
+                ms[target] = (
+                    stored,
+                    fill_s,
+                    _median_ms(lambda: c.ls(LS_LISTED)),
+                    _median_ms(c.usage),
+                    _du(cluster.storage_dir),
+                )
     finally:
         cluster.stop()
-    (n_small, _, ls_small, usage_small, du_small), \
-        (n_large, fill_s, ls_large, usage_large, du_large) = ms[LS_SMALL], ms[large]
-    r_ls = row(f"ls of a {LS_FOLDER}-name folder, Python API, warm, median: among {n_large:,} "
-               f"names (filled at {(n_large - n_small) / fill_s:,.0f} names/s) vs among "
-               f"{n_small:,}", ls_large, ls_small, f"same among {n_small:,}", "ms",
-               "<= 1.5x and < 20 ms")
+    (
+        (n_small, _, ls_small, usage_small, du_small),
+        (n_large, fill_s, ls_large, usage_large, du_large),
+    ) = ms[LS_SMALL], ms[large]
+    r_ls = row(
+        f"ls of a {LS_FOLDER}-name folder, Python API, warm, median: among {n_large:,} "
+        f"names (filled at {(n_large - n_small) / fill_s:,.0f} names/s) vs among "
+        f"{n_small:,}",
+        ls_large,
+        ls_small,
+        f"same among {n_small:,}",
+        "ms",
+        "<= 1.5x and < 20 ms",
+    )
     r_ls["met"] = r_ls["ratio"] <= 1.5 and ls_large < 20
-    r_usage = row(f"usage (stats) among {n_large:,} names vs among {n_small:,}", usage_large,
-                  usage_small, f"same among {n_small:,}", "ms", "<= 1.5x (as fast)")
+    r_usage = row(
+        f"usage (stats) among {n_large:,} names vs among {n_small:,}",
+        usage_large,
+        usage_small,
+        f"same among {n_small:,}",
+        "ms",
+        "<= 1.5x (as fast)",
+    )
     r_usage["met"] = r_usage["ratio"] <= 1.5
-    r_ls["detail"] = (f"data dir (du -sb) {du_small / p.MiB:.1f} MiB at {n_small:,} names, "
-                      f"{du_large / p.MiB:.1f} MiB at {n_large:,}")
+    r_ls["detail"] = (
+        f"data dir (du -sb) {du_small / p.MiB:.1f} MiB at {n_small:,} names, "
+        f"{du_large / p.MiB:.1f} MiB at {n_large:,}"
+    )
     for r_ in (r_ls, r_usage):
-        r_["failed"] = wrong      # listings or counts that came back wrong
+        r_["failed"] = wrong  # listings or counts that came back wrong
         r_["met"] = r_["met"] and not wrong
     return [r_ls, r_usage]
 
@@ -698,8 +864,10 @@ def _curl_config(path: str, pairs) -> str:
     return path
 
 
-CURL_PUTS = {"curl -T": [],                            # as typed: 4 KiB bodies wait for 100
-             "curl -T -H 'Expect:'": ["-H", "Expect:"]}  # ... or not (the strongest peer)
+CURL_PUTS = {
+    "curl -T": [],  # as typed: 4 KiB bodies wait for 100
+    "curl -T -H 'Expect:'": ["-H", "Expect:"],
+}  # ... or not (the strongest peer)
 
 
 def bench_putr(folder: str, rounds: int = 3) -> list:
@@ -719,20 +887,39 @@ def bench_putr(folder: str, rounds: int = 3) -> list:
         for k in range(rounds):
             make_small_files(src, MANY_FILES)
             files = sorted(os.listdir(src))
-            runs = [("fms", f"putr-{k}", lambda: run_cli(cluster.frontend, "put", "-r", src,
-                                                         f"putr-{k}", check=True))]
+            runs = [
+                (
+                    "fms",
+                    f"putr-{k}",
+                    lambda: run_cli(cluster.frontend, "put", "-r", src, f"putr-{k}", check=True),
+                )
+            ]
             for j, (peer, options) in enumerate(CURL_PUTS.items() if nginx else ()):
-                config = _curl_config(os.path.join(folder, f"curl-put-{k}-{j}.cfg"), (
-                    ("upload-file", os.path.join(src, n), nginx.url(f"putr-{k}-{j}/{n}"))
-                    for n in files))
-                runs.append((peer, f"putr-{k}-{j}", lambda o=options, c=config: subprocess.run(
-                    ["curl", "-sf", *o, "-K", c], stdout=subprocess.DEVNULL, check=True)))
-            for who, _, fn in runs[k % len(runs):] + runs[:k % len(runs)]:
+                config = _curl_config(
+                    os.path.join(folder, f"curl-put-{k}-{j}.cfg"),
+                    (
+                        ("upload-file", os.path.join(src, n), nginx.url(f"putr-{k}-{j}/{n}"))
+                        for n in files
+                    ),
+                )
+                runs.append(
+                    (
+                        peer,
+                        f"putr-{k}-{j}",
+                        lambda o=options, c=config: subprocess.run(
+                            ["curl", "-sf", *o, "-K", c], stdout=subprocess.DEVNULL, check=True
+                        ),
+                    )
+                )
+            for who, _, fn in runs[k % len(runs) :] + runs[: k % len(runs)]:
                 seconds[who].append(timed(fn))
             with cluster.client() as c:
                 wrong += len(c.ls(f"putr-{k}/")) != MANY_FILES
-            wrong += sum(sorted(os.listdir(os.path.join(www, dest))) != files
-                         for who, dest, _ in runs if who != "fms")
+            wrong += sum(
+                sorted(os.listdir(os.path.join(www, dest))) != files
+                for who, dest, _ in runs
+                if who != "fms"
+            )
     finally:
         cluster.stop()
         if nginx:
@@ -743,8 +930,14 @@ def bench_putr(folder: str, rounds: int = 3) -> list:
         peer_med = statistics.median(seconds[peer]) if seconds[peer] else None
         target = ">= 1.0x (curl time / fms time)" if not rows else "(reported)"
         # Here fms should be at least as fast: ratio = curl time / fms time.
-        r_ = row(f"put -r of {MANY_FILES} x 4 KiB, new content, median of {rounds}", fms_med,
-                 peer_med, f"{peer} to nginx WebDAV, keep-alive", "s", target)
+        r_ = row(
+            f"put -r of {MANY_FILES} x 4 KiB, new content, median of {rounds}",
+            fms_med,
+            peer_med,
+            f"{peer} to nginx WebDAV, keep-alive",
+            "s",
+            target,
+        )
         if peer_med:
             r_["ratio"] = peer_med / fms_med
             if not rows:
@@ -758,14 +951,18 @@ def _du(path: str) -> int:
     """``du -sb PATH`` (apparent bytes, directories included); 0 if it does not exist."""
     if not os.path.exists(path):
         return 0
-    return int(subprocess.run(["du", "-sb", path], capture_output=True, text=True,
-                              check=True).stdout.split()[0])
+    return int(
+        subprocess.run(
+            ["du", "-sb", path], capture_output=True, text=True, check=True
+        ).stdout.split()[0]
+    )
 
 
 def _file_bytes(path: str) -> int:
     """Bytes in the regular files under ``path`` (no directory entries)."""
-    return sum(os.path.getsize(os.path.join(root, n)) for root, _, names in os.walk(path)
-               for n in names)
+    return sum(
+        os.path.getsize(os.path.join(root, n)) for root, _, names in os.walk(path) for n in names
+    )
 
 
 def bench_gc(folder: str) -> list:
@@ -774,10 +971,12 @@ def bench_gc(folder: str) -> list:
     cluster = Cluster(_sub(folder, "gc-cluster"))
     data = cluster.storage_dir
     chunks = os.path.join(data, "chunks")
-    measures = {"du -sb chunks/": lambda c: _du(chunks),
-                "chunk file bytes under chunks/": lambda c: _file_bytes(chunks),
-                "usage() chunk_bytes": lambda c: c.usage()["chunk_bytes"],
-                "du -sb data dir (meta.db included)": lambda c: _du(data)}
+    measures = {
+        "du -sb chunks/": lambda c: _du(chunks),
+        "chunk file bytes under chunks/": lambda c: _file_bytes(chunks),
+        "usage() chunk_bytes": lambda c: c.usage()["chunk_bytes"],
+        "du -sb data dir (meta.db included)": lambda c: _du(data),
+    }
     stages = {}
     gc_said = None
     kept = os.urandom(GC_BASE)
@@ -806,11 +1005,19 @@ def bench_gc(folder: str) -> list:
     rows = []
     for what in measures:
         before, last = stages["before"][what], list(stages.values())[-1][what]
-        r_ = row(f"{what}: after {GC_OVERWRITES} overwrites of {GC_FILE // p.MiB} MiB, rm, "
-                 f"gc --grace 0", last / p.MiB, before / p.MiB, "before", "MiB",
-                 "== before" if what != "du -sb data dir (meta.db included)" else "(reported)")
-        r_["detail"] = ("bytes " + ", ".join(f"{stage} {s[what]:,}" for stage, s in stages.items())
-                        + f"; kept file {'intact' if kept_ok else '**damaged**'}")
+        r_ = row(
+            f"{what}: after {GC_OVERWRITES} overwrites of {GC_FILE // p.MiB} MiB, rm, gc --grace 0",
+            last / p.MiB,
+            before / p.MiB,
+            "before",
+            "MiB",
+            "== before" if what != "du -sb data dir (meta.db included)" else "(reported)",
+        )
+        r_["detail"] = (
+            "bytes "
+            + ", ".join(f"{stage} {s[what]:,}" for stage, s in stages.items())
+            + f"; kept file {'intact' if kept_ok else '**damaged**'}"
+        )
         if r_["target"] == "== before":
             r_["met"] = (last == before and kept_ok) if available else None
         rows.append(r_)
@@ -820,23 +1027,38 @@ def bench_gc(folder: str) -> list:
 
 def bench_rss(folder: str, size: int) -> list:
     import resource
+
     src = os.path.join(folder, "rss.bin")
     make_file(src, size)
     cluster = Cluster(_sub(folder, "rss-cluster"))
     try:
         cluster.start_all(cache_bytes=str(size + size // 2), cache_args=_cached(size))
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        for args in (["put", src, "rss"], ["get", "rss", os.path.join(folder, "rss-cold")],
-                     ["get", "rss", os.path.join(folder, "rss-warm")]):
+        for args in (
+            ["put", src, "rss"],
+            ["get", "rss", os.path.join(folder, "rss-cold")],
+            ["get", "rss", os.path.join(folder, "rss-warm")],
+        ):
             run_cli(cluster.frontend, *args, check=True)
         peaks = cluster.peak_rss()
         peaks["client"] = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) * 1024
     finally:
         cluster.stop()
     gib = size / p.GiB
-    return [dict(row(f"peak RSS, {name}, {gib:.0f} GiB put + cold + warm get", rss / p.MiB, None,
-                     "", "MiB", "< 150 MiB"), met=rss < 150 * p.MiB)
-            for name, rss in peaks.items()]
+    return [
+        dict(
+            row(
+                f"peak RSS, {name}, {gib:.0f} GiB put + cold + warm get",
+                rss / p.MiB,
+                None,
+                "",
+                "MiB",
+                "< 150 MiB",
+            ),
+            met=rss < 150 * p.MiB,
+        )
+        for name, rss in peaks.items()
+    ]
 
 
 def _cold_gets(ready, frontend: str, names: list, errors):
@@ -865,9 +1087,11 @@ def bench_scale(folder: str) -> list:
                     c.put_bytes(os.urandom(SCALE_FILE), name)
                 before = {w["id"]: w["served"] for w in c.status()["workers"]}
             errors = ctx.Value("q", 0)
-            seconds = _run_processes(ctx, _cold_gets,
-                                     [(cluster.frontend, names[k::SCALE_CLIENTS], errors)
-                                      for k in range(SCALE_CLIENTS)])
+            seconds = _run_processes(
+                ctx,
+                _cold_gets,
+                [(cluster.frontend, names[k::SCALE_CLIENTS], errors) for k in range(SCALE_CLIENTS)],
+            )
             with cluster.client() as c:
                 after = {w["id"]: w["served"] for w in c.status()["workers"]}
         finally:
@@ -876,8 +1100,14 @@ def bench_scale(folder: str) -> list:
         mean = statistics.mean(served)
         spread = max(abs(s - mean) / mean for s in served) if mean else 0.0
         rates[n] = SCALE_FILES * SCALE_FILE / p.MiB / seconds
-        r_ = row(f"cache-miss GET, {n} storage worker{'s' if n > 1 else ''}", rates[n],
-                 rates[1], "1 storage worker", "MiB/s", "spread within +-20%")
+        r_ = row(
+            f"cache-miss GET, {n} storage worker{'s' if n > 1 else ''}",
+            rates[n],
+            rates[1],
+            "1 storage worker",
+            "MiB/s",
+            "spread within +-20%",
+        )
         r_["spread"] = spread
         r_["served"] = served
         r_["failed"] = errors.value
@@ -913,22 +1143,32 @@ def _churn(folder: str) -> dict:
     try:
         cluster.start_all(storage=2)
         counter, errors = ctx.Value("q", 0), ctx.Value("q", 0)
-        procs = [ctx.Process(target=_mixed_loop, args=(cluster.frontend, 3 * LOAD_SECONDS,
-                                                       counter, errors)) for _ in range(4)]
+        procs = [
+            ctx.Process(
+                target=_mixed_loop, args=(cluster.frontend, 3 * LOAD_SECONDS, counter, errors)
+            )
+            for _ in range(4)
+        ]
         for proc in procs:
             proc.start()
-        time.sleep(LOAD_SECONDS)                  # the benchmark's own schedule
-        cluster.start_storage(wid="storage-3")   # added
+        time.sleep(LOAD_SECONDS)  # the benchmark's own schedule
+        cluster.start_storage(wid="storage-3")  # added
         time.sleep(LOAD_SECONDS / 2)
-        cluster.proc("storage-1").stop()          # removed cleanly (SIGTERM)
+        cluster.proc("storage-1").stop()  # removed cleanly (SIGTERM)
         time.sleep(LOAD_SECONDS / 2)
-        cluster.proc("storage-2").kill()          # removed by kill -9
+        cluster.proc("storage-2").kill()  # removed by kill -9
         for proc in procs:
             proc.join()
     finally:
         cluster.stop()
-    r_ = row("storage workers added and removed under load (put/get/stat)", counter.value, None,
-             "", "requests", "0 failed")
+    r_ = row(
+        "storage workers added and removed under load (put/get/stat)",
+        counter.value,
+        None,
+        "",
+        "requests",
+        "0 failed",
+    )
     r_["failed"] = errors.value
     r_["met"] = errors.value == 0
     return r_
@@ -945,8 +1185,8 @@ def bench_curve(folder: str, size: int, rounds: int = 3) -> list:
             clusters[mode] = Cluster(_sub(folder, f"curve-{mode}"), curve=(mode == "curve"))
             clusters[mode].start_all(cache_bytes=str(4 * size), cache_args=_cached(size))
         for r in range(rounds):
-            make_file(src, size)   # new content: a real upload and a real cache miss
-            for mode, cluster in clusters.items():   # alternate, so drift hits both alike
+            make_file(src, size)  # new content: a real upload and a real cache miss
+            for mode, cluster in clusters.items():  # alternate, so drift hits both alike
                 with cluster.client(timeout=30.0) as c:
                     samples[mode]["put"].append(timed(lambda: c.put(src, f"c{r}")))
                     samples[mode]["cold get"].append(timed(lambda: c.get(f"c{r}", out)))
@@ -955,9 +1195,17 @@ def bench_curve(folder: str, size: int, rounds: int = 3) -> list:
         for cluster in clusters.values():
             cluster.stop()
     mib = size / p.MiB
-    return [row(f"CURVE {op} {mib:.0f} MiB", mib / statistics.median(samples["curve"][op]),
-                mib / statistics.median(samples["plaintext"][op]), "plaintext fms", "MiB/s",
-                "(cost, reported)") for op in ops]
+    return [
+        row(
+            f"CURVE {op} {mib:.0f} MiB",
+            mib / statistics.median(samples["curve"][op]),
+            mib / statistics.median(samples["plaintext"][op]),
+            "plaintext fms",
+            "MiB/s",
+            "(cost, reported)",
+        )
+        for op in ops
+    ]
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -972,6 +1220,7 @@ def bench_profile(folder: str, seconds: float = LOAD_SECONDS) -> list:
     the load processes (what bounds requests/s on two cores); then py-spy on broker and cache."""
     import collections
     import resource
+
     spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     cluster = Cluster(_sub(folder, "profile-cluster"))
     rows = []
@@ -989,18 +1238,46 @@ def bench_profile(folder: str, seconds: float = LOAD_SECONDS) -> list:
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = {name: _cpu_seconds(pid) - before[name] for name, pid in pids.items()}
         cpu["load processes (with their start-up)"] = (
-            after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime)
+            after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
+        )
         for name, used in cpu.items():
-            rows.append(row(f"{name}: CPU per request at {rps:.0f} req/s (16 connections)",
-                            1e6 * used / max(requests, 1), None, "", "us", "(profile, reported)"))
+            rows.append(
+                row(
+                    f"{name}: CPU per request at {rps:.0f} req/s (16 connections)",
+                    1e6 * used / max(requests, 1),
+                    None,
+                    "",
+                    "us",
+                    "(profile, reported)",
+                )
+            )
         if not os.path.exists(spy):
-            print("bench: py-spy not installed (pip install py-spy); skipping the py-spy part",
-                  file=sys.stderr)
+            print(
+                "bench: py-spy not installed (pip install py-spy); skipping the py-spy part",
+                file=sys.stderr,
+            )
             return rows
-        spies = {name: subprocess.Popen(
-            [spy, "record", "-f", "raw", "-r", "300", "-d", str(int(seconds)), "-o",
-             os.path.join(folder, f"{name}.txt"), "-p", str(pid)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, pid in pids.items()}
+        spies = {
+            name: subprocess.Popen(
+                [
+                    spy,
+                    "record",
+                    "-f",
+                    "raw",
+                    "-r",
+                    "300",
+                    "-d",
+                    str(int(seconds)),
+                    "-o",
+                    os.path.join(folder, f"{name}.txt"),
+                    "-p",
+                    str(pid),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for name, pid in pids.items()
+        }
         rps, _, _ = run_load(cluster.frontend, "small.bin", 16, seconds, processes=2)
         for proc in spies.values():
             proc.wait(60)
@@ -1017,8 +1294,16 @@ def bench_profile(folder: str, seconds: float = LOAD_SECONDS) -> list:
         for frame, count in own.most_common(8):
             print(f"  {100 * count / total:5.1f}%  {frame}")
         idle = sum(c for f, c in own.items() if "poll" in f.lower())
-        rows.append(row(f"{name} time waiting in poll, 16 connections", 100 * idle / max(total, 1),
-                        None, "", "%", "(profile, reported)"))
+        rows.append(
+            row(
+                f"{name} time waiting in poll, 16 connections",
+                100 * idle / max(total, 1),
+                None,
+                "",
+                "%",
+                "(profile, reported)",
+            )
+        )
     return rows
 
 
@@ -1030,9 +1315,14 @@ def _sub(folder: str, name: str) -> str:
 
 # --- report ---
 
+
 def markdown(report: dict) -> str:
-    lines = [f"fms benchmark, {report['date']}, {report['machine']}", "",
-             "| measurement | fms | peer | ratio | target | met |", "|---|---:|---:|---:|---|---|"]
+    lines = [
+        f"fms benchmark, {report['date']}, {report['machine']}",
+        "",
+        "| measurement | fms | peer | ratio | target | met |",
+        "|---|---:|---:|---:|---|---|",
+    ]
     for r in report["rows"]:
         peer = f"{r['peer']:.3g} ({r['peer_name']})" if r["peer"] else (r["peer_name"] or "")
         ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else ""
@@ -1044,28 +1334,46 @@ def markdown(report: dict) -> str:
         if r.get("detail"):
             extra += f"; {r['detail']}"
         met = {True: "yes", False: "**no**", None: ""}[r["met"]]
-        lines.append(f"| {r['name']} | {r['fms']:.3g} {r['unit']} | {peer} | {ratio} | "
-                     f"{r['target']}{extra} | {met} |")
+        lines.append(
+            f"| {r['name']} | {r['fms']:.3g} {r['unit']} | {peer} | {ratio} | "
+            f"{r['target']}{extra} | {met} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 SCENARIOS = ("large", "small", "many", "ls", "putr", "gc", "rss", "scale", "curve", "profile")
-ALIASES = {"meta": ("ls", "putr", "gc")}   # the storage engine's scenarios
+ALIASES = {"meta": ("ls", "putr", "gc")}  # the storage engine's scenarios
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("scenarios", nargs="*", metavar="SCENARIO",
-                        help=f"any of {', '.join(SCENARIOS)}, or meta for "
-                             f"{' '.join(ALIASES['meta'])} (default: all but curve and profile)")
-    parser.add_argument("--size", type=parse_size, default="512M",
-                        help="large file size (%(default)s)")
-    parser.add_argument("--rss-size", type=parse_size, default="2G",
-                        help="file size for the RSS scenario (%(default)s)")
-    parser.add_argument("--names", type=int, default=LS_LARGE,
-                        help=f"names in the large store of the ls scenario (%(default)s; the "
-                             f"small one has {LS_SMALL})")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "scenarios",
+        nargs="*",
+        metavar="SCENARIO",
+        help=f"any of {', '.join(SCENARIOS)}, or meta for "
+        f"{' '.join(ALIASES['meta'])} (default: all but curve and profile)",
+    )
+    parser.add_argument(
+        "--size", type=parse_size, default="512M", help="large file size (%(default)s)"
+    )
+    parser.add_argument(
+        "--rss-size",
+        type=parse_size,
+        default="2G",
+        help="file size for the RSS scenario (%(default)s)",
+    )
+    parser.add_argument(
+        "--names",
+        type=int,
+        default=LS_LARGE,
+        help=f"names in the large store of the ls scenario (%(default)s; the "
+        f"small one has {LS_SMALL})",
+    )
     parser.add_argument("--out", default="bench-results", help="results folder (%(default)s)")
     args = parser.parse_args(argv)
     args.scenarios = [s for name in args.scenarios for s in ALIASES.get(name, (name,))]
@@ -1073,15 +1381,22 @@ def main(argv=None) -> int:
         parser.error(f"--names must be more than {LS_SMALL}")
     unknown = set(args.scenarios) - set(SCENARIOS)
     if unknown:
-        parser.error(f"unknown scenario {', '.join(sorted(unknown))}; choose from "
-                     f"{', '.join(SCENARIOS)}")
+        parser.error(
+            f"unknown scenario {', '.join(sorted(unknown))}; choose from {', '.join(SCENARIOS)}"
+        )
     chosen = args.scenarios or [s for s in SCENARIOS if s not in ("curve", "profile")]
-    runners = {"large": lambda f: bench_large(f, args.size), "small": bench_small,
-               "many": bench_many, "ls": lambda f: bench_ls(f, args.names), "putr": bench_putr,
-               "gc": bench_gc, "rss": lambda f: bench_rss(f, args.rss_size),
-               "scale": bench_scale,
-               "curve": lambda f: bench_curve(f, min(args.size, 256 * p.MiB)),
-               "profile": bench_profile}
+    runners = {
+        "large": lambda f: bench_large(f, args.size),
+        "small": bench_small,
+        "many": bench_many,
+        "ls": lambda f: bench_ls(f, args.names),
+        "putr": bench_putr,
+        "gc": bench_gc,
+        "rss": lambda f: bench_rss(f, args.rss_size),
+        "scale": bench_scale,
+        "curve": lambda f: bench_curve(f, min(args.size, 256 * p.MiB)),
+        "profile": bench_profile,
+    }
     rows = []
     with tempfile.TemporaryDirectory(prefix="fms-bench-") as folder:
         for name in chosen:
@@ -1089,10 +1404,13 @@ def main(argv=None) -> int:
             scenario_folder = _sub(folder, name)
             rows += runners[name](scenario_folder)
             shutil.rmtree(scenario_folder, ignore_errors=True)
-    report = {"date": datetime.date.today().isoformat(),
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-                         f"Python {platform.python_version()}",
-              "scenarios": chosen, "rows": rows}
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}",
+        "scenarios": chosen,
+        "rows": rows,
+    }
     write_report(report, markdown(report), args.out, f"bench-{report['date']}")
     return 0
 

@@ -62,6 +62,7 @@ def store_files(cluster: Cluster, sizes: list):
 def _replay(frontend: str, files: list, cache: bool, barrier, results):
     """One client process: GET each file, verified; report (GETs, seconds, CPU, errors)."""
     import fms
+
     errors = 0
     with fms.Client(frontend, timeout=CLIENT_TIMEOUT, cache=cache) as c:
         barrier.wait()
@@ -72,8 +73,15 @@ def _replay(frontend: str, files: list, cache: bool, barrier, results):
             except fms.FmsError:
                 errors += 1
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-        results.put((len(files), start, time.monotonic(),
-                     cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, errors))
+        results.put(
+            (
+                len(files),
+                start,
+                time.monotonic(),
+                cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime,
+                errors,
+            )
+        )
 
 
 def replay(cluster: Cluster, slices: list, cache: bool) -> dict:
@@ -83,14 +91,15 @@ def replay(cluster: Cluster, slices: list, cache: bool) -> dict:
     """
     ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(len(slices) + 1), ctx.Queue()
-    procs = [ctx.Process(target=_replay, args=(cluster.frontend, s, cache, barrier, results))
-             for s in slices]
+    procs = [
+        ctx.Process(target=_replay, args=(cluster.frontend, s, cache, barrier, results))
+        for s in slices
+    ]
     for proc in procs:
         proc.start()
     live = [p for p in cluster.procs if p.alive()]
     # Cache workers all run under the name "cache": number them.
-    servers = {f"{p.name}-{i}" if p.name == "cache" else p.name: p.pid
-               for i, p in enumerate(live)}
+    servers = {f"{p.name}-{i}" if p.name == "cache" else p.name: p.pid for i, p in enumerate(live)}
     barrier.wait()
     cpu0 = {name: _cpu_seconds(pid) for name, pid in servers.items()}
     got = [results.get(timeout=600) for _ in procs]
@@ -101,8 +110,13 @@ def replay(cluster: Cluster, slices: list, cache: bool) -> dict:
     seconds = max(g[2] for g in got) - min(g[1] for g in got)
     cpu = {name: 1000 * (cpu1[name] - cpu0[name]) / gets for name in servers}
     cpu["clients"] = 1000 * sum(g[3] for g in got) / gets
-    return {"gets": gets, "seconds": seconds, "rate": gets / seconds,
-            "errors": sum(g[4] for g in got), "cpu_ms_per_get": cpu}
+    return {
+        "gets": gets,
+        "seconds": seconds,
+        "rate": gets / seconds,
+        "errors": sum(g[4] for g in got),
+        "cpu_ms_per_get": cpu,
+    }
 
 
 def split(gets: list, parts: int) -> list:
@@ -124,13 +138,15 @@ def start_cluster(folder: str, caches: int, chunks: list) -> Cluster:
 def restart_caches(cluster: Cluster, caches: int):
     """Empty caches: stopped, their folders removed, started again."""
     import shutil
+
     for proc in [p for p in cluster.procs if p.name == "cache" and p.alive()]:
         proc.stop()
     cluster.wait_workers(storage=2, cache=0)
     for i in range(1, caches + 1):
         wid = f"cache-{i}"
-        shutil.rmtree(cluster.cache_dir if wid == "cache-1" else str(cluster.tmp / wid),
-                      ignore_errors=True)
+        shutil.rmtree(
+            cluster.cache_dir if wid == "cache-1" else str(cluster.tmp / wid), ignore_errors=True
+        )
         cluster.start_cache(max_bytes=str(t.CACHE_BYTES // caches), wid=wid)
     cluster.wait_workers(storage=2, cache=caches)
 
@@ -143,8 +159,11 @@ def tally(cluster: Cluster) -> dict:
 def ratio_of(before: dict, after: dict) -> dict:
     d = {k: after[k] - before[k] for k in ("get_hits", "get_misses", "bytes_hit", "bytes_missed")}
     gets, nbytes = d["get_hits"] + d["get_misses"], d["bytes_hit"] + d["bytes_missed"]
-    return {"request": d["get_hits"] / gets if gets else 0.0,
-            "byte": d["bytes_hit"] / nbytes if nbytes else 0.0, "gets": gets}
+    return {
+        "request": d["get_hits"] / gets if gets else 0.0,
+        "byte": d["bytes_hit"] / nbytes if nbytes else 0.0,
+        "gets": gets,
+    }
 
 
 def warm_reads(cluster: Cluster, args) -> dict:
@@ -157,10 +176,10 @@ def warm_reads(cluster: Cluster, args) -> dict:
     per_round = args.clients * args.gets
     for r in range(args.rounds):
         pair = {}
-        order = (True, False) if r % 2 == 0 else (False, True)   # either side goes first
+        order = (True, False) if r % 2 == 0 else (False, True)  # either side goes first
         for k, cache in enumerate(order):
             start = (2 * r + k) * per_round
-            chunk = rest[start:start + per_round]
+            chunk = rest[start : start + per_round]
             before = tally(cluster)
             result = replay(cluster, split(chunk, args.clients), cache)
             if cache:
@@ -168,13 +187,19 @@ def warm_reads(cluster: Cluster, args) -> dict:
             pair["cache" if cache else "storage"] = result
         pair["ratio"] = pair["cache"]["rate"] / pair["storage"]["rate"]
         rounds.append(pair)
-        print(f"cachebench: round {r + 1}: through the cache {pair['cache']['rate']:.0f} GETs/s, "
-              f"no cache {pair['storage']['rate']:.0f} GETs/s: {pair['ratio']:.2f}x",
-              file=sys.stderr, flush=True)
-    return {"warm_up": warmed, "rounds": rounds,
-            "median_ratio": statistics.median(p["ratio"] for p in rounds),
-            "median_cache_rate": statistics.median(p["cache"]["rate"] for p in rounds),
-            "median_storage_rate": statistics.median(p["storage"]["rate"] for p in rounds)}
+        print(
+            f"cachebench: round {r + 1}: through the cache {pair['cache']['rate']:.0f} GETs/s, "
+            f"no cache {pair['storage']['rate']:.0f} GETs/s: {pair['ratio']:.2f}x",
+            file=sys.stderr,
+            flush=True,
+        )
+    return {
+        "warm_up": warmed,
+        "rounds": rounds,
+        "median_ratio": statistics.median(p["ratio"] for p in rounds),
+        "median_cache_rate": statistics.median(p["cache"]["rate"] for p in rounds),
+        "median_storage_rate": statistics.median(p["storage"]["rate"] for p in rounds),
+    }
 
 
 def trace_ratios(cluster: Cluster, args) -> dict:
@@ -186,8 +211,12 @@ def trace_ratios(cluster: Cluster, args) -> dict:
         before = tally(cluster)
         replay(cluster, split(trace.gets, args.clients), cache=True)
         out[alpha] = {"fms cluster": ratio_of(before, tally(cluster)), **simulated[alpha]}
-        print(f"cachebench: Zipf {alpha}: {100 * out[alpha]['fms cluster']['request']:.1f} % of "
-              f"GETs hit", file=sys.stderr, flush=True)
+        print(
+            f"cachebench: Zipf {alpha}: {100 * out[alpha]['fms cluster']['request']:.1f} % of "
+            f"GETs hit",
+            file=sys.stderr,
+            flush=True,
+        )
     return out
 
 
@@ -197,8 +226,12 @@ def run(backend: str, folder: str, chunks: list, args) -> dict:
     try:
         started = time.monotonic()
         store_files(cluster, sizes)
-        print(f"cachebench [{backend}]: stored {len(sizes)} files, {sum(sizes) / t.MiB:.0f} MiB "
-              f"in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+        print(
+            f"cachebench [{backend}]: stored {len(sizes)} files, {sum(sizes) / t.MiB:.0f} MiB "
+            f"in {time.monotonic() - started:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
         result = {"backend": backend, "warm": warm_reads(cluster, args)}
         if args.traces:
             result["traces"] = trace_ratios(cluster, args)
@@ -208,40 +241,57 @@ def run(backend: str, folder: str, chunks: list, args) -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# Cache benchmark, {report['date']}", "", report["machine"], "",
-             f"{report['clients']} clients, {report['caches']} cache worker(s) sharing 64 MiB, "
-             f"2 storage workers; Zipf 0.9 trace, warm; medians of {report['rounds']} "
-             f"alternated rounds of {report['gets']} GETs per client.", "",
-             "| chunks | through the cache, GETs/s | no cache, GETs/s | ratio | GET hit ratio | "
-             "CPU ms/GET: cache(s) | storage (no cache) | broker (cache / none) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Cache benchmark, {report['date']}",
+        "",
+        report["machine"],
+        "",
+        f"{report['clients']} clients, {report['caches']} cache worker(s) sharing 64 MiB, "
+        f"2 storage workers; Zipf 0.9 trace, warm; medians of {report['rounds']} "
+        f"alternated rounds of {report['gets']} GETs per client.",
+        "",
+        "| chunks | through the cache, GETs/s | no cache, GETs/s | ratio | GET hit ratio | "
+        "CPU ms/GET: cache(s) | storage (no cache) | broker (cache / none) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for run_ in report["runs"]:
         warm = run_["warm"]
         last = warm["rounds"][-1]
-        caches = sum(v for k, v in last["cache"]["cpu_ms_per_get"].items()
-                     if k.startswith("cache"))
-        storage = sum(v for k, v in last["storage"]["cpu_ms_per_get"].items()
-                      if k.startswith("storage"))
-        lines.append(f"| {run_['backend']} | {warm['median_cache_rate']:.0f} | "
-                     f"{warm['median_storage_rate']:.0f} | {warm['median_ratio']:.2f}x | "
-                     f"{100 * last['cache']['hit_ratio']['request']:.0f} % | {caches:.2f} | "
-                     f"{storage:.2f} | {last['cache']['cpu_ms_per_get']['broker']:.2f} / "
-                     f"{last['storage']['cpu_ms_per_get']['broker']:.2f} |")
+        caches = sum(v for k, v in last["cache"]["cpu_ms_per_get"].items() if k.startswith("cache"))
+        storage = sum(
+            v for k, v in last["storage"]["cpu_ms_per_get"].items() if k.startswith("storage")
+        )
+        lines.append(
+            f"| {run_['backend']} | {warm['median_cache_rate']:.0f} | "
+            f"{warm['median_storage_rate']:.0f} | {warm['median_ratio']:.2f}x | "
+            f"{100 * last['cache']['hit_ratio']['request']:.0f} % | {caches:.2f} | "
+            f"{storage:.2f} | {last['cache']['cpu_ms_per_get']['broker']:.2f} / "
+            f"{last['storage']['cpu_ms_per_get']['broker']:.2f} |"
+        )
         for pair in warm["rounds"]:
-            lines.append(f"|  round | {pair['cache']['rate']:.0f} | {pair['storage']['rate']:.0f}"
-                         f" | {pair['ratio']:.2f}x | | | | |")
+            lines.append(
+                f"|  round | {pair['cache']['rate']:.0f} | {pair['storage']['rate']:.0f}"
+                f" | {pair['ratio']:.2f}x | | | | |"
+            )
     for run_ in report["runs"]:
         if "traces" not in run_:
             continue
         names = list(cachesim.POLICIES)
-        lines += ["", f"Request / byte hit ratio, % ({run_['backend']}): the cluster beside the "
-                      f"simulated policies", "",
-                  "| trace | fms cluster | " + " | ".join(names) + " |",
-                  "|---" * (len(names) + 2) + "|"]
+        lines += [
+            "",
+            f"Request / byte hit ratio, % ({run_['backend']}): the cluster beside the "
+            f"simulated policies",
+            "",
+            "| trace | fms cluster | " + " | ".join(names) + " |",
+            "|---" * (len(names) + 2) + "|",
+        ]
         for alpha, row in run_["traces"].items():
             cells = [row["fms cluster"]] + [row[n] for n in names]
-            lines.append(f"| Zipf {alpha} | " + " | ".join(
-                f"{100 * c['request']:.1f} / {100 * c['byte']:.1f}" for c in cells) + " |")
+            lines.append(
+                f"| Zipf {alpha} | "
+                + " | ".join(f"{100 * c['request']:.1f} / {100 * c['byte']:.1f}" for c in cells)
+                + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -252,30 +302,45 @@ def main(argv=None) -> int:
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--gets", type=int, default=1000, help="GETs per client per round")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--traces", action="store_true",
-                    help="also the hit ratios of every trace beside the simulation")
+    ap.add_argument(
+        "--traces",
+        action="store_true",
+        help="also the hit ratios of every trace beside the simulation",
+    )
     ap.add_argument("--out", default="bench-results")
     args = ap.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))    # run the finally blocks
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
     runs = []
     with tempfile.TemporaryDirectory(prefix="fms-cachebench-") as folder:
         runs.append(run("local directory", os.path.join(folder, "local"), [], args))
         if args.s3:
             from servers import SeaweedS3
+
             s3 = SeaweedS3()
             try:
                 s3.launch()
-                os.environ.update(s3.env())       # inherited by the storage workers
+                os.environ.update(s3.env())  # inherited by the storage workers
                 bucket = s3.make_bucket()
-                runs.append(run("SeaweedFS S3", os.path.join(folder, "s3"),
-                                ["--chunks", f"s3://{bucket}/chunks"], args))
+                runs.append(
+                    run(
+                        "SeaweedFS S3",
+                        os.path.join(folder, "s3"),
+                        ["--chunks", f"s3://{bucket}/chunks"],
+                        args,
+                    )
+                )
             finally:
                 s3.cleanup()
-    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
-                         f"{platform.python_version()}, load {os.getloadavg()[0]:.2f}",
-              "clients": args.clients, "caches": args.caches, "gets": args.gets,
-              "rounds": args.rounds, "runs": runs}
+    report = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}, load {os.getloadavg()[0]:.2f}",
+        "clients": args.clients,
+        "caches": args.caches,
+        "gets": args.gets,
+        "rounds": args.rounds,
+        "runs": runs,
+    }
     write_report(report, markdown(report), args.out, f"cachebench-{report['date'][:10]}")
     return 0
 

@@ -28,7 +28,7 @@ from fms.cache.policy import WTinyLFU
 
 from . import traces as t
 
-SCAN_WINDOW = 100    # GETs before and after the scan that are compared
+SCAN_WINDOW = 100  # GETs before and after the scan that are compared
 
 
 class LRU:
@@ -116,10 +116,10 @@ class ExactTinyLFU:
     def _count(self, key):
         self.counts[key] += 1
         self.seen += 1
-        if self.seen >= 10 * max(1024, len(self.window) + len(self.probation)
-                                 + len(self.protected)):
-            self.counts = collections.Counter({k: c // 2 for k, c in self.counts.items()
-                                               if c > 1})
+        if self.seen >= 10 * max(
+            1024, len(self.window) + len(self.probation) + len(self.protected)
+        ):
+            self.counts = collections.Counter({k: c // 2 for k, c in self.counts.items() if c > 1})
             self.seen //= 2
 
     def request(self, key, size, _next_use=None) -> bool:
@@ -169,8 +169,8 @@ class Belady:
 
     def __init__(self, capacity):
         self.capacity, self.bytes = capacity, 0
-        self.entries = {}      # key -> (size, next use)
-        self.heap = []         # (-next use, key), lazily deleted
+        self.entries = {}  # key -> (size, next use)
+        self.heap = []  # (-next use, key), lazily deleted
 
     def request(self, key, size, next_use) -> bool:
         hit = key in self.entries
@@ -183,7 +183,7 @@ class Belady:
                 entry = self.entries.get(victim)
                 if entry is None or entry[1] != -neg:
                     continue
-                if -neg <= next_use:        # everything resident is needed sooner: bypass
+                if -neg <= next_use:  # everything resident is needed sooner: bypass
                     heapq.heappush(self.heap, (neg, victim))
                     return hit
                 del self.entries[victim]
@@ -208,14 +208,20 @@ class FmsPolicy:
         return hit
 
 
-POLICIES = {"LRU": LRU, "S3-FIFO": S3FIFO, "W-TinyLFU": ExactTinyLFU, "Belady": Belady,
-            "fms": FmsPolicy}
+POLICIES = {
+    "LRU": LRU,
+    "S3-FIFO": S3FIFO,
+    "W-TinyLFU": ExactTinyLFU,
+    "Belady": Belady,
+    "fms": FmsPolicy,
+}
 
 
 def requests_of(trace: t.Trace) -> list:
     """Per GET: its chunk keys and sizes, with each chunk's next use (for Belady)."""
-    reqs = [[((f, i), size) for i, size in enumerate(t.chunks_of(trace.sizes[f]))]
-            for f in trace.gets]
+    reqs = [
+        [((f, i), size) for i, size in enumerate(t.chunks_of(trace.sizes[f]))] for f in trace.gets
+    ]
     next_use, far = {}, len(reqs) + 1
     out = [None] * len(reqs)
     for n in range(len(reqs) - 1, -1, -1):
@@ -228,7 +234,7 @@ def requests_of(trace: t.Trace) -> list:
 def simulate(policy, trace: t.Trace, reqs: list) -> dict:
     """Replay ``reqs`` through ``policy``; :return: hits per GET (bool list) and byte totals."""
     seen, hits, bytes_hit, total = set(), [], 0, 0
-    for f, chunks in zip(trace.gets, reqs):
+    for f, chunks in zip(trace.gets, reqs, strict=False):
         manifest_hit = f in seen
         seen.add(f)
         all_hit = manifest_hit
@@ -249,18 +255,22 @@ def run(gets: int = t.GETS, capacity: int = t.CACHE_BYTES, names=tuple(POLICIES)
         row = result["zipf"][alpha] = {"file_bytes": sum(trace.sizes)}
         for name in names:
             sim = simulate(POLICIES[name](capacity), trace, reqs)
-            row[name] = {"request": sum(sim["hits"]) / len(sim["hits"]),
-                         "byte": sim["bytes_hit"] / sim["bytes"]}
+            row[name] = {
+                "request": sum(sim["hits"]) / len(sim["hits"]),
+                "byte": sim["bytes_hit"] / sim["bytes"],
+            }
     trace = t.scan_trace(0.9, gets=gets)
     reqs = requests_of(trace)
-    result["scan"]["scan_bytes"] = sum(trace.sizes[t.FILES:])
+    result["scan"]["scan_bytes"] = sum(trace.sizes[t.FILES :])
     for name in names:
         hits = simulate(POLICIES[name](capacity), trace, reqs)["hits"]
-        before = hits[trace.scan_at - SCAN_WINDOW:trace.scan_at]
+        before = hits[trace.scan_at - SCAN_WINDOW : trace.scan_at]
         start = trace.scan_at + trace.scan_len
-        after = hits[start:start + SCAN_WINDOW]
-        result["scan"][name] = {"before": sum(before) / len(before),
-                                "after": sum(after) / len(after)}
+        after = hits[start : start + SCAN_WINDOW]
+        result["scan"][name] = {
+            "before": sum(before) / len(before),
+            "after": sum(after) / len(after),
+        }
     return result
 
 
@@ -268,13 +278,22 @@ def table(result: dict) -> str:
     names = [n for n in POLICIES if n in result["scan"]]
     lines = ["| trace | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for alpha, row in result["zipf"].items():
-        lines.append(f"| Zipf {alpha} request | " + " | ".join(
-            f"{100 * row[n]['request']:.1f}" for n in names) + " |")
-        lines.append(f"| Zipf {alpha} byte | " + " | ".join(
-            f"{100 * row[n]['byte']:.1f}" for n in names) + " |")
+        lines.append(
+            f"| Zipf {alpha} request | "
+            + " | ".join(f"{100 * row[n]['request']:.1f}" for n in names)
+            + " |"
+        )
+        lines.append(
+            f"| Zipf {alpha} byte | "
+            + " | ".join(f"{100 * row[n]['byte']:.1f}" for n in names)
+            + " |"
+        )
     for when in ("before", "after"):
-        lines.append(f"| scan: {SCAN_WINDOW} GETs {when} | " + " | ".join(
-            f"{100 * result['scan'][n][when]:.0f}" for n in names) + " |")
+        lines.append(
+            f"| scan: {SCAN_WINDOW} GETs {when} | "
+            + " | ".join(f"{100 * result['scan'][n][when]:.0f}" for n in names)
+            + " |"
+        )
     return "\n".join(lines)
 
 

@@ -4,8 +4,8 @@
 
 Each scenario starts its own cluster (broker, cache, two storage workers, on random loopback
 ports), runs one attack for a bounded time with a well-behaved client beside it that reads a
-200 KiB file and a 16 MiB file of 4 MiB chunks every 0.2 s, and reports each process's peak RSS (VmHWM) and what the well-behaved
-client saw (reads that succeeded / failed, its slowest read).
+200 KiB file and a 16 MiB file of 4 MiB chunks every 0.2 s, and reports each process's peak
+RSS (VmHWM) and what the well-behaved client saw (reads that succeeded / failed, its slowest read).
 
 - ``bomb``: 15 frames of 32 MiB of empty msgpack arrays to the frontend, 3 to the backend;
 - ``flood``: clients send 128 have/ls each (the most they may have in flight), then leave;
@@ -23,9 +23,9 @@ import time
 
 import msgpack
 import zmq
+from harness import Cluster
 
 from fms import wire as p
-from harness import Cluster
 
 MiB = p.MiB
 
@@ -48,7 +48,7 @@ class Legit(threading.Thread):
                     start = time.monotonic()
                     try:
                         good = c.get_bytes(name) == data
-                    except Exception:  # noqa: BLE001 - counted
+                    except Exception:
                         good = False
                     self.slowest = max(self.slowest, time.monotonic() - start)
                     if good:
@@ -87,8 +87,16 @@ def flood(cluster, seconds, clients, big):
         for _ in range(clients):
             sock = _dealer(cluster.frontend)
             for i in range(128):
-                sock.send(p.encode({"v": 1, "op": "ls" if i % 2 else "have", "id": i,
-                                    "hashes": [bytes(32)] * 512}))
+                sock.send(
+                    p.encode(
+                        {
+                            "v": 1,
+                            "op": "ls" if i % 2 else "have",
+                            "id": i,
+                            "hashes": [bytes(32)] * 512,
+                        }
+                    )
+                )
             socks.append(sock)
         time.sleep(1.0)
         for sock in socks:
@@ -104,8 +112,9 @@ def nonreaders(cluster, seconds, clients, big):
             for digest in big["chunks"]:
                 n += 1
                 try:
-                    sock.send(p.encode({"v": 1, "op": "chunk", "id": n, "hash": digest}),
-                              zmq.NOBLOCK)
+                    sock.send(
+                        p.encode({"v": 1, "op": "chunk", "id": n, "hash": digest}), zmq.NOBLOCK
+                    )
                 except zmq.Again:
                     pass
         time.sleep(0.1)
@@ -117,10 +126,11 @@ def uploaders(cluster, seconds, clients, big):
     """One more connection than the upload total has room for, each keeping its 64 MiB of
     1 MiB uploads in flight, never reading; the legit client also uploads beside them."""
     chunk = os.urandom(MiB - 64)
-    header, data = p.encode({"v": 1, "op": "put_chunk", "id": 0, "hash": p.sha256(chunk)}), \
-        p.pack_data(chunk)
-    socks = [_dealer(cluster.frontend, rcvhwm=1)
-             for _ in range(max(clients, 9))]
+    header, data = (
+        p.encode({"v": 1, "op": "put_chunk", "id": 0, "hash": p.sha256(chunk)}),
+        p.pack_data(chunk),
+    )
+    socks = [_dealer(cluster.frontend, rcvhwm=1) for _ in range(max(clients, 9))]
     end = time.monotonic() + seconds
     ok = failed = 0
     with cluster.client(timeout=10.0, retries=0) as c:
@@ -134,7 +144,7 @@ def uploaders(cluster, seconds, clients, big):
             try:
                 c.put_bytes(os.urandom(2 * MiB), "legit-upload")
                 ok += 1
-            except Exception:  # noqa: BLE001 - counted
+            except Exception:
                 failed += 1
     print(f"uploaders: the legit client's 2 MiB uploads beside them: ok={ok} failed={failed}")
     for sock in socks:
@@ -160,8 +170,13 @@ def slowreaders(cluster, seconds, clients, big):
         t.join(60)
 
 
-SCENARIOS = {"bomb": bomb, "flood": flood, "nonreaders": nonreaders, "slowreaders": slowreaders,
-             "uploaders": uploaders}
+SCENARIOS = {
+    "bomb": bomb,
+    "flood": flood,
+    "nonreaders": nonreaders,
+    "slowreaders": slowreaders,
+    "uploaders": uploaders,
+}
 
 
 def run(name, seconds, clients):
@@ -170,7 +185,7 @@ def run(name, seconds, clients):
         try:
             cluster.start_all(storage=2, cache_bytes="1G")
             files = {"legit": os.urandom(200 * 1024), "legit-large": os.urandom(16 * MiB)}
-            with cluster.client(chunk_size=4 * MiB) as c:     # replies over 256 KiB
+            with cluster.client(chunk_size=4 * MiB) as c:  # replies over 256 KiB
                 c.put_bytes(files["legit-large"], "legit-large")
             with cluster.client(chunk_size=16 * MiB) as c:
                 c.put_bytes(files["legit"], "legit")
@@ -186,13 +201,19 @@ def run(name, seconds, clients):
         finally:
             cluster.stop()
     rss = " ".join(f"{proc}={rss / MiB:.0f}MiB" for proc, rss in peaks.items())
-    print(f"{name:<12} peak RSS: {rss} | legit reads ok={legit.ok} failed={legit.failed} "
-          f"slowest={legit.slowest:.2f}s | all alive={alive}", flush=True)
+    print(
+        f"{name:<12} peak RSS: {rss} | legit reads ok={legit.ok} failed={legit.failed} "
+        f"slowest={legit.slowest:.2f}s | all alive={alive}",
+        flush=True,
+    )
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.floods", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.floods",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--only", nargs="*", choices=sorted(SCENARIOS), default=None)

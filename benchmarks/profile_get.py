@@ -5,8 +5,9 @@ new content, a cold GET (every chunk a cache miss) and a warm one (every chunk a
 
 Starts a cluster (broker, cache, two storage workers), then runs ``client.py put`` of ``--size``
 of new content (fsync'd before), ``client.py get`` (cold) and again (warm), each under
-``py-spy record`` while py-spy also samples the broker, the cache and the storage workers.  Prints, per process, the samples it was
-busy (not idle) and the functions with the most samples of their own (self time), and writes
+``py-spy record`` while py-spy also samples the broker, the cache and the storage workers.
+Prints, per process, the samples it was busy (not idle) and the functions with the most samples
+of their own (self time), and writes
 py-spy's raw (collapsed-stack) files to ``OUT/profile-{put,cold,warm}-PROCESS.txt``.  Needs
 py-spy (``pip install py-spy``) and the right to trace other processes (root, or
 ``kernel.yama.ptrace_scope=0``).
@@ -22,12 +23,13 @@ import sys
 import tempfile
 import time
 
-from benchmarks.bench import CLIENT_PY, _cached, make_file
-from fms.cli import parse_size
 from harness import Cluster
 
-TOP = 12                   # functions shown per process
-SPY_START = 1.0            # seconds for py-spy to attach before the GET starts
+from benchmarks.bench import CLIENT_PY, _cached, make_file
+from fms.cli import parse_size
+
+TOP = 12  # functions shown per process
+SPY_START = 1.0  # seconds for py-spy to attach before the GET starts
 
 
 def _py_spy() -> str:
@@ -58,16 +60,49 @@ def profile(cluster: Cluster, spy: str, label: str, cli_args: list, out: str, ra
     paths, spies = {}, []
     for proc in cluster.procs:
         paths[proc.name] = os.path.join(out, f"profile-{label}-{proc.name}.txt")
-        spies.append(subprocess.Popen([spy, "record", "--pid", str(proc.pid), "--rate", str(rate),
-                                       "--format", "raw", "--output", paths[proc.name]],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    time.sleep(SPY_START)          # py-spy attaches; nothing to wait on but its own start
+        spies.append(
+            subprocess.Popen(
+                [
+                    spy,
+                    "record",
+                    "--pid",
+                    str(proc.pid),
+                    "--rate",
+                    str(rate),
+                    "--format",
+                    "raw",
+                    "--output",
+                    paths[proc.name],
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+    time.sleep(SPY_START)  # py-spy attaches; nothing to wait on but its own start
     paths["client"] = os.path.join(out, f"profile-{label}-client.txt")
     start = time.perf_counter()
-    subprocess.run([spy, "record", "--rate", str(rate), "--format", "raw", "--output",
-                    paths["client"], "--", sys.executable, CLIENT_PY, "--broker",
-                    cluster.frontend, "--quiet", *cli_args],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            spy,
+            "record",
+            "--rate",
+            str(rate),
+            "--format",
+            "raw",
+            "--output",
+            paths["client"],
+            "--",
+            sys.executable,
+            CLIENT_PY,
+            "--broker",
+            cluster.frontend,
+            "--quiet",
+            *cli_args,
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     seconds = time.perf_counter() - start
     for s in spies:
         s.send_signal(signal.SIGINT)
@@ -77,8 +112,11 @@ def profile(cluster: Cluster, spy: str, label: str, cli_args: list, out: str, ra
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.profile_get", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.profile_get",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--size", type=parse_size, default=parse_size("512M"))
     ap.add_argument("--rate", type=int, default=250, help="samples per second (%(default)s)")
     ap.add_argument("--out", default="bench-results")
@@ -91,11 +129,16 @@ def main(argv=None) -> int:
             cluster.start_all(cache_bytes=str(2 * args.size), cache_args=_cached(args.size))
             src, dest = os.path.join(folder, "src.bin"), os.path.join(folder, "out.bin")
             make_file(src, args.size)
-            for label, cli_args in (("put", ["put", src, "large"]), ("cold", ["get", "large", dest]),
-                                    ("warm", ["get", "large", dest])):
+            for label, cli_args in (
+                ("put", ["put", src, "large"]),
+                ("cold", ["get", "large", dest]),
+                ("warm", ["get", "large", dest]),
+            ):
                 run = profile(cluster, spy, label, cli_args, args.out, args.rate)
-                print(f"\n== {label} of {args.size / 2**20:.0f} MiB: {run['seconds']:.2f} s "
-                      f"(under py-spy; {args.rate} samples/s per process)")
+                print(
+                    f"\n== {label} of {args.size / 2**20:.0f} MiB: {run['seconds']:.2f} s "
+                    f"(under py-spy; {args.rate} samples/s per process)"
+                )
                 for proc, path in run["paths"].items():
                     if not os.path.exists(path):
                         print(f"-- {proc}: no samples (py-spy could not attach?)")

@@ -38,12 +38,18 @@ class Boto3Client:
     def __init__(self, server, bucket, threads, **checksums):
         import boto3
         from botocore.config import Config
+
         self.bucket = bucket
         self.c = boto3.client(
-            "s3", endpoint_url=server.endpoint_url, aws_access_key_id=server.access_key,
-            aws_secret_access_key=server.secret_key, region_name=server.region,
-            config=Config(s3={"addressing_style": "path"}, max_pool_connections=threads + 2,
-                          **checksums))
+            "s3",
+            endpoint_url=server.endpoint_url,
+            aws_access_key_id=server.access_key,
+            aws_secret_access_key=server.secret_key,
+            region_name=server.region,
+            config=Config(
+                s3={"addressing_style": "path"}, max_pool_connections=threads + 2, **checksums
+            ),
+        )
 
     def put(self, key, data):
         self.c.put_object(Bucket=self.bucket, Key=key, Body=data)
@@ -55,11 +61,17 @@ class Boto3Client:
 class Boto3NoChecksum(Boto3Client):
     """boto3 with the flexible checksums (CRC32 by default since botocore 1.36) only where an
     operation requires them."""
+
     name = "boto3-nocrc"
 
     def __init__(self, server, bucket, threads):
-        super().__init__(server, bucket, threads, request_checksum_calculation="when_required",
-                         response_checksum_validation="when_required")
+        super().__init__(
+            server,
+            bucket,
+            threads,
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
 
 
 class ObstoreClient:
@@ -68,12 +80,17 @@ class ObstoreClient:
     def __init__(self, server, bucket, threads):
         import obstore
         from obstore.store import S3Store
+
         self.obstore = obstore
-        self.store = S3Store(bucket, endpoint=server.endpoint_url,
-                             access_key_id=server.access_key,
-                             secret_access_key=server.secret_key, region=server.region,
-                             virtual_hosted_style_request=False,
-                             client_options={"allow_http": True})
+        self.store = S3Store(
+            bucket,
+            endpoint=server.endpoint_url,
+            access_key_id=server.access_key,
+            secret_access_key=server.secret_key,
+            region=server.region,
+            virtual_hosted_style_request=False,
+            client_options={"allow_http": True},
+        )
 
     def put(self, key, data):
         self.obstore.put(self.store, key, data)
@@ -87,10 +104,16 @@ class MinioClient:
 
     def __init__(self, server, bucket, threads):
         from minio import Minio
+
         self.bucket = bucket
         host = server.endpoint_url.split("://", 1)[1]
-        self.c = Minio(host, access_key=server.access_key, secret_key=server.secret_key,
-                       secure=False, region=server.region)
+        self.c = Minio(
+            host,
+            access_key=server.access_key,
+            secret_key=server.secret_key,
+            secure=False,
+            region=server.region,
+        )
 
     def put(self, key, data):
         self.c.put_object(self.bucket, key, io.BytesIO(data), len(data))
@@ -122,8 +145,7 @@ def timed(fn, items, threads, server_pid):
     else:
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(fn, items))
-    return (time.perf_counter() - t0, cpu_seconds() - c0,
-            proc_cpu_seconds(server_pid) - s0)
+    return (time.perf_counter() - t0, cpu_seconds() - c0, proc_cpu_seconds(server_pid) - s0)
 
 
 def main():
@@ -137,46 +159,67 @@ def main():
     wanted = args.clients.split(",")
     clients = [c for c in CLIENTS if c.name in wanted]
 
+    import boto3
+    import botocore
+    import minio
+    import obstore
     from servers import SeaweedS3
-    import boto3, botocore, minio, obstore  # noqa: E401 - versions for the report
-    print(f"python {sys.version.split()[0]}; boto3 {boto3.__version__} (botocore "
-          f"{botocore.__version__}), obstore {obstore.__version__}, minio {minio.__version__}; "
-          f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}")
+
+    print(
+        f"python {sys.version.split()[0]}; boto3 {boto3.__version__} (botocore "
+        f"{botocore.__version__}), obstore {obstore.__version__}, minio {minio.__version__}; "
+        f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}"
+    )
     payloads = [os.urandom(MiB) for _ in range(args.objects)]
     server = SeaweedS3()
     try:
         server.launch()
-        print(f"SeaweedFS {server.endpoint_url} started in {server.start_seconds:.1f} s; "
-              f"{args.objects} objects of 1 MiB, rounds {args.rounds}")
+        print(
+            f"SeaweedFS {server.endpoint_url} started in {server.start_seconds:.1f} s; "
+            f"{args.objects} objects of 1 MiB, rounds {args.rounds}"
+        )
         bucket = server.make_bucket()
-        results = {}   # (client, threads, op) -> [(MiB/s, cpu s per MiB)]
+        results = {}  # (client, threads, op) -> [(MiB/s, cpu s per MiB)]
         for threads in threads_list:
             for rnd in range(args.rounds):
-                order = clients[rnd % len(clients):] + clients[:rnd % len(clients)]
+                order = clients[rnd % len(clients) :] + clients[: rnd % len(clients)]
                 for cls in order:
                     cl = cls(server, bucket, threads)
                     keys = [f"{cls.name}/t{threads}/r{rnd}/{i:05d}" for i in range(args.objects)]
-                    cl.put(keys[0] + "-warm", payloads[0])     # connection set-up off the clock
+                    cl.put(keys[0] + "-warm", payloads[0])  # connection set-up off the clock
                     cl.get(keys[0] + "-warm")
-                    wall, cpu, scpu = timed(lambda i: cl.put(keys[i], payloads[i]),
-                                            range(args.objects), threads, server.proc.pid)
+                    wall, cpu, scpu = timed(
+                        lambda i: cl.put(keys[i], payloads[i]),
+                        range(args.objects),
+                        threads,
+                        server.proc.pid,
+                    )
                     results.setdefault((cls.name, threads, "PUT"), []).append(
-                        (args.objects / wall, cpu / args.objects, scpu / args.objects))
+                        (args.objects / wall, cpu / args.objects, scpu / args.objects)
+                    )
 
                     def get_check(i):
                         if cl.get(keys[i]) != payloads[i]:
                             raise AssertionError(f"{cls.name}: {keys[i]} read back differs")
-                    wall, cpu, scpu = timed(get_check, range(args.objects), threads,
-                                            server.proc.pid)
+
+                    wall, cpu, scpu = timed(
+                        get_check, range(args.objects), threads, server.proc.pid
+                    )
                     results.setdefault((cls.name, threads, "GET"), []).append(
-                        (args.objects / wall, cpu / args.objects, scpu / args.objects))
+                        (args.objects / wall, cpu / args.objects, scpu / args.objects)
+                    )
         print()
-        print(f"{'op':4} {'threads':>7} {'client':12} {'MiB/s':>8} {'(rounds)':>18} "
-              f"{'ratio':>6} {'client CPU ms/MiB':>17} {'server CPU ms/MiB':>17}")
+        print(
+            f"{'op':4} {'threads':>7} {'client':12} {'MiB/s':>8} {'(rounds)':>18} "
+            f"{'ratio':>6} {'client CPU ms/MiB':>17} {'server CPU ms/MiB':>17}"
+        )
         for op in ("PUT", "GET"):
             for threads in threads_list:
-                base = statistics.mean(r[0] for r in results[("boto3", threads, op)]) \
-                    if ("boto3", threads, op) in results else None
+                base = (
+                    statistics.mean(r[0] for r in results[("boto3", threads, op)])
+                    if ("boto3", threads, op) in results
+                    else None
+                )
                 for cls in clients:
                     rs = results[(cls.name, threads, op)]
                     mean = statistics.mean(r[0] for r in rs)
@@ -184,8 +227,10 @@ def main():
                     scpu = statistics.mean(r[2] for r in rs) * 1000
                     per = "/".join(f"{r[0]:.0f}" for r in rs)
                     ratio = f"{mean / base:.2f}" if base else "-"
-                    print(f"{op:4} {threads:>7} {cls.name:12} {mean:8.1f} {per:>18} "
-                          f"{ratio:>6} {cpu:17.2f} {scpu:17.2f}")
+                    print(
+                        f"{op:4} {threads:>7} {cls.name:12} {mean:8.1f} {per:>18} "
+                        f"{ratio:>6} {cpu:17.2f} {scpu:17.2f}"
+                    )
     finally:
         server.cleanup()
 

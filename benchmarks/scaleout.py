@@ -34,14 +34,15 @@ import sys
 import tempfile
 import time
 
+from harness import Cluster
+
 from benchmarks.bench import _add_counts, _cpu_seconds, _sub, write_report
 from fms import wire as p
 from fms.client import Client
 from fms.errors import FmsError
-from harness import Cluster
 
 FILE = 4 * p.MiB
-CLIENT_TIMEOUT = 30.0    # seconds per request: 16 clients share 2 cores with every server
+CLIENT_TIMEOUT = 30.0  # seconds per request: 16 clients share 2 cores with every server
 
 
 def start_store_cluster(cluster: Cluster, workers: int, store_args: list):
@@ -57,6 +58,7 @@ def start_store_cluster(cluster: Cluster, workers: int, store_args: list):
 
 
 # --- load ---
+
 
 def _own_cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
@@ -76,7 +78,7 @@ def _client(ready, frontend: str, op: str, names: list, cpu, errors):
                 if op == "put":
                     c.put_bytes(blobs[name], name)
                 else:
-                    c.get_bytes(name)       # verifies every chunk and the whole file
+                    c.get_bytes(name)  # verifies every chunk and the whole file
             except FmsError:
                 failed += 1
         used = _own_cpu() - start
@@ -84,6 +86,7 @@ def _client(ready, frontend: str, op: str, names: list, cpu, errors):
 
 
 # --- CPU accounting from /proc ---
+
 
 def _tree_cpu(pid: int, parents: dict) -> float:
     """CPU seconds of ``pid``, of its children it has reaped and of its live descendants
@@ -93,9 +96,10 @@ def _tree_cpu(pid: int, parents: dict) -> float:
             fields = f.read().rsplit(")", 1)[1].split()
         total = _cpu_seconds(pid) + (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
     except (FileNotFoundError, ProcessLookupError):
-        return 0.0       # exited between the listing and the read
-    return total + sum(_tree_cpu(child, parents) for child, parent in parents.items()
-                       if parent == pid)
+        return 0.0  # exited between the listing and the read
+    return total + sum(
+        _tree_cpu(child, parents) for child, parent in parents.items() if parent == pid
+    )
 
 
 def _parents() -> dict:
@@ -124,15 +128,20 @@ def _machine() -> tuple:
 
 def measure(cluster: Cluster, servers: dict, op: str, names: list, clients: int) -> dict:
     """One timed phase: ``clients`` processes ``op`` the ``names`` between them; CPU is counted
-    from the moment all are connected and ready (as in benchmarks.bench._run_processes) to the end."""
+    from the moment all are connected and ready (as in benchmarks.bench._run_processes) to the
+    end."""
     pids = {proc.name: proc.pid for proc in cluster.procs}
     pids.update({name: server.proc.pid for name, server in servers.items()})
     with cluster.client() as c:
         served = {w["id"]: w["served"] for w in c.status()["workers"]}
     ctx = multiprocessing.get_context("spawn")
     cpu, errors, ready = ctx.Value("d", 0.0), ctx.Value("q", 0), ctx.Barrier(clients + 1)
-    procs = [ctx.Process(target=_client, args=(ready, cluster.frontend, op, names[k::clients],
-                                               cpu, errors)) for k in range(clients)]
+    procs = [
+        ctx.Process(
+            target=_client, args=(ready, cluster.frontend, op, names[k::clients], cpu, errors)
+        )
+        for k in range(clients)
+    ]
     for proc in procs:
         proc.start()
     ready.wait(timeout=60)
@@ -140,19 +149,31 @@ def measure(cluster: Cluster, servers: dict, op: str, names: list, clients: int)
     for proc in procs:
         proc.join()
     seconds = time.perf_counter() - start
-    after, machine = _sample(pids), [b - a for a, b in zip(machine, _machine())]
+    after, machine = _sample(pids), [b - a for a, b in zip(machine, _machine(), strict=False)]
     with cluster.client() as c:
-        served = {w: n - served.get(w, 0) for w, n in
-                  ((w["id"], w["served"]) for w in c.status()["workers"]) if w.startswith("stor")}
+        served = {
+            w: n - served.get(w, 0)
+            for w, n in ((w["id"], w["served"]) for w in c.status()["workers"])
+            if w.startswith("stor")
+        }
     used = {name: after[name] - before[name] for name in pids}
     used["clients"] = cpu.value
     mib = len(names) * FILE / p.MiB
-    return {"op": op, "files": len(names), "clients": clients, "seconds": seconds,
-            "mib_s": mib / seconds, "failed": errors.value, "served": served,
-            "cpu_s": used, "cpu_ms_per_request": {k: 1000 * v / len(names) for k, v in used.items()},
-            "busy": {k: v / seconds for k, v in used.items()},
-            "machine_busy_cores": machine[0] / seconds, "machine_iowait": machine[1] / seconds,
-            "ours_busy_cores": sum(used.values()) / seconds}
+    return {
+        "op": op,
+        "files": len(names),
+        "clients": clients,
+        "seconds": seconds,
+        "mib_s": mib / seconds,
+        "failed": errors.value,
+        "served": served,
+        "cpu_s": used,
+        "cpu_ms_per_request": {k: 1000 * v / len(names) for k, v in used.items()},
+        "busy": {k: v / seconds for k, v in used.items()},
+        "machine_busy_cores": machine[0] / seconds,
+        "machine_iowait": machine[1] / seconds,
+        "ours_busy_cores": sum(used.values()) / seconds,
+    }
 
 
 def run(label: str, folder: str, workers: int, store_args, servers: dict, args) -> list:
@@ -171,8 +192,12 @@ def run(label: str, folder: str, workers: int, store_args, servers: dict, args) 
     get.update(cache_entries_before=cached, cache_hits=cache["hits"], cache_misses=cache["misses"])
     for r in (put, get):
         r.update(store=label, workers=workers)
-        print(f"scaleout: {label}, {workers} worker(s), {r['op']}: {r['mib_s']:.1f} MiB/s, "
-              f"{r['failed']} failed", file=sys.stderr, flush=True)
+        print(
+            f"scaleout: {label}, {workers} worker(s), {r['op']}: {r['mib_s']:.1f} MiB/s, "
+            f"{r['failed']} failed",
+            file=sys.stderr,
+            flush=True,
+        )
     return [put, get]
 
 
@@ -195,54 +220,76 @@ def projection(r: dict) -> dict:
     mib = r["files"] * FILE / p.MiB
     cpu = _grouped(r, "cpu_s")
     server = sum(cpu.get(k, 0.0) for k in SERVER_PARTS)
-    ceil = {"broker (1 core)": mib / cpu["broker"] if cpu["broker"] else None,
-            "cache (1 core)": mib / cpu["cache"] if r["op"] == "get" else None,
-            f"storage ({r['workers']} x 1 core)": r["workers"] * mib / cpu["storage"]}
-    return {"server_cpu_ms_per_mib": 1000 * server / mib,
-            "server_mib_s_per_core": mib / server,
-            "ceilings_mib_s": ceil,
-            "projected_mib_s": {cores: min([cores * mib / server] + [v for v in ceil.values() if v])
-                                for cores in (2, 4, 8, 16)}}
+    ceil = {
+        "broker (1 core)": mib / cpu["broker"] if cpu["broker"] else None,
+        "cache (1 core)": mib / cpu["cache"] if r["op"] == "get" else None,
+        f"storage ({r['workers']} x 1 core)": r["workers"] * mib / cpu["storage"],
+    }
+    return {
+        "server_cpu_ms_per_mib": 1000 * server / mib,
+        "server_mib_s_per_core": mib / server,
+        "ceilings_mib_s": ceil,
+        "projected_mib_s": {
+            cores: min([cores * mib / server] + [v for v in ceil.values() if v])
+            for cores in (2, 4, 8, 16)
+        },
+    }
 
 
 def markdown(report: dict) -> str:
     rows = report["runs"]
-    lines = [f"fms scale-out, {report['date']}, {report['machine']}; {report['files']} files of "
-             f"4 MiB; PUT by {report['put_clients']} clients, cold GET by "
-             f"{report['get_clients']} clients", "",
-             "CPU ms per request (one 4 MiB file), busy = CPU s / wall s (1.0 = one core):", "",
-             "| store | workers | op | MiB/s | wall s | failed | requests per worker | broker | "
-             "cache | storage (sum) | postgresql | seaweedfs | clients | all | busy: broker / "
-             "cache / storage / pg / weed / clients | cores busy: ours / whole machine "
-             "(iowait) |",
-             "|---|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    lines = [
+        f"fms scale-out, {report['date']}, {report['machine']}; {report['files']} files of "
+        f"4 MiB; PUT by {report['put_clients']} clients, cold GET by "
+        f"{report['get_clients']} clients",
+        "",
+        "CPU ms per request (one 4 MiB file), busy = CPU s / wall s (1.0 = one core):",
+        "",
+        "| store | workers | op | MiB/s | wall s | failed | requests per worker | broker | "
+        "cache | storage (sum) | postgresql | seaweedfs | clients | all | busy: broker / "
+        "cache / storage / pg / weed / clients | cores busy: ours / whole machine "
+        "(iowait) |",
+        "|---|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
     for r in rows:
         ms, busy = _grouped(r, "cpu_ms_per_request"), _grouped(r, "busy")
-        cell = lambda d, k: f"{d[k]:.0f}" if k in d else "-"          # noqa: E731
+        cell = lambda d, k: f"{d[k]:.0f}" if k in d else "-"  # noqa: E731
         lines.append(
             f"| {r['store']} | {r['workers']} | {r['op']} | {r['mib_s']:.1f} | {r['seconds']:.1f} "
             f"| {r['failed']} | {'/'.join(str(v) for v in r['served'].values())} | "
             + " | ".join(cell(ms, k) for k in (*SERVER_PARTS, "clients"))
             + f" | {sum(ms.values()):.0f} | "
-            + " / ".join(f"{busy[k]:.2f}" if k in busy else "-"
-                         for k in (*SERVER_PARTS, "clients"))
+            + " / ".join(f"{busy[k]:.2f}" if k in busy else "-" for k in (*SERVER_PARTS, "clients"))
             + f" | {r['ours_busy_cores']:.2f} / {r['machine_busy_cores']:.2f} "
-              f"({r['machine_iowait']:.2f}) |")
-    lines += ["", "Cold GET check: cache hits during the GET phase (must be 0): "
-              + ", ".join(f"{r['store']} x{r['workers']}: {r['cache_hits']} hits / "
-                          f"{r['cache_misses']} misses" for r in rows if r["op"] == "get"),
-              "", "Projection (clients elsewhere): server CPU per MiB, and the MiB/s ceilings "
-              "of the single-threaded parts:", "",
-              "| store | workers | op | server CPU ms/MiB | MiB/s per core | broker ceiling | "
-              "cache ceiling | storage ceiling | 2 cores | 4 | 8 | 16 |",
-              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            f"({r['machine_iowait']:.2f}) |"
+        )
+    lines += [
+        "",
+        "Cold GET check: cache hits during the GET phase (must be 0): "
+        + ", ".join(
+            f"{r['store']} x{r['workers']}: {r['cache_hits']} hits / {r['cache_misses']} misses"
+            for r in rows
+            if r["op"] == "get"
+        ),
+        "",
+        "Projection (clients elsewhere): server CPU per MiB, and the MiB/s ceilings "
+        "of the single-threaded parts:",
+        "",
+        "| store | workers | op | server CPU ms/MiB | MiB/s per core | broker ceiling | "
+        "cache ceiling | storage ceiling | 2 cores | 4 | 8 | 16 |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         pr = r["projection"]
         ceil = list(pr["ceilings_mib_s"].values())
-        lines.append(f"| {r['store']} | {r['workers']} | {r['op']} | "
-                     f"{pr['server_cpu_ms_per_mib']:.1f} | {pr['server_mib_s_per_core']:.0f} | "
-                     + " | ".join(f"{v:.0f}" if v else "-" for v in ceil) + " | "
-                     + " | ".join(f"{v:.0f}" for v in pr["projected_mib_s"].values()) + " |")
+        lines.append(
+            f"| {r['store']} | {r['workers']} | {r['op']} | "
+            f"{pr['server_cpu_ms_per_mib']:.1f} | {pr['server_mib_s_per_core']:.0f} | "
+            + " | ".join(f"{v:.0f}" if v else "-" for v in ceil)
+            + " | "
+            + " | ".join(f"{v:.0f}" for v in pr["projected_mib_s"].values())
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -252,44 +299,61 @@ def main(argv=None) -> int:
     ap.add_argument("--put-clients", type=int, default=8)
     ap.add_argument("--get-clients", type=int, default=16)
     ap.add_argument("--workers", default="1,2,4", help="storage worker counts (%(default)s)")
-    ap.add_argument("--reference", type=int, default=2,
-                    help="storage workers of the SQLite + local dir reference run (0: none)")
+    ap.add_argument(
+        "--reference",
+        type=int,
+        default=2,
+        help="storage workers of the SQLite + local dir reference run (0: none)",
+    )
     ap.add_argument("--out", default="bench-results", help="results folder (%(default)s)")
     args = ap.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))    # run the finally blocks
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
 
     from servers import PostgresServer, SeaweedS3
+
     pg, s3 = PostgresServer(), SeaweedS3()
     runs = []
     try:
         with tempfile.TemporaryDirectory(prefix="fms-scaleout-") as folder:
             pg.launch()
             s3.launch()
-            os.environ.update(s3.env())       # inherited by the storage workers
+            os.environ.update(s3.env())  # inherited by the storage workers
             servers = {"postgresql": pg, "seaweedfs": s3}
-            print(f"scaleout: PostgreSQL {pg.url}, SeaweedFS {s3.endpoint_url}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"scaleout: PostgreSQL {pg.url}, SeaweedFS {s3.endpoint_url}",
+                file=sys.stderr,
+                flush=True,
+            )
             for n in (int(w) for w in args.workers.split(",")):
                 db, bucket = pg.new_database(), s3.make_bucket()
                 try:
-                    runs += run("postgresql+s3", _sub(folder, f"pg-s3-{n}"), n,
-                                ["--meta", db, "--chunks", f"s3://{bucket}/chunks"], servers, args)
+                    runs += run(
+                        "postgresql+s3",
+                        _sub(folder, f"pg-s3-{n}"),
+                        n,
+                        ["--meta", db, "--chunks", f"s3://{bucket}/chunks"],
+                        servers,
+                        args,
+                    )
                 finally:
                     pg.drop_database(db)
                     s3.delete_bucket(bucket)
             if args.reference:
-                runs += run("sqlite+localdir", _sub(folder, "sqlite"), args.reference, [], {},
-                            args)
+                runs += run("sqlite+localdir", _sub(folder, "sqlite"), args.reference, [], {}, args)
     finally:
         s3.cleanup()
         pg.cleanup()
     for r in runs:
         r["projection"] = projection(r)
-    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
-                         f"{platform.python_version()}, load {os.getloadavg()[0]:.2f}",
-              "files": args.files, "put_clients": args.put_clients,
-              "get_clients": args.get_clients, "runs": runs}
+    report = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}, load {os.getloadavg()[0]:.2f}",
+        "files": args.files,
+        "put_clients": args.put_clients,
+        "get_clients": args.get_clients,
+        "runs": runs,
+    }
     write_report(report, markdown(report), args.out, f"scaleout-{report['date'][:10]}")
     return 0
 

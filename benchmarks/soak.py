@@ -20,9 +20,10 @@ import tempfile
 import threading
 import time
 
+from harness import Cluster
+
 from fms.client import Client
 from fms.errors import FmsError, NotFound
-from harness import Cluster
 
 NAMES_PER_CLIENT = 4
 
@@ -51,7 +52,7 @@ class Tally:
 def worker_loop(frontend: str, k: int, stop: threading.Event, tally: Tally, seed: int):
     rng = random.Random(seed * 1000 + k)
     names = [f"soak/c{k}/f{j}" for j in range(NAMES_PER_CLIENT)]
-    expected = {name: {None} for name in names}   # name -> acceptable sha256s (None: absent)
+    expected = {name: {None} for name in names}  # name -> acceptable sha256s (None: absent)
     with Client(frontend, timeout=5.0, retries=3) as c:
         while not stop.is_set():
             name = rng.choice(names)
@@ -65,15 +66,17 @@ def worker_loop(frontend: str, k: int, stop: threading.Event, tally: Tally, seed
                     except NotFound:
                         data, digest = b"", None
                     if digest not in expected[name]:
-                        tally.corrupt(len(data) or 1, f"{name}: read a version never written "
-                                                      f"or already replaced")
+                        tally.corrupt(
+                            len(data) or 1,
+                            f"{name}: read a version never written or already replaced",
+                        )
                     expected[name] = {digest}
                 elif roll < 0.75:
                     kind = "put"
                     size = rng.choice([rng.randint(0, 64 * 1024), rng.randint(1, 3 * 1024 * 1024)])
                     data = rng.randbytes(size)
                     digest = hashlib.sha256(data).digest()
-                    expected[name] |= {digest}             # if this fails, either may be there
+                    expected[name] |= {digest}  # if this fails, either may be there
                     c.put_bytes(data, name)
                     expected[name] = {digest}
                 elif roll < 0.90:
@@ -99,8 +102,10 @@ def run(seconds: float, clients: int, folder: str, seed: int = 1) -> dict:
     events = []
     try:
         cluster.start_all()
-        threads = [threading.Thread(target=worker_loop, args=(cluster.frontend, k, stop, tally,
-                                                              seed)) for k in range(clients)]
+        threads = [
+            threading.Thread(target=worker_loop, args=(cluster.frontend, k, stop, tally, seed))
+            for k in range(clients)
+        ]
         start = time.monotonic()
         for t in threads:
             t.start()
@@ -120,15 +125,24 @@ def run(seconds: float, clients: int, folder: str, seed: int = 1) -> dict:
     finally:
         stop.set()
         cluster.stop()
-    return {"seconds": round(elapsed, 1), "clients": clients,
-            "operations": sum(tally.ops.values()), "by_op": tally.ops,
-            "errors": len(tally.errors), "corrupted_bytes": tally.corrupted,
-            "first_errors": tally.errors[:10], "events": events}
+    return {
+        "seconds": round(elapsed, 1),
+        "clients": clients,
+        "operations": sum(tally.ops.values()),
+        "by_op": tally.ops,
+        "errors": len(tally.errors),
+        "corrupted_bytes": tally.corrupted,
+        "first_errors": tally.errors[:10],
+        "events": events,
+    }
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.soak",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--seconds", type=float, default=60.0, help="how long (%(default)s)")
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients (%(default)s)")
     parser.add_argument("--keep", metavar="DIR", help="run in DIR and keep its data and logs")
@@ -142,9 +156,11 @@ def main(argv=None) -> int:
             shutil.rmtree(folder, ignore_errors=True)
     print(json.dumps(report, indent=1))
     ok = report["errors"] == 0 and report["corrupted_bytes"] == 0
-    print(f"soak: {report['operations']} operations by {report['clients']} clients in "
-          f"{report['seconds']} s, {report['errors']} errors, {report['corrupted_bytes']} "
-          f"corrupted bytes: {'PASS' if ok else 'FAIL'}")
+    print(
+        f"soak: {report['operations']} operations by {report['clients']} clients in "
+        f"{report['seconds']} s, {report['errors']} errors, {report['corrupted_bytes']} "
+        f"corrupted bytes: {'PASS' if ok else 'FAIL'}"
+    )
     return 0 if ok else 1
 
 

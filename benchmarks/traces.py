@@ -18,16 +18,16 @@ SCAN_FILES = 3_000
 CACHE_BYTES = 64 * MiB
 CHUNK = 1 * MiB
 ALPHAS = (0.7, 0.9, 1.1)
-SEED = 5                  # its files weigh 411 MiB and its scan 623 MiB, near the issue's 420 and 568
-LARGE_SHARE = 0.10        # files from 64 KiB to 8 MiB
+SEED = 5  # its files weigh 411 MiB and its scan 623 MiB, near the issue's 420 and 568
+LARGE_SHARE = 0.10  # files from 64 KiB to 8 MiB
 SMALL = (4 * KiB, 64 * KiB)
 LARGE = (64 * KiB, 8 * MiB)
 
 
 @dataclass
 class Trace:
-    sizes: list          # file id -> bytes (the scan's files follow the popular ones)
-    gets: list           # file ids, in order
+    sizes: list  # file id -> bytes (the scan's files follow the popular ones)
+    gets: list  # file ids, in order
     scan_at: int | None  # index in gets where the scan starts, or None
     scan_len: int = 0
 
@@ -49,13 +49,19 @@ def zipf_gets(rng: random.Random, files: int, count: int, alpha: float) -> list:
 
 
 def zipf_trace(alpha: float, seed: int = SEED, files: int = FILES, gets: int = GETS) -> Trace:
-    sizes_rng = random.Random(f"{seed}-sizes")     # the same files for every alpha
+    sizes_rng = random.Random(f"{seed}-sizes")  # the same files for every alpha
     sizes = [file_size(sizes_rng) for _ in range(files)]
     return Trace(sizes, zipf_gets(random.Random(f"{seed}-{alpha}"), files, gets, alpha), None)
 
 
-def scan_trace(alpha: float = 0.9, seed: int = SEED, files: int = FILES, gets: int = GETS,
-               scan: int = SCAN_FILES, after: int = 1_000) -> Trace:
+def scan_trace(
+    alpha: float = 0.9,
+    seed: int = SEED,
+    files: int = FILES,
+    gets: int = GETS,
+    scan: int = SCAN_FILES,
+    after: int = 1_000,
+) -> Trace:
     """``gets`` Zipf GETs, one pass over ``scan`` cold files, then ``after`` more Zipf GETs."""
     base = zipf_trace(alpha, seed, files, gets + after)
     rng = random.Random(f"{seed}-scan")

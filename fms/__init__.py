@@ -5,11 +5,35 @@ The public API is :class:`Client` and the exceptions; everything else is the dae
 
 __version__ = "0.2.0"
 
-from .client import Client  # noqa: E402
-from .errors import (  # noqa: E402
-    BadRequest, FmsError, IntegrityError, MissingChunks, NoSpace, NotFound, Refused, RemoteError,
-    Timeout, TooLarge, TransportError, Unavailable,
+from .client import Client
+from .errors import (
+    BadRequest,
+    FmsError,
+    IntegrityError,
+    MissingChunks,
+    NoSpace,
+    NotFound,
+    Refused,
+    RemoteError,
+    Timeout,
+    TooLarge,
+    TransportError,
+    Unavailable,
 )
 
-__all__ = ["Client", "FmsError", "RemoteError", "NotFound", "BadRequest", "IntegrityError",
-           "MissingChunks", "Unavailable", "NoSpace", "Refused", "TooLarge", "TransportError", "Timeout", "__version__"]
+__all__ = [
+    "BadRequest",
+    "Client",
+    "FmsError",
+    "IntegrityError",
+    "MissingChunks",
+    "NoSpace",
+    "NotFound",
+    "Refused",
+    "RemoteError",
+    "Timeout",
+    "TooLarge",
+    "TransportError",
+    "Unavailable",
+    "__version__",
+]

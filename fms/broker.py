@@ -32,9 +32,9 @@ log = logging.getLogger("fms.broker")
 
 FRONTEND = "f"
 BACKEND = "b"
-MAX_ID_LEN = 128    # characters of a worker id or store id kept (they are shown in status)
-SHED_KEEPS = 1024    # bytes: a held reply this small is not worth shedding (its error is as big)
-DRAIN_BATCH = 64    # messages taken from one socket per poll, so neither socket starves the other
+MAX_ID_LEN = 128  # characters of a worker id or store id kept (they are shown in status)
+SHED_KEEPS = 1024  # bytes: a held reply this small is not worth shedding (its error is as big)
+DRAIN_BATCH = 64  # messages taken from one socket per poll, so neither socket starves the other
 
 
 def _digest(op: str, header: dict) -> bytes:
@@ -61,8 +61,11 @@ def rendezvous(key, worker_ids) -> str | None:
     """The owner of ``key`` among ``worker_ids``: the one with the highest hash of (id, key).
     Each key has one owner; a worker that leaves or joins moves only the keys it wins."""
     raw = key.encode() if isinstance(key, str) else key
-    return max(worker_ids, default=None,
-               key=lambda wid: hashlib.blake2b(raw, digest_size=8, key=wid.encode()[:64]).digest())
+    return max(
+        worker_ids,
+        default=None,
+        key=lambda wid: hashlib.blake2b(raw, digest_size=8, key=wid.encode()[:64]).digest(),
+    )
 
 
 def _nbytes(frame) -> int:
@@ -112,31 +115,31 @@ class Worker:
     worker_id: str
     store_id: str | None
     expiry: float
-    inflight: set = field(default_factory=set)   # broker request keys
-    inflight_bytes: int = 0                      # their data + the replies expected of them
+    inflight: set = field(default_factory=set)  # broker request keys
+    inflight_bytes: int = 0  # their data + the replies expected of them
     served: int = 0
-    last_used: int = 0                           # request key of its latest dispatch
-    stats: dict = field(default_factory=dict)    # a cache's counters, from its heartbeats
+    last_used: int = 0  # request key of its latest dispatch
+    stats: dict = field(default_factory=dict)  # a cache's counters, from its heartbeats
 
 
 @dataclass
 class Pending:
-    worker: bytes | None   # None while queued at the broker
-    service: str        # the service asked for
+    worker: bytes | None  # None while queued at the broker
+    service: str  # the service asked for
     op: str
-    origin: dict        # {"from": identity, "via": FRONTEND|BACKEND}
-    body: list          # header frame (+ data frame), kept for re-dispatch
+    origin: dict  # {"from": identity, "via": FRONTEND|BACKEND}
+    body: list  # header frame (+ data frame), kept for re-dispatch
     req_id: object
-    started: float      # time.monotonic() when the request reached the broker
-    deadline: float = float("inf")   # time.monotonic() past which nobody waits for it
-    target: str = ""    # the service serving it (the asked one, or its fallback)
-    exclude: tuple = () # workers that died holding it
-    nbytes: int = 0     # bytes of its data frame, held here until it is answered
-    expect: int = 0     # bytes its reply is expected to carry (a chunk's size, once seen)
-    digest: bytes = b"" # the chunk a `chunk` request asks for, to learn its size
+    started: float  # time.monotonic() when the request reached the broker
+    deadline: float = float("inf")  # time.monotonic() past which nobody waits for it
+    target: str = ""  # the service serving it (the asked one, or its fallback)
+    exclude: tuple = ()  # workers that died holding it
+    nbytes: int = 0  # bytes of its data frame, held here until it is answered
+    expect: int = 0  # bytes its reply is expected to carry (a chunk's size, once seen)
+    digest: bytes = b""  # the chunk a `chunk` request asks for, to learn its size
     owner: object = None  # a cache request's key: the cache worker that owns it serves it
-    read: object = None   # a chunk request's GET (its request id), for the ReadTally
-    reserve: int = 0    # reply bytes kept free for it in its client's budget (admission)
+    read: object = None  # a chunk request's GET (its request id), for the ReadTally
+    reserve: int = 0  # reply bytes kept free for it in its client's budget (admission)
 
 
 def _changed_names(inv) -> list:
@@ -170,8 +173,14 @@ class Broker:
     :param backend: endpoint to bind for workers.
     """
 
-    def __init__(self, frontend: str, backend: str, ctx: zmq.Context | None = None, curve=None,
-                 store: str | None = None):
+    def __init__(
+        self,
+        frontend: str,
+        backend: str,
+        ctx: zmq.Context | None = None,
+        curve=None,
+        store: str | None = None,
+    ):
         """:param curve: a :class:`~fms.security.CurveServer` to require CURVE and an allowlist
         on both sockets (clients' on the frontend, workers' on the backend), or None for
         plaintext.
@@ -183,35 +192,35 @@ class Broker:
         self.backend_endpoint = backend
         self.frontend = None
         self.backend = None
-        self.workers = {}            # ident -> Worker
-        self.pending = {}            # request key -> Pending
-        self.client_inflight = {}    # client identity -> requests of it in flight (or queued)
+        self.workers = {}  # ident -> Worker
+        self.pending = {}  # request key -> Pending
+        self.client_inflight = {}  # client identity -> requests of it in flight (or queued)
         # Requests wait here while every worker of their service has its credit in flight:
         # service -> {(via, origin identity) -> deque of request keys}, served round robin, so
         # one client's flood waits behind everyone else's next request, not in front of it.
         self.queues = {service: collections.OrderedDict() for service in p.SERVICES}
-        self.dropped = 0             # requests dropped: deadline passed, or their client left
-        self._client_fd = {}         # client identity -> fd of its connection
-        self._fd_clients = {}        # fd -> client identities seen on it
+        self.dropped = 0  # requests dropped: deadline passed, or their client left
+        self._client_fd = {}  # client identity -> fd of its connection
+        self._fd_clients = {}  # fd -> client identities seen on it
         self.monitor = None
         self._drops = RateLimitedLog(log)
         # Byte budgets (fms.limits): request data held per client and in all, and replies a
         # client has not taken yet, held here (its ZeroMQ queue takes only CLIENT_PIPE).
-        self.req_bytes = {}          # client identity -> bytes of its requests' data held
+        self.req_bytes = {}  # client identity -> bytes of its requests' data held
         self.total_req = 0
-        self.outbox = {}             # client identity -> deque of (frames, bytes, deadline)
-        self.outbox_bytes = {}       # client identity -> bytes held in its outbox
-        self.outbox_moved = {}       # client identity -> when its outbox last sent (or began)
+        self.outbox = {}  # client identity -> deque of (frames, bytes, deadline)
+        self.outbox_bytes = {}  # client identity -> bytes held in its outbox
+        self.outbox_moved = {}  # client identity -> when its outbox last sent (or began)
         self.total_out = 0
         # Reply bytes reserved when a request is admitted, released when its reply arrives: a
         # reply to an admitted request always has room (it is never dropped for budget).
-        self.reserved = {}           # client identity -> reply bytes reserved for its requests
+        self.reserved = {}  # client identity -> reply bytes reserved for its requests
         self.total_reserved = 0
-        self.shed_replies = 0        # unread replies dropped to make room for another client
-        self.shed_requests = 0       # queued requests answered `unavailable` to make room
-        self.backed_off = 0          # requests refused at admission: over a byte budget
+        self.shed_replies = 0  # unread replies dropped to make room for another client
+        self.shed_requests = 0  # queued requests answered `unavailable` to make room
+        self.backed_off = 0  # requests refused at admission: over a byte budget
         self.dropped_replies = 0
-        self.chunk_sizes = collections.OrderedDict()   # digest -> size seen in a reply (LRU)
+        self.chunk_sizes = collections.OrderedDict()  # digest -> size seen in a reply (LRU)
         self._keys = itertools.count(1)
         self._bad = RateLimitedLog(log)
         self._undeliverable = RateLimitedLog(log)
@@ -221,7 +230,7 @@ class Broker:
         self.started = time.time()
         self.metrics = BrokerMetrics()
         self.reads = ReadTally(self.metrics)
-        self.cache_seen = {}         # (cache worker id, counter) -> value its heartbeat last had
+        self.cache_seen = {}  # (cache worker id, counter) -> value its heartbeat last had
 
     # --- set-up ---
 
@@ -233,17 +242,21 @@ class Broker:
         self.monitor = self.frontend.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.frontend_endpoint = self.frontend.last_endpoint.decode()
         self.backend_endpoint = self.backend.last_endpoint.decode()
-        log.info("event=listening frontend=%s backend=%s", self.frontend_endpoint,
-                 self.backend_endpoint)
+        log.info(
+            "event=listening frontend=%s backend=%s", self.frontend_endpoint, self.backend_endpoint
+        )
         if self.pinned_store is None:
-            log.warning("event=store_not_pinned hint=%r", "the first storage worker to register "
-                        "decides which store this broker serves; give --store ID (fms up does) "
-                        "so that an impostor cannot, and use CURVE worker keys")
+            log.warning(
+                "event=store_not_pinned hint=%r",
+                "the first storage worker to register "
+                "decides which store this broker serves; give --store ID (fms up does) "
+                "so that an impostor cannot, and use CURVE worker keys",
+            )
 
     def _router(self, endpoint: str, hwm: int | None = None, workers: bool = False) -> zmq.Socket:
         sock = self.ctx.socket(zmq.ROUTER)
         sock.linger = 0
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)   # an unroutable reply raises, never vanishes
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable reply raises, never vanishes
         # Never wait on one peer: a full queue raises at once and is handled (logged, or the
         # worker is dropped), so a stalled peer cannot stall the broker for everyone else.
         sock.setsockopt(zmq.SNDTIMEO, 0)
@@ -284,7 +297,7 @@ class Broker:
             events = dict(poller.poll(int(timeout * 1000)))
             if self.outbox:
                 self.flush()
-            if self.monitor in events:     # before the frontend: a reused fd is seen gone first
+            if self.monitor in events:  # before the frontend: a reused fd is seen gone first
                 drain(self.monitor, self.process_monitor, DRAIN_BATCH)
             # Under load, take what is queued without polling again for each message: a poll
             # costs about as much as the routing.  Replies first, so work in flight drains.
@@ -304,11 +317,13 @@ class Broker:
 
     def _guarded(self, handle):
         """``handle`` with any bug it meets costing one message, not the broker (invariant 5)."""
+
         def guarded(frames):
             try:
                 handle(frames)
             except Exception as exc:
                 self._crashes.warning("event=message_handling_crashed error=%r", clip(repr(exc)))
+
         return guarded
 
     def process_client(self, frames):
@@ -325,27 +340,41 @@ class Broker:
             op = header.get("op")
             req_id = p.need(header, "id", (int, str))
             if header.get("v") != p.PROTOCOL_VERSION:
-                self._reply_error(origin, req_id, "version",
-                                  f"protocol version {header.get('v')!r} is not supported; "
-                                  f"this broker speaks {p.PROTOCOL_VERSION}: upgrade the client")
+                self._reply_error(
+                    origin,
+                    req_id,
+                    "version",
+                    f"protocol version {header.get('v')!r} is not supported; "
+                    f"this broker speaks {p.PROTOCOL_VERSION}: upgrade the client",
+                )
                 return
             if not isinstance(op, str) or op not in p.OP_SERVICE:
                 raise BadRequest(f"unknown op {op!r}; known ops: {', '.join(sorted(p.OP_SERVICE))}")
             p.check_frame_count(op, len(frames) - 1)
             if self.curve is not None and not self.curve.allowed(frames[-1]):
                 # Its key was removed from the allow directory since it connected.
-                self._reply_error(origin, req_id, "refused", "this client's key is no longer in "
-                                  "the broker's allow directory; ask the operator to add it back",
-                                  op=op)
+                self._reply_error(
+                    origin,
+                    req_id,
+                    "refused",
+                    "this client's key is no longer in "
+                    "the broker's allow directory; ask the operator to add it back",
+                    op=op,
+                )
                 return
         except BadRequest as exc:
             self._bad.warning("event=bad_client_message error=%r", str(exc))
             self._reply_error(origin, req_id, exc.code, str(exc))
             return
         if self.client_inflight.get(ident, 0) >= p.MAX_CLIENT_INFLIGHT:
-            self._reply_error(origin, req_id, "too_large",
-                              f"more than {p.MAX_CLIENT_INFLIGHT} requests in flight from one "
-                              f"client; wait for replies before sending more", op=op)
+            self._reply_error(
+                origin,
+                req_id,
+                "too_large",
+                f"more than {p.MAX_CLIENT_INFLIGHT} requests in flight from one "
+                f"client; wait for replies before sending more",
+                op=op,
+            )
             return
         digest = _digest(op, header)
         reserve = self._reply_bound(op, header, digest, _nbytes(frames[1]))
@@ -362,33 +391,73 @@ class Broker:
         if header.get("fresh") is True and op in ("get", "chunk", "get_many"):
             # The client found what the cache gave it corrupt: this once, ask storage itself.
             service = p.STORAGE
-        self.dispatch(service, op, req_id, origin, frames[1:], deadline=deadline_of(header),
-                      digest=digest, owner=_owner_key(op, header),
-                      read=_read_of(op, header), reserve=reserve)
+        self.dispatch(
+            service,
+            op,
+            req_id,
+            origin,
+            frames[1:],
+            deadline=deadline_of(header),
+            digest=digest,
+            owner=_owner_key(op, header),
+            read=_read_of(op, header),
+            reserve=reserve,
+        )
 
-    def dispatch(self, service: str, op: str, req_id, origin: dict, body: list, exclude=(),
-                 started=None, deadline=None, digest=b"", owner=None, read=None, reserve=0):
+    def dispatch(
+        self,
+        service: str,
+        op: str,
+        req_id,
+        origin: dict,
+        body: list,
+        exclude=(),
+        started=None,
+        deadline=None,
+        digest=b"",
+        owner=None,
+        read=None,
+        reserve=0,
+    ):
         """Queue a request for ``service`` (or its fallback) and send what the workers' credit
         allows; with no worker of either, answer ``unavailable`` at once."""
         target = self._serving(service, exclude)
         if target is None:
-            self._reply_error(origin, req_id, "unavailable",
-                              f"no {service} worker is connected to the broker; start one "
-                              f"(python {service}_worker.py) or run a whole cluster with: fms up",
-                              op=op, admitted=reserve)
+            self._reply_error(
+                origin,
+                req_id,
+                "unavailable",
+                f"no {service} worker is connected to the broker; start one "
+                f"(python {service}_worker.py) or run a whole cluster with: fms up",
+                op=op,
+                admitted=reserve,
+            )
             return
         now = time.monotonic()
         key = next(self._keys)
-        nbytes = sum(map(_nbytes, body))       # header and data: all of it is held here
+        nbytes = sum(map(_nbytes, body))  # header and data: all of it is held here
         if op == "chunk":
             expect = self.chunk_sizes.get(digest, limits.CHUNK_GUESS)
         else:
             expect = limits.REPLY_GUESS.get(op, limits.SMALL_REPLY)
-        self.pending[key] = Pending(None, service, op, origin, body, req_id,
-                                    started if started is not None else now,
-                                    deadline if deadline is not None else
-                                    now + limits.DEFAULT_TTL_MS / 1000, target, tuple(exclude),
-                                    nbytes, expect, digest, owner, read, reserve)
+        self.pending[key] = Pending(
+            None,
+            service,
+            op,
+            origin,
+            body,
+            req_id,
+            started if started is not None else now,
+            deadline if deadline is not None else now + limits.DEFAULT_TTL_MS / 1000,
+            target,
+            tuple(exclude),
+            nbytes,
+            expect,
+            digest,
+            owner,
+            read,
+            reserve,
+        )
         self._track_client(origin, +1, nbytes, reserve)
         queue = self.queues[target]
         okey = (origin["via"], origin["from"])
@@ -401,8 +470,9 @@ class Broker:
         """The service whose workers take ``service``'s requests now: itself, else its
         fallback, else None."""
         for candidate in (service, p.FALLBACK_SERVICE.get(service)):
-            if candidate and any(w.service == candidate and w.ident not in exclude
-                                 for w in self.workers.values()):
+            if candidate and any(
+                w.service == candidate and w.ident not in exclude for w in self.workers.values()
+            ):
                 return candidate
         return None
 
@@ -412,13 +482,17 @@ class Broker:
         queue = self.queues[service]
         credit = limits.WORKER_CREDIT[service]
         budget = limits.WORKER_BYTES
-        blocked = 0        # clients in a row whose next request waits for a busy owner
+        blocked = 0  # clients in a row whose next request waits for a busy owner
         while queue and blocked < len(queue):
             # Credit in requests and in bytes (data sent + replies expected): a worker busy
             # with a few 16 MiB chunks takes no more, so a small request waits behind few.
-            free = [w for w in self.workers.values()
-                    if w.service == service and len(w.inflight) < credit
-                    and (w.inflight_bytes < budget or not w.inflight)]
+            free = [
+                w
+                for w in self.workers.values()
+                if w.service == service
+                and len(w.inflight) < credit
+                and (w.inflight_bytes < budget or not w.inflight)
+            ]
             if not free:
                 return
             okey, keys = next(iter(queue.items()))
@@ -435,8 +509,8 @@ class Broker:
                 self._forget(key, pending, "deadline passed")
                 continue
             worker = self._pick(service, pending, free)
-            if worker is None:     # its owner is busy, or only workers it must avoid are free:
-                self._requeue_front(queue, okey, key)       # it waits; the next client's turn
+            if worker is None:  # its owner is busy, or only workers it must avoid are free:
+                self._requeue_front(queue, okey, key)  # it waits; the next client's turn
                 queue.move_to_end(okey)
                 blocked += 1
                 continue
@@ -446,7 +520,7 @@ class Broker:
                 pending.exclude = (*pending.exclude, worker.ident)
                 self._requeue_front(queue, okey, key)
                 self.delete_worker(worker.ident, "unreachable")
-                return         # delete_worker pumps again
+                return  # delete_worker pumps again
             pending.worker = worker.ident
             worker.inflight_bytes += pending.nbytes + pending.expect
             worker.inflight.add(key)
@@ -461,12 +535,18 @@ class Broker:
         anything else to the least loaded, ties to the one used least recently, so sequential
         requests take turns."""
         if service == p.CACHE and pending.owner is not None:
-            live = {w.worker_id: w for w in self.workers.values()
-                    if w.service == p.CACHE and w.ident not in pending.exclude}
+            live = {
+                w.worker_id: w
+                for w in self.workers.values()
+                if w.service == p.CACHE and w.ident not in pending.exclude
+            }
             owner = live.get(rendezvous(pending.owner, live))
             return owner if owner in free else None
-        return min((w for w in free if w.ident not in pending.exclude),
-                   key=lambda w: (len(w.inflight), w.last_used), default=None)
+        return min(
+            (w for w in free if w.ident not in pending.exclude),
+            key=lambda w: (len(w.inflight), w.last_used),
+            default=None,
+        )
 
     @staticmethod
     def _requeue_front(queue, okey, key):
@@ -480,8 +560,9 @@ class Broker:
         Forget one a live worker has held unanswered for INFLIGHT_GRACE past its deadline,
         so a worker that never answers cannot keep its credit (its late reply is dropped)."""
         stale = now - limits.INFLIGHT_GRACE
-        for key, pending in [(k, q) for k, q in self.pending.items()
-                             if q.worker is not None and q.deadline < stale]:
+        for key, pending in [
+            (k, q) for k, q in self.pending.items() if q.worker is not None and q.deadline < stale
+        ]:
             worker = self.workers.get(pending.worker)
             if worker is not None and key in worker.inflight:
                 worker.inflight.discard(key)
@@ -518,8 +599,9 @@ class Broker:
         del self.pending[key]
         self._track_client(pending.origin, -1, pending.nbytes, pending.reserve)
         self.dropped += 1
-        self._drops.warning("event=request_dropped op=%s reason=%r dropped_total=%d",
-                            pending.op, why, self.dropped)
+        self._drops.warning(
+            "event=request_dropped op=%s reason=%r dropped_total=%d", pending.op, why, self.dropped
+        )
 
     def _note_fd(self, ident: bytes, frame):
         try:
@@ -551,9 +633,20 @@ class Broker:
         if self.curve is not None and not self.curve.allowed(frames[-1], workers=True):
             # Its key was removed from the workers' allow directory: no more requests.
             self.delete_worker(ident, "key no longer allowed")
-            self._send(self.backend, [ident, p.encode({"t": "refused", "msg": "this worker's key "
-                                                        "is not in the broker's --allow-workers "
-                                                        "directory"})])
+            self._send(
+                self.backend,
+                [
+                    ident,
+                    p.encode(
+                        {
+                            "t": "refused",
+                            "msg": "this worker's key "
+                            "is not in the broker's --allow-workers "
+                            "directory",
+                        }
+                    ),
+                ],
+            )
             return
         try:
             if len(frames) < 2:
@@ -592,8 +685,11 @@ class Broker:
         if store_id is not None:
             store_id = store_id[:MAX_ID_LEN]
         if route.get("v") != p.PROTOCOL_VERSION:
-            return self._refuse(ident, f"protocol version {route.get('v')!r} is not supported; "
-                                       f"this broker speaks {p.PROTOCOL_VERSION}")
+            return self._refuse(
+                ident,
+                f"protocol version {route.get('v')!r} is not supported; "
+                f"this broker speaks {p.PROTOCOL_VERSION}",
+            )
         if service not in p.SERVICES:
             return self._refuse(ident, f"unknown service {service!r}")
         if service == p.STORAGE:
@@ -604,15 +700,22 @@ class Broker:
             current = self.pinned_store or self.store_id(exclude=ident)
             if current is not None and store_id != current:
                 return self._refuse(
-                    ident, f"this worker serves a different store ({store_id!r:.80}) than the "
-                           f"{'broker was started for' if self.pinned_store else 'storage workers already connected'} "
-                           f"({current}); start it with the same --data directory as them "
-                           f"(sharding across stores comes later); it retries every second",
-                    retry=True)
+                    ident,
+                    f"this worker serves a different store ({store_id!r:.80}) than the "
+                    f"{'broker was started for' if self.pinned_store else 'storage workers already connected'} "  # noqa: E501
+                    f"({current}); start it with the same --data directory as them "
+                    f"(sharding across stores comes later); it retries every second",
+                    retry=True,
+                )
         if ident in self.workers:
             self.delete_worker(ident, "registered again")
-        self.workers[ident] = Worker(ident, service, worker_id, store_id,
-                                     time.monotonic() + p.HEARTBEAT_INTERVAL * p.HEARTBEAT_LIVENESS)
+        self.workers[ident] = Worker(
+            ident,
+            service,
+            worker_id,
+            store_id,
+            time.monotonic() + p.HEARTBEAT_INTERVAL * p.HEARTBEAT_LIVENESS,
+        )
         self._send(self.backend, [ident, p.encode({"t": "welcome"})])
         self._count_workers()
         log.info("event=worker_ready service=%s worker=%s store=%s", service, worker_id, store_id)
@@ -620,7 +723,8 @@ class Broker:
     def _count_workers(self):
         for service in p.SERVICES:
             self.metrics.workers.labels(service).set(
-                sum(w.service == service for w in self.workers.values()))
+                sum(w.service == service for w in self.workers.values())
+            )
 
     def store_id(self, exclude=None):
         for worker in self.workers.values():
@@ -649,8 +753,9 @@ class Broker:
                 # A change storage made late (its request was given up on) still changed the
                 # name: the cache must not keep serving the old version (invariant 1).
                 self.invalidate(names)
-            self._late.warning("event=late_reply worker=%s key=%d action=dropped",
-                               clip(worker.worker_id), key)
+            self._late.warning(
+                "event=late_reply worker=%s key=%d action=dropped", clip(worker.worker_id), key
+            )
             return
         worker.inflight.discard(key)
         worker.inflight_bytes -= pending.nbytes + pending.expect
@@ -660,12 +765,13 @@ class Broker:
             self.chunk_sizes.move_to_end(pending.digest)
             if len(self.chunk_sizes) > limits.CHUNK_SIZES_KEPT:
                 self.chunk_sizes.popitem(last=False)
-        self.pump(worker.service)       # its credit is free again
+        self.pump(worker.service)  # its credit is free again
         # Invalidate before the ack leaves: the cache's pipe is FIFO, so any read the client
         # sends after this ack reaches the cache after the invalidation (invariant 1).
         self.invalidate(names)
-        self._deliver(pending.origin, body, pending.deadline, admitted=pending.reserve,
-                      req_id=pending.req_id)
+        self._deliver(
+            pending.origin, body, pending.deadline, admitted=pending.reserve, req_id=pending.req_id
+        )
         if pending.origin["via"] == FRONTEND:
             outcome = "ok" if route.get("ok", True) else str(route.get("err"))
             self.metrics.answered(pending.op, outcome, time.monotonic() - pending.started)
@@ -681,13 +787,15 @@ class Broker:
             return
         nbytes = max(0, _nbytes(body[1]) - p.DATA_PREFIX_LEN) if len(body) > 1 else 0
         if pending.op == "get" and route.get("cache") is not None:
-            self.reads.get_answered(pending.origin["from"], pending.req_id, route["cache"],
-                                    route.get("n", 0), nbytes)
+            self.reads.get_answered(
+                pending.origin["from"], pending.req_id, route["cache"], route.get("n", 0), nbytes
+            )
         elif pending.op == "get_many" and route.get("cache") is not None:
             self.reads.batch_answered(route.get("gh"), route.get("gm"))
         elif pending.op == "chunk" and pending.read is not None:
-            self.reads.chunk_answered(pending.origin["from"], pending.read, route.get("cache"),
-                                      nbytes)
+            self.reads.chunk_answered(
+                pending.origin["from"], pending.read, route.get("cache"), nbytes
+            )
 
     def _note_stats(self, worker: Worker, stats):
         """A cache's counters, from its heartbeat: their growth goes to the Prometheus ones.
@@ -695,8 +803,10 @@ class Broker:
         twice; a value below it means the worker restarted from 0."""
         if not isinstance(stats, dict):
             return
-        for name, counter in (("evictions", self.metrics.cache_evictions),
-                              ("refused", self.metrics.cache_refused)):
+        for name, counter in (
+            ("evictions", self.metrics.cache_evictions),
+            ("refused", self.metrics.cache_refused),
+        ):
             value = stats.get(name)
             if _int_in(value, 0):
                 seen = self.cache_seen.get((worker.worker_id, name), 0)
@@ -713,24 +823,35 @@ class Broker:
             raise BadRequest(f"worker request has {len(body)} body frames, expected 1 or 2")
         header = read_header(body[0].buffer)
         if service not in p.SERVICES:
-            self._reply_error(origin, header.get("id"), "bad_request", f"unknown service {service!r}")
+            self._reply_error(
+                origin, header.get("id"), "bad_request", f"unknown service {service!r}"
+            )
             return
         op = str(header.get("op"))
-        self.dispatch(service, op, header.get("id"), origin, body,
-                      deadline=deadline_of(header), digest=_digest(op, header))
+        self.dispatch(
+            service,
+            op,
+            header.get("id"),
+            origin,
+            body,
+            deadline=deadline_of(header),
+            digest=_digest(op, header),
+        )
 
     def invalidate(self, names: list):
         """Tell every cache worker to drop ``names``: one ``inv`` message per at most
         INV_NAME_BYTES of names (an rm -r page changes a thousand: one message each would
         overflow the cache's pipe)."""
         for batch in _batches_of_names(names, limits.INV_NAME_BYTES):
-            message = p.encode({"t": "inv", "name": batch[0]} if len(batch) == 1
-                               else {"t": "inv", "names": batch})
+            message = p.encode(
+                {"t": "inv", "name": batch[0]} if len(batch) == 1 else {"t": "inv", "names": batch}
+            )
             for worker in list(self.workers.values()):
-                if worker.service == p.CACHE:
-                    if not self._send(self.backend, [worker.ident, message]):
-                        # A cache we cannot tell must not serve reads any more.
-                        self.delete_worker(worker.ident, "missed an invalidation")
+                # A cache we cannot tell must not serve reads any more.
+                if worker.service == p.CACHE and not self._send(
+                    self.backend, [worker.ident, message]
+                ):
+                    self.delete_worker(worker.ident, "missed an invalidation")
 
     def purge_workers(self):
         now = time.monotonic()
@@ -742,8 +863,13 @@ class Broker:
         if worker is None:
             return
         self._count_workers()
-        log.warning("event=worker_gone service=%s worker=%s reason=%r inflight=%d",
-                    worker.service, worker.worker_id, reason, len(worker.inflight))
+        log.warning(
+            "event=worker_gone service=%s worker=%s reason=%r inflight=%d",
+            worker.service,
+            worker.worker_id,
+            reason,
+            len(worker.inflight),
+        )
         for key in sorted(worker.inflight):
             pending = self.pending.pop(key, None)
             if pending is None:
@@ -752,11 +878,20 @@ class Broker:
             # Every op is idempotent (commit and rm carry an id that makes a repeat a no-op):
             # another worker takes it.
             self.metrics.redispatched.inc()
-            self.dispatch(pending.service, pending.op, pending.req_id, pending.origin,
-                          pending.body, exclude=(*pending.exclude, ident),
-                          started=pending.started, deadline=pending.deadline,
-                          digest=pending.digest, owner=pending.owner, read=pending.read,
-                          reserve=pending.reserve)
+            self.dispatch(
+                pending.service,
+                pending.op,
+                pending.req_id,
+                pending.origin,
+                pending.body,
+                exclude=(*pending.exclude, ident),
+                started=pending.started,
+                deadline=pending.deadline,
+                digest=pending.digest,
+                owner=pending.owner,
+                read=pending.read,
+                reserve=pending.reserve,
+            )
         self._requeue_orphans(worker.service)
 
     def _requeue_orphans(self, service: str):
@@ -773,10 +908,20 @@ class Broker:
                 if pending is None:
                     continue
                 self._track_client(pending.origin, -1, pending.nbytes, pending.reserve)
-                self.dispatch(pending.service, pending.op, pending.req_id, pending.origin,
-                              pending.body, exclude=pending.exclude, started=pending.started,
-                              deadline=pending.deadline, digest=pending.digest,
-                              owner=pending.owner, read=pending.read, reserve=pending.reserve)
+                self.dispatch(
+                    pending.service,
+                    pending.op,
+                    pending.req_id,
+                    pending.origin,
+                    pending.body,
+                    exclude=pending.exclude,
+                    started=pending.started,
+                    deadline=pending.deadline,
+                    digest=pending.digest,
+                    owner=pending.owner,
+                    read=pending.read,
+                    reserve=pending.reserve,
+                )
 
     def send_heartbeats(self):
         beat = p.encode({"t": "hb"})
@@ -811,12 +956,15 @@ class Broker:
             if not _int_in(page, 1):
                 page = p.LS_PAGE_DEFAULT
             return min(page, p.LS_PAGE_MAX) * limits.LS_ENTRY_MAX + limits.SMALL_REPLY
-        if op == "get_many":    # inline content up to the batch's limit, and the manifests
+        if op == "get_many":  # inline content up to the batch's limit, and the manifests
             names = header.get("names")
             count = len(names) if isinstance(names, list) else 1
-            return (min(p.MAX_BATCH_BYTES, count * p.INLINE_MAX)
-                    + count * limits.MANIFEST_GUESS + limits.SMALL_REPLY)
-        if op == "have":        # the hashes it asked about, at most
+            return (
+                min(p.MAX_BATCH_BYTES, count * p.INLINE_MAX)
+                + count * limits.MANIFEST_GUESS
+                + limits.SMALL_REPLY
+            )
+        if op == "have":  # the hashes it asked about, at most
             return size + limits.SMALL_REPLY
         return limits.REPLY_BOUND.get(op, limits.SMALL_REPLY)
 
@@ -833,23 +981,32 @@ class Broker:
         """
         held_req = self.req_bytes.get(ident, 0)
         if held_req + nbytes > limits.CLIENT_BYTES:
-            return (f"this client already has {held_req} bytes of requests in flight at the "
-                    f"broker (budget {limits.CLIENT_BYTES}); wait for replies before sending "
-                    f"more (retried with backoff)")
+            return (
+                f"this client already has {held_req} bytes of requests in flight at the "
+                f"broker (budget {limits.CLIENT_BYTES}); wait for replies before sending "
+                f"more (retried with backoff)"
+            )
         held = self.outbox_bytes.get(ident, 0) + self.reserved.get(ident, 0)
         box = self.outbox.get(ident, ())
         if held + reserve > limits.CLIENT_BYTES or (
-                len(box) + self.client_inflight.get(ident, 0) >= limits.OUTBOX_MESSAGES):
-            return (f"this client has {held} bytes of replies unread or on their way; read them "
-                    f"before asking for more (retried with backoff)")
+            len(box) + self.client_inflight.get(ident, 0) >= limits.OUTBOX_MESSAGES
+        ):
+            return (
+                f"this client has {held} bytes of replies unread or on their way; read them "
+                f"before asking for more (retried with backoff)"
+            )
         while self.total_req + nbytes > limits.TOTAL_REQUEST_BYTES:
             if not (shed and self._shed(held_req, uploads=True)):
-                return ("the broker holds as many requests as it may for all clients; retry "
-                        "in a moment (retried with backoff)")
+                return (
+                    "the broker holds as many requests as it may for all clients; retry "
+                    "in a moment (retried with backoff)"
+                )
         while self.total_out + self.total_reserved + reserve > limits.TOTAL_REPLY_BYTES:
             if not (shed and self._shed(held, uploads=False)):
-                return ("the broker holds as many replies as it may for all clients; retry in a "
-                        "moment (retried with backoff)")
+                return (
+                    "the broker holds as many replies as it may for all clients; retry in a "
+                    "moment (retried with backoff)"
+                )
         return None
 
     def _shed(self, holding: int, uploads: bool) -> bool:
@@ -859,9 +1016,14 @@ class Broker:
         backoff), or else (replies) the oldest reply it has left unread for STALLED seconds is
         replaced by ``unavailable`` with the same id.  A client reading its replies keeps
         them.  False if nobody can give room."""
-        holdings = (self.req_bytes if uploads else
-                    {i: self.outbox_bytes.get(i, 0) + self.reserved.get(i, 0)
-                     for i in {*self.outbox_bytes, *self.reserved}})
+        holdings = (
+            self.req_bytes
+            if uploads
+            else {
+                i: self.outbox_bytes.get(i, 0) + self.reserved.get(i, 0)
+                for i in {*self.outbox_bytes, *self.reserved}
+            }
+        )
         for ident, held in sorted(holdings.items(), key=lambda kv: -kv[1]):
             if held <= holding:
                 return False
@@ -885,10 +1047,16 @@ class Broker:
                 self._track_client(pending.origin, -1, pending.nbytes, pending.reserve)
                 self.shed_requests += 1
                 self._drops.warning("event=request_shed op=%s client=%s", pending.op, ident.hex())
-                self._reply_error(pending.origin, pending.req_id, "unavailable",
-                                  "the broker is full and this client holds the most; retry in "
-                                  "a moment (retried with backoff)", op=pending.op,
-                                  started=pending.started, admitted=pending.reserve)
+                self._reply_error(
+                    pending.origin,
+                    pending.req_id,
+                    "unavailable",
+                    "the broker is full and this client holds the most; retry in "
+                    "a moment (retried with backoff)",
+                    op=pending.op,
+                    started=pending.started,
+                    admitted=pending.reserve,
+                )
                 return True
         return False
 
@@ -898,19 +1066,30 @@ class Broker:
         box = self.outbox.get(ident)
         if not box or time.monotonic() - self.outbox_moved.get(ident, 0.0) < limits.STALLED:
             return False
-        for i, (frames, size, deadline, req_id) in enumerate(box):
+        for i, (_, size, deadline, req_id) in enumerate(box):
             if req_id is None or size <= SHED_KEEPS:
                 continue
-            error = [p.encode(p.error_reply(req_id, "unavailable", "this client left its "
-                                            "replies unread while others needed the room; "
-                                            "ask again"))]
+            error = [
+                p.encode(
+                    p.error_reply(
+                        req_id,
+                        "unavailable",
+                        "this client left its "
+                        "replies unread while others needed the room; "
+                        "ask again",
+                    )
+                )
+            ]
             freed = size - len(error[0])
             box[i] = (error, size - freed, deadline, req_id)
             self.outbox_bytes[ident] -= freed
             self.total_out -= freed
             self.shed_replies += 1
-            self._undeliverable.warning("event=reply_shed peer=%s error=%r", ident.hex(),
-                                        "the client does not read and another needs the room")
+            self._undeliverable.warning(
+                "event=reply_shed peer=%s error=%r",
+                ident.hex(),
+                "the client does not read and another needs the room",
+            )
             return True
         return False
 
@@ -931,9 +1110,9 @@ class Broker:
                     except zmq.Again:
                         break
                     except zmq.ZMQError:
-                        self._drop_outbox(ident)      # the client is gone
+                        self._drop_outbox(ident)  # the client is gone
                         break
-                    self.outbox_moved[ident] = now    # it reads
+                    self.outbox_moved[ident] = now  # it reads
                 else:
                     self.dropped_replies += 1
                 box.popleft()
@@ -957,8 +1136,7 @@ class Broker:
             return False
         return queued > limits.CLIENT_KERNEL_QUEUE
 
-    def _hold(self, ident: bytes, frames: list, deadline: float, admitted: int = 0,
-              req_id=None):
+    def _hold(self, ident: bytes, frames: list, deadline: float, admitted: int = 0, req_id=None):
         """Keep a reply for a client whose queue is full.  A reply to an admitted request had
         its room reserved (``admitted`` bytes, released just before): up to that it is kept;
         a larger one (a client that declared less than it asked for, an error to a request
@@ -967,13 +1145,17 @@ class Broker:
         held = self.outbox_bytes.get(ident, 0)
         box = self.outbox.get(ident)
         if size > admitted and (
-                held + self.reserved.get(ident, 0) + size > limits.CLIENT_BYTES
-                or self.total_out + self.total_reserved + size > limits.TOTAL_REPLY_BYTES
-                or (box is not None and len(box) >= limits.OUTBOX_MESSAGES)):
+            held + self.reserved.get(ident, 0) + size > limits.CLIENT_BYTES
+            or self.total_out + self.total_reserved + size > limits.TOTAL_REPLY_BYTES
+            or (box is not None and len(box) >= limits.OUTBOX_MESSAGES)
+        ):
             self.dropped_replies += 1
             self._undeliverable.warning(
-                "event=undeliverable socket=frontend peer=%s error=%r held=%d", ident.hex(),
-                "queue full: the client does not read; reply dropped (byte budget)", held)
+                "event=undeliverable socket=frontend peer=%s error=%r held=%d",
+                ident.hex(),
+                "queue full: the client does not read; reply dropped (byte budget)",
+                held,
+            )
             return
         if box is None:
             box = self.outbox[ident] = collections.deque()
@@ -993,49 +1175,75 @@ class Broker:
 
     def status(self) -> dict:
         return {
-            "broker": {"frontend": self.frontend_endpoint, "backend": self.backend_endpoint,
-                       "uptime": time.time() - self.started, "pending": len(self.pending),
-                       "queued": {s: sum(map(len, q.values())) for s, q in self.queues.items()},
-                       "dropped": self.dropped,
-                       "held_bytes": {"uploads": self.total_req, "replies": self.total_out,
-                                      "replies_reserved": self.total_reserved},
-                       "dropped_replies": self.dropped_replies,
-                       "shed": {"replies": self.shed_replies, "requests": self.shed_requests},
-                       "backed_off": self.backed_off,
-                       "fds": limits.fd_limit(),
-                       "budgets": {"client_bytes": limits.CLIENT_BYTES,
-                                   "total_upload_bytes": limits.TOTAL_REQUEST_BYTES,
-                                   "total_reply_bytes": limits.TOTAL_REPLY_BYTES}},
-            "cache": {**self.reads.figures(),
-                      "evictions": sum(w.stats.get("evictions", 0) for w in self.workers.values()),
-                      "admissions_refused": sum(w.stats.get("refused", 0)
-                                                for w in self.workers.values())},
+            "broker": {
+                "frontend": self.frontend_endpoint,
+                "backend": self.backend_endpoint,
+                "uptime": time.time() - self.started,
+                "pending": len(self.pending),
+                "queued": {s: sum(map(len, q.values())) for s, q in self.queues.items()},
+                "dropped": self.dropped,
+                "held_bytes": {
+                    "uploads": self.total_req,
+                    "replies": self.total_out,
+                    "replies_reserved": self.total_reserved,
+                },
+                "dropped_replies": self.dropped_replies,
+                "shed": {"replies": self.shed_replies, "requests": self.shed_requests},
+                "backed_off": self.backed_off,
+                "fds": limits.fd_limit(),
+                "budgets": {
+                    "client_bytes": limits.CLIENT_BYTES,
+                    "total_upload_bytes": limits.TOTAL_REQUEST_BYTES,
+                    "total_reply_bytes": limits.TOTAL_REPLY_BYTES,
+                },
+            },
+            "cache": {
+                **self.reads.figures(),
+                "evictions": sum(w.stats.get("evictions", 0) for w in self.workers.values()),
+                "admissions_refused": sum(w.stats.get("refused", 0) for w in self.workers.values()),
+            },
             "workers": [
-                {"service": w.service, "id": w.worker_id, "store": w.store_id, "state": "ready",
-                 "inflight": len(w.inflight), "inflight_bytes": w.inflight_bytes,
-                 "served": w.served}
+                {
+                    "service": w.service,
+                    "id": w.worker_id,
+                    "store": w.store_id,
+                    "state": "ready",
+                    "inflight": len(w.inflight),
+                    "inflight_bytes": w.inflight_bytes,
+                    "served": w.served,
+                }
                 for w in sorted(self.workers.values(), key=lambda w: (w.service, w.worker_id))
             ],
         }
 
     # --- sending ---
 
-    def _deliver(self, origin: dict, body: list, deadline: float | None = None, admitted: int = 0,
-                 req_id=None):
+    def _deliver(
+        self,
+        origin: dict,
+        body: list,
+        deadline: float | None = None,
+        admitted: int = 0,
+        req_id=None,
+    ):
         """Send a reply (``body``) to whoever asked; to a client whose queue is full or whose
         connection is backed up (for a large reply), hold it, counted (:meth:`_hold`)."""
         if origin["via"] == FRONTEND:
             ident = origin["from"]
-            if ident not in self.outbox and (sum(map(_nbytes, body)) < limits.LARGE_REPLY
-                                             or not self._backed_up(ident)):
+            if ident not in self.outbox and (
+                sum(map(_nbytes, body)) < limits.LARGE_REPLY or not self._backed_up(ident)
+            ):
                 try:
                     send_frames(self.frontend, [ident, *body])
                     return
                 except zmq.Again:
-                    pass        # its queue is full: hold the reply here, counted in bytes
+                    pass  # its queue is full: hold the reply here, counted in bytes
                 except zmq.ZMQError as exc:
-                    self._undeliverable.warning("event=undeliverable socket=frontend peer=%s "
-                                                "error=%r", ident.hex(), exc.strerror)
+                    self._undeliverable.warning(
+                        "event=undeliverable socket=frontend peer=%s error=%r",
+                        ident.hex(),
+                        exc.strerror,
+                    )
                     return
             if deadline is None:
                 deadline = time.monotonic() + limits.DEFAULT_TTL_MS / 1000
@@ -1043,10 +1251,15 @@ class Broker:
         else:
             self._send(self.backend, [origin["from"], p.encode({"t": "rep"}), *body])
 
-    def _reply_error(self, origin: dict, req_id, code: str, message: str, op="unknown",
-                     started=None, admitted=0):
-        self._deliver(origin, [p.encode(p.error_reply(req_id, code, message))], admitted=admitted,
-                      req_id=req_id)
+    def _reply_error(
+        self, origin: dict, req_id, code: str, message: str, op="unknown", started=None, admitted=0
+    ):
+        self._deliver(
+            origin,
+            [p.encode(p.error_reply(req_id, code, message))],
+            admitted=admitted,
+            req_id=req_id,
+        )
         if origin["via"] == FRONTEND:
             elapsed = time.monotonic() - started if started is not None else 0.0
             self.metrics.answered(op if op in p.OP_SERVICE else "unknown", code, elapsed)
@@ -1060,6 +1273,7 @@ class Broker:
             side = "frontend" if sock is self.frontend else "backend"
             peer = frames[0].hex() if isinstance(frames[0], bytes) else "?"
             why = "queue full" if exc.errno == zmq.EAGAIN else exc.strerror
-            self._undeliverable.warning("event=undeliverable socket=%s peer=%s error=%r", side,
-                                        peer, why)
+            self._undeliverable.warning(
+                "event=undeliverable socket=%s peer=%s error=%r", side, peer, why
+            )
             return False

@@ -64,8 +64,11 @@ class MissingChunks(RemoteError):
     def absent(cls, name: str, digests) -> "MissingChunks":
         """The commit of ``name`` names ``digests``, which storage does not hold."""
         digests = list(dict.fromkeys(digests))
-        return cls(f"{len(digests)} chunk(s) of {name!r} are not in the store (never uploaded, "
-                   f"or collected since); upload them and commit again", missing=digests)
+        return cls(
+            f"{len(digests)} chunk(s) of {name!r} are not in the store (never uploaded, "
+            f"or collected since); upload them and commit again",
+            missing=digests,
+        )
 
     def reply_fields(self) -> dict:
         return {"missing": self.missing}
@@ -95,8 +98,19 @@ class Timeout(TransportError):
     """A request got no reply within its deadline."""
 
 
-_BY_CODE = {cls.code: cls for cls in (NotFound, BadRequest, IntegrityError, MissingChunks,
-                                      Unavailable, NoSpace, Refused, TooLarge)}
+_BY_CODE = {
+    cls.code: cls
+    for cls in (
+        NotFound,
+        BadRequest,
+        IntegrityError,
+        MissingChunks,
+        Unavailable,
+        NoSpace,
+        Refused,
+        TooLarge,
+    )
+}
 
 
 def from_reply(code: str, message: str, header: dict | None = None) -> RemoteError:

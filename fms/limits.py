@@ -23,13 +23,13 @@ from .logutil import clip
 KiB = 1024
 MiB = 1024 * KiB
 
-MAX_HEADER = 64 * KiB        # route frames and request headers (but commit/have)
-LARGE_HEADER_OPS = ("commit", "have")   # their lists of digests grow with the file
-MAX_FRAME = 32 * MiB         # ZMQ_MAXMSGSIZE (fms.wire.codec.MAX_FRAME_SIZE is this)
-MAX_CONTAINERS = 8           # arrays + maps one request header or route frame may hold
-MAX_MAP_LEN = 64             # keys in any one map of a request or route
-INV_NAME_BYTES = 32 * KiB    # names in one `inv` route frame to a cache (well under MAX_HEADER)
-DIGEST_WIRE = 34             # a 32-byte digest as msgpack bin8: the smallest legit list item
+MAX_HEADER = 64 * KiB  # route frames and request headers (but commit/have)
+LARGE_HEADER_OPS = ("commit", "have")  # their lists of digests grow with the file
+MAX_FRAME = 32 * MiB  # ZMQ_MAXMSGSIZE (fms.wire.codec.MAX_FRAME_SIZE is this)
+MAX_CONTAINERS = 8  # arrays + maps one request header or route frame may hold
+MAX_MAP_LEN = 64  # keys in any one map of a request or route
+INV_NAME_BYTES = 32 * KiB  # names in one `inv` route frame to a cache (well under MAX_HEADER)
+DIGEST_WIRE = 34  # a 32-byte digest as msgpack bin8: the smallest legit list item
 PEEK_KEYS = ("v", "op", "id", "ttl_ms", "fresh", "rx")
 
 
@@ -64,23 +64,38 @@ def frame_len(buf) -> int:
     return buf.nbytes if isinstance(buf, memoryview) else len(buf)
 
 
-def unpack_bounded(buf, *, max_size: int, max_containers: int | None,
-                   max_array: int | None = None, max_map: int = MAX_MAP_LEN):
+def unpack_bounded(
+    buf,
+    *,
+    max_size: int,
+    max_containers: int | None,
+    max_array: int | None = None,
+    max_map: int = MAX_MAP_LEN,
+):
     """msgpack.unpackb with every limit set.  :raises FrameTooLarge: over ``max_size``;
     :raises BadRequest: not msgpack, or over a limit."""
     size = frame_len(buf)
     if size > max_size:
-        raise FrameTooLarge(f"header frame of {size} bytes is over the limit of {max_size} bytes; "
-                            f"send smaller requests (e.g. fewer hashes per have)")
+        raise FrameTooLarge(
+            f"header frame of {size} bytes is over the limit of {max_size} bytes; "
+            f"send smaller requests (e.g. fewer hashes per have)"
+        )
     kwargs = {}
     if max_containers is not None:
         counter = _Counter(max_containers)
         kwargs = {"list_hook": counter.list_hook, "object_hook": counter.object_hook}
     try:
         return msgpack.unpackb(
-            buf, raw=False, strict_map_key=True, max_str_len=size, max_bin_len=size,
+            buf,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=size,
+            max_bin_len=size,
             max_array_len=max_array if max_array is not None else size,
-            max_map_len=max_map, max_ext_len=0, **kwargs)
+            max_map_len=max_map,
+            max_ext_len=0,
+            **kwargs,
+        )
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise BadRequest(f"frame is not valid msgpack: {clip(str(exc))}") from None
 
@@ -104,8 +119,10 @@ def peek_large(buf) -> dict:
     except BadRequest:
         fields = {}
     if fields.get("op") not in LARGE_HEADER_OPS:
-        raise FrameTooLarge(f"request header of {size} bytes is over the limit of {MAX_HEADER} "
-                            f"bytes (only {' and '.join(LARGE_HEADER_OPS)} may be larger)")
+        raise FrameTooLarge(
+            f"request header of {size} bytes is over the limit of {MAX_HEADER} "
+            f"bytes (only {' and '.join(LARGE_HEADER_OPS)} may be larger)"
+        )
     return fields
 
 
@@ -120,10 +137,17 @@ def peek(buf) -> dict:
         raise FrameTooLarge(f"header frame of {size} bytes is over the frame limit")
     first = memoryview(buf)[0] if size else 0
     if not (0x80 <= first <= 0x8F or first in (0xDE, 0xDF)):
-        raise BadRequest("frame is not a msgpack map")     # before copying it into an unpacker
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=max(size, 1),
-                                max_str_len=MAX_HEADER, max_bin_len=MAX_HEADER,
-                                max_array_len=0, max_map_len=0, max_ext_len=0)
+        raise BadRequest("frame is not a msgpack map")  # before copying it into an unpacker
+    unpacker = msgpack.Unpacker(
+        raw=False,
+        strict_map_key=True,
+        max_buffer_size=max(size, 1),
+        max_str_len=MAX_HEADER,
+        max_bin_len=MAX_HEADER,
+        max_array_len=0,
+        max_map_len=0,
+        max_ext_len=0,
+    )
     out = {}
     try:
         unpacker.feed(buf)
@@ -143,8 +167,9 @@ def peek(buf) -> dict:
     except BadRequest:
         raise
     except (ValueError, TypeError, msgpack.UnpackException, msgpack.OutOfData) as exc:
-        raise BadRequest(f"frame is not a valid msgpack map: {clip(str(exc) or type(exc).__name__)}"
-                         ) from None
+        raise BadRequest(
+            f"frame is not a valid msgpack map: {clip(str(exc) or type(exc).__name__)}"
+        ) from None
     if unpacker.tell() != size:
         raise BadRequest("frame holds more than one msgpack object")
     return out
@@ -152,10 +177,10 @@ def peek(buf) -> dict:
 
 # --- deadlines and credit (the broker) ---
 
-DEFAULT_TTL_MS = 60_000      # a request without ttl_ms is dropped if still queued after this
-MAX_TTL_MS = 600_000         # a larger ttl_ms is cut to this
-INFLIGHT_GRACE = 30.0        # seconds past its deadline a worker may hold a request unanswered
-SWEEP_INTERVAL = 0.25        # seconds between sweeps of queued requests whose deadline passed
+DEFAULT_TTL_MS = 60_000  # a request without ttl_ms is dropped if still queued after this
+MAX_TTL_MS = 600_000  # a larger ttl_ms is cut to this
+INFLIGHT_GRACE = 30.0  # seconds past its deadline a worker may hold a request unanswered
+SWEEP_INTERVAL = 0.25  # seconds between sweeps of queued requests whose deadline passed
 # Requests a worker is given at once; the rest wait at the broker, where a request whose
 # deadline passes or whose client leaves is dropped before it costs a worker anything.
 # Storage's also bounds its group commit: 8 made put -r of 1,000 small files 1.3x slower.
@@ -163,37 +188,46 @@ WORKER_CREDIT = {"storage": 16, "cache": 32}
 
 # --- byte budgets (the broker, DESIGN.md invariant 4) ---
 
-CLIENT_BYTES = 64 * MiB             # per client: its uploads' data held, and replies it has not read
-TOTAL_REQUEST_BYTES = 512 * MiB     # all clients' uploads' data held by the broker
-TOTAL_REPLY_BYTES = 128 * MiB       # all clients' unread replies held by the broker
-CLIENT_PIPE = 16                    # SNDHWM per client: replies ZeroMQ queues; the rest wait,
-                                    # counted in bytes, in the broker's outbox for that client
-LARGE_REPLY = 256 * KiB             # a reply with this much data or more goes to a client's
-CLIENT_KERNEL_QUEUE = 1 * MiB       # ZeroMQ queue only while the kernel holds less than this
-                                    # for it unread (else it waits in the outbox, counted)
-STALLED = 1.0                       # seconds an outbox may send nothing before its client
-                                    # counts as not reading (its replies may then be shed)
-OUTBOX_MESSAGES = 512               # replies one client's outbox may hold whatever their size
-RECEIVE_PIPE = 16                   # RCVHWM per peer on both broker sockets
-WORKER_PIPE = 16                    # SNDHWM of a worker's link: replies queued towards the broker
-FLUSH_INTERVAL = 0.002              # seconds between tries to send what outboxes hold
-WORKER_BYTES = 64 * MiB             # per worker: data sent + replies expected, in flight
-CHUNK_GUESS = 1 * MiB               # a chunk reply's expected size before one was seen
-SMALL_REPLY = 4 * KiB               # expected reply size of a metadata op
-REPLY_GUESS = {"get": 128 * KiB, "ls": 1 * MiB,     # a small file's content; a page of ls;
-               "get_many": 1 * MiB}                 # 256 small files of 4 KiB
+CLIENT_BYTES = 64 * MiB  # per client: its uploads' data held, and replies it has not read
+TOTAL_REQUEST_BYTES = 512 * MiB  # all clients' uploads' data held by the broker
+TOTAL_REPLY_BYTES = 128 * MiB  # all clients' unread replies held by the broker
+CLIENT_PIPE = 16  # SNDHWM per client: replies ZeroMQ queues; the rest wait,
+# counted in bytes, in the broker's outbox for that client
+LARGE_REPLY = 256 * KiB  # a reply with this much data or more goes to a client's
+CLIENT_KERNEL_QUEUE = 1 * MiB  # ZeroMQ queue only while the kernel holds less than this
+# for it unread (else it waits in the outbox, counted)
+STALLED = 1.0  # seconds an outbox may send nothing before its client
+# counts as not reading (its replies may then be shed)
+OUTBOX_MESSAGES = 512  # replies one client's outbox may hold whatever their size
+RECEIVE_PIPE = 16  # RCVHWM per peer on both broker sockets
+WORKER_PIPE = 16  # SNDHWM of a worker's link: replies queued towards the broker
+FLUSH_INTERVAL = 0.002  # seconds between tries to send what outboxes hold
+WORKER_BYTES = 64 * MiB  # per worker: data sent + replies expected, in flight
+CHUNK_GUESS = 1 * MiB  # a chunk reply's expected size before one was seen
+SMALL_REPLY = 4 * KiB  # expected reply size of a metadata op
+REPLY_GUESS = {
+    "get": 128 * KiB,
+    "ls": 1 * MiB,  # a small file's content; a page of ls;
+    "get_many": 1 * MiB,
+}  # 256 small files of 4 KiB
 # Reply bytes reserved when a client's request is admitted: at most what its reply carries.
 # A chunk reserves the length the client declares (`len`), else the size seen last, else
 # MAX_CHUNK_SIZE; an ls page LS_ENTRY_MAX per entry; have what it asked about.  A reply larger
 # than its reservation (a manifest of more than ~3,800 chunks, a false `len`) is kept only
 # while the budgets have room.
-REPLY_BOUND = {"get": 136 * KiB, "get_version": 136 * KiB, "versions": 1 * MiB,
-               "fsck": 1 * MiB, "commit_many": 64 * KiB,
-               "status": 64 * KiB, "cache_stats": 16 * KiB,
-               "rm_prefix": 64 * KiB}      # the names it removed: at most 32 KiB of them
-MANIFEST_GUESS = 1 * KiB            # a small file's manifest, in a get_many reply
-LS_ENTRY_MAX = 1280                 # bytes of one ls entry at most (a 1,024-byte name + fields)
-CHUNK_SIZES_KEPT = 65536            # chunk sizes remembered (LRU), for the guesses above
+REPLY_BOUND = {
+    "get": 136 * KiB,
+    "get_version": 136 * KiB,
+    "versions": 1 * MiB,
+    "fsck": 1 * MiB,
+    "commit_many": 64 * KiB,
+    "status": 64 * KiB,
+    "cache_stats": 16 * KiB,
+    "rm_prefix": 64 * KiB,
+}  # the names it removed: at most 32 KiB of them
+MANIFEST_GUESS = 1 * KiB  # a small file's manifest, in a get_many reply
+LS_ENTRY_MAX = 1280  # bytes of one ls entry at most (a 1,024-byte name + fields)
+CHUNK_SIZES_KEPT = 65536  # chunk sizes remembered (LRU), for the guesses above
 
 
 def tune_malloc(threshold: int = 4 * MiB):
@@ -203,13 +237,15 @@ def tune_malloc(threshold: int = 4 * MiB):
     A no-op where there is no glibc."""
     try:
         import ctypes
+
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, threshold)      # M_MMAP_THRESHOLD (also stops it from growing)
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD (also stops it from growing)
     except (OSError, AttributeError):
         pass
 
 
 # --- descriptors ---
+
 
 def raise_fd_limit(log=None) -> tuple:
     """Raise this process's soft limit on open descriptors to its hard limit (each client
@@ -218,6 +254,7 @@ def raise_fd_limit(log=None) -> tuple:
     :return: ``(soft, hard)`` after the change, as ``status`` reports it.
     """
     import resource
+
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard > soft:
         target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
@@ -226,8 +263,9 @@ def raise_fd_limit(log=None) -> tuple:
             soft = target
         except (ValueError, OSError) as exc:
             if log is not None:
-                log.warning("event=fd_limit_not_raised soft=%d hard=%d error=%r", soft, hard,
-                            str(exc))
+                log.warning(
+                    "event=fd_limit_not_raised soft=%d hard=%d error=%r", soft, hard, str(exc)
+                )
     if log is not None:
         log.info("event=fd_limit soft=%d hard=%d", soft, hard)
     return soft, hard
@@ -237,6 +275,7 @@ def fd_limit() -> dict:
     """The descriptor limits and how many are open now (Linux), for ``status``."""
     import os
     import resource
+
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         used = len(os.listdir("/proc/self/fd"))

@@ -5,9 +5,9 @@ import sys
 import time
 
 LOG_FORMAT = "%(asctime)s level=%(levelname)s proc=%(name)s %(message)s"
-RATE_WINDOW = 10.0   # seconds
-RATE_BURST = 5       # lines per window before further lines of the same kind are counted only
-LOG_TEXT_MAX = 200   # characters of one text argument (attacker-supplied text is cut to this)
+RATE_WINDOW = 10.0  # seconds
+RATE_BURST = 5  # lines per window before further lines of the same kind are counted only
+LOG_TEXT_MAX = 200  # characters of one text argument (attacker-supplied text is cut to this)
 
 
 def clip(text, limit: int = LOG_TEXT_MAX) -> str:
@@ -21,8 +21,12 @@ def clip(text, limit: int = LOG_TEXT_MAX) -> str:
 
 def setup_logging(level: str = "INFO"):
     """Configure the root logger; called once by each entry point."""
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=LOG_FORMAT,
-                        datefmt="%Y-%m-%dT%H:%M:%S", stream=sys.stderr)
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format=LOG_FORMAT,
+        datefmt="%Y-%m-%dT%H:%M:%S",
+        stream=sys.stderr,
+    )
 
 
 class RateLimitedLog:

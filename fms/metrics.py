@@ -7,8 +7,22 @@ import collections
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                   5.0, 10.0)   # seconds
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)  # seconds
 
 
 class BrokerMetrics:
@@ -16,34 +30,68 @@ class BrokerMetrics:
 
     def __init__(self):
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("fms_requests", "Client requests answered, by op and outcome "
-                                "(ok or the error code)", ["op", "outcome"], registry=self.registry)
-        self.latency = Histogram("fms_request_duration_seconds", "Time from a client request's "
-                                 "arrival at the broker to its reply leaving, by op and outcome",
-                                 ["op", "outcome"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.cache_hits = Counter("fms_cache_hits", "Client reads answered from the cache",
-                                  registry=self.registry)
-        self.cache_misses = Counter("fms_cache_misses", "Client reads the cache had to fetch "
-                                    "from storage", registry=self.registry)
-        self.cache_get_hits = Counter("fms_cache_get_hits", "Client GETs whose manifest and "
-                                      "every chunk came from the cache", registry=self.registry)
-        self.cache_get_misses = Counter("fms_cache_get_misses", "Client GETs through the cache "
-                                        "with the manifest or a chunk from storage",
-                                        registry=self.registry)
-        self.cache_bytes_hit = Counter("fms_cache_bytes_hit", "Content bytes of client GETs "
-                                       "served by the cache", registry=self.registry)
-        self.cache_bytes_missed = Counter("fms_cache_bytes_missed", "Content bytes of client "
-                                          "GETs through the cache that came from storage",
-                                          registry=self.registry)
-        self.cache_evictions = Counter("fms_cache_evictions", "Chunks the cache workers evicted "
-                                       "to make room", registry=self.registry)
-        self.cache_refused = Counter("fms_cache_admissions_refused", "Chunks the cache workers "
-                                     "did not admit (read less often than what they would "
-                                     "displace, or too large)", registry=self.registry)
-        self.workers = Gauge("fms_workers", "Live workers, by service", ["service"],
-                             registry=self.registry)
-        self.redispatched = Counter("fms_redispatched_requests", "Requests handed to another "
-                                    "worker after theirs died", registry=self.registry)
+        self.requests = Counter(
+            "fms_requests",
+            "Client requests answered, by op and outcome (ok or the error code)",
+            ["op", "outcome"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "fms_request_duration_seconds",
+            "Time from a client request's "
+            "arrival at the broker to its reply leaving, by op and outcome",
+            ["op", "outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.cache_hits = Counter(
+            "fms_cache_hits", "Client reads answered from the cache", registry=self.registry
+        )
+        self.cache_misses = Counter(
+            "fms_cache_misses",
+            "Client reads the cache had to fetch from storage",
+            registry=self.registry,
+        )
+        self.cache_get_hits = Counter(
+            "fms_cache_get_hits",
+            "Client GETs whose manifest and every chunk came from the cache",
+            registry=self.registry,
+        )
+        self.cache_get_misses = Counter(
+            "fms_cache_get_misses",
+            "Client GETs through the cache with the manifest or a chunk from storage",
+            registry=self.registry,
+        )
+        self.cache_bytes_hit = Counter(
+            "fms_cache_bytes_hit",
+            "Content bytes of client GETs served by the cache",
+            registry=self.registry,
+        )
+        self.cache_bytes_missed = Counter(
+            "fms_cache_bytes_missed",
+            "Content bytes of client GETs through the cache that came from storage",
+            registry=self.registry,
+        )
+        self.cache_evictions = Counter(
+            "fms_cache_evictions",
+            "Chunks the cache workers evicted to make room",
+            registry=self.registry,
+        )
+        self.cache_refused = Counter(
+            "fms_cache_admissions_refused",
+            "Chunks the cache workers "
+            "did not admit (read less often than what they would "
+            "displace, or too large)",
+            registry=self.registry,
+        )
+        self.workers = Gauge(
+            "fms_workers", "Live workers, by service", ["service"], registry=self.registry
+        )
+        self.redispatched = Counter(
+            "fms_redispatched_requests",
+            "Requests handed to another worker after theirs died",
+            registry=self.registry,
+        )
 
     def answered(self, op: str, outcome: str, seconds: float):
         self.requests.labels(op, outcome).inc()
@@ -69,12 +117,12 @@ class ReadTally:
     :param metrics: the :class:`BrokerMetrics` whose counters follow these figures.
     """
 
-    MAX_OPEN = 10_000   # GETs waiting for their chunks, kept at most
+    MAX_OPEN = 10_000  # GETs waiting for their chunks, kept at most
 
     def __init__(self, metrics: BrokerMetrics):
         self.metrics = metrics
         self.get_hits = self.get_misses = self.bytes_hit = self.bytes_missed = 0
-        self._open = collections.OrderedDict()   # (client, GET request id) -> [left, all hit]
+        self._open = collections.OrderedDict()  # (client, GET request id) -> [left, all hit]
 
     def get_answered(self, client: bytes, req_id, outcome, chunks, nbytes: int):
         """The cache's reply to a ``get`` (``outcome`` "hit" / "miss"; ``chunks`` to follow)."""
@@ -100,7 +148,7 @@ class ReadTally:
         entry = self._open.get((client, read))
         hit = outcome == "hit"
         if entry is None and outcome is None:
-            return               # not part of a GET through the cache
+            return  # not part of a GET through the cache
         self._bytes(hit, nbytes)
         if entry is None:
             return
@@ -131,5 +179,9 @@ class ReadTally:
             self.metrics.cache_get_misses.inc(gets)
 
     def figures(self) -> dict:
-        return {"get_hits": self.get_hits, "get_misses": self.get_misses,
-                "bytes_hit": self.bytes_hit, "bytes_missed": self.bytes_missed}
+        return {
+            "get_hits": self.get_hits,
+            "get_misses": self.get_misses,
+            "bytes_hit": self.bytes_hit,
+            "bytes_missed": self.bytes_missed,
+        }

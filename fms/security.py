@@ -25,10 +25,10 @@ import zmq.auth
 from .errors import FmsError
 from .logutil import RateLimitedLog
 
-ALLOW_RELOAD = 1.0     # seconds an allowlist read stays fresh
-ZAP_DOMAIN = "fms"                  # the frontend: clients
-ZAP_WORKER_DOMAIN = "fms-workers"   # the backend: workers
-REFUSED_KEYS_LOGGED = 1024          # distinct refused keys logged once each; past it, rate-limited
+ALLOW_RELOAD = 1.0  # seconds an allowlist read stays fresh
+ZAP_DOMAIN = "fms"  # the frontend: clients
+ZAP_WORKER_DOMAIN = "fms-workers"  # the backend: workers
+REFUSED_KEYS_LOGGED = 1024  # distinct refused keys logged once each; past it, rate-limited
 CURVE_SECRET_ENV = "FMS_CURVE_SECRET"
 SERVER_KEY_ENV = "FMS_SERVER_KEY"
 
@@ -52,11 +52,19 @@ def keygen(folder: str, name: str) -> tuple:
     public_path = os.path.join(folder, f"{name}.key")
     secret_path = os.path.join(folder, f"{name}.key_secret")
     now = time.strftime("%Y-%m-%d %H:%M:%S")
-    _write_new(secret_path, 0o600, f"#   fms CURVE secret key, made {now}; keep it private\n"
-               f"metadata\ncurve\n    public-key = \"{public.decode()}\"\n"
-               f"    secret-key = \"{secret.decode()}\"\n")
-    _write_new(public_path, 0o644, f"#   fms CURVE public key, made {now}\nmetadata\ncurve\n"
-               f"    public-key = \"{public.decode()}\"\n")
+    _write_new(
+        secret_path,
+        0o600,
+        f"#   fms CURVE secret key, made {now}; keep it private\n"
+        f'metadata\ncurve\n    public-key = "{public.decode()}"\n'
+        f'    secret-key = "{secret.decode()}"\n',
+    )
+    _write_new(
+        public_path,
+        0o644,
+        f"#   fms CURVE public key, made {now}\nmetadata\ncurve\n"
+        f'    public-key = "{public.decode()}"\n',
+    )
     return public_path, secret_path
 
 
@@ -64,8 +72,9 @@ def _write_new(path: str, mode: int, text: str):
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     except FileExistsError:
-        raise SecurityError(f"{path} exists already; choose another name or remove it "
-                            f"first") from None
+        raise SecurityError(
+            f"{path} exists already; choose another name or remove it first"
+        ) from None
     with os.fdopen(fd, "w") as f:
         f.write(text)
 
@@ -80,9 +89,11 @@ def load_secret(path: str) -> tuple:
     except OSError as exc:
         raise SecurityError(f"cannot read secret key file {path}: {exc.strerror}") from None
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise SecurityError(f"secret key file {path} is accessible by others (mode "
-                            f"{stat.S_IMODE(st.st_mode):04o}); it must be private: "
-                            f"chmod 600 {path}")
+        raise SecurityError(
+            f"secret key file {path} is accessible by others (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}); it must be private: "
+            f"chmod 600 {path}"
+        )
     public, secret = _load(path)
     if not secret:
         raise SecurityError(f"{path} holds no secret key; give the .key_secret file")
@@ -109,13 +120,15 @@ class AllowList:
 
     def __init__(self, folder: str, role: str = "clients"):
         if not os.path.isdir(folder):
-            raise SecurityError(f"allow directory {folder} does not exist; create it and put "
-                                f"the public .key files of allowed {role} in it")
+            raise SecurityError(
+                f"allow directory {folder} does not exist; create it and put "
+                f"the public .key files of allowed {role} in it"
+            )
         self.folder = folder
         self.role = role
         self._keys = frozenset()
         self._read_at = -ALLOW_RELOAD
-        self._logged = set()       # refused keys already logged (each once)
+        self._logged = set()  # refused keys already logged (each once)
         self._bad = RateLimitedLog(log)
 
     def keys(self) -> frozenset:
@@ -146,9 +159,12 @@ class AllowList:
             key = key.encode()
         if key in self._logged:
             return
-        line = ("event=key_refused side=%s key=%s hint=%r", "frontend" if self.role == "clients"
-                else "backend", key.decode(errors="replace"),
-                f"not in the {self.role}' allow directory {self.folder}")
+        line = (
+            "event=key_refused side=%s key=%s hint=%r",
+            "frontend" if self.role == "clients" else "backend",
+            key.decode(errors="replace"),
+            f"not in the {self.role}' allow directory {self.folder}",
+        )
         if len(self._logged) < REFUSED_KEYS_LOGGED:
             self._logged.add(key)
             log.warning(*line)
@@ -164,27 +180,33 @@ class CurveServer:
         client's key is refused on the backend.
     """
 
-    def __init__(self, ctx: zmq.Context, secret_file: str, allow_dir: str,
-                 allow_workers_dir: str):
+    def __init__(self, ctx: zmq.Context, secret_file: str, allow_dir: str, allow_workers_dir: str):
         self.public, self.secret = load_secret(secret_file)
         if os.path.realpath(allow_dir) == os.path.realpath(allow_workers_dir):
-            raise SecurityError("--allow and --allow-workers must be different folders: a "
-                                "client's key must not let it act as a worker")
+            raise SecurityError(
+                "--allow and --allow-workers must be different folders: a "
+                "client's key must not let it act as a worker"
+            )
         self.allow = AllowList(allow_dir, "clients")
         self.allow_workers = AllowList(allow_workers_dir, "workers")
         both = self.allow.keys() & self.allow_workers.keys()
         if both:
-            log.warning("event=key_in_both_allow_dirs keys=%d hint=%r", len(both),
-                        "a key in both folders may act as a client and as a worker; give "
-                        "workers their own keys")
+            log.warning(
+                "event=key_in_both_allow_dirs keys=%d hint=%r",
+                len(both),
+                "a key in both folders may act as a client and as a worker; give "
+                "workers their own keys",
+            )
         # Imported here: it pulls in asyncio, which clients (who load this module for their
         # keys) would otherwise pay for at every start.
         from zmq.auth.thread import ThreadAuthenticator
+
         self.auth = ThreadAuthenticator(ctx, log=logging.getLogger("fms.zap"))
         self.auth.start()
         self.auth.configure_curve_callback(ZAP_DOMAIN, credentials_provider=self.allow)
-        self.auth.configure_curve_callback(ZAP_WORKER_DOMAIN,
-                                           credentials_provider=self.allow_workers)
+        self.auth.configure_curve_callback(
+            ZAP_WORKER_DOMAIN, credentials_provider=self.allow_workers
+        )
 
     def apply(self, sock: zmq.Socket, workers: bool = False):
         sock.zap_domain = (ZAP_WORKER_DOMAIN if workers else ZAP_DOMAIN).encode()
@@ -233,8 +255,10 @@ def client_keys(secret_file, server_key_file):
     if not secret_file and not server_key_file:
         return None
     if not (secret_file and server_key_file):
-        raise SecurityError("CURVE needs both --curve-secret (this side's .key_secret) and "
-                            "--server-key (the broker's .key)")
+        raise SecurityError(
+            "CURVE needs both --curve-secret (this side's .key_secret) and "
+            "--server-key (the broker's .key)"
+        )
     return CurveClient(secret_file, server_key_file)
 
 
@@ -256,14 +280,26 @@ def cluster_keys(folder: str) -> tuple:
         if not os.path.exists(os.path.join(folder, f"{name}.key_secret")):
             keygen(folder, name)
         if into is not None:
-            with open(os.path.join(folder, f"{name}.key")) as src, \
-                    open(os.path.join(into, f"{name}.key"), "w") as dst:
+            with (
+                open(os.path.join(folder, f"{name}.key")) as src,
+                open(os.path.join(into, f"{name}.key"), "w") as dst,
+            ):
                 dst.write(src.read())
     broker_key = os.path.join(folder, "broker.key")
-    server = ["--curve-secret", os.path.join(folder, "broker.key_secret"), "--allow", allow,
-              "--allow-workers", allow_workers]
-    workers = ["--curve-secret", os.path.join(folder, "worker.key_secret"), "--server-key",
-               broker_key]
+    server = [
+        "--curve-secret",
+        os.path.join(folder, "broker.key_secret"),
+        "--allow",
+        allow,
+        "--allow-workers",
+        allow_workers,
+    ]
+    workers = [
+        "--curve-secret",
+        os.path.join(folder, "worker.key_secret"),
+        "--server-key",
+        broker_key,
+    ]
     return server, workers, (os.path.join(folder, "client.key_secret"), broker_key)
 
 
@@ -285,7 +321,7 @@ def exposure(endpoint: str) -> str | None:
         return None
     if not endpoint.startswith("tcp://"):
         return "is not a tcp://, ipc:// or inproc:// endpoint"
-    host = endpoint[len("tcp://"):].rsplit(":", 1)[0]
+    host = endpoint[len("tcp://") :].rsplit(":", 1)[0]
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     if host in ("", "*"):
@@ -296,7 +332,7 @@ def exposure(endpoint: str) -> str | None:
         found = {info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
     except (socket.gaierror, UnicodeError) as exc:
         return f"names a host {host!r} that does not resolve ({exc}); use 127.0.0.1 or ::1"
-    addresses = [ipaddress.ip_address(a.split("%")[0]) for a in found]   # fe80::1%lo: scoped
+    addresses = [ipaddress.ip_address(a.split("%")[0]) for a in found]  # fe80::1%lo: scoped
     if any(a.is_unspecified for a in addresses):
         return "binds every network interface"
     outside = sorted(str(a) for a in addresses if not a.is_loopback)

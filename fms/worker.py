@@ -26,11 +26,11 @@ from .errors import BadRequest, FmsError, Unavailable
 from .logutil import RateLimitedLog
 from .wire.frames import drain, send_frames
 
-RECONNECT_MIN = 0.25   # seconds: first wait before reconnecting to a silent broker
-RECONNECT_MAX = 4.0    # seconds: the backoff doubles up to this
-REGISTER_WARN = 5.0    # seconds without a welcome before saying what may be wrong
-DRAIN_BATCH = 64       # messages handled per poll, so heartbeats and ticks stay on time
-STOP_CHECK = 0.1       # seconds: how soon a worker notices SIGINT/SIGTERM
+RECONNECT_MIN = 0.25  # seconds: first wait before reconnecting to a silent broker
+RECONNECT_MAX = 4.0  # seconds: the backoff doubles up to this
+REGISTER_WARN = 5.0  # seconds without a welcome before saying what may be wrong
+DRAIN_BATCH = 64  # messages handled per poll, so heartbeats and ticks stay on time
+STOP_CHECK = 0.1  # seconds: how soon a worker notices SIGINT/SIGTERM
 
 
 class WorkerRefused(FmsError):
@@ -45,10 +45,11 @@ class BrokerLink:
     :param ready: the READY route fields (service, worker id, store id).
     """
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, ready: dict, log: logging.Logger,
-                 curve=None):
+    def __init__(
+        self, ctx: zmq.Context, endpoint: str, ready: dict, log: logging.Logger, curve=None
+    ):
         self.ctx = ctx
-        self.curve = curve      # a fms.security.CurveClient, or None for plaintext
+        self.curve = curve  # a fms.security.CurveClient, or None for plaintext
         self.endpoint = endpoint
         self.ready = {"t": "ready", "v": p.PROTOCOL_VERSION, **ready}
         self.log = log
@@ -87,8 +88,16 @@ class BrokerLink:
         """:param stats: counters of the service's own for the broker's metrics (the cache's)."""
         self._send([p.encode({"t": "hb", "st": stats} if stats else {"t": "hb"})])
 
-    def reply(self, route: dict, header: dict, data=None, invalidate=None, cache=None,
-              chunks=None, batch=None):
+    def reply(
+        self,
+        route: dict,
+        header: dict,
+        data=None,
+        invalidate=None,
+        cache=None,
+        chunks=None,
+        batch=None,
+    ):
         """Answer a request that reached this worker with ``route``.
 
         The route frame repeats the outcome (``ok``, ``err``) and, from the cache, whether it was
@@ -126,8 +135,9 @@ class BrokerLink:
         try:
             send_frames(self.sock, frames)
         except zmq.Again:
-            self.log.warning("event=send_dropped broker=%s reason='queue to broker full'",
-                             self.endpoint)
+            self.log.warning(
+                "event=send_dropped broker=%s reason='queue to broker full'", self.endpoint
+            )
 
 
 def serve(service, link: BrokerLink, log: logging.Logger, should_stop=lambda: False):
@@ -153,16 +163,23 @@ def serve(service, link: BrokerLink, log: logging.Logger, should_stop=lambda: Fa
             backoff = RECONNECT_MIN
             # A stopping worker takes no more: the broker hands what it left to another worker
             # when this one says bye (every op is idempotent).
-            drain(link.sock, lambda frames: _handle(service, link, frames, log, bad), DRAIN_BATCH,
-                  should_stop)
+            drain(
+                link.sock,
+                lambda frames: _handle(service, link, frames, log, bad),
+                DRAIN_BATCH,
+                should_stop,
+            )
             _flush(service, log)
         now = time.monotonic()
         if now >= next_heartbeat:
             next_heartbeat = now + p.HEARTBEAT_INTERVAL
             liveness -= 1
             if liveness <= 0:
-                log.warning("event=broker_silent broker=%s action=reconnect wait=%.2fs",
-                            link.endpoint, backoff)
+                log.warning(
+                    "event=broker_silent broker=%s action=reconnect wait=%.2fs",
+                    link.endpoint,
+                    backoff,
+                )
                 time.sleep(backoff)
                 backoff = min(backoff * 2, RECONNECT_MAX)
                 link.connect()
@@ -173,9 +190,12 @@ def serve(service, link: BrokerLink, log: logging.Logger, should_stop=lambda: Fa
             service.tick(now)
             if not link.registered and now >= warn_at:
                 warn_at = now + REGISTER_WARN * 6
-                log.warning("event=not_registered broker=%s hint=%r", link.endpoint,
-                            "is the broker running? if it requires CURVE, give --curve-secret "
-                            "and --server-key, and have this worker's .key in its --allow folder")
+                log.warning(
+                    "event=not_registered broker=%s hint=%r",
+                    link.endpoint,
+                    "is the broker running? if it requires CURVE, give --curve-secret "
+                    "and --server-key, and have this worker's .key in its --allow folder",
+                )
 
 
 def _flush(service, log):
@@ -250,7 +270,7 @@ def _handle_request(service, link, route, body, log):
             raise BadRequest("request has no header frame")
         # The header first, so that every error reply below carries the request's id.
         header = p.decode(body[0].buffer, "request")
-        req_id = p.need(header, "id", (int, str))   # every handler may rely on it
+        req_id = p.need(header, "id", (int, str))  # every handler may rely on it
         if len(body) > 2:
             raise BadRequest(f"request has {len(body) + 1} frames, expected 2 or 3")
         ttl = route.get("ttl")
@@ -258,8 +278,7 @@ def _handle_request(service, link, route, body, log):
             if ttl <= 0:
                 # Its deadline passed on the way: nobody waits for the answer, but the broker
                 # does (it counts the request against this worker's credit until answered).
-                raise Unavailable("the request's deadline passed before it could be handled; "
-                                  "retry")
+                raise Unavailable("the request's deadline passed before it could be handled; retry")
             # The worker's own deadline (the ttl is relative: no clocks need agree across
             # hosts); a service that answers later (the cache, after a fetch) drops what expired.
             route["deadline"] = time.monotonic() + ttl / 1000
@@ -276,9 +295,16 @@ def _handle_request(service, link, route, body, log):
         # Out of space or of inodes (a directory or file that could not be created), wherever
         # the handler met it: the write did not happen (temp + rename), say so clearly.
         log.warning("event=no_space error=%r", exc.strerror)
-        link.reply(route, p.error_reply(req_id, "no_space", "the worker's disk is full (no "
-                                        "space or no inodes left); nothing was changed: free "
-                                        "space on it, then retry"))
+        link.reply(
+            route,
+            p.error_reply(
+                req_id,
+                "no_space",
+                "the worker's disk is full (no "
+                "space or no inodes left); nothing was changed: free "
+                "space on it, then retry",
+            ),
+        )
     except Exception as exc:  # a bug must cost one request, not the process (invariant 5)
         log.exception("event=handler_crashed error=%r", exc)
         link.reply(route, p.error_reply(req_id, "internal", f"internal error: {exc!r}"))

@@ -51,5 +51,5 @@ def pytest_runtest_makereport(item, call):
 def random_bytes(n: int, seed: int = 0) -> bytes:
     """Deterministic incompressible bytes (fast: no per-byte Python loop)."""
     import random
-    return random.Random(seed).randbytes(n)
 
+    return random.Random(seed).randbytes(n)

@@ -16,12 +16,16 @@ import fms
 from fms.security import CurveClient, cluster_keys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-START_TIMEOUT = 15.0    # seconds for a process to come up / a worker to register
-STOP_TIMEOUT = 8.0      # seconds for a process to exit after SIGTERM before it is killed
-CLI_TIMEOUT = 60.0      # seconds any one CLI command may take in a test
+START_TIMEOUT = 15.0  # seconds for a process to come up / a worker to register
+STOP_TIMEOUT = 8.0  # seconds for a process to exit after SIGTERM before it is killed
+CLI_TIMEOUT = 60.0  # seconds any one CLI command may take in a test
 
-SCRIPTS = {"broker": "broker.py", "storage": "storage_worker.py", "cache": "cache_worker.py",
-           "slow_storage": os.path.join("tests", "slow_storage.py")}
+SCRIPTS = {
+    "broker": "broker.py",
+    "storage": "storage_worker.py",
+    "cache": "cache_worker.py",
+    "slow_storage": os.path.join("tests", "slow_storage.py"),
+}
 
 
 def wait_for(predicate, timeout: float, what: str):
@@ -53,8 +57,12 @@ class Proc:
         self.name = name
         self.log_path = log_path
         self._log = open(log_path, "ab")
-        self.popen = subprocess.Popen([sys.executable, os.path.join(ROOT, SCRIPTS[kind]), *args],
-                                      cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        self.popen = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, SCRIPTS[kind]), *args],
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
 
     @property
     def pid(self) -> int:
@@ -109,7 +117,8 @@ class Cluster:
         self.server_args, self.worker_args, self.client_keys = [], [], None
         if curve:
             self.server_args, self.worker_args, (secret, broker_key) = cluster_keys(
-                str(self.tmp / "keys"))
+                str(self.tmp / "keys")
+            )
             self.client_keys = CurveClient(secret, broker_key)
 
     def _spawn(self, name: str, args: list) -> Proc:
@@ -131,13 +140,19 @@ class Cluster:
             self.start_storage(wid=f"storage-{i}")
         self.wait_workers(storage=storage, cache=1)
 
-    def start_broker(self, frontend="tcp://127.0.0.1:*", backend="tcp://127.0.0.1:*",
-                     extra=()) -> Proc:
-        proc = self._spawn("broker", ["broker", "--frontend", frontend, "--backend", backend,
-                                      *self.server_args, *extra])
+    def start_broker(
+        self, frontend="tcp://127.0.0.1:*", backend="tcp://127.0.0.1:*", extra=()
+    ) -> Proc:
+        proc = self._spawn(
+            "broker",
+            ["broker", "--frontend", frontend, "--backend", backend, *self.server_args, *extra],
+        )
         pattern = re.compile(r"event=listening frontend=(\S+) backend=(\S+)")
-        match = wait_for(lambda: pattern.search(proc.log()) or (not proc.alive() and proc.log()),
-                         START_TIMEOUT, "the broker to listen")
+        match = wait_for(
+            lambda: pattern.search(proc.log()) or (not proc.alive() and proc.log()),
+            START_TIMEOUT,
+            "the broker to listen",
+        )
         assert isinstance(match, re.Match), f"broker failed to start:\n{proc.log()}"
         self.frontend, self.backend = match.group(1), match.group(2)
         return proc
@@ -147,9 +162,20 @@ class Cluster:
         (tests/slow_storage.py), so that a test can kill it in the middle of work."""
         wid = wid or f"storage-{self._seq + 1}"
         kind = ["slow_storage", str(delay)] if delay else ["storage"]
-        return self._spawn(wid, [*kind, "--broker", self.backend, "--data",
-                                 data or self.storage_dir, "--id", wid, *self.worker_args,
-                                 *extra])
+        return self._spawn(
+            wid,
+            [
+                *kind,
+                "--broker",
+                self.backend,
+                "--data",
+                data or self.storage_dir,
+                "--id",
+                wid,
+                *self.worker_args,
+                *extra,
+            ],
+        )
 
     def start_cache(self, max_bytes="64M", directory=None, wid="cache-1") -> Proc:
         return self.start_cache_with([], max_bytes, directory, wid)
@@ -158,9 +184,22 @@ class Cluster:
         """A cache worker; another ``wid`` gets a directory of its own by default."""
         if directory is None:
             directory = self.cache_dir if wid == "cache-1" else str(self.tmp / wid)
-        return self._spawn("cache", ["cache", "--broker", self.backend, "--dir", directory,
-                                     "--max-bytes", max_bytes, "--id", wid, *self.worker_args,
-                                     *extra])
+        return self._spawn(
+            "cache",
+            [
+                "cache",
+                "--broker",
+                self.backend,
+                "--dir",
+                directory,
+                "--max-bytes",
+                max_bytes,
+                "--id",
+                wid,
+                *self.worker_args,
+                *extra,
+            ],
+        )
 
     def workers(self, service=None) -> list:
         with self.client(timeout=2.0) as c:
@@ -170,8 +209,11 @@ class Cluster:
     def wait_workers(self, storage: int, cache: int):
         def ready():
             found = self.workers()
-            return (sum(w["service"] == "storage" for w in found) == storage
-                    and sum(w["service"] == "cache" for w in found) == cache)
+            return (
+                sum(w["service"] == "storage" for w in found) == storage
+                and sum(w["service"] == "cache" for w in found) == cache
+            )
+
         wait_for(ready, START_TIMEOUT, f"{storage} storage and {cache} cache workers")
 
     def served(self) -> dict:
@@ -194,8 +236,13 @@ class Cluster:
         cmd = [sys.executable, os.path.join(ROOT, "client.py")]
         if broker:
             cmd += ["--broker", self.frontend]
-        return subprocess.run(cmd + list(args), input=stdin, capture_output=True,
-                              timeout=timeout, cwd=cwd or str(self.tmp))
+        return subprocess.run(
+            cmd + list(args),
+            input=stdin,
+            capture_output=True,
+            timeout=timeout,
+            cwd=cwd or str(self.tmp),
+        )
 
     def stop(self):
         for client in self._clients:

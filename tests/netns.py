@@ -43,7 +43,7 @@ import pytest
 
 from fms.storage.chunks.localdir import pid_alive
 
-SUBNET_BASE = "10.231"          # 10.231.X.0/24, X in 1..254
+SUBNET_BASE = "10.231"  # 10.231.X.0/24, X in 1..254
 LOCK_PATH = "/tmp/fms-netns.lock"
 IP_TIMEOUT = 15.0
 
@@ -230,8 +230,9 @@ def netns_bridge():
         print(f"\n[netns] {reason}; servers listen on 127.0.0.1 only", file=sys.stderr)
         yield None
         return
-    print(f"\n[netns] bridge {bridge.name} {bridge.host_address} ({bridge.subnet})",
-          file=sys.stderr)
+    print(
+        f"\n[netns] bridge {bridge.name} {bridge.host_address} ({bridge.subnet})", file=sys.stderr
+    )
     try:
         yield bridge
     finally:

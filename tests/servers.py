@@ -46,10 +46,10 @@ import time
 
 import pytest
 
-pytest_plugins = ["netns"]     # the host bridge that namespaced processes reach servers on
+pytest_plugins = ["netns"]  # the host bridge that namespaced processes reach servers on
 
-START_TIMEOUT = 60.0    # seconds for a server to accept connections
-STOP_TIMEOUT = 30.0     # seconds for a server to exit after its polite stop signal
+START_TIMEOUT = 60.0  # seconds for a server to accept connections
+STOP_TIMEOUT = 30.0  # seconds for a server to exit after its polite stop signal
 POLL = 0.05
 
 
@@ -93,18 +93,22 @@ def _wait(predicate, timeout: float, what: str, proc=None, log=None):
             value = predicate()
             if value:
                 return value
-        except Exception as e:    # noqa: BLE001 - readiness probes fail in many ways
+        except Exception as e:
             last = e
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what}: the process exited with {proc.returncode}"
-                               f"\n--- log ---\n{_log_tail(log) if log else ''}")
+            raise RuntimeError(
+                f"{what}: the process exited with {proc.returncode}"
+                f"\n--- log ---\n{_log_tail(log) if log else ''}"
+            )
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what} (last error: "
-                               f"{last!r})\n--- log ---\n{_log_tail(log) if log else ''}")
+            raise TimeoutError(
+                f"timed out after {timeout} s waiting for {what} (last error: "
+                f"{last!r})\n--- log ---\n{_log_tail(log) if log else ''}"
+            )
         time.sleep(POLL)
 
 
-_prctl = ctypes.CDLL(None, use_errno=True).prctl   # resolved here: the child may not be root
+_prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child may not be root
 PR_SET_PDEATHSIG = 1
 
 
@@ -146,17 +150,22 @@ def _stop_process(proc: subprocess.Popen, sig=signal.SIGTERM, timeout=STOP_TIMEO
 def pg_bindir() -> str | None:
     """Directory of the PostgreSQL server programs (initdb, postgres), or None."""
     try:
-        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True,
-                             timeout=10)
+        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, timeout=10)
         d = out.stdout.strip()
         if out.returncode == 0 and os.path.exists(os.path.join(d, "postgres")):
             return d
     except (OSError, subprocess.TimeoutExpired):
         pass
-    for d in sorted(p for p in (os.path.join("/usr/lib/postgresql", v, "bin")
-                                for v in (os.listdir("/usr/lib/postgresql")
-                                          if os.path.isdir("/usr/lib/postgresql") else []))
-                    if os.path.exists(os.path.join(p, "postgres")))[::-1]:
+    for d in sorted(
+        p
+        for p in (
+            os.path.join("/usr/lib/postgresql", v, "bin")
+            for v in (
+                os.listdir("/usr/lib/postgresql") if os.path.isdir("/usr/lib/postgresql") else []
+            )
+        )
+        if os.path.exists(os.path.join(p, "postgres"))
+    )[::-1]:
         return d
     initdb = shutil.which("initdb")
     if initdb:
@@ -191,11 +200,13 @@ class PostgresServer:
     def __init__(self, hosts=("127.0.0.1",), trusted_nets=("127.0.0.1/32",), port=None):
         self.bindir = pg_bindir()
         if self.bindir is None:
-            raise FileNotFoundError("PostgreSQL server programs not found (pg_config --bindir, "
-                                    "/usr/lib/postgresql/*/bin): apt-get install postgresql")
+            raise FileNotFoundError(
+                "PostgreSQL server programs not found (pg_config --bindir, "
+                "/usr/lib/postgresql/*/bin): apt-get install postgresql"
+            )
         self.hosts = list(hosts)
         self.trusted_nets = list(trusted_nets)
-        self.host = self.hosts[-1]     # the address every process (namespaced too) can reach
+        self.host = self.hosts[-1]  # the address every process (namespaced too) can reach
         self.port = port
         self.run_as = _server_user()
         self.tmp = tempfile.mkdtemp(prefix="fms-pg-")
@@ -209,8 +220,12 @@ class PostgresServer:
 
     # -- helpers
     def _popen_kwargs(self):
-        kw = dict(cwd=self.tmp, start_new_session=True, env={**os.environ, "LC_ALL": "C"},
-                  preexec_fn=_die_with_parent())
+        kw = dict(
+            cwd=self.tmp,
+            start_new_session=True,
+            env={**os.environ, "LC_ALL": "C"},
+            preexec_fn=_die_with_parent(),
+        )
         if self.run_as is not None:
             kw.update(user=self.run_as.pw_uid, group=self.run_as.pw_gid, extra_groups=[])
             kw["env"]["HOME"] = self.tmp
@@ -229,8 +244,12 @@ class PostgresServer:
 
     def env(self) -> dict:
         """libpq variables for psql & co."""
-        return {"PGHOST": self.host, "PGPORT": str(self.port), "PGUSER": self.user,
-                "PGDATABASE": self.dbname}
+        return {
+            "PGHOST": self.host,
+            "PGPORT": str(self.port),
+            "PGUSER": self.user,
+            "PGDATABASE": self.dbname,
+        }
 
     # -- lifecycle
     def initdb(self):
@@ -239,25 +258,40 @@ class PostgresServer:
         self._chown(self.sockdir)
         with open(self.log_path, "ab") as log:
             self._chown(self.log_path)
-            r = subprocess.run([os.path.join(self.bindir, "initdb"), "-D", self.data,
-                                "-U", self.user, "--auth=trust", "-E", "UTF8", "--locale=C",
-                                "--no-sync"], stdout=log, stderr=subprocess.STDOUT,
-                               timeout=120, **self._popen_kwargs())
+            r = subprocess.run(
+                [
+                    os.path.join(self.bindir, "initdb"),
+                    "-D",
+                    self.data,
+                    "-U",
+                    self.user,
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                    "--no-sync",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=120,
+                **self._popen_kwargs(),
+            )
         if r.returncode != 0:
             raise RuntimeError(f"initdb failed ({r.returncode}):\n{_log_tail(self.log_path)}")
         with open(os.path.join(self.data, "pg_hba.conf"), "w") as f:
-            f.write("# written by tests/servers.py\n"
-                    "local all all trust\n")
+            f.write("# written by tests/servers.py\nlocal all all trust\n")
             for net in self.trusted_nets:
                 f.write(f"host all all {net} trust\n")
         with open(os.path.join(self.data, "postgresql.conf"), "a") as f:
-            f.write("\n# tests/servers.py\n"
-                    f"unix_socket_directories = '{self.sockdir}'\n"
-                    "fsync = on\n"
-                    "shared_buffers = 32MB\n"
-                    "max_connections = 200\n"
-                    "log_min_messages = warning\n"
-                    "log_connections = off\n")
+            f.write(
+                "\n# tests/servers.py\n"
+                f"unix_socket_directories = '{self.sockdir}'\n"
+                "fsync = on\n"
+                "shared_buffers = 32MB\n"
+                "max_connections = 200\n"
+                "log_min_messages = warning\n"
+                "log_connections = off\n"
+            )
 
     def _configure_port(self):
         with open(os.path.join(self.data, "postgresql.auto.conf"), "w") as f:
@@ -269,16 +303,19 @@ class PostgresServer:
             return
         t0 = time.monotonic()
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([os.path.join(self.bindir, "postgres"), "-D", self.data],
-                                     stdout=self._log, stderr=subprocess.STDOUT,
-                                     **self._popen_kwargs())
+        self.proc = subprocess.Popen(
+            [os.path.join(self.bindir, "postgres"), "-D", self.data],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            **self._popen_kwargs(),
+        )
         _wait(self._ready, timeout, f"PostgreSQL on port {self.port}", self.proc, self.log_path)
         self.start_seconds = time.monotonic() - t0
 
     def _ready(self) -> bool:
         import psycopg
-        with psycopg.connect(self.url_for("postgres"), connect_timeout=2,
-                             autocommit=True) as conn:
+
+        with psycopg.connect(self.url_for("postgres"), connect_timeout=2, autocommit=True) as conn:
             return conn.execute("SELECT 1").fetchone()[0] == 1
 
     def running(self) -> bool:
@@ -287,8 +324,7 @@ class PostgresServer:
     def stop(self, mode: str = "fast"):
         """Stop: ``fast`` (SIGINT: roll back sessions, checkpoint), ``smart`` (SIGTERM: wait
         for sessions) or ``immediate`` (SIGQUIT: no checkpoint, crash recovery on next start)."""
-        sig = {"smart": signal.SIGTERM, "fast": signal.SIGINT,
-               "immediate": signal.SIGQUIT}[mode]
+        sig = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}[mode]
         if self.proc is not None and self.proc.poll() is None:
             # signal the postmaster only: it stops its children itself
             self.proc.send_signal(sig)
@@ -314,6 +350,7 @@ class PostgresServer:
             try:
                 self.start()
                 import psycopg
+
                 with psycopg.connect(self.url_for("postgres"), autocommit=True) as conn:
                     conn.execute(f'CREATE DATABASE "{self.dbname}"')
                 return self
@@ -331,6 +368,7 @@ class PostgresServer:
     # -- databases
     def admin(self):
         import psycopg
+
         return psycopg.connect(self.url, autocommit=True, connect_timeout=5)
 
     def new_database(self) -> str:
@@ -382,9 +420,11 @@ def postgres(request):
     except BaseException:
         log = _log_tail(server.log_path)
         server.cleanup()
-        raise RuntimeError(f"PostgreSQL did not start:\n{log}")
-    print(f"\n[servers] PostgreSQL at {server.url} (started in {server.start_seconds:.2f} s)",
-          file=sys.stderr)
+        raise RuntimeError(f"PostgreSQL did not start:\n{log}") from None
+    print(
+        f"\n[servers] PostgreSQL at {server.url} (started in {server.start_seconds:.2f} s)",
+        file=sys.stderr,
+    )
     try:
         yield server
     finally:
@@ -448,10 +488,20 @@ class SeaweedS3:
         self.secret_key = secrets.token_hex(20)
         self.config_path = os.path.join(self.tmp, "s3.json")
         with open(self.config_path, "w") as f:
-            json.dump({"identities": [{
-                "name": "fms",
-                "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
-                "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}, f)
+            json.dump(
+                {
+                    "identities": [
+                        {
+                            "name": "fms",
+                            "credentials": [
+                                {"accessKey": self.access_key, "secretKey": self.secret_key}
+                            ],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        }
+                    ]
+                },
+                f,
+            )
         self.ports = {}
         self.proc = None
         self._log = None
@@ -469,21 +519,34 @@ class SeaweedS3:
 
     def env(self) -> dict:
         """The AWS SDK's standard variables, for subprocesses (storage workers)."""
-        return {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_ACCESS_KEY_ID": self.access_key,
-                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_REGION": self.region,
-                "AWS_DEFAULT_REGION": self.region}
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_REGION": self.region,
+            "AWS_DEFAULT_REGION": self.region,
+        }
 
     def client(self, **config):
         """A boto3 S3 client on this server (path-style addressing)."""
         import boto3
         from botocore.config import Config
-        cfg = dict(s3={"addressing_style": "path"}, connect_timeout=2, read_timeout=30,
-                   retries={"max_attempts": 2, "mode": "standard"})
+
+        cfg = dict(
+            s3={"addressing_style": "path"},
+            connect_timeout=2,
+            read_timeout=30,
+            retries={"max_attempts": 2, "mode": "standard"},
+        )
         cfg.update(config)
-        return boto3.client("s3", endpoint_url=self.endpoint_url,
-                            aws_access_key_id=self.access_key,
-                            aws_secret_access_key=self.secret_key, region_name=self.region,
-                            config=Config(**cfg))
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name=self.region,
+            config=Config(**cfg),
+        )
 
     def make_bucket(self) -> str:
         """Create a fresh empty bucket; returns its name."""
@@ -515,20 +578,34 @@ class SeaweedS3:
 
     def argv(self) -> list:
         p = self.ports
-        return [self.weed, "server", f"-dir={self.data}",
-                f"-ip={self.internal_host}", f"-ip.bind={self.internal_host}",
-                f"-master.port={p['master']}", f"-master.port.grpc={p['master.grpc']}",
-                "-master.volumeSizeLimitMB=64", "-master.electionTimeout=1s",
-                "-master.telemetry=false",
-                f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume.grpc']}",
-                "-volume.max=2000", "-volume.preStopSeconds=0",
-                "-filer", f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}",
-                f"-filer.localSocket={os.path.join(self.tmp, 'filer.sock')}",
-                "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3.grpc']}",
-                f"-s3.ip.bind={self.host}",
-                f"-s3.localSocket={os.path.join(self.tmp, 's3.sock')}",
-                "-s3.port.iceberg=0", "-s3.port.lance=0",
-                f"-s3.config={self.config_path}"]
+        return [
+            self.weed,
+            "server",
+            f"-dir={self.data}",
+            f"-ip={self.internal_host}",
+            f"-ip.bind={self.internal_host}",
+            f"-master.port={p['master']}",
+            f"-master.port.grpc={p['master.grpc']}",
+            "-master.volumeSizeLimitMB=64",
+            "-master.electionTimeout=1s",
+            "-master.telemetry=false",
+            f"-volume.port={p['volume']}",
+            f"-volume.port.grpc={p['volume.grpc']}",
+            "-volume.max=2000",
+            "-volume.preStopSeconds=0",
+            "-filer",
+            f"-filer.port={p['filer']}",
+            f"-filer.port.grpc={p['filer.grpc']}",
+            f"-filer.localSocket={os.path.join(self.tmp, 'filer.sock')}",
+            "-s3",
+            f"-s3.port={p['s3']}",
+            f"-s3.port.grpc={p['s3.grpc']}",
+            f"-s3.ip.bind={self.host}",
+            f"-s3.localSocket={os.path.join(self.tmp, 's3.sock')}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-s3.config={self.config_path}",
+        ]
 
     def start(self, timeout=START_TIMEOUT):
         """Start (same ports and data) and wait until the S3 API answers ListBuckets."""
@@ -536,15 +613,29 @@ class SeaweedS3:
             return
         t0 = time.monotonic()
         self._log = open(self.log_path, "ab")
-        env = {**os.environ, "TMPDIR": self.tmp,     # its gRPC unix sockets go to TMPDIR
-               "WEED_MASTER_VOLUME_GROWTH_COPY_1": "1",
-               "WEED_MASTER_VOLUME_GROWTH_COPY_OTHER": "1"}
-        self.proc = subprocess.Popen(self.argv(), cwd=self.tmp, env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True,
-                                     preexec_fn=_die_with_parent())
+        env = {
+            **os.environ,
+            "TMPDIR": self.tmp,  # its gRPC unix sockets go to TMPDIR
+            "WEED_MASTER_VOLUME_GROWTH_COPY_1": "1",
+            "WEED_MASTER_VOLUME_GROWTH_COPY_OTHER": "1",
+        }
+        self.proc = subprocess.Popen(
+            self.argv(),
+            cwd=self.tmp,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent(),
+        )
         probe = self.client(connect_timeout=1, read_timeout=3, retries={"max_attempts": 1})
-        _wait(lambda: probe.list_buckets() is not None and self._volume_server_known(), timeout,
-              f"SeaweedFS S3 on {self.endpoint_url}", self.proc, self.log_path)
+        _wait(
+            lambda: probe.list_buckets() is not None and self._volume_server_known(),
+            timeout,
+            f"SeaweedFS S3 on {self.endpoint_url}",
+            self.proc,
+            self.log_path,
+        )
         self.start_seconds = time.monotonic() - t0
 
     def _volume_server_known(self) -> bool:
@@ -552,6 +643,7 @@ class SeaweedS3:
         restart the S3 API answers before the volume server has registered again)."""
         import json
         import urllib.request
+
         url = f"http://127.0.0.1:{self.ports['master']}/dir/status"
         with urllib.request.urlopen(url, timeout=3) as reply:
             return bool(json.loads(reply.read())["Topology"]["DataCenters"])
@@ -595,7 +687,8 @@ class SeaweedS3:
             except RuntimeError:
                 self.stop()
                 if attempt + 1 < attempts and "address already in use" in _log_tail(
-                        self.log_path, 20000):
+                    self.log_path, 20000
+                ):
                     continue
                 raise
         return self
@@ -622,9 +715,12 @@ def s3(request):
     except BaseException:
         log = _log_tail(server.log_path, 6000)
         server.cleanup()
-        raise RuntimeError(f"SeaweedFS did not start:\n{log}")
-    print(f"\n[servers] SeaweedFS S3 at {server.endpoint_url} (started in "
-          f"{server.start_seconds:.2f} s)", file=sys.stderr)
+        raise RuntimeError(f"SeaweedFS did not start:\n{log}") from None
+    print(
+        f"\n[servers] SeaweedFS S3 at {server.endpoint_url} (started in "
+        f"{server.start_seconds:.2f} s)",
+        file=sys.stderr,
+    )
     try:
         yield server
     finally:
@@ -648,5 +744,5 @@ def s3_bucket(s3):
         s3.start()
     try:
         s3.delete_bucket(name)
-    except Exception as e:  # noqa: BLE001 - cleanup must not hide the test's own result
+    except Exception as e:
         print(f"[servers] could not delete bucket {name}: {e!r}", file=sys.stderr)

@@ -15,8 +15,9 @@ from fms.storage.service import StorageService
 
 def slowed(handler, delay: float):
     def slow(*args):
-        time.sleep(delay)   # the point of this worker: work that takes time
+        time.sleep(delay)  # the point of this worker: work that takes time
         return handler(*args)
+
     return slow
 
 

@@ -12,12 +12,19 @@ CHUNK = p.MIN_CHUNK_SIZE
 
 
 def split(content: bytes, chunk_size: int = CHUNK) -> list:
-    return [content[i:i + chunk_size] for i in range(0, len(content), chunk_size)]
+    return [content[i : i + chunk_size] for i in range(0, len(content), chunk_size)]
 
 
 def new_version(name, content, commit="c1", chunk_size=CHUNK, mtime=1700000000.0) -> NewVersion:
-    return NewVersion(name, len(content), p.sha256(content), chunk_size,
-                      tuple(p.sha256(c) for c in split(content, chunk_size)), mtime, commit)
+    return NewVersion(
+        name,
+        len(content),
+        p.sha256(content),
+        chunk_size,
+        tuple(p.sha256(c) for c in split(content, chunk_size)),
+        mtime,
+        commit,
+    )
 
 
 def put_file(store, name, content, commit="c1", chunk_size=CHUNK):
@@ -42,10 +49,17 @@ def write_format1(path, files: dict, removed=(), store_id="0123456789abcdef", mt
             os.makedirs(os.path.join(path, "chunks", digest[:2]), exist_ok=True)
             with open(os.path.join(path, "chunks", digest[:2], digest), "wb") as f:
                 f.write(chunk)
-        manifest = {"name": name, "size": len(content), "sha256": p.sha256(content),
-                    "chunk_size": CHUNK, "chunks": [p.sha256(c) for c in chunks],
-                    "mtime": 1600000000.0 + version, "commit": f"old-{version}",
-                    "version": version, "committed": 1600000000.0}
+        manifest = {
+            "name": name,
+            "size": len(content),
+            "sha256": p.sha256(content),
+            "chunk_size": CHUNK,
+            "chunks": [p.sha256(c) for c in chunks],
+            "mtime": 1600000000.0 + version,
+            "commit": f"old-{version}",
+            "version": version,
+            "committed": 1600000000.0,
+        }
         if mtimes and name in mtimes:
             manifest["mtime"] = mtimes[name]
         if name in removed:

@@ -16,6 +16,7 @@ def chunk(i: int, size: int = 1000) -> tuple:
 
 # --- ChunkCache ---
 
+
 def test_chunk_cache_round_trip(tmp_path):
     cache = ChunkCache(str(tmp_path), max_bytes=10_000)
     digest, data = chunk(1)
@@ -25,20 +26,20 @@ def test_chunk_cache_round_trip(tmp_path):
 
 
 def test_chunk_cache_stays_within_max_bytes_and_keeps_what_is_read_often(tmp_path):
-    cache = ChunkCache(str(tmp_path), max_bytes=3100)      # room for three, and a window
+    cache = ChunkCache(str(tmp_path), max_bytes=3100)  # room for three, and a window
     keys = [chunk(i) for i in range(3)]
     for digest, data in keys:
-        cache.get(digest)                          # the miss counts towards the frequency
+        cache.get(digest)  # the miss counts towards the frequency
         cache.put(digest, data)
     for _ in range(3):
-        cache.get(keys[0][0])                      # 0 is read often
+        cache.get(keys[0][0])  # 0 is read often
     d3, data3 = chunk(3)
     cache.get(d3)
-    cache.put(d3, data3)                           # read once: not worth 0, nor 1 or 2
+    cache.put(d3, data3)  # read once: not worth 0, nor 1 or 2
     assert cache.bytes <= 3100
     assert keys[0][0] in cache and d3 not in cache and cache.refused == 1
     for _ in range(3):
-        cache.get(d3)                              # now it is read more than 1 and 2
+        cache.get(d3)  # now it is read more than 1 and 2
     cache.put(d3, data3)
     assert d3 in cache and keys[0][0] in cache and cache.evictions == 1
     assert cache.bytes <= 3100
@@ -53,8 +54,11 @@ def test_chunk_larger_than_the_cache_is_not_cached(tmp_path):
 
 def disk_files(cache) -> list:
     cache.flush()
-    return [name for _root, _dirs, names in os.walk(os.path.join(cache.path, "chunks"))
-            for name in names]
+    return [
+        name
+        for _root, _dirs, names in os.walk(os.path.join(cache.path, "chunks"))
+        for name in names
+    ]
 
 
 def test_chunk_cache_keeps_chunks_across_restarts_most_recent_first(tmp_path):
@@ -65,9 +69,9 @@ def test_chunk_cache_keeps_chunks_across_restarts_most_recent_first(tmp_path):
         cache.flush()
         os.utime(cache._path(digest), (1000 + n, 1000 + n))
     cache.close()
-    reopened = ChunkCache(str(tmp_path), max_bytes=2100)   # smaller: room for two
+    reopened = ChunkCache(str(tmp_path), max_bytes=2100)  # smaller: room for two
     assert len(reopened) == 2 and reopened.bytes == 2000
-    assert keys[0][0] not in reopened                      # the oldest went
+    assert keys[0][0] not in reopened  # the oldest went
     assert bytes(p.unpack_data(reopened.get(keys[2][0]))) == keys[2][1]
     assert len(disk_files(reopened)) == 2
 
@@ -78,17 +82,17 @@ def test_hits_come_from_memory_and_disk_reads_are_checked_against_their_crc(tmp_
     second, second_data = chunk(2, 512 * 1024)
     cache.put(first, first_data, counted=False)
     cache.put(second, second_data, counted=False)
-    assert len(disk_files(cache)) == 2                     # main entries are on disk
-    assert bytes(p.unpack_data(cache.get(first))) == first_data     # read, now in memory
+    assert len(disk_files(cache)) == 2  # main entries are on disk
+    assert bytes(p.unpack_data(cache.get(first))) == first_data  # read, now in memory
     os.unlink(cache._path(first))
-    assert bytes(p.unpack_data(cache.get(first))) == first_data     # memory answers
-    with open(cache._path(second), "r+b") as f:            # bit rot on disk
+    assert bytes(p.unpack_data(cache.get(first))) == first_data  # memory answers
+    with open(cache._path(second), "r+b") as f:  # bit rot on disk
         f.write(b"\xff")
     assert cache.get(second) is None and cache.corrupt == 1 and second not in cache
 
 
 def test_memory_tier_is_bounded(tmp_path):
-    cache = ChunkCache(str(tmp_path), max_bytes=400_000)    # memory tier: half
+    cache = ChunkCache(str(tmp_path), max_bytes=400_000)  # memory tier: half
     for i in range(50):
         digest, data = chunk(i, 20_000)
         cache.put(digest, data, counted=False)
@@ -110,7 +114,7 @@ def test_corrupt_cache_entry_is_dropped_not_served(tmp_path):
 
 def test_a_one_time_scan_neither_displaces_the_hot_set_nor_touches_the_disk(tmp_path):
     cache = ChunkCache(str(tmp_path), max_bytes=100 * 4096)
-    hot = [chunk(i, 4096) for i in range(120)]             # more than fits: the cache is full
+    hot = [chunk(i, 4096) for i in range(120)]  # more than fits: the cache is full
     for _ in range(4):
         for digest, data in hot:
             if cache.get(digest) is None:
@@ -118,17 +122,18 @@ def test_a_one_time_scan_neither_displaces_the_hot_set_nor_touches_the_disk(tmp_
     held = [digest for digest, _ in hot if digest in cache]
     written = set(disk_files(cache))
     assert len(held) >= 95
-    for i in range(1000, 1500):                            # 5x the cache, read once each
+    for i in range(1000, 1500):  # 5x the cache, read once each
         digest, data = chunk(i, 4096)
         if cache.get(digest) is None:
             cache.put(digest, data)
     # A scan chunk sharing all four sketch counters with popular ones may get in: a few at most.
     assert sum(digest in cache for digest in held) >= len(held) - 3
-    assert len(set(disk_files(cache)) - written) <= 3      # the scan was not written
+    assert len(set(disk_files(cache)) - written) <= 3  # the scan was not written
     assert cache.refused >= 490
 
 
 # --- ManifestCache: the read-after-write rule ---
+
 
 def test_fill_started_before_an_invalidation_is_stale():
     m = ManifestCache()
@@ -136,7 +141,9 @@ def test_fill_started_before_an_invalidation_is_stale():
     m.invalidate("a")
     assert not m.fill("a", {"name": "a", "chunks": []}, token)
     assert m.lookup("a") is None
-    assert m.fill("a", {"name": "a", "chunks": []}, m.begin_fetch())     # a fetch started after is fine
+    assert m.fill(
+        "a", {"name": "a", "chunks": []}, m.begin_fetch()
+    )  # a fetch started after is fine
 
 
 def test_invalidating_another_name_does_not_spoil_a_fill():
@@ -157,23 +164,23 @@ def test_forgetting_old_invalidations_keeps_pending_fetches_honest():
     m = ManifestCache()
     token = m.begin_fetch()
     m.invalidate("a")
-    m.forget_before(token)                                 # the fetch is still pending
+    m.forget_before(token)  # the fetch is still pending
     assert not m.fresh("a", token)
 
 
 # --- CacheService through a recording link ---
 
+
 class Link:
     """Records what the service sends instead of sending it."""
 
     def __init__(self):
-        self.replies = []     # (route, header, data)
-        self.requests = []    # (service, header)
-        self.outcomes = []    # "hit" / "miss", as the route frame tells the broker
-        self.chunks = []      # chunk requests to follow a get, as the route frame tells
+        self.replies = []  # (route, header, data)
+        self.requests = []  # (service, header)
+        self.outcomes = []  # "hit" / "miss", as the route frame tells the broker
+        self.chunks = []  # chunk requests to follow a get, as the route frame tells
 
-    def reply(self, route, header, data=None, invalidate=None, cache=None, chunks=None,
-              batch=None):
+    def reply(self, route, header, data=None, invalidate=None, cache=None, chunks=None, batch=None):
         self.replies.append((route, header, data))
         self.outcomes.append(cache)
         self.chunks.append(chunks)
@@ -199,9 +206,16 @@ def get(name, req_id):
 
 
 def manifest_of(name, content, version=1):
-    return {"name": name, "size": len(content), "sha256": p.sha256(content),
-            "chunk_size": p.DEFAULT_CHUNK_SIZE, "chunks": [p.sha256(content)],
-            "mtime": 0.0, "version": version, "commit": "c"}
+    return {
+        "name": name,
+        "size": len(content),
+        "sha256": p.sha256(content),
+        "chunk_size": p.DEFAULT_CHUNK_SIZE,
+        "chunks": [p.sha256(content)],
+        "mtime": 0.0,
+        "version": version,
+        "commit": "c",
+    }
 
 
 @pytest.fixture
@@ -210,8 +224,9 @@ def service(tmp_path):
 
 
 def storage_answers(service, fetch_header, content, version):
-    reply = p.ok_reply(fetch_header["id"], manifest=manifest_of(fetch_header["name"], content,
-                                                                version))
+    reply = p.ok_reply(
+        fetch_header["id"], manifest=manifest_of(fetch_header["name"], content, version)
+    )
     service.handle_reply(reply, Frame(p.pack_data(content)))
 
 
@@ -235,15 +250,16 @@ def test_hit_is_answered_without_storage(service):
 
 
 def test_fill_in_flight_across_an_invalidation_is_not_kept_nor_given_to_later_readers(service):
-    service.handle_request(route(101), get("f", 1), None)     # miss: fetch #1 starts
-    service.on_invalidate("f")                                     # a write of f is acked
-    service.handle_request(route(102), get("f", 2), None)      # must not join fetch #1
+    service.handle_request(route(101), get("f", 1), None)  # miss: fetch #1 starts
+    service.on_invalidate("f")  # a write of f is acked
+    service.handle_request(route(102), get("f", 2), None)  # must not join fetch #1
     assert len(service.link.requests) == 2
     first, second = (h for _, h in service.link.requests)
-    storage_answers(service, first, b"old", 1)                     # the stale fill lands
-    assert [(r["k"], h["manifest"]["version"]) for r, h, _ in service.link.replies] == \
-        [(101, 1)]                                            # only the early reader
-    assert service.manifests.lookup("f") is None                   # and it was not stored
+    storage_answers(service, first, b"old", 1)  # the stale fill lands
+    assert [(r["k"], h["manifest"]["version"]) for r, h, _ in service.link.replies] == [
+        (101, 1)
+    ]  # only the early reader
+    assert service.manifests.lookup("f") is None  # and it was not stored
     storage_answers(service, second, b"new", 2)
     assert service.link.replies[-1][0]["k"] == 102
     assert service.link.replies[-1][1]["manifest"]["version"] == 2
@@ -254,10 +270,10 @@ def test_lone_fill_in_flight_across_an_invalidation_is_not_kept(service):
     service.handle_request(route(101), get("f", 1), None)
     service.on_invalidate("f")
     storage_answers(service, service.link.requests[0][1], b"old", 1)
-    assert service.link.replies[0][0]["k"] == 101          # answered: it came before
-    assert service.manifests.lookup("f") is None                   # but not kept
+    assert service.link.replies[0][0]["k"] == 101  # answered: it came before
+    assert service.manifests.lookup("f") is None  # but not kept
     service.handle_request(route(102), get("f", 2), None)
-    assert len(service.link.requests) == 2                          # a later read refetches
+    assert len(service.link.requests) == 2  # a later read refetches
 
 
 def test_reregistering_drops_every_manifest(service):
@@ -265,7 +281,7 @@ def test_reregistering_drops_every_manifest(service):
     storage_answers(service, service.link.requests[0][1], b"v1", 1)
     service.on_register()
     service.handle_request(route(1), get("f", 2), None)
-    assert len(service.link.requests) == 2                          # a miss again
+    assert len(service.link.requests) == 2  # a miss again
 
 
 def test_storage_error_is_forwarded_to_every_waiter(service):
@@ -273,16 +289,19 @@ def test_storage_error_is_forwarded_to_every_waiter(service):
     service.handle_request(route(b"b"), get("gone", 2), None)
     fetch = service.link.requests[0][1]
     service.handle_reply(p.error_reply(fetch["id"], "not_found", "'gone' not found"), None)
-    assert [(h["id"], h["error"]) for _, h, _ in service.link.replies] == \
-        [(1, "not_found"), (2, "not_found")]
+    assert [(h["id"], h["error"]) for _, h, _ in service.link.replies] == [
+        (1, "not_found"),
+        (2, "not_found"),
+    ]
 
 
 def test_corrupt_data_from_storage_is_never_delivered(service):
-    service.handle_request(route(b"a"), {"v": 1, "op": "chunk", "id": 1,
-                                         "hash": p.sha256(b"good")}, None)
+    service.handle_request(
+        route(b"a"), {"v": 1, "op": "chunk", "id": 1, "hash": p.sha256(b"good")}, None
+    )
     fetch = service.link.requests[0][1]
     service.handle_reply(p.ok_reply(fetch["id"]), Frame(p.pack_data(b"evil")))
-    (_, header, data), = service.link.replies
+    ((_, header, data),) = service.link.replies
     assert header["ok"] is False and header["error"] == "integrity" and data is None
     assert p.sha256(b"good") not in service.chunks
 
@@ -304,7 +323,7 @@ def fill(service, name, content, version=1, client=b"c", req_id=1):
 
 def test_overwrite_drops_the_old_versions_chunk_and_the_names_popularity(service):
     for i in range(5):
-        service.handle_request(route(b"c"), get("f", i), None)     # f is popular
+        service.handle_request(route(b"c"), get("f", i), None)  # f is popular
     storage_answers(service, service.link.requests[0][1], b"old", 1)
     old = p.sha256(b"old")
     assert old in service.chunks and service.manifests.policy.sketch.frequency("f") >= 5
@@ -324,20 +343,23 @@ def test_invalidation_keeps_a_chunk_another_cached_file_shares(service):
 
 def test_get_reply_tells_the_broker_how_many_chunks_follow_and_skips_large_files(tmp_path):
     service = CacheService(ChunkCache(str(tmp_path), 10 * p.MiB), Link(), max_file=2 * p.MiB)
+
     def big(name, size):
         digests = [p.sha256(b"%d" % i) for i in range(-(-size // p.DEFAULT_CHUNK_SIZE))]
         return {**manifest_of(name, b"x"), "size": size, "chunks": digests}
+
     for i, (name, size) in enumerate([("two", 2 * p.MiB), ("three", 3 * p.MiB)]):
         service.handle_request(route(b"c"), get(name, i), None)
         fetch = service.link.requests[-1][1]
         service.handle_reply(p.ok_reply(fetch["id"], manifest=big(name, size)), None)
     service.handle_request(route(b"c"), get("tiny", 9), None)
     storage_answers(service, service.link.requests[-1][1], b"tiny", 1)
-    assert service.link.chunks == [2, 0, 0]                # 3 MiB > max_file; tiny is inline
+    assert service.link.chunks == [2, 0, 0]  # 3 MiB > max_file; tiny is inline
     assert [h.get("cache") for _, h, _ in service.link.replies] == [None, False, None]
 
 
 # --- get_many: hits from the cache, every miss in one storage fetch ---
+
 
 def get_many(names, req_id):
     return {"v": p.PROTOCOL_VERSION, "op": "get_many", "id": req_id, "names": names}
@@ -350,17 +372,22 @@ def storage_answers_batch(service, fetch_header, contents: dict, corrupt=()):
             batch.error("not_found", f"{name!r} not found")
             continue
         content = contents[name]
-        batch.manifest(manifest_of(name, content), b"X" * len(content) if name in corrupt
-                       else content)
+        batch.manifest(
+            manifest_of(name, content), b"X" * len(content) if name in corrupt else content
+        )
     frame = batch.frame()
-    service.handle_reply(p.ok_reply(fetch_header["id"], results=batch.results),
-                         Frame(frame) if frame is not None else None)
+    service.handle_reply(
+        p.ok_reply(fetch_header["id"], results=batch.results),
+        Frame(frame) if frame is not None else None,
+    )
 
 
 def batch_answer(service, names):
     _, header, data = service.link.replies[-1]
-    return [(r.get("error"), bytes(d) if d is not None else None)
-            for r, d in p.read_batch(header, data, names)]
+    return [
+        (r.get("error"), bytes(d) if d is not None else None)
+        for r, d in p.read_batch(header, data, names)
+    ]
 
 
 def test_get_many_answers_hits_itself_and_asks_storage_once_for_all_misses(service):
@@ -368,12 +395,16 @@ def test_get_many_answers_hits_itself_and_asks_storage_once_for_all_misses(servi
     storage_answers(service, service.link.requests[0][1], b"hot!", 1)
     names = ["a", "hot", "b", "gone"]
     service.handle_request(route(1), get_many(names, 2), None)
-    assert len(service.link.requests) == 2                            # one fetch for 3 misses
+    assert len(service.link.requests) == 2  # one fetch for 3 misses
     assert service.link.requests[1][1]["names"] == ["a", "b", "gone"]
     storage_answers_batch(service, service.link.requests[1][1], {"a": b"alpha", "b": b"beta"})
-    assert batch_answer(service, names) == [(None, b"alpha"), (None, b"hot!"), (None, b"beta"),
-                                            ("not_found", None)]
-    service.handle_request(route(1), get_many(["b", "a"], 3), None)    # filled: all hits
+    assert batch_answer(service, names) == [
+        (None, b"alpha"),
+        (None, b"hot!"),
+        (None, b"beta"),
+        ("not_found", None),
+    ]
+    service.handle_request(route(1), get_many(["b", "a"], 3), None)  # filled: all hits
     assert len(service.link.requests) == 2
     assert batch_answer(service, ["b", "a"]) == [(None, b"beta"), (None, b"alpha")]
     assert service.link.outcomes[-2:] == ["miss", "hit"]
@@ -381,15 +412,16 @@ def test_get_many_answers_hits_itself_and_asks_storage_once_for_all_misses(servi
 
 def test_get_many_never_delivers_or_keeps_content_that_does_not_verify(service):
     service.handle_request(route(1), get_many(["a", "b"], 1), None)
-    storage_answers_batch(service, service.link.requests[0][1], {"a": b"alpha", "b": b"beta"},
-                          corrupt={"b"})
+    storage_answers_batch(
+        service, service.link.requests[0][1], {"a": b"alpha", "b": b"beta"}, corrupt={"b"}
+    )
     assert batch_answer(service, ["a", "b"]) == [(None, b"alpha"), (None, None)]
     assert p.sha256(b"beta") not in service.chunks and p.sha256(b"alpha") in service.chunks
 
 
 def test_get_many_fill_in_flight_across_an_invalidation_is_not_kept(service):
     service.handle_request(route(101), get_many(["f", "g"], 1), None)
-    service.on_invalidate("f")                                     # a write of f is acked
+    service.on_invalidate("f")  # a write of f is acked
     storage_answers_batch(service, service.link.requests[0][1], {"f": b"old", "g": b"g"})
     assert batch_answer(service, ["f", "g"]) == [(None, b"old"), (None, b"g")]  # it came before
     assert service.manifests.lookup("f") is None and service.manifests.lookup("g") is not None
@@ -399,5 +431,5 @@ def test_get_many_bad_reply_from_storage_is_an_integrity_error(service):
     service.handle_request(route(1), get_many(["a"], 1), None)
     fetch = service.link.requests[0][1]
     service.handle_reply(p.ok_reply(fetch["id"], results=[]), None)
-    (_, header, data), = service.link.replies
+    ((_, header, data),) = service.link.replies
     assert header["error"] == "integrity" and data is None

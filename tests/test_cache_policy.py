@@ -22,8 +22,9 @@ def request_hit_ratio(name, trace, reqs) -> float:
 
 
 def test_policy_is_within_3_points_of_the_best_reference_and_6_above_lru(zipf09):
-    ratios = {name: request_hit_ratio(name, *zipf09)
-              for name in ("LRU", "S3-FIFO", "W-TinyLFU", "fms")}
+    ratios = {
+        name: request_hit_ratio(name, *zipf09) for name in ("LRU", "S3-FIFO", "W-TinyLFU", "fms")
+    }
     assert ratios["fms"] >= max(ratios["S3-FIFO"], ratios["W-TinyLFU"]) - 0.03, ratios
     assert ratios["fms"] >= ratios["LRU"] + 0.06, ratios
 
@@ -31,7 +32,7 @@ def test_policy_is_within_3_points_of_the_best_reference_and_6_above_lru(zipf09)
 def test_a_one_time_scan_keeps_the_hot_sets_hit_ratio():
     result = cachesim.run(names=("LRU", "fms"), capacity=t.CACHE_BYTES)["scan"]
     assert result["fms"]["after"] >= result["fms"]["before"] - 0.05, result
-    assert result["LRU"]["after"] < result["LRU"]["before"] - 0.2, result   # the trace bites
+    assert result["LRU"]["after"] < result["LRU"]["before"] - 0.2, result  # the trace bites
 
 
 def test_policy_never_holds_more_than_its_capacity_and_reports_what_it_drops():
@@ -61,7 +62,7 @@ def test_sketch_counts_ages_and_forgets():
     assert sketch.frequency("a") == 0 and sketch.frequency("b") == 1
     for _ in range(20):
         sketch.increment("c")
-    assert sketch.frequency("c") == 15                     # 4-bit counters saturate
-    for n in range(10 * 1024):                             # the sample period: all halve
+    assert sketch.frequency("c") == 15  # 4-bit counters saturate
+    for n in range(10 * 1024):  # the sample period: all halve
         sketch.increment(("filler", n))
     assert sketch.frequency("c") <= 8

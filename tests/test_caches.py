@@ -5,8 +5,8 @@ moves only its share; misses for one key still make one storage fetch."""
 import threading
 
 import pytest
-
 from conftest import random_bytes, wait_for
+
 from fms import wire as p
 from fms.broker import rendezvous
 
@@ -20,14 +20,14 @@ def owners(keys, workers) -> dict:
 def test_each_key_has_one_owner_and_a_joining_worker_takes_only_its_share():
     keys = [f"name-{i}" for i in range(3000)] + [p.sha256(b"%d" % i) for i in range(3000)]
     three = owners(keys, ["cache-1", "cache-2", "cache-3"])
-    assert three == owners(keys, ["cache-3", "cache-1", "cache-2"])    # order does not matter
+    assert three == owners(keys, ["cache-3", "cache-1", "cache-2"])  # order does not matter
     shares = {w: sum(o == w for o in three.values()) for w in ("cache-1", "cache-2", "cache-3")}
-    assert min(shares.values()) > 0.28 * len(keys), shares            # about a third each
+    assert min(shares.values()) > 0.28 * len(keys), shares  # about a third each
     four = owners(keys, ["cache-1", "cache-2", "cache-3", "cache-4"])
     moved = [k for k in keys if four[k] != three[k]]
-    assert all(four[k] == "cache-4" for k in moved)                    # only to the new one
-    assert 0.2 * len(keys) < len(moved) < 0.3 * len(keys)              # about a quarter
-    two = owners(keys, ["cache-1", "cache-3"])                         # cache-2 leaves
+    assert all(four[k] == "cache-4" for k in moved)  # only to the new one
+    assert 0.2 * len(keys) < len(moved) < 0.3 * len(keys)  # about a quarter
+    two = owners(keys, ["cache-1", "cache-3"])  # cache-2 leaves
     assert all(two[k] == three[k] for k in keys if three[k] != "cache-2")
 
 
@@ -47,8 +47,7 @@ def storage_served(cluster) -> int:
 
 
 @pytest.mark.parametrize("caches", [2, 3])
-def test_concurrent_misses_make_one_storage_fetch_per_key_with_several_caches(make_cluster,
-                                                                              caches):
+def test_concurrent_misses_make_one_storage_fetch_per_key_with_several_caches(make_cluster, caches):
     cluster, _ = start(make_cluster, caches, delay=0.05)
     data = random_bytes(3 * MiB + 5, 16)
     with cluster.client() as c:
@@ -60,7 +59,7 @@ def test_concurrent_misses_make_one_storage_fetch_per_key_with_several_caches(ma
         try:
             with cluster.client() as reader:
                 results.append(reader.get_bytes("cold"))
-        except Exception as exc:  # noqa: BLE001 - reported below
+        except Exception as exc:
             errors.append(repr(exc))
 
     threads = [threading.Thread(target=read) for _ in range(6)]
@@ -70,9 +69,9 @@ def test_concurrent_misses_make_one_storage_fetch_per_key_with_several_caches(ma
         t.join(60)
     assert not errors, errors
     assert results == [data] * 6
-    assert storage_served(cluster) - before == 1 + 4      # the manifest and 4 chunks, once each
+    assert storage_served(cluster) - before == 1 + 4  # the manifest and 4 chunks, once each
     with cluster.client() as c:
-        assert c.get_bytes("cold") == data                # now all from the caches
+        assert c.get_bytes("cold") == data  # now all from the caches
         figures = c.status()["cache"]
     assert storage_served(cluster) - before == 5
     assert figures["get_hits"] >= 1
@@ -85,9 +84,9 @@ def test_keys_spread_over_the_caches_and_a_dead_cache_moves_only_its_share(make_
         for name, data in files.items():
             c.put_bytes(data, name)
         for name, data in files.items():
-            assert c.get_bytes(name) == data              # fills each name at its owner
+            assert c.get_bytes(name) == data  # fills each name at its owner
         served = {w: n for w, n in cluster.served().items() if w.startswith("cache")}
-        assert min(served.values()) >= 8, served          # about 20 names each
+        assert min(served.values()) >= 8, served  # about 20 names each
         victim = rendezvous("f0", ["cache-1", "cache-2", "cache-3"])
         procs[victim].kill()
         wait_for(lambda: len(cluster.workers("cache")) == 2, 10, "the broker to drop it")
@@ -96,7 +95,7 @@ def test_keys_spread_over_the_caches_and_a_dead_cache_moves_only_its_share(make_
             assert c.get_bytes(name) == data
         refetched = storage_served(cluster) - before
     lost = sum(rendezvous(n, ["cache-1", "cache-2", "cache-3"]) == victim for n in files)
-    assert refetched == lost                              # only the dead cache's names
+    assert refetched == lost  # only the dead cache's names
 
 
 def test_no_cache_reads_and_files_over_max_file_skip_the_cache(make_cluster, tmp_path):
@@ -112,31 +111,36 @@ def test_no_cache_reads_and_files_over_max_file_skip_the_cache(make_cluster, tmp
     before = cluster.served()["cache-1"]
     got = cluster.cli("get", "--no-cache", "small", str(tmp_path / "small"))
     assert got.returncode == 0 and (tmp_path / "small").read_bytes() == small
-    assert cluster.served()["cache-1"] == before                   # not even the manifest
+    assert cluster.served()["cache-1"] == before  # not even the manifest
     with cluster.client() as c:
-        assert c.get_bytes("large") == large                       # manifest from the cache,
-        assert cluster.served()["cache-1"] == before + 1           # its chunks from storage
+        assert c.get_bytes("large") == large  # manifest from the cache,
+        assert cluster.served()["cache-1"] == before + 1  # its chunks from storage
         assert c.cache_stats()["entries"] == 0
         assert c.status()["cache"]["get_misses"] == 1
 
 
 def test_read_tally_counts_a_get_as_a_hit_only_when_every_piece_came_from_the_cache():
     from fms.metrics import BrokerMetrics, ReadTally
+
     tally = ReadTally(BrokerMetrics())
-    tally.get_answered(b"c", 1, "hit", 0, 100)               # a small file, inline: a hit
-    tally.get_answered(b"c", 2, "hit", 2, 0)                 # a manifest hit, 2 chunks to come
+    tally.get_answered(b"c", 1, "hit", 0, 100)  # a small file, inline: a hit
+    tally.get_answered(b"c", 2, "hit", 2, 0)  # a manifest hit, 2 chunks to come
     tally.chunk_answered(b"c", 2, "hit", 1000)
-    tally.chunk_answered(b"c", 2, "miss", 1000)              # one chunk from storage: a miss
+    tally.chunk_answered(b"c", 2, "miss", 1000)  # one chunk from storage: a miss
     tally.get_answered(b"c", 3, "hit", 1, 0)
     tally.chunk_answered(b"c", 3, "hit", 500)
-    tally.get_answered(b"d", 4, "hit", 3, 0)                 # abandoned: its client left
+    tally.get_answered(b"d", 4, "hit", 3, 0)  # abandoned: its client left
     tally.chunk_answered(b"d", 4, "hit", 500)
     tally.client_gone(b"d")
     tally.chunk_answered(b"d", 4, "hit", 500)
-    tally.chunk_answered(b"e", 9, None, 700)                 # --no-cache: not a GET through it
+    tally.chunk_answered(b"e", 9, None, 700)  # --no-cache: not a GET through it
     tally.batch_answered(3, 2)
-    assert tally.figures() == {"get_hits": 2 + 3, "get_misses": 1 + 2,
-                               "bytes_hit": 100 + 1000 + 500 + 500 + 500, "bytes_missed": 1000}
+    assert tally.figures() == {
+        "get_hits": 2 + 3,
+        "get_misses": 1 + 2,
+        "bytes_hit": 100 + 1000 + 500 + 500 + 500,
+        "bytes_missed": 1000,
+    }
 
 
 def test_a_chunk_request_tagged_with_junk_is_answered_and_crashes_nothing(make_cluster):
@@ -146,7 +150,7 @@ def test_a_chunk_request_tagged_with_junk_is_answered_and_crashes_nothing(make_c
         c.put_bytes(data, "f")
         digest = p.sha256(data[:MiB])
         for junk in ([1, 2], {"a": 1}, True, "x" * 1000, None):
-            header, frame = c.call("chunk", hash=digest, of=junk)
+            _, frame = c.call("chunk", hash=digest, of=junk)
             assert bytes(p.unpack_data(frame.buffer)) == data[:MiB]
         assert c.get_bytes("f") == data
         assert c.status()["cache"]["get_misses"] == 1

@@ -15,6 +15,7 @@ def localdir(request, tmp_path):
 
 def s3(request, tmp_path):
     from fms.storage.chunks.s3 import S3Chunks
+
     server = request.getfixturevalue("s3")
     monkeypatch = request.getfixturevalue("monkeypatch")
     for key, value in server.env().items():
@@ -35,11 +36,11 @@ def test_put_get_has_delete(backend):
     digest = p.sha256(data)
     assert not backend.has(digest)
     assert backend.put(digest, data) is True
-    backend.put(digest, data)                            # again: harmless, content is the same
+    backend.put(digest, data)  # again: harmless, content is the same
     assert backend.has(digest)
     assert bytes(p.unpack_data(backend.get(digest))) == data
     backend.delete(digest)
-    backend.delete(digest)                               # deleting a missing blob is fine
+    backend.delete(digest)  # deleting a missing blob is fine
     assert not backend.has(digest)
     with pytest.raises(NotFound):
         backend.get(digest)
@@ -72,7 +73,7 @@ def test_localdir_delete_removes_an_emptied_shard_and_put_recreates_it(tmp_path)
     digest = p.sha256(b"only one")
     chunks.put(digest, b"only one")
     chunks.delete(digest)
-    assert os.listdir(chunks.root) == []            # du of chunks/ is back where it started
+    assert os.listdir(chunks.root) == []  # du of chunks/ is back where it started
     assert chunks.put(digest, b"only one") and chunks.has(digest)
 
 
@@ -80,4 +81,4 @@ def test_the_store_marker_is_written_once_and_read_back(backend):
     assert backend.store_marker() is None
     backend.mark_store("store-a")
     assert backend.store_marker() == "store-a"
-    assert list(backend.list()) == []              # the marker is not a chunk
+    assert list(backend.list()) == []  # the marker is not a chunk

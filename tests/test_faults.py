@@ -11,10 +11,10 @@ import time
 
 import pytest
 import zmq
+from conftest import ROOT, random_bytes, wait_for
 
 import fms
 from fms import wire as p
-from conftest import ROOT, random_bytes, wait_for
 
 MiB = p.MiB
 
@@ -40,7 +40,7 @@ def test_get_survives_a_storage_worker_killed_mid_transfer(make_cluster, tmp_pat
             try:
                 with cluster.client(timeout=5.0) as reader:
                     result["data"] = reader.get_bytes("big")
-            except Exception as exc:  # noqa: BLE001 - reported below
+            except Exception as exc:
                 result["error"] = exc
 
         thread = threading.Thread(target=download)
@@ -64,6 +64,7 @@ def digest_of(path) -> bytes:
 
 # --- 1. heartbeats ---
 
+
 def test_broker_drops_a_frozen_worker_within_seconds_and_takes_it_back(cluster):
     """SIGSTOP keeps the TCP connection open, so only heartbeats can tell the worker is gone."""
     frozen = next(proc for proc in cluster.procs if proc.name == "storage-a")
@@ -72,19 +73,23 @@ def test_broker_drops_a_frozen_worker_within_seconds_and_takes_it_back(cluster):
         os.kill(frozen.pid, signal.SIGSTOP)
         try:
             start = time.monotonic()
-            wait_for(lambda: [w["id"] for w in cluster.workers("storage")] == ["storage-b"],
-                     p.HEARTBEAT_INTERVAL * (p.HEARTBEAT_LIVENESS + 3), "the frozen worker's removal")
+            wait_for(
+                lambda: [w["id"] for w in cluster.workers("storage")] == ["storage-b"],
+                p.HEARTBEAT_INTERVAL * (p.HEARTBEAT_LIVENESS + 3),
+                "the frozen worker's removal",
+            )
             assert time.monotonic() - start < 6
-            for i in range(5):                     # service goes on meanwhile
+            for i in range(5):  # service goes on meanwhile
                 c.put_bytes(b"during %d" % i, f"d{i}")
                 assert c.get_bytes(f"d{i}") == b"during %d" % i
         finally:
             os.kill(frozen.pid, signal.SIGCONT)
-        cluster.wait_workers(storage=2, cache=1)   # it re-registers by itself
+        cluster.wait_workers(storage=2, cache=1)  # it re-registers by itself
         assert c.get_bytes("x") == b"before"
 
 
 # --- 3. the cache down, and back ---
+
 
 def test_reads_go_to_storage_while_the_cache_is_down_and_use_it_again_when_back(cluster):
     data = random_bytes(3 * MiB, 3)
@@ -93,17 +98,18 @@ def test_reads_go_to_storage_while_the_cache_is_down_and_use_it_again_when_back(
         cache = next(proc for proc in cluster.procs if proc.name == "cache")
         cache.kill()
         for _ in range(3):
-            assert c.get_bytes("f") == data       # straight to storage
+            assert c.get_bytes("f") == data  # straight to storage
         cluster.wait_workers(storage=2, cache=0)
         cluster.start_cache()
         cluster.wait_workers(storage=2, cache=1)
         c.put_bytes(data[:100], "g")
         assert c.get_bytes("g") == data[:100]
         assert c.get_bytes("g") == data[:100]
-        assert c.cache_stats()["hits"] >= 1       # the new cache is in the read path
+        assert c.cache_stats()["hits"] >= 1  # the new cache is in the read path
 
 
 # --- 4. the broker restarts ---
+
 
 def test_workers_and_clients_ride_through_a_broker_restart(cluster, tmp_path):
     big = random_bytes(8 * MiB, 4)
@@ -120,7 +126,7 @@ def test_workers_and_clients_ride_through_a_broker_restart(cluster, tmp_path):
                 results["get"] = c.get_bytes("big")
                 c.put_bytes(b"after restart", "new")
                 results["new"] = c.get_bytes("new")
-            except Exception as exc:  # noqa: BLE001 - reported below
+            except Exception as exc:
                 results["error"] = exc
             results["seconds"] = time.monotonic() - start
 
@@ -129,17 +135,21 @@ def test_workers_and_clients_ride_through_a_broker_restart(cluster, tmp_path):
         thread.start()
         # The workers notice the silence themselves before the broker comes back.
         workers = [proc for proc in cluster.procs if proc.name != "broker"]
-        wait_for(lambda: all("event=broker_silent" in w.log() for w in workers), 10,
-                 "every worker to notice the broker is gone")
+        wait_for(
+            lambda: all("event=broker_silent" in w.log() for w in workers),
+            10,
+            "every worker to notice the broker is gone",
+        )
         cluster.start_broker(frontend=cluster.frontend, backend=cluster.backend)
         thread.join(60)
     assert "error" not in results, results["error"]
     assert results["get"] == big and results["new"] == b"after restart"
     assert results["seconds"] < 15
-    cluster.wait_workers(storage=2, cache=1)       # nobody needed a restart
+    cluster.wait_workers(storage=2, cache=1)  # nobody needed a restart
 
 
 # --- 5. kill -9 mid-overwrite ---
+
 
 def test_kill_during_an_overwrite_leaves_the_old_or_the_new_content_whole(make_cluster, tmp_path):
     cluster = make_cluster()
@@ -155,9 +165,19 @@ def test_kill_during_an_overwrite_leaves_the_old_or_the_new_content_whole(make_c
     chunks = os.path.join(cluster.storage_dir, "chunks")
     count = lambda: sum(len(files) for _, _, files in os.walk(chunks))  # noqa: E731
     before = count()
-    upload = subprocess.Popen([sys.executable, os.path.join(ROOT, "client.py"), "--broker",
-                               cluster.frontend, "put", str(new), "f"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    upload = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(ROOT, "client.py"),
+            "--broker",
+            cluster.frontend,
+            "put",
+            str(new),
+            "f",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         wait_for(lambda: count() >= before + 10, 30, "the overwrite to be under way")
         victim.kill()
@@ -168,7 +188,7 @@ def test_kill_during_an_overwrite_leaves_the_old_or_the_new_content_whole(make_c
     got = tmp_path / "got"
     assert cluster.cli("get", "f", str(got)).returncode == 0
     assert digest_of(got) in (digest_of(old), digest_of(new))
-    if upload.returncode == 0:                     # the put was acked: it must be the new one
+    if upload.returncode == 0:  # the put was acked: it must be the new one
         assert digest_of(got) == digest_of(new)
     restarted = cluster.start_storage(wid="storage-a")
     cluster.wait_workers(storage=2, cache=1)
@@ -176,6 +196,7 @@ def test_kill_during_an_overwrite_leaves_the_old_or_the_new_content_whole(make_c
 
 
 # --- 6. no silent drops ---
+
 
 def test_a_reply_that_cannot_be_delivered_is_logged(make_cluster):
     cluster = make_cluster()
@@ -187,9 +208,12 @@ def test_a_reply_that_cannot_be_delivered_is_logged(make_cluster):
     sock.connect(cluster.frontend)
     sock.send_multipart([p.encode({"v": 1, "op": "ls", "id": 1})])
     wait_for(lambda: "event=request op=ls" in storage.log(), 5, "storage to get the request")
-    sock.close()                                   # gone before the reply comes back
-    wait_for(lambda: "event=undeliverable socket=frontend" in broker.log(), 10,
-             "the undeliverable reply to be logged")
+    sock.close()  # gone before the reply comes back
+    wait_for(
+        lambda: "event=undeliverable socket=frontend" in broker.log(),
+        10,
+        "the undeliverable reply to be logged",
+    )
 
 
 def test_every_request_times_out_clearly_when_the_broker_stops_answering(make_cluster):
@@ -199,7 +223,7 @@ def test_every_request_times_out_clearly_when_the_broker_stops_answering(make_cl
     cluster.wait_workers(storage=1, cache=0)
     with cluster.client(timeout=1.0, retries=1) as c:
         c.ls()
-        os.kill(broker.pid, signal.SIGSTOP)        # connected, but silent
+        os.kill(broker.pid, signal.SIGSTOP)  # connected, but silent
         try:
             start = time.monotonic()
             with pytest.raises(fms.Timeout, match="no reply to ls"):
@@ -211,6 +235,7 @@ def test_every_request_times_out_clearly_when_the_broker_stops_answering(make_cl
 
 # --- 7. hostile input ---
 
+
 def test_oversize_frames_and_bad_fields_are_refused_and_nobody_dies(cluster):
     ctx = zmq.Context.instance()
     huge = bytes(64 * MiB)
@@ -220,12 +245,24 @@ def test_oversize_frames_and_bad_fields_are_refused_and_nobody_dies(cluster):
         sock.connect(endpoint)
         sock.send_multipart([p.encode({"v": 1, "op": "ls", "id": 1}), huge])
         sock.close()
-    bad = [{"op": "commit", "name": 5}, {"op": "commit", "name": "n", "size": -1},
-           {"op": "commit", "name": "n", "size": 2**63 - 1, "chunk_size": 4096, "chunks": [],
-            "sha256": b"x" * 32, "commit": "c"},
-           {"op": "put_chunk", "hash": b"h" * 32}, {"op": "chunk", "hash": "not bytes"},
-           {"op": "have", "hashes": [b"short"]}, {"op": "ls", "limit": 10**9},
-           {"op": "get", "name": ["a"]}]
+    bad = [
+        {"op": "commit", "name": 5},
+        {"op": "commit", "name": "n", "size": -1},
+        {
+            "op": "commit",
+            "name": "n",
+            "size": 2**63 - 1,
+            "chunk_size": 4096,
+            "chunks": [],
+            "sha256": b"x" * 32,
+            "commit": "c",
+        },
+        {"op": "put_chunk", "hash": b"h" * 32},
+        {"op": "chunk", "hash": "not bytes"},
+        {"op": "have", "hashes": [b"short"]},
+        {"op": "ls", "limit": 10**9},
+        {"op": "get", "name": ["a"]},
+    ]
     with cluster.client() as c:
         for fields in bad:
             op = fields.pop("op")
@@ -238,42 +275,50 @@ def test_oversize_frames_and_bad_fields_are_refused_and_nobody_dies(cluster):
 
 # --- 8. corruption in the cache ---
 
+
 def test_corrupt_cache_entry_is_dropped_and_refetched(cluster):
     data = random_bytes(2 * MiB + 9, 8)
     with cluster.client() as c:
         c.put_bytes(data, "f")
-        assert c.get_bytes("f") == data           # fills the cache
+        assert c.get_bytes("f") == data  # fills the cache
         victim = p.sha256(data[:MiB]).hex()
         folder = os.path.join(cluster.cache_dir, "chunks", victim[:2])
         # Written behind the reply; named <sha256>.<crc32 recorded at fill>.
-        wait_for(lambda: os.path.isdir(folder) and any(n.startswith(victim)
-                                                       for n in os.listdir(folder)),
-                 10, "the cache's disk write")
-        name, = (n for n in os.listdir(folder) if n.startswith(victim))
+        wait_for(
+            lambda: os.path.isdir(folder) and any(n.startswith(victim) for n in os.listdir(folder)),
+            10,
+            "the cache's disk write",
+        )
+        (name,) = (n for n in os.listdir(folder) if n.startswith(victim))
         with open(os.path.join(folder, name), "r+b") as f:
             f.write(b"\x00" * 16)
-        assert c.get_bytes("f") == data            # read from disk (not yet in memory): bad CRC
+        assert c.get_bytes("f") == data  # read from disk (not yet in memory): bad CRC
         assert c.cache_stats()["corrupt"] == 1
 
 
 # --- 9. disk full ---
+
 
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 12 MiB tmpfs, for running out of space for real; skipped where mounting is not allowed."""
     mount = tmp_path / "tiny"
     mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)],
-                          capture_output=True)
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)], capture_output=True
+    )
     if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({made.stderr.decode().strip()}); "
-                    f"the disk-full test needs root")
+        pytest.skip(
+            f"cannot mount a tmpfs here ({made.stderr.decode().strip()}); "
+            f"the disk-full test needs root"
+        )
     yield mount
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
-def test_disk_full_is_a_clear_error_changes_nothing_and_service_resumes(make_cluster, tmp_path,
-                                                                         tiny_disk):
+def test_disk_full_is_a_clear_error_changes_nothing_and_service_resumes(
+    make_cluster, tmp_path, tiny_disk
+):
     cluster = make_cluster()
     cluster.start_broker()
     cluster.start_cache(directory=str(tiny_disk / "cache"))
@@ -291,17 +336,16 @@ def test_disk_full_is_a_clear_error_changes_nothing_and_service_resumes(make_clu
     assert b"disk is full" in full.stderr
     assert [e["name"] for e in json.loads(cluster.cli("ls", "--json").stdout)] == ["first"]
     assert os.listdir(tiny_disk / "storage" / "tmp") == []
-    rest = tiny_disk / "rest"                      # now truly nothing left, for the cache too
-    with open(rest, "wb") as f:
-        with pytest.raises(OSError):
-            while True:
-                f.write(bytes(64 * 1024))
-                f.flush()
+    rest = tiny_disk / "rest"  # now truly nothing left, for the cache too
+    with open(rest, "wb") as f, pytest.raises(OSError):
+        while True:
+            f.write(bytes(64 * 1024))
+            f.flush()
     out = cluster.cli("get", "first", "-")
-    assert out.returncode == 0 and out.stdout == first.read_bytes()   # reads still work
-    small = tmp_path / "small"                     # goes into the metadata database itself
+    assert out.returncode == 0 and out.stdout == first.read_bytes()  # reads still work
+    small = tmp_path / "small"  # goes into the metadata database itself
     small.write_bytes(random_bytes(60_000, 92))
-    for i in range(50):                            # until the database needs a block it cannot get
+    for i in range(50):  # until the database needs a block it cannot get
         put = cluster.cli("put", str(small), f"fill-{i}")
         if put.returncode:
             break
@@ -310,7 +354,7 @@ def test_disk_full_is_a_clear_error_changes_nothing_and_service_resumes(make_clu
     assert overwrite.returncode == 1 and b"disk is full" in overwrite.stderr
     assert cluster.cli("get", "first", "-").stdout == first.read_bytes()  # the old version, whole
     cache = next(proc for proc in cluster.procs if proc.name == "cache")
-    assert "event=cache_write_failed" in cache.log()                 # the cache could not fill
+    assert "event=cache_write_failed" in cache.log()  # the cache could not fill
     filler.unlink()
     rest.unlink()
     assert cluster.cli("put", str(second), "second").returncode == 0
@@ -321,18 +365,21 @@ def test_missing_or_unusable_data_directory_is_a_clear_error_at_start(make_clust
     cluster = make_cluster()
     cluster.start_broker()
     (tmp_path / "a-file").write_bytes(b"")
-    for data, words in ((tmp_path / "no" / "such" / "dir", "parent folder does not exist"),
-                        (tmp_path / "a-file" / "data", "cannot use data directory")):
+    for data, words in (
+        (tmp_path / "no" / "such" / "dir", "parent folder does not exist"),
+        (tmp_path / "a-file" / "data", "cannot use data directory"),
+    ):
         proc = cluster.start_storage(data=str(data), wid="bad")
-        wait_for(lambda: not proc.alive(), 10, "the worker to refuse to start")
+        wait_for(lambda proc=proc: not proc.alive(), 10, "the worker to refuse to start")
         assert proc.popen.returncode == 1 and words in proc.log()
 
 
 # --- 10. a stalled client ---
 
+
 def test_a_client_that_stops_reading_does_not_stall_the_others(cluster):
     data = random_bytes(MiB, 10)
-    with cluster.client(timeout=2.0, retries=0) as c:    # any stall of 2 s fails the test
+    with cluster.client(timeout=2.0, retries=0) as c:  # any stall of 2 s fails the test
         c.put_bytes(data, "one")
         manifest_chunk = p.sha256(data)
         stalled = zmq.Context.instance().socket(zmq.DEALER)
@@ -340,9 +387,10 @@ def test_a_client_that_stops_reading_does_not_stall_the_others(cluster):
         stalled.setsockopt(zmq.RCVHWM, 1)
         stalled.connect(cluster.frontend)
         try:
-            for i in range(400):                   # never reads a reply
-                stalled.send_multipart([p.encode({"v": 1, "op": "chunk", "id": i,
-                                                  "hash": manifest_chunk})])
+            for i in range(400):  # never reads a reply
+                stalled.send_multipart(
+                    [p.encode({"v": 1, "op": "chunk", "id": i, "hash": manifest_chunk})]
+                )
             for _ in range(20):
                 assert c.get_bytes("one") == data
             assert c.stat("one")["size"] == MiB

@@ -31,9 +31,9 @@ def test_drain_takes_at_most_limit_and_never_waits(pair):
     a, b = pair
     for i in range(5):
         send_frames(a, [b"m", str(i).encode()])
-    assert b.poll(2000, zmq.POLLIN)          # everything queued has reached b
+    assert b.poll(2000, zmq.POLLIN)  # everything queued has reached b
     seen = []
     assert drain(b, lambda frames: seen.append(frames[1].bytes), 3) == 3
     assert drain(b, lambda frames: seen.append(frames[1].bytes), 3) == 2
-    assert drain(b, lambda frames: seen.append(frames[1].bytes), 3) == 0   # empty: returns
+    assert drain(b, lambda frames: seen.append(frames[1].bytes), 3) == 0  # empty: returns
     assert seen == [b"0", b"1", b"2", b"3", b"4"]

@@ -19,25 +19,62 @@ from fms.storage.engine import open_local
 from fms.storage.service import StorageService
 from fms.worker import _dispatch
 
-FIELDS = ["v", "op", "id", "name", "hash", "hashes", "size", "chunk_size", "chunks", "sha256",
-          "commit", "mtime", "prefix", "after", "limit", "t", "k", "ttl", "svc"]
+FIELDS = [
+    "v",
+    "op",
+    "id",
+    "name",
+    "hash",
+    "hashes",
+    "size",
+    "chunk_size",
+    "chunks",
+    "sha256",
+    "commit",
+    "mtime",
+    "prefix",
+    "after",
+    "limit",
+    "t",
+    "k",
+    "ttl",
+    "svc",
+]
 OPS = sorted(p.OP_SERVICE) + ["nope", ""]
-msgpack_ints = st.integers(min_value=-2**63, max_value=2**64 - 1)   # what msgpack can carry
-scalars = st.one_of(st.none(), st.booleans(), msgpack_ints,
-                    st.floats(allow_nan=True), st.text(max_size=12), st.binary(max_size=40),
-                    st.sampled_from(OPS), st.binary(min_size=32, max_size=32))
-values = st.one_of(scalars, st.lists(scalars, max_size=4),
-                   st.dictionaries(st.text(max_size=5), scalars, max_size=3))
+msgpack_ints = st.integers(min_value=-(2**63), max_value=2**64 - 1)  # what msgpack can carry
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    msgpack_ints,
+    st.floats(allow_nan=True),
+    st.text(max_size=12),
+    st.binary(max_size=40),
+    st.sampled_from(OPS),
+    st.binary(min_size=32, max_size=32),
+)
+values = st.one_of(
+    scalars,
+    st.lists(scalars, max_size=4),
+    st.dictionaries(st.text(max_size=5), scalars, max_size=3),
+)
 headers = st.builds(
     lambda base, extra: {**extra, **base},
-    st.fixed_dictionaries({"v": st.sampled_from([1, 1, 1, 2, "1"]), "op": st.sampled_from(OPS),
-                           "id": st.one_of(msgpack_ints, st.text(max_size=4), st.none())}),
-    st.dictionaries(st.sampled_from(FIELDS), values, max_size=6))
-frames_bytes = st.one_of(st.binary(max_size=64), headers.map(p.encode),
-                         st.binary(max_size=2000).map(lambda b: bytes(p.pack_data(b))))
+    st.fixed_dictionaries(
+        {
+            "v": st.sampled_from([1, 1, 1, 2, "1"]),
+            "op": st.sampled_from(OPS),
+            "id": st.one_of(msgpack_ints, st.text(max_size=4), st.none()),
+        }
+    ),
+    st.dictionaries(st.sampled_from(FIELDS), values, max_size=6),
+)
+frames_bytes = st.one_of(
+    st.binary(max_size=64),
+    headers.map(p.encode),
+    st.binary(max_size=2000).map(lambda b: bytes(p.pack_data(b))),
+)
 # 2000 examples: at 300 the fuzzers missed a planted bug (field type checks removed).
-SETTINGS = settings(max_examples=2000, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 class Frame:
@@ -55,7 +92,7 @@ class Link:
 
     def reply(self, route, header, data=None, **route_fields):
         assert isinstance(header, dict) and "ok" in header
-        p.encode(header)                         # a reply must itself be sendable
+        p.encode(header)  # a reply must itself be sendable
         self.replies.append(header)
 
     def request(self, service, header, data=None):
@@ -82,7 +119,7 @@ def run_request(service, header_frame: bytes, data: bytes | None):
     frames = [Frame(REQ_ROUTE), Frame(header_frame)] + ([Frame(data)] if data is not None else [])
     _dispatch(service, link, frames, logging.getLogger("fuzz"))
     if hasattr(service, "flush"):
-        service.flush()              # what the worker loop does after each drain
+        service.flush()  # what the worker loop does after each drain
     return link.replies
 
 
@@ -92,14 +129,14 @@ def test_storage_answers_every_request_once_whatever_it_holds(services, header, 
     storage, _ = services
     replies = run_request(storage, header, data)
     assert len(replies) == 1
-    assert replies[0].get("error") != "internal", replies[0]   # classified, never a crash
+    assert replies[0].get("error") != "internal", replies[0]  # classified, never a crash
 
 
 @SETTINGS
 @given(header=frames_bytes, data=st.one_of(st.none(), frames_bytes))
 def test_cache_answers_or_fetches_for_every_request_and_never_crashes(services, header, data):
     _, cache = services
-    replies = run_request(cache, header, data)   # a miss is answered later, with the fill
+    replies = run_request(cache, header, data)  # a miss is answered later, with the fill
     assert len(replies) <= 1
     assert all(r.get("error") != "internal" for r in replies), replies
 
@@ -108,8 +145,9 @@ PROBES = itertools.count()
 
 
 @SETTINGS
-@given(header=headers, data=st.one_of(st.none(), st.binary(max_size=100)),
-       to_the_fetch=st.booleans())
+@given(
+    header=headers, data=st.one_of(st.none(), st.binary(max_size=100)), to_the_fetch=st.booleans()
+)
 def test_cache_survives_any_reply_from_storage(services, header, data, to_the_fetch):
     """A junk reply from storage, to the fetch in flight or to none: the waiter gets at most one
     answer, nothing unverified is cached, and the cache still serves the name afterwards."""
@@ -117,32 +155,42 @@ def test_cache_survives_any_reply_from_storage(services, header, data, to_the_fe
     link = cache.link
     link.replies.clear()
     link.requests.clear()
-    name = f"probe/{next(PROBES)}"                        # a new name: always a miss
-    cache.handle_request({"t": "req", "k": 1}, {"v": 1, "op": "get", "id": "waiter",
-                                                "name": name}, None)
+    name = f"probe/{next(PROBES)}"  # a new name: always a miss
+    cache.handle_request(
+        {"t": "req", "k": 1}, {"v": 1, "op": "get", "id": "waiter", "name": name}, None
+    )
     (fetch,) = link.requests
     if to_the_fetch:
         header = {**header, "id": fetch["id"]}
     cache.handle_reply(header, Frame(bytes(p.pack_data(data))) if data is not None else None)
     if header.get("id") != fetch["id"]:
-        assert link.replies == []                         # a reply to no fetch changes nothing
+        assert link.replies == []  # a reply to no fetch changes nothing
     else:
         assert len(link.replies) == 1 and link.replies[0]["id"] == "waiter"
-        assert link.replies[0]["ok"] is False            # junk never verifies
-    assert cache.manifests.lookup(name) is None           # nor is it cached
+        assert link.replies[0]["ok"] is False  # junk never verifies
+    assert cache.manifests.lookup(name) is None  # nor is it cached
     # The cache goes on: a real answer to a real fetch serves the waiter.
     if link.replies:
         link.replies.clear()
         link.requests.clear()
-        cache.handle_request({"t": "req", "k": 2}, {"v": 1, "op": "get", "id": "again",
-                                                    "name": name}, None)
+        cache.handle_request(
+            {"t": "req", "k": 2}, {"v": 1, "op": "get", "id": "again", "name": name}, None
+        )
         (fetch,) = link.requests
     content = name.encode()
-    manifest = {"name": name, "size": len(content), "sha256": p.sha256(content),
-                "chunk_size": p.DEFAULT_CHUNK_SIZE, "chunks": [p.sha256(content)], "mtime": 0.0,
-                "version": 1, "commit": "c"}
-    cache.handle_reply(p.ok_reply(fetch["id"], manifest=manifest),
-                       Frame(bytes(p.pack_data(content))))
+    manifest = {
+        "name": name,
+        "size": len(content),
+        "sha256": p.sha256(content),
+        "chunk_size": p.DEFAULT_CHUNK_SIZE,
+        "chunks": [p.sha256(content)],
+        "mtime": 0.0,
+        "version": 1,
+        "commit": "c",
+    }
+    cache.handle_reply(
+        p.ok_reply(fetch["id"], manifest=manifest), Frame(bytes(p.pack_data(content)))
+    )
     assert [r["ok"] for r in link.replies] == [True]
     assert cache.manifests.lookup(name)["sha256"] == p.sha256(content)
 
@@ -161,7 +209,7 @@ def test_worker_dispatch_raises_only_fms_errors(services, frames):
         route = None
     try:
         _dispatch(storage, storage.link, [Frame(f) for f in frames], logging.getLogger("fuzz"))
-        storage.flush()                           # commits and removes are answered here
+        storage.flush()  # commits and removes are answered here
     except FmsError:
         assert route is None or route.get("t") != "req"
     expected = 1 if route is not None and route.get("t") == "req" else 0
@@ -186,8 +234,7 @@ def broker():
 
     def ask(frames) -> list:
         b.process_client([Frame(CLIENT), *[Frame(f) for f in frames]])
-        b.process_client([Frame(CLIENT), Frame(p.encode({"v": 1, "op": "status",
-                                                         "id": SENTINEL}))])
+        b.process_client([Frame(CLIENT), Frame(p.encode({"v": 1, "op": "status", "id": SENTINEL}))])
         replies = []
         while True:
             assert client.poll(5000), "no reply from the broker"
@@ -197,7 +244,7 @@ def broker():
                 return replies
             replies.append(header)
 
-    client.send(p.encode({"v": 1, "op": "status", "id": 0}))   # the broker learns the client
+    client.send(p.encode({"v": 1, "op": "status", "id": 0}))  # the broker learns the client
     assert b.frontend.poll(5000)
     b.process_client(b.frontend.recv_multipart(copy=False))
     assert client.poll(5000)
@@ -222,28 +269,32 @@ def readable_id(frame: bytes):
 @SETTINGS
 @given(frames=st.lists(frames_bytes, min_size=1, max_size=4))
 def test_broker_answers_anything_at_the_frontend_once_echoing_a_readable_id(broker, frames):
-    (reply,) = broker.ask(frames)                         # exactly one reply
+    (reply,) = broker.ask(frames)  # exactly one reply
     assert reply["v"] == p.PROTOCOL_VERSION
     assert reply["id"] == readable_id(frames[0])
     if reply["ok"] is not True:
         assert reply["error"] in p.ERROR_CODES and isinstance(reply["message"], str)
         if len(frames) > 2:
             assert reply["error"] in ("bad_request", "version")
-    else:                                                 # only status needs no worker
+    else:  # only status needs no worker
         assert len(frames) == 1 and p.decode(frames[0])["op"] == "status"
     # Nothing is left behind for a request that was answered at once.
     assert not broker.pending and not broker.client_inflight and not broker.req_bytes
 
 
-routes = st.builds(lambda base, extra: p.encode({**extra, **base}),
-                   st.fixed_dictionaries({"t": st.sampled_from(
-                       ["ready", "hb", "rep", "req", "bye", "zzz", 5])}),
-                   st.dictionaries(st.sampled_from(FIELDS), values, max_size=5))
+routes = st.builds(
+    lambda base, extra: p.encode({**extra, **base}),
+    st.fixed_dictionaries({"t": st.sampled_from(["ready", "hb", "rep", "req", "bye", "zzz", 5])}),
+    st.dictionaries(st.sampled_from(FIELDS), values, max_size=5),
+)
 
 
 @SETTINGS
-@given(route=st.one_of(routes, frames_bytes), rest=st.lists(frames_bytes, max_size=3),
-       ident=st.binary(min_size=1, max_size=5))
+@given(
+    route=st.one_of(routes, frames_bytes),
+    rest=st.lists(frames_bytes, max_size=3),
+    ident=st.binary(min_size=1, max_size=5),
+)
 def test_broker_survives_anything_at_the_backend(broker, route, rest, ident):
     broker.process_worker([Frame(ident), Frame(route), *[Frame(f) for f in rest]])
     broker.purge_workers()

@@ -8,12 +8,12 @@ import time
 import msgpack
 import pytest
 import zmq
+from conftest import random_bytes, wait_for
+from harness import peak_rss
 
 import fms
 from fms import limits
 from fms import wire as p
-from harness import peak_rss
-from conftest import random_bytes, wait_for
 
 MiB = p.MiB
 # 32 MiB of empty arrays: decodes to about 2.3 GiB in about 8 s without limits.
@@ -46,6 +46,7 @@ def _recv(sock, timeout=5.0):
 
 # --- 1. bounded decoding ---
 
+
 def test_decoding_refuses_oversize_and_amplifying_frames_before_building_them():
     assert len(BOMB) <= p.MAX_FRAME_SIZE
     for kind in ("request", "route"):
@@ -66,10 +67,10 @@ def test_decoding_refuses_oversize_and_amplifying_frames_before_building_them():
     start = time.monotonic()
     with pytest.raises(fms.BadRequest):
         p.decode(nested, "request")
-    with pytest.raises(fms.BadRequest):        # a list of a million tiny ints: too long a list
+    with pytest.raises(fms.BadRequest):  # a list of a million tiny ints: too long a list
         p.decode(msgpack.packb({"v": 1, "op": "commit", "id": 1, "chunks": [0] * MiB}), "request")
     assert time.monotonic() - start < 0.5
-    with pytest.raises(limits.FrameTooLarge):   # only commit and have may be large
+    with pytest.raises(limits.FrameTooLarge):  # only commit and have may be large
         p.decode(p.encode({**big_commit, "op": "ls"}), "request")
 
 
@@ -101,13 +102,18 @@ def test_a_reply_route_with_a_bad_key_costs_one_message_not_the_broker():
     broker.bind()
     try:
         ident = b"\x00worker"
-        broker.process_worker([Frame(ident), Frame(p.encode(
-            {"t": "ready", "v": 1, "svc": "storage", "wid": "w", "store": "s"}))])
+        broker.process_worker(
+            [
+                Frame(ident),
+                Frame(p.encode({"t": "ready", "v": 1, "svc": "storage", "wid": "w", "store": "s"})),
+            ]
+        )
         assert ident in broker.workers
         for key in ([1, 2], {"a": 1}, "k", None):
             broker._guarded(broker.process_worker)(
-                [Frame(ident), Frame(p.encode({"t": "rep", "k": key})), Frame(p.encode({}))])
-        assert ident in broker.workers                   # still there, nothing escaped
+                [Frame(ident), Frame(p.encode({"t": "rep", "k": key})), Frame(p.encode({}))]
+            )
+        assert ident in broker.workers  # still there, nothing escaped
     finally:
         broker.close()
 
@@ -127,7 +133,7 @@ def test_amplifying_frames_on_both_ports_stall_nobody(cluster):
                 front.send(BOMB)
                 if i < 3:
                     backs[i].send(BOMB)
-                assert c.get_bytes("legit") == data          # served between the bombs
+                assert c.get_bytes("legit") == data  # served between the bombs
             for _ in range(15):
                 header = p.decode(_recv(front, 10)[0])
                 assert header["ok"] is False and header["error"] == "too_large"
@@ -138,8 +144,11 @@ def test_amplifying_frames_on_both_ports_stall_nobody(cluster):
             front.close()
             for sock in backs:
                 sock.close()
-        assert sorted(w["id"] for w in c.status()["workers"]) == ["cache-1", "storage-a",
-                                                                   "storage-b"]
+        assert sorted(w["id"] for w in c.status()["workers"]) == [
+            "cache-1",
+            "storage-a",
+            "storage-b",
+        ]
     assert all(proc.alive() for proc in cluster.procs)
 
 
@@ -162,13 +171,14 @@ def test_bad_frames_are_logged_rate_limited_and_never_echo_attacker_text(cluster
 
 
 def test_commit_and_have_headers_over_64_kib_still_work(cluster):
-    data = random_bytes(10 * MiB, 2)                 # 2560 chunks of 4 KiB: headers of ~87 KB
+    data = random_bytes(10 * MiB, 2)  # 2560 chunks of 4 KiB: headers of ~87 KB
     with cluster.client(chunk_size=p.MIN_CHUNK_SIZE) as c:
         c.put_bytes(data, "many-chunks")
         assert c.get_bytes("many-chunks") == data
 
 
 # --- 2. only workers serve ---
+
 
 class FakeWorker:
     """A process on the backend that says it is a worker (in a thread of the test process).
@@ -178,6 +188,7 @@ class FakeWorker:
 
     def __init__(self, endpoint, ready: dict, handle=None):
         import threading
+
         self.endpoint = endpoint
         self.ready = {"t": "ready", "v": 1, **ready}
         self.handle = handle
@@ -215,8 +226,10 @@ class FakeWorker:
                         header, data = self.handle(p.decode(frames[1]))
                         back = {"t": "rep", "k": route["k"], "ok": header["ok"]}
                         self.served += 1
-                        sock.send_multipart([p.encode(back), p.encode(header)]
-                                            + ([data] if data is not None else []))
+                        sock.send_multipart(
+                            [p.encode(back), p.encode(header)]
+                            + ([data] if data is not None else [])
+                        )
                 if time.monotonic() >= next_beat:
                     sock.send(p.encode({"t": "hb"}))
                     next_beat = time.monotonic() + 0.3
@@ -230,14 +243,18 @@ def test_an_impostor_registered_first_makes_no_real_storage_worker_exit(make_clu
     refused for now, stays up, and serves as soon as the impostor is gone."""
     cluster = make_cluster()
     cluster.start_broker()
-    with FakeWorker(cluster.backend, {"svc": "storage", "wid": "impostor", "store": "bogus"}) \
-            as fake:
+    with FakeWorker(
+        cluster.backend, {"svc": "storage", "wid": "impostor", "store": "bogus"}
+    ) as fake:
         assert fake.welcomed.wait(10)
         real = cluster.start_storage(wid="storage-a")
         wait_for(lambda: "different store" in real.log(), 15, "the real worker to be refused")
         assert real.alive()
-    wait_for(lambda: [w["id"] for w in cluster.workers("storage")] == ["storage-a"], 15,
-             "the real worker to get in once the impostor left")
+    wait_for(
+        lambda: [w["id"] for w in cluster.workers("storage")] == ["storage-a"],
+        15,
+        "the real worker to get in once the impostor left",
+    )
     with cluster.client() as c:
         c.put_bytes(b"real", "r")
         assert c.get_bytes("r") == b"real"
@@ -245,13 +262,18 @@ def test_an_impostor_registered_first_makes_no_real_storage_worker_exit(make_clu
 
 
 def test_with_the_store_pinned_an_impostor_first_is_refused_and_real_workers_serve(
-        make_cluster, tmp_path):
+    make_cluster, tmp_path
+):
     from fms.cli.up import _store_id
+
     cluster = make_cluster()
     os.makedirs(cluster.storage_dir)
     cluster.start_broker(extra=["--store", _store_id(cluster.storage_dir, None, None)])
-    with FakeWorker(cluster.backend, {"svc": "storage", "wid": "impostor", "store": "bogus"},
-                    lambda h: (p.ok_reply(h["id"], written=True), None)) as fake:
+    with FakeWorker(
+        cluster.backend,
+        {"svc": "storage", "wid": "impostor", "store": "bogus"},
+        lambda h: (p.ok_reply(h["id"], written=True), None),
+    ) as fake:
         assert fake.refused.wait(10) and not fake.welcomed.is_set()
         cluster.start_cache()
         cluster.start_storage(wid="storage-a")
@@ -260,7 +282,7 @@ def test_with_the_store_pinned_an_impostor_first_is_refused_and_real_workers_ser
         with cluster.client() as c:
             for i in range(30):
                 c.put_bytes(b"upload %d" % i, f"u{i}")
-            for i in range(30):                   # every acked upload is there
+            for i in range(30):  # every acked upload is there
                 assert c.get_bytes(f"u{i}") == b"upload %d" % i
         assert fake.served == 0 and not fake.welcomed.is_set()
     assert all(proc.alive() for proc in cluster.procs)
@@ -272,17 +294,38 @@ def test_a_broker_other_hosts_can_reach_must_be_told_its_store(tmp_path):
     storage_worker.py --print-store-id prints the id fms up pins."""
     import subprocess
     import sys
+
     from fms.cli.up import _store_id
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, os.path.join(root, "broker.py"), "--frontend",
-                          "tcp://127.0.0.1:*", "--backend", "tcp://0.0.0.0:*", "--insecure"],
-                         capture_output=True, timeout=30)
+    run = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(root, "broker.py"),
+            "--frontend",
+            "tcp://127.0.0.1:*",
+            "--backend",
+            "tcp://0.0.0.0:*",
+            "--insecure",
+        ],
+        capture_output=True,
+        timeout=30,
+    )
     assert run.returncode == 1 and b"Traceback" not in run.stderr
     assert b"--store ID" in run.stderr and b"--print-store-id" in run.stderr
     data = tmp_path / "storage"
     data.mkdir()
-    printed = subprocess.run([sys.executable, os.path.join(root, "storage_worker.py"), "--data",
-                              str(data), "--print-store-id"], capture_output=True, timeout=30)
+    printed = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(root, "storage_worker.py"),
+            "--data",
+            str(data),
+            "--print-store-id",
+        ],
+        capture_output=True,
+        timeout=30,
+    )
     assert printed.returncode == 0, printed.stderr
     assert printed.stdout.decode().strip() == _store_id(str(data), None, None)
 
@@ -302,17 +345,26 @@ def test_a_chunk_failing_verification_is_fetched_once_more_from_storage(make_clu
         for name, data in (("big", big), ("small", small)):
             st = c.stat(name)
             manifests[name] = {
-                "name": name, "size": len(data), "sha256": p.sha256(data),
-                "chunk_size": st["chunk_size"], "mtime": st["mtime"], "version": st["version"],
-                "chunks": [p.sha256(data[i:i + st["chunk_size"]])
-                           for i in range(0, len(data), st["chunk_size"])]}
+                "name": name,
+                "size": len(data),
+                "sha256": p.sha256(data),
+                "chunk_size": st["chunk_size"],
+                "mtime": st["mtime"],
+                "version": st["version"],
+                "chunks": [
+                    p.sha256(data[i : i + st["chunk_size"]])
+                    for i in range(0, len(data), st["chunk_size"])
+                ],
+            }
 
     def forge(header):
         if header["op"] == "get":
-            forged = bytes(p.pack_data(b"small and FALSE"[:len(small)]))
+            forged = bytes(p.pack_data(b"small and FALSE"[: len(small)]))
             manifest = manifests[header["name"]]
-            return (p.ok_reply(header["id"], manifest=manifest),
-                    forged if header["name"] == "small" else None)
+            return (
+                p.ok_reply(header["id"], manifest=manifest),
+                forged if header["name"] == "small" else None,
+            )
         size = len(big) - 3 * MiB if header["hash"] == manifests["big"]["chunks"][-1] else MiB
         return p.ok_reply(header["id"]), bytes(p.pack_data(bytes(size)))
 
@@ -321,10 +373,11 @@ def test_a_chunk_failing_verification_is_fetched_once_more_from_storage(make_clu
         with cluster.client() as c:
             assert c.get_bytes("big") == big
             assert c.get_bytes("small") == small
-        assert fake.served >= 2 + 4          # it was asked, and every answer was refused
+        assert fake.served >= 2 + 4  # it was asked, and every answer was refused
 
 
 # --- 3. deadlines: work outlives no one ---
+
 
 def _slow(make_cluster, delay: float):
     """A cluster whose two storage workers each take ``delay`` seconds a request."""
@@ -350,8 +403,14 @@ def _flood(endpoint, clients: int, per_client: int, ttl_ms=None):
         for i in range(per_client):
             # Pages of one entry: each reserves little of the reply budget (see the next test
             # for floods of large pages).
-            fields = {"v": 1, "op": "ls" if i % 2 else "have", "id": i, "prefix": "",
-                      "limit": 1, "hashes": [bytes(32)] * 64}
+            fields = {
+                "v": 1,
+                "op": "ls" if i % 2 else "have",
+                "id": i,
+                "prefix": "",
+                "limit": 1,
+                "hashes": [bytes(32)] * 64,
+            }
             if ttl_ms is not None:
                 fields["ttl_ms"] = ttl_ms
             sock.send(p.encode(fields))
@@ -369,12 +428,18 @@ def test_a_flood_from_clients_that_leave_leaves_nothing_behind(slow_cluster):
     is dropped, and a put and a stat then take seconds, not the 25 s the flood would take
     (the bounds leave room for a loaded machine)."""
     socks = _flood(slow_cluster.frontend, 8, 128)
-    wait_for(lambda: _broker_status(slow_cluster)["queued"]["storage"] > 500, 10,
-             "the flood to be queued at the broker")
+    wait_for(
+        lambda: _broker_status(slow_cluster)["queued"]["storage"] > 500,
+        10,
+        "the flood to be queued at the broker",
+    )
     for sock in socks:
         sock.close()
-    wait_for(lambda: _broker_status(slow_cluster)["queued"]["storage"] == 0, 8,
-             "the gone clients' queued work to be dropped")
+    wait_for(
+        lambda: _broker_status(slow_cluster)["queued"]["storage"] == 0,
+        8,
+        "the gone clients' queued work to be dropped",
+    )
     with slow_cluster.client(timeout=8.0, retries=0) as c:
         start = time.monotonic()
         c.put_bytes(b"after the flood", "after")
@@ -390,19 +455,23 @@ def test_a_flood_whose_deadline_passes_is_dropped_and_others_take_turns(slow_clu
     try:
         with slow_cluster.client(timeout=2.0, retries=0) as c:
             start = time.monotonic()
-            c.put_bytes(b"during", "during")          # have + commit, each queued behind 8
+            c.put_bytes(b"during", "during")  # have + commit, each queued behind 8
             assert c.stat("during")["size"] == 6
             assert time.monotonic() - start < 4
         expiring = _flood(slow_cluster.frontend, 4, 128, ttl_ms=300)
         socks += expiring
-        wait_for(lambda: _broker_status(slow_cluster)["dropped"] >= 4 * 128 - 64, 5,
-                 "the expired requests to be dropped")
+        wait_for(
+            lambda: _broker_status(slow_cluster)["dropped"] >= 4 * 128 - 64,
+            5,
+            "the expired requests to be dropped",
+        )
     finally:
         for sock in socks:
             sock.close()
 
 
 # --- 4. memory bounded by bytes ---
+
 
 def test_clients_that_never_read_16_mib_chunks_stall_only_themselves(cluster):
     """8 clients ask again and again for 16 MiB chunks and never read (before: the broker
@@ -413,11 +482,12 @@ def test_clients_that_never_read_16_mib_chunks_stall_only_themselves(cluster):
     with cluster.client(chunk_size=16 * MiB) as c:
         c.put_bytes(big, "big")
         c.put_bytes(small, "small")
-        chunks = [p.sha256(big[i:i + 16 * MiB]) for i in range(0, len(big), 16 * MiB)]
+        chunks = [p.sha256(big[i : i + 16 * MiB]) for i in range(0, len(big), 16 * MiB)]
     ids = iter(range(1, 1 << 30))
 
     def asks():
         return ([p.encode({"v": 1, "op": "chunk", "id": next(ids), "hash": d})] for d in chunks)
+
     socks = [_dealer(cluster.frontend, RCVHWM=1, RCVBUF=64 * 1024) for _ in range(8)]
     try:
         with cluster.client(timeout=3.0, retries=0) as legit:
@@ -451,23 +521,31 @@ def test_clients_that_never_read_cannot_make_a_readers_large_replies_drop(cluste
     with cluster.client(chunk_size=4 * MiB) as c:
         c.put_bytes(hog, "hog")
         c.put_bytes(mine, "mine")
-    chunks = [p.sha256(hog[i:i + 4 * MiB]) for i in range(0, len(hog), 4 * MiB)]
+    chunks = [p.sha256(hog[i : i + 4 * MiB]) for i in range(0, len(hog), 4 * MiB)]
     ids = iter(range(1, 1 << 30))
 
     def asks():
-        return ([p.encode({"v": 1, "op": "chunk", "id": next(ids), "hash": d, "len": 4 * MiB})]
-                for d in chunks)
+        return (
+            [p.encode({"v": 1, "op": "chunk", "id": next(ids), "hash": d, "len": 4 * MiB})]
+            for d in chunks
+        )
+
     socks = [_dealer(cluster.frontend, RCVHWM=1, RCVBUF=64 * 1024) for _ in range(3)]
     try:
         with cluster.client(timeout=3.0, retries=0) as reader:
+
             def budget_full():
                 _keep_sending(socks, asks)
                 held = reader.status()["broker"]["held_bytes"]
                 return held["replies"] + held.get("replies_reserved", 0) > 120 * MiB
+
             wait_for(budget_full, 20, "the non-readers to hold most of the reply budget")
             full = time.monotonic()
-            wait_for(lambda: budget_full() and time.monotonic() - full > limits.STALLED, 20,
-                     "the non-readers to leave their replies unread for STALLED seconds")
+            wait_for(
+                lambda: budget_full() and time.monotonic() - full > limits.STALLED,
+                20,
+                "the non-readers to leave their replies unread for STALLED seconds",
+            )
             for _ in range(4):
                 _keep_sending(socks, asks)
                 assert reader.get_bytes("mine") == mine
@@ -483,28 +561,37 @@ def test_many_uploaders_cannot_keep_another_clients_upload_out(slow_cluster):
     """Nine connections keep up to 64 MiB of uploads each at the broker, more than its 512 MiB
     total (before: everyone else's uploads were then refused). Another client's upload gets
     room: the newest queued upload of whoever holds the most is answered `unavailable`."""
-    chunk = random_bytes(MiB - 64, 10)            # 64 fill a client's 64 MiB budget
+    chunk = random_bytes(MiB - 64, 10)  # 64 fill a client's 64 MiB budget
     digest = p.sha256(chunk)
     data = p.pack_data(chunk)
     ids = iter(range(1, 1 << 30))
 
     def uploads():
-        return ([p.encode({"v": 1, "op": "put_chunk", "id": next(ids), "hash": digest}), data]
-                for _ in range(16))
+        return (
+            [p.encode({"v": 1, "op": "put_chunk", "id": next(ids), "hash": digest}), data]
+            for _ in range(16)
+        )
+
     socks = [_dealer(slow_cluster.frontend, RCVHWM=1, RCVBUF=64 * 1024) for _ in range(9)]
     stop = threading.Event()
 
-    def flood():                # the sockets are used by this thread alone from here on
+    def flood():  # the sockets are used by this thread alone from here on
         while not stop.is_set():
             _keep_sending(socks, uploads)
-            zmq.select([], socks, [], 0.01)       # until one takes more, or 10 ms
+            zmq.select([], socks, [], 0.01)  # until one takes more, or 10 ms
+
     flooder = threading.Thread(target=flood, daemon=True)
     try:
         with slow_cluster.client(timeout=10.0, retries=0) as c:
             flooder.start()
-            wait_for(lambda: c.status()["broker"]["held_bytes"]["uploads"]
-                     > limits.TOTAL_REQUEST_BYTES - 32 * MiB, 20,
-                     "the uploaders to hold the broker's upload budget")
+            wait_for(
+                lambda: (
+                    c.status()["broker"]["held_bytes"]["uploads"]
+                    > limits.TOTAL_REQUEST_BYTES - 32 * MiB
+                ),
+                20,
+                "the uploaders to hold the broker's upload budget",
+            )
             mine = random_bytes(3 * MiB, 11)
             c.put_bytes(mine, "mine")
             status = c.status()["broker"]
@@ -528,14 +615,15 @@ def test_large_request_headers_count_in_the_clients_budget(slow_cluster):
     try:
         for _ in range(5):
             sock.send(header)
-        while len(refused) < 2:             # the admitted ones may take storage a while
+        while len(refused) < 2:  # the admitted ones may take storage a while
             reply = p.decode(_recv(sock, 20)[0])
             if not reply["ok"]:
                 refused.append(reply)
     finally:
         sock.close()
-    assert all(r["error"] == "unavailable" and "requests in flight" in r["message"]
-               for r in refused)
+    assert all(
+        r["error"] == "unavailable" and "requests in flight" in r["message"] for r in refused
+    )
 
 
 def test_uploads_over_a_clients_byte_budget_back_off_and_large_chunks_still_upload(make_cluster):
@@ -546,16 +634,21 @@ def test_uploads_over_a_clients_byte_budget_back_off_and_large_chunks_still_uplo
     sock = _dealer(slow_cluster.frontend)
     chunk = random_bytes(16 * MiB, 6)
     try:
-        for i in range(8):                      # 128 MiB at once, never waiting for a reply
-            sock.send_multipart([p.encode({"v": 1, "op": "put_chunk", "id": i,
-                                           "hash": p.sha256(chunk)}), p.pack_data(chunk)])
+        for i in range(8):  # 128 MiB at once, never waiting for a reply
+            sock.send_multipart(
+                [
+                    p.encode({"v": 1, "op": "put_chunk", "id": i, "hash": p.sha256(chunk)}),
+                    p.pack_data(chunk),
+                ]
+            )
         replies = [p.decode(_recv(sock, 10)[0]) for _ in range(8)]
     finally:
         sock.close()
     refused = [r for r in replies if not r["ok"]]
-    assert refused and all(r["error"] == "unavailable" and "requests in flight" in r["message"]
-                           for r in refused)
-    with slow_cluster.client(chunk_size=16 * MiB, timeout=20.0) as c:   # it keeps within it
+    assert refused and all(
+        r["error"] == "unavailable" and "requests in flight" in r["message"] for r in refused
+    )
+    with slow_cluster.client(chunk_size=16 * MiB, timeout=20.0) as c:  # it keeps within it
         data = random_bytes(80 * MiB, 7)
         c.put_bytes(data, "big16")
         assert c.get_bytes("big16") == data
@@ -563,14 +656,18 @@ def test_uploads_over_a_clients_byte_budget_back_off_and_large_chunks_still_uplo
 
 # --- 5. inodes, descriptors ---
 
+
 @pytest.fixture
 def few_inodes(tmp_path):
     """A tmpfs with room for bytes but only 80 inodes; skipped where mounting is not allowed."""
     import subprocess
+
     mount = tmp_path / "inodes"
     mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,nr_inodes=80", "tmpfs",
-                           str(mount)], capture_output=True)
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m,nr_inodes=80", "tmpfs", str(mount)],
+        capture_output=True,
+    )
     if made.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({made.stderr.decode().strip()}); needs root")
     yield mount
@@ -586,7 +683,7 @@ def test_running_out_of_inodes_is_no_space_and_acked_files_stay(make_cluster, fe
     acked = []
     with cluster.client(timeout=5.0) as c:
         with pytest.raises(fms.NoSpace, match="full"):
-            for i in range(500):    # over 64 KiB: a chunk file each (smaller ones go in meta.db)
+            for i in range(500):  # over 64 KiB: a chunk file each (smaller ones go in meta.db)
                 c.put_bytes(b"file %d " % i * 9000, f"d{i % 7}/f{i}")
                 acked.append(i)
         assert acked
@@ -600,10 +697,11 @@ def test_a_thousand_idle_connections_do_not_exhaust_descriptors(make_cluster):
     soft limit of 1,024, the broker raises it to the hard limit and says so in status; everyone
     is still served."""
     import resource
+
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 2048:
         pytest.skip(f"the hard descriptor limit here is {hard}")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))     # what the broker inherits
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # what the broker inherits
     try:
         cluster = make_cluster()
         cluster.start_broker()
@@ -616,7 +714,7 @@ def test_a_thousand_idle_connections_do_not_exhaust_descriptors(make_cluster):
         assert fds["soft"] > 1024 and fds["soft"] in (fds["hard"], 1 << 20), fds
     idle = []
     ctx = zmq.Context()
-    ctx.set(zmq.MAX_SOCKETS, 4096)          # this test's own side needs them too
+    ctx.set(zmq.MAX_SOCKETS, 4096)  # this test's own side needs them too
     try:
         for _ in range(1100):
             sock = ctx.socket(zmq.DEALER)
@@ -624,8 +722,11 @@ def test_a_thousand_idle_connections_do_not_exhaust_descriptors(make_cluster):
             sock.connect(cluster.frontend)
             idle.append(sock)
         with cluster.client(timeout=5.0, retries=0) as c:
-            wait_for(lambda: c.status()["broker"]["fds"]["open"] > 1100, 15,
-                     "the idle connections to be accepted")
+            wait_for(
+                lambda: c.status()["broker"]["fds"]["open"] > 1100,
+                15,
+                "the idle connections to be accepted",
+            )
             c.put_bytes(b"still served", "served")
             assert c.get_bytes("served") == b"still served"
     finally:
@@ -639,6 +740,7 @@ def test_slow_readers_of_16_mib_chunks_stall_only_themselves(cluster):
     """8 clients read a file of 16 MiB chunks 1 MiB every 50 ms (before: the broker passed
     4 GiB and the cache 2.6 GiB); a legit client's reads keep succeeding within 3 s each."""
     import threading
+
     big = random_bytes(48 * MiB, 8)
     small = random_bytes(1000, 9)
     with cluster.client(chunk_size=16 * MiB) as c:
@@ -652,7 +754,7 @@ def test_slow_readers_of_16_mib_chunks_stall_only_themselves(cluster):
             with cluster.client(timeout=30.0) as reader, reader.open("big") as f:
                 while not stop.is_set() and f.read(MiB):
                     stop.wait(0.05)
-        except Exception as exc:  # noqa: BLE001 - reported below
+        except Exception as exc:
             errors.append(exc)
 
     readers = [threading.Thread(target=read, daemon=True) for _ in range(8)]
@@ -680,6 +782,7 @@ def test_expired_work_is_dropped_and_a_worker_that_never_answers_loses_its_credi
     so its credit comes back and the next request reaches it."""
     from fms.broker import Broker
     from fms.wire.frames import drain
+
     ctx = zmq.Context.instance()
     broker = Broker("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", ctx=ctx)
     broker.bind()
@@ -696,9 +799,9 @@ def test_expired_work_is_dropped_and_a_worker_that_never_answers_loses_its_credi
                 drain(broker.frontend, broker.process_client, 64)
         credit = limits.WORKER_CREDIT["storage"]
         assert broker.status()["broker"]["queued"]["storage"] == 20 - credit
-        broker.expire(time.monotonic() + 1)                   # past the 100 ms deadline
+        broker.expire(time.monotonic() + 1)  # past the 100 ms deadline
         assert broker.status()["broker"]["queued"]["storage"] == 0
-        assert len(broker.pending) == credit                  # held by the mute worker
+        assert len(broker.pending) == credit  # held by the mute worker
         broker.expire(time.monotonic() + 1 + limits.INFLIGHT_GRACE)
         assert not broker.pending and broker.dropped == 20
         assert broker.status()["workers"][0]["inflight"] == 0

@@ -9,10 +9,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, random_bytes, wait_for
 
 import fms
 from fms.security import CurveClient, cluster_keys
-from conftest import ROOT, random_bytes, wait_for
 
 MiB = 1024 * 1024
 
@@ -31,28 +31,55 @@ class Hosts:
         self.workers = {}
         # As the README says: the broker serves the store storage prints, never the first
         # worker's (its backend is reachable from the namespaces, so it requires --store).
-        printed = subprocess.run([sys.executable, os.path.join(ROOT, "storage_worker.py"),
-                                  "--data", str(tmp_path / "scratch"), *self.backends,
-                                  "--print-store-id"], capture_output=True, env=self.env,
-                                 timeout=60)
+        printed = subprocess.run(
+            [
+                sys.executable,
+                os.path.join(ROOT, "storage_worker.py"),
+                "--data",
+                str(tmp_path / "scratch"),
+                *self.backends,
+                "--print-store-id",
+            ],
+            capture_output=True,
+            env=self.env,
+            timeout=60,
+        )
         assert printed.returncode == 0, printed.stderr
         self.store = printed.stdout.decode().strip()
         self.cluster = make_cluster()
-        self.cluster.start_broker(frontend="tcp://127.0.0.1:*",
-                                  backend=f"tcp://{self.nets.host_address}:*",
-                                  extra=[*self.server, "--store", self.store])
+        self.cluster.start_broker(
+            frontend="tcp://127.0.0.1:*",
+            backend=f"tcp://{self.nets.host_address}:*",
+            extra=[*self.server, "--store", self.store],
+        )
         self.cluster.start_cache_with(self.worker_args)
 
     def start_worker(self, i: int, delay: float = 0.0):
         """Storage worker ``host-i``; with ``delay``, tests/slow_storage.py."""
-        script = ([os.path.join(ROOT, "tests", "slow_storage.py"), str(delay)] if delay
-                  else [os.path.join(ROOT, "storage_worker.py")])
+        script = (
+            [os.path.join(ROOT, "tests", "slow_storage.py"), str(delay)]
+            if delay
+            else [os.path.join(ROOT, "storage_worker.py")]
+        )
         log = open(self.tmp / f"host{i}.log", "ab")
-        self.workers[i] = self.nets.popen(i, [
-            sys.executable, *script, "--broker",
-            self.cluster.backend, "--data", str(self.tmp / f"host{i}-scratch"), "--id",
-            f"host-{i}", *self.backends, *self.worker_args],
-            stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        self.workers[i] = self.nets.popen(
+            i,
+            [
+                sys.executable,
+                *script,
+                "--broker",
+                self.cluster.backend,
+                "--data",
+                str(self.tmp / f"host{i}-scratch"),
+                "--id",
+                f"host-{i}",
+                *self.backends,
+                *self.worker_args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+        )
         log.close()
 
     def client(self, **kw) -> fms.Client:
@@ -66,9 +93,18 @@ class Hosts:
         wait_for(lambda: self.storage_ids() == set(ids), 30, f"storage workers {sorted(ids)}")
 
     def cli(self, *args):
-        return subprocess.run([sys.executable, os.path.join(ROOT, "client.py"), "--broker",
-                               self.cluster.frontend, *self.client_args, *args],
-                              capture_output=True, timeout=120)
+        return subprocess.run(
+            [
+                sys.executable,
+                os.path.join(ROOT, "client.py"),
+                "--broker",
+                self.cluster.frontend,
+                *self.client_args,
+                *args,
+            ],
+            capture_output=True,
+            timeout=120,
+        )
 
     def logs(self) -> str:
         out = [self.cluster.logs()]
@@ -87,18 +123,18 @@ def test_workers_on_three_hosts_serve_one_store(hosts, tmp_path):
     files = {f"h/{i}": random_bytes(1000 + i * 700_000, i) for i in range(6)}
     hosts.start_worker(0)
     hosts.wait_for_workers({"host-0"})
-    with hosts.client() as c:                       # written through host 0 alone
+    with hosts.client() as c:  # written through host 0 alone
         for name, data in files.items():
             c.put_bytes(data, name)
     hosts.start_worker(1)
-    hosts.start_worker(2)                           # started later, on an empty directory
+    hosts.start_worker(2)  # started later, on an empty directory
     hosts.wait_for_workers({"host-0", "host-1", "host-2"})
     hosts.workers[0].kill()
     hosts.wait_for_workers({"host-1", "host-2"})
-    with hosts.client() as c:                       # read through the other two
+    with hosts.client() as c:  # read through the other two
         for name, data in files.items():
             assert c.get_bytes(name) == data, hosts.logs()
-    for i in (0, 1, 2):                             # nothing of the store on any host's disk
+    for i in (0, 1, 2):  # nothing of the store on any host's disk
         scratch = tmp_path / f"host{i}-scratch"
         assert [f for _r, _d, fs in os.walk(scratch) for f in fs] == []
 
@@ -109,14 +145,26 @@ def test_kill_of_a_host_mid_upload_costs_a_retry_and_gc_and_fsck_span_hosts(host
     hosts.wait_for_workers({"host-0", "host-1", "host-2"})
     src = tmp_path / "src"
     src.write_bytes(random_bytes(20 * MiB, 9))
-    upload = subprocess.Popen([sys.executable, os.path.join(ROOT, "client.py"), "--broker",
-                               hosts.cluster.frontend, *hosts.client_args, "put", str(src), "f"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    upload = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(ROOT, "client.py"),
+            "--broker",
+            hosts.cluster.frontend,
+            *hosts.client_args,
+            "put",
+            str(src),
+            "f",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
+
         def served_by_host1():
             with hosts.client(timeout=2.0) as c:
-                return any(w["id"] == "host-1" and w["served"] > 2
-                           for w in c.status()["workers"])
+                return any(w["id"] == "host-1" and w["served"] > 2 for w in c.status()["workers"])
+
         wait_for(served_by_host1, 30, "the upload to reach host 1")
         hosts.workers[1].kill()
         _out, err = upload.communicate(timeout=120)
@@ -126,7 +174,7 @@ def test_kill_of_a_host_mid_upload_costs_a_retry_and_gc_and_fsck_span_hosts(host
     got = hosts.cli("get", "f", "-")
     assert got.returncode == 0 and got.stdout == src.read_bytes()
     with hosts.client() as c:
-        c.put_bytes(random_bytes(3 * MiB, 10), "f")             # the 20 MiB version is garbage
+        c.put_bytes(random_bytes(3 * MiB, 10), "f")  # the 20 MiB version is garbage
     gc_out = hosts.cli("gc", "--grace", "0")
     assert gc_out.returncode == 0 and b"freed 20 chunks" in gc_out.stdout, gc_out
     fsck = hosts.cli("fsck")

@@ -14,7 +14,7 @@ def test_a_flood_is_cut_to_a_burst_and_the_rest_is_counted(caplog, monkeypatch):
         for i in range(1000):
             limited.warning("event=bad_message n=%d", i)
         assert len(caplog.records) == RATE_BURST
-        now[0] += logutil.RATE_WINDOW + 1             # the next window
+        now[0] += logutil.RATE_WINDOW + 1  # the next window
         limited.warning("event=bad_message n=%d", 1000)
     messages = [r.getMessage() for r in caplog.records]
     assert f"event=log_suppressed lines={1000 - RATE_BURST}" in messages

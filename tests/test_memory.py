@@ -14,7 +14,7 @@ RSS_LIMIT = 150 * p.MiB
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)   # 2 GiB up and down, hashed at each end, on a loaded machine
+@pytest.mark.timeout(900)  # 2 GiB up and down, hashed at each end, on a loaded machine
 def test_moving_a_2_gib_file_keeps_every_process_under_150_mib(make_cluster, tmp_path):
     cluster = make_cluster()
     cluster.start_broker()
@@ -31,9 +31,11 @@ def test_moving_a_2_gib_file_keeps_every_process_under_150_mib(make_cluster, tmp
             digest.update(block)
             f.write(block)
 
-    for args in (["put", str(src), "big"],                      # PUT
-                 ["get", "big", str(tmp_path / "cold.bin")],     # cold GET: every chunk a miss
-                 ["get", "big", str(tmp_path / "warm.bin")]):    # warm GET: every chunk a hit
+    for args in (
+        ["put", str(src), "big"],  # PUT
+        ["get", "big", str(tmp_path / "cold.bin")],  # cold GET: every chunk a miss
+        ["get", "big", str(tmp_path / "warm.bin")],
+    ):  # warm GET: every chunk a hit
         run = cluster.cli("--quiet", *args, timeout=900)
         assert run.returncode == 0, run.stderr
     for out in ("cold.bin", "warm.bin"):
@@ -45,7 +47,9 @@ def test_moving_a_2_gib_file_keeps_every_process_under_150_mib(make_cluster, tmp
 
     peaks = cluster.peak_rss()
     # The CLI runs were children of this process, already waited for.
-    peaks["client (largest of put/get)"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    peaks["client (largest of put/get)"] = (
+        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    )
     report = ", ".join(f"{name}={rss / p.MiB:.0f} MiB" for name, rss in peaks.items())
     print(f"peak RSS while moving 2 GiB: {report}")
     assert all(rss < RSS_LIMIT for rss in peaks.values()), report

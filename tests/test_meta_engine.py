@@ -4,13 +4,13 @@ A new engine (PostgreSQL) joins by adding a factory to ENGINES; nothing else cha
 """
 
 import pytest
+from storage_helpers import new_version, split
 
 from fms import wire as p
 from fms.errors import BadRequest, MissingChunks, NotFound, Unavailable
 from fms.storage.meta.sql import prefix_end
 from fms.storage.meta.sqlite import SQLiteMeta
 from fms.storage.model import Copy, Removal, Restore, Totals
-from storage_helpers import new_version, split
 
 NOW = 1_800_000_000.0
 
@@ -21,6 +21,7 @@ def sqlite_engine(request, tmp_path):
 
 def postgres_engine(request, tmp_path):
     from fms.storage.meta.postgres import PostgresMeta
+
     return PostgresMeta(request.getfixturevalue("pg_database_url"))
 
 
@@ -75,7 +76,7 @@ def test_remove_leaves_a_tombstone_and_versions_keep_counting(engine):
     tomb = remove(engine, "n", "rm-1")
     assert tomb.deleted and tomb.version == 2
     assert engine.get("n") is None and engine.list("", "", 10) == []
-    assert remove(engine, "n", "rm-1") == tomb            # a retried rm: the same answer
+    assert remove(engine, "n", "rm-1") == tomb  # a retried rm: the same answer
     with pytest.raises(NotFound):
         remove(engine, "n", "rm-2")
     assert commit(engine, "n", b"back", "c2").version == 3
@@ -83,20 +84,22 @@ def test_remove_leaves_a_tombstone_and_versions_keep_counting(engine):
 
 def test_ids_are_idempotent_and_scoped_to_their_request(engine):
     first = commit(engine, "n", b"x" * 5000, "same")
-    assert commit(engine, "n", b"x" * 5000, "same") == first      # a retry: no new version
+    assert commit(engine, "n", b"x" * 5000, "same") == first  # a retry: no new version
     commit(engine, "n", b"y" * 5000, "other")
-    assert commit(engine, "n", b"x" * 5000, "same") == first      # still what it made
+    assert commit(engine, "n", b"x" * 5000, "same") == first  # still what it made
     with pytest.raises(BadRequest, match="already used"):
-        commit(engine, "m", b"x" * 5000, "same")                   # another name
+        commit(engine, "m", b"x" * 5000, "same")  # another name
     with pytest.raises(BadRequest, match="already used"):
-        commit(engine, "n", b"z" * 5000, "same")                   # other content
+        commit(engine, "n", b"z" * 5000, "same")  # other content
     from dataclasses import replace
-    [other_mtime] = engine.apply([replace(new_version("n", b"x" * 5000, "same"), mtime=5.0)],
-                                 NOW, {})
-    assert isinstance(other_mtime, BadRequest)                     # same content, other mtime
+
+    [other_mtime] = engine.apply(
+        [replace(new_version("n", b"x" * 5000, "same"), mtime=5.0)], NOW, {}
+    )
+    assert isinstance(other_mtime, BadRequest)  # same content, other mtime
     with pytest.raises(BadRequest, match="already used"):
-        remove(engine, "n", "same")                                # an rm reusing a commit's id
-    assert engine.get("n").sha256 == p.sha256(b"y" * 5000)          # nothing was applied
+        remove(engine, "n", "same")  # an rm reusing a commit's id
+    assert engine.get("n").sha256 == p.sha256(b"y" * 5000)  # nothing was applied
 
 
 def test_commit_refuses_chunks_without_a_live_row(engine):
@@ -110,11 +113,19 @@ def test_commit_refuses_chunks_without_a_live_row(engine):
 
 def test_group_commit_applies_each_change_on_its_own(engine):
     claim_all(engine, b"good")
-    changes = [new_version("ok1", b"good", "c1"), new_version("bad", b"never claimed", "c2"),
-               Removal("absent", "r1"), new_version("ok2", b"good", "c3")]
+    changes = [
+        new_version("ok1", b"good", "c1"),
+        new_version("bad", b"never claimed", "c2"),
+        Removal("absent", "r1"),
+        new_version("ok2", b"good", "c3"),
+    ]
     results = engine.apply(changes, NOW, {})
-    assert [type(r).__name__ for r in results] == ["Version", "MissingChunks", "NotFound",
-                                                   "Version"]
+    assert [type(r).__name__ for r in results] == [
+        "Version",
+        "MissingChunks",
+        "NotFound",
+        "Version",
+    ]
     assert [v.name for v in engine.list("", "", 10)] == ["ok1", "ok2"]
 
 
@@ -147,10 +158,10 @@ def test_list_handles_prefixes_at_the_edges_of_unicode(engine):
 
 
 def test_totals_follow_every_change(engine):
-    commit(engine, "a", b"1" * 5000, "c1")      # 2 chunks: 4096 + 904
+    commit(engine, "a", b"1" * 5000, "c1")  # 2 chunks: 4096 + 904
     commit(engine, "b", b"2" * 100, "c2")
     assert engine.totals() == Totals(files=2, bytes=5100, chunks=3, chunk_bytes=5100)
-    commit(engine, "a", b"3" * 10, "c3")        # overwrite: size changes, old chunks stay held
+    commit(engine, "a", b"3" * 10, "c3")  # overwrite: size changes, old chunks stay held
     remove(engine, "b", "r1")
     assert engine.totals() == Totals(files=1, bytes=10, chunks=4, chunk_bytes=5110)
 
@@ -158,12 +169,12 @@ def test_totals_follow_every_change(engine):
 def test_references_follow_commits_overwrites_and_removes(engine):
     shared = b"s" * 4096
     commit(engine, "a", shared + b"a", "c1")
-    commit(engine, "b", shared + shared, "c2")          # the same chunk twice counts twice
+    commit(engine, "b", shared + shared, "c2")  # the same chunk twice counts twice
     assert engine.chunk(p.sha256(shared)).refs == 3
     commit(engine, "a", b"other", "c3", now=NOW + 5)
     remove(engine, "b", "r1", now=NOW + 7)
     row = engine.chunk(p.sha256(shared))
-    assert row.refs == 0 and row.since == NOW + 7       # unreferenced since the last release
+    assert row.refs == 0 and row.since == NOW + 7  # unreferenced since the last release
     assert engine.refcount_errors() == []
 
 
@@ -182,9 +193,10 @@ def test_copy_shares_the_chunks_and_adds_a_reference_each(engine):
     assert made.version == 2 and made.sha256 == p.sha256(content)
     assert engine.get("dst").chunks == engine.get("src").chunks
     assert engine.chunk(p.sha256(b"c" * 4096)).refs == 2
-    assert engine.chunk(p.sha256(b"old")).refs == 0           # the overwritten version's
-    assert engine.totals() == Totals(files=2, bytes=2 * len(content), chunks=3,
-                                     chunk_bytes=len(content) + 3)
+    assert engine.chunk(p.sha256(b"old")).refs == 0  # the overwritten version's
+    assert engine.totals() == Totals(
+        files=2, bytes=2 * len(content), chunks=3, chunk_bytes=len(content) + 3
+    )
     assert apply_one(engine, Copy("src", "dst", "cp-1")) == made  # a retry: the same answer
     assert engine.refcount_errors() == []
 
@@ -200,7 +212,7 @@ def test_move_is_one_change_of_two_names_moving_no_reference(engine):
     assert engine.chunk(p.sha256(b"m" * 4096)).refs == 1
     assert engine.totals().files == 1 and engine.totals().bytes == 5000
     assert apply_one(engine, Copy("a/old", "b/new", "mv-1", move=True)) == made
-    assert commit(engine, "a/old", b"again", "c3").version == 3   # after its tombstone
+    assert commit(engine, "a/old", b"again", "c3").version == 3  # after its tombstone
     assert engine.refcount_errors() == []
 
 
@@ -221,11 +233,11 @@ def test_retained_versions_keep_their_references_and_the_newest_n_stay(engine):
         commit(engine, "f", content, f"c{i}")
     assert [v.version for v in engine.retained("f")] == [3, 2]
     assert [v.sha256 for v in engine.retained("f")] == [p.sha256(c) for c in contents[2:0:-1]]
-    assert engine.chunk(p.sha256(contents[1][:4096])).refs == 1      # retained: referenced
-    assert engine.chunk(p.sha256(contents[0][:4096])).refs == 0      # dropped out: released
+    assert engine.chunk(p.sha256(contents[1][:4096])).refs == 1  # retained: referenced
+    assert engine.chunk(p.sha256(contents[0][:4096])).refs == 0  # dropped out: released
     assert engine.totals().files == 1 and engine.totals().bytes == 5000
     assert engine.refcount_errors() == []
-    remove(engine, "f", "r1")                                         # rm retains v4 too
+    remove(engine, "f", "r1")  # rm retains v4 too
     assert [v.version for v in engine.retained("f")] == [4, 3]
     restored = apply_one(engine, Restore("f", None, "re-1"))
     assert restored.version == 6 and restored.sha256 == p.sha256(contents[3])
@@ -241,10 +253,10 @@ def test_a_removed_name_with_retained_versions_keeps_its_tombstone(engine):
     engine.keep_versions = 1
     commit(engine, "g", b"g1", "c1")
     remove(engine, "g", "r1")
-    engine.prune(NOW + 10 ** 6)
-    assert apply_one(engine, Restore("g", None, "re-1"), now=NOW + 10 ** 6).version == 3
+    engine.prune(NOW + 10**6)
+    assert apply_one(engine, Restore("g", None, "re-1"), now=NOW + 10**6).version == 3
     engine.keep_versions = 0
-    commit(engine, "g", b"g2", "c2", now=NOW + 10 ** 6)                # 0 kept: all released
+    commit(engine, "g", b"g2", "c2", now=NOW + 10**6)  # 0 kept: all released
     assert engine.retained("g") == [] and engine.refcount_errors() == []
 
 
@@ -263,28 +275,28 @@ def test_known_reports_live_rows_and_restarts_their_grace(engine):
     digest = p.sha256(b"k" * 10)
     assert engine.known([digest, p.sha256(b"unknown")], NOW + 100) == {digest}
     assert engine.chunk(digest).since == NOW + 100
-    assert engine.doom(NOW + 50, 10) == []              # protected by the refresh
+    assert engine.doom(NOW + 50, 10) == []  # protected by the refresh
 
 
 def test_doom_takes_only_old_unreferenced_chunks_and_blocks_claims(engine):
     commit(engine, "keep", b"kept", "c1")
-    engine.claim_chunk(p.sha256(b"blob"), 4, NOW)                   # a blob, not in the engine
+    engine.claim_chunk(p.sha256(b"blob"), 4, NOW)  # a blob, not in the engine
     engine.claim_chunk(p.sha256(b"young"), 5, NOW + 100, b"young")
     engine.claim_chunk(p.sha256(b"small"), 5, NOW, b"small")
     dry = engine.doom(NOW + 50, 10, dry_run=True)
     assert {r.digest for r in dry} == {p.sha256(b"blob"), p.sha256(b"small")}
-    assert engine.chunk(p.sha256(b"small")) is not None             # a dry run changes nothing
+    assert engine.chunk(p.sha256(b"small")) is not None  # a dry run changes nothing
     doomed = engine.doom(NOW + 50, 10)
     assert {r.digest for r in doomed} == {p.sha256(b"blob"), p.sha256(b"small")}
-    assert engine.chunk(p.sha256(b"small")) is None                 # in-engine bytes: gone at once
+    assert engine.chunk(p.sha256(b"small")) is None  # in-engine bytes: gone at once
     assert [r.digest for r in engine.doomed(10)] == [p.sha256(b"blob")]
     with pytest.raises(Unavailable, match="being collected"):
         engine.claim_chunk(p.sha256(b"blob"), 4, NOW + 60)
     [refused] = engine.apply([new_version("late", b"blob", "c9")], NOW + 60, {})
-    assert isinstance(refused, MissingChunks)                      # no commit onto a doomed row
+    assert isinstance(refused, MissingChunks)  # no commit onto a doomed row
     engine.forget([p.sha256(b"blob")])
     assert engine.chunk(p.sha256(b"blob")) is None
-    assert engine.claim_chunk(p.sha256(b"blob"), 4, NOW + 70) is False   # a fresh claim works
+    assert engine.claim_chunk(p.sha256(b"blob"), 4, NOW + 70) is False  # a fresh claim works
     assert engine.totals().chunks == 3
 
 
@@ -301,15 +313,15 @@ def test_prune_drops_old_tombstones_and_ids(engine):
     commit(engine, "gone", b"g", "c1", now=NOW)
     remove(engine, "gone", "r1", now=NOW)
     commit(engine, "recent", b"r", "c2", now=NOW + 100)
-    assert engine.prune(NOW + 50) == 3                  # 1 tombstone, 2 ids
-    assert commit(engine, "gone", b"g", "c3").version == 1   # its history is gone with it
+    assert engine.prune(NOW + 50) == 3  # 1 tombstone, 2 ids
+    assert commit(engine, "gone", b"g", "c3").version == 1  # its history is gone with it
 
 
 def test_one_lease_holder_at_a_time(engine):
     assert engine.lease("gc", "w1", NOW, 60)
     assert not engine.lease("gc", "w2", NOW + 1, 60)
-    assert engine.lease("gc", "w1", NOW + 2, 60)        # renewal
-    assert engine.lease("gc", "w2", NOW + 100, 60)      # expired: taken over
+    assert engine.lease("gc", "w1", NOW + 2, 60)  # renewal
+    assert engine.lease("gc", "w2", NOW + 100, 60)  # expired: taken over
     engine.release("gc", "w2")
     assert engine.lease("gc", "w3", NOW + 101, 60)
 
@@ -339,18 +351,20 @@ def test_a_connection_lost_midway_is_unavailable_for_the_whole_group(pg_database
     """PostgreSQL only: a connection that can be lost mid-transaction."""
     from fms.errors import Unavailable as Lost
     from fms.storage.meta.postgres import PostgresMeta
+
     engine = PostgresMeta(pg_database_url)
     claim_all(engine, b"one")
     real = engine._commit
 
     def cut(change, now):
-        engine.db.close()                      # the server went away mid-transaction
+        engine.db.close()  # the server went away mid-transaction
         return real(change, now)
+
     engine._commit = cut
     with pytest.raises(Lost):
         engine.apply([new_version("a", b"one", "c1"), new_version("b", b"one", "c2")], NOW, {})
     engine._commit = real
-    assert engine.get("a") is None and engine.get("b") is None    # nothing half applied
-    assert commit(engine, "a", b"one", "c1").version == 1          # and it works again
+    assert engine.get("a") is None and engine.get("b") is None  # nothing half applied
+    assert commit(engine, "a", b"one", "c1").version == 1  # and it works again
     assert engine.totals().files == 1
     engine.close()

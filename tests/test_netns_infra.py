@@ -26,7 +26,7 @@ class EchoServer:
         while not self._stop.is_set():
             try:
                 conn, peer = self.sock.accept()
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 continue
             self.peers.append(peer[0])
             with conn:
@@ -40,8 +40,10 @@ class EchoServer:
         self.sock.close()
 
 
-CLIENT = ("import socket,sys; s=socket.create_connection((sys.argv[1], int(sys.argv[2])), "
-          "timeout=5); s.sendall(sys.argv[3].encode()); print(s.recv(1024).decode())")
+CLIENT = (
+    "import socket,sys; s=socket.create_connection((sys.argv[1], int(sys.argv[2])), "
+    "timeout=5); s.sendall(sys.argv[3].encode()); print(s.recv(1024).decode())"
+)
 
 
 def test_echo_from_namespaces(make_netns):
@@ -50,9 +52,20 @@ def test_echo_from_namespaces(make_netns):
     server = EchoServer(nets.host_address)
     try:
         for i in range(2):
-            out = nets.run(i, [sys.executable, "-c", CLIENT, nets.host_address,
-                               str(server.address[1]), f"hello-{i}"],
-                           capture_output=True, text=True, timeout=30)
+            out = nets.run(
+                i,
+                [
+                    sys.executable,
+                    "-c",
+                    CLIENT,
+                    nets.host_address,
+                    str(server.address[1]),
+                    f"hello-{i}",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
             assert out.returncode == 0, out.stderr
             assert out.stdout.strip() == f"echo:hello-{i}"
         # each connection came from the namespace's own address: they are separate hosts
@@ -65,8 +78,13 @@ def test_namespace_cannot_reach_host_loopback(make_netns):
     nets = make_netns(1)
     server = EchoServer("127.0.0.1")
     try:
-        out = nets.run(0, [sys.executable, "-c", CLIENT, "127.0.0.1", str(server.address[1]),
-                           "x"], capture_output=True, text=True, timeout=30)
+        out = nets.run(
+            0,
+            [sys.executable, "-c", CLIENT, "127.0.0.1", str(server.address[1]), "x"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert out.returncode != 0 and "Connection refused" in out.stderr
     finally:
         server.close()
@@ -89,14 +107,22 @@ def test_namespaces_are_removed(make_netns):
 
 def test_servers_reachable_from_namespace(make_netns, pg_database_url, s3, s3_bucket):
     nets = make_netns(1)
-    code = ("import sys, psycopg, boto3\n"
-            "with psycopg.connect(sys.argv[1], connect_timeout=5) as c:\n"
-            "    assert c.execute('SELECT 1').fetchone() == (1,)\n"
-            "boto3.client('s3').put_object(Bucket=sys.argv[2], Key='from-ns', Body=b'ns')\n"
-            "print('ok')\n")
+    code = (
+        "import sys, psycopg, boto3\n"
+        "with psycopg.connect(sys.argv[1], connect_timeout=5) as c:\n"
+        "    assert c.execute('SELECT 1').fetchone() == (1,)\n"
+        "boto3.client('s3').put_object(Bucket=sys.argv[2], Key='from-ns', Body=b'ns')\n"
+        "print('ok')\n"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(s3.env())
-    out = nets.run(0, [sys.executable, "-c", code, pg_database_url, s3_bucket],
-                   capture_output=True, text=True, timeout=60, env=env)
+    out = nets.run(
+        0,
+        [sys.executable, "-c", code, pg_database_url, s3_bucket],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert out.stdout.strip() == "ok", out.stderr
     assert s3.client().get_object(Bucket=s3_bucket, Key="from-ns")["Body"].read() == b"ns"

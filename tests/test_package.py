@@ -5,10 +5,10 @@ import configparser
 import os
 import pkgutil
 
+from harness import ROOT
 from setuptools import find_packages
 
 import fms
-from harness import ROOT
 
 
 def test_the_package_ships_no_benchmark_soak_or_test_harness_and_runs_no_apt_get():

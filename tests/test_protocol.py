@@ -17,8 +17,18 @@ def test_header_round_trip():
     assert p.decode(p.encode(header)) == header
 
 
-@pytest.mark.parametrize("junk", [b"", b"\xc1", b"\x81", p.encode([1, 2]), p.encode(5),
-                                  p.encode({"a": 1}) + b"extra", b"\x92\x01"])
+@pytest.mark.parametrize(
+    "junk",
+    [
+        b"",
+        b"\xc1",
+        b"\x81",
+        p.encode([1, 2]),
+        p.encode(5),
+        p.encode({"a": 1}) + b"extra",
+        b"\x92\x01",
+    ],
+)
 def test_decode_rejects_junk_with_bad_request(junk):
     with pytest.raises(BadRequest):
         p.decode(junk)
@@ -42,7 +52,7 @@ def test_data_frame_is_msgpack_bin_read_by_unpackb():
 def test_data_frame_built_in_place_with_readinto():
     payload = bytes(range(256)) * 40
     frame = p.data_buffer(len(payload))
-    n = io.BytesIO(payload).readinto(memoryview(frame)[p.DATA_PREFIX_LEN:])
+    n = io.BytesIO(payload).readinto(memoryview(frame)[p.DATA_PREFIX_LEN :])
     assert n == len(payload)
     assert msgpack.unpackb(bytes(frame)) == payload
 
@@ -50,8 +60,8 @@ def test_data_frame_built_in_place_with_readinto():
 def test_unpack_data_is_a_view_not_a_copy():
     frame = p.pack_data(b"abcdef")
     view = p.unpack_data(frame)
-    frame[p.DATA_PREFIX_LEN] = ord("X")   # write through the buffer...
-    assert bytes(view) == b"Xbcdef"       # ...and the view sees it: same memory
+    frame[p.DATA_PREFIX_LEN] = ord("X")  # write through the buffer...
+    assert bytes(view) == b"Xbcdef"  # ...and the view sees it: same memory
 
 
 @pytest.mark.parametrize("size", [0, 1, 255, 256, 65535, 65536, 70000])
@@ -60,23 +70,38 @@ def test_unpack_data_reads_what_msgpack_packb_makes(size):
     assert bytes(p.unpack_data(msgpack.packb(payload))) == payload
 
 
-@pytest.mark.parametrize("bad", [b"", b"\xc6\x00\x00\x00\x05abc", b"\xa3abc", b"\xc4\x05ab",
-                                 b"\xc6\x00\x00\x00\x01ab"])
+@pytest.mark.parametrize(
+    "bad", [b"", b"\xc6\x00\x00\x00\x05abc", b"\xa3abc", b"\xc4\x05ab", b"\xc6\x00\x00\x00\x01ab"]
+)
 def test_unpack_data_rejects_frames_that_are_not_one_bin(bad):
     with pytest.raises(BadRequest):
         p.unpack_data(bad)
 
 
-@pytest.mark.parametrize("name", ["a", "a/b/c.txt", "ünïcødé/ファイル", "x" * 1024, "a..b", ".hidden"])
+@pytest.mark.parametrize(
+    "name", ["a", "a/b/c.txt", "ünïcødé/ファイル", "x" * 1024, "a..b", ".hidden"]
+)
 def test_valid_names(name):
     assert p.check_name(name) == name
 
 
-@pytest.mark.parametrize("name,why", [
-    ("", "empty"), ("/etc/passwd", "absolute"), ("../x", "'..'"), ("a/../../x", "'..'"),
-    ("a/..", "'..'"), ("a\x00b", "NUL"), ("x" * 1025, "1024"), ("a//b", "empty"),
-    ("a/./b", "'.'"), ("a/", "empty"), ("tab\there", "control"), (None, "string"),
-])
+@pytest.mark.parametrize(
+    "name,why",
+    [
+        ("", "empty"),
+        ("/etc/passwd", "absolute"),
+        ("../x", "'..'"),
+        ("a/../../x", "'..'"),
+        ("a/..", "'..'"),
+        ("a\x00b", "NUL"),
+        ("x" * 1025, "1024"),
+        ("a//b", "empty"),
+        ("a/./b", "'.'"),
+        ("a/", "empty"),
+        ("tab\there", "control"),
+        (None, "string"),
+    ],
+)
 def test_invalid_names_say_why(name, why):
     with pytest.raises(BadRequest, match=why):
         p.check_name(name)
@@ -94,8 +119,17 @@ def test_need_checks_types_and_never_takes_bool_for_int():
         p.need_hash({"h": b"short"}, "h")
 
 
-@pytest.mark.parametrize("text,value", [("4096", 4096), ("512M", 512 * p.MiB), ("2G", 2 * p.GiB),
-                                        ("1.5k", 1536), ("64MiB", 64 * p.MiB), ("3mb", 3 * p.MiB)])
+@pytest.mark.parametrize(
+    "text,value",
+    [
+        ("4096", 4096),
+        ("512M", 512 * p.MiB),
+        ("2G", 2 * p.GiB),
+        ("1.5k", 1536),
+        ("64MiB", 64 * p.MiB),
+        ("3mb", 3 * p.MiB),
+    ],
+)
 def test_parse_size(text, value):
     assert parse_size(text) == value
 
@@ -103,28 +137,48 @@ def test_parse_size(text, value):
 @pytest.mark.parametrize("text", ["", "G", "12Q", "-5", "1e3"])
 def test_parse_size_rejects_nonsense(text):
     import argparse
+
     with pytest.raises(argparse.ArgumentTypeError, match="not a size"):
         parse_size(text)
 
 
 def test_protocol_doc_covers_every_op_error_code_and_route_type():
     import os
+
     doc_path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "PROTOCOL.md")
     with open(doc_path) as f:
         doc = f.read()
     assert f"version {p.PROTOCOL_VERSION}" in doc
-    for name in [*p.OP_SERVICE, *p.ERROR_CODES, "ready", "welcome", "refused", "hb", "bye",
-                 "reregister", "req", "rep", "inv"]:
+    for name in [
+        *p.OP_SERVICE,
+        *p.ERROR_CODES,
+        "ready",
+        "welcome",
+        "refused",
+        "hb",
+        "bye",
+        "reregister",
+        "req",
+        "rep",
+        "inv",
+    ]:
         assert f"`{name}`" in doc, f"docs/PROTOCOL.md does not mention `{name}`"
 
 
 # --- get_many: the batched read's reply ---
 
+
 def _manifest(name, content, chunks=None):
-    return {"name": name, "size": len(content), "sha256": p.sha256(content),
-            "chunk_size": p.DEFAULT_CHUNK_SIZE,
-            "chunks": [p.sha256(content)] if chunks is None else chunks,
-            "mtime": 0.0, "version": 1, "commit": "c"}
+    return {
+        "name": name,
+        "size": len(content),
+        "sha256": p.sha256(content),
+        "chunk_size": p.DEFAULT_CHUNK_SIZE,
+        "chunks": [p.sha256(content)] if chunks is None else chunks,
+        "mtime": 0.0,
+        "version": 1,
+        "commit": "c",
+    }
 
 
 def test_batch_reply_round_trip_keeps_order_errors_and_contents():
@@ -134,11 +188,15 @@ def test_batch_reply_round_trip_keeps_order_errors_and_contents():
     batch.error("not_found", "'gone' not found")
     batch.manifest(_manifest("e", b"", chunks=[]), None)
     batch.manifest(_manifest("b", files["b"]), files["b"])
-    header = msgpack.unpackb(p.encode({"results": batch.results}))    # as it travels
+    header = msgpack.unpackb(p.encode({"results": batch.results}))  # as it travels
     results = p.read_batch(header, batch.frame(), ["a", "gone", "e", "b"])
     assert [r.get("error") for r, _ in results] == [None, "not_found", None, None]
-    assert [bytes(d) if d is not None else None for _, d in results] == \
-        [b"alpha", None, None, b"beta" * 1000]
+    assert [bytes(d) if d is not None else None for _, d in results] == [
+        b"alpha",
+        None,
+        None,
+        b"beta" * 1000,
+    ]
     assert all(p.inline_ok(r["manifest"], d) for r, d in results if d is not None)
 
 
@@ -151,12 +209,15 @@ def test_batch_reply_leaves_out_content_past_its_byte_cap(monkeypatch):
     assert len(p.unpack_data(batch.frame())) == 8
 
 
-@pytest.mark.parametrize("frame, names, why", [
-    (p.pack_data(b"abc"), ["a"], "shorter"),
-    (p.pack_data(b"alpha!"), ["a"], "longer"),
-    (p.pack_data(b"alpha"), ["other"], "another name"),
-    (p.pack_data(b"alpha"), ["a", "b"], "1 results for 2 names"),
-])
+@pytest.mark.parametrize(
+    "frame, names, why",
+    [
+        (p.pack_data(b"abc"), ["a"], "shorter"),
+        (p.pack_data(b"alpha!"), ["a"], "longer"),
+        (p.pack_data(b"alpha"), ["other"], "another name"),
+        (p.pack_data(b"alpha"), ["a", "b"], "1 results for 2 names"),
+    ],
+)
 def test_read_batch_refuses_replies_that_do_not_add_up(frame, names, why):
     header = {"results": [{"manifest": _manifest("a", b"alpha"), "inline": True}]}
     with pytest.raises(BadRequest, match=why):

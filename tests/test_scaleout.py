@@ -10,9 +10,9 @@ import threading
 import time
 
 import pytest
+from conftest import ROOT, random_bytes, wait_for
 
 from fms import wire as p
-from conftest import ROOT, random_bytes, wait_for
 
 MiB = p.MiB
 
@@ -29,16 +29,18 @@ def backends(request, monkeypatch, pg_database_url):
 
 
 def start(cluster, tmp_path, backends, wid, delay=0.0):
-    return cluster.start_storage(data=str(tmp_path / f"scratch-{wid}"), wid=wid,
-                                 extra=backends, delay=delay)
+    return cluster.start_storage(
+        data=str(tmp_path / f"scratch-{wid}"), wid=wid, extra=backends, delay=delay
+    )
 
 
 def files_in(folder) -> list:
     return [os.path.join(root, f) for root, _dirs, names in os.walk(folder) for f in names]
 
 
-def test_workers_share_a_store_through_postgres_and_s3_and_keep_nothing(make_cluster, tmp_path,
-                                                                       backends):
+def test_workers_share_a_store_through_postgres_and_s3_and_keep_nothing(
+    make_cluster, tmp_path, backends
+):
     cluster = make_cluster()
     cluster.start_broker()
     cluster.start_cache()
@@ -51,20 +53,20 @@ def test_workers_share_a_store_through_postgres_and_s3_and_keep_nothing(make_clu
         c.put_bytes(small, "dir/small")
         assert c.get_bytes("big") == big and c.get_bytes("dir/small") == small
     served = cluster.served()
-    assert served["storage-a"] > 0 and served["storage-b"] > 0      # both took part
-    for wid in ("storage-a", "storage-b"):                           # only scratch, and empty
+    assert served["storage-a"] > 0 and served["storage-b"] > 0  # both took part
+    for wid in ("storage-a", "storage-b"):  # only scratch, and empty
         assert files_in(tmp_path / f"scratch-{wid}") == []
     for proc in [p_ for p_ in cluster.procs if p_.name.startswith("storage")]:
         proc.kill()
-    start(cluster, tmp_path, backends, "storage-c")                  # a new host, empty disk
+    start(cluster, tmp_path, backends, "storage-c")  # a new host, empty disk
     cluster.wait_workers(storage=1, cache=1)
     with cluster.client() as c:
         c.rm("dir/small")
         assert c.stat("big")["size"] == len(big)
-        cache_off = c.get_bytes("big")                                # from the cache or storage
+        cache_off = c.get_bytes("big")  # from the cache or storage
         assert cache_off == big
         for i in range(3):
-            c.put_bytes(random_bytes(2 * MiB, 10 + i), "big")        # overwrites leave garbage
+            c.put_bytes(random_bytes(2 * MiB, 10 + i), "big")  # overwrites leave garbage
     gc_out = cluster.cli("gc", "--grace", "0")
     # garbage: the first big (6 chunks), the small file (1), two overwritten versions (2 + 2)
     assert gc_out.returncode == 0 and b"freed 11 chunks" in gc_out.stdout, gc_out.stdout
@@ -80,14 +82,25 @@ def test_a_worker_killed_mid_transfer_costs_only_a_retry(make_cluster, tmp_path,
     data = random_bytes(24 * MiB, 5)
     src = tmp_path / "src"
     src.write_bytes(data)
-    upload = subprocess.Popen([sys.executable, os.path.join(ROOT, "client.py"), "--broker",
-                               cluster.frontend, "put", str(src), "f"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    upload = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(ROOT, "client.py"),
+            "--broker",
+            cluster.frontend,
+            "put",
+            str(src),
+            "f",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
-        wait_for(lambda: cluster.served().get("storage-a", 0) > 3, 30,
-                 "the upload to reach storage-a")
+        wait_for(
+            lambda: cluster.served().get("storage-a", 0) > 3, 30, "the upload to reach storage-a"
+        )
         victim.kill()
-        out, err = upload.communicate(timeout=120)
+        _, err = upload.communicate(timeout=120)
     finally:
         upload.kill()
     assert upload.returncode == 0, err
@@ -96,8 +109,9 @@ def test_a_worker_killed_mid_transfer_costs_only_a_retry(make_cluster, tmp_path,
 
 
 @pytest.mark.parametrize("problem", ["no bucket", "wrong key", "no endpoint", "no database"])
-def test_a_backend_that_cannot_be_used_is_a_clear_error_at_start(make_cluster, tmp_path,
-                                                                 backends, monkeypatch, problem):
+def test_a_backend_that_cannot_be_used_is_a_clear_error_at_start(
+    make_cluster, tmp_path, backends, monkeypatch, problem
+):
     cluster = make_cluster()
     cluster.start_broker()
     args = list(backends)
@@ -130,46 +144,53 @@ def _load(cluster, stop, errors, counts, k):
                 if got != data:
                     errors.append(f"stale or wrong content for load/{k}")
                 counts[k] = counts.get(k, 0) + 1
-            except fms_errors() as exc:      # retried inside; what reaches us must be clear
+            except fms_errors() as exc:  # retried inside; what reaches us must be clear
                 counts[f"err-{type(exc).__name__}"] = counts.get(f"err-{type(exc).__name__}", 0) + 1
             i += 1
 
 
 def fms_errors():
     from fms.errors import Timeout, Unavailable
+
     return (Unavailable, Timeout)
 
 
 @pytest.mark.parametrize("server", ["postgres", "s3"])
-def test_database_or_object_store_restarted_under_load(make_cluster, tmp_path, backends,
-                                                      request, server):
+def test_database_or_object_store_restarted_under_load(
+    make_cluster, tmp_path, backends, request, server
+):
     cluster = make_cluster()
     cluster.start_broker()
     start(cluster, tmp_path, backends, "storage-a")
     start(cluster, tmp_path, backends, "storage-b")
     cluster.wait_workers(storage=2, cache=0)
     stop, errors, counts = threading.Event(), [], {}
-    threads = [threading.Thread(target=_load, args=(cluster, stop, errors, counts, k))
-               for k in range(3)]
+    threads = [
+        threading.Thread(target=_load, args=(cluster, stop, errors, counts, k)) for k in range(3)
+    ]
     for t in threads:
         t.start()
     try:
-        wait_for(lambda: sum(v for k, v in counts.items() if isinstance(k, int)) >= 10, 30,
-                 "load to run")
+        wait_for(
+            lambda: sum(v for k, v in counts.items() if isinstance(k, int)) >= 10, 30, "load to run"
+        )
         target = request.getfixturevalue("postgres" if server == "postgres" else "s3")
         target.stop()
-        time.sleep(2)                      # the outage itself: clients retry meanwhile
+        time.sleep(2)  # the outage itself: clients retry meanwhile
         target.start()
         before = sum(v for k, v in counts.items() if isinstance(k, int))
-        wait_for(lambda: sum(v for k, v in counts.items() if isinstance(k, int)) >= before + 10,
-                 60, "service to resume after the restart")
+        wait_for(
+            lambda: sum(v for k, v in counts.items() if isinstance(k, int)) >= before + 10,
+            60,
+            "service to resume after the restart",
+        )
     finally:
         stop.set()
         for t in threads:
             t.join(60)
     assert errors == []
     felt = "event=database_unreachable" if server == "postgres" else "event=object_store_error"
-    assert felt in cluster.logs()                   # the outage did reach the workers...
-    assert all(proc.alive() for proc in cluster.procs), cluster.logs()   # ...and they rode it
+    assert felt in cluster.logs()  # the outage did reach the workers...
+    assert all(proc.alive() for proc in cluster.procs), cluster.logs()  # ...and they rode it
     assert "Traceback" not in cluster.logs()
     assert cluster.cli("fsck").returncode == 0

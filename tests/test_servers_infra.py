@@ -19,8 +19,9 @@ def test_postgres_select_1(postgres_url):
 
 def test_pg_database_url_is_fresh_and_dropped(postgres, pg_database_url):
     with psycopg.connect(pg_database_url, autocommit=True) as conn:
-        assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
-                            ).fetchone() == (0,)
+        assert conn.execute(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+        ).fetchone() == (0,)
         conn.execute("CREATE TABLE t (k text PRIMARY KEY)")
     other = postgres.new_database()
     try:
@@ -30,8 +31,12 @@ def test_pg_database_url_is_fresh_and_dropped(postgres, pg_database_url):
     finally:
         postgres.drop_database(other)
     with postgres.admin() as conn:
-        assert conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
-                            (other.rsplit("/", 1)[1],)).fetchone() is None
+        assert (
+            conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (other.rsplit("/", 1)[1],)
+            ).fetchone()
+            is None
+        )
 
 
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
@@ -79,29 +84,44 @@ def test_s3_put_get_list(s3, s3_bucket):
 def test_s3_wrong_secret_is_refused(s3):
     import boto3
     from botocore.exceptions import ClientError
-    bad = boto3.client("s3", endpoint_url=s3.endpoint_url, aws_access_key_id=s3.access_key,
-                       aws_secret_access_key="wrong" + s3.secret_key, region_name=s3.region)
+
+    bad = boto3.client(
+        "s3",
+        endpoint_url=s3.endpoint_url,
+        aws_access_key_id=s3.access_key,
+        aws_secret_access_key="wrong" + s3.secret_key,
+        region_name=s3.region,
+    )
     with pytest.raises(ClientError) as e:
         bad.list_buckets()
-    assert e.value.response["Error"]["Code"] in ("SignatureDoesNotMatch", "AccessDenied",
-                                                 "InvalidAccessKeyId")
+    assert e.value.response["Error"]["Code"] in (
+        "SignatureDoesNotMatch",
+        "AccessDenied",
+        "InvalidAccessKeyId",
+    )
 
 
 def test_s3_env_for_subprocesses(s3, s3_bucket):
     """A subprocess configured only by the AWS SDK's standard variables reaches the bucket."""
-    code = ("import boto3,sys; c=boto3.client('s3'); "
-            "c.put_object(Bucket=sys.argv[1], Key='k', Body=b'v'); print('ok')")
+    code = (
+        "import boto3,sys; c=boto3.client('s3'); "
+        "c.put_object(Bucket=sys.argv[1], Key='k', Body=b'v'); print('ok')"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(s3.env())
-    out = subprocess.run([sys.executable, "-c", code, s3_bucket], env=env, capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", code, s3_bucket], env=env, capture_output=True, text=True, timeout=60
+    )
     assert out.stdout.strip() == "ok", out.stderr
     assert s3.client().get_object(Bucket=s3_bucket, Key="k")["Body"].read() == b"v"
 
 
-@pytest.mark.parametrize("graceful", [False, pytest.param(True, marks=[pytest.mark.slow, pytest.mark.timeout(600)])])
+@pytest.mark.parametrize(
+    "graceful", [False, pytest.param(True, marks=[pytest.mark.slow, pytest.mark.timeout(600)])]
+)
 def test_s3_stop_start_keeps_data_and_port(s3, s3_bucket, graceful):
     from botocore.exceptions import EndpointConnectionError
+
     c = s3.client()
     c.put_object(Bucket=s3_bucket, Key="k", Body=b"durable")
     endpoint = s3.endpoint_url
@@ -111,14 +131,16 @@ def test_s3_stop_start_keeps_data_and_port(s3, s3_bucket, graceful):
     s3.start()
     assert s3.endpoint_url == endpoint
     assert c.get_object(Bucket=s3_bucket, Key="k")["Body"].read() == b"durable"
-    print(f"SeaweedFS stop ({'SIGTERM' if graceful else 'SIGKILL'}): {s3.stop_seconds:.2f} s, "
-          f"start: {s3.start_seconds:.2f} s")
+    print(
+        f"SeaweedFS stop ({'SIGTERM' if graceful else 'SIGKILL'}): {s3.stop_seconds:.2f} s, "
+        f"start: {s3.start_seconds:.2f} s"
+    )
 
 
-def test_restart_from_a_helper_thread_survives_the_thread(postgres, pg_database_url, s3,
-                                                          s3_bucket):
+def test_restart_from_a_helper_thread_survives_the_thread(postgres, pg_database_url, s3, s3_bucket):
     """A fault injector thread may restart the servers: they must outlive that thread."""
     import threading
+
     t = threading.Thread(target=lambda: (postgres.restart(), s3.restart()))
     t.start()
     t.join(120)

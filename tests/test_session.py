@@ -38,8 +38,9 @@ def serving(script):
     def run():
         try:
             script()
-        except BaseException as exc:      # reported by the test, not lost in the thread
+        except BaseException as exc:  # reported by the test, not lost in the thread
             errors.append(exc)
+
     thread = threading.Thread(target=run)
     thread.start()
     try:
@@ -67,9 +68,14 @@ def test_replies_out_of_order_are_matched_to_their_requests_by_id(broker):
         asked = [receive(router) for _ in range(3)]
         for ident, header in reversed(asked):
             answer(router, ident, p.ok_reply(header["id"], echo=header["name"]))
+
     with serving(script):
-        got = [(tag, header["echo"]) for tag, header, _ in
-               session.pipeline([(tag, "stat", {"name": tag}, None) for tag in "abc"])]
+        got = [
+            (tag, header["echo"])
+            for tag, header, _ in session.pipeline(
+                [(tag, "stat", {"name": tag}, None) for tag in "abc"]
+            )
+        ]
     assert got == [("c", "c"), ("b", "b"), ("a", "a")]
 
 
@@ -77,14 +83,21 @@ def test_no_more_than_window_requests_are_in_flight(broker):
     router, session = broker
 
     def script():
-        for _ in range(2):                       # two rounds of two
+        for _ in range(2):  # two rounds of two
             asked = [receive(router) for _ in range(2)]
-            assert not router.poll(200)          # a third waits for a reply
+            assert not router.poll(200)  # a third waits for a reply
             for ident, header in asked:
                 answer(router, ident, p.ok_reply(header["id"]))
+
     with serving(script):
-        assert len(list(session.pipeline([(i, "stat", {"name": "x"}, None)
-                                           for i in range(4)], window=2))) == 4
+        assert (
+            len(
+                list(
+                    session.pipeline([(i, "stat", {"name": "x"}, None) for i in range(4)], window=2)
+                )
+            )
+            == 4
+        )
 
 
 def test_unavailable_is_sent_again_with_the_same_id_then_succeeds(broker):
@@ -98,6 +111,7 @@ def test_unavailable_is_sent_again_with_the_same_id_then_succeeds(broker):
         ident, header = receive(router)
         seen.append(header["id"])
         answer(router, ident, p.ok_reply(header["id"], entries=[]))
+
     with serving(script):
         header, _ = session.call("ls")
     assert header["entries"] == [] and len(seen) == 2 and seen[0] == seen[1]
@@ -120,8 +134,9 @@ def test_an_error_reply_raises_its_exception_and_a_late_duplicate_is_ignored(bro
         ident, first = receive(router)
         answer(router, ident, p.error_reply(first["id"], "not_found", "no such name"))
         ident, second = receive(router)
-        answer(router, ident, p.ok_reply(first["id"], late=True))     # stale: the first id
+        answer(router, ident, p.ok_reply(first["id"], late=True))  # stale: the first id
         answer(router, ident, p.ok_reply(second["id"], fresh=True))
+
     with serving(script):
         with pytest.raises(NotFound, match="no such name"):
             session.call("stat", name="x")

@@ -3,15 +3,14 @@
 import sys
 
 import pytest
-
 from harness import ROOT
 
-sys.path.insert(0, ROOT)     # benchmarks/ is beside the package, not installed with it
-from benchmarks import soak  # noqa: E402
+sys.path.insert(0, ROOT)  # benchmarks/ is beside the package, not installed with it
+from benchmarks import soak
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)   # a 45 s soak plus its cluster's start and stop
+@pytest.mark.timeout(300)  # a 45 s soak plus its cluster's start and stop
 def test_soak_with_a_worker_killed_and_restarted_has_no_errors_and_no_corruption(tmp_path):
     report = soak.run(seconds=45, clients=32, folder=str(tmp_path))
     print(report)

@@ -7,11 +7,11 @@ import re
 
 import pytest
 import zmq
+from conftest import ROOT
 
 from fms import limits, wire
 from fms import wire as p
 from fms.worker import _dispatch
-from conftest import ROOT
 
 SPEC = os.path.join(ROOT, "docs", "PROTOCOL.md")
 REPLY_TIMEOUT_MS = 5000
@@ -35,7 +35,9 @@ def raw_of():
             reply = sock.recv_multipart()
             assert len(reply) in (1, 2)
             return p.decode(reply[0])
+
         return ask
+
     yield make
     for sock in socks:
         sock.close()
@@ -63,16 +65,17 @@ def spec_table(heading: str) -> list:
                 rows.append(cells)
         elif rows:
             break
-    return rows[1:]                                   # without the header row
+    return rows[1:]  # without the header row
 
 
 # --- the spec's tables against the code ---
+
 
 def test_every_number_in_the_spec_is_the_code_s():
     rows = spec_table("## Numbers")
     assert len(rows) >= 25
     for what, value, code in rows:
-        actual = eval(code, {"wire": wire, "limits": limits})   # a dotted name from the table
+        actual = eval(code, {"wire": wire, "limits": limits})  # a dotted name from the table
         assert float(value) == actual, f"{what}: the spec says {value}, {code} is {actual}"
 
 
@@ -87,17 +90,20 @@ def test_the_error_table_lists_exactly_the_code_s_error_codes():
 
 
 def test_every_request_field_storage_or_the_broker_reads_is_in_the_request_fields_table():
-    read = {"commit"}                                    # storage's _commit_id
-    for path, pattern in ((("storage", "service.py"), r'need\w*\(header, "(\w+)"'),
-                          (("broker.py",), r'header\.get\("(\w+)"')):
+    read = {"commit"}  # storage's _commit_id
+    for path, pattern in (
+        (("storage", "service.py"), r'need\w*\(header, "(\w+)"'),
+        (("broker.py",), r'header\.get\("(\w+)"'),
+    ):
         with open(os.path.join(ROOT, "fms", *path), encoding="utf-8") as f:
             read |= set(re.findall(pattern, f.read()))
     documented = {row[0] for row in spec_table("### Request fields")}
-    documented |= {"v", "op", "id", "ttl_ms"}            # every header's (*Messages*)
+    documented |= {"v", "op", "id", "ttl_ms"}  # every header's (*Messages*)
     assert read <= documented, f"fields read but not in the spec: {read - documented}"
 
 
 # --- the points the independent client found ---
+
 
 def test_rm_replies_with_the_tombstone_which_says_deleted(cluster, raw):
     with cluster.client() as c:
@@ -106,15 +112,18 @@ def test_rm_replies_with_the_tombstone_which_says_deleted(cluster, raw):
     assert reply["ok"] is True and reply["id"] == 7
     assert reply["stat"]["deleted"] is True and reply["stat"]["chunks"] == 0
     assert reply["stat"]["version"] == 2
-    again = raw([request("rm", 8, name="gone", commit="rm-1")])      # a repeat: same answer
+    again = raw([request("rm", 8, name="gone", commit="rm-1")])  # a repeat: same answer
     assert again["stat"] == reply["stat"]
 
 
-@pytest.mark.parametrize("frames,req_id", [
-    ([request("stat", 41, name="a"), b"\xc4\x01x", b"extra"], 41),     # three frames
-    ([request("ls", "my-id"), p.pack_data(b"stray")], "my-id"),       # data on an op without
-    ([request("put_chunk", 43, hash=b"h" * 32), b"a", b"b"], 43),
-])
+@pytest.mark.parametrize(
+    "frames,req_id",
+    [
+        ([request("stat", 41, name="a"), b"\xc4\x01x", b"extra"], 41),  # three frames
+        ([request("ls", "my-id"), p.pack_data(b"stray")], "my-id"),  # data on an op without
+        ([request("put_chunk", 43, hash=b"h" * 32), b"a", b"b"], 43),
+    ],
+)
 def test_a_wrong_frame_count_is_bad_request_and_echoes_a_readable_id(raw, frames, req_id):
     reply = raw(frames)
     assert reply["ok"] is False and reply["error"] == "bad_request", reply
@@ -139,8 +148,8 @@ def test_cache_stats_without_a_cache_worker_is_answered_and_stats_exits_0(make_c
     assert b"cache   none connected" in got.stdout
 
 
-
 # --- flow control ---
+
 
 def test_a_client_that_sends_300_requests_before_reading_gets_every_reply(cluster, raw_of):
     """Issue 15: a client that sent 300 requests without reading lost 44 replies.  Per the spec
@@ -167,6 +176,7 @@ def test_a_client_that_sends_300_requests_before_reading_gets_every_reply(cluste
 
 # --- a worker's error replies echo the id too ---
 
+
 class Link:
     def __init__(self):
         self.replies = []
@@ -180,14 +190,18 @@ class Service:
         raise AssertionError("not to be reached")
 
 
-@pytest.mark.parametrize("route,body,code", [
-    ({"t": "req", "k": 1, "ttl": 0}, [request("stat", 9, name="a")], "unavailable"),
-    ({"t": "req", "k": 1}, [request("stat", 9, name="a"), b"\xc4\x00", b"x"], "bad_request"),
-])
+@pytest.mark.parametrize(
+    "route,body,code",
+    [
+        ({"t": "req", "k": 1, "ttl": 0}, [request("stat", 9, name="a")], "unavailable"),
+        ({"t": "req", "k": 1}, [request("stat", 9, name="a"), b"\xc4\x00", b"x"], "bad_request"),
+    ],
+)
 def test_a_worker_echoes_the_id_on_errors_before_the_handler(route, body, code):
     link = Link()
-    _dispatch(Service(), link, [FrameOf(p.encode(route)), *map(FrameOf, body)],
-              logging.getLogger("test"))
+    _dispatch(
+        Service(), link, [FrameOf(p.encode(route)), *map(FrameOf, body)], logging.getLogger("test")
+    )
     assert [(r["id"], r["error"]) for r in link.replies] == [(9, code)]
 
 

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from storage_helpers import CHUNK, new_version, put_file, split, write_format1
 
 from fms import wire as p
 from fms.errors import BadRequest, IntegrityError, MissingChunks, NotFound, Unavailable
@@ -17,7 +18,6 @@ from fms.storage import gc
 from fms.storage.engine import StoreError, open_local, open_store
 from fms.storage.meta.base import RETAIN_SECONDS
 from fms.storage.service import StorageService
-from storage_helpers import CHUNK, new_version, put_file, split, write_format1
 
 
 @pytest.fixture
@@ -33,13 +33,15 @@ def blob_bytes(store) -> int:
 
 def content(seed: int, size: int) -> bytes:
     import random
+
     return random.Random(seed).randbytes(size)
 
 
 # --- chunks ---
 
+
 def test_chunk_round_trip_dedup_and_verification(store):
-    big = os.urandom(100_000)                       # over SMALL_CHUNK_MAX: a blob
+    big = os.urandom(100_000)  # over SMALL_CHUNK_MAX: a blob
     assert store.put_chunk(p.sha256(big), big) is True
     assert store.put_chunk(p.sha256(big), big) is False
     assert bytes(p.unpack_data(store.read_chunk(p.sha256(big)))) == big
@@ -60,30 +62,33 @@ def test_flipped_bit_on_disk_is_never_returned_and_is_set_aside(store):
         f.write(bytes([byte[0] ^ 0x01]))
     with pytest.raises(IntegrityError, match="corrupt"):
         store.read_chunk(digest)
-    assert not store.chunks.has(digest)              # moved to corrupt/...
-    assert store.put_chunk(digest, data) is True     # ...so a new upload restores it
+    assert not store.chunks.has(digest)  # moved to corrupt/...
+    assert store.put_chunk(digest, data) is True  # ...so a new upload restores it
     assert bytes(p.unpack_data(store.read_chunk(digest))) == data
 
 
 def test_blobs_are_synced_once_per_commit_group_and_a_blob_damaged_before_it_is_reuploaded(
-        store, monkeypatch):
+    store, monkeypatch
+):
     syncs = []
     monkeypatch.setattr(store.chunks, "sync", lambda: syncs.append(1))
-    files = {f"f{i}": os.urandom(100_000) for i in range(3)}      # one blob each
+    files = {f"f{i}": os.urandom(100_000) for i in range(3)}  # one blob each
     for content in files.values():
         store.put_chunk(p.sha256(content), content)
     damaged = p.sha256(files["f0"])
     with open(os.path.join(store.chunks.root, damaged.hex()[:2], damaged.hex()), "r+b") as f:
-        f.truncate(50_000)                          # what a power loss before the sync can leave
-    results = store.apply([(new_version(n, c, commit=n, chunk_size=p.MiB), None)
-                           for n, c in files.items()])
+        f.truncate(50_000)  # what a power loss before the sync can leave
+    results = store.apply(
+        [(new_version(n, c, commit=n, chunk_size=p.MiB), None) for n, c in files.items()]
+    )
     assert isinstance(results[0], MissingChunks) and results[0].missing == [damaged]
     assert [r.version for r in results[1:]] == [1, 1] and syncs == [1]
-    assert store.put_chunk(damaged, files["f0"]) is True          # set aside: uploaded again
+    assert store.put_chunk(damaged, files["f0"]) is True  # set aside: uploaded again
     assert store.commit(new_version("f0", files["f0"], "again", p.MiB)).version == 1
 
 
 # --- commits ---
+
 
 def test_commit_versions_and_remove(store):
     v1 = put_file(store, "a/b.txt", content(1, 9000), commit="c1")
@@ -100,6 +105,7 @@ def test_commit_checks_the_whole_file_sha256_against_stored_chunks(store):
     for chunk in split(data):
         store.put_chunk(p.sha256(chunk), chunk)
     from dataclasses import replace
+
     wrong = replace(new_version("n", data), sha256=p.sha256(b"not it"))
     with pytest.raises(IntegrityError, match="do not hash to the file's sha256"):
         store.commit(wrong)
@@ -110,6 +116,7 @@ def test_commit_checks_the_whole_file_sha256_against_stored_chunks(store):
 
 def test_commit_refuses_bad_shapes(store):
     from dataclasses import replace
+
     data = content(4, 2 * CHUNK)
     for chunk in split(data):
         store.put_chunk(p.sha256(chunk), chunk)
@@ -142,7 +149,7 @@ def test_every_absent_blob_of_a_commit_is_listed_at_once(store):
     chunks = split(data, 70_000)
     for chunk in chunks:
         store.put_chunk(p.sha256(chunk), chunk)
-    for gone in (chunks[1], chunks[3]):              # rows claimed, blobs lost (disk full)
+    for gone in (chunks[1], chunks[3]):  # rows claimed, blobs lost (disk full)
         store.chunks.delete(p.sha256(gone))
     with pytest.raises(MissingChunks) as caught:
         store.commit(new_version("n", data, chunk_size=70_000))
@@ -150,7 +157,7 @@ def test_every_absent_blob_of_a_commit_is_listed_at_once(store):
 
 
 def test_a_damaged_stored_chunk_is_reported_missing_at_commit_and_healed_by_upload(store):
-    data = os.urandom(3 * 70_000)                   # chunks over SMALL_CHUNK_MAX: blobs
+    data = os.urandom(3 * 70_000)  # chunks over SMALL_CHUNK_MAX: blobs
     chunks = split(data, 70_000)
     for chunk in chunks:
         store.put_chunk(p.sha256(chunk), chunk)
@@ -165,6 +172,7 @@ def test_a_damaged_stored_chunk_is_reported_missing_at_commit_and_healed_by_uplo
 
 
 # --- garbage collection ---
+
 
 def test_overwrites_and_rm_give_every_byte_back_after_gc(store):
     put_file(store, "keep", content(99, 10_000), commit="k")
@@ -187,8 +195,8 @@ def test_grace_protects_uploaded_and_announced_chunks(store):
     store.put_chunk(p.sha256(data), data)
     assert gc.collect(store, grace=3600)["chunks"] == 0
     later = time.time() + 7200
-    assert store.missing([p.sha256(data)]) == []      # a client was told not to upload it...
-    store.meta.known([p.sha256(data)], later)         # ...two hours on
+    assert store.missing([p.sha256(data)]) == []  # a client was told not to upload it...
+    store.meta.known([p.sha256(data)], later)  # ...two hours on
     assert gc.collect(store, grace=3600, now=later + 10)["chunks"] == 0
     assert gc.collect(store, grace=3600, now=later + 3700)["chunks"] == 1
 
@@ -197,7 +205,7 @@ def test_a_commit_whose_chunk_was_collected_is_refused_then_succeeds_after_uploa
     data = os.urandom(2 * 70_000)
     for chunk in split(data, 70_000):
         store.put_chunk(p.sha256(chunk), chunk)
-    gc.collect(store, grace=0)                        # the user's own risk: collects them
+    gc.collect(store, grace=0)  # the user's own risk: collects them
     with pytest.raises(MissingChunks) as caught:
         store.commit(new_version("n", data, chunk_size=70_000))
     assert len(caught.value.missing) == 2
@@ -209,7 +217,7 @@ def test_a_commit_whose_chunk_was_collected_is_refused_then_succeeds_after_uploa
 def test_orphan_blobs_are_collected_after_the_grace_period(store):
     data = os.urandom(100_000)
     digest = p.sha256(data)
-    store.chunks.put(digest, data)                    # a blob no row knows (a writer died)
+    store.chunks.put(digest, data)  # a blob no row knows (a writer died)
     assert gc.collect(store, grace=3600)["orphans"] == 0
     path = os.path.join(store.chunks.root, digest.hex()[:2], digest.hex())
     os.utime(path, (time.time() - 7200, time.time() - 7200))
@@ -225,7 +233,7 @@ def test_one_collector_at_a_time_and_a_dead_ones_work_is_finished(store):
     store.meta.release(gc.LEASE, "someone-else")
     data = os.urandom(100_000)
     store.put_chunk(p.sha256(data), data)
-    store.meta.doom(time.time() + 1, 10)              # a collector died after dooming
+    store.meta.doom(time.time() + 1, 10)  # a collector died after dooming
     assert store.chunks.has(p.sha256(data))
     assert gc.collect(store, grace=3600)["chunks"] == 1
     assert not store.chunks.has(p.sha256(data)) and store.meta.chunk(p.sha256(data)) is None
@@ -239,6 +247,7 @@ def test_tombstones_and_commit_ids_are_dropped_after_the_retention(store):
 
 
 # --- fsck ---
+
 
 def test_fsck_names_missing_and_corrupt_chunks_with_the_files_they_break(store):
     shared = os.urandom(70_000)
@@ -276,6 +285,7 @@ def test_fsck_pages_through_the_store(store):
 
 # --- the data directory ---
 
+
 def test_workers_on_one_directory_share_one_store_id(tmp_path):
     a, b, c = (open_local(str(tmp_path / d)) for d in ("d", "d", "other"))
     assert a.store_id == b.store_id != c.store_id
@@ -292,11 +302,16 @@ def test_unusable_directories_give_clear_errors(tmp_path):
 
 def test_temp_files_of_dead_writers_are_cleaned_and_live_ones_kept(store):
     import socket
+
     host = socket.gethostname().replace(".", "_")
     dead = subprocess.Popen(["true"])
     dead.wait()
-    files = {"dead": f"chunk.{host}.{dead.pid}.aaaa", "live": f"chunk.{host}.{os.getpid()}.bbbb",
-             "remote_old": "chunk.otherhost.1.cccc", "remote_new": "chunk.otherhost.1.dddd"}
+    files = {
+        "dead": f"chunk.{host}.{dead.pid}.aaaa",
+        "live": f"chunk.{host}.{os.getpid()}.bbbb",
+        "remote_old": "chunk.otherhost.1.cccc",
+        "remote_new": "chunk.otherhost.1.dddd",
+    }
     for name in files.values():
         with open(os.path.join(store.chunks.tmp, name), "wb") as f:
             f.write(b"partial")
@@ -325,10 +340,10 @@ def test_a_format1_directory_is_migrated_in_place(tmp_path):
         assert got == FILES[name], name
     assert store.meta.refcount_errors() == [] and gc.fsck_page(store)["damaged"] == []
     assert store.totals().files == len(listed)
-    tombstone = list(FILES).index("removed") + 2     # written as version i+1, removed as i+2
+    tombstone = list(FILES).index("removed") + 2  # written as version i+1, removed as i+2
     assert put_file(store, "removed", b"again", commit="n1").version == tombstone + 1
     store.close()
-    again = open_local(path)                            # idempotent: nothing more to do
+    again = open_local(path)  # idempotent: nothing more to do
     assert [v.name for v in again.list("", "", 1000)] == sorted(FILES)
 
 
@@ -341,12 +356,13 @@ def test_a_chunk_format1_lost_counts_as_referenced_until_the_file_is_uploaded_ag
     store = open_local(path)
     assert store.meta.refcount_errors() == []
     report = gc.fsck_page(store)
-    assert [(d["chunk"], d["problem"], d["names"]) for d in report["damaged"]] == \
-        [(lost, "missing", ["f"])]
-    with pytest.raises(MissingChunks) as caught:      # what the client meets on re-upload...
+    assert [(d["chunk"], d["problem"], d["names"]) for d in report["damaged"]] == [
+        (lost, "missing", ["f"])
+    ]
+    with pytest.raises(MissingChunks) as caught:  # what the client meets on re-upload...
         store.commit(new_version("f", data, commit="again"))
     assert caught.value.missing == [lost]
-    put_file(store, "f", data, commit="again")         # ...and what it then does
+    put_file(store, "f", data, commit="again")  # ...and what it then does
     gc.collect(store, grace=0)
     assert gc.fsck_page(store)["damaged"] == [] and store.meta.refcount_errors() == []
 
@@ -368,7 +384,7 @@ def test_a_damaged_manifest_is_kept_aside_and_an_unreadable_one_stops_the_migrat
     unreadable = next(e.path for e in os.scandir(shard.path))
     os.chmod(unreadable, 0)
     os.rename(unreadable, unreadable + ".x")
-    os.mkdir(unreadable)                                # reading it fails: EISDIR
+    os.mkdir(unreadable)  # reading it fails: EISDIR
     with pytest.raises(Exception, match="nothing was changed"):
         open_local(other)
     assert os.path.isdir(os.path.join(other, "manifests"))
@@ -386,8 +402,11 @@ def test_a_damaged_small_chunk_is_healed_by_uploading_it_again(store):
 
 def test_migration_repairs_mtimes_format1_let_in(tmp_path):
     path = str(tmp_path / "old")
-    write_format1(path, {"nan": b"a", "inf": b"b", "ok": b"c"},
-                  mtimes={"nan": math.nan, "inf": math.inf, "ok": 1234.5})
+    write_format1(
+        path,
+        {"nan": b"a", "inf": b"b", "ok": b"c"},
+        mtimes={"nan": math.nan, "inf": math.inf, "ok": 1234.5},
+    )
     store = open_local(path)
     assert store.version("ok").mtime == 1234.5
     for name in ("nan", "inf"):
@@ -398,19 +417,21 @@ def test_a_migration_killed_midway_is_finished_by_the_next_start(tmp_path):
     path = str(tmp_path / "old")
     write_format1(path, FILES, removed={"removed"})
     # The migration is slowed (0.2 s per manifest) by wrapping its reader, here in the test.
-    script = ("import logging, sys, time; logging.basicConfig(stream=sys.stderr, level=logging.INFO);"
-              "from fms.storage.meta import legacy; from fms.storage.meta.sqlite import SQLiteMeta;"
-              "from fms.storage.chunks.localdir import LocalDirChunks;"
-              "read = legacy.manifests;"
-              "legacy.manifests = lambda *a: (m for m in read(*a) if time.sleep(0.2) is None);"
-              f"legacy.migrate({path!r}, SQLiteMeta({path!r} + '/meta.db'), "
-              f"LocalDirChunks({path!r}))")
+    script = (
+        "import logging, sys, time; logging.basicConfig(stream=sys.stderr, level=logging.INFO);"
+        "from fms.storage.meta import legacy; from fms.storage.meta.sqlite import SQLiteMeta;"
+        "from fms.storage.chunks.localdir import LocalDirChunks;"
+        "read = legacy.manifests;"
+        "legacy.manifests = lambda *a: (m for m in read(*a) if time.sleep(0.2) is None);"
+        f"legacy.migrate({path!r}, SQLiteMeta({path!r} + '/meta.db'), "
+        f"LocalDirChunks({path!r}))"
+    )
     proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
     try:
         for line in proc.stderr:
             if "event=migrate_start" in line:
                 break
-        proc.kill()                                     # mid-transaction: 62 manifests take 12 s
+        proc.kill()  # mid-transaction: 62 manifests take 12 s
     finally:
         proc.kill()
         proc.wait(10)
@@ -421,6 +442,7 @@ def test_a_migration_killed_midway_is_finished_by_the_next_start(tmp_path):
 
 
 # --- the service: wire -> model ---
+
 
 class Link:
     def __init__(self):
@@ -443,16 +465,30 @@ def test_commit_refuses_mtimes_that_are_not_times(store, mtime):
     service = StorageService(store, Link())
     fields = new_version("n", b"")
     with pytest.raises(BadRequest, match="mtime"):
-        service.handle_request({}, {"v": 1, "id": 1, "op": "commit", "name": "n", "size": 0,
-                                    "chunk_size": CHUNK, "chunks": [], "sha256": fields.sha256,
-                                    "commit": "c1", "mtime": mtime}, None)
+        service.handle_request(
+            {},
+            {
+                "v": 1,
+                "id": 1,
+                "op": "commit",
+                "name": "n",
+                "size": 0,
+                "chunk_size": CHUNK,
+                "chunks": [],
+                "sha256": fields.sha256,
+                "commit": "c1",
+                "mtime": mtime,
+            },
+            None,
+        )
 
 
 @pytest.mark.parametrize("name", ["a\x85b", "x\x9f", "\x80", "ok\x7f"])
 def test_names_with_control_characters_are_refused(store, name):
     with pytest.raises(BadRequest, match="control character"):
         StorageService(store, Link()).handle_request(
-            {}, {"v": 1, "id": 1, "op": "stat", "name": name}, None)
+            {}, {"v": 1, "id": 1, "op": "stat", "name": name}, None
+        )
 
 
 def test_an_rm_id_reused_by_a_commit_is_refused_not_answered_with_the_rm(store):
@@ -461,8 +497,18 @@ def test_an_rm_id_reused_by_a_commit_is_refused_not_answered_with_the_rm(store):
     put_file(store, "n", b"data", commit="c1")
     assert request(service, link, op="rm", name="n", commit="shared-id")["ok"]
     v = new_version("n", b"data", commit="shared-id")
-    reply = request(service, link, op="commit", name="n", size=v.size, chunk_size=v.chunk_size,
-                    chunks=list(v.chunks), sha256=v.sha256, mtime=v.mtime, commit="shared-id")
+    reply = request(
+        service,
+        link,
+        op="commit",
+        name="n",
+        size=v.size,
+        chunk_size=v.chunk_size,
+        chunks=list(v.chunks),
+        sha256=v.sha256,
+        mtime=v.mtime,
+        commit="shared-id",
+    )
     assert (reply["ok"], reply["error"]) == (False, "bad_request")
     assert "already used" in reply["message"]
 
@@ -472,11 +518,22 @@ def test_commits_that_arrive_together_are_one_transaction_each_answered(store):
     service = StorageService(store, link)
     for i in range(10):
         v = new_version(f"n{i}", b"%d" % i, commit=f"c{i}")
-        service.handle_request({}, {"v": 1, "id": i, "op": "commit", "name": v.name,
-                                    "size": v.size, "chunk_size": v.chunk_size,
-                                    "chunks": list(v.chunks), "sha256": v.sha256,
-                                    "commit": v.commit}, _frame(b"%d" % i))
-    assert link.replies == []                           # held for the group commit
+        service.handle_request(
+            {},
+            {
+                "v": 1,
+                "id": i,
+                "op": "commit",
+                "name": v.name,
+                "size": v.size,
+                "chunk_size": v.chunk_size,
+                "chunks": list(v.chunks),
+                "sha256": v.sha256,
+                "commit": v.commit,
+            },
+            _frame(b"%d" % i),
+        )
+    assert link.replies == []  # held for the group commit
     service.flush()
     assert sorted(r["id"] for r in link.replies) == list(range(10))
     assert all(r["ok"] for r in link.replies) and store.totals().files == 10
@@ -486,8 +543,17 @@ def test_missing_chunks_reply_lists_them(store):
     link = Link()
     service = StorageService(store, link)
     v = new_version("n", content(7, 2 * CHUNK))
-    reply = request(service, link, op="commit", name="n", size=v.size, chunk_size=v.chunk_size,
-                    chunks=list(v.chunks), sha256=v.sha256, commit="c1")
+    reply = request(
+        service,
+        link,
+        op="commit",
+        name="n",
+        size=v.size,
+        chunk_size=v.chunk_size,
+        chunks=list(v.chunks),
+        sha256=v.sha256,
+        commit="c1",
+    )
     assert reply["error"] == "missing_chunks" and set(reply["missing"]) == set(v.chunks)
 
 
@@ -528,9 +594,9 @@ def test_rm_prefix_removes_a_page_whose_names_fit_the_invalidation(store):
     removed, more = store.remove_prefix("p/", 3, 1024)
     assert [v.name for v in removed] == ["p/0", "p/1", "p/2"] and more
     assert all(v.deleted for v in removed)
-    removed, more = store.remove_prefix("p/", 3, 7)      # "p/3" + "p/4" would be 6 bytes...
+    removed, more = store.remove_prefix("p/", 3, 7)  # "p/3" + "p/4" would be 6 bytes...
     assert [v.name for v in removed] == ["p/3", "p/4"] and not more
-    removed, more = store.remove_prefix("p/", 3, 2)      # ... and one name always goes
+    removed, more = store.remove_prefix("p/", 3, 2)  # ... and one name always goes
     assert (removed, more) == ([], False)
     assert [v.name for v in store.list("", "", 10)] == ["pq"]
 
@@ -545,10 +611,12 @@ def test_usage_is_the_kept_totals(store):
 def _frame(data):
     class Frame:
         buffer = p.pack_data(data)
+
     return Frame()
 
 
 # --- several processes on one SQLite store ---
+
 
 def _retrying(call):
     """What the client does on `unavailable`: back off and send again."""
@@ -572,23 +640,23 @@ def _hammer(path, worker, rounds, meta, results):
                 store.remove(name, f"w{worker}-rm-{i}")
                 changes += 1
             except NotFound:
-                pass                                    # another process removed it first
+                pass  # another process removed it first
             continue
-        data = b"%d-%d" % (worker, i) * (1 + i % 3) * 30000     # blobs and small chunks
-        for attempt in range(5):                        # what the client does on missing_chunks
+        data = b"%d-%d" % (worker, i) * (1 + i % 3) * 30000  # blobs and small chunks
+        for _ in range(5):  # what the client does on missing_chunks
             for chunk in split(data, 70_000):
-                _retrying(lambda: store.put_chunk(p.sha256(chunk), chunk))
+                _retrying(lambda chunk=chunk: store.put_chunk(p.sha256(chunk), chunk))
             try:
                 store.commit(new_version(name, data, commit=f"w{worker}-{i}", chunk_size=70_000))
                 break
-            except MissingChunks:                       # collected by another process's gc
+            except MissingChunks:  # collected by another process's gc
                 continue
         changes += 1
         if i % 14 == 0:
             try:
                 gc.collect(store, grace=0)
             except Unavailable:
-                pass                                    # another process is collecting
+                pass  # another process is collecting
     store.close()
     results.put(changes)
 
@@ -596,6 +664,7 @@ def _hammer(path, worker, rounds, meta, results):
 @pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
 def test_workers_sharing_one_store_never_lose_an_update(tmp_path, request, engine):
     import multiprocessing
+
     path = str(tmp_path / "data")
     meta = request.getfixturevalue("pg_database_url") if engine == "postgresql" else None
     open_store(path, meta).close()
@@ -613,16 +682,20 @@ def test_workers_sharing_one_store_never_lose_an_update(tmp_path, request, engin
     for k in range(5):
         row = store.meta._current(f"shared/{k}")
         versions += row.version if row else 0
-    assert versions == changes                          # no update lost
-    assert store.meta.refcount_errors() == []           # no reference count drifted
+    assert versions == changes  # no update lost
+    assert store.meta.refcount_errors() == []  # no reference count drifted
     assert gc.fsck_page(store)["damaged"] == []
 
 
 # --- a property: references always equal a recount, no referenced chunk is ever freed ---
 
 NAMES = st.sampled_from(["a", "b", "c/d"])
-PUT = {"name": NAMES, "seed": st.integers(0, 6), "blocks": st.integers(0, 3),
-       "small": st.booleans()}
+PUT = {
+    "name": NAMES,
+    "seed": st.integers(0, 6),
+    "blocks": st.integers(0, 3),
+    "small": st.booleans(),
+}
 COPY = {"src": NAMES, "dst": st.sampled_from(["a", "b", "c/d", "c/e"]), "move": st.booleans()}
 RM_PREFIX = {"prefix": st.sampled_from(["c/", "a", "b"]), "limit": st.integers(1, 3)}
 
@@ -631,6 +704,7 @@ class StoreMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         import tempfile
+
         self.dir = tempfile.mkdtemp(prefix="fms-prop-")
         self.store = open_local(self.dir + "/data")
         self.model = {}
@@ -691,18 +765,22 @@ class StoreMachine(RuleBasedStateMachine):
             got = b"".join(p.unpack_data(self.store.read_chunk(d)) for d in version.chunks)
             assert got == data
         totals = self.store.totals()
-        assert (totals.files, totals.bytes) == (len(self.model),
-                                                sum(map(len, self.model.values())))
+        assert (totals.files, totals.bytes) == (len(self.model), sum(map(len, self.model.values())))
 
     def teardown(self):
         import shutil
+
         self.store.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
 TestStoreProperties = StoreMachine.TestCase
-TestStoreProperties.settings = settings(max_examples=40, stateful_step_count=25, deadline=None,
-                                        suppress_health_check=[HealthCheck.too_slow])
+TestStoreProperties.settings = settings(
+    max_examples=40,
+    stateful_step_count=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 class VersionedStoreMachine(StoreMachine):
@@ -716,11 +794,11 @@ class VersionedStoreMachine(StoreMachine):
         super().__init__()
         self.store.close()
         self.store = open_local(self.dir + "/data", keep_versions=self.KEEP)
-        self.kept = {}                  # name -> retained contents, newest first
+        self.kept = {}  # name -> retained contents, newest first
 
     def _replaced(self, name):
         if name in self.model:
-            self.kept[name] = [self.model[name], *self.kept.get(name, [])][:self.KEEP]
+            self.kept[name] = [self.model[name], *self.kept.get(name, [])][: self.KEEP]
 
     @rule(**PUT)
     def put(self, name, seed, blocks, small):
@@ -766,8 +844,10 @@ class VersionedStoreMachine(StoreMachine):
     @invariant()
     def retained_versions_read_back_whole(self):
         for name in ("a", "b", "c/d", "c/e"):
-            got = [b"".join(p.unpack_data(self.store.read_chunk(d)) for d in v.chunks)
-                   for v in self.store.meta.retained(name)]
+            got = [
+                b"".join(p.unpack_data(self.store.read_chunk(d)) for d in v.chunks)
+                for v in self.store.meta.retained(name)
+            ]
             assert got == self.kept.get(name, [])
 
 
@@ -779,9 +859,21 @@ def test_a_commit_is_applied_before_the_next_other_op_not_after_the_whole_drain(
     link = Link()
     service = StorageService(store, link)
     v = new_version("n", b"x", commit="c1")
-    service.handle_request({}, {"v": 1, "id": 1, "op": "commit", "name": "n", "size": 1,
-                                "chunk_size": CHUNK, "chunks": list(v.chunks), "sha256": v.sha256,
-                                "commit": "c1"}, _frame(b"x"))
+    service.handle_request(
+        {},
+        {
+            "v": 1,
+            "id": 1,
+            "op": "commit",
+            "name": "n",
+            "size": 1,
+            "chunk_size": CHUNK,
+            "chunks": list(v.chunks),
+            "sha256": v.sha256,
+            "commit": "c1",
+        },
+        _frame(b"x"),
+    )
     service.handle_request({}, {"v": 1, "id": 2, "op": "stat", "name": "n"}, None)
     assert [r["id"] for r in link.replies] == [1, 2] and link.replies[1]["stat"]["version"] == 1
 
@@ -790,8 +882,9 @@ def test_a_request_whose_deadline_passed_is_answered_short_not_done(store):
     link = Link()
     service = StorageService(store, link)
     with pytest.raises(Unavailable, match="deadline passed"):
-        service.handle_request({"deadline": time.monotonic() - 1},
-                               {"v": 1, "id": 1, "op": "ls", "prefix": ""}, None)
+        service.handle_request(
+            {"deadline": time.monotonic() - 1}, {"v": 1, "id": 1, "op": "ls", "prefix": ""}, None
+        )
 
 
 def test_a_group_commit_that_crashes_still_answers_every_commit(store, monkeypatch):
@@ -800,9 +893,21 @@ def test_a_group_commit_that_crashes_still_answers_every_commit(store, monkeypat
     monkeypatch.setattr(store.meta, "apply", lambda *a: 1 / 0)
     for i in range(3):
         v = new_version(f"n{i}", b"x", commit=f"c{i}")
-        service.handle_request({}, {"v": 1, "id": i, "op": "commit", "name": v.name, "size": 1,
-                                    "chunk_size": CHUNK, "chunks": list(v.chunks),
-                                    "sha256": v.sha256, "commit": v.commit}, _frame(b"x"))
+        service.handle_request(
+            {},
+            {
+                "v": 1,
+                "id": i,
+                "op": "commit",
+                "name": v.name,
+                "size": 1,
+                "chunk_size": CHUNK,
+                "chunks": list(v.chunks),
+                "sha256": v.sha256,
+                "commit": v.commit,
+            },
+            _frame(b"x"),
+        )
     service.flush()
     assert sorted(r["id"] for r in link.replies) == [0, 1, 2]
     assert {r["error"] for r in link.replies} == {"internal"}
@@ -810,11 +915,11 @@ def test_a_group_commit_that_crashes_still_answers_every_commit(store, monkeypat
 
 def test_chunks_of_one_store_cannot_be_used_by_another_stores_metadata(tmp_path, request):
     path = str(tmp_path / "data")
-    open_local(path).close()                       # chunks/ now belong to this SQLite store
+    open_local(path).close()  # chunks/ now belong to this SQLite store
     url = request.getfixturevalue("pg_database_url")
     with pytest.raises(StoreError, match="belong to store"):
-        open_store(path, url)                      # PostgreSQL's store with these chunks: no
-    assert open_local(path).store_id               # the rightful owner still opens it
+        open_store(path, url)  # PostgreSQL's store with these chunks: no
+    assert open_local(path).store_id  # the rightful owner still opens it
 
 
 def test_commit_many_commits_each_file_with_its_own_result_in_one_message(store):
@@ -822,10 +927,18 @@ def test_commit_many_commits_each_file_with_its_own_result_in_one_message(store)
     service = StorageService(store, link)
     put_file(store, "taken", b"old", commit="used-id")
     files = [("a", b"alpha"), ("b/c", b"beta" * 100), ("taken", b"new")]
-    ids = ["i1", "i2", "used-id"]                       # the last id belongs to another request
-    header = {"v": 1, "id": 7, "op": "commit_many", "names": [n for n, _ in files],
-              "sizes": [len(d) for _, d in files], "sha256s": [p.sha256(d) for _, d in files],
-              "mtimes": [1.0, 2.0, 3.0], "commits": ids, "chunk_size": CHUNK}
+    ids = ["i1", "i2", "used-id"]  # the last id belongs to another request
+    header = {
+        "v": 1,
+        "id": 7,
+        "op": "commit_many",
+        "names": [n for n, _ in files],
+        "sizes": [len(d) for _, d in files],
+        "sha256s": [p.sha256(d) for _, d in files],
+        "mtimes": [1.0, 2.0, 3.0],
+        "commits": ids,
+        "chunk_size": CHUNK,
+    }
     service.handle_request({}, header, _frame(b"".join(d for _, d in files)))
     [reply] = link.replies
     assert [r["ok"] for r in reply["results"]] == [True, True, False]

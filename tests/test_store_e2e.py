@@ -7,11 +7,11 @@ import sys
 import threading
 
 import pytest
+from conftest import random_bytes
 
 from fms import wire as p
 from fms.storage import gc
 from fms.storage.engine import open_local
-from conftest import random_bytes
 
 MiB = p.MiB
 
@@ -60,11 +60,11 @@ def test_fsck_names_each_damaged_chunk_with_the_files_it_breaks(cluster, tmp_pat
     assert out.returncode == 1
     assert f"corrupt chunk {first.hex()}: breaks a, b".encode() in out.stdout
     assert b"1 damaged or missing" in out.stdout and b"upload them again" in out.stderr
-    again = json.loads(cluster.cli("fsck", "--json").stdout)   # set aside: now missing
+    again = json.loads(cluster.cli("fsck", "--json").stdout)  # set aside: now missing
     assert again["ok"] is False
     assert [(d["problem"], d["names"]) for d in again["damaged"]] == [("missing", ["a", "b"])]
     with cluster.client() as c:
-        c.put_bytes(shared, "b")                     # uploading the content again repairs it
+        c.put_bytes(shared, "b")  # uploading the content again repairs it
     assert cluster.cli("fsck").returncode == 0
 
 
@@ -76,7 +76,7 @@ def test_ls_prints_a_long_listing_page_by_page_in_name_order(cluster, tmp_path):
     with cluster.client() as c:
         c.put_many([(str(src / "x"), n) for n in names])
         pages = c.iter_ls("many/", page=1000)
-        assert next(pages)["name"] == names[0]       # a generator: the first page is enough
+        assert next(pages)["name"] == names[0]  # a generator: the first page is enough
         assert [e["name"] for e in c.iter_ls("many/", page=500)] == names
     out = cluster.cli("ls", "many/")
     lines = out.stdout.decode().splitlines()
@@ -95,7 +95,7 @@ def test_two_workers_commit_to_one_store_at_once_and_nothing_is_lost(cluster, tm
                     for i in range(40):
                         c.put_bytes(b"%d-%d-%d" % (k, round_, i), f"shared/{i}")
                 done.append(k)
-        except Exception as exc:   # reported below with the logs
+        except Exception as exc:  # reported below with the logs
             errors.append(repr(exc))
 
     threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
@@ -114,6 +114,7 @@ def test_two_workers_commit_to_one_store_at_once_and_nothing_is_lost(cluster, tm
 
 def test_a_data_directory_in_the_old_layout_is_upgraded_on_start(make_cluster, tmp_path):
     from storage_helpers import write_format1
+
     files = {f"old/{i}": random_bytes(1000 + i * 5000, i) for i in range(30)}
     data = str(tmp_path / "old-store")
     write_format1(data, files, removed={"old/3"})
@@ -121,7 +122,7 @@ def test_a_data_directory_in_the_old_layout_is_upgraded_on_start(make_cluster, t
     cluster.start_broker()
     cluster.start_cache()
     cluster.start_storage(data=data, wid="storage-a")
-    cluster.start_storage(data=data, wid="storage-b")     # both start on it at once
+    cluster.start_storage(data=data, wid="storage-b")  # both start on it at once
     cluster.wait_workers(storage=2, cache=1)
     with cluster.client() as c:
         assert [e["name"] for e in c.ls("old/")] == sorted(n for n in files if n != "old/3")
@@ -162,10 +163,15 @@ else:
 
 
 def _run_until(data, mode, lines, tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__),
-                                                        os.path.dirname(os.path.dirname(__file__))])}
-    proc = subprocess.Popen([sys.executable, "-c", CHURN, data, mode], stdout=subprocess.PIPE,
-                            text=True, env=env)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [os.path.dirname(__file__), os.path.dirname(os.path.dirname(__file__))]
+        ),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHURN, data, mode], stdout=subprocess.PIPE, text=True, env=env
+    )
     seen = []
     try:
         for line in proc.stdout:
@@ -195,7 +201,7 @@ def test_kill_during_commits_leaves_every_name_whole(tmp_path, after):
     store = open_local(data)
     _check_whole(store)
     last = {name: int(i) for _c, name, i in seen}
-    for name, i in last.items():                  # every acked commit is there (or a later one)
+    for name, i in last.items():  # every acked commit is there (or a later one)
         assert store.version(name).version >= i + 1
 
 
@@ -203,14 +209,15 @@ def test_kill_during_gc_leaves_no_reference_dangling_and_the_next_gc_finishes(tm
     data = str(tmp_path / "data")
     store = open_local(data)
     from storage_helpers import put_file
+
     for i in range(30):
         put_file(store, f"n{i % 3}", random_bytes(140_000, i), commit=f"c{i}", chunk_size=70_000)
     garbage = store.totals().chunks - 6
     store.close()
-    _run_until(data, "gc", 10, tmp_path)          # killed after 10 of 54 blobs
+    _run_until(data, "gc", 10, tmp_path)  # killed after 10 of 54 blobs
     store = open_local(data)
     _check_whole(store)
-    assert store.meta.doomed(100)                 # left for the next collector
+    assert store.meta.doomed(100)  # left for the next collector
     freed = gc.collect(store, grace=0)
     assert freed["chunks"] + 10 >= garbage and store.meta.doomed(100) == []
     assert store.totals().chunks == 6
@@ -221,20 +228,21 @@ def test_kill_during_gc_leaves_no_reference_dangling_and_the_next_gc_finishes(tm
 def test_small_files_committed_many_to_a_message_are_read_after_write(cluster, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    names = [f"batch/{i:03d}" for i in range(300)]          # two commit_many messages
+    names = [f"batch/{i:03d}" for i in range(300)]  # two commit_many messages
     with cluster.client() as c:
         for round_ in range(2):
-            for i, name in enumerate(names):
+            for i in range(len(names)):
                 (src / f"{i}").write_bytes(b"round %d file %d" % (round_, i))
             c.put_many([(str(src / f"{i}"), name) for i, name in enumerate(names)])
-            for i in (0, 150, 299):                          # cached in round 0...
+            for i in (0, 150, 299):  # cached in round 0...
                 assert c.get_bytes(names[i]) == b"round %d file %d" % (round_, i)
-        assert c.stat(names[150])["version"] == 2            # ...and never stale in round 1
+        assert c.stat(names[150])["version"] == 2  # ...and never stale in round 1
     served = cluster.served()
-    assert served["storage-a"] + served["storage-b"] < 300    # not one request per file
+    assert served["storage-a"] + served["storage-b"] < 300  # not one request per file
 
 
 def test_a_commit_waits_in_proportion_to_the_file_storage_reads_back():
     from fms.client.upload import COMMIT_CHECK_RATE, commit_timeout
-    assert commit_timeout(1 * MiB, 5.0) == 5.0                   # small: the usual timeout
+
+    assert commit_timeout(1 * MiB, 5.0) == 5.0  # small: the usual timeout
     assert commit_timeout(4 * 1024 * MiB, 5.0) == 4 * 1024 * MiB / COMMIT_CHECK_RATE > 100

@@ -12,38 +12,41 @@ import termios
 import urllib.request
 
 import pytest
+from conftest import ROOT, random_bytes
+from test_up import free_port
 
 import fms
 from fms import wire as p
 from fms.cli import build_parser
 from fms.cli.shell import Shell
-from conftest import ROOT, random_bytes
-from test_up import free_port
 
 MiB = p.MiB
 
 
 # --- the interactive shell ---
 
+
 def test_shell_runs_commands_from_its_prompt_and_survives_errors(cluster, tmp_path):
     (tmp_path / "f.txt").write_bytes(b"shell data")
-    script = (f"help\nput {tmp_path / 'f.txt'} s/f.txt\nls\nstat s/f.txt --json\n"
-              f"get s/f.txt {tmp_path / 'back.txt'}\nget nope\nbogus\nput\nrm s/f.txt\nls\nquit\n")
+    script = (
+        f"help\nput {tmp_path / 'f.txt'} s/f.txt\nls\nstat s/f.txt --json\n"
+        f"get s/f.txt {tmp_path / 'back.txt'}\nget nope\nbogus\nput\nrm s/f.txt\nls\nquit\n"
+    )
     run = cluster.cli(stdin=script.encode())
     out, err = run.stdout.decode(), run.stderr.decode()
     assert run.returncode == 0, err
-    assert out.count("fms> ") >= 10                       # a prompt before every command
-    assert "put LOCAL [NAME]" in out                      # help lists the commands
-    assert json.loads(out[out.index("{"):out.index("}") + 1])["name"] == "s/f.txt"
+    assert out.count("fms> ") >= 10  # a prompt before every command
+    assert "put LOCAL [NAME]" in out  # help lists the commands
+    assert json.loads(out[out.index("{") : out.index("}") + 1])["name"] == "s/f.txt"
     assert (tmp_path / "back.txt").read_bytes() == b"shell data"
-    assert "not found" in err                             # an error, and the shell went on
+    assert "not found" in err  # an error, and the shell went on
     assert "unknown command 'bogus'" in out
-    assert "required: LOCAL" in err                       # argparse's error, no exit
+    assert "required: LOCAL" in err  # argparse's error, no exit
     assert "removed s/f.txt" in err
 
 
 def test_shell_leaves_on_end_of_input(cluster):
-    run = cluster.cli(stdin=b"ls\n")                       # Ctrl-D is end of input
+    run = cluster.cli(stdin=b"ls\n")  # Ctrl-D is end of input
     assert run.returncode == 0
 
 
@@ -51,8 +54,14 @@ def test_shell_completes_remote_names_and_commands(cluster):
     with cluster.client() as c:
         for name in ("docs/a.txt", "docs/b.txt", "pics/c.jpg"):
             c.put_bytes(b"x", name)
-        shell = Shell(lambda argv: 0, c, build_parser(), cluster.frontend,
-                      stdin=io.StringIO(), stdout=io.StringIO())
+        shell = Shell(
+            lambda argv: 0,
+            c,
+            build_parser(),
+            cluster.frontend,
+            stdin=io.StringIO(),
+            stdout=io.StringIO(),
+        )
         assert shell.complete_get("do", "get do", 4, 6) == ["docs/a.txt", "docs/b.txt"]
         assert shell.complete_rm("pics/", "rm pics/", 3, 8) == ["pics/c.jpg"]
         assert shell.complete_get("", "get docs/a.txt ", 15, 15) != ["docs/a.txt", "docs/b.txt"]
@@ -61,19 +70,26 @@ def test_shell_completes_remote_names_and_commands(cluster):
 
 # --- progress bars ---
 
+
 def run_on_a_terminal(args, cwd) -> str:
     """Run client.py with stderr on a pseudo-terminal; return what it drew there."""
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 40x120, as a terminal has
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "client.py"), *args],
-                            stdout=subprocess.DEVNULL, stderr=slave, stdin=subprocess.DEVNULL,
-                            cwd=cwd)
+    fcntl.ioctl(
+        slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0)
+    )  # 40x120, as a terminal has
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "client.py"), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=slave,
+        stdin=subprocess.DEVNULL,
+        cwd=cwd,
+    )
     os.close(slave)
     chunks = []
     while True:
         try:
             data = os.read(master, 65536)
-        except OSError:       # EIO: the child closed the terminal
+        except OSError:  # EIO: the child closed the terminal
             break
         if not data:
             break
@@ -89,19 +105,22 @@ def test_progress_bar_on_a_terminal_only_and_not_with_quiet(cluster, tmp_path):
     src.write_bytes(random_bytes(6 * MiB, 6))
     drawn = run_on_a_terminal(["--broker", cluster.frontend, "put", str(src), "big"], tmp_path)
     assert "100%" in drawn and "B/s" in drawn and "big" in drawn
-    drawn = run_on_a_terminal(["--broker", cluster.frontend, "get", "big", str(tmp_path / "o")],
-                              tmp_path)
+    drawn = run_on_a_terminal(
+        ["--broker", cluster.frontend, "get", "big", str(tmp_path / "o")], tmp_path
+    )
     assert "100%" in drawn and "B/s" in drawn
-    quiet = run_on_a_terminal(["--broker", cluster.frontend, "--quiet", "get", "big",
-                               str(tmp_path / "o2")], tmp_path)
+    quiet = run_on_a_terminal(
+        ["--broker", cluster.frontend, "--quiet", "get", "big", str(tmp_path / "o2")], tmp_path
+    )
     assert "%" not in quiet and quiet.strip() == ""
     piped = cluster.cli("get", "big", str(tmp_path / "o3"))
-    assert b"%" not in piped.stderr                        # not a terminal: no bar
+    assert b"%" not in piped.stderr  # not a terminal: no bar
     small = run_on_a_terminal(["--broker", cluster.frontend, "get", "big", "-"], tmp_path)
-    assert "100%" in small                                 # stdout is data, the bar on stderr
+    assert "100%" in small  # stdout is data, the bar on stderr
 
 
 # --- stats and metrics ---
+
 
 def test_stats_json_shows_workers_cache_and_store(cluster, tmp_path):
     with cluster.client() as c:
@@ -109,12 +128,15 @@ def test_stats_json_shows_workers_cache_and_store(cluster, tmp_path):
         c.get_bytes("a")
         c.get_bytes("a")
     out = json.loads(cluster.cli("stats", "--json").stdout)
-    assert sorted((w["service"], w["id"]) for w in out["workers"]) == \
-        [("cache", "cache-1"), ("storage", "storage-a"), ("storage", "storage-b")]
+    assert sorted((w["service"], w["id"]) for w in out["workers"]) == [
+        ("cache", "cache-1"),
+        ("storage", "storage-a"),
+        ("storage", "storage-b"),
+    ]
     assert all({"state", "inflight", "served"} <= set(w) for w in out["workers"])
-    assert out["cache"]["hits"] == 1 and out["cache"]["misses"] == 1      # lookups
+    assert out["cache"]["hits"] == 1 and out["cache"]["misses"] == 1  # lookups
     assert out["cache"]["bytes"] == 1000
-    assert (out["cache"]["get_hits"], out["cache"]["get_misses"]) == (1, 1)   # per GET
+    assert (out["cache"]["get_hits"], out["cache"]["get_misses"]) == (1, 1)  # per GET
     assert (out["cache"]["bytes_hit"], out["cache"]["bytes_missed"]) == (1000, 1000)
     assert {"evictions", "admissions_refused"} <= set(out["cache"])
     assert out["store"] == {"files": 1, "bytes": 1000, "chunks": 1, "chunk_bytes": 1000}
@@ -138,22 +160,26 @@ def test_broker_serves_prometheus_metrics(make_cluster, tmp_path):
             c.stat("missing")
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         text = resp.read().decode()
-    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-               for line in text.splitlines() if line and not line.startswith("#")}
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
     assert samples['fms_requests_total{op="get",outcome="ok"}'] == 2
     assert samples['fms_requests_total{op="stat",outcome="not_found"}'] == 1
     assert samples['fms_request_duration_seconds_count{op="commit",outcome="ok"}'] == 1
-    assert samples['fms_cache_hits_total'] == 1 and samples['fms_cache_misses_total'] == 1
-    assert samples['fms_cache_get_hits_total'] == 1 and samples['fms_cache_get_misses_total'] == 1
-    assert samples['fms_cache_bytes_hit_total'] == 100
-    assert samples['fms_cache_bytes_missed_total'] == 100
-    assert {'fms_cache_evictions_total', 'fms_cache_admissions_refused_total'} <= set(samples)
+    assert samples["fms_cache_hits_total"] == 1 and samples["fms_cache_misses_total"] == 1
+    assert samples["fms_cache_get_hits_total"] == 1 and samples["fms_cache_get_misses_total"] == 1
+    assert samples["fms_cache_bytes_hit_total"] == 100
+    assert samples["fms_cache_bytes_missed_total"] == 100
+    assert {"fms_cache_evictions_total", "fms_cache_admissions_refused_total"} <= set(samples)
     assert samples['fms_workers{service="storage"}'] == 2
     assert samples['fms_workers{service="cache"}'] == 1
     assert all(name.startswith("fms_") for name in samples)
 
 
 # --- logs ---
+
 
 def test_logs_are_key_value_lines_without_tracebacks_for_expected_errors(cluster, tmp_path):
     cluster.cli("get", "missing", str(tmp_path / "x"))
@@ -169,6 +195,7 @@ def test_logs_are_key_value_lines_without_tracebacks_for_expected_errors(cluster
 
 # --- the Python API ---
 
+
 def test_client_api_round_trip_and_open_streams_with_seek(cluster, tmp_path):
     data = random_bytes(3 * MiB + 77, 77)
     src = tmp_path / "d.bin"
@@ -177,9 +204,9 @@ def test_client_api_round_trip_and_open_streams_with_seek(cluster, tmp_path):
         assert c.put(str(src), "d.bin")["size"] == len(data)
         with c.open("d.bin") as f:
             assert f.read(10) == data[:10]
-            assert f.read(MiB) == data[10:MiB + 10]
+            assert f.read(MiB) == data[10 : MiB + 10]
             f.seek(2 * MiB + 5)
-            assert f.read(100) == data[2 * MiB + 5:2 * MiB + 105]
+            assert f.read(100) == data[2 * MiB + 5 : 2 * MiB + 105]
             f.seek(-7, io.SEEK_END)
             assert f.read() == data[-7:]
             f.seek(0)
@@ -206,8 +233,10 @@ def test_unreachable_broker_raises_transport_error_from_the_api():
 
 # --- --version and --help ---
 
-@pytest.mark.parametrize("script", ["client.py", "broker.py", "storage_worker.py",
-                                    "cache_worker.py"])
+
+@pytest.mark.parametrize(
+    "script", ["client.py", "broker.py", "storage_worker.py", "cache_worker.py"]
+)
 def test_every_entry_point_has_version_and_help_with_an_example(script):
     run = [sys.executable, os.path.join(ROOT, script)]
     version = subprocess.run(run + ["--version"], capture_output=True, timeout=30)
@@ -216,9 +245,11 @@ def test_every_entry_point_has_version_and_help_with_an_example(script):
     assert helped.returncode == 0 and b"example" in helped.stdout
 
 
-@pytest.mark.parametrize("command", ["put", "get", "ls", "stat", "rm", "stats", "broker",
-                                     "storage", "cache", "up"])
+@pytest.mark.parametrize(
+    "command", ["put", "get", "ls", "stat", "rm", "stats", "broker", "storage", "cache", "up"]
+)
 def test_every_command_has_help_with_an_example(command):
-    helped = subprocess.run([sys.executable, "-m", "fms", command, "--help"], cwd=ROOT,
-                            capture_output=True, timeout=30)
+    helped = subprocess.run(
+        [sys.executable, "-m", "fms", command, "--help"], cwd=ROOT, capture_output=True, timeout=30
+    )
     assert helped.returncode == 0 and b"examples:" in helped.stdout

@@ -8,9 +8,9 @@ import sys
 import time
 
 import pytest
+from conftest import ROOT, wait_for
 
 import fms
-from conftest import ROOT, wait_for
 
 
 def free_port() -> int:
@@ -46,12 +46,30 @@ def test_up_serves_and_ctrl_c_stops_every_process(tmp_path, caches):
     frontend = f"tcp://127.0.0.1:{free_port()}"
     backend = f"tcp://127.0.0.1:{free_port()}"
     log = open(tmp_path / "up.log", "wb")
-    up = subprocess.Popen([sys.executable, "-m", "fms", "up", "--frontend", frontend,
-                           "--backend", backend, "--data", str(tmp_path / "data"),
-                           "--cache-bytes", "64M", "--caches", str(caches)], cwd=ROOT,
-                          stdout=log, stderr=log)
+    up = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fms",
+            "up",
+            "--frontend",
+            frontend,
+            "--backend",
+            backend,
+            "--data",
+            str(tmp_path / "data"),
+            "--cache-bytes",
+            "64M",
+            "--caches",
+            str(caches),
+        ],
+        cwd=ROOT,
+        stdout=log,
+        stderr=log,
+    )
     kids = []
     try:
+
         def ready():
             try:
                 with fms.Client(frontend, timeout=2.0) as c:
@@ -59,6 +77,7 @@ def test_up_serves_and_ctrl_c_stops_every_process(tmp_path, caches):
             except fms.FmsError:
                 return False
             return sorted(w["service"] for w in workers) == ["cache"] * caches + ["storage"] * 2
+
         wait_for(ready, 20, f"fms up to start broker, {caches} cache and two storage workers")
         kids = children_of(up.pid)
         assert len(kids) == 3 + caches

@@ -34,9 +34,9 @@ from .policy import WTinyLFU
 
 log = logging.getLogger("fms.cache")
 
-HOT_BYTES_MAX = 64 * 1024 * 1024        # default bound of the hot memory tier...
-HOT_SHARE = 0.5                         # ...and at most this share of the cache's bytes
-WRITE_BEHIND_MAX = 64 * 1024 * 1024     # bytes waiting for the disk; past this, not admitted
+HOT_BYTES_MAX = 64 * 1024 * 1024  # default bound of the hot memory tier...
+HOT_SHARE = 0.5  # ...and at most this share of the cache's bytes
+WRITE_BEHIND_MAX = 64 * 1024 * 1024  # bytes waiting for the disk; past this, not admitted
 
 
 class ChunkCache:
@@ -55,12 +55,12 @@ class ChunkCache:
         if memory_bytes is None:
             memory_bytes = min(HOT_BYTES_MAX, int(max_bytes * HOT_SHARE))
         self.memory_bytes = memory_bytes
-        self._window = {}                     # digest -> data frame: in the window, memory only
+        self._window = {}  # digest -> data frame: in the window, memory only
         self._hot = collections.OrderedDict()  # digest -> data frame, main entries, verified
         self._hot_bytes = 0
-        self._crc = {}                        # digest -> CRC-32 of a main (disk) entry
+        self._crc = {}  # digest -> CRC-32 of a main (disk) entry
         self.corrupt = 0
-        self.backlog_refused = 0              # promotions dropped: the disk was behind
+        self.backlog_refused = 0  # promotions dropped: the disk was behind
         self._tmp = os.path.join(self.path, "tmp")
         os.makedirs(self._tmp, exist_ok=True)
         os.makedirs(os.path.join(self.path, "chunks"), exist_ok=True)
@@ -193,7 +193,7 @@ class ChunkCache:
             self.backlog_refused += 1
             self.policy.remove(digest)
             return
-        crc = zlib.crc32(memoryview(frame)[p.DATA_PREFIX_LEN:])
+        crc = zlib.crc32(memoryview(frame)[p.DATA_PREFIX_LEN :])
         self._crc[digest] = crc
         self._writer.write(digest, frame, self._path(digest, crc))
 
@@ -229,9 +229,9 @@ class _WriteBehind:
     def __init__(self, tmp_dir: str):
         self._tmp = tmp_dir
         self._queue = queue.Queue()
-        self._pending = {}          # digest -> frame being written
+        self._pending = {}  # digest -> frame being written
         self._lock = threading.Lock()
-        self.backlog = 0            # bytes queued
+        self.backlog = 0  # bytes queued
         self._thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
         self._thread.start()
 
@@ -277,7 +277,7 @@ class _WriteBehind:
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(tmp, "wb") as f:
-                f.write(memoryview(frame)[p.DATA_PREFIX_LEN:])
+                f.write(memoryview(frame)[p.DATA_PREFIX_LEN :])
             os.replace(tmp, path)
         except OSError as exc:
             log.warning("event=cache_write_failed chunk=%s error=%r", digest.hex(), exc.strerror)

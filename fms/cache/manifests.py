@@ -11,8 +11,8 @@ import collections
 
 from .policy import WTinyLFU
 
-MAX_MANIFEST_BYTES = 64 * 1024 * 1024   # manifests kept in memory, by their estimated weight
-MANIFEST_OVERHEAD = 256                  # bytes a manifest weighs besides its name and chunks
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # manifests kept in memory, by their estimated weight
+MANIFEST_OVERHEAD = 256  # bytes a manifest weighs besides its name and chunks
 
 
 def weight(name: str, manifest: dict) -> int:
@@ -33,11 +33,11 @@ class ManifestCache:
 
     def __init__(self, max_bytes: int = MAX_MANIFEST_BYTES):
         self.policy = WTinyLFU(max_bytes, expected_entries=max_bytes // MANIFEST_OVERHEAD)
-        self._entries = {}          # name -> manifest
-        self._refs = collections.Counter()   # chunk digest -> cached manifests listing it
+        self._entries = {}  # name -> manifest
+        self._refs = collections.Counter()  # chunk digest -> cached manifests listing it
         self._clock = 0
-        self._invalidated_at = {}   # name -> clock of its latest invalidation
-        self._cleared_at = 0        # clock of the latest invalidate_all
+        self._invalidated_at = {}  # name -> clock of its latest invalidation
+        self._cleared_at = 0  # clock of the latest invalidate_all
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -107,5 +107,6 @@ class ManifestCache:
         if oldest_token is None:
             self._invalidated_at.clear()
         else:
-            self._invalidated_at = {n: c for n, c in self._invalidated_at.items()
-                                    if c > oldest_token}
+            self._invalidated_at = {
+                n: c for n, c in self._invalidated_at.items() if c > oldest_token
+            }

@@ -25,11 +25,11 @@ W-TinyLFU and Belady on the issue's traces.
 import collections
 import zlib
 
-WINDOW_SHARE = 0.01      # of the bytes: the admission window (Caffeine's default)
-PROTECTED_SHARE = 0.80   # of the main bytes: the protected segment
-SKETCH_DEPTH = 4         # rows of the count-min sketch
-COUNTER_MAX = 15         # 4-bit counters
-RESET_FACTOR = 10        # halve every counter after this many increments per counter width
+WINDOW_SHARE = 0.01  # of the bytes: the admission window (Caffeine's default)
+PROTECTED_SHARE = 0.80  # of the main bytes: the protected segment
+SKETCH_DEPTH = 4  # rows of the count-min sketch
+COUNTER_MAX = 15  # 4-bit counters
+RESET_FACTOR = 10  # halve every counter after this many increments per counter width
 MIN_WIDTH = 1 << 10
 MAX_WIDTH = 1 << 22
 _SEEDS = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93)
@@ -54,8 +54,10 @@ class FrequencySketch:
     def _slots(self, key):
         h = _stable_hash(key)
         shift, width = self._shift, self.width
-        return [row * width + (((h ^ (h >> 29)) * seed & _M64) >> shift)
-                for row, seed in enumerate(_SEEDS)]
+        return [
+            row * width + (((h ^ (h >> 29)) * seed & _M64) >> shift)
+            for row, seed in enumerate(_SEEDS)
+        ]
 
     def increment(self, key):
         table = self._table
@@ -109,12 +111,12 @@ class WTinyLFU:
         self.main_max = capacity - self.window_max
         self.protected_max = int(self.main_max * PROTECTED_SHARE)
         self.sketch = FrequencySketch(expected_entries or capacity // 4096)
-        self._window = collections.OrderedDict()      # key -> size, least recent first
+        self._window = collections.OrderedDict()  # key -> size, least recent first
         self._probation = collections.OrderedDict()
         self._protected = collections.OrderedDict()
         self.window_bytes = self.probation_bytes = self.protected_bytes = 0
-        self.evictions = 0   # entries taken out of the main part for others
-        self.refused = 0     # candidates the main part would not take (incl. too large)
+        self.evictions = 0  # entries taken out of the main part for others
+        self.refused = 0  # candidates the main part would not take (incl. too large)
 
     def __contains__(self, key) -> bool:
         return key in self._window or key in self._probation or key in self._protected

@@ -32,12 +32,12 @@ log = logging.getLogger("fms.cache")
 
 @dataclass
 class Fetch:
-    kind: str                 # "get", "chunk" or "get_many"
-    key: object               # the name, the chunk digest, or the tuple of names missed
-    token: int                # ManifestCache clock when the fetch started
+    kind: str  # "get", "chunk" or "get_many"
+    key: object  # the name, the chunk digest, or the tuple of names missed
+    token: int  # ManifestCache clock when the fetch started
     started: float
-    waiters: list = field(default_factory=list)   # (route, request id)
-    found: list = None        # get_many: per name asked, (manifest, payload) of a hit or None
+    waiters: list = field(default_factory=list)  # (route, request id)
+    found: list = None  # get_many: per name asked, (manifest, payload) of a hit or None
 
 
 class CacheService:
@@ -50,19 +50,24 @@ class CacheService:
         (default: a quarter of the chunk cache).
     """
 
-    def __init__(self, chunks: ChunkCache, link, manifests: ManifestCache | None = None,
-                 max_file: int | None = None):
+    def __init__(
+        self,
+        chunks: ChunkCache,
+        link,
+        manifests: ManifestCache | None = None,
+        max_file: int | None = None,
+    ):
         self.chunks = chunks
         self.manifests = manifests or ManifestCache()
         self.link = link
         self.max_file = chunks.max_bytes // 4 if max_file is None else max_file
-        self.dropped_chunks = 0      # chunks of dead versions dropped on invalidation
+        self.dropped_chunks = 0  # chunks of dead versions dropped on invalidation
         self.hits = 0
         self.misses = 0
         self.fetches = 0
         self._ids = itertools.count(1)
-        self._fetches = {}           # fetch id -> Fetch
-        self._open = {}              # (kind, key) -> fetch id of the newest fetch for that key
+        self._fetches = {}  # fetch id -> Fetch
+        self._open = {}  # (kind, key) -> fetch id of the newest fetch for that key
 
     # --- requests from clients ---
 
@@ -96,10 +101,11 @@ class CacheService:
         fields = {"manifest": manifest}
         chunks = 0 if _inline(manifest) else len(manifest["chunks"])
         if manifest["size"] > self.max_file:
-            fields["cache"] = False       # the client reads these chunks from storage
+            fields["cache"] = False  # the client reads these chunks from storage
             chunks = 0
-        self.link.reply(route, {**header, **p.ok_reply(req_id, **fields)}, frame, cache=outcome,
-                        chunks=chunks)
+        self.link.reply(
+            route, {**header, **p.ok_reply(req_id, **fields)}, frame, cache=outcome, chunks=chunks
+        )
 
     def _lookup(self, name: str):
         """A hit: ``(manifest, data frame of its content or None)``; None on a miss (no
@@ -117,19 +123,33 @@ class CacheService:
         other fetches: one round trip per batch)."""
         names = p.need_names(header)
         found = [self._lookup(name) for name in names]
-        missed = tuple(name for name, hit in zip(names, found) if hit is None)
+        missed = tuple(name for name, hit in zip(names, found, strict=False) if hit is None)
         self.hits += len(names) - len(missed)
         self.misses += len(missed)
-        fetch = Fetch("get_many", missed, self.manifests.begin_fetch(), time.monotonic(),
-                      [(route, header["id"])], found)
+        fetch = Fetch(
+            "get_many",
+            missed,
+            self.manifests.begin_fetch(),
+            time.monotonic(),
+            [(route, header["id"])],
+            found,
+        )
         if not missed:
             self._answer_batch(fetch, {}, "hit")
             return
         fetch_id = next(self._ids)
         self._fetches[fetch_id] = fetch
         self.fetches += 1
-        self.link.request(p.STORAGE, {"v": p.PROTOCOL_VERSION, "op": "get_many", "id": fetch_id,
-                                      "ttl_ms": int(FETCH_TIMEOUT * 1000), "names": list(missed)})
+        self.link.request(
+            p.STORAGE,
+            {
+                "v": p.PROTOCOL_VERSION,
+                "op": "get_many",
+                "id": fetch_id,
+                "ttl_ms": int(FETCH_TIMEOUT * 1000),
+                "names": list(missed),
+            },
+        )
 
     def _chunk(self, route, header):
         digest = p.need_hash(header, "hash")
@@ -152,8 +172,16 @@ class CacheService:
             self._open[(kind, key)] = fetch_id
             self.fetches += 1
             fields = {"name": key} if kind == "get" else {"hash": key}
-            self.link.request(p.STORAGE, {"v": p.PROTOCOL_VERSION, "op": kind, "id": fetch_id,
-                                          "ttl_ms": int(FETCH_TIMEOUT * 1000), **fields})
+            self.link.request(
+                p.STORAGE,
+                {
+                    "v": p.PROTOCOL_VERSION,
+                    "op": kind,
+                    "id": fetch_id,
+                    "ttl_ms": int(FETCH_TIMEOUT * 1000),
+                    **fields,
+                },
+            )
         fetch.waiters.append((route, req_id))
 
     # --- storage pushes the data back ---
@@ -216,19 +244,20 @@ class CacheService:
         """Storage's answer to a batch of misses: verify and fill what came, answer the waiter
         with the hits and these, then cache the content (off the answer's path)."""
         try:
-            results = p.read_batch(header, data.buffer if data is not None else None,
-                                   list(fetch.key))
+            results = p.read_batch(
+                header, data.buffer if data is not None else None, list(fetch.key)
+            )
         except BadRequest as exc:
             self._fail(fetch, "integrity", f"storage sent a bad reply: {exc}")
             return
         fetched, verified = {}, []
-        for name, (result, payload) in zip(fetch.key, results):
+        for name, (result, payload) in zip(fetch.key, results, strict=False):
             if "error" in result:
                 fetched[name] = result
                 continue
             manifest = result["manifest"]
             if payload is not None and not p.inline_ok(manifest, payload):
-                payload = None     # the client fetches this one alone, from storage if need be
+                payload = None  # the client fetches this one alone, from storage if need be
             if payload is not None:
                 verified.append((manifest["chunks"][0], payload))
             if not self.manifests.fill(name, manifest, fetch.token):
@@ -255,18 +284,29 @@ class CacheService:
                 batch.error(str(got["error"]), str(got.get("message", "")))
             else:
                 batch.manifest(*got)
-        whole = sum(1 for hit in fetch.found if hit is not None
-                    and (hit[1] is not None or not hit[0]["chunks"]))
-        self.link.reply(route, p.ok_reply(req_id, results=batch.results), batch.frame(),
-                        cache=cache, batch=(whole, len(fetch.key)))
+        whole = sum(
+            1
+            for hit in fetch.found
+            if hit is not None and (hit[1] is not None or not hit[0]["chunks"])
+        )
+        self.link.reply(
+            route,
+            p.ok_reply(req_id, results=batch.results),
+            batch.frame(),
+            cache=cache,
+            batch=(whole, len(fetch.key)),
+        )
 
     def _expired(self, route, req_id, cache) -> bool:
         """If the request's client stopped waiting (fms.worker stamps the deadline), send a short
         answer instead of the data, which the broker still needs to free the request."""
         if route.get("deadline", math.inf) >= time.monotonic():
             return False
-        self.link.reply(route, p.error_reply(req_id, "unavailable", "the request's deadline "
-                                             "passed; retry"), cache=cache)
+        self.link.reply(
+            route,
+            p.error_reply(req_id, "unavailable", "the request's deadline passed; retry"),
+            cache=cache,
+        )
         return True
 
     def _close(self, fetch_id):
@@ -321,12 +361,19 @@ class CacheService:
         """This worker's figures.  ``hits`` / ``misses`` count manifest and chunk lookups alike;
         per-GET figures are the broker's (``get_hits`` ... in its status, see fms.metrics)."""
         return {
-            "hits": self.hits, "misses": self.misses, "fetches": self.fetches,
-            "bytes": self.chunks.bytes, "max_bytes": self.chunks.max_bytes,
-            "memory_bytes": self.chunks.memory_bytes, "max_file": self.max_file,
-            "entries": len(self.chunks), "evictions": self.chunks.evictions,
-            "admissions_refused": self.chunks.refused, "dropped_chunks": self.dropped_chunks,
-            "corrupt": self.chunks.corrupt, "manifests": len(self.manifests),
+            "hits": self.hits,
+            "misses": self.misses,
+            "fetches": self.fetches,
+            "bytes": self.chunks.bytes,
+            "max_bytes": self.chunks.max_bytes,
+            "memory_bytes": self.chunks.memory_bytes,
+            "max_file": self.max_file,
+            "entries": len(self.chunks),
+            "evictions": self.chunks.evictions,
+            "admissions_refused": self.chunks.refused,
+            "dropped_chunks": self.dropped_chunks,
+            "corrupt": self.chunks.corrupt,
+            "manifests": len(self.manifests),
             "manifest_evictions": self.manifests.policy.evictions,
             "pending_fetches": len(self._fetches),
         }

@@ -5,4 +5,4 @@
 from .main import client_main, daemon_main, main
 from .parser import build_parser, parse_size
 
-__all__ = ["main", "client_main", "daemon_main", "build_parser", "parse_size"]
+__all__ = ["build_parser", "client_main", "daemon_main", "main", "parse_size"]

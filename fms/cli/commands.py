@@ -12,21 +12,28 @@ from ..errors import FmsError, NotFound
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
-PROGRESS_MIN = 1 * p.MiB   # transfers larger than this get a progress bar on a terminal
+PROGRESS_MIN = 1 * p.MiB  # transfers larger than this get a progress bar on a terminal
 
 
 def open_client(args):
     from ..client import Client
     from ..logutil import setup_logging
+
     setup_logging(getattr(args, "log_level", "WARNING"))
     progress = None
     if not getattr(args, "quiet", False) and sys.stderr.isatty():
         progress = _ProgressBars()
     from ..security import client_keys
+
     curve = client_keys(getattr(args, "curve_secret", None), getattr(args, "server_key", None))
-    return Client(getattr(args, "broker", None), timeout=getattr(args, "timeout", 5.0),
-                  progress=progress, curve=curve, fsync=getattr(args, "fsync", False),
-                  cache=not getattr(args, "no_cache", False))
+    return Client(
+        getattr(args, "broker", None),
+        timeout=getattr(args, "timeout", 5.0),
+        progress=progress,
+        curve=curve,
+        fsync=getattr(args, "fsync", False),
+        cache=not getattr(args, "no_cache", False),
+    )
 
 
 class _ProgressBars:
@@ -38,14 +45,14 @@ class _ProgressBars:
     def __init__(self):
         self.bar = None
         self.name = None
-        self.files = None           # in a tree: [done, of], and the bytes of files done
+        self.files = None  # in a tree: [done, of], and the bytes of files done
         self.base = 0
 
     def hashing(self, name: str, done: int, total: int):
         if self.files is None:
             self._file(name, done, total, f"{name} (sha256)")
             if done >= total and self.bar is not None:
-                self.bar.refresh()          # drawn at 100% before the upload takes the line
+                self.bar.refresh()  # drawn at 100% before the upload takes the line
 
     def __call__(self, name: str, done: int, total: int):
         if self.files is not None:
@@ -62,7 +69,7 @@ class _ProgressBars:
             self.close()
             self.bar = _bar(total, desc)
             self.name = name
-        elif self.bar.desc != desc:          # hashed: the same line goes on with the upload
+        elif self.bar.desc != desc:  # hashed: the same line goes on with the upload
             self.bar.reset(total)
             self.bar.set_description(desc, refresh=False)
         self.bar.update(done - self.bar.n)
@@ -89,11 +96,19 @@ class _ProgressBars:
 
 def _bar(total: int, desc: str):
     from tqdm import tqdm
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                file=sys.stderr, leave=True)
+
+    return tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=desc,
+        file=sys.stderr,
+        leave=True,
+    )
 
 
-TREE_SLICE = 256    # files moved between two updates of a tree's progress bar
+TREE_SLICE = 256  # files moved between two updates of a tree's progress bar
 
 
 def _move_tree(client, move, items: list, sizes: list, verb: str) -> list:
@@ -106,8 +121,8 @@ def _move_tree(client, move, items: list, sizes: list, verb: str) -> list:
     results = []
     try:
         for start in range(0, len(items), TREE_SLICE):
-            results += move(items[start:start + TREE_SLICE])
-            bars.files_done(len(results) - bars.files[0], sum(sizes[bars.files[0]:len(results)]))
+            results += move(items[start : start + TREE_SLICE])
+            bars.files_done(len(results) - bars.files[0], sum(sizes[bars.files[0] : len(results)]))
     finally:
         bars.close()
     return results
@@ -121,8 +136,9 @@ def _say(args, text: str):
 def cmd_put(args):
     items = _put_items(args.local, args.recursive)
     with open_client(args) as client:
-        results = _move_tree(client, client.put_many, items,
-                             [_local_size(path) for path, _name in items], "put")
+        results = _move_tree(
+            client, client.put_many, items, [_local_size(path) for path, _name in items], "put"
+        )
     if args.json:
         print(json.dumps(results, indent=1))
     elif len(results) == 1 and not args.recursive:
@@ -136,7 +152,7 @@ def _local_size(path: str) -> int:
     try:
         return os.path.getsize(path)
     except OSError:
-        return 0        # put_many says what is wrong with it
+        return 0  # put_many says what is wrong with it
 
 
 def _put_items(paths: list, recursive: bool) -> list:
@@ -191,14 +207,21 @@ def cmd_get(args):
             entries = client.ls(f"{prefix}/" if prefix else "")
             if not entries:
                 raise NotFound(f"not found: no files under {args.name!r}; list names with: ls")
-            items = [(e["name"], _inside(args.dest, e["name"][len(prefix) + 1 if prefix else 0:]))
-                     for e in entries]
+            items = [
+                (e["name"], _inside(args.dest, e["name"][len(prefix) + 1 if prefix else 0 :]))
+                for e in entries
+            ]
             _check_tree(items)
-            results = _move_tree(client, client.get_many, items, [e["size"] for e in entries],
-                                 "get")
-            _print_result(args, results, f"downloaded {len(results)} files, "
-                                         f"{_human(sum(r['size'] for r in results))} to "
-                                         f"{args.dest}")
+            results = _move_tree(
+                client, client.get_many, items, [e["size"] for e in entries], "get"
+            )
+            _print_result(
+                args,
+                results,
+                f"downloaded {len(results)} files, "
+                f"{_human(sum(r['size'] for r in results))} to "
+                f"{args.dest}",
+            )
             return
         if args.range is not None:
             return _get_range(args, client)
@@ -208,17 +231,19 @@ def cmd_get(args):
             return
         dest = _file_dest(args.dest, args.name)
         result = client.get(args.name, dest, args.version_number)
-        _print_result(args, result, f"downloaded {result['name']} ({_human(result['size'])}) "
-                                    f"to {dest}")
+        _print_result(
+            args, result, f"downloaded {result['name']} ({_human(result['size'])}) to {dest}"
+        )
 
 
-RANGE_PIECE = 1 * p.MiB     # bytes a ranged get reads and writes at a time
+RANGE_PIECE = 1 * p.MiB  # bytes a ranged get reads and writes at a time
 
 
 def _get_range(args, client):
     """``get NAME [DEST] --range START-END``: a ranged read (only the chunks that hold the
     bytes are fetched), to stdout or to a file written whole or not at all."""
     from ..client.download import atomic_file
+
     start, end = args.range
     with client.open(args.name) as src:
         end = src.size if end is None else min(end, src.size)
@@ -232,6 +257,7 @@ def _get_range(args, client):
                     break
                 out.write(piece)
                 left -= len(piece)
+
         if args.dest == "-":
             copy(sys.stdout.buffer)
             sys.stdout.buffer.flush()
@@ -252,8 +278,9 @@ def _file_dest(dest: str | None, name: str) -> str:
         return os.path.join(dest, base)
     folder = os.path.dirname(dest) if not dest.endswith("/") else dest
     if folder and not os.path.isdir(folder):
-        raise FmsError(f"no folder {folder}: create it first (mkdir -p {folder}), or name "
-                       f"another destination")
+        raise FmsError(
+            f"no folder {folder}: create it first (mkdir -p {folder}), or name another destination"
+        )
     return dest
 
 
@@ -264,8 +291,10 @@ def _check_tree(items: list):
     dests = {dest for _name, dest in items}
     for name, dest in items:
         if os.path.isdir(dest) and not os.path.islink(dest):
-            raise FmsError(f"{dest} is a folder, so {name!r} cannot be written there; move it "
-                           f"away or choose another destination; nothing was downloaded")
+            raise FmsError(
+                f"{dest} is a folder, so {name!r} cannot be written there; move it "
+                f"away or choose another destination; nothing was downloaded"
+            )
     folders = {}
     for name, dest in items:
         folder = os.path.dirname(dest)
@@ -275,13 +304,17 @@ def _check_tree(items: list):
     for folder, name in folders.items():
         if folder in dests:
             clash = next(n for n, d in items if d == folder)
-            raise FmsError(f"{clash!r} and {name!r} are both stored: {clash!r} would be a file "
-                           f"and a folder at once; fetch them one by one (get NAME DEST); "
-                           f"nothing was downloaded")
+            raise FmsError(
+                f"{clash!r} and {name!r} are both stored: {clash!r} would be a file "
+                f"and a folder at once; fetch them one by one (get NAME DEST); "
+                f"nothing was downloaded"
+            )
         if os.path.lexists(folder) and not os.path.isdir(folder):
-            raise FmsError(f"{folder} is a file, so {name!r} cannot be written under it; "
-                           f"move it away or choose another destination; nothing was "
-                           f"downloaded")
+            raise FmsError(
+                f"{folder} is a file, so {name!r} cannot be written under it; "
+                f"move it away or choose another destination; nothing was "
+                f"downloaded"
+            )
 
 
 def _inside(folder: str, rel: str) -> str:
@@ -296,8 +329,7 @@ def _inside(folder: str, rel: str) -> str:
 def cmd_ls(args):
     # Printed page by page as they come: a listing of any length holds one page in memory.
     with open_client(args) as client:
-        entries = (client.iter_ls(args.prefix) if args.recursive
-                   else client.iter_folder(args.prefix))
+        entries = client.iter_ls(args.prefix) if args.recursive else client.iter_folder(args.prefix)
         if args.json:
             print("[", end="")
             for i, e in enumerate(entries):
@@ -331,11 +363,14 @@ def cmd_du(args):
 
 def cmd_find(args):
     import fnmatch
+
     with open_client(args) as client:
-        found = (e for e in client.iter_ls(args.prefix)
-                 if (args.name is None or fnmatch.fnmatchcase(e["name"].rsplit("/", 1)[-1],
-                                                              args.name))
-                 and (args.newer is None or e["mtime"] > args.newer))
+        found = (
+            e
+            for e in client.iter_ls(args.prefix)
+            if (args.name is None or fnmatch.fnmatchcase(e["name"].rsplit("/", 1)[-1], args.name))
+            and (args.newer is None or e["mtime"] > args.newer)
+        )
         if args.json:
             print(json.dumps(list(found), indent=1))
             return
@@ -350,15 +385,18 @@ def cmd_versions(args):
         print(json.dumps(found, indent=1))
         return
     for v in found:
-        print(f"{'v' + str(v['version']):>6}  {v['size']:>14,}  {_when(v['mtime'])}  "
-              f"{v['sha256'][:12]}  {'current' if v['current'] else 'retained'}")
+        print(
+            f"{'v' + str(v['version']):>6}  {v['size']:>14,}  {_when(v['mtime'])}  "
+            f"{v['sha256'][:12]}  {'current' if v['current'] else 'retained'}"
+        )
 
 
 def cmd_restore(args):
     with open_client(args) as client:
         stat = client.restore(args.name, args.version_number)
-    _print_result(args, stat, f"restored {stat['name']} as version {stat['version']} "
-                              f"({_human(stat['size'])})")
+    _print_result(
+        args, stat, f"restored {stat['name']} as version {stat['version']} ({_human(stat['size'])})"
+    )
 
 
 def _into(src: str, dst: str) -> str:
@@ -375,8 +413,9 @@ def cmd_mv(args):
 def cmd_cp(args):
     with open_client(args) as client:
         stat = client.cp(args.src, _into(args.src, args.dst))
-    _print_result(args, stat, f"copied {args.src} to {stat['name']} ({_human(stat['size'])}, "
-                              f"no data moved)")
+    _print_result(
+        args, stat, f"copied {args.src} to {stat['name']} ({_human(stat['size'])}, no data moved)"
+    )
 
 
 def _print_result(args, result, text: str):
@@ -393,14 +432,22 @@ def cmd_gc(args):
         print(json.dumps(freed, indent=1))
         return
     verb = "would free" if args.dry_run else "freed"
-    print(f"gc: {verb} {freed['chunks']:,} chunks, {_human(freed['bytes'])} "
-               f"({freed['orphans']:,} orphans); dropped {freed['pruned']:,} old tombstones "
-               f"and commit ids")
+    print(
+        f"gc: {verb} {freed['chunks']:,} chunks, {_human(freed['bytes'])} "
+        f"({freed['orphans']:,} orphans); dropped {freed['pruned']:,} old tombstones "
+        f"and commit ids"
+    )
 
 
 def cmd_fsck(args):
-    totals = {"names": 0, "chunks": 0, "bytes": 0, "damaged": [], "orphans": 0,
-              "refcount_errors": 0}
+    totals = {
+        "names": 0,
+        "chunks": 0,
+        "bytes": 0,
+        "damaged": [],
+        "orphans": 0,
+        "refcount_errors": 0,
+    }
     with open_client(args) as client:
         for page in client.fsck():
             for key in ("names", "chunks", "bytes"):
@@ -415,13 +462,17 @@ def cmd_fsck(args):
     if args.json:
         print(json.dumps({**totals, "ok": not bad}, indent=1))
     else:
-        print(f"fsck: {totals['names']:,} files, {totals['chunks']:,} chunks "
-              f"({_human(totals['bytes'])}) checked; {len(totals['damaged'])} damaged or missing; "
-              f"{totals['orphans']:,} orphan chunks (collected by gc after the grace period); "
-              f"{totals['refcount_errors']} reference counts wrong")
+        print(
+            f"fsck: {totals['names']:,} files, {totals['chunks']:,} chunks "
+            f"({_human(totals['bytes'])}) checked; {len(totals['damaged'])} damaged or missing; "
+            f"{totals['orphans']:,} orphan chunks (collected by gc after the grace period); "
+            f"{totals['refcount_errors']} reference counts wrong"
+        )
         if bad:
-            print("fsck: files above cannot be read whole; upload them again to repair them",
-                  file=sys.stderr)
+            print(
+                "fsck: files above cannot be read whole; upload them again to repair them",
+                file=sys.stderr,
+            )
     return EXIT_ERROR if bad else EXIT_OK
 
 
@@ -450,12 +501,14 @@ def cmd_rm(args):
             removed += len(page)
     if not removed:
         raise NotFound(f"not found: no files under {prefix!r}; list names with: ls")
-    _print_result(args, {"prefix": prefix, "removed": removed},
-                  f"removed {removed:,} files under {prefix}")
+    _print_result(
+        args, {"prefix": prefix, "removed": removed}, f"removed {removed:,} files under {prefix}"
+    )
 
 
 def cmd_stats(args):
     from ..errors import Unavailable
+
     with open_client(args) as client:
         status = client.status()
         # Ask a service only if the broker knows a worker of it: with none, the request would
@@ -472,43 +525,55 @@ def cmd_stats(args):
         # One worker's own figures (lookups, bytes held), then the tier's, counted by the
         # broker over every cache worker: GETs whose every piece came from the cache, bytes.
         cache = {**cache, **status.get("cache", {})}
-    out = {"workers": status["workers"], "cache": cache, "store": store,
-           "broker": status["broker"]}
+    out = {"workers": status["workers"], "cache": cache, "store": store, "broker": status["broker"]}
     if args.json:
         print(json.dumps(out, indent=1))
         return
     fds = out["broker"].get("fds") or {}
-    print(f"broker  frontend={out['broker']['frontend']} backend={out['broker']['backend']}"
-          f" descriptors={fds.get('open')}/{fds.get('soft')}")
+    print(
+        f"broker  frontend={out['broker']['frontend']} backend={out['broker']['backend']}"
+        f" descriptors={fds.get('open')}/{fds.get('soft')}"
+    )
     if not out["workers"]:
         print("worker  none connected: start storage (and cache) workers, or use fms up")
     for w in out["workers"]:
-        print(f"worker  {w['service']:<8} {w['id']:<28} {w['state']:<6} "
-              f"inflight={w['inflight']} served={w['served']}")
+        print(
+            f"worker  {w['service']:<8} {w['id']:<28} {w['state']:<6} "
+            f"inflight={w['inflight']} served={w['served']}"
+        )
     if cache is None:
         print("cache   none connected (reads go straight to storage)")
     else:
         gets = cache["get_hits"] + cache["get_misses"]
         ratio = f"{cache['get_hits'] / gets:.2f}" if gets else "-"
-        print(f"cache   get_hits={cache['get_hits']} get_misses={cache['get_misses']} "
-              f"hit_ratio={ratio} bytes_hit={_human(cache['bytes_hit'])} "
-              f"bytes_missed={_human(cache['bytes_missed'])} "
-              f"evictions={cache['evictions']} refused={cache['admissions_refused']}")
-        print(f"cache   (one worker) bytes={_human(cache['bytes'])}/"
-              f"{_human(cache['max_bytes'])} entries={cache['entries']} "
-              f"lookups: hits={cache['hits']} misses={cache['misses']}")
+        print(
+            f"cache   get_hits={cache['get_hits']} get_misses={cache['get_misses']} "
+            f"hit_ratio={ratio} bytes_hit={_human(cache['bytes_hit'])} "
+            f"bytes_missed={_human(cache['bytes_missed'])} "
+            f"evictions={cache['evictions']} refused={cache['admissions_refused']}"
+        )
+        print(
+            f"cache   (one worker) bytes={_human(cache['bytes'])}/"
+            f"{_human(cache['max_bytes'])} entries={cache['entries']} "
+            f"lookups: hits={cache['hits']} misses={cache['misses']}"
+        )
     if store is None:
         print("store   no storage worker connected")
     else:
-        print(f"store   files={store['files']} bytes={_human(store['bytes'])} "
-              f"stored={_human(store['chunk_bytes'])} (after dedup)")
+        print(
+            f"store   files={store['files']} bytes={_human(store['bytes'])} "
+            f"stored={_human(store['chunk_bytes'])} (after dedup)"
+        )
 
 
 def cmd_keygen(args):
     from ..security import keygen
+
     public, secret = keygen(args.dir, args.name)
-    print(f"wrote {public} (public: give it to the broker's operator for its --allow folder)\n"
-          f"wrote {secret} (secret, mode 0600: keep it on this machine only)")
+    print(
+        f"wrote {public} (public: give it to the broker's operator for its --allow folder)\n"
+        f"wrote {secret} (secret, mode 0600: keep it on this machine only)"
+    )
 
 
 def _human(n: int) -> str:

@@ -36,8 +36,10 @@ def check_endpoints(**options):
     (``--frontend 47755``): one line saying the form to use."""
     for option, endpoint in options.items():
         if not _ENDPOINT.match(str(endpoint)):
-            raise FmsError(f"--{option.replace('_', '-')} {endpoint!r} is not an endpoint; write "
-                           f"it like tcp://127.0.0.1:5555 (or ipc://PATH)")
+            raise FmsError(
+                f"--{option.replace('_', '-')} {endpoint!r} is not an endpoint; write "
+                f"it like tcp://127.0.0.1:5555 (or ipc://PATH)"
+            )
 
 
 def cmd_broker(args):
@@ -46,22 +48,26 @@ def cmd_broker(args):
     from ..broker import Broker
     from ..logutil import setup_logging
     from ..security import is_loopback
+
     setup_logging(args.log_level)
     check_endpoints(frontend=args.frontend, backend=args.backend)
     curve = _broker_curve(args)
     if args.store is None and not is_loopback(args.backend):
         # Only workers on this machine could then choose the store; others must not.
-        raise FmsError(f"a broker whose backend ({args.backend}) other hosts can reach must be "
-                       f"told which store it serves, so that no worker can decide it by "
-                       f"registering first: add --store ID (print the id with: python "
-                       f"storage_worker.py --meta ... --chunks ... --print-store-id)")
+        raise FmsError(
+            f"a broker whose backend ({args.backend}) other hosts can reach must be "
+            f"told which store it serves, so that no worker can decide it by "
+            f"registering first: add --store ID (print the id with: python "
+            f"storage_worker.py --meta ... --chunks ... --print-store-id)"
+        )
     broker = Broker(args.frontend, args.backend, curve=curve, store=args.store)
     try:
         broker.bind()
         if args.metrics_port is not None:
             broker.metrics.serve(args.metrics_port)
             logging.getLogger("fms.broker").info(
-                "event=metrics url=http://127.0.0.1:%d/metrics", args.metrics_port)
+                "event=metrics url=http://127.0.0.1:%d/metrics", args.metrics_port
+            )
     except Exception as exc:  # zmq.ZMQError / OSError: address in use, bad endpoint
         raise FmsError(f"cannot bind: {exc}; is another broker running on these ports?") from None
     try:
@@ -73,25 +79,32 @@ def cmd_broker(args):
 def _broker_curve(args):
     """The broker's CurveServer, or None after checking that plaintext is safe to bind."""
     from ..security import CurveServer, SecurityError, exposure
+
     given = [bool(args.curve_secret), bool(args.allow), bool(args.allow_workers)]
     if any(given) and not all(given):
-        raise SecurityError("CURVE needs --curve-secret (the broker's .key_secret), --allow (a "
-                            "folder of the clients' public .key files) and --allow-workers (a "
-                            "folder of the workers' public .key files, apart from the clients' "
-                            "so that a client key cannot act as a worker)")
+        raise SecurityError(
+            "CURVE needs --curve-secret (the broker's .key_secret), --allow (a "
+            "folder of the clients' public .key files) and --allow-workers (a "
+            "folder of the workers' public .key files, apart from the clients' "
+            "so that a client key cannot act as a worker)"
+        )
     if args.curve_secret:
         import zmq
-        return CurveServer(zmq.Context.instance(), args.curve_secret, args.allow,
-                           args.allow_workers)
+
+        return CurveServer(
+            zmq.Context.instance(), args.curve_secret, args.allow, args.allow_workers
+        )
     if args.insecure:
         return None
-    exposed = [f"{e} ({why})" for e in (args.frontend, args.backend)
-               if (why := exposure(e)) is not None]
+    exposed = [
+        f"{e} ({why})" for e in (args.frontend, args.backend) if (why := exposure(e)) is not None
+    ]
     if exposed:
         raise SecurityError(
             f"refusing to bind {'; '.join(exposed)} without encryption: anyone who can reach "
             f"it could read and overwrite every file. Use --curve-secret and --allow (README, "
-            f"Security), or --insecure if the network is trusted")
+            f"Security), or --insecure if the network is trusted"
+        )
     return None
 
 
@@ -104,8 +117,9 @@ def _run_worker(args, service, ready: dict, log_name: str):
 
     import zmq
 
-    from ..worker import BrokerLink, WorkerRefused, serve
     from ..security import client_keys
+    from ..worker import BrokerLink, WorkerRefused, serve
+
     log = logging.getLogger(log_name)
     check_endpoints(broker=args.broker)
     curve = client_keys(args.curve_secret, args.server_key)
@@ -126,6 +140,7 @@ def cmd_storage(args):
     from ..logutil import setup_logging
     from ..storage.engine import open_store
     from ..storage.service import StorageService
+
     setup_logging(args.log_level)
     if args.data == os.path.join(DEFAULT_DATA, "storage"):
         os.makedirs(DEFAULT_DATA, exist_ok=True)  # the default just works; a given path must exist
@@ -135,12 +150,19 @@ def cmd_storage(args):
         store.close()
         return EXIT_OK
     store.chunks.clean_tmp()
-    service = StorageService(store, None, gc_grace=args.gc_grace,
-                             maintenance_store=open_store(args.data, args.meta, args.chunks,
-                                                          args.keep_versions))
+    service = StorageService(
+        store,
+        None,
+        gc_grace=args.gc_grace,
+        maintenance_store=open_store(args.data, args.meta, args.chunks, args.keep_versions),
+    )
     try:
-        return _run_worker(args, service, {"svc": p.STORAGE, "wid": _worker_id(args, "storage"),
-                                           "store": store.store_id}, "fms.storage")
+        return _run_worker(
+            args,
+            service,
+            {"svc": p.STORAGE, "wid": _worker_id(args, "storage"), "store": store.store_id},
+            "fms.storage",
+        )
     finally:
         service.close()
 
@@ -148,6 +170,7 @@ def cmd_storage(args):
 def cmd_cache(args):
     from ..cache import CacheService, ChunkCache
     from ..logutil import setup_logging
+
     setup_logging(args.log_level)
     try:
         chunks = ChunkCache(args.dir, args.max_bytes, args.memory_bytes)
@@ -155,7 +178,8 @@ def cmd_cache(args):
         raise FmsError(f"cannot use cache directory {args.dir}: {exc.strerror}") from None
     service = CacheService(chunks, None, max_file=args.max_file)
     try:
-        return _run_worker(args, service, {"svc": p.CACHE, "wid": _worker_id(args, "cache")},
-                           "fms.cache")
+        return _run_worker(
+            args, service, {"svc": p.CACHE, "wid": _worker_id(args, "cache")}, "fms.cache"
+        )
     finally:
         chunks.close()

@@ -43,6 +43,7 @@ def _run(parser, argv) -> int:
 def _shell(parser, args) -> int:
     """No command: the interactive shell, keeping the options given before it."""
     from .shell import run_shell
+
     base = []
     for option in ("broker", "timeout", "curve_secret", "server_key"):
         if hasattr(args, option):
@@ -58,13 +59,28 @@ def _shell(parser, args) -> int:
 
 
 def _dispatch(args, parser) -> int:
-    handlers = {"put": commands.cmd_put, "get": commands.cmd_get, "ls": commands.cmd_ls,
-                "stat": commands.cmd_stat, "rm": commands.cmd_rm, "stats": commands.cmd_stats,
-                "mv": commands.cmd_mv, "cp": commands.cmd_cp, "du": commands.cmd_du,
-                "find": commands.cmd_find, "versions": commands.cmd_versions,
-                "restore": commands.cmd_restore, "sync": sync.cmd_sync, "gc": commands.cmd_gc, "fsck": commands.cmd_fsck, "keygen": commands.cmd_keygen,
-                "broker": daemons.cmd_broker, "storage": daemons.cmd_storage,
-                "cache": daemons.cmd_cache, "up": up.cmd_up}
+    handlers = {
+        "put": commands.cmd_put,
+        "get": commands.cmd_get,
+        "ls": commands.cmd_ls,
+        "stat": commands.cmd_stat,
+        "rm": commands.cmd_rm,
+        "stats": commands.cmd_stats,
+        "mv": commands.cmd_mv,
+        "cp": commands.cmd_cp,
+        "du": commands.cmd_du,
+        "find": commands.cmd_find,
+        "versions": commands.cmd_versions,
+        "restore": commands.cmd_restore,
+        "sync": sync.cmd_sync,
+        "gc": commands.cmd_gc,
+        "fsck": commands.cmd_fsck,
+        "keygen": commands.cmd_keygen,
+        "broker": daemons.cmd_broker,
+        "storage": daemons.cmd_storage,
+        "cache": daemons.cmd_cache,
+        "up": up.cmd_up,
+    }
     try:
         return handlers[args.command](args) or EXIT_OK
     except FmsError as exc:

@@ -17,9 +17,24 @@ from ..errors import FmsError
 
 HISTORY_FILE = os.path.expanduser("~/.fms_history")
 HISTORY_LENGTH = 1000
-COMPLETION_TTL = 5.0     # seconds a listing is reused for completion
-COMMANDS = ("put", "get", "ls", "stat", "rm", "mv", "cp", "du", "find", "sync", "versions",
-            "restore", "stats", "gc", "fsck")
+COMPLETION_TTL = 5.0  # seconds a listing is reused for completion
+COMMANDS = (
+    "put",
+    "get",
+    "ls",
+    "stat",
+    "rm",
+    "mv",
+    "cp",
+    "du",
+    "find",
+    "sync",
+    "versions",
+    "restore",
+    "stats",
+    "gc",
+    "fsck",
+)
 
 
 class Shell(cmd.Cmd):
@@ -35,10 +50,12 @@ class Shell(cmd.Cmd):
         self._run = run
         self._client = client
         self._parser = parser
-        self._names = (0.0, "", [])     # (when, prefix, names): the last completion listing
-        self.intro = (f"fms shell, cluster at {broker}\n"
-                      f"commands: {', '.join(COMMANDS)}, help [COMMAND], quit\n"
-                      f"example: put ./photo.jpg trips/1.jpg   then: get trips/1.jpg\n")
+        self._names = (0.0, "", [])  # (when, prefix, names): the last completion listing
+        self.intro = (
+            f"fms shell, cluster at {broker}\n"
+            f"commands: {', '.join(COMMANDS)}, help [COMMAND], quit\n"
+            f"example: put ./photo.jpg trips/1.jpg   then: get trips/1.jpg\n"
+        )
 
     # --- commands ---
 
@@ -141,7 +158,7 @@ class Shell(cmd.Cmd):
 
     do_exit = do_quit
 
-    def do_EOF(self, line):  # noqa: N802 - the name cmd.Cmd looks for
+    def do_EOF(self, line):
         self._print("")
         return True
 
@@ -201,7 +218,8 @@ def run_shell(run, client, parser, broker: str) -> int:
     if interactive:
         try:
             import readline
-            readline.set_completer_delims(" \t\n")   # names hold '/' and '-'
+
+            readline.set_completer_delims(" \t\n")  # names hold '/' and '-'
             readline.set_history_length(HISTORY_LENGTH)
             if os.path.exists(HISTORY_FILE):
                 readline.read_history_file(HISTORY_FILE)

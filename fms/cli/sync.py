@@ -20,8 +20,10 @@ REMOTE = "fms:"
 def cmd_sync(args):
     src_remote, dst_remote = args.src.startswith(REMOTE), args.dst.startswith(REMOTE)
     if src_remote == dst_remote:
-        raise FmsError("sync needs one local folder and one fms:PREFIX, e.g. "
-                       "sync ./photos fms:photos/  or  sync fms:photos/ ./restore")
+        raise FmsError(
+            "sync needs one local folder and one fms:PREFIX, e.g. "
+            "sync ./photos fms:photos/  or  sync fms:photos/ ./restore"
+        )
     with open_client(args) as client:
         if dst_remote:
             plan = _upload_plan(client, args.src, _prefix(args.dst))
@@ -32,22 +34,30 @@ def cmd_sync(args):
             _carry_out(client, plan, upload=dst_remote, delete=args.delete)
     if not args.json:
         verb = "would send" if args.dry_run else "sent"
-        deleted = f", {'would delete' if args.dry_run else 'deleted'} {len(plan['extra'])}" \
-            if args.delete else f", {len(plan['extra'])} only at the destination (kept)"
-        _say(args, f"sync: {verb} {len(plan['send'])} files "
-                   f"({_human(sum(size for *_, size in plan['send']))}), {plan['same']} "
-                   f"unchanged{deleted}")
+        deleted = (
+            f", {'would delete' if args.dry_run else 'deleted'} {len(plan['extra'])}"
+            if args.delete
+            else f", {len(plan['extra'])} only at the destination (kept)"
+        )
+        _say(
+            args,
+            f"sync: {verb} {len(plan['send'])} files "
+            f"({_human(sum(size for *_, size in plan['send']))}), {plan['same']} "
+            f"unchanged{deleted}",
+        )
 
 
 def _prefix(remote: str) -> str:
     """``fms:photos`` and ``fms:photos/`` are the folder ``photos/``; ``fms:`` the store."""
-    prefix = remote[len(REMOTE):].strip("/")
+    prefix = remote[len(REMOTE) :].strip("/")
     return prefix + "/" if prefix else ""
 
 
 def _same(path: str, stat: dict, chunk_size: int) -> bool:
-    return (os.path.getsize(path) == stat["size"]
-            and plan_file(path, chunk_size).sha256.hex() == stat["sha256"])
+    return (
+        os.path.getsize(path) == stat["size"]
+        and plan_file(path, chunk_size).sha256.hex() == stat["sha256"]
+    )
 
 
 def _upload_plan(client, folder: str, prefix: str) -> dict:
@@ -68,7 +78,7 @@ def _upload_plan(client, folder: str, prefix: str) -> dict:
 def _download_plan(client, prefix: str, folder: str) -> dict:
     send, same, wanted = [], 0, set()
     for e in client.iter_ls(prefix):
-        path = _inside(folder, e["name"][len(prefix):])
+        path = _inside(folder, e["name"][len(prefix) :])
         wanted.add(path)
         if os.path.isfile(path) and _same(path, e, client.chunk_size):
             same += 1
@@ -76,16 +86,27 @@ def _download_plan(client, prefix: str, folder: str) -> dict:
             send.append((e["name"], path, e["size"]))
     extra = []
     if os.path.isdir(folder):
-        extra = sorted(path for path, _name in _local_tree(folder, "", allow_empty=True)
-                       if os.path.abspath(path) not in wanted)
+        extra = sorted(
+            path
+            for path, _name in _local_tree(folder, "", allow_empty=True)
+            if os.path.abspath(path) not in wanted
+        )
     return {"send": send, "same": same, "extra": extra}
 
 
 def _report(args, plan: dict):
     if args.json:
-        print(json.dumps({"send": [{"from": a, "to": b, "size": n} for a, b, n in plan["send"]],
-                          "unchanged": plan["same"], "delete": plan["extra"] if args.delete
-                          else [], "dry_run": args.dry_run}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "send": [{"from": a, "to": b, "size": n} for a, b, n in plan["send"]],
+                    "unchanged": plan["same"],
+                    "delete": plan["extra"] if args.delete else [],
+                    "dry_run": args.dry_run,
+                },
+                indent=1,
+            )
+        )
         return
     if getattr(args, "quiet", False):
         return

@@ -10,10 +10,10 @@ from ..errors import FmsError
 from .commands import EXIT_OK
 from .daemons import StopFlag, check_endpoints
 
-UP_STOP_TIMEOUT = 8.0      # seconds `fms up` waits for its processes to stop before killing them
-RESTART_BACKOFF = 1.0      # seconds before the first restart of a process that died; doubles...
+UP_STOP_TIMEOUT = 8.0  # seconds `fms up` waits for its processes to stop before killing them
+RESTART_BACKOFF = 1.0  # seconds before the first restart of a process that died; doubles...
 RESTART_BACKOFF_MAX = 30.0  # ... up to this
-RESTART_RESET = 60.0       # a process that ran this long starts again from the first backoff
+RESTART_RESET = 60.0  # a process that ran this long starts again from the first backoff
 
 
 def cmd_up(args):
@@ -30,28 +30,69 @@ def cmd_up(args):
     server, workers, client = [], [], None
     if args.curve:
         from ..security import cluster_keys
+
         server, workers, client = cluster_keys(os.path.abspath(os.path.join(args.data, "keys")))
     insecure = ["--insecure"] if args.insecure else []
     # The store id comes from the storage directory, so the broker serves that store whichever
     # storage worker (or impostor) registers first.
     store = ["--store", _store_id(os.path.join(args.data, "storage"), args.meta, args.chunks)]
-    specs = [("broker", py + ["broker", "--frontend", args.frontend, "--backend", args.backend]
-              + server + store + insecure + log)]
+    specs = [
+        (
+            "broker",
+            py
+            + ["broker", "--frontend", args.frontend, "--backend", args.backend]
+            + server
+            + store
+            + insecure
+            + log,
+        )
+    ]
     for i in range(args.caches):
         # One cache keeps DATA/cache as before; several split the bound, a folder each.
         name = "cache" if args.caches == 1 else f"cache-{i + 1}"
-        specs.append((name, py + ["cache", "--broker", args.backend, "--dir",
-                                  os.path.join(args.data, name), "--id", name, "--max-bytes",
-                                  str(args.cache_bytes // args.caches)] + workers + log))
+        specs.append(
+            (
+                name,
+                py
+                + [
+                    "cache",
+                    "--broker",
+                    args.backend,
+                    "--dir",
+                    os.path.join(args.data, name),
+                    "--id",
+                    name,
+                    "--max-bytes",
+                    str(args.cache_bytes // args.caches),
+                ]
+                + workers
+                + log,
+            )
+        )
     for i in range(args.storage):
-        specs.append((f"storage-{i + 1}", py + ["storage", "--broker", args.backend, "--data",
-                                                os.path.join(args.data, "storage"),
-                                                "--id", f"storage-{i + 1}",
-                                                "--gc-grace", str(args.gc_grace),
-                                                "--keep-versions", str(args.keep_versions)]
-                      + (["--meta", args.meta] if args.meta else [])
-                      + (["--chunks", args.chunks] if args.chunks else [])
-                      + workers + log))
+        specs.append(
+            (
+                f"storage-{i + 1}",
+                py
+                + [
+                    "storage",
+                    "--broker",
+                    args.backend,
+                    "--data",
+                    os.path.join(args.data, "storage"),
+                    "--id",
+                    f"storage-{i + 1}",
+                    "--gc-grace",
+                    str(args.gc_grace),
+                    "--keep-versions",
+                    str(args.keep_versions),
+                ]
+                + (["--meta", args.meta] if args.meta else [])
+                + (["--chunks", args.chunks] if args.chunks else [])
+                + workers
+                + log,
+            )
+        )
     stop = StopFlag()
     procs = []
     try:
@@ -59,13 +100,15 @@ def cmd_up(args):
             procs.append(_Child(name, cmd))
         hint = "python client.py put FILE"
         if client:
-            hint = (f"python client.py --curve-secret {client[0]} --server-key {client[1]} "
-                    f"put FILE")
-        print(f"fms up: broker at {args.frontend} (workers on {args.backend}), {args.caches} "
-              f"cache and {args.storage} storage workers, data in {os.path.abspath(args.data)}"
-              f"{', CURVE on' if args.curve else ''}\n"
-              f"fms up: try `{hint}` in another terminal; Ctrl-C stops all",
-              file=sys.stderr, flush=True)
+            hint = f"python client.py --curve-secret {client[0]} --server-key {client[1]} put FILE"
+        print(
+            f"fms up: broker at {args.frontend} (workers on {args.backend}), {args.caches} "
+            f"cache and {args.storage} storage workers, data in {os.path.abspath(args.data)}"
+            f"{', CURVE on' if args.curve else ''}\n"
+            f"fms up: try `{hint}` in another terminal; Ctrl-C stops all",
+            file=sys.stderr,
+            flush=True,
+        )
         while not stop():
             for child in procs:
                 child.watch()
@@ -84,11 +127,12 @@ class _Child:
         self.name, self.cmd = name, cmd
         self.backoff = RESTART_BACKOFF
         self.restarts = 0
-        self.due = None             # when to start it again, while it is dead
+        self.due = None  # when to start it again, while it is dead
         self._start()
 
     def _start(self):
         import subprocess
+
         self.proc = subprocess.Popen(self.cmd)
         self.started = time.monotonic()
 
@@ -98,16 +142,23 @@ class _Child:
             if now >= self.due:
                 self.due = None
                 self.restarts += 1
-                print(f"fms up: starting {self.name} again (restart {self.restarts})",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"fms up: starting {self.name} again (restart {self.restarts})",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 self._start()
             return
         if self.proc.poll() is None:
             return
         if now - self.started >= RESTART_RESET:
             self.backoff = RESTART_BACKOFF
-        print(f"fms up: {self.name} exited with code {self.proc.returncode}; starting it again "
-              f"in {self.backoff:.0f} s", file=sys.stderr, flush=True)
+        print(
+            f"fms up: {self.name} exited with code {self.proc.returncode}; starting it again "
+            f"in {self.backoff:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
         self.due = now + self.backoff
         self.backoff = min(self.backoff * 2, RESTART_BACKOFF_MAX)
 
@@ -115,6 +166,7 @@ class _Child:
 def _store_id(data: str, meta: str | None, chunks: str | None) -> str:
     """The id of the store the storage workers will open (made now if it is new)."""
     from ..storage.engine import open_store
+
     store = open_store(data, meta, chunks)
     try:
         return store.store_id
@@ -124,6 +176,7 @@ def _store_id(data: str, meta: str | None, chunks: str | None) -> str:
 
 def _stop_all(procs):
     import subprocess
+
     for _name, proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

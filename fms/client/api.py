@@ -28,9 +28,9 @@ from . import download, upload
 from .download import RemoteFile
 from .session import DEFAULT_RETRIES, DEFAULT_TIMEOUT, DEFAULT_WINDOW, Session
 
-MAINTENANCE_TIMEOUT = 600.0    # seconds a gc or fsck page may take before it is asked again
-GET_BATCH = 128                # names per get_many message when fetching many files
-BATCH_WINDOW = 4               # get_many messages in flight
+MAINTENANCE_TIMEOUT = 600.0  # seconds a gc or fsck page may take before it is asked again
+GET_BATCH = 128  # names per get_many message when fetching many files
+BATCH_WINDOW = 4  # get_many messages in flight
 
 
 class Client:
@@ -53,16 +53,27 @@ class Client:
         cache need not hold).
     """
 
-    def __init__(self, broker: str | None = None, *, timeout: float = DEFAULT_TIMEOUT,
-                 retries: int = DEFAULT_RETRIES, window: int = DEFAULT_WINDOW,
-                 chunk_size: int = p.DEFAULT_CHUNK_SIZE, progress=None,
-                 ctx: zmq.Context | None = None, curve=None, fsync: bool = False,
-                 cache: bool = True):
+    def __init__(
+        self,
+        broker: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        retries: int = DEFAULT_RETRIES,
+        window: int = DEFAULT_WINDOW,
+        chunk_size: int = p.DEFAULT_CHUNK_SIZE,
+        progress=None,
+        ctx: zmq.Context | None = None,
+        curve=None,
+        fsync: bool = False,
+        cache: bool = True,
+    ):
         if not p.MIN_CHUNK_SIZE <= chunk_size <= p.MAX_CHUNK_SIZE:
-            raise BadRequest(f"chunk size must be between {p.MIN_CHUNK_SIZE} and "
-                             f"{p.MAX_CHUNK_SIZE} bytes")
-        self.session = Session(broker, timeout=timeout, retries=retries, window=window, ctx=ctx,
-                               curve=curve)
+            raise BadRequest(
+                f"chunk size must be between {p.MIN_CHUNK_SIZE} and {p.MAX_CHUNK_SIZE} bytes"
+            )
+        self.session = Session(
+            broker, timeout=timeout, retries=retries, window=window, ctx=ctx, curve=curve
+        )
         self.chunk_size = chunk_size
         self.progress = progress
         self.fsync = fsync
@@ -162,8 +173,9 @@ class Client:
         version; also after ``rm``.  :return: the new stat.  :raises NotFound: no such
         retained version."""
         fields = {} if version is None else {"version": version}
-        header, _ = self.call("restore", name=p.check_name(name), commit=os.urandom(16).hex(),
-                              **fields)
+        header, _ = self.call(
+            "restore", name=p.check_name(name), commit=os.urandom(16).hex(), **fields
+        )
         return _public(header["stat"])
 
     def mv(self, src: str, dst: str) -> dict:
@@ -181,8 +193,9 @@ class Client:
         return self._copy("cp", src, dst)
 
     def _copy(self, op: str, src: str, dst: str) -> dict:
-        header, _ = self.call(op, src=p.check_name(src), name=p.check_name(dst),
-                              commit=os.urandom(16).hex())
+        header, _ = self.call(
+            op, src=p.check_name(src), name=p.check_name(dst), commit=os.urandom(16).hex()
+        )
         return _public(header["stat"])
 
     def du(self, prefix: str = "") -> dict:
@@ -259,10 +272,11 @@ class Client:
 
         :return: the stat of each, in order.
         """
-        items = [(path, p.check_name(name)) for path, name in items]   # every name, first
-        return self._put_planned((path, name, upload.plan_file(path, self.chunk_size,
-                                                               self._hashing(name)))
-                                 for path, name in items)
+        items = [(path, p.check_name(name)) for path, name in items]  # every name, first
+        return self._put_planned(
+            (path, name, upload.plan_file(path, self.chunk_size, self._hashing(name)))
+            for path, name in items
+        )
 
     def _put_planned(self, planned) -> list:
         return [_public(stat) for stat in upload.put_planned(self.session, planned, self._report)]
@@ -292,21 +306,26 @@ class Client:
         items = [(p.check_name(name), dest) for name, dest in items]
         results = [None] * len(items)
         later = []
-        batches = [range(k, min(k + GET_BATCH, len(items))) for k in range(0, len(items), GET_BATCH)]
-        requests = ((batch, "get_many", {"names": [items[i][0] for i in batch],
-                                         **self._get_fields()}, None)
-                    for batch in batches)
+        batches = [
+            range(k, min(k + GET_BATCH, len(items))) for k in range(0, len(items), GET_BATCH)
+        ]
+        requests = (
+            (batch, "get_many", {"names": [items[i][0] for i in batch], **self._get_fields()}, None)
+            for batch in batches
+        )
         for batch, header, frame in self.session.pipeline(requests, BATCH_WINDOW):
-            replies = p.read_batch(header, frame.buffer if frame is not None else None,
-                                   [items[i][0] for i in batch])
-            for i, (result, data) in zip(batch, replies):
+            replies = p.read_batch(
+                header, frame.buffer if frame is not None else None, [items[i][0] for i in batch]
+            )
+            for i, (result, data) in zip(batch, replies, strict=False):
                 if "error" in result:
                     raise from_reply(str(result["error"]), str(result.get("message")), result)
                 if data is None:
                     later.append((i, result["manifest"]))
                     continue
-                manifest, data = download.fetch_whole(self.session, items[i][0],
-                                                      result["manifest"], data)
+                manifest, data = download.fetch_whole(
+                    self.session, items[i][0], result["manifest"], data
+                )
                 path, in_place = download.destination(items[i][1])
                 if in_place:
                     with download.in_place(path) as out:
@@ -318,8 +337,9 @@ class Client:
             results[i] = self._get_one(*items[i], manifest)
         return results
 
-    def _get_one(self, name: str, dest: str, manifest: dict | None = None,
-                 version: int | None = None) -> dict:
+    def _get_one(
+        self, name: str, dest: str, manifest: dict | None = None, version: int | None = None
+    ) -> dict:
         """Download one file; ``manifest``: already known (only a small file's content, which
         comes with a ``get``, is then asked for).  A destination that is not a regular file is
         written into, never replaced (:func:`download.destination`)."""
@@ -327,12 +347,13 @@ class Client:
         if in_place:
             with download.in_place(dest) as out:
                 return self.get_to(name, out, version)
-        frame, via = None, self._get_fields()     # a batch's large file: untagged
+        frame, via = None, self._get_fields()  # a batch's large file: untagged
         if manifest is None or p.travels_inline(manifest["size"], len(manifest["chunks"])):
             manifest, frame, via = self._manifest(name, version)
         if frame is not None:
-            manifest, data = download.fetch_whole(self.session, name, manifest,
-                                                  p.unpack_data(frame.buffer))
+            manifest, data = download.fetch_whole(
+                self.session, name, manifest, p.unpack_data(frame.buffer)
+            )
             download.write_whole(dest, manifest, data, self.fsync)
         else:
             with download.atomic_file(dest, manifest, self.fsync) as out:
@@ -365,11 +386,11 @@ class Client:
         """The content of ``name`` in memory (for small files)."""
         manifest, frame, via = self._manifest(name)
         if frame is not None:
-            return bytes(download.fetch_whole(self.session, name, manifest,
-                                              p.unpack_data(frame.buffer))[1])
+            return bytes(
+                download.fetch_whole(self.session, name, manifest, p.unpack_data(frame.buffer))[1]
+            )
         parts = []
-        download.download_chunks(self.session, manifest, download.Collect(parts), self._report,
-                                 via)
+        download.download_chunks(self.session, manifest, download.Collect(parts), self._report, via)
         return b"".join(parts)
 
     def get_to(self, name: str, stream, version: int | None = None) -> dict:
@@ -377,8 +398,9 @@ class Client:
         stdout), verified chunk by chunk before it is written (:raises IntegrityError:)."""
         manifest, frame, via = self._manifest(name, version)
         if frame is not None:
-            manifest, data = download.fetch_whole(self.session, name, manifest,
-                                                  p.unpack_data(frame.buffer))
+            manifest, data = download.fetch_whole(
+                self.session, name, manifest, p.unpack_data(frame.buffer)
+            )
             stream.write(data)
         else:
             download.download_chunks(self.session, manifest, stream, self._report, via)
@@ -410,5 +432,7 @@ def _public(entry: dict) -> dict:
     """A stat or manifest as the API returns it: hex digests, no chunk list."""
     out = {k: v for k, v in entry.items() if k not in ("chunks", "commit")}
     out["sha256"] = entry["sha256"].hex()
-    out["chunks"] = len(entry["chunks"]) if isinstance(entry.get("chunks"), list) else entry.get("chunks")
+    out["chunks"] = (
+        len(entry["chunks"]) if isinstance(entry.get("chunks"), list) else entry.get("chunks")
+    )
     return out

@@ -20,15 +20,16 @@ from .. import wire as p
 from ..errors import FmsError, IntegrityError
 from .session import Session
 
-
-VERIFY_THREADS = 2       # threads verifying and writing chunks while the next ones arrive
+VERIFY_THREADS = 2  # threads verifying and writing chunks while the next ones arrive
 
 
 def chunk_fields(manifest: dict, i: int) -> dict:
     """A ``chunk`` request's fields for chunk ``i``: its hash, and its length, so the broker
     reserves room for exactly that reply (without ``len`` it assumes the largest chunk)."""
-    return {"hash": manifest["chunks"][i],
-            "len": p.chunk_length(i, manifest["size"], manifest["chunk_size"])}
+    return {
+        "hash": manifest["chunks"][i],
+        "len": p.chunk_length(i, manifest["size"], manifest["chunk_size"]),
+    }
 
 
 def fetch_whole(session: Session, name: str, manifest: dict, data):
@@ -63,16 +64,19 @@ def download_to_file(session: Session, manifest: dict, out, report, via=None):
 
     :raises IntegrityError: a chunk does not match its digest, also from storage.
     """
-    from concurrent.futures import ThreadPoolExecutor   # not imported for small files
+    from concurrent.futures import ThreadPoolExecutor  # not imported for small files
 
     out.flush()
     fd, chunk_size = out.fileno(), manifest["chunk_size"]
     window = session.data_window(chunk_size)
-    requests = ((i, "chunk", {**chunk_fields(manifest, i), **(via or {})}, None)
-                for i in range(len(manifest["chunks"])))
-    pending = collections.deque()       # (index, data, future) in arrival order
+    requests = (
+        (i, "chunk", {**chunk_fields(manifest, i), **(via or {})}, None)
+        for i in range(len(manifest["chunks"]))
+    )
+    pending = collections.deque()  # (index, data, future) in arrival order
     done = 0
     with ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="fms-verify") as pool:
+
         def settle():
             nonlocal done
             i, data, future = pending.popleft()
@@ -106,8 +110,10 @@ def _write_at(fd: int, data, offset: int):
 
 
 def _chunk_ok(manifest: dict, i: int, data) -> bool:
-    return (len(data) == p.chunk_length(i, manifest["size"], manifest["chunk_size"])
-            and p.sha256(data) == manifest["chunks"][i])
+    return (
+        len(data) == p.chunk_length(i, manifest["size"], manifest["chunk_size"])
+        and p.sha256(data) == manifest["chunks"][i]
+    )
 
 
 def _refetch(session: Session, manifest: dict, i: int):
@@ -117,8 +123,10 @@ def _refetch(session: Session, manifest: dict, i: int):
         _, frame = aside.call("chunk", **chunk_fields(manifest, i), fresh=True)
     data = p.unpack_data(frame.buffer) if frame is not None else b""
     if not _chunk_ok(manifest, i, data):
-        raise IntegrityError(f"chunk {i} of {manifest['name']!r} does not match its sha256, "
-                             f"also from storage; nothing was written, try again")
+        raise IntegrityError(
+            f"chunk {i} of {manifest['name']!r} does not match its sha256, "
+            f"also from storage; nothing was written, try again"
+        )
     return data
 
 
@@ -140,10 +148,13 @@ def iter_chunks(session: Session, manifest: dict, start: int = 0, via=None):
     chunks = manifest["chunks"]
     held = {}
     next_index = start
-    requests = ((i, "chunk", {**chunk_fields(manifest, i), **(via or {})}, None)
-                for i in range(start, len(chunks)))
-    for i, _header, frame in session.pipeline(requests,
-                                              session.data_window(manifest["chunk_size"])):
+    requests = (
+        (i, "chunk", {**chunk_fields(manifest, i), **(via or {})}, None)
+        for i in range(start, len(chunks))
+    )
+    for i, _header, frame in session.pipeline(
+        requests, session.data_window(manifest["chunk_size"])
+    ):
         data = p.unpack_data(frame.buffer) if frame is not None else memoryview(b"")
         if not _chunk_ok(manifest, i, data):
             data = _refetch(session, manifest, i)
@@ -164,12 +175,12 @@ class RemoteFile(io.RawIOBase):
         self.name = manifest["name"]
         self.size = manifest["size"]
         self._pos = 0
-        self._buf = memoryview(b"")   # the current chunk, from offset _buf_start
+        self._buf = memoryview(b"")  # the current chunk, from offset _buf_start
         self._buf_start = 0
         self._stream = None
-        self._run = 0                 # chunks read in order since the last jump
+        self._run = 0  # chunks read in order since the last jump
         self._whole = hashlib.sha256()
-        self._hashed_to = 0           # bytes hashed so far, while reading in order from 0
+        self._hashed_to = 0  # bytes hashed so far, while reading in order from 0
         if inline_frame is not None:
             self._buf = checked_whole(manifest, p.unpack_data(inline_frame.buffer))
 
@@ -200,7 +211,7 @@ class RemoteFile(io.RawIOBase):
                 self._fetch_chunk_at(self._pos, self._pos + len(out) - filled)
             start = self._pos - self._buf_start
             n = min(len(out) - filled, len(self._buf) - start)
-            out[filled:filled + n] = self._buf[start:start + n]
+            out[filled : filled + n] = self._buf[start : start + n]
             filled += n
             self._pos += n
         return filled
@@ -216,8 +227,11 @@ class RemoteFile(io.RawIOBase):
         index = pos // chunk_size
         in_order = len(self._buf) and self._buf_start + len(self._buf) == index * chunk_size
         self._run = self._run + 1 if in_order else 0
-        if self._stream is None and in_order and (self._run >= 2
-                                                  or want_end > (index + 1) * chunk_size):
+        if (
+            self._stream is None
+            and in_order
+            and (self._run >= 2 or want_end > (index + 1) * chunk_size)
+        ):
             self._stream = iter_chunks(self._session, self.manifest, index, self._via)
         if self._stream is not None and in_order:
             self._buf = next(self._stream)
@@ -241,8 +255,9 @@ class RemoteFile(io.RawIOBase):
 
 def checked_whole(manifest: dict, data) -> memoryview:
     if len(data) != manifest["size"] or p.sha256(data) != manifest["sha256"]:
-        raise IntegrityError(f"{manifest['name']!r} does not match its sha256; "
-                             f"nothing was written, try again")
+        raise IntegrityError(
+            f"{manifest['name']!r} does not match its sha256; nothing was written, try again"
+        )
     return data
 
 
@@ -318,8 +333,9 @@ def _create_temp(dest: str) -> tuple:
     like any new file (0666 & ~umask), O_EXCL so a name is never shared; pid and random part
     let `fms` tell its own leftovers."""
     folder = os.path.dirname(os.path.abspath(dest))
-    tmp = os.path.join(folder, f".{os.path.basename(dest)}.{os.getpid()}.{os.urandom(4).hex()}"
-                               f".fms-part")
+    tmp = os.path.join(
+        folder, f".{os.path.basename(dest)}.{os.getpid()}.{os.urandom(4).hex()}.fms-part"
+    )
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     try:
         try:

@@ -53,8 +53,14 @@ class FmsFileSystem(AbstractFileSystem):
     root_marker = ""
     cachable = True
 
-    def __init__(self, host: str | None = None, port: int | None = None,
-                 broker: str | None = None, client_options: dict | None = None, **kwargs):
+    def __init__(
+        self,
+        host: str | None = None,
+        port: int | None = None,
+        broker: str | None = None,
+        client_options: dict | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if broker is None and host:
             broker = f"tcp://{host}:{port or p.DEFAULT_FRONTEND.rsplit(':', 1)[1]}"
@@ -68,10 +74,10 @@ class FmsFileSystem(AbstractFileSystem):
             return [cls._strip_protocol(x) for x in path]
         path = str(path)
         if path.startswith(f"{PROTOCOL}://"):
-            path = path[len(PROTOCOL) + 3:]
-            path = path.split("/", 1)[1] if "/" in path else ""   # drop HOST:PORT
+            path = path[len(PROTOCOL) + 3 :]
+            path = path.split("/", 1)[1] if "/" in path else ""  # drop HOST:PORT
         elif path.startswith(f"{PROTOCOL}:"):
-            path = path[len(PROTOCOL) + 1:]
+            path = path[len(PROTOCOL) + 1 :]
         return path.strip("/")
 
     @staticmethod
@@ -94,7 +100,7 @@ class FmsFileSystem(AbstractFileSystem):
         prefix = f"{path}/" if path else ""
         out = [_info(e) for e in self.client.iter_folder(prefix)]
         if not out and path:
-            out = [self.info(path)]          # a file lists as itself; nothing: not found
+            out = [self.info(path)]  # a file lists as itself; nothing: not found
         return out if detail else [e["name"] for e in out]
 
     def info(self, path, **kwargs):
@@ -111,8 +117,7 @@ class FmsFileSystem(AbstractFileSystem):
 
     def find(self, path, maxdepth=None, withdirs=False, detail=False, **kwargs):
         if maxdepth is not None or withdirs:
-            return super().find(path, maxdepth=maxdepth, withdirs=withdirs, detail=detail,
-                                **kwargs)
+            return super().find(path, maxdepth=maxdepth, withdirs=withdirs, detail=detail, **kwargs)
         path = self._strip_protocol(path)
         found = {}
         try:
@@ -120,18 +125,18 @@ class FmsFileSystem(AbstractFileSystem):
                 found[path] = self.info(path)
         except FileNotFoundError:
             pass
-        found.update((e["name"], _info(e))
-                     for e in self.client.iter_ls(f"{path}/" if path else ""))
+        found.update((e["name"], _info(e)) for e in self.client.iter_ls(f"{path}/" if path else ""))
         return found if detail else sorted(found)
 
     def modified(self, path):
         import datetime
-        return datetime.datetime.fromtimestamp(self.info(path)["mtime"], datetime.timezone.utc)
+
+        return datetime.datetime.fromtimestamp(self.info(path)["mtime"], datetime.UTC)
 
     # --- changes ---
 
     def mkdir(self, path, create_parents=True, **kwargs):
-        pass    # folders are implied by the names under them
+        pass  # folders are implied by the names under them
 
     def makedirs(self, path, exist_ok=False):
         pass
@@ -143,13 +148,16 @@ class FmsFileSystem(AbstractFileSystem):
         try:
             self.client.rm(self._strip_protocol(path))
         except NotFound:
-            pass    # gone already, or an implied folder that went with its last file
+            pass  # gone already, or an implied folder that went with its last file
 
     def rm(self, path, recursive=False, maxdepth=None):
         """With ``recursive``, each folder goes a page of names per request (``rm -r``)."""
         paths = path if isinstance(path, list) else [path]
-        if not recursive or maxdepth is not None or any(glob in str(x) for x in paths
-                                                        for glob in "*?["):
+        if (
+            not recursive
+            or maxdepth is not None
+            or any(glob in str(x) for x in paths for glob in "*?[")
+        ):
             super().rm(path, recursive=recursive, maxdepth=maxdepth)
             self.invalidate_cache()
             return
@@ -175,7 +183,7 @@ class FmsFileSystem(AbstractFileSystem):
 
     def mv(self, path1, path2, recursive=False, maxdepth=None, **kwargs):
         if not recursive and isinstance(path1, str) and self.isfile(path1):
-            self._copy(path1, path2, self.client.mv)    # atomic, metadata only
+            self._copy(path1, path2, self.client.mv)  # atomic, metadata only
             return
         super().mv(path1, path2, recursive=recursive, maxdepth=maxdepth, **kwargs)
 
@@ -188,13 +196,15 @@ class FmsFileSystem(AbstractFileSystem):
 
     # --- content ---
 
-    def _open(self, path, mode="rb", block_size=None, autocommit=True, cache_options=None,
-              **kwargs):
+    def _open(
+        self, path, mode="rb", block_size=None, autocommit=True, cache_options=None, **kwargs
+    ):
         path = self._strip_protocol(path)
         if "r" in mode:
             try:
-                return io.BufferedReader(self.client.open(path),
-                                         buffer_size=block_size or io.DEFAULT_BUFFER_SIZE)
+                return io.BufferedReader(
+                    self.client.open(path), buffer_size=block_size or io.DEFAULT_BUFFER_SIZE
+                )
             except NotFound:
                 raise FileNotFoundError(path) from None
         if "x" in mode and self.exists(path):
@@ -278,19 +288,25 @@ class StreamWriter(io.RawIOBase):
             super().close()
 
     def _commit(self):
-        if not self._chunks:        # one chunk or none: it travels with its commit
+        if not self._chunks:  # one chunk or none: it travels with its commit
             self.client.put_bytes(bytes(self._buf), self.name, time.time())
             return
         if self._buf:
             self._send_chunk()
         session = self.client.session
         with session.patience(commit_timeout(self._size, session.timeout)):
-            self.client.call("commit", name=self.name, size=self._size,
-                             chunk_size=self.chunk_size, chunks=self._chunks,
-                             sha256=self._whole.digest(), mtime=time.time(),
-                             commit=os.urandom(16).hex())
+            self.client.call(
+                "commit",
+                name=self.name,
+                size=self._size,
+                chunk_size=self.chunk_size,
+                chunks=self._chunks,
+                sha256=self._whole.digest(),
+                mtime=time.time(),
+                commit=os.urandom(16).hex(),
+            )
 
     def __exit__(self, exc_type, *exc):
         if exc_type is not None:
-            self._failed = True      # an exception in the with block: nothing is committed
+            self._failed = True  # an exception in the with block: nothing is committed
         self.close()

@@ -22,29 +22,33 @@ from ..errors import BadRequest, FmsError, Timeout, TransportError, Unavailable,
 from ..wire.frames import recv_frames, send_frames
 
 DEFAULT_BROKER = p.DEFAULT_FRONTEND
-DEFAULT_TIMEOUT = 5.0          # seconds a request may wait for its reply before a retry
-CONNECT_TIMEOUT = 3.0          # seconds to wait for a connection to the broker
-SEND_TIMEOUT = 1.0             # seconds a send may wait while the connection is down
-DEFAULT_RETRIES = 2            # a request may take (retries + 1) * timeout in all
-RETRY_BACKOFF = 0.25           # seconds before resending after `unavailable`; doubles per try
+DEFAULT_TIMEOUT = 5.0  # seconds a request may wait for its reply before a retry
+CONNECT_TIMEOUT = 3.0  # seconds to wait for a connection to the broker
+SEND_TIMEOUT = 1.0  # seconds a send may wait while the connection is down
+DEFAULT_RETRIES = 2  # a request may take (retries + 1) * timeout in all
+RETRY_BACKOFF = 0.25  # seconds before resending after `unavailable`; doubles per try
 RETRY_BACKOFF_MAX = 2.0
-DEFAULT_WINDOW = 8             # requests in flight during a transfer (chunks of one file)
-_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+DEFAULT_WINDOW = 8  # requests in flight during a transfer (chunks of one file)
+_HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
 
 
 class _Outstanding:
     """A request in flight in :meth:`Session.pipeline`."""
-    __slots__ = ("tag", "frames", "op", "first_sent", "deadline", "tries", "last_error")
+
+    __slots__ = ("deadline", "first_sent", "frames", "last_error", "op", "tag", "tries")
 
     def __init__(self, tag, frames: list, op: str, first_sent: float, deadline: float):
         self.tag = tag
         self.frames = frames
         self.op = op
         self.first_sent = first_sent
-        self.deadline = deadline     # when to send it again (after a timeout or a backoff)
+        self.deadline = deadline  # when to send it again (after a timeout or a backoff)
         self.tries = 1
-        self.last_error = None       # the `unavailable` that caused the pending resend
+        self.last_error = None  # the `unavailable` that caused the pending resend
 
 
 class Session:
@@ -58,14 +62,21 @@ class Session:
     :param curve: a :class:`fms.security.CurveClient`, or None for plaintext.
     """
 
-    def __init__(self, broker: str | None = None, *, timeout: float = DEFAULT_TIMEOUT,
-                 retries: int = DEFAULT_RETRIES, window: int = DEFAULT_WINDOW,
-                 ctx: zmq.Context | None = None, curve=None):
+    def __init__(
+        self,
+        broker: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        retries: int = DEFAULT_RETRIES,
+        window: int = DEFAULT_WINDOW,
+        ctx: zmq.Context | None = None,
+        curve=None,
+    ):
         self.broker = broker or os.environ.get("FMS_BROKER") or DEFAULT_BROKER
         self.timeout = timeout
         self.retries = retries
         self.window = max(1, window)
-        self.curve = curve         # a fms.security.CurveClient, or None for plaintext
+        self.curve = curve  # a fms.security.CurveClient, or None for plaintext
         self._ctx = ctx or zmq.Context.instance()
         self._sock = None
         self._ids = itertools.count(1)
@@ -84,14 +95,20 @@ class Session:
     def aside(self) -> "Session":
         """A new session with the same settings, on a connection of its own: a request sent on
         it takes no reply of a pipeline under way on this one."""
-        return Session(self.broker, timeout=self.timeout, retries=self.retries, window=self.window,
-                       ctx=self._ctx, curve=self.curve)
+        return Session(
+            self.broker,
+            timeout=self.timeout,
+            retries=self.retries,
+            window=self.window,
+            ctx=self._ctx,
+            curve=self.curve,
+        )
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
             sock = self._ctx.socket(zmq.DEALER)
             sock.linger = 0
-            sock.setsockopt(zmq.IMMEDIATE, 1)   # queue only on a live connection: see below
+            sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a live connection: see below
             sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_SIZE)
             # With IMMEDIATE and the broker gone, a send would block forever: bound it.
             sock.setsockopt(zmq.SNDTIMEO, int(SEND_TIMEOUT * 1000))
@@ -117,8 +134,10 @@ class Session:
             try:
                 sock.connect(self.broker)
             except zmq.ZMQError as exc:
-                raise TransportError(f"bad broker endpoint {self.broker!r}: {exc.strerror}; "
-                                     f"use the form tcp://HOST:PORT") from None
+                raise TransportError(
+                    f"bad broker endpoint {self.broker!r}: {exc.strerror}; "
+                    f"use the form tcp://HOST:PORT"
+                ) from None
             poller = zmq.Poller()
             poller.register(sock, zmq.POLLOUT)
             poller.register(monitor, zmq.POLLIN)
@@ -130,12 +149,14 @@ class Session:
                 if monitor in ready:
                     # Imported here: zmq.utils.monitor pulls in asyncio, a sixth of start-up.
                     from zmq.utils.monitor import recv_monitor_message
+
                     event = recv_monitor_message(monitor)["event"]
                     raise TransportError(self._handshake_advice(event))
             raise TransportError(
                 f"cannot reach the fms broker at {self.broker} (no connection within "
                 f"{CONNECT_TIMEOUT:.0f} s); is it running? start a local cluster with "
-                f"'fms up', or point --broker / FMS_BROKER at the right address")
+                f"'fms up', or point --broker / FMS_BROKER at the right address"
+            )
         finally:
             sock.disable_monitor()
             monitor.close(linger=0)
@@ -143,25 +164,42 @@ class Session:
     def _handshake_advice(self, event: int) -> str:
         where = f"the fms broker at {self.broker}"
         if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-            return (f"{where} refused this client's key: ask its operator to put this client's "
-                    f"public .key file in the broker's allow directory")
+            return (
+                f"{where} refused this client's key: ask its operator to put this client's "
+                f"public .key file in the broker's allow directory"
+            )
         if self.curve is None:
-            return (f"{where} requires encryption (CURVE): give --curve-secret (this client's "
-                    f".key_secret) and --server-key (the broker's .key), or set "
-                    f"FMS_CURVE_SECRET and FMS_SERVER_KEY")
+            return (
+                f"{where} requires encryption (CURVE): give --curve-secret (this client's "
+                f".key_secret) and --server-key (the broker's .key), or set "
+                f"FMS_CURVE_SECRET and FMS_SERVER_KEY"
+            )
         if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
-            return (f"the secure handshake with {where} failed: the broker does not use CURVE; "
-                    f"drop --curve-secret/--server-key, or start the broker with keys")
-        return (f"the secure handshake with {where} failed: check that --server-key is the "
-                f"broker's public key")
+            return (
+                f"the secure handshake with {where} failed: the broker does not use CURVE; "
+                f"drop --curve-secret/--server-key, or start the broker with keys"
+            )
+        return (
+            f"the secure handshake with {where} failed: check that --server-key is the "
+            f"broker's public key"
+        )
 
     # --- requests ---
 
     def _frames(self, op: str, fields: dict, data=None):
         req_id = next(self._ids)
         # ttl_ms: how long this try will be waited for; the broker drops it once that passes.
-        frames = [p.encode({"v": p.PROTOCOL_VERSION, "op": op, "id": req_id,
-                            "ttl_ms": int(self.timeout * 1000), **fields})]
+        frames = [
+            p.encode(
+                {
+                    "v": p.PROTOCOL_VERSION,
+                    "op": op,
+                    "id": req_id,
+                    "ttl_ms": int(self.timeout * 1000),
+                    **fields,
+                }
+            )
+        ]
         if data is not None:
             frames.append(data)
         return req_id, frames
@@ -174,8 +212,9 @@ class Session:
         except zmq.Again:
             pass
         except zmq.ZMQError as exc:
-            raise TransportError(f"cannot send to the broker at {self.broker}: "
-                                 f"{exc.strerror}") from None
+            raise TransportError(
+                f"cannot send to the broker at {self.broker}: {exc.strerror}"
+            ) from None
 
     def _recv(self, deadline: float):
         """One reply (header, data frame or None), or None if ``deadline`` passes first."""
@@ -202,7 +241,8 @@ class Session:
 
         :param requests: iterable of ``(tag, op, fields, data)``; ``data`` is a data frame or None.
         :return: iterator of ``(tag, header, data_frame)`` in completion order.
-        :raises RemoteError: the first error reply that is not retried (its subclass names the code).
+        :raises RemoteError: the first error reply that is not retried (its subclass names the
+            code).
         :raises Timeout: a request got no reply within its budget.
         """
         window = window or self.window
@@ -260,10 +300,12 @@ class Session:
                 continue
             if not self._within_budget(out):
                 if out.last_error is not None:
-                    raise out.last_error      # it did answer: say what it said
-                raise Timeout(f"no reply to {out.op} from the fms cluster at {self.broker} "
-                              f"within {now - out.first_sent:.0f} s ({out.tries} tries); is the "
-                              f"broker up and does it have workers? (check with: stats)")
+                    raise out.last_error  # it did answer: say what it said
+                raise Timeout(
+                    f"no reply to {out.op} from the fms cluster at {self.broker} "
+                    f"within {now - out.first_sent:.0f} s ({out.tries} tries); is the "
+                    f"broker up and does it have workers? (check with: stats)"
+                )
             out.tries += 1
             out.deadline = now + self.timeout
             out.last_error = None

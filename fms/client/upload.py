@@ -13,27 +13,35 @@ from ..errors import BadRequest, FmsError, IntegrityError, MissingChunks, Unavai
 from ..wire.frames import read_frame, read_full
 from .session import Session
 
-BATCH_WINDOW = 4               # commit_many messages in flight
+BATCH_WINDOW = 4  # commit_many messages in flight
 
 
 class Plan:
     """What an upload will send: sizes, chunk digests, and the content of a small file."""
-    __slots__ = ("size", "chunk_size", "chunks", "sha256", "mtime", "inline")
 
-    def __init__(self, size: int, chunk_size: int, chunks: list, sha256: bytes, mtime: float,
-                 inline: bytes | None):
+    __slots__ = ("chunk_size", "chunks", "inline", "mtime", "sha256", "size")
+
+    def __init__(
+        self,
+        size: int,
+        chunk_size: int,
+        chunks: list,
+        sha256: bytes,
+        mtime: float,
+        inline: bytes | None,
+    ):
         self.size = size
         self.chunk_size = chunk_size
         self.chunks = chunks
         self.sha256 = sha256
         self.mtime = mtime
-        self.inline = inline       # the content, if it travels with the commit
+        self.inline = inline  # the content, if it travels with the commit
 
     def chunk_len(self, i: int) -> int:
         return p.chunk_length(i, self.size, self.chunk_size)
 
 
-HASH_AHEAD = 4                 # chunks read ahead of their digests when hashing a large file
+HASH_AHEAD = 4  # chunks read ahead of their digests when hashing a large file
 
 
 def plan_file(path: str, chunk_size: int, report=None) -> Plan:
@@ -50,18 +58,25 @@ def plan_file(path: str, chunk_size: int, report=None) -> Plan:
         st = os.fstat(f.fileno())
         view = memoryview(bytearray(chunk_size))
         n = read_full(f, view)
-        if n < chunk_size:            # one chunk at most: no thread
+        if n < chunk_size:  # one chunk at most: no thread
             piece = bytes(view[:n])
             chunks = [p.sha256(piece)] if n else []
             inline = piece if p.travels_inline(n, len(chunks)) else None
-            return Plan(n, chunk_size, chunks, chunks[0] if n else p.sha256(b""), st.st_mtime,
-                        inline)
-        return _plan_large(f, view, chunk_size, st.st_mtime,
-                           (lambda done: report(done, st.st_size)) if report else None)
+            return Plan(
+                n, chunk_size, chunks, chunks[0] if n else p.sha256(b""), st.st_mtime, inline
+            )
+        return _plan_large(
+            f,
+            view,
+            chunk_size,
+            st.st_mtime,
+            (lambda done: report(done, st.st_size)) if report else None,
+        )
 
 
 def _plan_large(f, first, chunk_size: int, mtime: float, report=None) -> Plan:
-    from concurrent.futures import ThreadPoolExecutor   # only for files of several chunks
+    from concurrent.futures import ThreadPoolExecutor  # only for files of several chunks
+
     whole, chunks, size = hashlib.sha256(), [], 0
     ahead = collections.deque()
     with ThreadPoolExecutor(1, thread_name_prefix="fms-hash") as pool:
@@ -76,22 +91,28 @@ def _plan_large(f, first, chunk_size: int, mtime: float, report=None) -> Plan:
                 chunks.append(ahead.popleft().result())
             if len(piece) < chunk_size:
                 break
-            view = memoryview(bytearray(chunk_size))    # the last ones are still being hashed
-            piece = view[:read_full(f, view)]
+            view = memoryview(bytearray(chunk_size))  # the last ones are still being hashed
+            piece = view[: read_full(f, view)]
         chunks.extend(future.result() for future in ahead)
     inline = bytes(first) if p.travels_inline(size, len(chunks)) else None
     return Plan(size, chunk_size, chunks, whole.digest(), mtime, inline)
 
 
 def plan_bytes(data: bytes, chunk_size: int, mtime) -> Plan:
-    chunks = [p.sha256(data[i:i + chunk_size]) for i in range(0, len(data), chunk_size)]
+    chunks = [p.sha256(data[i : i + chunk_size]) for i in range(0, len(data), chunk_size)]
     inline = data if p.travels_inline(len(data), len(chunks)) else None
-    return Plan(len(data), chunk_size, chunks, p.sha256(data),
-                 mtime if mtime is not None else time.time(), inline)
+    return Plan(
+        len(data),
+        chunk_size,
+        chunks,
+        p.sha256(data),
+        mtime if mtime is not None else time.time(),
+        inline,
+    )
 
 
-BATCH_FILES = 128              # small files per commit_many this client sends (at most MAX_BATCH_FILES)
-COMMIT_CHECK_RATE = 32 * p.MiB   # bytes/s a commit's read-back is assumed to run at, at worst
+BATCH_FILES = 128  # small files per commit_many this client sends (at most MAX_BATCH_FILES)
+COMMIT_CHECK_RATE = 32 * p.MiB  # bytes/s a commit's read-back is assumed to run at, at worst
 
 
 def commit_timeout(size: int, timeout: float) -> float:
@@ -100,7 +121,7 @@ def commit_timeout(size: int, timeout: float) -> float:
     return max(timeout, size / COMMIT_CHECK_RATE)
 
 
-BATCH_HEADER_BYTES = 32 * 1024   # names in one commit_many (its header and route stay small)
+BATCH_HEADER_BYTES = 32 * 1024  # names in one commit_many (its header and route stay small)
 
 
 def _batches(planned, items: list, large: list):
@@ -118,8 +139,11 @@ def _batches(planned, items: list, large: list):
             large.append(i)
             continue
         n = len(name.encode("utf-8")) + 64
-        if current and (len(current) == BATCH_FILES or size + plan.size > p.MAX_BATCH_BYTES
-                        or names + n > BATCH_HEADER_BYTES):
+        if current and (
+            len(current) == BATCH_FILES
+            or size + plan.size > p.MAX_BATCH_BYTES
+            or names + n > BATCH_HEADER_BYTES
+        ):
             yield current
             current, size, names = [], 0, 0
         current.append(i)
@@ -131,15 +155,27 @@ def _batches(planned, items: list, large: list):
 
 def _commit_many_request(batch, planned):
     plans = [planned[i][2] for i in batch]
-    fields = {"names": [planned[i][1] for i in batch], "sizes": [pl.size for pl in plans],
-              "sha256s": [pl.sha256 for pl in plans], "mtimes": [pl.mtime for pl in plans],
-              "commits": [os.urandom(16).hex() for _ in batch], "chunk_size": plans[0].chunk_size}
+    fields = {
+        "names": [planned[i][1] for i in batch],
+        "sizes": [pl.size for pl in plans],
+        "sha256s": [pl.sha256 for pl in plans],
+        "mtimes": [pl.mtime for pl in plans],
+        "commits": [os.urandom(16).hex() for _ in batch],
+        "chunk_size": plans[0].chunk_size,
+    }
     return batch, "commit_many", fields, p.pack_data(b"".join(pl.inline for pl in plans))
 
 
 def _commit_fields(name: str, plan: Plan) -> dict:
-    return {"name": name, "size": plan.size, "chunk_size": plan.chunk_size, "chunks": plan.chunks,
-            "sha256": plan.sha256, "mtime": plan.mtime, "commit": os.urandom(16).hex()}
+    return {
+        "name": name,
+        "size": plan.size,
+        "chunk_size": plan.chunk_size,
+        "chunks": plan.chunks,
+        "sha256": plan.sha256,
+        "mtime": plan.mtime,
+        "commit": os.urandom(16).hex(),
+    }
 
 
 @contextlib.contextmanager
@@ -147,16 +183,21 @@ def _chunk_reader(source, plan: Plan):
     """``read(i)`` -> chunk i as a data frame, from a local file (``source`` a path, read
     straight into the frame) or from bytes in memory."""
     if isinstance(source, bytes):
-        yield lambda i: p.pack_data(source[i * plan.chunk_size:i * plan.chunk_size
-                                           + plan.chunk_len(i)])
+        yield lambda i: p.pack_data(
+            source[i * plan.chunk_size : i * plan.chunk_size + plan.chunk_len(i)]
+        )
         return
     with open(source, "rb", buffering=0) as f:
+
         def read(i):
             frame, _view, got = read_frame(f, plan.chunk_len(i), i * plan.chunk_size)
             if got != plan.chunk_len(i):
-                raise FmsError(f"{source} got shorter while it was being uploaded; upload it "
-                               f"again when it is no longer being written")
+                raise FmsError(
+                    f"{source} got shorter while it was being uploaded; upload it "
+                    f"again when it is no longer being written"
+                )
             return frame
+
         yield read
 
 
@@ -166,24 +207,32 @@ def put_planned(session: Session, planned, report) -> list:
     items, large, results = [], [], {}
     # Small files: their content travels with their commit, many files to a message
     # (commit_many), a few messages in flight.
-    requests = (_commit_many_request(batch, items) if len(batch) > 1 else
-                (batch, "commit", _commit_fields(items[batch[0]][1], items[batch[0]][2]),
-                 p.pack_data(items[batch[0]][2].inline))
-                for batch in _batches(planned, items, large))
+    requests = (
+        _commit_many_request(batch, items)
+        if len(batch) > 1
+        else (
+            batch,
+            "commit",
+            _commit_fields(items[batch[0]][1], items[batch[0]][2]),
+            p.pack_data(items[batch[0]][2].inline),
+        )
+        for batch in _batches(planned, items, large)
+    )
     for batch, header, _ in session.pipeline(requests, BATCH_WINDOW):
         if len(batch) == 1:
             results[batch[0]] = header["stat"]
             continue
-        for i, result in zip(batch, header["results"]):
+        for i, result in zip(batch, header["results"], strict=False):
             if result.get("ok"):
                 results[i] = result["stat"]
                 continue
             error = from_reply(str(result.get("error")), str(result.get("message")), result)
             if not isinstance(error, Unavailable):
                 raise error
-            _path, name, plan = items[i]        # transient for this file: on its own
-            header1, _ = session.call("commit", data=p.pack_data(plan.inline),
-                                      **_commit_fields(name, plan))
+            _path, name, plan = items[i]  # transient for this file: on its own
+            header1, _ = session.call(
+                "commit", data=p.pack_data(plan.inline), **_commit_fields(name, plan)
+            )
             results[i] = header1["stat"]
     for i in large:
         results[i] = put_chunked(session, *items[i], report)
@@ -210,12 +259,13 @@ def upload_chunks(session: Session, source, plan: Plan, name: str, report, only=
     is a local path or the bytes."""
     missing = set(only or ())
     for start in range(0, len(plan.chunks) if only is None else 0, p.MAX_HAVE_BATCH):
-        header, _ = session.call("have", hashes=plan.chunks[start:start + p.MAX_HAVE_BATCH])
+        header, _ = session.call("have", hashes=plan.chunks[start : start + p.MAX_HAVE_BATCH])
         missing.update(header["missing"])
     todo = [i for i, digest in enumerate(plan.chunks) if digest in missing]
     total = sum(plan.chunk_len(i) for i in todo)
     done = 0
     with _chunk_reader(source, plan) as read:
+
         def requests():
             sent = set()
             for i in todo:
@@ -225,15 +275,17 @@ def upload_chunks(session: Session, source, plan: Plan, name: str, report, only=
                 # Not hashed again here: storage checks every chunk against its digest and
                 # refuses one that changed since the plan (below).
                 yield i, "put_chunk", {"hash": plan.chunks[i]}, read(i)
+
         try:
-            for i, _header, _ in session.pipeline(requests(),
-                                                  session.data_window(plan.chunk_size)):
+            for i, _header, _ in session.pipeline(requests(), session.data_window(plan.chunk_size)):
                 done += plan.chunk_len(i)
                 report(name, done, total)
         except IntegrityError:
             if isinstance(source, str) and _changed(source, plan):
-                raise FmsError(f"{source} changed while it was being uploaded; upload it again "
-                               f"when it is no longer being written") from None
+                raise FmsError(
+                    f"{source} changed while it was being uploaded; upload it again "
+                    f"when it is no longer being written"
+                ) from None
             raise
 
 

@@ -20,8 +20,8 @@ from .chunks.localdir import LocalDirChunks
 from .meta.base import MetaEngine
 from .model import Copy, NewVersion, Removal, Restore, Version
 
-SMALL_CHUNK_MAX = 64 * p.KiB   # chunks up to this size live in the metadata engine
-FOLDER_END = "\U0010ffff"      # after a folder's name: sorts after every name inside it
+SMALL_CHUNK_MAX = 64 * p.KiB  # chunks up to this size live in the metadata engine
+FOLDER_END = "\U0010ffff"  # after a folder's name: sorts after every name inside it
 META_FILE = "meta.db"
 
 log = logging.getLogger("fms.storage")
@@ -66,8 +66,9 @@ class Store:
         """
         found = ([current] if (current := self.meta.get(name)) else []) + self.meta.retained(name)
         if not found:
-            raise NotFound(f"{name!r} not found, and no version of it is retained; see what is "
-                           f"stored with: ls")
+            raise NotFound(
+                f"{name!r} not found, and no version of it is retained; see what is stored with: ls"
+            )
         return found
 
     def retained_version(self, name: str, version: int) -> Version:
@@ -107,10 +108,10 @@ class Store:
                     entries.append(version)
                     after = version.name
                     continue
-                folder = version.name[:slash + 1]
+                folder = version.name[: slash + 1]
                 if not folders or folders[-1] != folder:
                     folders.append(folder)
-                after = folder + FOLDER_END     # past every name in the folder
+                after = folder + FOLDER_END  # past every name in the folder
                 break
         return entries, folders, after
 
@@ -125,14 +126,18 @@ class Store:
         if row is not None and row.in_engine:
             frame = p.pack_data(row.data)
             if p.sha256(row.data) != digest:
-                raise IntegrityError(f"chunk {digest.hex()[:16]} is corrupt in the metadata "
-                                     f"database; upload the file again to restore it")
+                raise IntegrityError(
+                    f"chunk {digest.hex()[:16]} is corrupt in the metadata "
+                    f"database; upload the file again to restore it"
+                )
             return frame
         frame = self.chunks.get(digest)
-        if p.sha256(memoryview(frame)[p.DATA_PREFIX_LEN:]) != digest:
+        if p.sha256(memoryview(frame)[p.DATA_PREFIX_LEN :]) != digest:
             self.chunks.quarantine(digest)
-            raise IntegrityError(f"chunk {digest.hex()[:16]} is corrupt on storage disk; "
-                                 f"it was set aside, upload the file again to restore it")
+            raise IntegrityError(
+                f"chunk {digest.hex()[:16]} is corrupt on storage disk; "
+                f"it was set aside, upload the file again to restore it"
+            )
         return frame
 
     # --- writes ---
@@ -149,8 +154,10 @@ class Store:
         :raises IntegrityError: the data does not hash to ``digest``.
         """
         if p.sha256(data) != digest:
-            raise IntegrityError(f"chunk {digest.hex()[:16]} does not match its sha256; "
-                                 f"it was damaged in transit, upload it again")
+            raise IntegrityError(
+                f"chunk {digest.hex()[:16]} does not match its sha256; "
+                f"it was damaged in transit, upload it again"
+            )
         small = len(data) <= SMALL_CHUNK_MAX
         # The row first: from then on the collector leaves the chunk alone for the grace period,
         # so the blob written next cannot be deleted under a commit that relies on it.
@@ -213,7 +220,7 @@ class Store:
             except FmsError as exc:
                 results[i] = exc
                 continue
-            except OSError as exc:      # this commit's disk trouble is not the others'
+            except OSError as exc:  # this commit's disk trouble is not the others'
                 results[i] = os_failure(exc)
                 continue
             changes.append(change)
@@ -221,13 +228,13 @@ class Store:
         if changes:
             if any(isinstance(c, NewVersion) and c.size > SMALL_CHUNK_MAX for c in changes):
                 try:
-                    self.chunks.sync()   # the blobs these commits name, on disk before they are
+                    self.chunks.sync()  # the blobs these commits name, on disk before they are
                 except OSError as exc:
                     failure = os_failure(exc)
                     for i in where:
                         results[i] = failure
                     return results
-            for i, result in zip(where, self.meta.apply(changes, time.time(), small)):
+            for i, result in zip(where, self.meta.apply(changes, time.time(), small), strict=False):
                 results[i] = result
         return results
 
@@ -238,8 +245,10 @@ class Store:
         """
         count = p.chunk_count(change.size, change.chunk_size)
         if len(change.chunks) != count:
-            raise BadRequest(f"a {change.size}-byte file in {change.chunk_size}-byte chunks has "
-                             f"{count} chunks, the commit lists {len(change.chunks)}")
+            raise BadRequest(
+                f"a {change.size}-byte file in {change.chunk_size}-byte chunks has "
+                f"{count} chunks, the commit lists {len(change.chunks)}"
+            )
         if count == 0:
             if change.sha256 != p.sha256(b""):
                 raise IntegrityError("an empty file's sha256 must be that of no bytes")
@@ -248,16 +257,19 @@ class Store:
             raise IntegrityError("a one-chunk file's sha256 must equal its chunk's")
         if inline is not None:
             if not p.travels_inline(change.size, count):
-                raise BadRequest(f"inline data is only for one-chunk files of at most "
-                                 f"{p.INLINE_MAX} bytes")
+                raise BadRequest(
+                    f"inline data is only for one-chunk files of at most {p.INLINE_MAX} bytes"
+                )
             if len(inline) != change.size or p.sha256(inline) != change.sha256:
-                raise IntegrityError("the inline content does not match the commit's size and "
-                                     "sha256; it was damaged in transit, upload it again")
+                raise IntegrityError(
+                    "the inline content does not match the commit's size and "
+                    "sha256; it was damaged in transit, upload it again"
+                )
             if len(inline) <= SMALL_CHUNK_MAX:
                 return inline
             self.put_chunk(change.sha256, inline)
             return None
-        rows = self._check_sizes(change, blobs=False)   # the read-back finds absent blobs
+        rows = self._check_sizes(change, blobs=False)  # the read-back finds absent blobs
         # One hash pass over what is stored: the whole-file sha256 covers every chunk's bytes, so
         # chunks are verified one by one only when it fails, to tell a damaged chunk (set aside,
         # and uploaded again by the client) from a wrong sha256 in the commit.  One-chunk files
@@ -265,12 +277,13 @@ class Store:
         # before a power loss may be damaged, and this is where that is found.
         whole = hashlib.sha256()
         try:
-            for digest, row in zip(change.chunks, rows):
+            for digest, row in zip(change.chunks, rows, strict=False):
                 whole.update(self._stored_bytes(digest, row))
                 progress()
         except NotFound:
-            raise MissingChunks.absent(change.name, [
-                d for d in change.chunks if not self._present(self.meta.chunk(d), d)]) from None
+            raise MissingChunks.absent(
+                change.name, [d for d in change.chunks if not self._present(self.meta.chunk(d), d)]
+            ) from None
         if whole.digest() == change.sha256:
             return None
         damaged = []
@@ -280,11 +293,16 @@ class Store:
             except IntegrityError:
                 damaged.append(digest)
         if damaged:
-            raise MissingChunks(f"{len(damaged)} stored chunk(s) of {change.name!r} were damaged "
-                                f"and set aside; upload them and commit again", missing=damaged)
-        raise IntegrityError(f"the chunks of {change.name!r} do not hash to the file's sha256; "
-                             f"the client computed it wrongly or the file changed while it was "
-                             f"read: upload it again")
+            raise MissingChunks(
+                f"{len(damaged)} stored chunk(s) of {change.name!r} were damaged "
+                f"and set aside; upload them and commit again",
+                missing=damaged,
+            )
+        raise IntegrityError(
+            f"the chunks of {change.name!r} do not hash to the file's sha256; "
+            f"the client computed it wrongly or the file changed while it was "
+            f"read: upload it again"
+        )
 
     def _present(self, row, digest: bytes) -> bool:
         """Whether a chunk with this row (None: no row) is stored, row and bytes."""
@@ -297,7 +315,7 @@ class Store:
         """
         if row.in_engine:
             return row.data
-        return memoryview(self.chunks.get(digest))[p.DATA_PREFIX_LEN:]
+        return memoryview(self.chunks.get(digest))[p.DATA_PREFIX_LEN :]
 
     def _check_sizes(self, change: NewVersion, blobs: bool) -> list:
         """Every chunk has a row (and, with ``blobs``, its bytes are stored) with the length the
@@ -311,8 +329,10 @@ class Store:
                 continue
             want = p.chunk_length(i, change.size, change.chunk_size)
             if row.size != want:
-                raise IntegrityError(f"chunk {i} of {change.name!r} is {row.size} bytes, the "
-                                     f"file's shape needs {want}")
+                raise IntegrityError(
+                    f"chunk {i} of {change.name!r} is {row.size} bytes, the "
+                    f"file's shape needs {want}"
+                )
         if missing:
             raise MissingChunks.absent(change.name, missing)
         return rows
@@ -321,8 +341,10 @@ class Store:
 def os_failure(exc: OSError) -> FmsError:
     """What a client is told when storage's disk failed a request."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return NoSpace("storage disk is full (space or inodes); nothing was changed: free space "
-                       "on the storage volume and try again")
+        return NoSpace(
+            "storage disk is full (space or inodes); nothing was changed: free space "
+            "on the storage volume and try again"
+        )
     log.error("event=disk_error error=%r", str(exc))
     return FmsError(f"storage could not read or write its disk: {exc.strerror or exc}")
 
@@ -340,8 +362,9 @@ def _optional(extra: str, package: str, load):
     except ModuleNotFoundError as exc:
         if exc.name != package and not (exc.name or "").startswith(package + "."):
             raise
-        raise StoreError(f"this backend needs {package}, which is not installed: "
-                         f"pip install 'fms[{extra}]'") from None
+        raise StoreError(
+            f"this backend needs {package}, which is not installed: pip install 'fms[{extra}]'"
+        ) from None
 
 
 def open_local(path: str, keep_versions: int = 0) -> Store:
@@ -349,8 +372,9 @@ def open_local(path: str, keep_versions: int = 0) -> Store:
     return open_store(path, keep_versions=keep_versions)
 
 
-def open_store(data: str, meta: str | None = None, chunks: str | None = None,
-               keep_versions: int = 0) -> Store:
+def open_store(
+    data: str, meta: str | None = None, chunks: str | None = None, keep_versions: int = 0
+) -> Store:
     """Open a store.
 
     :param data: the data directory: the whole store by default (``meta.db`` and ``chunks/``; a
@@ -363,8 +387,10 @@ def open_store(data: str, meta: str | None = None, chunks: str | None = None,
     """
     data = os.path.abspath(data)
     if not os.path.isdir(os.path.dirname(data)):
-        raise StoreError(f"cannot use data directory {data}: its parent folder does not "
-                         f"exist; create it or point --data elsewhere")
+        raise StoreError(
+            f"cannot use data directory {data}: its parent folder does not "
+            f"exist; create it or point --data elsewhere"
+        )
     try:
         os.makedirs(data, exist_ok=True)
         if chunks is None:
@@ -374,25 +400,38 @@ def open_store(data: str, meta: str | None = None, chunks: str | None = None,
                 pass
             os.unlink(probe)
         else:
-            backend = _optional("s3", "boto3", lambda: __import__(
-                "fms.storage.chunks.s3", fromlist=["S3Chunks"]).S3Chunks)(chunks)
+            backend = _optional(
+                "s3",
+                "boto3",
+                lambda: __import__("fms.storage.chunks.s3", fromlist=["S3Chunks"]).S3Chunks,
+            )(chunks)
         if meta is None:
             from .meta import legacy
             from .meta.sqlite import SQLiteMeta
+
             engine = SQLiteMeta(os.path.join(data, META_FILE), store_id=legacy.store_id(data))
             if chunks is None:
                 legacy.migrate(data, engine, backend)
         elif meta.startswith(("postgresql://", "postgres://")):
-            engine = _optional("postgres", "psycopg", lambda: __import__(
-                "fms.storage.meta.postgres", fromlist=["PostgresMeta"]).PostgresMeta)(meta)
+            engine = _optional(
+                "postgres",
+                "psycopg",
+                lambda: (
+                    __import__("fms.storage.meta.postgres", fromlist=["PostgresMeta"]).PostgresMeta
+                ),
+            )(meta)
         else:
-            raise StoreError(f"--meta {meta!r} is not a metadata engine URL; write "
-                             f"postgresql://USER@HOST:PORT/DB, or leave it out for SQLite in "
-                             f"--data")
+            raise StoreError(
+                f"--meta {meta!r} is not a metadata engine URL; write "
+                f"postgresql://USER@HOST:PORT/DB, or leave it out for SQLite in "
+                f"--data"
+            )
         _tie(engine, backend, chunks or os.path.join(data, "chunks"), meta or "meta.db in --data")
     except OSError as exc:
-        raise StoreError(f"cannot use data directory {data}: {exc.strerror}; "
-                         f"check that it exists and is writable") from None
+        raise StoreError(
+            f"cannot use data directory {data}: {exc.strerror}; "
+            f"check that it exists and is writable"
+        ) from None
     return Store(engine, backend, keep_versions)
 
 
@@ -405,7 +444,9 @@ def _tie(engine, backend, chunks_where: str, meta_where: str):
         marker = backend.store_marker()
     if marker != engine.store_id:
         engine.close()
-        raise StoreError(f"the chunks at {chunks_where} belong to store {marker}, but the "
-                         f"metadata ({meta_where}) is store {engine.store_id}: point --meta and "
-                         f"--chunks at the same store (mixing two would let gc delete the other "
-                         f"store's chunks)")
+        raise StoreError(
+            f"the chunks at {chunks_where} belong to store {marker}, but the "
+            f"metadata ({meta_where}) is store {engine.store_id}: point --meta and "
+            f"--chunks at the same store (mixing two would let gc delete the other "
+            f"store's chunks)"
+        )

@@ -22,11 +22,11 @@ from ..errors import IntegrityError, NotFound, Unavailable
 from .chunks.localdir import pid_alive
 from .meta.base import RETAIN_SECONDS
 
-DEFAULT_GRACE = 3600.0   # seconds an unreferenced chunk is kept before it is collected
+DEFAULT_GRACE = 3600.0  # seconds an unreferenced chunk is kept before it is collected
 LEASE = "gc"
-LEASE_SECONDS = 120.0    # a collector that dies holds the lease this long at most
-BATCH = 500              # chunks doomed per transaction
-FSCK_PAGE_BYTES = 256 * p.MiB   # chunk bytes one fsck page reads, so a page answers in seconds
+LEASE_SECONDS = 120.0  # a collector that dies holds the lease this long at most
+BATCH = 500  # chunks doomed per transaction
+FSCK_PAGE_BYTES = 256 * p.MiB  # chunk bytes one fsck page reads, so a page answers in seconds
 
 log = logging.getLogger("fms.storage.gc")
 
@@ -48,8 +48,10 @@ def collect(store, grace: float = DEFAULT_GRACE, dry_run: bool = False, now=None
             log.info("event=gc_lease_taken_over holder=%s reason='process gone'", holder)
             meta.release(LEASE, holder)
     if not meta.lease(LEASE, _HOLDER, now, LEASE_SECONDS):
-        raise Unavailable("another storage worker is collecting garbage in this store right now; "
-                          "try again in a minute")
+        raise Unavailable(
+            "another storage worker is collecting garbage in this store right now; "
+            "try again in a minute"
+        )
     freed = {"chunks": 0, "bytes": 0, "orphans": 0, "pruned": 0, "dry_run": dry_run}
     try:
         cutoff = now - grace
@@ -57,7 +59,7 @@ def collect(store, grace: float = DEFAULT_GRACE, dry_run: bool = False, now=None
             rows = meta.doom(cutoff, 2**62, dry_run=True)
             freed["chunks"], freed["bytes"] = len(rows), sum(r.size for r in rows)
         else:
-            _finish(meta, chunks, meta.doomed(2**62), freed)   # left by a collector that died
+            _finish(meta, chunks, meta.doomed(2**62), freed)  # left by a collector that died
             while True:
                 rows = meta.doom(cutoff, BATCH)
                 _finish(meta, chunks, rows, freed)
@@ -79,8 +81,14 @@ def collect(store, grace: float = DEFAULT_GRACE, dry_run: bool = False, now=None
     finally:
         meta.release(LEASE, _HOLDER)
     if freed["chunks"] or freed["pruned"]:
-        log.info("event=gc chunks=%d bytes=%d orphans=%d pruned=%d dry_run=%s", freed["chunks"],
-                 freed["bytes"], freed["orphans"], freed["pruned"], dry_run)
+        log.info(
+            "event=gc chunks=%d bytes=%d orphans=%d pruned=%d dry_run=%s",
+            freed["chunks"],
+            freed["bytes"],
+            freed["orphans"],
+            freed["pruned"],
+            dry_run,
+        )
     return freed
 
 
@@ -139,8 +147,9 @@ def fsck_page(store, after: str = "", page_bytes: int = FSCK_PAGE_BYTES) -> dict
     if store.meta.iter_versions(last, 1):
         out["next"] = last
     else:
-        out["orphans"] = sum(1 for digest, _s, _m in store.chunks.list()
-                             if store.meta.chunk(digest) is None)
+        out["orphans"] = sum(
+            1 for digest, _s, _m in store.chunks.list() if store.meta.chunk(digest) is None
+        )
         out["refcount_errors"] = len(store.meta.refcount_errors())
     return out
 

@@ -22,24 +22,39 @@ class Version:
     size: int
     sha256: bytes
     chunk_size: int
-    chunks: tuple          # of 32-byte digests, in file order
+    chunks: tuple  # of 32-byte digests, in file order
     mtime: float
     version: int
-    commit: str            # id of the commit (or rm) that made this version
-    committed: float       # when, in seconds since the epoch
+    commit: str  # id of the commit (or rm) that made this version
+    committed: float  # when, in seconds since the epoch
     deleted: bool = False  # a tombstone: the name was removed by `commit`
 
     def manifest(self) -> dict:
         """The wire form of a manifest (docs/PROTOCOL.md)."""
-        return {"name": self.name, "size": self.size, "sha256": self.sha256,
-                "chunk_size": self.chunk_size, "chunks": list(self.chunks), "mtime": self.mtime,
-                "version": self.version, "commit": self.commit, "committed": self.committed}
+        return {
+            "name": self.name,
+            "size": self.size,
+            "sha256": self.sha256,
+            "chunk_size": self.chunk_size,
+            "chunks": list(self.chunks),
+            "mtime": self.mtime,
+            "version": self.version,
+            "commit": self.commit,
+            "committed": self.committed,
+        }
 
     def summary(self) -> dict:
         """What ls and stat return: the manifest without its chunk list."""
-        out = {"name": self.name, "size": self.size, "sha256": self.sha256,
-               "mtime": self.mtime, "version": self.version, "chunk_size": self.chunk_size,
-               "chunks": len(self.chunks), "committed": self.committed}
+        out = {
+            "name": self.name,
+            "size": self.size,
+            "sha256": self.sha256,
+            "mtime": self.mtime,
+            "version": self.version,
+            "chunk_size": self.chunk_size,
+            "chunks": len(self.chunks),
+            "committed": self.committed,
+        }
         if self.deleted:
             out["deleted"] = True
         return out
@@ -48,6 +63,7 @@ class Version:
 @dataclass(frozen=True, slots=True)
 class NewVersion:
     """A commit: make ``name`` point at this content.  Checked by the engine before it is asked."""
+
     name: str
     size: int
     sha256: bytes
@@ -64,6 +80,7 @@ class NewVersion:
 @dataclass(frozen=True, slots=True)
 class Removal:
     """An rm: remove ``name``."""
+
     name: str
     commit: str
 
@@ -75,6 +92,7 @@ class Removal:
 @dataclass(frozen=True, slots=True)
 class Copy:
     """A cp (or with ``move`` an mv): make ``name`` point at the live content of ``src``."""
+
     src: str
     name: str
     commit: str
@@ -89,6 +107,7 @@ class Copy:
 class Restore:
     """Make retained version ``version`` of ``name`` (None: the newest retained one) current
     again, as a new version; also after the name was removed."""
+
     name: str
     version: int | None
     commit: str
@@ -100,14 +119,18 @@ class Restore:
 
 @dataclass(frozen=True, slots=True)
 class Totals:
-    files: int = 0         # live names
-    bytes: int = 0         # the sum of their sizes
-    chunks: int = 0        # chunks held, referenced or awaiting collection
-    chunk_bytes: int = 0   # their bytes (after dedup)
+    files: int = 0  # live names
+    bytes: int = 0  # the sum of their sizes
+    chunks: int = 0  # chunks held, referenced or awaiting collection
+    chunk_bytes: int = 0  # their bytes (after dedup)
 
     def as_dict(self) -> dict:
-        return {"files": self.files, "bytes": self.bytes, "chunks": self.chunks,
-                "chunk_bytes": self.chunk_bytes}
+        return {
+            "files": self.files,
+            "bytes": self.bytes,
+            "chunks": self.chunks,
+            "chunk_bytes": self.chunk_bytes,
+        }
 
 
 def pack_digests(chunks) -> bytes:
@@ -116,4 +139,4 @@ def pack_digests(chunks) -> bytes:
 
 def unpack_digests(blob: bytes) -> tuple:
     n = p.HASH_LEN
-    return tuple(bytes(blob[i:i + n]) for i in range(0, len(blob), n))
+    return tuple(bytes(blob[i : i + n]) for i in range(0, len(blob), n))

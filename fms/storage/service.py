@@ -27,12 +27,18 @@ from . import gc
 from .engine import Store, os_failure
 from .model import Copy, NewVersion, Removal, Restore
 
-CLEAN_INTERVAL = 60.0     # seconds between sweeps of temp files left by dead writers
-GC_INTERVAL = 300.0       # seconds between background collections
-CHANGE_OPS = ("commit", "rm", "mv", "cp", "restore")   # group committed; applied even past their deadline
-RM_PAGE = 1000            # names an `rm_prefix` removes per request (one transaction)
-RM_PAGE_NAME_BYTES = 32 * p.KiB   # ... whose names add up to at most this: the broker's `inv`
-HEARTBEAT_EVERY = 0.5     # seconds: a long commit check keeps the worker's heartbeat going
+CLEAN_INTERVAL = 60.0  # seconds between sweeps of temp files left by dead writers
+GC_INTERVAL = 300.0  # seconds between background collections
+CHANGE_OPS = (
+    "commit",
+    "rm",
+    "mv",
+    "cp",
+    "restore",
+)  # group committed; applied even past their deadline
+RM_PAGE = 1000  # names an `rm_prefix` removes per request (one transaction)
+RM_PAGE_NAME_BYTES = 32 * p.KiB  # ... whose names add up to at most this: the broker's `inv`
+HEARTBEAT_EVERY = 0.5  # seconds: a long commit check keeps the worker's heartbeat going
 
 log = logging.getLogger("fms.storage")
 
@@ -47,25 +53,42 @@ class StorageService:
         the maintenance thread; None runs GC and fsck inline (tests).
     """
 
-    def __init__(self, store: Store, link, gc_grace: float = gc.DEFAULT_GRACE,
-                 maintenance_store: Store | None = None):
+    def __init__(
+        self,
+        store: Store,
+        link,
+        gc_grace: float = gc.DEFAULT_GRACE,
+        maintenance_store: Store | None = None,
+    ):
         self.store = store
         self.link = link
         self.gc_grace = gc_grace
         self.served = 0
-        self._pending = []            # (route, header, change, inline) awaiting flush()
+        self._pending = []  # (route, header, change, inline) awaiting flush()
         self._next_clean = 0.0
         self._next_gc = time.monotonic() + GC_INTERVAL
         self._maintenance = _Maintenance(maintenance_store) if maintenance_store else None
         self._handlers = {
-            "get": self.op_get, "chunk": self.op_chunk, "get_many": self.op_get_many,
+            "get": self.op_get,
+            "chunk": self.op_chunk,
+            "get_many": self.op_get_many,
             "have": self.op_have,
-            "put_chunk": self.op_put_chunk, "commit": self.op_commit,
-            "commit_many": self.op_commit_many, "ls": self.op_ls,
-            "stat": self.op_stat, "rm": self.op_rm, "usage": self.op_usage,
-            "gc": self.op_gc, "fsck": self.op_fsck, "cache_stats": self.op_cache_stats,
-            "mv": self.op_mv, "cp": self.op_cp, "rm_prefix": self.op_rm_prefix,
-            "du": self.op_du, "versions": self.op_versions, "get_version": self.op_get_version,
+            "put_chunk": self.op_put_chunk,
+            "commit": self.op_commit,
+            "commit_many": self.op_commit_many,
+            "ls": self.op_ls,
+            "stat": self.op_stat,
+            "rm": self.op_rm,
+            "usage": self.op_usage,
+            "gc": self.op_gc,
+            "fsck": self.op_fsck,
+            "cache_stats": self.op_cache_stats,
+            "mv": self.op_mv,
+            "cp": self.op_cp,
+            "rm_prefix": self.op_rm_prefix,
+            "du": self.op_du,
+            "versions": self.op_versions,
+            "get_version": self.op_get_version,
             "restore": self.op_restore,
         }
 
@@ -76,14 +99,13 @@ class StorageService:
             raise BadRequest(f"storage does not serve op {op!r}")
         p.check_version(header)
         if self._pending and op not in CHANGE_OPS:
-            self._apply_pending()       # a group is commits that arrive back to back: none waits
+            self._apply_pending()  # a group is commits that arrive back to back: none waits
         self.served += 1
         log.debug("event=request op=%s id=%r", op, header.get("id"))
         if route.get("deadline", math.inf) < time.monotonic() and op not in CHANGE_OPS:
             # Its client stopped waiting (fms.worker stamps the deadline from the broker's ttl):
             # a short answer gives the broker its credit back, the work is not done.
-            raise Unavailable("the request's deadline passed before storage could handle it; "
-                              "retry")
+            raise Unavailable("the request's deadline passed before storage could handle it; retry")
         handler(route, header, data)
 
     def handle_reply(self, header, data):
@@ -125,8 +147,9 @@ class StorageService:
 
     def op_get_version(self, route, header, data):
         """A retained (or the current) version's manifest, as ``get`` answers it."""
-        version = self.store.retained_version(p.check_name(p.need(header, "name", str)),
-                                               p.need_int(header, "version", lo=1))
+        version = self.store.retained_version(
+            p.check_name(p.need(header, "name", str)), p.need_int(header, "version", lo=1)
+        )
         frame = None
         if p.travels_inline(version.size, len(version.chunks)):
             frame = self.store.read_chunk(version.chunks[0])
@@ -135,8 +158,13 @@ class StorageService:
     def op_versions(self, route, header, data):
         found = self.store.versions(p.check_name(p.need(header, "name", str)))
         current = found[0].version if self.store.meta.get(found[0].name) else None
-        self.link.reply(route, p.ok_reply(header["id"], versions=[
-            {**v.summary(), "current": v.version == current} for v in found]))
+        self.link.reply(
+            route,
+            p.ok_reply(
+                header["id"],
+                versions=[{**v.summary(), "current": v.version == current} for v in found],
+            ),
+        )
 
     def op_get_many(self, route, header, data):
         """Many names in one message (fms.wire.batch): what the cache asks for its misses."""
@@ -147,7 +175,7 @@ class StorageService:
                 frame = None
                 if p.travels_inline(version.size, len(version.chunks)):
                     frame = self.store.read_chunk(version.chunks[0])
-            except RemoteError as exc:       # this name's failure, not the batch's
+            except RemoteError as exc:  # this name's failure, not the batch's
                 batch.error(exc.code, str(exc))
                 continue
             batch.manifest(version.manifest(), p.unpack_data(frame) if frame is not None else None)
@@ -164,17 +192,29 @@ class StorageService:
     def op_ls(self, route, header, data):
         prefix = p.check_prefix(p.need(header, "prefix", str, optional=True, default=""))
         after = p.need(header, "after", str, optional=True, default="")
-        limit = p.need_int(header, "limit", lo=1, hi=p.LS_PAGE_MAX, optional=True,
-                           default=p.LS_PAGE_DEFAULT)
+        limit = p.need_int(
+            header, "limit", lo=1, hi=p.LS_PAGE_MAX, optional=True, default=p.LS_PAGE_DEFAULT
+        )
         if p.need(header, "folders", bool, optional=True, default=False):
             entries, folders, cursor = self.store.list_folder(prefix, after, limit)
-            self.link.reply(route, p.ok_reply(header["id"], entries=[v.summary() for v in entries],
-                                              folders=folders, next=cursor,
-                                              more=cursor is not None))
+            self.link.reply(
+                route,
+                p.ok_reply(
+                    header["id"],
+                    entries=[v.summary() for v in entries],
+                    folders=folders,
+                    next=cursor,
+                    more=cursor is not None,
+                ),
+            )
             return
         page = self.store.list(prefix, after, limit + 1)
-        self.link.reply(route, p.ok_reply(header["id"], entries=[v.summary() for v in page[:limit]],
-                                          more=len(page) > limit))
+        self.link.reply(
+            route,
+            p.ok_reply(
+                header["id"], entries=[v.summary() for v in page[:limit]], more=len(page) > limit
+            ),
+        )
 
     def op_du(self, route, header, data):
         prefix = p.check_prefix(p.need(header, "prefix", str, optional=True, default=""))
@@ -208,12 +248,16 @@ class StorageService:
         size = p.need_int(header, "size")
         chunk_size = p.need_int(header, "chunk_size", lo=p.MIN_CHUNK_SIZE, hi=p.MAX_CHUNK_SIZE)
         change = NewVersion(
-            name=p.check_name(p.need(header, "name", str)), size=size,
-            sha256=p.need_hash(header, "sha256"), chunk_size=chunk_size,
+            name=p.check_name(p.need(header, "name", str)),
+            size=size,
+            sha256=p.need_hash(header, "sha256"),
+            chunk_size=chunk_size,
             chunks=tuple(p.need_hashes(header, "chunks", p.chunk_count(size, chunk_size))),
-            mtime=p.check_mtime(p.need(header, "mtime", (int, float), optional=True,
-                                       default=time.time())),
-            commit=_commit_id(header))
+            mtime=p.check_mtime(
+                p.need(header, "mtime", (int, float), optional=True, default=time.time())
+            ),
+            commit=_commit_id(header),
+        )
         inline = bytes(p.unpack_data(data.buffer)) if data is not None else None
         self._pending.append((route, header, change, inline))
 
@@ -224,36 +268,55 @@ class StorageService:
         count = len(names)
         if not 1 <= count <= p.MAX_BATCH_FILES:
             raise BadRequest(f"commit_many takes 1 to {p.MAX_BATCH_FILES} files, got {count}")
-        columns = {key: p.need(header, key, list) for key in ("sizes", "sha256s", "mtimes",
-                                                              "commits")}
+        columns = {
+            key: p.need(header, key, list) for key in ("sizes", "sha256s", "mtimes", "commits")
+        }
         if any(len(column) != count for column in columns.values()):
-            raise BadRequest("commit_many: names, sizes, sha256s, mtimes and commits must have "
-                             "one entry per file")
+            raise BadRequest(
+                "commit_many: names, sizes, sha256s, mtimes and commits must have "
+                "one entry per file"
+            )
         chunk_size = p.need_int(header, "chunk_size", lo=p.MIN_CHUNK_SIZE, hi=p.MAX_CHUNK_SIZE)
         payload = p.unpack_data(data.buffer) if data is not None else memoryview(b"")
         requests, offset = [], 0
         for i in range(count):
-            item = {"size": columns["sizes"][i], "sha256": columns["sha256s"][i],
-                    "mtime": columns["mtimes"][i], "commit": columns["commits"][i]}
+            item = {
+                "size": columns["sizes"][i],
+                "sha256": columns["sha256s"][i],
+                "mtime": columns["mtimes"][i],
+                "commit": columns["commits"][i],
+            }
             size = p.need_int(item, "size", hi=min(p.INLINE_MAX, chunk_size))
             digest = p.need_hash(item, "sha256")
-            change = NewVersion(p.check_name(names[i]), size, digest, chunk_size,
-                                (digest,) if size else (),
-                                p.check_mtime(p.need(item, "mtime", (int, float))),
-                                _commit_id(item))
-            requests.append((change, bytes(payload[offset:offset + size]) if size else None))
+            change = NewVersion(
+                p.check_name(names[i]),
+                size,
+                digest,
+                chunk_size,
+                (digest,) if size else (),
+                p.check_mtime(p.need(item, "mtime", (int, float))),
+                _commit_id(item),
+            )
+            requests.append((change, bytes(payload[offset : offset + size]) if size else None))
             offset += size
         if offset != len(payload):
-            raise BadRequest(f"commit_many: the sizes add up to {offset} bytes, the data frame "
-                             f"holds {len(payload)}")
+            raise BadRequest(
+                f"commit_many: the sizes add up to {offset} bytes, the data frame "
+                f"holds {len(payload)}"
+            )
         if self._pending:
-            self._apply_pending()           # changes apply in the order they arrived
+            self._apply_pending()  # changes apply in the order they arrived
         results = self.store.apply(requests, progress=self._keep_alive())
         out, changed = [], []
         for result in results:
             if isinstance(result, FmsError):
-                out.append({"ok": False, "error": getattr(result, "code", "internal"),
-                            "message": str(result)})
+                out.append(
+                    {
+                        "ok": False,
+                        "error": getattr(result, "code", "internal"),
+                        "message": str(result),
+                    }
+                )
             else:
                 out.append({"ok": True, "stat": result.summary()})
                 changed.append(result.name)
@@ -261,7 +324,9 @@ class StorageService:
         self.link.reply(route, p.ok_reply(header["id"], results=out), invalidate=changed)
 
     def op_rm(self, route, header, data):
-        change = Removal(p.check_name(p.need(header, "name", str)), _commit_id(header, optional=True))
+        change = Removal(
+            p.check_name(p.need(header, "name", str)), _commit_id(header, optional=True)
+        )
         self._pending.append((route, header, change, None))
 
     def op_mv(self, route, header, data):
@@ -272,13 +337,19 @@ class StorageService:
 
     @staticmethod
     def _copy(header, move: bool) -> Copy:
-        return Copy(p.check_name(p.need(header, "src", str)),
-                    p.check_name(p.need(header, "name", str)), _commit_id(header), move)
+        return Copy(
+            p.check_name(p.need(header, "src", str)),
+            p.check_name(p.need(header, "name", str)),
+            _commit_id(header),
+            move,
+        )
 
     def op_restore(self, route, header, data):
-        change = Restore(p.check_name(p.need(header, "name", str)),
-                         p.need_int(header, "version", lo=1, optional=True, default=None),
-                         _commit_id(header))
+        change = Restore(
+            p.check_name(p.need(header, "name", str)),
+            p.need_int(header, "version", lo=1, optional=True, default=None),
+            _commit_id(header),
+        )
         self._pending.append((route, header, change, None))
 
     def op_rm_prefix(self, route, header, data):
@@ -289,12 +360,11 @@ class StorageService:
             raise BadRequest("rm_prefix needs a non-empty prefix")
         limit = p.need_int(header, "limit", lo=1, hi=RM_PAGE, optional=True, default=RM_PAGE)
         if self._pending:
-            self._apply_pending()           # changes apply in the order they arrived
+            self._apply_pending()  # changes apply in the order they arrived
         removed, more = self.store.remove_prefix(prefix, limit, RM_PAGE_NAME_BYTES)
         names = [v.name for v in removed]
         # The broker drops every removed name from the cache before it forwards this ack.
-        self.link.reply(route, p.ok_reply(header["id"], removed=names, more=more),
-                        invalidate=names)
+        self.link.reply(route, p.ok_reply(header["id"], removed=names, more=more), invalidate=names)
 
     def flush(self):
         """Apply the commits and removes received since the last flush in one transaction,
@@ -308,16 +378,18 @@ class StorageService:
     def _apply_pending(self):
         pending, self._pending = self._pending, []
         try:
-            results = self.store.apply([(change, inline) for _r, _h, change, inline in pending],
-                                       progress=self._keep_alive())
-        except FmsError as exc:            # the transaction itself failed: nothing applied
+            results = self.store.apply(
+                [(change, inline) for _r, _h, change, inline in pending],
+                progress=self._keep_alive(),
+            )
+        except FmsError as exc:  # the transaction itself failed: nothing applied
             results = [exc] * len(pending)
-        except OSError as exc:             # the transaction's own disk trouble
+        except OSError as exc:  # the transaction's own disk trouble
             results = [os_failure(exc)] * len(pending)
-        except Exception as exc:           # a bug: every commit of the group still gets an answer
+        except Exception as exc:  # a bug: every commit of the group still gets an answer
             log.exception("event=group_commit_crashed error=%r", exc)
             results = [FmsError(f"internal error: {exc!r}")] * len(pending)
-        for (route, header, change, _inline), result in zip(pending, results):
+        for (route, header, change, _inline), result in zip(pending, results, strict=False):
             self._answer_change(route, header, change, result)
 
     def _answer_change(self, route, header, change, result):
@@ -331,20 +403,29 @@ class StorageService:
         elif isinstance(change, Restore):
             log.debug("event=restore name=%r version=%d", result.name, result.version)
         elif isinstance(change, Copy):
-            log.debug("event=%s src=%r name=%r version=%d", "mv" if change.move else "cp",
-                      change.src, result.name, result.version)
+            log.debug(
+                "event=%s src=%r name=%r version=%d",
+                "mv" if change.move else "cp",
+                change.src,
+                result.name,
+                result.version,
+            )
         else:
-            log.debug("event=commit name=%r version=%d size=%d", result.name, result.version,
-                      result.size)
+            log.debug(
+                "event=commit name=%r version=%d size=%d", result.name, result.version, result.size
+            )
         # The broker sees `invalidate` and tells the cache before it forwards this ack (an mv
         # changes two names).
         names = change.names
-        self.link.reply(route, p.ok_reply(header["id"], stat=result.summary()),
-                        invalidate=names[0] if len(names) == 1 else list(names))
+        self.link.reply(
+            route,
+            p.ok_reply(header["id"], stat=result.summary()),
+            invalidate=names[0] if len(names) == 1 else list(names),
+        )
 
     def _answer(self, route, header, result):
         if route is None:
-            return                       # a background job: nobody waits for it
+            return  # a background job: nobody waits for it
         if isinstance(result, FmsError):
             code = getattr(result, "code", "internal")
             extra = result.reply_fields() if hasattr(result, "reply_fields") else {}
@@ -360,6 +441,7 @@ class StorageService:
             if now - last[0] >= HEARTBEAT_EVERY and hasattr(self.link, "heartbeat"):
                 last[0] = now
                 self.link.heartbeat()
+
         return progress
 
     # --- maintenance ops ---
@@ -395,8 +477,9 @@ def _commit_id(header, optional=False) -> str:
     if commit is None:
         return uuid.uuid4().hex
     if not 1 <= len(commit) <= p.MAX_COMMIT_ID:
-        raise BadRequest(f"field 'commit' must be 1 to {p.MAX_COMMIT_ID} characters: a fresh "
-                         f"random id")
+        raise BadRequest(
+            f"field 'commit' must be 1 to {p.MAX_COMMIT_ID} characters: a fresh random id"
+        )
     return commit
 
 

@@ -27,11 +27,11 @@ themselves)::
 The names of all five modules are importable from here (``from fms import wire as p``).
 """
 
-from .codec import *  # noqa: F401,F403
-from .fields import *  # noqa: F401,F403
-from .frames import *  # noqa: F401,F403
-from .messages import *  # noqa: F401,F403
-from .batch import *  # noqa: F401,F403
 from . import batch, codec, fields, frames, messages
+from .batch import *  # noqa: F403
+from .codec import *  # noqa: F403
+from .fields import *  # noqa: F403
+from .frames import *  # noqa: F403
+from .messages import *  # noqa: F403
 
 __all__ = [*messages.__all__, *codec.__all__, *fields.__all__, *frames.__all__, *batch.__all__]

@@ -13,11 +13,11 @@ misses, and the client reads it; all three use this module, so the layout has on
 """
 
 from ..errors import BadRequest
-from .codec import data_buffer, DATA_PREFIX_LEN, unpack_data
+from .codec import DATA_PREFIX_LEN, data_buffer, unpack_data
 from .fields import check_manifest, check_name, need, sha256, travels_inline
 from .messages import MAX_BATCH_BYTES, MAX_BATCH_FILES
 
-__all__ = ["need_names", "BatchReply", "read_batch", "inline_ok"]
+__all__ = ["BatchReply", "inline_ok", "need_names", "read_batch"]
 
 
 def need_names(header: dict) -> list:
@@ -30,8 +30,11 @@ def need_names(header: dict) -> list:
 
 def inline_ok(manifest: dict, payload) -> bool:
     """Whether ``payload`` is the whole, verified content of a file that travels inline."""
-    return (payload is not None and len(payload) == manifest["size"]
-            and sha256(payload) == manifest["chunks"][0])
+    return (
+        payload is not None
+        and len(payload) == manifest["size"]
+        and sha256(payload) == manifest["chunks"][0]
+    )
 
 
 class BatchReply:
@@ -44,8 +47,11 @@ class BatchReply:
 
     def manifest(self, manifest: dict, payload=None):
         """One name's manifest, with its content if it travels inline and still fits."""
-        inline = (payload is not None and travels_inline(manifest["size"], len(manifest["chunks"]))
-                  and self._bytes + len(payload) <= MAX_BATCH_BYTES)
+        inline = (
+            payload is not None
+            and travels_inline(manifest["size"], len(manifest["chunks"]))
+            and self._bytes + len(payload) <= MAX_BATCH_BYTES
+        )
         if inline:
             self._parts.append(payload)
             self._bytes += len(payload)
@@ -61,7 +67,7 @@ class BatchReply:
         buf = data_buffer(self._bytes)
         view, at = memoryview(buf), DATA_PREFIX_LEN
         for part in self._parts:
-            view[at:at + len(part)] = part
+            view[at : at + len(part)] = part
             at += len(part)
         return buf
 
@@ -78,7 +84,7 @@ def read_batch(header: dict, data, names: list):
         raise BadRequest(f"get_many: {len(results)} results for {len(names)} names")
     payload = unpack_data(data) if data is not None else memoryview(b"")
     out, at = [], 0
-    for name, result in zip(names, results):
+    for name, result in zip(names, results, strict=False):
         if not isinstance(result, dict):
             raise BadRequest("get_many: a result is not a map")
         if "error" in result:

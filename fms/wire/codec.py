@@ -6,10 +6,18 @@ import msgpack
 from .. import limits
 from ..errors import BadRequest
 
-__all__ = ["MAX_FRAME_SIZE", "BIN32", "DATA_PREFIX_LEN", "encode", "decode", "data_buffer",
-           "pack_data", "unpack_data"]
+__all__ = [
+    "BIN32",
+    "DATA_PREFIX_LEN",
+    "MAX_FRAME_SIZE",
+    "data_buffer",
+    "decode",
+    "encode",
+    "pack_data",
+    "unpack_data",
+]
 
-MAX_FRAME_SIZE = limits.MAX_FRAME   # ZMQ_MAXMSGSIZE on every socket: a larger frame drops the peer
+MAX_FRAME_SIZE = limits.MAX_FRAME  # ZMQ_MAXMSGSIZE on every socket: a larger frame drops the peer
 
 # A data frame: the msgpack bin32 marker, a 4-byte big-endian length, then the bytes.
 BIN32 = 0xC6

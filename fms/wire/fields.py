@@ -7,12 +7,27 @@ import re
 from ..errors import BadRequest
 from .messages import INLINE_MAX, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 
-__all__ = ["HASH_LEN", "MAX_NAME_BYTES", "MTIME_MIN", "MTIME_MAX", "sha256", "chunk_count",
-           "chunk_length", "travels_inline", "need", "need_int", "need_hash", "need_hashes",
-           "check_manifest", "check_name", "check_mtime", "check_prefix"]
+__all__ = [
+    "HASH_LEN",
+    "MAX_NAME_BYTES",
+    "MTIME_MAX",
+    "MTIME_MIN",
+    "check_manifest",
+    "check_mtime",
+    "check_name",
+    "check_prefix",
+    "chunk_count",
+    "chunk_length",
+    "need",
+    "need_hash",
+    "need_hashes",
+    "need_int",
+    "sha256",
+    "travels_inline",
+]
 
-HASH_LEN = 32                   # sha256 digest, bytes
-MAX_NAME_BYTES = 1024           # a name in UTF-8
+HASH_LEN = 32  # sha256 digest, bytes
+MAX_NAME_BYTES = 1024  # a name in UTF-8
 # A file's mtime, in seconds since the epoch: finite, from 1900-01-01 to 9999-12-31 (what
 # datetime and every filesystem fms writes to can hold).
 MTIME_MIN = -2208988800.0
@@ -24,6 +39,7 @@ def sha256(data) -> bytes:
 
 
 # --- file shape: the one home of the rules that split a file into chunks ---
+
 
 def chunk_count(size: int, chunk_size: int) -> int:
     """How many chunks a ``size``-byte file has in ``chunk_size``-byte chunks (0 if empty)."""
@@ -41,6 +57,7 @@ def travels_inline(size: int, chunks: int) -> bool:
 
 
 # --- field checks: every handler reads its fields through these, never by bare indexing ---
+
 
 def need(header: dict, key: str, kind, *, optional=False, default=None):
     """Read ``header[key]`` and check its type; bools are never ints.
@@ -84,8 +101,15 @@ def need_hashes(header: dict, key: str, limit: int) -> list:
 
 
 def _kind_name(kind) -> str:
-    names = {str: "a string", int: "an integer", bytes: "bytes", list: "a list", dict: "a map",
-             bool: "a boolean", float: "a number"}
+    names = {
+        str: "a string",
+        int: "an integer",
+        bytes: "bytes",
+        list: "a list",
+        dict: "a map",
+        bool: "a boolean",
+        float: "a number",
+    }
     if isinstance(kind, tuple):
         return " or ".join(names.get(k, k.__name__) for k in kind)
     return names.get(kind, kind.__name__)
@@ -113,7 +137,7 @@ def check_manifest(manifest) -> dict:
 
 # --- names ---
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")   # C0, DEL and C1
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
 
 
 def check_name(name) -> str:
@@ -144,17 +168,21 @@ def check_name(name) -> str:
         if part == "..":
             raise BadRequest(f"name {name!r} has a '..' component; names cannot climb out")
         if part in ("", "."):
-            raise BadRequest(f"name {name!r} has an empty or '.' component; write it as "
-                             f"{'/'.join(p for p in name.split('/') if p not in ('', '.'))!r}")
+            raise BadRequest(
+                f"name {name!r} has an empty or '.' component; write it as "
+                f"{'/'.join(p for p in name.split('/') if p not in ('', '.'))!r}"
+            )
     return name
 
 
 def check_mtime(mtime) -> float:
     """An mtime as a float if finite and within [MTIME_MIN, MTIME_MAX], else :class:`BadRequest`."""
     value = float(mtime)
-    if not MTIME_MIN <= value <= MTIME_MAX:   # also false for NaN
-        raise BadRequest(f"mtime {mtime!r} is not a time between the years 1900 and 9999; "
-                         f"send seconds since 1970 as a finite number")
+    if not MTIME_MIN <= value <= MTIME_MAX:  # also false for NaN
+        raise BadRequest(
+            f"mtime {mtime!r} is not a time between the years 1900 and 9999; "
+            f"send seconds since 1970 as a finite number"
+        )
     return value
 
 

@@ -3,9 +3,9 @@
 Multipart send and receive for the hot path: pyzmq's ``send_multipart``/``recv_multipart`` spend
 about a microsecond per frame on Python-level flag arithmetic (enum objects) and option look-ups;
 a small GET crosses four hops, each a receive and a send of two to four frames, so these
-plain-int loops are measurably cheaper (``python -m benchmarks.bench profile`` shows where the broker's
-time goes).  Semantics are the same: frames are sent without copying, and a multipart message is
-queued whole or not at all.
+plain-int loops are measurably cheaper (``python -m benchmarks.bench profile`` shows where the
+broker's time goes).  Semantics are the same: frames are sent without copying, and a multipart
+message is queued whole or not at all.
 
 Reading files straight into data frames: the payload lands behind the reserved bin32 prefix, so
 it is never copied again on its way to the socket.
@@ -15,7 +15,7 @@ import zmq
 
 from .codec import DATA_PREFIX_LEN, data_buffer
 
-__all__ = ["NOBLOCK", "send_frames", "recv_frames", "drain", "read_full", "read_frame"]
+__all__ = ["NOBLOCK", "drain", "read_frame", "read_full", "recv_frames", "send_frames"]
 
 _SNDMORE = int(zmq.SNDMORE)
 _RCVMORE = int(zmq.RCVMORE)

@@ -3,13 +3,41 @@ error codes, the reply builders, and the sizes and times every peer agrees on.""
 
 from ..errors import BadRequest
 
-__all__ = ["PROTOCOL_VERSION", "DEFAULT_FRONTEND", "DEFAULT_BACKEND", "KiB", "MiB", "GiB", "DEFAULT_CHUNK_SIZE", "MIN_CHUNK_SIZE",
-           "MAX_CHUNK_SIZE", "MAX_BATCH_FILES", "MAX_BATCH_BYTES", "INLINE_MAX", "MAX_HAVE_BATCH",
-           "LS_PAGE_DEFAULT", "LS_PAGE_MAX", "MAX_COMMIT_ID", "MAX_GC_GRACE",
-           "HEARTBEAT_INTERVAL", "HEARTBEAT_LIVENESS", "WORKER_SEND_TIMEOUT",
-           "MAX_CLIENT_INFLIGHT", "CACHE", "STORAGE", "BROKER", "SERVICES", "OP_SERVICE",
-           "FALLBACK_SERVICE", "DATA_OPS", "ERROR_CODES", "check_frame_count", "check_version",
-           "error_reply", "ok_reply"]
+__all__ = [
+    "BROKER",
+    "CACHE",
+    "DATA_OPS",
+    "DEFAULT_BACKEND",
+    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_FRONTEND",
+    "ERROR_CODES",
+    "FALLBACK_SERVICE",
+    "HEARTBEAT_INTERVAL",
+    "HEARTBEAT_LIVENESS",
+    "INLINE_MAX",
+    "LS_PAGE_DEFAULT",
+    "LS_PAGE_MAX",
+    "MAX_BATCH_BYTES",
+    "MAX_BATCH_FILES",
+    "MAX_CHUNK_SIZE",
+    "MAX_CLIENT_INFLIGHT",
+    "MAX_COMMIT_ID",
+    "MAX_GC_GRACE",
+    "MAX_HAVE_BATCH",
+    "MIN_CHUNK_SIZE",
+    "OP_SERVICE",
+    "PROTOCOL_VERSION",
+    "SERVICES",
+    "STORAGE",
+    "WORKER_SEND_TIMEOUT",
+    "GiB",
+    "KiB",
+    "MiB",
+    "check_frame_count",
+    "check_version",
+    "error_reply",
+    "ok_reply",
+]
 
 PROTOCOL_VERSION = 1
 
@@ -25,20 +53,20 @@ GiB = 1024 * MiB
 DEFAULT_CHUNK_SIZE = 1 * MiB
 MIN_CHUNK_SIZE = 4 * KiB
 MAX_CHUNK_SIZE = 16 * MiB
-MAX_BATCH_FILES = 256           # files per commit_many or get_many
-MAX_BATCH_BYTES = 8 * MiB       # their content in one commit_many or get_many message
-INLINE_MAX = 128 * KiB          # files up to this size travel with their manifest: one round trip
-MAX_HAVE_BATCH = 4096           # chunk hashes per `have` request
-LS_PAGE_DEFAULT = 1000          # entries per `ls` reply unless `limit` says otherwise
-LS_PAGE_MAX = 5000              # the largest `limit`: a reply stays far below MAX_FRAME_SIZE
-MAX_COMMIT_ID = 128             # characters in a commit's or rm's `commit` id
+MAX_BATCH_FILES = 256  # files per commit_many or get_many
+MAX_BATCH_BYTES = 8 * MiB  # their content in one commit_many or get_many message
+INLINE_MAX = 128 * KiB  # files up to this size travel with their manifest: one round trip
+MAX_HAVE_BATCH = 4096  # chunk hashes per `have` request
+LS_PAGE_DEFAULT = 1000  # entries per `ls` reply unless `limit` says otherwise
+LS_PAGE_MAX = 5000  # the largest `limit`: a reply stays far below MAX_FRAME_SIZE
+MAX_COMMIT_ID = 128  # characters in a commit's or rm's `commit` id
 MAX_GC_GRACE = 10 * 365 * 86400  # seconds: the largest `grace` a gc request may ask for
 
 # Times, in seconds.
 HEARTBEAT_INTERVAL = 1.0
-HEARTBEAT_LIVENESS = 3          # missed heartbeats before a peer is declared dead
-WORKER_SEND_TIMEOUT = 1.0       # SNDTIMEO on a worker's DEALER: a send never blocks for longer
-MAX_CLIENT_INFLIGHT = 128       # requests one client may have in flight at the broker
+HEARTBEAT_LIVENESS = 3  # missed heartbeats before a peer is declared dead
+WORKER_SEND_TIMEOUT = 1.0  # SNDTIMEO on a worker's DEALER: a send never blocks for longer
+MAX_CLIENT_INFLIGHT = 128  # requests one client may have in flight at the broker
 
 # Services, and which one serves each client op.
 CACHE = "cache"
@@ -46,28 +74,28 @@ STORAGE = "storage"
 BROKER = "broker"
 SERVICES = (CACHE, STORAGE)
 OP_SERVICE = {
-    "get": CACHE,          # manifest (+ content of a small file)
-    "chunk": CACHE,        # one chunk by hash
-    "get_many": CACHE,     # many names' manifests (+ small files' content) in one message
+    "get": CACHE,  # manifest (+ content of a small file)
+    "chunk": CACHE,  # one chunk by hash
+    "get_many": CACHE,  # many names' manifests (+ small files' content) in one message
     "cache_stats": CACHE,
-    "have": STORAGE,       # which of these chunk hashes are missing
+    "have": STORAGE,  # which of these chunk hashes are missing
     "put_chunk": STORAGE,
-    "commit": STORAGE,     # write a manifest (idempotent by commit id)
+    "commit": STORAGE,  # write a manifest (idempotent by commit id)
     "commit_many": STORAGE,  # many small files (content inline) in one message
     "ls": STORAGE,
     "stat": STORAGE,
     "rm": STORAGE,
-    "mv": STORAGE,         # rename: metadata only, one transaction
-    "cp": STORAGE,         # copy: metadata only, the chunks are shared
+    "mv": STORAGE,  # rename: metadata only, one transaction
+    "cp": STORAGE,  # copy: metadata only, the chunks are shared
     "rm_prefix": STORAGE,  # remove a page of the names under a prefix
-    "du": STORAGE,         # files and bytes under a prefix
-    "versions": STORAGE,   # a name's current and retained versions
+    "du": STORAGE,  # files and bytes under a prefix
+    "versions": STORAGE,  # a name's current and retained versions
     "get_version": STORAGE,  # a retained version's manifest (+ content of a small file)
-    "restore": STORAGE,    # make a retained version current again
-    "usage": STORAGE,      # the store's totals
-    "gc": STORAGE,         # collect garbage now
-    "fsck": STORAGE,       # check a page of stored files' chunks
-    "status": BROKER,      # answered by the broker itself: live workers
+    "restore": STORAGE,  # make a retained version current again
+    "usage": STORAGE,  # the store's totals
+    "gc": STORAGE,  # collect garbage now
+    "fsck": STORAGE,  # check a page of stored files' chunks
+    "status": BROKER,  # answered by the broker itself: live workers
 }
 # Ops whose request may carry a data frame after its header; any other request is one frame.
 DATA_OPS = frozenset({"put_chunk", "commit", "commit_many"})
@@ -80,15 +108,27 @@ DATA_OPS = frozenset({"put_chunk", "commit", "commit_many"})
 FALLBACK_SERVICE = {CACHE: STORAGE}
 
 # Error codes carried in {ok: false, error: CODE, message: TEXT}.
-ERROR_CODES = ("not_found", "bad_request", "integrity", "missing_chunks", "unavailable",
-               "no_space", "refused", "too_large", "version", "internal")
+ERROR_CODES = (
+    "not_found",
+    "bad_request",
+    "integrity",
+    "missing_chunks",
+    "unavailable",
+    "no_space",
+    "refused",
+    "too_large",
+    "version",
+    "internal",
+)
 
 
 def check_version(header: dict, speaker: str = "this worker"):
     """A worker's check that a request speaks this protocol version (the broker checks first)."""
     if header.get("v") != PROTOCOL_VERSION:
-        raise BadRequest(f"protocol version {header.get('v')!r} not supported; "
-                         f"{speaker} speaks {PROTOCOL_VERSION}")
+        raise BadRequest(
+            f"protocol version {header.get('v')!r} not supported; "
+            f"{speaker} speaks {PROTOCOL_VERSION}"
+        )
 
 
 def check_frame_count(op, frames: int):
@@ -97,8 +137,10 @@ def check_frame_count(op, frames: int):
     if frames > 2 or frames < 1:
         raise BadRequest(f"a request has 1 or 2 frames (header, data?), got {frames}")
     if frames == 2 and op not in DATA_OPS:
-        raise BadRequest(f"{op!r} takes no data frame; send its header alone (only "
-                         f"{', '.join(sorted(DATA_OPS))} carry data)")
+        raise BadRequest(
+            f"{op!r} takes no data frame; send its header alone (only "
+            f"{', '.join(sorted(DATA_OPS))} carry data)"
+        )
 
 
 def error_reply(req_id, code: str, message: str) -> dict:

@@ -8,7 +8,6 @@ from abc import ABC, abstractmethod
 
 
 class ChunkBackend(ABC):
-
     @abstractmethod
     def put(self, digest: bytes, data) -> bool:
         """Store ``data`` under ``digest`` (a blob already there may be left as it is or written
@@ -46,7 +45,7 @@ class ChunkBackend(ABC):
     def mark_store(self, store_id: str):
         """Record which store these chunks belong to."""
 
-    def sync(self):
+    def sync(self):  # noqa: B027 (optional: a no-op where puts are durable)
         """Make every blob put so far, by any process, durable: called once before a commit
         that names blobs, instead of once per blob.  Nothing, where a put is durable when it
         returns."""

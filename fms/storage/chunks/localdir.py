@@ -22,8 +22,10 @@ from ...errors import IntegrityError, NoSpace, NotFound
 from ...wire.frames import read_frame
 from .base import ChunkBackend
 
-MARKER = "STORE"   # chunks/STORE: the id of the store the chunks belong to
-TMP_GRACE = 600.0  # seconds: a chunk write takes far less, so older temp files are from dead writers
+MARKER = "STORE"  # chunks/STORE: the id of the store the chunks belong to
+TMP_GRACE = (
+    600.0  # seconds: a chunk write takes far less, so older temp files are from dead writers
+)
 _HOST = socket.gethostname().replace(".", "_")
 
 log = logging.getLogger("fms.storage.chunks")
@@ -62,7 +64,7 @@ class LocalDirChunks(ChunkBackend):
                     os.replace(tmp, final)
                     break
                 except FileNotFoundError:
-                    continue    # the collector removed the shard, empty, in between: again
+                    continue  # the collector removed the shard, empty, in between: again
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -81,8 +83,10 @@ class LocalDirChunks(ChunkBackend):
             with open(path, "rb", buffering=0) as f:
                 size = os.fstat(f.fileno()).st_size
                 if size > p.MAX_CHUNK_SIZE:
-                    raise IntegrityError(f"chunk {digest.hex()[:16]} is {size} bytes on disk, "
-                                         f"more than any chunk may be")
+                    raise IntegrityError(
+                        f"chunk {digest.hex()[:16]} is {size} bytes on disk, "
+                        f"more than any chunk may be"
+                    )
                 frame, _view, got = read_frame(f, size)
         except FileNotFoundError:
             raise NotFound(f"chunk {digest.hex()[:16]} not found in store") from None
@@ -94,7 +98,7 @@ class LocalDirChunks(ChunkBackend):
         path = self._path(digest)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        with contextlib.suppress(OSError):      # a shard left empty goes too (not if in use)
+        with contextlib.suppress(OSError):  # a shard left empty goes too (not if in use)
             os.rmdir(os.path.dirname(path))
 
     def list(self):
@@ -121,7 +125,7 @@ class LocalDirChunks(ChunkBackend):
         tmp = self.tmp_path("marker")
         write_file(tmp, [store_id.encode()], fsync=True)
         try:
-            os.link(tmp, os.path.join(self.root, MARKER))   # never replaces another's marker
+            os.link(tmp, os.path.join(self.root, MARKER))  # never replaces another's marker
             fsync_dir(self.root)
         except FileExistsError:
             pass
@@ -131,8 +135,9 @@ class LocalDirChunks(ChunkBackend):
     def quarantine(self, digest):
         log.error("event=corrupt_chunk chunk=%s action=quarantined", digest.hex())
         with contextlib.suppress(OSError):  # a concurrent reader may have moved it already
-            os.replace(self._path(digest),
-                       os.path.join(self.corrupt, f"{digest.hex()}.{time.time_ns()}"))
+            os.replace(
+                self._path(digest), os.path.join(self.corrupt, f"{digest.hex()}.{time.time_ns()}")
+            )
 
     # --- temp files ---
 
@@ -147,8 +152,12 @@ class LocalDirChunks(ChunkBackend):
         cutoff = time.time() - older_than
         for entry in os.scandir(self.tmp):
             parts = entry.name.split(".")
-            mine_and_dead = (len(parts) == 4 and parts[1] == _HOST and parts[2].isdigit()
-                             and not pid_alive(int(parts[2])))
+            mine_and_dead = (
+                len(parts) == 4
+                and parts[1] == _HOST
+                and parts[2].isdigit()
+                and not pid_alive(int(parts[2]))
+            )
             with contextlib.suppress(FileNotFoundError):
                 if mine_and_dead or entry.stat().st_mtime < cutoff:
                     os.unlink(entry.path)
@@ -199,8 +208,10 @@ def fsync_dir(path: str):
 
 def _os_error(exc: OSError):
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return NoSpace("storage disk is full (space or inodes); nothing was changed: free space "
-                       "on the storage volume and try again")
+        return NoSpace(
+            "storage disk is full (space or inodes); nothing was changed: free space "
+            "on the storage volume and try again"
+        )
     return exc
 
 
@@ -211,5 +222,5 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True   # alive, someone else's
+        return True  # alive, someone else's
     return True

@@ -20,9 +20,9 @@ from ... import wire as p
 from ...errors import FmsError, IntegrityError, NotFound, Unavailable
 from .base import ChunkBackend
 
-CONNECT_TIMEOUT = 5     # seconds
-READ_TIMEOUT = 30       # seconds for one request's reply
-ATTEMPTS = 3            # botocore's standard retry mode: tries per request
+CONNECT_TIMEOUT = 5  # seconds
+READ_TIMEOUT = 30  # seconds for one request's reply
+ATTEMPTS = 3  # botocore's standard retry mode: tries per request
 
 log = logging.getLogger("fms.storage.chunks")
 
@@ -31,7 +31,9 @@ def parse_url(url: str):
     """``s3://BUCKET/PREFIX`` -> (bucket, prefix ending in '/' or empty)."""
     parsed = urlparse(url)
     if parsed.scheme != "s3" or not parsed.netloc:
-        raise FmsError(f"--chunks {url!r} is not an S3 URL; write s3://BUCKET or s3://BUCKET/PREFIX")
+        raise FmsError(
+            f"--chunks {url!r} is not an S3 URL; write s3://BUCKET or s3://BUCKET/PREFIX"
+        )
     prefix = parsed.path.strip("/")
     return parsed.netloc, f"{prefix}/" if prefix else ""
 
@@ -42,13 +44,19 @@ class S3Chunks(ChunkBackend):
     def __init__(self, url: str):
         self.bucket, self.prefix = parse_url(url)
         self.url = url
-        self.s3 = boto3.session.Session().client("s3", config=Config(
-            connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT,
-            retries={"max_attempts": ATTEMPTS, "mode": "standard"}, max_pool_connections=16,
-            # fms checks every chunk against its sha256 itself; the SDK's CRCs would be a second
-            # pass over each chunk (measured: GET 1.06-1.19x faster without, less CPU).
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required"))
+        self.s3 = boto3.session.Session().client(
+            "s3",
+            config=Config(
+                connect_timeout=CONNECT_TIMEOUT,
+                read_timeout=READ_TIMEOUT,
+                retries={"max_attempts": ATTEMPTS, "mode": "standard"},
+                max_pool_connections=16,
+                # fms checks every chunk against its sha256 itself; the SDK's CRCs would be a second
+                # pass over each chunk (measured: GET 1.06-1.19x faster without, less CPU).
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
+        )
         self._check()
 
     def _check(self):
@@ -56,20 +64,28 @@ class S3Chunks(ChunkBackend):
         try:
             self.s3.head_bucket(Bucket=self.bucket)
         except botocore.exceptions.NoCredentialsError:
-            raise FmsError("no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                           "(or an AWS profile)") from None
+            raise FmsError(
+                "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(or an AWS profile)"
+            ) from None
         except botocore.exceptions.EndpointConnectionError:
-            raise FmsError(f"cannot reach the S3 endpoint {where}: check AWS_ENDPOINT_URL and "
-                           f"that the object store runs") from None
+            raise FmsError(
+                f"cannot reach the S3 endpoint {where}: check AWS_ENDPOINT_URL and "
+                f"that the object store runs"
+            ) from None
         except botocore.exceptions.ClientError as exc:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if status == 404:
-                raise FmsError(f"bucket {self.bucket!r} does not exist at {where}: create it "
-                               f"(e.g. aws s3 mb s3://{self.bucket}) or fix --chunks") from None
+                raise FmsError(
+                    f"bucket {self.bucket!r} does not exist at {where}: create it "
+                    f"(e.g. aws s3 mb s3://{self.bucket}) or fix --chunks"
+                ) from None
             if status in (401, 403):
-                raise FmsError(f"the S3 store at {where} refused these credentials for bucket "
-                               f"{self.bucket!r}: check AWS_ACCESS_KEY_ID and "
-                               f"AWS_SECRET_ACCESS_KEY") from None
+                raise FmsError(
+                    f"the S3 store at {where} refused these credentials for bucket "
+                    f"{self.bucket!r}: check AWS_ACCESS_KEY_ID and "
+                    f"AWS_SECRET_ACCESS_KEY"
+                ) from None
             raise FmsError(f"S3 store at {where}: {exc}") from None
         except botocore.exceptions.BotoCoreError as exc:
             raise FmsError(f"S3 store at {where}: {exc}") from None
@@ -89,9 +105,12 @@ class S3Chunks(ChunkBackend):
             if code in ("NoSuchKey", "404", "NotFound") or status == 404:
                 raise NotFound(f"chunk not found in the object store ({what})") from None
             if status in (401, 403):
-                raise _unavailable(what, "the object store refused this worker's credentials "
-                                         "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)") from None
-            if status is not None and status >= 500 or code in ("SlowDown", "Throttling"):
+                raise _unavailable(
+                    what,
+                    "the object store refused this worker's credentials "
+                    "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)",
+                ) from None
+            if (status is not None and status >= 500) or code in ("SlowDown", "Throttling"):
                 raise _unavailable(what, exc) from None
             raise FmsError(f"object store refused {what}: {exc}") from None
         except (botocore.exceptions.BotoCoreError, OSError) as exc:
@@ -117,8 +136,10 @@ class S3Chunks(ChunkBackend):
             raise NotFound(f"chunk {digest.hex()[:16]} not found in the object store") from None
         size = reply["ContentLength"]
         if size > p.MAX_CHUNK_SIZE:
-            raise IntegrityError(f"chunk {digest.hex()[:16]} is {size} bytes in the object store, "
-                                 f"more than any chunk may be")
+            raise IntegrityError(
+                f"chunk {digest.hex()[:16]} is {size} bytes in the object store, "
+                f"more than any chunk may be"
+            )
         try:
             data = reply["Body"].read()
         except (botocore.exceptions.BotoCoreError, OSError) as exc:
@@ -131,8 +152,9 @@ class S3Chunks(ChunkBackend):
         self._call("delete", self.s3.delete_object, Key=self._key(digest))
 
     def list(self):
-        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
-                                                                Prefix=self.prefix)
+        pages = self.s3.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self.prefix
+        )
         try:
             for page in pages:
                 for obj in page.get("Contents", []):
@@ -143,8 +165,7 @@ class S3Chunks(ChunkBackend):
                         continue
                     if len(digest) == p.HASH_LEN and obj["Key"] == self._key(digest):
                         yield digest, obj["Size"], obj["LastModified"].timestamp()
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError,
-                OSError) as exc:
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, OSError) as exc:
             raise _unavailable("list", exc) from None
 
     def store_marker(self):
@@ -161,8 +182,12 @@ class S3Chunks(ChunkBackend):
         log.error("event=corrupt_chunk chunk=%s action=quarantined", digest.hex())
         key = self._key(digest)
         try:
-            self._call("copy", self.s3.copy_object, Key=f"{self.prefix}corrupt/{digest.hex()}."
-                       f"{time.time_ns()}", CopySource={"Bucket": self.bucket, "Key": key})
+            self._call(
+                "copy",
+                self.s3.copy_object,
+                Key=f"{self.prefix}corrupt/{digest.hex()}.{time.time_ns()}",
+                CopySource={"Bucket": self.bucket, "Key": key},
+            )
             self.delete(digest)
         except FmsError as exc:
             log.error("event=quarantine_failed chunk=%s error=%r", digest.hex(), str(exc))

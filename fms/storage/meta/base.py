@@ -30,7 +30,7 @@ RETAIN_SECONDS = 3600.0
 class ChunkRow:
     """A chunk as the engine knows it."""
 
-    __slots__ = ("digest", "size", "refs", "since", "doomed", "data")
+    __slots__ = ("data", "digest", "doomed", "refs", "since", "size")
 
     def __init__(self, digest, size, refs, since, doomed, data):
         self.digest, self.size, self.refs, self.since = digest, size, refs, since
@@ -46,7 +46,7 @@ class MetaEngine(ABC):
     """One store's metadata.  ``store_id`` identifies the store (workers on one store share it)."""
 
     store_id: str
-    keep_versions: int = 0     # replaced versions retained per name (0: none)
+    keep_versions: int = 0  # replaced versions retained per name (0: none)
 
     # --- names ---
 

@@ -26,7 +26,7 @@ from ..model import unpack_digests
 log = logging.getLogger("fms.storage.migrate")
 
 MANIFESTS = "manifests"
-DONE = "manifests.migrated"   # renamed here once the database holds everything, then deleted
+DONE = "manifests.migrated"  # renamed here once the database holds everything, then deleted
 
 
 def store_id(path: str) -> str | None:
@@ -37,8 +37,10 @@ def store_id(path: str) -> str | None:
     except FileNotFoundError:
         return None
     except (ValueError, KeyError, TypeError):
-        raise FmsError(f"{os.path.join(path, 'STORE')} is damaged; it identifies the store and "
-                       f"must be restored from a copy") from None
+        raise FmsError(
+            f"{os.path.join(path, 'STORE')} is damaged; it identifies the store and "
+            f"must be restored from a copy"
+        ) from None
 
 
 def manifests(path: str, damaged: list):
@@ -61,13 +63,15 @@ def manifests(path: str, damaged: list):
                 manifest = msgpack.unpackb(raw, raw=False)
                 name, size, chunk_size = manifest["name"], manifest["size"], manifest["chunk_size"]
                 manifest["version"], manifest["sha256"]
-                if not manifest.get("deleted") and \
-                        len(manifest["chunks"]) != p.chunk_count(size, chunk_size):
+                if not manifest.get("deleted") and len(manifest["chunks"]) != p.chunk_count(
+                    size, chunk_size
+                ):
                     raise ValueError("chunk count")
                 name.encode("utf-8")
             except (ValueError, KeyError, TypeError, AttributeError, UnicodeError):
-                log.error("event=migrate_damaged_manifest path=%s action=kept_in_corrupt",
-                          entry.path)
+                log.error(
+                    "event=migrate_damaged_manifest path=%s action=kept_in_corrupt", entry.path
+                )
                 damaged.append(entry.path)
                 continue
             yield manifest
@@ -81,10 +85,12 @@ def migrate(path: str, meta, chunks):
         try:
             _copy(path, meta, chunks, damaged)
         except OSError as exc:
-            raise FmsError(f"cannot migrate {path}: reading a manifest failed ({exc.strerror}); "
-                           f"nothing was changed: fix the disk error and start again") from None
+            raise FmsError(
+                f"cannot migrate {path}: reading a manifest failed ({exc.strerror}); "
+                f"nothing was changed: fix the disk error and start again"
+            ) from None
         keep = os.path.join(path, "corrupt", "manifests")
-        for item in damaged:            # kept for inspection, out of the way of the clean-up
+        for item in damaged:  # kept for inspection, out of the way of the clean-up
             os.makedirs(keep, exist_ok=True)
             with contextlib.suppress(OSError):
                 shutil.copy2(item, os.path.join(keep, os.path.basename(item)))
@@ -102,8 +108,11 @@ def _valid_mtime(manifest, now) -> float:
     try:
         return p.check_mtime(manifest.get("mtime", now))
     except (BadRequest, TypeError, ValueError):
-        log.warning("event=migrate_bad_mtime name=%r mtime=%r action=set_to_now",
-                    manifest["name"], manifest.get("mtime"))
+        log.warning(
+            "event=migrate_bad_mtime name=%r mtime=%r action=set_to_now",
+            manifest["name"],
+            manifest.get("mtime"),
+        )
         return now
 
 
@@ -115,18 +124,31 @@ def _copy(path, meta, chunks, damaged):
     refs = collections.Counter()
     with meta._write():
         if meta.setting("migrated") is not None:
-            return                      # another worker finished it while we waited for the lock
+            return  # another worker finished it while we waited for the lock
         for digest, size, _mtime in chunks.list():
-            db.execute("INSERT OR IGNORE INTO chunks (digest, size, refs, since) VALUES (?, ?, 0, ?)",
-                       (digest, size, started))
+            db.execute(
+                "INSERT OR IGNORE INTO chunks (digest, size, refs, since) VALUES (?, ?, 0, ?)",
+                (digest, size, started),
+            )
         sizes = {}
         for m in manifests(path, damaged):
             deleted = bool(m.get("deleted"))
             listed = b"".join(m.get("chunks") or [])
-            db.execute("INSERT OR REPLACE INTO names VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (m["name"], m["version"], m["size"], m["sha256"], m["chunk_size"],
-                        b"" if deleted else listed, _valid_mtime(m, started),
-                        str(m.get("commit", "")), float(m.get("committed", started)), int(deleted)))
+            db.execute(
+                "INSERT OR REPLACE INTO names VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    m["name"],
+                    m["version"],
+                    m["size"],
+                    m["sha256"],
+                    m["chunk_size"],
+                    b"" if deleted else listed,
+                    _valid_mtime(m, started),
+                    str(m.get("commit", "")),
+                    float(m.get("committed", started)),
+                    int(deleted),
+                ),
+            )
             names += 1
             if not deleted:
                 files += 1
@@ -140,14 +162,26 @@ def _copy(path, meta, chunks, damaged):
         # A chunk a manifest names but the directory lacks still gets its row and count, so
         # the references stay exact: fsck names it, and uploading the file again restores it.
         absent = [d for d in refs if meta.chunk(d) is None]
-        db.executemany("INSERT INTO chunks (digest, size, refs, since) VALUES (?, ?, 0, ?)",
-                       [(d, sizes[d], started) for d in absent])
-        db.executemany("UPDATE chunks SET refs = ? WHERE digest = ?",
-                       [(n, d) for d, n in refs.items()])
-        db.execute("UPDATE totals SET files = ?, bytes = ?, chunks = (SELECT count(*) FROM chunks), "
-                   "chunk_bytes = (SELECT coalesce(sum(size), 0) FROM chunks)", (files, total))
+        db.executemany(
+            "INSERT INTO chunks (digest, size, refs, since) VALUES (?, ?, 0, ?)",
+            [(d, sizes[d], started) for d in absent],
+        )
+        db.executemany(
+            "UPDATE chunks SET refs = ? WHERE digest = ?", [(n, d) for d, n in refs.items()]
+        )
+        db.execute(
+            "UPDATE totals SET files = ?, bytes = ?, chunks = (SELECT count(*) FROM chunks), "
+            "chunk_bytes = (SELECT coalesce(sum(size), 0) FROM chunks)",
+            (files, total),
+        )
         meta.set_setting("migrated", f"format 1 at {started:.0f}")
-    log.info("event=migrate_done names=%d files=%d seconds=%.1f missing_chunks=%d damaged=%d",
-             names, files, time.time() - started, len(absent), len(damaged))
+    log.info(
+        "event=migrate_done names=%d files=%d seconds=%.1f missing_chunks=%d damaged=%d",
+        names,
+        files,
+        time.time() - started,
+        len(absent),
+        len(damaged),
+    )
     if absent:
         log.error("event=migrate_missing_chunks count=%d hint='run: client.py fsck'", len(absent))

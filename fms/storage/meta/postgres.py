@@ -17,8 +17,8 @@ from psycopg import errors as pgerrors
 from ...errors import FmsError, NoSpace, Unavailable
 from .sql import Retry, SQLMeta
 
-CONNECT_TIMEOUT = 5      # seconds to reach the server
-SCHEMA_LOCK = 0x666D73   # advisory lock key held while creating the tables ("fms")
+CONNECT_TIMEOUT = 5  # seconds to reach the server
+SCHEMA_LOCK = 0x666D73  # advisory lock key held while creating the tables ("fms")
 
 log = logging.getLogger("fms.storage.meta")
 
@@ -44,9 +44,11 @@ class PostgresMeta(SQLMeta):
             self._connect()
             self._create_schema(store_id or uuid.uuid4().hex)
         except psycopg.Error as exc:
-            raise FmsError(f"cannot use PostgreSQL at {redact(url)}: {_first_line(exc)}; check "
-                           f"--meta (postgresql://USER[:PASSWORD]@HOST:PORT/DB), that the server "
-                           f"runs and that the database exists") from None
+            raise FmsError(
+                f"cannot use PostgreSQL at {redact(url)}: {_first_line(exc)}; check "
+                f"--meta (postgresql://USER[:PASSWORD]@HOST:PORT/DB), that the server "
+                f"runs and that the database exists"
+            ) from None
         except Unavailable as exc:
             raise FmsError(f"cannot use PostgreSQL at {redact(url)}: {exc}") from None
         self.store_id = self.setting("store_id")
@@ -56,7 +58,7 @@ class PostgresMeta(SQLMeta):
 
     def _execute(self, sql, args=()):
         if self.db is None or self.db.closed or self.db.broken:
-            if self.in_transaction:    # reconnecting now would run the rest outside it
+            if self.in_transaction:  # reconnecting now would run the rest outside it
                 raise psycopg.OperationalError("the connection was lost during a transaction")
             self._connect()
         return self.db.execute(sql.replace("?", "%s"), args)
@@ -76,16 +78,21 @@ class PostgresMeta(SQLMeta):
         if isinstance(exc, (pgerrors.DeadlockDetected, pgerrors.SerializationFailure)):
             return Retry()
         if isinstance(exc, pgerrors.DiskFull):
-            return NoSpace("the metadata database's disk is full; nothing was changed: free "
-                           "space on the database server and try again")
+            return NoSpace(
+                "the metadata database's disk is full; nothing was changed: free "
+                "space on the database server and try again"
+            )
         if isinstance(exc, psycopg.OperationalError) or (self.db is not None and self.db.broken):
-            log.warning("event=database_unreachable url=%s error=%r", redact(self.url),
-                        _first_line(exc))
+            log.warning(
+                "event=database_unreachable url=%s error=%r", redact(self.url), _first_line(exc)
+            )
             with contextlib.suppress(Exception):
                 self.db.close()
-            lost = Unavailable(f"the metadata database (PostgreSQL) cannot be reached: "
-                               f"{_first_line(exc)}; retrying")
-            lost.whole_transaction = True      # no savepoint of it can be rolled back to
+            lost = Unavailable(
+                f"the metadata database (PostgreSQL) cannot be reached: "
+                f"{_first_line(exc)}; retrying"
+            )
+            lost.whole_transaction = True  # no savepoint of it can be rolled back to
             return lost
         if isinstance(exc, psycopg.Error):
             log.error("event=database_error error=%r", _first_line(exc))

@@ -21,11 +21,20 @@ import logging
 import msgpack
 
 from ...errors import BadRequest, FmsError, MissingChunks, NotFound, Unavailable
-from ..model import Copy, NewVersion, Removal, Restore, Totals, Version, pack_digests, unpack_digests
+from ..model import (
+    Copy,
+    NewVersion,
+    Removal,
+    Restore,
+    Totals,
+    Version,
+    pack_digests,
+    unpack_digests,
+)
 from .base import ChunkRow, MetaEngine
 
-FORMAT = 2            # the store's format; 1 was one manifest file per name
-RETRIES = 5           # a transaction that deadlocked is tried this many times in all
+FORMAT = 2  # the store's format; 1 was one manifest file per name
+RETRIES = 5  # a transaction that deadlocked is tried this many times in all
 
 log = logging.getLogger("fms.storage.meta")
 
@@ -49,7 +58,8 @@ CREATE TABLE IF NOT EXISTS totals (
     id INTEGER PRIMARY KEY CHECK (id = 1), files BIGINT NOT NULL, bytes BIGINT NOT NULL,
     chunks BIGINT NOT NULL, chunk_bytes BIGINT NOT NULL);
 INSERT INTO totals VALUES (1, 0, 0, 0, 0) ON CONFLICT (id) DO NOTHING;
-CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, until {real} NOT NULL);
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY, holder TEXT NOT NULL, until {real} NOT NULL);
 CREATE TABLE IF NOT EXISTS retained (
     name {name_type} NOT NULL, version BIGINT NOT NULL, size BIGINT NOT NULL,
     sha256 {blob} NOT NULL, chunk_size BIGINT NOT NULL, chunks {blob} NOT NULL,
@@ -57,9 +67,10 @@ CREATE TABLE IF NOT EXISTS retained (
     PRIMARY KEY (name, version))
 """
 
-_VERSION_COLUMNS = ("name, size, sha256, chunk_size, chunks, mtime, version, commit_id, "
-                    "committed, deleted")
-_RETAINED_COLUMNS = _VERSION_COLUMNS.rsplit(",", 1)[0]     # a retained version is never deleted
+_VERSION_COLUMNS = (
+    "name, size, sha256, chunk_size, chunks, mtime, version, commit_id, committed, deleted"
+)
+_RETAINED_COLUMNS = _VERSION_COLUMNS.rsplit(",", 1)[0]  # a retained version is never deleted
 _CHUNK_COLUMNS = "digest, size, refs, since, doomed, data"
 
 
@@ -69,14 +80,25 @@ class Retry(Exception):
 
 def _version(row) -> Version:
     name, size, sha, chunk_size, chunks, mtime, version, commit, committed, deleted = row
-    return Version(name, size, bytes(sha), chunk_size, unpack_digests(bytes(chunks)), mtime,
-                   version, commit, committed, bool(deleted))
+    return Version(
+        name,
+        size,
+        bytes(sha),
+        chunk_size,
+        unpack_digests(bytes(chunks)),
+        mtime,
+        version,
+        commit,
+        committed,
+        bool(deleted),
+    )
 
 
 def _chunk(row) -> ChunkRow:
     digest, size, refs, since, doomed, data = row
-    return ChunkRow(bytes(digest), size, refs, since, doomed,
-                    bytes(data) if data is not None else None)
+    return ChunkRow(
+        bytes(digest), size, refs, since, doomed, bytes(data) if data is not None else None
+    )
 
 
 def prefix_end(prefix: str) -> str | None:
@@ -84,7 +106,7 @@ def prefix_end(prefix: str) -> str | None:
     while prefix:
         last = ord(prefix[-1]) + 1
         if last == 0xD800:
-            last = 0xE000          # surrogates are not characters a name can hold
+            last = 0xE000  # surrogates are not characters a name can hold
         if last <= 0x10FFFF:
             return prefix[:-1] + chr(last)
         prefix = prefix[:-1]
@@ -93,9 +115,19 @@ def prefix_end(prefix: str) -> str | None:
 
 def _request_digest(change: NewVersion) -> bytes:
     """What identifies a commit request: every field it carries."""
-    return hashlib.sha256(msgpack.packb(
-        [change.name, change.size, change.sha256, change.chunk_size, list(change.chunks),
-         change.mtime], use_bin_type=True)).digest()
+    return hashlib.sha256(
+        msgpack.packb(
+            [
+                change.name,
+                change.size,
+                change.sha256,
+                change.chunk_size,
+                list(change.chunks),
+                change.mtime,
+            ],
+            use_bin_type=True,
+        )
+    ).digest()
 
 
 def _marks(n: int) -> str:
@@ -111,10 +143,10 @@ class SQLMeta(MetaEngine):
     # Statements run before and after a transaction that need not be on disk when it commits
     # (the next durable commit, which names what it relied on, flushes it along): none here.
     lazy_commit = ()
-    for_update = ""            # appended to SELECTs of rows about to be changed
-    skip_locked = ""           # appended to the collector's SELECT
-    in_transaction = False     # a lost connection must not be silently reopened midway
-    keep_versions = 0          # replaced versions retained per name (the worker's --keep-versions)
+    for_update = ""  # appended to SELECTs of rows about to be changed
+    skip_locked = ""  # appended to the collector's SELECT
+    in_transaction = False  # a lost connection must not be silently reopened midway
+    keep_versions = 0  # replaced versions retained per name (the worker's --keep-versions)
 
     def _execute(self, sql: str, args=()):
         raise NotImplementedError
@@ -141,10 +173,14 @@ class SQLMeta(MetaEngine):
             for statement in SCHEMA.format(**self.types).split(";"):
                 if statement.strip():
                     self._execute(statement)
-            self._execute("INSERT INTO settings VALUES ('format', ?) ON CONFLICT (key) DO NOTHING",
-                          (str(FORMAT),))
-            self._execute("INSERT INTO settings VALUES ('store_id', ?) ON CONFLICT (key) DO NOTHING",
-                          (store_id,))
+            self._execute(
+                "INSERT INTO settings VALUES ('format', ?) ON CONFLICT (key) DO NOTHING",
+                (str(FORMAT),),
+            )
+            self._execute(
+                "INSERT INTO settings VALUES ('store_id', ?) ON CONFLICT (key) DO NOTHING",
+                (store_id,),
+            )
 
     @contextlib.contextmanager
     def _write(self, durable: bool = True):
@@ -158,7 +194,7 @@ class SQLMeta(MetaEngine):
         try:
             yield from self._write_body()
         finally:
-            self._execute(restore)      # never left relaxed: if this fails, so does the request
+            self._execute(restore)  # never left relaxed: if this fails, so does the request
 
     def _write_body(self):
         try:
@@ -189,14 +225,17 @@ class SQLMeta(MetaEngine):
                     self._delta = [0, 0, 0, 0]
                     result = work()
                     if any(self._delta):
-                        self._execute("UPDATE totals SET files = files + ?, bytes = bytes + ?, "
-                                      "chunks = chunks + ?, chunk_bytes = chunk_bytes + ?",
-                                      self._delta)
+                        self._execute(
+                            "UPDATE totals SET files = files + ?, bytes = bytes + ?, "
+                            "chunks = chunks + ?, chunk_bytes = chunk_bytes + ?",
+                            self._delta,
+                        )
                     return result
             except Retry:
                 if attempt == RETRIES - 1:
-                    raise Unavailable("the metadata database kept meeting concurrent writers; "
-                                      "try again") from None
+                    raise Unavailable(
+                        "the metadata database kept meeting concurrent writers; try again"
+                    ) from None
                 log.info("event=transaction_retry attempt=%d", attempt + 1)
 
     def _bump(self, files=0, nbytes=0, chunks=0, chunk_bytes=0):
@@ -226,14 +265,18 @@ class SQLMeta(MetaEngine):
 
     def set_setting(self, key: str, value: str):
         """Inside a caller's transaction (migration)."""
-        self._execute("INSERT INTO settings VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
-                      "SET value = excluded.value", (key, value))
+        self._execute(
+            "INSERT INTO settings VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
+            "SET value = excluded.value",
+            (key, value),
+        )
 
     # --- names ---
 
     def get(self, name):
-        row = self._one(f"SELECT {_VERSION_COLUMNS} FROM names WHERE name = ? AND deleted = 0",
-                        (name,))
+        row = self._one(
+            f"SELECT {_VERSION_COLUMNS} FROM names WHERE name = ? AND deleted = 0", (name,)
+        )
         return _version(row) if row else None
 
     def list(self, prefix, after, limit):
@@ -259,17 +302,26 @@ class SQLMeta(MetaEngine):
         return int(files), int(nbytes)
 
     def iter_versions(self, after, limit):
-        return [_version(r) for r in self._all(
-            f"SELECT {_VERSION_COLUMNS} FROM names WHERE name > ? AND deleted = 0 "
-            f"ORDER BY name LIMIT ?", (after, limit))]
+        return [
+            _version(r)
+            for r in self._all(
+                f"SELECT {_VERSION_COLUMNS} FROM names WHERE name > ? AND deleted = 0 "
+                f"ORDER BY name LIMIT ?",
+                (after, limit),
+            )
+        ]
 
     def totals(self):
         return Totals(*self._one("SELECT files, bytes, chunks, chunk_bytes FROM totals"))
 
     def apply(self, changes, now, small):
         def work():
-            self._lock_names(sorted({n for c in changes for n in c.names} | {
-                c.src for c in changes if isinstance(c, Copy)}))
+            self._lock_names(
+                sorted(
+                    {n for c in changes for n in c.names}
+                    | {c.src for c in changes if isinstance(c, Copy)}
+                )
+            )
             results = []
             for i, change in enumerate(changes):
                 self._execute(f"SAVEPOINT c{i}")
@@ -290,33 +342,38 @@ class SQLMeta(MetaEngine):
                     self._execute(f"RELEASE SAVEPOINT c{i}")
                 except FmsError as exc:
                     if getattr(exc, "whole_transaction", False):
-                        raise               # the connection is gone: nothing of it stands
+                        raise  # the connection is gone: nothing of it stands
                     self._execute(f"ROLLBACK TO SAVEPOINT c{i}")
                     self._execute(f"RELEASE SAVEPOINT c{i}")
                     self._delta = saved
                     result = exc
                 results.append(result)
             return results
+
         return self._transaction(work)
 
     def _logged(self, commit_id, kind, name, sha256):
-        row = self._one("SELECT kind, name, sha256, result FROM commits WHERE id = ?",
-                        (commit_id,))
+        row = self._one("SELECT kind, name, sha256, result FROM commits WHERE id = ?", (commit_id,))
         if row is None:
             return None
         if (row[0], row[1]) != (kind, name) or (sha256 is not None and bytes(row[2]) != sha256):
-            raise BadRequest(f"id {commit_id!r} was already used by another request; every commit "
-                             f"and rm needs a fresh random id")
+            raise BadRequest(
+                f"id {commit_id!r} was already used by another request; every commit "
+                f"and rm needs a fresh random id"
+            )
         fields = msgpack.unpackb(bytes(row[3]), raw=False)
         return Version(**{**fields, "chunks": tuple(fields["chunks"])})
 
     def _log(self, kind, version: Version, now, request=None):
         # The `sha256` column holds the digest of the whole request (see _request_digest), so a
         # retry is recognised only if it is the very same request.
-        result = msgpack.packb({f: getattr(version, f) for f in Version.__slots__},
-                               use_bin_type=True)
-        self._execute("INSERT INTO commits VALUES (?, ?, ?, ?, ?, ?)",
-                      (version.commit, kind, version.name, request, result, now))
+        result = msgpack.packb(
+            {f: getattr(version, f) for f in Version.__slots__}, use_bin_type=True
+        )
+        self._execute(
+            "INSERT INTO commits VALUES (?, ?, ?, ?, ?, ?)",
+            (version.commit, kind, version.name, request, result, now),
+        )
 
     def _current(self, name):
         row = self._one(f"SELECT {_VERSION_COLUMNS} FROM names WHERE name = ?", (name,))
@@ -329,30 +386,56 @@ class SQLMeta(MetaEngine):
             return done
         wanted = collections.Counter(change.chunks)
         digests = sorted(wanted)
-        live = {bytes(r[0]) for r in self._all(
-            f"SELECT digest FROM chunks WHERE doomed = 0 AND digest IN ({_marks(len(digests))}) "
-            f"ORDER BY digest{self.for_update}", digests)} if digests else set()
+        live = (
+            {
+                bytes(r[0])
+                for r in self._all(
+                    "SELECT digest FROM chunks WHERE doomed = 0 "
+                    f"AND digest IN ({_marks(len(digests))}) ORDER BY digest{self.for_update}",
+                    digests,
+                )
+            }
+            if digests
+            else set()
+        )
         missing = [d for d in wanted if d not in live]
         if missing:
             raise MissingChunks.absent(change.name, missing)
         old = self._current(change.name)
-        version = Version(change.name, change.size, change.sha256, change.chunk_size,
-                          tuple(change.chunks), change.mtime, old.version + 1 if old else 1,
-                          change.commit, now)
+        version = Version(
+            change.name,
+            change.size,
+            change.sha256,
+            change.chunk_size,
+            tuple(change.chunks),
+            change.mtime,
+            old.version + 1 if old else 1,
+            change.commit,
+            now,
+        )
         self._execute(
             "INSERT INTO names VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0) ON CONFLICT (name) DO UPDATE "
             "SET version = excluded.version, size = excluded.size, sha256 = excluded.sha256, "
             "chunk_size = excluded.chunk_size, chunks = excluded.chunks, mtime = excluded.mtime, "
             "commit_id = excluded.commit_id, committed = excluded.committed, deleted = 0",
-            (version.name, version.version, version.size, version.sha256, version.chunk_size,
-             pack_digests(version.chunks), version.mtime, version.commit, now))
+            (
+                version.name,
+                version.version,
+                version.size,
+                version.sha256,
+                version.chunk_size,
+                pack_digests(version.chunks),
+                version.mtime,
+                version.commit,
+                now,
+            ),
+        )
         was_live = old is not None and not old.deleted
         delta = wanted.copy()
         if was_live:
             self._release(old, delta)
         self._add_refs(delta, now)
-        self._bump(files=0 if was_live else 1,
-                   nbytes=version.size - (old.size if was_live else 0))
+        self._bump(files=0 if was_live else 1, nbytes=version.size - (old.size if was_live else 0))
         self._log(kind, version, now, request)
         return version
 
@@ -369,8 +452,19 @@ class SQLMeta(MetaEngine):
         src = self._current(change.src)
         if src is None or src.deleted:
             raise NotFound(f"{change.src!r} not found; see what is stored with: ls")
-        version = self._commit(NewVersion(change.name, src.size, src.sha256, src.chunk_size,
-                                          src.chunks, src.mtime, change.commit), now, kind)
+        version = self._commit(
+            NewVersion(
+                change.name,
+                src.size,
+                src.sha256,
+                src.chunk_size,
+                src.chunks,
+                src.mtime,
+                change.commit,
+            ),
+            now,
+            kind,
+        )
         if change.move:
             self._remove(Removal(change.src, f"{change.commit}/src"), now)
         return version
@@ -382,11 +476,23 @@ class SQLMeta(MetaEngine):
         old = self._current(change.name)
         if old is None or old.deleted:
             raise NotFound(f"{change.name!r} not found; see what is stored with: ls")
-        tomb = Version(old.name, old.size, old.sha256, old.chunk_size, (), old.mtime,
-                       old.version + 1, change.commit, now, deleted=True)
+        tomb = Version(
+            old.name,
+            old.size,
+            old.sha256,
+            old.chunk_size,
+            (),
+            old.mtime,
+            old.version + 1,
+            change.commit,
+            now,
+            deleted=True,
+        )
         self._execute(
             "UPDATE names SET version = ?, chunks = ?, commit_id = ?, committed = ?, deleted = 1 "
-            "WHERE name = ?", (tomb.version, b"", tomb.commit, now, tomb.name))
+            "WHERE name = ?",
+            (tomb.version, b"", tomb.commit, now, tomb.name),
+        )
         delta = collections.Counter()
         self._release(old, delta)
         self._add_refs(delta, now)
@@ -399,23 +505,39 @@ class SQLMeta(MetaEngine):
         references released; retained versions past :attr:`keep_versions` release theirs.
         Adds the reference changes to the Counter ``delta``."""
         if self.keep_versions > 0:
-            self._execute("INSERT INTO retained VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                          "ON CONFLICT (name, version) DO NOTHING",
-                          (old.name, old.version, old.size, old.sha256, old.chunk_size,
-                           pack_digests(old.chunks), old.mtime, old.commit, old.committed))
+            self._execute(
+                "INSERT INTO retained VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (name, version) DO NOTHING",
+                (
+                    old.name,
+                    old.version,
+                    old.size,
+                    old.sha256,
+                    old.chunk_size,
+                    pack_digests(old.chunks),
+                    old.mtime,
+                    old.commit,
+                    old.committed,
+                ),
+            )
         else:
             delta.subtract(old.chunks)
         for version, chunks in self._execute(
-                "SELECT version, chunks FROM retained WHERE name = ? ORDER BY version DESC",
-                (old.name,)).fetchall()[self.keep_versions:]:
-            self._execute("DELETE FROM retained WHERE name = ? AND version = ?",
-                          (old.name, version))
+            "SELECT version, chunks FROM retained WHERE name = ? ORDER BY version DESC", (old.name,)
+        ).fetchall()[self.keep_versions :]:
+            self._execute(
+                "DELETE FROM retained WHERE name = ? AND version = ?", (old.name, version)
+            )
             delta.subtract(unpack_digests(bytes(chunks)))
 
     def retained(self, name):
-        return [_version((*r, 0)) for r in self._all(
-            f"SELECT {_RETAINED_COLUMNS} FROM retained WHERE name = ? "
-            f"ORDER BY version DESC", (name,))]
+        return [
+            _version((*r, 0))
+            for r in self._all(
+                f"SELECT {_RETAINED_COLUMNS} FROM retained WHERE name = ? ORDER BY version DESC",
+                (name,),
+            )
+        ]
 
     def _restore(self, change: Restore, now) -> Version:
         done = self._logged(change.commit, "restore", change.name, None)
@@ -428,13 +550,29 @@ class SQLMeta(MetaEngine):
             args.append(change.version)
         row = self._one(sql + " ORDER BY version DESC LIMIT 1", args)
         if row is None:
-            which = "no retained version" if change.version is None else \
-                f"no retained version {change.version}"
-            raise NotFound(f"{change.name!r} has {which}; list them with: versions "
-                           f"{change.name} (storage keeps them with --keep-versions N)")
+            which = (
+                "no retained version"
+                if change.version is None
+                else f"no retained version {change.version}"
+            )
+            raise NotFound(
+                f"{change.name!r} has {which}; list them with: versions "
+                f"{change.name} (storage keeps them with --keep-versions N)"
+            )
         old = _version((*row, 0))
-        return self._commit(NewVersion(change.name, old.size, old.sha256, old.chunk_size,
-                                       old.chunks, old.mtime, change.commit), now, "restore")
+        return self._commit(
+            NewVersion(
+                change.name,
+                old.size,
+                old.sha256,
+                old.chunk_size,
+                old.chunks,
+                old.mtime,
+                change.commit,
+            ),
+            now,
+            "restore",
+        )
 
     def _add_refs(self, delta, now):
         # Sorted by digest: two transactions always lock shared rows in the same order.  An
@@ -443,7 +581,9 @@ class SQLMeta(MetaEngine):
         if rows:
             self._executemany(
                 "UPDATE chunks SET refs = refs + ?, "
-                "since = CASE WHEN refs + ? = 0 THEN ? ELSE since END WHERE digest = ?", rows)
+                "since = CASE WHEN refs + ? = 0 THEN ? ELSE since END WHERE digest = ?",
+                rows,
+            )
 
     # --- chunks ---
 
@@ -456,12 +596,21 @@ class SQLMeta(MetaEngine):
         def work():
             found.clear()
             for start in range(0, len(unique), 500):
-                part = unique[start:start + 500]
-                self._execute(f"UPDATE chunks SET since = ? WHERE refs = 0 AND doomed = 0 "
-                              f"AND digest IN ({_marks(len(part))})", [now, *part])
-                found.update(bytes(r[0]) for r in self._execute(
-                    f"SELECT digest FROM chunks WHERE doomed = 0 AND digest IN "
-                    f"({_marks(len(part))})", part).fetchall())
+                part = unique[start : start + 500]
+                self._execute(
+                    f"UPDATE chunks SET since = ? WHERE refs = 0 AND doomed = 0 "
+                    f"AND digest IN ({_marks(len(part))})",
+                    [now, *part],
+                )
+                found.update(
+                    bytes(r[0])
+                    for r in self._execute(
+                        f"SELECT digest FROM chunks WHERE doomed = 0 AND digest IN "
+                        f"({_marks(len(part))})",
+                        part,
+                    ).fetchall()
+                )
+
         self._transaction(work)
         return set(found)
 
@@ -475,25 +624,34 @@ class SQLMeta(MetaEngine):
             inserted = self._execute(
                 "INSERT INTO chunks (digest, size, refs, since, doomed, data) "
                 "VALUES (?, ?, 0, ?, 0, ?) ON CONFLICT (digest) DO NOTHING RETURNING digest",
-                (digest, size, now, data)).fetchall()
+                (digest, size, now, data),
+            ).fetchall()
             if inserted:
                 self._bump(chunks=1, chunk_bytes=size)
                 return data is not None
-            row = self._execute(f"SELECT doomed, data IS NOT NULL FROM chunks WHERE digest = ?"
-                                f"{self.for_update}", (digest,)).fetchone()
+            row = self._execute(
+                f"SELECT doomed, data IS NOT NULL FROM chunks WHERE digest = ?{self.for_update}",
+                (digest,),
+            ).fetchone()
             if row is None:
-                continue        # collected between the two statements (PostgreSQL): insert it
+                continue  # collected between the two statements (PostgreSQL): insert it
             if row[0]:
-                raise Unavailable(f"chunk {digest.hex()[:16]} is being collected right now; "
-                                  f"send it again in a moment")
-            self._execute("UPDATE chunks SET since = ? WHERE digest = ? AND refs = 0",
-                          (now, digest))
-            if data is not None and row[1]:     # the bytes arrive again: heal a damaged copy
-                self._execute("UPDATE chunks SET data = ? WHERE digest = ? AND data != ?",
-                              (data, digest, data))
+                raise Unavailable(
+                    f"chunk {digest.hex()[:16]} is being collected right now; "
+                    f"send it again in a moment"
+                )
+            self._execute(
+                "UPDATE chunks SET since = ? WHERE digest = ? AND refs = 0", (now, digest)
+            )
+            if data is not None and row[1]:  # the bytes arrive again: heal a damaged copy
+                self._execute(
+                    "UPDATE chunks SET data = ? WHERE digest = ? AND data != ?",
+                    (data, digest, data),
+                )
             return bool(row[1])
-        raise Unavailable(f"chunk {digest.hex()[:16]} is being collected right now; send it "
-                          f"again in a moment")
+        raise Unavailable(
+            f"chunk {digest.hex()[:16]} is being collected right now; send it again in a moment"
+        )
 
     def chunk(self, digest):
         row = self._one(f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE digest = ?", (digest,))
@@ -503,25 +661,38 @@ class SQLMeta(MetaEngine):
 
     def doom(self, cutoff, limit, dry_run=False):
         def work():
-            rows = [_chunk(r) for r in self._execute(
-                f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE refs = 0 AND since < ? AND doomed = 0 "
-                f"ORDER BY digest LIMIT ?{'' if dry_run else self.for_update + self.skip_locked}",
-                (cutoff, limit)).fetchall()]
+            rows = [
+                _chunk(r)
+                for r in self._execute(
+                    f"SELECT {_CHUNK_COLUMNS} FROM chunks "
+                    "WHERE refs = 0 AND since < ? AND doomed = 0 ORDER BY digest LIMIT ?"
+                    f"{'' if dry_run else self.for_update + self.skip_locked}",
+                    (cutoff, limit),
+                ).fetchall()
+            ]
             if dry_run or not rows:
                 return rows
             in_engine = [(r.digest,) for r in rows if r.in_engine]
             self._executemany("DELETE FROM chunks WHERE digest = ?", in_engine)
-            self._executemany("UPDATE chunks SET doomed = 1 WHERE digest = ?",
-                              [(r.digest,) for r in rows if not r.in_engine])
-            self._bump(chunks=-len(in_engine), chunk_bytes=-sum(r.size for r in rows
-                                                                 if r.in_engine))
+            self._executemany(
+                "UPDATE chunks SET doomed = 1 WHERE digest = ?",
+                [(r.digest,) for r in rows if not r.in_engine],
+            )
+            self._bump(
+                chunks=-len(in_engine), chunk_bytes=-sum(r.size for r in rows if r.in_engine)
+            )
             return rows
+
         return self._transaction(work)
 
     def doomed(self, limit):
-        return [_chunk(r) for r in self._all(
-            f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE doomed = 1 ORDER BY digest LIMIT ?",
-            (limit,))]
+        return [
+            _chunk(r)
+            for r in self._all(
+                f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE doomed = 1 ORDER BY digest LIMIT ?",
+                (limit,),
+            )
+        ]
 
     def forget(self, digests):
         if not digests:
@@ -530,43 +701,60 @@ class SQLMeta(MetaEngine):
         def work():
             count = size = 0
             for d in sorted(digests):
-                row = self._execute("DELETE FROM chunks WHERE digest = ? AND doomed = 1 "
-                                    "RETURNING size", (d,)).fetchone()
+                row = self._execute(
+                    "DELETE FROM chunks WHERE digest = ? AND doomed = 1 RETURNING size", (d,)
+                ).fetchone()
                 if row is not None:
                     count, size = count + 1, size + row[0]
             self._bump(chunks=-count, chunk_bytes=-size)
+
         self._transaction(work)
 
     def adopt_orphan(self, digest, size):
         def work():
             added = self._execute(
                 "INSERT INTO chunks (digest, size, refs, since, doomed) VALUES (?, ?, 0, 0, 1) "
-                "ON CONFLICT (digest) DO NOTHING RETURNING digest", (digest, size)).fetchall()
+                "ON CONFLICT (digest) DO NOTHING RETURNING digest",
+                (digest, size),
+            ).fetchall()
             if added:
                 self._bump(chunks=1, chunk_bytes=size)
             return bool(added)
+
         return self._transaction(work)
 
     def prune(self, cutoff):
         def work():
             # A removed name with retained versions keeps its tombstone: the version count
             # goes on, so a later version never takes a retained one's number.
-            n = self._execute("DELETE FROM names WHERE deleted = 1 AND committed < ? AND NOT "
-                              "EXISTS (SELECT 1 FROM retained r WHERE r.name = names.name)",
-                              (cutoff,)).rowcount
+            n = self._execute(
+                "DELETE FROM names WHERE deleted = 1 AND committed < ? AND NOT "
+                "EXISTS (SELECT 1 FROM retained r WHERE r.name = names.name)",
+                (cutoff,),
+            ).rowcount
             return n + self._execute("DELETE FROM commits WHERE at < ?", (cutoff,)).rowcount
+
         return self._transaction(work)
 
     def lease(self, name, holder, now, seconds):
-        return self._transaction(lambda: self._execute(
-            "INSERT INTO leases VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE "
-            "SET holder = excluded.holder, until = excluded.until "
-            "WHERE leases.holder = excluded.holder OR leases.until <= ?",
-            (name, holder, now + seconds, now)).rowcount == 1)
+        return self._transaction(
+            lambda: (
+                self._execute(
+                    "INSERT INTO leases VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE "
+                    "SET holder = excluded.holder, until = excluded.until "
+                    "WHERE leases.holder = excluded.holder OR leases.until <= ?",
+                    (name, holder, now + seconds, now),
+                ).rowcount
+                == 1
+            )
+        )
 
     def release(self, name, holder):
-        self._transaction(lambda: self._execute(
-            "DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder)))
+        self._transaction(
+            lambda: self._execute(
+                "DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder)
+            )
+        )
 
     def lease_holder(self, name):
         row = self._one("SELECT holder FROM leases WHERE name = ?", (name,))
@@ -576,11 +764,13 @@ class SQLMeta(MetaEngine):
 
     def refcount_errors(self):
         counted = collections.Counter()
-        for (chunks,) in self._all("SELECT chunks FROM names WHERE deleted = 0 UNION ALL "
-                                   "SELECT chunks FROM retained"):
+        for (chunks,) in self._all(
+            "SELECT chunks FROM names WHERE deleted = 0 UNION ALL SELECT chunks FROM retained"
+        ):
             counted.update(unpack_digests(bytes(chunks)))
         stored = {bytes(d): refs for d, refs in self._all("SELECT digest, refs FROM chunks")}
-        errors = [(d, refs, counted.get(d, 0)) for d, refs in stored.items()
-                  if refs != counted.get(d, 0)]
+        errors = [
+            (d, refs, counted.get(d, 0)) for d, refs in stored.items() if refs != counted.get(d, 0)
+        ]
         errors += [(d, None, n) for d, n in counted.items() if d not in stored]
         return errors

@@ -14,7 +14,7 @@ import uuid
 from ...errors import FmsError, NoSpace, Unavailable
 from .sql import SQLMeta
 
-BUSY_TIMEOUT = 60.0   # seconds a writer waits for another worker's transaction
+BUSY_TIMEOUT = 60.0  # seconds a writer waits for another worker's transaction
 
 log = logging.getLogger("fms.storage.meta")
 
@@ -31,8 +31,9 @@ class SQLiteMeta(SQLMeta):
         wait = 0.01
         while True:
             try:
-                self.db = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None,
-                                          check_same_thread=False)
+                self.db = sqlite3.connect(
+                    path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+                )
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute("PRAGMA synchronous=FULL")
                 self._create_schema(store_id or uuid.uuid4().hex)
@@ -42,8 +43,9 @@ class SQLiteMeta(SQLMeta):
                 # same (or migrating) with SQLITE_BUSY, which the busy handler does not cover.
                 with contextlib.suppress(sqlite3.Error):
                     self.db.close()
-                if "locked" not in str(exc) and "busy" not in str(exc) \
-                        or time.monotonic() > deadline:
+                if (
+                    "locked" not in str(exc) and "busy" not in str(exc)
+                ) or time.monotonic() > deadline:
                     raise _cannot_open(path, exc) from None
                 time.sleep(wait)
                 wait = min(wait * 2, 0.5)
@@ -62,11 +64,14 @@ class SQLiteMeta(SQLMeta):
             return None
         text = str(exc)
         if "full" in text:
-            return NoSpace("storage disk is full; nothing was changed: free space on the storage "
-                           "volume and try again")
+            return NoSpace(
+                "storage disk is full; nothing was changed: free space on the storage "
+                "volume and try again"
+            )
         if "locked" in text or "busy" in text:
-            return Unavailable(f"the metadata database stayed busy for {BUSY_TIMEOUT:.0f} s; "
-                               f"try again")
+            return Unavailable(
+                f"the metadata database stayed busy for {BUSY_TIMEOUT:.0f} s; try again"
+            )
         log.error("event=database_error error=%r", text)
         return FmsError(f"metadata database error: {text}")
 
@@ -76,5 +81,7 @@ class SQLiteMeta(SQLMeta):
 
 
 def _cannot_open(path, exc) -> FmsError:
-    return FmsError(f"cannot open the metadata database {path}: {exc}; check that the file is an "
-                    f"fms database on a writable disk")
+    return FmsError(
+        f"cannot open the metadata database {path}: {exc}; check that the file is an "
+        f"fms database on a writable disk"
+    )
