@@ -139,21 +139,36 @@ class StorageService:
     # --- read ops (also what the cache forwards on a miss) ---
 
     def op_get(self, route, header, data):
-        version = self.store.version(p.check_name(p.need(header, "name", str)))
-        frame = None
-        if p.travels_inline(version.size, len(version.chunks)):
-            frame = self.store.read_chunk(version.chunks[0])
-        self.link.reply(route, p.ok_reply(header["id"], manifest=version.manifest()), frame)
+        self._reply_manifest(
+            route, header, self.store.version(p.check_name(p.need(header, "name", str)))
+        )
 
     def op_get_version(self, route, header, data):
         """A retained (or the current) version's manifest, as ``get`` answers it."""
         version = self.store.retained_version(
             p.check_name(p.need(header, "name", str)), p.need_int(header, "version", lo=1)
         )
+        self._reply_manifest(route, header, version)
+
+    def _reply_manifest(self, route, header, version):
         frame = None
-        if p.travels_inline(version.size, len(version.chunks)):
+        if p.travels_inline(version.size, version.count):
             frame = self.store.read_chunk(version.chunks[0])
-        self.link.reply(route, p.ok_reply(header["id"], manifest=version.manifest()), frame)
+        self.link.reply(route, p.ok_reply(header["id"], manifest=self._manifest(version)), frame)
+
+    def _manifest(self, version) -> dict:
+        """The wire form of a manifest (docs/PROTOCOL.md)."""
+        return {
+            "name": version.name,
+            "size": version.size,
+            "sha256": version.digest,
+            "chunk_size": version.chunk_size or p.DEFAULT_CHUNK_SIZE,  # an empty file's: any
+            "chunks": list(self.store.digests(version)),
+            "mtime": version.mtime,
+            "version": version.version,
+            "commit": version.commit,
+            "committed": version.committed,
+        }
 
     def op_versions(self, route, header, data):
         found = self.store.versions(p.check_name(p.need(header, "name", str)))
@@ -173,12 +188,14 @@ class StorageService:
             try:
                 version = self.store.version(name)
                 frame = None
-                if p.travels_inline(version.size, len(version.chunks)):
+                if p.travels_inline(version.size, version.count):
                     frame = self.store.read_chunk(version.chunks[0])
             except RemoteError as exc:  # this name's failure, not the batch's
                 batch.error(exc.code, str(exc))
                 continue
-            batch.manifest(version.manifest(), p.unpack_data(frame) if frame is not None else None)
+            batch.manifest(
+                self._manifest(version), p.unpack_data(frame) if frame is not None else None
+            )
         self.link.reply(route, p.ok_reply(header["id"], results=batch.results), batch.frame())
 
     def op_chunk(self, route, header, data):
@@ -249,14 +266,14 @@ class StorageService:
         chunk_size = p.need_int(header, "chunk_size", lo=p.MIN_CHUNK_SIZE, hi=p.MAX_CHUNK_SIZE)
         change = NewVersion(
             name=p.check_name(p.need(header, "name", str)),
-            size=size,
-            sha256=p.need_hash(header, "sha256"),
-            chunk_size=chunk_size,
+            extents=((chunk_size, size),) if size else (),
+            digest=p.need_hash(header, "sha256"),
             chunks=tuple(p.need_hashes(header, "chunks", p.chunk_count(size, chunk_size))),
             mtime=p.check_mtime(
                 p.need(header, "mtime", (int, float), optional=True, default=time.time())
             ),
             commit=_commit_id(header),
+            digest_kind=p.DIGEST_CONTENT,
         )
         inline = bytes(p.unpack_data(data.buffer)) if data is not None else None
         self._pending.append((route, header, change, inline))
@@ -290,12 +307,12 @@ class StorageService:
             digest = p.need_hash(item, "sha256")
             change = NewVersion(
                 p.check_name(names[i]),
-                size,
+                ((chunk_size, size),) if size else (),
                 digest,
-                chunk_size,
-                (digest,) if size else (),
                 p.check_mtime(p.need(item, "mtime", (int, float))),
                 _commit_id(item),
+                chunks=(digest,) if size else (),
+                digest_kind=p.DIGEST_CONTENT,
             )
             requests.append((change, bytes(payload[offset : offset + size]) if size else None))
             offset += size

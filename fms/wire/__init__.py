@@ -9,7 +9,8 @@ docs/PROTOCOL.md describes every message; this package is its code, one concern 
 - :mod:`.fields`: reading and checking a header's fields, name rules, hashes, how a file splits
   into chunks;
 - :mod:`.frames`: multipart send/receive on a socket, file reads straight into data frames;
-- :mod:`.batch`: the batched read ``get_many``, its request and reply.
+- :mod:`.batch`: the batched read ``get_many``, its request and reply;
+- :mod:`.manifest`: a file's shape: extents, pages, the body and the file digest.
 
 Every frame is msgpack.  Frames as they travel (ROUTER sockets add or strip the identity frame
 themselves)::
@@ -24,14 +25,22 @@ themselves)::
 ``header`` is a map with at least ``v`` (protocol version), ``op`` and ``id`` on requests and
 ``ok`` and ``id`` on replies.  ``data`` is one msgpack ``bin`` object holding file bytes.
 
-The names of all five modules are importable from here (``from fms import wire as p``).
+The names of all six modules are importable from here (``from fms import wire as p``).
 """
 
-from . import batch, codec, fields, frames, messages
+from . import batch, codec, fields, frames, manifest, messages
 from .batch import *  # noqa: F403
 from .codec import *  # noqa: F403
 from .fields import *  # noqa: F403
 from .frames import *  # noqa: F403
+from .manifest import *  # noqa: F403
 from .messages import *  # noqa: F403
 
-__all__ = [*messages.__all__, *codec.__all__, *fields.__all__, *frames.__all__, *batch.__all__]
+__all__ = [
+    *messages.__all__,
+    *codec.__all__,
+    *fields.__all__,
+    *frames.__all__,
+    *batch.__all__,
+    *manifest.__all__,
+]

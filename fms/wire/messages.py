@@ -33,6 +33,7 @@ __all__ = [
     "GiB",
     "KiB",
     "MiB",
+    "TiB",
     "check_frame_count",
     "check_version",
     "error_reply",
@@ -50,6 +51,7 @@ DEFAULT_BACKEND = "tcp://127.0.0.1:5556"
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
+TiB = 1024 * GiB
 DEFAULT_CHUNK_SIZE = 1 * MiB
 MIN_CHUNK_SIZE = 4 * KiB
 MAX_CHUNK_SIZE = 16 * MiB
