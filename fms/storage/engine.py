@@ -300,12 +300,9 @@ class Store:
         # A name removed by someone else meanwhile is not an error of this request.
         return [r for r in results if isinstance(r, Version)], len(page) > len(take)
 
-    def apply(self, requests, progress=lambda: None) -> list:
+    def apply(self, requests) -> list:
         """Apply ``(change, inline bytes or None)`` pairs: each commit is checked, then every
         change that passed is made in one transaction.
-
-        ``progress`` is called between chunks read back (kind ``content`` only), so a worker
-        can keep its heartbeat.
 
         :return: per request, the :class:`Version` made or the :class:`FmsError` refusing it.
         """
@@ -314,7 +311,7 @@ class Store:
         for i, (change, inline) in enumerate(requests):
             try:
                 if isinstance(change, NewVersion):
-                    change, small_bytes = self._check(change, inline, progress)
+                    change, small_bytes = self._check(change, inline)
                     if small_bytes is not None:
                         small[change.chunks[0]] = small_bytes
             except FmsError as exc:
@@ -338,7 +335,7 @@ class Store:
                 results[i] = result
         return results
 
-    def _check(self, change: NewVersion, inline, progress) -> tuple:
+    def _check(self, change: NewVersion, inline) -> tuple:
         """Check a commit against its shape, its digest and the stored chunks.
 
         :return: ``(change, small)``: the change to apply (a long chunk list of kind ``content``
@@ -382,7 +379,7 @@ class Store:
             self.put_chunk(change.chunks[0], inline)
             return change, None
         if change.digest_kind == p.DIGEST_CONTENT:
-            self._read_back(change, progress)
+            self._read_back(change)
             if len(change.chunks) > p.INLINE_CHUNKS:
                 change = self._paged(change)
         elif change.chunks is not None:
@@ -427,7 +424,7 @@ class Store:
             self.put_page(ids[-1], blob)
         return replace(change, chunks=None, pages=tuple(ids))
 
-    def _read_back(self, change: NewVersion, progress):
+    def _read_back(self, change: NewVersion):
         """Kind ``content`` (protocol 1): the stored chunks, read back in order, must hash to
         the file's sha256.  One hash pass over what is stored: chunks are verified one by one
         only when it fails, to tell a damaged chunk (set aside, and uploaded again by the
@@ -443,7 +440,6 @@ class Store:
         try:
             for digest in change.chunks:
                 whole.update(self._stored_bytes(digest, rows[digest]))
-                progress()
         except NotFound:
             raise MissingChunks.absent(
                 change.name, [d for d in change.chunks if not self._present(rows[d], d)]
