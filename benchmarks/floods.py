@@ -90,7 +90,7 @@ def flood(cluster, seconds, clients, big):
                 sock.send(
                     p.encode(
                         {
-                            "v": 1,
+                            "v": p.PROTOCOL_VERSION,
                             "op": "ls" if i % 2 else "have",
                             "id": i,
                             "hashes": [bytes(32)] * 512,
@@ -113,7 +113,8 @@ def nonreaders(cluster, seconds, clients, big):
                 n += 1
                 try:
                     sock.send(
-                        p.encode({"v": 1, "op": "chunk", "id": n, "hash": digest}), zmq.NOBLOCK
+                        p.encode({"v": p.PROTOCOL_VERSION, "op": "chunk", "id": n, "hash": digest}),
+                        zmq.NOBLOCK,
                     )
                 except zmq.Again:
                     pass
@@ -127,7 +128,7 @@ def uploaders(cluster, seconds, clients, big):
     1 MiB uploads in flight, never reading; the legit client also uploads beside them."""
     chunk = os.urandom(MiB - 64)
     header, data = (
-        p.encode({"v": 1, "op": "put_chunk", "id": 0, "hash": p.sha256(chunk)}),
+        p.encode({"v": p.PROTOCOL_VERSION, "op": "put_chunk", "id": 0, "hash": p.sha256(chunk)}),
         p.pack_data(chunk),
     )
     socks = [_dealer(cluster.frontend, rcvhwm=1) for _ in range(max(clients, 9))]

@@ -6,7 +6,7 @@ import os
 import msgpack
 
 from fms import wire as p
-from fms.storage.model import NewVersion
+from fms.storage.model import NewVersion, Version
 
 CHUNK = p.MIN_CHUNK_SIZE
 
@@ -43,19 +43,22 @@ def new_version(name, content, commit="c1", chunk_size=CHUNK, mtime=1700000000.0
 
 
 def commit_fields(name, content, commit="c1", chunk_size=CHUNK, mtime=1700000000.0) -> dict:
-    """The fields of a ``commit`` request of ``content`` (its chunks uploaded), as a client
-    sends them."""
-    chunks = split(content, chunk_size)
-    return {
+    """The fields of a ``commit`` request of ``content`` (its chunks and pages stored), as a
+    client sends them."""
+    change = new_version(name, content, commit, chunk_size, mtime)
+    fields = {
         "op": "commit",
         "name": name,
-        "size": len(content),
-        "chunk_size": chunk_size,
-        "chunks": [p.sha256(c) for c in chunks],
-        "sha256": p.sha256(content),
+        "extents": p.pack_extents(change.extents),
+        "digest": change.digest,
         "mtime": mtime,
         "commit": commit,
     }
+    if change.chunks is not None:
+        fields["chunks"] = list(change.chunks)
+    else:
+        fields["pages"] = list(change.pages)
+    return fields
 
 
 def digest_of(content: bytes, chunk_size: int = CHUNK) -> bytes:
@@ -106,3 +109,30 @@ def write_format1(path, files: dict, removed=(), store_id="0123456789abcdef", mt
         os.makedirs(os.path.join(path, "manifests", key[:2]), exist_ok=True)
         with open(os.path.join(path, "manifests", key[:2], key), "wb") as f:
             f.write(msgpack.packb(manifest, use_bin_type=True))
+
+
+def manifest_of(name, content=None, version=1, chunk_size=CHUNK, *, size=None, digests=None):
+    """The wire manifest storage sends for ``content`` (or for a file of ``size`` bytes whose
+    chunks are ``digests``), as version ``version``."""
+    if content is not None:
+        size, digests = len(content), [p.sha256(c) for c in split(content, chunk_size)]
+    extents = ((chunk_size, size),) if size else ()
+    lists = {"extents": extents, "chunks": tuple(digests)}
+    digest = p.inline_digest(extents, digests)
+    if len(digests) > p.INLINE_CHUNKS:
+        ids = p.page_ids(extents, p.join_digests(digests))
+        lists = {"extents": extents, "pages": tuple(ids), "body": digest}
+    count = len(digests)
+    return Version(
+        name,
+        size,
+        digest,
+        p.DIGEST_TREE,
+        chunk_size if size else 0,
+        count,
+        0.0,
+        version,
+        "c",
+        0.0,
+        **lists,
+    ).manifest()

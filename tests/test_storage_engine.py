@@ -607,7 +607,9 @@ class Link:
 
 
 def request(service, link, **header):
-    service.handle_request({}, {"v": 1, "id": len(link.replies) + 1, **header}, None)
+    service.handle_request(
+        {}, {"v": p.PROTOCOL_VERSION, "id": len(link.replies) + 1, **header}, None
+    )
     service.flush()
     return link.replies[-1]
 
@@ -617,7 +619,9 @@ def test_commit_refuses_mtimes_that_are_not_times(store, mtime):
     service = StorageService(store, Link())
     with pytest.raises(BadRequest, match="mtime"):
         service.handle_request(
-            {}, {"v": 1, "id": 1, **commit_fields("n", b"", "c1", mtime=mtime)}, None
+            {},
+            {"v": p.PROTOCOL_VERSION, "id": 1, **commit_fields("n", b"", "c1", mtime=mtime)},
+            None,
         )
 
 
@@ -625,7 +629,7 @@ def test_commit_refuses_mtimes_that_are_not_times(store, mtime):
 def test_names_with_control_characters_are_refused(store, name):
     with pytest.raises(BadRequest, match="control character"):
         StorageService(store, Link()).handle_request(
-            {}, {"v": 1, "id": 1, "op": "stat", "name": name}, None
+            {}, {"v": p.PROTOCOL_VERSION, "id": 1, "op": "stat", "name": name}, None
         )
 
 
@@ -644,7 +648,7 @@ def test_commits_that_arrive_together_are_one_transaction_each_answered(store):
     service = StorageService(store, link)
     for i in range(10):
         fields = commit_fields(f"n{i}", b"%d" % i, f"c{i}")
-        service.handle_request({}, {"v": 1, "id": i, **fields}, _frame(b"%d" % i))
+        service.handle_request({}, {"v": p.PROTOCOL_VERSION, "id": i, **fields}, _frame(b"%d" % i))
     assert link.replies == []  # held for the group commit
     service.flush()
     assert sorted(r["id"] for r in link.replies) == list(range(10))
@@ -739,7 +743,8 @@ def _hammer(path, worker, rounds, meta, results):
         name = f"shared/{i % 5}"
         if i % 9 == 4:
             try:
-                store.remove(name, f"w{worker}-rm-{i}")
+                rm_id = f"w{worker}-rm-{i}"
+                _retrying(lambda name=name, rm_id=rm_id: store.remove(name, rm_id))
                 changes += 1
             except NotFound:
                 pass  # another process removed it first
@@ -748,8 +753,9 @@ def _hammer(path, worker, rounds, meta, results):
         for _ in range(5):  # what the client does on missing_chunks
             for chunk in split(data, 70_000):
                 _retrying(lambda chunk=chunk: store.put_chunk(p.sha256(chunk), chunk))
+            change = new_version(name, data, commit=f"w{worker}-{i}", chunk_size=70_000)
             try:
-                store.commit(new_version(name, data, commit=f"w{worker}-{i}", chunk_size=70_000))
+                _retrying(lambda change=change: store.commit(change))
                 break
             except MissingChunks:  # collected by another process's gc
                 continue
@@ -973,8 +979,10 @@ TestVersionedStoreProperties.settings = TestStoreProperties.settings
 def test_a_commit_is_applied_before_the_next_other_op_not_after_the_whole_drain(store):
     link = Link()
     service = StorageService(store, link)
-    service.handle_request({}, {"v": 1, "id": 1, **commit_fields("n", b"x", "c1")}, _frame(b"x"))
-    service.handle_request({}, {"v": 1, "id": 2, "op": "stat", "name": "n"}, None)
+    service.handle_request(
+        {}, {"v": p.PROTOCOL_VERSION, "id": 1, **commit_fields("n", b"x", "c1")}, _frame(b"x")
+    )
+    service.handle_request({}, {"v": p.PROTOCOL_VERSION, "id": 2, "op": "stat", "name": "n"}, None)
     assert [r["id"] for r in link.replies] == [1, 2] and link.replies[1]["stat"]["version"] == 1
 
 
@@ -983,7 +991,9 @@ def test_a_request_whose_deadline_passed_is_answered_short_not_done(store):
     service = StorageService(store, link)
     with pytest.raises(Unavailable, match="deadline passed"):
         service.handle_request(
-            {"deadline": time.monotonic() - 1}, {"v": 1, "id": 1, "op": "ls", "prefix": ""}, None
+            {"deadline": time.monotonic() - 1},
+            {"v": p.PROTOCOL_VERSION, "id": 1, "op": "ls", "prefix": ""},
+            None,
         )
 
 
@@ -993,7 +1003,7 @@ def test_a_group_commit_that_crashes_still_answers_every_commit(store, monkeypat
     monkeypatch.setattr(store.meta, "apply", lambda *a: 1 / 0)
     for i in range(3):
         fields = commit_fields(f"n{i}", b"x", f"c{i}")
-        service.handle_request({}, {"v": 1, "id": i, **fields}, _frame(b"x"))
+        service.handle_request({}, {"v": p.PROTOCOL_VERSION, "id": i, **fields}, _frame(b"x"))
     service.flush()
     assert sorted(r["id"] for r in link.replies) == [0, 1, 2]
     assert {r["error"] for r in link.replies} == {"internal"}
@@ -1015,12 +1025,12 @@ def test_commit_many_commits_each_file_with_its_own_result_in_one_message(store)
     files = [("a", b"alpha"), ("b/c", b"beta" * 100), ("taken", b"new")]
     ids = ["i1", "i2", "used-id"]  # the last id belongs to another request
     header = {
-        "v": 1,
+        "v": p.PROTOCOL_VERSION,
         "id": 7,
         "op": "commit_many",
         "names": [n for n, _ in files],
         "sizes": [len(d) for _, d in files],
-        "sha256s": [p.sha256(d) for _, d in files],
+        "hashes": [p.sha256(d) for _, d in files],
         "mtimes": [1.0, 2.0, 3.0],
         "commits": ids,
         "chunk_size": CHUNK,

@@ -37,7 +37,7 @@ def test_shell_runs_commands_from_its_prompt_and_survives_errors(cluster, tmp_pa
     assert run.returncode == 0, err
     assert out.count("fms> ") >= 10  # a prompt before every command
     assert "put LOCAL [NAME]" in out  # help lists the commands
-    assert json.loads(out[out.index("{") : out.index("}") + 1])["name"] == "s/f.txt"
+    assert json.JSONDecoder().raw_decode(out[out.index("{") :])[0]["name"] == "s/f.txt"
     assert (tmp_path / "back.txt").read_bytes() == b"shell data"
     assert "not found" in err  # an error, and the shell went on
     assert "unknown command 'bogus'" in out

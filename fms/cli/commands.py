@@ -348,7 +348,7 @@ def _ls_line(e: dict, long: bool, human: bool) -> str:
     else:
         size = _human(e["size"]) if human else f"{e['size']:,}"
         when = _when(e["mtime"])
-        extra = f"{'v' + str(e['version']):>6}  {e['sha256'][:12]}  " if long else ""
+        extra = f"{'v' + str(e['version']):>6}  {e['digest'][:12]}  " if long else ""
     return f"{size:>14}  {when:<19}  {extra}{e['name']}"
 
 
@@ -387,7 +387,7 @@ def cmd_versions(args):
     for v in found:
         print(
             f"{'v' + str(v['version']):>6}  {v['size']:>14,}  {_when(v['mtime'])}  "
-            f"{v['sha256'][:12]}  {'current' if v['current'] else 'retained'}"
+            f"{v['digest'][:12]}  {'current' if v['current'] else 'retained'}"
         )
 
 
@@ -455,7 +455,8 @@ def cmd_fsck(args):
             totals["damaged"] += page["damaged"]
             if not args.json:
                 for d in page["damaged"]:
-                    print(f"{d['problem']} chunk {d['chunk']}: breaks {', '.join(d['names'])}")
+                    what = d.get("kind", "chunk")
+                    print(f"{d['problem']} {what} {d['chunk']}: breaks {', '.join(d['names'])}")
             for key in ("orphans", "refcount_errors"):
                 totals[key] = page.get(key, totals[key])
     bad = bool(totals["damaged"]) or totals["refcount_errors"] > 0
@@ -482,7 +483,7 @@ def cmd_stat(args):
     if args.json:
         print(json.dumps(info, indent=1))
         return
-    for key in ("name", "size", "sha256", "mtime", "version", "chunks", "chunk_size"):
+    for key in ("name", "size", "digest", "mtime", "version", "chunks", "chunk_size"):
         value = _when(info[key]) if key == "mtime" else info[key]
         print(f"{key + ':':<12}{value}")
 

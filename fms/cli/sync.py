@@ -2,16 +2,20 @@
 ``aws s3 sync`` do.  One side is a local folder, the other ``fms:PREFIX``.
 
 A file is sent when the other side lacks it or holds other content: sizes are compared first,
-and only files of equal size are hashed to compare their sha256 with the stored one.  With
+and only files of equal size are hashed to compare their digest with the stored one (in the
+stored file's chunk size, its digest being derived from its chunks').  With
 ``--delete`` what the destination holds beyond the source is removed (a mirror); with
 ``--dry-run`` the plan is printed and nothing changes.
 """
 
+import hashlib
 import json
 import os
 
+from .. import wire as p
 from ..client.upload import plan_file
 from ..errors import FmsError
+from ..wire import DIGEST_CONTENT
 from .commands import _human, _inside, _local_tree, _say, open_client
 
 REMOTE = "fms:"
@@ -55,9 +59,20 @@ def _prefix(remote: str) -> str:
 
 def _same(path: str, stat: dict, chunk_size: int) -> bool:
     return (
-        os.path.getsize(path) == stat["size"]
-        and plan_file(path, chunk_size).sha256.hex() == stat["sha256"]
+        os.path.getsize(path) == stat["size"] and _digest(path, stat, chunk_size) == stat["digest"]
     )
+
+
+def _digest(path: str, stat: dict, chunk_size: int) -> str:
+    """The digest of a local file as the stored one's was made (hex): of its content (kind
+    ``content``), else from its chunk digests in the stored file's chunk size."""
+    if stat["digest_kind"] == DIGEST_CONTENT:
+        whole = hashlib.sha256()
+        with open(path, "rb") as f:
+            while piece := f.read(p.MiB):
+                whole.update(piece)
+        return whole.hexdigest()
+    return plan_file(path, stat.get("chunk_size") or chunk_size).digest.hex()
 
 
 def _upload_plan(client, folder: str, prefix: str) -> dict:

@@ -5,25 +5,22 @@ against its id (and that every chunk it lists is stored), and a commit against i
 chunks (or pages) must be stored with the sizes their places in the file need, and its file
 digest must be the one they give (:mod:`fms.wire.manifest`): derived from the chunk digests, so
 nothing is read back, and the checks cost in proportion to the distinct chunks (or pages) a
-commit names, never to repeats.  Files whose digest is of their content (kind ``content``, stored
-before) are read back once, as they were then.  Small chunks (up to :data:`SMALL_CHUNK_MAX`) are
+commit names, never to repeats.  Small chunks (up to :data:`SMALL_CHUNK_MAX`) are
 kept in the metadata engine itself, so a small file costs one transaction and no file of its own.
 """
 
 import errno
-import hashlib
 import logging
 import os
 import time
 import uuid
-from dataclasses import replace
 
 from .. import wire as p
 from ..errors import BadRequest, FmsError, IntegrityError, MissingChunks, NoSpace, NotFound
 from .chunks.base import ChunkBackend
 from .chunks.localdir import LocalDirChunks
 from .meta.base import MetaEngine
-from .model import Copy, NewVersion, Removal, Restore, Version, check_chunks
+from .model import Copy, NewVersion, Removal, Restore, Version
 
 SMALL_CHUNK_MAX = 64 * p.KiB  # chunks up to this size live in the metadata engine
 FOLDER_END = "\U0010ffff"  # after a folder's name: sorts after every name inside it
@@ -338,9 +335,8 @@ class Store:
     def _check(self, change: NewVersion, inline) -> tuple:
         """Check a commit against its shape, its digest and the stored chunks.
 
-        :return: ``(change, small)``: the change to apply (a long chunk list of kind ``content``
-            stored as pages), and the bytes of a small chunk to keep in the metadata engine
-            (sent inline), or None.
+        :return: ``(change, small)``: the change to apply, and the bytes of a small chunk to keep
+            in the metadata engine (sent inline), or None.
         """
         count = p.check_extents(change.extents)
         if (change.chunks is None) == (change.pages is None):
@@ -355,13 +351,12 @@ class Store:
                 f"the extents of {change.name!r} have {p.file_pages(change.extents)} pages, "
                 f"the commit lists {len(change.pages)}"
             )
-        long = change.chunks is not None and len(change.chunks) > p.INLINE_CHUNKS
-        if long and change.digest_kind != p.DIGEST_CONTENT:
+        if change.chunks is not None and len(change.chunks) > p.INLINE_CHUNKS:
             raise BadRequest(
                 f"a commit lists at most {p.INLINE_CHUNKS} chunks itself; send longer lists "
                 f"as pages (put_page)"
             )
-        self._check_digest(change, count)
+        self._check_digest(change)
         if count == 0:
             return change, None
         if inline is not None:
@@ -378,104 +373,27 @@ class Store:
                 return change, inline
             self.put_chunk(change.chunks[0], inline)
             return change, None
-        if change.digest_kind == p.DIGEST_CONTENT:
-            self._read_back(change)
-            if len(change.chunks) > p.INLINE_CHUNKS:
-                change = self._paged(change)
-        elif change.chunks is not None:
+        if change.chunks is not None:
             absent = self._absent(change.chunks)
             if absent:
                 raise MissingChunks.absent(change.name, absent)
         # A paged list's pages are checked by the metadata engine, in the commit's transaction.
         return change, None
 
-    def _check_digest(self, change: NewVersion, count: int):
-        """The commit's file digest is the one its chunk list gives: for kind ``tree``, derived
-        from the chunk digests (:mod:`fms.wire.manifest`: in proportion to the pages); for kind
-        ``content`` (protocol 1), checked against the stored bytes (:meth:`_read_back`)."""
-        if change.digest_kind == p.DIGEST_TREE:
-            if change.chunks is not None:
-                want = p.inline_digest(change.extents, change.chunks)
-            else:
-                want = p.tree_digest(change.extents, change.pages)
-            if change.digest != want:
-                raise IntegrityError(
-                    f"the file digest of {change.name!r} is not the one its chunk list gives; "
-                    f"the client computed it wrongly, or the list was damaged: upload it again"
-                )
-        elif change.digest_kind == p.DIGEST_CONTENT:
-            if change.pages is not None:
-                raise BadRequest("a commit of kind content lists its chunks, not pages")
-            if count == 0 and change.digest != p.sha256(b""):
-                raise IntegrityError("an empty file's sha256 must be that of no bytes")
-            if count == 1 and change.digest != change.chunks[0]:
-                raise IntegrityError("a one-chunk file's sha256 must equal its chunk's")
+    def _check_digest(self, change: NewVersion):
+        """The commit's file digest is the one its chunk list gives: derived from the chunk
+        digests (:mod:`fms.wire.manifest`), in proportion to its pages; nothing is read back."""
+        if change.digest_kind != p.DIGEST_TREE:
+            raise BadRequest(f"a commit's digest is of kind {p.DIGEST_TREE!r}")
+        if change.chunks is not None:
+            want = p.inline_digest(change.extents, change.chunks)
         else:
-            raise BadRequest(
-                f"digest kind {change.digest_kind!r} is not one of {', '.join(p.DIGEST_KINDS)}"
+            want = p.tree_digest(change.extents, change.pages)
+        if change.digest != want:
+            raise IntegrityError(
+                f"the file digest of {change.name!r} is not the one its chunk list gives; "
+                f"the client computed it wrongly, or the list was damaged: upload it again"
             )
-
-    def _paged(self, change: NewVersion) -> NewVersion:
-        """A long chunk list of kind ``content`` (protocol 1) stored as pages."""
-        ids = []
-        for page in p.pages_of(change.extents, list(change.chunks)):
-            blob = p.join_digests(page)
-            ids.append(p.sha256(blob))
-            self.put_page(ids[-1], blob)
-        return replace(change, chunks=None, pages=tuple(ids))
-
-    def _read_back(self, change: NewVersion):
-        """Kind ``content`` (protocol 1): the stored chunks, read back in order, must hash to
-        the file's sha256.  One hash pass over what is stored: chunks are verified one by one
-        only when it fails, to tell a damaged chunk (set aside, and uploaded again by the
-        client) from a wrong sha256 in the commit."""
-        rows = self.meta.chunk_rows(change.chunks)
-        missing = [d for d in change.chunks if d not in rows or rows[d].doomed]
-        if missing:
-            raise MissingChunks.absent(change.name, missing)
-        check_chunks(
-            change.name, change.extents, change.chunks, {d: r.size for d, r in rows.items()}
-        )
-        whole = hashlib.sha256()
-        try:
-            for digest in change.chunks:
-                whole.update(self._stored_bytes(digest, rows[digest]))
-        except NotFound:
-            raise MissingChunks.absent(
-                change.name, [d for d in change.chunks if not self._present(rows[d], d)]
-            ) from None
-        if whole.digest() == change.digest:
-            return
-        damaged = []
-        for digest in dict.fromkeys(change.chunks):
-            try:
-                self.read_chunk(digest)
-            except IntegrityError:
-                damaged.append(digest)
-        if damaged:
-            raise MissingChunks(
-                f"{len(damaged)} stored chunk(s) of {change.name!r} were damaged "
-                f"and set aside; upload them and commit again",
-                missing=damaged,
-            )
-        raise IntegrityError(
-            f"the chunks of {change.name!r} do not hash to the file's sha256; "
-            f"the client computed it wrongly or the file changed while it was "
-            f"read: upload it again"
-        )
-
-    def _present(self, row, digest: bytes) -> bool:
-        """Whether a chunk with this row (None: no row) is stored, row and bytes."""
-        return row is not None and not row.doomed and (row.in_engine or self.chunks.has(digest))
-
-    def _stored_bytes(self, digest: bytes, row):
-        """A chunk's stored bytes (``row``: its row), unverified (the caller verifies).
-
-        :raises NotFound: its bytes are not stored.
-        """
-        if row.in_engine:
-            return row.data
-        return memoryview(self.chunks.get(digest))[p.DATA_PREFIX_LEN :]
 
 
 def os_failure(exc: OSError) -> FmsError:

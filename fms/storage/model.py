@@ -43,25 +43,37 @@ class Version:
     pages: tuple | None = None  # the page ids, when kept with the version
     body: bytes | None = None  # the id of the stored body (a paged chunk list)
 
-    @property
-    def sha256(self) -> bytes:
-        """The file digest under its version-1 wire name."""
-        return self.digest
-
     def summary(self) -> dict:
-        """What ls and stat return: the manifest without its chunk list."""
+        """What ls and stat return (a *stat*): the manifest without its chunk list."""
         out = {
             "name": self.name,
             "size": self.size,
-            "sha256": self.digest,
+            "digest": self.digest,
+            "digest_kind": self.digest_kind,
             "mtime": self.mtime,
             "version": self.version,
-            "chunk_size": self.chunk_size or p.DEFAULT_CHUNK_SIZE,  # an empty file's: any
-            "chunks": self.count,
+            "chunk_size": self.chunk_size,
+            "count": self.count,
             "committed": self.committed,
+            "meta": self.meta,
         }
         if self.deleted:
             out["deleted"] = True
+        return out
+
+    def manifest(self) -> dict:
+        """The wire form of a manifest: the stat, and the chunk list (short), or its body's id
+        with its extents and pages if they are small (docs/PROTOCOL.md), at most
+        ``p.MANIFEST_MAX`` bytes."""
+        out = {**self.summary(), "commit": self.commit}
+        if self.body is None:
+            out["extents"] = p.pack_extents(self.extents or ())
+            out["chunks"] = list(self.chunks or ())
+            return out
+        out["body"] = self.body
+        if self.pages is not None:
+            out["extents"] = p.pack_extents(self.extents)
+            out["pages"] = list(self.pages)
         return out
 
     def stat(self) -> "Version":

@@ -71,9 +71,11 @@ class StorageService:
         self._handlers = {
             "get": self.op_get,
             "chunk": self.op_chunk,
+            "page": self.op_page,
             "get_many": self.op_get_many,
             "have": self.op_have,
             "put_chunk": self.op_put_chunk,
+            "put_page": self.op_put_page,
             "commit": self.op_commit,
             "commit_many": self.op_commit_many,
             "ls": self.op_ls,
@@ -154,21 +156,7 @@ class StorageService:
         frame = None
         if p.travels_inline(version.size, version.count):
             frame = self.store.read_chunk(version.chunks[0])
-        self.link.reply(route, p.ok_reply(header["id"], manifest=self._manifest(version)), frame)
-
-    def _manifest(self, version) -> dict:
-        """The wire form of a manifest (docs/PROTOCOL.md)."""
-        return {
-            "name": version.name,
-            "size": version.size,
-            "sha256": version.digest,
-            "chunk_size": version.chunk_size or p.DEFAULT_CHUNK_SIZE,  # an empty file's: any
-            "chunks": list(self.store.digests(version)),
-            "mtime": version.mtime,
-            "version": version.version,
-            "commit": version.commit,
-            "committed": version.committed,
-        }
+        self.link.reply(route, p.ok_reply(header["id"], manifest=version.manifest()), frame)
 
     def op_versions(self, route, header, data):
         found = self.store.versions(p.check_name(p.need(header, "name", str)))
@@ -193,14 +181,17 @@ class StorageService:
             except RemoteError as exc:  # this name's failure, not the batch's
                 batch.error(exc.code, str(exc))
                 continue
-            batch.manifest(
-                self._manifest(version), p.unpack_data(frame) if frame is not None else None
-            )
+            batch.manifest(version.manifest(), p.unpack_data(frame) if frame is not None else None)
         self.link.reply(route, p.ok_reply(header["id"], results=batch.results), batch.frame())
 
     def op_chunk(self, route, header, data):
         frame = self.store.read_chunk(p.need_hash(header, "hash"))
         self.link.reply(route, p.ok_reply(header["id"]), frame)
+
+    def op_page(self, route, header, data):
+        """A page of a chunk list, or a body, by its id (what a client reads a long list by)."""
+        blob = self.store.read_list(p.need_hash(header, "hash"))
+        self.link.reply(route, p.ok_reply(header["id"]), p.pack_data(blob))
 
     def op_stat(self, route, header, data):
         version = self.store.version(p.check_name(p.need(header, "name", str)))
@@ -261,19 +252,33 @@ class StorageService:
         written = self.store.put_chunk(digest, payload)
         self.link.reply(route, p.ok_reply(header["id"], written=written))
 
+    def op_put_page(self, route, header, data):
+        page_id = p.need_hash(header, "hash")
+        if data is None:
+            raise BadRequest("put_page needs a data frame: the page's digests back to back")
+        written = self.store.put_page(page_id, p.unpack_data(data.buffer))
+        self.link.reply(route, p.ok_reply(header["id"], written=written))
+
     def op_commit(self, route, header, data):
-        size = p.need_int(header, "size")
-        chunk_size = p.need_int(header, "chunk_size", lo=p.MIN_CHUNK_SIZE, hi=p.MAX_CHUNK_SIZE)
+        kind = p.need(header, "digest_kind", str, optional=True, default=p.DIGEST_TREE)
+        if kind != p.DIGEST_TREE:
+            raise BadRequest(
+                f"a commit's digest is of kind {p.DIGEST_TREE!r}: derived from its chunk "
+                f"digests (storage reads nothing back to check one of the content)"
+            )
+        if ("chunks" in header) == ("pages" in header):
+            raise BadRequest("a commit lists either its chunks or its pages")
         change = NewVersion(
             name=p.check_name(p.need(header, "name", str)),
-            extents=((chunk_size, size),) if size else (),
-            digest=p.need_hash(header, "sha256"),
-            chunks=tuple(p.need_hashes(header, "chunks", p.chunk_count(size, chunk_size))),
+            extents=p.unpack_extents(p.need(header, "extents", bytes)),
+            digest=p.need_hash(header, "digest"),
             mtime=p.check_mtime(
                 p.need(header, "mtime", (int, float), optional=True, default=time.time())
             ),
             commit=_commit_id(header),
-            digest_kind=p.DIGEST_CONTENT,
+            chunks=_hashes(header, "chunks", p.INLINE_CHUNKS),
+            pages=_hashes(header, "pages", p.MAX_PAGES),
+            meta=p.check_meta(p.need(header, "meta", dict, optional=True, default={})),
         )
         inline = bytes(p.unpack_data(data.buffer)) if data is not None else None
         self._pending.append((route, header, change, inline))
@@ -286,12 +291,11 @@ class StorageService:
         if not 1 <= count <= p.MAX_BATCH_FILES:
             raise BadRequest(f"commit_many takes 1 to {p.MAX_BATCH_FILES} files, got {count}")
         columns = {
-            key: p.need(header, key, list) for key in ("sizes", "sha256s", "mtimes", "commits")
+            key: p.need(header, key, list) for key in ("sizes", "hashes", "mtimes", "commits")
         }
         if any(len(column) != count for column in columns.values()):
             raise BadRequest(
-                "commit_many: names, sizes, sha256s, mtimes and commits must have "
-                "one entry per file"
+                "commit_many: names, sizes, hashes, mtimes and commits must have one entry per file"
             )
         chunk_size = p.need_int(header, "chunk_size", lo=p.MIN_CHUNK_SIZE, hi=p.MAX_CHUNK_SIZE)
         payload = p.unpack_data(data.buffer) if data is not None else memoryview(b"")
@@ -299,20 +303,20 @@ class StorageService:
         for i in range(count):
             item = {
                 "size": columns["sizes"][i],
-                "sha256": columns["sha256s"][i],
+                "hash": columns["hashes"][i],
                 "mtime": columns["mtimes"][i],
                 "commit": columns["commits"][i],
             }
             size = p.need_int(item, "size", hi=min(p.INLINE_MAX, chunk_size))
-            digest = p.need_hash(item, "sha256")
+            digest = p.need_hash(item, "hash")
+            extents, chunks = (((chunk_size, size),), (digest,)) if size else ((), ())
             change = NewVersion(
                 p.check_name(names[i]),
-                ((chunk_size, size),) if size else (),
-                digest,
+                extents,
+                p.inline_digest(extents, chunks),  # derived here: the content comes along
                 p.check_mtime(p.need(item, "mtime", (int, float))),
                 _commit_id(item),
-                chunks=(digest,) if size else (),
-                digest_kind=p.DIGEST_CONTENT,
+                chunks=chunks,
             )
             requests.append((change, bytes(payload[offset : offset + size]) if size else None))
             offset += size
@@ -473,6 +477,10 @@ class StorageService:
     def _background_gc(self, store):
         gc.collect(store, self.gc_grace)
         return {}
+
+
+def _hashes(header, key: str, limit: int) -> tuple | None:
+    return tuple(p.need_hashes(header, key, limit)) if key in header else None
 
 
 def _commit_id(header, optional=False) -> str:

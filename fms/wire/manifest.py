@@ -23,8 +23,17 @@ Every digest here is :func:`~fms.wire.fields.sha256` (the one function to change
 import struct
 
 from ..errors import BadRequest, TooLarge
-from .fields import HASH_LEN, sha256
-from .messages import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, MiB, TiB
+from .fields import (
+    HASH_LEN,
+    check_mtime,
+    check_name,
+    need,
+    need_hash,
+    need_hashes,
+    need_int,
+    sha256,
+)
+from .messages import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, KiB, MiB, TiB
 
 __all__ = [
     "DIGEST_CONTENT",
@@ -32,13 +41,15 @@ __all__ = [
     "DIGEST_TREE",
     "EXTENT_LEN",
     "INLINE_CHUNKS",
+    "MANIFEST_MAX",
     "MAX_EXTENTS",
     "MAX_FILE_CHUNKS",
     "MAX_META_BYTES",
     "MAX_PAGES",
     "PAGE_CHUNKS",
-    "TreeBuilder",
+    "PAGE_REPLY_MAX",
     "check_extents",
+    "check_manifest",
     "check_meta",
     "extent_pages",
     "file_pages",
@@ -47,6 +58,7 @@ __all__ = [
     "pack_body",
     "pack_extents",
     "page_counts",
+    "page_ids",
     "pages_of",
     "split_digests",
     "tree_digest",
@@ -65,6 +77,13 @@ MAX_META_KEY = 128  # bytes of one metadata key
 DIGEST_CONTENT = "content"  # the digest of the content itself (files stored before version 2)
 DIGEST_TREE = "tree"  # the digest of the body, derived from the chunk digests
 DIGEST_KINDS = (DIGEST_CONTENT, DIGEST_TREE)
+# Reply sizes, known before the reply is built (the broker reserves room for them): a manifest
+# is its stat (a name of at most 1 KiB, metadata of at most 2 KiB) and a chunk list of at most
+# INLINE_CHUNKS digests or a body of at most 1 KiB (else only the body's id), so a `get` reply
+# is at most INLINE_MAX + MANIFEST_MAX + 4 KiB, and a `get_many` reply of n names at most
+# MAX_BATCH_BYTES + n * MANIFEST_MAX + 4 KiB; a `page` reply is a page or a body.
+MANIFEST_MAX = 6 * KiB
+PAGE_REPLY_MAX = PAGE_CHUNKS * HASH_LEN + 4 * KiB
 
 _EXTENT = struct.Struct(">QQ")
 
@@ -197,49 +216,52 @@ def pages_of(extents, digests) -> list:
 
 def inline_digest(extents, digests) -> bytes:
     """The ``tree`` digest of a file whose chunk list is known whole (a short one)."""
-    return tree_digest(extents, [sha256(join_digests(page)) for page in pages_of(extents, digests)])
+    return tree_digest(extents, page_ids(extents, join_digests(digests)))
 
 
-class TreeBuilder:
-    """Build a file's pages and digest from its chunk digests as they are computed, one extent
-    after another, in the memory of one page (and the ids of the pages done).
+def page_ids(extents, digests) -> list:
+    """The page ids of a file whose chunk digests are ``digests`` (back to back, bytes)."""
+    out, at = [], 0
+    step = HASH_LEN
+    for count in page_counts(extents):
+        out.append(sha256(digests[at * step : (at + count) * step]))
+        at += count
+    if at * step != len(digests):
+        raise BadRequest(f"the extents have {at} chunks, {len(digests) // step} digests were given")
+    return out
 
-    ``on_page(page_id, blob)`` is called as each page is complete.
+
+def check_manifest(manifest) -> dict:
+    """Check that a manifest from the wire has every field with the right type and a shape
+    that adds up (its size, count, extents and list agree), so nothing downstream trips over it;
+    whether its list gives its digest is checked where it is read (fms.client.listing).
+
+    :raises BadRequest: it does not.
     """
-
-    def __init__(self, on_page=None):
-        self.extents = []
-        self.page_ids = []
-        self.count = 0
-        self._on_page = on_page
-        self._page = bytearray()
-        self._left = 0  # digests still due in the current extent
-
-    def extent(self, chunk_size: int, size: int):
-        """Start an extent (the previous one must be complete)."""
-        if self._left:
-            raise ValueError("the previous extent is not complete")
-        self.extents.append((chunk_size, size))
-        self._left = _count(chunk_size, size)
-
-    def add(self, digest: bytes):
-        if not self._left:
-            raise ValueError("more digests than the extents have chunks")
-        self._page += digest
-        self._left -= 1
-        self.count += 1
-        if len(self._page) == PAGE_CHUNKS * HASH_LEN or not self._left:
-            blob = bytes(self._page)
-            self._page.clear()
-            page_id = sha256(blob)
-            self.page_ids.append(page_id)
-            if self._on_page is not None:
-                self._on_page(page_id, blob)
-
-    def digest(self) -> bytes:
-        if self._left:
-            raise ValueError("the last extent is not complete")
-        return tree_digest(self.extents, self.page_ids)
+    if not isinstance(manifest, dict):
+        raise BadRequest("manifest must be a map")
+    check_name(need(manifest, "name", str))
+    size = need_int(manifest, "size")
+    count = need_int(manifest, "count", hi=MAX_FILE_CHUNKS)
+    need_int(manifest, "chunk_size", hi=MAX_CHUNK_SIZE)
+    need_hash(manifest, "digest")
+    if need(manifest, "digest_kind", str) not in DIGEST_KINDS:
+        raise BadRequest(f"a manifest's digest_kind is one of {', '.join(DIGEST_KINDS)}")
+    check_mtime(need(manifest, "mtime", (int, float)))
+    need_int(manifest, "version", lo=1)
+    check_meta(need(manifest, "meta", dict, optional=True, default={}))
+    if "chunks" in manifest or "pages" in manifest:
+        extents = unpack_extents(need(manifest, "extents", bytes))
+        if check_extents(extents) != count or sum(s for _cs, s in extents) != size:
+            raise BadRequest("a manifest's extents do not add up to its size and count")
+        if "chunks" in manifest:
+            if len(need_hashes(manifest, "chunks", INLINE_CHUNKS)) != count:
+                raise BadRequest("a manifest's chunk count does not fit its extents")
+        elif len(need_hashes(manifest, "pages", MAX_PAGES)) != file_pages(extents):
+            raise BadRequest("a manifest's page count does not fit its extents")
+    if "chunks" not in manifest:
+        need_hash(manifest, "body")
+    return manifest
 
 
 def check_meta(meta) -> dict:

@@ -224,6 +224,12 @@ def _request_digest(change: NewVersion) -> bytes:
     ).digest()
 
 
+def _by_delta(counts) -> tuple:
+    """``(ids, deltas)`` of a Counter of reference changes, sorted by id."""
+    ids = sorted(counts)
+    return ids, [counts[i] for i in ids]
+
+
 def _renamed(version: Version, name: str, commit: str, now: float) -> Version:
     """``version``'s content as a new version of ``name`` made by ``commit`` now."""
     return replace(version, name=name, commit=commit, committed=now, deleted=False)
@@ -577,6 +583,7 @@ class SQLMeta(MetaEngine):
             for i, change in enumerate(changes):
                 self._execute(f"SAVEPOINT c{i}")
                 saved = list(self._delta)
+                self._chunk_refs = collections.Counter()
                 try:
                     if isinstance(change, NewVersion):
                         for digest in sorted(set(change.chunks or ()) & small.keys()):
@@ -590,6 +597,9 @@ class SQLMeta(MetaEngine):
                         result = self._restore(change, now)
                     else:
                         raise TypeError(f"not a change: {change!r}")
+                    # The chunk references the change takes and releases, in one pass sorted by
+                    # digest: two transactions always lock shared rows in the same order.
+                    self._refs("chunks", "digest", *_by_delta(self._chunk_refs), now)
                     self._execute(f"RELEASE SAVEPOINT c{i}")
                 except FmsError as exc:
                     if getattr(exc, "whole_transaction", False):
@@ -681,7 +691,7 @@ class SQLMeta(MetaEngine):
         if missing:
             raise MissingChunks.absent(change.name, missing)
         check_chunks(change.name, change.extents, change.chunks, sizes)
-        self._refs("chunks", "digest", wanted, 1, now)
+        self._chunk_refs.update(wanted)
 
     def _take_body(self, change: NewVersion, now) -> bytes:
         """A reference on the body of a paged chunk list (stored now if new: its pages must be
@@ -833,7 +843,8 @@ class SQLMeta(MetaEngine):
         if version.body is not None:
             self._refs("bodies", "id", [version.body], delta, now)
         elif version.chunks:
-            self._refs("chunks", "digest", sorted(set(version.chunks)), delta, now)
+            for digest in set(version.chunks):
+                self._chunk_refs[digest] += delta
 
     def _restore(self, change: Restore, now) -> Version:
         done = self._logged(change.commit, "restore", change.name, None)
@@ -859,13 +870,14 @@ class SQLMeta(MetaEngine):
         self._reference(old, 1, now)
         return self._install(_renamed(old, change.name, change.commit, now), now, "restore")
 
-    def _refs(self, table: str, key: str, ids, delta: int, now, since_floor=None):
-        """Add ``delta`` to the references of each of ``ids`` (distinct, sorted: two
-        transactions always lock shared rows in the same order).  A row whose last reference
-        goes starts its grace clock now, or, with ``since_floor``, keeps the later of its own
-        clock and ``since_floor`` (the clock of the list that held it: the collector)."""
+    def _refs(self, table: str, key: str, ids, delta, now, since_floor=None):
+        """Add ``delta`` (an int, or one per id) to the references of each of ``ids`` (distinct,
+        sorted: two transactions always lock shared rows in the same order).  A row whose last
+        reference goes starts its grace clock now, or, with ``since_floor``, keeps the later of
+        its own clock and ``since_floor`` (the clock of the list that held it: the collector)."""
         mark = now if since_floor is None else since_floor
-        rows = [(delta, delta, mark, mark, i) for i in ids]
+        deltas = delta if isinstance(delta, list) else [delta] * len(ids)
+        rows = [(d, d, mark, mark, i) for i, d in zip(ids, deltas, strict=True) if d]
         if rows:
             self._executemany(
                 f"UPDATE {table} SET refs = refs + ?, since = CASE WHEN refs + ? = 0 "
