@@ -19,14 +19,22 @@ def clip(text, limit: int = LOG_TEXT_MAX) -> str:
     return f"{text[:limit]}...({len(text) - limit} more characters)"
 
 
+# Libraries whose INFO lines say nothing an operator of fms needs ("Found credentials in
+# environment variables"): they log from WARNING up, unless fms logs at DEBUG.
+QUIET_LIBRARIES = ("botocore", "boto3", "s3transfer", "urllib3")
+
+
 def setup_logging(level: str = "INFO"):
     """Configure the root logger; called once by each entry point."""
+    level_no = getattr(logging, level.upper(), logging.INFO)
     logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
+        level=level_no,
         format=LOG_FORMAT,
         datefmt="%Y-%m-%dT%H:%M:%S",
         stream=sys.stderr,
     )
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(level_no if level_no <= logging.DEBUG else logging.WARNING)
 
 
 class RateLimitedLog:

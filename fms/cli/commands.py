@@ -571,7 +571,8 @@ def cmd_keygen(args):
 
     public, secret = keygen(args.dir, args.name)
     print(
-        f"wrote {public} (public: give it to the broker's operator for its --allow folder)\n"
+        f"wrote {public} (public: the broker's operator puts it in the broker's --allow "
+        f"folder if this is a client's key, in --allow-workers if a worker's)\n"
         f"wrote {secret} (secret, mode 0600: keep it on this machine only)"
     )
 
