@@ -9,7 +9,7 @@ from fms import limits
 from fms import wire as p
 from fms.broker import Core
 from fms.broker.admission import CHUNK_GUESS, REPLY_BOUNDS, expected_reply, reply_bound
-from fms.broker.outbox import CLIENT_KERNEL_QUEUE, FLUSH_MAX_WAIT, LARGE_REPLY
+from fms.broker.outbox import CLIENT_KERNEL_QUEUE, FLUSH_INTERVAL, FLUSH_MAX_WAIT, LARGE_REPLY
 from fms.broker.transport import FULL, GONE, SENT
 
 MiB = limits.MiB
@@ -341,10 +341,12 @@ def test_an_outbox_that_makes_no_progress_backs_off_and_one_that_reads_does_not(
     _fill_outbox(core, b"idle", 2, 100)
     _fill_outbox(core, b"slow", 2, 100)
     core.transport.tries.clear()
-    start, ticks = time.monotonic(), 500  # one second of 2 ms ticks
+    # A second of ticks a little over FLUSH_INTERVAL apart (so float rounding never makes a
+    # reading client's box due a hair after the tick).
+    start, ticks, step = time.monotonic(), 500, FLUSH_INTERVAL * 1.01
     for tick in range(ticks):
         core.transport.kernel[b"slow"] = 10**6 - tick  # its client takes bytes
-        core.outboxes.flush(start + tick * 0.002)
+        core.outboxes.flush(start + tick * step)
     idle, slow = core.transport.tries[b"idle"], core.transport.tries[b"slow"]
     assert idle <= 1 / FLUSH_MAX_WAIT + 10, idle  # backed off
     assert slow >= ticks - 1, slow  # tried every tick: it is reading
