@@ -13,7 +13,6 @@ there (a sparse file, as ``cp --sparse`` writes), a stream gets the zeros.
 
 import collections
 import contextlib
-import hashlib
 import io
 import os
 import stat
@@ -25,6 +24,7 @@ from .listing import ChunkList
 from .session import Session
 
 VERIFY_THREADS = 2  # threads verifying and writing chunks while the next ones arrive
+TEMP_NAME_BYTES = 200  # of a destination's name kept in its temp file's name
 
 
 def chunk_list(session: Session, manifest: dict, via=None) -> ChunkList:
@@ -235,7 +235,11 @@ class RemoteFile(io.RawIOBase):
         self._stream = None
         self._run = 0  # chunks read in order since the last jump
         # Kind content: its digest is of the bytes, checked when they are read through in order.
-        self._whole = hashlib.sha256() if manifest["digest_kind"] == p.DIGEST_CONTENT else None
+        self._whole = None
+        if manifest["digest_kind"] == p.DIGEST_CONTENT:
+            import hashlib  # here: OpenSSL is loaded only by commands that move content
+
+            self._whole = hashlib.sha256()
         self._hashed_to = 0  # bytes hashed so far, while reading in order from 0
         if inline_frame is not None:
             self._buf = checked_whole(manifest, p.unpack_data(inline_frame.buffer))
@@ -337,6 +341,8 @@ def destination(dest: str) -> tuple:
         mode = os.stat(path).st_mode
     except (FileNotFoundError, NotADirectoryError):
         return path, False
+    except OSError as exc:  # a name too long for the file system, a folder we may not enter
+        raise FmsError(f"cannot write to {dest}: {exc.strerror or exc}") from None
     if stat.S_ISDIR(mode):
         raise FmsError(f"{dest} is a folder; name a file inside it")
     return path, not stat.S_ISREG(mode)
@@ -394,9 +400,10 @@ def _create_temp(dest: str) -> tuple:
     like any new file (0666 & ~umask), O_EXCL so a name is never shared; pid and random part
     let `fms` tell its own leftovers."""
     folder = os.path.dirname(os.path.abspath(dest))
-    tmp = os.path.join(
-        folder, f".{os.path.basename(dest)}.{os.getpid()}.{os.urandom(4).hex()}.fms-part"
-    )
+    # The destination's name cut to TEMP_NAME_BYTES, so that the temp name of any name the
+    # file system takes (up to 255 bytes) is one it takes too.
+    base = os.fsencode(os.path.basename(dest))[:TEMP_NAME_BYTES].decode("utf-8", "ignore")
+    tmp = os.path.join(folder, f".{base}.{os.getpid()}.{os.urandom(4).hex()}.fms-part")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     try:
         try:
@@ -405,7 +412,7 @@ def _create_temp(dest: str) -> tuple:
             os.makedirs(folder, exist_ok=True)
             return tmp, os.open(tmp, flags, 0o666)
     except OSError as exc:
-        raise FmsError(f"cannot write to {folder}: {exc.strerror}") from None
+        raise FmsError(f"cannot write to {folder}: {exc.strerror or exc}") from None
 
 
 def _finish(fd: int, manifest: dict, fsync: bool):

@@ -89,22 +89,25 @@ def plan_file(path: str, chunk_size: int, report=None) -> Plan:
     except OSError as exc:
         raise FmsError(f"cannot read {path}: {exc.strerror}") from None
     with f:
-        st = os.fstat(f.fileno())
-        p.check_extents(((chunk_size, st.st_size),) if st.st_size else ())  # before reading it
-        view = memoryview(bytearray(chunk_size))
-        n = read_full(f, view)
-        if n < chunk_size:  # one chunk at most: no thread
-            piece = bytes(view[:n])
-            digests = p.sha256(piece) if n else b""
-            inline = piece if p.travels_inline(n, 1 if n else 0) else None
-            return Plan(n, chunk_size, digests, st.st_mtime, inline)
-        return _plan_large(
-            f,
-            view,
-            chunk_size,
-            st.st_mtime,
-            (lambda done: report(done, st.st_size)) if report else None,
-        )
+        try:
+            st = os.fstat(f.fileno())
+            p.check_extents(((chunk_size, st.st_size),) if st.st_size else ())  # before reading
+            view = memoryview(bytearray(chunk_size))
+            n = read_full(f, view)
+            if n < chunk_size:  # one chunk at most: no thread
+                piece = bytes(view[:n])
+                digests = p.sha256(piece) if n else b""
+                inline = piece if p.travels_inline(n, 1 if n else 0) else None
+                return Plan(n, chunk_size, digests, st.st_mtime, inline)
+            return _plan_large(
+                f,
+                view,
+                chunk_size,
+                st.st_mtime,
+                (lambda done: report(done, st.st_size)) if report else None,
+            )
+        except OSError as exc:  # a read error (EIO), or a file that cannot seek
+            raise FmsError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def _plan_large(f, first, chunk_size: int, mtime: float, report=None) -> Plan:
@@ -215,10 +218,17 @@ def _chunk_reader(source, plan: Plan):
             source[i * plan.chunk_size : i * plan.chunk_size + plan.chunk_len(i)]
         )
         return
-    with open(source, "rb", buffering=0) as f:
+    try:
+        f = open(source, "rb", buffering=0)
+    except OSError as exc:
+        raise FmsError(f"cannot read {source}: {exc.strerror or exc}") from None
+    with f:
 
         def read(i):
-            frame, _view, got = read_frame(f, plan.chunk_len(i), i * plan.chunk_size)
+            try:
+                frame, _view, got = read_frame(f, plan.chunk_len(i), i * plan.chunk_size)
+            except OSError as exc:
+                raise FmsError(f"cannot read {source}: {exc.strerror or exc}") from None
             if got != plan.chunk_len(i):
                 raise FmsError(
                     f"{source} got shorter while it was being uploaded; upload it "
@@ -229,10 +239,11 @@ def _chunk_reader(source, plan: Plan):
         yield read
 
 
-def put_planned(session: Session, planned, report) -> list:
+def put_planned(session: Session, planned, report, done=None) -> list:
     """Upload ``(source, name, Plan)`` triples (``source`` a local path or bytes; an iterable,
-    consumed as the upload goes); :return: the stat of each (as the wire has it), in order."""
-    items, large, results = [], [], {}
+    consumed as the upload goes); ``done(index, stat)`` as each is committed.  :return: the
+    stat of each (as the wire has it), in order."""
+    items, large, results = [], [], _Results(done)
     # Small files: their content travels with their commit, many files to a message
     # (commit_many), a few messages in flight.
     requests = (
@@ -265,6 +276,64 @@ def put_planned(session: Session, planned, report) -> list:
     for i in large:
         results[i] = put_chunked(session, *items[i], report)
     return [results[i] for i in range(len(items))]
+
+
+class _Results(dict):
+    """index -> stat, telling ``done(index, stat)`` (if given) as each is set."""
+
+    def __init__(self, done=None):
+        super().__init__()
+        self.done = done
+
+    def __setitem__(self, i, stat):
+        super().__setitem__(i, stat)
+        if self.done is not None:
+            self.done(i, stat)
+
+
+def put_stream(session: Session, stream, name: str, chunk_size: int, report=None) -> dict:
+    """Upload what an unbuffered binary ``stream`` holds (stdin, a pipe, a device) until its
+    end, under ``name``: each chunk is hashed and sent as it is read, and the manifest committed
+    at the end (its digest derived from the chunks'), so nothing is visible under the name
+    unless the stream was read whole.  A stream cannot be asked about before it is read, so
+    every chunk is sent (storage keeps one copy of each).  Memory: ``window`` chunks, and 32
+    bytes per chunk sent.  ``report(name, done, None)`` as chunks are sent.  :return: the stat
+    (as the wire has it)."""
+    digests, size = bytearray(), 0
+
+    def read() -> tuple:
+        frame = p.data_buffer(chunk_size)
+        try:
+            got = read_full(stream, memoryview(frame)[p.DATA_PREFIX_LEN :])
+        except OSError as exc:
+            raise FmsError(f"cannot read {name!r}'s input: {exc.strerror or exc}") from None
+        if got < chunk_size:
+            frame = p.pack_data(memoryview(frame)[p.DATA_PREFIX_LEN : p.DATA_PREFIX_LEN + got])
+        return frame, got
+
+    first, got = read()
+    if got < chunk_size:  # the whole stream in one read: as any file of that size
+        data = bytes(p.unpack_data(first))
+        return put_planned(session, [(data, name, plan_bytes(data, chunk_size, None))], report)[0]
+
+    def requests():
+        nonlocal size
+        frame, n = first, got
+        while n:
+            digest = p.sha256(p.unpack_data(frame))
+            digests.extend(digest)
+            size += n
+            yield n, "put_chunk", {"hash": digest}, frame
+            if n < chunk_size:
+                return
+            frame, n = read()
+
+    sent = 0
+    for n, _header, _ in session.pipeline(requests(), session.data_window(chunk_size)):
+        sent += n
+        if report is not None:
+            report(name, sent, None)
+    return commit_plan(session, name, Plan(size, chunk_size, digests, time.time(), None))
 
 
 def put_chunked(session: Session, source, name: str, plan: Plan, report) -> dict:
