@@ -173,3 +173,33 @@ def test_a_file_over_two_pages_reads_back_whole_across_the_page_boundary(cluster
         with c.open("two") as remote:  # read through the boundary, streaming
             remote.seek(4096 * (p.PAGE_CHUNKS - 3))
             assert remote.read() == bytes(2 * 4096) + last + tail
+
+
+def test_compose_joins_stored_files_by_reference_with_their_own_chunk_sizes(cluster):
+    """Extents: parts of any size and chunk size, each with its short last chunk, joined with no
+    chunk read or written (an S3 multipart upload's completion), then read back whole."""
+    parts = {
+        "p/1": (os.urandom(3 * 4096 + 100), 4096),  # short list, short last chunk
+        "p/2": (os.urandom(40 * 8192 + 1), 8192),  # paged, another chunk size
+        "p/3": (b"tail", 4096),
+    }
+    with cluster.client() as c:
+        for name, (data, chunk_size) in parts.items():
+            with cluster.client(chunk_size=chunk_size) as part_client:
+                part_client.put_bytes(data, name)
+        before = c.usage()["chunk_bytes"]
+        stat = c.compose("joined", list(parts), meta={"content-type": "text/plain"})
+        whole = b"".join(data for data, _ in parts.values())
+        assert (stat["size"], stat["chunks"]) == (len(whole), 4 + 41 + 1)
+        assert stat["meta"] == {"content-type": "text/plain"}
+        assert c.usage()["chunk_bytes"] == before  # no chunk written
+        assert c.get_bytes("joined") == whole
+        manifest = c.call("get", name="joined")[0]["manifest"]
+        assert len(p.unpack_extents(manifest["extents"])) == 3
+        with c.open("joined") as f:  # a ranged read across two extents
+            f.seek(3 * 4096 + 90)
+            assert f.read(20) == whole[3 * 4096 + 90 : 3 * 4096 + 110]
+        c.rm("p/2")  # the parts go; the joined file keeps what it lists
+        assert c.get_bytes("joined") == whole
+        assert c.gc(grace=0)["chunks"] == 0
+        assert c.get_bytes("joined") == whole

@@ -219,6 +219,22 @@ def test_move_is_one_change_of_two_names_moving_no_reference(engine):
     assert engine.refcount_errors() == []
 
 
+def test_a_versions_metadata_is_kept_by_mv_cp_and_restore(engine):
+    from dataclasses import replace
+
+    engine.keep_versions = 1
+    claim_all(engine, b"m")
+    meta = {"content-type": "text/plain", "x-amz-meta-owner": "ann"}
+    apply_one(engine, replace(new_version("a", b"m", "c1"), meta=meta))
+    assert engine.get("a").meta == meta and engine.list("", "", 1)[0].meta == meta
+    assert apply_one(engine, Copy("a", "b", "cp-1")).meta == meta
+    assert apply_one(engine, Copy("b", "c", "mv-1", move=True)).meta == meta
+    commit(engine, "c", b"m", "c2")  # no metadata: the new version has none...
+    assert engine.get("c").meta == {}
+    assert apply_one(engine, Restore("c", None, "re-1")).meta == meta  # ...the restored one has
+    assert engine.refcount_errors() == []
+
+
 @pytest.mark.parametrize("src, dst, error", [("missing", "x", NotFound), ("a", "a", BadRequest)])
 def test_copy_and_move_refuse_a_missing_source_or_itself(engine, src, dst, error):
     commit(engine, "a", b"a", "c1")

@@ -79,6 +79,12 @@ class ChunkList:
             self.on_close()
             self.on_close = None
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     @property
     def largest_chunk(self) -> int:
         return max((cs for cs, _size in self.extents), default=p.MIN_CHUNK_SIZE)
