@@ -203,3 +203,32 @@ def test_compose_joins_stored_files_by_reference_with_their_own_chunk_sizes(clus
         assert c.get_bytes("joined") == whole
         assert c.gc(grace=0)["chunks"] == 0
         assert c.get_bytes("joined") == whole
+
+
+def test_files_stored_before_protocol_2_are_read_and_checked_by_their_own_digest(make_cluster):
+    """A store written by an older fms (here its first layout, migrated and upgraded on open):
+    its files keep the sha256 of their content (kind `content`) and read back whole, in full and
+    in ranges; a write then makes a `tree` version, and a copy keeps the kind it copies."""
+    from storage_helpers import write_format1
+
+    cluster = make_cluster()
+    files = {"old/small": b"small and old", "old/big": os.urandom(45 * 4096 + 3)}
+    write_format1(cluster.storage_dir, files, store_id="5eed")
+    cluster.start_broker()
+    cluster.start_cache()
+    cluster.start_storage(wid="storage-a")
+    cluster.wait_workers(storage=1, cache=1)
+    with cluster.client() as c:
+        for name, data in files.items():
+            stat = c.stat(name)
+            assert (stat["digest_kind"], stat["digest"]) == ("content", p.sha256(data).hex())
+            assert c.get_bytes(name) == data
+        with c.open("old/big") as f:
+            assert f.read() == files["old/big"]  # read through: its content's sha256 checked
+            f.seek(40 * 4096 + 1)
+            assert f.read(10) == files["old/big"][40 * 4096 + 1 : 40 * 4096 + 11]
+        assert c.cp("old/big", "copy")["digest_kind"] == "content"
+        assert c.get_bytes("copy") == files["old/big"]
+        assert c.put_bytes(b"new", "old/small")["digest_kind"] == "tree"
+        [report] = list(c.fsck())
+        assert (report["damaged"], report["refcount_errors"]) == ([], 0)

@@ -319,6 +319,21 @@ def test_doom_takes_only_old_unreferenced_chunks_and_blocks_claims(engine):
     assert engine.totals().chunks == 3
 
 
+def test_chunk_rows_say_where_the_bytes_are_without_reading_them(engine):
+    engine.claim_chunk(p.sha256(b"small"), 5, NOW, b"small")
+    engine.claim_chunk(p.sha256(b"blob"), 4, NOW)
+    rows = engine.chunk_rows([p.sha256(b"small"), p.sha256(b"blob"), p.sha256(b"none")] * 2)
+    assert sorted(rows) == sorted([p.sha256(b"small"), p.sha256(b"blob")])
+    small, blob = rows[p.sha256(b"small")], rows[p.sha256(b"blob")]
+    assert (small.in_engine, small.data, small.size) == (True, b"", 5)
+    assert (blob.in_engine, blob.size, blob.lost) == (False, 4, False)
+    engine.mark_lost(p.sha256(b"blob"))
+    assert engine.chunk_rows([p.sha256(b"blob")])[p.sha256(b"blob")].lost
+    assert engine.known([p.sha256(b"blob")], NOW) == set()  # lost: uploaded again
+    engine.claim_chunk(p.sha256(b"blob"), 4, NOW + 1)
+    assert engine.known([p.sha256(b"blob")], NOW + 1) == {p.sha256(b"blob")}
+
+
 def test_orphans_are_adopted_as_doomed_only_when_unknown(engine):
     engine.claim_chunk(p.sha256(b"known"), 5, NOW)
     assert engine.adopt_orphan(p.sha256(b"known"), 5) is False
@@ -375,9 +390,9 @@ def test_a_connection_lost_midway_is_unavailable_for_the_whole_group(pg_database
     claim_all(engine, b"one")
     real = engine._commit
 
-    def cut(change, now):
+    def cut(change, now, *rest):
         engine.db.close()  # the server went away mid-transaction
-        return real(change, now)
+        return real(change, now, *rest)
 
     engine._commit = cut
     with pytest.raises(Lost):

@@ -51,9 +51,11 @@ class Store:
 
     # --- reads ---
 
-    def version(self, name: str) -> Version:
-        """:raises NotFound: no file by that name."""
-        found = self.meta.get(name)
+    def version(self, name: str, lists: bool = True) -> Version:
+        """The live version of ``name`` (``lists``: with what it lists; else its stat).
+
+        :raises NotFound: no file by that name."""
+        found = self.meta.get(name, lists)
         if found is None:
             raise NotFound(f"{name!r} not found; see what is stored with: ls")
         return found
@@ -231,7 +233,7 @@ class Store:
                 f"page {page_id.hex()[:16]} does not match its id; it was damaged in transit, "
                 f"send it again"
             )
-        if self.meta.page(page_id) is None:
+        if not self.meta.has_page(page_id):
             absent = self._absent(p.split_digests(blob))
             if absent:
                 raise MissingChunks(

@@ -13,7 +13,7 @@ With versions kept (``--keep-versions N``), a version that an overwrite or a rem
 *retained*: it keeps its chunks' references, and ``N`` of them per name are kept, the newest.
 """
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from .. import wire as p
 from ..errors import IntegrityError
@@ -78,7 +78,26 @@ class Version:
 
     def stat(self) -> "Version":
         """This version without its chunk list (what a remembered commit keeps)."""
-        return replace(self, extents=None, chunks=None, pages=None, body=None)
+        return self.numbered(self.version, lists=False)
+
+    def numbered(self, number: int, lists: bool = True) -> "Version":
+        """This version as number ``number`` (``lists``: with what it lists).  Built directly:
+        ``dataclasses.replace`` cost a group commit of small files a tenth of its time."""
+        return Version(
+            self.name,
+            self.size,
+            self.digest,
+            self.digest_kind,
+            self.chunk_size,
+            self.count,
+            self.mtime,
+            number,
+            self.commit,
+            self.committed,
+            self.meta,
+            self.deleted,
+            *((self.extents, self.chunks, self.pages, self.body) if lists else ()),
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -194,7 +194,7 @@ class StorageService:
         self.link.reply(route, p.ok_reply(header["id"]), p.pack_data(blob))
 
     def op_stat(self, route, header, data):
-        version = self.store.version(p.check_name(p.need(header, "name", str)))
+        version = self.store.version(p.check_name(p.need(header, "name", str)), lists=False)
         self.link.reply(route, p.ok_reply(header["id"], stat=version.summary()))
 
     def op_ls(self, route, header, data):

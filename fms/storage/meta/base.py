@@ -58,8 +58,8 @@ class MetaEngine(ABC):
     # --- names ---
 
     @abstractmethod
-    def get(self, name: str) -> Version | None:
-        """The live version of ``name`` with what it lists, or None."""
+    def get(self, name: str, lists: bool = True) -> Version | None:
+        """The live version of ``name`` with what it lists (``lists``), or None."""
 
     @abstractmethod
     def list(self, prefix: str, after: str, limit: int) -> list:
@@ -128,7 +128,8 @@ class MetaEngine(ABC):
 
     @abstractmethod
     def chunk_rows(self, digests) -> dict:
-        """The rows of those of ``digests`` that have one, by digest."""
+        """The rows of those of ``digests`` that have one, by digest, without a small chunk's
+        bytes (its ``data`` is ``b""``: it says where the bytes are, and costs nothing)."""
 
     # --- pages and bodies ---
 
@@ -145,6 +146,10 @@ class MetaEngine(ABC):
     @abstractmethod
     def page(self, page_id: bytes) -> bytes | None:
         """A page's digests back to back, or None."""
+
+    @abstractmethod
+    def has_page(self, page_id: bytes) -> bool:
+        """Whether the page is stored (without reading it)."""
 
     @abstractmethod
     def body(self, body_id: bytes) -> bytes | None:

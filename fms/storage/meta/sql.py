@@ -523,9 +523,10 @@ class SQLMeta(MetaEngine):
 
     # --- names ---
 
-    def get(self, name):
-        row = self._one(f"SELECT {_ROW_COLUMNS} FROM names WHERE name = ? AND deleted = 0", (name,))
-        return _version(row) if row else None
+    def get(self, name, lists=True):
+        columns = _ROW_COLUMNS if lists else _STAT_COLUMNS
+        row = self._one(f"SELECT {columns} FROM names WHERE name = ? AND deleted = 0", (name,))
+        return _version(row, lists=lists) if row else None
 
     def list(self, prefix, after, limit):
         lo = max(prefix, after)
@@ -586,9 +587,11 @@ class SQLMeta(MetaEngine):
                 self._chunk_refs = collections.Counter()
                 try:
                     if isinstance(change, NewVersion):
+                        claimed = {}  # live now, of this size: no need to look them up again
                         for digest in sorted(set(change.chunks or ()) & small.keys()):
                             self._claim(digest, len(small[digest]), now, bytes(small[digest]))
-                        result = self._commit(change, now)
+                            claimed[digest] = len(small[digest])
+                        result = self._commit(change, now, claimed)
                     elif isinstance(change, Removal):
                         result = self._remove(change, now)
                     elif isinstance(change, Copy):
@@ -638,9 +641,10 @@ class SQLMeta(MetaEngine):
         row = self._one(f"SELECT {_ROW_COLUMNS}, deleted FROM names WHERE name = ?", (name,))
         return _version(row, deleted=row[15]) if row else None
 
-    def _commit(self, change: NewVersion, now) -> Version:
+    def _commit(self, change: NewVersion, now, claimed=None) -> Version:
         """A new version of checked content (the engine checked its shape and digest): its
-        chunks or pages must be stored, with the sizes their places in the file need."""
+        chunks or pages must be stored, with the sizes their places in the file need
+        (``claimed``: chunks claimed in this transaction, by digest, and their sizes)."""
         request = _request_digest(change)
         done = self._logged(change.commit, "commit", change.name, request)
         if done is not None:
@@ -655,7 +659,7 @@ class SQLMeta(MetaEngine):
             else:
                 pages = tuple(change.pages)
         else:
-            self._take_chunks(change, now)
+            self._take_chunks(change, claimed or {})
         version = Version(
             change.name,
             change.size,
@@ -675,12 +679,13 @@ class SQLMeta(MetaEngine):
         )
         return self._install(version, now, "commit", request)
 
-    def _take_chunks(self, change: NewVersion, now):
+    def _take_chunks(self, change: NewVersion, claimed: dict):
         """A reference on each distinct chunk of a short chunk list, once each is found live
-        (``FOR UPDATE``: the collector cannot doom it now) with the size its place needs."""
+        (``FOR UPDATE``: the collector cannot doom it now; ``claimed``: live already) with the
+        size its place needs."""
         wanted = sorted(set(change.chunks))
-        sizes = {}
-        for part in _batches(wanted):
+        sizes = dict(claimed)
+        for part in _batches([d for d in wanted if d not in claimed]):
             for digest, size in self._execute(
                 f"SELECT digest, size FROM chunks WHERE doomed = 0 AND digest IN "
                 f"({_marks(len(part))}) ORDER BY digest{self.for_update}",
@@ -749,7 +754,7 @@ class SQLMeta(MetaEngine):
         """Make ``version`` (whose references are taken) the current one of its name: its
         number follows the old one's, which is retained or released."""
         old = self._current(version.name)
-        version = replace(version, version=old.version + 1 if old else 1)
+        version = version.numbered(old.version + 1 if old else 1)
         self._execute(
             f"INSERT INTO names ({_ROW_COLUMNS}, deleted) VALUES "
             f"({_marks(15)}, 0) ON CONFLICT (name) DO UPDATE SET "
@@ -921,6 +926,9 @@ class SQLMeta(MetaEngine):
         row = self._one("SELECT data FROM pages WHERE id = ?", (page_id,))
         return bytes(row[0]) if row else None
 
+    def has_page(self, page_id):
+        return self._one("SELECT 1 FROM pages WHERE id = ?", (page_id,)) is not None
+
     def body(self, body_id):
         row = self._one("SELECT data FROM bodies WHERE id = ?", (body_id,))
         return bytes(row[0]) if row else None
@@ -992,11 +1000,13 @@ class SQLMeta(MetaEngine):
         )
 
     def chunk_rows(self, digests):
+        # Without their bytes: a small chunk's row says it holds them (data b"") and no more.
+        columns = _CHUNK_COLUMNS.replace("data", "CASE WHEN data IS NULL THEN NULL ELSE ? END")
         out = {}
         for part in _batches(sorted(set(digests))):
             for row in self._all(
-                f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE digest IN ({_marks(len(part))})",
-                part,
+                f"SELECT {columns} FROM chunks WHERE digest IN ({_marks(len(part))})",
+                [b"", *part],
             ):
                 chunk = _chunk(row)
                 out[chunk.digest] = chunk
