@@ -8,6 +8,7 @@ __version__ = "0.2.0"
 from .client import Client
 from .errors import (
     BadRequest,
+    Busy,
     FmsError,
     IntegrityError,
     MissingChunks,
@@ -23,6 +24,7 @@ from .errors import (
 
 __all__ = [
     "BadRequest",
+    "Busy",
     "Client",
     "FmsError",
     "IntegrityError",
