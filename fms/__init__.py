@@ -10,6 +10,7 @@ __version__ = "0.2.0"
 from .errors import (
     BadRequest,
     Busy,
+    Conflict,
     FmsError,
     IntegrityError,
     MissingChunks,
@@ -32,6 +33,7 @@ __all__ = [
     "BadRequest",
     "Busy",
     "Client",
+    "Conflict",
     "FmsError",
     "IntegrityError",
     "MissingChunks",

@@ -12,7 +12,8 @@
     │   │   └── Busy             busy: too many slow operations (fsck, gc, ...) at once; retried
     │   ├── NoSpace              no_space: a disk is full; not retried
     │   ├── Refused              refused: this client's key is not (or no longer) allowed
-    │   └── TooLarge             too_large
+    │   ├── TooLarge             too_large
+    │   └── Conflict             conflict: a folder renamed onto one that holds files
     └── TransportError           the broker could not be reached or did not answer
         └── Timeout              a request got no reply in time
 
@@ -98,6 +99,13 @@ class TooLarge(RemoteError):
     code = "too_large"
 
 
+class Conflict(RemoteError):
+    """The request does not fit what is stored now (a folder renamed onto one that holds
+    files)."""
+
+    code = "conflict"
+
+
 class TransportError(FmsError):
     """The broker could not be reached."""
 
@@ -118,6 +126,7 @@ _BY_CODE = {
         NoSpace,
         Refused,
         TooLarge,
+        Conflict,
     )
 }
 

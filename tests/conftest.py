@@ -8,7 +8,7 @@ from harness import ROOT, Cluster, wait_for  # noqa: F401
 
 # Real PostgreSQL and S3 (SeaweedFS) servers, and network namespaces as hosts, started on first
 # use: tests/servers.py, tests/netns.py.
-pytest_plugins = ["servers", "netns"]
+pytest_plugins = ["servers", "netns", "mounts"]
 
 
 @pytest.fixture

@@ -39,6 +39,7 @@ CHANGE_OPS = (
 )  # group committed; applied even past their deadline
 RM_PAGE = 1000  # names an `rm_prefix` removes per request (one transaction)
 RM_PAGE_NAME_BYTES = 32 * p.KiB  # ... whose names add up to at most this: the broker's `inv`
+MV_PREFIX_MAX = 10_000  # names a folder rename (`mv_prefix`) moves, in one transaction
 
 log = logging.getLogger("fms.storage")
 
@@ -88,6 +89,7 @@ class StorageService:
             "mv": self.op_mv,
             "cp": self.op_cp,
             "rm_prefix": self.op_rm_prefix,
+            "mv_prefix": self.op_mv_prefix,
             "du": self.op_du,
             "versions": self.op_versions,
             "get_version": self.op_get_version,
@@ -194,7 +196,8 @@ class StorageService:
         self.link.reply(route, p.ok_reply(header["id"]), p.pack_data(blob))
 
     def op_stat(self, route, header, data):
-        version = self.store.version(p.check_name(p.need(header, "name", str)), lists=False)
+        name = p.check_entry_name(p.need(header, "name", str))  # a folder marker's too
+        version = self.store.version(name, lists=False)
         self.link.reply(route, p.ok_reply(header["id"], stat=version.summary()))
 
     def op_ls(self, route, header, data):
@@ -268,9 +271,13 @@ class StorageService:
             )
         if ("chunks" in header) == ("pages" in header):
             raise BadRequest("a commit lists either its chunks or its pages")
+        name = p.check_entry_name(p.need(header, "name", str))
+        extents = p.unpack_extents(p.need(header, "extents", bytes))
+        if p.is_folder_name(name) and extents:
+            raise BadRequest(f"{name!r} is a folder's marker (it ends in '/'): it holds no content")
         change = NewVersion(
-            name=p.check_name(p.need(header, "name", str)),
-            extents=p.unpack_extents(p.need(header, "extents", bytes)),
+            name=name,
+            extents=extents,
             digest=p.need_hash(header, "digest"),
             mtime=p.check_mtime(
                 p.need(header, "mtime", (int, float), optional=True, default=time.time())
@@ -346,7 +353,7 @@ class StorageService:
 
     def op_rm(self, route, header, data):
         change = Removal(
-            p.check_name(p.need(header, "name", str)), _commit_id(header, optional=True)
+            p.check_entry_name(p.need(header, "name", str)), _commit_id(header, optional=True)
         )
         self._pending.append((route, header, change, None))
 
@@ -386,6 +393,18 @@ class StorageService:
         names = [v.name for v in removed]
         # The broker drops every removed name from the cache before it forwards this ack.
         self.link.reply(route, p.ok_reply(header["id"], removed=names, more=more), invalidate=names)
+
+    def op_mv_prefix(self, route, header, data):
+        """Rename a folder: every name under ``prefix`` moves under ``dest`` in one
+        transaction (metadata only); the caches drop both folders before the ack."""
+        prefix = p.check_folder_name(p.need(header, "prefix", str))
+        dest = p.check_folder_name(p.need(header, "dest", str))
+        commit = _commit_id(header)
+        if self._pending:
+            self._apply_pending()  # changes apply in the order they arrived
+        moved = self.store.move_prefix(prefix, dest, commit, MV_PREFIX_MAX)
+        # An `inv` entry ending in '/' is a folder: the caches drop every name under it.
+        self.link.reply(route, p.ok_reply(header["id"], moved=moved), invalidate=[prefix, dest])
 
     def flush(self):
         """Apply the commits and removes received since the last flush in one transaction,
