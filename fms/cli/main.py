@@ -80,6 +80,7 @@ def _dispatch(args, parser) -> int:
         "storage": daemons.cmd_storage,
         "cache": daemons.cmd_cache,
         "up": up.cmd_up,
+        "s3": daemons.cmd_s3,
     }
     try:
         return handlers[args.command](args) or EXIT_OK
