@@ -21,7 +21,7 @@ class Gateway:
     for HTTPS), ``proc``."""
 
     def __init__(self, cluster, folder, tls: bool = False, name: str = "s3"):
-        self.key_id, self.secret, self.ca = KEY_ID, SECRET, None
+        self.key_id, self.secret, self.ca, self.folder = KEY_ID, SECRET, None, str(folder)
         args = ["--broker", cluster.frontend, "--port", "0"]
         args += ["--access-key", KEY_ID, "--secret-key", SECRET]
         if tls:
@@ -49,18 +49,27 @@ class Gateway:
             aws_secret_access_key=self.secret,
             region_name="us-east-1",
             verify=self.ca if self.ca else None,
-            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}, **config),
+            config=Config(
+                s3={"addressing_style": "path"},
+                signature_version="s3v4",
+                retries={"max_attempts": 2},
+                **config,
+            ),
         )
 
     def env(self) -> dict:
-        """The environment the AWS tools read their key (and CA bundle) from."""
+        """The environment the AWS tools read their key, CA bundle and configuration from
+        (SigV4 for presigned URLs too: the aws cli 1.x presigns with SigV2 unless told)."""
+        config = os.path.join(self.folder, "aws-config")
+        with open(config, "w") as f:
+            f.write("[default]\ns3 =\n    signature_version = s3v4\n")
         env = dict(os.environ)
         env.update(
             AWS_ACCESS_KEY_ID=self.key_id,
             AWS_SECRET_ACCESS_KEY=self.secret,
             AWS_DEFAULT_REGION="us-east-1",
             AWS_EC2_METADATA_DISABLED="true",
-            AWS_CONFIG_FILE="/dev/null",
+            AWS_CONFIG_FILE=config,
             AWS_SHARED_CREDENTIALS_FILE="/dev/null",
         )
         if self.ca:

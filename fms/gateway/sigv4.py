@@ -163,6 +163,12 @@ def verify(method: str, raw_path: str, raw_query: str, headers, resolve, now=Non
     params = _query_params(raw_query)
     if auth is None and "X-Amz-Signature" in params:
         return _verify_presigned(method, raw_path, raw_query, headers, params, resolve, now)
+    if auth is None and "Signature" in params and "AWSAccessKeyId" in params:
+        raise S3Error(
+            "AccessDenied",
+            "AWS Signature Version 2 is not supported: sign with Version 4 (boto3: "
+            "Config(signature_version='s3v4'))",
+        )
     if auth is None:
         raise S3Error("AccessDenied", "anonymous requests are refused: sign them with a key")
     if not auth.startswith(ALGORITHM + " "):
