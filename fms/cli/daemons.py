@@ -102,8 +102,8 @@ def _broker_curve(args):
     if exposed:
         raise SecurityError(
             f"refusing to bind {'; '.join(exposed)} without encryption: anyone who can reach "
-            f"it could read and overwrite every file. Use --curve-secret and --allow (README, "
-            f"Security), or --insecure if the network is trusted"
+            f"it could read and overwrite every file. Use --curve-secret and --allow "
+            f"(docs/SECURITY.md), or --insecure if the network is trusted"
         )
     return None
 
