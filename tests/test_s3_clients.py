@@ -111,7 +111,7 @@ def test_aws_cli(gw, bucket, tmp_path):
 
 def test_boto3_transfer_with_default_checksums(gw, bucket, tmp_path):
     s3 = gw.boto3()
-    data = write(tmp_path / "up.bin", 17 * MiB + 5)
+    data = write(tmp_path / "up.bin", 9 * MiB + 5)
     s3.upload_file(str(tmp_path / "up.bin"), bucket, "boto3/up.bin")
     s3.download_file(bucket, "boto3/up.bin", str(tmp_path / "down.bin"))
     assert (tmp_path / "down.bin").read_bytes() == data
@@ -140,7 +140,7 @@ def test_rclone(gw, bucket, tmp_path):
     src = tmp_path / "src"
     for i in range(4):
         write(src / f"sub{i % 2}" / f"file{i}", 300_000 * i + 10)
-    write(src / "big", 12 * MiB)
+    write(src / "big", 6 * MiB)
     run([rclone, "copy", str(src), f"fms:{bucket}/r"], env)
     check = run([rclone, "check", str(src), f"fms:{bucket}/r"], env)
     assert "0 differences found" in check.stderr
@@ -169,7 +169,7 @@ def test_s3cmd(gw, bucket, tmp_path):
         "signature_v2 = False\nbucket_location = us-east-1\n"
     )
     cmd = [s3cmd, "-c", str(config)]
-    data = write(tmp_path / "put.bin", 20 * MiB + 3)  # multipart at s3cmd's 15 MiB parts
+    data = write(tmp_path / "put.bin", 16 * MiB + 3)  # multipart: s3cmd sends 15 MiB parts
     run([*cmd, "put", str(tmp_path / "put.bin"), f"s3://{bucket}/s3cmd/put.bin"])
     run([*cmd, "get", f"s3://{bucket}/s3cmd/put.bin", str(tmp_path / "got.bin")])
     assert (tmp_path / "got.bin").read_bytes() == data

@@ -364,9 +364,13 @@ class Gateway:
         body.append(("IsTruncated", bool(header.get("more"))))
         if header.get("more") and header["entries"]:
             body.append(("NextKeyMarker", header["entries"][-1]["name"][len(base) :]))
-        for entry in header["entries"]:
+        names = [e["name"] for e in header["entries"]]
+        if prefix and not after and base + prefix not in names:
+            # A removed key is in no listing, but its retained versions can be restored.
+            names.insert(0, base + prefix)
+        for name in names:
             try:
-                versions = (await self.store.call("versions", name=entry["name"]))["versions"]
+                versions = (await self.store.call("versions", name=name))["versions"]
             except FmsError:
                 continue
             for v in versions:
@@ -374,7 +378,7 @@ class Gateway:
                     (
                         "Version",
                         [
-                            ("Key", entry["name"][len(base) :]),
+                            ("Key", name[len(base) :]),
                             ("VersionId", str(v["version"])),
                             ("IsLatest", bool(v.get("current"))),
                             ("LastModified", xmlio.iso(v["committed"])),

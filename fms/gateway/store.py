@@ -180,10 +180,14 @@ class Store:
                 raise _Stopped
             asyncio.run_coroutine_threadsafe(out.put(item), loop).result()
 
+        # Only the chunks that hold the range are asked for (the pipeline runs ahead).
+        last = (end - 1) // chunk_size
+        needed = dict(manifest, chunks=manifest["chunks"][: last + 1])
+
         def fetch(client):
             offset = first * chunk_size
             try:
-                for piece in download.iter_chunks(client.session, manifest, first, via):
+                for piece in download.iter_chunks(client.session, needed, first, via):
                     lo, hi = max(start - offset, 0), min(end - offset, len(piece))
                     if lo < hi:
                         put(bytes(piece[lo:hi]))
