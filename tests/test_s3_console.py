@@ -139,6 +139,8 @@ def test_console_login_upload_zip_share_delete_restore(site, browser, tmp_path):
     find(browser, "tr[data-key='album/raw/c.txt']")
     find(browser, "#crumbs a", "album").click()
     find(browser, "tr[data-key='album/b.bin']")
+    if SCREENSHOT:
+        browser.save_screenshot(SCREENSHOT)
     # preview text
     find(browser, "tr[data-key='album/a.txt'] button.preview").click()
     wait_for(lambda: "hello from the console" in find(browser, "#dlg-body").text, WAIT, "preview")
@@ -190,8 +192,6 @@ def test_console_login_upload_zip_share_delete_restore(site, browser, tmp_path):
     ).click()
     versions = find(browser, "#version-list")
     restore = [r for r in versions.find_elements(By.TAG_NAME, "tr") if r.text.startswith("v1")][0]
-    if SCREENSHOT:
-        browser.save_screenshot(SCREENSHOT)
     restore.find_element(By.CSS_SELECTOR, "button.restore").click()
     status_says(browser, "Restored album/a.txt")
     assert s3.get_object(Bucket="photos", Key="album/a.txt")["Body"].read() == files["album/a.txt"]

@@ -51,6 +51,7 @@ RESPONSE_OVERRIDES = {
 }
 BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 KEEPALIVE = 10.0  # seconds between the spaces a long CompleteMultipartUpload sends
+BUCKET_TTL = 5.0  # seconds a bucket seen to exist is not looked up again (by this gateway)
 NOT_IMPLEMENTED = (
     "acl",
     "policy",
@@ -84,10 +85,10 @@ class Gateway:
     """The request handlers.  :param resolve: ``resolve(access_key_id) -> (secret,
     identity)``; :param store: the broker client."""
 
-    def __init__(self, store: Store, resolve, console_dir: str | None = None):
+    def __init__(self, store: Store, resolve):
         self.store = store
         self.resolve = resolve
-        self.console_dir = console_dir
+        self._buckets_seen = {}  # bucket -> monotonic time until which it is known to exist
 
     # --- the entry point ---
 
@@ -157,10 +158,18 @@ class Gateway:
     # --- buckets ---
 
     async def bucket_exists(self, bucket: str) -> bool:
-        if await self.store.stat(BUCKETS + bucket) is not None:
+        """Whether the bucket exists; a bucket seen lately is taken to exist for
+        :data:`BUCKET_TTL` seconds more (one look-up less per request)."""
+        if self._buckets_seen.get(bucket, 0.0) > time.monotonic():
             return True
-        header = await self.store.ls(bucket + "/", "", 1, False)
-        return bool(header["entries"])
+        found = await self.store.stat(BUCKETS + bucket) is not None
+        if not found:
+            found = bool((await self.store.ls(bucket + "/", "", 1, False))["entries"])
+        if found:
+            if len(self._buckets_seen) > 10_000:
+                self._buckets_seen.clear()
+            self._buckets_seen[bucket] = time.monotonic() + BUCKET_TTL
+        return found
 
     async def need_bucket(self, bucket: str):
         if bucket == HIDDEN or not await self.bucket_exists(bucket):
@@ -256,6 +265,7 @@ class Gateway:
                 BucketName=bucket,
             )
         await self.store.rm(BUCKETS + bucket)
+        self._buckets_seen.pop(bucket, None)
         return web.Response(status=204)
 
     # --- listing ---
