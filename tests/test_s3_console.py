@@ -191,7 +191,7 @@ def test_console_login_upload_zip_share_delete_restore(site, browser, tmp_path):
         By.CSS_SELECTOR, "button.versions"
     ).click()
     versions = find(browser, "#version-list")
-    restore = [r for r in versions.find_elements(By.TAG_NAME, "tr") if r.text.startswith("v1")][0]
+    restore = next(r for r in versions.find_elements(By.TAG_NAME, "tr") if r.text.startswith("v1"))
     restore.find_element(By.CSS_SELECTOR, "button.restore").click()
     status_says(browser, "Restored album/a.txt")
     assert s3.get_object(Bucket="photos", Key="album/a.txt")["Body"].read() == files["album/a.txt"]

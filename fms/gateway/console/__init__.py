@@ -115,4 +115,3 @@ async def zip_response(gateway, request, bucket: str, prefix: str) -> web.Stream
 
 def _ascii(name: str) -> str:
     return "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in name)
-
