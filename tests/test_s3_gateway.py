@@ -726,3 +726,29 @@ def chunked_put(gw, bucket, key, body, mode, algorithm, corrupt=False, chunk=64 
     data = reply.read()
     conn.close()
     return reply.status, reply.headers, data
+
+
+def test_fms_s3_refuses_bad_options_clearly(tmp_path):
+    import subprocess
+    import sys
+
+    def s3(*args):
+        done = subprocess.run(
+            [sys.executable, "-m", "fms", "s3", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "FMS_S3_ACCESS_KEY": "", "FMS_S3_SECRET_KEY": ""},
+        )
+        return done.returncode, done.stderr
+
+    status, err = s3("--port", "0")
+    assert status == 1 and "--access-key" in err and "Traceback" not in err
+    status, err = s3("--host", "0.0.0.0", "--access-key", "k", "--secret-key", "s")
+    assert status == 1 and "--tls-cert" in err and "Traceback" not in err
+    status, err = s3("--access-key", "k", "--secret-key", "s", "--tls-cert", "/nonexistent")
+    assert status == 1 and "--tls-key" in err
+    bad = tmp_path / "keys.json"
+    bad.write_text('[{"access_key": "x"}]')
+    status, err = s3("--keys", str(bad))
+    assert status == 1 and "secret_key" in err and "Traceback" not in err
