@@ -169,17 +169,9 @@ class Store:
         thread a chunk at a time (each verified), :data:`QUEUE_CHUNKS` ahead of the reader."""
         if start >= end:
             return
-        loop = asyncio.get_running_loop()
-        out = asyncio.Queue(QUEUE_CHUNKS)
-        stop = threading.Event()
+        pipe = ThreadPipe(asyncio.get_running_loop(), QUEUE_CHUNKS)
         chunk_size = manifest["chunk_size"]
         first = start // chunk_size
-
-        def put(item):
-            if stop.is_set():
-                raise _Stopped
-            asyncio.run_coroutine_threadsafe(out.put(item), loop).result()
-
         # Only the chunks that hold the range are asked for (the pipeline runs ahead).
         last = (end - 1) // chunk_size
         needed = dict(manifest, chunks=manifest["chunks"][: last + 1])
@@ -190,30 +182,27 @@ class Store:
                 for piece in download.iter_chunks(client.session, needed, first, via):
                     lo, hi = max(start - offset, 0), min(end - offset, len(piece))
                     if lo < hi:
-                        put(bytes(piece[lo:hi]))
+                        pipe.put(bytes(piece[lo:hi]) if (lo, hi) != (0, len(piece)) else piece)
                     offset += len(piece)
                     if offset >= end:
                         break
-                put(None)
-            except _Stopped:
+                pipe.put(None)
+            except Stopped:
                 pass
             except Exception as exc:  # handed to the reader, which fails the response
-                if not stop.is_set():
-                    put(exc)
+                pipe.put(exc)
 
-        loop.run_in_executor(self.pool, lambda: fetch(self.client()))
+        asyncio.get_running_loop().run_in_executor(self.pool, lambda: fetch(self.client()))
         try:
             while True:
-                item = await out.get()
+                item = await pipe.get()
                 if item is None:
                     break
                 if isinstance(item, Exception):
                     raise item
                 yield item
         finally:
-            stop.set()
-            while not out.empty():  # a put the thread is blocked in completes; its next stops
-                out.get_nowait()
+            pipe.close()
 
     # --- writes ---
 
@@ -308,8 +297,47 @@ class Store:
 _ABORT = object()  # put in a transfer's queue when the request failed on the loop's side
 
 
-class _Stopped(Exception):
-    """The reader of a stream went away."""
+class Stopped(Exception):
+    """The reader of a :class:`ThreadPipe` went away."""
+
+
+class ThreadPipe:
+    """Items from a pool thread to a coroutine: ``put`` (thread) waits while ``size`` items
+    are queued, ``get`` (event loop) waits for the next.  The loop is woken once per item and
+    never waits for the thread, nor the thread for the loop unless the queue is full."""
+
+    def __init__(self, loop, size: int):
+        self._queue = queue.Queue(size)
+        self._loop = loop
+        self._ready = asyncio.Event()
+        self._closed = threading.Event()
+
+    def put(self, item):
+        """Queue ``item``.  :raises Stopped: the reader closed the pipe."""
+        while True:
+            if self._closed.is_set():
+                raise Stopped
+            try:
+                self._queue.put(item, timeout=0.5)
+                break
+            except queue.Full:
+                continue
+        self._loop.call_soon_threadsafe(self._ready.set)
+
+    async def get(self):
+        while True:
+            try:
+                return self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            self._ready.clear()
+            if self._queue.empty():  # a put after the check above has set _ready again
+                await self._ready.wait()
+
+    def close(self):
+        """The reader is done: the thread's next put raises Stopped."""
+        self._closed.set()
+        _drain(self._queue)
 
 
 class _Aborted(Exception):

@@ -5,13 +5,13 @@ signed like any S3 request; a presigned URL lets the browser download it)."""
 
 import asyncio
 import os
-import threading
 import time
 import zipfile
 
 from aiohttp import web
 
 from ..errors import S3Error
+from ..store import Stopped, ThreadPipe
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "index.html")
 ZIP_QUEUE = 8  # pieces of zip output held between the thread that writes it and the response
@@ -37,19 +37,16 @@ async def serve(request: web.Request, raw_path: str) -> web.StreamResponse:
     raise S3Error("NoSuchKey", "no such page in the console")
 
 
-class _QueueWriter:
-    """A write-only stream whose bytes go to an asyncio queue (zipfile writes into it from a
-    thread; the response reads from the queue)."""
+class _PipeWriter:
+    """A write-only stream whose bytes go to a :class:`ThreadPipe` (zipfile writes into it
+    from a pool thread; the response reads from the pipe)."""
 
-    def __init__(self, loop, queue, stop: threading.Event):
-        self.loop, self.queue, self.stop = loop, queue, stop
+    def __init__(self, pipe: ThreadPipe):
+        self.pipe = pipe
         self.offset = 0
 
     def write(self, data) -> int:
-        if self.stop.is_set():
-            raise BrokenPipeError("the download was cancelled")
-        data = bytes(data)
-        asyncio.run_coroutine_threadsafe(self.queue.put(data), self.loop).result()
+        self.pipe.put(bytes(data))
         self.offset += len(data)
         return len(data)
 
@@ -73,14 +70,11 @@ async def zip_response(gateway, request, bucket: str, prefix: str) -> web.Stream
         }
     )
     await response.prepare(request)
-    loop = asyncio.get_running_loop()
-    queue = asyncio.Queue(ZIP_QUEUE)
-    stop = threading.Event()
+    pipe = ThreadPipe(asyncio.get_running_loop(), ZIP_QUEUE)
 
     def build(client):
-        out = _QueueWriter(loop, queue, stop)
         try:
-            with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zipfile.ZipFile(_PipeWriter(pipe), "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
                 for n, entry in enumerate(client.iter_ls(base + prefix)):
                     if n >= MAX_ZIP_FILES:
                         break
@@ -89,26 +83,25 @@ async def zip_response(gateway, request, bucket: str, prefix: str) -> web.Stream
                     info.compress_type = zipfile.ZIP_STORED
                     with zf.open(info, "w", force_zip64=entry["size"] > 2**31) as member:
                         client.get_to(entry["name"], member)
-            asyncio.run_coroutine_threadsafe(queue.put(None), loop).result()
-        except BrokenPipeError:
+            pipe.put(None)
+        except Stopped:
             pass
         except Exception as exc:  # handed to the response, which is cut short
-            if not stop.is_set():
-                asyncio.run_coroutine_threadsafe(queue.put(exc), loop).result()
+            pipe.put(exc)
 
-    loop.run_in_executor(gateway.store.pool, lambda: build(gateway.store.client()))
+    asyncio.get_running_loop().run_in_executor(
+        gateway.store.pool, lambda: build(gateway.store.client())
+    )
     try:
         while True:
-            item = await queue.get()
+            item = await pipe.get()
             if item is None:
                 break
             if isinstance(item, Exception):
                 raise ConnectionResetError(f"zip failed: {item}")  # the client sees it cut
             await response.write(item)
     finally:
-        stop.set()
-        while not queue.empty():
-            queue.get_nowait()
+        pipe.close()
     await response.write_eof()
     return response
 
