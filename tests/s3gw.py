@@ -1,6 +1,10 @@
 """The S3 gateway as the tests run it: ``fms s3`` as a real process on a random loopback port,
 over HTTP or HTTPS (a self-signed certificate made with openssl), in front of a
-:class:`harness.Cluster`; and where the S3 command-line tools are found."""
+:class:`harness.Cluster`; and where the S3 command-line tools are found.
+
+Fixture ``s3_site`` (session): one cluster (a storage worker keeping 3 versions) with two
+gateways, ``{"http": Gateway, "https": Gateway}``, shared by the S3 test modules of a test
+process; each test makes its own bucket."""
 
 import os
 import re
@@ -9,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from harness import START_TIMEOUT, Proc, wait_for
+from harness import START_TIMEOUT, Cluster, Proc, wait_for
 
 KEY_ID = "FMSTESTKEY0000000001"
 SECRET = "fms-test-secret-0123456789abcdefghijklmn"
@@ -122,3 +126,21 @@ def tool(name: str) -> str:
     if os.environ.get("CI") == "true":
         pytest.fail(reason)
     pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def s3_site(tmp_path_factory):
+    pytest.importorskip("aiohttp")
+    folder = tmp_path_factory.mktemp("s3site")
+    cluster = Cluster(folder)
+    try:
+        cluster.start_broker()
+        cluster.start_cache()
+        cluster.start_storage(wid="storage-1", extra=["--keep-versions", "3"])
+        cluster.wait_workers(storage=1, cache=1)
+        yield {
+            "http": Gateway(cluster, str(folder)),
+            "https": Gateway(cluster, str(folder), tls=True, name="s3tls"),
+        }
+    finally:
+        cluster.stop()

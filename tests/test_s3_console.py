@@ -11,8 +11,7 @@ import urllib.request
 import zipfile
 
 import pytest
-from harness import Cluster, wait_for
-from s3gw import Gateway
+from harness import wait_for
 
 pytest.importorskip("aiohttp")
 webdriver = pytest.importorskip("selenium.webdriver")
@@ -25,19 +24,10 @@ SCREENSHOT = os.environ.get("FMS_CONSOLE_SCREENSHOT")  # where to save one (docs
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("console")
-    cluster = Cluster(folder)
-    try:
-        cluster.start_broker()
-        cluster.start_cache()
-        cluster.start_storage(wid="storage-1", extra=["--keep-versions", "3"])
-        cluster.wait_workers(storage=1, cache=1)
-        gateway = Gateway(cluster, str(folder))
-        gateway.boto3().create_bucket(Bucket="photos")
-        yield gateway
-    finally:
-        cluster.stop()
+def site(s3_site):
+    gateway = s3_site["http"]
+    gateway.boto3().create_bucket(Bucket="photos")
+    return gateway
 
 
 @pytest.fixture

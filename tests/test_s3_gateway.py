@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from urllib.parse import quote
 
 import pytest
-from harness import Cluster
 from s3gw import Gateway
 
 botocore = pytest.importorskip("botocore")
@@ -28,17 +27,10 @@ MiB = 1 << 20
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("s3gw")
-    cluster = Cluster(folder)
-    try:
-        cluster.start_all(storage=1)
-        gateway = Gateway(cluster, str(folder))
-        gateway.tls = Gateway(cluster, str(folder), tls=True, name="s3tls")
-        gateway.cluster = cluster
-        yield gateway
-    finally:
-        cluster.stop()
+def gw(s3_site):
+    gateway = s3_site["http"]
+    gateway.tls = s3_site["https"]
+    return gateway
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +44,7 @@ _seq = [0]
 @pytest.fixture
 def bucket(s3):
     _seq[0] += 1
-    name = f"bkt-{os.getpid()}-{_seq[0]}"
+    name = f"api-{os.getpid()}-{_seq[0]}"
     s3.create_bucket(Bucket=name)
     return name
 
