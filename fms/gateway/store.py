@@ -117,6 +117,28 @@ class Store:
 
         return await self.run(cp)
 
+    async def recommit(self, manifest: dict, meta: dict | None) -> dict:
+        """Commit the content of ``manifest`` again as a new version of its name (with
+        ``meta``): no chunk moves."""
+
+        def commit(client):
+            fields = {
+                "name": manifest["name"],
+                "size": manifest["size"],
+                "chunk_size": manifest["chunk_size"],
+                "chunks": manifest["chunks"],
+                "sha256": manifest["sha256"],
+                "mtime": time.time(),
+                "commit": os.urandom(16).hex(),
+            }
+            if meta is not None:
+                fields["meta"] = meta
+            with client.session.patience(commit_timeout(manifest["size"], client.session.timeout)):
+                header, _ = client.call("commit", **fields)
+            return header["stat"]
+
+        return await self.run(commit)
+
     async def get_small(self, name: str) -> bytes | None:
         """The content of a small object (a bucket marker), or None if absent."""
 
