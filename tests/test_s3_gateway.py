@@ -345,6 +345,13 @@ def test_multipart_upload(s3, bucket):
     )
     want = hashlib.md5(b"".join(hashlib.md5(d).digest() for d in parts)).hexdigest() + "-3"
     assert done["ETag"] == f'"{want}"'
+    again = s3.complete_multipart_upload(  # a client that lost the reply asks again
+        Bucket=bucket,
+        Key="mp.bin",
+        UploadId=uid,
+        MultipartUpload={"Parts": [{"PartNumber": i, "ETag": e} for i, e in enumerate(etags, 1)]},
+    )
+    assert again["ETag"] == done["ETag"]
     assert s3.get_object(Bucket=bucket, Key="mp.bin")["Body"].read() == b"".join(parts)
     assert "Uploads" not in s3.list_multipart_uploads(Bucket=bucket)
 

@@ -52,6 +52,7 @@ RESPONSE_OVERRIDES = {
 BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 KEEPALIVE = 10.0  # seconds between the spaces a long CompleteMultipartUpload sends
 BUCKET_TTL = 5.0  # seconds a bucket seen to exist is not looked up again (by this gateway)
+COMPLETED_KEPT = 1000  # completed uploads remembered, so a repeated Complete gets its answer
 NOT_IMPLEMENTED = (
     "acl",
     "policy",
@@ -89,6 +90,7 @@ class Gateway:
         self.store = store
         self.resolve = resolve
         self._buckets_seen = {}  # bucket -> monotonic time until which it is known to exist
+        self._completed = {}  # (bucket, upload id) -> (key, ETag) of the latest completions
 
     # --- the entry point ---
 
@@ -771,6 +773,10 @@ class Gateway:
 
     async def complete_upload(self, request, signed, bucket, key, params):
         upload_id = params.get("uploadId", "")
+        done = self._completed.get((bucket, upload_id))
+        if done is not None and done[0] == key:
+            # A client that lost the reply sends it again: the same answer, as S3 gives.
+            return _xml(self._complete_body(bucket, key, done[1]))
         info = await self._upload_info(bucket, key, upload_id)
         root = xmlio.parse(await _read_small(request), "CompleteMultipartUpload")
         wanted = []
@@ -815,16 +821,10 @@ class Gateway:
             await response.write(b" ")
         try:
             stat = work.result()
-            body = xmlio.document(
-                "CompleteMultipartUploadResult",
-                [
-                    ("Location", f"/{bucket}/{quote(key)}"),
-                    ("Bucket", bucket),
-                    ("Key", key),
-                    ("ETag", etag),
-                ],
-            )
-            await response.write(body)
+            if len(self._completed) >= COMPLETED_KEPT:
+                self._completed.pop(next(iter(self._completed)))
+            self._completed[(bucket, upload_id)] = (key, etag)
+            await response.write(self._complete_body(bucket, key, etag))
             while (
                 await self.store.call("rm_prefix", prefix=self._upload_dir(bucket, upload_id))
             ).get("more"):
@@ -835,6 +835,18 @@ class Gateway:
             await response.write(err.xml(f"/{bucket}/{key}", "complete"))
         await response.write_eof()
         return response
+
+    @staticmethod
+    def _complete_body(bucket: str, key: str, etag: str) -> bytes:
+        return xmlio.document(
+            "CompleteMultipartUploadResult",
+            [
+                ("Location", f"/{bucket}/{quote(key)}"),
+                ("Bucket", bucket),
+                ("Key", key),
+                ("ETag", etag),
+            ],
+        )
 
     async def _compose(self, name, parts, meta):
         """Join the parts into one object.  Parts of whole chunks (every part but the last a
@@ -884,7 +896,7 @@ class Gateway:
         if size <= p.INLINE_MAX:
             stat, _ = await self.store.put_stream(name, content(), _no_check, meta)
             return stat
-        return (await self.store.call("commit", **fields))["stat"]
+        return await self.store.commit(fields)
 
     # --- the console ---
 

@@ -133,7 +133,16 @@ class Store:
             }
             if meta is not None:
                 fields["meta"] = meta
-            with client.session.patience(commit_timeout(manifest["size"], client.session.timeout)):
+            return fields
+
+        return await self.commit(await self.run(commit))
+
+    async def commit(self, fields: dict) -> dict:
+        """A ``commit`` given whole, waited for as long as storage takes to read the content
+        back (:func:`fms.client.upload.commit_timeout`).  :return: the stat."""
+
+        def commit(client):
+            with client.session.patience(commit_timeout(fields["size"], client.session.timeout)):
                 header, _ = client.call("commit", **fields)
             return header["stat"]
 
