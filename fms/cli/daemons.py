@@ -190,8 +190,10 @@ def cmd_s3(args):
     try:
         from ..gateway import credentials, server
     except ImportError as exc:
+        from .. import install_hint
+
         raise FmsError(
-            f"the S3 gateway needs its extra ({exc.name} is missing): pip install 'fms[s3gw]'"
+            f"the S3 gateway needs its extra ({exc.name} is missing): {install_hint('s3gw')}"
         ) from None
     from ..logutil import setup_logging
     from ..security import client_keys, is_loopback

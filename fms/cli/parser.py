@@ -806,7 +806,7 @@ def _up(cmd):
         type=int,
         metavar="PORT",
         help="also run the S3 gateway and its console on http://127.0.0.1:PORT (keys in "
-        "DATA/s3-keys.json, made once; needs: pip install 'fms[s3gw]')",
+        "DATA/s3-keys.json, made once; needs the s3gw extra: pip install 'fms-store[s3gw]')",
     )
     _backend_args(cmd)
     _gc_grace_arg(cmd)

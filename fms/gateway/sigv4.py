@@ -14,6 +14,7 @@ import zlib
 from datetime import UTC, datetime
 from urllib.parse import quote, unquote
 
+from .. import install_hint
 from .errors import S3Error
 
 ALGORITHM = "AWS4-HMAC-SHA256"
@@ -345,7 +346,7 @@ def _crt(name: str):
     except ImportError:  # pragma: no cover - awscrt is in the s3 gateway's extra
         raise S3Error(
             "NotImplemented",
-            f"the {name} checksum needs the awscrt package: pip install 'fms[s3gw]'",
+            f"the {name} checksum needs the awscrt package: " + install_hint("s3gw"),
         ) from None
     return getattr(checksums, name)
 
