@@ -48,7 +48,7 @@ class Flood(threading.Thread):
             poller = zmq.Poller()
             for i, sock in enumerate(socks):
                 poller.register(sock, zmq.POLLIN)
-                sock.send(p.encode({"v": 1, "id": i, **self.fields}))
+                sock.send(p.encode({"v": p.PROTOCOL_VERSION, "id": i, **self.fields}))
             self.ready.set()
             sent = len(socks)
             while not self.stop.is_set():
@@ -57,7 +57,7 @@ class Flood(threading.Thread):
                     outcome = "ok" if header["ok"] else header["error"]
                     self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
                     sent += 1
-                    sock.send(p.encode({"v": 1, "id": sent, **self.fields}))
+                    sock.send(p.encode({"v": p.PROTOCOL_VERSION, "id": sent, **self.fields}))
         except Exception as exc:  # reported by the test
             self.error = exc
             self.ready.set()
