@@ -107,6 +107,18 @@ def test_put_get_head_delete_and_metadata(s3, bucket):
     head = s3.head_object(Bucket=bucket, Key="dir/data.bin")
     assert head["ContentLength"] == len(body)
     assert head["AcceptRanges"] == "bytes"
+    # the metadata and the MD5 ETag are stored with the version and returned
+    assert head["ETag"] == put["ETag"]
+    assert head["ContentType"] == "image/x-test"
+    assert head["CacheControl"] == "max-age=60"
+    assert head["ContentDisposition"] == 'attachment; filename="d.bin"'
+    assert head["Metadata"] == {"colour": "blue"}
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix="dir/")["Contents"]
+    assert listed[0]["ETag"] == put["ETag"]
+    s3.put_object(Bucket=bucket, Key="dir/plain", Body=b"x")
+    assert s3.head_object(Bucket=bucket, Key="dir/plain")["ContentType"] == (
+        "application/octet-stream"
+    )
     got = s3.get_object(Bucket=bucket, Key="dir/data.bin")
     assert got["Body"].read() == body
     assert got["ETag"] == head["ETag"]
@@ -202,6 +214,8 @@ def test_copy_object(s3, bucket):
         ContentType="text/x-replaced",
     )
     assert s3.get_object(Bucket=bucket, Key="dst2")["Body"].read() == b"copy me"
+    assert s3.head_object(Bucket=bucket, Key="dst2")["ContentType"] == "text/x-replaced"
+    assert s3.head_object(Bucket=bucket, Key="dst")["Metadata"] == {"a": "1"}
     with pytest.raises(ClientError) as err:
         s3.copy_object(Bucket=bucket, Key="src", CopySource=f"{bucket}/src")
     assert code(err.value) == "InvalidRequest"
@@ -353,6 +367,10 @@ def test_multipart_upload(s3, bucket):
     )
     assert again["ETag"] == done["ETag"]
     assert s3.get_object(Bucket=bucket, Key="mp.bin")["Body"].read() == b"".join(parts)
+    head = s3.head_object(Bucket=bucket, Key="mp.bin")
+    assert head["ETag"] == done["ETag"] and head["ContentType"] == "video/x-test"
+    part2 = s3.get_object(Bucket=bucket, Key="mp.bin", PartNumber=2)
+    assert part2["Body"].read() == parts[1] and part2["PartsCount"] == 3
     assert "Uploads" not in s3.list_multipart_uploads(Bucket=bucket)
 
 

@@ -22,6 +22,7 @@ from urllib.parse import quote, unquote
 from aiohttp import web
 
 from fms import wire as p
+from fms.client.upload import Plan
 from fms.errors import FmsError
 
 from . import sigv4, xmlio
@@ -52,6 +53,9 @@ RESPONSE_OVERRIDES = {
 BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 KEEPALIVE = 10.0  # seconds between the spaces a long CompleteMultipartUpload sends
 BUCKET_TTL = 5.0  # seconds a bucket seen to exist is not looked up again (by this gateway)
+MAX_META_HEADERS = 1900  # bytes of metadata headers: the rest of 2 KiB holds the ETag
+MAX_META_BYTES = 2048  # bytes of keys and values the store keeps with a version
+MAX_PARTS_META = 1024  # characters of part sizes kept with an object (the map holds 2 KiB)
 COMPLETED_KEPT = 1000  # completed uploads remembered, so a repeated Complete gets its answer
 NOT_IMPLEMENTED = (
     "acl",
@@ -498,7 +502,8 @@ class Gateway:
 
         if content_md5 is not None and len(_b64(content_md5)) != 16:
             raise S3Error("InvalidDigest", "the Content-MD5 you specified is not valid")
-        return await self.store.put_stream(name, counted(), check, meta)
+        whole = sigv4._is_hex_sha256(payload)  # the body's sha256 is needed only then
+        return await self.store.put_stream(name, counted(), check, meta, whole)
 
     async def delete_object(self, bucket, name):
         await self.need_bucket(bucket)
@@ -536,7 +541,7 @@ class Gateway:
             )
         meta = dict(manifest.get("meta") or {})
         if directive == "REPLACE":
-            meta = {**_meta_from_headers(request.headers, key), "etag": meta.get("etag")}
+            meta = {**_meta_from_headers(request.headers, key), "etag": etag}
         if src_version is not None:
             if src != name:
                 raise S3Error(
@@ -546,8 +551,10 @@ class Gateway:
                 "restore", name=name, version=src_version, commit=os.urandom(16).hex()
             )
             stat = header["stat"]
+        elif directive == "REPLACE":  # the source's content under the new name, new metadata
+            stat = await self.store.recommit({**manifest, "name": name}, meta)
         else:
-            stat = await self.store.cp(src, name, {k: v for k, v in meta.items() if v})
+            stat = await self.store.cp(src, name, None)
         body = xmlio.document(
             "CopyObjectResult",
             [("LastModified", xmlio.iso(stat["committed"])), ("ETag", etag)],
@@ -809,7 +816,12 @@ class Gateway:
         name = _name(bucket, key)
         etag = hashlib.md5(b"".join(bytes.fromhex(pt["md5"]) for pt in chosen)).hexdigest()
         etag = f'"{etag}-{len(chosen)}"'
-        meta = {**info["meta"], "etag": etag, "parts": ",".join(str(pt["size"]) for pt in chosen)}
+        meta = {**info["meta"], "etag": etag}
+        sizes = ",".join(str(pt["size"]) for pt in chosen)
+        used = sum(len(k.encode()) + len(v.encode()) for k, v in meta.items())
+        if len(sizes) <= MAX_PARTS_META and used + len(sizes) + 5 <= MAX_META_BYTES:
+            # GET ?partNumber=N reads them
+            meta["parts"] = sizes
 
         response = web.StreamResponse(status=200, headers={"Content-Type": "application/xml"})
         await response.prepare(request)
@@ -875,28 +887,16 @@ class Gateway:
             and (i == len(manifests) - 1 or m["size"] % CHUNK_SIZE == 0)
             for i, (m, _, _) in enumerate(manifests)
         )
-        if not aligned:
-            stat, _ = await self.store.put_stream(name, content(), _no_check, meta)
-            return stat
-        whole = hashlib.sha256()
-        async for piece in content():
-            whole.update(piece)
-        chunks = [c for m, _, _ in manifests for c in m["chunks"]]
         size = sum(m["size"] for m, _, _ in manifests)
-        fields = {
-            "name": name,
-            "size": size,
-            "chunk_size": CHUNK_SIZE,
-            "chunks": chunks,
-            "sha256": whole.digest(),
-            "mtime": time.time(),
-            "commit": os.urandom(16).hex(),
-            "meta": meta,
-        }
-        if size <= p.INLINE_MAX:
+        if not aligned or size <= p.INLINE_MAX:
             stat, _ = await self.store.put_stream(name, content(), _no_check, meta)
             return stat
-        return await self.store.commit(fields)
+        # Metadata only: one manifest listing the parts' chunks in order; the object's digest
+        # is derived from the chunk digests, so no byte is read or stored again.
+        digests = b"".join([await self.store.digests(m) for m, _, _ in manifests])
+        plan = Plan(size, CHUNK_SIZE, digests, time.time(), None)
+        plan.meta = meta
+        return await self.store.commit_plan(name, plan)
 
     # --- the console ---
 
@@ -983,7 +983,7 @@ def _etag(entry: dict) -> str:
     meta = entry.get("meta") or {}
     if meta.get("etag"):
         return meta["etag"]
-    digest = entry["sha256"]
+    digest = entry["digest"]
     digest = digest.hex() if isinstance(digest, bytes) else digest
     return f'"{digest[:32]}-1"'
 
@@ -1019,8 +1019,13 @@ def _meta_from_headers(headers, key: str) -> dict:
     for name, value in headers.items():
         if name.lower().startswith("x-amz-meta-"):
             meta[name.lower()] = value
-    if sum(len(k) + len(v) for k, v in meta.items() if k.startswith("x-amz-meta-")) > 2048:
-        raise S3Error("MetadataTooLarge", "your metadata headers exceed 2 KB", status=400)
+    if sum(len(k.encode()) + len(v.encode()) for k, v in meta.items()) > MAX_META_HEADERS:
+        raise S3Error(
+            "MetadataTooLarge",
+            f"your metadata headers exceed {MAX_META_HEADERS} bytes (the store keeps 2 KiB of "
+            f"metadata with a version, the ETag included)",
+            status=400,
+        )
     return meta
 
 

@@ -19,8 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import fms
 from fms import wire as p
-from fms.client import download
-from fms.client.upload import commit_timeout
+from fms.client import download, upload
 from fms.errors import NotFound
 
 from .errors import S3Error
@@ -118,35 +117,36 @@ class Store:
         return await self.run(cp)
 
     async def recommit(self, manifest: dict, meta: dict | None) -> dict:
-        """Commit the content of ``manifest`` again as a new version of its name (with
-        ``meta``): no chunk moves."""
-
-        def commit(client):
-            fields = {
-                "name": manifest["name"],
-                "size": manifest["size"],
-                "chunk_size": manifest["chunk_size"],
-                "chunks": manifest["chunks"],
-                "sha256": manifest["sha256"],
-                "mtime": time.time(),
-                "commit": os.urandom(16).hex(),
-            }
-            if meta is not None:
-                fields["meta"] = meta
-            return fields
-
-        return await self.commit(await self.run(commit))
+        """Commit the content of ``manifest`` again as a new version of its name, with
+        ``meta``: no chunk moves."""
+        if "body" in manifest and "pages" not in manifest:
+            raise S3Error("NotImplemented", "changing the metadata of so large an object")
+        fields = {k: manifest[k] for k in ("extents", "chunks", "pages", "digest") if k in manifest}
+        fields.update(
+            name=manifest["name"], mtime=time.time(), commit=os.urandom(16).hex(), meta=meta or {}
+        )
+        return await self.commit(fields)
 
     async def commit(self, fields: dict) -> dict:
-        """A ``commit`` given whole, waited for as long as storage takes to read the content
-        back (:func:`fms.client.upload.commit_timeout`).  :return: the stat."""
+        """A ``commit`` given whole.  :return: the stat."""
 
         def commit(client):
-            with client.session.patience(commit_timeout(fields["size"], client.session.timeout)):
-                header, _ = client.call("commit", **fields)
+            header, _ = client.call("commit", **fields)
             return header["stat"]
 
         return await self.run(commit)
+
+    async def digests(self, manifest: dict) -> bytes:
+        """The chunk digests of a stored file, back to back (its pages read if it has any)."""
+
+        def digests(client):
+            with download.chunk_list(client.session, manifest, {"fresh": True}) as listing:
+                return b"".join(item[3] for item in listing.items(0))
+
+        return await self.run(digests)
+
+    async def commit_plan(self, name: str, plan) -> dict:
+        return await self.run(lambda client: upload.commit_plan(client.session, name, plan))
 
     async def get_small(self, name: str) -> bytes | None:
         """The content of a small object (a bucket marker), or None if absent."""
@@ -161,7 +161,7 @@ class Store:
 
     async def put_small(self, name: str, data: bytes, meta: dict | None = None) -> dict:
         def put(client):
-            return _commit_whole(client.session, name, data, meta)
+            return _commit_bytes(client.session, name, data, meta)
 
         return await self.run(put)
 
@@ -201,22 +201,15 @@ class Store:
         if start >= end:
             return
         pipe = ThreadPipe(asyncio.get_running_loop(), QUEUE_CHUNKS)
-        chunk_size = manifest["chunk_size"]
-        first = start // chunk_size
-        # Only the chunks that hold the range are asked for (the pipeline runs ahead).
-        last = (end - 1) // chunk_size
-        needed = dict(manifest, chunks=manifest["chunks"][: last + 1])
 
         def fetch(client):
-            offset = first * chunk_size
             try:
-                for piece in download.iter_chunks(client.session, needed, first, via):
-                    lo, hi = max(start - offset, 0), min(end - offset, len(piece))
-                    if lo < hi:
-                        pipe.put(bytes(piece[lo:hi]) if (lo, hi) != (0, len(piece)) else piece)
-                    offset += len(piece)
-                    if offset >= end:
-                        break
+                with download.chunk_list(client.session, manifest, via) as listing:
+                    for offset, piece in _range_chunks(client.session, listing, start, end, via):
+                        lo, hi = max(start - offset, 0), min(end - offset, len(piece))
+                        if lo < hi:
+                            whole = (lo, hi) == (0, len(piece))
+                            pipe.put(piece if whole else bytes(piece[lo:hi]))
                 pipe.put(None)
             except Stopped:
                 pass
@@ -237,11 +230,14 @@ class Store:
 
     # --- writes ---
 
-    async def put_stream(self, name: str, pieces, check, meta: dict | None = None):
+    async def put_stream(
+        self, name: str, pieces, check, meta: dict | None = None, whole: bool = False
+    ):
         """Store the bytes yielded by the async iterator ``pieces`` under ``name``.
 
         ``name`` may be ``name(md5_digest) -> str``, named once the body is whole.
-        ``check(size, md5_digest, sha256_digest)`` is called once the body is whole, before the
+        ``check(size, md5_digest, sha256_digest)`` (the body's sha256 only if ``whole``, else
+        None but for a body of one chunk) is called once the body is whole, before the
         commit: it raises S3Error (BadDigest, ...) to refuse it, so nothing becomes visible.
         :return: ``(stat, md5 digest)``.
         """
@@ -249,7 +245,8 @@ class Store:
         blocks = queue.Queue(QUEUE_CHUNKS)
         failed = threading.Event()
         task = loop.run_in_executor(
-            self.pool, lambda: self._put_thread(self.client(), name, blocks, check, meta, failed)
+            self.pool,
+            lambda: self._put_thread(self.client(), name, blocks, check, meta, failed, whole),
         )
         try:
             buf = bytearray()
@@ -271,12 +268,12 @@ class Store:
             raise
         return await task
 
-    def _put_thread(self, client, name, blocks, check, meta, failed):
+    def _put_thread(self, client, name, blocks, check, meta, failed, whole_needed):
         session = client.session
-        md5, whole = hashlib.md5(), hashlib.sha256()
+        md5 = hashlib.md5()
+        whole = hashlib.sha256() if whole_needed else None
         md5_thread = ThreadPoolExecutor(1)
-        whole_thread = ThreadPoolExecutor(1)
-        chunks, size = [], 0
+        digests, size = bytearray(), 0
         try:
             first = _take(blocks, failed)
             if first is None or len(first) < CHUNK_SIZE:  # the whole body: one chunk at most
@@ -284,19 +281,20 @@ class Store:
                     raise S3Error("InternalError", "a short block before the end of a body")
                 data = first or b""
                 md5.update(data)
-                whole.update(data)
-                check(len(data), md5.digest(), whole.digest())
+                check(len(data), md5.digest(), p.sha256(data))
                 name = name(md5.digest()) if callable(name) else name
-                return _commit_whole(session, name, data, meta, whole.digest()), md5.digest()
+                meta = _with_etag(meta, md5.digest())
+                return _commit_bytes(session, name, data, meta), md5.digest()
 
             def requests():
                 nonlocal size
                 block = first
                 while block is not None:
                     md5_thread.submit(md5.update, block)
-                    whole_thread.submit(whole.update, block)
+                    if whole is not None:
+                        whole.update(block)
                     digest = p.sha256(block)
-                    chunks.append(digest)
+                    digests.extend(digest)
                     size += len(block)
                     yield None, "put_chunk", {"hash": digest}, p.pack_data(block)
                     block = _take(blocks, failed)
@@ -304,25 +302,13 @@ class Store:
             for _ in session.pipeline(requests(), session.data_window(CHUNK_SIZE)):
                 pass
             md5_thread.shutdown(wait=True)
-            whole_thread.shutdown(wait=True)
-            check(size, md5.digest(), whole.digest())
-            fields = {
-                "name": name(md5.digest()) if callable(name) else name,
-                "size": size,
-                "chunk_size": CHUNK_SIZE,
-                "chunks": chunks,
-                "sha256": whole.digest(),
-                "mtime": time.time(),
-                "commit": os.urandom(16).hex(),
-            }
-            if meta is not None:
-                fields["meta"] = meta
-            with session.patience(commit_timeout(size, session.timeout)):
-                header, _ = session.call("commit", **fields)
-            return header["stat"], md5.digest()
+            check(size, md5.digest(), whole.digest() if whole is not None else None)
+            plan = upload.Plan(size, CHUNK_SIZE, digests, time.time(), None)
+            plan.meta = _with_etag(meta, md5.digest())
+            name = name(md5.digest()) if callable(name) else name
+            return upload.commit_plan(session, name, plan), md5.digest()
         finally:
             md5_thread.shutdown(wait=False, cancel_futures=True)
-            whole_thread.shutdown(wait=False, cancel_futures=True)
 
 
 _ABORT = object()  # put in a transfer's queue when the request failed on the loop's side
@@ -403,43 +389,54 @@ def _drain(blocks: queue.Queue):
             return
 
 
-def _commit_whole(session, name: str, data: bytes, meta, digest: bytes | None = None) -> dict:
-    """Commit ``data`` as one message when it travels inline, else chunk by chunk."""
-    digest = digest or p.sha256(data)
-    if p.travels_inline(len(data), 1 if data else 0) or not data:
-        fields = {
-            "name": name,
-            "size": len(data),
-            "chunk_size": CHUNK_SIZE,
-            "chunks": [digest] if data else [],
-            "sha256": digest,
-            "mtime": time.time(),
-            "commit": os.urandom(16).hex(),
-        }
-        if meta is not None:
-            fields["meta"] = meta
-        header, _ = session.call("commit", data=p.pack_data(data) if data else None, **fields)
-        return header["stat"]
-    chunks = [p.sha256(data[i : i + CHUNK_SIZE]) for i in range(0, len(data), CHUNK_SIZE)]
+def _with_etag(meta: dict | None, md5: bytes) -> dict | None:
+    """The metadata to store with an object: ``meta`` and its ETag (an MD5, quoted)."""
+    if meta is None:
+        return None
+    return {"etag": f'"{md5.hex()}"', **meta}  # a multipart ETag given in meta stays
+
+
+def _commit_bytes(session, name: str, data: bytes, meta) -> dict:
+    """Store ``data`` (in memory) under ``name``: with its commit when it travels inline."""
+    plan = upload.plan_bytes(data, CHUNK_SIZE, None)
+    plan.meta = meta or None
+    return upload.put_planned(session, [(data, name, plan)], lambda *a: None)[0]
+
+
+def _range_chunks(session, listing, start: int, end: int, via):
+    """``(offset, chunk)`` of the chunks that hold bytes ``start`` to ``end``, in order, each
+    verified, fetched pipelined (only those: a ranged GET costs the chunks it touches)."""
+    wanted = []
+    for item in listing.items(listing.index_at(start)):
+        if item[1] >= end:
+            break
+        wanted.append(item)  # (index, offset, length, digest, zeros)
     requests = (
-        (None, "put_chunk", {"hash": c}, p.pack_data(data[i * CHUNK_SIZE : (i + 1) * CHUNK_SIZE]))
-        for i, c in enumerate(chunks)
+        (i, "chunk", {"hash": digest, "len": length, **(via or {})}, None)
+        for i, _offset, length, digest, zeros in wanted
+        if not zeros
     )
-    for _ in session.pipeline(requests, session.data_window(CHUNK_SIZE)):
-        pass
-    fields = {
-        "name": name,
-        "size": len(data),
-        "chunk_size": CHUNK_SIZE,
-        "chunks": chunks,
-        "sha256": digest,
-        "mtime": time.time(),
-        "commit": os.urandom(16).hex(),
-    }
-    if meta is not None:
-        fields["meta"] = meta
-    header, _ = session.call("commit", **fields)
-    return header["stat"]
+    held, due = {}, iter(wanted)
+    nxt = next(due, None)
+
+    def ready():
+        nonlocal nxt
+        while nxt is not None and (nxt[4] or nxt[0] in held):
+            i, offset, length, digest, zeros = nxt
+            if zeros:
+                yield offset, download.zeros_of(length)
+            else:
+                data = held.pop(i)
+                if not download._chunk_ok(data, length, digest):
+                    data = download._refetch(session, listing.name, digest, length)
+                yield offset, data
+            nxt = next(due, None)
+
+    yield from ready()
+    window = session.data_window(listing.largest_chunk)
+    for i, _header, frame in session.pipeline(requests, window):
+        held[i] = p.unpack_data(frame.buffer) if frame is not None else memoryview(b"")
+        yield from ready()
 
 
 def s3_error_from(exc: Exception) -> S3Error:
