@@ -178,10 +178,12 @@ class Admission:
             _add(self.heavy, ident, delta)
             self.total_heavy += delta
         _add(self.inflight, ident, delta)
-        _add(self.req_bytes, ident, delta * nbytes)
-        self.total_req += delta * nbytes
-        _add(self.reserved, ident, delta * reserve)
-        self.total_reserved += delta * reserve
+        if nbytes:  # (each request has a header; a status reserves nothing: skip the calls)
+            _add(self.req_bytes, ident, delta * nbytes)
+            self.total_req += delta * nbytes
+        if reserve:
+            _add(self.reserved, ident, delta * reserve)
+            self.total_reserved += delta * reserve
 
     def turn(self, ident: bytes) -> str | None:
         """Whether a heavy request of ``ident`` may be held now; else why it must wait."""

@@ -313,7 +313,11 @@ class Core:
             pending.origin, body, pending.deadline, admitted=pending.reserve, req_id=pending.req_id
         )
         if pending.origin["via"] == FRONTEND:
-            outcome = "ok" if route.get("ok", True) else str(route.get("err"))
+            err = route.get("err")
+            # A worker's word, bounded: a label the metrics keep for good.
+            outcome = (
+                "ok" if route.get("ok", True) else str(err) if err in p.ERROR_CODES else "internal"
+            )
             self.metrics.answered(pending.op, outcome, time.monotonic() - pending.started)
             if route.get("cache") == "hit":
                 self.metrics.cache_hits.inc()

@@ -94,10 +94,8 @@ class Dispatcher:
             # with a few 16 MiB chunks takes no more, so a small request waits behind few.
             free = [
                 w
-                for w in self.registry.workers.values()
-                if w.service == service
-                and len(w.inflight) < credit
-                and (w.inflight_bytes < budget or not w.inflight)
+                for w in self.registry.of(service)
+                if len(w.inflight) < credit and (w.inflight_bytes < budget or not w.inflight)
             ]
             if not free:
                 return

@@ -119,8 +119,12 @@ class FairQueue(collections.OrderedDict):
 def pick(service: str, pending: Pending, free: list, registry: Registry) -> Worker | None:
     """The worker to send ``pending`` to among ``free``, or None (it waits)."""
     if service == p.CACHE and pending.owner is not None:
-        live = {w.worker_id: w for w in registry.of(p.CACHE) if w.ident not in pending.exclude}
-        owner = live.get(rendezvous(pending.owner, live))
+        caches = registry.of(p.CACHE)
+        if len(caches) == 1 and not pending.exclude:
+            owner: Worker | None = caches[0]  # the one cache worker owns every key
+        else:
+            live = {w.worker_id: w for w in caches if w.ident not in pending.exclude}
+            owner = live.get(rendezvous(pending.owner, live))
         return owner if owner in free else None
     return min(
         (w for w in free if w.ident not in pending.exclude),
