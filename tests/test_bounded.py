@@ -50,7 +50,7 @@ class Flood(threading.Thread):
             poller = zmq.Poller()
             for i, sock in enumerate(socks):
                 poller.register(sock, zmq.POLLIN)
-                sock.send(p.encode({"v": 1, "id": i, **self.fields}))
+                sock.send(p.encode({"v": p.PROTOCOL_VERSION, "id": i, **self.fields}))
             self.ready.set()
             sent = len(socks)
             while not self.stop.is_set():
@@ -59,7 +59,7 @@ class Flood(threading.Thread):
                     outcome = "ok" if header["ok"] else header["error"]
                     self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
                     sent += 1
-                    sock.send(p.encode({"v": 1, "id": sent, **self.fields}))
+                    sock.send(p.encode({"v": p.PROTOCOL_VERSION, "id": sent, **self.fields}))
         except Exception as exc:  # reported by the test
             self.error = exc
             self.ready.set()
@@ -119,7 +119,17 @@ def test_replies_handed_to_zeromq_count_so_clients_that_never_read_hold_the_budg
     digest = p.sha256(big)
 
     def ask():
-        return [p.encode({"v": 1, "op": "chunk", "id": next(ids), "hash": digest, "len": 16 * MiB})]
+        return [
+            p.encode(
+                {
+                    "v": p.PROTOCOL_VERSION,
+                    "op": "chunk",
+                    "id": next(ids),
+                    "hash": digest,
+                    "len": 16 * MiB,
+                }
+            )
+        ]
 
     socks = []
     for _ in range(64):

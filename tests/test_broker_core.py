@@ -91,7 +91,13 @@ def ready(core, ident: bytes, service: str, wid: str | None = None):
         ident,
         [
             p.encode(
-                {"t": "ready", "v": 1, "svc": service, "wid": wid or ident.decode(), "store": "s1"}
+                {
+                    "t": "ready",
+                    "v": p.PROTOCOL_VERSION,
+                    "svc": service,
+                    "wid": wid or ident.decode(),
+                    "store": "s1",
+                }
             )
         ],
     )
@@ -99,7 +105,7 @@ def ready(core, ident: bytes, service: str, wid: str | None = None):
 
 
 def ask(core, client: bytes, op: str, req_id, data: bytes | None = None, **fields):
-    frames = [p.encode({"v": 1, "op": op, "id": req_id, **fields})]
+    frames = [p.encode({"v": p.PROTOCOL_VERSION, "op": op, "id": req_id, **fields})]
     if data is not None:
         frames.append(p.pack_data(data))
     core.client_message(client, frames)
@@ -472,7 +478,12 @@ def test_a_workers_credit_counts_the_bound_but_a_chunk_at_its_seen_or_usual_size
 
 @pytest.mark.parametrize(
     "frames",
-    [[], [b"\xc1"], [p.encode([1, 2])], [p.encode({"v": 1, "op": "nope", "id": 3})]],
+    [
+        [],
+        [b"\xc1"],
+        [p.encode([1, 2])],
+        [p.encode({"v": p.PROTOCOL_VERSION, "op": "nope", "id": 3})],
+    ],
 )
 def test_bad_client_messages_get_one_error_and_leave_nothing_behind(core, frames):
     core.client_message(b"alice", frames)
@@ -483,9 +494,9 @@ def test_bad_client_messages_get_one_error_and_leave_nothing_behind(core, frames
 
 def test_a_worker_of_another_store_or_version_is_refused(core):
     for route in (
-        {"t": "ready", "v": 1, "svc": "storage", "wid": "w", "store": "other"},
-        {"t": "ready", "v": 2, "svc": "storage", "wid": "w", "store": "s1"},
-        {"t": "ready", "v": 1, "svc": "nope", "wid": "w"},
+        {"t": "ready", "v": p.PROTOCOL_VERSION, "svc": "storage", "wid": "w", "store": "other"},
+        {"t": "ready", "v": p.PROTOCOL_VERSION + 1, "svc": "storage", "wid": "w", "store": "s1"},
+        {"t": "ready", "v": p.PROTOCOL_VERSION, "svc": "nope", "wid": "w"},
     ):
         core.worker_message(b"w", [p.encode(route)])
         ((_, _, reply, _),) = core.transport.take()

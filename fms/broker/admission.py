@@ -25,7 +25,6 @@ from .transit import Transit
 
 SMALL_REPLY = 4 * limits.KiB  # the bound of an op not in REPLY_BOUNDS (a stat, an ack)
 CHUNK_GUESS = 1 * limits.MiB  # a chunk of unknown size, in a worker's credit
-MANIFEST_GUESS = 1 * limits.KiB  # a small file's manifest, in a get_many reply
 LS_ENTRY_MAX = 1280  # bytes of one ls entry at most (a 1,024-byte name + fields)
 CHUNK_SIZES_KEPT = 65536  # chunk sizes remembered (LRU), for the bounds below
 
@@ -47,10 +46,11 @@ def _ls(header: dict, size: int, seen: int) -> int:
 
 
 def _get_many(header: dict, size: int, seen: int) -> int:
-    """Inline content up to the batch's limit, and the manifests."""
+    """Inline content up to the batch's limit, and the manifests (each bounded: a long chunk
+    list is never in one)."""
     names = header.get("names")
     count = min(len(names), p.MAX_BATCH_FILES) if isinstance(names, list) else 1
-    return min(p.MAX_BATCH_BYTES, count * p.INLINE_MAX) + count * MANIFEST_GUESS + SMALL_REPLY
+    return min(p.MAX_BATCH_BYTES, count * p.INLINE_MAX) + count * p.MANIFEST_MAX + SMALL_REPLY
 
 
 def _have(header: dict, size: int, seen: int) -> int:
@@ -70,15 +70,15 @@ def _fixed(nbytes: int) -> Callable[[dict, int, int], int]:
 # `len` is its own budget's business, not the shared worker's (a false one must not take a
 # worker's credit from everyone), and counting an unknown chunk 16 MiB would have storage serve
 # cold reads (a cache's fetch carries no `len`) four chunks at a time.
-# A reply larger than its reservation (a manifest of more than ~3,800 chunks, a false `len`) is
-# kept only while the budgets have room.
+# A reply larger than its reservation (a false `len`) is kept only while the budgets have room.
 REPLY_BOUNDS: dict[str, Callable[[dict, int, int], int]] = {
     "chunk": _chunk,
     "ls": _ls,
     "get_many": _get_many,
     "have": _have,
-    "get": _fixed(136 * limits.KiB),  # a manifest and a small file's inline content
-    "get_version": _fixed(136 * limits.KiB),
+    "get": _fixed(p.INLINE_MAX + p.MANIFEST_MAX + SMALL_REPLY),  # a small file comes along
+    "get_version": _fixed(p.INLINE_MAX + p.MANIFEST_MAX + SMALL_REPLY),
+    "page": _fixed(p.PAGE_REPLY_MAX),  # a page of 65,536 digests, or a body
     "versions": _fixed(1 * limits.MiB),
     "fsck": _fixed(1 * limits.MiB),
     "commit_many": _fixed(64 * limits.KiB),

@@ -151,7 +151,7 @@ class Core:
             self.metrics.answered(op, "ok", 0.0)
             return
         service = p.OP_SERVICE[op]
-        if header.get("fresh") is True and op in ("get", "chunk", "get_many"):
+        if header.get("fresh") is True and op in ("get", "chunk", "page", "get_many"):
             # The client found what the cache gave it corrupt: this once, ask storage itself.
             service = p.STORAGE
         request = (digest, seen, size, total)
