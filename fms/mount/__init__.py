@@ -3,7 +3,7 @@ program reads and writes it: a broker client like the command line.
 
 The file system is :mod:`.fs` (names, folders, caches, the FUSE calls), an open file's chunk
 table, spool and commit are :mod:`.files`, the connections :mod:`.pool`.  What it does and does
-not do, for a user, is docs/MOUNT.md.  It needs libfuse 3 (Debian's ``fuse3``) and mfusepy
+not do, for a user, is docs/MOUNT.md.  It needs libfuse 3 (Debian's ``fuse3`` package) and mfusepy
 (``pip install 'fms-store[mount]'``).
 """
 
@@ -95,7 +95,7 @@ def _load_fuse():
         ) from None
     except OSError as exc:  # mfusepy found no libfuse
         raise FmsError(
-            f"fms mount needs libfuse 3 ({exc}); install it: apt-get install fuse3"
+            f"fms mount needs libfuse 3 ({exc}); install it (Debian and Ubuntu: the fuse3 package)"
         ) from None
     return fs
 
