@@ -262,6 +262,30 @@ def test_unmounting_with_fusermount_or_ctrl_c_loses_nothing_closed(cluster, make
             assert c.get_bytes(how) == data
 
 
+def test_writeback_commits_small_files_after_close_and_loses_none_at_unmount(cluster, make_mount):
+    m = make_mount(cluster, "--writeback")
+    files = {f"d{i % 5}/f{i}": random_bytes(100 + i, seed=i) for i in range(300)}
+    for folder in range(5):
+        os.mkdir(m.p(f"d{folder}"))
+    for name, data in files.items():
+        write(m.p(name), data)
+    assert read(m.p("d3/f8")) == files["d3/f8"]  # waits for its commit, then reads it stored
+    with open(m.p("d0/f0"), "r+b") as f:
+        f.write(b"changed")
+        f.flush()
+        os.fsync(f.fileno())  # waits for every commit handed over, and commits this file
+    files["d0/f0"] = b"changed" + files["d0/f0"][7:]
+    with cluster.client() as c:
+        assert c.get_bytes("d0/f0") == files["d0/f0"]
+    write(m.p("last"), b"closed just before the unmount")
+    assert m.unmount() == 0
+    with cluster.client() as c:
+        assert c.get_bytes("last") == b"closed just before the unmount"
+        for name, data in files.items():
+            assert c.get_bytes(name) == data, name
+        assert c.stat("d4/f9")["meta"]["fs.mode"] == "644"
+
+
 def test_daemon_mode_returns_once_mounted(cluster, tmp_path):
     from mounts import fuse_missing
 

@@ -169,14 +169,15 @@ def machine(mount_root: str, local_root: str):
 
 
 @pytest.mark.timeout(300)
-def test_the_mount_does_what_a_local_folder_does(cluster, make_mount, tmp_path):
-    m = make_mount(cluster, "--chunk-size", str(CHUNK))
+@pytest.mark.parametrize("mode", [(), ("--writeback",)], ids=["close-commits", "writeback"])
+def test_the_mount_does_what_a_local_folder_does(cluster, make_mount, tmp_path, mode):
+    m = make_mount(cluster, "--chunk-size", str(CHUNK), *mode)
     local = tmp_path / "local"
     local.mkdir()
     run_state_machine_as_test(
         machine(m.path, str(local)),
         settings=settings(
-            max_examples=int(os.environ.get("FMS_MOUNT_EXAMPLES", "12")),
+            max_examples=int(os.environ.get("FMS_MOUNT_EXAMPLES", "10")),
             stateful_step_count=25,
             deadline=None,
             suppress_health_check=list(HealthCheck),

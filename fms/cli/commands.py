@@ -37,6 +37,7 @@ def cmd_mount(args):
         spool=args.spool,
         spool_bytes=args.spool_size,
         chunk_size=args.chunk_size,
+        writeback=args.writeback,
     )
 
 

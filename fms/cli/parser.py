@@ -684,6 +684,12 @@ def _mount(cmd):
         metavar="SIZE",
         help="chunk size of the files made here (default: 1M; a file keeps the chunks it has)",
     )
+    cmd.add_argument(
+        "--writeback",
+        action="store_true",
+        help="commit small files in the background after close returns (faster for many "
+        "small files; a failure after close is logged, not returned: see MOUNT.md)",
+    )
 
 
 @command(

@@ -37,6 +37,7 @@ def run(
     spool: str | None = None,
     spool_bytes: int = DEFAULT_SPOOL_BYTES,
     chunk_size: int = 1 << 20,
+    writeback: bool = False,
 ) -> int:
     """Mount the store ``client_factory()`` connects to on ``mountpoint`` and serve it until
     it is unmounted (``fusermount -u``, ``umount``, Ctrl-C or SIGTERM); with ``daemon``,
@@ -59,9 +60,18 @@ def run(
             f"module, or give the container the device"
         )
     fuse = _load_fuse()
+    settings = {
+        "prefix": prefix,
+        "read_only": read_only,
+        "allow_other": allow_other,
+        "cache_time": cache_time,
+        "spool": spool,
+        "spool_bytes": spool_bytes,
+        "chunk_size": chunk_size,
+        "writeback": writeback,
+    }
     if not daemon:
-        return _serve(fuse, mountpoint, client_factory, prefix, read_only, allow_other,
-                      cache_time, spool, spool_bytes, chunk_size, None)  # fmt: skip
+        return _serve(fuse, mountpoint, client_factory, settings, None)
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid:
@@ -74,8 +84,7 @@ def run(
         os.dup2(null, fd)
     status = 1
     try:
-        status = _serve(fuse, mountpoint, client_factory, prefix, read_only, allow_other,
-                        cache_time, spool, spool_bytes, chunk_size, write_end)  # fmt: skip
+        status = _serve(fuse, mountpoint, client_factory, settings, write_end)
     except BaseException as exc:
         _tell(write_end, f"error:{exc}")
     finally:
@@ -100,8 +109,7 @@ def _load_fuse():
     return fs
 
 
-def _serve(fs, mountpoint, client_factory, prefix, read_only, allow_other, cache_time, spool,
-           spool_bytes, chunk_size, ready_fd) -> int:  # fmt: skip
+def _serve(fs, mountpoint: str, client_factory: Callable, settings: dict, ready_fd) -> int:
     from .files import Spool
     from .pool import ClientPool
 
@@ -117,11 +125,12 @@ def _serve(fs, mountpoint, client_factory, prefix, read_only, allow_other, cache
         raise
     ops = fs.FmsMount(
         pool,
-        prefix,
-        Spool(spool or default_spool(), spool_bytes),
-        chunk_size,
-        read_only=read_only,
-        cache_time=cache_time,
+        settings["prefix"],
+        Spool(settings["spool"] or default_spool(), settings["spool_bytes"]),
+        settings["chunk_size"],
+        read_only=settings["read_only"],
+        cache_time=settings["cache_time"],
+        writeback=settings["writeback"],
     )
     if ready_fd is not None:
         ops.on_ready = lambda: _tell(ready_fd, "ready")
@@ -132,9 +141,9 @@ def _serve(fs, mountpoint, client_factory, prefix, read_only, allow_other, cache
         "default_permissions": True,  # the kernel checks the mode bits
         "auto_unmount": True,  # a mount whose process died is removed, not left broken
     }
-    if allow_other:
+    if settings["allow_other"]:
         options["allow_other"] = True
-    if read_only:
+    if settings["read_only"]:
         options["ro"] = True
     try:
         fs.FmsFuse(ops, mountpoint, raw_fi=True, **options)

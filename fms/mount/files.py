@@ -25,6 +25,7 @@ import contextlib
 import os
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from .. import wire as p
 from ..client import download
@@ -36,6 +37,7 @@ from .pool import ClientPool
 
 META_MTIME_NS = "fs.mtime_ns"  # an mtime set to the nanosecond (a version's mtime is a float)
 UPLOAD_WINDOW = 8  # chunks in flight while a commit uploads them
+AHEAD_THREADS = 2  # chunks hashed and sent at once while a file is still being written
 COMMIT_TRIES = 3  # commits of a file whose chunks storage reports missing, in all
 
 
@@ -48,6 +50,9 @@ class Spool:
         self.used = 0  # bytes of dirty chunks held, all files together
         self._lock = threading.Lock()
         os.makedirs(folder, mode=0o700, exist_ok=True)
+        # Chunks written whole are hashed and sent while the file is still being written
+        # (write-behind), so a commit finds most of them stored already.
+        self.ahead = ThreadPoolExecutor(AHEAD_THREADS, thread_name_prefix="fms-ahead")
 
     def open(self) -> int:
         """A new spool file, unlinked at once: nothing is left behind whatever happens."""
@@ -106,6 +111,8 @@ class OpenFile:
         self._spool_fd = -1
         self._spooled = 0  # dirty bytes this file holds in the spool
         self._unloaded: set[int] = set()  # chunks uploaded early and dropped from the spool
+        self._gen: dict[int, int] = {}  # chunk -> writes to it so far (a write-behind's check)
+        self._ahead: dict[int, tuple[int, Future]] = {}  # chunk -> (its gen, its upload)
 
     # --- the chunk table ---
 
@@ -237,12 +244,50 @@ class OpenFile:
                     self._dirty(i, fill=not whole)
                 i += 1
             _write_all(self._spool_fd, data, offset)
+            self._behind(self._index_at(offset), end)
             self.mtime = time.time()
             self.meta.pop(META_MTIME_NS, None)
             self.changed = True
             if self.spool.full:
                 self._unload()
             return len(data)
+
+    def _behind(self, first: int, end: int) -> None:
+        """Chunks ``first`` on were written up to byte ``end``: each counts one more write, and
+        each written to its end (but the file's last, which may grow) is hashed and sent now,
+        in the background; the commit uses what it sent if the chunk was not written since."""
+        last = len(self._digests) - 1
+        i = first
+        while i <= last:
+            start, length = self._chunk(i)
+            if start >= end:
+                break
+            gen = self._gen[i] = self._gen.get(i, 0) + 1
+            if start + length <= end and i != last:
+                job = self.spool.ahead.submit(self._send_ahead, start, length)
+                self._ahead[i] = (gen, job)
+            i += 1
+
+    def _send_ahead(self, start: int, length: int) -> bytes:
+        frame, view = _frame_at(self._spool_fd, start, length)
+        digest = p.sha256(view)
+        with self.pool.client() as client:
+            client.call("put_chunk", data=frame, hash=digest)
+        return digest
+
+    def _settle_ahead(self) -> dict[int, bytes]:
+        """Wait for the uploads sent ahead; :return: the digests of those still valid (their
+        chunk not written since), by chunk."""
+        done = {}
+        for i, (gen, job) in self._ahead.items():
+            try:
+                digest = job.result()
+            except (FmsError, OSError):
+                continue  # sent again with the commit, which reports what fails
+            if self._gen.get(i) == gen and i < len(self._digests) and self._digests[i] is None:
+                done[i] = digest
+        self._ahead.clear()
+        return done
 
     def truncate(self, size: int) -> None:
         with self.lock:
@@ -253,6 +298,8 @@ class OpenFile:
                 self._grow(size)
             elif size < self.size:
                 self._shrink(size)
+            for i in self._ahead:  # their lengths may have changed: sent again if dirty
+                self._gen[i] = self._gen.get(i, 0) + 1
             self.mtime = time.time()
             self.meta.pop(META_MTIME_NS, None)
             self.changed = True
@@ -268,6 +315,7 @@ class OpenFile:
         fd = self._spool()
         digest = self._digests[i]
         start, full = self._chunk(i)
+        self._gen[i] = self._gen.get(i, 0) + 1
         if fill and digest is not None:
             n = full if length is None else length
             if digest != zero_digest(full):
@@ -368,6 +416,21 @@ class OpenFile:
                 pass
         return digests
 
+    def hand_over(self) -> tuple[bytes, int] | None:
+        """For ``--writeback``: the content of a changed file of one small chunk (and its chunk
+        size), which the caller commits later; the file counts as committed from now on (its
+        bytes stay readable here).  None: not such a file."""
+        with self.lock:
+            if not self.changed or self.unlinked:
+                return None
+            self._table()
+            assert self._extents is not None
+            if len(self._digests) > 1 or self.size > p.INLINE_MAX:
+                return None
+            content = self.read(0, self.size)
+            self.changed = False
+            return content, self._extents[0][0] if self._extents else self.chunk_size
+
     def commit(self) -> dict | None:
         """Make what was written here the file's new version, if anything was.  :return: the
         new version's stat, or None (nothing to commit, or the file was removed)."""
@@ -375,6 +438,8 @@ class OpenFile:
             if not self.changed or self.unlinked:
                 return None
             self._table()
+            for i, digest in self._settle_ahead().items():
+                self._digests[i] = digest
             dirty = [i for i, d in enumerate(self._digests) if d is None]
             inline = None
             if len(self._digests) == 1 and self.size <= p.INLINE_MAX:
@@ -448,6 +513,8 @@ class OpenFile:
         """After a commit: every chunk is stored, the spool is emptied, and reads go to the
         store through the new chunk table."""
         self.changed = False
+        self._settle_ahead()  # none reads the spool any more
+        self._gen.clear()
         if self._spool_fd >= 0:
             os.close(self._spool_fd)
             self._spool_fd = -1
@@ -462,6 +529,7 @@ class OpenFile:
         """The last handle is gone: free the spool and the reader."""
         with self.lock:
             self._drop_reader()
+            self._settle_ahead()  # none reads the spool any more
             if self._spool_fd >= 0:
                 os.close(self._spool_fd)
                 self._spool_fd = -1

@@ -44,6 +44,7 @@ from ..errors import (
 )
 from .files import META_MTIME_NS, OpenFile, Spool
 from .pool import ClientPool
+from .writeback import Committer, Pending
 
 log = logging.getLogger("fms.mount")
 
@@ -131,6 +132,8 @@ class FmsMount(mfusepy.Operations):
     :param spool: where written chunks wait for their commit.
     :param read_only: refuse every change (EROFS).
     :param cache_time: seconds listings and attributes are kept.
+    :param writeback: commit small files in the background after ``close`` returns
+        (:mod:`.writeback`).
     """
 
     use_ns = True
@@ -143,6 +146,7 @@ class FmsMount(mfusepy.Operations):
         chunk_size: int,
         read_only: bool = False,
         cache_time: float = 1.0,
+        writeback: bool = False,
     ):
         self.pool = pool
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
@@ -160,6 +164,7 @@ class FmsMount(mfusepy.Operations):
         self._dir_handles: dict[int, str] = {}
         self._next_fh = 1
         self._told: dict[str, int] = {}  # name -> version whose attributes the kernel holds
+        self.committer = Committer(pool) if writeback else None
 
     # --- names ---
 
@@ -226,6 +231,9 @@ class FmsMount(mfusepy.Operations):
             found = self._open.get(name)
         if found is not None:
             return self._open_entry(found)
+        waiting = self.committer.entry(name) if self.committer else None
+        if waiting is not None:
+            return waiting
         folder, base = self._split(name)
         listing = self._listing(folder)
         entry = listing.entries.get(base)
@@ -376,6 +384,9 @@ class FmsMount(mfusepy.Operations):
             for name, file in self._open.items():
                 if self._split(name)[0] == folder and not file.unlinked:
                     entries.setdefault(self._split(name)[1], self._open_entry(file))
+        if self.committer is not None:
+            for base, entry in self.committer.under(folder).items():
+                entries.setdefault(base, entry)
         out = [(".", {"st_mode": stat.S_IFDIR}, 0), ("..", {"st_mode": stat.S_IFDIR}, 0)]
         kinds = {"dir": stat.S_IFDIR, "link": stat.S_IFLNK, "file": stat.S_IFREG}
         out += [(base, {"st_mode": kinds[e.kind]}, 0) for base, e in sorted(entries.items())]
@@ -455,6 +466,8 @@ class FmsMount(mfusepy.Operations):
             self._writable()
         with self._lock:
             file = self._open.get(name)
+        if self.committer is not None and self.committer.entry(name) is not None:
+            self.committer.drain()  # its version is on its way: open finds it stored
         try:
             if file is None or not file.changed:
                 # Close-to-open: the version current now, whatever was kept.
@@ -532,6 +545,7 @@ class FmsMount(mfusepy.Operations):
     def _change(self, path: str, change) -> None:
         """Apply ``change`` to the closed file ``path`` and commit it at once (a truncate, a
         chmod or chown, new times); a folder's marker gets the new metadata."""
+        self._drain()
         name = self._name(path)
         entry = self._entry(path)
         try:
@@ -565,7 +579,23 @@ class FmsMount(mfusepy.Operations):
         )
         self._remember(folder[:-1], entry)
 
-    def _commit(self, file: OpenFile) -> None:
+    def _drain(self) -> None:
+        """With ``--writeback``: wait until the versions handed over are stored (before a
+        change of names, so it applies after them)."""
+        if self.committer is not None:
+            self.committer.drain()
+
+    def _commit(self, file: OpenFile, background: bool = False) -> None:
+        if background and self.committer is not None:
+            handed = file.hand_over()
+            if handed is not None:
+                content, chunk_size = handed
+                entry = self._open_entry(file)
+                self.committer.put(
+                    Pending(file.name, content, chunk_size, dict(file.meta), file.mtime, entry)
+                )
+                self._remember(file.name, entry)
+                return
         try:
             made = file.commit()
         except FmsError as exc:
@@ -579,10 +609,11 @@ class FmsMount(mfusepy.Operations):
             self._remember(file.name, Entry.of_stat(made))
 
     def flush(self, path, fi):
-        self._commit(self._handles[fi.fh].file)
+        self._commit(self._handles[fi.fh].file, background=True)
         return 0
 
     def fsync(self, path, datasync, fi):
+        self._drain()
         self._commit(self._handles[fi.fh].file)
         return 0
 
@@ -594,7 +625,7 @@ class FmsMount(mfusepy.Operations):
         file = handle.file
         try:
             if file.handles == 1:
-                self._commit(file)  # written since the last flush (a shared mapping)
+                self._commit(file, background=True)  # written since the last flush (mmap)
         finally:
             with self._lock:
                 file.handles -= 1
@@ -607,6 +638,7 @@ class FmsMount(mfusepy.Operations):
 
     def unlink(self, path):
         self._writable()
+        self._drain()
         name = self._name(path)
         entry = self._entry(path)
         if entry.kind == "dir":
@@ -615,14 +647,13 @@ class FmsMount(mfusepy.Operations):
             file = self._open.pop(name, None)
             if file is not None:
                 file.unlinked = True  # its handles read on, nothing is committed
-        if entry.version or file is None:
-            try:
-                with self.pool.client() as client:
-                    client.rm(name)
-            except NotFound:
-                pass  # removed by another client meanwhile
-            except FmsError as exc:
-                raise _fail(_error(exc)) from None
+        try:
+            with self.pool.client() as client:
+                client.rm(name)
+        except NotFound:
+            pass  # never stored (made here, not closed yet), or removed by another client
+        except FmsError as exc:
+            raise _fail(_error(exc)) from None
         self._remember(name, None)
         return 0
 
@@ -678,6 +709,7 @@ class FmsMount(mfusepy.Operations):
         self._writable()
         if path.strip("/") == "":
             raise _fail(errno.EBUSY)
+        self._drain()
         name = self._name(path)
         if self._entry(path).kind != "dir":
             raise _fail(errno.ENOTDIR)
@@ -702,6 +734,7 @@ class FmsMount(mfusepy.Operations):
         self._writable()
         if flags & RENAME_EXCHANGE:
             raise _fail(errno.EINVAL)  # exchanging two names is not supported
+        self._drain()
         src, dst = self._name(old), self._name(new)
         entry = self._entry(old)
         try:
@@ -832,6 +865,9 @@ class FmsMount(mfusepy.Operations):
 
     def destroy(self, path):
         """Unmounted: what open files hold is committed (they were not closed: a courtesy)."""
+        if self.committer is not None:
+            self.committer.stop()
+            self.committer = None
         with self._lock:
             files = list(self._open.values())
         for file in files:
