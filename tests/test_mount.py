@@ -68,6 +68,37 @@ def test_a_random_write_uploads_only_the_chunk_it_touched(cluster, make_mount):
     assert read(m.p("f")) == bytes(data)
 
 
+def test_reads_go_through_the_cache_ranged_when_random_streaming_ahead_in_order(
+    cluster, make_mount
+):
+    data = random_bytes(16 * MiB, seed=16)
+    with cluster.client() as c:
+        c.put_bytes(data, "big")  # 1 MiB chunks; a put never fills the cache
+        assert c.cache_stats()["bytes"] == 0
+    m = make_mount(cluster)
+
+    def cached() -> int:
+        with cluster.client() as c:
+            return c.cache_stats()["bytes"]
+
+    fd = os.open(m.p("big"), os.O_RDONLY)
+    try:
+        at = 12 * MiB + MiB // 2
+        assert os.pread(fd, 10, at) == data[at : at + 10]
+        assert cached() == MiB  # a random read: the one chunk that holds it, nothing more
+        for at in range(0, 3 * MiB + 1, 128 << 10):  # reading on in order, as cp does
+            assert os.pread(fd, 128 << 10, at) == data[at : at + (128 << 10)]
+        # from the third chunk in a row the following chunks stream ahead of the reads
+        wait_for(lambda: cached() >= 8 * MiB, 30, "chunks read ahead into the cache")
+    finally:
+        os.close(fd)
+    assert read(m.p("big")) == data
+    served = {w: n for w, n in cluster.served().items() if w.startswith("storage")}
+    with cluster.client() as c:
+        assert c.get_bytes("big") == data  # every chunk now answered by the cache
+    assert {w: n for w, n in cluster.served().items() if w.startswith("storage")} == served
+
+
 def test_writes_are_committed_on_close_and_fsync_never_half_visible(cluster, make_mount):
     m = make_mount(cluster)
     write(m.p("doc"), b"old")
