@@ -9,6 +9,7 @@ from .client import Client
 from .errors import (
     BadRequest,
     FmsError,
+    Forbidden,
     IntegrityError,
     MissingChunks,
     NoSpace,
@@ -25,6 +26,7 @@ __all__ = [
     "BadRequest",
     "Client",
     "FmsError",
+    "Forbidden",
     "IntegrityError",
     "MissingChunks",
     "NoSpace",

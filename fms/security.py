@@ -262,12 +262,14 @@ def client_keys(secret_file, server_key_file):
     return CurveClient(secret_file, server_key_file)
 
 
-def cluster_keys(folder: str) -> tuple:
+def cluster_keys(folder: str, client: bool = True) -> tuple:
     """Keys for a one-machine cluster in ``folder``, made once and reused: the broker's, one
-    shared by the workers, one for clients; ``folder/allow`` holds the client's public key,
-    ``folder/allow-workers`` the workers'.
+    shared by the workers, and (``client``) one for clients; ``folder/allow`` holds the client's
+    public key (a key there may do everything: users are better given identities, see
+    fms.policy), ``folder/allow-workers`` the workers'.
 
-    :return: ``(broker args, worker args, (client secret file, broker public key file))``.
+    :return: ``(broker args, worker args, (client secret file or None, broker public key
+        file))``.
     """
     allow = os.path.join(folder, "allow")
     allow_workers = os.path.join(folder, "allow-workers")
@@ -277,6 +279,8 @@ def cluster_keys(folder: str) -> tuple:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(allow, "worker.key"))
     for name, into in (("broker", None), ("worker", allow_workers), ("client", allow)):
+        if name == "client" and not client:
+            continue
         if not os.path.exists(os.path.join(folder, f"{name}.key_secret")):
             keygen(folder, name)
         if into is not None:
@@ -300,7 +304,11 @@ def cluster_keys(folder: str) -> tuple:
         "--server-key",
         broker_key,
     ]
-    return server, workers, (os.path.join(folder, "client.key_secret"), broker_key)
+    return (
+        server,
+        workers,
+        (os.path.join(folder, "client.key_secret") if client else None, broker_key),
+    )
 
 
 def is_loopback(endpoint: str) -> bool:

@@ -93,6 +93,7 @@ def test_every_request_field_storage_or_the_broker_reads_is_in_the_request_field
     read = {"commit"}  # storage's _commit_id
     for path, pattern in (
         (("storage", "service.py"), r'need\w*\(header, "(\w+)"'),
+        (("storage", "access.py"), r'need\w*\(header, "(\w+)"'),
         (("broker.py",), r'header\.get\("(\w+)"'),
     ):
         with open(os.path.join(ROOT, "fms", *path), encoding="utf-8") as f:

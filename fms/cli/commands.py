@@ -128,6 +128,29 @@ def _move_tree(client, move, items: list, sizes: list, verb: str) -> list:
     return results
 
 
+def shown(name: str) -> str:
+    """``name`` as a terminal should show it: each character that is not printable (a control
+    or format character, a line separator, a bidi control of a name stored before they were
+    refused) as ``\\uXXXX`` (and ``\\`` doubled then), so no name rewrites the line or looks
+    like another."""
+    if name.isprintable():
+        return name
+    out = []
+    for char in name:
+        code = ord(char)
+        if char == "\\":
+            out.append("\\\\")
+        elif char.isprintable():
+            out.append(char)
+        elif code < 0x100:
+            out.append(f"\\x{code:02x}")
+        elif code < 0x10000:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return "".join(out)
+
+
 def _say(args, text: str):
     if not getattr(args, "quiet", False):
         print(text, file=sys.stderr)
@@ -143,7 +166,7 @@ def cmd_put(args):
         print(json.dumps(results, indent=1))
     elif len(results) == 1 and not args.recursive:
         r = results[0]
-        _say(args, f"uploaded {r['name']} ({_human(r['size'])}, version {r['version']})")
+        _say(args, f"uploaded {shown(r['name'])} ({_human(r['size'])}, version {r['version']})")
     else:
         _say(args, f"uploaded {len(results)} files, {_human(sum(r['size'] for r in results))}")
 
@@ -232,7 +255,9 @@ def cmd_get(args):
         dest = _file_dest(args.dest, args.name)
         result = client.get(args.name, dest, args.version_number)
         _print_result(
-            args, result, f"downloaded {result['name']} ({_human(result['size'])}) to {dest}"
+            args,
+            result,
+            f"downloaded {shown(result['name'])} ({_human(result['size'])}) to {dest}",
         )
 
 
@@ -328,8 +353,13 @@ def _inside(folder: str, rel: str) -> str:
 
 def cmd_ls(args):
     # Printed page by page as they come: a listing of any length holds one page in memory.
+    # -r lists a folder, as rm -r, du and find mean it: `album` is album/..., never albumX.
     with open_client(args) as client:
-        entries = client.iter_ls(args.prefix) if args.recursive else client.iter_folder(args.prefix)
+        entries = (
+            client.iter_ls(p.check_folder(args.prefix))
+            if args.recursive
+            else client.iter_folder(args.prefix)
+        )
         if args.json:
             print("[", end="")
             for i, e in enumerate(entries):
@@ -349,16 +379,17 @@ def _ls_line(e: dict, long: bool, human: bool) -> str:
         size = _human(e["size"]) if human else f"{e['size']:,}"
         when = _when(e["mtime"])
         extra = f"{'v' + str(e['version']):>6}  {e['sha256'][:12]}  " if long else ""
-    return f"{size:>14}  {when:<19}  {extra}{e['name']}"
+    return f"{size:>14}  {when:<19}  {extra}{shown(e['name'])}"
 
 
 def cmd_du(args):
+    folder = p.check_folder(args.prefix)  # `album`: album/..., never albumX
     with open_client(args) as client:
-        du = client.du(args.prefix)
+        du = client.du(folder)
     if args.json:
-        print(json.dumps({"prefix": args.prefix, **du}))
+        print(json.dumps({"prefix": folder, **du}))
     else:
-        print(f"{du['files']:>10,} files  {_human(du['bytes']):>10}  {args.prefix or '(all)'}")
+        print(f"{du['files']:>10,} files  {_human(du['bytes']):>10}  {shown(folder) or '(all)'}")
 
 
 def cmd_find(args):
@@ -367,7 +398,7 @@ def cmd_find(args):
     with open_client(args) as client:
         found = (
             e
-            for e in client.iter_ls(args.prefix)
+            for e in client.iter_ls(p.check_folder(args.prefix))
             if (args.name is None or fnmatch.fnmatchcase(e["name"].rsplit("/", 1)[-1], args.name))
             and (args.newer is None or e["mtime"] > args.newer)
         )
@@ -375,7 +406,7 @@ def cmd_find(args):
             print(json.dumps(list(found), indent=1))
             return
         for e in found:
-            print(e["name"])
+            print(shown(e["name"]))
 
 
 def cmd_versions(args):
@@ -395,7 +426,9 @@ def cmd_restore(args):
     with open_client(args) as client:
         stat = client.restore(args.name, args.version_number)
     _print_result(
-        args, stat, f"restored {stat['name']} as version {stat['version']} ({_human(stat['size'])})"
+        args,
+        stat,
+        f"restored {shown(stat['name'])} as version {stat['version']} ({_human(stat['size'])})",
     )
 
 
@@ -407,14 +440,17 @@ def _into(src: str, dst: str) -> str:
 def cmd_mv(args):
     with open_client(args) as client:
         stat = client.mv(args.src, _into(args.src, args.dst))
-    _print_result(args, stat, f"moved {args.src} to {stat['name']}")
+    _print_result(args, stat, f"moved {shown(args.src)} to {shown(stat['name'])}")
 
 
 def cmd_cp(args):
     with open_client(args) as client:
         stat = client.cp(args.src, _into(args.src, args.dst))
     _print_result(
-        args, stat, f"copied {args.src} to {stat['name']} ({_human(stat['size'])}, no data moved)"
+        args,
+        stat,
+        f"copied {shown(args.src)} to {shown(stat['name'])} ({_human(stat['size'])}, "
+        f"no data moved)",
     )
 
 
@@ -484,6 +520,7 @@ def cmd_stat(args):
         return
     for key in ("name", "size", "sha256", "mtime", "version", "chunks", "chunk_size"):
         value = _when(info[key]) if key == "mtime" else info[key]
+        value = shown(value) if isinstance(value, str) else value
         print(f"{key + ':':<12}{value}")
 
 
@@ -491,7 +528,7 @@ def cmd_rm(args):
     with open_client(args) as client:
         if not args.recursive:
             old = client.rm(args.name)
-            _print_result(args, old, f"removed {old['name']}")
+            _print_result(args, old, f"removed {shown(old['name'])}")
             return
         prefix = args.name.strip("/") + "/"
         if prefix == "/":
@@ -502,7 +539,9 @@ def cmd_rm(args):
     if not removed:
         raise NotFound(f"not found: no files under {prefix!r}; list names with: ls")
     _print_result(
-        args, {"prefix": prefix, "removed": removed}, f"removed {removed:,} files under {prefix}"
+        args,
+        {"prefix": prefix, "removed": removed},
+        f"removed {removed:,} files under {shown(prefix)}",
     )
 
 
@@ -560,10 +599,12 @@ def cmd_stats(args):
     if store is None:
         print("store   no storage worker connected")
     else:
-        print(
-            f"store   files={store['files']} bytes={_human(store['bytes'])} "
-            f"stored={_human(store['chunk_bytes'])} (after dedup)"
+        stored = (
+            f" stored={_human(store['chunk_bytes'])} (after dedup)"
+            if "chunk_bytes" in store
+            else ""
         )
+        print(f"store   files={store['files']} bytes={_human(store['bytes'])}{stored}")
 
 
 def cmd_keygen(args):

@@ -9,7 +9,7 @@ Each command parses its arguments, builds the object, runs it and sets the exit 
 import sys
 
 from ..errors import FmsError
-from . import commands, daemons, sync, up
+from . import admin, commands, daemons, sync, up
 from .commands import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK
 from .parser import build_parser, command_parser
 
@@ -80,6 +80,7 @@ def _dispatch(args, parser) -> int:
         "storage": daemons.cmd_storage,
         "cache": daemons.cmd_cache,
         "up": up.cmd_up,
+        **dict.fromkeys(admin.HANDLED, admin.run),
     }
     try:
         return handlers[args.command](args) or EXIT_OK

@@ -311,6 +311,9 @@ def build_parser(prog: str = "fms", client_only: bool = False) -> argparse.Argum
     cmd.add_argument("dir", metavar="DIR")
     cmd.add_argument("name", metavar="NAME")
 
+    from .admin import add_parsers
+
+    add_parsers(sub, common, _sub, prog)  # users and permissions
     if not client_only:
         _daemon_parsers(sub)
     return parser
@@ -486,6 +489,7 @@ def _daemon_parsers(sub):
     _backend_args(cmd)
     _gc_grace_arg(cmd)
     _keep_versions_arg(cmd)
+    _keep_for_arg(cmd)
     _log_arg(cmd)
 
 
@@ -564,6 +568,7 @@ def _storage_args(cmd):
     _backend_args(cmd)
     _gc_grace_arg(cmd)
     _keep_versions_arg(cmd)
+    _keep_for_arg(cmd)
     cmd.add_argument(
         "--print-store-id",
         action="store_true",
@@ -597,6 +602,39 @@ def _keep_versions_arg(cmd):
         "for `versions`, `get --version` and `restore` (%(default)s: none); "
         "their chunks stay until they drop out",
     )
+
+
+def _keep_for_arg(cmd):
+    cmd.add_argument(
+        "--keep-for",
+        type=parse_duration,
+        default=0.0,
+        metavar="DURATION",
+        help="hold each version an overwrite or rm replaces for this long (90m, 12h, 7d, 2w, "
+        "or seconds): no change by any key pushes it out before, even past --keep-versions; "
+        "only an admin's purge removes it (%(default)s: no hold)",
+    )
+    cmd.add_argument(
+        "--audit-days",
+        type=float,
+        default=90.0,
+        metavar="DAYS",
+        help="keep audit log entries this many days (%(default)s)",
+    )
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """``--keep-for``: ``90s``, ``30m``, ``12h``, ``7d``, ``2w`` or bare seconds, as seconds."""
+    match = _DURATION.match(str(text))
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration; write it like 3600, 90m, 12h, 7d or 2w"
+        )
+    scale = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}[match.group(2)]
+    return float(match.group(1)) * scale
 
 
 def _count(text: str) -> int:

@@ -28,14 +28,16 @@ def cmd_up(args):
     log = ["--log-level", args.log_level]
     os.makedirs(args.data, exist_ok=True)
     server, workers, client = [], [], None
+    keys = os.path.abspath(os.path.join(args.data, "keys"))
     if args.curve:
         from ..security import cluster_keys
 
-        server, workers, client = cluster_keys(os.path.abspath(os.path.join(args.data, "keys")))
+        server, workers, client = cluster_keys(keys)
     insecure = ["--insecure"] if args.insecure else []
     # The store id comes from the storage directory, so the broker serves that store whichever
     # storage worker (or impostor) registers first.
-    store = ["--store", _store_id(os.path.join(args.data, "storage"), args.meta, args.chunks)]
+    store_id, _admin_key = _open_store(os.path.join(args.data, "storage"), args.meta, args.chunks)
+    store = ["--store", store_id]
     specs = [
         (
             "broker",
@@ -86,6 +88,10 @@ def cmd_up(args):
                     str(args.gc_grace),
                     "--keep-versions",
                     str(args.keep_versions),
+                    "--keep-for",
+                    str(args.keep_for),
+                    "--audit-days",
+                    str(args.audit_days),
                 ]
                 + (["--meta", args.meta] if args.meta else [])
                 + (["--chunks", args.chunks] if args.chunks else [])
@@ -163,13 +169,18 @@ class _Child:
         self.backoff = min(self.backoff * 2, RESTART_BACKOFF_MAX)
 
 
-def _store_id(data: str, meta: str | None, chunks: str | None) -> str:
-    """The id of the store the storage workers will open (made now if it is new)."""
+def _open_store(data: str, meta: str | None, chunks: str | None) -> tuple:
+    """The id of the store the storage workers will open (made now if it is new, with its first
+    admin), and the path of the first admin's key file.  :return: ``(store id, key file)``."""
+    from ..storage.access import FIRST_ADMIN, ensure_first_admin
     from ..storage.engine import open_store
 
     store = open_store(data, meta, chunks)
     try:
-        return store.store_id
+        made = ensure_first_admin(store.meta, data)
+        return store.store_id, made or os.path.abspath(
+            os.path.join(data, f"{FIRST_ADMIN}.key_secret")
+        )
     finally:
         store.close()
 

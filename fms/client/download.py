@@ -24,11 +24,13 @@ VERIFY_THREADS = 2  # threads verifying and writing chunks while the next ones a
 
 
 def chunk_fields(manifest: dict, i: int) -> dict:
-    """A ``chunk`` request's fields for chunk ``i``: its hash, and its length, so the broker
-    reserves room for exactly that reply (without ``len`` it assumes the largest chunk)."""
+    """A ``chunk`` request's fields for chunk ``i``: its hash; its length, so the broker
+    reserves room for exactly that reply (without ``len`` it assumes the largest chunk); and
+    the file it belongs to, by which an identity that may not read the whole store reads it."""
     return {
         "hash": manifest["chunks"][i],
         "len": p.chunk_length(i, manifest["size"], manifest["chunk_size"]),
+        "name": manifest["name"],
     }
 
 

@@ -5,7 +5,8 @@ mtime, version number and the id of the commit that made it.  A *change* asks th
 engine to make a new version (:class:`NewVersion`), remove a name (:class:`Removal`), give a
 name another name's content (:class:`Copy`: metadata only, the chunks gain a reference; with
 ``move``, the source is removed in the same transaction), or make a retained version current
-again (:class:`Restore`).  Every change has ``names``: the names it changes.
+again (:class:`Restore`).  Every change has ``names``: the names it changes, and ``actor``: the
+identity that asked for it (:mod:`fms.policy`), which the audit log records with it.
 
 With versions kept (``--keep-versions N``), a version that an overwrite or a removal replaces is
 *retained*: it keeps its chunks' references, and ``N`` of them per name are kept, the newest.
@@ -71,6 +72,7 @@ class NewVersion:
     chunks: tuple
     mtime: float
     commit: str
+    actor: str = "local"
 
     @property
     def names(self) -> tuple:
@@ -79,10 +81,12 @@ class NewVersion:
 
 @dataclass(frozen=True, slots=True)
 class Removal:
-    """An rm: remove ``name``."""
+    """An rm: remove ``name``; ``prefix``: one of the names an ``rm -r`` of it removes."""
 
     name: str
     commit: str
+    actor: str = "local"
+    prefix: str | None = None
 
     @property
     def names(self) -> tuple:
@@ -97,6 +101,7 @@ class Copy:
     name: str
     commit: str
     move: bool = False
+    actor: str = "local"
 
     @property
     def names(self) -> tuple:
@@ -111,6 +116,7 @@ class Restore:
     name: str
     version: int | None
     commit: str
+    actor: str = "local"
 
     @property
     def names(self) -> tuple:

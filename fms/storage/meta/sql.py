@@ -31,6 +31,7 @@ from ..model import (
     pack_digests,
     unpack_digests,
 )
+from .access import AccessSQL, change_entry
 from .base import ChunkRow, MetaEngine
 
 FORMAT = 2  # the store's format; 1 was one manifest file per name
@@ -134,7 +135,7 @@ def _marks(n: int) -> str:
     return ",".join("?" * n)
 
 
-class SQLMeta(MetaEngine):
+class SQLMeta(AccessSQL, MetaEngine):
     """The engine over a DB-API connection ``self.db`` in autocommit mode; subclasses open it."""
 
     # Dialect: overridden by subclasses.
@@ -181,6 +182,7 @@ class SQLMeta(MetaEngine):
                 "INSERT INTO settings VALUES ('store_id', ?) ON CONFLICT (key) DO NOTHING",
                 (store_id,),
             )
+            self._create_access_schema()
 
     @contextlib.contextmanager
     def _write(self, durable: bool = True):
@@ -326,6 +328,7 @@ class SQLMeta(MetaEngine):
             for i, change in enumerate(changes):
                 self._execute(f"SAVEPOINT c{i}")
                 saved = list(self._delta)
+                self._made = False  # set by _log: this change was made now (not a retry's)
                 try:
                     if isinstance(change, NewVersion):
                         for digest in sorted(set(change.chunks) & small.keys()):
@@ -339,6 +342,8 @@ class SQLMeta(MetaEngine):
                         result = self._restore(change, now)
                     else:
                         raise TypeError(f"not a change: {change!r}")
+                    if self._made:
+                        self._audit(change_entry(change, result, now))
                     self._execute(f"RELEASE SAVEPOINT c{i}")
                 except FmsError as exc:
                     if getattr(exc, "whole_transaction", False):
@@ -365,6 +370,7 @@ class SQLMeta(MetaEngine):
         return Version(**{**fields, "chunks": tuple(fields["chunks"])})
 
     def _log(self, kind, version: Version, now, request=None):
+        self._made = True
         # The `sha256` column holds the digest of the whole request (see _request_digest), so a
         # retry is recognised only if it is the very same request.
         result = msgpack.packb(
@@ -433,7 +439,7 @@ class SQLMeta(MetaEngine):
         was_live = old is not None and not old.deleted
         delta = wanted.copy()
         if was_live:
-            self._release(old, delta)
+            self._release(old, delta, now)
         self._add_refs(delta, now)
         self._bump(files=0 if was_live else 1, nbytes=version.size - (old.size if was_live else 0))
         self._log(kind, version, now, request)
@@ -494,17 +500,18 @@ class SQLMeta(MetaEngine):
             (tomb.version, b"", tomb.commit, now, tomb.name),
         )
         delta = collections.Counter()
-        self._release(old, delta)
+        self._release(old, delta, now)
         self._add_refs(delta, now)
         self._bump(files=-1, nbytes=-old.size)
         self._log("rm", tomb, now)
         return tomb
 
-    def _release(self, old: Version, delta):
-        """``old`` stops being current: retained with its references (versions kept), or its
-        references released; retained versions past :attr:`keep_versions` release theirs.
-        Adds the reference changes to the Counter ``delta``."""
-        if self.keep_versions > 0:
+    def _release(self, old: Version, delta, now: float):
+        """``old`` stops being current: retained with its references (versions kept, and held
+        for ``keep_for``), or its references released; retained versions past
+        :attr:`keep_versions` and no longer held release theirs.  Adds the reference changes to
+        the Counter ``delta``."""
+        if self.keep_versions > 0 or self.keep_for > 0:
             self._execute(
                 "INSERT INTO retained VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (name, version) DO NOTHING",
@@ -520,15 +527,26 @@ class SQLMeta(MetaEngine):
                     old.committed,
                 ),
             )
+            self._hold(old.name, old.version, now)
         else:
             delta.subtract(old.chunks)
+        self._push_out(old.name, delta, now)
+
+    def _push_out(self, name: str, delta, now: float) -> int:
+        """Drop the retained versions of ``name`` past the :attr:`keep_versions` newest, but
+        those still held (``--keep-for``: no change pushes them out before their time).
+        :return: how many were dropped."""
+        held = self._held(name, now)
+        dropped = 0
         for version, chunks in self._execute(
-            "SELECT version, chunks FROM retained WHERE name = ? ORDER BY version DESC", (old.name,)
+            "SELECT version, chunks FROM retained WHERE name = ? ORDER BY version DESC", (name,)
         ).fetchall()[self.keep_versions :]:
-            self._execute(
-                "DELETE FROM retained WHERE name = ? AND version = ?", (old.name, version)
-            )
+            if version in held:
+                continue
+            self._execute("DELETE FROM retained WHERE name = ? AND version = ?", (name, version))
             delta.subtract(unpack_digests(bytes(chunks)))
+            dropped += 1
+        return dropped
 
     def retained(self, name):
         return [
