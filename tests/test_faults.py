@@ -88,6 +88,28 @@ def test_broker_drops_a_frozen_worker_within_seconds_and_takes_it_back(cluster):
         assert c.get_bytes("x") == b"before"
 
 
+def test_a_worker_busy_with_long_work_keeps_heartbeating_and_its_request_is_not_redone(
+    make_cluster,
+):
+    """A request that keeps a storage worker busy for longer than the broker's liveness window
+    (3 heartbeats): the worker's link heartbeats from its own thread, so the broker never
+    declares it dead and never hands the same request to the other worker."""
+    cluster = make_cluster()
+    broker = cluster.start_broker()
+    busy = p.HEARTBEAT_INTERVAL * p.HEARTBEAT_LIVENESS * 1.5  # each request takes this long
+    cluster.start_storage(wid="storage-a", delay=busy)
+    cluster.start_storage(wid="storage-b", delay=busy)
+    cluster.wait_workers(storage=2, cache=0)
+    before = cluster.served()
+    with cluster.client(timeout=busy * 3, retries=0) as c:
+        with pytest.raises(fms.NotFound):
+            c.stat("nothing-here")  # one request, busy seconds of work
+    assert "event=worker_gone" not in broker.log(), broker.log()
+    after = cluster.served()
+    assert sum(after.values()) - sum(before.values()) == 1  # the stat, handled once
+    assert sorted(after) == ["storage-a", "storage-b"]  # both registered throughout
+
+
 # --- 3. the cache down, and back ---
 
 

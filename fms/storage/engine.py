@@ -272,11 +272,9 @@ class Store:
         # A name removed by someone else meanwhile is not an error of this request.
         return [r for r in results if isinstance(r, Version)], len(page) > len(take)
 
-    def apply(self, requests, progress=lambda: None) -> list:
+    def apply(self, requests) -> list:
         """Apply ``(change, inline bytes or None)`` pairs: each commit is checked against the
         stored chunks, then every change that passed is made in one transaction.
-
-        ``progress`` is called between chunks read back, so a worker can keep its heartbeat.
 
         :return: per request, the :class:`Version` made or the :class:`FmsError` refusing it.
         """
@@ -285,7 +283,7 @@ class Store:
         for i, (change, inline) in enumerate(requests):
             try:
                 if isinstance(change, NewVersion):
-                    small_bytes = self._check(change, inline, progress)
+                    small_bytes = self._check(change, inline)
                     if small_bytes is not None:
                         small[change.chunks[0]] = small_bytes
             except FmsError as exc:
@@ -309,7 +307,7 @@ class Store:
                 results[i] = result
         return results
 
-    def _check(self, change: NewVersion, inline, progress):
+    def _check(self, change: NewVersion, inline):
         """Check a commit against its shape and the stored chunks.
 
         :return: the bytes of a small chunk to keep in the metadata engine (sent inline), or None.
@@ -350,7 +348,6 @@ class Store:
         try:
             for digest, row in zip(change.chunks, rows, strict=False):
                 whole.update(self._stored_bytes(digest, row))
-                progress()
         except NotFound:
             raise MissingChunks.absent(
                 change.name, [d for d in change.chunks if not self._present(self.meta.chunk(d), d)]

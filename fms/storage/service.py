@@ -10,8 +10,9 @@ the worker's socket, with no other op between them) are applied in one metadata 
 other op, so a burst of small uploads costs one fsync, not one each, and no commit waits behind
 other work.
 GC and fsck run on a maintenance thread with a store of their own, so a long pass never delays
-the worker's heartbeats; their replies are sent from the worker's thread by :meth:`tick` and
-:meth:`flush`.
+the worker's other requests; their replies are sent from the worker's thread by :meth:`tick` and
+:meth:`flush`.  (Heartbeats come from the link's own thread, :mod:`fms.worker`, whatever the
+service is doing.)
 
 Every request is decided by :mod:`fms.policy` for every name it touches, as the identity its
 authenticated key resolves to (:class:`~fms.storage.access.Access`, kept in ``route["who"]``
@@ -57,7 +58,6 @@ CHANGE_OPS = (
 )  # group committed; applied even past their deadline
 RM_PAGE = 1000  # names an `rm_prefix` removes per request (one transaction)
 RM_PAGE_NAME_BYTES = 32 * p.KiB  # ... whose names add up to at most this: the broker's `inv`
-HEARTBEAT_EVERY = 0.5  # seconds: a long commit check keeps the worker's heartbeat going
 
 log = logging.getLogger("fms.storage")
 
@@ -402,7 +402,7 @@ class StorageService:
             except Forbidden as exc:  # this file's refusal, not the batch's
                 self.access.refused(who, "commit_many", {"name": change.name}, exc)
                 results[i] = exc
-        made = self.store.apply([requests[i] for i in allowed], progress=self._keep_alive())
+        made = self.store.apply([requests[i] for i in allowed])
         for i, result in zip(allowed, made, strict=True):
             results[i] = result
         self._own_inline(
@@ -512,10 +512,7 @@ class StorageService:
     def _apply_pending(self):
         pending, self._pending = self._pending, []
         try:
-            results = self.store.apply(
-                [(change, inline) for _r, _h, change, inline in pending],
-                progress=self._keep_alive(),
-            )
+            results = self.store.apply([(change, inline) for _r, _h, change, inline in pending])
         except FmsError as exc:  # the transaction itself failed: nothing applied
             results = [exc] * len(pending)
         except OSError as exc:  # the transaction's own disk trouble
@@ -568,17 +565,6 @@ class StorageService:
             self.link.reply(route, {**p.error_reply(header["id"], code, str(result)), **extra})
         else:
             self.link.reply(route, p.ok_reply(header["id"], **result))
-
-    def _keep_alive(self):
-        last = [time.monotonic()]
-
-        def progress():
-            now = time.monotonic()
-            if now - last[0] >= HEARTBEAT_EVERY and hasattr(self.link, "heartbeat"):
-                last[0] = now
-                self.link.heartbeat()
-
-        return progress
 
     # --- maintenance ops ---
 
