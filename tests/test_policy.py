@@ -413,3 +413,154 @@ def test_the_cli_shows_what_a_name_holds():
     assert shown("invoice\u202efdp.exe") == "invoice\\u202efdp.exe"
     assert shown("a\u2028b\\c") == "a\\u2028b\\\\c"  # a line separator; the \\ doubled then
     assert shown("x\U000e0001") == "x\\U000e0001"
+
+
+# --- the cache decides its hits with the same module ---
+
+
+def _cache(tmp_path, snapshot=True):
+    from test_cache import Link
+
+    from fms.cache import CacheService, ChunkCache
+
+    service = CacheService(ChunkCache(str(tmp_path / "cache"), 10 * p.MiB), Link())
+    if snapshot:
+        service.on_policy(
+            Policy(
+                1,
+                [
+                    ("reader", [KEYS["reader"]], [Grant(READ, "team")], False),
+                    ("gateway", [KEYS["gateway"]], [], True),
+                ],
+            )
+        )
+    return service
+
+
+def _fill(service, name, content):
+    """As the cache does on a miss for the local user: ask, and storage answers."""
+    from test_cache import Frame, manifest_of
+
+    service.handle_request({"t": "req", "k": 0}, {"v": 1, "op": "get", "id": 0, "name": name}, None)
+    _, fetch = service.link.requests[-1]
+    service.handle_reply(
+        p.ok_reply(fetch["id"], manifest=manifest_of(name, content)), Frame(p.pack_data(content))
+    )
+
+
+def _cache_ask(service, key, op, **fields):
+    before = len(service.link.replies)
+    route = {"t": "req", "k": 9} if key is None else {"t": "req", "k": 9, "u": key}
+    try:
+        service.handle_request(route, {"v": 1, "op": op, "id": 9, **fields}, None)
+    except FmsError as exc:
+        return {"ok": False, "error": exc.code, "message": str(exc)}
+    replies = service.link.replies[before:]
+    return replies[-1][1] if replies else None  # None: it went to storage
+
+
+def test_the_cache_refuses_a_hit_the_identity_may_not_read(tmp_path):
+    service = _cache(tmp_path)
+    _fill(service, "team/a", SMALL)
+    _fill(service, "other/x", OTHER)
+    assert _cache_ask(service, KEYS["reader"], "get", name="team/a")["ok"]
+    refused = _cache_ask(service, KEYS["reader"], "get", name="other/x")
+    assert (
+        refused["error"] == "forbidden" and "'reader' may not get 'other/x'" in refused["message"]
+    )
+    assert _cache_ask(service, "U" * 40, "get", name="team/a")["error"] == "forbidden"
+    batch = _cache_ask(service, KEYS["reader"], "get_many", names=["team/a", "other/x"])
+    assert [r.get("error") for r in batch["results"]] == [None, "forbidden"]
+    as_reader = _cache_ask(service, KEYS["gateway"], "get", name="other/x", **{"as": "reader"})
+    assert as_reader["error"] == "forbidden"
+    assert _cache_ask(service, None, "get", name="other/x")["ok"]  # no CURVE: the local user
+
+
+def test_the_cache_reads_a_chunk_only_by_a_file_the_identity_may_read(tmp_path):
+    service = _cache(tmp_path)
+    _fill(service, "team/a", SMALL)
+    _fill(service, "other/x", OTHER)
+    mine, theirs = p.sha256(SMALL), p.sha256(OTHER)
+    assert _cache_ask(service, KEYS["reader"], "chunk", hash=mine, name="team/a")["ok"]
+    assert _cache_ask(service, KEYS["reader"], "chunk", hash=theirs)["error"] == "forbidden"
+    refused = _cache_ask(service, KEYS["reader"], "chunk", hash=theirs, name="other/x")
+    assert refused["error"] == "forbidden"
+    # A name it may read whose manifest does not list the chunk: storage decides, for it.
+    asked = len(service.link.requests)
+    assert _cache_ask(service, KEYS["reader"], "chunk", hash=theirs, name="team/a") is None
+    [(svc, fetch)] = service.link.requests[asked:]
+    assert (svc, fetch["hash"], fetch["name"], fetch["as"]) == (
+        p.STORAGE,
+        theirs,
+        "team/a",
+        "reader",
+    )
+    service.handle_reply(p.error_reply(fetch["id"], "not_found", "no such chunk"), None)
+    assert service.link.replies[-1][1]["error"] == "not_found"
+
+
+def test_the_cache_without_the_store_s_identities_asks_keyed_clients_to_retry(tmp_path):
+    service = _cache(tmp_path, snapshot=False)
+    _fill(service, "team/a", SMALL)
+    assert _cache_ask(service, KEYS["reader"], "get", name="team/a")["error"] == "unavailable"
+    assert _cache_ask(service, None, "get", name="team/a")["ok"]
+    service.on_policy(Policy(5, [("reader", [KEYS["reader"]], [Grant(READ, "team")], False)]))
+    service.on_policy(Policy(4, []))  # older: ignored
+    assert _cache_ask(service, KEYS["reader"], "get", name="team/a")["ok"]
+
+
+# --- the broker passes on the key it authenticated, and the store's snapshot ---
+
+
+def test_the_broker_routes_the_authenticated_key_and_passes_snapshots_on():
+    import msgpack
+    from test_broker_core import Recorder, ask, ready
+
+    from fms.broker import Core
+
+    let_in = []
+    core = Core(Recorder(), store="s1", on_keys=let_in.append)
+    ready(core, b"s-a", p.STORAGE)
+    ready(core, b"s-b", p.STORAGE)
+    ready(core, b"c-1", p.CACHE)
+    welcomes = [r for to, _i, r, _h in core.transport.take() if r["t"] == "welcome"]
+    assert welcomes and all(r["pol"] is True for r in welcomes)
+    core.client_message(
+        b"bob",
+        [p.encode({"v": 1, "op": "stat", "id": 1, "name": "x"})],
+        True,
+        {"u": KEYS["writer"]},
+    )
+    core.client_message(
+        b"old",
+        [p.encode({"v": 1, "op": "stat", "id": 2, "name": "x"})],
+        True,
+        {"u": KEYS["sadmin"], "l": True},
+    )
+    ask(core, b"local", "stat", 3, name="x")  # no CURVE
+    routes = {h["id"]: r for to, i, r, h in core.transport.take() if to == "worker"}
+    assert routes[1]["u"] == KEYS["writer"] and "l" not in routes[1]
+    assert routes[2]["u"] == KEYS["sadmin"] and routes[2]["l"] is True
+    assert "u" not in routes[3] and "l" not in routes[3]
+
+    snapshot = Policy(7, [("bob", [KEYS["writer"]], [Grant(WRITE, "bob")], False)])
+    frames = [
+        p.encode({"t": "policy", "e": 7}),
+        p.pack_data(msgpack.packb(snapshot.to_wire(), use_bin_type=True)),
+    ]
+
+    def sent() -> list:
+        """(ident, route) of each message since the last call (policy ones carry data)."""
+        out = [(i, p.decode(f[0], "route")) for _to, i, f in core.transport.sent]
+        core.transport.sent.clear()
+        return out
+
+    core.worker_message(b"s-a", frames)
+    passed = [(i, r["e"]) for i, r in sent() if r["t"] == "policy"]
+    assert sorted(passed) == [(b"c-1", 7), (b"s-b", 7)]  # not back to its sender
+    assert let_in == [frozenset({KEYS["writer"]})]
+    core.worker_message(b"s-b", [p.encode({"t": "policy", "e": 6}), frames[1]])  # older
+    core.worker_message(b"c-1", [p.encode({"t": "policy", "e": 9}), frames[1]])  # not storage's
+    assert core.keys.epoch == 7 and not sent() and len(let_in) == 1
+    ready(core, b"c-2", p.CACHE)  # a worker that joins gets the newest after its welcome
+    assert [r["t"] for i, r in sent() if i == b"c-2"] == ["welcome", "policy"]

@@ -5,7 +5,11 @@ For each message a client or a worker sends, the core decides what to send to wh
 
 - a client's request is checked (version, op, frame count, its key still allowed), admitted
   within its budgets (admission.py), and dispatched to a service's worker (dispatch.py,
-  routing.py); ``status`` is answered here;
+  routing.py) with the key the loop authenticated (``u``, and ``l`` for a key of the ``--allow``
+  folder) in its route, for the worker to decide what it may do (fms.policy); ``status`` is
+  answered here;
+- a storage worker's ``policy`` route (the store's access snapshot) is kept and passed on to the
+  other workers (keys.py);
 - a worker's ``ready`` registers it (registry.py), its heartbeats keep it alive, its reply goes
   back to whoever asked; a storage reply that changed names first invalidates them in every
   cache worker, **before** the ack is forwarded: the cache's pipe is FIFO, so any read the client
@@ -27,6 +31,7 @@ from ..metrics import BrokerMetrics, ReadTally
 from . import headers as h
 from .admission import Admission, expected_reply, reply_bound
 from .dispatch import Dispatcher
+from .keys import StoreKeys
 from .outbox import Outboxes
 from .registry import Refused, Registry, Worker
 from .replies import BACKEND, FRONTEND, Replies
@@ -41,6 +46,8 @@ class Core:
 
     :param transport: what messages go out through.
     :param store: the store id storage workers must serve, or None: the first one's.
+    :param on_keys: called with the CURVE keys of the store's identities when storage sends
+        newer ones (the loop lets them in on the frontend).
     """
 
     def __init__(
@@ -48,6 +55,7 @@ class Core:
         transport: Transport,
         store: str | None = None,
         metrics: BrokerMetrics | None = None,
+        on_keys=None,
     ) -> None:
         self.transport = transport
         self.metrics = metrics or BrokerMetrics()
@@ -59,6 +67,7 @@ class Core:
             self.registry, self.admission, self.replies, transport, self.metrics
         )
         self.reads = ReadTally(self.metrics)
+        self.keys = StoreKeys(on_keys)
         self.started = time.time()
         self.endpoints: dict = {"frontend": None, "backend": None}  # the loop's, once bound
         self._bad = RateLimitedLog(log)
@@ -68,9 +77,12 @@ class Core:
 
     # --- clients ---
 
-    def client_message(self, ident: bytes, frames: list, allowed: bool = True) -> None:
-        """``[header, data?]`` from client ``ident``; ``allowed``: its key is still in the
-        allowlist (always, without CURVE)."""
+    def client_message(
+        self, ident: bytes, frames: list, allowed: bool = True, user: dict | None = None
+    ) -> None:
+        """``[header, data?]`` from client ``ident``; ``allowed``: its key may still connect
+        (always, without CURVE); ``user``: the route fields saying which key it is (``u``, and
+        ``l`` for a key of the ``--allow`` folder), None without CURVE."""
         origin = {"from": ident, "via": FRONTEND}
         req_id = None
         try:
@@ -137,7 +149,7 @@ class Core:
         if header.get("fresh") is True and op in ("get", "chunk", "get_many"):
             # The client found what the cache gave it corrupt: this once, ask storage itself.
             service = p.STORAGE
-        self._submit(service, op, header, origin, frames, now, reserve, seen)
+        self._submit(service, op, header, origin, frames, now, reserve, seen, user)
 
     def _submit(
         self,
@@ -149,6 +161,7 @@ class Core:
         now: float,
         reserve: int = 0,
         seen: int = 0,
+        user: dict | None = None,
     ) -> None:
         """Hand a request to dispatch; a client's cache request is routed by its key, and a
         chunk request counts towards its GET's cache figures."""
@@ -169,6 +182,7 @@ class Core:
                 owner=h.owner_key(op, header) if client else None,
                 read=h.read_of(op, header) if client else None,
                 reserve=reserve,
+                user=user,
             )
         )
 
@@ -215,6 +229,9 @@ class Core:
                 self._worker_request(worker, route, frames[1:])
             elif kind == "hb":
                 self.registry.note_stats(worker, route.get("st"))
+            elif kind == "policy" and worker.service == p.STORAGE:
+                if self.keys.offer(route, frames[1:]):
+                    self._pass_policy(exclude=ident)
             elif kind == "bye":
                 self.dispatcher.worker_lost(ident, "said bye")
             else:
@@ -240,7 +257,11 @@ class Core:
         if self.registry.get(ident) is not None:
             self.dispatcher.worker_lost(ident, "registered again")
         self.registry.add(ident, service, worker_id, store_id)
-        self._send_route(ident, {"t": "welcome"})
+        # `pol`: this broker passes the store's access snapshot on (keys.py); the newest one
+        # follows the welcome.
+        self._send_route(ident, {"t": "welcome", "pol": True})
+        if self.keys.frames is not None:
+            self.transport.to_worker(ident, self.keys.frames)
         log.info("event=worker_ready service=%s worker=%s store=%s", service, worker_id, store_id)
 
     def _reply(self, worker: Worker, route: dict, body: list) -> None:
@@ -309,6 +330,16 @@ class Core:
         digest = h.chunk_digest(op, header)
         seen = self.admission.seen(digest) if digest else 0
         self._submit(service, op, header, origin, body, time.monotonic(), seen=seen)
+
+    def _pass_policy(self, exclude: bytes) -> None:
+        """Send the newest access snapshot to every worker but the one it came from; a cache
+        that cannot be told must not decide with an old one."""
+        for worker in self.registry:
+            if worker.ident == exclude:
+                continue
+            sent = self.transport.to_worker(worker.ident, self.keys.frames)
+            if not sent and worker.service == p.CACHE:
+                self.dispatcher.worker_lost(worker.ident, "missed an access snapshot")
 
     def invalidate(self, names: list) -> None:
         """Tell every cache worker to drop ``names``: one ``inv`` message per at most

@@ -114,7 +114,12 @@ class Broker:
         # Disconnections of clients, so that their queued work is dropped at once.
         self.monitor = self.frontend.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.transport = ZmqTransport(self.frontend, self.backend)
-        self.core = Core(self.transport, store=store, metrics=self.metrics)
+        self.core = Core(
+            self.transport,
+            store=store,
+            metrics=self.metrics,
+            on_keys=curve.clients.set_identities if curve is not None else None,
+        )
         self._fd_clients: dict[int, set] = {}  # fd -> client identities seen on it
         self._crashes = RateLimitedLog(log)
 
@@ -213,8 +218,11 @@ class Broker:
         """``[identity, header, data?]`` from the frontend."""
         ident = frames[0].bytes
         self._note_fd(ident, frames[0])
-        allowed = self.curve is None or self.curve.allowed(frames[-1])
-        self.core.client_message(ident, frames[1:], allowed)
+        if self.curve is None:
+            self.core.client_message(ident, frames[1:])
+            return
+        user = self.curve.client(frames[-1])  # the key ZAP authenticated, as it stands now
+        self.core.client_message(ident, frames[1:], user is not None, user)
 
     def process_worker(self, frames: list) -> None:
         """``[identity, route, header?, data?]`` from the backend."""

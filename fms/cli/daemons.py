@@ -80,13 +80,13 @@ def _broker_curve(args):
     """The broker's CurveServer, or None after checking that plaintext is safe to bind."""
     from ..security import CurveServer, SecurityError, exposure
 
-    given = [bool(args.curve_secret), bool(args.allow), bool(args.allow_workers)]
-    if any(given) and not all(given):
+    given = [bool(args.curve_secret), bool(args.allow_workers)]
+    if (any(given) or args.allow) and not all(given):
         raise SecurityError(
-            "CURVE needs --curve-secret (the broker's .key_secret), --allow (a "
-            "folder of the clients' public .key files) and --allow-workers (a "
-            "folder of the workers' public .key files, apart from the clients' "
-            "so that a client key cannot act as a worker)"
+            "CURVE needs --curve-secret (the broker's .key_secret) and --allow-workers (a "
+            "folder of the workers' public .key files, apart from the clients' so that a "
+            "client key cannot act as a worker); clients are the store's identities "
+            "(client.py id add), and, from set-ups made before them, the keys of --allow"
         )
     if args.curve_secret:
         import zmq

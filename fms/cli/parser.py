@@ -521,7 +521,10 @@ def _broker_args(cmd):
         help="the broker's .key_secret: require CURVE on both sockets",
     )
     cmd.add_argument(
-        "--allow", metavar="DIR", help="public .key files of the clients let in (re-read live)"
+        "--allow",
+        metavar="DIR",
+        help="public .key files of clients that may do everything, as before identities "
+        "(re-read live; logged); other clients are the store's identities: client.py id add",
     )
     cmd.add_argument(
         "--allow-workers",

@@ -32,11 +32,15 @@ def cmd_up(args):
     if args.curve:
         from ..security import cluster_keys
 
-        server, workers, client = cluster_keys(keys)
+        # A cluster made before identities had a client key in the allow folder (it may do
+        # everything, and the broker says so in its log); a new one uses the store's first
+        # admin, an identity, and the allow folder stays empty.
+        legacy = os.path.exists(os.path.join(keys, "client.key_secret"))
+        server, workers, client = cluster_keys(keys, client=legacy)
     insecure = ["--insecure"] if args.insecure else []
     # The store id comes from the storage directory, so the broker serves that store whichever
     # storage worker (or impostor) registers first.
-    store_id, _admin_key = _open_store(os.path.join(args.data, "storage"), args.meta, args.chunks)
+    store_id, admin_key = _open_store(os.path.join(args.data, "storage"), args.meta, args.chunks)
     store = ["--store", store_id]
     specs = [
         (
@@ -106,12 +110,16 @@ def cmd_up(args):
             procs.append(_Child(name, cmd))
         hint = "python client.py put FILE"
         if client:
-            hint = f"python client.py --curve-secret {client[0]} --server-key {client[1]} put FILE"
+            secret = client[0] or admin_key
+            hint = f"python client.py --curve-secret {secret} --server-key {client[1]} put FILE"
         print(
             f"fms up: broker at {args.frontend} (workers on {args.backend}), {args.caches} "
             f"cache and {args.storage} storage workers, data in {os.path.abspath(args.data)}"
             f"{', CURVE on' if args.curve else ''}\n"
-            f"fms up: try `{hint}` in another terminal; Ctrl-C stops all",
+            f"fms up: the store's first admin (identity 'admin', which adds users: client.py "
+            f"id --help) has the key {admin_key}"
+            f"{'' if args.curve else '; it is needed with --curve (here, local users are admin)'}"
+            f"\nfms up: try `{hint}` in another terminal; Ctrl-C stops all",
             file=sys.stderr,
             flush=True,
         )

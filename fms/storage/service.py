@@ -141,7 +141,14 @@ class StorageService:
         log.warning("event=unexpected_reply id=%r", header.get("id"))
 
     def on_register(self):
-        pass
+        # The broker lets the store's identities in, and passes this on to the cache workers.
+        self._policy_changed(self.access.policy)
+
+    def on_policy(self, snapshot):
+        """Another storage worker's newer snapshot, passed on by the broker: decide with it at
+        once (the epoch check would find it within a second)."""
+        if snapshot.epoch > self.access.policy.epoch:
+            self.access.policy = snapshot
 
     def on_invalidate(self, name):
         pass
