@@ -124,6 +124,7 @@ ERROR_CODES = (
     "integrity",
     "missing_chunks",
     "unavailable",
+    "busy",
     "no_space",
     "refused",
     "forbidden",
