@@ -90,6 +90,28 @@ OP_ROLE = {
 }
 
 
+# How a refusal (and the audit log) names an op: as the command line says it.
+OP_SHOWN = {
+    "commit": "put",
+    "commit_many": "put",
+    "have": "upload",
+    "put_chunk": "upload",
+    "rm_prefix": "rm -r",
+    "get_many": "get",
+    "get_version": "get",
+    "chunk": "read",
+    "id_add": "id add",
+    "id_ls": "id ls",
+    "id_rm": "id rm",
+    "id_key": "id key",
+    "s3_key": "look up S3 keys",
+}
+
+
+def shown_op(op: str) -> str:
+    return OP_SHOWN.get(op, op)
+
+
 def normalise_prefix(prefix: str) -> str:
     """A grant's prefix as stored: without the trailing ``/`` (``album/`` is ``album``)."""
     return prefix.rstrip("/")
@@ -271,8 +293,8 @@ class Policy:
 
 def _refuse(who: Identity, op: str, what: str, role: str, where: str) -> Forbidden:
     return Forbidden(
-        f"forbidden: {who.name!r} may not {op} {what}: that needs the {role} role on {where}; "
-        f"{who.name!r} has {who.describe()}"
+        f"forbidden: {who.name!r} may not {shown_op(op)} {what}: that needs the {role} role on "
+        f"{where}; {who.name!r} has {who.describe()}"
     )
 
 

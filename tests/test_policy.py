@@ -46,7 +46,7 @@ def test_a_refusal_names_the_op_the_name_and_the_grants():
     assert "'bob' may not rm 'alice/report.pdf'" in text and "write role" in text
     assert "write on 'bob', read on 'shared'" in text
     assert refused.value.code == "forbidden"
-    with pytest.raises(Forbidden, match="may not rm_prefix under 'a/'"):
+    with pytest.raises(Forbidden, match="may not rm -r under 'a/'"):
         policy.check_folder(bob, "rm_prefix", "a")
     policy.check_folder(bob, "rm_prefix", "bob/old/")
     with pytest.raises(Forbidden, match="needs the admin role on the whole store"):
@@ -249,7 +249,7 @@ def test_each_role_may_do_exactly_what_its_grants_allow(template, tmp_path, targ
             assert reply["ok"], f"{who} {op} {target}: {reply}"
         else:
             assert reply == {**reply, "ok": False, "error": "forbidden"}, f"{who} {op} {target}"
-            assert op in reply["message"]
+            assert f"may not {policy.shown_op(op)} " in reply["message"]
 
 
 @pytest.mark.parametrize("op,fields", STORE_OPS)

@@ -237,8 +237,8 @@ def _open_store(data: str, meta: str | None, chunks: str | None) -> tuple:
     store = open_store(data, meta, chunks)
     try:
         made = ensure_first_admin(store.meta, data)
-        return store.store_id, made or os.path.abspath(
-            os.path.join(data, f"{FIRST_ADMIN}.key_secret")
+        return store.store_id, os.path.abspath(
+            made or os.path.join(data, f"{FIRST_ADMIN}.key_secret")
         )
     finally:
         store.close()

@@ -39,23 +39,25 @@ S3_KEY_ID_LEN = 20  # characters of an S3 access key id, as AWS's
 S3_SECRET_BYTES = 30  # random bytes of an S3 secret (40 characters of base64)
 _Z85 = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
 
-# Ops that change something, and their name in the audit log: a refusal of one is written there.
-CHANGES = {
-    "commit": "put",
-    "commit_many": "put",
-    "rm": "rm",
-    "rm_prefix": "rm -r",
-    "mv": "mv",
-    "cp": "cp",
-    "restore": "restore",
-    "purge": "purge",
-    "gc": "gc",
-    "id_add": "id add",
-    "id_rm": "id rm",
-    "id_key": "id key",
-    "grant": "grant",
-    "revoke": "revoke",
-}
+# Ops that change something: a refusal of one is written to the audit log (named as the CLI says).
+CHANGES = frozenset(
+    {
+        "commit",
+        "commit_many",
+        "rm",
+        "rm_prefix",
+        "mv",
+        "cp",
+        "restore",
+        "purge",
+        "gc",
+        "id_add",
+        "id_rm",
+        "id_key",
+        "grant",
+        "revoke",
+    }
+)
 
 log = logging.getLogger("fms.storage.access")
 
@@ -122,7 +124,10 @@ class Access:
             names += [n for n in header["names"][:16] if isinstance(n, str)]
         self._refused.append(
             policy_entry(
-                who, CHANGES[op], names=[n[: p.MAX_NAME_BYTES] for n in names], result="forbidden"
+                who,
+                policy.shown_op(op),
+                names=[n[: p.MAX_NAME_BYTES] for n in names],
+                result="forbidden",
             )
         )
 
