@@ -56,6 +56,7 @@ OP_ROLE = {
     "get": READ,
     "get_many": READ,
     "chunk": READ,  # by the file it belongs to: see fms.storage / fms.cache
+    "page": READ,  # a page or body of a chunk list, by the file too
     "stat": READ,
     "versions": READ,
     "get_version": READ,
@@ -68,6 +69,7 @@ OP_ROLE = {
     # writes
     "have": ANYWHERE,  # write somewhere; answers only for the caller's own chunks
     "put_chunk": ANYWHERE,
+    "put_page": ANYWHERE,
     "commit": WRITE,
     "commit_many": WRITE,
     "rm": WRITE,
@@ -96,6 +98,8 @@ OP_SHOWN = {
     "commit_many": "put",
     "have": "upload",
     "put_chunk": "upload",
+    "put_page": "upload",
+    "page": "read",
     "rm_prefix": "rm -r",
     "get_many": "get",
     "get_version": "get",

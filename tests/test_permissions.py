@@ -107,7 +107,7 @@ def test_bob_cannot_tell_what_alice_stores_nor_fetch_it_by_its_digest(curve_clus
     digests = [p.sha256(secret[i : i + p.MiB]) for i in range(0, len(secret), p.MiB)]
     header, _ = bob.call("have", hashes=digests)
     assert header["missing"] == digests  # as if the store had none of them
-    with pytest.raises(fms.Forbidden, match="by the file it belongs to"):
+    with pytest.raises(fms.Forbidden, match="through a file it belongs to"):
         bob.call("chunk", hash=digests[0], len=p.MiB)
     with pytest.raises(fms.Forbidden):
         bob.call("chunk", hash=digests[0], len=p.MiB, name="alice/secret.bin")
@@ -129,10 +129,18 @@ def test_readers_listings_and_the_cache_show_only_what_they_may_read(curve_clust
         for name in ("shared/a", "shared/b", "sharedX/c", "private/d"):
             admin.put_bytes(name.encode(), name)
             assert admin.get_bytes(name) == name.encode()  # cached
+    long_file = random_bytes(40 * 4096, seed=3)  # 40 chunks of 4 KiB: a paged chunk list
+    with cluster.client(chunk_size=4096) as admin:
+        admin.put_bytes(long_file, "shared/long")
     carol = user(cluster, "carol", ("read", "shared"))
-    assert [e["name"] for e in carol.ls("")] == ["shared/a", "shared/b"]
+    assert carol.get_bytes("shared/long") == long_file  # its pages and chunks by their place
+    assert carol.get_bytes("shared/long") == long_file  # again: from the cache, checked there
+    assert [e["name"] for e in carol.ls("") if e["name"] != "shared/long"] == [
+        "shared/a",
+        "shared/b",
+    ]
     assert [e["name"] for e in carol.iter_folder("")] == ["shared/"]
-    assert carol.du("")["files"] == 2
+    assert carol.du("")["files"] == 3
     assert carol.get_bytes("shared/a") == b"shared/a"  # a cache hit
     with pytest.raises(fms.Forbidden, match="'carol' may not get 'private/d'"):
         carol.get_bytes("private/d")  # a cache hit for the admin: refused by the cache

@@ -7,6 +7,8 @@ import shutil
 
 import pytest
 import zmq
+from storage_helpers import commit_fields as helper_commit_fields
+from storage_helpers import page_blobs, split
 
 from fms import policy
 from fms import wire as p
@@ -156,16 +158,10 @@ def template(tmp_path_factory):
 
 
 def commit_fields(name, content) -> dict:
-    digest = p.sha256(content)
-    return {
-        "name": name,
-        "size": len(content),
-        "chunk_size": p.DEFAULT_CHUNK_SIZE,
-        "chunks": [digest],
-        "sha256": digest,
-        "mtime": 1.0,
-        "commit": os.urandom(8).hex(),
-    }
+    """A one-chunk commit (the content sent inline with it), in 1 MiB chunks."""
+    fields = helper_commit_fields(name, content, os.urandom(8).hex(), p.DEFAULT_CHUNK_SIZE, 1.0)
+    del fields["op"]
+    return fields
 
 
 def ask(service, key, op, data=None, **fields) -> dict:
@@ -176,8 +172,14 @@ def ask(service, key, op, data=None, **fields) -> dict:
     try:
         service.handle_request(route, header, zmq.Frame(data) if data is not None else None)
         service.flush()
-    except FmsError as exc:
-        return {"ok": False, "error": getattr(exc, "code", "internal"), "message": str(exc)}
+    except FmsError as exc:  # what fms.worker answers
+        extra = exc.reply_fields() if hasattr(exc, "reply_fields") else {}
+        return {
+            "ok": False,
+            "error": getattr(exc, "code", "internal"),
+            "message": str(exc),
+            **extra,
+        }
     [reply] = service.link.replies[before:]
     return reply
 
@@ -284,7 +286,7 @@ def test_batches_are_decided_per_name(fresh):
         p.pack_data(content),
         names=names,
         sizes=[2, 2],
-        sha256s=[p.sha256(b"n1"), p.sha256(b"n2")],
+        hashes=[p.sha256(b"n1"), p.sha256(b"n2")],
         mtimes=[1.0, 1.0],
         commits=["x1", "x2"],
         chunk_size=p.DEFAULT_CHUNK_SIZE,
@@ -328,9 +330,8 @@ def test_have_and_commit_tell_nothing_of_content_others_store(fresh):
     guessed = p.sha256(OTHER)  # other/x's content, which the writer may not read
     assert ask(fresh, None, "have", hashes=[guessed])["missing"] == []  # the store has it
     assert ask(fresh, writer, "have", hashes=[guessed])["missing"] == [guessed]
-    big = OTHER * 10000  # over the inline size: committed by its chunks' digests alone
+    big = OTHER * 10000  # one chunk, committed by its digest alone (no content sent)
     fields = commit_fields("team/stolen", big)
-    fields.update(chunks=[p.sha256(big)], sha256=p.sha256(big), chunk_size=p.MAX_CHUNK_SIZE)
     assert ask(fresh, None, "put_chunk", p.pack_data(big), hash=p.sha256(big))["ok"]
     refused = ask(fresh, writer, "commit", **fields)
     assert refused["error"] == "missing_chunks"  # as if absent: upload it
@@ -343,6 +344,53 @@ def test_have_and_commit_tell_nothing_of_content_others_store(fresh):
     assert ask(fresh, writer, "commit", **fields)["ok"]
     again = ask(fresh, writer, "put_chunk", p.pack_data(big), hash=p.sha256(big))
     assert again["written"] is False
+
+
+def _put_paged(service, key, name, content):
+    """Upload a file whose chunk list is paged (more than 32 chunks of 4 KiB), as ``key``."""
+    for chunk in {c: None for c in split(content)}:
+        assert ask(service, key, "put_chunk", p.pack_data(chunk), hash=p.sha256(chunk))["ok"]
+    for page_id, blob in page_blobs(content):
+        assert ask(service, key, "put_page", p.pack_data(blob), hash=page_id)["ok"]
+    fields = helper_commit_fields(name, content, os.urandom(8).hex())
+    del fields["op"]
+    return ask(service, key, "commit", **fields)
+
+
+def test_a_long_chunk_list_tells_nothing_either(fresh):
+    """Pages: a page listing someone else's chunks, or a commit naming someone else's pages,
+    is refused as missing until the sender uploads them itself."""
+    content = b"".join(os.urandom(4096) for _ in range(40))  # 40 chunks: a paged list
+    assert _put_paged(fresh, None, "other/paged", content)["ok"]
+    [(page_id, blob)] = page_blobs(content)
+    writer = KEYS["writer"]
+    refused = ask(fresh, writer, "put_page", p.pack_data(blob), hash=page_id)
+    assert refused["error"] == "missing_chunks" and len(refused["missing"]) == 40
+    fields = helper_commit_fields("team/paged", content, "c-paged")
+    del fields["op"]
+    refused = ask(fresh, writer, "commit", **fields)
+    assert refused["error"] == "missing_chunks" and refused["missing"] == [page_id]
+    assert _put_paged(fresh, writer, "team/paged", content)["ok"]  # its own upload: fine
+
+
+def test_a_chunk_of_a_long_list_is_read_by_its_page_and_place(fresh):
+    content = b"".join(os.urandom(4096) for _ in range(40))
+    assert _put_paged(fresh, None, "team/paged", content)["ok"]
+    assert _put_paged(fresh, None, "other/paged", content[4096:] + content[:4096])["ok"]
+    [(page_id, _blob)] = page_blobs(content)
+    reader, digests = KEYS["reader"], [p.sha256(c) for c in split(content)]
+    manifest = ask(fresh, reader, "get", name="team/paged")["manifest"]
+    assert manifest["pages"] == [page_id]
+    assert ask(fresh, reader, "page", hash=page_id, name="team/paged")["ok"]
+    assert ask(fresh, reader, "page", hash=manifest["body"], name="team/paged")["ok"]
+    other = ask(fresh, None, "get", name="other/paged")["manifest"]["pages"][0]
+    assert ask(fresh, reader, "page", hash=other, name="team/paged")["error"] == "not_found"
+    assert ask(fresh, reader, "page", hash=other, name="other/paged")["error"] == "forbidden"
+    ok = ask(fresh, reader, "chunk", hash=digests[7], name="team/paged", page=page_id, at=7)
+    assert ok["ok"]
+    wrong = ask(fresh, reader, "chunk", hash=digests[7], name="team/paged", page=page_id, at=8)
+    assert wrong["error"] == "not_found"
+    assert ask(fresh, reader, "chunk", hash=digests[7], name="team/paged")["error"] == "not_found"
 
 
 def test_an_inline_commit_makes_its_chunk_the_uploader_s(fresh):
@@ -441,7 +489,9 @@ def _fill(service, name, content):
     """As the cache does on a miss for the local user: ask, and storage answers."""
     from test_cache import Frame, manifest_of
 
-    service.handle_request({"t": "req", "k": 0}, {"v": 1, "op": "get", "id": 0, "name": name}, None)
+    service.handle_request(
+        {"t": "req", "k": 0}, {"v": p.PROTOCOL_VERSION, "op": "get", "id": 0, "name": name}, None
+    )
     _, fetch = service.link.requests[-1]
     service.handle_reply(
         p.ok_reply(fetch["id"], manifest=manifest_of(name, content)), Frame(p.pack_data(content))
@@ -452,7 +502,7 @@ def _cache_ask(service, key, op, **fields):
     before = len(service.link.replies)
     route = {"t": "req", "k": 9} if key is None else {"t": "req", "k": 9, "u": key}
     try:
-        service.handle_request(route, {"v": 1, "op": op, "id": 9, **fields}, None)
+        service.handle_request(route, {"v": p.PROTOCOL_VERSION, "op": op, "id": 9, **fields}, None)
     except FmsError as exc:
         return {"ok": False, "error": exc.code, "message": str(exc)}
     replies = service.link.replies[before:]
@@ -527,15 +577,13 @@ def test_the_broker_routes_the_authenticated_key_and_passes_snapshots_on():
     assert welcomes and all(r["pol"] is True for r in welcomes)
     core.client_message(
         b"bob",
-        [p.encode({"v": 1, "op": "stat", "id": 1, "name": "x"})],
-        True,
-        {"u": KEYS["writer"]},
+        [p.encode({"v": p.PROTOCOL_VERSION, "op": "stat", "id": 1, "name": "x"})],
+        lambda frame: {"u": KEYS["writer"]},
     )
     core.client_message(
         b"old",
-        [p.encode({"v": 1, "op": "stat", "id": 2, "name": "x"})],
-        True,
-        {"u": KEYS["sadmin"], "l": True},
+        [p.encode({"v": p.PROTOCOL_VERSION, "op": "stat", "id": 2, "name": "x"})],
+        lambda frame: {"u": KEYS["sadmin"], "l": True},
     )
     ask(core, b"local", "stat", 3, name="x")  # no CURVE
     routes = {h["id"]: r for to, i, r, h in core.transport.take() if to == "worker"}
@@ -564,3 +612,34 @@ def test_the_broker_routes_the_authenticated_key_and_passes_snapshots_on():
     assert core.keys.epoch == 7 and not sent() and len(let_in) == 1
     ready(core, b"c-2", p.CACHE)  # a worker that joins gets the newest after its welcome
     assert [r["t"] for i, r in sent() if i == b"c-2"] == ["welcome", "policy"]
+
+
+def test_the_cache_reads_a_chunk_of_a_long_list_by_its_cached_page(tmp_path):
+    from storage_helpers import manifest_of
+
+    service = _cache(tmp_path)
+    content = b"".join(os.urandom(4096) for _ in range(40))
+    manifest = manifest_of("team/long", content)
+    [(page_id, blob)] = page_blobs(content)
+    digests = [p.sha256(c) for c in split(content)]
+    assert service.manifests.fill("team/long", manifest, service.manifests.begin_fetch())
+    reader = KEYS["reader"]
+    asked = len(service.link.requests)
+    # The page is not cached yet: storage decides (for the reader), then the cache holds it.
+    assert (
+        _cache_ask(service, reader, "chunk", hash=digests[3], name="team/long", page=page_id, at=3)
+        is None
+    )
+    assert service.link.requests[asked][1]["as"] == "reader"
+    service.chunks.put(page_id, memoryview(blob))
+    service.chunks.put(digests[3], memoryview(split(content)[3]))
+    asked = len(service.link.requests)
+    hit = _cache_ask(
+        service, reader, "chunk", hash=digests[3], name="team/long", page=page_id, at=3
+    )
+    assert hit["ok"] and len(service.link.requests) == asked  # decided and served here
+    assert _cache_ask(service, reader, "page", hash=page_id, name="team/long")["ok"]
+    wrong = _cache_ask(
+        service, reader, "chunk", hash=digests[3], name="team/long", page=page_id, at=4
+    )
+    assert wrong is None and service.link.requests[-1][1]["at"] == 4  # storage decides

@@ -14,14 +14,14 @@ served whole from here (``gh``) and those fetched (``gm``).
 **Who may read.** A hit is answered without storage, so the cache decides too, with the same
 :mod:`fms.policy` and the store's access snapshot that storage sends through the broker
 (:meth:`CacheService.on_policy`): ``get`` and each name of ``get_many`` need read on the name;
-a ``chunk`` of an identity that may not read the whole store names its file (``name``), which
-it must be able to read and whose manifest (cached, or else storage decides: the fetch is then
-made for that identity) must list the chunk.  A request without a key (no CURVE) is the local
-user's and costs no check.  Until the first snapshot arrives, requests with a key get
-``unavailable``.
+a ``chunk`` or ``page`` of an identity that may not read the whole store names its file
+(``name``, and for a chunk of a long list the ``page`` listing it and its place ``at``), which
+it must be able to read and whose cached manifest (and cached page or body) must list it; when
+what would tell is not here, storage decides (the fetch is then made for that identity, with
+``as``).  A request without a key (no CURVE) is the local user's and costs no check.  Until
+the first snapshot arrives, requests with a key get ``unavailable``.
 """
 
-import collections
 import itertools
 import logging
 import math
@@ -37,14 +37,13 @@ from .manifests import ManifestCache
 # Seconds a storage fetch may stay unanswered before its waiters get `unavailable`.  Longer than
 # the broker needs to declare a worker dead and hand its requests to another (3 heartbeats + 1).
 FETCH_TIMEOUT = 8.0
-CHUNK_SETS = 64  # manifests whose chunk digests are kept as sets, for chunk reads by file
 
 log = logging.getLogger("fms.cache")
 
 
 @dataclass
 class Fetch:
-    kind: str  # "get", "chunk" or "get_many"
+    kind: str  # "get", "chunk", "page" or "get_many"
     key: object  # the name, the chunk digest, or the tuple of names missed
     token: int  # ManifestCache clock when the fetch started
     started: float
@@ -81,7 +80,6 @@ class CacheService:
         self._fetches = {}  # fetch id -> Fetch
         self._open = {}  # (kind, key) -> fetch id of the newest fetch for that key
         self.policy = None  # the store's access snapshot (fms.policy.Policy), once sent
-        self._chunk_sets = collections.OrderedDict()  # (name, version, commit) -> digests
 
     # --- requests from clients ---
 
@@ -90,8 +88,8 @@ class CacheService:
         p.check_version(header)
         if op == "get":
             self._get(route, header, self._who(route, header))
-        elif op == "chunk":
-            self._chunk(route, header, self._who(route, header))
+        elif op in ("chunk", "page"):
+            self._chunk(route, header, op, self._who(route, header))
         elif op == "get_many":
             self._get_many(route, header, self._who(route, header))
         elif op == "cache_stats":
@@ -133,7 +131,7 @@ class CacheService:
     def _reply_get(self, route, req_id, header: dict, manifest: dict, frame, outcome: str):
         """Answer a get; the route tells the broker how many chunk requests will follow."""
         fields = {"manifest": manifest}
-        chunks = 0 if _inline(manifest) else len(manifest["chunks"])
+        chunks = 0 if _inline(manifest) else manifest["count"]
         if manifest["size"] > self.max_file:
             fields["cache"] = False  # the client reads these chunks from storage
             chunks = 0
@@ -154,8 +152,7 @@ class CacheService:
 
     def _get_many(self, route, header, who):
         """Many names: the hits from here, all the misses in one storage fetch (not joined with
-        other fetches: one round trip per batch); a name ``who`` may not read is that entry's
-        ``forbidden``."""
+        other fetches: one round trip per batch)."""
         names = p.need_names(header)
         found = [self._lookup_for(who, name) for name in names]
         missed = tuple(name for name, hit in zip(names, found, strict=False) if hit is None)
@@ -194,43 +191,55 @@ class CacheService:
             return refused
         return self._lookup(name)
 
-    def _chunk(self, route, header, who):
+    def _chunk(self, route, header, kind: str, who):
+        """A chunk, or a page of a chunk list (``kind`` ``page``): both are blobs named by their
+        digest, kept in the chunk cache alike.  ``fresh`` (a page the client found damaged):
+        from storage, whatever is cached."""
         digest = p.need_hash(header, "hash")
-        if not who.all and not self._chunk_allowed(who, header, digest):
-            # Its file's manifest is not here (or lists it not): storage decides, for `who`.
-            name = p.need(header, "name", str)
-            self._wait("chunk", digest, route, header["id"], {"name": name, "as": who.name})
+        if not who.all and not self._listed(who, header, kind, digest):
+            # Its file's manifest (or page) is not here to tell: storage decides, for `who`.
+            where = {k: header[k] for k in ("name", "page", "at") if k in header}
+            self._wait(kind, digest, route, header["id"], {**where, "as": who.name})
             return
-        frame = self.chunks.get(digest)
+        fresh = p.need(header, "fresh", bool, optional=True, default=False)
+        frame = None if fresh else self.chunks.get(digest)
         if frame is not None:
             self.hits += 1
             self.link.reply(route, p.ok_reply(header["id"]), frame, cache="hit")
             return
         self.misses += 1
-        self._wait("chunk", digest, route, header["id"])
+        self._wait(kind, digest, route, header["id"])
 
-    def _chunk_allowed(self, who, header: dict, digest: bytes) -> bool:
-        """Whether ``who`` (who may not read the whole store) reads chunk ``digest`` by the file
-        ``name``: it may read the name, and the name's cached manifest lists the chunk.  False:
-        the manifest is not here to tell.  :raises Forbidden: no name, or one it may not read."""
+    def _listed(self, who, header: dict, kind: str, digest: bytes) -> bool:
+        """Whether ``who`` (who may not read the whole store) reads this chunk or page through
+        the file ``name``: it may read the name, and its cached manifest lists it (a short list
+        itself; a long one as its body or a page, a chunk by the cached page ``page`` at
+        ``at``).  False: what would tell is not cached.  :raises Forbidden: no name, or one it
+        may not read."""
         name = header.get("name")
         if not isinstance(name, str):
             raise Forbidden(
-                f"forbidden: {who.name!r} may read a chunk only by the file it belongs to "
+                f"forbidden: {who.name!r} may read a chunk only through a file it belongs to "
                 f"(field 'name'); fms.Client sends it"
             )
         name = p.check_name(name)
-        policy.check(who, "chunk", name)
+        policy.check(who, kind, name)
         manifest = self.manifests.peek(name)
         if manifest is None:
             return False
-        key = (name, manifest["version"], manifest.get("commit"))
-        digests = self._chunk_sets.get(key)
-        if digests is None:
-            digests = self._chunk_sets[key] = frozenset(manifest["chunks"])
-            if len(self._chunk_sets) > CHUNK_SETS:
-                self._chunk_sets.popitem(last=False)
-        return digest in digests
+        if "chunks" in manifest:
+            return kind == "chunk" and digest in manifest["chunks"]
+        pages = manifest.get("pages")
+        if kind == "page":
+            return digest == manifest.get("body") or (pages is not None and digest in pages)
+        page, at = header.get("page"), header.get("at")
+        if pages is None or page not in pages or not isinstance(at, int):
+            return False  # a body not kept with the manifest: storage reads it
+        frame = self.chunks.get(page)
+        if frame is None:
+            return False
+        listed = p.unpack_data(frame)[at * p.HASH_LEN : (at + 1) * p.HASH_LEN]
+        return bytes(listed) == digest
 
     def _wait(self, kind, key, route, req_id, extra=None):
         """Join the open fetch for this key if it is still fresh, else start one; ``extra``
@@ -277,7 +286,7 @@ class CacheService:
             return
         try:
             payload = p.unpack_data(data.buffer) if data is not None else None
-            if fetch.kind == "chunk":
+            if fetch.kind in ("chunk", "page"):
                 chunk = self._check_chunk(fetch, payload)
             else:
                 chunk = self._fill_manifest(fetch, header, payload)
@@ -364,7 +373,7 @@ class CacheService:
         whole = sum(
             1
             for hit in fetch.found
-            if isinstance(hit, tuple) and (hit[1] is not None or not hit[0]["chunks"])
+            if isinstance(hit, tuple) and (hit[1] is not None or not hit[0]["count"])
         )
         self.link.reply(
             route,
@@ -415,7 +424,7 @@ class CacheService:
         old = self.manifests.invalidate(name)
         if old is None:
             return
-        for digest in old["chunks"]:
+        for digest in old.get("chunks") or ():
             if digest in self.chunks and not self.manifests.shared(digest):
                 self.chunks.drop(digest, forget=True)
                 self.dropped_chunks += 1
@@ -461,4 +470,4 @@ class CacheService:
 
 
 def _inline(manifest: dict) -> bool:
-    return p.travels_inline(manifest["size"], len(manifest["chunks"]))
+    return p.travels_inline(manifest["size"], manifest["count"])

@@ -18,6 +18,7 @@ act for another one (``as``), and the policy decides that too.
 new CURVE keypair whose files it writes into the data directory.
 """
 
+import collections
 import logging
 import os
 import re
@@ -26,11 +27,12 @@ import time
 
 from .. import policy
 from .. import wire as p
-from ..errors import BadRequest, FmsError, Forbidden
+from ..errors import BadRequest, FmsError, Forbidden, NotFound
 from ..policy import Grant, Identity, Policy
 from .meta.access import CURVE, S3, audit_entry
 
 REFRESH = 1.0  # seconds between checks of the store's access epoch
+BLOBS_KEPT = 8 * p.MiB  # bytes of pages and bodies kept for reads by file (a page: 2 MiB)
 UNKNOWN_KEY_REFRESH = 0.25  # seconds: an unknown key makes a check at most this often
 AUDIT_PAGE = 1000  # entries per `audit` reply
 FORBIDDEN_KEPT = 100  # refused change attempts written to the audit log per flush; the rest counted
@@ -147,6 +149,87 @@ class Access:
             self.meta.audit_write(entries)
         except FmsError as exc:
             log.warning("event=audit_write_failed entries=%d error=%r", len(entries), str(exc))
+
+
+class Reads:
+    """How an identity that may not read the whole store reads a chunk or a page of a chunk
+    list: through a file it may read (``name``), whose current or retained version lists it: a
+    short list itself, a page of a long list as one of its pages (or its body), a chunk of a
+    long list by the page that lists it (``page``) and its place there (``at``).  So a digest
+    opens nothing by itself: nobody learns whether someone stores a content they guess.  Pages
+    and bodies are named by their digest, so the few last read are kept (:data:`BLOBS_KEPT`):
+    a file read in order costs one page read per 65,536 chunks."""
+
+    def __init__(self, store):
+        self.store = store
+        self._blobs = collections.OrderedDict()  # id -> bytes
+        self._kept = 0
+
+    def blob(self, ident: bytes) -> bytes:
+        """A page or a body by its id (:meth:`~fms.storage.engine.Store.read_list`)."""
+        blob = self._blobs.get(ident)
+        if blob is not None:
+            self._blobs.move_to_end(ident)
+            return blob
+        blob = self.store.read_list(ident)
+        self._blobs[ident] = blob
+        self._kept += len(blob)
+        while self._kept > BLOBS_KEPT and len(self._blobs) > 1:
+            self._kept -= len(self._blobs.popitem(last=False)[1])
+        return blob
+
+    def check_chunk(self, who: Identity, header: dict, digest: bytes):
+        """:raises Forbidden: no file named, or one ``who`` may not read.  :raises NotFound:
+        no version of it lists the chunk there."""
+        name = self._file(who, header, "chunk")
+        page = p.need_hash(header, "page") if "page" in header else None
+        at = p.need_int(header, "at", hi=p.PAGE_CHUNKS - 1, optional=True, default=None)
+        for version in self._versions(name):
+            chunks, pages = self._lists(version)
+            if chunks is not None and digest in chunks:
+                return
+            listed = page is not None and at is not None and pages is not None and page in pages
+            if listed and self.blob(page)[at * p.HASH_LEN : (at + 1) * p.HASH_LEN] == digest:
+                return
+        raise NotFound(f"{name!r} lists no such chunk there; read its manifest again")
+
+    def check_page(self, who: Identity, header: dict, ident: bytes):
+        """:raises Forbidden: as :meth:`check_chunk`.  :raises NotFound: no version of the file
+        has that page or body."""
+        name = self._file(who, header, "page")
+        for version in self._versions(name):
+            if version.body == ident:
+                return
+            _chunks, pages = self._lists(version)
+            if pages is not None and ident in pages:
+                return
+        raise NotFound(f"{name!r} lists no such page; read its manifest again")
+
+    @staticmethod
+    def _file(who: Identity, header: dict, op: str) -> str:
+        name = header.get("name")
+        if not isinstance(name, str):
+            raise Forbidden(
+                f"forbidden: {who.name!r} may read a chunk only through a file it belongs to "
+                f"(field 'name'); fms.Client sends it"
+            )
+        name = p.check_name(name)
+        policy.check(who, op, name)
+        return name
+
+    def _versions(self, name: str) -> list:
+        try:
+            return self.store.versions(name)
+        except NotFound:
+            return []
+
+    def _lists(self, version) -> tuple:
+        """``(chunks or None, page ids or None)`` of a version (its body read if need be)."""
+        if version.chunks is not None or version.body is None:
+            return version.chunks, None
+        if version.pages is not None:
+            return None, version.pages
+        return None, p.unpack_body(self.blob(version.body))[1]
 
 
 def policy_entry(who: Identity, op: str, **fields) -> dict:

@@ -17,9 +17,11 @@ service is doing.)
 Every request is decided by :mod:`fms.policy` for every name it touches, as the identity its
 authenticated key resolves to (:class:`~fms.storage.access.Access`, kept in ``route["who"]``
 while it is handled): reads per name, listings and counts filtered to what it may read, writes
-per name (both names of mv and cp), rm_prefix on the whole folder, and an identity that may not
-read the whole store sees dedup only for the chunks it uploaded itself (``have``, ``put_chunk``,
-and the chunks a commit may name), and reads a chunk only by a file it may read.
+per name (both names of mv and cp), rm_prefix on the whole folder.  An identity that may not
+read the whole store sees dedup only for what it uploaded itself (``have``, ``put_chunk``,
+``put_page``, and the chunks or pages a commit may name: :class:`~fms.storage.access.Owner`),
+and reads a chunk or a page only through a file it may read that lists it
+(:class:`~fms.storage.access.Reads`).
 """
 
 import logging
@@ -36,14 +38,13 @@ from ..errors import (
     FmsError,
     Forbidden,
     MissingChunks,
-    NotFound,
     RemoteError,
     TooLarge,
     Unavailable,
 )
 from ..logutil import RateLimitedLog
 from . import gc
-from .access import Access, AccessOps
+from .access import Access, AccessOps, Reads
 from .engine import Store, os_failure
 from .model import Copy, NewVersion, Removal, Restore
 
@@ -88,14 +89,17 @@ class StorageService:
         self._next_gc = time.monotonic() + GC_INTERVAL
         self._maintenance = _Maintenance(maintenance_store) if maintenance_store else None
         self.access = Access(store.meta)
-        self._quiet = RateLimitedLog(log)
         self.access_ops = AccessOps(store, self.access, lambda: self.link, self._policy_changed)
+        self.reads = Reads(store)
+        self._quiet = RateLimitedLog(log)
         self._handlers = {
             "get": self.op_get,
             "chunk": self.op_chunk,
+            "page": self.op_page,
             "get_many": self.op_get_many,
             "have": self.op_have,
             "put_chunk": self.op_put_chunk,
+            "put_page": self.op_put_page,
             "commit": self.op_commit,
             "commit_many": self.op_commit_many,
             "ls": self.op_ls,
@@ -194,19 +198,18 @@ class StorageService:
         return name
 
     def op_get(self, route, header, data):
-        version = self.store.version(self._name(route, header, "get"))
-        frame = None
-        if p.travels_inline(version.size, len(version.chunks)):
-            frame = self.store.read_chunk(version.chunks[0])
-        self.link.reply(route, p.ok_reply(header["id"], manifest=version.manifest()), frame)
+        self._reply_manifest(route, header, self.store.version(self._name(route, header, "get")))
 
     def op_get_version(self, route, header, data):
         """A retained (or the current) version's manifest, as ``get`` answers it."""
         version = self.store.retained_version(
             self._name(route, header, "get_version"), p.need_int(header, "version", lo=1)
         )
+        self._reply_manifest(route, header, version)
+
+    def _reply_manifest(self, route, header, version):
         frame = None
-        if p.travels_inline(version.size, len(version.chunks)):
+        if p.travels_inline(version.size, version.count):
             frame = self.store.read_chunk(version.chunks[0])
         self.link.reply(route, p.ok_reply(header["id"], manifest=version.manifest()), frame)
 
@@ -229,7 +232,7 @@ class StorageService:
                 policy.check(route["who"], "get_many", name)
                 version = self.store.version(name)
                 frame = None
-                if p.travels_inline(version.size, len(version.chunks)):
+                if p.travels_inline(version.size, version.count):
                     frame = self.store.read_chunk(version.chunks[0])
             except RemoteError as exc:  # this name's failure, not the batch's
                 batch.error(exc.code, str(exc))
@@ -239,23 +242,23 @@ class StorageService:
 
     def op_chunk(self, route, header, data):
         digest = p.need_hash(header, "hash")
-        who = route["who"]
-        if not who.all:
-            # By hash alone a chunk would tell whether anyone stores a content one guesses, and
-            # give it to whoever learnt its digest: it is read by a file one may read.
-            if "name" not in header:
-                raise Forbidden(
-                    f"forbidden: {who.name!r} may read a chunk only by the file it belongs to "
-                    f"(field 'name'); fms.Client sends it"
-                )
-            name = self._name(route, header, "chunk")
-            if not self.store.holds_chunk(name, digest):
-                raise NotFound(f"{name!r} has no such chunk; get its manifest again")
+        if not route["who"].all:
+            # By digest alone a chunk would tell whether anyone stores a content one guesses,
+            # and give it to whoever learnt the digest: it is read through a file one may read.
+            self.reads.check_chunk(route["who"], header, digest)
         frame = self.store.read_chunk(digest)
         self.link.reply(route, p.ok_reply(header["id"]), frame)
 
+    def op_page(self, route, header, data):
+        """A page of a chunk list, or a body, by its id (what a client reads a long list by)."""
+        ident = p.need_hash(header, "hash")
+        if not route["who"].all:
+            self.reads.check_page(route["who"], header, ident)
+        blob = self.reads.blob(ident)
+        self.link.reply(route, p.ok_reply(header["id"]), p.pack_data(blob))
+
     def op_stat(self, route, header, data):
-        version = self.store.version(self._name(route, header, "stat"))
+        version = self.store.version(self._name(route, header, "stat"), lists=False)
         self.link.reply(route, p.ok_reply(header["id"], stat=version.summary()))
 
     def op_ls(self, route, header, data):
@@ -329,28 +332,58 @@ class StorageService:
         written = self.store.put_chunk(digest, payload, self._owner(route))
         self.link.reply(route, p.ok_reply(header["id"], written=written))
 
+    def op_put_page(self, route, header, data):
+        policy.check_op(route["who"], "put_page")
+        page_id = p.need_hash(header, "hash")
+        if data is None:
+            raise BadRequest("put_page needs a data frame: the page's digests back to back")
+        blob = p.unpack_data(data.buffer)
+        owner = self._owner(route)
+        if owner is not None:
+            # A page may list only chunks its sender uploaded (else it could list another's and
+            # read them through a file of its own): it sends those first.
+            unowned = self.store.unowned(owner, p.split_digests(blob))
+            if unowned:
+                raise MissingChunks(
+                    f"{len(unowned)} chunk(s) this page lists are not in the store; upload "
+                    f"them and send the page again",
+                    missing=unowned,
+                )
+        written = self.store.put_page(page_id, blob)
+        if owner is not None:
+            written = bool(self.store.meta.own(owner, [page_id]))
+        self.link.reply(route, p.ok_reply(header["id"], written=written))
+
     def op_commit(self, route, header, data):
+        kind = p.need(header, "digest_kind", str, optional=True, default=p.DIGEST_TREE)
+        if kind != p.DIGEST_TREE:
+            raise BadRequest(
+                f"a commit's digest is of kind {p.DIGEST_TREE!r}: derived from its chunk "
+                f"digests (storage reads nothing back to check one of the content)"
+            )
+        if ("chunks" in header) == ("pages" in header):
+            raise BadRequest("a commit lists either its chunks or its pages")
         name = self._name(route, header, "commit")
-        size = p.need_int(header, "size")
-        chunk_size = p.need_int(header, "chunk_size", lo=p.MIN_CHUNK_SIZE, hi=p.MAX_CHUNK_SIZE)
         change = NewVersion(
             name=name,
-            size=size,
-            sha256=p.need_hash(header, "sha256"),
-            chunk_size=chunk_size,
-            chunks=tuple(p.need_hashes(header, "chunks", p.chunk_count(size, chunk_size))),
+            extents=p.unpack_extents(p.need(header, "extents", bytes)),
+            digest=p.need_hash(header, "digest"),
             mtime=p.check_mtime(
                 p.need(header, "mtime", (int, float), optional=True, default=time.time())
             ),
             commit=_commit_id(header),
+            chunks=_hashes(header, "chunks", p.INLINE_CHUNKS),
+            pages=_hashes(header, "pages", p.MAX_PAGES),
+            meta=p.check_meta(p.need(header, "meta", dict, optional=True, default={})),
             actor=route["who"].name,
         )
         inline = bytes(p.unpack_data(data.buffer)) if data is not None else None
         owner = self._owner(route)
         if owner is not None:
-            # Only its own chunks: naming another's would tell it that someone stores them,
-            # and let it read them.  It uploads the others (the reply lists them).
-            unowned = self.store.unowned(owner, change.chunks[1:] if inline else change.chunks)
+            # Only its own chunks (or pages): naming another's would tell it that someone stores
+            # them, and let it read them.  It uploads the others (the reply lists them).
+            listed = change.pages if change.pages is not None else change.chunks or ()
+            unowned = self.store.unowned(owner, listed[1:] if inline else listed)
             if unowned:
                 raise MissingChunks.absent(name, unowned)
         self._pending.append((route, header, change, inline))
@@ -363,12 +396,11 @@ class StorageService:
         if not 1 <= count <= p.MAX_BATCH_FILES:
             raise BadRequest(f"commit_many takes 1 to {p.MAX_BATCH_FILES} files, got {count}")
         columns = {
-            key: p.need(header, key, list) for key in ("sizes", "sha256s", "mtimes", "commits")
+            key: p.need(header, key, list) for key in ("sizes", "hashes", "mtimes", "commits")
         }
         if any(len(column) != count for column in columns.values()):
             raise BadRequest(
-                "commit_many: names, sizes, sha256s, mtimes and commits must have "
-                "one entry per file"
+                "commit_many: names, sizes, hashes, mtimes and commits must have one entry per file"
             )
         chunk_size = p.need_int(header, "chunk_size", lo=p.MIN_CHUNK_SIZE, hi=p.MAX_CHUNK_SIZE)
         payload = p.unpack_data(data.buffer) if data is not None else memoryview(b"")
@@ -376,21 +408,21 @@ class StorageService:
         for i in range(count):
             item = {
                 "size": columns["sizes"][i],
-                "sha256": columns["sha256s"][i],
+                "hash": columns["hashes"][i],
                 "mtime": columns["mtimes"][i],
                 "commit": columns["commits"][i],
             }
             size = p.need_int(item, "size", hi=min(p.INLINE_MAX, chunk_size))
-            digest = p.need_hash(item, "sha256")
+            digest = p.need_hash(item, "hash")
+            extents, chunks = (((chunk_size, size),), (digest,)) if size else ((), ())
             change = NewVersion(
                 p.check_name(names[i]),
-                size,
-                digest,
-                chunk_size,
-                (digest,) if size else (),
+                extents,
+                p.inline_digest(extents, chunks),  # derived here: the content comes along
                 p.check_mtime(p.need(item, "mtime", (int, float))),
                 _commit_id(item),
-                route["who"].name,
+                chunks=chunks,
+                actor=route["who"].name,
             )
             requests.append((change, bytes(payload[offset : offset + size]) if size else None))
             offset += size
@@ -610,6 +642,10 @@ class StorageService:
 
 def _failed(result) -> bool:
     return result is None or isinstance(result, FmsError)
+
+
+def _hashes(header, key: str, limit: int) -> tuple | None:
+    return tuple(p.need_hashes(header, key, limit)) if key in header else None
 
 
 def _commit_id(header, optional=False) -> str:

@@ -562,26 +562,35 @@ class AccessSQL(AccessMeta):
                 ).fetchall()
             ]
             self._lock_names(names)
+            self._chunk_refs = collections.Counter()
             dropped = 0
-            delta = collections.Counter()
             for name in names:
                 self._execute("DELETE FROM holds WHERE name = ? AND until <= ?", (name, now))
-                dropped += self._push_out(name, delta, now)
-            self._add_refs(delta, now)
+                dropped += self._push_out(name, now)
+            self._flush_chunk_refs(now)
             return dropped
 
         return self._transaction(work)
 
+    def _flush_chunk_refs(self, now: float):
+        """Apply the chunk references gathered in ``_chunk_refs`` (sorted, as apply does)."""
+        counts = self._chunk_refs
+        ids = sorted(counts)
+        self._refs("chunks", "digest", ids, [counts[i] for i in ids], now)
+
     def purge(self, name, version, all_versions, now, actor, commit=None):
         def work():
             self._lock_names([name])
-            return self._once(
+            self._chunk_refs = collections.Counter()
+            purged = self._once(
                 commit,
                 "purge",
                 name,
                 now,
                 lambda: self._purge(name, version, all_versions, now, actor),
             )[0]
+            self._flush_chunk_refs(now)
+            return purged
 
         return self._transaction(work)
 
@@ -589,47 +598,41 @@ class AccessSQL(AccessMeta):
         current = self._current(name)
         retained = self.retained(name)
         live = current is not None and not current.deleted
+        candidates = retained + ([current] if live else [])
         if all_versions:
-            targets = retained + ([current] if live else [])
-            if not targets and current is None:
+            targets = candidates
+            if current is None and not retained:
                 raise NotFound(f"{name!r} has no version to purge; see: versions {name}")
         else:
-            targets = [v for v in retained + ([current] if live else []) if v.version == version]
+            targets = [v for v in candidates if v.version == version]
             if not targets:
                 raise NotFound(
                     f"{name!r} has no version {version}; list them with: versions {name}"
                 )
-        delta = collections.Counter()
         for v in targets:
-            delta.subtract(v.chunks)
+            self._reference(v, -1, now)  # its chunks (or its body): gc frees what nothing holds
             if v is current:
                 self._bump(files=-1, nbytes=-v.size)
                 self._execute(
-                    "UPDATE names SET version = ?, chunks = ?, commit_id = ?, committed = ?, "
-                    "deleted = 1 WHERE name = ?",
-                    (v.version + 1, b"", os.urandom(16).hex(), now, name),
+                    "UPDATE names SET version = ?, nchunks = 0, extent_list = NULL, "
+                    "chunk_list = NULL, page_list = NULL, body = NULL, commit_id = ?, "
+                    "committed = ?, deleted = 1 WHERE name = ?",
+                    (v.version + 1, os.urandom(16).hex(), now, name),
                 )
             else:
                 self._execute(
                     "DELETE FROM retained WHERE name = ? AND version = ?", (name, v.version)
                 )
-                self._execute("DELETE FROM holds WHERE name = ? AND version = ?", (name, v.version))
+            self._execute("DELETE FROM holds WHERE name = ? AND version = ?", (name, v.version))
         if all_versions:
-            # Nothing of the name is left: its tombstone, and the remembered results of
-            # the commits that made it (they name the purged content's digests).
+            # Nothing of the name is left: its tombstone, and the remembered results of the
+            # commits that made it.
             self._execute("DELETE FROM names WHERE name = ?", (name,))
             self._execute("DELETE FROM commits WHERE name = ?", (name,))
-            self._execute("DELETE FROM holds WHERE name = ?", (name,))
-        self._add_refs(delta, now)
         purged = sorted(v.version for v in targets)
         self._audit(
             audit_entry(
-                now,
-                actor,
-                "purge",
-                names=[name],
-                versions=purged,
-                all_versions=all_versions,
+                now, actor, "purge", names=[name], versions=purged, all_versions=all_versions
             )
         )
         return purged
