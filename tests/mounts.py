@@ -30,14 +30,17 @@ def fuse_missing() -> str | None:
 class Mount:
     """A running ``client.py mount`` of ``cluster``'s store on ``path``."""
 
-    def __init__(self, cluster, path: str, *args: str, timeout: float = 5.0):
+    def __init__(
+        self, cluster, path: str, *args: str, timeout: float = 5.0, client_args: tuple = ()
+    ):
         self.cluster = cluster
         self.path = path
         os.makedirs(path, exist_ok=True)
         self.log_path = f"{path}.log"
         self._log = open(self.log_path, "ab")
         cmd = [sys.executable, os.path.join(ROOT, "client.py"), "--broker", cluster.frontend]
-        cmd += ["--timeout", str(timeout), "mount", path, "--spool", f"{path}.spool", *args]
+        cmd += [*client_args, "--timeout", str(timeout), "mount", path]
+        cmd += ["--spool", f"{path}.spool", *args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
         wait_for(
             lambda: os.path.ismount(path) or self.proc.poll() is not None,
@@ -81,9 +84,9 @@ def make_mount(tmp_path, request):
         pytest.skip(reason)
     mounts = []
 
-    def make(cluster, *args, name=None, timeout=5.0):
-        mount = Mount(cluster, str(tmp_path / (name or f"mnt{len(mounts)}")), *args,
-                      timeout=timeout)  # fmt: skip
+    def make(cluster, *args, name=None, timeout=5.0, client_args=()):
+        path = str(tmp_path / (name or f"mnt{len(mounts)}"))
+        mount = Mount(cluster, path, *args, timeout=timeout, client_args=client_args)
         mounts.append(mount)
         return mount
 

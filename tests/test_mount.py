@@ -259,6 +259,62 @@ def test_a_read_only_mount_refuses_changes(cluster, make_mount):
         assert [e["name"] for e in c.ls("")] == ["f"]
 
 
+def identity_key(cluster, name: str, *grants) -> list:
+    """Make identity ``name`` with a key of its own and ``grants`` ((role, prefix) pairs);
+    :return: the command line options that use its key."""
+    from fms.security import keygen, load_public
+
+    public, secret = keygen(str(cluster.tmp / "user-keys"), name)
+    with cluster.client() as admin:
+        admin.id_add(name, keys=[load_public(public)])
+        for role, prefix in grants:
+            admin.grant(name, role, prefix)
+    return ["--curve-secret", secret, "--server-key", str(cluster.tmp / "keys" / "broker.key")]
+
+
+def test_a_read_only_grant_gives_a_read_only_mount(tmp_path, make_mount):
+    from harness import Cluster
+
+    cluster = Cluster(tmp_path / "c", curve=True)
+    try:
+        cluster.start_all()
+        with cluster.client() as c:
+            c.put_bytes(b"shared", "team/doc")
+            c.put_bytes(b"theirs", "other/x")
+        reader = identity_key(cluster, "reader", ("read", "team"))
+        writer = identity_key(cluster, "writer", ("write", "team"))
+        nobody = identity_key(cluster, "nobody", ("write", "elsewhere"))
+        m = make_mount(cluster, client_args=reader)
+        assert "'reader' may only read here (read on 'team'): mounted read-only" in m.log()
+        assert os.statvfs(m.path).f_flag & os.ST_RDONLY
+        assert os.listdir(m.path) == ["team"]  # what it may read, only
+        assert read(m.p("team", "doc")) == b"shared"
+        for attempt in (
+            lambda: write(m.p("team", "new"), b"x"),
+            lambda: os.mkdir(m.p("team", "d")),
+            lambda: os.unlink(m.p("team", "doc")),
+        ):
+            with pytest.raises(OSError) as raised:
+                attempt()
+            assert raised.value.errno == errno.EROFS
+        w = make_mount(cluster, client_args=writer)
+        assert not os.statvfs(w.path).f_flag & os.ST_RDONLY
+        write(w.p("team", "new"), b"written")
+        with pytest.raises(OSError) as raised:
+            os.mkdir(w.p("other"))  # a grant on 'team' only: refused by the store, EACCES
+        assert raised.value.errno == errno.EACCES
+        with cluster.client() as c:
+            assert c.get_bytes("team/new") == b"written"
+            assert sorted(e["name"] for e in c.ls("")) == ["other/x", "team/doc", "team/new"]
+        (tmp_path / "nowhere").mkdir()
+        refused = cluster.cli(*nobody, "mount", str(tmp_path / "nowhere"), "--prefix", "team")
+        assert refused.returncode == 1
+        assert b"'nobody' may read nothing under 'team'" in refused.stderr
+        assert not os.path.ismount(tmp_path / "nowhere")
+    finally:
+        cluster.stop()
+
+
 def test_a_prefix_shows_one_folder_of_the_store(cluster, make_mount):
     with cluster.client() as c:
         c.put_bytes(b"in", "photos/cat.jpg")

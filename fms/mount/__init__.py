@@ -117,18 +117,36 @@ def _serve(fs, mountpoint: str, client_factory: Callable, settings: dict, ready_
     try:
         with pool.client() as client:
             client.call("status")  # the broker answers: say so now, not at the first ls
+            who = client.whoami()
+        may_read, may_write = access_under(who, settings["prefix"])
+        if not may_read:
+            shown = settings["prefix"].strip("/")
+            raise FmsError(
+                f"{who['identity']!r} may read nothing "
+                f"{f'under {shown!r}' if shown else 'in this store'}: its grants are "
+                f"{_grants_shown(who)}; ask an admin for one (fms grant {who['identity']} read "
+                f"{shown or 'PREFIX'}), or mount a folder it may read (--prefix)"
+            )
     except FmsError as exc:
         pool.close()
         if ready_fd is not None:
             _tell(ready_fd, f"error:{exc}")
             return 1
         raise
+    read_only = settings["read_only"]
+    if not read_only and not may_write:
+        read_only = True  # a read-only grant gives a read-only mount: EROFS, not EACCES later
+        print(
+            f"fms mount: {who['identity']!r} may only read here ({_grants_shown(who)}): "
+            f"mounted read-only",
+            file=sys.stderr,
+        )
     ops = fs.FmsMount(
         pool,
         settings["prefix"],
         Spool(settings["spool"] or default_spool(), settings["spool_bytes"]),
         settings["chunk_size"],
-        read_only=settings["read_only"],
+        read_only=read_only,
         cache_time=settings["cache_time"],
         writeback=settings["writeback"],
     )
@@ -143,7 +161,7 @@ def _serve(fs, mountpoint: str, client_factory: Callable, settings: dict, ready_
     }
     if settings["allow_other"]:
         options["allow_other"] = True
-    if settings["read_only"]:
+    if read_only:
         options["ro"] = True
     try:
         fs.FmsFuse(ops, mountpoint, raw_fi=True, **options)
@@ -155,6 +173,29 @@ def _serve(fs, mountpoint: str, client_factory: Callable, settings: dict, ready_
             f"there already? (unmount it with: fusermount3 -u {mountpoint})"
         ) from None
     return 0
+
+
+def access_under(whoami: dict, prefix: str) -> tuple[bool, bool]:
+    """Whether the identity ``whoami`` describes (:meth:`fms.Client.whoami`) may read, and may
+    write, anything under the folder ``prefix`` ("" : the whole store): a grant on the folder, on
+    a folder above it or on one inside it."""
+    from .. import policy
+
+    folder = policy.normalise_prefix(prefix.strip("/"))
+    roles = [
+        g["role"]
+        for g in whoami["grants"]
+        if policy.covers(g["prefix"], folder) or policy.covers(folder, g["prefix"])
+    ]
+    return bool(roles), any(role in (policy.WRITE, policy.ADMIN) for role in roles)
+
+
+def _grants_shown(whoami: dict) -> str:
+    grants = [
+        f"{g['role']} on {repr(g['prefix']) if g['prefix'] else 'the whole store'}"
+        for g in whoami["grants"]
+    ]
+    return ", ".join(grants) or "none"
 
 
 def _tell(fd: int, what: str) -> None:

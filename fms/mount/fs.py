@@ -37,6 +37,7 @@ from ..errors import (
     BadRequest,
     Conflict,
     FmsError,
+    Forbidden,
     NoSpace,
     NotFound,
     Refused,
@@ -68,8 +69,8 @@ def _error(exc: FmsError) -> int:
         return errno.ENOSPC
     if isinstance(exc, TooLarge):
         return errno.EFBIG
-    if isinstance(exc, Refused):
-        return errno.EACCES
+    if isinstance(exc, Refused | Forbidden):
+        return errno.EACCES  # the key, or its identity's grants, may not do this here
     if isinstance(exc, Conflict):
         return errno.ENOTEMPTY
     return errno.EIO  # the cluster cannot be reached, did not answer, or sent damaged bytes

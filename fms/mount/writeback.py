@@ -73,7 +73,7 @@ class Committer:
             self.pending[item.name] = item
             self._cond.notify_all()
 
-    def entry(self, name: str):
+    def entry(self, name: str) -> object | None:
         with self._cond:
             item = self.pending.get(name)
         return None if item is None else item.entry

@@ -27,6 +27,7 @@ for the grace period, they are deleted by ``collect_lists``, which releases what
 from abc import ABC, abstractmethod
 
 from ..model import Totals, Version
+from .access import AccessMeta
 
 # How long a finished commit's id is remembered (a retry of it is answered with its result), and
 # how long a removed name's tombstone is kept (its version number carries over to a re-created
@@ -49,7 +50,7 @@ class ChunkRow:
         return self.data is not None
 
 
-class MetaEngine(ABC):
+class MetaEngine(AccessMeta, ABC):
     """One store's metadata.  ``store_id`` identifies the store (workers on one store share it)."""
 
     store_id: str
@@ -93,10 +94,13 @@ class MetaEngine(ABC):
         """
 
     @abstractmethod
-    def move_prefix(self, prefix: str, dest: str, commit: str, now: float, limit: int) -> int:
+    def move_prefix(
+        self, prefix: str, dest: str, commit: str, now: float, limit: int, actor: str = "local"
+    ) -> int:
         """Rename a folder: every live name under ``prefix`` (a folder's name, ending in ``/``;
         its own marker too) becomes ``dest`` + the rest of it, as :class:`Copy` with ``move``
-        would make it, all in one transaction (metadata only).  Idempotent by ``commit``.
+        would make it, all in one transaction (metadata only), written to the audit log as one
+        ``mv`` by ``actor``.  Idempotent by ``commit``.
 
         :return: how many names moved.
         :raises NotFound: no live name under ``prefix``.
