@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+from conftest import wait_for
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -15,8 +16,10 @@ from storage_helpers import CHUNK, new_version, put_file, split, write_format1
 from fms import wire as p
 from fms.errors import BadRequest, IntegrityError, MissingChunks, NotFound, Unavailable
 from fms.storage import gc
+from fms.storage import service as storage_service
 from fms.storage.engine import StoreError, open_local, open_store
 from fms.storage.meta.base import RETAIN_SECONDS
+from fms.storage.model import Removal
 from fms.storage.service import StorageService
 
 
@@ -244,6 +247,31 @@ def test_tombstones_and_commit_ids_are_dropped_after_the_retention(store):
     store.remove("n", "r1")
     assert gc.collect(store, grace=0)["pruned"] == 0
     assert gc.collect(store, grace=0, now=time.time() + RETAIN_SECONDS + 1)["pruned"] == 3
+
+
+def test_the_maintenance_thread_prunes_every_expired_tombstone_however_many(tmp_path):
+    """5,000 tombstones past the retention (more than one batch) go in one background pass of
+    the maintenance thread, nobody asking."""
+    data = str(tmp_path / "data")
+    store = open_local(data)
+    service = StorageService(store, Link(), maintenance_store=open_local(data))
+    try:
+        old = time.time() - RETAIN_SECONDS - 60
+        store.meta.claim_chunk(p.sha256(b"t"), 1, old, b"t")
+        made = [new_version(f"t/{i:05d}", b"t", f"c-{i}") for i in range(5000)]
+        store.meta.apply(made, old, {})
+        store.meta.apply([Removal(v.name, f"r-{v.name}") for v in made], old, {})
+        put_file(store, "live", b"live", commit="c-live")
+
+        def tombstones():
+            return store.meta._one("SELECT COUNT(*) FROM names WHERE deleted = 1")[0]
+
+        assert tombstones() == 5000 > gc.PRUNE_BATCH
+        service.tick(time.monotonic() + storage_service.GC_INTERVAL + 1)
+        wait_for(lambda: tombstones() == 0, 60, "the background pass to prune every tombstone")
+        assert [v.name for v in store.list("", "", 10)] == ["live"]
+    finally:
+        service.close()
 
 
 # --- fsck ---

@@ -26,6 +26,7 @@ DEFAULT_GRACE = 3600.0  # seconds an unreferenced chunk is kept before it is col
 LEASE = "gc"
 LEASE_SECONDS = 120.0  # a collector that dies holds the lease this long at most
 BATCH = 500  # chunks doomed per transaction
+PRUNE_BATCH = 2000  # tombstones and remembered ids dropped per transaction
 FSCK_PAGE_BYTES = 256 * p.MiB  # chunk bytes one fsck page reads, so a page answers in seconds
 
 log = logging.getLogger("fms.storage.gc")
@@ -54,6 +55,10 @@ def collect(store, grace: float = DEFAULT_GRACE, dry_run: bool = False, now=None
         )
     freed = {"chunks": 0, "bytes": 0, "orphans": 0, "pruned": 0, "dry_run": dry_run}
     try:
+        if not dry_run:
+            # First, and metadata only: an object store that fails the rest must not keep
+            # tombstones (which every listing steps over) from going.
+            freed["pruned"] = _prune(meta, now - RETAIN_SECONDS)
         cutoff = now - grace
         if dry_run:
             rows = meta.doom(cutoff, 2**62, dry_run=True)
@@ -76,8 +81,6 @@ def collect(store, grace: float = DEFAULT_GRACE, dry_run: bool = False, now=None
                 freed["orphans"] += 1
                 freed["chunks"] += 1
                 freed["bytes"] += size
-        if not dry_run:
-            freed["pruned"] = meta.prune(now - RETAIN_SECONDS)
     finally:
         meta.release(LEASE, _HOLDER)
     if freed["chunks"] or freed["pruned"]:
@@ -90,6 +93,18 @@ def collect(store, grace: float = DEFAULT_GRACE, dry_run: bool = False, now=None
             dry_run,
         )
     return freed
+
+
+def _prune(meta, cutoff: float) -> int:
+    """Drop every tombstone and remembered id older than ``cutoff``, however many, a batch per
+    transaction so that writers never wait long; the lease is renewed as it goes."""
+    pruned = 0
+    while True:
+        n = meta.prune(cutoff, PRUNE_BATCH)
+        pruned += n
+        if n < PRUNE_BATCH:
+            return pruned
+        meta.lease(LEASE, _HOLDER, time.time(), LEASE_SECONDS)
 
 
 def _dead_here(holder: str) -> bool:

@@ -134,8 +134,9 @@ class MetaEngine(ABC):
         it as a doomed row so that its deletion cannot race a claim.  False if a row exists."""
 
     @abstractmethod
-    def prune(self, cutoff: float) -> int:
-        """Drop tombstones and remembered commit ids older than ``cutoff``; how many."""
+    def prune(self, cutoff: float, limit: int) -> int:
+        """Drop up to ``limit`` tombstones and remembered commit ids older than ``cutoff``, in
+        one transaction; how many (less than ``limit``: none older is left)."""
 
     @abstractmethod
     def lease(self, name: str, holder: str, now: float, seconds: float) -> bool:

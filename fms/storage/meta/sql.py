@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS names (
     mtime {real} NOT NULL, commit_id TEXT NOT NULL, committed {real} NOT NULL,
     deleted INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS names_tombstones ON names (committed) WHERE deleted = 1;
+CREATE INDEX IF NOT EXISTS names_live ON names (name) WHERE deleted = 0;
 CREATE TABLE IF NOT EXISTS chunks (
     digest {blob} PRIMARY KEY, size BIGINT NOT NULL, refs BIGINT NOT NULL DEFAULT 0,
     since {real} NOT NULL, doomed INTEGER NOT NULL DEFAULT 0, data {blob});
@@ -723,16 +724,24 @@ class SQLMeta(MetaEngine):
 
         return self._transaction(work)
 
-    def prune(self, cutoff):
+    def prune(self, cutoff, limit):
         def work():
             # A removed name with retained versions keeps its tombstone: the version count
-            # goes on, so a later version never takes a retained one's number.
+            # goes on, so a later version never takes a retained one's number.  The outer
+            # conditions hold again for the row as it is when deleted: a name written since
+            # the inner select is not a tombstone any more.
             n = self._execute(
-                "DELETE FROM names WHERE deleted = 1 AND committed < ? AND NOT "
-                "EXISTS (SELECT 1 FROM retained r WHERE r.name = names.name)",
-                (cutoff,),
+                "DELETE FROM names WHERE deleted = 1 AND committed < ? AND name IN ("
+                "SELECT t.name FROM names t WHERE t.deleted = 1 AND t.committed < ? AND NOT "
+                "EXISTS (SELECT 1 FROM retained r WHERE r.name = t.name) LIMIT ?)",
+                (cutoff, cutoff, limit),
             ).rowcount
-            return n + self._execute("DELETE FROM commits WHERE at < ?", (cutoff,)).rowcount
+            if n < limit:
+                n += self._execute(
+                    "DELETE FROM commits WHERE id IN (SELECT id FROM commits WHERE at < ? LIMIT ?)",
+                    (cutoff, limit - n),
+                ).rowcount
+            return n
 
         return self._transaction(work)
 
