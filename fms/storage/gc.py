@@ -9,7 +9,8 @@ time per store: a lease in the metadata engine, renewed while it works.
 
 **fsck** walks the live versions in name order, a page at a time, reads every chunk they name
 once and checks it against its digest; the last page also counts orphan blobs and reference
-counts that differ from a recount.
+counts that differ from a recount.  Each page reads the metadata in one snapshot, so writers
+running meanwhile never show up as damage.
 """
 
 import logging
@@ -28,6 +29,7 @@ LEASE_SECONDS = 120.0  # a collector that dies holds the lease this long at most
 BATCH = 500  # chunks doomed per transaction
 PRUNE_BATCH = 2000  # tombstones and remembered ids dropped per transaction
 FSCK_PAGE_BYTES = 256 * p.MiB  # chunk bytes one fsck page reads, so a page answers in seconds
+FSCK_PAGE_SECONDS = 5.0  # ... or the seconds it reads for, whichever comes first (a slow disk)
 
 log = logging.getLogger("fms.storage.gc")
 
@@ -123,62 +125,107 @@ def _finish(meta, chunks, rows, freed):
     freed["bytes"] += sum(r.size for r in rows)
 
 
-def fsck_page(store, after: str = "", page_bytes: int = FSCK_PAGE_BYTES) -> dict:
-    """Check the live versions after name ``after``, reading about ``page_bytes`` of chunks.
+def fsck_page(
+    store,
+    after: str = "",
+    page_bytes: int = FSCK_PAGE_BYTES,
+    page_seconds: float = FSCK_PAGE_SECONDS,
+) -> dict:
+    """Check the live versions after name ``after``, reading about ``page_bytes`` of chunks or
+    for about ``page_seconds``, whichever comes first (at least one name).
+
+    The metadata of a page is read in one snapshot (:meth:`MetaEngine.snapshot`), so what
+    writers change meanwhile never looks like damage; a chunk that looked missing or corrupt is
+    looked at again once the snapshot is over, and reported only if a stored file still uses it.
 
     :return: ``names`` and ``chunks`` checked, ``bytes`` read, ``damaged`` (a list of
         ``{chunk, problem, names}``: problem is ``missing`` or ``corrupt``), ``next`` (the name to
         continue after, or None when done).  The last page adds ``orphans`` (blobs no row knows,
         and unreferenced rows whose grace has not run out count as pending, not orphans) and
         ``refcount_errors``.
+    :raises Unavailable: the metadata database or the chunk store cannot be reached.
     """
     out = {"names": 0, "chunks": 0, "bytes": 0, "damaged": [], "next": None}
-    damaged = {}
+    suspects = {}  # digest -> {chunk, problem, names, recheck}, as the snapshot saw it
     seen = set()
     last = after
-    while out["bytes"] < page_bytes:
-        versions = store.meta.iter_versions(last, 100)
-        if not versions:
-            break
-        for version in versions:
-            for digest in version.chunks:
-                if digest in damaged:
-                    damaged[digest]["names"].append(version.name)
-                    continue
-                if digest in seen:
-                    continue
-                seen.add(digest)
-                problem = _check_chunk(store, digest, out)
-                if problem:
-                    damaged[digest] = {"chunk": digest, "problem": problem, "names": [version.name]}
-            out["names"] += 1
-            last = version.name
-            if out["bytes"] >= page_bytes:
+    end = time.monotonic() + page_seconds
+    with store.meta.snapshot():
+        while out["bytes"] < page_bytes and time.monotonic() < end:
+            versions = store.meta.iter_versions(last, 100)
+            if not versions:
                 break
-        else:
-            continue
-        break
-    out["damaged"] = [{**d, "names": sorted(set(d["names"]))} for d in damaged.values()]
-    if store.meta.iter_versions(last, 1):
+            for version in versions:
+                for digest in version.chunks:
+                    if digest in suspects:
+                        suspects[digest]["names"].append(version.name)
+                    elif digest not in seen:
+                        seen.add(digest)
+                        problem, recheck = _check_chunk(store, digest, out)
+                        if problem:
+                            suspects[digest] = {
+                                "chunk": digest,
+                                "problem": problem,
+                                "names": [version.name],
+                                "recheck": recheck,
+                            }
+                out["names"] += 1
+                last = version.name
+                if out["bytes"] >= page_bytes or time.monotonic() >= end:
+                    break
+        more = bool(store.meta.iter_versions(last, 1))
+        if not more:
+            out["refcount_errors"] = len(store.meta.refcount_errors())
+    out["damaged"] = [
+        {"chunk": d["chunk"], "problem": d["problem"], "names": sorted(set(d["names"]))}
+        for d in suspects.values()
+        if not d["recheck"] or _still_damaged(store, d["chunk"])
+    ]
+    if more:
         out["next"] = last
     else:
-        out["orphans"] = sum(
-            1 for digest, _s, _m in store.chunks.list() if store.meta.chunk(digest) is None
-        )
-        out["refcount_errors"] = len(store.meta.refcount_errors())
+        out["orphans"] = _orphans(store)
     return out
 
 
-def _check_chunk(store, digest, out):
+def _still_damaged(store, digest: bytes) -> bool:
+    """After the snapshot: whether a chunk whose bytes looked missing or corrupt still do, and
+    it is still used (an overwrite may have released it and a collection deleted it since)."""
+    row = store.meta.chunk(digest)
+    if row is None or row.doomed or row.refs == 0:
+        return False
+    try:
+        store.read_chunk(digest)  # uploaded again since: healed
+    except (NotFound, IntegrityError):
+        return True
+    return False
+
+
+def _orphans(store) -> int:
+    """Blobs that no row knows.  Outside any snapshot, and each one looked at again: a blob's
+    row is written before the blob, and a collector deletes a blob before its row, so a blob
+    listed while it was written or collected is not counted."""
+    return sum(
+        1
+        for digest, _size, _mtime in store.chunks.list()
+        if store.meta.chunk(digest) is None and store.chunks.has(digest)
+    )
+
+
+def _check_chunk(store, digest, out) -> tuple:
+    """:return: ``(problem or None, whether only the bytes were found wanting)``.  A row that is
+    absent or doomed while a version uses it is damage whatever writers do (both change in
+    one transaction); bytes that are absent or wrong may have been released and collected
+    since the snapshot, so those are looked at again after it."""
     out["chunks"] += 1
     row = store.meta.chunk(digest)
     if row is None or row.doomed:
-        return "missing"
+        return "missing", False
     try:
         frame = store.read_chunk(digest)
     except NotFound:
-        return "missing"
+        return "missing", True
     except IntegrityError:
-        return "corrupt"
+        return "corrupt", True
     out["bytes"] += len(frame) - p.DATA_PREFIX_LEN
-    return None
+    return None, False

@@ -441,7 +441,17 @@ class StorageService:
 
     def op_fsck(self, route, header, data):
         after = p.need(header, "after", str, optional=True, default="")
-        self._run(route, header, lambda store: {"fsck": gc.fsck_page(store, after)})
+        deadline = route.get("deadline")
+
+        def page(store):
+            # A page ends in half the time its client has left (a page answers, and the next
+            # page goes on, rather than one page outliving its client's wait).
+            seconds = gc.FSCK_PAGE_SECONDS
+            if deadline is not None:
+                seconds = min(seconds, (deadline - time.monotonic()) / 2)
+            return {"fsck": gc.fsck_page(store, after, page_seconds=seconds)}
+
+        self._run(route, header, page)
 
     def _run(self, route, header, job):
         if self._maintenance is None:
@@ -502,6 +512,12 @@ class _Maintenance:
                 return
             route, header, job = item
             try:
+                if route is not None and route.get("deadline", math.inf) < time.monotonic():
+                    # Its client stopped waiting while it queued (and may have asked again):
+                    # the work is not done, so retries never pile up here.
+                    raise Unavailable(
+                        "the request's deadline passed before storage got to it; retry"
+                    )
                 result = job(self.store)
             except FmsError as exc:
                 result = exc

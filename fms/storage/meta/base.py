@@ -17,6 +17,7 @@ or *doomed*:
   once the row is gone and writes the blob anew.
 """
 
+import contextlib
 from abc import ABC, abstractmethod
 
 from ..model import Totals, Version
@@ -151,6 +152,12 @@ class MetaEngine(ABC):
         """Who holds the lease ``name`` (expired or not), or None."""
 
     # --- checks ---
+
+    @abstractmethod
+    def snapshot(self) -> contextlib.AbstractContextManager:
+        """A context in which every read sees one consistent state of the store: what every
+        transaction committed before it began, nothing committed later (fsck reads a page in
+        one, so concurrent writes never look like damage).  Only reads may run in it."""
 
     @abstractmethod
     def refcount_errors(self) -> list:

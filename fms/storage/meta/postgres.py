@@ -33,6 +33,7 @@ class PostgresMeta(SQLMeta):
 
     types = {"blob": "BYTEA", "real": "DOUBLE PRECISION", "name_type": 'TEXT COLLATE "C"'}
     begin_write = "BEGIN"
+    begin_read = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
     lazy_commit = ("SET synchronous_commit TO OFF", "SET synchronous_commit TO ON")
     for_update = " FOR UPDATE"
     skip_locked = " SKIP LOCKED"

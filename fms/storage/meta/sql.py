@@ -10,7 +10,10 @@ by side, so each takes what it changes: a commit or rm takes a transaction-scope
 on each of its names (in sorted order, all at the start) and ``FOR UPDATE`` on the chunk rows it
 references (sorted by digest); the collector takes the rows it dooms with ``FOR UPDATE SKIP
 LOCKED``, so it never waits on a commit and never dooms a row a commit holds.  The totals row is
-always changed last.  A deadlock or serialization failure that remains is retried whole.
+always changed last.  A deadlock or serialization failure that remains is retried whole.  A
+reader that needs one consistent view over several statements (fsck's pages) reads in a
+:meth:`SQLMeta.snapshot`: REPEATABLE READ, READ ONLY on PostgreSQL; on SQLite (WAL) a read
+transaction, which sees the database as of its first read.
 """
 
 import collections
@@ -141,6 +144,9 @@ class SQLMeta(MetaEngine):
     # Dialect: overridden by subclasses.
     types = {"blob": "BLOB", "real": "REAL", "name_type": "TEXT"}
     begin_write = "BEGIN"
+    # A read-only transaction whose reads all see one state of the store (SQLite in WAL mode:
+    # the snapshot is fixed by the first read and kept to the end).
+    begin_read = "BEGIN"
     # Statements run before and after a transaction that need not be on disk when it commits
     # (the next durable commit, which names what it relied on, flushes it along): none here.
     lazy_commit = ()
@@ -215,6 +221,20 @@ class SQLMeta(MetaEngine):
             raise
         finally:
             self.in_transaction = False
+
+    @contextlib.contextmanager
+    def snapshot(self):
+        try:
+            self._execute(self.begin_read)
+        except Exception as exc:
+            raise self._error(exc) from None
+        self.in_transaction = True
+        try:
+            yield
+        finally:
+            self.in_transaction = False
+            with contextlib.suppress(Exception):  # nothing was written: COMMIT just ends it
+                self._execute("COMMIT")
 
     def _transaction(self, work, durable: bool = True):
         """Run ``work()`` in a write transaction, again if it deadlocked.  The totals row is
