@@ -21,6 +21,7 @@ from fms.storage import service as storage_service
 from fms.storage.engine import StoreError, open_local, open_store
 from fms.storage.meta.base import RETAIN_SECONDS
 from fms.storage.model import Removal
+from fms.storage.reserve import RESERVE_BYTES, SpaceReserve
 from fms.storage.service import StorageService
 
 
@@ -1081,3 +1082,16 @@ def test_a_maintenance_job_whose_client_stopped_waiting_is_not_run(tmp_path):
         spare.close()
     assert done[0][2] == {"long": True}
     assert isinstance(done[1][2], Unavailable) and ran == []
+
+
+def test_the_reserve_gives_its_room_to_a_release_and_takes_it_back_after(tmp_path):
+    """Two workers on one data directory: while one's release is under way, the other's refill
+    does not take the room back."""
+    one, two = SpaceReserve(str(tmp_path)), SpaceReserve(str(tmp_path))
+    vfs = os.statvfs(tmp_path)
+    assert one.size == min(RESERVE_BYTES, vfs.f_blocks * vfs.f_frsize // 8) > 0
+    assert one.held() == one.size
+    with one.released():
+        assert one.held() == 0
+        assert two.refill() is False and two.held() == 0
+    assert one.held() == one.size

@@ -23,10 +23,11 @@ import time
 import uuid
 
 from .. import wire as p
-from ..errors import BadRequest, FmsError, RemoteError, TooLarge, Unavailable
+from ..errors import BadRequest, FmsError, NoSpace, RemoteError, TooLarge, Unavailable
 from . import gc
 from .engine import Store, os_failure
 from .model import Copy, NewVersion, Removal, Restore
+from .reserve import SpaceReserve
 
 CLEAN_INTERVAL = 60.0  # seconds between sweeps of temp files left by dead writers
 GC_INTERVAL = 300.0  # seconds between background collections
@@ -39,6 +40,7 @@ CHANGE_OPS = (
 )  # group committed; applied even past their deadline
 RM_PAGE = 1000  # names an `rm_prefix` removes per request (one transaction)
 RM_PAGE_NAME_BYTES = 32 * p.KiB  # ... whose names add up to at most this: the broker's `inv`
+RESERVE_RM_PAGE = 100  # ... and at most this many in the room of the disk's reserve
 
 log = logging.getLogger("fms.storage")
 
@@ -68,6 +70,9 @@ class StorageService:
         self._next_clean = 0.0
         self._next_gc = time.monotonic() + GC_INTERVAL
         self._maintenance = _Maintenance(maintenance_store) if maintenance_store else None
+        # With the disk full, removals and collections run again in this room (None: the
+        # metadata is not on this machine's disk).
+        self.reserve = SpaceReserve.for_store(store)
         self._handlers = {
             "get": self.op_get,
             "chunk": self.op_chunk,
@@ -119,6 +124,8 @@ class StorageService:
 
     def tick(self, now):
         self.flush()
+        if self.reserve is not None:
+            self.reserve.refill()  # a no-op while it is whole
         if now >= self._next_clean:
             self._next_clean = now + CLEAN_INTERVAL
             removed = self.store.chunks.clean_tmp()
@@ -361,7 +368,11 @@ class StorageService:
         limit = p.need_int(header, "limit", lo=1, hi=RM_PAGE, optional=True, default=RM_PAGE)
         if self._pending:
             self._apply_pending()  # changes apply in the order they arrived
-        removed, more = self.store.remove_prefix(prefix, limit, RM_PAGE_NAME_BYTES)
+        removed, more = self._freeing(
+            lambda in_reserve: self.store.remove_prefix(
+                prefix, min(limit, RESERVE_RM_PAGE) if in_reserve else limit, RM_PAGE_NAME_BYTES
+            )
+        )
         names = [v.name for v in removed]
         # The broker drops every removed name from the cache before it forwards this ack.
         self.link.reply(route, p.ok_reply(header["id"], removed=names, more=more), invalidate=names)
@@ -386,8 +397,40 @@ class StorageService:
         except Exception as exc:  # a bug: every commit of the group still gets an answer
             log.exception("event=group_commit_crashed error=%r", exc)
             results = [FmsError(f"internal error: {exc!r}")] * len(pending)
+        self._remove_in_reserve(pending, results)
         for (route, header, change, _inline), result in zip(pending, results, strict=False):
             self._answer_change(route, header, change, result)
+
+    def _remove_in_reserve(self, pending, results):
+        """With the disk full, the removals of a group run again in the room of the disk's
+        reserve (they are how space comes back); its other changes keep their ``no_space``."""
+        again = [
+            i
+            for i, (_r, _h, change, _i) in enumerate(pending)
+            if isinstance(change, Removal) and isinstance(results[i], NoSpace)
+        ]
+        if not again or self.reserve is None:
+            return
+        try:
+            with self.reserve.released():
+                retried = self.store.apply([(pending[i][2], None) for i in again])
+        except FmsError as exc:
+            retried = [exc] * len(again)
+        except OSError as exc:
+            retried = [os_failure(exc)] * len(again)
+        for i, result in zip(again, retried, strict=True):
+            results[i] = result
+
+    def _freeing(self, work):
+        """Run ``work(in_reserve)``, a write that gives space back; if the disk is full, once
+        more in the room of the disk's reserve (``in_reserve`` True: do less at once)."""
+        try:
+            return work(False)
+        except NoSpace:
+            if self.reserve is None:
+                raise
+        with self.reserve.released():
+            return work(True)
 
     def _answer_change(self, route, header, change, result):
         if isinstance(result, FmsError):
@@ -437,7 +480,11 @@ class StorageService:
         if not 0 <= grace <= p.MAX_GC_GRACE:
             raise BadRequest(f"grace {grace!r} must be between 0 seconds and 10 years")
         dry_run = p.need(header, "dry_run", bool, optional=True, default=False)
-        self._run(route, header, lambda store: {"gc": gc.collect(store, float(grace), dry_run)})
+        self._run(
+            route,
+            header,
+            lambda store: {"gc": self._freeing(lambda _: gc.collect(store, float(grace), dry_run))},
+        )
 
     def op_fsck(self, route, header, data):
         after = p.need(header, "after", str, optional=True, default="")
@@ -464,7 +511,7 @@ class StorageService:
             self._maintenance.submit(route, header, job)
 
     def _background_gc(self, store):
-        gc.collect(store, self.gc_grace)
+        self._freeing(lambda _: gc.collect(store, self.gc_grace))
         return {}
 
 
