@@ -163,5 +163,7 @@ def test_patience_waits_longer_for_work_but_not_for_a_store_that_stays_unavailab
         start = time.monotonic()
         with pytest.raises(Unavailable, match="store down"):
             session.call("fsck")
-        assert time.monotonic() - start < 0.3 * 3 + 1.0  # the usual budget, and a backoff
+        # The usual budget (0.9 s) and the backoff under way, with room for a loaded machine:
+        # far from the patient budget (3 x 600 s).
+        assert time.monotonic() - start < 5.0
     assert len(set(asked)) == 1 and len(asked) >= 2  # retried, with the same id
