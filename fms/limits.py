@@ -187,47 +187,22 @@ SWEEP_INTERVAL = 0.25  # seconds between sweeps of queued requests whose deadlin
 WORKER_CREDIT = {"storage": 16, "cache": 32}
 
 # --- byte budgets (the broker, DESIGN.md invariant 4) ---
+# How the broker keeps them: fms/broker/admission.py (reservations, shedding, the reply
+# bounds) and fms/broker/outbox.py (replies held for clients that do not take them).
 
 CLIENT_BYTES = 64 * MiB  # per client: its uploads' data held, and replies it has not read
 TOTAL_REQUEST_BYTES = 512 * MiB  # all clients' uploads' data held by the broker
 TOTAL_REPLY_BYTES = 128 * MiB  # all clients' unread replies held by the broker
-CLIENT_PIPE = 16  # SNDHWM per client: replies ZeroMQ queues; the rest wait,
-# counted in bytes, in the broker's outbox for that client
-LARGE_REPLY = 256 * KiB  # a reply with this much data or more goes to a client's
-CLIENT_KERNEL_QUEUE = 1 * MiB  # ZeroMQ queue only while the kernel holds less than this
-# for it unread (else it waits in the outbox, counted)
-STALLED = 1.0  # seconds an outbox may send nothing before its client
-# counts as not reading (its replies may then be shed)
+# SNDHWM per client: replies ZeroMQ queues; the rest wait, counted in bytes, in the broker's
+# outbox for that client.
+CLIENT_PIPE = 16
+# Seconds an outbox may send nothing before its client counts as not reading (its replies may
+# then be shed).
+STALLED = 1.0
 OUTBOX_MESSAGES = 512  # replies one client's outbox may hold whatever their size
 RECEIVE_PIPE = 16  # RCVHWM per peer on both broker sockets
 WORKER_PIPE = 16  # SNDHWM of a worker's link: replies queued towards the broker
-FLUSH_INTERVAL = 0.002  # seconds between tries to send what outboxes hold
 WORKER_BYTES = 64 * MiB  # per worker: data sent + replies expected, in flight
-CHUNK_GUESS = 1 * MiB  # a chunk reply's expected size before one was seen
-SMALL_REPLY = 4 * KiB  # expected reply size of a metadata op
-REPLY_GUESS = {
-    "get": 128 * KiB,
-    "ls": 1 * MiB,  # a small file's content; a page of ls;
-    "get_many": 1 * MiB,
-}  # 256 small files of 4 KiB
-# Reply bytes reserved when a client's request is admitted: at most what its reply carries.
-# A chunk reserves the length the client declares (`len`), else the size seen last, else
-# MAX_CHUNK_SIZE; an ls page LS_ENTRY_MAX per entry; have what it asked about.  A reply larger
-# than its reservation (a manifest of more than ~3,800 chunks, a false `len`) is kept only
-# while the budgets have room.
-REPLY_BOUND = {
-    "get": 136 * KiB,
-    "get_version": 136 * KiB,
-    "versions": 1 * MiB,
-    "fsck": 1 * MiB,
-    "commit_many": 64 * KiB,
-    "status": 64 * KiB,
-    "cache_stats": 16 * KiB,
-    "rm_prefix": 64 * KiB,
-}  # the names it removed: at most 32 KiB of them
-MANIFEST_GUESS = 1 * KiB  # a small file's manifest, in a get_many reply
-LS_ENTRY_MAX = 1280  # bytes of one ls entry at most (a 1,024-byte name + fields)
-CHUNK_SIZES_KEPT = 65536  # chunk sizes remembered (LRU), for the guesses above
 
 
 def tune_malloc(threshold: int = 4 * MiB):

@@ -141,11 +141,12 @@ class Cluster:
         self.wait_workers(storage=storage, cache=1)
 
     def start_broker(
-        self, frontend="tcp://127.0.0.1:*", backend="tcp://127.0.0.1:*", extra=()
+        self, frontend="tcp://127.0.0.1:*", backend="tcp://127.0.0.1:*", extra=(), kind="broker"
     ) -> Proc:
+        """The broker (``kind``: its entry in SCRIPTS; benchmarks/brokers.py adds others)."""
         proc = self._spawn(
             "broker",
-            ["broker", "--frontend", frontend, "--backend", backend, *self.server_args, *extra],
+            [kind, "--frontend", frontend, "--backend", backend, *self.server_args, *extra],
         )
         pattern = re.compile(r"event=listening frontend=(\S+) backend=(\S+)")
         match = wait_for(

@@ -279,7 +279,9 @@ def test_broker_answers_anything_at_the_frontend_once_echoing_a_readable_id(brok
     else:  # only status needs no worker
         assert len(frames) == 1 and p.decode(frames[0])["op"] == "status"
     # Nothing is left behind for a request that was answered at once.
-    assert not broker.pending and not broker.client_inflight and not broker.req_bytes
+    core = broker.core
+    assert not core.dispatcher.pending and not core.admission.inflight
+    assert not core.admission.req_bytes
 
 
 routes = st.builds(
@@ -297,7 +299,7 @@ routes = st.builds(
 )
 def test_broker_survives_anything_at_the_backend(broker, route, rest, ident):
     broker.process_worker([Frame(ident), Frame(route), *[Frame(f) for f in rest]])
-    broker.purge_workers()
+    broker.core.purge_workers()
     # Still serving clients, with a registry of real services only.
     status = broker.ask([p.encode({"v": 1, "op": "status", "id": 1})])[0]
     assert status["ok"] is True

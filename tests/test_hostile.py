@@ -108,12 +108,12 @@ def test_a_reply_route_with_a_bad_key_costs_one_message_not_the_broker():
                 Frame(p.encode({"t": "ready", "v": 1, "svc": "storage", "wid": "w", "store": "s"})),
             ]
         )
-        assert ident in broker.workers
+        assert ident in broker.core.registry.workers
         for key in ([1, 2], {"a": 1}, "k", None):
             broker._guarded(broker.process_worker)(
                 [Frame(ident), Frame(p.encode({"t": "rep", "k": key})), Frame(p.encode({}))]
             )
-        assert ident in broker.workers  # still there, nothing escaped
+        assert ident in broker.core.registry.workers  # still there, nothing escaped
     finally:
         broker.close()
 
@@ -794,17 +794,17 @@ def test_expired_work_is_dropped_and_a_worker_that_never_answers_loses_its_credi
         for i in range(20):
             client.send(p.encode({"v": 1, "op": "stat", "id": i, "name": "x", "ttl_ms": 100}))
         deadline = time.monotonic() + 5
-        while len(broker.pending) < 20 and time.monotonic() < deadline:
+        while len(broker.core.dispatcher.pending) < 20 and time.monotonic() < deadline:
             if broker.frontend.poll(100):
                 drain(broker.frontend, broker.process_client, 64)
         credit = limits.WORKER_CREDIT["storage"]
-        assert broker.status()["broker"]["queued"]["storage"] == 20 - credit
-        broker.expire(time.monotonic() + 1)  # past the 100 ms deadline
-        assert broker.status()["broker"]["queued"]["storage"] == 0
-        assert len(broker.pending) == credit  # held by the mute worker
-        broker.expire(time.monotonic() + 1 + limits.INFLIGHT_GRACE)
-        assert not broker.pending and broker.dropped == 20
-        assert broker.status()["workers"][0]["inflight"] == 0
+        assert broker.core.status()["broker"]["queued"]["storage"] == 20 - credit
+        broker.core.tick(time.monotonic() + 1)  # past the 100 ms deadline
+        assert broker.core.status()["broker"]["queued"]["storage"] == 0
+        assert len(broker.core.dispatcher.pending) == credit  # held by the mute worker
+        broker.core.tick(time.monotonic() + 1 + limits.INFLIGHT_GRACE)
+        assert not broker.core.dispatcher.pending and broker.core.dispatcher.dropped == 20
+        assert broker.core.status()["workers"][0]["inflight"] == 0
         got = 0
         while worker.poll(200):
             route = p.decode(worker.recv_multipart()[0])

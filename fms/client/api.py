@@ -267,19 +267,65 @@ class Client:
         plan = upload.plan_bytes(data, self.chunk_size, mtime)
         return self._put_planned([(data, name, plan)])[0]
 
-    def put_many(self, items) -> list:
+    def put_many(self, items, done=None) -> list:
         """Upload many ``(local path, name)`` pairs; small files are committed pipelined.
+        ``done(index, stat)`` is called as each file is committed.
 
         :return: the stat of each, in order.
         """
         items = [(path, p.check_name(name)) for path, name in items]  # every name, first
         return self._put_planned(
-            (path, name, upload.plan_file(path, self.chunk_size, self._hashing(name)))
-            for path, name in items
+            (
+                (path, name, upload.plan_file(path, self.chunk_size, self._hashing(name)))
+                for path, name in items
+            ),
+            done,
         )
 
-    def _put_planned(self, planned) -> list:
-        return [_public(stat) for stat in upload.put_planned(self.session, planned, self._report)]
+    def put_stream(self, stream, name: str) -> dict:
+        """Upload what the unbuffered binary ``stream`` (stdin, a pipe) holds until its end,
+        under ``name``, sent as it is read; nothing is visible under the name unless the stream
+        was read whole.  :return: the stat of the new version."""
+        stat = upload.put_stream(
+            self.session, stream, p.check_name(name), self.chunk_size, self._report
+        )
+        return _public(stat)
+
+    def _put_planned(self, planned, done=None) -> list:
+        tell = None if done is None else lambda i, stat: done(i, _public(stat))
+        stats = upload.put_planned(self.session, planned, self._report, tell)
+        return [_public(stat) for stat in stats]
+
+    def rm_many(self, names) -> list:
+        """Remove many names, pipelined (one transaction each).
+
+        :return: per name, in order, the tombstone's stat, or the error that name met
+            (a :class:`fms.FmsError`, such as :class:`fms.NotFound`), which does not stop
+            the others.
+        """
+        names = [p.check_name(n) for n in names]
+        return self._each(("rm", {"name": n, "commit": os.urandom(16).hex()}) for n in names)
+
+    def copy_many(self, op: str, pairs) -> list:
+        """``cp`` or ``mv`` (``op``) many ``(src, dst)`` pairs on the server, pipelined (one
+        transaction each).  :return: per pair, in order, ``dst``'s stat or the error met."""
+        if op not in ("cp", "mv"):
+            raise BadRequest(f"copy_many does cp or mv, not {op!r}")
+        pairs = [(p.check_name(src), p.check_name(dst)) for src, dst in pairs]
+        return self._each(
+            (op, {"src": src, "name": dst, "commit": os.urandom(16).hex()}) for src, dst in pairs
+        )
+
+    def _each(self, requests) -> list:
+        """Send ``(op, fields)`` requests pipelined; per request, its reply's stat or error."""
+        out = {}
+        numbered = ((i, op, fields, None) for i, (op, fields) in enumerate(requests))
+        for i, header, _ in self.session.pipeline(numbered, errors=True):
+            if header.get("ok"):
+                out[i] = _public(header["stat"])
+            else:
+                out[i] = from_reply(str(header.get("error")), str(header.get("message")), header)
+        return [out[i] for i in range(len(out))]
 
     # --- download ---
 
@@ -295,10 +341,12 @@ class Client:
         """
         return self._get_one(p.check_name(name), dest, version=version)
 
-    def get_many(self, items) -> list:
+    def get_many(self, items, done=None) -> list:
         """Download many ``(name, dest path)`` pairs: manifests and the content of small files
         in batches (``get_many``, :data:`GET_BATCH` names a message, pipelined), then the other
         files one after another.
+
+        ``done(index, stat)`` is called as each file is written.
 
         :return: the stat of each, in order.
         :raises NotFound: a name is not stored (files before it in the batch may be written).
@@ -333,8 +381,12 @@ class Client:
                 else:
                     download.write_whole(path, manifest, data, self.fsync)
                 results[i] = _public(manifest)
+                if done is not None:
+                    done(i, results[i])
         for i, manifest in later:
             results[i] = self._get_one(*items[i], manifest)
+            if done is not None:
+                done(i, results[i])
         return results
 
     def _get_one(

@@ -12,13 +12,22 @@ times out, or meets a moment with no worker, is sent again within its time budge
 import contextlib
 import itertools
 import os
+import re
 import time
 
 import zmq
 
 from .. import limits
 from .. import wire as p
-from ..errors import BadRequest, FmsError, Timeout, TransportError, Unavailable, from_reply
+from ..errors import (
+    BadRequest,
+    FmsError,
+    RemoteError,
+    Timeout,
+    TransportError,
+    Unavailable,
+    from_reply,
+)
 from ..wire.frames import recv_frames, send_frames
 
 DEFAULT_BROKER = p.DEFAULT_FRONTEND
@@ -34,6 +43,26 @@ _HANDSHAKE_FAILED = (
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 )
+
+
+_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\s/:\[\]]+):\d{1,5}")
+
+
+def endpoint(address: str) -> str:
+    """A broker address as ZeroMQ takes it: ``HOST:PORT`` (as fsspec URLs and most tools write
+    it) means ``tcp://HOST:PORT``; anything else is passed on as it is."""
+    return f"tcp://{address}" if _HOST_PORT.fullmatch(address) else address
+
+
+def gave_up(error: RemoteError, tries: int, seconds: float) -> RemoteError:
+    """``error``, the last answer to a request the client stops sending, told as final: its
+    advice to retry (the server's, meant for the client) replaced by how long it was tried."""
+    text = re.sub(r"[;,]\s*(retrying|retry|try again|ask again)\b[^;]*$", "", str(error))
+    return type(error)(
+        f"{text}; gave up after {tries} tries in {seconds:.0f} s (see what the cluster "
+        f"has with: fms stats)",
+        error.code,
+    )
 
 
 class _Outstanding:
@@ -72,7 +101,7 @@ class Session:
         ctx: zmq.Context | None = None,
         curve=None,
     ):
-        self.broker = broker or os.environ.get("FMS_BROKER") or DEFAULT_BROKER
+        self.broker = endpoint(broker or os.environ.get("FMS_BROKER") or DEFAULT_BROKER)
         self.timeout = timeout
         self.retries = retries
         self.window = max(1, window)
@@ -233,7 +262,7 @@ class Session:
                 continue
             return header, (frames[1] if len(frames) == 2 else None)
 
-    def pipeline(self, requests, window: int | None = None):
+    def pipeline(self, requests, window: int | None = None, errors: bool = False):
         """Send requests keeping at most ``window`` in flight; yield replies as they come.
 
         An idempotent request that gets no reply in ``timeout`` is sent again, and so is one
@@ -242,8 +271,10 @@ class Session:
 
         :param requests: iterable of ``(tag, op, fields, data)``; ``data`` is a data frame or None.
         :return: iterator of ``(tag, header, data_frame)`` in completion order.
+        :param errors: yield an error reply that is not retried (its header: ``ok`` false)
+            like any other, instead of raising it: for requests that may fail one by one.
         :raises RemoteError: the first error reply that is not retried (its subclass names the
-            code).
+            code), unless ``errors``.
         :raises Timeout: a request got no reply within its budget.
         """
         window = window or self.window
@@ -284,7 +315,11 @@ class Session:
                     out.last_error = error
                     wake = min(wake, out.deadline)
                     continue
-                raise error
+                if isinstance(error, Unavailable) and out.tries > 1:
+                    error = gave_up(error, out.tries, time.monotonic() - out.first_sent)
+                if not errors:
+                    raise error
+                header = {**header, "message": str(error)}
             del inflight[header["id"]]
             yield out.tag, header, data
 
@@ -300,8 +335,8 @@ class Session:
             if out.deadline > now:
                 continue
             if not self._within_budget(out):
-                if out.last_error is not None:
-                    raise out.last_error  # it did answer: say what it said
+                if out.last_error is not None:  # it did answer: say what it said, as final
+                    raise gave_up(out.last_error, out.tries, now - out.first_sent)
                 raise Timeout(
                     f"no reply to {out.op} from the fms cluster at {self.broker} "
                     f"within {now - out.first_sent:.0f} s ({out.tries} tries); is the "

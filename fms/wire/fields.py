@@ -1,7 +1,6 @@
 """Reading a header's fields: every handler reads its fields through these checks, never by
 bare indexing.  Also the rules for names, hashes, mtimes and how a file splits into chunks."""
 
-import hashlib
 import re
 
 from ..errors import BadRequest
@@ -35,6 +34,8 @@ MTIME_MAX = 253402300799.0
 
 
 def sha256(data) -> bytes:
+    import hashlib  # here: hashlib loads OpenSSL, which `ls` and `stat` never need
+
     return hashlib.sha256(data).digest()
 
 

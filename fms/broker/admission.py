@@ -1,0 +1,235 @@
+"""Admission: what each client may have the broker hold for it, and room made when it is full.
+
+The broker holds two kinds of bytes for clients: their requests (every frame, until answered)
+and their replies (held in outboxes until taken: outbox.py).  Each has a per-client budget
+(``CLIENT_BYTES``) and a total (``TOTAL_REQUEST_BYTES``, ``TOTAL_REPLY_BYTES``).  A request is
+admitted only with room for its reply reserved, sized by :data:`REPLY_BOUNDS`: the most its
+reply can carry; so a reply to an admitted request always has room and is never dropped.
+
+When a total is full, the client holding the most gives way to one holding less now
+(:meth:`Admission.admit`): its newest queued request is answered ``unavailable``, or, if it has
+left its replies unread for ``STALLED``, its oldest unread reply is replaced by ``unavailable``.
+A client that reads never has a reply shed.
+"""
+
+import collections
+import heapq
+from collections.abc import Callable, Iterable
+
+from .. import limits
+from .. import wire as p
+from .headers import int_in
+from .outbox import Outboxes
+
+SMALL_REPLY = 4 * limits.KiB  # the bound of an op not in REPLY_BOUNDS (a stat, an ack)
+CHUNK_GUESS = 1 * limits.MiB  # a chunk of unknown size, in a worker's credit
+MANIFEST_GUESS = 1 * limits.KiB  # a small file's manifest, in a get_many reply
+LS_ENTRY_MAX = 1280  # bytes of one ls entry at most (a 1,024-byte name + fields)
+CHUNK_SIZES_KEPT = 65536  # chunk sizes remembered (LRU), for the bounds below
+
+
+def _chunk(header: dict, size: int, seen: int) -> int:
+    """A chunk: its length (declared by the client in ``len``, else seen before, else the
+    largest a chunk may be)."""
+    declared = header.get("len")
+    if not int_in(declared, 0, p.MAX_CHUNK_SIZE):
+        declared = 0 if seen else p.MAX_CHUNK_SIZE
+    return max(declared, seen) + SMALL_REPLY
+
+
+def _ls(header: dict, size: int, seen: int) -> int:
+    page = header.get("limit")
+    if not int_in(page, 1):
+        page = p.LS_PAGE_DEFAULT
+    return min(page, p.LS_PAGE_MAX) * LS_ENTRY_MAX + SMALL_REPLY
+
+
+def _get_many(header: dict, size: int, seen: int) -> int:
+    """Inline content up to the batch's limit, and the manifests."""
+    names = header.get("names")
+    count = len(names) if isinstance(names, list) else 1
+    return min(p.MAX_BATCH_BYTES, count * p.INLINE_MAX) + count * MANIFEST_GUESS + SMALL_REPLY
+
+
+def _have(header: dict, size: int, seen: int) -> int:
+    """The hashes it asked about, at most."""
+    return size + SMALL_REPLY
+
+
+def _fixed(nbytes: int) -> Callable[[dict, int, int], int]:
+    return lambda header, size, seen: nbytes
+
+
+# The most bytes a reply to each op can carry, from its request: (header, the header's size in
+# bytes, the size last seen of the chunk it asks for or 0).  It is reserved in the client's
+# budget when the request is admitted, and counted in the byte credit of the worker serving it
+# (so a worker is never handed more than WORKER_BYTES of replies at once), with one exception:
+# a chunk of unknown size (a cache's fetch carries no `len`) counts CHUNK_GUESS in a worker's
+# credit, because counting it 16 MiB would have storage serve cold reads four chunks at a time.
+# A reply larger than its reservation (a manifest of more than ~3,800 chunks, a false `len`) is
+# kept only while the budgets have room.
+REPLY_BOUNDS: dict[str, Callable[[dict, int, int], int]] = {
+    "chunk": _chunk,
+    "ls": _ls,
+    "get_many": _get_many,
+    "have": _have,
+    "get": _fixed(136 * limits.KiB),  # a manifest and a small file's inline content
+    "get_version": _fixed(136 * limits.KiB),
+    "versions": _fixed(1 * limits.MiB),
+    "fsck": _fixed(1 * limits.MiB),
+    "commit_many": _fixed(64 * limits.KiB),
+    "status": _fixed(64 * limits.KiB),
+    "cache_stats": _fixed(16 * limits.KiB),
+    "rm_prefix": _fixed(64 * limits.KiB),  # the names it removed: at most 32 KiB of them
+}
+_SMALL = _fixed(SMALL_REPLY)
+
+
+def reply_bound(op: str, header: dict, size: int, seen: int = 0) -> int:
+    """The most a reply to ``op`` can carry (see :data:`REPLY_BOUNDS`)."""
+    return REPLY_BOUNDS.get(op, _SMALL)(header, size, seen)
+
+
+def expected_reply(op: str, header: dict, size: int, seen: int = 0, bound: int = 0) -> int:
+    """What a reply counts in the serving worker's byte credit (see :data:`REPLY_BOUNDS`);
+    ``bound``: its reply bound, when known already."""
+    if op == "chunk" and not seen and not int_in(header.get("len"), 0, p.MAX_CHUNK_SIZE):
+        return CHUNK_GUESS
+    return bound or reply_bound(op, header, size, seen)
+
+
+def _add(counts: dict, key: bytes, delta: int) -> None:
+    """Add ``delta`` to ``counts[key]``, keeping only keys whose count is positive."""
+    if delta:
+        value = counts.get(key, 0) + delta
+        if value > 0:
+            counts[key] = value
+        else:
+            counts.pop(key, None)
+
+
+class Admission:
+    """Per-client and total counts of what the broker holds for clients, and the decision to
+    admit a request."""
+
+    def __init__(self, outboxes: Outboxes) -> None:
+        self.outboxes = outboxes
+        self.inflight: dict[bytes, int] = {}  # client -> its requests in flight or queued
+        self.req_bytes: dict[bytes, int] = {}  # client -> bytes of its requests held
+        self.total_req = 0
+        self.reserved: dict[bytes, int] = {}  # client -> reply bytes reserved for its requests
+        self.total_reserved = 0
+        self.backed_off = 0  # requests refused at admission: over a byte budget
+        self._sizes: collections.OrderedDict = collections.OrderedDict()  # digest -> size (LRU)
+
+    def seen(self, digest: bytes) -> int:
+        """The size of chunk ``digest`` in the last reply that carried it, or 0."""
+        return self._sizes.get(digest, 0)
+
+    def learn(self, digest: bytes, size: int) -> None:
+        """Remember the size of a chunk a reply carried (CHUNK_SIZES_KEPT of them, LRU)."""
+        self._sizes[digest] = size
+        self._sizes.move_to_end(digest)
+        if len(self._sizes) > CHUNK_SIZES_KEPT:
+            self._sizes.popitem(last=False)
+
+    def track(self, ident: bytes, delta: int, nbytes: int = 0, reserve: int = 0) -> None:
+        """A request of ``ident`` comes (+1) or goes (-1) with its bytes and reservation."""
+        _add(self.inflight, ident, delta)
+        _add(self.req_bytes, ident, delta * nbytes)
+        self.total_req += delta * nbytes
+        _add(self.reserved, ident, delta * reserve)
+        self.total_reserved += delta * reserve
+
+    def admit(
+        self,
+        ident: bytes,
+        nbytes: int,
+        reserve: int,
+        shed_queued: Callable[[bytes, bool], bool] | None,
+        now: float,
+    ) -> str | None:
+        """Admit a client's request: count its ``nbytes`` (every frame of it: the broker holds
+        them until it is answered) and reserve ``reserve`` reply bytes for it; or say why it
+        must back off (None: admitted).
+
+        Per client: its requests' bytes held and its replies (unread or reserved) each stay
+        within CLIENT_BYTES, so a client that does not read stalls itself.  In all: when a
+        total is full, room is made by shedding from clients holding more than this one does
+        (``shed_queued(ident, uploads)`` answers one of their queued requests; None: shed
+        nothing), so many clients that flood or never read cannot keep one that reads from
+        being served.
+        """
+        held_req = self.req_bytes.get(ident, 0)
+        if held_req + nbytes > limits.CLIENT_BYTES:
+            return (
+                f"this client already has {held_req} bytes of requests in flight at the "
+                f"broker (budget {limits.CLIENT_BYTES}); wait for replies before sending "
+                f"more (retried with backoff)"
+            )
+        held = self.outboxes.holding(ident) + self.reserved.get(ident, 0)
+        if held + reserve > limits.CLIENT_BYTES or (
+            self.outboxes.count(ident) + self.inflight.get(ident, 0) >= limits.OUTBOX_MESSAGES
+        ):
+            return (
+                f"this client has {held} bytes of replies unread or on their way; read them "
+                f"before asking for more (retried with backoff)"
+            )
+        while self.total_req + nbytes > limits.TOTAL_REQUEST_BYTES:
+            if not (shed_queued and self._shed(held_req, True, shed_queued, now)):
+                return (
+                    "the broker holds as many requests as it may for all clients; retry "
+                    "in a moment (retried with backoff)"
+                )
+        while self.outboxes.total + self.total_reserved + reserve > limits.TOTAL_REPLY_BYTES:
+            if not (shed_queued and self._shed(held, False, shed_queued, now)):
+                return (
+                    "the broker holds as many replies as it may for all clients; retry in a "
+                    "moment (retried with backoff)"
+                )
+        return None
+
+    def _shed(
+        self, holding: int, uploads: bool, shed_queued: Callable[[bytes, bool], bool], now: float
+    ) -> bool:
+        """Make room in a total for a client holding ``holding`` bytes: take from the clients
+        holding more (request bytes, or reply bytes unread and reserved), the most first: its
+        newest queued request, or else (replies) its oldest reply left unread for STALLED.
+        False if nobody can give room.  Only the clients holding more are ordered, with a heap
+        (no sort of every client per shed)."""
+        holdings: Iterable[tuple[bytes, int]]
+        if uploads:
+            holdings = self.req_bytes.items()
+        else:
+            boxes = self.outboxes.boxes
+            holdings = (
+                (i, self.outboxes.holding(i) + self.reserved.get(i, 0))
+                for i in {*boxes, *self.reserved}
+            )
+        heap = [(-held, n, i) for n, (i, held) in enumerate(holdings) if held > holding]
+        heapq.heapify(heap)
+        while heap:
+            _, _, ident = heapq.heappop(heap)
+            if shed_queued(ident, uploads):
+                return True
+            if not uploads and self.outboxes.shed_reply(ident, now):
+                return True
+        return False
+
+    def may_hold(self, ident: bytes, size: int, admitted: int) -> bool:
+        """Whether a reply of ``size`` bytes may wait in ``ident``'s outbox.  A reply to an
+        admitted request had its room reserved (``admitted`` bytes, released just before): up to
+        that it is kept; a larger one (a client that declared less than it asked for, an error
+        to a request never admitted) must fit the budgets."""
+        return size <= admitted or not (
+            self.outboxes.holding(ident) + self.reserved.get(ident, 0) + size > limits.CLIENT_BYTES
+            or self.outboxes.total + self.total_reserved + size > limits.TOTAL_REPLY_BYTES
+            or self.outboxes.count(ident) >= limits.OUTBOX_MESSAGES
+        )
+
+    def status(self) -> dict:
+        return {
+            "uploads": self.total_req,
+            "replies": self.outboxes.total,
+            "replies_reserved": self.total_reserved,
+        }

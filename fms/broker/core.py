@@ -1,0 +1,367 @@
+"""The broker's core: decoded messages in, messages out, no sockets.
+
+For each message a client or a worker sends, the core decides what to send to whom, through a
+:class:`~fms.broker.transport.Transport`:
+
+- a client's request is checked (version, op, frame count, its key still allowed), admitted
+  within its budgets (admission.py), and dispatched to a service's worker (dispatch.py,
+  routing.py); ``status`` is answered here;
+- a worker's ``ready`` registers it (registry.py), its heartbeats keep it alive, its reply goes
+  back to whoever asked; a storage reply that changed names first invalidates them in every
+  cache worker, **before** the ack is forwarded: the cache's pipe is FIFO, so any read the client
+  sends after the ack reaches the cache after the invalidation (read-after-write);
+- time passes in :meth:`Core.tick`: deadlines, dead workers, heartbeats, held replies.
+
+It never decodes a data frame, and it knows nothing about files.  The loop (loop.py) owns the
+sockets; the unit tests (tests/test_broker_core.py) drive this class with a recording transport.
+"""
+
+import logging
+import time
+
+from .. import limits
+from .. import wire as p
+from ..errors import BadRequest
+from ..logutil import RateLimitedLog, clip
+from ..metrics import BrokerMetrics, ReadTally
+from . import headers as h
+from .admission import Admission, expected_reply, reply_bound
+from .dispatch import Dispatcher
+from .outbox import Outboxes
+from .registry import Refused, Registry, Worker
+from .replies import BACKEND, FRONTEND, Replies
+from .routing import Pending
+from .transport import Transport
+
+log = logging.getLogger("fms.broker")
+
+
+class Core:
+    """The broker's decisions.
+
+    :param transport: what messages go out through.
+    :param store: the store id storage workers must serve, or None: the first one's.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        store: str | None = None,
+        metrics: BrokerMetrics | None = None,
+    ) -> None:
+        self.transport = transport
+        self.metrics = metrics or BrokerMetrics()
+        self.registry = Registry(store, self.metrics)
+        self.outboxes = Outboxes(transport)
+        self.admission = Admission(self.outboxes)
+        self.replies = Replies(transport, self.outboxes, self.admission, self.metrics)
+        self.dispatcher = Dispatcher(
+            self.registry, self.admission, self.replies, transport, self.metrics
+        )
+        self.reads = ReadTally(self.metrics)
+        self.started = time.time()
+        self.endpoints: dict = {"frontend": None, "backend": None}  # the loop's, once bound
+        self._bad = RateLimitedLog(log)
+        self._refusals = RateLimitedLog(log)
+        self._late = RateLimitedLog(log)
+        self._beat = p.encode({"t": "hb"})
+
+    # --- clients ---
+
+    def client_message(self, ident: bytes, frames: list, allowed: bool = True) -> None:
+        """``[header, data?]`` from client ``ident``; ``allowed``: its key is still in the
+        allowlist (always, without CURVE)."""
+        origin = {"from": ident, "via": FRONTEND}
+        req_id = None
+        try:
+            if not frames:
+                raise BadRequest("a request has 1 or 2 frames (header, data?), got none")
+            # The header first, so that even a reply about the frame count carries the id.
+            header = h.read_header(h.buffer(frames[0]))
+            op = header.get("op")
+            req_id = p.need(header, "id", (int, str))
+            if header.get("v") != p.PROTOCOL_VERSION:
+                self.replies.error(
+                    origin,
+                    req_id,
+                    "version",
+                    f"protocol version {header.get('v')!r} is not supported; "
+                    f"this broker speaks {p.PROTOCOL_VERSION}: upgrade the client",
+                )
+                return
+            if not isinstance(op, str) or op not in p.OP_SERVICE:
+                raise BadRequest(f"unknown op {op!r}; known ops: {', '.join(sorted(p.OP_SERVICE))}")
+            p.check_frame_count(op, len(frames))
+            if not allowed:
+                # Its key was removed from the allow directory since it connected.
+                self.replies.error(
+                    origin,
+                    req_id,
+                    "refused",
+                    "this client's key is no longer in the broker's allow directory; ask "
+                    "the operator to add it back",
+                    op=op,
+                )
+                return
+        except BadRequest as exc:
+            self._bad.warning("event=bad_client_message error=%r", str(exc))
+            self.replies.error(origin, req_id, exc.code, str(exc))
+            return
+        admission = self.admission
+        if admission.inflight.get(ident, 0) >= p.MAX_CLIENT_INFLIGHT:
+            self.replies.error(
+                origin,
+                req_id,
+                "too_large",
+                f"more than {p.MAX_CLIENT_INFLIGHT} requests in flight from one client; wait "
+                f"for replies before sending more",
+                op=op,
+            )
+            return
+        digest = h.chunk_digest(op, header)
+        seen = admission.seen(digest) if digest else 0
+        size = h.nbytes(frames[0])
+        reserve = reply_bound(op, header, size, seen)
+        now = time.monotonic()
+        shed = self.dispatcher.shed_queued if op != "status" else None
+        over = admission.admit(ident, sum(map(h.nbytes, frames)), reserve, shed, now)
+        if over:
+            admission.backed_off += 1
+            self.replies.error(origin, req_id, "unavailable", over, op=op)
+            return
+        if op == "status":
+            self.replies.deliver(origin, [p.encode(p.ok_reply(req_id, **self.status()))])
+            self.metrics.answered(op, "ok", 0.0)
+            return
+        service = p.OP_SERVICE[op]
+        if header.get("fresh") is True and op in ("get", "chunk", "get_many"):
+            # The client found what the cache gave it corrupt: this once, ask storage itself.
+            service = p.STORAGE
+        self._submit(service, op, header, origin, frames, now, reserve, seen)
+
+    def _submit(
+        self,
+        service: str,
+        op: str,
+        header: dict,
+        origin: dict,
+        frames: list,
+        now: float,
+        reserve: int = 0,
+        seen: int = 0,
+    ) -> None:
+        """Hand a request to dispatch; a client's cache request is routed by its key, and a
+        chunk request counts towards its GET's cache figures."""
+        client = origin["via"] == FRONTEND
+        self.dispatcher.submit(
+            Pending(
+                None,
+                service,
+                op,
+                origin,
+                frames,
+                header.get("id"),
+                now,
+                h.deadline_of(header, now),
+                nbytes=sum(map(h.nbytes, frames)),
+                expect=expected_reply(op, header, h.nbytes(frames[0]), seen, reserve),
+                digest=h.chunk_digest(op, header),
+                owner=h.owner_key(op, header) if client else None,
+                read=h.read_of(op, header) if client else None,
+                reserve=reserve,
+            )
+        )
+
+    def client_gone(self, ident: bytes) -> None:
+        """A client disconnected: its queued requests and held replies are dropped."""
+        self.dispatcher.client_gone(ident)
+        self.outboxes.drop(ident)
+        self.reads.client_gone(ident)
+
+    # --- workers ---
+
+    def worker_message(self, ident: bytes, frames: list, allowed: bool = True) -> None:
+        """``[route, header?, data?]`` from worker ``ident``; ``allowed``: its key is still in
+        the workers' allowlist (always, without CURVE)."""
+        if not allowed:
+            # Its key was removed from the workers' allow directory: no more requests.
+            self.dispatcher.worker_lost(ident, "key no longer allowed")
+            self._send_route(
+                ident,
+                {
+                    "t": "refused",
+                    "msg": "this worker's key is not in the broker's --allow-workers directory",
+                },
+            )
+            return
+        try:
+            if not frames:
+                raise BadRequest("worker message without a route frame")
+            route = p.decode(h.buffer(frames[0]), "route")
+            kind = route.get("t")
+            worker = self.registry.get(ident)
+            if kind == "ready":
+                self._register(ident, route)
+                return
+            if worker is None:
+                # Not (or no longer) registered, e.g. after a broker restart: ask it to READY.
+                if kind != "bye":
+                    self._send_route(ident, {"t": "reregister"})
+                return
+            self.registry.heard(worker)
+            if kind == "rep":
+                self._reply(worker, route, frames[1:])
+            elif kind == "req":
+                self._worker_request(worker, route, frames[1:])
+            elif kind == "hb":
+                self.registry.note_stats(worker, route.get("st"))
+            elif kind == "bye":
+                self.dispatcher.worker_lost(ident, "said bye")
+            else:
+                raise BadRequest(f"unknown route type {kind!r}")
+        except BadRequest as exc:
+            self._bad.warning("event=bad_worker_message worker=%s error=%r", ident.hex(), str(exc))
+
+    def _send_route(self, ident: bytes, route: dict) -> bool:
+        return self.transport.to_worker(ident, [p.encode(route)])
+
+    def _register(self, ident: bytes, route: dict) -> None:
+        try:
+            service, worker_id, store_id = self.registry.check(ident, route)
+        except Refused as refused:
+            self._refusals.warning(
+                "event=worker_refused worker=%s reason=%r", ident.hex(), refused.message
+            )
+            reply: dict = {"t": "refused", "msg": refused.message}
+            if refused.retry:
+                reply["retry"] = True
+            self._send_route(ident, reply)
+            return
+        if self.registry.get(ident) is not None:
+            self.dispatcher.worker_lost(ident, "registered again")
+        self.registry.add(ident, service, worker_id, store_id)
+        self._send_route(ident, {"t": "welcome"})
+        log.info("event=worker_ready service=%s worker=%s store=%s", service, worker_id, store_id)
+
+    def _reply(self, worker: Worker, route: dict, body: list) -> None:
+        key = route.get("k")
+        if not isinstance(key, int) or isinstance(key, bool):
+            raise BadRequest("reply route without an integer request key")
+        names = h.changed_names(route.get("inv"))
+        pending = self.dispatcher.answered(worker, key)
+        if pending is None:
+            # Handed to another worker already, or a duplicate: exactly one reply goes out.
+            if worker.service == p.STORAGE:
+                # A change storage made late (its request was given up on) still changed the
+                # name: the cache must not keep serving the old version (read-after-write).
+                self.invalidate(names)
+            self._late.warning(
+                "event=late_reply worker=%s key=%d action=dropped", clip(worker.worker_id), key
+            )
+            return
+        if pending.digest and len(body) > 1:
+            self.admission.learn(pending.digest, h.nbytes(body[1]))
+        self.dispatcher.pump(worker.service)  # its credit is free again
+        # Invalidate before the ack leaves: the cache's pipe is FIFO, so any read the client
+        # sends after this ack reaches the cache after the invalidation.
+        self.invalidate(names)
+        self.replies.deliver(
+            pending.origin, body, pending.deadline, admitted=pending.reserve, req_id=pending.req_id
+        )
+        if pending.origin["via"] == FRONTEND:
+            outcome = "ok" if route.get("ok", True) else str(route.get("err"))
+            self.metrics.answered(pending.op, outcome, time.monotonic() - pending.started)
+            if route.get("cache") == "hit":
+                self.metrics.cache_hits.inc()
+            elif route.get("cache") == "miss":
+                self.metrics.cache_misses.inc()
+            self._tally(pending, route, body)
+
+    def _tally(self, pending: Pending, route: dict, body: list) -> None:
+        """Count a reply towards the cache's per-GET figures (fms.metrics.ReadTally)."""
+        if not route.get("ok", True):
+            return
+        nbytes = max(0, h.nbytes(body[1]) - p.DATA_PREFIX_LEN) if len(body) > 1 else 0
+        if pending.op == "get" and route.get("cache") is not None:
+            self.reads.get_answered(
+                pending.origin["from"], pending.req_id, route["cache"], route.get("n", 0), nbytes
+            )
+        elif pending.op == "get_many" and route.get("cache") is not None:
+            self.reads.batch_answered(route.get("gh"), route.get("gm"))
+        elif pending.op == "chunk" and pending.read is not None:
+            self.reads.chunk_answered(
+                pending.origin["from"], pending.read, route.get("cache"), nbytes
+            )
+
+    def _worker_request(self, worker: Worker, route: dict, body: list) -> None:
+        """A worker asks another service (a cache's miss goes to storage)."""
+        service = route.get("svc")
+        origin = {"from": worker.ident, "via": BACKEND}
+        if len(body) not in (1, 2):
+            raise BadRequest(f"worker request has {len(body)} body frames, expected 1 or 2")
+        header = h.read_header(h.buffer(body[0]))
+        if service not in p.SERVICES:
+            self.replies.error(
+                origin, header.get("id"), "bad_request", f"unknown service {service!r}"
+            )
+            return
+        op = str(header.get("op"))
+        digest = h.chunk_digest(op, header)
+        seen = self.admission.seen(digest) if digest else 0
+        self._submit(service, op, header, origin, body, time.monotonic(), seen=seen)
+
+    def invalidate(self, names: list) -> None:
+        """Tell every cache worker to drop ``names``: one ``inv`` message per at most
+        INV_NAME_BYTES of names (an rm -r page changes a thousand: one message each would
+        overflow the cache's pipe)."""
+        for batch in h.batches_of_names(names, limits.INV_NAME_BYTES):
+            message = p.encode(
+                {"t": "inv", "name": batch[0]} if len(batch) == 1 else {"t": "inv", "names": batch}
+            )
+            for worker in self.registry.of(p.CACHE):
+                # A cache we cannot tell must not serve reads any more.
+                if not self.transport.to_worker(worker.ident, [message]):
+                    self.dispatcher.worker_lost(worker.ident, "missed an invalidation")
+
+    # --- time ---
+
+    def tick(self, now: float, heartbeat: bool = False) -> None:
+        """Time passes: drop requests past their deadline; with ``heartbeat``, also forget
+        workers not heard from for their liveness and beat to the others."""
+        self.dispatcher.expire(now)
+        if heartbeat:
+            self.purge_workers(now)
+            self.send_heartbeats()
+
+    def purge_workers(self, now: float | None = None) -> None:
+        for worker in self.registry.expired(time.monotonic() if now is None else now):
+            self.dispatcher.worker_lost(worker.ident, "heartbeat expired")
+
+    def send_heartbeats(self) -> None:
+        for worker in self.registry:
+            if not self.transport.to_worker(worker.ident, [self._beat]):
+                self.dispatcher.worker_lost(worker.ident, "unreachable")
+
+    # --- status ---
+
+    def status(self) -> dict:
+        admission, outboxes = self.admission, self.outboxes
+        return {
+            "broker": {
+                **self.endpoints,
+                "uptime": time.time() - self.started,
+                **self.dispatcher.status(),
+                "held_bytes": admission.status(),
+                "dropped_replies": outboxes.dropped,
+                "shed": {"replies": outboxes.shed, "requests": self.dispatcher.shed},
+                "backed_off": admission.backed_off,
+                "fds": limits.fd_limit(),
+                "budgets": {
+                    "client_bytes": limits.CLIENT_BYTES,
+                    "total_upload_bytes": limits.TOTAL_REQUEST_BYTES,
+                    "total_reply_bytes": limits.TOTAL_REPLY_BYTES,
+                },
+            },
+            "cache": {**self.reads.figures(), **self.registry.cache_counters()},
+            "workers": self.registry.status(),
+        }

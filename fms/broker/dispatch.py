@@ -1,0 +1,253 @@
+"""Dispatch: the requests the broker holds, from admission until they are answered or dropped.
+
+A request (:class:`~fms.broker.routing.Pending`, under a broker request key) waits in its
+service's fair queue until a worker of the service has credit (``WORKER_CREDIT`` requests and
+``WORKER_BYTES`` of data and expected replies); :meth:`Dispatcher.pump` then sends it to the
+worker :func:`~fms.broker.routing.pick` chooses.  With no worker of the service, its fallback
+serves (storage serves the cache's ops); with neither, the request is answered ``unavailable``.
+
+A worker that dies holding requests hands them on: every op is idempotent (commit, rm, mv, cp
+and restore carry an id that makes a repeat a no-op), so each goes to another worker, never back
+to the one that died.  Requests whose deadline passed, whose client left, or that a live worker
+has held unanswered for ``INFLIGHT_GRACE`` past their deadline are dropped.
+"""
+
+import logging
+import time
+
+from .. import limits
+from .. import wire as p
+from ..logutil import RateLimitedLog
+from ..metrics import BrokerMetrics
+from .admission import Admission
+from .registry import Registry, Worker
+from .replies import FRONTEND, Replies
+from .routing import FairQueue, Pending, pick
+from .transport import Transport
+
+log = logging.getLogger("fms.broker")
+
+
+class Dispatcher:
+    """The pending requests, the queues per service, and sending requests to workers."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        admission: Admission,
+        replies: Replies,
+        transport: Transport,
+        metrics: BrokerMetrics,
+    ) -> None:
+        self.registry = registry
+        self.admission = admission
+        self.replies = replies
+        self.transport = transport
+        self.metrics = metrics
+        self.pending: dict[int, Pending] = {}  # broker request key -> the request
+        self.queues = {service: FairQueue() for service in p.SERVICES}
+        self.dropped = 0  # requests dropped: deadline passed, their client left, no answer
+        self.shed = 0  # queued requests answered `unavailable` to make room for another
+        self._next_key = 0
+        self._drops = RateLimitedLog(log)
+
+    def _track(self, pending: Pending, delta: int) -> None:
+        if pending.origin["via"] == FRONTEND:
+            self.admission.track(pending.origin["from"], delta, pending.nbytes, pending.reserve)
+
+    def submit(self, pending: Pending) -> None:
+        """Queue ``pending`` for its service (or the fallback) and send what the workers'
+        credit allows; with no worker of either, answer ``unavailable`` at once."""
+        target = self.registry.serving(pending.service, pending.exclude)
+        if target is None:
+            service = pending.service
+            self.replies.error(
+                pending.origin,
+                pending.req_id,
+                "unavailable",
+                f"no {service} worker is connected to the broker; start one "
+                f"(python {service}_worker.py) or run a whole cluster with: fms up",
+                op=pending.op,
+                admitted=pending.reserve,
+            )
+            return
+        self._next_key += 1
+        key = self._next_key
+        pending.target = target
+        pending.worker = None
+        self.pending[key] = pending
+        self._track(pending, +1)
+        self.queues[target].push((pending.origin["via"], pending.origin["from"]), key)
+        self.pump(target)
+
+    def pump(self, service: str) -> None:
+        """Send queued requests of ``service`` to its workers while they have credit: the
+        least loaded first, clients taking turns; drop those whose deadline has passed."""
+        queue = self.queues[service]
+        credit = limits.WORKER_CREDIT[service]
+        budget = limits.WORKER_BYTES
+        blocked = 0  # clients in a row whose next request waits for a busy owner
+        while queue and blocked < len(queue):
+            # Credit in requests and in bytes (data sent + replies expected): a worker busy
+            # with a few 16 MiB chunks takes no more, so a small request waits behind few.
+            free = [
+                w
+                for w in self.registry.workers.values()
+                if w.service == service
+                and len(w.inflight) < credit
+                and (w.inflight_bytes < budget or not w.inflight)
+            ]
+            if not free:
+                return
+            client, key = queue.pop()
+            pending = self.pending.get(key)
+            if pending is None:
+                continue
+            now = time.monotonic()
+            if now >= pending.deadline:
+                self._forget(key, pending, "deadline passed")
+                continue
+            worker = pick(service, pending, free, lambda: self.registry.of(p.CACHE))
+            if worker is None:  # its owner is busy, or only workers it must avoid are free:
+                queue.push_front(client, key)  # it waits; the next client's turn
+                queue.skip(client)
+                blocked += 1
+                continue
+            blocked = 0
+            route = {"t": "req", "k": key, "ttl": max(1, int((pending.deadline - now) * 1000))}
+            if not self.transport.to_worker(worker.ident, [p.encode(route), *pending.body]):
+                pending.exclude = (*pending.exclude, worker.ident)
+                queue.push_front(client, key)
+                self.worker_lost(worker.ident, "unreachable")
+                return  # worker_lost pumps again
+            pending.worker = worker.ident
+            worker.inflight_bytes += pending.nbytes + pending.expect
+            worker.inflight.add(key)
+            worker.served += 1
+            worker.last_used = key
+
+    def answered(self, worker: Worker, key: int) -> Pending | None:
+        """``worker`` answered request ``key``: the request, no longer pending, or None if it
+        is not ``worker``'s to answer (handed to another worker already, or a duplicate)."""
+        pending = self.pending.get(key)
+        if pending is None or pending.worker != worker.ident:
+            return None
+        del self.pending[key]
+        worker.inflight.discard(key)
+        worker.inflight_bytes -= pending.nbytes + pending.expect
+        self._track(pending, -1)
+        return pending
+
+    def worker_lost(self, ident: bytes, reason: str) -> None:
+        """Forget a worker; its requests go to another worker (never back to it)."""
+        worker = self.registry.remove(ident)
+        if worker is None:
+            return
+        log.warning(
+            "event=worker_gone service=%s worker=%s reason=%r inflight=%d",
+            worker.service,
+            worker.worker_id,
+            reason,
+            len(worker.inflight),
+        )
+        for key in sorted(worker.inflight):
+            pending = self.pending.pop(key, None)
+            if pending is None:
+                continue
+            self._track(pending, -1)
+            self.metrics.redispatched.inc()
+            pending.exclude = (*pending.exclude, ident)
+            self.submit(pending)
+        self._requeue_orphans(worker.service)
+
+    def _requeue_orphans(self, service: str) -> None:
+        """After a worker left: queued requests of a service with no worker left go to its
+        fallback, or are answered ``unavailable``; the rest are pumped to who is left."""
+        if self.registry.serving(service) == service:
+            self.pump(service)
+            return
+        for key in self.queues[service].take_all():
+            pending = self.pending.pop(key, None)
+            if pending is not None:
+                self._track(pending, -1)
+                self.submit(pending)
+
+    def expire(self, now: float) -> None:
+        """Drop queued requests whose deadline has passed: their clients stopped waiting.
+        Forget one a live worker has held unanswered for INFLIGHT_GRACE past its deadline,
+        so a worker that never answers cannot keep its credit (its late reply is dropped)."""
+        stale = now - limits.INFLIGHT_GRACE
+        for key, pending in [
+            (k, q) for k, q in self.pending.items() if q.worker is not None and q.deadline < stale
+        ]:
+            worker = self.registry.get(pending.worker) if pending.worker else None
+            if worker is not None and key in worker.inflight:
+                worker.inflight.discard(key)
+                worker.inflight_bytes -= pending.nbytes + pending.expect
+                self._forget(key, pending, f"no answer from {worker.worker_id}")
+                self.pump(worker.service)
+
+        def keep(key: int) -> bool:
+            pending = self.pending.get(key)
+            if pending is None:
+                return False
+            if pending.deadline <= now:
+                self._forget(key, pending, "deadline passed")
+                return False
+            return True
+
+        for queue in self.queues.values():
+            queue.filter(keep)
+
+    def client_gone(self, ident: bytes) -> None:
+        """A client disconnected: its queued requests are dropped (no one will read a reply)."""
+        for queue in self.queues.values():
+            for key in queue.take_client((FRONTEND, ident)):
+                pending = self.pending.get(key)
+                if pending is not None:
+                    self._forget(key, pending, "client gone")
+
+    def shed_queued(self, ident: bytes, uploads: bool) -> bool:
+        """Answer ``unavailable`` to the newest request of ``ident`` still queued here that
+        holds bytes of the kind wanted (request data, or reserved reply room)."""
+        client = (FRONTEND, ident)
+        for queue in self.queues.values():
+            for key in queue.newest_of(client):
+                pending = self.pending.get(key)
+                if pending is None or not (pending.nbytes if uploads else pending.reserve):
+                    continue
+                queue.remove(client, key)
+                del self.pending[key]
+                self._track(pending, -1)
+                self.shed += 1
+                self._drops.warning("event=request_shed op=%s client=%s", pending.op, ident.hex())
+                self.replies.error(
+                    pending.origin,
+                    pending.req_id,
+                    "unavailable",
+                    "the broker is full and this client holds the most; retry in "
+                    "a moment (retried with backoff)",
+                    op=pending.op,
+                    started=pending.started,
+                    admitted=pending.reserve,
+                )
+                return True
+        return False
+
+    def _forget(self, key: int, pending: Pending, why: str) -> None:
+        del self.pending[key]
+        self._track(pending, -1)
+        self.dropped += 1
+        self._drops.warning(
+            "event=request_dropped op=%s reason=%r dropped_total=%d",
+            pending.op,
+            why,
+            self.dropped,
+        )
+
+    def status(self) -> dict:
+        return {
+            "pending": len(self.pending),
+            "queued": {s: q.waiting() for s, q in self.queues.items()},
+            "dropped": self.dropped,
+        }

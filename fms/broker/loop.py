@@ -1,0 +1,246 @@
+"""The broker's loop: two ROUTER sockets around the core.
+
+It binds a frontend for clients and a backend for workers, polls them, hands each message to the
+core (core.py) with what only the socket knows (the peer's identity, whether its CURVE key is
+still allowed, the descriptor of its connection), and sends what the core decides through
+:class:`ZmqTransport`.  A frontend monitor tells it when a client's connection closes, so its
+queued work is dropped at once.  Timers: the core's sweep (deadlines), heartbeats, and the
+outboxes that are due.
+"""
+
+import fcntl
+import logging
+import struct
+import termios
+import time
+from collections.abc import Callable
+
+import zmq
+
+from .. import limits
+from .. import wire as p
+from ..logutil import RateLimitedLog, clip
+from ..metrics import BrokerMetrics
+from ..security import CurveServer
+from ..wire.frames import drain, send_frames
+from .core import Core
+from .outbox import CLIENT_KERNEL_QUEUE
+from .transport import FULL, GONE, SENT
+
+log = logging.getLogger("fms.broker")
+
+DRAIN_BATCH = 64  # messages taken from one socket per poll, so neither socket starves the other
+
+
+class ZmqTransport:
+    """The core's transport over the two ROUTER sockets (ROUTER_MANDATORY, no send timeout:
+    a full queue or an unknown peer is reported at once, never waited on)."""
+
+    def __init__(self, frontend: zmq.Socket, backend: zmq.Socket) -> None:
+        self.frontend = frontend
+        self.backend = backend
+        self.client_fd: dict[bytes, int] = {}  # client identity -> fd of its connection
+        self._undeliverable = RateLimitedLog(log)
+
+    def to_client(self, ident: bytes, frames: list) -> str:
+        try:
+            send_frames(self.frontend, [ident, *frames])
+            return SENT
+        except zmq.Again:
+            return FULL
+        except zmq.ZMQError as exc:
+            self._undeliverable.warning(
+                "event=undeliverable socket=frontend peer=%s error=%r", ident.hex(), exc.strerror
+            )
+            return GONE
+
+    def to_worker(self, ident: bytes, frames: list) -> bool:
+        try:
+            send_frames(self.backend, [ident, *frames])
+            return True
+        except zmq.ZMQError as exc:
+            why = "queue full" if exc.errno == zmq.EAGAIN else exc.strerror
+            self._undeliverable.warning(
+                "event=undeliverable socket=backend peer=%s error=%r", ident.hex(), why
+            )
+            return False
+
+    def queued(self, ident: bytes) -> int | None:
+        """Bytes the kernel holds unsent on this client's connection (Linux SIOCOUTQ)."""
+        fd = self.client_fd.get(ident)
+        if fd is None:
+            return None
+        try:
+            return struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+        except OSError:
+            return None
+
+    def backed_up(self, ident: bytes) -> bool:
+        queued = self.queued(ident)
+        return queued is not None and queued > CLIENT_KERNEL_QUEUE
+
+
+def _endpoint(sock: zmq.Socket) -> str:
+    endpoint = sock.last_endpoint
+    return endpoint.decode() if isinstance(endpoint, bytes) else str(endpoint)
+
+
+class Broker:
+    """Routes between a frontend ROUTER (clients) and a backend ROUTER (workers).
+
+    :param frontend: endpoint to bind for clients.
+    :param backend: endpoint to bind for workers.
+    :param curve: a :class:`~fms.security.CurveServer` to require CURVE and an allowlist on
+        both sockets (clients' on the frontend, workers' on the backend), or None for plaintext.
+    :param store: the store id storage workers must serve; None: the first one's.
+    """
+
+    def __init__(
+        self,
+        frontend: str,
+        backend: str,
+        ctx: zmq.Context | None = None,
+        curve: CurveServer | None = None,
+        store: str | None = None,
+    ) -> None:
+        self.ctx = ctx or zmq.Context.instance()
+        self.curve = curve
+        self.frontend_endpoint = frontend
+        self.backend_endpoint = backend
+        self.store = store
+        self.metrics = BrokerMetrics()
+        self.frontend = self._router(hwm=limits.CLIENT_PIPE)
+        self.backend = self._router(workers=True)
+        # Disconnections of clients, so that their queued work is dropped at once.
+        self.monitor = self.frontend.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.transport = ZmqTransport(self.frontend, self.backend)
+        self.core = Core(self.transport, store=store, metrics=self.metrics)
+        self._fd_clients: dict[int, set] = {}  # fd -> client identities seen on it
+        self._crashes = RateLimitedLog(log)
+
+    # --- set-up ---
+
+    def bind(self) -> None:
+        """Bind both sockets; the actual endpoints (with any ``*`` port resolved) are kept."""
+        self.frontend.bind(self.frontend_endpoint)
+        self.backend.bind(self.backend_endpoint)
+        self.frontend_endpoint = _endpoint(self.frontend)
+        self.backend_endpoint = _endpoint(self.backend)
+        self.core.endpoints = {"frontend": self.frontend_endpoint, "backend": self.backend_endpoint}
+        log.info(
+            "event=listening frontend=%s backend=%s", self.frontend_endpoint, self.backend_endpoint
+        )
+        if self.store is None:
+            log.warning(
+                "event=store_not_pinned hint=%r",
+                "the first storage worker to register "
+                "decides which store this broker serves; give --store ID (fms up does) "
+                "so that an impostor cannot, and use CURVE worker keys",
+            )
+
+    def _router(self, hwm: int | None = None, workers: bool = False) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.linger = 0
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable reply raises, never vanishes
+        # Never wait on one peer: a full queue raises at once and is handled (logged, or the
+        # worker is dropped), so a stalled peer cannot stall the broker for everyone else.
+        sock.setsockopt(zmq.SNDTIMEO, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_SIZE)
+        if hwm is not None:
+            sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.RCVHWM, limits.RECEIVE_PIPE)
+        if self.curve is not None:
+            self.curve.apply(sock, workers=workers)
+        return sock
+
+    def close(self) -> None:
+        self.frontend.disable_monitor()
+        for sock in (self.monitor, self.frontend, self.backend):
+            sock.close(linger=0)
+        if self.curve is not None:
+            self.curve.stop()
+
+    # --- the loop ---
+
+    def run(self, should_stop: Callable[[], bool] = lambda: False) -> None:
+        limits.tune_malloc()
+        limits.raise_fd_limit(log)
+        core = self.core
+        poller = zmq.Poller()
+        poller.register(self.frontend, zmq.POLLIN)
+        poller.register(self.backend, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
+        next_heartbeat = time.monotonic() + p.HEARTBEAT_INTERVAL
+        next_sweep = time.monotonic() + limits.SWEEP_INTERVAL
+        client, worker = self._guarded(self.process_client), self._guarded(self.process_worker)
+        while not should_stop():
+            now = time.monotonic()
+            wake = min(next_heartbeat, next_sweep)
+            due = core.outboxes.next_due()
+            if due is not None:
+                wake = min(wake, due)
+            events = dict(poller.poll(max(0, int((wake - now) * 1000))))
+            if core.outboxes:
+                core.outboxes.flush(time.monotonic())
+            if self.monitor in events:  # before the frontend: a reused fd is seen gone first
+                drain(self.monitor, self.process_monitor, DRAIN_BATCH)
+            # Under load, take what is queued without polling again for each message: a poll
+            # costs about as much as the routing.  Replies first, so work in flight drains.
+            if self.backend in events:
+                drain(self.backend, worker, DRAIN_BATCH)
+            if self.frontend in events:
+                drain(self.frontend, client, DRAIN_BATCH)
+            now = time.monotonic()
+            if now >= next_sweep or now >= next_heartbeat:
+                heartbeat = now >= next_heartbeat
+                core.tick(now, heartbeat=heartbeat)
+                next_sweep = now + limits.SWEEP_INTERVAL
+                if heartbeat:
+                    next_heartbeat = time.monotonic() + p.HEARTBEAT_INTERVAL
+
+    def _guarded(self, handle: Callable[[list], None]) -> Callable[[list], None]:
+        """``handle`` with any bug it meets costing one message, not the broker."""
+
+        def guarded(frames: list) -> None:
+            try:
+                handle(frames)
+            except Exception as exc:
+                self._crashes.warning("event=message_handling_crashed error=%r", clip(repr(exc)))
+
+        return guarded
+
+    def process_client(self, frames: list) -> None:
+        """``[identity, header, data?]`` from the frontend."""
+        ident = frames[0].bytes
+        self._note_fd(ident, frames[0])
+        allowed = self.curve is None or self.curve.allowed(frames[-1])
+        self.core.client_message(ident, frames[1:], allowed)
+
+    def process_worker(self, frames: list) -> None:
+        """``[identity, route, header?, data?]`` from the backend."""
+        allowed = self.curve is None or self.curve.allowed(frames[-1], workers=True)
+        self.core.worker_message(frames[0].bytes, frames[1:], allowed)
+
+    def _note_fd(self, ident: bytes, frame: zmq.Frame) -> None:
+        try:
+            fd = frame.get(zmq.SRCFD)
+        except (zmq.ZMQError, AttributeError, TypeError):
+            return
+        client_fd = self.transport.client_fd
+        if client_fd.get(ident) != fd:
+            client_fd[ident] = fd
+            self._fd_clients.setdefault(fd, set()).add(ident)
+
+    def process_monitor(self, frames: list) -> None:
+        """A frontend connection closed: the clients seen on it are gone."""
+        if len(frames) != 2 or len(frames[0].bytes) != 6:
+            return
+        event = int.from_bytes(frames[0].bytes[:2], "little")
+        fd = int.from_bytes(frames[0].bytes[2:], "little")
+        if event != zmq.EVENT_DISCONNECTED:
+            return
+        client_fd = self.transport.client_fd
+        for ident in self._fd_clients.pop(fd, ()):
+            if client_fd.get(ident) == fd:
+                del client_fd[ident]
+                self.core.client_gone(ident)

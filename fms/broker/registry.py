@@ -1,0 +1,193 @@
+"""The worker registry: which workers are connected, for which service and store, and whether
+they are still alive.
+
+A worker announces itself with a ``ready`` route (its service, a stable worker id, the store it
+serves, the protocol version); the registry decides whether it may serve (:meth:`Registry.check`),
+keeps it while its messages and heartbeats keep arriving (each pushes its expiry on by
+``HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS``: the zguide's Paranoid Pirate), and forgets it when it
+says bye, expires or cannot be reached.  It also keeps the counters a cache worker reports in its
+heartbeats.  It knows nothing of requests beyond each worker's count of them in flight.
+"""
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from .. import wire as p
+from ..metrics import BrokerMetrics
+from .headers import int_in
+
+MAX_ID_LEN = 128  # characters of a worker id or store id kept (they are shown in status)
+LIVENESS = p.HEARTBEAT_INTERVAL * p.HEARTBEAT_LIVENESS  # seconds a worker lives unheard
+
+
+@dataclass(slots=True, eq=False)
+class Worker:
+    """A registered worker, and what it holds now."""
+
+    ident: bytes  # its routing id on the backend socket
+    service: str
+    worker_id: str
+    store_id: str | None
+    expiry: float  # monotonic time past which it counts as dead unless heard from
+    inflight: set = field(default_factory=set)  # broker request keys
+    inflight_bytes: int = 0  # their data + the replies expected of them
+    served: int = 0
+    last_used: int = 0  # request key of its latest dispatch
+    stats: dict = field(default_factory=dict)  # a cache's counters, from its heartbeats
+
+
+class Refused(Exception):
+    """A worker may not register: ``message`` says why; ``retry`` tells it to keep asking."""
+
+    def __init__(self, message: str, retry: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry = retry
+
+
+def _clip_id(value: object) -> str | None:
+    """A store id as status shows it: a str (another type's repr), at most MAX_ID_LEN long."""
+    if value is None:
+        return None
+    return (value if isinstance(value, str) else repr(value))[:MAX_ID_LEN]
+
+
+class Registry:
+    """The live workers, by routing id.
+
+    :param pinned_store: the store id storage workers must serve (the broker's ``--store``), or
+        None: then the first storage worker's store is the one.
+    """
+
+    def __init__(self, pinned_store: str | None, metrics: BrokerMetrics) -> None:
+        self.pinned_store = pinned_store
+        self.metrics = metrics
+        self.workers: dict[bytes, Worker] = {}
+        self._seen: dict = {}  # (cache worker id, counter) -> value its heartbeat last had
+
+    def get(self, ident: bytes) -> Worker | None:
+        return self.workers.get(ident)
+
+    def __iter__(self) -> Iterator[Worker]:
+        return iter(list(self.workers.values()))
+
+    def of(self, service: str) -> list:
+        return [w for w in self.workers.values() if w.service == service]
+
+    def check(self, ident: bytes, route: dict) -> tuple:
+        """What a ``ready`` route registers: ``(service, worker_id, store_id)``.
+
+        :raises Refused: another protocol version, an unknown service, or a storage worker of
+            another store than the broker serves.
+        """
+        service = route.get("svc")
+        worker_id = str(route.get("wid", ident.hex()))[:MAX_ID_LEN]
+        store_id = _clip_id(route.get("store"))
+        if route.get("v") != p.PROTOCOL_VERSION:
+            raise Refused(
+                f"protocol version {route.get('v')!r} is not supported; "
+                f"this broker speaks {p.PROTOCOL_VERSION}"
+            )
+        if service not in p.SERVICES:
+            raise Refused(f"unknown service {service!r}")
+        if service == p.STORAGE:
+            # The store is decided by storage (the broker's --store, read from the data
+            # directory), else by the storage workers already serving.  A worker of another
+            # store is refused but not told to exit: if an impostor registered first, the real
+            # workers keep asking and get in as soon as it is gone.
+            current = self.pinned_store or self.store_id(exclude=ident)
+            if current is not None and store_id != current:
+                decided = (
+                    "broker was started for"
+                    if self.pinned_store
+                    else "storage workers already connected"
+                )
+                raise Refused(
+                    f"this worker serves a different store ({store_id!r:.80}) than the "
+                    f"{decided} ({current}); start it with the same --data directory as them "
+                    f"(sharding across stores comes later); it retries every second",
+                    retry=True,
+                )
+        return service, worker_id, store_id
+
+    def add(self, ident: bytes, service: str, worker_id: str, store_id: str | None) -> Worker:
+        worker = Worker(ident, service, worker_id, store_id, time.monotonic() + LIVENESS)
+        self.workers[ident] = worker
+        self._count()
+        return worker
+
+    def remove(self, ident: bytes) -> Worker | None:
+        worker = self.workers.pop(ident, None)
+        if worker is not None:
+            self._count()
+        return worker
+
+    def heard(self, worker: Worker) -> None:
+        """A message from ``worker``: it lives on."""
+        worker.expiry = time.monotonic() + LIVENESS
+
+    def expired(self, now: float) -> list:
+        return [w for w in self.workers.values() if w.expiry < now]
+
+    def store_id(self, exclude: bytes | None = None) -> str | None:
+        for worker in self.workers.values():
+            if worker.service == p.STORAGE and worker.ident != exclude:
+                return worker.store_id
+        return None
+
+    def serving(self, service: str, exclude: Iterable = ()) -> str | None:
+        """The service whose workers take ``service``'s requests now: itself, else its
+        fallback, else None."""
+        for candidate in (service, p.FALLBACK_SERVICE.get(service)):
+            if candidate and any(
+                w.service == candidate and w.ident not in exclude for w in self.workers.values()
+            ):
+                return candidate
+        return None
+
+    def note_stats(self, worker: Worker, stats: object) -> None:
+        """A cache's counters, from its heartbeat: their growth goes to the Prometheus ones.
+        What was seen is kept by worker id, so a worker that registers again is not counted
+        twice; a value below it means the worker restarted from 0."""
+        if not isinstance(stats, dict):
+            return
+        for name, counter in (
+            ("evictions", self.metrics.cache_evictions),
+            ("refused", self.metrics.cache_refused),
+        ):
+            value = stats.get(name)
+            if int_in(value, 0):
+                seen = self._seen.get((worker.worker_id, name), 0)
+                grown = value - seen if value >= seen else value
+                if grown > 0:
+                    counter.inc(grown)
+                self._seen[(worker.worker_id, name)] = value
+                worker.stats[name] = value
+
+    def cache_counters(self) -> dict:
+        """The counters the live cache workers last reported, summed (for ``status``)."""
+        return {
+            "evictions": sum(w.stats.get("evictions", 0) for w in self.workers.values()),
+            "admissions_refused": sum(w.stats.get("refused", 0) for w in self.workers.values()),
+        }
+
+    def status(self) -> list:
+        return [
+            {
+                "service": w.service,
+                "id": w.worker_id,
+                "store": w.store_id,
+                "state": "ready",
+                "inflight": len(w.inflight),
+                "inflight_bytes": w.inflight_bytes,
+                "served": w.served,
+            }
+            for w in sorted(self.workers.values(), key=lambda w: (w.service, w.worker_id))
+        ]
+
+    def _count(self) -> None:
+        for service in p.SERVICES:
+            self.metrics.workers.labels(service).set(
+                sum(w.service == service for w in self.workers.values())
+            )

@@ -1,0 +1,145 @@
+"""Routing: which worker serves a request, and in which order waiting requests go.
+
+Every request the broker holds is a :class:`Pending`, known by a broker request key.  One that
+no worker can take yet waits in its service's :class:`FairQueue`, one deque per client, served
+round robin: one client's flood waits behind everyone else's next request, not in front of it.
+:func:`pick` chooses the worker among those with credit: a cache request goes to the owner of
+its key (rendezvous hashing, so each name and chunk is cached, and its misses coalesced, in one
+place); anything else to the least loaded worker, ties to the one used least recently.
+"""
+
+import collections
+import hashlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from .. import wire as p
+from .registry import Worker
+
+
+def rendezvous(key: str | bytes, worker_ids: Iterable[str]) -> str | None:
+    """The owner of ``key`` among ``worker_ids``: the one with the highest hash of (id, key).
+    Each key has one owner; a worker that leaves or joins moves only the keys it wins."""
+    raw = key.encode() if isinstance(key, str) else key
+    return max(
+        worker_ids,
+        default=None,
+        key=lambda wid: hashlib.blake2b(raw, digest_size=8, key=wid.encode()[:64]).digest(),
+    )
+
+
+@dataclass(slots=True)
+class Pending:
+    """A request the broker holds until it is answered (or dropped)."""
+
+    worker: bytes | None  # None while queued at the broker
+    service: str  # the service asked for
+    op: str
+    origin: dict  # {"from": identity, "via": FRONTEND|BACKEND}
+    body: list  # header frame (+ data frame), kept for re-dispatch
+    req_id: object
+    started: float  # time.monotonic() when the request reached the broker
+    deadline: float  # time.monotonic() past which nobody waits for it
+    target: str = ""  # the service serving it (the asked one, or its fallback)
+    exclude: tuple = ()  # workers that died holding it
+    nbytes: int = 0  # bytes of all its frames, held here until it is answered
+    expect: int = 0  # bytes its reply is expected to carry (counted in the worker's credit)
+    digest: bytes = b""  # the chunk a `chunk` request asks for, to learn its size
+    owner: str | bytes | None = (
+        None  # a cache request's key: the cache worker that owns it serves it
+    )
+    read: int | str | None = None  # a chunk request's GET (its request id), for the ReadTally
+    reserve: int = 0  # reply bytes kept free for it in its client's budget (admission)
+
+
+class FairQueue:
+    """One service's waiting requests: ``(via, client identity) -> deque of request keys``,
+    taken round robin across clients."""
+
+    __slots__ = ("_queues",)
+
+    def __init__(self) -> None:
+        self._queues: collections.OrderedDict = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        """How many clients have requests waiting (for :meth:`waiting`, the requests)."""
+        return len(self._queues)
+
+    def waiting(self) -> int:
+        return sum(map(len, self._queues.values()))
+
+    def push(self, client: tuple, key: int) -> None:
+        keys = self._queues.get(client)
+        if keys is None:
+            keys = self._queues[client] = collections.deque()
+        keys.append(key)
+
+    def push_front(self, client: tuple, key: int) -> None:
+        """Put ``key`` back first, and its client first in turn (it was taken out of turn)."""
+        keys = self._queues.get(client)
+        if keys is None:
+            keys = self._queues[client] = collections.deque()
+        keys.appendleft(key)
+        self._queues.move_to_end(client, last=False)
+
+    def pop(self) -> tuple:
+        """``(client, key)`` of the next request in turn; the client goes to the back."""
+        client, keys = next(iter(self._queues.items()))
+        key = keys.popleft()
+        if keys:
+            self._queues.move_to_end(client)
+        else:
+            del self._queues[client]
+        return client, key
+
+    def skip(self, client: tuple) -> None:
+        """``client``'s turn passes (its next request waits for a busy owner)."""
+        self._queues.move_to_end(client)
+
+    def take_client(self, client: tuple) -> collections.deque:
+        """Remove and return every request of ``client``."""
+        return self._queues.pop(client, collections.deque())
+
+    def take_all(self) -> Iterator[int]:
+        """Remove every request, oldest client first."""
+        while self._queues:
+            _, keys = self._queues.popitem(last=False)
+            yield from keys
+
+    def newest_of(self, client: tuple) -> Iterator[int]:
+        """``client``'s keys, newest first (for shedding)."""
+        return reversed(self._queues.get(client) or ())
+
+    def remove(self, client: tuple, key: int) -> None:
+        keys = self._queues[client]
+        keys.remove(key)
+        if not keys:
+            del self._queues[client]
+
+    def filter(self, keep: Callable[[int], bool]) -> None:
+        """Keep only the keys for which ``keep(key)`` is true."""
+        for client, keys in list(self._queues.items()):
+            alive = collections.deque(key for key in keys if keep(key))
+            if alive:
+                self._queues[client] = alive
+            else:
+                del self._queues[client]
+
+
+def pick(
+    service: str, pending: Pending, free: list, live_caches: Callable[[], list]
+) -> Worker | None:
+    """The worker to send ``pending`` to among ``free``, or None (it waits).
+
+    :param live_caches: a callable giving the live cache workers (only asked for a cache
+        request with an owner key).
+    """
+    if service == p.CACHE and pending.owner is not None:
+        live = {w.worker_id: w for w in live_caches() if w.ident not in pending.exclude}
+        owner = live.get(rendezvous(pending.owner, live))
+        return owner if owner in free else None
+    return min(
+        (w for w in free if w.ident not in pending.exclude),
+        key=lambda w: (len(w.inflight), w.last_used),
+        default=None,
+    )

@@ -1,0 +1,442 @@
+"""The broker's core (fms.broker.core) driven with no socket and no process: each case hands it
+messages as from clients and workers and reads what it sent through a recording transport."""
+
+import time
+
+import pytest
+
+from fms import limits
+from fms import wire as p
+from fms.broker import Core
+from fms.broker.admission import CHUNK_GUESS, REPLY_BOUNDS, expected_reply, reply_bound
+from fms.broker.outbox import CLIENT_KERNEL_QUEUE, FLUSH_INTERVAL, FLUSH_MAX_WAIT, LARGE_REPLY
+from fms.broker.transport import FULL, GONE, SENT
+
+MiB = limits.MiB
+
+
+class Recorder:
+    """A transport that records what the core sends.  Clients in ``full`` have a full queue,
+    those in ``gone`` have left; workers in ``unreachable`` cannot be sent to."""
+
+    def __init__(self):
+        self.sent: list = []  # (to, ident, frames)
+        self.full: set = set()
+        self.gone: set = set()
+        self.unreachable: set = set()
+        self.kernel: dict = {}  # client -> bytes the kernel holds for it unread
+        self.tries: dict = {}  # client -> sends tried, taken or not
+
+    def to_client(self, ident, frames):
+        self.tries[ident] = self.tries.get(ident, 0) + 1
+        if ident in self.gone:
+            return GONE
+        if ident in self.full:
+            return FULL
+        self.sent.append(("client", ident, frames))
+        return SENT
+
+    def to_worker(self, ident, frames):
+        if ident in self.unreachable:
+            return False
+        self.sent.append(("worker", ident, frames))
+        return True
+
+    def queued(self, ident):
+        return self.kernel.get(ident)
+
+    def backed_up(self, ident):
+        return self.kernel.get(ident, 0) > CLIENT_KERNEL_QUEUE
+
+    def take(self) -> list:
+        """What was sent since the last take, decoded: (to, ident, header, data frame or None)."""
+        out = []
+        for to, ident, frames in self.sent:
+            if to == "worker":
+                route = p.decode(frames[0], "route")
+                rest = frames[1:]
+                header = p.decode(rest[0], "request") if rest else None
+                out.append((to, ident, route, header))
+            else:
+                out.append((to, ident, p.decode(frames[0]), frames[1] if len(frames) > 1 else None))
+        self.sent.clear()
+        return out
+
+
+@pytest.fixture
+def core():
+    return Core(Recorder(), store="s1")
+
+
+def ready(core, ident: bytes, service: str, wid: str | None = None):
+    core.worker_message(
+        ident,
+        [
+            p.encode(
+                {"t": "ready", "v": 1, "svc": service, "wid": wid or ident.decode(), "store": "s1"}
+            )
+        ],
+    )
+    assert core.registry.get(ident) is not None
+
+
+def ask(core, client: bytes, op: str, req_id, data: bytes | None = None, **fields):
+    frames = [p.encode({"v": 1, "op": op, "id": req_id, **fields})]
+    if data is not None:
+        frames.append(p.pack_data(data))
+    core.client_message(client, frames)
+
+
+def answer(core, worker: bytes, key: int, reply: dict, data: bytes | None = None, **route):
+    frames = [p.encode({"t": "rep", "k": key, **route}), p.encode(reply)]
+    if data is not None:
+        frames.append(p.pack_data(data))
+    core.worker_message(worker, frames)
+
+
+def requests_to(sent: list, worker: bytes) -> list:
+    """(key, header) of each request sent to ``worker``."""
+    return [
+        (route["k"], header)
+        for to, ident, route, header in sent
+        if to == "worker" and ident == worker and route["t"] == "req"
+    ]
+
+
+def replies_to(sent: list, client: bytes) -> list:
+    return [header for to, ident, header, _ in sent if to == "client" and ident == client]
+
+
+# --- routing and redispatch ---
+
+
+def test_a_request_goes_to_the_least_loaded_worker_and_its_reply_back_to_the_client(core):
+    ready(core, b"s-a", p.STORAGE)
+    ready(core, b"s-b", p.STORAGE)
+    core.transport.take()
+    for i in range(4):
+        ask(core, b"alice", "stat", i, name=f"f{i}")
+    sent = core.transport.take()
+    to_a, to_b = requests_to(sent, b"s-a"), requests_to(sent, b"s-b")
+    assert len(to_a) == len(to_b) == 2  # spread, least loaded first
+    key, header = to_a[0]
+    answer(core, b"s-a", key, p.ok_reply(header["id"], stat={"name": header["name"]}))
+    (reply,) = replies_to(core.transport.take(), b"alice")
+    assert reply["id"] == header["id"] and reply["stat"]["name"] == header["name"]
+
+
+def test_a_worker_that_dies_hands_its_requests_to_another_and_its_late_reply_is_dropped(core):
+    ready(core, b"s-a", p.STORAGE)
+    ready(core, b"s-b", p.STORAGE)
+    ask(core, b"alice", "stat", 1, name="x")
+    ((key, _),) = requests_to(core.transport.take(), b"s-a") or requests_to([], b"")
+    core.worker_message(b"s-a", [p.encode({"t": "bye"})])  # it leaves holding the request
+    redispatched = requests_to(core.transport.take(), b"s-b")
+    assert len(redispatched) == 1 and redispatched[0][1]["id"] == 1
+    assert core.metrics.redispatched._value.get() == 1
+    # The one that left answers after all: nobody gets a second reply.
+    ready(core, b"s-a", p.STORAGE)
+    answer(core, b"s-a", key, p.ok_reply(1, stat={}))
+    assert not replies_to(core.transport.take(), b"alice")
+    new_key = redispatched[0][0]
+    answer(core, b"s-b", new_key, p.ok_reply(1, stat={}))
+    assert [r["id"] for r in replies_to(core.transport.take(), b"alice")] == [1]
+
+
+def test_a_redispatched_request_never_goes_back_to_the_worker_that_died_holding_it(core):
+    ready(core, b"s-a", p.STORAGE)
+    ask(core, b"alice", "stat", 1, name="x")
+    core.transport.take()
+    core.purge_workers(time.monotonic() + 10)  # s-a missed its heartbeats
+    (reply,) = replies_to(core.transport.take(), b"alice")  # no worker left: unavailable
+    assert reply["ok"] is False and reply["error"] == "unavailable"
+    assert not core.dispatcher.pending and not core.admission.inflight
+
+
+def test_a_cache_request_goes_to_the_owner_of_its_key_and_falls_back_to_storage(core):
+    for wid in ("c1", "c2", "c3"):
+        ready(core, wid.encode(), p.CACHE)
+    ready(core, b"s", p.STORAGE)
+    core.transport.take()
+    owners = set()
+    for attempt in range(3):
+        ask(core, b"alice", "get", attempt, name="album/p1.jpg")
+        (sent,) = [s for s in core.transport.take() if s[0] == "worker"]
+        owners.add(sent[1])
+    assert len(owners) == 1  # the same name, the same cache worker, every time
+    for wid in (b"c1", b"c2", b"c3"):
+        core.worker_message(wid, [p.encode({"t": "bye"})])
+    ask(core, b"alice", "get", 9, name="album/p1.jpg")
+    assert requests_to(core.transport.take(), b"s")  # no cache: storage serves the get
+
+
+# --- read-after-write ---
+
+
+def test_a_storage_reply_that_changed_a_name_invalidates_every_cache_before_the_ack(core):
+    ready(core, b"c1", p.CACHE)
+    ready(core, b"c2", p.CACHE)
+    ready(core, b"s", p.STORAGE)
+    core.transport.take()
+    ask(core, b"alice", "rm", 7, name="a", commit="x")
+    ((key, _),) = requests_to(core.transport.take(), b"s")
+    answer(core, b"s", key, p.ok_reply(7, stat={}), inv="a")
+    sent = core.transport.take()
+    order = [(to, ident) for to, ident, *_ in sent]
+    assert order == [("worker", b"c1"), ("worker", b"c2"), ("client", b"alice")]
+    assert all(route == {"t": "inv", "name": "a"} for to, _, route, _ in sent if to == "worker")
+
+
+def test_a_cache_that_cannot_be_told_is_dropped_before_the_ack_leaves(core):
+    ready(core, b"c1", p.CACHE)
+    ready(core, b"s", p.STORAGE)
+    ask(core, b"alice", "rm", 7, name="a", commit="x")
+    ((key, _),) = requests_to(core.transport.take(), b"s")
+    core.transport.unreachable.add(b"c1")
+    answer(core, b"s", key, p.ok_reply(7, stat={}), inv=["a", "b"])
+    assert core.registry.get(b"c1") is None  # it would serve the old version: gone first
+    assert replies_to(core.transport.take(), b"alice")[0]["ok"] is True
+    ask(core, b"alice", "get", 8, name="a")  # reads go to storage now
+    assert requests_to(core.transport.take(), b"s")
+
+
+def test_a_late_storage_reply_still_invalidates_what_it_changed(core):
+    ready(core, b"c1", p.CACHE)
+    ready(core, b"s", p.STORAGE)
+    ask(core, b"alice", "rm", 7, name="a", commit="x", ttl_ms=50)
+    ((key, _),) = requests_to(core.transport.take(), b"s")
+    core.tick(time.monotonic() + 1 + limits.INFLIGHT_GRACE)  # given up on
+    answer(core, b"s", key, p.ok_reply(7, stat={}), inv="a")
+    sent = core.transport.take()
+    assert [(to, ident) for to, ident, *_ in sent] == [("worker", b"c1")]  # inv, no reply
+
+
+def test_invalidations_of_many_names_go_in_messages_of_bounded_size(core):
+    ready(core, b"c1", p.CACHE)
+    core.transport.take()
+    names = [f"folder/{i:04d}-" + "x" * 200 for i in range(1000)]
+    core.invalidate(names)
+    sent = core.transport.take()
+    told = [n for _, _, route, _ in sent for n in route.get("names", [route.get("name")])]
+    assert told == names and len(sent) > 1
+    assert all(len(p.encode(route)) < limits.MAX_HEADER for _, _, route, _ in sent)
+
+
+# --- deadlines ---
+
+
+def test_queued_requests_past_their_deadline_are_dropped_and_a_mute_worker_loses_its_credit(core):
+    ready(core, b"mute", p.STORAGE)
+    credit = limits.WORKER_CREDIT["storage"]
+    for i in range(credit + 4):
+        ask(core, b"alice", "stat", i, name="x", ttl_ms=100)
+    assert len(requests_to(core.transport.take(), b"mute")) == credit
+    assert core.status()["broker"]["queued"]["storage"] == 4
+    core.tick(time.monotonic() + 1)  # past the deadline: the queued ones go
+    assert core.status()["broker"]["queued"]["storage"] == 0
+    assert len(core.dispatcher.pending) == credit  # held by the worker, within the grace
+    core.tick(time.monotonic() + 1 + limits.INFLIGHT_GRACE)
+    assert not core.dispatcher.pending and core.dispatcher.dropped == credit + 4
+    assert not core.admission.inflight and not core.admission.reserved
+    ask(core, b"alice", "stat", 99, name="x")  # its credit is back
+    assert [h["id"] for _, h in requests_to(core.transport.take(), b"mute")] == [99]
+
+
+def test_a_request_carries_its_remaining_time_to_the_worker(core):
+    ask(core, b"alice", "stat", 1, name="x", ttl_ms=5000)  # no worker yet: unavailable
+    assert replies_to(core.transport.take(), b"alice")[0]["error"] == "unavailable"
+    ready(core, b"s", p.STORAGE)
+    core.transport.take()
+    ask(core, b"alice", "stat", 2, name="x", ttl_ms=5000)
+    ((_, route, _),) = [(i, r, h) for to, i, r, h in core.transport.take() if to == "worker"]
+    assert 4000 < route["ttl"] <= 5000
+    ask(core, b"alice", "stat", 3, name="x", ttl_ms=10**9)  # cut to the largest
+    ((_, route, _),) = [(i, r, h) for to, i, r, h in core.transport.take() if to == "worker"]
+    assert route["ttl"] <= limits.MAX_TTL_MS
+
+
+def test_a_client_that_leaves_has_its_queued_requests_and_held_replies_dropped(core):
+    ready(core, b"s", p.STORAGE)
+    for i in range(limits.WORKER_CREDIT["storage"] + 3):
+        ask(core, b"alice", "stat", i, name="x")
+    core.client_gone(b"alice")
+    assert core.status()["broker"]["queued"]["storage"] == 0
+    assert core.dispatcher.dropped == 3
+
+
+# --- admission and shedding ---
+
+
+def test_a_client_over_its_request_budget_backs_off_and_others_are_served(core):
+    ready(core, b"s", p.STORAGE)
+    data = b"x" * (16 * MiB)
+    for i in range(4):  # 4 x 16 MiB: the client's whole budget (headers count too)
+        ask(core, b"alice", "put_chunk", i, data=data[: 16 * MiB - 4096], hash=b"\x01" * 32)
+    ask(core, b"alice", "put_chunk", 4, data=data[:65536], hash=b"\x02" * 32)
+    refused = replies_to(core.transport.take(), b"alice")
+    assert [r["id"] for r in refused] == [4] and refused[0]["error"] == "unavailable"
+    assert "requests in flight" in refused[0]["message"]
+    assert core.admission.backed_off == 1
+    ask(core, b"bob", "stat", 1, name="x")  # admitted: it waits for the busy worker
+    assert not replies_to(core.transport.take(), b"bob")
+    assert core.status()["broker"]["queued"]["storage"] == 1
+
+
+def test_the_reply_room_of_each_request_is_reserved_and_released_with_its_reply(core):
+    ready(core, b"c", p.CACHE)
+    core.transport.take()
+    for i in range(4):  # 4 x 16 MiB chunks: 64 MiB reserved, the client's budget
+        ask(core, b"alice", "chunk", i, hash=bytes([i]) * 32, len=16 * MiB - 8192)
+    ask(core, b"alice", "chunk", 4, hash=b"\x09" * 32, len=65536)
+    assert replies_to(core.transport.take(), b"alice")[0]["id"] == 4  # over: backs off
+    assert core.admission.reserved[b"alice"] == 4 * (16 * MiB - 8192 + 4096)
+    pending = dict(core.dispatcher.pending)
+    for key, request in pending.items():
+        answer(core, b"c", key, p.ok_reply(request.req_id), data=b"d")
+    assert not core.admission.reserved and core.admission.total_reserved == 0
+    assert len(replies_to(core.transport.take(), b"alice")) == 4
+
+
+def _fill_outbox(core, client: bytes, count: int, size: int):
+    """``count`` replies of ``size`` bytes held for ``client`` (its queue is full)."""
+    core.transport.full.add(client)
+    for i in range(count):
+        ask(core, client, "chunk", f"{client.decode()}{i}", hash=bytes([i]) * 32, len=size)
+    for key, request in list(core.dispatcher.pending.items()):
+        if request.origin["from"] == client:
+            answer(core, b"c", key, p.ok_reply(request.req_id), data=b"d" * size)
+
+
+def test_replies_a_client_does_not_take_wait_counted_and_leave_in_order(core):
+    ready(core, b"c", p.CACHE)
+    _fill_outbox(core, b"alice", 3, 1000)
+    assert core.status()["broker"]["held_bytes"]["replies"] > 3000
+    core.transport.take()
+    core.transport.full.discard(b"alice")
+    core.outboxes.flush(time.monotonic() + 1)
+    assert [r["id"] for r in replies_to(core.transport.take(), b"alice")] == [
+        "alice0",
+        "alice1",
+        "alice2",
+    ]
+    assert core.status()["broker"]["held_bytes"]["replies"] == 0 and not core.outboxes
+
+
+def test_a_large_reply_waits_in_the_outbox_while_the_clients_connection_is_backed_up(core):
+    ready(core, b"c", p.CACHE)
+    core.transport.kernel[b"alice"] = CLIENT_KERNEL_QUEUE + 1
+    ask(core, b"alice", "chunk", 1, hash=b"\x01" * 32, len=LARGE_REPLY)
+    ((key, _),) = requests_to(core.transport.take(), b"c")
+    answer(core, b"c", key, p.ok_reply(1), data=b"d" * LARGE_REPLY)
+    assert not replies_to(core.transport.take(), b"alice") and b"alice" in core.outboxes
+    core.transport.kernel[b"alice"] = 0  # the client read
+    core.outboxes.flush(time.monotonic() + 1)
+    assert [r["id"] for r in replies_to(core.transport.take(), b"alice")] == [1]
+
+
+def test_an_outbox_that_makes_no_progress_backs_off_and_one_that_reads_does_not(core):
+    """No per-tick scan of idle outboxes: a client that never reads is tried ever less often
+    (up to FLUSH_MAX_WAIT apart); one whose kernel queue drains is tried every tick."""
+    ready(core, b"c", p.CACHE)
+    _fill_outbox(core, b"idle", 2, 100)
+    _fill_outbox(core, b"slow", 2, 100)
+    core.transport.tries.clear()
+    # A second of ticks a little over FLUSH_INTERVAL apart (so float rounding never makes a
+    # reading client's box due a hair after the tick).
+    start, ticks, step = time.monotonic(), 500, FLUSH_INTERVAL * 1.01
+    for tick in range(ticks):
+        core.transport.kernel[b"slow"] = 10**6 - tick  # its client takes bytes
+        core.outboxes.flush(start + tick * step)
+    idle, slow = core.transport.tries[b"idle"], core.transport.tries[b"slow"]
+    assert idle <= 1 / FLUSH_MAX_WAIT + 10, idle  # backed off
+    assert slow >= ticks - 1, slow  # tried every tick: it is reading
+
+
+def test_a_full_total_sheds_from_the_client_holding_most_never_from_a_reader(core, monkeypatch):
+    monkeypatch.setattr(limits, "TOTAL_REPLY_BYTES", 8 * MiB)
+    ready(core, b"c", p.CACHE)
+    _fill_outbox(core, b"hog", 6, MiB)  # 6 MiB it does not read
+    _fill_outbox(core, b"reader", 1, MiB)  # 1 MiB, but it is reading
+    core.outboxes.boxes[b"reader"].moved = time.monotonic() + 3600
+    core.transport.take()
+    # bob needs 2 MiB of room: the hog has left its replies unread for STALLED, so its oldest
+    # is replaced by a small `unavailable` with the same id.
+    core.outboxes.boxes[b"hog"].moved = time.monotonic() - limits.STALLED - 1
+    ask(core, b"bob", "chunk", 1, hash=b"\x07" * 32, len=2 * MiB - 8192)
+    assert requests_to(core.transport.take(), b"c")  # admitted
+    assert core.outboxes.shed >= 1
+    box = core.outboxes.boxes[b"hog"]
+    (first, *_), size, _, req_id = box.replies[0]
+    assert req_id == "hog0" and p.decode(first)["error"] == "unavailable" and size < 1024
+    assert core.outboxes.boxes[b"reader"].held >= MiB  # the reader kept its reply
+
+
+def test_a_full_request_total_sheds_the_newest_queued_request_of_the_biggest_holder(
+    core, monkeypatch
+):
+    monkeypatch.setattr(limits, "TOTAL_REQUEST_BYTES", 3 * MiB)
+    monkeypatch.setattr(limits, "WORKER_CREDIT", {"storage": 1, "cache": 32})
+    ready(core, b"s", p.STORAGE)
+    for i in range(2):  # one in flight, one queued: 2 MiB held
+        ask(core, b"hog", "put_chunk", i, data=b"x" * (MiB - 4096), hash=bytes([i]) * 32)
+    core.transport.take()
+    ask(core, b"bob", "put_chunk", 9, data=b"y" * (MiB + 65536), hash=b"\x09" * 32)
+    shed = replies_to(core.transport.take(), b"hog")
+    assert [(r["id"], r["error"]) for r in shed] == [(1, "unavailable")]  # the newest
+    assert core.dispatcher.shed == 1
+    assert core.status()["broker"]["queued"]["storage"] == 1  # bob's, in its place
+
+
+# --- reply bounds: one table ---
+
+
+def test_every_reply_bound_is_an_op_and_within_a_frame():
+    assert set(REPLY_BOUNDS) <= set(p.OP_SERVICE)
+    for op in p.OP_SERVICE:
+        bound = reply_bound(op, {"names": ["n"] * p.MAX_BATCH_FILES, "limit": 10**9}, 65536)
+        assert 0 < bound <= limits.MAX_FRAME, op
+
+
+def test_a_chunk_reserves_its_declared_or_seen_length_else_the_largest():
+    assert reply_bound("chunk", {"len": 1000}, 50) == 1000 + 4096
+    assert reply_bound("chunk", {}, 50, seen=2000) == 2000 + 4096
+    assert reply_bound("chunk", {"len": 1000}, 50, seen=2000) == 2000 + 4096
+    assert reply_bound("chunk", {"len": -1}, 50) == p.MAX_CHUNK_SIZE + 4096
+    assert reply_bound("chunk", {"len": True}, 50) == p.MAX_CHUNK_SIZE + 4096
+
+
+def test_a_workers_credit_counts_the_bound_but_an_unknown_chunk_at_its_usual_size():
+    assert expected_reply("chunk", {}, 50) == CHUNK_GUESS  # a cache's fetch: no len
+    assert expected_reply("chunk", {"len": 4096}, 50) == reply_bound("chunk", {"len": 4096}, 50)
+    for op in ("ls", "get", "get_many", "have", "versions", "stat"):
+        header = {"limit": 100, "names": ["a", "b"]}
+        assert expected_reply(op, header, 300) == reply_bound(op, header, 300)
+    assert reply_bound("ls", {"limit": 10}, 50) < reply_bound("ls", {"limit": 5000}, 50)
+    assert reply_bound("have", {}, 10_000) > reply_bound("have", {}, 100)
+
+
+# --- bad input ---
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [[], [b"\xc1"], [p.encode([1, 2])], [p.encode({"v": 1, "op": "nope", "id": 3})]],
+)
+def test_bad_client_messages_get_one_error_and_leave_nothing_behind(core, frames):
+    core.client_message(b"alice", frames)
+    (reply,) = replies_to(core.transport.take(), b"alice")
+    assert reply["ok"] is False and reply["error"] in p.ERROR_CODES
+    assert not core.dispatcher.pending and not core.admission.inflight
+
+
+def test_a_worker_of_another_store_or_version_is_refused(core):
+    for route in (
+        {"t": "ready", "v": 1, "svc": "storage", "wid": "w", "store": "other"},
+        {"t": "ready", "v": 2, "svc": "storage", "wid": "w", "store": "s1"},
+        {"t": "ready", "v": 1, "svc": "nope", "wid": "w"},
+    ):
+        core.worker_message(b"w", [p.encode(route)])
+        ((_, _, reply, _),) = core.transport.take()
+        assert reply["t"] == "refused" and core.registry.get(b"w") is None
+    core.worker_message(b"stranger", [p.encode({"t": "hb"})])  # not registered: re-register
+    assert core.transport.take()[0][2] == {"t": "reregister"}
