@@ -8,7 +8,14 @@ import pytest
 from fms import limits
 from fms import wire as p
 from fms.broker import Core
-from fms.broker.admission import CHUNK_GUESS, REPLY_BOUNDS, expected_reply, reply_bound
+from fms.broker.admission import (
+    CHUNK_GUESS,
+    HEAVY_PER_CLIENT,
+    HEAVY_TOTAL,
+    REPLY_BOUNDS,
+    expected_reply,
+    reply_bound,
+)
 from fms.broker.outbox import CLIENT_KERNEL_QUEUE, FLUSH_INTERVAL, FLUSH_MAX_WAIT, LARGE_REPLY
 from fms.broker.transport import FULL, GONE, SENT
 
@@ -73,7 +80,13 @@ def ready(core, ident: bytes, service: str, wid: str | None = None):
         ident,
         [
             p.encode(
-                {"t": "ready", "v": 1, "svc": service, "wid": wid or ident.decode(), "store": "s1"}
+                {
+                    "t": "ready",
+                    "v": p.PROTOCOL_VERSION,
+                    "svc": service,
+                    "wid": wid or ident.decode(),
+                    "store": "s1",
+                }
             )
         ],
     )
@@ -81,7 +94,7 @@ def ready(core, ident: bytes, service: str, wid: str | None = None):
 
 
 def ask(core, client: bytes, op: str, req_id, data: bytes | None = None, **fields):
-    frames = [p.encode({"v": 1, "op": op, "id": req_id, **fields})]
+    frames = [p.encode({"v": p.PROTOCOL_VERSION, "op": op, "id": req_id, **fields})]
     if data is not None:
         frames.append(p.pack_data(data))
     core.client_message(client, frames)
@@ -420,7 +433,12 @@ def test_a_workers_credit_counts_the_bound_but_an_unknown_chunk_at_its_usual_siz
 
 @pytest.mark.parametrize(
     "frames",
-    [[], [b"\xc1"], [p.encode([1, 2])], [p.encode({"v": 1, "op": "nope", "id": 3})]],
+    [
+        [],
+        [b"\xc1"],
+        [p.encode([1, 2])],
+        [p.encode({"v": p.PROTOCOL_VERSION, "op": "nope", "id": 3})],
+    ],
 )
 def test_bad_client_messages_get_one_error_and_leave_nothing_behind(core, frames):
     core.client_message(b"alice", frames)
@@ -431,12 +449,53 @@ def test_bad_client_messages_get_one_error_and_leave_nothing_behind(core, frames
 
 def test_a_worker_of_another_store_or_version_is_refused(core):
     for route in (
-        {"t": "ready", "v": 1, "svc": "storage", "wid": "w", "store": "other"},
-        {"t": "ready", "v": 2, "svc": "storage", "wid": "w", "store": "s1"},
-        {"t": "ready", "v": 1, "svc": "nope", "wid": "w"},
+        {"t": "ready", "v": p.PROTOCOL_VERSION, "svc": "storage", "wid": "w", "store": "other"},
+        {"t": "ready", "v": p.PROTOCOL_VERSION + 1, "svc": "storage", "wid": "w", "store": "s1"},
+        {"t": "ready", "v": p.PROTOCOL_VERSION, "svc": "nope", "wid": "w"},
     ):
         core.worker_message(b"w", [p.encode(route)])
         ((_, _, reply, _),) = core.transport.take()
         assert reply["t"] == "refused" and core.registry.get(b"w") is None
     core.worker_message(b"stranger", [p.encode({"t": "hb"})])  # not registered: re-register
     assert core.transport.take()[0][2] == {"t": "reregister"}
+
+
+# --- slow operations take turns ---
+
+
+def test_slow_operations_past_a_clients_or_the_total_limit_are_busy_and_take_turns(core):
+    ready(core, b"s", p.STORAGE)
+    core.transport.take()
+    for i in range(HEAVY_PER_CLIENT + 1):
+        ask(core, b"alice", "fsck", i)
+    sent = core.transport.take()
+    assert len(requests_to(sent, b"s")) == HEAVY_PER_CLIENT
+    (busy,) = replies_to(sent, b"alice")
+    assert busy["error"] == "busy" and busy["id"] == HEAVY_PER_CLIENT
+    ask(core, b"alice", "stat", 9, name="x")  # other ops are not limited
+    ask(core, b"alice", "ls", 10, prefix="a/", folders=True)  # nor a folder listing
+    assert len(requests_to(core.transport.take(), b"s")) == 2
+    clients = [f"c{i}".encode() for i in range(HEAVY_TOTAL)]
+    for client in clients:  # every kind of slow op counts towards the total
+        ask(core, client, "du", 1, prefix="")
+    sent = core.transport.take()
+    refused = [h for to, ident, h, _ in sent if to == "client"]
+    assert len(refused) == HEAVY_PER_CLIENT and all(r["error"] == "busy" for r in refused)
+    assert core.status()["broker"]["held_bytes"]["heavy"] == HEAVY_TOTAL
+    assert core.status()["broker"]["busy"] == 1 + HEAVY_PER_CLIENT
+    # An answer gives the turn back.
+    key, header = requests_to(sent, b"s")[0]
+    answer(core, b"s", key, p.ok_reply(header["id"], du={"files": 0, "bytes": 0}))
+    core.transport.take()
+    ask(core, b"late", "ls", 1, prefix="")  # a deep listing: slow
+    assert requests_to(core.transport.take(), b"s")
+
+
+def test_a_slow_operation_dropped_at_its_deadline_gives_its_turn_back(core):
+    ready(core, b"s", p.STORAGE)
+    for i in range(HEAVY_PER_CLIENT):
+        ask(core, b"alice", "gc", i, ttl_ms=50)
+    core.tick(time.monotonic() + 1 + limits.INFLIGHT_GRACE)
+    assert core.admission.total_heavy == 0 and not core.admission.heavy
+    core.worker_message(b"s", [p.encode({"t": "bye"})])
+    assert core.admission.total_heavy == 0

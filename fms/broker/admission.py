@@ -23,7 +23,6 @@ from .outbox import Outboxes
 
 SMALL_REPLY = 4 * limits.KiB  # the bound of an op not in REPLY_BOUNDS (a stat, an ack)
 CHUNK_GUESS = 1 * limits.MiB  # a chunk of unknown size, in a worker's credit
-MANIFEST_GUESS = 1 * limits.KiB  # a small file's manifest, in a get_many reply
 LS_ENTRY_MAX = 1280  # bytes of one ls entry at most (a 1,024-byte name + fields)
 CHUNK_SIZES_KEPT = 65536  # chunk sizes remembered (LRU), for the bounds below
 
@@ -45,10 +44,11 @@ def _ls(header: dict, size: int, seen: int) -> int:
 
 
 def _get_many(header: dict, size: int, seen: int) -> int:
-    """Inline content up to the batch's limit, and the manifests."""
+    """Inline content up to the batch's limit, and the manifests (each bounded: a long chunk
+    list is never in one)."""
     names = header.get("names")
     count = len(names) if isinstance(names, list) else 1
-    return min(p.MAX_BATCH_BYTES, count * p.INLINE_MAX) + count * MANIFEST_GUESS + SMALL_REPLY
+    return min(p.MAX_BATCH_BYTES, count * p.INLINE_MAX) + count * p.MANIFEST_MAX + SMALL_REPLY
 
 
 def _have(header: dict, size: int, seen: int) -> int:
@@ -66,15 +66,15 @@ def _fixed(nbytes: int) -> Callable[[dict, int, int], int]:
 # (so a worker is never handed more than WORKER_BYTES of replies at once), with one exception:
 # a chunk of unknown size (a cache's fetch carries no `len`) counts CHUNK_GUESS in a worker's
 # credit, because counting it 16 MiB would have storage serve cold reads four chunks at a time.
-# A reply larger than its reservation (a manifest of more than ~3,800 chunks, a false `len`) is
-# kept only while the budgets have room.
+# A reply larger than its reservation (a false `len`) is kept only while the budgets have room.
 REPLY_BOUNDS: dict[str, Callable[[dict, int, int], int]] = {
     "chunk": _chunk,
     "ls": _ls,
     "get_many": _get_many,
     "have": _have,
-    "get": _fixed(136 * limits.KiB),  # a manifest and a small file's inline content
-    "get_version": _fixed(136 * limits.KiB),
+    "get": _fixed(p.INLINE_MAX + p.MANIFEST_MAX + SMALL_REPLY),  # a small file comes along
+    "get_version": _fixed(p.INLINE_MAX + p.MANIFEST_MAX + SMALL_REPLY),
+    "page": _fixed(p.PAGE_REPLY_MAX),  # a page of 65,536 digests, or a body
     "versions": _fixed(1 * limits.MiB),
     "fsck": _fixed(1 * limits.MiB),
     "commit_many": _fixed(64 * limits.KiB),
@@ -96,6 +96,21 @@ def expected_reply(op: str, header: dict, size: int, seen: int = 0, bound: int =
     if op == "chunk" and not seen and not int_in(header.get("len"), 0, p.MAX_CHUNK_SIZE):
         return CHUNK_GUESS
     return bound or reply_bound(op, header, size, seen)
+
+
+# Ops whose work grows with the store rather than with what they carry: a fsck page, a
+# collection, a count under a prefix, the totals, a removal page, a listing that descends into
+# sub-folders.  They take turns: at most HEAVY_PER_CLIENT of a client's and HEAVY_TOTAL of all
+# clients' are held at once; past that they are answered `busy` (retried with backoff), so a
+# flood of them leaves the workers' credit to everyone else.
+HEAVY_OPS = frozenset({"fsck", "gc", "du", "usage", "rm_prefix"})
+HEAVY_PER_CLIENT = 2
+HEAVY_TOTAL = 8
+
+
+def is_heavy(op: str, header: dict) -> bool:
+    """Whether a request takes turns with the other heavy ones (see :data:`HEAVY_OPS`)."""
+    return op in HEAVY_OPS or (op == "ls" and header.get("folders") is not True)
 
 
 def _add(counts: dict, key: bytes, delta: int) -> None:
@@ -120,6 +135,9 @@ class Admission:
         self.reserved: dict[bytes, int] = {}  # client -> reply bytes reserved for its requests
         self.total_reserved = 0
         self.backed_off = 0  # requests refused at admission: over a byte budget
+        self.heavy: dict[bytes, int] = {}  # client -> its heavy requests held (HEAVY_OPS)
+        self.total_heavy = 0
+        self.busy = 0  # heavy requests answered `busy`: past a limit
         self._sizes: collections.OrderedDict = collections.OrderedDict()  # digest -> size (LRU)
 
     def seen(self, digest: bytes) -> int:
@@ -133,13 +151,32 @@ class Admission:
         if len(self._sizes) > CHUNK_SIZES_KEPT:
             self._sizes.popitem(last=False)
 
-    def track(self, ident: bytes, delta: int, nbytes: int = 0, reserve: int = 0) -> None:
+    def track(
+        self, ident: bytes, delta: int, nbytes: int = 0, reserve: int = 0, heavy: bool = False
+    ) -> None:
         """A request of ``ident`` comes (+1) or goes (-1) with its bytes and reservation."""
+        if heavy:
+            _add(self.heavy, ident, delta)
+            self.total_heavy += delta
         _add(self.inflight, ident, delta)
         _add(self.req_bytes, ident, delta * nbytes)
         self.total_req += delta * nbytes
         _add(self.reserved, ident, delta * reserve)
         self.total_reserved += delta * reserve
+
+    def turn(self, ident: bytes) -> str | None:
+        """Whether a heavy request of ``ident`` may be held now; else why it must wait."""
+        if self.heavy.get(ident, 0) >= HEAVY_PER_CLIENT:
+            return (
+                f"this client has {HEAVY_PER_CLIENT} slow operations (fsck, gc, du, usage, "
+                f"rm -r, deep listings) in flight already; retry when one is done"
+            )
+        if self.total_heavy >= HEAVY_TOTAL:
+            return (
+                f"{HEAVY_TOTAL} slow operations (fsck, gc, du, usage, rm -r, deep listings) "
+                f"are in flight already; retry in a moment"
+            )
+        return None
 
     def admit(
         self,
@@ -229,6 +266,7 @@ class Admission:
 
     def status(self) -> dict:
         return {
+            "heavy": self.total_heavy,
             "uploads": self.total_req,
             "replies": self.outboxes.total,
             "replies_reserved": self.total_reserved,

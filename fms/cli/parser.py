@@ -434,13 +434,13 @@ def _ls(cmd):
     cmd.add_argument(
         "-r", "--recursive", action="store_true", help="every name under PREFIX, not one level"
     )
-    cmd.add_argument("-l", "--long", action="store_true", help="also version and sha256")
+    cmd.add_argument("-l", "--long", action="store_true", help="also version and digest")
     cmd.add_argument("-h", "--human", action="store_true", help="sizes as 1.5 MiB")
     _json(cmd, "print a JSON list of objects (folders as {name, folder: true})")
 
 
 @command(
-    "stat", "show a stored file's size, sha256, mtime, version", "{prog} stat trips/1.jpg --json"
+    "stat", "show a stored file's size, digest, mtime, version", "{prog} stat trips/1.jpg --json"
 )
 def _stat(cmd):
     cmd.add_argument("name", metavar="NAME")

@@ -1,16 +1,20 @@
 """Garbage collection and fsck: space given back, and every reference checked.
 
-**Collection.** A chunk that no live version references and that has been unreferenced for
-longer than the grace period is deleted (see :mod:`fms.storage.meta.base` for why this cannot
-race a commit).  Blobs with no row at all (a writer died between writing and recording, or a
-format-1 store held chunks no manifest named) are deleted once older than the grace period.
-Tombstones and remembered commit ids are dropped after ``RETAIN_SECONDS``.  One collector at a
-time per store: a lease in the metadata engine, renewed while it works.
+**Collection.** Bodies and pages (the stored chunk lists of long files) that nothing has
+referenced for longer than the grace period are deleted first, releasing what they list (so a
+removed file's pages and chunks go in the same collection).  Then a chunk that nothing
+references and that has been unreferenced for longer than the grace period is deleted (see
+:mod:`fms.storage.meta.base` for why this cannot race a commit).  Blobs with no row at all (a
+writer died between writing and recording, or a format-1 store held chunks no manifest named)
+are deleted once older than the grace period.  Tombstones and remembered commit ids are dropped
+after ``RETAIN_SECONDS``.  One collector at a time per store: a lease in the metadata engine,
+renewed while it works.
 
-**fsck** walks the live versions in name order, a page at a time, reads every chunk they name
-once and checks it against its digest; the last page also counts orphan blobs and reference
-counts that differ from a recount.  Each page reads the metadata in one snapshot, so writers
-running meanwhile never show up as damage.
+**fsck** walks the live versions in name order, a page at a time, reads every body, page and
+chunk they list once and checks each against its digest (a list that many files share is checked
+once, and a repeat costs nothing); the last page also counts orphan blobs and reference counts
+that differ from a recount.  Each page reads the metadata in one snapshot, so writers running
+meanwhile never show up as damage.
 """
 
 import logging
@@ -28,6 +32,7 @@ LEASE = "gc"
 LEASE_SECONDS = 120.0  # a collector that dies holds the lease this long at most
 BATCH = 500  # chunks doomed per transaction
 PRUNE_BATCH = 2000  # tombstones and remembered ids dropped per transaction
+LIST_BATCH = 16  # bodies and pages deleted per transaction (each up to 2 MiB)
 FSCK_PAGE_BYTES = 256 * p.MiB  # chunk bytes one fsck page reads, so a page answers in seconds
 FSCK_PAGE_SECONDS = 5.0  # ... or the seconds it reads for, whichever comes first (a slow disk)
 
@@ -40,7 +45,8 @@ def collect(store, grace: float = DEFAULT_GRACE, dry_run: bool = False, now=None
     """Collect what has been garbage for longer than ``grace`` seconds.
 
     :return: ``chunks`` and ``bytes`` freed (or that would be, with ``dry_run``), ``orphans``
-        among them (blobs no row knew), ``pruned`` tombstones and remembered ids.
+        among them (blobs no row knew), ``pages`` (stored chunk lists: pages and bodies) freed,
+        ``pruned`` tombstones and remembered ids.
     :raises Unavailable: another collector holds the store's lease.
     """
     now = time.time() if now is None else now
@@ -55,7 +61,7 @@ def collect(store, grace: float = DEFAULT_GRACE, dry_run: bool = False, now=None
             "another storage worker is collecting garbage in this store right now; "
             "try again in a minute"
         )
-    freed = {"chunks": 0, "bytes": 0, "orphans": 0, "pruned": 0, "dry_run": dry_run}
+    freed = {"chunks": 0, "bytes": 0, "orphans": 0, "pages": 0, "pruned": 0, "dry_run": dry_run}
     try:
         if not dry_run:
             # First, and metadata only: an object store that fails the rest must not keep
@@ -63,10 +69,17 @@ def collect(store, grace: float = DEFAULT_GRACE, dry_run: bool = False, now=None
             freed["pruned"] = _prune(meta, now - RETAIN_SECONDS)
         cutoff = now - grace
         if dry_run:
+            freed["pages"] = sum(meta.collect_lists(cutoff, 2**62, dry_run=True))
             rows = meta.doom(cutoff, 2**62, dry_run=True)
             freed["chunks"], freed["bytes"] = len(rows), sum(r.size for r in rows)
         else:
             _finish(meta, chunks, meta.doomed(2**62), freed)  # left by a collector that died
+            while True:
+                bodies, pages = meta.collect_lists(cutoff, LIST_BATCH)
+                freed["pages"] += bodies + pages
+                meta.lease(LEASE, _HOLDER, time.time(), LEASE_SECONDS)
+                if bodies < LIST_BATCH and pages < LIST_BATCH:
+                    break
             while True:
                 rows = meta.doom(cutoff, BATCH)
                 _finish(meta, chunks, rows, freed)
@@ -85,12 +98,13 @@ def collect(store, grace: float = DEFAULT_GRACE, dry_run: bool = False, now=None
                 freed["bytes"] += size
     finally:
         meta.release(LEASE, _HOLDER)
-    if freed["chunks"] or freed["pruned"]:
+    if freed["chunks"] or freed["pruned"] or freed["pages"]:
         log.info(
-            "event=gc chunks=%d bytes=%d orphans=%d pruned=%d dry_run=%s",
+            "event=gc chunks=%d bytes=%d orphans=%d pages=%d pruned=%d dry_run=%s",
             freed["chunks"],
             freed["bytes"],
             freed["orphans"],
+            freed["pages"],
             freed["pruned"],
             dry_run,
         )
@@ -131,23 +145,25 @@ def fsck_page(
     page_bytes: int = FSCK_PAGE_BYTES,
     page_seconds: float = FSCK_PAGE_SECONDS,
 ) -> dict:
-    """Check the live versions after name ``after``, reading about ``page_bytes`` of chunks or
-    for about ``page_seconds``, whichever comes first (at least one name).
+    """Check the live versions after name ``after``, reading about ``page_bytes`` of chunks
+    (and of the pages and bodies that list them) or for about ``page_seconds``, whichever comes
+    first (at least one name).
 
     The metadata of a page is read in one snapshot (:meth:`MetaEngine.snapshot`), so what
-    writers change meanwhile never looks like damage; a chunk that looked missing or corrupt is
-    looked at again once the snapshot is over, and reported only if a stored file still uses it.
+    writers change meanwhile never looks like damage; a chunk whose bytes looked missing or
+    corrupt is looked at again once the snapshot is over, and reported only if a stored file
+    still uses it.
 
     :return: ``names`` and ``chunks`` checked, ``bytes`` read, ``damaged`` (a list of
-        ``{chunk, problem, names}``: problem is ``missing`` or ``corrupt``), ``next`` (the name to
-        continue after, or None when done).  The last page adds ``orphans`` (blobs no row knows,
-        and unreferenced rows whose grace has not run out count as pending, not orphans) and
+        ``{chunk, problem, names}``: problem is ``missing`` or ``corrupt``, and ``kind`` is
+        ``page`` or ``body`` when ``chunk`` is the id of one), ``next`` (the name to continue
+        after, or None when done).  The last page adds ``orphans`` (blobs no row knows, and
+        unreferenced rows whose grace has not run out count as pending, not orphans) and
         ``refcount_errors``.
     :raises Unavailable: the metadata database or the chunk store cannot be reached.
     """
     out = {"names": 0, "chunks": 0, "bytes": 0, "damaged": [], "next": None}
-    suspects = {}  # digest -> {chunk, problem, names, recheck}, as the snapshot saw it
-    seen = set()
+    check = _Check(store, out)
     last = after
     end = time.monotonic() + page_seconds
     with store.meta.snapshot():
@@ -156,19 +172,8 @@ def fsck_page(
             if not versions:
                 break
             for version in versions:
-                for digest in version.chunks:
-                    if digest in suspects:
-                        suspects[digest]["names"].append(version.name)
-                    elif digest not in seen:
-                        seen.add(digest)
-                        problem, recheck = _check_chunk(store, digest, out)
-                        if problem:
-                            suspects[digest] = {
-                                "chunk": digest,
-                                "problem": problem,
-                                "names": [version.name],
-                                "recheck": recheck,
-                            }
+                for ident in check.version(version):
+                    check.damaged[ident]["names"].append(version.name)
                 out["names"] += 1
                 last = version.name
                 if out["bytes"] >= page_bytes or time.monotonic() >= end:
@@ -177,9 +182,9 @@ def fsck_page(
         if not more:
             out["refcount_errors"] = len(store.meta.refcount_errors())
     out["damaged"] = [
-        {"chunk": d["chunk"], "problem": d["problem"], "names": sorted(set(d["names"]))}
-        for d in suspects.values()
-        if not d["recheck"] or _still_damaged(store, d["chunk"])
+        {**{k: v for k, v in d.items() if k != "recheck"}, "names": sorted(set(d["names"]))}
+        for d in check.damaged.values()
+        if not d.get("recheck") or _still_damaged(store, d["chunk"])
     ]
     if more:
         out["next"] = last
@@ -190,7 +195,8 @@ def fsck_page(
 
 def _still_damaged(store, digest: bytes) -> bool:
     """After the snapshot: whether a chunk whose bytes looked missing or corrupt still do, and
-    it is still used (an overwrite may have released it and a collection deleted it since)."""
+    it is still used (an overwrite may have released it and a collection deleted it since).
+    Reading it sets a corrupt blob aside and marks the row lost, so an upload restores it."""
     row = store.meta.chunk(digest)
     if row is None or row.doomed or row.refs == 0:
         return False
@@ -212,20 +218,88 @@ def _orphans(store) -> int:
     )
 
 
+class _Check:
+    """One fsck page's checks: each chunk, page and body read once, and what was found damaged
+    under each list remembered, so a file costs what it lists that no file before it did.
+    Pages and bodies are rows of the metadata, read in the page's snapshot: one that is absent
+    or wrong there is damage whatever writers do."""
+
+    def __init__(self, store, out: dict):
+        self.store, self.out = store, out
+        self.damaged = {}  # id -> {chunk, problem, names[, kind][, recheck]}
+        self.seen = set()  # chunks checked
+        self.lists = {}  # page or body id -> the damaged ids under it
+
+    def version(self, version) -> set:
+        """The ids of what is damaged among what ``version`` lists."""
+        if version.chunks is not None:
+            return self.chunks(version.chunks)
+        if version.body is None:
+            return set()  # an empty file
+        return self.list("body", version.body)
+
+    def list(self, kind: str, ident: bytes) -> set:
+        if ident in self.lists:
+            return self.lists[ident]
+        bad = set()
+        try:
+            blob = self.store.read_list(ident)
+        except NotFound:
+            bad = {ident}
+            self.damaged[ident] = {"chunk": ident, "problem": "missing", "kind": kind, "names": []}
+        except IntegrityError:
+            bad = {ident}
+            self.damaged[ident] = {"chunk": ident, "problem": "corrupt", "kind": kind, "names": []}
+        else:
+            self.out["bytes"] += len(blob)
+            if kind == "body":
+                for page in dict.fromkeys(p.unpack_body(blob)[1]):
+                    bad |= self.list("page", page)
+            else:
+                bad = self.chunks(p.split_digests(blob))
+        self.lists[ident] = bad
+        return bad
+
+    def chunks(self, digests) -> set:
+        bad = set()
+        for digest in dict.fromkeys(digests):
+            if digest in self.damaged:
+                bad.add(digest)
+            elif digest not in self.seen:
+                self.seen.add(digest)
+                problem, recheck = _check_chunk(self.store, digest, self.out)
+                if problem:
+                    self.damaged[digest] = {
+                        "chunk": digest,
+                        "problem": problem,
+                        "names": [],
+                        "recheck": recheck,
+                    }
+                    bad.add(digest)
+        return bad
+
+
 def _check_chunk(store, digest, out) -> tuple:
-    """:return: ``(problem or None, whether only the bytes were found wanting)``.  A row that is
-    absent or doomed while a version uses it is damage whatever writers do (both change in
-    one transaction); bytes that are absent or wrong may have been released and collected
-    since the snapshot, so those are looked at again after it."""
+    """Read-only (it runs in the page's snapshot; what a damaged chunk needs, set aside or
+    marked lost, is done by :func:`_still_damaged` after it).
+
+    :return: ``(problem or None, whether only the bytes were found wanting)``.  A row that is
+        absent or doomed while a version uses it is damage whatever writers do (both change in
+        one transaction); bytes that are absent or wrong may have been released and collected
+        since the snapshot, so those are looked at again after it.
+    """
     out["chunks"] += 1
     row = store.meta.chunk(digest)
     if row is None or row.doomed:
         return "missing", False
-    try:
-        frame = store.read_chunk(digest)
-    except NotFound:
-        return "missing", True
-    except IntegrityError:
+    if row.in_engine:
+        data = row.data
+    else:
+        try:
+            data = memoryview(store.chunks.get(digest))[p.DATA_PREFIX_LEN :]
+        except NotFound:
+            return "missing", True
+    if p.sha256(data) != digest:
         return "corrupt", True
-    out["bytes"] += len(frame) - p.DATA_PREFIX_LEN
+    out["bytes"] += len(data)
     return None, False
