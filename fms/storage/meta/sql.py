@@ -1162,7 +1162,11 @@ class SQLMeta(MetaEngine):
 
     @contextlib.contextmanager
     def _snapshot(self):
-        """Reads that all see one state of the store (a read transaction)."""
+        """Reads that all see one state of the store (a read transaction; inside a transaction
+        already, that one)."""
+        if self.in_transaction:
+            yield
+            return
         try:
             self._execute(self.begin_read)
         except Exception as exc:
