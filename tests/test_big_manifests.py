@@ -232,3 +232,16 @@ def test_files_stored_before_protocol_2_are_read_and_checked_by_their_own_digest
         assert c.put_bytes(b"new", "old/small")["digest_kind"] == "tree"
         [report] = list(c.fsck())
         assert (report["damaged"], report["refcount_errors"]) == ([], 0)
+
+
+def test_an_ls_entry_stays_within_its_bound_with_the_longest_name_and_metadata(cluster):
+    """The broker reserves 1,280 bytes per ls entry: the metadata map (up to 2 KiB) is in stat
+    and get, not in a listing."""
+    name = "d/" + "n" * 1022
+    meta = {f"k{i:02d}": "v" * 60 for i in range(30)}
+    with cluster.client() as c:
+        c.put_bytes(b"x" * 100_000, name, meta=meta)
+        header, _ = c.call("ls", prefix="d/", limit=1)
+        assert len(p.encode(header["entries"][0])) <= 1280 and "meta" not in header["entries"][0]
+        assert c.stat(name)["meta"] == meta
+        assert c.call("get", name=name)[0]["manifest"]["meta"] == meta

@@ -51,6 +51,12 @@ def _get_many(header: dict, size: int, seen: int) -> int:
     return min(p.MAX_BATCH_BYTES, count * p.INLINE_MAX) + count * p.MANIFEST_MAX + SMALL_REPLY
 
 
+def _commit_many(header: dict, size: int, seen: int) -> int:
+    """A result per file: its stat, or an error whose message may name it (each at most a name
+    and 256 bytes), whatever the request holds."""
+    return size + p.MAX_BATCH_FILES * (p.MAX_NAME_BYTES + 256) + SMALL_REPLY
+
+
 def _have(header: dict, size: int, seen: int) -> int:
     """The hashes it asked about, at most."""
     return size + SMALL_REPLY
@@ -77,7 +83,7 @@ REPLY_BOUNDS: dict[str, Callable[[dict, int, int], int]] = {
     "page": _fixed(p.PAGE_REPLY_MAX),  # a page of 65,536 digests, or a body
     "versions": _fixed(1 * limits.MiB),
     "fsck": _fixed(1 * limits.MiB),
-    "commit_many": _fixed(64 * limits.KiB),
+    "commit_many": _commit_many,
     "status": _fixed(64 * limits.KiB),
     "cache_stats": _fixed(16 * limits.KiB),
     "rm_prefix": _fixed(64 * limits.KiB),  # the names it removed: at most 32 KiB of them

@@ -37,6 +37,7 @@ CHANGE_OPS = (
     "cp",
     "restore",
 )  # group committed; applied even past their deadline
+VERSIONS_MAX = 256  # versions one `versions` reply lists, the newest
 RM_PAGE = 1000  # names an `rm_prefix` removes per request (one transaction)
 RM_PAGE_NAME_BYTES = 32 * p.KiB  # ... whose names add up to at most this: the broker's `inv`
 
@@ -159,8 +160,10 @@ class StorageService:
         self.link.reply(route, p.ok_reply(header["id"], manifest=version.manifest()), frame)
 
     def op_versions(self, route, header, data):
-        found = self.store.versions(p.check_name(p.need(header, "name", str)))
-        current = found[0].version if self.store.meta.get(found[0].name) else None
+        # The newest VERSIONS_MAX: a stat is at most ~3.3 KiB (its name and metadata), so the
+        # reply stays within the 1 MiB the broker reserves for it, whatever --keep-versions is.
+        found = self.store.versions(p.check_name(p.need(header, "name", str)))[:VERSIONS_MAX]
+        current = found[0].version if self.store.meta.get(found[0].name, lists=False) else None
         self.link.reply(
             route,
             p.ok_reply(
@@ -209,7 +212,7 @@ class StorageService:
                 route,
                 p.ok_reply(
                     header["id"],
-                    entries=[v.summary() for v in entries],
+                    entries=[v.summary(meta=False) for v in entries],
                     folders=folders,
                     next=cursor,
                     more=cursor is not None,
@@ -220,7 +223,9 @@ class StorageService:
         self.link.reply(
             route,
             p.ok_reply(
-                header["id"], entries=[v.summary() for v in page[:limit]], more=len(page) > limit
+                header["id"],
+                entries=[v.summary(meta=False) for v in page[:limit]],
+                more=len(page) > limit,
             ),
         )
 

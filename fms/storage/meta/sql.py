@@ -531,7 +531,8 @@ class SQLMeta(MetaEngine):
     def list(self, prefix, after, limit):
         lo = max(prefix, after)
         hi = prefix_end(prefix)
-        sql = f"SELECT {_STAT_COLUMNS} FROM names WHERE name >= ? AND name != ?"
+        columns = _STAT_COLUMNS.replace("meta", "NULL")  # a listing carries no metadata
+        sql = f"SELECT {columns} FROM names WHERE name >= ? AND name != ?"
         args = [lo, after]
         if hi is not None:
             sql += " AND name < ?"
