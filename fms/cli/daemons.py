@@ -60,8 +60,8 @@ def cmd_broker(args):
             f"registering first: add --store ID (print the id with: python "
             f"storage_worker.py --meta ... --chunks ... --print-store-id)"
         )
-    broker = Broker(args.frontend, args.backend, curve=curve, store=args.store)
     try:
+        broker = Broker(args.frontend, args.backend, curve=curve, store=args.store)
         broker.bind()
         if args.metrics_port is not None:
             broker.metrics.serve(args.metrics_port)
