@@ -25,7 +25,6 @@ from .transit import Transit
 
 SMALL_REPLY = 4 * limits.KiB  # the bound of an op not in REPLY_BOUNDS (a stat, an ack)
 CHUNK_GUESS = 1 * limits.MiB  # a chunk of unknown size, in a worker's credit
-LS_ENTRY_MAX = 1280  # bytes of one ls entry at most (a 1,024-byte name + fields)
 CHUNK_SIZES_KEPT = 65536  # chunk sizes remembered (LRU), for the bounds below
 
 
@@ -42,7 +41,7 @@ def _ls(header: dict, size: int, seen: int) -> int:
     page = header.get("limit")
     if not int_in(page, 1):
         page = p.LS_PAGE_DEFAULT
-    return min(page, p.LS_PAGE_MAX) * LS_ENTRY_MAX + SMALL_REPLY
+    return min(page, p.LS_PAGE_MAX) * p.LS_ENTRY_MAX + SMALL_REPLY
 
 
 def _get_many(header: dict, size: int, seen: int) -> int:

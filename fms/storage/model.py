@@ -43,10 +43,8 @@ class Version:
     pages: tuple | None = None  # the page ids, when kept with the version
     body: bytes | None = None  # the id of the stored body (a paged chunk list)
 
-    def summary(self, meta: bool = True) -> dict:
-        """What stat returns (a *stat*): the manifest without its chunk list; ``meta``: with
-        the metadata map (an ``ls`` entry has none, so an entry stays within the 1,280 bytes
-        the broker reserves for it, as S3's listings carry none)."""
+    def summary(self) -> dict:
+        """What stat and ls return (a *stat*): the manifest without its chunk list."""
         out = {
             "name": self.name,
             "size": self.size,
@@ -57,9 +55,8 @@ class Version:
             "chunk_size": self.chunk_size,
             "count": self.count,
             "committed": self.committed,
+            "meta": self.meta,
         }
-        if meta:
-            out["meta"] = self.meta
         if self.deleted:
             out["deleted"] = True
         return out

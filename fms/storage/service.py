@@ -25,7 +25,7 @@ import uuid
 from .. import wire as p
 from ..errors import BadRequest, FmsError, RemoteError, TooLarge, Unavailable
 from . import gc
-from .engine import Store, os_failure
+from .engine import FOLDER_END, Store, os_failure
 from .model import Copy, NewVersion, Removal, Restore
 
 CLEAN_INTERVAL = 60.0  # seconds between sweeps of temp files left by dead writers
@@ -206,26 +206,39 @@ class StorageService:
         limit = p.need_int(
             header, "limit", lo=1, hi=p.LS_PAGE_MAX, optional=True, default=p.LS_PAGE_DEFAULT
         )
+        # A page holds at most `limit` items and `limit` x LS_ENTRY_MAX bytes (what the broker
+        # reserves for the reply): entries with large metadata maps make shorter pages.
+        budget = limit * p.LS_ENTRY_MAX
         if p.need(header, "folders", bool, optional=True, default=False):
             entries, folders, cursor = self.store.list_folder(prefix, after, limit)
+            items = sorted(
+                [(v.name, v.summary()) for v in entries] + [(f, None) for f in folders],
+                key=lambda item: item[0],
+            )
+            kept = _fitting(items, budget)
+            if kept < len(items):
+                name, stat = items[kept - 1]
+                cursor = name if stat is not None else name + FOLDER_END  # past the folder
             self.link.reply(
                 route,
                 p.ok_reply(
                     header["id"],
-                    entries=[v.summary(meta=False) for v in entries],
-                    folders=folders,
+                    entries=[stat for _name, stat in items[:kept] if stat is not None],
+                    folders=[name for name, stat in items[:kept] if stat is None],
                     next=cursor,
                     more=cursor is not None,
                 ),
             )
             return
         page = self.store.list(prefix, after, limit + 1)
+        items = [(v.name, v.summary()) for v in page[:limit]]
+        kept = _fitting(items, budget)
         self.link.reply(
             route,
             p.ok_reply(
                 header["id"],
-                entries=[v.summary(meta=False) for v in page[:limit]],
-                more=len(page) > limit,
+                entries=[stat for _name, stat in items[:kept]],
+                more=len(page) > kept,
             ),
         )
 
@@ -482,6 +495,17 @@ class StorageService:
     def _background_gc(self, store):
         gc.collect(store, self.gc_grace)
         return {}
+
+
+def _fitting(items: list, budget: int) -> int:
+    """How many of the leading ``(name, stat or None for a folder)`` items take at most
+    ``budget`` bytes on the wire (at least one)."""
+    used = 0
+    for n, (name, stat) in enumerate(items):
+        used += len(p.encode(stat)) if stat is not None else len(name.encode()) + 3
+        if used > budget and n:
+            return n
+    return len(items)
 
 
 def _hashes(header, key: str, limit: int) -> tuple | None:

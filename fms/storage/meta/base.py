@@ -65,7 +65,7 @@ class MetaEngine(ABC):
     def list(self, prefix: str, after: str, limit: int) -> list:
         """Up to ``limit`` live versions whose name starts with ``prefix`` and sorts after
         ``after``, in name order (code point order), without what they list (a listing never
-        reads a chunk list) and without their metadata (``meta`` empty)."""
+        reads a chunk list)."""
 
     @abstractmethod
     def retained(self, name: str) -> list:

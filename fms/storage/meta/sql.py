@@ -532,8 +532,7 @@ class SQLMeta(MetaEngine):
     def list(self, prefix, after, limit):
         lo = max(prefix, after)
         hi = prefix_end(prefix)
-        columns = _STAT_COLUMNS.replace("meta", "NULL")  # a listing carries no metadata
-        sql = f"SELECT {columns} FROM names WHERE name >= ? AND name != ?"
+        sql = f"SELECT {_STAT_COLUMNS} FROM names WHERE name >= ? AND name != ?"
         args = [lo, after]
         if hi is not None:
             sql += " AND name < ?"
