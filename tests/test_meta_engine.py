@@ -588,3 +588,20 @@ def test_a_format2_store_is_upgraded_in_place_once(engine):
     reopened = second_connection(engine)  # nothing more to do
     assert reopened.setting("format") == "3" and reopened.refcount_errors() == []
     reopened.close()
+
+
+def test_the_recount_in_digest_ranges_finds_every_drift(engine, monkeypatch):
+    """A store with more chunks than one recount holds is counted a range of digests at a
+    time: the same errors as counted at once."""
+    from fms.storage.meta import sql
+
+    for i in range(12):
+        commit(engine, f"f{i}", bytes([i]) * 5000, f"c{i}")  # two chunks each
+    commit(engine, "long", b"".join(bytes([100 + i]) * CHUNK for i in range(40)), "c-long")
+    drifted = sorted(p.sha256(bytes([i]) * CHUNK) for i in (1, 5, 9))
+    for digest in drifted:
+        engine._execute("UPDATE chunks SET refs = refs + 3 WHERE digest = ?", (digest,))
+    at_once = sorted(engine.refcount_errors())
+    monkeypatch.setattr(sql, "RECOUNT_CHUNKS", 4)  # 64 chunks: 16 ranges
+    assert sorted(engine.refcount_errors()) == at_once
+    assert [e[1] for e in at_once] == drifted and {e[2] - e[3] for e in at_once} == {3}

@@ -1222,3 +1222,24 @@ def test_the_reserve_gives_its_room_to_a_release_and_takes_it_back_after(tmp_pat
         assert one.held() == 0
         assert two.refill() is False and two.held() == 0
     assert one.held() == one.size
+
+
+def test_a_versions_reply_stays_within_its_bound_whatever_is_kept(tmp_path):
+    """Stats carry up to 2 KiB of metadata now: `versions` lists the newest 256, so its reply
+    stays under the 1 MiB the broker reserves for it however many versions are kept."""
+    from dataclasses import replace
+
+    from fms.storage.service import VERSIONS_MAX
+
+    store = open_local(str(tmp_path / "data"), keep_versions=300)
+    link = Link()
+    service = StorageService(store, link)
+    meta = {f"k{i:02d}": "v" * 60 for i in range(30)}  # about 2 KiB
+    name = "n" * 1000
+    store.put_chunk(p.sha256(b"x"), b"x")
+    for i in range(300):
+        store.commit(replace(new_version(name, b"x", commit=f"c{i}"), meta=meta))
+    reply = request(service, link, op="versions", name=name)
+    assert len(reply["versions"]) == VERSIONS_MAX and reply["versions"][0]["version"] == 300
+    assert len(p.encode(reply)) < p.MiB
+    store.close()

@@ -536,5 +536,4 @@ def _public(entry: dict) -> dict:
     out = {k: v for k, v in entry.items() if k not in _NOT_PUBLIC}
     out["digest"] = entry["digest"].hex()
     out["chunks"] = entry["count"]
-    out.setdefault("meta", {})
     return out

@@ -25,7 +25,7 @@ import uuid
 from .. import wire as p
 from ..errors import BadRequest, FmsError, NoSpace, RemoteError, TooLarge, Unavailable
 from . import gc
-from .engine import Store, os_failure
+from .engine import FOLDER_END, Store, os_failure
 from .model import Copy, NewVersion, Removal, Restore
 from .reserve import SpaceReserve
 
@@ -38,6 +38,7 @@ CHANGE_OPS = (
     "cp",
     "restore",
 )  # group committed; applied even past their deadline
+VERSIONS_MAX = 256  # versions one `versions` reply lists, the newest
 RM_PAGE = 1000  # names an `rm_prefix` removes per request (one transaction)
 RM_PAGE_NAME_BYTES = 32 * p.KiB  # ... whose names add up to at most this: the broker's `inv`
 RESERVE_RM_PAGE = 100  # ... and at most this many in the room of the disk's reserve
@@ -166,8 +167,10 @@ class StorageService:
         self.link.reply(route, p.ok_reply(header["id"], manifest=version.manifest()), frame)
 
     def op_versions(self, route, header, data):
-        found = self.store.versions(p.check_name(p.need(header, "name", str)))
-        current = found[0].version if self.store.meta.get(found[0].name) else None
+        # The newest VERSIONS_MAX: a stat is at most ~3.3 KiB (its name and metadata), so the
+        # reply stays within the 1 MiB the broker reserves for it, whatever --keep-versions is.
+        found = self.store.versions(p.check_name(p.need(header, "name", str)))[:VERSIONS_MAX]
+        current = found[0].version if self.store.meta.get(found[0].name, lists=False) else None
         self.link.reply(
             route,
             p.ok_reply(
@@ -210,24 +213,39 @@ class StorageService:
         limit = p.need_int(
             header, "limit", lo=1, hi=p.LS_PAGE_MAX, optional=True, default=p.LS_PAGE_DEFAULT
         )
+        # A page holds at most `limit` items and `limit` x LS_ENTRY_MAX bytes (what the broker
+        # reserves for the reply): entries with large metadata maps make shorter pages.
+        budget = limit * p.LS_ENTRY_MAX
         if p.need(header, "folders", bool, optional=True, default=False):
             entries, folders, cursor = self.store.list_folder(prefix, after, limit)
+            items = sorted(
+                [(v.name, v.summary()) for v in entries] + [(f, None) for f in folders],
+                key=lambda item: item[0],
+            )
+            kept = _fitting(items, budget)
+            if kept < len(items):
+                name, stat = items[kept - 1]
+                cursor = name if stat is not None else name + FOLDER_END  # past the folder
             self.link.reply(
                 route,
                 p.ok_reply(
                     header["id"],
-                    entries=[v.summary() for v in entries],
-                    folders=folders,
+                    entries=[stat for _name, stat in items[:kept] if stat is not None],
+                    folders=[name for name, stat in items[:kept] if stat is None],
                     next=cursor,
                     more=cursor is not None,
                 ),
             )
             return
         page = self.store.list(prefix, after, limit + 1)
+        items = [(v.name, v.summary()) for v in page[:limit]]
+        kept = _fitting(items, budget)
         self.link.reply(
             route,
             p.ok_reply(
-                header["id"], entries=[v.summary() for v in page[:limit]], more=len(page) > limit
+                header["id"],
+                entries=[stat for _name, stat in items[:kept]],
+                more=len(page) > kept,
             ),
         )
 
@@ -534,6 +552,17 @@ class StorageService:
     def _background_gc(self, store):
         self._freeing(lambda _: gc.collect(store, self.gc_grace))
         return {}
+
+
+def _fitting(items: list, budget: int) -> int:
+    """How many of the leading ``(name, stat or None for a folder)`` items take at most
+    ``budget`` bytes on the wire (at least one)."""
+    used = 0
+    for n, (name, stat) in enumerate(items):
+        used += len(p.encode(stat)) if stat is not None else len(name.encode()) + 3
+        if used > budget and n:
+            return n
+    return len(items)
 
 
 def _hashes(header, key: str, limit: int) -> tuple | None:

@@ -48,6 +48,7 @@ FORMAT = 3  # the store's format; 1 was one manifest file per name, 2 a chunk li
 RETRIES = 5  # a transaction that deadlocked is tried this many times in all
 IN_BATCH = 500  # ids per `IN (...)` list
 LIST_BATCH = 16  # bodies or pages the collector deletes per transaction (up to 2 MiB each)
+RECOUNT_CHUNKS = 1 << 20  # chunk rows a reference recount holds counts for at once
 ROW_LISTS_MAX = 1024  # a body's extents and page ids are copied into its versions' rows
 # while they take at most this many bytes, so a get never reads the body itself
 
@@ -475,7 +476,8 @@ class SQLMeta(MetaEngine):
 
     @contextlib.contextmanager
     def snapshot(self):
-        if self._reading:  # within an outer snapshot: its view is this one's
+        if self._reading or self.in_transaction:  # within an outer snapshot or transaction
+            # (a caller's), its view is this one's
             yield
             return
         try:
@@ -1193,20 +1195,21 @@ class SQLMeta(MetaEngine):
 
     # --- checks ---
 
-    def _scan(self, table: str, keys: tuple, columns: str, where: str = "", batch: int = 64):
+    def _scan(self, table: str, keys: tuple, columns: str, where: str = "", batch=64, args=()):
         """The rows of ``table`` (``keys`` then ``columns``) in key order, ``batch`` at a time,
-        so a table of any size is read in the memory of one batch."""
+        so a table of any size is read in the memory of one batch; ``where`` (``AND ...``,
+        its parameters ``args``) chooses the rows."""
         last = None
         key_list = ", ".join(keys)
         while True:
-            cond, args = where, []
+            cond, args_now = where, list(args)
             if last is not None:
                 cond += f" AND ({key_list}) > ({_marks(len(keys))})"
-                args = list(last)
+                args_now += list(last)
             rows = self._all(
                 f"SELECT {key_list}, {columns} FROM {table} WHERE 1 = 1{cond} "
                 f"ORDER BY {key_list} LIMIT ?",
-                [*args, batch],
+                [*args_now, batch],
             )
             yield from rows
             if len(rows) < batch:
@@ -1216,7 +1219,9 @@ class SQLMeta(MetaEngine):
     def refcount_errors(self):
         """Every stored reference count against a recount, in one snapshot: bodies from the
         versions, pages from the bodies, chunks from the versions' short lists and the pages.
-        Memory: the distinct ids counted, never a chunk list per file."""
+        Memory: the distinct ids counted, never a chunk list per file; chunks are counted in
+        ranges of their digests of at most about :data:`RECOUNT_CHUNKS` rows each (a pass over
+        the lists per range)."""
         errors = []
         with self.snapshot():
             counted = collections.Counter()
@@ -1230,25 +1235,40 @@ class SQLMeta(MetaEngine):
             for _id, data in self._scan("bodies", ("id",), "data", batch=8):
                 counted.update(set(p.unpack_body(data)[1]))
             errors += self._recount("page", "pages", "id", counted)
-            counted = collections.Counter()
-            for table, keys, live in (
-                ("names", ("name",), " AND deleted = 0"),
-                ("retained", ("name", "version"), ""),
-            ):
-                for row in self._scan(
-                    table, keys, "chunk_list", f" AND chunk_list IS NOT NULL{live}"
-                ):
-                    counted.update(set(p.split_digests(row[-1])))
-            for _id, data in self._scan("pages", ("id",), "data", batch=4):
-                counted.update(set(p.split_digests(data)))
-            errors += self._recount("chunk", "chunks", "digest", counted)
+            (rows,) = self._one("SELECT COUNT(*) FROM chunks")
+            ranges = 1
+            while ranges < 256 and rows > ranges * RECOUNT_CHUNKS:
+                ranges *= 2
+            for r in range(ranges):
+                lo, hi = r * 256 // ranges, (r + 1) * 256 // ranges  # first bytes [lo, hi)
+                counted = collections.Counter()
+                for digests in self._listed_chunks():
+                    counted.update({d for d in digests if lo <= d[0] < hi})
+                span = (bytes([lo]), bytes([hi]) if hi < 256 else None)
+                errors += self._recount("chunk", "chunks", "digest", counted, span)
         return errors
 
-    def _recount(self, kind: str, table: str, key: str, counted) -> list:
-        """``(kind, id, stored refs, counted refs)`` of every row of ``table`` that differs
-        from ``counted``, and of every counted id with no row (stored refs None)."""
+    def _listed_chunks(self):
+        """Each short list of a version, and each page, as a list of digests."""
+        for table, keys, live in (
+            ("names", ("name",), " AND deleted = 0"),
+            ("retained", ("name", "version"), ""),
+        ):
+            for row in self._scan(table, keys, "chunk_list", f" AND chunk_list IS NOT NULL{live}"):
+                yield p.split_digests(row[-1])
+        for _id, data in self._scan("pages", ("id",), "data", batch=4):
+            yield p.split_digests(data)
+
+    def _recount(self, kind: str, table: str, key: str, counted, span=(None, None)) -> list:
+        """``(kind, id, stored refs, counted refs)`` of every row of ``table`` (with ``span``,
+        those whose id is in ``[lo, hi)``) that differs from ``counted``, and of every counted
+        id with no row (stored refs None)."""
         errors = []
-        for ident, refs in self._scan(table, (key,), "refs", batch=1000):
+        bounds = [(op, bound) for op, bound in ((">=", span[0]), ("<", span[1])) if bound]
+        where = "".join(f" AND {key} {op} ?" for op, _bound in bounds)
+        for ident, refs in self._scan(
+            table, (key,), "refs", where, batch=1000, args=[b for _op, b in bounds]
+        ):
             ident = bytes(ident)
             n = counted.pop(ident, 0)
             if refs != n:
