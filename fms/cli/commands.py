@@ -107,6 +107,8 @@ class _ProgressBars:
 
     def close(self, keep: bool = True):
         if self.bar is not None:
+            if self.files is not None:  # the count as it is now, even if a signal cut in
+                self.bar.set_postfix_str(f"files {self.files[0]:,}/{self.files[1]:,}", False)
             if keep:
                 self.bar.refresh()  # the last counts, whatever tqdm's pace of redrawing
             self.bar.close()
@@ -147,9 +149,11 @@ def move_tree(client, move, items: list, sizes: list, verb: str) -> list:
         return move(items, done=done)
     except KeyboardInterrupt:
         if len(items) > 1:
+            counted = bars.files[0] if bars is not None and bars.files else len(finished)
+            # A batch whose reply was on its way may have been committed too: "at least".
             print(
-                f"{verb}: interrupted after {len(finished):,} of {len(items):,} files; run it "
-                f"again for the rest",
+                f"{verb}: interrupted after {counted:,} of {len(items):,} files were done (maybe "
+                f"a few more); run it again for the rest",
                 file=sys.stderr,
             )
         raise
