@@ -9,6 +9,7 @@ __version__ = "0.2.0"
 
 from .errors import (
     BadRequest,
+    Busy,
     FmsError,
     IntegrityError,
     MissingChunks,
@@ -29,6 +30,7 @@ DISTRIBUTION = "fms-store"
 __all__ = [
     "DISTRIBUTION",
     "BadRequest",
+    "Busy",
     "Client",
     "FmsError",
     "IntegrityError",

@@ -114,6 +114,7 @@ ERROR_CODES = (
     "integrity",
     "missing_chunks",
     "unavailable",
+    "busy",
     "no_space",
     "refused",
     "too_large",
