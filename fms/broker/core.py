@@ -80,7 +80,7 @@ class Core:
             header = h.read_header(h.buffer(frames[0]))
             op = header.get("op")
             req_id = p.need(header, "id", (int, str))
-            if header.get("v") != p.PROTOCOL_VERSION:
+            if not p.is_version(header.get("v")):
                 self.replies.error(
                     origin,
                     req_id,
@@ -92,6 +92,9 @@ class Core:
             if not isinstance(op, str) or op not in p.OP_SERVICE:
                 raise BadRequest(f"unknown op {op!r}; known ops: {', '.join(sorted(p.OP_SERVICE))}")
             p.check_frame_count(op, len(frames))
+            # Every field of the op, against the one table, before anything is spent on it: a
+            # large header (commit, have) was only peeked at, so its arrays are the worker's.
+            p.check_request(op, header, partial=h.nbytes(frames[0]) > limits.MAX_HEADER)
             if not allowed:
                 # Its key was removed from the allow directory since it connected.
                 self.replies.error(

@@ -98,6 +98,9 @@ class StorageService:
         if handler is None:
             raise BadRequest(f"storage does not serve op {op!r}")
         p.check_version(header)
+        # The broker checked what it decoded; a large commit or have it only peeked at is
+        # checked whole here, against the same table.
+        p.check_request(op, header)
         if self._pending and op not in CHANGE_OPS:
             self._apply_pending()  # a group is commits that arrive back to back: none waits
         self.served += 1
@@ -278,6 +281,11 @@ class StorageService:
             )
         chunk_size = p.need_int(header, "chunk_size", lo=p.MIN_CHUNK_SIZE, hi=p.MAX_CHUNK_SIZE)
         payload = p.unpack_data(data.buffer) if data is not None else memoryview(b"")
+        if len(payload) > p.MAX_BATCH_BYTES:
+            raise TooLarge(
+                f"commit_many carries {len(payload)} bytes of content; at most "
+                f"{p.MAX_BATCH_BYTES} a message: send the rest in another"
+            )
         requests, offset = [], 0
         for i in range(count):
             item = {
