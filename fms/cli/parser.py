@@ -601,6 +601,7 @@ def _sync(cmd):
     cmd.add_argument(
         "--dry-run", "-n", action="store_true", help="print what would be done, do nothing"
     )
+    _no_cache(cmd)
     _filters(cmd)
     _json(cmd)
 
