@@ -32,7 +32,7 @@ log = logging.getLogger("fms.cache")
 
 @dataclass
 class Fetch:
-    kind: str  # "get", "chunk" or "get_many"
+    kind: str  # "get", "chunk", "page" or "get_many"
     key: object  # the name, the chunk digest, or the tuple of names missed
     token: int  # ManifestCache clock when the fetch started
     started: float
@@ -76,8 +76,8 @@ class CacheService:
         p.check_version(header)
         if op == "get":
             self._get(route, header)
-        elif op == "chunk":
-            self._chunk(route, header)
+        elif op in ("chunk", "page"):
+            self._chunk(route, header, op)
         elif op == "get_many":
             self._get_many(route, header)
         elif op == "cache_stats":
@@ -99,7 +99,7 @@ class CacheService:
     def _reply_get(self, route, req_id, header: dict, manifest: dict, frame, outcome: str):
         """Answer a get; the route tells the broker how many chunk requests will follow."""
         fields = {"manifest": manifest}
-        chunks = 0 if _inline(manifest) else len(manifest["chunks"])
+        chunks = 0 if _inline(manifest) else manifest["count"]
         if manifest["size"] > self.max_file:
             fields["cache"] = False  # the client reads these chunks from storage
             chunks = 0
@@ -151,15 +151,19 @@ class CacheService:
             },
         )
 
-    def _chunk(self, route, header):
+    def _chunk(self, route, header, kind: str):
+        """A chunk, or a page of a chunk list (``kind`` ``page``): both are blobs named by their
+        digest, kept in the chunk cache alike.  ``fresh`` (a page the client found damaged):
+        from storage, whatever is cached."""
         digest = p.need_hash(header, "hash")
-        frame = self.chunks.get(digest)
+        fresh = p.need(header, "fresh", bool, optional=True, default=False)
+        frame = None if fresh else self.chunks.get(digest)
         if frame is not None:
             self.hits += 1
             self.link.reply(route, p.ok_reply(header["id"]), frame, cache="hit")
             return
         self.misses += 1
-        self._wait("chunk", digest, route, header["id"])
+        self._wait(kind, digest, route, header["id"])
 
     def _wait(self, kind, key, route, req_id):
         """Join the open fetch for this key if it is still fresh, else start one."""
@@ -203,7 +207,7 @@ class CacheService:
             return
         try:
             payload = p.unpack_data(data.buffer) if data is not None else None
-            if fetch.kind == "chunk":
+            if fetch.kind in ("chunk", "page"):
                 chunk = self._check_chunk(fetch, payload)
             else:
                 chunk = self._fill_manifest(fetch, header, payload)
@@ -287,7 +291,7 @@ class CacheService:
         whole = sum(
             1
             for hit in fetch.found
-            if hit is not None and (hit[1] is not None or not hit[0]["chunks"])
+            if hit is not None and (hit[1] is not None or not hit[0]["count"])
         )
         self.link.reply(
             route,
@@ -338,7 +342,7 @@ class CacheService:
         old = self.manifests.invalidate(name)
         if old is None:
             return
-        for digest in old["chunks"]:
+        for digest in old.get("chunks") or ():
             if digest in self.chunks and not self.manifests.shared(digest):
                 self.chunks.drop(digest, forget=True)
                 self.dropped_chunks += 1
@@ -384,4 +388,4 @@ class CacheService:
 
 
 def _inline(manifest: dict) -> bool:
-    return p.travels_inline(manifest["size"], len(manifest["chunks"]))
+    return p.travels_inline(manifest["size"], manifest["count"])

@@ -442,14 +442,14 @@ def _chain(first, rest):
 
 
 def _ls_line(e: dict, long: bool, as_human: bool) -> str:
-    """One line of ``ls``: size, mtime, name (``-l``: and version, sha256); a folder as
+    """One line of ``ls``: size, mtime, name (``-l``: and version, digest); a folder as
     ``aws s3 ls`` shows it, ``PRE``."""
     if e.get("folder"):
         size, at, extra = "PRE", "", "" if not long else f"{'':>6}  {'':12}  "
     else:
         size = human(e["size"]) if as_human else f"{e['size']:,}"
         at = when(e["mtime"])
-        extra = f"{'v' + str(e['version']):>6}  {e['sha256'][:12]}  " if long else ""
+        extra = f"{'v' + str(e['version']):>6}  {e['digest'][:12]}  " if long else ""
     return f"{size:>14}  {at:<19}  {extra}{e['name']}"
 
 
@@ -486,7 +486,7 @@ def cmd_stat(args):
     if args.json:
         print(json.dumps(info, indent=1))
         return
-    for key in ("name", "size", "sha256", "mtime", "version", "chunks", "chunk_size"):
+    for key in ("name", "size", "digest", "mtime", "version", "chunks", "chunk_size"):
         value = when(info[key]) if key == "mtime" else info[key]
         print(f"{key + ':':<12}{value}")
 
@@ -500,7 +500,7 @@ def cmd_versions(args):
     for v in found:
         print(
             f"{'v' + str(v['version']):>6}  {v['size']:>14,}  {when(v['mtime'])}  "
-            f"{v['sha256'][:12]}  {'current' if v['current'] else 'retained'}"
+            f"{v['digest'][:12]}  {'current' if v['current'] else 'retained'}"
         )
 
 
@@ -545,7 +545,8 @@ def cmd_fsck(args):
             totals["damaged"] += page["damaged"]
             if not args.json:
                 for d in page["damaged"]:
-                    print(f"{d['problem']} chunk {d['chunk']}: breaks {', '.join(d['names'])}")
+                    what = d.get("kind", "chunk")
+                    print(f"{d['problem']} {what} {d['chunk']}: breaks {', '.join(d['names'])}")
             for key in ("orphans", "refcount_errors"):
                 totals[key] = page.get(key, totals[key])
     bad = bool(totals["damaged"]) or totals["refcount_errors"] > 0

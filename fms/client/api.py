@@ -11,14 +11,16 @@
 
 Transfers are pipelined with credit-based flow control: at most ``window`` requests are in
 flight, never more (zguide "file transfer", model 3).  Every chunk is verified against its
-sha256 (which covers the whole-file sha256: :mod:`fms.client.download`); downloads are written
-to a temp file beside the destination and renamed into place only when complete and verified.
+digest, and the chunk list against the file digest (:mod:`fms.client.download`); downloads are
+written to a temp file beside the destination and renamed into place only when complete and
+verified.
 
 The connection, pipeline and retries are :class:`fms.client.session.Session`'s; uploads and
 downloads are :mod:`fms.client.upload` and :mod:`fms.client.download`.
 """
 
 import os
+import time
 
 import zmq
 
@@ -103,7 +105,8 @@ class Client:
     # --- metadata ---
 
     def stat(self, name: str) -> dict:
-        """Name, size, sha256 (hex), mtime, version, ... of a stored file.
+        """Name, size, digest (hex) and its kind, mtime, version, metadata, ... of a stored
+        file.
 
         :raises NotFound: no such name.
         """
@@ -192,6 +195,40 @@ class Client:
         """
         return self._copy("cp", src, dst)
 
+    def compose(self, name: str, parts: list, meta: dict | None = None) -> dict:
+        """Make ``name`` the stored files ``parts`` back to back, by reference: each part's
+        extents become the new file's (their chunks and pages are not copied, nor read; a short
+        list is sent as a page of its own), so joining parts of any size and chunk size costs a
+        few small requests (how an S3 multipart upload completes).  ``meta``: the new version's
+        metadata (default none).  :return: its stat.  :raises NotFound: a part is not stored.
+        """
+        name = p.check_name(name)
+        extents, pages = [], []
+        for part in parts:
+            manifest, _frame, via = self._manifest(p.check_name(part))
+            with download.chunk_list(self.session, manifest, via) as listing:
+                extents += listing.extents
+                if listing.page_ids is not None:
+                    pages += listing.page_ids
+                    continue
+                digests = [d for _i, _o, _n, d, _z in listing.items()]
+            for page in p.pages_of(listing.extents, digests):
+                blob = p.join_digests(page)
+                pages.append(p.sha256(blob))
+                self.call("put_page", data=p.pack_data(blob), hash=pages[-1])
+        fields = {"meta": p.check_meta(meta)} if meta else {}
+        header, _ = self.call(
+            "commit",
+            name=name,
+            extents=p.pack_extents(extents),
+            pages=pages,
+            digest=p.tree_digest(extents, pages),
+            mtime=time.time(),
+            commit=os.urandom(16).hex(),
+            **fields,
+        )
+        return _public(header["stat"])
+
     def _copy(self, op: str, src: str, dst: str) -> dict:
         header, _ = self.call(
             op, src=p.check_name(src), name=p.check_name(dst), commit=os.urandom(16).hex()
@@ -255,16 +292,25 @@ class Client:
 
     # --- upload ---
 
-    def put(self, path: str, name: str | None = None) -> dict:
-        """Upload a local file under ``name`` (default: its base name).  :return: its stat."""
+    def put(self, path: str, name: str | None = None, meta: dict | None = None) -> dict:
+        """Upload a local file under ``name`` (default: its base name); ``meta``: a map of
+        str to str (at most 2 KiB in all) kept with the version.  :return: its stat."""
         name = p.check_name(name if name is not None else os.path.basename(path))
-        return self.put_many([(path, name)])[0]
+        if meta is None:
+            return self.put_many([(path, name)])[0]
+        p.check_meta(meta)
+        plan = upload.plan_file(path, self.chunk_size, self._hashing(name))
+        plan.meta = meta
+        return self._put_planned([(path, name, plan)])[0]
 
-    def put_bytes(self, data: bytes, name: str, mtime: float | None = None) -> dict:
+    def put_bytes(
+        self, data: bytes, name: str, mtime: float | None = None, meta: dict | None = None
+    ) -> dict:
         """Upload bytes held in memory (for small data; large files should use :meth:`put`)."""
         p.check_name(name)
         data = bytes(data)
         plan = upload.plan_bytes(data, self.chunk_size, mtime)
+        plan.meta = p.check_meta(meta) if meta else None
         return self._put_planned([(data, name, plan)])[0]
 
     def put_many(self, items, done=None) -> list:
@@ -337,7 +383,7 @@ class Client:
         :raises NotFound: no such name.
         :param version: a version number (current or retained: :meth:`versions`); default the
             current one.
-        :raises IntegrityError: the content did not match its sha256 (nothing is written).
+        :raises IntegrityError: the content did not match its digest (nothing is written).
         """
         return self._get_one(p.check_name(name), dest, version=version)
 
@@ -400,7 +446,7 @@ class Client:
             with download.in_place(dest) as out:
                 return self.get_to(name, out, version)
         frame, via = None, self._get_fields()  # a batch's large file: untagged
-        if manifest is None or p.travels_inline(manifest["size"], len(manifest["chunks"])):
+        if manifest is None or p.travels_inline(manifest["size"], manifest["count"]):
             manifest, frame, via = self._manifest(name, version)
         if frame is not None:
             manifest, data = download.fetch_whole(
@@ -461,8 +507,9 @@ class Client:
     def open(self, name: str) -> "RemoteFile":
         """A read-only, seekable, file-like stream of ``name``'s content.
 
-        Chunks are fetched ahead (``window`` in flight) and verified one by one; a read from the
-        start to the end also checks the whole-file sha256.  Memory: about ``window`` chunks.
+        Chunks are fetched ahead (``window`` in flight) and verified one by one, against a chunk
+        list checked against the file digest.  Memory: about ``window`` chunks and two pages of
+        the list.
 
         :raises NotFound: no such name.
         """
@@ -480,11 +527,14 @@ class Client:
             self.progress(name, done, total)
 
 
+_NOT_PUBLIC = ("chunks", "commit", "count", "extents", "pages", "body")
+
+
 def _public(entry: dict) -> dict:
-    """A stat or manifest as the API returns it: hex digests, no chunk list."""
-    out = {k: v for k, v in entry.items() if k not in ("chunks", "commit")}
-    out["sha256"] = entry["sha256"].hex()
-    out["chunks"] = (
-        len(entry["chunks"]) if isinstance(entry.get("chunks"), list) else entry.get("chunks")
-    )
+    """A stat or manifest as the API returns it: a hex digest, the number of chunks (``chunks``),
+    no chunk list."""
+    out = {k: v for k, v in entry.items() if k not in _NOT_PUBLIC}
+    out["digest"] = entry["digest"].hex()
+    out["chunks"] = entry["count"]
+    out.setdefault("meta", {})
     return out

@@ -24,9 +24,7 @@ one small chunk travels with its commit).  Nothing is visible under the name bef
 and a writer that fails leaves the old content in place.
 """
 
-import hashlib
 import io
-import os
 import time
 
 from fsspec import AbstractFileSystem
@@ -35,7 +33,7 @@ from fsspec.utils import infer_storage_options
 from .. import wire as p
 from ..errors import NotFound
 from .api import Client
-from .upload import commit_timeout
+from .upload import Plan, commit_plan
 
 PROTOCOL = "fms"
 
@@ -244,8 +242,7 @@ class StreamWriter(io.RawIOBase):
         self.name = p.check_name(name)
         self.chunk_size = client.chunk_size
         self._buf = bytearray()
-        self._chunks = []
-        self._whole = hashlib.sha256()
+        self._digests = bytearray()
         self._size = 0
         self._failed = False
 
@@ -268,7 +265,6 @@ class StreamWriter(io.RawIOBase):
     def _send_chunk(self):
         piece = bytes(self._buf)
         digest = p.sha256(piece)
-        self._whole.update(piece)
         self._size += len(piece)
         self._buf.clear()
         try:
@@ -276,7 +272,7 @@ class StreamWriter(io.RawIOBase):
         except BaseException:
             self._failed = True
             raise
-        self._chunks.append(digest)
+        self._digests += digest
 
     def close(self):
         if self.closed:
@@ -288,23 +284,14 @@ class StreamWriter(io.RawIOBase):
             super().close()
 
     def _commit(self):
-        if not self._chunks:  # one chunk or none: it travels with its commit
+        if not self._digests:  # one chunk or none: it travels with its commit
             self.client.put_bytes(bytes(self._buf), self.name, time.time())
             return
         if self._buf:
             self._send_chunk()
-        session = self.client.session
-        with session.patience(commit_timeout(self._size, session.timeout)):
-            self.client.call(
-                "commit",
-                name=self.name,
-                size=self._size,
-                chunk_size=self.chunk_size,
-                chunks=self._chunks,
-                sha256=self._whole.digest(),
-                mtime=time.time(),
-                commit=os.urandom(16).hex(),
-            )
+        # The chunks went as they were written: the file digest is derived from their digests.
+        plan = Plan(self._size, self.chunk_size, self._digests, time.time(), None)
+        commit_plan(self.client.session, self.name, plan)
 
     def __exit__(self, exc_type, *exc):
         if exc_type is not None:

@@ -1,13 +1,15 @@
 """The storage engine: commit, remove, read and list over a metadata engine and a chunk backend.
 
-It checks everything it stores (invariant 3): a commit's chunks must be in the store with the
-sizes the file's shape needs, and their concatenation must hash to the file's sha256, read back
-from what the store holds.  Small chunks (up to :data:`SMALL_CHUNK_MAX`) are kept in the
-metadata engine itself, so a small file costs one transaction and no file of its own.
+It checks everything it stores (invariant 3): a chunk against its digest as it arrives, a page
+against its id (and that every chunk it lists is stored), and a commit against its shape: its
+chunks (or pages) must be stored with the sizes their places in the file need, and its file
+digest must be the one they give (:mod:`fms.wire.manifest`): derived from the chunk digests, so
+nothing is read back, and the checks cost in proportion to the distinct chunks (or pages) a
+commit names, never to repeats.  Small chunks (up to :data:`SMALL_CHUNK_MAX`) are
+kept in the metadata engine itself, so a small file costs one transaction and no file of its own.
 """
 
 import errno
-import hashlib
 import logging
 import os
 import time
@@ -49,12 +51,50 @@ class Store:
 
     # --- reads ---
 
-    def version(self, name: str) -> Version:
-        """:raises NotFound: no file by that name."""
-        found = self.meta.get(name)
+    def version(self, name: str, lists: bool = True) -> Version:
+        """The live version of ``name`` (``lists``: with what it lists; else its stat).
+
+        :raises NotFound: no file by that name."""
+        found = self.meta.get(name, lists)
         if found is None:
             raise NotFound(f"{name!r} not found; see what is stored with: ls")
         return found
+
+    def read_list(self, ident: bytes) -> bytes:
+        """A page or a body by its id, verified against it.
+
+        :raises NotFound: neither is stored (collected: the file changed since its manifest was
+            read).
+        :raises IntegrityError: the stored bytes do not match.
+        """
+        blob = self.meta.page(ident)
+        if blob is None:
+            blob = self.meta.body(ident)
+        if blob is None:
+            raise NotFound(
+                f"no page or body {ident.hex()[:16]} in the store; the file changed since its "
+                f"manifest was read: read it again"
+            )
+        if p.sha256(blob) != ident:
+            raise IntegrityError(f"page {ident.hex()[:16]} is corrupt in the metadata database")
+        return blob
+
+    def listing(self, version: Version) -> tuple:
+        """``(extents, page ids or None, chunks or None)`` of a version: its body is read if
+        the version does not keep a copy of it."""
+        if version.body is None or version.extents is not None:
+            return version.extents or (), version.pages, version.chunks
+        extents, pages = p.unpack_body(self.read_list(version.body))
+        return extents, pages, None
+
+    def digests(self, version: Version):
+        """Every chunk digest of a version, in file order, a page at a time (memory: a page)."""
+        _extents, pages, chunks = self.listing(version)
+        if chunks is not None:
+            yield from chunks
+            return
+        for page in pages or ():
+            yield from p.split_digests(self.read_list(page))
 
     def list(self, prefix: str, after: str, limit: int) -> list:
         return self.meta.list(prefix, after, limit)
@@ -119,21 +159,29 @@ class Store:
         """A chunk as a data frame, verified against its digest.
 
         :raises NotFound: no such chunk.
-        :raises IntegrityError: the stored bytes do not match; a blob is set aside, so the next
-            upload of the same content restores it.
+        :raises IntegrityError: the stored bytes do not match; a blob is set aside and the row
+            marked lost, so the next upload of a file that lists it sends it and restores it.
         """
         row = self.meta.chunk(digest)
         if row is not None and row.in_engine:
             frame = p.pack_data(row.data)
             if p.sha256(row.data) != digest:
+                self.meta.mark_lost(digest)
                 raise IntegrityError(
                     f"chunk {digest.hex()[:16]} is corrupt in the metadata "
                     f"database; upload the file again to restore it"
                 )
             return frame
-        frame = self.chunks.get(digest)
+        try:
+            frame = self.chunks.get(digest)
+        except NotFound:
+            if row is not None and not row.doomed:
+                self.meta.mark_lost(digest)  # its row promises it: the next upload sends it
+            raise
         if p.sha256(memoryview(frame)[p.DATA_PREFIX_LEN :]) != digest:
             self.chunks.quarantine(digest)
+            if row is not None:
+                self.meta.mark_lost(digest)
             raise IntegrityError(
                 f"chunk {digest.hex()[:16]} is corrupt on storage disk; "
                 f"it was set aside, upload the file again to restore it"
@@ -167,6 +215,56 @@ class Store:
         if self.meta.claim_chunk(digest, len(data), time.time(), bytes(data) if small else None):
             return not (small and held)
         return self.chunks.put(digest, data)
+
+    def put_page(self, page_id: bytes, blob) -> bool:
+        """Store a page of digests (every chunk it lists must be stored) after checking it
+        against its id.  :return: True if stored now (False: it was already).
+
+        :raises BadRequest: not whole digests, none, or more than a page holds.
+        :raises IntegrityError: the bytes do not hash to ``page_id``.
+        :raises MissingChunks: chunks it lists are not stored; ``missing`` lists them.
+        """
+        blob = bytes(blob)
+        count = len(blob) // p.HASH_LEN
+        if len(blob) % p.HASH_LEN or not 1 <= count <= p.PAGE_CHUNKS:
+            raise BadRequest(
+                f"a page holds 1 to {p.PAGE_CHUNKS} digests of {p.HASH_LEN} bytes, got "
+                f"{len(blob)} bytes"
+            )
+        if p.sha256(blob) != page_id:
+            raise IntegrityError(
+                f"page {page_id.hex()[:16]} does not match its id; it was damaged in transit, "
+                f"send it again"
+            )
+        if not self.meta.has_page(page_id):
+            absent = self._absent(p.split_digests(blob))
+            if absent:
+                raise MissingChunks(
+                    f"{len(absent)} chunk(s) of this page are not in the store (never "
+                    f"uploaded, or collected since); upload them and send the page again",
+                    missing=absent,
+                )
+        return self.meta.put_page(page_id, blob, time.time())
+
+    def _absent(self, digests) -> list:
+        """The distinct ``digests`` that are not stored: no live row, or a blob that a row
+        promises but the backend does not hold whole (its write failed, or a power loss cut it).
+        A chunk some stored list references was checked when that reference was taken (and one
+        found lost since is marked), so only unreferenced ones are looked up in the backend: no
+        content is read."""
+        wanted = list(dict.fromkeys(digests))
+        rows = self.meta.chunk_rows(wanted)
+        absent = [d for d in wanted if d not in rows or rows[d].doomed or rows[d].lost]
+        unproven = [d for d, r in rows.items() if not (r.doomed or r.lost or r.in_engine or r.refs)]
+        if unproven:
+            sizes = self.chunks.sizes(unproven)
+            for digest in unproven:
+                if sizes[digest] is not None and sizes[digest] != rows[digest].size:
+                    self.chunks.quarantine(digest)  # cut short: an upload writes it anew
+                if sizes[digest] != rows[digest].size:
+                    absent.append(digest)
+        order = {d: i for i, d in enumerate(wanted)}
+        return sorted(absent, key=order.__getitem__)
 
     def commit(self, change: NewVersion, inline=None) -> Version:
         """One commit; see :meth:`apply`.  :raises FmsError: it was refused."""
@@ -205,8 +303,8 @@ class Store:
         return [r for r in results if isinstance(r, Version)], len(page) > len(take)
 
     def apply(self, requests) -> list:
-        """Apply ``(change, inline bytes or None)`` pairs: each commit is checked against the
-        stored chunks, then every change that passed is made in one transaction.
+        """Apply ``(change, inline bytes or None)`` pairs: each commit is checked, then every
+        change that passed is made in one transaction.
 
         :return: per request, the :class:`Version` made or the :class:`FmsError` refusing it.
         """
@@ -215,7 +313,7 @@ class Store:
         for i, (change, inline) in enumerate(requests):
             try:
                 if isinstance(change, NewVersion):
-                    small_bytes = self._check(change, inline)
+                    change, small_bytes = self._check(change, inline)
                     if small_bytes is not None:
                         small[change.chunks[0]] = small_bytes
             except FmsError as exc:
@@ -239,103 +337,68 @@ class Store:
                 results[i] = result
         return results
 
-    def _check(self, change: NewVersion, inline):
-        """Check a commit against its shape and the stored chunks.
+    def _check(self, change: NewVersion, inline) -> tuple:
+        """Check a commit against its shape, its digest and the stored chunks.
 
-        :return: the bytes of a small chunk to keep in the metadata engine (sent inline), or None.
+        :return: ``(change, small)``: the change to apply, and the bytes of a small chunk to keep
+            in the metadata engine (sent inline), or None.
         """
-        count = p.chunk_count(change.size, change.chunk_size)
-        if len(change.chunks) != count:
+        count = p.check_extents(change.extents)
+        if (change.chunks is None) == (change.pages is None):
+            raise BadRequest("a commit lists either its chunks or its pages")
+        if change.chunks is not None and len(change.chunks) != count:
             raise BadRequest(
                 f"a {change.size}-byte file in {change.chunk_size}-byte chunks has "
                 f"{count} chunks, the commit lists {len(change.chunks)}"
             )
+        if change.pages is not None and len(change.pages) != p.file_pages(change.extents):
+            raise BadRequest(
+                f"the extents of {change.name!r} have {p.file_pages(change.extents)} pages, "
+                f"the commit lists {len(change.pages)}"
+            )
+        if change.chunks is not None and len(change.chunks) > p.INLINE_CHUNKS:
+            raise BadRequest(
+                f"a commit lists at most {p.INLINE_CHUNKS} chunks itself; send longer lists "
+                f"as pages (put_page)"
+            )
+        self._check_digest(change)
         if count == 0:
-            if change.sha256 != p.sha256(b""):
-                raise IntegrityError("an empty file's sha256 must be that of no bytes")
-            return None
-        if count == 1 and change.sha256 != change.chunks[0]:
-            raise IntegrityError("a one-chunk file's sha256 must equal its chunk's")
+            return change, None
         if inline is not None:
             if not p.travels_inline(change.size, count):
                 raise BadRequest(
                     f"inline data is only for one-chunk files of at most {p.INLINE_MAX} bytes"
                 )
-            if len(inline) != change.size or p.sha256(inline) != change.sha256:
+            if len(inline) != change.size or p.sha256(inline) != change.chunks[0]:
                 raise IntegrityError(
                     "the inline content does not match the commit's size and "
-                    "sha256; it was damaged in transit, upload it again"
+                    "digest; it was damaged in transit, upload it again"
                 )
             if len(inline) <= SMALL_CHUNK_MAX:
-                return inline
-            self.put_chunk(change.sha256, inline)
-            return None
-        rows = self._check_sizes(change, blobs=False)  # the read-back finds absent blobs
-        # One hash pass over what is stored: the whole-file sha256 covers every chunk's bytes, so
-        # chunks are verified one by one only when it fails, to tell a damaged chunk (set aside,
-        # and uploaded again by the client) from a wrong sha256 in the commit.  One-chunk files
-        # too: blobs are not fsync'd one by one but once per commit (apply), so a blob written
-        # before a power loss may be damaged, and this is where that is found.
-        whole = hashlib.sha256()
-        try:
-            for digest, row in zip(change.chunks, rows, strict=False):
-                whole.update(self._stored_bytes(digest, row))
-        except NotFound:
-            raise MissingChunks.absent(
-                change.name, [d for d in change.chunks if not self._present(self.meta.chunk(d), d)]
-            ) from None
-        if whole.digest() == change.sha256:
-            return None
-        damaged = []
-        for digest in dict.fromkeys(change.chunks):
-            try:
-                self.read_chunk(digest)
-            except IntegrityError:
-                damaged.append(digest)
-        if damaged:
-            raise MissingChunks(
-                f"{len(damaged)} stored chunk(s) of {change.name!r} were damaged "
-                f"and set aside; upload them and commit again",
-                missing=damaged,
+                return change, inline
+            self.put_chunk(change.chunks[0], inline)
+            return change, None
+        if change.chunks is not None:
+            absent = self._absent(change.chunks)
+            if absent:
+                raise MissingChunks.absent(change.name, absent)
+        # A paged list's pages are checked by the metadata engine, in the commit's transaction.
+        return change, None
+
+    def _check_digest(self, change: NewVersion):
+        """The commit's file digest is the one its chunk list gives: derived from the chunk
+        digests (:mod:`fms.wire.manifest`), in proportion to its pages; nothing is read back."""
+        if change.digest_kind != p.DIGEST_TREE:
+            raise BadRequest(f"a commit's digest is of kind {p.DIGEST_TREE!r}")
+        if change.chunks is not None:
+            want = p.inline_digest(change.extents, change.chunks)
+        else:
+            want = p.tree_digest(change.extents, change.pages)
+        if change.digest != want:
+            raise IntegrityError(
+                f"the file digest of {change.name!r} is not the one its chunk list gives; "
+                f"the client computed it wrongly, or the list was damaged: upload it again"
             )
-        raise IntegrityError(
-            f"the chunks of {change.name!r} do not hash to the file's sha256; "
-            f"the client computed it wrongly or the file changed while it was "
-            f"read: upload it again"
-        )
-
-    def _present(self, row, digest: bytes) -> bool:
-        """Whether a chunk with this row (None: no row) is stored, row and bytes."""
-        return row is not None and not row.doomed and (row.in_engine or self.chunks.has(digest))
-
-    def _stored_bytes(self, digest: bytes, row):
-        """A chunk's stored bytes (``row``: its row), unverified (the caller verifies).
-
-        :raises NotFound: its bytes are not stored.
-        """
-        if row.in_engine:
-            return row.data
-        return memoryview(self.chunks.get(digest))[p.DATA_PREFIX_LEN :]
-
-    def _check_sizes(self, change: NewVersion, blobs: bool) -> list:
-        """Every chunk has a row (and, with ``blobs``, its bytes are stored) with the length the
-        file's shape gives it.  :return: the chunks' rows, in file order."""
-        missing, rows = [], []
-        for i, digest in enumerate(change.chunks):
-            row = self.meta.chunk(digest)
-            rows.append(row)
-            if row is None or row.doomed or (blobs and not self._present(row, digest)):
-                missing.append(digest)
-                continue
-            want = p.chunk_length(i, change.size, change.chunk_size)
-            if row.size != want:
-                raise IntegrityError(
-                    f"chunk {i} of {change.name!r} is {row.size} bytes, the "
-                    f"file's shape needs {want}"
-                )
-        if missing:
-            raise MissingChunks.absent(change.name, missing)
-        return rows
 
 
 def os_failure(exc: OSError) -> FmsError:

@@ -71,9 +71,11 @@ class StorageService:
         self._handlers = {
             "get": self.op_get,
             "chunk": self.op_chunk,
+            "page": self.op_page,
             "get_many": self.op_get_many,
             "have": self.op_have,
             "put_chunk": self.op_put_chunk,
+            "put_page": self.op_put_page,
             "commit": self.op_commit,
             "commit_many": self.op_commit_many,
             "ls": self.op_ls,
@@ -142,19 +144,20 @@ class StorageService:
     # --- read ops (also what the cache forwards on a miss) ---
 
     def op_get(self, route, header, data):
-        version = self.store.version(p.check_name(p.need(header, "name", str)))
-        frame = None
-        if p.travels_inline(version.size, len(version.chunks)):
-            frame = self.store.read_chunk(version.chunks[0])
-        self.link.reply(route, p.ok_reply(header["id"], manifest=version.manifest()), frame)
+        self._reply_manifest(
+            route, header, self.store.version(p.check_name(p.need(header, "name", str)))
+        )
 
     def op_get_version(self, route, header, data):
         """A retained (or the current) version's manifest, as ``get`` answers it."""
         version = self.store.retained_version(
             p.check_name(p.need(header, "name", str)), p.need_int(header, "version", lo=1)
         )
+        self._reply_manifest(route, header, version)
+
+    def _reply_manifest(self, route, header, version):
         frame = None
-        if p.travels_inline(version.size, len(version.chunks)):
+        if p.travels_inline(version.size, version.count):
             frame = self.store.read_chunk(version.chunks[0])
         self.link.reply(route, p.ok_reply(header["id"], manifest=version.manifest()), frame)
 
@@ -176,7 +179,7 @@ class StorageService:
             try:
                 version = self.store.version(name)
                 frame = None
-                if p.travels_inline(version.size, len(version.chunks)):
+                if p.travels_inline(version.size, version.count):
                     frame = self.store.read_chunk(version.chunks[0])
             except RemoteError as exc:  # this name's failure, not the batch's
                 batch.error(exc.code, str(exc))
@@ -188,8 +191,13 @@ class StorageService:
         frame = self.store.read_chunk(p.need_hash(header, "hash"))
         self.link.reply(route, p.ok_reply(header["id"]), frame)
 
+    def op_page(self, route, header, data):
+        """A page of a chunk list, or a body, by its id (what a client reads a long list by)."""
+        blob = self.store.read_list(p.need_hash(header, "hash"))
+        self.link.reply(route, p.ok_reply(header["id"]), p.pack_data(blob))
+
     def op_stat(self, route, header, data):
-        version = self.store.version(p.check_name(p.need(header, "name", str)))
+        version = self.store.version(p.check_name(p.need(header, "name", str)), lists=False)
         self.link.reply(route, p.ok_reply(header["id"], stat=version.summary()))
 
     def op_ls(self, route, header, data):
@@ -247,19 +255,33 @@ class StorageService:
         written = self.store.put_chunk(digest, payload)
         self.link.reply(route, p.ok_reply(header["id"], written=written))
 
+    def op_put_page(self, route, header, data):
+        page_id = p.need_hash(header, "hash")
+        if data is None:
+            raise BadRequest("put_page needs a data frame: the page's digests back to back")
+        written = self.store.put_page(page_id, p.unpack_data(data.buffer))
+        self.link.reply(route, p.ok_reply(header["id"], written=written))
+
     def op_commit(self, route, header, data):
-        size = p.need_int(header, "size")
-        chunk_size = p.need_int(header, "chunk_size", lo=p.MIN_CHUNK_SIZE, hi=p.MAX_CHUNK_SIZE)
+        kind = p.need(header, "digest_kind", str, optional=True, default=p.DIGEST_TREE)
+        if kind != p.DIGEST_TREE:
+            raise BadRequest(
+                f"a commit's digest is of kind {p.DIGEST_TREE!r}: derived from its chunk "
+                f"digests (storage reads nothing back to check one of the content)"
+            )
+        if (header.get("chunks") is None) == (header.get("pages") is None):  # nil: absent
+            raise BadRequest("a commit lists either its chunks or its pages")
         change = NewVersion(
             name=p.check_name(p.need(header, "name", str)),
-            size=size,
-            sha256=p.need_hash(header, "sha256"),
-            chunk_size=chunk_size,
-            chunks=tuple(p.need_hashes(header, "chunks", p.chunk_count(size, chunk_size))),
+            extents=p.unpack_extents(p.need(header, "extents", bytes)),
+            digest=p.need_hash(header, "digest"),
             mtime=p.check_mtime(
                 p.need(header, "mtime", (int, float), optional=True, default=time.time())
             ),
             commit=_commit_id(header),
+            chunks=_hashes(header, "chunks", p.INLINE_CHUNKS),
+            pages=_hashes(header, "pages", p.MAX_PAGES),
+            meta=p.check_meta(p.need(header, "meta", dict, optional=True, default={})),
         )
         inline = bytes(p.unpack_data(data.buffer)) if data is not None else None
         self._pending.append((route, header, change, inline))
@@ -272,12 +294,11 @@ class StorageService:
         if not 1 <= count <= p.MAX_BATCH_FILES:
             raise BadRequest(f"commit_many takes 1 to {p.MAX_BATCH_FILES} files, got {count}")
         columns = {
-            key: p.need(header, key, list) for key in ("sizes", "sha256s", "mtimes", "commits")
+            key: p.need(header, key, list) for key in ("sizes", "hashes", "mtimes", "commits")
         }
         if any(len(column) != count for column in columns.values()):
             raise BadRequest(
-                "commit_many: names, sizes, sha256s, mtimes and commits must have "
-                "one entry per file"
+                "commit_many: names, sizes, hashes, mtimes and commits must have one entry per file"
             )
         chunk_size = p.need_int(header, "chunk_size", lo=p.MIN_CHUNK_SIZE, hi=p.MAX_CHUNK_SIZE)
         payload = p.unpack_data(data.buffer) if data is not None else memoryview(b"")
@@ -290,20 +311,20 @@ class StorageService:
         for i in range(count):
             item = {
                 "size": columns["sizes"][i],
-                "sha256": columns["sha256s"][i],
+                "hash": columns["hashes"][i],
                 "mtime": columns["mtimes"][i],
                 "commit": columns["commits"][i],
             }
             size = p.need_int(item, "size", hi=min(p.INLINE_MAX, chunk_size))
-            digest = p.need_hash(item, "sha256")
+            digest = p.need_hash(item, "hash")
+            extents, chunks = (((chunk_size, size),), (digest,)) if size else ((), ())
             change = NewVersion(
                 p.check_name(names[i]),
-                size,
-                digest,
-                chunk_size,
-                (digest,) if size else (),
+                extents,
+                p.inline_digest(extents, chunks),  # derived here: the content comes along
                 p.check_mtime(p.need(item, "mtime", (int, float))),
                 _commit_id(item),
+                chunks=chunks,
             )
             requests.append((change, bytes(payload[offset : offset + size]) if size else None))
             offset += size
@@ -464,6 +485,10 @@ class StorageService:
     def _background_gc(self, store):
         gc.collect(store, self.gc_grace)
         return {}
+
+
+def _hashes(header, key: str, limit: int) -> tuple | None:
+    return tuple(p.need_hashes(header, key, limit)) if header.get(key) is not None else None
 
 
 def _commit_id(header, optional=False) -> str:

@@ -26,14 +26,15 @@ themselves)::
 ``header`` is a map with at least ``v`` (protocol version), ``op`` and ``id`` on requests and
 ``ok`` and ``id`` on replies.  ``data`` is one msgpack ``bin`` object holding file bytes.
 
-The names of all six modules are read from here (``from fms import wire as p``; ``p.encode``).
+The names of all seven modules are read from here (``from fms import wire as p``; ``p.encode``).
 Each module is imported when one of its names is first read, so a command that needs only the
 protocol's constants (``fms --help``) does not import ZeroMQ, msgpack or hashlib.
 """
 
 import importlib
 
-_MODULES = ("messages", "fields", "requests", "codec", "batch", "frames")  # cheapest first
+# cheapest first
+_MODULES = ("messages", "fields", "manifest", "requests", "codec", "batch", "frames")
 
 
 def __getattr__(name: str):

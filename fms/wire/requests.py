@@ -13,8 +13,20 @@ holds.
 
 from dataclasses import dataclass, field
 
-from ..errors import BadRequest
+from ..errors import BadRequest, TooLarge
 from .fields import HASH_LEN, MAX_NAME_BYTES, MTIME_MAX, MTIME_MIN, check_name, check_prefix
+from .manifest import (
+    DIGEST_TREE,
+    EXTENT_LEN,
+    INLINE_CHUNKS,
+    MAX_EXTENTS,
+    MAX_META_BYTES,
+    MAX_META_KEY,
+    MAX_PAGES,
+    check_extents,
+    check_meta,
+    unpack_extents,
+)
 from .messages import (
     INLINE_MAX,
     LS_PAGE_DEFAULT,
@@ -39,12 +51,13 @@ class RequestField:
     """One row of the table.
 
     :param kind: what the value is: ``str``, ``bin``, ``int``, ``number`` (int or float),
-        ``bool``, ``id`` (an int or a str, as a request id), or ``array of X``.
+        ``bool``, ``id`` (an int or a str, as a request id), ``map``, or ``array of X``.
     :param ops: the ops that read the field.
     :param required: the ops for which it must be present (and not nil).
     :param lo, hi: the range: of the value (numbers), of the length in bytes (``bin``: exact
         when equal), of the number of items (arrays); per op in ``per_op``.
-    :param item_len: for arrays of ``bin``: each item's exact length.
+    :param item_len: for arrays of ``bin``: each item's exact length; for a ``bin`` of items
+        (``extents``): the bytes of one, ``lo`` and ``hi`` counting items.
     :param items: for arrays of numbers or strings: each item's range (value, or length in
         characters); arrays of names are checked as names.
     :param default: what absence (or nil) means, in words (the spec's column).
@@ -83,48 +96,59 @@ REQUEST_FIELDS: dict = {
         ("get_many", "commit_many"),
         1,
         MAX_BATCH_FILES,
-        rule="names",
         default="required",
     ),
     "hash": RequestField(
         "bin",
-        ("chunk", "put_chunk"),
-        ("chunk", "put_chunk"),
+        ("chunk", "put_chunk", "page", "put_page"),
+        ("chunk", "put_chunk", "page", "put_page"),
         HASH_LEN,
         HASH_LEN,
-        rule="a sha256",
         default="required",
     ),
     "hashes": RequestField(
         "array of bin",
-        ("have",),
-        ("have",),
+        ("have", "commit_many"),
+        ("have", "commit_many"),
         0,
         MAX_HAVE_BATCH,
+        per_op={"commit_many": (1, MAX_BATCH_FILES)},  # one per file
         item_len=HASH_LEN,
         default="required",
     ),
-    "fresh": RequestField("bool", ("get", "chunk", "get_many"), default="false"),
+    "fresh": RequestField("bool", ("get", "chunk", "get_many", "page"), default="false"),
     "of": RequestField("id", ("chunk",), hi=MAX_TAG_CHARS),
     "len": RequestField("int", ("chunk",), lo=0, hi=MAX_CHUNK_SIZE),
-    "size": RequestField("int", ("commit",), ("commit",), 0, INT64_MAX, default="required"),
     "chunk_size": RequestField(
         "int",
-        ("commit", "commit_many"),
-        ("commit", "commit_many"),
+        ("commit_many",),
+        ("commit_many",),
         MIN_CHUNK_SIZE,
         MAX_CHUNK_SIZE,
         default="required",
     ),
+    "extents": RequestField(
+        "bin", ("commit",), ("commit",), 0, MAX_EXTENTS, item_len=EXTENT_LEN, default="required"
+    ),
     "chunks": RequestField(
         "array of bin",
         ("commit",),
-        ("commit",),
+        hi=INLINE_CHUNKS,
         item_len=HASH_LEN,
-        default="required",
-        rule="exactly ceil(`size` / `chunk_size`) digests, in order",
+        default="one of `chunks` and `pages`",
     ),
-    "sha256": RequestField("bin", ("commit",), ("commit",), HASH_LEN, HASH_LEN, default="required"),
+    "pages": RequestField(
+        "array of bin",
+        ("commit",),
+        hi=MAX_PAGES,
+        item_len=HASH_LEN,
+        default="one of `chunks` and `pages`",
+    ),
+    "digest": RequestField("bin", ("commit",), ("commit",), HASH_LEN, HASH_LEN, default="required"),
+    "digest_kind": RequestField("str", ("commit",), default=DIGEST_TREE),
+    "meta": RequestField(
+        "map", ("commit",), hi=MAX_META_BYTES, items=(1, MAX_META_KEY), default="empty"
+    ),
     "mtime": RequestField(
         "number", ("commit",), lo=MTIME_MIN, hi=MTIME_MAX, default="storage's clock"
     ),
@@ -144,9 +168,6 @@ REQUEST_FIELDS: dict = {
         default="required",
         rule="per file, at most `chunk_size`",
     ),
-    "sha256s": RequestField(
-        "array of bin", ("commit_many",), ("commit_many",), item_len=HASH_LEN, default="required"
-    ),
     "mtimes": RequestField(
         "array of number",
         ("commit_many",),
@@ -154,7 +175,13 @@ REQUEST_FIELDS: dict = {
         items=(MTIME_MIN, MTIME_MAX),
         default="required",
     ),
-    "commits": RequestField("array of str", ("commit_many",), ("commit_many",), default="required"),
+    "commits": RequestField(
+        "array of str",
+        ("commit_many",),
+        ("commit_many",),
+        items=(1, MAX_COMMIT_ID),
+        default="required",
+    ),
     "prefix": RequestField(
         "str", ("ls", "du", "rm_prefix"), ("rm_prefix",), hi=MAX_NAME_BYTES, default='""'
     ),
@@ -199,8 +226,27 @@ _KINDS = {
     "number": (_is_number, "a finite number"),
     "bool": (lambda v: isinstance(v, bool), "a boolean"),
     "id": (lambda v: _is_int(v) or isinstance(v, str), "an integer or a string"),
+    "map": (lambda v: isinstance(v, dict), "a map"),
 }
-_RULES = {"name": check_name, "src": check_name, "prefix": check_prefix}
+
+
+def _digest_kind(kind: str) -> None:
+    if kind != DIGEST_TREE:
+        raise BadRequest(
+            f"field 'digest_kind' must be {DIGEST_TREE!r}: a commit's digest is derived from its "
+            f"chunk digests, got {kind!r:.40}"
+        )
+
+
+# What else a value must be, beyond its type and range (the spec's rule column).
+_RULES = {
+    "name": check_name,
+    "src": check_name,
+    "prefix": check_prefix,
+    "extents": lambda blob: check_extents(unpack_extents(blob)),
+    "meta": check_meta,
+    "digest_kind": _digest_kind,
+}
 
 
 def _check(op: str, key: str, f: RequestField, value) -> None:
@@ -230,7 +276,7 @@ def _check(op: str, key: str, f: RequestField, value) -> None:
     if f.kind in ("int", "number"):
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             raise BadRequest(f"field {key!r} = {value!r} is out of range [{lo}, {hi}]")
-    elif f.kind == "bin" and lo is not None and not lo <= len(value) <= hi:
+    elif f.kind == "bin" and f.item_len is None and lo is not None and not lo <= len(value) <= hi:
         raise BadRequest(f"field {key!r} must be {lo} bytes, got {len(value)}")
     elif f.kind == "str" and key not in _RULES and lo is not None and not lo <= len(value) <= hi:
         raise BadRequest(f"field {key!r} must be {lo} to {hi} characters, got {len(value)}")
@@ -240,8 +286,14 @@ def _check(op: str, key: str, f: RequestField, value) -> None:
     ):
         raise BadRequest(f"field {key!r} is too long or too large for an id")
     rule = _RULES.get(key)
-    if rule is not None:
+    if rule is None:
+        return
+    try:
         rule(value)
+    except (BadRequest, TooLarge) as exc:
+        if repr(key) in str(exc):
+            raise
+        raise type(exc)(f"field {key!r}: {exc}") from None
 
 
 def check_request(op: str, header: dict, partial: bool = False) -> None:

@@ -26,6 +26,14 @@ class ChunkBackend(ABC):
         """Whether the blob exists."""
 
     @abstractmethod
+    def size(self, digest: bytes) -> int | None:
+        """The blob's size, or None if it does not exist (a metadata look-up: no read)."""
+
+    def sizes(self, digests) -> dict:
+        """:meth:`size` of each of ``digests`` (a backend may ask for them side by side)."""
+        return {d: self.size(d) for d in digests}
+
+    @abstractmethod
     def delete(self, digest: bytes):
         """Delete the blob; a missing one is not an error."""
 

@@ -49,6 +49,12 @@ class LocalDirChunks(ChunkBackend):
     def has(self, digest):
         return os.path.exists(self._path(digest))
 
+    def size(self, digest):
+        try:
+            return os.stat(self._path(digest)).st_size
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
     def put(self, digest, data):
         final = self._path(digest)
         if os.path.exists(final):

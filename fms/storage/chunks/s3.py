@@ -24,6 +24,8 @@ CONNECT_TIMEOUT = 5  # seconds
 READ_TIMEOUT = 30  # seconds for one request's reply
 ATTEMPTS = 3  # botocore's standard retry mode: tries per request
 
+HEAD_THREADS = 16  # HEAD requests in flight when a commit checks its new chunks are stored
+
 log = logging.getLogger("fms.storage.chunks")
 
 
@@ -122,6 +124,22 @@ class S3Chunks(ChunkBackend):
             return True
         except NotFound:
             return False
+
+    def size(self, digest):
+        try:
+            return self._call("head", self.s3.head_object, Key=self._key(digest))["ContentLength"]
+        except NotFound:
+            return None
+
+    def sizes(self, digests):
+        # One HEAD each, side by side: a commit of many new chunks waits for the slowest.
+        from concurrent.futures import ThreadPoolExecutor
+
+        digests = list(digests)
+        if len(digests) < 2:
+            return {d: self.size(d) for d in digests}
+        with ThreadPoolExecutor(min(HEAD_THREADS, len(digests))) as pool:
+            return dict(zip(digests, pool.map(self.size, digests), strict=True))
 
     def put(self, digest, data):
         # No HEAD first: a chunk's content never changes, so writing it again is harmless, and

@@ -4,10 +4,11 @@ Format 1: ``STORE`` (msgpack ``{format, store_id}``), ``chunks/ab/<hex sha256>``
 ``manifests/xy/<hex sha256 of the name>`` msgpack file per name (a tombstone once removed).
 Chunks stay where they are: the local chunk backend uses the same layout.
 
-Migration is one SQLite transaction (every name, tombstone and chunk, and the references
-counted from them), so a process killed midway leaves the database as it was and the next start
-does it again; only once it is committed is ``manifests/`` moved away and deleted.  Workers
-starting together take turns on the database's write lock; the second finds the work done.
+Migration is one SQLite transaction (every name, tombstone and chunk, read into format 2's
+tables and upgraded from there as any format-2 store is, references counted anew), so a process
+killed midway leaves the database as it was and the next start does it again; only once it is
+committed is ``manifests/`` moved away and deleted.  Workers starting together take turns on the
+database's write lock; the second finds the work done.
 """
 
 import collections
@@ -21,7 +22,7 @@ import msgpack
 
 from ... import wire as p
 from ...errors import BadRequest, FmsError
-from ..model import unpack_digests
+from .sql import SCHEMA_V2
 
 log = logging.getLogger("fms.storage.migrate")
 
@@ -125,6 +126,7 @@ def _copy(path, meta, chunks, damaged):
     with meta._write():
         if meta.setting("migrated") is not None:
             return  # another worker finished it while we waited for the lock
+        meta._create(SCHEMA_V2)
         for digest, size, _mtime in chunks.list():
             db.execute(
                 "INSERT OR IGNORE INTO chunks (digest, size, refs, since) VALUES (?, ?, 0, ?)",
@@ -135,7 +137,7 @@ def _copy(path, meta, chunks, damaged):
             deleted = bool(m.get("deleted"))
             listed = b"".join(m.get("chunks") or [])
             db.execute(
-                "INSERT OR REPLACE INTO names VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO names_v2 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     m["name"],
                     m["version"],
@@ -153,7 +155,7 @@ def _copy(path, meta, chunks, damaged):
             if not deleted:
                 files += 1
                 total += m["size"]
-                digests = unpack_digests(listed)
+                digests = p.split_digests(listed)
                 refs.update(digests)
                 for i, d in enumerate(digests):
                     sizes[d] = p.chunk_length(i, m["size"], m["chunk_size"])
@@ -163,17 +165,15 @@ def _copy(path, meta, chunks, damaged):
         # the references stay exact: fsck names it, and uploading the file again restores it.
         absent = [d for d in refs if meta.chunk(d) is None]
         db.executemany(
-            "INSERT INTO chunks (digest, size, refs, since) VALUES (?, ?, 0, ?)",
+            "INSERT INTO chunks (digest, size, refs, since, lost) VALUES (?, ?, 0, ?, 1)",
             [(d, sizes[d], started) for d in absent],
-        )
-        db.executemany(
-            "UPDATE chunks SET refs = ? WHERE digest = ?", [(n, d) for d, n in refs.items()]
         )
         db.execute(
             "UPDATE totals SET files = ?, bytes = ?, chunks = (SELECT count(*) FROM chunks), "
             "chunk_bytes = (SELECT coalesce(sum(size), 0) FROM chunks)",
             (files, total),
         )
+        meta._upgrade_v2(started)  # the references are counted there
         meta.set_setting("migrated", f"format 1 at {started:.0f}")
     log.info(
         "event=migrate_done names=%d files=%d seconds=%.1f missing_chunks=%d damaged=%d",

@@ -33,6 +33,7 @@ class PostgresMeta(SQLMeta):
 
     types = {"blob": "BYTEA", "real": "DOUBLE PRECISION", "name_type": 'TEXT COLLATE "C"'}
     begin_write = "BEGIN"
+    begin_read = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
     lazy_commit = ("SET synchronous_commit TO OFF", "SET synchronous_commit TO ON")
     for_update = " FOR UPDATE"
     skip_locked = " SKIP LOCKED"
@@ -70,6 +71,9 @@ class PostgresMeta(SQLMeta):
     def _lock_names(self, names):
         for name in names:
             self._execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (name,))
+
+    def _rename_key_index(self, table):
+        self._execute(f"ALTER INDEX IF EXISTS {table}_pkey RENAME TO {table}_v2_pkey")
 
     def _lock_schema(self):
         self._execute("SELECT pg_advisory_xact_lock(?)", (SCHEMA_LOCK,))
