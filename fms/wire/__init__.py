@@ -33,8 +33,9 @@ protocol's constants (``fms --help``) does not import ZeroMQ, msgpack or hashlib
 
 import importlib
 
-# cheapest first
-_MODULES = ("messages", "fields", "manifest", "requests", "codec", "batch", "frames")
+# Searched in this order, cheapest first; requests (the broker's and storage's) last, since
+# the client never reads it.
+_MODULES = ("messages", "fields", "manifest", "codec", "batch", "frames", "requests")
 
 
 def __getattr__(name: str):

@@ -11,7 +11,7 @@ required field, nil is a missing field.  A field an op does not read is ignored,
 holds.
 """
 
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ..errors import BadRequest, TooLarge
 from .fields import HASH_LEN, MAX_NAME_BYTES, MTIME_MAX, MTIME_MIN, check_name, check_prefix
@@ -46,8 +46,7 @@ RM_PREFIX_PAGE_MAX = 1000  # names one rm_prefix removes at most
 MAX_TAG_CHARS = 128  # characters of a str `of`
 
 
-@dataclass(frozen=True)
-class RequestField:
+class RequestField(NamedTuple):
     """One row of the table.
 
     :param kind: what the value is: ``str``, ``bin``, ``int``, ``number`` (int or float),
@@ -70,7 +69,7 @@ class RequestField:
     required: tuple = ()
     lo: float | None = None
     hi: float | None = None
-    per_op: dict = field(default_factory=dict)
+    per_op: dict = {}  # read, never changed: one dict for all is safe
     item_len: int | None = None
     items: tuple | None = None
     default: str = "none"
