@@ -8,6 +8,7 @@ import datetime
 import json
 import os
 import sys
+from collections.abc import Iterator
 
 from .. import wire as p
 from ..errors import FmsError, NotFound
@@ -19,7 +20,7 @@ CURVE_ENV = ("FMS_CURVE_SECRET", "FMS_SERVER_KEY")
 
 
 @contextlib.contextmanager
-def open_client(args):
+def open_client(args) -> Iterator:
     """The :class:`fms.Client` a command runs on: the shell's own (``args.shell_client``),
     or a new one, closed at the end."""
     shared = getattr(args, "shell_client", None)
@@ -107,6 +108,8 @@ class _ProgressBars:
 
     def close(self, keep: bool = True):
         if self.bar is not None:
+            if self.files is not None:  # the count as it is now, even if a signal cut in
+                self.bar.set_postfix_str(f"files {self.files[0]:,}/{self.files[1]:,}", False)
             if keep:
                 self.bar.refresh()  # the last counts, whatever tqdm's pace of redrawing
             self.bar.close()
@@ -147,9 +150,11 @@ def move_tree(client, move, items: list, sizes: list, verb: str) -> list:
         return move(items, done=done)
     except KeyboardInterrupt:
         if len(items) > 1:
+            counted = bars.files[0] if bars is not None and bars.files else len(finished)
+            # A batch whose reply was on its way may have been committed too: "at least".
             print(
-                f"{verb}: interrupted after {len(finished):,} of {len(items):,} files; run it "
-                f"again for the rest",
+                f"{verb}: interrupted after {counted:,} of {len(items):,} files were done (maybe "
+                f"a few more); run it again for the rest",
                 file=sys.stderr,
             )
         raise
@@ -158,12 +163,12 @@ def move_tree(client, move, items: list, sizes: list, verb: str) -> list:
             bars.close()
 
 
-def say(args, text: str):
+def say(args, text: str) -> None:
     if not getattr(args, "quiet", False):
         print(text, file=sys.stderr)
 
 
-def print_result(args, result, text: str):
+def print_result(args, result, text: str) -> None:
     if args.json:
         print(json.dumps(result, indent=1))
     else:
@@ -197,7 +202,7 @@ def folder_hint(client, name: str, command: str) -> FmsError | None:
 
 
 @contextlib.contextmanager
-def hinting(client, name: str, command: str, errors=NotFound):
+def hinting(client, name: str, command: str, errors=NotFound) -> Iterator:
     """An error of the kinds ``errors`` about ``name`` becomes the folder hint when ``name``
     is a folder (a not found; for get, also a local folder in the way of a remote one)."""
     try:
@@ -212,7 +217,7 @@ def hinting(client, name: str, command: str, errors=NotFound):
 # --- put ---
 
 
-def cmd_put(args):
+def cmd_put(args) -> int | None:
     from .filters import selector
 
     wanted = selector(args.filters)
@@ -273,7 +278,7 @@ def _put_items(paths: list, recursive: bool, wanted=None) -> tuple:
 # --- get and cat ---
 
 
-def cmd_get(args):
+def cmd_get(args) -> int | None:
     with open_client(args) as client:
         if args.recursive:
             return _get_tree(args, client)
@@ -393,7 +398,7 @@ def _to_stdout(args, client, name: str):
     sys.stdout.buffer.flush()
 
 
-def cmd_cat(args):
+def cmd_cat(args) -> int | None:
     if len(args.names) > 1 and (args.range is not None or args.version_number is not None):
         raise FmsError("--range and --version read one file: give one NAME with them")
     with open_client(args) as client:
@@ -407,7 +412,7 @@ def cmd_cat(args):
 # --- listing ---
 
 
-def cmd_ls(args):
+def cmd_ls(args) -> int | None:
     # Printed page by page as they come: a listing of any length holds one page in memory.
     with open_client(args) as client:
         entries = client.iter_ls(args.prefix) if args.recursive else client.iter_folder(args.prefix)
@@ -449,7 +454,7 @@ def _ls_line(e: dict, long: bool, as_human: bool) -> str:
     return f"{size:>14}  {at:<19}  {extra}{e['name']}"
 
 
-def cmd_du(args):
+def cmd_du(args) -> int | None:
     with open_client(args) as client:
         du = client.du(args.prefix)
     if args.json:
@@ -459,7 +464,7 @@ def cmd_du(args):
     print(f"{du['files']:>10,} files  {size:>14}  {args.prefix or '(all)'}")
 
 
-def cmd_find(args):
+def cmd_find(args) -> int | None:
     import fnmatch
 
     with open_client(args) as client:
@@ -476,7 +481,7 @@ def cmd_find(args):
             print(e["name"])
 
 
-def cmd_stat(args):
+def cmd_stat(args) -> int | None:
     with open_client(args) as client, hinting(client, args.name, "stat"):
         info = client.stat(args.name)
     if args.json:
@@ -487,7 +492,7 @@ def cmd_stat(args):
         print(f"{key + ':':<12}{value}")
 
 
-def cmd_versions(args):
+def cmd_versions(args) -> int | None:
     with open_client(args) as client, hinting(client, args.name, "versions"):
         found = client.versions(args.name)
     if args.json:
@@ -500,7 +505,7 @@ def cmd_versions(args):
         )
 
 
-def cmd_restore(args):
+def cmd_restore(args) -> int | None:
     with open_client(args) as client, hinting(client, args.name, "restore"):
         stat = client.restore(args.name, args.version_number)
     print_result(
@@ -511,7 +516,7 @@ def cmd_restore(args):
 # --- the cluster ---
 
 
-def cmd_gc(args):
+def cmd_gc(args) -> int | None:
     with open_client(args) as client:
         freed = client.gc(args.grace, args.dry_run)
     if args.json:
@@ -525,7 +530,7 @@ def cmd_gc(args):
     )
 
 
-def cmd_fsck(args):
+def cmd_fsck(args) -> int | None:
     totals = {
         "names": 0,
         "chunks": 0,
@@ -563,7 +568,7 @@ def cmd_fsck(args):
     return EXIT_ERROR if bad else EXIT_OK
 
 
-def cmd_stats(args):
+def cmd_stats(args) -> int | None:
     from ..errors import Unavailable
 
     with open_client(args) as client:
@@ -623,7 +628,7 @@ def cmd_stats(args):
         )
 
 
-def cmd_keygen(args):
+def cmd_keygen(args) -> int | None:
     from ..security import keygen
 
     public, secret = keygen(args.dir, args.name)

@@ -106,6 +106,9 @@ class StorageService:
         if handler is None:
             raise BadRequest(f"storage does not serve op {op!r}")
         p.check_version(header)
+        # The broker checked what it decoded; a large commit or have it only peeked at is
+        # checked whole here, against the same table.
+        p.check_request(op, header)
         if self._pending and op not in CHANGE_OPS:
             self._apply_pending()  # a group is commits that arrive back to back: none waits
         self.served += 1
@@ -291,7 +294,7 @@ class StorageService:
                 f"a commit's digest is of kind {p.DIGEST_TREE!r}: derived from its chunk "
                 f"digests (storage reads nothing back to check one of the content)"
             )
-        if ("chunks" in header) == ("pages" in header):
+        if (header.get("chunks") is None) == (header.get("pages") is None):  # nil: absent
             raise BadRequest("a commit lists either its chunks or its pages")
         change = NewVersion(
             name=p.check_name(p.need(header, "name", str)),
@@ -324,6 +327,11 @@ class StorageService:
             )
         chunk_size = p.need_int(header, "chunk_size", lo=p.MIN_CHUNK_SIZE, hi=p.MAX_CHUNK_SIZE)
         payload = p.unpack_data(data.buffer) if data is not None else memoryview(b"")
+        if len(payload) > p.MAX_BATCH_BYTES:
+            raise TooLarge(
+                f"commit_many carries {len(payload)} bytes of content; at most "
+                f"{p.MAX_BATCH_BYTES} a message: send the rest in another"
+            )
         requests, offset = [], 0
         for i in range(count):
             item = {
@@ -566,7 +574,7 @@ def _fitting(items: list, budget: int) -> int:
 
 
 def _hashes(header, key: str, limit: int) -> tuple | None:
-    return tuple(p.need_hashes(header, key, limit)) if key in header else None
+    return tuple(p.need_hashes(header, key, limit)) if header.get(key) is not None else None
 
 
 def _commit_id(header, optional=False) -> str:

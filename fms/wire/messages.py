@@ -38,6 +38,7 @@ __all__ = [
     "check_frame_count",
     "check_version",
     "error_reply",
+    "is_version",
     "ok_reply",
 ]
 
@@ -130,9 +131,15 @@ ERROR_CODES = (
 )
 
 
+def is_version(v) -> bool:
+    """Whether ``v`` names this protocol version: the int itself (``true`` and ``1.0`` equal 1
+    in Python, and are not versions)."""
+    return type(v) is int and v == PROTOCOL_VERSION
+
+
 def check_version(header: dict, speaker: str = "this worker"):
     """A worker's check that a request speaks this protocol version (the broker checks first)."""
-    if header.get("v") != PROTOCOL_VERSION:
+    if not is_version(header.get("v")):
         raise BadRequest(
             f"protocol version {header.get('v')!r} not supported; "
             f"{speaker} speaks {PROTOCOL_VERSION}"
