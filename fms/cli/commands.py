@@ -100,11 +100,18 @@ class _ProgressBars:
         self.files, self.base = [0, files], 0
         self.bar.set_postfix_str(f"files 0/{files:,}")
 
-    def file_done(self, nbytes: int):
-        self.files[0] += 1
+    def file_done(self, nbytes: int, done: int):
+        """The tree's ``done``-th file (of ``nbytes`` bytes) is done."""
         self.base += nbytes
         self.bar.update(self.base - self.bar.n)
-        self.bar.set_postfix_str(f"files {self.files[0]:,}/{self.files[1]:,}", refresh=False)
+        self.count(done)
+
+    def count(self, done: int):
+        """Show ``done`` files done (also after a Ctrl-C that struck between a file's end and
+        its drawing, so that the bar's last count is the one the command reports)."""
+        if self.files is not None:
+            self.files[0] = done
+            self.bar.set_postfix_str(f"files {done:,}/{self.files[1]:,}", refresh=False)
 
     def close(self, keep: bool = True):
         if self.bar is not None:
@@ -142,13 +149,15 @@ def move_tree(client, move, items: list, sizes: list, verb: str) -> list:
     def done(i: int, _stat):
         finished.append(i)
         if bars is not None and bars.files is not None:
-            bars.file_done(sizes[i])
+            bars.file_done(sizes[i], len(finished))
 
     if bars is not None and len(items) > 1:
         bars.tree(len(items), sum(sizes), verb)
     try:
         return move(items, done=done)
     except KeyboardInterrupt:
+        if bars is not None and bars.bar is not None:
+            bars.count(len(finished))
         if len(items) > 1:
             counted = bars.files[0] if bars is not None and bars.files else len(finished)
             # A batch whose reply was on its way may have been committed too: "at least".
