@@ -369,7 +369,7 @@ class Client:
         ``prefix``, ``versions``, ``result``, ...).  A store admin's."""
         after = 0
         while True:
-            header, _ = self.call("audit", since=float(since), after=after)
+            header, _ = self.call("audit", since=float(since), seq=after)
             yield from header["entries"]
             if header.get("next") is None:
                 return

@@ -34,7 +34,7 @@ from .meta.access import CURVE, S3, audit_entry
 REFRESH = 1.0  # seconds between checks of the store's access epoch
 BLOBS_KEPT = 8 * p.MiB  # bytes of pages and bodies kept for reads by file (a page: 2 MiB)
 UNKNOWN_KEY_REFRESH = 0.25  # seconds: an unknown key makes a check at most this often
-AUDIT_PAGE = 1000  # entries per `audit` reply
+AUDIT_PAGE = p.AUDIT_PAGE_MAX  # entries per `audit` reply
 FORBIDDEN_KEPT = 100  # refused change attempts written to the audit log per flush; the rest counted
 FIRST_ADMIN = "admin"
 S3_KEY_ID_LEN = 20  # characters of an S3 access key id, as AWS's
@@ -359,7 +359,7 @@ class AccessOps:
     def op_audit(self, route, header, data):
         policy.check_op(route["who"], "audit")
         since = p.need(header, "since", (int, float), optional=True, default=0)
-        after = p.need_int(header, "after", optional=True, default=0)
+        after = p.need_int(header, "seq", optional=True, default=0)
         limit = p.need_int(header, "limit", lo=1, hi=AUDIT_PAGE, optional=True, default=AUDIT_PAGE)
         entries = self.meta.audit_read(float(since), after, limit)
         self._reply(
