@@ -181,7 +181,7 @@ class Reads:
     def check_chunk(self, who: Identity, header: dict, digest: bytes):
         """:raises Forbidden: no file named, or one ``who`` may not read.  :raises NotFound:
         no version of it lists the chunk there."""
-        name = self._file(who, header, "chunk")
+        name = policy.check_through_file(who, header, "chunk")
         page = p.need_hash(header, "page") if "page" in header else None
         at = p.need_int(header, "at", hi=p.PAGE_CHUNKS - 1, optional=True, default=None)
         for version in self._versions(name):
@@ -196,7 +196,7 @@ class Reads:
     def check_page(self, who: Identity, header: dict, ident: bytes):
         """:raises Forbidden: as :meth:`check_chunk`.  :raises NotFound: no version of the file
         has that page or body."""
-        name = self._file(who, header, "page")
+        name = policy.check_through_file(who, header, "page")
         for version in self._versions(name):
             if version.body == ident:
                 return
@@ -204,18 +204,6 @@ class Reads:
             if pages is not None and ident in pages:
                 return
         raise NotFound(f"{name!r} lists no such page; read its manifest again")
-
-    @staticmethod
-    def _file(who: Identity, header: dict, op: str) -> str:
-        name = header.get("name")
-        if not isinstance(name, str):
-            raise Forbidden(
-                f"forbidden: {who.name!r} may read a chunk only through a file it belongs to "
-                f"(field 'name'); fms.Client sends it"
-            )
-        name = p.check_name(name)
-        policy.check(who, op, name)
-        return name
 
     def _versions(self, name: str) -> list:
         try:
