@@ -8,6 +8,7 @@ import shutil
 import sqlite3
 import stat
 import subprocess
+import tempfile
 import threading
 import time
 
@@ -313,6 +314,40 @@ def test_a_read_only_grant_gives_a_read_only_mount(tmp_path, make_mount):
         assert not os.path.ismount(tmp_path / "nowhere")
     finally:
         cluster.stop()
+
+
+def test_allow_other_lets_other_users_in_as_the_mode_bits_say(cluster):
+    from mounts import Mount, fuse_missing
+
+    if fuse_missing():
+        pytest.skip(fuse_missing())
+    if os.geteuid() != 0:
+        pytest.skip("another user is needed: the test runs as root to become nobody")
+    top = tempfile.mkdtemp(prefix="fms-allow-other-")  # a folder other users may go through
+    os.chmod(top, 0o755)
+    mounts = []
+
+    def as_nobody(*cmd):
+        def drop():
+            os.setgid(65534)
+            os.setuid(65534)
+
+        return subprocess.run(cmd, capture_output=True, preexec_fn=drop, timeout=30)
+
+    try:
+        mounts.append(Mount(cluster, os.path.join(top, "own")))
+        mounts.append(Mount(cluster, os.path.join(top, "shared"), "--allow-other"))
+        own, shared = mounts
+        write(own.p("f"), b"for all")
+        assert as_nobody("cat", own.p("f")).returncode != 0  # only the user who mounted
+        assert as_nobody("cat", shared.p("f")).stdout == b"for all"
+        os.chmod(shared.p("f"), 0o600)
+        assert as_nobody("cat", shared.p("f")).returncode != 0  # the mode bits still apply
+        assert read(own.p("f")) == b"for all"
+    finally:
+        for m in mounts:
+            m.unmount()
+        shutil.rmtree(top, ignore_errors=True)
 
 
 def test_a_prefix_shows_one_folder_of_the_store(cluster, make_mount):
