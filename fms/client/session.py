@@ -89,6 +89,8 @@ class Session:
     :param retries: how many times a request that timed out is sent again.
     :param window: requests kept in flight by :meth:`pipeline` unless told otherwise.
     :param curve: a :class:`fms.security.CurveClient`, or None for plaintext.
+    :param acting_as: an identity every request acts for (field ``as``): only a gateway
+        identity may (see :mod:`fms.policy`).
     """
 
     def __init__(
@@ -100,8 +102,10 @@ class Session:
         window: int = DEFAULT_WINDOW,
         ctx: zmq.Context | None = None,
         curve=None,
+        acting_as: str | None = None,
     ):
         self.broker = endpoint(broker or os.environ.get("FMS_BROKER") or DEFAULT_BROKER)
+        self.acting_as = acting_as
         self.timeout = timeout
         self.retries = retries
         self.window = max(1, window)
@@ -109,6 +113,7 @@ class Session:
         self._ctx = ctx or zmq.Context.instance()
         self._sock = None
         self._ids = itertools.count(1)
+        self._retry_budget = None  # seconds to retry `unavailable` in (None: the whole budget)
 
     def __enter__(self):
         return self
@@ -131,6 +136,7 @@ class Session:
             window=self.window,
             ctx=self._ctx,
             curve=self.curve,
+            acting_as=self.acting_as,
         )
 
     def _socket(self) -> zmq.Socket:
@@ -226,6 +232,7 @@ class Session:
                     "id": req_id,
                     "ttl_ms": int(self.timeout * 1000),
                     **fields,
+                    **({"as": self.acting_as} if self.acting_as is not None else {}),
                 }
             )
         ]
@@ -308,7 +315,7 @@ class Session:
                 continue  # a late answer to a request already retried and answered
             if not header.get("ok"):
                 error = from_reply(str(header.get("error")), str(header.get("message")), header)
-                if isinstance(error, Unavailable) and self._within_budget(out):
+                if isinstance(error, Unavailable) and self._within_budget(out, self._retry_budget):
                     backoff = min(RETRY_BACKOFF * 2 ** (out.tries - 1), RETRY_BACKOFF_MAX)
                     out.deadline = time.monotonic() + backoff
                     out.last_error = error
@@ -325,8 +332,8 @@ class Session:
     def _budget(self) -> float:
         return self.timeout * (self.retries + 1)
 
-    def _within_budget(self, out: _Outstanding) -> bool:
-        return time.monotonic() - out.first_sent < self._budget()
+    def _within_budget(self, out: _Outstanding, budget: float | None = None) -> bool:
+        return time.monotonic() - out.first_sent < (budget or self._budget())
 
     def _resend_due(self, inflight: dict):
         now = time.monotonic()
@@ -354,12 +361,16 @@ class Session:
 
     @contextlib.contextmanager
     def patience(self, timeout: float):
-        """Wait up to ``timeout`` for each reply (a GC or fsck pass does real work)."""
-        saved, self.timeout = self.timeout, max(self.timeout, timeout)
+        """Wait up to ``timeout`` for each reply (a GC or fsck pass does real work).  A request
+        answered ``unavailable`` (a database or object store down) is still given up within
+        the usual budget: the wait is for work, not for a store to come back."""
+        saved, saved_budget = self.timeout, self._retry_budget
+        self._retry_budget = self._budget()
+        self.timeout = max(self.timeout, timeout)
         try:
             yield
         finally:
-            self.timeout = saved
+            self.timeout, self._retry_budget = saved, saved_budget
 
     def data_window(self, chunk_size: int) -> int:
         """Chunks in flight: ``window``, but never more data than the broker's per-client

@@ -15,6 +15,7 @@ __all__ = [
     "HEARTBEAT_INTERVAL",
     "HEARTBEAT_LIVENESS",
     "INLINE_MAX",
+    "LS_ENTRY_MAX",
     "LS_PAGE_DEFAULT",
     "LS_PAGE_MAX",
     "MAX_BATCH_BYTES",
@@ -62,6 +63,8 @@ INLINE_MAX = 128 * KiB  # files up to this size travel with their manifest: one 
 MAX_HAVE_BATCH = 4096  # chunk hashes per `have` request
 LS_PAGE_DEFAULT = 1000  # entries per `ls` reply unless `limit` says otherwise
 LS_PAGE_MAX = 5000  # the largest `limit`: a reply stays far below MAX_FRAME_SIZE
+LS_ENTRY_MAX = 1280  # bytes an ls page takes per unit of its `limit`, at most (a 1,024-byte name
+# and the fields; a page of entries with metadata maps holds fewer)
 MAX_COMMIT_ID = 128  # characters in a commit's or rm's `commit` id
 MAX_GC_GRACE = 10 * 365 * 86400  # seconds: the largest `grace` a gc request may ask for
 
@@ -100,6 +103,16 @@ OP_SERVICE = {
     "usage": STORAGE,  # the store's totals
     "gc": STORAGE,  # collect garbage now
     "fsck": STORAGE,  # check a page of stored files' chunks
+    "purge": STORAGE,  # remove versions of a name for good (an admin's)
+    "whoami": STORAGE,  # the identity a request comes from, and its grants
+    "id_add": STORAGE,  # identities, their keys and grants (a store admin's): fms.policy
+    "id_ls": STORAGE,
+    "id_rm": STORAGE,
+    "id_key": STORAGE,
+    "grant": STORAGE,
+    "revoke": STORAGE,
+    "audit": STORAGE,  # a page of the audit log
+    "s3_key": STORAGE,  # an S3 access key id -> its identity (the S3 gateway's)
     "status": BROKER,  # answered by the broker itself: live workers
 }
 # Ops whose request may carry a data frame after its header; any other request is one frame.
@@ -122,6 +135,7 @@ ERROR_CODES = (
     "busy",
     "no_space",
     "refused",
+    "forbidden",
     "too_large",
     "version",
     "internal",

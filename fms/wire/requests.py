@@ -39,10 +39,21 @@ from .messages import (
     MIN_CHUNK_SIZE,
 )
 
-__all__ = ["REQUEST_FIELDS", "RM_PREFIX_PAGE_MAX", "RequestField", "check_request", "op_fields"]
+__all__ = [
+    "ANY_OP",
+    "AUDIT_PAGE_MAX",
+    "REQUEST_FIELDS",
+    "RM_PREFIX_PAGE_MAX",
+    "RequestField",
+    "check_request",
+    "op_fields",
+]
 
 INT64_MIN, UINT64_MAX, INT64_MAX = -(2**63), 2**64 - 1, 2**63 - 1
 RM_PREFIX_PAGE_MAX = 1000  # names one rm_prefix removes at most
+AUDIT_PAGE_MAX = 1000  # audit entries one reply holds at most
+ANY_OP = "any"  # a field every op may carry (``as``)
+_IDENTITY_OPS = ("id_add", "id_rm", "id_key", "grant", "revoke")
 MAX_TAG_CHARS = 128  # characters of a str `of`
 
 
@@ -79,11 +90,17 @@ class RequestField(NamedTuple):
 _NAMED = ("get", "stat", "commit", "rm", "mv", "cp", "versions", "get_version", "restore")
 
 REQUEST_FIELDS: dict = {
-    "name": RequestField("str", _NAMED, _NAMED, rule="a name (see *Names*)", default="required"),
+    "name": RequestField(
+        "str",
+        (*_NAMED, "purge", "chunk", "page", *_IDENTITY_OPS),
+        (*_NAMED, "purge", *_IDENTITY_OPS),
+        rule="a name (see *Names*)",
+        default="for `chunk` and `page` see *Identities and permissions*",
+    ),
     "src": RequestField("str", ("mv", "cp"), ("mv", "cp"), rule="a name, not `name`"),
     "version": RequestField(
         "int",
-        ("get_version", "restore"),
+        ("get_version", "restore", "purge"),
         ("get_version",),
         1,
         INT64_MAX,
@@ -153,11 +170,11 @@ REQUEST_FIELDS: dict = {
     ),
     "commit": RequestField(
         "str",
-        ("commit", "rm", "mv", "cp", "restore"),
+        ("commit", "rm", "mv", "cp", "restore", "purge", *_IDENTITY_OPS),
         ("commit", "mv", "cp", "restore"),
         1,
         MAX_COMMIT_ID,
-        default="for `rm` a fresh one",
+        default="for `rm`, `purge` a fresh one",
     ),
     "sizes": RequestField(
         "array of int",
@@ -182,15 +199,19 @@ REQUEST_FIELDS: dict = {
         default="required",
     ),
     "prefix": RequestField(
-        "str", ("ls", "du", "rm_prefix"), ("rm_prefix",), hi=MAX_NAME_BYTES, default='""'
+        "str",
+        ("ls", "du", "rm_prefix", "grant", "revoke"),
+        ("rm_prefix", "grant", "revoke"),
+        hi=MAX_NAME_BYTES,
+        default='""',
     ),
     "after": RequestField("str", ("ls", "fsck"), default='""'),
     "limit": RequestField(
         "int",
-        ("ls", "rm_prefix"),
+        ("ls", "rm_prefix", "audit"),
         lo=1,
         hi=LS_PAGE_MAX,
-        per_op={"rm_prefix": (1, RM_PREFIX_PAGE_MAX)},
+        per_op={"rm_prefix": (1, RM_PREFIX_PAGE_MAX), "audit": (1, AUDIT_PAGE_MAX)},
         default=str(LS_PAGE_DEFAULT),
     ),
     "folders": RequestField("bool", ("ls",), default="false"),
@@ -198,6 +219,20 @@ REQUEST_FIELDS: dict = {
         "number", ("gc",), lo=0, hi=MAX_GC_GRACE, default="the storage worker's `--gc-grace`"
     ),
     "dry_run": RequestField("bool", ("gc",), default="false"),
+    # Identities and permissions.
+    "as": RequestField("str", (ANY_OP,), rule="an identity's name"),
+    "keys": RequestField("array of str", ("id_add",), items=(40, 40), default="[]"),
+    "s3": RequestField("bool", ("id_add", "id_key"), default="false"),
+    "gateway": RequestField("bool", ("id_add",), default="false"),
+    "curve": RequestField("str", ("id_key",)),
+    "remove": RequestField("str", ("id_key",)),
+    "role": RequestField("str", ("grant",), ("grant",), default="required"),
+    "all": RequestField("bool", ("purge",), default="false"),
+    "since": RequestField("number", ("audit",), default="0"),
+    "seq": RequestField("int", ("audit",), lo=0, hi=INT64_MAX, default="0"),
+    "access_key": RequestField("str", ("s3_key",), ("s3_key",), default="required"),
+    "page": RequestField("bin", ("chunk",), lo=HASH_LEN, hi=HASH_LEN),
+    "at": RequestField("int", ("chunk",), lo=0, hi=65535),
 }
 
 
@@ -303,7 +338,7 @@ def check_request(op: str, header: dict, partial: bool = False) -> None:
 
     :raises BadRequest: saying which field is wrong and how.
     """
-    for key, f, required, ok in _BY_OP.get(op, ()):
+    for key, f, required, ok in _BY_OP.get(op, _ANY):
         value = header.get(key)
         if value is None:
             if required and not partial:
@@ -339,10 +374,13 @@ def _quick(key: str, f: RequestField, op: str):
 
 def op_fields(op: str) -> tuple:
     """``(name, RequestField)`` of the fields ``op`` reads."""
-    return tuple((key, f) for key, f, _required, _ok in _BY_OP.get(op, ()))
+    return tuple((key, f) for key, f, _required, _ok in _BY_OP.get(op, _ANY))
 
 
 _BY_OP: dict = {}
 for _key, _f in REQUEST_FIELDS.items():
     for _op in _f.ops:
         _BY_OP[_op] = (*_BY_OP.get(_op, ()), (_key, _f, _op in _f.required, _quick(_key, _f, _op)))
+_ANY = _BY_OP.pop(ANY_OP, ())  # fields every op may carry
+for _op in _BY_OP:
+    _BY_OP[_op] += _ANY
