@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 from conftest import ROOT, random_bytes
@@ -112,3 +114,57 @@ def test_a_file_that_cannot_be_written_stops_get_many_with_a_clear_error(cluster
         items = [(f"t/{i}", str(tmp_path / "out" / "file" / f"{i}")) for i in range(5)]
         with pytest.raises(fms.FmsError, match="cannot write to"):
             c.get_many(items)
+
+
+def small_files_of(tmp_path, n: int) -> list:
+    """``n`` (dest, manifest, data) of small files: one-chunk manifests as storage makes them."""
+    out = []
+    for i in range(n):
+        data = random_bytes(1000 + i, i)
+        digest = p.sha256(data)
+        manifest = {
+            "name": f"t/{i}",
+            "size": len(data),
+            "mtime": 1e9,
+            "count": 1,
+            "digest_kind": p.DIGEST_TREE,
+            "extents": p.pack_extents([(p.DEFAULT_CHUNK_SIZE, len(data))]),
+            "chunks": [digest],
+        }
+        manifest["digest"] = p.inline_digest(p.unpack_extents(manifest["extents"]), [digest])
+        out.append((str(tmp_path / "out" / f"{i:03d}"), manifest, data))
+    return out
+
+
+def test_small_files_wait_in_memory_up_to_a_bound_while_the_disk_is_slow(tmp_path, monkeypatch):
+    monkeypatch.setattr(download, "WRITES_QUEUED", 4)
+    write_small = download._write_small
+
+    def slow_disk(*args):
+        time.sleep(0.002)  # a file takes a while to create: received files pile up
+        return write_small(*args)
+
+    monkeypatch.setattr(download, "_write_small", slow_disk)
+    done, waiting = [], []
+    files = small_files_of(tmp_path, 60)
+    with download.SmallFiles(None, lambda key, manifest: done.append(key)) as small:
+        for i, (dest, manifest, data) in enumerate(files):
+            small.write(i, dest, manifest, data)
+            waiting.append(len(small._pending))
+    assert max(waiting) <= 4 and done == list(range(60))
+    assert all(open(dest, "rb").read() == data for dest, _m, data in files)
+
+
+def test_an_error_while_writing_many_stops_the_threads_and_leaves_only_whole_files(tmp_path):
+    files = small_files_of(tmp_path, 200)
+    with pytest.raises(KeyboardInterrupt):  # as a Ctrl-C
+        with download.SmallFiles(None, lambda key, manifest: None) as small:
+            for i, (dest, manifest, data) in enumerate(files):
+                small.write(i, dest, manifest, data)
+                if i == 100:
+                    raise KeyboardInterrupt
+    assert not [t for t in threading.enumerate() if t.name.startswith("fms-write")]
+    written = {dest: data for dest, _m, data in files if os.path.exists(dest)}
+    out = tmp_path / "out"
+    assert len(os.listdir(out) if out.exists() else []) == len(written) <= 101
+    assert all(open(dest, "rb").read() == data for dest, data in written.items())

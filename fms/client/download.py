@@ -415,35 +415,67 @@ class SmallFiles:
     more from storage, on the caller's thread.  Leaving the ``with`` block waits for every
     file given, unless it is left by an exception: then files not yet begun are not written
     (each file begun is written whole or not at all).
+
+    Plain threads and queues: concurrent.futures would import logging, a tenth of start-up.
     """
 
     def __init__(self, session: Session, done, fsync: bool = False):
-        from concurrent.futures import ThreadPoolExecutor  # only for downloads of many files
+        import queue  # here: only downloads of many files use them
+        import threading
 
         self._session = session
         self._done = done
         self._fsync = fsync
-        self._pool = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="fms-write")
-        self._pending = collections.deque()  # (key, dest, manifest, size, future), in order
+        self._todo = queue.SimpleQueue()  # (seq, dest, manifest, data), or None: stop
+        self._finished = queue.SimpleQueue()  # (seq, True, False or the exception raised)
+        self._outcomes = {}  # seq -> outcome, finished but not yet settled
+        self._pending = collections.deque()  # (seq, key, dest, manifest, size), in order
+        self._seq = 0
         self._queued = 0  # bytes of content in _pending
+        self._cancelled = False
+        self._threads = [
+            threading.Thread(target=self._work, name=f"fms-write-{n}", daemon=True)
+            for n in range(WRITE_THREADS)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def write(self, key, dest: str, manifest: dict, data) -> None:
         """Write ``data``, the content of the file ``manifest`` describes, to ``dest`` as
         :meth:`fms.Client.get` would (through a symlink, into a device: :func:`destination`)."""
-        future = self._pool.submit(_write_small, dest, manifest, data, self._fsync)
-        self._pending.append((key, dest, manifest, len(data), future))
+        self._todo.put((self._seq, dest, manifest, data))
+        self._pending.append((self._seq, key, dest, manifest, len(data)))
+        self._seq += 1
         self._queued += len(data)
+        while not self._finished.empty():
+            seq, outcome = self._finished.get()
+            self._outcomes[seq] = outcome
         while self._pending and (
             len(self._pending) > WRITES_QUEUED
             or self._queued > WRITES_QUEUED_BYTES
-            or self._pending[0][-1].done()
+            or self._pending[0][0] in self._outcomes
         ):
             self._settle()
 
+    def _work(self):
+        while (job := self._todo.get()) is not None:
+            seq, dest, manifest, data = job
+            try:
+                outcome = not self._cancelled and _write_small(dest, manifest, data, self._fsync)
+            except BaseException as exc:  # handed to the caller's thread
+                outcome = exc
+            self._finished.put((seq, outcome))
+
     def _settle(self):
-        key, dest, manifest, size, future = self._pending.popleft()
+        seq, key, dest, manifest, size = self._pending.popleft()
+        while seq not in self._outcomes:
+            done_seq, outcome = self._finished.get()
+            self._outcomes[done_seq] = outcome
+        outcome = self._outcomes.pop(seq)
         self._queued -= size
-        if not future.result():  # not what its manifest says: from storage itself
+        if isinstance(outcome, BaseException):
+            raise outcome
+        if not outcome:  # not what its manifest says: from storage itself
             manifest, data = fetch_whole(self._session, manifest["name"], manifest, b"")
             _write_small(dest, manifest, data, self._fsync)
         self._done(key, manifest)
@@ -456,7 +488,11 @@ class SmallFiles:
             while kind is None and self._pending:
                 self._settle()
         finally:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._cancelled = True  # what was not begun is not written
+            for _ in self._threads:
+                self._todo.put(None)
+            for thread in self._threads:
+                thread.join()
 
 
 def _write_small(dest: str, manifest: dict, data, fsync: bool) -> bool:
