@@ -447,7 +447,7 @@ def test_every_kind_of_change_is_in_the_audit_log_as_its_identity(fresh):
     ]
     for key, op, fields, data in steps:
         assert ask(fresh, key, op, data, **fields)["ok"], op
-    log = ask(fresh, admin, "audit", after=seen)["entries"]
+    log = ask(fresh, admin, "audit", seq=seen)["entries"]
     assert [(e["identity"], e["op"], e["result"]) for e in log] == [
         ("writer", "put", "ok"),
         ("writer", "cp", "ok"),
