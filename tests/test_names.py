@@ -57,6 +57,14 @@ def test_the_command_line_shows_a_non_printable_character_escaped(cluster, tmp_p
         out = cluster.cli(*args).stdout.decode()
         assert "notes\\u2028rm -rf.txt" in out and "\u2028" not in out, args
     assert json.loads(cluster.cli("ls", "-r", "--json").stdout)[0]["name"] == name  # data: as is
+    moved = cluster.cli("mv", name, "kept/" + name)
+    assert moved.returncode == 0, moved.stderr
+    said = moved.stderr.decode()  # what it did, on stderr as every command says it
+    assert "\u2028" not in said
+    assert "moved notes\\u2028rm -rf.txt to kept/notes\\u2028rm -rf.txt" in said
+    removed = cluster.cli("rm", "kept/" + name)
+    assert removed.returncode == 0 and "\u2028" not in removed.stderr.decode()
+    assert "removed kept/notes\\u2028rm -rf.txt" in removed.stderr.decode()
 
 
 def test_rm_r_du_ls_r_and_find_agree_on_what_is_under_a_folder(cluster, tmp_path):
