@@ -10,6 +10,7 @@ __version__ = "0.2.0"
 from .errors import (
     BadRequest,
     Busy,
+    Conflict,
     FmsError,
     Forbidden,
     IntegrityError,
@@ -33,6 +34,7 @@ __all__ = [
     "BadRequest",
     "Busy",
     "Client",
+    "Conflict",
     "FmsError",
     "Forbidden",
     "IntegrityError",

@@ -41,6 +41,7 @@ class ManifestCache:
         self._refs = collections.Counter()  # chunk digest -> cached manifests listing it
         self._clock = 0
         self._invalidated_at = {}  # name -> clock of its latest invalidation
+        self._folders_at = {}  # folder (ending in '/') -> clock of its latest invalidation
         self._cleared_at = 0  # clock of the latest invalidate_all
 
     def __len__(self) -> int:
@@ -65,7 +66,13 @@ class ManifestCache:
 
     def fresh(self, name: str, token: int) -> bool:
         """True if no invalidation of ``name`` happened since the fetch that holds ``token``."""
-        return self._invalidated_at.get(name, 0) <= token and self._cleared_at <= token
+        return (
+            self._invalidated_at.get(name, 0) <= token
+            and self._cleared_at <= token
+            and not any(
+                at > token and name.startswith(folder) for folder, at in self._folders_at.items()
+            )
+        )
 
     def fill(self, name: str, manifest: dict, token: int) -> bool:
         """Store a fetched manifest unless it is stale.  :return: whether it was stored."""
@@ -98,6 +105,18 @@ class ManifestCache:
         self.policy.remove(name, forget=True)
         return self._drop(name)
 
+    def invalidate_folder(self, folder: str) -> list:
+        """Forget every name under ``folder`` (ending in ``/``: a folder was renamed), and
+        refuse fills of them that started before now.  A scan of the cached names: folders
+        are renamed far less often than names are read.  :return: the dropped manifests."""
+        self._clock += 1
+        self._folders_at[folder] = self._clock
+        dropped = []
+        for name in [n for n in self._entries if n.startswith(folder)]:
+            self.policy.remove(name, forget=True)
+            dropped.append(self._drop(name))
+        return dropped
+
     def invalidate_all(self):
         self._clock += 1
         self._cleared_at = self._clock
@@ -106,6 +125,7 @@ class ManifestCache:
         self._entries.clear()
         self._refs.clear()
         self._invalidated_at.clear()  # cleared_at now dominates every older entry
+        self._folders_at.clear()
 
     def forget_before(self, oldest_token):
         """Drop invalidation records no pending fetch can be compared with any more.
@@ -114,7 +134,9 @@ class ManifestCache:
         """
         if oldest_token is None:
             self._invalidated_at.clear()
+            self._folders_at.clear()
         else:
             self._invalidated_at = {
                 n: c for n, c in self._invalidated_at.items() if c > oldest_token
             }
+            self._folders_at = {f: c for f, c in self._folders_at.items() if c > oldest_token}
