@@ -298,6 +298,25 @@ def test_batches_are_decided_per_name(fresh):
     assert ask(fresh, None, "stat", name="other/n2")["error"] == "not_found"
 
 
+def test_mv_and_cp_are_decided_on_the_source_and_the_destination(fresh):
+    """mv needs write on both names, cp read on the source and write on the destination."""
+    mixed = KEYS["mixed"]  # write on team, read on other
+    for op, src, dst, allowed in (
+        ("cp", "other/x", "team/from-other", True),  # read there, write here
+        ("mv", "other/x", "team/from-other", False),  # the source would go: write needed
+        ("cp", "team/a", "other/copy", False),  # no write on the destination
+        ("mv", "team/a", "other/moved", False),
+        ("cp", "teamX/y", "team/y", False),  # no read on the source
+        ("mv", "team/b", "team/b2", True),
+    ):
+        reply = ask(fresh, mixed, op, src=src, name=dst, commit=f"{op}-{src}-{dst}")
+        assert reply["ok"] is allowed, (op, src, dst, reply)
+        if not allowed:
+            assert reply["error"] == "forbidden" and f"'mixed' may not {op} " in reply["message"]
+    names = [e["name"] for e in ask(fresh, None, "ls", prefix="")["entries"]]
+    assert names == ["other/x", "team/a", "team/b2", "team/from-other", "teamX/y"]
+
+
 def test_a_folder_rename_needs_write_on_both_whole_folders(fresh):
     for name in ("team/sub/c", "other/sub/z"):
         ask(fresh, None, "commit", p.pack_data(b"c"), **commit_fields(name, b"c"))
@@ -322,25 +341,6 @@ def test_a_folder_rename_needs_write_on_both_whole_folders(fresh):
         ("writer", "team/sub/", "team/sub2/", 1),
         ("sadmin", "other/sub/", "team/sub3/", 1),
     ]
-
-
-def test_mv_and_cp_are_decided_on_the_source_and_the_destination(fresh):
-    """mv needs write on both names, cp read on the source and write on the destination."""
-    mixed = KEYS["mixed"]  # write on team, read on other
-    for op, src, dst, allowed in (
-        ("cp", "other/x", "team/from-other", True),  # read there, write here
-        ("mv", "other/x", "team/from-other", False),  # the source would go: write needed
-        ("cp", "team/a", "other/copy", False),  # no write on the destination
-        ("mv", "team/a", "other/moved", False),
-        ("cp", "teamX/y", "team/y", False),  # no read on the source
-        ("mv", "team/b", "team/b2", True),
-    ):
-        reply = ask(fresh, mixed, op, src=src, name=dst, commit=f"{op}-{src}-{dst}")
-        assert reply["ok"] is allowed, (op, src, dst, reply)
-        if not allowed:
-            assert reply["error"] == "forbidden" and f"'mixed' may not {op} " in reply["message"]
-    names = [e["name"] for e in ask(fresh, None, "ls", prefix="")["entries"]]
-    assert names == ["other/x", "team/a", "team/b2", "team/from-other", "teamX/y"]
 
 
 def test_listings_and_counts_show_only_what_the_identity_may_read(fresh):
