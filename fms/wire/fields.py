@@ -3,8 +3,11 @@ bare indexing.  Also the rules for names, hashes, mtimes and how a file splits i
 
 import hashlib
 import re
+from collections.abc import Mapping
+from typing import Any, TypeVar, overload
 
 from ..errors import BadRequest
+from ..limits import BytesLike
 from .messages import INLINE_MAX, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 
 __all__ = [
@@ -34,7 +37,7 @@ MTIME_MIN = -2208988800.0
 MTIME_MAX = 253402300799.0
 
 
-def sha256(data) -> bytes:
+def sha256(data: BytesLike) -> bytes:
     return hashlib.sha256(data).digest()
 
 
@@ -59,8 +62,38 @@ def travels_inline(size: int, chunks: int) -> bool:
 # --- field checks: every handler reads its fields through these, never by bare indexing ---
 
 
-def need(header: dict, key: str, kind, *, optional=False, default=None):
-    """Read ``header[key]`` and check its type; bools are never ints.
+T = TypeVar("T")
+U = TypeVar("U")
+D = TypeVar("D")
+
+
+@overload
+def need(header: Mapping[str, Any], key: str, kind: type[T]) -> T: ...
+@overload
+def need(header: Mapping[str, Any], key: str, kind: tuple[type[T], type[U]]) -> T | U: ...
+@overload
+def need(
+    header: Mapping[str, Any], key: str, kind: type[T], *, optional: bool, default: D
+) -> T | D: ...
+@overload
+def need(
+    header: Mapping[str, Any],
+    key: str,
+    kind: tuple[type[T], type[U]],
+    *,
+    optional: bool,
+    default: D,
+) -> T | U | D: ...
+def need(
+    header: Mapping[str, Any],
+    key: str,
+    kind: type | tuple[type, ...],
+    *,
+    optional: bool = False,
+    default: object = None,
+) -> Any:
+    """Read ``header[key]`` and check its type; bools are never ints.  An optional field that is
+    missing reads as ``default``.
 
     :raises BadRequest: missing (unless optional) or of the wrong type.
     """
@@ -76,21 +109,42 @@ def need(header: dict, key: str, kind, *, optional=False, default=None):
     return value
 
 
-def need_int(header: dict, key: str, *, lo=0, hi=2**63 - 1, optional=False, default=None) -> int:
+@overload
+def need_int(header: Mapping[str, Any], key: str, *, lo: int = 0, hi: int = 2**63 - 1) -> int: ...
+@overload
+def need_int(
+    header: Mapping[str, Any],
+    key: str,
+    *,
+    lo: int = 0,
+    hi: int = 2**63 - 1,
+    optional: bool,
+    default: D,
+) -> int | D: ...
+def need_int(
+    header: Mapping[str, Any],
+    key: str,
+    *,
+    lo: int = 0,
+    hi: int = 2**63 - 1,
+    optional: bool = False,
+    default: object = None,
+) -> object:
+    """An integer field from ``lo`` to ``hi`` (an optional one that is missing: ``default``)."""
     value = need(header, key, int, optional=optional, default=default)
-    if value is not None and not lo <= value <= hi:
+    if isinstance(value, int) and not lo <= value <= hi:
         raise BadRequest(f"field {key!r} = {value} is out of range [{lo}, {hi}]")
     return value
 
 
-def need_hash(header: dict, key: str) -> bytes:
+def need_hash(header: Mapping[str, Any], key: str) -> bytes:
     value = need(header, key, bytes)
     if len(value) != HASH_LEN:
         raise BadRequest(f"field {key!r} must be a {HASH_LEN}-byte sha256, got {len(value)} bytes")
     return value
 
 
-def need_hashes(header: dict, key: str, limit: int) -> list:
+def need_hashes(header: Mapping[str, Any], key: str, limit: int) -> list[bytes]:
     values = need(header, key, list)
     if len(values) > limit:
         raise BadRequest(f"field {key!r} holds {len(values)} hashes, at most {limit} allowed")
@@ -100,7 +154,7 @@ def need_hashes(header: dict, key: str, limit: int) -> list:
     return values
 
 
-def _kind_name(kind) -> str:
+def _kind_name(kind: type | tuple[type, ...]) -> str:
     names = {
         str: "a string",
         int: "an integer",
@@ -115,7 +169,7 @@ def _kind_name(kind) -> str:
     return names.get(kind, kind.__name__)
 
 
-def check_manifest(manifest) -> dict:
+def check_manifest(manifest: object) -> dict[str, Any]:
     """Check that a manifest from the wire has every field with the right type and consistent
     sizes, so nothing downstream can trip over it.
 
@@ -140,7 +194,7 @@ def check_manifest(manifest) -> dict:
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
 
 
-def check_name(name) -> str:
+def check_name(name: object) -> str:
     """Return ``name`` if it is a valid key, else raise :class:`BadRequest` saying why.
 
     A name is a key, not a path: relative, ``/``-separated, no empty, ``.`` or ``..`` parts,
@@ -175,7 +229,7 @@ def check_name(name) -> str:
     return name
 
 
-def check_mtime(mtime) -> float:
+def check_mtime(mtime: float) -> float:
     """An mtime as a float if finite and within [MTIME_MIN, MTIME_MAX], else :class:`BadRequest`."""
     value = float(mtime)
     if not MTIME_MIN <= value <= MTIME_MAX:  # also false for NaN
@@ -186,7 +240,7 @@ def check_mtime(mtime) -> float:
     return value
 
 
-def check_prefix(prefix) -> str:
+def check_prefix(prefix: object) -> str:
     """A listing prefix: any string without NUL, at most MAX_NAME_BYTES."""
     if not isinstance(prefix, str):
         raise BadRequest(f"a prefix must be a string, got {type(prefix).__name__}")
