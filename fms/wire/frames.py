@@ -12,7 +12,7 @@ it is never copied again on its way to the socket.
 """
 
 from collections.abc import Callable, Sequence
-from typing import Protocol, cast
+from typing import Protocol, TypeAlias, cast
 
 import zmq
 
@@ -22,6 +22,7 @@ from .codec import DATA_PREFIX_LEN, data_buffer
 __all__ = [
     "NOBLOCK",
     "RawFile",
+    "Sendable",
     "drain",
     "read_frame",
     "read_full",
@@ -36,6 +37,10 @@ _POLLIN = int(zmq.POLLIN)
 NOBLOCK = int(zmq.NOBLOCK)
 
 
+# A frame to send: bytes built here, or a received zmq.Frame passed on as it is.
+Sendable: TypeAlias = BytesLike | zmq.Frame
+
+
 class RawFile(Protocol):
     """What frames are read from: an unbuffered binary file (``open(path, "rb", buffering=0)``)."""
 
@@ -44,7 +49,7 @@ class RawFile(Protocol):
     def seek(self, offset: int, whence: int = 0, /) -> int: ...
 
 
-def send_frames(sock: zmq.Socket, frames: Sequence[BytesLike | zmq.Frame], flags: int = 0) -> None:
+def send_frames(sock: zmq.Socket, frames: Sequence[Sendable], flags: int = 0) -> None:
     """Send ``frames`` as one message (``copy=False``).  :raises zmq.ZMQError: as ``send``."""
     last = len(frames) - 1
     for i, frame in enumerate(frames):
