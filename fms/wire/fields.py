@@ -4,7 +4,7 @@ bare indexing.  Also the rules for names, hashes, mtimes and how a file splits i
 import hashlib
 import re
 from collections.abc import Mapping
-from typing import Any, TypeVar, overload
+from typing import Any, TypeAlias, TypeVar, overload
 
 from ..errors import BadRequest
 from ..limits import BytesLike
@@ -15,6 +15,7 @@ __all__ = [
     "MAX_NAME_BYTES",
     "MTIME_MAX",
     "MTIME_MIN",
+    "Digest",
     "check_manifest",
     "check_mtime",
     "check_name",
@@ -30,6 +31,7 @@ __all__ = [
 ]
 
 HASH_LEN = 32  # sha256 digest, bytes
+Digest: TypeAlias = bytes  # a sha256 digest (HASH_LEN bytes): a chunk's or a file's
 MAX_NAME_BYTES = 1024  # a name in UTF-8
 # A file's mtime, in seconds since the epoch: finite, from 1900-01-01 to 9999-12-31 (what
 # datetime and every filesystem fms writes to can hold).
