@@ -15,15 +15,29 @@ import io
 import os
 import stat
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
+
+import zmq
 
 from .. import wire as p
 from ..errors import FmsError, IntegrityError
-from .session import Session
+from .session import Progress, Session
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12
 
 VERIFY_THREADS = 2  # threads verifying and writing chunks while the next ones arrive
 
 
-def chunk_fields(manifest: dict, i: int) -> dict:
+class Sink(Protocol):
+    """Where :func:`download_chunks` writes a file's content, in order: a binary stream."""
+
+    def write(self, data: p.BytesLike, /) -> object: ...
+
+
+def chunk_fields(manifest: dict[str, Any], i: int) -> dict[str, Any]:
     """A ``chunk`` request's fields for chunk ``i``: its hash, and its length, so the broker
     reserves room for exactly that reply (without ``len`` it assumes the largest chunk)."""
     return {
@@ -32,7 +46,9 @@ def chunk_fields(manifest: dict, i: int) -> dict:
     }
 
 
-def fetch_whole(session: Session, name: str, manifest: dict, data):
+def fetch_whole(
+    session: Session, name: str, manifest: dict[str, Any], data: memoryview
+) -> tuple[dict[str, Any], memoryview]:
     """The verified content of a small file that came with its manifest (``data``); if it does
     not match, asked once more from storage itself (``fresh``).  :return: (manifest, data)."""
     if len(data) == manifest["size"] and p.sha256(data) == manifest["sha256"]:
@@ -45,7 +61,13 @@ def fetch_whole(session: Session, name: str, manifest: dict, data):
     return manifest, checked_whole(manifest, p.unpack_data(frame.buffer))
 
 
-def download_chunks(session: Session, manifest: dict, out, report, via=None):
+def download_chunks(
+    session: Session,
+    manifest: dict[str, Any],
+    out: Sink,
+    report: Progress,
+    via: dict[str, Any] | None = None,
+) -> None:
     """Fetch every chunk pipelined, verify each and write them in order to the stream ``out``;
     ``report(name, done, total)`` after each chunk; ``via``: see :func:`iter_chunks`."""
     done = 0
@@ -55,7 +77,13 @@ def download_chunks(session: Session, manifest: dict, out, report, via=None):
         report(manifest["name"], done, manifest["size"])
 
 
-def download_to_file(session: Session, manifest: dict, out, report, via=None):
+def download_to_file(
+    session: Session,
+    manifest: dict[str, Any],
+    out: BinaryIO,
+    report: Progress,
+    via: dict[str, Any] | None = None,
+) -> None:
     """Fetch every chunk pipelined into the file ``out`` (open for writing, empty): while this
     thread receives, :data:`VERIFY_THREADS` threads check each chunk against its digest and
     write it at its offset (hashlib and ``os.pwrite`` release the GIL), so hashing, writing and
@@ -73,11 +101,12 @@ def download_to_file(session: Session, manifest: dict, out, report, via=None):
         (i, "chunk", {**chunk_fields(manifest, i), **(via or {})}, None)
         for i in range(len(manifest["chunks"]))
     )
-    pending = collections.deque()  # (index, data, future) in arrival order
+    # (index, data, verified and written) in arrival order
+    pending: collections.deque[tuple[int, memoryview, Future[bool]]] = collections.deque()
     done = 0
     with ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="fms-verify") as pool:
 
-        def settle():
+        def settle() -> None:
             nonlocal done
             i, data, future = pending.popleft()
             if not future.result():
@@ -94,7 +123,7 @@ def download_to_file(session: Session, manifest: dict, out, report, via=None):
             settle()
 
 
-def _verify_and_write(fd: int, manifest: dict, i: int, data) -> bool:
+def _verify_and_write(fd: int, manifest: dict[str, Any], i: int, data: p.BytesLike) -> bool:
     """Write chunk ``i`` at its offset if it is what the manifest says.  :return: whether."""
     if not _chunk_ok(manifest, i, data):
         return False
@@ -102,26 +131,26 @@ def _verify_and_write(fd: int, manifest: dict, i: int, data) -> bool:
     return True
 
 
-def _write_at(fd: int, data, offset: int):
+def _write_at(fd: int, data: p.BytesLike, offset: int) -> None:
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
 
 
-def _chunk_ok(manifest: dict, i: int, data) -> bool:
+def _chunk_ok(manifest: dict[str, Any], i: int, data: p.BytesLike) -> bool:
     return (
         len(data) == p.chunk_length(i, manifest["size"], manifest["chunk_size"])
         and p.sha256(data) == manifest["chunks"][i]
     )
 
 
-def _refetch(session: Session, manifest: dict, i: int):
+def _refetch(session: Session, manifest: dict[str, Any], i: int) -> memoryview:
     """Chunk ``i`` once more, from storage itself (``fresh``: the broker bypasses the cache),
     verified.  :raises IntegrityError: it does not match either."""
     with session.aside() as aside:
         _, frame = aside.call("chunk", **chunk_fields(manifest, i), fresh=True)
-    data = p.unpack_data(frame.buffer) if frame is not None else b""
+    data = p.unpack_data(frame.buffer) if frame is not None else memoryview(b"")
     if not _chunk_ok(manifest, i, data):
         raise IntegrityError(
             f"chunk {i} of {manifest['name']!r} does not match its sha256, "
@@ -130,14 +159,21 @@ def _refetch(session: Session, manifest: dict, i: int):
     return data
 
 
-def fetch_chunk(session: Session, manifest: dict, i: int, via=None):
+def fetch_chunk(
+    session: Session, manifest: dict[str, Any], i: int, via: dict[str, Any] | None = None
+) -> memoryview:
     """Chunk ``i`` alone, verified (from storage itself if the first copy does not match)."""
     _, frame = session.call("chunk", **chunk_fields(manifest, i), **(via or {}))
     data = p.unpack_data(frame.buffer) if frame is not None else memoryview(b"")
     return data if _chunk_ok(manifest, i, data) else _refetch(session, manifest, i)
 
 
-def iter_chunks(session: Session, manifest: dict, start: int = 0, via=None):
+def iter_chunks(
+    session: Session,
+    manifest: dict[str, Any],
+    start: int = 0,
+    via: dict[str, Any] | None = None,
+) -> Iterator[memoryview]:
     """Yield the chunks of ``manifest`` from index ``start`` on, in order, each verified;
     ``window`` requests stay in flight and out-of-order arrivals wait (at most ``window``).
     ``via``: fields of every chunk request: the GET they belong to (``of``), or ``fresh``
@@ -146,7 +182,7 @@ def iter_chunks(session: Session, manifest: dict, start: int = 0, via=None):
     :raises IntegrityError: a chunk does not match its sha256.
     """
     chunks = manifest["chunks"]
-    held = {}
+    held: dict[int, memoryview] = {}  # chunks that came before the next one in order
     next_index = start
     requests = (
         (i, "chunk", {**chunk_fields(manifest, i), **(via or {})}, None)
@@ -167,7 +203,13 @@ def iter_chunks(session: Session, manifest: dict, start: int = 0, via=None):
 class RemoteFile(io.RawIOBase):
     """What :meth:`fms.Client.open` returns: read it like a local binary file."""
 
-    def __init__(self, session: Session, manifest: dict, inline_frame=None, via=None):
+    def __init__(
+        self,
+        session: Session,
+        manifest: dict[str, Any],
+        inline_frame: zmq.Frame | None = None,
+        via: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self._session = session
         self._via = via
@@ -177,7 +219,7 @@ class RemoteFile(io.RawIOBase):
         self._pos = 0
         self._buf = memoryview(b"")  # the current chunk, from offset _buf_start
         self._buf_start = 0
-        self._stream = None
+        self._stream: Iterator[memoryview] | None = None
         self._run = 0  # chunks read in order since the last jump
         self._whole = hashlib.sha256()
         self._hashed_to = 0  # bytes hashed so far, while reading in order from 0
@@ -200,7 +242,7 @@ class RemoteFile(io.RawIOBase):
         self._pos = base + offset
         return self._pos
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: "Buffer") -> int:
         """Fill ``buffer`` as far as the content goes (short only at the end of the file)."""
         if self.closed:
             raise ValueError("read from a closed file")
@@ -216,7 +258,7 @@ class RemoteFile(io.RawIOBase):
             self._pos += n
         return filled
 
-    def _fetch_chunk_at(self, pos: int, want_end: int):
+    def _fetch_chunk_at(self, pos: int, want_end: int) -> None:
         """Make ``_buf`` the chunk that holds ``pos``, for a read up to ``want_end``.  Only the
         chunks a read touches are fetched, one by one, until reading goes on in order: from
         the third chunk read in a row, or for a read beyond the next chunk, the following
@@ -241,19 +283,19 @@ class RemoteFile(io.RawIOBase):
         self._buf_start = index * chunk_size
         self._hash_in_order()
 
-    def _hash_in_order(self):
+    def _hash_in_order(self) -> None:
         if self._buf_start == self._hashed_to:
             self._whole.update(self._buf)
             self._hashed_to += len(self._buf)
             if self._hashed_to == self.size and self._whole.digest() != self.manifest["sha256"]:
                 raise IntegrityError(f"{self.name!r} does not match its sha256")
 
-    def close(self):
+    def close(self) -> None:
         self._stream = None
         super().close()
 
 
-def checked_whole(manifest: dict, data) -> memoryview:
+def checked_whole(manifest: dict[str, Any], data: memoryview) -> memoryview:
     if len(data) != manifest["size"] or p.sha256(data) != manifest["sha256"]:
         raise IntegrityError(
             f"{manifest['name']!r} does not match its sha256; nothing was written, try again"
@@ -261,7 +303,7 @@ def checked_whole(manifest: dict, data) -> memoryview:
     return data
 
 
-def destination(dest: str) -> tuple:
+def destination(dest: str) -> tuple[str, bool]:
     """Where a download to ``dest`` goes, as ``cp`` would write it: through a symlink to its
     target (the link stays a link), and into a destination that is not a regular file (a
     device, a FIFO) as it is, never replacing it.
@@ -282,7 +324,7 @@ def destination(dest: str) -> tuple:
 
 
 @contextlib.contextmanager
-def in_place(path: str):
+def in_place(path: str) -> Iterator[BinaryIO]:
     """``path`` (a device, a FIFO) opened for writing as ``cp`` opens it; an OS error (such
     as ENOSPC from /dev/full) becomes one clear :class:`FmsError`."""
     try:
@@ -293,7 +335,7 @@ def in_place(path: str):
 
 
 @contextlib.contextmanager
-def atomic_file(dest: str, manifest: dict, fsync: bool = False):
+def atomic_file(dest: str, manifest: dict[str, Any], fsync: bool = False) -> Iterator[BinaryIO]:
     """A temp file beside ``dest``, renamed onto it only if the body succeeds (and the content
     was verified): whenever the client dies, ``dest`` holds the old file or the new one, whole.
     With ``fsync`` the data also reaches the disk before the rename (survives a power loss),
@@ -311,7 +353,9 @@ def atomic_file(dest: str, manifest: dict, fsync: bool = False):
         raise
 
 
-def write_whole(dest: str, manifest: dict, data, fsync: bool = False):
+def write_whole(
+    dest: str, manifest: dict[str, Any], data: p.BytesLike, fsync: bool = False
+) -> None:
     """:func:`atomic_file` for content already in memory and verified (small files), in the
     fewest system calls: create, write, utime, close, rename."""
     tmp, fd = _create_temp(dest)
@@ -328,7 +372,7 @@ def write_whole(dest: str, manifest: dict, data, fsync: bool = False):
         raise
 
 
-def _create_temp(dest: str) -> tuple:
+def _create_temp(dest: str) -> tuple[str, int]:
     """``(path, fd)`` of a new temp file beside ``dest``, created with the umask's permissions
     like any new file (0666 & ~umask), O_EXCL so a name is never shared; pid and random part
     let `fms` tell its own leftovers."""
@@ -347,7 +391,7 @@ def _create_temp(dest: str) -> tuple:
         raise FmsError(f"cannot write to {folder}: {exc.strerror}") from None
 
 
-def _finish(fd: int, manifest: dict, fsync: bool):
+def _finish(fd: int, manifest: dict[str, Any], fsync: bool) -> None:
     if fsync:
         os.fsync(fd)
     os.utime(fd, (time.time(), manifest["mtime"]))
@@ -356,8 +400,8 @@ def _finish(fd: int, manifest: dict, fsync: bool):
 class Collect:
     """A stream that keeps what is written to it, as bytes, in ``parts``."""
 
-    def __init__(self, parts):
+    def __init__(self, parts: list[bytes]) -> None:
         self.parts = parts
 
-    def write(self, data):
+    def write(self, data: p.BytesLike) -> None:
         self.parts.append(bytes(data))

@@ -7,11 +7,14 @@ import contextlib
 import hashlib
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
+from typing import Any, TypeAlias
 
 from .. import wire as p
 from ..errors import BadRequest, FmsError, IntegrityError, MissingChunks, Unavailable, from_reply
-from ..wire.frames import read_frame, read_full
-from .session import Session
+from ..wire.frames import RawFile, read_frame, read_full
+from .session import Progress, Session
 
 BATCH_WINDOW = 4  # commit_many messages in flight
 
@@ -25,11 +28,11 @@ class Plan:
         self,
         size: int,
         chunk_size: int,
-        chunks: list,
-        sha256: bytes,
+        chunks: list[p.Digest],
+        sha256: p.Digest,
         mtime: float,
         inline: bytes | None,
-    ):
+    ) -> None:
         self.size = size
         self.chunk_size = chunk_size
         self.chunks = chunks
@@ -40,11 +43,21 @@ class Plan:
     def chunk_len(self, i: int) -> int:
         return p.chunk_length(i, self.size, self.chunk_size)
 
+    def content(self) -> bytes:
+        """The content of a small file, which travels with its commit."""
+        assert self.inline is not None, "only a small file travels with its commit"
+        return self.inline
+
+
+# What an upload reads a file from: a local path, or the bytes themselves.
+Source: TypeAlias = str | bytes
+# A file to upload: where from, its name in the store, and its plan.
+Planned: TypeAlias = tuple[Source, str, Plan]
 
 HASH_AHEAD = 4  # chunks read ahead of their digests when hashing a large file
 
 
-def plan_file(path: str, chunk_size: int, report=None) -> Plan:
+def plan_file(path: str, chunk_size: int, report: Callable[[int, int], None] | None = None) -> Plan:
     """Hash a local file chunk by chunk in one read pass: the whole-file sha256 on this thread,
     each chunk's on another (hashlib releases the GIL, so the two run on two cores); memory of
     :data:`HASH_AHEAD` chunks.  ``report(done, total)``: called as the bytes are hashed."""
@@ -74,11 +87,18 @@ def plan_file(path: str, chunk_size: int, report=None) -> Plan:
         )
 
 
-def _plan_large(f, first, chunk_size: int, mtime: float, report=None) -> Plan:
+def _plan_large(
+    f: RawFile,
+    first: memoryview,
+    chunk_size: int,
+    mtime: float,
+    report: Callable[[int], None] | None = None,
+) -> Plan:
     from concurrent.futures import ThreadPoolExecutor  # only for files of several chunks
 
-    whole, chunks, size = hashlib.sha256(), [], 0
-    ahead = collections.deque()
+    whole, size = hashlib.sha256(), 0
+    chunks: list[p.Digest] = []
+    ahead: collections.deque[Future[p.Digest]] = collections.deque()
     with ThreadPoolExecutor(1, thread_name_prefix="fms-hash") as pool:
         piece = first
         while piece:
@@ -98,7 +118,7 @@ def _plan_large(f, first, chunk_size: int, mtime: float, report=None) -> Plan:
     return Plan(size, chunk_size, chunks, whole.digest(), mtime, inline)
 
 
-def plan_bytes(data: bytes, chunk_size: int, mtime) -> Plan:
+def plan_bytes(data: bytes, chunk_size: int, mtime: float | None) -> Plan:
     chunks = [p.sha256(data[i : i + chunk_size]) for i in range(0, len(data), chunk_size)]
     inline = data if p.travels_inline(len(data), len(chunks)) else None
     return Plan(
@@ -124,13 +144,16 @@ def commit_timeout(size: int, timeout: float) -> float:
 BATCH_HEADER_BYTES = 32 * 1024  # names in one commit_many (its header and route stay small)
 
 
-def _batches(planned, items: list, large: list):
+def _batches(
+    planned: Iterable[Planned], items: list[Planned], large: list[int]
+) -> Iterator[list[int]]:
     """Yield the small files of ``planned`` grouped for commit_many (their indices): at most
     BATCH_FILES files, MAX_BATCH_BYTES of content and BATCH_HEADER_BYTES of names each.
     ``planned`` is consumed as batches are asked for, so reading and hashing the next files
     overlaps storage committing the last batch; each triple is appended to ``items``, and the
     index of each file that is not small to ``large``."""
-    current, size, names = [], 0, 0
+    current: list[int] = []
+    size = names = 0
     for triple in planned:
         i = len(items)
         items.append(triple)
@@ -153,7 +176,9 @@ def _batches(planned, items: list, large: list):
         yield current
 
 
-def _commit_many_request(batch, planned):
+def _commit_many_request(
+    batch: list[int], planned: list[Planned]
+) -> tuple[list[int], str, dict[str, Any], bytearray]:
     plans = [planned[i][2] for i in batch]
     fields = {
         "names": [planned[i][1] for i in batch],
@@ -163,10 +188,10 @@ def _commit_many_request(batch, planned):
         "commits": [os.urandom(16).hex() for _ in batch],
         "chunk_size": plans[0].chunk_size,
     }
-    return batch, "commit_many", fields, p.pack_data(b"".join(pl.inline for pl in plans))
+    return batch, "commit_many", fields, p.pack_data(b"".join(pl.content() for pl in plans))
 
 
-def _commit_fields(name: str, plan: Plan) -> dict:
+def _commit_fields(name: str, plan: Plan) -> dict[str, Any]:
     return {
         "name": name,
         "size": plan.size,
@@ -179,7 +204,7 @@ def _commit_fields(name: str, plan: Plan) -> dict:
 
 
 @contextlib.contextmanager
-def _chunk_reader(source, plan: Plan):
+def _chunk_reader(source: Source, plan: Plan) -> Iterator[Callable[[int], bytearray]]:
     """``read(i)`` -> chunk i as a data frame, from a local file (``source`` a path, read
     straight into the frame) or from bytes in memory."""
     if isinstance(source, bytes):
@@ -189,7 +214,7 @@ def _chunk_reader(source, plan: Plan):
         return
     with open(source, "rb", buffering=0) as f:
 
-        def read(i):
+        def read(i: int) -> bytearray:
             frame, _view, got = read_frame(f, plan.chunk_len(i), i * plan.chunk_size)
             if got != plan.chunk_len(i):
                 raise FmsError(
@@ -201,10 +226,14 @@ def _chunk_reader(source, plan: Plan):
         yield read
 
 
-def put_planned(session: Session, planned, report) -> list:
+def put_planned(
+    session: Session, planned: Iterable[Planned], report: Progress
+) -> list[dict[str, Any]]:
     """Upload ``(source, name, Plan)`` triples (``source`` a local path or bytes; an iterable,
     consumed as the upload goes); :return: the stat of each (as the wire has it), in order."""
-    items, large, results = [], [], {}
+    items: list[Planned] = []
+    large: list[int] = []  # indices of the files sent in chunks
+    results: dict[int, dict[str, Any]] = {}  # index -> stat
     # Small files: their content travels with their commit, many files to a message
     # (commit_many), a few messages in flight.
     requests = (
@@ -214,7 +243,7 @@ def put_planned(session: Session, planned, report) -> list:
             batch,
             "commit",
             _commit_fields(items[batch[0]][1], items[batch[0]][2]),
-            p.pack_data(items[batch[0]][2].inline),
+            p.pack_data(items[batch[0]][2].content()),
         )
         for batch in _batches(planned, items, large)
     )
@@ -231,7 +260,7 @@ def put_planned(session: Session, planned, report) -> list:
                 raise error
             _path, name, plan = items[i]  # transient for this file: on its own
             header1, _ = session.call(
-                "commit", data=p.pack_data(plan.inline), **_commit_fields(name, plan)
+                "commit", data=p.pack_data(plan.content()), **_commit_fields(name, plan)
             )
             results[i] = header1["stat"]
     for i in large:
@@ -239,7 +268,9 @@ def put_planned(session: Session, planned, report) -> list:
     return [results[i] for i in range(len(items))]
 
 
-def put_chunked(session: Session, source, name: str, plan: Plan, report) -> dict:
+def put_chunked(
+    session: Session, source: Source, name: str, plan: Plan, report: Progress
+) -> dict[str, Any]:
     """Upload the chunks storage lacks and commit; if storage reports chunks missing at the
     commit (collected since `have`, or damaged on its disk), send those and commit again."""
     fields = _commit_fields(name, plan)
@@ -254,7 +285,14 @@ def put_chunked(session: Session, source, name: str, plan: Plan, report) -> dict
     return header["stat"]
 
 
-def upload_chunks(session: Session, source, plan: Plan, name: str, report, only=None):
+def upload_chunks(
+    session: Session,
+    source: Source,
+    plan: Plan,
+    name: str,
+    report: Progress,
+    only: set[p.Digest] | None = None,
+) -> None:
     """Send the chunks storage lacks (or exactly those in ``only``), pipelined.  ``source``
     is a local path or the bytes."""
     missing = set(only or ())
@@ -266,7 +304,7 @@ def upload_chunks(session: Session, source, plan: Plan, name: str, report, only=
     done = 0
     with _chunk_reader(source, plan) as read:
 
-        def requests():
+        def requests() -> Iterator[tuple[int, str, dict[str, Any], bytearray]]:
             sent = set()
             for i in todo:
                 if plan.chunks[i] in sent:
