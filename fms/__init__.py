@@ -1,13 +1,15 @@
 """fms: a file store with a cache tier, built as a ZeroMQ broker topology.
 
 The public API is :class:`Client` and the exceptions; everything else is the daemons' code.
+:class:`Client` is imported on first use, so a command that needs no connection (``--help``,
+``keygen``) does not pay for ZeroMQ.
 """
 
 __version__ = "0.2.0"
 
-from .client import Client
 from .errors import (
     BadRequest,
+    Busy,
     FmsError,
     IntegrityError,
     MissingChunks,
@@ -21,8 +23,14 @@ from .errors import (
     Unavailable,
 )
 
+# The distribution's name (what pip installs); the import package and the command are `fms`.
+# The PyPI name `fms` belongs to an unrelated project.
+DISTRIBUTION = "fms-store"
+
 __all__ = [
+    "DISTRIBUTION",
     "BadRequest",
+    "Busy",
     "Client",
     "FmsError",
     "IntegrityError",
@@ -36,4 +44,21 @@ __all__ = [
     "TransportError",
     "Unavailable",
     "__version__",
+    "install_hint",
 ]
+
+
+def install_hint(extra: str) -> str:
+    """How to install the optional extra ``extra`` (``postgres``, ``s3``, ``fsspec``)."""
+    return (
+        f"pip install '{DISTRIBUTION}[{extra}]' (in a clone of the repository: "
+        f"pip install -e '.[{extra}]')"
+    )
+
+
+def __getattr__(name: str):
+    if name == "Client":
+        from .client import Client
+
+        return Client
+    raise AttributeError(f"module 'fms' has no attribute {name!r}")

@@ -9,6 +9,7 @@
     │   ├── IntegrityError       integrity: a chunk or file did not match its sha256
     │   ├── MissingChunks        missing_chunks: a commit names chunks storage lacks; upload them
     │   ├── Unavailable          unavailable: no worker right now; retried by the client
+    │   │   └── Busy             busy: too many slow operations (fsck, gc, ...) at once; retried
     │   ├── NoSpace              no_space: a disk is full; not retried
     │   ├── Refused              refused: this client's key is not (or no longer) allowed
     │   └── TooLarge             too_large
@@ -83,6 +84,13 @@ class Unavailable(RemoteError):
     code = "unavailable"
 
 
+class Busy(Unavailable):
+    """Too many slow operations (fsck, gc, du, usage, rm -r, deep listings) are in flight, the
+    client's own or everyone's: retried after a backoff, as ``unavailable``."""
+
+    code = "busy"
+
+
 class NoSpace(RemoteError):
     code = "no_space"
 
@@ -111,6 +119,7 @@ _BY_CODE = {
         IntegrityError,
         MissingChunks,
         Unavailable,
+        Busy,
         NoSpace,
         Refused,
         TooLarge,

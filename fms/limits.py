@@ -16,13 +16,15 @@ Together: a request header of n bytes never builds more than about 2n bytes of o
 """
 
 from collections.abc import Callable
-from logging import Logger
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import msgpack
 
 from .errors import BadRequest
 from .logutil import clip
+
+if TYPE_CHECKING:
+    from logging import Logger  # not imported at run time: `ls` and `stat` log nothing
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -231,7 +233,7 @@ def tune_malloc(threshold: int = 4 * MiB) -> None:
 # --- descriptors ---
 
 
-def raise_fd_limit(log: Logger | None = None) -> tuple[int, int]:
+def raise_fd_limit(log: "Logger | None" = None) -> tuple[int, int]:
     """Raise this process's soft limit on open descriptors to its hard limit (each client
     connection costs the broker one; 1024, a common default, is soon reached).
 

@@ -1,8 +1,11 @@
 """Logging helpers: one line per event with key=value fields, configured only by entry points."""
 
-import logging
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import logging
 
 LOG_FORMAT = "%(asctime)s level=%(levelname)s proc=%(name)s %(message)s"
 RATE_WINDOW = 10.0  # seconds
@@ -19,14 +22,24 @@ def clip(text: str | bytes, limit: int = LOG_TEXT_MAX) -> str:
     return f"{text[:limit]}...({len(text) - limit} more characters)"
 
 
+# Libraries whose INFO lines say nothing an operator of fms needs ("Found credentials in
+# environment variables"): they log from WARNING up, unless fms logs at DEBUG.
+QUIET_LIBRARIES = ("botocore", "boto3", "s3transfer", "urllib3")
+
+
 def setup_logging(level: str = "INFO") -> None:
     """Configure the root logger; called once by each entry point."""
+    import logging  # here: the client's commands log nothing unless asked (--log-level)
+
+    level_no = getattr(logging, level.upper(), logging.INFO)
     logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
+        level=level_no,
         format=LOG_FORMAT,
         datefmt="%Y-%m-%dT%H:%M:%S",
         stream=sys.stderr,
     )
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(level_no if level_no <= logging.DEBUG else logging.WARNING)
 
 
 class RateLimitedLog:
@@ -37,7 +50,7 @@ class RateLimitedLog:
     a line never echoes more of what an attacker sent than that.
     """
 
-    def __init__(self, log: logging.Logger) -> None:
+    def __init__(self, log: "logging.Logger") -> None:
         self.log = log
         self._window_start = 0.0
         self._count = 0

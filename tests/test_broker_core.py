@@ -8,7 +8,14 @@ import pytest
 from fms import limits
 from fms import wire as p
 from fms.broker import Core
-from fms.broker.admission import CHUNK_GUESS, REPLY_BOUNDS, expected_reply, reply_bound
+from fms.broker.admission import (
+    CHUNK_GUESS,
+    HEAVY_PER_CLIENT,
+    HEAVY_TOTAL,
+    REPLY_BOUNDS,
+    expected_reply,
+    reply_bound,
+)
 from fms.broker.outbox import CLIENT_KERNEL_QUEUE, FLUSH_INTERVAL, FLUSH_MAX_WAIT, LARGE_REPLY
 from fms.broker.transport import FULL, GONE, SENT
 
@@ -440,3 +447,44 @@ def test_a_worker_of_another_store_or_version_is_refused(core):
         assert reply["t"] == "refused" and core.registry.get(b"w") is None
     core.worker_message(b"stranger", [p.encode({"t": "hb"})])  # not registered: re-register
     assert core.transport.take()[0][2] == {"t": "reregister"}
+
+
+# --- slow operations take turns ---
+
+
+def test_slow_operations_past_a_clients_or_the_total_limit_are_busy_and_take_turns(core):
+    ready(core, b"s", p.STORAGE)
+    core.transport.take()
+    for i in range(HEAVY_PER_CLIENT + 1):
+        ask(core, b"alice", "fsck", i)
+    sent = core.transport.take()
+    assert len(requests_to(sent, b"s")) == HEAVY_PER_CLIENT
+    (busy,) = replies_to(sent, b"alice")
+    assert busy["error"] == "busy" and busy["id"] == HEAVY_PER_CLIENT
+    ask(core, b"alice", "stat", 9, name="x")  # other ops are not limited
+    ask(core, b"alice", "ls", 10, prefix="a/", folders=True)  # nor a folder listing
+    assert len(requests_to(core.transport.take(), b"s")) == 2
+    clients = [f"c{i}".encode() for i in range(HEAVY_TOTAL)]
+    for client in clients:  # every kind of slow op counts towards the total
+        ask(core, client, "du", 1, prefix="")
+    sent = core.transport.take()
+    refused = [h for to, ident, h, _ in sent if to == "client"]
+    assert len(refused) == HEAVY_PER_CLIENT and all(r["error"] == "busy" for r in refused)
+    assert core.status()["broker"]["held_bytes"]["heavy"] == HEAVY_TOTAL
+    assert core.status()["broker"]["busy"] == 1 + HEAVY_PER_CLIENT
+    # An answer gives the turn back.
+    key, header = requests_to(sent, b"s")[0]
+    answer(core, b"s", key, p.ok_reply(header["id"], du={"files": 0, "bytes": 0}))
+    core.transport.take()
+    ask(core, b"late", "ls", 1, prefix="")  # a deep listing: slow
+    assert requests_to(core.transport.take(), b"s")
+
+
+def test_a_slow_operation_dropped_at_its_deadline_gives_its_turn_back(core):
+    ready(core, b"s", p.STORAGE)
+    for i in range(HEAVY_PER_CLIENT):
+        ask(core, b"alice", "gc", i, ttl_ms=50)
+    core.tick(time.monotonic() + 1 + limits.INFLIGHT_GRACE)
+    assert core.admission.total_heavy == 0 and not core.admission.heavy
+    core.worker_message(b"s", [p.encode({"t": "bye"})])
+    assert core.admission.total_heavy == 0

@@ -320,19 +320,6 @@ def test_a_failed_command_exits_1_with_one_line_also_with_json(cluster, argv):
         assert "not found" in err
 
 
-def test_the_shell_asks_before_rm_r_and_runs_the_new_commands(cluster):
-    with cluster.client() as c:
-        c.put_bytes(b"1", "s/a")
-    script = "rm -r s\nn\nmv s/a s/b\ncp s/b t/\ndu\nls -r\nrm -r s/\ny\nls -r\nquit\n"
-    run = cluster.cli(stdin=script.encode())
-    out = run.stdout.decode()
-    assert run.returncode == 0, run.stderr
-    assert out.count("remove every name under s/? [y/N]") == 2 and "nothing removed" in out
-    assert "2 files" in out
-    with cluster.client() as c:
-        assert [e["name"] for e in c.ls()] == ["t/b"]
-
-
 # --- point 3: versions ---
 
 
@@ -540,7 +527,7 @@ def test_an_interrupted_put_run_again_sends_only_what_the_store_lacks(make_clust
 
 
 def test_recursive_transfers_draw_files_and_bytes_and_hashing_is_on_the_bar(cluster, tmp_path):
-    from test_ui import run_on_a_terminal
+    from terminal import run_on_a_terminal
 
     tree = tmp_path / "tree"
     tree.mkdir()
@@ -549,7 +536,6 @@ def test_recursive_transfers_draw_files_and_bytes_and_hashing_is_on_the_bar(clus
     (tree / "big").write_bytes(random_bytes(3 * 1024 * 1024, seed=31))
     drawn = run_on_a_terminal(["--broker", cluster.frontend, "put", "-r", str(tree), "t"], tmp_path)
     assert "files 301/301" in drawn and "put: 100%" in drawn
-    assert "files 256/301" in drawn  # and it moved on before the end
     drawn = run_on_a_terminal(
         ["--broker", cluster.frontend, "get", "-r", "t", str(tmp_path / "back")], tmp_path
     )

@@ -402,12 +402,14 @@ def _flood(endpoint, clients: int, per_client: int, ttl_ms=None):
         sock = _dealer(endpoint)
         for i in range(per_client):
             # Pages of one entry: each reserves little of the reply budget (see the next test
-            # for floods of large pages).
+            # for floods of large pages); folder listings, which do not take turns as deep
+            # ones do (tests/test_bounded.py).
             fields = {
                 "v": 1,
                 "op": "ls" if i % 2 else "have",
                 "id": i,
                 "prefix": "",
+                "folders": True,
                 "limit": 1,
                 "hashes": [bytes(32)] * 64,
             }

@@ -3,6 +3,7 @@ the test plays the broker over inproc://, so each case controls exactly what com
 
 import contextlib
 import itertools
+import re
 import threading
 
 import pytest
@@ -10,7 +11,7 @@ import zmq
 
 from fms import wire as p
 from fms.client.session import Session
-from fms.errors import NotFound, Timeout
+from fms.errors import NotFound, Timeout, Unavailable
 
 RECV_TIMEOUT_MS = 5000
 ENDPOINTS = (f"inproc://session-test-{i}" for i in itertools.count())
@@ -142,3 +143,34 @@ def test_an_error_reply_raises_its_exception_and_a_late_duplicate_is_ignored(bro
             session.call("stat", name="x")
         header, _ = session.call("stat", name="y")
     assert header.get("fresh") is True and "late" not in header
+
+
+def test_an_error_the_client_gives_up_on_says_so_not_that_it_is_retrying(broker):
+    """Issue 26: final errors ended in "retrying" after the client had given up."""
+    router, session = broker
+    told = "the object store did not answer (connect timeout); retrying"
+
+    def script():  # every try is answered unavailable, until the client stops asking
+        while router.poll(1000):
+            ident, header = receive(router)
+            answer(router, ident, p.error_reply(header["id"], "unavailable", told))
+
+    with serving(script), pytest.raises(Unavailable) as raised:
+        session.call("stat", name="x")
+    text = str(raised.value)
+    assert "retrying" not in text and "the object store did not answer" in text
+    assert re.search(r"gave up after \d+ tries in \d+ s", text), text
+
+
+@pytest.mark.parametrize(
+    "given,endpoint",
+    [
+        ("127.0.0.1:5555", "tcp://127.0.0.1:5555"),
+        ("localhost:20001", "tcp://localhost:20001"),
+        ("[::1]:5555", "tcp://[::1]:5555"),
+        ("tcp://10.0.0.1:5555", "tcp://10.0.0.1:5555"),
+        ("ipc:///tmp/fms.sock", "ipc:///tmp/fms.sock"),
+    ],
+)
+def test_a_broker_given_as_host_port_is_a_tcp_endpoint(given, endpoint):
+    assert Session(given).broker == endpoint

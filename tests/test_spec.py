@@ -12,6 +12,7 @@ from conftest import ROOT
 
 from fms import limits, wire
 from fms import wire as p
+from fms.broker import admission
 from fms.worker import _dispatch
 
 SPEC = os.path.join(ROOT, "docs", "PROTOCOL.md")
@@ -76,7 +77,8 @@ def test_every_number_in_the_spec_is_the_code_s():
     rows = spec_table("## Numbers")
     assert len(rows) >= 25
     for what, value, code in rows:
-        actual = eval(code, {"wire": wire, "limits": limits})  # a dotted name from the table
+        # a dotted name from the table
+        actual = eval(code, {"wire": wire, "limits": limits, "admission": admission})
         assert float(value) == actual, f"{what}: the spec says {value}, {code} is {actual}"
 
 

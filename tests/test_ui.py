@@ -5,6 +5,9 @@ import io
 import json
 import os
 import pty
+import re
+import select
+import signal
 import struct
 import subprocess
 import sys
@@ -13,36 +16,16 @@ import urllib.request
 
 import pytest
 from conftest import ROOT, random_bytes
+from terminal import run_on_a_terminal
 from test_up import free_port
 
 import fms
 from fms import wire as p
-from fms.cli import build_parser
-from fms.cli.shell import Shell
 
 MiB = p.MiB
 
 
-# --- the interactive shell ---
-
-
-def test_shell_runs_commands_from_its_prompt_and_survives_errors(cluster, tmp_path):
-    (tmp_path / "f.txt").write_bytes(b"shell data")
-    script = (
-        f"help\nput {tmp_path / 'f.txt'} s/f.txt\nls\nstat s/f.txt --json\n"
-        f"get s/f.txt {tmp_path / 'back.txt'}\nget nope\nbogus\nput\nrm s/f.txt\nls\nquit\n"
-    )
-    run = cluster.cli(stdin=script.encode())
-    out, err = run.stdout.decode(), run.stderr.decode()
-    assert run.returncode == 0, err
-    assert out.count("fms> ") >= 10  # a prompt before every command
-    assert "put LOCAL [NAME]" in out  # help lists the commands
-    assert json.loads(out[out.index("{") : out.index("}") + 1])["name"] == "s/f.txt"
-    assert (tmp_path / "back.txt").read_bytes() == b"shell data"
-    assert "not found" in err  # an error, and the shell went on
-    assert "unknown command 'bogus'" in out
-    assert "required: LOCAL" in err  # argparse's error, no exit
-    assert "removed s/f.txt" in err
+# --- the interactive shell (more in test_shell.py) ---
 
 
 def test_shell_leaves_on_end_of_input(cluster):
@@ -50,54 +33,7 @@ def test_shell_leaves_on_end_of_input(cluster):
     assert run.returncode == 0
 
 
-def test_shell_completes_remote_names_and_commands(cluster):
-    with cluster.client() as c:
-        for name in ("docs/a.txt", "docs/b.txt", "pics/c.jpg"):
-            c.put_bytes(b"x", name)
-        shell = Shell(
-            lambda argv: 0,
-            c,
-            build_parser(),
-            cluster.frontend,
-            stdin=io.StringIO(),
-            stdout=io.StringIO(),
-        )
-        assert shell.complete_get("do", "get do", 4, 6) == ["docs/a.txt", "docs/b.txt"]
-        assert shell.complete_rm("pics/", "rm pics/", 3, 8) == ["pics/c.jpg"]
-        assert shell.complete_get("", "get docs/a.txt ", 15, 15) != ["docs/a.txt", "docs/b.txt"]
-        assert shell.completenames("st") == ["stat ", "stats "]
-
-
 # --- progress bars ---
-
-
-def run_on_a_terminal(args, cwd) -> str:
-    """Run client.py with stderr on a pseudo-terminal; return what it drew there."""
-    master, slave = pty.openpty()
-    fcntl.ioctl(
-        slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0)
-    )  # 40x120, as a terminal has
-    proc = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "client.py"), *args],
-        stdout=subprocess.DEVNULL,
-        stderr=slave,
-        stdin=subprocess.DEVNULL,
-        cwd=cwd,
-    )
-    os.close(slave)
-    chunks = []
-    while True:
-        try:
-            data = os.read(master, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not data:
-            break
-        chunks.append(data)
-    proc.wait(60)
-    os.close(master)
-    assert proc.returncode == 0, b"".join(chunks)
-    return b"".join(chunks).decode("utf-8", "replace")
 
 
 def test_progress_bar_on_a_terminal_only_and_not_with_quiet(cluster, tmp_path):
@@ -117,6 +53,71 @@ def test_progress_bar_on_a_terminal_only_and_not_with_quiet(cluster, tmp_path):
     assert b"%" not in piped.stderr  # not a terminal: no bar
     small = run_on_a_terminal(["--broker", cluster.frontend, "get", "big", "-"], tmp_path)
     assert "100%" in small  # stdout is data, the bar on stderr
+
+
+def test_an_upload_s_bar_moves_while_it_uploads_and_its_rate_is_real(make_cluster, tmp_path):
+    """Issue 26: the bar sat at 0 % through a whole upload, then showed 7.79 TB/s."""
+    cluster = make_cluster()
+    cluster.start_broker()
+    cluster.start_storage(wid="slow", delay=0.05)  # each chunk takes a moment: frames to see
+    cluster.wait_workers(storage=1, cache=0)
+    src = tmp_path / "big.bin"
+    src.write_bytes(random_bytes(16 * MiB, 16))
+    drawn = run_on_a_terminal(["--broker", cluster.frontend, "put", str(src), "big"], tmp_path)
+    frames = [f for f in drawn.split("\r") if f.startswith("big: ")]
+    shown = {int(f[len("big: ") :].split("%")[0]) for f in frames}
+    assert shown & set(range(1, 100)), frames  # it moved between 0 and 100
+    assert 100 in shown and not any(unit in drawn for unit in ("TB/s", "PB/s", "EB/s"))
+
+
+def test_an_interrupted_put_r_counts_the_files_it_committed(make_cluster, tmp_path):
+    """Issue 26: after a Ctrl-C of put -r the bar said files 0/300, with 66 committed."""
+    cluster = make_cluster()
+    cluster.start_broker()
+    cluster.start_storage(wid="slow", delay=0.5)  # each batch of 128 files takes 0.5 s
+    cluster.wait_workers(storage=1, cache=0)
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for i in range(640):
+        (tree / f"f{i:03d}").write_bytes(b"x" * 100)
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "client.py"), "--broker", cluster.frontend]
+        + ["--timeout", "30", "put", "-r", str(tree), "t"],
+        stdout=subprocess.DEVNULL,
+        stderr=slave,
+        stdin=subprocess.DEVNULL,
+    )
+    os.close(slave)
+    drawn = b""
+    try:
+        while b"files 128/640" not in drawn:
+            assert select.select([master], [], [], 60)[0], drawn
+            try:
+                drawn += os.read(master, 65536)
+            except OSError:  # EIO: it ended
+                raise AssertionError(drawn) from None
+        proc.send_signal(signal.SIGINT)
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            drawn += data
+    finally:
+        proc.wait(30)
+        os.close(master)
+    text = drawn.decode("utf-8", "replace")
+    assert proc.returncode == 130, text
+    said = re.search(r"put: interrupted after (\d+) of 640 files", text)
+    assert said, text
+    done = int(said.group(1))
+    assert done >= 128 and f"files {done}/640" in text  # the bar's last count is the same
+    with cluster.client() as c:
+        assert len(c.ls("t/")) >= done  # what it counted was committed
 
 
 # --- stats and metrics ---

@@ -98,6 +98,21 @@ def expected_reply(op: str, header: dict, size: int, seen: int = 0, bound: int =
     return bound or reply_bound(op, header, size, seen)
 
 
+# Ops whose work grows with the store rather than with what they carry: a fsck page, a
+# collection, a count under a prefix, the totals, a removal page, a listing that descends into
+# sub-folders.  They take turns: at most HEAVY_PER_CLIENT of a client's and HEAVY_TOTAL of all
+# clients' are held at once; past that they are answered `busy` (retried with backoff), so a
+# flood of them leaves the workers' credit to everyone else.
+HEAVY_OPS = frozenset({"fsck", "gc", "du", "usage", "rm_prefix"})
+HEAVY_PER_CLIENT = 2
+HEAVY_TOTAL = 8
+
+
+def is_heavy(op: str, header: dict) -> bool:
+    """Whether a request takes turns with the other heavy ones (see :data:`HEAVY_OPS`)."""
+    return op in HEAVY_OPS or (op == "ls" and header.get("folders") is not True)
+
+
 def _add(counts: dict, key: bytes, delta: int) -> None:
     """Add ``delta`` to ``counts[key]``, keeping only keys whose count is positive."""
     if delta:
@@ -120,6 +135,9 @@ class Admission:
         self.reserved: dict[bytes, int] = {}  # client -> reply bytes reserved for its requests
         self.total_reserved = 0
         self.backed_off = 0  # requests refused at admission: over a byte budget
+        self.heavy: dict[bytes, int] = {}  # client -> its heavy requests held (HEAVY_OPS)
+        self.total_heavy = 0
+        self.busy = 0  # heavy requests answered `busy`: past a limit
         self._sizes: collections.OrderedDict = collections.OrderedDict()  # digest -> size (LRU)
 
     def seen(self, digest: bytes) -> int:
@@ -133,13 +151,32 @@ class Admission:
         if len(self._sizes) > CHUNK_SIZES_KEPT:
             self._sizes.popitem(last=False)
 
-    def track(self, ident: bytes, delta: int, nbytes: int = 0, reserve: int = 0) -> None:
+    def track(
+        self, ident: bytes, delta: int, nbytes: int = 0, reserve: int = 0, heavy: bool = False
+    ) -> None:
         """A request of ``ident`` comes (+1) or goes (-1) with its bytes and reservation."""
+        if heavy:
+            _add(self.heavy, ident, delta)
+            self.total_heavy += delta
         _add(self.inflight, ident, delta)
         _add(self.req_bytes, ident, delta * nbytes)
         self.total_req += delta * nbytes
         _add(self.reserved, ident, delta * reserve)
         self.total_reserved += delta * reserve
+
+    def turn(self, ident: bytes) -> str | None:
+        """Whether a heavy request of ``ident`` may be held now; else why it must wait."""
+        if self.heavy.get(ident, 0) >= HEAVY_PER_CLIENT:
+            return (
+                f"this client has {HEAVY_PER_CLIENT} slow operations (fsck, gc, du, usage, "
+                f"rm -r, deep listings) in flight already; retry when one is done"
+            )
+        if self.total_heavy >= HEAVY_TOTAL:
+            return (
+                f"{HEAVY_TOTAL} slow operations (fsck, gc, du, usage, rm -r, deep listings) "
+                f"are in flight already; retry in a moment"
+            )
+        return None
 
     def admit(
         self,
@@ -229,6 +266,7 @@ class Admission:
 
     def status(self) -> dict:
         return {
+            "heavy": self.total_heavy,
             "uploads": self.total_req,
             "replies": self.outboxes.total,
             "replies_reserved": self.total_reserved,

@@ -25,7 +25,7 @@ from ..errors import BadRequest
 from ..logutil import RateLimitedLog, clip
 from ..metrics import BrokerMetrics, ReadTally
 from . import headers as h
-from .admission import Admission, expected_reply, reply_bound
+from .admission import Admission, expected_reply, is_heavy, reply_bound
 from .dispatch import Dispatcher
 from .outbox import Outboxes
 from .registry import Refused, Registry, Worker
@@ -118,6 +118,13 @@ class Core:
                 op=op,
             )
             return
+        heavy = is_heavy(op, header)
+        if heavy:
+            wait = admission.turn(ident)
+            if wait:
+                admission.busy += 1
+                self.replies.error(origin, req_id, "busy", wait, op=op)
+                return
         digest = h.chunk_digest(op, header)
         seen = admission.seen(digest) if digest else 0
         size = h.nbytes(frames[0])
@@ -137,7 +144,7 @@ class Core:
         if header.get("fresh") is True and op in ("get", "chunk", "get_many"):
             # The client found what the cache gave it corrupt: this once, ask storage itself.
             service = p.STORAGE
-        self._submit(service, op, header, origin, frames, now, reserve, seen)
+        self._submit(service, op, header, origin, frames, now, reserve, seen, heavy)
 
     def _submit(
         self,
@@ -149,6 +156,7 @@ class Core:
         now: float,
         reserve: int = 0,
         seen: int = 0,
+        heavy: bool = False,
     ) -> None:
         """Hand a request to dispatch; a client's cache request is routed by its key, and a
         chunk request counts towards its GET's cache figures."""
@@ -169,6 +177,7 @@ class Core:
                 owner=h.owner_key(op, header) if client else None,
                 read=h.read_of(op, header) if client else None,
                 reserve=reserve,
+                heavy=heavy,
             )
         )
 
@@ -355,6 +364,7 @@ class Core:
                 "dropped_replies": outboxes.dropped,
                 "shed": {"replies": outboxes.shed, "requests": self.dispatcher.shed},
                 "backed_off": admission.backed_off,
+                "busy": admission.busy,
                 "fds": limits.fd_limit(),
                 "budgets": {
                     "client_bytes": limits.CLIENT_BYTES,

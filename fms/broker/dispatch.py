@@ -53,7 +53,9 @@ class Dispatcher:
 
     def _track(self, pending: Pending, delta: int) -> None:
         if pending.origin["via"] == FRONTEND:
-            self.admission.track(pending.origin["from"], delta, pending.nbytes, pending.reserve)
+            self.admission.track(
+                pending.origin["from"], delta, pending.nbytes, pending.reserve, pending.heavy
+            )
 
     def submit(self, pending: Pending) -> None:
         """Queue ``pending`` for its service (or the fallback) and send what the workers'

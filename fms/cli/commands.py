@@ -1,5 +1,7 @@
 """The client's commands: each takes the parsed arguments, opens a :class:`fms.Client`, runs,
-prints, and returns an exit code (None for success)."""
+prints, and returns an exit code (None for success).  Commands that change many stored names
+(``rm``, ``cp -r``, ``mv -r``) are in :mod:`.remote`, ``sync`` in :mod:`.sync`; the local
+paths they read and write are checked by :mod:`.local`."""
 
 import contextlib
 import datetime
@@ -9,70 +11,86 @@ import sys
 
 from .. import wire as p
 from ..errors import FmsError, NotFound
-
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+from . import local
+from .main import EXIT_ERROR, EXIT_OK
 
 PROGRESS_MIN = 1 * p.MiB  # transfers larger than this get a progress bar on a terminal
+CURVE_ENV = ("FMS_CURVE_SECRET", "FMS_SERVER_KEY")
 
 
+@contextlib.contextmanager
 def open_client(args):
-    from ..client import Client
-    from ..logutil import setup_logging
-
-    setup_logging(getattr(args, "log_level", "WARNING"))
+    """The :class:`fms.Client` a command runs on: the shell's own (``args.shell_client``),
+    or a new one, closed at the end."""
+    shared = getattr(args, "shell_client", None)
     progress = None
     if not getattr(args, "quiet", False) and sys.stderr.isatty():
         progress = _ProgressBars()
-    from ..security import client_keys
+    if shared is not None:
+        shared.progress = progress
+        shared.fsync = getattr(args, "fsync", False)
+        shared.cache = not getattr(args, "no_cache", False)
+        yield shared
+        return
+    from ..client import Client
 
-    curve = client_keys(getattr(args, "curve_secret", None), getattr(args, "server_key", None))
-    return Client(
+    if hasattr(args, "log_level"):  # else nothing to configure: the client logs no INFO
+        from ..logutil import setup_logging
+
+        setup_logging(args.log_level)
+    curve = None
+    secret, server = getattr(args, "curve_secret", None), getattr(args, "server_key", None)
+    if secret or server or any(os.environ.get(name) for name in CURVE_ENV):
+        from ..security import client_keys  # only with keys: it imports zmq.auth and more
+
+        curve = client_keys(secret, server)
+    with Client(
         getattr(args, "broker", None),
         timeout=getattr(args, "timeout", 5.0),
         progress=progress,
         curve=curve,
         fsync=getattr(args, "fsync", False),
         cache=not getattr(args, "no_cache", False),
-    )
+    ) as client:
+        yield client
 
 
 class _ProgressBars:
     """Progress on stderr, drawn by tqdm (percent, rate, ETA): for one file over PROGRESS_MIN,
-    a bar through its sha256 being computed (before an upload, ``hashing``) and then its
-    chunks moving, on one line; for a tree (between ``tree`` and ``close``), one bar of all its
-    bytes with the files done beside it."""
+    a bar of its sha256 being computed (before an upload, ``hashing``), then on the same line a
+    new bar of its chunks moving; for a tree (between ``tree`` and ``close``), one bar of all
+    its bytes with the files done beside it, moved as each file is done."""
 
     def __init__(self):
         self.bar = None
-        self.name = None
-        self.files = None  # in a tree: [done, of], and the bytes of files done
-        self.base = 0
+        self.key = None  # (name, phase) the bar draws
+        self.files = None  # in a tree: [done, of]
+        self.base = 0  # in a tree: the bytes of the files done
 
     def hashing(self, name: str, done: int, total: int):
         if self.files is None:
-            self._file(name, done, total, f"{name} (sha256)")
-            if done >= total and self.bar is not None:
-                self.bar.refresh()  # drawn at 100% before the upload takes the line
+            self._file((name, "sha256"), done, total, f"{name} (sha256)")
 
-    def __call__(self, name: str, done: int, total: int):
+    def __call__(self, name: str, done: int, total: int | None):
         if self.files is not None:
-            self.bar.update(self.base + min(done, total) - self.bar.n)
+            self.bar.update(self.base + min(done, total or done) - self.bar.n)
             return
-        self._file(name, done, total, name)
-        if done >= total:
+        self._file((name, "move"), done, total, name)
+        if total is not None and done >= total:
             self.close()
 
-    def _file(self, name: str, done: int, total: int, desc: str):
-        if total <= PROGRESS_MIN:
+    def _file(self, key: tuple, done: int, total: int | None, desc: str):
+        if total is not None and total <= PROGRESS_MIN:
             return
-        if self.bar is None or self.name != name:
-            self.close()
-            self.bar = _bar(total, desc)
-            self.name = name
-        elif self.bar.desc != desc:  # hashed: the same line goes on with the upload
-            self.bar.reset(total)
-            self.bar.set_description(desc, refresh=False)
+        if self.key != key:
+            # A fresh bar for each phase: a bar reset to 0 keeps its rate and its pace of
+            # redrawing, which the hashing set (the upload's bar sat at 0 %, then showed TB/s).
+            self.close(keep=False)
+            self.bar = _bar(total, desc, leave=key[1] != "sha256")
+            self.key = key
         self.bar.update(done - self.bar.n)
+        if key[1] == "sha256" and done >= total:
+            self.bar.refresh()  # drawn at 100 % before the upload takes the line
 
     def tree(self, files: int, nbytes: int, verb: str):
         """A tree of ``files`` files and ``nbytes`` bytes starts moving."""
@@ -81,20 +99,23 @@ class _ProgressBars:
         self.files, self.base = [0, files], 0
         self.bar.set_postfix_str(f"files 0/{files:,}")
 
-    def files_done(self, count: int, nbytes: int):
-        self.files[0] += count
+    def file_done(self, nbytes: int):
+        self.files[0] += 1
         self.base += nbytes
         self.bar.update(self.base - self.bar.n)
-        self.bar.set_postfix_str(f"files {self.files[0]:,}/{self.files[1]:,}")
+        self.bar.set_postfix_str(f"files {self.files[0]:,}/{self.files[1]:,}", refresh=False)
 
-    def close(self):
+    def close(self, keep: bool = True):
         if self.bar is not None:
+            if keep:
+                self.bar.refresh()  # the last counts, whatever tqdm's pace of redrawing
             self.bar.close()
             self.bar = None
         self.files = None
+        self.key = None
 
 
-def _bar(total: int, desc: str):
+def _bar(total: int | None, desc: str, leave: bool = True):
     from tqdm import tqdm
 
     return tqdm(
@@ -104,48 +125,116 @@ def _bar(total: int, desc: str):
         unit_divisor=1024,
         desc=desc,
         file=sys.stderr,
-        leave=True,
+        leave=leave,
     )
 
 
-TREE_SLICE = 256  # files moved between two updates of a tree's progress bar
+def move_tree(client, move, items: list, sizes: list, verb: str) -> list:
+    """``move(items, done=...)`` (``client.put_many`` or ``get_many``), drawing one bar for the
+    whole tree when progress is drawn, moved as each file is done.  Interrupted (Ctrl-C), it
+    says how many files were done first.  :return: the results, in order."""
+    bars = client.progress if isinstance(client.progress, _ProgressBars) else None
+    finished = []
 
+    def done(i: int, _stat):
+        finished.append(i)
+        if bars is not None and bars.files is not None:
+            bars.file_done(sizes[i])
 
-def _move_tree(client, move, items: list, sizes: list, verb: str) -> list:
-    """``move(items)`` (``client.put_many`` or ``get_many``) a slice at a time, drawing one bar
-    for the whole tree when progress is drawn; :return: the results, in order."""
-    bars = client.progress
-    if not isinstance(bars, _ProgressBars) or len(items) < 2:
-        return move(items)
-    bars.tree(len(items), sum(sizes), verb)
-    results = []
+    if bars is not None and len(items) > 1:
+        bars.tree(len(items), sum(sizes), verb)
     try:
-        for start in range(0, len(items), TREE_SLICE):
-            results += move(items[start : start + TREE_SLICE])
-            bars.files_done(len(results) - bars.files[0], sum(sizes[bars.files[0] : len(results)]))
+        return move(items, done=done)
+    except KeyboardInterrupt:
+        if len(items) > 1:
+            print(
+                f"{verb}: interrupted after {len(finished):,} of {len(items):,} files; run it "
+                f"again for the rest",
+                file=sys.stderr,
+            )
+        raise
     finally:
-        bars.close()
-    return results
+        if bars is not None:
+            bars.close()
 
 
-def _say(args, text: str):
+def say(args, text: str):
     if not getattr(args, "quiet", False):
         print(text, file=sys.stderr)
 
 
+def print_result(args, result, text: str):
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        say(args, text)
+
+
+def folder_hint(client, name: str, command: str) -> FmsError | None:
+    """If ``name`` is a folder (names are stored under ``name/``): the error saying so and
+    what to run instead; else None."""
+    prefix = name.strip("/") + "/"
+    if prefix == "/":
+        return None
+    try:
+        held = client.du(prefix)["files"]
+    except FmsError:
+        return None
+    if not held:
+        return None
+    folder = prefix.rstrip("/")
+    advice = {
+        "get": f"get -r {folder} DESTDIR",
+        "cat": f"ls -r {folder}/ to list its files",
+        "stat": f"du {folder}/, or ls {folder}/",
+        "rm": f"rm -r {folder}/",
+        "cp": f"cp -r {folder}/ DST",
+        "mv": f"mv -r {folder}/ DST",
+        "versions": f"ls -r {folder}/",
+        "restore": f"ls -r {folder}/",
+    }.get(command, f"ls {folder}/")
+    return NotFound(f"{folder!r} is a folder ({held:,} files under {prefix}); use: {advice}")
+
+
+@contextlib.contextmanager
+def hinting(client, name: str, command: str, errors=NotFound):
+    """An error of the kinds ``errors`` about ``name`` becomes the folder hint when ``name``
+    is a folder (a not found; for get, also a local folder in the way of a remote one)."""
+    try:
+        yield
+    except errors:
+        hint = folder_hint(client, name, command)
+        if hint is None:
+            raise
+        raise hint from None
+
+
+# --- put ---
+
+
 def cmd_put(args):
-    items = _put_items(args.local, args.recursive)
+    from .filters import selector
+
+    wanted = selector(args.filters)
+    if args.filters and not args.recursive:
+        raise FmsError("--include and --exclude choose files in a tree: give them with put -r")
+    items, streams = _put_items(args.local, args.recursive, wanted)
     with open_client(args) as client:
-        results = _move_tree(
-            client, client.put_many, items, [_local_size(path) for path, _name in items], "put"
-        )
+        results = []
+        if items:
+            results += move_tree(
+                client, client.put_many, items, [_local_size(path) for path, _ in items], "put"
+            )
+        for stream, name in streams:
+            with stream.open() as f:
+                results.append(client.put_stream(f, name))
     if args.json:
         print(json.dumps(results, indent=1))
     elif len(results) == 1 and not args.recursive:
         r = results[0]
-        _say(args, f"uploaded {r['name']} ({_human(r['size'])}, version {r['version']})")
+        say(args, f"uploaded {r['name']} ({human(r['size'])}, version {r['version']})")
     else:
-        _say(args, f"uploaded {len(results)} files, {_human(sum(r['size'] for r in results))}")
+        say(args, f"uploaded {files(len(results))}, {human(sum(r['size'] for r in results))}")
 
 
 def _local_size(path: str) -> int:
@@ -155,181 +244,184 @@ def _local_size(path: str) -> int:
         return 0  # put_many says what is wrong with it
 
 
-def _put_items(paths: list, recursive: bool) -> list:
-    """``(local path, name)`` for ``put [-r] LOCAL... [NAME]``, as ``cp`` reads its arguments:
-    one LOCAL and a NAME: stored as NAME (with -r, NAME is the prefix); a NAME ending in '/', or
-    several LOCALs: each goes into that folder under its base name."""
+def _put_items(paths: list, recursive: bool, wanted=None) -> tuple:
+    """``([(local path, name)], [(Stream, name)])`` for ``put [-r] LOCAL... [NAME]``, as
+    ``cp`` reads its arguments: one LOCAL and a NAME: stored as NAME (with -r, NAME is the
+    prefix); a NAME ending in '/', or several LOCALs: each goes into that folder under its base
+    name.  Every source is checked before anything is sent."""
     sources, dest = (paths, None) if len(paths) == 1 else (paths[:-1], paths[-1])
     into = dest is not None and (dest.endswith("/") or len(sources) > 1)
-    items = []
-    for local in sources:
-        base = os.path.basename(os.path.normpath(os.path.abspath(local)))
+    if sources.count(local.STDIN) > 1:
+        raise FmsError("stdin ('-') can be read once: give it once")
+    items, streams = [], []
+    for path in sources:
+        kind = local.source(path, recursive)
+        base = os.path.basename(os.path.normpath(os.path.abspath(path)))
+        if isinstance(kind, local.Stream):
+            if dest is None or (into and path == local.STDIN):
+                raise FmsError(f"put {path} needs the NAME to store it under: put {path} NAME")
+            streams.append((kind, f"{dest.strip('/')}/{base}".lstrip("/") if into else dest))
+            continue
         name = f"{dest.strip('/')}/{base}".lstrip("/") if into else dest
-        if os.path.isdir(local):
-            if not recursive:
-                raise FmsError(f"{local} is a folder; upload it with: put -r {local}")
-            items += _local_tree(local, name)
-        elif not os.path.exists(local):
-            raise FmsError(f"no such file: {local}")
+        if kind == "folder":
+            items += local.tree(path, name, wanted)
         else:
-            items.append((local, name if name is not None else base))
-    return items
+            items.append((path, name if name is not None else base))
+    return items, streams
 
 
-def _local_tree(folder: str, prefix, allow_empty: bool = False) -> list:
-    """``(path, name)`` of every regular file under ``folder``, named ``prefix/<relative
-    path>`` (``prefix`` None: the folder's base name), in name order."""
-    if not os.path.isdir(folder):
-        raise FmsError(f"{folder} is not a folder")
-    if prefix is None:
-        prefix = os.path.basename(os.path.normpath(os.path.abspath(folder)))
-    prefix = prefix.strip("/")
-    items = []
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        for fname in sorted(files):
-            path = os.path.join(root, fname)
-            if not os.path.isfile(path):
-                continue  # sockets, fifos, broken links
-            rel = os.path.relpath(path, folder).replace(os.sep, "/")
-            items.append((path, f"{prefix}/{rel}" if prefix else rel))
-    if not items and not allow_empty:
-        raise FmsError(f"no files under {folder}")
-    return items
+# --- get and cat ---
 
 
 def cmd_get(args):
     with open_client(args) as client:
         if args.recursive:
-            if args.dest is None or args.dest == "-":
-                raise FmsError("get -r needs a destination folder: get -r PREFIX DESTDIR")
-            prefix = args.name.strip("/")
-            entries = client.ls(f"{prefix}/" if prefix else "")
-            if not entries:
-                raise NotFound(f"not found: no files under {args.name!r}; list names with: ls")
-            items = [
-                (e["name"], _inside(args.dest, e["name"][len(prefix) + 1 if prefix else 0 :]))
-                for e in entries
-            ]
-            _check_tree(items)
-            results = _move_tree(
-                client, client.get_many, items, [e["size"] for e in entries], "get"
+            return _get_tree(args, client)
+        if args.filters:
+            raise FmsError("--include and --exclude choose files in a tree: give them with get -r")
+        if args.name.endswith("/"):
+            raise folder_hint(client, args.name, "get") or NotFound(
+                f"not found: no files under {args.name!r}; list names with: ls"
             )
-            _print_result(
-                args,
-                results,
-                f"downloaded {len(results)} files, "
-                f"{_human(sum(r['size'] for r in results))} to "
-                f"{args.dest}",
-            )
-            return
-        if args.range is not None:
-            return _get_range(args, client)
-        if args.dest == "-":
-            client.get_to(args.name, sys.stdout.buffer, args.version_number)
-            sys.stdout.buffer.flush()
-            return
-        dest = _file_dest(args.dest, args.name)
-        result = client.get(args.name, dest, args.version_number)
-        _print_result(
-            args, result, f"downloaded {result['name']} ({_human(result['size'])}) to {dest}"
+        with hinting(client, args.name, "get", FmsError):
+            if args.dest == "-":
+                return _to_stdout(args, client, args.name)
+            dest = local.file_dest(args.dest, args.name)
+            if args.no_clobber and local.clobbers(dest):
+                return _skipped(args, args.name, dest)
+            if args.range is not None:
+                return _get_range(args, client, args.name, dest)
+            result = client.get(args.name, dest, args.version_number)
+    print_result(args, result, f"downloaded {result['name']} ({human(result['size'])}) to {dest}")
+
+
+def _skipped(args, name: str, dest: str):
+    print_result(
+        args,
+        {"name": name, "dest": dest, "skipped": True},
+        f"skipped {name}: {dest} exists (--no-clobber)",
+    )
+
+
+def _get_tree(args, client):
+    from .filters import selector
+
+    if args.dest is None or args.dest == "-":
+        raise FmsError("get -r needs a destination folder: get -r PREFIX DESTDIR")
+    if args.range is not None or args.version_number is not None:
+        raise FmsError("--range and --version read one file: give them without -r")
+    wanted = selector(args.filters)
+    prefix = args.name.strip("/")
+    entries = []
+    for e in client.iter_ls(f"{prefix}/" if prefix else ""):
+        rel = e["name"][len(prefix) + 1 if prefix else 0 :]
+        if wanted is None or wanted(rel):
+            entries.append((e, local.inside(args.dest, rel)))
+    if not entries:
+        if wanted is not None:
+            raise NotFound(f"no files under {args.name!r} that the filters let through")
+        raise folder_hint(client, args.name, "get") or NotFound(
+            f"not found: no files under {args.name!r}; list names with: ls"
         )
+    items = [(e["name"], dest) for e, dest in entries]
+    local.check_tree(items)
+    skipped = []
+    if args.no_clobber:
+        skipped = [dest for _name, dest in items if local.clobbers(dest)]
+        gone = set(skipped)
+        entries = [(e, dest) for e, dest in entries if dest not in gone]
+        items = [(name, dest) for name, dest in items if dest not in gone]
+    results = []
+    if items:
+        results = move_tree(
+            client, client.get_many, items, [e["size"] for e, _dest in entries], "get"
+        )
+    if args.json:
+        out = [*results, *({"dest": d, "skipped": True} for d in skipped)]
+        print(json.dumps(out, indent=1))
+        return
+    kept = f", {len(skipped):,} skipped (they exist: --no-clobber)" if skipped else ""
+    say(
+        args,
+        f"downloaded {files(len(results))}, {human(sum(r['size'] for r in results))} to "
+        f"{args.dest}{kept}",
+    )
 
 
 RANGE_PIECE = 1 * p.MiB  # bytes a ranged get reads and writes at a time
 
 
-def _get_range(args, client):
-    """``get NAME [DEST] --range START-END``: a ranged read (only the chunks that hold the
-    bytes are fetched), to stdout or to a file written whole or not at all."""
+def _copy_range(src, start: int, end: int | None, out):
+    """Bytes ``start`` to ``end`` (None: the end; ``start`` < 0: the last -start bytes, as
+    HTTP's suffix range) of the open remote file ``src`` to the stream ``out``; only the
+    chunks that hold them are fetched.  :return: (first byte, byte after the last)."""
+    if start < 0:
+        start = max(0, src.size + start)
+    end = src.size if end is None else min(end, src.size)
+    src.seek(start)
+    left = max(0, end - start)
+    while left:
+        piece = src.read(min(left, RANGE_PIECE))
+        if not piece:
+            break
+        out.write(piece)
+        left -= len(piece)
+    return start, max(start, end)
+
+
+def _get_range(args, client, name: str, dest: str | None):
+    """``get NAME [DEST] --range RANGE``: to stdout (``dest`` None) or to a file written whole
+    or not at all."""
     from ..client.download import atomic_file
 
-    start, end = args.range
-    with client.open(args.name) as src:
-        end = src.size if end is None else min(end, src.size)
-        src.seek(start)
-
-        def copy(out):
-            left = max(0, end - start)
-            while left:
-                piece = src.read(min(left, RANGE_PIECE))
-                if not piece:
-                    break
-                out.write(piece)
-                left -= len(piece)
-
-        if args.dest == "-":
-            copy(sys.stdout.buffer)
+    if args.version_number is not None:
+        raise FmsError("--range reads the current version: give --version without it")
+    with client.open(name) as src:
+        if dest is None:
+            _copy_range(src, *args.range, sys.stdout.buffer)
             sys.stdout.buffer.flush()
             return
-        dest = _file_dest(args.dest, args.name)
         with atomic_file(dest, src.manifest) as out:
-            copy(out)
-    _say(args, f"downloaded bytes {start}-{max(start, end) - 1} of {args.name} to {dest}")
+            start, end = _copy_range(src, *args.range, out)
+    say(args, f"downloaded bytes {start}-{end - 1} of {name} to {dest}")
 
 
-def _file_dest(dest: str | None, name: str) -> str:
-    """Where ``get NAME [DEST]`` writes, as ``cp`` decides it: into a folder under the base
-    name; a folder that does not exist is an error (``cp`` does not make it either)."""
-    base = os.path.basename(name)
-    if dest is None:
-        return base
-    if os.path.isdir(dest):
-        return os.path.join(dest, base)
-    folder = os.path.dirname(dest) if not dest.endswith("/") else dest
-    if folder and not os.path.isdir(folder):
-        raise FmsError(
-            f"no folder {folder}: create it first (mkdir -p {folder}), or name another destination"
-        )
-    return dest
+def _to_stdout(args, client, name: str):
+    if args.range is not None:
+        return _get_range(args, client, name, None)
+    client.get_to(name, sys.stdout.buffer, args.version_number)
+    sys.stdout.buffer.flush()
 
 
-def _check_tree(items: list):
-    """Refuse, before anything is written, a download tree in which a path would be both a
-    file and a folder: stored names like ``a`` and ``a/b``, or a local folder (file) where a
-    file (folder) is to go."""
-    dests = {dest for _name, dest in items}
-    for name, dest in items:
-        if os.path.isdir(dest) and not os.path.islink(dest):
-            raise FmsError(
-                f"{dest} is a folder, so {name!r} cannot be written there; move it "
-                f"away or choose another destination; nothing was downloaded"
-            )
-    folders = {}
-    for name, dest in items:
-        folder = os.path.dirname(dest)
-        while folder not in folders:
-            folders[folder] = name
-            folder = os.path.dirname(folder)
-    for folder, name in folders.items():
-        if folder in dests:
-            clash = next(n for n, d in items if d == folder)
-            raise FmsError(
-                f"{clash!r} and {name!r} are both stored: {clash!r} would be a file "
-                f"and a folder at once; fetch them one by one (get NAME DEST); "
-                f"nothing was downloaded"
-            )
-        if os.path.lexists(folder) and not os.path.isdir(folder):
-            raise FmsError(
-                f"{folder} is a file, so {name!r} cannot be written under it; "
-                f"move it away or choose another destination; nothing was "
-                f"downloaded"
-            )
+def cmd_cat(args):
+    if len(args.names) > 1 and (args.range is not None or args.version_number is not None):
+        raise FmsError("--range and --version read one file: give one NAME with them")
+    with open_client(args) as client:
+        for name in args.names:
+            if name.endswith("/"):
+                raise folder_hint(client, name, "cat") or NotFound(f"not found: {name!r}")
+            with hinting(client, name, "cat"):
+                _to_stdout(args, client, name)
 
 
-def _inside(folder: str, rel: str) -> str:
-    """``folder/rel``, refusing anything that would land outside ``folder``."""
-    base = os.path.abspath(folder)
-    path = os.path.abspath(os.path.join(base, rel))
-    if os.path.commonpath([base, path]) != base or path == base:
-        raise FmsError(f"refusing to write {rel!r} outside {folder}")
-    return path
+# --- listing ---
 
 
 def cmd_ls(args):
     # Printed page by page as they come: a listing of any length holds one page in memory.
     with open_client(args) as client:
         entries = client.iter_ls(args.prefix) if args.recursive else client.iter_folder(args.prefix)
+        first = next(entries, None)
+        if first is None and args.prefix:
+            parent = os.path.dirname(args.prefix.rstrip("/"))
+            raise NotFound(
+                f"nothing is stored under {args.prefix!r}; see what is with: ls"
+                + (f" {parent}/" if parent else "")
+            )
+        if first is None:
+            print("[]" if args.json else "", end="\n" if args.json else "")
+            return
+        entries = _chain(first, entries)
         if args.json:
             print("[", end="")
             for i, e in enumerate(entries):
@@ -340,16 +432,21 @@ def cmd_ls(args):
             print(_ls_line(e, args.long, args.human))
 
 
-def _ls_line(e: dict, long: bool, human: bool) -> str:
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def _ls_line(e: dict, long: bool, as_human: bool) -> str:
     """One line of ``ls``: size, mtime, name (``-l``: and version, sha256); a folder as
     ``aws s3 ls`` shows it, ``PRE``."""
     if e.get("folder"):
-        size, when, extra = "PRE", "", "" if not long else f"{'':>6}  {'':12}  "
+        size, at, extra = "PRE", "", "" if not long else f"{'':>6}  {'':12}  "
     else:
-        size = _human(e["size"]) if human else f"{e['size']:,}"
-        when = _when(e["mtime"])
+        size = human(e["size"]) if as_human else f"{e['size']:,}"
+        at = when(e["mtime"])
         extra = f"{'v' + str(e['version']):>6}  {e['sha256'][:12]}  " if long else ""
-    return f"{size:>14}  {when:<19}  {extra}{e['name']}"
+    return f"{size:>14}  {at:<19}  {extra}{e['name']}"
 
 
 def cmd_du(args):
@@ -357,8 +454,9 @@ def cmd_du(args):
         du = client.du(args.prefix)
     if args.json:
         print(json.dumps({"prefix": args.prefix, **du}))
-    else:
-        print(f"{du['files']:>10,} files  {_human(du['bytes']):>10}  {args.prefix or '(all)'}")
+        return
+    size = human(du["bytes"]) if args.human else f"{du['bytes']:,}"
+    print(f"{du['files']:>10,} files  {size:>14}  {args.prefix or '(all)'}")
 
 
 def cmd_find(args):
@@ -378,51 +476,39 @@ def cmd_find(args):
             print(e["name"])
 
 
+def cmd_stat(args):
+    with open_client(args) as client, hinting(client, args.name, "stat"):
+        info = client.stat(args.name)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return
+    for key in ("name", "size", "sha256", "mtime", "version", "chunks", "chunk_size"):
+        value = when(info[key]) if key == "mtime" else info[key]
+        print(f"{key + ':':<12}{value}")
+
+
 def cmd_versions(args):
-    with open_client(args) as client:
+    with open_client(args) as client, hinting(client, args.name, "versions"):
         found = client.versions(args.name)
     if args.json:
         print(json.dumps(found, indent=1))
         return
     for v in found:
         print(
-            f"{'v' + str(v['version']):>6}  {v['size']:>14,}  {_when(v['mtime'])}  "
+            f"{'v' + str(v['version']):>6}  {v['size']:>14,}  {when(v['mtime'])}  "
             f"{v['sha256'][:12]}  {'current' if v['current'] else 'retained'}"
         )
 
 
 def cmd_restore(args):
-    with open_client(args) as client:
+    with open_client(args) as client, hinting(client, args.name, "restore"):
         stat = client.restore(args.name, args.version_number)
-    _print_result(
-        args, stat, f"restored {stat['name']} as version {stat['version']} ({_human(stat['size'])})"
+    print_result(
+        args, stat, f"restored {stat['name']} as version {stat['version']} ({human(stat['size'])})"
     )
 
 
-def _into(src: str, dst: str) -> str:
-    """``dst``, or ``dst/<base name of src>`` when ``dst`` ends in '/' (a folder)."""
-    return dst + src.rsplit("/", 1)[-1] if dst.endswith("/") else dst
-
-
-def cmd_mv(args):
-    with open_client(args) as client:
-        stat = client.mv(args.src, _into(args.src, args.dst))
-    _print_result(args, stat, f"moved {args.src} to {stat['name']}")
-
-
-def cmd_cp(args):
-    with open_client(args) as client:
-        stat = client.cp(args.src, _into(args.src, args.dst))
-    _print_result(
-        args, stat, f"copied {args.src} to {stat['name']} ({_human(stat['size'])}, no data moved)"
-    )
-
-
-def _print_result(args, result, text: str):
-    if args.json:
-        print(json.dumps(result, indent=1))
-    else:
-        _say(args, text)
+# --- the cluster ---
 
 
 def cmd_gc(args):
@@ -433,7 +519,7 @@ def cmd_gc(args):
         return
     verb = "would free" if args.dry_run else "freed"
     print(
-        f"gc: {verb} {freed['chunks']:,} chunks, {_human(freed['bytes'])} "
+        f"gc: {verb} {freed['chunks']:,} chunks, {human(freed['bytes'])} "
         f"({freed['orphans']:,} orphans); dropped {freed['pruned']:,} old tombstones "
         f"and commit ids"
     )
@@ -464,7 +550,7 @@ def cmd_fsck(args):
     else:
         print(
             f"fsck: {totals['names']:,} files, {totals['chunks']:,} chunks "
-            f"({_human(totals['bytes'])}) checked; {len(totals['damaged'])} damaged or missing; "
+            f"({human(totals['bytes'])}) checked; {len(totals['damaged'])} damaged or missing; "
             f"{totals['orphans']:,} orphan chunks (collected by gc after the grace period); "
             f"{totals['refcount_errors']} reference counts wrong"
         )
@@ -474,36 +560,6 @@ def cmd_fsck(args):
                 file=sys.stderr,
             )
     return EXIT_ERROR if bad else EXIT_OK
-
-
-def cmd_stat(args):
-    with open_client(args) as client:
-        info = client.stat(args.name)
-    if args.json:
-        print(json.dumps(info, indent=1))
-        return
-    for key in ("name", "size", "sha256", "mtime", "version", "chunks", "chunk_size"):
-        value = _when(info[key]) if key == "mtime" else info[key]
-        print(f"{key + ':':<12}{value}")
-
-
-def cmd_rm(args):
-    with open_client(args) as client:
-        if not args.recursive:
-            old = client.rm(args.name)
-            _print_result(args, old, f"removed {old['name']}")
-            return
-        prefix = args.name.strip("/") + "/"
-        if prefix == "/":
-            raise FmsError("rm -r needs a prefix, such as: rm -r photos/")
-        removed = 0
-        for page in client.rm_prefix(prefix):
-            removed += len(page)
-    if not removed:
-        raise NotFound(f"not found: no files under {prefix!r}; list names with: ls")
-    _print_result(
-        args, {"prefix": prefix, "removed": removed}, f"removed {removed:,} files under {prefix}"
-    )
 
 
 def cmd_stats(args):
@@ -548,21 +604,21 @@ def cmd_stats(args):
         ratio = f"{cache['get_hits'] / gets:.2f}" if gets else "-"
         print(
             f"cache   get_hits={cache['get_hits']} get_misses={cache['get_misses']} "
-            f"hit_ratio={ratio} bytes_hit={_human(cache['bytes_hit'])} "
-            f"bytes_missed={_human(cache['bytes_missed'])} "
+            f"hit_ratio={ratio} bytes_hit={human(cache['bytes_hit'])} "
+            f"bytes_missed={human(cache['bytes_missed'])} "
             f"evictions={cache['evictions']} refused={cache['admissions_refused']}"
         )
         print(
-            f"cache   (one worker) bytes={_human(cache['bytes'])}/"
-            f"{_human(cache['max_bytes'])} entries={cache['entries']} "
+            f"cache   (one worker) bytes={human(cache['bytes'])}/"
+            f"{human(cache['max_bytes'])} entries={cache['entries']} "
             f"lookups: hits={cache['hits']} misses={cache['misses']}"
         )
     if store is None:
         print("store   no storage worker connected")
     else:
         print(
-            f"store   files={store['files']} bytes={_human(store['bytes'])} "
-            f"stored={_human(store['chunk_bytes'])} (after dedup)"
+            f"store   files={store['files']} bytes={human(store['bytes'])} "
+            f"stored={human(store['chunk_bytes'])} (after dedup)"
         )
 
 
@@ -571,12 +627,18 @@ def cmd_keygen(args):
 
     public, secret = keygen(args.dir, args.name)
     print(
-        f"wrote {public} (public: give it to the broker's operator for its --allow folder)\n"
+        f"wrote {public} (public: the broker's operator puts it in the broker's --allow "
+        f"folder if this is a client's key, in --allow-workers if a worker's)\n"
         f"wrote {secret} (secret, mode 0600: keep it on this machine only)"
     )
 
 
-def _human(n: int) -> str:
+def files(n: int) -> str:
+    """``"1 file"``, ``"2,048 files"``."""
+    return f"{n:,} file" if n == 1 else f"{n:,} files"
+
+
+def human(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -584,5 +646,5 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def _when(ts: float) -> str:
+def when(ts: float) -> str:
     return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")

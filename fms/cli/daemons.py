@@ -9,7 +9,7 @@ import sys
 
 from .. import wire as p
 from ..errors import FmsError
-from .commands import EXIT_OK, EXIT_REFUSED
+from .main import EXIT_OK, EXIT_REFUSED
 from .parser import DEFAULT_DATA
 
 

@@ -6,83 +6,93 @@ Each command parses its arguments, builds the object, runs it and sets the exit 
 130 interrupted.
 """
 
+import importlib
 import sys
 
 from ..errors import FmsError
-from . import commands, daemons, sync, up
-from .commands import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK
-from .parser import build_parser, command_parser
+from .parser import build_parser, command_in, command_parser
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+# Each command's handler, as "module:function" in fms.cli: imported only when it runs, so
+# `fms ls` does not import the daemons, the storage engine or the shell.
+HANDLERS = {
+    "put": "commands:cmd_put",
+    "get": "commands:cmd_get",
+    "ls": "commands:cmd_ls",
+    "stat": "commands:cmd_stat",
+    "cat": "commands:cmd_cat",
+    "rm": "remote:cmd_rm",
+    "stats": "commands:cmd_stats",
+    "mv": "remote:cmd_mv",
+    "cp": "remote:cmd_cp",
+    "du": "commands:cmd_du",
+    "find": "commands:cmd_find",
+    "versions": "commands:cmd_versions",
+    "restore": "commands:cmd_restore",
+    "sync": "sync:cmd_sync",
+    "gc": "commands:cmd_gc",
+    "fsck": "commands:cmd_fsck",
+    "keygen": "commands:cmd_keygen",
+    "broker": "daemons:cmd_broker",
+    "storage": "daemons:cmd_storage",
+    "cache": "daemons:cmd_cache",
+    "up": "up:cmd_up",
+}
+
+
+def handler(command: str):
+    """The function that runs ``command``."""
+    module, function = HANDLERS[command].split(":")
+    return getattr(importlib.import_module(f"{__package__}.{module}"), function)
 
 
 def main(argv=None) -> int:
     """The ``fms`` console script."""
-    return _run(build_parser("fms"), argv)
+    return _run("fms", False, sys.argv[1:] if argv is None else argv)
 
 
 def client_main(argv=None) -> int:
     """``python client.py``."""
-    return _run(build_parser("client.py", client_only=True), argv)
+    return _run("client.py", True, sys.argv[1:] if argv is None else argv)
 
 
 def daemon_main(kind: str, argv=None) -> int:
     """``python broker.py`` / ``storage_worker.py`` / ``cache_worker.py``."""
     prog = f"{kind}.py" if kind == "broker" else f"{kind}_worker.py"
-    parser = command_parser(build_parser("fms"), kind, prog)
+    parser = command_parser(kind, prog)
     args = parser.parse_args(argv)
     args.command = kind
-    return _dispatch(args, parser)
+    return dispatch(args, parser)
 
 
-def _run(parser, argv) -> int:
-    args = parser.parse_args(argv)
+def _run(prog: str, client_only: bool, argv: list) -> int:
+    # Only the arguments of the command about to run are built (all of them for the shell).
+    parser = build_parser(prog, client_only, only=command_in(argv) or "")
+    args = parse(parser, argv)
     if not args.command:
-        return _shell(parser, args)
-    return _dispatch(args, parser)
+        from .shell import run_shell
+
+        return run_shell(args, prog)
+    return dispatch(args, parser)
 
 
-def _shell(parser, args) -> int:
-    """No command: the interactive shell, keeping the options given before it."""
-    from .shell import run_shell
-
-    base = []
-    for option in ("broker", "timeout", "curve_secret", "server_key"):
-        if hasattr(args, option):
-            base += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
-    if getattr(args, "quiet", False):
-        base.append("--quiet")
-
-    def run(argv):
-        return _dispatch(parser.parse_args([*base, *argv]), parser)
-
-    with commands.open_client(args) as client:
-        return run_shell(run, client, parser, client.broker)
+def parse(parser, argv: list):
+    """``parser.parse_args(argv)``, but an option the command does not know is reported by
+    that command's parser (its usage, not the whole program's)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        where = parser.commands.get(args.command) if getattr(args, "command", None) else None
+        (where or parser).error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
-def _dispatch(args, parser) -> int:
-    handlers = {
-        "put": commands.cmd_put,
-        "get": commands.cmd_get,
-        "ls": commands.cmd_ls,
-        "stat": commands.cmd_stat,
-        "rm": commands.cmd_rm,
-        "stats": commands.cmd_stats,
-        "mv": commands.cmd_mv,
-        "cp": commands.cmd_cp,
-        "du": commands.cmd_du,
-        "find": commands.cmd_find,
-        "versions": commands.cmd_versions,
-        "restore": commands.cmd_restore,
-        "sync": sync.cmd_sync,
-        "gc": commands.cmd_gc,
-        "fsck": commands.cmd_fsck,
-        "keygen": commands.cmd_keygen,
-        "broker": daemons.cmd_broker,
-        "storage": daemons.cmd_storage,
-        "cache": daemons.cmd_cache,
-        "up": up.cmd_up,
-    }
+def dispatch(args, parser) -> int:
+    """Run the command ``args`` holds; :return: its exit status.  An fms error is printed as
+    one line; so is an OS error the command did not foresee (a path it cannot read or write),
+    never a traceback."""
     try:
-        return handlers[args.command](args) or EXIT_OK
+        return handler(args.command)(args) or EXIT_OK
     except FmsError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -93,3 +103,13 @@ def _dispatch(args, parser) -> int:
         # The reader of our stdout went away (e.g. `| head`): not an error of ours.
         sys.stderr.close()
         return EXIT_OK
+    except OSError as exc:
+        print(f"{parser.prog}: error: {os_error(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def os_error(exc: OSError) -> str:
+    """An OS error as one line: what failed, on which path."""
+    what = exc.strerror or str(exc)
+    paths = [f for f in (exc.filename, exc.filename2) if f is not None]
+    return f"{what}: {' -> '.join(map(str, paths))}" if paths else what

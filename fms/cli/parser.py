@@ -1,16 +1,27 @@
-"""The command line's one parser: every command, its options, its help with examples.  The
-``fms`` script offers every command, ``client.py`` the client's, and each daemon script its own
-command's options (see :func:`command_parser`)."""
+"""The command line's one parser: every command, its options, its help with examples.
+
+Each command is a function registered with :func:`command` (its name, one-line summary and
+examples) that adds the command's own arguments.  :func:`build_parser` builds from them the
+``fms`` parser (every command), ``client.py``'s (the client's commands) or the shell's (the
+client's commands without the connection options: the shell is connected already).  Told which
+command is about to run (``only``), it adds only that command's arguments: a parser of every
+command costs more than ``fms stat`` takes to run.  A new command is a registered function here
+and a handler in :data:`fms.cli.main.HANDLERS`.
+"""
 
 import argparse
 import os
 import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from .. import __version__
 from .. import wire as p
 
 DEFAULT_DATA = "./fms-data"
 DEFAULT_CACHE_BYTES = "1G"
+MAX_TIMEOUT = 24 * 3600.0  # seconds: the longest --timeout taken (a day per try)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 
@@ -25,307 +36,19 @@ def parse_size(text: str) -> int:
     return int(float(number) * scale)
 
 
-# --- the parser ---
-
-
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    pass
-
-
-def build_parser(prog: str = "fms", client_only: bool = False) -> argparse.ArgumentParser:
-    common = _client_options()
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        formatter_class=_Formatter,
-        parents=[common],
-        description="fms: a file store with a cache tier, over ZeroMQ.",
-        epilog="examples:\n"
-        f"  {prog} put report.pdf docs/report.pdf\n"
-        f"  {prog} get docs/report.pdf ./report.pdf\n"
-        f"  {prog} ls docs/\n"
-        + ("" if client_only else f"  {prog} up            # a local cluster\n"),
-    )
-    parser.add_argument("--version", action="version", version=f"fms {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    parser.commands = sub.choices  # name -> its subparser (see command_parser)
-
-    cmd = _sub(
-        sub,
-        "put",
-        "upload a file, several into a folder, or a folder tree with -r",
-        common,
-        f"{prog} put photo.jpg            # stored as 'photo.jpg'\n"
-        f"{prog} put photo.jpg trips/1.jpg\n"
-        f"{prog} put a.jpg b.jpg trips/   # trips/a.jpg, trips/b.jpg (as cp does)\n"
-        f"{prog} put -r ./album trips      # trips/<every file under ./album>",
-    )
-    cmd.add_argument("-r", "--recursive", action="store_true", help="upload folder trees")
-    cmd.add_argument(
-        "local",
-        metavar="LOCAL",
-        nargs="+",
-        help="local file(s) (or folders with -r), then optionally the NAME to store "
-        "under (default: the base name); with -r, a prefix; a NAME ending in "
-        "'/', or several LOCALs, is a folder they go into",
-    )
-    _json_arg(cmd)
-
-    cmd = _sub(
-        sub,
-        "get",
-        "download a file, or every file under a prefix with -r",
-        common,
-        f"{prog} get trips/1.jpg             # to ./1.jpg\n"
-        f"{prog} get trips/1.jpg /tmp/a.jpg\n"
-        f"{prog} get trips/1.jpg - | wc -c   # to stdout\n"
-        f"{prog} get big.bin - --range 1048576-1049599   # 1 KiB from 1 MiB on\n"
-        f"{prog} get -r trips ./restore      # keeps the tree",
-    )
-    cmd.add_argument("-r", "--recursive", action="store_true", help="download a prefix as a tree")
-    cmd.add_argument(
-        "--no-cache",
-        action="store_true",
-        help="read from storage, not through the cache (a one-time read, e.g. a "
-        "backup, that should not displace what others read often)",
-    )
-    cmd.add_argument(
-        "--fsync",
-        action="store_true",
-        help="flush downloads to disk before renaming them into place (survives a "
-        "power loss; slower)",
-    )
-    cmd.add_argument(
-        "--version",
-        type=int,
-        metavar="V",
-        dest="version_number",
-        help="read version V, current or retained (see: versions NAME)",
-    )
-    cmd.add_argument(
-        "--range",
-        type=parse_range,
-        metavar="START-END",
-        help="only bytes START to END (inclusive, from 0; START- to the end), "
-        "fetching only the chunks that hold them",
-    )
-    cmd.add_argument("name", metavar="NAME", help="stored name (a prefix with -r)")
-    cmd.add_argument(
-        "dest",
-        metavar="DEST",
-        nargs="?",
-        help="destination file or folder, '-' for stdout (default: ./<base name>)",
-    )
-    _json_arg(cmd)
-
-    cmd = _sub(
-        sub,
-        "ls",
-        "list one level under a prefix (folders collapsed), or every name with -r",
-        common,
-        f"{prog} ls                 # top level: files and folders/\n"
-        f"{prog} ls trips/ -lh\n{prog} ls -r trips/ --json",
-        add_help=False,
-    )
-    cmd.add_argument(
-        "prefix",
-        metavar="PREFIX",
-        nargs="?",
-        default="",
-        help="only names starting so (a folder: end it with '/')",
-    )
-    cmd.add_argument(
-        "-r", "--recursive", action="store_true", help="every name under PREFIX, not one level"
-    )
-    cmd.add_argument("-l", "--long", action="store_true", help="also version and sha256")
-    cmd.add_argument("-h", "--human", dest="human", action="store_true", help="sizes as 1.5 MiB")
-    _json_arg(cmd, "print a JSON list of objects (folders as {name, folder: true})")
-
-    cmd = _sub(
-        sub,
-        "stat",
-        "show a stored file's size, sha256, mtime, version",
-        common,
-        f"{prog} stat trips/1.jpg --json",
-    )
-    cmd.add_argument("name", metavar="NAME")
-    cmd.add_argument("--json", action="store_true", help="print a JSON object")
-
-    cmd = _sub(
-        sub,
-        "rm",
-        "remove a stored name, or every name under a prefix with -r",
-        common,
-        f"{prog} rm trips/1.jpg\n{prog} rm -r trips/       # one request per 1000 names",
-    )
-    cmd.add_argument(
-        "-r", "--recursive", action="store_true", help="remove every name under the prefix NAME/"
-    )
-    cmd.add_argument("name", metavar="NAME")
-    _json_arg(cmd)
-
-    for name, summary, example in (
-        (
-            "mv",
-            "rename a stored file (atomic, no data moves)",
-            f"{prog} mv draft.txt final.txt\n{prog} mv a.txt docs/     # docs/a.txt",
-        ),
-        (
-            "cp",
-            "copy a stored file on the server (metadata only: instant at any size)",
-            f"{prog} cp big.iso backup/big.iso",
-        ),
-    ):
-        cmd = _sub(sub, name, summary, common, example)
-        cmd.add_argument("src", metavar="SRC")
-        cmd.add_argument(
-            "dst", metavar="DST", help=f"new name; ending in '/': a folder to {name} into"
-        )
-        _json_arg(cmd)
-
-    cmd = _sub(
-        sub,
-        "versions",
-        "list a name's current and retained versions",
-        common,
-        f"{prog} versions notes.txt\n{prog} versions notes.txt --json",
-    )
-    cmd.add_argument("name", metavar="NAME")
-    _json_arg(cmd)
-
-    cmd = _sub(
-        sub,
-        "restore",
-        "make a retained version current again (also after rm)",
-        common,
-        f"{prog} restore notes.txt             # the newest retained version\n"
-        f"{prog} restore notes.txt --version 3",
-    )
-    cmd.add_argument("name", metavar="NAME")
-    cmd.add_argument(
-        "--version",
-        type=int,
-        metavar="V",
-        dest="version_number",
-        help="which version (see: versions NAME); default the newest retained",
-    )
-    _json_arg(cmd)
-
-    cmd = _sub(
-        sub,
-        "du",
-        "count the files and bytes under a prefix (from the store's index)",
-        common,
-        f"{prog} du\n{prog} du trips/ --json",
-    )
-    cmd.add_argument("prefix", metavar="PREFIX", nargs="?", default="")
-    _json_arg(cmd)
-
-    cmd = _sub(
-        sub,
-        "find",
-        "list names under a prefix matching a pattern or newer than a time",
-        common,
-        f"{prog} find trips/ --name '*.jpg'\n"
-        f"{prog} find '' --newer 2d       # changed in the last two days\n"
-        f"{prog} find logs/ --newer 2026-11-01 --json",
-    )
-    cmd.add_argument("prefix", metavar="PREFIX", help="where to look ('' for everywhere)")
-    cmd.add_argument(
-        "--name",
-        metavar="GLOB",
-        help="the last part of the name matches this shell pattern (* ? [..])",
-    )
-    cmd.add_argument(
-        "--newer",
-        metavar="WHEN",
-        type=parse_when,
-        help="mtime after WHEN: a date (2026-11-01, 2026-11-01T08:30) or an age "
-        "(90s, 30m, 12h, 7d)",
-    )
-    _json_arg(cmd)
-
-    cmd = _sub(
-        sub,
-        "sync",
-        "make DST hold what SRC holds, sending only files that differ",
-        common,
-        f"{prog} sync ./photos fms:photos/           # upload\n"
-        f"{prog} sync fms:photos/ ./restore          # download\n"
-        f"{prog} sync ./photos fms:photos/ --delete --dry-run",
-    )
-    cmd.add_argument("src", metavar="SRC", help="a local folder, or fms:PREFIX")
-    cmd.add_argument("dst", metavar="DST", help="fms:PREFIX, or a local folder")
-    cmd.add_argument(
-        "--delete",
-        action="store_true",
-        help="also remove from DST what SRC does not hold (a mirror)",
-    )
-    cmd.add_argument(
-        "--dry-run", "-n", action="store_true", help="print what would be done, do nothing"
-    )
-    _json_arg(cmd)
-
-    cmd = _sub(
-        sub,
-        "stats",
-        "show the live workers and the cache's counters",
-        common,
-        f"{prog} stats --json",
-    )
-    cmd.add_argument("--json", action="store_true", help="print a JSON object")
-
-    cmd = _sub(
-        sub,
-        "gc",
-        "collect garbage now: free chunks no stored file uses",
-        common,
-        f"{prog} gc --dry-run\n{prog} gc --grace 0      # everything unreferenced, now",
-    )
-    cmd.add_argument(
-        "--grace",
-        type=_seconds,
-        metavar="SECONDS",
-        help="collect chunks unreferenced for longer than this (default: the "
-        "storage workers' --gc-grace; 0 also removes the chunks of uploads in "
-        "progress, which then fail: at your own risk)",
-    )
-    cmd.add_argument("--dry-run", action="store_true", help="count what would be freed")
-    cmd.add_argument("--json", action="store_true", help="print a JSON object")
-
-    cmd = _sub(
-        sub,
-        "fsck",
-        "check that every stored file's chunks exist and match their hash",
-        common,
-        f"{prog} fsck\n{prog} fsck --json",
-    )
-    cmd.add_argument("--json", action="store_true", help="print a JSON object")
-
-    cmd = _sub(
-        sub,
-        "keygen",
-        "make a CURVE keypair: DIR/NAME.key (public), DIR/NAME.key_secret (private, mode 0600)",
-        argparse.ArgumentParser(add_help=False),
-        f"{prog} keygen ./keys alice     # then give alice.key to the broker's operator",
-    )
-    cmd.add_argument("dir", metavar="DIR")
-    cmd.add_argument("name", metavar="NAME")
-
-    if not client_only:
-        _daemon_parsers(sub)
-    return parser
-
-
-def _json_arg(cmd, text: str = "print the result as JSON"):
-    cmd.add_argument("--json", action="store_true", help=text)
-
-
 def parse_range(text: str) -> tuple:
-    """``--range``: ``"100-199"`` -> (100, 200); ``"100-"`` -> (100, None)."""
+    """``--range``, as HTTP's Range header: ``"100-199"`` -> (100, 200), ``"100-"`` -> (100,
+    None): from 100 to the end; ``"-100"`` -> (-100, None): the last 100 bytes."""
+    suffix = re.fullmatch(r"\s*-\s*(\d+)\s*", text)
+    if suffix:
+        if int(suffix.group(1)) == 0:
+            raise argparse.ArgumentTypeError("--range -0 asks for no bytes; give -N with N > 0")
+        return -int(suffix.group(1)), None
     match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d*)\s*", text)
     if not match or (match.group(2) and int(match.group(2)) < int(match.group(1))):
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a byte range; write START-END (inclusive, e.g. 0-1023) or START-"
+            f"{text!r} is not a byte range; write START-END (inclusive, e.g. 0-1023), START- "
+            f"(to the end) or -N (the last N bytes)"
         )
     return int(match.group(1)), int(match.group(2)) + 1 if match.group(2) else None
 
@@ -351,21 +74,183 @@ def parse_when(text: str) -> float:
         ) from None
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+    return value
+
+
+def _timeout(text: str) -> float:
+    """``--timeout``: more than 0 seconds (a try that may take no time would never be answered)
+    and at most :data:`MAX_TIMEOUT`."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a timeout; give the seconds to wait for each reply, more than 0 "
+            f"and at most {MAX_TIMEOUT:.0f} (e.g. 5 or 0.5)"
+        )
+    return value
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (0 or more)")
+    return int(text)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's formatter, minus its import of shutil (and through it bz2, lzma, zlib) to
+    learn the terminal's width: every parser builds one, so every command paid for it."""
+
+    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None):
+        if width is None:
+            try:
+                width = os.get_terminal_size(sys.stdout.fileno()).columns
+            except (OSError, ValueError):
+                width = int(os.environ.get("COLUMNS", 80))
+            width -= 2  # as argparse does
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+class _Filter(argparse.Action):
+    """``--include`` / ``--exclude``: appended to one list in the order given, as
+    ``("+" or "-", PATTERN)``, since the first rule that matches a path decides (rclone's
+    filters; see :mod:`fms.cli.filters`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        rules = list(getattr(namespace, self.dest, None) or [])
+        rules.append(("+" if option_string == "--include" else "-", values))
+        setattr(namespace, self.dest, rules)
+
+
+# --- the registry ---
+
+
+@dataclass
+class Command:
+    """A command of the parser: ``add`` adds its arguments to its subparser."""
+
+    name: str
+    summary: str
+    examples: str  # one per line; "{prog}" stands for the program's name
+    add: Callable
+    client: bool = True  # False: a daemon (fms broker, storage, cache, up)
+    add_help: bool = True  # False: -h means something else (ls -h: human sizes, as ls(1))
+
+
+COMMANDS: dict = {}  # name -> Command, in the order `fms --help` lists them
+
+
+def command(name: str, summary: str, examples: str, client: bool = True, add_help: bool = True):
+    """Register the decorated ``add(subparser)`` as the command ``name``."""
+
+    def register(add: Callable) -> Callable:
+        COMMANDS[name] = Command(name, summary, examples, add, client, add_help)
+        return add
+
+    return register
+
+
+# Options of the top-level parser that take a value: skipped when looking for the command.
+_VALUED = {"--broker", "--timeout", "--log-level", "--curve-secret", "--server-key"}
+
+
+def command_in(argv: list) -> str | None:
+    """The command ``argv`` asks for (the first word that is not an option or an option's
+    value), or None if it names none of :data:`COMMANDS`."""
+    words = iter(argv)
+    for word in words:
+        if word == "--":
+            break
+        if word.startswith("-"):
+            if word in _VALUED:
+                next(words, None)
+            continue
+        return word if word in COMMANDS else None
+    return None
+
+
+def build_parser(
+    prog: str = "fms", client_only: bool = False, shell: bool = False, only: str | None = None
+) -> argparse.ArgumentParser:
+    """The parser of ``fms`` (every command), of ``client.py`` (``client_only``: the client's
+    commands) or of the shell (``shell``: the client's commands, no connection options, each
+    command's usage without a program name).  ``only``: add the arguments of that command
+    alone (the others are listed, not parseable)."""
+    common = _client_options()
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        formatter_class=_Formatter,
+        parents=[] if shell else [common],
+        description="fms: a file store with a cache tier, over ZeroMQ.",
+        epilog="examples:\n"
+        f"  {prog} put report.pdf docs/report.pdf\n"
+        f"  {prog} get docs/report.pdf ./report.pdf\n"
+        f"  {prog} ls docs/\n"
+        + ("" if client_only or shell else f"  {prog} up            # a local cluster\n"),
+    )
+    if not shell:
+        parser.add_argument("--version", action="version", version=f"fms {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.commands = sub.choices  # name -> its subparser
+    for cmd in COMMANDS.values():
+        if not cmd.client and (client_only or shell):
+            continue
+        if only is not None and cmd.name != only:
+            sub.add_parser(cmd.name, help=cmd.summary, add_help=False)
+            continue
+        parents = ([] if shell else [common]) if cmd.client else [_daemon_options()]
+        examples = cmd.examples.format(prog=prog if not shell else "").strip("\n")
+        if shell:
+            examples = "\n".join(line.strip() for line in examples.splitlines())
+        sub_parser = sub.add_parser(
+            cmd.name,
+            prog=cmd.name if shell else None,
+            help=cmd.summary,
+            description=cmd.summary,
+            formatter_class=_Formatter,
+            parents=parents,
+            add_help=cmd.add_help,
+            epilog="examples:\n  " + examples.replace("\n", "\n  "),
+        )
+        if not cmd.add_help:
+            sub_parser.add_argument("--help", action="help", help="show this help message and exit")
+        cmd.add(sub_parser)
+    return parser
+
+
+def command_parser(command: str, prog: str) -> argparse.ArgumentParser:
+    """The parser of a daemon's own script (``python broker.py``): the ``fms`` command's
+    options and help, under the script's name."""
+    cmd = build_parser("fms", only=command).commands[command]
+    cmd.prog = prog
+    cmd.epilog = cmd.epilog.replace(f"fms {command}", f"python {prog}")
+    return cmd
+
+
 def _client_options() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = argparse.ArgumentParser(add_help=False, formatter_class=_Formatter)
     # SUPPRESS: an option given before the command is not reset by the subcommand's default.
     common.add_argument(
         "--broker",
         metavar="ENDPOINT",
         default=argparse.SUPPRESS,
-        help="broker frontend (default: $FMS_BROKER, else tcp://127.0.0.1:5555)",
+        help="broker frontend, tcp://HOST:PORT or HOST:PORT (default: $FMS_BROKER, else "
+        "tcp://127.0.0.1:5555)",
     )
     common.add_argument(
         "--timeout",
-        type=float,
+        type=_timeout,
         metavar="SECONDS",
         default=argparse.SUPPRESS,
-        help="seconds to wait for each reply (default: 5)",
+        help="seconds to wait for each reply, more than 0 (default: 5)",
     )
     common.add_argument(
         "--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="print only errors"
@@ -392,64 +277,497 @@ def _client_options() -> argparse.ArgumentParser:
     return common
 
 
-def _sub(sub, name: str, summary: str, parent, examples: str, parents=True, add_help=True):
-    cmd = sub.add_parser(
-        name,
-        help=summary,
-        description=summary,
-        formatter_class=_Formatter,
-        parents=[parent] if parents else [],
-        add_help=add_help,
-        epilog="examples:\n  " + examples.replace("\n", "\n  "),
-    )
-    if not add_help:  # -h means something else here (ls -h: human sizes, as ls(1))
-        cmd.add_argument("--help", action="help", help="show this help message and exit")
-    return cmd
+def _daemon_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False, formatter_class=_Formatter)
+    parent.add_argument("--version", action="version", version=f"fms {__version__}")
+    return parent
 
 
-def command_parser(parser: argparse.ArgumentParser, command: str, prog: str):
-    """The subparser of ``command`` in ``parser``, renamed ``prog``: what a daemon's own script
-    (``python broker.py``) parses, so its options and help are the ``fms`` command's."""
-    cmd = parser.commands[command]
-    cmd.prog = prog
-    cmd.epilog = cmd.epilog.replace(f"fms {command}", f"python {prog}")
-    return cmd
+def _json(cmd, text: str = "print the result as JSON"):
+    cmd.add_argument("--json", action="store_true", help=text)
 
 
-def _daemon_parsers(sub):
-    empty = argparse.ArgumentParser(add_help=False)
-    empty.add_argument("--version", action="version", version=f"fms {__version__}")
-    cmd = _sub(
-        sub,
-        "broker",
-        "run the broker",
-        empty,
-        "fms broker --frontend tcp://127.0.0.1:5555 --backend tcp://127.0.0.1:5556",
+def _filters(cmd):
+    cmd.add_argument(
+        "--include",
+        action=_Filter,
+        dest="filters",
+        metavar="PATTERN",
+        help="only paths matching PATTERN (relative to the tree; * and ? stop at '/', ** "
+        "does not; a pattern without '/' matches the last part; repeatable: the first "
+        "--include or --exclude that matches decides, and with any --include, what matches "
+        "none is left out)",
     )
-    _broker_args(cmd)
-    cmd = _sub(
-        sub,
-        "storage",
-        "run a storage worker (start more to scale out)",
-        empty,
-        "fms storage --data ./fms-data/storage",
+    cmd.add_argument(
+        "--exclude",
+        action=_Filter,
+        dest="filters",
+        metavar="PATTERN",
+        help="leave out paths matching PATTERN (as --include)",
     )
-    _storage_args(cmd)
-    cmd = _sub(
-        sub,
-        "cache",
-        "run the cache worker",
-        empty,
-        "fms cache --dir ./fms-data/cache --max-bytes 2G",
+    cmd.set_defaults(filters=[])
+
+
+def _no_cache(cmd):
+    cmd.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="read from storage, not through the cache (a one-time read, e.g. a "
+        "backup, that should not displace what others read often)",
     )
-    _cache_args(cmd)
-    cmd = _sub(
-        sub,
-        "up",
-        "run a whole local cluster in the foreground (Ctrl-C stops it)",
-        empty,
-        "fms up --storage 3 --cache-bytes 4G",
+
+
+def _version_of(cmd, text: str):
+    cmd.add_argument("--version", type=int, metavar="V", dest="version_number", help=text)
+
+
+def _byte_range(cmd):
+    cmd.add_argument(
+        "--range",
+        type=parse_range,
+        metavar="RANGE",
+        help="only bytes START-END (inclusive, from 0), START- (to the end) or -N (the last "
+        "N bytes), fetching only the chunks that hold them",
     )
+
+
+# --- the client's commands ---
+
+
+@command(
+    "put",
+    "upload a file, stdin, several files into a folder, or a folder tree with -r",
+    """
+{prog} put photo.jpg            # stored as 'photo.jpg'
+{prog} put photo.jpg trips/1.jpg
+{prog} put a.jpg b.jpg trips/   # trips/a.jpg, trips/b.jpg (as cp does)
+{prog} put -r ./album trips      # trips/<every file under ./album>
+{prog} put -r ./album trips --exclude '*.tmp'
+tar c ./album | {prog} put - backups/album.tar   # from stdin""",
+)
+def _put(cmd):
+    cmd.add_argument("-r", "--recursive", action="store_true", help="upload folder trees")
+    cmd.add_argument(
+        "local",
+        metavar="LOCAL",
+        nargs="+",
+        help="local file(s) ('-': stdin; pipes and devices are read as streams), or folders "
+        "with -r; then optionally the NAME to store under (default: the base name); with "
+        "-r, a prefix; a NAME ending in '/', or several LOCALs, is a folder they go into",
+    )
+    _filters(cmd)
+    _json(cmd)
+
+
+@command(
+    "get",
+    "download a file, or every file under a prefix with -r",
+    """
+{prog} get trips/1.jpg             # to ./1.jpg
+{prog} get trips/1.jpg /tmp/a.jpg
+{prog} get trips/1.jpg - | wc -c   # to stdout
+{prog} get big.bin - --range 1048576-1049599   # 1 KiB from 1 MiB on
+{prog} get log.txt - --range -100   # its last 100 bytes
+{prog} get -r trips ./restore      # keeps the tree
+{prog} get -r trips ./restore --no-clobber --include '*.jpg'""",
+)
+def _get(cmd):
+    cmd.add_argument("-r", "--recursive", action="store_true", help="download a prefix as a tree")
+    cmd.add_argument(
+        "-n",
+        "--no-clobber",
+        action="store_true",
+        help="do not overwrite a local file that exists (as cp -n): skip it and say so",
+    )
+    _no_cache(cmd)
+    cmd.add_argument(
+        "--fsync",
+        action="store_true",
+        help="flush downloads to disk before renaming them into place (survives a "
+        "power loss; slower)",
+    )
+    _version_of(cmd, "read version V, current or retained (see: versions NAME)")
+    _byte_range(cmd)
+    cmd.add_argument("name", metavar="NAME", help="stored name (a prefix with -r)")
+    cmd.add_argument(
+        "dest",
+        metavar="DEST",
+        nargs="?",
+        help="destination file or folder, '-' for stdout (default: ./<base name>)",
+    )
+    _filters(cmd)
+    _json(cmd)
+
+
+@command(
+    "cat",
+    "write stored files to stdout, one after another",
+    """
+{prog} cat notes/todo.txt
+{prog} cat logs/a.log logs/b.log | grep ERROR
+{prog} cat logs/a.log --range -1000   # its last 1000 bytes""",
+)
+def _cat(cmd):
+    cmd.add_argument("names", metavar="NAME", nargs="+")
+    _version_of(cmd, "read version V of the (one) NAME, current or retained")
+    _byte_range(cmd)
+    _no_cache(cmd)
+
+
+@command(
+    "ls",
+    "list one level under a prefix (folders collapsed), or every name with -r",
+    """
+{prog} ls                 # top level: files and folders/
+{prog} ls trips/ -lh
+{prog} ls -r trips/ --json""",
+    add_help=False,
+)
+def _ls(cmd):
+    cmd.add_argument(
+        "prefix",
+        metavar="PREFIX",
+        nargs="?",
+        default="",
+        help="only names starting so (a folder: end it with '/'); nothing there is an error",
+    )
+    cmd.add_argument(
+        "-r", "--recursive", action="store_true", help="every name under PREFIX, not one level"
+    )
+    cmd.add_argument("-l", "--long", action="store_true", help="also version and sha256")
+    cmd.add_argument("-h", "--human", action="store_true", help="sizes as 1.5 MiB")
+    _json(cmd, "print a JSON list of objects (folders as {name, folder: true})")
+
+
+@command(
+    "stat", "show a stored file's size, sha256, mtime, version", "{prog} stat trips/1.jpg --json"
+)
+def _stat(cmd):
+    cmd.add_argument("name", metavar="NAME")
+    _json(cmd, "print a JSON object")
+
+
+@command(
+    "rm",
+    "remove stored names, names matching a pattern, or every name under a prefix with -r",
+    """
+{prog} rm trips/1.jpg trips/2.jpg
+{prog} rm 'trips/*.tmp'             # * and ? stop at '/', ** does not
+{prog} rm -r trips/                 # one request per 1000 names
+{prog} rm -r trips/ --dry-run       # list what would go""",
+)
+def _rm(cmd):
+    cmd.add_argument(
+        "-r", "--recursive", action="store_true", help="remove every name under each prefix NAME/"
+    )
+    cmd.add_argument(
+        "-n", "--dry-run", action="store_true", help="print what would be removed, remove nothing"
+    )
+    cmd.add_argument(
+        "names",
+        metavar="NAME",
+        nargs="+",
+        help="a name, or a pattern (* ? [..]) that names must match whole",
+    )
+    _json(cmd)
+
+
+def _copy_args(cmd, verb: str):
+    cmd.add_argument(
+        "-r",
+        "--recursive",
+        action="store_true",
+        help=f"{verb} every name under the prefix SRC/ to DST/<the rest of the name>",
+    )
+    cmd.add_argument("src", metavar="SRC")
+    cmd.add_argument("dst", metavar="DST", help=f"new name; ending in '/': a folder to {verb} into")
+    _json(cmd)
+
+
+@command(
+    "mv",
+    "rename a stored file (atomic, no data moves), or a folder with -r",
+    """
+{prog} mv draft.txt final.txt
+{prog} mv a.txt docs/     # docs/a.txt
+{prog} mv -r old/ archive/2024   # archive/2024/<what was under old/>""",
+)
+def _mv(cmd):
+    _copy_args(cmd, "mv")
+
+
+@command(
+    "cp",
+    "copy a stored file on the server (metadata only: instant at any size), or a folder with -r",
+    """
+{prog} cp big.iso backup/big.iso
+{prog} cp -r photos/ backup/      # backup/photos/...""",
+)
+def _cp(cmd):
+    _copy_args(cmd, "cp")
+
+
+@command(
+    "versions",
+    "list a name's current and retained versions",
+    "{prog} versions notes.txt\n{prog} versions notes.txt --json",
+)
+def _versions(cmd):
+    cmd.add_argument("name", metavar="NAME")
+    _json(cmd)
+
+
+@command(
+    "restore",
+    "make a retained version current again (also after rm)",
+    """
+{prog} restore notes.txt             # the newest retained version
+{prog} restore notes.txt --version 3""",
+)
+def _restore(cmd):
+    cmd.add_argument("name", metavar="NAME")
+    _version_of(cmd, "which version (see: versions NAME); default the newest retained")
+    _json(cmd)
+
+
+@command(
+    "du",
+    "count the files and bytes under a prefix (from the store's index)",
+    "{prog} du\n{prog} du trips/ -h\n{prog} du trips/ --json",
+    add_help=False,
+)
+def _du(cmd):
+    cmd.add_argument("prefix", metavar="PREFIX", nargs="?", default="")
+    cmd.add_argument("-h", "--human", action="store_true", help="bytes as 1.5 MiB")
+    _json(cmd)
+
+
+@command(
+    "find",
+    "list names under a prefix matching a pattern or newer than a time",
+    """
+{prog} find --name '*.jpg'          # everywhere
+{prog} find trips/ --name '*.jpg'
+{prog} find --newer 2d              # changed in the last two days
+{prog} find logs/ --newer 2026-11-01 --json""",
+)
+def _find(cmd):
+    cmd.add_argument(
+        "prefix",
+        metavar="PREFIX",
+        nargs="?",
+        default="",
+        help="where to look (default: everywhere)",
+    )
+    cmd.add_argument(
+        "--name",
+        metavar="GLOB",
+        help="the last part of the name matches this shell pattern (* ? [..])",
+    )
+    cmd.add_argument(
+        "--newer",
+        metavar="WHEN",
+        type=parse_when,
+        help="mtime after WHEN: a date (2026-11-01, 2026-11-01T08:30) or an age "
+        "(90s, 30m, 12h, 7d)",
+    )
+    _json(cmd)
+
+
+@command(
+    "sync",
+    "make DST hold what SRC holds, sending only files that differ",
+    """
+{prog} sync ./photos fms:photos/           # upload
+{prog} sync fms:photos/ ./restore          # download
+{prog} sync fms:photos/ fms:backup/photos/ # on the server: no data moves
+{prog} sync ./photos fms:photos/ --delete --dry-run
+{prog} sync ./photos fms:photos/ --exclude '*.tmp' --exclude 'cache/**'""",
+)
+def _sync(cmd):
+    cmd.add_argument("src", metavar="SRC", help="a local folder, or fms:PREFIX")
+    cmd.add_argument("dst", metavar="DST", help="fms:PREFIX, or a local folder")
+    cmd.add_argument(
+        "--delete",
+        action="store_true",
+        help="also remove from DST what SRC does not hold (a mirror); refused when SRC holds "
+        "nothing, and asked on a terminal before removing more than a few files",
+    )
+    cmd.add_argument(
+        "--force",
+        action="store_true",
+        help="with --delete: delete even when SRC holds nothing, and do not ask",
+    )
+    cmd.add_argument(
+        "--dry-run", "-n", action="store_true", help="print what would be done, do nothing"
+    )
+    _filters(cmd)
+    _json(cmd)
+
+
+@command(
+    "stats",
+    "show the live workers and the cache's counters",
+    "{prog} stats --json",
+)
+def _stats(cmd):
+    _json(cmd, "print a JSON object")
+
+
+@command(
+    "gc",
+    "collect garbage now: free chunks no stored file uses",
+    "{prog} gc --dry-run\n{prog} gc --grace 0      # everything unreferenced, now",
+)
+def _gc(cmd):
+    cmd.add_argument(
+        "--grace",
+        type=_seconds,
+        metavar="SECONDS",
+        help="collect chunks unreferenced for longer than this (default: the "
+        "storage workers' --gc-grace; 0 also removes the chunks of uploads in "
+        "progress, which then fail: at your own risk)",
+    )
+    cmd.add_argument("--dry-run", action="store_true", help="count what would be freed")
+    _json(cmd, "print a JSON object")
+
+
+@command(
+    "fsck",
+    "check that every stored file's chunks exist and match their hash",
+    "{prog} fsck\n{prog} fsck --json",
+)
+def _fsck(cmd):
+    _json(cmd, "print a JSON object")
+
+
+@command(
+    "keygen",
+    "make a CURVE keypair: DIR/NAME.key (public), DIR/NAME.key_secret (private, mode 0600)",
+    "{prog} keygen ./keys alice     # then give alice.key to the broker's operator",
+)
+def _keygen(cmd):
+    cmd.add_argument("dir", metavar="DIR")
+    cmd.add_argument("name", metavar="NAME")
+
+
+# --- the daemons ---
+
+
+@command(
+    "broker",
+    "run the broker",
+    "fms broker --frontend tcp://127.0.0.1:5555 --backend tcp://127.0.0.1:5556",
+    client=False,
+)
+def _broker(cmd):
+    cmd.add_argument(
+        "--frontend", default=p.DEFAULT_FRONTEND, help="endpoint to bind for clients (%(default)s)"
+    )
+    cmd.add_argument(
+        "--backend", default=p.DEFAULT_BACKEND, help="endpoint to bind for workers (%(default)s)"
+    )
+    cmd.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics",
+    )
+    cmd.add_argument(
+        "--curve-secret",
+        metavar="FILE",
+        help="the broker's .key_secret: require CURVE on both sockets",
+    )
+    cmd.add_argument(
+        "--allow", metavar="DIR", help="public .key files of the clients let in (re-read live)"
+    )
+    cmd.add_argument(
+        "--allow-workers",
+        metavar="DIR",
+        help="public .key files of the workers let in on the backend (re-read "
+        "live); kept apart from --allow so a client key cannot act as a worker",
+    )
+    cmd.add_argument(
+        "--store",
+        metavar="ID",
+        help="the store id storage workers must serve (print it with: "
+        "storage_worker.py --print-store-id); required when the backend is "
+        "reachable from other hosts; without it, the first storage worker's "
+        "store is served",
+    )
+    cmd.add_argument(
+        "--insecure", action="store_true", help="allow binding a non-loopback address without CURVE"
+    )
+    _log_arg(cmd)
+
+
+@command(
+    "storage",
+    "run a storage worker (start more to scale out)",
+    "fms storage --data ./fms-data/storage",
+    client=False,
+)
+def _storage(cmd):
+    _worker_args(cmd, "storage")
+    cmd.add_argument(
+        "--data",
+        default=os.path.join(DEFAULT_DATA, "storage"),
+        help="data directory; workers sharing it form one store (%(default)s); "
+        "scratch only, with both --meta and --chunks",
+    )
+    _backend_args(cmd)
+    _gc_grace_arg(cmd)
+    _keep_versions_arg(cmd)
+    cmd.add_argument(
+        "--print-store-id",
+        action="store_true",
+        help="print the store's id (for the broker's --store) and exit",
+    )
+
+
+@command(
+    "cache",
+    "run the cache worker",
+    "fms cache --dir ./fms-data/cache --max-bytes 2G",
+    client=False,
+)
+def _cache(cmd):
+    _worker_args(cmd, "cache")
+    cmd.add_argument(
+        "--dir", default=os.path.join(DEFAULT_DATA, "cache"), help="cache directory (%(default)s)"
+    )
+    cmd.add_argument(
+        "--max-bytes",
+        type=parse_size,
+        default=DEFAULT_CACHE_BYTES,
+        metavar="SIZE",
+        help="cache bound, e.g. 512M or 2G (%(default)s)",
+    )
+    cmd.add_argument(
+        "--memory-bytes",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="chunks also kept in memory, answered without a disk read (default: "
+        "the smaller of 64M and half of --max-bytes; 0: none)",
+    )
+    cmd.add_argument(
+        "--max-file",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="files larger than this are read from storage, not cached (default: "
+        "a quarter of --max-bytes)",
+    )
+
+
+@command(
+    "up",
+    "run a whole local cluster in the foreground (Ctrl-C stops it)",
+    "fms up --storage 3 --cache-bytes 4G",
+    client=False,
+)
+def _up(cmd):
     cmd.add_argument("--frontend", default=p.DEFAULT_FRONTEND, help="client endpoint (%(default)s)")
     cmd.add_argument("--backend", default=p.DEFAULT_BACKEND, help="worker endpoint (%(default)s)")
     cmd.add_argument(
@@ -498,47 +816,6 @@ def _log_arg(cmd):
     )
 
 
-def _broker_args(cmd):
-    cmd.add_argument(
-        "--frontend", default=p.DEFAULT_FRONTEND, help="endpoint to bind for clients (%(default)s)"
-    )
-    cmd.add_argument(
-        "--backend", default=p.DEFAULT_BACKEND, help="endpoint to bind for workers (%(default)s)"
-    )
-    cmd.add_argument(
-        "--metrics-port",
-        type=int,
-        metavar="PORT",
-        help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics",
-    )
-    cmd.add_argument(
-        "--curve-secret",
-        metavar="FILE",
-        help="the broker's .key_secret: require CURVE on both sockets",
-    )
-    cmd.add_argument(
-        "--allow", metavar="DIR", help="public .key files of the clients let in (re-read live)"
-    )
-    cmd.add_argument(
-        "--allow-workers",
-        metavar="DIR",
-        help="public .key files of the workers let in on the backend (re-read "
-        "live); kept apart from --allow so a client key cannot act as a worker",
-    )
-    cmd.add_argument(
-        "--store",
-        metavar="ID",
-        help="the store id storage workers must serve (print it with: "
-        "storage_worker.py --print-store-id); required when the backend is "
-        "reachable from other hosts; without it, the first storage worker's "
-        "store is served",
-    )
-    cmd.add_argument(
-        "--insecure", action="store_true", help="allow binding a non-loopback address without CURVE"
-    )
-    _log_arg(cmd)
-
-
 def _worker_args(cmd, kind: str):
     cmd.add_argument(
         "--broker", default=p.DEFAULT_BACKEND, help="broker backend endpoint (%(default)s)"
@@ -551,24 +828,6 @@ def _worker_args(cmd, kind: str):
     )
     cmd.add_argument("--server-key", metavar="FILE", help="the broker's public .key")
     _log_arg(cmd)
-
-
-def _storage_args(cmd):
-    _worker_args(cmd, "storage")
-    cmd.add_argument(
-        "--data",
-        default=os.path.join(DEFAULT_DATA, "storage"),
-        help="data directory; workers sharing it form one store (%(default)s); "
-        "scratch only, with both --meta and --chunks",
-    )
-    _backend_args(cmd)
-    _gc_grace_arg(cmd)
-    _keep_versions_arg(cmd)
-    cmd.add_argument(
-        "--print-store-id",
-        action="store_true",
-        help="print the store's id (for the broker's --store) and exit",
-    )
 
 
 def _backend_args(cmd):
@@ -599,12 +858,6 @@ def _keep_versions_arg(cmd):
     )
 
 
-def _count(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a count (0 or more)")
-    return int(text)
-
-
 def _gc_grace_arg(cmd):
     cmd.add_argument(
         "--gc-grace",
@@ -612,44 +865,4 @@ def _gc_grace_arg(cmd):
         default=3600.0,
         metavar="SECONDS",
         help="keep an unreferenced chunk this long before collecting it (%(default)s)",
-    )
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
-    return value
-
-
-def _cache_args(cmd):
-    _worker_args(cmd, "cache")
-    cmd.add_argument(
-        "--dir", default=os.path.join(DEFAULT_DATA, "cache"), help="cache directory (%(default)s)"
-    )
-    cmd.add_argument(
-        "--max-bytes",
-        type=parse_size,
-        default=DEFAULT_CACHE_BYTES,
-        metavar="SIZE",
-        help="cache bound, e.g. 512M or 2G (%(default)s)",
-    )
-    cmd.add_argument(
-        "--memory-bytes",
-        type=parse_size,
-        default=None,
-        metavar="SIZE",
-        help="chunks also kept in memory, answered without a disk read (default: "
-        "the smaller of 64M and half of --max-bytes; 0: none)",
-    )
-    cmd.add_argument(
-        "--max-file",
-        type=parse_size,
-        default=None,
-        metavar="SIZE",
-        help="files larger than this are read from storage, not cached (default: "
-        "a quarter of --max-bytes)",
     )

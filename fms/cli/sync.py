@@ -1,50 +1,98 @@
 """``fms sync SRC DST``: make one side hold what the other holds, as ``rclone sync`` and
-``aws s3 sync`` do.  One side is a local folder, the other ``fms:PREFIX``.
+``aws s3 sync`` do.  Each side is a local folder or ``fms:PREFIX``; from one prefix to another,
+the copies are the server's (metadata only).
 
 A file is sent when the other side lacks it or holds other content: sizes are compared first,
-and only files of equal size are hashed to compare their sha256 with the stored one.  With
-``--delete`` what the destination holds beyond the source is removed (a mirror); with
-``--dry-run`` the plan is printed and nothing changes.
+and only files of equal size are hashed to compare their sha256 with the stored one (two stored
+files compare their sha256 at no cost).  ``--include`` / ``--exclude`` choose the files on both
+sides (:mod:`.filters`); what they leave out is neither sent nor deleted.  With ``--delete``
+what the destination holds beyond the source is removed (a mirror); with ``--dry-run`` the plan
+is printed and nothing changes.
+
+Safety, decided where the tools differ: everything is planned, and every download checked for
+clashes (a path that would be a file and a folder, a name too long for a local file), before
+anything is written; ``--delete`` is refused when the source holds nothing (a typo in its name
+would otherwise empty the destination) unless ``--force``; on a terminal, ``--delete`` asks
+before it removes more than :data:`ASK_ABOVE` files (``--force``: no question).
 """
 
 import json
 import os
+import sys
 
 from ..client.upload import plan_file
 from ..errors import FmsError
-from .commands import _human, _inside, _local_tree, _say, open_client
+from . import local
+from .commands import files, human, move_tree, open_client, say
+from .filters import selector
+from .main import EXIT_ERROR
 
 REMOTE = "fms:"
+ASK_ABOVE = 5  # files --delete removes without asking, on a terminal
 
 
 def cmd_sync(args):
     src_remote, dst_remote = args.src.startswith(REMOTE), args.dst.startswith(REMOTE)
-    if src_remote == dst_remote:
+    if not (src_remote or dst_remote):
         raise FmsError(
-            "sync needs one local folder and one fms:PREFIX, e.g. "
+            "sync needs fms:PREFIX on at least one side, e.g. "
             "sync ./photos fms:photos/  or  sync fms:photos/ ./restore"
         )
+    wanted = selector(args.filters)
     with open_client(args) as client:
-        if dst_remote:
-            plan = _upload_plan(client, args.src, _prefix(args.dst))
+        if src_remote and dst_remote:
+            plan = _remote_plan(client, _prefix(args.src), _prefix(args.dst), wanted)
+        elif dst_remote:
+            plan = _upload_plan(client, args.src, _prefix(args.dst), wanted)
         else:
-            plan = _download_plan(client, _prefix(args.src), args.dst)
+            plan = _download_plan(client, _prefix(args.src), args.dst, wanted)
+        if args.delete and plan["extra"] and not plan["sources"] and not args.force:
+            raise FmsError(
+                f"{args.src} holds nothing{' the filters let through' if wanted else ''}, so "
+                f"--delete would remove all {len(plan['extra']):,} files from {args.dst}; "
+                f"check the source's name, or add --force to empty {args.dst}; nothing was changed"
+            )
         _report(args, plan)
-        if not args.dry_run:
-            _carry_out(client, plan, upload=dst_remote, delete=args.delete)
-    if not args.json:
-        verb = "would send" if args.dry_run else "sent"
-        deleted = (
-            f", {'would delete' if args.dry_run else 'deleted'} {len(plan['extra'])}"
-            if args.delete
-            else f", {len(plan['extra'])} only at the destination (kept)"
-        )
-        _say(
-            args,
-            f"sync: {verb} {len(plan['send'])} files "
-            f"({_human(sum(size for *_, size in plan['send']))}), {plan['same']} "
-            f"unchanged{deleted}",
-        )
+        if args.dry_run:
+            return _summary(args, plan)
+        if args.delete and not _confirmed(args, plan):
+            print("sync: stopped; nothing was changed", file=sys.stderr)
+            return EXIT_ERROR
+        kind = "remote" if src_remote and dst_remote else "up" if dst_remote else "down"
+        _carry_out(client, plan, kind, delete=args.delete)
+    return _summary(args, plan)
+
+
+def _summary(args, plan: dict):
+    if args.json:
+        return None
+    verb = "would send" if args.dry_run else "sent"
+    deleted = (
+        f", {'would delete' if args.dry_run else 'deleted'} {len(plan['extra'])}"
+        if args.delete
+        else f", {len(plan['extra'])} only at the destination (kept)"
+    )
+    say(
+        args,
+        f"sync: {verb} {files(len(plan['send']))} "
+        f"({human(sum(size for *_, size in plan['send']))}), {plan['same']} "
+        f"unchanged{deleted}",
+    )
+    return None
+
+
+def _confirmed(args, plan: dict) -> bool:
+    """On a terminal, ask before removing more than ASK_ABOVE files (unless ``--force``)."""
+    count = len(plan["extra"])
+    if count <= ASK_ABOVE or args.force or not (sys.stdin.isatty() and sys.stderr.isatty()):
+        return True
+    print(
+        f"sync: delete {count:,} files from {args.dst} that {args.src} does not hold? [y/N] ",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
 
 
 def _prefix(remote: str) -> str:
@@ -60,38 +108,75 @@ def _same(path: str, stat: dict, chunk_size: int) -> bool:
     )
 
 
-def _upload_plan(client, folder: str, prefix: str) -> dict:
+def _stored(client, prefix: str, wanted) -> dict:
+    """relative path -> stat of the stored files under ``prefix`` the filters let through."""
+    out = {}
+    for e in client.iter_ls(prefix):
+        rel = e["name"][len(prefix) :]
+        if wanted is None or wanted(rel):
+            out[rel] = e
+    return out
+
+
+def _upload_plan(client, folder: str, prefix: str, wanted) -> dict:
     if not os.path.isdir(folder):
         raise FmsError(f"{folder} is not a folder")
-    local = _local_tree(folder, prefix.rstrip("/"), allow_empty=True)
-    stored = {e["name"]: e for e in client.iter_ls(prefix)}
+    files = local.tree(folder, "", wanted, allow_empty=True)
+    stored = _stored(client, prefix, wanted)
     send, same = [], 0
-    for path, name in local:
-        stat = stored.pop(name, None)
+    for path, rel in files:
+        stat = stored.pop(rel, None)
         if stat is not None and _same(path, stat, client.chunk_size):
             same += 1
         else:
-            send.append((path, name, os.path.getsize(path)))
-    return {"send": send, "same": same, "extra": sorted(stored)}
+            send.append((path, prefix + rel, os.path.getsize(path)))
+    return {
+        "send": send,
+        "same": same,
+        "extra": sorted(s["name"] for s in stored.values()),
+        "sources": len(files),
+    }
 
 
-def _download_plan(client, prefix: str, folder: str) -> dict:
-    send, same, wanted = [], 0, set()
-    for e in client.iter_ls(prefix):
-        path = _inside(folder, e["name"][len(prefix) :])
-        wanted.add(path)
+def _download_plan(client, prefix: str, folder: str, wanted) -> dict:
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise FmsError(f"{folder} is not a folder; nothing was changed")
+    stored = _stored(client, prefix, wanted)
+    items = [(e["name"], local.inside(folder, rel)) for rel, e in stored.items()]
+    local.check_tree(items, "changed")  # before anything is written
+    send, same, wanted_paths = [], 0, set()
+    for (name, path), e in zip(items, stored.values(), strict=True):
+        wanted_paths.add(path)
         if os.path.isfile(path) and _same(path, e, client.chunk_size):
             same += 1
         else:
-            send.append((e["name"], path, e["size"]))
+            send.append((name, path, e["size"]))
     extra = []
     if os.path.isdir(folder):
         extra = sorted(
             path
-            for path, _name in _local_tree(folder, "", allow_empty=True)
-            if os.path.abspath(path) not in wanted
+            for path, _rel in local.tree(folder, "", wanted, allow_empty=True)
+            if os.path.abspath(path) not in wanted_paths
         )
-    return {"send": send, "same": same, "extra": extra}
+    return {"send": send, "same": same, "extra": extra, "sources": len(stored)}
+
+
+def _remote_plan(client, src: str, dst: str, wanted) -> dict:
+    if not src or dst.startswith(src) or src.startswith(dst):
+        raise FmsError(
+            f"fms:{src} and fms:{dst} overlap (one holds the other): sync between folders that "
+            f"are apart, such as fms:photos/ fms:backup/photos/"
+        )
+    source, target = _stored(client, src, wanted), _stored(client, dst, wanted)
+    send, same = [], 0
+    for rel, e in source.items():
+        held = target.pop(rel, None)
+        if held is not None and (held["size"], held["sha256"]) == (e["size"], e["sha256"]):
+            same += 1
+        else:
+            send.append((e["name"], dst + rel, e["size"]))
+    extra = sorted(e["name"] for e in target.values())
+    return {"send": send, "same": same, "extra": extra, "sources": len(source)}
 
 
 def _report(args, plan: dict):
@@ -117,16 +202,23 @@ def _report(args, plan: dict):
             print(f"{'would delete' if args.dry_run else 'delete'}  {x}")
 
 
-def _carry_out(client, plan: dict, upload: bool, delete: bool):
-    if upload:
-        if plan["send"]:
-            client.put_many([(path, name) for path, name, _n in plan["send"]])
-        if delete:
-            for name in plan["extra"]:
-                client.rm(name)
+def _carry_out(client, plan: dict, kind: str, delete: bool):
+    pairs = [(a, b) for a, b, _n in plan["send"]]
+    sizes = [n for *_, n in plan["send"]]
+    if pairs and kind == "up":
+        move_tree(client, client.put_many, pairs, sizes, "sync")
+    elif pairs and kind == "down":
+        move_tree(client, client.get_many, pairs, sizes, "sync")
+    elif pairs:
+        failed = [r for r in client.copy_many("cp", pairs) if isinstance(r, FmsError)]
+        if failed:
+            raise failed[0]
+    if not delete or not plan["extra"]:
         return
-    if plan["send"]:
-        client.get_many([(name, path) for name, path, _n in plan["send"]])
-    if delete:
+    if kind == "down":
         for path in plan["extra"]:
             os.remove(path)
+        return
+    failed = [r for r in client.rm_many(plan["extra"]) if isinstance(r, FmsError)]
+    if failed:
+        raise failed[0]

@@ -1,14 +1,17 @@
 """``fms up``: a whole local cluster (broker, cache worker, N storage workers) as child
 processes in the foreground; Ctrl-C stops them all."""
 
+import errno
 import os
+import re
 import signal
 import sys
 import time
 
+from .. import wire as p
 from ..errors import FmsError
-from .commands import EXIT_OK
 from .daemons import StopFlag, check_endpoints
+from .main import EXIT_OK
 
 UP_STOP_TIMEOUT = 8.0  # seconds `fms up` waits for its processes to stop before killing them
 RESTART_BACKOFF = 1.0  # seconds before the first restart of a process that died; doubles...
@@ -24,6 +27,8 @@ def cmd_up(args):
     if args.caches < 0:
         raise FmsError("--caches must be 0 or more")
     check_endpoints(frontend=args.frontend, backend=args.backend)
+    for option in ("frontend", "backend"):
+        refuse_taken(option, getattr(args, option))
     py = [sys.executable, "-m", "fms"]
     log = ["--log-level", args.log_level]
     os.makedirs(args.data, exist_ok=True)
@@ -98,9 +103,11 @@ def cmd_up(args):
     try:
         for name, cmd in specs:
             procs.append(_Child(name, cmd))
-        hint = "python client.py put FILE"
+        fms = _fms_command()
+        broker = "" if args.frontend == p.DEFAULT_FRONTEND else f" --broker {args.frontend}"
+        hint = f"{fms}{broker} put FILE"
         if client:
-            hint = f"python client.py --curve-secret {client[0]} --server-key {client[1]} put FILE"
+            hint = f"{fms}{broker} --curve-secret {client[0]} --server-key {client[1]} put FILE"
         print(
             f"fms up: broker at {args.frontend} (workers on {args.backend}), {args.caches} "
             f"cache and {args.storage} storage workers, data in {os.path.abspath(args.data)}"
@@ -116,6 +123,50 @@ def cmd_up(args):
         return EXIT_OK
     finally:
         _stop_all([(child.name, child.proc) for child in procs])
+
+
+def refuse_taken(option: str, endpoint: str):
+    """Refuse a tcp:// endpoint whose port something already listens on (another ``fms up``
+    or broker): started anyway, this cluster's broker could not bind and its workers would
+    join the other cluster."""
+    import socket
+
+    match = re.fullmatch(r"tcp://(\[?[^\]]*\]?|[^:]+):(\d+)", endpoint)
+    if match is None or match.group(2) == "0":
+        return
+    host = match.group(1).strip("[]")
+    host = "0.0.0.0" if host == "*" else host
+    try:
+        infos = socket.getaddrinfo(host, int(match.group(2)), type=socket.SOCK_STREAM)
+    except OSError:
+        return  # not resolvable: the broker says so
+    family, _type, _proto, _name, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                return
+            raise FmsError(
+                f"--{option} {endpoint} is in use: another fms up or broker is running there; "
+                f"stop it, or give this cluster other ports (--frontend tcp://127.0.0.1:PORT "
+                f"--backend tcp://127.0.0.1:PORT); nothing was started"
+            ) from None
+
+
+def _fms_command() -> str:
+    """How the user ran fms, to say how to run its client: the path of the ``fms`` script
+    they typed (``.venv/bin/fms``), or ``fms`` if that is the one on PATH."""
+    import shutil
+
+    script = sys.argv[0]
+    if os.path.basename(script) == "fms" and os.path.exists(script):
+        on_path = shutil.which("fms")
+        if on_path and os.path.samefile(on_path, script):
+            return "fms"
+        return script
+    return f"{sys.executable} -m fms" if script.endswith("__main__.py") else "fms"
 
 
 class _Child:

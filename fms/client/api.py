@@ -20,16 +20,19 @@ downloads are :mod:`fms.client.upload` and :mod:`fms.client.download`.
 
 import os
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import zmq
 
 from .. import wire as p
-from ..errors import BadRequest, from_reply
-from ..security import CurveClient
+from ..errors import BadRequest, FmsError, from_reply
+from ..wire.frames import RawReader
 from . import download, upload
 from .download import RemoteFile
 from .session import DEFAULT_RETRIES, DEFAULT_TIMEOUT, DEFAULT_WINDOW, Progress, Reply, Session
+
+if TYPE_CHECKING:
+    from ..security import CurveClient  # not imported at run time: `ls` needs no CURVE
 
 MAINTENANCE_TIMEOUT = 600.0  # seconds a gc or fsck page may take before it is asked again
 GET_BATCH = 128  # names per get_many message when fetching many files
@@ -66,7 +69,7 @@ class Client:
         chunk_size: int = p.DEFAULT_CHUNK_SIZE,
         progress: Progress | None = None,
         ctx: zmq.Context | None = None,
-        curve: CurveClient | None = None,
+        curve: "CurveClient | None" = None,
         fsync: bool = False,
         cache: bool = True,
     ) -> None:
@@ -270,19 +273,73 @@ class Client:
         plan = upload.plan_bytes(data, self.chunk_size, mtime)
         return self._put_planned([(data, name, plan)])[0]
 
-    def put_many(self, items: Iterable[tuple[str, str]]) -> list[dict[str, Any]]:
+    def put_many(
+        self, items: Iterable[tuple[str, str]], done: upload.Done | None = None
+    ) -> list[dict[str, Any]]:
         """Upload many ``(local path, name)`` pairs; small files are committed pipelined.
+        ``done(index, stat)`` is called as each file is committed.
 
         :return: the stat of each, in order.
         """
         checked = [(path, p.check_name(name)) for path, name in items]  # every name, first
         return self._put_planned(
-            (path, name, upload.plan_file(path, self.chunk_size, self._hashing(name)))
-            for path, name in checked
+            (
+                (path, name, upload.plan_file(path, self.chunk_size, self._hashing(name)))
+                for path, name in checked
+            ),
+            done,
         )
 
-    def _put_planned(self, planned: Iterable[upload.Planned]) -> list[dict[str, Any]]:
-        return [_public(stat) for stat in upload.put_planned(self.session, planned, self._report)]
+    def put_stream(self, stream: RawReader, name: str) -> dict[str, Any]:
+        """Upload what the unbuffered binary ``stream`` (stdin, a pipe) holds until its end,
+        under ``name``, sent as it is read; nothing is visible under the name unless the stream
+        was read whole.  :return: the stat of the new version."""
+        stat = upload.put_stream(
+            self.session, stream, p.check_name(name), self.chunk_size, self._report
+        )
+        return _public(stat)
+
+    def _put_planned(
+        self, planned: Iterable[upload.Planned], done: upload.Done | None = None
+    ) -> list[dict[str, Any]]:
+        tell = None if done is None else lambda i, stat: done(i, _public(stat))
+        stats = upload.put_planned(self.session, planned, self._report, tell)
+        return [_public(stat) for stat in stats]
+
+    def rm_many(self, names: Iterable[str]) -> list[dict[str, Any] | FmsError]:
+        """Remove many names, pipelined (one transaction each).
+
+        :return: per name, in order, the tombstone's stat, or the error that name met
+            (a :class:`fms.FmsError`, such as :class:`fms.NotFound`), which does not stop
+            the others.
+        """
+        checked = [p.check_name(n) for n in names]
+        return self._each(("rm", {"name": n, "commit": os.urandom(16).hex()}) for n in checked)
+
+    def copy_many(
+        self, op: str, pairs: Iterable[tuple[str, str]]
+    ) -> list[dict[str, Any] | FmsError]:
+        """``cp`` or ``mv`` (``op``) many ``(src, dst)`` pairs on the server, pipelined (one
+        transaction each).  :return: per pair, in order, ``dst``'s stat or the error met."""
+        if op not in ("cp", "mv"):
+            raise BadRequest(f"copy_many does cp or mv, not {op!r}")
+        checked = [(p.check_name(src), p.check_name(dst)) for src, dst in pairs]
+        return self._each(
+            (op, {"src": src, "name": dst, "commit": os.urandom(16).hex()}) for src, dst in checked
+        )
+
+    def _each(
+        self, requests: Iterable[tuple[str, dict[str, Any]]]
+    ) -> list[dict[str, Any] | FmsError]:
+        """Send ``(op, fields)`` requests pipelined; per request, its reply's stat or error."""
+        out: dict[int, dict[str, Any] | FmsError] = {}
+        numbered = ((i, op, fields, None) for i, (op, fields) in enumerate(requests))
+        for i, header, _ in self.session.pipeline(numbered, errors=True):
+            if header.get("ok"):
+                out[i] = _public(header["stat"])
+            else:
+                out[i] = from_reply(str(header.get("error")), str(header.get("message")), header)
+        return [out[i] for i in range(len(out))]
 
     # --- download ---
 
@@ -298,10 +355,14 @@ class Client:
         """
         return self._get_one(p.check_name(name), dest, version=version)
 
-    def get_many(self, items: Iterable[tuple[str, str]]) -> list[dict[str, Any]]:
+    def get_many(
+        self, items: Iterable[tuple[str, str]], done: upload.Done | None = None
+    ) -> list[dict[str, Any]]:
         """Download many ``(name, dest path)`` pairs: manifests and the content of small files
         in batches (``get_many``, :data:`GET_BATCH` names a message, pipelined), then the other
         files one after another.
+
+        ``done(index, stat)`` is called as each file is written.
 
         :return: the stat of each, in order.
         :raises NotFound: a name is not stored (files before it in the batch may be written).
@@ -336,8 +397,12 @@ class Client:
                 else:
                     download.write_whole(path, manifest, data, self.fsync)
                 results[i] = _public(manifest)
+                if done is not None:
+                    done(i, results[i])
         for i, manifest in later:
             results[i] = self._get_one(*pairs[i], manifest)
+            if done is not None:
+                done(i, results[i])
         return [results[i] for i in range(len(pairs))]
 
     def _get_one(
@@ -435,7 +500,7 @@ class Client:
         hook = getattr(self.progress, "hashing", None)
         return None if hook is None else lambda done, total: hook(name, done, total)
 
-    def _report(self, name: str, done: int, total: int) -> None:
+    def _report(self, name: str, done: int, total: int | None) -> None:
         if self.progress is not None:
             self.progress(name, done, total)
 

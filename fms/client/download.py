@@ -10,13 +10,11 @@ the whole-file check is derived from the chunk checks rather than done as a seco
 
 import collections
 import contextlib
-import hashlib
 import io
 import os
 import stat
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 import zmq
@@ -26,9 +24,12 @@ from ..errors import FmsError, IntegrityError
 from .session import Progress, Session
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future  # imported at run time only for large files
+
     from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12
 
 VERIFY_THREADS = 2  # threads verifying and writing chunks while the next ones arrive
+TEMP_NAME_BYTES = 200  # of a destination's name kept in its temp file's name
 
 
 class Sink(Protocol):
@@ -221,6 +222,8 @@ class RemoteFile(io.RawIOBase):
         self._buf_start = 0
         self._stream: Iterator[memoryview] | None = None
         self._run = 0  # chunks read in order since the last jump
+        import hashlib  # here: OpenSSL is loaded only by commands that move content
+
         self._whole = hashlib.sha256()
         self._hashed_to = 0  # bytes hashed so far, while reading in order from 0
         if inline_frame is not None:
@@ -318,6 +321,8 @@ def destination(dest: str) -> tuple[str, bool]:
         mode = os.stat(path).st_mode
     except (FileNotFoundError, NotADirectoryError):
         return path, False
+    except OSError as exc:  # a name too long for the file system, a folder we may not enter
+        raise FmsError(f"cannot write to {dest}: {exc.strerror or exc}") from None
     if stat.S_ISDIR(mode):
         raise FmsError(f"{dest} is a folder; name a file inside it")
     return path, not stat.S_ISREG(mode)
@@ -377,9 +382,10 @@ def _create_temp(dest: str) -> tuple[str, int]:
     like any new file (0666 & ~umask), O_EXCL so a name is never shared; pid and random part
     let `fms` tell its own leftovers."""
     folder = os.path.dirname(os.path.abspath(dest))
-    tmp = os.path.join(
-        folder, f".{os.path.basename(dest)}.{os.getpid()}.{os.urandom(4).hex()}.fms-part"
-    )
+    # The destination's name cut to TEMP_NAME_BYTES, so that the temp name of any name the
+    # file system takes (up to 255 bytes) is one it takes too.
+    base = os.fsencode(os.path.basename(dest))[:TEMP_NAME_BYTES].decode("utf-8", "ignore")
+    tmp = os.path.join(folder, f".{base}.{os.getpid()}.{os.urandom(4).hex()}.fms-part")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     try:
         try:
@@ -388,7 +394,7 @@ def _create_temp(dest: str) -> tuple[str, int]:
             os.makedirs(folder, exist_ok=True)
             return tmp, os.open(tmp, flags, 0o666)
     except OSError as exc:
-        raise FmsError(f"cannot write to {folder}: {exc.strerror}") from None
+        raise FmsError(f"cannot write to {folder}: {exc.strerror or exc}") from None
 
 
 def _finish(fd: int, manifest: dict[str, Any], fsync: bool) -> None:

@@ -11,7 +11,7 @@ library that opens files through fsspec.
 
 ``HOST:PORT`` is the broker's frontend (``fms:///NAME``, with no host, uses ``$FMS_BROKER``).
 Registered for the ``fms`` protocol by the ``fsspec.specs`` entry point (``pip install
-'fms[fsspec]'``).  Folders are implied by the names under them, as in an object store: an
+'fms-store[fsspec]'``).  Folders are implied by the names under them, as in an object store: an
 empty folder does not exist, ``mkdir`` does nothing.
 
 **Reads are ranged.** A file opened for reading is a :class:`fms.client.download.RemoteFile`:

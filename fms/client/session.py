@@ -12,9 +12,10 @@ times out, or meets a moment with no worker, is sent again within its time budge
 import contextlib
 import itertools
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Generic, Self, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Self, TypeAlias, TypeVar
 
 import zmq
 
@@ -29,8 +30,10 @@ from ..errors import (
     Unavailable,
     from_reply,
 )
-from ..security import CurveClient
 from ..wire.frames import Sendable, recv_frames, send_frames
+
+if TYPE_CHECKING:
+    from ..security import CurveClient  # not imported at run time: `ls` needs no CURVE
 
 DEFAULT_BROKER = p.DEFAULT_FRONTEND
 DEFAULT_TIMEOUT = 5.0  # seconds a request may wait for its reply before a retry
@@ -47,11 +50,31 @@ _HANDSHAKE_FAILED = (
 )
 
 
+_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\s/:\[\]]+):\d{1,5}")
+
+
+def endpoint(address: str) -> str:
+    """A broker address as ZeroMQ takes it: ``HOST:PORT`` (as fsspec URLs and most tools write
+    it) means ``tcp://HOST:PORT``; anything else is passed on as it is."""
+    return f"tcp://{address}" if _HOST_PORT.fullmatch(address) else address
+
+
+def gave_up(error: RemoteError, tries: int, seconds: float) -> RemoteError:
+    """``error``, the last answer to a request the client stops sending, told as final: its
+    advice to retry (the server's, meant for the client) replaced by how long it was tried."""
+    text = re.sub(r"[;,]\s*(retrying|retry|try again|ask again)\b[^;]*$", "", str(error))
+    return type(error)(
+        f"{text}; gave up after {tries} tries in {seconds:.0f} s (see what the cluster "
+        f"has with: fms stats)",
+        error.code,
+    )
+
+
 T = TypeVar("T")  # what a caller tags its requests with in a pipeline
 # A reply: its header, and its data frame if it has one.
 Reply: TypeAlias = tuple[dict[str, Any], zmq.Frame | None]
-# report(name, done bytes, total bytes): called as a file's chunks move.
-Progress: TypeAlias = Callable[[str, int, int], None]
+# report(name, done bytes, total bytes or None if not known yet): called as a file's chunks move.
+Progress: TypeAlias = Callable[[str, int, int | None], None]
 
 
 class _Outstanding(Generic[T]):
@@ -90,9 +113,9 @@ class Session:
         retries: int = DEFAULT_RETRIES,
         window: int = DEFAULT_WINDOW,
         ctx: zmq.Context | None = None,
-        curve: CurveClient | None = None,
+        curve: "CurveClient | None" = None,
     ) -> None:
-        self.broker = broker or os.environ.get("FMS_BROKER") or DEFAULT_BROKER
+        self.broker = endpoint(broker or os.environ.get("FMS_BROKER") or DEFAULT_BROKER)
         self.timeout = timeout
         self.retries = retries
         self.window = max(1, window)
@@ -258,6 +281,7 @@ class Session:
         self,
         requests: Iterable[tuple[T, str, dict[str, Any], Sendable | None]],
         window: int | None = None,
+        errors: bool = False,
     ) -> Iterator[tuple[T, dict[str, Any], zmq.Frame | None]]:
         """Send requests keeping at most ``window`` in flight; yield replies as they come.
 
@@ -267,8 +291,10 @@ class Session:
 
         :param requests: iterable of ``(tag, op, fields, data)``; ``data`` is a data frame or None.
         :return: iterator of ``(tag, header, data_frame)`` in completion order.
+        :param errors: yield an error reply that is not retried (its header: ``ok`` false)
+            like any other, instead of raising it: for requests that may fail one by one.
         :raises RemoteError: the first error reply that is not retried (its subclass names the
-            code).
+            code), unless ``errors``.
         :raises Timeout: a request got no reply within its budget.
         """
         window = window or self.window
@@ -310,14 +336,18 @@ class Session:
                     out.last_error = error
                     wake = min(wake, out.deadline)
                     continue
-                raise error
+                if isinstance(error, Unavailable) and out.tries > 1:
+                    error = gave_up(error, out.tries, time.monotonic() - out.first_sent)
+                if not errors:
+                    raise error
+                header = {**header, "message": str(error)}
             del inflight[reply_id]
             yield out.tag, header, data
 
     def _budget(self) -> float:
         return self.timeout * (self.retries + 1)
 
-    def _within_budget(self, out: _Outstanding) -> bool:
+    def _within_budget(self, out: _Outstanding[T]) -> bool:
         return time.monotonic() - out.first_sent < self._budget()
 
     def _resend_due(self, inflight: dict[int, _Outstanding[T]]) -> None:
@@ -326,8 +356,8 @@ class Session:
             if out.deadline > now:
                 continue
             if not self._within_budget(out):
-                if out.last_error is not None:
-                    raise out.last_error  # it did answer: say what it said
+                if out.last_error is not None:  # it did answer: say what it said, as final
+                    raise gave_up(out.last_error, out.tries, now - out.first_sent)
                 raise Timeout(
                     f"no reply to {out.op} from the fms cluster at {self.broker} "
                     f"within {now - out.first_sent:.0f} s ({out.tries} tries); is the "

@@ -4,17 +4,18 @@ commit, many to a message (``commit_many``)."""
 
 import collections
 import contextlib
-import hashlib
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from .. import wire as p
 from ..errors import BadRequest, FmsError, IntegrityError, MissingChunks, Unavailable, from_reply
-from ..wire.frames import RawFile, read_frame, read_full
+from ..wire.frames import RawFile, RawReader, read_frame, read_full
 from .session import Progress, Session
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future  # imported at run time only for large files
 
 BATCH_WINDOW = 4  # commit_many messages in flight
 
@@ -53,6 +54,8 @@ class Plan:
 Source: TypeAlias = str | bytes
 # A file to upload: where from, its name in the store, and its plan.
 Planned: TypeAlias = tuple[Source, str, Plan]
+# done(index, stat): a file of a batch is committed.
+Done: TypeAlias = Callable[[int, dict[str, Any]], None]
 
 HASH_AHEAD = 4  # chunks read ahead of their digests when hashing a large file
 
@@ -68,23 +71,26 @@ def plan_file(path: str, chunk_size: int, report: Callable[[int, int], None] | N
     except OSError as exc:
         raise FmsError(f"cannot read {path}: {exc.strerror}") from None
     with f:
-        st = os.fstat(f.fileno())
-        view = memoryview(bytearray(chunk_size))
-        n = read_full(f, view)
-        if n < chunk_size:  # one chunk at most: no thread
-            piece = bytes(view[:n])
-            chunks = [p.sha256(piece)] if n else []
-            inline = piece if p.travels_inline(n, len(chunks)) else None
-            return Plan(
-                n, chunk_size, chunks, chunks[0] if n else p.sha256(b""), st.st_mtime, inline
+        try:
+            st = os.fstat(f.fileno())
+            view = memoryview(bytearray(chunk_size))
+            n = read_full(f, view)
+            if n < chunk_size:  # one chunk at most: no thread
+                piece = bytes(view[:n])
+                chunks = [p.sha256(piece)] if n else []
+                inline = piece if p.travels_inline(n, len(chunks)) else None
+                return Plan(
+                    n, chunk_size, chunks, chunks[0] if n else p.sha256(b""), st.st_mtime, inline
+                )
+            return _plan_large(
+                f,
+                view,
+                chunk_size,
+                st.st_mtime,
+                (lambda done: report(done, st.st_size)) if report else None,
             )
-        return _plan_large(
-            f,
-            view,
-            chunk_size,
-            st.st_mtime,
-            (lambda done: report(done, st.st_size)) if report else None,
-        )
+        except OSError as exc:  # a read error (EIO), or a file that cannot seek
+            raise FmsError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def _plan_large(
@@ -94,6 +100,7 @@ def _plan_large(
     mtime: float,
     report: Callable[[int], None] | None = None,
 ) -> Plan:
+    import hashlib  # here: OpenSSL is loaded only by commands that move content
     from concurrent.futures import ThreadPoolExecutor  # only for files of several chunks
 
     whole, size = hashlib.sha256(), 0
@@ -212,10 +219,17 @@ def _chunk_reader(source: Source, plan: Plan) -> Iterator[Callable[[int], bytear
             source[i * plan.chunk_size : i * plan.chunk_size + plan.chunk_len(i)]
         )
         return
-    with open(source, "rb", buffering=0) as f:
+    try:
+        f = open(source, "rb", buffering=0)
+    except OSError as exc:
+        raise FmsError(f"cannot read {source}: {exc.strerror or exc}") from None
+    with f:
 
         def read(i: int) -> bytearray:
-            frame, _view, got = read_frame(f, plan.chunk_len(i), i * plan.chunk_size)
+            try:
+                frame, _view, got = read_frame(f, plan.chunk_len(i), i * plan.chunk_size)
+            except OSError as exc:
+                raise FmsError(f"cannot read {source}: {exc.strerror or exc}") from None
             if got != plan.chunk_len(i):
                 raise FmsError(
                     f"{source} got shorter while it was being uploaded; upload it "
@@ -227,13 +241,17 @@ def _chunk_reader(source: Source, plan: Plan) -> Iterator[Callable[[int], bytear
 
 
 def put_planned(
-    session: Session, planned: Iterable[Planned], report: Progress
+    session: Session,
+    planned: Iterable[Planned],
+    report: Progress | None,
+    done: Done | None = None,
 ) -> list[dict[str, Any]]:
     """Upload ``(source, name, Plan)`` triples (``source`` a local path or bytes; an iterable,
-    consumed as the upload goes); :return: the stat of each (as the wire has it), in order."""
+    consumed as the upload goes); ``done(index, stat)`` as each is committed.  :return: the
+    stat of each (as the wire has it), in order."""
     items: list[Planned] = []
     large: list[int] = []  # indices of the files sent in chunks
-    results: dict[int, dict[str, Any]] = {}  # index -> stat
+    results = _Results(done)
     # Small files: their content travels with their commit, many files to a message
     # (commit_many), a few messages in flight.
     requests = (
@@ -268,8 +286,79 @@ def put_planned(
     return [results[i] for i in range(len(items))]
 
 
+class _Results(dict[int, dict[str, Any]]):
+    """index -> stat, telling ``done(index, stat)`` (if given) as each is set."""
+
+    def __init__(self, done: Done | None = None) -> None:
+        super().__init__()
+        self.done = done
+
+    def __setitem__(self, i: int, stat: dict[str, Any]) -> None:
+        super().__setitem__(i, stat)
+        if self.done is not None:
+            self.done(i, stat)
+
+
+def put_stream(
+    session: Session,
+    stream: RawReader,
+    name: str,
+    chunk_size: int,
+    report: Progress | None = None,
+) -> dict[str, Any]:
+    """Upload what an unbuffered binary ``stream`` holds (stdin, a pipe, a device) until its
+    end, under ``name``: each chunk is hashed and sent as it is read, the whole file's sha256
+    computed on the way, and the manifest committed at the end, so nothing is visible under the
+    name unless the stream was read whole.  A stream cannot be asked about before it is read,
+    so every chunk is sent (storage keeps one copy of each).  Memory: ``window`` chunks.
+    ``report(name, done, None)`` as chunks are sent.  :return: the stat (as the wire has it)."""
+    import hashlib
+
+    whole, size = hashlib.sha256(), 0
+    chunks: list[p.Digest] = []
+
+    def read() -> tuple[bytearray, int]:
+        frame = p.data_buffer(chunk_size)
+        try:
+            got = read_full(stream, memoryview(frame)[p.DATA_PREFIX_LEN :])
+        except OSError as exc:
+            raise FmsError(f"cannot read {name!r}'s input: {exc.strerror or exc}") from None
+        if got < chunk_size:
+            frame = p.pack_data(memoryview(frame)[p.DATA_PREFIX_LEN : p.DATA_PREFIX_LEN + got])
+        return frame, got
+
+    first, got = read()
+    if got < chunk_size:  # the whole stream in one read: as any file of that size
+        data = bytes(p.unpack_data(first))
+        return put_planned(session, [(data, name, plan_bytes(data, chunk_size, None))], report)[0]
+
+    def requests() -> Iterator[tuple[int, str, dict[str, Any], bytearray]]:
+        nonlocal size
+        frame, n = first, got
+        while n:
+            piece = p.unpack_data(frame)
+            digest = p.sha256(piece)
+            whole.update(piece)
+            chunks.append(digest)
+            size += n
+            yield n, "put_chunk", {"hash": digest}, frame
+            if n < chunk_size:
+                return
+            frame, n = read()
+
+    sent = 0
+    for n, _header, _ in session.pipeline(requests(), session.data_window(chunk_size)):
+        sent += n
+        if report is not None:
+            report(name, sent, None)
+    plan = Plan(size, chunk_size, chunks, whole.digest(), time.time(), None)
+    with session.patience(commit_timeout(size, session.timeout)):
+        header, _ = session.call("commit", **_commit_fields(name, plan))
+    return header["stat"]
+
+
 def put_chunked(
-    session: Session, source: Source, name: str, plan: Plan, report: Progress
+    session: Session, source: Source, name: str, plan: Plan, report: Progress | None
 ) -> dict[str, Any]:
     """Upload the chunks storage lacks and commit; if storage reports chunks missing at the
     commit (collected since `have`, or damaged on its disk), send those and commit again."""
@@ -290,7 +379,7 @@ def upload_chunks(
     source: Source,
     plan: Plan,
     name: str,
-    report: Progress,
+    report: Progress | None,
     only: set[p.Digest] | None = None,
 ) -> None:
     """Send the chunks storage lacks (or exactly those in ``only``), pipelined.  ``source``
@@ -317,7 +406,8 @@ def upload_chunks(
         try:
             for i, _header, _ in session.pipeline(requests(), session.data_window(plan.chunk_size)):
                 done += plan.chunk_len(i)
-                report(name, done, total)
+                if report is not None:
+                    report(name, done, total)
         except IntegrityError:
             if isinstance(source, str) and _changed(source, plan):
                 raise FmsError(

@@ -359,8 +359,10 @@ def _optional(extra: str, package: str, load):
     except ModuleNotFoundError as exc:
         if exc.name != package and not (exc.name or "").startswith(package + "."):
             raise
+        from .. import install_hint
+
         raise StoreError(
-            f"this backend needs {package}, which is not installed: pip install 'fms[{extra}]'"
+            f"this backend needs {package}, which is not installed: {install_hint(extra)}"
         ) from None
 
 

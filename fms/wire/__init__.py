@@ -24,14 +24,38 @@ themselves)::
 ``header`` is a map with at least ``v`` (protocol version), ``op`` and ``id`` on requests and
 ``ok`` and ``id`` on replies.  ``data`` is one msgpack ``bin`` object holding file bytes.
 
-The names of all five modules are importable from here (``from fms import wire as p``).
+The names of all five modules are read from here (``from fms import wire as p``; ``p.encode``).
+Each module is imported when one of its names is first read, so a command that needs only the
+protocol's constants (``fms --help``) does not import ZeroMQ, msgpack or hashlib.
 """
 
-from . import batch, codec, fields, frames, messages
-from .batch import *  # noqa: F403
-from .codec import *  # noqa: F403
-from .fields import *  # noqa: F403
-from .frames import *  # noqa: F403
-from .messages import *  # noqa: F403
+import importlib
+from typing import TYPE_CHECKING
 
-__all__ = [*messages.__all__, *codec.__all__, *fields.__all__, *frames.__all__, *batch.__all__]
+if TYPE_CHECKING:  # what the type checker reads here; at run time each module comes when asked
+    from .batch import *  # noqa: F403
+    from .codec import *  # noqa: F403
+    from .fields import *  # noqa: F403
+    from .frames import *  # noqa: F403
+    from .messages import *  # noqa: F403
+
+_MODULES = ("messages", "fields", "codec", "batch", "frames")  # cheapest first
+
+
+def __getattr__(name: str) -> object:
+    if name in _MODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    for module_name in _MODULES:
+        module = importlib.import_module(f"{__name__}.{module_name}")
+        if name in module.__all__:
+            value = getattr(module, name)
+            globals()[name] = value  # looked up once, then read like any module global
+            return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    names = set(globals()) | set(_MODULES)
+    for module_name in _MODULES:
+        names |= set(importlib.import_module(f"{__name__}.{module_name}").__all__)
+    return sorted(names)

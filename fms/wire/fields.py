@@ -1,14 +1,15 @@
 """Reading a header's fields: every handler reads its fields through these checks, never by
 bare indexing.  Also the rules for names, hashes, mtimes and how a file splits into chunks."""
 
-import hashlib
 import re
 from collections.abc import Mapping
-from typing import Any, TypeAlias, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, overload
 
 from ..errors import BadRequest
-from ..limits import BytesLike
 from .messages import INLINE_MAX, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+
+if TYPE_CHECKING:
+    from ..limits import BytesLike  # not imported at run time: it loads msgpack
 
 __all__ = [
     "HASH_LEN",
@@ -39,7 +40,9 @@ MTIME_MIN = -2208988800.0
 MTIME_MAX = 253402300799.0
 
 
-def sha256(data: BytesLike) -> bytes:
+def sha256(data: "BytesLike") -> bytes:
+    import hashlib  # here: hashlib loads OpenSSL, which `ls` and `stat` never need
+
     return hashlib.sha256(data).digest()
 
 

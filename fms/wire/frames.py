@@ -22,6 +22,7 @@ from .codec import DATA_PREFIX_LEN, data_buffer
 __all__ = [
     "NOBLOCK",
     "RawFile",
+    "RawReader",
     "Sendable",
     "drain",
     "read_frame",
@@ -41,10 +42,14 @@ NOBLOCK = int(zmq.NOBLOCK)
 Sendable: TypeAlias = BytesLike | zmq.Frame
 
 
-class RawFile(Protocol):
-    """What frames are read from: an unbuffered binary file (``open(path, "rb", buffering=0)``)."""
+class RawReader(Protocol):
+    """What bytes are read from: an unbuffered binary stream (a file, stdin, a pipe)."""
 
     def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+
+class RawFile(RawReader, Protocol):
+    """What frames are read from: an unbuffered binary file (``open(path, "rb", buffering=0)``)."""
 
     def seek(self, offset: int, whence: int = 0, /) -> int: ...
 
@@ -87,7 +92,7 @@ def drain(
     return done
 
 
-def read_full(f: RawFile, view: memoryview) -> int:
+def read_full(f: RawReader, view: memoryview) -> int:
     """Fill ``view`` from the unbuffered file ``f``; :return: bytes read (less only at EOF)."""
     got = 0
     while got < len(view):

@@ -116,6 +116,7 @@ ERROR_CODES = (
     "integrity",
     "missing_chunks",
     "unavailable",
+    "busy",
     "no_space",
     "refused",
     "too_large",

@@ -1,0 +1,104 @@
+"""How long a CLI call takes, start to exit, against the floor of importing its two libraries
+(issue 26, point 4): whole processes, run again and again, the commands taking turns.
+
+    .venv/bin/python -m benchmarks.startup [--rounds 40] [--json]
+
+Starts a cluster (the tests' helper) with a few stored names, then runs, round after round and
+in a new order each round: ``python -c "import zmq, msgpack"`` (the peer), ``python client.py
+--help``, ``python client.py ls``, ``python client.py ls -r`` and ``python client.py stat NAME``
+against it, each a fresh process, with compiled modules cached (.pyc) as on a user's machine.
+Reports each one's median and the ratio to the peer's median in the same run (target: at most
+1.5x).  Taking turns, rather than one command's runs after another's, keeps a shared machine's
+changing load out of the ratios.
+"""
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tests"))
+
+from harness import ROOT, Cluster
+
+TARGET = 1.5  # at most this many times the peer's time
+
+
+def commands(frontend: str) -> dict:
+    client = [sys.executable, os.path.join(ROOT, "client.py")]
+    return {
+        "peer": [sys.executable, "-c", "import zmq, msgpack"],
+        "--help": [*client, "--help"],
+        "ls": [*client, "--broker", frontend, "ls"],
+        "ls -r": [*client, "--broker", frontend, "ls", "-r"],
+        "stat": [*client, "--broker", frontend, "stat", "notes/hello.txt"],
+    }
+
+
+# As on a user's machine, Python caches compiled modules (.pyc): a process started with
+# PYTHONDONTWRITEBYTECODE (some sandboxes set it) compiles fms's modules on every run, while the
+# peer's libraries come compiled from their wheels.
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
+def run_once(argv: list) -> float:
+    start = time.perf_counter()
+    subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, env=ENV)
+    return time.perf_counter() - start
+
+
+def measure(frontend: str, rounds: int) -> dict:
+    cmds = commands(frontend)
+    for argv in cmds.values():  # warm the page cache and the .pyc files
+        run_once(argv)
+    times = {name: [] for name in cmds}
+    order = list(cmds)
+    for _ in range(rounds):
+        random.shuffle(order)
+        for name in order:
+            times[name].append(run_once(cmds[name]))
+    peer = statistics.median(times["peer"])
+    return {
+        name: {
+            "median_ms": round(statistics.median(t) * 1000, 1),
+            "min_ms": round(min(t) * 1000, 1),
+            "ratio": round(statistics.median(t) / peer, 2),
+        }
+        for name, t in times.items()
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="fms-startup-") as folder:
+        cluster = Cluster(folder)
+        try:
+            cluster.start_all()
+            with cluster.client() as c:
+                c.put_bytes(b"hello, fms\n", "notes/hello.txt")
+                for i in range(20):
+                    c.put_bytes(b"x" * i, f"photos/{i:02d}.jpg")
+            results = measure(cluster.frontend, args.rounds)
+        finally:
+            cluster.stop()
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return 0
+    print(f"{'command':<10} {'median ms':>10} {'min ms':>8} {'vs peer':>8}  target <= {TARGET}x")
+    for name, r in results.items():
+        met = "" if name == "peer" else ("yes" if r["ratio"] <= TARGET else "NO")
+        print(f"{name:<10} {r['median_ms']:>10} {r['min_ms']:>8} {r['ratio']:>7}x  {met}")
+    print(f"(peer: python -c 'import zmq, msgpack'; {args.rounds} rounds, commands in turns)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

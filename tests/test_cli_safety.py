@@ -1,0 +1,261 @@
+"""The command line never surprises (issue 26): no data lost by a typo in sync --delete or by a
+clash found half way, no traceback for a user's mistake, output that says what happened."""
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from conftest import ROOT, random_bytes
+from terminal import run_on_a_pty
+from test_cli_habits import one_line_error
+from test_up import free_port
+
+
+def tree_of(folder) -> dict:
+    return {
+        os.path.relpath(os.path.join(root, f), folder): open(os.path.join(root, f), "rb").read()
+        for root, _dirs, files in os.walk(folder)
+        for f in files
+    }
+
+
+@pytest.fixture
+def victim(tmp_path):
+    folder = tmp_path / "victim"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"photo{i}.jpg").write_bytes(b"mine %d" % i)
+    return folder
+
+
+# --- sync --delete ---
+
+
+def test_sync_delete_from_a_source_that_holds_nothing_is_refused(cluster, victim):
+    with cluster.client() as c:
+        c.put_bytes(b"x", "album/p1.jpg")
+    before = tree_of(victim)
+    err = one_line_error(cluster.cli("sync", "fms:albun/", str(victim), "--delete"))  # a typo
+    assert "fms:albun/ holds nothing" in err and "--force" in err and "5 files" in err
+    assert tree_of(victim) == before
+    empty = victim.parent / "empty"
+    empty.mkdir()
+    with cluster.client() as c:  # the other way: an empty local folder against the store
+        err = one_line_error(cluster.cli("sync", str(empty), "fms:album/", "--delete"))
+        assert "holds nothing" in err
+        assert [e["name"] for e in c.ls("album/")] == ["album/p1.jpg"]
+    got = cluster.cli("sync", "fms:albun/", str(victim), "--delete", "--force")
+    assert got.returncode == 0, got.stderr
+    assert tree_of(victim) == {}
+
+
+def test_sync_delete_asks_on_a_terminal_before_removing_more_than_a_few(cluster, victim):
+    for i in range(5, 12):
+        (victim / f"photo{i}.jpg").write_bytes(b"more")
+    with cluster.client() as c:
+        c.put_bytes(b"kept", "album/photo0.jpg")
+    before = tree_of(victim)
+    argv = ["--broker", cluster.frontend, "sync", "fms:album/", str(victim), "--delete"]
+    code, drawn = run_on_a_pty(argv, "n\n", victim.parent)
+    assert code == 1 and "delete 11 files from" in drawn and "[y/N]" in drawn, drawn
+    assert tree_of(victim) == before  # nothing, not even the file to send
+    code, drawn = run_on_a_pty(argv, "y\n", victim.parent)
+    assert code == 0, drawn
+    assert tree_of(victim) == {"photo0.jpg": b"kept"}
+
+
+def test_every_download_checks_for_clashes_before_it_writes_anything(cluster, tmp_path):
+    with cluster.client() as c:
+        for name in ["album", "album/p1.jpg", *(f"b/{i:02d}" for i in range(25))]:
+            c.put_bytes(b"x", name)
+    out = tmp_path / "out" / "all"
+    got = cluster.cli("sync", "fms:", str(out))
+    err = one_line_error(got)
+    assert "'album'" in err and "'album/p1.jpg'" in err and "nothing was changed" in err
+    assert got.stdout == b""  # no `send` line for what was never sent
+    assert not out.exists()
+    err = one_line_error(cluster.cli("get", "-r", "", str(out)))
+    assert "'album'" in err and not out.exists()
+
+
+def test_a_stored_name_too_long_for_a_local_file_is_a_clear_error(cluster, tmp_path):
+    long = "n" * 300  # a valid name (up to 1024 bytes), not a valid local file name (255)
+    with cluster.client() as c:
+        c.put_bytes(b"x", f"t/{long}")
+        c.put_bytes(b"y", "t/short")
+    err = one_line_error(cluster.cli("get", f"t/{long}", cwd=str(tmp_path)))
+    assert "File name too long" in err
+    err = one_line_error(cluster.cli("get", "-r", "t", str(tmp_path / "out")))
+    assert "300 bytes" in err and "get NAME DEST" in err
+    assert not (tmp_path / "out").exists()
+    assert cluster.cli("get", f"t/{long}", str(tmp_path / "ok")).returncode == 0
+    assert (tmp_path / "ok").read_bytes() == b"x"
+
+
+def test_a_destination_name_of_255_bytes_is_written(cluster, tmp_path):
+    name = "é" * 127  # 254 bytes: its temp file's name must fit too
+    with cluster.client() as c:
+        c.put_bytes(b"z" * 2_000_000, name)  # chunked: written through a temp file
+    got = cluster.cli("get", name, cwd=str(tmp_path))
+    assert got.returncode == 0, got.stderr
+    assert (tmp_path / name).stat().st_size == 2_000_000
+
+
+# --- no traceback for a user's mistake ---
+
+
+def fifo_with(path, data: bytes):
+    """A FIFO at ``path`` that a thread fills with ``data``, as ``<(...)`` does."""
+    os.mkfifo(path)
+
+    def feed():
+        with open(path, "wb") as f:
+            f.write(data)
+
+    thread = threading.Thread(target=feed, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize(
+    "argv,says",
+    [
+        (["put", "{tmp}/nothere", "x"], "no such file: {tmp}/nothere"),
+        (["put", "{tmp}/dangling", "x"], "broken symbolic link"),
+        (["put", "{tmp}/dir", "x"], "is a folder; upload it with: put -r"),
+        (["put", "{tmp}/sock", "x"], "is a socket"),
+        (["put", "/proc/self/mem", "x"], "cannot read /proc/self/mem: Input/output error"),
+        (["put", "-"], "put - needs the NAME"),
+        (["put", "-r", "{tmp}/dir", "x", "--include", "*.nothing"], "filters let through"),
+        (["put", "{tmp}/file", "x", "--exclude", "*.jpg"], "put -r"),
+        (["get", "f", "{tmp}/nothere/f"], "mkdir -p"),
+        (["get", "f", "/proc/version"], "cannot write to /proc"),
+        (["get", "f", "/dev/full"], "No space left"),
+        (["get", "-r", "t", "{tmp}/file"], "is a file"),
+        (["get", "-r", "t", "-"], "destination folder"),
+        (["sync", "fms:t/", "{tmp}/file"], "is not a folder"),
+        (["sync", "{tmp}/nothere", "fms:t/"], "is not a folder"),
+        (["cat", "t"], "is a folder"),
+        (["keygen", "/proc/nothere", "k"], "/proc/nothere"),
+        (["ls", "nothere/"], "nothing is stored under 'nothere/'"),
+        (["stat", "t"], "is a folder"),
+        (["get", "t"], "get -r t DESTDIR"),
+        (["get", "t/", "{tmp}/x"], "get -r t DESTDIR"),
+        (["rm", "t"], "rm -r t/"),
+    ],
+)
+def test_no_user_mistake_prints_a_traceback(cluster, tmp_path, argv, says):
+    with cluster.client() as c:
+        c.put_bytes(b"f", "f")
+        c.put_bytes(b"in t", "t/a")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "a.jpg").write_bytes(b"a")
+    (tmp_path / "file").write_bytes(b"file")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "sock"))
+    try:
+        argv = [a.format(tmp=tmp_path) for a in argv]
+        err = one_line_error(cluster.cli(*argv, cwd=str(tmp_path)))
+    finally:
+        sock.close()
+    assert says.format(tmp=tmp_path) in err
+
+
+def test_put_reads_stdin_a_pipe_and_a_device_to_their_end(cluster, tmp_path):
+    data = random_bytes(3 * 1024 * 1024 + 17, seed=26)  # several chunks, the last one short
+    got = cluster.cli("put", "-", "from-stdin", stdin=data)
+    assert got.returncode == 0, got.stderr
+    fifo_with(tmp_path / "pipe", data[:5000])
+    assert cluster.cli("put", str(tmp_path / "pipe"), "from-pipe").returncode == 0
+    assert cluster.cli("put", "/dev/null", "empty").returncode == 0
+    assert cluster.cli("put", "-", "small", stdin=b"tiny").returncode == 0
+    stored = json.loads(cluster.cli("put", "-", "again", "--json", stdin=data).stdout)
+    assert stored[0]["sha256"] == hashlib.sha256(data).hexdigest()
+    with cluster.client() as c:
+        assert c.get_bytes("from-stdin") == data
+        assert c.get_bytes("from-pipe") == data[:5000]
+        assert c.get_bytes("empty") == b"" and c.get_bytes("small") == b"tiny"
+
+
+# --- what it says ---
+
+
+def test_ls_of_a_prefix_that_holds_nothing_is_an_error_and_of_an_empty_store_is_not(cluster):
+    got = cluster.cli("ls")
+    assert got.returncode == 0 and got.stdout == b""
+    assert cluster.cli("ls", "--json").stdout.strip() == b"[]"
+    for argv in (["ls", "nothere/"], ["ls", "-r", "nothere"], ["ls", "nothere/", "--json"]):
+        one_line_error(cluster.cli(*argv))
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+def test_a_timeout_that_is_not_a_positive_number_of_seconds_is_refused(cluster, value):
+    got = cluster.cli("--timeout", value, "ls")
+    assert got.returncode == 2 and b"is not a timeout" in got.stderr
+    got = cluster.cli("ls", "--timeout", value)
+    assert got.returncode == 2 and b"usage: client.py ls" in got.stderr
+
+
+def test_the_broker_may_be_given_as_host_port(cluster):
+    host_port = cluster.frontend[len("tcp://") :]
+    got = cluster.cli("--broker", host_port, "stats", broker=False)
+    assert got.returncode == 0, got.stderr
+    env = {**os.environ, "FMS_BROKER": host_port}
+    got = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "client.py"), "ls"],
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    assert got.returncode == 0, got.stderr
+
+
+def test_du_h_means_human_sizes_as_in_ls_and_find_needs_no_prefix(cluster):
+    with cluster.client() as c:
+        c.put_bytes(b"x" * 1536, "a/b.jpg")
+    assert b"1.5 KiB" in cluster.cli("du", "-h").stdout
+    assert b"1,536" in cluster.cli("du").stdout
+    assert cluster.cli("du", "--help").returncode == 0
+    assert cluster.cli("find", "--name", "*.jpg").stdout.split() == [b"a/b.jpg"]
+
+
+def test_a_second_fms_up_on_the_same_ports_is_refused_before_anything_starts(cluster, tmp_path):
+    got = subprocess.run(
+        [sys.executable, "-m", "fms", "up", "--frontend", cluster.frontend]
+        + ["--backend", f"tcp://127.0.0.1:{free_port()}", "--data", str(tmp_path / "d")],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=60,
+    )
+    err = one_line_error(got)
+    assert f"--frontend {cluster.frontend} is in use" in err and "nothing was started" in err
+    assert not (tmp_path / "d" / "storage").exists()  # no worker ever started
+    assert [w["id"] for w in cluster.workers("cache")] == ["cache-1"]  # none joined this one
+
+
+def test_fms_up_says_how_to_run_the_client_as_it_was_installed(tmp_path):
+    script = os.path.join(os.path.dirname(sys.executable), "fms")
+    frontend, backend = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    up = subprocess.Popen(
+        [script, "up", "--frontend", frontend, "--backend", backend, "--data", str(tmp_path)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        cwd=tmp_path,
+    )
+    try:
+        line = b""
+        deadline = time.monotonic() + 60
+        while b"in another terminal" not in line and time.monotonic() < deadline:
+            line = up.stderr.readline()
+        assert f"try `{script} --broker {frontend} put FILE`".encode() in line, line
+    finally:
+        up.send_signal(signal.SIGINT)
+        up.wait(30)

@@ -1,0 +1,64 @@
+"""A CLI call imports only what it uses (issue 26, point 4): `--help` no ZeroMQ, msgpack or
+OpenSSL; `ls` and `stat` none of hashing, logging, CURVE, the daemons, the storage engine or the
+shell.  How long they take is measured by `python -m benchmarks.startup`, not here."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+PROBE = """
+import json, runpy, sys
+sys.argv = ["client.py", *sys.argv[1:]]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit:
+    pass
+print(json.dumps(sorted(sys.modules)), file=sys.stderr)
+"""
+
+# Never needed to list or stat: each was imported by every command before.
+HEAVY = {
+    "hashlib",  # OpenSSL
+    "logging",
+    "shutil",  # argparse's terminal width, and with it bz2, lzma, zlib
+    "zmq.auth",
+    "fms.security",
+    "fms.cli.daemons",
+    "fms.cli.up",
+    "fms.cli.sync",
+    "fms.cli.shell",
+    "fms.storage",
+    "fms.cache",
+    "fms.broker",
+    "concurrent.futures",
+}
+
+
+def imported(*argv: str) -> set:
+    got = subprocess.run(
+        [sys.executable, "-c", PROBE, *argv],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("FMS_")},
+    )
+    return set(json.loads(got.stderr.decode().strip().splitlines()[-1]))
+
+
+def test_help_imports_neither_zeromq_nor_msgpack_nor_openssl():
+    modules = imported("--help")
+    assert not {"zmq", "msgpack"} & modules
+    assert not HEAVY & modules, HEAVY & modules
+
+
+@pytest.mark.parametrize("argv", [["ls"], ["ls", "-r", "-l"], ["stat", "f"]])
+def test_ls_and_stat_import_only_what_they_use(cluster, argv):
+    with cluster.client() as c:
+        c.put_bytes(b"x", "f")
+    modules = imported("--broker", cluster.frontend, *argv)
+    assert "zmq" in modules and "fms.client.session" in modules  # it did run
+    assert not HEAVY & modules, HEAVY & modules
