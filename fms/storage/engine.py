@@ -6,19 +6,24 @@ from what the store holds.  Small chunks (up to :data:`SMALL_CHUNK_MAX`) are kep
 metadata engine itself, so a small file costs one transaction and no file of its own.
 """
 
+import builtins
 import errno
 import hashlib
 import logging
 import os
 import time
 import uuid
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from .. import wire as p
 from ..errors import BadRequest, FmsError, IntegrityError, MissingChunks, NoSpace, NotFound
 from .chunks.base import ChunkBackend
 from .chunks.localdir import LocalDirChunks
-from .meta.base import MetaEngine
-from .model import Copy, NewVersion, Removal, Restore, Version
+from .meta.base import ChunkRow, MetaEngine
+from .model import Change, Copy, NewVersion, Removal, Restore, Totals, Version
+
+T = TypeVar("T")
 
 SMALL_CHUNK_MAX = 64 * p.KiB  # chunks up to this size live in the metadata engine
 FOLDER_END = "\U0010ffff"  # after a folder's name: sorts after every name inside it
@@ -33,9 +38,10 @@ class StoreError(FmsError):
 
 class Store:
     """A store: a :class:`MetaEngine` for names and references, a :class:`ChunkBackend` for
-    the bytes of chunks over :data:`SMALL_CHUNK_MAX`."""
+    the bytes of chunks over :data:`SMALL_CHUNK_MAX`.  (``builtins.list`` in the annotations:
+    ``list`` is also a method here.)"""
 
-    def __init__(self, meta: MetaEngine, chunks: ChunkBackend, keep_versions: int = 0):
+    def __init__(self, meta: MetaEngine, chunks: ChunkBackend, keep_versions: int = 0) -> None:
         self.meta = meta
         self.chunks = chunks
         meta.keep_versions = keep_versions
@@ -44,7 +50,7 @@ class Store:
     def store_id(self) -> str:
         return self.meta.store_id
 
-    def close(self):
+    def close(self) -> None:
         self.meta.close()
 
     # --- reads ---
@@ -56,10 +62,10 @@ class Store:
             raise NotFound(f"{name!r} not found; see what is stored with: ls")
         return found
 
-    def list(self, prefix: str, after: str, limit: int) -> list:
+    def list(self, prefix: str, after: str, limit: int) -> builtins.list[Version]:
         return self.meta.list(prefix, after, limit)
 
-    def versions(self, name: str) -> list:
+    def versions(self, name: str) -> builtins.list[Version]:
         """The current version of ``name`` (if it is live) and its retained ones, newest first.
 
         :raises NotFound: neither.
@@ -78,10 +84,10 @@ class Store:
                 return found
         raise NotFound(f"{name!r} has no version {version}; list them with: versions {name}")
 
-    def totals(self):
+    def totals(self) -> Totals:
         return self.meta.totals()
 
-    def usage(self, prefix: str) -> tuple:
+    def usage(self, prefix: str) -> tuple[int, int]:
         """``(files, bytes)`` under ``prefix``: the totals for the whole store, else counted in
         the name index."""
         if not prefix:
@@ -89,7 +95,9 @@ class Store:
             return totals.files, totals.bytes
         return self.meta.usage(prefix)
 
-    def list_folder(self, prefix: str, after: str, limit: int) -> tuple:
+    def list_folder(
+        self, prefix: str, after: str, limit: int
+    ) -> tuple[builtins.list[Version], builtins.list[str], str | None]:
         """One level under ``prefix``, like ``aws s3 ls``: the files directly in it and its
         sub-folders (``prefix`` + up to the next ``/``), each folder once, in name order; a
         folder is skipped over in the index, not read name by name.
@@ -97,7 +105,8 @@ class Store:
         :return: ``(entries, folders, next)``: up to ``limit`` items in all; ``next`` is the
             cursor to send as ``after`` for the next page, None when done.
         """
-        entries, folders = [], []
+        entries: builtins.list[Version] = []
+        folders: builtins.list[str] = []
         while len(entries) + len(folders) < limit:
             page = self.meta.list(prefix, after, limit - len(entries) - len(folders))
             if not page:
@@ -115,7 +124,7 @@ class Store:
                 break
         return entries, folders, after
 
-    def read_chunk(self, digest: bytes):
+    def read_chunk(self, digest: p.Digest) -> bytearray:
         """A chunk as a data frame, verified against its digest.
 
         :raises NotFound: no such chunk.
@@ -123,7 +132,7 @@ class Store:
             upload of the same content restores it.
         """
         row = self.meta.chunk(digest)
-        if row is not None and row.in_engine:
+        if row is not None and row.data is not None:  # in the engine
             frame = p.pack_data(row.data)
             if p.sha256(row.data) != digest:
                 raise IntegrityError(
@@ -142,13 +151,13 @@ class Store:
 
     # --- writes ---
 
-    def missing(self, digests: list) -> list:
+    def missing(self, digests: Sequence[p.Digest]) -> builtins.list[p.Digest]:
         """The digests among ``digests`` that must be uploaded; the others are protected from
         collection for the grace period (a commit naming them is on its way)."""
         known = self.meta.known(digests, time.time())
         return [d for d in digests if d not in known]
 
-    def put_chunk(self, digest: bytes, data) -> bool:
+    def put_chunk(self, digest: p.Digest, data: p.BytesLike) -> bool:
         """Store a chunk after checking it against its digest.  :return: True if written.
 
         :raises IntegrityError: the data does not hash to ``digest``.
@@ -165,7 +174,7 @@ class Store:
             return True
         return self.chunks.put(digest, data)
 
-    def commit(self, change: NewVersion, inline=None) -> Version:
+    def commit(self, change: NewVersion, inline: bytes | None = None) -> Version:
         """One commit; see :meth:`apply`.  :raises FmsError: it was refused."""
         return _raise_or(self.apply([(change, inline)])[0])
 
@@ -182,7 +191,9 @@ class Store:
         """Make a retained version current again (None: the newest); see :class:`Restore`."""
         return _raise_or(self.apply([(Restore(name, version, commit), None)])[0])
 
-    def remove_prefix(self, prefix: str, limit: int, name_bytes: int) -> tuple:
+    def remove_prefix(
+        self, prefix: str, limit: int, name_bytes: int
+    ) -> tuple[builtins.list[Version], bool]:
         """Remove up to ``limit`` names starting with ``prefix``, whose names add up to at most
         ``name_bytes`` (in UTF-8: the list the broker is told to invalidate), in one
         transaction.
@@ -190,7 +201,8 @@ class Store:
         :return: ``(tombstones, more)``: more names remain under ``prefix``.
         """
         page = self.meta.list(prefix, "", limit + 1)
-        take, total = [], 0
+        take: builtins.list[Version] = []
+        total = 0
         for version in page[:limit]:
             total += len(version.name.encode())
             if take and total > name_bytes:
@@ -201,14 +213,18 @@ class Store:
         # A name removed by someone else meanwhile is not an error of this request.
         return [r for r in results if isinstance(r, Version)], len(page) > len(take)
 
-    def apply(self, requests) -> list:
+    def apply(
+        self, requests: Sequence[tuple[Change, bytes | None]]
+    ) -> builtins.list[Version | FmsError]:
         """Apply ``(change, inline bytes or None)`` pairs: each commit is checked against the
         stored chunks, then every change that passed is made in one transaction.
 
         :return: per request, the :class:`Version` made or the :class:`FmsError` refusing it.
         """
-        results = [None] * len(requests)
-        changes, where, small = [], [], {}
+        results: dict[int, Version | FmsError] = {}  # by index in requests
+        changes: builtins.list[Change] = []
+        where: builtins.list[int] = []  # each change's index in requests
+        small: dict[p.Digest, bytes] = {}  # small chunks' bytes, sent inline
         for i, (change, inline) in enumerate(requests):
             try:
                 if isinstance(change, NewVersion):
@@ -231,12 +247,12 @@ class Store:
                     failure = os_failure(exc)
                     for i in where:
                         results[i] = failure
-                    return results
+                    return [results[i] for i in range(len(requests))]
             for i, result in zip(where, self.meta.apply(changes, time.time(), small), strict=False):
                 results[i] = result
-        return results
+        return [results[i] for i in range(len(requests))]
 
-    def _check(self, change: NewVersion, inline):
+    def _check(self, change: NewVersion, inline: bytes | None) -> bytes | None:
         """Check a commit against its shape and the stored chunks.
 
         :return: the bytes of a small chunk to keep in the metadata engine (sent inline), or None.
@@ -283,7 +299,7 @@ class Store:
             ) from None
         if whole.digest() == change.sha256:
             return None
-        damaged = []
+        damaged: builtins.list[p.Digest] = []
         for digest in dict.fromkeys(change.chunks):
             try:
                 self.read_chunk(digest)
@@ -301,29 +317,30 @@ class Store:
             f"read: upload it again"
         )
 
-    def _present(self, row, digest: bytes) -> bool:
+    def _present(self, row: ChunkRow | None, digest: p.Digest) -> bool:
         """Whether a chunk with this row (None: no row) is stored, row and bytes."""
         return row is not None and not row.doomed and (row.in_engine or self.chunks.has(digest))
 
-    def _stored_bytes(self, digest: bytes, row):
+    def _stored_bytes(self, digest: p.Digest, row: ChunkRow) -> p.BytesLike:
         """A chunk's stored bytes (``row``: its row), unverified (the caller verifies).
 
         :raises NotFound: its bytes are not stored.
         """
-        if row.in_engine:
+        if row.data is not None:  # in the engine
             return row.data
         return memoryview(self.chunks.get(digest))[p.DATA_PREFIX_LEN :]
 
-    def _check_sizes(self, change: NewVersion, blobs: bool) -> list:
+    def _check_sizes(self, change: NewVersion, blobs: bool) -> builtins.list[ChunkRow]:
         """Every chunk has a row (and, with ``blobs``, its bytes are stored) with the length the
         file's shape gives it.  :return: the chunks' rows, in file order."""
-        missing, rows = [], []
+        missing: builtins.list[p.Digest] = []
+        rows: builtins.list[ChunkRow] = []
         for i, digest in enumerate(change.chunks):
             row = self.meta.chunk(digest)
-            rows.append(row)
             if row is None or row.doomed or (blobs and not self._present(row, digest)):
                 missing.append(digest)
                 continue
+            rows.append(row)
             want = p.chunk_length(i, change.size, change.chunk_size)
             if row.size != want:
                 raise IntegrityError(
@@ -346,13 +363,13 @@ def os_failure(exc: OSError) -> FmsError:
     return FmsError(f"storage could not read or write its disk: {exc.strerror or exc}")
 
 
-def _raise_or(result):
+def _raise_or(result: Version | FmsError) -> Version:
     if isinstance(result, BaseException):
         raise result
     return result
 
 
-def _optional(extra: str, package: str, load):
+def _optional(extra: str, package: str, load: Callable[[], T]) -> T:
     """A server-side backend whose library is an optional extra: a clear error if missing."""
     try:
         return load()
@@ -390,6 +407,8 @@ def open_store(
             f"cannot use data directory {data}: its parent folder does not "
             f"exist; create it or point --data elsewhere"
         )
+    backend: ChunkBackend
+    engine: MetaEngine
     try:
         os.makedirs(data, exist_ok=True)
         if chunks is None:
@@ -434,7 +453,7 @@ def open_store(
     return Store(engine, backend, keep_versions)
 
 
-def _tie(engine, backend, chunks_where: str, meta_where: str):
+def _tie(engine: MetaEngine, backend: ChunkBackend, chunks_where: str, meta_where: str) -> None:
     """Chunks belong to one store: a chunk store that another store's metadata uses would have
     its chunks collected as orphans, so a mismatch is refused before anything runs."""
     marker = backend.store_marker()

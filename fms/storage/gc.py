@@ -16,11 +16,17 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from .. import wire as p
 from ..errors import IntegrityError, NotFound, Unavailable
+from .chunks.base import ChunkBackend
 from .chunks.localdir import pid_alive
-from .meta.base import RETAIN_SECONDS
+from .meta.base import RETAIN_SECONDS, ChunkRow, MetaEngine
+
+if TYPE_CHECKING:
+    from .engine import Store
 
 DEFAULT_GRACE = 3600.0  # seconds an unreferenced chunk is kept before it is collected
 LEASE = "gc"
@@ -33,7 +39,9 @@ log = logging.getLogger("fms.storage.gc")
 _HOLDER = f"{socket.gethostname()}:{os.getpid()}"
 
 
-def collect(store, grace: float = DEFAULT_GRACE, dry_run: bool = False, now=None) -> dict:
+def collect(
+    store: "Store", grace: float = DEFAULT_GRACE, dry_run: bool = False, now: float | None = None
+) -> dict[str, int]:
     """Collect what has been garbage for longer than ``grace`` seconds.
 
     :return: ``chunks`` and ``bytes`` freed (or that would be, with ``dry_run``), ``orphans``
@@ -98,7 +106,9 @@ def _dead_here(holder: str) -> bool:
     return host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid))
 
 
-def _finish(meta, chunks, rows, freed):
+def _finish(
+    meta: MetaEngine, chunks: ChunkBackend, rows: Sequence[ChunkRow], freed: dict[str, int]
+) -> None:
     """Delete the blobs of doomed rows, then the rows."""
     blobs = [r for r in rows if not r.in_engine]
     for row in blobs:
@@ -108,7 +118,7 @@ def _finish(meta, chunks, rows, freed):
     freed["bytes"] += sum(r.size for r in rows)
 
 
-def fsck_page(store, after: str = "", page_bytes: int = FSCK_PAGE_BYTES) -> dict:
+def fsck_page(store: "Store", after: str = "", page_bytes: int = FSCK_PAGE_BYTES) -> dict[str, Any]:
     """Check the live versions after name ``after``, reading about ``page_bytes`` of chunks.
 
     :return: ``names`` and ``chunks`` checked, ``bytes`` read, ``damaged`` (a list of
@@ -117,9 +127,9 @@ def fsck_page(store, after: str = "", page_bytes: int = FSCK_PAGE_BYTES) -> dict
         and unreferenced rows whose grace has not run out count as pending, not orphans) and
         ``refcount_errors``.
     """
-    out = {"names": 0, "chunks": 0, "bytes": 0, "damaged": [], "next": None}
-    damaged = {}
-    seen = set()
+    out: dict[str, Any] = {"names": 0, "chunks": 0, "bytes": 0, "damaged": [], "next": None}
+    damaged: dict[p.Digest, dict[str, Any]] = {}  # chunk -> {chunk, problem, names}
+    seen: set[p.Digest] = set()
     last = after
     while out["bytes"] < page_bytes:
         versions = store.meta.iter_versions(last, 100)
@@ -154,7 +164,7 @@ def fsck_page(store, after: str = "", page_bytes: int = FSCK_PAGE_BYTES) -> dict
     return out
 
 
-def _check_chunk(store, digest, out):
+def _check_chunk(store: "Store", digest: p.Digest, out: dict[str, Any]) -> str | None:
     out["chunks"] += 1
     row = store.meta.chunk(digest)
     if row is None or row.doomed:

@@ -11,7 +11,9 @@ With versions kept (``--keep-versions N``), a version that an overwrite or a rem
 *retained*: it keeps its chunks' references, and ``N`` of them per name are kept, the newest.
 """
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any, TypeAlias
 
 from .. import wire as p
 
@@ -22,14 +24,14 @@ class Version:
     size: int
     sha256: bytes
     chunk_size: int
-    chunks: tuple  # of 32-byte digests, in file order
+    chunks: tuple[p.Digest, ...]  # in file order
     mtime: float
     version: int
     commit: str  # id of the commit (or rm) that made this version
     committed: float  # when, in seconds since the epoch
     deleted: bool = False  # a tombstone: the name was removed by `commit`
 
-    def manifest(self) -> dict:
+    def manifest(self) -> dict[str, Any]:
         """The wire form of a manifest (docs/PROTOCOL.md)."""
         return {
             "name": self.name,
@@ -43,7 +45,7 @@ class Version:
             "committed": self.committed,
         }
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         """What ls and stat return: the manifest without its chunk list."""
         out = {
             "name": self.name,
@@ -68,12 +70,12 @@ class NewVersion:
     size: int
     sha256: bytes
     chunk_size: int
-    chunks: tuple
+    chunks: tuple[p.Digest, ...]
     mtime: float
     commit: str
 
     @property
-    def names(self) -> tuple:
+    def names(self) -> tuple[str, ...]:
         return (self.name,)
 
 
@@ -85,7 +87,7 @@ class Removal:
     commit: str
 
     @property
-    def names(self) -> tuple:
+    def names(self) -> tuple[str, ...]:
         return (self.name,)
 
 
@@ -99,7 +101,7 @@ class Copy:
     move: bool = False
 
     @property
-    def names(self) -> tuple:
+    def names(self) -> tuple[str, ...]:
         return (self.src, self.name) if self.move else (self.name,)
 
 
@@ -113,7 +115,7 @@ class Restore:
     commit: str
 
     @property
-    def names(self) -> tuple:
+    def names(self) -> tuple[str, ...]:
         return (self.name,)
 
 
@@ -124,7 +126,7 @@ class Totals:
     chunks: int = 0  # chunks held, referenced or awaiting collection
     chunk_bytes: int = 0  # their bytes (after dedup)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, int]:
         return {
             "files": self.files,
             "bytes": self.bytes,
@@ -133,10 +135,14 @@ class Totals:
         }
 
 
-def pack_digests(chunks) -> bytes:
+# What the metadata engine is asked to apply (:meth:`~.meta.base.MetaEngine.apply`).
+Change: TypeAlias = NewVersion | Removal | Copy | Restore
+
+
+def pack_digests(chunks: Iterable[p.Digest]) -> bytes:
     return b"".join(chunks)
 
 
-def unpack_digests(blob: bytes) -> tuple:
+def unpack_digests(blob: bytes) -> tuple[p.Digest, ...]:
     n = p.HASH_LEN
     return tuple(bytes(blob[i : i + n]) for i in range(0, len(blob), n))

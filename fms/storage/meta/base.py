@@ -17,9 +17,14 @@ or *doomed*:
   once the row is gone and writes the blob anew.
 """
 
+import builtins
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 
-from ..model import Totals, Version
+from ...errors import FmsError
+from ...limits import BytesLike
+from ...wire.fields import Digest
+from ..model import Change, Totals, Version
 
 # How long a finished commit's id is remembered (a retry of it is answered with its result), and
 # how long a removed name's tombstone is kept (its version number carries over to a re-created
@@ -32,7 +37,15 @@ class ChunkRow:
 
     __slots__ = ("data", "digest", "doomed", "refs", "since", "size")
 
-    def __init__(self, digest, size, refs, since, doomed, data):
+    def __init__(
+        self,
+        digest: Digest,
+        size: int,
+        refs: int,
+        since: float,
+        doomed: bool | int,
+        data: bytes | None,
+    ) -> None:
         self.digest, self.size, self.refs, self.since = digest, size, refs, since
         self.doomed, self.data = bool(doomed), data
 
@@ -43,7 +56,10 @@ class ChunkRow:
 
 
 class MetaEngine(ABC):
-    """One store's metadata.  ``store_id`` identifies the store (workers on one store share it)."""
+    """One store's metadata.  ``store_id`` identifies the store (workers on one store share it).
+
+    (``builtins.list`` in the annotations: ``list`` is also a method here.)
+    """
 
     store_id: str
     keep_versions: int = 0  # replaced versions retained per name (0: none)
@@ -55,22 +71,24 @@ class MetaEngine(ABC):
         """The live version of ``name``, or None."""
 
     @abstractmethod
-    def list(self, prefix: str, after: str, limit: int) -> list:
+    def list(self, prefix: str, after: str, limit: int) -> builtins.list[Version]:
         """Up to ``limit`` live versions whose name starts with ``prefix`` and sorts after
         ``after``, in name order (code point order)."""
 
     @abstractmethod
-    def retained(self, name: str) -> list:
+    def retained(self, name: str) -> builtins.list[Version]:
         """The retained (not current) versions of ``name``, newest first: what an overwrite or
         a removal replaced, at most ``keep_versions`` of them (set by the worker)."""
 
     @abstractmethod
-    def usage(self, prefix: str) -> tuple:
+    def usage(self, prefix: str) -> tuple[int, int]:
         """``(files, bytes)``: how many live names start with ``prefix`` and the sum of their
         sizes, counted in the name index (one range scan, no manifest leaves the engine)."""
 
     @abstractmethod
-    def apply(self, changes: list, now: float, small: dict) -> list:
+    def apply(
+        self, changes: Sequence[Change], now: float, small: Mapping[Digest, BytesLike]
+    ) -> builtins.list[Version | FmsError]:
         """Apply :class:`~fms.storage.model.NewVersion`, :class:`~fms.storage.model.Removal`,
         :class:`~fms.storage.model.Copy` and :class:`~fms.storage.model.Restore` changes in one
         transaction (a group commit); each
@@ -89,18 +107,18 @@ class MetaEngine(ABC):
         """The store's totals, kept in the same transactions as the changes: O(1)."""
 
     @abstractmethod
-    def iter_versions(self, after: str, limit: int) -> list:
+    def iter_versions(self, after: str, limit: int) -> builtins.list[Version]:
         """Up to ``limit`` live versions after ``after`` in name order (fsck walks them)."""
 
     # --- chunks ---
 
     @abstractmethod
-    def known(self, digests: list, now: float) -> set:
+    def known(self, digests: Sequence[Digest], now: float) -> set[Digest]:
         """The digests among ``digests`` that have a live row; unreferenced ones among them get
         a fresh grace period (a commit that relies on them is on its way)."""
 
     @abstractmethod
-    def claim_chunk(self, digest: bytes, size: int, now: float, data=None) -> bool:
+    def claim_chunk(self, digest: Digest, size: int, now: float, data: bytes | None = None) -> bool:
         """Record a chunk about to be stored, with a fresh grace period; ``data`` keeps a small
         chunk's bytes in the engine.
 
@@ -109,27 +127,27 @@ class MetaEngine(ABC):
         """
 
     @abstractmethod
-    def chunk(self, digest: bytes) -> ChunkRow | None:
+    def chunk(self, digest: Digest) -> ChunkRow | None:
         """The chunk's row, or None."""
 
     # --- garbage collection ---
 
     @abstractmethod
-    def doom(self, cutoff: float, limit: int, dry_run: bool = False) -> list:
+    def doom(self, cutoff: float, limit: int, dry_run: bool = False) -> builtins.list[ChunkRow]:
         """Mark up to ``limit`` live chunks that no version references and that have been
         unreferenced since before ``cutoff`` as doomed; rows holding their bytes are deleted at
         once.  :return: their :class:`ChunkRow`\\ s (with ``dry_run``, only what would be)."""
 
     @abstractmethod
-    def doomed(self, limit: int) -> list:
+    def doomed(self, limit: int) -> builtins.list[ChunkRow]:
         """Rows left doomed (by this collector, or one that died): their blobs must go."""
 
     @abstractmethod
-    def forget(self, digests: list):
+    def forget(self, digests: Sequence[Digest]) -> None:
         """Delete doomed rows whose blobs are gone."""
 
     @abstractmethod
-    def adopt_orphan(self, digest: bytes, size: int) -> bool:
+    def adopt_orphan(self, digest: Digest, size: int) -> bool:
         """A blob with no row (its writer died before claiming it, or before migration): add
         it as a doomed row so that its deletion cannot race a claim.  False if a row exists."""
 
@@ -142,7 +160,7 @@ class MetaEngine(ABC):
         """Take or renew the lease ``name`` for ``holder`` (one collector at a time)."""
 
     @abstractmethod
-    def release(self, name: str, holder: str):
+    def release(self, name: str, holder: str) -> None:
         """Give a lease back (or take it from a holder known to be dead)."""
 
     @abstractmethod
@@ -152,10 +170,10 @@ class MetaEngine(ABC):
     # --- checks ---
 
     @abstractmethod
-    def refcount_errors(self) -> list:
+    def refcount_errors(self) -> builtins.list[tuple[Digest, int | None, int]]:
         """``(digest, stored refs, refs counted from the live versions)`` for every chunk where
         they differ, including referenced chunks with no row (stored refs None)."""
 
     @abstractmethod
-    def close(self):
+    def close(self) -> None:
         """Release the engine's connections."""

@@ -13,15 +13,21 @@ LOCKED``, so it never waits on a commit and never dooms a row a commit holds.  T
 always changed last.  A deadlock or serialization failure that remains is retried whole.
 """
 
+import builtins
 import collections
 import contextlib
 import hashlib
 import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol, TypeAlias, TypeVar
 
 import msgpack
 
 from ...errors import BadRequest, FmsError, MissingChunks, NotFound, Unavailable
+from ...limits import BytesLike
+from ...wire.fields import Digest
 from ..model import (
+    Change,
     Copy,
     NewVersion,
     Removal,
@@ -78,7 +84,28 @@ class Retry(Exception):
     """The transaction met a deadlock or a serialization failure: run it again."""
 
 
-def _version(row) -> Version:
+class ConnectionLost(Unavailable):
+    """The connection to the database was lost during a transaction: nothing of it stands, so
+    no change of a group commit may be kept by rolling back to its savepoint."""
+
+
+# A row as the driver returns it: the selected columns' values, of the driver's types.
+Row: TypeAlias = tuple[Any, ...]
+T = TypeVar("T")
+
+
+class Cursor(Protocol):
+    """What a statement returns, in both drivers (sqlite3, psycopg)."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Row | None: ...
+
+    def fetchall(self) -> builtins.list[Row]: ...
+
+
+def _version(row: Row) -> Version:
     name, size, sha, chunk_size, chunks, mtime, version, commit, committed, deleted = row
     return Version(
         name,
@@ -94,7 +121,7 @@ def _version(row) -> Version:
     )
 
 
-def _chunk(row) -> ChunkRow:
+def _chunk(row: Row) -> ChunkRow:
     digest, size, refs, since, doomed, data = row
     return ChunkRow(
         bytes(digest), size, refs, since, doomed, bytes(data) if data is not None else None
@@ -113,7 +140,7 @@ def prefix_end(prefix: str) -> str | None:
     return None
 
 
-def _request_digest(change: NewVersion) -> bytes:
+def _request_digest(change: NewVersion) -> Digest:
     """What identifies a commit request: every field it carries."""
     return hashlib.sha256(
         msgpack.packb(
@@ -142,32 +169,33 @@ class SQLMeta(MetaEngine):
     begin_write = "BEGIN"
     # Statements run before and after a transaction that need not be on disk when it commits
     # (the next durable commit, which names what it relied on, flushes it along): none here.
-    lazy_commit = ()
+    lazy_commit: tuple[str, str] | tuple[()] = ()
     for_update = ""  # appended to SELECTs of rows about to be changed
     skip_locked = ""  # appended to the collector's SELECT
     in_transaction = False  # a lost connection must not be silently reopened midway
     keep_versions = 0  # replaced versions retained per name (the worker's --keep-versions)
+    _delta: builtins.list[int]  # what the transaction under way adds to the totals row
 
-    def _execute(self, sql: str, args=()):
+    def _execute(self, sql: str, args: Sequence[object] = ()) -> Cursor:
         raise NotImplementedError
 
-    def _executemany(self, sql: str, rows):
+    def _executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
         raise NotImplementedError
 
-    def _translate(self, exc: Exception):
+    def _translate(self, exc: BaseException) -> FmsError | Retry | None:
         """A driver error as an :class:`FmsError` (or :class:`Retry`), or None if not one of
         the driver's."""
         raise NotImplementedError
 
-    def _lock_names(self, names):
+    def _lock_names(self, names: Sequence[str]) -> None:
         """Hold ``names`` until the transaction ends (no-op where transactions are serial)."""
 
-    def _lock_schema(self):
+    def _lock_schema(self) -> None:
         """Hold off other workers creating the tables at the same moment (no-op if serial)."""
 
     # --- transactions ---
 
-    def _create_schema(self, store_id):
+    def _create_schema(self, store_id: str) -> None:
         with self._write():
             self._lock_schema()
             for statement in SCHEMA.format(**self.types).split(";"):
@@ -183,7 +211,7 @@ class SQLMeta(MetaEngine):
             )
 
     @contextlib.contextmanager
-    def _write(self, durable: bool = True):
+    def _write(self, durable: bool = True) -> Iterator[None]:
         """One write transaction; driver errors become the wire's errors.  ``durable=False``
         lets it commit without waiting for the disk (:attr:`lazy_commit`)."""
         if durable or not self.lazy_commit:
@@ -196,7 +224,7 @@ class SQLMeta(MetaEngine):
         finally:
             self._execute(restore)  # never left relaxed: if this fails, so does the request
 
-    def _write_body(self):
+    def _write_body(self) -> Iterator[None]:
         try:
             self._execute(self.begin_write)
         except Exception as exc:
@@ -215,7 +243,7 @@ class SQLMeta(MetaEngine):
         finally:
             self.in_transaction = False
 
-    def _transaction(self, work, durable: bool = True):
+    def _transaction(self, work: Callable[[], T], durable: bool = True) -> T:
         """Run ``work()`` in a write transaction, again if it deadlocked.  The totals row is
         changed once, last, with what ``work`` added up through :meth:`_bump`: every writer
         queues on that one row, so it is held for the shortest time."""
@@ -232,38 +260,49 @@ class SQLMeta(MetaEngine):
                         )
                     return result
             except Retry:
-                if attempt == RETRIES - 1:
-                    raise Unavailable(
-                        "the metadata database kept meeting concurrent writers; try again"
-                    ) from None
-                log.info("event=transaction_retry attempt=%d", attempt + 1)
+                if attempt < RETRIES - 1:
+                    log.info("event=transaction_retry attempt=%d", attempt + 1)
+        raise Unavailable("the metadata database kept meeting concurrent writers; try again")
 
-    def _bump(self, files=0, nbytes=0, chunks=0, chunk_bytes=0):
+    def _bump(self, files: int = 0, nbytes: int = 0, chunks: int = 0, chunk_bytes: int = 0) -> None:
         """Add to the totals this transaction will write."""
         for i, n in enumerate((files, nbytes, chunks, chunk_bytes)):
             self._delta[i] += n
 
-    def _error(self, exc):
+    def _error(self, exc: Exception) -> Exception:
         translated = self._translate(exc)
         return translated if translated is not None else exc
 
-    def _one(self, sql, args=()):
+    def _one(self, sql: str, args: Sequence[object] = ()) -> Row | None:
         try:
             return self._execute(sql, args).fetchone()
         except Exception as exc:
             raise self._error(exc) from None
 
-    def _all(self, sql, args=()):
+    def _only(self, sql: str, args: Sequence[object] = ()) -> Row:
+        """The row of a query that always has one (an aggregate, the totals row)."""
+        row = self._one(sql, args)
+        assert row is not None, sql
+        return row
+
+    def _all(self, sql: str, args: Sequence[object] = ()) -> builtins.list[Row]:
         try:
             return self._execute(sql, args).fetchall()
         except Exception as exc:
             raise self._error(exc) from None
 
-    def setting(self, key: str):
+    def setting(self, key: str) -> str | None:
         row = self._one("SELECT value FROM settings WHERE key = ?", (key,))
         return row[0] if row else None
 
-    def set_setting(self, key: str, value: str):
+    def _stored_id(self) -> str:
+        """The store's id, written with the tables."""
+        store_id = self.setting("store_id")
+        if store_id is None:
+            raise FmsError("the metadata database holds no store id: it is damaged or not fms's")
+        return store_id
+
+    def set_setting(self, key: str, value: str) -> None:
         """Inside a caller's transaction (migration)."""
         self._execute(
             "INSERT INTO settings VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
@@ -273,17 +312,17 @@ class SQLMeta(MetaEngine):
 
     # --- names ---
 
-    def get(self, name):
+    def get(self, name: str) -> Version | None:
         row = self._one(
             f"SELECT {_VERSION_COLUMNS} FROM names WHERE name = ? AND deleted = 0", (name,)
         )
         return _version(row) if row else None
 
-    def list(self, prefix, after, limit):
+    def list(self, prefix: str, after: str, limit: int) -> builtins.list[Version]:
         lo = max(prefix, after)
         hi = prefix_end(prefix)
         sql = f"SELECT {_VERSION_COLUMNS} FROM names WHERE name >= ? AND name != ?"
-        args = [lo, after]
+        args: builtins.list[object] = [lo, after]
         if hi is not None:
             sql += " AND name < ?"
             args.append(hi)
@@ -291,17 +330,17 @@ class SQLMeta(MetaEngine):
         args.append(limit)
         return [_version(r) for r in self._all(sql, args)]
 
-    def usage(self, prefix):
+    def usage(self, prefix: str) -> tuple[int, int]:
         sql = "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM names WHERE name >= ? AND deleted = 0"
-        args = [prefix]
+        args: builtins.list[object] = [prefix]
         hi = prefix_end(prefix)
         if hi is not None:
             sql += " AND name < ?"
             args.append(hi)
-        files, nbytes = self._one(sql, args)
+        files, nbytes = self._only(sql, args)
         return int(files), int(nbytes)
 
-    def iter_versions(self, after, limit):
+    def iter_versions(self, after: str, limit: int) -> builtins.list[Version]:
         return [
             _version(r)
             for r in self._all(
@@ -311,21 +350,24 @@ class SQLMeta(MetaEngine):
             )
         ]
 
-    def totals(self):
-        return Totals(*self._one("SELECT files, bytes, chunks, chunk_bytes FROM totals"))
+    def totals(self) -> Totals:
+        return Totals(*self._only("SELECT files, bytes, chunks, chunk_bytes FROM totals"))
 
-    def apply(self, changes, now, small):
-        def work():
+    def apply(
+        self, changes: Sequence[Change], now: float, small: Mapping[Digest, BytesLike]
+    ) -> builtins.list[Version | FmsError]:
+        def work() -> builtins.list[Version | FmsError]:
             self._lock_names(
                 sorted(
                     {n for c in changes for n in c.names}
                     | {c.src for c in changes if isinstance(c, Copy)}
                 )
             )
-            results = []
+            results: builtins.list[Version | FmsError] = []
             for i, change in enumerate(changes):
                 self._execute(f"SAVEPOINT c{i}")
-                saved = list(self._delta)
+                saved = builtins.list(self._delta)
+                result: Version | FmsError
                 try:
                     if isinstance(change, NewVersion):
                         for digest in sorted(set(change.chunks) & small.keys()):
@@ -341,7 +383,7 @@ class SQLMeta(MetaEngine):
                         raise TypeError(f"not a change: {change!r}")
                     self._execute(f"RELEASE SAVEPOINT c{i}")
                 except FmsError as exc:
-                    if getattr(exc, "whole_transaction", False):
+                    if isinstance(exc, ConnectionLost):
                         raise  # the connection is gone: nothing of it stands
                     self._execute(f"ROLLBACK TO SAVEPOINT c{i}")
                     self._execute(f"RELEASE SAVEPOINT c{i}")
@@ -352,7 +394,7 @@ class SQLMeta(MetaEngine):
 
         return self._transaction(work)
 
-    def _logged(self, commit_id, kind, name, sha256):
+    def _logged(self, commit_id: str, kind: str, name: str, sha256: bytes | None) -> Version | None:
         row = self._one("SELECT kind, name, sha256, result FROM commits WHERE id = ?", (commit_id,))
         if row is None:
             return None
@@ -364,7 +406,7 @@ class SQLMeta(MetaEngine):
         fields = msgpack.unpackb(bytes(row[3]), raw=False)
         return Version(**{**fields, "chunks": tuple(fields["chunks"])})
 
-    def _log(self, kind, version: Version, now, request=None):
+    def _log(self, kind: str, version: Version, now: float, request: bytes | None = None) -> None:
         # The `sha256` column holds the digest of the whole request (see _request_digest), so a
         # retry is recognised only if it is the very same request.
         result = msgpack.packb(
@@ -375,11 +417,11 @@ class SQLMeta(MetaEngine):
             (version.commit, kind, version.name, request, result, now),
         )
 
-    def _current(self, name):
+    def _current(self, name: str) -> Version | None:
         row = self._one(f"SELECT {_VERSION_COLUMNS} FROM names WHERE name = ?", (name,))
         return _version(row) if row else None
 
-    def _commit(self, change: NewVersion, now, kind: str = "commit") -> Version:
+    def _commit(self, change: NewVersion, now: float, kind: str = "commit") -> Version:
         request = _request_digest(change) if kind == "commit" else None
         done = self._logged(change.commit, kind, change.name, request)
         if done is not None:
@@ -430,16 +472,19 @@ class SQLMeta(MetaEngine):
                 now,
             ),
         )
-        was_live = old is not None and not old.deleted
+        replaced = old if old is not None and not old.deleted else None
         delta = wanted.copy()
-        if was_live:
-            self._release(old, delta)
+        if replaced is not None:
+            self._release(replaced, delta)
         self._add_refs(delta, now)
-        self._bump(files=0 if was_live else 1, nbytes=version.size - (old.size if was_live else 0))
+        self._bump(
+            files=0 if replaced is not None else 1,
+            nbytes=version.size - (replaced.size if replaced is not None else 0),
+        )
         self._log(kind, version, now, request)
         return version
 
-    def _copy(self, change: Copy, now) -> Version:
+    def _copy(self, change: Copy, now: float) -> Version:
         """``change.name`` gets ``change.src``'s content as a new version: its chunks gain a
         reference each, nothing else is stored; a move then removes ``src`` (its tombstone's
         id is the move's, suffixed, so the two never share an id)."""
@@ -469,7 +514,7 @@ class SQLMeta(MetaEngine):
             self._remove(Removal(change.src, f"{change.commit}/src"), now)
         return version
 
-    def _remove(self, change: Removal, now) -> Version:
+    def _remove(self, change: Removal, now: float) -> Version:
         done = self._logged(change.commit, "rm", change.name, None)
         if done is not None:
             return done
@@ -493,14 +538,14 @@ class SQLMeta(MetaEngine):
             "WHERE name = ?",
             (tomb.version, b"", tomb.commit, now, tomb.name),
         )
-        delta = collections.Counter()
+        delta: collections.Counter[Digest] = collections.Counter()
         self._release(old, delta)
         self._add_refs(delta, now)
         self._bump(files=-1, nbytes=-old.size)
         self._log("rm", tomb, now)
         return tomb
 
-    def _release(self, old: Version, delta):
+    def _release(self, old: Version, delta: collections.Counter[Digest]) -> None:
         """``old`` stops being current: retained with its references (versions kept), or its
         references released; retained versions past :attr:`keep_versions` release theirs.
         Adds the reference changes to the Counter ``delta``."""
@@ -530,7 +575,7 @@ class SQLMeta(MetaEngine):
             )
             delta.subtract(unpack_digests(bytes(chunks)))
 
-    def retained(self, name):
+    def retained(self, name: str) -> builtins.list[Version]:
         return [
             _version((*r, 0))
             for r in self._all(
@@ -539,12 +584,12 @@ class SQLMeta(MetaEngine):
             )
         ]
 
-    def _restore(self, change: Restore, now) -> Version:
+    def _restore(self, change: Restore, now: float) -> Version:
         done = self._logged(change.commit, "restore", change.name, None)
         if done is not None:
             return done
         sql = f"SELECT {_RETAINED_COLUMNS} FROM retained WHERE name = ?"
-        args = [change.name]
+        args: builtins.list[object] = [change.name]
         if change.version is not None:
             sql += " AND version = ?"
             args.append(change.version)
@@ -574,7 +619,7 @@ class SQLMeta(MetaEngine):
             "restore",
         )
 
-    def _add_refs(self, delta, now):
+    def _add_refs(self, delta: collections.Counter[Digest], now: float) -> None:
         # Sorted by digest: two transactions always lock shared rows in the same order.  An
         # unreferenced chunk's grace clock starts when its last reference goes.
         rows = [(n, n, now, d) for d, n in sorted(delta.items()) if n]
@@ -587,13 +632,13 @@ class SQLMeta(MetaEngine):
 
     # --- chunks ---
 
-    def known(self, digests, now):
+    def known(self, digests: Sequence[Digest], now: float) -> set[Digest]:
         if not digests:
             return set()
         unique = sorted(set(digests))
-        found = set()
+        found: set[Digest] = set()
 
-        def work():
+        def work() -> None:
             found.clear()
             for start in range(0, len(unique), 500):
                 part = unique[start : start + 500]
@@ -614,12 +659,12 @@ class SQLMeta(MetaEngine):
         self._transaction(work)
         return set(found)
 
-    def claim_chunk(self, digest, size, now, data=None):
+    def claim_chunk(self, digest: Digest, size: int, now: float, data: bytes | None = None) -> bool:
         # Not flushed on its own: a claim lost in a power loss costs an upload again (the commit
         # finds the chunk missing), and the commit that relies on it flushes it first.
         return self._transaction(lambda: self._claim(digest, size, now, data), durable=False)
 
-    def _claim(self, digest, size, now, data):
+    def _claim(self, digest: Digest, size: int, now: float, data: bytes | None) -> bool:
         for _ in range(RETRIES):
             inserted = self._execute(
                 "INSERT INTO chunks (digest, size, refs, since, doomed, data) "
@@ -653,14 +698,14 @@ class SQLMeta(MetaEngine):
             f"chunk {digest.hex()[:16]} is being collected right now; send it again in a moment"
         )
 
-    def chunk(self, digest):
+    def chunk(self, digest: Digest) -> ChunkRow | None:
         row = self._one(f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE digest = ?", (digest,))
         return _chunk(row) if row else None
 
     # --- garbage collection ---
 
-    def doom(self, cutoff, limit, dry_run=False):
-        def work():
+    def doom(self, cutoff: float, limit: int, dry_run: bool = False) -> builtins.list[ChunkRow]:
+        def work() -> builtins.list[ChunkRow]:
             rows = [
                 _chunk(r)
                 for r in self._execute(
@@ -685,7 +730,7 @@ class SQLMeta(MetaEngine):
 
         return self._transaction(work)
 
-    def doomed(self, limit):
+    def doomed(self, limit: int) -> builtins.list[ChunkRow]:
         return [
             _chunk(r)
             for r in self._all(
@@ -694,11 +739,11 @@ class SQLMeta(MetaEngine):
             )
         ]
 
-    def forget(self, digests):
+    def forget(self, digests: Sequence[Digest]) -> None:
         if not digests:
             return
 
-        def work():
+        def work() -> None:
             count = size = 0
             for d in sorted(digests):
                 row = self._execute(
@@ -710,8 +755,8 @@ class SQLMeta(MetaEngine):
 
         self._transaction(work)
 
-    def adopt_orphan(self, digest, size):
-        def work():
+    def adopt_orphan(self, digest: Digest, size: int) -> bool:
+        def work() -> bool:
             added = self._execute(
                 "INSERT INTO chunks (digest, size, refs, since, doomed) VALUES (?, ?, 0, 0, 1) "
                 "ON CONFLICT (digest) DO NOTHING RETURNING digest",
@@ -723,8 +768,8 @@ class SQLMeta(MetaEngine):
 
         return self._transaction(work)
 
-    def prune(self, cutoff):
-        def work():
+    def prune(self, cutoff: float) -> int:
+        def work() -> int:
             # A removed name with retained versions keeps its tombstone: the version count
             # goes on, so a later version never takes a retained one's number.
             n = self._execute(
@@ -736,7 +781,7 @@ class SQLMeta(MetaEngine):
 
         return self._transaction(work)
 
-    def lease(self, name, holder, now, seconds):
+    def lease(self, name: str, holder: str, now: float, seconds: float) -> bool:
         return self._transaction(
             lambda: (
                 self._execute(
@@ -749,27 +794,27 @@ class SQLMeta(MetaEngine):
             )
         )
 
-    def release(self, name, holder):
+    def release(self, name: str, holder: str) -> None:
         self._transaction(
             lambda: self._execute(
                 "DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder)
             )
         )
 
-    def lease_holder(self, name):
+    def lease_holder(self, name: str) -> str | None:
         row = self._one("SELECT holder FROM leases WHERE name = ?", (name,))
         return row[0] if row else None
 
     # --- checks ---
 
-    def refcount_errors(self):
-        counted = collections.Counter()
+    def refcount_errors(self) -> builtins.list[tuple[Digest, int | None, int]]:
+        counted: collections.Counter[Digest] = collections.Counter()
         for (chunks,) in self._all(
             "SELECT chunks FROM names WHERE deleted = 0 UNION ALL SELECT chunks FROM retained"
         ):
             counted.update(unpack_digests(bytes(chunks)))
         stored = {bytes(d): refs for d, refs in self._all("SELECT digest, refs FROM chunks")}
-        errors = [
+        errors: builtins.list[tuple[Digest, int | None, int]] = [
             (d, refs, counted.get(d, 0)) for d, refs in stored.items() if refs != counted.get(d, 0)
         ]
         errors += [(d, None, n) for d, n in counted.items() if d not in stored]
