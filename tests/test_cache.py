@@ -4,6 +4,7 @@ driven through a recording link instead of a socket."""
 import os
 
 import pytest
+from storage_helpers import manifest_of as storage_manifest
 
 from fms import wire as p
 from fms.cache import CacheService, ChunkCache, ManifestCache
@@ -206,16 +207,7 @@ def get(name, req_id):
 
 
 def manifest_of(name, content, version=1):
-    return {
-        "name": name,
-        "size": len(content),
-        "sha256": p.sha256(content),
-        "chunk_size": p.DEFAULT_CHUNK_SIZE,
-        "chunks": [p.sha256(content)],
-        "mtime": 0.0,
-        "version": version,
-        "commit": "c",
-    }
+    return storage_manifest(name, content, version, p.DEFAULT_CHUNK_SIZE)
 
 
 @pytest.fixture
@@ -297,7 +289,9 @@ def test_storage_error_is_forwarded_to_every_waiter(service):
 
 def test_corrupt_data_from_storage_is_never_delivered(service):
     service.handle_request(
-        route(b"a"), {"v": 1, "op": "chunk", "id": 1, "hash": p.sha256(b"good")}, None
+        route(b"a"),
+        {"v": p.PROTOCOL_VERSION, "op": "chunk", "id": 1, "hash": p.sha256(b"good")},
+        None,
     )
     fetch = service.link.requests[0][1]
     service.handle_reply(p.ok_reply(fetch["id"]), Frame(p.pack_data(b"evil")))
@@ -346,7 +340,7 @@ def test_get_reply_tells_the_broker_how_many_chunks_follow_and_skips_large_files
 
     def big(name, size):
         digests = [p.sha256(b"%d" % i) for i in range(-(-size // p.DEFAULT_CHUNK_SIZE))]
-        return {**manifest_of(name, b"x"), "size": size, "chunks": digests}
+        return storage_manifest(name, chunk_size=p.DEFAULT_CHUNK_SIZE, size=size, digests=digests)
 
     for i, (name, size) in enumerate([("two", 2 * p.MiB), ("three", 3 * p.MiB)]):
         service.handle_request(route(b"c"), get(name, i), None)

@@ -2,7 +2,6 @@
 that are not regular files, errors that are one line with exit status 1, and the commands."""
 
 import datetime
-import hashlib
 import json
 import os
 import stat
@@ -13,7 +12,9 @@ import time
 
 import pytest
 from conftest import ROOT, random_bytes
+from storage_helpers import digest_of
 
+from fms import wire as p
 from fms.errors import NotFound
 
 
@@ -166,7 +167,7 @@ def test_cp_shares_the_chunks_moves_no_data_and_replaces_a_cached_destination(cl
         assert c.get_bytes("copy") == b"stale"  # cached
         before = c.usage()
     stat = cli_json(cluster, "cp", "big", "copy")
-    assert stat["size"] == len(big) and stat["sha256"] == hashlib.sha256(big).hexdigest()
+    assert stat["size"] == len(big) and stat["digest"] == digest_of(big, p.DEFAULT_CHUNK_SIZE).hex()
     with cluster.client() as c:
         after = c.usage()
         assert c.get_bytes("copy") == big and c.get_bytes("big") == big
@@ -342,7 +343,7 @@ def test_versions_get_version_and_restore_also_after_rm_and_gc(versioned, tmp_pa
         assert c.get_bytes("doc") == contents[3]  # cached
     listed = cli_json(versioned, "versions", "doc")
     assert [(v["version"], v["current"]) for v in listed] == [(4, True), (3, False), (2, False)]
-    assert listed[1]["sha256"] == hashlib.sha256(contents[2]).hexdigest()
+    assert listed[1]["digest"] == digest_of(contents[2], p.DEFAULT_CHUNK_SIZE).hex()
     assert versioned.cli("versions", "doc").stdout.decode().split()[5::6] == [
         "current",
         "retained",

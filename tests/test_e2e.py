@@ -10,6 +10,7 @@ import time
 import pytest
 import zmq
 from conftest import random_bytes, wait_for
+from storage_helpers import digest_of
 
 import fms
 from fms import wire as p
@@ -75,8 +76,9 @@ def test_ls_and_stat_as_text_and_json(cluster, tmp_path):
     assert "docs/" in cluster.cli("ls").stdout.decode().split()  # one level: the folder
     info = json.loads(cluster.cli("stat", "docs/f", "--json").stdout)
     assert info["name"] == "docs/f" and info["size"] == 5000
-    assert info["sha256"] == p.sha256(data).hex() and isinstance(info["mtime"], float)
-    assert "sha256:" in cluster.cli("stat", "docs/f").stdout.decode()
+    assert info["digest"] == digest_of(data, p.DEFAULT_CHUNK_SIZE).hex()
+    assert info["digest_kind"] == "tree" and isinstance(info["mtime"], float)
+    assert "digest:" in cluster.cli("stat", "docs/f").stdout.decode()
 
 
 def test_put_r_and_get_r_keep_the_tree(cluster, tmp_path):
@@ -343,7 +345,7 @@ def test_corrupt_chunk_on_storage_fails_the_download_and_leaves_no_partial_file(
     dest.write_bytes(b"previous content")
     got = cluster.cli("get", "f", str(dest))
     assert got.returncode == 1
-    assert b"corrupt" in got.stderr or b"sha256" in got.stderr
+    assert b"corrupt" in got.stderr or b"digest" in got.stderr
     assert dest.read_bytes() == b"previous content"  # untouched
     assert os.listdir(dest.parent) == ["f"]  # no temp file left behind
 
@@ -412,7 +414,7 @@ def test_junk_at_the_broker_gets_errors_and_service_goes_on(cluster):
         junk = [
             [b"\xc1"],
             [p.encode([1, 2])],
-            [p.encode({"v": 1, "op": "nope", "id": 1})],
+            [p.encode({"v": p.PROTOCOL_VERSION, "op": "nope", "id": 1})],
             [b"a", b"b", b"c", b"d"],
             [p.encode({"v": 99, "op": "ls", "id": 2})],
         ]
@@ -429,7 +431,16 @@ def test_junk_at_the_broker_gets_errors_and_service_goes_on(cluster):
     try:
         worker.send_multipart([b"\xff\xfe"])
         worker.send_multipart(
-            [p.encode({"t": "ready", "v": 1, "svc": "storage", "store": "not-this-store"})]
+            [
+                p.encode(
+                    {
+                        "t": "ready",
+                        "v": p.PROTOCOL_VERSION,
+                        "svc": "storage",
+                        "store": "not-this-store",
+                    }
+                )
+            ]
         )
         assert worker.poll(5000)
         assert p.decode(worker.recv_multipart()[0])["t"] == "refused"

@@ -228,7 +228,7 @@ def test_a_reply_that_cannot_be_delivered_is_logged(make_cluster):
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.linger = 0
     sock.connect(cluster.frontend)
-    sock.send_multipart([p.encode({"v": 1, "op": "ls", "id": 1})])
+    sock.send_multipart([p.encode({"v": p.PROTOCOL_VERSION, "op": "ls", "id": 1})])
     wait_for(lambda: "event=request op=ls" in storage.log(), 5, "storage to get the request")
     sock.close()  # gone before the reply comes back
     wait_for(
@@ -265,7 +265,7 @@ def test_oversize_frames_and_bad_fields_are_refused_and_nobody_dies(cluster):
         sock = ctx.socket(zmq.DEALER)
         sock.linger = 0
         sock.connect(endpoint)
-        sock.send_multipart([p.encode({"v": 1, "op": "ls", "id": 1}), huge])
+        sock.send_multipart([p.encode({"v": p.PROTOCOL_VERSION, "op": "ls", "id": 1}), huge])
         sock.close()
     bad = [
         {"op": "commit", "name": 5},
@@ -411,7 +411,16 @@ def test_a_client_that_stops_reading_does_not_stall_the_others(cluster):
         try:
             for i in range(400):  # never reads a reply
                 stalled.send_multipart(
-                    [p.encode({"v": 1, "op": "chunk", "id": i, "hash": manifest_chunk})]
+                    [
+                        p.encode(
+                            {
+                                "v": p.PROTOCOL_VERSION,
+                                "op": "chunk",
+                                "id": i,
+                                "hash": manifest_chunk,
+                            }
+                        )
+                    ]
                 )
             for _ in range(20):
                 assert c.get_bytes("one") == data

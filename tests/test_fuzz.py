@@ -10,6 +10,7 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from storage_helpers import manifest_of
 
 from fms import wire as p
 from fms.broker import Broker
@@ -30,6 +31,10 @@ FIELDS = [
     "chunk_size",
     "chunks",
     "sha256",
+    "digest",
+    "extents",
+    "pages",
+    "meta",
     "commit",
     "mtime",
     "prefix",
@@ -157,7 +162,9 @@ def test_cache_survives_any_reply_from_storage(services, header, data, to_the_fe
     link.requests.clear()
     name = f"probe/{next(PROBES)}"  # a new name: always a miss
     cache.handle_request(
-        {"t": "req", "k": 1}, {"v": 1, "op": "get", "id": "waiter", "name": name}, None
+        {"t": "req", "k": 1},
+        {"v": p.PROTOCOL_VERSION, "op": "get", "id": "waiter", "name": name},
+        None,
     )
     (fetch,) = link.requests
     if to_the_fetch:
@@ -174,25 +181,18 @@ def test_cache_survives_any_reply_from_storage(services, header, data, to_the_fe
         link.replies.clear()
         link.requests.clear()
         cache.handle_request(
-            {"t": "req", "k": 2}, {"v": 1, "op": "get", "id": "again", "name": name}, None
+            {"t": "req", "k": 2},
+            {"v": p.PROTOCOL_VERSION, "op": "get", "id": "again", "name": name},
+            None,
         )
         (fetch,) = link.requests
     content = name.encode()
-    manifest = {
-        "name": name,
-        "size": len(content),
-        "sha256": p.sha256(content),
-        "chunk_size": p.DEFAULT_CHUNK_SIZE,
-        "chunks": [p.sha256(content)],
-        "mtime": 0.0,
-        "version": 1,
-        "commit": "c",
-    }
+    manifest = manifest_of(name, content, chunk_size=p.DEFAULT_CHUNK_SIZE)
     cache.handle_reply(
         p.ok_reply(fetch["id"], manifest=manifest), Frame(bytes(p.pack_data(content)))
     )
     assert [r["ok"] for r in link.replies] == [True]
-    assert cache.manifests.lookup(name)["sha256"] == p.sha256(content)
+    assert cache.manifests.lookup(name)["digest"] == manifest["digest"]
 
 
 @SETTINGS
@@ -234,7 +234,12 @@ def broker():
 
     def ask(frames) -> list:
         b.process_client([Frame(CLIENT), *[Frame(f) for f in frames]])
-        b.process_client([Frame(CLIENT), Frame(p.encode({"v": 1, "op": "status", "id": SENTINEL}))])
+        b.process_client(
+            [
+                Frame(CLIENT),
+                Frame(p.encode({"v": p.PROTOCOL_VERSION, "op": "status", "id": SENTINEL})),
+            ]
+        )
         replies = []
         while True:
             assert client.poll(5000), "no reply from the broker"
@@ -244,7 +249,9 @@ def broker():
                 return replies
             replies.append(header)
 
-    client.send(p.encode({"v": 1, "op": "status", "id": 0}))  # the broker learns the client
+    client.send(
+        p.encode({"v": p.PROTOCOL_VERSION, "op": "status", "id": 0})
+    )  # the broker learns the client
     assert b.frontend.poll(5000)
     b.process_client(b.frontend.recv_multipart(copy=False))
     assert client.poll(5000)
@@ -301,6 +308,6 @@ def test_broker_survives_anything_at_the_backend(broker, route, rest, ident):
     broker.process_worker([Frame(ident), Frame(route), *[Frame(f) for f in rest]])
     broker.core.purge_workers()
     # Still serving clients, with a registry of real services only.
-    status = broker.ask([p.encode({"v": 1, "op": "status", "id": 1})])[0]
+    status = broker.ask([p.encode({"v": p.PROTOCOL_VERSION, "op": "status", "id": 1})])[0]
     assert status["ok"] is True
     assert all(w["service"] in p.SERVICES for w in status["workers"])

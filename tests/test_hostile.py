@@ -55,20 +55,31 @@ def test_decoding_refuses_oversize_and_amplifying_frames_before_building_them():
             p.decode(BOMB, kind)
         assert time.monotonic() - start < 0.5
     # Under the size limit, nesting is what is refused: 60 KiB of empty arrays.
-    small_bomb = msgpack.packb({"v": 1, "op": "ls", "id": 1, "x": [[]] * 60000})
+    small_bomb = msgpack.packb({"v": p.PROTOCOL_VERSION, "op": "ls", "id": 1, "x": [[]] * 60000})
     assert len(small_bomb) < limits.MAX_HEADER
     with pytest.raises(fms.BadRequest, match="not valid msgpack"):
         p.decode(small_bomb, "request")
     # A commit may be large, but only flat: a list of digests, nothing nested.
-    big_commit = {"v": 1, "op": "commit", "id": 1, "name": "f", "chunks": [b"d" * 32] * 60000}
+    big_commit = {
+        "v": p.PROTOCOL_VERSION,
+        "op": "commit",
+        "id": 1,
+        "name": "f",
+        "chunks": [b"d" * 32] * 60000,
+    }
     assert p.decode(p.encode(big_commit), "request")["chunks"][-1] == b"d" * 32
-    assert limits.peek(p.encode(big_commit)) == {"v": 1, "op": "commit", "id": 1}
-    nested = msgpack.packb({"v": 1, "op": "commit", "id": 1, "chunks": [[]] * (MiB)})
+    assert limits.peek(p.encode(big_commit)) == {"v": p.PROTOCOL_VERSION, "op": "commit", "id": 1}
+    nested = msgpack.packb(
+        {"v": p.PROTOCOL_VERSION, "op": "commit", "id": 1, "chunks": [[]] * (MiB)}
+    )
     start = time.monotonic()
     with pytest.raises(fms.BadRequest):
         p.decode(nested, "request")
     with pytest.raises(fms.BadRequest):  # a list of a million tiny ints: too long a list
-        p.decode(msgpack.packb({"v": 1, "op": "commit", "id": 1, "chunks": [0] * MiB}), "request")
+        p.decode(
+            msgpack.packb({"v": p.PROTOCOL_VERSION, "op": "commit", "id": 1, "chunks": [0] * MiB}),
+            "request",
+        )
     assert time.monotonic() - start < 0.5
     with pytest.raises(limits.FrameTooLarge):  # only commit and have may be large
         p.decode(p.encode({**big_commit, "op": "ls"}), "request")
@@ -105,7 +116,17 @@ def test_a_reply_route_with_a_bad_key_costs_one_message_not_the_broker():
         broker.process_worker(
             [
                 Frame(ident),
-                Frame(p.encode({"t": "ready", "v": 1, "svc": "storage", "wid": "w", "store": "s"})),
+                Frame(
+                    p.encode(
+                        {
+                            "t": "ready",
+                            "v": p.PROTOCOL_VERSION,
+                            "svc": "storage",
+                            "wid": "w",
+                            "store": "s",
+                        }
+                    )
+                ),
             ]
         )
         assert ident in broker.core.registry.workers
@@ -158,7 +179,7 @@ def test_bad_frames_are_logged_rate_limited_and_never_echo_attacker_text(cluster
     sock = _dealer(cluster.frontend)
     try:
         for i in range(300):
-            sock.send(p.encode({"v": 1, "op": "x" * 50000, "id": i}))
+            sock.send(p.encode({"v": p.PROTOCOL_VERSION, "op": "x" * 50000, "id": i}))
         for _ in range(300):
             assert p.decode(_recv(sock)[0])["error"] == "bad_request"
     finally:
@@ -190,7 +211,7 @@ class FakeWorker:
         import threading
 
         self.endpoint = endpoint
-        self.ready = {"t": "ready", "v": 1, **ready}
+        self.ready = {"t": "ready", "v": p.PROTOCOL_VERSION, **ready}
         self.handle = handle
         self.welcomed = threading.Event()
         self.refused = threading.Event()
@@ -341,21 +362,7 @@ def test_a_chunk_failing_verification_is_fetched_once_more_from_storage(make_clu
     with cluster.client() as c:
         c.put_bytes(big, "big")
         c.put_bytes(small, "small")
-        manifests = {}
-        for name, data in (("big", big), ("small", small)):
-            st = c.stat(name)
-            manifests[name] = {
-                "name": name,
-                "size": len(data),
-                "sha256": p.sha256(data),
-                "chunk_size": st["chunk_size"],
-                "mtime": st["mtime"],
-                "version": st["version"],
-                "chunks": [
-                    p.sha256(data[i : i + st["chunk_size"]])
-                    for i in range(0, len(data), st["chunk_size"])
-                ],
-            }
+        manifests = {name: c.call("get", name=name)[0]["manifest"] for name in ("big", "small")}
 
     def forge(header):
         if header["op"] == "get":
@@ -405,7 +412,7 @@ def _flood(endpoint, clients: int, per_client: int, ttl_ms=None):
             # for floods of large pages); folder listings, which do not take turns as deep
             # ones do (tests/test_bounded.py).
             fields = {
-                "v": 1,
+                "v": p.PROTOCOL_VERSION,
                 "op": "ls" if i % 2 else "have",
                 "id": i,
                 "prefix": "",
@@ -488,7 +495,10 @@ def test_clients_that_never_read_16_mib_chunks_stall_only_themselves(cluster):
     ids = iter(range(1, 1 << 30))
 
     def asks():
-        return ([p.encode({"v": 1, "op": "chunk", "id": next(ids), "hash": d})] for d in chunks)
+        return (
+            [p.encode({"v": p.PROTOCOL_VERSION, "op": "chunk", "id": next(ids), "hash": d})]
+            for d in chunks
+        )
 
     socks = [_dealer(cluster.frontend, RCVHWM=1, RCVBUF=64 * 1024) for _ in range(8)]
     try:
@@ -517,7 +527,8 @@ def test_clients_that_never_read_cannot_make_a_readers_large_replies_drop(cluste
     reply budget (before: a reader's replies of 256 KiB and more were then dropped, and its
     reads timed out). A reply to an admitted request has its room reserved, and once the
     non-readers have left their replies unread for STALLED seconds, those are shed to make
-    room: the reader reads a file of 4 MiB chunks again and again with no retry."""
+    room (or, for replies already handed to ZeroMQ, their clients disconnected): the reader
+    reads a file of 4 MiB chunks again and again with no retry."""
     hog = random_bytes(32 * MiB, 8)
     mine = random_bytes(24 * MiB, 9)
     with cluster.client(chunk_size=4 * MiB) as c:
@@ -528,7 +539,17 @@ def test_clients_that_never_read_cannot_make_a_readers_large_replies_drop(cluste
 
     def asks():
         return (
-            [p.encode({"v": 1, "op": "chunk", "id": next(ids), "hash": d, "len": 4 * MiB})]
+            [
+                p.encode(
+                    {
+                        "v": p.PROTOCOL_VERSION,
+                        "op": "chunk",
+                        "id": next(ids),
+                        "hash": d,
+                        "len": 4 * MiB,
+                    }
+                )
+            ]
             for d in chunks
         )
 
@@ -539,7 +560,8 @@ def test_clients_that_never_read_cannot_make_a_readers_large_replies_drop(cluste
             def budget_full():
                 _keep_sending(socks, asks)
                 held = reader.status()["broker"]["held_bytes"]
-                return held["replies"] + held.get("replies_reserved", 0) > 120 * MiB
+                in_zeromq = held["replies_in_transit"]  # handed to ZeroMQ, not taken: counted
+                return held["replies"] + held["replies_reserved"] + in_zeromq > 120 * MiB
 
             wait_for(budget_full, 20, "the non-readers to hold most of the reply budget")
             full = time.monotonic()
@@ -555,7 +577,8 @@ def test_clients_that_never_read_cannot_make_a_readers_large_replies_drop(cluste
     finally:
         for sock in socks:
             sock.close()
-    assert status["shed"]["replies"] + status["shed"]["requests"] > 0
+    # Room was made: replies or requests shed, or a client that took nothing disconnected.
+    assert status["shed"]["replies"] + status["shed"]["requests"] + status["disconnected"] > 0
     assert status["held_bytes"]["replies"] <= status["budgets"]["total_reply_bytes"]
 
 
@@ -570,7 +593,12 @@ def test_many_uploaders_cannot_keep_another_clients_upload_out(slow_cluster):
 
     def uploads():
         return (
-            [p.encode({"v": 1, "op": "put_chunk", "id": next(ids), "hash": digest}), data]
+            [
+                p.encode(
+                    {"v": p.PROTOCOL_VERSION, "op": "put_chunk", "id": next(ids), "hash": digest}
+                ),
+                data,
+            ]
             for _ in range(16)
         )
 
@@ -612,7 +640,9 @@ def test_large_request_headers_count_in_the_clients_budget(slow_cluster):
     the broker (before, headers were in no budget: 128 of them could hold 4 GiB). Those over
     the client's 64 MiB are refused at once."""
     sock = _dealer(slow_cluster.frontend)
-    header = p.encode({"v": 1, "op": "have", "id": 0, "hashes": [bytes(32)] * (16 * MiB // 34)})
+    header = p.encode(
+        {"v": p.PROTOCOL_VERSION, "op": "have", "id": 0, "hashes": [bytes(32)] * (16 * MiB // 34)}
+    )
     refused = []
     try:
         for _ in range(5):
@@ -639,7 +669,14 @@ def test_uploads_over_a_clients_byte_budget_back_off_and_large_chunks_still_uplo
         for i in range(8):  # 128 MiB at once, never waiting for a reply
             sock.send_multipart(
                 [
-                    p.encode({"v": 1, "op": "put_chunk", "id": i, "hash": p.sha256(chunk)}),
+                    p.encode(
+                        {
+                            "v": p.PROTOCOL_VERSION,
+                            "op": "put_chunk",
+                            "id": i,
+                            "hash": p.sha256(chunk),
+                        }
+                    ),
                     p.pack_data(chunk),
                 ]
             )
@@ -790,11 +827,25 @@ def test_expired_work_is_dropped_and_a_worker_that_never_answers_loses_its_credi
     broker.bind()
     worker, client = _dealer(broker.backend_endpoint), _dealer(broker.frontend_endpoint)
     try:
-        worker.send(p.encode({"t": "ready", "v": 1, "svc": "storage", "wid": "mute", "store": "s"}))
+        worker.send(
+            p.encode(
+                {
+                    "t": "ready",
+                    "v": p.PROTOCOL_VERSION,
+                    "svc": "storage",
+                    "wid": "mute",
+                    "store": "s",
+                }
+            )
+        )
         assert broker.backend.poll(5000)
         drain(broker.backend, broker.process_worker, 10)
         for i in range(20):
-            client.send(p.encode({"v": 1, "op": "stat", "id": i, "name": "x", "ttl_ms": 100}))
+            client.send(
+                p.encode(
+                    {"v": p.PROTOCOL_VERSION, "op": "stat", "id": i, "name": "x", "ttl_ms": 100}
+                )
+            )
         deadline = time.monotonic() + 5
         while len(broker.core.dispatcher.pending) < 20 and time.monotonic() < deadline:
             if broker.frontend.poll(100):
@@ -812,7 +863,7 @@ def test_expired_work_is_dropped_and_a_worker_that_never_answers_loses_its_credi
             route = p.decode(worker.recv_multipart()[0])
             got += route["t"] == "req"
         assert got == credit
-        client.send(p.encode({"v": 1, "op": "stat", "id": 99, "name": "x"}))
+        client.send(p.encode({"v": p.PROTOCOL_VERSION, "op": "stat", "id": 99, "name": "x"}))
         assert broker.frontend.poll(5000)
         drain(broker.frontend, broker.process_client, 1)
         frames = _recv(worker)

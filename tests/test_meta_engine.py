@@ -4,7 +4,7 @@ A new engine (PostgreSQL) joins by adding a factory to ENGINES; nothing else cha
 """
 
 import pytest
-from storage_helpers import new_version, split
+from storage_helpers import CHUNK, digest_of, new_version, page_blobs, split
 
 from fms import wire as p
 from fms.errors import BadRequest, MissingChunks, NotFound, Unavailable
@@ -49,6 +49,8 @@ def claim_all(meta, content, now=NOW, in_engine=True):
 
 def commit(meta, name, content, commit_id, now=NOW):
     claim_all(meta, content, now)
+    for page_id, blob in page_blobs(content):
+        meta.put_page(page_id, blob, now)
     [result] = meta.apply([new_version(name, content, commit_id)], now, {})
     if isinstance(result, Exception):
         raise result
@@ -67,7 +69,8 @@ def test_commit_get_and_versions(engine):
     v2 = commit(engine, "a/b", b"two" * 3000, "c2")
     assert (v1.version, v2.version) == (1, 2)
     got = engine.get("a/b")
-    assert got.sha256 == p.sha256(b"two" * 3000) and got.chunks == v2.chunks
+    assert got.digest == digest_of(b"two" * 3000)
+    assert got.chunks == new_version("a/b", b"two" * 3000).chunks and v2.chunks is None
     assert engine.get("nope") is None
 
 
@@ -99,7 +102,7 @@ def test_ids_are_idempotent_and_scoped_to_their_request(engine):
     assert isinstance(other_mtime, BadRequest)  # same content, other mtime
     with pytest.raises(BadRequest, match="already used"):
         remove(engine, "n", "same")  # an rm reusing a commit's id
-    assert engine.get("n").sha256 == p.sha256(b"y" * 5000)  # nothing was applied
+    assert engine.get("n").digest == digest_of(b"y" * 5000)  # nothing was applied
 
 
 def test_commit_refuses_chunks_without_a_live_row(engine):
@@ -169,8 +172,8 @@ def test_totals_follow_every_change(engine):
 def test_references_follow_commits_overwrites_and_removes(engine):
     shared = b"s" * 4096
     commit(engine, "a", shared + b"a", "c1")
-    commit(engine, "b", shared + shared, "c2")  # the same chunk twice counts twice
-    assert engine.chunk(p.sha256(shared)).refs == 3
+    commit(engine, "b", shared + shared, "c2")  # the same chunk twice counts once
+    assert engine.chunk(p.sha256(shared)).refs == 2
     commit(engine, "a", b"other", "c3", now=NOW + 5)
     remove(engine, "b", "r1", now=NOW + 7)
     row = engine.chunk(p.sha256(shared))
@@ -190,7 +193,7 @@ def test_copy_shares_the_chunks_and_adds_a_reference_each(engine):
     commit(engine, "src", content, "c1")
     commit(engine, "dst", b"old", "c2")
     made = apply_one(engine, Copy("src", "dst", "cp-1"))
-    assert made.version == 2 and made.sha256 == p.sha256(content)
+    assert made.version == 2 and made.digest == digest_of(content)
     assert engine.get("dst").chunks == engine.get("src").chunks
     assert engine.chunk(p.sha256(b"c" * 4096)).refs == 2
     assert engine.chunk(p.sha256(b"old")).refs == 0  # the overwritten version's
@@ -206,13 +209,29 @@ def test_move_is_one_change_of_two_names_moving_no_reference(engine):
     commit(engine, "a/old", content, "c1")
     commit(engine, "b/new", b"replaced", "c2")
     made = apply_one(engine, Copy("a/old", "b/new", "mv-1", move=True))
-    assert made.name == "b/new" and made.version == 2 and made.sha256 == p.sha256(content)
+    assert made.name == "b/new" and made.version == 2 and made.digest == digest_of(content)
     assert engine.get("a/old") is None
     assert [v.name for v in engine.list("", "", 10)] == ["b/new"]
     assert engine.chunk(p.sha256(b"m" * 4096)).refs == 1
     assert engine.totals().files == 1 and engine.totals().bytes == 5000
     assert apply_one(engine, Copy("a/old", "b/new", "mv-1", move=True)) == made
     assert commit(engine, "a/old", b"again", "c3").version == 3  # after its tombstone
+    assert engine.refcount_errors() == []
+
+
+def test_a_versions_metadata_is_kept_by_mv_cp_and_restore(engine):
+    from dataclasses import replace
+
+    engine.keep_versions = 1
+    claim_all(engine, b"m")
+    meta = {"content-type": "text/plain", "x-amz-meta-owner": "ann"}
+    apply_one(engine, replace(new_version("a", b"m", "c1"), meta=meta))
+    assert engine.get("a").meta == meta and engine.list("", "", 1)[0].meta == meta
+    assert apply_one(engine, Copy("a", "b", "cp-1")).meta == meta
+    assert apply_one(engine, Copy("b", "c", "mv-1", move=True)).meta == meta
+    commit(engine, "c", b"m", "c2")  # no metadata: the new version has none...
+    assert engine.get("c").meta == {}
+    assert apply_one(engine, Restore("c", None, "re-1")).meta == meta  # ...the restored one has
     assert engine.refcount_errors() == []
 
 
@@ -232,7 +251,7 @@ def test_retained_versions_keep_their_references_and_the_newest_n_stay(engine):
     for i, content in enumerate(contents):
         commit(engine, "f", content, f"c{i}")
     assert [v.version for v in engine.retained("f")] == [3, 2]
-    assert [v.sha256 for v in engine.retained("f")] == [p.sha256(c) for c in contents[2:0:-1]]
+    assert [v.digest for v in engine.retained("f")] == [digest_of(c) for c in contents[2:0:-1]]
     assert engine.chunk(p.sha256(contents[1][:4096])).refs == 1  # retained: referenced
     assert engine.chunk(p.sha256(contents[0][:4096])).refs == 0  # dropped out: released
     assert engine.totals().files == 1 and engine.totals().bytes == 5000
@@ -240,9 +259,9 @@ def test_retained_versions_keep_their_references_and_the_newest_n_stay(engine):
     remove(engine, "f", "r1")  # rm retains v4 too
     assert [v.version for v in engine.retained("f")] == [4, 3]
     restored = apply_one(engine, Restore("f", None, "re-1"))
-    assert restored.version == 6 and restored.sha256 == p.sha256(contents[3])
+    assert restored.version == 6 and restored.digest == digest_of(contents[3])
     restored = apply_one(engine, Restore("f", 3, "re-2"))
-    assert restored.version == 7 and engine.get("f").sha256 == p.sha256(contents[2])
+    assert restored.version == 7 and engine.get("f").digest == digest_of(contents[2])
     assert [v.version for v in engine.retained("f")] == [6, 4]
     with pytest.raises(NotFound):
         apply_one(engine, Restore("f", 1, "re-3"))
@@ -300,6 +319,21 @@ def test_doom_takes_only_old_unreferenced_chunks_and_blocks_claims(engine):
     assert engine.totals().chunks == 3
 
 
+def test_chunk_rows_say_where_the_bytes_are_without_reading_them(engine):
+    engine.claim_chunk(p.sha256(b"small"), 5, NOW, b"small")
+    engine.claim_chunk(p.sha256(b"blob"), 4, NOW)
+    rows = engine.chunk_rows([p.sha256(b"small"), p.sha256(b"blob"), p.sha256(b"none")] * 2)
+    assert sorted(rows) == sorted([p.sha256(b"small"), p.sha256(b"blob")])
+    small, blob = rows[p.sha256(b"small")], rows[p.sha256(b"blob")]
+    assert (small.in_engine, small.data, small.size) == (True, b"", 5)
+    assert (blob.in_engine, blob.size, blob.lost) == (False, 4, False)
+    engine.mark_lost(p.sha256(b"blob"))
+    assert engine.chunk_rows([p.sha256(b"blob")])[p.sha256(b"blob")].lost
+    assert engine.known([p.sha256(b"blob")], NOW) == set()  # lost: uploaded again
+    engine.claim_chunk(p.sha256(b"blob"), 4, NOW + 1)
+    assert engine.known([p.sha256(b"blob")], NOW + 1) == {p.sha256(b"blob")}
+
+
 def test_orphans_are_adopted_as_doomed_only_when_unknown(engine):
     engine.claim_chunk(p.sha256(b"known"), 5, NOW)
     assert engine.adopt_orphan(p.sha256(b"known"), 5) is False
@@ -329,7 +363,7 @@ def test_one_lease_holder_at_a_time(engine):
 def test_refcount_errors_name_drift(engine):
     commit(engine, "a", b"abc", "c1")
     engine._execute("UPDATE chunks SET refs = 5")
-    assert engine.refcount_errors() == [(p.sha256(b"abc"), 5, 1)]
+    assert engine.refcount_errors() == [("chunk", p.sha256(b"abc"), 5, 1)]
 
 
 def test_two_engines_on_one_store_see_each_other(engine, tmp_path):
@@ -356,9 +390,9 @@ def test_a_connection_lost_midway_is_unavailable_for_the_whole_group(pg_database
     claim_all(engine, b"one")
     real = engine._commit
 
-    def cut(change, now):
+    def cut(change, now, *rest):
         engine.db.close()  # the server went away mid-transaction
-        return real(change, now)
+        return real(change, now, *rest)
 
     engine._commit = cut
     with pytest.raises(Lost):
@@ -368,3 +402,129 @@ def test_a_connection_lost_midway_is_unavailable_for_the_whole_group(pg_database
     assert commit(engine, "a", b"one", "c1").version == 1  # and it works again
     assert engine.totals().files == 1
     engine.close()
+
+
+# --- the upgrade from format 2 (a whole chunk list per row, a reference per listing) ---
+
+FORMAT2 = """
+CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE names (
+    name {name_type} PRIMARY KEY, version BIGINT NOT NULL, size BIGINT NOT NULL,
+    sha256 {blob} NOT NULL, chunk_size BIGINT NOT NULL, chunks {blob} NOT NULL,
+    mtime {real} NOT NULL, commit_id TEXT NOT NULL, committed {real} NOT NULL,
+    deleted INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX names_tombstones ON names (committed) WHERE deleted = 1;
+CREATE TABLE chunks (
+    digest {blob} PRIMARY KEY, size BIGINT NOT NULL, refs BIGINT NOT NULL DEFAULT 0,
+    since {real} NOT NULL, doomed INTEGER NOT NULL DEFAULT 0, data {blob});
+CREATE INDEX chunks_unreferenced ON chunks (since) WHERE refs = 0;
+CREATE TABLE commits (
+    id TEXT PRIMARY KEY, kind TEXT NOT NULL, name TEXT NOT NULL, sha256 {blob},
+    result {blob} NOT NULL, at {real} NOT NULL);
+CREATE INDEX commits_at ON commits (at);
+CREATE TABLE totals (
+    id INTEGER PRIMARY KEY CHECK (id = 1), files BIGINT NOT NULL, bytes BIGINT NOT NULL,
+    chunks BIGINT NOT NULL, chunk_bytes BIGINT NOT NULL);
+CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, until {real} NOT NULL);
+CREATE TABLE retained (
+    name {name_type} NOT NULL, version BIGINT NOT NULL, size BIGINT NOT NULL,
+    sha256 {blob} NOT NULL, chunk_size BIGINT NOT NULL, chunks {blob} NOT NULL,
+    mtime {real} NOT NULL, commit_id TEXT NOT NULL, committed {real} NOT NULL,
+    PRIMARY KEY (name, version))
+"""
+
+
+def format2_store(engine) -> dict:
+    """Turn ``engine``'s (new, empty) store into a format-2 one holding a short file, a long
+    one (40 chunks, its first chunk listed twice), a retained version, a tombstone and a
+    remembered commit; :return: name -> content of the live files."""
+    import msgpack
+
+    for table in ("settings", "names", "retained", "chunks", "pages", "bodies", "commits"):
+        engine._execute(f"DROP TABLE {table}")
+    engine._execute("DROP TABLE totals")
+    engine._execute("DROP TABLE leases")
+    engine._create(FORMAT2)
+    engine._execute("INSERT INTO settings VALUES ('format', '2'), ('store_id', 'old-store')")
+    long = b"".join(bytes([i]) * CHUNK for i in range(39))
+    live = {"short": b"s" * 5000, "long": long[:CHUNK] + long}  # 40 chunks, one twice
+    old, gone = b"o" * 100, b"g" * 10
+    refs = {}
+    rows = [("names", n, 1, c) for n, c in live.items()] + [("retained", "short", 0, old)]
+    for table, name, version, data in rows:
+        chunks = split(data)
+        for chunk in chunks:
+            refs[p.sha256(chunk)] = refs.get(p.sha256(chunk), 0) + 1
+            engine._execute(
+                "INSERT INTO chunks VALUES (?, ?, 0, ?, 0, ?) ON CONFLICT (digest) DO NOTHING",
+                (p.sha256(chunk), len(chunk), NOW, chunk),
+            )
+        values = (name, version, len(data), p.sha256(data), CHUNK)
+        values += (b"".join(p.sha256(c) for c in chunks), NOW, f"old-{name}", NOW)
+        if table == "names":
+            values += (0,)
+        engine._execute(f"INSERT INTO {table} VALUES ({','.join('?' * len(values))})", values)
+    engine._execute(
+        "INSERT INTO names VALUES (?, 2, 10, ?, ?, ?, ?, 'rm-1', ?, 1)",
+        ("gone", p.sha256(gone), CHUNK, b"", NOW, NOW),
+    )
+    for digest, n in refs.items():
+        engine._execute("UPDATE chunks SET refs = ? WHERE digest = ?", (n, digest))
+    result = {
+        "name": "long",
+        "size": len(live["long"]),
+        "sha256": p.sha256(live["long"]),
+        "chunk_size": CHUNK,
+        "chunks": [p.sha256(c) for c in split(live["long"])],
+        "mtime": NOW,
+        "version": 1,
+        "commit": "old-long",
+        "committed": NOW,
+        "deleted": False,
+    }
+    engine._execute(
+        "INSERT INTO commits VALUES ('old-long', 'commit', 'long', ?, ?, ?)",
+        (b"r" * 32, msgpack.packb(result, use_bin_type=True), NOW),
+    )
+    engine._execute(
+        "INSERT INTO totals VALUES (1, 2, ?, ?, ?)", (sum(map(len, live.values())), 0, 0)
+    )
+    return live
+
+
+def test_a_format2_store_is_upgraded_in_place_once(engine):
+    live = format2_store(engine)
+    engine.close()
+    engine = second_connection(engine)
+    try:
+        assert engine.store_id == "old-store" and engine.setting("format") == "3"
+        assert [v.name for v in engine.list("", "", 10)] == ["long", "short"]
+        for name, data in live.items():
+            got = engine.get(name)
+            assert (got.digest, got.digest_kind, got.size) == (
+                p.sha256(data),
+                p.DIGEST_CONTENT,
+                len(data),
+            )
+        long = engine.get("long")
+        assert long.chunks is None and long.body is not None  # 40 chunks: paged
+        [page] = long.pages
+        assert p.split_digests(engine.page(page)) == [p.sha256(c) for c in split(live["long"])]
+        assert engine.get("short").chunks == tuple(p.sha256(c) for c in split(live["short"]))
+        assert [v.version for v in engine.retained("short")] == [0]
+        assert engine.chunk(p.sha256(live["long"][:CHUNK])).refs == 1  # listed twice: once
+        assert engine.refcount_errors() == []
+        remembered = engine._logged("old-long", "commit", "long", None)  # as a stat now
+        assert (remembered.digest, remembered.count, remembered.chunks) == (
+            p.sha256(live["long"]),
+            40,
+            None,
+        )
+        [reused] = engine.apply([Copy("short", "long", "old-long")], NOW, {})  # another request
+        assert isinstance(reused, BadRequest)
+        assert engine.totals().files == 2
+    finally:
+        engine.close()
+    reopened = second_connection(engine)  # nothing more to do
+    assert reopened.setting("format") == "3" and reopened.refcount_errors() == []
+    reopened.close()

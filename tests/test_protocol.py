@@ -6,6 +6,7 @@ import msgpack
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from storage_helpers import manifest_of
 
 from fms import wire as p
 from fms.cli import parse_size
@@ -13,7 +14,7 @@ from fms.errors import BadRequest
 
 
 def test_header_round_trip():
-    header = {"v": 1, "op": "chunk", "id": 7, "hash": b"\x01" * 32}
+    header = {"v": p.PROTOCOL_VERSION, "op": "chunk", "id": 7, "hash": b"\x01" * 32}
     assert p.decode(p.encode(header)) == header
 
 
@@ -168,17 +169,8 @@ def test_protocol_doc_covers_every_op_error_code_and_route_type():
 # --- get_many: the batched read's reply ---
 
 
-def _manifest(name, content, chunks=None):
-    return {
-        "name": name,
-        "size": len(content),
-        "sha256": p.sha256(content),
-        "chunk_size": p.DEFAULT_CHUNK_SIZE,
-        "chunks": [p.sha256(content)] if chunks is None else chunks,
-        "mtime": 0.0,
-        "version": 1,
-        "commit": "c",
-    }
+def _manifest(name, content):
+    return manifest_of(name, content, chunk_size=p.DEFAULT_CHUNK_SIZE)
 
 
 def test_batch_reply_round_trip_keeps_order_errors_and_contents():
@@ -186,7 +178,7 @@ def test_batch_reply_round_trip_keeps_order_errors_and_contents():
     batch = p.BatchReply()
     batch.manifest(_manifest("a", files["a"]), files["a"])
     batch.error("not_found", "'gone' not found")
-    batch.manifest(_manifest("e", b"", chunks=[]), None)
+    batch.manifest(_manifest("e", b""), None)
     batch.manifest(_manifest("b", files["b"]), files["b"])
     header = msgpack.unpackb(p.encode({"results": batch.results}))  # as it travels
     results = p.read_batch(header, batch.frame(), ["a", "gone", "e", "b"])

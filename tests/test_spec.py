@@ -115,7 +115,7 @@ def test_rm_replies_with_the_tombstone_which_says_deleted(cluster, raw):
         c.put_bytes(b"x", "gone")
     reply = raw([request("rm", 7, name="gone", commit="rm-1")])
     assert reply["ok"] is True and reply["id"] == 7
-    assert reply["stat"]["deleted"] is True and reply["stat"]["chunks"] == 0
+    assert reply["stat"]["deleted"] is True and reply["stat"]["count"] == 0
     assert reply["stat"]["version"] == 2
     again = raw([request("rm", 8, name="gone", commit="rm-1")])  # a repeat: same answer
     assert again["stat"] == reply["stat"]

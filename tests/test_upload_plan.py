@@ -1,25 +1,38 @@
-"""The client's upload plan: chunk digests and the whole-file sha256 from one read pass (two
-threads), for every shape of file."""
+"""The client's upload plan: chunk digests from one read pass (two threads) and the file digest
+derived from them, for every shape of file."""
 
-import hashlib
 import os
 
 import pytest
 
 from fms import wire as p
 from fms.client.upload import HASH_AHEAD, plan_file
+from fms.errors import TooLarge
 
 CHUNK = p.MIN_CHUNK_SIZE
 
 
 @pytest.mark.parametrize(
-    "size", [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK, (HASH_AHEAD + 3) * CHUNK + 5]
+    "size",
+    [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK, (HASH_AHEAD + 3) * CHUNK + 5, 40 * CHUNK + 1],
 )
-def test_plan_has_every_chunk_digest_in_order_and_the_whole_sha256(tmp_path, size):
+def test_plan_has_every_chunk_digest_in_order_and_the_digest_they_give(tmp_path, size):
     data = os.urandom(size)
     path = tmp_path / "f"
     path.write_bytes(data)
     plan = plan_file(str(path), CHUNK)
-    assert plan.size == size and plan.sha256 == hashlib.sha256(data).digest()
-    assert plan.chunks == [p.sha256(data[i : i + CHUNK]) for i in range(0, size, CHUNK)]
-    assert plan.inline == (data if p.travels_inline(size, len(plan.chunks)) else None)
+    digests = [p.sha256(data[i : i + CHUNK]) for i in range(0, size, CHUNK)]
+    assert plan.size == size and plan.chunks() == digests
+    extents = ((CHUNK, size),) if size else ()
+    pages = [p.sha256(b"".join(digests))] if digests else []  # one page: up to 65,536 chunks
+    assert plan.digest == p.tree_digest(extents, pages) == p.inline_digest(extents, digests)
+    assert plan.page_ids == (pages if len(digests) > p.INLINE_CHUNKS else None)
+    assert plan.inline == (data if p.travels_inline(size, len(digests)) else None)
+
+
+def test_a_file_over_the_manifest_cap_is_refused_before_it_is_read(tmp_path):
+    path = tmp_path / "huge.img"
+    with open(path, "wb") as f:
+        f.truncate((p.MAX_FILE_CHUNKS + 1) * CHUNK)  # sparse: nothing to read, much to refuse
+    with pytest.raises(TooLarge, match="larger chunks"):
+        plan_file(str(path), CHUNK)

@@ -116,7 +116,8 @@ def worker_at():
 
 def request(broker, req_id=1):
     broker.send(
-        {"t": "req", "k": req_id, "ttl": 60_000}, p.encode({"v": 1, "op": "x", "id": req_id})
+        {"t": "req", "k": req_id, "ttl": 60_000},
+        p.encode({"v": p.PROTOCOL_VERSION, "op": "x", "id": req_id}),
     )
 
 

@@ -59,9 +59,12 @@ def chunk_digest(op: str, header: dict) -> bytes:
     return digest if isinstance(digest, bytes) and len(digest) == p.HASH_LEN else b""
 
 
+BY_HASH = ("chunk", "page")  # cache ops routed by the digest they ask for
+
+
 def owner_key(op: str, header: dict) -> str | bytes | None:
-    """What a cache request is routed by (rendezvous): a get's name, a chunk's hash."""
-    key = header.get("name") if op == "get" else header.get("hash") if op == "chunk" else None
+    """What a cache request is routed by (rendezvous): a get's name, a chunk's or page's hash."""
+    key = header.get("name") if op == "get" else header.get("hash") if op in BY_HASH else None
     return key if isinstance(key, (str, bytes)) else None
 
 

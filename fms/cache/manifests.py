@@ -17,8 +17,11 @@ MANIFEST_OVERHEAD = 256  # bytes a manifest weighs besides its name and chunks
 
 
 def weight(name: str, manifest: dict[str, Any]) -> int:
-    """About what a manifest holds in memory: its name, its chunk hashes, the rest."""
-    return MANIFEST_OVERHEAD + len(name) + len(manifest["chunks"]) * 40
+    """About what a manifest holds in memory: its name, its short chunk list or its pages'
+    ids, its metadata, the rest (at most a few KiB: a long list is not in a manifest)."""
+    listed = len(manifest.get("chunks") or ()) + len(manifest.get("pages") or ())
+    meta = sum(len(k) + len(v) for k, v in (manifest.get("meta") or {}).items())
+    return MANIFEST_OVERHEAD + len(name) + listed * 40 + meta
 
 
 class ManifestCache:
@@ -26,8 +29,9 @@ class ManifestCache:
 
     Which manifests stay is decided by the same W-TinyLFU as chunks (:mod:`.policy`), by
     weight.  The frequency of a name is forgotten when the name changes: a new version earns
-    its own.  It also counts, for each chunk, how many cached manifests list it, so that the
-    chunks of a dead version can be dropped without dropping a chunk another file still shares.
+    its own.  It also counts, for each chunk of a short list, how many cached manifests list it,
+    so that the chunks of a dead version can be dropped without dropping a chunk another file
+    still shares (the chunks of a long list age out of the cache as any other).
 
     :param max_bytes: bound on the manifests' weight.
     """
@@ -69,7 +73,7 @@ class ManifestCache:
             return False
         self._drop(name)
         self._entries[name] = manifest
-        self._refs.update(manifest["chunks"])
+        self._refs.update(manifest.get("chunks") or ())
         dropped, _ = self.policy.insert(name, weight(name, manifest))
         for old in dropped:
             self._drop(old)
@@ -78,8 +82,8 @@ class ManifestCache:
     def _drop(self, name: str) -> dict[str, Any] | None:
         manifest = self._entries.pop(name, None)
         if manifest is not None:
-            self._refs.subtract(manifest["chunks"])
-            for digest in manifest["chunks"]:
+            self._refs.subtract(manifest.get("chunks") or ())
+            for digest in manifest.get("chunks") or ():
                 if self._refs[digest] <= 0:
                     del self._refs[digest]
         return manifest

@@ -41,8 +41,8 @@ Waiter: TypeAlias = tuple[dict[str, Any], int | str]
 
 @dataclass
 class Fetch:
-    kind: str  # "get", "chunk" or "get_many"
-    key: str | p.Digest | tuple[str, ...]  # the name, the chunk digest, or the names missed
+    kind: str  # "get", "chunk", "page" or "get_many"
+    key: str | p.Digest | tuple[str, ...]  # the name, the digest, or the names missed
     token: int  # ManifestCache clock when the fetch started
     started: float
     waiters: list[Waiter] = field(default_factory=list)
@@ -88,8 +88,8 @@ class CacheService:
         p.check_version(header)
         if op == "get":
             self._get(route, header)
-        elif op == "chunk":
-            self._chunk(route, header)
+        elif op in ("chunk", "page"):
+            self._chunk(route, header, op)
         elif op == "get_many":
             self._get_many(route, header)
         elif op == "cache_stats":
@@ -119,7 +119,7 @@ class CacheService:
     ) -> None:
         """Answer a get; the route tells the broker how many chunk requests will follow."""
         fields: dict[str, Any] = {"manifest": manifest}
-        chunks = 0 if _inline(manifest) else len(manifest["chunks"])
+        chunks = 0 if _inline(manifest) else manifest["count"]
         if manifest["size"] > self.max_file:
             fields["cache"] = False  # the client reads these chunks from storage
             chunks = 0
@@ -171,15 +171,19 @@ class CacheService:
             },
         )
 
-    def _chunk(self, route: dict[str, Any], header: dict[str, Any]) -> None:
+    def _chunk(self, route: dict[str, Any], header: dict[str, Any], kind: str) -> None:
+        """A chunk, or a page of a chunk list (``kind`` ``page``): both are blobs named by their
+        digest, kept in the chunk cache alike.  ``fresh`` (a page the client found damaged):
+        from storage, whatever is cached."""
         digest = p.need_hash(header, "hash")
-        frame = self.chunks.get(digest)
+        fresh = p.need(header, "fresh", bool, optional=True, default=False)
+        frame = None if fresh else self.chunks.get(digest)
         if frame is not None:
             self.hits += 1
             self.link.reply(route, p.ok_reply(header["id"]), frame, cache="hit")
             return
         self.misses += 1
-        self._wait("chunk", digest, route, header["id"])
+        self._wait(kind, digest, route, header["id"])
 
     def _wait(
         self, kind: str, key: str | p.Digest, route: dict[str, Any], req_id: int | str
@@ -229,7 +233,7 @@ class CacheService:
         to_cache: tuple[p.Digest, memoryview] | None
         try:
             payload = p.unpack_data(data.buffer) if data is not None else None
-            if isinstance(key, bytes):  # a chunk, by its digest
+            if isinstance(key, bytes):  # a chunk or a page, by its digest
                 to_cache = self._check_chunk(key, payload)
             else:  # a get, by its name
                 to_cache = self._fill_manifest(key, fetch.token, header, payload)
@@ -329,7 +333,7 @@ class CacheService:
         whole = sum(
             1
             for hit in fetch.found
-            if hit is not None and (hit[1] is not None or not hit[0]["chunks"])
+            if hit is not None and (hit[1] is not None or not hit[0]["count"])
         )
         self.link.reply(
             route,
@@ -384,7 +388,7 @@ class CacheService:
         old = self.manifests.invalidate(name)
         if old is None:
             return
-        for digest in old["chunks"]:
+        for digest in old.get("chunks") or ():
             if digest in self.chunks and not self.manifests.shared(digest):
                 self.chunks.drop(digest, forget=True)
                 self.dropped_chunks += 1
@@ -430,4 +434,4 @@ class CacheService:
 
 
 def _inline(manifest: dict[str, Any]) -> bool:
-    return p.travels_inline(manifest["size"], len(manifest["chunks"]))
+    return p.travels_inline(manifest["size"], manifest["count"])

@@ -476,14 +476,14 @@ def _chain(first: T, rest: Iterator[T]) -> Iterator[T]:
 
 
 def _ls_line(e: dict[str, Any], long: bool, as_human: bool) -> str:
-    """One line of ``ls``: size, mtime, name (``-l``: and version, sha256); a folder as
+    """One line of ``ls``: size, mtime, name (``-l``: and version, digest); a folder as
     ``aws s3 ls`` shows it, ``PRE``."""
     if e.get("folder"):
         size, at, extra = "PRE", "", "" if not long else f"{'':>6}  {'':12}  "
     else:
         size = human(e["size"]) if as_human else f"{e['size']:,}"
         at = when(e["mtime"])
-        extra = f"{'v' + str(e['version']):>6}  {e['sha256'][:12]}  " if long else ""
+        extra = f"{'v' + str(e['version']):>6}  {e['digest'][:12]}  " if long else ""
     return f"{size:>14}  {at:<19}  {extra}{e['name']}"
 
 
@@ -520,7 +520,7 @@ def cmd_stat(args: Namespace) -> None:
     if args.json:
         print(json.dumps(info, indent=1))
         return
-    for key in ("name", "size", "sha256", "mtime", "version", "chunks", "chunk_size"):
+    for key in ("name", "size", "digest", "mtime", "version", "chunks", "chunk_size"):
         value = when(info[key]) if key == "mtime" else info[key]
         print(f"{key + ':':<12}{value}")
 
@@ -534,7 +534,7 @@ def cmd_versions(args: Namespace) -> None:
     for v in found:
         print(
             f"{'v' + str(v['version']):>6}  {v['size']:>14,}  {when(v['mtime'])}  "
-            f"{v['sha256'][:12]}  {'current' if v['current'] else 'retained'}"
+            f"{v['digest'][:12]}  {'current' if v['current'] else 'retained'}"
         )
 
 
@@ -591,7 +591,8 @@ def cmd_fsck(args: Namespace) -> int:
             totals["damaged"] += page["damaged"]
             if not args.json:
                 for d in page["damaged"]:
-                    print(f"{d['problem']} chunk {d['chunk']}: breaks {', '.join(d['names'])}")
+                    what = d.get("kind", "chunk")
+                    print(f"{d['problem']} {what} {d['chunk']}: breaks {', '.join(d['names'])}")
             totals["orphans"] = page.get("orphans", totals["orphans"])
             totals["refcount_errors"] = page.get("refcount_errors", totals["refcount_errors"])
     bad = bool(totals["damaged"]) or totals["refcount_errors"] > 0

@@ -3,8 +3,9 @@
 the copies are the server's (metadata only).
 
 A file is sent when the other side lacks it or holds other content: sizes are compared first,
-and only files of equal size are hashed to compare their sha256 with the stored one (two stored
-files compare their sha256 at no cost).  ``--include`` / ``--exclude`` choose the files on both
+and only files of equal size are hashed to compare their digest with the stored one (in the
+stored file's chunk size: its digest is derived from its chunks'; two stored files compare their
+digests at no cost).  ``--include`` / ``--exclude`` choose the files on both
 sides (:mod:`.filters`); what they leave out is neither sent nor deleted.  With ``--delete``
 what the destination holds beyond the source is removed (a mirror); with ``--dry-run`` the plan
 is printed and nothing changes.
@@ -124,9 +125,23 @@ def _prefix(remote: str) -> str:
 
 def _same(path: str, stat: dict[str, Any], chunk_size: int) -> bool:
     return (
-        os.path.getsize(path) == stat["size"]
-        and plan_file(path, chunk_size).sha256.hex() == stat["sha256"]
+        os.path.getsize(path) == stat["size"] and _digest(path, stat, chunk_size) == stat["digest"]
     )
+
+
+def _digest(path: str, stat: dict[str, Any], chunk_size: int) -> str:
+    """The digest of a local file as the stored one's was made (hex): of its content (kind
+    ``content``, files stored before protocol 2), else from its chunk digests in the stored
+    file's chunk size."""
+    if stat["digest_kind"] == "content":
+        import hashlib
+
+        whole = hashlib.sha256()
+        with open(path, "rb") as f:
+            while piece := f.read(1 << 20):
+                whole.update(piece)
+        return whole.hexdigest()
+    return plan_file(path, stat.get("chunk_size") or chunk_size).digest.hex()
 
 
 def _stored(client: Client, prefix: str, wanted: Wanted) -> dict[str, dict[str, Any]]:
@@ -195,7 +210,7 @@ def _remote_plan(client: Client, src: str, dst: str, wanted: Wanted) -> Plan:
     same = 0
     for rel, e in source.items():
         held = target.pop(rel, None)
-        if held is not None and (held["size"], held["sha256"]) == (e["size"], e["sha256"]):
+        if held is not None and (held["size"], held["digest"]) == (e["size"], e["digest"]):
             same += 1
         else:
             send.append((e["name"], dst + rel, e["size"]))

@@ -11,28 +11,24 @@
 
 Transfers are pipelined with credit-based flow control: at most ``window`` requests are in
 flight, never more (zguide "file transfer", model 3).  Every chunk is verified against its
-sha256 (which covers the whole-file sha256: :mod:`fms.client.download`); downloads are written
-to a temp file beside the destination and renamed into place only when complete and verified.
+digest, and the chunk list against the file digest (:mod:`fms.client.download`); downloads are
+written to a temp file beside the destination and renamed into place only when complete and
+verified.
 
 The connection, pipeline and retries are :class:`fms.client.session.Session`'s; uploads and
 downloads are :mod:`fms.client.upload` and :mod:`fms.client.download`.
 """
 
 import os
-from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Self
+import time
 
 import zmq
 
 from .. import wire as p
-from ..errors import BadRequest, FmsError, from_reply
-from ..wire.frames import RawReader
+from ..errors import BadRequest, from_reply
 from . import download, upload
 from .download import RemoteFile
-from .session import DEFAULT_RETRIES, DEFAULT_TIMEOUT, DEFAULT_WINDOW, Progress, Reply, Session
-
-if TYPE_CHECKING:
-    from ..security import CurveClient  # not imported at run time: `ls` needs no CURVE
+from .session import DEFAULT_RETRIES, DEFAULT_TIMEOUT, DEFAULT_WINDOW, Session
 
 MAINTENANCE_TIMEOUT = 600.0  # seconds a gc or fsck page may take before it is asked again
 GET_BATCH = 128  # names per get_many message when fetching many files
@@ -67,12 +63,12 @@ class Client:
         retries: int = DEFAULT_RETRIES,
         window: int = DEFAULT_WINDOW,
         chunk_size: int = p.DEFAULT_CHUNK_SIZE,
-        progress: Progress | None = None,
+        progress=None,
         ctx: zmq.Context | None = None,
-        curve: "CurveClient | None" = None,
+        curve=None,
         fsync: bool = False,
         cache: bool = True,
-    ) -> None:
+    ):
         if not p.MIN_CHUNK_SIZE <= chunk_size <= p.MAX_CHUNK_SIZE:
             raise BadRequest(
                 f"chunk size must be between {p.MIN_CHUNK_SIZE} and {p.MAX_CHUNK_SIZE} bytes"
@@ -92,41 +88,42 @@ class Client:
 
     # --- lifecycle ---
 
-    def __enter__(self) -> Self:
+    def __enter__(self):
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc):
         self.close()
 
-    def close(self) -> None:
+    def close(self):
         self.session.close()
 
-    def call(self, op: str, data: p.Sendable | None = None, **fields: Any) -> Reply:
+    def call(self, op: str, data=None, **fields):
         """One request of any op, as docs/PROTOCOL.md describes it; returns ``(header, data
         frame or None)``.  :raises RemoteError: an error reply (its subclass names the code)."""
         return self.session.call(op, data, **fields)
 
     # --- metadata ---
 
-    def stat(self, name: str) -> dict[str, Any]:
-        """Name, size, sha256 (hex), mtime, version, ... of a stored file.
+    def stat(self, name: str) -> dict:
+        """Name, size, digest (hex) and its kind, mtime, version, metadata, ... of a stored
+        file.
 
         :raises NotFound: no such name.
         """
         header, _ = self.call("stat", name=p.check_name(name))
         return _public(header["stat"])
 
-    def ls(self, prefix: str = "") -> list[dict[str, Any]]:
+    def ls(self, prefix: str = "") -> list:
         """Every stored file whose name starts with ``prefix``, sorted by name."""
         return list(self.iter_ls(prefix))
 
-    def iter_ls(self, prefix: str = "", page: int | None = None) -> Iterator[dict[str, Any]]:
+    def iter_ls(self, prefix: str = "", page: int | None = None):
         """The stored files whose name starts with ``prefix``, in name order, fetched a page at a
         time (``page`` entries, default the server's), so a listing of any length takes the
         memory of one page."""
         p.check_prefix(prefix)
         after = ""
-        fields: dict[str, Any] = {} if page is None else {"limit": page}
+        fields = {} if page is None else {"limit": page}
         while True:
             header, _ = self.call("ls", prefix=prefix, after=after, **fields)
             for entry in header["entries"]:
@@ -135,13 +132,13 @@ class Client:
                 return
             after = header["entries"][-1]["name"]
 
-    def iter_folder(self, prefix: str = "", page: int | None = None) -> Iterator[dict[str, Any]]:
+    def iter_folder(self, prefix: str = "", page: int | None = None):
         """One level under ``prefix`` (``aws s3 ls`` without ``--recursive``): yields the
         stats of the files directly in it and ``{"name": FOLDER/, "folder": True}`` for each
         sub-folder, in name order, a page at a time."""
         p.check_prefix(prefix)
         after = ""
-        fields: dict[str, Any] = {} if page is None else {"limit": page}
+        fields = {} if page is None else {"limit": page}
         while True:
             header, _ = self.call("ls", prefix=prefix, after=after, folders=True, **fields)
             items = [_public(e) for e in header["entries"]]
@@ -151,12 +148,12 @@ class Client:
                 return
             after = header["next"]
 
-    def rm(self, name: str) -> dict[str, Any]:
+    def rm(self, name: str) -> dict:
         """Remove a name.  :raises NotFound: no such name."""
         header, _ = self.call("rm", name=p.check_name(name), commit=os.urandom(16).hex())
         return _public(header["stat"])
 
-    def rm_prefix(self, prefix: str) -> Iterator[list[str]]:
+    def rm_prefix(self, prefix: str):
         """Remove every name under ``prefix`` (non-empty), a page per request (one transaction
         each).  :return: yields the names removed, page by page (lists)."""
         while True:
@@ -165,7 +162,7 @@ class Client:
             if not header.get("more"):
                 return
 
-    def versions(self, name: str) -> list[dict[str, Any]]:
+    def versions(self, name: str) -> list:
         """The current version of ``name`` (if any) and the retained ones (storage workers
         started with ``--keep-versions N``), newest first: stats with ``current`` (bool).
 
@@ -174,53 +171,87 @@ class Client:
         header, _ = self.call("versions", name=p.check_name(name))
         return [_public(v) for v in header["versions"]]
 
-    def restore(self, name: str, version: int | None = None) -> dict[str, Any]:
+    def restore(self, name: str, version: int | None = None) -> dict:
         """Make a retained version of ``name`` (default the newest) current again, as a new
         version; also after ``rm``.  :return: the new stat.  :raises NotFound: no such
         retained version."""
-        fields: dict[str, Any] = {} if version is None else {"version": version}
+        fields = {} if version is None else {"version": version}
         header, _ = self.call(
             "restore", name=p.check_name(name), commit=os.urandom(16).hex(), **fields
         )
         return _public(header["stat"])
 
-    def mv(self, src: str, dst: str) -> dict[str, Any]:
+    def mv(self, src: str, dst: str) -> dict:
         """Rename ``src`` to ``dst`` (replacing it) in one transaction, moving no data.
 
         :return: ``dst``'s stat.  :raises NotFound: no ``src``.
         """
         return self._copy("mv", src, dst)
 
-    def cp(self, src: str, dst: str) -> dict[str, Any]:
+    def cp(self, src: str, dst: str) -> dict:
         """Copy ``src`` to ``dst`` on the server: metadata only, the chunks are shared.
 
         :return: ``dst``'s stat.  :raises NotFound: no ``src``.
         """
         return self._copy("cp", src, dst)
 
-    def _copy(self, op: str, src: str, dst: str) -> dict[str, Any]:
+    def compose(self, name: str, parts: list, meta: dict | None = None) -> dict:
+        """Make ``name`` the stored files ``parts`` back to back, by reference: each part's
+        extents become the new file's (their chunks and pages are not copied, nor read; a short
+        list is sent as a page of its own), so joining parts of any size and chunk size costs a
+        few small requests (how an S3 multipart upload completes).  ``meta``: the new version's
+        metadata (default none).  :return: its stat.  :raises NotFound: a part is not stored.
+        """
+        name = p.check_name(name)
+        extents, pages = [], []
+        for part in parts:
+            manifest, _frame, via = self._manifest(p.check_name(part))
+            with download.chunk_list(self.session, manifest, via) as listing:
+                extents += listing.extents
+                if listing.page_ids is not None:
+                    pages += listing.page_ids
+                    continue
+                digests = [d for _i, _o, _n, d, _z in listing.items()]
+            for page in p.pages_of(listing.extents, digests):
+                blob = p.join_digests(page)
+                pages.append(p.sha256(blob))
+                self.call("put_page", data=p.pack_data(blob), hash=pages[-1])
+        fields = {"meta": p.check_meta(meta)} if meta else {}
+        header, _ = self.call(
+            "commit",
+            name=name,
+            extents=p.pack_extents(extents),
+            pages=pages,
+            digest=p.tree_digest(extents, pages),
+            mtime=time.time(),
+            commit=os.urandom(16).hex(),
+            **fields,
+        )
+        return _public(header["stat"])
+
+    def _copy(self, op: str, src: str, dst: str) -> dict:
         header, _ = self.call(
             op, src=p.check_name(src), name=p.check_name(dst), commit=os.urandom(16).hex()
         )
         return _public(header["stat"])
 
-    def du(self, prefix: str = "") -> dict[str, int]:
+    def du(self, prefix: str = "") -> dict:
         """``files`` and ``bytes`` (the sum of their sizes) under ``prefix``, counted by the
         store's index."""
         header, _ = self.call("du", prefix=p.check_prefix(prefix))
         return header["du"]
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> dict:
         """The broker's view: its endpoints and the live workers."""
         header, _ = self.call("status")
         return {k: v for k, v in header.items() if k not in ("v", "id", "ok")}
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict:
         """The store's ``files``, ``bytes`` (their sizes) and ``chunk_bytes`` (on disk)."""
         header, _ = self.call("usage")
         return header["store"]
 
-    def gc(self, grace: float | None = None, dry_run: bool = False) -> dict[str, Any]:
+    def gc(self, grace: float | None = None, dry_run: bool = False) -> dict:
         """Collect garbage now: chunks unreferenced for longer than ``grace`` seconds (default:
         the storage workers' ``--gc-grace``).  ``grace=0`` also deletes chunks of uploads still
         in progress (they fail and must be retried): the caller's own risk.
@@ -228,14 +259,14 @@ class Client:
         :return: ``chunks`` and ``bytes`` freed (would be, with ``dry_run``), ``orphans`` among
             them, ``pruned`` tombstones and old commit ids.
         """
-        fields: dict[str, Any] = {"dry_run": dry_run}
+        fields = {"dry_run": dry_run}
         if grace is not None:
             fields["grace"] = float(grace)
         with self.session.patience(MAINTENANCE_TIMEOUT):
             header, _ = self.call("gc", **fields)
         return header["gc"]
 
-    def fsck(self) -> Iterator[dict[str, Any]]:
+    def fsck(self):
         """Check every stored file's chunks, a page at a time.
 
         :return: yields one report per page: ``names``, ``chunks`` and ``bytes`` checked,
@@ -253,7 +284,7 @@ class Client:
                 return
             after = page["next"]
 
-    def cache_stats(self) -> dict[str, Any] | None:
+    def cache_stats(self) -> dict | None:
         """The cache worker's counters (hits, misses, bytes, ...), or None when no cache worker
         is connected (storage answers for it)."""
         header, _ = self.call("cache_stats")
@@ -261,36 +292,43 @@ class Client:
 
     # --- upload ---
 
-    def put(self, path: str, name: str | None = None) -> dict[str, Any]:
-        """Upload a local file under ``name`` (default: its base name).  :return: its stat."""
+    def put(self, path: str, name: str | None = None, meta: dict | None = None) -> dict:
+        """Upload a local file under ``name`` (default: its base name); ``meta``: a map of
+        str to str (at most 2 KiB in all) kept with the version.  :return: its stat."""
         name = p.check_name(name if name is not None else os.path.basename(path))
-        return self.put_many([(path, name)])[0]
+        if meta is None:
+            return self.put_many([(path, name)])[0]
+        p.check_meta(meta)
+        plan = upload.plan_file(path, self.chunk_size, self._hashing(name))
+        plan.meta = meta
+        return self._put_planned([(path, name, plan)])[0]
 
-    def put_bytes(self, data: bytes, name: str, mtime: float | None = None) -> dict[str, Any]:
+    def put_bytes(
+        self, data: bytes, name: str, mtime: float | None = None, meta: dict | None = None
+    ) -> dict:
         """Upload bytes held in memory (for small data; large files should use :meth:`put`)."""
         p.check_name(name)
         data = bytes(data)
         plan = upload.plan_bytes(data, self.chunk_size, mtime)
+        plan.meta = p.check_meta(meta) if meta else None
         return self._put_planned([(data, name, plan)])[0]
 
-    def put_many(
-        self, items: Iterable[tuple[str, str]], done: upload.Done | None = None
-    ) -> list[dict[str, Any]]:
+    def put_many(self, items, done=None) -> list:
         """Upload many ``(local path, name)`` pairs; small files are committed pipelined.
         ``done(index, stat)`` is called as each file is committed.
 
         :return: the stat of each, in order.
         """
-        checked = [(path, p.check_name(name)) for path, name in items]  # every name, first
+        items = [(path, p.check_name(name)) for path, name in items]  # every name, first
         return self._put_planned(
             (
                 (path, name, upload.plan_file(path, self.chunk_size, self._hashing(name)))
-                for path, name in checked
+                for path, name in items
             ),
             done,
         )
 
-    def put_stream(self, stream: RawReader, name: str) -> dict[str, Any]:
+    def put_stream(self, stream, name: str) -> dict:
         """Upload what the unbuffered binary ``stream`` (stdin, a pipe) holds until its end,
         under ``name``, sent as it is read; nothing is visible under the name unless the stream
         was read whole.  :return: the stat of the new version."""
@@ -299,40 +337,34 @@ class Client:
         )
         return _public(stat)
 
-    def _put_planned(
-        self, planned: Iterable[upload.Planned], done: upload.Done | None = None
-    ) -> list[dict[str, Any]]:
+    def _put_planned(self, planned, done=None) -> list:
         tell = None if done is None else lambda i, stat: done(i, _public(stat))
         stats = upload.put_planned(self.session, planned, self._report, tell)
         return [_public(stat) for stat in stats]
 
-    def rm_many(self, names: Iterable[str]) -> list[dict[str, Any] | FmsError]:
+    def rm_many(self, names) -> list:
         """Remove many names, pipelined (one transaction each).
 
         :return: per name, in order, the tombstone's stat, or the error that name met
             (a :class:`fms.FmsError`, such as :class:`fms.NotFound`), which does not stop
             the others.
         """
-        checked = [p.check_name(n) for n in names]
-        return self._each(("rm", {"name": n, "commit": os.urandom(16).hex()}) for n in checked)
+        names = [p.check_name(n) for n in names]
+        return self._each(("rm", {"name": n, "commit": os.urandom(16).hex()}) for n in names)
 
-    def copy_many(
-        self, op: str, pairs: Iterable[tuple[str, str]]
-    ) -> list[dict[str, Any] | FmsError]:
+    def copy_many(self, op: str, pairs) -> list:
         """``cp`` or ``mv`` (``op``) many ``(src, dst)`` pairs on the server, pipelined (one
         transaction each).  :return: per pair, in order, ``dst``'s stat or the error met."""
         if op not in ("cp", "mv"):
             raise BadRequest(f"copy_many does cp or mv, not {op!r}")
-        checked = [(p.check_name(src), p.check_name(dst)) for src, dst in pairs]
+        pairs = [(p.check_name(src), p.check_name(dst)) for src, dst in pairs]
         return self._each(
-            (op, {"src": src, "name": dst, "commit": os.urandom(16).hex()}) for src, dst in checked
+            (op, {"src": src, "name": dst, "commit": os.urandom(16).hex()}) for src, dst in pairs
         )
 
-    def _each(
-        self, requests: Iterable[tuple[str, dict[str, Any]]]
-    ) -> list[dict[str, Any] | FmsError]:
+    def _each(self, requests) -> list:
         """Send ``(op, fields)`` requests pipelined; per request, its reply's stat or error."""
-        out: dict[int, dict[str, Any] | FmsError] = {}
+        out = {}
         numbered = ((i, op, fields, None) for i, (op, fields) in enumerate(requests))
         for i, header, _ in self.session.pipeline(numbered, errors=True):
             if header.get("ok"):
@@ -343,7 +375,7 @@ class Client:
 
     # --- download ---
 
-    def get(self, name: str, dest: str, version: int | None = None) -> dict[str, Any]:
+    def get(self, name: str, dest: str, version: int | None = None) -> dict:
         """Download ``name`` to the file ``dest`` (replaced atomically when complete), or as
         ``cp`` would into a device or a FIFO, or through a symlink to its target.
 
@@ -351,13 +383,11 @@ class Client:
         :raises NotFound: no such name.
         :param version: a version number (current or retained: :meth:`versions`); default the
             current one.
-        :raises IntegrityError: the content did not match its sha256 (nothing is written).
+        :raises IntegrityError: the content did not match its digest (nothing is written).
         """
         return self._get_one(p.check_name(name), dest, version=version)
 
-    def get_many(
-        self, items: Iterable[tuple[str, str]], done: upload.Done | None = None
-    ) -> list[dict[str, Any]]:
+    def get_many(self, items, done=None) -> list:
         """Download many ``(name, dest path)`` pairs: manifests and the content of small files
         in batches (``get_many``, :data:`GET_BATCH` names a message, pipelined), then the other
         files one after another.
@@ -367,19 +397,19 @@ class Client:
         :return: the stat of each, in order.
         :raises NotFound: a name is not stored (files before it in the batch may be written).
         """
-        pairs = [(p.check_name(name), dest) for name, dest in items]
-        results: dict[int, dict[str, Any]] = {}  # index -> stat
-        later: list[tuple[int, dict[str, Any]]] = []  # (index, manifest) of the large files
+        items = [(p.check_name(name), dest) for name, dest in items]
+        results = [None] * len(items)
+        later = []
         batches = [
-            range(k, min(k + GET_BATCH, len(pairs))) for k in range(0, len(pairs), GET_BATCH)
+            range(k, min(k + GET_BATCH, len(items))) for k in range(0, len(items), GET_BATCH)
         ]
         requests = (
-            (batch, "get_many", {"names": [pairs[i][0] for i in batch], **self._get_fields()}, None)
+            (batch, "get_many", {"names": [items[i][0] for i in batch], **self._get_fields()}, None)
             for batch in batches
         )
         for batch, header, frame in self.session.pipeline(requests, BATCH_WINDOW):
             replies = p.read_batch(
-                header, frame.buffer if frame is not None else None, [pairs[i][0] for i in batch]
+                header, frame.buffer if frame is not None else None, [items[i][0] for i in batch]
             )
             for i, (result, data) in zip(batch, replies, strict=False):
                 if "error" in result:
@@ -388,9 +418,9 @@ class Client:
                     later.append((i, result["manifest"]))
                     continue
                 manifest, data = download.fetch_whole(
-                    self.session, pairs[i][0], result["manifest"], data
+                    self.session, items[i][0], result["manifest"], data
                 )
-                path, in_place = download.destination(pairs[i][1])
+                path, in_place = download.destination(items[i][1])
                 if in_place:
                     with download.in_place(path) as out:
                         out.write(data)
@@ -400,18 +430,14 @@ class Client:
                 if done is not None:
                     done(i, results[i])
         for i, manifest in later:
-            results[i] = self._get_one(*pairs[i], manifest)
+            results[i] = self._get_one(*items[i], manifest)
             if done is not None:
                 done(i, results[i])
-        return [results[i] for i in range(len(pairs))]
+        return results
 
     def _get_one(
-        self,
-        name: str,
-        dest: str,
-        manifest: dict[str, Any] | None = None,
-        version: int | None = None,
-    ) -> dict[str, Any]:
+        self, name: str, dest: str, manifest: dict | None = None, version: int | None = None
+    ) -> dict:
         """Download one file; ``manifest``: already known (only a small file's content, which
         comes with a ``get``, is then asked for).  A destination that is not a regular file is
         written into, never replaced (:func:`download.destination`)."""
@@ -419,9 +445,8 @@ class Client:
         if in_place:
             with download.in_place(dest) as out:
                 return self.get_to(name, out, version)
-        frame: zmq.Frame | None = None
-        via = self._get_fields()  # a batch's large file: untagged
-        if manifest is None or p.travels_inline(manifest["size"], len(manifest["chunks"])):
+        frame, via = None, self._get_fields()  # a batch's large file: untagged
+        if manifest is None or p.travels_inline(manifest["size"], manifest["count"]):
             manifest, frame, via = self._manifest(name, version)
         if frame is not None:
             manifest, data = download.fetch_whole(
@@ -433,11 +458,11 @@ class Client:
                 download.download_to_file(self.session, manifest, out, self._report, via)
         return _public(manifest)
 
-    def _get_fields(self) -> dict[str, Any]:
+    def _get_fields(self) -> dict:
         """Fields of a read: ``fresh`` sends it to storage when the cache is not wanted."""
         return {} if self.cache else {"fresh": True}
 
-    def _chunk_fields(self, header: dict[str, Any]) -> dict[str, Any]:
+    def _chunk_fields(self, header: dict) -> dict:
         """Fields of the chunk requests of the file a ``get`` reply describes: through the
         cache, tagged with the GET (``of``: the broker counts a GET whose every piece came from
         the cache as a hit); else from storage (``fresh``), when this client reads without the
@@ -446,9 +471,7 @@ class Client:
             return {"fresh": True}
         return {"of": header["id"]}
 
-    def _manifest(
-        self, name: str, version: int | None = None
-    ) -> tuple[dict[str, Any], zmq.Frame | None, dict[str, Any]]:
+    def _manifest(self, name: str, version: int | None = None):
         """``get`` a manifest (``version``: that version's, from storage).  :return: (manifest,
         inline content frame or None, the fields of its chunk requests)."""
         if version is not None:
@@ -464,13 +487,11 @@ class Client:
             return bytes(
                 download.fetch_whole(self.session, name, manifest, p.unpack_data(frame.buffer))[1]
             )
-        parts: list[bytes] = []
+        parts = []
         download.download_chunks(self.session, manifest, download.Collect(parts), self._report, via)
         return b"".join(parts)
 
-    def get_to(
-        self, name: str, stream: download.Sink, version: int | None = None
-    ) -> dict[str, Any]:
+    def get_to(self, name: str, stream, version: int | None = None) -> dict:
         """Write the content of ``name`` (``version``: that one) to a binary stream (e.g.
         stdout), verified chunk by chunk before it is written (:raises IntegrityError:)."""
         manifest, frame, via = self._manifest(name, version)
@@ -486,30 +507,34 @@ class Client:
     def open(self, name: str) -> "RemoteFile":
         """A read-only, seekable, file-like stream of ``name``'s content.
 
-        Chunks are fetched ahead (``window`` in flight) and verified one by one; a read from the
-        start to the end also checks the whole-file sha256.  Memory: about ``window`` chunks.
+        Chunks are fetched ahead (``window`` in flight) and verified one by one, against a chunk
+        list checked against the file digest.  Memory: about ``window`` chunks and two pages of
+        the list.
 
         :raises NotFound: no such name.
         """
         manifest, frame, via = self._manifest(name)
         return RemoteFile(self.session, manifest, frame, via)
 
-    def _hashing(self, name: str) -> Callable[[int, int], None] | None:
+    def _hashing(self, name: str):
         """``report(done, total)`` while ``name``'s file is hashed before its upload: the
         progress callback's ``hashing(name, done, total)`` method, if it has one."""
         hook = getattr(self.progress, "hashing", None)
         return None if hook is None else lambda done, total: hook(name, done, total)
 
-    def _report(self, name: str, done: int, total: int | None) -> None:
+    def _report(self, name: str, done: int, total: int):
         if self.progress is not None:
             self.progress(name, done, total)
 
 
-def _public(entry: dict[str, Any]) -> dict[str, Any]:
-    """A stat or manifest as the API returns it: hex digests, no chunk list."""
-    out = {k: v for k, v in entry.items() if k not in ("chunks", "commit")}
-    out["sha256"] = entry["sha256"].hex()
-    out["chunks"] = (
-        len(entry["chunks"]) if isinstance(entry.get("chunks"), list) else entry.get("chunks")
-    )
+_NOT_PUBLIC = ("chunks", "commit", "count", "extents", "pages", "body")
+
+
+def _public(entry: dict) -> dict:
+    """A stat or manifest as the API returns it: a hex digest, the number of chunks (``chunks``),
+    no chunk list."""
+    out = {k: v for k, v in entry.items() if k not in _NOT_PUBLIC}
+    out["digest"] = entry["digest"].hex()
+    out["chunks"] = entry["count"]
+    out.setdefault("meta", {})
     return out

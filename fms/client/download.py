@@ -2,10 +2,13 @@
 the destination and renamed into place only when complete and verified; many small files in
 batches (``get_many``); and :class:`RemoteFile`, a seekable read-only stream of a stored file.
 
-**One hash pass.**  Every chunk is checked against its digest in the manifest, and storage
-checked those digests against the whole-file sha256 when it accepted the commit (it reads the
-chunks back), so a file whose every chunk verifies is the file whose sha256 the manifest names:
-the whole-file check is derived from the chunk checks rather than done as a second pass.
+**One hash pass.**  A manifest's chunk list is checked against its file digest before a byte is
+fetched (:mod:`fms.client.listing`), and every chunk against its digest in the list, so a file
+whose every chunk verifies is the file the digest names: no second pass over the content.  A
+long list is read a page at a time, so a download's memory does not grow with the file.
+
+**Holes.**  A chunk whose digest is that of a chunk of zeros is not fetched: a file gets a hole
+there (a sparse file, as ``cp --sparse`` writes), a stream gets the zeros.
 """
 
 import collections
@@ -14,45 +17,38 @@ import io
 import os
 import stat
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
-
-import zmq
 
 from .. import wire as p
 from ..errors import FmsError, IntegrityError
-from .session import Progress, Session
-
-if TYPE_CHECKING:
-    from concurrent.futures import Future  # imported at run time only for large files
-
-    from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12
+from .listing import ChunkList
+from .session import Session
 
 VERIFY_THREADS = 2  # threads verifying and writing chunks while the next ones arrive
 TEMP_NAME_BYTES = 200  # of a destination's name kept in its temp file's name
 
 
-class Sink(Protocol):
-    """Where :func:`download_chunks` writes a file's content, in order: a binary stream."""
+def chunk_list(session: Session, manifest: dict, via=None) -> ChunkList:
+    """The chunk list of ``manifest``, its pages and body read on a connection of their own (a
+    chunk pipeline may be under way on ``session``); close it when done."""
+    aside = []
 
-    def write(self, data: p.BytesLike, /) -> object: ...
+    def fetch(ident: bytes, fresh: bool = False) -> bytes:
+        if not aside:
+            aside.append(session.aside())
+        fields = {"fresh": True} if fresh or (via or {}).get("fresh") else {}
+        _, frame = aside[0].call("page", hash=ident, **fields)
+        return bytes(p.unpack_data(frame.buffer)) if frame is not None else b""
+
+    listing = ChunkList(manifest, fetch)
+    listing.on_close = lambda: aside and aside[0].close()
+    return listing
 
 
-def chunk_fields(manifest: dict[str, Any], i: int) -> dict[str, Any]:
-    """A ``chunk`` request's fields for chunk ``i``: its hash, and its length, so the broker
-    reserves room for exactly that reply (without ``len`` it assumes the largest chunk)."""
-    return {
-        "hash": manifest["chunks"][i],
-        "len": p.chunk_length(i, manifest["size"], manifest["chunk_size"]),
-    }
-
-
-def fetch_whole(
-    session: Session, name: str, manifest: dict[str, Any], data: memoryview
-) -> tuple[dict[str, Any], memoryview]:
+def fetch_whole(session: Session, name: str, manifest: dict, data):
     """The verified content of a small file that came with its manifest (``data``); if it does
     not match, asked once more from storage itself (``fresh``).  :return: (manifest, data)."""
-    if len(data) == manifest["size"] and p.sha256(data) == manifest["sha256"]:
+    if len(data) == manifest["size"] and p.sha256(data) == manifest["chunks"][0]:
+        ChunkList(manifest, None)  # its one-chunk list gives its digest
         return manifest, data
     with session.aside() as aside:
         header, frame = aside.call("get", name=name, fresh=True)
@@ -62,169 +58,188 @@ def fetch_whole(
     return manifest, checked_whole(manifest, p.unpack_data(frame.buffer))
 
 
-def download_chunks(
-    session: Session,
-    manifest: dict[str, Any],
-    out: Sink,
-    report: Progress,
-    via: dict[str, Any] | None = None,
-) -> None:
+def download_chunks(session: Session, manifest: dict, out, report, via=None):
     """Fetch every chunk pipelined, verify each and write them in order to the stream ``out``;
     ``report(name, done, total)`` after each chunk; ``via``: see :func:`iter_chunks`."""
     done = 0
-    for piece in iter_chunks(session, manifest, via=via):
-        out.write(piece)
-        done += len(piece)
-        report(manifest["name"], done, manifest["size"])
+    with contextlib.closing(chunk_list(session, manifest, via)) as listing:
+        for piece in iter_chunks(session, listing, via=via):
+            out.write(piece)
+            done += len(piece)
+            report(manifest["name"], done, manifest["size"])
 
 
-def download_to_file(
-    session: Session,
-    manifest: dict[str, Any],
-    out: BinaryIO,
-    report: Progress,
-    via: dict[str, Any] | None = None,
-) -> None:
+def download_to_file(session: Session, manifest: dict, out, report, via=None):
     """Fetch every chunk pipelined into the file ``out`` (open for writing, empty): while this
     thread receives, :data:`VERIFY_THREADS` threads check each chunk against its digest and
     write it at its offset (hashlib and ``os.pwrite`` release the GIL), so hashing, writing and
     receiving overlap.  Only verified bytes are written; a chunk that fails is fetched once
-    more from storage itself.  ``report(name, done, total)`` as chunks land, in order.
+    more from storage itself; a chunk of zeros is a hole.  ``report(name, done, total)`` as
+    chunks land, in order.
 
     :raises IntegrityError: a chunk does not match its digest, also from storage.
     """
     from concurrent.futures import ThreadPoolExecutor  # not imported for small files
 
     out.flush()
-    fd, chunk_size = out.fileno(), manifest["chunk_size"]
-    window = session.data_window(chunk_size)
-    requests = (
-        (i, "chunk", {**chunk_fields(manifest, i), **(via or {})}, None)
-        for i in range(len(manifest["chunks"]))
+    fd = out.fileno()
+    window = session.data_window(
+        max(
+            (cs for cs, _ in p.unpack_extents(manifest.get("extents") or b"")),
+            default=manifest["chunk_size"] or p.DEFAULT_CHUNK_SIZE,
+        )
     )
-    # (index, data, verified and written) in arrival order
-    pending: collections.deque[tuple[int, memoryview, Future[bool]]] = collections.deque()
-    done = 0
-    with ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="fms-verify") as pool:
+    pending = collections.deque()  # (piece, future) in arrival order
+    done = holes = 0
+    with contextlib.closing(chunk_list(session, manifest, via)) as listing:
 
-        def settle() -> None:
-            nonlocal done
-            i, data, future = pending.popleft()
-            if not future.result():
-                _write_at(fd, _refetch(session, manifest, i), i * chunk_size)
-            done += len(data)
-            report(manifest["name"], done, manifest["size"])
+        def requests():
+            nonlocal holes
+            for _i, offset, length, digest, zeros in listing.items():
+                if zeros:
+                    holes += length
+                    continue
+                piece = (offset, length, digest)
+                yield piece, "chunk", {"hash": digest, "len": length, **(via or {})}, None
 
-        for i, _header, frame in session.pipeline(requests, window):
-            data = p.unpack_data(frame.buffer) if frame is not None else memoryview(b"")
-            pending.append((i, data, pool.submit(_verify_and_write, fd, manifest, i, data)))
-            while pending and (len(pending) > window or pending[0][2].done()):
+        with ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="fms-verify") as pool:
+
+            def settle():
+                nonlocal done
+                (offset, length, digest), future = pending.popleft()
+                if not future.result():
+                    _write_at(fd, _refetch(session, manifest["name"], digest, length), offset)
+                done += length
+                report(manifest["name"], done + holes, manifest["size"])
+
+            for piece, _header, frame in session.pipeline(requests(), window):
+                data = p.unpack_data(frame.buffer) if frame is not None else memoryview(b"")
+                pending.append((piece, pool.submit(_verify_and_write, fd, *piece, data)))
+                while pending and (len(pending) > window or pending[0][1].done()):
+                    settle()
+            while pending:
                 settle()
-        while pending:
-            settle()
+    os.ftruncate(fd, manifest["size"])  # a hole at the end too
+    if holes and not done:
+        report(manifest["name"], manifest["size"], manifest["size"])
 
 
-def _verify_and_write(fd: int, manifest: dict[str, Any], i: int, data: p.BytesLike) -> bool:
-    """Write chunk ``i`` at its offset if it is what the manifest says.  :return: whether."""
-    if not _chunk_ok(manifest, i, data):
+def _verify_and_write(fd: int, offset: int, length: int, digest: bytes, data) -> bool:
+    """Write a chunk at its offset if it is what the list says.  :return: whether."""
+    if not _chunk_ok(data, length, digest):
         return False
-    _write_at(fd, data, i * manifest["chunk_size"])
+    _write_at(fd, data, offset)
     return True
 
 
-def _write_at(fd: int, data: p.BytesLike, offset: int) -> None:
+def _write_at(fd: int, data, offset: int):
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
 
 
-def _chunk_ok(manifest: dict[str, Any], i: int, data: p.BytesLike) -> bool:
-    return (
-        len(data) == p.chunk_length(i, manifest["size"], manifest["chunk_size"])
-        and p.sha256(data) == manifest["chunks"][i]
-    )
+def _chunk_ok(data, length: int, digest: bytes) -> bool:
+    return len(data) == length and p.sha256(data) == digest
 
 
-def _refetch(session: Session, manifest: dict[str, Any], i: int) -> memoryview:
-    """Chunk ``i`` once more, from storage itself (``fresh``: the broker bypasses the cache),
+def _refetch(session: Session, name: str, digest: bytes, length: int):
+    """A chunk once more, from storage itself (``fresh``: the broker bypasses the cache),
     verified.  :raises IntegrityError: it does not match either."""
     with session.aside() as aside:
-        _, frame = aside.call("chunk", **chunk_fields(manifest, i), fresh=True)
-    data = p.unpack_data(frame.buffer) if frame is not None else memoryview(b"")
-    if not _chunk_ok(manifest, i, data):
+        _, frame = aside.call("chunk", hash=digest, len=length, fresh=True)
+    data = p.unpack_data(frame.buffer) if frame is not None else b""
+    if not _chunk_ok(data, length, digest):
         raise IntegrityError(
-            f"chunk {i} of {manifest['name']!r} does not match its sha256, "
+            f"chunk {digest.hex()[:16]} of {name!r} does not match its digest, "
             f"also from storage; nothing was written, try again"
         )
     return data
 
 
-def fetch_chunk(
-    session: Session, manifest: dict[str, Any], i: int, via: dict[str, Any] | None = None
-) -> memoryview:
-    """Chunk ``i`` alone, verified (from storage itself if the first copy does not match)."""
-    _, frame = session.call("chunk", **chunk_fields(manifest, i), **(via or {}))
+def fetch_chunk(session: Session, name: str, digest: bytes, length: int, via=None):
+    """A chunk alone, verified (from storage itself if the first copy does not match)."""
+    _, frame = session.call("chunk", hash=digest, len=length, **(via or {}))
     data = p.unpack_data(frame.buffer) if frame is not None else memoryview(b"")
-    return data if _chunk_ok(manifest, i, data) else _refetch(session, manifest, i)
+    return data if _chunk_ok(data, length, digest) else _refetch(session, name, digest, length)
 
 
-def iter_chunks(
-    session: Session,
-    manifest: dict[str, Any],
-    start: int = 0,
-    via: dict[str, Any] | None = None,
-) -> Iterator[memoryview]:
-    """Yield the chunks of ``manifest`` from index ``start`` on, in order, each verified;
-    ``window`` requests stay in flight and out-of-order arrivals wait (at most ``window``).
-    ``via``: fields of every chunk request: the GET they belong to (``of``), or ``fresh``
-    (from storage); see fms.client.api.Client._chunk_fields.
+def iter_chunks(session: Session, listing: ChunkList, start: int = 0, via=None):
+    """Yield the chunks of ``listing`` from index ``start`` on, in order, each verified (a
+    chunk of zeros as zeros, not fetched); ``window`` requests stay in flight and out-of-order
+    arrivals wait (at most ``window``).  ``via``: fields of every chunk request: the GET they
+    belong to (``of``), or ``fresh`` (from storage); see fms.client.api.Client._chunk_fields.
 
-    :raises IntegrityError: a chunk does not match its sha256.
+    :raises IntegrityError: a chunk does not match its digest.
     """
-    chunks = manifest["chunks"]
-    held: dict[int, memoryview] = {}  # chunks that came before the next one in order
-    next_index = start
-    requests = (
-        (i, "chunk", {**chunk_fields(manifest, i), **(via or {})}, None)
-        for i in range(start, len(chunks))
-    )
-    for i, _header, frame in session.pipeline(
-        requests, session.data_window(manifest["chunk_size"])
-    ):
+    # What is due, in order: [index, length, digest] of a chunk to fetch, or [None, length, n]
+    # of a run of n chunks of zeros (one entry however long: a sparse file costs no memory).
+    due = collections.deque()
+    held = {}
+
+    def requests():
+        for i, _offset, length, digest, zeros in listing.items(start):
+            if zeros:
+                if due and due[-1][0] is None and due[-1][1] == length:
+                    due[-1][2] += 1
+                else:
+                    due.append([None, length, 1])
+                continue
+            due.append([i, length, digest])
+            yield i, "chunk", {"hash": digest, "len": length, **(via or {})}, None
+
+    def ready():
+        while due and (due[0][0] is None or due[0][0] in held):
+            entry = due.popleft()
+            if entry[0] is not None:
+                yield held.pop(entry[0])
+                continue
+            for _ in range(entry[2]):
+                yield zeros_of(entry[1])
+
+    window = session.data_window(listing.largest_chunk)
+    for i, _header, frame in session.pipeline(requests(), window):
         data = p.unpack_data(frame.buffer) if frame is not None else memoryview(b"")
-        if not _chunk_ok(manifest, i, data):
-            data = _refetch(session, manifest, i)
+        entry = next(e for e in due if e[0] == i)
+        if not _chunk_ok(data, entry[1], entry[2]):
+            data = _refetch(session, listing.name, entry[2], entry[1])
         held[i] = data
-        while next_index in held:
-            yield held.pop(next_index)
-            next_index += 1
+        yield from ready()
+    yield from ready()
+
+
+_ZERO_BUF = [memoryview(b"")]  # the zeros handed out for holes, grown to the largest chunk
+
+
+def zeros_of(n: int) -> memoryview:
+    """``n`` zero bytes (a chunk of a hole), shared: read-only."""
+    if len(_ZERO_BUF[0]) < n:
+        _ZERO_BUF[0] = memoryview(bytes(n))
+    return _ZERO_BUF[0][:n]
 
 
 class RemoteFile(io.RawIOBase):
     """What :meth:`fms.Client.open` returns: read it like a local binary file."""
 
-    def __init__(
-        self,
-        session: Session,
-        manifest: dict[str, Any],
-        inline_frame: zmq.Frame | None = None,
-        via: dict[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, session: Session, manifest: dict, inline_frame=None, via=None):
         super().__init__()
         self._session = session
         self._via = via
         self.manifest = manifest
         self.name = manifest["name"]
         self.size = manifest["size"]
+        self._list = chunk_list(session, manifest, via)
         self._pos = 0
         self._buf = memoryview(b"")  # the current chunk, from offset _buf_start
         self._buf_start = 0
-        self._stream: Iterator[memoryview] | None = None
+        self._stream = None
         self._run = 0  # chunks read in order since the last jump
-        import hashlib  # here: OpenSSL is loaded only by commands that move content
+        # Kind content: its digest is of the bytes, checked when they are read through in order.
+        self._whole = None
+        if manifest["digest_kind"] == p.DIGEST_CONTENT:
+            import hashlib  # here: OpenSSL is loaded only by commands that move content
 
-        self._whole = hashlib.sha256()
+            self._whole = hashlib.sha256()
         self._hashed_to = 0  # bytes hashed so far, while reading in order from 0
         if inline_frame is not None:
             self._buf = checked_whole(manifest, p.unpack_data(inline_frame.buffer))
@@ -245,7 +260,7 @@ class RemoteFile(io.RawIOBase):
         self._pos = base + offset
         return self._pos
 
-    def readinto(self, buffer: "Buffer") -> int:
+    def readinto(self, buffer) -> int:
         """Fill ``buffer`` as far as the content goes (short only at the end of the file)."""
         if self.closed:
             raise ValueError("read from a closed file")
@@ -261,52 +276,57 @@ class RemoteFile(io.RawIOBase):
             self._pos += n
         return filled
 
-    def _fetch_chunk_at(self, pos: int, want_end: int) -> None:
+    def _fetch_chunk_at(self, pos: int, want_end: int):
         """Make ``_buf`` the chunk that holds ``pos``, for a read up to ``want_end``.  Only the
         chunks a read touches are fetched, one by one, until reading goes on in order: from
         the third chunk read in a row, or for a read beyond the next chunk, the following
         chunks stream (``window`` of them prefetched).  So a ranged read (``seek`` + ``read``)
         costs the chunks that hold its bytes, and reading a file through costs one round trip
         per window."""
-        chunk_size = self.manifest["chunk_size"]
-        index = pos // chunk_size
-        in_order = len(self._buf) and self._buf_start + len(self._buf) == index * chunk_size
+        index = self._list.index_at(pos)
+        offset, length, digest, zeros = self._list.chunk(index)
+        in_order = len(self._buf) and self._buf_start + len(self._buf) == offset
         self._run = self._run + 1 if in_order else 0
-        if (
-            self._stream is None
-            and in_order
-            and (self._run >= 2 or want_end > (index + 1) * chunk_size)
-        ):
-            self._stream = iter_chunks(self._session, self.manifest, index, self._via)
+        if self._stream is None and in_order and (self._run >= 2 or want_end > offset + length):
+            self._stream = iter_chunks(self._session, self._list, index, self._via)
         if self._stream is not None and in_order:
             self._buf = next(self._stream)
         else:
             self._stream = None
-            self._buf = fetch_chunk(self._session, self.manifest, index, self._via)
-        self._buf_start = index * chunk_size
+            self._buf = (
+                zeros_of(length)
+                if zeros
+                else fetch_chunk(self._session, self.name, digest, length, self._via)
+            )
+        self._buf_start = offset
         self._hash_in_order()
 
-    def _hash_in_order(self) -> None:
-        if self._buf_start == self._hashed_to:
+    def _hash_in_order(self):
+        if self._whole is not None and self._buf_start == self._hashed_to:
             self._whole.update(self._buf)
             self._hashed_to += len(self._buf)
-            if self._hashed_to == self.size and self._whole.digest() != self.manifest["sha256"]:
-                raise IntegrityError(f"{self.name!r} does not match its sha256")
+            if self._hashed_to == self.size and self._whole.digest() != self.manifest["digest"]:
+                raise IntegrityError(f"{self.name!r} does not match its digest")
 
-    def close(self) -> None:
+    def close(self):
         self._stream = None
+        if not self.closed:
+            self._list.close()
         super().close()
 
 
-def checked_whole(manifest: dict[str, Any], data: memoryview) -> memoryview:
-    if len(data) != manifest["size"] or p.sha256(data) != manifest["sha256"]:
+def checked_whole(manifest: dict, data) -> memoryview:
+    """A small file's content, checked against its one chunk's digest (and that against the
+    file digest)."""
+    if len(data) != manifest["size"] or p.sha256(data) != manifest["chunks"][0]:
         raise IntegrityError(
-            f"{manifest['name']!r} does not match its sha256; nothing was written, try again"
+            f"{manifest['name']!r} does not match its digest; nothing was written, try again"
         )
+    ChunkList(manifest, None)
     return data
 
 
-def destination(dest: str) -> tuple[str, bool]:
+def destination(dest: str) -> tuple:
     """Where a download to ``dest`` goes, as ``cp`` would write it: through a symlink to its
     target (the link stays a link), and into a destination that is not a regular file (a
     device, a FIFO) as it is, never replacing it.
@@ -329,7 +349,7 @@ def destination(dest: str) -> tuple[str, bool]:
 
 
 @contextlib.contextmanager
-def in_place(path: str) -> Iterator[BinaryIO]:
+def in_place(path: str):
     """``path`` (a device, a FIFO) opened for writing as ``cp`` opens it; an OS error (such
     as ENOSPC from /dev/full) becomes one clear :class:`FmsError`."""
     try:
@@ -340,7 +360,7 @@ def in_place(path: str) -> Iterator[BinaryIO]:
 
 
 @contextlib.contextmanager
-def atomic_file(dest: str, manifest: dict[str, Any], fsync: bool = False) -> Iterator[BinaryIO]:
+def atomic_file(dest: str, manifest: dict, fsync: bool = False):
     """A temp file beside ``dest``, renamed onto it only if the body succeeds (and the content
     was verified): whenever the client dies, ``dest`` holds the old file or the new one, whole.
     With ``fsync`` the data also reaches the disk before the rename (survives a power loss),
@@ -358,9 +378,7 @@ def atomic_file(dest: str, manifest: dict[str, Any], fsync: bool = False) -> Ite
         raise
 
 
-def write_whole(
-    dest: str, manifest: dict[str, Any], data: p.BytesLike, fsync: bool = False
-) -> None:
+def write_whole(dest: str, manifest: dict, data, fsync: bool = False):
     """:func:`atomic_file` for content already in memory and verified (small files), in the
     fewest system calls: create, write, utime, close, rename."""
     tmp, fd = _create_temp(dest)
@@ -377,7 +395,7 @@ def write_whole(
         raise
 
 
-def _create_temp(dest: str) -> tuple[str, int]:
+def _create_temp(dest: str) -> tuple:
     """``(path, fd)`` of a new temp file beside ``dest``, created with the umask's permissions
     like any new file (0666 & ~umask), O_EXCL so a name is never shared; pid and random part
     let `fms` tell its own leftovers."""
@@ -397,7 +415,7 @@ def _create_temp(dest: str) -> tuple[str, int]:
         raise FmsError(f"cannot write to {folder}: {exc.strerror or exc}") from None
 
 
-def _finish(fd: int, manifest: dict[str, Any], fsync: bool) -> None:
+def _finish(fd: int, manifest: dict, fsync: bool):
     if fsync:
         os.fsync(fd)
     os.utime(fd, (time.time(), manifest["mtime"]))
@@ -406,8 +424,8 @@ def _finish(fd: int, manifest: dict[str, Any], fsync: bool) -> None:
 class Collect:
     """A stream that keeps what is written to it, as bytes, in ``parts``."""
 
-    def __init__(self, parts: list[bytes]) -> None:
+    def __init__(self, parts):
         self.parts = parts
 
-    def write(self, data: p.BytesLike) -> None:
+    def write(self, data):
         self.parts.append(bytes(data))

@@ -1,68 +1,86 @@
-"""Uploads: a file is hashed chunk by chunk (one read pass), storage is asked which chunks it
-lacks, those are sent pipelined and the manifest is committed; small files travel with their
-commit, many to a message (``commit_many``)."""
+"""Uploads: a file is hashed chunk by chunk (one read pass; its digest is derived from the chunk
+digests, :mod:`fms.wire.manifest`), storage is asked which chunks it lacks, those are sent
+pipelined, then the pages of a long chunk list, and the manifest is committed; small files
+travel with their commit, many to a message (``commit_many``)."""
 
 import collections
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, TypeAlias
 
 from .. import wire as p
 from ..errors import BadRequest, FmsError, IntegrityError, MissingChunks, Unavailable, from_reply
-from ..wire.frames import RawFile, RawReader, read_frame, read_full
-from .session import Progress, Session
-
-if TYPE_CHECKING:
-    from concurrent.futures import Future  # imported at run time only for large files
+from ..wire.frames import read_frame, read_full
+from .session import Session
 
 BATCH_WINDOW = 4  # commit_many messages in flight
 
 
 class Plan:
-    """What an upload will send: sizes, chunk digests, and the content of a small file."""
+    """What an upload will send: the shape, the chunk digests (back to back, 32 bytes each),
+    the pages of a long list, the file digest derived from them, and a small file's content.
+    Memory: 32 bytes per chunk (160 MiB for the largest file storage takes)."""
 
-    __slots__ = ("chunk_size", "chunks", "inline", "mtime", "sha256", "size")
+    __slots__ = (
+        "chunk_size",
+        "digest",
+        "digests",
+        "extents",
+        "inline",
+        "meta",
+        "mtime",
+        "page_ids",
+        "size",
+    )
 
     def __init__(
         self,
         size: int,
         chunk_size: int,
-        chunks: list[p.Digest],
-        sha256: p.Digest,
+        digests,
         mtime: float,
         inline: bytes | None,
-    ) -> None:
+    ):
         self.size = size
         self.chunk_size = chunk_size
-        self.chunks = chunks
-        self.sha256 = sha256
+        self.digests = bytes(digests)
         self.mtime = mtime
         self.inline = inline  # the content, if it travels with the commit
+        self.meta = None  # the version's metadata map (str -> str), if any
+        self.extents = ((chunk_size, size),) if size else ()
+        p.check_extents(self.extents)  # a file over the cap is refused before it is sent
+        page_ids = p.page_ids(self.extents, self.digests)
+        self.digest = p.tree_digest(self.extents, page_ids)
+        self.page_ids = page_ids if self.count > p.INLINE_CHUNKS else None
+
+    @property
+    def count(self) -> int:
+        return len(self.digests) // p.HASH_LEN
+
+    def chunk(self, i: int) -> bytes:
+        return self.digests[i * p.HASH_LEN : (i + 1) * p.HASH_LEN]
+
+    def chunks(self, start: int = 0, end: int | None = None) -> list:
+        """The digests of chunks ``start`` to ``end`` as a list."""
+        end = self.count if end is None else min(end, self.count)
+        return [self.chunk(i) for i in range(start, end)]
+
+    def page(self, k: int) -> bytes:
+        """Page ``k``'s blob (one extent: pages of PAGE_CHUNKS digests, the last the rest)."""
+        step = p.PAGE_CHUNKS * p.HASH_LEN
+        return self.digests[k * step : (k + 1) * step]
 
     def chunk_len(self, i: int) -> int:
         return p.chunk_length(i, self.size, self.chunk_size)
 
-    def content(self) -> bytes:
-        """The content of a small file, which travels with its commit."""
-        assert self.inline is not None, "only a small file travels with its commit"
-        return self.inline
-
-
-# What an upload reads a file from: a local path, or the bytes themselves.
-Source: TypeAlias = str | bytes
-# A file to upload: where from, its name in the store, and its plan.
-Planned: TypeAlias = tuple[Source, str, Plan]
-# done(index, stat): a file of a batch is committed.
-Done: TypeAlias = Callable[[int, dict[str, Any]], None]
 
 HASH_AHEAD = 4  # chunks read ahead of their digests when hashing a large file
+HASH_THREADS = 2  # chunks hashed side by side (hashlib releases the GIL)
 
 
-def plan_file(path: str, chunk_size: int, report: Callable[[int, int], None] | None = None) -> Plan:
-    """Hash a local file chunk by chunk in one read pass: the whole-file sha256 on this thread,
-    each chunk's on another (hashlib releases the GIL, so the two run on two cores); memory of
+def plan_file(path: str, chunk_size: int, report=None) -> Plan:
+    """Hash a local file chunk by chunk in one read pass, :data:`HASH_THREADS` chunks side by
+    side (the file digest is derived from the chunk digests: no second pass); memory of
     :data:`HASH_AHEAD` chunks.  ``report(done, total)``: called as the bytes are hashed."""
     try:
         f = open(path, "rb", buffering=0)
@@ -73,15 +91,14 @@ def plan_file(path: str, chunk_size: int, report: Callable[[int, int], None] | N
     with f:
         try:
             st = os.fstat(f.fileno())
+            p.check_extents(((chunk_size, st.st_size),) if st.st_size else ())  # before reading
             view = memoryview(bytearray(chunk_size))
             n = read_full(f, view)
             if n < chunk_size:  # one chunk at most: no thread
                 piece = bytes(view[:n])
-                chunks = [p.sha256(piece)] if n else []
-                inline = piece if p.travels_inline(n, len(chunks)) else None
-                return Plan(
-                    n, chunk_size, chunks, chunks[0] if n else p.sha256(b""), st.st_mtime, inline
-                )
+                digests = p.sha256(piece) if n else b""
+                inline = piece if p.travels_inline(n, 1 if n else 0) else None
+                return Plan(n, chunk_size, digests, st.st_mtime, inline)
             return _plan_large(
                 f,
                 view,
@@ -93,80 +110,59 @@ def plan_file(path: str, chunk_size: int, report: Callable[[int, int], None] | N
             raise FmsError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def _plan_large(
-    f: RawFile,
-    first: memoryview,
-    chunk_size: int,
-    mtime: float,
-    report: Callable[[int], None] | None = None,
-) -> Plan:
-    import hashlib  # here: OpenSSL is loaded only by commands that move content
+def _plan_large(f, first, chunk_size: int, mtime: float, report=None) -> Plan:
     from concurrent.futures import ThreadPoolExecutor  # only for files of several chunks
 
-    whole, size = hashlib.sha256(), 0
-    chunks: list[p.Digest] = []
-    ahead: collections.deque[Future[p.Digest]] = collections.deque()
-    with ThreadPoolExecutor(1, thread_name_prefix="fms-hash") as pool:
+    digests, size = bytearray(), 0
+    ahead = collections.deque()
+    with ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="fms-hash") as pool:
         piece = first
         while piece:
             ahead.append(pool.submit(p.sha256, piece))
-            whole.update(piece)
             size += len(piece)
             if report is not None:
                 report(size)
             if len(ahead) >= HASH_AHEAD:
-                chunks.append(ahead.popleft().result())
+                digests += ahead.popleft().result()
             if len(piece) < chunk_size:
                 break
             view = memoryview(bytearray(chunk_size))  # the last ones are still being hashed
             piece = view[: read_full(f, view)]
-        chunks.extend(future.result() for future in ahead)
-    inline = bytes(first) if p.travels_inline(size, len(chunks)) else None
-    return Plan(size, chunk_size, chunks, whole.digest(), mtime, inline)
+        for future in ahead:
+            digests += future.result()
+    inline = bytes(first) if p.travels_inline(size, len(digests) // p.HASH_LEN) else None
+    return Plan(size, chunk_size, digests, mtime, inline)
 
 
-def plan_bytes(data: bytes, chunk_size: int, mtime: float | None) -> Plan:
-    chunks = [p.sha256(data[i : i + chunk_size]) for i in range(0, len(data), chunk_size)]
-    inline = data if p.travels_inline(len(data), len(chunks)) else None
-    return Plan(
-        len(data),
-        chunk_size,
-        chunks,
-        p.sha256(data),
-        mtime if mtime is not None else time.time(),
-        inline,
-    )
+def plan_bytes(data: bytes, chunk_size: int, mtime) -> Plan:
+    digests = b"".join(p.sha256(data[i : i + chunk_size]) for i in range(0, len(data), chunk_size))
+    inline = data if p.travels_inline(len(data), len(digests) // p.HASH_LEN) else None
+    return Plan(len(data), chunk_size, digests, mtime if mtime is not None else time.time(), inline)
 
 
 BATCH_FILES = 128  # small files per commit_many this client sends (at most MAX_BATCH_FILES)
-COMMIT_CHECK_RATE = 32 * p.MiB  # bytes/s a commit's read-back is assumed to run at, at worst
-
-
-def commit_timeout(size: int, timeout: float) -> float:
-    """How long to wait for a commit's reply: storage reads the whole file back to check it
-    (at S3's pace, a few GiB take longer than the usual per-request timeout)."""
-    return max(timeout, size / COMMIT_CHECK_RATE)
-
+PAGE_WINDOW = 4  # put_page requests in flight (2 MiB each at most)
+COMMIT_TRIES = 3  # commits of a file whose chunks or pages storage finds missing, in all
 
 BATCH_HEADER_BYTES = 32 * 1024  # names in one commit_many (its header and route stay small)
 
 
-def _batches(
-    planned: Iterable[Planned], items: list[Planned], large: list[int]
-) -> Iterator[list[int]]:
+def _batches(planned, items: list, large: list):
     """Yield the small files of ``planned`` grouped for commit_many (their indices): at most
     BATCH_FILES files, MAX_BATCH_BYTES of content and BATCH_HEADER_BYTES of names each.
     ``planned`` is consumed as batches are asked for, so reading and hashing the next files
     overlaps storage committing the last batch; each triple is appended to ``items``, and the
     index of each file that is not small to ``large``."""
-    current: list[int] = []
-    size = names = 0
+    current, size, names = [], 0, 0
     for triple in planned:
         i = len(items)
         items.append(triple)
         _source, name, plan = triple
         if plan.inline is None:
             large.append(i)
+            continue
+        if plan.meta:  # commit_many carries no metadata: a commit of its own
+            yield [i]
             continue
         n = len(name.encode("utf-8")) + 64
         if current and (
@@ -183,35 +179,38 @@ def _batches(
         yield current
 
 
-def _commit_many_request(
-    batch: list[int], planned: list[Planned]
-) -> tuple[list[int], str, dict[str, Any], bytearray]:
+def _commit_many_request(batch, planned):
     plans = [planned[i][2] for i in batch]
     fields = {
         "names": [planned[i][1] for i in batch],
         "sizes": [pl.size for pl in plans],
-        "sha256s": [pl.sha256 for pl in plans],
+        "hashes": [pl.digests for pl in plans],
         "mtimes": [pl.mtime for pl in plans],
         "commits": [os.urandom(16).hex() for _ in batch],
         "chunk_size": plans[0].chunk_size,
     }
-    return batch, "commit_many", fields, p.pack_data(b"".join(pl.content() for pl in plans))
+    return batch, "commit_many", fields, p.pack_data(b"".join(pl.inline for pl in plans))
 
 
-def _commit_fields(name: str, plan: Plan) -> dict[str, Any]:
-    return {
+def _commit_fields(name: str, plan: Plan) -> dict:
+    fields = {
         "name": name,
-        "size": plan.size,
-        "chunk_size": plan.chunk_size,
-        "chunks": plan.chunks,
-        "sha256": plan.sha256,
+        "extents": p.pack_extents(plan.extents),
+        "digest": plan.digest,
         "mtime": plan.mtime,
         "commit": os.urandom(16).hex(),
     }
+    if plan.page_ids is None:
+        fields["chunks"] = plan.chunks()
+    else:
+        fields["pages"] = plan.page_ids
+    if plan.meta:
+        fields["meta"] = plan.meta
+    return fields
 
 
 @contextlib.contextmanager
-def _chunk_reader(source: Source, plan: Plan) -> Iterator[Callable[[int], bytearray]]:
+def _chunk_reader(source, plan: Plan):
     """``read(i)`` -> chunk i as a data frame, from a local file (``source`` a path, read
     straight into the frame) or from bytes in memory."""
     if isinstance(source, bytes):
@@ -225,7 +224,7 @@ def _chunk_reader(source: Source, plan: Plan) -> Iterator[Callable[[int], bytear
         raise FmsError(f"cannot read {source}: {exc.strerror or exc}") from None
     with f:
 
-        def read(i: int) -> bytearray:
+        def read(i):
             try:
                 frame, _view, got = read_frame(f, plan.chunk_len(i), i * plan.chunk_size)
             except OSError as exc:
@@ -240,18 +239,11 @@ def _chunk_reader(source: Source, plan: Plan) -> Iterator[Callable[[int], bytear
         yield read
 
 
-def put_planned(
-    session: Session,
-    planned: Iterable[Planned],
-    report: Progress | None,
-    done: Done | None = None,
-) -> list[dict[str, Any]]:
+def put_planned(session: Session, planned, report, done=None) -> list:
     """Upload ``(source, name, Plan)`` triples (``source`` a local path or bytes; an iterable,
     consumed as the upload goes); ``done(index, stat)`` as each is committed.  :return: the
     stat of each (as the wire has it), in order."""
-    items: list[Planned] = []
-    large: list[int] = []  # indices of the files sent in chunks
-    results = _Results(done)
+    items, large, results = [], [], _Results(done)
     # Small files: their content travels with their commit, many files to a message
     # (commit_many), a few messages in flight.
     requests = (
@@ -261,7 +253,7 @@ def put_planned(
             batch,
             "commit",
             _commit_fields(items[batch[0]][1], items[batch[0]][2]),
-            p.pack_data(items[batch[0]][2].content()),
+            p.pack_data(items[batch[0]][2].inline),
         )
         for batch in _batches(planned, items, large)
     )
@@ -278,7 +270,7 @@ def put_planned(
                 raise error
             _path, name, plan = items[i]  # transient for this file: on its own
             header1, _ = session.call(
-                "commit", data=p.pack_data(plan.content()), **_commit_fields(name, plan)
+                "commit", data=p.pack_data(plan.inline), **_commit_fields(name, plan)
             )
             results[i] = header1["stat"]
     for i in large:
@@ -286,38 +278,30 @@ def put_planned(
     return [results[i] for i in range(len(items))]
 
 
-class _Results(dict[int, dict[str, Any]]):
+class _Results(dict):
     """index -> stat, telling ``done(index, stat)`` (if given) as each is set."""
 
-    def __init__(self, done: Done | None = None) -> None:
+    def __init__(self, done=None):
         super().__init__()
         self.done = done
 
-    def __setitem__(self, i: int, stat: dict[str, Any]) -> None:
+    def __setitem__(self, i, stat):
         super().__setitem__(i, stat)
         if self.done is not None:
             self.done(i, stat)
 
 
-def put_stream(
-    session: Session,
-    stream: RawReader,
-    name: str,
-    chunk_size: int,
-    report: Progress | None = None,
-) -> dict[str, Any]:
+def put_stream(session: Session, stream, name: str, chunk_size: int, report=None) -> dict:
     """Upload what an unbuffered binary ``stream`` holds (stdin, a pipe, a device) until its
-    end, under ``name``: each chunk is hashed and sent as it is read, the whole file's sha256
-    computed on the way, and the manifest committed at the end, so nothing is visible under the
-    name unless the stream was read whole.  A stream cannot be asked about before it is read,
-    so every chunk is sent (storage keeps one copy of each).  Memory: ``window`` chunks.
-    ``report(name, done, None)`` as chunks are sent.  :return: the stat (as the wire has it)."""
-    import hashlib
+    end, under ``name``: each chunk is hashed and sent as it is read, and the manifest committed
+    at the end (its digest derived from the chunks'), so nothing is visible under the name
+    unless the stream was read whole.  A stream cannot be asked about before it is read, so
+    every chunk is sent (storage keeps one copy of each).  Memory: ``window`` chunks, and 32
+    bytes per chunk sent.  ``report(name, done, None)`` as chunks are sent.  :return: the stat
+    (as the wire has it)."""
+    digests, size = bytearray(), 0
 
-    whole, size = hashlib.sha256(), 0
-    chunks: list[p.Digest] = []
-
-    def read() -> tuple[bytearray, int]:
+    def read() -> tuple:
         frame = p.data_buffer(chunk_size)
         try:
             got = read_full(stream, memoryview(frame)[p.DATA_PREFIX_LEN :])
@@ -332,14 +316,12 @@ def put_stream(
         data = bytes(p.unpack_data(first))
         return put_planned(session, [(data, name, plan_bytes(data, chunk_size, None))], report)[0]
 
-    def requests() -> Iterator[tuple[int, str, dict[str, Any], bytearray]]:
+    def requests():
         nonlocal size
         frame, n = first, got
         while n:
-            piece = p.unpack_data(frame)
-            digest = p.sha256(piece)
-            whole.update(piece)
-            chunks.append(digest)
+            digest = p.sha256(p.unpack_data(frame))
+            digests.extend(digest)
             size += n
             yield n, "put_chunk", {"hash": digest}, frame
             if n < chunk_size:
@@ -351,57 +333,95 @@ def put_stream(
         sent += n
         if report is not None:
             report(name, sent, None)
-    plan = Plan(size, chunk_size, chunks, whole.digest(), time.time(), None)
-    with session.patience(commit_timeout(size, session.timeout)):
-        header, _ = session.call("commit", **_commit_fields(name, plan))
-    return header["stat"]
+    return commit_plan(session, name, Plan(size, chunk_size, digests, time.time(), None))
 
 
-def put_chunked(
-    session: Session, source: Source, name: str, plan: Plan, report: Progress | None
-) -> dict[str, Any]:
-    """Upload the chunks storage lacks and commit; if storage reports chunks missing at the
-    commit (collected since `have`, or damaged on its disk), send those and commit again."""
-    fields = _commit_fields(name, plan)
+def put_chunked(session: Session, source, name: str, plan: Plan, report) -> dict:
+    """Upload the chunks storage lacks, then the pages of a long chunk list, and commit; if
+    storage reports chunks or pages missing at the commit (collected since `have`, or found
+    damaged), send those and commit again."""
     upload_chunks(session, source, plan, name, report)
-    # Storage reads the file back to check its sha256 before it answers: give it the time.
-    with session.patience(commit_timeout(plan.size, session.timeout)):
+    return commit_plan(
+        session,
+        name,
+        plan,
+        resend=lambda d: upload_chunks(session, source, plan, name, report, only=d),
+    )
+
+
+def commit_plan(session: Session, name: str, plan: Plan, resend=None) -> dict:
+    """Send the pages of ``plan`` (if its list is long) and commit it, its chunks stored.
+    ``resend(digests)`` uploads chunks storage says it lacks (None: they cannot be sent again,
+    which is an error)."""
+    fields = _commit_fields(name, plan)
+    pages = list(range(len(plan.page_ids or ())))
+    for attempt in range(COMMIT_TRIES):
         try:
+            _put_pages(session, plan, pages, resend)
             header, _ = session.call("commit", **fields)
+            return header["stat"]
         except MissingChunks as exc:
-            upload_chunks(session, source, plan, name, report, only=set(exc.missing))
-            header, _ = session.call("commit", **fields)
-    return header["stat"]
+            if attempt == COMMIT_TRIES - 1:
+                raise
+            missing = set(exc.missing)
+            pages = [k for k, page in enumerate(plan.page_ids or ()) if page in missing]
+            chunks = missing - set(plan.page_ids or ())
+            if chunks:
+                _resend(resend, chunks, name)
+    raise FmsError("unreachable")
 
 
-def upload_chunks(
-    session: Session,
-    source: Source,
-    plan: Plan,
-    name: str,
-    report: Progress | None,
-    only: set[p.Digest] | None = None,
-) -> None:
+def _put_pages(session: Session, plan: Plan, pages: list, resend):
+    """Send pages ``pages`` of ``plan`` (each distinct one once), pipelined."""
+    todo = list({plan.page_ids[k]: k for k in pages}.values())
+    for _attempt in range(COMMIT_TRIES):
+        requests = (
+            (k, "put_page", {"hash": plan.page_ids[k]}, p.pack_data(plan.page(k))) for k in todo
+        )
+        done = set()
+        try:
+            for k, _header, _ in session.pipeline(requests, PAGE_WINDOW):
+                done.add(k)
+            return
+        except MissingChunks as exc:  # collected since `have`: send them, then the rest
+            _resend(resend, set(exc.missing), "a page")
+            todo = [k for k in todo if k not in done]
+    raise MissingChunks(
+        "storage kept finding chunks of a page missing; upload the file again", missing=()
+    )
+
+
+def _resend(resend, digests: set, name: str):
+    if resend is None:
+        raise MissingChunks(
+            f"{len(digests)} chunk(s) of {name!r} are no longer in the store and this upload "
+            f"cannot send them again; upload the file again",
+            missing=list(digests),
+        )
+    resend(digests)
+
+
+def upload_chunks(session: Session, source, plan: Plan, name: str, report, only=None):
     """Send the chunks storage lacks (or exactly those in ``only``), pipelined.  ``source``
     is a local path or the bytes."""
     missing = set(only or ())
-    for start in range(0, len(plan.chunks) if only is None else 0, p.MAX_HAVE_BATCH):
-        header, _ = session.call("have", hashes=plan.chunks[start : start + p.MAX_HAVE_BATCH])
+    for start in range(0, plan.count if only is None else 0, p.MAX_HAVE_BATCH):
+        header, _ = session.call("have", hashes=plan.chunks(start, start + p.MAX_HAVE_BATCH))
         missing.update(header["missing"])
-    todo = [i for i, digest in enumerate(plan.chunks) if digest in missing]
+    todo = [i for i in range(plan.count) if plan.chunk(i) in missing]
     total = sum(plan.chunk_len(i) for i in todo)
     done = 0
     with _chunk_reader(source, plan) as read:
 
-        def requests() -> Iterator[tuple[int, str, dict[str, Any], bytearray]]:
+        def requests():
             sent = set()
             for i in todo:
-                if plan.chunks[i] in sent:
+                if plan.chunk(i) in sent:
                     continue  # the same content twice in one file
-                sent.add(plan.chunks[i])
+                sent.add(plan.chunk(i))
                 # Not hashed again here: storage checks every chunk against its digest and
                 # refuses one that changed since the plan (below).
-                yield i, "put_chunk", {"hash": plan.chunks[i]}, read(i)
+                yield i, "put_chunk", {"hash": plan.chunk(i)}, read(i)
 
         try:
             for i, _header, _ in session.pipeline(requests(), session.data_window(plan.chunk_size)):

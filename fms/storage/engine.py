@@ -1,29 +1,26 @@
 """The storage engine: commit, remove, read and list over a metadata engine and a chunk backend.
 
-It checks everything it stores (invariant 3): a commit's chunks must be in the store with the
-sizes the file's shape needs, and their concatenation must hash to the file's sha256, read back
-from what the store holds.  Small chunks (up to :data:`SMALL_CHUNK_MAX`) are kept in the
-metadata engine itself, so a small file costs one transaction and no file of its own.
+It checks everything it stores (invariant 3): a chunk against its digest as it arrives, a page
+against its id (and that every chunk it lists is stored), and a commit against its shape: its
+chunks (or pages) must be stored with the sizes their places in the file need, and its file
+digest must be the one they give (:mod:`fms.wire.manifest`): derived from the chunk digests, so
+nothing is read back, and the checks cost in proportion to the distinct chunks (or pages) a
+commit names, never to repeats.  Small chunks (up to :data:`SMALL_CHUNK_MAX`) are
+kept in the metadata engine itself, so a small file costs one transaction and no file of its own.
 """
 
-import builtins
 import errno
-import hashlib
 import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from typing import TypeVar
 
 from .. import wire as p
 from ..errors import BadRequest, FmsError, IntegrityError, MissingChunks, NoSpace, NotFound
 from .chunks.base import ChunkBackend
 from .chunks.localdir import LocalDirChunks
-from .meta.base import ChunkRow, MetaEngine
-from .model import Change, Copy, NewVersion, Removal, Restore, Totals, Version
-
-T = TypeVar("T")
+from .meta.base import MetaEngine
+from .model import Copy, NewVersion, Removal, Restore, Version
 
 SMALL_CHUNK_MAX = 64 * p.KiB  # chunks up to this size live in the metadata engine
 FOLDER_END = "\U0010ffff"  # after a folder's name: sorts after every name inside it
@@ -38,10 +35,9 @@ class StoreError(FmsError):
 
 class Store:
     """A store: a :class:`MetaEngine` for names and references, a :class:`ChunkBackend` for
-    the bytes of chunks over :data:`SMALL_CHUNK_MAX`.  (``builtins.list`` in the annotations:
-    ``list`` is also a method here.)"""
+    the bytes of chunks over :data:`SMALL_CHUNK_MAX`."""
 
-    def __init__(self, meta: MetaEngine, chunks: ChunkBackend, keep_versions: int = 0) -> None:
+    def __init__(self, meta: MetaEngine, chunks: ChunkBackend, keep_versions: int = 0):
         self.meta = meta
         self.chunks = chunks
         meta.keep_versions = keep_versions
@@ -50,22 +46,60 @@ class Store:
     def store_id(self) -> str:
         return self.meta.store_id
 
-    def close(self) -> None:
+    def close(self):
         self.meta.close()
 
     # --- reads ---
 
-    def version(self, name: str) -> Version:
-        """:raises NotFound: no file by that name."""
-        found = self.meta.get(name)
+    def version(self, name: str, lists: bool = True) -> Version:
+        """The live version of ``name`` (``lists``: with what it lists; else its stat).
+
+        :raises NotFound: no file by that name."""
+        found = self.meta.get(name, lists)
         if found is None:
             raise NotFound(f"{name!r} not found; see what is stored with: ls")
         return found
 
-    def list(self, prefix: str, after: str, limit: int) -> builtins.list[Version]:
+    def read_list(self, ident: bytes) -> bytes:
+        """A page or a body by its id, verified against it.
+
+        :raises NotFound: neither is stored (collected: the file changed since its manifest was
+            read).
+        :raises IntegrityError: the stored bytes do not match.
+        """
+        blob = self.meta.page(ident)
+        if blob is None:
+            blob = self.meta.body(ident)
+        if blob is None:
+            raise NotFound(
+                f"no page or body {ident.hex()[:16]} in the store; the file changed since its "
+                f"manifest was read: read it again"
+            )
+        if p.sha256(blob) != ident:
+            raise IntegrityError(f"page {ident.hex()[:16]} is corrupt in the metadata database")
+        return blob
+
+    def listing(self, version: Version) -> tuple:
+        """``(extents, page ids or None, chunks or None)`` of a version: its body is read if
+        the version does not keep a copy of it."""
+        if version.body is None or version.extents is not None:
+            return version.extents or (), version.pages, version.chunks
+        extents, pages = p.unpack_body(self.read_list(version.body))
+        return extents, pages, None
+
+    def digests(self, version: Version):
+        """Every chunk digest of a version, in file order, a page at a time (memory: a page)."""
+        _extents, pages, chunks = self.listing(version)
+        if chunks is not None:
+            yield from chunks
+            return
+        for page in pages or ():
+            yield from p.split_digests(self.read_list(page))
+
+    def list(self, prefix: str, after: str, limit: int) -> list:
         return self.meta.list(prefix, after, limit)
 
-    def versions(self, name: str) -> builtins.list[Version]:
+    def versions(self, name: str) -> list:
         """The current version of ``name`` (if it is live) and its retained ones, newest first.
 
         :raises NotFound: neither.
@@ -84,10 +118,10 @@ class Store:
                 return found
         raise NotFound(f"{name!r} has no version {version}; list them with: versions {name}")
 
-    def totals(self) -> Totals:
+    def totals(self):
         return self.meta.totals()
 
-    def usage(self, prefix: str) -> tuple[int, int]:
+    def usage(self, prefix: str) -> tuple:
         """``(files, bytes)`` under ``prefix``: the totals for the whole store, else counted in
         the name index."""
         if not prefix:
@@ -95,9 +129,7 @@ class Store:
             return totals.files, totals.bytes
         return self.meta.usage(prefix)
 
-    def list_folder(
-        self, prefix: str, after: str, limit: int
-    ) -> tuple[builtins.list[Version], builtins.list[str], str | None]:
+    def list_folder(self, prefix: str, after: str, limit: int) -> tuple:
         """One level under ``prefix``, like ``aws s3 ls``: the files directly in it and its
         sub-folders (``prefix`` + up to the next ``/``), each folder once, in name order; a
         folder is skipped over in the index, not read name by name.
@@ -105,8 +137,7 @@ class Store:
         :return: ``(entries, folders, next)``: up to ``limit`` items in all; ``next`` is the
             cursor to send as ``after`` for the next page, None when done.
         """
-        entries: builtins.list[Version] = []
-        folders: builtins.list[str] = []
+        entries, folders = [], []
         while len(entries) + len(folders) < limit:
             page = self.meta.list(prefix, after, limit - len(entries) - len(folders))
             if not page:
@@ -124,25 +155,33 @@ class Store:
                 break
         return entries, folders, after
 
-    def read_chunk(self, digest: p.Digest) -> bytearray:
+    def read_chunk(self, digest: bytes):
         """A chunk as a data frame, verified against its digest.
 
         :raises NotFound: no such chunk.
-        :raises IntegrityError: the stored bytes do not match; a blob is set aside, so the next
-            upload of the same content restores it.
+        :raises IntegrityError: the stored bytes do not match; a blob is set aside and the row
+            marked lost, so the next upload of a file that lists it sends it and restores it.
         """
         row = self.meta.chunk(digest)
-        if row is not None and row.data is not None:  # in the engine
+        if row is not None and row.in_engine:
             frame = p.pack_data(row.data)
             if p.sha256(row.data) != digest:
+                self.meta.mark_lost(digest)
                 raise IntegrityError(
                     f"chunk {digest.hex()[:16]} is corrupt in the metadata "
                     f"database; upload the file again to restore it"
                 )
             return frame
-        frame = self.chunks.get(digest)
+        try:
+            frame = self.chunks.get(digest)
+        except NotFound:
+            if row is not None and not row.doomed:
+                self.meta.mark_lost(digest)  # its row promises it: the next upload sends it
+            raise
         if p.sha256(memoryview(frame)[p.DATA_PREFIX_LEN :]) != digest:
             self.chunks.quarantine(digest)
+            if row is not None:
+                self.meta.mark_lost(digest)
             raise IntegrityError(
                 f"chunk {digest.hex()[:16]} is corrupt on storage disk; "
                 f"it was set aside, upload the file again to restore it"
@@ -151,13 +190,13 @@ class Store:
 
     # --- writes ---
 
-    def missing(self, digests: Sequence[p.Digest]) -> builtins.list[p.Digest]:
+    def missing(self, digests: list) -> list:
         """The digests among ``digests`` that must be uploaded; the others are protected from
         collection for the grace period (a commit naming them is on its way)."""
         known = self.meta.known(digests, time.time())
         return [d for d in digests if d not in known]
 
-    def put_chunk(self, digest: p.Digest, data: p.BytesLike) -> bool:
+    def put_chunk(self, digest: bytes, data) -> bool:
         """Store a chunk after checking it against its digest.  :return: True if written.
 
         :raises IntegrityError: the data does not hash to ``digest``.
@@ -174,7 +213,57 @@ class Store:
             return True
         return self.chunks.put(digest, data)
 
-    def commit(self, change: NewVersion, inline: bytes | None = None) -> Version:
+    def put_page(self, page_id: bytes, blob) -> bool:
+        """Store a page of digests (every chunk it lists must be stored) after checking it
+        against its id.  :return: True if stored now (False: it was already).
+
+        :raises BadRequest: not whole digests, none, or more than a page holds.
+        :raises IntegrityError: the bytes do not hash to ``page_id``.
+        :raises MissingChunks: chunks it lists are not stored; ``missing`` lists them.
+        """
+        blob = bytes(blob)
+        count = len(blob) // p.HASH_LEN
+        if len(blob) % p.HASH_LEN or not 1 <= count <= p.PAGE_CHUNKS:
+            raise BadRequest(
+                f"a page holds 1 to {p.PAGE_CHUNKS} digests of {p.HASH_LEN} bytes, got "
+                f"{len(blob)} bytes"
+            )
+        if p.sha256(blob) != page_id:
+            raise IntegrityError(
+                f"page {page_id.hex()[:16]} does not match its id; it was damaged in transit, "
+                f"send it again"
+            )
+        if not self.meta.has_page(page_id):
+            absent = self._absent(p.split_digests(blob))
+            if absent:
+                raise MissingChunks(
+                    f"{len(absent)} chunk(s) of this page are not in the store (never "
+                    f"uploaded, or collected since); upload them and send the page again",
+                    missing=absent,
+                )
+        return self.meta.put_page(page_id, blob, time.time())
+
+    def _absent(self, digests) -> list:
+        """The distinct ``digests`` that are not stored: no live row, or a blob that a row
+        promises but the backend does not hold whole (its write failed, or a power loss cut it).
+        A chunk some stored list references was checked when that reference was taken (and one
+        found lost since is marked), so only unreferenced ones are looked up in the backend: no
+        content is read."""
+        wanted = list(dict.fromkeys(digests))
+        rows = self.meta.chunk_rows(wanted)
+        absent = [d for d in wanted if d not in rows or rows[d].doomed or rows[d].lost]
+        unproven = [d for d, r in rows.items() if not (r.doomed or r.lost or r.in_engine or r.refs)]
+        if unproven:
+            sizes = self.chunks.sizes(unproven)
+            for digest in unproven:
+                if sizes[digest] is not None and sizes[digest] != rows[digest].size:
+                    self.chunks.quarantine(digest)  # cut short: an upload writes it anew
+                if sizes[digest] != rows[digest].size:
+                    absent.append(digest)
+        order = {d: i for i, d in enumerate(wanted)}
+        return sorted(absent, key=order.__getitem__)
+
+    def commit(self, change: NewVersion, inline=None) -> Version:
         """One commit; see :meth:`apply`.  :raises FmsError: it was refused."""
         return _raise_or(self.apply([(change, inline)])[0])
 
@@ -191,9 +280,7 @@ class Store:
         """Make a retained version current again (None: the newest); see :class:`Restore`."""
         return _raise_or(self.apply([(Restore(name, version, commit), None)])[0])
 
-    def remove_prefix(
-        self, prefix: str, limit: int, name_bytes: int
-    ) -> tuple[builtins.list[Version], bool]:
+    def remove_prefix(self, prefix: str, limit: int, name_bytes: int) -> tuple:
         """Remove up to ``limit`` names starting with ``prefix``, whose names add up to at most
         ``name_bytes`` (in UTF-8: the list the broker is told to invalidate), in one
         transaction.
@@ -201,8 +288,7 @@ class Store:
         :return: ``(tombstones, more)``: more names remain under ``prefix``.
         """
         page = self.meta.list(prefix, "", limit + 1)
-        take: builtins.list[Version] = []
-        total = 0
+        take, total = [], 0
         for version in page[:limit]:
             total += len(version.name.encode())
             if take and total > name_bytes:
@@ -213,22 +299,18 @@ class Store:
         # A name removed by someone else meanwhile is not an error of this request.
         return [r for r in results if isinstance(r, Version)], len(page) > len(take)
 
-    def apply(
-        self, requests: Sequence[tuple[Change, bytes | None]]
-    ) -> builtins.list[Version | FmsError]:
-        """Apply ``(change, inline bytes or None)`` pairs: each commit is checked against the
-        stored chunks, then every change that passed is made in one transaction.
+    def apply(self, requests) -> list:
+        """Apply ``(change, inline bytes or None)`` pairs: each commit is checked, then every
+        change that passed is made in one transaction.
 
         :return: per request, the :class:`Version` made or the :class:`FmsError` refusing it.
         """
-        results: dict[int, Version | FmsError] = {}  # by index in requests
-        changes: builtins.list[Change] = []
-        where: builtins.list[int] = []  # each change's index in requests
-        small: dict[p.Digest, bytes] = {}  # small chunks' bytes, sent inline
+        results = [None] * len(requests)
+        changes, where, small = [], [], {}
         for i, (change, inline) in enumerate(requests):
             try:
                 if isinstance(change, NewVersion):
-                    small_bytes = self._check(change, inline)
+                    change, small_bytes = self._check(change, inline)
                     if small_bytes is not None:
                         small[change.chunks[0]] = small_bytes
             except FmsError as exc:
@@ -247,109 +329,73 @@ class Store:
                     failure = os_failure(exc)
                     for i in where:
                         results[i] = failure
-                    return [results[i] for i in range(len(requests))]
+                    return results
             for i, result in zip(where, self.meta.apply(changes, time.time(), small), strict=False):
                 results[i] = result
-        return [results[i] for i in range(len(requests))]
+        return results
 
-    def _check(self, change: NewVersion, inline: bytes | None) -> bytes | None:
-        """Check a commit against its shape and the stored chunks.
+    def _check(self, change: NewVersion, inline) -> tuple:
+        """Check a commit against its shape, its digest and the stored chunks.
 
-        :return: the bytes of a small chunk to keep in the metadata engine (sent inline), or None.
+        :return: ``(change, small)``: the change to apply, and the bytes of a small chunk to keep
+            in the metadata engine (sent inline), or None.
         """
-        count = p.chunk_count(change.size, change.chunk_size)
-        if len(change.chunks) != count:
+        count = p.check_extents(change.extents)
+        if (change.chunks is None) == (change.pages is None):
+            raise BadRequest("a commit lists either its chunks or its pages")
+        if change.chunks is not None and len(change.chunks) != count:
             raise BadRequest(
                 f"a {change.size}-byte file in {change.chunk_size}-byte chunks has "
                 f"{count} chunks, the commit lists {len(change.chunks)}"
             )
+        if change.pages is not None and len(change.pages) != p.file_pages(change.extents):
+            raise BadRequest(
+                f"the extents of {change.name!r} have {p.file_pages(change.extents)} pages, "
+                f"the commit lists {len(change.pages)}"
+            )
+        if change.chunks is not None and len(change.chunks) > p.INLINE_CHUNKS:
+            raise BadRequest(
+                f"a commit lists at most {p.INLINE_CHUNKS} chunks itself; send longer lists "
+                f"as pages (put_page)"
+            )
+        self._check_digest(change)
         if count == 0:
-            if change.sha256 != p.sha256(b""):
-                raise IntegrityError("an empty file's sha256 must be that of no bytes")
-            return None
-        if count == 1 and change.sha256 != change.chunks[0]:
-            raise IntegrityError("a one-chunk file's sha256 must equal its chunk's")
+            return change, None
         if inline is not None:
             if not p.travels_inline(change.size, count):
                 raise BadRequest(
                     f"inline data is only for one-chunk files of at most {p.INLINE_MAX} bytes"
                 )
-            if len(inline) != change.size or p.sha256(inline) != change.sha256:
+            if len(inline) != change.size or p.sha256(inline) != change.chunks[0]:
                 raise IntegrityError(
                     "the inline content does not match the commit's size and "
-                    "sha256; it was damaged in transit, upload it again"
+                    "digest; it was damaged in transit, upload it again"
                 )
             if len(inline) <= SMALL_CHUNK_MAX:
-                return inline
-            self.put_chunk(change.sha256, inline)
-            return None
-        rows = self._check_sizes(change, blobs=False)  # the read-back finds absent blobs
-        # One hash pass over what is stored: the whole-file sha256 covers every chunk's bytes, so
-        # chunks are verified one by one only when it fails, to tell a damaged chunk (set aside,
-        # and uploaded again by the client) from a wrong sha256 in the commit.  One-chunk files
-        # too: blobs are not fsync'd one by one but once per commit (apply), so a blob written
-        # before a power loss may be damaged, and this is where that is found.
-        whole = hashlib.sha256()
-        try:
-            for digest, row in zip(change.chunks, rows, strict=False):
-                whole.update(self._stored_bytes(digest, row))
-        except NotFound:
-            raise MissingChunks.absent(
-                change.name, [d for d in change.chunks if not self._present(self.meta.chunk(d), d)]
-            ) from None
-        if whole.digest() == change.sha256:
-            return None
-        damaged: builtins.list[p.Digest] = []
-        for digest in dict.fromkeys(change.chunks):
-            try:
-                self.read_chunk(digest)
-            except IntegrityError:
-                damaged.append(digest)
-        if damaged:
-            raise MissingChunks(
-                f"{len(damaged)} stored chunk(s) of {change.name!r} were damaged "
-                f"and set aside; upload them and commit again",
-                missing=damaged,
+                return change, inline
+            self.put_chunk(change.chunks[0], inline)
+            return change, None
+        if change.chunks is not None:
+            absent = self._absent(change.chunks)
+            if absent:
+                raise MissingChunks.absent(change.name, absent)
+        # A paged list's pages are checked by the metadata engine, in the commit's transaction.
+        return change, None
+
+    def _check_digest(self, change: NewVersion):
+        """The commit's file digest is the one its chunk list gives: derived from the chunk
+        digests (:mod:`fms.wire.manifest`), in proportion to its pages; nothing is read back."""
+        if change.digest_kind != p.DIGEST_TREE:
+            raise BadRequest(f"a commit's digest is of kind {p.DIGEST_TREE!r}")
+        if change.chunks is not None:
+            want = p.inline_digest(change.extents, change.chunks)
+        else:
+            want = p.tree_digest(change.extents, change.pages)
+        if change.digest != want:
+            raise IntegrityError(
+                f"the file digest of {change.name!r} is not the one its chunk list gives; "
+                f"the client computed it wrongly, or the list was damaged: upload it again"
             )
-        raise IntegrityError(
-            f"the chunks of {change.name!r} do not hash to the file's sha256; "
-            f"the client computed it wrongly or the file changed while it was "
-            f"read: upload it again"
-        )
-
-    def _present(self, row: ChunkRow | None, digest: p.Digest) -> bool:
-        """Whether a chunk with this row (None: no row) is stored, row and bytes."""
-        return row is not None and not row.doomed and (row.in_engine or self.chunks.has(digest))
-
-    def _stored_bytes(self, digest: p.Digest, row: ChunkRow) -> p.BytesLike:
-        """A chunk's stored bytes (``row``: its row), unverified (the caller verifies).
-
-        :raises NotFound: its bytes are not stored.
-        """
-        if row.data is not None:  # in the engine
-            return row.data
-        return memoryview(self.chunks.get(digest))[p.DATA_PREFIX_LEN :]
-
-    def _check_sizes(self, change: NewVersion, blobs: bool) -> builtins.list[ChunkRow]:
-        """Every chunk has a row (and, with ``blobs``, its bytes are stored) with the length the
-        file's shape gives it.  :return: the chunks' rows, in file order."""
-        missing: builtins.list[p.Digest] = []
-        rows: builtins.list[ChunkRow] = []
-        for i, digest in enumerate(change.chunks):
-            row = self.meta.chunk(digest)
-            if row is None or row.doomed or (blobs and not self._present(row, digest)):
-                missing.append(digest)
-                continue
-            rows.append(row)
-            want = p.chunk_length(i, change.size, change.chunk_size)
-            if row.size != want:
-                raise IntegrityError(
-                    f"chunk {i} of {change.name!r} is {row.size} bytes, the "
-                    f"file's shape needs {want}"
-                )
-        if missing:
-            raise MissingChunks.absent(change.name, missing)
-        return rows
 
 
 def os_failure(exc: OSError) -> FmsError:
@@ -363,13 +409,13 @@ def os_failure(exc: OSError) -> FmsError:
     return FmsError(f"storage could not read or write its disk: {exc.strerror or exc}")
 
 
-def _raise_or(result: Version | FmsError) -> Version:
+def _raise_or(result):
     if isinstance(result, BaseException):
         raise result
     return result
 
 
-def _optional(extra: str, package: str, load: Callable[[], T]) -> T:
+def _optional(extra: str, package: str, load):
     """A server-side backend whose library is an optional extra: a clear error if missing."""
     try:
         return load()
@@ -407,8 +453,6 @@ def open_store(
             f"cannot use data directory {data}: its parent folder does not "
             f"exist; create it or point --data elsewhere"
         )
-    backend: ChunkBackend
-    engine: MetaEngine
     try:
         os.makedirs(data, exist_ok=True)
         if chunks is None:
@@ -453,7 +497,7 @@ def open_store(
     return Store(engine, backend, keep_versions)
 
 
-def _tie(engine: MetaEngine, backend: ChunkBackend, chunks_where: str, meta_where: str) -> None:
+def _tie(engine, backend, chunks_where: str, meta_where: str):
     """Chunks belong to one store: a chunk store that another store's metadata uses would have
     its chunks collected as orphans, so a mismatch is refused before anything runs."""
     marker = backend.store_marker()

@@ -1,37 +1,36 @@
 """Garbage collection and fsck: space given back, and every reference checked.
 
-**Collection.** A chunk that no live version references and that has been unreferenced for
-longer than the grace period is deleted (see :mod:`fms.storage.meta.base` for why this cannot
-race a commit).  Blobs with no row at all (a writer died between writing and recording, or a
-format-1 store held chunks no manifest named) are deleted once older than the grace period.
-Tombstones and remembered commit ids are dropped after ``RETAIN_SECONDS``.  One collector at a
-time per store: a lease in the metadata engine, renewed while it works.
+**Collection.** Bodies and pages (the stored chunk lists of long files) that nothing has
+referenced for longer than the grace period are deleted first, releasing what they list (so a
+removed file's pages and chunks go in the same collection).  Then a chunk that nothing
+references and that has been unreferenced for longer than the grace period is deleted (see
+:mod:`fms.storage.meta.base` for why this cannot race a commit).  Blobs with no row at all (a
+writer died between writing and recording, or a format-1 store held chunks no manifest named)
+are deleted once older than the grace period.  Tombstones and remembered commit ids are dropped
+after ``RETAIN_SECONDS``.  One collector at a time per store: a lease in the metadata engine,
+renewed while it works.
 
-**fsck** walks the live versions in name order, a page at a time, reads every chunk they name
-once and checks it against its digest; the last page also counts orphan blobs and reference
-counts that differ from a recount.
+**fsck** walks the live versions in name order, a page at a time, reads every body, page and
+chunk they list once and checks each against its digest (a list that many files share is checked
+once, and a repeat costs nothing); the last page also counts orphan blobs and reference counts
+that differ from a recount.
 """
 
 import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
 
 from .. import wire as p
 from ..errors import IntegrityError, NotFound, Unavailable
-from .chunks.base import ChunkBackend
 from .chunks.localdir import pid_alive
-from .meta.base import RETAIN_SECONDS, ChunkRow, MetaEngine
-
-if TYPE_CHECKING:
-    from .engine import Store
+from .meta.base import RETAIN_SECONDS
 
 DEFAULT_GRACE = 3600.0  # seconds an unreferenced chunk is kept before it is collected
 LEASE = "gc"
 LEASE_SECONDS = 120.0  # a collector that dies holds the lease this long at most
 BATCH = 500  # chunks doomed per transaction
+LIST_BATCH = 16  # bodies and pages deleted per transaction (each up to 2 MiB)
 FSCK_PAGE_BYTES = 256 * p.MiB  # chunk bytes one fsck page reads, so a page answers in seconds
 
 log = logging.getLogger("fms.storage.gc")
@@ -39,13 +38,12 @@ log = logging.getLogger("fms.storage.gc")
 _HOLDER = f"{socket.gethostname()}:{os.getpid()}"
 
 
-def collect(
-    store: "Store", grace: float = DEFAULT_GRACE, dry_run: bool = False, now: float | None = None
-) -> dict[str, int]:
+def collect(store, grace: float = DEFAULT_GRACE, dry_run: bool = False, now=None) -> dict:
     """Collect what has been garbage for longer than ``grace`` seconds.
 
     :return: ``chunks`` and ``bytes`` freed (or that would be, with ``dry_run``), ``orphans``
-        among them (blobs no row knew), ``pruned`` tombstones and remembered ids.
+        among them (blobs no row knew), ``pages`` (stored chunk lists: pages and bodies) freed,
+        ``pruned`` tombstones and remembered ids.
     :raises Unavailable: another collector holds the store's lease.
     """
     now = time.time() if now is None else now
@@ -60,14 +58,21 @@ def collect(
             "another storage worker is collecting garbage in this store right now; "
             "try again in a minute"
         )
-    freed = {"chunks": 0, "bytes": 0, "orphans": 0, "pruned": 0, "dry_run": dry_run}
+    freed = {"chunks": 0, "bytes": 0, "orphans": 0, "pages": 0, "pruned": 0, "dry_run": dry_run}
     try:
         cutoff = now - grace
         if dry_run:
+            freed["pages"] = sum(meta.collect_lists(cutoff, 2**62, dry_run=True))
             rows = meta.doom(cutoff, 2**62, dry_run=True)
             freed["chunks"], freed["bytes"] = len(rows), sum(r.size for r in rows)
         else:
             _finish(meta, chunks, meta.doomed(2**62), freed)  # left by a collector that died
+            while True:
+                bodies, pages = meta.collect_lists(cutoff, LIST_BATCH)
+                freed["pages"] += bodies + pages
+                meta.lease(LEASE, _HOLDER, time.time(), LEASE_SECONDS)
+                if bodies < LIST_BATCH and pages < LIST_BATCH:
+                    break
             while True:
                 rows = meta.doom(cutoff, BATCH)
                 _finish(meta, chunks, rows, freed)
@@ -88,12 +93,13 @@ def collect(
             freed["pruned"] = meta.prune(now - RETAIN_SECONDS)
     finally:
         meta.release(LEASE, _HOLDER)
-    if freed["chunks"] or freed["pruned"]:
+    if freed["chunks"] or freed["pruned"] or freed["pages"]:
         log.info(
-            "event=gc chunks=%d bytes=%d orphans=%d pruned=%d dry_run=%s",
+            "event=gc chunks=%d bytes=%d orphans=%d pages=%d pruned=%d dry_run=%s",
             freed["chunks"],
             freed["bytes"],
             freed["orphans"],
+            freed["pages"],
             freed["pruned"],
             dry_run,
         )
@@ -106,9 +112,7 @@ def _dead_here(holder: str) -> bool:
     return host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid))
 
 
-def _finish(
-    meta: MetaEngine, chunks: ChunkBackend, rows: Sequence[ChunkRow], freed: dict[str, int]
-) -> None:
+def _finish(meta, chunks, rows, freed):
     """Delete the blobs of doomed rows, then the rows."""
     blobs = [r for r in rows if not r.in_engine]
     for row in blobs:
@@ -118,34 +122,27 @@ def _finish(
     freed["bytes"] += sum(r.size for r in rows)
 
 
-def fsck_page(store: "Store", after: str = "", page_bytes: int = FSCK_PAGE_BYTES) -> dict[str, Any]:
-    """Check the live versions after name ``after``, reading about ``page_bytes`` of chunks.
+def fsck_page(store, after: str = "", page_bytes: int = FSCK_PAGE_BYTES) -> dict:
+    """Check the live versions after name ``after``, reading about ``page_bytes`` of chunks
+    (and of the pages and bodies that list them).
 
     :return: ``names`` and ``chunks`` checked, ``bytes`` read, ``damaged`` (a list of
-        ``{chunk, problem, names}``: problem is ``missing`` or ``corrupt``), ``next`` (the name to
-        continue after, or None when done).  The last page adds ``orphans`` (blobs no row knows,
-        and unreferenced rows whose grace has not run out count as pending, not orphans) and
+        ``{chunk, problem, names}``: problem is ``missing`` or ``corrupt``, and ``kind`` is
+        ``page`` or ``body`` when ``chunk`` is the id of one), ``next`` (the name to continue
+        after, or None when done).  The last page adds ``orphans`` (blobs no row knows, and
+        unreferenced rows whose grace has not run out count as pending, not orphans) and
         ``refcount_errors``.
     """
-    out: dict[str, Any] = {"names": 0, "chunks": 0, "bytes": 0, "damaged": [], "next": None}
-    damaged: dict[p.Digest, dict[str, Any]] = {}  # chunk -> {chunk, problem, names}
-    seen: set[p.Digest] = set()
+    out = {"names": 0, "chunks": 0, "bytes": 0, "damaged": [], "next": None}
+    check = _Check(store, out)
     last = after
     while out["bytes"] < page_bytes:
         versions = store.meta.iter_versions(last, 100)
         if not versions:
             break
         for version in versions:
-            for digest in version.chunks:
-                if digest in damaged:
-                    damaged[digest]["names"].append(version.name)
-                    continue
-                if digest in seen:
-                    continue
-                seen.add(digest)
-                problem = _check_chunk(store, digest, out)
-                if problem:
-                    damaged[digest] = {"chunk": digest, "problem": problem, "names": [version.name]}
+            for ident in check.version(version):
+                check.damaged[ident]["names"].append(version.name)
             out["names"] += 1
             last = version.name
             if out["bytes"] >= page_bytes:
@@ -153,7 +150,7 @@ def fsck_page(store: "Store", after: str = "", page_bytes: int = FSCK_PAGE_BYTES
         else:
             continue
         break
-    out["damaged"] = [{**d, "names": sorted(set(d["names"]))} for d in damaged.values()]
+    out["damaged"] = [{**d, "names": sorted(set(d["names"]))} for d in check.damaged.values()]
     if store.meta.iter_versions(last, 1):
         out["next"] = last
     else:
@@ -164,7 +161,61 @@ def fsck_page(store: "Store", after: str = "", page_bytes: int = FSCK_PAGE_BYTES
     return out
 
 
-def _check_chunk(store: "Store", digest: p.Digest, out: dict[str, Any]) -> str | None:
+class _Check:
+    """One fsck page's checks: each chunk, page and body read once, and what was found damaged
+    under each list remembered, so a file costs what it lists that no file before it did."""
+
+    def __init__(self, store, out: dict):
+        self.store, self.out = store, out
+        self.damaged = {}  # id -> {chunk, problem, names[, kind]}
+        self.seen = set()  # chunks checked
+        self.lists = {}  # page or body id -> the damaged ids under it
+
+    def version(self, version) -> set:
+        """The ids of what is damaged among what ``version`` lists."""
+        if version.chunks is not None:
+            return self.chunks(version.chunks)
+        if version.body is None:
+            return set()  # an empty file
+        return self.list("body", version.body)
+
+    def list(self, kind: str, ident: bytes) -> set:
+        if ident in self.lists:
+            return self.lists[ident]
+        bad = set()
+        try:
+            blob = self.store.read_list(ident)
+        except NotFound:
+            bad = {ident}
+            self.damaged[ident] = {"chunk": ident, "problem": "missing", "kind": kind, "names": []}
+        except IntegrityError:
+            bad = {ident}
+            self.damaged[ident] = {"chunk": ident, "problem": "corrupt", "kind": kind, "names": []}
+        else:
+            self.out["bytes"] += len(blob)
+            if kind == "body":
+                for page in dict.fromkeys(p.unpack_body(blob)[1]):
+                    bad |= self.list("page", page)
+            else:
+                bad = self.chunks(p.split_digests(blob))
+        self.lists[ident] = bad
+        return bad
+
+    def chunks(self, digests) -> set:
+        bad = set()
+        for digest in dict.fromkeys(digests):
+            if digest in self.damaged:
+                bad.add(digest)
+            elif digest not in self.seen:
+                self.seen.add(digest)
+                problem = _check_chunk(self.store, digest, self.out)
+                if problem:
+                    self.damaged[digest] = {"chunk": digest, "problem": problem, "names": []}
+                    bad.add(digest)
+        return bad
+
+
+def _check_chunk(store, digest, out):
     out["chunks"] += 1
     row = store.meta.chunk(digest)
     if row is None or row.doomed:

@@ -24,7 +24,7 @@ themselves)::
 ``header`` is a map with at least ``v`` (protocol version), ``op`` and ``id`` on requests and
 ``ok`` and ``id`` on replies.  ``data`` is one msgpack ``bin`` object holding file bytes.
 
-The names of all five modules are read from here (``from fms import wire as p``; ``p.encode``).
+The names of all six modules are read from here (``from fms import wire as p``; ``p.encode``).
 Each module is imported when one of its names is first read, so a command that needs only the
 protocol's constants (``fms --help``) does not import ZeroMQ, msgpack or hashlib.
 """
@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # what the type checker reads here; at run time each module c
     from .frames import *  # noqa: F403
     from .messages import *  # noqa: F403
 
-_MODULES = ("messages", "fields", "codec", "batch", "frames")  # cheapest first
+_MODULES = ("messages", "fields", "manifest", "codec", "batch", "frames")  # cheapest first
 
 
 def __getattr__(name: str) -> object:

@@ -5,10 +5,11 @@ misses, and the client reads it; all three use this module, so the layout has on
 
 - request: ``names``, 1 to ``MAX_BATCH_FILES`` names;
 - reply: ``results``, one map per name in the same order, either
-  ``{manifest: MANIFEST, inline: BOOL}`` or ``{error: CODE, message: TEXT}``; and, if any result
-  has ``inline: true``, one data frame holding those files' content back to back, in order
-  (each ``manifest.size`` bytes).  Content travels only for files that travel inline
-  (:func:`~fms.wire.fields.travels_inline`), and only while the frame stays within
+  ``{manifest: MANIFEST, inline: BOOL}`` or ``{error: CODE, message: TEXT}`` (a manifest is at
+  most ``MANIFEST_MAX`` bytes: a long chunk list is not in it, the client reads its pages);
+  and, if any result has ``inline: true``, one data frame holding those files' content back to
+  back, in order (each ``manifest.size`` bytes).  Content travels only for files that travel
+  inline (:func:`~fms.wire.fields.travels_inline`), and only while the frame stays within
   ``MAX_BATCH_BYTES``; a file left out is fetched like a large one (``get``, ``chunk``).
 """
 
@@ -18,7 +19,8 @@ from typing import Any
 from ..errors import BadRequest
 from ..limits import BytesLike
 from .codec import DATA_PREFIX_LEN, data_buffer, unpack_data
-from .fields import check_manifest, check_name, need, sha256, travels_inline
+from .fields import check_name, need, sha256, travels_inline
+from .manifest import check_manifest
 from .messages import MAX_BATCH_BYTES, MAX_BATCH_FILES
 
 __all__ = ["BatchReply", "inline_ok", "need_names", "read_batch"]
@@ -54,7 +56,7 @@ class BatchReply:
         inline = False
         if (
             payload is not None
-            and travels_inline(manifest["size"], len(manifest["chunks"]))
+            and travels_inline(manifest["size"], manifest["count"])
             and self._bytes + len(payload) <= MAX_BATCH_BYTES
         ):
             self._parts.append(payload)

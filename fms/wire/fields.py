@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, overload
 
 from ..errors import BadRequest
-from .messages import INLINE_MAX, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+from .messages import INLINE_MAX
 
 if TYPE_CHECKING:
     from ..limits import BytesLike  # not imported at run time: it loads msgpack
@@ -17,7 +17,6 @@ __all__ = [
     "MTIME_MAX",
     "MTIME_MIN",
     "Digest",
-    "check_manifest",
     "check_mtime",
     "check_name",
     "check_prefix",
@@ -172,26 +171,6 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     if isinstance(kind, tuple):
         return " or ".join(names.get(k, k.__name__) for k in kind)
     return names.get(kind, kind.__name__)
-
-
-def check_manifest(manifest: object) -> dict[str, Any]:
-    """Check that a manifest from the wire has every field with the right type and consistent
-    sizes, so nothing downstream can trip over it.
-
-    :raises BadRequest: it does not.
-    """
-    if not isinstance(manifest, dict):
-        raise BadRequest("manifest must be a map")
-    check_name(need(manifest, "name", str))
-    size = need_int(manifest, "size")
-    chunk_size = need_int(manifest, "chunk_size", lo=MIN_CHUNK_SIZE, hi=MAX_CHUNK_SIZE)
-    need_hash(manifest, "sha256")
-    chunks = need_hashes(manifest, "chunks", chunk_count(size, chunk_size))
-    if len(chunks) != chunk_count(size, chunk_size):
-        raise BadRequest("manifest's chunk count does not fit its size")
-    check_mtime(need(manifest, "mtime", (int, float)))
-    need_int(manifest, "version", lo=1)
-    return manifest
 
 
 # --- names ---

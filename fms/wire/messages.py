@@ -35,13 +35,14 @@ __all__ = [
     "GiB",
     "KiB",
     "MiB",
+    "TiB",
     "check_frame_count",
     "check_version",
     "error_reply",
     "ok_reply",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 1: manifests listed every chunk, digests were of the content
 
 # Where the broker listens unless told otherwise: clients connect to the frontend, workers to the
 # backend.
@@ -52,6 +53,7 @@ DEFAULT_BACKEND = "tcp://127.0.0.1:5556"
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
+TiB = 1024 * GiB
 DEFAULT_CHUNK_SIZE = 1 * MiB
 MIN_CHUNK_SIZE = 4 * KiB
 MAX_CHUNK_SIZE = 16 * MiB
@@ -78,10 +80,12 @@ SERVICES = (CACHE, STORAGE)
 OP_SERVICE = {
     "get": CACHE,  # manifest (+ content of a small file)
     "chunk": CACHE,  # one chunk by hash
+    "page": CACHE,  # a page of a chunk list (or a body) by its id
     "get_many": CACHE,  # many names' manifests (+ small files' content) in one message
     "cache_stats": CACHE,
     "have": STORAGE,  # which of these chunk hashes are missing
     "put_chunk": STORAGE,
+    "put_page": STORAGE,  # a page of a long chunk list, before the commit that names it
     "commit": STORAGE,  # write a manifest (idempotent by commit id)
     "commit_many": STORAGE,  # many small files (content inline) in one message
     "ls": STORAGE,
@@ -100,7 +104,7 @@ OP_SERVICE = {
     "status": BROKER,  # answered by the broker itself: live workers
 }
 # Ops whose request may carry a data frame after its header; any other request is one frame.
-DATA_OPS = frozenset({"put_chunk", "commit", "commit_many"})
+DATA_OPS = frozenset({"put_chunk", "put_page", "commit", "commit_many"})
 
 # Every op is idempotent (commit, commit_many, rm, mv, cp and restore carry an id that makes a
 # repeat a no-op; a repeated rm_prefix removes what is left under its prefix):

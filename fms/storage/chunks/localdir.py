@@ -16,12 +16,9 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterable, Iterator
 
 from ... import wire as p
 from ...errors import IntegrityError, NoSpace, NotFound
-from ...limits import BytesLike
-from ...wire.fields import Digest
 from ...wire.frames import read_frame
 from .base import ChunkBackend
 
@@ -37,7 +34,7 @@ log = logging.getLogger("fms.storage.chunks")
 class LocalDirChunks(ChunkBackend):
     """:param path: the data directory; ``chunks/``, ``tmp/`` and ``corrupt/`` live in it."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str):
         self.path = path
         self.root = os.path.join(path, "chunks")
         self.tmp = os.path.join(path, "tmp")
@@ -45,14 +42,20 @@ class LocalDirChunks(ChunkBackend):
         for folder in (self.root, self.tmp, self.corrupt):
             os.makedirs(folder, exist_ok=True)
 
-    def _path(self, digest: Digest) -> str:
+    def _path(self, digest: bytes) -> str:
         name = digest.hex()
         return os.path.join(self.root, name[:2], name)
 
-    def has(self, digest: Digest) -> bool:
+    def has(self, digest):
         return os.path.exists(self._path(digest))
 
-    def put(self, digest: Digest, data: BytesLike) -> bool:
+    def size(self, digest):
+        try:
+            return os.stat(self._path(digest)).st_size
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def put(self, digest, data):
         final = self._path(digest)
         if os.path.exists(final):
             return False
@@ -74,13 +77,13 @@ class LocalDirChunks(ChunkBackend):
             raise _os_error(exc) from None
         return True
 
-    def sync(self) -> None:
+    def sync(self):
         try:
             syncfs(self.root)
         except OSError as exc:
             raise _os_error(exc) from None
 
-    def get(self, digest: Digest) -> bytearray:
+    def get(self, digest):
         path = self._path(digest)
         try:
             with open(path, "rb", buffering=0) as f:
@@ -97,14 +100,14 @@ class LocalDirChunks(ChunkBackend):
             raise IntegrityError(f"chunk {digest.hex()[:16]} changed size while being read")
         return frame
 
-    def delete(self, digest: Digest) -> None:
+    def delete(self, digest):
         path = self._path(digest)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         with contextlib.suppress(OSError):  # a shard left empty goes too (not if in use)
             os.rmdir(os.path.dirname(path))
 
-    def list(self) -> Iterator[tuple[Digest, int, float]]:
+    def list(self):
         for shard in os.scandir(self.root):
             if not shard.is_dir():
                 continue
@@ -117,14 +120,14 @@ class LocalDirChunks(ChunkBackend):
                 if len(digest) == p.HASH_LEN:
                     yield digest, st.st_size, st.st_mtime
 
-    def store_marker(self) -> str | None:
+    def store_marker(self):
         try:
             with open(os.path.join(self.root, MARKER), encoding="utf-8") as f:
                 return f.read().strip() or None
         except FileNotFoundError:
             return None
 
-    def mark_store(self, store_id: str) -> None:
+    def mark_store(self, store_id):
         tmp = self.tmp_path("marker")
         write_file(tmp, [store_id.encode()], fsync=True)
         try:
@@ -135,7 +138,7 @@ class LocalDirChunks(ChunkBackend):
         finally:
             os.unlink(tmp)
 
-    def quarantine(self, digest: Digest) -> None:
+    def quarantine(self, digest):
         log.error("event=corrupt_chunk chunk=%s action=quarantined", digest.hex())
         with contextlib.suppress(OSError):  # a concurrent reader may have moved it already
             os.replace(
@@ -168,7 +171,7 @@ class LocalDirChunks(ChunkBackend):
         return removed
 
 
-def write_file(path: str, parts: Iterable[BytesLike], fsync: bool = False) -> None:
+def write_file(path: str, parts, fsync: bool = False):
     """Write ``parts`` to a new file at ``path`` (and fsync it); remove it if that fails."""
     try:
         with open(path, "wb") as f:
@@ -186,7 +189,7 @@ def write_file(path: str, parts: Iterable[BytesLike], fsync: bool = False) -> No
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def syncfs(path: str) -> None:
+def syncfs(path: str):
     """Flush everything written to the filesystem holding ``path`` (Linux ``syncfs``: one
     journal commit for all of it), or every filesystem (``sync``) where there is no syncfs."""
     if not hasattr(_libc, "syncfs"):
@@ -201,7 +204,7 @@ def syncfs(path: str) -> None:
         os.close(fd)
 
 
-def fsync_dir(path: str) -> None:
+def fsync_dir(path: str):
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -209,7 +212,7 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _os_error(exc: OSError) -> OSError | NoSpace:
+def _os_error(exc: OSError):
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return NoSpace(
             "storage disk is full (space or inodes); nothing was changed: free space "

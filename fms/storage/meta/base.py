@@ -7,7 +7,8 @@ The chunk table is what makes garbage collection safe without a scan.  A chunk r
 or *doomed*:
 
 - ``claim_chunk`` records a chunk before its blob is written (or holds a small chunk's bytes
-  itself) and restarts its grace clock; ``known`` restarts the clock of the chunks a client is
+  itself), restarts its grace clock and clears its *lost* mark (set when its bytes were found
+  gone or damaged); ``known`` restarts the clock of the chunks a client is
   told it need not upload.  A commit takes a reference on live rows only, in the transaction
   that stores the version, and refuses a commit that names a chunk with no live row.
 - The collector ``doom``\\ s rows that are unreferenced and older than the grace period (in one
@@ -15,16 +16,17 @@ or *doomed*:
   the rows.  A collector that dies between the two leaves doomed rows, which the next finishes.
   A claim of a doomed chunk is refused (:class:`~fms.errors.Unavailable`): the uploader retries
   once the row is gone and writes the blob anew.
+
+Chunk lists longer than a few digests are stored as *pages* and *bodies*
+(:mod:`fms.wire.manifest`), rows of the engine alone: a page holds a reference on each distinct
+chunk it lists from the moment it is stored (``put_page``), a body on each distinct page, a
+version on its body (or, for a short list kept with it, on each distinct chunk).  Unreferenced
+for the grace period, they are deleted by ``collect_lists``, which releases what they list.
 """
 
-import builtins
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
 
-from ...errors import FmsError
-from ...limits import BytesLike
-from ...wire.fields import Digest
-from ..model import Change, Totals, Version
+from ..model import Totals, Version
 
 # How long a finished commit's id is remembered (a retry of it is answered with its result), and
 # how long a removed name's tombstone is kept (its version number carries over to a re-created
@@ -35,19 +37,11 @@ RETAIN_SECONDS = 3600.0
 class ChunkRow:
     """A chunk as the engine knows it."""
 
-    __slots__ = ("data", "digest", "doomed", "refs", "since", "size")
+    __slots__ = ("data", "digest", "doomed", "lost", "refs", "since", "size")
 
-    def __init__(
-        self,
-        digest: Digest,
-        size: int,
-        refs: int,
-        since: float,
-        doomed: bool | int,
-        data: bytes | None,
-    ) -> None:
+    def __init__(self, digest, size, refs, since, doomed, data, lost=False):
         self.digest, self.size, self.refs, self.since = digest, size, refs, since
-        self.doomed, self.data = bool(doomed), data
+        self.doomed, self.data, self.lost = bool(doomed), data, bool(lost)
 
     @property
     def in_engine(self) -> bool:
@@ -56,10 +50,7 @@ class ChunkRow:
 
 
 class MetaEngine(ABC):
-    """One store's metadata.  ``store_id`` identifies the store (workers on one store share it).
-
-    (``builtins.list`` in the annotations: ``list`` is also a method here.)
-    """
+    """One store's metadata.  ``store_id`` identifies the store (workers on one store share it)."""
 
     store_id: str
     keep_versions: int = 0  # replaced versions retained per name (0: none)
@@ -67,28 +58,27 @@ class MetaEngine(ABC):
     # --- names ---
 
     @abstractmethod
-    def get(self, name: str) -> Version | None:
-        """The live version of ``name``, or None."""
+    def get(self, name: str, lists: bool = True) -> Version | None:
+        """The live version of ``name`` with what it lists (``lists``), or None."""
 
     @abstractmethod
-    def list(self, prefix: str, after: str, limit: int) -> builtins.list[Version]:
+    def list(self, prefix: str, after: str, limit: int) -> list:
         """Up to ``limit`` live versions whose name starts with ``prefix`` and sorts after
-        ``after``, in name order (code point order)."""
+        ``after``, in name order (code point order), without what they list (a listing never
+        reads a chunk list)."""
 
     @abstractmethod
-    def retained(self, name: str) -> builtins.list[Version]:
+    def retained(self, name: str) -> list:
         """The retained (not current) versions of ``name``, newest first: what an overwrite or
         a removal replaced, at most ``keep_versions`` of them (set by the worker)."""
 
     @abstractmethod
-    def usage(self, prefix: str) -> tuple[int, int]:
+    def usage(self, prefix: str) -> tuple:
         """``(files, bytes)``: how many live names start with ``prefix`` and the sum of their
         sizes, counted in the name index (one range scan, no manifest leaves the engine)."""
 
     @abstractmethod
-    def apply(
-        self, changes: Sequence[Change], now: float, small: Mapping[Digest, BytesLike]
-    ) -> builtins.list[Version | FmsError]:
+    def apply(self, changes: list, now: float, small: dict) -> list:
         """Apply :class:`~fms.storage.model.NewVersion`, :class:`~fms.storage.model.Removal`,
         :class:`~fms.storage.model.Copy` and :class:`~fms.storage.model.Restore` changes in one
         transaction (a group commit); each
@@ -97,9 +87,9 @@ class MetaEngine(ABC):
         ``small`` maps digests to the bytes of small chunks that arrived with their commit; they
         are stored in the same transaction.
 
-        :return: per change, the :class:`Version` it made (a tombstone for a removal, and for a
-            retried id the version that id made) or the :class:`~fms.errors.FmsError` that
-            refused it.
+        :return: per change, the :class:`Version` it made, without its chunk list (a tombstone
+            for a removal, and for a retried id the version that id made), or the
+            :class:`~fms.errors.FmsError` that refused it.
         """
 
     @abstractmethod
@@ -107,18 +97,19 @@ class MetaEngine(ABC):
         """The store's totals, kept in the same transactions as the changes: O(1)."""
 
     @abstractmethod
-    def iter_versions(self, after: str, limit: int) -> builtins.list[Version]:
-        """Up to ``limit`` live versions after ``after`` in name order (fsck walks them)."""
+    def iter_versions(self, after: str, limit: int) -> list:
+        """Up to ``limit`` live versions after ``after`` in name order, with what they list
+        (fsck walks them)."""
 
     # --- chunks ---
 
     @abstractmethod
-    def known(self, digests: Sequence[Digest], now: float) -> set[Digest]:
-        """The digests among ``digests`` that have a live row; unreferenced ones among them get
-        a fresh grace period (a commit that relies on them is on its way)."""
+    def known(self, digests: list, now: float) -> set:
+        """The digests among ``digests`` that have a live row not marked lost; each of them
+        gets a fresh grace period (a commit that relies on them is on its way)."""
 
     @abstractmethod
-    def claim_chunk(self, digest: Digest, size: int, now: float, data: bytes | None = None) -> bool:
+    def claim_chunk(self, digest: bytes, size: int, now: float, data=None) -> bool:
         """Record a chunk about to be stored, with a fresh grace period; ``data`` keeps a small
         chunk's bytes in the engine.
 
@@ -127,27 +118,70 @@ class MetaEngine(ABC):
         """
 
     @abstractmethod
-    def chunk(self, digest: Digest) -> ChunkRow | None:
+    def chunk(self, digest: bytes) -> ChunkRow | None:
         """The chunk's row, or None."""
+
+    @abstractmethod
+    def mark_lost(self, digest: bytes):
+        """The chunk's bytes were found gone or damaged: until they are claimed again, ``known``
+        does not report it, so the next upload of a file that lists it sends it (and heals it)."""
+
+    @abstractmethod
+    def chunk_rows(self, digests) -> dict:
+        """The rows of those of ``digests`` that have one, by digest, without a small chunk's
+        bytes (its ``data`` is ``b""``: it says where the bytes are, and costs nothing)."""
+
+    # --- pages and bodies ---
+
+    @abstractmethod
+    def put_page(self, page_id: bytes, blob: bytes, now: float) -> bool:
+        """Store a page (``blob``: its digests back to back, ``page_id`` their digest, both
+        checked by the caller) unless it is stored, with a fresh grace period either way, and
+        a reference on each distinct chunk it lists.
+
+        :return: True if it was stored now.
+        :raises MissingChunks: it lists chunks with no live row (``missing``: those).
+        """
+
+    @abstractmethod
+    def page(self, page_id: bytes) -> bytes | None:
+        """A page's digests back to back, or None."""
+
+    @abstractmethod
+    def has_page(self, page_id: bytes) -> bool:
+        """Whether the page is stored (without reading it)."""
+
+    @abstractmethod
+    def body(self, body_id: bytes) -> bytes | None:
+        """A body (:func:`fms.wire.manifest.pack_body`), or None."""
+
+    @abstractmethod
+    def collect_lists(self, cutoff: float, limit: int, dry_run: bool = False) -> tuple:
+        """Delete up to ``limit`` bodies and then up to ``limit`` pages unreferenced since before
+        ``cutoff``, releasing what each lists (one left unreferenced keeps the clock of the list
+        that held it, so a removed file's pages and chunks go in the same collection).
+
+        :return: ``(bodies, pages)`` deleted (with ``dry_run``, unreferenced now: would be).
+        """
 
     # --- garbage collection ---
 
     @abstractmethod
-    def doom(self, cutoff: float, limit: int, dry_run: bool = False) -> builtins.list[ChunkRow]:
+    def doom(self, cutoff: float, limit: int, dry_run: bool = False) -> list:
         """Mark up to ``limit`` live chunks that no version references and that have been
         unreferenced since before ``cutoff`` as doomed; rows holding their bytes are deleted at
         once.  :return: their :class:`ChunkRow`\\ s (with ``dry_run``, only what would be)."""
 
     @abstractmethod
-    def doomed(self, limit: int) -> builtins.list[ChunkRow]:
+    def doomed(self, limit: int) -> list:
         """Rows left doomed (by this collector, or one that died): their blobs must go."""
 
     @abstractmethod
-    def forget(self, digests: Sequence[Digest]) -> None:
+    def forget(self, digests: list):
         """Delete doomed rows whose blobs are gone."""
 
     @abstractmethod
-    def adopt_orphan(self, digest: Digest, size: int) -> bool:
+    def adopt_orphan(self, digest: bytes, size: int) -> bool:
         """A blob with no row (its writer died before claiming it, or before migration): add
         it as a doomed row so that its deletion cannot race a claim.  False if a row exists."""
 
@@ -160,7 +194,7 @@ class MetaEngine(ABC):
         """Take or renew the lease ``name`` for ``holder`` (one collector at a time)."""
 
     @abstractmethod
-    def release(self, name: str, holder: str) -> None:
+    def release(self, name: str, holder: str):
         """Give a lease back (or take it from a holder known to be dead)."""
 
     @abstractmethod
@@ -170,10 +204,12 @@ class MetaEngine(ABC):
     # --- checks ---
 
     @abstractmethod
-    def refcount_errors(self) -> builtins.list[tuple[Digest, int | None, int]]:
-        """``(digest, stored refs, refs counted from the live versions)`` for every chunk where
-        they differ, including referenced chunks with no row (stored refs None)."""
+    def refcount_errors(self) -> list:
+        """``(kind, id, stored refs, refs counted)`` for every body, page or chunk (``kind``)
+        whose stored count differs from a recount (bodies from the versions, pages from the
+        bodies, chunks from short lists and pages), including referenced ones with no row
+        (stored refs None)."""
 
     @abstractmethod
-    def close(self) -> None:
+    def close(self):
         """Release the engine's connections."""

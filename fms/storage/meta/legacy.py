@@ -4,10 +4,11 @@ Format 1: ``STORE`` (msgpack ``{format, store_id}``), ``chunks/ab/<hex sha256>``
 ``manifests/xy/<hex sha256 of the name>`` msgpack file per name (a tombstone once removed).
 Chunks stay where they are: the local chunk backend uses the same layout.
 
-Migration is one SQLite transaction (every name, tombstone and chunk, and the references
-counted from them), so a process killed midway leaves the database as it was and the next start
-does it again; only once it is committed is ``manifests/`` moved away and deleted.  Workers
-starting together take turns on the database's write lock; the second finds the work done.
+Migration is one SQLite transaction (every name, tombstone and chunk, read into format 2's
+tables and upgraded from there as any format-2 store is, references counted anew), so a process
+killed midway leaves the database as it was and the next start does it again; only once it is
+committed is ``manifests/`` moved away and deleted.  Workers starting together take turns on the
+database's write lock; the second finds the work done.
 """
 
 import collections
@@ -16,19 +17,12 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
 
 import msgpack
 
 from ... import wire as p
 from ...errors import BadRequest, FmsError
-from ...wire.fields import Digest
-from ..model import unpack_digests
-
-if TYPE_CHECKING:
-    from ..chunks.base import ChunkBackend
-    from .sqlite import SQLiteMeta
+from .sql import SCHEMA_V2
 
 log = logging.getLogger("fms.storage.migrate")
 
@@ -50,7 +44,7 @@ def store_id(path: str) -> str | None:
         ) from None
 
 
-def manifests(path: str, damaged: list[str]) -> Iterator[dict[str, Any]]:
+def manifests(path: str, damaged: list):
     """Every readable manifest of a format-1 directory; the paths of damaged ones (not msgpack,
     fields missing) are added to ``damaged``.
 
@@ -84,11 +78,11 @@ def manifests(path: str, damaged: list[str]) -> Iterator[dict[str, Any]]:
             yield manifest
 
 
-def migrate(path: str, meta: "SQLiteMeta", chunks: "ChunkBackend") -> None:
+def migrate(path: str, meta, chunks):
     """Upgrade a format-1 directory in place; a no-op when there is nothing to migrate."""
     pending, done = os.path.join(path, MANIFESTS), os.path.join(path, DONE)
     if os.path.isdir(pending) and meta.setting("migrated") is None:
-        damaged: list[str] = []  # paths of the manifests that could not be read
+        damaged = []
         try:
             _copy(path, meta, chunks, damaged)
         except OSError as exc:
@@ -110,7 +104,7 @@ def migrate(path: str, meta: "SQLiteMeta", chunks: "ChunkBackend") -> None:
         log.info("event=migrated_layout_removed path=%s", done)
 
 
-def _valid_mtime(manifest: dict[str, Any], now: float) -> float:
+def _valid_mtime(manifest, now) -> float:
     """A format-1 manifest's mtime, or ``now`` where format 1 let a NaN or infinity in."""
     try:
         return p.check_mtime(manifest.get("mtime", now))
@@ -123,26 +117,27 @@ def _valid_mtime(manifest: dict[str, Any], now: float) -> float:
         return now
 
 
-def _copy(path: str, meta: "SQLiteMeta", chunks: "ChunkBackend", damaged: list[str]) -> None:
+def _copy(path, meta, chunks, damaged):
     started = time.time()
     log.info("event=migrate_start path=%s from_format=1", path)
     db = meta.db
     names = files = total = 0
-    refs: collections.Counter[Digest] = collections.Counter()
+    refs = collections.Counter()
     with meta._write():
         if meta.setting("migrated") is not None:
             return  # another worker finished it while we waited for the lock
+        meta._create(SCHEMA_V2)
         for digest, size, _mtime in chunks.list():
             db.execute(
                 "INSERT OR IGNORE INTO chunks (digest, size, refs, since) VALUES (?, ?, 0, ?)",
                 (digest, size, started),
             )
-        sizes: dict[Digest, int] = {}
+        sizes = {}
         for m in manifests(path, damaged):
             deleted = bool(m.get("deleted"))
             listed = b"".join(m.get("chunks") or [])
             db.execute(
-                "INSERT OR REPLACE INTO names VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO names_v2 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     m["name"],
                     m["version"],
@@ -160,7 +155,7 @@ def _copy(path: str, meta: "SQLiteMeta", chunks: "ChunkBackend", damaged: list[s
             if not deleted:
                 files += 1
                 total += m["size"]
-                digests = unpack_digests(listed)
+                digests = p.split_digests(listed)
                 refs.update(digests)
                 for i, d in enumerate(digests):
                     sizes[d] = p.chunk_length(i, m["size"], m["chunk_size"])
@@ -170,17 +165,15 @@ def _copy(path: str, meta: "SQLiteMeta", chunks: "ChunkBackend", damaged: list[s
         # the references stay exact: fsck names it, and uploading the file again restores it.
         absent = [d for d in refs if meta.chunk(d) is None]
         db.executemany(
-            "INSERT INTO chunks (digest, size, refs, since) VALUES (?, ?, 0, ?)",
+            "INSERT INTO chunks (digest, size, refs, since, lost) VALUES (?, ?, 0, ?, 1)",
             [(d, sizes[d], started) for d in absent],
-        )
-        db.executemany(
-            "UPDATE chunks SET refs = ? WHERE digest = ?", [(n, d) for d, n in refs.items()]
         )
         db.execute(
             "UPDATE totals SET files = ?, bytes = ?, chunks = (SELECT count(*) FROM chunks), "
             "chunk_bytes = (SELECT coalesce(sum(size), 0) FROM chunks)",
             (files, total),
         )
+        meta._upgrade_v2(started)  # the references are counted there
         meta.set_setting("migrated", f"format 1 at {started:.0f}")
     log.info(
         "event=migrate_done names=%d files=%d seconds=%.1f missing_chunks=%d damaged=%d",

@@ -4,43 +4,49 @@ A subclass supplies the connection and the few places where the two differ (:cla
 column types, how a write transaction starts, how rows and names are locked, and how driver
 errors translate into the wire's errors.  Every statement is written once, here.
 
+**Chunk lists** (:mod:`fms.wire.manifest`).  A version keeps a short chunk list (at most
+``INLINE_CHUNKS`` digests) in its own row, and holds one reference on each *distinct* chunk of
+it.  A longer list is in *pages* (table ``pages``: a page's digests back to back, stored once
+under its id however many files list it), which a *body* lists (table ``bodies``: the extents
+and page ids, stored once under its id); such a version holds one reference on its body, and
+keeps a copy of the body's extents and page ids in its row when they are small.  A body holds
+one reference on each distinct page it lists, a page one on each distinct chunk it lists; they
+are taken when the page or body is stored and released when the collector deletes it.  So a
+repeat costs nothing, and ``cp``, ``mv`` and ``restore`` take one reference whatever the size of
+the file.  Pages and bodies unreferenced for the grace period are deleted by the collector
+(:meth:`SQLMeta.collect_lists`), which releases what they list, so a removed file's pages and
+chunks go in one collection.
+
 Concurrency.  On SQLite a write transaction holds the database's one write lock (``BEGIN
 IMMEDIATE``), so transactions are serial.  On PostgreSQL (READ COMMITTED) transactions run side
 by side, so each takes what it changes: a commit or rm takes a transaction-scoped advisory lock
-on each of its names (in sorted order, all at the start) and ``FOR UPDATE`` on the chunk rows it
-references (sorted by digest); the collector takes the rows it dooms with ``FOR UPDATE SKIP
-LOCKED``, so it never waits on a commit and never dooms a row a commit holds.  The totals row is
-always changed last.  A deadlock or serialization failure that remains is retried whole.
+on each of its names (in sorted order, all at the start) and ``FOR UPDATE`` on the rows it
+references (bodies, then pages, then chunks, each sorted by id); the collector takes the rows it
+deletes or dooms with ``FOR UPDATE SKIP LOCKED``, so it never waits on a commit and never
+deletes a row a commit holds.  The totals row is always changed last.  A deadlock or
+serialization failure that remains is retried whole.
 """
 
-import builtins
 import collections
 import contextlib
 import hashlib
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Protocol, TypeAlias, TypeVar
+import time
+from dataclasses import replace
 
 import msgpack
 
+from ... import wire as p
 from ...errors import BadRequest, FmsError, MissingChunks, NotFound, Unavailable
-from ...limits import BytesLike
-from ...wire.fields import Digest
-from ..model import (
-    Change,
-    Copy,
-    NewVersion,
-    Removal,
-    Restore,
-    Totals,
-    Version,
-    pack_digests,
-    unpack_digests,
-)
+from ..model import Copy, NewVersion, Removal, Restore, Totals, Version, check_chunks, check_pages
 from .base import ChunkRow, MetaEngine
 
-FORMAT = 2  # the store's format; 1 was one manifest file per name
+FORMAT = 3  # the store's format; 1 was one manifest file per name, 2 a chunk list per row
 RETRIES = 5  # a transaction that deadlocked is tried this many times in all
+IN_BATCH = 500  # ids per `IN (...)` list
+LIST_BATCH = 16  # bodies or pages the collector deletes per transaction (up to 2 MiB each)
+ROW_LISTS_MAX = 1024  # a body's extents and page ids are copied into its versions' rows
+# while they take at most this many bytes, so a get never reads the body itself
 
 log = logging.getLogger("fms.storage.meta")
 
@@ -48,14 +54,31 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS names (
     name {name_type} PRIMARY KEY, version BIGINT NOT NULL, size BIGINT NOT NULL,
-    sha256 {blob} NOT NULL, chunk_size BIGINT NOT NULL, chunks {blob} NOT NULL,
-    mtime {real} NOT NULL, commit_id TEXT NOT NULL, committed {real} NOT NULL,
-    deleted INTEGER NOT NULL DEFAULT 0);
+    digest {blob} NOT NULL, kind TEXT NOT NULL, chunk_size BIGINT NOT NULL,
+    nchunks BIGINT NOT NULL, mtime {real} NOT NULL, commit_id TEXT NOT NULL,
+    committed {real} NOT NULL, meta {blob}, extent_list {blob}, chunk_list {blob},
+    page_list {blob}, body {blob}, deleted INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS names_tombstones ON names (committed) WHERE deleted = 1;
+CREATE TABLE IF NOT EXISTS retained (
+    name {name_type} NOT NULL, version BIGINT NOT NULL, size BIGINT NOT NULL,
+    digest {blob} NOT NULL, kind TEXT NOT NULL, chunk_size BIGINT NOT NULL,
+    nchunks BIGINT NOT NULL, mtime {real} NOT NULL, commit_id TEXT NOT NULL,
+    committed {real} NOT NULL, meta {blob}, extent_list {blob}, chunk_list {blob},
+    page_list {blob}, body {blob}, PRIMARY KEY (name, version));
 CREATE TABLE IF NOT EXISTS chunks (
     digest {blob} PRIMARY KEY, size BIGINT NOT NULL, refs BIGINT NOT NULL DEFAULT 0,
-    since {real} NOT NULL, doomed INTEGER NOT NULL DEFAULT 0, data {blob});
+    since {real} NOT NULL, doomed INTEGER NOT NULL DEFAULT 0, data {blob},
+    lost INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS chunks_unreferenced ON chunks (since) WHERE refs = 0;
+CREATE TABLE IF NOT EXISTS pages (
+    id {blob} PRIMARY KEY, data {blob} NOT NULL, nchunks BIGINT NOT NULL,
+    size_head BIGINT NOT NULL, size_tail BIGINT NOT NULL, refs BIGINT NOT NULL DEFAULT 0,
+    since {real} NOT NULL);
+CREATE INDEX IF NOT EXISTS pages_unreferenced ON pages (since) WHERE refs = 0;
+CREATE TABLE IF NOT EXISTS bodies (
+    id {blob} PRIMARY KEY, data {blob} NOT NULL, refs BIGINT NOT NULL DEFAULT 0,
+    since {real} NOT NULL);
+CREATE INDEX IF NOT EXISTS bodies_unreferenced ON bodies (since) WHERE refs = 0;
 CREATE TABLE IF NOT EXISTS commits (
     id TEXT PRIMARY KEY, kind TEXT NOT NULL, name TEXT NOT NULL, sha256 {blob},
     result {blob} NOT NULL, at {real} NOT NULL);
@@ -65,66 +88,108 @@ CREATE TABLE IF NOT EXISTS totals (
     chunks BIGINT NOT NULL, chunk_bytes BIGINT NOT NULL);
 INSERT INTO totals VALUES (1, 0, 0, 0, 0) ON CONFLICT (id) DO NOTHING;
 CREATE TABLE IF NOT EXISTS leases (
-    name TEXT PRIMARY KEY, holder TEXT NOT NULL, until {real} NOT NULL);
-CREATE TABLE IF NOT EXISTS retained (
+    name TEXT PRIMARY KEY, holder TEXT NOT NULL, until {real} NOT NULL)
+"""
+
+# Format 2's tables, which an upgrade reads (renamed out of the way) and a format-1 migration
+# fills before it upgrades them in the same transaction.
+SCHEMA_V2 = """
+CREATE TABLE IF NOT EXISTS names_v2 (
+    name {name_type} PRIMARY KEY, version BIGINT NOT NULL, size BIGINT NOT NULL,
+    sha256 {blob} NOT NULL, chunk_size BIGINT NOT NULL, chunks {blob} NOT NULL,
+    mtime {real} NOT NULL, commit_id TEXT NOT NULL, committed {real} NOT NULL,
+    deleted INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS retained_v2 (
     name {name_type} NOT NULL, version BIGINT NOT NULL, size BIGINT NOT NULL,
     sha256 {blob} NOT NULL, chunk_size BIGINT NOT NULL, chunks {blob} NOT NULL,
     mtime {real} NOT NULL, commit_id TEXT NOT NULL, committed {real} NOT NULL,
     PRIMARY KEY (name, version))
 """
 
-_VERSION_COLUMNS = (
-    "name, size, sha256, chunk_size, chunks, mtime, version, commit_id, committed, deleted"
+_STAT_COLUMNS = (
+    "name, size, digest, kind, chunk_size, nchunks, mtime, version, commit_id, committed, meta"
 )
-_RETAINED_COLUMNS = _VERSION_COLUMNS.rsplit(",", 1)[0]  # a retained version is never deleted
-_CHUNK_COLUMNS = "digest, size, refs, since, doomed, data"
+_LIST_COLUMNS = "extent_list, chunk_list, page_list, body"
+_ROW_COLUMNS = f"{_STAT_COLUMNS}, {_LIST_COLUMNS}"  # what a names or retained row holds
+_CHUNK_COLUMNS = "digest, size, refs, since, doomed, data, lost"
+_STAT_FIELDS = (
+    "name",
+    "size",
+    "digest",
+    "digest_kind",
+    "chunk_size",
+    "count",
+    "mtime",
+    "version",
+    "commit",
+    "committed",
+    "meta",
+    "deleted",
+)  # what a remembered commit keeps of the version it made: its stat, never its chunk list
 
 
 class Retry(Exception):
     """The transaction met a deadlock or a serialization failure: run it again."""
 
 
-class ConnectionLost(Unavailable):
-    """The connection to the database was lost during a transaction: nothing of it stands, so
-    no change of a group commit may be kept by rolling back to its savepoint."""
+def _blob(value):
+    return bytes(value) if value is not None else None
 
 
-# A row as the driver returns it: the selected columns' values, of the driver's types.
-Row: TypeAlias = tuple[Any, ...]
-T = TypeVar("T")
-
-
-class Cursor(Protocol):
-    """What a statement returns, in both drivers (sqlite3, psycopg)."""
-
-    @property
-    def rowcount(self) -> int: ...
-
-    def fetchone(self) -> Row | None: ...
-
-    def fetchall(self) -> builtins.list[Row]: ...
-
-
-def _version(row: Row) -> Version:
-    name, size, sha, chunk_size, chunks, mtime, version, commit, committed, deleted = row
+def _version(row, deleted=False, lists=True) -> Version:
+    """A version from ``_STAT_COLUMNS`` (and, with ``lists``, ``_LIST_COLUMNS``) of a row."""
+    name, size, digest, kind, chunk_size, count, mtime, version, commit, committed, meta = row[:11]
+    fields = {}
+    if lists:
+        extents, chunks, pages, body = row[11:15]
+        fields = {
+            "extents": p.unpack_extents(extents) if extents is not None else None,
+            "chunks": tuple(p.split_digests(chunks)) if chunks is not None else None,
+            "pages": tuple(p.split_digests(pages)) if pages is not None else None,
+            "body": _blob(body),
+        }
     return Version(
         name,
         size,
-        bytes(sha),
+        bytes(digest),
+        kind,
         chunk_size,
-        unpack_digests(bytes(chunks)),
+        count,
         mtime,
         version,
         commit,
         committed,
+        msgpack.unpackb(bytes(meta), raw=False) if meta else {},
         bool(deleted),
+        **fields,
     )
 
 
-def _chunk(row: Row) -> ChunkRow:
-    digest, size, refs, since, doomed, data = row
+def _row(version: Version) -> tuple:
+    """A version as the values of ``_ROW_COLUMNS``."""
+    return (
+        version.name,
+        version.size,
+        version.digest,
+        version.digest_kind,
+        version.chunk_size,
+        version.count,
+        version.mtime,
+        version.version,
+        version.commit,
+        version.committed,
+        msgpack.packb(version.meta, use_bin_type=True) if version.meta else None,
+        p.pack_extents(version.extents) if version.extents is not None else None,
+        p.join_digests(version.chunks) if version.chunks is not None else None,
+        p.join_digests(version.pages) if version.pages is not None else None,
+        version.body,
+    )
+
+
+def _chunk(row) -> ChunkRow:
+    digest, size, refs, since, doomed, data, lost = row
     return ChunkRow(
-        bytes(digest), size, refs, since, doomed, bytes(data) if data is not None else None
+        bytes(digest), size, refs, since, doomed, bytes(data) if data is not None else None, lost
     )
 
 
@@ -140,25 +205,44 @@ def prefix_end(prefix: str) -> str | None:
     return None
 
 
-def _request_digest(change: NewVersion) -> Digest:
+def _request_digest(change: NewVersion) -> bytes:
     """What identifies a commit request: every field it carries."""
     return hashlib.sha256(
         msgpack.packb(
             [
                 change.name,
-                change.size,
-                change.sha256,
-                change.chunk_size,
-                list(change.chunks),
+                p.pack_extents(change.extents),
+                change.digest,
+                change.digest_kind,
+                p.join_digests(change.chunks or ()),
+                p.join_digests(change.pages or ()),
                 change.mtime,
+                sorted(change.meta.items()),
             ],
             use_bin_type=True,
         )
     ).digest()
 
 
+def _by_delta(counts) -> tuple:
+    """``(ids, deltas)`` of a Counter of reference changes, sorted by id."""
+    ids = sorted(counts)
+    return ids, [counts[i] for i in ids]
+
+
+def _renamed(version: Version, name: str, commit: str, now: float) -> Version:
+    """``version``'s content as a new version of ``name`` made by ``commit`` now."""
+    return replace(version, name=name, commit=commit, committed=now, deleted=False)
+
+
 def _marks(n: int) -> str:
     return ",".join("?" * n)
+
+
+def _batches(items, size: int = IN_BATCH):
+    items = list(items)
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 class SQLMeta(MetaEngine):
@@ -169,38 +253,60 @@ class SQLMeta(MetaEngine):
     begin_write = "BEGIN"
     # Statements run before and after a transaction that need not be on disk when it commits
     # (the next durable commit, which names what it relied on, flushes it along): none here.
-    lazy_commit: tuple[str, str] | tuple[()] = ()
+    lazy_commit = ()
+    begin_read = "BEGIN"  # a transaction whose reads see one snapshot
     for_update = ""  # appended to SELECTs of rows about to be changed
     skip_locked = ""  # appended to the collector's SELECT
     in_transaction = False  # a lost connection must not be silently reopened midway
     keep_versions = 0  # replaced versions retained per name (the worker's --keep-versions)
-    _delta: builtins.list[int]  # what the transaction under way adds to the totals row
 
-    def _execute(self, sql: str, args: Sequence[object] = ()) -> Cursor:
+    def _execute(self, sql: str, args=()):
         raise NotImplementedError
 
-    def _executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
+    def _executemany(self, sql: str, rows):
         raise NotImplementedError
 
-    def _translate(self, exc: BaseException) -> FmsError | Retry | None:
+    def _translate(self, exc: Exception):
         """A driver error as an :class:`FmsError` (or :class:`Retry`), or None if not one of
         the driver's."""
         raise NotImplementedError
 
-    def _lock_names(self, names: Sequence[str]) -> None:
+    def _lock_names(self, names):
         """Hold ``names`` until the transaction ends (no-op where transactions are serial)."""
 
-    def _lock_schema(self) -> None:
+    def _lock_schema(self):
         """Hold off other workers creating the tables at the same moment (no-op if serial)."""
 
     # --- transactions ---
 
-    def _create_schema(self, store_id: str) -> None:
+    def _create_schema(self, store_id):
+        """Create the tables of a new store, or upgrade those of an older format in place: one
+        transaction, which other workers opening the store wait for (and then find done)."""
         with self._write():
             self._lock_schema()
-            for statement in SCHEMA.format(**self.types).split(";"):
-                if statement.strip():
-                    self._execute(statement)
+            self._execute(
+                "CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+            )
+            found = self._execute("SELECT value FROM settings WHERE key = 'format'").fetchone()
+            older = found is not None and found[0] == "2"
+            if found is not None and not older and int(found[0]) != FORMAT:
+                raise FmsError(
+                    f"this store is in format {found[0]}, which this fms does not know "
+                    f"(it writes format {FORMAT}); use the fms that made it"
+                )
+            if older:
+                self._execute("ALTER TABLE chunks ADD COLUMN lost INTEGER NOT NULL DEFAULT 0")
+                self._create(
+                    SCHEMA_V2.replace("names_v2", "names").replace("retained_v2", "retained")
+                )
+                self._execute("DROP INDEX IF EXISTS names_tombstones")
+                for table in ("names", "retained"):
+                    self._execute(f"ALTER TABLE {table} RENAME TO {table}_v2")
+                    self._rename_key_index(table)
+            self._create(SCHEMA)
+            if older:
+                self._upgrade_v2(time.time())
+                self._execute("UPDATE settings SET value = ? WHERE key = 'format'", (str(FORMAT),))
             self._execute(
                 "INSERT INTO settings VALUES ('format', ?) ON CONFLICT (key) DO NOTHING",
                 (str(FORMAT),),
@@ -210,8 +316,124 @@ class SQLMeta(MetaEngine):
                 (store_id,),
             )
 
+    def _create(self, schema: str):
+        for statement in schema.format(**self.types).split(";"):
+            if statement.strip():
+                self._execute(statement)
+
+    def _rename_key_index(self, table: str):
+        """After ``table`` was renamed to ``table_v2``, free the name of its primary key's index
+        for the new table (a no-op where indexes follow their table)."""
+
+    def _upgrade_v2(self, now: float):
+        """Format 2 (a whole chunk list per row, a reference per chunk listed) to this one, in
+        the caller's transaction: every version of ``names_v2`` and ``retained_v2`` as the new
+        rows (short lists inline, longer ones paged), the references counted anew, the
+        remembered results as stats.  Memory: one row, or one page, at a time."""
+        log.info("event=upgrade_start from_format=2 to_format=%d", FORMAT)
+        self._execute("UPDATE chunks SET refs = 0")
+        imported = 0
+        for table, keys, deleted in (
+            ("names", ("name",), "deleted"),
+            ("retained", ("name", "version"), "0"),
+        ):
+            for row in self._scan(
+                f"{table}_v2",
+                keys,
+                "version, size, sha256, chunk_size, chunks, mtime, commit_id, committed, "
+                + deleted,
+            ):
+                # retained_v2's key is (name, version): version is listed twice
+                self._import_v2(table, row if len(keys) == 1 else (row[0], *row[2:]), now)
+                imported += 1
+        # A chunk no version lists any more is collected after the grace period from now.
+        self._execute(
+            "UPDATE chunks SET since = ? WHERE refs = 0 AND doomed = 0 AND since < ?", (now, now)
+        )
+        for ident, result in self._scan("commits", ("id",), "result", batch=256):
+            old = msgpack.unpackb(bytes(result), raw=False)
+            if "sha256" not in old:
+                continue
+            stat = {
+                "name": old["name"],
+                "size": old["size"],
+                "digest": old["sha256"],
+                "digest_kind": p.DIGEST_CONTENT,
+                "chunk_size": old["chunk_size"],
+                "count": len(old.get("chunks") or ()),
+                "mtime": old["mtime"],
+                "version": old["version"],
+                "commit": old["commit"],
+                "committed": old["committed"],
+                "meta": {},
+                "deleted": bool(old.get("deleted")),
+            }
+            self._execute(
+                "UPDATE commits SET result = ? WHERE id = ?",
+                (msgpack.packb(stat, use_bin_type=True), ident),
+            )
+        self._execute("DROP TABLE names_v2")
+        self._execute("DROP TABLE retained_v2")
+        log.info("event=upgrade_done versions=%d", imported)
+
+    def _import_v2(self, table: str, row, now: float):
+        """One format-2 version (``name, version, size, sha256, chunk_size, chunks, mtime,
+        commit_id, committed, deleted``) as a row of ``table``, its references taken."""
+        name, number, size, sha, chunk_size, chunks, mtime, commit, committed, deleted = row
+        digests = p.split_digests(chunks)
+        extents = ((chunk_size, size),) if size else ()
+        lists = {"extents": extents, "chunks": None, "pages": None, "body": None}
+        if deleted:
+            lists["extents"] = None
+        elif len(digests) <= p.INLINE_CHUNKS:
+            lists["chunks"] = tuple(digests)
+            self._refs("chunks", "digest", sorted(set(digests)), 1, now)
+        else:
+            pages = []
+            last = p.chunk_length(len(digests) - 1, size, chunk_size)
+            cut = p.pages_of(extents, digests)
+            for i, page in enumerate(cut):
+                blob = p.join_digests(page)
+                pages.append(p.sha256(blob))
+                tail = last if i == len(cut) - 1 else chunk_size
+                head = chunk_size if len(page) > 1 else 0
+                self._store_page(pages[-1], blob, page, head, tail, now)
+            blob = p.pack_body(extents, pages)
+            lists["body"] = p.sha256(blob)
+            if not self._execute(
+                "UPDATE bodies SET refs = refs + 1 WHERE id = ?", (lists["body"],)
+            ).rowcount:
+                self._insert_body(lists["body"], blob, pages, now)
+            if len(pages) * p.HASH_LEN + p.EXTENT_LEN <= ROW_LISTS_MAX:
+                lists["pages"] = tuple(pages)
+            else:
+                lists["extents"] = None
+        version = Version(
+            name,
+            size,
+            bytes(sha),
+            p.DIGEST_CONTENT,
+            chunk_size,
+            0 if deleted else len(digests),
+            mtime,
+            number,
+            commit,
+            committed,
+            deleted=bool(deleted),
+            **lists,
+        )
+        if table == "names":
+            self._execute(
+                f"INSERT INTO names ({_ROW_COLUMNS}, deleted) VALUES ({_marks(16)})",
+                (*_row(version), int(bool(deleted))),
+            )
+        else:
+            self._execute(
+                f"INSERT INTO retained ({_ROW_COLUMNS}) VALUES ({_marks(15)})", _row(version)
+            )
+
     @contextlib.contextmanager
-    def _write(self, durable: bool = True) -> Iterator[None]:
+    def _write(self, durable: bool = True):
         """One write transaction; driver errors become the wire's errors.  ``durable=False``
         lets it commit without waiting for the disk (:attr:`lazy_commit`)."""
         if durable or not self.lazy_commit:
@@ -224,7 +446,7 @@ class SQLMeta(MetaEngine):
         finally:
             self._execute(restore)  # never left relaxed: if this fails, so does the request
 
-    def _write_body(self) -> Iterator[None]:
+    def _write_body(self):
         try:
             self._execute(self.begin_write)
         except Exception as exc:
@@ -243,7 +465,7 @@ class SQLMeta(MetaEngine):
         finally:
             self.in_transaction = False
 
-    def _transaction(self, work: Callable[[], T], durable: bool = True) -> T:
+    def _transaction(self, work, durable: bool = True):
         """Run ``work()`` in a write transaction, again if it deadlocked.  The totals row is
         changed once, last, with what ``work`` added up through :meth:`_bump`: every writer
         queues on that one row, so it is held for the shortest time."""
@@ -260,49 +482,38 @@ class SQLMeta(MetaEngine):
                         )
                     return result
             except Retry:
-                if attempt < RETRIES - 1:
-                    log.info("event=transaction_retry attempt=%d", attempt + 1)
-        raise Unavailable("the metadata database kept meeting concurrent writers; try again")
+                if attempt == RETRIES - 1:
+                    raise Unavailable(
+                        "the metadata database kept meeting concurrent writers; try again"
+                    ) from None
+                log.info("event=transaction_retry attempt=%d", attempt + 1)
 
-    def _bump(self, files: int = 0, nbytes: int = 0, chunks: int = 0, chunk_bytes: int = 0) -> None:
+    def _bump(self, files=0, nbytes=0, chunks=0, chunk_bytes=0):
         """Add to the totals this transaction will write."""
         for i, n in enumerate((files, nbytes, chunks, chunk_bytes)):
             self._delta[i] += n
 
-    def _error(self, exc: Exception) -> Exception:
+    def _error(self, exc):
         translated = self._translate(exc)
         return translated if translated is not None else exc
 
-    def _one(self, sql: str, args: Sequence[object] = ()) -> Row | None:
+    def _one(self, sql, args=()):
         try:
             return self._execute(sql, args).fetchone()
         except Exception as exc:
             raise self._error(exc) from None
 
-    def _only(self, sql: str, args: Sequence[object] = ()) -> Row:
-        """The row of a query that always has one (an aggregate, the totals row)."""
-        row = self._one(sql, args)
-        assert row is not None, sql
-        return row
-
-    def _all(self, sql: str, args: Sequence[object] = ()) -> builtins.list[Row]:
+    def _all(self, sql, args=()):
         try:
             return self._execute(sql, args).fetchall()
         except Exception as exc:
             raise self._error(exc) from None
 
-    def setting(self, key: str) -> str | None:
+    def setting(self, key: str):
         row = self._one("SELECT value FROM settings WHERE key = ?", (key,))
         return row[0] if row else None
 
-    def _stored_id(self) -> str:
-        """The store's id, written with the tables."""
-        store_id = self.setting("store_id")
-        if store_id is None:
-            raise FmsError("the metadata database holds no store id: it is damaged or not fms's")
-        return store_id
-
-    def set_setting(self, key: str, value: str) -> None:
+    def set_setting(self, key: str, value: str):
         """Inside a caller's transaction (migration)."""
         self._execute(
             "INSERT INTO settings VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
@@ -312,67 +523,75 @@ class SQLMeta(MetaEngine):
 
     # --- names ---
 
-    def get(self, name: str) -> Version | None:
-        row = self._one(
-            f"SELECT {_VERSION_COLUMNS} FROM names WHERE name = ? AND deleted = 0", (name,)
-        )
-        return _version(row) if row else None
+    def get(self, name, lists=True):
+        columns = _ROW_COLUMNS if lists else _STAT_COLUMNS
+        row = self._one(f"SELECT {columns} FROM names WHERE name = ? AND deleted = 0", (name,))
+        return _version(row, lists=lists) if row else None
 
-    def list(self, prefix: str, after: str, limit: int) -> builtins.list[Version]:
+    def list(self, prefix, after, limit):
         lo = max(prefix, after)
         hi = prefix_end(prefix)
-        sql = f"SELECT {_VERSION_COLUMNS} FROM names WHERE name >= ? AND name != ?"
-        args: builtins.list[object] = [lo, after]
+        sql = f"SELECT {_STAT_COLUMNS} FROM names WHERE name >= ? AND name != ?"
+        args = [lo, after]
         if hi is not None:
             sql += " AND name < ?"
             args.append(hi)
         sql += " AND deleted = 0 ORDER BY name LIMIT ?"
         args.append(limit)
-        return [_version(r) for r in self._all(sql, args)]
+        return [_version(r, lists=False) for r in self._all(sql, args)]
 
-    def usage(self, prefix: str) -> tuple[int, int]:
+    def usage(self, prefix):
         sql = "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM names WHERE name >= ? AND deleted = 0"
-        args: builtins.list[object] = [prefix]
+        args = [prefix]
         hi = prefix_end(prefix)
         if hi is not None:
             sql += " AND name < ?"
             args.append(hi)
-        files, nbytes = self._only(sql, args)
+        files, nbytes = self._one(sql, args)
         return int(files), int(nbytes)
 
-    def iter_versions(self, after: str, limit: int) -> builtins.list[Version]:
+    def iter_versions(self, after, limit):
         return [
             _version(r)
             for r in self._all(
-                f"SELECT {_VERSION_COLUMNS} FROM names WHERE name > ? AND deleted = 0 "
+                f"SELECT {_ROW_COLUMNS} FROM names WHERE name > ? AND deleted = 0 "
                 f"ORDER BY name LIMIT ?",
                 (after, limit),
             )
         ]
 
-    def totals(self) -> Totals:
-        return Totals(*self._only("SELECT files, bytes, chunks, chunk_bytes FROM totals"))
+    def retained(self, name):
+        return [
+            _version(r)
+            for r in self._all(
+                f"SELECT {_ROW_COLUMNS} FROM retained WHERE name = ? ORDER BY version DESC",
+                (name,),
+            )
+        ]
 
-    def apply(
-        self, changes: Sequence[Change], now: float, small: Mapping[Digest, BytesLike]
-    ) -> builtins.list[Version | FmsError]:
-        def work() -> builtins.list[Version | FmsError]:
+    def totals(self):
+        return Totals(*self._one("SELECT files, bytes, chunks, chunk_bytes FROM totals"))
+
+    def apply(self, changes, now, small):
+        def work():
             self._lock_names(
                 sorted(
                     {n for c in changes for n in c.names}
                     | {c.src for c in changes if isinstance(c, Copy)}
                 )
             )
-            results: builtins.list[Version | FmsError] = []
+            results = []
             for i, change in enumerate(changes):
                 self._execute(f"SAVEPOINT c{i}")
-                saved = builtins.list(self._delta)
-                result: Version | FmsError
+                saved = list(self._delta)
+                self._chunk_refs = collections.Counter()
                 try:
                     if isinstance(change, NewVersion):
-                        for digest in sorted(set(change.chunks) & small.keys()):
+                        claimed = {}  # live now, of this size: no need to look them up again
+                        for digest in sorted(set(change.chunks or ()) & small.keys()):
                             self._claim(digest, len(small[digest]), now, bytes(small[digest]))
-                        result = self._commit(change, now)
+                            claimed[digest] = len(small[digest])
+                        result = self._commit(change, now, claimed)
                     elif isinstance(change, Removal):
                         result = self._remove(change, now)
                     elif isinstance(change, Copy):
@@ -381,9 +600,12 @@ class SQLMeta(MetaEngine):
                         result = self._restore(change, now)
                     else:
                         raise TypeError(f"not a change: {change!r}")
+                    # The chunk references the change takes and releases, in one pass sorted by
+                    # digest: two transactions always lock shared rows in the same order.
+                    self._refs("chunks", "digest", *_by_delta(self._chunk_refs), now)
                     self._execute(f"RELEASE SAVEPOINT c{i}")
                 except FmsError as exc:
-                    if isinstance(exc, ConnectionLost):
+                    if getattr(exc, "whole_transaction", False):
                         raise  # the connection is gone: nothing of it stands
                     self._execute(f"ROLLBACK TO SAVEPOINT c{i}")
                     self._execute(f"RELEASE SAVEPOINT c{i}")
@@ -394,100 +616,164 @@ class SQLMeta(MetaEngine):
 
         return self._transaction(work)
 
-    def _logged(self, commit_id: str, kind: str, name: str, sha256: bytes | None) -> Version | None:
+    def _logged(self, commit_id, kind, name, request):
         row = self._one("SELECT kind, name, sha256, result FROM commits WHERE id = ?", (commit_id,))
         if row is None:
             return None
-        if (row[0], row[1]) != (kind, name) or (sha256 is not None and bytes(row[2]) != sha256):
+        if (row[0], row[1]) != (kind, name) or (request is not None and bytes(row[2]) != request):
             raise BadRequest(
                 f"id {commit_id!r} was already used by another request; every commit "
                 f"and rm needs a fresh random id"
             )
-        fields = msgpack.unpackb(bytes(row[3]), raw=False)
-        return Version(**{**fields, "chunks": tuple(fields["chunks"])})
+        return Version(**msgpack.unpackb(bytes(row[3]), raw=False))
 
-    def _log(self, kind: str, version: Version, now: float, request: bytes | None = None) -> None:
+    def _log(self, kind, version: Version, now, request=None):
         # The `sha256` column holds the digest of the whole request (see _request_digest), so a
-        # retry is recognised only if it is the very same request.
-        result = msgpack.packb(
-            {f: getattr(version, f) for f in Version.__slots__}, use_bin_type=True
-        )
+        # retry is recognised only if it is the very same request.  The result is the stat of
+        # what it made, never its chunk list.
+        result = msgpack.packb({f: getattr(version, f) for f in _STAT_FIELDS}, use_bin_type=True)
         self._execute(
             "INSERT INTO commits VALUES (?, ?, ?, ?, ?, ?)",
             (version.commit, kind, version.name, request, result, now),
         )
 
-    def _current(self, name: str) -> Version | None:
-        row = self._one(f"SELECT {_VERSION_COLUMNS} FROM names WHERE name = ?", (name,))
-        return _version(row) if row else None
+    def _current(self, name):
+        row = self._one(f"SELECT {_ROW_COLUMNS}, deleted FROM names WHERE name = ?", (name,))
+        return _version(row, deleted=row[15]) if row else None
 
-    def _commit(self, change: NewVersion, now: float, kind: str = "commit") -> Version:
-        request = _request_digest(change) if kind == "commit" else None
-        done = self._logged(change.commit, kind, change.name, request)
+    def _commit(self, change: NewVersion, now, claimed=None) -> Version:
+        """A new version of checked content (the engine checked its shape and digest): its
+        chunks or pages must be stored, with the sizes their places in the file need
+        (``claimed``: chunks claimed in this transaction, by digest, and their sizes)."""
+        request = _request_digest(change)
+        done = self._logged(change.commit, "commit", change.name, request)
         if done is not None:
             return done
-        wanted = collections.Counter(change.chunks)
-        digests = sorted(wanted)
-        live = (
-            {
-                bytes(r[0])
-                for r in self._all(
-                    "SELECT digest FROM chunks WHERE doomed = 0 "
-                    f"AND digest IN ({_marks(len(digests))}) ORDER BY digest{self.for_update}",
-                    digests,
-                )
-            }
-            if digests
-            else set()
-        )
-        missing = [d for d in wanted if d not in live]
-        if missing:
-            raise MissingChunks.absent(change.name, missing)
-        old = self._current(change.name)
+        extents, pages, body = change.extents, None, None
+        if change.pages is not None:
+            body = self._take_body(change, now)
+            if len(change.extents) * p.EXTENT_LEN + len(change.pages) * p.HASH_LEN > (
+                ROW_LISTS_MAX
+            ):
+                extents = None  # read from the body when asked for
+            else:
+                pages = tuple(change.pages)
+        else:
+            self._take_chunks(change, claimed or {})
         version = Version(
             change.name,
             change.size,
-            change.sha256,
+            change.digest,
+            change.digest_kind,
             change.chunk_size,
-            tuple(change.chunks),
+            change.count,
             change.mtime,
-            old.version + 1 if old else 1,
+            0,  # set by _install
             change.commit,
             now,
+            dict(change.meta),
+            extents=extents,
+            chunks=tuple(change.chunks) if change.chunks is not None else None,
+            pages=pages,
+            body=body,
         )
-        self._execute(
-            "INSERT INTO names VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0) ON CONFLICT (name) DO UPDATE "
-            "SET version = excluded.version, size = excluded.size, sha256 = excluded.sha256, "
-            "chunk_size = excluded.chunk_size, chunks = excluded.chunks, mtime = excluded.mtime, "
-            "commit_id = excluded.commit_id, committed = excluded.committed, deleted = 0",
-            (
-                version.name,
-                version.version,
-                version.size,
-                version.sha256,
-                version.chunk_size,
-                pack_digests(version.chunks),
-                version.mtime,
-                version.commit,
-                now,
-            ),
-        )
-        replaced = old if old is not None and not old.deleted else None
-        delta = wanted.copy()
-        if replaced is not None:
-            self._release(replaced, delta)
-        self._add_refs(delta, now)
-        self._bump(
-            files=0 if replaced is not None else 1,
-            nbytes=version.size - (replaced.size if replaced is not None else 0),
-        )
-        self._log(kind, version, now, request)
-        return version
+        return self._install(version, now, "commit", request)
 
-    def _copy(self, change: Copy, now: float) -> Version:
-        """``change.name`` gets ``change.src``'s content as a new version: its chunks gain a
-        reference each, nothing else is stored; a move then removes ``src`` (its tombstone's
-        id is the move's, suffixed, so the two never share an id)."""
+    def _take_chunks(self, change: NewVersion, claimed: dict):
+        """A reference on each distinct chunk of a short chunk list, once each is found live
+        (``FOR UPDATE``: the collector cannot doom it now; ``claimed``: live already) with the
+        size its place needs."""
+        wanted = sorted(set(change.chunks))
+        sizes = dict(claimed)
+        for part in _batches([d for d in wanted if d not in claimed]):
+            for digest, size in self._execute(
+                f"SELECT digest, size FROM chunks WHERE doomed = 0 AND digest IN "
+                f"({_marks(len(part))}) ORDER BY digest{self.for_update}",
+                part,
+            ).fetchall():
+                sizes[bytes(digest)] = size
+        missing = [d for d in change.chunks if d not in sizes]
+        if missing:
+            raise MissingChunks.absent(change.name, missing)
+        check_chunks(change.name, change.extents, change.chunks, sizes)
+        self._chunk_refs.update(wanted)
+
+    def _take_body(self, change: NewVersion, now) -> bytes:
+        """A reference on the body of a paged chunk list (stored now if new: its pages must be
+        stored and fit the extents).  :return: the body's id."""
+        blob = p.pack_body(change.extents, change.pages)
+        body = p.sha256(blob)
+        if self._execute("UPDATE bodies SET refs = refs + 1 WHERE id = ?", (body,)).rowcount:
+            return body
+        wanted = sorted(set(change.pages))
+        rows = {}
+        for part in _batches(wanted):
+            for page, count, head, tail in self._execute(
+                f"SELECT id, nchunks, size_head, size_tail FROM pages WHERE id IN "
+                f"({_marks(len(part))}) ORDER BY id{self.for_update}",
+                part,
+            ).fetchall():
+                rows[bytes(page)] = (count, head, tail)
+        missing = [page for page in wanted if page not in rows]
+        if missing:
+            raise MissingChunks(
+                f"{len(missing)} page(s) of the chunk list of {change.name!r} are not in the "
+                f"store (never sent, or collected since); send them with put_page and commit "
+                f"again",
+                missing=missing,
+            )
+        check_pages(change.name, change.extents, change.pages, rows)
+        self._insert_body(body, blob, change.pages, now)
+        return body
+
+    def _insert_body(self, body: bytes, blob: bytes, pages, now):
+        """Store a body with one reference, and take one on each distinct page it lists."""
+        if self._execute(
+            "INSERT INTO bodies (id, data, refs, since) VALUES (?, ?, 1, ?) "
+            "ON CONFLICT (id) DO NOTHING RETURNING id",
+            (body, blob, now),
+        ).fetchall():
+            self._refs("pages", "id", sorted(set(pages)), 1, now)
+        else:  # another commit stored it meanwhile (PostgreSQL), with its references
+            self._execute("UPDATE bodies SET refs = refs + 1 WHERE id = ?", (body,))
+
+    def _store_page(self, page_id: bytes, blob: bytes, digests, head: int, tail: int, now) -> bool:
+        """Store a page unless it is, and take a reference on each distinct chunk it lists.
+        ``head``: the size of every chunk but the last (0 if it lists one, -1 if they differ);
+        ``tail``: the last one's.  :return: whether it was stored now."""
+        if not self._execute(
+            "INSERT INTO pages (id, data, nchunks, size_head, size_tail, refs, since) "
+            "VALUES (?, ?, ?, ?, ?, 0, ?) ON CONFLICT (id) DO NOTHING RETURNING id",
+            (page_id, blob, len(digests), head, tail, now),
+        ).fetchall():
+            return False
+        self._refs("chunks", "digest", sorted(set(digests)), 1, now)
+        return True
+
+    def _install(self, version: Version, now, kind: str, request=None) -> Version:
+        """Make ``version`` (whose references are taken) the current one of its name: its
+        number follows the old one's, which is retained or released."""
+        old = self._current(version.name)
+        version = version.numbered(old.version + 1 if old else 1)
+        self._execute(
+            f"INSERT INTO names ({_ROW_COLUMNS}, deleted) VALUES "
+            f"({_marks(15)}, 0) ON CONFLICT (name) DO UPDATE SET "
+            + ", ".join(f"{c} = excluded.{c}" for c in _ROW_COLUMNS.split(", ")[1:])
+            + ", deleted = 0",
+            _row(version),
+        )
+        was_live = old is not None and not old.deleted
+        if was_live:
+            self._release(old, now)
+        self._bump(files=0 if was_live else 1, nbytes=version.size - (old.size if was_live else 0))
+        self._log(kind, version, now, request)
+        return version.stat()  # what a retry of it is answered with too
+
+    def _copy(self, change: Copy, now) -> Version:
+        """``change.name`` gets ``change.src``'s content as a new version: one reference more on
+        what it lists (its body, or the chunks of a short list), nothing else is stored; a move
+        then removes ``src`` (its tombstone's id is the move's, suffixed, so the two never share
+        an id)."""
         kind = "mv" if change.move else "cp"
         done = self._logged(change.commit, kind, change.name, None)
         if done is not None:
@@ -497,24 +783,13 @@ class SQLMeta(MetaEngine):
         src = self._current(change.src)
         if src is None or src.deleted:
             raise NotFound(f"{change.src!r} not found; see what is stored with: ls")
-        version = self._commit(
-            NewVersion(
-                change.name,
-                src.size,
-                src.sha256,
-                src.chunk_size,
-                src.chunks,
-                src.mtime,
-                change.commit,
-            ),
-            now,
-            kind,
-        )
+        self._reference(src, 1, now)
+        version = self._install(_renamed(src, change.name, change.commit, now), now, kind)
         if change.move:
             self._remove(Removal(change.src, f"{change.commit}/src"), now)
         return version
 
-    def _remove(self, change: Removal, now: float) -> Version:
+    def _remove(self, change: Removal, now) -> Version:
         done = self._logged(change.commit, "rm", change.name, None)
         if done is not None:
             return done
@@ -524,72 +799,64 @@ class SQLMeta(MetaEngine):
         tomb = Version(
             old.name,
             old.size,
-            old.sha256,
+            old.digest,
+            old.digest_kind,
             old.chunk_size,
-            (),
+            0,
             old.mtime,
             old.version + 1,
             change.commit,
             now,
+            old.meta,
             deleted=True,
         )
         self._execute(
-            "UPDATE names SET version = ?, chunks = ?, commit_id = ?, committed = ?, deleted = 1 "
+            "UPDATE names SET version = ?, nchunks = 0, extent_list = NULL, chunk_list = NULL, "
+            "page_list = NULL, body = NULL, commit_id = ?, committed = ?, deleted = 1 "
             "WHERE name = ?",
-            (tomb.version, b"", tomb.commit, now, tomb.name),
+            (tomb.version, tomb.commit, now, tomb.name),
         )
-        delta: collections.Counter[Digest] = collections.Counter()
-        self._release(old, delta)
-        self._add_refs(delta, now)
+        self._release(old, now)
         self._bump(files=-1, nbytes=-old.size)
         self._log("rm", tomb, now)
         return tomb
 
-    def _release(self, old: Version, delta: collections.Counter[Digest]) -> None:
+    def _release(self, old: Version, now):
         """``old`` stops being current: retained with its references (versions kept), or its
-        references released; retained versions past :attr:`keep_versions` release theirs.
-        Adds the reference changes to the Counter ``delta``."""
+        references released; retained versions past :attr:`keep_versions` release theirs."""
         if self.keep_versions > 0:
             self._execute(
-                "INSERT INTO retained VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (name, version) DO NOTHING",
-                (
-                    old.name,
-                    old.version,
-                    old.size,
-                    old.sha256,
-                    old.chunk_size,
-                    pack_digests(old.chunks),
-                    old.mtime,
-                    old.commit,
-                    old.committed,
-                ),
+                f"INSERT INTO retained ({_ROW_COLUMNS}) VALUES ({_marks(15)}) "
+                f"ON CONFLICT (name, version) DO NOTHING",
+                _row(old),
             )
         else:
-            delta.subtract(old.chunks)
-        for version, chunks in self._execute(
-            "SELECT version, chunks FROM retained WHERE name = ? ORDER BY version DESC", (old.name,)
+            self._reference(old, -1, now)
+        for row in self._execute(
+            f"SELECT {_ROW_COLUMNS} FROM retained WHERE name = ? ORDER BY version DESC",
+            (old.name,),
         ).fetchall()[self.keep_versions :]:
+            dropped = _version(row)
             self._execute(
-                "DELETE FROM retained WHERE name = ? AND version = ?", (old.name, version)
+                "DELETE FROM retained WHERE name = ? AND version = ?", (old.name, dropped.version)
             )
-            delta.subtract(unpack_digests(bytes(chunks)))
+            self._reference(dropped, -1, now)
 
-    def retained(self, name: str) -> builtins.list[Version]:
-        return [
-            _version((*r, 0))
-            for r in self._all(
-                f"SELECT {_RETAINED_COLUMNS} FROM retained WHERE name = ? ORDER BY version DESC",
-                (name,),
-            )
-        ]
+    def _reference(self, version: Version, delta: int, now):
+        """Take (``delta`` 1) or release (-1) a version's references: on its body, or on each
+        distinct chunk of its short chunk list."""
+        if version.body is not None:
+            self._refs("bodies", "id", [version.body], delta, now)
+        elif version.chunks:
+            for digest in set(version.chunks):
+                self._chunk_refs[digest] += delta
 
-    def _restore(self, change: Restore, now: float) -> Version:
+    def _restore(self, change: Restore, now) -> Version:
         done = self._logged(change.commit, "restore", change.name, None)
         if done is not None:
             return done
-        sql = f"SELECT {_RETAINED_COLUMNS} FROM retained WHERE name = ?"
-        args: builtins.list[object] = [change.name]
+        sql = f"SELECT {_ROW_COLUMNS} FROM retained WHERE name = ?"
+        args = [change.name]
         if change.version is not None:
             sql += " AND version = ?"
             args.append(change.version)
@@ -604,53 +871,120 @@ class SQLMeta(MetaEngine):
                 f"{change.name!r} has {which}; list them with: versions "
                 f"{change.name} (storage keeps them with --keep-versions N)"
             )
-        old = _version((*row, 0))
-        return self._commit(
-            NewVersion(
-                change.name,
-                old.size,
-                old.sha256,
-                old.chunk_size,
-                old.chunks,
-                old.mtime,
-                change.commit,
-            ),
-            now,
-            "restore",
-        )
+        old = _version(row)
+        self._reference(old, 1, now)
+        return self._install(_renamed(old, change.name, change.commit, now), now, "restore")
 
-    def _add_refs(self, delta: collections.Counter[Digest], now: float) -> None:
-        # Sorted by digest: two transactions always lock shared rows in the same order.  An
-        # unreferenced chunk's grace clock starts when its last reference goes.
-        rows = [(n, n, now, d) for d, n in sorted(delta.items()) if n]
+    def _refs(self, table: str, key: str, ids, delta, now, since_floor=None):
+        """Add ``delta`` (an int, or one per id) to the references of each of ``ids`` (distinct,
+        sorted: two transactions always lock shared rows in the same order).  A row whose last
+        reference goes starts its grace clock now, or, with ``since_floor``, keeps the later of
+        its own clock and ``since_floor`` (the clock of the list that held it: the collector)."""
+        mark = now if since_floor is None else since_floor
+        deltas = delta if isinstance(delta, list) else [delta] * len(ids)
+        rows = [(d, d, mark, mark, i) for i, d in zip(ids, deltas, strict=True) if d]
         if rows:
             self._executemany(
-                "UPDATE chunks SET refs = refs + ?, "
-                "since = CASE WHEN refs + ? = 0 THEN ? ELSE since END WHERE digest = ?",
+                f"UPDATE {table} SET refs = refs + ?, since = CASE WHEN refs + ? = 0 "
+                f"AND since < ? THEN ? ELSE since END WHERE {key} = ?",
                 rows,
             )
 
+    # --- pages and bodies ---
+
+    def put_page(self, page_id, blob, now):
+        digests = p.split_digests(blob)
+        wanted = sorted(set(digests))
+
+        def work():
+            if self._execute("UPDATE pages SET since = ? WHERE id = ?", (now, page_id)).rowcount:
+                return False  # stored already: protected for the grace period from now
+            sizes = {}
+            for part in _batches(wanted):
+                for digest, size in self._execute(
+                    f"SELECT digest, size FROM chunks WHERE doomed = 0 AND digest IN "
+                    f"({_marks(len(part))}) ORDER BY digest{self.for_update}",
+                    part,
+                ).fetchall():
+                    sizes[bytes(digest)] = size
+            missing = [d for d in wanted if d not in sizes]
+            if missing:
+                raise MissingChunks(
+                    f"{len(missing)} chunk(s) of this page are not in the store (never "
+                    f"uploaded, or collected since); upload them and send the page again",
+                    missing=missing,
+                )
+            head = sizes[digests[0]] if len(digests) > 1 else 0
+            if any(sizes[d] != head for d in digests[1:-1]):
+                head = -1  # mixed: no extent can list this page
+            # False: another worker stored it meanwhile (PostgreSQL)
+            return self._store_page(page_id, blob, digests, head, sizes[digests[-1]], now)
+
+        return self._transaction(work, durable=False)
+
+    def page(self, page_id):
+        row = self._one("SELECT data FROM pages WHERE id = ?", (page_id,))
+        return bytes(row[0]) if row else None
+
+    def has_page(self, page_id):
+        return self._one("SELECT 1 FROM pages WHERE id = ?", (page_id,)) is not None
+
+    def body(self, body_id):
+        row = self._one("SELECT data FROM bodies WHERE id = ?", (body_id,))
+        return bytes(row[0]) if row else None
+
+    def collect_lists(self, cutoff, limit=LIST_BATCH, dry_run=False):
+        lock = "" if dry_run else self.for_update + self.skip_locked
+
+        def take(table):
+            return [
+                (bytes(i), bytes(data), since)
+                for i, data, since in self._execute(
+                    f"SELECT id, data, since FROM {table} WHERE refs = 0 AND since < ? "
+                    f"ORDER BY id LIMIT ?{lock}",
+                    (cutoff, limit),
+                ).fetchall()
+            ]
+
+        def work():
+            bodies = take("bodies")
+            if dry_run:
+                return len(bodies), len(take("pages"))
+            # A body's pages, then a page's chunks, lose a reference; one left unreferenced
+            # keeps the clock of what held it, so it goes in this same collection.
+            for body, data, since in bodies:
+                self._execute("DELETE FROM bodies WHERE id = ?", (body,))
+                self._refs("pages", "id", sorted(set(p.unpack_body(data)[1])), -1, 0, since)
+            pages = take("pages")
+            for page, data, since in pages:
+                self._execute("DELETE FROM pages WHERE id = ?", (page,))
+                self._refs("chunks", "digest", sorted(set(p.split_digests(data))), -1, 0, since)
+            return len(bodies), len(pages)
+
+        return self._transaction(work)
+
     # --- chunks ---
 
-    def known(self, digests: Sequence[Digest], now: float) -> set[Digest]:
+    def known(self, digests, now):
         if not digests:
             return set()
         unique = sorted(set(digests))
-        found: set[Digest] = set()
+        found = set()
 
-        def work() -> None:
+        def work():
             found.clear()
-            for start in range(0, len(unique), 500):
-                part = unique[start : start + 500]
+            for part in _batches(unique):
+                # Referenced ones too: a list holding one may be collected, and its chunks
+                # then keep the later of its clock and theirs.
                 self._execute(
-                    f"UPDATE chunks SET since = ? WHERE refs = 0 AND doomed = 0 "
+                    f"UPDATE chunks SET since = ? WHERE doomed = 0 "
                     f"AND digest IN ({_marks(len(part))})",
                     [now, *part],
                 )
                 found.update(
                     bytes(r[0])
                     for r in self._execute(
-                        f"SELECT digest FROM chunks WHERE doomed = 0 AND digest IN "
+                        f"SELECT digest FROM chunks WHERE doomed = 0 AND lost = 0 AND digest IN "
                         f"({_marks(len(part))})",
                         part,
                     ).fetchall()
@@ -659,12 +993,31 @@ class SQLMeta(MetaEngine):
         self._transaction(work)
         return set(found)
 
-    def claim_chunk(self, digest: Digest, size: int, now: float, data: bytes | None = None) -> bool:
+    def mark_lost(self, digest):
+        self._transaction(
+            lambda: self._execute("UPDATE chunks SET lost = 1 WHERE digest = ?", (digest,)),
+            durable=False,
+        )
+
+    def chunk_rows(self, digests):
+        # Without their bytes: a small chunk's row says it holds them (data b"") and no more.
+        columns = _CHUNK_COLUMNS.replace("data", "CASE WHEN data IS NULL THEN NULL ELSE ? END")
+        out = {}
+        for part in _batches(sorted(set(digests))):
+            for row in self._all(
+                f"SELECT {columns} FROM chunks WHERE digest IN ({_marks(len(part))})",
+                [b"", *part],
+            ):
+                chunk = _chunk(row)
+                out[chunk.digest] = chunk
+        return out
+
+    def claim_chunk(self, digest, size, now, data=None):
         # Not flushed on its own: a claim lost in a power loss costs an upload again (the commit
         # finds the chunk missing), and the commit that relies on it flushes it first.
         return self._transaction(lambda: self._claim(digest, size, now, data), durable=False)
 
-    def _claim(self, digest: Digest, size: int, now: float, data: bytes | None) -> bool:
+    def _claim(self, digest, size, now, data):
         for _ in range(RETRIES):
             inserted = self._execute(
                 "INSERT INTO chunks (digest, size, refs, since, doomed, data) "
@@ -685,9 +1038,9 @@ class SQLMeta(MetaEngine):
                     f"chunk {digest.hex()[:16]} is being collected right now; "
                     f"send it again in a moment"
                 )
-            self._execute(
-                "UPDATE chunks SET since = ? WHERE digest = ? AND refs = 0", (now, digest)
-            )
+            # The bytes arrive: a chunk found lost (its blob gone or damaged) is whole again
+            # once they are written, which the caller does next.
+            self._execute("UPDATE chunks SET since = ?, lost = 0 WHERE digest = ?", (now, digest))
             if data is not None and row[1]:  # the bytes arrive again: heal a damaged copy
                 self._execute(
                     "UPDATE chunks SET data = ? WHERE digest = ? AND data != ?",
@@ -698,14 +1051,14 @@ class SQLMeta(MetaEngine):
             f"chunk {digest.hex()[:16]} is being collected right now; send it again in a moment"
         )
 
-    def chunk(self, digest: Digest) -> ChunkRow | None:
+    def chunk(self, digest):
         row = self._one(f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE digest = ?", (digest,))
         return _chunk(row) if row else None
 
     # --- garbage collection ---
 
-    def doom(self, cutoff: float, limit: int, dry_run: bool = False) -> builtins.list[ChunkRow]:
-        def work() -> builtins.list[ChunkRow]:
+    def doom(self, cutoff, limit, dry_run=False):
+        def work():
             rows = [
                 _chunk(r)
                 for r in self._execute(
@@ -730,7 +1083,7 @@ class SQLMeta(MetaEngine):
 
         return self._transaction(work)
 
-    def doomed(self, limit: int) -> builtins.list[ChunkRow]:
+    def doomed(self, limit):
         return [
             _chunk(r)
             for r in self._all(
@@ -739,11 +1092,11 @@ class SQLMeta(MetaEngine):
             )
         ]
 
-    def forget(self, digests: Sequence[Digest]) -> None:
+    def forget(self, digests):
         if not digests:
             return
 
-        def work() -> None:
+        def work():
             count = size = 0
             for d in sorted(digests):
                 row = self._execute(
@@ -755,8 +1108,8 @@ class SQLMeta(MetaEngine):
 
         self._transaction(work)
 
-    def adopt_orphan(self, digest: Digest, size: int) -> bool:
-        def work() -> bool:
+    def adopt_orphan(self, digest, size):
+        def work():
             added = self._execute(
                 "INSERT INTO chunks (digest, size, refs, since, doomed) VALUES (?, ?, 0, 0, 1) "
                 "ON CONFLICT (digest) DO NOTHING RETURNING digest",
@@ -768,8 +1121,8 @@ class SQLMeta(MetaEngine):
 
         return self._transaction(work)
 
-    def prune(self, cutoff: float) -> int:
-        def work() -> int:
+    def prune(self, cutoff):
+        def work():
             # A removed name with retained versions keeps its tombstone: the version count
             # goes on, so a later version never takes a retained one's number.
             n = self._execute(
@@ -781,7 +1134,7 @@ class SQLMeta(MetaEngine):
 
         return self._transaction(work)
 
-    def lease(self, name: str, holder: str, now: float, seconds: float) -> bool:
+    def lease(self, name, holder, now, seconds):
         return self._transaction(
             lambda: (
                 self._execute(
@@ -794,28 +1147,93 @@ class SQLMeta(MetaEngine):
             )
         )
 
-    def release(self, name: str, holder: str) -> None:
+    def release(self, name, holder):
         self._transaction(
             lambda: self._execute(
                 "DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder)
             )
         )
 
-    def lease_holder(self, name: str) -> str | None:
+    def lease_holder(self, name):
         row = self._one("SELECT holder FROM leases WHERE name = ?", (name,))
         return row[0] if row else None
 
     # --- checks ---
 
-    def refcount_errors(self) -> builtins.list[tuple[Digest, int | None, int]]:
-        counted: collections.Counter[Digest] = collections.Counter()
-        for (chunks,) in self._all(
-            "SELECT chunks FROM names WHERE deleted = 0 UNION ALL SELECT chunks FROM retained"
-        ):
-            counted.update(unpack_digests(bytes(chunks)))
-        stored = {bytes(d): refs for d, refs in self._all("SELECT digest, refs FROM chunks")}
-        errors: builtins.list[tuple[Digest, int | None, int]] = [
-            (d, refs, counted.get(d, 0)) for d, refs in stored.items() if refs != counted.get(d, 0)
-        ]
-        errors += [(d, None, n) for d, n in counted.items() if d not in stored]
+    @contextlib.contextmanager
+    def _snapshot(self):
+        """Reads that all see one state of the store (a read transaction)."""
+        try:
+            self._execute(self.begin_read)
+        except Exception as exc:
+            raise self._error(exc) from None
+        self.in_transaction = True
+        try:
+            yield
+        finally:
+            self.in_transaction = False
+            with contextlib.suppress(Exception):
+                self._execute("COMMIT")
+
+    def _scan(self, table: str, keys: tuple, columns: str, where: str = "", batch: int = 64):
+        """The rows of ``table`` (``keys`` then ``columns``) in key order, ``batch`` at a time,
+        so a table of any size is read in the memory of one batch."""
+        last = None
+        key_list = ", ".join(keys)
+        while True:
+            cond, args = where, []
+            if last is not None:
+                cond += f" AND ({key_list}) > ({_marks(len(keys))})"
+                args = list(last)
+            rows = self._all(
+                f"SELECT {key_list}, {columns} FROM {table} WHERE 1 = 1{cond} "
+                f"ORDER BY {key_list} LIMIT ?",
+                [*args, batch],
+            )
+            yield from rows
+            if len(rows) < batch:
+                return
+            last = rows[-1][: len(keys)]
+
+    def refcount_errors(self):
+        """Every stored reference count against a recount, in one snapshot: bodies from the
+        versions, pages from the bodies, chunks from the versions' short lists and the pages.
+        Memory: the distinct ids counted, never a chunk list per file."""
+        errors = []
+        with self._snapshot():
+            counted = collections.Counter()
+            for table, live in (("names", " AND deleted = 0"), ("retained", "")):
+                for body, n in self._all(
+                    f"SELECT body, COUNT(*) FROM {table} WHERE body IS NOT NULL{live} GROUP BY body"
+                ):
+                    counted[bytes(body)] += n
+            errors += self._recount("body", "bodies", "id", counted)
+            counted = collections.Counter()
+            for _id, data in self._scan("bodies", ("id",), "data", batch=8):
+                counted.update(set(p.unpack_body(data)[1]))
+            errors += self._recount("page", "pages", "id", counted)
+            counted = collections.Counter()
+            for table, keys, live in (
+                ("names", ("name",), " AND deleted = 0"),
+                ("retained", ("name", "version"), ""),
+            ):
+                for row in self._scan(
+                    table, keys, "chunk_list", f" AND chunk_list IS NOT NULL{live}"
+                ):
+                    counted.update(set(p.split_digests(row[-1])))
+            for _id, data in self._scan("pages", ("id",), "data", batch=4):
+                counted.update(set(p.split_digests(data)))
+            errors += self._recount("chunk", "chunks", "digest", counted)
+        return errors
+
+    def _recount(self, kind: str, table: str, key: str, counted) -> list:
+        """``(kind, id, stored refs, counted refs)`` of every row of ``table`` that differs
+        from ``counted``, and of every counted id with no row (stored refs None)."""
+        errors = []
+        for ident, refs in self._scan(table, (key,), "refs", batch=1000):
+            ident = bytes(ident)
+            n = counted.pop(ident, 0)
+            if refs != n:
+                errors.append((kind, ident, refs, n))
+        errors += [(kind, ident, None, n) for ident, n in counted.items()]
         return errors
