@@ -201,7 +201,7 @@ def cmd_cache(args: Namespace) -> int:
         chunks.close()
 
 
-def cmd_s3(args):
+def cmd_s3(args: Namespace) -> int | None:
     """``fms s3``: the S3 gateway in the foreground until SIGINT/SIGTERM."""
     try:
         from ..gateway import credentials, server

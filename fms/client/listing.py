@@ -11,6 +11,8 @@ against the stored content when it was committed.
 """
 
 import bisect
+from collections.abc import Callable, Iterator
+from typing import Any, Self
 
 from .. import wire as p
 from ..errors import IntegrityError
@@ -26,13 +28,16 @@ class ChunkList:
         does not match its id.
     """
 
-    def __init__(self, manifest: dict, fetch):
+    def __init__(self, manifest: dict[str, Any], fetch: Callable[[p.Digest], bytes] | None) -> None:
         self.manifest = manifest
         self.name = manifest["name"]
         self.size = manifest["size"]
         self.count = manifest["count"]
         self._fetch = fetch
-        self._pages = {}  # page number -> digests, at most PAGES_KEPT
+        self._pages: dict[int, list[p.Digest]] = {}  # page number -> digests, at most PAGES_KEPT
+        self.extents: tuple[p.Extent, ...]
+        self._inline: list[p.Digest] | None
+        self.page_ids: list[p.Digest] | None
         tree = manifest["digest_kind"] == p.DIGEST_TREE
         if "chunks" in manifest:
             self.extents = p.unpack_extents(manifest["extents"])
@@ -49,6 +54,8 @@ class ChunkList:
                 if p.sha256(p.pack_body(self.extents, self.page_ids)) != body:
                     raise self._bad("its pages do not give its body")
             else:
+                if fetch is None:
+                    raise self._bad("its chunk list is not in it")
                 blob = fetch(body)
                 if p.sha256(blob) != body:
                     raise self._bad("its body does not match its id")
@@ -57,8 +64,10 @@ class ChunkList:
             if tree and body != manifest["digest"]:
                 raise self._bad("its body does not give its digest")
         # Where each extent starts (chunk index, byte offset) and each page (chunk index).
-        self._extent_chunk, self._extent_offset = [], []
-        self._page_chunk, self._page_extent = [], []
+        self._extent_chunk: list[int] = []
+        self._extent_offset: list[int] = []
+        self._page_chunk: list[int] = []
+        self._page_extent: list[int] = []
         index = offset = 0
         for e, (chunk_size, size) in enumerate(self.extents):
             self._extent_chunk.append(index)
@@ -71,18 +80,18 @@ class ChunkList:
             offset += size
         if index != self.count or offset != self.size:
             raise self._bad("its extents do not add up to its size")
-        self.on_close = None
+        self.on_close: Callable[[], None] | None = None
 
-    def close(self):
+    def close(self) -> None:
         """Close what fetches the pages (a connection of its own)."""
         if self.on_close is not None:
             self.on_close()
             self.on_close = None
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     @property
@@ -92,7 +101,7 @@ class ChunkList:
     def _bad(self, why: str) -> IntegrityError:
         return IntegrityError(f"the manifest of {self.name!r} is damaged: {why}; try again")
 
-    def chunk(self, i: int) -> tuple:
+    def chunk(self, i: int) -> tuple[int, int, p.Digest, bool]:
         """``(offset, length, digest, zeros)`` of chunk ``i`` (see :meth:`items`)."""
         e = bisect.bisect_right(self._extent_chunk, i) - 1
         chunk_size, size = self.extents[e]
@@ -112,7 +121,7 @@ class ChunkList:
         chunk_size = self.extents[e][0]
         return self._extent_chunk[e] + (offset - self._extent_offset[e]) // chunk_size
 
-    def items(self, start: int = 0):
+    def items(self, start: int = 0) -> Iterator[tuple[int, int, int, p.Digest, bool]]:
         """Yield ``(index, offset, length, digest, zeros)`` from chunk ``start`` on, in order;
         ``zeros``: the chunk is all zero bytes (a hole of a sparse file, known from its digest:
         write it as a hole, never fetch it)."""
@@ -135,6 +144,8 @@ class ChunkList:
         k = bisect.bisect_right(self._page_chunk, i) - 1
         digests = self._pages.get(k)
         if digests is None:
+            if self._fetch is None or self.page_ids is None:
+                raise self._bad("its pages cannot be fetched")
             page_id = self.page_ids[k]
             blob = self._fetch(page_id)
             if p.sha256(blob) != page_id:
@@ -150,7 +161,7 @@ class ChunkList:
         return digests[i - self._page_chunk[k]]
 
 
-_ZEROS = {}  # chunk size -> the digest of a chunk of that many zero bytes
+_ZEROS: dict[int, p.Digest] = {}  # chunk size -> the digest of a chunk of that many zero bytes
 
 
 def zero_digest(chunk_size: int) -> bytes:

@@ -32,11 +32,13 @@ protocol's constants (``fms --help``) does not import ZeroMQ, msgpack or hashlib
 import importlib
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # what the type checker reads here; at run time each module comes when asked
+if TYPE_CHECKING:  # what the type checker reads here (every module of _MODULES); at run time
+    # each module comes when one of its names is asked for
     from .batch import *  # noqa: F403
     from .codec import *  # noqa: F403
     from .fields import *  # noqa: F403
     from .frames import *  # noqa: F403
+    from .manifest import *  # noqa: F403
     from .messages import *  # noqa: F403
 
 _MODULES = ("messages", "fields", "manifest", "codec", "batch", "frames")  # cheapest first
