@@ -20,11 +20,18 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .. import wire as p
 from ..errors import IntegrityError, NotFound, Unavailable
+from .chunks.base import ChunkBackend
 from .chunks.localdir import pid_alive
-from .meta.base import RETAIN_SECONDS
+from .meta.base import RETAIN_SECONDS, ChunkRow, MetaEngine
+from .model import Version
+
+if TYPE_CHECKING:
+    from .engine import Store
 
 DEFAULT_GRACE = 3600.0  # seconds an unreferenced chunk is kept before it is collected
 LEASE = "gc"
@@ -38,7 +45,9 @@ log = logging.getLogger("fms.storage.gc")
 _HOLDER = f"{socket.gethostname()}:{os.getpid()}"
 
 
-def collect(store, grace: float = DEFAULT_GRACE, dry_run: bool = False, now=None) -> dict:
+def collect(
+    store: "Store", grace: float = DEFAULT_GRACE, dry_run: bool = False, now: float | None = None
+) -> dict[str, int]:
     """Collect what has been garbage for longer than ``grace`` seconds.
 
     :return: ``chunks`` and ``bytes`` freed (or that would be, with ``dry_run``), ``orphans``
@@ -112,7 +121,9 @@ def _dead_here(holder: str) -> bool:
     return host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid))
 
 
-def _finish(meta, chunks, rows, freed):
+def _finish(
+    meta: MetaEngine, chunks: ChunkBackend, rows: Sequence[ChunkRow], freed: dict[str, int]
+) -> None:
     """Delete the blobs of doomed rows, then the rows."""
     blobs = [r for r in rows if not r.in_engine]
     for row in blobs:
@@ -122,7 +133,7 @@ def _finish(meta, chunks, rows, freed):
     freed["bytes"] += sum(r.size for r in rows)
 
 
-def fsck_page(store, after: str = "", page_bytes: int = FSCK_PAGE_BYTES) -> dict:
+def fsck_page(store: "Store", after: str = "", page_bytes: int = FSCK_PAGE_BYTES) -> dict[str, Any]:
     """Check the live versions after name ``after``, reading about ``page_bytes`` of chunks
     (and of the pages and bodies that list them).
 
@@ -133,7 +144,8 @@ def fsck_page(store, after: str = "", page_bytes: int = FSCK_PAGE_BYTES) -> dict
         unreferenced rows whose grace has not run out count as pending, not orphans) and
         ``refcount_errors``.
     """
-    out = {"names": 0, "chunks": 0, "bytes": 0, "damaged": [], "next": None}
+    # the page's reply (fsck's wire fields)
+    out: dict[str, Any] = {"names": 0, "chunks": 0, "bytes": 0, "damaged": [], "next": None}
     check = _Check(store, out)
     last = after
     while out["bytes"] < page_bytes:
@@ -165,13 +177,13 @@ class _Check:
     """One fsck page's checks: each chunk, page and body read once, and what was found damaged
     under each list remembered, so a file costs what it lists that no file before it did."""
 
-    def __init__(self, store, out: dict):
+    def __init__(self, store: "Store", out: dict[str, Any]) -> None:
         self.store, self.out = store, out
-        self.damaged = {}  # id -> {chunk, problem, names[, kind]}
-        self.seen = set()  # chunks checked
-        self.lists = {}  # page or body id -> the damaged ids under it
+        self.damaged: dict[bytes, dict[str, Any]] = {}  # id -> {chunk, problem, names[, kind]}
+        self.seen: set[p.Digest] = set()  # chunks checked
+        self.lists: dict[bytes, set[bytes]] = {}  # page or body id -> the damaged ids under it
 
-    def version(self, version) -> set:
+    def version(self, version: Version) -> set[bytes]:
         """The ids of what is damaged among what ``version`` lists."""
         if version.chunks is not None:
             return self.chunks(version.chunks)
@@ -179,10 +191,10 @@ class _Check:
             return set()  # an empty file
         return self.list("body", version.body)
 
-    def list(self, kind: str, ident: bytes) -> set:
+    def list(self, kind: str, ident: bytes) -> set[bytes]:
         if ident in self.lists:
             return self.lists[ident]
-        bad = set()
+        bad: set[bytes] = set()
         try:
             blob = self.store.read_list(ident)
         except NotFound:
@@ -201,8 +213,8 @@ class _Check:
         self.lists[ident] = bad
         return bad
 
-    def chunks(self, digests) -> set:
-        bad = set()
+    def chunks(self, digests: Iterable[p.Digest]) -> set[bytes]:
+        bad: set[bytes] = set()
         for digest in dict.fromkeys(digests):
             if digest in self.damaged:
                 bad.add(digest)
@@ -215,7 +227,7 @@ class _Check:
         return bad
 
 
-def _check_chunk(store, digest, out):
+def _check_chunk(store: "Store", digest: p.Digest, out: dict[str, Any]) -> str | None:
     out["chunks"] += 1
     row = store.meta.chunk(digest)
     if row is None or row.doomed:

@@ -21,12 +21,19 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import zmq
 
 from .. import wire as p
 from ..errors import BadRequest, FmsError, RemoteError, TooLarge, Unavailable
 from . import gc
 from .engine import Store, os_failure
-from .model import Copy, NewVersion, Removal, Restore
+from .model import Change, Copy, NewVersion, Removal, Restore, Version
+
+if TYPE_CHECKING:
+    from ..worker import Link
 
 CLEAN_INTERVAL = 60.0  # seconds between sweeps of temp files left by dead writers
 GC_INTERVAL = 300.0  # seconds between background collections
@@ -42,6 +49,13 @@ RM_PAGE_NAME_BYTES = 32 * p.KiB  # ... whose names add up to at most this: the b
 
 log = logging.getLogger("fms.storage")
 
+Route: TypeAlias = dict[str, Any]  # a request's route frame (fms.worker adds its deadline)
+Header: TypeAlias = dict[str, Any]  # a request's header
+# A change waiting for the group commit: (route, header, change, its inline content).
+Pending: TypeAlias = tuple[Route, Header, Change, bytes | None]
+# A maintenance job: runs on a store, returns the reply's fields.
+Job: TypeAlias = Callable[[Store], dict[str, Any]]
+
 
 class StorageService:
     """Storage handlers over a :class:`Store`.
@@ -56,19 +70,19 @@ class StorageService:
     def __init__(
         self,
         store: Store,
-        link,
+        link: "Link",
         gc_grace: float = gc.DEFAULT_GRACE,
         maintenance_store: Store | None = None,
-    ):
+    ) -> None:
         self.store = store
         self.link = link
         self.gc_grace = gc_grace
         self.served = 0
-        self._pending = []  # (route, header, change, inline) awaiting flush()
+        self._pending: list[Pending] = []  # awaiting flush()
         self._next_clean = 0.0
         self._next_gc = time.monotonic() + GC_INTERVAL
         self._maintenance = _Maintenance(maintenance_store) if maintenance_store else None
-        self._handlers = {
+        self._handlers: dict[str, Callable[[Route, Header, zmq.Frame | None], None]] = {
             "get": self.op_get,
             "chunk": self.op_chunk,
             "page": self.op_page,
@@ -94,7 +108,7 @@ class StorageService:
             "restore": self.op_restore,
         }
 
-    def handle_request(self, route: dict, header: dict, data):
+    def handle_request(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         op = header.get("op")
         handler = self._handlers.get(op) if isinstance(op, str) else None
         if handler is None:
@@ -110,16 +124,16 @@ class StorageService:
             raise Unavailable("the request's deadline passed before storage could handle it; retry")
         handler(route, header, data)
 
-    def handle_reply(self, header, data):
+    def handle_reply(self, header: Header, data: zmq.Frame | None) -> None:
         log.warning("event=unexpected_reply id=%r", header.get("id"))
 
-    def on_register(self):
+    def on_register(self) -> None:
         pass
 
-    def on_invalidate(self, name):
+    def on_invalidate(self, name: str) -> None:
         pass
 
-    def tick(self, now):
+    def tick(self, now: float) -> None:
         self.flush()
         if now >= self._next_clean:
             self._next_clean = now + CLEAN_INTERVAL
@@ -130,7 +144,7 @@ class StorageService:
             self._next_gc = now + GC_INTERVAL
             self._maintenance.submit(None, None, self._background_gc)
 
-    def close(self):
+    def close(self) -> None:
         """Stop the maintenance thread and close both stores (SQLite folds its WAL back in)."""
         if self._maintenance is not None:
             self._maintenance.stop()
@@ -140,25 +154,23 @@ class StorageService:
 
     # --- read ops (also what the cache forwards on a miss) ---
 
-    def op_get(self, route, header, data):
+    def op_get(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         self._reply_manifest(
             route, header, self.store.version(p.check_name(p.need(header, "name", str)))
         )
 
-    def op_get_version(self, route, header, data):
+    def op_get_version(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         """A retained (or the current) version's manifest, as ``get`` answers it."""
         version = self.store.retained_version(
             p.check_name(p.need(header, "name", str)), p.need_int(header, "version", lo=1)
         )
         self._reply_manifest(route, header, version)
 
-    def _reply_manifest(self, route, header, version):
-        frame = None
-        if p.travels_inline(version.size, version.count):
-            frame = self.store.read_chunk(version.chunks[0])
+    def _reply_manifest(self, route: Route, header: Header, version: Version) -> None:
+        frame = _inline_frame(self.store, version)
         self.link.reply(route, p.ok_reply(header["id"], manifest=version.manifest()), frame)
 
-    def op_versions(self, route, header, data):
+    def op_versions(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         found = self.store.versions(p.check_name(p.need(header, "name", str)))
         current = found[0].version if self.store.meta.get(found[0].name) else None
         self.link.reply(
@@ -169,35 +181,33 @@ class StorageService:
             ),
         )
 
-    def op_get_many(self, route, header, data):
+    def op_get_many(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         """Many names in one message (fms.wire.batch): what the cache asks for its misses."""
         batch = p.BatchReply()
         for name in p.need_names(header):
             try:
                 version = self.store.version(name)
-                frame = None
-                if p.travels_inline(version.size, version.count):
-                    frame = self.store.read_chunk(version.chunks[0])
+                frame = _inline_frame(self.store, version)
             except RemoteError as exc:  # this name's failure, not the batch's
                 batch.error(exc.code, str(exc))
                 continue
             batch.manifest(version.manifest(), p.unpack_data(frame) if frame is not None else None)
         self.link.reply(route, p.ok_reply(header["id"], results=batch.results), batch.frame())
 
-    def op_chunk(self, route, header, data):
+    def op_chunk(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         frame = self.store.read_chunk(p.need_hash(header, "hash"))
         self.link.reply(route, p.ok_reply(header["id"]), frame)
 
-    def op_page(self, route, header, data):
+    def op_page(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         """A page of a chunk list, or a body, by its id (what a client reads a long list by)."""
         blob = self.store.read_list(p.need_hash(header, "hash"))
         self.link.reply(route, p.ok_reply(header["id"]), p.pack_data(blob))
 
-    def op_stat(self, route, header, data):
+    def op_stat(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         version = self.store.version(p.check_name(p.need(header, "name", str)), lists=False)
         self.link.reply(route, p.ok_reply(header["id"], stat=version.summary()))
 
-    def op_ls(self, route, header, data):
+    def op_ls(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         prefix = p.check_prefix(p.need(header, "prefix", str, optional=True, default=""))
         after = p.need(header, "after", str, optional=True, default="")
         limit = p.need_int(
@@ -224,25 +234,25 @@ class StorageService:
             ),
         )
 
-    def op_du(self, route, header, data):
+    def op_du(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         prefix = p.check_prefix(p.need(header, "prefix", str, optional=True, default=""))
         files, nbytes = self.store.usage(prefix)
         self.link.reply(route, p.ok_reply(header["id"], du={"files": files, "bytes": nbytes}))
 
-    def op_cache_stats(self, route, header, data):
+    def op_cache_stats(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         """Storage gets the cache's ops when no cache worker is connected: no cache, no counters."""
         self.link.reply(route, p.ok_reply(header["id"], cache=None))
 
-    def op_usage(self, route, header, data):
+    def op_usage(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         self.link.reply(route, p.ok_reply(header["id"], store=self.store.totals().as_dict()))
 
     # --- write ops ---
 
-    def op_have(self, route, header, data):
+    def op_have(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         hashes = p.need_hashes(header, "hashes", p.MAX_HAVE_BATCH)
         self.link.reply(route, p.ok_reply(header["id"], missing=self.store.missing(hashes)))
 
-    def op_put_chunk(self, route, header, data):
+    def op_put_chunk(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         digest = p.need_hash(header, "hash")
         if data is None:
             raise BadRequest("put_chunk needs a data frame")
@@ -252,14 +262,14 @@ class StorageService:
         written = self.store.put_chunk(digest, payload)
         self.link.reply(route, p.ok_reply(header["id"], written=written))
 
-    def op_put_page(self, route, header, data):
+    def op_put_page(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         page_id = p.need_hash(header, "hash")
         if data is None:
             raise BadRequest("put_page needs a data frame: the page's digests back to back")
         written = self.store.put_page(page_id, p.unpack_data(data.buffer))
         self.link.reply(route, p.ok_reply(header["id"], written=written))
 
-    def op_commit(self, route, header, data):
+    def op_commit(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         kind = p.need(header, "digest_kind", str, optional=True, default=p.DIGEST_TREE)
         if kind != p.DIGEST_TREE:
             raise BadRequest(
@@ -283,7 +293,7 @@ class StorageService:
         inline = bytes(p.unpack_data(data.buffer)) if data is not None else None
         self._pending.append((route, header, change, inline))
 
-    def op_commit_many(self, route, header, data):
+    def op_commit_many(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         """Small files (one chunk each, content inline, back to back in the data frame) in one
         message and one transaction; one reply with a result per file."""
         names = p.need(header, "names", list)
@@ -299,7 +309,8 @@ class StorageService:
             )
         chunk_size = p.need_int(header, "chunk_size", lo=p.MIN_CHUNK_SIZE, hi=p.MAX_CHUNK_SIZE)
         payload = p.unpack_data(data.buffer) if data is not None else memoryview(b"")
-        requests, offset = [], 0
+        requests: list[tuple[Change, bytes | None]] = []
+        offset = 0
         for i in range(count):
             item = {
                 "size": columns["sizes"][i],
@@ -328,7 +339,8 @@ class StorageService:
         if self._pending:
             self._apply_pending()  # changes apply in the order they arrived
         results = self.store.apply(requests)
-        out, changed = [], []
+        out: list[dict[str, Any]] = []
+        changed: list[str] = []
         for result in results:
             if isinstance(result, FmsError):
                 out.append(
@@ -344,20 +356,20 @@ class StorageService:
         # The broker drops every changed name from the cache before it forwards this ack.
         self.link.reply(route, p.ok_reply(header["id"], results=out), invalidate=changed)
 
-    def op_rm(self, route, header, data):
+    def op_rm(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         change = Removal(
             p.check_name(p.need(header, "name", str)), _commit_id(header, optional=True)
         )
         self._pending.append((route, header, change, None))
 
-    def op_mv(self, route, header, data):
+    def op_mv(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         self._pending.append((route, header, self._copy(header, move=True), None))
 
-    def op_cp(self, route, header, data):
+    def op_cp(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         self._pending.append((route, header, self._copy(header, move=False), None))
 
     @staticmethod
-    def _copy(header, move: bool) -> Copy:
+    def _copy(header: Header, move: bool) -> Copy:
         return Copy(
             p.check_name(p.need(header, "src", str)),
             p.check_name(p.need(header, "name", str)),
@@ -365,7 +377,7 @@ class StorageService:
             move,
         )
 
-    def op_restore(self, route, header, data):
+    def op_restore(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         change = Restore(
             p.check_name(p.need(header, "name", str)),
             p.need_int(header, "version", lo=1, optional=True, default=None),
@@ -373,7 +385,7 @@ class StorageService:
         )
         self._pending.append((route, header, change, None))
 
-    def op_rm_prefix(self, route, header, data):
+    def op_rm_prefix(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         """A page of the names under ``prefix`` removed in one transaction: `rm -r` costs one
         request per page, not one per name."""
         prefix = p.check_prefix(p.need(header, "prefix", str))
@@ -387,7 +399,7 @@ class StorageService:
         # The broker drops every removed name from the cache before it forwards this ack.
         self.link.reply(route, p.ok_reply(header["id"], removed=names, more=more), invalidate=names)
 
-    def flush(self):
+    def flush(self) -> None:
         """Apply the commits and removes received since the last flush in one transaction,
         answer them, and send what the maintenance thread finished."""
         if self._pending:
@@ -396,8 +408,9 @@ class StorageService:
             for route, header, result in self._maintenance.finished():
                 self._answer(route, header, result)
 
-    def _apply_pending(self):
+    def _apply_pending(self) -> None:
         pending, self._pending = self._pending, []
+        results: list[Version | FmsError]
         try:
             results = self.store.apply([(change, inline) for _r, _h, change, inline in pending])
         except FmsError as exc:  # the transaction itself failed: nothing applied
@@ -410,7 +423,9 @@ class StorageService:
         for (route, header, change, _inline), result in zip(pending, results, strict=False):
             self._answer_change(route, header, change, result)
 
-    def _answer_change(self, route, header, change, result):
+    def _answer_change(
+        self, route: Route, header: Header, change: Change, result: Version | FmsError
+    ) -> None:
         if isinstance(result, FmsError):
             self._answer(route, header, result)
             return
@@ -441,8 +456,10 @@ class StorageService:
             invalidate=names[0] if len(names) == 1 else list(names),
         )
 
-    def _answer(self, route, header, result):
-        if route is None:
+    def _answer(
+        self, route: Route | None, header: Header | None, result: dict[str, Any] | FmsError
+    ) -> None:
+        if route is None or header is None:
             return  # a background job: nobody waits for it
         if isinstance(result, FmsError):
             code = getattr(result, "code", "internal")
@@ -453,19 +470,20 @@ class StorageService:
 
     # --- maintenance ops ---
 
-    def op_gc(self, route, header, data):
+    def op_gc(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         grace = p.need(header, "grace", (int, float), optional=True, default=self.gc_grace)
         if not 0 <= grace <= p.MAX_GC_GRACE:
             raise BadRequest(f"grace {grace!r} must be between 0 seconds and 10 years")
         dry_run = p.need(header, "dry_run", bool, optional=True, default=False)
         self._run(route, header, lambda store: {"gc": gc.collect(store, float(grace), dry_run)})
 
-    def op_fsck(self, route, header, data):
+    def op_fsck(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         after = p.need(header, "after", str, optional=True, default="")
         self._run(route, header, lambda store: {"fsck": gc.fsck_page(store, after)})
 
-    def _run(self, route, header, job):
+    def _run(self, route: Route, header: Header, job: Job) -> None:
         if self._maintenance is None:
+            result: dict[str, Any] | FmsError
             try:
                 result = job(self.store)
             except FmsError as exc:
@@ -474,16 +492,23 @@ class StorageService:
         else:
             self._maintenance.submit(route, header, job)
 
-    def _background_gc(self, store):
+    def _background_gc(self, store: Store) -> dict[str, Any]:
         gc.collect(store, self.gc_grace)
         return {}
 
 
-def _hashes(header, key: str, limit: int) -> tuple | None:
+def _inline_frame(store: Store, version: Version) -> bytearray | None:
+    """The content of a small file, which travels with its manifest (its one chunk), else None."""
+    if version.chunks and p.travels_inline(version.size, version.count):
+        return store.read_chunk(version.chunks[0])
+    return None
+
+
+def _hashes(header: Header, key: str, limit: int) -> tuple[p.Digest, ...] | None:
     return tuple(p.need_hashes(header, key, limit)) if key in header else None
 
 
-def _commit_id(header, optional=False) -> str:
+def _commit_id(header: Mapping[str, Any], optional: bool = False) -> str:
     commit = p.need(header, "commit", str, optional=optional, default=None)
     if commit is None:
         return uuid.uuid4().hex
@@ -497,35 +522,42 @@ def _commit_id(header, optional=False) -> str:
 class _Maintenance:
     """One thread running GC and fsck jobs in order, on a store of its own."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store) -> None:
         self.store = store
-        self._jobs = queue.Queue()
-        self._done = queue.Queue()
+        # (route, header, job): route and header None for a background job; None: stop
+        self._jobs: queue.Queue[tuple[Route | None, Header | None, Job] | None] = queue.Queue()
+        # (route, header, the reply's fields or the error)
+        self._done: queue.Queue[tuple[Route | None, Header | None, dict[str, Any] | FmsError]] = (
+            queue.Queue()
+        )
         self._thread = threading.Thread(target=self._run, name="fms-maintenance", daemon=True)
         self._thread.start()
 
-    def submit(self, route, header, job):
+    def submit(self, route: Route | None, header: Header | None, job: Job) -> None:
         self._jobs.put((route, header, job))
 
-    def finished(self):
+    def finished(
+        self,
+    ) -> Iterator[tuple[Route | None, Header | None, dict[str, Any] | FmsError]]:
         while True:
             try:
                 yield self._done.get_nowait()
             except queue.Empty:
                 return
 
-    def stop(self):
+    def stop(self) -> None:
         self._jobs.put(None)
 
-    def join(self, timeout: float = 10.0):
+    def join(self, timeout: float = 10.0) -> None:
         self._thread.join(timeout)
 
-    def _run(self):
+    def _run(self) -> None:
         while True:
             item = self._jobs.get()
             if item is None:
                 return
             route, header, job = item
+            result: dict[str, Any] | FmsError
             try:
                 result = job(self.store)
             except FmsError as exc:
