@@ -7,11 +7,18 @@ import asyncio
 import os
 import time
 import zipfile
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from ..errors import S3Error
 from ..store import Stopped, ThreadPipe
+
+if TYPE_CHECKING:
+    from fms import Client
+    from fms.wire import BytesLike
+
+    from ..app import Gateway
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "index.html")
 ZIP_QUEUE = 8  # pieces of zip output held between the thread that writes it and the response
@@ -41,11 +48,11 @@ class _PipeWriter:
     """A write-only stream whose bytes go to a :class:`ThreadPipe` (zipfile writes into it
     from a pool thread; the response reads from the pipe)."""
 
-    def __init__(self, pipe: ThreadPipe):
+    def __init__(self, pipe: "ThreadPipe[bytes]") -> None:
         self.pipe = pipe
         self.offset = 0
 
-    def write(self, data) -> int:
+    def write(self, data: "BytesLike", /) -> int:
         self.pipe.put(bytes(data))
         self.offset += len(data)
         return len(data)
@@ -53,11 +60,16 @@ class _PipeWriter:
     def tell(self) -> int:
         return self.offset
 
-    def flush(self):
+    def flush(self) -> None:
         pass
 
+    def close(self) -> None:
+        pass  # the pipe is closed by the response
 
-async def zip_response(gateway, request, bucket: str, prefix: str) -> web.StreamResponse:
+
+async def zip_response(
+    gateway: "Gateway", request: web.Request, bucket: str, prefix: str
+) -> web.StreamResponse:
     """Every object under ``prefix`` in one zip (stored, not compressed: most files that are
     worth zipping for a download are compressed already), streamed as it is made."""
     await gateway.need_bucket(bucket)
@@ -70,9 +82,9 @@ async def zip_response(gateway, request, bucket: str, prefix: str) -> web.Stream
         }
     )
     await response.prepare(request)
-    pipe = ThreadPipe(asyncio.get_running_loop(), ZIP_QUEUE)
+    pipe: ThreadPipe[bytes] = ThreadPipe(asyncio.get_running_loop(), ZIP_QUEUE)
 
-    def build(client):
+    def build(client: "Client") -> None:
         try:
             with zipfile.ZipFile(_PipeWriter(pipe), "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
                 for n, entry in enumerate(client.iter_ls(base + prefix)):
