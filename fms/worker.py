@@ -8,6 +8,8 @@ A *service* (storage, cache) is an object with these methods, which know no even
   ``link.request(service, header, data)``.
 - ``on_register()``: called each time the worker (re)registers with a broker.
 - ``on_invalidate(name)``: the broker says a name changed (the cache uses it).
+- ``on_policy(snapshot)`` (optional): the broker passes on the store's access snapshot (a
+  :class:`fms.policy.Policy`), as a storage worker sent it (:meth:`BrokerLink.send_policy`).
 - ``tick(now)``: called at least once per heartbeat interval.
 - ``beat()`` (optional): a dict of counters each heartbeat carries to the broker; called from
   the link's heartbeat thread, so it only reads counters.
@@ -36,12 +38,14 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
+import msgpack
 import zmq
 
 from . import limits
 from . import wire as p
 from .errors import BadRequest, FmsError, Unavailable
 from .logutil import RateLimitedLog
+from .policy import Policy
 from .security import CurveClient
 from .wire.frames import NOBLOCK, Sendable, recv_frames, send_frames
 
@@ -120,6 +124,7 @@ class BrokerLink:
         self.sock: zmq.Socket | None = None
         self.lock = threading.Lock()  # held by whichever thread uses ``sock``
         self.registered = False
+        self.passes_policy = False  # the broker passes access snapshots on (its welcome's `pol`)
         self.refusals = RateLimitedLog(log)
         # monotonic time the service's current turn began (None: idle)
         self.busy_since: float | None = None
@@ -233,6 +238,13 @@ class BrokerLink:
         if data is not None:
             frames.append(data)
         self._send(frames)
+
+    def send_policy(self, snapshot: Policy) -> None:
+        """Send the store's access snapshot (a :class:`fms.policy.Policy`) to the broker, which
+        keeps the newest and passes it on (fms.broker.keys); only to a broker that does."""
+        if self.passes_policy:
+            blob = msgpack.packb(snapshot.to_wire(), use_bin_type=True)
+            self._send([p.encode({"t": "policy", "e": snapshot.epoch}), p.pack_data(blob)])
 
     def request(self, service: str, header: dict[str, Any], data: Sendable | None = None) -> None:
         """Send a request of this worker's own to ``service``; the reply comes to handle_reply."""
@@ -389,6 +401,7 @@ def _dispatch(
     elif kind == "hb":
         pass
     elif kind == "welcome":
+        link.passes_policy = route.get("pol") is True
         if not link.registered:
             link.registered = True
             log.info("event=registered broker=%s", link.endpoint)
@@ -401,6 +414,8 @@ def _dispatch(
             raise BadRequest("inv: 'names' must be an array of str")
         for name in names:
             service.on_invalidate(name)
+    elif kind == "policy":
+        _policy(service, frames)
     elif kind == "reregister":
         log.info("event=reregister broker=%s", link.endpoint)
         link.registered = False
@@ -418,9 +433,23 @@ def _dispatch(
         raise BadRequest(f"unknown route type {kind!r}")
 
 
+def _policy(service: "Service", frames: list[zmq.Frame]) -> None:
+    """The store's access snapshot, passed on by the broker: for a service that decides."""
+    on_policy = getattr(service, "on_policy", None)
+    if on_policy is None:
+        return
+    if len(frames) != 2:
+        raise BadRequest("a policy route comes with one data frame")
+    try:
+        snapshot = msgpack.unpackb(p.unpack_data(frames[1].buffer), raw=False)
+        on_policy(Policy.from_wire(snapshot))
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise BadRequest(f"a policy snapshot that cannot be read: {exc}") from None
+
+
 def _handle_request(
-    service: Service,
-    link: Link,
+    service: "Service",
+    link: "Link",
     route: dict[str, Any],
     body: list[zmq.Frame],
     log: logging.Logger,

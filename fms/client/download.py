@@ -54,7 +54,8 @@ def chunk_list(session: Session, manifest: dict[str, Any], via: Via = None) -> C
         if not aside:
             aside.append(session.aside())
         fields: dict[str, Any] = {"fresh": True} if fresh or (via or {}).get("fresh") else {}
-        _, frame = aside[0].call("page", hash=ident, **fields)
+        # `name`: an identity that may not read the whole store reads a list through its file.
+        _, frame = aside[0].call("page", hash=ident, name=manifest["name"], **fields)
         return bytes(p.unpack_data(frame.buffer)) if frame is not None else b""
 
     def close() -> None:
@@ -118,32 +119,37 @@ def download_to_file(
         )
     )
     # ((offset, length, digest), verified and written) in arrival order
-    pending: collections.deque[tuple[tuple[int, int, bytes], Future[bool]]] = collections.deque()
+    pending: collections.deque[tuple[tuple[int, int, bytes, dict[str, Any]], Future[bool]]] = (
+        collections.deque()
+    )
     done = holes = 0
     with contextlib.closing(chunk_list(session, manifest, via)) as listing:
 
-        def requests() -> Iterator[tuple[tuple[int, int, bytes], str, dict[str, Any], None]]:
+        def requests() -> Iterator[
+            tuple[tuple[int, int, bytes, dict[str, Any]], str, dict[str, Any], None]
+        ]:
             nonlocal holes
-            for _i, offset, length, digest, zeros in listing.items():
+            for i, offset, length, digest, zeros in listing.items():
                 if zeros:
                     holes += length
                     continue
-                piece = (offset, length, digest)
-                yield piece, "chunk", {"hash": digest, "len": length, **(via or {})}, None
+                piece = (offset, length, digest, listing.where(i))
+                fields = {"hash": digest, "len": length, **piece[3], **(via or {})}
+                yield piece, "chunk", fields, None
 
         with ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="fms-verify") as pool:
 
             def settle() -> None:
                 nonlocal done
-                (offset, length, digest), future = pending.popleft()
+                (offset, length, digest, where), future = pending.popleft()
                 if not future.result():
-                    _write_at(fd, _refetch(session, manifest["name"], digest, length), offset)
+                    _write_at(fd, _refetch(session, where["name"], digest, length, where), offset)
                 done += length
                 report(manifest["name"], done + holes, manifest["size"])
 
             for piece, _header, frame in session.pipeline(requests(), window):
                 data = p.unpack_data(frame.buffer) if frame is not None else memoryview(b"")
-                pending.append((piece, pool.submit(_verify_and_write, fd, *piece, data)))
+                pending.append((piece, pool.submit(_verify_and_write, fd, *piece[:3], data)))
                 while pending and (len(pending) > window or pending[0][1].done()):
                     settle()
             while pending:
@@ -172,11 +178,16 @@ def _chunk_ok(data: p.BytesLike, length: int, digest: bytes) -> bool:
     return len(data) == length and p.sha256(data) == digest
 
 
-def _refetch(session: Session, name: str, digest: bytes, length: int) -> memoryview:
+def _refetch(
+    session: Session, name: str, digest: bytes, length: int, where: dict[str, Any] | None = None
+) -> memoryview:
     """A chunk once more, from storage itself (``fresh``: the broker bypasses the cache),
-    verified.  :raises IntegrityError: it does not match either."""
+    verified; ``where``: its place in file ``name`` (ChunkList.where).  :raises IntegrityError:
+    it does not match either."""
     with session.aside() as aside:
-        _, frame = aside.call("chunk", hash=digest, len=length, fresh=True)
+        _, frame = aside.call(
+            "chunk", hash=digest, len=length, fresh=True, **(where or {"name": name})
+        )
     data = p.unpack_data(frame.buffer) if frame is not None else memoryview(b"")
     if not _chunk_ok(data, length, digest):
         raise IntegrityError(
@@ -187,12 +198,21 @@ def _refetch(session: Session, name: str, digest: bytes, length: int) -> memoryv
 
 
 def fetch_chunk(
-    session: Session, name: str, digest: bytes, length: int, via: Via = None
+    session: Session,
+    name: str,
+    digest: bytes,
+    length: int,
+    via: Via = None,
+    where: dict[str, Any] | None = None,
 ) -> memoryview:
-    """A chunk alone, verified (from storage itself if the first copy does not match)."""
-    _, frame = session.call("chunk", hash=digest, len=length, **(via or {}))
+    """A chunk alone, verified (from storage itself if the first copy does not match);
+    ``where``: its place in file ``name`` (ChunkList.where)."""
+    where = where or {"name": name}
+    _, frame = session.call("chunk", hash=digest, len=length, **where, **(via or {}))
     data = p.unpack_data(frame.buffer) if frame is not None else memoryview(b"")
-    return data if _chunk_ok(data, length, digest) else _refetch(session, name, digest, length)
+    if _chunk_ok(data, length, digest):
+        return data
+    return _refetch(session, name, digest, length, where)
 
 
 def iter_chunks(
@@ -219,7 +239,12 @@ def iter_chunks(
                     due.append([None, length, 1])
                 continue
             due.append([i, length, digest])
-            yield i, "chunk", {"hash": digest, "len": length, **(via or {})}, None
+            yield (
+                i,
+                "chunk",
+                {"hash": digest, "len": length, **listing.where(i), **(via or {})},
+                None,
+            )
 
     def ready() -> Iterator[memoryview]:
         while due and (due[0][0] is None or due[0][0] in held):
@@ -235,7 +260,7 @@ def iter_chunks(
         data = p.unpack_data(frame.buffer) if frame is not None else memoryview(b"")
         entry = next(e for e in due if e[0] == i)
         if not _chunk_ok(data, entry[1], entry[2]):
-            data = _refetch(session, listing.name, entry[2], entry[1])
+            data = _refetch(session, listing.name, entry[2], entry[1], listing.where(entry[0]))
         held[i] = data
         yield from ready()
     yield from ready()
@@ -335,7 +360,9 @@ class RemoteFile(io.RawIOBase):
             self._buf = (
                 zeros_of(length)
                 if zeros
-                else fetch_chunk(self._session, self.name, digest, length, self._via)
+                else fetch_chunk(
+                    self._session, self.name, digest, length, self._via, self._list.where(index)
+                )
             )
         self._buf_start = offset
         self._hash_in_order()

@@ -9,6 +9,8 @@ commit names, never to repeats.  Small chunks (up to :data:`SMALL_CHUNK_MAX`) ar
 kept in the metadata engine itself, so a small file costs one transaction and no file of its own.
 """
 
+from __future__ import annotations
+
 import builtins
 import errno
 import logging
@@ -20,18 +22,19 @@ from typing import TypeVar
 
 from .. import wire as p
 from ..errors import BadRequest, FmsError, IntegrityError, MissingChunks, NoSpace, NotFound
+from ..policy import Scans
 from .chunks.base import ChunkBackend
 from .chunks.localdir import LocalDirChunks
 from .meta.base import MetaEngine
+from .meta.sql import prefix_end
 from .model import Change, Copy, NewVersion, Removal, Restore, Totals, Version
-
-T = TypeVar("T")
 
 SMALL_CHUNK_MAX = 64 * p.KiB  # chunks up to this size live in the metadata engine
 FOLDER_END = "\U0010ffff"  # after a folder's name: sorts after every name inside it
 META_FILE = "meta.db"
 
 log = logging.getLogger("fms.storage")
+T = TypeVar("T")
 
 
 class StoreError(FmsError):
@@ -43,10 +46,17 @@ class Store:
     the bytes of chunks over :data:`SMALL_CHUNK_MAX`.  (``builtins.list`` in the annotations:
     ``list`` is also a method here.)"""
 
-    def __init__(self, meta: MetaEngine, chunks: ChunkBackend, keep_versions: int = 0) -> None:
+    def __init__(
+        self,
+        meta: MetaEngine,
+        chunks: ChunkBackend,
+        keep_versions: int = 0,
+        keep_for: float = 0.0,
+    ):
         self.meta = meta
         self.chunks = chunks
         meta.keep_versions = keep_versions
+        meta.keep_for = keep_for
 
     @property
     def store_id(self) -> str:
@@ -104,8 +114,27 @@ class Store:
         for page in pages or ():
             yield from p.split_digests(self.read_list(page))
 
-    def list(self, prefix: str, after: str, limit: int) -> builtins.list[Version]:
-        return self.meta.list(prefix, after, limit)
+    def list(
+        self, prefix: str, after: str, limit: int, scans: Scans | None = None
+    ) -> builtins.list[Version]:
+        """Up to ``limit`` live versions under ``prefix`` after ``after``, in name order;
+        ``scans`` (:func:`fms.policy.scans`): only within those parts of the index."""
+        if scans is None:
+            return self.meta.list(prefix, after, limit)
+        out: builtins.list[Version] = []
+        for kind, value in scans:
+            if len(out) >= limit:
+                break
+            if kind == "name":
+                found = self.meta.get(value) if value > after else None
+                if found is not None:
+                    out.append(found)
+                continue
+            end = prefix_end(value)
+            if end is not None and after >= end:
+                continue  # the whole range is before `after`
+            out += self.meta.list(value, after, limit - len(out))
+        return out
 
     def versions(self, name: str) -> builtins.list[Version]:
         """The current version of ``name`` (if it is live) and its retained ones, newest first.
@@ -130,16 +159,27 @@ class Store:
     def totals(self) -> Totals:
         return self.meta.totals()
 
-    def usage(self, prefix: str) -> tuple[int, int]:
+    def usage(self, prefix: str, scans: Scans | None = None) -> tuple[int, int]:
         """``(files, bytes)`` under ``prefix``: the totals for the whole store, else counted in
-        the name index."""
+        the name index; ``scans``: only within those parts of it (:func:`fms.policy.scans`)."""
+        if scans is not None:
+            files = nbytes = 0
+            for kind, value in scans:
+                if kind == "name":
+                    found = self.meta.get(value)
+                    if found is not None:
+                        files, nbytes = files + 1, nbytes + found.size
+                else:
+                    more, size = self.meta.usage(value)
+                    files, nbytes = files + more, nbytes + size
+            return files, nbytes
         if not prefix:
             totals = self.meta.totals()
             return totals.files, totals.bytes
         return self.meta.usage(prefix)
 
     def list_folder(
-        self, prefix: str, after: str, limit: int
+        self, prefix: str, after: str, limit: int, scans: Scans | None = None
     ) -> tuple[builtins.list[Version], builtins.list[str], str | None]:
         """One level under ``prefix``, like ``aws s3 ls``: the files directly in it and its
         sub-folders (``prefix`` + up to the next ``/``), each folder once, in name order; a
@@ -151,7 +191,7 @@ class Store:
         entries: builtins.list[Version] = []
         folders: builtins.list[str] = []
         while len(entries) + len(folders) < limit:
-            page = self.meta.list(prefix, after, limit - len(entries) - len(folders))
+            page = self.list(prefix, after, limit - len(entries) - len(folders), scans)
             if not page:
                 return entries, folders, None
             for version in page:
@@ -202,17 +242,42 @@ class Store:
 
     # --- writes ---
 
-    def missing(self, digests: Sequence[p.Digest]) -> builtins.list[p.Digest]:
+    def missing(
+        self, digests: Sequence[p.Digest], owner: str | None = None
+    ) -> builtins.list[p.Digest]:
         """The digests among ``digests`` that must be uploaded; the others are protected from
-        collection for the grace period (a commit naming them is on its way)."""
-        known = self.meta.known(digests, time.time())
+        collection for the grace period (a commit naming them is on its way).
+
+        :param owner: an identity whose dedup is its own (:mod:`fms.policy`): only the chunks
+            it uploaded itself count as present, so it learns nothing of others' content.
+        """
+        if owner is not None:
+            mine = self.meta.owned(owner, digests)
+            known = self.meta.known([d for d in digests if d in mine], time.time())
+        else:
+            known = self.meta.known(digests, time.time())
         return [d for d in digests if d not in known]
 
-    def put_chunk(self, digest: p.Digest, data: p.BytesLike) -> bool:
-        """Store a chunk after checking it against its digest.  :return: True if written.
+    def unowned(self, owner: str, digests: Sequence[p.Digest]) -> builtins.list[p.Digest]:
+        """The digests among ``digests`` that ``owner`` did not upload (a commit of an identity
+        whose dedup is its own may name only its own chunks: it uploads the others)."""
+        mine = self.meta.owned(owner, list(digests))
+        return list(dict.fromkeys(d for d in digests if d not in mine))
 
+    def put_chunk(self, digest: p.Digest, data: p.BytesLike, owner: str | None = None) -> bool:
+        """Store a chunk after checking it against its digest.
+
+        :param owner: the identity uploading it, when its dedup is its own: it then owns the
+            chunk, and the answer says only whether *it* had uploaded it before.
+        :return: True if written (for ``owner``: new to it).
         :raises IntegrityError: the data does not hash to ``digest``.
         """
+        written = self._put_chunk(digest, data)
+        if owner is None:
+            return written
+        return bool(self.meta.own(owner, [digest]))
+
+    def _put_chunk(self, digest: p.Digest, data: p.BytesLike) -> bool:
         if p.sha256(data) != digest:
             raise IntegrityError(
                 f"chunk {digest.hex()[:16]} does not match its sha256; "
@@ -293,11 +358,11 @@ class Store:
         return _raise_or(self.apply([(Restore(name, version, commit), None)])[0])
 
     def remove_prefix(
-        self, prefix: str, limit: int, name_bytes: int
+        self, prefix: str, limit: int, name_bytes: int, actor: str = "local"
     ) -> tuple[builtins.list[Version], bool]:
         """Remove up to ``limit`` names starting with ``prefix``, whose names add up to at most
         ``name_bytes`` (in UTF-8: the list the broker is told to invalidate), in one
-        transaction.
+        transaction; ``actor``: who asked (the audit log's).
 
         :return: ``(tombstones, more)``: more names remain under ``prefix``.
         """
@@ -309,7 +374,7 @@ class Store:
             if take and total > name_bytes:
                 break
             take.append(version)
-        changes = [Removal(v.name, uuid.uuid4().hex) for v in take]
+        changes = [Removal(v.name, uuid.uuid4().hex, actor, prefix) for v in take]
         results = self.meta.apply(changes, time.time(), {}) if changes else []
         # A name removed by someone else meanwhile is not an error of this request.
         return [r for r in results if isinstance(r, Version)], len(page) > len(take)
@@ -452,13 +517,17 @@ def _optional(extra: str, package: str, load: Callable[[], T]) -> T:
         ) from None
 
 
-def open_local(path: str, keep_versions: int = 0) -> Store:
+def open_local(path: str, keep_versions: int = 0, keep_for: float = 0.0) -> Store:
     """The store in data directory ``path``: ``meta.db`` (SQLite) and ``chunks/``."""
-    return open_store(path, keep_versions=keep_versions)
+    return open_store(path, keep_versions=keep_versions, keep_for=keep_for)
 
 
 def open_store(
-    data: str, meta: str | None = None, chunks: str | None = None, keep_versions: int = 0
+    data: str,
+    meta: str | None = None,
+    chunks: str | None = None,
+    keep_versions: int = 0,
+    keep_for: float = 0.0,
 ) -> Store:
     """Open a store.
 
@@ -468,6 +537,8 @@ def open_store(
     :param meta: None for SQLite in ``data``, or ``postgresql://USER@HOST:PORT/DB``.
     :param chunks: None for ``data/chunks``, or ``s3://BUCKET/PREFIX``.
     :param keep_versions: versions an overwrite or removal replaces kept per name (0: none).
+    :param keep_for: seconds each replaced version is held: kept whatever the count, until
+        then (0: none).
     :raises StoreError: it cannot be used, with what to do about it.
     """
     data = os.path.abspath(data)
@@ -519,7 +590,7 @@ def open_store(
             f"cannot use data directory {data}: {exc.strerror}; "
             f"check that it exists and is writable"
         ) from None
-    return Store(engine, backend, keep_versions)
+    return Store(engine, backend, keep_versions, keep_for)
 
 
 def _tie(engine: MetaEngine, backend: ChunkBackend, chunks_where: str, meta_where: str) -> None:

@@ -32,6 +32,7 @@ from ...errors import FmsError
 from ...limits import BytesLike
 from ...wire.fields import Digest
 from ..model import Change, Totals, Version
+from .access import AccessMeta
 
 # How long a finished commit's id is remembered (a retry of it is answered with its result), and
 # how long a removed name's tombstone is kept (its version number carries over to a re-created
@@ -63,11 +64,8 @@ class ChunkRow:
         return self.data is not None
 
 
-class MetaEngine(ABC):
-    """One store's metadata.  ``store_id`` identifies the store (workers on one store share it).
-
-    (``builtins.list`` in the annotations: ``list`` is also a method here.)
-    """
+class MetaEngine(AccessMeta, ABC):
+    """One store's metadata.  ``store_id`` identifies the store (workers on one store share it)."""
 
     store_id: str
     keep_versions: int = 0  # replaced versions retained per name (0: none)
@@ -219,6 +217,10 @@ class MetaEngine(ABC):
     @abstractmethod
     def lease_holder(self, name: str) -> str | None:
         """Who holds the lease ``name`` (expired or not), or None."""
+
+    @abstractmethod
+    def setting(self, key: str) -> str | None:
+        """The store's setting ``key`` (its id, whether its first admin was made), or None."""
 
     # --- checks ---
 
