@@ -112,15 +112,24 @@ class _ProgressBars:
         self.files, self.base = [0, files], 0
         self.bar.set_postfix_str(f"files 0/{files:,}")
 
-    def file_done(self, nbytes: int) -> None:
-        assert self.files is not None and self.bar is not None, "tree() comes first"
-        self.files[0] += 1
+    def file_done(self, nbytes: int, done: int) -> None:
+        """The tree's ``done``-th file (of ``nbytes`` bytes) is done."""
+        assert self.bar is not None, "tree() comes first"
         self.base += nbytes
         self.bar.update(self.base - self.bar.n)
-        self.bar.set_postfix_str(f"files {self.files[0]:,}/{self.files[1]:,}", refresh=False)
+        self.count(done)
+
+    def count(self, done: int) -> None:
+        """Show ``done`` files done (also after a Ctrl-C that struck between a file's end and
+        its drawing, so that the bar's last count is the one the command reports)."""
+        if self.files is not None and self.bar is not None:
+            self.files[0] = done
+            self.bar.set_postfix_str(f"files {done:,}/{self.files[1]:,}", refresh=False)
 
     def close(self, keep: bool = True) -> None:
         if self.bar is not None:
+            if self.files is not None:  # the count as it is now, even if a signal cut in
+                self.bar.set_postfix_str(f"files {self.files[0]:,}/{self.files[1]:,}", False)
             if keep:
                 self.bar.refresh()  # the last counts, whatever tqdm's pace of redrawing
             self.bar.close()
@@ -163,17 +172,21 @@ def move_tree(
     def done(i: int, _stat: dict[str, Any]) -> None:
         finished.append(i)
         if bars is not None and bars.files is not None:
-            bars.file_done(sizes[i])
+            bars.file_done(sizes[i], len(finished))
 
     if bars is not None and len(items) > 1:
         bars.tree(len(items), sum(sizes), verb)
     try:
         return move(items, done=done)
     except KeyboardInterrupt:
+        if bars is not None and bars.bar is not None:
+            bars.count(len(finished))
         if len(items) > 1:
+            counted = bars.files[0] if bars is not None and bars.files else len(finished)
+            # A batch whose reply was on its way may have been committed too: "at least".
             print(
-                f"{verb}: interrupted after {len(finished):,} of {len(items):,} files; run it "
-                f"again for the rest",
+                f"{verb}: interrupted after {counted:,} of {len(items):,} files were done (maybe "
+                f"a few more); run it again for the rest",
                 file=sys.stderr,
             )
         raise

@@ -14,8 +14,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .. import __version__
 from .. import wire as p
@@ -154,9 +153,9 @@ class Parser(argparse.ArgumentParser):
 AddArguments = Callable[[argparse.ArgumentParser], None]  # adds a command's own arguments
 
 
-@dataclass
-class Command:
-    """A command of the parser: ``add`` adds its arguments to its subparser."""
+class Command(NamedTuple):
+    """A command of the parser: ``add`` adds its arguments to its subparser.  (A NamedTuple,
+    not a dataclass: dataclasses imports inspect, a fifth of a command's start-up.)"""
 
     name: str
     summary: str
@@ -626,6 +625,7 @@ def _sync(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument(
         "--dry-run", "-n", action="store_true", help="print what would be done, do nothing"
     )
+    _no_cache(cmd)
     _filters(cmd)
     _json(cmd)
 

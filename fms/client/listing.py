@@ -23,12 +23,15 @@ PAGES_KEPT = 2  # pages of digests held at once (a read that goes back one page 
 class ChunkList:
     """The chunks of ``manifest``, as ``(index, offset, length, digest)``.
 
-    :param fetch: ``fetch(id) -> bytes``: a page or body by its id (checked here).
+    :param fetch: ``fetch(id, fresh) -> bytes``: a page or body by its id (checked here);
+        ``fresh``: from storage itself, not the cache.
     :raises IntegrityError: the list does not give the file digest, or a page or body fetched
         does not match its id.
     """
 
-    def __init__(self, manifest: dict[str, Any], fetch: Callable[[p.Digest], bytes] | None) -> None:
+    def __init__(
+        self, manifest: dict[str, Any], fetch: Callable[[p.Digest, bool], bytes] | None
+    ) -> None:
         self.manifest = manifest
         self.name = manifest["name"]
         self.size = manifest["size"]
@@ -54,12 +57,7 @@ class ChunkList:
                 if p.sha256(p.pack_body(self.extents, self.page_ids)) != body:
                     raise self._bad("its pages do not give its body")
             else:
-                if fetch is None:
-                    raise self._bad("its chunk list is not in it")
-                blob = fetch(body)
-                if p.sha256(blob) != body:
-                    raise self._bad("its body does not match its id")
-                extents, pages = p.unpack_body(blob)
+                extents, pages = p.unpack_body(self._fetched(body, "its body"))
                 self.extents, self.page_ids = extents, list(pages)
             if tree and body != manifest["digest"]:
                 raise self._bad("its body does not give its digest")
@@ -97,6 +95,17 @@ class ChunkList:
     @property
     def largest_chunk(self) -> int:
         return max((cs for cs, _size in self.extents), default=p.MIN_CHUNK_SIZE)
+
+    def _fetched(self, ident: bytes, what: str) -> bytes:
+        """A page or body by its id, checked against it; one that does not match is asked for
+        once more from storage itself (``fresh``: the cache may hold a damaged copy)."""
+        if self._fetch is None:  # a manifest checked on its own (its list is in it)
+            raise self._bad(f"{what} is not in it")
+        for fresh in (False, True):
+            blob = self._fetch(ident, fresh)
+            if p.sha256(blob) == ident:
+                return blob
+        raise self._bad(f"{what} does not match its id, also from storage")
 
     def _bad(self, why: str) -> IntegrityError:
         return IntegrityError(f"the manifest of {self.name!r} is damaged: {why}; try again")
@@ -153,13 +162,8 @@ class ChunkList:
         k = bisect.bisect_right(self._page_chunk, i) - 1
         digests = self._pages.get(k)
         if digests is None:
-            if self._fetch is None or self.page_ids is None:
-                raise self._bad("its pages cannot be fetched")
-            page_id = self.page_ids[k]
-            blob = self._fetch(page_id)
-            if p.sha256(blob) != page_id:
-                raise self._bad(f"page {k} does not match its id")
-            digests = p.split_digests(blob)
+            assert self.page_ids is not None  # no inline list: a long one, in pages
+            digests = p.split_digests(self._fetched(self.page_ids[k], f"page {k}"))
             first = self._page_chunk[k]
             end = self._page_chunk[k + 1] if k + 1 < len(self._page_chunk) else self.count
             if len(digests) != end - first:

@@ -47,7 +47,7 @@ class Version:
     body: p.Digest | None = None  # the id of the stored body (a paged chunk list)
 
     def summary(self) -> dict[str, Any]:
-        """What ls and stat return (a *stat*): the manifest without its chunk list."""
+        """What stat and ls return (a *stat*): the manifest without its chunk list."""
         out: dict[str, Any] = {
             "name": self.name,
             "size": self.size,

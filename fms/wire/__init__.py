@@ -8,6 +8,8 @@ docs/PROTOCOL.md describes every message; this package is its code, one concern 
   zero-copy data frames;
 - :mod:`.fields`: reading and checking a header's fields, name rules, hashes, how a file splits
   into chunks;
+- :mod:`.requests`: every request field's type, range and default, in one table, and the check
+  of a request against it;
 - :mod:`.frames`: multipart send/receive on a socket, file reads straight into data frames;
 - :mod:`.batch`: the batched read ``get_many``, its request and reply.
 
@@ -24,7 +26,7 @@ themselves)::
 ``header`` is a map with at least ``v`` (protocol version), ``op`` and ``id`` on requests and
 ``ok`` and ``id`` on replies.  ``data`` is one msgpack ``bin`` object holding file bytes.
 
-The names of all six modules are read from here (``from fms import wire as p``; ``p.encode``).
+The names of all seven modules are read from here (``from fms import wire as p``; ``p.encode``).
 Each module is imported when one of its names is first read, so a command that needs only the
 protocol's constants (``fms --help``) does not import ZeroMQ, msgpack or hashlib.
 """
@@ -40,8 +42,11 @@ if TYPE_CHECKING:  # what the type checker reads here (every module of _MODULES)
     from .frames import *  # noqa: F403
     from .manifest import *  # noqa: F403
     from .messages import *  # noqa: F403
+    from .requests import *  # noqa: F403
 
-_MODULES = ("messages", "fields", "manifest", "codec", "batch", "frames")  # cheapest first
+# Searched in this order, cheapest first; requests (the broker's and storage's) last, since
+# the client never reads it.
+_MODULES = ("messages", "fields", "manifest", "codec", "batch", "frames", "requests")
 
 
 def __getattr__(name: str) -> object:

@@ -99,11 +99,12 @@ def need(
     default: object = None,
 ) -> Any:
     """Read ``header[key]`` and check its type; bools are never ints.  An optional field that is
-    missing reads as ``default``.
+    missing reads as ``default``.  Nil counts as absent, for every field (docs/PROTOCOL.md,
+    *Request fields*).
 
     :raises BadRequest: missing (unless optional) or of the wrong type.
     """
-    if key not in header:
+    if header.get(key) is None:
         if optional:
             return default
         raise BadRequest(f"field {key!r} is missing")
@@ -248,7 +249,7 @@ def check_prefix(prefix: object) -> str:
     if not isinstance(prefix, str):
         raise BadRequest(f"a prefix must be a string, got {type(prefix).__name__}")
     if "\x00" in prefix or len(prefix.encode("utf-8", "replace")) > MAX_NAME_BYTES:
-        raise BadRequest("prefix contains a NUL byte or is over 1024 bytes")
+        raise BadRequest(f"field 'prefix' holds a NUL byte or is over {MAX_NAME_BYTES} bytes")
     try:
         return unicodedata.normalize("NFC", prefix)
     except UnicodeError:
