@@ -272,9 +272,8 @@ class _Check:
 
     def __init__(self, store: "Store", out: dict[str, Any]) -> None:
         self.store, self.out = store, out
-        self.damaged: dict[
-            bytes, dict[str, Any]
-        ] = {}  # id -> {chunk, problem, names[, kind][, recheck]}
+        # id -> {chunk, problem, names[, kind][, recheck]}
+        self.damaged: dict[bytes, dict[str, Any]] = {}
         self.seen: set[p.Digest] = set()  # chunks checked
         self.lists: dict[bytes, set[bytes]] = {}  # page or body id -> the damaged ids under it
 
