@@ -5,6 +5,7 @@ Only fms_ metrics are exported: they live in a registry of their own.
 
 import collections
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -144,6 +145,27 @@ class ReadTally:
         self._open: collections.OrderedDict[tuple[bytes, object], _OpenGet] = (
             collections.OrderedDict()
         )
+
+    def tally(
+        self,
+        op: str,
+        client: bytes,
+        req_id: object,
+        read: int | str | None,
+        route: dict[str, Any],
+        nbytes: int,
+    ) -> None:
+        """Count a worker's reply to ``client``'s ``op`` (``read``: the GET a chunk request
+        belongs to; ``nbytes``: its data's) towards the per-GET figures."""
+        if not route.get("ok", True):
+            return
+        nbytes = max(0, nbytes)
+        if op == "get" and route.get("cache") is not None:
+            self.get_answered(client, req_id, route["cache"], route.get("n", 0), nbytes)
+        elif op == "get_many" and route.get("cache") is not None:
+            self.batch_answered(route.get("gh"), route.get("gm"))
+        elif op == "chunk" and read is not None:
+            self.chunk_answered(client, read, route.get("cache"), nbytes)
 
     def get_answered(
         self, client: bytes, req_id: object, outcome: object, chunks: object, nbytes: int
