@@ -370,7 +370,7 @@ def _skipped(args: Namespace, name: str, dest: str) -> None:
     print_result(
         args,
         {"name": name, "dest": dest, "skipped": True},
-        f"skipped {name}: {dest} exists (--no-clobber)",
+        f"skipped {shown(name)}: {dest} exists (--no-clobber)",
     )
 
 
@@ -455,7 +455,7 @@ def _get_range(args: Namespace, client: Client, name: str, dest: str | None) -> 
             return
         with atomic_file(dest, src.manifest) as out:
             start, end = _copy_range(src, first, last, out)
-    say(args, f"downloaded bytes {start}-{end - 1} of {name} to {dest}")
+    say(args, f"downloaded bytes {start}-{end - 1} of {shown(name)} to {dest}")
 
 
 def _to_stdout(args: Namespace, client: Client, name: str) -> None:
@@ -639,7 +639,8 @@ def cmd_fsck(args: Namespace) -> int:
             if not args.json:
                 for d in page["damaged"]:
                     what = d.get("kind", "chunk")
-                    print(f"{d['problem']} {what} {d['chunk']}: breaks {', '.join(d['names'])}")
+                    names = ", ".join(shown(n) for n in d["names"])
+                    print(f"{d['problem']} {what} {d['chunk']}: breaks {names}")
             totals["orphans"] = page.get("orphans", totals["orphans"])
             totals["refcount_errors"] = page.get("refcount_errors", totals["refcount_errors"])
     bad = bool(totals["damaged"]) or totals["refcount_errors"] > 0

@@ -434,7 +434,7 @@ class Client:
         meta: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """Upload bytes held in memory (for small data; large files should use :meth:`put`)."""
-        p.check_name(name)
+        name = p.check_name(name)  # in NFC, as storage keeps it
         data = bytes(data)
         plan = upload.plan_bytes(data, self.chunk_size, mtime)
         plan.meta = p.check_meta(meta) if meta else None
