@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from .errors import (
     BadRequest,
     Busy,
+    Conflict,
     FmsError,
     Forbidden,
     IntegrityError,
@@ -38,6 +39,7 @@ __all__ = [
     "BadRequest",
     "Busy",
     "Client",
+    "Conflict",
     "FmsError",
     "Forbidden",
     "IntegrityError",

@@ -13,7 +13,8 @@
     │   ├── NoSpace              no_space: a disk is full; not retried
     │   ├── Refused              refused: this client's key is not (or no longer) allowed
     │   ├── Forbidden            forbidden: the identity's grants do not allow this op here
-    │   └── TooLarge             too_large
+    │   ├── TooLarge             too_large
+    │   └── Conflict             conflict: a folder renamed onto one that holds files
     └── TransportError           the broker could not be reached or did not answer
         └── Timeout              a request got no reply in time
 
@@ -111,6 +112,13 @@ class TooLarge(RemoteError):
     code = "too_large"
 
 
+class Conflict(RemoteError):
+    """The request does not fit what is stored now (a folder renamed onto one that holds
+    files)."""
+
+    code = "conflict"
+
+
 class TransportError(FmsError):
     """The broker could not be reached."""
 
@@ -132,6 +140,7 @@ _BY_CODE = {
         Refused,
         Forbidden,
         TooLarge,
+        Conflict,
     )
 }
 

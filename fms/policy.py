@@ -76,6 +76,7 @@ OP_ROLE = {
     "rm": WRITE,
     "rm_prefix": WRITE,  # on the folder: every name under it
     "mv": WRITE,  # source and destination
+    "mv_prefix": WRITE,  # a folder's rename: every name under the source and the destination
     "cp": WRITE,  # destination; READ on the source
     "restore": WRITE,
     "purge": ADMIN,
@@ -102,6 +103,7 @@ OP_SHOWN = {
     "put_page": "upload",
     "page": "read",
     "rm_prefix": "rm -r",
+    "mv_prefix": "mv",
     "get_many": "get",
     "get_version": "get",
     "chunk": "read",

@@ -45,6 +45,8 @@ class ManifestCache:
         self._refs: collections.Counter[bytes] = collections.Counter()
         self._clock = 0
         self._invalidated_at: dict[str, int] = {}  # name -> clock of its latest invalidation
+        # folder (ending in '/') -> clock of its latest invalidation
+        self._folders_at: dict[str, int] = {}
         self._cleared_at = 0  # clock of the latest invalidate_all
 
     def __len__(self) -> int:
@@ -69,7 +71,13 @@ class ManifestCache:
 
     def fresh(self, name: str, token: int) -> bool:
         """True if no invalidation of ``name`` happened since the fetch that holds ``token``."""
-        return self._invalidated_at.get(name, 0) <= token and self._cleared_at <= token
+        return (
+            self._invalidated_at.get(name, 0) <= token
+            and self._cleared_at <= token
+            and not any(
+                at > token and name.startswith(folder) for folder, at in self._folders_at.items()
+            )
+        )
 
     def fill(self, name: str, manifest: dict[str, Any], token: int) -> bool:
         """Store a fetched manifest unless it is stale.  :return: whether it was stored."""
@@ -102,6 +110,18 @@ class ManifestCache:
         self.policy.remove(name, forget=True)
         return self._drop(name)
 
+    def invalidate_folder(self, folder: str) -> list[dict[str, Any] | None]:
+        """Forget every name under ``folder`` (ending in ``/``: a folder was renamed), and
+        refuse fills of them that started before now.  A scan of the cached names: folders
+        are renamed far less often than names are read.  :return: the dropped manifests."""
+        self._clock += 1
+        self._folders_at[folder] = self._clock
+        dropped = []
+        for name in [n for n in self._entries if n.startswith(folder)]:
+            self.policy.remove(name, forget=True)
+            dropped.append(self._drop(name))
+        return dropped
+
     def invalidate_all(self) -> None:
         self._clock += 1
         self._cleared_at = self._clock
@@ -110,6 +130,7 @@ class ManifestCache:
         self._entries.clear()
         self._refs.clear()
         self._invalidated_at.clear()  # cleared_at now dominates every older entry
+        self._folders_at.clear()
 
     def forget_before(self, oldest_token: int | None) -> None:
         """Drop invalidation records no pending fetch can be compared with any more.
@@ -118,7 +139,9 @@ class ManifestCache:
         """
         if oldest_token is None:
             self._invalidated_at.clear()
+            self._folders_at.clear()
         else:
             self._invalidated_at = {
                 n: c for n, c in self._invalidated_at.items() if c > oldest_token
             }
+            self._folders_at = {f: c for f, c in self._folders_at.items() if c > oldest_token}

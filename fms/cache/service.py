@@ -473,16 +473,19 @@ class CacheService:
     # --- control ---
 
     def on_invalidate(self, name: str) -> None:
-        """``name`` changed: drop its manifest, its popularity, and the chunks of the dead
-        version that no other cached manifest lists (content-addressed chunks are never stale,
-        but these would only take room)."""
-        old = self.manifests.invalidate(name)
-        if old is None:
-            return
-        for digest in old.get("chunks") or ():
-            if digest in self.chunks and not self.manifests.shared(digest):
-                self.chunks.drop(digest, forget=True)
-                self.dropped_chunks += 1
+        """``name`` changed (a name ending in ``/``: every name under that folder): drop its
+        manifest, its popularity, and the chunks of the dead version that no other cached
+        manifest lists (content-addressed chunks are never stale, but these would only take
+        room)."""
+        if name.endswith("/"):  # a folder: every name under it (a folder was renamed)
+            dropped = self.manifests.invalidate_folder(name)
+        else:
+            dropped = [self.manifests.invalidate(name)]
+        for old in dropped:
+            for digest in (old or {}).get("chunks") or ():
+                if digest in self.chunks and not self.manifests.shared(digest):
+                    self.chunks.drop(digest, forget=True)
+                    self.dropped_chunks += 1
 
     def on_register(self) -> None:
         # A broker we were cut off from may have acked writes we never heard of.

@@ -30,6 +30,29 @@ PROGRESS_MIN = 1 * p.MiB  # transfers larger than this get a progress bar on a t
 CURVE_ENV = ("FMS_CURVE_SECRET", "FMS_SERVER_KEY")
 
 
+def cmd_mount(args: Namespace) -> int | None:
+    from functools import partial
+
+    from .. import mount
+
+    with open_client(args) as client:  # the options of every client command, for each thread
+        factory = partial(type(client), client.broker, timeout=client.session.timeout)
+        factory = partial(factory, curve=client.session.curve)
+    return mount.run(
+        args.mountpoint,
+        factory,
+        prefix=args.prefix,
+        read_only=args.read_only,
+        daemon=args.daemon,
+        allow_other=args.allow_other,
+        cache_time=args.cache_time,
+        spool=args.spool,
+        spool_bytes=args.spool_size,
+        chunk_size=args.chunk_size,
+        writeback=args.writeback,
+    )
+
+
 @contextlib.contextmanager
 def open_client(args: Namespace) -> Iterator[Client]:
     """The :class:`fms.Client` a command runs on: the shell's own (``args.shell_client``),

@@ -36,6 +36,7 @@ HANDLERS = {
     "gc": "commands:cmd_gc",
     "fsck": "commands:cmd_fsck",
     "keygen": "commands:cmd_keygen",
+    "mount": "commands:cmd_mount",
     "broker": "daemons:cmd_broker",
     "storage": "daemons:cmd_storage",
     "cache": "daemons:cmd_cache",

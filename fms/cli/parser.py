@@ -667,6 +667,57 @@ def _fsck(cmd: argparse.ArgumentParser) -> None:
 
 
 @command(
+    "mount",
+    "mount the store (or a folder of it) as a local folder, over FUSE",
+    "{prog} mount /mnt/fms                  # until Ctrl-C or fusermount -u /mnt/fms\n"
+    "{prog} mount /mnt/photos --prefix photos --read-only --daemon",
+)
+def _mount(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing empty folder")
+    cmd.add_argument("--prefix", default="", metavar="P", help="show only the folder P")
+    cmd.add_argument("--read-only", action="store_true", help="refuse every change (EROFS)")
+    cmd.add_argument(
+        "--daemon", "-d", action="store_true", help="serve in the background once mounted"
+    )
+    cmd.add_argument(
+        "--allow-other", action="store_true", help="let other users in (mode bits still apply)"
+    )
+    cmd.add_argument(
+        "--cache-time",
+        type=_seconds,
+        default=1.0,
+        metavar="SECONDS",
+        help="keep attributes and folder entries this long (default: 1)",
+    )
+    cmd.add_argument(
+        "--spool",
+        metavar="DIR",
+        help="where written chunks wait for their commit (default: ~/.cache/fms/spool)",
+    )
+    cmd.add_argument(
+        "--spool-size",
+        type=parse_size,
+        default="1G",
+        metavar="SIZE",
+        help="written bytes held there at most, all files together; past it whole chunks "
+        "are uploaded early (default: 1G)",
+    )
+    cmd.add_argument(
+        "--chunk-size",
+        type=parse_size,
+        default=str(p.DEFAULT_CHUNK_SIZE),
+        metavar="SIZE",
+        help="chunk size of the files made here (default: 1M; a file keeps the chunks it has)",
+    )
+    cmd.add_argument(
+        "--writeback",
+        action="store_true",
+        help="commit small files in the background after close returns (faster for many "
+        "small files; a failure after close is logged, not returned: see MOUNT.md)",
+    )
+
+
+@command(
     "keygen",
     "make a CURVE keypair: DIR/NAME.key (public), DIR/NAME.key_secret (private, mode 0600)",
     "{prog} keygen ./keys alice     # then give alice.key to the broker's operator",

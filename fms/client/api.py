@@ -121,28 +121,32 @@ class Client:
 
     def stat(self, name: str) -> dict[str, Any]:
         """Name, size, digest (hex) and its kind, mtime, version, metadata, ... of a stored
-        file.
+        file, or of a folder's marker (``NAME/``: see :meth:`mkdir`).
 
         :raises NotFound: no such name.
         """
-        header, _ = self.call("stat", name=p.check_name(name))
+        header, _ = self.call("stat", name=p.check_entry_name(name))
         return _public(header["stat"])
 
     def ls(self, prefix: str = "") -> list[dict[str, Any]]:
         """Every stored file whose name starts with ``prefix``, sorted by name."""
         return list(self.iter_ls(prefix))
 
-    def iter_ls(self, prefix: str = "", page: int | None = None) -> Iterator[dict[str, Any]]:
+    def iter_ls(
+        self, prefix: str = "", page: int | None = None, markers: bool = False
+    ) -> Iterator[dict[str, Any]]:
         """The stored files whose name starts with ``prefix``, in name order, fetched a page at a
         time (``page`` entries, default the server's), so a listing of any length takes the
-        memory of one page."""
+        memory of one page.  ``markers``: also the folders' markers (``NAME/``, see
+        :meth:`mkdir`), which hold no content."""
         p.check_prefix(prefix)
         after = ""
         fields: dict[str, Any] = {} if page is None else {"limit": page}
         while True:
             header, _ = self.call("ls", prefix=prefix, after=after, **fields)
             for entry in header["entries"]:
-                yield _public(entry)
+                if markers or not p.is_folder_name(entry["name"]):
+                    yield _public(entry)
             if not header.get("more") or not header["entries"]:
                 return
             after = header["entries"][-1]["name"]
@@ -176,6 +180,43 @@ class Client:
             yield header["removed"]
             if not header.get("more"):
                 return
+
+    def mv_folder(self, src: str, dst: str) -> int:
+        """Rename the folder ``src`` to ``dst`` (with or without a trailing ``/``): every name
+        under it, and its marker, moves in one transaction, metadata only.
+
+        :return: how many names moved.
+        :raises NotFound: nothing under ``src``.
+        :raises Conflict: ``dst`` holds files.
+        :raises TooLarge: ``src`` holds more names than one transaction moves (10,000).
+        """
+        header, _ = self.call(
+            "mv_prefix",
+            prefix=p.check_folder_name(src.rstrip("/") + "/"),
+            dest=p.check_folder_name(dst.rstrip("/") + "/"),
+            commit=os.urandom(16).hex(),
+        )
+        return header["moved"]
+
+    def mkdir(
+        self, folder: str, meta: dict[str, Any] | None = None, mtime: float | None = None
+    ) -> dict[str, Any]:
+        """Make the folder ``folder`` exist while it is empty: a marker named ``folder/`` (no
+        content; ``meta`` kept with it), shown by ``ls`` and fsspec as a folder.  :return: the
+        marker's stat."""
+        name = p.check_folder_name(folder.rstrip("/") + "/")
+        fields: dict[str, Any] = {"meta": p.check_meta(meta)} if meta else {}
+        header, _ = self.call(
+            "commit",
+            name=name,
+            extents=b"",
+            chunks=[],
+            digest=p.inline_digest((), []),
+            mtime=time.time() if mtime is None else mtime,
+            commit=os.urandom(16).hex(),
+            **fields,
+        )
+        return _public(header["stat"])
 
     def versions(self, name: str) -> list[dict[str, Any]]:
         """The current version of ``name`` (if any) and the retained ones (storage workers

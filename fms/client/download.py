@@ -586,6 +586,8 @@ def write_whole(
             _finish(fd, manifest, fsync)
             if _link_unnamed(fd, dest):
                 return
+        except OSError as exc:  # a full disk, a quota: nothing was named
+            raise FmsError(f"cannot write to {dest}: {exc.strerror or exc}") from None
         finally:
             os.close(fd)
     tmp, fd = _create_temp(dest)
@@ -595,9 +597,11 @@ def write_whole(
             _finish(fd, manifest, fsync)
         finally:
             os.close(fd)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise FmsError(f"cannot write to {dest}: {exc.strerror or exc}") from None
         raise
     _replace(tmp, dest)
 

@@ -11,8 +11,9 @@ library that opens files through fsspec.
 
 ``HOST:PORT`` is the broker's frontend (``fms:///NAME``, with no host, uses ``$FMS_BROKER``).
 Registered for the ``fms`` protocol by the ``fsspec.specs`` entry point (``pip install
-'fms-store[fsspec]'``).  Folders are implied by the names under them, as in an object store: an
-empty folder does not exist, ``mkdir`` does nothing.
+'fms-store[fsspec]'``).  Folders are implied by the names under them, as in an object store; an
+empty folder exists only while its marker does (``NAME/``, made by ``fms mount``'s ``mkdir``),
+and this ``mkdir`` does nothing.
 
 **Reads are ranged.** A file opened for reading is a :class:`fms.client.download.RemoteFile`:
 ``seek`` then ``read`` fetches only the chunks that hold the bytes asked for (and prefetches the
@@ -123,7 +124,7 @@ class FmsFileSystem(AbstractFileSystem):
             return _info(self.client.stat(path))
         except NotFound:
             pass
-        if next(iter(self.client.iter_ls(f"{path}/", page=1)), None) is not None:
+        if next(iter(self.client.iter_ls(f"{path}/", page=1, markers=True)), None) is not None:
             return {"name": path, "size": 0, "type": "directory"}
         raise FileNotFoundError(path)
 
@@ -270,8 +271,8 @@ class FmsFileSystem(AbstractFileSystem):
 
 
 def _info(entry: dict[str, Any]) -> dict[str, Any]:
-    """An fsspec info dict of a stat or folder entry."""
-    if entry.get("folder"):
+    """An fsspec info dict of a stat or folder entry (or a folder's marker, ``NAME/``)."""
+    if entry.get("folder") or p.is_folder_name(entry["name"]):
         return {"name": entry["name"].rstrip("/"), "size": 0, "type": "directory"}
     return {**entry, "type": "file"}
 

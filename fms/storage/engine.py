@@ -195,6 +195,9 @@ class Store:
             if not page:
                 return entries, folders, None
             for version in page:
+                if version.name == prefix:  # the folder's own marker: not in it
+                    after = version.name
+                    continue
                 slash = version.name.find("/", len(prefix))
                 if slash < 0:
                     entries.append(version)
@@ -381,6 +384,16 @@ class Store:
         results = self.meta.apply(changes, time.time(), {}) if changes else []
         # A name removed by someone else meanwhile is not an error of this request.
         return [r for r in results if isinstance(r, Version)], len(page) > len(take)
+
+    def move_prefix(
+        self, prefix: str, dest: str, commit: str, limit: int, actor: str = "local"
+    ) -> int:
+        """Rename the folder ``prefix`` to ``dest`` (both ending in ``/``): every name under it,
+        in one transaction, metadata only (:meth:`MetaEngine.move_prefix`); ``actor``: who
+        asked (the audit log's).  :return: names moved."""
+        if prefix.startswith(dest) or dest.startswith(prefix):
+            raise BadRequest(f"cannot move folder {prefix!r} to {dest!r}: one holds the other")
+        return self.meta.move_prefix(prefix, dest, commit, time.time(), limit, actor)
 
     def apply(
         self, requests: Sequence[tuple[Change, bytes | None]]

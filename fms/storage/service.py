@@ -71,6 +71,7 @@ VERSIONS_MAX = 256  # versions one `versions` reply lists, the newest
 RM_PAGE = 1000  # names an `rm_prefix` removes per request (one transaction)
 RM_PAGE_NAME_BYTES = 32 * p.KiB  # ... whose names add up to at most this: the broker's `inv`
 RESERVE_RM_PAGE = 100  # ... and at most this many in the room of the disk's reserve
+MV_PREFIX_MAX = 10_000  # names a folder rename (`mv_prefix`) moves, in one transaction
 
 T = TypeVar("T")
 log = logging.getLogger("fms.storage")
@@ -135,6 +136,7 @@ class StorageService:
             "mv": self.op_mv,
             "cp": self.op_cp,
             "rm_prefix": self.op_rm_prefix,
+            "mv_prefix": self.op_mv_prefix,
             "du": self.op_du,
             "versions": self.op_versions,
             "get_version": self.op_get_version,
@@ -220,10 +222,16 @@ class StorageService:
 
     @staticmethod
     def _name(
-        route: Route, header: Header, op: str, key: str = "name", role: str | None = None
+        route: Route,
+        header: Header,
+        op: str,
+        key: str = "name",
+        role: str | None = None,
+        check: Callable[[object], str] = p.check_name,
     ) -> str:
-        """A name the request touches, checked and allowed for its identity."""
-        name = p.check_name(p.need(header, key, str))
+        """A name the request touches, checked (by ``check``: a folder marker's name too with
+        :func:`~fms.wire.check_entry_name`) and allowed for its identity."""
+        name = check(p.need(header, key, str))
         policy.check(route["who"], op, name, role)
         return name
 
@@ -286,7 +294,9 @@ class StorageService:
         self.link.reply(route, p.ok_reply(header["id"]), p.pack_data(blob))
 
     def op_stat(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
-        version = self.store.version(self._name(route, header, "stat"), lists=False)
+        version = self.store.version(
+            self._name(route, header, "stat", check=p.check_entry_name), lists=False
+        )  # a folder marker's too
         self.link.reply(route, p.ok_reply(header["id"], stat=version.summary()))
 
     def op_ls(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
@@ -406,10 +416,13 @@ class StorageService:
             )
         if (header.get("chunks") is None) == (header.get("pages") is None):  # nil: absent
             raise BadRequest("a commit lists either its chunks or its pages")
-        name = self._name(route, header, "commit")
+        name = self._name(route, header, "commit", check=p.check_entry_name)
+        extents = p.unpack_extents(p.need(header, "extents", bytes))
+        if p.is_folder_name(name) and extents:
+            raise BadRequest(f"{name!r} is a folder's marker (it ends in '/'): it holds no content")
         change = NewVersion(
             name=name,
-            extents=p.unpack_extents(p.need(header, "extents", bytes)),
+            extents=extents,
             digest=p.need_hash(header, "digest"),
             mtime=p.check_mtime(
                 p.need(header, "mtime", (int, float), optional=True, default=time.time())
@@ -530,7 +543,7 @@ class StorageService:
 
     def op_rm(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         change = Removal(
-            self._name(route, header, "rm"),
+            self._name(route, header, "rm", check=p.check_entry_name),
             _commit_id(header, optional=True),
             route["who"].name,
         )
@@ -599,6 +612,20 @@ class StorageService:
         names = [v.name for v in removed]
         # The broker drops every removed name from the cache before it forwards this ack.
         self.link.reply(route, p.ok_reply(header["id"], removed=names, more=more), invalidate=names)
+
+    def op_mv_prefix(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
+        """Rename a folder: every name under ``prefix`` moves under ``dest`` in one
+        transaction (metadata only); the caches drop both folders before the ack."""
+        prefix = p.check_folder_name(p.need(header, "prefix", str))
+        dest = p.check_folder_name(p.need(header, "dest", str))
+        for folder in (prefix, dest):  # write on every name under both (mv needs it on both)
+            policy.check_folder(route["who"], "mv_prefix", folder)
+        commit = _commit_id(header)
+        if self._pending:
+            self._apply_pending()  # changes apply in the order they arrived
+        moved = self.store.move_prefix(prefix, dest, commit, MV_PREFIX_MAX, route["who"].name)
+        # An `inv` entry ending in '/' is a folder: the caches drop every name under it.
+        self.link.reply(route, p.ok_reply(header["id"], moved=moved), invalidate=[prefix, dest])
 
     def flush(self) -> None:
         """Apply the commits and removes received since the last flush in one transaction,

@@ -18,12 +18,15 @@ __all__ = [
     "MTIME_MAX",
     "MTIME_MIN",
     "Digest",
+    "check_entry_name",
     "check_folder",
+    "check_folder_name",
     "check_mtime",
     "check_name",
     "check_prefix",
     "chunk_count",
     "chunk_length",
+    "is_folder_name",
     "need",
     "need_hash",
     "need_hashes",
@@ -231,6 +234,29 @@ def check_name(name: object) -> str:
                 f"{'/'.join(p for p in name.split('/') if p not in ('', '.'))!r}"
             )
     return name
+
+
+def is_folder_name(name: object) -> bool:
+    """Whether ``name`` is a folder marker's: a name followed by one ``/``."""
+    return isinstance(name, str) and name.endswith("/")
+
+
+def check_folder_name(name: object) -> str:
+    """A folder marker's name: a valid name followed by one ``/`` (``photos/2026/``), at most
+    MAX_NAME_BYTES in all.  A marker is how an empty folder persists (an object store's
+    ``folder/`` key).  :raises BadRequest: anything else."""
+    if not is_folder_name(name):
+        raise BadRequest(f"a folder's name ends with '/', got {name!r}")
+    assert isinstance(name, str)
+    name = check_name(name[:-1]) + "/"  # in NFC, as every name
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise BadRequest(f"a folder's name is at most {MAX_NAME_BYTES} bytes, with its '/'")
+    return name
+
+
+def check_entry_name(name: object) -> str:
+    """A file's name (:func:`check_name`) or a folder marker's (:func:`check_folder_name`)."""
+    return check_folder_name(name) if is_folder_name(name) else check_name(name)
 
 
 def check_mtime(mtime: float) -> float:

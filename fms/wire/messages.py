@@ -98,6 +98,7 @@ OP_SERVICE = {
     "mv": STORAGE,  # rename: metadata only, one transaction
     "cp": STORAGE,  # copy: metadata only, the chunks are shared
     "rm_prefix": STORAGE,  # remove a page of the names under a prefix
+    "mv_prefix": STORAGE,  # rename a folder: every name under it, one transaction
     "du": STORAGE,  # files and bytes under a prefix
     "versions": STORAGE,  # a name's current and retained versions
     "get_version": STORAGE,  # a retained version's manifest (+ content of a small file)
@@ -139,6 +140,7 @@ ERROR_CODES = (
     "refused",
     "forbidden",
     "too_large",
+    "conflict",
     "version",
     "internal",
 )

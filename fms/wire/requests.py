@@ -15,7 +15,16 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from ..errors import BadRequest, TooLarge
-from .fields import HASH_LEN, MAX_NAME_BYTES, MTIME_MAX, MTIME_MIN, check_name, check_prefix
+from .fields import (
+    HASH_LEN,
+    MAX_NAME_BYTES,
+    MTIME_MAX,
+    MTIME_MIN,
+    check_entry_name,
+    check_folder_name,
+    check_name,
+    check_prefix,
+)
 from .manifest import (
     DIGEST_TREE,
     EXTENT_LEN,
@@ -95,7 +104,7 @@ REQUEST_FIELDS: dict = {
         "str",
         (*_NAMED, "purge", "chunk", "page", *_IDENTITY_OPS),
         (*_NAMED, "purge", *_IDENTITY_OPS),
-        rule="a name (see *Names*)",
+        rule="a name (see *Names*; for `commit`, `stat` and `rm` also a folder's marker)",
         default="for `chunk` and `page` see *Identities and permissions*",
     ),
     "src": RequestField("str", ("mv", "cp"), ("mv", "cp"), rule="a name, not `name`"),
@@ -171,8 +180,8 @@ REQUEST_FIELDS: dict = {
     ),
     "commit": RequestField(
         "str",
-        ("commit", "rm", "mv", "cp", "restore", "purge", *_IDENTITY_OPS),
-        ("commit", "mv", "cp", "restore"),
+        ("commit", "rm", "mv", "cp", "restore", "mv_prefix", "purge", *_IDENTITY_OPS),
+        ("commit", "mv", "cp", "restore", "mv_prefix"),
         1,
         MAX_COMMIT_ID,
         default="for `rm`, `purge` a fresh one",
@@ -201,10 +210,13 @@ REQUEST_FIELDS: dict = {
     ),
     "prefix": RequestField(
         "str",
-        ("ls", "du", "rm_prefix", "grant", "revoke"),
-        ("rm_prefix", "grant", "revoke"),
+        ("ls", "du", "rm_prefix", "mv_prefix", "grant", "revoke"),
+        ("rm_prefix", "mv_prefix", "grant", "revoke"),
         hi=MAX_NAME_BYTES,
         default='""',
+    ),
+    "dest": RequestField(
+        "str", ("mv_prefix",), ("mv_prefix",), rule="a folder's name (see *Names*)"
     ),
     "after": RequestField("str", ("ls", "fsck"), default='""'),
     "limit": RequestField(
@@ -275,8 +287,9 @@ def _digest_kind(kind: str) -> None:
 
 # What else a value must be, beyond its type and range (the spec's rule column).
 _RULES: dict[str, Callable[[Any], object]] = {
-    "name": check_name,
+    "name": check_entry_name,  # a file's name; the ops that take only those say so
     "src": check_name,
+    "dest": check_folder_name,
     "prefix": check_prefix,
     "extents": lambda blob: check_extents(unpack_extents(blob)),
     "meta": check_meta,

@@ -111,6 +111,22 @@ class MetaEngine(AccessMeta, ABC):
         """
 
     @abstractmethod
+    def move_prefix(
+        self, prefix: str, dest: str, commit: str, now: float, limit: int, actor: str = "local"
+    ) -> int:
+        """Rename a folder: every live name under ``prefix`` (a folder's name, ending in ``/``;
+        its own marker too) becomes ``dest`` + the rest of it, as :class:`Copy` with ``move``
+        would make it, all in one transaction (metadata only), written to the audit log as one
+        ``mv`` by ``actor``.  Idempotent by ``commit``.
+
+        :return: how many names moved.
+        :raises NotFound: no live name under ``prefix``.
+        :raises Conflict: a live name under ``dest`` other than ``dest``'s own marker.
+        :raises TooLarge: more than ``limit`` names under ``prefix`` (nothing moved).
+        :raises BadRequest: ``commit`` was used by another request.
+        """
+
+    @abstractmethod
     def totals(self) -> Totals:
         """The store's totals, kept in the same transactions as the changes: O(1)."""
 

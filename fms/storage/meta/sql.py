@@ -43,7 +43,15 @@ from typing import Any, Protocol, TypeAlias, TypedDict, TypeVar
 import msgpack
 
 from ... import wire as p
-from ...errors import BadRequest, FmsError, MissingChunks, NotFound, Unavailable
+from ...errors import (
+    BadRequest,
+    Conflict,
+    FmsError,
+    MissingChunks,
+    NotFound,
+    TooLarge,
+    Unavailable,
+)
 from ...limits import BytesLike
 from ...wire.fields import Digest
 from ..model import (
@@ -57,7 +65,7 @@ from ..model import (
     check_chunks,
     check_pages,
 )
-from .access import AccessSQL, change_entry
+from .access import AccessSQL, audit_entry, change_entry
 from .base import ChunkRow, MetaEngine
 
 FORMAT = 3  # the store's format; 1 was one manifest file per name, 2 a chunk list per row
@@ -172,6 +180,7 @@ class Cursor(Protocol):
     def fetchone(self) -> Row | None: ...
 
     def fetchall(self) -> builtins.list[Row]: ...
+    def __iter__(self) -> Iterator[Row]: ...
 
 
 class _Lists(TypedDict, total=False):
@@ -707,6 +716,67 @@ class SQLMeta(AccessSQL, MetaEngine):
                     result = exc
                 results.append(result)
             return results
+
+        return self._transaction(work)
+
+    def move_prefix(
+        self, prefix: str, dest: str, commit: str, now: float, limit: int, actor: str = "local"
+    ) -> int:
+        request = hashlib.sha256(msgpack.packb([prefix, dest], use_bin_type=True)).digest()
+
+        def live_under(folder: str, count: int, but: str | None = None) -> builtins.list[str]:
+            sql = "SELECT name FROM names WHERE name >= ? AND deleted = 0"
+            args: builtins.list[object] = [folder]
+            hi = prefix_end(folder)
+            if hi is not None:
+                sql += " AND name < ?"
+                args.append(hi)
+            if but is not None:
+                sql += " AND name != ?"
+                args.append(but)
+            return [r[0] for r in self._execute(sql + " ORDER BY name LIMIT ?", [*args, count])]
+
+        def work() -> int:
+            row = self._execute(
+                "SELECT kind, name, sha256, result FROM commits WHERE id = ?", (commit,)
+            ).fetchone()
+            if row is not None:
+                if (row[0], row[1]) != ("mv_prefix", prefix) or bytes(row[2]) != request:
+                    raise BadRequest(
+                        f"id {commit!r} was already used by another request; every change "
+                        f"needs a fresh random id"
+                    )
+                return int(msgpack.unpackb(bytes(row[3]), raw=False)["moved"])
+            names = live_under(prefix, limit + 1)
+            if not names:
+                raise NotFound(f"no folder {prefix!r}; see what is stored with: ls")
+            if len(names) > limit:
+                raise TooLarge(
+                    f"folder {prefix!r} holds more than {limit} names; a folder is renamed "
+                    f"in one transaction only up to that many"
+                )
+            blocking = live_under(dest, 1, but=dest)
+            if blocking:
+                raise Conflict(f"folder {dest!r} is not empty (it holds {blocking[0]!r})")
+            targets = [dest + name[len(prefix) :] for name in names]
+            self._lock_names(sorted(set(names) | set(targets)))
+            self._chunk_refs = collections.Counter()
+            for i, (src, dst) in enumerate(zip(names, targets, strict=True)):
+                self._copy(Copy(src, dst, f"{commit}/{i}", move=True, actor=actor), now)
+            self._refs("chunks", "digest", *_by_delta(self._chunk_refs), now)
+            self._audit(audit_entry(now, actor, "mv", prefix=prefix, dest=dest, moved=len(names)))
+            self._execute(
+                "INSERT INTO commits VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    commit,
+                    "mv_prefix",
+                    prefix,
+                    request,
+                    msgpack.packb({"moved": len(names)}, use_bin_type=True),
+                    now,
+                ),
+            )
+            return len(names)
 
         return self._transaction(work)
 
