@@ -7,6 +7,8 @@ The public API is :class:`Client` and the exceptions; everything else is the dae
 
 __version__ = "0.2.0"
 
+from typing import TYPE_CHECKING
+
 from .errors import (
     BadRequest,
     Busy,
@@ -24,6 +26,9 @@ from .errors import (
     TransportError,
     Unavailable,
 )
+
+if TYPE_CHECKING:  # at run time, imported on first use (below)
+    from .client import Client
 
 # The distribution's name (what pip installs); the import package and the command are `fms`.
 # The PyPI name `fms` belongs to an unrelated project.
@@ -60,7 +65,7 @@ def install_hint(extra: str) -> str:
     )
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     if name == "Client":
         from .client import Client
 

@@ -22,6 +22,9 @@ Socket and OS errors are translated into these at the boundary (the client libra
 only ever catches :class:`FmsError`.
 """
 
+from collections.abc import Iterable
+from typing import Any
+
 
 class FmsError(Exception):
     """Base class of every error fms raises on purpose."""
@@ -32,7 +35,7 @@ class RemoteError(FmsError):
 
     code = "internal"
 
-    def __init__(self, message: str, code: str | None = None):
+    def __init__(self, message: str, code: str | None = None) -> None:
         super().__init__(message)
         if code is not None:
             self.code = code
@@ -59,12 +62,14 @@ class MissingChunks(RemoteError):
 
     code = "missing_chunks"
 
-    def __init__(self, message: str, code: str | None = None, missing=()):
+    def __init__(
+        self, message: str, code: str | None = None, missing: Iterable[bytes] = ()
+    ) -> None:
         super().__init__(message, code)
         self.missing = list(missing)
 
     @classmethod
-    def absent(cls, name: str, digests) -> "MissingChunks":
+    def absent(cls, name: str, digests: Iterable[bytes]) -> "MissingChunks":
         """The commit of ``name`` names ``digests``, which storage does not hold."""
         digests = list(dict.fromkeys(digests))
         return cls(
@@ -73,7 +78,7 @@ class MissingChunks(RemoteError):
             missing=digests,
         )
 
-    def reply_fields(self) -> dict:
+    def reply_fields(self) -> dict[str, list[bytes]]:
         return {"missing": self.missing}
 
 
@@ -140,10 +145,9 @@ _BY_CODE = {
 }
 
 
-def from_reply(code: str, message: str, header: dict | None = None) -> RemoteError:
+def from_reply(code: str, message: str, header: dict[str, Any] | None = None) -> RemoteError:
     """Build the exception that matches an error reply's code."""
-    cls = _BY_CODE.get(code, RemoteError)
-    if cls is MissingChunks:
+    if code == MissingChunks.code:
         missing = (header or {}).get("missing")
-        return cls(message, code, missing if isinstance(missing, list) else ())
-    return cls(message, code)
+        return MissingChunks(message, code, missing if isinstance(missing, list) else ())
+    return _BY_CODE.get(code, RemoteError)(message, code)

@@ -11,6 +11,8 @@ import os
 import select
 import sys
 from collections.abc import Callable
+from types import ModuleType
+from typing import Any
 
 from ..errors import FmsError
 
@@ -91,7 +93,7 @@ def run(
         os._exit(status)
 
 
-def _load_fuse():
+def _load_fuse() -> ModuleType:
     try:
         from . import fs
     except ModuleNotFoundError as exc:
@@ -109,7 +111,13 @@ def _load_fuse():
     return fs
 
 
-def _serve(fs, mountpoint: str, client_factory: Callable, settings: dict, ready_fd) -> int:
+def _serve(
+    fs: ModuleType,
+    mountpoint: str,
+    client_factory: Callable[[], Any],
+    settings: dict[str, Any],
+    ready_fd: int | None,
+) -> int:
     from .files import Spool
     from .pool import ClientPool
 

@@ -25,7 +25,9 @@ import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 from .. import wire as p
 from ..client import download
@@ -189,7 +191,11 @@ class OpenFile:
 
     def _stored(self) -> RemoteFile:
         if self._reader is None:
-            manifest = self._manifest if self._extents is None else self._table_manifest()
+            if self._extents is None:  # not written to: the stored version as it is
+                assert self._manifest is not None
+                manifest = self._manifest
+            else:
+                manifest = self._table_manifest()
             client = self.pool.factory()  # a connection of its own: it streams
             try:
                 self._reader = RemoteFile(client.session, manifest)
@@ -204,7 +210,7 @@ class OpenFile:
         the dirty ones are never read through it."""
         assert self._extents is not None
         digests = [d if d is not None else bytes(p.HASH_LEN) for d in self._digests]
-        extents = [tuple(e) for e in self._extents]
+        extents = [(e[0], e[1]) for e in self._extents]
         return {
             "name": self.name,
             "size": self.size,
@@ -403,7 +409,7 @@ class OpenFile:
                 header, _ = client.call("have", hashes=distinct[at : at + p.MAX_HAVE_BATCH])
                 missing.update(header["missing"])
 
-            def requests():
+            def requests() -> Iterator[tuple[int, str, dict[str, Any], bytearray]]:
                 sent = set()
                 for i in todo:
                     if digests[i] in missing and digests[i] not in sent:
@@ -555,14 +561,14 @@ def _last_at_most(starts: list[int], value: int) -> int:
     return bisect.bisect_right(starts, value) - 1
 
 
-def _write_all(fd: int, data, offset: int) -> None:
+def _write_all(fd: int, data: p.BytesLike, offset: int) -> None:
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
 
 
-def _frame_at(fd: int, offset: int, length: int):
+def _frame_at(fd: int, offset: int, length: int) -> tuple[bytearray, memoryview]:
     """Bytes ``offset`` to ``offset + length`` of the spool as a data frame (a hole reads as
     zeros)."""
     frame = p.data_buffer(length)

@@ -27,7 +27,9 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeAlias
 
 import mfusepy
 
@@ -46,6 +48,11 @@ from ..errors import (
 from .files import META_MTIME_NS, OpenFile, Spool
 from .pool import ClientPool
 from .writeback import Committer, Pending
+
+FileInfo: TypeAlias = Any  # mfusepy's fuse_file_info (a ctypes structure): fh, flags
+# what a metadata change (chmod, chown, utimens, truncate) is applied to
+Changed: TypeAlias = "OpenFile | _MetaHolder"
+Change: TypeAlias = Callable[[Changed], None]
 
 log = logging.getLogger("fms.mount")
 
@@ -76,7 +83,7 @@ def _error(exc: FmsError) -> int:
     return errno.EIO  # the cluster cannot be reached, did not answer, or sent damaged bytes
 
 
-def _fail(code: int):
+def _fail(code: int) -> Exception:
     return mfusepy.FuseOSError(code)
 
 
@@ -121,7 +128,7 @@ class Handle:
 
     __slots__ = ("file", "writable")
 
-    def __init__(self, file: OpenFile, writable: bool):
+    def __init__(self, file: OpenFile, writable: bool) -> None:
         self.file, self.writable = file, writable
 
 
@@ -356,7 +363,7 @@ class FmsMount(mfusepy.Operations):
 
     # --- FUSE: attributes and listings ---
 
-    def getattr(self, path, fh=None):
+    def getattr(self, path: str | None, fh: FileInfo | None = None) -> dict[str, Any]:
         handle = self._handles.get(fh.fh) if fh is not None else None
         if handle is not None:
             return self._attrs(self._open_entry(handle.file))
@@ -368,7 +375,7 @@ class FmsMount(mfusepy.Operations):
             raise _fail(_error(exc)) from None
         return self._attrs(entry, None if path.strip("/") == "" else self._name(path))
 
-    def readdir(self, path, fh):
+    def readdir(self, path: str | None, fh: int) -> list[tuple[str, dict[str, int], int]]:
         with self._lock:
             path = self._dir_handles.get(fh, path) if path is None else path
         if path is None:
@@ -393,7 +400,7 @@ class FmsMount(mfusepy.Operations):
         out += [(base, {"st_mode": kinds[e.kind]}, 0) for base, e in sorted(entries.items())]
         return out
 
-    def opendir(self, path):
+    def opendir(self, path: str) -> int:
         """A folder handle: its path (readdir is called without one)."""
         with self._lock:
             fh = self._next_fh
@@ -401,7 +408,7 @@ class FmsMount(mfusepy.Operations):
             self._dir_handles[fh] = path
         return fh
 
-    def releasedir(self, path, fh):
+    def releasedir(self, path: str | None, fh: int) -> int:
         with self._lock:
             self._dir_handles.pop(fh, None)
         return 0
@@ -413,7 +420,7 @@ class FmsMount(mfusepy.Operations):
             listing = self._listings.get(self._folder(path))
             return listing is not None and listing.told and listing.expires > time.monotonic()
 
-    def statfs(self, path):
+    def statfs(self, path: str) -> dict[str, int]:
         try:
             with self.pool.client() as client:
                 usage = client.usage()
@@ -447,10 +454,17 @@ class FmsMount(mfusepy.Operations):
             )
             return manifest, bytes(data)
 
-    def _new_file(self, name: str, manifest: dict | None, inline, meta: dict, mtime) -> OpenFile:
+    def _new_file(
+        self,
+        name: str,
+        manifest: dict[str, Any] | None,
+        inline: bytes | None,
+        meta: dict[str, Any],
+        mtime: float,
+    ) -> OpenFile:
         return OpenFile(name, manifest, inline, self.spool, self.pool, self.chunk_size, meta, mtime)
 
-    def _handle(self, file: OpenFile, writable: bool, fi) -> int:
+    def _handle(self, file: OpenFile, writable: bool, fi: FileInfo) -> int:
         with self._lock:
             fh = self._next_fh
             self._next_fh += 1
@@ -459,7 +473,7 @@ class FmsMount(mfusepy.Operations):
         fi.fh = fh
         return 0
 
-    def open(self, path, fi):
+    def open(self, path: str, fi: FileInfo) -> int:
         name = self._name(path)
         flags = fi.flags
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
@@ -498,7 +512,7 @@ class FmsMount(mfusepy.Operations):
             fuse = ctypes.c_void_p(context.contents.fuse)
             mfusepy._libfuse.fuse_invalidate_path(fuse, path.encode("utf-8", "surrogateescape"))
 
-    def create(self, path, mode, fi):
+    def create(self, path: str, mode: int, fi: FileInfo) -> int:
         self._writable()
         name = self._name(path)
         file = self._new_file(name, None, None, self._owner_meta(mode), time.time())
@@ -510,14 +524,14 @@ class FmsMount(mfusepy.Operations):
         self._remember(name, self._open_entry(file))
         return self._handle(file, True, fi)
 
-    def read(self, path, size, offset, fi):
+    def read(self, path: str | None, size: int, offset: int, fi: FileInfo) -> bytes:
         handle = self._handles[fi.fh]
         try:
             return handle.file.read(offset, size)
         except FmsError as exc:
             raise _fail(_error(exc)) from None
 
-    def write(self, path, data, offset, fi):
+    def write(self, path: str | None, data: bytes, offset: int, fi: FileInfo) -> int:
         handle = self._handles[fi.fh]
         if not handle.writable:
             raise _fail(errno.EBADF)
@@ -528,12 +542,13 @@ class FmsMount(mfusepy.Operations):
         except OSError as exc:  # the spool's disk
             raise _fail(exc.errno or errno.EIO) from None
 
-    def truncate(self, path, length, fi=None):
+    def truncate(self, path: str | None, length: int, fi: FileInfo | None = None) -> int:
         self._writable()
         handle = self._handles.get(fi.fh) if fi is not None else None
         if handle is not None:
             handle.file.truncate(length)
             return 0
+        assert path is not None  # no open handle: the kernel names the file
         name = self._name(path)
         with self._lock:
             file = self._open.get(name)
@@ -543,7 +558,7 @@ class FmsMount(mfusepy.Operations):
         self._change(path, lambda f: f.truncate(length))
         return 0
 
-    def _change(self, path: str, change) -> None:
+    def _change(self, path: str, change: Change) -> None:
         """Apply ``change`` to the closed file ``path`` and commit it at once (a truncate, a
         chmod or chown, new times); a folder's marker gets the new metadata."""
         self._drain()
@@ -567,7 +582,7 @@ class FmsMount(mfusepy.Operations):
         if made is not None:
             self._remember(name, Entry.of_stat(made))
 
-    def _commit_marker(self, folder: str, entry: Entry, change) -> None:
+    def _commit_marker(self, folder: str, entry: Entry, change: Change) -> None:
         holder = _MetaHolder(dict(entry.meta), entry.mtime)
         change(holder)
         self._mkdir(folder, holder.meta, holder.mtime)
@@ -609,16 +624,16 @@ class FmsMount(mfusepy.Operations):
                 self._told[file.name] = made["version"]
             self._remember(file.name, Entry.of_stat(made))
 
-    def flush(self, path, fi):
+    def flush(self, path: str | None, fi: FileInfo) -> int:
         self._commit(self._handles[fi.fh].file, background=True)
         return 0
 
-    def fsync(self, path, datasync, fi):
+    def fsync(self, path: str | None, datasync: int, fi: FileInfo) -> int:
         self._drain()
         self._commit(self._handles[fi.fh].file)
         return 0
 
-    def release(self, path, fi):
+    def release(self, path: str | None, fi: FileInfo) -> int:
         with self._lock:
             handle = self._handles.pop(fi.fh, None)
         if handle is None:
@@ -637,7 +652,7 @@ class FmsMount(mfusepy.Operations):
                 file.close()
         return 0
 
-    def unlink(self, path):
+    def unlink(self, path: str) -> int:
         self._writable()
         self._drain()
         name = self._name(path)
@@ -658,7 +673,7 @@ class FmsMount(mfusepy.Operations):
         self._remember(name, None)
         return 0
 
-    def symlink(self, path, target):
+    def symlink(self, path: str, target: str) -> int:
         self._writable()
         name = self._name(path)
         data = os.fsencode(target)
@@ -671,7 +686,7 @@ class FmsMount(mfusepy.Operations):
         self._remember(name, Entry.of_stat(made))
         return 0
 
-    def readlink(self, path):
+    def readlink(self, path: str) -> str:
         name = self._name(path)
         try:
             with self.pool.client() as client:
@@ -679,15 +694,15 @@ class FmsMount(mfusepy.Operations):
         except FmsError as exc:
             raise _fail(_error(exc)) from None
 
-    def link(self, target, source):
+    def link(self, target: str, source: str) -> int:
         raise _fail(errno.EOPNOTSUPP)  # hard links: a name is one file
 
-    def mknod(self, path, mode, dev):
+    def mknod(self, path: str, mode: int, dev: int) -> int:
         raise _fail(errno.EOPNOTSUPP)  # devices, FIFOs and sockets are not stored
 
     # --- FUSE: folders ---
 
-    def mkdir(self, path, mode):
+    def mkdir(self, path: str, mode: int) -> int:
         self._writable()
         name = self._name(path)
         try:
@@ -706,7 +721,7 @@ class FmsMount(mfusepy.Operations):
             )
         return 0
 
-    def rmdir(self, path):
+    def rmdir(self, path: str) -> int:
         self._writable()
         if path.strip("/") == "":
             raise _fail(errno.EBUSY)
@@ -731,7 +746,7 @@ class FmsMount(mfusepy.Operations):
         self._remember(name, None)
         return 0
 
-    def rename(self, old, new, flags=0):
+    def rename(self, old: str, new: str, flags: int = 0) -> int:
         self._writable()
         if flags & RENAME_EXCHANGE:
             raise _fail(errno.EINVAL)  # exchanging two names is not supported
@@ -800,15 +815,15 @@ class FmsMount(mfusepy.Operations):
 
     # --- FUSE: metadata ---
 
-    def chmod(self, path, mode):
+    def chmod(self, path: str, mode: int) -> int:
         self._writable()
         self._set(path, lambda f: f.meta.update({META_MODE: f"{mode & 0o7777:o}"}))
         return 0
 
-    def chown(self, path, uid, gid):
+    def chown(self, path: str, uid: int, gid: int) -> int:
         self._writable()
 
-        def change(f):
+        def change(f: Changed) -> None:
             if uid != -1:
                 f.meta[META_UID] = str(uid)
             if gid != -1:
@@ -817,21 +832,21 @@ class FmsMount(mfusepy.Operations):
         self._set(path, change)
         return 0
 
-    def utimens(self, path, times=None):
+    def utimens(self, path: str | None, times: tuple[int, int] | None = None) -> int:
         self._writable()
         mtime_ns = time.time_ns() if times is None else times[1]
         if mtime_ns == UTIME_OMIT:
             return 0
         mtime_ns = time.time_ns() if mtime_ns == UTIME_NOW else mtime_ns
 
-        def change(f):
+        def change(f: Changed) -> None:
             f.mtime = mtime_ns / 1e9
             f.meta[META_MTIME_NS] = str(mtime_ns)
 
         self._set(path, change)
         return 0
 
-    def _set(self, path, change) -> None:
+    def _set(self, path: str | None, change: Change) -> None:
         """A metadata change: kept with the open file (committed with it), else committed."""
         if path is None:
             return  # a file removed while open: nothing of it is stored any more
@@ -849,7 +864,7 @@ class FmsMount(mfusepy.Operations):
 
     # --- lifecycle ---
 
-    def init_with_config(self, conn, config):
+    def init_with_config(self, conn: Any, config: Any) -> None:
         if config is not None:
             config.entry_timeout = self.cache_time
             config.attr_timeout = self.cache_time
@@ -864,7 +879,7 @@ class FmsMount(mfusepy.Operations):
         if ready is not None:
             ready()
 
-    def destroy(self, path):
+    def destroy(self, path: str | None) -> None:
         """Unmounted: what open files hold is committed (they were not closed: a courtesy)."""
         if self.committer is not None:
             self.committer.stop()
@@ -883,14 +898,14 @@ class FmsMount(mfusepy.Operations):
 class _MetaHolder:
     """A folder marker's metadata and mtime, changed as an open file's are."""
 
-    def __init__(self, meta: dict, mtime: float):
+    def __init__(self, meta: dict[str, Any], mtime: float) -> None:
         self.meta, self.mtime = meta, mtime
 
     def truncate(self, size: int) -> None:
         raise _fail(errno.EISDIR)
 
 
-def _int(value, default: int) -> int:
+def _int(value: Any, default: int) -> int:
     try:
         return int(value)
     except (TypeError, ValueError):
@@ -901,16 +916,16 @@ class FmsFuse(mfusepy.FUSE):
     """mfusepy's FUSE with what it leaves out: rename's flags, the raw times of utimens
     (UTIME_NOW, UTIME_OMIT), and a folder's entries kept by the kernel (``cache_readdir``)."""
 
-    def truncate_fuse_3(self, path, length, fip):
+    def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
         decoded = None if path is None else path.decode(self.encoding, self.errors)
         return self.operations.truncate(decoded, length, fip.contents if fip else None)
 
-    def rename_fuse_3(self, old, new, flags):
+    def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
         return self.operations.rename(
             old.decode(self.encoding, self.errors), new.decode(self.encoding, self.errors), flags
         )
 
-    def utimens_fuse_3(self, path, buf, fip):
+    def utimens_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
         times = None
         if buf:
             mtime = buf.contents.modtime
@@ -921,7 +936,7 @@ class FmsFuse(mfusepy.FUSE):
         decoded = None if path is None else path.decode(self.encoding, self.errors)
         return self.operations.utimens(decoded, times)
 
-    def opendir(self, path, fip):
+    def opendir(self, path: bytes, fip: Any) -> int:
         decoded = path.decode(self.encoding, self.errors)
         fip.contents.fh = self.operations.opendir(decoded)
         if self.operations.dir_kept(decoded):

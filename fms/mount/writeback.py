@@ -14,10 +14,14 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .. import wire as p
 from ..errors import FmsError
 from .pool import ClientPool
+
+if TYPE_CHECKING:
+    from .fs import Entry
 
 log = logging.getLogger("fms.mount")
 
@@ -34,7 +38,7 @@ class Pending:
     chunk_size: int
     meta: dict
     mtime: float
-    entry: object  # what the mount shows for the name until the commit lands
+    entry: "Entry"  # what the mount shows for the name until the commit lands
 
     def fields(self) -> dict:
         extents = ((self.chunk_size, len(self.content)),) if self.content else ()
@@ -73,12 +77,12 @@ class Committer:
             self.pending[item.name] = item
             self._cond.notify_all()
 
-    def entry(self, name: str) -> object | None:
+    def entry(self, name: str) -> "Entry | None":
         with self._cond:
             item = self.pending.get(name)
         return None if item is None else item.entry
 
-    def under(self, folder: str) -> dict:
+    def under(self, folder: str) -> "dict[str, Entry]":
         """The waiting names directly in ``folder``: base name -> entry."""
         with self._cond:
             return {

@@ -3,15 +3,21 @@ bare indexing.  Also the rules for names, hashes, mtimes and how a file splits i
 
 import re
 import unicodedata
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, overload
 
 from ..errors import BadRequest
 from .messages import INLINE_MAX
+
+if TYPE_CHECKING:
+    from ..limits import BytesLike  # not imported at run time: it loads msgpack
 
 __all__ = [
     "HASH_LEN",
     "MAX_NAME_BYTES",
     "MTIME_MAX",
     "MTIME_MIN",
+    "Digest",
     "check_entry_name",
     "check_folder",
     "check_folder_name",
@@ -30,6 +36,7 @@ __all__ = [
 ]
 
 HASH_LEN = 32  # sha256 digest, bytes
+Digest: TypeAlias = bytes  # a sha256 digest (HASH_LEN bytes): a chunk's or a file's
 MAX_NAME_BYTES = 1024  # a name in UTF-8
 # A file's mtime, in seconds since the epoch: finite, from 1900-01-01 to 9999-12-31 (what
 # datetime and every filesystem fms writes to can hold).
@@ -37,7 +44,7 @@ MTIME_MIN = -2208988800.0
 MTIME_MAX = 253402300799.0
 
 
-def sha256(data) -> bytes:
+def sha256(data: "BytesLike") -> bytes:
     import hashlib  # here: hashlib loads OpenSSL, which `ls` and `stat` never need
 
     return hashlib.sha256(data).digest()
@@ -64,9 +71,45 @@ def travels_inline(size: int, chunks: int) -> bool:
 # --- field checks: every handler reads its fields through these, never by bare indexing ---
 
 
-def need(header: dict, key: str, kind, *, optional=False, default=None):
-    """Read ``header[key]`` and check its type; bools are never ints.  Nil counts as absent,
-    for every field (docs/PROTOCOL.md, *Request fields*).
+T = TypeVar("T")
+U = TypeVar("U")
+D = TypeVar("D")
+
+
+@overload
+def need(header: Mapping[str, Any], key: str, kind: type[T]) -> T: ...
+@overload
+def need(header: Mapping[str, Any], key: str, kind: tuple[type[T], type[U]]) -> T | U: ...
+@overload
+def need(
+    header: Mapping[str, Any], key: str, kind: type[T], *, optional: bool, default: D
+) -> T | D: ...
+@overload
+def need(
+    header: Mapping[str, Any],
+    key: str,
+    kind: tuple[type[T], type[U]],
+    *,
+    optional: bool,
+    default: D,
+) -> T | U | D: ...
+@overload
+def need(header: Mapping[str, Any], key: str, kind: type[T], *, optional: bool) -> T | None: ...
+@overload
+def need(
+    header: Mapping[str, Any], key: str, kind: tuple[type[T], type[U]], *, optional: bool
+) -> T | U | None: ...
+def need(
+    header: Mapping[str, Any],
+    key: str,
+    kind: type | tuple[type, ...],
+    *,
+    optional: bool = False,
+    default: object = None,
+) -> Any:
+    """Read ``header[key]`` and check its type; bools are never ints.  An optional field that is
+    missing reads as ``default``.  Nil counts as absent, for every field (docs/PROTOCOL.md,
+    *Request fields*).
 
     :raises BadRequest: missing (unless optional) or of the wrong type.
     """
@@ -82,21 +125,46 @@ def need(header: dict, key: str, kind, *, optional=False, default=None):
     return value
 
 
-def need_int(header: dict, key: str, *, lo=0, hi=2**63 - 1, optional=False, default=None) -> int:
+@overload
+def need_int(header: Mapping[str, Any], key: str, *, lo: int = 0, hi: int = 2**63 - 1) -> int: ...
+@overload
+def need_int(
+    header: Mapping[str, Any],
+    key: str,
+    *,
+    lo: int = 0,
+    hi: int = 2**63 - 1,
+    optional: bool,
+    default: D,
+) -> int | D: ...
+@overload
+def need_int(
+    header: Mapping[str, Any], key: str, *, lo: int = 0, hi: int = 2**63 - 1, optional: bool
+) -> int | None: ...
+def need_int(
+    header: Mapping[str, Any],
+    key: str,
+    *,
+    lo: int = 0,
+    hi: int = 2**63 - 1,
+    optional: bool = False,
+    default: object = None,
+) -> object:
+    """An integer field from ``lo`` to ``hi`` (an optional one that is missing: ``default``)."""
     value = need(header, key, int, optional=optional, default=default)
-    if value is not None and not lo <= value <= hi:
+    if isinstance(value, int) and not lo <= value <= hi:
         raise BadRequest(f"field {key!r} = {value} is out of range [{lo}, {hi}]")
     return value
 
 
-def need_hash(header: dict, key: str) -> bytes:
+def need_hash(header: Mapping[str, Any], key: str) -> bytes:
     value = need(header, key, bytes)
     if len(value) != HASH_LEN:
         raise BadRequest(f"field {key!r} must be a {HASH_LEN}-byte sha256, got {len(value)} bytes")
     return value
 
 
-def need_hashes(header: dict, key: str, limit: int) -> list:
+def need_hashes(header: Mapping[str, Any], key: str, limit: int) -> list[bytes]:
     values = need(header, key, list)
     if len(values) > limit:
         raise BadRequest(f"field {key!r} holds {len(values)} hashes, at most {limit} allowed")
@@ -106,7 +174,7 @@ def need_hashes(header: dict, key: str, limit: int) -> list:
     return values
 
 
-def _kind_name(kind) -> str:
+def _kind_name(kind: type | tuple[type, ...]) -> str:
     names = {
         str: "a string",
         int: "an integer",
@@ -132,7 +200,7 @@ _HIDDEN = re.compile(
 )
 
 
-def check_name(name) -> str:
+def check_name(name: object) -> str:
     """Return ``name`` in NFC if it is a valid key, else raise :class:`BadRequest` saying why.
 
     A name is a key, not a path: relative, ``/``-separated, no empty, ``.`` or ``..`` parts,
@@ -201,7 +269,7 @@ def check_entry_name(name: object) -> str:
     return check_folder_name(name) if is_folder_name(name) else check_name(name)
 
 
-def check_mtime(mtime) -> float:
+def check_mtime(mtime: float) -> float:
     """An mtime as a float if finite and within [MTIME_MIN, MTIME_MAX], else :class:`BadRequest`."""
     value = float(mtime)
     if not MTIME_MIN <= value <= MTIME_MAX:  # also false for NaN
@@ -212,7 +280,7 @@ def check_mtime(mtime) -> float:
     return value
 
 
-def check_prefix(prefix) -> str:
+def check_prefix(prefix: object) -> str:
     """A listing prefix: any string without NUL, at most MAX_NAME_BYTES, in NFC (as names)."""
     if not isinstance(prefix, str):
         raise BadRequest(f"a prefix must be a string, got {type(prefix).__name__}")
@@ -224,7 +292,7 @@ def check_prefix(prefix) -> str:
         raise BadRequest(f"prefix {prefix!r} is not valid UTF-8") from None
 
 
-def check_folder(prefix) -> str:
+def check_folder(prefix: object) -> str:
     """A folder, as ``rm -r``, ``du``, ``ls -r`` and ``find`` mean it: ``album`` and ``album/``
     both mean the names under ``album/`` (never ``albumX``); ``""`` is every name."""
     prefix = check_prefix(prefix)

@@ -1,6 +1,8 @@
 """What the messages are: the protocol version, the ops and the service that serves each, the
 error codes, the reply builders, and the sizes and times every peer agrees on."""
 
+from typing import Any
+
 from ..errors import BadRequest
 
 __all__ = [
@@ -144,13 +146,13 @@ ERROR_CODES = (
 )
 
 
-def is_version(v) -> bool:
+def is_version(v: object) -> bool:
     """Whether ``v`` names this protocol version: the int itself (``true`` and ``1.0`` equal 1
     in Python, and are not versions)."""
     return type(v) is int and v == PROTOCOL_VERSION
 
 
-def check_version(header: dict, speaker: str = "this worker"):
+def check_version(header: dict[str, Any], speaker: str = "this worker") -> None:
     """A worker's check that a request speaks this protocol version (the broker checks first)."""
     if not is_version(header.get("v")):
         raise BadRequest(
@@ -159,7 +161,7 @@ def check_version(header: dict, speaker: str = "this worker"):
         )
 
 
-def check_frame_count(op, frames: int):
+def check_frame_count(op: object, frames: int) -> None:
     """That a request of ``op`` has ``frames`` frames: its header, and a data frame only where the
     op takes one (:data:`DATA_OPS`).  :raises BadRequest: it has not."""
     if frames > 2 or frames < 1:
@@ -171,9 +173,9 @@ def check_frame_count(op, frames: int):
         )
 
 
-def error_reply(req_id, code: str, message: str) -> dict:
+def error_reply(req_id: object, code: str, message: str) -> dict[str, Any]:
     return {"v": PROTOCOL_VERSION, "id": req_id, "ok": False, "error": code, "message": message}
 
 
-def ok_reply(req_id, **fields) -> dict:
+def ok_reply(req_id: object, **fields: Any) -> dict[str, Any]:
     return {"v": PROTOCOL_VERSION, "id": req_id, "ok": True, **fields}

@@ -11,7 +11,8 @@ required field, nil is a missing field.  A field an op does not read is ignored,
 holds.
 """
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from ..errors import BadRequest, TooLarge
 from .fields import (
@@ -252,11 +253,11 @@ def _range(key: str, f: RequestField, op: str) -> tuple:
     return f.per_op.get(op, (f.lo, f.hi))
 
 
-def _is_int(value) -> bool:
+def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value) -> bool:
+def _is_number(value: object) -> bool:
     return (
         isinstance(value, (int, float))
         and not isinstance(value, bool)
@@ -285,7 +286,7 @@ def _digest_kind(kind: str) -> None:
 
 
 # What else a value must be, beyond its type and range (the spec's rule column).
-_RULES = {
+_RULES: dict[str, Callable[[Any], object]] = {
     "name": check_entry_name,  # a file's name; the ops that take only those say so
     "src": check_name,
     "dest": check_folder_name,
@@ -296,7 +297,7 @@ _RULES = {
 }
 
 
-def _check(op: str, key: str, f: RequestField, value) -> None:
+def _check(op: str, key: str, f: RequestField, value: Any) -> None:
     lo, hi = _range(key, f, op)
     if f.kind.startswith("array of "):
         if not isinstance(value, list):
@@ -360,7 +361,7 @@ def check_request(op: str, header: dict, partial: bool = False) -> None:
             _check(op, key, f, value)  # says what is wrong
 
 
-def _quick(key: str, f: RequestField, op: str):
+def _quick(key: str, f: RequestField, op: str) -> Callable[[Any], bool]:
     """A fast yes/no for the common fields (the broker checks every request), or the full
     check where there is none; :func:`_check` says why on a no."""
     lo, hi = _range(key, f, op)
@@ -375,7 +376,7 @@ def _quick(key: str, f: RequestField, op: str):
             (type(v) is int and INT64_MIN <= v <= UINT64_MAX) or (type(v) is str and len(v) <= hi)
         )
 
-    def full(v) -> bool:
+    def full(v: object) -> bool:
         try:
             _check(op, key, f, v)
         except BadRequest:
