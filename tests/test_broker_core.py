@@ -7,7 +7,7 @@ import pytest
 
 from fms import limits
 from fms import wire as p
-from fms.broker import Core
+from fms.broker import Core, admission
 from fms.broker.admission import (
     CHUNK_GUESS,
     HEAVY_PER_CLIENT,
@@ -625,3 +625,26 @@ def test_a_client_that_takes_its_replies_is_never_disconnected(core, monkeypatch
     ask(core, b"bob", "chunk", 1, hash=b"\x0b" * 32, len=8 * MiB)
     assert not core.transport.disconnected
     assert replies_to(core.transport.take(), b"bob")[0]["error"] == "unavailable"
+
+
+def test_a_burst_finding_the_total_full_counts_what_clients_took_once(core, monkeypatch):
+    """Counting what a client took of its bytes in transit is a system call per client.  Each
+    request finding the total full used to count every client anew: 300 clients asking at once
+    made 90,000 of them, the broker's loop spent half its time there, and a well-behaved
+    client's requests waited behind them.  Now one count serves the burst (TRANSIT_RECOUNT)."""
+    monkeypatch.setattr(limits, "TOTAL_REPLY_BYTES", 40 * MiB)
+    monkeypatch.setattr(admission, "TRANSIT_RECOUNT", 3600.0)  # the whole burst in one count
+    ready(core, b"c", p.CACHE)
+    hogs = [b"hog1", b"hog2"]
+    for hog in hogs:
+        core.transport.acked[hog] = 0
+        _chunk_reply(core, hog, 1, 16 * MiB - 8192)
+    core.transport.take()
+    asked = []
+    taken = core.transport.taken
+    monkeypatch.setattr(core.transport, "taken", lambda ident: asked.append(ident) or taken(ident))
+    for i in range(100):
+        ask(core, b"new%d" % i, "chunk", 1, hash=b"\x0b" * 32, len=16 * MiB - 8192)
+    refused = [r for _, _, r, _ in core.transport.take() if r.get("error") == "unavailable"]
+    assert len(refused) == 100  # the total is full and nobody has stalled: all back off
+    assert [asked.count(hog) for hog in hogs] == [1, 1]
