@@ -60,34 +60,38 @@ class Legit:
         self._proc = mp.Process(target=self._run, args=(cluster, files), daemon=True)
         self.ok = self.failed = 0
         self.slowest = 0.0
-        self.latencies = []
+        self.latencies: list = []
+        self.worst: list = []  # the five slowest (seconds, what)
 
     def start(self):
         self._proc.start()
 
     def join(self, timeout: float):
-        self.ok, self.failed, self.latencies = self._results.get(timeout=timeout)
+        self.ok, self.failed, timed = self._results.get(timeout=timeout)
+        self.latencies = [t for t, _, _ in timed]
         self.slowest = max(self.latencies, default=0.0)
+        self.worst = sorted(timed, reverse=True)[:5]
         self._proc.join(timeout)
 
     def _run(self, cluster, files: dict):
         mine = os.urandom(64 * 1024)
         counts, latencies = [0, 0], []
+        began = time.monotonic()
 
-        def timed(action) -> None:
+        def timed(what, action) -> None:
             start = time.monotonic()
             try:
                 good = action()
             except Exception:
                 good = False
-            latencies.append(time.monotonic() - start)
+            latencies.append((time.monotonic() - start, what, start - began))
             counts[0 if good else 1] += 1
 
         with cluster.client(timeout=5.0, retries=0) as c:
             while not self.stop.is_set():
                 for name, data in files.items():
-                    timed(lambda name=name, data=data: c.get_bytes(name) == data)
-                timed(lambda: c.put_bytes(mine, "legit-put") is not None)
+                    timed(f"get {name}", lambda name=name, data=data: c.get_bytes(name) == data)
+                timed("put", lambda: c.put_bytes(mine, "legit-put") is not None)
                 self.stop.wait(0.2)
         self._results.put((counts[0], counts[1], latencies))
 
@@ -428,7 +432,8 @@ def run(name, seconds, clients):
     p99 = waits[int(len(waits) * 0.99)] if waits else 0.0
     print(
         f"{name:<12} peak RSS: {rss} | legit ok={legit.ok} failed={legit.failed} "
-        f"p99={p99:.2f}s slowest={legit.slowest:.2f}s | all alive={alive}",
+        f"p99={p99:.2f}s slowest={legit.slowest:.2f}s | all alive={alive}\n    slowest: "
+        + ", ".join(f"{what} {t:.2f}s at {at:.1f}s" for t, what, at in legit.worst),
         flush=True,
     )
 
