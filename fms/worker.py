@@ -8,6 +8,8 @@ A *service* (storage, cache) is an object with these methods, which know no even
   ``link.request(service, header, data)``.
 - ``on_register()``: called each time the worker (re)registers with a broker.
 - ``on_invalidate(name)``: the broker says a name changed (the cache uses it).
+- ``on_store(digest_fn)`` (optional): the store's digest function, from the broker's
+  ``welcome`` (the cache verifies what storage sends it with it).
 - ``tick(now)``: called at least once per heartbeat interval.
 - ``beat()`` (optional): a dict of counters each heartbeat carries to the broker; called from
   the link's heartbeat thread, so it only reads counters.
@@ -316,6 +318,12 @@ def _dispatch(service, link: BrokerLink, frames, log):
     elif kind == "hb":
         pass
     elif kind == "welcome":
+        # A welcome names the store's digest function once storage has told the broker; a
+        # later one may come only to tell it.
+        digest_fn = route.get("digest_fn")
+        on_store = getattr(service, "on_store", None)
+        if digest_fn is not None and on_store is not None:
+            on_store(p.need(route, "digest_fn", str))
         if not link.registered:
             link.registered = True
             log.info("event=registered broker=%s", link.endpoint)

@@ -5,7 +5,7 @@ For each message a client or a worker sends, the core decides what to send to wh
 
 - a client's request is checked (version, op, frame count, its key still allowed), admitted
   within its budgets (admission.py), and dispatched to a service's worker (dispatch.py,
-  routing.py); ``status`` is answered here;
+  routing.py); ``status`` and ``hello`` are answered here;
 - a worker's ``ready`` registers it (registry.py), its heartbeats keep it alive, its reply goes
   back to whoever asked; a storage reply that changed names first invalidates them in every
   cache worker, **before** the ack is forwarded: the cache's pipe is FIFO, so any read the client
@@ -140,11 +140,32 @@ class Core:
             self.replies.deliver(origin, [p.encode(p.ok_reply(req_id, **self.status()))])
             self.metrics.answered(op, "ok", 0.0)
             return
+        if op == "hello":
+            self._hello(origin, req_id)
+            return
         service = p.OP_SERVICE[op]
         if header.get("fresh") is True and op in ("get", "chunk", "page", "get_many"):
             # The client found what the cache gave it corrupt: this once, ask storage itself.
             service = p.STORAGE
         self._submit(service, op, header, origin, frames, now, reserve, seen, heavy)
+
+    def _hello(self, origin: dict, req_id: object) -> None:
+        """What a client needs before it hashes: the store and its digest function, as the
+        storage workers announced them (``unavailable`` until one has)."""
+        if self.registry.store is None:
+            self.replies.error(
+                origin,
+                req_id,
+                "unavailable",
+                "no storage worker has registered yet, so the store's digest function is "
+                "not known; retry",
+                op="hello",
+            )
+            return
+        store_id, digest_fn = self.registry.store
+        reply = p.ok_reply(req_id, store=store_id, digest_fn=digest_fn)
+        self.replies.deliver(origin, [p.encode(reply)])
+        self.metrics.answered("hello", "ok", 0.0)
 
     def _submit(
         self,
@@ -248,9 +269,21 @@ class Core:
             return
         if self.registry.get(ident) is not None:
             self.dispatcher.worker_lost(ident, "registered again")
-        self.registry.add(ident, service, worker_id, store_id)
-        self._send_route(ident, {"t": "welcome"})
+        digest_fn = route.get("digest_fn") if service == p.STORAGE else None
+        changed = self.registry.add(ident, service, worker_id, store_id, digest_fn)
+        self._send_route(ident, self._welcome())
+        if changed:
+            # Caches verify what storage sends them with the store's digest function: they
+            # hear of it (again: a later welcome only updates it) before any request reaches
+            # this worker, so before any of its replies (the pipes are FIFO).
+            for cache in self.registry.of(p.CACHE):
+                self._send_route(cache.ident, self._welcome())
         log.info("event=worker_ready service=%s worker=%s store=%s", service, worker_id, store_id)
+
+    def _welcome(self) -> dict:
+        """The ``welcome`` route: with the store's digest function once it is known."""
+        known = self.registry.store
+        return {"t": "welcome"} if known is None else {"t": "welcome", "digest_fn": known[1]}
 
     def _reply(self, worker: Worker, route: dict, body: list) -> None:
         key = route.get("k")

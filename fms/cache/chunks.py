@@ -12,11 +12,11 @@ costs storage):
   waiting for its write is answered from memory;
 - a *hot* memory tier (least recently used out, at most ``memory_bytes``) keeps main entries
   that were read: a hit there costs no open, read or hash, since each was verified against its
-  sha256 when it was filled;
+  digest when it was filled;
 - a read from disk is checked against the CRC-32 recorded when the chunk was filled (part of
   its file name), about 3x cheaper than a sha256 of the same bytes (measured: 0.19 against
   0.55 ms per MiB); a mismatch (bit rot) drops the chunk, which is refetched and verified.
-  Storage and the client keep checking sha256 (DESIGN.md invariant 3).
+  Storage and the client keep checking the store's digest (DESIGN.md invariant 3).
 """
 
 import collections

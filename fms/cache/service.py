@@ -1,8 +1,10 @@
 """The cache service: answers get and chunk from the cache, forwards misses to storage.
 
 A miss becomes one fetch to storage however many requests wait for the same key; storage pushes
-the data back here, the cache verifies it, fills itself and answers every waiter.  Manifest fills
-go through :class:`~fms.cache.manifests.ManifestCache`, which refuses stale ones (see there).
+the data back here, the cache verifies it (with the store's digest function, which the broker's
+``welcome`` names: :meth:`CacheService.on_store`), fills itself and answers every waiter.
+Manifest fills go through :class:`~fms.cache.manifests.ManifestCache`, which refuses stale ones
+(see there).
 
 Each reply's route frame tells the broker whether it was a hit, and a ``get`` reply how many
 chunk requests the client will make for that file (0 when its content came along, or when it is
@@ -65,6 +67,7 @@ class CacheService:
         self.hits = 0
         self.misses = 0
         self.fetches = 0
+        self.hash = None  # the store's digest function's helper, once the broker has said it
         self._ids = itertools.count(1)
         self._fetches = {}  # fetch id -> Fetch
         self._open = {}  # (kind, key) -> fetch id of the newest fetch for that key
@@ -223,8 +226,10 @@ class CacheService:
 
     def _check_chunk(self, fetch, payload) -> bytes:
         """:return: the digest to cache ``payload`` under, once it matches."""
-        if payload is None or p.sha256(payload) != fetch.key:
-            raise BadRequest(f"chunk {fetch.key.hex()[:16]} does not match its sha256")
+        if self.hash is None:  # the broker names it before any storage reply can come
+            raise BadRequest("the store's digest function is not known yet")
+        if payload is None or self.hash(payload) != fetch.key:
+            raise BadRequest(f"chunk {fetch.key.hex()[:16]} does not match its digest")
         return fetch.key
 
     def _fill_manifest(self, fetch, header, payload):
@@ -237,8 +242,8 @@ class CacheService:
             raise BadRequest("manifest is for another name")
         inline = None
         if _inline(manifest):
-            if payload is None or p.sha256(payload) != manifest["chunks"][0]:
-                raise BadRequest("inline content does not match its sha256")
+            if not p.inline_ok(manifest, payload):
+                raise BadRequest("inline content does not match its digest")
             inline = manifest["chunks"][0]
         if not self.manifests.fill(fetch.key, manifest, fetch.token):
             log.debug("event=stale_fill_dropped name=%r", fetch.key)
@@ -350,6 +355,12 @@ class CacheService:
     def on_register(self):
         # A broker we were cut off from may have acked writes we never heard of.
         self.manifests.invalidate_all()
+
+    def on_store(self, digest_fn: str):
+        """The store's digest function (from the broker's ``welcome``): what storage's replies
+        are checked with.  Chunks cached under another store's function stay: a digest of one
+        function is never that of other bytes under the other."""
+        self.hash = p.hasher(digest_fn)
 
     def tick(self, now: float):
         expired = [fid for fid, f in self._fetches.items() if now - f.started > FETCH_TIMEOUT]

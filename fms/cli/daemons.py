@@ -144,7 +144,7 @@ def cmd_storage(args):
     setup_logging(args.log_level)
     if args.data == os.path.join(DEFAULT_DATA, "storage"):
         os.makedirs(DEFAULT_DATA, exist_ok=True)  # the default just works; a given path must exist
-    store = open_store(args.data, args.meta, args.chunks, args.keep_versions)
+    store = open_store(args.data, args.meta, args.chunks, args.keep_versions, args.digest)
     if args.print_store_id:
         print(store.store_id)
         store.close()
@@ -160,7 +160,12 @@ def cmd_storage(args):
         return _run_worker(
             args,
             service,
-            {"svc": p.STORAGE, "wid": _worker_id(args, "storage"), "store": store.store_id},
+            {
+                "svc": p.STORAGE,
+                "wid": _worker_id(args, "storage"),
+                "store": store.store_id,
+                "digest_fn": store.digest_fn,
+            },
             "fms.storage",
         )
     finally:

@@ -719,6 +719,14 @@ def _storage(cmd):
     _gc_grace_arg(cmd)
     _keep_versions_arg(cmd)
     cmd.add_argument(
+        "--digest",
+        choices=p.DIGEST_FUNCTIONS,
+        default=None,
+        help="the digest function a new store records: blake3 (the default, several times "
+        "faster) or sha256 (what stores made before the choice use); an existing store keeps "
+        "its own, and naming another is refused",
+    )
+    cmd.add_argument(
         "--print-store-id",
         action="store_true",
         help="print the store's id (for the broker's --store) and exit",

@@ -203,6 +203,7 @@ class Client:
         metadata (default none).  :return: its stat.  :raises NotFound: a part is not stored.
         """
         name = p.check_name(name)
+        hash_fn = self.session.hasher()
         extents, pages = [], []
         for part in parts:
             manifest, _frame, via = self._manifest(p.check_name(part))
@@ -214,7 +215,7 @@ class Client:
                 digests = [d for _i, _o, _n, d, _z in listing.items()]
             for page in p.pages_of(listing.extents, digests):
                 blob = p.join_digests(page)
-                pages.append(p.sha256(blob))
+                pages.append(hash_fn(blob))
                 self.call("put_page", data=p.pack_data(blob), hash=pages[-1])
         fields = {"meta": p.check_meta(meta)} if meta else {}
         header, _ = self.call(
@@ -222,7 +223,7 @@ class Client:
             name=name,
             extents=p.pack_extents(extents),
             pages=pages,
-            digest=p.tree_digest(extents, pages),
+            digest=p.tree_digest(extents, pages, hash_fn),
             mtime=time.time(),
             commit=os.urandom(16).hex(),
             **fields,
@@ -299,7 +300,7 @@ class Client:
         if meta is None:
             return self.put_many([(path, name)])[0]
         p.check_meta(meta)
-        plan = upload.plan_file(path, self.chunk_size, self._hashing(name))
+        plan = upload.plan_file(path, self.chunk_size, self.session.hasher(), self._hashing(name))
         plan.meta = meta
         return self._put_planned([(path, name, plan)])[0]
 
@@ -309,7 +310,7 @@ class Client:
         """Upload bytes held in memory (for small data; large files should use :meth:`put`)."""
         p.check_name(name)
         data = bytes(data)
-        plan = upload.plan_bytes(data, self.chunk_size, mtime)
+        plan = upload.plan_bytes(data, self.chunk_size, mtime, self.session.hasher())
         plan.meta = p.check_meta(meta) if meta else None
         return self._put_planned([(data, name, plan)])[0]
 
@@ -320,9 +321,11 @@ class Client:
         :return: the stat of each, in order.
         """
         items = [(path, p.check_name(name)) for path, name in items]  # every name, first
+        # Asked now: the plans are made while the upload's pipeline runs.
+        hash_fn = self.session.hasher() if items else None
         return self._put_planned(
             (
-                (path, name, upload.plan_file(path, self.chunk_size, self._hashing(name)))
+                (path, name, upload.plan_file(path, self.chunk_size, hash_fn, self._hashing(name)))
                 for path, name in items
             ),
             done,

@@ -47,7 +47,7 @@ def chunk_list(session: Session, manifest: dict, via=None) -> ChunkList:
 def fetch_whole(session: Session, name: str, manifest: dict, data):
     """The verified content of a small file that came with its manifest (``data``); if it does
     not match, asked once more from storage itself (``fresh``).  :return: (manifest, data)."""
-    if len(data) == manifest["size"] and p.sha256(data) == manifest["chunks"][0]:
+    if p.inline_ok(manifest, data):
         ChunkList(manifest, None)  # its one-chunk list gives its digest
         return manifest, data
     with session.aside() as aside:
@@ -72,10 +72,10 @@ def download_chunks(session: Session, manifest: dict, out, report, via=None):
 def download_to_file(session: Session, manifest: dict, out, report, via=None):
     """Fetch every chunk pipelined into the file ``out`` (open for writing, empty): while this
     thread receives, :data:`VERIFY_THREADS` threads check each chunk against its digest and
-    write it at its offset (hashlib and ``os.pwrite`` release the GIL), so hashing, writing and
-    receiving overlap.  Only verified bytes are written; a chunk that fails is fetched once
-    more from storage itself; a chunk of zeros is a hole.  ``report(name, done, total)`` as
-    chunks land, in order.
+    write it at its offset (the digest helpers and ``os.pwrite`` release the GIL), so hashing,
+    writing and receiving overlap.  Only verified bytes are written; a chunk that fails is
+    fetched once more from storage itself; a chunk of zeros is a hole.  ``report(name, done,
+    total)`` as chunks land, in order.
 
     :raises IntegrityError: a chunk does not match its digest, also from storage.
     """
@@ -108,13 +108,14 @@ def download_to_file(session: Session, manifest: dict, out, report, via=None):
                 nonlocal done
                 (offset, length, digest), future = pending.popleft()
                 if not future.result():
-                    _write_at(fd, _refetch(session, manifest["name"], digest, length), offset)
+                    _write_at(fd, _refetch(session, listing, digest, length), offset)
                 done += length
                 report(manifest["name"], done + holes, manifest["size"])
 
             for piece, _header, frame in session.pipeline(requests(), window):
                 data = p.unpack_data(frame.buffer) if frame is not None else memoryview(b"")
-                pending.append((piece, pool.submit(_verify_and_write, fd, *piece, data)))
+                future = pool.submit(_verify_and_write, fd, listing.hash, *piece, data)
+                pending.append((piece, future))
                 while pending and (len(pending) > window or pending[0][1].done()):
                     settle()
             while pending:
@@ -124,9 +125,9 @@ def download_to_file(session: Session, manifest: dict, out, report, via=None):
         report(manifest["name"], manifest["size"], manifest["size"])
 
 
-def _verify_and_write(fd: int, offset: int, length: int, digest: bytes, data) -> bool:
+def _verify_and_write(fd: int, hash_fn, offset: int, length: int, digest: bytes, data) -> bool:
     """Write a chunk at its offset if it is what the list says.  :return: whether."""
-    if not _chunk_ok(data, length, digest):
+    if not _chunk_ok(hash_fn, data, length, digest):
         return False
     _write_at(fd, data, offset)
     return True
@@ -139,29 +140,32 @@ def _write_at(fd: int, data, offset: int):
         view, offset = view[n:], offset + n
 
 
-def _chunk_ok(data, length: int, digest: bytes) -> bool:
-    return len(data) == length and p.sha256(data) == digest
+def _chunk_ok(hash_fn, data, length: int, digest: bytes) -> bool:
+    return len(data) == length and hash_fn(data) == digest
 
 
-def _refetch(session: Session, name: str, digest: bytes, length: int):
-    """A chunk once more, from storage itself (``fresh``: the broker bypasses the cache),
-    verified.  :raises IntegrityError: it does not match either."""
+def _refetch(session: Session, listing: ChunkList, digest: bytes, length: int):
+    """A chunk of ``listing`` once more, from storage itself (``fresh``: the broker bypasses
+    the cache), verified.  :raises IntegrityError: it does not match either."""
     with session.aside() as aside:
         _, frame = aside.call("chunk", hash=digest, len=length, fresh=True)
     data = p.unpack_data(frame.buffer) if frame is not None else b""
-    if not _chunk_ok(data, length, digest):
+    if not _chunk_ok(listing.hash, data, length, digest):
         raise IntegrityError(
-            f"chunk {digest.hex()[:16]} of {name!r} does not match its digest, "
+            f"chunk {digest.hex()[:16]} of {listing.name!r} does not match its digest, "
             f"also from storage; nothing was written, try again"
         )
     return data
 
 
-def fetch_chunk(session: Session, name: str, digest: bytes, length: int, via=None):
-    """A chunk alone, verified (from storage itself if the first copy does not match)."""
+def fetch_chunk(session: Session, listing: ChunkList, digest: bytes, length: int, via=None):
+    """A chunk of ``listing`` alone, verified (from storage itself if the first copy does not
+    match)."""
     _, frame = session.call("chunk", hash=digest, len=length, **(via or {}))
     data = p.unpack_data(frame.buffer) if frame is not None else memoryview(b"")
-    return data if _chunk_ok(data, length, digest) else _refetch(session, name, digest, length)
+    if _chunk_ok(listing.hash, data, length, digest):
+        return data
+    return _refetch(session, listing, digest, length)
 
 
 def iter_chunks(session: Session, listing: ChunkList, start: int = 0, via=None):
@@ -201,8 +205,8 @@ def iter_chunks(session: Session, listing: ChunkList, start: int = 0, via=None):
     for i, _header, frame in session.pipeline(requests(), window):
         data = p.unpack_data(frame.buffer) if frame is not None else memoryview(b"")
         entry = next(e for e in due if e[0] == i)
-        if not _chunk_ok(data, entry[1], entry[2]):
-            data = _refetch(session, listing.name, entry[2], entry[1])
+        if not _chunk_ok(listing.hash, data, entry[1], entry[2]):
+            data = _refetch(session, listing, entry[2], entry[1])
         held[i] = data
         yield from ready()
     yield from ready()
@@ -296,7 +300,7 @@ class RemoteFile(io.RawIOBase):
             self._buf = (
                 zeros_of(length)
                 if zeros
-                else fetch_chunk(self._session, self.name, digest, length, self._via)
+                else fetch_chunk(self._session, self._list, digest, length, self._via)
             )
         self._buf_start = offset
         self._hash_in_order()
@@ -318,7 +322,7 @@ class RemoteFile(io.RawIOBase):
 def checked_whole(manifest: dict, data) -> memoryview:
     """A small file's content, checked against its one chunk's digest (and that against the
     file digest)."""
-    if len(data) != manifest["size"] or p.sha256(data) != manifest["chunks"][0]:
+    if not p.inline_ok(manifest, data):
         raise IntegrityError(
             f"{manifest['name']!r} does not match its digest; nothing was written, try again"
         )

@@ -109,6 +109,7 @@ class Session:
         self._ctx = ctx or zmq.Context.instance()
         self._sock = None
         self._ids = itertools.count(1)
+        self._digest_fn = None  # the store's digest function, once asked (hello)
 
     def __enter__(self):
         return self
@@ -124,7 +125,7 @@ class Session:
     def aside(self) -> "Session":
         """A new session with the same settings, on a connection of its own: a request sent on
         it takes no reply of a pipeline under way on this one."""
-        return Session(
+        other = Session(
             self.broker,
             timeout=self.timeout,
             retries=self.retries,
@@ -132,6 +133,26 @@ class Session:
             ctx=self._ctx,
             curve=self.curve,
         )
+        other._digest_fn = self._digest_fn
+        return other
+
+    def digest_fn(self) -> str:
+        """The name of the store's digest function (what every digest sent is made with),
+        asked of the broker once per session (``hello``)."""
+        if self._digest_fn is None:
+            header, _ = self.call("hello")
+            name = header.get("digest_fn")
+            if name not in p.DIGEST_FUNCTIONS:
+                raise FmsError(
+                    f"the broker says the store's digest function is {name!r:.40}, which this "
+                    f"fms does not know; upgrade fms"
+                )
+            self._digest_fn = name
+        return self._digest_fn
+
+    def hasher(self):
+        """The helper of the store's digest function (:meth:`digest_fn`)."""
+        return p.hasher(self.digest_fn())
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:

@@ -1,6 +1,8 @@
 """The storage engine: commit, remove, read and list over a metadata engine and a chunk backend.
 
-It checks everything it stores (invariant 3): a chunk against its digest as it arrives, a page
+It checks everything it stores (invariant 3), with the store's digest function (recorded by the
+metadata engine when the store was created, :mod:`fms.wire.digests`): a chunk against its digest
+as it arrives, a page
 against its id (and that every chunk it lists is stored), and a commit against its shape: its
 chunks (or pages) must be stored with the sizes their places in the file need, and its file
 digest must be the one they give (:mod:`fms.wire.manifest`): derived from the chunk digests, so
@@ -41,6 +43,8 @@ class Store:
         self.meta = meta
         self.chunks = chunks
         meta.keep_versions = keep_versions
+        self.digest_fn = meta.digest_fn  # the store's digest function, as it recorded it
+        self.hash = meta.hash  # ... and its helper: every check below uses it
 
     @property
     def store_id(self) -> str:
@@ -75,7 +79,7 @@ class Store:
                 f"no page or body {ident.hex()[:16]} in the store; the file changed since its "
                 f"manifest was read: read it again"
             )
-        if p.sha256(blob) != ident:
+        if self.hash(blob) != ident:
             raise IntegrityError(f"page {ident.hex()[:16]} is corrupt in the metadata database")
         return blob
 
@@ -165,7 +169,7 @@ class Store:
         row = self.meta.chunk(digest)
         if row is not None and row.in_engine:
             frame = p.pack_data(row.data)
-            if p.sha256(row.data) != digest:
+            if self.hash(row.data) != digest:
                 self.meta.mark_lost(digest)
                 raise IntegrityError(
                     f"chunk {digest.hex()[:16]} is corrupt in the metadata "
@@ -178,7 +182,7 @@ class Store:
             if row is not None and not row.doomed:
                 self.meta.mark_lost(digest)  # its row promises it: the next upload sends it
             raise
-        if p.sha256(memoryview(frame)[p.DATA_PREFIX_LEN :]) != digest:
+        if self.hash(memoryview(frame)[p.DATA_PREFIX_LEN :]) != digest:
             self.chunks.quarantine(digest)
             if row is not None:
                 self.meta.mark_lost(digest)
@@ -201,9 +205,9 @@ class Store:
 
         :raises IntegrityError: the data does not hash to ``digest``.
         """
-        if p.sha256(data) != digest:
+        if self.hash(data) != digest:
             raise IntegrityError(
-                f"chunk {digest.hex()[:16]} does not match its sha256; "
+                f"chunk {digest.hex()[:16]} does not match its {self.digest_fn} digest; "
                 f"it was damaged in transit, upload it again"
             )
         small = len(data) <= SMALL_CHUNK_MAX
@@ -228,7 +232,7 @@ class Store:
                 f"a page holds 1 to {p.PAGE_CHUNKS} digests of {p.HASH_LEN} bytes, got "
                 f"{len(blob)} bytes"
             )
-        if p.sha256(blob) != page_id:
+        if self.hash(blob) != page_id:
             raise IntegrityError(
                 f"page {page_id.hex()[:16]} does not match its id; it was damaged in transit, "
                 f"send it again"
@@ -366,7 +370,7 @@ class Store:
                 raise BadRequest(
                     f"inline data is only for one-chunk files of at most {p.INLINE_MAX} bytes"
                 )
-            if len(inline) != change.size or p.sha256(inline) != change.chunks[0]:
+            if len(inline) != change.size or self.hash(inline) != change.chunks[0]:
                 raise IntegrityError(
                     "the inline content does not match the commit's size and "
                     "digest; it was damaged in transit, upload it again"
@@ -388,9 +392,9 @@ class Store:
         if change.digest_kind != p.DIGEST_TREE:
             raise BadRequest(f"a commit's digest is of kind {p.DIGEST_TREE!r}")
         if change.chunks is not None:
-            want = p.inline_digest(change.extents, change.chunks)
+            want = p.inline_digest(change.extents, change.chunks, self.hash)
         else:
-            want = p.tree_digest(change.extents, change.pages)
+            want = p.tree_digest(change.extents, change.pages, self.hash)
         if change.digest != want:
             raise IntegrityError(
                 f"the file digest of {change.name!r} is not the one its chunk list gives; "
@@ -429,13 +433,17 @@ def _optional(extra: str, package: str, load):
         ) from None
 
 
-def open_local(path: str, keep_versions: int = 0) -> Store:
+def open_local(path: str, keep_versions: int = 0, digest_fn: str | None = None) -> Store:
     """The store in data directory ``path``: ``meta.db`` (SQLite) and ``chunks/``."""
-    return open_store(path, keep_versions=keep_versions)
+    return open_store(path, keep_versions=keep_versions, digest_fn=digest_fn)
 
 
 def open_store(
-    data: str, meta: str | None = None, chunks: str | None = None, keep_versions: int = 0
+    data: str,
+    meta: str | None = None,
+    chunks: str | None = None,
+    keep_versions: int = 0,
+    digest_fn: str | None = None,
 ) -> Store:
     """Open a store.
 
@@ -445,6 +453,8 @@ def open_store(
     :param meta: None for SQLite in ``data``, or ``postgresql://USER@HOST:PORT/DB``.
     :param chunks: None for ``data/chunks``, or ``s3://BUCKET/PREFIX``.
     :param keep_versions: versions an overwrite or removal replaces kept per name (0: none).
+    :param digest_fn: the digest function a new store records (None: ``p.NEW_STORE_DIGEST``);
+        an existing store keeps its own, and another one named here is refused.
     :raises StoreError: it cannot be used, with what to do about it.
     """
     data = os.path.abspath(data)
@@ -471,7 +481,10 @@ def open_store(
             from .meta import legacy
             from .meta.sqlite import SQLiteMeta
 
-            engine = SQLiteMeta(os.path.join(data, META_FILE), store_id=legacy.store_id(data))
+            old_id = legacy.store_id(data)
+            if old_id is not None:  # a format-1 directory: its chunks are stored by sha256
+                digest_fn = _old_store_digest(digest_fn)
+            engine = SQLiteMeta(os.path.join(data, META_FILE), store_id=old_id, digest_fn=digest_fn)
             if chunks is None:
                 legacy.migrate(data, engine, backend)
         elif meta.startswith(("postgresql://", "postgres://")):
@@ -481,7 +494,7 @@ def open_store(
                 lambda: (
                     __import__("fms.storage.meta.postgres", fromlist=["PostgresMeta"]).PostgresMeta
                 ),
-            )(meta)
+            )(meta, digest_fn=digest_fn)
         else:
             raise StoreError(
                 f"--meta {meta!r} is not a metadata engine URL; write "
@@ -495,6 +508,18 @@ def open_store(
             f"check that it exists and is writable"
         ) from None
     return Store(engine, backend, keep_versions)
+
+
+def _old_store_digest(asked: str | None) -> str:
+    """The digest function of a store made before the choice existed, unless another is asked
+    for.  :raises StoreError:"""
+    if asked not in (None, p.OLD_STORE_DIGEST):
+        raise StoreError(
+            f"this store's digest function is {p.OLD_STORE_DIGEST} (chosen when it was "
+            f"created, it cannot change); leave out --digest, or give --digest "
+            f"{p.OLD_STORE_DIGEST}"
+        )
+    return p.OLD_STORE_DIGEST
 
 
 def _tie(engine, backend, chunks_where: str, meta_where: str):

@@ -156,7 +156,8 @@ class StorageService:
         frame = None
         if p.travels_inline(version.size, version.count):
             frame = self.store.read_chunk(version.chunks[0])
-        self.link.reply(route, p.ok_reply(header["id"], manifest=version.manifest()), frame)
+        manifest = version.manifest(self.store.digest_fn)
+        self.link.reply(route, p.ok_reply(header["id"], manifest=manifest), frame)
 
     def op_versions(self, route, header, data):
         found = self.store.versions(p.check_name(p.need(header, "name", str)))
@@ -181,7 +182,10 @@ class StorageService:
             except RemoteError as exc:  # this name's failure, not the batch's
                 batch.error(exc.code, str(exc))
                 continue
-            batch.manifest(version.manifest(), p.unpack_data(frame) if frame is not None else None)
+            batch.manifest(
+                version.manifest(self.store.digest_fn),
+                p.unpack_data(frame) if frame is not None else None,
+            )
         self.link.reply(route, p.ok_reply(header["id"], results=batch.results), batch.frame())
 
     def op_chunk(self, route, header, data):
@@ -313,7 +317,7 @@ class StorageService:
             change = NewVersion(
                 p.check_name(names[i]),
                 extents,
-                p.inline_digest(extents, chunks),  # derived here: the content comes along
+                p.inline_digest(extents, chunks, self.store.hash),  # derived: content comes along
                 p.check_mtime(p.need(item, "mtime", (int, float))),
                 _commit_id(item),
                 chunks=chunks,

@@ -8,6 +8,7 @@ docs/PROTOCOL.md describes every message; this package is its code, one concern 
   zero-copy data frames;
 - :mod:`.fields`: reading and checking a header's fields, name rules, hashes, how a file splits
   into chunks;
+- :mod:`.digests`: the digest functions a store may use (sha256, BLAKE3), one helper each;
 - :mod:`.frames`: multipart send/receive on a socket, file reads straight into data frames;
 - :mod:`.batch`: the batched read ``get_many``, its request and reply.
 
@@ -24,14 +25,15 @@ themselves)::
 ``header`` is a map with at least ``v`` (protocol version), ``op`` and ``id`` on requests and
 ``ok`` and ``id`` on replies.  ``data`` is one msgpack ``bin`` object holding file bytes.
 
-The names of all six modules are read from here (``from fms import wire as p``; ``p.encode``).
+The names of all seven modules are read from here (``from fms import wire as p``; ``p.encode``).
 Each module is imported when one of its names is first read, so a command that needs only the
 protocol's constants (``fms --help``) does not import ZeroMQ, msgpack or hashlib.
 """
 
 import importlib
 
-_MODULES = ("messages", "fields", "manifest", "codec", "batch", "frames")  # cheapest first
+# cheapest first
+_MODULES = ("messages", "fields", "digests", "manifest", "codec", "batch", "frames")
 
 
 def __getattr__(name: str):

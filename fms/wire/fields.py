@@ -20,22 +20,15 @@ __all__ = [
     "need_hash",
     "need_hashes",
     "need_int",
-    "sha256",
     "travels_inline",
 ]
 
-HASH_LEN = 32  # sha256 digest, bytes
+HASH_LEN = 32  # a digest (sha256 or BLAKE3-256), bytes
 MAX_NAME_BYTES = 1024  # a name in UTF-8
 # A file's mtime, in seconds since the epoch: finite, from 1900-01-01 to 9999-12-31 (what
 # datetime and every filesystem fms writes to can hold).
 MTIME_MIN = -2208988800.0
 MTIME_MAX = 253402300799.0
-
-
-def sha256(data) -> bytes:
-    import hashlib  # here: hashlib loads OpenSSL, which `ls` and `stat` never need
-
-    return hashlib.sha256(data).digest()
 
 
 # --- file shape: the one home of the rules that split a file into chunks ---
@@ -86,7 +79,7 @@ def need_int(header: dict, key: str, *, lo=0, hi=2**63 - 1, optional=False, defa
 def need_hash(header: dict, key: str) -> bytes:
     value = need(header, key, bytes)
     if len(value) != HASH_LEN:
-        raise BadRequest(f"field {key!r} must be a {HASH_LEN}-byte sha256, got {len(value)} bytes")
+        raise BadRequest(f"field {key!r} must be a {HASH_LEN}-byte digest, got {len(value)} bytes")
     return value
 
 
@@ -96,7 +89,7 @@ def need_hashes(header: dict, key: str, limit: int) -> list:
         raise BadRequest(f"field {key!r} holds {len(values)} hashes, at most {limit} allowed")
     for value in values:
         if not isinstance(value, bytes) or len(value) != HASH_LEN:
-            raise BadRequest(f"field {key!r} must hold {HASH_LEN}-byte sha256 digests")
+            raise BadRequest(f"field {key!r} must hold {HASH_LEN}-byte digests")
     return values
 
 

@@ -1,4 +1,5 @@
-"""The chunk backend's interface: blobs named by their sha256, written once, never changed.
+"""The chunk backend's interface: blobs named by their digest (made with the store's digest
+function), written once, never changed.
 
 A backend does not verify what it returns: the engine checks every chunk it reads against its
 digest (invariant 3) and asks the backend to set a bad one aside.

@@ -25,6 +25,7 @@ for the grace period, they are deleted by ``collect_lists``, which releases what
 """
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 from ..model import Totals, Version
 
@@ -50,9 +51,13 @@ class ChunkRow:
 
 
 class MetaEngine(ABC):
-    """One store's metadata.  ``store_id`` identifies the store (workers on one store share it)."""
+    """One store's metadata.  ``store_id`` identifies the store (workers on one store share it);
+    ``digest_fn`` names the digest function it recorded when it was created, and ``hash`` is
+    that function's helper (:mod:`fms.wire.digests`)."""
 
     store_id: str
+    digest_fn: str
+    hash: Callable[..., bytes]
     keep_versions: int = 0  # replaced versions retained per name (0: none)
 
     # --- names ---

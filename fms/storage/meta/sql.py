@@ -245,6 +245,10 @@ def _batches(items, size: int = IN_BATCH):
         yield items[start : start + size]
 
 
+class WrongDigest(FmsError):
+    """The store records another digest function than the one asked for."""
+
+
 class SQLMeta(MetaEngine):
     """The engine over a DB-API connection ``self.db`` in autocommit mode; subclasses open it."""
 
@@ -279,9 +283,13 @@ class SQLMeta(MetaEngine):
 
     # --- transactions ---
 
-    def _create_schema(self, store_id):
+    def _create_schema(self, store_id, digest_fn: str | None = None):
         """Create the tables of a new store, or upgrade those of an older format in place: one
-        transaction, which other workers opening the store wait for (and then find done)."""
+        transaction, which other workers opening the store wait for (and then find done).
+
+        A new store records its digest function (``digest_fn``, else ``p.NEW_STORE_DIGEST``); a
+        store made before the choice existed records ``p.OLD_STORE_DIGEST``, the one its chunks
+        are stored under.  :raises FmsError: ``digest_fn`` is not the one the store records."""
         with self._write():
             self._lock_schema()
             self._execute(
@@ -315,6 +323,25 @@ class SQLMeta(MetaEngine):
                 "INSERT INTO settings VALUES ('store_id', ?) ON CONFLICT (key) DO NOTHING",
                 (store_id,),
             )
+            made = (digest_fn or p.NEW_STORE_DIGEST) if found is None else p.OLD_STORE_DIGEST
+            self._execute(
+                "INSERT INTO settings VALUES ('digest', ?) ON CONFLICT (key) DO NOTHING",
+                (made,),
+            )
+            recorded = self._execute("SELECT value FROM settings WHERE key = 'digest'").fetchone()
+            if recorded[0] not in p.DIGEST_FUNCTIONS:
+                raise FmsError(
+                    f"this store records the digest function {recorded[0]!r}, which this fms "
+                    f"does not know; use the fms that made it"
+                )
+            if digest_fn is not None and digest_fn != recorded[0]:
+                raise WrongDigest(
+                    f"this store's digest function is {recorded[0]} (chosen when it was "
+                    f"created, it cannot change); leave out --digest, or give --digest "
+                    f"{recorded[0]}"
+                )
+        self.digest_fn = recorded[0]
+        self.hash = p.hasher(self.digest_fn)
 
     def _create(self, schema: str):
         for statement in schema.format(**self.types).split(";"):
@@ -702,7 +729,7 @@ class SQLMeta(MetaEngine):
         """A reference on the body of a paged chunk list (stored now if new: its pages must be
         stored and fit the extents).  :return: the body's id."""
         blob = p.pack_body(change.extents, change.pages)
-        body = p.sha256(blob)
+        body = self.hash(blob)
         if self._execute("UPDATE bodies SET refs = refs + 1 WHERE id = ?", (body,)).rowcount:
             return body
         wanted = sorted(set(change.pages))
