@@ -1,11 +1,13 @@
 """Peak memory of every process under the floods of issue 17 (not part of the test suite).
 
-    python -m benchmarks.floods [--seconds 10] [--clients 8] [--only NAME ...]
+    python -m benchmarks.floods [--seconds 10] [--clients N] [--only NAME ...]
 
 Each scenario starts its own cluster (broker, cache, two storage workers, on random loopback
 ports), runs one attack for a bounded time with a well-behaved client beside it that reads a
 200 KiB file and a 16 MiB file of 4 MiB chunks every 0.2 s, and reports each process's peak
-RSS (VmHWM) and what the well-behaved client saw (reads that succeeded / failed, its slowest read).
+RSS (VmHWM) and what the well-behaved client saw: reads (and, every round, a put of 64 KiB)
+that succeeded / failed, their p99 and the slowest.  ``--clients`` defaults to each scenario's own
+count (8, or the one its line says).
 
 - ``bomb``: 15 frames of 32 MiB of empty msgpack arrays to the frontend, 3 to the backend;
 - ``flood``: clients send 128 have/ls each (the most they may have in flight), then leave;
@@ -13,6 +15,9 @@ RSS (VmHWM) and what the well-behaved client saw (reads that succeeded / failed,
 - ``slowreaders``: clients read a file of 16 MiB chunks 1 MiB every 50 ms.
 - ``uploaders``: 9 connections keep 64 MiB of uploads each in flight (more than the 512 MiB
   total) while the legit client uploads 2 MiB files beside them.
+- ``pacednonreaders``: 300 clients each ask for a 16 MiB chunk once a second and never read
+  (each reply leaves the outbox for ZeroMQ: it must still count);
+- ``fsck``: 100 connections each keep an fsck in flight.
 
 Big manifests (issue 21; files made cheap by dedup and ``cp``, as an attacker makes them):
 
@@ -46,7 +51,7 @@ MiB = p.MiB
 
 class Legit(threading.Thread):
     """Reads each of ``files`` (name -> content) every 0.2 s and checks it; counts successes,
-    failures, the slowest read."""
+    failures and each one's time; and puts a 64 KiB file each round."""
 
     def __init__(self, cluster, files: dict):
         super().__init__(daemon=True)
@@ -57,21 +62,26 @@ class Legit(threading.Thread):
         self.stop = threading.Event()
 
     def run(self):
+        mine = os.urandom(64 * 1024)
         with self.cluster.client(timeout=5.0, retries=0) as c:
             while not self.stop.is_set():
                 for name, data in self.files.items():
-                    start = time.monotonic()
-                    try:
-                        good = c.get_bytes(name) == data
-                    except Exception:
-                        good = False
-                    self.slowest = max(self.slowest, time.monotonic() - start)
-                    self.latencies.append(time.monotonic() - start)
-                    if good:
-                        self.ok += 1
-                    else:
-                        self.failed += 1
+                    self._timed(lambda name=name, data=data: c.get_bytes(name) == data)
+                self._timed(lambda: c.put_bytes(mine, "legit-put") is not None)
                 self.stop.wait(0.2)
+
+    def _timed(self, action) -> None:
+        start = time.monotonic()
+        try:
+            good = action()
+        except Exception:
+            good = False
+        self.slowest = max(self.slowest, time.monotonic() - start)
+        self.latencies.append(time.monotonic() - start)
+        if good:
+            self.ok += 1
+        else:
+            self.failed += 1
 
 
 def _dealer(endpoint, rcvhwm=None):
@@ -327,6 +337,49 @@ def cps(cluster, seconds, clients, big):
     )
 
 
+def pacednonreaders(cluster, seconds, clients, big):
+    socks = [_dealer(cluster.frontend, rcvhwm=1) for _ in range(clients)]
+    digest, n = big["chunks"][0], 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for sock in socks:
+            n += 1
+            request = {
+                "v": p.PROTOCOL_VERSION,
+                "op": "chunk",
+                "id": n,
+                "hash": digest,
+                "len": 16 * MiB,
+            }
+            try:
+                sock.send(p.encode(request), zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+        time.sleep(1.0)
+    with cluster.client(timeout=5.0) as c:
+        held = c.status()["broker"]["held_bytes"]
+    print(f"pacednonreaders: the broker's status says it holds {held}", flush=True)
+    for sock in socks:
+        sock.close()
+
+
+def fsck(cluster, seconds, clients, big):
+    socks = [_dealer(cluster.frontend) for _ in range(clients)]
+    poller = zmq.Poller()
+    for i, sock in enumerate(socks):
+        poller.register(sock, zmq.POLLIN)
+        sock.send(p.encode({"v": p.PROTOCOL_VERSION, "op": "fsck", "id": i}))
+    n, end = len(socks), time.monotonic() + seconds
+    while time.monotonic() < end:
+        for sock, _ in poller.poll(100):
+            sock.recv_multipart()
+            n += 1
+            sock.send(p.encode({"v": p.PROTOCOL_VERSION, "op": "fsck", "id": n}))
+    for sock in socks:
+        sock.close()
+
+
+DEFAULT_CLIENTS = {"pacednonreaders": 300, "fsck": 100}
 SCENARIOS = {
     "bomb": bomb,
     "flood": flood,
@@ -337,6 +390,8 @@ SCENARIOS = {
     "bigls": bigls,
     "bigget": bigget,
     "cps": cps,
+    "pacednonreaders": pacednonreaders,
+    "fsck": fsck,
 }
 
 
@@ -368,7 +423,7 @@ def run(name, seconds, clients):
     waits = sorted(legit.latencies)
     p99 = waits[int(len(waits) * 0.99)] if waits else 0.0
     print(
-        f"{name:<12} peak RSS: {rss} | legit reads ok={legit.ok} failed={legit.failed} "
+        f"{name:<12} peak RSS: {rss} | legit ok={legit.ok} failed={legit.failed} "
         f"p99={p99:.2f}s slowest={legit.slowest:.2f}s | all alive={alive}",
         flush=True,
     )
@@ -381,11 +436,11 @@ def main(argv=None):
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--clients", type=int, default=None)
     parser.add_argument("--only", nargs="*", choices=sorted(SCENARIOS), default=None)
     args = parser.parse_args(argv)
     for name in args.only or SCENARIOS:
-        run(name, args.seconds, args.clients)
+        run(name, args.seconds, args.clients or DEFAULT_CLIENTS.get(name, 8))
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ from harness import ROOT, Cluster, wait_for  # noqa: F401
 
 from fms import wire as p
 
-# Real PostgreSQL and S3 (SeaweedFS) servers, and network namespaces as hosts, started on first
-# use: tests/servers.py, tests/netns.py.
-pytest_plugins = ["servers", "netns"]
+# Real PostgreSQL and S3 (SeaweedFS) servers, network namespaces as hosts, and fms's own S3
+# gateway, started on first use: tests/servers.py, tests/netns.py, tests/s3gw.py.
+pytest_plugins = ["servers", "netns", "s3gw"]
 
 
 @pytest.fixture

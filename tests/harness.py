@@ -57,8 +57,11 @@ class Proc:
         self.name = name
         self.log_path = log_path
         self._log = open(log_path, "ab")
+        # A command of the fms script with no script of its own (the S3 gateway) runs as
+        # `python -m fms COMMAND`.
+        script = [os.path.join(ROOT, SCRIPTS[kind])] if kind in SCRIPTS else ["-m", "fms", kind]
         self.popen = subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, SCRIPTS[kind]), *args],
+            [sys.executable, *script, *args],
             cwd=ROOT,
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -3,9 +3,12 @@ and bytes handed to ZeroMQ still count.  Real processes on random loopback ports
 well-behaved client beside each attack that must keep being served."""
 
 import threading
+import time
 
 import zmq
 from conftest import random_bytes
+from harness import peak_rss
+from storage_helpers import h
 
 from fms import wire as p
 
@@ -88,3 +91,68 @@ def test_a_flood_of_fsck_leaves_the_workers_to_everyone_else(make_cluster):
     assert flood.error is None, flood.error
     assert flood.outcomes.get("busy", 0) > 0  # the flood was turned away
     assert status["held_bytes"]["heavy"] <= 8 and status["busy"] > 0
+
+
+def _keep_asking(socks, frames):
+    """Send each socket the request it will take now, without ever reading."""
+    for sock in socks:
+        try:
+            sock.send_multipart(frames(), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+
+def test_replies_handed_to_zeromq_count_so_clients_that_never_read_hold_the_budget_at_most(
+    cluster,
+):
+    """64 clients ask again and again for a 16 MiB chunk and never read.  Before, each reply
+    the broker handed to ZeroMQ stopped counting: up to 16 MiB per client stayed in ZeroMQ's
+    queue, uncounted (the broker passed 430 MiB with 40 clients, 4.8 GB with 300).  Now a reply
+    counts until the client's connection has taken it, so all of them together hold at most
+    the reply budget, clients that take nothing lose their connection when others need the
+    room, and a well-behaved client keeps reading."""
+    big = random_bytes(16 * MiB, 11)
+    small = random_bytes(200 * 1024, 12)
+    with cluster.client(chunk_size=16 * MiB) as c:
+        c.put_bytes(big, "big")
+        c.put_bytes(small, "small")
+    ids = iter(range(1, 1 << 30))
+    digest = h(big)
+
+    def ask():
+        return [
+            p.encode(
+                {
+                    "v": p.PROTOCOL_VERSION,
+                    "op": "chunk",
+                    "id": next(ids),
+                    "hash": digest,
+                    "len": 16 * MiB,
+                }
+            )
+        ]
+
+    socks = []
+    for _ in range(64):
+        sock = _dealer(cluster.frontend)
+        sock.setsockopt(zmq.RCVHWM, 1)
+        socks.append(sock)
+    try:
+        with cluster.client(timeout=3.0, retries=2) as legit:
+            end = time.monotonic() + 6
+            reads = 0
+            while time.monotonic() < end:
+                _keep_asking(socks, ask)
+                assert legit.get_bytes("small") == small
+                reads += 1
+            status = legit.status()["broker"]
+    finally:
+        for sock in socks:
+            sock.close()
+    broker = cluster.procs[0]
+    assert peak_rss(broker.pid) < 350 * MiB, peak_rss(broker.pid) / MiB
+    assert reads >= 3
+    held = status["held_bytes"]
+    total = held["replies"] + held["replies_in_transit"] + held["replies_reserved"]
+    assert held["replies_in_transit"] > 0 and total <= status["budgets"]["total_reply_bytes"]
+    assert all(proc.alive() for proc in cluster.procs)

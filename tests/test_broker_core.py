@@ -16,7 +16,8 @@ from fms.broker.admission import (
     expected_reply,
     reply_bound,
 )
-from fms.broker.outbox import CLIENT_KERNEL_QUEUE, FLUSH_INTERVAL, FLUSH_MAX_WAIT, LARGE_REPLY
+from fms.broker.outbox import BACK_OFF_AFTER, FLUSH_INTERVAL, FLUSH_MAX_WAIT
+from fms.broker.transit import CLIENT_KERNEL_QUEUE, CLIENT_TRANSIT, LARGE_REPLY
 from fms.broker.transport import FULL, GONE, SENT
 
 MiB = limits.MiB
@@ -24,7 +25,9 @@ MiB = limits.MiB
 
 class Recorder:
     """A transport that records what the core sends.  Clients in ``full`` have a full queue,
-    those in ``gone`` have left; workers in ``unreachable`` cannot be sent to."""
+    those in ``gone`` have left; workers in ``unreachable`` cannot be sent to.  A client in
+    ``acked`` has a measured connection (its bytes taken so far); others are measured by the
+    kernel's queue (``kernel``) alone."""
 
     def __init__(self):
         self.sent: list = []  # (to, ident, frames)
@@ -33,6 +36,8 @@ class Recorder:
         self.unreachable: set = set()
         self.kernel: dict = {}  # client -> bytes the kernel holds for it unread
         self.tries: dict = {}  # client -> sends tried, taken or not
+        self.acked: dict = {}  # client -> bytes its connection acknowledged
+        self.disconnected: list = []
 
     def to_client(self, ident, frames):
         self.tries[ident] = self.tries.get(ident, 0) + 1
@@ -52,8 +57,14 @@ class Recorder:
     def queued(self, ident):
         return self.kernel.get(ident)
 
-    def backed_up(self, ident):
-        return self.kernel.get(ident, 0) > CLIENT_KERNEL_QUEUE
+    def taken(self, ident):
+        return self.acked.get(ident)
+
+    def disconnect(self, ident):
+        self.disconnected.append(ident)
+        self.gone.add(ident)
+        self.acked.pop(ident, None)
+        return True
 
     def take(self) -> list:
         """What was sent since the last take, decoded: (to, ident, header, data frame or None)."""
@@ -362,8 +373,36 @@ def test_an_outbox_that_makes_no_progress_backs_off_and_one_that_reads_does_not(
         core.transport.kernel[b"slow"] = 10**6 - tick  # its client takes bytes
         core.outboxes.flush(start + tick * step)
     idle, slow = core.transport.tries[b"idle"], core.transport.tries[b"slow"]
-    assert idle <= 1 / FLUSH_MAX_WAIT + 10, idle  # backed off
+    # backed off after BACK_OFF_AFTER without progress, to FLUSH_MAX_WAIT apart
+    assert idle <= BACK_OFF_AFTER / FLUSH_INTERVAL + 1 / FLUSH_MAX_WAIT + 10, idle
     assert slow >= ticks - 1, slow  # tried every tick: it is reading
+
+
+def test_a_backed_off_outbox_is_tried_at_once_when_its_client_sends(core):
+    ready(core, b"c", p.CACHE)
+    _fill_outbox(core, b"alice", 1, 100)
+    start = time.monotonic()
+    for tick in range(100):  # it takes nothing: its box backs off
+        core.outboxes.flush(start + tick * 0.01)
+    assert core.outboxes.next_due() > start + 1.0
+    core.transport.full.discard(b"alice")
+    core.transport.take()
+    ask(core, b"alice", "stat", "next", name="x")  # it sends: it is alive, its box is due now
+    core.outboxes.flush(time.monotonic())
+    # The held reply goes, then the answer to the new request (no storage: unavailable), in
+    # the order they came.
+    replies = replies_to(core.transport.take(), b"alice")
+    assert [r["id"] for r in replies] == ["alice0", "next"]
+
+
+def test_a_client_that_leaves_leaves_no_outbox_due(core):
+    """Its box is gone with it, and so is its turn: nothing is due (a stale turn would make
+    the loop poll without waiting)."""
+    ready(core, b"c", p.CACHE)
+    _fill_outbox(core, b"alice", 2, 100)
+    assert core.outboxes.next_due() is not None
+    core.client_gone(b"alice")
+    assert core.outboxes.next_due() is None and not core.outboxes
 
 
 def test_a_full_total_sheds_from_the_client_holding_most_never_from_a_reader(core, monkeypatch):
@@ -419,9 +458,15 @@ def test_a_chunk_reserves_its_declared_or_seen_length_else_the_largest():
     assert reply_bound("chunk", {"len": True}, 50) == p.MAX_CHUNK_SIZE + 4096
 
 
-def test_a_workers_credit_counts_the_bound_but_an_unknown_chunk_at_its_usual_size():
+def test_a_workers_credit_counts_the_bound_but_a_chunk_at_its_seen_or_usual_size():
     assert expected_reply("chunk", {}, 50) == CHUNK_GUESS  # a cache's fetch: no len
-    assert expected_reply("chunk", {"len": 4096}, 50) == reply_bound("chunk", {"len": 4096}, 50)
+    # A client's `len` reserves its own budget, but does not take a shared worker's credit.
+    assert expected_reply("chunk", {"len": 16 * MiB}, 50) == CHUNK_GUESS
+    assert expected_reply("chunk", {"len": 16 * MiB}, 50, seen=4096) == 4096 + 4096
+    big = {"names": ["n"] * 30000}  # a batch claiming more names than a batch may hold
+    assert reply_bound("get_many", big, 65536) == reply_bound(
+        "get_many", {"names": ["n"] * p.MAX_BATCH_FILES}, 65536
+    )
     for op in ("ls", "get", "get_many", "have", "versions", "stat"):
         header = {"limit": 100, "names": ["a", "b"]}
         assert expected_reply(op, header, 300) == reply_bound(op, header, 300)
@@ -500,6 +545,85 @@ def test_a_slow_operation_dropped_at_its_deadline_gives_its_turn_back(core):
     assert core.admission.total_heavy == 0 and not core.admission.heavy
     core.worker_message(b"s", [p.encode({"t": "bye"})])
     assert core.admission.total_heavy == 0
+
+
+# --- bytes handed to ZeroMQ count until the client takes them ---
+
+
+def _chunk_reply(core, client: bytes, req_id, size: int, cache: bytes = b"c"):
+    """``client`` asks for a chunk of ``size`` bytes and the cache answers it."""
+    ask(core, client, "chunk", req_id, hash=bytes([len(client)]) * 32, len=size)
+    for key, request in list(core.dispatcher.pending.items()):
+        if request.origin["from"] == client and request.req_id == req_id:
+            answer(core, cache, key, p.ok_reply(req_id), data=b"d" * size)
+
+
+def test_a_reply_handed_to_zeromq_counts_until_the_clients_connection_has_taken_it(core):
+    ready(core, b"c", p.CACHE)
+    core.transport.acked[b"alice"] = 5000  # what the connection had taken before
+    _chunk_reply(core, b"alice", 1, 100_000)
+    assert replies_to(core.transport.take(), b"alice")  # sent at once...
+    held = core.status()["broker"]["held_bytes"]
+    assert held["replies_in_transit"] > 100_000  # ...and still counted
+    assert core.admission.holding(b"alice") == held["replies_in_transit"]
+    core.transport.acked[b"alice"] += 60_000  # part taken
+    core.tick(time.monotonic())
+    assert 40_000 < core.transit.total < 50_000
+    core.transport.acked[b"alice"] += 60_000
+    core.tick(time.monotonic())
+    assert core.transit.total == 0 and not core.transit.flows
+
+
+def test_past_its_transit_allowance_a_clients_replies_wait_in_its_outbox_until_it_reads(core):
+    ready(core, b"c", p.CACHE)
+    core.transport.acked[b"alice"] = 0
+    _chunk_reply(core, b"alice", 1, CLIENT_TRANSIT)  # fills its allowance
+    _chunk_reply(core, b"alice", 2, 1000)
+    assert [r["id"] for r in replies_to(core.transport.take(), b"alice")] == [1]
+    assert b"alice" in core.outboxes and core.transit.held(b"alice") > CLIENT_TRANSIT
+    core.outboxes.flush(time.monotonic() + 1)
+    assert not replies_to(core.transport.take(), b"alice")  # it took nothing yet
+    core.transport.acked[b"alice"] = CLIENT_TRANSIT + 4096  # it read
+    core.outboxes.flush(time.monotonic() + 2)
+    assert [r["id"] for r in replies_to(core.transport.take(), b"alice")] == [2]
+
+
+def test_clients_that_never_read_hold_at_most_the_total_and_a_stalled_one_is_disconnected(
+    core, monkeypatch
+):
+    """Bytes in ZeroMQ count in the total reply budget: two clients that never read hold their
+    16 MiB replies in transit; a third client's request finds the total full, so the one that
+    has taken nothing for STALLED loses its connection, and the newcomer is admitted."""
+    monkeypatch.setattr(limits, "TOTAL_REPLY_BYTES", 40 * MiB)
+    ready(core, b"c", p.CACHE)
+    for hog in (b"hog1", b"hog2"):
+        core.transport.acked[hog] = 0
+        _chunk_reply(core, hog, 1, 16 * MiB - 8192)
+    core.transport.take()
+    assert core.status()["broker"]["held_bytes"]["replies_in_transit"] >= 32 * MiB - 16384
+    core.transport.acked[b"bob"] = 0
+    ask(core, b"bob", "chunk", 1, hash=b"\x0b" * 32, len=16 * MiB - 8192)
+    (refused,) = replies_to(core.transport.take(), b"bob")  # nobody stalled yet: back off
+    assert refused["error"] == "unavailable" and not core.transport.disconnected
+    core.transit.flows[b"hog1"].moved -= limits.STALLED + 1  # hog1 has taken nothing since
+    ask(core, b"bob", "chunk", 2, hash=b"\x0b" * 32, len=16 * MiB - 8192)
+    assert core.transport.disconnected == [b"hog1"]
+    assert requests_to(core.transport.take(), b"c")  # bob's request went on
+    status = core.status()["broker"]
+    assert status["disconnected"] == 1 and b"hog1" not in core.transit.flows
+    assert status["held_bytes"]["replies_in_transit"] < 17 * MiB
+
+
+def test_a_client_that_takes_its_replies_is_never_disconnected(core, monkeypatch):
+    monkeypatch.setattr(limits, "TOTAL_REPLY_BYTES", 20 * MiB)
+    ready(core, b"c", p.CACHE)
+    core.transport.acked[b"reader"] = 0
+    _chunk_reply(core, b"reader", 1, 16 * MiB - 8192)
+    core.transit.flows[b"reader"].moved -= limits.STALLED + 1
+    core.transport.acked[b"reader"] = 1000  # it is reading, slowly
+    ask(core, b"bob", "chunk", 1, hash=b"\x0b" * 32, len=8 * MiB)
+    assert not core.transport.disconnected
+    assert replies_to(core.transport.take(), b"bob")[0]["error"] == "unavailable"
 
 
 # --- the store's digest function ---

@@ -98,3 +98,58 @@ def test_up_serves_and_ctrl_c_stops_every_process(tmp_path, caches):
                 os.kill(pid, signal.SIGKILL)
         up.wait(5)
         log.close()
+
+
+def test_up_with_s3_serves_the_gateway_with_its_own_key(tmp_path):
+    pytest.importorskip("aiohttp")
+    boto3 = pytest.importorskip("boto3")
+    import json
+
+    port = free_port()
+    frontend = f"tcp://127.0.0.1:{free_port()}"
+    backend = f"tcp://127.0.0.1:{free_port()}"
+    log = open(tmp_path / "up.log", "wb")
+    up = subprocess.Popen(
+        [sys.executable, "-m", "fms", "up", "--frontend", frontend, "--backend", backend]
+        + ["--data", str(tmp_path / "data"), "--cache-bytes", "64M", "--s3", str(port)],
+        cwd=ROOT,
+        stdout=log,
+        stderr=log,
+    )
+    kids = []
+    try:
+        keys = tmp_path / "data" / "s3-keys.json"
+        wait_for(lambda: keys.exists() and keys.stat().st_size, 20, "the S3 key file")
+        assert keys.stat().st_mode & 0o777 == 0o600
+        key = json.loads(keys.read_text())[0]
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=f"http://127.0.0.1:{port}",
+            aws_access_key_id=key["access_key"],
+            aws_secret_access_key=key["secret_key"],
+            region_name="us-east-1",
+        )
+
+        def serves():
+            try:
+                s3.create_bucket(Bucket="from-up")
+            except Exception:
+                return False
+            return True
+
+        wait_for(serves, 30, "the gateway of fms up --s3")
+        s3.put_object(Bucket="from-up", Key="k", Body=b"via up")
+        with fms.Client(frontend) as c:  # the same store as fms itself
+            assert c.get_bytes("from-up/k") == b"via up"
+        assert key["access_key"] in (tmp_path / "up.log").read_text()
+        kids = children_of(up.pid)
+        up.send_signal(signal.SIGINT)
+        up.wait(15)
+        assert up.returncode == 0
+        assert not [pid for pid in kids if alive(pid)]
+    finally:
+        for pid in [up.pid, *kids]:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        up.wait(5)
+        log.close()

@@ -15,11 +15,13 @@ A client that reads never has a reply shed.
 import collections
 import heapq
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from .. import limits
 from .. import wire as p
 from .headers import int_in
 from .outbox import Outboxes
+from .transit import Transit
 
 SMALL_REPLY = 4 * limits.KiB  # the bound of an op not in REPLY_BOUNDS (a stat, an ack)
 CHUNK_GUESS = 1 * limits.MiB  # a chunk of unknown size, in a worker's credit
@@ -47,7 +49,7 @@ def _get_many(header: dict, size: int, seen: int) -> int:
     """Inline content up to the batch's limit, and the manifests (each bounded: a long chunk
     list is never in one)."""
     names = header.get("names")
-    count = len(names) if isinstance(names, list) else 1
+    count = min(len(names), p.MAX_BATCH_FILES) if isinstance(names, list) else 1
     return min(p.MAX_BATCH_BYTES, count * p.INLINE_MAX) + count * p.MANIFEST_MAX + SMALL_REPLY
 
 
@@ -64,8 +66,10 @@ def _fixed(nbytes: int) -> Callable[[dict, int, int], int]:
 # bytes, the size last seen of the chunk it asks for or 0).  It is reserved in the client's
 # budget when the request is admitted, and counted in the byte credit of the worker serving it
 # (so a worker is never handed more than WORKER_BYTES of replies at once), with one exception:
-# a chunk of unknown size (a cache's fetch carries no `len`) counts CHUNK_GUESS in a worker's
-# credit, because counting it 16 MiB would have storage serve cold reads four chunks at a time.
+# a chunk counts in a worker's credit the size last seen for it, else CHUNK_GUESS.  A client's
+# `len` is its own budget's business, not the shared worker's (a false one must not take a
+# worker's credit from everyone), and counting an unknown chunk 16 MiB would have storage serve
+# cold reads (a cache's fetch carries no `len`) four chunks at a time.
 # A reply larger than its reservation (a false `len`) is kept only while the budgets have room.
 REPLY_BOUNDS: dict[str, Callable[[dict, int, int], int]] = {
     "chunk": _chunk,
@@ -93,8 +97,8 @@ def reply_bound(op: str, header: dict, size: int, seen: int = 0) -> int:
 def expected_reply(op: str, header: dict, size: int, seen: int = 0, bound: int = 0) -> int:
     """What a reply counts in the serving worker's byte credit (see :data:`REPLY_BOUNDS`);
     ``bound``: its reply bound, when known already."""
-    if op == "chunk" and not seen and not int_in(header.get("len"), 0, p.MAX_CHUNK_SIZE):
-        return CHUNK_GUESS
+    if op == "chunk":
+        return seen + SMALL_REPLY if seen else CHUNK_GUESS
     return bound or reply_bound(op, header, size, seen)
 
 
@@ -113,6 +117,19 @@ def is_heavy(op: str, header: dict) -> bool:
     return op in HEAVY_OPS or (op == "ls" and header.get("folders") is not True)
 
 
+class Shedder(Protocol):
+    """What admission asks of the core to make room (see :meth:`Admission.admit`)."""
+
+    def shed_queued(self, ident: bytes, uploads: bool) -> bool:
+        """Answer ``unavailable`` to the newest queued request of ``ident`` holding bytes of
+        the kind wanted."""
+        ...
+
+    def kick(self, ident: bytes) -> bool:
+        """Close ``ident``'s connection, dropping everything held for it."""
+        ...
+
+
 def _add(counts: dict, key: bytes, delta: int) -> None:
     """Add ``delta`` to ``counts[key]``, keeping only keys whose count is positive."""
     if delta:
@@ -129,6 +146,7 @@ class Admission:
 
     def __init__(self, outboxes: Outboxes) -> None:
         self.outboxes = outboxes
+        self.transit: Transit = outboxes.transit
         self.inflight: dict[bytes, int] = {}  # client -> its requests in flight or queued
         self.req_bytes: dict[bytes, int] = {}  # client -> bytes of its requests held
         self.total_req = 0
@@ -138,6 +156,7 @@ class Admission:
         self.heavy: dict[bytes, int] = {}  # client -> its heavy requests held (HEAVY_OPS)
         self.total_heavy = 0
         self.busy = 0  # heavy requests answered `busy`: past a limit
+        self.kicked = 0  # clients disconnected: they held room in transit and took nothing
         self._sizes: collections.OrderedDict = collections.OrderedDict()  # digest -> size (LRU)
 
     def seen(self, digest: bytes) -> int:
@@ -159,10 +178,12 @@ class Admission:
             _add(self.heavy, ident, delta)
             self.total_heavy += delta
         _add(self.inflight, ident, delta)
-        _add(self.req_bytes, ident, delta * nbytes)
-        self.total_req += delta * nbytes
-        _add(self.reserved, ident, delta * reserve)
-        self.total_reserved += delta * reserve
+        if nbytes:  # (each request has a header; a status reserves nothing: skip the calls)
+            _add(self.req_bytes, ident, delta * nbytes)
+            self.total_req += delta * nbytes
+        if reserve:
+            _add(self.reserved, ident, delta * reserve)
+            self.total_reserved += delta * reserve
 
     def turn(self, ident: bytes) -> str | None:
         """Whether a heavy request of ``ident`` may be held now; else why it must wait."""
@@ -183,19 +204,18 @@ class Admission:
         ident: bytes,
         nbytes: int,
         reserve: int,
-        shed_queued: Callable[[bytes, bool], bool] | None,
+        shedder: Shedder | None,
         now: float,
     ) -> str | None:
         """Admit a client's request: count its ``nbytes`` (every frame of it: the broker holds
         them until it is answered) and reserve ``reserve`` reply bytes for it; or say why it
         must back off (None: admitted).
 
-        Per client: its requests' bytes held and its replies (unread or reserved) each stay
-        within CLIENT_BYTES, so a client that does not read stalls itself.  In all: when a
-        total is full, room is made by shedding from clients holding more than this one does
-        (``shed_queued(ident, uploads)`` answers one of their queued requests; None: shed
-        nothing), so many clients that flood or never read cannot keep one that reads from
-        being served.
+        Per client: its requests' bytes held and its replies (unread, in transit or reserved)
+        each stay within CLIENT_BYTES, so a client that does not read stalls itself.  In all:
+        when a total is full, room is made by shedding from clients holding more than this one
+        does (with ``shedder``; None: shed nothing), so many clients that flood or never read
+        cannot keep one that reads from being served.
         """
         held_req = self.req_bytes.get(ident, 0)
         if held_req + nbytes > limits.CLIENT_BYTES:
@@ -204,7 +224,7 @@ class Admission:
                 f"broker (budget {limits.CLIENT_BYTES}); wait for replies before sending "
                 f"more (retried with backoff)"
             )
-        held = self.outboxes.holding(ident) + self.reserved.get(ident, 0)
+        held = self.holding(ident)
         if held + reserve > limits.CLIENT_BYTES or (
             self.outboxes.count(ident) + self.inflight.get(ident, 0) >= limits.OUTBOX_MESSAGES
         ):
@@ -213,43 +233,54 @@ class Admission:
                 f"before asking for more (retried with backoff)"
             )
         while self.total_req + nbytes > limits.TOTAL_REQUEST_BYTES:
-            if not (shed_queued and self._shed(held_req, True, shed_queued, now)):
+            if not (shedder and self._shed(held_req, True, shedder, now)):
                 return (
                     "the broker holds as many requests as it may for all clients; retry "
                     "in a moment (retried with backoff)"
                 )
-        while self.outboxes.total + self.total_reserved + reserve > limits.TOTAL_REPLY_BYTES:
-            if not (shed_queued and self._shed(held, False, shed_queued, now)):
+        while self.replies_held() + reserve > limits.TOTAL_REPLY_BYTES:
+            if not (shedder and self._shed(held, False, shedder, now)):
                 return (
                     "the broker holds as many replies as it may for all clients; retry in a "
                     "moment (retried with backoff)"
                 )
         return None
 
-    def _shed(
-        self, holding: int, uploads: bool, shed_queued: Callable[[bytes, bool], bool], now: float
-    ) -> bool:
+    def holding(self, ident: bytes) -> int:
+        """Reply bytes held for ``ident``: in its outbox, in transit, and reserved."""
+        return self.outboxes.holding(ident) + self.transit.held(ident) + self.reserved.get(ident, 0)
+
+    def replies_held(self) -> int:
+        """Reply bytes held for all clients: in outboxes, in transit, and reserved."""
+        return self.outboxes.total + self.transit.total + self.total_reserved
+
+    def _shed(self, holding: int, uploads: bool, shedder: Shedder, now: float) -> bool:
         """Make room in a total for a client holding ``holding`` bytes: take from the clients
-        holding more (request bytes, or reply bytes unread and reserved), the most first: its
-        newest queued request, or else (replies) its oldest reply left unread for STALLED.
-        False if nobody can give room.  Only the clients holding more are ordered, with a heap
-        (no sort of every client per shed)."""
+        holding more (request bytes, or reply bytes), the most first: its newest queued
+        request; or else (replies) its oldest reply left unread in its outbox for STALLED; or
+        else, if it has taken none of what is in transit for STALLED, its connection.  False if
+        nobody can give room.  Only the clients holding more are ordered, with a heap (no sort
+        of every client per shed)."""
         holdings: Iterable[tuple[bytes, int]]
         if uploads:
             holdings = self.req_bytes.items()
         else:
-            boxes = self.outboxes.boxes
-            holdings = (
-                (i, self.outboxes.holding(i) + self.reserved.get(i, 0))
-                for i in {*boxes, *self.reserved}
-            )
+            for ident in list(self.transit.flows):  # what is in transit, up to date
+                self.transit.refresh(ident, now)
+            clients = {*self.outboxes.boxes, *self.transit.flows, *self.reserved}
+            holdings = ((i, self.holding(i)) for i in clients)
         heap = [(-held, n, i) for n, (i, held) in enumerate(holdings) if held > holding]
         heapq.heapify(heap)
         while heap:
             _, _, ident = heapq.heappop(heap)
-            if shed_queued(ident, uploads):
+            if shedder.shed_queued(ident, uploads):
                 return True
-            if not uploads and self.outboxes.shed_reply(ident, now):
+            if uploads:
+                continue
+            if self.outboxes.shed_reply(ident, now):
+                return True
+            if self.transit.stalled(ident, now) and shedder.kick(ident):
+                self.kicked += 1
                 return True
         return False
 
@@ -259,8 +290,8 @@ class Admission:
         that it is kept; a larger one (a client that declared less than it asked for, an error
         to a request never admitted) must fit the budgets."""
         return size <= admitted or not (
-            self.outboxes.holding(ident) + self.reserved.get(ident, 0) + size > limits.CLIENT_BYTES
-            or self.outboxes.total + self.total_reserved + size > limits.TOTAL_REPLY_BYTES
+            self.holding(ident) + size > limits.CLIENT_BYTES
+            or self.replies_held() + size > limits.TOTAL_REPLY_BYTES
             or self.outboxes.count(ident) >= limits.OUTBOX_MESSAGES
         )
 
@@ -269,5 +300,6 @@ class Admission:
             "heavy": self.total_heavy,
             "uploads": self.total_req,
             "replies": self.outboxes.total,
+            "replies_in_transit": self.transit.total,
             "replies_reserved": self.total_reserved,
         }

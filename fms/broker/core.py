@@ -18,6 +18,8 @@ sockets; the unit tests (tests/test_broker_core.py) drive this class with a reco
 
 import logging
 import time
+from collections.abc import Callable
+from typing import Any
 
 from .. import limits
 from .. import wire as p
@@ -31,6 +33,7 @@ from .outbox import Outboxes
 from .registry import Refused, Registry, Worker
 from .replies import BACKEND, FRONTEND, Replies
 from .routing import Pending
+from .transit import Transit
 from .transport import Transport
 
 log = logging.getLogger("fms.broker")
@@ -52,7 +55,8 @@ class Core:
         self.transport = transport
         self.metrics = metrics or BrokerMetrics()
         self.registry = Registry(store, self.metrics)
-        self.outboxes = Outboxes(transport)
+        self.transit = Transit(transport)
+        self.outboxes = Outboxes(transport, self.transit)
         self.admission = Admission(self.outboxes)
         self.replies = Replies(transport, self.outboxes, self.admission, self.metrics)
         self.dispatcher = Dispatcher(
@@ -64,15 +68,21 @@ class Core:
         self._bad = RateLimitedLog(log)
         self._refusals = RateLimitedLog(log)
         self._late = RateLimitedLog(log)
+        self._kicks = RateLimitedLog(log)
         self._beat = p.encode({"t": "hb"})
 
     # --- clients ---
 
-    def client_message(self, ident: bytes, frames: list, allowed: bool = True) -> None:
-        """``[header, data?]`` from client ``ident``; ``allowed``: its key is still in the
-        allowlist (always, without CURVE)."""
+    def client_message(
+        self, ident: bytes, frames: list, allowed: Callable[[Any], bool] | None = None
+    ) -> None:
+        """``[header, data?]`` from client ``ident``; ``allowed(frame)``: whether the sender of
+        a frame is still in the allowlist (None: always, without CURVE), asked once the request
+        is known to be well formed."""
         origin = {"from": ident, "via": FRONTEND}
         req_id = None
+        now = time.monotonic()
+        self.outboxes.wake(ident, now)
         try:
             if not frames:
                 raise BadRequest("a request has 1 or 2 frames (header, data?), got none")
@@ -92,7 +102,7 @@ class Core:
             if not isinstance(op, str) or op not in p.OP_SERVICE:
                 raise BadRequest(f"unknown op {op!r}; known ops: {', '.join(sorted(p.OP_SERVICE))}")
             p.check_frame_count(op, len(frames))
-            if not allowed:
+            if allowed is not None and not allowed(frames[-1]):
                 # Its key was removed from the allow directory since it connected.
                 self.replies.error(
                     origin,
@@ -129,9 +139,9 @@ class Core:
         seen = admission.seen(digest) if digest else 0
         size = h.nbytes(frames[0])
         reserve = reply_bound(op, header, size, seen)
-        now = time.monotonic()
-        shed = self.dispatcher.shed_queued if op != "status" else None
-        over = admission.admit(ident, sum(map(h.nbytes, frames)), reserve, shed, now)
+        shedder = self if op != "status" else None
+        total = sum(map(h.nbytes, frames))
+        over = admission.admit(ident, total, reserve, shedder, now)
         if over:
             admission.backed_off += 1
             self.replies.error(origin, req_id, "unavailable", over, op=op)
@@ -147,7 +157,8 @@ class Core:
         if header.get("fresh") is True and op in ("get", "chunk", "page", "get_many"):
             # The client found what the cache gave it corrupt: this once, ask storage itself.
             service = p.STORAGE
-        self._submit(service, op, header, origin, frames, now, reserve, seen, heavy)
+        request = (digest, seen, size, total)
+        self._submit(service, op, header, origin, frames, now, request, reserve, heavy)
 
     def _hello(self, origin: dict, req_id: object) -> None:
         """What a client needs before it hashes: the store and its digest function, as the
@@ -175,12 +186,17 @@ class Core:
         origin: dict,
         frames: list,
         now: float,
+        request: tuple,
         reserve: int = 0,
-        seen: int = 0,
         heavy: bool = False,
     ) -> None:
         """Hand a request to dispatch; a client's cache request is routed by its key, and a
-        chunk request counts towards its GET's cache figures."""
+        chunk request counts towards its GET's cache figures.
+
+        :param request: what was read of it already: (chunk digest or b"", that chunk's size
+            last seen or 0, the header's size, all its frames' size).
+        """
+        digest, seen, size, total = request
         client = origin["via"] == FRONTEND
         self.dispatcher.submit(
             Pending(
@@ -192,9 +208,9 @@ class Core:
                 header.get("id"),
                 now,
                 h.deadline_of(header, now),
-                nbytes=sum(map(h.nbytes, frames)),
-                expect=expected_reply(op, header, h.nbytes(frames[0]), seen, reserve),
-                digest=h.chunk_digest(op, header),
+                nbytes=total,
+                expect=expected_reply(op, header, size, seen, reserve),
+                digest=digest,
                 owner=h.owner_key(op, header) if client else None,
                 read=h.read_of(op, header) if client else None,
                 reserve=reserve,
@@ -206,7 +222,26 @@ class Core:
         """A client disconnected: its queued requests and held replies are dropped."""
         self.dispatcher.client_gone(ident)
         self.outboxes.drop(ident)
+        self.transit.drop(ident)
         self.reads.client_gone(ident)
+
+    def shed_queued(self, ident: bytes, uploads: bool) -> bool:
+        return self.dispatcher.shed_queued(ident, uploads)
+
+    def kick(self, ident: bytes) -> bool:
+        """Close the connection of a client that holds room in transit and takes nothing, for
+        another that needs the room: ZeroMQ drops what it queued for it."""
+        if not self.transport.disconnect(ident):
+            return False
+        held = self.admission.holding(ident)
+        self.client_gone(ident)
+        self._kicks.warning(
+            "event=client_disconnected client=%s held=%d reason=%r",
+            ident.hex(),
+            held,
+            "it took none of its replies for a while and another client needs the room",
+        )
+        return True
 
     # --- workers ---
 
@@ -311,7 +346,11 @@ class Core:
             pending.origin, body, pending.deadline, admitted=pending.reserve, req_id=pending.req_id
         )
         if pending.origin["via"] == FRONTEND:
-            outcome = "ok" if route.get("ok", True) else str(route.get("err"))
+            err = route.get("err")
+            # A worker's word, bounded: a label the metrics keep for good.
+            outcome = (
+                "ok" if route.get("ok", True) else str(err) if err in p.ERROR_CODES else "internal"
+            )
             self.metrics.answered(pending.op, outcome, time.monotonic() - pending.started)
             if route.get("cache") == "hit":
                 self.metrics.cache_hits.inc()
@@ -342,7 +381,7 @@ class Core:
         if len(body) not in (1, 2):
             raise BadRequest(f"worker request has {len(body)} body frames, expected 1 or 2")
         header = h.read_header(h.buffer(body[0]))
-        if service not in p.SERVICES:
+        if not isinstance(service, str) or service not in p.SERVICES:
             self.replies.error(
                 origin, header.get("id"), "bad_request", f"unknown service {service!r}"
             )
@@ -350,7 +389,8 @@ class Core:
         op = str(header.get("op"))
         digest = h.chunk_digest(op, header)
         seen = self.admission.seen(digest) if digest else 0
-        self._submit(service, op, header, origin, body, time.monotonic(), seen=seen)
+        request = (digest, seen, h.nbytes(body[0]), sum(map(h.nbytes, body)))
+        self._submit(service, op, header, origin, body, time.monotonic(), request)
 
     def invalidate(self, names: list) -> None:
         """Tell every cache worker to drop ``names``: one ``inv`` message per at most
@@ -368,9 +408,11 @@ class Core:
     # --- time ---
 
     def tick(self, now: float, heartbeat: bool = False) -> None:
-        """Time passes: drop requests past their deadline; with ``heartbeat``, also forget
-        workers not heard from for their liveness and beat to the others."""
+        """Time passes: drop requests past their deadline, count what clients took of what is
+        in transit; with ``heartbeat``, also forget workers not heard from for their liveness
+        and beat to the others."""
         self.dispatcher.expire(now)
+        self.transit.sweep(now)
         if heartbeat:
             self.purge_workers(now)
             self.send_heartbeats()
@@ -398,6 +440,7 @@ class Core:
                 "shed": {"replies": outboxes.shed, "requests": self.dispatcher.shed},
                 "backed_off": admission.backed_off,
                 "busy": admission.busy,
+                "disconnected": admission.kicked,
                 "fds": limits.fd_limit(),
                 "budgets": {
                     "client_bytes": limits.CLIENT_BYTES,

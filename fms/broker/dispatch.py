@@ -94,14 +94,12 @@ class Dispatcher:
             # with a few 16 MiB chunks takes no more, so a small request waits behind few.
             free = [
                 w
-                for w in self.registry.workers.values()
-                if w.service == service
-                and len(w.inflight) < credit
-                and (w.inflight_bytes < budget or not w.inflight)
+                for w in self.registry.of(service)
+                if len(w.inflight) < credit and (w.inflight_bytes < budget or not w.inflight)
             ]
             if not free:
                 return
-            client, key = queue.pop()
+            client, key = queue.pop_next()
             pending = self.pending.get(key)
             if pending is None:
                 continue
@@ -109,10 +107,10 @@ class Dispatcher:
             if now >= pending.deadline:
                 self._forget(key, pending, "deadline passed")
                 continue
-            worker = pick(service, pending, free, lambda: self.registry.of(p.CACHE))
+            worker = pick(service, pending, free, self.registry)
             if worker is None:  # its owner is busy, or only workers it must avoid are free:
                 queue.push_front(client, key)  # it waits; the next client's turn
-                queue.skip(client)
+                queue.move_to_end(client)
                 blocked += 1
                 continue
             blocked = 0
@@ -199,7 +197,7 @@ class Dispatcher:
             return True
 
         for queue in self.queues.values():
-            queue.filter(keep)
+            queue.keep_only(keep)
 
     def client_gone(self, ident: bytes) -> None:
         """A client disconnected: its queued requests are dropped (no one will read a reply)."""
@@ -218,7 +216,7 @@ class Dispatcher:
                 pending = self.pending.get(key)
                 if pending is None or not (pending.nbytes if uploads else pending.reserve):
                     continue
-                queue.remove(client, key)
+                queue.remove_key(client, key)
                 del self.pending[key]
                 self._track(pending, -1)
                 self.shed += 1

@@ -10,6 +10,8 @@ outboxes that are due.
 
 import fcntl
 import logging
+import math
+import socket
 import struct
 import termios
 import time
@@ -24,8 +26,7 @@ from ..metrics import BrokerMetrics
 from ..security import CurveServer
 from ..wire.frames import drain, send_frames
 from .core import Core
-from .outbox import CLIENT_KERNEL_QUEUE
-from .transport import FULL, GONE, SENT
+from .transport import FULL, GONE, SENT, undeliverable
 
 log = logging.getLogger("fms.broker")
 
@@ -40,7 +41,6 @@ class ZmqTransport:
         self.frontend = frontend
         self.backend = backend
         self.client_fd: dict[bytes, int] = {}  # client identity -> fd of its connection
-        self._undeliverable = RateLimitedLog(log)
 
     def to_client(self, ident: bytes, frames: list) -> str:
         try:
@@ -49,7 +49,7 @@ class ZmqTransport:
         except zmq.Again:
             return FULL
         except zmq.ZMQError as exc:
-            self._undeliverable.warning(
+            undeliverable.warning(
                 "event=undeliverable socket=frontend peer=%s error=%r", ident.hex(), exc.strerror
             )
             return GONE
@@ -60,7 +60,7 @@ class ZmqTransport:
             return True
         except zmq.ZMQError as exc:
             why = "queue full" if exc.errno == zmq.EAGAIN else exc.strerror
-            self._undeliverable.warning(
+            undeliverable.warning(
                 "event=undeliverable socket=backend peer=%s error=%r", ident.hex(), why
             )
             return False
@@ -75,9 +75,46 @@ class ZmqTransport:
         except OSError:
             return None
 
-    def backed_up(self, ident: bytes) -> bool:
-        queued = self.queued(ident)
-        return queued is not None and queued > CLIENT_KERNEL_QUEUE
+    def taken(self, ident: bytes) -> int | None:
+        """``tcpi_bytes_acked`` of this client's connection (Linux TCP_INFO)."""
+        fd = self.client_fd.get(ident)
+        if fd is None:
+            return None
+        try:
+            info = _on_fd(fd, lambda s: s.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _INFO_LEN))
+        except OSError:
+            return None
+        if not isinstance(info, bytes) or len(info) < _BYTES_ACKED + 8:
+            return None
+        return struct.unpack_from("Q", info, _BYTES_ACKED)[0]
+
+    def disconnect(self, ident: bytes) -> bool:
+        """Shut this client's connection down: ZeroMQ sees it close and drops its queue."""
+        fd = self.client_fd.get(ident)
+        if fd is None:
+            return False
+        try:
+            return _on_fd(fd, lambda s: s.shutdown(socket.SHUT_RDWR)) is not None
+        except OSError:
+            return False
+
+
+_TCP_INFO = getattr(socket, "TCP_INFO", 11)
+_INFO_LEN = 232  # bytes of struct tcp_info read (Linux)
+_BYTES_ACKED = 120  # offset of tcpi_bytes_acked in struct tcp_info (Linux 4.1 and later)
+
+
+def _on_fd(fd: int, use: Callable[[socket.socket], object]) -> object | None:
+    """``use`` a socket object over ZeroMQ's descriptor ``fd`` of a TCP connection, without
+    taking it over (it is detached, never closed, here); None if ``fd`` is not TCP."""
+    sock = socket.socket(fileno=fd)
+    try:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return None
+        result = use(sock)
+        return True if result is None else result
+    finally:
+        sock.detach()
 
 
 def _endpoint(sock: zmq.Socket) -> str:
@@ -117,6 +154,7 @@ class Broker:
         self.core = Core(self.transport, store=store, metrics=self.metrics)
         self._fd_clients: dict[int, set] = {}  # fd -> client identities seen on it
         self._crashes = RateLimitedLog(log)
+        self._allowed = curve.allowed if curve is not None else None
 
     # --- set-up ---
 
@@ -179,8 +217,9 @@ class Broker:
             due = core.outboxes.next_due()
             if due is not None:
                 wake = min(wake, due)
-            events = dict(poller.poll(max(0, int((wake - now) * 1000))))
-            if core.outboxes:
+            # Rounded up: a poll woken a hair early would spin until the time comes.
+            events = dict(poller.poll(max(0, math.ceil((wake - now) * 1000))))
+            if due is not None:
                 core.outboxes.flush(time.monotonic())
             if self.monitor in events:  # before the frontend: a reused fd is seen gone first
                 drain(self.monitor, self.process_monitor, DRAIN_BATCH)
@@ -213,8 +252,7 @@ class Broker:
         """``[identity, header, data?]`` from the frontend."""
         ident = frames[0].bytes
         self._note_fd(ident, frames[0])
-        allowed = self.curve is None or self.curve.allowed(frames[-1])
-        self.core.client_message(ident, frames[1:], allowed)
+        self.core.client_message(ident, frames[1:], self._allowed)
 
     def process_worker(self, frames: list) -> None:
         """``[identity, route, header?, data?]`` from the backend."""

@@ -1,16 +1,16 @@
 """Outboxes: replies the broker holds, counted in bytes, for clients that are not taking them.
 
-A reply goes straight to ZeroMQ while the client's queue takes it (its SNDHWM is
-``CLIENT_PIPE`` messages) and, for a large reply, while the kernel holds less than
-``CLIENT_KERNEL_QUEUE`` bytes not yet taken by that client; otherwise it waits here, in the
-client's outbox, where its bytes count against the budgets (admission.py), in order behind
-whatever waits already.
+A reply goes straight to ZeroMQ while the client has less than ``CLIENT_TRANSIT`` bytes in
+transit (transit.py) and its ZeroMQ queue takes it (its SNDHWM is ``CLIENT_PIPE`` messages);
+otherwise it waits here, in the client's outbox, where its bytes count against the budgets
+(admission.py), in order behind whatever waits already.
 
-Only outboxes that are due are tried: one that sends, or whose client is seen taking bytes (its
-kernel queue shrinks), is tried again ``FLUSH_INTERVAL`` later; one that makes no progress backs
-off, doubling up to ``FLUSH_MAX_WAIT``, so clients that never read cost the loop nothing per
-tick.  A held reply past its deadline by ``INFLIGHT_GRACE`` is dropped (a client still reading
-matches a late reply by its id).
+Only outboxes that are due are tried.  One whose client sends, or took bytes, within
+``BACK_OFF_AFTER`` is tried again ``FLUSH_INTERVAL`` later, and at once when its client sends
+a message (a client reading a window of chunks asks for the next as it takes one); one whose
+client has done neither for longer backs off, doubling up to ``FLUSH_MAX_WAIT``, so clients that
+never read cost the loop nothing per tick.  A held reply past its deadline by
+``INFLIGHT_GRACE`` is dropped (a client still reading matches a late reply by its id).
 """
 
 import collections
@@ -20,18 +20,14 @@ from dataclasses import dataclass
 
 from .. import limits
 from .. import wire as p
-from ..logutil import RateLimitedLog
-from .transport import FULL, GONE, Transport
+from .transit import Transit
+from .transport import FULL, GONE, Transport, undeliverable
 
 log = logging.getLogger("fms.broker")
 
 FLUSH_INTERVAL = 0.002  # seconds: retry of an outbox whose client reads
 FLUSH_MAX_WAIT = 0.1  # seconds: the longest an outbox waits between tries
-# A reply with this much data or more goes to ZeroMQ's queue for a client only while the
-# kernel holds less than CLIENT_KERNEL_QUEUE bytes not yet taken by that client; else it waits
-# in the outbox, counted.
-LARGE_REPLY = 256 * limits.KiB
-CLIENT_KERNEL_QUEUE = 1 * limits.MiB
+BACK_OFF_AFTER = 0.05  # seconds without progress before an outbox's tries back off
 SHED_KEEPS = 1024  # bytes: a held reply this small is not worth shedding (its error is as big)
 
 
@@ -40,24 +36,24 @@ class Box:
     """One client's held replies, oldest first: ``(frames, size, deadline, req_id)``."""
 
     replies: collections.deque
-    moved: float  # when it last sent (or was made): its client reads
+    moved: float  # when it last sent or its client took bytes (or it was made): it reads
     due: float  # when it is tried next
     held: int = 0  # bytes of its replies
     wait: float = FLUSH_INTERVAL  # its current back-off
-    queued: int = -1  # bytes the kernel held for the client when last tried
+    mark: int | None = None  # the client's Transit.mark when last tried
 
 
 class Outboxes:
     """Every client's outbox, the bytes they hold, and when each is tried next."""
 
-    def __init__(self, transport: Transport) -> None:
+    def __init__(self, transport: Transport, transit: Transit) -> None:
         self.transport = transport
+        self.transit = transit
         self.boxes: dict[bytes, Box] = {}
         self.total = 0  # bytes held in all outboxes
         self.dropped = 0  # replies dropped: past their deadline, their client gone, no room
         self.shed = 0  # unread replies replaced by `unavailable` to make room for others
         self._due: list = []  # heap of (due, ident); stale entries are skipped
-        self._undeliverable = RateLimitedLog(log)
 
     def __contains__(self, ident: bytes) -> bool:
         return ident in self.boxes
@@ -75,7 +71,22 @@ class Outboxes:
 
     def next_due(self) -> float | None:
         """When the next outbox is to be tried (None: nothing is held)."""
-        return self._due[0][0] if self._due else None
+        due = self._due
+        while due:
+            when, ident = due[0]
+            box = self.boxes.get(ident)
+            if box is not None and box.due == when:
+                return when
+            heapq.heappop(due)  # gone, or rescheduled since
+        return None
+
+    def wake(self, ident: bytes, now: float) -> None:
+        """``ident`` sent a message: it is alive, so its outbox (if any) is tried now."""
+        box = self.boxes.get(ident)
+        if box is not None and box.due > now:
+            box.due = now
+            box.wait = FLUSH_INTERVAL
+            heapq.heappush(self._due, (now, ident))
 
     def hold(
         self, ident: bytes, frames: list, size: int, deadline: float, req_id: object, now: float
@@ -104,13 +115,15 @@ class Outboxes:
             box = self.boxes.get(ident)
             if box is None or box.due != when:
                 continue  # gone, or rescheduled since
-            progressed = self._send(ident, box, now)
+            if self._send(ident, box, now):
+                box.moved = now
             if ident not in self.boxes:
                 continue
             if not box.replies:
                 del self.boxes[ident]
                 continue
-            box.wait = FLUSH_INTERVAL if progressed else min(box.wait * 2, FLUSH_MAX_WAIT)
+            idle = now - box.moved >= BACK_OFF_AFTER
+            box.wait = min(box.wait * 2, FLUSH_MAX_WAIT) if idle else FLUSH_INTERVAL
             box.due = now + box.wait
             heapq.heappush(due, (box.due, ident))
 
@@ -122,7 +135,7 @@ class Outboxes:
         while replies:
             frames, size, deadline, _ = replies[0]
             if deadline + limits.INFLIGHT_GRACE > now:
-                if size >= LARGE_REPLY and self.transport.backed_up(ident):
+                if not self.transit.may_send(ident, size, now):
                     break
                 outcome = self.transport.to_client(ident, frames)
                 if outcome == FULL:
@@ -130,18 +143,18 @@ class Outboxes:
                 if outcome == GONE:
                     self.drop(ident)
                     return True
-                box.moved = now  # it reads
+                self.transit.handed(ident, size)
             else:
                 self.dropped += 1
             replies.popleft()
             box.held -= size
             self.total -= size
             moved = True
-        if replies:
-            queued = self.transport.queued(ident)
-            if queued is not None:
-                moved = moved or 0 <= queued < box.queued
-                box.queued = queued
+        if replies:  # blocked: has the client taken bytes since the last try?
+            mark = self.transit.mark(ident, now)
+            if mark is not None and box.mark is not None and mark > box.mark:
+                moved = True
+            box.mark = mark
         return moved
 
     def shed_reply(self, ident: bytes, now: float) -> bool:
@@ -168,7 +181,7 @@ class Outboxes:
             box.held -= freed
             self.total -= freed
             self.shed += 1
-            self._undeliverable.warning(
+            undeliverable.warning(
                 "event=reply_shed peer=%s error=%r",
                 ident.hex(),
                 "the client does not read and another needs the room",

@@ -66,6 +66,7 @@ class Registry:
         self.pinned_store = pinned_store
         self.metrics = metrics
         self.workers: dict[bytes, Worker] = {}
+        self._by_service: dict[str, list] = {}
         self._seen: dict = {}  # (cache worker id, counter) -> value its heartbeat last had
         # (store id, digest function) of the storage worker registered last: what `hello` and
         # the caches' `welcome` say, also while no storage worker is connected.
@@ -78,7 +79,8 @@ class Registry:
         return iter(list(self.workers.values()))
 
     def of(self, service: str) -> list:
-        return [w for w in self.workers.values() if w.service == service]
+        """The live workers of ``service`` (a list kept between changes: do not modify it)."""
+        return self._by_service.get(service, [])
 
     def check(self, ident: bytes, route: dict) -> tuple:
         """What a ``ready`` route registers: ``(service, worker_id, store_id)``.
@@ -145,7 +147,7 @@ class Registry:
         worker = Worker(ident, service, worker_id, store_id, time.monotonic() + LIVENESS)
         worker.digest_fn = digest_fn
         self.workers[ident] = worker
-        self._count()
+        self._changed()
         if service != p.STORAGE or digest_fn is None:
             return False
         before, self.store = self.store, (store_id, digest_fn)
@@ -154,7 +156,7 @@ class Registry:
     def remove(self, ident: bytes) -> Worker | None:
         worker = self.workers.pop(ident, None)
         if worker is not None:
-            self._count()
+            self._changed()
         return worker
 
     def heard(self, worker: Worker) -> None:
@@ -174,9 +176,7 @@ class Registry:
         """The service whose workers take ``service``'s requests now: itself, else its
         fallback, else None."""
         for candidate in (service, p.FALLBACK_SERVICE.get(service)):
-            if candidate and any(
-                w.service == candidate and w.ident not in exclude for w in self.workers.values()
-            ):
+            if candidate and any(w.ident not in exclude for w in self.of(candidate)):
                 return candidate
         return None
 
@@ -220,8 +220,12 @@ class Registry:
             for w in sorted(self.workers.values(), key=lambda w: (w.service, w.worker_id))
         ]
 
-    def _count(self) -> None:
-        for service in p.SERVICES:
-            self.metrics.workers.labels(service).set(
-                sum(w.service == service for w in self.workers.values())
-            )
+    def _changed(self) -> None:
+        """A worker came or went: the lists by service are made anew (never changed in place,
+        so a loop over an old one is not disturbed), and the metrics count them."""
+        self._by_service = {
+            service: [w for w in self.workers.values() if w.service == service]
+            for service in p.SERVICES
+        }
+        for service, workers in self._by_service.items():
+            self.metrics.workers.labels(service).set(len(workers))

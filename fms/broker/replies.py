@@ -1,8 +1,9 @@
 """Replies: each answer goes back to whoever asked, a client or a worker.
 
-A client's reply goes straight to ZeroMQ unless its outbox holds replies already (they keep
-their order) or, for a large reply, its connection is backed up; then it waits in the outbox,
-counted (outbox.py), if the budgets let it (admission.py).  A worker's request (a cache's fetch
+A client's reply goes straight to ZeroMQ, counted in transit until the client takes it
+(transit.py), unless its outbox holds replies already (they keep their order) or it has too much
+in transit; then it waits in the outbox, counted (outbox.py), if the budgets let it
+(admission.py).  A worker's request (a cache's fetch
 from storage) is answered on the backend with a ``rep`` route.
 """
 
@@ -11,12 +12,12 @@ import time
 
 from .. import limits
 from .. import wire as p
-from ..logutil import RateLimitedLog
 from ..metrics import BrokerMetrics
 from .admission import Admission
 from .headers import nbytes
-from .outbox import LARGE_REPLY, Outboxes
-from .transport import FULL, Transport
+from .outbox import Outboxes
+from .transit import Transit
+from .transport import FULL, SENT, Transport, undeliverable
 
 log = logging.getLogger("fms.broker")
 
@@ -37,9 +38,9 @@ class Replies:
     ) -> None:
         self.transport = transport
         self.outboxes = outboxes
+        self.transit: Transit = outboxes.transit
         self.admission = admission
         self.metrics = metrics
-        self._undeliverable = RateLimitedLog(log)
 
     def deliver(
         self,
@@ -56,15 +57,17 @@ class Replies:
             return
         ident = origin["from"]
         size = sum(map(nbytes, body))
-        direct = ident not in self.outboxes and (
-            size < LARGE_REPLY or not self.transport.backed_up(ident)
-        )
-        if direct and self.transport.to_client(ident, body) != FULL:
-            return  # sent, or the client is gone (the transport logged it)
         now = time.monotonic()
+        if ident not in self.outboxes and self.transit.may_send(ident, size, now):
+            outcome = self.transport.to_client(ident, body)
+            if outcome == SENT:
+                self.transit.handed(ident, size)
+                return
+            if outcome != FULL:
+                return  # the client is gone (the transport logged it)
         if not self.admission.may_hold(ident, size, admitted):
             self.outboxes.dropped += 1
-            self._undeliverable.warning(
+            undeliverable.warning(
                 "event=undeliverable socket=frontend peer=%s error=%r held=%d",
                 ident.hex(),
                 "queue full: the client does not read; reply dropped (byte budget)",

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from .. import wire as p
-from .registry import Worker
+from .registry import Registry, Worker
 
 
 def rendezvous(key: str | bytes, worker_ids: Iterable[str]) -> str | None:
@@ -53,91 +53,78 @@ class Pending:
     heavy: bool = False  # one of the ops that take turns (admission.HEAVY_OPS)
 
 
-class FairQueue:
+class FairQueue(collections.OrderedDict):
     """One service's waiting requests: ``(via, client identity) -> deque of request keys``,
-    taken round robin across clients."""
-
-    __slots__ = ("_queues",)
-
-    def __init__(self) -> None:
-        self._queues: collections.OrderedDict = collections.OrderedDict()
-
-    def __len__(self) -> int:
-        """How many clients have requests waiting (for :meth:`waiting`, the requests)."""
-        return len(self._queues)
+    taken round robin across clients.  Its length is the number of clients waiting (an
+    OrderedDict, so the dispatch loop's tests of it cost no Python call)."""
 
     def waiting(self) -> int:
-        return sum(map(len, self._queues.values()))
+        """How many requests wait."""
+        return sum(map(len, self.values()))
 
     def push(self, client: tuple, key: int) -> None:
-        keys = self._queues.get(client)
+        keys = self.get(client)
         if keys is None:
-            keys = self._queues[client] = collections.deque()
+            keys = self[client] = collections.deque()
         keys.append(key)
 
     def push_front(self, client: tuple, key: int) -> None:
         """Put ``key`` back first, and its client first in turn (it was taken out of turn)."""
-        keys = self._queues.get(client)
+        keys = self.get(client)
         if keys is None:
-            keys = self._queues[client] = collections.deque()
+            keys = self[client] = collections.deque()
         keys.appendleft(key)
-        self._queues.move_to_end(client, last=False)
+        self.move_to_end(client, last=False)
 
-    def pop(self) -> tuple:
+    def pop_next(self) -> tuple:
         """``(client, key)`` of the next request in turn; the client goes to the back."""
-        client, keys = next(iter(self._queues.items()))
+        client, keys = next(iter(self.items()))
         key = keys.popleft()
         if keys:
-            self._queues.move_to_end(client)
+            self.move_to_end(client)
         else:
-            del self._queues[client]
+            del self[client]
         return client, key
-
-    def skip(self, client: tuple) -> None:
-        """``client``'s turn passes (its next request waits for a busy owner)."""
-        self._queues.move_to_end(client)
 
     def take_client(self, client: tuple) -> collections.deque:
         """Remove and return every request of ``client``."""
-        return self._queues.pop(client, collections.deque())
+        return self.pop(client, collections.deque())
 
     def take_all(self) -> Iterator[int]:
         """Remove every request, oldest client first."""
-        while self._queues:
-            _, keys = self._queues.popitem(last=False)
+        while self:
+            _, keys = self.popitem(last=False)
             yield from keys
 
     def newest_of(self, client: tuple) -> Iterator[int]:
         """``client``'s keys, newest first (for shedding)."""
-        return reversed(self._queues.get(client) or ())
+        return reversed(self.get(client) or ())
 
-    def remove(self, client: tuple, key: int) -> None:
-        keys = self._queues[client]
+    def remove_key(self, client: tuple, key: int) -> None:
+        keys = self[client]
         keys.remove(key)
         if not keys:
-            del self._queues[client]
+            del self[client]
 
-    def filter(self, keep: Callable[[int], bool]) -> None:
+    def keep_only(self, keep: Callable[[int], bool]) -> None:
         """Keep only the keys for which ``keep(key)`` is true."""
-        for client, keys in list(self._queues.items()):
+        for client, keys in list(self.items()):
             alive = collections.deque(key for key in keys if keep(key))
             if alive:
-                self._queues[client] = alive
+                self[client] = alive
             else:
-                del self._queues[client]
+                del self[client]
 
 
-def pick(
-    service: str, pending: Pending, free: list, live_caches: Callable[[], list]
-) -> Worker | None:
-    """The worker to send ``pending`` to among ``free``, or None (it waits).
-
-    :param live_caches: a callable giving the live cache workers (only asked for a cache
-        request with an owner key).
-    """
+def pick(service: str, pending: Pending, free: list, registry: Registry) -> Worker | None:
+    """The worker to send ``pending`` to among ``free``, or None (it waits)."""
     if service == p.CACHE and pending.owner is not None:
-        live = {w.worker_id: w for w in live_caches() if w.ident not in pending.exclude}
-        owner = live.get(rendezvous(pending.owner, live))
+        caches = registry.of(p.CACHE)
+        if len(caches) == 1 and not pending.exclude:
+            owner: Worker | None = caches[0]  # the one cache worker owns every key
+        else:
+            live = {w.worker_id: w for w in caches if w.ident not in pending.exclude}
+            owner = live.get(rendezvous(pending.owner, live))
         return owner if owner in free else None
     return min(
         (w for w in free if w.ident not in pending.exclude),

@@ -7,7 +7,14 @@ whose queue is full gets the reply held, counted, in its outbox).  The loop (loo
 one over two ZeroMQ ROUTER sockets; the unit tests provide one that records what was sent.
 """
 
+import logging
 from typing import Protocol
+
+from ..logutil import RateLimitedLog
+
+# Replies that could not be delivered, logged by the loop, the replies and the outboxes alike:
+# one rate limit for all of them, so a flood of them costs one budget of log lines.
+undeliverable = RateLimitedLog(logging.getLogger("fms.broker"))
 
 SENT = "sent"  # the message is queued in ZeroMQ for the peer
 FULL = "full"  # the peer's queue is full: hold it and try again later
@@ -30,8 +37,12 @@ class Transport(Protocol):
         unknown."""
         ...
 
-    def backed_up(self, ident: bytes) -> bool:
-        """Whether client ``ident`` has more than CLIENT_KERNEL_QUEUE bytes untaken in the
-        kernel: then a large reply waits in its outbox, counted, instead of in ZeroMQ's queue,
-        where nothing counts its bytes."""
+    def taken(self, ident: bytes) -> int | None:
+        """Bytes client ``ident``'s connection has had acknowledged since it opened (what the
+        client has taken), or None if that cannot be measured (not TCP, or unknown)."""
+        ...
+
+    def disconnect(self, ident: bytes) -> bool:
+        """Close client ``ident``'s connection (ZeroMQ then drops what it queued for it);
+        False if that cannot be done."""
         ...

@@ -60,8 +60,8 @@ def cmd_broker(args):
             f"registering first: add --store ID (print the id with: python "
             f"storage_worker.py --meta ... --chunks ... --print-store-id)"
         )
-    broker = Broker(args.frontend, args.backend, curve=curve, store=args.store)
     try:
+        broker = Broker(args.frontend, args.backend, curve=curve, store=args.store)
         broker.bind()
         if args.metrics_port is not None:
             broker.metrics.serve(args.metrics_port)
@@ -188,3 +188,39 @@ def cmd_cache(args):
         )
     finally:
         chunks.close()
+
+
+def cmd_s3(args):
+    """``fms s3``: the S3 gateway in the foreground until SIGINT/SIGTERM."""
+    try:
+        from ..gateway import credentials, server
+    except ImportError as exc:
+        from .. import install_hint
+
+        raise FmsError(
+            f"the S3 gateway needs its extra ({exc.name} is missing): {install_hint('s3gw')}"
+        ) from None
+    from ..logutil import setup_logging
+    from ..security import client_keys, is_loopback
+
+    setup_logging(getattr(args, "log_level", "INFO"))
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise FmsError("give both --tls-cert and --tls-key (or neither)")
+    if not args.tls_cert and not args.insecure and not is_loopback(f"tcp://{args.host}:1"):
+        raise FmsError(
+            f"--host {args.host} is reachable from other machines: serve HTTPS there "
+            f"(--tls-cert and --tls-key), or add --insecure"
+        )
+    if not 0 <= args.port <= 65535:
+        raise FmsError("--port must be between 0 and 65535")
+    try:
+        keys = credentials.from_args(args.keys, args.access_key, args.secret_key)
+        tls = server.tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+    except (ValueError, OSError) as exc:
+        raise FmsError(str(exc)) from None
+    curve = client_keys(getattr(args, "curve_secret", None), getattr(args, "server_key", None))
+    broker = getattr(args, "broker", None) or os.environ.get("FMS_BROKER") or p.DEFAULT_FRONTEND
+    try:
+        return server.run(broker, keys.resolve, args.host, args.port, tls, curve)
+    except OSError as exc:
+        raise FmsError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None

@@ -38,6 +38,7 @@ HANDLERS = {
     "storage": "daemons:cmd_storage",
     "cache": "daemons:cmd_cache",
     "up": "up:cmd_up",
+    "s3": "daemons:cmd_s3",
 }
 
 

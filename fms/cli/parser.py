@@ -809,9 +809,59 @@ def _up(cmd):
     cmd.add_argument(
         "--insecure", action="store_true", help="allow non-loopback endpoints without CURVE"
     )
+    cmd.add_argument(
+        "--s3",
+        type=int,
+        metavar="PORT",
+        help="also run the S3 gateway and its console on http://127.0.0.1:PORT (keys in "
+        "DATA/s3-keys.json, made once; needs the s3gw extra: pip install 'fms-store[s3gw]')",
+    )
     _backend_args(cmd)
     _gc_grace_arg(cmd)
     _keep_versions_arg(cmd)
+    _log_arg(cmd)
+
+
+@command(
+    "s3",
+    "run the S3 gateway and its web console (a client of the broker)",
+    "fms s3 --port 9000 --access-key KEY --secret-key SECRET\n"
+    "fms s3 --keys s3-keys.json --host 0.0.0.0 --tls-cert cert.pem --tls-key key.pem",
+    client=False,
+)
+def _s3(cmd):
+    cmd.add_argument(
+        "--broker",
+        metavar="ENDPOINT",
+        help="broker frontend (default: $FMS_BROKER, else tcp://127.0.0.1:5555)",
+    )
+    cmd.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
+    cmd.add_argument("--port", type=int, default=9000, help="port to listen on (%(default)s)")
+    cmd.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
+    cmd.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
+    cmd.add_argument(
+        "--keys",
+        metavar="FILE",
+        help='access keys: a JSON list of {"access_key", "secret_key", "identity"}',
+    )
+    cmd.add_argument(
+        "--access-key", metavar="ID", help="one access key id (default: $FMS_S3_ACCESS_KEY)"
+    )
+    cmd.add_argument(
+        "--secret-key", metavar="SECRET", help="its secret (default: $FMS_S3_SECRET_KEY)"
+    )
+    cmd.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback address without TLS (keys and data would cross the "
+        "network in the clear)",
+    )
+    cmd.add_argument(
+        "--curve-secret",
+        metavar="FILE",
+        help="the gateway's .key_secret, for a broker that requires CURVE",
+    )
+    cmd.add_argument("--server-key", metavar="FILE", help="the broker's public .key")
     _log_arg(cmd)
 
 

@@ -98,6 +98,22 @@ def cmd_up(args):
                 + log,
             )
         )
+    s3_note = ""
+    if args.s3 is not None:
+        keys_file, key_id, secret = _s3_keys(args.data)
+        specs.append(
+            (
+                "s3",
+                py
+                + ["s3", "--broker", args.frontend, "--port", str(args.s3), "--keys", keys_file]
+                + (["--curve-secret", client[0], "--server-key", client[1]] if client else [])
+                + ["--log-level", args.log_level],
+            )
+        )
+        s3_note = (
+            f"\nfms up: S3 at http://127.0.0.1:{args.s3} (console: /console), access key "
+            f"{key_id}, secret {secret} (in {keys_file})"
+        )
     stop = StopFlag()
     procs = []
     try:
@@ -112,7 +128,7 @@ def cmd_up(args):
             f"fms up: broker at {args.frontend} (workers on {args.backend}), {args.caches} "
             f"cache and {args.storage} storage workers, data in {os.path.abspath(args.data)}"
             f"{', CURVE on' if args.curve else ''}\n"
-            f"fms up: try `{hint}` in another terminal; Ctrl-C stops all",
+            f"fms up: try `{hint}` in another terminal; Ctrl-C stops all{s3_note}",
             file=sys.stderr,
             flush=True,
         )
@@ -239,3 +255,24 @@ def _stop_all(procs):
             print(f"fms up: {name} did not stop in time; killing it", file=sys.stderr)
             proc.kill()
             proc.wait()
+
+
+def _s3_keys(data: str) -> tuple:
+    """DATA/s3-keys.json (made once, mode 0600, with one fresh key): ``(path, key id,
+    secret)`` of its first key."""
+    import json
+
+    from ..gateway.credentials import new_key_pair
+
+    path = os.path.abspath(os.path.join(data, "s3-keys.json"))
+    if not os.path.exists(path):
+        key_id, secret = new_key_pair()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump([{"access_key": key_id, "secret_key": secret, "identity": "admin"}], f)
+    try:
+        with open(path) as f:
+            first = json.load(f)[0]
+        return path, first["access_key"], first["secret_key"]
+    except (OSError, ValueError, LookupError, TypeError) as exc:
+        raise FmsError(f"cannot read {path}: {exc}; fix or remove it") from None

@@ -1,0 +1,83 @@
+"""``fms s3``: the gateway's process: an aiohttp server on one port (TLS with a certificate
+and key), its store client and its keys."""
+
+import asyncio
+import logging
+import signal
+import ssl
+
+from aiohttp import web
+
+from .app import Gateway, make_app
+from .store import Store
+
+log = logging.getLogger("fms.gateway")
+
+DEFAULT_PORT = 9000  # MinIO's and many S3 tools' habit
+DEFAULT_HOST = "127.0.0.1"
+SHUTDOWN_TIMEOUT = 5.0  # seconds requests in flight get to finish when stopping
+
+
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+async def serve(
+    broker: str,
+    resolve,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    tls: ssl.SSLContext | None = None,
+    curve=None,
+    ready=None,
+    stop: asyncio.Event | None = None,
+):
+    """Run the gateway until ``stop`` is set (or forever).  ``ready(port)`` is called once it
+    listens (the port it got, for port 0)."""
+    store = Store(broker, curve)
+    gateway = Gateway(store, resolve)
+    runner = web.AppRunner(
+        make_app(gateway),
+        auto_decompress=False,  # a body sent with Content-Encoding: gzip is stored as sent
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=SHUTDOWN_TIMEOUT,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=tls, backlog=1024, reuse_address=True)
+    await site.start()
+    bound = site._server.sockets[0].getsockname()[1]
+    scheme = "https" if tls else "http"
+    log.info("event=s3_listening url=%s://%s:%d broker=%s", scheme, host, bound, broker)
+    if ready is not None:
+        ready(bound)
+    try:
+        await (stop or asyncio.Event()).wait()
+    finally:
+        await runner.cleanup()
+        store.close()
+
+
+def run(broker, resolve, host, port, tls=None, curve=None) -> int:
+    """Serve in the foreground until SIGINT or SIGTERM."""
+
+    async def main():
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+
+        def ready(bound):
+            scheme = "https" if tls else "http"
+            print(
+                f"fms s3: S3 gateway at {scheme}://{host}:{bound} (console at "
+                f"{scheme}://{host}:{bound}/console), broker {broker}",
+                flush=True,
+            )
+
+        await serve(broker, resolve, host, port, tls, curve, ready, stop)
+
+    asyncio.run(main())
+    return 0

@@ -1,0 +1,458 @@
+"""The gateway's side of the broker: fms requests made from a pool of threads, each with its
+own :class:`fms.Client` (a ZeroMQ socket belongs to one thread), and the streams between them
+and the event loop.
+
+Reads go through the cache tier (``get``, then ``chunk`` requests tagged with the GET), writes
+go to storage (``put_chunk`` pipelined, then ``commit``).  A body is cut into chunks of
+:data:`CHUNK_SIZE` as it arrives; each chunk is hashed (with the store's digest function, for
+fms) on the sending thread while the whole body's MD5 (the ETag) and, when the client sent one to
+check, its sha256 are computed on two other threads, so the digests run side by side.
+"""
+
+import asyncio
+import hashlib
+import os
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import fms
+from fms import wire as p
+from fms.client import download, upload
+from fms.errors import NotFound
+
+from .errors import S3Error
+
+CHUNK_SIZE = p.DEFAULT_CHUNK_SIZE  # bytes per chunk of an object the gateway stores
+THREADS = 64  # requests to the broker the gateway has under way at once
+QUEUE_CHUNKS = 4  # chunks held between the event loop and a transfer's thread, each way
+
+
+class Store:
+    """fms operations for the gateway's handlers, as coroutines.
+
+    :param broker: the broker's frontend endpoint.
+    :param curve: a :class:`fms.security.CurveClient`, or None.
+    """
+
+    def __init__(self, broker: str, curve=None, timeout: float = 5.0):
+        self.broker = broker
+        self.curve = curve
+        self.timeout = timeout
+        self.pool = ThreadPoolExecutor(THREADS, thread_name_prefix="fms-s3")
+        self._hashers = ThreadPoolExecutor(4, thread_name_prefix="fms-s3-hash")
+        self._local = threading.local()
+        self._clients = []
+        self._lock = threading.Lock()
+
+    def client(self) -> fms.Client:
+        """This thread's client (made on first use)."""
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = fms.Client(self.broker, timeout=self.timeout, curve=self.curve)
+            self._local.client = client
+            with self._lock:
+                self._clients.append(client)
+        return client
+
+    def close(self):
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self._hashers.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            for client in self._clients:
+                client.close()
+
+    async def run(self, fn, *args):
+        """``fn(client, *args)`` on a pool thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, lambda: fn(self.client(), *args))
+
+    # --- metadata ---
+
+    async def stat(self, name: str) -> dict | None:
+        def stat(client):
+            try:
+                header, _ = client.call("stat", name=name)
+            except NotFound:
+                return None
+            return header["stat"]
+
+        return await self.run(stat)
+
+    async def ls(self, prefix: str, after: str, limit: int, folders: bool) -> dict:
+        def ls(client):
+            header, _ = client.call("ls", prefix=prefix, after=after, limit=limit, folders=folders)
+            return header
+
+        return await self.run(ls)
+
+    async def call(self, op: str, **fields) -> dict:
+        def call(client):
+            header, _ = client.call(op, **fields)
+            return header
+
+        return await self.run(call)
+
+    async def rm(self, name: str) -> bool:
+        """Remove ``name``; False if it was not there."""
+
+        def rm(client):
+            try:
+                client.call("rm", name=name, commit=os.urandom(16).hex())
+            except NotFound:
+                return False
+            return True
+
+        return await self.run(rm)
+
+    async def cp(self, src: str, dst: str, meta: dict | None) -> dict:
+        def cp(client):
+            fields = {"src": src, "name": dst, "commit": os.urandom(16).hex()}
+            if meta is not None:
+                fields["meta"] = meta
+            header, _ = client.call("cp", **fields)
+            return header["stat"]
+
+        return await self.run(cp)
+
+    async def recommit(self, manifest: dict, meta: dict | None) -> dict:
+        """Commit the content of ``manifest`` again as a new version of its name, with
+        ``meta``: no chunk moves."""
+        if "body" in manifest and "pages" not in manifest:
+            raise S3Error("NotImplemented", "changing the metadata of so large an object")
+        fields = {k: manifest[k] for k in ("extents", "chunks", "pages", "digest") if k in manifest}
+        fields.update(
+            name=manifest["name"], mtime=time.time(), commit=os.urandom(16).hex(), meta=meta or {}
+        )
+        return await self.commit(fields)
+
+    async def commit(self, fields: dict) -> dict:
+        """A ``commit`` given whole.  :return: the stat."""
+
+        def commit(client):
+            header, _ = client.call("commit", **fields)
+            return header["stat"]
+
+        return await self.run(commit)
+
+    async def digests(self, manifest: dict) -> bytes:
+        """The chunk digests of a stored file, back to back (its pages read if it has any)."""
+
+        def digests(client):
+            with download.chunk_list(client.session, manifest, {"fresh": True}) as listing:
+                return b"".join(item[3] for item in listing.items(0))
+
+        return await self.run(digests)
+
+    async def hasher(self):
+        """The helper of the store's digest function (asked of the broker once per thread)."""
+        return await self.run(lambda client: client.session.hasher())
+
+    async def commit_plan(self, name: str, plan) -> dict:
+        return await self.run(lambda client: upload.commit_plan(client.session, name, plan))
+
+    async def get_small(self, name: str) -> bytes | None:
+        """The content of a small object (a bucket marker), or None if absent."""
+
+        def get(client):
+            try:
+                return client.get_bytes(name)
+            except NotFound:
+                return None
+
+        return await self.run(get)
+
+    async def put_small(self, name: str, data: bytes, meta: dict | None = None) -> dict:
+        def put(client):
+            return _commit_bytes(client.session, name, data, meta)
+
+        return await self.run(put)
+
+    # --- reads ---
+
+    async def open(self, name: str, version: int | None = None):
+        """The manifest of ``name`` (a version of it), and its content if it came inline.
+
+        :return: ``(manifest, inline bytes or None, via)`` or None if absent; ``via``: the
+            fields of its chunk requests.
+        """
+
+        def open_(client):
+            try:
+                if version is not None:
+                    header, frame = client.call("get_version", name=name, version=version)
+                    via = {"fresh": True}
+                else:
+                    header, frame = client.call("get", name=name)
+                    via = client._chunk_fields(header)
+            except NotFound:
+                return None
+            manifest = p.check_manifest(header.get("manifest"))
+            data = None
+            if frame is not None:
+                manifest, data = download.fetch_whole(
+                    client.session, name, manifest, p.unpack_data(frame.buffer)
+                )
+                data = bytes(data)
+            return manifest, data, via
+
+        return await self.run(open_)
+
+    async def stream(self, manifest: dict, start: int, end: int, via: dict):
+        """Yield the bytes ``start`` to ``end`` (exclusive) of a stored file, fetched on a pool
+        thread a chunk at a time (each verified), :data:`QUEUE_CHUNKS` ahead of the reader."""
+        if start >= end:
+            return
+        pipe = ThreadPipe(asyncio.get_running_loop(), QUEUE_CHUNKS)
+
+        def fetch(client):
+            try:
+                with download.chunk_list(client.session, manifest, via) as listing:
+                    for offset, piece in _range_chunks(client.session, listing, start, end, via):
+                        lo, hi = max(start - offset, 0), min(end - offset, len(piece))
+                        if lo < hi:
+                            whole = (lo, hi) == (0, len(piece))
+                            pipe.put(piece if whole else bytes(piece[lo:hi]))
+                pipe.put(None)
+            except Stopped:
+                pass
+            except Exception as exc:  # handed to the reader, which fails the response
+                pipe.put(exc)
+
+        asyncio.get_running_loop().run_in_executor(self.pool, lambda: fetch(self.client()))
+        try:
+            while True:
+                item = await pipe.get()
+                if item is None:
+                    break
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            pipe.close()
+
+    # --- writes ---
+
+    async def put_stream(
+        self, name: str, pieces, check, meta: dict | None = None, whole: bool = False
+    ):
+        """Store the bytes yielded by the async iterator ``pieces`` under ``name``.
+
+        ``name`` may be ``name(md5_digest) -> str``, named once the body is whole.
+        ``check(size, md5_digest, sha256_digest)`` (the body's sha256 only if ``whole``, else
+        None but for a body of one chunk) is called once the body is whole, before the
+        commit: it raises S3Error (BadDigest, ...) to refuse it, so nothing becomes visible.
+        :return: ``(stat, md5 digest)``.
+        """
+        loop = asyncio.get_running_loop()
+        blocks = queue.Queue(QUEUE_CHUNKS)
+        failed = threading.Event()
+        task = loop.run_in_executor(
+            self.pool,
+            lambda: self._put_thread(self.client(), name, blocks, check, meta, failed, whole),
+        )
+        try:
+            buf = bytearray()
+            async for piece in pieces:
+                if task.done():
+                    break  # the thread failed: its error is raised below
+                buf += piece
+                while len(buf) >= CHUNK_SIZE:
+                    await _hand(loop, blocks, bytes(buf[:CHUNK_SIZE]), task)
+                    del buf[:CHUNK_SIZE]
+            else:
+                if buf:
+                    await _hand(loop, blocks, bytes(buf), task)
+                await _hand(loop, blocks, None, task)
+        except BaseException:
+            failed.set()
+            _drain(blocks)
+            blocks.put(_ABORT)
+            raise
+        return await task
+
+    def _put_thread(self, client, name, blocks, check, meta, failed, whole_needed):
+        session = client.session
+        hash_fn = session.hasher()  # asked before the pipeline starts (once per connection)
+        md5 = hashlib.md5()
+        whole = hashlib.sha256() if whole_needed else None
+        md5_thread = ThreadPoolExecutor(1)
+        digests, size = bytearray(), 0
+        try:
+            first = _take(blocks, failed)
+            if first is None or len(first) < CHUNK_SIZE:  # the whole body: one chunk at most
+                if first is not None and _take(blocks, failed) is not None:
+                    raise S3Error("InternalError", "a short block before the end of a body")
+                data = first or b""
+                md5.update(data)
+                check(len(data), md5.digest(), p.sha256(data))
+                name = name(md5.digest()) if callable(name) else name
+                meta = _with_etag(meta, md5.digest())
+                return _commit_bytes(session, name, data, meta), md5.digest()
+
+            def requests():
+                nonlocal size
+                block = first
+                while block is not None:
+                    md5_thread.submit(md5.update, block)
+                    if whole is not None:
+                        whole.update(block)
+                    digest = hash_fn(block)
+                    digests.extend(digest)
+                    size += len(block)
+                    yield None, "put_chunk", {"hash": digest}, p.pack_data(block)
+                    block = _take(blocks, failed)
+
+            for _ in session.pipeline(requests(), session.data_window(CHUNK_SIZE)):
+                pass
+            md5_thread.shutdown(wait=True)
+            check(size, md5.digest(), whole.digest() if whole is not None else None)
+            plan = upload.Plan(size, CHUNK_SIZE, digests, time.time(), None, hash_fn)
+            plan.meta = _with_etag(meta, md5.digest())
+            name = name(md5.digest()) if callable(name) else name
+            return upload.commit_plan(session, name, plan), md5.digest()
+        finally:
+            md5_thread.shutdown(wait=False, cancel_futures=True)
+
+
+_ABORT = object()  # put in a transfer's queue when the request failed on the loop's side
+
+
+class Stopped(Exception):
+    """The reader of a :class:`ThreadPipe` went away."""
+
+
+class ThreadPipe:
+    """Items from a pool thread to a coroutine: ``put`` (thread) waits while ``size`` items
+    are queued, ``get`` (event loop) waits for the next.  The loop is woken once per item and
+    never waits for the thread, nor the thread for the loop unless the queue is full."""
+
+    def __init__(self, loop, size: int):
+        self._queue = queue.Queue(size)
+        self._loop = loop
+        self._ready = asyncio.Event()
+        self._closed = threading.Event()
+
+    def put(self, item):
+        """Queue ``item``.  :raises Stopped: the reader closed the pipe."""
+        while True:
+            if self._closed.is_set():
+                raise Stopped
+            try:
+                self._queue.put(item, timeout=0.5)
+                break
+            except queue.Full:
+                continue
+        self._loop.call_soon_threadsafe(self._ready.set)
+
+    async def get(self):
+        while True:
+            try:
+                return self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            self._ready.clear()
+            if self._queue.empty():  # a put after the check above has set _ready again
+                await self._ready.wait()
+
+    def close(self):
+        """The reader is done: the thread's next put raises Stopped."""
+        self._closed.set()
+        _drain(self._queue)
+
+
+class _Aborted(Exception):
+    """The body of a PUT failed on the loop's side."""
+
+
+def _take(blocks: queue.Queue, failed: threading.Event):
+    item = blocks.get()
+    if item is _ABORT or failed.is_set():
+        raise _Aborted
+    return item
+
+
+async def _hand(loop, blocks: queue.Queue, item, task):
+    """Put ``item`` in the thread's queue, waiting (off the loop) while it is full."""
+    try:
+        blocks.put_nowait(item)
+    except queue.Full:
+        while not task.done():
+            try:
+                await loop.run_in_executor(None, lambda: blocks.put(item, timeout=0.5))
+                return
+            except queue.Full:
+                continue
+
+
+def _drain(blocks: queue.Queue):
+    while True:
+        try:
+            blocks.get_nowait()
+        except queue.Empty:
+            return
+
+
+def _with_etag(meta: dict | None, md5: bytes) -> dict | None:
+    """The metadata to store with an object: ``meta`` and its ETag (an MD5, quoted)."""
+    if meta is None:
+        return None
+    return {"etag": f'"{md5.hex()}"', **meta}  # a multipart ETag given in meta stays
+
+
+def _commit_bytes(session, name: str, data: bytes, meta) -> dict:
+    """Store ``data`` (in memory) under ``name``: with its commit when it travels inline."""
+    plan = upload.plan_bytes(data, CHUNK_SIZE, None, session.hasher())
+    plan.meta = meta or None
+    return upload.put_planned(session, [(data, name, plan)], lambda *a: None)[0]
+
+
+def _range_chunks(session, listing, start: int, end: int, via):
+    """``(offset, chunk)`` of the chunks that hold bytes ``start`` to ``end``, in order, each
+    verified, fetched pipelined (only those: a ranged GET costs the chunks it touches)."""
+    wanted = []
+    for item in listing.items(listing.index_at(start)):
+        if item[1] >= end:
+            break
+        wanted.append(item)  # (index, offset, length, digest, zeros)
+    requests = (
+        (i, "chunk", {"hash": digest, "len": length, **(via or {})}, None)
+        for i, _offset, length, digest, zeros in wanted
+        if not zeros
+    )
+    held, due = {}, iter(wanted)
+    nxt = next(due, None)
+
+    def ready():
+        nonlocal nxt
+        while nxt is not None and (nxt[4] or nxt[0] in held):
+            i, offset, length, digest, zeros = nxt
+            if zeros:
+                yield offset, download.zeros_of(length)
+            else:
+                data = held.pop(i)
+                if not download._chunk_ok(listing.hash, data, length, digest):
+                    data = download._refetch(session, listing, digest, length)
+                yield offset, data
+            nxt = next(due, None)
+
+    yield from ready()
+    window = session.data_window(listing.largest_chunk)
+    for i, _header, frame in session.pipeline(requests, window):
+        held[i] = p.unpack_data(frame.buffer) if frame is not None else memoryview(b"")
+        yield from ready()
+
+
+def s3_error_from(exc: Exception) -> S3Error:
+    """An fms error met while serving a request, as the S3 error a client understands."""
+    code = getattr(exc, "code", None)
+    if code == "not_found":
+        return S3Error("NoSuchKey", "the specified key does not exist")
+    if code in ("unavailable", "too_large") or isinstance(exc, fms.TransportError):
+        return S3Error("ServiceUnavailable", f"the store is busy or unreachable: {exc}")
+    if code == "no_space":
+        return S3Error("InternalError", f"the store is out of space: {exc}", status=507)
+    if code == "bad_request":
+        return S3Error("InvalidArgument", str(exc))
+    return S3Error("InternalError", f"{type(exc).__name__}: {exc}")
