@@ -1140,3 +1140,41 @@ def test_get_many_answers_every_name_in_order_small_contents_inline_errors_per_n
     assert [r.get("error") for r, _ in results] == [None, "not_found", None]
     assert [r.get("inline") for r, _ in results] == [False, None, True]
     assert bytes(results[2][1]) == b"tiny" and results[0][0]["manifest"]["size"] == 2 * CHUNK
+
+
+@pytest.mark.parametrize("store_digest", p.DIGEST_FUNCTIONS)
+def test_chunk_reads_from_s3_in_one_drain_go_side_by_side_and_none_unverified(
+    tmp_path, request, monkeypatch
+):
+    """A reader's pipeline of chunk requests costs one round trip to an object store far away,
+    not one each: storage fetches the blobs of one drain side by side.  A blob damaged in the
+    store is still never sent."""
+    import threading
+
+    server = request.getfixturevalue("s3")
+    for key, value in server.env().items():
+        monkeypatch.setenv(key, value)
+    bucket = request.getfixturevalue("s3_bucket")
+    store = open_store(str(tmp_path / "data"), chunks=f"s3://{bucket}")
+    blobs = [os.urandom(100_000 + i) for i in range(6)]
+    for blob in blobs:
+        store.put_chunk(h(blob), blob)
+    server.client().put_object(Bucket=bucket, Key=store.chunks._key(h(blobs[5])), Body=b"x" * 5)
+    together = threading.Barrier(5, timeout=20)  # passed only if 5 reads wait at once
+    real = store.chunks.get
+    monkeypatch.setattr(store.chunks, "get", lambda d: (together.wait(), real(d))[1])
+    link = Link()
+    service = StorageService(store, link)
+    for i, blob in enumerate(blobs[:5]):
+        header = {"v": p.PROTOCOL_VERSION, "id": i, "op": "chunk", "hash": h(blob), "len": 100_000}
+        service.handle_request({}, header, None)
+    assert link.replies == []  # gathered until the drain ends
+    service.flush()
+    assert [r["id"] for r in link.replies] == [0, 1, 2, 3, 4]
+    assert [bytes(p.unpack_data(f)) for f in link.frames] == blobs[:5]
+    monkeypatch.setattr(store.chunks, "get", real)
+    bad = {"v": p.PROTOCOL_VERSION, "id": 9, "op": "chunk", "hash": h(blobs[5]), "len": 100_005}
+    service.handle_request({}, bad, None)
+    service.flush()
+    assert link.replies[-1]["error"] == "integrity" and link.frames[-1] is None
+    service.close()

@@ -166,10 +166,14 @@ class CacheService:
             self.link.reply(route, p.ok_reply(header["id"]), frame, cache="hit")
             return
         self.misses += 1
-        self._wait(kind, digest, route, header["id"])
+        # The chunk's length, as the client gave it, goes along: storage reads a blob from a
+        # backend far away side by side with the others (fms.storage.service).
+        size = p.need_int(header, "len", hi=p.MAX_CHUNK_SIZE, optional=True)
+        self._wait(kind, digest, route, header["id"], {"len": size} if size is not None else {})
 
-    def _wait(self, kind, key, route, req_id):
-        """Join the open fetch for this key if it is still fresh, else start one."""
+    def _wait(self, kind, key, route, req_id, extra: dict | None = None):
+        """Join the open fetch for this key if it is still fresh, else start one (``extra``:
+        more fields of the fetch)."""
         fetch_id = self._open.get((kind, key))
         fetch = self._fetches.get(fetch_id)
         if fetch is None or (kind == "get" and not self.manifests.fresh(key, fetch.token)):
@@ -178,7 +182,7 @@ class CacheService:
             self._fetches[fetch_id] = fetch
             self._open[(kind, key)] = fetch_id
             self.fetches += 1
-            fields = {"name": key} if kind == "get" else {"hash": key}
+            fields = {"name": key} if kind == "get" else {"hash": key, **(extra or {})}
             self.link.request(
                 p.STORAGE,
                 {

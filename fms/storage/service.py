@@ -9,6 +9,10 @@ the worker's socket, with no other op between them) are applied in one metadata 
 :meth:`StorageService.flush` (which the worker loop calls after each drain) or before the next
 other op, so a burst of small uploads costs one fsync, not one each, and no commit waits behind
 other work.
+Chunk reads from a backend far away (S3: ``ChunkBackend.read_threads`` > 1) are gathered the
+same way: those that arrive in one drain are fetched side by side on a pool of threads by
+:meth:`StorageService.flush`, so a reader's pipeline of chunk requests costs about one round trip
+to the object store, not one each.
 GC and fsck run on a maintenance thread with a store of their own, so a long pass never delays
 the worker's other requests; their replies are sent from the worker's thread by :meth:`tick` and
 :meth:`flush`.  (Heartbeats come from the link's own thread, :mod:`fms.worker`, whatever the
@@ -21,11 +25,12 @@ import queue
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from .. import wire as p
 from ..errors import BadRequest, FmsError, RemoteError, TooLarge, Unavailable
 from . import gc
-from .engine import Store, os_failure
+from .engine import SMALL_CHUNK_MAX, Store, os_failure
 from .model import Copy, NewVersion, Removal, Restore
 
 CLEAN_INTERVAL = 60.0  # seconds between sweeps of temp files left by dead writers
@@ -65,6 +70,9 @@ class StorageService:
         self.gc_grace = gc_grace
         self.served = 0
         self._pending = []  # (route, header, change, inline) awaiting flush()
+        self._reads = []  # (route, header, digest): chunk reads awaiting flush(), side by side
+        threads = getattr(store.chunks, "read_threads", 1)
+        self._reader = ThreadPoolExecutor(threads, "fms-read") if threads > 1 else None
         self._next_clean = 0.0
         self._next_gc = time.monotonic() + GC_INTERVAL
         self._maintenance = _Maintenance(maintenance_store) if maintenance_store else None
@@ -102,6 +110,8 @@ class StorageService:
         p.check_version(header)
         if self._pending and op not in CHANGE_OPS:
             self._apply_pending()  # a group is commits that arrive back to back: none waits
+        if self._reads and op != "chunk":
+            self._read_pending()  # answered in the order they came
         self.served += 1
         log.debug("event=request op=%s id=%r", op, header.get("id"))
         if route.get("deadline", math.inf) < time.monotonic() and op not in CHANGE_OPS:
@@ -131,7 +141,10 @@ class StorageService:
             self._maintenance.submit(None, None, self._background_gc)
 
     def close(self):
-        """Stop the maintenance thread and close both stores (SQLite folds its WAL back in)."""
+        """Stop the maintenance thread and the readers, and close both stores (SQLite folds its
+        WAL back in)."""
+        if self._reader is not None:
+            self._reader.shutdown(wait=True)
         if self._maintenance is not None:
             self._maintenance.stop()
             self._maintenance.join()
@@ -189,8 +202,42 @@ class StorageService:
         self.link.reply(route, p.ok_reply(header["id"], results=batch.results), batch.frame())
 
     def op_chunk(self, route, header, data):
-        frame = self.store.read_chunk(p.need_hash(header, "hash"))
+        digest = p.need_hash(header, "hash")
+        size = p.need_int(header, "len", hi=p.MAX_CHUNK_SIZE, optional=True)
+        if self._reader is not None and size is not None and size > SMALL_CHUNK_MAX:
+            # A blob (never kept in the metadata engine): read with the others of this drain.
+            self._reads.append((route, header, digest))
+            return
+        frame = self.store.read_chunk(digest)
         self.link.reply(route, p.ok_reply(header["id"]), frame)
+
+    def _read_pending(self):
+        """Fetch the chunk reads gathered since the last flush side by side, then answer each
+        (verified; a chunk the backend cannot give whole is read again the careful way, which
+        marks it lost or sets it aside)."""
+        reads, self._reads = self._reads, []
+        fetched = self._reader.map(self._fetch_blob, [digest for _r, _h, digest in reads])
+        for (route, header, digest), frame in zip(reads, fetched, strict=True):
+            try:
+                if frame is None:
+                    frame = self.store.read_chunk(digest)
+            except FmsError as exc:
+                self._answer(route, header, exc)
+                continue
+            except OSError as exc:
+                self._answer(route, header, os_failure(exc))
+                continue
+            self.link.reply(route, p.ok_reply(header["id"]), frame)
+
+    def _fetch_blob(self, digest: bytes):
+        """A blob from the backend if it is there and verifies, else None (on a read thread)."""
+        try:
+            frame = self.store.chunks.get(digest)
+        except (FmsError, OSError):
+            return None
+        if self.store.hash(memoryview(frame)[p.DATA_PREFIX_LEN :]) != digest:
+            return None
+        return frame
 
     def op_page(self, route, header, data):
         """A page of a chunk list, or a body, by its id (what a client reads a long list by)."""
@@ -396,6 +443,8 @@ class StorageService:
         answer them, and send what the maintenance thread finished."""
         if self._pending:
             self._apply_pending()
+        if self._reads:
+            self._read_pending()
         if self._maintenance is not None:
             for route, header, result in self._maintenance.finished():
                 self._answer(route, header, result)

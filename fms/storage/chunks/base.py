@@ -9,6 +9,10 @@ from abc import ABC, abstractmethod
 
 
 class ChunkBackend(ABC):
+    # Reads a storage worker makes side by side: more than one for a backend far away, where
+    # each read waits a round trip (fms.storage.service gathers a drain's chunk reads).
+    read_threads = 1
+
     @abstractmethod
     def put(self, digest: bytes, data) -> bool:
         """Store ``data`` under ``digest`` (a blob already there may be left as it is or written

@@ -25,6 +25,7 @@ READ_TIMEOUT = 30  # seconds for one request's reply
 ATTEMPTS = 3  # botocore's standard retry mode: tries per request
 
 HEAD_THREADS = 16  # HEAD requests in flight when a commit checks its new chunks are stored
+READ_THREADS = 16  # GETs a storage worker has in flight for the chunk reads of one drain
 
 log = logging.getLogger("fms.storage.chunks")
 
@@ -42,6 +43,8 @@ def parse_url(url: str):
 
 class S3Chunks(ChunkBackend):
     """:param url: ``s3://BUCKET/PREFIX``; the bucket must exist (checked at once)."""
+
+    read_threads = READ_THREADS
 
     def __init__(self, url: str):
         self.bucket, self.prefix = parse_url(url)
