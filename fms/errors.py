@@ -12,6 +12,7 @@
     │   │   └── Busy             busy: too many slow operations (fsck, gc, ...) at once; retried
     │   ├── NoSpace              no_space: a disk is full; not retried
     │   ├── Refused              refused: this client's key is not (or no longer) allowed
+    │   ├── Forbidden            forbidden: the identity's grants do not allow this op here
     │   └── TooLarge             too_large
     └── TransportError           the broker could not be reached or did not answer
         └── Timeout              a request got no reply in time
@@ -94,6 +95,13 @@ class Refused(RemoteError):
     code = "refused"
 
 
+class Forbidden(RemoteError):
+    """The request's identity may not do this op on this name or prefix (:mod:`fms.policy`);
+    the message names the op, the name or prefix, and the identity's grants."""
+
+    code = "forbidden"
+
+
 class TooLarge(RemoteError):
     code = "too_large"
 
@@ -117,6 +125,7 @@ _BY_CODE = {
         Busy,
         NoSpace,
         Refused,
+        Forbidden,
         TooLarge,
     )
 }

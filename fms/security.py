@@ -4,11 +4,14 @@ Key files use the ZeroMQ certificate format (``zmq.auth.load_certificate`` reads
 ``NAME.key`` holds the public key, ``NAME.key_secret`` both keys.  A secret key file is written
 with mode 0600, and one that others can read is refused, as ssh does.
 
-The broker authenticates every connection with ZAP against the public ``*.key`` files of an
-allow directory: ``--allow`` for clients on the frontend, ``--allow-workers`` for workers on the
-backend (two ZAP domains), so a client's key cannot act as a worker.  It checks every message's
-sender against the directory as it is now, so a key removed from it is shut out without a
-restart, even on a connection that is already open.
+The broker authenticates every connection with ZAP: on the frontend, clients whose key belongs to
+an identity of the store (storage sends the broker the store's keys: :class:`ClientKeys`, and
+see :mod:`fms.policy`) or is in the ``--allow`` folder (a key there may do everything, as before
+identities existed); on the backend, workers whose key is in the ``--allow-workers`` folder (two
+ZAP domains), so a client's key cannot act as a worker.  It checks every message's sender against
+the keys as they are now, so a key removed is shut out without a restart, even on a connection
+that is already open, and passes the key it authenticated on to the workers, who decide what it
+may do.
 """
 
 import contextlib
@@ -172,24 +175,94 @@ class AllowList:
             self._bad.warning(*line)
 
 
+class ClientKeys:
+    """Who may connect on the frontend: the CURVE keys of the store's identities (storage sends
+    them, :meth:`set_identities`) and, for set-ups made before identities, the keys in the
+    ``--allow`` folder, which may do everything (logged when they are read).
+
+    :param folder: the ``--allow`` folder, or None.
+    """
+
+    def __init__(self, folder: str | None):
+        self.allow = AllowList(folder, "clients") if folder else None
+        self.identities = frozenset()  # z85 str: replaced whole, so the ZAP thread reads it safely
+        self._folder_seen = None
+        self._logged = set()
+        self._bad = RateLimitedLog(log)
+
+    def set_identities(self, keys: frozenset):
+        self.identities = frozenset(keys)
+
+    def _folder(self) -> frozenset:
+        if self.allow is None:
+            return frozenset()
+        keys = self.allow.keys()
+        if keys != self._folder_seen:
+            self._folder_seen = keys
+            if keys:
+                log.warning(
+                    "event=allow_dir_keys_are_admin folder=%s keys=%d hint=%r",
+                    self.allow.folder,
+                    len(keys),
+                    "a key in the --allow folder may do everything in the store (as before "
+                    "identities); give each user an identity and grants instead: client.py id "
+                    "add NAME --key FILE; client.py grant NAME ROLE PREFIX",
+                )
+        return keys
+
+    def classify(self, user: str) -> dict | None:
+        """The route fields for a message from ``user`` (its z85 key): ``{"u": user}`` for an
+        identity's key, with ``"l": True`` for a key of the ``--allow`` folder; None (logged
+        once) for a key that is neither."""
+        if user.encode() in self._folder():
+            return {"u": user, "l": True}
+        if user in self.identities:
+            return {"u": user}
+        self.refused(user)
+        return None
+
+    # ZAP credentials-provider interface (zmq.auth)
+    def callback(self, domain: str, key: bytes) -> bool:
+        return self.classify(key.decode(errors="replace")) is not None
+
+    def refused(self, key: str):
+        """Log a refused key once (a peer retrying every second must not flood the log)."""
+        if key in self._logged:
+            return
+        line = (
+            "event=key_refused side=frontend key=%s hint=%r",
+            key,
+            "neither the key of an identity of the store (client.py id add NAME --key FILE) "
+            "nor in the --allow folder",
+        )
+        if len(self._logged) < REFUSED_KEYS_LOGGED:
+            self._logged.add(key)
+            log.warning(*line)
+        else:
+            self._bad.warning(*line)
+
+
 class CurveServer:
     """The broker's side: ZAP authenticator plus the settings for its two sockets.
 
-    :param allow_dir: public keys of the clients (frontend).
+    :param allow_dir: public keys of clients that may do everything (frontend), or None: only
+        the store's identities connect.
     :param allow_workers_dir: public keys of the workers (backend), kept apart so that a
         client's key is refused on the backend.
     """
 
-    def __init__(self, ctx: zmq.Context, secret_file: str, allow_dir: str, allow_workers_dir: str):
+    def __init__(
+        self, ctx: zmq.Context, secret_file: str, allow_dir: str | None, allow_workers_dir: str
+    ):
         self.public, self.secret = load_secret(secret_file)
-        if os.path.realpath(allow_dir) == os.path.realpath(allow_workers_dir):
+        if allow_dir and os.path.realpath(allow_dir) == os.path.realpath(allow_workers_dir):
             raise SecurityError(
                 "--allow and --allow-workers must be different folders: a "
                 "client's key must not let it act as a worker"
             )
-        self.allow = AllowList(allow_dir, "clients")
+        self.clients = ClientKeys(allow_dir)
         self.allow_workers = AllowList(allow_workers_dir, "workers")
-        both = self.allow.keys() & self.allow_workers.keys()
+        both = self.clients._folder() & self.allow_workers.keys()
         if both:
             log.warning(
                 "event=key_in_both_allow_dirs keys=%d hint=%r",
@@ -203,7 +276,7 @@ class CurveServer:
 
         self.auth = ThreadAuthenticator(ctx, log=logging.getLogger("fms.zap"))
         self.auth.start()
-        self.auth.configure_curve_callback(ZAP_DOMAIN, credentials_provider=self.allow)
+        self.auth.configure_curve_callback(ZAP_DOMAIN, credentials_provider=self.clients)
         self.auth.configure_curve_callback(
             ZAP_WORKER_DOMAIN, credentials_provider=self.allow_workers
         )
@@ -217,15 +290,25 @@ class CurveServer:
     def allowed(self, frame, workers: bool = False) -> bool:
         """Whether the sender of ``frame`` (a received zmq.Frame) is in the clients' (or the
         workers') allowlist now."""
+        if not workers:
+            return self.client(frame) is not None
         try:
             user = frame.get("User-Id")
         except zmq.ZMQError:
             return False
-        keys = self.allow_workers if workers else self.allow
-        if user in keys:
+        if user in self.allow_workers:
             return True
-        keys.refused(user)
+        self.allow_workers.refused(user)
         return False
+
+    def client(self, frame) -> dict | None:
+        """The route fields that say who sent ``frame`` (a client's message), as
+        :meth:`ClientKeys.classify`; None if its key may not connect any more."""
+        try:
+            user = frame.get("User-Id")
+        except zmq.ZMQError:
+            return None
+        return self.clients.classify(user)
 
     def stop(self):
         self.auth.stop()
@@ -262,12 +345,14 @@ def client_keys(secret_file, server_key_file):
     return CurveClient(secret_file, server_key_file)
 
 
-def cluster_keys(folder: str) -> tuple:
+def cluster_keys(folder: str, client: bool = True) -> tuple:
     """Keys for a one-machine cluster in ``folder``, made once and reused: the broker's, one
-    shared by the workers, one for clients; ``folder/allow`` holds the client's public key,
-    ``folder/allow-workers`` the workers'.
+    shared by the workers, and (``client``) one for clients; ``folder/allow`` holds the client's
+    public key (a key there may do everything: users are better given identities, see
+    fms.policy), ``folder/allow-workers`` the workers'.
 
-    :return: ``(broker args, worker args, (client secret file, broker public key file))``.
+    :return: ``(broker args, worker args, (client secret file or None, broker public key
+        file))``.
     """
     allow = os.path.join(folder, "allow")
     allow_workers = os.path.join(folder, "allow-workers")
@@ -277,6 +362,8 @@ def cluster_keys(folder: str) -> tuple:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(allow, "worker.key"))
     for name, into in (("broker", None), ("worker", allow_workers), ("client", allow)):
+        if name == "client" and not client:
+            continue
         if not os.path.exists(os.path.join(folder, f"{name}.key_secret")):
             keygen(folder, name)
         if into is not None:
@@ -300,7 +387,11 @@ def cluster_keys(folder: str) -> tuple:
         "--server-key",
         broker_key,
     ]
-    return server, workers, (os.path.join(folder, "client.key_secret"), broker_key)
+    return (
+        server,
+        workers,
+        (os.path.join(folder, "client.key_secret") if client else None, broker_key),
+    )
 
 
 def is_loopback(endpoint: str) -> bool:

@@ -10,6 +10,8 @@ A *service* (storage, cache) is an object with these methods, which know no even
 - ``on_invalidate(name)``: the broker says a name changed (the cache uses it).
 - ``on_store(digest_fn)`` (optional): the store's digest function, from the broker's
   ``welcome`` (the cache verifies what storage sends it with it).
+- ``on_policy(snapshot)`` (optional): the broker passes on the store's access snapshot (a
+  :class:`fms.policy.Policy`), as a storage worker sent it (:meth:`BrokerLink.send_policy`).
 - ``tick(now)``: called at least once per heartbeat interval.
 - ``beat()`` (optional): a dict of counters each heartbeat carries to the broker; called from
   the link's heartbeat thread, so it only reads counters.
@@ -33,12 +35,14 @@ import logging
 import threading
 import time
 
+import msgpack
 import zmq
 
 from . import limits
 from . import wire as p
 from .errors import BadRequest, FmsError, Unavailable
 from .logutil import RateLimitedLog
+from .policy import Policy
 from .wire.frames import NOBLOCK, recv_frames, send_frames
 
 RECONNECT_MIN = 0.25  # seconds: first wait before reconnecting to a silent broker
@@ -75,6 +79,7 @@ class BrokerLink:
         self.sock = None
         self.lock = threading.Lock()  # held by whichever thread uses ``sock``
         self.registered = False
+        self.passes_policy = False  # the broker passes access snapshots on (its welcome's `pol`)
         self.refusals = RateLimitedLog(log)
         self.busy_since = None  # monotonic time the service's current turn began (None: idle)
         self._beats = None
@@ -175,6 +180,13 @@ class BrokerLink:
         if data is not None:
             frames.append(data)
         self._send(frames)
+
+    def send_policy(self, snapshot):
+        """Send the store's access snapshot (a :class:`fms.policy.Policy`) to the broker, which
+        keeps the newest and passes it on (fms.broker.keys); only to a broker that does."""
+        if self.passes_policy:
+            blob = msgpack.packb(snapshot.to_wire(), use_bin_type=True)
+            self._send([p.encode({"t": "policy", "e": snapshot.epoch}), p.pack_data(blob)])
 
     def request(self, service: str, header: dict, data=None):
         """Send a request of this worker's own to ``service``; the reply comes to handle_reply."""
@@ -318,6 +330,7 @@ def _dispatch(service, link: BrokerLink, frames, log):
     elif kind == "hb":
         pass
     elif kind == "welcome":
+        link.passes_policy = route.get("pol") is True
         # A welcome names the store's digest function once storage has told the broker; a
         # later one may come only to tell it.
         digest_fn = route.get("digest_fn")
@@ -336,6 +349,8 @@ def _dispatch(service, link: BrokerLink, frames, log):
             raise BadRequest("inv: 'names' must be an array of str")
         for name in names:
             service.on_invalidate(name)
+    elif kind == "policy":
+        _policy(service, frames)
     elif kind == "reregister":
         log.info("event=reregister broker=%s", link.endpoint)
         link.registered = False
@@ -351,6 +366,20 @@ def _dispatch(service, link: BrokerLink, frames, log):
         raise WorkerRefused(message)
     else:
         raise BadRequest(f"unknown route type {kind!r}")
+
+
+def _policy(service, frames):
+    """The store's access snapshot, passed on by the broker: for a service that decides."""
+    on_policy = getattr(service, "on_policy", None)
+    if on_policy is None:
+        return
+    if len(frames) != 2:
+        raise BadRequest("a policy route comes with one data frame")
+    try:
+        snapshot = msgpack.unpackb(p.unpack_data(frames[1].buffer), raw=False)
+        on_policy(Policy.from_wire(snapshot))
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise BadRequest(f"a policy snapshot that cannot be read: {exc}") from None
 
 
 def _handle_request(service, link, route, body, log):

@@ -288,11 +288,11 @@ def test_an_impostor_registered_first_makes_no_real_storage_worker_exit(make_clu
 def test_with_the_store_pinned_an_impostor_first_is_refused_and_real_workers_serve(
     make_cluster, tmp_path
 ):
-    from fms.cli.up import _store_id
+    from fms.cli.up import _open_store
 
     cluster = make_cluster()
     os.makedirs(cluster.storage_dir)
-    cluster.start_broker(extra=["--store", _store_id(cluster.storage_dir, None, None)])
+    cluster.start_broker(extra=["--store", _open_store(cluster.storage_dir, None, None)[0]])
     with FakeWorker(
         cluster.backend,
         {"svc": "storage", "wid": "impostor", "store": "bogus", "digest_fn": "blake3"},
@@ -319,7 +319,7 @@ def test_a_broker_other_hosts_can_reach_must_be_told_its_store(tmp_path):
     import subprocess
     import sys
 
-    from fms.cli.up import _store_id
+    from fms.cli.up import _open_store
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     run = subprocess.run(
@@ -351,7 +351,7 @@ def test_a_broker_other_hosts_can_reach_must_be_told_its_store(tmp_path):
         timeout=30,
     )
     assert printed.returncode == 0, printed.stderr
-    assert printed.stdout.decode().strip() == _store_id(str(data), None, None)
+    assert printed.stdout.decode().strip() == _open_store(str(data), None, None)[0]
 
 
 def test_a_chunk_failing_verification_is_fetched_once_more_from_storage(make_cluster):

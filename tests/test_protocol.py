@@ -162,6 +162,7 @@ def test_protocol_doc_covers_every_op_error_code_and_route_type():
         "req",
         "rep",
         "inv",
+        "policy",
     ]:
         assert f"`{name}`" in doc, f"docs/PROTOCOL.md does not mention `{name}`"
 

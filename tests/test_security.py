@@ -360,15 +360,14 @@ def test_fms_up_makes_and_uses_its_own_keys(tmp_path):
         stderr=log,
     )
     keys = tmp_path / "data" / "keys"
+    admin_key = tmp_path / "data" / "storage" / "admin.key_secret"  # the store's first admin
     try:
 
         def client():
             return fms.Client(
                 frontend,
                 timeout=2.0,
-                curve=fms.security.CurveClient(
-                    str(keys / "client.key_secret"), str(keys / "broker.key")
-                ),
+                curve=fms.security.CurveClient(str(admin_key), str(keys / "broker.key")),
             )
 
         def ready():
@@ -382,9 +381,11 @@ def test_fms_up_makes_and_uses_its_own_keys(tmp_path):
         with client() as c:
             c.put_bytes(b"hi", "hi")
             assert c.get_bytes("hi") == b"hi"
-        assert stat.S_IMODE(os.stat(keys / "client.key_secret").st_mode) == 0o600
-        assert os.listdir(keys / "allow") == ["client.key"]
+            assert c.whoami()["identity"] == "admin"
+        assert stat.S_IMODE(os.stat(admin_key).st_mode) == 0o600
+        assert os.listdir(keys / "allow") == []  # clients are identities now
         assert os.listdir(keys / "allow-workers") == ["worker.key"]
+        assert f"has the key {admin_key}" in (tmp_path / "up.log").read_text()
         with pytest.raises(fms.TransportError, match="requires encryption"):
             with fms.Client(frontend) as plain:
                 plain.ls()

@@ -98,6 +98,7 @@ def test_every_request_field_storage_or_the_broker_reads_is_in_the_request_field
     assert broker, "the broker's modules are not where this test looks"
     for path, pattern in (
         (os.path.join(ROOT, "fms", "storage", "service.py"), r'need\w*\(header, "(\w+)"'),
+        (os.path.join(ROOT, "fms", "storage", "access.py"), r'need\w*\(header, "(\w+)"'),
         *((module, r'header\.get\("(\w+)"') for module in broker),
     ):
         with open(path, encoding="utf-8") as f:

@@ -5,7 +5,11 @@ For each message a client or a worker sends, the core decides what to send to wh
 
 - a client's request is checked (version, op, frame count, its key still allowed), admitted
   within its budgets (admission.py), and dispatched to a service's worker (dispatch.py,
-  routing.py); ``status`` and ``hello`` are answered here;
+  routing.py) with the key the loop authenticated (``u``, and ``l`` for a key of the ``--allow``
+  folder) in its route, for the worker to decide what it may do (fms.policy); ``status`` and
+  ``hello`` are answered here;
+- a storage worker's ``policy`` route (the store's access snapshot) is kept and passed on to the
+  other workers (keys.py);
 - a worker's ``ready`` registers it (registry.py), its heartbeats keep it alive, its reply goes
   back to whoever asked; a storage reply that changed names first invalidates them in every
   cache worker, **before** the ack is forwarded: the cache's pipe is FIFO, so any read the client
@@ -29,6 +33,7 @@ from ..metrics import BrokerMetrics, ReadTally
 from . import headers as h
 from .admission import Admission, expected_reply, is_heavy, reply_bound
 from .dispatch import Dispatcher
+from .keys import StoreKeys
 from .outbox import Outboxes
 from .registry import Refused, Registry, Worker
 from .replies import BACKEND, FRONTEND, Replies
@@ -44,6 +49,8 @@ class Core:
 
     :param transport: what messages go out through.
     :param store: the store id storage workers must serve, or None: the first one's.
+    :param on_keys: called with the CURVE keys of the store's identities when storage sends
+        newer ones (the loop lets them in on the frontend).
     """
 
     def __init__(
@@ -51,6 +58,7 @@ class Core:
         transport: Transport,
         store: str | None = None,
         metrics: BrokerMetrics | None = None,
+        on_keys=None,
     ) -> None:
         self.transport = transport
         self.metrics = metrics or BrokerMetrics()
@@ -63,6 +71,7 @@ class Core:
             self.registry, self.admission, self.replies, transport, self.metrics
         )
         self.reads = ReadTally(self.metrics)
+        self.keys = StoreKeys(on_keys)
         self.started = time.time()
         self.endpoints: dict = {"frontend": None, "backend": None}  # the loop's, once bound
         self._bad = RateLimitedLog(log)
@@ -74,11 +83,12 @@ class Core:
     # --- clients ---
 
     def client_message(
-        self, ident: bytes, frames: list, allowed: Callable[[Any], bool] | None = None
+        self, ident: bytes, frames: list, who: Callable[[Any], dict | None] | None = None
     ) -> None:
-        """``[header, data?]`` from client ``ident``; ``allowed(frame)``: whether the sender of
-        a frame is still in the allowlist (None: always, without CURVE), asked once the request
-        is known to be well formed."""
+        """``[header, data?]`` from client ``ident``; ``who(frame)``: which key sent a frame, as
+        the route fields the worker gets (``u``, and ``l`` for a key of the ``--allow``
+        folder), or None if that key may not connect any more; asked once the request is known
+        to be well formed.  ``who`` None: no CURVE, no key."""
         origin = {"from": ident, "via": FRONTEND}
         req_id = None
         now = time.monotonic()
@@ -102,14 +112,16 @@ class Core:
             if not isinstance(op, str) or op not in p.OP_SERVICE:
                 raise BadRequest(f"unknown op {op!r}; known ops: {', '.join(sorted(p.OP_SERVICE))}")
             p.check_frame_count(op, len(frames))
-            if allowed is not None and not allowed(frames[-1]):
-                # Its key was removed from the allow directory since it connected.
+            user = None if who is None else who(frames[-1])
+            if who is not None and user is None:
+                # Its key was removed (an identity's, or from the allow directory) since it
+                # connected.
                 self.replies.error(
                     origin,
                     req_id,
                     "refused",
-                    "this client's key is no longer in the broker's allow directory; ask "
-                    "the operator to add it back",
+                    "this client's key may not connect any more (it is no identity's of the "
+                    "store, nor in the broker's allow directory); ask an admin",
                     op=op,
                 )
                 return
@@ -158,7 +170,7 @@ class Core:
             # The client found what the cache gave it corrupt: this once, ask storage itself.
             service = p.STORAGE
         request = (digest, seen, size, total)
-        self._submit(service, op, header, origin, frames, now, request, reserve, heavy)
+        self._submit(service, op, header, origin, frames, now, request, reserve, heavy, user)
 
     def _hello(self, origin: dict, req_id: object) -> None:
         """What a client needs before it hashes: the store and its digest function, as the
@@ -189,6 +201,7 @@ class Core:
         request: tuple,
         reserve: int = 0,
         heavy: bool = False,
+        user: dict | None = None,
     ) -> None:
         """Hand a request to dispatch; a client's cache request is routed by its key, and a
         chunk request counts towards its GET's cache figures.
@@ -215,6 +228,7 @@ class Core:
                 read=h.read_of(op, header) if client else None,
                 reserve=reserve,
                 heavy=heavy,
+                user=user,
             )
         )
 
@@ -280,6 +294,9 @@ class Core:
                 self._worker_request(worker, route, frames[1:])
             elif kind == "hb":
                 self.registry.note_stats(worker, route.get("st"))
+            elif kind == "policy" and worker.service == p.STORAGE:
+                if self.keys.offer(route, frames[1:]):
+                    self._pass_policy(exclude=ident)
             elif kind == "bye":
                 self.dispatcher.worker_lost(ident, "said bye")
             else:
@@ -306,7 +323,11 @@ class Core:
             self.dispatcher.worker_lost(ident, "registered again")
         digest_fn = route.get("digest_fn") if service == p.STORAGE else None
         changed = self.registry.add(ident, service, worker_id, store_id, digest_fn)
+        # `pol`: this broker passes the store's access snapshot on (keys.py); the newest one
+        # follows the welcome.
         self._send_route(ident, self._welcome())
+        if self.keys.frames is not None:
+            self.transport.to_worker(ident, self.keys.frames)
         if changed:
             # Caches verify what storage sends them with the store's digest function: they
             # hear of it (again: a later welcome only updates it) before any request reaches
@@ -316,9 +337,13 @@ class Core:
         log.info("event=worker_ready service=%s worker=%s store=%s", service, worker_id, store_id)
 
     def _welcome(self) -> dict:
-        """The ``welcome`` route: with the store's digest function once it is known."""
+        """The ``welcome`` route: ``pol`` (this broker passes access snapshots on), and the
+        store's digest function once it is known."""
         known = self.registry.store
-        return {"t": "welcome"} if known is None else {"t": "welcome", "digest_fn": known[1]}
+        route = {"t": "welcome", "pol": True}
+        if known is not None:
+            route["digest_fn"] = known[1]
+        return route
 
     def _reply(self, worker: Worker, route: dict, body: list) -> None:
         key = route.get("k")
@@ -391,6 +416,16 @@ class Core:
         seen = self.admission.seen(digest) if digest else 0
         request = (digest, seen, h.nbytes(body[0]), sum(map(h.nbytes, body)))
         self._submit(service, op, header, origin, body, time.monotonic(), request)
+
+    def _pass_policy(self, exclude: bytes) -> None:
+        """Send the newest access snapshot to every worker but the one it came from; a cache
+        that cannot be told must not decide with an old one."""
+        for worker in self.registry:
+            if worker.ident == exclude:
+                continue
+            sent = self.transport.to_worker(worker.ident, self.keys.frames)
+            if not sent and worker.service == p.CACHE:
+                self.dispatcher.worker_lost(worker.ident, "missed an access snapshot")
 
     def invalidate(self, names: list) -> None:
         """Tell every cache worker to drop ``names``: one ``inv`` message per at most

@@ -115,6 +115,8 @@ class Dispatcher:
                 continue
             blocked = 0
             route = {"t": "req", "k": key, "ttl": max(1, int((pending.deadline - now) * 1000))}
+            if pending.user is not None:  # the key the loop authenticated: workers decide
+                route.update(pending.user)
             if not self.transport.to_worker(worker.ident, [p.encode(route), *pending.body]):
                 pending.exclude = (*pending.exclude, worker.ident)
                 queue.push_front(client, key)

@@ -151,10 +151,16 @@ class Broker:
         # Disconnections of clients, so that their queued work is dropped at once.
         self.monitor = self.frontend.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.transport = ZmqTransport(self.frontend, self.backend)
-        self.core = Core(self.transport, store=store, metrics=self.metrics)
+        self.core = Core(
+            self.transport,
+            store=store,
+            metrics=self.metrics,
+            on_keys=curve.clients.set_identities if curve is not None else None,
+        )
         self._fd_clients: dict[int, set] = {}  # fd -> client identities seen on it
         self._crashes = RateLimitedLog(log)
-        self._allowed = curve.allowed if curve is not None else None
+        # Which key sent a client's message, as it stands now (ZAP authenticated it).
+        self._who = curve.client if curve is not None else None
 
     # --- set-up ---
 
@@ -252,7 +258,7 @@ class Broker:
         """``[identity, header, data?]`` from the frontend."""
         ident = frames[0].bytes
         self._note_fd(ident, frames[0])
-        self.core.client_message(ident, frames[1:], self._allowed)
+        self.core.client_message(ident, frames[1:], self._who)
 
     def process_worker(self, frames: list) -> None:
         """``[identity, route, header?, data?]`` from the backend."""

@@ -51,6 +51,7 @@ class Pending:
     read: int | str | None = None  # a chunk request's GET (its request id), for the ReadTally
     reserve: int = 0  # reply bytes kept free for it in its client's budget (admission)
     heavy: bool = False  # one of the ops that take turns (admission.HEAVY_OPS)
+    user: dict | None = None  # who sent it, for the worker: {u: key, l?: True}; None: no CURVE
 
 
 class FairQueue(collections.OrderedDict):

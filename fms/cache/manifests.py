@@ -51,6 +51,10 @@ class ManifestCache:
         self.policy.access(name)
         return self._entries.get(name)
 
+    def peek(self, name: str):
+        """The cached manifest of ``name`` or None, without counting it as a read."""
+        return self._entries.get(name)
+
     def shared(self, digest: bytes) -> bool:
         """Whether a cached manifest lists this chunk."""
         return self._refs[digest] > 0

@@ -12,6 +12,16 @@ too large to cache, ``max_file``: then the reply says ``cache: false`` and the c
 chunks from storage).  The broker counts a client's GET as a hit only when the manifest and every
 chunk came from the cache (fms.metrics.ReadTally); a ``get_many`` reply's route counts its names
 served whole from here (``gh``) and those fetched (``gm``).
+
+**Who may read.** A hit is answered without storage, so the cache decides too, with the same
+:mod:`fms.policy` and the store's access snapshot that storage sends through the broker
+(:meth:`CacheService.on_policy`): ``get`` and each name of ``get_many`` need read on the name;
+a ``chunk`` or ``page`` of an identity that may not read the whole store names its file
+(``name``, and for a chunk of a long list the ``page`` listing it and its place ``at``), which
+it must be able to read and whose cached manifest (and cached page or body) must list it; when
+what would tell is not here, storage decides (the fetch is then made for that identity, with
+``as``).  A request without a key (no CURVE) is the local user's and costs no check.  Until
+the first snapshot arrives, requests with a key get ``unavailable``.
 """
 
 import itertools
@@ -20,8 +30,9 @@ import math
 import time
 from dataclasses import dataclass, field
 
+from .. import policy
 from .. import wire as p
-from ..errors import BadRequest
+from ..errors import BadRequest, Forbidden, Unavailable
 from .chunks import ChunkCache
 from .manifests import ManifestCache
 
@@ -71,6 +82,7 @@ class CacheService:
         self._ids = itertools.count(1)
         self._fetches = {}  # fetch id -> Fetch
         self._open = {}  # (kind, key) -> fetch id of the newest fetch for that key
+        self.policy = None  # the store's access snapshot (fms.policy.Policy), once sent
 
     # --- requests from clients ---
 
@@ -78,18 +90,38 @@ class CacheService:
         op = header.get("op")
         p.check_version(header)
         if op == "get":
-            self._get(route, header)
+            self._get(route, header, self._who(route, header))
         elif op in ("chunk", "page"):
-            self._chunk(route, header, op)
+            self._chunk(route, header, op, self._who(route, header))
         elif op == "get_many":
-            self._get_many(route, header)
+            self._get_many(route, header, self._who(route, header))
         elif op == "cache_stats":
             self.link.reply(route, p.ok_reply(header["id"], cache=self.stats()))
         else:
             raise BadRequest(f"cache does not serve op {op!r}")
 
-    def _get(self, route, header):
+    def on_policy(self, snapshot):
+        """The store's access snapshot (from storage, through the broker): the newest wins."""
+        if self.policy is None or snapshot.epoch > self.policy.epoch:
+            self.policy = snapshot
+
+    def _who(self, route: dict, header: dict):
+        """The identity a request comes from (fms.policy), by the key the broker authenticated.
+
+        :raises Unavailable: a key, and no snapshot to resolve it in yet.
+        """
+        key = route.get("u")
+        if key is None and "as" not in header:
+            return policy.LOCAL  # no CURVE: the local user, no check
+        if self.policy is None:
+            raise Unavailable("the cache has not received the store's identities yet; retry")
+        if key is not None and not isinstance(key, str):
+            raise BadRequest("the broker sent a user key that is not a str")
+        return self.policy.resolve(key, route.get("l") is True, header.get("as"))
+
+    def _get(self, route, header, who):
         name = p.check_name(p.need(header, "name", str))
+        policy.check(who, "get", name)
         hit = self._lookup(name)
         if hit is not None:
             self.hits += 1
@@ -121,13 +153,13 @@ class CacheService:
         frame = self.chunks.get(manifest["chunks"][0])
         return (manifest, frame) if frame is not None else None
 
-    def _get_many(self, route, header):
+    def _get_many(self, route, header, who):
         """Many names: the hits from here, all the misses in one storage fetch (not joined with
         other fetches: one round trip per batch)."""
         names = p.need_names(header)
-        found = [self._lookup(name) for name in names]
+        found = [self._lookup_for(who, name) for name in names]
         missed = tuple(name for name, hit in zip(names, found, strict=False) if hit is None)
-        self.hits += len(names) - len(missed)
+        self.hits += sum(isinstance(hit, tuple) for hit in found)
         self.misses += len(missed)
         fetch = Fetch(
             "get_many",
@@ -154,11 +186,27 @@ class CacheService:
             },
         )
 
-    def _chunk(self, route, header, kind: str):
+    def _lookup_for(self, who, name: str):
+        """:meth:`_lookup`, or the Forbidden refusing ``who`` the name."""
+        try:
+            policy.check(who, "get_many", name)
+        except Forbidden as refused:
+            return refused
+        return self._lookup(name)
+
+    def _chunk(self, route, header, kind: str, who):
         """A chunk, or a page of a chunk list (``kind`` ``page``): both are blobs named by their
         digest, kept in the chunk cache alike.  ``fresh`` (a page the client found damaged):
         from storage, whatever is cached."""
         digest = p.need_hash(header, "hash")
+        # The chunk's length, as the client gave it, goes along on a fetch: storage reads a
+        # blob from a backend far away side by side with the others (fms.storage.service).
+        size = p.need_int(header, "len", hi=p.MAX_CHUNK_SIZE, optional=True)
+        if not who.all and not self._listed(who, header, kind, digest):
+            # Its file's manifest (or page) is not here to tell: storage decides, for `who`.
+            where = {k: header[k] for k in ("name", "page", "at") if k in header}
+            self._wait(kind, digest, route, header["id"], {**where, "as": who.name}, size)
+            return
         fresh = p.need(header, "fresh", bool, optional=True, default=False)
         frame = None if fresh else self.chunks.get(digest)
         if frame is not None:
@@ -166,23 +214,57 @@ class CacheService:
             self.link.reply(route, p.ok_reply(header["id"]), frame, cache="hit")
             return
         self.misses += 1
-        # The chunk's length, as the client gave it, goes along: storage reads a blob from a
-        # backend far away side by side with the others (fms.storage.service).
-        size = p.need_int(header, "len", hi=p.MAX_CHUNK_SIZE, optional=True)
-        self._wait(kind, digest, route, header["id"], {"len": size} if size is not None else {})
+        self._wait(kind, digest, route, header["id"], size=size)
 
-    def _wait(self, kind, key, route, req_id, extra: dict | None = None):
-        """Join the open fetch for this key if it is still fresh, else start one (``extra``:
-        more fields of the fetch)."""
-        fetch_id = self._open.get((kind, key))
+    def _listed(self, who, header: dict, kind: str, digest: bytes) -> bool:
+        """Whether ``who`` (who may not read the whole store) reads this chunk or page through
+        the file ``name``: it may read the name, and its cached manifest lists it (a short list
+        itself; a long one as its body or a page, a chunk by the cached page ``page`` at
+        ``at``).  False: what would tell is not cached.  :raises Forbidden: no name, or one it
+        may not read."""
+        name = header.get("name")
+        if not isinstance(name, str):
+            raise Forbidden(
+                f"forbidden: {who.name!r} may read a chunk only through a file it belongs to "
+                f"(field 'name'); fms.Client sends it"
+            )
+        name = p.check_name(name)
+        policy.check(who, kind, name)
+        manifest = self.manifests.peek(name)
+        if manifest is None:
+            return False
+        if "chunks" in manifest:
+            return kind == "chunk" and digest in manifest["chunks"]
+        pages = manifest.get("pages")
+        if kind == "page":
+            return digest == manifest.get("body") or (pages is not None and digest in pages)
+        page, at = header.get("page"), header.get("at")
+        if pages is None or page not in pages or not isinstance(at, int):
+            return False  # a body not kept with the manifest: storage reads it
+        frame = self.chunks.get(page)
+        if frame is None:
+            return False
+        listed = p.unpack_data(frame)[at * p.HASH_LEN : (at + 1) * p.HASH_LEN]
+        return bytes(listed) == digest
+
+    def _wait(self, kind, key, route, req_id, extra=None, size: int | None = None):
+        """Join the open fetch for this key if it is still fresh, else start one; ``extra``
+        fields (a fetch made for one identity) make a fetch of its own, joined by none.
+        ``size``: a chunk's length as the client gave it, sent along on the fetch (storage
+        reads a blob from a backend far away side by side with the others)."""
+        fetch_id = self._open.get((kind, key)) if extra is None else None
         fetch = self._fetches.get(fetch_id)
         if fetch is None or (kind == "get" and not self.manifests.fresh(key, fetch.token)):
             fetch_id = next(self._ids)
             fetch = Fetch(kind, key, self.manifests.begin_fetch(), time.monotonic())
             self._fetches[fetch_id] = fetch
-            self._open[(kind, key)] = fetch_id
+            if extra is None:
+                self._open[(kind, key)] = fetch_id
             self.fetches += 1
-            fields = {"name": key} if kind == "get" else {"hash": key, **(extra or {})}
+            fields = {"name": key} if kind == "get" else {"hash": key}
+            if size is not None:
+                fields["len"] = size
+            fields.update(extra or {})
             self.link.request(
                 p.STORAGE,
                 {
@@ -288,6 +370,9 @@ class CacheService:
             return
         batch, missed = p.BatchReply(), iter(fetch.key)
         for hit in fetch.found:
+            if isinstance(hit, Forbidden):
+                batch.error(hit.code, str(hit))
+                continue
             if hit is not None:
                 manifest, frame = hit
                 batch.manifest(manifest, p.unpack_data(frame) if frame is not None else None)
@@ -300,7 +385,7 @@ class CacheService:
         whole = sum(
             1
             for hit in fetch.found
-            if hit is not None and (hit[1] is not None or not hit[0]["count"])
+            if isinstance(hit, tuple) and (hit[1] is not None or not hit[0]["count"])
         )
         self.link.reply(
             route,

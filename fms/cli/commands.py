@@ -158,6 +158,29 @@ def move_tree(client, move, items: list, sizes: list, verb: str) -> list:
             bars.close()
 
 
+def shown(name: str) -> str:
+    """``name`` as a terminal should show it: each character that is not printable (a control
+    or format character, a line separator, a bidi control of a name stored before they were
+    refused) as ``\\uXXXX`` (and ``\\`` doubled then), so no name rewrites the line or looks
+    like another."""
+    if name.isprintable():
+        return name
+    out = []
+    for char in name:
+        code = ord(char)
+        if char == "\\":
+            out.append("\\\\")
+        elif char.isprintable():
+            out.append(char)
+        elif code < 0x100:
+            out.append(f"\\x{code:02x}")
+        elif code < 0x10000:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return "".join(out)
+
+
 def say(args, text: str):
     if not getattr(args, "quiet", False):
         print(text, file=sys.stderr)
@@ -232,7 +255,7 @@ def cmd_put(args):
         print(json.dumps(results, indent=1))
     elif len(results) == 1 and not args.recursive:
         r = results[0]
-        say(args, f"uploaded {r['name']} ({human(r['size'])}, version {r['version']})")
+        say(args, f"uploaded {shown(r['name'])} ({human(r['size'])}, version {r['version']})")
     else:
         say(args, f"uploaded {files(len(results))}, {human(sum(r['size'] for r in results))}")
 
@@ -292,7 +315,9 @@ def cmd_get(args):
             if args.range is not None:
                 return _get_range(args, client, args.name, dest)
             result = client.get(args.name, dest, args.version_number)
-    print_result(args, result, f"downloaded {result['name']} ({human(result['size'])}) to {dest}")
+    print_result(
+        args, result, f"downloaded {shown(result['name'])} ({human(result['size'])}) to {dest}"
+    )
 
 
 def _skipped(args, name: str, dest: str):
@@ -409,8 +434,13 @@ def cmd_cat(args):
 
 def cmd_ls(args):
     # Printed page by page as they come: a listing of any length holds one page in memory.
+    # -r lists a folder, as rm -r, du and find mean it: `album` is album/..., never albumX.
     with open_client(args) as client:
-        entries = client.iter_ls(args.prefix) if args.recursive else client.iter_folder(args.prefix)
+        entries = (
+            client.iter_ls(p.check_folder(args.prefix))
+            if args.recursive
+            else client.iter_folder(args.prefix)
+        )
         first = next(entries, None)
         if first is None and args.prefix:
             parent = os.path.dirname(args.prefix.rstrip("/"))
@@ -446,17 +476,18 @@ def _ls_line(e: dict, long: bool, as_human: bool) -> str:
         size = human(e["size"]) if as_human else f"{e['size']:,}"
         at = when(e["mtime"])
         extra = f"{'v' + str(e['version']):>6}  {e['digest'][:12]}  " if long else ""
-    return f"{size:>14}  {at:<19}  {extra}{e['name']}"
+    return f"{size:>14}  {at:<19}  {extra}{shown(e['name'])}"
 
 
 def cmd_du(args):
+    folder = p.check_folder(args.prefix)  # `album`: album/..., never albumX
     with open_client(args) as client:
-        du = client.du(args.prefix)
+        du = client.du(folder)
     if args.json:
-        print(json.dumps({"prefix": args.prefix, **du}))
+        print(json.dumps({"prefix": folder, **du}))
         return
     size = human(du["bytes"]) if args.human else f"{du['bytes']:,}"
-    print(f"{du['files']:>10,} files  {size:>14}  {args.prefix or '(all)'}")
+    print(f"{du['files']:>10,} files  {size:>14}  {shown(folder) or '(all)'}")
 
 
 def cmd_find(args):
@@ -465,7 +496,7 @@ def cmd_find(args):
     with open_client(args) as client:
         found = (
             e
-            for e in client.iter_ls(args.prefix)
+            for e in client.iter_ls(p.check_folder(args.prefix))
             if (args.name is None or fnmatch.fnmatchcase(e["name"].rsplit("/", 1)[-1], args.name))
             and (args.newer is None or e["mtime"] > args.newer)
         )
@@ -473,7 +504,7 @@ def cmd_find(args):
             print(json.dumps(list(found), indent=1))
             return
         for e in found:
-            print(e["name"])
+            print(shown(e["name"]))
 
 
 def cmd_stat(args):
@@ -484,6 +515,7 @@ def cmd_stat(args):
         return
     for key in ("name", "size", "digest", "mtime", "version", "chunks", "chunk_size"):
         value = when(info[key]) if key == "mtime" else info[key]
+        value = shown(value) if isinstance(value, str) else value
         print(f"{key + ':':<12}{value}")
 
 
@@ -504,7 +536,9 @@ def cmd_restore(args):
     with open_client(args) as client, hinting(client, args.name, "restore"):
         stat = client.restore(args.name, args.version_number)
     print_result(
-        args, stat, f"restored {stat['name']} as version {stat['version']} ({human(stat['size'])})"
+        args,
+        stat,
+        f"restored {shown(stat['name'])} as version {stat['version']} ({human(stat['size'])})",
     )
 
 
@@ -617,10 +651,11 @@ def cmd_stats(args):
     if store is None:
         print("store   no storage worker connected")
     else:
-        print(
-            f"store   files={store['files']} bytes={human(store['bytes'])} "
-            f"stored={human(store['chunk_bytes'])} (after dedup)"
+        # An identity that may not read the whole store gets its own files' totals only.
+        stored = (
+            f" stored={human(store['chunk_bytes'])} (after dedup)" if "chunk_bytes" in store else ""
         )
+        print(f"store   files={store['files']} bytes={human(store['bytes'])}{stored}")
 
 
 def cmd_keygen(args):

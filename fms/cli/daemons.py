@@ -80,13 +80,13 @@ def _broker_curve(args):
     """The broker's CurveServer, or None after checking that plaintext is safe to bind."""
     from ..security import CurveServer, SecurityError, exposure
 
-    given = [bool(args.curve_secret), bool(args.allow), bool(args.allow_workers)]
-    if any(given) and not all(given):
+    given = [bool(args.curve_secret), bool(args.allow_workers)]
+    if (any(given) or args.allow) and not all(given):
         raise SecurityError(
-            "CURVE needs --curve-secret (the broker's .key_secret), --allow (a "
-            "folder of the clients' public .key files) and --allow-workers (a "
-            "folder of the workers' public .key files, apart from the clients' "
-            "so that a client key cannot act as a worker)"
+            "CURVE needs --curve-secret (the broker's .key_secret) and --allow-workers (a "
+            "folder of the workers' public .key files, apart from the clients' so that a "
+            "client key cannot act as a worker); clients are the store's identities "
+            "(client.py id add), and, from set-ups made before them, the keys of --allow"
         )
     if args.curve_secret:
         import zmq
@@ -137,25 +137,48 @@ def _run_worker(args, service, ready: dict, log_name: str):
 
 
 def cmd_storage(args):
+    import logging
+
     from ..logutil import setup_logging
+    from ..storage.access import ensure_first_admin
     from ..storage.engine import open_store
     from ..storage.service import StorageService
 
     setup_logging(args.log_level)
     if args.data == os.path.join(DEFAULT_DATA, "storage"):
         os.makedirs(DEFAULT_DATA, exist_ok=True)  # the default just works; a given path must exist
-    store = open_store(args.data, args.meta, args.chunks, args.keep_versions, args.digest)
+
+    def opened():
+        store = open_store(
+            args.data, args.meta, args.chunks, args.keep_versions, args.keep_for, args.digest
+        )
+        store.meta.audit_keep = args.audit_days * 86400
+        return store
+
+    if not args.print_store_id:
+        check_endpoints(broker=args.broker)  # before anything is made
+    store = opened()
+    # The first admin's key files go into the data directory where it is the store's (SQLite);
+    # a worker on a remote store keeps nothing there, so its operator makes them with
+    # --print-store-id (the first step of setting such a store up).
+    made = (
+        ensure_first_admin(store.meta, args.data)
+        if args.meta is None or args.print_store_id
+        else None
+    )
+    if made:
+        logging.getLogger("fms.storage").warning(
+            "event=first_admin identity=admin key_secret=%s hint=%r",
+            made,
+            "the store's first admin: give this file as --curve-secret to manage identities "
+            "(client.py id --help)",
+        )
     if args.print_store_id:
         print(store.store_id)
         store.close()
         return EXIT_OK
     store.chunks.clean_tmp()
-    service = StorageService(
-        store,
-        None,
-        gc_grace=args.gc_grace,
-        maintenance_store=open_store(args.data, args.meta, args.chunks, args.keep_versions),
-    )
+    service = StorageService(store, None, gc_grace=args.gc_grace, maintenance_store=opened())
     try:
         return _run_worker(
             args,

@@ -39,6 +39,13 @@ HANDLERS = {
     "cache": "daemons:cmd_cache",
     "up": "up:cmd_up",
     "s3": "daemons:cmd_s3",
+    # users and permissions (fms.policy)
+    "whoami": "admin:run",
+    "id": "admin:run",
+    "grant": "admin:run",
+    "revoke": "admin:run",
+    "purge": "admin:run",
+    "audit": "admin:run",
 }
 
 

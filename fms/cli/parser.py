@@ -651,6 +651,130 @@ def _keygen(cmd):
     cmd.add_argument("name", metavar="NAME")
 
 
+# --- users and permissions (fms.policy; handlers in admin.py) ---
+
+
+@command("whoami", "show which identity this client's key is, and its grants", "{prog} whoami")
+def _whoami(cmd):
+    _json(cmd)
+
+
+@command(
+    "id",
+    "manage identities: add, ls, rm, key (an admin of the whole store)",
+    "{prog} id add alice --key alice.key\n"
+    "{prog} id add s3gw --key gw.key --gateway   # the S3 gateway: acts for its users\n"
+    "{prog} id add bob --s3                       # an S3 access key: shown once\n"
+    "{prog} id ls\n{prog} id key alice --add laptop.key\n{prog} id rm bob",
+)
+def _id(cmd):
+    actions = cmd.add_subparsers(dest="id_command", metavar="ACTION", required=True)
+
+    def action(name: str, summary: str):
+        return actions.add_parser(
+            name,
+            help=summary,
+            description=summary,
+            formatter_class=_Formatter,
+            parents=[_client_options()],
+        )
+
+    add = action("add", "create an identity")
+    add.add_argument("name", metavar="NAME")
+    add.add_argument(
+        "--key",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a CURVE public key file (.key) of it; repeat for more",
+    )
+    add.add_argument("--s3", action="store_true", help="make an S3 access key for it")
+    add.add_argument(
+        "--gateway",
+        action="store_true",
+        help="it may act for other identities (the S3 gateway's key)",
+    )
+    _json(add)
+    _json(action("ls", "list identities, their keys and grants"))
+    remove = action("rm", "remove an identity (its keys and grants; not its files)")
+    remove.add_argument("name", metavar="NAME")
+    _json(remove)
+    key = action("key", "add or remove a key of an identity")
+    key.add_argument("name", metavar="NAME")
+    which = key.add_mutually_exclusive_group(required=True)
+    which.add_argument("--add", metavar="FILE", help="a CURVE public key file (.key)")
+    which.add_argument("--s3", action="store_true", help="make an S3 access key")
+    which.add_argument("--remove", metavar="KEY", help="a CURVE key or an S3 access key id")
+    _json(key)
+
+
+@command(
+    "grant",
+    "give an identity a role (read, write, admin) on a prefix",
+    "{prog} grant alice write alice\n{prog} grant bob read shared/photos\n"
+    "{prog} grant root admin ''    # the whole store",
+)
+def _grant(cmd):
+    cmd.add_argument("name", metavar="NAME")
+    cmd.add_argument(
+        "role",
+        metavar="ROLE",
+        choices=("read", "write", "admin"),
+        help="read: get, ls, stat, versions; write: also put, rm, mv, cp, restore; admin: "
+        "everything under the prefix, also purge",
+    )
+    cmd.add_argument(
+        "prefix",
+        metavar="PREFIX",
+        help="a folder: 'album' covers album and album/..., never albumX; '' is the whole store",
+    )
+    _json(cmd)
+
+
+@command("revoke", "take an identity's grant on a prefix away", "{prog} revoke bob shared/photos")
+def _revoke(cmd):
+    cmd.add_argument("name", metavar="NAME")
+    cmd.add_argument("prefix", metavar="PREFIX")
+    _json(cmd)
+
+
+@command(
+    "purge",
+    "remove a version, or every version, of a name for good (an admin's)",
+    "{prog} purge shadow --all-versions   # then: gc --grace 0\n{prog} purge notes.txt --version 3",
+)
+def _purge(cmd):
+    cmd.add_argument("name", metavar="NAME")
+    which = cmd.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--version",
+        type=int,
+        metavar="V",
+        dest="version_number",
+        help="this version, current or retained (see: versions NAME)",
+    )
+    which.add_argument(
+        "--all-versions", action="store_true", help="every version, and the name itself"
+    )
+    _json(cmd)
+
+
+@command(
+    "audit",
+    "print the audit log: every change, who made it, when (an admin of the whole store)",
+    "{prog} audit --since 1d\n{prog} audit --since 2026-11-01 --json",
+)
+def _audit(cmd):
+    cmd.add_argument(
+        "--since",
+        metavar="WHEN",
+        type=parse_when,
+        help="only entries after WHEN: a date (2026-11-01, 2026-11-01T08:30) or an age "
+        "(90s, 30m, 12h, 7d)",
+    )
+    _json(cmd)
+
+
 # --- the daemons ---
 
 
@@ -679,7 +803,10 @@ def _broker(cmd):
         help="the broker's .key_secret: require CURVE on both sockets",
     )
     cmd.add_argument(
-        "--allow", metavar="DIR", help="public .key files of the clients let in (re-read live)"
+        "--allow",
+        metavar="DIR",
+        help="public .key files of clients that may do everything, as before identities "
+        "(re-read live; logged); other clients are the store's identities: client.py id add",
     )
     cmd.add_argument(
         "--allow-workers",
@@ -718,6 +845,7 @@ def _storage(cmd):
     _backend_args(cmd)
     _gc_grace_arg(cmd)
     _keep_versions_arg(cmd)
+    _keep_for_arg(cmd)
     cmd.add_argument(
         "--digest",
         choices=p.DIGEST_FUNCTIONS,
@@ -819,6 +947,7 @@ def _up(cmd):
     _backend_args(cmd)
     _gc_grace_arg(cmd)
     _keep_versions_arg(cmd)
+    _keep_for_arg(cmd)
     _log_arg(cmd)
 
 
@@ -914,6 +1043,39 @@ def _keep_versions_arg(cmd):
         "for `versions`, `get --version` and `restore` (%(default)s: none); "
         "their chunks stay until they drop out",
     )
+
+
+def _keep_for_arg(cmd):
+    cmd.add_argument(
+        "--keep-for",
+        type=parse_duration,
+        default=0.0,
+        metavar="DURATION",
+        help="hold each version an overwrite or rm replaces for this long (90m, 12h, 7d, 2w, "
+        "or seconds): no change by any key pushes it out before, even past --keep-versions; "
+        "only an admin's purge removes it (%(default)s: no hold)",
+    )
+    cmd.add_argument(
+        "--audit-days",
+        type=float,
+        default=90.0,
+        metavar="DAYS",
+        help="keep audit log entries this many days (%(default)s)",
+    )
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """``--keep-for``: ``90s``, ``30m``, ``12h``, ``7d``, ``2w`` or bare seconds, as seconds."""
+    match = _DURATION.match(str(text))
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration; write it like 3600, 90m, 12h, 7d or 2w"
+        )
+    scale = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}[match.group(2)]
+    return float(match.group(1)) * scale
 
 
 def _gc_grace_arg(cmd):

@@ -33,14 +33,20 @@ def cmd_up(args):
     log = ["--log-level", args.log_level]
     os.makedirs(args.data, exist_ok=True)
     server, workers, client = [], [], None
+    keys = os.path.abspath(os.path.join(args.data, "keys"))
     if args.curve:
         from ..security import cluster_keys
 
-        server, workers, client = cluster_keys(os.path.abspath(os.path.join(args.data, "keys")))
+        # A cluster made before identities had a client key in the allow folder (it may do
+        # everything, and the broker says so in its log); a new one uses the store's first
+        # admin, an identity, and the allow folder stays empty.
+        legacy = os.path.exists(os.path.join(keys, "client.key_secret"))
+        server, workers, client = cluster_keys(keys, client=legacy)
     insecure = ["--insecure"] if args.insecure else []
     # The store id comes from the storage directory, so the broker serves that store whichever
     # storage worker (or impostor) registers first.
-    store = ["--store", _store_id(os.path.join(args.data, "storage"), args.meta, args.chunks)]
+    store_id, admin_key = _open_store(os.path.join(args.data, "storage"), args.meta, args.chunks)
+    store = ["--store", store_id]
     specs = [
         (
             "broker",
@@ -91,6 +97,10 @@ def cmd_up(args):
                     str(args.gc_grace),
                     "--keep-versions",
                     str(args.keep_versions),
+                    "--keep-for",
+                    str(args.keep_for),
+                    "--audit-days",
+                    str(args.audit_days),
                 ]
                 + (["--meta", args.meta] if args.meta else [])
                 + (["--chunks", args.chunks] if args.chunks else [])
@@ -123,12 +133,16 @@ def cmd_up(args):
         broker = "" if args.frontend == p.DEFAULT_FRONTEND else f" --broker {args.frontend}"
         hint = f"{fms}{broker} put FILE"
         if client:
-            hint = f"{fms}{broker} --curve-secret {client[0]} --server-key {client[1]} put FILE"
+            secret = client[0] or admin_key
+            hint = f"{fms}{broker} --curve-secret {secret} --server-key {client[1]} put FILE"
         print(
             f"fms up: broker at {args.frontend} (workers on {args.backend}), {args.caches} "
             f"cache and {args.storage} storage workers, data in {os.path.abspath(args.data)}"
             f"{', CURVE on' if args.curve else ''}\n"
-            f"fms up: try `{hint}` in another terminal; Ctrl-C stops all{s3_note}",
+            f"fms up: the store's first admin (identity 'admin', which adds users: {fms} "
+            f"id --help) has the key {admin_key}"
+            f"{'' if args.curve else '; it is needed with --curve (here, local users are admin)'}"
+            f"\nfms up: try `{hint}` in another terminal; Ctrl-C stops all{s3_note}",
             file=sys.stderr,
             flush=True,
         )
@@ -230,13 +244,18 @@ class _Child:
         self.backoff = min(self.backoff * 2, RESTART_BACKOFF_MAX)
 
 
-def _store_id(data: str, meta: str | None, chunks: str | None) -> str:
-    """The id of the store the storage workers will open (made now if it is new)."""
+def _open_store(data: str, meta: str | None, chunks: str | None) -> tuple:
+    """The id of the store the storage workers will open (made now if it is new, with its first
+    admin), and the path of the first admin's key file.  :return: ``(store id, key file)``."""
+    from ..storage.access import FIRST_ADMIN, ensure_first_admin
     from ..storage.engine import open_store
 
     store = open_store(data, meta, chunks)
     try:
-        return store.store_id
+        made = ensure_first_admin(store.meta, data)
+        return store.store_id, os.path.abspath(
+            made or os.path.join(data, f"{FIRST_ADMIN}.key_secret")
+        )
     finally:
         store.close()
 

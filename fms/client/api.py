@@ -53,6 +53,8 @@ class Client:
     :param fsync: make downloads durable (fsync) before they are renamed into place.
     :param cache: read through the cache tier; False reads from storage (a one-time read the
         cache need not hold).
+    :param acting_as: the identity every request acts for: what an S3 gateway (an identity
+        made with ``gateway``) sends for the user it authenticated; anyone else is refused.
     """
 
     def __init__(
@@ -68,13 +70,20 @@ class Client:
         curve=None,
         fsync: bool = False,
         cache: bool = True,
+        acting_as: str | None = None,
     ):
         if not p.MIN_CHUNK_SIZE <= chunk_size <= p.MAX_CHUNK_SIZE:
             raise BadRequest(
                 f"chunk size must be between {p.MIN_CHUNK_SIZE} and {p.MAX_CHUNK_SIZE} bytes"
             )
         self.session = Session(
-            broker, timeout=timeout, retries=retries, window=window, ctx=ctx, curve=curve
+            broker,
+            timeout=timeout,
+            retries=retries,
+            window=window,
+            ctx=ctx,
+            curve=curve,
+            acting_as=acting_as,
         )
         self.chunk_size = chunk_size
         self.progress = progress
@@ -284,6 +293,97 @@ class Client:
             if page.get("next") is None:
                 return
             after = page["next"]
+
+    # --- identities, grants, purge, audit (fms.policy) ---
+
+    def whoami(self) -> dict:
+        """The identity this client's key is, as the store sees it: ``identity``, ``grants``
+        (maps of ``role``, ``prefix``), ``gateway``."""
+        header, _ = self.call("whoami")
+        return {k: header[k] for k in ("identity", "grants", "gateway")}
+
+    def id_ls(self) -> list:
+        """Every identity: ``name``, ``created``, ``gateway``, ``keys`` (``kind``, ``key``;
+        never an S3 secret), ``grants``.  A store admin's."""
+        header, _ = self.call("id_ls")
+        return header["identities"]
+
+    def id_add(self, name: str, keys=(), s3: bool = False, gateway: bool = False) -> dict:
+        """Create identity ``name`` with CURVE public ``keys`` (z85 str or bytes), with
+        ``s3`` an S3 access key, with ``gateway`` the right to act for other identities.
+
+        :return: ``{identity: {...}}``, and ``s3: {access_key, secret}`` (the secret is shown
+            here once; the gateway can look it up).
+        """
+        header, _ = self.call(
+            "id_add",
+            name=name,
+            keys=[k.decode() if isinstance(k, bytes) else k for k in keys],
+            s3=s3,
+            gateway=gateway,
+            commit=os.urandom(16).hex(),
+        )
+        return _fields(header, "identity", "s3")
+
+    def id_rm(self, name: str):
+        """Remove an identity: its keys, grants and uploads' dedup (not its files)."""
+        self.call("id_rm", name=name, commit=os.urandom(16).hex())
+
+    def id_key(self, name: str, curve=None, s3: bool = False, remove: str | None = None) -> dict:
+        """Add a CURVE public key (``curve``), make an S3 access key (``s3``) or remove a key
+        (``remove``: a CURVE key or an access key id).  :return: as :meth:`id_add`."""
+        fields = {"curve": curve.decode() if isinstance(curve, bytes) else curve}
+        fields.update(s3=s3, remove=remove)
+        header, _ = self.call(
+            "id_key",
+            name=name,
+            commit=os.urandom(16).hex(),
+            **{k: v for k, v in fields.items() if v not in (None, False)},
+        )
+        return _fields(header, "identity", "s3")
+
+    def grant(self, name: str, role: str, prefix: str) -> dict:
+        """Give ``name`` ``role`` (read, write, admin) on ``prefix`` (a folder; ``""``: the
+        whole store), replacing its role there.  :return: the identity."""
+        header, _ = self.call(
+            "grant", name=name, role=role, prefix=prefix, commit=os.urandom(16).hex()
+        )
+        return header["identity"]
+
+    def revoke(self, name: str, prefix: str) -> dict:
+        """Take ``name``'s grant on ``prefix`` away.  :return: the identity."""
+        header, _ = self.call("revoke", name=name, prefix=prefix, commit=os.urandom(16).hex())
+        return header["identity"]
+
+    def purge(self, name: str, version: int | None = None, all_versions: bool = False) -> list:
+        """Remove version ``version`` (current or retained) of ``name``, or every version, for
+        good, held or not (an admin's); gc then frees its chunks.  :return: the versions."""
+        fields = {"all": True} if all_versions else {"version": version}
+        header, _ = self.call(
+            "purge", name=p.check_name(name), commit=os.urandom(16).hex(), **fields
+        )
+        return header["purged"]
+
+    def audit(self, since: float = 0.0):
+        """The audit log from ``since`` (seconds since the epoch), oldest first, a page at a
+        time: yields entries (maps: ``seq``, ``time``, ``identity``, ``op``, ``names`` or
+        ``prefix``, ``versions``, ``result``, ...).  A store admin's."""
+        after = 0
+        while True:
+            header, _ = self.call("audit", since=float(since), after=after)
+            yield from header["entries"]
+            if header.get("next") is None:
+                return
+            after = header["next"]
+
+    def s3_key(self, access_key: str) -> dict | None:
+        """For an S3 gateway: an access key id's ``identity``, ``secret`` and ``grants``, or
+        None.  The gateway checks the request's SigV4 signature with the secret, then sends
+        the user's requests with ``as=identity`` (``Client(..., acting_as=identity)``)."""
+        header, _ = self.call("s3_key", access_key=access_key)
+        if header.get("identity") is None:
+            return None
+        return _fields(header, "identity", "secret", "grants")
 
     def cache_stats(self) -> dict | None:
         """The cache worker's counters (hits, misses, bytes, ...), or None when no cache worker
@@ -531,6 +631,10 @@ class Client:
 
 
 _NOT_PUBLIC = ("chunks", "commit", "count", "extents", "pages", "body")
+
+
+def _fields(header: dict, *keys) -> dict:
+    return {k: header[k] for k in keys if k in header}
 
 
 def _public(entry: dict) -> dict:

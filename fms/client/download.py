@@ -36,7 +36,8 @@ def chunk_list(session: Session, manifest: dict, via=None) -> ChunkList:
         if not aside:
             aside.append(session.aside())
         fields = {"fresh": True} if fresh or (via or {}).get("fresh") else {}
-        _, frame = aside[0].call("page", hash=ident, **fields)
+        # `name`: an identity that may not read the whole store reads a list through its file.
+        _, frame = aside[0].call("page", hash=ident, name=manifest["name"], **fields)
         return bytes(p.unpack_data(frame.buffer)) if frame is not None else b""
 
     listing = ChunkList(manifest, fetch)
@@ -95,26 +96,28 @@ def download_to_file(session: Session, manifest: dict, out, report, via=None):
 
         def requests():
             nonlocal holes
-            for _i, offset, length, digest, zeros in listing.items():
+            for i, offset, length, digest, zeros in listing.items():
                 if zeros:
                     holes += length
                     continue
-                piece = (offset, length, digest)
-                yield piece, "chunk", {"hash": digest, "len": length, **(via or {})}, None
+                piece = (offset, length, digest, listing.where(i))
+                fields = {"hash": digest, "len": length, **piece[3], **(via or {})}
+                yield piece, "chunk", fields, None
 
         with ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="fms-verify") as pool:
 
             def settle():
                 nonlocal done
-                (offset, length, digest), future = pending.popleft()
+                (offset, length, digest, where), future = pending.popleft()
                 if not future.result():
-                    _write_at(fd, _refetch(session, listing, digest, length), offset)
+                    refetched = _refetch(session, listing, digest, length, where)
+                    _write_at(fd, refetched, offset)
                 done += length
                 report(manifest["name"], done + holes, manifest["size"])
 
             for piece, _header, frame in session.pipeline(requests(), window):
                 data = p.unpack_data(frame.buffer) if frame is not None else memoryview(b"")
-                future = pool.submit(_verify_and_write, fd, listing.hash, *piece, data)
+                future = pool.submit(_verify_and_write, fd, listing.hash, *piece[:3], data)
                 pending.append((piece, future))
                 while pending and (len(pending) > window or pending[0][1].done()):
                     settle()
@@ -144,11 +147,14 @@ def _chunk_ok(hash_fn, data, length: int, digest: bytes) -> bool:
     return len(data) == length and hash_fn(data) == digest
 
 
-def _refetch(session: Session, listing: ChunkList, digest: bytes, length: int):
+def _refetch(session: Session, listing: ChunkList, digest: bytes, length: int, where=None):
     """A chunk of ``listing`` once more, from storage itself (``fresh``: the broker bypasses
-    the cache), verified.  :raises IntegrityError: it does not match either."""
+    the cache), verified; ``where``: its place in the file (ChunkList.where).
+    :raises IntegrityError: it does not match either."""
     with session.aside() as aside:
-        _, frame = aside.call("chunk", hash=digest, len=length, fresh=True)
+        _, frame = aside.call(
+            "chunk", hash=digest, len=length, fresh=True, **(where or {"name": listing.name})
+        )
     data = p.unpack_data(frame.buffer) if frame is not None else b""
     if not _chunk_ok(listing.hash, data, length, digest):
         raise IntegrityError(
@@ -158,14 +164,17 @@ def _refetch(session: Session, listing: ChunkList, digest: bytes, length: int):
     return data
 
 
-def fetch_chunk(session: Session, listing: ChunkList, digest: bytes, length: int, via=None):
+def fetch_chunk(
+    session: Session, listing: ChunkList, digest: bytes, length: int, via=None, where=None
+):
     """A chunk of ``listing`` alone, verified (from storage itself if the first copy does not
-    match)."""
-    _, frame = session.call("chunk", hash=digest, len=length, **(via or {}))
+    match); ``where``: its place in the file (ChunkList.where)."""
+    where = where or {"name": listing.name}
+    _, frame = session.call("chunk", hash=digest, len=length, **where, **(via or {}))
     data = p.unpack_data(frame.buffer) if frame is not None else memoryview(b"")
     if _chunk_ok(listing.hash, data, length, digest):
         return data
-    return _refetch(session, listing, digest, length)
+    return _refetch(session, listing, digest, length, where)
 
 
 def iter_chunks(session: Session, listing: ChunkList, start: int = 0, via=None):
@@ -190,7 +199,12 @@ def iter_chunks(session: Session, listing: ChunkList, start: int = 0, via=None):
                     due.append([None, length, 1])
                 continue
             due.append([i, length, digest])
-            yield i, "chunk", {"hash": digest, "len": length, **(via or {})}, None
+            yield (
+                i,
+                "chunk",
+                {"hash": digest, "len": length, **listing.where(i), **(via or {})},
+                None,
+            )
 
     def ready():
         while due and (due[0][0] is None or due[0][0] in held):
@@ -206,7 +220,7 @@ def iter_chunks(session: Session, listing: ChunkList, start: int = 0, via=None):
         data = p.unpack_data(frame.buffer) if frame is not None else memoryview(b"")
         entry = next(e for e in due if e[0] == i)
         if not _chunk_ok(listing.hash, data, entry[1], entry[2]):
-            data = _refetch(session, listing, entry[2], entry[1])
+            data = _refetch(session, listing, entry[2], entry[1], listing.where(entry[0]))
         held[i] = data
         yield from ready()
     yield from ready()
@@ -300,7 +314,9 @@ class RemoteFile(io.RawIOBase):
             self._buf = (
                 zeros_of(length)
                 if zeros
-                else fetch_chunk(self._session, self._list, digest, length, self._via)
+                else fetch_chunk(
+                    self._session, self._list, digest, length, self._via, self._list.where(index)
+                )
             )
         self._buf_start = offset
         self._hash_in_order()

@@ -108,6 +108,15 @@ class ChunkList:
             digest == zero_digest(chunk_size, self.hash),
         )
 
+    def where(self, i: int) -> dict:
+        """The fields a request for chunk ``i`` names its place by: the file, and for a long
+        list the page that lists it and its index there, through which an identity that may
+        not read the whole store reads it (fms.policy)."""
+        if self._inline is not None:
+            return {"name": self.name}
+        k = bisect.bisect_right(self._page_chunk, i) - 1
+        return {"name": self.name, "page": self.page_ids[k], "at": i - self._page_chunk[k]}
+
     def index_at(self, offset: int) -> int:
         """The chunk that holds byte ``offset`` (0 <= offset < size)."""
         e = bisect.bisect_right(self._extent_offset, offset) - 1

@@ -89,6 +89,8 @@ class Session:
     :param retries: how many times a request that timed out is sent again.
     :param window: requests kept in flight by :meth:`pipeline` unless told otherwise.
     :param curve: a :class:`fms.security.CurveClient`, or None for plaintext.
+    :param acting_as: an identity every request acts for (field ``as``): only a gateway
+        identity may (see :mod:`fms.policy`).
     """
 
     def __init__(
@@ -100,8 +102,10 @@ class Session:
         window: int = DEFAULT_WINDOW,
         ctx: zmq.Context | None = None,
         curve=None,
+        acting_as: str | None = None,
     ):
         self.broker = endpoint(broker or os.environ.get("FMS_BROKER") or DEFAULT_BROKER)
+        self.acting_as = acting_as
         self.timeout = timeout
         self.retries = retries
         self.window = max(1, window)
@@ -132,6 +136,7 @@ class Session:
             window=self.window,
             ctx=self._ctx,
             curve=self.curve,
+            acting_as=self.acting_as,
         )
         other._digest_fn = self._digest_fn
         return other
@@ -247,6 +252,7 @@ class Session:
                     "id": req_id,
                     "ttl_ms": int(self.timeout * 1000),
                     **fields,
+                    **({"as": self.acting_as} if self.acting_as is not None else {}),
                 }
             )
         ]

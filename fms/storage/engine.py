@@ -11,6 +11,8 @@ commit names, never to repeats.  Small chunks (up to :data:`SMALL_CHUNK_MAX`) ar
 kept in the metadata engine itself, so a small file costs one transaction and no file of its own.
 """
 
+from __future__ import annotations
+
 import errno
 import logging
 import os
@@ -22,6 +24,7 @@ from ..errors import BadRequest, FmsError, IntegrityError, MissingChunks, NoSpac
 from .chunks.base import ChunkBackend
 from .chunks.localdir import LocalDirChunks
 from .meta.base import MetaEngine
+from .meta.sql import prefix_end
 from .model import Copy, NewVersion, Removal, Restore, Version
 
 SMALL_CHUNK_MAX = 64 * p.KiB  # chunks up to this size live in the metadata engine
@@ -39,10 +42,17 @@ class Store:
     """A store: a :class:`MetaEngine` for names and references, a :class:`ChunkBackend` for
     the bytes of chunks over :data:`SMALL_CHUNK_MAX`."""
 
-    def __init__(self, meta: MetaEngine, chunks: ChunkBackend, keep_versions: int = 0):
+    def __init__(
+        self,
+        meta: MetaEngine,
+        chunks: ChunkBackend,
+        keep_versions: int = 0,
+        keep_for: float = 0.0,
+    ):
         self.meta = meta
         self.chunks = chunks
         meta.keep_versions = keep_versions
+        meta.keep_for = keep_for
         self.digest_fn = meta.digest_fn  # the store's digest function, as it recorded it
         self.hash = meta.hash  # ... and its helper: every check below uses it
 
@@ -100,8 +110,25 @@ class Store:
         for page in pages or ():
             yield from p.split_digests(self.read_list(page))
 
-    def list(self, prefix: str, after: str, limit: int) -> list:
-        return self.meta.list(prefix, after, limit)
+    def list(self, prefix: str, after: str, limit: int, scans: list | None = None) -> list:
+        """Up to ``limit`` live versions under ``prefix`` after ``after``, in name order;
+        ``scans`` (:func:`fms.policy.scans`): only within those parts of the index."""
+        if scans is None:
+            return self.meta.list(prefix, after, limit)
+        out = []
+        for kind, value in scans:
+            if len(out) >= limit:
+                break
+            if kind == "name":
+                found = self.meta.get(value) if value > after else None
+                if found is not None:
+                    out.append(found)
+                continue
+            end = prefix_end(value)
+            if end is not None and after >= end:
+                continue  # the whole range is before `after`
+            out += self.meta.list(value, after, limit - len(out))
+        return out
 
     def versions(self, name: str) -> list:
         """The current version of ``name`` (if it is live) and its retained ones, newest first.
@@ -125,15 +152,26 @@ class Store:
     def totals(self):
         return self.meta.totals()
 
-    def usage(self, prefix: str) -> tuple:
+    def usage(self, prefix: str, scans: list | None = None) -> tuple:
         """``(files, bytes)`` under ``prefix``: the totals for the whole store, else counted in
-        the name index."""
+        the name index; ``scans``: only within those parts of it (:func:`fms.policy.scans`)."""
+        if scans is not None:
+            files = nbytes = 0
+            for kind, value in scans:
+                if kind == "name":
+                    found = self.meta.get(value)
+                    if found is not None:
+                        files, nbytes = files + 1, nbytes + found.size
+                else:
+                    more, size = self.meta.usage(value)
+                    files, nbytes = files + more, nbytes + size
+            return files, nbytes
         if not prefix:
             totals = self.meta.totals()
             return totals.files, totals.bytes
         return self.meta.usage(prefix)
 
-    def list_folder(self, prefix: str, after: str, limit: int) -> tuple:
+    def list_folder(self, prefix: str, after: str, limit: int, scans: list | None = None) -> tuple:
         """One level under ``prefix``, like ``aws s3 ls``: the files directly in it and its
         sub-folders (``prefix`` + up to the next ``/``), each folder once, in name order; a
         folder is skipped over in the index, not read name by name.
@@ -143,7 +181,7 @@ class Store:
         """
         entries, folders = [], []
         while len(entries) + len(folders) < limit:
-            page = self.meta.list(prefix, after, limit - len(entries) - len(folders))
+            page = self.list(prefix, after, limit - len(entries) - len(folders), scans)
             if not page:
                 return entries, folders, None
             for version in page:
@@ -194,17 +232,40 @@ class Store:
 
     # --- writes ---
 
-    def missing(self, digests: list) -> list:
+    def missing(self, digests: list, owner: str | None = None) -> list:
         """The digests among ``digests`` that must be uploaded; the others are protected from
-        collection for the grace period (a commit naming them is on its way)."""
-        known = self.meta.known(digests, time.time())
+        collection for the grace period (a commit naming them is on its way).
+
+        :param owner: an identity whose dedup is its own (:mod:`fms.policy`): only the chunks
+            it uploaded itself count as present, so it learns nothing of others' content.
+        """
+        if owner is not None:
+            mine = self.meta.owned(owner, digests)
+            known = self.meta.known([d for d in digests if d in mine], time.time())
+        else:
+            known = self.meta.known(digests, time.time())
         return [d for d in digests if d not in known]
 
-    def put_chunk(self, digest: bytes, data) -> bool:
-        """Store a chunk after checking it against its digest.  :return: True if written.
+    def unowned(self, owner: str, digests) -> list:
+        """The digests among ``digests`` that ``owner`` did not upload (a commit of an identity
+        whose dedup is its own may name only its own chunks: it uploads the others)."""
+        mine = self.meta.owned(owner, list(digests))
+        return list(dict.fromkeys(d for d in digests if d not in mine))
 
+    def put_chunk(self, digest: bytes, data, owner: str | None = None) -> bool:
+        """Store a chunk after checking it against its digest.
+
+        :param owner: the identity uploading it, when its dedup is its own: it then owns the
+            chunk, and the answer says only whether *it* had uploaded it before.
+        :return: True if written (for ``owner``: new to it).
         :raises IntegrityError: the data does not hash to ``digest``.
         """
+        written = self._put_chunk(digest, data)
+        if owner is None:
+            return written
+        return bool(self.meta.own(owner, [digest]))
+
+    def _put_chunk(self, digest: bytes, data) -> bool:
         if self.hash(data) != digest:
             raise IntegrityError(
                 f"chunk {digest.hex()[:16]} does not match its {self.digest_fn} digest; "
@@ -284,10 +345,12 @@ class Store:
         """Make a retained version current again (None: the newest); see :class:`Restore`."""
         return _raise_or(self.apply([(Restore(name, version, commit), None)])[0])
 
-    def remove_prefix(self, prefix: str, limit: int, name_bytes: int) -> tuple:
+    def remove_prefix(
+        self, prefix: str, limit: int, name_bytes: int, actor: str = "local"
+    ) -> tuple:
         """Remove up to ``limit`` names starting with ``prefix``, whose names add up to at most
         ``name_bytes`` (in UTF-8: the list the broker is told to invalidate), in one
-        transaction.
+        transaction; ``actor``: who asked (the audit log's).
 
         :return: ``(tombstones, more)``: more names remain under ``prefix``.
         """
@@ -298,7 +361,7 @@ class Store:
             if take and total > name_bytes:
                 break
             take.append(version)
-        changes = [Removal(v.name, uuid.uuid4().hex) for v in take]
+        changes = [Removal(v.name, uuid.uuid4().hex, actor, prefix) for v in take]
         results = self.meta.apply(changes, time.time(), {}) if changes else []
         # A name removed by someone else meanwhile is not an error of this request.
         return [r for r in results if isinstance(r, Version)], len(page) > len(take)
@@ -433,9 +496,11 @@ def _optional(extra: str, package: str, load):
         ) from None
 
 
-def open_local(path: str, keep_versions: int = 0, digest_fn: str | None = None) -> Store:
+def open_local(
+    path: str, keep_versions: int = 0, keep_for: float = 0.0, digest_fn: str | None = None
+) -> Store:
     """The store in data directory ``path``: ``meta.db`` (SQLite) and ``chunks/``."""
-    return open_store(path, keep_versions=keep_versions, digest_fn=digest_fn)
+    return open_store(path, keep_versions=keep_versions, keep_for=keep_for, digest_fn=digest_fn)
 
 
 def open_store(
@@ -443,6 +508,7 @@ def open_store(
     meta: str | None = None,
     chunks: str | None = None,
     keep_versions: int = 0,
+    keep_for: float = 0.0,
     digest_fn: str | None = None,
 ) -> Store:
     """Open a store.
@@ -453,6 +519,8 @@ def open_store(
     :param meta: None for SQLite in ``data``, or ``postgresql://USER@HOST:PORT/DB``.
     :param chunks: None for ``data/chunks``, or ``s3://BUCKET/PREFIX``.
     :param keep_versions: versions an overwrite or removal replaces kept per name (0: none).
+    :param keep_for: seconds each replaced version is held: kept whatever the count, until
+        then (0: none).
     :param digest_fn: the digest function a new store records (None: ``p.NEW_STORE_DIGEST``);
         an existing store keeps its own, and another one named here is refused.
     :raises StoreError: it cannot be used, with what to do about it.
@@ -507,7 +575,7 @@ def open_store(
             f"cannot use data directory {data}: {exc.strerror}; "
             f"check that it exists and is writable"
         ) from None
-    return Store(engine, backend, keep_versions)
+    return Store(engine, backend, keep_versions, keep_for)
 
 
 def _old_store_digest(asked: str | None) -> str:

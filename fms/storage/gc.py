@@ -7,7 +7,9 @@ references and that has been unreferenced for longer than the grace period is de
 :mod:`fms.storage.meta.base` for why this cannot race a commit).  Blobs with no row at all (a
 writer died between writing and recording, or a format-1 store held chunks no manifest named)
 are deleted once older than the grace period.  Tombstones and remembered commit ids are dropped
-after ``RETAIN_SECONDS``.  One collector at a time per store: a lease in the metadata engine,
+after ``RETAIN_SECONDS``, retained versions whose hold ran out (``--keep-for``) past the count
+kept, and audit entries older than the store keeps them (``audit_keep``).  Each collection is
+itself in the audit log.  One collector at a time per store: a lease in the metadata engine,
 renewed while it works.
 
 **fsck** walks the live versions in name order, a page at a time, reads every body, page and
@@ -24,6 +26,7 @@ import time
 from .. import wire as p
 from ..errors import IntegrityError, NotFound, Unavailable
 from .chunks.localdir import pid_alive
+from .meta.access import audit_entry
 from .meta.base import RETAIN_SECONDS
 
 DEFAULT_GRACE = 3600.0  # seconds an unreferenced chunk is kept before it is collected
@@ -32,18 +35,24 @@ LEASE_SECONDS = 120.0  # a collector that dies holds the lease this long at most
 BATCH = 500  # chunks doomed per transaction
 LIST_BATCH = 16  # bodies and pages deleted per transaction (each up to 2 MiB)
 FSCK_PAGE_BYTES = 256 * p.MiB  # chunk bytes one fsck page reads, so a page answers in seconds
+HOLD_BATCH = 500  # names whose expired holds are dropped per transaction
+AUDIT_KEEP = 90 * 86400.0  # seconds the audit log keeps an entry (the storage workers' default)
 
 log = logging.getLogger("fms.storage.gc")
 
 _HOLDER = f"{socket.gethostname()}:{os.getpid()}"
 
 
-def collect(store, grace: float = DEFAULT_GRACE, dry_run: bool = False, now=None) -> dict:
+def collect(
+    store, grace: float = DEFAULT_GRACE, dry_run: bool = False, now=None, actor: str = "system"
+) -> dict:
     """Collect what has been garbage for longer than ``grace`` seconds.
 
+    :param actor: who asked (the audit log's): an identity, or the system's own schedule.
     :return: ``chunks`` and ``bytes`` freed (or that would be, with ``dry_run``), ``orphans``
         among them (blobs no row knew), ``pages`` (stored chunk lists: pages and bodies) freed,
-        ``pruned`` tombstones and remembered ids.
+        ``pruned`` tombstones and remembered ids, ``expired`` retained versions dropped as their
+        hold ran out.
     :raises Unavailable: another collector holds the store's lease.
     """
     now = time.time() if now is None else now
@@ -58,8 +67,22 @@ def collect(store, grace: float = DEFAULT_GRACE, dry_run: bool = False, now=None
             "another storage worker is collecting garbage in this store right now; "
             "try again in a minute"
         )
-    freed = {"chunks": 0, "bytes": 0, "orphans": 0, "pages": 0, "pruned": 0, "dry_run": dry_run}
+    freed = {
+        "chunks": 0,
+        "bytes": 0,
+        "orphans": 0,
+        "pages": 0,
+        "pruned": 0,
+        "expired": 0,
+        "dry_run": dry_run,
+    }
     try:
+        if not dry_run:  # first: the chunks they release start their grace period now
+            while True:
+                expired = meta.expire_holds(now, HOLD_BATCH)
+                freed["expired"] += expired
+                if expired < HOLD_BATCH:
+                    break
         cutoff = now - grace
         if dry_run:
             freed["pages"] = sum(meta.collect_lists(cutoff, 2**62, dry_run=True))
@@ -86,11 +109,15 @@ def collect(store, grace: float = DEFAULT_GRACE, dry_run: bool = False, now=None
                 if not dry_run:
                     chunks.delete(digest)
                     meta.forget([digest])
+                    meta.disown([digest])
                 freed["orphans"] += 1
                 freed["chunks"] += 1
                 freed["bytes"] += size
         if not dry_run:
             freed["pruned"] = meta.prune(now - RETAIN_SECONDS)
+            meta.prune_audit(now - getattr(meta, "audit_keep", AUDIT_KEEP))
+            if actor != "system" or any(_counts(freed).values()):  # a background no-op: no line
+                meta.audit_write([audit_entry(now, actor, "gc", grace=grace, **_counts(freed))])
     finally:
         meta.release(LEASE, _HOLDER)
     if freed["chunks"] or freed["pruned"] or freed["pages"]:
@@ -106,6 +133,10 @@ def collect(store, grace: float = DEFAULT_GRACE, dry_run: bool = False, now=None
     return freed
 
 
+def _counts(freed: dict) -> dict:
+    return {k: v for k, v in freed.items() if k != "dry_run"}
+
+
 def _dead_here(holder: str) -> bool:
     """Whether a lease holder (``host:pid``) is a process of this host that no longer runs."""
     host, _, pid = holder.rpartition(":")
@@ -118,6 +149,7 @@ def _finish(meta, chunks, rows, freed):
     for row in blobs:
         chunks.delete(row.digest)
     meta.forget([r.digest for r in blobs])
+    meta.disown([r.digest for r in rows])  # whoever uploaded them has them no more
     freed["chunks"] += len(rows)
     freed["bytes"] += sum(r.size for r in rows)
 

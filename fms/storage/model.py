@@ -7,7 +7,8 @@ it.  A *change* asks the metadata engine to make a new version (:class:`NewVersi
 name (:class:`Removal`), give a name another name's content (:class:`Copy`: metadata only, what
 it lists gains one reference; with ``move``, the source is removed in the same transaction), or
 make a retained version current again (:class:`Restore`).  Every change has ``names``: the
-names it changes.
+names it changes, and ``actor``: the identity that asked for it (:mod:`fms.policy`), which the
+audit log records with it.
 
 With versions kept (``--keep-versions N``), a version that an overwrite or a removal replaces is
 *retained*: it keeps its chunks' references, and ``N`` of them per name are kept, the newest.
@@ -118,6 +119,7 @@ class NewVersion:
     pages: tuple | None = None
     digest_kind: str = p.DIGEST_TREE
     meta: dict = field(default_factory=dict)
+    actor: str = "local"
 
     @property
     def names(self) -> tuple:
@@ -138,10 +140,12 @@ class NewVersion:
 
 @dataclass(frozen=True, slots=True)
 class Removal:
-    """An rm: remove ``name``."""
+    """An rm: remove ``name``; ``prefix``: one of the names an ``rm -r`` of it removes."""
 
     name: str
     commit: str
+    actor: str = "local"
+    prefix: str | None = None
 
     @property
     def names(self) -> tuple:
@@ -156,6 +160,7 @@ class Copy:
     name: str
     commit: str
     move: bool = False
+    actor: str = "local"
 
     @property
     def names(self) -> tuple:
@@ -170,6 +175,7 @@ class Restore:
     name: str
     version: int | None
     commit: str
+    actor: str = "local"
 
     @property
     def names(self) -> tuple:

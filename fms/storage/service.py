@@ -17,6 +17,15 @@ GC and fsck run on a maintenance thread with a store of their own, so a long pas
 the worker's other requests; their replies are sent from the worker's thread by :meth:`tick` and
 :meth:`flush`.  (Heartbeats come from the link's own thread, :mod:`fms.worker`, whatever the
 service is doing.)
+
+Every request is decided by :mod:`fms.policy` for every name it touches, as the identity its
+authenticated key resolves to (:class:`~fms.storage.access.Access`, kept in ``route["who"]``
+while it is handled): reads per name, listings and counts filtered to what it may read, writes
+per name (both names of mv and cp), rm_prefix on the whole folder.  An identity that may not
+read the whole store sees dedup only for what it uploaded itself (``have``, ``put_chunk``,
+``put_page``, and the chunks or pages a commit may name: :class:`~fms.storage.access.Owner`),
+and reads a chunk or a page only through a file it may read that lists it
+(:class:`~fms.storage.access.Reads`).
 """
 
 import logging
@@ -27,9 +36,20 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+from .. import policy
 from .. import wire as p
-from ..errors import BadRequest, FmsError, RemoteError, TooLarge, Unavailable
+from ..errors import (
+    BadRequest,
+    FmsError,
+    Forbidden,
+    MissingChunks,
+    RemoteError,
+    TooLarge,
+    Unavailable,
+)
+from ..logutil import RateLimitedLog
 from . import gc
+from .access import Access, AccessOps, Reads
 from .engine import SMALL_CHUNK_MAX, Store, os_failure
 from .model import Copy, NewVersion, Removal, Restore
 
@@ -76,6 +96,10 @@ class StorageService:
         self._next_clean = 0.0
         self._next_gc = time.monotonic() + GC_INTERVAL
         self._maintenance = _Maintenance(maintenance_store) if maintenance_store else None
+        self.access = Access(store.meta)
+        self.access_ops = AccessOps(store, self.access, lambda: self.link, self._policy_changed)
+        self.reads = Reads(store)
+        self._quiet = RateLimitedLog(log)
         self._handlers = {
             "get": self.op_get,
             "chunk": self.op_chunk,
@@ -100,6 +124,8 @@ class StorageService:
             "versions": self.op_versions,
             "get_version": self.op_get_version,
             "restore": self.op_restore,
+            "purge": self.op_purge,
+            **self.access_ops.handlers(),
         }
 
     def handle_request(self, route: dict, header: dict, data):
@@ -118,19 +144,36 @@ class StorageService:
             # Its client stopped waiting (fms.worker stamps the deadline from the broker's ttl):
             # a short answer gives the broker its credit back, the work is not done.
             raise Unavailable("the request's deadline passed before storage could handle it; retry")
-        handler(route, header, data)
+        who = route["who"] = self.access.resolve(route, header)
+        try:
+            handler(route, header, data)
+        except Forbidden as exc:
+            self.access.refused(who, op, header, exc)
+            raise
 
     def handle_reply(self, header, data):
         log.warning("event=unexpected_reply id=%r", header.get("id"))
 
     def on_register(self):
-        pass
+        # The broker lets the store's identities in, and passes this on to the cache workers.
+        self._policy_changed(self.access.policy)
+
+    def on_policy(self, snapshot):
+        """Another storage worker's newer snapshot, passed on by the broker: decide with it at
+        once (the epoch check would find it within a second)."""
+        if snapshot.epoch > self.access.policy.epoch:
+            self.access.policy = snapshot
 
     def on_invalidate(self, name):
         pass
 
     def tick(self, now):
         self.flush()
+        try:
+            if self.access.refresh(time.monotonic()):
+                self._policy_changed(self.access.policy)
+        except FmsError as exc:  # the database is away: decide with what we have meanwhile
+            self._quiet.warning("event=access_refresh_failed error=%r", str(exc))
         if now >= self._next_clean:
             self._next_clean = now + CLEAN_INTERVAL
             removed = self.store.chunks.clean_tmp()
@@ -151,17 +194,29 @@ class StorageService:
             self._maintenance.store.close()
         self.store.close()
 
+    def _policy_changed(self, snapshot):
+        """Identities or grants changed (here, or seen by the epoch): tell the broker, which
+        tells the cache workers and this store's other workers (when it can)."""
+        send = getattr(self.link, "send_policy", None)
+        if send is not None:
+            send(snapshot)
+
     # --- read ops (also what the cache forwards on a miss) ---
 
+    @staticmethod
+    def _name(route, header, op: str, key: str = "name", role: str | None = None) -> str:
+        """A name the request touches, checked and allowed for its identity."""
+        name = p.check_name(p.need(header, key, str))
+        policy.check(route["who"], op, name, role)
+        return name
+
     def op_get(self, route, header, data):
-        self._reply_manifest(
-            route, header, self.store.version(p.check_name(p.need(header, "name", str)))
-        )
+        self._reply_manifest(route, header, self.store.version(self._name(route, header, "get")))
 
     def op_get_version(self, route, header, data):
         """A retained (or the current) version's manifest, as ``get`` answers it."""
         version = self.store.retained_version(
-            p.check_name(p.need(header, "name", str)), p.need_int(header, "version", lo=1)
+            self._name(route, header, "get_version"), p.need_int(header, "version", lo=1)
         )
         self._reply_manifest(route, header, version)
 
@@ -173,7 +228,7 @@ class StorageService:
         self.link.reply(route, p.ok_reply(header["id"], manifest=manifest), frame)
 
     def op_versions(self, route, header, data):
-        found = self.store.versions(p.check_name(p.need(header, "name", str)))
+        found = self.store.versions(self._name(route, header, "versions"))
         current = found[0].version if self.store.meta.get(found[0].name) else None
         self.link.reply(
             route,
@@ -188,6 +243,7 @@ class StorageService:
         batch = p.BatchReply()
         for name in p.need_names(header):
             try:
+                policy.check(route["who"], "get_many", name)
                 version = self.store.version(name)
                 frame = None
                 if p.travels_inline(version.size, version.count):
@@ -203,6 +259,10 @@ class StorageService:
 
     def op_chunk(self, route, header, data):
         digest = p.need_hash(header, "hash")
+        if not route["who"].all:
+            # By digest alone a chunk would tell whether anyone stores a content one guesses,
+            # and give it to whoever learnt the digest: it is read through a file one may read.
+            self.reads.check_chunk(route["who"], header, digest)
         size = p.need_int(header, "len", hi=p.MAX_CHUNK_SIZE, optional=True)
         if self._reader is not None and size is not None and size > SMALL_CHUNK_MAX:
             # A blob (never kept in the metadata engine): read with the others of this drain.
@@ -241,11 +301,14 @@ class StorageService:
 
     def op_page(self, route, header, data):
         """A page of a chunk list, or a body, by its id (what a client reads a long list by)."""
-        blob = self.store.read_list(p.need_hash(header, "hash"))
+        ident = p.need_hash(header, "hash")
+        if not route["who"].all:
+            self.reads.check_page(route["who"], header, ident)
+        blob = self.reads.blob(ident)
         self.link.reply(route, p.ok_reply(header["id"]), p.pack_data(blob))
 
     def op_stat(self, route, header, data):
-        version = self.store.version(p.check_name(p.need(header, "name", str)), lists=False)
+        version = self.store.version(self._name(route, header, "stat"), lists=False)
         self.link.reply(route, p.ok_reply(header["id"], stat=version.summary()))
 
     def op_ls(self, route, header, data):
@@ -254,8 +317,9 @@ class StorageService:
         limit = p.need_int(
             header, "limit", lo=1, hi=p.LS_PAGE_MAX, optional=True, default=p.LS_PAGE_DEFAULT
         )
+        scans = policy.scans(route["who"], policy.READ, prefix)
         if p.need(header, "folders", bool, optional=True, default=False):
-            entries, folders, cursor = self.store.list_folder(prefix, after, limit)
+            entries, folders, cursor = self.store.list_folder(prefix, after, limit, scans)
             self.link.reply(
                 route,
                 p.ok_reply(
@@ -267,7 +331,7 @@ class StorageService:
                 ),
             )
             return
-        page = self.store.list(prefix, after, limit + 1)
+        page = self.store.list(prefix, after, limit + 1, scans)
         self.link.reply(
             route,
             p.ok_reply(
@@ -277,7 +341,7 @@ class StorageService:
 
     def op_du(self, route, header, data):
         prefix = p.check_prefix(p.need(header, "prefix", str, optional=True, default=""))
-        files, nbytes = self.store.usage(prefix)
+        files, nbytes = self.store.usage(prefix, policy.scans(route["who"], policy.READ, prefix))
         self.link.reply(route, p.ok_reply(header["id"], du={"files": files, "bytes": nbytes}))
 
     def op_cache_stats(self, route, header, data):
@@ -285,29 +349,59 @@ class StorageService:
         self.link.reply(route, p.ok_reply(header["id"], cache=None))
 
     def op_usage(self, route, header, data):
-        self.link.reply(route, p.ok_reply(header["id"], store=self.store.totals().as_dict()))
+        who = route["who"]
+        if who.all:
+            self.link.reply(route, p.ok_reply(header["id"], store=self.store.totals().as_dict()))
+            return
+        # What it may read; the chunks held (after dedup) are the whole store's: not its.
+        files, nbytes = self.store.usage("", policy.scans(who, policy.READ, ""))
+        self.link.reply(route, p.ok_reply(header["id"], store={"files": files, "bytes": nbytes}))
 
     # --- write ops ---
 
+    @staticmethod
+    def _owner(route) -> str | None:
+        """The identity whose dedup is its own (it may not read the whole store), or None."""
+        who = route["who"]
+        return None if who.all else who.name
+
     def op_have(self, route, header, data):
+        policy.check_op(route["who"], "have")
         hashes = p.need_hashes(header, "hashes", p.MAX_HAVE_BATCH)
-        self.link.reply(route, p.ok_reply(header["id"], missing=self.store.missing(hashes)))
+        missing = self.store.missing(hashes, self._owner(route))
+        self.link.reply(route, p.ok_reply(header["id"], missing=missing))
 
     def op_put_chunk(self, route, header, data):
+        policy.check_op(route["who"], "put_chunk")
         digest = p.need_hash(header, "hash")
         if data is None:
             raise BadRequest("put_chunk needs a data frame")
         payload = p.unpack_data(data.buffer)
         if len(payload) > p.MAX_CHUNK_SIZE:
             raise TooLarge(f"chunk of {len(payload)} bytes; chunks are at most {p.MAX_CHUNK_SIZE}")
-        written = self.store.put_chunk(digest, payload)
+        written = self.store.put_chunk(digest, payload, self._owner(route))
         self.link.reply(route, p.ok_reply(header["id"], written=written))
 
     def op_put_page(self, route, header, data):
+        policy.check_op(route["who"], "put_page")
         page_id = p.need_hash(header, "hash")
         if data is None:
             raise BadRequest("put_page needs a data frame: the page's digests back to back")
-        written = self.store.put_page(page_id, p.unpack_data(data.buffer))
+        blob = p.unpack_data(data.buffer)
+        owner = self._owner(route)
+        if owner is not None:
+            # A page may list only chunks its sender uploaded (else it could list another's and
+            # read them through a file of its own): it sends those first.
+            unowned = self.store.unowned(owner, p.split_digests(blob))
+            if unowned:
+                raise MissingChunks(
+                    f"{len(unowned)} chunk(s) this page lists are not in the store; upload "
+                    f"them and send the page again",
+                    missing=unowned,
+                )
+        written = self.store.put_page(page_id, blob)
+        if owner is not None:
+            written = bool(self.store.meta.own(owner, [page_id]))
         self.link.reply(route, p.ok_reply(header["id"], written=written))
 
     def op_commit(self, route, header, data):
@@ -319,8 +413,9 @@ class StorageService:
             )
         if ("chunks" in header) == ("pages" in header):
             raise BadRequest("a commit lists either its chunks or its pages")
+        name = self._name(route, header, "commit")
         change = NewVersion(
-            name=p.check_name(p.need(header, "name", str)),
+            name=name,
             extents=p.unpack_extents(p.need(header, "extents", bytes)),
             digest=p.need_hash(header, "digest"),
             mtime=p.check_mtime(
@@ -330,8 +425,17 @@ class StorageService:
             chunks=_hashes(header, "chunks", p.INLINE_CHUNKS),
             pages=_hashes(header, "pages", p.MAX_PAGES),
             meta=p.check_meta(p.need(header, "meta", dict, optional=True, default={})),
+            actor=route["who"].name,
         )
         inline = bytes(p.unpack_data(data.buffer)) if data is not None else None
+        owner = self._owner(route)
+        if owner is not None:
+            # Only its own chunks (or pages): naming another's would tell it that someone stores
+            # them, and let it read them.  It uploads the others (the reply lists them).
+            listed = change.pages if change.pages is not None else change.chunks or ()
+            unowned = self.store.unowned(owner, listed[1:] if inline else listed)
+            if unowned:
+                raise MissingChunks.absent(name, unowned)
         self._pending.append((route, header, change, inline))
 
     def op_commit_many(self, route, header, data):
@@ -368,6 +472,7 @@ class StorageService:
                 p.check_mtime(p.need(item, "mtime", (int, float))),
                 _commit_id(item),
                 chunks=chunks,
+                actor=route["who"].name,
             )
             requests.append((change, bytes(payload[offset : offset + size]) if size else None))
             offset += size
@@ -378,7 +483,20 @@ class StorageService:
             )
         if self._pending:
             self._apply_pending()  # changes apply in the order they arrived
-        results = self.store.apply(requests)
+        who, allowed, results = route["who"], [], [None] * count
+        for i, (change, _inline) in enumerate(requests):
+            try:
+                policy.check(who, "commit_many", change.name)
+                allowed.append(i)
+            except Forbidden as exc:  # this file's refusal, not the batch's
+                self.access.refused(who, "commit_many", {"name": change.name}, exc)
+                results[i] = exc
+        made = self.store.apply([requests[i] for i in allowed])
+        for i, result in zip(allowed, made, strict=True):
+            results[i] = result
+        self._own_inline(
+            route, [req for req, r in zip(requests, results, strict=True) if not _failed(r)]
+        )
         out, changed = [], []
         for result in results:
             if isinstance(result, FmsError):
@@ -395,45 +513,77 @@ class StorageService:
         # The broker drops every changed name from the cache before it forwards this ack.
         self.link.reply(route, p.ok_reply(header["id"], results=out), invalidate=changed)
 
+    def _own_inline(self, route, requests):
+        """An identity whose dedup is its own owns the chunks it sent inline with commits that
+        were made (it sent their content)."""
+        owner = self._owner(route)
+        digests = [c.chunks[0] for c, inline in requests if inline is not None and c.chunks]
+        if owner is not None and digests:
+            self.store.meta.own(owner, digests)
+
     def op_rm(self, route, header, data):
         change = Removal(
-            p.check_name(p.need(header, "name", str)), _commit_id(header, optional=True)
+            self._name(route, header, "rm"),
+            _commit_id(header, optional=True),
+            route["who"].name,
         )
         self._pending.append((route, header, change, None))
 
     def op_mv(self, route, header, data):
-        self._pending.append((route, header, self._copy(header, move=True), None))
+        self._pending.append((route, header, self._copy(route, header, "mv"), None))
 
     def op_cp(self, route, header, data):
-        self._pending.append((route, header, self._copy(header, move=False), None))
+        self._pending.append((route, header, self._copy(route, header, "cp"), None))
 
-    @staticmethod
-    def _copy(header, move: bool) -> Copy:
+    def _copy(self, route, header, op: str) -> Copy:
+        """mv needs write on both names (the source goes), cp read on the source."""
         return Copy(
-            p.check_name(p.need(header, "src", str)),
-            p.check_name(p.need(header, "name", str)),
+            self._name(route, header, op, "src", policy.WRITE if op == "mv" else policy.READ),
+            self._name(route, header, op),
             _commit_id(header),
-            move,
+            op == "mv",
+            route["who"].name,
         )
 
     def op_restore(self, route, header, data):
         change = Restore(
-            p.check_name(p.need(header, "name", str)),
+            self._name(route, header, "restore"),
             p.need_int(header, "version", lo=1, optional=True, default=None),
             _commit_id(header),
+            route["who"].name,
         )
         self._pending.append((route, header, change, None))
 
+    def op_purge(self, route, header, data):
+        """Remove a version (``version``), or every version (``all``), of a name for good,
+        held or not: an admin's.  The broker drops the name from the cache before the ack."""
+        name = self._name(route, header, "purge")
+        version = p.need_int(header, "version", lo=1, optional=True, default=None)
+        every = p.need(header, "all", bool, optional=True, default=False)
+        if (version is None) == (not every):
+            raise BadRequest("purge takes one of 'version' (a number) or 'all': true")
+        if self._pending:
+            self._apply_pending()  # changes apply in the order they arrived
+        purged = self.store.meta.purge(
+            name, version, every, time.time(), route["who"].name, _commit_id(header, optional=True)
+        )
+        log.info("event=purge name=%r versions=%s by=%s", name, purged, route["who"].name)
+        self.link.reply(route, p.ok_reply(header["id"], purged=purged), invalidate=name)
+
     def op_rm_prefix(self, route, header, data):
-        """A page of the names under ``prefix`` removed in one transaction: `rm -r` costs one
-        request per page, not one per name."""
-        prefix = p.check_prefix(p.need(header, "prefix", str))
+        """A page of the names under the folder ``prefix`` removed in one transaction: `rm -r`
+        costs one request per page, not one per name.  ``album`` and ``album/`` both mean the
+        names under ``album/``, never ``albumX``."""
+        prefix = p.check_folder(p.need(header, "prefix", str))
         if not prefix:
             raise BadRequest("rm_prefix needs a non-empty prefix")
+        policy.check_folder(route["who"], "rm_prefix", prefix)
         limit = p.need_int(header, "limit", lo=1, hi=RM_PAGE, optional=True, default=RM_PAGE)
         if self._pending:
             self._apply_pending()  # changes apply in the order they arrived
-        removed, more = self.store.remove_prefix(prefix, limit, RM_PAGE_NAME_BYTES)
+        removed, more = self.store.remove_prefix(
+            prefix, limit, RM_PAGE_NAME_BYTES, route["who"].name
+        )
         names = [v.name for v in removed]
         # The broker drops every removed name from the cache before it forwards this ack.
         self.link.reply(route, p.ok_reply(header["id"], removed=names, more=more), invalidate=names)
@@ -441,6 +591,7 @@ class StorageService:
     def flush(self):
         """Apply the commits and removes received since the last flush in one transaction,
         answer them, and send what the maintenance thread finished."""
+        self.access.flush()  # refusals first: they came before the changes pending now
         if self._pending:
             self._apply_pending()
         if self._reads:
@@ -460,7 +611,9 @@ class StorageService:
         except Exception as exc:  # a bug: every commit of the group still gets an answer
             log.exception("event=group_commit_crashed error=%r", exc)
             results = [FmsError(f"internal error: {exc!r}")] * len(pending)
-        for (route, header, change, _inline), result in zip(pending, results, strict=False):
+        for (route, header, change, inline), result in zip(pending, results, strict=False):
+            if inline is not None and not _failed(result):
+                self._own_inline(route, [(change, inline)])
             self._answer_change(route, header, change, result)
 
     def _answer_change(self, route, header, change, result):
@@ -507,13 +660,20 @@ class StorageService:
     # --- maintenance ops ---
 
     def op_gc(self, route, header, data):
+        policy.check_op(route["who"], "gc")
         grace = p.need(header, "grace", (int, float), optional=True, default=self.gc_grace)
         if not 0 <= grace <= p.MAX_GC_GRACE:
             raise BadRequest(f"grace {grace!r} must be between 0 seconds and 10 years")
         dry_run = p.need(header, "dry_run", bool, optional=True, default=False)
-        self._run(route, header, lambda store: {"gc": gc.collect(store, float(grace), dry_run)})
+        actor = route["who"].name
+        self._run(
+            route,
+            header,
+            lambda store: {"gc": gc.collect(store, float(grace), dry_run, actor=actor)},
+        )
 
     def op_fsck(self, route, header, data):
+        policy.check_op(route["who"], "fsck")
         after = p.need(header, "after", str, optional=True, default="")
         self._run(route, header, lambda store: {"fsck": gc.fsck_page(store, after)})
 
@@ -530,6 +690,10 @@ class StorageService:
     def _background_gc(self, store):
         gc.collect(store, self.gc_grace)
         return {}
+
+
+def _failed(result) -> bool:
+    return result is None or isinstance(result, FmsError)
 
 
 def _hashes(header, key: str, limit: int) -> tuple | None:

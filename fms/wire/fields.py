@@ -2,6 +2,7 @@
 bare indexing.  Also the rules for names, hashes, mtimes and how a file splits into chunks."""
 
 import re
+import unicodedata
 
 from ..errors import BadRequest
 from .messages import INLINE_MAX
@@ -11,6 +12,7 @@ __all__ = [
     "MAX_NAME_BYTES",
     "MTIME_MAX",
     "MTIME_MIN",
+    "check_folder",
     "check_mtime",
     "check_name",
     "check_prefix",
@@ -111,15 +113,22 @@ def _kind_name(kind) -> str:
 # --- names ---
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
+# Characters that make a name show as another (bidi controls: `invoice\u202efdp.exe` shows as
+# `invoiceexe.pdf`) or two names show alike (zero-width characters).
+_HIDDEN = re.compile(
+    "[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"  # bidi marks, embeddings, isolates
+    "\u200b-\u200d\u2060\ufeff\u180e]"  # zero-width space, (non-)joiner, word joiner, BOM
+)
 
 
 def check_name(name) -> str:
-    """Return ``name`` if it is a valid key, else raise :class:`BadRequest` saying why.
+    """Return ``name`` in NFC if it is a valid key, else raise :class:`BadRequest` saying why.
 
     A name is a key, not a path: relative, ``/``-separated, no empty, ``.`` or ``..`` parts,
-    no NUL or control characters, at most 1024 bytes in UTF-8.  Storage never uses a name as a
-    path (manifests live under the sha256 of the name), so this is about clear errors and about
-    ``get -r`` writing only inside its destination.
+    no NUL or control characters, no bidi controls or zero-width characters, at most 1024 bytes
+    in UTF-8.  It is normalised to NFC, so ``café`` typed as ``e`` + a combining accent and as
+    ``é`` is one name.  Storage never uses a name as a path, so this is about clear errors,
+    names that show as what they are, and ``get -r`` writing only inside its destination.
     """
     if not isinstance(name, str):
         raise BadRequest(f"a name must be a string, got {type(name).__name__}")
@@ -129,7 +138,17 @@ def check_name(name) -> str:
         raise BadRequest(f"name {name!r} contains a NUL byte; remove it")
     if _CONTROL.search(name):
         raise BadRequest(f"name {name!r} contains a control character; remove it")
+    hidden = _HIDDEN.search(name)
+    if hidden:
+        char = hidden.group()
+        raise BadRequest(
+            f"name {name!a} contains U+{ord(char):04X} "
+            f"{unicodedata.name(char, 'FORMAT CHARACTER')} at character {hidden.start() + 1}: "
+            f"bidi controls and zero-width characters are not allowed in names (they make a "
+            f"name show as another); remove it"
+        )
     try:
+        name = unicodedata.normalize("NFC", name)
         size = len(name.encode("utf-8"))
     except UnicodeEncodeError:
         raise BadRequest(f"name {name!r} is not valid UTF-8") from None
@@ -160,9 +179,19 @@ def check_mtime(mtime) -> float:
 
 
 def check_prefix(prefix) -> str:
-    """A listing prefix: any string without NUL, at most MAX_NAME_BYTES."""
+    """A listing prefix: any string without NUL, at most MAX_NAME_BYTES, in NFC (as names)."""
     if not isinstance(prefix, str):
         raise BadRequest(f"a prefix must be a string, got {type(prefix).__name__}")
     if "\x00" in prefix or len(prefix.encode("utf-8", "replace")) > MAX_NAME_BYTES:
         raise BadRequest("prefix contains a NUL byte or is over 1024 bytes")
-    return prefix
+    try:
+        return unicodedata.normalize("NFC", prefix)
+    except UnicodeError:
+        raise BadRequest(f"prefix {prefix!r} is not valid UTF-8") from None
+
+
+def check_folder(prefix) -> str:
+    """A folder, as ``rm -r``, ``du``, ``ls -r`` and ``find`` mean it: ``album`` and ``album/``
+    both mean the names under ``album/`` (never ``albumX``); ``""`` is every name."""
+    prefix = check_prefix(prefix)
+    return prefix if not prefix or prefix.endswith("/") else prefix + "/"

@@ -99,6 +99,16 @@ OP_SERVICE = {
     "usage": STORAGE,  # the store's totals
     "gc": STORAGE,  # collect garbage now
     "fsck": STORAGE,  # check a page of stored files' chunks
+    "purge": STORAGE,  # remove versions of a name for good (an admin's)
+    "whoami": STORAGE,  # the identity a request comes from, and its grants
+    "id_add": STORAGE,  # identities, their keys and grants (a store admin's): fms.policy
+    "id_ls": STORAGE,
+    "id_rm": STORAGE,
+    "id_key": STORAGE,
+    "grant": STORAGE,
+    "revoke": STORAGE,
+    "audit": STORAGE,  # a page of the audit log
+    "s3_key": STORAGE,  # an S3 access key id -> its identity (the S3 gateway's)
     "status": BROKER,  # answered by the broker itself: live workers
     "hello": BROKER,  # answered by the broker itself: the store and its digest function
 }
@@ -122,6 +132,7 @@ ERROR_CODES = (
     "busy",
     "no_space",
     "refused",
+    "forbidden",
     "too_large",
     "version",
     "internal",

@@ -28,6 +28,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 from ..model import Totals, Version
+from .access import AccessMeta
 
 # How long a finished commit's id is remembered (a retry of it is answered with its result), and
 # how long a removed name's tombstone is kept (its version number carries over to a re-created
@@ -50,7 +51,7 @@ class ChunkRow:
         return self.data is not None
 
 
-class MetaEngine(ABC):
+class MetaEngine(AccessMeta, ABC):
     """One store's metadata.  ``store_id`` identifies the store (workers on one store share it);
     ``digest_fn`` names the digest function it recorded when it was created, and ``hash`` is
     that function's helper (:mod:`fms.wire.digests`)."""

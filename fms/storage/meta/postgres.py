@@ -31,7 +31,12 @@ def redact(url: str) -> str:
 class PostgresMeta(SQLMeta):
     """:param url: a libpq connection URL (``postgresql://...``)."""
 
-    types = {"blob": "BYTEA", "real": "DOUBLE PRECISION", "name_type": 'TEXT COLLATE "C"'}
+    types = {
+        "blob": "BYTEA",
+        "real": "DOUBLE PRECISION",
+        "name_type": 'TEXT COLLATE "C"',
+        "serial": "BIGSERIAL PRIMARY KEY",
+    }
     begin_write = "BEGIN"
     begin_read = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
     lazy_commit = ("SET synchronous_commit TO OFF", "SET synchronous_commit TO ON")

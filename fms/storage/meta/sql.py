@@ -39,6 +39,7 @@ import msgpack
 from ... import wire as p
 from ...errors import BadRequest, FmsError, MissingChunks, NotFound, Unavailable
 from ..model import Copy, NewVersion, Removal, Restore, Totals, Version, check_chunks, check_pages
+from .access import AccessSQL, change_entry
 from .base import ChunkRow, MetaEngine
 
 FORMAT = 3  # the store's format; 1 was one manifest file per name, 2 a chunk list per row
@@ -249,7 +250,7 @@ class WrongDigest(FmsError):
     """The store records another digest function than the one asked for."""
 
 
-class SQLMeta(MetaEngine):
+class SQLMeta(AccessSQL, MetaEngine):
     """The engine over a DB-API connection ``self.db`` in autocommit mode; subclasses open it."""
 
     # Dialect: overridden by subclasses.
@@ -323,6 +324,7 @@ class SQLMeta(MetaEngine):
                 "INSERT INTO settings VALUES ('store_id', ?) ON CONFLICT (key) DO NOTHING",
                 (store_id,),
             )
+            self._create_access_schema()
             made = (digest_fn or p.NEW_STORE_DIGEST) if found is None else p.OLD_STORE_DIGEST
             self._execute(
                 "INSERT INTO settings VALUES ('digest', ?) ON CONFLICT (key) DO NOTHING",
@@ -612,6 +614,7 @@ class SQLMeta(MetaEngine):
                 self._execute(f"SAVEPOINT c{i}")
                 saved = list(self._delta)
                 self._chunk_refs = collections.Counter()
+                self._made = False  # set by _log: this change was made now (not a retry's)
                 try:
                     if isinstance(change, NewVersion):
                         claimed = {}  # live now, of this size: no need to look them up again
@@ -630,6 +633,8 @@ class SQLMeta(MetaEngine):
                     # The chunk references the change takes and releases, in one pass sorted by
                     # digest: two transactions always lock shared rows in the same order.
                     self._refs("chunks", "digest", *_by_delta(self._chunk_refs), now)
+                    if self._made:
+                        self._audit(change_entry(change, result, now))
                     self._execute(f"RELEASE SAVEPOINT c{i}")
                 except FmsError as exc:
                     if getattr(exc, "whole_transaction", False):
@@ -655,6 +660,7 @@ class SQLMeta(MetaEngine):
         return Version(**msgpack.unpackb(bytes(row[3]), raw=False))
 
     def _log(self, kind, version: Version, now, request=None):
+        self._made = True
         # The `sha256` column holds the digest of the whole request (see _request_digest), so a
         # retry is recognised only if it is the very same request.  The result is the stat of
         # what it made, never its chunk list.
@@ -849,25 +855,39 @@ class SQLMeta(MetaEngine):
         return tomb
 
     def _release(self, old: Version, now):
-        """``old`` stops being current: retained with its references (versions kept), or its
-        references released; retained versions past :attr:`keep_versions` release theirs."""
-        if self.keep_versions > 0:
+        """``old`` stops being current: retained with its references (versions kept, and held
+        for ``keep_for``), or its references released; retained versions past
+        :attr:`keep_versions` and no longer held release theirs."""
+        if self.keep_versions > 0 or self.keep_for > 0:
             self._execute(
                 f"INSERT INTO retained ({_ROW_COLUMNS}) VALUES ({_marks(15)}) "
                 f"ON CONFLICT (name, version) DO NOTHING",
                 _row(old),
             )
+            self._hold(old.name, old.version, now)
         else:
             self._reference(old, -1, now)
+        self._push_out(old.name, now)
+
+    def _push_out(self, name: str, now: float) -> int:
+        """Drop the retained versions of ``name`` past the :attr:`keep_versions` newest, but
+        those still held (``--keep-for``: no change pushes them out before their time), and
+        release their references.  :return: how many were dropped."""
+        held = self._held(name, now)
+        dropped = 0
         for row in self._execute(
             f"SELECT {_ROW_COLUMNS} FROM retained WHERE name = ? ORDER BY version DESC",
-            (old.name,),
+            (name,),
         ).fetchall()[self.keep_versions :]:
-            dropped = _version(row)
+            old = _version(row)
+            if old.version in held:
+                continue
             self._execute(
-                "DELETE FROM retained WHERE name = ? AND version = ?", (old.name, dropped.version)
+                "DELETE FROM retained WHERE name = ? AND version = ?", (name, old.version)
             )
-            self._reference(dropped, -1, now)
+            self._reference(old, -1, now)
+            dropped += 1
+        return dropped
 
     def _reference(self, version: Version, delta: int, now):
         """Take (``delta`` 1) or release (-1) a version's references: on its body, or on each
