@@ -5,7 +5,6 @@ import pytest
 from storage_helpers import h, new_version, split
 from test_meta_engine import ENGINES, NOW, claim_all, commit, remove, second_connection
 
-from fms import wire as p
 from fms.errors import BadRequest, NotFound
 from fms.storage.model import Copy, Removal
 
