@@ -637,12 +637,13 @@ def test_hello_says_the_stores_digest_function_once_storage_has_announced_it(cor
     ask(core, b"c", "hello", 1)
     assert replies_to(core.transport.take(), b"c")[0]["error"] == "unavailable"  # no storage
     ready(core, b"k", p.CACHE)
-    assert routes_to(core.transport.take(), b"k") == [{"t": "welcome"}]  # not known yet
+    assert routes_to(core.transport.take(), b"k") == [{"t": "welcome", "pol": True}]  # not yet
     ready(core, b"s", p.STORAGE)
     sent = core.transport.take()
     # The cache hears of it before anything can be dispatched to the storage worker.
-    assert routes_to(sent, b"k") == [{"t": "welcome", "digest_fn": p.BLAKE3}]
-    assert routes_to(sent, b"s") == [{"t": "welcome", "digest_fn": p.BLAKE3}]
+    told = {"t": "welcome", "pol": True, "digest_fn": p.BLAKE3}
+    assert routes_to(sent, b"k") == [told]
+    assert routes_to(sent, b"s") == [told]
     ask(core, b"c", "hello", 2)
     (reply,) = replies_to(core.transport.take(), b"c")
     assert reply["ok"] and (reply["store"], reply["digest_fn"]) == ("s1", p.BLAKE3)
