@@ -224,10 +224,17 @@ def make_small_files(folder: str, count: int, size: int = SMALL) -> str:
     return folder
 
 
+# As on a user's machine, compiled modules are cached (.pyc): a sandbox that sets
+# PYTHONDONTWRITEBYTECODE would have every CLI run compile fms's modules again (about 30 ms).
+CLI_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
 def run_cli(frontend: str, *args, **kwargs) -> subprocess.CompletedProcess:
     """``client.py --broker FRONTEND --quiet ARGS`` in a new process, as a user runs it."""
     return subprocess.run(
-        [sys.executable, CLIENT_PY, "--broker", frontend, "--quiet", *args], **kwargs
+        [sys.executable, CLIENT_PY, "--broker", frontend, "--quiet", *args],
+        env=CLI_ENV,
+        **kwargs,
     )
 
 

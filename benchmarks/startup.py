@@ -7,15 +7,17 @@ Starts a cluster (the tests' helper) with a few stored names, then runs, round a
 in a new order each round: ``python -c "import zmq, msgpack"`` (the peer), ``python client.py
 --help``, ``python client.py ls``, ``python client.py ls -r`` and ``python client.py stat NAME``
 against it, each a fresh process, with compiled modules cached (.pyc) as on a user's machine.
-Reports each one's median and the ratio to the peer's median in the same run (target: at most
-1.5x).  Taking turns, rather than one command's runs after another's, keeps a shared machine's
-changing load out of the ratios.
+Reports each one's median wall time and the ratio to the peer's median in the same run (target:
+at most 1.5x), and the same for CPU time (user + system), which a loaded machine disturbs less.
+Taking turns, rather than one command's runs after another's, keeps a shared machine's changing
+load out of the ratios.
 """
 
 import argparse
 import json
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -46,30 +48,38 @@ def commands(frontend: str) -> dict:
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 
-def run_once(argv: list) -> float:
+def run_once(argv: list) -> tuple:
+    """(wall seconds, CPU seconds: user + system) of one whole process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, env=ENV)
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def measure(frontend: str, rounds: int) -> dict:
     cmds = commands(frontend)
     for argv in cmds.values():  # warm the page cache and the .pyc files
         run_once(argv)
-    times = {name: [] for name in cmds}
+    walls, cpus = {name: [] for name in cmds}, {name: [] for name in cmds}
     order = list(cmds)
     for _ in range(rounds):
         random.shuffle(order)
         for name in order:
-            times[name].append(run_once(cmds[name]))
-    peer = statistics.median(times["peer"])
+            wall, cpu = run_once(cmds[name])
+            walls[name].append(wall)
+            cpus[name].append(cpu)
+    peer, peer_cpu = statistics.median(walls["peer"]), statistics.median(cpus["peer"])
     return {
         name: {
-            "median_ms": round(statistics.median(t) * 1000, 1),
-            "min_ms": round(min(t) * 1000, 1),
-            "ratio": round(statistics.median(t) / peer, 2),
+            "median_ms": round(statistics.median(walls[name]) * 1000, 1),
+            "min_ms": round(min(walls[name]) * 1000, 1),
+            "ratio": round(statistics.median(walls[name]) / peer, 2),
+            "cpu_ms": round(statistics.median(cpus[name]) * 1000, 1),
+            "cpu_ratio": round(statistics.median(cpus[name]) / peer_cpu, 2),
         }
-        for name, t in times.items()
+        for name in cmds
     }
 
 
@@ -92,10 +102,16 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(results, indent=1))
         return 0
-    print(f"{'command':<10} {'median ms':>10} {'min ms':>8} {'vs peer':>8}  target <= {TARGET}x")
+    print(
+        f"{'command':<10} {'median ms':>10} {'min ms':>8} {'vs peer':>8}  "
+        f"{'CPU ms':>7} {'vs peer':>8}  target <= {TARGET}x"
+    )
     for name, r in results.items():
         met = "" if name == "peer" else ("yes" if r["ratio"] <= TARGET else "NO")
-        print(f"{name:<10} {r['median_ms']:>10} {r['min_ms']:>8} {r['ratio']:>7}x  {met}")
+        print(
+            f"{name:<10} {r['median_ms']:>10} {r['min_ms']:>8} {r['ratio']:>7}x  "
+            f"{r['cpu_ms']:>7} {r['cpu_ratio']:>7}x  {met}"
+        )
     print(f"(peer: python -c 'import zmq, msgpack'; {args.rounds} rounds, commands in turns)")
     return 0
 

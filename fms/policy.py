@@ -315,6 +315,23 @@ def check(who: Identity, op: str, name: str, role: str | None = None):
         raise _refuse(who, op, repr(name), role, f"{name!r} or a folder above it")
 
 
+def check_through_file(who: Identity, header: dict, op: str) -> str:
+    """The file through which ``who`` reads a chunk or a page (``op``): the request's field
+    ``name``, which ``who`` must be allowed to read.  :raises Forbidden: no name, or one it may
+    not read.  :raises BadRequest: not a valid name."""
+    from .wire.fields import check_name
+
+    name = header.get("name")
+    if not isinstance(name, str):
+        raise Forbidden(
+            f"forbidden: {who.name!r} may read a chunk only through a file it belongs to "
+            f"(field 'name'); fms.Client sends it"
+        )
+    name = check_name(name)
+    check(who, op, name)
+    return name
+
+
 def check_folder(who: Identity, op: str, folder: str, role: str | None = None):
     """That ``who`` may do ``op`` on every name under ``folder/`` (rm -r).  :raises Forbidden:"""
     if who.all:

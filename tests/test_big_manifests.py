@@ -237,3 +237,23 @@ def test_files_stored_before_protocol_2_are_read_and_checked_by_their_own_digest
         assert c.put_bytes(b"new", "old/small")["digest_kind"] == "tree"
         [report] = list(c.fsck())
         assert (report["damaged"], report["refcount_errors"]) == ([], 0)
+
+
+def test_an_ls_page_stays_within_its_bound_whatever_metadata_its_entries_hold(cluster):
+    """The broker reserves `limit` x 1,280 bytes for an ls reply; entries carry their metadata
+    (up to 2 KiB each, what S3 listings need: an ETag), so such a page holds fewer entries and
+    says there are more."""
+    meta = {f"k{i:02d}": "v" * 60 for i in range(30)}
+    names = [f"d/{i:02d}/" + "n" * 1000 for i in range(10)]
+    with cluster.client() as c:
+        for name in names:
+            c.put_bytes(b"x", name, meta=meta)
+        for folders in (False, True):
+            header, _ = c.call("ls", prefix="d/", limit=5, folders=folders)
+            assert len(p.encode(header)) <= 5 * p.LS_ENTRY_MAX + 4096
+        header, _ = c.call("ls", prefix="d/", limit=5)
+        assert 1 <= len(header["entries"]) < 5 and header["more"]
+        listed = c.ls("d/")  # paged through, a page at a time
+        assert [e["name"] for e in listed] == names and listed[0]["meta"] == meta
+        inside = list(c.iter_folder("d/00/", page=1))
+        assert [e["name"] for e in inside] == [names[0]] and inside[0]["meta"] == meta

@@ -10,6 +10,7 @@ from storage_helpers import h
 
 from fms import wire as p
 from fms.broker import rendezvous
+from fms.errors import BadRequest
 
 MiB = 1024 * 1024
 
@@ -150,9 +151,11 @@ def test_a_chunk_request_tagged_with_junk_is_answered_and_crashes_nothing(make_c
     with cluster.client() as c:
         c.put_bytes(data, "f")
         digest = h(data[:MiB])
-        for junk in ([1, 2], {"a": 1}, True, "x" * 1000, None):
-            _, frame = c.call("chunk", hash=digest, of=junk)
-            assert bytes(p.unpack_data(frame.buffer)) == data[:MiB]
+        for junk in ([1, 2], {"a": 1}, True, "x" * 1000):  # refused by the one table of fields
+            with pytest.raises(BadRequest, match="field 'of'"):
+                c.call("chunk", hash=digest, of=junk)
+        _, frame = c.call("chunk", hash=digest, of=None)  # nil: as absent
+        assert bytes(p.unpack_data(frame.buffer)) == data[:MiB]
         assert c.get_bytes("f") == data
         assert c.status()["cache"]["get_misses"] == 1
     assert "message_handling_crashed" not in cluster.procs[0].log()

@@ -16,6 +16,7 @@ from storage_helpers import h
 
 import fms
 from fms import wire as p
+from fms.storage import reserve
 
 MiB = p.MiB
 
@@ -324,20 +325,42 @@ def test_corrupt_cache_entry_is_dropped_and_refetched(cluster):
 
 
 @pytest.fixture
-def tiny_disk(tmp_path):
-    """A 12 MiB tmpfs, for running out of space for real; skipped where mounting is not allowed."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    made = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)], capture_output=True
-    )
-    if made.returncode != 0:
-        pytest.skip(
-            f"cannot mount a tmpfs here ({made.stderr.decode().strip()}); "
-            f"the disk-full test needs root"
+def small_disk(tmp_path):
+    """Mounts a tmpfs of a given size (``small_disk("12m")``), for running out of space for
+    real; the test is skipped where mounting is not allowed."""
+    mounts = []
+
+    def mount(size: str):
+        folder = tmp_path / f"disk-{len(mounts)}"
+        folder.mkdir()
+        made = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+            capture_output=True,
         )
+        if made.returncode != 0:
+            pytest.skip(
+                f"cannot mount a tmpfs here ({made.stderr.decode().strip()}); "
+                f"the disk-full test needs root"
+            )
+        mounts.append(folder)
+        return folder
+
     yield mount
-    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+    for folder in mounts:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+@pytest.fixture
+def tiny_disk(small_disk):
+    """A 12 MiB tmpfs."""
+    return small_disk("12m")
+
+
+def fill_up(path):
+    """Write ``path`` until its disk has not a block left."""
+    with open(path, "wb", buffering=0) as f, pytest.raises(OSError):
+        while True:
+            f.write(bytes(4096))
 
 
 def test_disk_full_is_a_clear_error_changes_nothing_and_service_resumes(
@@ -383,6 +406,48 @@ def test_disk_full_is_a_clear_error_changes_nothing_and_service_resumes(
     rest.unlink()
     assert cluster.cli("put", str(second), "second").returncode == 0
     assert cluster.cli("get", "second", "-").stdout == second.read_bytes()
+
+
+def test_with_the_disk_full_rm_rm_r_and_gc_still_work_and_give_the_space_back(
+    make_cluster, tmp_path, small_disk
+):
+    """Storage's disk filled to the last block: removing files and collecting still work, since
+    that is how space comes back (before, each failed with no_space: SQLite had no room for the
+    write-ahead log a delete needs). They run in the room of the data directory's reserve,
+    which is allocated again once the space is back."""
+    disk = small_disk("64m")
+    data = disk / "storage"
+    cluster = make_cluster()
+    cluster.start_broker()
+    cluster.start_storage(data=str(data), wid="storage-a")
+    cluster.wait_workers(storage=1, cache=0)
+    whole = 64 * MiB // 8  # 1/8 of this small filesystem (16 MiB on a large one)
+    wait_for(lambda: reserve.held(str(data)) == whole, 10, "the reserve")
+    big = tmp_path / "big"
+    big.write_bytes(random_bytes(6 * MiB, 93))
+    assert cluster.cli("put", str(big), "big").returncode == 0
+    small = tmp_path / "small"
+    for i in range(40):  # kept in the database itself
+        small.write_bytes(random_bytes(30_000, 100 + i))
+        assert cluster.cli("put", str(small), f"dir/s{i}").returncode == 0
+    fill_up(disk / "rest")  # now nothing is left
+    full = cluster.cli("put", str(small), "one-more")
+    assert full.returncode == 1 and b"disk is full" in full.stderr, full.stderr
+    removed = cluster.cli("rm", "big")
+    assert removed.returncode == 0, removed.stderr
+    removed = cluster.cli("rm", "-r", "dir/")
+    assert removed.returncode == 0, removed.stderr
+    collected = cluster.cli("gc", "--grace", "0", "--json")
+    assert collected.returncode == 0, collected.stderr
+    assert json.loads(collected.stdout)["bytes"] >= 6 * MiB + 40 * 30_000
+    assert json.loads(cluster.cli("ls", "-r", "--json").stdout) == []
+    assert reserve.held(str(data)) == whole  # back for the next time
+    room = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    assert room >= 3 * MiB  # and the space beside it (SQLite keeps its log's file for reuse)
+    again = tmp_path / "again"
+    again.write_bytes(random_bytes(3 * MiB, 94))
+    assert cluster.cli("put", str(again), "again").returncode == 0
+    assert cluster.cli("get", "again", "-").stdout == again.read_bytes()
 
 
 def test_missing_or_unusable_data_directory_is_a_clear_error_at_start(make_cluster, tmp_path):

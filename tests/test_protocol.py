@@ -222,3 +222,23 @@ def test_get_many_takes_1_to_256_valid_names():
     for bad in ([], ["x"] * (p.MAX_BATCH_FILES + 1), ["../etc"], [1]):
         with pytest.raises(BadRequest):
             p.need_names({"names": bad})
+
+
+def test_the_largest_manifest_and_stat_fit_their_bounds():
+    """What the broker reserves for a manifest (MANIFEST_MAX) and for a change's reply (4 KiB)
+    holds at the limits: the longest name, 2 KiB of metadata, the most a manifest lists."""
+    from fms.storage.model import Version
+
+    meta = {f"k{i:03d}xxxx": "v" * 24 for i in range(64)}  # 2,048 bytes of keys and values
+    assert p.check_meta(meta) == meta
+    name, commit = "é" * 512, "c" * p.MAX_COMMIT_ID
+    stat = (name, 2**62, b"d" * 32, p.DIGEST_CONTENT, p.MAX_CHUNK_SIZE, p.MAX_FILE_CHUNKS)
+    stat += (1.5e9, 2**40, commit, 1.7e9, meta)
+    one_chunk_each = tuple((p.MIN_CHUNK_SIZE, 1) for _ in range(p.INLINE_CHUNKS))
+    inline = Version(*stat, extents=one_chunk_each, chunks=(b"c" * 32,) * p.INLINE_CHUNKS)
+    paged = Version(*stat, extents=((4096, 4096 * 31 * p.PAGE_CHUNKS),), pages=(b"p" * 32,) * 31)
+    listed_by_id = Version(*stat, body=b"b" * 32)
+    for version in (inline, paged, listed_by_id):
+        assert len(p.encode(version.manifest(p.BLAKE3))) <= p.MANIFEST_MAX
+    reply = p.ok_reply(2**63 - 1, stat={**inline.summary(), "deleted": True})
+    assert len(p.encode(reply)) <= 4096

@@ -194,3 +194,32 @@ def test_database_or_object_store_restarted_under_load(
     assert all(proc.alive() for proc in cluster.procs), cluster.logs()  # ...and they rode it
     assert "Traceback" not in cluster.logs()
     assert cluster.cli("fsck").returncode == 0
+
+
+@pytest.mark.parametrize("down", ["s3", "postgres"])
+def test_fsck_answers_unavailable_within_the_usual_budget_when_a_backend_is_down(
+    make_cluster, tmp_path, backends, request, down
+):
+    """With the object store or the database down, fsck says so as every other command does,
+    within the client's budget (its timeout x 3 tries: 15 s by default, 6 s here, and one page's
+    failed try), instead of retrying for as long as a pass may take (686 s printing nothing,
+    one chunk tried 265 times)."""
+    cluster = make_cluster()
+    cluster.start_broker()
+    start(cluster, tmp_path, backends, "storage-a")
+    cluster.wait_workers(storage=1, cache=0)
+    with cluster.client() as c:
+        c.put_bytes(random_bytes(3 * MiB, 21), "f")
+    assert cluster.cli("fsck").returncode == 0
+    server = request.getfixturevalue(down)
+    server.stop()
+    try:
+        began = time.monotonic()
+        out = cluster.cli("fsck", "--timeout", "2")
+        took = time.monotonic() - began
+    finally:
+        server.start()
+    assert out.returncode != 0, out.stdout
+    assert {"s3": b"object store", "postgres": b"database"}[down] in out.stderr, out.stderr
+    assert took < 2 * 3 + 10, f"fsck gave up after {took:.0f} s"
+    assert cluster.cli("fsck").returncode == 0  # and works again once it is back

@@ -5,6 +5,7 @@ import contextlib
 import itertools
 import re
 import threading
+import time
 
 import pytest
 import zmq
@@ -143,6 +144,30 @@ def test_an_error_reply_raises_its_exception_and_a_late_duplicate_is_ignored(bro
             session.call("stat", name="x")
         header, _ = session.call("stat", name="y")
     assert header.get("fresh") is True and "late" not in header
+
+
+@pytest.mark.timeout(20)  # it retried for up to 3 x 600 s
+def test_patience_waits_longer_for_work_but_not_for_a_store_that_stays_unavailable(broker):
+    """Within patience (fsck, gc: a reply may take minutes), a request answered `unavailable`
+    again and again (its database or object store is down) is given up within the usual
+    budget, timeout * (retries + 1), not the patient one (fsck once retried for 686 s)."""
+    router, session = broker
+    asked = []
+
+    def script():
+        while router.poll(3000):  # longer than the longest backoff
+            ident, header = receive(router)
+            asked.append(header["id"])
+            answer(router, ident, p.error_reply(header["id"], "unavailable", "store down"))
+
+    with serving(script), session.patience(600.0):
+        start = time.monotonic()
+        with pytest.raises(Unavailable, match="store down"):
+            session.call("fsck")
+        # The usual budget (0.9 s) and the backoff under way, with room for a loaded machine:
+        # far from the patient budget (3 x 600 s).
+        assert time.monotonic() - start < 5.0
+    assert len(set(asked)) == 1 and len(asked) >= 2  # retried, with the same id
 
 
 def test_an_error_the_client_gives_up_on_says_so_not_that_it_is_retrying(broker):

@@ -2,9 +2,11 @@
 point where a client written from the spec alone found them apart (issue 15), over the wire."""
 
 import glob
+import hashlib
 import logging
 import os
 import re
+import time
 
 import pytest
 import zmq
@@ -13,6 +15,7 @@ from conftest import ROOT
 from fms import limits, wire
 from fms import wire as p
 from fms.broker import admission
+from fms.errors import BadRequest
 from fms.worker import _dispatch
 
 SPEC = os.path.join(ROOT, "docs", "PROTOCOL.md")
@@ -217,3 +220,284 @@ class FrameOf:
     def __init__(self, data: bytes):
         self.bytes = data
         self.buffer = memoryview(data)
+
+
+# --- issue 26: the request fields, one table, the spec checked against it ---
+
+
+INT64_MAX = 2**63 - 1
+
+
+def _numbers_in(text: str) -> set:
+    return {float(n) for n in re.findall(r"-?\d+(?:\.\d+)?", text.replace(",", ""))}
+
+
+def test_the_request_fields_table_is_the_code_s_one_table():
+    from fms.wire.requests import REQUEST_FIELDS
+
+    rows: dict = {}
+    for row in spec_table("### Request fields"):  # a field may have a row per meaning
+        rows.setdefault(row[0], []).append(row)
+    assert set(rows) == set(REQUEST_FIELDS)
+    for name, field in REQUEST_FIELDS.items():
+        kinds = {row[1] for row in rows[name]}
+        rule = " ".join(row[2] for row in rows[name])
+        default = " ".join(row[3] for row in rows[name])
+        ops = set()
+        for row in rows[name]:
+            ops |= set(re.findall(r"\b([a-z_][a-z0-9_]*)\b", re.sub(r"\(.*?\)", "", row[4])))
+        assert kinds == {{"id": "int or str"}.get(field.kind, field.kind)}, name
+        assert ops == set(field.ops), (name, ops)
+        if set(field.required) == set(field.ops):
+            assert default.startswith("required"), name
+        elif field.required:
+            assert "required for " + ", ".join(field.required) in default, name
+        else:
+            assert "required" not in default, name
+        if not field.required or set(field.required) != set(field.ops):
+            assert field.default.replace("`", "") in default, (name, field.default, default)
+        bounds = [field.lo, field.hi, field.item_len, *(field.items or ())]
+        bounds += [n for pair in field.per_op.values() for n in pair]
+        for n in bounds:
+            if n in (None, 0) or (n == INT64_MAX and ("2^63-1" in rule or "or more" in rule)):
+                continue
+            assert float(n) in _numbers_in(rule), f"{name}: {n} is not in {rule!r}"
+
+
+def _bad_values(field):
+    """Values of ``field`` that the table refuses: another type, and past each end."""
+    kind = field.kind
+    bad = {"str": [5], "bin": ["text"], "int": [True, 1.5, "1"], "bool": [1, "yes"]}
+    bad.update({"number": [True, "1", float("nan")], "id": [[1], 1.5, True]})
+    bad.update({"map": ["text", {"key": 1}]})
+    if kind.startswith("array of "):
+        item = kind[len("array of ") :]
+        values = ["not an array", [bad[item][0]]]
+        if field.item_len:
+            values.append([b"x" * (field.item_len - 1)])
+        if field.hi is not None:
+            values.append([b"h" * 32 if item == "bin" else "a"] * (int(field.hi) + 1))
+        if field.items is not None and item != "str":
+            values.append([field.items[1] + 1])
+        return values
+    values = list(bad[kind])
+    if kind in ("int", "number") and field.lo is not None:
+        values += [field.lo - 1, field.hi + 1]
+    if kind == "bin" and field.item_len:  # items of item_len bytes (extents)
+        values += [b"x" * (field.item_len - 1), b"\0" * field.item_len]
+    elif kind == "bin":
+        values += [b"x" * (field.lo - 1), b"x" * (field.hi + 1)]
+    if kind == "id":
+        values += ["x" * (int(field.hi) + 1)]  # (past 2^64-1, msgpack has no int)
+    if kind == "str" and field.hi is not None:
+        values.append("x" * (int(field.hi) + 1))
+    return values
+
+
+# A good value of each field, so that a request lacks nothing but the field under test.
+GOOD = {
+    "name": "a",
+    "src": "b",
+    "version": 1,
+    "names": ["a"],
+    "hash": b"h" * 32,
+    "hashes": [b"h" * 32],
+    "chunk_size": 4096,
+    "extents": b"",
+    "digest": b"d" * 32,
+    "commit": "c-1",
+    "sizes": [0],
+    "mtimes": [1.0],
+    "commits": ["c-1"],
+    "prefix": "p/",
+    "role": "read",
+    "access_key": "AKEXAMPLE",
+}
+
+
+def _ops(field) -> tuple:
+    """The ops that read ``field``: a field every op may carry is tried on one."""
+    from fms.wire.requests import ANY_OP
+
+    return ("stat",) if field.ops == (ANY_OP,) else field.ops
+
+
+def _whole(op: str) -> dict:
+    """Every field ``op`` requires, each with a good value."""
+    from fms.wire.requests import op_fields
+
+    return {name: GOOD[name] for name, field in op_fields(op) if op in field.required}
+
+
+def test_the_broker_refuses_every_field_of_another_type_or_out_of_range_whatever_the_op():
+    """The five contradictions the independent client found, and every one like them."""
+    from test_broker_core import Recorder, ask, ready, replies_to
+
+    from fms.broker import Core
+    from fms.wire.requests import REQUEST_FIELDS
+
+    core = Core(Recorder(), store="s1")
+    ready(core, b"s", p.STORAGE)
+    ready(core, b"c", p.CACHE)
+    tried = 0
+    for name, field in REQUEST_FIELDS.items():
+        for op in _ops(field):
+            for value in _bad_values(field):
+                core.transport.take()
+                ask(core, b"alice", op, tried, **{**_whole(op), name: value})
+                sent = core.transport.take()
+                replies = replies_to(sent, b"alice")
+                if len(p.encode({**_whole(op), name: value})) > limits.MAX_HEADER:
+                    continue  # only peeked at by the broker: storage checks it whole (below)
+                errors = [r["error"] for r in replies]
+                assert errors in (["bad_request"], ["too_large"]), (op, name, value, errors)
+                assert repr(name) in replies[0]["message"], replies[0]["message"]
+                assert not [s for s in sent if s[0] == "worker"]  # no worker saw it
+                tried += 1
+    assert tried > 100  # every op of every field, each way it can be wrong
+
+
+def test_nil_is_absence_for_every_optional_field_and_missing_for_a_required_one():
+    from fms.wire.requests import REQUEST_FIELDS, check_request
+
+    for name, field in REQUEST_FIELDS.items():
+        for op in _ops(field):
+            if op in field.required:
+                with pytest.raises(BadRequest) as e:
+                    check_request(op, {**_whole(op), name: None})
+                assert f"field {name!r} is missing" in str(e.value)
+            else:
+                check_request(op, {**_whole(op), name: None})  # nothing to refuse
+    assert p.need_int({"limit": None}, "limit", optional=True, default=7) == 7
+
+
+def test_a_large_header_the_broker_only_peeked_at_is_checked_whole_by_storage(raw):
+    reply = raw([request("have", 1, hashes=[b"h" * 32] * (p.MAX_HAVE_BATCH + 1))])
+    assert reply["error"] == "bad_request" and "'hashes'" in reply["message"], reply
+    pages = [b"h" * 32] * 3000 + [b"short"]
+    reply = raw([request("commit", 2, **{**_whole("commit"), "pages": pages})])
+    assert reply["error"] == "bad_request" and "'pages'" in reply["message"], reply
+
+
+def test_version_true_or_1_0_is_not_version_1(raw):
+    for v in (True, 1.0):
+        reply = raw([p.encode({"v": v, "op": "stat", "id": 3, "name": "x"})])
+        assert reply["error"] == "version" and reply["id"] == 3, reply
+
+
+def test_the_chunk_and_read_fields_are_checked_over_the_wire(cluster, raw):
+    with cluster.client() as c:
+        c.put_bytes(b"z" * 5000, "f")
+    digest = hashlib.sha256(b"z" * 5000).digest()  # its one chunk
+    for fields in ({"len": -1}, {"len": 2**40}, {"of": [1]}, {"fresh": "yes"}):
+        reply = raw([request("chunk", 1, hash=digest, **fields)])
+        assert reply["error"] == "bad_request", (fields, reply)
+    assert raw([request("get", 2, name="f", fresh="yes")])["error"] == "bad_request"
+    assert raw([request("get_many", 3, names=["f"], fresh=1)])["error"] == "bad_request"
+    assert raw([request("get", 4, name="f", fresh=None)])["ok"] is True  # nil: absent
+    assert raw([request("ls", 5, prefix="", limit=None)])["ok"] is True
+    served = raw([request("chunk", 6, hash=digest, len=5000, of=4)])
+    assert served["ok"] is True
+
+
+def test_put_chunk_of_a_small_chunk_storage_holds_says_written_false(raw):
+    data = b"small chunk" * 100  # 1,100 bytes: kept in the metadata database
+    digest = hashlib.sha256(data).digest()
+    first = raw([request("put_chunk", 1, hash=digest), p.pack_data(data)])
+    again = raw([request("put_chunk", 2, hash=digest), p.pack_data(data)])
+    assert (first["written"], again["written"]) == (True, False)
+    big = b"b" * (100 * 1024)  # over 64 KiB: a blob, which already said so
+    digest = hashlib.sha256(big).digest()
+    raw([request("put_chunk", 3, hash=digest), p.pack_data(big)])
+    assert raw([request("put_chunk", 4, hash=digest), p.pack_data(big)])["written"] is False
+
+
+def test_commit_many_over_8_mib_of_content_is_too_large(raw):
+    count, size = 72, 128 * 1024  # 9 MiB in files of 128 KiB
+    content = [bytes([i]) * size for i in range(count)]
+    header = request(
+        "commit_many",
+        1,
+        names=[f"m/{i}" for i in range(count)],
+        sizes=[size] * count,
+        hashes=[hashlib.sha256(c).digest() for c in content],
+        mtimes=[1.0e9] * count,
+        commits=[f"cm-{i}" for i in range(count)],
+        chunk_size=p.DEFAULT_CHUNK_SIZE,
+    )
+    reply = raw([header, p.pack_data(b"".join(content))])
+    assert reply["error"] == "too_large" and "8388608" in reply["message"], reply
+
+
+# --- issue 26: the three points where the spec said two things, now one ---
+
+
+def test_a_request_still_queued_when_its_deadline_passes_is_dropped_without_a_reply():
+    from test_broker_core import Recorder, ask, ready, replies_to
+
+    from fms.broker import Core
+
+    core = Core(Recorder(), store="s1")
+    ready(core, b"busy", p.STORAGE)
+    credit = limits.WORKER_CREDIT["storage"]
+    for i in range(credit + 1):
+        ask(core, b"alice", "stat", i, name="x", ttl_ms=100)
+    core.transport.take()
+    core.tick(time.monotonic() + 1)
+    assert core.status()["broker"]["queued"]["storage"] == 0
+    assert replies_to(core.transport.take(), b"alice") == []  # dropped: no reply, no error
+
+
+def test_a_reply_larger_than_its_reservation_is_held_while_the_budgets_have_room(monkeypatch):
+    from test_broker_core import Recorder, answer, ask, ready, replies_to, requests_to
+
+    from fms.broker import Core
+
+    for budget, kept in ((limits.CLIENT_BYTES, True), (64 * 1024, False)):
+        monkeypatch.setattr(limits, "CLIENT_BYTES", budget)
+        core = Core(Recorder(), store="s1")
+        ready(core, b"c", p.CACHE)
+        core.transport.full.add(b"alice")  # it does not read now: the reply must wait
+        ask(core, b"alice", "chunk", 1, hash=b"\x01" * 32, len=10)  # a false len
+        ((key, _),) = requests_to(core.transport.take(), b"c")
+        answer(core, b"c", key, p.ok_reply(1), data=b"d" * 200_000)
+        assert (b"alice" in core.outboxes) is kept
+        core.transport.full.discard(b"alice")
+        core.outboxes.flush(time.monotonic() + 1)
+        assert [r["id"] for r in replies_to(core.transport.take(), b"alice")] == (
+            [1] if kept else []
+        )
+
+
+def test_an_unread_reply_is_dropped_inflight_grace_after_its_deadline_not_at_it():
+    from test_broker_core import Recorder, answer, ask, ready, replies_to, requests_to
+
+    from fms.broker import Core
+
+    core = Core(Recorder(), store="s1")
+    ready(core, b"c", p.CACHE)
+    core.transport.full.add(b"alice")
+    ask(core, b"alice", "chunk", 1, hash=b"\x02" * 32, len=1000, ttl_ms=100)
+    ((key, _),) = requests_to(core.transport.take(), b"c")
+    answer(core, b"c", key, p.ok_reply(1), data=b"d" * 1000)
+    start = time.monotonic()
+    core.outboxes.flush(start + 1)  # past its deadline, within the grace: kept
+    assert b"alice" in core.outboxes
+    core.outboxes.flush(start + limits.INFLIGHT_GRACE + 1)  # past the grace: dropped
+    assert b"alice" not in core.outboxes and core.outboxes.dropped == 1
+    core.transport.full.discard(b"alice")
+    assert replies_to(core.transport.take(), b"alice") == []
+
+
+def test_the_spec_says_each_of_the_three_points_one_way():
+    """Where the spec said two things (issue 26), it now says what the tests above check."""
+    with open(SPEC, encoding="utf-8") as f:
+        text = " ".join(f.read().split())
+    assert "before a worker could take it" not in text  # (it was dropped, not answered)
+    assert "still queued at the broker when its deadline passes is dropped without a reply" in text
+    assert "still unread when its request's deadline (`ttl_ms`) passes" not in text
+    assert "still unread 30 s (`INFLIGHT_GRACE`) after its request's deadline" in text
+    assert "the client's and the total reply budgets have no room for the excess" in text
+    assert "is kept only while the budgets have room for the excess, else dropped" in text
+    history = text[text.index("## Version history") :]
+    assert "128 KiB" in history and "**no**" in history  # the incompatible change, said so

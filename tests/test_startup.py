@@ -35,6 +35,7 @@ HEAVY = {
     "fms.cache",
     "fms.broker",
     "concurrent.futures",
+    "dataclasses",  # and with it inspect, ast, dis, tokenize
 }
 
 

@@ -78,7 +78,7 @@ def test_an_interrupted_put_r_counts_the_files_it_committed(make_cluster, tmp_pa
     cluster.wait_workers(storage=1, cache=0)
     tree = tmp_path / "tree"
     tree.mkdir()
-    for i in range(640):
+    for i in range(1280):  # ten batches of 128, 0.5 s each: time to interrupt it
         (tree / f"f{i:03d}").write_bytes(b"x" * 100)
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
@@ -92,7 +92,7 @@ def test_an_interrupted_put_r_counts_the_files_it_committed(make_cluster, tmp_pa
     os.close(slave)
     drawn = b""
     try:
-        while b"files 128/640" not in drawn:
+        while b"files 128/1,280" not in drawn:
             assert select.select([master], [], [], 60)[0], drawn
             try:
                 drawn += os.read(master, 65536)
@@ -112,10 +112,10 @@ def test_an_interrupted_put_r_counts_the_files_it_committed(make_cluster, tmp_pa
         os.close(master)
     text = drawn.decode("utf-8", "replace")
     assert proc.returncode == 130, text
-    said = re.search(r"put: interrupted after (\d+) of 640 files", text)
+    said = re.search(r"put: interrupted after ([\d,]+) of 1,280 files were done", text)
     assert said, text
-    done = int(said.group(1))
-    assert done >= 128 and f"files {done}/640" in text  # the bar's last count is the same
+    done = int(said.group(1).replace(",", ""))
+    assert done >= 128 and f"files {done:,}/1,280]" in text  # the bar's last count is the same
     with cluster.client() as c:
         assert len(c.ls("t/")) >= done  # what it counted was committed
 

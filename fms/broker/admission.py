@@ -25,7 +25,6 @@ from .transit import Transit
 
 SMALL_REPLY = 4 * limits.KiB  # the bound of an op not in REPLY_BOUNDS (a stat, an ack)
 CHUNK_GUESS = 1 * limits.MiB  # a chunk of unknown size, in a worker's credit
-LS_ENTRY_MAX = 1280  # bytes of one ls entry at most (a 1,024-byte name + fields)
 CHUNK_SIZES_KEPT = 65536  # chunk sizes remembered (LRU), for the bounds below
 
 
@@ -42,7 +41,7 @@ def _ls(header: dict, size: int, seen: int) -> int:
     page = header.get("limit")
     if not int_in(page, 1):
         page = p.LS_PAGE_DEFAULT
-    return min(page, p.LS_PAGE_MAX) * LS_ENTRY_MAX + SMALL_REPLY
+    return min(page, p.LS_PAGE_MAX) * p.LS_ENTRY_MAX + SMALL_REPLY
 
 
 def _get_many(header: dict, size: int, seen: int) -> int:
@@ -51,6 +50,12 @@ def _get_many(header: dict, size: int, seen: int) -> int:
     names = header.get("names")
     count = min(len(names), p.MAX_BATCH_FILES) if isinstance(names, list) else 1
     return min(p.MAX_BATCH_BYTES, count * p.INLINE_MAX) + count * p.MANIFEST_MAX + SMALL_REPLY
+
+
+def _commit_many(header: dict, size: int, seen: int) -> int:
+    """A result per file: its stat, or an error whose message may name it (each at most a name
+    and 256 bytes), whatever the request holds."""
+    return size + p.MAX_BATCH_FILES * (p.MAX_NAME_BYTES + 256) + SMALL_REPLY
 
 
 def _have(header: dict, size: int, seen: int) -> int:
@@ -81,7 +86,7 @@ REPLY_BOUNDS: dict[str, Callable[[dict, int, int], int]] = {
     "page": _fixed(p.PAGE_REPLY_MAX),  # a page of 65,536 digests, or a body
     "versions": _fixed(1 * limits.MiB),
     "fsck": _fixed(1 * limits.MiB),
-    "commit_many": _fixed(64 * limits.KiB),
+    "commit_many": _commit_many,
     "status": _fixed(64 * limits.KiB),
     "cache_stats": _fixed(16 * limits.KiB),
     "rm_prefix": _fixed(64 * limits.KiB),  # the names it removed: at most 32 KiB of them

@@ -27,7 +27,7 @@ from typing import Any
 
 from .. import limits
 from .. import wire as p
-from ..errors import BadRequest
+from ..errors import BadRequest, TooLarge
 from ..logutil import RateLimitedLog, clip
 from ..metrics import BrokerMetrics, ReadTally
 from . import headers as h
@@ -100,7 +100,7 @@ class Core:
             header = h.read_header(h.buffer(frames[0]))
             op = header.get("op")
             req_id = p.need(header, "id", (int, str))
-            if header.get("v") != p.PROTOCOL_VERSION:
+            if not p.is_version(header.get("v")):
                 self.replies.error(
                     origin,
                     req_id,
@@ -112,6 +112,9 @@ class Core:
             if not isinstance(op, str) or op not in p.OP_SERVICE:
                 raise BadRequest(f"unknown op {op!r}; known ops: {', '.join(sorted(p.OP_SERVICE))}")
             p.check_frame_count(op, len(frames))
+            # Every field of the op, against the one table, before anything is spent on it: a
+            # large header (commit, have) was only peeked at, so its arrays are the worker's.
+            p.check_request(op, header, partial=h.nbytes(frames[0]) > limits.MAX_HEADER)
             user = None if who is None else who(frames[-1])
             if who is not None and user is None:
                 # Its key was removed (an identity's, or from the allow directory) since it
@@ -125,7 +128,7 @@ class Core:
                     op=op,
                 )
                 return
-        except BadRequest as exc:
+        except (BadRequest, TooLarge) as exc:
             self._bad.warning("event=bad_client_message error=%r", str(exc))
             self.replies.error(origin, req_id, exc.code, str(exc))
             return

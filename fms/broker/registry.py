@@ -92,7 +92,7 @@ class Registry:
         service = route.get("svc")
         worker_id = str(route.get("wid", ident.hex()))[:MAX_ID_LEN]
         store_id = _clip_id(route.get("store"))
-        if route.get("v") != p.PROTOCOL_VERSION:
+        if not p.is_version(route.get("v")):
             raise Refused(
                 f"protocol version {route.get('v')!r} is not supported; "
                 f"this broker speaks {p.PROTOCOL_VERSION}"

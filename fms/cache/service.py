@@ -222,14 +222,7 @@ class CacheService:
         itself; a long one as its body or a page, a chunk by the cached page ``page`` at
         ``at``).  False: what would tell is not cached.  :raises Forbidden: no name, or one it
         may not read."""
-        name = header.get("name")
-        if not isinstance(name, str):
-            raise Forbidden(
-                f"forbidden: {who.name!r} may read a chunk only through a file it belongs to "
-                f"(field 'name'); fms.Client sends it"
-            )
-        name = p.check_name(name)
-        policy.check(who, kind, name)
+        name = policy.check_through_file(who, header, kind)
         manifest = self.manifests.peek(name)
         if manifest is None:
             return False

@@ -8,6 +8,7 @@ import datetime
 import json
 import os
 import sys
+from collections.abc import Iterator
 
 from .. import wire as p
 from ..errors import FmsError, NotFound
@@ -19,7 +20,7 @@ CURVE_ENV = ("FMS_CURVE_SECRET", "FMS_SERVER_KEY")
 
 
 @contextlib.contextmanager
-def open_client(args):
+def open_client(args) -> Iterator:
     """The :class:`fms.Client` a command runs on: the shell's own (``args.shell_client``),
     or a new one, closed at the end."""
     shared = getattr(args, "shell_client", None)
@@ -99,14 +100,23 @@ class _ProgressBars:
         self.files, self.base = [0, files], 0
         self.bar.set_postfix_str(f"files 0/{files:,}")
 
-    def file_done(self, nbytes: int):
-        self.files[0] += 1
+    def file_done(self, nbytes: int, done: int):
+        """The tree's ``done``-th file (of ``nbytes`` bytes) is done."""
         self.base += nbytes
         self.bar.update(self.base - self.bar.n)
-        self.bar.set_postfix_str(f"files {self.files[0]:,}/{self.files[1]:,}", refresh=False)
+        self.count(done)
+
+    def count(self, done: int):
+        """Show ``done`` files done (also after a Ctrl-C that struck between a file's end and
+        its drawing, so that the bar's last count is the one the command reports)."""
+        if self.files is not None:
+            self.files[0] = done
+            self.bar.set_postfix_str(f"files {done:,}/{self.files[1]:,}", refresh=False)
 
     def close(self, keep: bool = True):
         if self.bar is not None:
+            if self.files is not None:  # the count as it is now, even if a signal cut in
+                self.bar.set_postfix_str(f"files {self.files[0]:,}/{self.files[1]:,}", False)
             if keep:
                 self.bar.refresh()  # the last counts, whatever tqdm's pace of redrawing
             self.bar.close()
@@ -139,17 +149,21 @@ def move_tree(client, move, items: list, sizes: list, verb: str) -> list:
     def done(i: int, _stat):
         finished.append(i)
         if bars is not None and bars.files is not None:
-            bars.file_done(sizes[i])
+            bars.file_done(sizes[i], len(finished))
 
     if bars is not None and len(items) > 1:
         bars.tree(len(items), sum(sizes), verb)
     try:
         return move(items, done=done)
     except KeyboardInterrupt:
+        if bars is not None and bars.bar is not None:
+            bars.count(len(finished))
         if len(items) > 1:
+            counted = bars.files[0] if bars is not None and bars.files else len(finished)
+            # A batch whose reply was on its way may have been committed too: "at least".
             print(
-                f"{verb}: interrupted after {len(finished):,} of {len(items):,} files; run it "
-                f"again for the rest",
+                f"{verb}: interrupted after {counted:,} of {len(items):,} files were done (maybe "
+                f"a few more); run it again for the rest",
                 file=sys.stderr,
             )
         raise
@@ -181,12 +195,12 @@ def shown(name: str) -> str:
     return "".join(out)
 
 
-def say(args, text: str):
+def say(args, text: str) -> None:
     if not getattr(args, "quiet", False):
         print(text, file=sys.stderr)
 
 
-def print_result(args, result, text: str):
+def print_result(args, result, text: str) -> None:
     if args.json:
         print(json.dumps(result, indent=1))
     else:
@@ -220,7 +234,7 @@ def folder_hint(client, name: str, command: str) -> FmsError | None:
 
 
 @contextlib.contextmanager
-def hinting(client, name: str, command: str, errors=NotFound):
+def hinting(client, name: str, command: str, errors=NotFound) -> Iterator:
     """An error of the kinds ``errors`` about ``name`` becomes the folder hint when ``name``
     is a folder (a not found; for get, also a local folder in the way of a remote one)."""
     try:
@@ -235,7 +249,7 @@ def hinting(client, name: str, command: str, errors=NotFound):
 # --- put ---
 
 
-def cmd_put(args):
+def cmd_put(args) -> int | None:
     from .filters import selector
 
     wanted = selector(args.filters)
@@ -296,7 +310,7 @@ def _put_items(paths: list, recursive: bool, wanted=None) -> tuple:
 # --- get and cat ---
 
 
-def cmd_get(args):
+def cmd_get(args) -> int | None:
     with open_client(args) as client:
         if args.recursive:
             return _get_tree(args, client)
@@ -418,7 +432,7 @@ def _to_stdout(args, client, name: str):
     sys.stdout.buffer.flush()
 
 
-def cmd_cat(args):
+def cmd_cat(args) -> int | None:
     if len(args.names) > 1 and (args.range is not None or args.version_number is not None):
         raise FmsError("--range and --version read one file: give one NAME with them")
     with open_client(args) as client:
@@ -432,7 +446,7 @@ def cmd_cat(args):
 # --- listing ---
 
 
-def cmd_ls(args):
+def cmd_ls(args) -> int | None:
     # Printed page by page as they come: a listing of any length holds one page in memory.
     # -r lists a folder, as rm -r, du and find mean it: `album` is album/..., never albumX.
     with open_client(args) as client:
@@ -479,7 +493,7 @@ def _ls_line(e: dict, long: bool, as_human: bool) -> str:
     return f"{size:>14}  {at:<19}  {extra}{shown(e['name'])}"
 
 
-def cmd_du(args):
+def cmd_du(args) -> int | None:
     folder = p.check_folder(args.prefix)  # `album`: album/..., never albumX
     with open_client(args) as client:
         du = client.du(folder)
@@ -490,7 +504,7 @@ def cmd_du(args):
     print(f"{du['files']:>10,} files  {size:>14}  {shown(folder) or '(all)'}")
 
 
-def cmd_find(args):
+def cmd_find(args) -> int | None:
     import fnmatch
 
     with open_client(args) as client:
@@ -507,7 +521,7 @@ def cmd_find(args):
             print(shown(e["name"]))
 
 
-def cmd_stat(args):
+def cmd_stat(args) -> int | None:
     with open_client(args) as client, hinting(client, args.name, "stat"):
         info = client.stat(args.name)
     if args.json:
@@ -519,7 +533,7 @@ def cmd_stat(args):
         print(f"{key + ':':<12}{value}")
 
 
-def cmd_versions(args):
+def cmd_versions(args) -> int | None:
     with open_client(args) as client, hinting(client, args.name, "versions"):
         found = client.versions(args.name)
     if args.json:
@@ -532,7 +546,7 @@ def cmd_versions(args):
         )
 
 
-def cmd_restore(args):
+def cmd_restore(args) -> int | None:
     with open_client(args) as client, hinting(client, args.name, "restore"):
         stat = client.restore(args.name, args.version_number)
     print_result(
@@ -545,7 +559,7 @@ def cmd_restore(args):
 # --- the cluster ---
 
 
-def cmd_gc(args):
+def cmd_gc(args) -> int | None:
     with open_client(args) as client:
         freed = client.gc(args.grace, args.dry_run)
     if args.json:
@@ -559,7 +573,7 @@ def cmd_gc(args):
     )
 
 
-def cmd_fsck(args):
+def cmd_fsck(args) -> int | None:
     totals = {
         "names": 0,
         "chunks": 0,
@@ -597,7 +611,7 @@ def cmd_fsck(args):
     return EXIT_ERROR if bad else EXIT_OK
 
 
-def cmd_stats(args):
+def cmd_stats(args) -> int | None:
     from ..errors import Unavailable
 
     with open_client(args) as client:
@@ -658,7 +672,7 @@ def cmd_stats(args):
         print(f"store   files={store['files']} bytes={human(store['bytes'])}{stored}")
 
 
-def cmd_keygen(args):
+def cmd_keygen(args) -> int | None:
     from ..security import keygen
 
     public, secret = keygen(args.dir, args.name)

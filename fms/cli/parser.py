@@ -14,7 +14,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .. import __version__
 from .. import wire as p
@@ -133,9 +133,9 @@ class _Filter(argparse.Action):
 # --- the registry ---
 
 
-@dataclass
-class Command:
-    """A command of the parser: ``add`` adds its arguments to its subparser."""
+class Command(NamedTuple):
+    """A command of the parser: ``add`` adds its arguments to its subparser.  (A NamedTuple,
+    not a dataclass: dataclasses imports inspect, a fifth of a command's start-up.)"""
 
     name: str
     summary: str
@@ -601,6 +601,7 @@ def _sync(cmd):
     cmd.add_argument(
         "--dry-run", "-n", action="store_true", help="print what would be done, do nothing"
     )
+    _no_cache(cmd)
     _filters(cmd)
     _json(cmd)
 

@@ -12,7 +12,7 @@ from .filters import has_glob, literal_prefix, name_matcher
 from .main import EXIT_ERROR
 
 
-def cmd_rm(args):
+def cmd_rm(args) -> int | None:
     with open_client(args) as client:
         if args.recursive:
             return _rm_prefixes(args, client)
@@ -131,11 +131,11 @@ def _rm_prefixes(args, client):
 # --- cp and mv ---
 
 
-def cmd_cp(args):
+def cmd_cp(args) -> int | None:
     return _copy(args, "cp")
 
 
-def cmd_mv(args):
+def cmd_mv(args) -> int | None:
     return _copy(args, "mv")
 
 

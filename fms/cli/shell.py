@@ -119,7 +119,7 @@ class Shell(cmd.Cmd):
             self.status = 0
         return stop
 
-    def default(self, line: str):
+    def default(self, line: str) -> None:
         words = self._split(line)
         if words is None:
             return
@@ -153,7 +153,7 @@ class Shell(cmd.Cmd):
         self._print("nothing removed")
         return False
 
-    def _store(self, name: str, argv: list):
+    def _store(self, name: str, argv: list) -> None:
         try:
             status = self._run([name, *argv], self.cwd)
         except SystemExit as exc:  # argparse printed a usage error (status 2) or --help (0)
@@ -161,16 +161,16 @@ class Shell(cmd.Cmd):
         self.status = status or 0
         self._names = (0.0, None, [])  # the store may have changed
 
-    def _fail(self, text: str, status: int = 1):
+    def _fail(self, text: str, status: int = 1) -> None:
         print(text, file=sys.stderr if self.batch else self.stdout)
         self.status = status
 
-    def emptyline(self):
+    def emptyline(self) -> None:
         pass  # cmd.Cmd would repeat the last command: surprising for `rm`
 
     # --- the local commands ---
 
-    def do_cd(self, line):
+    def do_cd(self, line: str) -> bool | None:
         """cd [FOLDER]: the remote working folder that relative names are read against
         (/ or nothing: the top; .. goes up)."""
         words = self._split(line)
@@ -186,11 +186,11 @@ class Shell(cmd.Cmd):
         if not self.batch:
             self.prompt = f"fms:/{self.cwd}> " if self.cwd else "fms> "
 
-    def do_pwd(self, line):
+    def do_pwd(self, line: str) -> bool | None:
         """pwd: print the remote working folder."""
         self._print("/" + self.cwd)
 
-    def do_lcd(self, line):
+    def do_lcd(self, line: str) -> bool | None:
         """lcd [DIR]: change the local working folder (default: home)."""
         words = self._split(line)
         if words is None:
@@ -201,25 +201,25 @@ class Shell(cmd.Cmd):
         except OSError as exc:
             self._fail(f"lcd: {path}: {exc.strerror}")
 
-    def do_lpwd(self, line):
+    def do_lpwd(self, line: str) -> bool | None:
         """lpwd: print the local working folder."""
         self._print(os.getcwd())
 
-    def do_lls(self, line):
+    def do_lls(self, line: str) -> bool | None:
         """lls [ARGS]: list local files (runs ls ARGS)."""
         self._run_local(f"ls {line}")
 
-    def do_shell(self, line):
+    def do_shell(self, line: str) -> bool | None:
         """!COMMAND: run COMMAND in a local shell (! alone: an interactive one)."""
         self._run_local(line or os.environ.get("SHELL", "/bin/sh"))
 
-    def _run_local(self, command: str):
+    def _run_local(self, command: str) -> None:
         self.stdout.flush()
         code = subprocess.run(command, shell=True).returncode
         if code:
             self.status = code
 
-    def do_help(self, line):
+    def do_help(self, line: str) -> bool | None:
         """help [COMMAND]: list commands, or show one command's options and examples."""
         name = line.strip()
         if name in self._store_commands:
@@ -238,27 +238,27 @@ class Shell(cmd.Cmd):
                 self._print(f"  {doc}")
             self._print("  help COMMAND: its options and examples")
 
-    def do_quit(self, line):
+    def do_quit(self, line: str) -> bool | None:
         """quit (or exit, or Ctrl-D): leave the shell."""
         return True
 
     do_exit = do_quit
 
-    def do_EOF(self, line):
+    def do_EOF(self, line: str) -> bool | None:
         if not self.batch:
             self._print("")
         return True
 
-    def _print(self, text: str):
+    def _print(self, text: str) -> None:
         print(text, file=self.stdout)
 
     # --- completion ---
 
-    def completenames(self, text, *ignored):
+    def completenames(self, text: str, *ignored) -> list:
         names = (*self._store_commands, *LOCAL_COMMANDS[:-3], "help", "quit", "exit")
         return [c + " " for c in names if c.startswith(text)]
 
-    def completedefault(self, text, line, begidx, endidx):
+    def completedefault(self, text: str, line: str, begidx: int, endidx: int) -> list:
         words = _words(line[:endidx])
         if not words or words[-1][0] + len(words[-1][1]) < endidx:
             words.append((endidx, "", "", ""))  # completing a new, empty word

@@ -32,7 +32,7 @@ REMOTE = "fms:"
 ASK_ABOVE = 5  # files --delete removes without asking, on a terminal
 
 
-def cmd_sync(args):
+def cmd_sync(args) -> int | None:
     src_remote, dst_remote = args.src.startswith(REMOTE), args.dst.startswith(REMOTE)
     if not (src_remote or dst_remote):
         raise FmsError(

@@ -370,7 +370,7 @@ class Client:
         ``prefix``, ``versions``, ``result``, ...).  A store admin's."""
         after = 0
         while True:
-            header, _ = self.call("audit", since=float(since), after=after)
+            header, _ = self.call("audit", since=float(since), seq=after)
             yield from header["entries"]
             if header.get("next") is None:
                 return
@@ -643,5 +643,4 @@ def _public(entry: dict) -> dict:
     out = {k: v for k, v in entry.items() if k not in _NOT_PUBLIC}
     out["digest"] = entry["digest"].hex()
     out["chunks"] = entry["count"]
-    out.setdefault("meta", {})
     return out

@@ -22,7 +22,8 @@ PAGES_KEPT = 2  # pages of digests held at once (a read that goes back one page 
 class ChunkList:
     """The chunks of ``manifest``, as ``(index, offset, length, digest)``.
 
-    :param fetch: ``fetch(id) -> bytes``: a page or body by its id (checked here).
+    :param fetch: ``fetch(id, fresh) -> bytes``: a page or body by its id (checked here);
+        ``fresh``: from storage itself, not the cache.
     :raises IntegrityError: the list does not give the file digest, or a page or body fetched
         does not match its id.
     """
@@ -51,10 +52,7 @@ class ChunkList:
                 if hash_fn(p.pack_body(self.extents, self.page_ids)) != body:
                     raise self._bad("its pages do not give its body")
             else:
-                blob = fetch(body)
-                if hash_fn(blob) != body:
-                    raise self._bad("its body does not match its id")
-                extents, pages = p.unpack_body(blob)
+                extents, pages = p.unpack_body(self._fetched(body, "its body"))
                 self.extents, self.page_ids = extents, list(pages)
             if tree and body != manifest["digest"]:
                 raise self._bad("its body does not give its digest")
@@ -90,6 +88,15 @@ class ChunkList:
     @property
     def largest_chunk(self) -> int:
         return max((cs for cs, _size in self.extents), default=p.MIN_CHUNK_SIZE)
+
+    def _fetched(self, ident: bytes, what: str) -> bytes:
+        """A page or body by its id, checked against it; one that does not match is asked for
+        once more from storage itself (``fresh``: the cache may hold a damaged copy)."""
+        for fresh in (False, True):
+            blob = self._fetch(ident, fresh)
+            if self.hash(blob) == ident:
+                return blob
+        raise self._bad(f"{what} does not match its id, also from storage")
 
     def _bad(self, why: str) -> IntegrityError:
         return IntegrityError(f"the manifest of {self.name!r} is damaged: {why}; try again")
@@ -146,11 +153,7 @@ class ChunkList:
         k = bisect.bisect_right(self._page_chunk, i) - 1
         digests = self._pages.get(k)
         if digests is None:
-            page_id = self.page_ids[k]
-            blob = self._fetch(page_id)
-            if self.hash(blob) != page_id:
-                raise self._bad(f"page {k} does not match its id")
-            digests = p.split_digests(blob)
+            digests = p.split_digests(self._fetched(self.page_ids[k], f"page {k}"))
             first = self._page_chunk[k]
             end = self._page_chunk[k + 1] if k + 1 < len(self._page_chunk) else self.count
             if len(digests) != end - first:

@@ -114,6 +114,7 @@ class Session:
         self._sock = None
         self._ids = itertools.count(1)
         self._digest_fn = None  # the store's digest function, once asked (hello)
+        self._retry_budget = None  # seconds to retry `unavailable` in (None: the whole budget)
 
     def __enter__(self):
         return self
@@ -335,7 +336,7 @@ class Session:
                 continue  # a late answer to a request already retried and answered
             if not header.get("ok"):
                 error = from_reply(str(header.get("error")), str(header.get("message")), header)
-                if isinstance(error, Unavailable) and self._within_budget(out):
+                if isinstance(error, Unavailable) and self._within_budget(out, self._retry_budget):
                     backoff = min(RETRY_BACKOFF * 2 ** (out.tries - 1), RETRY_BACKOFF_MAX)
                     out.deadline = time.monotonic() + backoff
                     out.last_error = error
@@ -352,8 +353,8 @@ class Session:
     def _budget(self) -> float:
         return self.timeout * (self.retries + 1)
 
-    def _within_budget(self, out: _Outstanding) -> bool:
-        return time.monotonic() - out.first_sent < self._budget()
+    def _within_budget(self, out: _Outstanding, budget: float | None = None) -> bool:
+        return time.monotonic() - out.first_sent < (budget or self._budget())
 
     def _resend_due(self, inflight: dict):
         now = time.monotonic()
@@ -381,12 +382,16 @@ class Session:
 
     @contextlib.contextmanager
     def patience(self, timeout: float):
-        """Wait up to ``timeout`` for each reply (a GC or fsck pass does real work)."""
-        saved, self.timeout = self.timeout, max(self.timeout, timeout)
+        """Wait up to ``timeout`` for each reply (a GC or fsck pass does real work).  A request
+        answered ``unavailable`` (a database or object store down) is still given up within
+        the usual budget: the wait is for work, not for a store to come back."""
+        saved, saved_budget = self.timeout, self._retry_budget
+        self._retry_budget = self._budget()
+        self.timeout = max(self.timeout, timeout)
         try:
             yield
         finally:
-            self.timeout = saved
+            self.timeout, self._retry_budget = saved, saved_budget
 
     def data_window(self, chunk_size: int) -> int:
         """Chunks in flight: ``window``, but never more data than the broker's per-client

@@ -34,7 +34,7 @@ from .meta.access import CURVE, S3, audit_entry
 REFRESH = 1.0  # seconds between checks of the store's access epoch
 BLOBS_KEPT = 8 * p.MiB  # bytes of pages and bodies kept for reads by file (a page: 2 MiB)
 UNKNOWN_KEY_REFRESH = 0.25  # seconds: an unknown key makes a check at most this often
-AUDIT_PAGE = 1000  # entries per `audit` reply
+AUDIT_PAGE = p.AUDIT_PAGE_MAX  # entries per `audit` reply
 FORBIDDEN_KEPT = 100  # refused change attempts written to the audit log per flush; the rest counted
 FIRST_ADMIN = "admin"
 S3_KEY_ID_LEN = 20  # characters of an S3 access key id, as AWS's
@@ -181,7 +181,7 @@ class Reads:
     def check_chunk(self, who: Identity, header: dict, digest: bytes):
         """:raises Forbidden: no file named, or one ``who`` may not read.  :raises NotFound:
         no version of it lists the chunk there."""
-        name = self._file(who, header, "chunk")
+        name = policy.check_through_file(who, header, "chunk")
         page = p.need_hash(header, "page") if "page" in header else None
         at = p.need_int(header, "at", hi=p.PAGE_CHUNKS - 1, optional=True, default=None)
         for version in self._versions(name):
@@ -196,7 +196,7 @@ class Reads:
     def check_page(self, who: Identity, header: dict, ident: bytes):
         """:raises Forbidden: as :meth:`check_chunk`.  :raises NotFound: no version of the file
         has that page or body."""
-        name = self._file(who, header, "page")
+        name = policy.check_through_file(who, header, "page")
         for version in self._versions(name):
             if version.body == ident:
                 return
@@ -204,18 +204,6 @@ class Reads:
             if pages is not None and ident in pages:
                 return
         raise NotFound(f"{name!r} lists no such page; read its manifest again")
-
-    @staticmethod
-    def _file(who: Identity, header: dict, op: str) -> str:
-        name = header.get("name")
-        if not isinstance(name, str):
-            raise Forbidden(
-                f"forbidden: {who.name!r} may read a chunk only through a file it belongs to "
-                f"(field 'name'); fms.Client sends it"
-            )
-        name = p.check_name(name)
-        policy.check(who, op, name)
-        return name
 
     def _versions(self, name: str) -> list:
         try:
@@ -359,7 +347,7 @@ class AccessOps:
     def op_audit(self, route, header, data):
         policy.check_op(route["who"], "audit")
         since = p.need(header, "since", (int, float), optional=True, default=0)
-        after = p.need_int(header, "after", optional=True, default=0)
+        after = p.need_int(header, "seq", optional=True, default=0)
         limit = p.need_int(header, "limit", lo=1, hi=AUDIT_PAGE, optional=True, default=AUDIT_PAGE)
         entries = self.meta.audit_read(float(since), after, limit)
         self._reply(

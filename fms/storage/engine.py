@@ -272,10 +272,13 @@ class Store:
                 f"it was damaged in transit, upload it again"
             )
         small = len(data) <= SMALL_CHUNK_MAX
+        if small:  # its bytes live in the engine: were they there already?
+            row = self.meta.chunk(digest)
+            held = row is not None and row.in_engine and not row.doomed
         # The row first: from then on the collector leaves the chunk alone for the grace period,
         # so the blob written next cannot be deleted under a commit that relies on it.
         if self.meta.claim_chunk(digest, len(data), time.time(), bytes(data) if small else None):
-            return True
+            return not (small and held)
         return self.chunks.put(digest, data)
 
     def put_page(self, page_id: bytes, blob) -> bool:

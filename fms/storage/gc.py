@@ -15,7 +15,8 @@ renewed while it works.
 **fsck** walks the live versions in name order, a page at a time, reads every body, page and
 chunk they list once and checks each against its digest (a list that many files share is checked
 once, and a repeat costs nothing); the last page also counts orphan blobs and reference counts
-that differ from a recount.
+that differ from a recount.  Each page reads the metadata in one snapshot, so writers running
+meanwhile never show up as damage.
 """
 
 import logging
@@ -33,8 +34,10 @@ DEFAULT_GRACE = 3600.0  # seconds an unreferenced chunk is kept before it is col
 LEASE = "gc"
 LEASE_SECONDS = 120.0  # a collector that dies holds the lease this long at most
 BATCH = 500  # chunks doomed per transaction
+PRUNE_BATCH = 2000  # tombstones and remembered ids dropped per transaction
 LIST_BATCH = 16  # bodies and pages deleted per transaction (each up to 2 MiB)
 FSCK_PAGE_BYTES = 256 * p.MiB  # chunk bytes one fsck page reads, so a page answers in seconds
+FSCK_PAGE_SECONDS = 5.0  # ... or the seconds it reads for, whichever comes first (a slow disk)
 HOLD_BATCH = 500  # names whose expired holds are dropped per transaction
 AUDIT_KEEP = 90 * 86400.0  # seconds the audit log keeps an entry (the storage workers' default)
 
@@ -77,7 +80,11 @@ def collect(
         "dry_run": dry_run,
     }
     try:
-        if not dry_run:  # first: the chunks they release start their grace period now
+        if not dry_run:
+            # First, and metadata only: an object store that fails the rest must not keep
+            # tombstones (which every listing steps over) from going.
+            freed["pruned"] = _prune(meta, now - RETAIN_SECONDS)
+        if not dry_run:  # the chunks they release start their grace period now
             while True:
                 expired = meta.expire_holds(now, HOLD_BATCH)
                 freed["expired"] += expired
@@ -114,7 +121,6 @@ def collect(
                 freed["chunks"] += 1
                 freed["bytes"] += size
         if not dry_run:
-            freed["pruned"] = meta.prune(now - RETAIN_SECONDS)
             meta.prune_audit(now - getattr(meta, "audit_keep", AUDIT_KEEP))
             if actor != "system" or any(_counts(freed).values()):  # a background no-op: no line
                 meta.audit_write([audit_entry(now, actor, "gc", grace=grace, **_counts(freed))])
@@ -131,6 +137,18 @@ def collect(
             dry_run,
         )
     return freed
+
+
+def _prune(meta, cutoff: float) -> int:
+    """Drop every tombstone and remembered id older than ``cutoff``, however many, a batch per
+    transaction so that writers never wait long; the lease is renewed as it goes."""
+    pruned = 0
+    while True:
+        n = meta.prune(cutoff, PRUNE_BATCH)
+        pruned += n
+        if n < PRUNE_BATCH:
+            return pruned
+        meta.lease(LEASE, _HOLDER, time.time(), LEASE_SECONDS)
 
 
 def _counts(freed: dict) -> dict:
@@ -154,9 +172,20 @@ def _finish(meta, chunks, rows, freed):
     freed["bytes"] += sum(r.size for r in rows)
 
 
-def fsck_page(store, after: str = "", page_bytes: int = FSCK_PAGE_BYTES) -> dict:
+def fsck_page(
+    store,
+    after: str = "",
+    page_bytes: int = FSCK_PAGE_BYTES,
+    page_seconds: float = FSCK_PAGE_SECONDS,
+) -> dict:
     """Check the live versions after name ``after``, reading about ``page_bytes`` of chunks
-    (and of the pages and bodies that list them).
+    (and of the pages and bodies that list them) or for about ``page_seconds``, whichever comes
+    first (at least one name).
+
+    The metadata of a page is read in one snapshot (:meth:`MetaEngine.snapshot`), so what
+    writers change meanwhile never looks like damage; a chunk whose bytes looked missing or
+    corrupt is looked at again once the snapshot is over, and reported only if a stored file
+    still uses it.
 
     :return: ``names`` and ``chunks`` checked, ``bytes`` read, ``damaged`` (a list of
         ``{chunk, problem, names}``: problem is ``missing`` or ``corrupt``, and ``kind`` is
@@ -164,42 +193,73 @@ def fsck_page(store, after: str = "", page_bytes: int = FSCK_PAGE_BYTES) -> dict
         after, or None when done).  The last page adds ``orphans`` (blobs no row knows, and
         unreferenced rows whose grace has not run out count as pending, not orphans) and
         ``refcount_errors``.
+    :raises Unavailable: the metadata database or the chunk store cannot be reached.
     """
     out = {"names": 0, "chunks": 0, "bytes": 0, "damaged": [], "next": None}
     check = _Check(store, out)
     last = after
-    while out["bytes"] < page_bytes:
-        versions = store.meta.iter_versions(last, 100)
-        if not versions:
-            break
-        for version in versions:
-            for ident in check.version(version):
-                check.damaged[ident]["names"].append(version.name)
-            out["names"] += 1
-            last = version.name
-            if out["bytes"] >= page_bytes:
+    end = time.monotonic() + page_seconds
+    with store.meta.snapshot():
+        while out["bytes"] < page_bytes and time.monotonic() < end:
+            versions = store.meta.iter_versions(last, 100)
+            if not versions:
                 break
-        else:
-            continue
-        break
-    out["damaged"] = [{**d, "names": sorted(set(d["names"]))} for d in check.damaged.values()]
-    if store.meta.iter_versions(last, 1):
+            for version in versions:
+                for ident in check.version(version):
+                    check.damaged[ident]["names"].append(version.name)
+                out["names"] += 1
+                last = version.name
+                if out["bytes"] >= page_bytes or time.monotonic() >= end:
+                    break
+        more = bool(store.meta.iter_versions(last, 1))
+        if not more:
+            out["refcount_errors"] = len(store.meta.refcount_errors())
+    out["damaged"] = [
+        {**{k: v for k, v in d.items() if k != "recheck"}, "names": sorted(set(d["names"]))}
+        for d in check.damaged.values()
+        if not d.get("recheck") or _still_damaged(store, d["chunk"])
+    ]
+    if more:
         out["next"] = last
     else:
-        out["orphans"] = sum(
-            1 for digest, _s, _m in store.chunks.list() if store.meta.chunk(digest) is None
-        )
-        out["refcount_errors"] = len(store.meta.refcount_errors())
+        out["orphans"] = _orphans(store)
     return out
+
+
+def _still_damaged(store, digest: bytes) -> bool:
+    """After the snapshot: whether a chunk whose bytes looked missing or corrupt still do, and
+    it is still used (an overwrite may have released it and a collection deleted it since).
+    Reading it sets a corrupt blob aside and marks the row lost, so an upload restores it."""
+    row = store.meta.chunk(digest)
+    if row is None or row.doomed or row.refs == 0:
+        return False
+    try:
+        store.read_chunk(digest)  # uploaded again since: healed
+    except (NotFound, IntegrityError):
+        return True
+    return False
+
+
+def _orphans(store) -> int:
+    """Blobs that no row knows.  Outside any snapshot, and each one looked at again: a blob's
+    row is written before the blob, and a collector deletes a blob before its row, so a blob
+    listed while it was written or collected is not counted."""
+    return sum(
+        1
+        for digest, _size, _mtime in store.chunks.list()
+        if store.meta.chunk(digest) is None and store.chunks.has(digest)
+    )
 
 
 class _Check:
     """One fsck page's checks: each chunk, page and body read once, and what was found damaged
-    under each list remembered, so a file costs what it lists that no file before it did."""
+    under each list remembered, so a file costs what it lists that no file before it did.
+    Pages and bodies are rows of the metadata, read in the page's snapshot: one that is absent
+    or wrong there is damage whatever writers do."""
 
     def __init__(self, store, out: dict):
         self.store, self.out = store, out
-        self.damaged = {}  # id -> {chunk, problem, names[, kind]}
+        self.damaged = {}  # id -> {chunk, problem, names[, kind][, recheck]}
         self.seen = set()  # chunks checked
         self.lists = {}  # page or body id -> the damaged ids under it
 
@@ -240,23 +300,39 @@ class _Check:
                 bad.add(digest)
             elif digest not in self.seen:
                 self.seen.add(digest)
-                problem = _check_chunk(self.store, digest, self.out)
+                problem, recheck = _check_chunk(self.store, digest, self.out)
                 if problem:
-                    self.damaged[digest] = {"chunk": digest, "problem": problem, "names": []}
+                    self.damaged[digest] = {
+                        "chunk": digest,
+                        "problem": problem,
+                        "names": [],
+                        "recheck": recheck,
+                    }
                     bad.add(digest)
         return bad
 
 
-def _check_chunk(store, digest, out):
+def _check_chunk(store, digest, out) -> tuple:
+    """Read-only (it runs in the page's snapshot; what a damaged chunk needs, set aside or
+    marked lost, is done by :func:`_still_damaged` after it).
+
+    :return: ``(problem or None, whether only the bytes were found wanting)``.  A row that is
+        absent or doomed while a version uses it is damage whatever writers do (both change in
+        one transaction); bytes that are absent or wrong may have been released and collected
+        since the snapshot, so those are looked at again after it.
+    """
     out["chunks"] += 1
     row = store.meta.chunk(digest)
     if row is None or row.doomed:
-        return "missing"
-    try:
-        frame = store.read_chunk(digest)
-    except NotFound:
-        return "missing"
-    except IntegrityError:
-        return "corrupt"
-    out["bytes"] += len(frame) - p.DATA_PREFIX_LEN
-    return None
+        return "missing", False
+    if row.in_engine:
+        data = row.data
+    else:
+        try:
+            data = memoryview(store.chunks.get(digest))[p.DATA_PREFIX_LEN :]
+        except NotFound:
+            return "missing", True
+    if store.hash(data) != digest:  # the store's digest function
+        return "corrupt", True
+    out["bytes"] += len(data)
+    return None, False

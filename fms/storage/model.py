@@ -45,7 +45,7 @@ class Version:
     body: bytes | None = None  # the id of the stored body (a paged chunk list)
 
     def summary(self) -> dict:
-        """What ls and stat return (a *stat*): the manifest without its chunk list."""
+        """What stat and ls return (a *stat*): the manifest without its chunk list."""
         out = {
             "name": self.name,
             "size": self.size,

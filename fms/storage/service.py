@@ -43,6 +43,7 @@ from ..errors import (
     FmsError,
     Forbidden,
     MissingChunks,
+    NoSpace,
     RemoteError,
     TooLarge,
     Unavailable,
@@ -50,8 +51,9 @@ from ..errors import (
 from ..logutil import RateLimitedLog
 from . import gc
 from .access import Access, AccessOps, Reads
-from .engine import SMALL_CHUNK_MAX, Store, os_failure
+from .engine import FOLDER_END, SMALL_CHUNK_MAX, Store, os_failure
 from .model import Copy, NewVersion, Removal, Restore
+from .reserve import SpaceReserve
 
 CLEAN_INTERVAL = 60.0  # seconds between sweeps of temp files left by dead writers
 GC_INTERVAL = 300.0  # seconds between background collections
@@ -62,8 +64,10 @@ CHANGE_OPS = (
     "cp",
     "restore",
 )  # group committed; applied even past their deadline
+VERSIONS_MAX = 256  # versions one `versions` reply lists, the newest
 RM_PAGE = 1000  # names an `rm_prefix` removes per request (one transaction)
 RM_PAGE_NAME_BYTES = 32 * p.KiB  # ... whose names add up to at most this: the broker's `inv`
+RESERVE_RM_PAGE = 100  # ... and at most this many in the room of the disk's reserve
 
 log = logging.getLogger("fms.storage")
 
@@ -96,6 +100,9 @@ class StorageService:
         self._next_clean = 0.0
         self._next_gc = time.monotonic() + GC_INTERVAL
         self._maintenance = _Maintenance(maintenance_store) if maintenance_store else None
+        # With the disk full, removals and collections run again in this room (None: the
+        # metadata is not on this machine's disk).
+        self.reserve = SpaceReserve.for_store(store)
         self.access = Access(store.meta)
         self.access_ops = AccessOps(store, self.access, lambda: self.link, self._policy_changed)
         self.reads = Reads(store)
@@ -134,6 +141,9 @@ class StorageService:
         if handler is None:
             raise BadRequest(f"storage does not serve op {op!r}")
         p.check_version(header)
+        # The broker checked what it decoded; a large commit or have it only peeked at is
+        # checked whole here, against the same table.
+        p.check_request(op, header)
         if self._pending and op not in CHANGE_OPS:
             self._apply_pending()  # a group is commits that arrive back to back: none waits
         if self._reads and op != "chunk":
@@ -169,6 +179,8 @@ class StorageService:
 
     def tick(self, now):
         self.flush()
+        if self.reserve is not None:
+            self.reserve.refill()  # a no-op while it is whole
         try:
             if self.access.refresh(time.monotonic()):
                 self._policy_changed(self.access.policy)
@@ -228,8 +240,10 @@ class StorageService:
         self.link.reply(route, p.ok_reply(header["id"], manifest=manifest), frame)
 
     def op_versions(self, route, header, data):
-        found = self.store.versions(self._name(route, header, "versions"))
-        current = found[0].version if self.store.meta.get(found[0].name) else None
+        # The newest VERSIONS_MAX: a stat is at most ~3.3 KiB (its name and metadata), so the
+        # reply stays within the 1 MiB the broker reserves for it, whatever --keep-versions is.
+        found = self.store.versions(self._name(route, header, "versions"))[:VERSIONS_MAX]
+        current = found[0].version if self.store.meta.get(found[0].name, lists=False) else None
         self.link.reply(
             route,
             p.ok_reply(
@@ -317,25 +331,40 @@ class StorageService:
         limit = p.need_int(
             header, "limit", lo=1, hi=p.LS_PAGE_MAX, optional=True, default=p.LS_PAGE_DEFAULT
         )
+        # A page holds at most `limit` items and `limit` x LS_ENTRY_MAX bytes (what the broker
+        # reserves for the reply): entries with large metadata maps make shorter pages.
+        budget = limit * p.LS_ENTRY_MAX
         scans = policy.scans(route["who"], policy.READ, prefix)
         if p.need(header, "folders", bool, optional=True, default=False):
             entries, folders, cursor = self.store.list_folder(prefix, after, limit, scans)
+            items = sorted(
+                [(v.name, v.summary()) for v in entries] + [(f, None) for f in folders],
+                key=lambda item: item[0],
+            )
+            kept = _fitting(items, budget)
+            if kept < len(items):
+                name, stat = items[kept - 1]
+                cursor = name if stat is not None else name + FOLDER_END  # past the folder
             self.link.reply(
                 route,
                 p.ok_reply(
                     header["id"],
-                    entries=[v.summary() for v in entries],
-                    folders=folders,
+                    entries=[stat for _name, stat in items[:kept] if stat is not None],
+                    folders=[name for name, stat in items[:kept] if stat is None],
                     next=cursor,
                     more=cursor is not None,
                 ),
             )
             return
         page = self.store.list(prefix, after, limit + 1, scans)
+        items = [(v.name, v.summary()) for v in page[:limit]]
+        kept = _fitting(items, budget)
         self.link.reply(
             route,
             p.ok_reply(
-                header["id"], entries=[v.summary() for v in page[:limit]], more=len(page) > limit
+                header["id"],
+                entries=[stat for _name, stat in items[:kept]],
+                more=len(page) > kept,
             ),
         )
 
@@ -411,7 +440,7 @@ class StorageService:
                 f"a commit's digest is of kind {p.DIGEST_TREE!r}: derived from its chunk "
                 f"digests (storage reads nothing back to check one of the content)"
             )
-        if ("chunks" in header) == ("pages" in header):
+        if (header.get("chunks") is None) == (header.get("pages") is None):  # nil: absent
             raise BadRequest("a commit lists either its chunks or its pages")
         name = self._name(route, header, "commit")
         change = NewVersion(
@@ -454,6 +483,11 @@ class StorageService:
             )
         chunk_size = p.need_int(header, "chunk_size", lo=p.MIN_CHUNK_SIZE, hi=p.MAX_CHUNK_SIZE)
         payload = p.unpack_data(data.buffer) if data is not None else memoryview(b"")
+        if len(payload) > p.MAX_BATCH_BYTES:
+            raise TooLarge(
+                f"commit_many carries {len(payload)} bytes of content; at most "
+                f"{p.MAX_BATCH_BYTES} a message: send the rest in another"
+            )
         requests, offset = [], 0
         for i in range(count):
             item = {
@@ -581,8 +615,13 @@ class StorageService:
         limit = p.need_int(header, "limit", lo=1, hi=RM_PAGE, optional=True, default=RM_PAGE)
         if self._pending:
             self._apply_pending()  # changes apply in the order they arrived
-        removed, more = self.store.remove_prefix(
-            prefix, limit, RM_PAGE_NAME_BYTES, route["who"].name
+        removed, more = self._freeing(
+            lambda in_reserve: self.store.remove_prefix(
+                prefix,
+                min(limit, RESERVE_RM_PAGE) if in_reserve else limit,
+                RM_PAGE_NAME_BYTES,
+                route["who"].name,
+            )
         )
         names = [v.name for v in removed]
         # The broker drops every removed name from the cache before it forwards this ack.
@@ -611,10 +650,42 @@ class StorageService:
         except Exception as exc:  # a bug: every commit of the group still gets an answer
             log.exception("event=group_commit_crashed error=%r", exc)
             results = [FmsError(f"internal error: {exc!r}")] * len(pending)
+        self._remove_in_reserve(pending, results)
         for (route, header, change, inline), result in zip(pending, results, strict=False):
             if inline is not None and not _failed(result):
                 self._own_inline(route, [(change, inline)])
             self._answer_change(route, header, change, result)
+
+    def _remove_in_reserve(self, pending, results):
+        """With the disk full, the removals of a group run again in the room of the disk's
+        reserve (they are how space comes back); its other changes keep their ``no_space``."""
+        again = [
+            i
+            for i, (_r, _h, change, _i) in enumerate(pending)
+            if isinstance(change, Removal) and isinstance(results[i], NoSpace)
+        ]
+        if not again or self.reserve is None:
+            return
+        try:
+            with self.reserve.released():
+                retried = self.store.apply([(pending[i][2], None) for i in again])
+        except FmsError as exc:
+            retried = [exc] * len(again)
+        except OSError as exc:
+            retried = [os_failure(exc)] * len(again)
+        for i, result in zip(again, retried, strict=True):
+            results[i] = result
+
+    def _freeing(self, work):
+        """Run ``work(in_reserve)``, a write that gives space back; if the disk is full, once
+        more in the room of the disk's reserve (``in_reserve`` True: do less at once)."""
+        try:
+            return work(False)
+        except NoSpace:
+            if self.reserve is None:
+                raise
+        with self.reserve.released():
+            return work(True)
 
     def _answer_change(self, route, header, change, result):
         if isinstance(result, FmsError):
@@ -669,13 +740,25 @@ class StorageService:
         self._run(
             route,
             header,
-            lambda store: {"gc": gc.collect(store, float(grace), dry_run, actor=actor)},
+            lambda store: {
+                "gc": self._freeing(lambda _: gc.collect(store, float(grace), dry_run, actor=actor))
+            },
         )
 
     def op_fsck(self, route, header, data):
         policy.check_op(route["who"], "fsck")
         after = p.need(header, "after", str, optional=True, default="")
-        self._run(route, header, lambda store: {"fsck": gc.fsck_page(store, after)})
+        deadline = route.get("deadline")
+
+        def page(store):
+            # A page ends in half the time its client has left (a page answers, and the next
+            # page goes on, rather than one page outliving its client's wait).
+            seconds = gc.FSCK_PAGE_SECONDS
+            if deadline is not None:
+                seconds = min(seconds, (deadline - time.monotonic()) / 2)
+            return {"fsck": gc.fsck_page(store, after, page_seconds=seconds)}
+
+        self._run(route, header, page)
 
     def _run(self, route, header, job):
         if self._maintenance is None:
@@ -688,8 +771,19 @@ class StorageService:
             self._maintenance.submit(route, header, job)
 
     def _background_gc(self, store):
-        gc.collect(store, self.gc_grace)
+        self._freeing(lambda _: gc.collect(store, self.gc_grace))
         return {}
+
+
+def _fitting(items: list, budget: int) -> int:
+    """How many of the leading ``(name, stat or None for a folder)`` items take at most
+    ``budget`` bytes on the wire (at least one)."""
+    used = 0
+    for n, (name, stat) in enumerate(items):
+        used += len(p.encode(stat)) if stat is not None else len(name.encode()) + 3
+        if used > budget and n:
+            return n
+    return len(items)
 
 
 def _failed(result) -> bool:
@@ -697,7 +791,7 @@ def _failed(result) -> bool:
 
 
 def _hashes(header, key: str, limit: int) -> tuple | None:
-    return tuple(p.need_hashes(header, key, limit)) if key in header else None
+    return tuple(p.need_hashes(header, key, limit)) if header.get(key) is not None else None
 
 
 def _commit_id(header, optional=False) -> str:
@@ -744,6 +838,12 @@ class _Maintenance:
                 return
             route, header, job = item
             try:
+                if route is not None and route.get("deadline", math.inf) < time.monotonic():
+                    # Its client stopped waiting while it queued (and may have asked again):
+                    # the work is not done, so retries never pile up here.
+                    raise Unavailable(
+                        "the request's deadline passed before storage got to it; retry"
+                    )
                 result = job(self.store)
             except FmsError as exc:
                 result = exc

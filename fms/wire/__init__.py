@@ -9,6 +9,8 @@ docs/PROTOCOL.md describes every message; this package is its code, one concern 
 - :mod:`.fields`: reading and checking a header's fields, name rules, hashes, how a file splits
   into chunks;
 - :mod:`.digests`: the digest functions a store may use (sha256, BLAKE3), one helper each;
+- :mod:`.requests`: every request field's type, range and default, in one table, and the check
+  of a request against it;
 - :mod:`.frames`: multipart send/receive on a socket, file reads straight into data frames;
 - :mod:`.batch`: the batched read ``get_many``, its request and reply.
 
@@ -32,8 +34,9 @@ protocol's constants (``fms --help``) does not import ZeroMQ, msgpack or hashlib
 
 import importlib
 
-# cheapest first
-_MODULES = ("messages", "fields", "digests", "manifest", "codec", "batch", "frames")
+# Searched in this order, cheapest first; requests (the broker's and storage's) last, since
+# the client never reads it.
+_MODULES = ("messages", "fields", "digests", "manifest", "codec", "batch", "frames", "requests")
 
 
 def __getattr__(name: str):

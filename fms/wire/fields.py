@@ -55,11 +55,12 @@ def travels_inline(size: int, chunks: int) -> bool:
 
 
 def need(header: dict, key: str, kind, *, optional=False, default=None):
-    """Read ``header[key]`` and check its type; bools are never ints.
+    """Read ``header[key]`` and check its type; bools are never ints.  Nil counts as absent,
+    for every field (docs/PROTOCOL.md, *Request fields*).
 
     :raises BadRequest: missing (unless optional) or of the wrong type.
     """
-    if key not in header:
+    if header.get(key) is None:
         if optional:
             return default
         raise BadRequest(f"field {key!r} is missing")
@@ -183,7 +184,7 @@ def check_prefix(prefix) -> str:
     if not isinstance(prefix, str):
         raise BadRequest(f"a prefix must be a string, got {type(prefix).__name__}")
     if "\x00" in prefix or len(prefix.encode("utf-8", "replace")) > MAX_NAME_BYTES:
-        raise BadRequest("prefix contains a NUL byte or is over 1024 bytes")
+        raise BadRequest(f"field 'prefix' holds a NUL byte or is over {MAX_NAME_BYTES} bytes")
     try:
         return unicodedata.normalize("NFC", prefix)
     except UnicodeError:

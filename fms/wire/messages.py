@@ -15,6 +15,7 @@ __all__ = [
     "HEARTBEAT_INTERVAL",
     "HEARTBEAT_LIVENESS",
     "INLINE_MAX",
+    "LS_ENTRY_MAX",
     "LS_PAGE_DEFAULT",
     "LS_PAGE_MAX",
     "MAX_BATCH_BYTES",
@@ -37,6 +38,7 @@ __all__ = [
     "check_frame_count",
     "check_version",
     "error_reply",
+    "is_version",
     "ok_reply",
 ]
 
@@ -61,6 +63,8 @@ INLINE_MAX = 128 * KiB  # files up to this size travel with their manifest: one 
 MAX_HAVE_BATCH = 4096  # chunk hashes per `have` request
 LS_PAGE_DEFAULT = 1000  # entries per `ls` reply unless `limit` says otherwise
 LS_PAGE_MAX = 5000  # the largest `limit`: a reply stays far below MAX_FRAME_SIZE
+LS_ENTRY_MAX = 1280  # bytes an ls page takes per unit of its `limit`, at most (a 1,024-byte name
+# and the fields; a page of entries with metadata maps holds fewer)
 MAX_COMMIT_ID = 128  # characters in a commit's or rm's `commit` id
 MAX_GC_GRACE = 10 * 365 * 86400  # seconds: the largest `grace` a gc request may ask for
 
@@ -139,9 +143,15 @@ ERROR_CODES = (
 )
 
 
+def is_version(v) -> bool:
+    """Whether ``v`` names this protocol version: the int itself (``true`` and ``1.0`` equal 1
+    in Python, and are not versions)."""
+    return type(v) is int and v == PROTOCOL_VERSION
+
+
 def check_version(header: dict, speaker: str = "this worker"):
     """A worker's check that a request speaks this protocol version (the broker checks first)."""
-    if header.get("v") != PROTOCOL_VERSION:
+    if not is_version(header.get("v")):
         raise BadRequest(
             f"protocol version {header.get('v')!r} not supported; "
             f"{speaker} speaks {PROTOCOL_VERSION}"

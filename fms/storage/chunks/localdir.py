@@ -111,14 +111,19 @@ class LocalDirChunks(ChunkBackend):
         for shard in os.scandir(self.root):
             if not shard.is_dir():
                 continue
-            for entry in os.scandir(shard.path):
-                try:
-                    digest = bytes.fromhex(entry.name)
-                    st = entry.stat()
-                except (ValueError, FileNotFoundError):
-                    continue
-                if len(digest) == p.HASH_LEN:
-                    yield digest, st.st_size, st.st_mtime
+            try:
+                entries = os.scandir(shard.path)
+            except FileNotFoundError:
+                continue  # its last blob was deleted (by another worker's collector) meanwhile
+            with entries:
+                for entry in entries:
+                    try:
+                        digest = bytes.fromhex(entry.name)
+                        st = entry.stat()
+                    except (ValueError, FileNotFoundError):
+                        continue
+                    if len(digest) == p.HASH_LEN:
+                        yield digest, st.st_size, st.st_mtime
 
     def store_marker(self):
         try:

@@ -24,6 +24,7 @@ version on its body (or, for a short list kept with it, on each distinct chunk).
 for the grace period, they are deleted by ``collect_lists``, which releases what they list.
 """
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
@@ -192,8 +193,9 @@ class MetaEngine(AccessMeta, ABC):
         it as a doomed row so that its deletion cannot race a claim.  False if a row exists."""
 
     @abstractmethod
-    def prune(self, cutoff: float) -> int:
-        """Drop tombstones and remembered commit ids older than ``cutoff``; how many."""
+    def prune(self, cutoff: float, limit: int) -> int:
+        """Drop up to ``limit`` tombstones and remembered commit ids older than ``cutoff``, in
+        one transaction; how many (less than ``limit``: none older is left)."""
 
     @abstractmethod
     def lease(self, name: str, holder: str, now: float, seconds: float) -> bool:
@@ -208,6 +210,12 @@ class MetaEngine(AccessMeta, ABC):
         """Who holds the lease ``name`` (expired or not), or None."""
 
     # --- checks ---
+
+    @abstractmethod
+    def snapshot(self) -> contextlib.AbstractContextManager:
+        """A context in which every read sees one consistent state of the store: what every
+        transaction committed before it began, nothing committed later (fsck reads a page in
+        one, so concurrent writes never look like damage).  Only reads may run in it."""
 
     @abstractmethod
     def refcount_errors(self) -> list:

@@ -24,7 +24,10 @@ on each of its names (in sorted order, all at the start) and ``FOR UPDATE`` on t
 references (bodies, then pages, then chunks, each sorted by id); the collector takes the rows it
 deletes or dooms with ``FOR UPDATE SKIP LOCKED``, so it never waits on a commit and never
 deletes a row a commit holds.  The totals row is always changed last.  A deadlock or
-serialization failure that remains is retried whole.
+serialization failure that remains is retried whole.  A reader that needs one consistent view
+over several statements (fsck's pages) reads in a :meth:`SQLMeta.snapshot`: REPEATABLE READ,
+READ ONLY on PostgreSQL; on SQLite (WAL) a read transaction, which sees the database as of its
+first read.
 """
 
 import collections
@@ -46,6 +49,7 @@ FORMAT = 3  # the store's format; 1 was one manifest file per name, 2 a chunk li
 RETRIES = 5  # a transaction that deadlocked is tried this many times in all
 IN_BATCH = 500  # ids per `IN (...)` list
 LIST_BATCH = 16  # bodies or pages the collector deletes per transaction (up to 2 MiB each)
+RECOUNT_CHUNKS = 1 << 20  # chunk rows a reference recount holds counts for at once
 ROW_LISTS_MAX = 1024  # a body's extents and page ids are copied into its versions' rows
 # while they take at most this many bytes, so a get never reads the body itself
 
@@ -60,6 +64,7 @@ CREATE TABLE IF NOT EXISTS names (
     committed {real} NOT NULL, meta {blob}, extent_list {blob}, chunk_list {blob},
     page_list {blob}, body {blob}, deleted INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS names_tombstones ON names (committed) WHERE deleted = 1;
+CREATE INDEX IF NOT EXISTS names_live ON names (name) WHERE deleted = 0;
 CREATE TABLE IF NOT EXISTS retained (
     name {name_type} NOT NULL, version BIGINT NOT NULL, size BIGINT NOT NULL,
     digest {blob} NOT NULL, kind TEXT NOT NULL, chunk_size BIGINT NOT NULL,
@@ -256,13 +261,16 @@ class SQLMeta(AccessSQL, MetaEngine):
     # Dialect: overridden by subclasses.
     types = {"blob": "BLOB", "real": "REAL", "name_type": "TEXT"}
     begin_write = "BEGIN"
+    # A read-only transaction whose reads all see one state of the store (SQLite in WAL mode:
+    # the snapshot is fixed by the first read and kept to the end).
+    begin_read = "BEGIN"
     # Statements run before and after a transaction that need not be on disk when it commits
     # (the next durable commit, which names what it relied on, flushes it along): none here.
     lazy_commit = ()
-    begin_read = "BEGIN"  # a transaction whose reads see one snapshot
     for_update = ""  # appended to SELECTs of rows about to be changed
     skip_locked = ""  # appended to the collector's SELECT
     in_transaction = False  # a lost connection must not be silently reopened midway
+    _reading = False  # in a snapshot (see snapshot())
     keep_versions = 0  # replaced versions retained per name (the worker's --keep-versions)
 
     def _execute(self, sql: str, args=()):
@@ -309,6 +317,7 @@ class SQLMeta(AccessSQL, MetaEngine):
                     SCHEMA_V2.replace("names_v2", "names").replace("retained_v2", "retained")
                 )
                 self._execute("DROP INDEX IF EXISTS names_tombstones")
+                self._execute("DROP INDEX IF EXISTS names_live")  # the new names get their own
                 for table in ("names", "retained"):
                     self._execute(f"ALTER TABLE {table} RENAME TO {table}_v2")
                     self._rename_key_index(table)
@@ -493,6 +502,24 @@ class SQLMeta(AccessSQL, MetaEngine):
             raise
         finally:
             self.in_transaction = False
+
+    @contextlib.contextmanager
+    def snapshot(self):
+        if self._reading or self.in_transaction:  # within an outer snapshot or transaction
+            # (a caller's), its view is this one's
+            yield
+            return
+        try:
+            self._execute(self.begin_read)
+        except Exception as exc:
+            raise self._error(exc) from None
+        self.in_transaction = self._reading = True
+        try:
+            yield
+        finally:
+            self.in_transaction = self._reading = False
+            with contextlib.suppress(Exception):  # nothing was written: COMMIT just ends it
+                self._execute("COMMIT")
 
     def _transaction(self, work, durable: bool = True):
         """Run ``work()`` in a write transaction, again if it deadlocked.  The totals row is
@@ -1168,16 +1195,24 @@ class SQLMeta(AccessSQL, MetaEngine):
 
         return self._transaction(work)
 
-    def prune(self, cutoff):
+    def prune(self, cutoff, limit):
         def work():
             # A removed name with retained versions keeps its tombstone: the version count
-            # goes on, so a later version never takes a retained one's number.
+            # goes on, so a later version never takes a retained one's number.  The outer
+            # conditions hold again for the row as it is when deleted: a name written since
+            # the inner select is not a tombstone any more.
             n = self._execute(
-                "DELETE FROM names WHERE deleted = 1 AND committed < ? AND NOT "
-                "EXISTS (SELECT 1 FROM retained r WHERE r.name = names.name)",
-                (cutoff,),
+                "DELETE FROM names WHERE deleted = 1 AND committed < ? AND name IN ("
+                "SELECT t.name FROM names t WHERE t.deleted = 1 AND t.committed < ? AND NOT "
+                "EXISTS (SELECT 1 FROM retained r WHERE r.name = t.name) LIMIT ?)",
+                (cutoff, cutoff, limit),
             ).rowcount
-            return n + self._execute("DELETE FROM commits WHERE at < ?", (cutoff,)).rowcount
+            if n < limit:
+                n += self._execute(
+                    "DELETE FROM commits WHERE id IN (SELECT id FROM commits WHERE at < ? LIMIT ?)",
+                    (cutoff, limit - n),
+                ).rowcount
+            return n
 
         return self._transaction(work)
 
@@ -1207,35 +1242,21 @@ class SQLMeta(AccessSQL, MetaEngine):
 
     # --- checks ---
 
-    @contextlib.contextmanager
-    def _snapshot(self):
-        """Reads that all see one state of the store (a read transaction)."""
-        try:
-            self._execute(self.begin_read)
-        except Exception as exc:
-            raise self._error(exc) from None
-        self.in_transaction = True
-        try:
-            yield
-        finally:
-            self.in_transaction = False
-            with contextlib.suppress(Exception):
-                self._execute("COMMIT")
-
-    def _scan(self, table: str, keys: tuple, columns: str, where: str = "", batch: int = 64):
+    def _scan(self, table: str, keys: tuple, columns: str, where: str = "", batch=64, args=()):
         """The rows of ``table`` (``keys`` then ``columns``) in key order, ``batch`` at a time,
-        so a table of any size is read in the memory of one batch."""
+        so a table of any size is read in the memory of one batch; ``where`` (``AND ...``,
+        its parameters ``args``) chooses the rows."""
         last = None
         key_list = ", ".join(keys)
         while True:
-            cond, args = where, []
+            cond, args_now = where, list(args)
             if last is not None:
                 cond += f" AND ({key_list}) > ({_marks(len(keys))})"
-                args = list(last)
+                args_now += list(last)
             rows = self._all(
                 f"SELECT {key_list}, {columns} FROM {table} WHERE 1 = 1{cond} "
                 f"ORDER BY {key_list} LIMIT ?",
-                [*args, batch],
+                [*args_now, batch],
             )
             yield from rows
             if len(rows) < batch:
@@ -1245,9 +1266,11 @@ class SQLMeta(AccessSQL, MetaEngine):
     def refcount_errors(self):
         """Every stored reference count against a recount, in one snapshot: bodies from the
         versions, pages from the bodies, chunks from the versions' short lists and the pages.
-        Memory: the distinct ids counted, never a chunk list per file."""
+        Memory: the distinct ids counted, never a chunk list per file; chunks are counted in
+        ranges of their digests of at most about :data:`RECOUNT_CHUNKS` rows each (a pass over
+        the lists per range)."""
         errors = []
-        with self._snapshot():
+        with self.snapshot():
             counted = collections.Counter()
             for table, live in (("names", " AND deleted = 0"), ("retained", "")):
                 for body, n in self._all(
@@ -1259,25 +1282,40 @@ class SQLMeta(AccessSQL, MetaEngine):
             for _id, data in self._scan("bodies", ("id",), "data", batch=8):
                 counted.update(set(p.unpack_body(data)[1]))
             errors += self._recount("page", "pages", "id", counted)
-            counted = collections.Counter()
-            for table, keys, live in (
-                ("names", ("name",), " AND deleted = 0"),
-                ("retained", ("name", "version"), ""),
-            ):
-                for row in self._scan(
-                    table, keys, "chunk_list", f" AND chunk_list IS NOT NULL{live}"
-                ):
-                    counted.update(set(p.split_digests(row[-1])))
-            for _id, data in self._scan("pages", ("id",), "data", batch=4):
-                counted.update(set(p.split_digests(data)))
-            errors += self._recount("chunk", "chunks", "digest", counted)
+            (rows,) = self._one("SELECT COUNT(*) FROM chunks")
+            ranges = 1
+            while ranges < 256 and rows > ranges * RECOUNT_CHUNKS:
+                ranges *= 2
+            for r in range(ranges):
+                lo, hi = r * 256 // ranges, (r + 1) * 256 // ranges  # first bytes [lo, hi)
+                counted = collections.Counter()
+                for digests in self._listed_chunks():
+                    counted.update({d for d in digests if lo <= d[0] < hi})
+                span = (bytes([lo]), bytes([hi]) if hi < 256 else None)
+                errors += self._recount("chunk", "chunks", "digest", counted, span)
         return errors
 
-    def _recount(self, kind: str, table: str, key: str, counted) -> list:
-        """``(kind, id, stored refs, counted refs)`` of every row of ``table`` that differs
-        from ``counted``, and of every counted id with no row (stored refs None)."""
+    def _listed_chunks(self):
+        """Each short list of a version, and each page, as a list of digests."""
+        for table, keys, live in (
+            ("names", ("name",), " AND deleted = 0"),
+            ("retained", ("name", "version"), ""),
+        ):
+            for row in self._scan(table, keys, "chunk_list", f" AND chunk_list IS NOT NULL{live}"):
+                yield p.split_digests(row[-1])
+        for _id, data in self._scan("pages", ("id",), "data", batch=4):
+            yield p.split_digests(data)
+
+    def _recount(self, kind: str, table: str, key: str, counted, span=(None, None)) -> list:
+        """``(kind, id, stored refs, counted refs)`` of every row of ``table`` (with ``span``,
+        those whose id is in ``[lo, hi)``) that differs from ``counted``, and of every counted
+        id with no row (stored refs None)."""
         errors = []
-        for ident, refs in self._scan(table, (key,), "refs", batch=1000):
+        bounds = [(op, bound) for op, bound in ((">=", span[0]), ("<", span[1])) if bound]
+        where = "".join(f" AND {key} {op} ?" for op, _bound in bounds)
+        for ident, refs in self._scan(
+            table, (key,), "refs", where, batch=1000, args=[b for _op, b in bounds]
+        ):
             ident = bytes(ident)
             n = counted.pop(ident, 0)
             if refs != n:
