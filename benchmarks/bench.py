@@ -427,17 +427,27 @@ def _connection_loop(
             frames = sock.recv_multipart(copy=False)
             header = p.decode(frames[0].buffer)
             manifest = header.get("manifest") or {}
-            if (
-                header.get("ok")
-                and len(frames) == 2
-                and p.inline_ok(p.check_manifest(manifest), p.unpack_data(frames[1].buffer))
-            ):
+            if header.get("ok") and len(frames) == 2 and _small_ok(manifest, frames[1]):
                 done += 1
             else:
                 failed += 1
             send(sock)
     ctx.destroy(linger=0)
     _add_counts(counter, done, errors, failed)
+
+
+def _small_ok(manifest: dict, frame) -> bool:
+    """Whether a small file's inline content is the one its manifest names: its one chunk's
+    digest, and the chunk list giving the file digest."""
+    chunks = manifest.get("chunks") or []
+    if len(chunks) != 1:
+        return False
+    hash_fn = p.manifest_hasher(p.check_manifest(manifest))  # the store's digest function
+    extents = p.unpack_extents(manifest["extents"])
+    return (
+        p.inline_ok(manifest, p.unpack_data(frame.buffer))
+        and p.inline_digest(extents, chunks, hash_fn) == manifest["digest"]
+    )
 
 
 def _run_processes(ctx, target, arg_lists) -> float:

@@ -104,6 +104,7 @@ def main(argv=None) -> int:
                     print(f"brokers: round {i + 1}, {side}", file=sys.stderr, flush=True)
                     got = _round(clusters[side], args.size, os.path.join(folder, "out.bin"))
                     runs[side].append(got)
+                    print(f"brokers: {got}", file=sys.stderr, flush=True)
         finally:
             for cluster in clusters.values():
                 cluster.stop()
@@ -111,7 +112,8 @@ def main(argv=None) -> int:
     for metric in ("p50 ms", "p99 ms", "GET/s, 16 connections", "warm GET MiB/s"):
         before = statistics.median(r[metric] for r in runs["before"])
         after = statistics.median(r[metric] for r in runs["after"])
-        better = before / after if metric.endswith("ms") else after / before
+        num, den = (before, after) if metric.endswith("ms") else (after, before)
+        better = num / den if den else float("nan")
         rows.append((metric, before, after, better))
     failed = sum(r["failed"] for side in runs.values() for r in side)
     lines = [
