@@ -2,6 +2,7 @@
 driven through a recording link instead of a socket."""
 
 import os
+import threading
 
 import pytest
 from storage_helpers import digest_name, h, use_digest
@@ -101,6 +102,36 @@ def test_memory_tier_is_bounded(tmp_path):
         cache.flush()
         cache.get(digest)
     assert 0 < cache._hot_bytes <= 200_000 and cache.bytes <= 400_000
+
+
+def test_the_memory_a_cache_holds_is_bounded_whatever_its_size_on_disk(tmp_path, monkeypatch):
+    """A cache of 100 GiB filled with 200 MiB of new chunks while its disk is stalled: its
+    window, hot tier and chunks waiting for the disk stay within their bounds (a window of 1 %
+    of the bytes once held a whole large file in memory), and what did not fit is not cached."""
+    from fms.cache import chunks as chunk_module
+    from fms.cache.policy import WINDOW_BYTES_MAX
+
+    stalled = threading.Event()
+    real = chunk_module._WriteBehind._write
+    monkeypatch.setattr(
+        chunk_module._WriteBehind, "_write", lambda self, *a: stalled.wait(30) and real(self, *a)
+    )
+    cache = ChunkCache(str(tmp_path), max_bytes=100 * p.GiB)
+    bound = WINDOW_BYTES_MAX + chunk_module.HOT_BYTES_MAX + chunk_module.WRITE_BEHIND_MAX
+    peak = 0
+    for i in range(200):
+        digest, data = chunk(i, p.MiB)
+        cache.get(digest)
+        cache.put(digest, data)
+        cache.get(digest)  # read back at once: the hot tier fills too
+        peak = max(peak, cache.memory_held)
+    assert peak <= bound
+    assert cache.refused > 0  # past the write-behind bound: not admitted
+    stalled.set()
+    cache.flush()
+    held = [i for i in range(200) if chunk(i, p.MiB)[0] in cache]
+    assert held and all(cache.get(chunk(i, p.MiB)[0]) is not None for i in held)
+    cache.close()
 
 
 def test_corrupt_cache_entry_is_dropped_not_served(tmp_path):

@@ -886,7 +886,7 @@ def _cache(cmd):
         default=None,
         metavar="SIZE",
         help="chunks also kept in memory, answered without a disk read (default: "
-        "the smaller of 64M and half of --max-bytes; 0: none)",
+        "the smaller of 48M and half of --max-bytes; 0: none)",
     )
     cmd.add_argument(
         "--max-file",
