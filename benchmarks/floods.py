@@ -9,6 +9,7 @@ RSS (VmHWM) and what the well-behaved client saw: reads (and, every round, a put
 that succeeded / failed, their p99 and the slowest.  ``--clients`` defaults to each scenario's own
 count (8, or the one its line says).
 
+- ``none``: no attack, the well-behaved client alone (the peer: its p99 is the machine's);
 - ``bomb``: 15 frames of 32 MiB of empty msgpack arrays to the frontend, 3 to the backend;
 - ``flood``: clients send 128 have/ls each (the most they may have in flight), then leave;
 - ``nonreaders``: clients that never read ask again and again for 16 MiB chunks;
@@ -379,8 +380,15 @@ def fsck(cluster, seconds, clients, big):
         sock.close()
 
 
+def none(cluster, seconds, clients, big):
+    """No attack: the well-behaved client alone, the peer every flood's latency is compared
+    with on the same machine in the same run."""
+    time.sleep(seconds)
+
+
 DEFAULT_CLIENTS = {"pacednonreaders": 300, "fsck": 100}
 SCENARIOS = {
+    "none": none,
     "bomb": bomb,
     "flood": flood,
     "nonreaders": nonreaders,

@@ -132,6 +132,19 @@ class ReadTally:
         self.get_hits = self.get_misses = self.bytes_hit = self.bytes_missed = 0
         self._open = collections.OrderedDict()  # (client, GET request id) -> [left, all hit]
 
+    def tally(self, op: str, client: bytes, req_id, read, route: dict, nbytes: int) -> None:
+        """Count a worker's reply to ``client``'s ``op`` (``read``: the GET a chunk request
+        belongs to; ``nbytes``: its data's) towards the per-GET figures."""
+        if not route.get("ok", True):
+            return
+        nbytes = max(0, nbytes)
+        if op == "get" and route.get("cache") is not None:
+            self.get_answered(client, req_id, route["cache"], route.get("n", 0), nbytes)
+        elif op == "get_many" and route.get("cache") is not None:
+            self.batch_answered(route.get("gh"), route.get("gm"))
+        elif op == "chunk" and read is not None:
+            self.chunk_answered(client, read, route.get("cache"), nbytes)
+
     def get_answered(self, client: bytes, req_id, outcome, chunks, nbytes: int):
         """The cache's reply to a ``get`` (``outcome`` "hit" / "miss"; ``chunks`` to follow)."""
         hit = outcome == "hit"

@@ -63,3 +63,15 @@ def test_ls_and_stat_import_only_what_they_use(cluster, argv):
     modules = imported("--broker", cluster.frontend, *argv)
     assert "zmq" in modules and "fms.client.session" in modules  # it did run
     assert not HEAVY & modules, HEAVY & modules
+
+
+def test_get_r_of_small_files_imports_neither_logging_nor_concurrent_futures(cluster, tmp_path):
+    """get -r writes small files on threads of its own: concurrent.futures would bring logging
+    and traceback (5 to 30 ms of start-up)."""
+    with cluster.client() as c:
+        c.put_bytes(b"x", "d/f")
+        c.put_bytes(b"y", "d/e/g")
+    modules = imported("--broker", cluster.frontend, "get", "-r", "d", str(tmp_path / "out"))
+    assert (tmp_path / "out" / "e" / "g").read_bytes() == b"y"  # it did run
+    lighter = HEAVY - {"hashlib"}  # a download verifies what it writes
+    assert not lighter & modules, lighter & modules

@@ -15,10 +15,11 @@ A client that reads never has a reply shed.
 import collections
 import heapq
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from .. import limits
 from .. import wire as p
+from . import headers as h
 from .headers import int_in
 from .outbox import Outboxes
 from .transit import Transit
@@ -145,6 +146,24 @@ def _add(counts: dict, key: bytes, delta: int) -> None:
             counts.pop(key, None)
 
 
+class Ticket(NamedTuple):
+    """An admitted request: what admission read of it and reserved for it."""
+
+    heavy: bool  # a slow operation taking its turn
+    digest: bytes  # the chunk it asks for, or b""
+    seen: int  # that chunk's size last seen, or 0
+    size: int  # its header's bytes
+    total: int  # all its frames' bytes
+    reserve: int  # reply bytes reserved
+
+
+class Refusal(NamedTuple):
+    """Why a request was not admitted: the error code and the message for the client."""
+
+    code: str
+    message: str
+
+
 class Admission:
     """Per-client and total counts of what the broker holds for clients, and the decision to
     admit a request."""
@@ -203,6 +222,40 @@ class Admission:
                 f"are in flight already; retry in a moment"
             )
         return None
+
+    def request(
+        self,
+        ident: bytes,
+        op: str,
+        header: dict,
+        frames: list,
+        shedder: Shedder | None,
+        now: float,
+    ) -> Ticket | Refusal:
+        """Admit client ``ident``'s checked request (:meth:`admit`, after its limits on
+        requests in flight and on slow operations taking turns), or say why not."""
+        if self.inflight.get(ident, 0) >= p.MAX_CLIENT_INFLIGHT:
+            return Refusal(
+                "too_large",
+                f"more than {p.MAX_CLIENT_INFLIGHT} requests in flight from one client; wait "
+                f"for replies before sending more",
+            )
+        heavy = is_heavy(op, header)
+        if heavy:
+            wait = self.turn(ident)
+            if wait:
+                self.busy += 1
+                return Refusal("busy", wait)
+        digest = h.chunk_digest(op, header)
+        seen = self.seen(digest) if digest else 0
+        size = h.nbytes(frames[0])
+        reserve = reply_bound(op, header, size, seen)
+        total = sum(map(h.nbytes, frames))
+        over = self.admit(ident, total, reserve, shedder, now)
+        if over:
+            self.backed_off += 1
+            return Refusal("unavailable", over)
+        return Ticket(heavy, digest, seen, size, total, reserve)
 
     def admit(
         self,

@@ -25,19 +25,19 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .. import limits
 from .. import wire as p
 from ..errors import BadRequest, TooLarge
 from ..logutil import RateLimitedLog, clip
 from ..metrics import BrokerMetrics, ReadTally
 from . import headers as h
-from .admission import Admission, expected_reply, is_heavy, reply_bound
+from .admission import Admission, Refusal, expected_reply
 from .dispatch import Dispatcher
 from .keys import StoreKeys
 from .outbox import Outboxes
 from .registry import Refused, Registry, Worker
 from .replies import BACKEND, FRONTEND, Replies
 from .routing import Pending
+from .status import status_of
 from .transit import Transit
 from .transport import Transport
 
@@ -98,23 +98,8 @@ class Core:
                 raise BadRequest("a request has 1 or 2 frames (header, data?), got none")
             # The header first, so that even a reply about the frame count carries the id.
             header = h.read_header(h.buffer(frames[0]))
-            op = header.get("op")
             req_id = p.need(header, "id", (int, str))
-            if not p.is_version(header.get("v")):
-                self.replies.error(
-                    origin,
-                    req_id,
-                    "version",
-                    f"protocol version {header.get('v')!r} is not supported; "
-                    f"this broker speaks {p.PROTOCOL_VERSION}: upgrade the client",
-                )
-                return
-            if not isinstance(op, str) or op not in p.OP_SERVICE:
-                raise BadRequest(f"unknown op {op!r}; known ops: {', '.join(sorted(p.OP_SERVICE))}")
-            p.check_frame_count(op, len(frames))
-            # Every field of the op, against the one table, before anything is spent on it: a
-            # large header (commit, have) was only peeked at, so its arrays are the worker's.
-            p.check_request(op, header, partial=h.nbytes(frames[0]) > limits.MAX_HEADER)
+            op = h.check_client_request(header, frames)
             user = None if who is None else who(frames[-1])
             if who is not None and user is None:
                 # Its key was removed (an identity's, or from the allow directory) since it
@@ -128,38 +113,17 @@ class Core:
                     op=op,
                 )
                 return
+        except h.UnsupportedVersion as exc:
+            self.replies.error(origin, req_id, "version", str(exc))
+            return
         except (BadRequest, TooLarge) as exc:
             self._bad.warning("event=bad_client_message error=%r", str(exc))
             self.replies.error(origin, req_id, exc.code, str(exc))
             return
-        admission = self.admission
-        if admission.inflight.get(ident, 0) >= p.MAX_CLIENT_INFLIGHT:
-            self.replies.error(
-                origin,
-                req_id,
-                "too_large",
-                f"more than {p.MAX_CLIENT_INFLIGHT} requests in flight from one client; wait "
-                f"for replies before sending more",
-                op=op,
-            )
-            return
-        heavy = is_heavy(op, header)
-        if heavy:
-            wait = admission.turn(ident)
-            if wait:
-                admission.busy += 1
-                self.replies.error(origin, req_id, "busy", wait, op=op)
-                return
-        digest = h.chunk_digest(op, header)
-        seen = admission.seen(digest) if digest else 0
-        size = h.nbytes(frames[0])
-        reserve = reply_bound(op, header, size, seen)
         shedder = self if op != "status" else None
-        total = sum(map(h.nbytes, frames))
-        over = admission.admit(ident, total, reserve, shedder, now)
-        if over:
-            admission.backed_off += 1
-            self.replies.error(origin, req_id, "unavailable", over, op=op)
+        ticket = self.admission.request(ident, op, header, frames, shedder, now)
+        if isinstance(ticket, Refusal):
+            self.replies.error(origin, req_id, ticket.code, ticket.message, op=op)
             return
         if op == "status":
             self.replies.deliver(origin, [p.encode(p.ok_reply(req_id, **self.status()))])
@@ -172,8 +136,10 @@ class Core:
         if header.get("fresh") is True and op in ("get", "chunk", "page", "get_many"):
             # The client found what the cache gave it corrupt: this once, ask storage itself.
             service = p.STORAGE
-        request = (digest, seen, size, total)
-        self._submit(service, op, header, origin, frames, now, request, reserve, heavy, user)
+        request = (ticket.digest, ticket.seen, ticket.size, ticket.total)
+        self._submit(
+            service, op, header, origin, frames, now, request, ticket.reserve, ticket.heavy, user
+        )
 
     def _hello(self, origin: dict, req_id: object) -> None:
         """What a client needs before it hashes: the store and its digest function, as the
@@ -299,7 +265,7 @@ class Core:
                 self.registry.note_stats(worker, route.get("st"))
             elif kind == "policy" and worker.service == p.STORAGE:
                 if self.keys.offer(route, frames[1:]):
-                    self._pass_policy(exclude=ident)
+                    self.dispatcher.to_all_but(ident, self.keys.frames)
             elif kind == "bye":
                 self.dispatcher.worker_lost(ident, "said bye")
             else:
@@ -384,22 +350,9 @@ class Core:
                 self.metrics.cache_hits.inc()
             elif route.get("cache") == "miss":
                 self.metrics.cache_misses.inc()
-            self._tally(pending, route, body)
-
-    def _tally(self, pending: Pending, route: dict, body: list) -> None:
-        """Count a reply towards the cache's per-GET figures (fms.metrics.ReadTally)."""
-        if not route.get("ok", True):
-            return
-        nbytes = max(0, h.nbytes(body[1]) - p.DATA_PREFIX_LEN) if len(body) > 1 else 0
-        if pending.op == "get" and route.get("cache") is not None:
-            self.reads.get_answered(
-                pending.origin["from"], pending.req_id, route["cache"], route.get("n", 0), nbytes
-            )
-        elif pending.op == "get_many" and route.get("cache") is not None:
-            self.reads.batch_answered(route.get("gh"), route.get("gm"))
-        elif pending.op == "chunk" and pending.read is not None:
-            self.reads.chunk_answered(
-                pending.origin["from"], pending.read, route.get("cache"), nbytes
+            nbytes = h.nbytes(body[1]) - p.DATA_PREFIX_LEN if len(body) > 1 else 0
+            self.reads.tally(
+                pending.op, pending.origin["from"], pending.req_id, pending.read, route, nbytes
             )
 
     def _worker_request(self, worker: Worker, route: dict, body: list) -> None:
@@ -420,28 +373,9 @@ class Core:
         request = (digest, seen, h.nbytes(body[0]), sum(map(h.nbytes, body)))
         self._submit(service, op, header, origin, body, time.monotonic(), request)
 
-    def _pass_policy(self, exclude: bytes) -> None:
-        """Send the newest access snapshot to every worker but the one it came from; a cache
-        that cannot be told must not decide with an old one."""
-        for worker in self.registry:
-            if worker.ident == exclude:
-                continue
-            sent = self.transport.to_worker(worker.ident, self.keys.frames)
-            if not sent and worker.service == p.CACHE:
-                self.dispatcher.worker_lost(worker.ident, "missed an access snapshot")
-
     def invalidate(self, names: list) -> None:
-        """Tell every cache worker to drop ``names``: one ``inv`` message per at most
-        INV_NAME_BYTES of names (an rm -r page changes a thousand: one message each would
-        overflow the cache's pipe)."""
-        for batch in h.batches_of_names(names, limits.INV_NAME_BYTES):
-            message = p.encode(
-                {"t": "inv", "name": batch[0]} if len(batch) == 1 else {"t": "inv", "names": batch}
-            )
-            for worker in self.registry.of(p.CACHE):
-                # A cache we cannot tell must not serve reads any more.
-                if not self.transport.to_worker(worker.ident, [message]):
-                    self.dispatcher.worker_lost(worker.ident, "missed an invalidation")
+        """Tell every cache worker to drop ``names`` (see :meth:`Dispatcher.invalidate`)."""
+        self.dispatcher.invalidate(names)
 
     # --- time ---
 
@@ -467,25 +401,5 @@ class Core:
     # --- status ---
 
     def status(self) -> dict:
-        admission, outboxes = self.admission, self.outboxes
-        return {
-            "broker": {
-                **self.endpoints,
-                "uptime": time.time() - self.started,
-                **self.dispatcher.status(),
-                "held_bytes": admission.status(),
-                "dropped_replies": outboxes.dropped,
-                "shed": {"replies": outboxes.shed, "requests": self.dispatcher.shed},
-                "backed_off": admission.backed_off,
-                "busy": admission.busy,
-                "disconnected": admission.kicked,
-                "fds": limits.fd_limit(),
-                "budgets": {
-                    "client_bytes": limits.CLIENT_BYTES,
-                    "total_upload_bytes": limits.TOTAL_REQUEST_BYTES,
-                    "total_reply_bytes": limits.TOTAL_REPLY_BYTES,
-                },
-            },
-            "cache": {**self.reads.figures(), **self.registry.cache_counters()},
-            "workers": self.registry.status(),
-        }
+        """What ``status`` answers (fms.broker.status)."""
+        return status_of(self)

@@ -20,6 +20,7 @@ from .. import wire as p
 from ..logutil import RateLimitedLog
 from ..metrics import BrokerMetrics
 from .admission import Admission
+from .headers import batches_of_names
 from .registry import Registry, Worker
 from .replies import FRONTEND, Replies
 from .routing import FairQueue, Pending, pick
@@ -127,6 +128,29 @@ class Dispatcher:
             worker.inflight.add(key)
             worker.served += 1
             worker.last_used = key
+
+    def invalidate(self, names: list) -> None:
+        """Tell every cache worker to drop ``names``: one ``inv`` message per at most
+        INV_NAME_BYTES of names (an rm -r page changes a thousand: one message each would
+        overflow the cache's pipe).  A cache that cannot be told must not serve reads any
+        more: it is let go."""
+        for batch in batches_of_names(names, limits.INV_NAME_BYTES):
+            message = p.encode(
+                {"t": "inv", "name": batch[0]} if len(batch) == 1 else {"t": "inv", "names": batch}
+            )
+            for worker in self.registry.of(p.CACHE):
+                if not self.transport.to_worker(worker.ident, [message]):
+                    self.worker_lost(worker.ident, "missed an invalidation")
+
+    def to_all_but(self, exclude: bytes, frames: list) -> None:
+        """Send the newest access snapshot (``frames``) to every worker but the one it came
+        from; a cache that cannot be told must not decide with an old one."""
+        for worker in self.registry:
+            if worker.ident == exclude:
+                continue
+            sent = self.transport.to_worker(worker.ident, frames)
+            if not sent and worker.service == p.CACHE:
+                self.worker_lost(worker.ident, "missed an access snapshot")
 
     def answered(self, worker: Worker, key: int) -> Pending | None:
         """``worker`` answered request ``key``: the request, no longer pending, or None if it

@@ -13,6 +13,7 @@ from typing import Any, TypeGuard
 
 from .. import limits
 from .. import wire as p
+from ..errors import BadRequest
 
 MAX_TAG_LEN = 128  # characters of a chunk request's `of` (a request id) the metrics take
 
@@ -42,6 +43,34 @@ def read_header(buf: Any) -> dict:
     if limits.frame_len(buf) <= limits.MAX_HEADER:
         return p.decode(buf, "request")
     return limits.peek_large(buf)
+
+
+class UnsupportedVersion(BadRequest):
+    """A request in a protocol version this broker does not speak (answered ``version``)."""
+
+    code = "version"
+
+
+def check_client_request(header: dict, frames: list) -> str:
+    """Check a client request before anything is spent on it: its protocol version, its op,
+    its frame count and every field of the op against the one table (a large header,
+    ``commit`` or ``have``, was only peeked at: its arrays are the worker's to check).
+
+    :return: its op.
+    :raises UnsupportedVersion: another protocol version.
+    :raises BadRequest: anything else wrong, saying what.
+    """
+    if not p.is_version(header.get("v")):
+        raise UnsupportedVersion(
+            f"protocol version {header.get('v')!r} is not supported; "
+            f"this broker speaks {p.PROTOCOL_VERSION}: upgrade the client"
+        )
+    op = header.get("op")
+    if not isinstance(op, str) or op not in p.OP_SERVICE:
+        raise BadRequest(f"unknown op {op!r}; known ops: {', '.join(sorted(p.OP_SERVICE))}")
+    p.check_frame_count(op, len(frames))
+    p.check_request(op, header, partial=nbytes(frames[0]) > limits.MAX_HEADER)
+    return op
 
 
 def deadline_of(header: dict, now: float | None = None) -> float:

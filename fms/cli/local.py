@@ -100,8 +100,8 @@ def tree(folder: str, prefix: str | None, wanted=None, allow_empty: bool = False
 def inside(folder: str, rel: str) -> str:
     """``folder/rel``, refusing anything that would land outside ``folder``."""
     base = os.path.abspath(folder)
-    path = os.path.abspath(os.path.join(base, rel))
-    if os.path.commonpath([base, path]) != base or path == base:
+    path = os.path.normpath(os.path.join(base, rel))
+    if not path.startswith(base.rstrip(os.sep) + os.sep):
         raise FmsError(f"refusing to write {rel!r} outside {folder}")
     return path
 

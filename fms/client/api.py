@@ -510,28 +510,26 @@ class Client:
             (batch, "get_many", {"names": [items[i][0] for i in batch], **self._get_fields()}, None)
             for batch in batches
         )
-        for batch, header, frame in self.session.pipeline(requests, BATCH_WINDOW):
-            replies = p.read_batch(
-                header, frame.buffer if frame is not None else None, [items[i][0] for i in batch]
-            )
-            for i, (result, data) in zip(batch, replies, strict=False):
-                if "error" in result:
-                    raise from_reply(str(result["error"]), str(result.get("message")), result)
-                if data is None:
-                    later.append((i, result["manifest"]))
-                    continue
-                manifest, data = download.fetch_whole(
-                    self.session, items[i][0], result["manifest"], data
+
+        def written(i: int, manifest: dict):
+            results[i] = _public(manifest)
+            if done is not None:
+                done(i, results[i])
+
+        with download.SmallFiles(self.session, written, self.fsync) as small:
+            for batch, header, frame in self.session.pipeline(requests, BATCH_WINDOW):
+                replies = p.read_batch(
+                    header,
+                    frame.buffer if frame is not None else None,
+                    [items[i][0] for i in batch],
                 )
-                path, in_place = download.destination(items[i][1])
-                if in_place:
-                    with download.in_place(path) as out:
-                        out.write(data)
-                else:
-                    download.write_whole(path, manifest, data, self.fsync)
-                results[i] = _public(manifest)
-                if done is not None:
-                    done(i, results[i])
+                for i, (result, data) in zip(batch, replies, strict=False):
+                    if "error" in result:
+                        raise from_reply(str(result["error"]), str(result.get("message")), result)
+                    if data is None:
+                        later.append((i, result["manifest"]))
+                        continue
+                    small.write(i, items[i][1], result["manifest"], data)
         for i, manifest in later:
             results[i] = self._get_one(*items[i], manifest)
             if done is not None:

@@ -13,6 +13,7 @@ there (a sparse file, as ``cp --sparse`` writes), a stream gets the zeros.
 
 import collections
 import contextlib
+import errno
 import io
 import os
 import stat
@@ -24,6 +25,9 @@ from .listing import ChunkList
 from .session import Session
 
 VERIFY_THREADS = 2  # threads verifying and writing chunks while the next ones arrive
+WRITE_THREADS = 2  # threads writing the small files of a download of many (more fight for the GIL)
+WRITES_QUEUED = 512  # small files received and waiting to be written, at most ...
+WRITES_QUEUED_BYTES = 32 * p.MiB  # ... and bytes of them
 TEMP_NAME_BYTES = 200  # of a destination's name kept in its temp file's name
 
 
@@ -398,9 +402,128 @@ def atomic_file(dest: str, manifest: dict, fsync: bool = False):
         raise
 
 
-def write_whole(dest: str, manifest: dict, data, fsync: bool = False):
+class SmallFiles:
+    """Small files whose content came with their manifests (``get_many``), each verified and
+    written (:func:`write_whole`) on one of :data:`WRITE_THREADS` threads while the caller
+    receives the next: creating a file waits on the file system's journal far longer than it
+    takes the CPU, so several wait at once.  At most :data:`WRITES_QUEUED` files and
+    :data:`WRITES_QUEUED_BYTES` wait to be written.
+
+    ``done(key, manifest)`` is called on the caller's thread as each file is written, in the
+    order they were given.  A file whose content does not match its manifest is asked once
+    more from storage, on the caller's thread.  Leaving the ``with`` block waits for every
+    file given, unless it is left by an exception: then files not yet begun are not written
+    (each file begun is written whole or not at all).
+
+    Plain threads and queues: concurrent.futures would import logging, a tenth of start-up.
+    """
+
+    def __init__(self, session: Session, done, fsync: bool = False):
+        import queue  # here: only downloads of many files use them
+        import threading
+
+        self._session = session
+        self._done = done
+        self._fsync = fsync
+        self._todo = queue.SimpleQueue()  # (seq, dest, manifest, data), or None: stop
+        self._finished = queue.SimpleQueue()  # (seq, True, False or the exception raised)
+        self._outcomes = {}  # seq -> outcome, finished but not yet settled
+        self._pending = collections.deque()  # (seq, key, dest, manifest, size), in order
+        self._seq = 0
+        self._queued = 0  # bytes of content in _pending
+        self._cancelled = False
+        self._threads = [
+            threading.Thread(target=self._work, name=f"fms-write-{n}", daemon=True)
+            for n in range(WRITE_THREADS)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def write(self, key, dest: str, manifest: dict, data) -> None:
+        """Write ``data``, the content of the file ``manifest`` describes, to ``dest`` as
+        :meth:`fms.Client.get` would (through a symlink, into a device: :func:`destination`)."""
+        self._todo.put((self._seq, dest, manifest, data))
+        self._pending.append((self._seq, key, dest, manifest, len(data)))
+        self._seq += 1
+        self._queued += len(data)
+        while not self._finished.empty():
+            seq, outcome = self._finished.get()
+            self._outcomes[seq] = outcome
+        while self._pending and (
+            len(self._pending) > WRITES_QUEUED
+            or self._queued > WRITES_QUEUED_BYTES
+            or self._pending[0][0] in self._outcomes
+        ):
+            self._settle()
+
+    def _work(self):
+        while (job := self._todo.get()) is not None:
+            seq, dest, manifest, data = job
+            try:
+                outcome = not self._cancelled and _write_small(dest, manifest, data, self._fsync)
+            except BaseException as exc:  # handed to the caller's thread
+                outcome = exc
+            self._finished.put((seq, outcome))
+
+    def _settle(self):
+        seq, key, dest, manifest, size = self._pending.popleft()
+        while seq not in self._outcomes:
+            done_seq, outcome = self._finished.get()
+            self._outcomes[done_seq] = outcome
+        outcome = self._outcomes.pop(seq)
+        self._queued -= size
+        if isinstance(outcome, BaseException):
+            raise outcome
+        if not outcome:  # not what its manifest says: from storage itself
+            manifest, data = fetch_whole(self._session, manifest["name"], manifest, b"")
+            _write_small(dest, manifest, data, self._fsync)
+        self._done(key, manifest)
+
+    def __enter__(self) -> "SmallFiles":
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        try:
+            while kind is None and self._pending:
+                self._settle()
+        finally:
+            self._cancelled = True  # what was not begun is not written
+            for _ in self._threads:
+                self._todo.put(None)
+            for thread in self._threads:
+                thread.join()
+
+
+def _write_small(dest: str, manifest: dict, data, fsync: bool) -> bool:
+    """Write a small file's content to ``dest`` if it is what ``manifest`` says (its one-chunk
+    list giving the file digest).  :return: whether."""
+    if not p.inline_ok(manifest, data):
+        return False
+    ChunkList(manifest, None)
+    path, stream = destination(dest)
+    if stream:
+        with in_place(path) as out:
+            out.write(data)
+    else:
+        write_whole(path, manifest, data, fsync)
+    return True
+
+
+def write_whole(dest: str, manifest: dict, data, fsync: bool = False) -> None:
     """:func:`atomic_file` for content already in memory and verified (small files), in the
-    fewest system calls: create, write, utime, close, rename."""
+    fewest system calls: an unnamed file made in ``dest``'s folder (``O_TMPFILE``), written,
+    its mtime set, then linked at ``dest`` (``linkat``): it appears whole or not at all, and a
+    client that dies leaves nothing behind.  Where the kernel or the file system cannot do
+    that, a temp file beside ``dest`` renamed onto it."""
+    fd = _open_unnamed(dest)
+    if fd is not None:
+        try:
+            _write_at(fd, data, 0)
+            _finish(fd, manifest, fsync)
+            if _link_unnamed(fd, dest):
+                return
+        finally:
+            os.close(fd)
     tmp, fd = _create_temp(dest)
     try:
         try:
@@ -408,22 +531,108 @@ def write_whole(dest: str, manifest: dict, data, fsync: bool = False):
             _finish(fd, manifest, fsync)
         finally:
             os.close(fd)
-        os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    _replace(tmp, dest)
+
+
+AT_FDCWD = -100  # linkat(2): a path relative to the working folder
+AT_EMPTY_PATH = 0x1000  # linkat(2): link the file open at the descriptor itself
+# Whether unnamed files can be made and linked on this machine: None until tried.
+_unnamed = {"works": None, "linkat": None}
+
+
+def _open_unnamed(dest: str) -> int | None:
+    """A descriptor of a new unnamed file in ``dest``'s folder (made if missing), or None
+    where there is none to be had (not Linux, a file system without ``O_TMPFILE``)."""
+    if _unnamed["works"] is False or not hasattr(os, "O_TMPFILE"):
+        return None
+    folder = os.path.dirname(os.path.abspath(dest))
+    flags = os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC
+    try:
+        try:
+            return os.open(folder, flags, 0o666)
+        except FileNotFoundError:
+            os.makedirs(folder, exist_ok=True)
+            return os.open(folder, flags, 0o666)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            _unnamed["works"] = False  # this file system (or an old kernel) has no O_TMPFILE
+            return None
+        raise FmsError(f"cannot write to {folder}: {exc.strerror or exc}") from None
+
+
+def _link_unnamed(fd: int, dest: str) -> bool:
+    """Name the unnamed file ``fd`` ``dest``; what is there is replaced by way of a temp name
+    and a rename (``linkat`` does not replace).  :return: False if this kernel will not link
+    it (then nothing was done)."""
+    linkat = _linkat()
+    at = dest
+    while linkat is not None:
+        if linkat(fd, b"", AT_FDCWD, os.fsencode(at), AT_EMPTY_PATH) == 0:
+            _unnamed["works"] = True
+            if at != dest:
+                _replace(at, dest)
+            return True
+        err = _errno()
+        if err == errno.EEXIST:
+            at = _temp_name(dest)
+        elif _unnamed["works"] is None and err in (errno.EPERM, errno.ENOENT, errno.EXDEV):
+            _unnamed["works"] = False  # before Linux 6.10 it takes CAP_DAC_READ_SEARCH
+            return False
+        else:
+            raise FmsError(f"cannot write to {dest}: {os.strerror(err)}")
+    return False
+
+
+def _linkat():
+    """libc's ``linkat``, or None (not loaded: ctypes is imported only when it is used)."""
+    if _unnamed["linkat"] is None:
+        import ctypes  # here: only a download of small files loads it
+
+        try:
+            linkat = ctypes.CDLL(None, use_errno=True).linkat
+        except (OSError, AttributeError):
+            _unnamed["works"] = False
+            return None
+        int_, path = ctypes.c_int, ctypes.c_char_p
+        linkat.argtypes = (int_, path, int_, path, int_)
+        _unnamed["linkat"] = linkat
+    return _unnamed["linkat"]
+
+
+def _errno() -> int:
+    import ctypes
+
+    return ctypes.get_errno()
+
+
+def _replace(tmp: str, dest: str) -> None:
+    """Rename ``tmp`` onto ``dest``; if that fails, ``tmp`` is removed."""
+    try:
+        os.replace(tmp, dest)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise FmsError(f"cannot write to {dest}: {exc.strerror or exc}") from None
+
+
+def _temp_name(dest: str) -> str:
+    """A new temp name beside ``dest``: pid and random part let `fms` tell its own leftovers;
+    the destination's name is cut to TEMP_NAME_BYTES, so that the temp name of any name the
+    file system takes (up to 255 bytes) is one it takes too."""
+    folder = os.path.dirname(os.path.abspath(dest))
+    base = os.fsencode(os.path.basename(dest))[:TEMP_NAME_BYTES].decode("utf-8", "ignore")
+    return os.path.join(folder, f".{base}.{os.getpid()}.{os.urandom(4).hex()}.fms-part")
 
 
 def _create_temp(dest: str) -> tuple:
-    """``(path, fd)`` of a new temp file beside ``dest``, created with the umask's permissions
-    like any new file (0666 & ~umask), O_EXCL so a name is never shared; pid and random part
-    let `fms` tell its own leftovers."""
-    folder = os.path.dirname(os.path.abspath(dest))
-    # The destination's name cut to TEMP_NAME_BYTES, so that the temp name of any name the
-    # file system takes (up to 255 bytes) is one it takes too.
-    base = os.fsencode(os.path.basename(dest))[:TEMP_NAME_BYTES].decode("utf-8", "ignore")
-    tmp = os.path.join(folder, f".{base}.{os.getpid()}.{os.urandom(4).hex()}.fms-part")
+    """``(path, fd)`` of a new temp file beside ``dest`` (:func:`_temp_name`), created with the
+    umask's permissions like any new file (0666 & ~umask), O_EXCL so a name is never shared."""
+    tmp = _temp_name(dest)
+    folder = os.path.dirname(tmp)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     try:
         try:

@@ -212,21 +212,19 @@ def verify(method: str, raw_path: str, raw_query: str, headers, resolve, now=Non
             f"x-amz-content-sha256 {payload[:80]!r} is not a hex sha256, UNSIGNED-PAYLOAD or "
             f"a supported STREAMING-* mode",
         )
-    secret, identity = resolve(cred.key_id)
-    key = signing_key(secret, cred.date, cred.region, cred.service)
-    _check(
+    query = canonical_query(raw_query)
+    return _verified(
+        resolve,
+        cred,
         method,
         raw_path,
-        canonical_query(raw_query),
+        query,
         headers,
         signed_headers,
         payload,
         amz_date,
-        cred,
-        key,
         signature,
     )
-    return Signed(cred, key, amz_date, signature, payload, identity)
 
 
 def _is_hex_sha256(text: str) -> bool:
@@ -265,22 +263,34 @@ def _verify_presigned(method, raw_path, raw_query, headers, params, resolve, now
         raise S3Error("AccessDenied", "Request has expired")
     if when - now > MAX_SKEW:
         raise S3Error("RequestTimeTooSkewed", "the presigned URL's date is in the future")
-    secret, identity = resolve(cred.key_id)
-    key = signing_key(secret, cred.date, cred.region, cred.service)
     payload = params.get("X-Amz-Content-Sha256", UNSIGNED)
-    _check(
+    query = canonical_query(raw_query, drop="X-Amz-Signature")
+    signature = params["X-Amz-Signature"]
+    return _verified(
+        resolve,
+        cred,
         method,
         raw_path,
-        canonical_query(raw_query, drop="X-Amz-Signature"),
+        query,
         headers,
         signed_headers,
         payload,
         amz_date,
-        cred,
-        key,
-        params["X-Amz-Signature"],
+        signature,
     )
-    return Signed(cred, key, amz_date, params["X-Amz-Signature"], payload, identity)
+
+
+def _verified(
+    resolve, cred, method, raw_path, query, headers, signed_headers, payload, amz_date, signature
+) -> Signed:
+    """The request, signed by the key ``cred`` names (``resolve``: key id -> its secret and
+    identity), checked against ``signature``.  :raises S3Error: it does not match."""
+    secret, identity = resolve(cred.key_id)
+    key = signing_key(secret, cred.date, cred.region, cred.service)
+    _check(
+        method, raw_path, query, headers, signed_headers, payload, amz_date, cred, key, signature
+    )
+    return Signed(cred, key, amz_date, signature, payload, identity)
 
 
 def presign(

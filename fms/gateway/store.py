@@ -204,23 +204,33 @@ class Store:
         thread a chunk at a time (each verified), :data:`QUEUE_CHUNKS` ahead of the reader."""
         if start >= end:
             return
-        pipe = ThreadPipe(asyncio.get_running_loop(), QUEUE_CHUNKS)
 
-        def fetch(client):
+        def fetch(client, put):
+            with download.chunk_list(client.session, manifest, via) as listing:
+                for offset, piece in _range_chunks(client.session, listing, start, end, via):
+                    lo, hi = max(start - offset, 0), min(end - offset, len(piece))
+                    if lo < hi:
+                        whole = (lo, hi) == (0, len(piece))
+                        put(piece if whole else bytes(piece[lo:hi]))
+
+        async for item in self.produced(fetch, QUEUE_CHUNKS):
+            yield item
+
+    async def produced(self, work, queued: int):
+        """Yield what ``work(client, put)`` puts, run on a pool thread with a client of its own,
+        at most ``queued`` items ahead of the reader; what ``work`` raises is raised here."""
+        pipe = ThreadPipe(asyncio.get_running_loop(), queued)
+
+        def run(client):
             try:
-                with download.chunk_list(client.session, manifest, via) as listing:
-                    for offset, piece in _range_chunks(client.session, listing, start, end, via):
-                        lo, hi = max(start - offset, 0), min(end - offset, len(piece))
-                        if lo < hi:
-                            whole = (lo, hi) == (0, len(piece))
-                            pipe.put(piece if whole else bytes(piece[lo:hi]))
+                work(client, pipe.put)
                 pipe.put(None)
             except Stopped:
                 pass
-            except Exception as exc:  # handed to the reader, which fails the response
+            except Exception as exc:  # handed to the reader
                 pipe.put(exc)
 
-        asyncio.get_running_loop().run_in_executor(self.pool, lambda: fetch(self.client()))
+        asyncio.get_running_loop().run_in_executor(self.pool, lambda: run(self.client()))
         try:
             while True:
                 item = await pipe.get()

@@ -3,7 +3,6 @@ the browser (it signs its requests with SigV4 in JavaScript), and the one thing 
 it needs: a folder downloaded as one zip, streamed (``GET /BUCKET?x-fms-zip&prefix=P``,
 signed like any S3 request; a presigned URL lets the browser download it)."""
 
-import asyncio
 import os
 import time
 import zipfile
@@ -11,7 +10,6 @@ import zipfile
 from aiohttp import web
 
 from ..errors import S3Error
-from ..store import Stopped, ThreadPipe
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "index.html")
 ZIP_QUEUE = 8  # pieces of zip output held between the thread that writes it and the response
@@ -37,16 +35,16 @@ async def serve(request: web.Request, raw_path: str) -> web.StreamResponse:
     raise S3Error("NoSuchKey", "no such page in the console")
 
 
-class _PipeWriter:
-    """A write-only stream whose bytes go to a :class:`ThreadPipe` (zipfile writes into it
-    from a pool thread; the response reads from the pipe)."""
+class _Writer:
+    """A write-only stream whose bytes go to ``put`` (zipfile writes into it from a pool
+    thread; the response reads what it puts)."""
 
-    def __init__(self, pipe: ThreadPipe):
-        self.pipe = pipe
+    def __init__(self, put):
+        self.put = put
         self.offset = 0
 
     def write(self, data) -> int:
-        self.pipe.put(bytes(data))
+        self.put(bytes(data))
         self.offset += len(data)
         return len(data)
 
@@ -70,38 +68,25 @@ async def zip_response(gateway, request, bucket: str, prefix: str) -> web.Stream
         }
     )
     await response.prepare(request)
-    pipe = ThreadPipe(asyncio.get_running_loop(), ZIP_QUEUE)
 
-    def build(client):
-        try:
-            with zipfile.ZipFile(_PipeWriter(pipe), "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-                for n, entry in enumerate(client.iter_ls(base + prefix)):
-                    if n >= MAX_ZIP_FILES:
-                        break
-                    arcname = entry["name"][len(base) + len(prefix) :].lstrip("/") or "file"
-                    info = zipfile.ZipInfo(arcname, time.gmtime(entry["mtime"])[:6])
-                    info.compress_type = zipfile.ZIP_STORED
-                    with zf.open(info, "w", force_zip64=entry["size"] > 2**31) as member:
-                        client.get_to(entry["name"], member)
-            pipe.put(None)
-        except Stopped:
-            pass
-        except Exception as exc:  # handed to the response, which is cut short
-            pipe.put(exc)
+    def build(client, put):
+        with zipfile.ZipFile(_Writer(put), "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for n, entry in enumerate(client.iter_ls(base + prefix)):
+                if n >= MAX_ZIP_FILES:
+                    break
+                arcname = entry["name"][len(base) + len(prefix) :].lstrip("/") or "file"
+                info = zipfile.ZipInfo(arcname, time.gmtime(entry["mtime"])[:6])
+                info.compress_type = zipfile.ZIP_STORED
+                with zf.open(info, "w", force_zip64=entry["size"] > 2**31) as member:
+                    client.get_to(entry["name"], member)
 
-    asyncio.get_running_loop().run_in_executor(
-        gateway.store.pool, lambda: build(gateway.store.client())
-    )
     try:
-        while True:
-            item = await pipe.get()
-            if item is None:
-                break
-            if isinstance(item, Exception):
-                raise ConnectionResetError(f"zip failed: {item}")  # the client sees it cut
+        async for item in gateway.store.produced(build, ZIP_QUEUE):
             await response.write(item)
-    finally:
-        pipe.close()
+    except ConnectionResetError:
+        raise  # the client went away
+    except Exception as exc:  # the zip's making failed: the client sees the response cut
+        raise ConnectionResetError(f"zip failed: {exc}") from None
     await response.write_eof()
     return response
 

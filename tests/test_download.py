@@ -1,0 +1,173 @@
+"""Small files of a download written whole or not at all, and fast: an unnamed file linked
+into place (``O_TMPFILE`` and ``linkat``), a temp file renamed where that cannot be done, on
+threads while the next batch arrives (fms/client/download.py; issue 26, point 4)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+from conftest import ROOT, random_bytes
+from storage_helpers import digest_name, h
+from test_e2e import current_umask, mode_of, write
+
+import fms
+from fms import wire as p
+from fms.client import download
+
+WAYS = ("unnamed", "renamed")  # O_TMPFILE + linkat, or a temp file renamed onto the name
+
+
+@pytest.fixture(params=WAYS)
+def way(request, monkeypatch):
+    if request.param == "renamed":
+        monkeypatch.setitem(download._unnamed, "works", False)
+    elif not hasattr(os, "O_TMPFILE"):
+        pytest.skip("no O_TMPFILE here")
+    return request.param
+
+
+def manifest_of(data: bytes, mtime: float = 1_000_000_000.0) -> dict:
+    return {"name": "f", "size": len(data), "mtime": mtime}
+
+
+def test_a_small_file_is_written_new_or_over_what_was_there_with_its_mtime(way, tmp_path):
+    dest = tmp_path / "new" / "f"  # its folder is made too
+    download.write_whole(str(dest), manifest_of(b"first"), b"first")
+    assert dest.read_bytes() == b"first" and dest.stat().st_mtime == 1_000_000_000.0
+    assert mode_of(dest) == 0o666 & ~current_umask()
+    download.write_whole(str(dest), manifest_of(b"second", 2e9), b"second")
+    assert dest.read_bytes() == b"second" and dest.stat().st_mtime == 2e9
+    assert os.listdir(dest.parent) == ["f"]  # no temp file left
+
+
+def test_a_small_file_cannot_go_where_a_folder_is_and_nothing_is_left(way, tmp_path):
+    (tmp_path / "f").mkdir()
+    with pytest.raises(fms.FmsError, match="cannot write to"):
+        download.write_whole(str(tmp_path / "f"), manifest_of(b"x"), b"x")
+    assert os.listdir(tmp_path) == ["f"] and not os.listdir(tmp_path / "f")
+
+
+@pytest.mark.parametrize("there", [None, b"old content"])
+def test_a_client_killed_while_writing_leaves_no_partial_file_and_no_temp_file(
+    way, tmp_path, there
+):
+    """The client is killed (SIGKILL: nothing runs after it) between writing the content and
+    naming the file: the destination holds what it held before, whole; an unnamed file leaves
+    nothing else behind (a temp file does: `fms` tells its own by their names)."""
+    dest = tmp_path / "f"
+    if there is not None:
+        dest.write_bytes(there)
+    child = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {ROOT!r})
+        from fms.client import download
+        if {way!r} == "renamed":
+            download._unnamed["works"] = False
+        download._finish = lambda fd, manifest, fsync: os.kill(os.getpid(), signal.SIGKILL)
+        download.write_whole({str(dest)!r}, {{"mtime": 1.0}}, b"new content" * 100)
+    """)
+    run = subprocess.run([sys.executable, "-c", child], capture_output=True, timeout=60)
+    assert run.returncode == -9, run.stderr
+    left = sorted(os.listdir(tmp_path))
+    temps = [n for n in left if n.startswith(".f.") and n.endswith(".fms-part")]
+    assert left == sorted((["f"] if there else []) + temps)
+    assert len(temps) == (0 if way == "unnamed" else 1)
+    if there:
+        assert dest.read_bytes() == there
+
+
+def test_get_many_writes_every_file_and_fetches_a_bad_copy_again_from_storage(
+    cluster, tmp_path, monkeypatch
+):
+    files = {f"t/{i:03d}": random_bytes(100 + i, i) for i in range(300)}
+    with cluster.client() as c:
+        c.put_many([(write(tmp_path / "src" / n, d), n) for n, d in files.items()])
+        read_batch = p.read_batch
+
+        def one_bad(header, buffer, names):
+            replies = read_batch(header, buffer, names)
+            if "t/150" in names:  # as if the cache had handed out a bad copy
+                k = names.index("t/150")
+                result, data = replies[k]
+                replies[k] = (result, b"X" + bytes(data[1:]))
+            return replies
+
+        monkeypatch.setattr(p, "read_batch", one_bad)
+        done = []
+        got = c.get_many(
+            [(n, str(tmp_path / "out" / n)) for n in sorted(files)],
+            done=lambda i, stat: done.append(i),
+        )
+    assert sorted(done) == list(range(300)) and [g["name"] for g in got] == sorted(files)
+    assert all((tmp_path / "out" / n).read_bytes() == d for n, d in files.items())
+    assert not [f for f in (tmp_path / "out").rglob("*") if f.name.startswith(".")]
+
+
+def test_a_file_that_cannot_be_written_stops_get_many_with_a_clear_error(cluster, tmp_path):
+    with cluster.client() as c:
+        c.put_many([(write(tmp_path / "src" / f"{i}", b"x"), f"t/{i}") for i in range(5)])
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "file").write_bytes(b"")  # a file where a folder should be
+        items = [(f"t/{i}", str(tmp_path / "out" / "file" / f"{i}")) for i in range(5)]
+        with pytest.raises(fms.FmsError, match="cannot write to"):
+            c.get_many(items)
+
+
+def small_files_of(tmp_path, n: int) -> list:
+    """``n`` (dest, manifest, data) of small files: one-chunk manifests as storage makes them."""
+    out = []
+    for i in range(n):
+        data = random_bytes(1000 + i, i)
+        digest = h(data)
+        manifest = {
+            "name": f"t/{i}",
+            "size": len(data),
+            "mtime": 1e9,
+            "count": 1,
+            "digest_kind": p.DIGEST_TREE,
+            "extents": p.pack_extents([(p.DEFAULT_CHUNK_SIZE, len(data))]),
+            "chunks": [digest],
+            "digest_fn": digest_name(),
+        }
+        extents = p.unpack_extents(manifest["extents"])
+        manifest["digest"] = p.inline_digest(extents, [digest], h)
+        out.append((str(tmp_path / "out" / f"{i:03d}"), manifest, data))
+    return out
+
+
+def test_small_files_wait_in_memory_up_to_a_bound_while_the_disk_is_slow(tmp_path, monkeypatch):
+    monkeypatch.setattr(download, "WRITES_QUEUED", 4)
+    write_small = download._write_small
+
+    def slow_disk(*args):
+        time.sleep(0.002)  # a file takes a while to create: received files pile up
+        return write_small(*args)
+
+    monkeypatch.setattr(download, "_write_small", slow_disk)
+    done, waiting = [], []
+    files = small_files_of(tmp_path, 60)
+    with download.SmallFiles(None, lambda key, manifest: done.append(key)) as small:
+        for i, (dest, manifest, data) in enumerate(files):
+            small.write(i, dest, manifest, data)
+            waiting.append(len(small._pending))
+    assert max(waiting) <= 4 and done == list(range(60))
+    assert all(open(dest, "rb").read() == data for dest, _m, data in files)
+
+
+def test_an_error_while_writing_many_stops_the_threads_and_leaves_only_whole_files(tmp_path):
+    files = small_files_of(tmp_path, 200)
+    with pytest.raises(KeyboardInterrupt):  # as a Ctrl-C
+        with download.SmallFiles(None, lambda key, manifest: None) as small:
+            for i, (dest, manifest, data) in enumerate(files):
+                small.write(i, dest, manifest, data)
+                if i == 100:
+                    raise KeyboardInterrupt
+    assert not [t for t in threading.enumerate() if t.name.startswith("fms-write")]
+    written = {dest: data for dest, _m, data in files if os.path.exists(dest)}
+    out = tmp_path / "out"
+    assert len(os.listdir(out) if out.exists() else []) == len(written) <= 101
+    assert all(open(dest, "rb").read() == data for dest, data in written.items())
