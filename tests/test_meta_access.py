@@ -125,6 +125,24 @@ def test_held_versions_outlive_any_change_until_their_time(engine):
     assert engine.refcount_errors() == []
 
 
+def test_a_hold_is_fixed_when_its_version_is_replaced_a_shorter_keep_for_does_not_shorten_it(
+    engine,
+):
+    """Retention is the storage workers' setting, and a hold is written with its end: a worker
+    started again with a shorter --keep-for (or none) does not free what was held before."""
+    engine.keep_versions, engine.keep_for = 1, 100.0
+    for i in range(3):
+        commit(engine, "n", f"v{i}".encode() * 2000, f"c{i}", now=NOW + i)
+    assert [v.version for v in engine.retained("n")] == [2, 1]
+    engine.keep_versions, engine.keep_for = 0, 0.0  # restarted without retention
+    commit(engine, "n", b"v3" * 2000, "c3", now=NOW + 10)
+    remove(engine, "n", "rm-1", now=NOW + 11)
+    assert [v.version for v in engine.retained("n")] == [2, 1]  # still held; 3 and 4 not kept
+    assert engine.expire_holds(NOW + 50, 100) == 0
+    assert engine.expire_holds(NOW + 102, 100) == 2  # their own time, as written
+    assert engine.retained("n") == [] and engine.refcount_errors() == []
+
+
 def test_without_keep_for_the_count_alone_decides_as_before(engine):
     engine.keep_versions = 2
     for i in range(5):

@@ -111,12 +111,14 @@ KEYS = {
     "padmin": "P" * 40,
     "sadmin": "S" * 40,
     "gateway": "G" * 40,
+    "mixed": "M" * 40,
 }
 GRANTS = {
     "reader": [(READ, "team")],
     "writer": [(WRITE, "team")],
     "padmin": [(ADMIN, "team")],
     "sadmin": [(ADMIN, "")],
+    "mixed": [(WRITE, "team"), (READ, "other")],
 }
 SMALL = b"small file"
 OTHER = b"other content"
@@ -296,6 +298,25 @@ def test_batches_are_decided_per_name(fresh):
     assert ask(fresh, None, "stat", name="other/n2")["error"] == "not_found"
 
 
+def test_mv_and_cp_are_decided_on_the_source_and_the_destination(fresh):
+    """mv needs write on both names, cp read on the source and write on the destination."""
+    mixed = KEYS["mixed"]  # write on team, read on other
+    for op, src, dst, allowed in (
+        ("cp", "other/x", "team/from-other", True),  # read there, write here
+        ("mv", "other/x", "team/from-other", False),  # the source would go: write needed
+        ("cp", "team/a", "other/copy", False),  # no write on the destination
+        ("mv", "team/a", "other/moved", False),
+        ("cp", "teamX/y", "team/y", False),  # no read on the source
+        ("mv", "team/b", "team/b2", True),
+    ):
+        reply = ask(fresh, mixed, op, src=src, name=dst, commit=f"{op}-{src}-{dst}")
+        assert reply["ok"] is allowed, (op, src, dst, reply)
+        if not allowed:
+            assert reply["error"] == "forbidden" and f"'mixed' may not {op} " in reply["message"]
+    names = [e["name"] for e in ask(fresh, None, "ls", prefix="")["entries"]]
+    assert names == ["other/x", "team/a", "team/b2", "team/from-other", "teamX/y"]
+
+
 def test_listings_and_counts_show_only_what_the_identity_may_read(fresh):
     def names(key, **fields):
         return [e["name"] for e in ask(fresh, key, "ls", **fields)["entries"]]
@@ -407,6 +428,42 @@ def test_refused_changes_are_in_the_audit_log(fresh):
         ("rm", "writer", ["other/x"], "forbidden"),
         ("rm", "writer", ["team/b"], "ok"),
     ]
+
+
+def test_every_kind_of_change_is_in_the_audit_log_as_its_identity(fresh):
+    writer, admin = KEYS["writer"], KEYS["sadmin"]
+    seen = ask(fresh, admin, "audit")["entries"][-1]["seq"]
+    steps = [
+        (writer, "commit", commit_fields("team/n", b"n"), p.pack_data(b"n")),
+        (writer, "cp", {"src": "team/n", "name": "team/c", "commit": "a2"}, None),
+        (writer, "mv", {"src": "team/c", "name": "team/m", "commit": "a3"}, None),
+        (writer, "restore", {"name": "team/a", "version": 1, "commit": "a4"}, None),
+        (writer, "rm", {"name": "team/m", "commit": "a5"}, None),
+        (writer, "rm_prefix", {"prefix": "team"}, None),
+        (admin, "purge", {"name": "team/a", "version": 3}, None),
+        (admin, "gc", {"grace": 0}, None),
+        (admin, "grant", {"name": "nobody", "role": "read", "prefix": "x"}, None),
+        (admin, "revoke", {"name": "nobody", "prefix": "x"}, None),
+    ]
+    for key, op, fields, data in steps:
+        assert ask(fresh, key, op, data, **fields)["ok"], op
+    log = ask(fresh, admin, "audit", seq=seen)["entries"]
+    assert [(e["identity"], e["op"], e["result"]) for e in log] == [
+        ("writer", "put", "ok"),
+        ("writer", "cp", "ok"),
+        ("writer", "mv", "ok"),
+        ("writer", "restore", "ok"),
+        ("writer", "rm", "ok"),
+        *[("writer", "rm -r", "ok")] * 3,  # team/a, team/b, team/n: one entry per name
+        ("sadmin", "purge", "ok"),
+        ("sadmin", "gc", "ok"),
+        ("sadmin", "grant", "ok"),
+        ("sadmin", "revoke", "ok"),
+    ]
+    assert log[1]["names"] == ["team/n", "team/c"] and log[3]["names"] == ["team/a"]
+    assert {e["prefix"] for e in log[5:8]} == {"team/"}
+    assert log[8]["names"] == ["team/a"] and log[8]["versions"] == [3]
+    assert all(isinstance(e["time"], float) for e in log)
 
 
 def test_a_header_cannot_claim_an_identity(fresh):

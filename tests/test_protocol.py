@@ -108,6 +108,31 @@ def test_invalid_names_say_why(name, why):
         p.check_name(name)
 
 
+def test_names_and_prefixes_are_normalised_to_nfc():
+    decomposed, composed = "cafe\u0301/re\u0301sume\u0301.txt", "caf\u00e9/r\u00e9sum\u00e9.txt"
+    assert p.check_name(decomposed) == composed == p.check_name(composed)
+    assert p.check_prefix("cafe\u0301/") == "caf\u00e9/"
+    assert p.check_folder("cafe\u0301") == "caf\u00e9/"
+
+
+@pytest.mark.parametrize(
+    "name,shown",
+    [
+        ("invoice\u202efdp.exe", "U+202E RIGHT-TO-LEFT OVERRIDE at character 8"),
+        ("pay\u200bpal/login", "U+200B ZERO WIDTH SPACE at character 4"),
+        ("a/\u2066b", "U+2066 LEFT-TO-RIGHT ISOLATE at character 3"),
+        ("\ufeffx", "U+FEFF ZERO WIDTH NO-BREAK SPACE at character 1"),
+        ("x\u200dy", "U+200D ZERO WIDTH JOINER at character 2"),
+        ("r\u200fl", "U+200F RIGHT-TO-LEFT MARK at character 2"),
+    ],
+)
+def test_bidi_controls_and_zero_width_characters_are_refused_saying_which_and_where(name, shown):
+    with pytest.raises(BadRequest) as refused:
+        p.check_name(name)
+    assert shown in str(refused.value) and "remove it" in str(refused.value)
+    assert "\u202e" not in str(refused.value)  # the message itself shows as it is
+
+
 def test_need_checks_types_and_never_takes_bool_for_int():
     assert p.need_int({"n": 3}, "n") == 3
     with pytest.raises(BadRequest, match="missing"):

@@ -338,7 +338,7 @@ def _skipped(args, name: str, dest: str):
     print_result(
         args,
         {"name": name, "dest": dest, "skipped": True},
-        f"skipped {name}: {dest} exists (--no-clobber)",
+        f"skipped {shown(name)}: {dest} exists (--no-clobber)",
     )
 
 
@@ -422,7 +422,7 @@ def _get_range(args, client, name: str, dest: str | None):
             return
         with atomic_file(dest, src.manifest) as out:
             start, end = _copy_range(src, *args.range, out)
-    say(args, f"downloaded bytes {start}-{end - 1} of {name} to {dest}")
+    say(args, f"downloaded bytes {start}-{end - 1} of {shown(name)} to {dest}")
 
 
 def _to_stdout(args, client, name: str):
@@ -590,7 +590,8 @@ def cmd_fsck(args) -> int | None:
             if not args.json:
                 for d in page["damaged"]:
                     what = d.get("kind", "chunk")
-                    print(f"{d['problem']} {what} {d['chunk']}: breaks {', '.join(d['names'])}")
+                    names = ", ".join(shown(n) for n in d["names"])
+                    print(f"{d['problem']} {what} {d['chunk']}: breaks {names}")
             for key in ("orphans", "refcount_errors"):
                 totals[key] = page.get(key, totals[key])
     bad = bool(totals["damaged"]) or totals["refcount_errors"] > 0

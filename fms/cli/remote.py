@@ -7,7 +7,16 @@ import json
 import sys
 
 from ..errors import FmsError, NotFound
-from .commands import files, folder_hint, hinting, human, open_client, print_result, say
+from .commands import (
+    files,
+    folder_hint,
+    hinting,
+    human,
+    open_client,
+    print_result,
+    say,
+    shown,
+)
 from .filters import has_glob, literal_prefix, name_matcher
 from .main import EXIT_ERROR
 
@@ -43,7 +52,7 @@ def cmd_rm(args) -> int | None:
         single = len(args.names) == 1 and not has_glob(args.names[0])
         print(json.dumps(removed[0] if single and removed else removed, indent=1))
     elif len(removed) == 1:
-        say(args, f"removed {removed[0]['name']}")
+        say(args, f"removed {shown(removed[0]['name'])}")
     elif removed:
         say(args, f"removed {files(len(removed))}")
     return EXIT_ERROR if failed or missing else None
@@ -72,7 +81,7 @@ def _print_dry_run(args, names: list, missing: list):
         print(json.dumps({"dry_run": True, "remove": names, "missing": missing}, indent=1))
     else:
         for name in names:
-            print(f"would remove {name}")
+            print(f"would remove {shown(name)}")
         say(args, f"rm: would remove {files(len(names))}; nothing was removed")
     for name in missing:
         print(f"rm: not found: {name!r}", file=sys.stderr)
@@ -151,7 +160,7 @@ def _copy(args, op: str):
             with hinting(client, args.src, op):
                 stat = getattr(client, op)(args.src, _into(args.src, args.dst))
             extra = f" ({human(stat['size'])}, no data moved)" if op == "cp" else ""
-            print_result(args, stat, f"{verb} {args.src} to {stat['name']}{extra}")
+            print_result(args, stat, f"{verb} {shown(args.src)} to {shown(stat['name'])}{extra}")
             return None
         src = args.src.strip("/") + "/"
         dst = _into(args.src, args.dst).strip("/") + "/"
@@ -166,9 +175,9 @@ def _copy(args, op: str):
     done = [r for r in results if not isinstance(r, FmsError)]
     for (name, _dst), r in zip(pairs, results, strict=True):
         if isinstance(r, FmsError):
-            print(f"{op}: {name}: {r}", file=sys.stderr)
+            print(f"{op}: {shown(name)}: {r}", file=sys.stderr)
     if args.json:
         print(json.dumps(done, indent=1))
     else:
-        say(args, f"{verb} {files(len(done))} from {src} to {dst} (no data moved)")
+        say(args, f"{verb} {files(len(done))} from {shown(src)} to {shown(dst)} (no data moved)")
     return EXIT_ERROR if len(done) < len(pairs) else None

@@ -408,7 +408,7 @@ class Client:
         self, data: bytes, name: str, mtime: float | None = None, meta: dict | None = None
     ) -> dict:
         """Upload bytes held in memory (for small data; large files should use :meth:`put`)."""
-        p.check_name(name)
+        name = p.check_name(name)  # in NFC, as storage keeps it
         data = bytes(data)
         plan = upload.plan_bytes(data, self.chunk_size, mtime, self.session.hasher())
         plan.meta = p.check_meta(meta) if meta else None
