@@ -7,9 +7,12 @@ The public API is :class:`Client` and the exceptions; everything else is the dae
 
 __version__ = "0.2.0"
 
+from typing import TYPE_CHECKING
+
 from .errors import (
     BadRequest,
     Busy,
+    Conflict,
     FmsError,
     Forbidden,
     IntegrityError,
@@ -24,6 +27,9 @@ from .errors import (
     Unavailable,
 )
 
+if TYPE_CHECKING:  # at run time, imported on first use (below)
+    from .client import Client
+
 # The distribution's name (what pip installs); the import package and the command are `fms`.
 # The PyPI name `fms` belongs to an unrelated project.
 DISTRIBUTION = "fms-store"
@@ -33,6 +39,7 @@ __all__ = [
     "BadRequest",
     "Busy",
     "Client",
+    "Conflict",
     "FmsError",
     "Forbidden",
     "IntegrityError",
@@ -58,7 +65,7 @@ def install_hint(extra: str) -> str:
     )
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     if name == "Client":
         from .client import Client
 

@@ -13,13 +13,17 @@
     │   ├── NoSpace              no_space: a disk is full; not retried
     │   ├── Refused              refused: this client's key is not (or no longer) allowed
     │   ├── Forbidden            forbidden: the identity's grants do not allow this op here
-    │   └── TooLarge             too_large
+    │   ├── TooLarge             too_large
+    │   └── Conflict             conflict: a folder renamed onto one that holds files
     └── TransportError           the broker could not be reached or did not answer
         └── Timeout              a request got no reply in time
 
 Socket and OS errors are translated into these at the boundary (the client library), so the CLI
 only ever catches :class:`FmsError`.
 """
+
+from collections.abc import Iterable
+from typing import Any
 
 
 class FmsError(Exception):
@@ -31,7 +35,7 @@ class RemoteError(FmsError):
 
     code = "internal"
 
-    def __init__(self, message: str, code: str | None = None):
+    def __init__(self, message: str, code: str | None = None) -> None:
         super().__init__(message)
         if code is not None:
             self.code = code
@@ -58,12 +62,14 @@ class MissingChunks(RemoteError):
 
     code = "missing_chunks"
 
-    def __init__(self, message: str, code: str | None = None, missing=()):
+    def __init__(
+        self, message: str, code: str | None = None, missing: Iterable[bytes] = ()
+    ) -> None:
         super().__init__(message, code)
         self.missing = list(missing)
 
     @classmethod
-    def absent(cls, name: str, digests) -> "MissingChunks":
+    def absent(cls, name: str, digests: Iterable[bytes]) -> "MissingChunks":
         """The commit of ``name`` names ``digests``, which storage does not hold."""
         digests = list(dict.fromkeys(digests))
         return cls(
@@ -72,7 +78,7 @@ class MissingChunks(RemoteError):
             missing=digests,
         )
 
-    def reply_fields(self) -> dict:
+    def reply_fields(self) -> dict[str, list[bytes]]:
         return {"missing": self.missing}
 
 
@@ -106,6 +112,13 @@ class TooLarge(RemoteError):
     code = "too_large"
 
 
+class Conflict(RemoteError):
+    """The request does not fit what is stored now (a folder renamed onto one that holds
+    files)."""
+
+    code = "conflict"
+
+
 class TransportError(FmsError):
     """The broker could not be reached."""
 
@@ -127,14 +140,14 @@ _BY_CODE = {
         Refused,
         Forbidden,
         TooLarge,
+        Conflict,
     )
 }
 
 
-def from_reply(code: str, message: str, header: dict | None = None) -> RemoteError:
+def from_reply(code: str, message: str, header: dict[str, Any] | None = None) -> RemoteError:
     """Build the exception that matches an error reply's code."""
-    cls = _BY_CODE.get(code, RemoteError)
-    if cls is MissingChunks:
+    if code == MissingChunks.code:
         missing = (header or {}).get("missing")
-        return cls(message, code, missing if isinstance(missing, list) else ())
-    return cls(message, code)
+        return MissingChunks(message, code, missing if isinstance(missing, list) else ())
+    return _BY_CODE.get(code, RemoteError)(message, code)

@@ -15,10 +15,16 @@ byte on the wire and 56 in Python: 32 MiB of them is about 2.3 GiB and 8 s of CP
 Together: a request header of n bytes never builds more than about 2n bytes of objects.
 """
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeAlias
+
 import msgpack
 
 from .errors import BadRequest
 from .logutil import clip
+
+if TYPE_CHECKING:
+    from logging import Logger  # not imported at run time: `ls` and `stat` log nothing
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -33,6 +39,11 @@ DIGEST_WIRE = 34  # a 32-byte digest as msgpack bin8: the smallest legit list it
 PEEK_KEYS = ("v", "op", "id", "ttl_ms", "fresh", "rx")
 
 
+# A frame's bytes as they are read: a memoryview (over a zmq.Frame's buffer, or a slice), bytes
+# or a bytearray.
+BytesLike: TypeAlias = bytes | bytearray | memoryview
+
+
 class FrameTooLarge(BadRequest):
     """A header or route frame over its limit, refused before decoding."""
 
@@ -44,34 +55,34 @@ class _Counter:
 
     __slots__ = ("left",)
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int) -> None:
         self.left = limit
 
-    def list_hook(self, value):
+    def list_hook(self, value: list[Any]) -> list[Any]:
         self.left -= 1
         if self.left < 0:
             raise ValueError("too many nested arrays or maps")
         return value
 
-    def object_hook(self, value):
+    def object_hook(self, value: dict[str, Any]) -> dict[str, Any]:
         self.left -= 1
         if self.left < 0:
             raise ValueError("too many nested arrays or maps")
         return value
 
 
-def frame_len(buf) -> int:
+def frame_len(buf: BytesLike) -> int:
     return buf.nbytes if isinstance(buf, memoryview) else len(buf)
 
 
 def unpack_bounded(
-    buf,
+    buf: BytesLike,
     *,
     max_size: int,
     max_containers: int | None,
     max_array: int | None = None,
     max_map: int = MAX_MAP_LEN,
-):
+) -> Any:
     """msgpack.unpackb with every limit set.  :raises FrameTooLarge: over ``max_size``;
     :raises BadRequest: not msgpack, or over a limit."""
     size = frame_len(buf)
@@ -80,7 +91,7 @@ def unpack_bounded(
             f"header frame of {size} bytes is over the limit of {max_size} bytes; "
             f"send smaller requests (e.g. fewer hashes per have)"
         )
-    kwargs = {}
+    kwargs: dict[str, Callable[[Any], Any]] = {}
     if max_containers is not None:
         counter = _Counter(max_containers)
         kwargs = {"list_hook": counter.list_hook, "object_hook": counter.object_hook}
@@ -100,7 +111,7 @@ def unpack_bounded(
         raise BadRequest(f"frame is not valid msgpack: {clip(str(exc))}") from None
 
 
-def request_limits(size: int) -> dict:
+def request_limits(size: int) -> dict[str, int]:
     """Limits for a request header of ``size`` bytes (small, or a large commit/have)."""
     if size <= MAX_HEADER:
         return {"max_size": MAX_HEADER, "max_containers": MAX_CONTAINERS}
@@ -108,7 +119,7 @@ def request_limits(size: int) -> dict:
     return {"max_size": MAX_FRAME, "max_containers": 4, "max_array": size // DIGEST_WIRE + 16}
 
 
-def peek_large(buf) -> dict:
+def peek_large(buf: BytesLike) -> dict[str, Any]:
     """``peek`` a request header over ``MAX_HEADER``: only ``commit`` and ``have`` may be.
 
     :raises FrameTooLarge: any other large frame (also one that is not a map at all).
@@ -126,7 +137,7 @@ def peek_large(buf) -> dict:
     return fields
 
 
-def peek(buf) -> dict:
+def peek(buf: BytesLike) -> dict[str, Any]:
     """The top-level scalar fields in ``PEEK_KEYS`` of a request header, without building
     anything else: the broker's view of a large ``commit`` or ``have``.
 
@@ -148,7 +159,7 @@ def peek(buf) -> dict:
         max_map_len=0,
         max_ext_len=0,
     )
-    out = {}
+    out: dict[str, Any] = {}
     try:
         unpacker.feed(buf)
         n = unpacker.read_map_header()
@@ -205,7 +216,7 @@ WORKER_PIPE = 16  # SNDHWM of a worker's link: replies queued towards the broker
 WORKER_BYTES = 64 * MiB  # per worker: data sent + replies expected, in flight
 
 
-def tune_malloc(threshold: int = 4 * MiB):
+def tune_malloc(threshold: int = 4 * MiB) -> None:
     """Have glibc serve allocations over ``threshold`` (data frames) with their own mappings,
     given back to the system when freed.  By default the threshold grows with use up to 32 MiB,
     after which 16 MiB frames come from the heap and a flood's peak stays resident for good.
@@ -222,7 +233,7 @@ def tune_malloc(threshold: int = 4 * MiB):
 # --- descriptors ---
 
 
-def raise_fd_limit(log=None) -> tuple:
+def raise_fd_limit(log: "Logger | None" = None) -> tuple[int, int]:
     """Raise this process's soft limit on open descriptors to its hard limit (each client
     connection costs the broker one; 1024, a common default, is soon reached).
 
@@ -246,7 +257,7 @@ def raise_fd_limit(log=None) -> tuple:
     return soft, hard
 
 
-def fd_limit() -> dict:
+def fd_limit() -> dict[str, int]:
     """The descriptor limits and how many are open now (Linux), for ``status``."""
     import os
     import resource

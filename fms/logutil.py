@@ -13,7 +13,7 @@ RATE_BURST = 5  # lines per window before further lines of the same kind are cou
 LOG_TEXT_MAX = 200  # characters of one text argument (attacker-supplied text is cut to this)
 
 
-def clip(text, limit: int = LOG_TEXT_MAX) -> str:
+def clip(text: str | bytes, limit: int = LOG_TEXT_MAX) -> str:
     """``text`` cut to ``limit`` characters, saying how much was left out."""
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
@@ -27,7 +27,7 @@ def clip(text, limit: int = LOG_TEXT_MAX) -> str:
 QUIET_LIBRARIES = ("botocore", "boto3", "s3transfer", "urllib3")
 
 
-def setup_logging(level: str = "INFO"):
+def setup_logging(level: str = "INFO") -> None:
     """Configure the root logger; called once by each entry point."""
     import logging  # here: the client's commands log nothing unless asked (--log-level)
 
@@ -50,13 +50,13 @@ class RateLimitedLog:
     a line never echoes more of what an attacker sent than that.
     """
 
-    def __init__(self, log: "logging.Logger"):
+    def __init__(self, log: "logging.Logger") -> None:
         self.log = log
         self._window_start = 0.0
         self._count = 0
         self._suppressed = 0
 
-    def warning(self, msg: str, *args):
+    def warning(self, msg: str, *args: object) -> None:
         now = time.monotonic()
         if now - self._window_start > RATE_WINDOW:
             if self._suppressed:

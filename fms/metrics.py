@@ -4,6 +4,8 @@ Only fms_ metrics are exported: they live in a registry of their own.
 """
 
 import collections
+from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -28,8 +30,9 @@ LATENCY_BUCKETS = (
 class BrokerMetrics:
     """Counters the broker updates as requests come and go."""
 
-    def __init__(self):
-        self._answered: dict = {}  # (op, outcome) -> (counter, histogram) children
+    def __init__(self) -> None:
+        # (op, outcome) -> (counter, histogram) children
+        self._answered: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "fms_requests",
@@ -94,7 +97,7 @@ class BrokerMetrics:
             registry=self.registry,
         )
 
-    def answered(self, op: str, outcome: str, seconds: float):
+    def answered(self, op: str, outcome: str, seconds: float) -> None:
         """A client request answered (``outcome``: ok or the error code) after ``seconds``.
         Each label pair's children are looked up once: ``labels()`` cost about a third of the
         broker's work per request."""
@@ -105,9 +108,17 @@ class BrokerMetrics:
         children[0].inc()
         children[1].observe(seconds)
 
-    def serve(self, port: int, addr: str = "127.0.0.1"):
+    def serve(self, port: int, addr: str = "127.0.0.1") -> None:
         """Serve /metrics on ``addr:port`` from a daemon thread."""
         start_http_server(port, addr=addr, registry=self.registry)
+
+
+@dataclass(slots=True)
+class _OpenGet:
+    """A GET through the cache whose chunks are still being answered."""
+
+    left: int  # chunk replies still to come
+    hit: bool  # every piece so far came from the cache
 
 
 class ReadTally:
@@ -127,12 +138,23 @@ class ReadTally:
 
     MAX_OPEN = 10_000  # GETs waiting for their chunks, kept at most
 
-    def __init__(self, metrics: BrokerMetrics):
+    def __init__(self, metrics: BrokerMetrics) -> None:
         self.metrics = metrics
         self.get_hits = self.get_misses = self.bytes_hit = self.bytes_missed = 0
-        self._open = collections.OrderedDict()  # (client, GET request id) -> [left, all hit]
+        # (client, GET request id) -> its chunks still to come
+        self._open: collections.OrderedDict[tuple[bytes, object], _OpenGet] = (
+            collections.OrderedDict()
+        )
 
-    def tally(self, op: str, client: bytes, req_id, read, route: dict, nbytes: int) -> None:
+    def tally(
+        self,
+        op: str,
+        client: bytes,
+        req_id: object,
+        read: int | str | None,
+        route: dict[str, Any],
+        nbytes: int,
+    ) -> None:
         """Count a worker's reply to ``client``'s ``op`` (``read``: the GET a chunk request
         belongs to; ``nbytes``: its data's) towards the per-GET figures."""
         if not route.get("ok", True):
@@ -145,25 +167,27 @@ class ReadTally:
         elif op == "chunk" and read is not None:
             self.chunk_answered(client, read, route.get("cache"), nbytes)
 
-    def get_answered(self, client: bytes, req_id, outcome, chunks, nbytes: int):
+    def get_answered(
+        self, client: bytes, req_id: object, outcome: object, chunks: object, nbytes: int
+    ) -> None:
         """The cache's reply to a ``get`` (``outcome`` "hit" / "miss"; ``chunks`` to follow)."""
         hit = outcome == "hit"
         self._bytes(hit, nbytes)
         if isinstance(chunks, int) and chunks > 0:
-            self._open[(client, req_id)] = [chunks, hit]
+            self._open[(client, req_id)] = _OpenGet(chunks, hit)
             if len(self._open) > self.MAX_OPEN:
                 self._open.popitem(last=False)
         else:
             self._count(hit)
 
-    def batch_answered(self, whole, missed):
+    def batch_answered(self, whole: object, missed: object) -> None:
         """A ``get_many``: ``whole`` names came whole from the cache, ``missed`` from storage
         (large files of a batch, whose chunks follow untagged, are not counted)."""
         for count, hit in ((whole, True), (missed, False)):
             if isinstance(count, int) and not isinstance(count, bool) and count > 0:
                 self._count(hit, count)
 
-    def chunk_answered(self, client: bytes, read, outcome, nbytes: int):
+    def chunk_answered(self, client: bytes, read: int | str, outcome: object, nbytes: int) -> None:
         """A reply to a ``chunk`` request tagged with the GET it belongs to (``read``), from
         the cache (``outcome``) or from storage (None)."""
         entry = self._open.get((client, read))
@@ -173,17 +197,17 @@ class ReadTally:
         self._bytes(hit, nbytes)
         if entry is None:
             return
-        entry[0] -= 1
-        entry[1] = entry[1] and hit
-        if entry[0] <= 0:
+        entry.left -= 1
+        entry.hit = entry.hit and hit
+        if entry.left <= 0:
             del self._open[(client, read)]
-            self._count(entry[1])
+            self._count(entry.hit)
 
-    def client_gone(self, client: bytes):
+    def client_gone(self, client: bytes) -> None:
         for key in [k for k in self._open if k[0] == client]:
             del self._open[key]
 
-    def _bytes(self, hit: bool, nbytes: int):
+    def _bytes(self, hit: bool, nbytes: int) -> None:
         if hit:
             self.bytes_hit += nbytes
             self.metrics.cache_bytes_hit.inc(nbytes)
@@ -191,7 +215,7 @@ class ReadTally:
             self.bytes_missed += nbytes
             self.metrics.cache_bytes_missed.inc(nbytes)
 
-    def _count(self, hit: bool, gets: int = 1):
+    def _count(self, hit: bool, gets: int = 1) -> None:
         if hit:
             self.get_hits += gets
             self.metrics.cache_get_hits.inc(gets)
@@ -199,7 +223,7 @@ class ReadTally:
             self.get_misses += gets
             self.metrics.cache_get_misses.inc(gets)
 
-    def figures(self) -> dict:
+    def figures(self) -> dict[str, int]:
         return {
             "get_hits": self.get_hits,
             "get_misses": self.get_misses,

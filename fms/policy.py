@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Any, TypeAlias
 
 from .errors import Forbidden
 
@@ -76,6 +77,7 @@ OP_ROLE = {
     "rm": WRITE,
     "rm_prefix": WRITE,  # on the folder: every name under it
     "mv": WRITE,  # source and destination
+    "mv_prefix": WRITE,  # a folder's rename: every name under the source and the destination
     "cp": WRITE,  # destination; READ on the source
     "restore": WRITE,
     "purge": ADMIN,
@@ -102,6 +104,7 @@ OP_SHOWN = {
     "put_page": "upload",
     "page": "read",
     "rm_prefix": "rm -r",
+    "mv_prefix": "mv",
     "get_many": "get",
     "get_version": "get",
     "chunk": "read",
@@ -133,7 +136,7 @@ class Grant:
 
     __slots__ = ("prefix", "role")
 
-    def __init__(self, role: str, prefix: str):
+    def __init__(self, role: str, prefix: str) -> None:
         if role not in _RANK:
             raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
         self.role = role
@@ -142,10 +145,10 @@ class Grant:
     def allows(self, role: str, name: str) -> bool:
         return _RANK[self.role] >= _RANK[role] and covers(self.prefix, name)
 
-    def as_list(self) -> list:
+    def as_list(self) -> list[str]:
         return [self.role, self.prefix]
 
-    def __eq__(self, other) -> bool:
+    def __eq__(self, other: object) -> bool:
         return isinstance(other, Grant) and (self.role, self.prefix) == (other.role, other.prefix)
 
     def __hash__(self) -> int:
@@ -162,8 +165,12 @@ class Identity:
     __slots__ = ("all", "gateway", "grants", "name")
 
     def __init__(
-        self, name: str, grants: Iterable[Grant] = (), gateway: bool = False, superuser=False
-    ):
+        self,
+        name: str,
+        grants: Iterable[Grant] = (),
+        gateway: bool = False,
+        superuser: bool = False,
+    ) -> None:
         self.name = name
         self.grants = tuple(sorted(set(grants), key=lambda g: (g.prefix, _RANK[g.role])))
         self.gateway = gateway
@@ -198,6 +205,11 @@ class Identity:
         return f"Identity({self.name!r}, {list(self.grants)!r})"
 
 
+# An identity as a Policy is built from: (name, its CURVE keys, its grants, gateway)
+IdentityRow: TypeAlias = tuple[str, Iterable[str], Iterable[Grant], bool]
+# Parts of the name index: ("name", NAME) or ("prefix", P), in name order (see scans)
+Scans: TypeAlias = list[tuple[str, str]]
+
 LOCAL = Identity("local", superuser=True)
 ALLOW_DIR = Identity("allow-dir", superuser=True)
 UNKNOWN = Identity("unknown")
@@ -212,22 +224,24 @@ class Policy:
 
     __slots__ = ("by_key", "by_name", "epoch")
 
-    def __init__(self, epoch: int = 0, identities: Iterable[tuple] = ()):
+    def __init__(self, epoch: int = 0, identities: Iterable[IdentityRow] = ()) -> None:
         """:param identities: ``(name, curve keys, grants, gateway)`` tuples."""
         self.epoch = epoch
-        self.by_name = {}
-        self.by_key = {}
+        self.by_name: dict[str, Identity] = {}
+        self.by_key: dict[str, Identity] = {}
         for name, keys, grants, gateway in identities:
             ident = Identity(name, grants, gateway)
             self.by_name[name] = ident
             for key in keys:
                 self.by_key[key] = ident
 
-    def keys(self) -> frozenset:
+    def keys(self) -> frozenset[str]:
         """Every CURVE public key of an identity (z85 str): what the broker lets in."""
         return frozenset(self.by_key)
 
-    def resolve(self, key: str | None, allow_dir: bool = False, acting_as=None) -> Identity:
+    def resolve(
+        self, key: str | None, allow_dir: bool = False, acting_as: object = None
+    ) -> Identity:
         """The identity a request comes from.
 
         :param key: the CURVE public key the broker authenticated (z85), or None: no CURVE
@@ -254,7 +268,7 @@ class Policy:
             raise Forbidden(f"forbidden: no identity {str(acting_as)[:80]!r} to act for")
         return self.by_name[acting_as]
 
-    def to_wire(self) -> dict:
+    def to_wire(self) -> dict[str, Any]:
         """The snapshot as the workers pass it on (keys and grants; never an S3 secret)."""
         return {
             "epoch": self.epoch,
@@ -270,12 +284,12 @@ class Policy:
         }
 
     @classmethod
-    def from_wire(cls, snapshot: dict) -> Policy:
+    def from_wire(cls, snapshot: dict[str, Any]) -> Policy:
         """:raises ValueError: not a snapshot."""
         epoch = snapshot.get("epoch") if isinstance(snapshot, dict) else None
         if not isinstance(epoch, int) or not isinstance(snapshot.get("ids"), list):
             raise ValueError("a policy snapshot is a map with an int 'epoch' and a list 'ids'")
-        identities = []
+        identities: list[IdentityRow] = []
         for item in snapshot["ids"]:
             if not (isinstance(item, list) and len(item) == 4):
                 raise ValueError("a policy snapshot's identity is [name, keys, grants, gateway]")
@@ -303,7 +317,7 @@ def _refuse(who: Identity, op: str, what: str, role: str, where: str) -> Forbidd
     )
 
 
-def check(who: Identity, op: str, name: str, role: str | None = None):
+def check(who: Identity, op: str, name: str, role: str | None = None) -> None:
     """That ``who`` may do ``op`` on ``name`` (with ``role``, default the op's own).
 
     :raises Forbidden: it may not, naming the op, the name and the grants ``who`` has.
@@ -315,7 +329,7 @@ def check(who: Identity, op: str, name: str, role: str | None = None):
         raise _refuse(who, op, repr(name), role, f"{name!r} or a folder above it")
 
 
-def check_through_file(who: Identity, header: dict, op: str) -> str:
+def check_through_file(who: Identity, header: dict[str, Any], op: str) -> str:
     """The file through which ``who`` reads a chunk or a page (``op``): the request's field
     ``name``, which ``who`` must be allowed to read.  :raises Forbidden: no name, or one it may
     not read.  :raises BadRequest: not a valid name."""
@@ -332,7 +346,7 @@ def check_through_file(who: Identity, header: dict, op: str) -> str:
     return name
 
 
-def check_folder(who: Identity, op: str, folder: str, role: str | None = None):
+def check_folder(who: Identity, op: str, folder: str, role: str | None = None) -> None:
     """That ``who`` may do ``op`` on every name under ``folder/`` (rm -r).  :raises Forbidden:"""
     if who.all:
         return
@@ -342,7 +356,7 @@ def check_folder(who: Identity, op: str, folder: str, role: str | None = None):
         raise _refuse(who, op, f"under {shown!r}", role, f"{shown!r} or a folder above it")
 
 
-def check_op(who: Identity, op: str):
+def check_op(who: Identity, op: str) -> None:
     """That ``who`` may do an op that names no file: ``have`` and ``put_chunk`` need write on
     some prefix, the store's own ops admin on the whole store, a gateway's look-ups the gateway
     flag.  Ops that touch names are checked per name (:func:`check`).  :raises Forbidden:"""
@@ -360,7 +374,7 @@ def check_op(who: Identity, op: str):
     raise _refuse(who, op, "in this store", ADMIN, "the whole store")
 
 
-def scans(who: Identity, role: str, prefix: str) -> list | None:
+def scans(who: Identity, role: str, prefix: str) -> Scans | None:
     """The parts of the name index under ``prefix`` that ``who`` may see with ``role``.
 
     :return: None when it may see everything under ``prefix``; else a sorted list of disjoint
@@ -374,7 +388,7 @@ def scans(who: Identity, role: str, prefix: str) -> list | None:
         return None
     # Only the outermost grants: one under another adds nothing and would overlap.
     outer = [g for g in granted if not any(h != g and covers(h, g) for h in granted)]
-    out = []
+    out: Scans = []
     for g in outer:
         if g.startswith(prefix):
             out.append(("name", g))

@@ -21,6 +21,7 @@ import os
 import socket
 import stat
 import time
+from typing import Any, cast
 
 import zmq
 import zmq.auth
@@ -42,7 +43,7 @@ class SecurityError(FmsError):
     """A key file or the security configuration cannot be used; the message says how to fix it."""
 
 
-def keygen(folder: str, name: str) -> tuple:
+def keygen(folder: str, name: str) -> tuple[str, str]:
     """Write ``folder/name.key`` and ``folder/name.key_secret`` (mode 0600) for a new keypair.
 
     :return: the two paths.
@@ -71,7 +72,7 @@ def keygen(folder: str, name: str) -> tuple:
     return public_path, secret_path
 
 
-def _write_new(path: str, mode: int, text: str):
+def _write_new(path: str, mode: int, text: str) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     except FileExistsError:
@@ -82,7 +83,7 @@ def _write_new(path: str, mode: int, text: str):
         f.write(text)
 
 
-def load_secret(path: str) -> tuple:
+def load_secret(path: str) -> tuple[bytes, bytes]:
     """Read a secret key file.  :return: ``(public, secret)`` z85 keys.
 
     :raises SecurityError: missing, readable by others, or without a secret key.
@@ -108,7 +109,7 @@ def load_public(path: str) -> bytes:
     return _load(path)[0]
 
 
-def _load(path: str) -> tuple:
+def _load(path: str) -> tuple[bytes, bytes | None]:
     try:
         return zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
@@ -121,7 +122,7 @@ class AllowList:
     :param role: who these keys are for (``clients``, ``workers``), for messages and logs.
     """
 
-    def __init__(self, folder: str, role: str = "clients"):
+    def __init__(self, folder: str, role: str = "clients") -> None:
         if not os.path.isdir(folder):
             raise SecurityError(
                 f"allow directory {folder} does not exist; create it and put "
@@ -129,12 +130,12 @@ class AllowList:
             )
         self.folder = folder
         self.role = role
-        self._keys = frozenset()
+        self._keys: frozenset[bytes] = frozenset()
         self._read_at = -ALLOW_RELOAD
-        self._logged = set()  # refused keys already logged (each once)
+        self._logged: set[bytes] = set()  # refused keys already logged (each once)
         self._bad = RateLimitedLog(log)
 
-    def keys(self) -> frozenset:
+    def keys(self) -> frozenset[bytes]:
         now = time.monotonic()
         if now - self._read_at >= ALLOW_RELOAD:
             self._read_at = now
@@ -144,7 +145,7 @@ class AllowList:
                 log.error("event=allowlist_unreadable folder=%s error=%r", self.folder, str(exc))
         return self._keys
 
-    def __contains__(self, key) -> bool:
+    def __contains__(self, key: object) -> bool:
         if isinstance(key, str):
             key = key.encode()
         return key in self.keys()
@@ -156,7 +157,7 @@ class AllowList:
             self.refused(key)
         return allowed
 
-    def refused(self, key):
+    def refused(self, key: str | bytes) -> None:
         """Log a refused key once (a peer retrying every second must not flood the log)."""
         if isinstance(key, str):
             key = key.encode()
@@ -183,17 +184,18 @@ class ClientKeys:
     :param folder: the ``--allow`` folder, or None.
     """
 
-    def __init__(self, folder: str | None):
+    def __init__(self, folder: str | None) -> None:
         self.allow = AllowList(folder, "clients") if folder else None
-        self.identities = frozenset()  # z85 str: replaced whole, so the ZAP thread reads it safely
-        self._folder_seen = None
-        self._logged = set()
+        # z85 str: replaced whole, so the ZAP thread reads it safely
+        self.identities: frozenset[str] = frozenset()
+        self._folder_seen: frozenset[bytes] | None = None
+        self._logged: set[str] = set()
         self._bad = RateLimitedLog(log)
 
-    def set_identities(self, keys: frozenset):
+    def set_identities(self, keys: frozenset[str]) -> None:
         self.identities = frozenset(keys)
 
-    def _folder(self) -> frozenset:
+    def _folder(self) -> frozenset[bytes]:
         if self.allow is None:
             return frozenset()
         keys = self.allow.keys()
@@ -210,7 +212,7 @@ class ClientKeys:
                 )
         return keys
 
-    def classify(self, user: str) -> dict | None:
+    def classify(self, user: str) -> dict[str, Any] | None:
         """The route fields for a message from ``user`` (its z85 key): ``{"u": user}`` for an
         identity's key, with ``"l": True`` for a key of the ``--allow`` folder; None (logged
         once) for a key that is neither."""
@@ -225,7 +227,7 @@ class ClientKeys:
     def callback(self, domain: str, key: bytes) -> bool:
         return self.classify(key.decode(errors="replace")) is not None
 
-    def refused(self, key: str):
+    def refused(self, key: str) -> None:
         """Log a refused key once (a peer retrying every second must not flood the log)."""
         if key in self._logged:
             return
@@ -281,19 +283,19 @@ class CurveServer:
             ZAP_WORKER_DOMAIN, credentials_provider=self.allow_workers
         )
 
-    def apply(self, sock: zmq.Socket, workers: bool = False):
+    def apply(self, sock: zmq.Socket, workers: bool = False) -> None:
         sock.zap_domain = (ZAP_WORKER_DOMAIN if workers else ZAP_DOMAIN).encode()
         sock.curve_server = True
         sock.curve_publickey = self.public
         sock.curve_secretkey = self.secret
 
-    def allowed(self, frame, workers: bool = False) -> bool:
+    def allowed(self, frame: zmq.Frame, workers: bool = False) -> bool:
         """Whether the sender of ``frame`` (a received zmq.Frame) is in the clients' (or the
         workers') allowlist now."""
         if not workers:
             return self.client(frame) is not None
         try:
-            user = frame.get("User-Id")
+            user = cast(str, frame.get("User-Id"))  # pyzmq types it int or str: a str
         except zmq.ZMQError:
             return False
         if user in self.allow_workers:
@@ -301,33 +303,33 @@ class CurveServer:
         self.allow_workers.refused(user)
         return False
 
-    def client(self, frame) -> dict | None:
+    def client(self, frame: zmq.Frame) -> dict[str, Any] | None:
         """The route fields that say who sent ``frame`` (a client's message), as
         :meth:`ClientKeys.classify`; None if its key may not connect any more."""
         try:
             user = frame.get("User-Id")
         except zmq.ZMQError:
             return None
-        return self.clients.classify(user)
+        return self.clients.classify(str(user))  # a str: the ZAP handler set it
 
-    def stop(self):
+    def stop(self) -> None:
         self.auth.stop()
 
 
 class CurveClient:
     """A client's or worker's keys: its own keypair and the broker's public key."""
 
-    def __init__(self, secret_file: str, server_key_file: str):
+    def __init__(self, secret_file: str, server_key_file: str) -> None:
         self.public, self.secret = load_secret(secret_file)
         self.server = load_public(server_key_file)
 
-    def apply(self, sock: zmq.Socket):
+    def apply(self, sock: zmq.Socket) -> None:
         sock.curve_publickey = self.public
         sock.curve_secretkey = self.secret
         sock.curve_serverkey = self.server
 
 
-def client_keys(secret_file, server_key_file):
+def client_keys(secret_file: str | None, server_key_file: str | None) -> CurveClient | None:
     """The CurveClient for these options (falling back to $FMS_CURVE_SECRET / $FMS_SERVER_KEY),
     or None for plaintext.
 
@@ -420,7 +422,11 @@ def exposure(endpoint: str) -> str | None:
     if host in {name for _index, name in socket.if_nameindex()}:
         return f"names the network interface {host}; bind 127.0.0.1 for this machine only"
     try:
-        found = {info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
+        # str(): an address is a str for AF_INET and AF_INET6 (typeshed also allows the int of
+        # a family this Python was built without)
+        found = {
+            str(info[4][0]) for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+        }
     except (socket.gaierror, UnicodeError) as exc:
         return f"names a host {host!r} that does not resolve ({exc}); use 127.0.0.1 or ::1"
     addresses = [ipaddress.ip_address(a.split("%")[0]) for a in found]  # fe80::1%lo: scoped

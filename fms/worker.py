@@ -15,6 +15,9 @@ A *service* (storage, cache) is an object with these methods, which know no even
 - ``tick(now)``: called at least once per heartbeat interval.
 - ``beat()`` (optional): a dict of counters each heartbeat carries to the broker; called from
   the link's heartbeat thread, so it only reads counters.
+- ``flush()`` (optional): called after each drain, to finish what the service batched.
+
+(:class:`Service` says the same to the type checker.)
 
 :class:`BrokerLink` is the real link (a DEALER socket); tests pass a recorder instead.
 
@@ -34,6 +37,8 @@ import errno
 import logging
 import threading
 import time
+from collections.abc import Callable
+from typing import Any, Protocol, cast
 
 import msgpack
 import zmq
@@ -43,7 +48,8 @@ from . import wire as p
 from .errors import BadRequest, FmsError, Unavailable
 from .logutil import RateLimitedLog
 from .policy import Policy
-from .wire.frames import NOBLOCK, recv_frames, send_frames
+from .security import CurveClient
+from .wire.frames import NOBLOCK, Sendable, recv_frames, send_frames
 
 RECONNECT_MIN = 0.25  # seconds: first wait before reconnecting to a silent broker
 RECONNECT_MAX = 4.0  # seconds: the backoff doubles up to this
@@ -60,6 +66,42 @@ class WorkerRefused(FmsError):
     """The broker refused this worker; the message says why."""
 
 
+class Service(Protocol):
+    """What a worker serves (storage, cache): the handlers the loop calls, which know no event
+    loop.  ``beat()`` and ``flush()`` are optional and looked up by name."""
+
+    def handle_request(
+        self, route: dict[str, Any], header: dict[str, Any], data: zmq.Frame | None
+    ) -> None: ...
+
+    def handle_reply(self, header: dict[str, Any], data: zmq.Frame | None) -> None: ...
+
+    def on_register(self) -> None: ...
+
+    def on_invalidate(self, name: str) -> None: ...
+
+    def tick(self, now: float) -> None: ...
+
+
+class Link(Protocol):
+    """What a service answers through: a :class:`BrokerLink`, or a recorder in the tests."""
+
+    def reply(
+        self,
+        route: dict[str, Any],
+        header: dict[str, Any],
+        data: Sendable | None = None,
+        invalidate: str | list[str] | None = None,
+        cache: str | None = None,
+        chunks: int | None = None,
+        batch: tuple[int, int] | None = None,
+    ) -> None: ...
+
+    def request(
+        self, service: str, header: dict[str, Any], data: Sendable | None = None
+    ) -> None: ...
+
+
 class BrokerLink:
     """A worker's DEALER connection to the broker's backend, and its heartbeat thread.
 
@@ -69,22 +111,28 @@ class BrokerLink:
     """
 
     def __init__(
-        self, ctx: zmq.Context, endpoint: str, ready: dict, log: logging.Logger, curve=None
-    ):
+        self,
+        ctx: zmq.Context,
+        endpoint: str,
+        ready: dict[str, Any],
+        log: logging.Logger,
+        curve: CurveClient | None = None,
+    ) -> None:
         self.ctx = ctx
-        self.curve = curve  # a fms.security.CurveClient, or None for plaintext
+        self.curve = curve  # None for plaintext
         self.endpoint = endpoint
         self.ready = {"t": "ready", "v": p.PROTOCOL_VERSION, **ready}
         self.log = log
-        self.sock = None
+        self.sock: zmq.Socket | None = None
         self.lock = threading.Lock()  # held by whichever thread uses ``sock``
         self.registered = False
         self.passes_policy = False  # the broker passes access snapshots on (its welcome's `pol`)
         self.refusals = RateLimitedLog(log)
-        self.busy_since = None  # monotonic time the service's current turn began (None: idle)
-        self._beats = None
+        # monotonic time the service's current turn began (None: idle)
+        self.busy_since: float | None = None
+        self._beats: _Heartbeats | None = None
 
-    def start(self, stats=None):
+    def start(self, stats: Callable[[], dict[str, Any] | None] | None = None) -> None:
         """Connect, send ready, and start heartbeating.
 
         :param stats: a callable giving the counters each heartbeat carries (the cache's), or
@@ -94,7 +142,7 @@ class BrokerLink:
         self._beats = _Heartbeats(self, stats)
         self._beats.start()
 
-    def connect(self):
+    def connect(self) -> None:
         """(Re)connect to the broker and send ready."""
         with self.lock:
             if self.sock is not None:
@@ -112,10 +160,10 @@ class BrokerLink:
             self.registered = False
         self.send_ready()
 
-    def send_ready(self):
+    def send_ready(self) -> None:
         self._send([p.encode(self.ready)])
 
-    def close(self):
+    def close(self) -> None:
         """Stop heartbeating, say bye and close the socket."""
         if self._beats is not None:
             self._beats.stopping.set()
@@ -132,31 +180,43 @@ class BrokerLink:
     def poll(self, timeout_ms: int) -> bool:
         """Wait up to ``timeout_ms`` for a message from the broker.  :return: one is waiting."""
         with self.lock:
-            return bool(self.sock.poll(timeout_ms, zmq.POLLIN))
+            return bool(self._connected().poll(timeout_ms, zmq.POLLIN))
 
-    def drain(self, handle, limit: int, until=None) -> int:
+    def _connected(self) -> zmq.Socket:
+        if self.sock is None:
+            raise RuntimeError("the link to the broker is closed or not started")
+        return self.sock
+
+    def drain(
+        self,
+        handle: Callable[[list[zmq.Frame]], None],
+        limit: int,
+        until: Callable[[], bool] | None = None,
+    ) -> int:
         """Hand up to ``limit`` waiting messages to ``handle``, none once ``until()`` is true;
         the socket is free for a heartbeat while each is handled.  :return: how many."""
         done = 0
         while done < limit and not (until and until()):
             with self.lock:
-                if not self.sock.get(zmq.EVENTS) & zmq.POLLIN:
+                sock = self._connected()
+                # pyzmq types get() as int or bytes; ZMQ_EVENTS is an int
+                if not cast(int, sock.get(zmq.EVENTS)) & zmq.POLLIN:
                     break
-                frames = recv_frames(self.sock)
+                frames = recv_frames(sock)
             handle(frames)
             done += 1
         return done
 
     def reply(
         self,
-        route: dict,
-        header: dict,
-        data=None,
-        invalidate=None,
-        cache=None,
-        chunks=None,
-        batch=None,
-    ):
+        route: dict[str, Any],
+        header: dict[str, Any],
+        data: Sendable | None = None,
+        invalidate: str | list[str] | None = None,
+        cache: str | None = None,
+        chunks: int | None = None,
+        batch: tuple[int, int] | None = None,
+    ) -> None:
         """Answer a request that reached this worker with ``route``.
 
         The route frame repeats the outcome (``ok``, ``err``) and, from the cache, whether it was
@@ -176,31 +236,31 @@ class BrokerLink:
             back["n"] = chunks
         if batch is not None:
             back["gh"], back["gm"] = batch
-        frames = [p.encode(back), p.encode(header)]
+        frames: list[Sendable] = [p.encode(back), p.encode(header)]
         if data is not None:
             frames.append(data)
         self._send(frames)
 
-    def send_policy(self, snapshot):
+    def send_policy(self, snapshot: Policy) -> None:
         """Send the store's access snapshot (a :class:`fms.policy.Policy`) to the broker, which
         keeps the newest and passes it on (fms.broker.keys); only to a broker that does."""
         if self.passes_policy:
             blob = msgpack.packb(snapshot.to_wire(), use_bin_type=True)
             self._send([p.encode({"t": "policy", "e": snapshot.epoch}), p.pack_data(blob)])
 
-    def request(self, service: str, header: dict, data=None):
+    def request(self, service: str, header: dict[str, Any], data: Sendable | None = None) -> None:
         """Send a request of this worker's own to ``service``; the reply comes to handle_reply."""
-        frames = [p.encode({"t": "req", "svc": service}), p.encode(header)]
+        frames: list[Sendable] = [p.encode({"t": "req", "svc": service}), p.encode(header)]
         if data is not None:
             frames.append(data)
         self._send(frames)
 
-    def _send(self, frames, flags: int = 0):
+    def _send(self, frames: list[Sendable], flags: int = 0) -> None:
         # A DEALER queues while disconnected, up to its HWM; past that it would block, so a send
         # gives up after WORKER_SEND_TIMEOUT: the requester times out and retries.
         try:
             with self.lock:
-                send_frames(self.sock, frames, flags)
+                send_frames(self._connected(), frames, flags)
         except zmq.Again:
             self.log.warning(
                 "event=send_dropped broker=%s reason='queue to broker full'", self.endpoint
@@ -211,12 +271,12 @@ class _Heartbeats(threading.Thread):
     """Sends the link's heartbeat every interval, whatever the service's thread is doing, unless
     its current turn has lasted longer than :data:`STUCK`."""
 
-    def __init__(self, link: BrokerLink, stats):
+    def __init__(self, link: BrokerLink, stats: Callable[[], dict[str, Any] | None] | None) -> None:
         super().__init__(name="fms-heartbeat", daemon=True)
         self.link, self.stats = link, stats
         self.stopping = threading.Event()
 
-    def run(self):
+    def run(self) -> None:
         stuck = False
         while not self.stopping.wait(p.HEARTBEAT_INTERVAL):
             since = self.link.busy_since
@@ -239,7 +299,12 @@ class _Heartbeats(threading.Thread):
             self.link._send([p.encode({"t": "hb", "st": stats} if stats else {"t": "hb"})], NOBLOCK)
 
 
-def serve(service, link: BrokerLink, log: logging.Logger, should_stop=lambda: False):
+def serve(
+    service: Service,
+    link: BrokerLink,
+    log: logging.Logger,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> None:
     """Run a worker until ``should_stop()`` or until the broker refuses it.
 
     :raises WorkerRefused: the broker will not take this worker.
@@ -294,7 +359,7 @@ def serve(service, link: BrokerLink, log: logging.Logger, should_stop=lambda: Fa
             )
 
 
-def _flush(service, log):
+def _flush(service: Service, log: logging.Logger) -> None:
     """Let a service finish what it batched during one drain (storage's group commit)."""
     flush = getattr(service, "flush", None)
     if flush is None:
@@ -305,7 +370,13 @@ def _flush(service, log):
         log.exception("event=flush_crashed error=%r", exc)
 
 
-def _handle(service, link: BrokerLink, frames, log, bad: RateLimitedLog):
+def _handle(
+    service: Service,
+    link: BrokerLink,
+    frames: list[zmq.Frame],
+    log: logging.Logger,
+    bad: RateLimitedLog,
+) -> None:
     try:
         _dispatch(service, link, frames, log)
     except WorkerRefused:
@@ -316,7 +387,9 @@ def _handle(service, link: BrokerLink, frames, log, bad: RateLimitedLog):
         log.exception("event=message_handling_crashed error=%r", exc)
 
 
-def _dispatch(service, link: BrokerLink, frames, log):
+def _dispatch(
+    service: Service, link: BrokerLink, frames: list[zmq.Frame], log: logging.Logger
+) -> None:
     if len(frames) < 1:
         raise BadRequest("empty message")
     route = p.decode(frames[0].buffer, "route")
@@ -368,7 +441,7 @@ def _dispatch(service, link: BrokerLink, frames, log):
         raise BadRequest(f"unknown route type {kind!r}")
 
 
-def _policy(service, frames):
+def _policy(service: "Service", frames: list[zmq.Frame]) -> None:
     """The store's access snapshot, passed on by the broker: for a service that decides."""
     on_policy = getattr(service, "on_policy", None)
     if on_policy is None:
@@ -382,8 +455,14 @@ def _policy(service, frames):
         raise BadRequest(f"a policy snapshot that cannot be read: {exc}") from None
 
 
-def _handle_request(service, link, route, body, log):
-    req_id = None
+def _handle_request(
+    service: "Service",
+    link: "Link",
+    route: dict[str, Any],
+    body: list[zmq.Frame],
+    log: logging.Logger,
+) -> None:
+    req_id: int | str | None = None
     try:
         if not body:
             raise BadRequest("request has no header frame")

@@ -9,9 +9,10 @@ from harness import ROOT, Cluster, wait_for  # noqa: F401
 
 from fms import wire as p
 
-# Real PostgreSQL and S3 (SeaweedFS) servers, network namespaces as hosts, and fms's own S3
-# gateway, started on first use: tests/servers.py, tests/netns.py, tests/s3gw.py.
-pytest_plugins = ["servers", "netns", "s3gw"]
+# Real PostgreSQL and S3 (SeaweedFS) servers, network namespaces as hosts, fms's own S3
+# gateway, and fms mounts, started on first use: tests/servers.py, tests/netns.py, tests/s3gw.py,
+# tests/mounts.py.
+pytest_plugins = ["servers", "netns", "s3gw", "mounts"]
 
 
 @pytest.fixture

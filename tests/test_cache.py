@@ -201,6 +201,22 @@ def test_forgetting_old_invalidations_keeps_pending_fetches_honest():
     assert not m.fresh("a", token)
 
 
+def test_a_folder_invalidation_drops_every_name_under_it_and_spoils_their_fills():
+    m = ManifestCache()
+    for name in ("d/a", "d/sub/b", "dx"):
+        assert m.fill(name, {"name": name, "chunks": []}, m.begin_fetch())
+    token = m.begin_fetch()
+    m.invalidate_folder("d/")
+    assert m.lookup("d/a") is None and m.lookup("d/sub/b") is None
+    assert m.lookup("dx") is not None  # shares the letters, not the folder
+    assert not m.fill("d/c", {"name": "d/c", "chunks": []}, token)  # in flight across it
+    assert m.fill("e/c", {"name": "e/c", "chunks": []}, token)
+    m.forget_before(token)  # the fetch is still pending
+    assert not m.fresh("d/c", token)
+    m.forget_before(None)
+    assert m.fill("d/c", {"name": "d/c", "chunks": []}, m.begin_fetch())
+
+
 # --- CacheService through a recording link ---
 
 

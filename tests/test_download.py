@@ -3,6 +3,8 @@ into place (``O_TMPFILE`` and ``linkat``), a temp file renamed where that cannot
 threads while the next batch arrives (fms/client/download.py; issue 26, point 4)."""
 
 import os
+import resource
+import signal
 import subprocess
 import sys
 import textwrap
@@ -171,3 +173,29 @@ def test_an_error_while_writing_many_stops_the_threads_and_leaves_only_whole_fil
     out = tmp_path / "out"
     assert len(os.listdir(out) if out.exists() else []) == len(written) <= 101
     assert all(open(dest, "rb").read() == data for dest, data in written.items())
+
+
+def test_a_small_file_the_disk_will_not_take_is_a_one_line_error_and_leaves_nothing(
+    cluster, tmp_path
+):
+    """A write that fails (here: a file size limit, as a full disk or a quota would) names
+    the destination, and nothing is left: neither the file nor a temp file."""
+    with cluster.client() as c:
+        c.put_bytes(random_bytes(4096, 1), "f")
+
+    def small_files_only():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG
+
+    dest = tmp_path / "out" / "f"
+    dest.parent.mkdir()
+    run = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "client.py"), "--broker", cluster.frontend]
+        + ["get", "f", str(dest)],
+        capture_output=True,
+        timeout=60,
+        preexec_fn=small_files_only,
+    )
+    err = run.stderr.decode()
+    assert run.returncode == 1 and f"cannot write to {dest}: File too large" in err, err
+    assert "Traceback" not in err and not os.listdir(dest.parent)

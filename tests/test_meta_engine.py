@@ -7,7 +7,7 @@ import pytest
 from storage_helpers import CHUNK, digest_of, h, new_version, page_blobs, split
 
 from fms import wire as p
-from fms.errors import BadRequest, MissingChunks, NotFound, Unavailable
+from fms.errors import BadRequest, Conflict, MissingChunks, NotFound, TooLarge, Unavailable
 from fms.storage.meta.sql import prefix_end
 from fms.storage.meta.sqlite import SQLiteMeta
 from fms.storage.model import Copy, Removal, Restore, Totals
@@ -222,6 +222,44 @@ def test_move_is_one_change_of_two_names_moving_no_reference(engine):
     assert engine.totals().files == 1 and engine.totals().bytes == 5000
     assert apply_one(engine, Copy("a/old", "b/new", "mv-1", move=True)) == made
     assert commit(engine, "a/old", b"again", "c3").version == 3  # after its tombstone
+    assert engine.refcount_errors() == []
+
+
+def test_a_folder_moves_whole_in_one_transaction_moving_no_reference(engine):
+    big = b"B" * 4096 * 40  # a paged chunk list: its body gains and loses a reference
+    commit(engine, "d/a", b"x" * 5000, "c1")
+    commit(engine, "d/sub/b", big, "c2")
+    commit(engine, "d/", b"", "c3")  # the folder's own marker
+    commit(engine, "dx", b"beside", "c4")  # shares the prefix "d", not the folder "d/"
+    commit(engine, "e/", b"", "c5")  # an empty folder where it goes: its marker is replaced
+    before = engine.totals()
+    assert engine.move_prefix("d/", "e/", "mvp-1", NOW, 10) == 3
+    assert [v.name for v in engine.list("", "", 10)] == ["dx", "e/", "e/a", "e/sub/b"]
+    assert engine.get("e/sub/b").digest == digest_of(big)
+    assert engine.get("e/a").version == 1 and engine.get("d/a") is None
+    assert engine.totals() == Totals(
+        files=before.files - 1,
+        bytes=before.bytes,
+        chunks=before.chunks,
+        chunk_bytes=before.chunk_bytes,
+    )
+    assert engine.refcount_errors() == []
+    assert engine.move_prefix("d/", "e/", "mvp-1", NOW, 10) == 3  # a retry: the same answer
+    with pytest.raises(BadRequest):
+        engine.move_prefix("e/", "f/", "mvp-1", NOW, 10)  # the id of another request
+    with pytest.raises(NotFound):
+        engine.move_prefix("d/", "g/", "mvp-2", NOW, 10)
+
+
+def test_a_folder_move_refuses_a_full_destination_or_too_many_names(engine):
+    for i in range(3):
+        commit(engine, f"s/{i}", b"%d" % i, f"c{i}")
+    commit(engine, "t/keep", b"k", "c9")
+    with pytest.raises(Conflict):
+        engine.move_prefix("s/", "t/", "mvp-1", NOW, 10)
+    with pytest.raises(TooLarge):
+        engine.move_prefix("s/", "u/", "mvp-2", NOW, 2)
+    assert [v.name for v in engine.list("", "", 10)] == ["s/0", "s/1", "s/2", "t/keep"]
     assert engine.refcount_errors() == []
 
 

@@ -317,6 +317,32 @@ def test_mv_and_cp_are_decided_on_the_source_and_the_destination(fresh):
     assert names == ["other/x", "team/a", "team/b2", "team/from-other", "teamX/y"]
 
 
+def test_a_folder_rename_needs_write_on_both_whole_folders(fresh):
+    for name in ("team/sub/c", "other/sub/z"):
+        ask(fresh, None, "commit", p.pack_data(b"c"), **commit_fields(name, b"c"))
+    for who, src, dest, allowed in (
+        ("reader", "team/sub/", "team/sub2/", False),
+        ("writer", "team/sub/", "other/sub2/", False),  # out of its folder
+        ("writer", "other/sub/", "team/sub3/", False),  # someone else's folder in
+        ("writer", "team/", "teamX/", False),  # a grant on "team" is not one on "teamX"
+        ("writer", "team/sub/", "team/sub2/", True),
+        ("sadmin", "other/sub/", "team/sub3/", True),
+    ):
+        reply = ask(
+            fresh, KEYS[who], "mv_prefix", prefix=src, dest=dest, commit=os.urandom(8).hex()
+        )
+        assert reply["ok"] is allowed, (who, src, dest, reply)
+        if not allowed:
+            assert reply["error"] == "forbidden" and "may not mv under" in reply["message"]
+    listed = ask(fresh, None, "ls", prefix="")["entries"]
+    assert {"team/sub2/c", "team/sub3/z"} <= {e["name"] for e in listed}
+    moves = [e for e in ask(fresh, None, "audit")["entries"] if e["op"] == "mv"]
+    assert [(e["identity"], e["prefix"], e["dest"], e["moved"]) for e in moves][-2:] == [
+        ("writer", "team/sub/", "team/sub2/", 1),
+        ("sadmin", "other/sub/", "team/sub3/", 1),
+    ]
+
+
 def test_listings_and_counts_show_only_what_the_identity_may_read(fresh):
     def names(key, **fields):
         return [e["name"] for e in ask(fresh, key, "ls", **fields)["entries"]]

@@ -310,6 +310,7 @@ GOOD = {
     "mtimes": [1.0],
     "commits": ["c-1"],
     "prefix": "p/",
+    "dest": "q/",
     "role": "read",
     "access_key": "AKEXAMPLE",
 }

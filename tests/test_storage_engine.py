@@ -144,6 +144,25 @@ def test_commit_checks_the_file_digest_against_its_chunk_list(store):
     assert made.size == len(data) and made.digest_kind == p.DIGEST_TREE
 
 
+def test_inline_content_with_pages_is_refused_alone_in_its_group(store):
+    """A commit that sends a small file's content inline but lists pages instead of its chunk
+    is a bad request of its own: the other commits applied with it in the group stand (it
+    was a TypeError that failed the whole group as an internal error)."""
+    from fms.storage.model import Version
+
+    extents = ((CHUNK, 4),)
+    blob = h(b"tiny")
+    page_id = h(blob)
+    paged = NewVersion(
+        "paged", extents, p.tree_digest(extents, (page_id,)), 1700000000.0, "c1", pages=(page_id,)
+    )
+    good = new_version("good", b"fine", commit="c2")
+    results = store.apply([(paged, b"tiny"), (good, b"fine")])
+    assert isinstance(results[0], BadRequest) and "inline" in str(results[0])
+    assert isinstance(results[1], Version)
+    assert store.version("good").size == 4
+
+
 def test_commit_refuses_bad_shapes(store):
     from dataclasses import replace
 

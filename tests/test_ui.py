@@ -88,6 +88,9 @@ def test_an_interrupted_put_r_counts_the_files_it_committed(make_cluster, tmp_pa
         stdout=subprocess.DEVNULL,
         stderr=slave,
         stdin=subprocess.DEVNULL,
+        # As from a terminal: a suite started in the background (or its xdist workers) hands
+        # its children SIGINT ignored, and Python then never raises KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     os.close(slave)
     drawn = b""
@@ -254,3 +257,15 @@ def test_every_command_has_help_with_an_example(command):
         [sys.executable, "-m", "fms", command, "--help"], cwd=ROOT, capture_output=True, timeout=30
     )
     assert helped.returncode == 0 and b"examples:" in helped.stdout
+
+
+def test_put_stream_without_a_progress_callback(cluster):
+    """``upload.put_stream`` takes ``report=None``: a stream of one chunk that is too large to
+    travel with its commit goes in chunks, and nothing calls the missing callback."""
+    from fms.client import upload
+
+    data = random_bytes(p.INLINE_MAX + 1)
+    with cluster.client() as c:
+        stat = upload.put_stream(c.session, io.BytesIO(data), "stream/one", c.chunk_size)
+        assert stat["size"] == len(data)
+        assert c.get_bytes("stream/one") == data

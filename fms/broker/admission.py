@@ -109,11 +109,11 @@ def expected_reply(op: str, header: dict, size: int, seen: int = 0, bound: int =
 
 
 # Ops whose work grows with the store rather than with what they carry: a fsck page, a
-# collection, a count under a prefix, the totals, a removal page, a listing that descends into
-# sub-folders.  They take turns: at most HEAVY_PER_CLIENT of a client's and HEAVY_TOTAL of all
-# clients' are held at once; past that they are answered `busy` (retried with backoff), so a
-# flood of them leaves the workers' credit to everyone else.
-HEAVY_OPS = frozenset({"fsck", "gc", "du", "usage", "rm_prefix"})
+# collection, a count under a prefix, the totals, a removal page, a folder rename, a listing
+# that descends into sub-folders.  They take turns: at most HEAVY_PER_CLIENT of a client's and
+# HEAVY_TOTAL of all clients' are held at once; past that they are answered `busy` (retried
+# with backoff), so a flood of them leaves the workers' credit to everyone else.
+HEAVY_OPS = frozenset({"fsck", "gc", "du", "usage", "rm_prefix", "mv_prefix"})
 HEAVY_PER_CLIENT = 2
 HEAVY_TOTAL = 8
 

@@ -58,7 +58,7 @@ class Core:
         transport: Transport,
         store: str | None = None,
         metrics: BrokerMetrics | None = None,
-        on_keys=None,
+        on_keys: Callable[[frozenset[str]], None] | None = None,
     ) -> None:
         self.transport = transport
         self.metrics = metrics or BrokerMetrics()
@@ -264,7 +264,7 @@ class Core:
             elif kind == "hb":
                 self.registry.note_stats(worker, route.get("st"))
             elif kind == "policy" and worker.service == p.STORAGE:
-                if self.keys.offer(route, frames[1:]):
+                if self.keys.offer(route, frames[1:]) and self.keys.frames is not None:
                     self.dispatcher.to_all_but(ident, self.keys.frames)
             elif kind == "bye":
                 self.dispatcher.worker_lost(ident, "said bye")

@@ -12,6 +12,7 @@ its ``welcome``, which says (``pol``) that this broker passes them on.
 
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
@@ -19,6 +20,11 @@ from .. import wire as p
 from ..errors import BadRequest
 from ..policy import Policy
 from . import headers as h
+
+if TYPE_CHECKING:
+    import zmq
+
+    from ..wire import Sendable
 
 log = logging.getLogger("fms.broker")
 
@@ -30,12 +36,12 @@ class StoreKeys:
         a newer snapshot arrives.
     """
 
-    def __init__(self, on_keys: Callable[[frozenset], None] | None = None) -> None:
+    def __init__(self, on_keys: Callable[[frozenset[str]], None] | None = None) -> None:
         self.epoch = -1
-        self.frames: list | None = None  # [route, data] to pass on, once one arrived
+        self.frames: list[Sendable] | None = None  # [route, data] to pass on, once one arrived
         self.on_keys = on_keys
 
-    def offer(self, route: dict, body: list) -> bool:
+    def offer(self, route: dict[str, Any], body: "list[zmq.Frame]") -> bool:
         """A ``policy`` route and its data frame from a storage worker.  :return: it is newer
         than the one kept (then kept, and its keys let in).  :raises BadRequest: malformed."""
         epoch = route.get("e")

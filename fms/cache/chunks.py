@@ -29,6 +29,8 @@ import uuid
 import zlib
 
 from .. import wire as p
+from ..limits import BytesLike
+from ..wire.fields import Digest
 from ..wire.frames import read_frame
 from .policy import WTinyLFU
 
@@ -51,17 +53,19 @@ class ChunkCache:
         ``HOT_BYTES_MAX`` and half of ``max_bytes``); 0 reads every hit from disk.
     """
 
-    def __init__(self, path: str, max_bytes: int, memory_bytes: int | None = None):
+    def __init__(self, path: str, max_bytes: int, memory_bytes: int | None = None) -> None:
         self.path = os.path.abspath(path)
         self.max_bytes = max_bytes
-        self.policy = WTinyLFU(max_bytes)
+        self.policy: WTinyLFU[Digest] = WTinyLFU(max_bytes)
         if memory_bytes is None:
             memory_bytes = min(HOT_BYTES_MAX, int(max_bytes * HOT_SHARE))
         self.memory_bytes = memory_bytes
-        self._window = {}  # digest -> data frame: in the window, memory only
-        self._hot = collections.OrderedDict()  # digest -> data frame, main entries, verified
+        # digest -> data frame: in the window, memory only
+        self._window: dict[Digest, bytearray] = {}
+        # digest -> data frame, main entries, verified
+        self._hot: collections.OrderedDict[Digest, bytearray] = collections.OrderedDict()
         self._hot_bytes = 0
-        self._crc = {}  # digest -> CRC-32 of a main (disk) entry
+        self._crc: dict[Digest, int] = {}  # digest -> CRC-32 of a main (disk) entry
         self.corrupt = 0
         self.backlog_refused = 0  # promotions dropped: the disk was behind
         self._tmp = os.path.join(self.path, "tmp")
@@ -73,8 +77,8 @@ class ChunkCache:
         self._writer = _WriteBehind(self._tmp)
         self._load()
 
-    def _load(self):
-        found = []
+    def _load(self) -> None:
+        found: list[tuple[float, Digest, int, int]] = []
         for root, _dirs, names in os.walk(os.path.join(self.path, "chunks")):
             for name in names:
                 full = os.path.join(root, name)
@@ -98,13 +102,13 @@ class ChunkCache:
                     os.unlink(self._path(digest, crc))
         log.info("event=cache_loaded entries=%d bytes=%d", len(self.policy), self.bytes)
 
-    def _path(self, digest: bytes, crc: int | None = None) -> str:
+    def _path(self, digest: Digest, crc: int | None = None) -> str:
         """The file of a disk entry (its CRC-32 is part of the name)."""
         name = digest.hex()
         crc = self._crc[digest] if crc is None else crc
         return os.path.join(self.path, "chunks", name[:2], f"{name}.{crc:08x}")
 
-    def __contains__(self, digest: bytes) -> bool:
+    def __contains__(self, digest: Digest) -> bool:
         return digest in self.policy
 
     def __len__(self) -> int:
@@ -129,7 +133,7 @@ class ChunkCache:
     def refused(self) -> int:
         return self.policy.refused + self.backlog_refused
 
-    def get(self, digest: bytes):
+    def get(self, digest: Digest) -> bytearray | None:
         """A verified chunk as a data frame (bin32 prefix + bytes), or None on a miss.
 
         Every lookup counts towards the chunk's frequency, hit or miss.  A chunk read from
@@ -153,7 +157,7 @@ class ChunkCache:
         self._keep_hot(digest, frame)
         return frame
 
-    def _read(self, digest: bytes):
+    def _read(self, digest: Digest) -> bytearray | None:
         path = self._path(digest)
         try:
             with open(path, "rb", buffering=0) as f:
@@ -169,7 +173,7 @@ class ChunkCache:
             return None
         return frame
 
-    def _keep_hot(self, digest: bytes, frame):
+    def _keep_hot(self, digest: Digest, frame: bytearray) -> None:
         size = len(frame)
         if size > self.memory_bytes:
             return
@@ -179,7 +183,7 @@ class ChunkCache:
             _, old = self._hot.popitem(last=False)
             self._hot_bytes -= len(old)
 
-    def put(self, digest: bytes, payload, counted: bool = True) -> bool:
+    def put(self, digest: Digest, payload: BytesLike, counted: bool = True) -> bool:
         """Offer a chunk the caller has verified against ``digest`` to the policy.
 
         :param counted: whether the lookup that missed it went through :meth:`get` (else it is
@@ -198,7 +202,7 @@ class ChunkCache:
             self._forget_data(key)
         return digest in self.policy
 
-    def _to_disk(self, digest: bytes, frame):
+    def _to_disk(self, digest: Digest, frame: bytearray) -> None:
         if self._writer.backlog + len(frame) > WRITE_BEHIND_MAX:
             self.backlog_refused += 1
             self.policy.remove(digest)
@@ -207,12 +211,12 @@ class ChunkCache:
         self._crc[digest] = crc
         self._writer.write(digest, frame, self._path(digest, crc))
 
-    def drop(self, digest: bytes, forget: bool = False):
+    def drop(self, digest: Digest, forget: bool = False) -> None:
         """Take a chunk out (bit rot, a dead version); ``forget`` also clears its count."""
         self.policy.remove(digest, forget=forget)
         self._forget_data(digest)
 
-    def _forget_data(self, digest: bytes):
+    def _forget_data(self, digest: Digest) -> None:
         self._window.pop(digest, None)
         hot = self._hot.pop(digest, None)
         if hot is not None:
@@ -221,11 +225,11 @@ class ChunkCache:
         if crc is not None:
             self._writer.delete(digest, self._path(digest, crc))
 
-    def flush(self):
+    def flush(self) -> None:
         """Wait until every write and delete handed to the disk is done (tests, shutdown)."""
         self._writer.flush()
 
-    def close(self):
+    def close(self) -> None:
         self._writer.close()
 
 
@@ -236,38 +240,39 @@ class _WriteBehind:
     fails its CRC on read and is refetched.
     """
 
-    def __init__(self, tmp_dir: str):
+    def __init__(self, tmp_dir: str) -> None:
         self._tmp = tmp_dir
-        self._queue = queue.Queue()
-        self._pending = {}  # digest -> frame being written
+        # (digest, frame to write or None to delete, path); None stops the thread
+        self._queue: queue.Queue[tuple[Digest, bytearray | None, str] | None] = queue.Queue()
+        self._pending: dict[Digest, bytearray] = {}  # digest -> frame being written
         self._lock = threading.Lock()
         self.backlog = 0  # bytes queued
         self._thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
         self._thread.start()
 
-    def pending(self, digest: bytes):
+    def pending(self, digest: Digest) -> bytearray | None:
         with self._lock:
             return self._pending.get(digest)
 
-    def write(self, digest: bytes, frame, path: str):
+    def write(self, digest: Digest, frame: bytearray, path: str) -> None:
         with self._lock:
             self._pending[digest] = frame
             self.backlog += len(frame)
         self._queue.put((digest, frame, path))
 
-    def delete(self, digest: bytes, path: str):
+    def delete(self, digest: Digest, path: str) -> None:
         with self._lock:
             self._pending.pop(digest, None)
         self._queue.put((digest, None, path))
 
-    def flush(self):
+    def flush(self) -> None:
         self._queue.join()
 
-    def close(self):
+    def close(self) -> None:
         self._queue.put(None)
         self._thread.join()
 
-    def _run(self):
+    def _run(self) -> None:
         while True:
             job = self._queue.get()
             try:
@@ -282,7 +287,7 @@ class _WriteBehind:
             finally:
                 self._queue.task_done()
 
-    def _write(self, digest: bytes, frame, path: str):
+    def _write(self, digest: Digest, frame: bytearray, path: str) -> None:
         tmp = os.path.join(self._tmp, uuid.uuid4().hex)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)

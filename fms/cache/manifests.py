@@ -8,6 +8,7 @@ that arrived after the invalidation.
 """
 
 import collections
+from typing import Any
 
 from .policy import WTinyLFU
 
@@ -15,7 +16,7 @@ MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # manifests kept in memory, by their esti
 MANIFEST_OVERHEAD = 256  # bytes a manifest weighs besides its name and chunks
 
 
-def weight(name: str, manifest: dict) -> int:
+def weight(name: str, manifest: dict[str, Any]) -> int:
     """About what a manifest holds in memory: its name, its short chunk list or its pages'
     ids, its metadata, the rest (at most a few KiB: a long list is not in a manifest)."""
     listed = len(manifest.get("chunks") or ()) + len(manifest.get("pages") or ())
@@ -35,23 +36,28 @@ class ManifestCache:
     :param max_bytes: bound on the manifests' weight.
     """
 
-    def __init__(self, max_bytes: int = MAX_MANIFEST_BYTES):
-        self.policy = WTinyLFU(max_bytes, expected_entries=max_bytes // MANIFEST_OVERHEAD)
-        self._entries = {}  # name -> manifest
-        self._refs = collections.Counter()  # chunk digest -> cached manifests listing it
+    def __init__(self, max_bytes: int = MAX_MANIFEST_BYTES) -> None:
+        self.policy: WTinyLFU[str] = WTinyLFU(
+            max_bytes, expected_entries=max_bytes // MANIFEST_OVERHEAD
+        )
+        self._entries: dict[str, dict[str, Any]] = {}  # name -> manifest
+        # chunk digest -> cached manifests listing it
+        self._refs: collections.Counter[bytes] = collections.Counter()
         self._clock = 0
-        self._invalidated_at = {}  # name -> clock of its latest invalidation
+        self._invalidated_at: dict[str, int] = {}  # name -> clock of its latest invalidation
+        # folder (ending in '/') -> clock of its latest invalidation
+        self._folders_at: dict[str, int] = {}
         self._cleared_at = 0  # clock of the latest invalidate_all
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, name: str):
+    def lookup(self, name: str) -> dict[str, Any] | None:
         """The cached manifest of ``name`` or None; counts towards the name's frequency."""
         self.policy.access(name)
         return self._entries.get(name)
 
-    def peek(self, name: str):
+    def peek(self, name: str) -> dict[str, Any] | None:
         """The cached manifest of ``name`` or None, without counting it as a read."""
         return self._entries.get(name)
 
@@ -65,9 +71,15 @@ class ManifestCache:
 
     def fresh(self, name: str, token: int) -> bool:
         """True if no invalidation of ``name`` happened since the fetch that holds ``token``."""
-        return self._invalidated_at.get(name, 0) <= token and self._cleared_at <= token
+        return (
+            self._invalidated_at.get(name, 0) <= token
+            and self._cleared_at <= token
+            and not any(
+                at > token and name.startswith(folder) for folder, at in self._folders_at.items()
+            )
+        )
 
-    def fill(self, name: str, manifest: dict, token: int) -> bool:
+    def fill(self, name: str, manifest: dict[str, Any], token: int) -> bool:
         """Store a fetched manifest unless it is stale.  :return: whether it was stored."""
         if not self.fresh(name, token):
             return False
@@ -79,7 +91,7 @@ class ManifestCache:
             self._drop(old)
         return name in self._entries
 
-    def _drop(self, name: str):
+    def _drop(self, name: str) -> dict[str, Any] | None:
         manifest = self._entries.pop(name, None)
         if manifest is not None:
             self._refs.subtract(manifest.get("chunks") or ())
@@ -88,7 +100,7 @@ class ManifestCache:
                     del self._refs[digest]
         return manifest
 
-    def invalidate(self, name: str):
+    def invalidate(self, name: str) -> dict[str, Any] | None:
         """Forget ``name``: its manifest, and its popularity.
 
         :return: the dropped manifest, or None.
@@ -98,7 +110,19 @@ class ManifestCache:
         self.policy.remove(name, forget=True)
         return self._drop(name)
 
-    def invalidate_all(self):
+    def invalidate_folder(self, folder: str) -> list[dict[str, Any] | None]:
+        """Forget every name under ``folder`` (ending in ``/``: a folder was renamed), and
+        refuse fills of them that started before now.  A scan of the cached names: folders
+        are renamed far less often than names are read.  :return: the dropped manifests."""
+        self._clock += 1
+        self._folders_at[folder] = self._clock
+        dropped = []
+        for name in [n for n in self._entries if n.startswith(folder)]:
+            self.policy.remove(name, forget=True)
+            dropped.append(self._drop(name))
+        return dropped
+
+    def invalidate_all(self) -> None:
         self._clock += 1
         self._cleared_at = self._clock
         for name in list(self._entries):
@@ -106,15 +130,18 @@ class ManifestCache:
         self._entries.clear()
         self._refs.clear()
         self._invalidated_at.clear()  # cleared_at now dominates every older entry
+        self._folders_at.clear()
 
-    def forget_before(self, oldest_token):
+    def forget_before(self, oldest_token: int | None) -> None:
         """Drop invalidation records no pending fetch can be compared with any more.
 
         :param oldest_token: the token of the oldest pending fetch, or None if none is pending.
         """
         if oldest_token is None:
             self._invalidated_at.clear()
+            self._folders_at.clear()
         else:
             self._invalidated_at = {
                 n: c for n, c in self._invalidated_at.items() if c > oldest_token
             }
+            self._folders_at = {f: c for f, c in self._folders_at.items() if c > oldest_token}

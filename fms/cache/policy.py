@@ -24,6 +24,8 @@ W-TinyLFU and Belady on the issue's traces.
 
 import collections
 import zlib
+from collections.abc import Hashable
+from typing import Generic, TypeVar
 
 WINDOW_SHARE = 0.01  # of the bytes: the admission window (Caffeine's default)...
 WINDOW_BYTES_MAX = 16 * 1024 * 1024  # ...and at most this: the window lives in memory
@@ -37,6 +39,8 @@ _SEEDS = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB8
 _M64 = (1 << 64) - 1
 _HALVE = bytes(i >> 1 for i in range(256))
 
+K = TypeVar("K", bound=Hashable)  # what a policy keeps: chunk digests, file names
+
 
 class FrequencySketch:
     """Approximate access counts (count-min, saturating at ``COUNTER_MAX``), aged by halving.
@@ -44,7 +48,7 @@ class FrequencySketch:
     :param width: counters per row; rounded up to a power of two.
     """
 
-    def __init__(self, width: int):
+    def __init__(self, width: int) -> None:
         width = max(MIN_WIDTH, min(MAX_WIDTH, 1 << max(0, width - 1).bit_length()))
         self.width = width
         self._shift = 64 - width.bit_length() + 1
@@ -52,7 +56,7 @@ class FrequencySketch:
         self._additions = 0
         self._reset_at = RESET_FACTOR * width
 
-    def _slots(self, key):
+    def _slots(self, key: Hashable) -> list[int]:
         h = _stable_hash(key)
         shift, width = self._shift, self.width
         return [
@@ -60,7 +64,7 @@ class FrequencySketch:
             for row, seed in enumerate(_SEEDS)
         ]
 
-    def increment(self, key):
+    def increment(self, key: Hashable) -> None:
         table = self._table
         for slot in self._slots(key):
             if table[slot] < COUNTER_MAX:
@@ -70,11 +74,11 @@ class FrequencySketch:
             self._table = bytearray(self._table.translate(_HALVE))
             self._additions //= 2
 
-    def frequency(self, key) -> int:
+    def frequency(self, key: Hashable) -> int:
         table = self._table
         return min(table[slot] for slot in self._slots(key))
 
-    def forget(self, key):
+    def forget(self, key: Hashable) -> None:
         """Take ``key``'s estimate out of its counters (a dead version must not keep its
         popularity); keys sharing a counter lose at most what they shared."""
         table = self._table
@@ -84,7 +88,7 @@ class FrequencySketch:
             table[slot] -= estimate
 
 
-def _stable_hash(key) -> int:
+def _stable_hash(key: Hashable) -> int:
     """A hash of ``key`` that is the same in every process (Python's ``hash`` of str and bytes
     is salted per process, which would make admissions, and so hit ratios, differ run to run):
     a digest's own first 8 bytes, a name's CRC-32, else ``hash`` (ints and tuples of them are
@@ -96,7 +100,7 @@ def _stable_hash(key) -> int:
     return hash(key) & _M64
 
 
-class WTinyLFU:
+class WTinyLFU(Generic[K]):
     """Which keys to keep within ``capacity`` bytes.  Keys are opaque and hashable.
 
     The caller reports every lookup with :meth:`access` and every fill with :meth:`insert`, and
@@ -106,20 +110,21 @@ class WTinyLFU:
     :param expected_entries: sizes the sketch (default: one per 4 KiB of capacity).
     """
 
-    def __init__(self, capacity: int, expected_entries: int | None = None):
+    def __init__(self, capacity: int, expected_entries: int | None = None) -> None:
         self.capacity = capacity
         self.window_max = max(1, min(int(capacity * WINDOW_SHARE), WINDOW_BYTES_MAX))
         self.main_max = capacity - self.window_max
         self.protected_max = int(self.main_max * PROTECTED_SHARE)
         self.sketch = FrequencySketch(expected_entries or capacity // 4096)
-        self._window = collections.OrderedDict()  # key -> size, least recent first
-        self._probation = collections.OrderedDict()
-        self._protected = collections.OrderedDict()
+        # key -> size, least recent first
+        self._window: collections.OrderedDict[K, int] = collections.OrderedDict()
+        self._probation: collections.OrderedDict[K, int] = collections.OrderedDict()
+        self._protected: collections.OrderedDict[K, int] = collections.OrderedDict()
         self.window_bytes = self.probation_bytes = self.protected_bytes = 0
         self.evictions = 0  # entries taken out of the main part for others
         self.refused = 0  # candidates the main part would not take (incl. too large)
 
-    def __contains__(self, key) -> bool:
+    def __contains__(self, key: object) -> bool:
         return key in self._window or key in self._probation or key in self._protected
 
     def __len__(self) -> int:
@@ -129,10 +134,10 @@ class WTinyLFU:
     def bytes(self) -> int:
         return self.window_bytes + self.probation_bytes + self.protected_bytes
 
-    def in_window(self, key) -> bool:
+    def in_window(self, key: K) -> bool:
         return key in self._window
 
-    def access(self, key) -> list:
+    def access(self, key: K) -> list[K]:
         """Count a lookup of ``key`` (hit or miss) and refresh it if resident.
 
         :return: keys a promotion pushed out (none: a promotion only moves keys between
@@ -155,7 +160,7 @@ class WTinyLFU:
                 self.probation_bytes += old_size
         return []
 
-    def insert(self, key, size: int) -> tuple[list, list]:
+    def insert(self, key: K, size: int) -> tuple[list[K], list[K]]:
         """Add a filled ``key`` of ``size`` bytes (its lookup was counted by :meth:`access`).
 
         :return: ``(dropped, promoted)``: keys no longer resident (victims, refused
@@ -169,7 +174,8 @@ class WTinyLFU:
             return [key], []
         self._window[key] = size
         self.window_bytes += size
-        dropped, promoted = [], []
+        dropped: list[K] = []
+        promoted: list[K] = []
         while self.window_bytes > self.window_max and self._window:
             cand, cand_size = self._window.popitem(last=False)
             self.window_bytes -= cand_size
@@ -179,7 +185,7 @@ class WTinyLFU:
                 dropped.append(cand)
         return dropped, promoted
 
-    def _admit(self, cand, size: int, dropped: list) -> bool:
+    def _admit(self, cand: K, size: int, dropped: list[K]) -> bool:
         """Make room for ``cand`` in the main part if it is read more than each victim."""
         freq = None
         while self.probation_bytes + self.protected_bytes + size > self.main_max:
@@ -197,7 +203,7 @@ class WTinyLFU:
         self.probation_bytes += size
         return True
 
-    def restore(self, key, size: int) -> bool:
+    def restore(self, key: K, size: int) -> bool:
         """Put back an entry kept from an earlier run (into the main part), if there is room."""
         if key in self or self.probation_bytes + self.protected_bytes + size > self.main_max:
             return False
@@ -205,7 +211,7 @@ class WTinyLFU:
         self.probation_bytes += size
         return True
 
-    def _remove_main(self, key) -> bool:
+    def _remove_main(self, key: K) -> bool:
         size = self._probation.pop(key, None)
         if size is not None:
             self.probation_bytes -= size
@@ -216,7 +222,7 @@ class WTinyLFU:
             return True
         return False
 
-    def remove(self, key, forget: bool = False):
+    def remove(self, key: K, forget: bool = False) -> None:
         """Take ``key`` out (its content is gone or dead); ``forget`` also clears its count."""
         size = self._window.pop(key, None)
         if size is not None:

@@ -29,10 +29,15 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+import zmq
 
 from .. import policy
 from .. import wire as p
 from ..errors import BadRequest, Forbidden, Unavailable
+from ..policy import Identity, Policy
+from ..worker import Link
 from .chunks import ChunkCache
 from .manifests import ManifestCache
 
@@ -42,15 +47,21 @@ FETCH_TIMEOUT = 8.0
 
 log = logging.getLogger("fms.cache")
 
+# A hit: a manifest and, for a small file, the data frame of its content (None: not inline).
+Hit: TypeAlias = tuple[dict[str, Any], bytearray | None]
+# Who waits for a fetch: the request's route and its id.
+Waiter: TypeAlias = tuple[dict[str, Any], int | str]
+
 
 @dataclass
 class Fetch:
     kind: str  # "get", "chunk", "page" or "get_many"
-    key: object  # the name, the chunk digest, or the tuple of names missed
+    key: str | p.Digest | tuple[str, ...]  # the name, the digest, or the names missed
     token: int  # ManifestCache clock when the fetch started
     started: float
-    waiters: list = field(default_factory=list)  # (route, request id)
-    found: list = None  # get_many: per name asked, (manifest, payload) of a hit or None
+    waiters: list[Waiter] = field(default_factory=list)
+    # get_many: per name asked, its hit (or the refusal of its name to the identity asking)
+    found: list[Hit | Forbidden | None] = field(default_factory=list)
 
 
 class CacheService:
@@ -66,10 +77,10 @@ class CacheService:
     def __init__(
         self,
         chunks: ChunkCache,
-        link,
+        link: Link,
         manifests: ManifestCache | None = None,
         max_file: int | None = None,
-    ):
+    ) -> None:
         self.chunks = chunks
         self.manifests = manifests or ManifestCache()
         self.link = link
@@ -80,13 +91,18 @@ class CacheService:
         self.fetches = 0
         self.hash = None  # the store's digest function's helper, once the broker has said it
         self._ids = itertools.count(1)
-        self._fetches = {}  # fetch id -> Fetch
-        self._open = {}  # (kind, key) -> fetch id of the newest fetch for that key
-        self.policy = None  # the store's access snapshot (fms.policy.Policy), once sent
+        self._fetches: dict[int, Fetch] = {}  # fetch id -> Fetch
+        # (kind, key) -> fetch id of the newest fetch for that key
+        self._open: dict[tuple[str, str | p.Digest], int] = {}
+        self.policy: Policy | None = (
+            None  # the store's access snapshot (fms.policy.Policy), once sent
+        )
 
     # --- requests from clients ---
 
-    def handle_request(self, route: dict, header: dict, data):
+    def handle_request(
+        self, route: dict[str, Any], header: dict[str, Any], data: zmq.Frame | None
+    ) -> None:
         op = header.get("op")
         p.check_version(header)
         if op == "get":
@@ -100,12 +116,12 @@ class CacheService:
         else:
             raise BadRequest(f"cache does not serve op {op!r}")
 
-    def on_policy(self, snapshot):
+    def on_policy(self, snapshot: Policy) -> None:
         """The store's access snapshot (from storage, through the broker): the newest wins."""
         if self.policy is None or snapshot.epoch > self.policy.epoch:
             self.policy = snapshot
 
-    def _who(self, route: dict, header: dict):
+    def _who(self, route: dict[str, Any], header: dict[str, Any]) -> Identity:
         """The identity a request comes from (fms.policy), by the key the broker authenticated.
 
         :raises Unavailable: a key, and no snapshot to resolve it in yet.
@@ -119,7 +135,7 @@ class CacheService:
             raise BadRequest("the broker sent a user key that is not a str")
         return self.policy.resolve(key, route.get("l") is True, header.get("as"))
 
-    def _get(self, route, header, who):
+    def _get(self, route: dict[str, Any], header: dict[str, Any], who: Identity) -> None:
         name = p.check_name(p.need(header, "name", str))
         policy.check(who, "get", name)
         hit = self._lookup(name)
@@ -131,9 +147,17 @@ class CacheService:
         self.misses += 1
         self._wait("get", name, route, header["id"])
 
-    def _reply_get(self, route, req_id, header: dict, manifest: dict, frame, outcome: str):
+    def _reply_get(
+        self,
+        route: dict[str, Any],
+        req_id: int | str,
+        header: dict[str, Any],
+        manifest: dict[str, Any],
+        frame: p.BytesLike | None,
+        outcome: str,
+    ) -> None:
         """Answer a get; the route tells the broker how many chunk requests will follow."""
-        fields = {"manifest": manifest}
+        fields: dict[str, Any] = {"manifest": manifest}
         chunks = 0 if _inline(manifest) else manifest["count"]
         if manifest["size"] > self.max_file:
             fields["cache"] = False  # the client reads these chunks from storage
@@ -142,7 +166,7 @@ class CacheService:
             route, {**header, **p.ok_reply(req_id, **fields)}, frame, cache=outcome, chunks=chunks
         )
 
-    def _lookup(self, name: str):
+    def _lookup(self, name: str) -> Hit | None:
         """A hit: ``(manifest, data frame of its content or None)``; None on a miss (no
         manifest, or a small file's content is not cached)."""
         manifest = self.manifests.lookup(name)
@@ -153,7 +177,7 @@ class CacheService:
         frame = self.chunks.get(manifest["chunks"][0])
         return (manifest, frame) if frame is not None else None
 
-    def _get_many(self, route, header, who):
+    def _get_many(self, route: dict[str, Any], header: dict[str, Any], who: Identity) -> None:
         """Many names: the hits from here, all the misses in one storage fetch (not joined with
         other fetches: one round trip per batch)."""
         names = p.need_names(header)
@@ -170,7 +194,7 @@ class CacheService:
             found,
         )
         if not missed:
-            self._answer_batch(fetch, {}, "hit")
+            self._answer_batch(fetch, missed, {}, "hit")
             return
         fetch_id = next(self._ids)
         self._fetches[fetch_id] = fetch
@@ -186,7 +210,7 @@ class CacheService:
             },
         )
 
-    def _lookup_for(self, who, name: str):
+    def _lookup_for(self, who: Identity, name: str) -> Hit | Forbidden | None:
         """:meth:`_lookup`, or the Forbidden refusing ``who`` the name."""
         try:
             policy.check(who, "get_many", name)
@@ -194,7 +218,9 @@ class CacheService:
             return refused
         return self._lookup(name)
 
-    def _chunk(self, route, header, kind: str, who):
+    def _chunk(
+        self, route: dict[str, Any], header: dict[str, Any], kind: str, who: Identity
+    ) -> None:
         """A chunk, or a page of a chunk list (``kind`` ``page``): both are blobs named by their
         digest, kept in the chunk cache alike.  ``fresh`` (a page the client found damaged):
         from storage, whatever is cached."""
@@ -204,7 +230,7 @@ class CacheService:
         size = p.need_int(header, "len", hi=p.MAX_CHUNK_SIZE, optional=True)
         if not who.all and not self._listed(who, header, kind, digest):
             # Its file's manifest (or page) is not here to tell: storage decides, for `who`.
-            where = {k: header[k] for k in ("name", "page", "at") if k in header}
+            where: dict[str, Any] = {k: header[k] for k in ("name", "page", "at") if k in header}
             self._wait(kind, digest, route, header["id"], {**where, "as": who.name}, size)
             return
         fresh = p.need(header, "fresh", bool, optional=True, default=False)
@@ -216,7 +242,7 @@ class CacheService:
         self.misses += 1
         self._wait(kind, digest, route, header["id"], size=size)
 
-    def _listed(self, who, header: dict, kind: str, digest: bytes) -> bool:
+    def _listed(self, who: Identity, header: dict[str, Any], kind: str, digest: bytes) -> bool:
         """Whether ``who`` (who may not read the whole store) reads this chunk or page through
         the file ``name``: it may read the name, and its cached manifest lists it (a short list
         itself; a long one as its body or a page, a chunk by the cached page ``page`` at
@@ -232,7 +258,12 @@ class CacheService:
         if kind == "page":
             return digest == manifest.get("body") or (pages is not None and digest in pages)
         page, at = header.get("page"), header.get("at")
-        if pages is None or page not in pages or not isinstance(at, int):
+        if (
+            pages is None
+            or not isinstance(page, bytes)
+            or page not in pages
+            or not isinstance(at, int)
+        ):
             return False  # a body not kept with the manifest: storage reads it
         frame = self.chunks.get(page)
         if frame is None:
@@ -240,14 +271,23 @@ class CacheService:
         listed = p.unpack_data(frame)[at * p.HASH_LEN : (at + 1) * p.HASH_LEN]
         return bytes(listed) == digest
 
-    def _wait(self, kind, key, route, req_id, extra=None, size: int | None = None):
+    def _wait(
+        self,
+        kind: str,
+        key: str | p.Digest,
+        route: dict[str, Any],
+        req_id: int | str,
+        extra: dict[str, Any] | None = None,
+        size: int | None = None,
+    ) -> None:
         """Join the open fetch for this key if it is still fresh, else start one; ``extra``
         fields (a fetch made for one identity) make a fetch of its own, joined by none.
         ``size``: a chunk's length as the client gave it, sent along on the fetch (storage
         reads a blob from a backend far away side by side with the others)."""
         fetch_id = self._open.get((kind, key)) if extra is None else None
-        fetch = self._fetches.get(fetch_id)
-        if fetch is None or (kind == "get" and not self.manifests.fresh(key, fetch.token)):
+        fetch = self._fetches.get(fetch_id) if fetch_id is not None else None
+        # a get (its key is a name) joins a fetch only while no invalidation came since
+        if fetch is None or (isinstance(key, str) and not self.manifests.fresh(key, fetch.token)):
             fetch_id = next(self._ids)
             fetch = Fetch(kind, key, self.manifests.begin_fetch(), time.monotonic())
             self._fetches[fetch_id] = fetch
@@ -272,8 +312,9 @@ class CacheService:
 
     # --- storage pushes the data back ---
 
-    def handle_reply(self, header: dict, data):
-        fetch = self._close(header.get("id"))
+    def handle_reply(self, header: dict[str, Any], data: zmq.Frame | None) -> None:
+        fetch_id = header.get("id")
+        fetch = self._close(fetch_id) if isinstance(fetch_id, int) else None
         if fetch is None:
             return  # timed out already; its waiters were answered
         if header.get("ok") is not True:
@@ -284,62 +325,74 @@ class CacheService:
             else:
                 self._fail(fetch, "internal", "storage sent something that is not a reply; retry")
             return
-        if fetch.kind == "get_many":
-            self._fill_batch(fetch, header, data)
+        key = fetch.key
+        if isinstance(key, tuple):  # a get_many: the names it missed
+            self._fill_batch(fetch, key, header, data)
             return
+        to_cache: tuple[p.Digest, memoryview] | None
         try:
             payload = p.unpack_data(data.buffer) if data is not None else None
-            if fetch.kind in ("chunk", "page"):
-                chunk = self._check_chunk(fetch, payload)
-            else:
-                chunk = self._fill_manifest(fetch, header, payload)
+            if isinstance(key, bytes):  # a chunk or a page, by its digest
+                to_cache = self._check_chunk(key, payload)
+            else:  # a get, by its name
+                to_cache = self._fill_manifest(key, fetch.token, header, payload)
         except BadRequest as exc:
             self._fail(fetch, "integrity", f"storage sent a bad reply: {exc}")
             return
         self._answer(fetch, header, data)
-        if chunk is not None:
+        if to_cache is not None:
             # Verified already; written after the answers, so the disk write is not on their
             # path (the reply frames are not touched by it).  A chunk's miss was counted by its
             # lookup; a small file's content is counted here (its manifest missed).
-            self.chunks.put(chunk, payload, counted=fetch.kind == "chunk")
+            self.chunks.put(*to_cache, counted=fetch.kind == "chunk")
 
-    def _check_chunk(self, fetch, payload) -> bytes:
-        """:return: the digest to cache ``payload`` under, once it matches."""
+    def _check_chunk(
+        self, digest: p.Digest, payload: memoryview | None
+    ) -> tuple[p.Digest, memoryview]:
+        """:return: the digest to cache ``payload`` under, and ``payload``, once they match."""
         if self.hash is None:  # the broker names it before any storage reply can come
             raise BadRequest("the store's digest function is not known yet")
-        if payload is None or self.hash(payload) != fetch.key:
-            raise BadRequest(f"chunk {fetch.key.hex()[:16]} does not match its digest")
-        return fetch.key
+        if payload is None or self.hash(payload) != digest:
+            raise BadRequest(f"chunk {digest.hex()[:16]} does not match its digest")
+        return digest, payload
 
-    def _fill_manifest(self, fetch, header, payload):
-        """Store a fetched manifest if still fresh.
+    def _fill_manifest(
+        self, name: str, token: int, header: dict[str, Any], payload: memoryview | None
+    ) -> tuple[p.Digest, memoryview] | None:
+        """Store a fetched manifest of ``name`` if still fresh.
 
-        :return: the digest to cache the inline content under, or None.
+        :return: the digest to cache the inline content under, and the content, or None.
         """
         manifest = p.check_manifest(p.need(header, "manifest", dict))
-        if manifest["name"] != fetch.key:
+        if manifest["name"] != name:
             raise BadRequest("manifest is for another name")
         inline = None
         if _inline(manifest):
-            if not p.inline_ok(manifest, payload):
+            if payload is None or not p.inline_ok(manifest, payload):
                 raise BadRequest("inline content does not match its digest")
-            inline = manifest["chunks"][0]
-        if not self.manifests.fill(fetch.key, manifest, fetch.token):
-            log.debug("event=stale_fill_dropped name=%r", fetch.key)
+            inline = manifest["chunks"][0], payload
+        if not self.manifests.fill(name, manifest, token):
+            log.debug("event=stale_fill_dropped name=%r", name)
         return inline
 
-    def _fill_batch(self, fetch, header, data):
-        """Storage's answer to a batch of misses: verify and fill what came, answer the waiter
-        with the hits and these, then cache the content (off the answer's path)."""
+    def _fill_batch(
+        self,
+        fetch: Fetch,
+        names: tuple[str, ...],
+        header: dict[str, Any],
+        data: zmq.Frame | None,
+    ) -> None:
+        """Storage's answer to a batch of misses (``names``): verify and fill what came, answer
+        the waiter with the hits and these, then cache the content (off the answer's path)."""
         try:
-            results = p.read_batch(
-                header, data.buffer if data is not None else None, list(fetch.key)
-            )
+            results = p.read_batch(header, data.buffer if data is not None else None, list(names))
         except BadRequest as exc:
             self._fail(fetch, "integrity", f"storage sent a bad reply: {exc}")
             return
-        fetched, verified = {}, []
-        for name, (result, payload) in zip(fetch.key, results, strict=False):
+        # name -> (manifest, verified inline content or None), or its error result
+        fetched: dict[str, tuple[dict[str, Any], memoryview | None] | dict[str, Any]] = {}
+        verified: list[tuple[p.Digest, memoryview]] = []
+        for name, (result, payload) in zip(names, results, strict=False):
             if "error" in result:
                 fetched[name] = result
                 continue
@@ -351,17 +404,23 @@ class CacheService:
             if not self.manifests.fill(name, manifest, fetch.token):
                 log.debug("event=stale_fill_dropped name=%r", name)
             fetched[name] = (manifest, payload)
-        self._answer_batch(fetch, fetched, "miss")
+        self._answer_batch(fetch, names, fetched, "miss")
         for digest, payload in verified:
             self.chunks.put(digest, payload, counted=False)
 
-    def _answer_batch(self, fetch, fetched: dict, cache: str):
+    def _answer_batch(
+        self,
+        fetch: Fetch,
+        missed: tuple[str, ...],
+        fetched: dict[str, tuple[dict[str, Any], memoryview | None] | dict[str, Any]],
+        cache: str,
+    ) -> None:
         """Answer a get_many: each name from ``fetch.found`` (a hit) or ``fetched`` (storage's
-        ``(manifest, payload)`` or error result), in the order asked."""
+        ``(manifest, payload)`` or error result for each name ``missed``), in the order asked."""
         route, req_id = fetch.waiters[0]
         if self._expired(route, req_id, cache):
             return
-        batch, missed = p.BatchReply(), iter(fetch.key)
+        batch, rest = p.BatchReply(), iter(missed)
         for hit in fetch.found:
             if isinstance(hit, Forbidden):
                 batch.error(hit.code, str(hit))
@@ -370,7 +429,7 @@ class CacheService:
                 manifest, frame = hit
                 batch.manifest(manifest, p.unpack_data(frame) if frame is not None else None)
                 continue
-            got = fetched[next(missed)]
+            got = fetched[next(rest)]
             if isinstance(got, dict):
                 batch.error(str(got["error"]), str(got.get("message", "")))
             else:
@@ -385,10 +444,10 @@ class CacheService:
             p.ok_reply(req_id, results=batch.results),
             batch.frame(),
             cache=cache,
-            batch=(whole, len(fetch.key)),
+            batch=(whole, len(missed)),
         )
 
-    def _expired(self, route, req_id, cache) -> bool:
+    def _expired(self, route: dict[str, Any], req_id: int | str, cache: str) -> bool:
         """If the request's client stopped waiting (fms.worker stamps the deadline), send a short
         answer instead of the data, which the broker still needs to free the request."""
         if route.get("deadline", math.inf) >= time.monotonic():
@@ -400,13 +459,17 @@ class CacheService:
         )
         return True
 
-    def _close(self, fetch_id):
+    def _close(self, fetch_id: int) -> Fetch | None:
         fetch = self._fetches.pop(fetch_id, None)
-        if fetch is not None and self._open.get((fetch.kind, fetch.key)) == fetch_id:
+        if (
+            fetch is not None
+            and not isinstance(fetch.key, tuple)  # a get_many's is never open to join
+            and self._open.get((fetch.kind, fetch.key)) == fetch_id
+        ):
             del self._open[(fetch.kind, fetch.key)]
         return fetch
 
-    def _answer(self, fetch, header, data):
+    def _answer(self, fetch: Fetch, header: dict[str, Any], data: zmq.Frame | None) -> None:
         buf = data.buffer if data is not None else None
         for route, req_id in fetch.waiters:
             if self._expired(route, req_id, "miss"):
@@ -416,45 +479,48 @@ class CacheService:
             else:
                 self.link.reply(route, {**header, "id": req_id}, buf, cache="miss")
 
-    def _fail(self, fetch, code, message):
+    def _fail(self, fetch: Fetch, code: str, message: str) -> None:
         for route, req_id in fetch.waiters:
             self.link.reply(route, p.error_reply(req_id, code, message), cache="miss")
 
     # --- control ---
 
-    def on_invalidate(self, name: str):
-        """``name`` changed: drop its manifest, its popularity, and the chunks of the dead
-        version that no other cached manifest lists (content-addressed chunks are never stale,
-        but these would only take room)."""
-        old = self.manifests.invalidate(name)
-        if old is None:
-            return
-        for digest in old.get("chunks") or ():
-            if digest in self.chunks and not self.manifests.shared(digest):
-                self.chunks.drop(digest, forget=True)
-                self.dropped_chunks += 1
+    def on_invalidate(self, name: str) -> None:
+        """``name`` changed (a name ending in ``/``: every name under that folder): drop its
+        manifest, its popularity, and the chunks of the dead version that no other cached
+        manifest lists (content-addressed chunks are never stale, but these would only take
+        room)."""
+        if name.endswith("/"):  # a folder: every name under it (a folder was renamed)
+            dropped = self.manifests.invalidate_folder(name)
+        else:
+            dropped = [self.manifests.invalidate(name)]
+        for old in dropped:
+            for digest in (old or {}).get("chunks") or ():
+                if digest in self.chunks and not self.manifests.shared(digest):
+                    self.chunks.drop(digest, forget=True)
+                    self.dropped_chunks += 1
 
-    def on_register(self):
+    def on_register(self) -> None:
         # A broker we were cut off from may have acked writes we never heard of.
         self.manifests.invalidate_all()
 
-    def on_store(self, digest_fn: str):
+    def on_store(self, digest_fn: str) -> None:
         """The store's digest function (from the broker's ``welcome``): what storage's replies
         are checked with.  Chunks cached under another store's function stay: a digest of one
         function is never that of other bytes under the other."""
         self.hash = p.hasher(digest_fn)
 
-    def tick(self, now: float):
-        expired = [fid for fid, f in self._fetches.items() if now - f.started > FETCH_TIMEOUT]
-        for fid in expired:
-            fetch = self._close(fid)
+    def tick(self, now: float) -> None:
+        expired = [(fid, f) for fid, f in self._fetches.items() if now - f.started > FETCH_TIMEOUT]
+        for fid, fetch in expired:
+            self._close(fid)
             log.warning("event=fetch_timeout kind=%s waiters=%d", fetch.kind, len(fetch.waiters))
             self._fail(fetch, "unavailable", "storage did not answer the cache in time; retry")
         # Only here, never while a reply is being handled: a fill must be checked against the
         # invalidations that happened while it was in flight before they are forgotten.
         self.manifests.forget_before(min((f.token for f in self._fetches.values()), default=None))
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, int]:
         """This worker's figures.  ``hits`` / ``misses`` count manifest and chunk lookups alike;
         per-GET figures are the broker's (``get_hits`` ... in its status, see fms.metrics)."""
         return {
@@ -475,10 +541,10 @@ class CacheService:
             "pending_fetches": len(self._fetches),
         }
 
-    def beat(self) -> dict:
+    def beat(self) -> dict[str, int]:
         """What the heartbeat tells the broker (for its Prometheus counters)."""
         return {"evictions": self.chunks.evictions, "refused": self.chunks.refused}
 
 
-def _inline(manifest: dict) -> bool:
+def _inline(manifest: dict[str, Any]) -> bool:
     return p.travels_inline(manifest["size"], manifest["count"])

@@ -3,8 +3,13 @@
 
 import json
 import time
+from argparse import Namespace
+from typing import TYPE_CHECKING, Any
 
 from .commands import open_client, shown
+
+if TYPE_CHECKING:
+    from ..client import Client
 
 
 def _public_key(path: str) -> str:
@@ -13,7 +18,7 @@ def _public_key(path: str) -> str:
     return load_public(path).decode()
 
 
-def run(args):
+def run(args: Namespace) -> None:
     """Run ``whoami``, ``id``, ``grant``, ``revoke``, ``purge`` or ``audit``."""
     with open_client(args) as client:
         if args.command == "whoami":
@@ -44,7 +49,7 @@ def run(args):
             _audit(args, client)
 
 
-def _id(args, client):
+def _id(args: Namespace, client: "Client") -> None:
     action = args.id_command
     if action == "ls":
         found = client.id_ls()
@@ -83,7 +88,7 @@ def _id(args, client):
     _print(args, made, text)
 
 
-def _audit(args, client):
+def _audit(args: Namespace, client: "Client") -> None:
     entries = client.audit(args.since or 0.0)
     if args.json:
         print("[", end="")
@@ -107,7 +112,7 @@ def _audit(args, client):
         )
 
 
-def _grants(grants: list) -> str:
+def _grants(grants: list[dict[str, Any]]) -> str:
     if not grants:
         return "no grants"
     return ", ".join(
@@ -115,7 +120,7 @@ def _grants(grants: list) -> str:
     )
 
 
-def _print(args, result, text: str):
+def _print(args: Namespace, result: object, text: str) -> None:
     if args.json:
         print(json.dumps(result, indent=1))
     elif not getattr(args, "quiet", False):

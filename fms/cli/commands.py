@@ -3,24 +3,58 @@ prints, and returns an exit code (None for success).  Commands that change many 
 (``rm``, ``cp -r``, ``mv -r``) are in :mod:`.remote`, ``sync`` in :mod:`.sync`; the local
 paths they read and write are checked by :mod:`.local`."""
 
+from __future__ import annotations
+
 import contextlib
 import datetime
 import json
 import os
 import sys
-from collections.abc import Iterator
+from argparse import Namespace
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, Protocol, TypedDict, TypeVar
 
 from .. import wire as p
 from ..errors import FmsError, NotFound
 from . import local
 from .main import EXIT_ERROR, EXIT_OK
 
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from ..client.api import Client
+    from ..client.download import RemoteFile
+    from ..client.upload import Done
+
 PROGRESS_MIN = 1 * p.MiB  # transfers larger than this get a progress bar on a terminal
 CURVE_ENV = ("FMS_CURVE_SECRET", "FMS_SERVER_KEY")
 
 
+def cmd_mount(args: Namespace) -> int | None:
+    from functools import partial
+
+    from .. import mount
+
+    with open_client(args) as client:  # the options of every client command, for each thread
+        factory = partial(type(client), client.broker, timeout=client.session.timeout)
+        factory = partial(factory, curve=client.session.curve)
+    return mount.run(
+        args.mountpoint,
+        factory,
+        prefix=args.prefix,
+        read_only=args.read_only,
+        daemon=args.daemon,
+        allow_other=args.allow_other,
+        cache_time=args.cache_time,
+        spool=args.spool,
+        spool_bytes=args.spool_size,
+        chunk_size=args.chunk_size,
+        writeback=args.writeback,
+    )
+
+
 @contextlib.contextmanager
-def open_client(args) -> Iterator:
+def open_client(args: Namespace) -> Iterator[Client]:
     """The :class:`fms.Client` a command runs on: the shell's own (``args.shell_client``),
     or a new one, closed at the end."""
     shared = getattr(args, "shell_client", None)
@@ -62,58 +96,60 @@ class _ProgressBars:
     new bar of its chunks moving; for a tree (between ``tree`` and ``close``), one bar of all
     its bytes with the files done beside it, moved as each file is done."""
 
-    def __init__(self):
-        self.bar = None
-        self.key = None  # (name, phase) the bar draws
-        self.files = None  # in a tree: [done, of]
+    def __init__(self) -> None:
+        self.bar: tqdm[NoReturn] | None = None
+        self.key: tuple[str, str] | None = None  # (name, phase) the bar draws
+        self.files: list[int] | None = None  # in a tree: [done, of]
         self.base = 0  # in a tree: the bytes of the files done
 
-    def hashing(self, name: str, done: int, total: int):
+    def hashing(self, name: str, done: int, total: int) -> None:
         if self.files is None:
             self._file((name, "hashing"), done, total, f"{name} (hashing)")
 
-    def __call__(self, name: str, done: int, total: int | None):
-        if self.files is not None:
+    def __call__(self, name: str, done: int, total: int | None) -> None:
+        if self.files is not None and self.bar is not None:
             self.bar.update(self.base + min(done, total or done) - self.bar.n)
             return
         self._file((name, "move"), done, total, name)
         if total is not None and done >= total:
             self.close()
 
-    def _file(self, key: tuple, done: int, total: int | None, desc: str):
+    def _file(self, key: tuple[str, str], done: int, total: int | None, desc: str) -> None:
         if total is not None and total <= PROGRESS_MIN:
             return
-        if self.key != key:
+        bar = self.bar
+        if self.key != key or bar is None:
             # A fresh bar for each phase: a bar reset to 0 keeps its rate and its pace of
             # redrawing, which the hashing set (the upload's bar sat at 0 %, then showed TB/s).
             self.close(keep=False)
-            self.bar = _bar(total, desc, leave=key[1] != "hashing")
+            bar = self.bar = _bar(total, desc, leave=key[1] != "hashing")
             self.key = key
-        self.bar.update(done - self.bar.n)
-        if key[1] == "hashing" and done >= total:
-            self.bar.refresh()  # drawn at 100 % before the upload takes the line
+        bar.update(done - bar.n)
+        if key[1] == "hashing" and total is not None and done >= total:
+            bar.refresh()  # drawn at 100 % before the upload takes the line
 
-    def tree(self, files: int, nbytes: int, verb: str):
+    def tree(self, files: int, nbytes: int, verb: str) -> None:
         """A tree of ``files`` files and ``nbytes`` bytes starts moving."""
         self.close()
         self.bar = _bar(nbytes, verb)
         self.files, self.base = [0, files], 0
         self.bar.set_postfix_str(f"files 0/{files:,}")
 
-    def file_done(self, nbytes: int, done: int):
+    def file_done(self, nbytes: int, done: int) -> None:
         """The tree's ``done``-th file (of ``nbytes`` bytes) is done."""
+        assert self.bar is not None, "tree() comes first"
         self.base += nbytes
         self.bar.update(self.base - self.bar.n)
         self.count(done)
 
-    def count(self, done: int):
+    def count(self, done: int) -> None:
         """Show ``done`` files done (also after a Ctrl-C that struck between a file's end and
         its drawing, so that the bar's last count is the one the command reports)."""
-        if self.files is not None:
+        if self.files is not None and self.bar is not None:
             self.files[0] = done
             self.bar.set_postfix_str(f"files {done:,}/{self.files[1]:,}", refresh=False)
 
-    def close(self, keep: bool = True):
+    def close(self, keep: bool = True) -> None:
         if self.bar is not None:
             if self.files is not None:  # the count as it is now, even if a signal cut in
                 self.bar.set_postfix_str(f"files {self.files[0]:,}/{self.files[1]:,}", False)
@@ -125,7 +161,7 @@ class _ProgressBars:
         self.key = None
 
 
-def _bar(total: int | None, desc: str, leave: bool = True):
+def _bar(total: int | None, desc: str, leave: bool = True) -> tqdm[NoReturn]:
     from tqdm import tqdm
 
     return tqdm(
@@ -139,14 +175,24 @@ def _bar(total: int | None, desc: str, leave: bool = True):
     )
 
 
-def move_tree(client, move, items: list, sizes: list, verb: str) -> list:
+class _Move(Protocol):
+    """``client.put_many`` or ``client.get_many``."""
+
+    def __call__(
+        self, items: Iterable[tuple[str, str]], done: Done | None = None
+    ) -> list[dict[str, Any]]: ...
+
+
+def move_tree(
+    client: Client, move: _Move, items: list[tuple[str, str]], sizes: list[int], verb: str
+) -> list[dict[str, Any]]:
     """``move(items, done=...)`` (``client.put_many`` or ``get_many``), drawing one bar for the
     whole tree when progress is drawn, moved as each file is done.  Interrupted (Ctrl-C), it
     says how many files were done first.  :return: the results, in order."""
     bars = client.progress if isinstance(client.progress, _ProgressBars) else None
-    finished = []
+    finished: list[int] = []
 
-    def done(i: int, _stat):
+    def done(i: int, _stat: dict[str, Any]) -> None:
         finished.append(i)
         if bars is not None and bars.files is not None:
             bars.file_done(sizes[i], len(finished))
@@ -195,19 +241,19 @@ def shown(name: str) -> str:
     return "".join(out)
 
 
-def say(args, text: str) -> None:
+def say(args: Namespace, text: str) -> None:
     if not getattr(args, "quiet", False):
         print(text, file=sys.stderr)
 
 
-def print_result(args, result, text: str) -> None:
+def print_result(args: Namespace, result: object, text: str) -> None:
     if args.json:
         print(json.dumps(result, indent=1))
     else:
         say(args, text)
 
 
-def folder_hint(client, name: str, command: str) -> FmsError | None:
+def folder_hint(client: Client, name: str, command: str) -> FmsError | None:
     """If ``name`` is a folder (names are stored under ``name/``): the error saying so and
     what to run instead; else None."""
     prefix = name.strip("/") + "/"
@@ -234,7 +280,9 @@ def folder_hint(client, name: str, command: str) -> FmsError | None:
 
 
 @contextlib.contextmanager
-def hinting(client, name: str, command: str, errors=NotFound) -> Iterator:
+def hinting(
+    client: Client, name: str, command: str, errors: type[FmsError] = NotFound
+) -> Iterator[None]:
     """An error of the kinds ``errors`` about ``name`` becomes the folder hint when ``name``
     is a folder (a not found; for get, also a local folder in the way of a remote one)."""
     try:
@@ -249,7 +297,7 @@ def hinting(client, name: str, command: str, errors=NotFound) -> Iterator:
 # --- put ---
 
 
-def cmd_put(args) -> int | None:
+def cmd_put(args: Namespace) -> None:
     from .filters import selector
 
     wanted = selector(args.filters)
@@ -257,7 +305,7 @@ def cmd_put(args) -> int | None:
         raise FmsError("--include and --exclude choose files in a tree: give them with put -r")
     items, streams = _put_items(args.local, args.recursive, wanted)
     with open_client(args) as client:
-        results = []
+        results: list[dict[str, Any]] = []
         if items:
             results += move_tree(
                 client, client.put_many, items, [_local_size(path) for path, _ in items], "put"
@@ -281,7 +329,9 @@ def _local_size(path: str) -> int:
         return 0  # put_many says what is wrong with it
 
 
-def _put_items(paths: list, recursive: bool, wanted=None) -> tuple:
+def _put_items(
+    paths: list[str], recursive: bool, wanted: Callable[[str], bool] | None = None
+) -> tuple[list[tuple[str, str]], list[tuple[local.Stream, str]]]:
     """``([(local path, name)], [(Stream, name)])`` for ``put [-r] LOCAL... [NAME]``, as
     ``cp`` reads its arguments: one LOCAL and a NAME: stored as NAME (with -r, NAME is the
     prefix); a NAME ending in '/', or several LOCALs: each goes into that folder under its base
@@ -290,7 +340,8 @@ def _put_items(paths: list, recursive: bool, wanted=None) -> tuple:
     into = dest is not None and (dest.endswith("/") or len(sources) > 1)
     if sources.count(local.STDIN) > 1:
         raise FmsError("stdin ('-') can be read once: give it once")
-    items, streams = [], []
+    items: list[tuple[str, str]] = []
+    streams: list[tuple[local.Stream, str]] = []
     for path in sources:
         kind = local.source(path, recursive)
         base = os.path.basename(os.path.normpath(os.path.abspath(path)))
@@ -299,7 +350,7 @@ def _put_items(paths: list, recursive: bool, wanted=None) -> tuple:
                 raise FmsError(f"put {path} needs the NAME to store it under: put {path} NAME")
             streams.append((kind, f"{dest.strip('/')}/{base}".lstrip("/") if into else dest))
             continue
-        name = f"{dest.strip('/')}/{base}".lstrip("/") if into else dest
+        name = f"{dest.strip('/')}/{base}".lstrip("/") if into and dest is not None else dest
         if kind == "folder":
             items += local.tree(path, name, wanted)
         else:
@@ -310,10 +361,11 @@ def _put_items(paths: list, recursive: bool, wanted=None) -> tuple:
 # --- get and cat ---
 
 
-def cmd_get(args) -> int | None:
+def cmd_get(args: Namespace) -> None:
     with open_client(args) as client:
         if args.recursive:
-            return _get_tree(args, client)
+            _get_tree(args, client)
+            return
         if args.filters:
             raise FmsError("--include and --exclude choose files in a tree: give them with get -r")
         if args.name.endswith("/"):
@@ -322,19 +374,22 @@ def cmd_get(args) -> int | None:
             )
         with hinting(client, args.name, "get", FmsError):
             if args.dest == "-":
-                return _to_stdout(args, client, args.name)
+                _to_stdout(args, client, args.name)
+                return
             dest = local.file_dest(args.dest, args.name)
             if args.no_clobber and local.clobbers(dest):
-                return _skipped(args, args.name, dest)
+                _skipped(args, args.name, dest)
+                return
             if args.range is not None:
-                return _get_range(args, client, args.name, dest)
+                _get_range(args, client, args.name, dest)
+                return
             result = client.get(args.name, dest, args.version_number)
     print_result(
         args, result, f"downloaded {shown(result['name'])} ({human(result['size'])}) to {dest}"
     )
 
 
-def _skipped(args, name: str, dest: str):
+def _skipped(args: Namespace, name: str, dest: str) -> None:
     print_result(
         args,
         {"name": name, "dest": dest, "skipped": True},
@@ -342,7 +397,7 @@ def _skipped(args, name: str, dest: str):
     )
 
 
-def _get_tree(args, client):
+def _get_tree(args: Namespace, client: Client) -> None:
     from .filters import selector
 
     if args.dest is None or args.dest == "-":
@@ -351,7 +406,7 @@ def _get_tree(args, client):
         raise FmsError("--range and --version read one file: give them without -r")
     wanted = selector(args.filters)
     prefix = args.name.strip("/")
-    entries = []
+    entries: list[tuple[dict[str, Any], str]] = []  # (stat, local path)
     for e in client.iter_ls(f"{prefix}/" if prefix else ""):
         rel = e["name"][len(prefix) + 1 if prefix else 0 :]
         if wanted is None or wanted(rel):
@@ -364,13 +419,13 @@ def _get_tree(args, client):
         )
     items = [(e["name"], dest) for e, dest in entries]
     local.check_tree(items)
-    skipped = []
+    skipped: list[str] = []
     if args.no_clobber:
         skipped = [dest for _name, dest in items if local.clobbers(dest)]
         gone = set(skipped)
         entries = [(e, dest) for e, dest in entries if dest not in gone]
         items = [(name, dest) for name, dest in items if dest not in gone]
-    results = []
+    results: list[dict[str, Any]] = []
     if items:
         results = move_tree(
             client, client.get_many, items, [e["size"] for e, _dest in entries], "get"
@@ -390,7 +445,7 @@ def _get_tree(args, client):
 RANGE_PIECE = 1 * p.MiB  # bytes a ranged get reads and writes at a time
 
 
-def _copy_range(src, start: int, end: int | None, out):
+def _copy_range(src: RemoteFile, start: int, end: int | None, out: BinaryIO) -> tuple[int, int]:
     """Bytes ``start`` to ``end`` (None: the end; ``start`` < 0: the last -start bytes, as
     HTTP's suffix range) of the open remote file ``src`` to the stream ``out``; only the
     chunks that hold them are fetched.  :return: (first byte, byte after the last)."""
@@ -408,31 +463,33 @@ def _copy_range(src, start: int, end: int | None, out):
     return start, max(start, end)
 
 
-def _get_range(args, client, name: str, dest: str | None):
+def _get_range(args: Namespace, client: Client, name: str, dest: str | None) -> None:
     """``get NAME [DEST] --range RANGE``: to stdout (``dest`` None) or to a file written whole
     or not at all."""
     from ..client.download import atomic_file
 
     if args.version_number is not None:
         raise FmsError("--range reads the current version: give --version without it")
+    first, last = args.range
     with client.open(name) as src:
         if dest is None:
-            _copy_range(src, *args.range, sys.stdout.buffer)
+            _copy_range(src, first, last, sys.stdout.buffer)
             sys.stdout.buffer.flush()
             return
         with atomic_file(dest, src.manifest) as out:
-            start, end = _copy_range(src, *args.range, out)
+            start, end = _copy_range(src, first, last, out)
     say(args, f"downloaded bytes {start}-{end - 1} of {shown(name)} to {dest}")
 
 
-def _to_stdout(args, client, name: str):
+def _to_stdout(args: Namespace, client: Client, name: str) -> None:
     if args.range is not None:
-        return _get_range(args, client, name, None)
+        _get_range(args, client, name, None)
+        return
     client.get_to(name, sys.stdout.buffer, args.version_number)
     sys.stdout.buffer.flush()
 
 
-def cmd_cat(args) -> int | None:
+def cmd_cat(args: Namespace) -> None:
     if len(args.names) > 1 and (args.range is not None or args.version_number is not None):
         raise FmsError("--range and --version read one file: give one NAME with them")
     with open_client(args) as client:
@@ -446,7 +503,7 @@ def cmd_cat(args) -> int | None:
 # --- listing ---
 
 
-def cmd_ls(args) -> int | None:
+def cmd_ls(args: Namespace) -> None:
     # Printed page by page as they come: a listing of any length holds one page in memory.
     # -r lists a folder, as rm -r, du and find mean it: `album` is album/..., never albumX.
     with open_client(args) as client:
@@ -476,12 +533,15 @@ def cmd_ls(args) -> int | None:
             print(_ls_line(e, args.long, args.human))
 
 
-def _chain(first, rest):
+T = TypeVar("T")
+
+
+def _chain(first: T, rest: Iterator[T]) -> Iterator[T]:
     yield first
     yield from rest
 
 
-def _ls_line(e: dict, long: bool, as_human: bool) -> str:
+def _ls_line(e: dict[str, Any], long: bool, as_human: bool) -> str:
     """One line of ``ls``: size, mtime, name (``-l``: and version, digest); a folder as
     ``aws s3 ls`` shows it, ``PRE``."""
     if e.get("folder"):
@@ -493,7 +553,7 @@ def _ls_line(e: dict, long: bool, as_human: bool) -> str:
     return f"{size:>14}  {at:<19}  {extra}{shown(e['name'])}"
 
 
-def cmd_du(args) -> int | None:
+def cmd_du(args: Namespace) -> None:
     folder = p.check_folder(args.prefix)  # `album`: album/..., never albumX
     with open_client(args) as client:
         du = client.du(folder)
@@ -504,7 +564,7 @@ def cmd_du(args) -> int | None:
     print(f"{du['files']:>10,} files  {size:>14}  {shown(folder) or '(all)'}")
 
 
-def cmd_find(args) -> int | None:
+def cmd_find(args: Namespace) -> None:
     import fnmatch
 
     with open_client(args) as client:
@@ -521,7 +581,7 @@ def cmd_find(args) -> int | None:
             print(shown(e["name"]))
 
 
-def cmd_stat(args) -> int | None:
+def cmd_stat(args: Namespace) -> None:
     with open_client(args) as client, hinting(client, args.name, "stat"):
         info = client.stat(args.name)
     if args.json:
@@ -533,7 +593,7 @@ def cmd_stat(args) -> int | None:
         print(f"{key + ':':<12}{value}")
 
 
-def cmd_versions(args) -> int | None:
+def cmd_versions(args: Namespace) -> None:
     with open_client(args) as client, hinting(client, args.name, "versions"):
         found = client.versions(args.name)
     if args.json:
@@ -546,7 +606,7 @@ def cmd_versions(args) -> int | None:
         )
 
 
-def cmd_restore(args) -> int | None:
+def cmd_restore(args: Namespace) -> None:
     with open_client(args) as client, hinting(client, args.name, "restore"):
         stat = client.restore(args.name, args.version_number)
     print_result(
@@ -559,7 +619,7 @@ def cmd_restore(args) -> int | None:
 # --- the cluster ---
 
 
-def cmd_gc(args) -> int | None:
+def cmd_gc(args: Namespace) -> None:
     with open_client(args) as client:
         freed = client.gc(args.grace, args.dry_run)
     if args.json:
@@ -573,8 +633,19 @@ def cmd_gc(args) -> int | None:
     )
 
 
-def cmd_fsck(args) -> int | None:
-    totals = {
+class _FsckTotals(TypedDict):
+    """fsck's pages added up (the last page says the orphans and wrong counts)."""
+
+    names: int
+    chunks: int
+    bytes: int
+    damaged: list[dict[str, Any]]
+    orphans: int
+    refcount_errors: int
+
+
+def cmd_fsck(args: Namespace) -> int:
+    totals: _FsckTotals = {
         "names": 0,
         "chunks": 0,
         "bytes": 0,
@@ -584,16 +655,17 @@ def cmd_fsck(args) -> int | None:
     }
     with open_client(args) as client:
         for page in client.fsck():
-            for key in ("names", "chunks", "bytes"):
-                totals[key] += page[key]
+            totals["names"] += page["names"]
+            totals["chunks"] += page["chunks"]
+            totals["bytes"] += page["bytes"]
             totals["damaged"] += page["damaged"]
             if not args.json:
                 for d in page["damaged"]:
                     what = d.get("kind", "chunk")
                     names = ", ".join(shown(n) for n in d["names"])
                     print(f"{d['problem']} {what} {d['chunk']}: breaks {names}")
-            for key in ("orphans", "refcount_errors"):
-                totals[key] = page.get(key, totals[key])
+            totals["orphans"] = page.get("orphans", totals["orphans"])
+            totals["refcount_errors"] = page.get("refcount_errors", totals["refcount_errors"])
     bad = bool(totals["damaged"]) or totals["refcount_errors"] > 0
     if args.json:
         print(json.dumps({**totals, "ok": not bad}, indent=1))
@@ -612,7 +684,7 @@ def cmd_fsck(args) -> int | None:
     return EXIT_ERROR if bad else EXIT_OK
 
 
-def cmd_stats(args) -> int | None:
+def cmd_stats(args: Namespace) -> None:
     from ..errors import Unavailable
 
     with open_client(args) as client:
@@ -673,7 +745,7 @@ def cmd_stats(args) -> int | None:
         print(f"store   files={store['files']} bytes={human(store['bytes'])}{stored}")
 
 
-def cmd_keygen(args) -> int | None:
+def cmd_keygen(args: Namespace) -> None:
     from ..security import keygen
 
     public, secret = keygen(args.dir, args.name)
@@ -689,7 +761,7 @@ def files(n: int) -> str:
     return f"{n:,} file" if n == 1 else f"{n:,} files"
 
 
-def human(n: int) -> str:
+def human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"

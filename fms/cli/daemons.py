@@ -6,32 +6,41 @@ import os
 import re
 import signal
 import sys
+from argparse import Namespace
+from typing import TYPE_CHECKING, Any
 
 from .. import wire as p
 from ..errors import FmsError
 from .main import EXIT_OK, EXIT_REFUSED
 from .parser import DEFAULT_DATA
 
+if TYPE_CHECKING:  # imported at run time by the command that runs, not by every command
+    import logging
+
+    from ..security import CurveServer
+    from ..storage.engine import Store
+    from ..worker import BrokerLink, Service
+
 
 class StopFlag:
     """Set by SIGINT/SIGTERM; the loops poll at least once a second and then return."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.stop = False
         signal.signal(signal.SIGTERM, self._set)
         signal.signal(signal.SIGINT, self._set)
 
-    def _set(self, *_):
+    def _set(self, *_: object) -> None:
         self.stop = True
 
-    def __call__(self):
+    def __call__(self) -> bool:
         return self.stop
 
 
 _ENDPOINT = re.compile(r"^(tcp://[^/\s]+:(\d{1,5}|\*)|ipc://\S+|inproc://\S+)$")
 
 
-def check_endpoints(**options):
+def check_endpoints(**options: str) -> None:
     """Refuse, before any process starts, an option's value that is not a ZeroMQ endpoint
     (``--frontend 47755``): one line saying the form to use."""
     for option, endpoint in options.items():
@@ -42,7 +51,7 @@ def check_endpoints(**options):
             )
 
 
-def cmd_broker(args):
+def cmd_broker(args: Namespace) -> None:
     import logging
 
     from ..broker import Broker
@@ -76,7 +85,7 @@ def cmd_broker(args):
         broker.close()
 
 
-def _broker_curve(args):
+def _broker_curve(args: Namespace) -> "CurveServer | None":
     """The broker's CurveServer, or None after checking that plaintext is safe to bind."""
     from ..security import CurveServer, SecurityError, exposure
 
@@ -108,35 +117,37 @@ def _broker_curve(args):
     return None
 
 
-def _worker_id(args, kind: str) -> str:
+def _worker_id(args: Namespace, kind: str) -> str:
     return args.id or f"{kind}-{os.uname().nodename}-{os.getpid()}"
 
 
-def _run_worker(args, service, ready: dict, log_name: str):
-    import logging
-
+def _link(args: Namespace, ready: dict[str, Any], log: "logging.Logger") -> "BrokerLink":
+    """The worker's link to the broker (not connected yet): its endpoint and keys checked."""
     import zmq
 
     from ..security import client_keys
-    from ..worker import BrokerLink, WorkerRefused, serve
+    from ..worker import BrokerLink
 
-    log = logging.getLogger(log_name)
     check_endpoints(broker=args.broker)
     curve = client_keys(args.curve_secret, args.server_key)
-    link = BrokerLink(zmq.Context.instance(), args.broker, ready, log, curve=curve)
-    service.link = link
+    return BrokerLink(zmq.Context.instance(), args.broker, ready, log, curve=curve)
+
+
+def _run_worker(service: "Service", link: "BrokerLink", log: "logging.Logger") -> int:
+    from ..worker import WorkerRefused, serve
+
     try:
         serve(service, link, log, StopFlag())
     except WorkerRefused as exc:
         log.error("event=refused reason=%r", str(exc))
-        print(f"fms {ready['svc']}: refused by the broker: {exc}", file=sys.stderr)
+        print(f"fms {link.ready['svc']}: refused by the broker: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     finally:
         link.close()
     return EXIT_OK
 
 
-def cmd_storage(args):
+def cmd_storage(args: Namespace) -> int:
     import logging
 
     from ..logutil import setup_logging
@@ -148,7 +159,7 @@ def cmd_storage(args):
     if args.data == os.path.join(DEFAULT_DATA, "storage"):
         os.makedirs(DEFAULT_DATA, exist_ok=True)  # the default just works; a given path must exist
 
-    def opened():
+    def opened() -> "Store":
         store = open_store(
             args.data, args.meta, args.chunks, args.keep_versions, args.keep_for, args.digest
         )
@@ -178,24 +189,28 @@ def cmd_storage(args):
         store.close()
         return EXIT_OK
     store.chunks.clean_tmp()
-    service = StorageService(store, None, gc_grace=args.gc_grace, maintenance_store=opened())
+    log = logging.getLogger("fms.storage")
+    ready = {
+        "svc": p.STORAGE,
+        "wid": _worker_id(args, "storage"),
+        "store": store.store_id,
+        "digest_fn": store.digest_fn,
+    }
     try:
-        return _run_worker(
-            args,
-            service,
-            {
-                "svc": p.STORAGE,
-                "wid": _worker_id(args, "storage"),
-                "store": store.store_id,
-                "digest_fn": store.digest_fn,
-            },
-            "fms.storage",
-        )
+        link = _link(args, ready, log)
+    except BaseException:
+        store.close()
+        raise
+    service = StorageService(store, link, gc_grace=args.gc_grace, maintenance_store=opened())
+    try:
+        return _run_worker(service, link, log)
     finally:
         service.close()
 
 
-def cmd_cache(args):
+def cmd_cache(args: Namespace) -> int:
+    import logging
+
     from ..cache import CacheService, ChunkCache
     from ..logutil import setup_logging
 
@@ -204,16 +219,16 @@ def cmd_cache(args):
         chunks = ChunkCache(args.dir, args.max_bytes, args.memory_bytes)
     except OSError as exc:
         raise FmsError(f"cannot use cache directory {args.dir}: {exc.strerror}") from None
-    service = CacheService(chunks, None, max_file=args.max_file)
     try:
-        return _run_worker(
-            args, service, {"svc": p.CACHE, "wid": _worker_id(args, "cache")}, "fms.cache"
-        )
+        log = logging.getLogger("fms.cache")
+        link = _link(args, {"svc": p.CACHE, "wid": _worker_id(args, "cache")}, log)
+        service = CacheService(chunks, link, max_file=args.max_file)
+        return _run_worker(service, link, log)
     finally:
         chunks.close()
 
 
-def cmd_s3(args):
+def cmd_s3(args: Namespace) -> int | None:
     """``fms s3``: the S3 gateway in the foreground until SIGINT/SIGTERM."""
     try:
         from ..gateway import credentials, server

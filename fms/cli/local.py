@@ -2,8 +2,11 @@
 ``get``, ``get -r`` and ``sync`` write, each checked before anything moves, so that a bad path
 is one clear error and nothing half done."""
 
+import io
 import os
 import stat
+from collections.abc import Callable
+from typing import Literal
 
 from ..errors import FmsError
 
@@ -13,10 +16,10 @@ STDIN = "-"
 class Stream:
     """A source read as a stream, to its end: stdin (``-``), a pipe, a FIFO or a device."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str) -> None:
         self.path = path
 
-    def open(self):
+    def open(self) -> io.FileIO:
         """The unbuffered binary stream to read."""
         if self.path == STDIN:
             return os.fdopen(os.dup(0), "rb", buffering=0)
@@ -29,7 +32,7 @@ class Stream:
         return f"Stream({self.path!r})"
 
 
-def source(path: str, recursive: bool):
+def source(path: str, recursive: bool) -> Literal["file", "folder"] | Stream:
     """What ``put`` reads at ``path``: ``"file"``, ``"folder"`` or a :class:`Stream`.
 
     :raises FmsError: nothing there, a broken link, a socket, a folder without ``-r``, or a
@@ -58,7 +61,12 @@ def source(path: str, recursive: bool):
     return Stream(path)  # a FIFO or a device: read to its end, as cp does
 
 
-def tree(folder: str, prefix: str | None, wanted=None, allow_empty: bool = False) -> list:
+def tree(
+    folder: str,
+    prefix: str | None,
+    wanted: Callable[[str], bool] | None = None,
+    allow_empty: bool = False,
+) -> list[tuple[str, str]]:
     """``(path, name)`` of every regular file under ``folder``, named ``prefix/<relative
     path>`` (``prefix`` None: the folder's base name), in name order; ``wanted(relative
     path)``: a filter (:func:`fms.cli.filters.selector`).  Links to files are followed, links
@@ -74,12 +82,12 @@ def tree(folder: str, prefix: str | None, wanted=None, allow_empty: bool = False
         prefix = os.path.basename(os.path.normpath(os.path.abspath(folder)))
     prefix = prefix.strip("/")
 
-    def unreadable(exc: OSError):
+    def unreadable(exc: OSError) -> None:
         raise FmsError(
             f"cannot read the folder {exc.filename}: {exc.strerror}; nothing was sent"
         ) from None
 
-    items = []
+    items: list[tuple[str, str]] = []
     for root, dirs, files in os.walk(folder, onerror=unreadable):
         dirs.sort()
         for fname in sorted(files):
@@ -116,7 +124,7 @@ def _name_max(folder: str) -> int:
         return 255
 
 
-def check_tree(items: list, action: str = "downloaded"):
+def check_tree(items: list[tuple[str, str]], action: str = "downloaded") -> None:
     """Refuse, before anything is written, a download tree ``[(name, dest path)]`` in which
     a path would be both a file and a folder (stored names like ``a`` and ``a/b``, or a local
     folder (file) where a file (folder) is to go), or a part of a path is longer than the
@@ -137,7 +145,7 @@ def check_tree(items: list, action: str = "downloaded"):
                 f"{dest} is a folder, so {name!r} cannot be written there; move it "
                 f"away or choose another destination; {nothing}"
             )
-    folders = {}
+    folders: dict[str, str] = {}  # folder -> the first name under it
     for name, dest in items:
         folder = os.path.dirname(dest)
         while folder not in folders:

@@ -8,9 +8,11 @@ Each command parses its arguments, builds the object, runs it and sets the exit 
 
 import importlib
 import sys
+from argparse import ArgumentParser, Namespace
+from collections.abc import Callable
 
 from ..errors import FmsError
-from .parser import build_parser, command_in, command_parser
+from .parser import Parser, build_parser, command_in, command_parser
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -34,6 +36,7 @@ HANDLERS = {
     "gc": "commands:cmd_gc",
     "fsck": "commands:cmd_fsck",
     "keygen": "commands:cmd_keygen",
+    "mount": "commands:cmd_mount",
     "broker": "daemons:cmd_broker",
     "storage": "daemons:cmd_storage",
     "cache": "daemons:cmd_cache",
@@ -49,23 +52,23 @@ HANDLERS = {
 }
 
 
-def handler(command: str):
+def handler(command: str) -> Callable[[Namespace], int | None]:
     """The function that runs ``command``."""
     module, function = HANDLERS[command].split(":")
     return getattr(importlib.import_module(f"{__package__}.{module}"), function)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """The ``fms`` console script."""
     return _run("fms", False, sys.argv[1:] if argv is None else argv)
 
 
-def client_main(argv=None) -> int:
+def client_main(argv: list[str] | None = None) -> int:
     """``python client.py``."""
     return _run("client.py", True, sys.argv[1:] if argv is None else argv)
 
 
-def daemon_main(kind: str, argv=None) -> int:
+def daemon_main(kind: str, argv: list[str] | None = None) -> int:
     """``python broker.py`` / ``storage_worker.py`` / ``cache_worker.py``."""
     prog = f"{kind}.py" if kind == "broker" else f"{kind}_worker.py"
     parser = command_parser(kind, prog)
@@ -74,7 +77,7 @@ def daemon_main(kind: str, argv=None) -> int:
     return dispatch(args, parser)
 
 
-def _run(prog: str, client_only: bool, argv: list) -> int:
+def _run(prog: str, client_only: bool, argv: list[str]) -> int:
     # Only the arguments of the command about to run are built (all of them for the shell).
     parser = build_parser(prog, client_only, only=command_in(argv) or "")
     args = parse(parser, argv)
@@ -85,7 +88,7 @@ def _run(prog: str, client_only: bool, argv: list) -> int:
     return dispatch(args, parser)
 
 
-def parse(parser, argv: list):
+def parse(parser: Parser, argv: list[str]) -> Namespace:
     """``parser.parse_args(argv)``, but an option the command does not know is reported by
     that command's parser (its usage, not the whole program's)."""
     args, extra = parser.parse_known_args(argv)
@@ -95,7 +98,7 @@ def parse(parser, argv: list):
     return args
 
 
-def dispatch(args, parser) -> int:
+def dispatch(args: Namespace, parser: ArgumentParser) -> int:
     """Run the command ``args`` holds; :return: its exit status.  An fms error is printed as
     one line; so is an OS error the command did not foresee (a path it cannot read or write),
     never a traceback."""

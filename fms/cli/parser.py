@@ -13,8 +13,8 @@ import argparse
 import os
 import re
 import sys
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 from .. import __version__
 from .. import wire as p
@@ -36,7 +36,7 @@ def parse_size(text: str) -> int:
     return int(float(number) * scale)
 
 
-def parse_range(text: str) -> tuple:
+def parse_range(text: str) -> tuple[int, int | None]:
     """``--range``, as HTTP's Range header: ``"100-199"`` -> (100, 200), ``"100-"`` -> (100,
     None): from 100 to the end; ``"-100"`` -> (-100, None): the last 100 bytes."""
     suffix = re.fullmatch(r"\s*-\s*(\d+)\s*", text)
@@ -109,7 +109,13 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
     """argparse's formatter, minus its import of shutil (and through it bz2, lzma, zlib) to
     learn the terminal's width: every parser builds one, so every command paid for it."""
 
-    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None):
+    def __init__(
+        self,
+        prog: str,
+        indent_increment: int = 2,
+        max_help_position: int = 24,
+        width: int | None = None,
+    ) -> None:
         if width is None:
             try:
                 width = os.get_terminal_size(sys.stdout.fileno()).columns
@@ -124,13 +130,27 @@ class _Filter(argparse.Action):
     ``("+" or "-", PATTERN)``, since the first rule that matches a path decides (rclone's
     filters; see :mod:`fms.cli.filters`)."""
 
-    def __call__(self, parser, namespace, values, option_string=None):
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
         rules = list(getattr(namespace, self.dest, None) or [])
         rules.append(("+" if option_string == "--include" else "-", values))
         setattr(namespace, self.dest, rules)
 
 
+class Parser(argparse.ArgumentParser):
+    """An argparse parser that knows its commands' parsers (set by :func:`build_parser`)."""
+
+    commands: dict[str, argparse.ArgumentParser]  # name -> its subparser
+
+
 # --- the registry ---
+
+AddArguments = Callable[[argparse.ArgumentParser], None]  # adds a command's own arguments
 
 
 class Command(NamedTuple):
@@ -140,18 +160,20 @@ class Command(NamedTuple):
     name: str
     summary: str
     examples: str  # one per line; "{prog}" stands for the program's name
-    add: Callable
+    add: AddArguments
     client: bool = True  # False: a daemon (fms broker, storage, cache, up)
     add_help: bool = True  # False: -h means something else (ls -h: human sizes, as ls(1))
 
 
-COMMANDS: dict = {}  # name -> Command, in the order `fms --help` lists them
+COMMANDS: dict[str, Command] = {}  # name -> Command, in the order `fms --help` lists them
 
 
-def command(name: str, summary: str, examples: str, client: bool = True, add_help: bool = True):
+def command(
+    name: str, summary: str, examples: str, client: bool = True, add_help: bool = True
+) -> Callable[[AddArguments], AddArguments]:
     """Register the decorated ``add(subparser)`` as the command ``name``."""
 
-    def register(add: Callable) -> Callable:
+    def register(add: AddArguments) -> AddArguments:
         COMMANDS[name] = Command(name, summary, examples, add, client, add_help)
         return add
 
@@ -162,7 +184,7 @@ def command(name: str, summary: str, examples: str, client: bool = True, add_hel
 _VALUED = {"--broker", "--timeout", "--log-level", "--curve-secret", "--server-key"}
 
 
-def command_in(argv: list) -> str | None:
+def command_in(argv: list[str]) -> str | None:
     """The command ``argv`` asks for (the first word that is not an option or an option's
     value), or None if it names none of :data:`COMMANDS`."""
     words = iter(argv)
@@ -179,13 +201,13 @@ def command_in(argv: list) -> str | None:
 
 def build_parser(
     prog: str = "fms", client_only: bool = False, shell: bool = False, only: str | None = None
-) -> argparse.ArgumentParser:
+) -> Parser:
     """The parser of ``fms`` (every command), of ``client.py`` (``client_only``: the client's
     commands) or of the shell (``shell``: the client's commands, no connection options, each
     command's usage without a program name).  ``only``: add the arguments of that command
     alone (the others are listed, not parseable)."""
     common = _client_options()
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=prog,
         formatter_class=_Formatter,
         parents=[] if shell else [common],
@@ -198,7 +220,9 @@ def build_parser(
     )
     if not shell:
         parser.add_argument("--version", action="version", version=f"fms {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", metavar="COMMAND", parser_class=argparse.ArgumentParser
+    )
     parser.commands = sub.choices  # name -> its subparser
     for cmd in COMMANDS.values():
         if not cmd.client and (client_only or shell):
@@ -231,7 +255,7 @@ def command_parser(command: str, prog: str) -> argparse.ArgumentParser:
     options and help, under the script's name."""
     cmd = build_parser("fms", only=command).commands[command]
     cmd.prog = prog
-    cmd.epilog = cmd.epilog.replace(f"fms {command}", f"python {prog}")
+    cmd.epilog = (cmd.epilog or "").replace(f"fms {command}", f"python {prog}")
     return cmd
 
 
@@ -283,11 +307,11 @@ def _daemon_options() -> argparse.ArgumentParser:
     return parent
 
 
-def _json(cmd, text: str = "print the result as JSON"):
+def _json(cmd: argparse.ArgumentParser, text: str = "print the result as JSON") -> None:
     cmd.add_argument("--json", action="store_true", help=text)
 
 
-def _filters(cmd):
+def _filters(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument(
         "--include",
         action=_Filter,
@@ -308,7 +332,7 @@ def _filters(cmd):
     cmd.set_defaults(filters=[])
 
 
-def _no_cache(cmd):
+def _no_cache(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument(
         "--no-cache",
         action="store_true",
@@ -317,11 +341,11 @@ def _no_cache(cmd):
     )
 
 
-def _version_of(cmd, text: str):
+def _version_of(cmd: argparse.ArgumentParser, text: str) -> None:
     cmd.add_argument("--version", type=int, metavar="V", dest="version_number", help=text)
 
 
-def _byte_range(cmd):
+def _byte_range(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument(
         "--range",
         type=parse_range,
@@ -345,7 +369,7 @@ def _byte_range(cmd):
 {prog} put -r ./album trips --exclude '*.tmp'
 tar c ./album | {prog} put - backups/album.tar   # from stdin""",
 )
-def _put(cmd):
+def _put(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("-r", "--recursive", action="store_true", help="upload folder trees")
     cmd.add_argument(
         "local",
@@ -371,7 +395,7 @@ def _put(cmd):
 {prog} get -r trips ./restore      # keeps the tree
 {prog} get -r trips ./restore --no-clobber --include '*.jpg'""",
 )
-def _get(cmd):
+def _get(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("-r", "--recursive", action="store_true", help="download a prefix as a tree")
     cmd.add_argument(
         "-n",
@@ -407,7 +431,7 @@ def _get(cmd):
 {prog} cat logs/a.log logs/b.log | grep ERROR
 {prog} cat logs/a.log --range -1000   # its last 1000 bytes""",
 )
-def _cat(cmd):
+def _cat(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("names", metavar="NAME", nargs="+")
     _version_of(cmd, "read version V of the (one) NAME, current or retained")
     _byte_range(cmd)
@@ -423,7 +447,7 @@ def _cat(cmd):
 {prog} ls -r trips/ --json""",
     add_help=False,
 )
-def _ls(cmd):
+def _ls(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument(
         "prefix",
         metavar="PREFIX",
@@ -442,7 +466,7 @@ def _ls(cmd):
 @command(
     "stat", "show a stored file's size, digest, mtime, version", "{prog} stat trips/1.jpg --json"
 )
-def _stat(cmd):
+def _stat(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("name", metavar="NAME")
     _json(cmd, "print a JSON object")
 
@@ -456,7 +480,7 @@ def _stat(cmd):
 {prog} rm -r trips/                 # one request per 1000 names
 {prog} rm -r trips/ --dry-run       # list what would go""",
 )
-def _rm(cmd):
+def _rm(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument(
         "-r", "--recursive", action="store_true", help="remove every name under each prefix NAME/"
     )
@@ -472,7 +496,7 @@ def _rm(cmd):
     _json(cmd)
 
 
-def _copy_args(cmd, verb: str):
+def _copy_args(cmd: argparse.ArgumentParser, verb: str) -> None:
     cmd.add_argument(
         "-r",
         "--recursive",
@@ -492,7 +516,7 @@ def _copy_args(cmd, verb: str):
 {prog} mv a.txt docs/     # docs/a.txt
 {prog} mv -r old/ archive/2024   # archive/2024/<what was under old/>""",
 )
-def _mv(cmd):
+def _mv(cmd: argparse.ArgumentParser) -> None:
     _copy_args(cmd, "mv")
 
 
@@ -503,7 +527,7 @@ def _mv(cmd):
 {prog} cp big.iso backup/big.iso
 {prog} cp -r photos/ backup/      # backup/photos/...""",
 )
-def _cp(cmd):
+def _cp(cmd: argparse.ArgumentParser) -> None:
     _copy_args(cmd, "cp")
 
 
@@ -512,7 +536,7 @@ def _cp(cmd):
     "list a name's current and retained versions",
     "{prog} versions notes.txt\n{prog} versions notes.txt --json",
 )
-def _versions(cmd):
+def _versions(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("name", metavar="NAME")
     _json(cmd)
 
@@ -524,7 +548,7 @@ def _versions(cmd):
 {prog} restore notes.txt             # the newest retained version
 {prog} restore notes.txt --version 3""",
 )
-def _restore(cmd):
+def _restore(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("name", metavar="NAME")
     _version_of(cmd, "which version (see: versions NAME); default the newest retained")
     _json(cmd)
@@ -536,7 +560,7 @@ def _restore(cmd):
     "{prog} du\n{prog} du trips/ -h\n{prog} du trips/ --json",
     add_help=False,
 )
-def _du(cmd):
+def _du(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("prefix", metavar="PREFIX", nargs="?", default="")
     cmd.add_argument("-h", "--human", action="store_true", help="bytes as 1.5 MiB")
     _json(cmd)
@@ -551,7 +575,7 @@ def _du(cmd):
 {prog} find --newer 2d              # changed in the last two days
 {prog} find logs/ --newer 2026-11-01 --json""",
 )
-def _find(cmd):
+def _find(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument(
         "prefix",
         metavar="PREFIX",
@@ -584,7 +608,7 @@ def _find(cmd):
 {prog} sync ./photos fms:photos/ --delete --dry-run
 {prog} sync ./photos fms:photos/ --exclude '*.tmp' --exclude 'cache/**'""",
 )
-def _sync(cmd):
+def _sync(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("src", metavar="SRC", help="a local folder, or fms:PREFIX")
     cmd.add_argument("dst", metavar="DST", help="fms:PREFIX, or a local folder")
     cmd.add_argument(
@@ -611,7 +635,7 @@ def _sync(cmd):
     "show the live workers and the cache's counters",
     "{prog} stats --json",
 )
-def _stats(cmd):
+def _stats(cmd: argparse.ArgumentParser) -> None:
     _json(cmd, "print a JSON object")
 
 
@@ -620,7 +644,7 @@ def _stats(cmd):
     "collect garbage now: free chunks no stored file uses",
     "{prog} gc --dry-run\n{prog} gc --grace 0      # everything unreferenced, now",
 )
-def _gc(cmd):
+def _gc(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument(
         "--grace",
         type=_seconds,
@@ -638,8 +662,59 @@ def _gc(cmd):
     "check that every stored file's chunks exist and match their hash",
     "{prog} fsck\n{prog} fsck --json",
 )
-def _fsck(cmd):
+def _fsck(cmd: argparse.ArgumentParser) -> None:
     _json(cmd, "print a JSON object")
+
+
+@command(
+    "mount",
+    "mount the store (or a folder of it) as a local folder, over FUSE",
+    "{prog} mount /mnt/fms                  # until Ctrl-C or fusermount -u /mnt/fms\n"
+    "{prog} mount /mnt/photos --prefix photos --read-only --daemon",
+)
+def _mount(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing empty folder")
+    cmd.add_argument("--prefix", default="", metavar="P", help="show only the folder P")
+    cmd.add_argument("--read-only", action="store_true", help="refuse every change (EROFS)")
+    cmd.add_argument(
+        "--daemon", "-d", action="store_true", help="serve in the background once mounted"
+    )
+    cmd.add_argument(
+        "--allow-other", action="store_true", help="let other users in (mode bits still apply)"
+    )
+    cmd.add_argument(
+        "--cache-time",
+        type=_seconds,
+        default=1.0,
+        metavar="SECONDS",
+        help="keep attributes and folder entries this long (default: 1)",
+    )
+    cmd.add_argument(
+        "--spool",
+        metavar="DIR",
+        help="where written chunks wait for their commit (default: ~/.cache/fms/spool)",
+    )
+    cmd.add_argument(
+        "--spool-size",
+        type=parse_size,
+        default="1G",
+        metavar="SIZE",
+        help="written bytes held there at most, all files together; past it whole chunks "
+        "are uploaded early (default: 1G)",
+    )
+    cmd.add_argument(
+        "--chunk-size",
+        type=parse_size,
+        default=str(p.DEFAULT_CHUNK_SIZE),
+        metavar="SIZE",
+        help="chunk size of the files made here (default: 1M; a file keeps the chunks it has)",
+    )
+    cmd.add_argument(
+        "--writeback",
+        action="store_true",
+        help="commit small files in the background after close returns (faster for many "
+        "small files; a failure after close is logged, not returned: see MOUNT.md)",
+    )
 
 
 @command(
@@ -647,7 +722,7 @@ def _fsck(cmd):
     "make a CURVE keypair: DIR/NAME.key (public), DIR/NAME.key_secret (private, mode 0600)",
     "{prog} keygen ./keys alice     # then give alice.key to the broker's operator",
 )
-def _keygen(cmd):
+def _keygen(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("dir", metavar="DIR")
     cmd.add_argument("name", metavar="NAME")
 
@@ -656,7 +731,7 @@ def _keygen(cmd):
 
 
 @command("whoami", "show which identity this client's key is, and its grants", "{prog} whoami")
-def _whoami(cmd):
+def _whoami(cmd: argparse.ArgumentParser) -> None:
     _json(cmd)
 
 
@@ -668,10 +743,10 @@ def _whoami(cmd):
     "{prog} id add bob --s3                       # an S3 access key: shown once\n"
     "{prog} id ls\n{prog} id key alice --add laptop.key\n{prog} id rm bob",
 )
-def _id(cmd):
+def _id(cmd: argparse.ArgumentParser) -> None:
     actions = cmd.add_subparsers(dest="id_command", metavar="ACTION", required=True)
 
-    def action(name: str, summary: str):
+    def action(name: str, summary: str) -> argparse.ArgumentParser:
         return actions.add_parser(
             name,
             help=summary,
@@ -715,7 +790,7 @@ def _id(cmd):
     "{prog} grant alice write alice\n{prog} grant bob read shared/photos\n"
     "{prog} grant root admin ''    # the whole store",
 )
-def _grant(cmd):
+def _grant(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("name", metavar="NAME")
     cmd.add_argument(
         "role",
@@ -733,7 +808,7 @@ def _grant(cmd):
 
 
 @command("revoke", "take an identity's grant on a prefix away", "{prog} revoke bob shared/photos")
-def _revoke(cmd):
+def _revoke(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("name", metavar="NAME")
     cmd.add_argument("prefix", metavar="PREFIX")
     _json(cmd)
@@ -744,7 +819,7 @@ def _revoke(cmd):
     "remove a version, or every version, of a name for good (an admin's)",
     "{prog} purge shadow --all-versions   # then: gc --grace 0\n{prog} purge notes.txt --version 3",
 )
-def _purge(cmd):
+def _purge(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("name", metavar="NAME")
     which = cmd.add_mutually_exclusive_group(required=True)
     which.add_argument(
@@ -765,7 +840,7 @@ def _purge(cmd):
     "print the audit log: every change, who made it, when (an admin of the whole store)",
     "{prog} audit --since 1d\n{prog} audit --since 2026-11-01 --json",
 )
-def _audit(cmd):
+def _audit(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument(
         "--since",
         metavar="WHEN",
@@ -785,7 +860,7 @@ def _audit(cmd):
     "fms broker --frontend tcp://127.0.0.1:5555 --backend tcp://127.0.0.1:5556",
     client=False,
 )
-def _broker(cmd):
+def _broker(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument(
         "--frontend", default=p.DEFAULT_FRONTEND, help="endpoint to bind for clients (%(default)s)"
     )
@@ -835,7 +910,7 @@ def _broker(cmd):
     "fms storage --data ./fms-data/storage",
     client=False,
 )
-def _storage(cmd):
+def _storage(cmd: argparse.ArgumentParser) -> None:
     _worker_args(cmd, "storage")
     cmd.add_argument(
         "--data",
@@ -868,7 +943,7 @@ def _storage(cmd):
     "fms cache --dir ./fms-data/cache --max-bytes 2G",
     client=False,
 )
-def _cache(cmd):
+def _cache(cmd: argparse.ArgumentParser) -> None:
     _worker_args(cmd, "cache")
     cmd.add_argument(
         "--dir", default=os.path.join(DEFAULT_DATA, "cache"), help="cache directory (%(default)s)"
@@ -904,7 +979,7 @@ def _cache(cmd):
     "fms up --storage 3 --cache-bytes 4G",
     client=False,
 )
-def _up(cmd):
+def _up(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--frontend", default=p.DEFAULT_FRONTEND, help="client endpoint (%(default)s)")
     cmd.add_argument("--backend", default=p.DEFAULT_BACKEND, help="worker endpoint (%(default)s)")
     cmd.add_argument(
@@ -959,7 +1034,7 @@ def _up(cmd):
     "fms s3 --keys s3-keys.json --host 0.0.0.0 --tls-cert cert.pem --tls-key key.pem",
     client=False,
 )
-def _s3(cmd):
+def _s3(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument(
         "--broker",
         metavar="ENDPOINT",
@@ -995,7 +1070,7 @@ def _s3(cmd):
     _log_arg(cmd)
 
 
-def _log_arg(cmd):
+def _log_arg(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument(
         "--log-level",
         default="INFO",
@@ -1004,7 +1079,7 @@ def _log_arg(cmd):
     )
 
 
-def _worker_args(cmd, kind: str):
+def _worker_args(cmd: argparse.ArgumentParser, kind: str) -> None:
     cmd.add_argument(
         "--broker", default=p.DEFAULT_BACKEND, help="broker backend endpoint (%(default)s)"
     )
@@ -1018,7 +1093,7 @@ def _worker_args(cmd, kind: str):
     _log_arg(cmd)
 
 
-def _backend_args(cmd):
+def _backend_args(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument(
         "--meta",
         metavar="URL",
@@ -1034,7 +1109,7 @@ def _backend_args(cmd):
     )
 
 
-def _keep_versions_arg(cmd):
+def _keep_versions_arg(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument(
         "--keep-versions",
         type=_count,
@@ -1046,7 +1121,7 @@ def _keep_versions_arg(cmd):
     )
 
 
-def _keep_for_arg(cmd):
+def _keep_for_arg(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument(
         "--keep-for",
         type=parse_duration,
@@ -1079,7 +1154,7 @@ def parse_duration(text: str) -> float:
     return float(match.group(1)) * scale
 
 
-def _gc_grace_arg(cmd):
+def _gc_grace_arg(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument(
         "--gc-grace",
         type=_seconds,

@@ -3,8 +3,12 @@
 server (pipelined, a window of requests in flight); a folder is never copied or moved as one
 transaction, so a reader may see part of it moved."""
 
+from __future__ import annotations
+
 import json
 import sys
+from argparse import Namespace
+from typing import TYPE_CHECKING
 
 from ..errors import FmsError, NotFound
 from .commands import (
@@ -20,8 +24,11 @@ from .commands import (
 from .filters import has_glob, literal_prefix, name_matcher
 from .main import EXIT_ERROR
 
+if TYPE_CHECKING:
+    from ..client.api import Client
 
-def cmd_rm(args) -> int | None:
+
+def cmd_rm(args: Namespace) -> int | None:
     with open_client(args) as client:
         if args.recursive:
             return _rm_prefixes(args, client)
@@ -58,13 +65,15 @@ def cmd_rm(args) -> int | None:
     return EXIT_ERROR if failed or missing else None
 
 
-def _expand(client, pattern: str) -> list:
+def _expand(client: Client, pattern: str) -> list[str]:
     """The stored names ``pattern`` matches whole, in name order."""
     match = name_matcher(pattern)
     return [e["name"] for e in client.iter_ls(literal_prefix(pattern)) if match(e["name"])]
 
 
-def _rm_dry_run(args, client, names: list, missing: list):
+def _rm_dry_run(
+    args: Namespace, client: Client, names: list[str], missing: list[str]
+) -> int | None:
     present = []
     for name in names:
         try:
@@ -76,7 +85,7 @@ def _rm_dry_run(args, client, names: list, missing: list):
     return EXIT_ERROR if missing else None
 
 
-def _print_dry_run(args, names: list, missing: list):
+def _print_dry_run(args: Namespace, names: list[str], missing: list[str]) -> None:
     if args.json:
         print(json.dumps({"dry_run": True, "remove": names, "missing": missing}, indent=1))
     else:
@@ -87,7 +96,7 @@ def _print_dry_run(args, names: list, missing: list):
         print(f"rm: not found: {name!r}", file=sys.stderr)
 
 
-def _prefixes(client, args_names: list) -> list:
+def _prefixes(client: Client, args_names: list[str]) -> list[str]:
     """The prefixes ``rm -r`` removes: each NAME as a folder, or with a pattern, each stored
     folder (or name) the pattern matches."""
     prefixes = []
@@ -109,7 +118,7 @@ def _prefixes(client, args_names: list) -> list:
     return list(dict.fromkeys(prefixes))
 
 
-def _rm_prefixes(args, client):
+def _rm_prefixes(args: Namespace, client: Client) -> int | None:
     prefixes = _prefixes(client, args.names)
     if args.dry_run:
         names = [e["name"] for prefix in prefixes for e in client.iter_ls(prefix)]
@@ -140,11 +149,11 @@ def _rm_prefixes(args, client):
 # --- cp and mv ---
 
 
-def cmd_cp(args) -> int | None:
+def cmd_cp(args: Namespace) -> int | None:
     return _copy(args, "cp")
 
 
-def cmd_mv(args) -> int | None:
+def cmd_mv(args: Namespace) -> int | None:
     return _copy(args, "mv")
 
 
@@ -153,7 +162,7 @@ def _into(src: str, dst: str) -> str:
     return dst + src.rstrip("/").rsplit("/", 1)[-1] if dst.endswith("/") else dst
 
 
-def _copy(args, op: str):
+def _copy(args: Namespace, op: str) -> int | None:
     verb = {"cp": "copied", "mv": "moved"}[op]
     with open_client(args) as client:
         if not args.recursive:

@@ -15,6 +15,8 @@ command that fails ends it with that command's exit status (a line starting with
 fail without ending it).
 """
 
+from __future__ import annotations
+
 import cmd
 import glob
 import itertools
@@ -24,8 +26,16 @@ import shlex
 import subprocess
 import sys
 import time
+from argparse import Namespace
+from collections.abc import Callable
+from types import ModuleType
+from typing import TYPE_CHECKING, TextIO
 
 from ..errors import FmsError
+
+if TYPE_CHECKING:
+    from ..client.api import Client
+    from .parser import Parser
 
 HISTORY_ENV = "FMS_HISTORY"
 HISTORY_DEFAULT = "~/.fms_history"
@@ -65,7 +75,7 @@ def resolve(cwd: str, name: str) -> str:
     stays."""
     joined = name if name.startswith("/") else "/" + cwd + name
     folder = joined.endswith("/") or joined.endswith("/.") or joined.endswith("/..")
-    parts = []
+    parts: list[str] = []
     for part in joined.split("/"):
         if part in ("", "."):
             continue
@@ -85,7 +95,16 @@ class Shell(cmd.Cmd):
     :param batch: read commands from a pipe or file (no prompt; stop at the first failure).
     """
 
-    def __init__(self, run, client, parser, broker: str, stdin=None, stdout=None, batch=False):
+    def __init__(
+        self,
+        run: Callable[[list[str], str], int],
+        client: Client,
+        parser: Parser,
+        broker: str,
+        stdin: TextIO | None = None,
+        stdout: TextIO | None = None,
+        batch: bool = False,
+    ) -> None:
         super().__init__(stdin=stdin, stdout=stdout)
         self.use_rawinput = stdin is None
         self.batch = batch
@@ -95,7 +114,8 @@ class Shell(cmd.Cmd):
         self._client = client
         self._parser = parser
         self._store_commands = tuple(parser.commands)
-        self._names = (0.0, None, [])  # (when, folder, entries): the last completion listing
+        # (when, folder, [(name, is a folder)]): the last completion listing
+        self._names: tuple[float, str | None, list[tuple[str, bool]]] = (0.0, None, [])
         self.prompt = "" if batch else "fms> "
         self.intro = (
             None
@@ -130,14 +150,14 @@ class Shell(cmd.Cmd):
             return
         self._fail(f"unknown command {words[0]!r}; type help for the list")
 
-    def _split(self, line: str) -> list | None:
+    def _split(self, line: str) -> list[str] | None:
         try:
             return shlex.split(line)
         except ValueError as exc:
             self._fail(f"{line.split()[0]}: {exc}")
             return None
 
-    def _rm_confirmed(self, argv: list) -> bool:
+    def _rm_confirmed(self, argv: list[str]) -> bool:
         """On a terminal, ``rm -r`` asks first (a batch does not: it is a script)."""
         options = {w for w in argv if w.startswith("-")}
         if self.batch or not options & {"-r", "--recursive"} or options & {"-n", "--dry-run"}:
@@ -153,7 +173,7 @@ class Shell(cmd.Cmd):
         self._print("nothing removed")
         return False
 
-    def _store(self, name: str, argv: list) -> None:
+    def _store(self, name: str, argv: list[str]) -> None:
         try:
             status = self._run([name, *argv], self.cwd)
         except SystemExit as exc:  # argparse printed a usage error (status 2) or --help (0)
@@ -165,32 +185,34 @@ class Shell(cmd.Cmd):
         print(text, file=sys.stderr if self.batch else self.stdout)
         self.status = status
 
-    def emptyline(self) -> None:
-        pass  # cmd.Cmd would repeat the last command: surprising for `rm`
+    def emptyline(self) -> bool:
+        return False  # cmd.Cmd would repeat the last command: surprising for `rm`
 
     # --- the local commands ---
 
-    def do_cd(self, line: str) -> bool | None:
+    def do_cd(self, line: str) -> None:
         """cd [FOLDER]: the remote working folder that relative names are read against
         (/ or nothing: the top; .. goes up)."""
         words = self._split(line)
         if words is None:
             return
         if len(words) > 1:
-            return self._fail("cd takes one folder")
+            self._fail("cd takes one folder")
+            return
         target = resolve(self.cwd, (words[0] if words else "/").rstrip("/") + "/")
         if target and not any(True for _ in itertools.islice(self._client.iter_ls(target), 1)):
             where = "/" + target.rstrip("/")
-            return self._fail(f"cd: no folder {where!r}: nothing is stored under it")
+            self._fail(f"cd: no folder {where!r}: nothing is stored under it")
+            return
         self.cwd = target
         if not self.batch:
             self.prompt = f"fms:/{self.cwd}> " if self.cwd else "fms> "
 
-    def do_pwd(self, line: str) -> bool | None:
+    def do_pwd(self, line: str) -> None:
         """pwd: print the remote working folder."""
         self._print("/" + self.cwd)
 
-    def do_lcd(self, line: str) -> bool | None:
+    def do_lcd(self, line: str) -> None:
         """lcd [DIR]: change the local working folder (default: home)."""
         words = self._split(line)
         if words is None:
@@ -201,15 +223,15 @@ class Shell(cmd.Cmd):
         except OSError as exc:
             self._fail(f"lcd: {path}: {exc.strerror}")
 
-    def do_lpwd(self, line: str) -> bool | None:
+    def do_lpwd(self, line: str) -> None:
         """lpwd: print the local working folder."""
         self._print(os.getcwd())
 
-    def do_lls(self, line: str) -> bool | None:
+    def do_lls(self, line: str) -> None:
         """lls [ARGS]: list local files (runs ls ARGS)."""
         self._run_local(f"ls {line}")
 
-    def do_shell(self, line: str) -> bool | None:
+    def do_shell(self, line: str) -> None:
         """!COMMAND: run COMMAND in a local shell (! alone: an interactive one)."""
         self._run_local(line or os.environ.get("SHELL", "/bin/sh"))
 
@@ -219,13 +241,13 @@ class Shell(cmd.Cmd):
         if code:
             self.status = code
 
-    def do_help(self, line: str) -> bool | None:
+    def do_help(self, line: str) -> None:
         """help [COMMAND]: list commands, or show one command's options and examples."""
         name = line.strip()
         if name in self._store_commands:
             self._store(name, ["--help"])
         elif name in ("!", "shell"):
-            self._print(self.do_shell.__doc__)
+            self._print(self.do_shell.__doc__ or "")
         elif name and hasattr(self, f"do_{name}"):
             self._print(" ".join(getattr(self, f"do_{name}").__doc__.split()))
         elif name:
@@ -238,13 +260,13 @@ class Shell(cmd.Cmd):
                 self._print(f"  {doc}")
             self._print("  help COMMAND: its options and examples")
 
-    def do_quit(self, line: str) -> bool | None:
+    def do_quit(self, line: str) -> bool:
         """quit (or exit, or Ctrl-D): leave the shell."""
         return True
 
     do_exit = do_quit
 
-    def do_EOF(self, line: str) -> bool | None:
+    def do_EOF(self, line: str) -> bool:
         if not self.batch:
             self._print("")
         return True
@@ -254,11 +276,11 @@ class Shell(cmd.Cmd):
 
     # --- completion ---
 
-    def completenames(self, text: str, *ignored) -> list:
+    def completenames(self, text: str, *ignored: object) -> list[str]:
         names = (*self._store_commands, *LOCAL_COMMANDS[:-3], "help", "quit", "exit")
         return [c + " " for c in names if c.startswith(text)]
 
-    def completedefault(self, text: str, line: str, begidx: int, endidx: int) -> list:
+    def completedefault(self, text: str, line: str, begidx: int, endidx: int) -> list[str]:
         words = _words(line[:endidx])
         if not words or words[-1][0] + len(words[-1][1]) < endidx:
             words.append((endidx, "", "", ""))  # completing a new, empty word
@@ -275,15 +297,16 @@ class Shell(cmd.Cmd):
             local = (command, position) in LOCAL_ARGS
         else:
             local = True  # lcd, lls, !
+        lister: Callable[[str], list[str]]
         if local:
             lister = _local
         elif command == "sync":
 
-            def lister(typed):
+            def lister(typed: str) -> list[str]:
                 return ["fms:" + n for n in self._remote(typed[len("fms:") :])]
         else:
 
-            def lister(typed):
+            def lister(typed: str) -> list[str]:
                 return self._remote(typed, folders_only=command == "cd")
 
         found = lister(typed)
@@ -297,7 +320,7 @@ class Shell(cmd.Cmd):
         typed_raw = line[start:begidx]
         return [r[len(typed_raw) :] for r in rendered if r.startswith(typed_raw)]
 
-    def _remote(self, typed: str, folders_only: bool = False) -> list:
+    def _remote(self, typed: str, folders_only: bool = False) -> list[str]:
         """Stored names and folders one level below what ``typed`` names (read against the
         working folder), as the user would type them."""
         full = resolve(self.cwd, typed) if typed else self.cwd
@@ -320,11 +343,12 @@ class Shell(cmd.Cmd):
         ]
 
 
-def _words(text: str) -> list:
+def _words(text: str) -> list[tuple[int, str, str, str]]:
     """The words of a command line as a shell reads them: ``(start index, raw text, value
     unquoted, the quote still open at the end: '' or ' or ")`` each; the last may be the word
     being typed."""
-    words, i = [], 0
+    words: list[tuple[int, str, str, str]] = []
+    i = 0
     while i < len(text):
         if text[i] in " \t":
             i += 1
@@ -367,7 +391,7 @@ def _quoted(value: str, quote: str, final: bool) -> str:
     return _SPECIAL.sub(r"\\\1", value)
 
 
-def _local(typed: str) -> list:
+def _local(typed: str) -> list[str]:
     found = []
     for path in glob.glob(glob.escape(os.path.expanduser(typed)) + "*"):
         shown = typed + path[len(os.path.expanduser(typed)) :] if typed.startswith("~") else path
@@ -375,7 +399,7 @@ def _local(typed: str) -> list:
     return sorted(found)
 
 
-def run_shell(args, prog: str) -> int:
+def run_shell(args: Namespace, prog: str) -> int:
     """The shell, on the terminal or reading a batch from stdin, until quit or end of input.
     :return: 0, or in a batch the exit status of the command that ended it."""
     from .commands import open_client
@@ -384,21 +408,23 @@ def run_shell(args, prog: str) -> int:
 
     parser = build_parser(prog, shell=True)
     batch = not sys.stdin.isatty()
-    readline, history = None, None
+    readline: ModuleType | None = None  # the line editor, when there is one
+    history = None
     if not batch:
         try:
-            import readline
+            import readline as editor
 
-            readline.set_completer_delims(" \t\n")  # names hold '/' and '-'
-            readline.set_history_length(HISTORY_LENGTH)
+            editor.set_completer_delims(" \t\n")  # names hold '/' and '-'
+            editor.set_history_length(HISTORY_LENGTH)
             history = history_file()
             if history and os.path.exists(history):
-                readline.read_history_file(history)
+                editor.read_history_file(history)
+            readline = editor
         except (ImportError, OSError):
             readline = None
     with open_client(args) as client:
 
-        def run(argv: list, cwd: str) -> int:
+        def run(argv: list[str], cwd: str) -> int:
             command_args = parse(parser, argv)
             for key in ("broker", "timeout", "quiet", "log_level", "curve_secret", "server_key"):
                 if hasattr(args, key):
@@ -427,15 +453,15 @@ def run_shell(args, prog: str) -> int:
     return shell.status if batch else 0
 
 
-def _resolved(cwd: str, value):
+def _resolved(cwd: str, value: str | list[str] | None) -> str | list[str] | None:
     if isinstance(value, list):
-        return [_resolved(cwd, v) for v in value]
+        return [resolve(cwd, v) if v or cwd else v for v in value]
     if value is None:
         return None
     return resolve(cwd, value) if value or cwd else value
 
 
-def _resolve_special(args, cwd: str):
+def _resolve_special(args: Namespace, cwd: str) -> None:
     """The remote arguments that are not plain names: put's NAME (the last LOCAL), sync's
     fms:PREFIX sides."""
     if args.command == "put" and cwd:

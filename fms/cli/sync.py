@@ -17,9 +17,14 @@ would otherwise empty the destination) unless ``--force``; on a terminal, ``--de
 before it removes more than :data:`ASK_ABOVE` files (``--force``: no question).
 """
 
+from __future__ import annotations
+
 import json
 import os
 import sys
+from argparse import Namespace
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from ..client.upload import plan_file
 from ..errors import FmsError
@@ -28,11 +33,25 @@ from .commands import files, human, move_tree, open_client, say
 from .filters import selector
 from .main import EXIT_ERROR
 
+if TYPE_CHECKING:
+    from ..client.api import Client
+
 REMOTE = "fms:"
 ASK_ABOVE = 5  # files --delete removes without asking, on a terminal
 
+Wanted = Callable[[str], bool] | None  # the filters (:func:`.filters.selector`), or None: all
 
-def cmd_sync(args) -> int | None:
+
+class Plan(TypedDict):
+    """What a sync does, decided before anything changes."""
+
+    send: list[tuple[str, str, int]]  # (from, to, size) of each file to send
+    same: int  # files the destination holds already
+    extra: list[str]  # what only the destination holds (removed with --delete)
+    sources: int  # files at the source that the filters let through
+
+
+def cmd_sync(args: Namespace) -> int | None:
     src_remote, dst_remote = args.src.startswith(REMOTE), args.dst.startswith(REMOTE)
     if not (src_remote or dst_remote):
         raise FmsError(
@@ -55,16 +74,18 @@ def cmd_sync(args) -> int | None:
             )
         _report(args, plan)
         if args.dry_run:
-            return _summary(args, plan)
+            _summary(args, plan)
+            return None
         if args.delete and not _confirmed(args, plan):
             print("sync: stopped; nothing was changed", file=sys.stderr)
             return EXIT_ERROR
         kind = "remote" if src_remote and dst_remote else "up" if dst_remote else "down"
         _carry_out(client, plan, kind, delete=args.delete)
-    return _summary(args, plan)
+    _summary(args, plan)
+    return None
 
 
-def _summary(args, plan: dict):
+def _summary(args: Namespace, plan: Plan) -> None:
     if args.json:
         return None
     verb = "would send" if args.dry_run else "sent"
@@ -82,7 +103,7 @@ def _summary(args, plan: dict):
     return None
 
 
-def _confirmed(args, plan: dict) -> bool:
+def _confirmed(args: Namespace, plan: Plan) -> bool:
     """On a terminal, ask before removing more than ASK_ABOVE files (unless ``--force``)."""
     count = len(plan["extra"])
     if count <= ASK_ABOVE or args.force or not (sys.stdin.isatty() and sys.stderr.isatty()):
@@ -102,11 +123,11 @@ def _prefix(remote: str) -> str:
     return prefix + "/" if prefix else ""
 
 
-def _same(client, path: str, stat: dict) -> bool:
+def _same(client: Client, path: str, stat: dict[str, Any]) -> bool:
     return os.path.getsize(path) == stat["size"] and _digest(client, path, stat) == stat["digest"]
 
 
-def _digest(client, path: str, stat: dict) -> str:
+def _digest(client: Client, path: str, stat: dict[str, Any]) -> str:
     """The digest of a local file as the stored one's was made (hex): of its content (kind
     ``content``, files stored before protocol 2: sha256), else from its chunk digests in the
     stored file's chunk size, with the store's digest function."""
@@ -122,7 +143,7 @@ def _digest(client, path: str, stat: dict) -> str:
     return plan_file(path, chunk_size, client.session.hasher()).digest.hex()
 
 
-def _stored(client, prefix: str, wanted) -> dict:
+def _stored(client: Client, prefix: str, wanted: Wanted) -> dict[str, dict[str, Any]]:
     """relative path -> stat of the stored files under ``prefix`` the filters let through."""
     out = {}
     for e in client.iter_ls(prefix):
@@ -132,12 +153,13 @@ def _stored(client, prefix: str, wanted) -> dict:
     return out
 
 
-def _upload_plan(client, folder: str, prefix: str, wanted) -> dict:
+def _upload_plan(client: Client, folder: str, prefix: str, wanted: Wanted) -> Plan:
     if not os.path.isdir(folder):
         raise FmsError(f"{folder} is not a folder")
     files = local.tree(folder, "", wanted, allow_empty=True)
     stored = _stored(client, prefix, wanted)
-    send, same = [], 0
+    send: list[tuple[str, str, int]] = []
+    same = 0
     for path, rel in files:
         stat = stored.pop(rel, None)
         if stat is not None and _same(client, path, stat):
@@ -152,20 +174,21 @@ def _upload_plan(client, folder: str, prefix: str, wanted) -> dict:
     }
 
 
-def _download_plan(client, prefix: str, folder: str, wanted) -> dict:
+def _download_plan(client: Client, prefix: str, folder: str, wanted: Wanted) -> Plan:
     if os.path.lexists(folder) and not os.path.isdir(folder):
         raise FmsError(f"{folder} is not a folder; nothing was changed")
     stored = _stored(client, prefix, wanted)
     items = [(e["name"], local.inside(folder, rel)) for rel, e in stored.items()]
     local.check_tree(items, "changed")  # before anything is written
-    send, same, wanted_paths = [], 0, set()
+    send: list[tuple[str, str, int]] = []
+    same, wanted_paths = 0, set()
     for (name, path), e in zip(items, stored.values(), strict=True):
         wanted_paths.add(path)
         if os.path.isfile(path) and _same(client, path, e):
             same += 1
         else:
             send.append((name, path, e["size"]))
-    extra = []
+    extra: list[str] = []
     if os.path.isdir(folder):
         extra = sorted(
             path
@@ -175,14 +198,15 @@ def _download_plan(client, prefix: str, folder: str, wanted) -> dict:
     return {"send": send, "same": same, "extra": extra, "sources": len(stored)}
 
 
-def _remote_plan(client, src: str, dst: str, wanted) -> dict:
+def _remote_plan(client: Client, src: str, dst: str, wanted: Wanted) -> Plan:
     if not src or dst.startswith(src) or src.startswith(dst):
         raise FmsError(
             f"fms:{src} and fms:{dst} overlap (one holds the other): sync between folders that "
             f"are apart, such as fms:photos/ fms:backup/photos/"
         )
     source, target = _stored(client, src, wanted), _stored(client, dst, wanted)
-    send, same = [], 0
+    send: list[tuple[str, str, int]] = []
+    same = 0
     for rel, e in source.items():
         held = target.pop(rel, None)
         if held is not None and (held["size"], held["digest"]) == (e["size"], e["digest"]):
@@ -193,7 +217,7 @@ def _remote_plan(client, src: str, dst: str, wanted) -> dict:
     return {"send": send, "same": same, "extra": extra, "sources": len(source)}
 
 
-def _report(args, plan: dict):
+def _report(args: Namespace, plan: Plan) -> None:
     if args.json:
         print(
             json.dumps(
@@ -216,7 +240,7 @@ def _report(args, plan: dict):
             print(f"{'would delete' if args.dry_run else 'delete'}  {x}")
 
 
-def _carry_out(client, plan: dict, kind: str, delete: bool):
+def _carry_out(client: Client, plan: Plan, kind: str, delete: bool) -> None:
     pairs = [(a, b) for a, b, _n in plan["send"]]
     sizes = [n for *_, n in plan["send"]]
     if pairs and kind == "up":

@@ -7,11 +7,16 @@ import re
 import signal
 import sys
 import time
+from argparse import Namespace
+from typing import TYPE_CHECKING
 
 from .. import wire as p
 from ..errors import FmsError
 from .daemons import StopFlag, check_endpoints
 from .main import EXIT_OK
+
+if TYPE_CHECKING:
+    import subprocess
 
 UP_STOP_TIMEOUT = 8.0  # seconds `fms up` waits for its processes to stop before killing them
 RESTART_BACKOFF = 1.0  # seconds before the first restart of a process that died; doubles...
@@ -19,7 +24,7 @@ RESTART_BACKOFF_MAX = 30.0  # ... up to this
 RESTART_RESET = 60.0  # a process that ran this long starts again from the first backoff
 
 
-def cmd_up(args):
+def cmd_up(args: Namespace) -> int:
     """Start broker, cache and N storage workers as child processes; start again any that
     dies (with backoff); stop them all on Ctrl-C."""
     if args.storage < 1:
@@ -155,7 +160,7 @@ def cmd_up(args):
         _stop_all([(child.name, child.proc) for child in procs])
 
 
-def refuse_taken(option: str, endpoint: str):
+def refuse_taken(option: str, endpoint: str) -> None:
     """Refuse a tcp:// endpoint whose port something already listens on (another ``fms up``
     or broker): started anyway, this cluster's broker could not bind and its workers would
     join the other cluster."""
@@ -204,20 +209,20 @@ class _Child:
     doubling with each death up to RESTART_BACKOFF_MAX, back to the first after it has run for
     RESTART_RESET seconds.  Each death and restart is said on stderr."""
 
-    def __init__(self, name: str, cmd: list):
+    def __init__(self, name: str, cmd: list[str]) -> None:
         self.name, self.cmd = name, cmd
         self.backoff = RESTART_BACKOFF
         self.restarts = 0
-        self.due = None  # when to start it again, while it is dead
+        self.due: float | None = None  # when to start it again, while it is dead
         self._start()
 
-    def _start(self):
+    def _start(self) -> None:
         import subprocess
 
         self.proc = subprocess.Popen(self.cmd)
         self.started = time.monotonic()
 
-    def watch(self):
+    def watch(self) -> None:
         now = time.monotonic()
         if self.due is not None:
             if now >= self.due:
@@ -260,7 +265,7 @@ def _open_store(data: str, meta: str | None, chunks: str | None) -> tuple:
         store.close()
 
 
-def _stop_all(procs):
+def _stop_all(procs: list[tuple[str, "subprocess.Popen[bytes]"]]) -> None:
     import subprocess
 
     for _name, proc in procs:

@@ -18,11 +18,21 @@ import io
 import os
 import stat
 import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeAlias
+
+import zmq
 
 from .. import wire as p
 from ..errors import FmsError, IntegrityError
 from .listing import ChunkList
-from .session import Session
+from .session import Progress, Session
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future  # imported at run time only for large files
+    from hashlib import _Hash
+
+    from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12
 
 VERIFY_THREADS = 2  # threads verifying and writing chunks while the next ones arrive
 WRITE_THREADS = 2  # threads writing the small files of a download of many (more fight for the GIL)
@@ -30,26 +40,40 @@ WRITES_QUEUED = 512  # small files received and waiting to be written, at most .
 WRITES_QUEUED_BYTES = 32 * p.MiB  # ... and bytes of them
 TEMP_NAME_BYTES = 200  # of a destination's name kept in its temp file's name
 
+Via: TypeAlias = dict[str, Any] | None  # fields of every chunk request (see iter_chunks)
 
-def chunk_list(session: Session, manifest: dict, via=None) -> ChunkList:
+
+class Sink(Protocol):
+    """Where :func:`download_chunks` writes a file's content, in order: a binary stream."""
+
+    def write(self, data: p.BytesLike, /) -> object: ...
+
+
+def chunk_list(session: Session, manifest: dict[str, Any], via: Via = None) -> ChunkList:
     """The chunk list of ``manifest``, its pages and body read on a connection of their own (a
     chunk pipeline may be under way on ``session``); close it when done."""
-    aside = []
+    aside: list[Session] = []
 
     def fetch(ident: bytes, fresh: bool = False) -> bytes:
         if not aside:
             aside.append(session.aside())
-        fields = {"fresh": True} if fresh or (via or {}).get("fresh") else {}
+        fields: dict[str, Any] = {"fresh": True} if fresh or (via or {}).get("fresh") else {}
         # `name`: an identity that may not read the whole store reads a list through its file.
         _, frame = aside[0].call("page", hash=ident, name=manifest["name"], **fields)
         return bytes(p.unpack_data(frame.buffer)) if frame is not None else b""
 
+    def close() -> None:
+        if aside:
+            aside[0].close()
+
     listing = ChunkList(manifest, fetch)
-    listing.on_close = lambda: aside and aside[0].close()
+    listing.on_close = close
     return listing
 
 
-def fetch_whole(session: Session, name: str, manifest: dict, data):
+def fetch_whole(
+    session: Session, name: str, manifest: dict[str, Any], data: p.BytesLike
+) -> tuple[dict[str, Any], p.BytesLike]:
     """The verified content of a small file that came with its manifest (``data``); if it does
     not match, asked once more from storage itself (``fresh``).  :return: (manifest, data)."""
     if p.inline_ok(manifest, data):
@@ -63,7 +87,9 @@ def fetch_whole(session: Session, name: str, manifest: dict, data):
     return manifest, checked_whole(manifest, p.unpack_data(frame.buffer))
 
 
-def download_chunks(session: Session, manifest: dict, out, report, via=None):
+def download_chunks(
+    session: Session, manifest: dict[str, Any], out: Sink, report: Progress, via: Via = None
+) -> None:
     """Fetch every chunk pipelined, verify each and write them in order to the stream ``out``;
     ``report(name, done, total)`` after each chunk; ``via``: see :func:`iter_chunks`."""
     done = 0
@@ -74,7 +100,9 @@ def download_chunks(session: Session, manifest: dict, out, report, via=None):
             report(manifest["name"], done, manifest["size"])
 
 
-def download_to_file(session: Session, manifest: dict, out, report, via=None):
+def download_to_file(
+    session: Session, manifest: dict[str, Any], out: BinaryIO, report: Progress, via: Via = None
+) -> None:
     """Fetch every chunk pipelined into the file ``out`` (open for writing, empty): while this
     thread receives, :data:`VERIFY_THREADS` threads check each chunk against its digest and
     write it at its offset (the digest helpers and ``os.pwrite`` release the GIL), so hashing,
@@ -94,11 +122,16 @@ def download_to_file(session: Session, manifest: dict, out, report, via=None):
             default=manifest["chunk_size"] or p.DEFAULT_CHUNK_SIZE,
         )
     )
-    pending = collections.deque()  # (piece, future) in arrival order
+    # ((offset, length, digest), verified and written) in arrival order
+    pending: collections.deque[tuple[tuple[int, int, bytes, dict[str, Any]], Future[bool]]] = (
+        collections.deque()
+    )
     done = holes = 0
     with contextlib.closing(chunk_list(session, manifest, via)) as listing:
 
-        def requests():
+        def requests() -> Iterator[
+            tuple[tuple[int, int, bytes, dict[str, Any]], str, dict[str, Any], None]
+        ]:
             nonlocal holes
             for i, offset, length, digest, zeros in listing.items():
                 if zeros:
@@ -110,7 +143,7 @@ def download_to_file(session: Session, manifest: dict, out, report, via=None):
 
         with ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="fms-verify") as pool:
 
-            def settle():
+            def settle() -> None:
                 nonlocal done
                 (offset, length, digest, where), future = pending.popleft()
                 if not future.result():
@@ -132,7 +165,9 @@ def download_to_file(session: Session, manifest: dict, out, report, via=None):
         report(manifest["name"], manifest["size"], manifest["size"])
 
 
-def _verify_and_write(fd: int, hash_fn, offset: int, length: int, digest: bytes, data) -> bool:
+def _verify_and_write(
+    fd: int, hash_fn: p.Hasher, offset: int, length: int, digest: bytes, data: p.BytesLike
+) -> bool:
     """Write a chunk at its offset if it is what the list says.  :return: whether."""
     if not _chunk_ok(hash_fn, data, length, digest):
         return False
@@ -140,18 +175,24 @@ def _verify_and_write(fd: int, hash_fn, offset: int, length: int, digest: bytes,
     return True
 
 
-def _write_at(fd: int, data, offset: int):
+def _write_at(fd: int, data: p.BytesLike, offset: int) -> None:
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
 
 
-def _chunk_ok(hash_fn, data, length: int, digest: bytes) -> bool:
+def _chunk_ok(hash_fn: p.Hasher, data: p.BytesLike, length: int, digest: bytes) -> bool:
     return len(data) == length and hash_fn(data) == digest
 
 
-def _refetch(session: Session, listing: ChunkList, digest: bytes, length: int, where=None):
+def _refetch(
+    session: Session,
+    listing: ChunkList,
+    digest: bytes,
+    length: int,
+    where: dict[str, Any] | None = None,
+) -> memoryview:
     """A chunk of ``listing`` once more, from storage itself (``fresh``: the broker bypasses
     the cache), verified; ``where``: its place in the file (ChunkList.where).
     :raises IntegrityError: it does not match either."""
@@ -159,7 +200,7 @@ def _refetch(session: Session, listing: ChunkList, digest: bytes, length: int, w
         _, frame = aside.call(
             "chunk", hash=digest, len=length, fresh=True, **(where or {"name": listing.name})
         )
-    data = p.unpack_data(frame.buffer) if frame is not None else b""
+    data = p.unpack_data(frame.buffer) if frame is not None else memoryview(b"")
     if not _chunk_ok(listing.hash, data, length, digest):
         raise IntegrityError(
             f"chunk {digest.hex()[:16]} of {listing.name!r} does not match its digest, "
@@ -169,8 +210,13 @@ def _refetch(session: Session, listing: ChunkList, digest: bytes, length: int, w
 
 
 def fetch_chunk(
-    session: Session, listing: ChunkList, digest: bytes, length: int, via=None, where=None
-):
+    session: Session,
+    listing: ChunkList,
+    digest: bytes,
+    length: int,
+    via: Via = None,
+    where: dict[str, Any] | None = None,
+) -> memoryview:
     """A chunk of ``listing`` alone, verified (from storage itself if the first copy does not
     match); ``where``: its place in the file (ChunkList.where)."""
     where = where or {"name": listing.name}
@@ -181,7 +227,9 @@ def fetch_chunk(
     return _refetch(session, listing, digest, length, where)
 
 
-def iter_chunks(session: Session, listing: ChunkList, start: int = 0, via=None):
+def iter_chunks(
+    session: Session, listing: ChunkList, start: int = 0, via: Via = None
+) -> Iterator[memoryview]:
     """Yield the chunks of ``listing`` from index ``start`` on, in order, each verified (a
     chunk of zeros as zeros, not fetched); ``window`` requests stay in flight and out-of-order
     arrivals wait (at most ``window``).  ``via``: fields of every chunk request: the GET they
@@ -191,10 +239,10 @@ def iter_chunks(session: Session, listing: ChunkList, start: int = 0, via=None):
     """
     # What is due, in order: [index, length, digest] of a chunk to fetch, or [None, length, n]
     # of a run of n chunks of zeros (one entry however long: a sparse file costs no memory).
-    due = collections.deque()
-    held = {}
+    due: collections.deque[list[Any]] = collections.deque()
+    held: dict[int, memoryview] = {}  # chunks come in before their turn
 
-    def requests():
+    def requests() -> Iterator[tuple[int, str, dict[str, Any], None]]:
         for i, _offset, length, digest, zeros in listing.items(start):
             if zeros:
                 if due and due[-1][0] is None and due[-1][1] == length:
@@ -210,7 +258,7 @@ def iter_chunks(session: Session, listing: ChunkList, start: int = 0, via=None):
                 None,
             )
 
-    def ready():
+    def ready() -> Iterator[memoryview]:
         while due and (due[0][0] is None or due[0][0] in held):
             entry = due.popleft()
             if entry[0] is not None:
@@ -243,7 +291,13 @@ def zeros_of(n: int) -> memoryview:
 class RemoteFile(io.RawIOBase):
     """What :meth:`fms.Client.open` returns: read it like a local binary file."""
 
-    def __init__(self, session: Session, manifest: dict, inline_frame=None, via=None):
+    def __init__(
+        self,
+        session: Session,
+        manifest: dict[str, Any],
+        inline_frame: zmq.Frame | None = None,
+        via: Via = None,
+    ) -> None:
         super().__init__()
         self._session = session
         self._via = via
@@ -254,10 +308,10 @@ class RemoteFile(io.RawIOBase):
         self._pos = 0
         self._buf = memoryview(b"")  # the current chunk, from offset _buf_start
         self._buf_start = 0
-        self._stream = None
+        self._stream: Iterator[memoryview] | None = None
         self._run = 0  # chunks read in order since the last jump
         # Kind content: its digest is of the bytes, checked when they are read through in order.
-        self._whole = None
+        self._whole: _Hash | None = None
         if manifest["digest_kind"] == p.DIGEST_CONTENT:
             import hashlib  # here: OpenSSL is loaded only by commands that move content
 
@@ -282,7 +336,7 @@ class RemoteFile(io.RawIOBase):
         self._pos = base + offset
         return self._pos
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: "Buffer") -> int:
         """Fill ``buffer`` as far as the content goes (short only at the end of the file)."""
         if self.closed:
             raise ValueError("read from a closed file")
@@ -298,7 +352,7 @@ class RemoteFile(io.RawIOBase):
             self._pos += n
         return filled
 
-    def _fetch_chunk_at(self, pos: int, want_end: int):
+    def _fetch_chunk_at(self, pos: int, want_end: int) -> None:
         """Make ``_buf`` the chunk that holds ``pos``, for a read up to ``want_end``.  Only the
         chunks a read touches are fetched, one by one, until reading goes on in order: from
         the third chunk read in a row, or for a read beyond the next chunk, the following
@@ -325,21 +379,21 @@ class RemoteFile(io.RawIOBase):
         self._buf_start = offset
         self._hash_in_order()
 
-    def _hash_in_order(self):
+    def _hash_in_order(self) -> None:
         if self._whole is not None and self._buf_start == self._hashed_to:
             self._whole.update(self._buf)
             self._hashed_to += len(self._buf)
             if self._hashed_to == self.size and self._whole.digest() != self.manifest["digest"]:
                 raise IntegrityError(f"{self.name!r} does not match its digest")
 
-    def close(self):
+    def close(self) -> None:
         self._stream = None
         if not self.closed:
             self._list.close()
         super().close()
 
 
-def checked_whole(manifest: dict, data) -> memoryview:
+def checked_whole(manifest: dict[str, Any], data: memoryview) -> memoryview:
     """A small file's content, checked against its one chunk's digest (and that against the
     file digest)."""
     if not p.inline_ok(manifest, data):
@@ -350,7 +404,7 @@ def checked_whole(manifest: dict, data) -> memoryview:
     return data
 
 
-def destination(dest: str) -> tuple:
+def destination(dest: str) -> tuple[str, bool]:
     """Where a download to ``dest`` goes, as ``cp`` would write it: through a symlink to its
     target (the link stays a link), and into a destination that is not a regular file (a
     device, a FIFO) as it is, never replacing it.
@@ -373,7 +427,7 @@ def destination(dest: str) -> tuple:
 
 
 @contextlib.contextmanager
-def in_place(path: str):
+def in_place(path: str) -> Iterator[BinaryIO]:
     """``path`` (a device, a FIFO) opened for writing as ``cp`` opens it; an OS error (such
     as ENOSPC from /dev/full) becomes one clear :class:`FmsError`."""
     try:
@@ -384,7 +438,7 @@ def in_place(path: str):
 
 
 @contextlib.contextmanager
-def atomic_file(dest: str, manifest: dict, fsync: bool = False):
+def atomic_file(dest: str, manifest: dict[str, Any], fsync: bool = False) -> Iterator[BinaryIO]:
     """A temp file beside ``dest``, renamed onto it only if the body succeeds (and the content
     was verified): whenever the client dies, ``dest`` holds the old file or the new one, whole.
     With ``fsync`` the data also reaches the disk before the rename (survives a power loss),
@@ -418,17 +472,27 @@ class SmallFiles:
     Plain threads and queues: concurrent.futures would import logging, a tenth of start-up.
     """
 
-    def __init__(self, session: Session, done, fsync: bool = False):
+    def __init__(
+        self, session: Session, done: Callable[[Any, dict[str, Any]], None], fsync: bool = False
+    ) -> None:
         import queue  # here: only downloads of many files use them
         import threading
 
         self._session = session
         self._done = done
         self._fsync = fsync
-        self._todo = queue.SimpleQueue()  # (seq, dest, manifest, data), or None: stop
-        self._finished = queue.SimpleQueue()  # (seq, True, False or the exception raised)
-        self._outcomes = {}  # seq -> outcome, finished but not yet settled
-        self._pending = collections.deque()  # (seq, key, dest, manifest, size), in order
+        self._todo: queue.SimpleQueue[tuple[int, str, dict[str, Any], p.BytesLike] | None] = (
+            queue.SimpleQueue()
+        )  # (seq, dest, manifest, data), or None: stop
+        self._finished: queue.SimpleQueue[tuple[int, bool | BaseException]] = (
+            queue.SimpleQueue()
+        )  # (seq, True, False or the exception raised)
+        self._outcomes: dict[
+            int, bool | BaseException
+        ] = {}  # seq -> outcome, finished but not yet settled
+        self._pending: collections.deque[tuple[int, Any, str, dict[str, Any], int]] = (
+            collections.deque()
+        )  # (seq, key, dest, manifest, size), in order
         self._seq = 0
         self._queued = 0  # bytes of content in _pending
         self._cancelled = False
@@ -439,7 +503,7 @@ class SmallFiles:
         for thread in self._threads:
             thread.start()
 
-    def write(self, key, dest: str, manifest: dict, data) -> None:
+    def write(self, key: object, dest: str, manifest: dict[str, Any], data: p.BytesLike) -> None:
         """Write ``data``, the content of the file ``manifest`` describes, to ``dest`` as
         :meth:`fms.Client.get` would (through a symlink, into a device: :func:`destination`)."""
         self._todo.put((self._seq, dest, manifest, data))
@@ -456,16 +520,17 @@ class SmallFiles:
         ):
             self._settle()
 
-    def _work(self):
+    def _work(self) -> None:
         while (job := self._todo.get()) is not None:
             seq, dest, manifest, data = job
+            outcome: bool | BaseException
             try:
                 outcome = not self._cancelled and _write_small(dest, manifest, data, self._fsync)
             except BaseException as exc:  # handed to the caller's thread
                 outcome = exc
             self._finished.put((seq, outcome))
 
-    def _settle(self):
+    def _settle(self) -> None:
         seq, key, dest, manifest, size = self._pending.popleft()
         while seq not in self._outcomes:
             done_seq, outcome = self._finished.get()
@@ -482,7 +547,7 @@ class SmallFiles:
     def __enter__(self) -> "SmallFiles":
         return self
 
-    def __exit__(self, kind, value, tb) -> None:
+    def __exit__(self, kind: object, value: object, tb: object) -> None:
         try:
             while kind is None and self._pending:
                 self._settle()
@@ -494,7 +559,7 @@ class SmallFiles:
                 thread.join()
 
 
-def _write_small(dest: str, manifest: dict, data, fsync: bool) -> bool:
+def _write_small(dest: str, manifest: dict[str, Any], data: p.BytesLike, fsync: bool) -> bool:
     """Write a small file's content to ``dest`` if it is what ``manifest`` says (its one-chunk
     list giving the file digest).  :return: whether."""
     if not p.inline_ok(manifest, data):
@@ -509,7 +574,9 @@ def _write_small(dest: str, manifest: dict, data, fsync: bool) -> bool:
     return True
 
 
-def write_whole(dest: str, manifest: dict, data, fsync: bool = False) -> None:
+def write_whole(
+    dest: str, manifest: dict[str, Any], data: p.BytesLike, fsync: bool = False
+) -> None:
     """:func:`atomic_file` for content already in memory and verified (small files), in the
     fewest system calls: an unnamed file made in ``dest``'s folder (``O_TMPFILE``), written,
     its mtime set, then linked at ``dest`` (``linkat``): it appears whole or not at all, and a
@@ -522,6 +589,8 @@ def write_whole(dest: str, manifest: dict, data, fsync: bool = False) -> None:
             _finish(fd, manifest, fsync)
             if _link_unnamed(fd, dest):
                 return
+        except OSError as exc:  # a full disk, a quota: nothing was named
+            raise FmsError(f"cannot write to {dest}: {exc.strerror or exc}") from None
         finally:
             os.close(fd)
     tmp, fd = _create_temp(dest)
@@ -531,9 +600,11 @@ def write_whole(dest: str, manifest: dict, data, fsync: bool = False) -> None:
             _finish(fd, manifest, fsync)
         finally:
             os.close(fd)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise FmsError(f"cannot write to {dest}: {exc.strerror or exc}") from None
         raise
     _replace(tmp, dest)
 
@@ -541,7 +612,7 @@ def write_whole(dest: str, manifest: dict, data, fsync: bool = False) -> None:
 AT_FDCWD = -100  # linkat(2): a path relative to the working folder
 AT_EMPTY_PATH = 0x1000  # linkat(2): link the file open at the descriptor itself
 # Whether unnamed files can be made and linked on this machine: None until tried.
-_unnamed = {"works": None, "linkat": None}
+_unnamed: dict[str, Any] = {"works": None, "linkat": None}
 
 
 def _open_unnamed(dest: str) -> int | None:
@@ -587,7 +658,7 @@ def _link_unnamed(fd: int, dest: str) -> bool:
     return False
 
 
-def _linkat():
+def _linkat() -> Any:
     """libc's ``linkat``, or None (not loaded: ctypes is imported only when it is used)."""
     if _unnamed["linkat"] is None:
         import ctypes  # here: only a download of small files loads it
@@ -644,7 +715,7 @@ def _create_temp(dest: str) -> tuple:
         raise FmsError(f"cannot write to {folder}: {exc.strerror or exc}") from None
 
 
-def _finish(fd: int, manifest: dict, fsync: bool):
+def _finish(fd: int, manifest: dict[str, Any], fsync: bool) -> None:
     if fsync:
         os.fsync(fd)
     os.utime(fd, (time.time(), manifest["mtime"]))
@@ -653,8 +724,8 @@ def _finish(fd: int, manifest: dict, fsync: bool):
 class Collect:
     """A stream that keeps what is written to it, as bytes, in ``parts``."""
 
-    def __init__(self, parts):
+    def __init__(self, parts: list[bytes]) -> None:
         self.parts = parts
 
-    def write(self, data):
+    def write(self, data: p.BytesLike) -> None:
         self.parts.append(bytes(data))

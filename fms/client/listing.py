@@ -12,6 +12,8 @@ against the stored content when it was committed.
 """
 
 import bisect
+from collections.abc import Callable, Iterator
+from typing import Any, Self
 
 from .. import wire as p
 from ..errors import IntegrityError
@@ -28,13 +30,18 @@ class ChunkList:
         does not match its id.
     """
 
-    def __init__(self, manifest: dict, fetch):
+    def __init__(
+        self, manifest: dict[str, Any], fetch: Callable[[p.Digest, bool], bytes] | None
+    ) -> None:
         self.manifest = manifest
         self.name = manifest["name"]
         self.size = manifest["size"]
         self.count = manifest["count"]
         self._fetch = fetch
-        self._pages = {}  # page number -> digests, at most PAGES_KEPT
+        self._pages: dict[int, list[p.Digest]] = {}  # page number -> digests, at most PAGES_KEPT
+        self.extents: tuple[p.Extent, ...]
+        self._inline: list[p.Digest] | None
+        self.page_ids: list[p.Digest] | None
         self.hash = hash_fn = p.manifest_hasher(manifest)
         tree = manifest["digest_kind"] == p.DIGEST_TREE
         if "chunks" in manifest:
@@ -57,8 +64,10 @@ class ChunkList:
             if tree and body != manifest["digest"]:
                 raise self._bad("its body does not give its digest")
         # Where each extent starts (chunk index, byte offset) and each page (chunk index).
-        self._extent_chunk, self._extent_offset = [], []
-        self._page_chunk, self._page_extent = [], []
+        self._extent_chunk: list[int] = []
+        self._extent_offset: list[int] = []
+        self._page_chunk: list[int] = []
+        self._page_extent: list[int] = []
         index = offset = 0
         for e, (chunk_size, size) in enumerate(self.extents):
             self._extent_chunk.append(index)
@@ -71,18 +80,18 @@ class ChunkList:
             offset += size
         if index != self.count or offset != self.size:
             raise self._bad("its extents do not add up to its size")
-        self.on_close = None
+        self.on_close: Callable[[], None] | None = None
 
-    def close(self):
+    def close(self) -> None:
         """Close what fetches the pages (a connection of its own)."""
         if self.on_close is not None:
             self.on_close()
             self.on_close = None
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     @property
@@ -92,6 +101,8 @@ class ChunkList:
     def _fetched(self, ident: bytes, what: str) -> bytes:
         """A page or body by its id, checked against it; one that does not match is asked for
         once more from storage itself (``fresh``: the cache may hold a damaged copy)."""
+        if self._fetch is None:  # a manifest checked on its own (its list is in it)
+            raise self._bad(f"{what} is not in it")
         for fresh in (False, True):
             blob = self._fetch(ident, fresh)
             if self.hash(blob) == ident:
@@ -101,7 +112,7 @@ class ChunkList:
     def _bad(self, why: str) -> IntegrityError:
         return IntegrityError(f"the manifest of {self.name!r} is damaged: {why}; try again")
 
-    def chunk(self, i: int) -> tuple:
+    def chunk(self, i: int) -> tuple[int, int, p.Digest, bool]:
         """``(offset, length, digest, zeros)`` of chunk ``i`` (see :meth:`items`)."""
         e = bisect.bisect_right(self._extent_chunk, i) - 1
         chunk_size, size = self.extents[e]
@@ -115,11 +126,11 @@ class ChunkList:
             digest == zero_digest(chunk_size, self.hash),
         )
 
-    def where(self, i: int) -> dict:
+    def where(self, i: int) -> dict[str, Any]:
         """The fields a request for chunk ``i`` names its place by: the file, and for a long
         list the page that lists it and its index there, through which an identity that may
         not read the whole store reads it (fms.policy)."""
-        if self._inline is not None:
+        if self.page_ids is None:  # a short list, in the manifest itself
             return {"name": self.name}
         k = bisect.bisect_right(self._page_chunk, i) - 1
         return {"name": self.name, "page": self.page_ids[k], "at": i - self._page_chunk[k]}
@@ -130,7 +141,7 @@ class ChunkList:
         chunk_size = self.extents[e][0]
         return self._extent_chunk[e] + (offset - self._extent_offset[e]) // chunk_size
 
-    def items(self, start: int = 0):
+    def items(self, start: int = 0) -> Iterator[tuple[int, int, int, p.Digest, bool]]:
         """Yield ``(index, offset, length, digest, zeros)`` from chunk ``start`` on, in order;
         ``zeros``: the chunk is all zero bytes (a hole of a sparse file, known from its digest:
         write it as a hole, never fetch it)."""
@@ -153,6 +164,7 @@ class ChunkList:
         k = bisect.bisect_right(self._page_chunk, i) - 1
         digests = self._pages.get(k)
         if digests is None:
+            assert self.page_ids is not None  # no inline list: a long one, in pages
             digests = p.split_digests(self._fetched(self.page_ids[k], f"page {k}"))
             first = self._page_chunk[k]
             end = self._page_chunk[k + 1] if k + 1 < len(self._page_chunk) else self.count
@@ -164,7 +176,8 @@ class ChunkList:
         return digests[i - self._page_chunk[k]]
 
 
-_ZEROS = {}  # (digest function, chunk size) -> the digest of that many zero bytes
+# (digest function, chunk size) -> the digest of that many zero bytes
+_ZEROS: dict[tuple[p.Hasher, int], p.Digest] = {}
 
 
 def zero_digest(chunk_size: int, hash_fn) -> bytes:

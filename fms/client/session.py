@@ -14,6 +14,8 @@ import itertools
 import os
 import re
 import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Generic, Self, TypeAlias, TypeVar
 
 import zmq
 
@@ -28,7 +30,10 @@ from ..errors import (
     Unavailable,
     from_reply,
 )
-from ..wire.frames import recv_frames, send_frames
+from ..wire.frames import Sendable, recv_frames, send_frames
+
+if TYPE_CHECKING:
+    from ..security import CurveClient  # not imported at run time: `ls` needs no CURVE
 
 DEFAULT_BROKER = p.DEFAULT_FRONTEND
 DEFAULT_TIMEOUT = 5.0  # seconds a request may wait for its reply before a retry
@@ -65,19 +70,28 @@ def gave_up(error: RemoteError, tries: int, seconds: float) -> RemoteError:
     )
 
 
-class _Outstanding:
+T = TypeVar("T")  # what a caller tags its requests with in a pipeline
+# A reply: its header, and its data frame if it has one.
+Reply: TypeAlias = tuple[dict[str, Any], zmq.Frame | None]
+# report(name, done bytes, total bytes or None if not known yet): called as a file's chunks move.
+Progress: TypeAlias = Callable[[str, int, int | None], None]
+
+
+class _Outstanding(Generic[T]):
     """A request in flight in :meth:`Session.pipeline`."""
 
     __slots__ = ("deadline", "first_sent", "frames", "last_error", "op", "tag", "tries")
 
-    def __init__(self, tag, frames: list, op: str, first_sent: float, deadline: float):
+    def __init__(
+        self, tag: T, frames: list[Sendable], op: str, first_sent: float, deadline: float
+    ) -> None:
         self.tag = tag
         self.frames = frames
         self.op = op
         self.first_sent = first_sent
         self.deadline = deadline  # when to send it again (after a timeout or a backoff)
         self.tries = 1
-        self.last_error = None  # the `unavailable` that caused the pending resend
+        self.last_error: RemoteError | None = None  # the `unavailable` behind a pending resend
 
 
 class Session:
@@ -101,28 +115,30 @@ class Session:
         retries: int = DEFAULT_RETRIES,
         window: int = DEFAULT_WINDOW,
         ctx: zmq.Context | None = None,
-        curve=None,
+        curve: "CurveClient | None" = None,
         acting_as: str | None = None,
-    ):
+    ) -> None:
         self.broker = endpoint(broker or os.environ.get("FMS_BROKER") or DEFAULT_BROKER)
         self.acting_as = acting_as
         self.timeout = timeout
         self.retries = retries
         self.window = max(1, window)
-        self.curve = curve  # a fms.security.CurveClient, or None for plaintext
+        self.curve = curve  # None for plaintext
         self._ctx = ctx or zmq.Context.instance()
-        self._sock = None
+        self._sock: zmq.Socket | None = None
         self._ids = itertools.count(1)
-        self._digest_fn = None  # the store's digest function, once asked (hello)
-        self._retry_budget = None  # seconds to retry `unavailable` in (None: the whole budget)
+        self._digest_fn: str | None = None  # the store's digest function, once asked (hello)
+        self._retry_budget: float | None = (
+            None  # seconds to retry `unavailable` in (None: the whole budget)
+        )
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def close(self):
+    def close(self) -> None:
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
@@ -178,7 +194,7 @@ class Session:
             self._sock = sock
         return self._sock
 
-    def _connect(self, sock: zmq.Socket):
+    def _connect(self, sock: zmq.Socket) -> None:
         """Connect and wait until the connection (and any CURVE handshake) is up.
 
         With IMMEDIATE, POLLOUT means "connected": an unreachable broker is reported now,
@@ -242,10 +258,12 @@ class Session:
 
     # --- requests ---
 
-    def _frames(self, op: str, fields: dict, data=None):
+    def _frames(
+        self, op: str, fields: dict[str, Any], data: Sendable | None = None
+    ) -> tuple[int, list[Sendable]]:
         req_id = next(self._ids)
         # ttl_ms: how long this try will be waited for; the broker drops it once that passes.
-        frames = [
+        frames: list[Sendable] = [
             p.encode(
                 {
                     "v": p.PROTOCOL_VERSION,
@@ -261,7 +279,7 @@ class Session:
             frames.append(data)
         return req_id, frames
 
-    def _send(self, frames):
+    def _send(self, frames: list[Sendable]) -> None:
         """Send a request.  If the broker is unreachable right now the send is given up after
         SEND_TIMEOUT and counts as a try: the retry logic sends it again or times out."""
         try:
@@ -273,7 +291,7 @@ class Session:
                 f"cannot send to the broker at {self.broker}: {exc.strerror}"
             ) from None
 
-    def _recv(self, deadline: float):
+    def _recv(self, deadline: float) -> Reply | None:
         """One reply (header, data frame or None), or None if ``deadline`` passes first."""
         sock = self._socket()
         while True:
@@ -289,7 +307,12 @@ class Session:
                 continue
             return header, (frames[1] if len(frames) == 2 else None)
 
-    def pipeline(self, requests, window: int | None = None, errors: bool = False):
+    def pipeline(
+        self,
+        requests: Iterable[tuple[T, str, dict[str, Any], Sendable | None]],
+        window: int | None = None,
+        errors: bool = False,
+    ) -> Iterator[tuple[T, dict[str, Any], zmq.Frame | None]]:
         """Send requests keeping at most ``window`` in flight; yield replies as they come.
 
         An idempotent request that gets no reply in ``timeout`` is sent again, and so is one
@@ -306,7 +329,7 @@ class Session:
         """
         window = window or self.window
         source = iter(requests)
-        inflight = {}
+        inflight: dict[int, _Outstanding[T]] = {}  # by request id
         exhausted = False
         # No later than the earliest deadline in flight (an earlier wake-up only costs a check),
         # kept up to date as requests go out rather than recomputed for every reply.
@@ -331,9 +354,10 @@ class Session:
                 wake = min(o.deadline for o in inflight.values())
                 continue
             header, data = reply
-            out = inflight.get(header.get("id"))
-            if out is None:
+            reply_id = header.get("id")
+            if not isinstance(reply_id, int) or reply_id not in inflight:
                 continue  # a late answer to a request already retried and answered
+            out = inflight[reply_id]
             if not header.get("ok"):
                 error = from_reply(str(header.get("error")), str(header.get("message")), header)
                 if isinstance(error, Unavailable) and self._within_budget(out, self._retry_budget):
@@ -347,16 +371,16 @@ class Session:
                 if not errors:
                     raise error
                 header = {**header, "message": str(error)}
-            del inflight[header["id"]]
+            del inflight[reply_id]
             yield out.tag, header, data
 
     def _budget(self) -> float:
         return self.timeout * (self.retries + 1)
 
-    def _within_budget(self, out: _Outstanding, budget: float | None = None) -> bool:
+    def _within_budget(self, out: _Outstanding[T], budget: float | None = None) -> bool:
         return time.monotonic() - out.first_sent < (budget or self._budget())
 
-    def _resend_due(self, inflight: dict):
+    def _resend_due(self, inflight: dict[int, _Outstanding[T]]) -> None:
         now = time.monotonic()
         for out in inflight.values():
             if out.deadline > now:
@@ -374,14 +398,14 @@ class Session:
             out.last_error = None
             self._send(out.frames)
 
-    def call(self, op: str, data=None, **fields):
+    def call(self, op: str, data: Sendable | None = None, **fields: Any) -> Reply:
         """One request; returns ``(header, data_frame)``."""
         for _tag, header, frame in self.pipeline([(None, op, fields, data)], 1):
             return header, frame
         raise FmsError(f"no reply to {op}")  # unreachable: pipeline yields or raises
 
     @contextlib.contextmanager
-    def patience(self, timeout: float):
+    def patience(self, timeout: float) -> Iterator[None]:
         """Wait up to ``timeout`` for each reply (a GC or fsck pass does real work).  A request
         answered ``unavailable`` (a database or object store down) is still given up within
         the usual budget: the wait is for work, not for a store to come back."""

@@ -7,11 +7,16 @@ import collections
 import contextlib
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from .. import wire as p
 from ..errors import BadRequest, FmsError, IntegrityError, MissingChunks, Unavailable, from_reply
-from ..wire.frames import read_frame, read_full
-from .session import Session
+from ..wire.frames import RawFile, RawReader, read_frame, read_full
+from .session import Progress, Session
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future  # imported at run time only for large files
 
 BATCH_WINDOW = 4  # commit_many messages in flight
 
@@ -38,17 +43,17 @@ class Plan:
         self,
         size: int,
         chunk_size: int,
-        digests,
+        digests: p.BytesLike,
         mtime: float,
         inline: bytes | None,
-        hash_fn,
-    ):
+        hash_fn: p.Hasher,
+    ) -> None:
         self.size = size
         self.chunk_size = chunk_size
         self.digests = bytes(digests)
         self.mtime = mtime
         self.inline = inline  # the content, if it travels with the commit
-        self.meta = None  # the version's metadata map (str -> str), if any
+        self.meta: dict[str, str] | None = None  # the version's metadata map, if any
         self.extents = ((chunk_size, size),) if size else ()
         p.check_extents(self.extents)  # a file over the cap is refused before it is sent
         page_ids = p.page_ids(self.extents, self.digests, hash_fn)
@@ -62,7 +67,7 @@ class Plan:
     def chunk(self, i: int) -> bytes:
         return self.digests[i * p.HASH_LEN : (i + 1) * p.HASH_LEN]
 
-    def chunks(self, start: int = 0, end: int | None = None) -> list:
+    def chunks(self, start: int = 0, end: int | None = None) -> list[p.Digest]:
         """The digests of chunks ``start`` to ``end`` as a list."""
         end = self.count if end is None else min(end, self.count)
         return [self.chunk(i) for i in range(start, end)]
@@ -75,12 +80,31 @@ class Plan:
     def chunk_len(self, i: int) -> int:
         return p.chunk_length(i, self.size, self.chunk_size)
 
+    def content(self) -> bytes:
+        """The content of a small file, which travels with its commit."""
+        assert self.inline is not None, "only a small file travels with its commit"
+        return self.inline
+
+
+# What an upload reads a file from: a local path, or the bytes themselves.
+Source: TypeAlias = str | bytes
+# A file to upload: where from, its name in the store, and its plan.
+Planned: TypeAlias = tuple[Source, str, Plan]
+# done(index, stat): a file of a batch is committed.
+Done: TypeAlias = Callable[[int, dict[str, Any]], None]
+# resend(digests): upload again the chunks storage says it lacks.
+Resend: TypeAlias = Callable[[set[p.Digest]], None]
 
 HASH_AHEAD = 4  # chunks read ahead of their digests when hashing a large file
 HASH_THREADS = 2  # chunks hashed side by side (hashlib and blake3 release the GIL)
 
 
-def plan_file(path: str, chunk_size: int, hash_fn, report=None) -> Plan:
+def plan_file(
+    path: str,
+    chunk_size: int,
+    hash_fn: p.Hasher,
+    report: Callable[[int, int], None] | None = None,
+) -> Plan:
     """Hash a local file chunk by chunk with ``hash_fn`` (the store's digest function) in one
     read pass, :data:`HASH_THREADS` chunks side by side (the file digest is derived from the
     chunk digests: no second pass); memory of :data:`HASH_AHEAD` chunks.  ``report(done,
@@ -114,11 +138,18 @@ def plan_file(path: str, chunk_size: int, hash_fn, report=None) -> Plan:
             raise FmsError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def _plan_large(f, first, chunk_size: int, mtime: float, hash_fn, report=None) -> Plan:
+def _plan_large(
+    f: RawFile,
+    first: memoryview,
+    chunk_size: int,
+    mtime: float,
+    hash_fn: p.Hasher,
+    report: Callable[[int], None] | None = None,
+) -> Plan:
     from concurrent.futures import ThreadPoolExecutor  # only for files of several chunks
 
     digests, size = bytearray(), 0
-    ahead = collections.deque()
+    ahead: collections.deque[Future[p.Digest]] = collections.deque()
     with ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="fms-hash") as pool:
         piece = first
         while piece:
@@ -138,7 +169,7 @@ def _plan_large(f, first, chunk_size: int, mtime: float, hash_fn, report=None) -
     return Plan(size, chunk_size, digests, mtime, inline, hash_fn)
 
 
-def plan_bytes(data: bytes, chunk_size: int, mtime, hash_fn) -> Plan:
+def plan_bytes(data: bytes, chunk_size: int, mtime: float | None, hash_fn: p.Hasher) -> Plan:
     digests = b"".join(hash_fn(data[i : i + chunk_size]) for i in range(0, len(data), chunk_size))
     inline = data if p.travels_inline(len(data), len(digests) // p.HASH_LEN) else None
     when = mtime if mtime is not None else time.time()
@@ -152,13 +183,16 @@ COMMIT_TRIES = 3  # commits of a file whose chunks or pages storage finds missin
 BATCH_HEADER_BYTES = 32 * 1024  # names in one commit_many (its header and route stay small)
 
 
-def _batches(planned, items: list, large: list):
+def _batches(
+    planned: Iterable[Planned], items: list[Planned], large: list[int]
+) -> Iterator[list[int]]:
     """Yield the small files of ``planned`` grouped for commit_many (their indices): at most
     BATCH_FILES files, MAX_BATCH_BYTES of content and BATCH_HEADER_BYTES of names each.
     ``planned`` is consumed as batches are asked for, so reading and hashing the next files
     overlaps storage committing the last batch; each triple is appended to ``items``, and the
     index of each file that is not small to ``large``."""
-    current, size, names = [], 0, 0
+    current: list[int] = []
+    size = names = 0
     for triple in planned:
         i = len(items)
         items.append(triple)
@@ -184,7 +218,9 @@ def _batches(planned, items: list, large: list):
         yield current
 
 
-def _commit_many_request(batch, planned):
+def _commit_many_request(
+    batch: list[int], planned: list[Planned]
+) -> tuple[list[int], str, dict[str, Any], bytearray]:
     plans = [planned[i][2] for i in batch]
     fields = {
         "names": [planned[i][1] for i in batch],
@@ -194,11 +230,11 @@ def _commit_many_request(batch, planned):
         "commits": [os.urandom(16).hex() for _ in batch],
         "chunk_size": plans[0].chunk_size,
     }
-    return batch, "commit_many", fields, p.pack_data(b"".join(pl.inline for pl in plans))
+    return batch, "commit_many", fields, p.pack_data(b"".join(pl.content() for pl in plans))
 
 
-def _commit_fields(name: str, plan: Plan) -> dict:
-    fields = {
+def _commit_fields(name: str, plan: Plan) -> dict[str, Any]:
+    fields: dict[str, Any] = {
         "name": name,
         "extents": p.pack_extents(plan.extents),
         "digest": plan.digest,
@@ -215,7 +251,7 @@ def _commit_fields(name: str, plan: Plan) -> dict:
 
 
 @contextlib.contextmanager
-def _chunk_reader(source, plan: Plan):
+def _chunk_reader(source: Source, plan: Plan) -> Iterator[Callable[[int], bytearray]]:
     """``read(i)`` -> chunk i as a data frame, from a local file (``source`` a path, read
     straight into the frame) or from bytes in memory."""
     if isinstance(source, bytes):
@@ -229,7 +265,7 @@ def _chunk_reader(source, plan: Plan):
         raise FmsError(f"cannot read {source}: {exc.strerror or exc}") from None
     with f:
 
-        def read(i):
+        def read(i: int) -> bytearray:
             try:
                 frame, _view, got = read_frame(f, plan.chunk_len(i), i * plan.chunk_size)
             except OSError as exc:
@@ -244,11 +280,18 @@ def _chunk_reader(source, plan: Plan):
         yield read
 
 
-def put_planned(session: Session, planned, report, done=None) -> list:
+def put_planned(
+    session: Session,
+    planned: Iterable[Planned],
+    report: Progress | None,
+    done: Done | None = None,
+) -> list[dict[str, Any]]:
     """Upload ``(source, name, Plan)`` triples (``source`` a local path or bytes; an iterable,
     consumed as the upload goes); ``done(index, stat)`` as each is committed.  :return: the
     stat of each (as the wire has it), in order."""
-    items, large, results = [], [], _Results(done)
+    items: list[Planned] = []
+    large: list[int] = []  # indices of the files sent in chunks
+    results = _Results(done)
     # Small files: their content travels with their commit, many files to a message
     # (commit_many), a few messages in flight.
     requests = (
@@ -258,7 +301,7 @@ def put_planned(session: Session, planned, report, done=None) -> list:
             batch,
             "commit",
             _commit_fields(items[batch[0]][1], items[batch[0]][2]),
-            p.pack_data(items[batch[0]][2].inline),
+            p.pack_data(items[batch[0]][2].content()),
         )
         for batch in _batches(planned, items, large)
     )
@@ -275,7 +318,7 @@ def put_planned(session: Session, planned, report, done=None) -> list:
                 raise error
             _path, name, plan = items[i]  # transient for this file: on its own
             header1, _ = session.call(
-                "commit", data=p.pack_data(plan.inline), **_commit_fields(name, plan)
+                "commit", data=p.pack_data(plan.content()), **_commit_fields(name, plan)
             )
             results[i] = header1["stat"]
     for i in large:
@@ -283,20 +326,26 @@ def put_planned(session: Session, planned, report, done=None) -> list:
     return [results[i] for i in range(len(items))]
 
 
-class _Results(dict):
+class _Results(dict[int, dict[str, Any]]):
     """index -> stat, telling ``done(index, stat)`` (if given) as each is set."""
 
-    def __init__(self, done=None):
+    def __init__(self, done: Done | None = None) -> None:
         super().__init__()
         self.done = done
 
-    def __setitem__(self, i, stat):
+    def __setitem__(self, i: int, stat: dict[str, Any]) -> None:
         super().__setitem__(i, stat)
         if self.done is not None:
             self.done(i, stat)
 
 
-def put_stream(session: Session, stream, name: str, chunk_size: int, report=None) -> dict:
+def put_stream(
+    session: Session,
+    stream: RawReader,
+    name: str,
+    chunk_size: int,
+    report: Progress | None = None,
+) -> dict[str, Any]:
     """Upload what an unbuffered binary ``stream`` holds (stdin, a pipe, a device) until its
     end, under ``name``: each chunk is hashed and sent as it is read, and the manifest committed
     at the end (its digest derived from the chunks'), so nothing is visible under the name
@@ -306,7 +355,7 @@ def put_stream(session: Session, stream, name: str, chunk_size: int, report=None
     (as the wire has it)."""
     digests, size = bytearray(), 0
 
-    def read() -> tuple:
+    def read() -> tuple[bytearray, int]:
         frame = p.data_buffer(chunk_size)
         try:
             got = read_full(stream, memoryview(frame)[p.DATA_PREFIX_LEN :])
@@ -323,7 +372,7 @@ def put_stream(session: Session, stream, name: str, chunk_size: int, report=None
         plan = plan_bytes(data, chunk_size, None, hash_fn)
         return put_planned(session, [(data, name, plan)], report)[0]
 
-    def requests():
+    def requests() -> Iterator[tuple[int, str, dict[str, Any], bytearray]]:
         nonlocal size
         frame, n = first, got
         while n:
@@ -343,7 +392,9 @@ def put_stream(session: Session, stream, name: str, chunk_size: int, report=None
     return commit_plan(session, name, Plan(size, chunk_size, digests, time.time(), None, hash_fn))
 
 
-def put_chunked(session: Session, source, name: str, plan: Plan, report) -> dict:
+def put_chunked(
+    session: Session, source: Source, name: str, plan: Plan, report: Progress | None
+) -> dict[str, Any]:
     """Upload the chunks storage lacks, then the pages of a long chunk list, and commit; if
     storage reports chunks or pages missing at the commit (collected since `have`, or found
     damaged), send those and commit again."""
@@ -356,7 +407,9 @@ def put_chunked(session: Session, source, name: str, plan: Plan, report) -> dict
     )
 
 
-def commit_plan(session: Session, name: str, plan: Plan, resend=None) -> dict:
+def commit_plan(
+    session: Session, name: str, plan: Plan, resend: Resend | None = None
+) -> dict[str, Any]:
     """Send the pages of ``plan`` (if its list is long) and commit it, its chunks stored.
     ``resend(digests)`` uploads chunks storage says it lacks (None: they cannot be sent again,
     which is an error)."""
@@ -378,14 +431,13 @@ def commit_plan(session: Session, name: str, plan: Plan, resend=None) -> dict:
     raise FmsError("unreachable")
 
 
-def _put_pages(session: Session, plan: Plan, pages: list, resend):
+def _put_pages(session: Session, plan: Plan, pages: list[int], resend: Resend | None) -> None:
     """Send pages ``pages`` of ``plan`` (each distinct one once), pipelined."""
-    todo = list({plan.page_ids[k]: k for k in pages}.values())
+    page_ids = plan.page_ids or []
+    todo = list({page_ids[k]: k for k in pages}.values())
     for _attempt in range(COMMIT_TRIES):
-        requests = (
-            (k, "put_page", {"hash": plan.page_ids[k]}, p.pack_data(plan.page(k))) for k in todo
-        )
-        done = set()
+        requests = ((k, "put_page", {"hash": page_ids[k]}, p.pack_data(plan.page(k))) for k in todo)
+        done: set[int] = set()
         try:
             for k, _header, _ in session.pipeline(requests, PAGE_WINDOW):
                 done.add(k)
@@ -398,7 +450,7 @@ def _put_pages(session: Session, plan: Plan, pages: list, resend):
     )
 
 
-def _resend(resend, digests: set, name: str):
+def _resend(resend: Resend | None, digests: set[p.Digest], name: str) -> None:
     if resend is None:
         raise MissingChunks(
             f"{len(digests)} chunk(s) of {name!r} are no longer in the store and this upload "
@@ -408,7 +460,14 @@ def _resend(resend, digests: set, name: str):
     resend(digests)
 
 
-def upload_chunks(session: Session, source, plan: Plan, name: str, report, only=None):
+def upload_chunks(
+    session: Session,
+    source: Source,
+    plan: Plan,
+    name: str,
+    report: Progress | None,
+    only: set[p.Digest] | None = None,
+) -> None:
     """Send the chunks storage lacks (or exactly those in ``only``), pipelined.  ``source``
     is a local path or the bytes."""
     missing = set(only or ())
@@ -420,7 +479,7 @@ def upload_chunks(session: Session, source, plan: Plan, name: str, report, only=
     done = 0
     with _chunk_reader(source, plan) as read:
 
-        def requests():
+        def requests() -> Iterator[tuple[int, str, dict[str, Any], bytearray]]:
             sent = set()
             for i in todo:
                 if plan.chunk(i) in sent:
@@ -433,7 +492,8 @@ def upload_chunks(session: Session, source, plan: Plan, name: str, report, only=
         try:
             for i, _header, _ in session.pipeline(requests(), session.data_window(plan.chunk_size)):
                 done += plan.chunk_len(i)
-                report(name, done, total)
+                if report is not None:
+                    report(name, done, total)
         except IntegrityError:
             if isinstance(source, str) and _changed(source, plan):
                 raise FmsError(

@@ -16,7 +16,9 @@ import mimetypes
 import os
 import re
 import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from email.utils import parsedate_to_datetime
+from typing import Any, TypeAlias
 from urllib.parse import quote, unquote
 
 from aiohttp import web
@@ -27,9 +29,14 @@ from fms.errors import FmsError
 
 from . import sigv4, xmlio
 from .errors import S3Error
-from .store import CHUNK_SIZE, Store, s3_error_from
+from .sigv4 import Resolve, Signed
+from .store import CHUNK_SIZE, Stat, Store, s3_error_from
 
 log = logging.getLogger("fms.gateway")
+
+Params: TypeAlias = dict[str, str]  # a request's query, decoded
+Headers: TypeAlias = Mapping[str, str]
+Opened: TypeAlias = tuple[dict[str, Any], bytes | None, dict[str, Any]]  # see Store.open
 
 HIDDEN = ".fms-s3"  # the gateway's own top-level folder
 FOLDER_END = "\U0010ffff"  # after a folder's name: sorts after every name inside it
@@ -90,11 +97,15 @@ class Gateway:
     """The request handlers.  :param resolve: ``resolve(access_key_id) -> (secret,
     identity)``; :param store: the broker client."""
 
-    def __init__(self, store: Store, resolve):
+    def __init__(self, store: Store, resolve: Resolve) -> None:
         self.store = store
         self.resolve = resolve
-        self._buckets_seen = {}  # bucket -> monotonic time until which it is known to exist
-        self._completed = {}  # (bucket, upload id) -> (key, ETag) of the latest completions
+        self._buckets_seen: dict[
+            str, float
+        ] = {}  # bucket -> monotonic time until which it is known to exist
+        self._completed: dict[
+            tuple[str, str], tuple[str, str]
+        ] = {}  # (bucket, upload id) -> (key, ETag) of the latest completions
 
     # --- the entry point ---
 
@@ -123,7 +134,14 @@ class Gateway:
         response.headers.setdefault("x-amz-request-id", request_id)
         return response
 
-    async def dispatch(self, request, signed, bucket, key, params):
+    async def dispatch(
+        self,
+        request: web.Request,
+        signed: Signed,
+        bucket: str | None,
+        key: str | None,
+        params: Params,
+    ) -> web.StreamResponse:
         method = request.method
         if bucket is None:
             if method == "GET":
@@ -172,12 +190,12 @@ class Gateway:
             self._buckets_seen[bucket] = time.monotonic() + BUCKET_TTL
         return found
 
-    async def need_bucket(self, bucket: str):
+    async def need_bucket(self, bucket: str) -> None:
         if bucket == HIDDEN or not await self.bucket_exists(bucket):
             raise S3Error("NoSuchBucket", "the specified bucket does not exist", BucketName=bucket)
 
-    async def list_buckets(self):
-        found = {}
+    async def list_buckets(self) -> web.Response:
+        found: dict[str, float | None] = {}
         after = ""
         while True:
             header = await self.store.ls(BUCKETS, after, 1000, False)
@@ -208,7 +226,9 @@ class Gateway:
             xmlio.document("ListAllMyBucketsResult", [("Owner", owner), ("Buckets", items)])
         )
 
-    async def bucket_op(self, request, signed, bucket, params):
+    async def bucket_op(
+        self, request: web.Request, signed: Signed, bucket: str, params: Params
+    ) -> web.StreamResponse:
         method = request.method
         if method == "PUT":
             return await self.create_bucket(request, bucket)
@@ -238,7 +258,7 @@ class Gateway:
             return await self.zip_folder(request, bucket, params)
         return await self.list_objects(bucket, params)
 
-    async def create_bucket(self, request, bucket):
+    async def create_bucket(self, request: web.Request, bucket: str) -> web.Response:
         if not BUCKET_NAME.match(bucket) or ".." in bucket:
             raise S3Error(
                 "InvalidBucketName",
@@ -256,7 +276,7 @@ class Gateway:
         await self.store.put_small(BUCKETS + bucket, json.dumps({"created": time.time()}).encode())
         return web.Response(status=200, headers={"Location": f"/{bucket}"})
 
-    async def delete_bucket(self, bucket):
+    async def delete_bucket(self, bucket: str) -> web.Response:
         await self.need_bucket(bucket)
         header = await self.store.ls(bucket + "/", "", 1, False)
         if header["entries"]:
@@ -271,7 +291,7 @@ class Gateway:
 
     # --- listing ---
 
-    async def list_objects(self, bucket, params):
+    async def list_objects(self, bucket: str, params: Params) -> web.Response:
         v2 = params.get("list-type") == "2"
         prefix = params.get("prefix", "")
         delimiter = params.get("delimiter", "")
@@ -294,12 +314,14 @@ class Gateway:
             if delimiter and after.endswith(delimiter):
                 after += FOLDER_END  # a common prefix: go past every key under it
         base = bucket + "/"
-        contents, prefixes, truncated, last = [], [], False, None
+        contents: list[dict[str, Any]] = []
+        prefixes: list[str] = []
+        truncated, last = False, None
         cursor = base + after if after else ""
         while not truncated:
             header = await self.store.ls(base + prefix, cursor, max(max_keys, 1), bool(delimiter))
             entries = header["entries"]
-            items = [(e["name"], e) for e in entries]
+            items: list[tuple[str, dict[str, Any] | None]] = [(e["name"], e) for e in entries]
             items += [(f, None) for f in (header.get("folders", []) if delimiter else [])]
             items.sort(key=lambda item: item[0])
             for item_name, entry in items:
@@ -316,8 +338,8 @@ class Gateway:
                 break
             cursor = header["next"] if delimiter else entries[-1]["name"]
         next_after = last
-        enc = (lambda k: quote(k, safe="/")) if encode else (lambda k: k)
-        body = [("Name", bucket), ("Prefix", enc(prefix))]
+        enc: Callable[[str], str] = (lambda k: quote(k, safe="/")) if encode else (lambda k: k)
+        body: list[tuple[str, Any]] = [("Name", bucket), ("Prefix", enc(prefix))]
         if v2:
             body += [
                 ("KeyCount", len(contents) + len(prefixes)),
@@ -363,7 +385,7 @@ class Gateway:
             body.append(("CommonPrefixes", [("Prefix", enc(folder))]))
         return _xml(xmlio.document("ListBucketResult", body))
 
-    async def list_versions(self, bucket, params):
+    async def list_versions(self, bucket: str, params: Params) -> web.Response:
         """ListObjectVersions: the current and retained versions of the keys under ``prefix``
         (at most max-keys keys a page)."""
         prefix = params.get("prefix", "")
@@ -371,7 +393,7 @@ class Gateway:
         after = params.get("key-marker", "")
         base = bucket + "/"
         header = await self.store.ls(base + prefix, base + after if after else "", max_keys, False)
-        body = [("Name", bucket), ("Prefix", prefix), ("MaxKeys", max_keys)]
+        body: list[tuple[str, Any]] = [("Name", bucket), ("Prefix", prefix), ("MaxKeys", max_keys)]
         body.append(("IsTruncated", bool(header.get("more"))))
         if header.get("more") and header["entries"]:
             body.append(("NextKeyMarker", header["entries"][-1]["name"][len(base) :]))
@@ -403,7 +425,9 @@ class Gateway:
 
     # --- objects ---
 
-    async def get_object(self, request, bucket, key, name, params):
+    async def get_object(
+        self, request: web.Request, bucket: str, key: str, name: str, params: Params
+    ) -> web.StreamResponse:
         version = _version(params)
         opened = await self.store.open(name, version)
         if opened is None:
@@ -449,7 +473,9 @@ class Gateway:
         await response.write_eof()
         return response
 
-    async def put_object(self, request, signed, bucket, key, name):
+    async def put_object(
+        self, request: web.Request, signed: Signed, bucket: str, key: str, name: str
+    ) -> web.Response:
         await self.need_bucket(bucket)
         meta = _meta_from_headers(request.headers, key)
         stat, md5 = await self._store_body(request, signed, name, meta)
@@ -457,7 +483,14 @@ class Gateway:
         headers.update(_checksum_echo(request.headers))
         return web.Response(status=200, headers=headers)
 
-    async def _store_body(self, request, signed, name, meta, limit=MAX_PUT):
+    async def _store_body(
+        self,
+        request: web.Request,
+        signed: Signed,
+        name: str | Callable[[bytes], str],
+        meta: dict[str, Any] | None,
+        limit: int = MAX_PUT,
+    ) -> tuple[Stat, bytes]:
         """Store the request's body under ``name`` (a str, or ``name(md5_digest)``), checking
         every digest the client sent before the commit.  :return: (stat, md5 digest)."""
         size, pieces, finish = _body(request, signed, limit)
@@ -466,7 +499,7 @@ class Gateway:
         content_md5 = headers.get("content-md5")
         payload = signed.payload
 
-        async def counted():
+        async def counted() -> AsyncIterator[bytes]:
             total = 0
             async for piece in pieces:
                 total += len(piece)
@@ -482,12 +515,12 @@ class Gateway:
                     f"you did not provide the number of bytes announced ({total} of {size})",
                 )
 
-        def check(n, md5, sha256):
+        def check(n: int, md5: bytes, sha256: bytes | None) -> None:
             if content_md5 is not None and _b64(content_md5) != md5:
                 raise S3Error(
                     "BadDigest", "the Content-MD5 you specified did not match what we received"
                 )
-            if sigv4._is_hex_sha256(payload) and sha256.hex() != payload:
+            if sigv4._is_hex_sha256(payload) and (sha256 is None or sha256.hex() != payload):
                 raise S3Error(
                     "XAmzContentSHA256Mismatch",
                     "the provided x-amz-content-sha256 header does not match what was computed",
@@ -505,12 +538,14 @@ class Gateway:
         whole = sigv4._is_hex_sha256(payload)  # the body's sha256 is needed only then
         return await self.store.put_stream(name, counted(), check, meta, whole)
 
-    async def delete_object(self, bucket, name):
+    async def delete_object(self, bucket: str, name: str) -> web.Response:
         await self.need_bucket(bucket)
         await self.store.rm(name)
         return web.Response(status=204)
 
-    async def copy_object(self, request, bucket, key, name):
+    async def copy_object(
+        self, request: web.Request, bucket: str, key: str, name: str
+    ) -> web.Response:
         await self.need_bucket(bucket)
         src_bucket, src_key, src_version = _copy_source(request.headers["x-amz-copy-source"])
         src = _name(src_bucket, src_key)
@@ -561,7 +596,7 @@ class Gateway:
         )
         return _xml(body, headers={"x-amz-version-id": str(stat["version"])})
 
-    async def delete_objects(self, request, bucket):
+    async def delete_objects(self, request: web.Request, bucket: str) -> web.Response:
         await self.need_bucket(bucket)
         body = await _read_small(request)
         headers = request.headers
@@ -584,7 +619,7 @@ class Gateway:
         objects = root.findall("Object")
         if len(objects) > MAX_DELETE:
             raise S3Error("MalformedXML", f"at most {MAX_DELETE} keys per DeleteObjects")
-        results = []
+        results: list[tuple[str, Any]] = []
         for obj in objects:
             key = obj.findtext("Key") or ""
             try:
@@ -605,7 +640,7 @@ class Gateway:
             raise S3Error("NoSuchUpload", "the specified upload does not exist")
         return f"{UPLOADS}{bucket}/{upload_id}/"
 
-    async def _upload_info(self, bucket, key, upload_id) -> dict:
+    async def _upload_info(self, bucket: str, key: str | None, upload_id: str) -> dict[str, Any]:
         data = await self.store.get_small(self._upload_dir(bucket, upload_id) + "info")
         if data is None:
             raise S3Error("NoSuchUpload", "the specified upload does not exist", Key=key)
@@ -614,7 +649,7 @@ class Gateway:
             raise S3Error("NoSuchUpload", "the upload is for another key", Key=key)
         return info
 
-    async def create_upload(self, request, bucket, key):
+    async def create_upload(self, request: web.Request, bucket: str, key: str) -> web.Response:
         await self.need_bucket(bucket)
         _name(bucket, key)
         upload_id = os.urandom(16).hex()
@@ -632,10 +667,11 @@ class Gateway:
         )
         return _xml(body)
 
-    async def _parts(self, bucket, upload_id) -> dict:
+    async def _parts(self, bucket: str, upload_id: str) -> dict[int, dict[str, Any]]:
         """The parts stored so far: ``{number: stat}`` (their names end in NUMBER.MD5HEX)."""
         base = self._upload_dir(bucket, upload_id)
-        parts, after = {}, ""
+        parts: dict[int, dict[str, Any]] = {}
+        after = ""
         while True:
             header = await self.store.ls(base, after, 1000, False)
             for e in header["entries"]:
@@ -650,7 +686,9 @@ class Gateway:
                 return parts
             after = header["entries"][-1]["name"]
 
-    async def upload_part(self, request, signed, bucket, key, params):
+    async def upload_part(
+        self, request: web.Request, signed: Signed, bucket: str, key: str, params: Params
+    ) -> web.Response:
         upload_id = params.get("uploadId", "")
         number = _part_number(params.get("partNumber"))
         await self._upload_info(bucket, key, upload_id)
@@ -676,7 +714,7 @@ class Gateway:
             return _xml(body)
         return web.Response(status=200, headers={"ETag": etag, **_checksum_echo(request.headers)})
 
-    async def _copy_part(self, request, prefix):
+    async def _copy_part(self, request: web.Request, prefix: str) -> tuple[Stat, bytes]:
         """UploadPartCopy: the part is read from the source object (a range of it)."""
         src_bucket, src_key, src_version = _copy_source(request.headers["x-amz-copy-source"])
         opened = await self.store.open(_name(src_bucket, src_key), src_version)
@@ -696,7 +734,7 @@ class Gateway:
                 raise S3Error("InvalidArgument", "the x-amz-copy-source-range is not valid")
             start, end = int(match.group(1)), int(match.group(2)) + 1
 
-        async def pieces():
+        async def pieces() -> AsyncIterator[bytes | memoryview]:
             if inline is not None:
                 yield inline[start:end]
                 return
@@ -705,7 +743,7 @@ class Gateway:
 
         return await self.store.put_stream(lambda d: prefix + d.hex(), pieces(), _no_check)
 
-    async def list_parts(self, bucket, key, params):
+    async def list_parts(self, bucket: str, key: str, params: Params) -> web.Response:
         upload_id = params.get("uploadId", "")
         await self._upload_info(bucket, key, upload_id)
         parts = await self._parts(bucket, upload_id)
@@ -741,7 +779,7 @@ class Gateway:
             )
         return _xml(xmlio.document("ListPartsResult", body))
 
-    async def list_uploads(self, bucket, params):
+    async def list_uploads(self, bucket: str, params: Params) -> web.Response:
         base = f"{UPLOADS}{bucket}/"
         header = await self.store.ls(base, "", 1000, True)
         uploads = []
@@ -754,7 +792,11 @@ class Gateway:
             if info["key"].startswith(params.get("prefix", "")):
                 uploads.append((info["key"], upload_id, info["initiated"]))
         uploads.sort()
-        body = [("Bucket", bucket), ("MaxUploads", 1000), ("IsTruncated", False)]
+        body: list[tuple[str, Any]] = [
+            ("Bucket", bucket),
+            ("MaxUploads", 1000),
+            ("IsTruncated", False),
+        ]
         for key, upload_id, initiated in uploads:
             body.append(
                 (
@@ -769,7 +811,7 @@ class Gateway:
             )
         return _xml(xmlio.document("ListMultipartUploadsResult", body))
 
-    async def abort_upload(self, bucket, params):
+    async def abort_upload(self, bucket: str, params: Params) -> web.Response:
         upload_id = params.get("uploadId", "")
         base = self._upload_dir(bucket, upload_id)
         if await self.store.stat(base + "info") is None:
@@ -778,7 +820,9 @@ class Gateway:
             pass
         return web.Response(status=204)
 
-    async def complete_upload(self, request, signed, bucket, key, params):
+    async def complete_upload(
+        self, request: web.Request, signed: Signed, bucket: str, key: str, params: Params
+    ) -> web.StreamResponse:
         upload_id = params.get("uploadId", "")
         done = self._completed.get((bucket, upload_id))
         if done is not None and done[0] == key:
@@ -787,12 +831,12 @@ class Gateway:
         info = await self._upload_info(bucket, key, upload_id)
         root = xmlio.parse(await _read_small(request), "CompleteMultipartUpload")
         wanted = []
-        for part in root.findall("Part"):
+        for element in root.findall("Part"):
             try:
-                number = int(part.findtext("PartNumber") or "")
+                number = int(element.findtext("PartNumber") or "")
             except ValueError:
                 raise S3Error("MalformedXML", "a PartNumber is not an int") from None
-            wanted.append((number, (part.findtext("ETag") or "").strip().strip('"').lower()))
+            wanted.append((number, (element.findtext("ETag") or "").strip().strip('"').lower()))
         if not wanted:
             raise S3Error("MalformedXML", "the upload names no part")
         numbers = [n for n, _ in wanted]
@@ -827,8 +871,8 @@ class Gateway:
         await response.prepare(request)
         work = asyncio.ensure_future(self._compose(name, chosen, meta))
         while True:  # S3 sends spaces while it works, so clients and proxies wait
-            done, _ = await asyncio.wait([work], timeout=KEEPALIVE)
-            if done:
+            finished, _ = await asyncio.wait([work], timeout=KEEPALIVE)
+            if finished:
                 break
             await response.write(b" ")
         try:
@@ -860,19 +904,19 @@ class Gateway:
             ],
         )
 
-    async def _compose(self, name, parts, meta):
+    async def _compose(self, name: str, parts: list[dict[str, Any]], meta: dict[str, Any]) -> Stat:
         """Join the parts into one object.  Parts of whole chunks (every part but the last a
         multiple of the chunk size) are joined by their chunk lists: only the whole object's
         sha256 is computed, by reading them, and no byte is stored again; other parts are
         read and stored again."""
-        manifests = []
+        manifests: list[Opened] = []
         for part in parts:
             opened = await self.store.open(part["name"])
             if opened is None:
                 raise S3Error("InvalidPart", f"a part of {name!r} vanished")
             manifests.append(opened)
 
-        async def content():
+        async def content() -> AsyncIterator[bytes | memoryview]:
             for manifest, inline, _via in manifests:
                 if inline is not None:
                     yield inline
@@ -900,12 +944,14 @@ class Gateway:
 
     # --- the console ---
 
-    async def console(self, request, raw_path):
+    async def console(self, request: web.Request, raw_path: str) -> web.StreamResponse:
         from .console import serve
 
         return await serve(request, raw_path)
 
-    async def zip_folder(self, request, bucket, params):
+    async def zip_folder(
+        self, request: web.Request, bucket: str, params: Params
+    ) -> web.StreamResponse:
         from .console import zip_response
 
         return await zip_response(self, request, bucket, params.get("prefix", ""))
@@ -914,12 +960,12 @@ class Gateway:
 # --- helpers ---
 
 
-def _no_check(size, md5, sha256):
+def _no_check(size: int, md5: bytes, sha256: bytes | None) -> None:
     return None
 
 
-def _query(raw_query: str) -> dict:
-    out = {}
+def _query(raw_query: str) -> Params:
+    out: Params = {}
     for part in raw_query.split("&") if raw_query else ():
         if not part:
             continue
@@ -928,7 +974,7 @@ def _query(raw_query: str) -> dict:
     return out
 
 
-def _split(raw_path: str):
+def _split(raw_path: str) -> tuple[str | None, str | None]:
     path = unquote(raw_path)
     if not path.startswith("/"):
         raise S3Error("InvalidRequest", "the path must start with /")
@@ -957,7 +1003,7 @@ def _name(bucket: str, key: str) -> str:
         ) from None
 
 
-def _version(params: dict):
+def _version(params: Params) -> int | None:
     value = params.get("versionId")
     if value is None or value == "null":
         return None
@@ -967,28 +1013,28 @@ def _version(params: dict):
         raise S3Error("InvalidArgument", "invalid version id specified") from None
 
 
-def _part_number(text) -> int:
+def _part_number(text: str | None) -> int:
     try:
-        number = int(text)
-    except (TypeError, ValueError):
+        number = int(text or "")
+    except ValueError:
         number = 0
     if not 1 <= number <= MAX_PARTS:
         raise S3Error("InvalidArgument", f"partNumber must be an int from 1 to {MAX_PARTS}")
     return number
 
 
-def _etag(entry: dict) -> str:
+def _etag(entry: dict[str, Any]) -> str:
     """The object's ETag: the MD5 the gateway stored with it, or for an object stored without
     one (by fms itself), one derived from its sha256 and marked as not an MD5 (``-1``)."""
     meta = entry.get("meta") or {}
     if meta.get("etag"):
-        return meta["etag"]
+        return str(meta["etag"])
     digest = entry["digest"]
     digest = digest.hex() if isinstance(digest, bytes) else digest
     return f'"{digest[:32]}-1"'
 
 
-def _object_headers(manifest: dict) -> dict:
+def _object_headers(manifest: dict[str, Any]) -> dict[str, str]:
     meta = manifest.get("meta") or {}
     name = manifest["name"]
     headers = {
@@ -1010,8 +1056,8 @@ def _guess_type(name: str) -> str:
     return mimetypes.guess_type(name)[0] or "application/octet-stream"
 
 
-def _meta_from_headers(headers, key: str) -> dict:
-    meta = {}
+def _meta_from_headers(headers: Headers, key: str) -> dict[str, str]:
+    meta: dict[str, str] = {}
     for name in STORED_HEADERS:
         if name in headers:
             meta[name] = headers[name]
@@ -1029,16 +1075,16 @@ def _meta_from_headers(headers, key: str) -> dict:
     return meta
 
 
-def _header_checksums(headers) -> dict:
+def _header_checksums(headers: Headers) -> dict[str, sigv4.Hasher]:
     """Hashers for the x-amz-checksum-* headers sent with the request (not in a trailer)."""
-    out = {}
+    out: dict[str, sigv4.Hasher] = {}
     for algorithm in sigv4.CHECKSUM_ALGORITHMS:
         if f"x-amz-checksum-{algorithm}" in headers:
             out[algorithm] = sigv4.new_checksum(algorithm)
     return out
 
 
-def _checksum_echo(headers) -> dict:
+def _checksum_echo(headers: Headers) -> dict[str, str]:
     return {
         f"x-amz-checksum-{a}": headers[f"x-amz-checksum-{a}"]
         for a in sigv4.CHECKSUM_ALGORITHMS
@@ -1053,7 +1099,9 @@ def _b64(text: str) -> bytes:
         return b""
 
 
-def _body(request, signed, limit):
+def _body(
+    request: web.Request, signed: Signed, limit: int
+) -> tuple[int | None, AsyncIterator[bytes], Callable[[], None]]:
     """``(announced size or None, async iterator of the decoded body, finish())``."""
     headers = request.headers
     if signed.payload in sigv4.STREAMING_MODES:
@@ -1069,34 +1117,34 @@ def _body(request, signed, limit):
         trailer = headers.get("x-amz-trailer", "")
         decoder = sigv4.ChunkedDecoder(signed, trailer.split(",") if trailer else [])
 
-        async def decoded():
+        async def decoded() -> AsyncIterator[bytes]:
             async for data in request.content.iter_any():
                 for piece in decoder.feed(data):
                     yield piece
             decoder.feed(b"")
 
         return size, decoded(), decoder.finish
-    size = request.content_length
-    if size is None and "chunked" not in headers.get("transfer-encoding", "").lower():
+    length = request.content_length
+    if length is None and "chunked" not in headers.get("transfer-encoding", "").lower():
         raise S3Error("MissingContentLength", "you must provide the Content-Length HTTP header")
-    if size is not None and size > limit:
+    if length is not None and length > limit:
         raise S3Error("EntityTooLarge", "your proposed upload exceeds the maximum allowed size")
 
-    async def raw():
+    async def raw() -> AsyncIterator[bytes]:
         async for data in request.content.iter_any():
             yield data
 
-    return size, raw(), lambda: None
+    return length, raw(), lambda: None
 
 
-async def _read_small(request, limit: int = xmlio.MAX_BODY) -> bytes:
+async def _read_small(request: web.Request, limit: int = xmlio.MAX_BODY) -> bytes:
     data = await request.content.read(limit + 1)
     if len(data) > limit:
         raise S3Error("MalformedXML", "the request body is too large")
     return data
 
 
-def _parse_range(text: str, size: int):
+def _parse_range(text: str, size: int) -> tuple[int, int] | None:
     """``(start, end)`` of a single ``bytes=`` range, None to serve the whole (not a range we
     honour), or InvalidRange (416) when it cannot be satisfied."""
     match = re.fullmatch(r"\s*bytes=(\d*)-(\d*)\s*", text)
@@ -1123,12 +1171,12 @@ def _invalid_range(size: int) -> S3Error:
     return err
 
 
-def _parts_count(manifest: dict) -> int:
+def _parts_count(manifest: dict[str, Any]) -> int:
     parts = (manifest.get("meta") or {}).get("parts")
     return len(parts.split(",")) if parts else 1
 
 
-def _part_range(manifest: dict, text) -> tuple:
+def _part_range(manifest: dict[str, Any], text: str) -> tuple[int, int]:
     number = _part_number(text)
     parts = (manifest.get("meta") or {}).get("parts")
     sizes = [int(s) for s in parts.split(",")] if parts else [manifest["size"]]
@@ -1140,7 +1188,7 @@ def _part_range(manifest: dict, text) -> tuple:
     return start, start + sizes[number - 1]
 
 
-def _http_time(text):
+def _http_time(text: str) -> float | None:
     try:
         return parsedate_to_datetime(text).timestamp()
     except (TypeError, ValueError, IndexError):
@@ -1152,7 +1200,7 @@ def _etag_match(header: str, etag: str) -> bool:
     return "*" in tags or etag in tags or etag.strip('"') in (t.strip('"') for t in tags)
 
 
-def _preconditions(headers, etag: str, committed: float) -> bool:
+def _preconditions(headers: Headers, etag: str, committed: float) -> bool:
     """RFC 7232 as S3 applies it: PreconditionFailed, or True for 304 Not Modified."""
     modified = int(committed)
     if "if-match" in headers:
@@ -1174,7 +1222,7 @@ def _preconditions(headers, etag: str, committed: float) -> bool:
     return False
 
 
-def _copy_preconditions(headers, etag: str, committed: float):
+def _copy_preconditions(headers: Headers, etag: str, committed: float) -> None:
     fields = {
         k[len("x-amz-copy-source-") :]: v
         for k, v in headers.items()
@@ -1186,7 +1234,7 @@ def _copy_preconditions(headers, etag: str, committed: float):
         )
 
 
-def _copy_source(text: str):
+def _copy_source(text: str) -> tuple[str, str, int | None]:
     """``(bucket, key, version or None)`` of an x-amz-copy-source header."""
     source, _, query = text.partition("?")
     source = unquote(source).lstrip("/")
@@ -1208,14 +1256,14 @@ def _untoken(token: str) -> str:
         raise S3Error("InvalidArgument", "the continuation token provided is incorrect") from None
 
 
-def _xml(body: bytes, status: int = 200, headers=None) -> web.Response:
+def _xml(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
         body=body, status=status, content_type="application/xml", headers=headers or {}
     )
 
 
-def _error(request, exc: S3Error, raw_path: str, request_id: str) -> web.Response:
-    headers = {"x-amz-request-id": request_id, **getattr(exc, "headers", {})}
+def _error(request: web.Request, exc: S3Error, raw_path: str, request_id: str) -> web.Response:
+    headers = {"x-amz-request-id": request_id, **exc.headers}
     if request.method == "HEAD":  # HEAD errors carry no body
         return web.Response(status=exc.status, headers=headers)
     body = exc.xml(unquote(raw_path), request_id)

@@ -21,7 +21,7 @@ class Identity:
 
     __slots__ = ("admin", "name")
 
-    def __init__(self, name: str, admin: bool = True):
+    def __init__(self, name: str, admin: bool = True) -> None:
         self.name = name
         self.admin = admin
 
@@ -32,12 +32,12 @@ class Identity:
 class StaticKeys:
     """Access keys held in memory: ``{key_id: (secret, Identity)}``."""
 
-    def __init__(self, keys: dict):
+    def __init__(self, keys: dict[str, tuple[str, Identity]]) -> None:
         if not keys:
             raise ValueError("no S3 access key: give --access-key/--secret-key or --keys FILE")
         self.keys = keys
 
-    def resolve(self, key_id: str):
+    def resolve(self, key_id: str) -> tuple[str, Identity]:
         try:
             return self.keys[key_id]
         except KeyError:
@@ -54,7 +54,7 @@ class StaticKeys:
                 items = json.load(f)
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot read the key file {path}: {exc}") from None
-        keys = {}
+        keys: dict[str, tuple[str, Identity]] = {}
         for item in items if isinstance(items, list) else []:
             try:
                 keys[str(item["access_key"])] = (
@@ -68,13 +68,13 @@ class StaticKeys:
         return cls(keys)
 
 
-def new_key_pair() -> tuple:
+def new_key_pair() -> tuple[str, str]:
     """A fresh access key id (20 characters, as AWS's) and secret (40)."""
     key_id = "FMS" + "".join(secrets.choice(KEY_ID_CHARS) for _ in range(17))
     return key_id, secrets.token_urlsafe(30)[:40]
 
 
-def from_args(keys_file: str | None, access_key: str | None, secret_key: str | None):
+def from_args(keys_file: str | None, access_key: str | None, secret_key: str | None) -> StaticKeys:
     """The resolver the command line asks for: a key file, a key pair, or the environment."""
     access_key = access_key or os.environ.get(ENV_KEY)
     secret_key = secret_key or os.environ.get(ENV_SECRET)

@@ -1,6 +1,7 @@
 """S3 errors: the code, its HTTP status and the XML body S3 sends (Code, Message, Key,
 BucketName, Resource, RequestId)."""
 
+from typing import Any
 from xml.sax.saxutils import escape
 
 STATUS = {
@@ -44,12 +45,13 @@ STATUS = {
 class S3Error(Exception):
     """An S3 error reply.  ``status`` defaults to the code's (see :data:`STATUS`)."""
 
-    def __init__(self, code: str, message: str, status: int | None = None, **extra):
+    def __init__(self, code: str, message: str, status: int | None = None, **extra: Any) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.status = status or STATUS.get(code, 400)
         self.extra = extra  # e.g. Key, BucketName: added to the XML body
+        self.headers: dict[str, str] = {}  # sent with the reply (e.g. an InvalidRange's)
 
     def xml(self, resource: str, request_id: str) -> bytes:
         fields = {"Code": self.code, "Message": self.message, **self.extra}

@@ -5,10 +5,13 @@ import asyncio
 import logging
 import signal
 import ssl
+from collections.abc import Callable
 
 from aiohttp import web
 
+from ..security import CurveClient
 from .app import Gateway, make_app
+from .sigv4 import Resolve
 from .store import Store
 
 log = logging.getLogger("fms.gateway")
@@ -26,14 +29,14 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
 
 async def serve(
     broker: str,
-    resolve,
+    resolve: Resolve,
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
     tls: ssl.SSLContext | None = None,
-    curve=None,
-    ready=None,
+    curve: CurveClient | None = None,
+    ready: Callable[[int], None] | None = None,
     stop: asyncio.Event | None = None,
-):
+) -> None:
     """Run the gateway until ``stop`` is set (or forever).  ``ready(port)`` is called once it
     listens (the port it got, for port 0)."""
     store = Store(broker, curve)
@@ -48,7 +51,7 @@ async def serve(
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=tls, backlog=1024, reuse_address=True)
     await site.start()
-    bound = site._server.sockets[0].getsockname()[1]
+    bound: int = runner.addresses[0][1]
     scheme = "https" if tls else "http"
     log.info("event=s3_listening url=%s://%s:%d broker=%s", scheme, host, bound, broker)
     if ready is not None:
@@ -60,16 +63,23 @@ async def serve(
         store.close()
 
 
-def run(broker, resolve, host, port, tls=None, curve=None) -> int:
+def run(
+    broker: str,
+    resolve: Resolve,
+    host: str,
+    port: int,
+    tls: ssl.SSLContext | None = None,
+    curve: CurveClient | None = None,
+) -> int:
     """Serve in the foreground until SIGINT or SIGTERM."""
 
-    async def main():
+    async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
 
-        def ready(bound):
+        def ready(bound: int) -> None:
             scheme = "https" if tls else "http"
             print(
                 f"fms s3: S3 gateway at {scheme}://{host}:{bound} (console at "

@@ -11,11 +11,21 @@ import hashlib
 import hmac
 import time
 import zlib
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 from urllib.parse import quote, unquote
 
 from .. import install_hint
 from .errors import S3Error
+
+if TYPE_CHECKING:
+    from .credentials import Identity
+
+# resolve(access key id) -> (secret, identity); raises S3Error for an unknown key
+Resolve: TypeAlias = Callable[[str], "tuple[str, Identity]"]
+# a request's headers: aiohttp's (case-insensitive, with getall) or a plain mapping
+Headers: TypeAlias = Mapping[str, str]
 
 ALGORITHM = "AWS4-HMAC-SHA256"
 UNSIGNED = "UNSIGNED-PAYLOAD"
@@ -62,10 +72,12 @@ def canonical_query(raw_query: str, drop: str | None = None) -> str:
     return "&".join(f"{n}={v}" for n, v in pairs)
 
 
-def _canonical_headers(headers, signed: list) -> str:
+def _canonical_headers(headers: Headers, signed: list[str]) -> str:
     lines = []
     for name in signed:
-        values = headers.getall(name, None) if hasattr(headers, "getall") else None
+        values: list[str] | None = (
+            headers.getall(name, None) if hasattr(headers, "getall") else None
+        )
         if values is None:
             value = headers.get(name)
             values = [] if value is None else [value]
@@ -80,7 +92,7 @@ class Credential:
 
     __slots__ = ("date", "key_id", "region", "service")
 
-    def __init__(self, text: str):
+    def __init__(self, text: str) -> None:
         parts = text.split("/")
         if len(parts) != 5 or parts[4] != "aws4_request":
             raise S3Error(
@@ -103,7 +115,15 @@ class Signed:
 
     __slots__ = ("amz_date", "credential", "identity", "key", "key_id", "payload", "seed")
 
-    def __init__(self, credential, key, amz_date, seed, payload, identity):
+    def __init__(
+        self,
+        credential: Credential,
+        key: bytes,
+        amz_date: str,
+        seed: str,
+        payload: str,
+        identity: "Identity",
+    ) -> None:
         self.credential = credential
         self.key_id = credential.key_id
         self.key = key
@@ -128,8 +148,17 @@ def _string_to_sign(amz_date: str, scope: str, canonical: str) -> str:
 
 
 def _check(
-    method, raw_path, query, headers, signed_headers, payload, amz_date, cred, key, signature
-):
+    method: str,
+    raw_path: str,
+    query: str,
+    headers: Headers,
+    signed_headers: str,
+    payload: str,
+    amz_date: str,
+    cred: Credential,
+    key: bytes,
+    signature: str,
+) -> None:
     """Compare ``signature`` with ours, over the raw path and, should a client have encoded
     its path in a different (still valid) way, over the path encoded as SigV4 prescribes."""
     signed_list = signed_headers.split(";")
@@ -152,7 +181,14 @@ def _check(
     )
 
 
-def verify(method: str, raw_path: str, raw_query: str, headers, resolve, now=None) -> Signed:
+def verify(
+    method: str,
+    raw_path: str,
+    raw_query: str,
+    headers: Headers,
+    resolve: Resolve,
+    now: float | None = None,
+) -> Signed:
     """Check a request's SigV4 signature (header or presigned URL).
 
     :param resolve: ``resolve(access_key_id) -> (secret, identity)``; raises S3Error
@@ -177,7 +213,7 @@ def verify(method: str, raw_path: str, raw_query: str, headers, resolve, now=Non
             "AccessDenied" if auth.startswith("AWS ") else "AuthorizationHeaderMalformed",
             "only AWS Signature Version 4 (AWS4-HMAC-SHA256) is supported",
         )
-    fields = {}
+    fields: dict[str, str] = {}
     for item in auth[len(ALGORITHM) + 1 :].split(","):
         name, _, value = item.strip().partition("=")
         fields[name] = value
@@ -231,15 +267,23 @@ def _is_hex_sha256(text: str) -> bool:
     return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
-def _query_params(raw_query: str) -> dict:
-    out = {}
+def _query_params(raw_query: str) -> dict[str, str]:
+    out: dict[str, str] = {}
     for part in raw_query.split("&") if raw_query else ():
         name, _, value = part.partition("=")
         out.setdefault(unquote(name), unquote(value))
     return out
 
 
-def _verify_presigned(method, raw_path, raw_query, headers, params, resolve, now) -> Signed:
+def _verify_presigned(
+    method: str,
+    raw_path: str,
+    raw_query: str,
+    headers: Headers,
+    params: dict[str, str],
+    resolve: Resolve,
+    now: float,
+) -> Signed:
     if params.get("X-Amz-Algorithm") != ALGORITHM:
         raise S3Error("AuthorizationQueryParametersError", "X-Amz-Algorithm must be " + ALGORITHM)
     try:
@@ -281,7 +325,16 @@ def _verify_presigned(method, raw_path, raw_query, headers, params, resolve, now
 
 
 def _verified(
-    resolve, cred, method, raw_path, query, headers, signed_headers, payload, amz_date, signature
+    resolve: Resolve,
+    cred: Credential,
+    method: str,
+    raw_path: str,
+    query: str,
+    headers: Headers,
+    signed_headers: str,
+    payload: str,
+    amz_date: str,
+    signature: str,
 ) -> Signed:
     """The request, signed by the key ``cred`` names (``resolve``: key id -> its secret and
     identity), checked against ``signature``.  :raises S3Error: it does not match."""
@@ -329,11 +382,19 @@ def presign(
 # --- checksums (x-amz-checksum-*) ---
 
 
+class Hasher(Protocol):
+    """What an x-amz-checksum-* algorithm computes with (hashlib's, or a CRC below)."""
+
+    def update(self, data: bytes, /) -> None: ...
+
+    def digest(self) -> bytes: ...
+
+
 class _Crc:
-    def __init__(self, fn):
+    def __init__(self, fn: Callable[[bytes, int], int]) -> None:
         self._fn, self._value = fn, 0
 
-    def update(self, data):
+    def update(self, data: bytes) -> None:
         self._value = self._fn(data, self._value)
 
     def digest(self) -> bytes:
@@ -350,7 +411,7 @@ class _Crc64(_Crc):
         return self._value.to_bytes(8, "big")
 
 
-def _crt(name: str):
+def _crt(name: str) -> Callable[[bytes, int], int]:
     try:
         from awscrt import checksums
     except ImportError:  # pragma: no cover - awscrt is in the s3 gateway's extra
@@ -358,13 +419,14 @@ def _crt(name: str):
             "NotImplemented",
             f"the {name} checksum needs the awscrt package: " + install_hint("s3gw"),
         ) from None
-    return getattr(checksums, name)
+    fn: Callable[[bytes, int], int] = getattr(checksums, name)
+    return fn
 
 
 CHECKSUM_ALGORITHMS = ("crc32", "crc32c", "crc64nvme", "sha1", "sha256")
 
 
-def new_checksum(algorithm: str):
+def new_checksum(algorithm: str) -> Hasher:
     """A hasher (``update``, ``digest``) for an x-amz-checksum-* algorithm (lower case)."""
     if algorithm == "crc32":
         return _Crc32(zlib.crc32)
@@ -390,13 +452,13 @@ class ChunkedDecoder:
     signature.  ``feed(data)`` returns a list of payload pieces; ``finish()`` raises unless the
     body ended properly."""
 
-    def __init__(self, signed: Signed, trailer_names: list):
+    def __init__(self, signed: Signed, trailer_names: list[str]) -> None:
         self.mode = signed.payload
         self.signed = signed
         self.prev = signed.seed
         self.trailer_names = [n.strip().lower() for n in trailer_names if n.strip()]
-        self.checksum = None
-        self.checksum_name = None
+        self.checksum: Hasher | None = None
+        self.checksum_name: str | None = None
         for name in self.trailer_names:
             if name.startswith("x-amz-checksum-"):
                 self.checksum_name = name
@@ -404,14 +466,14 @@ class ChunkedDecoder:
         self._buf = bytearray()
         self._state = "header"  # header -> data -> crlf -> header ... -> trailer -> done
         self._left = 0
-        self._chunk_sig = None
-        self._chunk_hash = None
-        self.trailers = {}
+        self._chunk_sig: str | None = None
+        self._chunk_hash: hashlib._Hash | None = None
+        self.trailers: dict[str, str] = {}
         self.done = False
 
-    def feed(self, data) -> list:
+    def feed(self, data: bytes) -> list[bytes]:
         self._buf += data
-        out = []
+        out: list[bytes] = []
         while True:
             if self._state == "header":
                 end = self._buf.find(b"\r\n")
@@ -452,7 +514,7 @@ class ChunkedDecoder:
                 self._buf.clear()
                 return out
 
-    def _start_chunk(self, line: bytes):
+    def _start_chunk(self, line: bytes) -> None:
         text = line.decode("latin-1")
         size_text, _, ext = text.partition(";")
         try:
@@ -475,7 +537,7 @@ class ChunkedDecoder:
         self._left = size
         self._state = "data"
 
-    def _end_chunk(self):
+    def _end_chunk(self) -> None:
         if self._chunk_sig is None:
             return
         digest = self._chunk_hash.hexdigest() if self._chunk_hash else EMPTY_SHA256
@@ -511,7 +573,7 @@ class ChunkedDecoder:
         lines = bytes(self._buf[:end]).decode("latin-1").split("\r\n")
         del self._buf[: end + 4]
         signature = None
-        canonical = []
+        canonical: list[str] = []
         for line in lines:
             name, _, value = line.partition(":")
             name, value = name.strip().lower(), value.strip()
@@ -539,7 +601,7 @@ class ChunkedDecoder:
         self.done = True
         return True
 
-    def finish(self):
+    def finish(self) -> None:
         """The body ended: check it was whole and its trailing checksum matches."""
         if not self.done:
             raise _incomplete("the aws-chunked body ended early")
@@ -547,7 +609,7 @@ class ChunkedDecoder:
             if name not in self.trailers:
                 raise S3Error("InvalidRequest", f"the trailer {name} was announced but not sent")
         if self.checksum is not None:
-            sent = self.trailers.get(self.checksum_name, "")
+            sent = self.trailers.get(self.checksum_name or "", "")
             if sent != checksum_b64(self.checksum.digest()):
                 raise S3Error(
                     "BadDigest",

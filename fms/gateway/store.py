@@ -15,14 +15,26 @@ import os
 import queue
 import threading
 import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Generic, TypeAlias, TypeVar, cast
 
 import fms
 from fms import wire as p
 from fms.client import download, upload
+from fms.client.listing import ChunkList
+from fms.client.session import Session
 from fms.errors import NotFound
+from fms.security import CurveClient
 
 from .errors import S3Error
+
+T = TypeVar("T")
+Stat: TypeAlias = dict[str, Any]
+# check(size, md5 digest, the body's sha256 or None): raises S3Error to refuse a body
+Check: TypeAlias = Callable[[int, bytes, bytes | None], None]
+# a name, or name(md5 digest) -> name once the body is whole
+Naming: TypeAlias = str | Callable[[bytes], str]
 
 CHUNK_SIZE = p.DEFAULT_CHUNK_SIZE  # bytes per chunk of an object the gateway stores
 THREADS = 64  # requests to the broker the gateway has under way at once
@@ -36,14 +48,14 @@ class Store:
     :param curve: a :class:`fms.security.CurveClient`, or None.
     """
 
-    def __init__(self, broker: str, curve=None, timeout: float = 5.0):
+    def __init__(self, broker: str, curve: CurveClient | None = None, timeout: float = 5.0):
         self.broker = broker
         self.curve = curve
         self.timeout = timeout
         self.pool = ThreadPoolExecutor(THREADS, thread_name_prefix="fms-s3")
         self._hashers = ThreadPoolExecutor(4, thread_name_prefix="fms-s3-hash")
         self._local = threading.local()
-        self._clients = []
+        self._clients: list[fms.Client] = []
         self._lock = threading.Lock()
 
     def client(self) -> fms.Client:
@@ -56,14 +68,14 @@ class Store:
                 self._clients.append(client)
         return client
 
-    def close(self):
+    def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self._hashers.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             for client in self._clients:
                 client.close()
 
-    async def run(self, fn, *args):
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(client, *args)`` on a pool thread."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.pool, lambda: fn(self.client(), *args))
@@ -71,7 +83,7 @@ class Store:
     # --- metadata ---
 
     async def stat(self, name: str) -> dict | None:
-        def stat(client):
+        def stat(client: fms.Client) -> Stat | None:
             try:
                 header, _ = client.call("stat", name=name)
             except NotFound:
@@ -81,14 +93,14 @@ class Store:
         return await self.run(stat)
 
     async def ls(self, prefix: str, after: str, limit: int, folders: bool) -> dict:
-        def ls(client):
+        def ls(client: fms.Client) -> dict[str, Any]:
             header, _ = client.call("ls", prefix=prefix, after=after, limit=limit, folders=folders)
             return header
 
         return await self.run(ls)
 
-    async def call(self, op: str, **fields) -> dict:
-        def call(client):
+    async def call(self, op: str, **fields: Any) -> dict[str, Any]:
+        def call(client: fms.Client) -> dict[str, Any]:
             header, _ = client.call(op, **fields)
             return header
 
@@ -97,7 +109,7 @@ class Store:
     async def rm(self, name: str) -> bool:
         """Remove ``name``; False if it was not there."""
 
-        def rm(client):
+        def rm(client: fms.Client) -> bool:
             try:
                 client.call("rm", name=name, commit=os.urandom(16).hex())
             except NotFound:
@@ -107,8 +119,8 @@ class Store:
         return await self.run(rm)
 
     async def cp(self, src: str, dst: str, meta: dict | None) -> dict:
-        def cp(client):
-            fields = {"src": src, "name": dst, "commit": os.urandom(16).hex()}
+        def cp(client: fms.Client) -> Stat:
+            fields: dict[str, Any] = {"src": src, "name": dst, "commit": os.urandom(16).hex()}
             if meta is not None:
                 fields["meta"] = meta
             header, _ = client.call("cp", **fields)
@@ -121,7 +133,9 @@ class Store:
         ``meta``: no chunk moves."""
         if "body" in manifest and "pages" not in manifest:
             raise S3Error("NotImplemented", "changing the metadata of so large an object")
-        fields = {k: manifest[k] for k in ("extents", "chunks", "pages", "digest") if k in manifest}
+        fields: dict[str, Any] = {
+            k: manifest[k] for k in ("extents", "chunks", "pages", "digest") if k in manifest
+        }
         fields.update(
             name=manifest["name"], mtime=time.time(), commit=os.urandom(16).hex(), meta=meta or {}
         )
@@ -130,7 +144,7 @@ class Store:
     async def commit(self, fields: dict) -> dict:
         """A ``commit`` given whole.  :return: the stat."""
 
-        def commit(client):
+        def commit(client: fms.Client) -> Stat:
             header, _ = client.call("commit", **fields)
             return header["stat"]
 
@@ -139,23 +153,23 @@ class Store:
     async def digests(self, manifest: dict) -> bytes:
         """The chunk digests of a stored file, back to back (its pages read if it has any)."""
 
-        def digests(client):
+        def digests(client: fms.Client) -> bytes:
             with download.chunk_list(client.session, manifest, {"fresh": True}) as listing:
                 return b"".join(item[3] for item in listing.items(0))
 
         return await self.run(digests)
 
-    async def hasher(self):
+    async def hasher(self) -> "p.Hasher":
         """The helper of the store's digest function (asked of the broker once per thread)."""
         return await self.run(lambda client: client.session.hasher())
 
-    async def commit_plan(self, name: str, plan) -> dict:
+    async def commit_plan(self, name: str, plan: upload.Plan) -> Stat:
         return await self.run(lambda client: upload.commit_plan(client.session, name, plan))
 
     async def get_small(self, name: str) -> bytes | None:
         """The content of a small object (a bucket marker), or None if absent."""
 
-        def get(client):
+        def get(client: fms.Client) -> bytes | None:
             try:
                 return client.get_bytes(name)
             except NotFound:
@@ -164,21 +178,25 @@ class Store:
         return await self.run(get)
 
     async def put_small(self, name: str, data: bytes, meta: dict | None = None) -> dict:
-        def put(client):
+        def put(client: fms.Client) -> Stat:
             return _commit_bytes(client.session, name, data, meta)
 
         return await self.run(put)
 
     # --- reads ---
 
-    async def open(self, name: str, version: int | None = None):
+    async def open(
+        self, name: str, version: int | None = None
+    ) -> tuple[dict[str, Any], bytes | None, dict[str, Any]] | None:
         """The manifest of ``name`` (a version of it), and its content if it came inline.
 
         :return: ``(manifest, inline bytes or None, via)`` or None if absent; ``via``: the
             fields of its chunk requests.
         """
 
-        def open_(client):
+        def open_(
+            client: fms.Client,
+        ) -> tuple[dict[str, Any], bytes | None, dict[str, Any]] | None:
             try:
                 if version is not None:
                     header, frame = client.call("get_version", name=name, version=version)
@@ -191,21 +209,23 @@ class Store:
             manifest = p.check_manifest(header.get("manifest"))
             data = None
             if frame is not None:
-                manifest, data = download.fetch_whole(
+                manifest, whole = download.fetch_whole(
                     client.session, name, manifest, p.unpack_data(frame.buffer)
                 )
-                data = bytes(data)
+                data = bytes(whole)
             return manifest, data, via
 
         return await self.run(open_)
 
-    async def stream(self, manifest: dict, start: int, end: int, via: dict):
+    async def stream(
+        self, manifest: dict[str, Any], start: int, end: int, via: dict[str, Any]
+    ) -> AsyncIterator[bytes | memoryview]:
         """Yield the bytes ``start`` to ``end`` (exclusive) of a stored file, fetched on a pool
         thread a chunk at a time (each verified), :data:`QUEUE_CHUNKS` ahead of the reader."""
         if start >= end:
             return
 
-        def fetch(client, put):
+        def fetch(client: fms.Client, put: Callable[[bytes | memoryview], None]) -> None:
             with download.chunk_list(client.session, manifest, via) as listing:
                 for offset, piece in _range_chunks(client.session, listing, start, end, via):
                     lo, hi = max(start - offset, 0), min(end - offset, len(piece))
@@ -216,12 +236,14 @@ class Store:
         async for item in self.produced(fetch, QUEUE_CHUNKS):
             yield item
 
-    async def produced(self, work, queued: int):
+    async def produced(
+        self, work: Callable[[fms.Client, Callable[[T], None]], None], queued: int
+    ) -> AsyncIterator[T]:
         """Yield what ``work(client, put)`` puts, run on a pool thread with a client of its own,
         at most ``queued`` items ahead of the reader; what ``work`` raises is raised here."""
-        pipe = ThreadPipe(asyncio.get_running_loop(), queued)
+        pipe: ThreadPipe[T] = ThreadPipe(asyncio.get_running_loop(), queued)
 
-        def run(client):
+        def run(client: fms.Client) -> None:
             try:
                 work(client, pipe.put)
                 pipe.put(None)
@@ -245,8 +267,13 @@ class Store:
     # --- writes ---
 
     async def put_stream(
-        self, name: str, pieces, check, meta: dict | None = None, whole: bool = False
-    ):
+        self,
+        name: Naming,
+        pieces: AsyncIterator[bytes | memoryview],
+        check: Check,
+        meta: dict[str, Any] | None = None,
+        whole: bool = False,
+    ) -> tuple[Stat, bytes]:
         """Store the bytes yielded by the async iterator ``pieces`` under ``name``.
 
         ``name`` may be ``name(md5_digest) -> str``, named once the body is whole.
@@ -256,7 +283,7 @@ class Store:
         :return: ``(stat, md5 digest)``.
         """
         loop = asyncio.get_running_loop()
-        blocks = queue.Queue(QUEUE_CHUNKS)
+        blocks: Blocks = queue.Queue(QUEUE_CHUNKS)
         failed = threading.Event()
         task = loop.run_in_executor(
             self.pool,
@@ -282,7 +309,16 @@ class Store:
             raise
         return await task
 
-    def _put_thread(self, client, name, blocks, check, meta, failed, whole_needed):
+    def _put_thread(
+        self,
+        client: fms.Client,
+        name: Naming,
+        blocks: "Blocks",
+        check: Check,
+        meta: dict[str, Any] | None,
+        failed: threading.Event,
+        whole_needed: bool,
+    ) -> tuple[Stat, bytes]:
         session = client.session
         hash_fn = session.hasher()  # asked before the pipeline starts (once per connection)
         md5 = hashlib.md5()
@@ -301,9 +337,9 @@ class Store:
                 meta = _with_etag(meta, md5.digest())
                 return _commit_bytes(session, name, data, meta), md5.digest()
 
-            def requests():
+            def requests() -> Iterator[tuple[None, str, dict[str, Any], p.Sendable]]:
                 nonlocal size
-                block = first
+                block: bytes | None = first
                 while block is not None:
                     md5_thread.submit(md5.update, block)
                     if whole is not None:
@@ -327,24 +363,26 @@ class Store:
 
 
 _ABORT = object()  # put in a transfer's queue when the request failed on the loop's side
+# a transfer's queue of blocks: bytes, None at the end of the body, or _ABORT
+Blocks: TypeAlias = "queue.Queue[bytes | object | None]"
 
 
 class Stopped(Exception):
     """The reader of a :class:`ThreadPipe` went away."""
 
 
-class ThreadPipe:
+class ThreadPipe(Generic[T]):
     """Items from a pool thread to a coroutine: ``put`` (thread) waits while ``size`` items
     are queued, ``get`` (event loop) waits for the next.  The loop is woken once per item and
     never waits for the thread, nor the thread for the loop unless the queue is full."""
 
-    def __init__(self, loop, size: int):
-        self._queue = queue.Queue(size)
+    def __init__(self, loop: asyncio.AbstractEventLoop, size: int) -> None:
+        self._queue: queue.Queue[T | Exception | None] = queue.Queue(size)
         self._loop = loop
         self._ready = asyncio.Event()
         self._closed = threading.Event()
 
-    def put(self, item):
+    def put(self, item: T | Exception | None) -> None:
         """Queue ``item``.  :raises Stopped: the reader closed the pipe."""
         while True:
             if self._closed.is_set():
@@ -356,7 +394,7 @@ class ThreadPipe:
                 continue
         self._loop.call_soon_threadsafe(self._ready.set)
 
-    async def get(self):
+    async def get(self) -> T | Exception | None:
         while True:
             try:
                 return self._queue.get_nowait()
@@ -366,7 +404,7 @@ class ThreadPipe:
             if self._queue.empty():  # a put after the check above has set _ready again
                 await self._ready.wait()
 
-    def close(self):
+    def close(self) -> None:
         """The reader is done: the thread's next put raises Stopped."""
         self._closed.set()
         _drain(self._queue)
@@ -376,14 +414,16 @@ class _Aborted(Exception):
     """The body of a PUT failed on the loop's side."""
 
 
-def _take(blocks: queue.Queue, failed: threading.Event):
+def _take(blocks: Blocks, failed: threading.Event) -> bytes | None:
     item = blocks.get()
     if item is _ABORT or failed.is_set():
         raise _Aborted
-    return item
+    return cast("bytes | None", item)
 
 
-async def _hand(loop, blocks: queue.Queue, item, task):
+async def _hand(
+    loop: asyncio.AbstractEventLoop, blocks: Blocks, item: bytes | None, task: "asyncio.Future[Any]"
+) -> None:
     """Put ``item`` in the thread's queue, waiting (off the loop) while it is full."""
     try:
         blocks.put_nowait(item)
@@ -396,7 +436,7 @@ async def _hand(loop, blocks: queue.Queue, item, task):
                 continue
 
 
-def _drain(blocks: queue.Queue):
+def _drain(blocks: "queue.Queue[Any]") -> None:
     while True:
         try:
             blocks.get_nowait()
@@ -404,21 +444,23 @@ def _drain(blocks: queue.Queue):
             return
 
 
-def _with_etag(meta: dict | None, md5: bytes) -> dict | None:
+def _with_etag(meta: dict[str, Any] | None, md5: bytes) -> dict[str, Any] | None:
     """The metadata to store with an object: ``meta`` and its ETag (an MD5, quoted)."""
     if meta is None:
         return None
     return {"etag": f'"{md5.hex()}"', **meta}  # a multipart ETag given in meta stays
 
 
-def _commit_bytes(session, name: str, data: bytes, meta) -> dict:
+def _commit_bytes(session: Session, name: str, data: bytes, meta: dict[str, Any] | None) -> Stat:
     """Store ``data`` (in memory) under ``name``: with its commit when it travels inline."""
     plan = upload.plan_bytes(data, CHUNK_SIZE, None, session.hasher())
     plan.meta = meta or None
     return upload.put_planned(session, [(data, name, plan)], lambda *a: None)[0]
 
 
-def _range_chunks(session, listing, start: int, end: int, via):
+def _range_chunks(
+    session: Session, listing: ChunkList, start: int, end: int, via: download.Via
+) -> Iterator[tuple[int, bytes | memoryview]]:
     """``(offset, chunk)`` of the chunks that hold bytes ``start`` to ``end``, in order, each
     verified, fetched pipelined (only those: a ranged GET costs the chunks it touches)."""
     wanted = []
@@ -431,10 +473,11 @@ def _range_chunks(session, listing, start: int, end: int, via):
         for i, _offset, length, digest, zeros in wanted
         if not zeros
     )
-    held, due = {}, iter(wanted)
+    held: dict[int, memoryview] = {}
+    due = iter(wanted)
     nxt = next(due, None)
 
-    def ready():
+    def ready() -> Iterator[tuple[int, bytes | memoryview]]:
         nonlocal nxt
         while nxt is not None and (nxt[4] or nxt[0] in held):
             i, offset, length, digest, zeros = nxt

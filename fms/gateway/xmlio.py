@@ -2,12 +2,17 @@
 CompleteMultipartUpload), with the standard library's ElementTree."""
 
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any, TypeAlias
 
 from .errors import S3Error
 
 NS = "http://s3.amazonaws.com/doc/2006-03-01/"
 MAX_BODY = 4 * 1024 * 1024  # bytes of an XML request body (DeleteObjects of 1000 long keys)
+
+# (tag, value): a value is text (str() of it), None (left out), or Children (nested)
+Children: TypeAlias = Sequence[tuple[str, Any]]
 
 
 def iso(ts: float) -> str:
@@ -21,7 +26,7 @@ def http_date(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%a, %d %b %Y %H:%M:%S GMT")
 
 
-def document(root: str, children) -> bytes:
+def document(root: str, children: Children) -> bytes:
     """``<root xmlns=S3>children</root>``; ``children`` a list of (tag, value) where a value
     is text, None (left out), or a list of (tag, value) for a nested element."""
     el = ET.Element(root, xmlns=NS)
@@ -29,7 +34,7 @@ def document(root: str, children) -> bytes:
     return b'<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(el)
 
 
-def _fill(el, children):
+def _fill(el: ET.Element, children: Children) -> None:
     for tag, value in children:
         if value is None:
             continue
@@ -42,7 +47,7 @@ def _fill(el, children):
             sub.text = str(value)
 
 
-def parse(body: bytes, root: str):
+def parse(body: bytes, root: str) -> ET.Element:
     """The request body's root element (namespace stripped from every tag), or MalformedXML."""
     try:
         el = ET.fromstring(body)

@@ -24,12 +24,26 @@ import os
 import re
 import secrets
 import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from .. import policy
 from .. import wire as p
 from ..errors import BadRequest, FmsError, Forbidden, NotFound
 from ..policy import Grant, Identity, Policy
-from .meta.access import CURVE, S3, audit_entry
+from .meta.access import CURVE, S3, AccessMeta, audit_entry
+from .model import Version
+
+if TYPE_CHECKING:
+    import zmq
+
+    from ..worker import Link
+    from .engine import Store
+    from .meta.base import MetaEngine
+
+Route: TypeAlias = dict[str, Any]  # a request's route frame: its identity is route["who"]
+Header: TypeAlias = dict[str, Any]
+Handler: TypeAlias = Callable[[Route, Header, "zmq.Frame | None"], None]
 
 REFRESH = 1.0  # seconds between checks of the store's access epoch
 BLOBS_KEPT = 8 * p.MiB  # bytes of pages and bodies kept for reads by file (a page: 2 MiB)
@@ -67,12 +81,14 @@ log = logging.getLogger("fms.storage.access")
 class Access:
     """The store's policy snapshot on one worker, and who each request comes from."""
 
-    def __init__(self, meta):
+    def __init__(self, meta: AccessMeta) -> None:
         self.meta = meta
         self.policy = Policy()
         self._next_check = 0.0
         self._next_unknown = 0.0
-        self._refused = []  # audit entries of refused changes, written at the next flush
+        self._refused: list[
+            dict[str, Any]
+        ] = []  # audit entries of refused changes, written at the next flush
         self._refused_more = 0
         self.reload()
 
@@ -99,7 +115,7 @@ class Access:
             return False
         return self.reload()
 
-    def resolve(self, route: dict, header: dict) -> Identity:
+    def resolve(self, route: Route, header: Header) -> Identity:
         """The identity a request comes from (see the module's doc).
 
         :raises Forbidden: it asks to act for another identity and may not.
@@ -114,7 +130,7 @@ class Access:
                 self.reload()
         return self.policy.resolve(key, route.get("l") is True, header.get("as"))
 
-    def refused(self, who: Identity, op: str, header: dict, exc: Forbidden):
+    def refused(self, who: Identity, op: str, header: Header, exc: Forbidden) -> None:
         """Note a refused change for the audit log (written at the next :meth:`flush`)."""
         if op not in CHANGES:
             return
@@ -133,7 +149,7 @@ class Access:
             )
         )
 
-    def flush(self):
+    def flush(self) -> None:
         """Write the refused changes noted since the last flush (one transaction)."""
         if not self._refused and not self._refused_more:
             return
@@ -160,9 +176,11 @@ class Reads:
     and bodies are named by their digest, so the few last read are kept (:data:`BLOBS_KEPT`):
     a file read in order costs one page read per 65,536 chunks."""
 
-    def __init__(self, store):
+    def __init__(self, store: "Store") -> None:
         self.store = store
-        self._blobs = collections.OrderedDict()  # id -> bytes
+        self._blobs: collections.OrderedDict[bytes, bytes] = (
+            collections.OrderedDict()
+        )  # id -> bytes
         self._kept = 0
 
     def blob(self, ident: bytes) -> bytes:
@@ -178,7 +196,7 @@ class Reads:
             self._kept -= len(self._blobs.popitem(last=False)[1])
         return blob
 
-    def check_chunk(self, who: Identity, header: dict, digest: bytes):
+    def check_chunk(self, who: Identity, header: Header, digest: bytes) -> None:
         """:raises Forbidden: no file named, or one ``who`` may not read.  :raises NotFound:
         no version of it lists the chunk there."""
         name = policy.check_through_file(who, header, "chunk")
@@ -188,12 +206,17 @@ class Reads:
             chunks, pages = self._lists(version)
             if chunks is not None and digest in chunks:
                 return
-            listed = page is not None and at is not None and pages is not None and page in pages
-            if listed and self.blob(page)[at * p.HASH_LEN : (at + 1) * p.HASH_LEN] == digest:
+            if (
+                page is not None
+                and at is not None
+                and pages is not None
+                and page in pages
+                and self.blob(page)[at * p.HASH_LEN : (at + 1) * p.HASH_LEN] == digest
+            ):
                 return
         raise NotFound(f"{name!r} lists no such chunk there; read its manifest again")
 
-    def check_page(self, who: Identity, header: dict, ident: bytes):
+    def check_page(self, who: Identity, header: Header, ident: bytes) -> None:
         """:raises Forbidden: as :meth:`check_chunk`.  :raises NotFound: no version of the file
         has that page or body."""
         name = policy.check_through_file(who, header, "page")
@@ -205,13 +228,13 @@ class Reads:
                 return
         raise NotFound(f"{name!r} lists no such page; read its manifest again")
 
-    def _versions(self, name: str) -> list:
+    def _versions(self, name: str) -> list[Version]:
         try:
             return self.store.versions(name)
         except NotFound:
             return []
 
-    def _lists(self, version) -> tuple:
+    def _lists(self, version: Version) -> tuple[Sequence[bytes] | None, Sequence[bytes] | None]:
         """``(chunks or None, page ids or None)`` of a version (its body read if need be)."""
         if version.chunks is not None or version.body is None:
             return version.chunks, None
@@ -220,7 +243,7 @@ class Reads:
         return None, p.unpack_body(self.blob(version.body))[1]
 
 
-def policy_entry(who: Identity, op: str, **fields) -> dict:
+def policy_entry(who: Identity, op: str, **fields: Any) -> dict[str, Any]:
     return audit_entry(time.time(), who.name, op, **fields)
 
 
@@ -231,14 +254,20 @@ class AccessOps:
         :class:`Policy` (the service passes it on to the broker).
     """
 
-    def __init__(self, store, access: Access, link_of, on_change=lambda policy: None):
+    def __init__(
+        self,
+        store: "Store",
+        access: Access,
+        link_of: Callable[[], "Link"],
+        on_change: Callable[[Policy], None] = lambda policy: None,
+    ) -> None:
         self.store = store
         self.meta = store.meta
         self.access = access
         self.link_of = link_of  # a callable: the service's link (set after construction)
         self.on_change = on_change
 
-    def handlers(self) -> dict:
+    def handlers(self) -> dict[str, Handler]:
         return {
             "whoami": self.op_whoami,
             "id_add": self.op_id_add,
@@ -251,16 +280,16 @@ class AccessOps:
             "audit": self.op_audit,
         }
 
-    def _reply(self, route, header, **fields):
+    def _reply(self, route: Route, header: Header, **fields: Any) -> None:
         self.link_of().reply(route, p.ok_reply(header["id"], **fields))
 
-    def _changed(self):
+    def _changed(self) -> None:
         self.access.reload()
         self.on_change(self.access.policy)
 
     # --- anyone ---
 
-    def op_whoami(self, route, header, data):
+    def op_whoami(self, route: Route, header: Header, data: "zmq.Frame | None") -> None:
         who = route["who"]
         self._reply(
             route,
@@ -274,11 +303,11 @@ class AccessOps:
 
     # --- a store admin ---
 
-    def op_id_ls(self, route, header, data):
+    def op_id_ls(self, route: Route, header: Header, data: "zmq.Frame | None") -> None:
         policy.check_op(route["who"], "id_ls")
         self._reply(route, header, identities=self.meta.identities())
 
-    def op_id_add(self, route, header, data):
+    def op_id_add(self, route: Route, header: Header, data: "zmq.Frame | None") -> None:
         who = route["who"]
         policy.check_op(who, "id_add")
         name = _identity_name(header)
@@ -291,7 +320,7 @@ class AccessOps:
         self._changed()
         self._reply(route, header, identity=_one_identity(self.meta, name), **made)
 
-    def op_id_rm(self, route, header, data):
+    def op_id_rm(self, route: Route, header: Header, data: "zmq.Frame | None") -> None:
         who = route["who"]
         policy.check_op(who, "id_rm")
         name = _identity_name(header, existing=True)
@@ -299,7 +328,7 @@ class AccessOps:
         self._changed()
         self._reply(route, header, removed=name)
 
-    def op_id_key(self, route, header, data):
+    def op_id_key(self, route: Route, header: Header, data: "zmq.Frame | None") -> None:
         """Add a CURVE key (``curve``), make an S3 access key (``s3``) or remove a key
         (``remove``: a CURVE key or an access key id) of an identity."""
         who = route["who"]
@@ -311,7 +340,7 @@ class AccessOps:
         if (curve is not None) + s3 + (remove is not None) != 1:
             raise BadRequest("id_key takes one of 'curve' (a key to add), 's3' or 'remove'")
         now, commit = time.time(), _commit(header)
-        made = {}
+        made: dict[str, Any] = {}
         if curve is not None:
             self.meta.add_credential(name, CURVE, _z85(curve), now, who.name, commit=commit)
         elif s3:
@@ -320,11 +349,12 @@ class AccessOps:
                 name, S3, access_key, now, who.name, secret=secret, commit=commit
             )
         else:
+            assert remove is not None  # one of the three, checked above
             self.meta.remove_credential(name, remove, now, who.name, commit)
         self._changed()
         self._reply(route, header, identity=_one_identity(self.meta, name), **made)
 
-    def op_grant(self, route, header, data):
+    def op_grant(self, route: Route, header: Header, data: "zmq.Frame | None") -> None:
         who = route["who"]
         policy.check_op(who, "grant")
         name = _identity_name(header, existing=True)
@@ -336,7 +366,7 @@ class AccessOps:
         self._changed()
         self._reply(route, header, identity=_one_identity(self.meta, name))
 
-    def op_revoke(self, route, header, data):
+    def op_revoke(self, route: Route, header: Header, data: "zmq.Frame | None") -> None:
         who = route["who"]
         policy.check_op(who, "revoke")
         name = _identity_name(header, existing=True)
@@ -344,7 +374,7 @@ class AccessOps:
         self._changed()
         self._reply(route, header, identity=_one_identity(self.meta, name))
 
-    def op_audit(self, route, header, data):
+    def op_audit(self, route: Route, header: Header, data: "zmq.Frame | None") -> None:
         policy.check_op(route["who"], "audit")
         since = p.need(header, "since", (int, float), optional=True, default=0)
         after = p.need_int(header, "seq", optional=True, default=0)
@@ -359,7 +389,7 @@ class AccessOps:
 
     # --- a gateway ---
 
-    def op_s3_key(self, route, header, data):
+    def op_s3_key(self, route: Route, header: Header, data: "zmq.Frame | None") -> None:
         """An S3 access key id -> its identity, grants and secret (the gateway checks SigV4
         with the secret, then acts for the identity with ``as``)."""
         policy.check_op(route["who"], "s3_key")
@@ -376,7 +406,7 @@ class AccessOps:
         self._reply(route, header, identity=name, secret=secret, grants=grants)
 
 
-def _new_s3_key() -> tuple:
+def _new_s3_key() -> tuple[str, str]:
     """``(access key id, secret)``: ``FMS`` + 17 base32 characters, as AWS's are 20; a secret
     of 240 random bits."""
     alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
@@ -384,7 +414,7 @@ def _new_s3_key() -> tuple:
     return access_key, secrets.token_urlsafe(S3_SECRET_BYTES)
 
 
-def _commit(header: dict) -> str | None:
+def _commit(header: Header) -> str | None:
     """The request's id for storage (a repeat returns the first answer), if it sent one."""
     commit = p.need(header, "commit", str, optional=True, default=None)
     if commit is not None and not 1 <= len(commit) <= p.MAX_COMMIT_ID:
@@ -392,7 +422,7 @@ def _commit(header: dict) -> str | None:
     return commit
 
 
-def _identity_name(header: dict, existing: bool = False) -> str:
+def _identity_name(header: Header, existing: bool = False) -> str:
     name = p.need(header, "name", str)
     if not policy.NAME_RE.fullmatch(name):
         raise BadRequest(
@@ -404,12 +434,12 @@ def _identity_name(header: dict, existing: bool = False) -> str:
     return name
 
 
-def _grant_prefix(header: dict) -> str:
+def _grant_prefix(header: Header) -> str:
     prefix = policy.normalise_prefix(p.check_prefix(p.need(header, "prefix", str)))
     return p.check_name(prefix) if prefix else prefix
 
 
-def _z85(key) -> str:
+def _z85(key: object) -> str:
     if not isinstance(key, str) or not _Z85.fullmatch(key):
         raise BadRequest(
             "a CURVE public key is 40 characters of Z85 (the public-key line of a .key file "
@@ -418,11 +448,11 @@ def _z85(key) -> str:
     return key
 
 
-def _one_identity(meta, name: str) -> dict:
+def _one_identity(meta: AccessMeta, name: str) -> dict[str, Any]:
     return next((i for i in meta.identities() if i["name"] == name), {"name": name})
 
 
-def ensure_first_admin(meta, folder: str) -> str | None:
+def ensure_first_admin(meta: "MetaEngine", folder: str) -> str | None:
     """Once per store: identity ``admin`` (admin on the whole store) with a new CURVE keypair,
     whose files ``folder/admin.key`` and ``folder/admin.key_secret`` (mode 0600) are written
     only if this call made it.

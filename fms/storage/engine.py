@@ -13,25 +13,30 @@ kept in the metadata engine itself, so a small file costs one transaction and no
 
 from __future__ import annotations
 
+import builtins
 import errno
 import logging
 import os
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TypeVar
 
 from .. import wire as p
 from ..errors import BadRequest, FmsError, IntegrityError, MissingChunks, NoSpace, NotFound
+from ..policy import Scans
 from .chunks.base import ChunkBackend
 from .chunks.localdir import LocalDirChunks
 from .meta.base import MetaEngine
 from .meta.sql import prefix_end
-from .model import Copy, NewVersion, Removal, Restore, Version
+from .model import Change, Copy, NewVersion, Removal, Restore, Totals, Version
 
 SMALL_CHUNK_MAX = 64 * p.KiB  # chunks up to this size live in the metadata engine
 FOLDER_END = "\U0010ffff"  # after a folder's name: sorts after every name inside it
 META_FILE = "meta.db"
 
 log = logging.getLogger("fms.storage")
+T = TypeVar("T")
 
 
 class StoreError(FmsError):
@@ -40,7 +45,8 @@ class StoreError(FmsError):
 
 class Store:
     """A store: a :class:`MetaEngine` for names and references, a :class:`ChunkBackend` for
-    the bytes of chunks over :data:`SMALL_CHUNK_MAX`."""
+    the bytes of chunks over :data:`SMALL_CHUNK_MAX`.  (``builtins.list`` in the annotations:
+    ``list`` is also a method here.)"""
 
     def __init__(
         self,
@@ -60,7 +66,7 @@ class Store:
     def store_id(self) -> str:
         return self.meta.store_id
 
-    def close(self):
+    def close(self) -> None:
         self.meta.close()
 
     # --- reads ---
@@ -93,7 +99,9 @@ class Store:
             raise IntegrityError(f"page {ident.hex()[:16]} is corrupt in the metadata database")
         return blob
 
-    def listing(self, version: Version) -> tuple:
+    def listing(
+        self, version: Version
+    ) -> tuple[tuple[p.Extent, ...], tuple[p.Digest, ...] | None, tuple[p.Digest, ...] | None]:
         """``(extents, page ids or None, chunks or None)`` of a version: its body is read if
         the version does not keep a copy of it."""
         if version.body is None or version.extents is not None:
@@ -101,7 +109,7 @@ class Store:
         extents, pages = p.unpack_body(self.read_list(version.body))
         return extents, pages, None
 
-    def digests(self, version: Version):
+    def digests(self, version: Version) -> Iterator[p.Digest]:
         """Every chunk digest of a version, in file order, a page at a time (memory: a page)."""
         _extents, pages, chunks = self.listing(version)
         if chunks is not None:
@@ -110,12 +118,14 @@ class Store:
         for page in pages or ():
             yield from p.split_digests(self.read_list(page))
 
-    def list(self, prefix: str, after: str, limit: int, scans: list | None = None) -> list:
+    def list(
+        self, prefix: str, after: str, limit: int, scans: Scans | None = None
+    ) -> builtins.list[Version]:
         """Up to ``limit`` live versions under ``prefix`` after ``after``, in name order;
         ``scans`` (:func:`fms.policy.scans`): only within those parts of the index."""
         if scans is None:
             return self.meta.list(prefix, after, limit)
-        out = []
+        out: builtins.list[Version] = []
         for kind, value in scans:
             if len(out) >= limit:
                 break
@@ -130,12 +140,13 @@ class Store:
             out += self.meta.list(value, after, limit - len(out))
         return out
 
-    def versions(self, name: str) -> list:
+    def versions(self, name: str) -> builtins.list[Version]:
         """The current version of ``name`` (if it is live) and its retained ones, newest first.
 
         :raises NotFound: neither.
         """
-        found = ([current] if (current := self.meta.get(name)) else []) + self.meta.retained(name)
+        current = self.meta.get(name)
+        found = ([current] if current else []) + self.meta.retained(name)
         if not found:
             raise NotFound(
                 f"{name!r} not found, and no version of it is retained; see what is stored with: ls"
@@ -149,10 +160,10 @@ class Store:
                 return found
         raise NotFound(f"{name!r} has no version {version}; list them with: versions {name}")
 
-    def totals(self):
+    def totals(self) -> Totals:
         return self.meta.totals()
 
-    def usage(self, prefix: str, scans: list | None = None) -> tuple:
+    def usage(self, prefix: str, scans: Scans | None = None) -> tuple[int, int]:
         """``(files, bytes)`` under ``prefix``: the totals for the whole store, else counted in
         the name index; ``scans``: only within those parts of it (:func:`fms.policy.scans`)."""
         if scans is not None:
@@ -171,7 +182,9 @@ class Store:
             return totals.files, totals.bytes
         return self.meta.usage(prefix)
 
-    def list_folder(self, prefix: str, after: str, limit: int, scans: list | None = None) -> tuple:
+    def list_folder(
+        self, prefix: str, after: str, limit: int, scans: Scans | None = None
+    ) -> tuple[builtins.list[Version], builtins.list[str], str | None]:
         """One level under ``prefix``, like ``aws s3 ls``: the files directly in it and its
         sub-folders (``prefix`` + up to the next ``/``), each folder once, in name order; a
         folder is skipped over in the index, not read name by name.
@@ -179,12 +192,16 @@ class Store:
         :return: ``(entries, folders, next)``: up to ``limit`` items in all; ``next`` is the
             cursor to send as ``after`` for the next page, None when done.
         """
-        entries, folders = [], []
+        entries: builtins.list[Version] = []
+        folders: builtins.list[str] = []
         while len(entries) + len(folders) < limit:
             page = self.list(prefix, after, limit - len(entries) - len(folders), scans)
             if not page:
                 return entries, folders, None
             for version in page:
+                if version.name == prefix:  # the folder's own marker: not in it
+                    after = version.name
+                    continue
                 slash = version.name.find("/", len(prefix))
                 if slash < 0:
                     entries.append(version)
@@ -197,7 +214,7 @@ class Store:
                 break
         return entries, folders, after
 
-    def read_chunk(self, digest: bytes):
+    def read_chunk(self, digest: p.Digest) -> bytearray:
         """A chunk as a data frame, verified against its digest.
 
         :raises NotFound: no such chunk.
@@ -205,7 +222,7 @@ class Store:
             marked lost, so the next upload of a file that lists it sends it and restores it.
         """
         row = self.meta.chunk(digest)
-        if row is not None and row.in_engine:
+        if row is not None and row.data is not None:  # in the engine
             frame = p.pack_data(row.data)
             if self.hash(row.data) != digest:
                 self.meta.mark_lost(digest)
@@ -232,7 +249,9 @@ class Store:
 
     # --- writes ---
 
-    def missing(self, digests: list, owner: str | None = None) -> list:
+    def missing(
+        self, digests: Sequence[p.Digest], owner: str | None = None
+    ) -> builtins.list[p.Digest]:
         """The digests among ``digests`` that must be uploaded; the others are protected from
         collection for the grace period (a commit naming them is on its way).
 
@@ -246,13 +265,13 @@ class Store:
             known = self.meta.known(digests, time.time())
         return [d for d in digests if d not in known]
 
-    def unowned(self, owner: str, digests) -> list:
+    def unowned(self, owner: str, digests: Sequence[p.Digest]) -> builtins.list[p.Digest]:
         """The digests among ``digests`` that ``owner`` did not upload (a commit of an identity
         whose dedup is its own may name only its own chunks: it uploads the others)."""
         mine = self.meta.owned(owner, list(digests))
         return list(dict.fromkeys(d for d in digests if d not in mine))
 
-    def put_chunk(self, digest: bytes, data, owner: str | None = None) -> bool:
+    def put_chunk(self, digest: p.Digest, data: p.BytesLike, owner: str | None = None) -> bool:
         """Store a chunk after checking it against its digest.
 
         :param owner: the identity uploading it, when its dedup is its own: it then owns the
@@ -265,7 +284,7 @@ class Store:
             return written
         return bool(self.meta.own(owner, [digest]))
 
-    def _put_chunk(self, digest: bytes, data) -> bool:
+    def _put_chunk(self, digest: p.Digest, data: p.BytesLike) -> bool:
         if self.hash(data) != digest:
             raise IntegrityError(
                 f"chunk {digest.hex()[:16]} does not match its {self.digest_fn} digest; "
@@ -281,7 +300,7 @@ class Store:
             return not (small and held)
         return self.chunks.put(digest, data)
 
-    def put_page(self, page_id: bytes, blob) -> bool:
+    def put_page(self, page_id: p.Digest, blob: p.BytesLike) -> bool:
         """Store a page of digests (every chunk it lists must be stored) after checking it
         against its id.  :return: True if stored now (False: it was already).
 
@@ -289,29 +308,29 @@ class Store:
         :raises IntegrityError: the bytes do not hash to ``page_id``.
         :raises MissingChunks: chunks it lists are not stored; ``missing`` lists them.
         """
-        blob = bytes(blob)
-        count = len(blob) // p.HASH_LEN
-        if len(blob) % p.HASH_LEN or not 1 <= count <= p.PAGE_CHUNKS:
+        page = bytes(blob)
+        count = len(page) // p.HASH_LEN
+        if len(page) % p.HASH_LEN or not 1 <= count <= p.PAGE_CHUNKS:
             raise BadRequest(
                 f"a page holds 1 to {p.PAGE_CHUNKS} digests of {p.HASH_LEN} bytes, got "
-                f"{len(blob)} bytes"
+                f"{len(page)} bytes"
             )
-        if self.hash(blob) != page_id:
+        if self.hash(page) != page_id:
             raise IntegrityError(
                 f"page {page_id.hex()[:16]} does not match its id; it was damaged in transit, "
                 f"send it again"
             )
         if not self.meta.has_page(page_id):
-            absent = self._absent(p.split_digests(blob))
+            absent = self._absent(p.split_digests(page))
             if absent:
                 raise MissingChunks(
                     f"{len(absent)} chunk(s) of this page are not in the store (never "
                     f"uploaded, or collected since); upload them and send the page again",
                     missing=absent,
                 )
-        return self.meta.put_page(page_id, blob, time.time())
+        return self.meta.put_page(page_id, page, time.time())
 
-    def _absent(self, digests) -> list:
+    def _absent(self, digests: Iterable[p.Digest]) -> builtins.list[p.Digest]:
         """The distinct ``digests`` that are not stored: no live row, or a blob that a row
         promises but the backend does not hold whole (its write failed, or a power loss cut it).
         A chunk some stored list references was checked when that reference was taken (and one
@@ -331,7 +350,7 @@ class Store:
         order = {d: i for i, d in enumerate(wanted)}
         return sorted(absent, key=order.__getitem__)
 
-    def commit(self, change: NewVersion, inline=None) -> Version:
+    def commit(self, change: NewVersion, inline: bytes | None = None) -> Version:
         """One commit; see :meth:`apply`.  :raises FmsError: it was refused."""
         return _raise_or(self.apply([(change, inline)])[0])
 
@@ -350,7 +369,7 @@ class Store:
 
     def remove_prefix(
         self, prefix: str, limit: int, name_bytes: int, actor: str = "local"
-    ) -> tuple:
+    ) -> tuple[builtins.list[Version], bool]:
         """Remove up to ``limit`` names starting with ``prefix``, whose names add up to at most
         ``name_bytes`` (in UTF-8: the list the broker is told to invalidate), in one
         transaction; ``actor``: who asked (the audit log's).
@@ -358,7 +377,8 @@ class Store:
         :return: ``(tombstones, more)``: more names remain under ``prefix``.
         """
         page = self.meta.list(prefix, "", limit + 1)
-        take, total = [], 0
+        take: builtins.list[Version] = []
+        total = 0
         for version in page[:limit]:
             total += len(version.name.encode())
             if take and total > name_bytes:
@@ -369,19 +389,33 @@ class Store:
         # A name removed by someone else meanwhile is not an error of this request.
         return [r for r in results if isinstance(r, Version)], len(page) > len(take)
 
-    def apply(self, requests) -> list:
+    def move_prefix(
+        self, prefix: str, dest: str, commit: str, limit: int, actor: str = "local"
+    ) -> int:
+        """Rename the folder ``prefix`` to ``dest`` (both ending in ``/``): every name under it,
+        in one transaction, metadata only (:meth:`MetaEngine.move_prefix`); ``actor``: who
+        asked (the audit log's).  :return: names moved."""
+        if prefix.startswith(dest) or dest.startswith(prefix):
+            raise BadRequest(f"cannot move folder {prefix!r} to {dest!r}: one holds the other")
+        return self.meta.move_prefix(prefix, dest, commit, time.time(), limit, actor)
+
+    def apply(
+        self, requests: Sequence[tuple[Change, bytes | None]]
+    ) -> builtins.list[Version | FmsError]:
         """Apply ``(change, inline bytes or None)`` pairs: each commit is checked, then every
         change that passed is made in one transaction.
 
         :return: per request, the :class:`Version` made or the :class:`FmsError` refusing it.
         """
-        results = [None] * len(requests)
-        changes, where, small = [], [], {}
+        results: dict[int, Version | FmsError] = {}  # by index in requests
+        changes: builtins.list[Change] = []
+        where: builtins.list[int] = []  # each change's index in requests
+        small: dict[p.Digest, bytes] = {}  # small chunks' bytes, sent inline
         for i, (change, inline) in enumerate(requests):
             try:
                 if isinstance(change, NewVersion):
                     change, small_bytes = self._check(change, inline)
-                    if small_bytes is not None:
+                    if small_bytes is not None and change.chunks:  # kept with its one chunk
                         small[change.chunks[0]] = small_bytes
             except FmsError as exc:
                 results[i] = exc
@@ -399,12 +433,12 @@ class Store:
                     failure = os_failure(exc)
                     for i in where:
                         results[i] = failure
-                    return results
+                    return [results[i] for i in range(len(requests))]
             for i, result in zip(where, self.meta.apply(changes, time.time(), small), strict=False):
                 results[i] = result
-        return results
+        return [results[i] for i in range(len(requests))]
 
-    def _check(self, change: NewVersion, inline) -> tuple:
+    def _check(self, change: NewVersion, inline: bytes | None) -> tuple[NewVersion, bytes | None]:
         """Check a commit against its shape, its digest and the stored chunks.
 
         :return: ``(change, small)``: the change to apply, and the bytes of a small chunk to keep
@@ -432,6 +466,8 @@ class Store:
         if count == 0:
             return change, None
         if inline is not None:
+            if change.chunks is None:
+                raise BadRequest("inline data goes with a chunk list, not with pages")
             if not p.travels_inline(change.size, count):
                 raise BadRequest(
                     f"inline data is only for one-chunk files of at most {p.INLINE_MAX} bytes"
@@ -452,15 +488,17 @@ class Store:
         # A paged list's pages are checked by the metadata engine, in the commit's transaction.
         return change, None
 
-    def _check_digest(self, change: NewVersion):
+    def _check_digest(self, change: NewVersion) -> None:
         """The commit's file digest is the one its chunk list gives: derived from the chunk
         digests (:mod:`fms.wire.manifest`), in proportion to its pages; nothing is read back."""
         if change.digest_kind != p.DIGEST_TREE:
             raise BadRequest(f"a commit's digest is of kind {p.DIGEST_TREE!r}")
         if change.chunks is not None:
             want = p.inline_digest(change.extents, change.chunks, self.hash)
-        else:
+        elif change.pages is not None:
             want = p.tree_digest(change.extents, change.pages, self.hash)
+        else:
+            raise BadRequest("a commit lists either its chunks or its pages")
         if change.digest != want:
             raise IntegrityError(
                 f"the file digest of {change.name!r} is not the one its chunk list gives; "
@@ -479,13 +517,13 @@ def os_failure(exc: OSError) -> FmsError:
     return FmsError(f"storage could not read or write its disk: {exc.strerror or exc}")
 
 
-def _raise_or(result):
+def _raise_or(result: Version | FmsError) -> Version:
     if isinstance(result, BaseException):
         raise result
     return result
 
 
-def _optional(extra: str, package: str, load):
+def _optional(extra: str, package: str, load: Callable[[], T]) -> T:
     """A server-side backend whose library is an optional extra: a clear error if missing."""
     try:
         return load()
@@ -534,6 +572,8 @@ def open_store(
             f"cannot use data directory {data}: its parent folder does not "
             f"exist; create it or point --data elsewhere"
         )
+    backend: ChunkBackend
+    engine: MetaEngine
     try:
         os.makedirs(data, exist_ok=True)
         if chunks is None:
@@ -593,7 +633,7 @@ def _old_store_digest(asked: str | None) -> str:
     return p.OLD_STORE_DIGEST
 
 
-def _tie(engine, backend, chunks_where: str, meta_where: str):
+def _tie(engine: MetaEngine, backend: ChunkBackend, chunks_where: str, meta_where: str) -> None:
     """Chunks belong to one store: a chunk store that another store's metadata uses would have
     its chunks collected as orphans, so a mismatch is refused before anything runs."""
     marker = backend.store_marker()

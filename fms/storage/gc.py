@@ -23,12 +23,19 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .. import wire as p
 from ..errors import IntegrityError, NotFound, Unavailable
+from .chunks.base import ChunkBackend
 from .chunks.localdir import pid_alive
 from .meta.access import audit_entry
-from .meta.base import RETAIN_SECONDS
+from .meta.base import RETAIN_SECONDS, ChunkRow, MetaEngine
+from .model import Version
+
+if TYPE_CHECKING:
+    from .engine import Store
 
 DEFAULT_GRACE = 3600.0  # seconds an unreferenced chunk is kept before it is collected
 LEASE = "gc"
@@ -39,7 +46,6 @@ LIST_BATCH = 16  # bodies and pages deleted per transaction (each up to 2 MiB)
 FSCK_PAGE_BYTES = 256 * p.MiB  # chunk bytes one fsck page reads, so a page answers in seconds
 FSCK_PAGE_SECONDS = 5.0  # ... or the seconds it reads for, whichever comes first (a slow disk)
 HOLD_BATCH = 500  # names whose expired holds are dropped per transaction
-AUDIT_KEEP = 90 * 86400.0  # seconds the audit log keeps an entry (the storage workers' default)
 
 log = logging.getLogger("fms.storage.gc")
 
@@ -47,8 +53,12 @@ _HOLDER = f"{socket.gethostname()}:{os.getpid()}"
 
 
 def collect(
-    store, grace: float = DEFAULT_GRACE, dry_run: bool = False, now=None, actor: str = "system"
-) -> dict:
+    store: "Store",
+    grace: float = DEFAULT_GRACE,
+    dry_run: bool = False,
+    now: float | None = None,
+    actor: str = "system",
+) -> dict[str, int]:
     """Collect what has been garbage for longer than ``grace`` seconds.
 
     :param actor: who asked (the audit log's): an identity, or the system's own schedule.
@@ -121,7 +131,7 @@ def collect(
                 freed["chunks"] += 1
                 freed["bytes"] += size
         if not dry_run:
-            meta.prune_audit(now - getattr(meta, "audit_keep", AUDIT_KEEP))
+            meta.prune_audit(now - meta.audit_keep)
             if actor != "system" or any(_counts(freed).values()):  # a background no-op: no line
                 meta.audit_write([audit_entry(now, actor, "gc", grace=grace, **_counts(freed))])
     finally:
@@ -139,7 +149,7 @@ def collect(
     return freed
 
 
-def _prune(meta, cutoff: float) -> int:
+def _prune(meta: MetaEngine, cutoff: float) -> int:
     """Drop every tombstone and remembered id older than ``cutoff``, however many, a batch per
     transaction so that writers never wait long; the lease is renewed as it goes."""
     pruned = 0
@@ -161,7 +171,9 @@ def _dead_here(holder: str) -> bool:
     return host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid))
 
 
-def _finish(meta, chunks, rows, freed):
+def _finish(
+    meta: MetaEngine, chunks: ChunkBackend, rows: Sequence[ChunkRow], freed: dict[str, int]
+) -> None:
     """Delete the blobs of doomed rows, then the rows."""
     blobs = [r for r in rows if not r.in_engine]
     for row in blobs:
@@ -173,11 +185,11 @@ def _finish(meta, chunks, rows, freed):
 
 
 def fsck_page(
-    store,
+    store: "Store",
     after: str = "",
     page_bytes: int = FSCK_PAGE_BYTES,
     page_seconds: float = FSCK_PAGE_SECONDS,
-) -> dict:
+) -> dict[str, Any]:
     """Check the live versions after name ``after``, reading about ``page_bytes`` of chunks
     (and of the pages and bodies that list them) or for about ``page_seconds``, whichever comes
     first (at least one name).
@@ -195,7 +207,8 @@ def fsck_page(
         ``refcount_errors``.
     :raises Unavailable: the metadata database or the chunk store cannot be reached.
     """
-    out = {"names": 0, "chunks": 0, "bytes": 0, "damaged": [], "next": None}
+    # the page's reply (fsck's wire fields)
+    out: dict[str, Any] = {"names": 0, "chunks": 0, "bytes": 0, "damaged": [], "next": None}
     check = _Check(store, out)
     last = after
     end = time.monotonic() + page_seconds
@@ -226,7 +239,7 @@ def fsck_page(
     return out
 
 
-def _still_damaged(store, digest: bytes) -> bool:
+def _still_damaged(store: "Store", digest: bytes) -> bool:
     """After the snapshot: whether a chunk whose bytes looked missing or corrupt still do, and
     it is still used (an overwrite may have released it and a collection deleted it since).
     Reading it sets a corrupt blob aside and marks the row lost, so an upload restores it."""
@@ -240,7 +253,7 @@ def _still_damaged(store, digest: bytes) -> bool:
     return False
 
 
-def _orphans(store) -> int:
+def _orphans(store: "Store") -> int:
     """Blobs that no row knows.  Outside any snapshot, and each one looked at again: a blob's
     row is written before the blob, and a collector deletes a blob before its row, so a blob
     listed while it was written or collected is not counted."""
@@ -257,13 +270,14 @@ class _Check:
     Pages and bodies are rows of the metadata, read in the page's snapshot: one that is absent
     or wrong there is damage whatever writers do."""
 
-    def __init__(self, store, out: dict):
+    def __init__(self, store: "Store", out: dict[str, Any]) -> None:
         self.store, self.out = store, out
-        self.damaged = {}  # id -> {chunk, problem, names[, kind][, recheck]}
-        self.seen = set()  # chunks checked
-        self.lists = {}  # page or body id -> the damaged ids under it
+        # id -> {chunk, problem, names[, kind][, recheck]}
+        self.damaged: dict[bytes, dict[str, Any]] = {}
+        self.seen: set[p.Digest] = set()  # chunks checked
+        self.lists: dict[bytes, set[bytes]] = {}  # page or body id -> the damaged ids under it
 
-    def version(self, version) -> set:
+    def version(self, version: Version) -> set[bytes]:
         """The ids of what is damaged among what ``version`` lists."""
         if version.chunks is not None:
             return self.chunks(version.chunks)
@@ -271,10 +285,10 @@ class _Check:
             return set()  # an empty file
         return self.list("body", version.body)
 
-    def list(self, kind: str, ident: bytes) -> set:
+    def list(self, kind: str, ident: bytes) -> set[bytes]:
         if ident in self.lists:
             return self.lists[ident]
-        bad = set()
+        bad: set[bytes] = set()
         try:
             blob = self.store.read_list(ident)
         except NotFound:
@@ -293,8 +307,8 @@ class _Check:
         self.lists[ident] = bad
         return bad
 
-    def chunks(self, digests) -> set:
-        bad = set()
+    def chunks(self, digests: Iterable[p.Digest]) -> set[bytes]:
+        bad: set[bytes] = set()
         for digest in dict.fromkeys(digests):
             if digest in self.damaged:
                 bad.add(digest)
@@ -312,7 +326,7 @@ class _Check:
         return bad
 
 
-def _check_chunk(store, digest, out) -> tuple:
+def _check_chunk(store: "Store", digest: p.Digest, out: dict[str, Any]) -> tuple[str | None, bool]:
     """Read-only (it runs in the page's snapshot; what a damaged chunk needs, set aside or
     marked lost, is done by :func:`_still_damaged` after it).
 
@@ -325,7 +339,8 @@ def _check_chunk(store, digest, out) -> tuple:
     row = store.meta.chunk(digest)
     if row is None or row.doomed:
         return "missing", False
-    if row.in_engine:
+    data: p.BytesLike
+    if row.data is not None:  # in the engine itself (row.in_engine)
         data = row.data
     else:
         try:

@@ -14,7 +14,9 @@ With versions kept (``--keep-versions N``), a version that an overwrite or a rem
 *retained*: it keeps its chunks' references, and ``N`` of them per name are kept, the newest.
 """
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeAlias
 
 from .. import wire as p
 from ..errors import IntegrityError
@@ -29,7 +31,7 @@ class Version:
 
     name: str
     size: int
-    digest: bytes
+    digest: p.Digest
     digest_kind: str  # p.DIGEST_TREE, or p.DIGEST_CONTENT for versions stored before it
     chunk_size: int  # of its first extent (the file's, when it has one); 0 if empty
     count: int  # chunks, in all extents
@@ -37,16 +39,16 @@ class Version:
     version: int
     commit: str  # id of the commit (or rm) that made this version
     committed: float  # when, in seconds since the epoch
-    meta: dict = field(default_factory=dict)  # str -> str, at most p.MAX_META_BYTES
+    meta: dict[str, str] = field(default_factory=dict)  # at most p.MAX_META_BYTES
     deleted: bool = False  # a tombstone: the name was removed
-    extents: tuple | None = None  # ((chunk_size, size), ...)
-    chunks: tuple | None = None  # the digests, when kept with the version
-    pages: tuple | None = None  # the page ids, when kept with the version
-    body: bytes | None = None  # the id of the stored body (a paged chunk list)
+    extents: tuple[p.Extent, ...] | None = None
+    chunks: tuple[p.Digest, ...] | None = None  # the digests, when kept with the version
+    pages: tuple[p.Digest, ...] | None = None  # the page ids, when kept with the version
+    body: p.Digest | None = None  # the id of the stored body (a paged chunk list)
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         """What stat and ls return (a *stat*): the manifest without its chunk list."""
-        out = {
+        out: dict[str, Any] = {
             "name": self.name,
             "size": self.size,
             "digest": self.digest,
@@ -62,7 +64,7 @@ class Version:
             out["deleted"] = True
         return out
 
-    def manifest(self, digest_fn: str) -> dict:
+    def manifest(self, digest_fn: str) -> dict[str, Any]:
         """The wire form of a manifest: the stat, the store's digest function (``digest_fn``:
         every digest in it is made with it), and the chunk list (short), or its body's id with
         its extents and pages if they are small (docs/PROTOCOL.md), at most
@@ -74,7 +76,7 @@ class Version:
             return out
         out["body"] = self.body
         if self.pages is not None:
-            out["extents"] = p.pack_extents(self.extents)
+            out["extents"] = p.pack_extents(self.extents or ())
             out["pages"] = list(self.pages)
         return out
 
@@ -111,18 +113,18 @@ class NewVersion:
     """
 
     name: str
-    extents: tuple  # ((chunk_size, size), ...)
-    digest: bytes
+    extents: tuple[p.Extent, ...]
+    digest: p.Digest
     mtime: float
     commit: str
-    chunks: tuple | None = None
-    pages: tuple | None = None
+    chunks: tuple[p.Digest, ...] | None = None
+    pages: tuple[p.Digest, ...] | None = None
     digest_kind: str = p.DIGEST_TREE
     meta: dict = field(default_factory=dict)
     actor: str = "local"
 
     @property
-    def names(self) -> tuple:
+    def names(self) -> tuple[str, ...]:
         return (self.name,)
 
     @property
@@ -148,7 +150,7 @@ class Removal:
     prefix: str | None = None
 
     @property
-    def names(self) -> tuple:
+    def names(self) -> tuple[str, ...]:
         return (self.name,)
 
 
@@ -163,7 +165,7 @@ class Copy:
     actor: str = "local"
 
     @property
-    def names(self) -> tuple:
+    def names(self) -> tuple[str, ...]:
         return (self.src, self.name) if self.move else (self.name,)
 
 
@@ -178,7 +180,7 @@ class Restore:
     actor: str = "local"
 
     @property
-    def names(self) -> tuple:
+    def names(self) -> tuple[str, ...]:
         return (self.name,)
 
 
@@ -189,7 +191,7 @@ class Totals:
     chunks: int = 0  # chunks held, referenced or awaiting collection
     chunk_bytes: int = 0  # their bytes (after dedup)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, int]:
         return {
             "files": self.files,
             "bytes": self.bytes,
@@ -198,7 +200,16 @@ class Totals:
         }
 
 
-def check_chunks(name: str, extents, chunks, sizes: dict):
+# What the metadata engine is asked to apply (:meth:`~.meta.base.MetaEngine.apply`).
+Change: TypeAlias = NewVersion | Removal | Copy | Restore
+
+
+def check_chunks(
+    name: str,
+    extents: Sequence[p.Extent],
+    chunks: Sequence[p.Digest],
+    sizes: Mapping[p.Digest, int],
+) -> None:
     """That each chunk of a short list has the size its place needs (``sizes``: digest ->
     stored size).  :raises IntegrityError:"""
     at = 0
@@ -216,7 +227,12 @@ def check_chunks(name: str, extents, chunks, sizes: dict):
         raise IntegrityError(f"{name!r} lists {len(chunks)} chunks, its extents have {at}")
 
 
-def check_pages(name: str, extents, pages, rows: dict):
+def check_pages(
+    name: str,
+    extents: Sequence[p.Extent],
+    pages: Sequence[p.Digest],
+    rows: Mapping[p.Digest, tuple[int, int, int]],
+) -> None:
     """That each page of a paged list has the chunk count and sizes its place needs
     (``rows``: page id -> (chunks, size of all but the last, size of the last)), in proportion
     to the pages: what each page holds was found when it was stored.  :raises IntegrityError:"""

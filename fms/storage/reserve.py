@@ -19,8 +19,13 @@ import errno
 import fcntl
 import logging
 import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from .. import wire as p
+
+if TYPE_CHECKING:
+    from .engine import Store
 
 RESERVE_FILE = "reserve"
 RESERVE_BYTES = 16 * p.MiB  # what a page of rm -r (rm_prefix) or a collection's batch needs
@@ -36,7 +41,7 @@ class SpaceReserve:
     :param folder: the directory holding the metadata database.
     """
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str) -> None:
         self.path = os.path.join(folder, RESERVE_FILE)
         self.lock_path = self.path + ".lock"
         vfs = os.statvfs(folder)
@@ -46,7 +51,7 @@ class SpaceReserve:
         self.refill()
 
     @classmethod
-    def for_store(cls, store):
+    def for_store(cls, store: "Store") -> "SpaceReserve | None":
         """The reserve of ``store``'s data directory if its metadata is SQLite there, else
         None (PostgreSQL keeps its own disk; a chunk store alone needs no room to delete)."""
         path = getattr(store.meta, "path", None)
@@ -92,7 +97,7 @@ class SpaceReserve:
         return True
 
     @contextlib.contextmanager
-    def released(self):
+    def released(self) -> Iterator[None]:
         """Give the reserve's room to the body (a write that gives space back), then allocate
         it again as far as the disk has room."""
         try:
@@ -120,7 +125,7 @@ def held(folder: str) -> int:
     return min(st.st_size, st.st_blocks * 512)
 
 
-def _allocate(fd: int, offset: int, length: int):
+def _allocate(fd: int, offset: int, length: int) -> None:
     """Give the file real blocks from ``offset`` (a sparse file would hold no room)."""
     try:
         os.posix_fallocate(fd, offset, length)

@@ -34,7 +34,11 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
+
+import zmq
 
 from .. import policy
 from .. import wire as p
@@ -49,11 +53,15 @@ from ..errors import (
     Unavailable,
 )
 from ..logutil import RateLimitedLog
+from ..policy import Policy
 from . import gc
 from .access import Access, AccessOps, Reads
 from .engine import FOLDER_END, SMALL_CHUNK_MAX, Store, os_failure
-from .model import Copy, NewVersion, Removal, Restore
+from .model import Change, Copy, NewVersion, Removal, Restore, Version
 from .reserve import SpaceReserve
+
+if TYPE_CHECKING:
+    from ..worker import Link
 
 CLEAN_INTERVAL = 60.0  # seconds between sweeps of temp files left by dead writers
 GC_INTERVAL = 300.0  # seconds between background collections
@@ -68,8 +76,17 @@ VERSIONS_MAX = 256  # versions one `versions` reply lists, the newest
 RM_PAGE = 1000  # names an `rm_prefix` removes per request (one transaction)
 RM_PAGE_NAME_BYTES = 32 * p.KiB  # ... whose names add up to at most this: the broker's `inv`
 RESERVE_RM_PAGE = 100  # ... and at most this many in the room of the disk's reserve
+MV_PREFIX_MAX = 10_000  # names a folder rename (`mv_prefix`) moves, in one transaction
 
+T = TypeVar("T")
 log = logging.getLogger("fms.storage")
+
+Route: TypeAlias = dict[str, Any]  # a request's route frame (fms.worker adds its deadline)
+Header: TypeAlias = dict[str, Any]  # a request's header
+# A change waiting for the group commit: (route, header, change, its inline content).
+Pending: TypeAlias = tuple[Route, Header, Change, bytes | None]
+# A maintenance job: runs on a store, returns the reply's fields.
+Job: TypeAlias = Callable[[Store], dict[str, Any]]
 
 
 class StorageService:
@@ -85,16 +102,17 @@ class StorageService:
     def __init__(
         self,
         store: Store,
-        link,
+        link: "Link",
         gc_grace: float = gc.DEFAULT_GRACE,
         maintenance_store: Store | None = None,
-    ):
+    ) -> None:
         self.store = store
         self.link = link
         self.gc_grace = gc_grace
         self.served = 0
-        self._pending = []  # (route, header, change, inline) awaiting flush()
-        self._reads = []  # (route, header, digest): chunk reads awaiting flush(), side by side
+        self._pending: list[Pending] = []  # awaiting flush()
+        # (route, header, digest): chunk reads awaiting flush(), fetched side by side
+        self._reads: list[tuple[Route, Header, p.Digest]] = []
         threads = getattr(store.chunks, "read_threads", 1)
         self._reader = ThreadPoolExecutor(threads, "fms-read") if threads > 1 else None
         self._next_clean = 0.0
@@ -127,6 +145,7 @@ class StorageService:
             "mv": self.op_mv,
             "cp": self.op_cp,
             "rm_prefix": self.op_rm_prefix,
+            "mv_prefix": self.op_mv_prefix,
             "du": self.op_du,
             "versions": self.op_versions,
             "get_version": self.op_get_version,
@@ -135,10 +154,10 @@ class StorageService:
             **self.access_ops.handlers(),
         }
 
-    def handle_request(self, route: dict, header: dict, data):
+    def handle_request(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         op = header.get("op")
         handler = self._handlers.get(op) if isinstance(op, str) else None
-        if handler is None:
+        if handler is None or not isinstance(op, str):
             raise BadRequest(f"storage does not serve op {op!r}")
         p.check_version(header)
         # The broker checked what it decoded; a large commit or have it only peeked at is
@@ -158,26 +177,26 @@ class StorageService:
         try:
             handler(route, header, data)
         except Forbidden as exc:
-            self.access.refused(who, op, header, exc)
+            self.access.refused(who, str(op), header, exc)
             raise
 
-    def handle_reply(self, header, data):
+    def handle_reply(self, header: Header, data: zmq.Frame | None) -> None:
         log.warning("event=unexpected_reply id=%r", header.get("id"))
 
-    def on_register(self):
+    def on_register(self) -> None:
         # The broker lets the store's identities in, and passes this on to the cache workers.
         self._policy_changed(self.access.policy)
 
-    def on_policy(self, snapshot):
+    def on_policy(self, snapshot: Policy) -> None:
         """Another storage worker's newer snapshot, passed on by the broker: decide with it at
         once (the epoch check would find it within a second)."""
         if snapshot.epoch > self.access.policy.epoch:
             self.access.policy = snapshot
 
-    def on_invalidate(self, name):
+    def on_invalidate(self, name: str) -> None:
         pass
 
-    def tick(self, now):
+    def tick(self, now: float) -> None:
         self.flush()
         if self.reserve is not None:
             self.reserve.refill()  # a no-op while it is whole
@@ -195,7 +214,7 @@ class StorageService:
             self._next_gc = now + GC_INTERVAL
             self._maintenance.submit(None, None, self._background_gc)
 
-    def close(self):
+    def close(self) -> None:
         """Stop the maintenance thread and the readers, and close both stores (SQLite folds its
         WAL back in)."""
         if self._reader is not None:
@@ -206,7 +225,7 @@ class StorageService:
             self._maintenance.store.close()
         self.store.close()
 
-    def _policy_changed(self, snapshot):
+    def _policy_changed(self, snapshot: Policy) -> None:
         """Identities or grants changed (here, or seen by the epoch): tell the broker, which
         tells the cache workers and this store's other workers (when it can)."""
         send = getattr(self.link, "send_policy", None)
@@ -216,30 +235,36 @@ class StorageService:
     # --- read ops (also what the cache forwards on a miss) ---
 
     @staticmethod
-    def _name(route, header, op: str, key: str = "name", role: str | None = None) -> str:
-        """A name the request touches, checked and allowed for its identity."""
-        name = p.check_name(p.need(header, key, str))
+    def _name(
+        route: Route,
+        header: Header,
+        op: str,
+        key: str = "name",
+        role: str | None = None,
+        check: Callable[[object], str] = p.check_name,
+    ) -> str:
+        """A name the request touches, checked (by ``check``: a folder marker's name too with
+        :func:`~fms.wire.check_entry_name`) and allowed for its identity."""
+        name = check(p.need(header, key, str))
         policy.check(route["who"], op, name, role)
         return name
 
-    def op_get(self, route, header, data):
+    def op_get(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         self._reply_manifest(route, header, self.store.version(self._name(route, header, "get")))
 
-    def op_get_version(self, route, header, data):
+    def op_get_version(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         """A retained (or the current) version's manifest, as ``get`` answers it."""
         version = self.store.retained_version(
             self._name(route, header, "get_version"), p.need_int(header, "version", lo=1)
         )
         self._reply_manifest(route, header, version)
 
-    def _reply_manifest(self, route, header, version):
-        frame = None
-        if p.travels_inline(version.size, version.count):
-            frame = self.store.read_chunk(version.chunks[0])
+    def _reply_manifest(self, route: Route, header: Header, version: Version) -> None:
+        frame = _inline_frame(self.store, version)
         manifest = version.manifest(self.store.digest_fn)
         self.link.reply(route, p.ok_reply(header["id"], manifest=manifest), frame)
 
-    def op_versions(self, route, header, data):
+    def op_versions(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         # The newest VERSIONS_MAX: a stat is at most ~3.3 KiB (its name and metadata), so the
         # reply stays within the 1 MiB the broker reserves for it, whatever --keep-versions is.
         found = self.store.versions(self._name(route, header, "versions"))[:VERSIONS_MAX]
@@ -252,16 +277,14 @@ class StorageService:
             ),
         )
 
-    def op_get_many(self, route, header, data):
+    def op_get_many(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         """Many names in one message (fms.wire.batch): what the cache asks for its misses."""
         batch = p.BatchReply()
         for name in p.need_names(header):
             try:
                 policy.check(route["who"], "get_many", name)
                 version = self.store.version(name)
-                frame = None
-                if p.travels_inline(version.size, version.count):
-                    frame = self.store.read_chunk(version.chunks[0])
+                frame = _inline_frame(self.store, version)
             except RemoteError as exc:  # this name's failure, not the batch's
                 batch.error(exc.code, str(exc))
                 continue
@@ -271,7 +294,7 @@ class StorageService:
             )
         self.link.reply(route, p.ok_reply(header["id"], results=batch.results), batch.frame())
 
-    def op_chunk(self, route, header, data):
+    def op_chunk(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         digest = p.need_hash(header, "hash")
         if not route["who"].all:
             # By digest alone a chunk would tell whether anyone stores a content one guesses,
@@ -285,11 +308,12 @@ class StorageService:
         frame = self.store.read_chunk(digest)
         self.link.reply(route, p.ok_reply(header["id"]), frame)
 
-    def _read_pending(self):
+    def _read_pending(self) -> None:
         """Fetch the chunk reads gathered since the last flush side by side, then answer each
         (verified; a chunk the backend cannot give whole is read again the careful way, which
         marks it lost or sets it aside)."""
         reads, self._reads = self._reads, []
+        assert self._reader is not None  # reads are gathered only with a pool of readers
         fetched = self._reader.map(self._fetch_blob, [digest for _r, _h, digest in reads])
         for (route, header, digest), frame in zip(reads, fetched, strict=True):
             try:
@@ -303,7 +327,7 @@ class StorageService:
                 continue
             self.link.reply(route, p.ok_reply(header["id"]), frame)
 
-    def _fetch_blob(self, digest: bytes):
+    def _fetch_blob(self, digest: p.Digest) -> bytearray | None:
         """A blob from the backend if it is there and verifies, else None (on a read thread)."""
         try:
             frame = self.store.chunks.get(digest)
@@ -313,7 +337,7 @@ class StorageService:
             return None
         return frame
 
-    def op_page(self, route, header, data):
+    def op_page(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         """A page of a chunk list, or a body, by its id (what a client reads a long list by)."""
         ident = p.need_hash(header, "hash")
         if not route["who"].all:
@@ -321,11 +345,13 @@ class StorageService:
         blob = self.reads.blob(ident)
         self.link.reply(route, p.ok_reply(header["id"]), p.pack_data(blob))
 
-    def op_stat(self, route, header, data):
-        version = self.store.version(self._name(route, header, "stat"), lists=False)
+    def op_stat(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
+        version = self.store.version(
+            self._name(route, header, "stat", check=p.check_entry_name), lists=False
+        )  # a folder marker's too
         self.link.reply(route, p.ok_reply(header["id"], stat=version.summary()))
 
-    def op_ls(self, route, header, data):
+    def op_ls(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         prefix = p.check_prefix(p.need(header, "prefix", str, optional=True, default=""))
         after = p.need(header, "after", str, optional=True, default="")
         limit = p.need_int(
@@ -337,7 +363,7 @@ class StorageService:
         scans = policy.scans(route["who"], policy.READ, prefix)
         if p.need(header, "folders", bool, optional=True, default=False):
             entries, folders, cursor = self.store.list_folder(prefix, after, limit, scans)
-            items = sorted(
+            items: list[tuple[str, dict[str, Any] | None]] = sorted(
                 [(v.name, v.summary()) for v in entries] + [(f, None) for f in folders],
                 key=lambda item: item[0],
             )
@@ -368,16 +394,16 @@ class StorageService:
             ),
         )
 
-    def op_du(self, route, header, data):
+    def op_du(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         prefix = p.check_prefix(p.need(header, "prefix", str, optional=True, default=""))
         files, nbytes = self.store.usage(prefix, policy.scans(route["who"], policy.READ, prefix))
         self.link.reply(route, p.ok_reply(header["id"], du={"files": files, "bytes": nbytes}))
 
-    def op_cache_stats(self, route, header, data):
+    def op_cache_stats(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         """Storage gets the cache's ops when no cache worker is connected: no cache, no counters."""
         self.link.reply(route, p.ok_reply(header["id"], cache=None))
 
-    def op_usage(self, route, header, data):
+    def op_usage(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         who = route["who"]
         if who.all:
             self.link.reply(route, p.ok_reply(header["id"], store=self.store.totals().as_dict()))
@@ -389,18 +415,18 @@ class StorageService:
     # --- write ops ---
 
     @staticmethod
-    def _owner(route) -> str | None:
+    def _owner(route: Route) -> str | None:
         """The identity whose dedup is its own (it may not read the whole store), or None."""
         who = route["who"]
         return None if who.all else who.name
 
-    def op_have(self, route, header, data):
+    def op_have(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         policy.check_op(route["who"], "have")
         hashes = p.need_hashes(header, "hashes", p.MAX_HAVE_BATCH)
         missing = self.store.missing(hashes, self._owner(route))
         self.link.reply(route, p.ok_reply(header["id"], missing=missing))
 
-    def op_put_chunk(self, route, header, data):
+    def op_put_chunk(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         policy.check_op(route["who"], "put_chunk")
         digest = p.need_hash(header, "hash")
         if data is None:
@@ -411,7 +437,7 @@ class StorageService:
         written = self.store.put_chunk(digest, payload, self._owner(route))
         self.link.reply(route, p.ok_reply(header["id"], written=written))
 
-    def op_put_page(self, route, header, data):
+    def op_put_page(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         policy.check_op(route["who"], "put_page")
         page_id = p.need_hash(header, "hash")
         if data is None:
@@ -433,7 +459,7 @@ class StorageService:
             written = bool(self.store.meta.own(owner, [page_id]))
         self.link.reply(route, p.ok_reply(header["id"], written=written))
 
-    def op_commit(self, route, header, data):
+    def op_commit(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         kind = p.need(header, "digest_kind", str, optional=True, default=p.DIGEST_TREE)
         if kind != p.DIGEST_TREE:
             raise BadRequest(
@@ -442,10 +468,13 @@ class StorageService:
             )
         if (header.get("chunks") is None) == (header.get("pages") is None):  # nil: absent
             raise BadRequest("a commit lists either its chunks or its pages")
-        name = self._name(route, header, "commit")
+        name = self._name(route, header, "commit", check=p.check_entry_name)
+        extents = p.unpack_extents(p.need(header, "extents", bytes))
+        if p.is_folder_name(name) and extents:
+            raise BadRequest(f"{name!r} is a folder's marker (it ends in '/'): it holds no content")
         change = NewVersion(
             name=name,
-            extents=p.unpack_extents(p.need(header, "extents", bytes)),
+            extents=extents,
             digest=p.need_hash(header, "digest"),
             mtime=p.check_mtime(
                 p.need(header, "mtime", (int, float), optional=True, default=time.time())
@@ -467,7 +496,7 @@ class StorageService:
                 raise MissingChunks.absent(name, unowned)
         self._pending.append((route, header, change, inline))
 
-    def op_commit_many(self, route, header, data):
+    def op_commit_many(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         """Small files (one chunk each, content inline, back to back in the data frame) in one
         message and one transaction; one reply with a result per file."""
         names = p.need(header, "names", list)
@@ -488,7 +517,8 @@ class StorageService:
                 f"commit_many carries {len(payload)} bytes of content; at most "
                 f"{p.MAX_BATCH_BYTES} a message: send the rest in another"
             )
-        requests, offset = [], 0
+        requests: list[tuple[Change, bytes | None]] = []
+        offset = 0
         for i in range(count):
             item = {
                 "size": columns["sizes"][i],
@@ -517,22 +547,26 @@ class StorageService:
             )
         if self._pending:
             self._apply_pending()  # changes apply in the order they arrived
-        who, allowed, results = route["who"], [], [None] * count
-        for i, (change, _inline) in enumerate(requests):
+        who = route["who"]
+        allowed: list[int] = []
+        results: list[Version | FmsError | None] = [None] * count
+        for i, (asked, _inline) in enumerate(requests):
             try:
-                policy.check(who, "commit_many", change.name)
+                policy.check(who, "commit_many", asked.name)
                 allowed.append(i)
             except Forbidden as exc:  # this file's refusal, not the batch's
-                self.access.refused(who, "commit_many", {"name": change.name}, exc)
+                self.access.refused(who, "commit_many", {"name": asked.name}, exc)
                 results[i] = exc
         made = self.store.apply([requests[i] for i in allowed])
-        for i, result in zip(allowed, made, strict=True):
-            results[i] = result
+        for i, one in zip(allowed, made, strict=True):
+            results[i] = one
         self._own_inline(
             route, [req for req, r in zip(requests, results, strict=True) if not _failed(r)]
         )
-        out, changed = [], []
+        out: list[dict[str, Any]] = []
+        changed: list[str] = []
         for result in results:
+            assert result is not None  # each was refused or applied above
             if isinstance(result, FmsError):
                 out.append(
                     {
@@ -547,29 +581,33 @@ class StorageService:
         # The broker drops every changed name from the cache before it forwards this ack.
         self.link.reply(route, p.ok_reply(header["id"], results=out), invalidate=changed)
 
-    def _own_inline(self, route, requests):
+    def _own_inline(self, route: Route, requests: Sequence[tuple[Change, bytes | None]]) -> None:
         """An identity whose dedup is its own owns the chunks it sent inline with commits that
         were made (it sent their content)."""
         owner = self._owner(route)
-        digests = [c.chunks[0] for c, inline in requests if inline is not None and c.chunks]
+        digests = [
+            c.chunks[0]
+            for c, inline in requests
+            if inline is not None and isinstance(c, NewVersion) and c.chunks
+        ]
         if owner is not None and digests:
             self.store.meta.own(owner, digests)
 
-    def op_rm(self, route, header, data):
+    def op_rm(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         change = Removal(
-            self._name(route, header, "rm"),
+            self._name(route, header, "rm", check=p.check_entry_name),
             _commit_id(header, optional=True),
             route["who"].name,
         )
         self._pending.append((route, header, change, None))
 
-    def op_mv(self, route, header, data):
+    def op_mv(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         self._pending.append((route, header, self._copy(route, header, "mv"), None))
 
-    def op_cp(self, route, header, data):
+    def op_cp(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         self._pending.append((route, header, self._copy(route, header, "cp"), None))
 
-    def _copy(self, route, header, op: str) -> Copy:
+    def _copy(self, route: Route, header: Header, op: str) -> Copy:
         """mv needs write on both names (the source goes), cp read on the source."""
         return Copy(
             self._name(route, header, op, "src", policy.WRITE if op == "mv" else policy.READ),
@@ -579,7 +617,7 @@ class StorageService:
             route["who"].name,
         )
 
-    def op_restore(self, route, header, data):
+    def op_restore(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         change = Restore(
             self._name(route, header, "restore"),
             p.need_int(header, "version", lo=1, optional=True, default=None),
@@ -588,7 +626,7 @@ class StorageService:
         )
         self._pending.append((route, header, change, None))
 
-    def op_purge(self, route, header, data):
+    def op_purge(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         """Remove a version (``version``), or every version (``all``), of a name for good,
         held or not: an admin's.  The broker drops the name from the cache before the ack."""
         name = self._name(route, header, "purge")
@@ -604,7 +642,7 @@ class StorageService:
         log.info("event=purge name=%r versions=%s by=%s", name, purged, route["who"].name)
         self.link.reply(route, p.ok_reply(header["id"], purged=purged), invalidate=name)
 
-    def op_rm_prefix(self, route, header, data):
+    def op_rm_prefix(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         """A page of the names under the folder ``prefix`` removed in one transaction: `rm -r`
         costs one request per page, not one per name.  ``album`` and ``album/`` both mean the
         names under ``album/``, never ``albumX``."""
@@ -627,7 +665,21 @@ class StorageService:
         # The broker drops every removed name from the cache before it forwards this ack.
         self.link.reply(route, p.ok_reply(header["id"], removed=names, more=more), invalidate=names)
 
-    def flush(self):
+    def op_mv_prefix(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
+        """Rename a folder: every name under ``prefix`` moves under ``dest`` in one
+        transaction (metadata only); the caches drop both folders before the ack."""
+        prefix = p.check_folder_name(p.need(header, "prefix", str))
+        dest = p.check_folder_name(p.need(header, "dest", str))
+        for folder in (prefix, dest):  # write on every name under both (mv needs it on both)
+            policy.check_folder(route["who"], "mv_prefix", folder)
+        commit = _commit_id(header)
+        if self._pending:
+            self._apply_pending()  # changes apply in the order they arrived
+        moved = self.store.move_prefix(prefix, dest, commit, MV_PREFIX_MAX, route["who"].name)
+        # An `inv` entry ending in '/' is a folder: the caches drop every name under it.
+        self.link.reply(route, p.ok_reply(header["id"], moved=moved), invalidate=[prefix, dest])
+
+    def flush(self) -> None:
         """Apply the commits and removes received since the last flush in one transaction,
         answer them, and send what the maintenance thread finished."""
         self.access.flush()  # refusals first: they came before the changes pending now
@@ -639,8 +691,9 @@ class StorageService:
             for route, header, result in self._maintenance.finished():
                 self._answer(route, header, result)
 
-    def _apply_pending(self):
+    def _apply_pending(self) -> None:
         pending, self._pending = self._pending, []
+        results: list[Version | FmsError]
         try:
             results = self.store.apply([(change, inline) for _r, _h, change, inline in pending])
         except FmsError as exc:  # the transaction itself failed: nothing applied
@@ -656,7 +709,7 @@ class StorageService:
                 self._own_inline(route, [(change, inline)])
             self._answer_change(route, header, change, result)
 
-    def _remove_in_reserve(self, pending, results):
+    def _remove_in_reserve(self, pending: list[Pending], results: list[Version | FmsError]) -> None:
         """With the disk full, the removals of a group run again in the room of the disk's
         reserve (they are how space comes back); its other changes keep their ``no_space``."""
         again = [
@@ -666,6 +719,7 @@ class StorageService:
         ]
         if not again or self.reserve is None:
             return
+        retried: list[Version | FmsError]
         try:
             with self.reserve.released():
                 retried = self.store.apply([(pending[i][2], None) for i in again])
@@ -676,7 +730,7 @@ class StorageService:
         for i, result in zip(again, retried, strict=True):
             results[i] = result
 
-    def _freeing(self, work):
+    def _freeing(self, work: Callable[[bool], T]) -> T:
         """Run ``work(in_reserve)``, a write that gives space back; if the disk is full, once
         more in the room of the disk's reserve (``in_reserve`` True: do less at once)."""
         try:
@@ -687,7 +741,9 @@ class StorageService:
         with self.reserve.released():
             return work(True)
 
-    def _answer_change(self, route, header, change, result):
+    def _answer_change(
+        self, route: Route, header: Header, change: Change, result: Version | FmsError
+    ) -> None:
         if isinstance(result, FmsError):
             self._answer(route, header, result)
             return
@@ -718,8 +774,10 @@ class StorageService:
             invalidate=names[0] if len(names) == 1 else list(names),
         )
 
-    def _answer(self, route, header, result):
-        if route is None:
+    def _answer(
+        self, route: Route | None, header: Header | None, result: dict[str, Any] | FmsError
+    ) -> None:
+        if route is None or header is None:
             return  # a background job: nobody waits for it
         if isinstance(result, FmsError):
             code = getattr(result, "code", "internal")
@@ -730,7 +788,7 @@ class StorageService:
 
     # --- maintenance ops ---
 
-    def op_gc(self, route, header, data):
+    def op_gc(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         policy.check_op(route["who"], "gc")
         grace = p.need(header, "grace", (int, float), optional=True, default=self.gc_grace)
         if not 0 <= grace <= p.MAX_GC_GRACE:
@@ -745,12 +803,12 @@ class StorageService:
             },
         )
 
-    def op_fsck(self, route, header, data):
+    def op_fsck(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         policy.check_op(route["who"], "fsck")
         after = p.need(header, "after", str, optional=True, default="")
         deadline = route.get("deadline")
 
-        def page(store):
+        def page(store: Store) -> dict[str, Any]:
             # A page ends in half the time its client has left (a page answers, and the next
             # page goes on, rather than one page outliving its client's wait).
             seconds = gc.FSCK_PAGE_SECONDS
@@ -760,8 +818,9 @@ class StorageService:
 
         self._run(route, header, page)
 
-    def _run(self, route, header, job):
+    def _run(self, route: Route, header: Header, job: Job) -> None:
         if self._maintenance is None:
+            result: dict[str, Any] | FmsError
             try:
                 result = job(self.store)
             except FmsError as exc:
@@ -770,12 +829,19 @@ class StorageService:
         else:
             self._maintenance.submit(route, header, job)
 
-    def _background_gc(self, store):
+    def _background_gc(self, store: Store) -> dict[str, Any]:
         self._freeing(lambda _: gc.collect(store, self.gc_grace))
         return {}
 
 
-def _fitting(items: list, budget: int) -> int:
+def _inline_frame(store: Store, version: Version) -> bytearray | None:
+    """The content of a small file, which travels with its manifest (its one chunk), else None."""
+    if version.chunks and p.travels_inline(version.size, version.count):
+        return store.read_chunk(version.chunks[0])
+    return None
+
+
+def _fitting(items: list[tuple[str, dict[str, Any] | None]], budget: int) -> int:
     """How many of the leading ``(name, stat or None for a folder)`` items take at most
     ``budget`` bytes on the wire (at least one)."""
     used = 0
@@ -786,15 +852,15 @@ def _fitting(items: list, budget: int) -> int:
     return len(items)
 
 
-def _failed(result) -> bool:
+def _failed(result: Version | FmsError | None) -> bool:
     return result is None or isinstance(result, FmsError)
 
 
-def _hashes(header, key: str, limit: int) -> tuple | None:
+def _hashes(header: Header, key: str, limit: int) -> tuple[p.Digest, ...] | None:
     return tuple(p.need_hashes(header, key, limit)) if header.get(key) is not None else None
 
 
-def _commit_id(header, optional=False) -> str:
+def _commit_id(header: Mapping[str, Any], optional: bool = False) -> str:
     commit = p.need(header, "commit", str, optional=optional, default=None)
     if commit is None:
         return uuid.uuid4().hex
@@ -808,35 +874,42 @@ def _commit_id(header, optional=False) -> str:
 class _Maintenance:
     """One thread running GC and fsck jobs in order, on a store of its own."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store) -> None:
         self.store = store
-        self._jobs = queue.Queue()
-        self._done = queue.Queue()
+        # (route, header, job): route and header None for a background job; None: stop
+        self._jobs: queue.Queue[tuple[Route | None, Header | None, Job] | None] = queue.Queue()
+        # (route, header, the reply's fields or the error)
+        self._done: queue.Queue[tuple[Route | None, Header | None, dict[str, Any] | FmsError]] = (
+            queue.Queue()
+        )
         self._thread = threading.Thread(target=self._run, name="fms-maintenance", daemon=True)
         self._thread.start()
 
-    def submit(self, route, header, job):
+    def submit(self, route: Route | None, header: Header | None, job: Job) -> None:
         self._jobs.put((route, header, job))
 
-    def finished(self):
+    def finished(
+        self,
+    ) -> Iterator[tuple[Route | None, Header | None, dict[str, Any] | FmsError]]:
         while True:
             try:
                 yield self._done.get_nowait()
             except queue.Empty:
                 return
 
-    def stop(self):
+    def stop(self) -> None:
         self._jobs.put(None)
 
-    def join(self, timeout: float = 10.0):
+    def join(self, timeout: float = 10.0) -> None:
         self._thread.join(timeout)
 
-    def _run(self):
+    def _run(self) -> None:
         while True:
             item = self._jobs.get()
             if item is None:
                 return
             route, header, job = item
+            result: dict[str, Any] | FmsError
             try:
                 if route is not None and route.get("deadline", math.inf) < time.monotonic():
                     # Its client stopped waiting while it queued (and may have asked again):

@@ -33,13 +33,24 @@ protocol's constants (``fms --help``) does not import ZeroMQ, msgpack or hashlib
 """
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what the type checker reads here (every module of _MODULES); at run time
+    # each module comes when one of its names is asked for
+    from .batch import *  # noqa: F403
+    from .codec import *  # noqa: F403
+    from .fields import *  # noqa: F403
+    from .frames import *  # noqa: F403
+    from .manifest import *  # noqa: F403
+    from .messages import *  # noqa: F403
+    from .requests import *  # noqa: F403
 
 # Searched in this order, cheapest first; requests (the broker's and storage's) last, since
 # the client never reads it.
 _MODULES = ("messages", "fields", "digests", "manifest", "codec", "batch", "frames", "requests")
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     if name in _MODULES:
         return importlib.import_module(f"{__name__}.{name}")
     for module_name in _MODULES:
@@ -51,7 +62,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def __dir__() -> list:
+def __dir__() -> list[str]:
     names = set(globals()) | set(_MODULES)
     for module_name in _MODULES:
         names |= set(importlib.import_module(f"{__name__}.{module_name}").__all__)

@@ -13,7 +13,11 @@ misses, and the client reads it; all three use this module, so the layout has on
   ``MAX_BATCH_BYTES``; a file left out is fetched like a large one (``get``, ``chunk``).
 """
 
+from collections.abc import Mapping
+from typing import Any
+
 from ..errors import BadRequest
+from ..limits import BytesLike
 from .codec import DATA_PREFIX_LEN, data_buffer, unpack_data
 from .fields import check_name, need, travels_inline
 from .manifest import check_manifest, manifest_hasher
@@ -22,7 +26,7 @@ from .messages import MAX_BATCH_BYTES, MAX_BATCH_FILES
 __all__ = ["BatchReply", "inline_ok", "need_names", "read_batch"]
 
 
-def need_names(header: dict) -> list:
+def need_names(header: Mapping[str, Any]) -> list[str]:
     """The checked ``names`` of a ``get_many`` request.  :raises BadRequest:"""
     names = need(header, "names", list)
     if not 1 <= len(names) <= MAX_BATCH_FILES:
@@ -30,7 +34,7 @@ def need_names(header: dict) -> list:
     return [check_name(name) for name in names]
 
 
-def inline_ok(manifest: dict, payload) -> bool:
+def inline_ok(manifest: Mapping[str, Any], payload: BytesLike | None) -> bool:
     """Whether ``payload`` is the whole, verified content of a file that travels inline."""
     return (
         payload is not None
@@ -42,27 +46,28 @@ def inline_ok(manifest: dict, payload) -> bool:
 class BatchReply:
     """A ``get_many`` reply under construction, in request order."""
 
-    def __init__(self):
-        self.results = []
-        self._parts = []
+    def __init__(self) -> None:
+        self.results: list[dict[str, Any]] = []
+        self._parts: list[BytesLike] = []
         self._bytes = 0
 
-    def manifest(self, manifest: dict, payload=None):
+    def manifest(self, manifest: dict[str, Any], payload: BytesLike | None = None) -> None:
         """One name's manifest, with its content if it travels inline and still fits."""
-        inline = (
+        inline = False
+        if (
             payload is not None
             and travels_inline(manifest["size"], manifest["count"])
             and self._bytes + len(payload) <= MAX_BATCH_BYTES
-        )
-        if inline:
+        ):
             self._parts.append(payload)
             self._bytes += len(payload)
+            inline = True
         self.results.append({"manifest": manifest, "inline": inline})
 
-    def error(self, code: str, message: str):
+    def error(self, code: str, message: str) -> None:
         self.results.append({"error": code, "message": message})
 
-    def frame(self):
+    def frame(self) -> bytearray | None:
         """The data frame (one copy of each payload into it), or None if nothing is inline."""
         if not self._parts:
             return None
@@ -74,7 +79,9 @@ class BatchReply:
         return buf
 
 
-def read_batch(header: dict, data, names: list):
+def read_batch(
+    header: Mapping[str, Any], data: BytesLike | None, names: list[str]
+) -> list[tuple[dict[str, Any], memoryview | None]]:
     """The results of a ``get_many`` reply for ``names``, as ``(result, payload)`` pairs:
     ``payload`` is a memoryview over the data frame for an inline result, else None.  Payloads
     are not verified here (:func:`inline_ok`).
@@ -85,7 +92,8 @@ def read_batch(header: dict, data, names: list):
     if len(results) != len(names):
         raise BadRequest(f"get_many: {len(results)} results for {len(names)} names")
     payload = unpack_data(data) if data is not None else memoryview(b"")
-    out, at = [], 0
+    out: list[tuple[dict[str, Any], memoryview | None]] = []
+    at = 0
     for name, result in zip(names, results, strict=False):
         if not isinstance(result, dict):
             raise BadRequest("get_many: a result is not a map")

@@ -1,15 +1,19 @@
 """Encoding and decoding frames: header and route maps as bounded msgpack, data frames as one
 msgpack ``bin`` object built and read with no extra copy of the payload."""
 
+from typing import Any
+
 import msgpack
 
 from .. import limits
 from ..errors import BadRequest
+from ..limits import BytesLike
 
 __all__ = [
     "BIN32",
     "DATA_PREFIX_LEN",
     "MAX_FRAME_SIZE",
+    "BytesLike",
     "data_buffer",
     "decode",
     "encode",
@@ -24,12 +28,12 @@ BIN32 = 0xC6
 DATA_PREFIX_LEN = 5
 
 
-def encode(obj) -> bytes:
+def encode(obj: dict[str, Any]) -> bytes:
     """Pack a header or route map."""
     return msgpack.packb(obj, use_bin_type=True)
 
 
-def decode(buf, kind: str = "reply") -> dict:
+def decode(buf: BytesLike, kind: str = "reply") -> dict[str, Any]:
     """Unpack a header or route frame, which must be a msgpack map, within bounds
     (:mod:`fms.limits`): ``kind`` is ``"route"`` (at most 64 KiB), ``"request"`` (at most
     64 KiB, but a ``commit`` or ``have`` up to the frame limit, flat) or ``"reply"`` (up to the
@@ -40,14 +44,17 @@ def decode(buf, kind: str = "reply") -> dict:
     """
     size = limits.frame_len(buf)
     if kind == "route":
-        bounds = {"max_size": limits.MAX_HEADER, "max_containers": limits.MAX_CONTAINERS}
+        obj = limits.unpack_bounded(
+            buf, max_size=limits.MAX_HEADER, max_containers=limits.MAX_CONTAINERS
+        )
     elif kind == "request":
-        bounds = limits.request_limits(size)
         if size > limits.MAX_HEADER:
             limits.peek_large(buf)
+        obj = limits.unpack_bounded(buf, **limits.request_limits(size))
     else:
-        bounds = {"max_size": MAX_FRAME_SIZE, "max_containers": None, "max_map": 2**16}
-    obj = limits.unpack_bounded(buf, **bounds)
+        obj = limits.unpack_bounded(
+            buf, max_size=MAX_FRAME_SIZE, max_containers=None, max_map=2**16
+        )
     if not isinstance(obj, dict):
         raise BadRequest(f"frame must be a msgpack map, got {type(obj).__name__}")
     return obj
@@ -65,14 +72,14 @@ def data_buffer(size: int) -> bytearray:
     return buf
 
 
-def pack_data(payload) -> bytearray:
+def pack_data(payload: BytesLike) -> bytearray:
     """Copy ``payload`` into a data frame (for callers that already hold the bytes)."""
     buf = data_buffer(len(payload))
     buf[DATA_PREFIX_LEN:] = payload
     return buf
 
 
-def unpack_data(frame) -> memoryview:
+def unpack_data(frame: BytesLike) -> memoryview:
     """The payload of a data frame as a memoryview over the frame: no copy.
 
     Accepts bin8 and bin16 too, so a frame made by ``msgpack.packb(bytes)`` is read as well.

@@ -3,6 +3,8 @@ bare indexing.  Also the rules for names, hashes, mtimes and how a file splits i
 
 import re
 import unicodedata
+from collections.abc import Mapping
+from typing import Any, TypeAlias, TypeVar, overload
 
 from ..errors import BadRequest
 from .messages import INLINE_MAX
@@ -12,12 +14,16 @@ __all__ = [
     "MAX_NAME_BYTES",
     "MTIME_MAX",
     "MTIME_MIN",
+    "Digest",
+    "check_entry_name",
     "check_folder",
+    "check_folder_name",
     "check_mtime",
     "check_name",
     "check_prefix",
     "chunk_count",
     "chunk_length",
+    "is_folder_name",
     "need",
     "need_hash",
     "need_hashes",
@@ -26,6 +32,7 @@ __all__ = [
 ]
 
 HASH_LEN = 32  # a digest (sha256 or BLAKE3-256), bytes
+Digest: TypeAlias = bytes  # a digest (HASH_LEN bytes, the store's function): a chunk's or a file's
 MAX_NAME_BYTES = 1024  # a name in UTF-8
 # A file's mtime, in seconds since the epoch: finite, from 1900-01-01 to 9999-12-31 (what
 # datetime and every filesystem fms writes to can hold).
@@ -54,9 +61,39 @@ def travels_inline(size: int, chunks: int) -> bool:
 # --- field checks: every handler reads its fields through these, never by bare indexing ---
 
 
-def need(header: dict, key: str, kind, *, optional=False, default=None):
-    """Read ``header[key]`` and check its type; bools are never ints.  Nil counts as absent,
-    for every field (docs/PROTOCOL.md, *Request fields*).
+T = TypeVar("T")
+U = TypeVar("U")
+D = TypeVar("D")
+
+
+@overload
+def need(header: Mapping[str, Any], key: str, kind: type[T]) -> T: ...
+@overload
+def need(header: Mapping[str, Any], key: str, kind: tuple[type[T], type[U]]) -> T | U: ...
+@overload
+def need(
+    header: Mapping[str, Any], key: str, kind: type[T], *, optional: bool, default: D
+) -> T | D: ...
+@overload
+def need(
+    header: Mapping[str, Any],
+    key: str,
+    kind: tuple[type[T], type[U]],
+    *,
+    optional: bool,
+    default: D,
+) -> T | U | D: ...
+def need(
+    header: Mapping[str, Any],
+    key: str,
+    kind: type | tuple[type, ...],
+    *,
+    optional: bool = False,
+    default: object = None,
+) -> Any:
+    """Read ``header[key]`` and check its type; bools are never ints.  An optional field that is
+    missing reads as ``default``.  Nil counts as absent, for every field (docs/PROTOCOL.md,
+    *Request fields*).
 
     :raises BadRequest: missing (unless optional) or of the wrong type.
     """
@@ -72,21 +109,42 @@ def need(header: dict, key: str, kind, *, optional=False, default=None):
     return value
 
 
-def need_int(header: dict, key: str, *, lo=0, hi=2**63 - 1, optional=False, default=None) -> int:
+@overload
+def need_int(header: Mapping[str, Any], key: str, *, lo: int = 0, hi: int = 2**63 - 1) -> int: ...
+@overload
+def need_int(
+    header: Mapping[str, Any],
+    key: str,
+    *,
+    lo: int = 0,
+    hi: int = 2**63 - 1,
+    optional: bool,
+    default: D,
+) -> int | D: ...
+def need_int(
+    header: Mapping[str, Any],
+    key: str,
+    *,
+    lo: int = 0,
+    hi: int = 2**63 - 1,
+    optional: bool = False,
+    default: object = None,
+) -> object:
+    """An integer field from ``lo`` to ``hi`` (an optional one that is missing: ``default``)."""
     value = need(header, key, int, optional=optional, default=default)
-    if value is not None and not lo <= value <= hi:
+    if isinstance(value, int) and not lo <= value <= hi:
         raise BadRequest(f"field {key!r} = {value} is out of range [{lo}, {hi}]")
     return value
 
 
-def need_hash(header: dict, key: str) -> bytes:
+def need_hash(header: Mapping[str, Any], key: str) -> bytes:
     value = need(header, key, bytes)
     if len(value) != HASH_LEN:
         raise BadRequest(f"field {key!r} must be a {HASH_LEN}-byte digest, got {len(value)} bytes")
     return value
 
 
-def need_hashes(header: dict, key: str, limit: int) -> list:
+def need_hashes(header: Mapping[str, Any], key: str, limit: int) -> list[bytes]:
     values = need(header, key, list)
     if len(values) > limit:
         raise BadRequest(f"field {key!r} holds {len(values)} hashes, at most {limit} allowed")
@@ -96,7 +154,7 @@ def need_hashes(header: dict, key: str, limit: int) -> list:
     return values
 
 
-def _kind_name(kind) -> str:
+def _kind_name(kind: type | tuple[type, ...]) -> str:
     names = {
         str: "a string",
         int: "an integer",
@@ -122,7 +180,7 @@ _HIDDEN = re.compile(
 )
 
 
-def check_name(name) -> str:
+def check_name(name: object) -> str:
     """Return ``name`` in NFC if it is a valid key, else raise :class:`BadRequest` saying why.
 
     A name is a key, not a path: relative, ``/``-separated, no empty, ``.`` or ``..`` parts,
@@ -168,7 +226,30 @@ def check_name(name) -> str:
     return name
 
 
-def check_mtime(mtime) -> float:
+def is_folder_name(name: object) -> bool:
+    """Whether ``name`` is a folder marker's: a name followed by one ``/``."""
+    return isinstance(name, str) and name.endswith("/")
+
+
+def check_folder_name(name: object) -> str:
+    """A folder marker's name: a valid name followed by one ``/`` (``photos/2026/``), at most
+    MAX_NAME_BYTES in all.  A marker is how an empty folder persists (an object store's
+    ``folder/`` key).  :raises BadRequest: anything else."""
+    if not is_folder_name(name):
+        raise BadRequest(f"a folder's name ends with '/', got {name!r}")
+    assert isinstance(name, str)
+    name = check_name(name[:-1]) + "/"  # in NFC, as every name
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise BadRequest(f"a folder's name is at most {MAX_NAME_BYTES} bytes, with its '/'")
+    return name
+
+
+def check_entry_name(name: object) -> str:
+    """A file's name (:func:`check_name`) or a folder marker's (:func:`check_folder_name`)."""
+    return check_folder_name(name) if is_folder_name(name) else check_name(name)
+
+
+def check_mtime(mtime: float) -> float:
     """An mtime as a float if finite and within [MTIME_MIN, MTIME_MAX], else :class:`BadRequest`."""
     value = float(mtime)
     if not MTIME_MIN <= value <= MTIME_MAX:  # also false for NaN
@@ -179,7 +260,7 @@ def check_mtime(mtime) -> float:
     return value
 
 
-def check_prefix(prefix) -> str:
+def check_prefix(prefix: object) -> str:
     """A listing prefix: any string without NUL, at most MAX_NAME_BYTES, in NFC (as names)."""
     if not isinstance(prefix, str):
         raise BadRequest(f"a prefix must be a string, got {type(prefix).__name__}")
@@ -191,7 +272,7 @@ def check_prefix(prefix) -> str:
         raise BadRequest(f"prefix {prefix!r} is not valid UTF-8") from None
 
 
-def check_folder(prefix) -> str:
+def check_folder(prefix: object) -> str:
     """A folder, as ``rm -r``, ``du``, ``ls -r`` and ``find`` mean it: ``album`` and ``album/``
     both mean the names under ``album/`` (never ``albumX``); ``""`` is every name."""
     prefix = check_prefix(prefix)

@@ -11,11 +11,25 @@ Reading files straight into data frames: the payload lands behind the reserved b
 it is never copied again on its way to the socket.
 """
 
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeAlias, cast
+
 import zmq
 
+from ..limits import BytesLike
 from .codec import DATA_PREFIX_LEN, data_buffer
 
-__all__ = ["NOBLOCK", "drain", "read_frame", "read_full", "recv_frames", "send_frames"]
+__all__ = [
+    "NOBLOCK",
+    "RawFile",
+    "RawReader",
+    "Sendable",
+    "drain",
+    "read_frame",
+    "read_full",
+    "recv_frames",
+    "send_frames",
+]
 
 _SNDMORE = int(zmq.SNDMORE)
 _RCVMORE = int(zmq.RCVMORE)
@@ -24,14 +38,30 @@ _POLLIN = int(zmq.POLLIN)
 NOBLOCK = int(zmq.NOBLOCK)
 
 
-def send_frames(sock: zmq.Socket, frames, flags: int = 0):
+# A frame to send: bytes built here, or a received zmq.Frame passed on as it is.
+Sendable: TypeAlias = BytesLike | zmq.Frame
+
+
+class RawReader(Protocol):
+    """What bytes are read from: an unbuffered binary stream (a file, stdin, a pipe)."""
+
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+
+class RawFile(RawReader, Protocol):
+    """What frames are read from: an unbuffered binary file (``open(path, "rb", buffering=0)``)."""
+
+    def seek(self, offset: int, whence: int = 0, /) -> int: ...
+
+
+def send_frames(sock: zmq.Socket, frames: Sequence[Sendable], flags: int = 0) -> None:
     """Send ``frames`` as one message (``copy=False``).  :raises zmq.ZMQError: as ``send``."""
     last = len(frames) - 1
     for i, frame in enumerate(frames):
         sock.send(frame, flags | _SNDMORE if i < last else flags, copy=False)
 
 
-def recv_frames(sock: zmq.Socket, flags: int = 0) -> list:
+def recv_frames(sock: zmq.Socket, flags: int = 0) -> list[zmq.Frame]:
     """Receive one message as a list of :class:`zmq.Frame` (no copy)."""
     frames = [sock.recv(flags, copy=False)]
     while sock.get(_RCVMORE):
@@ -39,7 +69,12 @@ def recv_frames(sock: zmq.Socket, flags: int = 0) -> list:
     return frames
 
 
-def drain(sock: zmq.Socket, handle, limit: int, until=None) -> int:
+def drain(
+    sock: zmq.Socket,
+    handle: Callable[[list[zmq.Frame]], object],
+    limit: int,
+    until: Callable[[], bool] | None = None,
+) -> int:
     """Hand up to ``limit`` queued messages from ``sock`` to ``handle``, without waiting, and
     none once ``until()`` is true (if given).
 
@@ -50,13 +85,14 @@ def drain(sock: zmq.Socket, handle, limit: int, until=None) -> int:
     :return: how many messages were handled.
     """
     done = 0
-    while done < limit and sock.get(_EVENTS) & _POLLIN and not (until and until()):
+    # pyzmq types get() as int or bytes; ZMQ_EVENTS is an int
+    while done < limit and cast(int, sock.get(_EVENTS)) & _POLLIN and not (until and until()):
         handle(recv_frames(sock))
         done += 1
     return done
 
 
-def read_full(f, view) -> int:
+def read_full(f: RawReader, view: memoryview) -> int:
     """Fill ``view`` from the unbuffered file ``f``; :return: bytes read (less only at EOF)."""
     got = 0
     while got < len(view):
@@ -67,7 +103,9 @@ def read_full(f, view) -> int:
     return got
 
 
-def read_frame(f, length: int, offset: int | None = None):
+def read_frame(
+    f: RawFile, length: int, offset: int | None = None
+) -> tuple[bytearray, memoryview, int]:
     """Read ``length`` bytes (from ``offset``, if given) into a new data frame.
 
     :return: ``(frame, payload view, bytes actually read)``; a short read means the file shrank.

@@ -22,11 +22,14 @@ names (``digest_fn``): the functions take it as ``hash_fn``.
 """
 
 import struct
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from ..errors import BadRequest, TooLarge
 from .digests import DIGEST_FUNCTIONS, Hasher, hasher
 from .fields import (
     HASH_LEN,
+    Digest,
     check_mtime,
     check_name,
     need,
@@ -35,6 +38,9 @@ from .fields import (
     need_int,
 )
 from .messages import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, KiB, MiB, TiB
+
+if TYPE_CHECKING:
+    from ..limits import BytesLike  # not imported at run time: it loads msgpack
 
 __all__ = [
     "DIGEST_CONTENT",
@@ -49,6 +55,7 @@ __all__ = [
     "MAX_PAGES",
     "PAGE_CHUNKS",
     "PAGE_REPLY_MAX",
+    "Extent",
     "check_extents",
     "check_manifest",
     "check_meta",
@@ -89,6 +96,8 @@ PAGE_REPLY_MAX = PAGE_CHUNKS * HASH_LEN + 4 * KiB
 
 _EXTENT = struct.Struct(">QQ")
 
+Extent: TypeAlias = tuple[int, int]  # (chunk_size, size)
+
 
 def _count(chunk_size: int, size: int) -> int:
     return -(-size // chunk_size)
@@ -99,9 +108,9 @@ def extent_pages(count: int) -> int:
     return -(-count // PAGE_CHUNKS)
 
 
-def page_counts(extents) -> list:
+def page_counts(extents: Iterable[Extent]) -> list[int]:
     """The number of digests on each page of a file, in order."""
-    out = []
+    out: list[int] = []
     for chunk_size, size in extents:
         count = _count(chunk_size, size)
         full, rest = divmod(count, PAGE_CHUNKS)
@@ -109,11 +118,11 @@ def page_counts(extents) -> list:
     return out
 
 
-def file_pages(extents) -> int:
+def file_pages(extents: Iterable[Extent]) -> int:
     return sum(extent_pages(_count(cs, size)) for cs, size in extents)
 
 
-def check_extents(extents, what: str = "file") -> int:
+def check_extents(extents: Sequence[Extent], what: str = "file") -> int:
     """That ``extents`` (pairs of ints) describe a storable file.  :return: its chunk count.
 
     :raises BadRequest: an extent is malformed; :raises TooLarge: over the caps.
@@ -140,11 +149,11 @@ def check_extents(extents, what: str = "file") -> int:
     return count
 
 
-def pack_extents(extents) -> bytes:
+def pack_extents(extents: Iterable[Extent]) -> bytes:
     return b"".join(_EXTENT.pack(cs, size) for cs, size in extents)
 
 
-def unpack_extents(blob) -> tuple:
+def unpack_extents(blob: "BytesLike") -> tuple[Extent, ...]:
     """Extents from their wire form (16 bytes each).  :raises BadRequest: not a whole number."""
     blob = bytes(blob)
     if len(blob) % EXTENT_LEN:
@@ -154,11 +163,11 @@ def unpack_extents(blob) -> tuple:
     return tuple(_EXTENT.iter_unpack(blob))
 
 
-def join_digests(digests) -> bytes:
+def join_digests(digests: Iterable[Digest]) -> bytes:
     return b"".join(digests)
 
 
-def split_digests(blob) -> list:
+def split_digests(blob: "BytesLike") -> list[Digest]:
     """Digests back to back, as a list of bytes.  :raises BadRequest: not whole digests."""
     blob = bytes(blob)
     if len(blob) % HASH_LEN:
@@ -166,9 +175,10 @@ def split_digests(blob) -> list:
     return [blob[i : i + HASH_LEN] for i in range(0, len(blob), HASH_LEN)]
 
 
-def pack_body(extents, page_ids) -> bytes:
+def pack_body(extents: Iterable[Extent], page_ids: Sequence[Digest]) -> bytes:
     """The body of a file: per extent, ``(chunk_size, size)`` and then its pages' ids."""
-    out, at = [], 0
+    out: list[bytes] = []
+    at = 0
     for chunk_size, size in extents:
         n = extent_pages(_count(chunk_size, size))
         out.append(_EXTENT.pack(chunk_size, size))
@@ -179,35 +189,38 @@ def pack_body(extents, page_ids) -> bytes:
     return b"".join(out)
 
 
-def unpack_body(blob) -> tuple:
+def unpack_body(blob: "BytesLike") -> tuple[tuple[Extent, ...], tuple[Digest, ...]]:
     """``(extents, page ids)`` of a body.  :raises BadRequest: it does not parse whole."""
-    blob = memoryview(bytes(blob))
-    extents, pages, at = [], [], 0
-    while at < len(blob):
-        if at + EXTENT_LEN > len(blob) or len(extents) >= MAX_EXTENTS:
+    view = memoryview(bytes(blob))
+    extents: list[Extent] = []
+    pages: list[Digest] = []
+    at = 0
+    while at < len(view):
+        if at + EXTENT_LEN > len(view) or len(extents) >= MAX_EXTENTS:
             raise BadRequest("a body's extents do not parse")
-        chunk_size, size = _EXTENT.unpack_from(blob, at)
+        chunk_size, size = _EXTENT.unpack_from(view, at)
         at += EXTENT_LEN
         if not (MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE and size >= 1):
             raise BadRequest("a body holds an extent that cannot be")
         n = extent_pages(_count(chunk_size, size))
-        if n > MAX_PAGES or at + n * HASH_LEN > len(blob):
+        if n > MAX_PAGES or at + n * HASH_LEN > len(view):
             raise BadRequest("a body is shorter than its extents say")
-        pages += [bytes(blob[at + i * HASH_LEN : at + (i + 1) * HASH_LEN]) for i in range(n)]
+        pages += [bytes(view[at + i * HASH_LEN : at + (i + 1) * HASH_LEN]) for i in range(n)]
         extents.append((chunk_size, size))
         at += n * HASH_LEN
     check_extents(extents)
     return tuple(extents), tuple(pages)
 
 
-def tree_digest(extents, page_ids, hash_fn: Hasher) -> bytes:
+def tree_digest(extents: Iterable[Extent], page_ids: Sequence[Digest], hash_fn: Hasher) -> Digest:
     """The file digest of kind ``tree``: the digest of the body."""
     return hash_fn(pack_body(extents, page_ids))
 
 
-def pages_of(extents, digests) -> list:
+def pages_of(extents: Iterable[Extent], digests: Sequence[Digest]) -> list[Sequence[Digest]]:
     """The pages (each a list of digests) of a file whose whole chunk list is ``digests``."""
-    out, at = [], 0
+    out: list[Sequence[Digest]] = []
+    at = 0
     for count in page_counts(extents):
         out.append(digests[at : at + count])
         at += count
@@ -216,14 +229,15 @@ def pages_of(extents, digests) -> list:
     return out
 
 
-def inline_digest(extents, digests, hash_fn: Hasher) -> bytes:
+def inline_digest(extents: Sequence[Extent], digests: Iterable[Digest], hash_fn: Hasher) -> Digest:
     """The ``tree`` digest of a file whose chunk list is known whole (a short one)."""
     return tree_digest(extents, page_ids(extents, join_digests(digests), hash_fn), hash_fn)
 
 
-def page_ids(extents, digests, hash_fn: Hasher) -> list:
+def page_ids(extents: Iterable[Extent], digests: bytes, hash_fn: Hasher) -> list[Digest]:
     """The page ids of a file whose chunk digests are ``digests`` (back to back, bytes)."""
-    out, at = [], 0
+    out: list[Digest] = []
+    at = 0
     step = HASH_LEN
     for count in page_counts(extents):
         out.append(hash_fn(digests[at * step : (at + count) * step]))
@@ -233,7 +247,7 @@ def page_ids(extents, digests, hash_fn: Hasher) -> list:
     return out
 
 
-def check_manifest(manifest) -> dict:
+def check_manifest(manifest: object) -> dict[str, Any]:
     """Check that a manifest from the wire has every field with the right type and a shape
     that adds up (its size, count, extents and list agree), so nothing downstream trips over it;
     whether its list gives its digest is checked where it is read (fms.client.listing).
@@ -268,13 +282,13 @@ def check_manifest(manifest) -> dict:
     return manifest
 
 
-def manifest_hasher(manifest: dict) -> Hasher:
+def manifest_hasher(manifest: dict[str, Any]) -> Hasher:
     """The helper of the digest function a (checked) manifest names: every digest in it, and
     every chunk it lists, is checked with it."""
     return hasher(manifest["digest_fn"])
 
 
-def check_meta(meta) -> dict:
+def check_meta(meta: object) -> dict[str, str]:
     """A version's metadata map: str keys (1 to 128 bytes, no control characters) to str
     values, at most 2 KiB in all.  :raises BadRequest:"""
     if not isinstance(meta, dict):

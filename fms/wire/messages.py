@@ -1,6 +1,8 @@
 """What the messages are: the protocol version, the ops and the service that serves each, the
 error codes, the reply builders, and the sizes and times every peer agrees on."""
 
+from typing import Any
+
 from ..errors import BadRequest
 
 __all__ = [
@@ -96,6 +98,7 @@ OP_SERVICE = {
     "mv": STORAGE,  # rename: metadata only, one transaction
     "cp": STORAGE,  # copy: metadata only, the chunks are shared
     "rm_prefix": STORAGE,  # remove a page of the names under a prefix
+    "mv_prefix": STORAGE,  # rename a folder: every name under it, one transaction
     "du": STORAGE,  # files and bytes under a prefix
     "versions": STORAGE,  # a name's current and retained versions
     "get_version": STORAGE,  # a retained version's manifest (+ content of a small file)
@@ -138,18 +141,19 @@ ERROR_CODES = (
     "refused",
     "forbidden",
     "too_large",
+    "conflict",
     "version",
     "internal",
 )
 
 
-def is_version(v) -> bool:
+def is_version(v: object) -> bool:
     """Whether ``v`` names this protocol version: the int itself (``true`` and ``1.0`` equal 1
     in Python, and are not versions)."""
     return type(v) is int and v == PROTOCOL_VERSION
 
 
-def check_version(header: dict, speaker: str = "this worker"):
+def check_version(header: dict[str, Any], speaker: str = "this worker") -> None:
     """A worker's check that a request speaks this protocol version (the broker checks first)."""
     if not is_version(header.get("v")):
         raise BadRequest(
@@ -158,7 +162,7 @@ def check_version(header: dict, speaker: str = "this worker"):
         )
 
 
-def check_frame_count(op, frames: int):
+def check_frame_count(op: object, frames: int) -> None:
     """That a request of ``op`` has ``frames`` frames: its header, and a data frame only where the
     op takes one (:data:`DATA_OPS`).  :raises BadRequest: it has not."""
     if frames > 2 or frames < 1:
@@ -170,9 +174,9 @@ def check_frame_count(op, frames: int):
         )
 
 
-def error_reply(req_id, code: str, message: str) -> dict:
+def error_reply(req_id: object, code: str, message: str) -> dict[str, Any]:
     return {"v": PROTOCOL_VERSION, "id": req_id, "ok": False, "error": code, "message": message}
 
 
-def ok_reply(req_id, **fields) -> dict:
+def ok_reply(req_id: object, **fields: Any) -> dict[str, Any]:
     return {"v": PROTOCOL_VERSION, "id": req_id, "ok": True, **fields}

@@ -11,10 +11,20 @@ required field, nil is a missing field.  A field an op does not read is ignored,
 holds.
 """
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from ..errors import BadRequest, TooLarge
-from .fields import HASH_LEN, MAX_NAME_BYTES, MTIME_MAX, MTIME_MIN, check_name, check_prefix
+from .fields import (
+    HASH_LEN,
+    MAX_NAME_BYTES,
+    MTIME_MAX,
+    MTIME_MIN,
+    check_entry_name,
+    check_folder_name,
+    check_name,
+    check_prefix,
+)
 from .manifest import (
     DIGEST_TREE,
     EXTENT_LEN,
@@ -94,7 +104,7 @@ REQUEST_FIELDS: dict = {
         "str",
         (*_NAMED, "purge", "chunk", "page", *_IDENTITY_OPS),
         (*_NAMED, "purge", *_IDENTITY_OPS),
-        rule="a name (see *Names*)",
+        rule="a name (see *Names*; for `commit`, `stat` and `rm` also a folder's marker)",
         default="for `chunk` and `page` see *Identities and permissions*",
     ),
     "src": RequestField("str", ("mv", "cp"), ("mv", "cp"), rule="a name, not `name`"),
@@ -170,8 +180,8 @@ REQUEST_FIELDS: dict = {
     ),
     "commit": RequestField(
         "str",
-        ("commit", "rm", "mv", "cp", "restore", "purge", *_IDENTITY_OPS),
-        ("commit", "mv", "cp", "restore"),
+        ("commit", "rm", "mv", "cp", "restore", "mv_prefix", "purge", *_IDENTITY_OPS),
+        ("commit", "mv", "cp", "restore", "mv_prefix"),
         1,
         MAX_COMMIT_ID,
         default="for `rm`, `purge` a fresh one",
@@ -200,10 +210,13 @@ REQUEST_FIELDS: dict = {
     ),
     "prefix": RequestField(
         "str",
-        ("ls", "du", "rm_prefix", "grant", "revoke"),
-        ("rm_prefix", "grant", "revoke"),
+        ("ls", "du", "rm_prefix", "mv_prefix", "grant", "revoke"),
+        ("rm_prefix", "mv_prefix", "grant", "revoke"),
         hi=MAX_NAME_BYTES,
         default='""',
+    ),
+    "dest": RequestField(
+        "str", ("mv_prefix",), ("mv_prefix",), rule="a folder's name (see *Names*)"
     ),
     "after": RequestField("str", ("ls", "fsck"), default='""'),
     "limit": RequestField(
@@ -240,11 +253,11 @@ def _range(key: str, f: RequestField, op: str) -> tuple:
     return f.per_op.get(op, (f.lo, f.hi))
 
 
-def _is_int(value) -> bool:
+def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value) -> bool:
+def _is_number(value: object) -> bool:
     return (
         isinstance(value, (int, float))
         and not isinstance(value, bool)
@@ -273,9 +286,10 @@ def _digest_kind(kind: str) -> None:
 
 
 # What else a value must be, beyond its type and range (the spec's rule column).
-_RULES = {
-    "name": check_name,
+_RULES: dict[str, Callable[[Any], object]] = {
+    "name": check_entry_name,  # a file's name; the ops that take only those say so
     "src": check_name,
+    "dest": check_folder_name,
     "prefix": check_prefix,
     "extents": lambda blob: check_extents(unpack_extents(blob)),
     "meta": check_meta,
@@ -283,7 +297,7 @@ _RULES = {
 }
 
 
-def _check(op: str, key: str, f: RequestField, value) -> None:
+def _check(op: str, key: str, f: RequestField, value: Any) -> None:
     lo, hi = _range(key, f, op)
     if f.kind.startswith("array of "):
         if not isinstance(value, list):
@@ -347,7 +361,7 @@ def check_request(op: str, header: dict, partial: bool = False) -> None:
             _check(op, key, f, value)  # says what is wrong
 
 
-def _quick(key: str, f: RequestField, op: str):
+def _quick(key: str, f: RequestField, op: str) -> Callable[[Any], bool]:
     """A fast yes/no for the common fields (the broker checks every request), or the full
     check where there is none; :func:`_check` says why on a no."""
     lo, hi = _range(key, f, op)
@@ -362,7 +376,7 @@ def _quick(key: str, f: RequestField, op: str):
             (type(v) is int and INT64_MIN <= v <= UINT64_MAX) or (type(v) is str and len(v) <= hi)
         )
 
-    def full(v) -> bool:
+    def full(v: object) -> bool:
         try:
             _check(op, key, f, v)
         except BadRequest:

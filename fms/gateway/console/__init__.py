@@ -6,10 +6,18 @@ signed like any S3 request; a presigned URL lets the browser download it)."""
 import os
 import time
 import zipfile
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from ..errors import S3Error
+
+if TYPE_CHECKING:
+    from fms import Client
+    from fms.wire import BytesLike
+
+    from ..app import Gateway
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "index.html")
 ZIP_QUEUE = 8  # pieces of zip output held between the thread that writes it and the response
@@ -39,11 +47,11 @@ class _Writer:
     """A write-only stream whose bytes go to ``put`` (zipfile writes into it from a pool
     thread; the response reads what it puts)."""
 
-    def __init__(self, put):
+    def __init__(self, put: Callable[[bytes], None]) -> None:
         self.put = put
         self.offset = 0
 
-    def write(self, data) -> int:
+    def write(self, data: "BytesLike", /) -> int:
         self.put(bytes(data))
         self.offset += len(data)
         return len(data)
@@ -51,11 +59,16 @@ class _Writer:
     def tell(self) -> int:
         return self.offset
 
-    def flush(self):
+    def flush(self) -> None:
         pass
 
+    def close(self) -> None:
+        pass  # the pipe is closed by the response
 
-async def zip_response(gateway, request, bucket: str, prefix: str) -> web.StreamResponse:
+
+async def zip_response(
+    gateway: "Gateway", request: web.Request, bucket: str, prefix: str
+) -> web.StreamResponse:
     """Every object under ``prefix`` in one zip (stored, not compressed: most files that are
     worth zipping for a download are compressed already), streamed as it is made."""
     await gateway.need_bucket(bucket)
@@ -69,7 +82,7 @@ async def zip_response(gateway, request, bucket: str, prefix: str) -> web.Stream
     )
     await response.prepare(request)
 
-    def build(client, put):
+    def build(client: "Client", put: Callable[[bytes], None]) -> None:
         with zipfile.ZipFile(_Writer(put), "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
             for n, entry in enumerate(client.iter_ls(base + prefix)):
                 if n >= MAX_ZIP_FILES:

@@ -6,6 +6,10 @@ digest (invariant 3) and asks the backend to set a bad one aside.
 """
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+
+from ...limits import BytesLike
+from ...wire.fields import Digest
 
 
 class ChunkBackend(ABC):
@@ -14,40 +18,40 @@ class ChunkBackend(ABC):
     read_threads = 1
 
     @abstractmethod
-    def put(self, digest: bytes, data) -> bool:
+    def put(self, digest: Digest, data: BytesLike) -> bool:
         """Store ``data`` under ``digest`` (a blob already there may be left as it is or written
         again: content never changes), durably once :meth:`sync` returns.  :return: True if
         written."""
 
     @abstractmethod
-    def get(self, digest: bytes):
+    def get(self, digest: Digest) -> bytearray:
         """The blob as a data frame (bin32 prefix + bytes, :func:`fms.wire.codec.data_buffer`).
 
         :raises NotFound: no such blob.
         """
 
     @abstractmethod
-    def has(self, digest: bytes) -> bool:
+    def has(self, digest: Digest) -> bool:
         """Whether the blob exists."""
 
     @abstractmethod
-    def size(self, digest: bytes) -> int | None:
+    def size(self, digest: Digest) -> int | None:
         """The blob's size, or None if it does not exist (a metadata look-up: no read)."""
 
-    def sizes(self, digests) -> dict:
+    def sizes(self, digests: Iterable[Digest]) -> dict[Digest, int | None]:
         """:meth:`size` of each of ``digests`` (a backend may ask for them side by side)."""
         return {d: self.size(d) for d in digests}
 
     @abstractmethod
-    def delete(self, digest: bytes):
+    def delete(self, digest: Digest) -> None:
         """Delete the blob; a missing one is not an error."""
 
     @abstractmethod
-    def list(self):
+    def list(self) -> Iterator[tuple[Digest, int, float]]:
         """Every blob as ``(digest, size, mtime)``, in no particular order."""
 
     @abstractmethod
-    def quarantine(self, digest: bytes):
+    def quarantine(self, digest: Digest) -> None:
         """Set a blob that failed verification aside (kept for inspection, out of the store)."""
 
     @abstractmethod
@@ -55,10 +59,10 @@ class ChunkBackend(ABC):
         """The id of the store these chunks belong to (written by :meth:`mark_store`), or None."""
 
     @abstractmethod
-    def mark_store(self, store_id: str):
+    def mark_store(self, store_id: str) -> None:
         """Record which store these chunks belong to."""
 
-    def sync(self):  # noqa: B027 (optional: a no-op where puts are durable)
+    def sync(self) -> None:  # noqa: B027 (optional: a no-op where puts are durable)
         """Make every blob put so far, by any process, durable: called once before a commit
         that names blobs, instead of once per blob.  Nothing, where a put is durable when it
         returns."""

@@ -16,9 +16,12 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 
 from ... import wire as p
 from ...errors import IntegrityError, NoSpace, NotFound
+from ...limits import BytesLike
+from ...wire.fields import Digest
 from ...wire.frames import read_frame
 from .base import ChunkBackend
 
@@ -34,7 +37,7 @@ log = logging.getLogger("fms.storage.chunks")
 class LocalDirChunks(ChunkBackend):
     """:param path: the data directory; ``chunks/``, ``tmp/`` and ``corrupt/`` live in it."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str) -> None:
         self.path = path
         self.root = os.path.join(path, "chunks")
         self.tmp = os.path.join(path, "tmp")
@@ -42,20 +45,20 @@ class LocalDirChunks(ChunkBackend):
         for folder in (self.root, self.tmp, self.corrupt):
             os.makedirs(folder, exist_ok=True)
 
-    def _path(self, digest: bytes) -> str:
+    def _path(self, digest: Digest) -> str:
         name = digest.hex()
         return os.path.join(self.root, name[:2], name)
 
-    def has(self, digest):
+    def has(self, digest: Digest) -> bool:
         return os.path.exists(self._path(digest))
 
-    def size(self, digest):
+    def size(self, digest: Digest) -> int | None:
         try:
             return os.stat(self._path(digest)).st_size
         except (FileNotFoundError, NotADirectoryError):
             return None
 
-    def put(self, digest, data):
+    def put(self, digest: Digest, data: BytesLike) -> bool:
         final = self._path(digest)
         if os.path.exists(final):
             return False
@@ -77,13 +80,13 @@ class LocalDirChunks(ChunkBackend):
             raise _os_error(exc) from None
         return True
 
-    def sync(self):
+    def sync(self) -> None:
         try:
             syncfs(self.root)
         except OSError as exc:
             raise _os_error(exc) from None
 
-    def get(self, digest):
+    def get(self, digest: Digest) -> bytearray:
         path = self._path(digest)
         try:
             with open(path, "rb", buffering=0) as f:
@@ -100,14 +103,14 @@ class LocalDirChunks(ChunkBackend):
             raise IntegrityError(f"chunk {digest.hex()[:16]} changed size while being read")
         return frame
 
-    def delete(self, digest):
+    def delete(self, digest: Digest) -> None:
         path = self._path(digest)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         with contextlib.suppress(OSError):  # a shard left empty goes too (not if in use)
             os.rmdir(os.path.dirname(path))
 
-    def list(self):
+    def list(self) -> Iterator[tuple[Digest, int, float]]:
         for shard in os.scandir(self.root):
             if not shard.is_dir():
                 continue
@@ -125,14 +128,14 @@ class LocalDirChunks(ChunkBackend):
                     if len(digest) == p.HASH_LEN:
                         yield digest, st.st_size, st.st_mtime
 
-    def store_marker(self):
+    def store_marker(self) -> str | None:
         try:
             with open(os.path.join(self.root, MARKER), encoding="utf-8") as f:
                 return f.read().strip() or None
         except FileNotFoundError:
             return None
 
-    def mark_store(self, store_id):
+    def mark_store(self, store_id: str) -> None:
         tmp = self.tmp_path("marker")
         write_file(tmp, [store_id.encode()], fsync=True)
         try:
@@ -143,7 +146,7 @@ class LocalDirChunks(ChunkBackend):
         finally:
             os.unlink(tmp)
 
-    def quarantine(self, digest):
+    def quarantine(self, digest: Digest) -> None:
         log.error("event=corrupt_chunk chunk=%s action=quarantined", digest.hex())
         with contextlib.suppress(OSError):  # a concurrent reader may have moved it already
             os.replace(
@@ -176,7 +179,7 @@ class LocalDirChunks(ChunkBackend):
         return removed
 
 
-def write_file(path: str, parts, fsync: bool = False):
+def write_file(path: str, parts: Iterable[BytesLike], fsync: bool = False) -> None:
     """Write ``parts`` to a new file at ``path`` (and fsync it); remove it if that fails."""
     try:
         with open(path, "wb") as f:
@@ -194,7 +197,7 @@ def write_file(path: str, parts, fsync: bool = False):
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def syncfs(path: str):
+def syncfs(path: str) -> None:
     """Flush everything written to the filesystem holding ``path`` (Linux ``syncfs``: one
     journal commit for all of it), or every filesystem (``sync``) where there is no syncfs."""
     if not hasattr(_libc, "syncfs"):
@@ -209,7 +212,7 @@ def syncfs(path: str):
         os.close(fd)
 
 
-def fsync_dir(path: str):
+def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -217,7 +220,7 @@ def fsync_dir(path: str):
         os.close(fd)
 
 
-def _os_error(exc: OSError):
+def _os_error(exc: OSError) -> OSError | NoSpace:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return NoSpace(
             "storage disk is full (space or inodes); nothing was changed: free space "

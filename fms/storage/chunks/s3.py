@@ -10,6 +10,8 @@ botocore's standard retry mode, then reach the client as ``unavailable``.
 
 import logging
 import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 from urllib.parse import urlparse
 
 import boto3
@@ -18,6 +20,8 @@ from botocore.config import Config
 
 from ... import wire as p
 from ...errors import FmsError, IntegrityError, NotFound, Unavailable
+from ...limits import BytesLike
+from ...wire.fields import Digest
 from .base import ChunkBackend
 
 CONNECT_TIMEOUT = 5  # seconds
@@ -30,7 +34,7 @@ READ_THREADS = 16  # GETs a storage worker has in flight for the chunk reads of 
 log = logging.getLogger("fms.storage.chunks")
 
 
-def parse_url(url: str):
+def parse_url(url: str) -> tuple[str, str]:
     """``s3://BUCKET/PREFIX`` -> (bucket, prefix ending in '/' or empty)."""
     parsed = urlparse(url)
     if parsed.scheme != "s3" or not parsed.netloc:
@@ -46,7 +50,7 @@ class S3Chunks(ChunkBackend):
 
     read_threads = READ_THREADS
 
-    def __init__(self, url: str):
+    def __init__(self, url: str) -> None:
         self.bucket, self.prefix = parse_url(url)
         self.url = url
         self.s3 = boto3.session.Session().client(
@@ -64,7 +68,7 @@ class S3Chunks(ChunkBackend):
         )
         self._check()
 
-    def _check(self):
+    def _check(self) -> None:
         where = self.s3.meta.endpoint_url
         try:
             self.s3.head_bucket(Bucket=self.bucket)
@@ -95,11 +99,12 @@ class S3Chunks(ChunkBackend):
         except botocore.exceptions.BotoCoreError as exc:
             raise FmsError(f"S3 store at {where}: {exc}") from None
 
-    def _key(self, digest: bytes) -> str:
+    def _key(self, digest: Digest) -> str:
         name = digest.hex()
         return f"{self.prefix}{name[:2]}/{name}"
 
-    def _call(self, what: str, fn, **kwargs):
+    def _call(self, what: str, fn: Callable[..., Any], **kwargs: Any) -> dict[str, Any]:
+        """``fn(Bucket=..., **kwargs)`` (a boto3 call), its errors told as fms's."""
         try:
             return fn(Bucket=self.bucket, **kwargs)
         except botocore.exceptions.ClientError as exc:
@@ -121,36 +126,36 @@ class S3Chunks(ChunkBackend):
         except (botocore.exceptions.BotoCoreError, OSError) as exc:
             raise _unavailable(what, exc) from None
 
-    def has(self, digest):
+    def has(self, digest: Digest) -> bool:
         try:
             self._call("head", self.s3.head_object, Key=self._key(digest))
             return True
         except NotFound:
             return False
 
-    def size(self, digest):
+    def size(self, digest: Digest) -> int | None:
         try:
             return self._call("head", self.s3.head_object, Key=self._key(digest))["ContentLength"]
         except NotFound:
             return None
 
-    def sizes(self, digests):
+    def sizes(self, digests: Iterable[Digest]) -> dict[Digest, int | None]:
         # One HEAD each, side by side: a commit of many new chunks waits for the slowest.
         from concurrent.futures import ThreadPoolExecutor
 
-        digests = list(digests)
-        if len(digests) < 2:
-            return {d: self.size(d) for d in digests}
-        with ThreadPoolExecutor(min(HEAD_THREADS, len(digests))) as pool:
-            return dict(zip(digests, pool.map(self.size, digests), strict=True))
+        wanted = list(digests)
+        if len(wanted) < 2:
+            return {d: self.size(d) for d in wanted}
+        with ThreadPoolExecutor(min(HEAD_THREADS, len(wanted))) as pool:
+            return dict(zip(wanted, pool.map(self.size, wanted), strict=True))
 
-    def put(self, digest, data):
+    def put(self, digest: Digest, data: BytesLike) -> bool:
         # No HEAD first: a chunk's content never changes, so writing it again is harmless, and
         # the engine only gets here for a chunk a client was told to upload.
         self._call("put", self.s3.put_object, Key=self._key(digest), Body=bytes(data))
         return True
 
-    def get(self, digest):
+    def get(self, digest: Digest) -> bytearray:
         try:
             reply = self._call("get", self.s3.get_object, Key=self._key(digest))
         except NotFound:
@@ -169,10 +174,10 @@ class S3Chunks(ChunkBackend):
             raise _unavailable("get", f"the object ended after {len(data)} of {size} bytes")
         return p.pack_data(data)
 
-    def delete(self, digest):
+    def delete(self, digest: Digest) -> None:
         self._call("delete", self.s3.delete_object, Key=self._key(digest))
 
-    def list(self):
+    def list(self) -> Iterator[tuple[Digest, int, float]]:
         pages = self.s3.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=self.prefix
         )
@@ -189,17 +194,17 @@ class S3Chunks(ChunkBackend):
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, OSError) as exc:
             raise _unavailable("list", exc) from None
 
-    def store_marker(self):
+    def store_marker(self) -> str | None:
         try:
             reply = self._call("get", self.s3.get_object, Key=f"{self.prefix}STORE")
         except NotFound:
             return None
         return reply["Body"].read().decode("utf-8", "replace").strip() or None
 
-    def mark_store(self, store_id):
+    def mark_store(self, store_id: str) -> None:
         self._call("put", self.s3.put_object, Key=f"{self.prefix}STORE", Body=store_id.encode())
 
-    def quarantine(self, digest):
+    def quarantine(self, digest: Digest) -> None:
         log.error("event=corrupt_chunk chunk=%s action=quarantined", digest.hex())
         key = self._key(digest)
         try:
@@ -214,6 +219,6 @@ class S3Chunks(ChunkBackend):
             log.error("event=quarantine_failed chunk=%s error=%r", digest.hex(), str(exc))
 
 
-def _unavailable(what, exc) -> Unavailable:
+def _unavailable(what: str, exc: object) -> Unavailable:
     log.warning("event=object_store_error op=%s error=%r", what, str(exc))
     return Unavailable(f"the object store did not answer ({what}: {exc}); retrying")

@@ -22,11 +22,20 @@ import collections
 import json
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import msgpack
 
 from ...errors import BadRequest, NotFound
-from ..model import Version
+from ..model import Change, Version
+
+if TYPE_CHECKING:
+    from .sql import Cursor, Row
+
+T = TypeVar("T")
+# An identity in an access snapshot: (name, CURVE keys, [(role, prefix)], gateway)
+SnapshotIdentity: TypeAlias = tuple[str, list[str], list[tuple[str, str]], bool]
 
 CURVE = "curve"
 S3 = "s3"
@@ -60,6 +69,7 @@ CREATE INDEX IF NOT EXISTS audit_at ON audit (at)
 
 SERIAL = "INTEGER PRIMARY KEY AUTOINCREMENT"  # SQLite's; PostgreSQL's is in its dialect
 OWNED_BATCH = 500  # digests per statement when asking which an identity owns
+AUDIT_KEEP = 90 * 86400.0  # seconds the audit log keeps an entry (the storage workers' default)
 SNAPSHOT_TRIES = 5  # an access snapshot read again if a change landed while it was read
 
 
@@ -67,6 +77,7 @@ class AccessMeta(ABC):
     """The metadata engine's access part (every method is one transaction)."""
 
     keep_for: float = 0.0  # seconds a replaced version is held (the worker's --keep-for)
+    audit_keep: float = AUDIT_KEEP  # seconds gc keeps an audit entry (--audit-days)
 
     # --- identities ---
 
@@ -75,12 +86,12 @@ class AccessMeta(ABC):
         """The store's access epoch: it grows with every change to identities or grants."""
 
     @abstractmethod
-    def access_snapshot(self) -> tuple:
+    def access_snapshot(self) -> tuple[int, list[SnapshotIdentity]]:
         """``(epoch, identities)``: each ``(name, curve keys, [(role, prefix)], gateway)``, all
         as of one epoch."""
 
     @abstractmethod
-    def identities(self) -> list:
+    def identities(self) -> list[dict[str, Any]]:
         """Every identity as a map: ``name``, ``created``, ``gateway``, ``keys`` (maps of
         ``kind`` and ``key``; never an S3 secret), ``grants`` (maps of ``role``, ``prefix``)."""
 
@@ -95,16 +106,16 @@ class AccessMeta(ABC):
         now: float,
         actor: str,
         gateway: bool = False,
-        keys=(),
-        s3: tuple | None = None,
+        keys: Sequence[str] = (),
+        s3: tuple[str, str] | None = None,
         commit: str | None = None,
-    ) -> dict:
+    ) -> dict[str, Any]:
         """Create identity ``name`` with CURVE ``keys`` and, with ``s3`` = ``(access key id,
         secret)``, an S3 access key.  :return: ``{"s3": {access_key, secret}}`` or ``{}``: what
         was stored.  :raises BadRequest: it exists already, or a key belongs to another."""
 
     @abstractmethod
-    def remove_identity(self, name: str, now: float, actor: str, commit: str | None = None):
+    def remove_identity(self, name: str, now: float, actor: str, commit: str | None = None) -> None:
         """Remove an identity, its credentials, grants and chunk ownership.  :raises NotFound:"""
 
     @abstractmethod
@@ -117,7 +128,7 @@ class AccessMeta(ABC):
         actor: str,
         secret: str | None = None,
         commit: str | None = None,
-    ) -> dict:
+    ) -> dict[str, Any]:
         """Give ``name`` a credential.  :return: ``{"s3": ...}`` for an S3 key (as stored), else
         ``{}``.  :raises NotFound: no such identity.  :raises BadRequest: the key belongs to an
         identity already."""
@@ -125,21 +136,23 @@ class AccessMeta(ABC):
     @abstractmethod
     def remove_credential(
         self, name: str, key: str, now: float, actor: str, commit: str | None = None
-    ):
+    ) -> None:
         """:raises NotFound: ``name`` has no such key."""
 
     @abstractmethod
     def set_grant(
         self, name: str, role: str, prefix: str, now: float, actor: str, commit: str | None = None
-    ):
+    ) -> None:
         """Give ``name`` ``role`` on ``prefix`` (replacing its role there).  :raises NotFound:"""
 
     @abstractmethod
-    def revoke(self, name: str, prefix: str, now: float, actor: str, commit: str | None = None):
+    def revoke(
+        self, name: str, prefix: str, now: float, actor: str, commit: str | None = None
+    ) -> None:
         """Take ``name``'s grant on ``prefix`` away.  :raises NotFound: it has none there."""
 
     @abstractmethod
-    def s3_credential(self, access_key: str) -> tuple | None:
+    def s3_credential(self, access_key: str) -> tuple[str, str] | None:
         """``(identity name, secret)`` of an S3 access key id, or None."""
 
     @abstractmethod
@@ -150,15 +163,15 @@ class AccessMeta(ABC):
     # --- chunk owners ---
 
     @abstractmethod
-    def own(self, identity: str, digests: list) -> set:
+    def own(self, identity: str, digests: Sequence[bytes]) -> set[bytes]:
         """Record that ``identity`` uploaded these chunks.  :return: those it had not before."""
 
     @abstractmethod
-    def owned(self, identity: str, digests: list) -> set:
+    def owned(self, identity: str, digests: Sequence[bytes]) -> set[bytes]:
         """The digests among ``digests`` that ``identity`` uploaded."""
 
     @abstractmethod
-    def disown(self, digests: list):
+    def disown(self, digests: Sequence[bytes]) -> None:
         """Forget every owner of these chunks (they were collected)."""
 
     # --- holds, purge ---
@@ -178,7 +191,7 @@ class AccessMeta(ABC):
         now: float,
         actor: str,
         commit: str | None = None,
-    ) -> list:
+    ) -> list[int]:
         """Remove versions of ``name`` for good, held or not (an admin's): ``version`` (current
         or retained), or with ``all_versions`` every version and the name's tombstone.  Their
         chunks are released (gc frees them).  :return: the version numbers removed.
@@ -189,11 +202,11 @@ class AccessMeta(ABC):
     # --- audit ---
 
     @abstractmethod
-    def audit_write(self, entries: list):
+    def audit_write(self, entries: Sequence[dict[str, Any]]) -> None:
         """Append audit entries (maps with ``time``, ``identity``, ``op``, ...)."""
 
     @abstractmethod
-    def audit_read(self, since: float, after: int, limit: int) -> list:
+    def audit_read(self, since: float, after: int, limit: int) -> list[dict[str, Any]]:
         """Up to ``limit`` entries at or after ``since`` whose ``seq`` is above ``after``, in
         ``seq`` order; each a map with ``seq`` added."""
 
@@ -202,7 +215,7 @@ class AccessMeta(ABC):
         """Drop audit entries older than ``cutoff``.  :return: how many."""
 
 
-def audit_entry(now: float, identity: str, op: str, **fields) -> dict:
+def audit_entry(now: float, identity: str, op: str, **fields: Any) -> dict[str, Any]:
     """One line of the audit log: time, identity, op, then what the op says (names or prefix,
     versions, result)."""
     return {
@@ -214,11 +227,12 @@ def audit_entry(now: float, identity: str, op: str, **fields) -> dict:
     }
 
 
-def change_entry(change, result: Version, now: float) -> dict:
+def change_entry(change: Change, result: Version, now: float) -> dict[str, Any]:
     """The audit entry of a change the engine made (a :mod:`fms.storage.model` change)."""
     from ..model import Copy, NewVersion, Removal, Restore
 
-    names, extra = [result.name], {}
+    names = [result.name]
+    extra: dict[str, Any] = {}
     if isinstance(change, NewVersion):
         op, extra = "put", {"size": result.size}
     elif isinstance(change, Removal):
@@ -239,24 +253,54 @@ class AccessSQL(AccessMeta):
 
     keep_for = 0.0
 
-    def _create_access_schema(self):
+    if TYPE_CHECKING:  # what SQLMeta, which this is mixed into, gives it
+        types: dict[str, str]
+        _chunk_refs: collections.Counter[bytes]
+
+        def _execute(self, sql: str, args: Sequence[object] = ()) -> Cursor: ...
+        def _executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None: ...
+        def _one(self, sql: str, args: Sequence[object] = ()) -> Row | None: ...
+        def _only(self, sql: str, args: Sequence[object] = ()) -> Row: ...
+        def _all(self, sql: str, args: Sequence[object] = ()) -> list[Row]: ...
+        def _transaction(self, work: Callable[[], T], durable: bool = True) -> T: ...
+        def _lock_names(self, names: Sequence[str]) -> None: ...
+        def _push_out(self, name: str, now: float) -> int: ...
+        def _current(self, name: str) -> Version | None: ...
+        def retained(self, name: str) -> list[Version]: ...
+        def _reference(self, version: Version, delta: int, now: float) -> None: ...
+        def _bump(
+            self, files: int = 0, nbytes: int = 0, chunks: int = 0, chunk_bytes: int = 0
+        ) -> None: ...
+        def _refs(
+            self,
+            table: str,
+            key: str,
+            ids: Sequence[bytes],
+            delta: int | Sequence[int],
+            now: float,
+            since_floor: float | None = None,
+        ) -> None: ...
+
+    def _create_access_schema(self) -> None:
         """Inside the schema's transaction (SQLMeta._create_schema)."""
         types = {"serial": SERIAL, **self.types}
         for statement in ACCESS_SCHEMA.format(**types).split(";"):
             if statement.strip():
                 self._execute(statement)
 
-    def _bump_epoch(self):
+    def _bump_epoch(self) -> None:
         self._execute("UPDATE access_epoch SET epoch = epoch + 1 WHERE id = 1")
 
-    def _audit(self, entry: dict):
+    def _audit(self, entry: dict[str, Any]) -> None:
         """Inside a caller's transaction."""
         self._execute(
             "INSERT INTO audit (at, identity, op, entry) VALUES (?, ?, ?, ?)",
             (entry["time"], entry["identity"], entry["op"], json.dumps(entry, ensure_ascii=False)),
         )
 
-    def _once(self, commit: str | None, kind: str, name: str, now: float, work):
+    def _once(
+        self, commit: str | None, kind: str, name: str, now: float, work: Callable[[], T]
+    ) -> tuple[T, bool]:
         """Inside a transaction: ``work()``'s result, remembered under ``commit``; or, for a
         repeat of the same request, the result it had then (``replayed`` True).
 
@@ -273,7 +317,8 @@ class AccessSQL(AccessMeta):
                         f"id {commit!r} was already used by another request; every change "
                         f"needs a fresh random id"
                     )
-                return msgpack.unpackb(bytes(row[2]), raw=False), True
+                replayed: T = msgpack.unpackb(bytes(row[2]), raw=False)
+                return replayed, True
         result = work()
         if commit is not None:
             self._execute(
@@ -282,11 +327,17 @@ class AccessSQL(AccessMeta):
             )
         return result, False
 
-    def _access_change(self, work, entry: dict, commit: str | None = None, name: str = ""):
+    def _access_change(
+        self,
+        work: Callable[[], T],
+        entry: dict[str, Any],
+        commit: str | None = None,
+        name: str = "",
+    ) -> T:
         """``work()`` and its audit entry in one transaction that bumps the access epoch
         (once per request: see :meth:`_once`)."""
 
-        def run():
+        def run() -> T:
             result, replayed = self._once(commit, entry["op"], name, entry["time"], work)
             if not replayed:
                 self._bump_epoch()
@@ -297,10 +348,10 @@ class AccessSQL(AccessMeta):
 
     # --- identities ---
 
-    def access_epoch(self):
-        return int(self._one("SELECT epoch FROM access_epoch WHERE id = 1")[0])
+    def access_epoch(self) -> int:
+        return int(self._only("SELECT epoch FROM access_epoch WHERE id = 1")[0])
 
-    def access_snapshot(self):
+    def access_snapshot(self) -> tuple[int, list[SnapshotIdentity]]:
         for _ in range(SNAPSHOT_TRIES):
             epoch = self.access_epoch()
             found = self._read_identities()
@@ -316,11 +367,11 @@ class AccessSQL(AccessMeta):
                 ]
         raise BadRequest("the identities kept changing while they were read; try again")
 
-    def identities(self):
+    def identities(self) -> list[dict[str, Any]]:
         return self._read_identities()
 
-    def _read_identities(self) -> list:
-        found = {
+    def _read_identities(self) -> list[dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {
             name: {
                 "name": name,
                 "created": created,
@@ -344,12 +395,21 @@ class AccessSQL(AccessMeta):
                 found[identity]["grants"].append({"role": role, "prefix": prefix})
         return list(found.values())
 
-    def _need_identity(self, name: str):
+    def _need_identity(self, name: str) -> None:
         if self._execute("SELECT 1 FROM identities WHERE name = ?", (name,)).fetchone() is None:
             raise NotFound(f"no identity {name!r}; list them with: client.py id ls")
 
-    def add_identity(self, name, now, actor, gateway=False, keys=(), s3=None, commit=None):
-        def work():
+    def add_identity(
+        self,
+        name: str,
+        now: float,
+        actor: str,
+        gateway: bool = False,
+        keys: Sequence[str] = (),
+        s3: tuple[str, str] | None = None,
+        commit: str | None = None,
+    ) -> dict[str, Any]:
+        def work() -> dict[str, Any]:
             added = self._execute(
                 "INSERT INTO identities VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING "
                 "RETURNING name",
@@ -369,7 +429,7 @@ class AccessSQL(AccessMeta):
         )
         return self._access_change(work, entry, commit, name)
 
-    def _add_key(self, name: str, kind: str, key: str, secret, now: float):
+    def _add_key(self, name: str, kind: str, key: str, secret: str | None, now: float) -> None:
         if kind not in KINDS:
             raise BadRequest(f"a credential is one of {', '.join(KINDS)}, not {kind!r}")
         added = self._execute(
@@ -386,8 +446,8 @@ class AccessSQL(AccessMeta):
                 f"already; a key identifies one identity"
             )
 
-    def remove_identity(self, name, now, actor, commit=None):
-        def work():
+    def remove_identity(self, name: str, now: float, actor: str, commit: str | None = None) -> None:
+        def work() -> None:
             self._need_identity(name)
             for table, column in (
                 ("credentials", "identity"),
@@ -400,8 +460,17 @@ class AccessSQL(AccessMeta):
         entry = audit_entry(now, actor, "id rm", identity_name=name)
         self._access_change(work, entry, commit, name)
 
-    def add_credential(self, name, kind, key, now, actor, secret=None, commit=None):
-        def work():
+    def add_credential(
+        self,
+        name: str,
+        kind: str,
+        key: str,
+        now: float,
+        actor: str,
+        secret: str | None = None,
+        commit: str | None = None,
+    ) -> dict[str, Any]:
+        def work() -> dict[str, Any]:
             self._need_identity(name)
             self._add_key(name, kind, key, secret, now)
             return {"s3": {"access_key": key, "secret": secret}} if kind == S3 else {}
@@ -409,8 +478,10 @@ class AccessSQL(AccessMeta):
         entry = audit_entry(now, actor, "id key add", identity_name=name, kind=kind, key=key)
         return self._access_change(work, entry, commit, name)
 
-    def remove_credential(self, name, key, now, actor, commit=None):
-        def work():
+    def remove_credential(
+        self, name: str, key: str, now: float, actor: str, commit: str | None = None
+    ) -> None:
+        def work() -> None:
             gone = self._execute(
                 "DELETE FROM credentials WHERE identity = ? AND key = ? RETURNING kind",
                 (name, key),
@@ -421,8 +492,16 @@ class AccessSQL(AccessMeta):
         entry = audit_entry(now, actor, "id key rm", identity_name=name, key=key)
         self._access_change(work, entry, commit, name)
 
-    def set_grant(self, name, role, prefix, now, actor, commit=None):
-        def work():
+    def set_grant(
+        self,
+        name: str,
+        role: str,
+        prefix: str,
+        now: float,
+        actor: str,
+        commit: str | None = None,
+    ) -> None:
+        def work() -> None:
             self._need_identity(name)
             self._execute(
                 "INSERT INTO grants VALUES (?, ?, ?) ON CONFLICT (identity, prefix) "
@@ -433,8 +512,10 @@ class AccessSQL(AccessMeta):
         entry = audit_entry(now, actor, "grant", identity_name=name, role=role, prefix=prefix)
         self._access_change(work, entry, commit, name)
 
-    def revoke(self, name, prefix, now, actor, commit=None):
-        def work():
+    def revoke(
+        self, name: str, prefix: str, now: float, actor: str, commit: str | None = None
+    ) -> None:
+        def work() -> None:
             gone = self._execute(
                 "DELETE FROM grants WHERE identity = ? AND prefix = ? RETURNING role",
                 (name, prefix),
@@ -448,15 +529,15 @@ class AccessSQL(AccessMeta):
         entry = audit_entry(now, actor, "revoke", identity_name=name, prefix=prefix)
         self._access_change(work, entry, commit, name)
 
-    def s3_credential(self, access_key):
+    def s3_credential(self, access_key: str) -> tuple[str, str] | None:
         row = self._one(
             "SELECT identity, secret FROM credentials WHERE key = ? AND kind = ?",
             (access_key, S3),
         )
         return (row[0], row[1]) if row else None
 
-    def first_admin(self, name, key, now):
-        def work():
+    def first_admin(self, name: str, key: str, now: float) -> bool:
+        def work() -> bool:
             claimed = self._execute(
                 "INSERT INTO settings VALUES ('first_admin', ?) ON CONFLICT (key) DO NOTHING "
                 "RETURNING key",
@@ -487,12 +568,12 @@ class AccessSQL(AccessMeta):
 
     # --- chunk owners ---
 
-    def own(self, identity, digests):
+    def own(self, identity: str, digests: Sequence[bytes]) -> set[bytes]:
         unique = sorted(set(digests))
         if not unique:
             return set()
 
-        def work():
+        def work() -> set[bytes]:
             added = set()
             for digest in unique:
                 if self._execute(
@@ -507,9 +588,9 @@ class AccessSQL(AccessMeta):
         # uploads the chunk again.
         return self._transaction(work, durable=False)
 
-    def owned(self, identity, digests):
+    def owned(self, identity: str, digests: Sequence[bytes]) -> set[bytes]:
         unique = sorted(set(digests))
-        found = set()
+        found: set[bytes] = set()
         for start in range(0, len(unique), OWNED_BATCH):
             part = unique[start : start + OWNED_BATCH]
             found.update(
@@ -522,19 +603,19 @@ class AccessSQL(AccessMeta):
             )
         return found
 
-    def disown(self, digests):
+    def disown(self, digests: Sequence[bytes]) -> None:
         unique = sorted(set(digests))
         if not unique:
             return
 
-        def work():
+        def work() -> None:
             self._executemany("DELETE FROM chunk_owners WHERE digest = ?", [(d,) for d in unique])
 
         self._transaction(work, durable=False)
 
     # --- holds, purge ---
 
-    def _hold(self, name: str, version: int, now: float):
+    def _hold(self, name: str, version: int, now: float) -> None:
         """Hold a version just retained for ``keep_for`` (inside the change's transaction)."""
         if self.keep_for > 0:
             self._execute(
@@ -543,7 +624,7 @@ class AccessSQL(AccessMeta):
                 (name, version, now + self.keep_for),
             )
 
-    def _held(self, name: str, now: float) -> set:
+    def _held(self, name: str, now: float) -> set[int]:
         """The versions of ``name`` held at ``now``."""
         return {
             r[0]
@@ -552,8 +633,8 @@ class AccessSQL(AccessMeta):
             ).fetchall()
         }
 
-    def expire_holds(self, now, limit):
-        def work():
+    def expire_holds(self, now: float, limit: int) -> int:
+        def work() -> int:
             names = [
                 r[0]
                 for r in self._execute(
@@ -572,14 +653,22 @@ class AccessSQL(AccessMeta):
 
         return self._transaction(work)
 
-    def _flush_chunk_refs(self, now: float):
+    def _flush_chunk_refs(self, now: float) -> None:
         """Apply the chunk references gathered in ``_chunk_refs`` (sorted, as apply does)."""
         counts = self._chunk_refs
         ids = sorted(counts)
         self._refs("chunks", "digest", ids, [counts[i] for i in ids], now)
 
-    def purge(self, name, version, all_versions, now, actor, commit=None):
-        def work():
+    def purge(
+        self,
+        name: str,
+        version: int | None,
+        all_versions: bool,
+        now: float,
+        actor: str,
+        commit: str | None = None,
+    ) -> list[int]:
+        def work() -> list[int]:
             self._lock_names([name])
             self._chunk_refs = collections.Counter()
             purged = self._once(
@@ -594,11 +683,18 @@ class AccessSQL(AccessMeta):
 
         return self._transaction(work)
 
-    def _purge(self, name, version, all_versions, now, actor):
+    def _purge(
+        self,
+        name: str,
+        version: int | None,
+        all_versions: bool,
+        now: float,
+        actor: str,
+    ) -> list[int]:
         current = self._current(name)
         retained = self.retained(name)
-        live = current is not None and not current.deleted
-        candidates = retained + ([current] if live else [])
+        live = [current] if current is not None and not current.deleted else []
+        candidates = retained + live
         if all_versions:
             targets = candidates
             if current is None and not retained:
@@ -639,17 +735,17 @@ class AccessSQL(AccessMeta):
 
     # --- audit ---
 
-    def audit_write(self, entries):
+    def audit_write(self, entries: Sequence[dict[str, Any]]) -> None:
         if not entries:
             return
 
-        def work():
+        def work() -> None:
             for entry in entries:
                 self._audit(entry)
 
         self._transaction(work)
 
-    def audit_read(self, since, after, limit):
+    def audit_read(self, since: float, after: int, limit: int) -> list[dict[str, Any]]:
         out = []
         for seq, entry in self._all(
             "SELECT seq, entry FROM audit WHERE at >= ? AND seq > ? ORDER BY seq LIMIT ?",
@@ -660,7 +756,8 @@ class AccessSQL(AccessMeta):
             out.append(item)
         return out
 
-    def prune_audit(self, cutoff):
-        return self._transaction(
-            lambda: self._execute("DELETE FROM audit WHERE at < ?", (cutoff,)).rowcount
-        )
+    def prune_audit(self, cutoff: float) -> int:
+        def work() -> int:
+            return int(self._execute("DELETE FROM audit WHERE at < ?", (cutoff,)).rowcount)
+
+        return self._transaction(work)

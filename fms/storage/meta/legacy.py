@@ -17,12 +17,19 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
 from ... import wire as p
 from ...errors import BadRequest, FmsError
+from ...wire.fields import Digest
 from .sql import SCHEMA_V2
+
+if TYPE_CHECKING:
+    from ..chunks.base import ChunkBackend
+    from .sqlite import SQLiteMeta
 
 log = logging.getLogger("fms.storage.migrate")
 
@@ -44,7 +51,7 @@ def store_id(path: str) -> str | None:
         ) from None
 
 
-def manifests(path: str, damaged: list):
+def manifests(path: str, damaged: list[str]) -> Iterator[dict[str, Any]]:
     """Every readable manifest of a format-1 directory; the paths of damaged ones (not msgpack,
     fields missing) are added to ``damaged``.
 
@@ -78,11 +85,11 @@ def manifests(path: str, damaged: list):
             yield manifest
 
 
-def migrate(path: str, meta, chunks):
+def migrate(path: str, meta: "SQLiteMeta", chunks: "ChunkBackend") -> None:
     """Upgrade a format-1 directory in place; a no-op when there is nothing to migrate."""
     pending, done = os.path.join(path, MANIFESTS), os.path.join(path, DONE)
     if os.path.isdir(pending) and meta.setting("migrated") is None:
-        damaged = []
+        damaged: list[str] = []  # paths of the manifests that could not be read
         try:
             _copy(path, meta, chunks, damaged)
         except OSError as exc:
@@ -104,7 +111,7 @@ def migrate(path: str, meta, chunks):
         log.info("event=migrated_layout_removed path=%s", done)
 
 
-def _valid_mtime(manifest, now) -> float:
+def _valid_mtime(manifest: dict[str, Any], now: float) -> float:
     """A format-1 manifest's mtime, or ``now`` where format 1 let a NaN or infinity in."""
     try:
         return p.check_mtime(manifest.get("mtime", now))
@@ -117,12 +124,12 @@ def _valid_mtime(manifest, now) -> float:
         return now
 
 
-def _copy(path, meta, chunks, damaged):
+def _copy(path: str, meta: "SQLiteMeta", chunks: "ChunkBackend", damaged: list[str]) -> None:
     started = time.time()
     log.info("event=migrate_start path=%s from_format=1", path)
     db = meta.db
     names = files = total = 0
-    refs = collections.Counter()
+    refs: collections.Counter[Digest] = collections.Counter()
     with meta._write():
         if meta.setting("migrated") is not None:
             return  # another worker finished it while we waited for the lock
@@ -132,7 +139,7 @@ def _copy(path, meta, chunks, damaged):
                 "INSERT OR IGNORE INTO chunks (digest, size, refs, since) VALUES (?, ?, 0, ?)",
                 (digest, size, started),
             )
-        sizes = {}
+        sizes: dict[Digest, int] = {}
         for m in manifests(path, damaged):
             deleted = bool(m.get("deleted"))
             listed = b"".join(m.get("chunks") or [])

@@ -10,12 +10,13 @@ import contextlib
 import logging
 import re
 import uuid
+from collections.abc import Sequence
 
 import psycopg
 from psycopg import errors as pgerrors
 
 from ...errors import FmsError, NoSpace, Unavailable
-from .sql import Retry, SQLMeta
+from .sql import ConnectionLost, Cursor, Retry, SQLMeta
 
 CONNECT_TIMEOUT = 5  # seconds to reach the server
 SCHEMA_LOCK = 0x666D73  # advisory lock key held while creating the tables ("fms")
@@ -43,9 +44,9 @@ class PostgresMeta(SQLMeta):
     for_update = " FOR UPDATE"
     skip_locked = " SKIP LOCKED"
 
-    def __init__(self, url: str, store_id: str | None = None, digest_fn: str | None = None):
+    def __init__(self, url: str, store_id: str | None = None, digest_fn: str | None = None) -> None:
         self.url = url
-        self.db = None
+        self.db: psycopg.Connection | None = None
         try:
             self._connect()
             self._create_schema(store_id or uuid.uuid4().hex, digest_fn)
@@ -57,33 +58,37 @@ class PostgresMeta(SQLMeta):
             ) from None
         except Unavailable as exc:
             raise FmsError(f"cannot use PostgreSQL at {redact(url)}: {exc}") from None
-        self.store_id = self.setting("store_id")
+        self.store_id = self._stored_id()
 
-    def _connect(self):
+    def _connect(self) -> psycopg.Connection:
         self.db = psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
+        return self.db
 
-    def _execute(self, sql, args=()):
-        if self.db is None or self.db.closed or self.db.broken:
+    def _execute(self, sql: str, args: Sequence[object] = ()) -> Cursor:
+        db = self.db
+        if db is None or db.closed or db.broken:
             if self.in_transaction:  # reconnecting now would run the rest outside it
                 raise psycopg.OperationalError("the connection was lost during a transaction")
-            self._connect()
-        return self.db.execute(sql.replace("?", "%s"), args)
+            db = self._connect()
+        return db.execute(sql.replace("?", "%s"), args)
 
-    def _executemany(self, sql, rows):
+    def _executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
+        if self.db is None:  # run only inside a transaction, which connected
+            raise psycopg.OperationalError("not connected")
         with self.db.cursor() as cur:
             cur.executemany(sql.replace("?", "%s"), rows)
 
-    def _lock_names(self, names):
+    def _lock_names(self, names: Sequence[str]) -> None:
         for name in names:
             self._execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (name,))
 
-    def _rename_key_index(self, table):
+    def _rename_key_index(self, table: str) -> None:
         self._execute(f"ALTER INDEX IF EXISTS {table}_pkey RENAME TO {table}_v2_pkey")
 
-    def _lock_schema(self):
+    def _lock_schema(self) -> None:
         self._execute("SELECT pg_advisory_xact_lock(?)", (SCHEMA_LOCK,))
 
-    def _translate(self, exc):
+    def _translate(self, exc: BaseException) -> FmsError | Retry | None:
         if isinstance(exc, (pgerrors.DeadlockDetected, pgerrors.SerializationFailure)):
             return Retry()
         if isinstance(exc, pgerrors.DiskFull):
@@ -95,24 +100,23 @@ class PostgresMeta(SQLMeta):
             log.warning(
                 "event=database_unreachable url=%s error=%r", redact(self.url), _first_line(exc)
             )
-            with contextlib.suppress(Exception):
-                self.db.close()
-            lost = Unavailable(
+            if self.db is not None:
+                with contextlib.suppress(Exception):
+                    self.db.close()
+            return ConnectionLost(
                 f"the metadata database (PostgreSQL) cannot be reached: "
                 f"{_first_line(exc)}; retrying"
             )
-            lost.whole_transaction = True  # no savepoint of it can be rolled back to
-            return lost
         if isinstance(exc, psycopg.Error):
             log.error("event=database_error error=%r", _first_line(exc))
             return FmsError(f"metadata database error: {_first_line(exc)}")
         return None
 
-    def close(self):
+    def close(self) -> None:
         if self.db is not None:
             with contextlib.suppress(Exception):
                 self.db.close()
 
 
-def _first_line(exc) -> str:
+def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -30,19 +30,42 @@ READ ONLY on PostgreSQL; on SQLite (WAL) a read transaction, which sees the data
 first read.
 """
 
+import builtins
 import collections
 import contextlib
 import hashlib
 import logging
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
+from typing import Any, Protocol, TypeAlias, TypedDict, TypeVar
 
 import msgpack
 
 from ... import wire as p
-from ...errors import BadRequest, FmsError, MissingChunks, NotFound, Unavailable
-from ..model import Copy, NewVersion, Removal, Restore, Totals, Version, check_chunks, check_pages
-from .access import AccessSQL, change_entry
+from ...errors import (
+    BadRequest,
+    Conflict,
+    FmsError,
+    MissingChunks,
+    NotFound,
+    TooLarge,
+    Unavailable,
+)
+from ...limits import BytesLike
+from ...wire.fields import Digest
+from ..model import (
+    Change,
+    Copy,
+    NewVersion,
+    Removal,
+    Restore,
+    Totals,
+    Version,
+    check_chunks,
+    check_pages,
+)
+from .access import AccessSQL, audit_entry, change_entry
 from .base import ChunkRow, MetaEngine
 
 FORMAT = 3  # the store's format; 1 was one manifest file per name, 2 a chunk list per row
@@ -138,14 +161,45 @@ class Retry(Exception):
     """The transaction met a deadlock or a serialization failure: run it again."""
 
 
-def _blob(value):
+class ConnectionLost(Unavailable):
+    """The connection to the database was lost during a transaction: nothing of it stands, so
+    no change of a group commit may be kept by rolling back to its savepoint."""
+
+
+# A row as the driver returns it: the selected columns' values, of the driver's types.
+Row: TypeAlias = tuple[Any, ...]
+T = TypeVar("T")
+
+
+class Cursor(Protocol):
+    """What a statement returns, in both drivers (sqlite3, psycopg)."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Row | None: ...
+
+    def fetchall(self) -> builtins.list[Row]: ...
+    def __iter__(self) -> Iterator[Row]: ...
+
+
+class _Lists(TypedDict, total=False):
+    """What a version lists, as :class:`Version`'s fields (see there)."""
+
+    extents: tuple[p.Extent, ...] | None
+    chunks: tuple[Digest, ...] | None
+    pages: tuple[Digest, ...] | None
+    body: Digest | None
+
+
+def _blob(value: BytesLike | None) -> bytes | None:
     return bytes(value) if value is not None else None
 
 
-def _version(row, deleted=False, lists=True) -> Version:
+def _version(row: Row, deleted: bool | int = False, lists: bool = True) -> Version:
     """A version from ``_STAT_COLUMNS`` (and, with ``lists``, ``_LIST_COLUMNS``) of a row."""
     name, size, digest, kind, chunk_size, count, mtime, version, commit, committed, meta = row[:11]
-    fields = {}
+    fields: _Lists = {}
     if lists:
         extents, chunks, pages, body = row[11:15]
         fields = {
@@ -171,7 +225,7 @@ def _version(row, deleted=False, lists=True) -> Version:
     )
 
 
-def _row(version: Version) -> tuple:
+def _row(version: Version) -> Row:
     """A version as the values of ``_ROW_COLUMNS``."""
     return (
         version.name,
@@ -192,7 +246,7 @@ def _row(version: Version) -> tuple:
     )
 
 
-def _chunk(row) -> ChunkRow:
+def _chunk(row: Row) -> ChunkRow:
     digest, size, refs, since, doomed, data, lost = row
     return ChunkRow(
         bytes(digest), size, refs, since, doomed, bytes(data) if data is not None else None, lost
@@ -211,7 +265,7 @@ def prefix_end(prefix: str) -> str | None:
     return None
 
 
-def _request_digest(change: NewVersion) -> bytes:
+def _request_digest(change: NewVersion) -> Digest:
     """What identifies a commit request: every field it carries."""
     return hashlib.sha256(
         msgpack.packb(
@@ -230,7 +284,7 @@ def _request_digest(change: NewVersion) -> bytes:
     ).digest()
 
 
-def _by_delta(counts) -> tuple:
+def _by_delta(counts: Mapping[bytes, int]) -> tuple[list[bytes], list[int]]:
     """``(ids, deltas)`` of a Counter of reference changes, sorted by id."""
     ids = sorted(counts)
     return ids, [counts[i] for i in ids]
@@ -245,10 +299,10 @@ def _marks(n: int) -> str:
     return ",".join("?" * n)
 
 
-def _batches(items, size: int = IN_BATCH):
-    items = list(items)
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def _batches(items: Iterable[T], size: int = IN_BATCH) -> Iterator[list[T]]:
+    every = list(items)
+    for start in range(0, len(every), size):
+        yield every[start : start + size]
 
 
 class WrongDigest(FmsError):
@@ -266,33 +320,35 @@ class SQLMeta(AccessSQL, MetaEngine):
     begin_read = "BEGIN"
     # Statements run before and after a transaction that need not be on disk when it commits
     # (the next durable commit, which names what it relied on, flushes it along): none here.
-    lazy_commit = ()
+    lazy_commit: tuple[str, str] | tuple[()] = ()
     for_update = ""  # appended to SELECTs of rows about to be changed
     skip_locked = ""  # appended to the collector's SELECT
     in_transaction = False  # a lost connection must not be silently reopened midway
     _reading = False  # in a snapshot (see snapshot())
     keep_versions = 0  # replaced versions retained per name (the worker's --keep-versions)
+    _delta: builtins.list[int]  # what the transaction under way adds to the totals row
+    _chunk_refs: collections.Counter[Digest]  # the change under way's chunk references
 
-    def _execute(self, sql: str, args=()):
+    def _execute(self, sql: str, args: Sequence[object] = ()) -> Cursor:
         raise NotImplementedError
 
-    def _executemany(self, sql: str, rows):
+    def _executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
         raise NotImplementedError
 
-    def _translate(self, exc: Exception):
+    def _translate(self, exc: BaseException) -> FmsError | Retry | None:
         """A driver error as an :class:`FmsError` (or :class:`Retry`), or None if not one of
         the driver's."""
         raise NotImplementedError
 
-    def _lock_names(self, names):
+    def _lock_names(self, names: Sequence[str]) -> None:
         """Hold ``names`` until the transaction ends (no-op where transactions are serial)."""
 
-    def _lock_schema(self):
+    def _lock_schema(self) -> None:
         """Hold off other workers creating the tables at the same moment (no-op if serial)."""
 
     # --- transactions ---
 
-    def _create_schema(self, store_id, digest_fn: str | None = None):
+    def _create_schema(self, store_id: str, digest_fn: str | None = None) -> None:
         """Create the tables of a new store, or upgrade those of an older format in place: one
         transaction, which other workers opening the store wait for (and then find done).
 
@@ -354,16 +410,16 @@ class SQLMeta(AccessSQL, MetaEngine):
         self.digest_fn = recorded[0]
         self.hash = p.hasher(self.digest_fn)
 
-    def _create(self, schema: str):
+    def _create(self, schema: str) -> None:
         for statement in schema.format(**self.types).split(";"):
             if statement.strip():
                 self._execute(statement)
 
-    def _rename_key_index(self, table: str):
+    def _rename_key_index(self, table: str) -> None:
         """After ``table`` was renamed to ``table_v2``, free the name of its primary key's index
         for the new table (a no-op where indexes follow their table)."""
 
-    def _upgrade_v2(self, now: float):
+    def _upgrade_v2(self, now: float) -> None:
         """Format 2 (a whole chunk list per row, a reference per chunk listed) to this one, in
         the caller's transaction: every version of ``names_v2`` and ``retained_v2`` as the new
         rows (short lists inline, longer ones paged), the references counted anew, the
@@ -414,20 +470,20 @@ class SQLMeta(AccessSQL, MetaEngine):
         self._execute("DROP TABLE retained_v2")
         log.info("event=upgrade_done versions=%d", imported)
 
-    def _import_v2(self, table: str, row, now: float):
+    def _import_v2(self, table: str, row: Row, now: float) -> None:
         """One format-2 version (``name, version, size, sha256, chunk_size, chunks, mtime,
         commit_id, committed, deleted``) as a row of ``table``, its references taken."""
         name, number, size, sha, chunk_size, chunks, mtime, commit, committed, deleted = row
         digests = p.split_digests(chunks)
         extents = ((chunk_size, size),) if size else ()
-        lists = {"extents": extents, "chunks": None, "pages": None, "body": None}
+        lists: _Lists = {"extents": extents, "chunks": None, "pages": None, "body": None}
         if deleted:
             lists["extents"] = None
         elif len(digests) <= p.INLINE_CHUNKS:
             lists["chunks"] = tuple(digests)
             self._refs("chunks", "digest", sorted(set(digests)), 1, now)
         else:
-            pages = []
+            pages: list[Digest] = []
             last = p.chunk_length(len(digests) - 1, size, chunk_size)
             cut = p.pages_of(extents, digests)
             for i, page in enumerate(cut):
@@ -437,11 +493,11 @@ class SQLMeta(AccessSQL, MetaEngine):
                 head = chunk_size if len(page) > 1 else 0
                 self._store_page(pages[-1], blob, page, head, tail, now)
             blob = p.pack_body(extents, pages)
-            lists["body"] = p.sha256(blob)
+            body = lists["body"] = p.sha256(blob)
             if not self._execute(
-                "UPDATE bodies SET refs = refs + 1 WHERE id = ?", (lists["body"],)
+                "UPDATE bodies SET refs = refs + 1 WHERE id = ?", (body,)
             ).rowcount:
-                self._insert_body(lists["body"], blob, pages, now)
+                self._insert_body(body, blob, pages, now)
             if len(pages) * p.HASH_LEN + p.EXTENT_LEN <= ROW_LISTS_MAX:
                 lists["pages"] = tuple(pages)
             else:
@@ -471,7 +527,7 @@ class SQLMeta(AccessSQL, MetaEngine):
             )
 
     @contextlib.contextmanager
-    def _write(self, durable: bool = True):
+    def _write(self, durable: bool = True) -> Iterator[None]:
         """One write transaction; driver errors become the wire's errors.  ``durable=False``
         lets it commit without waiting for the disk (:attr:`lazy_commit`)."""
         if durable or not self.lazy_commit:
@@ -484,7 +540,7 @@ class SQLMeta(AccessSQL, MetaEngine):
         finally:
             self._execute(restore)  # never left relaxed: if this fails, so does the request
 
-    def _write_body(self):
+    def _write_body(self) -> Iterator[None]:
         try:
             self._execute(self.begin_write)
         except Exception as exc:
@@ -504,7 +560,7 @@ class SQLMeta(AccessSQL, MetaEngine):
             self.in_transaction = False
 
     @contextlib.contextmanager
-    def snapshot(self):
+    def snapshot(self) -> Iterator[None]:
         if self._reading or self.in_transaction:  # within an outer snapshot or transaction
             # (a caller's), its view is this one's
             yield
@@ -521,7 +577,7 @@ class SQLMeta(AccessSQL, MetaEngine):
             with contextlib.suppress(Exception):  # nothing was written: COMMIT just ends it
                 self._execute("COMMIT")
 
-    def _transaction(self, work, durable: bool = True):
+    def _transaction(self, work: Callable[[], T], durable: bool = True) -> T:
         """Run ``work()`` in a write transaction, again if it deadlocked.  The totals row is
         changed once, last, with what ``work`` added up through :meth:`_bump`: every writer
         queues on that one row, so it is held for the shortest time."""
@@ -538,38 +594,49 @@ class SQLMeta(AccessSQL, MetaEngine):
                         )
                     return result
             except Retry:
-                if attempt == RETRIES - 1:
-                    raise Unavailable(
-                        "the metadata database kept meeting concurrent writers; try again"
-                    ) from None
-                log.info("event=transaction_retry attempt=%d", attempt + 1)
+                if attempt < RETRIES - 1:
+                    log.info("event=transaction_retry attempt=%d", attempt + 1)
+        raise Unavailable("the metadata database kept meeting concurrent writers; try again")
 
-    def _bump(self, files=0, nbytes=0, chunks=0, chunk_bytes=0):
+    def _bump(self, files: int = 0, nbytes: int = 0, chunks: int = 0, chunk_bytes: int = 0) -> None:
         """Add to the totals this transaction will write."""
         for i, n in enumerate((files, nbytes, chunks, chunk_bytes)):
             self._delta[i] += n
 
-    def _error(self, exc):
+    def _error(self, exc: Exception) -> Exception:
         translated = self._translate(exc)
         return translated if translated is not None else exc
 
-    def _one(self, sql, args=()):
+    def _one(self, sql: str, args: Sequence[object] = ()) -> Row | None:
         try:
             return self._execute(sql, args).fetchone()
         except Exception as exc:
             raise self._error(exc) from None
 
-    def _all(self, sql, args=()):
+    def _only(self, sql: str, args: Sequence[object] = ()) -> Row:
+        """The row of a query that always has one (an aggregate, the totals row)."""
+        row = self._one(sql, args)
+        assert row is not None, sql
+        return row
+
+    def _all(self, sql: str, args: Sequence[object] = ()) -> builtins.list[Row]:
         try:
             return self._execute(sql, args).fetchall()
         except Exception as exc:
             raise self._error(exc) from None
 
-    def setting(self, key: str):
+    def setting(self, key: str) -> str | None:
         row = self._one("SELECT value FROM settings WHERE key = ?", (key,))
         return row[0] if row else None
 
-    def set_setting(self, key: str, value: str):
+    def _stored_id(self) -> str:
+        """The store's id, written with the tables."""
+        store_id = self.setting("store_id")
+        if store_id is None:
+            raise FmsError("the metadata database holds no store id: it is damaged or not fms's")
+        return store_id
+
+    def set_setting(self, key: str, value: str) -> None:
         """Inside a caller's transaction (migration)."""
         self._execute(
             "INSERT INTO settings VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
@@ -579,16 +646,16 @@ class SQLMeta(AccessSQL, MetaEngine):
 
     # --- names ---
 
-    def get(self, name, lists=True):
+    def get(self, name: str, lists: bool = True) -> Version | None:
         columns = _ROW_COLUMNS if lists else _STAT_COLUMNS
         row = self._one(f"SELECT {columns} FROM names WHERE name = ? AND deleted = 0", (name,))
         return _version(row, lists=lists) if row else None
 
-    def list(self, prefix, after, limit):
+    def list(self, prefix: str, after: str, limit: int) -> builtins.list[Version]:
         lo = max(prefix, after)
         hi = prefix_end(prefix)
         sql = f"SELECT {_STAT_COLUMNS} FROM names WHERE name >= ? AND name != ?"
-        args = [lo, after]
+        args: builtins.list[object] = [lo, after]
         if hi is not None:
             sql += " AND name < ?"
             args.append(hi)
@@ -596,17 +663,17 @@ class SQLMeta(AccessSQL, MetaEngine):
         args.append(limit)
         return [_version(r, lists=False) for r in self._all(sql, args)]
 
-    def usage(self, prefix):
+    def usage(self, prefix: str) -> tuple[int, int]:
         sql = "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM names WHERE name >= ? AND deleted = 0"
-        args = [prefix]
+        args: builtins.list[object] = [prefix]
         hi = prefix_end(prefix)
         if hi is not None:
             sql += " AND name < ?"
             args.append(hi)
-        files, nbytes = self._one(sql, args)
+        files, nbytes = self._only(sql, args)
         return int(files), int(nbytes)
 
-    def iter_versions(self, after, limit):
+    def iter_versions(self, after: str, limit: int) -> builtins.list[Version]:
         return [
             _version(r)
             for r in self._all(
@@ -616,7 +683,7 @@ class SQLMeta(AccessSQL, MetaEngine):
             )
         ]
 
-    def retained(self, name):
+    def retained(self, name: str) -> builtins.list[Version]:
         return [
             _version(r)
             for r in self._all(
@@ -625,26 +692,30 @@ class SQLMeta(AccessSQL, MetaEngine):
             )
         ]
 
-    def totals(self):
-        return Totals(*self._one("SELECT files, bytes, chunks, chunk_bytes FROM totals"))
+    def totals(self) -> Totals:
+        return Totals(*self._only("SELECT files, bytes, chunks, chunk_bytes FROM totals"))
 
-    def apply(self, changes, now, small):
-        def work():
+    def apply(
+        self, changes: Sequence[Change], now: float, small: Mapping[Digest, BytesLike]
+    ) -> builtins.list[Version | FmsError]:
+        def work() -> builtins.list[Version | FmsError]:
             self._lock_names(
                 sorted(
                     {n for c in changes for n in c.names}
                     | {c.src for c in changes if isinstance(c, Copy)}
                 )
             )
-            results = []
+            results: builtins.list[Version | FmsError] = []
             for i, change in enumerate(changes):
                 self._execute(f"SAVEPOINT c{i}")
-                saved = list(self._delta)
+                saved = builtins.list(self._delta)
                 self._chunk_refs = collections.Counter()
                 self._made = False  # set by _log: this change was made now (not a retry's)
+                result: Version | FmsError
                 try:
                     if isinstance(change, NewVersion):
-                        claimed = {}  # live now, of this size: no need to look them up again
+                        # live now, of this size: no need to look them up again
+                        claimed: dict[Digest, int] = {}
                         for digest in sorted(set(change.chunks or ()) & small.keys()):
                             self._claim(digest, len(small[digest]), now, bytes(small[digest]))
                             claimed[digest] = len(small[digest])
@@ -664,7 +735,7 @@ class SQLMeta(AccessSQL, MetaEngine):
                         self._audit(change_entry(change, result, now))
                     self._execute(f"RELEASE SAVEPOINT c{i}")
                 except FmsError as exc:
-                    if getattr(exc, "whole_transaction", False):
+                    if isinstance(exc, ConnectionLost):
                         raise  # the connection is gone: nothing of it stands
                     self._execute(f"ROLLBACK TO SAVEPOINT c{i}")
                     self._execute(f"RELEASE SAVEPOINT c{i}")
@@ -675,7 +746,70 @@ class SQLMeta(AccessSQL, MetaEngine):
 
         return self._transaction(work)
 
-    def _logged(self, commit_id, kind, name, request):
+    def move_prefix(
+        self, prefix: str, dest: str, commit: str, now: float, limit: int, actor: str = "local"
+    ) -> int:
+        request = hashlib.sha256(msgpack.packb([prefix, dest], use_bin_type=True)).digest()
+
+        def live_under(folder: str, count: int, but: str | None = None) -> builtins.list[str]:
+            sql = "SELECT name FROM names WHERE name >= ? AND deleted = 0"
+            args: builtins.list[object] = [folder]
+            hi = prefix_end(folder)
+            if hi is not None:
+                sql += " AND name < ?"
+                args.append(hi)
+            if but is not None:
+                sql += " AND name != ?"
+                args.append(but)
+            return [r[0] for r in self._execute(sql + " ORDER BY name LIMIT ?", [*args, count])]
+
+        def work() -> int:
+            row = self._execute(
+                "SELECT kind, name, sha256, result FROM commits WHERE id = ?", (commit,)
+            ).fetchone()
+            if row is not None:
+                if (row[0], row[1]) != ("mv_prefix", prefix) or bytes(row[2]) != request:
+                    raise BadRequest(
+                        f"id {commit!r} was already used by another request; every change "
+                        f"needs a fresh random id"
+                    )
+                return int(msgpack.unpackb(bytes(row[3]), raw=False)["moved"])
+            names = live_under(prefix, limit + 1)
+            if not names:
+                raise NotFound(f"no folder {prefix!r}; see what is stored with: ls")
+            if len(names) > limit:
+                raise TooLarge(
+                    f"folder {prefix!r} holds more than {limit} names; a folder is renamed "
+                    f"in one transaction only up to that many"
+                )
+            blocking = live_under(dest, 1, but=dest)
+            if blocking:
+                raise Conflict(f"folder {dest!r} is not empty (it holds {blocking[0]!r})")
+            targets = [dest + name[len(prefix) :] for name in names]
+            self._lock_names(sorted(set(names) | set(targets)))
+            self._chunk_refs = collections.Counter()
+            for i, (src, dst) in enumerate(zip(names, targets, strict=True)):
+                self._copy(Copy(src, dst, f"{commit}/{i}", move=True, actor=actor), now)
+            self._refs("chunks", "digest", *_by_delta(self._chunk_refs), now)
+            self._audit(audit_entry(now, actor, "mv", prefix=prefix, dest=dest, moved=len(names)))
+            self._execute(
+                "INSERT INTO commits VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    commit,
+                    "mv_prefix",
+                    prefix,
+                    request,
+                    msgpack.packb({"moved": len(names)}, use_bin_type=True),
+                    now,
+                ),
+            )
+            return len(names)
+
+        return self._transaction(work)
+
+    def _logged(
+        self, commit_id: str, kind: str, name: str, request: bytes | None
+    ) -> Version | None:
         row = self._one("SELECT kind, name, sha256, result FROM commits WHERE id = ?", (commit_id,))
         if row is None:
             return None
@@ -686,7 +820,7 @@ class SQLMeta(AccessSQL, MetaEngine):
             )
         return Version(**msgpack.unpackb(bytes(row[3]), raw=False))
 
-    def _log(self, kind, version: Version, now, request=None):
+    def _log(self, kind: str, version: Version, now: float, request: bytes | None = None) -> None:
         self._made = True
         # The `sha256` column holds the digest of the whole request (see _request_digest), so a
         # retry is recognised only if it is the very same request.  The result is the stat of
@@ -697,11 +831,13 @@ class SQLMeta(AccessSQL, MetaEngine):
             (version.commit, kind, version.name, request, result, now),
         )
 
-    def _current(self, name):
+    def _current(self, name: str) -> Version | None:
         row = self._one(f"SELECT {_ROW_COLUMNS}, deleted FROM names WHERE name = ?", (name,))
         return _version(row, deleted=row[15]) if row else None
 
-    def _commit(self, change: NewVersion, now, claimed=None) -> Version:
+    def _commit(
+        self, change: NewVersion, now: float, claimed: Mapping[Digest, int] | None = None
+    ) -> Version:
         """A new version of checked content (the engine checked its shape and digest): its
         chunks or pages must be stored, with the sizes their places in the file need
         (``claimed``: chunks claimed in this transaction, by digest, and their sizes)."""
@@ -709,7 +845,9 @@ class SQLMeta(AccessSQL, MetaEngine):
         done = self._logged(change.commit, "commit", change.name, request)
         if done is not None:
             return done
-        extents, pages, body = change.extents, None, None
+        extents: tuple[p.Extent, ...] | None = change.extents
+        pages: tuple[Digest, ...] | None = None
+        body: Digest | None = None
         if change.pages is not None:
             body = self._take_body(change, now)
             if len(change.extents) * p.EXTENT_LEN + len(change.pages) * p.HASH_LEN > (
@@ -739,11 +877,12 @@ class SQLMeta(AccessSQL, MetaEngine):
         )
         return self._install(version, now, "commit", request)
 
-    def _take_chunks(self, change: NewVersion, claimed: dict):
+    def _take_chunks(self, change: NewVersion, claimed: Mapping[Digest, int]) -> None:
         """A reference on each distinct chunk of a short chunk list, once each is found live
         (``FOR UPDATE``: the collector cannot doom it now; ``claimed``: live already) with the
         size its place needs."""
-        wanted = sorted(set(change.chunks))
+        chunks = change.chunks or ()
+        wanted = sorted(set(chunks))
         sizes = dict(claimed)
         for part in _batches([d for d in wanted if d not in claimed]):
             for digest, size in self._execute(
@@ -752,21 +891,22 @@ class SQLMeta(AccessSQL, MetaEngine):
                 part,
             ).fetchall():
                 sizes[bytes(digest)] = size
-        missing = [d for d in change.chunks if d not in sizes]
+        missing = [d for d in chunks if d not in sizes]
         if missing:
             raise MissingChunks.absent(change.name, missing)
-        check_chunks(change.name, change.extents, change.chunks, sizes)
+        check_chunks(change.name, change.extents, chunks, sizes)
         self._chunk_refs.update(wanted)
 
-    def _take_body(self, change: NewVersion, now) -> bytes:
+    def _take_body(self, change: NewVersion, now: float) -> Digest:
         """A reference on the body of a paged chunk list (stored now if new: its pages must be
         stored and fit the extents).  :return: the body's id."""
-        blob = p.pack_body(change.extents, change.pages)
+        pages = change.pages or ()
+        blob = p.pack_body(change.extents, pages)
         body = self.hash(blob)
         if self._execute("UPDATE bodies SET refs = refs + 1 WHERE id = ?", (body,)).rowcount:
             return body
-        wanted = sorted(set(change.pages))
-        rows = {}
+        wanted = sorted(set(pages))
+        rows: dict[Digest, tuple[int, int, int]] = {}  # page id -> (chunks, head, tail size)
         for part in _batches(wanted):
             for page, count, head, tail in self._execute(
                 f"SELECT id, nchunks, size_head, size_tail FROM pages WHERE id IN "
@@ -782,11 +922,11 @@ class SQLMeta(AccessSQL, MetaEngine):
                 f"again",
                 missing=missing,
             )
-        check_pages(change.name, change.extents, change.pages, rows)
-        self._insert_body(body, blob, change.pages, now)
+        check_pages(change.name, change.extents, pages, rows)
+        self._insert_body(body, blob, pages, now)
         return body
 
-    def _insert_body(self, body: bytes, blob: bytes, pages, now):
+    def _insert_body(self, body: Digest, blob: bytes, pages: Iterable[Digest], now: float) -> None:
         """Store a body with one reference, and take one on each distinct page it lists."""
         if self._execute(
             "INSERT INTO bodies (id, data, refs, since) VALUES (?, ?, 1, ?) "
@@ -797,7 +937,15 @@ class SQLMeta(AccessSQL, MetaEngine):
         else:  # another commit stored it meanwhile (PostgreSQL), with its references
             self._execute("UPDATE bodies SET refs = refs + 1 WHERE id = ?", (body,))
 
-    def _store_page(self, page_id: bytes, blob: bytes, digests, head: int, tail: int, now) -> bool:
+    def _store_page(
+        self,
+        page_id: Digest,
+        blob: bytes,
+        digests: Sequence[Digest],
+        head: int,
+        tail: int,
+        now: float,
+    ) -> bool:
         """Store a page unless it is, and take a reference on each distinct chunk it lists.
         ``head``: the size of every chunk but the last (0 if it lists one, -1 if they differ);
         ``tail``: the last one's.  :return: whether it was stored now."""
@@ -810,7 +958,9 @@ class SQLMeta(AccessSQL, MetaEngine):
         self._refs("chunks", "digest", sorted(set(digests)), 1, now)
         return True
 
-    def _install(self, version: Version, now, kind: str, request=None) -> Version:
+    def _install(
+        self, version: Version, now: float, kind: str, request: bytes | None = None
+    ) -> Version:
         """Make ``version`` (whose references are taken) the current one of its name: its
         number follows the old one's, which is retained or released."""
         old = self._current(version.name)
@@ -822,14 +972,17 @@ class SQLMeta(AccessSQL, MetaEngine):
             + ", deleted = 0",
             _row(version),
         )
-        was_live = old is not None and not old.deleted
-        if was_live:
-            self._release(old, now)
-        self._bump(files=0 if was_live else 1, nbytes=version.size - (old.size if was_live else 0))
+        replaced = old if old is not None and not old.deleted else None
+        if replaced is not None:
+            self._release(replaced, now)
+        self._bump(
+            files=0 if replaced is not None else 1,
+            nbytes=version.size - (replaced.size if replaced is not None else 0),
+        )
         self._log(kind, version, now, request)
         return version.stat()  # what a retry of it is answered with too
 
-    def _copy(self, change: Copy, now) -> Version:
+    def _copy(self, change: Copy, now: float) -> Version:
         """``change.name`` gets ``change.src``'s content as a new version: one reference more on
         what it lists (its body, or the chunks of a short list), nothing else is stored; a move
         then removes ``src`` (its tombstone's id is the move's, suffixed, so the two never share
@@ -849,7 +1002,7 @@ class SQLMeta(AccessSQL, MetaEngine):
             self._remove(Removal(change.src, f"{change.commit}/src"), now)
         return version
 
-    def _remove(self, change: Removal, now) -> Version:
+    def _remove(self, change: Removal, now: float) -> Version:
         done = self._logged(change.commit, "rm", change.name, None)
         if done is not None:
             return done
@@ -881,7 +1034,7 @@ class SQLMeta(AccessSQL, MetaEngine):
         self._log("rm", tomb, now)
         return tomb
 
-    def _release(self, old: Version, now):
+    def _release(self, old: Version, now: float) -> None:
         """``old`` stops being current: retained with its references (versions kept, and held
         for ``keep_for``), or its references released; retained versions past
         :attr:`keep_versions` and no longer held release theirs."""
@@ -916,7 +1069,7 @@ class SQLMeta(AccessSQL, MetaEngine):
             dropped += 1
         return dropped
 
-    def _reference(self, version: Version, delta: int, now):
+    def _reference(self, version: Version, delta: int, now: float) -> None:
         """Take (``delta`` 1) or release (-1) a version's references: on its body, or on each
         distinct chunk of its short chunk list."""
         if version.body is not None:
@@ -925,12 +1078,12 @@ class SQLMeta(AccessSQL, MetaEngine):
             for digest in set(version.chunks):
                 self._chunk_refs[digest] += delta
 
-    def _restore(self, change: Restore, now) -> Version:
+    def _restore(self, change: Restore, now: float) -> Version:
         done = self._logged(change.commit, "restore", change.name, None)
         if done is not None:
             return done
         sql = f"SELECT {_ROW_COLUMNS} FROM retained WHERE name = ?"
-        args = [change.name]
+        args: builtins.list[object] = [change.name]
         if change.version is not None:
             sql += " AND version = ?"
             args.append(change.version)
@@ -949,13 +1102,21 @@ class SQLMeta(AccessSQL, MetaEngine):
         self._reference(old, 1, now)
         return self._install(_renamed(old, change.name, change.commit, now), now, "restore")
 
-    def _refs(self, table: str, key: str, ids, delta, now, since_floor=None):
+    def _refs(
+        self,
+        table: str,
+        key: str,
+        ids: Sequence[bytes],
+        delta: int | Sequence[int],
+        now: float,
+        since_floor: float | None = None,
+    ) -> None:
         """Add ``delta`` (an int, or one per id) to the references of each of ``ids`` (distinct,
         sorted: two transactions always lock shared rows in the same order).  A row whose last
         reference goes starts its grace clock now, or, with ``since_floor``, keeps the later of
         its own clock and ``since_floor`` (the clock of the list that held it: the collector)."""
         mark = now if since_floor is None else since_floor
-        deltas = delta if isinstance(delta, list) else [delta] * len(ids)
+        deltas = [delta] * len(ids) if isinstance(delta, int) else delta
         rows = [(d, d, mark, mark, i) for i, d in zip(ids, deltas, strict=True) if d]
         if rows:
             self._executemany(
@@ -966,14 +1127,14 @@ class SQLMeta(AccessSQL, MetaEngine):
 
     # --- pages and bodies ---
 
-    def put_page(self, page_id, blob, now):
+    def put_page(self, page_id: Digest, blob: bytes, now: float) -> bool:
         digests = p.split_digests(blob)
         wanted = sorted(set(digests))
 
-        def work():
+        def work() -> bool:
             if self._execute("UPDATE pages SET since = ? WHERE id = ?", (now, page_id)).rowcount:
                 return False  # stored already: protected for the grace period from now
-            sizes = {}
+            sizes: dict[Digest, int] = {}
             for part in _batches(wanted):
                 for digest, size in self._execute(
                     f"SELECT digest, size FROM chunks WHERE doomed = 0 AND digest IN "
@@ -996,21 +1157,23 @@ class SQLMeta(AccessSQL, MetaEngine):
 
         return self._transaction(work, durable=False)
 
-    def page(self, page_id):
+    def page(self, page_id: Digest) -> bytes | None:
         row = self._one("SELECT data FROM pages WHERE id = ?", (page_id,))
         return bytes(row[0]) if row else None
 
-    def has_page(self, page_id):
+    def has_page(self, page_id: Digest) -> bool:
         return self._one("SELECT 1 FROM pages WHERE id = ?", (page_id,)) is not None
 
-    def body(self, body_id):
+    def body(self, body_id: Digest) -> bytes | None:
         row = self._one("SELECT data FROM bodies WHERE id = ?", (body_id,))
         return bytes(row[0]) if row else None
 
-    def collect_lists(self, cutoff, limit=LIST_BATCH, dry_run=False):
+    def collect_lists(
+        self, cutoff: float, limit: int = LIST_BATCH, dry_run: bool = False
+    ) -> tuple[int, int]:
         lock = "" if dry_run else self.for_update + self.skip_locked
 
-        def take(table):
+        def take(table: str) -> builtins.list[tuple[bytes, bytes, float]]:
             return [
                 (bytes(i), bytes(data), since)
                 for i, data, since in self._execute(
@@ -1020,7 +1183,7 @@ class SQLMeta(AccessSQL, MetaEngine):
                 ).fetchall()
             ]
 
-        def work():
+        def work() -> tuple[int, int]:
             bodies = take("bodies")
             if dry_run:
                 return len(bodies), len(take("pages"))
@@ -1039,13 +1202,13 @@ class SQLMeta(AccessSQL, MetaEngine):
 
     # --- chunks ---
 
-    def known(self, digests, now):
+    def known(self, digests: Sequence[Digest], now: float) -> set[Digest]:
         if not digests:
             return set()
         unique = sorted(set(digests))
-        found = set()
+        found: set[Digest] = set()
 
-        def work():
+        def work() -> None:
             found.clear()
             for part in _batches(unique):
                 # Referenced ones too: a list holding one may be collected, and its chunks
@@ -1067,16 +1230,16 @@ class SQLMeta(AccessSQL, MetaEngine):
         self._transaction(work)
         return set(found)
 
-    def mark_lost(self, digest):
+    def mark_lost(self, digest: Digest) -> None:
         self._transaction(
             lambda: self._execute("UPDATE chunks SET lost = 1 WHERE digest = ?", (digest,)),
             durable=False,
         )
 
-    def chunk_rows(self, digests):
+    def chunk_rows(self, digests: Iterable[Digest]) -> dict[Digest, ChunkRow]:
         # Without their bytes: a small chunk's row says it holds them (data b"") and no more.
         columns = _CHUNK_COLUMNS.replace("data", "CASE WHEN data IS NULL THEN NULL ELSE ? END")
-        out = {}
+        out: dict[Digest, ChunkRow] = {}
         for part in _batches(sorted(set(digests))):
             for row in self._all(
                 f"SELECT {columns} FROM chunks WHERE digest IN ({_marks(len(part))})",
@@ -1086,12 +1249,12 @@ class SQLMeta(AccessSQL, MetaEngine):
                 out[chunk.digest] = chunk
         return out
 
-    def claim_chunk(self, digest, size, now, data=None):
+    def claim_chunk(self, digest: Digest, size: int, now: float, data: bytes | None = None) -> bool:
         # Not flushed on its own: a claim lost in a power loss costs an upload again (the commit
         # finds the chunk missing), and the commit that relies on it flushes it first.
         return self._transaction(lambda: self._claim(digest, size, now, data), durable=False)
 
-    def _claim(self, digest, size, now, data):
+    def _claim(self, digest: Digest, size: int, now: float, data: bytes | None) -> bool:
         for _ in range(RETRIES):
             inserted = self._execute(
                 "INSERT INTO chunks (digest, size, refs, since, doomed, data) "
@@ -1125,14 +1288,14 @@ class SQLMeta(AccessSQL, MetaEngine):
             f"chunk {digest.hex()[:16]} is being collected right now; send it again in a moment"
         )
 
-    def chunk(self, digest):
+    def chunk(self, digest: Digest) -> ChunkRow | None:
         row = self._one(f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE digest = ?", (digest,))
         return _chunk(row) if row else None
 
     # --- garbage collection ---
 
-    def doom(self, cutoff, limit, dry_run=False):
-        def work():
+    def doom(self, cutoff: float, limit: int, dry_run: bool = False) -> builtins.list[ChunkRow]:
+        def work() -> builtins.list[ChunkRow]:
             rows = [
                 _chunk(r)
                 for r in self._execute(
@@ -1157,7 +1320,7 @@ class SQLMeta(AccessSQL, MetaEngine):
 
         return self._transaction(work)
 
-    def doomed(self, limit):
+    def doomed(self, limit: int) -> builtins.list[ChunkRow]:
         return [
             _chunk(r)
             for r in self._all(
@@ -1166,11 +1329,11 @@ class SQLMeta(AccessSQL, MetaEngine):
             )
         ]
 
-    def forget(self, digests):
+    def forget(self, digests: Sequence[Digest]) -> None:
         if not digests:
             return
 
-        def work():
+        def work() -> None:
             count = size = 0
             for d in sorted(digests):
                 row = self._execute(
@@ -1182,8 +1345,8 @@ class SQLMeta(AccessSQL, MetaEngine):
 
         self._transaction(work)
 
-    def adopt_orphan(self, digest, size):
-        def work():
+    def adopt_orphan(self, digest: Digest, size: int) -> bool:
+        def work() -> bool:
             added = self._execute(
                 "INSERT INTO chunks (digest, size, refs, since, doomed) VALUES (?, ?, 0, 0, 1) "
                 "ON CONFLICT (digest) DO NOTHING RETURNING digest",
@@ -1195,8 +1358,8 @@ class SQLMeta(AccessSQL, MetaEngine):
 
         return self._transaction(work)
 
-    def prune(self, cutoff, limit):
-        def work():
+    def prune(self, cutoff: float, limit: int) -> int:
+        def work() -> int:
             # A removed name with retained versions keeps its tombstone: the version count
             # goes on, so a later version never takes a retained one's number.  The outer
             # conditions hold again for the row as it is when deleted: a name written since
@@ -1216,7 +1379,7 @@ class SQLMeta(AccessSQL, MetaEngine):
 
         return self._transaction(work)
 
-    def lease(self, name, holder, now, seconds):
+    def lease(self, name: str, holder: str, now: float, seconds: float) -> bool:
         return self._transaction(
             lambda: (
                 self._execute(
@@ -1229,27 +1392,35 @@ class SQLMeta(AccessSQL, MetaEngine):
             )
         )
 
-    def release(self, name, holder):
+    def release(self, name: str, holder: str) -> None:
         self._transaction(
             lambda: self._execute(
                 "DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder)
             )
         )
 
-    def lease_holder(self, name):
+    def lease_holder(self, name: str) -> str | None:
         row = self._one("SELECT holder FROM leases WHERE name = ?", (name,))
         return row[0] if row else None
 
     # --- checks ---
 
-    def _scan(self, table: str, keys: tuple, columns: str, where: str = "", batch=64, args=()):
+    def _scan(
+        self,
+        table: str,
+        keys: tuple[str, ...],
+        columns: str,
+        where: str = "",
+        batch: int = 64,
+        args: Sequence[object] = (),
+    ) -> Iterator[Row]:
         """The rows of ``table`` (``keys`` then ``columns``) in key order, ``batch`` at a time,
         so a table of any size is read in the memory of one batch; ``where`` (``AND ...``,
         its parameters ``args``) chooses the rows."""
-        last = None
+        last: Row | None = None
         key_list = ", ".join(keys)
         while True:
-            cond, args_now = where, list(args)
+            cond, args_now = where, builtins.list[object](args)
             if last is not None:
                 cond += f" AND ({key_list}) > ({_marks(len(keys))})"
                 args_now += list(last)
@@ -1263,15 +1434,15 @@ class SQLMeta(AccessSQL, MetaEngine):
                 return
             last = rows[-1][: len(keys)]
 
-    def refcount_errors(self):
+    def refcount_errors(self) -> builtins.list[tuple[str, bytes, int | None, int]]:
         """Every stored reference count against a recount, in one snapshot: bodies from the
         versions, pages from the bodies, chunks from the versions' short lists and the pages.
         Memory: the distinct ids counted, never a chunk list per file; chunks are counted in
         ranges of their digests of at most about :data:`RECOUNT_CHUNKS` rows each (a pass over
         the lists per range)."""
-        errors = []
+        errors: builtins.list[tuple[str, bytes, int | None, int]] = []
         with self.snapshot():
-            counted = collections.Counter()
+            counted: collections.Counter[bytes] = collections.Counter()
             for table, live in (("names", " AND deleted = 0"), ("retained", "")):
                 for body, n in self._all(
                     f"SELECT body, COUNT(*) FROM {table} WHERE body IS NOT NULL{live} GROUP BY body"
@@ -1282,7 +1453,7 @@ class SQLMeta(AccessSQL, MetaEngine):
             for _id, data in self._scan("bodies", ("id",), "data", batch=8):
                 counted.update(set(p.unpack_body(data)[1]))
             errors += self._recount("page", "pages", "id", counted)
-            (rows,) = self._one("SELECT COUNT(*) FROM chunks")
+            (rows,) = self._only("SELECT COUNT(*) FROM chunks")
             ranges = 1
             while ranges < 256 and rows > ranges * RECOUNT_CHUNKS:
                 ranges *= 2
@@ -1295,7 +1466,7 @@ class SQLMeta(AccessSQL, MetaEngine):
                 errors += self._recount("chunk", "chunks", "digest", counted, span)
         return errors
 
-    def _listed_chunks(self):
+    def _listed_chunks(self) -> Iterator[builtins.list[p.Digest]]:
         """Each short list of a version, and each page, as a list of digests."""
         for table, keys, live in (
             ("names", ("name",), " AND deleted = 0"),
@@ -1306,11 +1477,18 @@ class SQLMeta(AccessSQL, MetaEngine):
         for _id, data in self._scan("pages", ("id",), "data", batch=4):
             yield p.split_digests(data)
 
-    def _recount(self, kind: str, table: str, key: str, counted, span=(None, None)) -> list:
+    def _recount(
+        self,
+        kind: str,
+        table: str,
+        key: str,
+        counted: collections.Counter[bytes],
+        span: tuple[bytes | None, bytes | None] = (None, None),
+    ) -> builtins.list[tuple[str, bytes, int | None, int]]:
         """``(kind, id, stored refs, counted refs)`` of every row of ``table`` (with ``span``,
         those whose id is in ``[lo, hi)``) that differs from ``counted``, and of every counted
         id with no row (stored refs None)."""
-        errors = []
+        errors: builtins.list[tuple[str, bytes, int | None, int]] = []
         bounds = [(op, bound) for op, bound in ((">=", span[0]), ("<", span[1])) if bound]
         where = "".join(f" AND {key} {op} ?" for op, _bound in bounds)
         for ident, refs in self._scan(

@@ -10,9 +10,10 @@ import logging
 import sqlite3
 import time
 import uuid
+from collections.abc import Sequence
 
 from ...errors import FmsError, NoSpace, Unavailable
-from .sql import SQLMeta, WrongDigest
+from .sql import Cursor, Retry, SQLMeta, WrongDigest
 
 BUSY_TIMEOUT = 60.0  # seconds a writer waits for another worker's transaction
 
@@ -25,7 +26,9 @@ class SQLiteMeta(SQLMeta):
     begin_write = "BEGIN IMMEDIATE"
     lazy_commit = ("PRAGMA synchronous=NORMAL", "PRAGMA synchronous=FULL")
 
-    def __init__(self, path: str, store_id: str | None = None, digest_fn: str | None = None):
+    def __init__(
+        self, path: str, store_id: str | None = None, digest_fn: str | None = None
+    ) -> None:
         self.path = path
         deadline = time.monotonic() + BUSY_TIMEOUT
         wait = 0.01
@@ -53,15 +56,15 @@ class SQLiteMeta(SQLMeta):
                 raise
             except (sqlite3.DatabaseError, FmsError) as exc:
                 raise _cannot_open(path, exc) from None
-        self.store_id = self.setting("store_id")
+        self.store_id = self._stored_id()
 
-    def _execute(self, sql, args=()):
+    def _execute(self, sql: str, args: Sequence[object] = ()) -> Cursor:
         return self.db.execute(sql, args)
 
-    def _executemany(self, sql, rows):
+    def _executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
         self.db.executemany(sql, rows)
 
-    def _translate(self, exc):
+    def _translate(self, exc: BaseException) -> FmsError | Retry | None:
         if not isinstance(exc, sqlite3.Error):
             return None
         text = str(exc)
@@ -77,12 +80,12 @@ class SQLiteMeta(SQLMeta):
         log.error("event=database_error error=%r", text)
         return FmsError(f"metadata database error: {text}")
 
-    def close(self):
+    def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
             self.db.close()
 
 
-def _cannot_open(path, exc) -> FmsError:
+def _cannot_open(path: str, exc: Exception) -> FmsError:
     return FmsError(
         f"cannot open the metadata database {path}: {exc}; check that the file is an "
         f"fms database on a writable disk"

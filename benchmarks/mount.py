@@ -1,0 +1,192 @@
+"""``fms mount`` against its peers, in one run (issue 25's speed points).
+
+    python -m benchmarks.mount [--size 1G] [--files 1000] [--rounds 3] [--out bench-results]
+
+One cluster (broker, cache of 2 GiB, two storage workers) and one mount of it.  For
+``--rounds`` rounds, each pair in turns (the order alternates):
+
+- sequential read of a ``--size`` file: ``fms get NAME FILE`` against ``cp MOUNT/NAME FILE``
+  (both to tmpfs, after the kernel's caches are dropped, through a warm cache worker);
+- sequential write of a new ``--size`` file (fresh random bytes each time, so nothing is
+  deduplicated): ``fms put FILE NAME`` against ``cp FILE MOUNT/NAME`` (from tmpfs);
+- ``ls -l`` of a folder of ``--files`` files, with warm caches (listed once just before):
+  the mount against a local ext4 folder;
+- ``tar -xf`` of a ``--files``-file source tree into a new folder: the mount against local ext4,
+  and a second mount of the same store with ``--writeback`` against local ext4 again.
+
+Reported: the median seconds of each, and mount / peer as a speed ratio (peer time / mount
+time: 1 is as fast, above 1 faster), beside the issue's bar.  The machine is shared: only the
+ratios mean much.
+"""
+
+import argparse
+import datetime
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from harness import ROOT, Cluster
+from mounts import Mount
+
+from fms.cli import parse_size
+
+SHM = "/dev/shm"
+BARS = {"read": 0.8, "write": 0.8, "ls -l": 0.5, "untar": 0.3, "untar wb": 0.3}
+
+
+def drop_caches() -> None:
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError:
+        pass  # not root: the rows are warmer for both sides alike
+
+
+def timed(cmd: list, **kw) -> float:
+    started = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, **kw)
+    elapsed = time.perf_counter() - started
+    if done.returncode:
+        raise SystemExit(f"{cmd} failed: {done.stderr.decode(errors='replace')}")
+    return elapsed
+
+
+def random_file(path: str, size: int, seed: int) -> None:
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 64 << 20)
+            f.write(rng.randbytes(n))
+            left -= n
+
+
+def source_tree(folder: str, files: int) -> None:
+    """A source tree of ``files`` text files (1 to 16 KiB) in 40 folders, two deep."""
+    rng = random.Random(7)
+    words = [b"def", b"return", b"self", b"import", b"class", b"value", b"for", b"in", b"if"]
+    for i in range(files):
+        sub = os.path.join(folder, f"pkg{i % 8}", f"mod{i % 40 // 8}")
+        os.makedirs(sub, exist_ok=True)
+        size = rng.randint(1024, 16384)
+        text = b" ".join(rng.choice(words) for _ in range(size // 5))[:size]
+        with open(os.path.join(sub, f"file{i}.py"), "wb") as f:
+            f.write(text + b"\n")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=parse_size, default="1G")
+    parser.add_argument("--files", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", default="bench-results")
+    args = parser.parse_args(argv)
+    work = tempfile.mkdtemp(prefix="fms-mount-bench-", dir=tempfile.gettempdir())
+    shm = tempfile.mkdtemp(prefix="fms-mount-bench-", dir=SHM)
+    cluster = Cluster(os.path.join(work, "cluster"))
+    os.makedirs(cluster.tmp, exist_ok=True)
+    mount = writeback = None
+    times = {row: ([], []) for row in BARS}  # row -> (mount seconds, peer seconds)
+    cli = [sys.executable, os.path.join(ROOT, "client.py")]
+    try:
+        cluster.start_all(storage=2, cache_bytes="2G")
+        mount = Mount(cluster, os.path.join(work, "mnt"))
+        writeback = Mount(cluster, os.path.join(work, "mnt-wb"), "--writeback")
+        cli += ["--broker", cluster.frontend, "--quiet"]
+        big = os.path.join(shm, "big")
+        random_file(big, args.size, 0)
+        subprocess.run([*cli, "put", big, "big"], check=True, capture_output=True)
+        for _ in range(2):  # the cache worker holds it: both sides read it warm
+            subprocess.run([*cli, "get", "big", os.path.join(shm, "warm")], check=True)
+        os.unlink(os.path.join(shm, "warm"))
+        local_ls = os.path.join(work, "local-ls")
+        os.mkdir(local_ls)
+        with cluster.client() as c:
+            items = []
+            for i in range(args.files):
+                path = os.path.join(local_ls, f"f{i:04d}.txt")
+                with open(path, "wb") as f:
+                    f.write(b"x" * (i % 100))
+                items.append((path, f"lsdir/f{i:04d}.txt"))
+            c.put_many(items)
+        tree = os.path.join(work, "tree")
+        source_tree(tree, args.files)
+        tarball = os.path.join(shm, "tree.tar")
+        subprocess.run(["tar", "-cf", tarball, "-C", tree, "."], check=True)
+        for r in range(args.rounds):
+            order = (0, 1) if r % 2 == 0 else (1, 0)
+            for side in order:  # 0: the mount, 1: the peer
+                out = os.path.join(shm, f"read-{r}-{side}")
+                drop_caches()
+                cmd = ["cp", mount.p("big"), out] if side == 0 else [*cli, "get", "big", out]
+                times["read"][side].append(timed(cmd))
+                os.unlink(out)
+            for side in order:
+                src = os.path.join(shm, "src")
+                random_file(src, args.size, 1000 + 2 * r + side)
+                os.sync()
+                name = f"w{r}-{side}"
+                cmd = ["cp", src, mount.p(name)] if side == 0 else [*cli, "put", src, name]
+                times["write"][side].append(timed(cmd))
+                os.unlink(src)
+            for side in order:
+                folder = mount.p("lsdir") if side == 0 else local_ls
+                subprocess.run(["ls", "-l", folder], capture_output=True, check=True)  # warm
+                runs = [timed(["ls", "-l", folder]) for _ in range(5)]
+                times["ls -l"][side].append(statistics.median(runs))
+            for side in order:
+                dest = mount.p(f"untar{r}") if side == 0 else os.path.join(work, f"untar{r}")
+                os.mkdir(dest)
+                os.sync()
+                times["untar"][side].append(timed(["tar", "-xf", tarball, "-C", dest]))
+            for side in order:
+                dest = writeback.p(f"wb{r}") if side == 0 else os.path.join(work, f"wb{r}")
+                os.mkdir(dest)
+                os.sync()
+                times["untar wb"][side].append(timed(["tar", "-xf", tarball, "-C", dest]))
+            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    finally:
+        for m in (mount, writeback):
+            if m is not None:
+                m.unmount()
+        cluster.stop()
+        shutil.rmtree(shm, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+    peers = {"read": "fms get", "write": "fms put", "ls -l": "local ext4"}
+    peers.update({"untar": "local ext4", "untar wb": "local ext4"})
+    size = f"{args.size / (1 << 30):g} GiB" if args.size >= 1 << 30 else f"{args.size >> 20} MiB"
+    what = {
+        "read": f"sequential read, {size}",
+        "write": f"sequential write, {size}",
+        "ls -l": f"ls -l of {args.files} files, warm",
+        "untar": f"untar of {args.files} files",
+        "untar wb": f"untar of {args.files} files, --writeback",
+    }
+    lines = [
+        f"fms mount, {datetime.date.today()}, {args.rounds} rounds (median seconds)",
+        "",
+        "| what | mount | peer | peer's time | mount / peer | bar |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row, (mine, theirs) in times.items():
+        m, t = statistics.median(mine), statistics.median(theirs)
+        lines.append(
+            f"| {what[row]} | {m:.3f} s | {peers[row]} | {t:.3f} s | {t / m:.2f}x | "
+            f">= {BARS[row]}x |"
+        )
+    report = "\n".join(lines)
+    print(report)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"mount-{datetime.date.today()}.md"), "w") as f:
+        f.write(report + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
