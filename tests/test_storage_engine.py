@@ -154,7 +154,12 @@ def test_inline_content_with_pages_is_refused_alone_in_its_group(store):
     blob = h(b"tiny")
     page_id = h(blob)
     paged = NewVersion(
-        "paged", extents, p.tree_digest(extents, (page_id,)), 1700000000.0, "c1", pages=(page_id,)
+        "paged",
+        extents,
+        p.tree_digest(extents, (page_id,), h),
+        1700000000.0,
+        "c1",
+        pages=(page_id,),
     )
     good = new_version("good", b"fine", commit="c2")
     results = store.apply([(paged, b"tiny"), (good, b"fine")])

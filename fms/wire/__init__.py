@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # what the type checker reads here (every module of _MODULES)
     # each module comes when one of its names is asked for
     from .batch import *  # noqa: F403
     from .codec import *  # noqa: F403
+    from .digests import *  # noqa: F403
     from .fields import *  # noqa: F403
     from .frames import *  # noqa: F403
     from .manifest import *  # noqa: F403

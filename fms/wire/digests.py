@@ -22,6 +22,7 @@ __all__ = [
     "NEW_STORE_DIGEST",
     "OLD_STORE_DIGEST",
     "SHA256",
+    "Hasher",
     "blake3",
     "hasher",
     "sha256",
