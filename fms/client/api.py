@@ -211,7 +211,7 @@ class Client:
             name=name,
             extents=b"",
             chunks=[],
-            digest=p.inline_digest((), []),
+            digest=p.inline_digest((), [], self.session.hasher()),
             mtime=time.time() if mtime is None else mtime,
             commit=os.urandom(16).hex(),
             **fields,

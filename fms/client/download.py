@@ -19,7 +19,7 @@ import os
 import stat
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple, Protocol, TypeAlias
 
 import zmq
 
@@ -186,9 +186,18 @@ def _chunk_ok(hash_fn: p.Hasher, data: p.BytesLike, length: int, digest: bytes) 
     return len(data) == length and hash_fn(data) == digest
 
 
+class FileOf(NamedTuple):
+    """What reading a chunk needs of its file when no chunk list is at hand: its name (storage
+    checks the read against it) and the store's digest function (``hash``), as a
+    :class:`~fms.client.listing.ChunkList` has them."""
+
+    name: str
+    hash: p.Hasher
+
+
 def _refetch(
     session: Session,
-    listing: ChunkList,
+    listing: "ChunkList | FileOf",
     digest: bytes,
     length: int,
     where: dict[str, Any] | None = None,
@@ -211,7 +220,7 @@ def _refetch(
 
 def fetch_chunk(
     session: Session,
-    listing: ChunkList,
+    listing: "ChunkList | FileOf",
     digest: bytes,
     length: int,
     via: Via = None,

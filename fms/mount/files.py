@@ -336,9 +336,8 @@ class OpenFile:
         assert digest is not None
         if self._inline is not None:  # a small file: its one chunk is in memory
             return self._inline
-        assert self._manifest is not None
+        listing = download.FileOf(self.name, self.pool.hasher())
         with self.pool.client() as client:
-            listing = download.chunk_list(client.session, self._manifest)
             return bytes(download.fetch_chunk(client.session, listing, digest, length))
 
     def _grow(self, size: int) -> None:
