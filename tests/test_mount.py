@@ -117,6 +117,35 @@ def test_writes_are_committed_on_close_and_fsync_never_half_visible(cluster, mak
         assert c.get_bytes("doc")[:4] == b"more"
 
 
+def spooled_bytes(m) -> int:
+    """Bytes the mount process's spool files hold on disk (they are unlinked: found by its
+    open descriptors)."""
+    fds = f"/proc/{m.proc.pid}/fd"
+    held = 0
+    for fd in os.listdir(fds):
+        try:
+            if os.readlink(f"{fds}/{fd}").startswith(f"{m.path}.spool/"):
+                held += os.stat(f"{fds}/{fd}").st_blocks * 512
+        except FileNotFoundError:
+            pass  # closed meanwhile
+    return held
+
+
+def test_the_spool_keeps_to_its_size_whole_chunks_going_to_the_store_early(cluster, make_mount):
+    m = make_mount(cluster, "--spool-size", "3M")
+    data = random_bytes(16 * MiB, seed=3)
+    with open(m.p("big"), "wb") as f:
+        for at in range(0, len(data), MiB // 2):
+            f.write(data[at : at + MiB // 2])
+            f.flush()
+            assert spooled_bytes(m) <= 3 * MiB + MiB  # the limit, and the chunk being written
+        with cluster.client() as c:
+            assert c.ls("") == []  # uploaded early, not committed: no version yet
+    assert read(m.p("big")) == data
+    with cluster.client() as c:
+        assert c.get_bytes("big") == data
+
+
 def test_truncate_extends_with_zeros_and_cuts(cluster, make_mount):
     m = make_mount(cluster)
     data = random_bytes(2 * MiB + 100)

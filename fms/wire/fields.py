@@ -83,6 +83,12 @@ def need(
     optional: bool,
     default: D,
 ) -> T | U | D: ...
+@overload
+def need(header: Mapping[str, Any], key: str, kind: type[T], *, optional: bool) -> T | None: ...
+@overload
+def need(
+    header: Mapping[str, Any], key: str, kind: tuple[type[T], type[U]], *, optional: bool
+) -> T | U | None: ...
 def need(
     header: Mapping[str, Any],
     key: str,
@@ -121,6 +127,10 @@ def need_int(
     optional: bool,
     default: D,
 ) -> int | D: ...
+@overload
+def need_int(
+    header: Mapping[str, Any], key: str, *, lo: int = 0, hi: int = 2**63 - 1, optional: bool
+) -> int | None: ...
 def need_int(
     header: Mapping[str, Any],
     key: str,
