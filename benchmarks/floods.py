@@ -40,7 +40,7 @@ import threading
 import time
 
 import zmq
-from harness import Cluster
+from harness import Cluster, cli_with_rss
 
 from fms import wire as p
 
@@ -247,20 +247,8 @@ CLI_PEAKS = []  # the peak RSS of every CLI process a scenario ran
 
 def _cli(cluster, *args, timeout: float = 600):
     """Run the CLI in its own process; its peak RSS goes to CLI_PEAKS."""
-    import subprocess
-    import sys
-
-    code = (
-        "import runpy, sys\n"
-        f"sys.argv = ['fms', '--broker', {cluster.frontend!r}, *{list(args)!r}]\n"
-        "try:\n"
-        "    runpy.run_module('fms', run_name='__main__')\n"
-        "finally:\n"
-        "    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
-        "    sys.stderr.write('\\nPEAK ' + hwm.split()[1] + '\\n')\n"
-    )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=timeout)
-    CLI_PEAKS.append(int(run.stderr.decode().rsplit("PEAK ", 1)[1].split()[0]) * 1024)
+    run, rss = cli_with_rss(cluster, *args, timeout=timeout)
+    CLI_PEAKS.append(rss)
     if run.returncode:
         print(f"  {' '.join(args)}: exit {run.returncode}: {run.stderr.decode()[-300:]}")
     return run

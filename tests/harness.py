@@ -259,3 +259,21 @@ class Cluster:
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name} ---\n{p.log()[-4000:]}" for p in self.procs)
+
+
+def cli_with_rss(cluster, *args, timeout: float = 300) -> tuple:
+    """Run the CLI against ``cluster``: ``(completed process, its peak RSS in bytes)``."""
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['fms', '--broker', {cluster.frontend!r}, *{list(args)!r}]\n"
+        "try:\n"
+        "    runpy.run_module('fms', run_name='__main__')\n"
+        "finally:\n"
+        "    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
+        "    sys.stderr.write('\\nPEAK ' + hwm.split()[1] + '\\n')\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, timeout=timeout, cwd=ROOT
+    )
+    err = run.stderr.decode()
+    return run, int(err.rsplit("PEAK ", 1)[1].split()[0]) * 1024

@@ -8,13 +8,11 @@ committed (its pages sent once each), then ``cp``.
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import pytest
 from conftest import DIGESTS
-from harness import ROOT
+from harness import cli_with_rss
 from storage_helpers import h
 
 from fms import wire as p
@@ -32,24 +30,6 @@ def commit_repeated(client, name: str, chunk: bytes, count: int, tail: bytes = b
     digests = h(chunk) * count + (h(tail) if tail else b"")
     plan = Plan(len(chunk) * count + len(tail), len(chunk), digests, time.time(), None, h)
     return commit_plan(client.session, name, plan)
-
-
-def cli_with_rss(cluster, *args, timeout: float = 300) -> tuple:
-    """Run the CLI against ``cluster``: ``(completed process, its peak RSS in bytes)``."""
-    code = (
-        "import runpy, sys\n"
-        f"sys.argv = ['fms', '--broker', {cluster.frontend!r}, *{list(args)!r}]\n"
-        "try:\n"
-        "    runpy.run_module('fms', run_name='__main__')\n"
-        "finally:\n"
-        "    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
-        "    sys.stderr.write('\\nPEAK ' + hwm.split()[1] + '\\n')\n"
-    )
-    run = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, timeout=timeout, cwd=ROOT
-    )
-    err = run.stderr.decode()
-    return run, int(err.rsplit("PEAK ", 1)[1].split()[0]) * 1024
 
 
 def assert_small(cluster, *clients):
