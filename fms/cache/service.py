@@ -89,7 +89,8 @@ class CacheService:
         self.hits = 0
         self.misses = 0
         self.fetches = 0
-        self.hash = None  # the store's digest function's helper, once the broker has said it
+        # the store's digest function's helper, once the broker has said it
+        self.hash: p.Hasher | None = None
         self._ids = itertools.count(1)
         self._fetches: dict[int, Fetch] = {}  # fetch id -> Fetch
         # (kind, key) -> fetch id of the newest fetch for that key
@@ -294,7 +295,7 @@ class CacheService:
             if extra is None:
                 self._open[(kind, key)] = fetch_id
             self.fetches += 1
-            fields = {"name": key} if kind == "get" else {"hash": key}
+            fields: dict[str, Any] = {"name": key} if kind == "get" else {"hash": key}
             if size is not None:
                 fields["len"] = size
             fields.update(extra or {})

@@ -491,8 +491,10 @@ class Client:
         :return: the stat of each, in order.
         """
         checked = [(path, p.check_name(name)) for path, name in items]  # every name, first
+        if not checked:
+            return []
         # Asked now: the plans are made while the upload's pipeline runs.
-        hash_fn = self.session.hasher() if checked else None
+        hash_fn = self.session.hasher()
         return self._put_planned(
             (
                 (path, name, upload.plan_file(path, self.chunk_size, hash_fn, self._hashing(name)))

@@ -180,7 +180,7 @@ class ChunkList:
 _ZEROS: dict[tuple[p.Hasher, int], p.Digest] = {}
 
 
-def zero_digest(chunk_size: int, hash_fn) -> bytes:
+def zero_digest(chunk_size: int, hash_fn: p.Hasher) -> bytes:
     """The digest of ``chunk_size`` zero bytes under ``hash_fn`` (computed once per chunk size:
     a short last chunk of zeros is fetched as any chunk)."""
     zero = _ZEROS.get((hash_fn, chunk_size))

@@ -172,7 +172,7 @@ class Session:
             self._digest_fn = name
         return self._digest_fn
 
-    def hasher(self):
+    def hasher(self) -> p.Hasher:
         """The helper of the store's digest function (:meth:`digest_fn`)."""
         return p.hasher(self.digest_fn())
 

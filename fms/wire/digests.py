@@ -13,8 +13,14 @@ the GIL, so chunks are hashed side by side on threads).
 
 import functools
 from collections.abc import Callable
+from types import ModuleType
+from typing import TYPE_CHECKING, TypeAlias
 
 from ..errors import BadRequest
+from ..limits import BytesLike
+
+if TYPE_CHECKING:
+    from blake3 import blake3 as Blake3  # imported on first use at run time, as hashlib is
 
 __all__ = [
     "BLAKE3",
@@ -34,14 +40,14 @@ DIGEST_FUNCTIONS = (BLAKE3, SHA256)
 NEW_STORE_DIGEST = BLAKE3  # what a new store records unless told otherwise
 OLD_STORE_DIGEST = SHA256  # what a store made before the choice existed uses
 
-Hasher = Callable[..., bytes]  # bytes-like in, 32-byte digest out
+Hasher: TypeAlias = Callable[[BytesLike], bytes]  # bytes-like in, 32-byte digest out
 
 
-def sha256(data) -> bytes:
+def sha256(data: BytesLike) -> bytes:
     return _hashlib().sha256(data).digest()
 
 
-def blake3(data) -> bytes:
+def blake3(data: BytesLike) -> bytes:
     return _blake3()(data).digest()
 
 
@@ -58,14 +64,14 @@ def hasher(name: object) -> Hasher:
 
 # Imported on first use: hashlib loads OpenSSL, which `ls` and `stat` never need.
 @functools.cache
-def _hashlib():
+def _hashlib() -> ModuleType:
     import hashlib
 
     return hashlib
 
 
 @functools.cache
-def _blake3():
+def _blake3() -> type["Blake3"]:
     from blake3 import blake3 as impl
 
     return impl

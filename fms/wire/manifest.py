@@ -22,7 +22,7 @@ names (``digest_fn``): the functions take it as ``hash_fn``.
 """
 
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from ..errors import BadRequest, TooLarge
@@ -282,7 +282,7 @@ def check_manifest(manifest: object) -> dict[str, Any]:
     return manifest
 
 
-def manifest_hasher(manifest: dict[str, Any]) -> Hasher:
+def manifest_hasher(manifest: Mapping[str, Any]) -> Hasher:
     """The helper of the digest function a (checked) manifest names: every digest in it, and
     every chunk it lists, is checked with it."""
     return hasher(manifest["digest_fn"])

@@ -395,19 +395,19 @@ class SQLMeta(AccessSQL, MetaEngine):
                 "INSERT INTO settings VALUES ('digest', ?) ON CONFLICT (key) DO NOTHING",
                 (made,),
             )
-            recorded = self._execute("SELECT value FROM settings WHERE key = 'digest'").fetchone()
-            if recorded[0] not in p.DIGEST_FUNCTIONS:
+            (recorded,) = self._only("SELECT value FROM settings WHERE key = 'digest'")
+            if recorded not in p.DIGEST_FUNCTIONS:
                 raise FmsError(
-                    f"this store records the digest function {recorded[0]!r}, which this fms "
+                    f"this store records the digest function {recorded!r}, which this fms "
                     f"does not know; use the fms that made it"
                 )
-            if digest_fn is not None and digest_fn != recorded[0]:
+            if digest_fn is not None and digest_fn != recorded:
                 raise WrongDigest(
-                    f"this store's digest function is {recorded[0]} (chosen when it was "
+                    f"this store's digest function is {recorded} (chosen when it was "
                     f"created, it cannot change); leave out --digest, or give --digest "
-                    f"{recorded[0]}"
+                    f"{recorded}"
                 )
-        self.digest_fn = recorded[0]
+        self.digest_fn = recorded
         self.hash = p.hasher(self.digest_fn)
 
     def _create(self, schema: str) -> None:
