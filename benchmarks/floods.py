@@ -44,6 +44,9 @@ from harness import Cluster, cli_with_rss
 
 from fms import wire as p
 
+# The floods' stores are new ones: chunks are named by their BLAKE3 digest.
+digest_of = p.hasher(p.NEW_STORE_DIGEST)
+
 MiB = p.MiB
 
 
@@ -167,7 +170,7 @@ def uploaders(cluster, seconds, clients, big):
     1 MiB uploads in flight, never reading; the legit client also uploads beside them."""
     chunk = os.urandom(MiB - 64)
     header, data = (
-        p.encode({"v": p.PROTOCOL_VERSION, "op": "put_chunk", "id": 0, "hash": p.sha256(chunk)}),
+        p.encode({"v": p.PROTOCOL_VERSION, "op": "put_chunk", "id": 0, "hash": digest_of(chunk)}),
         p.pack_data(chunk),
     )
     socks = [_dealer(cluster.frontend, rcvhwm=1) for _ in range(max(clients, 9))]
@@ -215,9 +218,9 @@ def _commit_repeated(client, name: str, chunk: bytes, count: int, tail: bytes = 
     from fms.client.upload import Plan, commit_plan
 
     for piece in {chunk, tail} - {b""}:
-        client.call("put_chunk", data=p.pack_data(piece), hash=p.sha256(piece))
-    digests = p.sha256(chunk) * count + (p.sha256(tail) if tail else b"")
-    plan = Plan(len(chunk) * count + len(tail), len(chunk), digests, time.time(), None)
+        client.call("put_chunk", data=p.pack_data(piece), hash=digest_of(piece))
+    digests = digest_of(chunk) * count + (digest_of(tail) if tail else b"")
+    plan = Plan(len(chunk) * count + len(tail), len(chunk), digests, time.time(), None, digest_of)
     return commit_plan(client.session, name, plan)
 
 
@@ -257,7 +260,7 @@ def _cli(cluster, *args, timeout: float = 600):
 
 def million(cluster, seconds, clients, big):
     with cluster.client() as c:
-        c.call("put_chunk", data=p.pack_data(bytes(4096)), hash=p.sha256(bytes(4096)))
+        c.call("put_chunk", data=p.pack_data(bytes(4096)), hash=digest_of(bytes(4096)))
     made = []
 
     def work(i, n):

@@ -97,6 +97,7 @@ def ready(core, ident: bytes, service: str, wid: str | None = None):
                     "svc": service,
                     "wid": wid or ident.decode(),
                     "store": "s1",
+                    "digest_fn": p.BLAKE3,
                 }
             )
         ],
@@ -648,3 +649,51 @@ def test_a_burst_finding_the_total_full_counts_what_clients_took_once(core, monk
     refused = [r for _, _, r, _ in core.transport.take() if r.get("error") == "unavailable"]
     assert len(refused) == 100  # the total is full and nobody has stalled: all back off
     assert [asked.count(hog) for hog in hogs] == [1, 1]
+
+
+# --- the store's digest function ---
+
+
+def routes_to(sent: list, worker: bytes) -> list:
+    return [route for to, ident, route, _ in sent if to == "worker" and ident == worker]
+
+
+def test_hello_says_the_stores_digest_function_once_storage_has_announced_it(core):
+    ask(core, b"c", "hello", 1)
+    assert replies_to(core.transport.take(), b"c")[0]["error"] == "unavailable"  # no storage
+    ready(core, b"k", p.CACHE)
+    assert routes_to(core.transport.take(), b"k") == [{"t": "welcome", "pol": True}]  # not yet
+    ready(core, b"s", p.STORAGE)
+    sent = core.transport.take()
+    # The cache hears of it before anything can be dispatched to the storage worker.
+    told = {"t": "welcome", "pol": True, "digest_fn": p.BLAKE3}
+    assert routes_to(sent, b"k") == [told]
+    assert routes_to(sent, b"s") == [told]
+    ask(core, b"c", "hello", 2)
+    (reply,) = replies_to(core.transport.take(), b"c")
+    assert reply["ok"] and (reply["store"], reply["digest_fn"]) == ("s1", p.BLAKE3)
+    ready(core, b"s2", p.STORAGE)  # the same store: the caches are not told again
+    assert routes_to(core.transport.take(), b"k") == []
+    core.worker_message(b"s", [p.encode({"t": "bye"})])
+    core.worker_message(b"s2", [p.encode({"t": "bye"})])
+    ask(core, b"c", "hello", 3)  # still known with no storage worker connected
+    assert replies_to(core.transport.take(), b"c")[0]["digest_fn"] == p.BLAKE3
+
+
+def storage_ready(core, ident: bytes, **fields):
+    route = {"t": "ready", "v": p.PROTOCOL_VERSION, "svc": p.STORAGE, "wid": "w", "store": "s1"}
+    core.worker_message(ident, [p.encode({**route, **fields})])
+    return routes_to(core.transport.take(), ident)
+
+
+@pytest.mark.parametrize("digest_fn", [None, "md5", 7])
+def test_a_storage_worker_with_no_known_digest_function_is_refused(core, digest_fn):
+    (refused,) = storage_ready(core, b"s", digest_fn=digest_fn)
+    assert core.registry.get(b"s") is None
+    assert refused["t"] == "refused" and "digest function" in refused["msg"]
+
+
+def test_a_storage_worker_of_the_same_store_with_another_function_is_refused_for_now(core):
+    ready(core, b"s-a", p.STORAGE)
+    (refused,) = storage_ready(core, b"s-b", digest_fn=p.SHA256)
+    assert core.registry.get(b"s-b") is None and refused["retry"] is True
