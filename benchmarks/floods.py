@@ -4,7 +4,8 @@
 
 Each scenario starts its own cluster (broker, cache, two storage workers, on random loopback
 ports), runs one attack for a bounded time with a well-behaved client beside it that reads a
-200 KiB file and a 16 MiB file of 4 MiB chunks every 0.2 s, and reports each process's peak
+200 KiB file and a 16 MiB file of 4 MiB chunks every 0.2 s (it has read them once before
+the attack starts: a user of the store when it comes), and reports each process's peak
 RSS (VmHWM) and what the well-behaved client saw: reads (and, every round, a put of 64 KiB)
 that succeeded / failed, their p99 and the slowest.  ``--clients`` defaults to each scenario's own
 count (8, or the one its line says).
@@ -59,6 +60,7 @@ class Legit:
     def __init__(self, cluster, files: dict):
         mp = multiprocessing.get_context("fork")
         self.stop = mp.Event()
+        self.warm = mp.Event()  # set after its first round (not counted): connected, files cached
         self._results = mp.Queue()
         self._proc = mp.Process(target=self._run, args=(cluster, files), daemon=True)
         self.ok = self.failed = 0
@@ -91,6 +93,9 @@ class Legit:
             counts[0 if good else 1] += 1
 
         with cluster.client(timeout=5.0, retries=0) as c:
+            for name in files:  # a user of the store before the attack: warm, as in `none`
+                c.get_bytes(name)
+            self.warm.set()
             while not self.stop.is_set():
                 for name, data in files.items():
                     timed(f"get {name}", lambda name=name, data=data: c.get_bytes(name) == data)
@@ -420,6 +425,8 @@ def run(name, seconds, clients):
                 header, _ = c.call("get", name="big")
             legit = Legit(cluster, files)
             legit.start()
+            if not legit.warm.wait(60):
+                raise RuntimeError("the well-behaved client could not read its files")
             SCENARIOS[name](cluster, seconds, clients, header["manifest"])
             legit.stop.set()
             legit.join(30)
