@@ -231,3 +231,27 @@ def test_a_removed_key_stops_working_within_the_cache_time(site, users):
         return False
 
     wait_for(refused, 10 * KEY_CACHE + 5, "the removed key to be refused")
+
+
+def test_a_gateway_without_the_gateway_flag_says_so_and_static_keys_still_work(
+    site, users, tmp_path
+):
+    """A gateway whose identity may not look keys up refuses the store's keys with a message
+    saying what it lacks; a static key (--access-key) acts as that gateway's own identity."""
+    public, secret = keygen(str(tmp_path), "plain")
+    site.admin.id_add("plain", keys=[load_public(public)])
+    site.admin.grant("plain", "read", "photos")
+    broker_key = str(site.cluster.tmp / "keys" / "broker.key")
+    plain = Gateway(
+        site.cluster,
+        str(tmp_path),
+        name="s3plain",
+        extra=("--curve-secret", secret, "--server-key", broker_key),
+    )
+    boss = plain.boto3(*site.keys["boss"])
+    error = denied(lambda: boss.list_buckets())
+    assert "gateway flag" in error.response["Error"]["Message"]
+    static = plain.boto3()  # the test key: acts as identity 'plain', read on photos
+    assert body(static, "photos", "a.txt") == b"alpha"
+    denied(lambda: static.put_object(Bucket="photos", Key="plain.txt", Body=b"x"))
+    denied(lambda: static.get_object(Bucket="secret", Key="s.txt"))
