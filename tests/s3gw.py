@@ -22,12 +22,25 @@ TOOLS_VENV = ".venv-s3tools"  # .ci/run installs aws cli and s3cmd here (their o
 
 class Gateway:
     """A running ``fms s3``: ``url``, ``key_id``, ``secret``, ``ca`` (the certificate to trust,
-    for HTTPS), ``proc``."""
+    for HTTPS), ``proc``.
 
-    def __init__(self, cluster, folder, tls: bool = False, name: str = "s3"):
+    :param static: give it the static test key (:data:`KEY_ID`); else only the store's keys.
+    :param extra: more arguments (``--key-cache``, ``--curve-secret``, ...).
+    """
+
+    def __init__(
+        self,
+        cluster,
+        folder,
+        tls: bool = False,
+        name: str = "s3",
+        static: bool = True,
+        extra: tuple = (),
+    ):
         self.key_id, self.secret, self.ca, self.folder = KEY_ID, SECRET, None, str(folder)
-        args = ["--broker", cluster.frontend, "--port", "0"]
-        args += ["--access-key", KEY_ID, "--secret-key", SECRET]
+        args = ["--broker", cluster.frontend, "--port", "0", *extra]
+        if static:
+            args += ["--access-key", KEY_ID, "--secret-key", SECRET]
         if tls:
             self.ca, key = make_certificate(folder)
             args += ["--tls-cert", self.ca, "--tls-key", key]
@@ -42,15 +55,16 @@ class Gateway:
         assert isinstance(match, re.Match), f"fms s3 failed to start:\n{self.proc.log()}"
         self.url = match.group(1)
 
-    def boto3(self, **config):
+    def boto3(self, key_id: str | None = None, secret: str | None = None, **config):
+        """A boto3 S3 client of this gateway, signing with the test key or ``key_id``."""
         import boto3
         from botocore.config import Config
 
         return boto3.client(
             "s3",
             endpoint_url=self.url,
-            aws_access_key_id=self.key_id,
-            aws_secret_access_key=self.secret,
+            aws_access_key_id=key_id or self.key_id,
+            aws_secret_access_key=secret or self.secret,
             region_name="us-east-1",
             verify=self.ca if self.ca else None,
             config=Config(

@@ -770,8 +770,10 @@ def test_fms_s3_refuses_bad_options_clearly(tmp_path):
         )
         return done.returncode, done.stderr
 
-    status, err = s3("--port", "0")
-    assert status == 1 and "--access-key" in err and "Traceback" not in err
+    status, err = s3("--port", "0", "--access-key", "k")
+    assert status == 1 and "--secret-key" in err and "Traceback" not in err
+    status, err = s3("--port", "0", "--key-cache", "-1")
+    assert status == 1 and "--key-cache" in err and "Traceback" not in err
     status, err = s3("--host", "0.0.0.0", "--access-key", "k", "--secret-key", "s")
     assert status == 1 and "--tls-cert" in err and "Traceback" not in err
     status, err = s3("--access-key", "k", "--secret-key", "s", "--tls-cert", "/nonexistent")

@@ -100,7 +100,9 @@ def test_up_serves_and_ctrl_c_stops_every_process(tmp_path, caches):
         log.close()
 
 
-def test_up_with_s3_serves_the_gateway_with_its_own_key(tmp_path):
+def test_up_with_s3_serves_the_gateway_with_the_first_admins_s3_key(tmp_path):
+    """``fms up --s3`` gives the store's first admin (identity ``admin``) an S3 key, shown in
+    DATA/s3-admin.json: the gateway finds it in the store, as any user's."""
     pytest.importorskip("aiohttp")
     boto3 = pytest.importorskip("boto3")
     import json
@@ -118,10 +120,10 @@ def test_up_with_s3_serves_the_gateway_with_its_own_key(tmp_path):
     )
     kids = []
     try:
-        keys = tmp_path / "data" / "s3-keys.json"
+        keys = tmp_path / "data" / "s3-admin.json"
         wait_for(lambda: keys.exists() and keys.stat().st_size, 20, "the S3 key file")
         assert keys.stat().st_mode & 0o777 == 0o600
-        key = json.loads(keys.read_text())[0]
+        key = json.loads(keys.read_text())
         s3 = boto3.client(
             "s3",
             endpoint_url=f"http://127.0.0.1:{port}",
@@ -141,6 +143,9 @@ def test_up_with_s3_serves_the_gateway_with_its_own_key(tmp_path):
         s3.put_object(Bucket="from-up", Key="k", Body=b"via up")
         with fms.Client(frontend) as c:  # the same store as fms itself
             assert c.get_bytes("from-up/k") == b"via up"
+            admin = next(i for i in c.id_ls() if i["name"] == "admin")
+            assert {"kind": "s3", "key": key["access_key"]} in admin["keys"]
+            assert c.s3_key(key["access_key"])["identity"] == "admin"
         assert key["access_key"] in (tmp_path / "up.log").read_text()
         kids = children_of(up.pid)
         up.send_signal(signal.SIGINT)

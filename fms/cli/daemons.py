@@ -251,6 +251,8 @@ def cmd_s3(args: Namespace) -> int | None:
         )
     if not 0 <= args.port <= 65535:
         raise FmsError("--port must be between 0 and 65535")
+    if not 0 <= args.key_cache <= 3600:
+        raise FmsError("--key-cache must be between 0 and 3600 seconds")
     try:
         keys = credentials.from_args(args.keys, args.access_key, args.secret_key)
         tls = server.tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
@@ -259,6 +261,6 @@ def cmd_s3(args: Namespace) -> int | None:
     curve = client_keys(getattr(args, "curve_secret", None), getattr(args, "server_key", None))
     broker = getattr(args, "broker", None) or os.environ.get("FMS_BROKER") or p.DEFAULT_FRONTEND
     try:
-        return server.run(broker, keys.resolve, args.host, args.port, tls, curve)
+        return server.run(broker, keys, args.host, args.port, tls, curve, args.key_cache)
     except OSError as exc:
         raise FmsError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None

@@ -1030,8 +1030,9 @@ def _up(cmd: argparse.ArgumentParser) -> None:
 @command(
     "s3",
     "run the S3 gateway and its web console (a client of the broker)",
-    "fms s3 --port 9000 --access-key KEY --secret-key SECRET\n"
-    "fms s3 --keys s3-keys.json --host 0.0.0.0 --tls-cert cert.pem --tls-key key.pem",
+    "fms s3 --port 9000                  # the store's identities' keys (fms id add NAME --s3)\n"
+    "fms s3 --host 0.0.0.0 --tls-cert cert.pem --tls-key key.pem --curve-secret gw.key_secret "
+    "--server-key broker.key",
     client=False,
 )
 def _s3(cmd: argparse.ArgumentParser) -> None:
@@ -1047,13 +1048,24 @@ def _s3(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument(
         "--keys",
         metavar="FILE",
-        help='access keys: a JSON list of {"access_key", "secret_key", "identity"}',
+        help="access keys besides the store's, acting as the gateway itself: a JSON list of "
+        '{"access_key", "secret_key", "identity"}',
     )
     cmd.add_argument(
-        "--access-key", metavar="ID", help="one access key id (default: $FMS_S3_ACCESS_KEY)"
+        "--access-key",
+        metavar="ID",
+        help="one such access key id (default: $FMS_S3_ACCESS_KEY)",
     )
     cmd.add_argument(
         "--secret-key", metavar="SECRET", help="its secret (default: $FMS_S3_SECRET_KEY)"
+    )
+    cmd.add_argument(
+        "--key-cache",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long a key looked up in the store is used before it is looked up again: a "
+        "key removed from the store works this long at most (%(default)s)",
     )
     cmd.add_argument(
         "--insecure",

@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 from argparse import Namespace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import wire as p
 from ..errors import FmsError
@@ -22,6 +22,8 @@ UP_STOP_TIMEOUT = 8.0  # seconds `fms up` waits for its processes to stop before
 RESTART_BACKOFF = 1.0  # seconds before the first restart of a process that died; doubles...
 RESTART_BACKOFF_MAX = 30.0  # ... up to this
 RESTART_RESET = 60.0  # a process that ran this long starts again from the first backoff
+ADMIN_S3_KEY = "s3-admin.json"  # in DATA: the first admin's S3 key, as `fms up --s3` shows it
+LEGACY_S3_KEYS = "s3-keys.json"  # in DATA: the key file `fms up --s3` made before identities
 
 
 def cmd_up(args: Namespace) -> int:
@@ -50,7 +52,9 @@ def cmd_up(args: Namespace) -> int:
     insecure = ["--insecure"] if args.insecure else []
     # The store id comes from the storage directory, so the broker serves that store whichever
     # storage worker (or impostor) registers first.
-    store_id, admin_key = _open_store(os.path.join(args.data, "storage"), args.meta, args.chunks)
+    store_id, admin_key, s3_key = _open_store(
+        os.path.join(args.data, "storage"), args.meta, args.chunks, args.s3 is not None
+    )
     store = ["--store", store_id]
     specs = [
         (
@@ -115,19 +119,32 @@ def cmd_up(args: Namespace) -> int:
         )
     s3_note = ""
     if args.s3 is not None:
-        keys_file, key_id, secret = _s3_keys(args.data)
+        # A data folder from before identities had S3 keys keeps its key file (a key acting
+        # as the gateway); a new one gets an S3 key of the store's first admin.
+        legacy_keys = os.path.join(os.path.abspath(args.data), LEGACY_S3_KEYS)
+        if os.path.exists(legacy_keys) or s3_key is None:
+            keys_file, key_id, secret = _s3_keys(args.data)
+            static, whose = ["--keys", keys_file], f"in {keys_file}"
+        else:
+            key_id, secret, path = s3_key
+            static, whose = [], f"identity 'admin''s, in {path}"
         specs.append(
             (
                 "s3",
                 py
-                + ["s3", "--broker", args.frontend, "--port", str(args.s3), "--keys", keys_file]
-                + (["--curve-secret", client[0], "--server-key", client[1]] if client else [])
+                + ["s3", "--broker", args.frontend, "--port", str(args.s3)]
+                + static
+                + (
+                    ["--curve-secret", client[0] or admin_key, "--server-key", client[1]]
+                    if client
+                    else []
+                )
                 + ["--log-level", args.log_level],
             )
         )
         s3_note = (
             f"\nfms up: S3 at http://127.0.0.1:{args.s3} (console: /console), access key "
-            f"{key_id}, secret {secret} (in {keys_file})"
+            f"{key_id}, secret {secret} ({whose})"
         )
     stop = StopFlag()
     procs = []
@@ -249,20 +266,58 @@ class _Child:
         self.backoff = min(self.backoff * 2, RESTART_BACKOFF_MAX)
 
 
-def _open_store(data: str, meta: str | None, chunks: str | None) -> tuple:
+def _open_store(data: str, meta: str | None, chunks: str | None, s3: bool) -> tuple:
     """The id of the store the storage workers will open (made now if it is new, with its first
-    admin), and the path of the first admin's key file.  :return: ``(store id, key file)``."""
+    admin), the path of the first admin's key file, and (``s3``) the first admin's S3 key.
+
+    :return: ``(store id, key file, (access key id, secret, file) or None)``.
+    """
     from ..storage.access import FIRST_ADMIN, ensure_first_admin
     from ..storage.engine import open_store
 
     store = open_store(data, meta, chunks)
     try:
         made = ensure_first_admin(store.meta, data)
-        return store.store_id, os.path.abspath(
-            made or os.path.join(data, f"{FIRST_ADMIN}.key_secret")
+        key = _admin_s3_key(store.meta, os.path.dirname(os.path.abspath(data))) if s3 else None
+        return (
+            store.store_id,
+            os.path.abspath(made or os.path.join(data, f"{FIRST_ADMIN}.key_secret")),
+            key,
         )
     finally:
         store.close()
+
+
+def _admin_s3_key(meta: Any, folder: str) -> tuple[str, str, str] | None:
+    """An S3 access key of the store's first admin (``admin``), made once and written to
+    ``folder/s3-admin.json`` (mode 0600) to be shown; made again if that key was removed from
+    the store.  :return: ``(access key id, secret, file)``, or None if there is no identity
+    ``admin`` any more."""
+    import json
+
+    from ..errors import NotFound
+    from ..storage.access import FIRST_ADMIN, new_s3_key
+    from ..storage.meta.access import S3
+
+    path = os.path.join(folder, ADMIN_S3_KEY)
+    try:
+        with open(path, encoding="utf-8") as f:
+            kept = json.load(f)
+        if meta.s3_credential(kept["access_key"]) == (FIRST_ADMIN, kept["secret_key"]):
+            return kept["access_key"], kept["secret_key"], path
+    except (OSError, ValueError, LookupError, TypeError):
+        pass
+    access_key, secret = new_s3_key()
+    try:
+        meta.add_credential(FIRST_ADMIN, S3, access_key, time.time(), "fms up", secret=secret)
+    except NotFound:
+        return None
+    tmp = f"{path}.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"access_key": access_key, "secret_key": secret, "identity": FIRST_ADMIN}, f)
+    os.replace(tmp, path)
+    return access_key, secret, path
 
 
 def _stop_all(procs: list[tuple[str, "subprocess.Popen[bytes]"]]) -> None:
@@ -288,7 +343,7 @@ def _s3_keys(data: str) -> tuple:
 
     from ..gateway.credentials import new_key_pair
 
-    path = os.path.abspath(os.path.join(data, "s3-keys.json"))
+    path = os.path.abspath(os.path.join(data, LEGACY_S3_KEYS))
     if not os.path.exists(path):
         key_id, secret = new_key_pair()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

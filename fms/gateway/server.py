@@ -1,5 +1,6 @@
 """``fms s3``: the gateway's process: an aiohttp server on one port (TLS with a certificate
-and key), its store client and its keys."""
+and key), its store client and its keys: the store's identities' S3 keys, and any static ones
+given on the command line."""
 
 import asyncio
 import logging
@@ -11,7 +12,7 @@ from aiohttp import web
 
 from ..security import CurveClient
 from .app import Gateway, make_app
-from .sigv4 import Resolve
+from .credentials import KEY_TTL, StaticKeys, StoreKeys
 from .store import Store
 
 log = logging.getLogger("fms.gateway")
@@ -29,18 +30,20 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
 
 async def serve(
     broker: str,
-    resolve: Resolve,
+    static: StaticKeys | None = None,
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
     tls: ssl.SSLContext | None = None,
     curve: CurveClient | None = None,
     ready: Callable[[int], None] | None = None,
     stop: asyncio.Event | None = None,
+    key_ttl: float = KEY_TTL,
 ) -> None:
     """Run the gateway until ``stop`` is set (or forever).  ``ready(port)`` is called once it
-    listens (the port it got, for port 0)."""
+    listens (the port it got, for port 0).  Access keys are the store's (kept ``key_ttl``
+    seconds once looked up), and ``static``'s first."""
     store = Store(broker, curve)
-    gateway = Gateway(store, resolve)
+    gateway = Gateway(store, StoreKeys(store.s3_key, key_ttl, static))
     runner = web.AppRunner(
         make_app(gateway),
         auto_decompress=False,  # a body sent with Content-Encoding: gzip is stored as sent
@@ -65,11 +68,12 @@ async def serve(
 
 def run(
     broker: str,
-    resolve: Resolve,
+    static: StaticKeys | None,
     host: str,
     port: int,
     tls: ssl.SSLContext | None = None,
     curve: CurveClient | None = None,
+    key_ttl: float = KEY_TTL,
 ) -> int:
     """Serve in the foreground until SIGINT or SIGTERM."""
 
@@ -87,7 +91,7 @@ def run(
                 flush=True,
             )
 
-        await serve(broker, resolve, host, port, tls, curve, ready, stop)
+        await serve(broker, static, host, port, tls, curve, ready, stop, key_ttl)
 
     asyncio.run(main())
     return 0

@@ -20,10 +20,10 @@ from .. import install_hint
 from .errors import S3Error
 
 if TYPE_CHECKING:
-    from .credentials import Identity
+    from .credentials import Caller
 
-# resolve(access key id) -> (secret, identity); raises S3Error for an unknown key
-Resolve: TypeAlias = Callable[[str], "tuple[str, Identity]"]
+# resolve(access key id) -> (secret, caller); raises S3Error for an unknown key
+Resolve: TypeAlias = Callable[[str], "tuple[str, Caller]"]
 # a request's headers: aiohttp's (case-insensitive, with getall) or a plain mapping
 Headers: TypeAlias = Mapping[str, str]
 
@@ -39,6 +39,7 @@ MAX_SKEW = 15 * 60  # seconds a request's date may differ from ours
 MAX_PRESIGN_EXPIRES = 7 * 24 * 3600  # seconds: the most X-Amz-Expires S3 accepts
 MAX_CHUNK_HEADER = 4096  # bytes of one aws-chunked chunk header line
 MAX_TRAILER = 8192  # bytes of an aws-chunked trailer section
+MAX_KEY_ID = 128  # characters of an access key id (AWS's are 20)
 
 
 def _hmac(key: bytes, msg: str) -> bytes:
@@ -122,7 +123,7 @@ class Signed:
         amz_date: str,
         seed: str,
         payload: str,
-        identity: "Identity",
+        identity: "Caller",
     ) -> None:
         self.credential = credential
         self.key_id = credential.key_id
@@ -179,6 +180,19 @@ def _check(
         "the request signature we calculated does not match the signature you provided; "
         "check your key and signing method",
     )
+
+
+def key_id(headers: Headers, raw_query: str) -> str | None:
+    """The access key id a request says it is signed with (header or presigned URL), or None;
+    nothing is checked here (:func:`verify` does)."""
+    auth = headers.get("authorization")
+    if auth is not None:
+        start = auth.find("Credential=")
+        text = auth[start + len("Credential=") :] if start >= 0 else None
+    else:
+        text = _query_params(raw_query).get("X-Amz-Credential")
+    key = (text or "").partition("/")[0].strip()
+    return key if 0 < len(key) <= MAX_KEY_ID else None
 
 
 def verify(

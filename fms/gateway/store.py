@@ -7,9 +7,16 @@ go to storage (``put_chunk`` pipelined, then ``commit``).  A body is cut into ch
 :data:`CHUNK_SIZE` as it arrives; each chunk is hashed (with the store's digest function, for
 fms) on the sending thread while the whole body's MD5 (the ETag) and, when the client sent one to
 check, its sha256 are computed on two other threads, so the digests run side by side.
+
+**Who for.** Each request acts for the identity of the S3 request being served (the field
+``as``, set from :data:`ACTING` when a request is handed to a pool thread), so storage and the
+cache decide it by that identity's grants.  :meth:`Store.own` is the same pool acting for the
+gateway itself, for its own state (bucket markers, the parts of multipart uploads).
 """
 
 import asyncio
+import contextvars
+import copy
 import hashlib
 import os
 import queue
@@ -40,6 +47,9 @@ CHUNK_SIZE = p.DEFAULT_CHUNK_SIZE  # bytes per chunk of an object the gateway st
 THREADS = 64  # requests to the broker the gateway has under way at once
 QUEUE_CHUNKS = 4  # chunks held between the event loop and a transfer's thread, each way
 
+# The identity the S3 request being served acts for (None: the gateway's own); set per request.
+ACTING: contextvars.ContextVar[str | None] = contextvars.ContextVar("fms_s3_acting", default=None)
+
 
 class Store:
     """fms operations for the gateway's handlers, as coroutines.
@@ -57,16 +67,36 @@ class Store:
         self._local = threading.local()
         self._clients: list[fms.Client] = []
         self._lock = threading.Lock()
+        self._own = False
 
-    def client(self) -> fms.Client:
-        """This thread's client (made on first use)."""
+    def own(self) -> "Store":
+        """This store (the same threads and connections) acting for the gateway itself,
+        whatever request is being served."""
+        view = copy.copy(self)
+        view._own = True
+        return view
+
+    def acting(self) -> str | None:
+        """Whom requests made now act for: the request's identity, or None (the gateway)."""
+        return None if self._own else ACTING.get()
+
+    def client(self, acting: str | None = None) -> fms.Client:
+        """This thread's client (made on first use), acting for ``acting``."""
         client = getattr(self._local, "client", None)
         if client is None:
             client = fms.Client(self.broker, timeout=self.timeout, curve=self.curve)
             self._local.client = client
             with self._lock:
                 self._clients.append(client)
+        client.session.acting_as = acting
         return client
+
+    def _submit(self, fn: Callable[[fms.Client], T]) -> "asyncio.Future[T]":
+        """``fn(client)`` on a pool thread, its client acting for whom this store acts now."""
+        acting = self.acting()
+        return asyncio.get_running_loop().run_in_executor(
+            self.pool, lambda: fn(self.client(acting))
+        )
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -77,8 +107,12 @@ class Store:
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(client, *args)`` on a pool thread."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, lambda: fn(self.client(), *args))
+        return await self._submit(lambda client: fn(client, *args))
+
+    async def s3_key(self, access_key: str) -> dict[str, Any] | None:
+        """An S3 access key's ``identity``, ``secret`` and ``grants`` in the store, or None
+        (asked as the gateway itself)."""
+        return await self.own().run(lambda client: client.s3_key(access_key))
 
     # --- metadata ---
 
@@ -252,7 +286,7 @@ class Store:
             except Exception as exc:  # handed to the reader
                 pipe.put(exc)
 
-        asyncio.get_running_loop().run_in_executor(self.pool, lambda: run(self.client()))
+        self._submit(run)
         try:
             while True:
                 item = await pipe.get()
@@ -273,6 +307,7 @@ class Store:
         check: Check,
         meta: dict[str, Any] | None = None,
         whole: bool = False,
+        commit_own: bool = False,
     ) -> tuple[Stat, bytes]:
         """Store the bytes yielded by the async iterator ``pieces`` under ``name``.
 
@@ -280,14 +315,18 @@ class Store:
         ``check(size, md5_digest, sha256_digest)`` (the body's sha256 only if ``whole``, else
         None but for a body of one chunk) is called once the body is whole, before the
         commit: it raises S3Error (BadDigest, ...) to refuse it, so nothing becomes visible.
+        ``commit_own``: the chunks are uploaded for the request's identity (so that it may
+        commit them under a name of its own later) and committed by the gateway itself (a part
+        of a multipart upload, in the gateway's folder).
         :return: ``(stat, md5 digest)``.
         """
         loop = asyncio.get_running_loop()
         blocks: Blocks = queue.Queue(QUEUE_CHUNKS)
         failed = threading.Event()
-        task = loop.run_in_executor(
-            self.pool,
-            lambda: self._put_thread(self.client(), name, blocks, check, meta, failed, whole),
+        task = self._submit(
+            lambda client: self._put_thread(
+                client, name, blocks, check, meta, failed, whole, commit_own
+            )
         )
         try:
             buf = bytearray()
@@ -318,8 +357,10 @@ class Store:
         meta: dict[str, Any] | None,
         failed: threading.Event,
         whole_needed: bool,
+        commit_own: bool,
     ) -> tuple[Stat, bytes]:
         session = client.session
+        uploader = session.acting_as
         hash_fn = session.hasher()  # asked before the pipeline starts (once per connection)
         md5 = hashlib.md5()
         whole = hashlib.sha256() if whole_needed else None
@@ -335,6 +376,10 @@ class Store:
                 check(len(data), md5.digest(), p.sha256(data))
                 name = name(md5.digest()) if callable(name) else name
                 meta = _with_etag(meta, md5.digest())
+                if commit_own:
+                    if data and uploader is not None:  # the identity's own upload of the chunk
+                        session.call("put_chunk", p.pack_data(data), hash=hash_fn(data))
+                    session.acting_as = None
                 return _commit_bytes(session, name, data, meta), md5.digest()
 
             def requests() -> Iterator[tuple[None, str, dict[str, Any], p.Sendable]]:
@@ -357,9 +402,12 @@ class Store:
             plan = upload.Plan(size, CHUNK_SIZE, digests, time.time(), None, hash_fn)
             plan.meta = _with_etag(meta, md5.digest())
             name = name(md5.digest()) if callable(name) else name
+            if commit_own:
+                session.acting_as = None
             return upload.commit_plan(session, name, plan), md5.digest()
         finally:
             md5_thread.shutdown(wait=False, cancel_futures=True)
+            session.acting_as = uploader
 
 
 _ABORT = object()  # put in a transfer's queue when the request failed on the loop's side
@@ -500,6 +548,8 @@ def _range_chunks(
 def s3_error_from(exc: Exception) -> S3Error:
     """An fms error met while serving a request, as the S3 error a client understands."""
     code = getattr(exc, "code", None)
+    if code == "forbidden":
+        return S3Error("AccessDenied", f"access denied: {exc}")
     if code == "not_found":
         return S3Error("NoSuchKey", "the specified key does not exist")
     if code in ("unavailable", "too_large") or isinstance(exc, fms.TransportError):

@@ -312,7 +312,7 @@ class AccessOps:
         policy.check_op(who, "id_add")
         name = _identity_name(header)
         keys = [_z85(k) for k in p.need(header, "keys", list, optional=True, default=[])]
-        s3 = _new_s3_key() if p.need(header, "s3", bool, optional=True, default=False) else None
+        s3 = new_s3_key() if p.need(header, "s3", bool, optional=True, default=False) else None
         gateway = p.need(header, "gateway", bool, optional=True, default=False)
         made = self.meta.add_identity(
             name, time.time(), who.name, gateway, keys, s3, _commit(header)
@@ -344,7 +344,7 @@ class AccessOps:
         if curve is not None:
             self.meta.add_credential(name, CURVE, _z85(curve), now, who.name, commit=commit)
         elif s3:
-            access_key, secret = _new_s3_key()
+            access_key, secret = new_s3_key()
             made = self.meta.add_credential(
                 name, S3, access_key, now, who.name, secret=secret, commit=commit
             )
@@ -406,7 +406,7 @@ class AccessOps:
         self._reply(route, header, identity=name, secret=secret, grants=grants)
 
 
-def _new_s3_key() -> tuple[str, str]:
+def new_s3_key() -> tuple[str, str]:
     """``(access key id, secret)``: ``FMS`` + 17 base32 characters, as AWS's are 20; a secret
     of 240 random bits."""
     alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"

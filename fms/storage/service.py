@@ -416,9 +416,11 @@ class StorageService:
 
     @staticmethod
     def _owner(route: Route) -> str | None:
-        """The identity whose dedup is its own (it may not read the whole store), or None."""
+        """The identity whose dedup is its own (it may not read the whole store), or None.
+        A gateway's own requests are not scoped: it may act for any identity anyway, and it
+        commits the parts of its users' multipart uploads (their chunks) in its own folder."""
         who = route["who"]
-        return None if who.all else who.name
+        return None if who.all or who.gateway else who.name
 
     def op_have(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         policy.check_op(route["who"], "have")
