@@ -266,7 +266,7 @@ class _Child:
         self.backoff = min(self.backoff * 2, RESTART_BACKOFF_MAX)
 
 
-def _open_store(data: str, meta: str | None, chunks: str | None, s3: bool) -> tuple:
+def _open_store(data: str, meta: str | None, chunks: str | None, s3: bool = False) -> tuple:
     """The id of the store the storage workers will open (made now if it is new, with its first
     admin), the path of the first admin's key file, and (``s3``) the first admin's S3 key.
 
