@@ -705,7 +705,7 @@ def bench_many(folder: str, rounds: int = 5) -> list:
     nginx = None
     if ensure_tool("nginx", "nginx-light") and ensure_tool("curl", "curl"):
         nginx = Nginx(root, _sub(folder, "nginx-many"))
-    cold_s, warm_s, curl_runs = [], [], []
+    cold_s, warm_s, curl_runs, floor_s = [], [], [], []
     try:
         cluster.start_all()
         for k in range(rounds):
@@ -719,7 +719,17 @@ def bench_many(folder: str, rounds: int = 5) -> list:
                 dest = os.path.join(folder, f"many-out-{k}-{how}")
                 run_cli(cluster.frontend, "get", "-r", f"many{k}", dest, check=True)
 
-            runs = [(cold_s, lambda: fms_get("cold")), (warm_s, lambda: fms_get("warm"))]
+            def floor(k: int = k):
+                dest = os.path.join(folder, f"many-floor-{k}")
+                subprocess.run(
+                    [sys.executable, "-c", MANY_FLOOR, dest, str(MANY_FILES)], check=True
+                )
+
+            runs = [
+                (cold_s, lambda: fms_get("cold")),
+                (warm_s, lambda: fms_get("warm")),
+                (floor_s, floor),
+            ]
             if nginx:
                 out = _sub(folder, f"curl-out-{k}")
                 config = _curl_config(
@@ -765,7 +775,33 @@ def bench_many(folder: str, rounds: int = 5) -> list:
             r_["ratio"] = curl_s / seconds
             r_["met"] = r_["ratio"] >= target
         rows.append(r_)
+    floor_med = statistics.median(floor_s)
+    r_ = row(
+        f"the floor of a Python CLI: start, import zmq and msgpack, write {MANY_FILES} x 4 KiB "
+        f"from memory (open, write, close), median of {rounds}",
+        floor_med,
+        curl_s,
+        "sequential curl, keep-alive",
+        "s",
+        "(reported: what no Python client can beat here)",
+    )
+    r_["detail"] = "rounds (s): " + " / ".join(f"{v:.3f}" for v in floor_s)
+    if curl_s:
+        r_["ratio"] = curl_s / floor_med
+    rows.append(r_)
     return rows
+
+
+# The floor beside get -r: the interpreter's start-up with the two libraries every fms command
+# imports, then the files written with nothing else (no network, no check, no mtime).
+MANY_FLOOR = """
+import os, sys, zmq, msgpack
+out, count = sys.argv[1], int(sys.argv[2])
+os.makedirs(out)
+for i in range(count):
+    with open(os.path.join(out, "f%05d" % i), "wb") as f:
+        f.write(os.urandom(4096))
+"""
 
 
 # --- the store as it grows: listing, usage, small uploads, space given back ---
@@ -1396,6 +1432,12 @@ def main(argv=None) -> int:
         help=f"names in the large store of the ls scenario (%(default)s; the "
         f"small one has {LS_SMALL})",
     )
+    parser.add_argument(
+        "--many-rounds",
+        type=int,
+        default=5,
+        help="rounds of get -r, curl and the floor taking turns, for many (%(default)s)",
+    )
     parser.add_argument("--out", default="bench-results", help="results folder (%(default)s)")
     args = parser.parse_args(argv)
     args.scenarios = [s for name in args.scenarios for s in ALIASES.get(name, (name,))]
@@ -1410,7 +1452,7 @@ def main(argv=None) -> int:
     runners = {
         "large": lambda f: bench_large(f, args.size),
         "small": bench_small,
-        "many": bench_many,
+        "many": lambda f: bench_many(f, args.many_rounds),
         "ls": lambda f: bench_ls(f, args.names),
         "putr": bench_putr,
         "gc": bench_gc,
