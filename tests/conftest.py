@@ -8,8 +8,8 @@ from harness import ROOT, Cluster, wait_for  # noqa: F401
 
 # Real PostgreSQL and S3 (SeaweedFS) servers, network namespaces as hosts, fms's own S3
 # gateway, and fms mounts, started on first use: tests/servers.py, tests/netns.py, tests/s3gw.py,
-# tests/mounts.py.
-pytest_plugins = ["servers", "netns", "s3gw", "mounts"]
+# tests/mounts.py; how hard hypothesis searches: tests/fuzzing.py.
+pytest_plugins = ["servers", "netns", "s3gw", "mounts", "fuzzing"]
 
 
 @pytest.fixture
