@@ -27,7 +27,7 @@ def make_cluster(tmp_path, request):
     for cluster in clusters:
         if failed is not None and failed.failed:
             print(cluster.logs())
-        cluster.stop()
+        cluster.stop(wait=False)  # reaped in the background: the next test need not wait
 
 
 @pytest.fixture
