@@ -1,12 +1,14 @@
 """Does the cache pay for itself?  Issue 16, point 4, measured on a real cluster.
 
-    python -m benchmarks.cachebench [--s3] [--caches 1] [--clients 4] [--gets 1000]
+    python -m benchmarks.cachebench [--s3] [--far MS] [--caches 1] [--clients 4] [--gets 1000]
                                     [--rounds 3] [--traces] [--out bench-results]
 
 Stores the 2,000 files of the Zipf trace (benchmarks/traces.py: 411 MiB, most 4-64 KiB, some up
 to 8 MiB) in a cluster of one broker, two storage workers (SQLite + a local chunk directory, or
-with ``--s3`` the chunks in a real SeaweedFS on loopback, tests/servers.py) and ``--caches``
-cache workers sharing 64 MiB.  Then:
+with ``--s3`` the chunks in a real SeaweedFS on loopback, tests/servers.py; with ``--far MS``
+also the metadata in PostgreSQL and the chunks in SeaweedFS, both behind a proxy that delays
+every byte by MS milliseconds each way, tests/delayproxy.py) and ``--caches`` cache workers
+sharing 64 MiB.  Then:
 
 - **warm reads**: the cache is warmed with the trace's 20,000 Zipf 0.9 GETs; then ``--clients``
   processes each replay ``--gets`` further GETs of the same popularity, in rounds that alternate
@@ -240,6 +242,35 @@ def run(backend: str, folder: str, chunks: list, args) -> dict:
         cluster.stop()
 
 
+def far_run(folder: str, args) -> dict:
+    """The run with PostgreSQL and S3 ``args.far`` ms away (each way)."""
+    from delayproxy import DelayProxy
+    from servers import PostgresServer, SeaweedS3
+
+    pg, s3, proxies = PostgresServer(), SeaweedS3(), []
+    saved = dict(os.environ)
+    try:
+        pg.launch()
+        s3.launch()
+        proxies += [
+            DelayProxy(f"{pg.host}:{pg.port}", args.far / 1000),
+            DelayProxy(f"127.0.0.1:{s3.port}", args.far / 1000),
+        ]
+        meta = pg.new_database().replace(f"{pg.host}:{pg.port}", proxies[0].address)
+        os.environ.update(s3.env())  # inherited by the storage workers
+        bucket = s3.make_bucket()
+        os.environ["AWS_ENDPOINT_URL"] = f"http://{proxies[1].address}"
+        backend = f"PostgreSQL + SeaweedFS S3, {args.far:g} ms away"
+        return run(backend, folder, ["--meta", meta, "--chunks", f"s3://{bucket}/chunks"], args)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        for proxy in proxies:
+            proxy.stop()
+        s3.cleanup()
+        pg.cleanup()
+
+
 def markdown(report: dict) -> str:
     lines = [
         f"# Cache benchmark, {report['date']}",
@@ -298,6 +329,12 @@ def markdown(report: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--s3", action="store_true", help="also with the chunks in SeaweedFS S3")
+    ap.add_argument(
+        "--far",
+        type=float,
+        metavar="MS",
+        help="also with PostgreSQL and S3 behind a delay of MS milliseconds each way",
+    )
     ap.add_argument("--caches", type=int, default=1)
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--gets", type=int, default=1000, help="GETs per client per round")
@@ -331,6 +368,8 @@ def main(argv=None) -> int:
                 )
             finally:
                 s3.cleanup()
+        if args.far is not None:
+            runs.append(far_run(os.path.join(folder, "far"), args))
     report = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "

@@ -44,6 +44,9 @@ from harness import Cluster, cli_with_rss
 
 from fms import wire as p
 
+# The floods' stores are new ones: chunks are named by their BLAKE3 digest.
+digest_of = p.hasher(p.NEW_STORE_DIGEST)
+
 MiB = p.MiB
 
 
@@ -60,34 +63,38 @@ class Legit:
         self._proc = mp.Process(target=self._run, args=(cluster, files), daemon=True)
         self.ok = self.failed = 0
         self.slowest = 0.0
-        self.latencies = []
+        self.latencies: list = []
+        self.worst: list = []  # the five slowest (seconds, what)
 
     def start(self):
         self._proc.start()
 
     def join(self, timeout: float):
-        self.ok, self.failed, self.latencies = self._results.get(timeout=timeout)
+        self.ok, self.failed, timed = self._results.get(timeout=timeout)
+        self.latencies = [t for t, _, _ in timed]
         self.slowest = max(self.latencies, default=0.0)
+        self.worst = sorted(timed, reverse=True)[:5]
         self._proc.join(timeout)
 
     def _run(self, cluster, files: dict):
         mine = os.urandom(64 * 1024)
         counts, latencies = [0, 0], []
+        began = time.monotonic()
 
-        def timed(action) -> None:
+        def timed(what, action) -> None:
             start = time.monotonic()
             try:
                 good = action()
             except Exception:
                 good = False
-            latencies.append(time.monotonic() - start)
+            latencies.append((time.monotonic() - start, what, start - began))
             counts[0 if good else 1] += 1
 
         with cluster.client(timeout=5.0, retries=0) as c:
             while not self.stop.is_set():
                 for name, data in files.items():
-                    timed(lambda name=name, data=data: c.get_bytes(name) == data)
-                timed(lambda: c.put_bytes(mine, "legit-put") is not None)
+                    timed(f"get {name}", lambda name=name, data=data: c.get_bytes(name) == data)
+                timed("put", lambda: c.put_bytes(mine, "legit-put") is not None)
                 self.stop.wait(0.2)
         self._results.put((counts[0], counts[1], latencies))
 
@@ -163,7 +170,7 @@ def uploaders(cluster, seconds, clients, big):
     1 MiB uploads in flight, never reading; the legit client also uploads beside them."""
     chunk = os.urandom(MiB - 64)
     header, data = (
-        p.encode({"v": p.PROTOCOL_VERSION, "op": "put_chunk", "id": 0, "hash": p.sha256(chunk)}),
+        p.encode({"v": p.PROTOCOL_VERSION, "op": "put_chunk", "id": 0, "hash": digest_of(chunk)}),
         p.pack_data(chunk),
     )
     socks = [_dealer(cluster.frontend, rcvhwm=1) for _ in range(max(clients, 9))]
@@ -211,9 +218,9 @@ def _commit_repeated(client, name: str, chunk: bytes, count: int, tail: bytes = 
     from fms.client.upload import Plan, commit_plan
 
     for piece in {chunk, tail} - {b""}:
-        client.call("put_chunk", data=p.pack_data(piece), hash=p.sha256(piece))
-    digests = p.sha256(chunk) * count + (p.sha256(tail) if tail else b"")
-    plan = Plan(len(chunk) * count + len(tail), len(chunk), digests, time.time(), None)
+        client.call("put_chunk", data=p.pack_data(piece), hash=digest_of(piece))
+    digests = digest_of(chunk) * count + (digest_of(tail) if tail else b"")
+    plan = Plan(len(chunk) * count + len(tail), len(chunk), digests, time.time(), None, digest_of)
     return commit_plan(client.session, name, plan)
 
 
@@ -253,7 +260,7 @@ def _cli(cluster, *args, timeout: float = 600):
 
 def million(cluster, seconds, clients, big):
     with cluster.client() as c:
-        c.call("put_chunk", data=p.pack_data(bytes(4096)), hash=p.sha256(bytes(4096)))
+        c.call("put_chunk", data=p.pack_data(bytes(4096)), hash=digest_of(bytes(4096)))
     made = []
 
     def work(i, n):
@@ -428,7 +435,8 @@ def run(name, seconds, clients):
     p99 = waits[int(len(waits) * 0.99)] if waits else 0.0
     print(
         f"{name:<12} peak RSS: {rss} | legit ok={legit.ok} failed={legit.failed} "
-        f"p99={p99:.2f}s slowest={legit.slowest:.2f}s | all alive={alive}",
+        f"p99={p99:.2f}s slowest={legit.slowest:.2f}s | all alive={alive}\n    slowest: "
+        + ", ".join(f"{what} {t:.2f}s at {at:.1f}s" for t, what, at in legit.worst),
         flush=True,
     )
 

@@ -1,15 +1,17 @@
 """Where a large PUT and GET spend their time: py-spy samples of every process during a PUT of
 new content, a cold GET (every chunk a cache miss) and a warm one (every chunk a hit).
 
-    .venv/bin/python -m benchmarks.profile_get [--size 512M] [--rate 250] [--out bench-results]
+    .venv/bin/python -m benchmarks.profile_get [--size 512M] [--rate 250] [--digest FN]
+                                               [--out bench-results]
 
-Starts a cluster (broker, cache, two storage workers), then runs ``client.py put`` of ``--size``
-of new content (fsync'd before), ``client.py get`` (cold) and again (warm), each under
-``py-spy record`` while py-spy also samples the broker, the cache and the storage workers.
+Starts a cluster (broker, cache, two storage workers; its store made with ``--digest``, so a
+sha256 store and a BLAKE3 one can be profiled on the same code), then runs ``client.py put`` of
+``--size`` of new content (fsync'd before), ``client.py get`` (cold) and again (warm), each
+under ``py-spy record`` while py-spy also samples the broker, the cache and the storage workers.
 Prints, per process, the samples it was busy (not idle) and the functions with the most samples
-of their own (self time), and writes
-py-spy's raw (collapsed-stack) files to ``OUT/profile-{put,cold,warm}-PROCESS.txt``.  Needs
-py-spy (``pip install py-spy``) and the right to trace other processes (root, or
+of their own (self time), and writes py-spy's raw (collapsed-stack) files to
+``OUT/profile-{put,cold,warm}-DIGEST-PROCESS.txt``. Needs py-spy (``pip install py-spy``) and
+the right to trace other processes (root, or
 ``kernel.yama.ptrace_scope=0``).
 """
 
@@ -26,6 +28,7 @@ import time
 from harness import Cluster
 
 from benchmarks.bench import CLIENT_PY, _cached, make_file
+from fms import wire as p
 from fms.cli import parse_size
 
 TOP = 12  # functions shown per process
@@ -119,12 +122,18 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--size", type=parse_size, default=parse_size("512M"))
     ap.add_argument("--rate", type=int, default=250, help="samples per second (%(default)s)")
+    ap.add_argument(
+        "--digest",
+        choices=p.DIGEST_FUNCTIONS,
+        default=p.NEW_STORE_DIGEST,
+        help="the store's digest function (%(default)s)",
+    )
     ap.add_argument("--out", default="bench-results")
     args = ap.parse_args(argv)
     spy = _py_spy()
     os.makedirs(args.out, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fms-profile-") as folder:
-        cluster = Cluster(folder)
+        cluster = Cluster(folder, digest_fn=args.digest)
         try:
             cluster.start_all(cache_bytes=str(2 * args.size), cache_args=_cached(args.size))
             src, dest = os.path.join(folder, "src.bin"), os.path.join(folder, "out.bin")
@@ -134,9 +143,11 @@ def main(argv=None) -> int:
                 ("cold", ["get", "large", dest]),
                 ("warm", ["get", "large", dest]),
             ):
-                run = profile(cluster, spy, label, cli_args, args.out, args.rate)
+                tag = f"{label}-{args.digest}"
+                run = profile(cluster, spy, tag, cli_args, args.out, args.rate)
                 print(
-                    f"\n== {label} of {args.size / 2**20:.0f} MiB: {run['seconds']:.2f} s "
+                    f"\n== {label} of {args.size / 2**20:.0f} MiB, {args.digest} store: "
+                    f"{run['seconds']:.2f} s "
                     f"(under py-spy; {args.rate} samples/s per process)"
                 )
                 for proc, path in run["paths"].items():

@@ -6,7 +6,7 @@
     ├── RemoteError              the cluster answered {ok: false}; .code is the wire code
     │   ├── NotFound             not_found
     │   ├── BadRequest           bad_request (also raised locally for bad names)
-    │   ├── IntegrityError       integrity: a chunk or file did not match its sha256
+    │   ├── IntegrityError       integrity: a chunk or file did not match its digest
     │   ├── MissingChunks        missing_chunks: a commit names chunks storage lacks; upload them
     │   ├── Unavailable          unavailable: no worker right now; retried by the client
     │   │   └── Busy             busy: too many slow operations (fsck, gc, ...) at once; retried

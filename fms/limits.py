@@ -207,9 +207,12 @@ TOTAL_REPLY_BYTES = 128 * MiB  # all clients' unread replies held by the broker
 # SNDHWM per client: replies ZeroMQ queues; the rest wait, counted in bytes, in the broker's
 # outbox for that client.
 CLIENT_PIPE = 16
-# Seconds an outbox may send nothing before its client counts as not reading (its replies may
-# then be shed).
-STALLED = 1.0
+# Seconds an outbox may send nothing, or a client take nothing of its bytes in transit, before
+# it counts as not reading (when others need the room, its replies may then be shed, or its
+# connection closed).  A client that reads acknowledges bytes all the time; 0.5 s (it was 1 s)
+# lets one that reads get room taken from clients that flood without reading within its first
+# retries (floods benchmark, pacednonreaders: p99 0.8-2 s before, 0.3-0.5 s after).
+STALLED = 0.5
 OUTBOX_MESSAGES = 512  # replies one client's outbox may hold whatever their size
 RECEIVE_PIPE = 16  # RCVHWM per peer on both broker sockets
 WORKER_PIPE = 16  # SNDHWM of a worker's link: replies queued towards the broker

@@ -66,6 +66,7 @@ OP_ROLE = {
     "usage": ANYONE,  # filtered; chunk totals only for a store admin
     "cache_stats": ANYONE,
     "status": ANYONE,
+    "hello": ANYONE,  # the store id and its digest function: nothing about files
     "whoami": ANYONE,
     # writes
     "have": ANYWHERE,  # write somewhere; answers only for the caller's own chunks

@@ -8,6 +8,8 @@ A *service* (storage, cache) is an object with these methods, which know no even
   ``link.request(service, header, data)``.
 - ``on_register()``: called each time the worker (re)registers with a broker.
 - ``on_invalidate(name)``: the broker says a name changed (the cache uses it).
+- ``on_store(digest_fn)`` (optional): the store's digest function, from the broker's
+  ``welcome`` (the cache verifies what storage sends it with it).
 - ``on_policy(snapshot)`` (optional): the broker passes on the store's access snapshot (a
   :class:`fms.policy.Policy`), as a storage worker sent it (:meth:`BrokerLink.send_policy`).
 - ``tick(now)``: called at least once per heartbeat interval.
@@ -402,6 +404,12 @@ def _dispatch(
         pass
     elif kind == "welcome":
         link.passes_policy = route.get("pol") is True
+        # A welcome names the store's digest function once storage has told the broker; a
+        # later one may come only to tell it.
+        digest_fn = route.get("digest_fn")
+        on_store = getattr(service, "on_store", None)
+        if digest_fn is not None and on_store is not None:
+            on_store(p.need(route, "digest_fn", str))
         if not link.registered:
             link.registered = True
             log.info("event=registered broker=%s", link.endpoint)

@@ -1,10 +1,13 @@
 """Shared fixtures: real fms processes on random loopback ports, always cleaned up."""
 
 import pytest
+import storage_helpers
 
 # The one cluster helper, shared with the benchmarks; ROOT and wait_for are imported from here
 # by the test modules too.
 from harness import ROOT, Cluster, wait_for  # noqa: F401
+
+from fms import wire as p
 
 # Real PostgreSQL and S3 (SeaweedFS) servers, network namespaces as hosts, fms's own S3
 # gateway, and fms mounts, started on first use: tests/servers.py, tests/netns.py, tests/s3gw.py,
@@ -13,12 +16,35 @@ pytest_plugins = ["servers", "netns", "s3gw", "mounts", "fuzzing"]
 
 
 @pytest.fixture
-def make_cluster(tmp_path, request):
+def store_digest() -> str:
+    """The digest function of the stores a test makes: a new store's, unless the test is
+    parametrized over ``store_digest`` (``DIGESTS``: a store of each kind, one suite)."""
+    return p.NEW_STORE_DIGEST
+
+
+DIGESTS = pytest.mark.parametrize("store_digest", p.DIGEST_FUNCTIONS)
+
+
+@pytest.fixture(autouse=True)
+def _stores_of_the_kind(store_digest, monkeypatch):
+    """Every store a test makes, in its process or as a cluster's, records ``store_digest``
+    (what a new store records otherwise), and the test's builders (storage_helpers) hash with
+    it."""
+    monkeypatch.setattr(p, "NEW_STORE_DIGEST", store_digest)
+    storage_helpers.use_digest(store_digest)
+    yield
+    storage_helpers.use_digest(p.digests.NEW_STORE_DIGEST)
+
+
+@pytest.fixture
+def make_cluster(tmp_path, request, store_digest):
     """A factory of empty clusters; every process is stopped at the end, even on failure."""
     clusters = []
 
     def make():
-        cluster = Cluster(tmp_path)
+        # --digest only where it is not what a new store records anyway: as a user runs it
+        other = store_digest if store_digest != p.digests.NEW_STORE_DIGEST else None
+        cluster = Cluster(tmp_path, digest_fn=other)
         clusters.append(cluster)
         return cluster
 

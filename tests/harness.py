@@ -133,10 +133,13 @@ class Cluster:
     into ``folder``.
 
     :param curve: make keys in ``folder/keys`` and require CURVE everywhere.
+    :param digest_fn: the digest function of the store its storage workers make (None: a new
+        store's default).
     """
 
-    def __init__(self, folder, curve: bool = False):
+    def __init__(self, folder, curve: bool = False, digest_fn: str | None = None):
         self.tmp = Path(folder)
+        self.digest_fn = digest_fn
         self.procs = []
         self.frontend = None
         self.backend = None
@@ -203,6 +206,7 @@ class Cluster:
                 data or self.storage_dir,
                 "--id",
                 wid,
+                *(["--digest", self.digest_fn] if self.digest_fn else []),
                 *self.worker_args,
                 *extra,
             ],

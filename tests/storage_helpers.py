@@ -9,6 +9,22 @@ from fms import wire as p
 from fms.storage.model import NewVersion, Version
 
 CHUNK = p.MIN_CHUNK_SIZE
+_DIGEST = [p.NEW_STORE_DIGEST]  # the digest function of the stores under test (conftest sets it)
+
+
+def use_digest(name: str):
+    """Build for stores of digest function ``name`` from now on."""
+    _DIGEST[0] = name
+
+
+def digest_name() -> str:
+    """The digest function of the stores under test."""
+    return _DIGEST[0]
+
+
+def h(data) -> bytes:
+    """``data``'s digest under the stores' digest function: every digest the tests make."""
+    return p.hasher(_DIGEST[0])(data)
 
 
 def split(content: bytes, chunk_size: int = CHUNK) -> list:
@@ -21,25 +37,25 @@ def extents_of(content: bytes, chunk_size: int = CHUNK) -> tuple:
 
 def page_blobs(content: bytes, chunk_size: int = CHUNK) -> list:
     """``(page id, blob)`` of each page of ``content``'s chunk list (none if it is short)."""
-    digests = [p.sha256(c) for c in split(content, chunk_size)]
+    digests = [h(c) for c in split(content, chunk_size)]
     if len(digests) <= p.INLINE_CHUNKS:
         return []
     blobs = [p.join_digests(page) for page in p.pages_of(extents_of(content, chunk_size), digests)]
-    return [(p.sha256(blob), blob) for blob in blobs]
+    return [(h(blob), blob) for blob in blobs]
 
 
 def new_version(name, content, commit="c1", chunk_size=CHUNK, mtime=1700000000.0) -> NewVersion:
     """A commit of ``content`` as a client makes it: its digest derived from its chunks', a
     short chunk list inline, a longer one as pages (:func:`page_blobs`, stored first)."""
     extents = extents_of(content, chunk_size)
-    digests = tuple(p.sha256(c) for c in split(content, chunk_size))
+    digests = tuple(h(c) for c in split(content, chunk_size))
     pages = page_blobs(content, chunk_size)
     if not pages:
         return NewVersion(
-            name, extents, p.inline_digest(extents, digests), mtime, commit, chunks=digests
+            name, extents, p.inline_digest(extents, digests, h), mtime, commit, chunks=digests
         )
     ids = tuple(pid for pid, _blob in pages)
-    return NewVersion(name, extents, p.tree_digest(extents, ids), mtime, commit, pages=ids)
+    return NewVersion(name, extents, p.tree_digest(extents, ids, h), mtime, commit, pages=ids)
 
 
 def commit_fields(name, content, commit="c1", chunk_size=CHUNK, mtime=1700000000.0) -> dict:
@@ -69,7 +85,7 @@ def digest_of(content: bytes, chunk_size: int = CHUNK) -> bytes:
 def put_file(store, name, content, commit="c1", chunk_size=CHUNK):
     """Upload every chunk and page, then commit: what a client does."""
     for chunk in split(content, chunk_size):
-        store.put_chunk(p.sha256(chunk), chunk)
+        store.put_chunk(h(chunk), chunk)
     for page_id, blob in page_blobs(content, chunk_size):
         store.put_page(page_id, blob)
     return store.commit(new_version(name, content, commit, chunk_size))
@@ -115,12 +131,12 @@ def manifest_of(name, content=None, version=1, chunk_size=CHUNK, *, size=None, d
     """The wire manifest storage sends for ``content`` (or for a file of ``size`` bytes whose
     chunks are ``digests``), as version ``version``."""
     if content is not None:
-        size, digests = len(content), [p.sha256(c) for c in split(content, chunk_size)]
+        size, digests = len(content), [h(c) for c in split(content, chunk_size)]
     extents = ((chunk_size, size),) if size else ()
     lists = {"extents": extents, "chunks": tuple(digests)}
-    digest = p.inline_digest(extents, digests)
+    digest = p.inline_digest(extents, digests, h)
     if len(digests) > p.INLINE_CHUNKS:
-        ids = p.page_ids(extents, p.join_digests(digests))
+        ids = p.page_ids(extents, p.join_digests(digests), h)
         lists = {"extents": extents, "pages": tuple(ids), "body": digest}
     count = len(digests)
     return Version(
@@ -135,4 +151,4 @@ def manifest_of(name, content=None, version=1, chunk_size=CHUNK, *, size=None, d
         "c",
         0.0,
         **lists,
-    ).manifest()
+    ).manifest(digest_name())

@@ -11,7 +11,9 @@ import os
 import time
 
 import pytest
+from conftest import DIGESTS
 from harness import cli_with_rss
+from storage_helpers import h
 
 from fms import wire as p
 from fms.client.upload import Plan, commit_plan
@@ -24,9 +26,9 @@ def commit_repeated(client, name: str, chunk: bytes, count: int, tail: bytes = b
     """A file of ``count`` times ``chunk`` (then ``tail``, one chunk), sent as a client does:
     each distinct chunk once, each distinct page once, then the commit."""
     for piece in {chunk, tail} - {b""}:
-        client.call("put_chunk", data=p.pack_data(piece), hash=p.sha256(piece))
-    digests = p.sha256(chunk) * count + (p.sha256(tail) if tail else b"")
-    plan = Plan(len(chunk) * count + len(tail), len(chunk), digests, time.time(), None)
+        client.call("put_chunk", data=p.pack_data(piece), hash=h(piece))
+    digests = h(chunk) * count + (h(tail) if tail else b"")
+    plan = Plan(len(chunk) * count + len(tail), len(chunk), digests, time.time(), None, h)
     return commit_plan(client.session, name, plan)
 
 
@@ -111,6 +113,7 @@ def test_ls_find_du_rm_r_and_fsck_of_200_files_of_65536_chunks(cluster):
     assert_small(cluster, *peaks, rss)
 
 
+@DIGESTS
 def test_a_long_file_reads_its_pages_through_the_cache(cluster):
     data = os.urandom(40 * 4096 + 9)  # 41 chunks: a page and a body
     with cluster.client(chunk_size=4096) as c:
@@ -135,16 +138,17 @@ def test_files_at_the_edge_of_the_inline_list_read_back_whole(cluster, count):
         assert c.get_bytes("edge") == chunk * (count - 1) + b"tail"
 
 
+@DIGESTS
 def test_a_file_over_two_pages_reads_back_whole_across_the_page_boundary(cluster, tmp_path):
     """65,537 chunks: zeros (holes, not fetched) but for the last chunk of the first page and
     the one chunk of the second, which are fetched and checked against their pages."""
     last, tail = os.urandom(4096), b"second page"
     with cluster.client(chunk_size=4096) as c:
         for piece in (bytes(4096), last, tail):
-            c.call("put_chunk", data=p.pack_data(piece), hash=p.sha256(piece))
-        digests = p.sha256(bytes(4096)) * (p.PAGE_CHUNKS - 1) + p.sha256(last) + p.sha256(tail)
+            c.call("put_chunk", data=p.pack_data(piece), hash=h(piece))
+        digests = h(bytes(4096)) * (p.PAGE_CHUNKS - 1) + h(last) + h(tail)
         size = 4096 * p.PAGE_CHUNKS + len(tail)
-        stat = commit_plan(c.session, "two", Plan(size, 4096, digests, time.time(), None))
+        stat = commit_plan(c.session, "two", Plan(size, 4096, digests, time.time(), None, h))
         assert stat["count"] == p.PAGE_CHUNKS + 1
         c.get("two", str(tmp_path / "two"))
         with open(tmp_path / "two", "rb") as f:
@@ -185,6 +189,7 @@ def test_compose_joins_stored_files_by_reference_with_their_own_chunk_sizes(clus
         assert c.get_bytes("joined") == whole
 
 
+@pytest.mark.parametrize("store_digest", [p.OLD_STORE_DIGEST])  # as every store was then
 def test_files_stored_before_protocol_2_are_read_and_checked_by_their_own_digest(make_cluster):
     """A store written by an older fms (here its first layout, migrated and upgraded on open):
     its files keep the sha256 of their content (kind `content`) and read back whole, in full and
@@ -201,7 +206,7 @@ def test_files_stored_before_protocol_2_are_read_and_checked_by_their_own_digest
     with cluster.client() as c:
         for name, data in files.items():
             stat = c.stat(name)
-            assert (stat["digest_kind"], stat["digest"]) == ("content", p.sha256(data).hex())
+            assert (stat["digest_kind"], stat["digest"]) == ("content", h(data).hex())
             assert c.get_bytes(name) == data
         with c.open("old/big") as f:
             assert f.read() == files["old/big"]  # read through: its content's sha256 checked

@@ -8,6 +8,7 @@ import time
 import zmq
 from conftest import random_bytes
 from harness import peak_rss
+from storage_helpers import h
 
 from fms import wire as p
 
@@ -116,7 +117,7 @@ def test_replies_handed_to_zeromq_count_so_clients_that_never_read_hold_the_budg
         c.put_bytes(big, "big")
         c.put_bytes(small, "small")
     ids = iter(range(1, 1 << 30))
-    digest = p.sha256(big)
+    digest = h(big)
 
     def ask():
         return [

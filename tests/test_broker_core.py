@@ -7,7 +7,7 @@ import pytest
 
 from fms import limits
 from fms import wire as p
-from fms.broker import Core
+from fms.broker import Core, admission
 from fms.broker.admission import (
     CHUNK_GUESS,
     HEAVY_PER_CLIENT,
@@ -97,6 +97,7 @@ def ready(core, ident: bytes, service: str, wid: str | None = None):
                     "svc": service,
                     "wid": wid or ident.decode(),
                     "store": "s1",
+                    "digest_fn": p.BLAKE3,
                 }
             )
         ],
@@ -625,3 +626,74 @@ def test_a_client_that_takes_its_replies_is_never_disconnected(core, monkeypatch
     ask(core, b"bob", "chunk", 1, hash=b"\x0b" * 32, len=8 * MiB)
     assert not core.transport.disconnected
     assert replies_to(core.transport.take(), b"bob")[0]["error"] == "unavailable"
+
+
+def test_a_burst_finding_the_total_full_counts_what_clients_took_once(core, monkeypatch):
+    """Counting what a client took of its bytes in transit is a system call per client.  Each
+    request finding the total full used to count every client anew: 300 clients asking at once
+    made 90,000 of them, the broker's loop spent half its time there, and a well-behaved
+    client's requests waited behind them.  Now one count serves the burst (TRANSIT_RECOUNT)."""
+    monkeypatch.setattr(limits, "TOTAL_REPLY_BYTES", 40 * MiB)
+    monkeypatch.setattr(admission, "TRANSIT_RECOUNT", 3600.0)  # the whole burst in one count
+    ready(core, b"c", p.CACHE)
+    hogs = [b"hog1", b"hog2"]
+    for hog in hogs:
+        core.transport.acked[hog] = 0
+        _chunk_reply(core, hog, 1, 16 * MiB - 8192)
+    core.transport.take()
+    asked = []
+    taken = core.transport.taken
+    monkeypatch.setattr(core.transport, "taken", lambda ident: asked.append(ident) or taken(ident))
+    for i in range(100):
+        ask(core, b"new%d" % i, "chunk", 1, hash=b"\x0b" * 32, len=16 * MiB - 8192)
+    refused = [r for _, _, r, _ in core.transport.take() if r.get("error") == "unavailable"]
+    assert len(refused) == 100  # the total is full and nobody has stalled: all back off
+    assert [asked.count(hog) for hog in hogs] == [1, 1]
+
+
+# --- the store's digest function ---
+
+
+def routes_to(sent: list, worker: bytes) -> list:
+    return [route for to, ident, route, _ in sent if to == "worker" and ident == worker]
+
+
+def test_hello_says_the_stores_digest_function_once_storage_has_announced_it(core):
+    ask(core, b"c", "hello", 1)
+    assert replies_to(core.transport.take(), b"c")[0]["error"] == "unavailable"  # no storage
+    ready(core, b"k", p.CACHE)
+    assert routes_to(core.transport.take(), b"k") == [{"t": "welcome", "pol": True}]  # not yet
+    ready(core, b"s", p.STORAGE)
+    sent = core.transport.take()
+    # The cache hears of it before anything can be dispatched to the storage worker.
+    told = {"t": "welcome", "pol": True, "digest_fn": p.BLAKE3}
+    assert routes_to(sent, b"k") == [told]
+    assert routes_to(sent, b"s") == [told]
+    ask(core, b"c", "hello", 2)
+    (reply,) = replies_to(core.transport.take(), b"c")
+    assert reply["ok"] and (reply["store"], reply["digest_fn"]) == ("s1", p.BLAKE3)
+    ready(core, b"s2", p.STORAGE)  # the same store: the caches are not told again
+    assert routes_to(core.transport.take(), b"k") == []
+    core.worker_message(b"s", [p.encode({"t": "bye"})])
+    core.worker_message(b"s2", [p.encode({"t": "bye"})])
+    ask(core, b"c", "hello", 3)  # still known with no storage worker connected
+    assert replies_to(core.transport.take(), b"c")[0]["digest_fn"] == p.BLAKE3
+
+
+def storage_ready(core, ident: bytes, **fields):
+    route = {"t": "ready", "v": p.PROTOCOL_VERSION, "svc": p.STORAGE, "wid": "w", "store": "s1"}
+    core.worker_message(ident, [p.encode({**route, **fields})])
+    return routes_to(core.transport.take(), ident)
+
+
+@pytest.mark.parametrize("digest_fn", [None, "md5", 7])
+def test_a_storage_worker_with_no_known_digest_function_is_refused(core, digest_fn):
+    (refused,) = storage_ready(core, b"s", digest_fn=digest_fn)
+    assert core.registry.get(b"s") is None
+    assert refused["t"] == "refused" and "digest function" in refused["msg"]
+
+
+def test_a_storage_worker_of_the_same_store_with_another_function_is_refused_for_now(core):
+    ready(core, b"s-a", p.STORAGE)
+    (refused,) = storage_ready(core, b"s-b", digest_fn=p.SHA256)
+    assert core.registry.get(b"s-b") is None and refused["retry"] is True

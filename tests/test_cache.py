@@ -2,8 +2,10 @@
 driven through a recording link instead of a socket."""
 
 import os
+import threading
 
 import pytest
+from storage_helpers import digest_name, h, use_digest
 from storage_helpers import manifest_of as storage_manifest
 
 from fms import wire as p
@@ -12,7 +14,7 @@ from fms.cache import CacheService, ChunkCache, ManifestCache
 
 def chunk(i: int, size: int = 1000) -> tuple:
     data = (i.to_bytes(4, "big") * (size // 4 + 1))[:size]
-    return p.sha256(data), data
+    return h(data), data
 
 
 # --- ChunkCache ---
@@ -100,6 +102,36 @@ def test_memory_tier_is_bounded(tmp_path):
         cache.flush()
         cache.get(digest)
     assert 0 < cache._hot_bytes <= 200_000 and cache.bytes <= 400_000
+
+
+def test_the_memory_a_cache_holds_is_bounded_whatever_its_size_on_disk(tmp_path, monkeypatch):
+    """A cache of 100 GiB filled with 200 MiB of new chunks while its disk is stalled: its
+    window, hot tier and chunks waiting for the disk stay within their bounds (a window of 1 %
+    of the bytes once held a whole large file in memory), and what did not fit is not cached."""
+    from fms.cache import chunks as chunk_module
+    from fms.cache.policy import WINDOW_BYTES_MAX
+
+    stalled = threading.Event()
+    real = chunk_module._WriteBehind._write
+    monkeypatch.setattr(
+        chunk_module._WriteBehind, "_write", lambda self, *a: stalled.wait(30) and real(self, *a)
+    )
+    cache = ChunkCache(str(tmp_path), max_bytes=100 * p.GiB)
+    bound = WINDOW_BYTES_MAX + chunk_module.HOT_BYTES_MAX + chunk_module.WRITE_BEHIND_MAX
+    peak = 0
+    for i in range(200):
+        digest, data = chunk(i, p.MiB)
+        cache.get(digest)
+        cache.put(digest, data)
+        cache.get(digest)  # read back at once: the hot tier fills too
+        peak = max(peak, cache.memory_held)
+    assert peak <= bound
+    assert cache.refused > 0  # past the write-behind bound: not admitted
+    stalled.set()
+    cache.flush()
+    held = [i for i in range(200) if chunk(i, p.MiB)[0] in cache]
+    assert held and all(cache.get(chunk(i, p.MiB)[0]) is not None for i in held)
+    cache.close()
 
 
 def test_corrupt_cache_entry_is_dropped_not_served(tmp_path):
@@ -226,9 +258,13 @@ def manifest_of(name, content, version=1):
     return storage_manifest(name, content, version, p.DEFAULT_CHUNK_SIZE)
 
 
-@pytest.fixture
-def service(tmp_path):
-    return CacheService(ChunkCache(str(tmp_path), 10 * p.MiB), Link())
+@pytest.fixture(params=p.DIGEST_FUNCTIONS)
+def service(request, tmp_path):
+    """A cache of a store of each digest function (every test that takes it runs for both)."""
+    use_digest(request.param)  # what the tests' manifests and digests are made with
+    service = CacheService(ChunkCache(str(tmp_path), 10 * p.MiB), Link())
+    service.on_store(request.param)  # what the broker's welcome says
+    return service
 
 
 def storage_answers(service, fetch_header, content, version):
@@ -306,14 +342,42 @@ def test_storage_error_is_forwarded_to_every_waiter(service):
 def test_corrupt_data_from_storage_is_never_delivered(service):
     service.handle_request(
         route(b"a"),
-        {"v": p.PROTOCOL_VERSION, "op": "chunk", "id": 1, "hash": p.sha256(b"good")},
+        {"v": p.PROTOCOL_VERSION, "op": "chunk", "id": 1, "hash": h(b"good")},
         None,
     )
     fetch = service.link.requests[0][1]
     service.handle_reply(p.ok_reply(fetch["id"]), Frame(p.pack_data(b"evil")))
     ((_, header, data),) = service.link.replies
     assert header["ok"] is False and header["error"] == "integrity" and data is None
-    assert p.sha256(b"good") not in service.chunks
+    assert h(b"good") not in service.chunks
+
+
+@pytest.mark.parametrize("store_digest", p.DIGEST_FUNCTIONS)
+def test_a_cache_checks_storage_with_the_stores_digest_function_and_none_before_it_knows(
+    tmp_path, store_digest
+):
+    other = next(d for d in p.DIGEST_FUNCTIONS if d != store_digest)
+    service = CacheService(ChunkCache(str(tmp_path), 10 * p.MiB), Link())
+    chunk = os.urandom(5000)
+
+    def fetch(req_id):
+        service.handle_request(
+            route(b"a"),
+            {"v": p.PROTOCOL_VERSION, "op": "chunk", "id": req_id, "hash": h(chunk)},
+            None,
+        )
+        service.handle_reply(
+            p.ok_reply(service.link.requests[-1][1]["id"]), Frame(p.pack_data(chunk))
+        )
+        return service.link.replies[-1][1]
+
+    # Not told yet (the broker says it before any storage reply can come): nothing unchecked
+    # is delivered or cached.
+    assert fetch(1)["error"] == "integrity" and h(chunk) not in service.chunks
+    service.on_store(other)  # the chunk's digest is not its digest under this function
+    assert fetch(2)["error"] == "integrity" and h(chunk) not in service.chunks
+    service.on_store(store_digest)
+    assert fetch(3)["ok"] is True and h(chunk) in service.chunks
 
 
 def test_fetch_that_times_out_answers_its_waiters(service):
@@ -335,7 +399,7 @@ def test_overwrite_drops_the_old_versions_chunk_and_the_names_popularity(service
     for i in range(5):
         service.handle_request(route(b"c"), get("f", i), None)  # f is popular
     storage_answers(service, service.link.requests[0][1], b"old", 1)
-    old = p.sha256(b"old")
+    old = h(b"old")
     assert old in service.chunks and service.manifests.policy.sketch.frequency("f") >= 5
     service.on_invalidate("f")
     assert old not in service.chunks and service.dropped_chunks == 1
@@ -346,16 +410,17 @@ def test_invalidation_keeps_a_chunk_another_cached_file_shares(service):
     fill(service, "a", b"same")
     fill(service, "b", b"same", req_id=2)
     service.on_invalidate("a")
-    assert p.sha256(b"same") in service.chunks
+    assert h(b"same") in service.chunks
     service.on_invalidate("b")
-    assert p.sha256(b"same") not in service.chunks
+    assert h(b"same") not in service.chunks
 
 
 def test_get_reply_tells_the_broker_how_many_chunks_follow_and_skips_large_files(tmp_path):
     service = CacheService(ChunkCache(str(tmp_path), 10 * p.MiB), Link(), max_file=2 * p.MiB)
+    service.on_store(digest_name())
 
     def big(name, size):
-        digests = [p.sha256(b"%d" % i) for i in range(-(-size // p.DEFAULT_CHUNK_SIZE))]
+        digests = [h(b"%d" % i) for i in range(-(-size // p.DEFAULT_CHUNK_SIZE))]
         return storage_manifest(name, chunk_size=p.DEFAULT_CHUNK_SIZE, size=size, digests=digests)
 
     for i, (name, size) in enumerate([("two", 2 * p.MiB), ("three", 3 * p.MiB)]):
@@ -426,7 +491,7 @@ def test_get_many_never_delivers_or_keeps_content_that_does_not_verify(service):
         service, service.link.requests[0][1], {"a": b"alpha", "b": b"beta"}, corrupt={"b"}
     )
     assert batch_answer(service, ["a", "b"]) == [(None, b"alpha"), (None, None)]
-    assert p.sha256(b"beta") not in service.chunks and p.sha256(b"alpha") in service.chunks
+    assert h(b"beta") not in service.chunks and h(b"alpha") in service.chunks
 
 
 def test_get_many_fill_in_flight_across_an_invalidation_is_not_kept(service):

@@ -544,5 +544,5 @@ def test_recursive_transfers_draw_files_and_bytes_and_hashing_is_on_the_bar(clus
     single = tmp_path / "single.bin"
     single.write_bytes(random_bytes(6 * 1024 * 1024, seed=32))
     drawn = run_on_a_terminal(["--broker", cluster.frontend, "put", str(single), "s"], tmp_path)
-    assert "s (sha256): 100%" in drawn  # the hashing before the upload...
+    assert "s (hashing): 100%" in drawn  # the hashing before the upload...
     assert "\rs: 100%" in drawn  # ... then the upload, on the same line

@@ -13,6 +13,7 @@ import time
 
 import pytest
 from conftest import ROOT, random_bytes
+from storage_helpers import digest_name, h
 from test_e2e import current_umask, mode_of, write
 
 import fms
@@ -123,7 +124,7 @@ def small_files_of(tmp_path, n: int) -> list:
     out = []
     for i in range(n):
         data = random_bytes(1000 + i, i)
-        digest = p.sha256(data)
+        digest = h(data)
         manifest = {
             "name": f"t/{i}",
             "size": len(data),
@@ -132,8 +133,10 @@ def small_files_of(tmp_path, n: int) -> list:
             "digest_kind": p.DIGEST_TREE,
             "extents": p.pack_extents([(p.DEFAULT_CHUNK_SIZE, len(data))]),
             "chunks": [digest],
+            "digest_fn": digest_name(),
         }
-        manifest["digest"] = p.inline_digest(p.unpack_extents(manifest["extents"]), [digest])
+        extents = p.unpack_extents(manifest["extents"])
+        manifest["digest"] = p.inline_digest(extents, [digest], h)
         out.append((str(tmp_path / "out" / f"{i:03d}"), manifest, data))
     return out
 

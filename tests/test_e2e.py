@@ -4,13 +4,15 @@ import json
 import os
 import socket
 import stat
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 import zmq
-from conftest import random_bytes, wait_for
-from storage_helpers import digest_of
+from conftest import DIGESTS, ROOT, random_bytes, wait_for
+from storage_helpers import digest_of, h
 
 import fms
 from fms import wire as p
@@ -39,6 +41,7 @@ def write(path, data: bytes):
 # --- the basic promise ---
 
 
+@DIGESTS
 @pytest.mark.parametrize("size", [0, 1, 4096, p.INLINE_MAX + 1, 3 * MiB + 123])
 def test_put_then_get_returns_the_same_bytes(cluster, tmp_path, size):
     data = random_bytes(size, seed=size)
@@ -81,6 +84,7 @@ def test_ls_and_stat_as_text_and_json(cluster, tmp_path):
     assert "digest:" in cluster.cli("stat", "docs/f").stdout.decode()
 
 
+@DIGESTS
 def test_put_r_and_get_r_keep_the_tree(cluster, tmp_path):
     tree = {
         "a.txt": b"a" * 10,
@@ -112,6 +116,7 @@ def test_rm_then_get_is_not_found(cluster, tmp_path):
 # --- the flows of DESIGN.md ---
 
 
+@DIGESTS
 def test_get_misses_to_storage_then_hits_in_the_cache_and_put_skips_the_cache(cluster):
     data = random_bytes(3 * MiB, 3)
     with cluster.client() as c:
@@ -140,6 +145,7 @@ def test_get_misses_to_storage_then_hits_in_the_cache_and_put_skips_the_cache(cl
         assert storage_after == storage_before  # storage saw nothing
 
 
+@DIGESTS
 def test_many_files_cost_one_message_and_one_storage_fetch_per_batch(
     cluster, tmp_path, monkeypatch
 ):
@@ -174,9 +180,12 @@ def test_small_file_costs_one_round_trip_each_way(cluster, monkeypatch):
     with cluster.client() as c:
         sent = count_sends(c, monkeypatch)
         c.put_bytes(b"k" * 4096, "small")
-        assert len(sent) == 1
+        # Once per connection, before it hashes anything: the store's digest function.
+        assert [p.decode(frames[0])["op"] for frames in sent] == ["hello", "commit"]
+        c.put_bytes(b"j" * 4096, "small2")
+        assert len(sent) == 3
         assert c.get_bytes("small") == b"k" * 4096
-        assert len(sent) == 2
+        assert len(sent) == 4
 
 
 def test_two_storage_workers_serve_one_store_and_share_the_load(cluster, tmp_path):
@@ -217,6 +226,25 @@ def test_storage_worker_on_another_store_is_refused_clearly(cluster, tmp_path):
 
 
 # --- read-after-write ---
+
+
+def test_a_store_keeps_the_digest_function_it_was_made_with_and_says_so_clearly(tmp_path):
+    def storage(*args):
+        return subprocess.run(
+            [sys.executable, os.path.join(ROOT, "storage_worker.py"), "--data", str(data), *args],
+            capture_output=True,
+            timeout=60,
+        )
+
+    data = tmp_path / "storage"
+    data.mkdir()
+    made = storage("--digest", "sha256", "--print-store-id")
+    assert made.returncode == 0, made.stderr
+    refused = storage("--digest", "blake3", "--print-store-id")
+    assert refused.returncode != 0 and b"Traceback" not in refused.stderr
+    assert b"digest function is sha256" in refused.stderr and b"--digest" in refused.stderr
+    again = storage("--print-store-id")  # without saying: its own
+    assert again.returncode == 0 and again.stdout == made.stdout
 
 
 @pytest.mark.parametrize("caches", [1, 2, 3])
@@ -332,10 +360,11 @@ def test_storage_refuses_bad_names_even_from_a_client_that_skips_the_check(clust
             c.call("get", name="a\x00b")
 
 
+@DIGESTS
 def test_corrupt_chunk_on_storage_fails_the_download_and_leaves_no_partial_file(cluster, tmp_path):
     data = random_bytes(3 * MiB, 9)
     cluster.cli("put", write(tmp_path / "f", data), "f")
-    victim = p.sha256(data[MiB : 2 * MiB]).hex()
+    victim = h(data[MiB : 2 * MiB]).hex()
     path = os.path.join(cluster.storage_dir, "chunks", victim[:2], victim)
     with open(path, "r+b") as f:
         f.seek(100)
@@ -438,6 +467,7 @@ def test_junk_at_the_broker_gets_errors_and_service_goes_on(cluster):
                         "v": p.PROTOCOL_VERSION,
                         "svc": "storage",
                         "store": "not-this-store",
+                        "digest_fn": "blake3",
                     }
                 )
             ]

@@ -11,7 +11,8 @@ import time
 
 import pytest
 import zmq
-from conftest import ROOT, random_bytes, wait_for
+from conftest import DIGESTS, ROOT, random_bytes, wait_for
+from storage_helpers import h
 
 import fms
 from fms import wire as p
@@ -299,12 +300,13 @@ def test_oversize_frames_and_bad_fields_are_refused_and_nobody_dies(cluster):
 # --- 8. corruption in the cache ---
 
 
+@DIGESTS
 def test_corrupt_cache_entry_is_dropped_and_refetched(cluster):
     data = random_bytes(2 * MiB + 9, 8)
     with cluster.client() as c:
         c.put_bytes(data, "f")
         assert c.get_bytes("f") == data  # fills the cache
-        victim = p.sha256(data[:MiB]).hex()
+        victim = h(data[:MiB]).hex()
         folder = os.path.join(cluster.cache_dir, "chunks", victim[:2])
         # Written behind the reply; named <sha256>.<crc32 recorded at fill>.
         wait_for(
@@ -469,7 +471,7 @@ def test_a_client_that_stops_reading_does_not_stall_the_others(cluster):
     data = random_bytes(MiB, 10)
     with cluster.client(timeout=2.0, retries=0) as c:  # any stall of 2 s fails the test
         c.put_bytes(data, "one")
-        manifest_chunk = p.sha256(data)
+        manifest_chunk = h(data)
         stalled = zmq.Context.instance().socket(zmq.DEALER)
         stalled.linger = 0
         stalled.setsockopt(zmq.RCVHWM, 1)

@@ -121,7 +121,9 @@ def services():
     tmp = tempfile.mkdtemp()
     store = open_local(f"{tmp}/store")
     cache = ChunkCache(f"{tmp}/cache", 8 * p.MiB)
-    return StorageService(store, Link()), CacheService(cache, Link())
+    service = CacheService(cache, Link())
+    service.on_store(store.digest_fn)
+    return StorageService(store, Link()), service
 
 
 def run_request(service, header_frame: bytes, data: bytes | None):

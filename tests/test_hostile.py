@@ -10,6 +10,7 @@ import pytest
 import zmq
 from conftest import random_bytes, wait_for
 from harness import peak_rss
+from storage_helpers import h
 
 import fms
 from fms import limits
@@ -124,6 +125,7 @@ def test_a_reply_route_with_a_bad_key_costs_one_message_not_the_broker():
                             "svc": "storage",
                             "wid": "w",
                             "store": "s",
+                            "digest_fn": "blake3",
                         }
                     )
                 ),
@@ -265,7 +267,8 @@ def test_an_impostor_registered_first_makes_no_real_storage_worker_exit(make_clu
     cluster = make_cluster()
     cluster.start_broker()
     with FakeWorker(
-        cluster.backend, {"svc": "storage", "wid": "impostor", "store": "bogus"}
+        cluster.backend,
+        {"svc": "storage", "wid": "impostor", "store": "bogus", "digest_fn": "blake3"},
     ) as fake:
         assert fake.welcomed.wait(10)
         real = cluster.start_storage(wid="storage-a")
@@ -292,7 +295,7 @@ def test_with_the_store_pinned_an_impostor_first_is_refused_and_real_workers_ser
     cluster.start_broker(extra=["--store", _open_store(cluster.storage_dir, None, None)[0]])
     with FakeWorker(
         cluster.backend,
-        {"svc": "storage", "wid": "impostor", "store": "bogus"},
+        {"svc": "storage", "wid": "impostor", "store": "bogus", "digest_fn": "blake3"},
         lambda h: (p.ok_reply(h["id"], written=True), None),
     ) as fake:
         assert fake.refused.wait(10) and not fake.welcomed.is_set()
@@ -491,7 +494,7 @@ def test_clients_that_never_read_16_mib_chunks_stall_only_themselves(cluster):
     with cluster.client(chunk_size=16 * MiB) as c:
         c.put_bytes(big, "big")
         c.put_bytes(small, "small")
-        chunks = [p.sha256(big[i : i + 16 * MiB]) for i in range(0, len(big), 16 * MiB)]
+        chunks = [h(big[i : i + 16 * MiB]) for i in range(0, len(big), 16 * MiB)]
     ids = iter(range(1, 1 << 30))
 
     def asks():
@@ -534,7 +537,7 @@ def test_clients_that_never_read_cannot_make_a_readers_large_replies_drop(cluste
     with cluster.client(chunk_size=4 * MiB) as c:
         c.put_bytes(hog, "hog")
         c.put_bytes(mine, "mine")
-    chunks = [p.sha256(hog[i : i + 4 * MiB]) for i in range(0, len(hog), 4 * MiB)]
+    chunks = [h(hog[i : i + 4 * MiB]) for i in range(0, len(hog), 4 * MiB)]
     ids = iter(range(1, 1 << 30))
 
     def asks():
@@ -587,7 +590,7 @@ def test_many_uploaders_cannot_keep_another_clients_upload_out(slow_cluster):
     total (before: everyone else's uploads were then refused). Another client's upload gets
     room: the newest queued upload of whoever holds the most is answered `unavailable`."""
     chunk = random_bytes(MiB - 64, 10)  # 64 fill a client's 64 MiB budget
-    digest = p.sha256(chunk)
+    digest = h(chunk)
     data = p.pack_data(chunk)
     ids = iter(range(1, 1 << 30))
 
@@ -674,7 +677,7 @@ def test_uploads_over_a_clients_byte_budget_back_off_and_large_chunks_still_uplo
                             "v": p.PROTOCOL_VERSION,
                             "op": "put_chunk",
                             "id": i,
-                            "hash": p.sha256(chunk),
+                            "hash": h(chunk),
                         }
                     ),
                     p.pack_data(chunk),
@@ -835,6 +838,7 @@ def test_expired_work_is_dropped_and_a_worker_that_never_answers_loses_its_credi
                     "svc": "storage",
                     "wid": "mute",
                     "store": "s",
+                    "digest_fn": "blake3",
                 }
             )
         )

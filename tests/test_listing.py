@@ -5,7 +5,7 @@ id, holes known from their digest."""
 import os
 
 import pytest
-from storage_helpers import manifest_of
+from storage_helpers import h, manifest_of
 
 from fms import wire as p
 from fms.client.listing import ChunkList
@@ -15,7 +15,7 @@ from fms.errors import IntegrityError
 def pages_of(digests: list, extents) -> dict:
     """page id -> its bytes, as storage holds them."""
     blobs = [p.join_digests(page) for page in p.pages_of(extents, digests)]
-    return {p.sha256(blob): blob for blob in blobs}
+    return {h(blob): blob for blob in blobs}
 
 
 def test_a_short_list_is_checked_against_the_digest_it_gives():
@@ -25,7 +25,7 @@ def test_a_short_list_is_checked_against_the_digest_it_gives():
     items = list(listing.items())
     assert [i for i, *_ in items] == list(range(7))
     assert b"".join(data[o : o + n] for _i, o, n, _d, _z in items) == data
-    assert all(d == p.sha256(data[o : o + n]) for _i, o, n, d, _z in items)
+    assert all(d == h(data[o : o + n]) for _i, o, n, d, _z in items)
     forged = {**manifest, "chunks": [manifest["chunks"][1], *manifest["chunks"][1:]]}
     with pytest.raises(IntegrityError, match="does not give its digest"):
         ChunkList(forged, None)
@@ -33,7 +33,7 @@ def test_a_short_list_is_checked_against_the_digest_it_gives():
 
 def test_a_paged_list_is_read_a_page_at_a_time_and_each_page_checked():
     count = p.PAGE_CHUNKS + 3  # two pages
-    digests = [p.sha256(b"%d" % (i % 5)) for i in range(count)]
+    digests = [h(b"%d" % (i % 5)) for i in range(count)]
     extents = ((4096, 4096 * count),)
     store = pages_of(digests, extents)
     manifest = manifest_of("f", chunk_size=4096, size=4096 * count, digests=digests)
@@ -50,7 +50,7 @@ def test_a_paged_list_is_read_a_page_at_a_time_and_each_page_checked():
     assert [d for _i, _o, _n, d, _z in listing.items()] == digests
     assert listing.index_at(4096 * p.PAGE_CHUNKS + 5) == p.PAGE_CHUNKS
 
-    damaged = dict.fromkeys(store, p.sha256(b"not it") * 3)
+    damaged = dict.fromkeys(store, h(b"not it") * 3)
     tries = []
 
     def damaged_then_whole(ident, fresh=False):
@@ -65,16 +65,16 @@ def test_a_paged_list_is_read_a_page_at_a_time_and_each_page_checked():
 
 def test_a_body_too_large_for_the_manifest_is_fetched_and_checked():
     extents = tuple((4096, 4096 * 2) for _ in range(40))  # 40 extents of two chunks each
-    digests = [p.sha256(b"%d" % i) for i in range(80)]
+    digests = [h(b"%d" % i) for i in range(80)]
     store = pages_of(digests, extents)
-    page_ids = p.page_ids(extents, p.join_digests(digests))
+    page_ids = p.page_ids(extents, p.join_digests(digests), h)
     body = p.pack_body(extents, page_ids)
     assert len(body) > 1024  # more than a manifest carries
     manifest = {**manifest_of("f", chunk_size=4096, size=80 * 4096, digests=digests[:80])}
     for key in ("extents", "pages", "chunks"):
         manifest.pop(key, None)
-    manifest.update(body=p.sha256(body), digest=p.sha256(body), count=80)
-    store[p.sha256(body)] = body
+    manifest.update(body=h(body), digest=h(body), count=80)
+    store[h(body)] = body
     listing = ChunkList(manifest, lambda ident, fresh=False: store[ident])
     assert listing.extents == extents
     assert [d for *_x, d, _z in listing.items()] == digests
@@ -82,7 +82,7 @@ def test_a_body_too_large_for_the_manifest_is_fetched_and_checked():
 
 
 def test_chunks_of_zeros_are_known_from_their_digest():
-    zero, data = p.sha256(bytes(4096)), p.sha256(b"x")
-    digests = [zero, data, zero, p.sha256(bytes(100))]  # a short chunk of zeros is fetched
+    zero, data = h(bytes(4096)), h(b"x")
+    digests = [zero, data, zero, h(bytes(100))]  # a short chunk of zeros is fetched
     manifest = manifest_of("f", chunk_size=4096, size=3 * 4096 + 100, digests=digests)
     assert [z for *_x, z in ChunkList(manifest, None).items()] == [True, False, True, False]

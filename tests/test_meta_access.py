@@ -2,10 +2,9 @@
 suite run against every engine: SQLite and PostgreSQL (the ``engine`` fixture)."""
 
 import pytest
-from storage_helpers import new_version, split
+from storage_helpers import h, new_version, split
 from test_meta_engine import ENGINES, NOW, claim_all, commit, remove, second_connection
 
-from fms import wire as p
 from fms.errors import BadRequest, NotFound
 from fms.storage.model import Copy, Removal
 
@@ -168,7 +167,7 @@ def test_purge_removes_versions_for_good_held_or_not(engine):
     assert engine.retained("shadow") == [] and engine.get("shadow") is None
     assert engine.refcount_errors() == []
     # Every chunk of it is unreferenced now: gc frees it.
-    secret = {p.sha256(c) for i in range(3) for c in split(f"secret{i}".encode() * 2000)}
+    secret = {h(c) for i in range(3) for c in split(f"secret{i}".encode() * 2000)}
     assert all(engine.chunk(d).refs == 0 for d in secret)
     assert secret <= {row.digest for row in engine.doom(NOW + 10, 100, dry_run=True)}
     entries = [e for e in engine.audit_read(0, 0, 100) if e["op"] == "purge"]

@@ -4,7 +4,7 @@ A new engine (PostgreSQL) joins by adding a factory to ENGINES; nothing else cha
 """
 
 import pytest
-from storage_helpers import CHUNK, digest_of, new_version, page_blobs, split
+from storage_helpers import CHUNK, digest_of, h, new_version, page_blobs, split
 
 from fms import wire as p
 from fms.errors import BadRequest, Conflict, MissingChunks, NotFound, TooLarge, Unavailable
@@ -28,6 +28,12 @@ def postgres_engine(request, tmp_path):
 ENGINES = {"sqlite": sqlite_engine, "postgresql": postgres_engine}
 
 
+@pytest.fixture(params=p.DIGEST_FUNCTIONS)
+def store_digest(request) -> str:
+    """Every test here runs against a store of each digest function (one suite)."""
+    return request.param
+
+
 @pytest.fixture(params=sorted(ENGINES))
 def engine(request, tmp_path):
     meta = ENGINES[request.param](request, tmp_path)
@@ -44,7 +50,7 @@ def second_connection(engine):
 
 def claim_all(meta, content, now=NOW, in_engine=True):
     for chunk in split(content):
-        meta.claim_chunk(p.sha256(chunk), len(chunk), now, chunk if in_engine else None)
+        meta.claim_chunk(h(chunk), len(chunk), now, chunk if in_engine else None)
 
 
 def commit(meta, name, content, commit_id, now=NOW):
@@ -110,7 +116,7 @@ def test_commit_refuses_chunks_without_a_live_row(engine):
     claim_all(engine, content[:4096])
     [result] = engine.apply([new_version("n", content, "c1")], NOW, {})
     assert isinstance(result, MissingChunks)
-    assert set(result.missing) == {p.sha256(c) for c in split(content)[1:]}
+    assert set(result.missing) == {h(c) for c in split(content)[1:]}
     assert engine.get("n") is None
 
 
@@ -173,10 +179,10 @@ def test_references_follow_commits_overwrites_and_removes(engine):
     shared = b"s" * 4096
     commit(engine, "a", shared + b"a", "c1")
     commit(engine, "b", shared + shared, "c2")  # the same chunk twice counts once
-    assert engine.chunk(p.sha256(shared)).refs == 2
+    assert engine.chunk(h(shared)).refs == 2
     commit(engine, "a", b"other", "c3", now=NOW + 5)
     remove(engine, "b", "r1", now=NOW + 7)
-    row = engine.chunk(p.sha256(shared))
+    row = engine.chunk(h(shared))
     assert row.refs == 0 and row.since == NOW + 7  # unreferenced since the last release
     assert engine.refcount_errors() == []
 
@@ -195,8 +201,8 @@ def test_copy_shares_the_chunks_and_adds_a_reference_each(engine):
     made = apply_one(engine, Copy("src", "dst", "cp-1"))
     assert made.version == 2 and made.digest == digest_of(content)
     assert engine.get("dst").chunks == engine.get("src").chunks
-    assert engine.chunk(p.sha256(b"c" * 4096)).refs == 2
-    assert engine.chunk(p.sha256(b"old")).refs == 0  # the overwritten version's
+    assert engine.chunk(h(b"c" * 4096)).refs == 2
+    assert engine.chunk(h(b"old")).refs == 0  # the overwritten version's
     assert engine.totals() == Totals(
         files=2, bytes=2 * len(content), chunks=3, chunk_bytes=len(content) + 3
     )
@@ -212,7 +218,7 @@ def test_move_is_one_change_of_two_names_moving_no_reference(engine):
     assert made.name == "b/new" and made.version == 2 and made.digest == digest_of(content)
     assert engine.get("a/old") is None
     assert [v.name for v in engine.list("", "", 10)] == ["b/new"]
-    assert engine.chunk(p.sha256(b"m" * 4096)).refs == 1
+    assert engine.chunk(h(b"m" * 4096)).refs == 1
     assert engine.totals().files == 1 and engine.totals().bytes == 5000
     assert apply_one(engine, Copy("a/old", "b/new", "mv-1", move=True)) == made
     assert commit(engine, "a/old", b"again", "c3").version == 3  # after its tombstone
@@ -290,8 +296,8 @@ def test_retained_versions_keep_their_references_and_the_newest_n_stay(engine):
         commit(engine, "f", content, f"c{i}")
     assert [v.version for v in engine.retained("f")] == [3, 2]
     assert [v.digest for v in engine.retained("f")] == [digest_of(c) for c in contents[2:0:-1]]
-    assert engine.chunk(p.sha256(contents[1][:4096])).refs == 1  # retained: referenced
-    assert engine.chunk(p.sha256(contents[0][:4096])).refs == 0  # dropped out: released
+    assert engine.chunk(h(contents[1][:4096])).refs == 1  # retained: referenced
+    assert engine.chunk(h(contents[0][:4096])).refs == 0  # dropped out: released
     assert engine.totals().files == 1 and engine.totals().bytes == 5000
     assert engine.refcount_errors() == []
     remove(engine, "f", "r1")  # rm retains v4 too
@@ -329,55 +335,55 @@ def test_usage_counts_a_prefix_in_the_index(engine):
 
 def test_known_reports_live_rows_and_restarts_their_grace(engine):
     claim_all(engine, b"k" * 10, now=NOW)
-    digest = p.sha256(b"k" * 10)
-    assert engine.known([digest, p.sha256(b"unknown")], NOW + 100) == {digest}
+    digest = h(b"k" * 10)
+    assert engine.known([digest, h(b"unknown")], NOW + 100) == {digest}
     assert engine.chunk(digest).since == NOW + 100
     assert engine.doom(NOW + 50, 10) == []  # protected by the refresh
 
 
 def test_doom_takes_only_old_unreferenced_chunks_and_blocks_claims(engine):
     commit(engine, "keep", b"kept", "c1")
-    engine.claim_chunk(p.sha256(b"blob"), 4, NOW)  # a blob, not in the engine
-    engine.claim_chunk(p.sha256(b"young"), 5, NOW + 100, b"young")
-    engine.claim_chunk(p.sha256(b"small"), 5, NOW, b"small")
+    engine.claim_chunk(h(b"blob"), 4, NOW)  # a blob, not in the engine
+    engine.claim_chunk(h(b"young"), 5, NOW + 100, b"young")
+    engine.claim_chunk(h(b"small"), 5, NOW, b"small")
     dry = engine.doom(NOW + 50, 10, dry_run=True)
-    assert {r.digest for r in dry} == {p.sha256(b"blob"), p.sha256(b"small")}
-    assert engine.chunk(p.sha256(b"small")) is not None  # a dry run changes nothing
+    assert {r.digest for r in dry} == {h(b"blob"), h(b"small")}
+    assert engine.chunk(h(b"small")) is not None  # a dry run changes nothing
     doomed = engine.doom(NOW + 50, 10)
-    assert {r.digest for r in doomed} == {p.sha256(b"blob"), p.sha256(b"small")}
-    assert engine.chunk(p.sha256(b"small")) is None  # in-engine bytes: gone at once
-    assert [r.digest for r in engine.doomed(10)] == [p.sha256(b"blob")]
+    assert {r.digest for r in doomed} == {h(b"blob"), h(b"small")}
+    assert engine.chunk(h(b"small")) is None  # in-engine bytes: gone at once
+    assert [r.digest for r in engine.doomed(10)] == [h(b"blob")]
     with pytest.raises(Unavailable, match="being collected"):
-        engine.claim_chunk(p.sha256(b"blob"), 4, NOW + 60)
+        engine.claim_chunk(h(b"blob"), 4, NOW + 60)
     [refused] = engine.apply([new_version("late", b"blob", "c9")], NOW + 60, {})
     assert isinstance(refused, MissingChunks)  # no commit onto a doomed row
-    engine.forget([p.sha256(b"blob")])
-    assert engine.chunk(p.sha256(b"blob")) is None
-    assert engine.claim_chunk(p.sha256(b"blob"), 4, NOW + 70) is False  # a fresh claim works
+    engine.forget([h(b"blob")])
+    assert engine.chunk(h(b"blob")) is None
+    assert engine.claim_chunk(h(b"blob"), 4, NOW + 70) is False  # a fresh claim works
     assert engine.totals().chunks == 3
 
 
 def test_chunk_rows_say_where_the_bytes_are_without_reading_them(engine):
-    engine.claim_chunk(p.sha256(b"small"), 5, NOW, b"small")
-    engine.claim_chunk(p.sha256(b"blob"), 4, NOW)
-    rows = engine.chunk_rows([p.sha256(b"small"), p.sha256(b"blob"), p.sha256(b"none")] * 2)
-    assert sorted(rows) == sorted([p.sha256(b"small"), p.sha256(b"blob")])
-    small, blob = rows[p.sha256(b"small")], rows[p.sha256(b"blob")]
+    engine.claim_chunk(h(b"small"), 5, NOW, b"small")
+    engine.claim_chunk(h(b"blob"), 4, NOW)
+    rows = engine.chunk_rows([h(b"small"), h(b"blob"), h(b"none")] * 2)
+    assert sorted(rows) == sorted([h(b"small"), h(b"blob")])
+    small, blob = rows[h(b"small")], rows[h(b"blob")]
     assert (small.in_engine, small.data, small.size) == (True, b"", 5)
     assert (blob.in_engine, blob.size, blob.lost) == (False, 4, False)
-    engine.mark_lost(p.sha256(b"blob"))
-    assert engine.chunk_rows([p.sha256(b"blob")])[p.sha256(b"blob")].lost
-    assert engine.known([p.sha256(b"blob")], NOW) == set()  # lost: uploaded again
-    engine.claim_chunk(p.sha256(b"blob"), 4, NOW + 1)
-    assert engine.known([p.sha256(b"blob")], NOW + 1) == {p.sha256(b"blob")}
+    engine.mark_lost(h(b"blob"))
+    assert engine.chunk_rows([h(b"blob")])[h(b"blob")].lost
+    assert engine.known([h(b"blob")], NOW) == set()  # lost: uploaded again
+    engine.claim_chunk(h(b"blob"), 4, NOW + 1)
+    assert engine.known([h(b"blob")], NOW + 1) == {h(b"blob")}
 
 
 def test_orphans_are_adopted_as_doomed_only_when_unknown(engine):
-    engine.claim_chunk(p.sha256(b"known"), 5, NOW)
-    assert engine.adopt_orphan(p.sha256(b"known"), 5) is False
-    assert engine.adopt_orphan(p.sha256(b"orphan"), 6) is True
-    assert engine.chunk(p.sha256(b"orphan")).doomed
-    engine.forget([p.sha256(b"orphan")])
+    engine.claim_chunk(h(b"known"), 5, NOW)
+    assert engine.adopt_orphan(h(b"known"), 5) is False
+    assert engine.adopt_orphan(h(b"orphan"), 6) is True
+    assert engine.chunk(h(b"orphan")).doomed
+    engine.forget([h(b"orphan")])
     assert engine.totals().chunk_bytes == 5
 
 
@@ -401,7 +407,7 @@ def test_one_lease_holder_at_a_time(engine):
 def test_refcount_errors_name_drift(engine):
     commit(engine, "a", b"abc", "c1")
     engine._execute("UPDATE chunks SET refs = 5")
-    assert engine.refcount_errors() == [("chunk", p.sha256(b"abc"), 5, 1)]
+    assert engine.refcount_errors() == [("chunk", h(b"abc"), 5, 1)]
 
 
 def test_two_engines_on_one_store_see_each_other(engine, tmp_path):
@@ -552,28 +558,28 @@ def format2_store(engine) -> dict:
     for table, name, version, data in rows:
         chunks = split(data)
         for chunk in chunks:
-            refs[p.sha256(chunk)] = refs.get(p.sha256(chunk), 0) + 1
+            refs[h(chunk)] = refs.get(h(chunk), 0) + 1
             engine._execute(
                 "INSERT INTO chunks VALUES (?, ?, 0, ?, 0, ?) ON CONFLICT (digest) DO NOTHING",
-                (p.sha256(chunk), len(chunk), NOW, chunk),
+                (h(chunk), len(chunk), NOW, chunk),
             )
-        values = (name, version, len(data), p.sha256(data), CHUNK)
-        values += (b"".join(p.sha256(c) for c in chunks), NOW, f"old-{name}", NOW)
+        values = (name, version, len(data), h(data), CHUNK)
+        values += (b"".join(h(c) for c in chunks), NOW, f"old-{name}", NOW)
         if table == "names":
             values += (0,)
         engine._execute(f"INSERT INTO {table} VALUES ({','.join('?' * len(values))})", values)
     engine._execute(
         "INSERT INTO names VALUES (?, 2, 10, ?, ?, ?, ?, 'rm-1', ?, 1)",
-        ("gone", p.sha256(gone), CHUNK, b"", NOW, NOW),
+        ("gone", h(gone), CHUNK, b"", NOW, NOW),
     )
     for digest, n in refs.items():
         engine._execute("UPDATE chunks SET refs = ? WHERE digest = ?", (n, digest))
     result = {
         "name": "long",
         "size": len(live["long"]),
-        "sha256": p.sha256(live["long"]),
+        "sha256": h(live["long"]),
         "chunk_size": CHUNK,
-        "chunks": [p.sha256(c) for c in split(live["long"])],
+        "chunks": [h(c) for c in split(live["long"])],
         "mtime": NOW,
         "version": 1,
         "commit": "old-long",
@@ -600,21 +606,21 @@ def test_a_format2_store_is_upgraded_in_place_once(engine):
         for name, data in live.items():
             got = engine.get(name)
             assert (got.digest, got.digest_kind, got.size) == (
-                p.sha256(data),
+                h(data),
                 p.DIGEST_CONTENT,
                 len(data),
             )
         long = engine.get("long")
         assert long.chunks is None and long.body is not None  # 40 chunks: paged
         [page] = long.pages
-        assert p.split_digests(engine.page(page)) == [p.sha256(c) for c in split(live["long"])]
-        assert engine.get("short").chunks == tuple(p.sha256(c) for c in split(live["short"]))
+        assert p.split_digests(engine.page(page)) == [h(c) for c in split(live["long"])]
+        assert engine.get("short").chunks == tuple(h(c) for c in split(live["short"]))
         assert [v.version for v in engine.retained("short")] == [0]
-        assert engine.chunk(p.sha256(live["long"][:CHUNK])).refs == 1  # listed twice: once
+        assert engine.chunk(h(live["long"][:CHUNK])).refs == 1  # listed twice: once
         assert engine.refcount_errors() == []
         remembered = engine._logged("old-long", "commit", "long", None)  # as a stat now
         assert (remembered.digest, remembered.count, remembered.chunks) == (
-            p.sha256(live["long"]),
+            h(live["long"]),
             40,
             None,
         )
@@ -636,7 +642,7 @@ def test_the_recount_in_digest_ranges_finds_every_drift(engine, monkeypatch):
     for i in range(12):
         commit(engine, f"f{i}", bytes([i]) * 5000, f"c{i}")  # two chunks each
     commit(engine, "long", b"".join(bytes([100 + i]) * CHUNK for i in range(40)), "c-long")
-    drifted = sorted(p.sha256(bytes([i]) * CHUNK) for i in (1, 5, 9))
+    drifted = sorted(h(bytes([i]) * CHUNK) for i in (1, 5, 9))
     for digest in drifted:
         engine._execute("UPDATE chunks SET refs = refs + 3 WHERE digest = ?", (digest,))
     at_once = sorted(engine.refcount_errors())

@@ -104,7 +104,8 @@ def test_bob_cannot_tell_what_alice_stores_nor_fetch_it_by_its_digest(curve_clus
     secret = random_bytes(3 * p.MiB, seed=7)  # several chunks, through the cache
     alice.put_bytes(secret, "alice/secret.bin")
     assert alice.get_bytes("alice/secret.bin") == secret  # now in the cache too
-    digests = [p.sha256(secret[i : i + p.MiB]) for i in range(0, len(secret), p.MiB)]
+    hash_fn = alice.session.hasher()  # the store's digest function
+    digests = [hash_fn(secret[i : i + p.MiB]) for i in range(0, len(secret), p.MiB)]
     header, _ = bob.call("have", hashes=digests)
     assert header["missing"] == digests  # as if the store had none of them
     with pytest.raises(fms.Forbidden, match="through a file it belongs to"):

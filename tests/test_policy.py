@@ -8,7 +8,7 @@ import shutil
 import pytest
 import zmq
 from storage_helpers import commit_fields as helper_commit_fields
-from storage_helpers import page_blobs, split
+from storage_helpers import h, page_blobs, split
 
 from fms import policy
 from fms import wire as p
@@ -198,7 +198,7 @@ def fresh(template, tmp_path):
 
 def cases(t):
     """(op, fields, data, least role that may) for target folder ``t`` ('team' or 'other')."""
-    digest = p.sha256(SMALL if t == "team" else OTHER)
+    digest = h(SMALL if t == "team" else OTHER)
     src = "a" if t == "team" else "x"
     return [
         ("get", {"name": f"{t}/{src}"}, None, READ),
@@ -268,8 +268,8 @@ def test_only_a_store_admin_may_run_the_store_s_own_ops(fresh, template, tmp_pat
 def test_uploads_need_a_write_grant_somewhere(fresh):
     chunk = b"some chunk"
     for who, allowed in (("nobody", False), ("reader", False), ("writer", True), ("sadmin", True)):
-        have = ask(fresh, KEYS[who], "have", hashes=[p.sha256(chunk)])
-        put = ask(fresh, KEYS[who], "put_chunk", p.pack_data(chunk), hash=p.sha256(chunk))
+        have = ask(fresh, KEYS[who], "have", hashes=[h(chunk)])
+        put = ask(fresh, KEYS[who], "put_chunk", p.pack_data(chunk), hash=h(chunk))
         assert have["ok"] is allowed and put["ok"] is allowed, who
         if not allowed:
             assert have["error"] == put["error"] == "forbidden"
@@ -288,7 +288,7 @@ def test_batches_are_decided_per_name(fresh):
         p.pack_data(content),
         names=names,
         sizes=[2, 2],
-        hashes=[p.sha256(b"n1"), p.sha256(b"n2")],
+        hashes=[h(b"n1"), h(b"n2")],
         mtimes=[1.0, 1.0],
         commits=["x1", "x2"],
         chunk_size=p.DEFAULT_CHUNK_SIZE,
@@ -374,29 +374,29 @@ def test_have_and_commit_tell_nothing_of_content_others_store(fresh):
     """The oracle of the issue: bob cannot tell whether alice stores a content he guesses, nor
     reach it through a manifest that names its chunk."""
     writer = KEYS["writer"]
-    guessed = p.sha256(OTHER)  # other/x's content, which the writer may not read
+    guessed = h(OTHER)  # other/x's content, which the writer may not read
     assert ask(fresh, None, "have", hashes=[guessed])["missing"] == []  # the store has it
     assert ask(fresh, writer, "have", hashes=[guessed])["missing"] == [guessed]
     big = OTHER * 10000  # one chunk, committed by its digest alone (no content sent)
     fields = commit_fields("team/stolen", big)
-    assert ask(fresh, None, "put_chunk", p.pack_data(big), hash=p.sha256(big))["ok"]
+    assert ask(fresh, None, "put_chunk", p.pack_data(big), hash=h(big))["ok"]
     refused = ask(fresh, writer, "commit", **fields)
     assert refused["error"] == "missing_chunks"  # as if absent: upload it
     assert ask(fresh, writer, "chunk", hash=guessed)["error"] == "forbidden"  # no name
     assert ask(fresh, writer, "chunk", hash=guessed, name="team/a")["error"] == "not_found"
     # Uploading it makes it the writer's own: then dedup answers for it.
-    put = ask(fresh, writer, "put_chunk", p.pack_data(big), hash=p.sha256(big))
+    put = ask(fresh, writer, "put_chunk", p.pack_data(big), hash=h(big))
     assert put == {**put, "ok": True, "written": True}
-    assert ask(fresh, writer, "have", hashes=[p.sha256(big)])["missing"] == []
+    assert ask(fresh, writer, "have", hashes=[h(big)])["missing"] == []
     assert ask(fresh, writer, "commit", **fields)["ok"]
-    again = ask(fresh, writer, "put_chunk", p.pack_data(big), hash=p.sha256(big))
+    again = ask(fresh, writer, "put_chunk", p.pack_data(big), hash=h(big))
     assert again["written"] is False
 
 
 def _put_paged(service, key, name, content):
     """Upload a file whose chunk list is paged (more than 32 chunks of 4 KiB), as ``key``."""
     for chunk in {c: None for c in split(content)}:
-        assert ask(service, key, "put_chunk", p.pack_data(chunk), hash=p.sha256(chunk))["ok"]
+        assert ask(service, key, "put_chunk", p.pack_data(chunk), hash=h(chunk))["ok"]
     for page_id, blob in page_blobs(content):
         assert ask(service, key, "put_page", p.pack_data(blob), hash=page_id)["ok"]
     fields = helper_commit_fields(name, content, os.urandom(8).hex())
@@ -425,7 +425,7 @@ def test_a_chunk_of_a_long_list_is_read_by_its_page_and_place(fresh):
     assert _put_paged(fresh, None, "team/paged", content)["ok"]
     assert _put_paged(fresh, None, "other/paged", content[4096:] + content[:4096])["ok"]
     [(page_id, _blob)] = page_blobs(content)
-    reader, digests = KEYS["reader"], [p.sha256(c) for c in split(content)]
+    reader, digests = KEYS["reader"], [h(c) for c in split(content)]
     manifest = ask(fresh, reader, "get", name="team/paged")["manifest"]
     assert manifest["pages"] == [page_id]
     assert ask(fresh, reader, "page", hash=page_id, name="team/paged")["ok"]
@@ -443,7 +443,7 @@ def test_a_chunk_of_a_long_list_is_read_by_its_page_and_place(fresh):
 def test_an_inline_commit_makes_its_chunk_the_uploader_s(fresh):
     writer = KEYS["writer"]
     assert ask(fresh, writer, "commit", p.pack_data(OTHER), **commit_fields("team/o", OTHER))["ok"]
-    assert ask(fresh, writer, "have", hashes=[p.sha256(OTHER)])["missing"] == []
+    assert ask(fresh, writer, "have", hashes=[h(OTHER)])["missing"] == []
 
 
 def test_refused_changes_are_in_the_audit_log(fresh):
@@ -613,7 +613,7 @@ def test_the_cache_reads_a_chunk_only_by_a_file_the_identity_may_read(tmp_path):
     service = _cache(tmp_path)
     _fill(service, "team/a", SMALL)
     _fill(service, "other/x", OTHER)
-    mine, theirs = p.sha256(SMALL), p.sha256(OTHER)
+    mine, theirs = h(SMALL), h(OTHER)
     assert _cache_ask(service, KEYS["reader"], "chunk", hash=mine, name="team/a")["ok"]
     assert _cache_ask(service, KEYS["reader"], "chunk", hash=theirs)["error"] == "forbidden"
     refused = _cache_ask(service, KEYS["reader"], "chunk", hash=theirs, name="other/x")
@@ -704,7 +704,7 @@ def test_the_cache_reads_a_chunk_of_a_long_list_by_its_cached_page(tmp_path):
     content = b"".join(os.urandom(4096) for _ in range(40))
     manifest = manifest_of("team/long", content)
     [(page_id, blob)] = page_blobs(content)
-    digests = [p.sha256(c) for c in split(content)]
+    digests = [h(c) for c in split(content)]
     assert service.manifests.fill("team/long", manifest, service.manifests.begin_fetch())
     reader = KEYS["reader"]
     asked = len(service.link.requests)

@@ -264,6 +264,6 @@ def test_the_largest_manifest_and_stat_fit_their_bounds():
     paged = Version(*stat, extents=((4096, 4096 * 31 * p.PAGE_CHUNKS),), pages=(b"p" * 32,) * 31)
     listed_by_id = Version(*stat, body=b"b" * 32)
     for version in (inline, paged, listed_by_id):
-        assert len(p.encode(version.manifest())) <= p.MANIFEST_MAX
+        assert len(p.encode(version.manifest(p.BLAKE3))) <= p.MANIFEST_MAX
     reply = p.ok_reply(2**63 - 1, stat={**inline.summary(), "deleted": True})
     assert len(p.encode(reply)) <= 4096

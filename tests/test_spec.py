@@ -2,7 +2,6 @@
 point where a client written from the spec alone found them apart (issue 15), over the wire."""
 
 import glob
-import hashlib
 import logging
 import os
 import re
@@ -11,6 +10,7 @@ import time
 import pytest
 import zmq
 from conftest import ROOT
+from storage_helpers import h
 
 from fms import limits, wire
 from fms import wire as p
@@ -389,7 +389,7 @@ def test_version_true_or_1_0_is_not_version_1(raw):
 def test_the_chunk_and_read_fields_are_checked_over_the_wire(cluster, raw):
     with cluster.client() as c:
         c.put_bytes(b"z" * 5000, "f")
-    digest = hashlib.sha256(b"z" * 5000).digest()  # its one chunk
+    digest = h(b"z" * 5000)  # its one chunk, by the store's digest function
     for fields in ({"len": -1}, {"len": 2**40}, {"of": [1]}, {"fresh": "yes"}):
         reply = raw([request("chunk", 1, hash=digest, **fields)])
         assert reply["error"] == "bad_request", (fields, reply)
@@ -403,12 +403,12 @@ def test_the_chunk_and_read_fields_are_checked_over_the_wire(cluster, raw):
 
 def test_put_chunk_of_a_small_chunk_storage_holds_says_written_false(raw):
     data = b"small chunk" * 100  # 1,100 bytes: kept in the metadata database
-    digest = hashlib.sha256(data).digest()
+    digest = h(data)
     first = raw([request("put_chunk", 1, hash=digest), p.pack_data(data)])
     again = raw([request("put_chunk", 2, hash=digest), p.pack_data(data)])
     assert (first["written"], again["written"]) == (True, False)
     big = b"b" * (100 * 1024)  # over 64 KiB: a blob, which already said so
-    digest = hashlib.sha256(big).digest()
+    digest = h(big)
     raw([request("put_chunk", 3, hash=digest), p.pack_data(big)])
     assert raw([request("put_chunk", 4, hash=digest), p.pack_data(big)])["written"] is False
 
@@ -421,7 +421,7 @@ def test_commit_many_over_8_mib_of_content_is_too_large(raw):
         1,
         names=[f"m/{i}" for i in range(count)],
         sizes=[size] * count,
-        hashes=[hashlib.sha256(c).digest() for c in content],
+        hashes=[h(c) for c in content],
         mtimes=[1.0e9] * count,
         commits=[f"cm-{i}" for i in range(count)],
         chunk_size=p.DEFAULT_CHUNK_SIZE,

@@ -15,15 +15,24 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from storage_helpers import (
     CHUNK,
     commit_fields,
+    h,
     new_version,
     page_blobs,
     put_file,
     split,
+    use_digest,
     write_format1,
 )
 
 from fms import wire as p
-from fms.errors import BadRequest, IntegrityError, MissingChunks, NotFound, Unavailable
+from fms.errors import (
+    BadRequest,
+    FmsError,
+    IntegrityError,
+    MissingChunks,
+    NotFound,
+    Unavailable,
+)
 from fms.storage import gc
 from fms.storage import service as storage_service
 from fms.storage.engine import StoreError, open_local, open_store
@@ -32,9 +41,16 @@ from fms.storage.model import NewVersion, Removal
 from fms.storage.reserve import RESERVE_BYTES, SpaceReserve
 from fms.storage.service import StorageService
 
+# Stores made before the digest function could be chosen: sha256 ones.
+OLD_STORES = pytest.mark.parametrize("store_digest", [p.OLD_STORE_DIGEST])
 
-@pytest.fixture
-def store(tmp_path):
+
+@pytest.fixture(params=p.DIGEST_FUNCTIONS)
+def store(request, tmp_path, monkeypatch):
+    """A store of each digest function: every test that takes it runs against both (one
+    suite); the builders (storage_helpers) hash with its function."""
+    monkeypatch.setattr(p, "NEW_STORE_DIGEST", request.param)
+    use_digest(request.param)
     s = open_local(str(tmp_path / "data"))
     yield s
     s.close()
@@ -55,17 +71,17 @@ def content(seed: int, size: int) -> bytes:
 
 def test_chunk_round_trip_dedup_and_verification(store):
     big = os.urandom(100_000)  # over SMALL_CHUNK_MAX: a blob
-    assert store.put_chunk(p.sha256(big), big) is True
-    assert store.put_chunk(p.sha256(big), big) is False
-    assert bytes(p.unpack_data(store.read_chunk(p.sha256(big)))) == big
-    assert store.missing([p.sha256(big), p.sha256(b"other")]) == [p.sha256(b"other")]
+    assert store.put_chunk(h(big), big) is True
+    assert store.put_chunk(h(big), big) is False
+    assert bytes(p.unpack_data(store.read_chunk(h(big)))) == big
+    assert store.missing([h(big), h(b"other")]) == [h(b"other")]
     with pytest.raises(IntegrityError, match="does not match"):
-        store.put_chunk(p.sha256(b"right"), b"wrong")
+        store.put_chunk(h(b"right"), b"wrong")
 
 
 def test_flipped_bit_on_disk_is_never_returned_and_is_set_aside(store):
     data = os.urandom(100_000)
-    digest = p.sha256(data)
+    digest = h(data)
     store.put_chunk(digest, data)
     path = os.path.join(store.chunks.root, digest.hex()[:2], digest.hex())
     with open(path, "r+b") as f:
@@ -87,8 +103,8 @@ def test_blobs_are_synced_once_per_commit_group_and_a_blob_damaged_before_it_is_
     monkeypatch.setattr(store.chunks, "sync", lambda: syncs.append(1))
     files = {f"f{i}": os.urandom(100_000) for i in range(3)}  # one blob each
     for content in files.values():
-        store.put_chunk(p.sha256(content), content)
-    damaged = p.sha256(files["f0"])
+        store.put_chunk(h(content), content)
+    damaged = h(files["f0"])
     with open(os.path.join(store.chunks.root, damaged.hex()[:2], damaged.hex()), "r+b") as f:
         f.truncate(50_000)  # what a power loss before the sync can leave
     results = store.apply(
@@ -116,10 +132,10 @@ def test_commit_versions_and_remove(store):
 def test_commit_checks_the_file_digest_against_its_chunk_list(store):
     data = content(3, 3 * CHUNK + 10)
     for chunk in split(data):
-        store.put_chunk(p.sha256(chunk), chunk)
+        store.put_chunk(h(chunk), chunk)
     from dataclasses import replace
 
-    wrong = replace(new_version("n", data), digest=p.sha256(data))  # of the content: not it
+    wrong = replace(new_version("n", data), digest=h(data))  # of the content: not it
     with pytest.raises(IntegrityError, match="not the one its chunk list gives"):
         store.commit(wrong)
     with pytest.raises(NotFound):
@@ -135,10 +151,15 @@ def test_inline_content_with_pages_is_refused_alone_in_its_group(store):
     from fms.storage.model import Version
 
     extents = ((CHUNK, 4),)
-    blob = p.sha256(b"tiny")
-    page_id = p.sha256(blob)
+    blob = h(b"tiny")
+    page_id = h(blob)
     paged = NewVersion(
-        "paged", extents, p.tree_digest(extents, (page_id,)), 1700000000.0, "c1", pages=(page_id,)
+        "paged",
+        extents,
+        p.tree_digest(extents, (page_id,), h),
+        1700000000.0,
+        "c1",
+        pages=(page_id,),
     )
     good = new_version("good", b"fine", commit="c2")
     results = store.apply([(paged, b"tiny"), (good, b"fine")])
@@ -152,22 +173,22 @@ def test_commit_refuses_bad_shapes(store):
 
     data = content(4, 2 * CHUNK)
     for chunk in split(data):
-        store.put_chunk(p.sha256(chunk), chunk)
+        store.put_chunk(h(chunk), chunk)
     good = new_version("n", data)
     with pytest.raises(BadRequest, match="chunks"):
         store.commit(replace(good, chunks=good.chunks[:1]))
     short = ((CHUNK, 2 * CHUNK - 1),)  # the last chunk stored is a byte longer
     with pytest.raises(IntegrityError, match="needs"):
-        store.commit(replace(good, extents=short, digest=p.inline_digest(short, good.chunks)))
+        store.commit(replace(good, extents=short, digest=p.inline_digest(short, good.chunks, h)))
     with pytest.raises(IntegrityError, match="file digest"):
-        store.commit(replace(good, extents=(), chunks=(), digest=p.sha256(b"x")))
+        store.commit(replace(good, extents=(), chunks=(), digest=h(b"x")))
     with pytest.raises(BadRequest, match="chunk size"):
         store.commit(replace(good, extents=((100, 2 * CHUNK),)))
     with pytest.raises(BadRequest, match="either its chunks or its pages"):
         store.commit(replace(good, pages=()))
     one = new_version("one", b"tiny")
     with pytest.raises(IntegrityError, match="file digest"):
-        store.commit(replace(one, digest=p.sha256(b"other")), inline=b"tiny")
+        store.commit(replace(one, digest=h(b"other")), inline=b"tiny")
     with pytest.raises(IntegrityError, match="inline content"):
         store.commit(one, inline=b"tinx")
     assert store.commit(new_version("empty", b"", commit="c2")).count == 0
@@ -176,22 +197,22 @@ def test_commit_refuses_bad_shapes(store):
 
 def test_commit_naming_absent_chunks_lists_them(store):
     data = content(5, 3 * CHUNK)
-    store.put_chunk(p.sha256(split(data)[0]), split(data)[0])
+    store.put_chunk(h(split(data)[0]), split(data)[0])
     with pytest.raises(MissingChunks) as caught:
         store.commit(new_version("n", data))
-    assert set(caught.value.missing) == {p.sha256(c) for c in split(data)[1:]}
+    assert set(caught.value.missing) == {h(c) for c in split(data)[1:]}
 
 
 def test_every_absent_blob_of_a_commit_is_listed_at_once(store):
     data = os.urandom(4 * 70_000)
     chunks = split(data, 70_000)
     for chunk in chunks:
-        store.put_chunk(p.sha256(chunk), chunk)
+        store.put_chunk(h(chunk), chunk)
     for gone in (chunks[1], chunks[3]):  # rows claimed, blobs lost (disk full)
-        store.chunks.delete(p.sha256(gone))
+        store.chunks.delete(h(gone))
     with pytest.raises(MissingChunks) as caught:
         store.commit(new_version("n", data, chunk_size=70_000))
-    assert caught.value.missing == [p.sha256(chunks[1]), p.sha256(chunks[3])]
+    assert caught.value.missing == [h(chunks[1]), h(chunks[3])]
 
 
 def test_a_commit_reads_no_content_back(store, monkeypatch):
@@ -200,11 +221,11 @@ def test_a_commit_reads_no_content_back(store, monkeypatch):
     data = os.urandom(40 * 70_000)  # blobs, and a paged chunk list
     chunks = split(data, 70_000)
     for chunk in chunks:
-        store.put_chunk(p.sha256(chunk), chunk)
+        store.put_chunk(h(chunk), chunk)
     reads = []
     real = store.chunks.get
     monkeypatch.setattr(store.chunks, "get", lambda d: reads.append(d) or real(d))
-    bad = p.sha256(chunks[1])
+    bad = h(chunks[1])
     with open(os.path.join(store.chunks.root, bad.hex()[:2], bad.hex()), "r+b") as f:
         f.write(b"\x00\x01")  # same size: only reading it can tell
     for page_id, blob in page_blobs(data, 70_000):
@@ -217,22 +238,55 @@ def test_a_commit_reads_no_content_back(store, monkeypatch):
     assert bytes(p.unpack_data(store.read_chunk(bad))) == chunks[1]
 
 
+@pytest.mark.parametrize("store_digest", p.DIGEST_FUNCTIONS)
+@pytest.mark.parametrize("where", ["localdir", "s3"])
+def test_a_commit_of_a_1_gib_file_reads_nothing_back_from_disk_or_s3(
+    tmp_path, request, monkeypatch, where
+):
+    """1,024 chunks of 1 MiB (16 distinct ones, so the test writes 16 MiB): storage checks the
+    commit against the chunk list and the stored chunks' sizes, and reads no chunk, however
+    large the file (before protocol 2 it read the whole GiB back, from S3 too)."""
+    chunks = None
+    if where == "s3":
+        for key, value in request.getfixturevalue("s3").env().items():
+            monkeypatch.setenv(key, value)
+        chunks = f"s3://{request.getfixturevalue('s3_bucket')}"
+    store = open_store(str(tmp_path / "data"), chunks=chunks)
+    distinct = [os.urandom(p.MiB) for _ in range(16)]
+    for chunk in distinct:
+        store.put_chunk(h(chunk), chunk)
+    extents = ((p.MiB, p.GiB),)
+    digests = p.join_digests(h(distinct[i % 16]) for i in range(1024))
+    pages = p.page_ids(extents, digests, h)
+    store.put_page(pages[0], digests)
+    read = []
+    for owner, method in ((store.chunks, "get"), (store.meta, "chunk")):
+        real = getattr(owner, method)
+        monkeypatch.setattr(owner, method, lambda d, real=real: read.append(d) or real(d))
+    change = NewVersion(
+        "one-gib", extents, p.tree_digest(extents, pages, h), 1.7e9, "c1", pages=tuple(pages)
+    )
+    assert store.commit(change).size == p.GiB
+    assert read == []  # not a chunk, not a byte of content
+    store.close()
+
+
 # --- long chunk lists: pages, bounded commits, copies by reference (issue 21) ---
 
 
 def repeated_file(store, name: str, count: int, chunk: bytes, commit: str):
     """Commit a file of ``count`` times one chunk, as a client sends it: the chunk once, each
     distinct page once.  :return: the commit (NewVersion) made."""
-    store.put_chunk(p.sha256(chunk), chunk)
+    store.put_chunk(h(chunk), chunk)
     extents = ((len(chunk), count * len(chunk)),)
     ids = []
     for n in p.page_counts(extents):
-        blob = p.sha256(chunk) * n
-        ids.append(p.sha256(blob))
+        blob = h(chunk) * n
+        ids.append(h(blob))
         if ids[-1] not in ids[:-1]:
             store.put_page(ids[-1], blob)
     change = NewVersion(
-        name, extents, p.tree_digest(extents, ids), 1700000000.0, commit, pages=tuple(ids)
+        name, extents, p.tree_digest(extents, ids, h), 1700000000.0, commit, pages=tuple(ids)
     )
     store.commit(change)
     return change
@@ -252,7 +306,7 @@ def test_a_million_times_one_chunk_commits_in_proportion_to_its_distinct_pages(s
     stat = store.version("disk.img")
     assert (stat.size, stat.count, stat.digest) == (1_000_000 * CHUNK, 1_000_000, change.digest)
     assert len(change.pages) == 16 and len(set(change.pages)) == 2
-    assert store.meta.chunk(p.sha256(chunk)).refs == 2  # one per distinct page that lists it
+    assert store.meta.chunk(h(chunk)).refs == 2  # one per distinct page that lists it
     assert store.meta.refcount_errors() == []
     report = gc.fsck_page(store)
     assert (report["names"], report["chunks"], report["damaged"]) == (1, 1, [])
@@ -265,7 +319,7 @@ def test_a_commit_over_the_manifest_cap_is_refused_clearly(store):
     extents = ((p.MiB, (p.MAX_FILE_CHUNKS + 1) * p.MiB),)
     ids = [b"\1" * 32] * p.file_pages(extents)
     change = NewVersion(
-        "huge", extents, p.tree_digest(extents, ids), 1700000000.0, "c1", pages=tuple(ids)
+        "huge", extents, p.tree_digest(extents, ids, h), 1700000000.0, "c1", pages=tuple(ids)
     )
     with pytest.raises(TooLarge, match=r"at most 5,242,880 chunks \(5 TiB in 1 MiB chunks"):
         store.commit(change)
@@ -276,28 +330,28 @@ def test_a_commit_lists_stored_pages_that_fit_its_extents(store):
 
     data = b"".join(content(i, CHUNK) for i in range(40)) + b"tail"
     for chunk in split(data):
-        store.put_chunk(p.sha256(chunk), chunk)
+        store.put_chunk(h(chunk), chunk)
     change = new_version("n", data)
     [(page_id, blob)] = page_blobs(data)
     with pytest.raises(MissingChunks) as caught:  # the page was never sent
         store.commit(change)
     assert caught.value.missing == [page_id]
     with pytest.raises(IntegrityError, match="does not match its id"):
-        store.put_page(page_id, blob[:-32] + p.sha256(b"other"))
+        store.put_page(page_id, blob[:-32] + h(b"other"))
     with pytest.raises(BadRequest, match="1 to 65536 digests"):
-        store.put_page(p.sha256(b""), b"")
-    unknown = blob + p.sha256(b"never uploaded")
+        store.put_page(h(b""), b"")
+    unknown = blob + h(b"never uploaded")
     with pytest.raises(MissingChunks) as caught:
-        store.put_page(p.sha256(unknown), unknown)
-    assert caught.value.missing == [p.sha256(b"never uploaded")]
+        store.put_page(h(unknown), unknown)
+    assert caught.value.missing == [h(b"never uploaded")]
     assert store.put_page(page_id, blob) is True
     assert store.put_page(page_id, blob) is False  # content-addressed: once
     wrong = ((CHUNK, len(data) + 1),)  # the last chunk is a byte short for these extents
     with pytest.raises(IntegrityError, match="its place needs"):
-        store.commit(replace(change, extents=wrong, digest=p.tree_digest(wrong, change.pages)))
+        store.commit(replace(change, extents=wrong, digest=p.tree_digest(wrong, change.pages, h)))
     assert store.commit(change).count == 41
     assert store.read_list(page_id) == blob
-    assert list(store.digests(store.version("n"))) == [p.sha256(c) for c in split(data)]
+    assert list(store.digests(store.version("n"))) == [h(c) for c in split(data)]
 
 
 def db_bytes(store) -> int:
@@ -367,11 +421,11 @@ def test_overwrites_and_rm_give_every_byte_back_after_gc(store):
 
 def test_grace_protects_uploaded_and_announced_chunks(store):
     data = os.urandom(100_000)
-    store.put_chunk(p.sha256(data), data)
+    store.put_chunk(h(data), data)
     assert gc.collect(store, grace=3600)["chunks"] == 0
     later = time.time() + 7200
-    assert store.missing([p.sha256(data)]) == []  # a client was told not to upload it...
-    store.meta.known([p.sha256(data)], later)  # ...two hours on
+    assert store.missing([h(data)]) == []  # a client was told not to upload it...
+    store.meta.known([h(data)], later)  # ...two hours on
     assert gc.collect(store, grace=3600, now=later + 10)["chunks"] == 0
     assert gc.collect(store, grace=3600, now=later + 3700)["chunks"] == 1
 
@@ -379,19 +433,19 @@ def test_grace_protects_uploaded_and_announced_chunks(store):
 def test_a_commit_whose_chunk_was_collected_is_refused_then_succeeds_after_upload(store):
     data = os.urandom(2 * 70_000)
     for chunk in split(data, 70_000):
-        store.put_chunk(p.sha256(chunk), chunk)
+        store.put_chunk(h(chunk), chunk)
     gc.collect(store, grace=0)  # the user's own risk: collects them
     with pytest.raises(MissingChunks) as caught:
         store.commit(new_version("n", data, chunk_size=70_000))
     assert len(caught.value.missing) == 2
     for chunk in split(data, 70_000):
-        store.put_chunk(p.sha256(chunk), chunk)
+        store.put_chunk(h(chunk), chunk)
     assert store.commit(new_version("n", data, chunk_size=70_000)).size == len(data)
 
 
 def test_orphan_blobs_are_collected_after_the_grace_period(store):
     data = os.urandom(100_000)
-    digest = p.sha256(data)
+    digest = h(data)
     store.chunks.put(digest, data)  # a blob no row knows (a writer died)
     assert gc.collect(store, grace=3600)["orphans"] == 0
     path = os.path.join(store.chunks.root, digest.hex()[:2], digest.hex())
@@ -407,11 +461,11 @@ def test_one_collector_at_a_time_and_a_dead_ones_work_is_finished(store):
         gc.collect(store, grace=0)
     store.meta.release(gc.LEASE, "someone-else")
     data = os.urandom(100_000)
-    store.put_chunk(p.sha256(data), data)
+    store.put_chunk(h(data), data)
     store.meta.doom(time.time() + 1, 10)  # a collector died after dooming
-    assert store.chunks.has(p.sha256(data))
+    assert store.chunks.has(h(data))
     assert gc.collect(store, grace=3600)["chunks"] == 1
-    assert not store.chunks.has(p.sha256(data)) and store.meta.chunk(p.sha256(data)) is None
+    assert not store.chunks.has(h(data)) and store.meta.chunk(h(data)) is None
 
 
 def test_tombstones_and_commit_ids_are_dropped_after_the_retention(store):
@@ -429,7 +483,7 @@ def test_the_maintenance_thread_prunes_every_expired_tombstone_however_many(tmp_
     service = StorageService(store, Link(), maintenance_store=open_local(data))
     try:
         old = time.time() - RETAIN_SECONDS - 60
-        store.meta.claim_chunk(p.sha256(b"t"), 1, old, b"t")
+        store.meta.claim_chunk(h(b"t"), 1, old, b"t")
         made = [new_version(f"t/{i:05d}", b"t", f"c-{i}") for i in range(5000)]
         store.meta.apply(made, old, {})
         store.meta.apply([Removal(v.name, f"r-{v.name}") for v in made], old, {})
@@ -459,10 +513,10 @@ def test_fsck_names_missing_and_corrupt_chunks_with_the_files_they_break(store):
     assert (clean["next"], clean["orphans"], clean["refcount_errors"]) == (None, 0, 0)
     second = store.version("a").chunks[1]
     os.unlink(os.path.join(store.chunks.root, second.hex()[:2], second.hex()))
-    first = p.sha256(shared)
+    first = h(shared)
     with open(os.path.join(store.chunks.root, first.hex()[:2], first.hex()), "r+b") as f:
         f.write(b"\xff")
-    store.chunks.put(p.sha256(b"orphan" * 20000), b"orphan" * 20000)
+    store.chunks.put(h(b"orphan" * 20000), b"orphan" * 20000)
     report = gc.fsck_page(store)
     damaged = {(d["chunk"], d["problem"]): d["names"] for d in report["damaged"]}
     assert damaged == {(first, "corrupt"): ["a", "b"], (second, "missing"): ["a"]}
@@ -489,6 +543,36 @@ def test_fsck_pages_through_the_store(store):
 def test_workers_on_one_directory_share_one_store_id(tmp_path):
     a, b, c = (open_local(str(tmp_path / d)) for d in ("d", "d", "other"))
     assert a.store_id == b.store_id != c.store_id
+
+
+def test_a_store_records_its_digest_function_when_made_and_keeps_it(tmp_path):
+    new = open_local(str(tmp_path / "new"), digest_fn=None)
+    assert new.digest_fn == p.NEW_STORE_DIGEST == p.BLAKE3  # what the autouse fixture made
+    chosen = open_local(str(tmp_path / "chosen"), digest_fn=p.SHA256)
+    assert chosen.digest_fn == p.SHA256
+    put_file(new, "f", b"x" * 10_000)
+    new.close()
+    # Reopened without saying: its own; saying the other one: refused, clearly.
+    assert open_local(str(tmp_path / "new")).digest_fn == p.BLAKE3
+    with pytest.raises(FmsError, match=r"digest function is blake3 .*cannot change.*--digest"):
+        open_local(str(tmp_path / "new"), digest_fn=p.SHA256)
+    chosen.close()
+    with pytest.raises(FmsError, match="digest function is sha256"):
+        open_local(str(tmp_path / "chosen"), digest_fn=p.BLAKE3)
+
+
+def test_a_store_made_before_the_choice_keeps_sha256_and_reads_as_before(tmp_path):
+    use_digest(p.SHA256)  # its chunks were stored by their sha256, as every store's were
+    old = open_local(str(tmp_path / "old"), digest_fn=p.SHA256)
+    data = os.urandom(3 * CHUNK + 5)
+    put_file(old, "f", data, commit="c1")
+    old.meta._execute("DELETE FROM settings WHERE key = 'digest'")  # as fms wrote it before
+    old.close()
+    again = open_local(str(tmp_path / "old"))
+    assert again.digest_fn == p.SHA256 and again.meta.setting("digest") == p.SHA256
+    version = again.version("f")
+    assert b"".join(p.unpack_data(again.read_chunk(d)) for d in version.chunks) == data
+    assert version.manifest(again.digest_fn)["digest_fn"] == p.SHA256
 
 
 def test_unusable_directories_give_clear_errors(tmp_path):
@@ -527,6 +611,7 @@ FILES["big"] = os.urandom(5 * CHUNK + 7)
 FILES["removed"] = b"was here"
 
 
+@OLD_STORES
 def test_a_format1_directory_is_migrated_in_place(tmp_path):
     path = str(tmp_path / "old")
     write_format1(path, FILES, removed={"removed"}, store_id="feedface")
@@ -547,11 +632,12 @@ def test_a_format1_directory_is_migrated_in_place(tmp_path):
     assert [v.name for v in again.list("", "", 1000)] == sorted(FILES)
 
 
+@OLD_STORES
 def test_a_chunk_format1_lost_counts_as_referenced_until_the_file_is_uploaded_again(tmp_path):
     path = str(tmp_path / "old")
     data = content(21, 3 * CHUNK)
     write_format1(path, {"f": data, "g": b"fine"})
-    lost = p.sha256(split(data)[1])
+    lost = h(split(data)[1])
     os.unlink(os.path.join(path, "chunks", lost.hex()[:2], lost.hex()))
     store = open_local(path)
     assert store.meta.refcount_errors() == []
@@ -567,6 +653,7 @@ def test_a_chunk_format1_lost_counts_as_referenced_until_the_file_is_uploaded_ag
     assert gc.fsck_page(store)["damaged"] == [] and store.meta.refcount_errors() == []
 
 
+@OLD_STORES
 def test_a_damaged_manifest_is_kept_aside_and_an_unreadable_one_stops_the_migration(tmp_path):
     path = str(tmp_path / "old")
     write_format1(path, {"a": b"a", "b": b"b"})
@@ -592,7 +679,7 @@ def test_a_damaged_manifest_is_kept_aside_and_an_unreadable_one_stops_the_migrat
 
 def test_a_damaged_small_chunk_is_healed_by_uploading_it_again(store):
     put_file(store, "s", b"small", commit="c1")
-    digest = p.sha256(b"small")
+    digest = h(b"small")
     store.meta._execute("UPDATE chunks SET data = ? WHERE digest = ?", (b"smell", digest))
     with pytest.raises(IntegrityError):
         store.read_chunk(digest)
@@ -600,6 +687,7 @@ def test_a_damaged_small_chunk_is_healed_by_uploading_it_again(store):
     assert bytes(p.unpack_data(store.read_chunk(digest))) == b"small"
 
 
+@OLD_STORES
 def test_migration_repairs_mtimes_format1_let_in(tmp_path):
     path = str(tmp_path / "old")
     write_format1(
@@ -613,6 +701,7 @@ def test_migration_repairs_mtimes_format1_let_in(tmp_path):
         assert abs(store.version(name).mtime - time.time()) < 600
 
 
+@OLD_STORES
 def test_a_migration_killed_midway_is_finished_by_the_next_start(tmp_path):
     path = str(tmp_path / "old")
     write_format1(path, FILES, removed={"removed"})
@@ -623,7 +712,7 @@ def test_a_migration_killed_midway_is_finished_by_the_next_start(tmp_path):
         "from fms.storage.chunks.localdir import LocalDirChunks;"
         "read = legacy.manifests;"
         "legacy.manifests = lambda *a: (m for m in read(*a) if time.sleep(0.2) is None);"
-        f"legacy.migrate({path!r}, SQLiteMeta({path!r} + '/meta.db'), "
+        f"legacy.migrate({path!r}, SQLiteMeta({path!r} + '/meta.db', digest_fn='sha256'), "
         f"LocalDirChunks({path!r}))"
     )
     proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
@@ -786,6 +875,7 @@ def _hammer(path, worker, rounds, meta, results):
     """Commits and removes of the same five names as the other processes; reports how many
     changes succeeded (each one is a version of its name)."""
     store = open_store(path, meta)
+    use_digest(store.digest_fn)  # a process of its own: the builders hash as this store does
     changes = 0
     for i in range(rounds):
         name = f"shared/{i % 5}"
@@ -800,7 +890,7 @@ def _hammer(path, worker, rounds, meta, results):
         data = b"%d-%d" % (worker, i) * (1 + i % 3) * 30000  # blobs and small chunks
         for _ in range(5):  # what the client does on missing_chunks
             for chunk in split(data, 70_000):
-                _retrying(lambda chunk=chunk: store.put_chunk(p.sha256(chunk), chunk))
+                _retrying(lambda chunk=chunk: store.put_chunk(h(chunk), chunk))
             change = new_version(name, data, commit=f"w{worker}-{i}", chunk_size=70_000)
             try:
                 _retrying(lambda change=change: store.commit(change))
@@ -869,7 +959,7 @@ def test_a_file_overwritten_and_collected_while_fsck_reads_its_page_is_not_damag
     blob = 70_000  # a blob of the chunk store
     put_file(store, "w/a", content(1, blob), commit="a", chunk_size=blob)
     put_file(store, "w/b", content(2, blob), commit="b", chunk_size=blob)
-    gone = p.sha256(content(2, blob))
+    gone = h(content(2, blob))
     get = store.chunks.get
 
     def get_then_write(digest):
@@ -908,7 +998,7 @@ def test_fsck_reads_a_snapshot_so_concurrent_writes_never_look_like_damage(
     meta = request.getfixturevalue("pg_database_url") if engine == "postgresql" else None
     store, other = open_store(path, meta), open_store(path, meta)
     now = time.time()
-    store.meta.claim_chunk(p.sha256(b"same"), 4, now, b"same")
+    store.meta.claim_chunk(h(b"same"), 4, now, b"same")
     made = [new_version(f"n/{i:06d}", b"same", f"c-{i}") for i in range(names)]
     for start in range(0, names, 1000):
         store.meta.apply(made[start : start + 1000], now, {})
@@ -1181,7 +1271,7 @@ def test_commit_many_commits_each_file_with_its_own_result_in_one_message(store)
         "op": "commit_many",
         "names": [n for n, _ in files],
         "sizes": [len(d) for _, d in files],
-        "hashes": [p.sha256(d) for _, d in files],
+        "hashes": [h(d) for _, d in files],
         "mtimes": [1.0, 2.0, 3.0],
         "commits": ids,
         "chunk_size": CHUNK,
@@ -1206,6 +1296,44 @@ def test_get_many_answers_every_name_in_order_small_contents_inline_errors_per_n
     assert [r.get("error") for r, _ in results] == [None, "not_found", None]
     assert [r.get("inline") for r, _ in results] == [False, None, True]
     assert bytes(results[2][1]) == b"tiny" and results[0][0]["manifest"]["size"] == 2 * CHUNK
+
+
+@pytest.mark.parametrize("store_digest", p.DIGEST_FUNCTIONS)
+def test_chunk_reads_from_s3_in_one_drain_go_side_by_side_and_none_unverified(
+    tmp_path, request, monkeypatch
+):
+    """A reader's pipeline of chunk requests costs one round trip to an object store far away,
+    not one each: storage fetches the blobs of one drain side by side.  A blob damaged in the
+    store is still never sent."""
+    import threading
+
+    server = request.getfixturevalue("s3")
+    for key, value in server.env().items():
+        monkeypatch.setenv(key, value)
+    bucket = request.getfixturevalue("s3_bucket")
+    store = open_store(str(tmp_path / "data"), chunks=f"s3://{bucket}")
+    blobs = [os.urandom(100_000 + i) for i in range(6)]
+    for blob in blobs:
+        store.put_chunk(h(blob), blob)
+    server.client().put_object(Bucket=bucket, Key=store.chunks._key(h(blobs[5])), Body=b"x" * 5)
+    together = threading.Barrier(5, timeout=20)  # passed only if 5 reads wait at once
+    real = store.chunks.get
+    monkeypatch.setattr(store.chunks, "get", lambda d: (together.wait(), real(d))[1])
+    link = Link()
+    service = StorageService(store, link)
+    for i, blob in enumerate(blobs[:5]):
+        header = {"v": p.PROTOCOL_VERSION, "id": i, "op": "chunk", "hash": h(blob), "len": 100_000}
+        service.handle_request({}, header, None)
+    assert link.replies == []  # gathered until the drain ends
+    service.flush()
+    assert [r["id"] for r in link.replies] == [0, 1, 2, 3, 4]
+    assert [bytes(p.unpack_data(f)) for f in link.frames] == blobs[:5]
+    monkeypatch.setattr(store.chunks, "get", real)
+    bad = {"v": p.PROTOCOL_VERSION, "id": 9, "op": "chunk", "hash": h(blobs[5]), "len": 100_005}
+    service.handle_request({}, bad, None)
+    service.flush()
+    assert link.replies[-1]["error"] == "integrity" and link.frames[-1] is None
+    service.close()
 
 
 def test_a_maintenance_job_whose_client_stopped_waiting_is_not_run(tmp_path):
@@ -1255,7 +1383,7 @@ def test_a_versions_reply_stays_within_its_bound_whatever_is_kept(tmp_path):
     service = StorageService(store, link)
     meta = {f"k{i:02d}": "v" * 60 for i in range(30)}  # about 2 KiB
     name = "n" * 1000
-    store.put_chunk(p.sha256(b"x"), b"x")
+    store.put_chunk(h(b"x"), b"x")
     for i in range(300):
         store.commit(replace(new_version(name, b"x", commit=f"c{i}"), meta=meta))
     reply = request(service, link, op="versions", name=name)

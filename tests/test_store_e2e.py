@@ -7,7 +7,8 @@ import sys
 import threading
 
 import pytest
-from conftest import random_bytes
+from conftest import DIGESTS, random_bytes
+from storage_helpers import h
 
 from fms import wire as p
 from fms.storage import gc
@@ -44,6 +45,7 @@ def test_overwrites_rm_and_gc_give_the_space_back(cluster, tmp_path):
     assert cluster.cli("fsck").returncode == 0
 
 
+@DIGESTS
 def test_fsck_names_each_damaged_chunk_with_the_files_it_breaks(cluster, tmp_path):
     shared = random_bytes(MiB, 2)
     with cluster.client() as c:
@@ -52,7 +54,7 @@ def test_fsck_names_each_damaged_chunk_with_the_files_it_breaks(cluster, tmp_pat
         c.put_bytes(b"small and fine", "c")
         ok = cluster.cli("fsck", "--json")
         assert ok.returncode == 0 and json.loads(ok.stdout)["ok"] is True
-    first = p.sha256(shared)
+    first = h(shared)
     path = os.path.join(cluster.storage_dir, "chunks", first.hex()[:2], first.hex())
     with open(path, "r+b") as f:
         f.write(b"\x00\x00\x00")
@@ -140,8 +142,9 @@ import sys
 from fms import wire as p
 from fms.storage import gc
 from fms.storage.engine import open_local
-from storage_helpers import new_version, split
+from storage_helpers import new_version, split, use_digest
 store = open_local(sys.argv[1])
+use_digest(store.digest_fn)
 mode = sys.argv[2]
 if mode == "gc":
     real = store.chunks.delete
@@ -156,7 +159,7 @@ else:
         for name in ("x", "y"):
             data = (b"%d-%s" % (i, name.encode())) * 30000
             for chunk in split(data, 70_000):
-                store.put_chunk(p.sha256(chunk), chunk)
+                store.put_chunk(store.hash(chunk), chunk)
             store.commit(new_version(name, data, commit=f"{name}{i}", chunk_size=70_000))
             print("committed", name, i, flush=True)
 """
@@ -192,8 +195,10 @@ def _check_whole(store):
         digests = list(store.digests(version))
         data = b"".join(p.unpack_data(store.read_chunk(d)) for d in digests)  # each verified
         extents = store.listing(version)[0]
-        pages = p.page_ids(extents, p.join_digests(digests))
-        assert len(data) == version.size and version.digest == p.tree_digest(extents, pages)
+        pages = p.page_ids(extents, p.join_digests(digests), store.hash)
+        assert len(data) == version.size and version.digest == p.tree_digest(
+            extents, pages, store.hash
+        )
     assert gc.fsck_page(store)["damaged"] == []
 
 

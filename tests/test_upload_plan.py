@@ -4,6 +4,7 @@ derived from them, for every shape of file."""
 import os
 
 import pytest
+from storage_helpers import h
 
 from fms import wire as p
 from fms.client.upload import HASH_AHEAD, plan_file
@@ -20,12 +21,12 @@ def test_plan_has_every_chunk_digest_in_order_and_the_digest_they_give(tmp_path,
     data = os.urandom(size)
     path = tmp_path / "f"
     path.write_bytes(data)
-    plan = plan_file(str(path), CHUNK)
-    digests = [p.sha256(data[i : i + CHUNK]) for i in range(0, size, CHUNK)]
+    plan = plan_file(str(path), CHUNK, h)
+    digests = [h(data[i : i + CHUNK]) for i in range(0, size, CHUNK)]
     assert plan.size == size and plan.chunks() == digests
     extents = ((CHUNK, size),) if size else ()
-    pages = [p.sha256(b"".join(digests))] if digests else []  # one page: up to 65,536 chunks
-    assert plan.digest == p.tree_digest(extents, pages) == p.inline_digest(extents, digests)
+    pages = [h(b"".join(digests))] if digests else []  # one page: up to 65,536 chunks
+    assert plan.digest == p.tree_digest(extents, pages, h) == p.inline_digest(extents, digests, h)
     assert plan.page_ids == (pages if len(digests) > p.INLINE_CHUNKS else None)
     assert plan.inline == (data if p.travels_inline(size, len(digests)) else None)
 
@@ -35,4 +36,4 @@ def test_a_file_over_the_manifest_cap_is_refused_before_it_is_read(tmp_path):
     with open(path, "wb") as f:
         f.truncate((p.MAX_FILE_CHUNKS + 1) * CHUNK)  # sparse: nothing to read, much to refuse
     with pytest.raises(TooLarge, match="larger chunks"):
-        plan_file(str(path), CHUNK)
+        plan_file(str(path), CHUNK, h)

@@ -14,6 +14,7 @@ A client that reads never has a reply shed.
 
 import collections
 import heapq
+import math
 from collections.abc import Callable, Iterable
 from typing import NamedTuple, Protocol
 
@@ -27,6 +28,7 @@ from .transit import Transit
 SMALL_REPLY = 4 * limits.KiB  # the bound of an op not in REPLY_BOUNDS (a stat, an ack)
 CHUNK_GUESS = 1 * limits.MiB  # a chunk of unknown size, in a worker's credit
 CHUNK_SIZES_KEPT = 65536  # chunk sizes remembered (LRU), for the bounds below
+TRANSIT_RECOUNT = 0.01  # seconds: the least time between counts of every client's transit
 
 
 def _chunk(header: dict, size: int, seen: int) -> int:
@@ -182,6 +184,7 @@ class Admission:
         self.busy = 0  # heavy requests answered `busy`: past a limit
         self.kicked = 0  # clients disconnected: they held room in transit and took nothing
         self._sizes: collections.OrderedDict = collections.OrderedDict()  # digest -> size (LRU)
+        self._counted = -math.inf  # when what is in transit was last counted for every client
 
     def seen(self, digest: bytes) -> int:
         """The size of chunk ``digest`` in the last reply that carried it, or 0."""
@@ -296,6 +299,8 @@ class Admission:
                     "the broker holds as many requests as it may for all clients; retry "
                     "in a moment (retried with backoff)"
                 )
+        if self.replies_held() + reserve > limits.TOTAL_REPLY_BYTES:
+            self._count_transit(now)  # what clients took frees room, and says who reads
         while self.replies_held() + reserve > limits.TOTAL_REPLY_BYTES:
             if not (shedder and self._shed(held, False, shedder, now)):
                 return (
@@ -303,6 +308,14 @@ class Admission:
                     "moment (retried with backoff)"
                 )
         return None
+
+    def _count_transit(self, now: float) -> None:
+        """Read what every client took of what is in transit, before making room: at most
+        once per TRANSIT_RECOUNT, so a burst of hundreds of requests finding the total full
+        costs one count, not one per request (each is a system call per client)."""
+        if now - self._counted >= TRANSIT_RECOUNT:
+            self._counted = now
+            self.transit.sweep(now)
 
     def holding(self, ident: bytes) -> int:
         """Reply bytes held for ``ident``: in its outbox, in transit, and reserved."""
@@ -323,8 +336,6 @@ class Admission:
         if uploads:
             holdings = self.req_bytes.items()
         else:
-            for ident in list(self.transit.flows):  # what is in transit, up to date
-                self.transit.refresh(ident, now)
             clients = {*self.outboxes.boxes, *self.transit.flows, *self.reserved}
             holdings = ((i, self.holding(i)) for i in clients)
         heap = [(-held, n, i) for n, (i, held) in enumerate(holdings) if held > holding]

@@ -6,8 +6,8 @@ For each message a client or a worker sends, the core decides what to send to wh
 - a client's request is checked (version, op, frame count, its key still allowed), admitted
   within its budgets (admission.py), and dispatched to a service's worker (dispatch.py,
   routing.py) with the key the loop authenticated (``u``, and ``l`` for a key of the ``--allow``
-  folder) in its route, for the worker to decide what it may do (fms.policy); ``status`` is
-  answered here;
+  folder) in its route, for the worker to decide what it may do (fms.policy); ``status`` and
+  ``hello`` are answered here;
 - a storage worker's ``policy`` route (the store's access snapshot) is kept and passed on to the
   other workers (keys.py);
 - a worker's ``ready`` registers it (registry.py), its heartbeats keep it alive, its reply goes
@@ -129,6 +129,9 @@ class Core:
             self.replies.deliver(origin, [p.encode(p.ok_reply(req_id, **self.status()))])
             self.metrics.answered(op, "ok", 0.0)
             return
+        if op == "hello":
+            self._hello(origin, req_id)
+            return
         service = p.OP_SERVICE[op]
         if header.get("fresh") is True and op in ("get", "chunk", "page", "get_many"):
             # The client found what the cache gave it corrupt: this once, ask storage itself.
@@ -137,6 +140,24 @@ class Core:
         self._submit(
             service, op, header, origin, frames, now, request, ticket.reserve, ticket.heavy, user
         )
+
+    def _hello(self, origin: dict, req_id: object) -> None:
+        """What a client needs before it hashes: the store and its digest function, as the
+        storage workers announced them (``unavailable`` until one has)."""
+        if self.registry.store is None:
+            self.replies.error(
+                origin,
+                req_id,
+                "unavailable",
+                "no storage worker has registered yet, so the store's digest function is "
+                "not known; retry",
+                op="hello",
+            )
+            return
+        store_id, digest_fn = self.registry.store
+        reply = p.ok_reply(req_id, store=store_id, digest_fn=digest_fn)
+        self.replies.deliver(origin, [p.encode(reply)])
+        self.metrics.answered("hello", "ok", 0.0)
 
     def _submit(
         self,
@@ -269,13 +290,29 @@ class Core:
             return
         if self.registry.get(ident) is not None:
             self.dispatcher.worker_lost(ident, "registered again")
-        self.registry.add(ident, service, worker_id, store_id)
+        digest_fn = route.get("digest_fn") if service == p.STORAGE else None
+        changed = self.registry.add(ident, service, worker_id, store_id, digest_fn)
         # `pol`: this broker passes the store's access snapshot on (keys.py); the newest one
         # follows the welcome.
-        self._send_route(ident, {"t": "welcome", "pol": True})
+        self._send_route(ident, self._welcome())
         if self.keys.frames is not None:
             self.transport.to_worker(ident, self.keys.frames)
+        if changed:
+            # Caches verify what storage sends them with the store's digest function: they
+            # hear of it (again: a later welcome only updates it) before any request reaches
+            # this worker, so before any of its replies (the pipes are FIFO).
+            for cache in self.registry.of(p.CACHE):
+                self._send_route(cache.ident, self._welcome())
         log.info("event=worker_ready service=%s worker=%s store=%s", service, worker_id, store_id)
+
+    def _welcome(self) -> dict:
+        """The ``welcome`` route: ``pol`` (this broker passes access snapshots on), and the
+        store's digest function once it is known."""
+        known = self.registry.store
+        route = {"t": "welcome", "pol": True}
+        if known is not None:
+            route["digest_fn"] = known[1]
+        return route
 
     def _reply(self, worker: Worker, route: dict, body: list) -> None:
         key = route.get("k")

@@ -8,6 +8,7 @@ queued work is dropped at once.  Timers: the core's sweep (deadlines), heartbeat
 outboxes that are due.
 """
 
+import ctypes
 import fcntl
 import logging
 import math
@@ -80,13 +81,7 @@ class ZmqTransport:
         fd = self.client_fd.get(ident)
         if fd is None:
             return None
-        try:
-            info = _on_fd(fd, lambda s: s.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _INFO_LEN))
-        except OSError:
-            return None
-        if not isinstance(info, bytes) or len(info) < _BYTES_ACKED + 8:
-            return None
-        return struct.unpack_from("Q", info, _BYTES_ACKED)[0]
+        return _bytes_acked(fd)
 
     def disconnect(self, ident: bytes) -> bool:
         """Shut this client's connection down: ZeroMQ sees it close and drops its queue."""
@@ -102,6 +97,26 @@ class ZmqTransport:
 _TCP_INFO = getattr(socket, "TCP_INFO", 11)
 _INFO_LEN = 232  # bytes of struct tcp_info read (Linux)
 _BYTES_ACKED = 120  # offset of tcpi_bytes_acked in struct tcp_info (Linux 4.1 and later)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_getsockopt = getattr(_libc, "getsockopt", None)
+
+
+def _bytes_acked(fd: int) -> int | None:
+    """``tcpi_bytes_acked`` of the TCP connection on descriptor ``fd``; None if it is not one
+    (or not Linux).  Read straight from getsockopt(2): admission asks it of every client with
+    bytes in transit when the total is full, and a socket object made over the descriptor for
+    each question cost ten times the question."""
+    if _getsockopt is None:
+        return None
+    info = ctypes.create_string_buffer(_INFO_LEN)
+    size = ctypes.c_uint32(_INFO_LEN)
+    if _getsockopt(fd, socket.IPPROTO_TCP, _TCP_INFO, info, ctypes.byref(size)) != 0:
+        return None  # not a TCP socket (or gone)
+    if size.value < _BYTES_ACKED + 8:
+        return None
+    return struct.unpack_from("Q", info.raw, _BYTES_ACKED)[0]
 
 
 def _on_fd(fd: int, use: Callable[[socket.socket], object]) -> object | None:

@@ -2,10 +2,11 @@
 they are still alive.
 
 A worker announces itself with a ``ready`` route (its service, a stable worker id, the store it
-serves, the protocol version); the registry decides whether it may serve (:meth:`Registry.check`),
-keeps it while its messages and heartbeats keep arriving (each pushes its expiry on by
-``HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS``: the zguide's Paranoid Pirate), and forgets it when it
-says bye, expires or cannot be reached.  It also keeps the counters a cache worker reports in its
+serves and, from storage, the store's digest function, the protocol version); the registry
+decides whether it may serve (:meth:`Registry.check`), keeps it while its messages and
+heartbeats keep arriving (each pushes its expiry on by ``HEARTBEAT_INTERVAL *
+HEARTBEAT_LIVENESS``: the zguide's Paranoid Pirate), and forgets it when it says bye, expires
+or cannot be reached.  It also keeps the counters a cache worker reports in its
 heartbeats.  It knows nothing of requests beyond each worker's count of them in flight.
 """
 
@@ -35,6 +36,7 @@ class Worker:
     served: int = 0
     last_used: int = 0  # request key of its latest dispatch
     stats: dict = field(default_factory=dict)  # a cache's counters, from its heartbeats
+    digest_fn: str | None = None  # storage: its store's digest function
 
 
 class Refused(Exception):
@@ -66,6 +68,9 @@ class Registry:
         self.workers: dict[bytes, Worker] = {}
         self._by_service: dict[str, list] = {}
         self._seen: dict = {}  # (cache worker id, counter) -> value its heartbeat last had
+        # (store id, digest function) of the storage worker registered last: what `hello` and
+        # the caches' `welcome` say, also while no storage worker is connected.
+        self.store: tuple[str | None, str] | None = None
 
     def get(self, ident: bytes) -> Worker | None:
         return self.workers.get(ident)
@@ -80,8 +85,9 @@ class Registry:
     def check(self, ident: bytes, route: dict) -> tuple:
         """What a ``ready`` route registers: ``(service, worker_id, store_id)``.
 
-        :raises Refused: another protocol version, an unknown service, or a storage worker of
-            another store than the broker serves.
+        :raises Refused: another protocol version, an unknown service, a storage worker of
+            another store than the broker serves, or one whose digest function is unknown or
+            not its store's.
         """
         service = route.get("svc")
         worker_id = str(route.get("wid", ident.hex()))[:MAX_ID_LEN]
@@ -111,13 +117,41 @@ class Registry:
                     f"(sharding across stores comes later); it retries every second",
                     retry=True,
                 )
+            digest_fn = route.get("digest_fn")
+            if digest_fn not in p.DIGEST_FUNCTIONS:
+                raise Refused(
+                    f"unknown digest function {digest_fn!r:.40}; this broker knows "
+                    f"{', '.join(p.DIGEST_FUNCTIONS)}: upgrade the broker or the worker"
+                )
+            known = self.store
+            if known is not None and known[0] == store_id and known[1] != digest_fn:
+                raise Refused(
+                    f"this worker says its store uses {digest_fn}, the storage workers of the "
+                    f"same store registered before said {known[1]}: two stores share one id "
+                    f"(a copied data directory?); it retries every second",
+                    retry=True,
+                )
         return service, worker_id, store_id
 
-    def add(self, ident: bytes, service: str, worker_id: str, store_id: str | None) -> Worker:
+    def add(
+        self,
+        ident: bytes,
+        service: str,
+        worker_id: str,
+        store_id: str | None,
+        digest_fn: str | None = None,
+    ) -> bool:
+        """Register a worker (checked).  :return: whether the store's digest function became
+        known or changed (a storage worker of another store than the last one): the caches
+        must be told."""
         worker = Worker(ident, service, worker_id, store_id, time.monotonic() + LIVENESS)
+        worker.digest_fn = digest_fn
         self.workers[ident] = worker
         self._changed()
-        return worker
+        if service != p.STORAGE or digest_fn is None:
+            return False
+        before, self.store = self.store, (store_id, digest_fn)
+        return before is None or before[1] != digest_fn
 
     def remove(self, ident: bytes) -> Worker | None:
         worker = self.workers.pop(ident, None)

@@ -12,11 +12,11 @@ costs storage):
   waiting for its write is answered from memory;
 - a *hot* memory tier (least recently used out, at most ``memory_bytes``) keeps main entries
   that were read: a hit there costs no open, read or hash, since each was verified against its
-  sha256 when it was filled;
+  digest when it was filled;
 - a read from disk is checked against the CRC-32 recorded when the chunk was filled (part of
   its file name), about 3x cheaper than a sha256 of the same bytes (measured: 0.19 against
   0.55 ms per MiB); a mismatch (bit rot) drops the chunk, which is refetched and verified.
-  Storage and the client keep checking sha256 (DESIGN.md invariant 3).
+  Storage and the client keep checking the store's digest (DESIGN.md invariant 3).
 """
 
 import collections
@@ -36,9 +36,12 @@ from .policy import WTinyLFU
 
 log = logging.getLogger("fms.cache")
 
-HOT_BYTES_MAX = 64 * 1024 * 1024  # default bound of the hot memory tier...
+# What the cache holds in memory, whatever its size on disk: the window (the policy's
+# WINDOW_BYTES_MAX, 16 MiB), the hot tier and the chunks waiting for the disk: at most 96 MiB of
+# chunks in all, so a cache process stays under 150 MiB while it moves files of any size.
+HOT_BYTES_MAX = 48 * 1024 * 1024  # default bound of the hot memory tier...
 HOT_SHARE = 0.5  # ...and at most this share of the cache's bytes
-WRITE_BEHIND_MAX = 64 * 1024 * 1024  # bytes waiting for the disk; past this, not admitted
+WRITE_BEHIND_MAX = 32 * 1024 * 1024  # bytes waiting for the disk; past this, not admitted
 
 
 class ChunkCache:
@@ -114,6 +117,13 @@ class ChunkCache:
     @property
     def bytes(self) -> int:
         return self.policy.bytes
+
+    @property
+    def memory_held(self) -> int:
+        """Bytes of chunks held in memory: the window's, the hot tier's and those waiting for
+        the disk (a frame in two of them counted twice)."""
+        window = sum(len(frame) for frame in self._window.values())
+        return window + self._hot_bytes + self._writer.backlog
 
     @property
     def evictions(self) -> int:

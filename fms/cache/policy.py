@@ -5,8 +5,8 @@ backup, a crawler, a ``get -r``) flushed the hot set, and 1 MiB chunks of large,
 files held most of the bytes.  W-TinyLFU (Einziger, Friedman, Manes: "TinyLFU: A Highly
 Efficient Cache Admission Policy", 2017; the policy of Caffeine) keeps:
 
-- a *window*, a small LRU (1 % of the bytes) every new entry enters, so a burst of new keys that
-  are read again soon still hits;
+- a *window*, a small LRU (1 % of the bytes, at most ``WINDOW_BYTES_MAX``: the cache keeps it in
+  memory) every new entry enters, so a burst of new keys that are read again soon still hits;
 - a *main* segmented LRU (probation, then protected: 80 % of the main bytes) for the rest;
 - a *frequency sketch* (count-min, 4-bit counters, halved every ``RESET_FACTOR`` x its width
   increments so old popularity fades) counting every access, hit or miss, resident or not.
@@ -27,7 +27,8 @@ import zlib
 from collections.abc import Hashable
 from typing import Generic, TypeVar
 
-WINDOW_SHARE = 0.01  # of the bytes: the admission window (Caffeine's default)
+WINDOW_SHARE = 0.01  # of the bytes: the admission window (Caffeine's default)...
+WINDOW_BYTES_MAX = 16 * 1024 * 1024  # ...and at most this: the window lives in memory
 PROTECTED_SHARE = 0.80  # of the main bytes: the protected segment
 SKETCH_DEPTH = 4  # rows of the count-min sketch
 COUNTER_MAX = 15  # 4-bit counters
@@ -111,7 +112,7 @@ class WTinyLFU(Generic[K]):
 
     def __init__(self, capacity: int, expected_entries: int | None = None) -> None:
         self.capacity = capacity
-        self.window_max = max(1, int(capacity * WINDOW_SHARE))
+        self.window_max = max(1, min(int(capacity * WINDOW_SHARE), WINDOW_BYTES_MAX))
         self.main_max = capacity - self.window_max
         self.protected_max = int(self.main_max * PROTECTED_SHARE)
         self.sketch = FrequencySketch(expected_entries or capacity // 4096)

@@ -1,8 +1,10 @@
 """The cache service: answers get and chunk from the cache, forwards misses to storage.
 
 A miss becomes one fetch to storage however many requests wait for the same key; storage pushes
-the data back here, the cache verifies it, fills itself and answers every waiter.  Manifest fills
-go through :class:`~fms.cache.manifests.ManifestCache`, which refuses stale ones (see there).
+the data back here, the cache verifies it (with the store's digest function, which the broker's
+``welcome`` names: :meth:`CacheService.on_store`), fills itself and answers every waiter.
+Manifest fills go through :class:`~fms.cache.manifests.ManifestCache`, which refuses stale ones
+(see there).
 
 Each reply's route frame tells the broker whether it was a hit, and a ``get`` reply how many
 chunk requests the client will make for that file (0 when its content came along, or when it is
@@ -87,6 +89,8 @@ class CacheService:
         self.hits = 0
         self.misses = 0
         self.fetches = 0
+        # the store's digest function's helper, once the broker has said it
+        self.hash: p.Hasher | None = None
         self._ids = itertools.count(1)
         self._fetches: dict[int, Fetch] = {}  # fetch id -> Fetch
         # (kind, key) -> fetch id of the newest fetch for that key
@@ -222,10 +226,13 @@ class CacheService:
         digest, kept in the chunk cache alike.  ``fresh`` (a page the client found damaged):
         from storage, whatever is cached."""
         digest = p.need_hash(header, "hash")
+        # The chunk's length, as the client gave it, goes along on a fetch: storage reads a
+        # blob from a backend far away side by side with the others (fms.storage.service).
+        size = p.need_int(header, "len", hi=p.MAX_CHUNK_SIZE, optional=True)
         if not who.all and not self._listed(who, header, kind, digest):
             # Its file's manifest (or page) is not here to tell: storage decides, for `who`.
             where: dict[str, Any] = {k: header[k] for k in ("name", "page", "at") if k in header}
-            self._wait(kind, digest, route, header["id"], {**where, "as": who.name})
+            self._wait(kind, digest, route, header["id"], {**where, "as": who.name}, size)
             return
         fresh = p.need(header, "fresh", bool, optional=True, default=False)
         frame = None if fresh else self.chunks.get(digest)
@@ -234,7 +241,7 @@ class CacheService:
             self.link.reply(route, p.ok_reply(header["id"]), frame, cache="hit")
             return
         self.misses += 1
-        self._wait(kind, digest, route, header["id"])
+        self._wait(kind, digest, route, header["id"], size=size)
 
     def _listed(self, who: Identity, header: dict[str, Any], kind: str, digest: bytes) -> bool:
         """Whether ``who`` (who may not read the whole store) reads this chunk or page through
@@ -272,9 +279,12 @@ class CacheService:
         route: dict[str, Any],
         req_id: int | str,
         extra: dict[str, Any] | None = None,
+        size: int | None = None,
     ) -> None:
         """Join the open fetch for this key if it is still fresh, else start one; ``extra``
-        fields (a fetch made for one identity) make a fetch of its own, joined by none."""
+        fields (a fetch made for one identity) make a fetch of its own, joined by none.
+        ``size``: a chunk's length as the client gave it, sent along on the fetch (storage
+        reads a blob from a backend far away side by side with the others)."""
         fetch_id = self._open.get((kind, key)) if extra is None else None
         fetch = self._fetches.get(fetch_id) if fetch_id is not None else None
         # a get (its key is a name) joins a fetch only while no invalidation came since
@@ -285,7 +295,9 @@ class CacheService:
             if extra is None:
                 self._open[(kind, key)] = fetch_id
             self.fetches += 1
-            fields = {"name": key} if kind == "get" else {"hash": key}
+            fields: dict[str, Any] = {"name": key} if kind == "get" else {"hash": key}
+            if size is not None:
+                fields["len"] = size
             fields.update(extra or {})
             self.link.request(
                 p.STORAGE,
@@ -339,8 +351,10 @@ class CacheService:
         self, digest: p.Digest, payload: memoryview | None
     ) -> tuple[p.Digest, memoryview]:
         """:return: the digest to cache ``payload`` under, and ``payload``, once they match."""
-        if payload is None or p.sha256(payload) != digest:
-            raise BadRequest(f"chunk {digest.hex()[:16]} does not match its sha256")
+        if self.hash is None:  # the broker names it before any storage reply can come
+            raise BadRequest("the store's digest function is not known yet")
+        if payload is None or self.hash(payload) != digest:
+            raise BadRequest(f"chunk {digest.hex()[:16]} does not match its digest")
         return digest, payload
 
     def _fill_manifest(
@@ -355,8 +369,8 @@ class CacheService:
             raise BadRequest("manifest is for another name")
         inline = None
         if _inline(manifest):
-            if payload is None or p.sha256(payload) != manifest["chunks"][0]:
-                raise BadRequest("inline content does not match its sha256")
+            if payload is None or not p.inline_ok(manifest, payload):
+                raise BadRequest("inline content does not match its digest")
             inline = manifest["chunks"][0], payload
         if not self.manifests.fill(name, manifest, token):
             log.debug("event=stale_fill_dropped name=%r", name)
@@ -490,6 +504,12 @@ class CacheService:
     def on_register(self) -> None:
         # A broker we were cut off from may have acked writes we never heard of.
         self.manifests.invalidate_all()
+
+    def on_store(self, digest_fn: str) -> None:
+        """The store's digest function (from the broker's ``welcome``): what storage's replies
+        are checked with.  Chunks cached under another store's function stay: a digest of one
+        function is never that of other bytes under the other."""
+        self.hash = p.hasher(digest_fn)
 
     def tick(self, now: float) -> None:
         expired = [(fid, f) for fid, f in self._fetches.items() if now - f.started > FETCH_TIMEOUT]

@@ -92,7 +92,7 @@ def open_client(args: Namespace) -> Iterator[Client]:
 
 class _ProgressBars:
     """Progress on stderr, drawn by tqdm (percent, rate, ETA): for one file over PROGRESS_MIN,
-    a bar of its sha256 being computed (before an upload, ``hashing``), then on the same line a
+    a bar of its digests being computed (before an upload, ``hashing``), then on the same line a
     new bar of its chunks moving; for a tree (between ``tree`` and ``close``), one bar of all
     its bytes with the files done beside it, moved as each file is done."""
 
@@ -104,7 +104,7 @@ class _ProgressBars:
 
     def hashing(self, name: str, done: int, total: int) -> None:
         if self.files is None:
-            self._file((name, "sha256"), done, total, f"{name} (sha256)")
+            self._file((name, "hashing"), done, total, f"{name} (hashing)")
 
     def __call__(self, name: str, done: int, total: int | None) -> None:
         if self.files is not None and self.bar is not None:
@@ -122,10 +122,10 @@ class _ProgressBars:
             # A fresh bar for each phase: a bar reset to 0 keeps its rate and its pace of
             # redrawing, which the hashing set (the upload's bar sat at 0 %, then showed TB/s).
             self.close(keep=False)
-            bar = self.bar = _bar(total, desc, leave=key[1] != "sha256")
+            bar = self.bar = _bar(total, desc, leave=key[1] != "hashing")
             self.key = key
         bar.update(done - bar.n)
-        if key[1] == "sha256" and total is not None and done >= total:
+        if key[1] == "hashing" and total is not None and done >= total:
             bar.refresh()  # drawn at 100 % before the upload takes the line
 
     def tree(self, files: int, nbytes: int, verb: str) -> None:

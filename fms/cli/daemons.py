@@ -160,7 +160,9 @@ def cmd_storage(args: Namespace) -> int:
         os.makedirs(DEFAULT_DATA, exist_ok=True)  # the default just works; a given path must exist
 
     def opened() -> "Store":
-        store = open_store(args.data, args.meta, args.chunks, args.keep_versions, args.keep_for)
+        store = open_store(
+            args.data, args.meta, args.chunks, args.keep_versions, args.keep_for, args.digest
+        )
         store.meta.audit_keep = args.audit_days * 86400
         return store
 
@@ -188,7 +190,12 @@ def cmd_storage(args: Namespace) -> int:
         return EXIT_OK
     store.chunks.clean_tmp()
     log = logging.getLogger("fms.storage")
-    ready = {"svc": p.STORAGE, "wid": _worker_id(args, "storage"), "store": store.store_id}
+    ready = {
+        "svc": p.STORAGE,
+        "wid": _worker_id(args, "storage"),
+        "store": store.store_id,
+        "digest_fn": store.digest_fn,
+    }
     try:
         link = _link(args, ready, log)
     except BaseException:

@@ -923,6 +923,14 @@ def _storage(cmd: argparse.ArgumentParser) -> None:
     _keep_versions_arg(cmd)
     _keep_for_arg(cmd)
     cmd.add_argument(
+        "--digest",
+        choices=p.DIGEST_FUNCTIONS,
+        default=None,
+        help="the digest function a new store records: blake3 (the default, several times "
+        "faster) or sha256 (what stores made before the choice use); an existing store keeps "
+        "its own, and naming another is refused",
+    )
+    cmd.add_argument(
         "--print-store-id",
         action="store_true",
         help="print the store's id (for the broker's --store) and exit",
@@ -953,7 +961,7 @@ def _cache(cmd: argparse.ArgumentParser) -> None:
         default=None,
         metavar="SIZE",
         help="chunks also kept in memory, answered without a disk read (default: "
-        "the smaller of 64M and half of --max-bytes; 0: none)",
+        "the smaller of 48M and half of --max-bytes; 0: none)",
     )
     cmd.add_argument(
         "--max-file",

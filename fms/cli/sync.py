@@ -123,16 +123,14 @@ def _prefix(remote: str) -> str:
     return prefix + "/" if prefix else ""
 
 
-def _same(path: str, stat: dict[str, Any], chunk_size: int) -> bool:
-    return (
-        os.path.getsize(path) == stat["size"] and _digest(path, stat, chunk_size) == stat["digest"]
-    )
+def _same(client: Client, path: str, stat: dict[str, Any]) -> bool:
+    return os.path.getsize(path) == stat["size"] and _digest(client, path, stat) == stat["digest"]
 
 
-def _digest(path: str, stat: dict[str, Any], chunk_size: int) -> str:
+def _digest(client: Client, path: str, stat: dict[str, Any]) -> str:
     """The digest of a local file as the stored one's was made (hex): of its content (kind
-    ``content``, files stored before protocol 2), else from its chunk digests in the stored
-    file's chunk size."""
+    ``content``, files stored before protocol 2: sha256), else from its chunk digests in the
+    stored file's chunk size, with the store's digest function."""
     if stat["digest_kind"] == "content":
         import hashlib
 
@@ -141,7 +139,8 @@ def _digest(path: str, stat: dict[str, Any], chunk_size: int) -> str:
             while piece := f.read(1 << 20):
                 whole.update(piece)
         return whole.hexdigest()
-    return plan_file(path, stat.get("chunk_size") or chunk_size).digest.hex()
+    chunk_size = stat.get("chunk_size") or client.chunk_size
+    return plan_file(path, chunk_size, client.session.hasher()).digest.hex()
 
 
 def _stored(client: Client, prefix: str, wanted: Wanted) -> dict[str, dict[str, Any]]:
@@ -163,7 +162,7 @@ def _upload_plan(client: Client, folder: str, prefix: str, wanted: Wanted) -> Pl
     same = 0
     for path, rel in files:
         stat = stored.pop(rel, None)
-        if stat is not None and _same(path, stat, client.chunk_size):
+        if stat is not None and _same(client, path, stat):
             same += 1
         else:
             send.append((path, prefix + rel, os.path.getsize(path)))
@@ -185,7 +184,7 @@ def _download_plan(client: Client, prefix: str, folder: str, wanted: Wanted) -> 
     same, wanted_paths = 0, set()
     for (name, path), e in zip(items, stored.values(), strict=True):
         wanted_paths.add(path)
-        if os.path.isfile(path) and _same(path, e, client.chunk_size):
+        if os.path.isfile(path) and _same(client, path, e):
             same += 1
         else:
             send.append((name, path, e["size"]))

@@ -211,7 +211,7 @@ class Client:
             name=name,
             extents=b"",
             chunks=[],
-            digest=p.inline_digest((), []),
+            digest=p.inline_digest((), [], self.session.hasher()),
             mtime=time.time() if mtime is None else mtime,
             commit=os.urandom(16).hex(),
             **fields,
@@ -261,6 +261,7 @@ class Client:
         metadata (default none).  :return: its stat.  :raises NotFound: a part is not stored.
         """
         name = p.check_name(name)
+        hash_fn = self.session.hasher()
         extents: list[p.Extent] = []
         pages: list[p.Digest] = []
         for part in parts:
@@ -273,7 +274,7 @@ class Client:
                 digests = [d for _i, _o, _n, d, _z in listing.items()]
             for page in p.pages_of(listing.extents, digests):
                 blob = p.join_digests(page)
-                pages.append(p.sha256(blob))
+                pages.append(hash_fn(blob))
                 self.call("put_page", data=p.pack_data(blob), hash=pages[-1])
         fields: dict[str, Any] = {"meta": p.check_meta(meta)} if meta else {}
         header, _ = self.call(
@@ -281,7 +282,7 @@ class Client:
             name=name,
             extents=p.pack_extents(extents),
             pages=pages,
-            digest=p.tree_digest(extents, pages),
+            digest=p.tree_digest(extents, pages, hash_fn),
             mtime=time.time(),
             commit=os.urandom(16).hex(),
             **fields,
@@ -463,7 +464,7 @@ class Client:
         if meta is None:
             return self.put_many([(path, name)])[0]
         p.check_meta(meta)
-        plan = upload.plan_file(path, self.chunk_size, self._hashing(name))
+        plan = upload.plan_file(path, self.chunk_size, self.session.hasher(), self._hashing(name))
         plan.meta = meta
         return self._put_planned([(path, name, plan)])[0]
 
@@ -477,7 +478,7 @@ class Client:
         """Upload bytes held in memory (for small data; large files should use :meth:`put`)."""
         name = p.check_name(name)  # in NFC, as storage keeps it
         data = bytes(data)
-        plan = upload.plan_bytes(data, self.chunk_size, mtime)
+        plan = upload.plan_bytes(data, self.chunk_size, mtime, self.session.hasher())
         plan.meta = p.check_meta(meta) if meta else None
         return self._put_planned([(data, name, plan)])[0]
 
@@ -490,9 +491,13 @@ class Client:
         :return: the stat of each, in order.
         """
         checked = [(path, p.check_name(name)) for path, name in items]  # every name, first
+        if not checked:
+            return []
+        # Asked now: the plans are made while the upload's pipeline runs.
+        hash_fn = self.session.hasher()
         return self._put_planned(
             (
-                (path, name, upload.plan_file(path, self.chunk_size, self._hashing(name)))
+                (path, name, upload.plan_file(path, self.chunk_size, hash_fn, self._hashing(name)))
                 for path, name in checked
             ),
             done,

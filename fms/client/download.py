@@ -19,7 +19,7 @@ import os
 import stat
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple, Protocol, TypeAlias
 
 import zmq
 
@@ -71,17 +71,12 @@ def chunk_list(session: Session, manifest: dict[str, Any], via: Via = None) -> C
     return listing
 
 
-def _one_chunk_of(manifest: dict[str, Any], data: p.BytesLike) -> bool:
-    """Whether ``data`` is the one chunk of the small file ``manifest`` describes."""
-    return len(data) == manifest["size"] and p.sha256(data) == manifest["chunks"][0]
-
-
 def fetch_whole(
     session: Session, name: str, manifest: dict[str, Any], data: p.BytesLike
 ) -> tuple[dict[str, Any], p.BytesLike]:
     """The verified content of a small file that came with its manifest (``data``); if it does
     not match, asked once more from storage itself (``fresh``).  :return: (manifest, data)."""
-    if _one_chunk_of(manifest, data):
+    if p.inline_ok(manifest, data):
         ChunkList(manifest, None)  # its one-chunk list gives its digest
         return manifest, data
     with session.aside() as aside:
@@ -110,10 +105,10 @@ def download_to_file(
 ) -> None:
     """Fetch every chunk pipelined into the file ``out`` (open for writing, empty): while this
     thread receives, :data:`VERIFY_THREADS` threads check each chunk against its digest and
-    write it at its offset (hashlib and ``os.pwrite`` release the GIL), so hashing, writing and
-    receiving overlap.  Only verified bytes are written; a chunk that fails is fetched once
-    more from storage itself; a chunk of zeros is a hole.  ``report(name, done, total)`` as
-    chunks land, in order.
+    write it at its offset (the digest helpers and ``os.pwrite`` release the GIL), so hashing,
+    writing and receiving overlap.  Only verified bytes are written; a chunk that fails is
+    fetched once more from storage itself; a chunk of zeros is a hole.  ``report(name, done,
+    total)`` as chunks land, in order.
 
     :raises IntegrityError: a chunk does not match its digest, also from storage.
     """
@@ -152,13 +147,15 @@ def download_to_file(
                 nonlocal done
                 (offset, length, digest, where), future = pending.popleft()
                 if not future.result():
-                    _write_at(fd, _refetch(session, where["name"], digest, length, where), offset)
+                    refetched = _refetch(session, listing, digest, length, where)
+                    _write_at(fd, refetched, offset)
                 done += length
                 report(manifest["name"], done + holes, manifest["size"])
 
             for piece, _header, frame in session.pipeline(requests(), window):
                 data = p.unpack_data(frame.buffer) if frame is not None else memoryview(b"")
-                pending.append((piece, pool.submit(_verify_and_write, fd, *piece[:3], data)))
+                future = pool.submit(_verify_and_write, fd, listing.hash, *piece[:3], data)
+                pending.append((piece, future))
                 while pending and (len(pending) > window or pending[0][1].done()):
                     settle()
             while pending:
@@ -168,9 +165,11 @@ def download_to_file(
         report(manifest["name"], manifest["size"], manifest["size"])
 
 
-def _verify_and_write(fd: int, offset: int, length: int, digest: bytes, data: p.BytesLike) -> bool:
+def _verify_and_write(
+    fd: int, hash_fn: p.Hasher, offset: int, length: int, digest: bytes, data: p.BytesLike
+) -> bool:
     """Write a chunk at its offset if it is what the list says.  :return: whether."""
-    if not _chunk_ok(data, length, digest):
+    if not _chunk_ok(hash_fn, data, length, digest):
         return False
     _write_at(fd, data, offset)
     return True
@@ -183,24 +182,37 @@ def _write_at(fd: int, data: p.BytesLike, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
-def _chunk_ok(data: p.BytesLike, length: int, digest: bytes) -> bool:
-    return len(data) == length and p.sha256(data) == digest
+def _chunk_ok(hash_fn: p.Hasher, data: p.BytesLike, length: int, digest: bytes) -> bool:
+    return len(data) == length and hash_fn(data) == digest
+
+
+class FileOf(NamedTuple):
+    """What reading a chunk needs of its file when no chunk list is at hand: its name (storage
+    checks the read against it) and the store's digest function (``hash``), as a
+    :class:`~fms.client.listing.ChunkList` has them."""
+
+    name: str
+    hash: p.Hasher
 
 
 def _refetch(
-    session: Session, name: str, digest: bytes, length: int, where: dict[str, Any] | None = None
+    session: Session,
+    listing: "ChunkList | FileOf",
+    digest: bytes,
+    length: int,
+    where: dict[str, Any] | None = None,
 ) -> memoryview:
-    """A chunk once more, from storage itself (``fresh``: the broker bypasses the cache),
-    verified; ``where``: its place in file ``name`` (ChunkList.where).  :raises IntegrityError:
-    it does not match either."""
+    """A chunk of ``listing`` once more, from storage itself (``fresh``: the broker bypasses
+    the cache), verified; ``where``: its place in the file (ChunkList.where).
+    :raises IntegrityError: it does not match either."""
     with session.aside() as aside:
         _, frame = aside.call(
-            "chunk", hash=digest, len=length, fresh=True, **(where or {"name": name})
+            "chunk", hash=digest, len=length, fresh=True, **(where or {"name": listing.name})
         )
     data = p.unpack_data(frame.buffer) if frame is not None else memoryview(b"")
-    if not _chunk_ok(data, length, digest):
+    if not _chunk_ok(listing.hash, data, length, digest):
         raise IntegrityError(
-            f"chunk {digest.hex()[:16]} of {name!r} does not match its digest, "
+            f"chunk {digest.hex()[:16]} of {listing.name!r} does not match its digest, "
             f"also from storage; nothing was written, try again"
         )
     return data
@@ -208,20 +220,20 @@ def _refetch(
 
 def fetch_chunk(
     session: Session,
-    name: str,
+    listing: "ChunkList | FileOf",
     digest: bytes,
     length: int,
     via: Via = None,
     where: dict[str, Any] | None = None,
 ) -> memoryview:
-    """A chunk alone, verified (from storage itself if the first copy does not match);
-    ``where``: its place in file ``name`` (ChunkList.where)."""
-    where = where or {"name": name}
+    """A chunk of ``listing`` alone, verified (from storage itself if the first copy does not
+    match); ``where``: its place in the file (ChunkList.where)."""
+    where = where or {"name": listing.name}
     _, frame = session.call("chunk", hash=digest, len=length, **where, **(via or {}))
     data = p.unpack_data(frame.buffer) if frame is not None else memoryview(b"")
-    if _chunk_ok(data, length, digest):
+    if _chunk_ok(listing.hash, data, length, digest):
         return data
-    return _refetch(session, name, digest, length, where)
+    return _refetch(session, listing, digest, length, where)
 
 
 def iter_chunks(
@@ -268,8 +280,8 @@ def iter_chunks(
     for i, _header, frame in session.pipeline(requests(), window):
         data = p.unpack_data(frame.buffer) if frame is not None else memoryview(b"")
         entry = next(e for e in due if e[0] == i)
-        if not _chunk_ok(data, entry[1], entry[2]):
-            data = _refetch(session, listing.name, entry[2], entry[1], listing.where(entry[0]))
+        if not _chunk_ok(listing.hash, data, entry[1], entry[2]):
+            data = _refetch(session, listing, entry[2], entry[1], listing.where(entry[0]))
         held[i] = data
         yield from ready()
     yield from ready()
@@ -370,7 +382,7 @@ class RemoteFile(io.RawIOBase):
                 zeros_of(length)
                 if zeros
                 else fetch_chunk(
-                    self._session, self.name, digest, length, self._via, self._list.where(index)
+                    self._session, self._list, digest, length, self._via, self._list.where(index)
                 )
             )
         self._buf_start = offset
@@ -393,7 +405,7 @@ class RemoteFile(io.RawIOBase):
 def checked_whole(manifest: dict[str, Any], data: memoryview) -> memoryview:
     """A small file's content, checked against its one chunk's digest (and that against the
     file digest)."""
-    if not _one_chunk_of(manifest, data):
+    if not p.inline_ok(manifest, data):
         raise IntegrityError(
             f"{manifest['name']!r} does not match its digest; nothing was written, try again"
         )
@@ -559,7 +571,7 @@ class SmallFiles:
 def _write_small(dest: str, manifest: dict[str, Any], data: p.BytesLike, fsync: bool) -> bool:
     """Write a small file's content to ``dest`` if it is what ``manifest`` says (its one-chunk
     list giving the file digest).  :return: whether."""
-    if not _one_chunk_of(manifest, data):
+    if not p.inline_ok(manifest, data):
         return False
     ChunkList(manifest, None)
     path, stream = destination(dest)

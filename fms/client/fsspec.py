@@ -17,7 +17,7 @@ and this ``mkdir`` does nothing.
 
 **Reads are ranged.** A file opened for reading is a :class:`fms.client.download.RemoteFile`:
 ``seek`` then ``read`` fetches only the chunks that hold the bytes asked for (and prefetches the
-following ones while reading on), each verified against its sha256.
+following ones while reading on), each verified against its digest.
 
 **Writes stream in bounded memory.** A file opened for writing holds at most one chunk: each
 full chunk is hashed and sent to storage as it fills, and ``close`` commits the file (a file of
@@ -309,7 +309,7 @@ class StreamWriter(io.RawIOBase):
 
     def _send_chunk(self) -> None:
         piece = bytes(self._buf)
-        digest = p.sha256(piece)
+        digest = self.client.session.hasher()(piece)
         self._size += len(piece)
         self._buf.clear()
         try:
@@ -335,7 +335,8 @@ class StreamWriter(io.RawIOBase):
         if self._buf:
             self._send_chunk()
         # The chunks went as they were written: the file digest is derived from their digests.
-        plan = Plan(self._size, self.chunk_size, self._digests, time.time(), None)
+        hash_fn = self.client.session.hasher()
+        plan = Plan(self._size, self.chunk_size, self._digests, time.time(), None, hash_fn)
         commit_plan(self.client.session, self.name, plan)
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:

@@ -3,7 +3,8 @@ byte is fetched, and read a page at a time (:mod:`fms.wire.manifest`).
 
 A manifest carries its chunk list whole when it is short (``chunks``), else the ids of its pages
 (``pages``, with its ``extents``) or only its ``body``'s id; a page or a body is fetched by id
-(``page``) and checked against it.  For a file digest of kind ``tree`` the list itself is
+(``page``) and checked against it.  Every digest is checked with the digest function the
+manifest names (``digest_fn``: the store's).  For a file digest of kind ``tree`` the list itself is
 checked against the digest (it is derived from it), so every byte that is then checked against
 its chunk's digest is the content the digest names: a download needs no second pass over the
 content.  Kind ``content`` (files stored before protocol version 2) was checked by storage
@@ -41,12 +42,13 @@ class ChunkList:
         self.extents: tuple[p.Extent, ...]
         self._inline: list[p.Digest] | None
         self.page_ids: list[p.Digest] | None
+        self.hash = hash_fn = p.manifest_hasher(manifest)
         tree = manifest["digest_kind"] == p.DIGEST_TREE
         if "chunks" in manifest:
             self.extents = p.unpack_extents(manifest["extents"])
             self._inline = list(manifest["chunks"])
             self.page_ids = None
-            if tree and p.inline_digest(self.extents, self._inline) != manifest["digest"]:
+            if tree and p.inline_digest(self.extents, self._inline, hash_fn) != manifest["digest"]:
                 raise self._bad("its chunk list does not give its digest")
         else:
             self._inline = None
@@ -54,7 +56,7 @@ class ChunkList:
             if "pages" in manifest:
                 self.extents = p.unpack_extents(manifest["extents"])
                 self.page_ids = list(manifest["pages"])
-                if p.sha256(p.pack_body(self.extents, self.page_ids)) != body:
+                if hash_fn(p.pack_body(self.extents, self.page_ids)) != body:
                     raise self._bad("its pages do not give its body")
             else:
                 extents, pages = p.unpack_body(self._fetched(body, "its body"))
@@ -103,7 +105,7 @@ class ChunkList:
             raise self._bad(f"{what} is not in it")
         for fresh in (False, True):
             blob = self._fetch(ident, fresh)
-            if p.sha256(blob) == ident:
+            if self.hash(blob) == ident:
                 return blob
         raise self._bad(f"{what} does not match its id, also from storage")
 
@@ -121,7 +123,7 @@ class ChunkList:
             offset,
             min(chunk_size, size - j * chunk_size),
             digest,
-            digest == zero_digest(chunk_size),
+            digest == zero_digest(chunk_size, self.hash),
         )
 
     def where(self, i: int) -> dict[str, Any]:
@@ -148,7 +150,7 @@ class ChunkList:
         i = start
         for e in range(bisect.bisect_right(self._extent_chunk, start) - 1, len(self.extents)):
             chunk_size, size = self.extents[e]
-            zero = zero_digest(chunk_size)
+            zero = zero_digest(chunk_size, self.hash)
             first, base = self._extent_chunk[e], self._extent_offset[e]
             for j in range(i - first, -(-size // chunk_size)):
                 digest = self._digest(first + j)
@@ -174,15 +176,16 @@ class ChunkList:
         return digests[i - self._page_chunk[k]]
 
 
-_ZEROS: dict[int, p.Digest] = {}  # chunk size -> the digest of a chunk of that many zero bytes
+# (digest function, chunk size) -> the digest of that many zero bytes
+_ZEROS: dict[tuple[p.Hasher, int], p.Digest] = {}
 
 
-def zero_digest(chunk_size: int) -> bytes:
-    """The digest of ``chunk_size`` zero bytes (computed once per chunk size: a short last chunk
-    of zeros is fetched as any chunk)."""
-    zero = _ZEROS.get(chunk_size)
+def zero_digest(chunk_size: int, hash_fn: p.Hasher) -> bytes:
+    """The digest of ``chunk_size`` zero bytes under ``hash_fn`` (computed once per chunk size:
+    a short last chunk of zeros is fetched as any chunk)."""
+    zero = _ZEROS.get((hash_fn, chunk_size))
     if zero is None:
         if len(_ZEROS) >= 8:
             _ZEROS.pop(next(iter(_ZEROS)))
-        zero = _ZEROS[chunk_size] = p.sha256(bytes(chunk_size))
+        zero = _ZEROS[(hash_fn, chunk_size)] = hash_fn(bytes(chunk_size))
     return zero

@@ -40,7 +40,7 @@ DEFAULT_TIMEOUT = 5.0  # seconds a request may wait for its reply before a retry
 CONNECT_TIMEOUT = 3.0  # seconds to wait for a connection to the broker
 SEND_TIMEOUT = 1.0  # seconds a send may wait while the connection is down
 DEFAULT_RETRIES = 2  # a request may take (retries + 1) * timeout in all
-RETRY_BACKOFF = 0.25  # seconds before resending after `unavailable`; doubles per try
+RETRY_BACKOFF = 0.1  # seconds before resending after `unavailable`; doubles per try
 RETRY_BACKOFF_MAX = 2.0
 DEFAULT_WINDOW = 8  # requests in flight during a transfer (chunks of one file)
 _HANDSHAKE_FAILED = (
@@ -127,6 +127,7 @@ class Session:
         self._ctx = ctx or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
         self._ids = itertools.count(1)
+        self._digest_fn: str | None = None  # the store's digest function, once asked (hello)
         self._retry_budget: float | None = (
             None  # seconds to retry `unavailable` in (None: the whole budget)
         )
@@ -145,7 +146,7 @@ class Session:
     def aside(self) -> "Session":
         """A new session with the same settings, on a connection of its own: a request sent on
         it takes no reply of a pipeline under way on this one."""
-        return Session(
+        other = Session(
             self.broker,
             timeout=self.timeout,
             retries=self.retries,
@@ -154,6 +155,26 @@ class Session:
             curve=self.curve,
             acting_as=self.acting_as,
         )
+        other._digest_fn = self._digest_fn
+        return other
+
+    def digest_fn(self) -> str:
+        """The name of the store's digest function (what every digest sent is made with),
+        asked of the broker once per session (``hello``)."""
+        if self._digest_fn is None:
+            header, _ = self.call("hello")
+            name = header.get("digest_fn")
+            if name not in p.DIGEST_FUNCTIONS:
+                raise FmsError(
+                    f"the broker says the store's digest function is {name!r:.40}, which this "
+                    f"fms does not know; upgrade fms"
+                )
+            self._digest_fn = name
+        return self._digest_fn
+
+    def hasher(self) -> p.Hasher:
+        """The helper of the store's digest function (:meth:`digest_fn`)."""
+        return p.hasher(self.digest_fn())
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:

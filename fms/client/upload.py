@@ -22,9 +22,10 @@ BATCH_WINDOW = 4  # commit_many messages in flight
 
 
 class Plan:
-    """What an upload will send: the shape, the chunk digests (back to back, 32 bytes each),
-    the pages of a long list, the file digest derived from them, and a small file's content.
-    Memory: 32 bytes per chunk (160 MiB for the largest file storage takes)."""
+    """What an upload will send: the shape, the chunk digests (back to back, 32 bytes each,
+    made with the store's digest function ``hash_fn``), the pages of a long list, the file
+    digest derived from them, and a small file's content.  Memory: 32 bytes per chunk (160 MiB
+    for the largest file storage takes)."""
 
     __slots__ = (
         "chunk_size",
@@ -45,6 +46,7 @@ class Plan:
         digests: p.BytesLike,
         mtime: float,
         inline: bytes | None,
+        hash_fn: p.Hasher,
     ) -> None:
         self.size = size
         self.chunk_size = chunk_size
@@ -54,8 +56,8 @@ class Plan:
         self.meta: dict[str, str] | None = None  # the version's metadata map, if any
         self.extents = ((chunk_size, size),) if size else ()
         p.check_extents(self.extents)  # a file over the cap is refused before it is sent
-        page_ids = p.page_ids(self.extents, self.digests)
-        self.digest = p.tree_digest(self.extents, page_ids)
+        page_ids = p.page_ids(self.extents, self.digests, hash_fn)
+        self.digest = p.tree_digest(self.extents, page_ids, hash_fn)
         self.page_ids = page_ids if self.count > p.INLINE_CHUNKS else None
 
     @property
@@ -94,13 +96,19 @@ Done: TypeAlias = Callable[[int, dict[str, Any]], None]
 Resend: TypeAlias = Callable[[set[p.Digest]], None]
 
 HASH_AHEAD = 4  # chunks read ahead of their digests when hashing a large file
-HASH_THREADS = 2  # chunks hashed side by side (hashlib releases the GIL)
+HASH_THREADS = 2  # chunks hashed side by side (hashlib and blake3 release the GIL)
 
 
-def plan_file(path: str, chunk_size: int, report: Callable[[int, int], None] | None = None) -> Plan:
-    """Hash a local file chunk by chunk in one read pass, :data:`HASH_THREADS` chunks side by
-    side (the file digest is derived from the chunk digests: no second pass); memory of
-    :data:`HASH_AHEAD` chunks.  ``report(done, total)``: called as the bytes are hashed."""
+def plan_file(
+    path: str,
+    chunk_size: int,
+    hash_fn: p.Hasher,
+    report: Callable[[int, int], None] | None = None,
+) -> Plan:
+    """Hash a local file chunk by chunk with ``hash_fn`` (the store's digest function) in one
+    read pass, :data:`HASH_THREADS` chunks side by side (the file digest is derived from the
+    chunk digests: no second pass); memory of :data:`HASH_AHEAD` chunks.  ``report(done,
+    total)``: called as the bytes are hashed."""
     try:
         f = open(path, "rb", buffering=0)
     except IsADirectoryError:
@@ -115,14 +123,15 @@ def plan_file(path: str, chunk_size: int, report: Callable[[int, int], None] | N
             n = read_full(f, view)
             if n < chunk_size:  # one chunk at most: no thread
                 piece = bytes(view[:n])
-                digests = p.sha256(piece) if n else b""
+                digests = hash_fn(piece) if n else b""
                 inline = piece if p.travels_inline(n, 1 if n else 0) else None
-                return Plan(n, chunk_size, digests, st.st_mtime, inline)
+                return Plan(n, chunk_size, digests, st.st_mtime, inline, hash_fn)
             return _plan_large(
                 f,
                 view,
                 chunk_size,
                 st.st_mtime,
+                hash_fn,
                 (lambda done: report(done, st.st_size)) if report else None,
             )
         except OSError as exc:  # a read error (EIO), or a file that cannot seek
@@ -134,6 +143,7 @@ def _plan_large(
     first: memoryview,
     chunk_size: int,
     mtime: float,
+    hash_fn: p.Hasher,
     report: Callable[[int], None] | None = None,
 ) -> Plan:
     from concurrent.futures import ThreadPoolExecutor  # only for files of several chunks
@@ -143,7 +153,7 @@ def _plan_large(
     with ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="fms-hash") as pool:
         piece = first
         while piece:
-            ahead.append(pool.submit(p.sha256, piece))
+            ahead.append(pool.submit(hash_fn, piece))
             size += len(piece)
             if report is not None:
                 report(size)
@@ -156,13 +166,14 @@ def _plan_large(
         for future in ahead:
             digests += future.result()
     inline = bytes(first) if p.travels_inline(size, len(digests) // p.HASH_LEN) else None
-    return Plan(size, chunk_size, digests, mtime, inline)
+    return Plan(size, chunk_size, digests, mtime, inline, hash_fn)
 
 
-def plan_bytes(data: bytes, chunk_size: int, mtime: float | None) -> Plan:
-    digests = b"".join(p.sha256(data[i : i + chunk_size]) for i in range(0, len(data), chunk_size))
+def plan_bytes(data: bytes, chunk_size: int, mtime: float | None, hash_fn: p.Hasher) -> Plan:
+    digests = b"".join(hash_fn(data[i : i + chunk_size]) for i in range(0, len(data), chunk_size))
     inline = data if p.travels_inline(len(data), len(digests) // p.HASH_LEN) else None
-    return Plan(len(data), chunk_size, digests, mtime if mtime is not None else time.time(), inline)
+    when = mtime if mtime is not None else time.time()
+    return Plan(len(data), chunk_size, digests, when, inline, hash_fn)
 
 
 BATCH_FILES = 128  # small files per commit_many this client sends (at most MAX_BATCH_FILES)
@@ -354,16 +365,18 @@ def put_stream(
             frame = p.pack_data(memoryview(frame)[p.DATA_PREFIX_LEN : p.DATA_PREFIX_LEN + got])
         return frame, got
 
+    hash_fn = session.hasher()
     first, got = read()
     if got < chunk_size:  # the whole stream in one read: as any file of that size
         data = bytes(p.unpack_data(first))
-        return put_planned(session, [(data, name, plan_bytes(data, chunk_size, None))], report)[0]
+        plan = plan_bytes(data, chunk_size, None, hash_fn)
+        return put_planned(session, [(data, name, plan)], report)[0]
 
     def requests() -> Iterator[tuple[int, str, dict[str, Any], bytearray]]:
         nonlocal size
         frame, n = first, got
         while n:
-            digest = p.sha256(p.unpack_data(frame))
+            digest = hash_fn(p.unpack_data(frame))
             digests.extend(digest)
             size += n
             yield n, "put_chunk", {"hash": digest}, frame
@@ -376,7 +389,7 @@ def put_stream(
         sent += n
         if report is not None:
             report(name, sent, None)
-    return commit_plan(session, name, Plan(size, chunk_size, digests, time.time(), None))
+    return commit_plan(session, name, Plan(size, chunk_size, digests, time.time(), None, hash_fn))
 
 
 def put_chunked(

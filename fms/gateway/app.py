@@ -938,7 +938,7 @@ class Gateway:
         # Metadata only: one manifest listing the parts' chunks in order; the object's digest
         # is derived from the chunk digests, so no byte is read or stored again.
         digests = b"".join([await self.store.digests(m) for m, _, _ in manifests])
-        plan = Plan(size, CHUNK_SIZE, digests, time.time(), None)
+        plan = Plan(size, CHUNK_SIZE, digests, time.time(), None, await self.store.hasher())
         plan.meta = meta
         return await self.store.commit_plan(name, plan)
 

@@ -4,9 +4,9 @@ and the event loop.
 
 Reads go through the cache tier (``get``, then ``chunk`` requests tagged with the GET), writes
 go to storage (``put_chunk`` pipelined, then ``commit``).  A body is cut into chunks of
-:data:`CHUNK_SIZE` as it arrives; each chunk is hashed (sha256, for fms) on the sending
-thread while the whole body's MD5 (the ETag) and sha256 (for the commit) are computed on two
-other threads, so the three digests run side by side.
+:data:`CHUNK_SIZE` as it arrives; each chunk is hashed (with the store's digest function, for
+fms) on the sending thread while the whole body's MD5 (the ETag) and, when the client sent one to
+check, its sha256 are computed on two other threads, so the digests run side by side.
 """
 
 import asyncio
@@ -158,6 +158,10 @@ class Store:
                 return b"".join(item[3] for item in listing.items(0))
 
         return await self.run(digests)
+
+    async def hasher(self) -> "p.Hasher":
+        """The helper of the store's digest function (asked of the broker once per thread)."""
+        return await self.run(lambda client: client.session.hasher())
 
     async def commit_plan(self, name: str, plan: upload.Plan) -> Stat:
         return await self.run(lambda client: upload.commit_plan(client.session, name, plan))
@@ -316,6 +320,7 @@ class Store:
         whole_needed: bool,
     ) -> tuple[Stat, bytes]:
         session = client.session
+        hash_fn = session.hasher()  # asked before the pipeline starts (once per connection)
         md5 = hashlib.md5()
         whole = hashlib.sha256() if whole_needed else None
         md5_thread = ThreadPoolExecutor(1)
@@ -339,7 +344,7 @@ class Store:
                     md5_thread.submit(md5.update, block)
                     if whole is not None:
                         whole.update(block)
-                    digest = p.sha256(block)
+                    digest = hash_fn(block)
                     digests.extend(digest)
                     size += len(block)
                     yield None, "put_chunk", {"hash": digest}, p.pack_data(block)
@@ -349,7 +354,7 @@ class Store:
                 pass
             md5_thread.shutdown(wait=True)
             check(size, md5.digest(), whole.digest() if whole is not None else None)
-            plan = upload.Plan(size, CHUNK_SIZE, digests, time.time(), None)
+            plan = upload.Plan(size, CHUNK_SIZE, digests, time.time(), None, hash_fn)
             plan.meta = _with_etag(meta, md5.digest())
             name = name(md5.digest()) if callable(name) else name
             return upload.commit_plan(session, name, plan), md5.digest()
@@ -448,7 +453,7 @@ def _with_etag(meta: dict[str, Any] | None, md5: bytes) -> dict[str, Any] | None
 
 def _commit_bytes(session: Session, name: str, data: bytes, meta: dict[str, Any] | None) -> Stat:
     """Store ``data`` (in memory) under ``name``: with its commit when it travels inline."""
-    plan = upload.plan_bytes(data, CHUNK_SIZE, None)
+    plan = upload.plan_bytes(data, CHUNK_SIZE, None, session.hasher())
     plan.meta = meta or None
     return upload.put_planned(session, [(data, name, plan)], lambda *a: None)[0]
 
@@ -480,8 +485,8 @@ def _range_chunks(
                 yield offset, download.zeros_of(length)
             else:
                 data = held.pop(i)
-                if not download._chunk_ok(data, length, digest):
-                    data = download._refetch(session, listing.name, digest, length)
+                if not download._chunk_ok(listing.hash, data, length, digest):
+                    data = download._refetch(session, listing, digest, length)
                 yield offset, data
             nxt = next(due, None)
 

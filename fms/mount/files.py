@@ -276,7 +276,7 @@ class OpenFile:
 
     def _send_ahead(self, start: int, length: int) -> bytes:
         frame, view = _frame_at(self._spool_fd, start, length)
-        digest = p.sha256(view)
+        digest = self.pool.hasher()(view)
         with self.pool.client() as client:
             client.call("put_chunk", data=frame, hash=digest)
         return digest
@@ -324,7 +324,7 @@ class OpenFile:
         self._gen[i] = self._gen.get(i, 0) + 1
         if fill and digest is not None:
             n = full if length is None else length
-            if digest != zero_digest(full):
+            if digest != zero_digest(full, self.pool.hasher()):
                 piece = self._stored_chunk(i, start, full)
                 _write_all(fd, memoryview(piece)[:n], start)
         self._digests[i] = None
@@ -336,8 +336,9 @@ class OpenFile:
         assert digest is not None
         if self._inline is not None:  # a small file: its one chunk is in memory
             return self._inline
+        listing = download.FileOf(self.name, self.pool.hasher())
         with self.pool.client() as client:
-            return bytes(download.fetch_chunk(client.session, self.name, digest, length))
+            return bytes(download.fetch_chunk(client.session, listing, digest, length))
 
     def _grow(self, size: int) -> None:
         """The file grows to ``size``: its last extent grows (zeros), its last chunk first up
@@ -401,7 +402,8 @@ class OpenFile:
         """Hash the dirty chunks ``todo`` and upload those storage lacks, reading each from the
         spool once to hash it and once more to send it (memory: the chunks in flight).
         :return: their digests, by index."""
-        digests = {i: p.sha256(_frame_at(self._spool_fd, *self._chunk(i))[1]) for i in todo}
+        hash_fn = self.pool.hasher()  # the store's digest function
+        digests = {i: hash_fn(_frame_at(self._spool_fd, *self._chunk(i))[1]) for i in todo}
         distinct = list(dict.fromkeys(digests.values()))
         with self.pool.client() as client:
             missing = set()
@@ -451,7 +453,7 @@ class OpenFile:
             if len(self._digests) == 1 and self.size <= p.INLINE_MAX:
                 inline = self.read(0, self.size) if dirty else None
             if inline is not None:
-                self._digests[0] = p.sha256(inline)
+                self._digests[0] = self.pool.hasher()(inline)
             elif dirty:
                 for i, digest in self._upload(dirty).items():
                     self._digests[i] = digest
@@ -472,15 +474,16 @@ class OpenFile:
         }
         if self.meta:
             fields["meta"] = self.meta
+        hash_fn = self.pool.hasher()  # the store's digest function
         with self.pool.client() as client:
             for attempt in range(COMMIT_TRIES):
                 try:
                     if len(digests) <= p.INLINE_CHUNKS:
                         fields["chunks"] = digests
-                        fields["digest"] = p.inline_digest(extents, digests)
+                        fields["digest"] = p.inline_digest(extents, digests, hash_fn)
                     else:
                         pages = [p.join_digests(page) for page in p.pages_of(extents, digests)]
-                        ids = [p.sha256(page) for page in pages]
+                        ids = [hash_fn(page) for page in pages]
                         unique = dict(zip(ids, pages, strict=True))
                         requests = [
                             (pid, "put_page", {"hash": pid}, p.pack_data(page))
@@ -489,7 +492,7 @@ class OpenFile:
                         for _ in client.session.pipeline(requests, UPLOAD_WINDOW):
                             pass
                         fields["pages"] = ids
-                        fields["digest"] = p.tree_digest(extents, ids)
+                        fields["digest"] = p.tree_digest(extents, ids, hash_fn)
                     data = p.pack_data(inline) if inline is not None else None
                     header, _ = client.call("commit", data=data, **fields)
                     return header["stat"]

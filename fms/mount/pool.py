@@ -5,6 +5,7 @@ import contextlib
 import threading
 from collections.abc import Callable, Iterator
 
+from .. import wire as p
 from ..client.api import Client
 
 POOL_KEPT = 8  # idle connections kept; more are made while more threads need one
@@ -22,6 +23,15 @@ class ClientPool:
         self._idle: list[Client] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._hash: p.Hasher | None = None  # the store's digest function, once asked
+
+    def hasher(self) -> p.Hasher:
+        """The helper of the store's digest function, with which every digest the mount sends
+        is made (asked of the broker once)."""
+        if self._hash is None:
+            with self.client() as client:
+                self._hash = client.session.hasher()
+        return self._hash
 
     @contextlib.contextmanager
     def client(self) -> Iterator[Client]:

@@ -40,14 +40,15 @@ class Pending:
     mtime: float
     entry: "Entry"  # what the mount shows for the name until the commit lands
 
-    def fields(self) -> dict:
+    def fields(self, hash_fn: p.Hasher) -> dict:
+        """The commit's fields, its digests made with ``hash_fn`` (the store's function)."""
         extents = ((self.chunk_size, len(self.content)),) if self.content else ()
-        chunks = [p.sha256(self.content)] if self.content else []
+        chunks = [hash_fn(self.content)] if self.content else []
         fields = {
             "name": self.name,
             "extents": p.pack_extents(extents),
             "chunks": chunks,
-            "digest": p.inline_digest(extents, chunks),
+            "digest": p.inline_digest(extents, chunks, hash_fn),
             "mtime": self.mtime,
             "commit": os.urandom(16).hex(),
         }
@@ -125,8 +126,14 @@ class Committer:
                     self._cond.notify_all()
 
     def _send(self, items: list) -> None:
+        hash_fn = self.pool.hasher()
         requests = [
-            (item, "commit", item.fields(), p.pack_data(item.content) if item.content else None)
+            (
+                item,
+                "commit",
+                item.fields(hash_fn),
+                p.pack_data(item.content) if item.content else None,
+            )
             for item in items
         ]
         try:

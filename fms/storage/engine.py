@@ -1,6 +1,8 @@
 """The storage engine: commit, remove, read and list over a metadata engine and a chunk backend.
 
-It checks everything it stores (invariant 3): a chunk against its digest as it arrives, a page
+It checks everything it stores (invariant 3), with the store's digest function (recorded by the
+metadata engine when the store was created, :mod:`fms.wire.digests`): a chunk against its digest
+as it arrives, a page
 against its id (and that every chunk it lists is stored), and a commit against its shape: its
 chunks (or pages) must be stored with the sizes their places in the file need, and its file
 digest must be the one they give (:mod:`fms.wire.manifest`): derived from the chunk digests, so
@@ -57,6 +59,8 @@ class Store:
         self.chunks = chunks
         meta.keep_versions = keep_versions
         meta.keep_for = keep_for
+        self.digest_fn = meta.digest_fn  # the store's digest function, as it recorded it
+        self.hash = meta.hash  # ... and its helper: every check below uses it
 
     @property
     def store_id(self) -> str:
@@ -91,7 +95,7 @@ class Store:
                 f"no page or body {ident.hex()[:16]} in the store; the file changed since its "
                 f"manifest was read: read it again"
             )
-        if p.sha256(blob) != ident:
+        if self.hash(blob) != ident:
             raise IntegrityError(f"page {ident.hex()[:16]} is corrupt in the metadata database")
         return blob
 
@@ -220,7 +224,7 @@ class Store:
         row = self.meta.chunk(digest)
         if row is not None and row.data is not None:  # in the engine
             frame = p.pack_data(row.data)
-            if p.sha256(row.data) != digest:
+            if self.hash(row.data) != digest:
                 self.meta.mark_lost(digest)
                 raise IntegrityError(
                     f"chunk {digest.hex()[:16]} is corrupt in the metadata "
@@ -233,7 +237,7 @@ class Store:
             if row is not None and not row.doomed:
                 self.meta.mark_lost(digest)  # its row promises it: the next upload sends it
             raise
-        if p.sha256(memoryview(frame)[p.DATA_PREFIX_LEN :]) != digest:
+        if self.hash(memoryview(frame)[p.DATA_PREFIX_LEN :]) != digest:
             self.chunks.quarantine(digest)
             if row is not None:
                 self.meta.mark_lost(digest)
@@ -281,9 +285,9 @@ class Store:
         return bool(self.meta.own(owner, [digest]))
 
     def _put_chunk(self, digest: p.Digest, data: p.BytesLike) -> bool:
-        if p.sha256(data) != digest:
+        if self.hash(data) != digest:
             raise IntegrityError(
-                f"chunk {digest.hex()[:16]} does not match its sha256; "
+                f"chunk {digest.hex()[:16]} does not match its {self.digest_fn} digest; "
                 f"it was damaged in transit, upload it again"
             )
         small = len(data) <= SMALL_CHUNK_MAX
@@ -311,7 +315,7 @@ class Store:
                 f"a page holds 1 to {p.PAGE_CHUNKS} digests of {p.HASH_LEN} bytes, got "
                 f"{len(page)} bytes"
             )
-        if p.sha256(page) != page_id:
+        if self.hash(page) != page_id:
             raise IntegrityError(
                 f"page {page_id.hex()[:16]} does not match its id; it was damaged in transit, "
                 f"send it again"
@@ -468,7 +472,7 @@ class Store:
                 raise BadRequest(
                     f"inline data is only for one-chunk files of at most {p.INLINE_MAX} bytes"
                 )
-            if len(inline) != change.size or p.sha256(inline) != change.chunks[0]:
+            if len(inline) != change.size or self.hash(inline) != change.chunks[0]:
                 raise IntegrityError(
                     "the inline content does not match the commit's size and "
                     "digest; it was damaged in transit, upload it again"
@@ -490,9 +494,9 @@ class Store:
         if change.digest_kind != p.DIGEST_TREE:
             raise BadRequest(f"a commit's digest is of kind {p.DIGEST_TREE!r}")
         if change.chunks is not None:
-            want = p.inline_digest(change.extents, change.chunks)
+            want = p.inline_digest(change.extents, change.chunks, self.hash)
         elif change.pages is not None:
-            want = p.tree_digest(change.extents, change.pages)
+            want = p.tree_digest(change.extents, change.pages, self.hash)
         else:
             raise BadRequest("a commit lists either its chunks or its pages")
         if change.digest != want:
@@ -533,9 +537,11 @@ def _optional(extra: str, package: str, load: Callable[[], T]) -> T:
         ) from None
 
 
-def open_local(path: str, keep_versions: int = 0, keep_for: float = 0.0) -> Store:
+def open_local(
+    path: str, keep_versions: int = 0, keep_for: float = 0.0, digest_fn: str | None = None
+) -> Store:
     """The store in data directory ``path``: ``meta.db`` (SQLite) and ``chunks/``."""
-    return open_store(path, keep_versions=keep_versions, keep_for=keep_for)
+    return open_store(path, keep_versions=keep_versions, keep_for=keep_for, digest_fn=digest_fn)
 
 
 def open_store(
@@ -544,6 +550,7 @@ def open_store(
     chunks: str | None = None,
     keep_versions: int = 0,
     keep_for: float = 0.0,
+    digest_fn: str | None = None,
 ) -> Store:
     """Open a store.
 
@@ -555,6 +562,8 @@ def open_store(
     :param keep_versions: versions an overwrite or removal replaces kept per name (0: none).
     :param keep_for: seconds each replaced version is held: kept whatever the count, until
         then (0: none).
+    :param digest_fn: the digest function a new store records (None: ``p.NEW_STORE_DIGEST``);
+        an existing store keeps its own, and another one named here is refused.
     :raises StoreError: it cannot be used, with what to do about it.
     """
     data = os.path.abspath(data)
@@ -583,7 +592,10 @@ def open_store(
             from .meta import legacy
             from .meta.sqlite import SQLiteMeta
 
-            engine = SQLiteMeta(os.path.join(data, META_FILE), store_id=legacy.store_id(data))
+            old_id = legacy.store_id(data)
+            if old_id is not None:  # a format-1 directory: its chunks are stored by sha256
+                digest_fn = _old_store_digest(digest_fn)
+            engine = SQLiteMeta(os.path.join(data, META_FILE), store_id=old_id, digest_fn=digest_fn)
             if chunks is None:
                 legacy.migrate(data, engine, backend)
         elif meta.startswith(("postgresql://", "postgres://")):
@@ -593,7 +605,7 @@ def open_store(
                 lambda: (
                     __import__("fms.storage.meta.postgres", fromlist=["PostgresMeta"]).PostgresMeta
                 ),
-            )(meta)
+            )(meta, digest_fn=digest_fn)
         else:
             raise StoreError(
                 f"--meta {meta!r} is not a metadata engine URL; write "
@@ -607,6 +619,18 @@ def open_store(
             f"check that it exists and is writable"
         ) from None
     return Store(engine, backend, keep_versions, keep_for)
+
+
+def _old_store_digest(asked: str | None) -> str:
+    """The digest function of a store made before the choice existed, unless another is asked
+    for.  :raises StoreError:"""
+    if asked not in (None, p.OLD_STORE_DIGEST):
+        raise StoreError(
+            f"this store's digest function is {p.OLD_STORE_DIGEST} (chosen when it was "
+            f"created, it cannot change); leave out --digest, or give --digest "
+            f"{p.OLD_STORE_DIGEST}"
+        )
+    return p.OLD_STORE_DIGEST
 
 
 def _tie(engine: MetaEngine, backend: ChunkBackend, chunks_where: str, meta_where: str) -> None:

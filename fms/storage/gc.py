@@ -347,7 +347,7 @@ def _check_chunk(store: "Store", digest: p.Digest, out: dict[str, Any]) -> tuple
             data = memoryview(store.chunks.get(digest))[p.DATA_PREFIX_LEN :]
         except NotFound:
             return "missing", True
-    if p.sha256(data) != digest:
+    if store.hash(data) != digest:  # the store's digest function
         return "corrupt", True
     out["bytes"] += len(data)
     return None, False

@@ -64,11 +64,12 @@ class Version:
             out["deleted"] = True
         return out
 
-    def manifest(self) -> dict[str, Any]:
-        """The wire form of a manifest: the stat, and the chunk list (short), or its body's id
-        with its extents and pages if they are small (docs/PROTOCOL.md), at most
+    def manifest(self, digest_fn: str) -> dict[str, Any]:
+        """The wire form of a manifest: the stat, the store's digest function (``digest_fn``:
+        every digest in it is made with it), and the chunk list (short), or its body's id with
+        its extents and pages if they are small (docs/PROTOCOL.md), at most
         ``p.MANIFEST_MAX`` bytes."""
-        out = {**self.summary(), "commit": self.commit}
+        out = {**self.summary(), "commit": self.commit, "digest_fn": digest_fn}
         if self.body is None:
             out["extents"] = p.pack_extents(self.extents or ())
             out["chunks"] = list(self.chunks or ())

@@ -9,6 +9,10 @@ the worker's socket, with no other op between them) are applied in one metadata 
 :meth:`StorageService.flush` (which the worker loop calls after each drain) or before the next
 other op, so a burst of small uploads costs one fsync, not one each, and no commit waits behind
 other work.
+Chunk reads from a backend far away (S3: ``ChunkBackend.read_threads`` > 1) are gathered the
+same way: those that arrive in one drain are fetched side by side on a pool of threads by
+:meth:`StorageService.flush`, so a reader's pipeline of chunk requests costs about one round trip
+to the object store, not one each.
 GC and fsck run on a maintenance thread with a store of their own, so a long pass never delays
 the worker's other requests; their replies are sent from the worker's thread by :meth:`tick` and
 :meth:`flush`.  (Heartbeats come from the link's own thread, :mod:`fms.worker`, whatever the
@@ -31,6 +35,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import zmq
@@ -51,7 +56,7 @@ from ..logutil import RateLimitedLog
 from ..policy import Policy
 from . import gc
 from .access import Access, AccessOps, Reads
-from .engine import FOLDER_END, Store, os_failure
+from .engine import FOLDER_END, SMALL_CHUNK_MAX, Store, os_failure
 from .model import Change, Copy, NewVersion, Removal, Restore, Version
 from .reserve import SpaceReserve
 
@@ -106,6 +111,10 @@ class StorageService:
         self.gc_grace = gc_grace
         self.served = 0
         self._pending: list[Pending] = []  # awaiting flush()
+        # (route, header, digest): chunk reads awaiting flush(), fetched side by side
+        self._reads: list[tuple[Route, Header, p.Digest]] = []
+        threads = getattr(store.chunks, "read_threads", 1)
+        self._reader = ThreadPoolExecutor(threads, "fms-read") if threads > 1 else None
         self._next_clean = 0.0
         self._next_gc = time.monotonic() + GC_INTERVAL
         self._maintenance = _Maintenance(maintenance_store) if maintenance_store else None
@@ -156,6 +165,8 @@ class StorageService:
         p.check_request(op, header)
         if self._pending and op not in CHANGE_OPS:
             self._apply_pending()  # a group is commits that arrive back to back: none waits
+        if self._reads and op != "chunk":
+            self._read_pending()  # answered in the order they came
         self.served += 1
         log.debug("event=request op=%s id=%r", op, header.get("id"))
         if route.get("deadline", math.inf) < time.monotonic() and op not in CHANGE_OPS:
@@ -204,7 +215,10 @@ class StorageService:
             self._maintenance.submit(None, None, self._background_gc)
 
     def close(self) -> None:
-        """Stop the maintenance thread and close both stores (SQLite folds its WAL back in)."""
+        """Stop the maintenance thread and the readers, and close both stores (SQLite folds its
+        WAL back in)."""
+        if self._reader is not None:
+            self._reader.shutdown(wait=True)
         if self._maintenance is not None:
             self._maintenance.stop()
             self._maintenance.join()
@@ -247,7 +261,8 @@ class StorageService:
 
     def _reply_manifest(self, route: Route, header: Header, version: Version) -> None:
         frame = _inline_frame(self.store, version)
-        self.link.reply(route, p.ok_reply(header["id"], manifest=version.manifest()), frame)
+        manifest = version.manifest(self.store.digest_fn)
+        self.link.reply(route, p.ok_reply(header["id"], manifest=manifest), frame)
 
     def op_versions(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         # The newest VERSIONS_MAX: a stat is at most ~3.3 KiB (its name and metadata), so the
@@ -273,7 +288,10 @@ class StorageService:
             except RemoteError as exc:  # this name's failure, not the batch's
                 batch.error(exc.code, str(exc))
                 continue
-            batch.manifest(version.manifest(), p.unpack_data(frame) if frame is not None else None)
+            batch.manifest(
+                version.manifest(self.store.digest_fn),
+                p.unpack_data(frame) if frame is not None else None,
+            )
         self.link.reply(route, p.ok_reply(header["id"], results=batch.results), batch.frame())
 
     def op_chunk(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
@@ -282,8 +300,42 @@ class StorageService:
             # By digest alone a chunk would tell whether anyone stores a content one guesses,
             # and give it to whoever learnt the digest: it is read through a file one may read.
             self.reads.check_chunk(route["who"], header, digest)
+        size = p.need_int(header, "len", hi=p.MAX_CHUNK_SIZE, optional=True)
+        if self._reader is not None and size is not None and size > SMALL_CHUNK_MAX:
+            # A blob (never kept in the metadata engine): read with the others of this drain.
+            self._reads.append((route, header, digest))
+            return
         frame = self.store.read_chunk(digest)
         self.link.reply(route, p.ok_reply(header["id"]), frame)
+
+    def _read_pending(self) -> None:
+        """Fetch the chunk reads gathered since the last flush side by side, then answer each
+        (verified; a chunk the backend cannot give whole is read again the careful way, which
+        marks it lost or sets it aside)."""
+        reads, self._reads = self._reads, []
+        assert self._reader is not None  # reads are gathered only with a pool of readers
+        fetched = self._reader.map(self._fetch_blob, [digest for _r, _h, digest in reads])
+        for (route, header, digest), frame in zip(reads, fetched, strict=True):
+            try:
+                if frame is None:
+                    frame = self.store.read_chunk(digest)
+            except FmsError as exc:
+                self._answer(route, header, exc)
+                continue
+            except OSError as exc:
+                self._answer(route, header, os_failure(exc))
+                continue
+            self.link.reply(route, p.ok_reply(header["id"]), frame)
+
+    def _fetch_blob(self, digest: p.Digest) -> bytearray | None:
+        """A blob from the backend if it is there and verifies, else None (on a read thread)."""
+        try:
+            frame = self.store.chunks.get(digest)
+        except (FmsError, OSError):
+            return None
+        if self.store.hash(memoryview(frame)[p.DATA_PREFIX_LEN :]) != digest:
+            return None
+        return frame
 
     def op_page(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         """A page of a chunk list, or a body, by its id (what a client reads a long list by)."""
@@ -480,7 +532,7 @@ class StorageService:
             change = NewVersion(
                 p.check_name(names[i]),
                 extents,
-                p.inline_digest(extents, chunks),  # derived here: the content comes along
+                p.inline_digest(extents, chunks, self.store.hash),  # derived: content comes along
                 p.check_mtime(p.need(item, "mtime", (int, float))),
                 _commit_id(item),
                 chunks=chunks,
@@ -633,6 +685,8 @@ class StorageService:
         self.access.flush()  # refusals first: they came before the changes pending now
         if self._pending:
             self._apply_pending()
+        if self._reads:
+            self._read_pending()
         if self._maintenance is not None:
             for route, header, result in self._maintenance.finished():
                 self._answer(route, header, result)

@@ -8,6 +8,7 @@ docs/PROTOCOL.md describes every message; this package is its code, one concern 
   zero-copy data frames;
 - :mod:`.fields`: reading and checking a header's fields, name rules, hashes, how a file splits
   into chunks;
+- :mod:`.digests`: the digest functions a store may use (sha256, BLAKE3), one helper each;
 - :mod:`.requests`: every request field's type, range and default, in one table, and the check
   of a request against it;
 - :mod:`.frames`: multipart send/receive on a socket, file reads straight into data frames;
@@ -38,6 +39,7 @@ if TYPE_CHECKING:  # what the type checker reads here (every module of _MODULES)
     # each module comes when one of its names is asked for
     from .batch import *  # noqa: F403
     from .codec import *  # noqa: F403
+    from .digests import *  # noqa: F403
     from .fields import *  # noqa: F403
     from .frames import *  # noqa: F403
     from .manifest import *  # noqa: F403
@@ -46,7 +48,7 @@ if TYPE_CHECKING:  # what the type checker reads here (every module of _MODULES)
 
 # Searched in this order, cheapest first; requests (the broker's and storage's) last, since
 # the client never reads it.
-_MODULES = ("messages", "fields", "manifest", "codec", "batch", "frames", "requests")
+_MODULES = ("messages", "fields", "digests", "manifest", "codec", "batch", "frames", "requests")
 
 
 def __getattr__(name: str) -> object:

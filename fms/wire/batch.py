@@ -19,8 +19,8 @@ from typing import Any
 from ..errors import BadRequest
 from ..limits import BytesLike
 from .codec import DATA_PREFIX_LEN, data_buffer, unpack_data
-from .fields import check_name, need, sha256, travels_inline
-from .manifest import check_manifest
+from .fields import check_name, need, travels_inline
+from .manifest import check_manifest, manifest_hasher
 from .messages import MAX_BATCH_BYTES, MAX_BATCH_FILES
 
 __all__ = ["BatchReply", "inline_ok", "need_names", "read_batch"]
@@ -39,7 +39,7 @@ def inline_ok(manifest: Mapping[str, Any], payload: BytesLike | None) -> bool:
     return (
         payload is not None
         and len(payload) == manifest["size"]
-        and sha256(payload) == manifest["chunks"][0]
+        and manifest_hasher(manifest)(payload) == manifest["chunks"][0]
     )
 
 

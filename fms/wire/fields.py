@@ -4,13 +4,10 @@ bare indexing.  Also the rules for names, hashes, mtimes and how a file splits i
 import re
 import unicodedata
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, overload
+from typing import Any, TypeAlias, TypeVar, overload
 
 from ..errors import BadRequest
 from .messages import INLINE_MAX
-
-if TYPE_CHECKING:
-    from ..limits import BytesLike  # not imported at run time: it loads msgpack
 
 __all__ = [
     "HASH_LEN",
@@ -31,23 +28,16 @@ __all__ = [
     "need_hash",
     "need_hashes",
     "need_int",
-    "sha256",
     "travels_inline",
 ]
 
-HASH_LEN = 32  # sha256 digest, bytes
-Digest: TypeAlias = bytes  # a sha256 digest (HASH_LEN bytes): a chunk's or a file's
+HASH_LEN = 32  # a digest (sha256 or BLAKE3-256), bytes
+Digest: TypeAlias = bytes  # a digest (HASH_LEN bytes, the store's function): a chunk's or a file's
 MAX_NAME_BYTES = 1024  # a name in UTF-8
 # A file's mtime, in seconds since the epoch: finite, from 1900-01-01 to 9999-12-31 (what
 # datetime and every filesystem fms writes to can hold).
 MTIME_MIN = -2208988800.0
 MTIME_MAX = 253402300799.0
-
-
-def sha256(data: "BytesLike") -> bytes:
-    import hashlib  # here: hashlib loads OpenSSL, which `ls` and `stat` never need
-
-    return hashlib.sha256(data).digest()
 
 
 # --- file shape: the one home of the rules that split a file into chunks ---
@@ -160,7 +150,7 @@ def need_int(
 def need_hash(header: Mapping[str, Any], key: str) -> bytes:
     value = need(header, key, bytes)
     if len(value) != HASH_LEN:
-        raise BadRequest(f"field {key!r} must be a {HASH_LEN}-byte sha256, got {len(value)} bytes")
+        raise BadRequest(f"field {key!r} must be a {HASH_LEN}-byte digest, got {len(value)} bytes")
     return value
 
 
@@ -170,7 +160,7 @@ def need_hashes(header: Mapping[str, Any], key: str, limit: int) -> list[bytes]:
         raise BadRequest(f"field {key!r} holds {len(values)} hashes, at most {limit} allowed")
     for value in values:
         if not isinstance(value, bytes) or len(value) != HASH_LEN:
-            raise BadRequest(f"field {key!r} must hold {HASH_LEN}-byte sha256 digests")
+            raise BadRequest(f"field {key!r} must hold {HASH_LEN}-byte digests")
     return values
 
 

@@ -17,14 +17,16 @@ from them.  Storage, the cache and the client all use this module, so the rules 
   it, and a commit is checked in proportion to its pages.  Files stored before this format
   keep the digest of their content (kind ``content``).
 
-Every digest here is :func:`~fms.wire.fields.sha256` (the one function to change for another).
+Every digest here is made with the store's digest function (:mod:`.digests`), which a manifest
+names (``digest_fn``): the functions take it as ``hash_fn``.
 """
 
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from ..errors import BadRequest, TooLarge
+from .digests import DIGEST_FUNCTIONS, Hasher, hasher
 from .fields import (
     HASH_LEN,
     Digest,
@@ -34,7 +36,6 @@ from .fields import (
     need_hash,
     need_hashes,
     need_int,
-    sha256,
 )
 from .messages import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, KiB, MiB, TiB
 
@@ -62,6 +63,7 @@ __all__ = [
     "file_pages",
     "inline_digest",
     "join_digests",
+    "manifest_hasher",
     "pack_body",
     "pack_extents",
     "page_counts",
@@ -210,9 +212,9 @@ def unpack_body(blob: "BytesLike") -> tuple[tuple[Extent, ...], tuple[Digest, ..
     return tuple(extents), tuple(pages)
 
 
-def tree_digest(extents: Iterable[Extent], page_ids: Sequence[Digest]) -> Digest:
+def tree_digest(extents: Iterable[Extent], page_ids: Sequence[Digest], hash_fn: Hasher) -> Digest:
     """The file digest of kind ``tree``: the digest of the body."""
-    return sha256(pack_body(extents, page_ids))
+    return hash_fn(pack_body(extents, page_ids))
 
 
 def pages_of(extents: Iterable[Extent], digests: Sequence[Digest]) -> list[Sequence[Digest]]:
@@ -227,18 +229,18 @@ def pages_of(extents: Iterable[Extent], digests: Sequence[Digest]) -> list[Seque
     return out
 
 
-def inline_digest(extents: Sequence[Extent], digests: Iterable[Digest]) -> Digest:
+def inline_digest(extents: Sequence[Extent], digests: Iterable[Digest], hash_fn: Hasher) -> Digest:
     """The ``tree`` digest of a file whose chunk list is known whole (a short one)."""
-    return tree_digest(extents, page_ids(extents, join_digests(digests)))
+    return tree_digest(extents, page_ids(extents, join_digests(digests), hash_fn), hash_fn)
 
 
-def page_ids(extents: Iterable[Extent], digests: bytes) -> list[Digest]:
+def page_ids(extents: Iterable[Extent], digests: bytes, hash_fn: Hasher) -> list[Digest]:
     """The page ids of a file whose chunk digests are ``digests`` (back to back, bytes)."""
     out: list[Digest] = []
     at = 0
     step = HASH_LEN
     for count in page_counts(extents):
-        out.append(sha256(digests[at * step : (at + count) * step]))
+        out.append(hash_fn(digests[at * step : (at + count) * step]))
         at += count
     if at * step != len(digests):
         raise BadRequest(f"the extents have {at} chunks, {len(digests) // step} digests were given")
@@ -259,6 +261,8 @@ def check_manifest(manifest: object) -> dict[str, Any]:
     count = need_int(manifest, "count", hi=MAX_FILE_CHUNKS)
     need_int(manifest, "chunk_size", hi=MAX_CHUNK_SIZE)
     need_hash(manifest, "digest")
+    if need(manifest, "digest_fn", str) not in DIGEST_FUNCTIONS:
+        raise BadRequest(f"a manifest's digest_fn is one of {', '.join(DIGEST_FUNCTIONS)}")
     if need(manifest, "digest_kind", str) not in DIGEST_KINDS:
         raise BadRequest(f"a manifest's digest_kind is one of {', '.join(DIGEST_KINDS)}")
     check_mtime(need(manifest, "mtime", (int, float)))
@@ -276,6 +280,12 @@ def check_manifest(manifest: object) -> dict[str, Any]:
     if "chunks" not in manifest:
         need_hash(manifest, "body")
     return manifest
+
+
+def manifest_hasher(manifest: Mapping[str, Any]) -> Hasher:
+    """The helper of the digest function a (checked) manifest names: every digest in it, and
+    every chunk it lists, is checked with it."""
+    return hasher(manifest["digest_fn"])
 
 
 def check_meta(meta: object) -> dict[str, str]:

@@ -44,7 +44,7 @@ __all__ = [
     "ok_reply",
 ]
 
-PROTOCOL_VERSION = 2  # 1: manifests listed every chunk, digests were of the content
+PROTOCOL_VERSION = 3  # 2: every store used sha256; 1: manifests listed every chunk
 
 # Where the broker listens unless told otherwise: clients connect to the frontend, workers to the
 # backend.
@@ -117,6 +117,7 @@ OP_SERVICE = {
     "audit": STORAGE,  # a page of the audit log
     "s3_key": STORAGE,  # an S3 access key id -> its identity (the S3 gateway's)
     "status": BROKER,  # answered by the broker itself: live workers
+    "hello": BROKER,  # answered by the broker itself: the store and its digest function
 }
 # Ops whose request may carry a data frame after its header; any other request is one frame.
 DATA_OPS = frozenset({"put_chunk", "put_page", "commit", "commit_many"})

@@ -1,4 +1,5 @@
-"""The chunk backend's interface: blobs named by their sha256, written once, never changed.
+"""The chunk backend's interface: blobs named by their digest (made with the store's digest
+function), written once, never changed.
 
 A backend does not verify what it returns: the engine checks every chunk it reads against its
 digest (invariant 3) and asks the backend to set a bad one aside.
@@ -12,6 +13,10 @@ from ...wire.fields import Digest
 
 
 class ChunkBackend(ABC):
+    # Reads a storage worker makes side by side: more than one for a backend far away, where
+    # each read waits a round trip (fms.storage.service gathers a drain's chunk reads).
+    read_threads = 1
+
     @abstractmethod
     def put(self, digest: Digest, data: BytesLike) -> bool:
         """Store ``data`` under ``digest`` (a blob already there may be left as it is or written

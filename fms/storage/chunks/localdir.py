@@ -1,4 +1,4 @@
-"""Chunks as files in the data directory: ``chunks/ab/abcdef...`` (the hex sha256).
+"""Chunks as files in the data directory: ``chunks/ab/abcdef...`` (the hex digest).
 
 Every write goes to ``tmp/`` and is renamed into place, so a process killed at any instant
 leaves a chunk whole or absent (invariant 2).  Writes are not fsync'd one by one: a commit calls

@@ -27,7 +27,7 @@ for the grace period, they are deleted by ``collect_lists``, which releases what
 import builtins
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from ...errors import FmsError
 from ...limits import BytesLike
@@ -66,9 +66,13 @@ class ChunkRow:
 
 
 class MetaEngine(AccessMeta, ABC):
-    """One store's metadata.  ``store_id`` identifies the store (workers on one store share it)."""
+    """One store's metadata.  ``store_id`` identifies the store (workers on one store share it);
+    ``digest_fn`` names the digest function it recorded when it was created, and ``hash`` is
+    that function's helper (:mod:`fms.wire.digests`)."""
 
     store_id: str
+    digest_fn: str
+    hash: Callable[..., bytes]
     keep_versions: int = 0  # replaced versions retained per name (0: none)
 
     # --- names ---

@@ -44,12 +44,12 @@ class PostgresMeta(SQLMeta):
     for_update = " FOR UPDATE"
     skip_locked = " SKIP LOCKED"
 
-    def __init__(self, url: str, store_id: str | None = None) -> None:
+    def __init__(self, url: str, store_id: str | None = None, digest_fn: str | None = None) -> None:
         self.url = url
         self.db: psycopg.Connection | None = None
         try:
             self._connect()
-            self._create_schema(store_id or uuid.uuid4().hex)
+            self._create_schema(store_id or uuid.uuid4().hex, digest_fn)
         except psycopg.Error as exc:
             raise FmsError(
                 f"cannot use PostgreSQL at {redact(url)}: {_first_line(exc)}; check "

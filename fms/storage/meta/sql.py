@@ -305,6 +305,10 @@ def _batches(items: Iterable[T], size: int = IN_BATCH) -> Iterator[list[T]]:
         yield every[start : start + size]
 
 
+class WrongDigest(FmsError):
+    """The store records another digest function than the one asked for."""
+
+
 class SQLMeta(AccessSQL, MetaEngine):
     """The engine over a DB-API connection ``self.db`` in autocommit mode; subclasses open it."""
 
@@ -344,9 +348,13 @@ class SQLMeta(AccessSQL, MetaEngine):
 
     # --- transactions ---
 
-    def _create_schema(self, store_id: str) -> None:
+    def _create_schema(self, store_id: str, digest_fn: str | None = None) -> None:
         """Create the tables of a new store, or upgrade those of an older format in place: one
-        transaction, which other workers opening the store wait for (and then find done)."""
+        transaction, which other workers opening the store wait for (and then find done).
+
+        A new store records its digest function (``digest_fn``, else ``p.NEW_STORE_DIGEST``); a
+        store made before the choice existed records ``p.OLD_STORE_DIGEST``, the one its chunks
+        are stored under.  :raises FmsError: ``digest_fn`` is not the one the store records."""
         with self._write():
             self._lock_schema()
             self._execute(
@@ -382,6 +390,25 @@ class SQLMeta(AccessSQL, MetaEngine):
                 (store_id,),
             )
             self._create_access_schema()
+            made = (digest_fn or p.NEW_STORE_DIGEST) if found is None else p.OLD_STORE_DIGEST
+            self._execute(
+                "INSERT INTO settings VALUES ('digest', ?) ON CONFLICT (key) DO NOTHING",
+                (made,),
+            )
+            (recorded,) = self._only("SELECT value FROM settings WHERE key = 'digest'")
+            if recorded not in p.DIGEST_FUNCTIONS:
+                raise FmsError(
+                    f"this store records the digest function {recorded!r}, which this fms "
+                    f"does not know; use the fms that made it"
+                )
+            if digest_fn is not None and digest_fn != recorded:
+                raise WrongDigest(
+                    f"this store's digest function is {recorded} (chosen when it was "
+                    f"created, it cannot change); leave out --digest, or give --digest "
+                    f"{recorded}"
+                )
+        self.digest_fn = recorded
+        self.hash = p.hasher(self.digest_fn)
 
     def _create(self, schema: str) -> None:
         for statement in schema.format(**self.types).split(";"):
@@ -875,7 +902,7 @@ class SQLMeta(AccessSQL, MetaEngine):
         stored and fit the extents).  :return: the body's id."""
         pages = change.pages or ()
         blob = p.pack_body(change.extents, pages)
-        body = p.sha256(blob)
+        body = self.hash(blob)
         if self._execute("UPDATE bodies SET refs = refs + 1 WHERE id = ?", (body,)).rowcount:
             return body
         wanted = sorted(set(pages))

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Sequence
 
 from ...errors import FmsError, NoSpace, Unavailable
-from .sql import Cursor, Retry, SQLMeta
+from .sql import Cursor, Retry, SQLMeta, WrongDigest
 
 BUSY_TIMEOUT = 60.0  # seconds a writer waits for another worker's transaction
 
@@ -26,7 +26,9 @@ class SQLiteMeta(SQLMeta):
     begin_write = "BEGIN IMMEDIATE"
     lazy_commit = ("PRAGMA synchronous=NORMAL", "PRAGMA synchronous=FULL")
 
-    def __init__(self, path: str, store_id: str | None = None) -> None:
+    def __init__(
+        self, path: str, store_id: str | None = None, digest_fn: str | None = None
+    ) -> None:
         self.path = path
         deadline = time.monotonic() + BUSY_TIMEOUT
         wait = 0.01
@@ -37,7 +39,7 @@ class SQLiteMeta(SQLMeta):
                 )
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute("PRAGMA synchronous=FULL")
-                self._create_schema(store_id or uuid.uuid4().hex)
+                self._create_schema(store_id or uuid.uuid4().hex, digest_fn)
                 break
             except (sqlite3.OperationalError, Unavailable) as exc:
                 # Switching to WAL and creating the tables can meet another worker doing the
@@ -50,6 +52,8 @@ class SQLiteMeta(SQLMeta):
                     raise _cannot_open(path, exc) from None
                 time.sleep(wait)
                 wait = min(wait * 2, 0.5)
+            except WrongDigest:
+                raise
             except (sqlite3.DatabaseError, FmsError) as exc:
                 raise _cannot_open(path, exc) from None
         self.store_id = self._stored_id()
