@@ -1,5 +1,7 @@
 """Shared fixtures: real fms processes on random loopback ports, always cleaned up."""
 
+import itertools
+
 import pytest
 import storage_helpers
 
@@ -11,8 +13,8 @@ from fms import wire as p
 
 # Real PostgreSQL and S3 (SeaweedFS) servers, network namespaces as hosts, fms's own S3
 # gateway, and fms mounts, started on first use: tests/servers.py, tests/netns.py, tests/s3gw.py,
-# tests/mounts.py.
-pytest_plugins = ["servers", "netns", "s3gw", "mounts"]
+# tests/mounts.py; how hard hypothesis searches: tests/fuzzing.py.
+pytest_plugins = ["servers", "netns", "s3gw", "mounts", "fuzzing"]
 
 
 @pytest.fixture
@@ -53,19 +55,74 @@ def make_cluster(tmp_path, request, store_digest):
     for cluster in clusters:
         if failed is not None and failed.failed:
             print(cluster.logs())
-        cluster.stop()
+        cluster.stop(wait=False)  # reaped in the background: the next test need not wait
 
 
 @pytest.fixture
 def cluster(make_cluster):
     """Broker, one cache worker and two storage workers sharing one store."""
-    c = make_cluster()
-    c.start_broker()
-    c.start_cache()
-    c.start_storage(wid="storage-a")
-    c.start_storage(wid="storage-b")
-    c.wait_workers(storage=2, cache=1)
-    return c
+    return start_cluster(make_cluster())
+
+
+def start_cluster(cluster: Cluster) -> Cluster:
+    """``cluster``'s broker, one cache worker and two storage workers sharing one store."""
+    cluster.start_broker()
+    cluster.start_cache()
+    cluster.start_storage(wid="storage-a")
+    cluster.start_storage(wid="storage-b")
+    cluster.wait_workers(storage=2, cache=1)
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def _shared_clusters(tmp_path_factory):
+    """Clusters as ``cluster`` makes them that tests share (starting one costs about 0.7 s):
+    one per use and digest function, started on first use, in each test process."""
+    started: dict = {}
+
+    def get(use: str, digest: str) -> Cluster:
+        if (use, digest) not in started:
+            other = digest if digest != p.digests.NEW_STORE_DIGEST else None
+            folder = tmp_path_factory.mktemp(f"shared-{use}-{digest}")
+            started[use, digest] = start_cluster(Cluster(folder, digest_fn=other))
+        cluster = started[use, digest]
+        assert all(proc.alive() for proc in cluster.procs), cluster.logs()
+        return cluster
+
+    yield get
+    for cluster in started.values():
+        cluster.stop(wait=False)
+
+
+def _with_logs_on_failure(request, cluster):
+    yield cluster
+    failed = getattr(request.node, "rep_call", None)
+    if failed is not None and failed.failed:
+        print(cluster.logs())
+
+
+@pytest.fixture
+def shared_cluster(_shared_clusters, store_digest, request):
+    """A cluster like ``cluster``, shared by the tests that neither stop, start nor reconfigure
+    its processes, nor read the store's totals or counters: each such test writes and reads
+    only names under its own ``prefix``."""
+    yield from _with_logs_on_failure(request, _shared_clusters("prefixed", store_digest))
+
+
+_prefix_numbers = itertools.count(1)
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A name prefix no other test uses (a folder: ``t0001/``), for a ``shared_cluster``."""
+    return f"t{next(_prefix_numbers):04d}/"
+
+
+@pytest.fixture
+def untouched_cluster(_shared_clusters, store_digest, request):
+    """A cluster like ``cluster`` into which no test writes anything: shared by the tests whose
+    point is that a request stores nothing (so it stays empty) or that a name is not found."""
+    yield from _with_logs_on_failure(request, _shared_clusters("untouched", store_digest))
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)

@@ -130,31 +130,34 @@ def test_a_long_file_reads_its_pages_through_the_cache(cluster):
 
 
 @pytest.mark.parametrize("count", [p.INLINE_CHUNKS, p.INLINE_CHUNKS + 1])
-def test_files_at_the_edge_of_the_inline_list_read_back_whole(cluster, count):
+def test_files_at_the_edge_of_the_inline_list_read_back_whole(shared_cluster, prefix, count):
     chunk = os.urandom(4096)
-    with cluster.client(chunk_size=4096) as c:
-        stat = commit_repeated(c, "edge", chunk, count - 1, tail=b"tail")
+    with shared_cluster.client(chunk_size=4096) as c:
+        stat = commit_repeated(c, f"{prefix}edge", chunk, count - 1, tail=b"tail")
         assert stat["count"] == count
-        assert c.get_bytes("edge") == chunk * (count - 1) + b"tail"
+        assert c.get_bytes(f"{prefix}edge") == chunk * (count - 1) + b"tail"
 
 
 @DIGESTS
-def test_a_file_over_two_pages_reads_back_whole_across_the_page_boundary(cluster, tmp_path):
+def test_a_file_over_two_pages_reads_back_whole_across_the_page_boundary(
+    shared_cluster, prefix, tmp_path
+):
     """65,537 chunks: zeros (holes, not fetched) but for the last chunk of the first page and
     the one chunk of the second, which are fetched and checked against their pages."""
     last, tail = os.urandom(4096), b"second page"
-    with cluster.client(chunk_size=4096) as c:
+    name = f"{prefix}two"
+    with shared_cluster.client(chunk_size=4096) as c:
         for piece in (bytes(4096), last, tail):
             c.call("put_chunk", data=p.pack_data(piece), hash=h(piece))
         digests = h(bytes(4096)) * (p.PAGE_CHUNKS - 1) + h(last) + h(tail)
         size = 4096 * p.PAGE_CHUNKS + len(tail)
-        stat = commit_plan(c.session, "two", Plan(size, 4096, digests, time.time(), None, h))
+        stat = commit_plan(c.session, name, Plan(size, 4096, digests, time.time(), None, h))
         assert stat["count"] == p.PAGE_CHUNKS + 1
-        c.get("two", str(tmp_path / "two"))
+        c.get(name, str(tmp_path / "two"))
         with open(tmp_path / "two", "rb") as f:
             f.seek(4096 * (p.PAGE_CHUNKS - 2))
             assert f.read() == bytes(4096) + last + tail
-        with c.open("two") as remote:  # read through the boundary, streaming
+        with c.open(name) as remote:  # read through the boundary, streaming
             remote.seek(4096 * (p.PAGE_CHUNKS - 3))
             assert remote.read() == bytes(2 * 4096) + last + tail
 

@@ -27,12 +27,13 @@ def one_line_error(got) -> str:
 
 
 @pytest.fixture
-def stored(cluster, tmp_path):
-    """A small file (``small``, one message) and a 3-chunk file (``big``) in the store."""
+def stored(shared_cluster, prefix):
+    """A small file (``small``, one message) and a 3-chunk file (``big``) in the store, under
+    ``prefix``."""
     data = {"small": b"hello\n", "big": random_bytes(2 * 1024 * 1024 + 5, seed=3)}
-    with cluster.client() as c:
+    with shared_cluster.client() as c:
         for name, content in data.items():
-            c.put_bytes(content, name)
+            c.put_bytes(content, prefix + name)
     return data
 
 
@@ -40,68 +41,74 @@ def stored(cluster, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["small", "big"])
-def test_get_into_a_fifo_writes_into_it(cluster, stored, tmp_path, name):
+def test_get_into_a_fifo_writes_into_it(shared_cluster, prefix, stored, tmp_path, name):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     got_bytes = []
     reader = threading.Thread(target=lambda: got_bytes.append(fifo.read_bytes()))
     reader.start()
-    got = cluster.cli("get", name, str(fifo))
+    got = shared_cluster.cli("get", prefix + name, str(fifo))
     reader.join(30)
     assert got.returncode == 0, got.stderr
     assert got_bytes == [stored[name]]
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
 
 
-def test_get_into_dev_null_keeps_the_device(cluster, stored):
-    got = cluster.cli("get", "big", "/dev/null")
+def test_get_into_dev_null_keeps_the_device(shared_cluster, prefix, stored):
+    got = shared_cluster.cli("get", f"{prefix}big", "/dev/null")
     assert got.returncode == 0, got.stderr
     assert stat.S_ISCHR(os.lstat("/dev/null").st_mode)
 
 
-def test_get_into_dev_full_is_a_one_line_error_and_keeps_the_device(cluster, stored):
+def test_get_into_dev_full_is_a_one_line_error_and_keeps_the_device(shared_cluster, prefix, stored):
     for name in ("small", "big"):
-        err = one_line_error(cluster.cli("get", name, "/dev/full"))
+        err = one_line_error(shared_cluster.cli("get", prefix + name, "/dev/full"))
         assert "/dev/full" in err and "No space left" in err
         assert stat.S_ISCHR(os.lstat("/dev/full").st_mode)
 
 
-def test_get_through_a_symlink_writes_its_target_and_keeps_the_link(cluster, stored, tmp_path):
+def test_get_through_a_symlink_writes_its_target_and_keeps_the_link(
+    shared_cluster, prefix, stored, tmp_path
+):
     target = tmp_path / "target.bin"
     target.write_bytes(b"old")
     link = tmp_path / "link.bin"
     link.symlink_to(target)
     for name in ("small", "big"):
-        got = cluster.cli("get", name, str(link))
+        got = shared_cluster.cli("get", prefix + name, str(link))
         assert got.returncode == 0, got.stderr
         assert link.is_symlink() and os.readlink(link) == str(target)
         assert target.read_bytes() == stored[name]
 
 
 @pytest.mark.parametrize("dest", ["missing/", "missing/out.bin"])
-def test_get_into_a_missing_folder_is_a_one_line_error(cluster, stored, tmp_path, dest):
-    err = one_line_error(cluster.cli("get", "small", f"{tmp_path}/{dest}"))
+def test_get_into_a_missing_folder_is_a_one_line_error(
+    shared_cluster, prefix, stored, tmp_path, dest
+):
+    err = one_line_error(shared_cluster.cli("get", f"{prefix}small", f"{tmp_path}/{dest}"))
     assert "mkdir -p" in err
     assert not (tmp_path / "missing").exists()
 
 
-def test_get_r_with_a_name_that_is_also_a_folder_writes_nothing(cluster, tmp_path):
-    with cluster.client() as c:
+def test_get_r_with_a_name_that_is_also_a_folder_writes_nothing(shared_cluster, prefix, tmp_path):
+    with shared_cluster.client() as c:
         for name in ("t/a.txt", "t/clash", "t/clash/inner.txt", "t/z.txt"):
-            c.put_bytes(b"x", name)
-    err = one_line_error(cluster.cli("get", "-r", "t", str(tmp_path / "out")))
-    assert "'t/clash'" in err and "'t/clash/inner.txt'" in err
+            c.put_bytes(b"x", prefix + name)
+    err = one_line_error(shared_cluster.cli("get", "-r", f"{prefix}t", str(tmp_path / "out")))
+    assert f"'{prefix}t/clash'" in err and f"'{prefix}t/clash/inner.txt'" in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def test_get_r_onto_a_local_file_where_a_folder_goes_writes_nothing(cluster, tmp_path):
-    with cluster.client() as c:
+def test_get_r_onto_a_local_file_where_a_folder_goes_writes_nothing(
+    shared_cluster, prefix, tmp_path
+):
+    with shared_cluster.client() as c:
         for name in ("t/a.txt", "t/sub/b.txt"):
-            c.put_bytes(b"x", name)
+            c.put_bytes(b"x", prefix + name)
     out = tmp_path / "out"
     out.mkdir()
     (out / "sub").write_bytes(b"mine")
-    err = one_line_error(cluster.cli("get", "-r", "t", str(out)))
+    err = one_line_error(shared_cluster.cli("get", "-r", f"{prefix}t", str(out)))
     assert "sub" in err
     assert sorted(os.listdir(out)) == ["sub"] and (out / "sub").read_bytes() == b"mine"
 
@@ -270,35 +277,41 @@ def test_put_several_files_or_one_into_a_folder_as_cp_does(cluster, tmp_path):
     assert len(cli_json(cluster, "ls", "-r")) == 4  # nothing of it stored
 
 
-def test_sync_up_and_down_sends_only_what_differs_and_mirrors_with_delete(cluster, tmp_path):
+def test_sync_up_and_down_sends_only_what_differs_and_mirrors_with_delete(
+    shared_cluster, prefix, tmp_path
+):
+    cluster = shared_cluster
     src = tmp_path / "photos"
     (src / "sub").mkdir(parents=True)
     (src / "a.jpg").write_bytes(b"a" * 100)
     (src / "sub" / "b.jpg").write_bytes(random_bytes(3 * 1024 * 1024, seed=9))
-    first = cli_json(cluster, "sync", str(src), "fms:photos/")
+    first = cli_json(cluster, "sync", str(src), f"fms:{prefix}photos/")
     assert len(first["send"]) == 2 and first["unchanged"] == 0
-    again = cli_json(cluster, "sync", str(src), "fms:photos")
+    again = cli_json(cluster, "sync", str(src), f"fms:{prefix}photos")
     assert again["send"] == [] and again["unchanged"] == 2
     (src / "a.jpg").write_bytes(b"b" * 100)  # same size, other content
     with cluster.client() as c:
-        c.put_bytes(b"only remote", "photos/extra")
-    planned = cli_json(cluster, "sync", str(src), "fms:photos/", "--delete", "--dry-run")
-    assert [s["to"] for s in planned["send"]] == ["photos/a.jpg"]
-    assert planned["delete"] == ["photos/extra"]
+        c.put_bytes(b"only remote", f"{prefix}photos/extra")
+    planned = cli_json(cluster, "sync", str(src), f"fms:{prefix}photos/", "--delete", "--dry-run")
+    assert [s["to"] for s in planned["send"]] == [f"{prefix}photos/a.jpg"]
+    assert planned["delete"] == [f"{prefix}photos/extra"]
     with cluster.client() as c:
-        assert c.get_bytes("photos/a.jpg") == b"a" * 100  # a dry run changed nothing
-        assert c.stat("photos/extra")
-    assert cluster.cli("sync", str(src), "fms:photos/", "--delete").returncode == 0
+        assert c.get_bytes(f"{prefix}photos/a.jpg") == b"a" * 100  # a dry run changed nothing
+        assert c.stat(f"{prefix}photos/extra")
+    assert cluster.cli("sync", str(src), f"fms:{prefix}photos/", "--delete").returncode == 0
     with cluster.client() as c:
-        assert [e["name"] for e in c.ls("photos/")] == ["photos/a.jpg", "photos/sub/b.jpg"]
-        assert c.get_bytes("photos/a.jpg") == b"b" * 100
+        assert [e["name"] for e in c.ls(f"{prefix}photos/")] == [
+            f"{prefix}photos/a.jpg",
+            f"{prefix}photos/sub/b.jpg",
+        ]
+        assert c.get_bytes(f"{prefix}photos/a.jpg") == b"b" * 100
     restore = tmp_path / "restore"
-    down = cli_json(cluster, "sync", "fms:photos/", str(restore))
+    down = cli_json(cluster, "sync", f"fms:{prefix}photos/", str(restore))
     assert len(down["send"]) == 2
     assert (restore / "sub" / "b.jpg").read_bytes() == (src / "sub" / "b.jpg").read_bytes()
     (restore / "stray").write_bytes(b"s")
     mtime = os.stat(restore / "a.jpg").st_mtime_ns
-    down = cli_json(cluster, "sync", "fms:photos/", str(restore), "--delete")
+    down = cli_json(cluster, "sync", f"fms:{prefix}photos/", str(restore), "--delete")
     assert down["send"] == [] and down["unchanged"] == 2
     assert not (restore / "stray").exists()
     assert os.stat(restore / "a.jpg").st_mtime_ns == mtime  # not written again
@@ -315,9 +328,9 @@ def test_sync_up_and_down_sends_only_what_differs_and_mirrors_with_delete(cluste
         ["get", "-r", "missing", "out"],
     ],
 )
-def test_a_failed_command_exits_1_with_one_line_also_with_json(cluster, argv):
+def test_a_failed_command_exits_1_with_one_line_also_with_json(untouched_cluster, argv):
     for extra in ([], ["--json"]):
-        err = one_line_error(cluster.cli(*argv, *extra))
+        err = one_line_error(untouched_cluster.cli(*argv, *extra))
         assert "not found" in err
 
 
@@ -367,12 +380,12 @@ def test_versions_get_version_and_restore_also_after_rm_and_gc(versioned, tmp_pa
     assert got.returncode == 0 and json.loads(got.stdout)["refcount_errors"] == 0
 
 
-def test_without_keep_versions_nothing_is_retained(cluster):
-    with cluster.client() as c:
-        c.put_bytes(b"1", "x")
-        c.put_bytes(b"2", "x")
-    assert [v["version"] for v in cli_json(cluster, "versions", "x")] == [2]
-    err = one_line_error(cluster.cli("restore", "x"))
+def test_without_keep_versions_nothing_is_retained(shared_cluster, prefix):
+    with shared_cluster.client() as c:
+        c.put_bytes(b"1", f"{prefix}x")
+        c.put_bytes(b"2", f"{prefix}x")
+    assert [v["version"] for v in cli_json(shared_cluster, "versions", f"{prefix}x")] == [2]
+    err = one_line_error(shared_cluster.cli("restore", f"{prefix}x"))
     assert "--keep-versions" in err
 
 

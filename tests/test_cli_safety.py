@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from conftest import ROOT, random_bytes
+from conftest import ROOT, Cluster, random_bytes
 from storage_helpers import digest_of
 from terminal import run_on_a_pty
 from test_cli_habits import one_line_error
@@ -111,6 +111,18 @@ def test_a_destination_name_of_255_bytes_is_written(cluster, tmp_path):
 # --- no traceback for a user's mistake ---
 
 
+@pytest.fixture(scope="module")
+def mistakes(tmp_path_factory):
+    """One cluster for the mistakes below (27 of them: a fresh one each cost about 1 s to start
+    and stop): a mistake changes nothing stored, and each test puts what it reads itself."""
+    shared = Cluster(tmp_path_factory.mktemp("mistakes"))
+    try:
+        shared.start_all(storage=2)
+        yield shared
+    finally:
+        shared.stop()
+
+
 def fifo_with(path, data: bytes):
     """A FIFO at ``path`` that a thread fills with ``data``, as ``<(...)`` does."""
     os.mkfifo(path)
@@ -151,8 +163,8 @@ def fifo_with(path, data: bytes):
         (["rm", "t"], "rm -r t/"),
     ],
 )
-def test_no_user_mistake_prints_a_traceback(cluster, tmp_path, argv, says):
-    with cluster.client() as c:
+def test_no_user_mistake_prints_a_traceback(mistakes, tmp_path, argv, says):
+    with mistakes.client() as c:
         c.put_bytes(b"f", "f")
         c.put_bytes(b"in t", "t/a")
     (tmp_path / "dir").mkdir()
@@ -163,7 +175,7 @@ def test_no_user_mistake_prints_a_traceback(cluster, tmp_path, argv, says):
     sock.bind(str(tmp_path / "sock"))
     try:
         argv = [a.format(tmp=tmp_path) for a in argv]
-        err = one_line_error(cluster.cli(*argv, cwd=str(tmp_path)))
+        err = one_line_error(mistakes.cli(*argv, cwd=str(tmp_path)))
     finally:
         sock.close()
     assert says.format(tmp=tmp_path) in err
@@ -197,10 +209,10 @@ def test_ls_of_a_prefix_that_holds_nothing_is_an_error_and_of_an_empty_store_is_
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
-def test_a_timeout_that_is_not_a_positive_number_of_seconds_is_refused(cluster, value):
-    got = cluster.cli("--timeout", value, "ls")
+def test_a_timeout_that_is_not_a_positive_number_of_seconds_is_refused(mistakes, value):
+    got = mistakes.cli("--timeout", value, "ls")
     assert got.returncode == 2 and b"is not a timeout" in got.stderr
-    got = cluster.cli("ls", "--timeout", value)
+    got = mistakes.cli("ls", "--timeout", value)
     assert got.returncode == 2 and b"usage: client.py ls" in got.stderr
 
 

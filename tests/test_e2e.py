@@ -43,14 +43,18 @@ def write(path, data: bytes):
 
 @DIGESTS
 @pytest.mark.parametrize("size", [0, 1, 4096, p.INLINE_MAX + 1, 3 * MiB + 123])
-def test_put_then_get_returns_the_same_bytes(cluster, tmp_path, size):
+def test_put_then_get_returns_the_same_bytes(shared_cluster, prefix, tmp_path, size):
+    cluster = shared_cluster
     data = random_bytes(size, seed=size)
     src = write(tmp_path / "src.bin", data)
     os.utime(src, (1_600_000_000, 1_600_000_000))
-    put = cluster.cli("put", src, "dir/file.bin")
+    put = cluster.cli("put", src, f"{prefix}dir/file.bin")
     assert put.returncode == 0, put.stderr
     got = cluster.cli(
-        "get", "dir/file.bin", str(tmp_path / "out.bin"), *(["--fsync"] if size % 2 else [])
+        "get",
+        f"{prefix}dir/file.bin",
+        str(tmp_path / "out.bin"),
+        *(["--fsync"] if size % 2 else []),
     )  # both ways of writing it
     assert got.returncode == 0, got.stderr
     assert (tmp_path / "out.bin").read_bytes() == data
@@ -58,34 +62,38 @@ def test_put_then_get_returns_the_same_bytes(cluster, tmp_path, size):
     assert mode_of(tmp_path / "out.bin") == 0o666 & ~current_umask()  # an ordinary new file
 
 
-def test_get_defaults_to_base_name_and_to_stdout_with_dash(cluster, tmp_path):
+def test_get_defaults_to_base_name_and_to_stdout_with_dash(shared_cluster, prefix, tmp_path):
+    cluster = shared_cluster
     data = random_bytes(2 * MiB + 5)
-    cluster.cli("put", write(tmp_path / "a.bin", data), "x/y/z.bin")
+    cluster.cli("put", write(tmp_path / "a.bin", data), f"{prefix}x/y/z.bin")
     workdir = tmp_path / "work"
     workdir.mkdir()
-    assert cluster.cli("get", "x/y/z.bin", cwd=str(workdir)).returncode == 0
+    assert cluster.cli("get", f"{prefix}x/y/z.bin", cwd=str(workdir)).returncode == 0
     assert (workdir / "z.bin").read_bytes() == data
-    out = cluster.cli("get", "x/y/z.bin", "-")
+    out = cluster.cli("get", f"{prefix}x/y/z.bin", "-")
     assert out.returncode == 0 and out.stdout == data
 
 
-def test_ls_and_stat_as_text_and_json(cluster, tmp_path):
+def test_ls_and_stat_as_text_and_json(shared_cluster, prefix, tmp_path):
+    cluster = shared_cluster
     data = random_bytes(5000)
-    cluster.cli("put", write(tmp_path / "f", data), "docs/f")
-    cluster.cli("put", write(tmp_path / "g", b"g"), "other/g")
-    listing = json.loads(cluster.cli("ls", "docs/", "--json").stdout)
-    assert [(e["name"], e["size"]) for e in listing] == [("docs/f", 5000)]
-    assert "docs/f" in cluster.cli("ls", "-r").stdout.decode()
-    assert "docs/" in cluster.cli("ls").stdout.decode().split()  # one level: the folder
-    info = json.loads(cluster.cli("stat", "docs/f", "--json").stdout)
-    assert info["name"] == "docs/f" and info["size"] == 5000
+    cluster.cli("put", write(tmp_path / "f", data), f"{prefix}docs/f")
+    cluster.cli("put", write(tmp_path / "g", b"g"), f"{prefix}other/g")
+    listing = json.loads(cluster.cli("ls", f"{prefix}docs/", "--json").stdout)
+    assert [(e["name"], e["size"]) for e in listing] == [(f"{prefix}docs/f", 5000)]
+    assert f"{prefix}docs/f" in cluster.cli("ls", "-r").stdout.decode().split()
+    assert prefix in cluster.cli("ls").stdout.decode().split()  # one level: the folder
+    assert f"{prefix}docs/" in cluster.cli("ls", prefix).stdout.decode().split()
+    info = json.loads(cluster.cli("stat", f"{prefix}docs/f", "--json").stdout)
+    assert info["name"] == f"{prefix}docs/f" and info["size"] == 5000
     assert info["digest"] == digest_of(data, p.DEFAULT_CHUNK_SIZE).hex()
     assert info["digest_kind"] == "tree" and isinstance(info["mtime"], float)
-    assert "digest:" in cluster.cli("stat", "docs/f").stdout.decode()
+    assert "digest:" in cluster.cli("stat", f"{prefix}docs/f").stdout.decode()
 
 
 @DIGESTS
-def test_put_r_and_get_r_keep_the_tree(cluster, tmp_path):
+def test_put_r_and_get_r_keep_the_tree(shared_cluster, prefix, tmp_path):
+    cluster = shared_cluster
     tree = {
         "a.txt": b"a" * 10,
         "sub/b.bin": random_bytes(3 * MiB, 1),
@@ -94,9 +102,9 @@ def test_put_r_and_get_r_keep_the_tree(cluster, tmp_path):
     }
     for rel, data in tree.items():
         write(tmp_path / "src" / rel, data)
-    put = cluster.cli("put", "-r", str(tmp_path / "src"), "backup")
+    put = cluster.cli("put", "-r", str(tmp_path / "src"), f"{prefix}backup")
     assert put.returncode == 0, put.stderr
-    got = cluster.cli("get", "-r", "backup", str(tmp_path / "restore"))
+    got = cluster.cli("get", "-r", f"{prefix}backup", str(tmp_path / "restore"))
     assert got.returncode == 0, got.stderr
     for rel, data in tree.items():
         assert (tmp_path / "restore" / rel).read_bytes() == data
@@ -104,12 +112,13 @@ def test_put_r_and_get_r_keep_the_tree(cluster, tmp_path):
     assert not [f for f in (tmp_path / "restore").rglob("*") if f.name.endswith(".fms-part")]
 
 
-def test_rm_then_get_is_not_found(cluster, tmp_path):
-    cluster.cli("put", write(tmp_path / "f", b"bye"), "f")
-    assert cluster.cli("rm", "f").returncode == 0
-    got = cluster.cli("get", "f", str(tmp_path / "out"))
+def test_rm_then_get_is_not_found(shared_cluster, prefix, tmp_path):
+    cluster = shared_cluster
+    cluster.cli("put", write(tmp_path / "f", b"bye"), f"{prefix}f")
+    assert cluster.cli("rm", f"{prefix}f").returncode == 0
+    got = cluster.cli("get", f"{prefix}f", str(tmp_path / "out"))
     assert got.returncode != 0 and b"not found" in got.stderr
-    again = cluster.cli("rm", "f")
+    again = cluster.cli("rm", f"{prefix}f")
     assert again.returncode != 0 and b"not found" in again.stderr
 
 
@@ -176,15 +185,15 @@ def count_sends(client, monkeypatch) -> list:
     return sent
 
 
-def test_small_file_costs_one_round_trip_each_way(cluster, monkeypatch):
-    with cluster.client() as c:
+def test_small_file_costs_one_round_trip_each_way(shared_cluster, prefix, monkeypatch):
+    with shared_cluster.client() as c:  # the count is of this client's requests
         sent = count_sends(c, monkeypatch)
-        c.put_bytes(b"k" * 4096, "small")
+        c.put_bytes(b"k" * 4096, f"{prefix}small")
         # Once per connection, before it hashes anything: the store's digest function.
         assert [p.decode(frames[0])["op"] for frames in sent] == ["hello", "commit"]
-        c.put_bytes(b"j" * 4096, "small2")
+        c.put_bytes(b"j" * 4096, f"{prefix}small2")
         assert len(sent) == 3
-        assert c.get_bytes("small") == b"k" * 4096
+        assert c.get_bytes(f"{prefix}small") == b"k" * 4096
         assert len(sent) == 4
 
 
@@ -320,9 +329,9 @@ def test_read_after_write_under_concurrent_reads_and_misses(make_cluster, caches
 # --- errors a user meets ---
 
 
-def test_missing_name_fails_fast_with_not_found(cluster, tmp_path):
+def test_missing_name_fails_fast_with_not_found(untouched_cluster, tmp_path):
     start = time.monotonic()
-    got = cluster.cli("get", "no/such/file", str(tmp_path / "x"))
+    got = untouched_cluster.cli("get", "no/such/file", str(tmp_path / "x"))
     assert got.returncode == 1
     assert b"not found" in got.stderr
     assert time.monotonic() - start < 5  # includes starting the interpreter
@@ -343,7 +352,8 @@ def test_unreachable_broker_fails_clearly_within_10_seconds(make_cluster, tmp_pa
 
 
 @pytest.mark.parametrize("name", ["../escape", "/etc/passwd", "", "a/../../b", "x" * 1025, "a//b"])
-def test_bad_names_are_refused_and_nothing_is_written(cluster, tmp_path, name):
+def test_bad_names_are_refused_and_nothing_is_written(untouched_cluster, tmp_path, name):
+    cluster = untouched_cluster
     src = write(tmp_path / "f", b"payload")
     got = cluster.cli("put", src, name)
     assert got.returncode == 1
@@ -352,8 +362,8 @@ def test_bad_names_are_refused_and_nothing_is_written(cluster, tmp_path, name):
     assert not (tmp_path.parent / "escape").exists()
 
 
-def test_storage_refuses_bad_names_even_from_a_client_that_skips_the_check(cluster):
-    with cluster.client() as c:
+def test_storage_refuses_bad_names_even_from_a_client_that_skips_the_check(untouched_cluster):
+    with untouched_cluster.client() as c:
         with pytest.raises(BadRequest, match=r"'\.\.'"):
             c.call("stat", name="../../etc/passwd")
         with pytest.raises(BadRequest, match="NUL"):

@@ -40,8 +40,9 @@ def test_a_name_typed_with_a_combining_accent_is_the_same_file(cluster, tmp_path
     ],
 )
 def test_a_name_that_would_show_as_another_is_refused_and_nothing_is_written(
-    cluster, tmp_path, name, char
+    untouched_cluster, tmp_path, name, char
 ):
+    cluster = untouched_cluster  # still empty after it
     got = cluster.cli("put", write(tmp_path / "f", b"payload"), name)
     assert got.returncode == 1 and char.encode() in got.stderr
     assert b"Traceback" not in got.stderr

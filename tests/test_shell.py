@@ -40,20 +40,20 @@ def test_on_a_terminal_it_prompts_survives_errors_and_asks_before_rm_r(cluster, 
         assert c.ls() == []
 
 
-def test_help_of_a_command_shows_its_own_options_not_the_connection_s(cluster):
-    out = cluster.cli(stdin=b"help get\nhelp\n").stdout.decode()
+def test_help_of_a_command_shows_its_own_options_not_the_connection_s(untouched_cluster):
+    out = untouched_cluster.cli(stdin=b"help get\nhelp\n").stdout.decode()
     assert "--no-clobber" in out and "--range" in out
     assert "--broker" not in out and "--curve-secret" not in out and "--timeout" not in out
     assert "cd [FOLDER]" in out and "lls [ARGS]" in out  # the local commands, in `help`
 
 
-def test_a_bad_option_prints_that_command_s_usage_not_the_whole_program_s(cluster):
-    run = cluster.cli(stdin=b"get --bogus x\n")
+def test_a_bad_option_prints_that_command_s_usage_not_the_whole_program_s(untouched_cluster):
+    run = untouched_cluster.cli(stdin=b"get --bogus x\n")
     assert run.returncode == 2
     err = run.stderr.decode()
     assert "usage: get " in err and "unrecognized arguments: --bogus" in err
     assert "COMMAND" not in err  # not the top-level usage
-    direct = cluster.cli("get", "--bogus", "x")  # on the command line too
+    direct = untouched_cluster.cli("get", "--bogus", "x")  # on the command line too
     assert direct.returncode == 2 and b"usage: client.py get " in direct.stderr
     assert b"COMMAND" not in direct.stderr
 
@@ -82,7 +82,10 @@ def test_cd_pwd_lcd_lpwd_lls_cat_and_a_local_command(cluster, tmp_path):
     assert (here / "copy.txt").read_bytes() == b"from here\n"  # get wrote into the lcd folder
 
 
-def test_the_history_goes_where_fms_history_says_and_nowhere_when_it_is_empty(cluster, tmp_path):
+def test_the_history_goes_where_fms_history_says_and_nowhere_when_it_is_empty(
+    untouched_cluster, tmp_path
+):
+    cluster = untouched_cluster
     kept = tmp_path / "hist"
     code, _ = run_on_a_pty(
         ["--broker", cluster.frontend], "ls\nquit\n", tmp_path, {"FMS_HISTORY": str(kept)}
@@ -100,7 +103,9 @@ NAMES = ("docs/a.txt", "docs/b.txt", "pics/c.jpg", "my file é.txt", "it's here/
 
 
 @pytest.fixture
-def shell(cluster):
+def shell(_shared_clusters, store_digest):
+    """A shell on a cluster holding NAMES at its root, and nothing else: the tests only read."""
+    cluster = _shared_clusters("shell-names", store_digest)
     with cluster.client() as c:
         for name in NAMES:
             c.put_bytes(b"x", name)

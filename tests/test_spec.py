@@ -49,8 +49,9 @@ def raw_of():
 
 
 @pytest.fixture
-def raw(cluster, raw_of):
-    return raw_of(cluster)
+def raw(untouched_cluster, raw_of):
+    """``raw_of`` a cluster nothing is written to: for requests that must store nothing."""
+    return raw_of(untouched_cluster)
 
 
 def request(op: str, req_id, **fields) -> bytes:
@@ -114,14 +115,17 @@ def test_every_request_field_storage_or_the_broker_reads_is_in_the_request_field
 # --- the points the independent client found ---
 
 
-def test_rm_replies_with_the_tombstone_which_says_deleted(cluster, raw):
-    with cluster.client() as c:
-        c.put_bytes(b"x", "gone")
-    reply = raw([request("rm", 7, name="gone", commit="rm-1")])
+def test_rm_replies_with_the_tombstone_which_says_deleted(shared_cluster, prefix, raw_of):
+    with shared_cluster.client() as c:
+        c.put_bytes(b"x", f"{prefix}gone")
+    raw = raw_of(shared_cluster)
+    reply = raw([request("rm", 7, name=f"{prefix}gone", commit=f"rm-{prefix}")])
     assert reply["ok"] is True and reply["id"] == 7
     assert reply["stat"]["deleted"] is True and reply["stat"]["count"] == 0
     assert reply["stat"]["version"] == 2
-    again = raw([request("rm", 8, name="gone", commit="rm-1")])  # a repeat: same answer
+    again = raw(
+        [request("rm", 8, name=f"{prefix}gone", commit=f"rm-{prefix}")]
+    )  # a repeat: same answer
     assert again["stat"] == reply["stat"]
 
 
@@ -160,17 +164,17 @@ def test_cache_stats_without_a_cache_worker_is_answered_and_stats_exits_0(make_c
 # --- flow control ---
 
 
-def test_a_client_that_sends_300_requests_before_reading_gets_every_reply(cluster, raw_of):
+def test_a_client_that_sends_300_requests_before_reading_gets_every_reply(shared_cluster, prefix):
     """Issue 15: a client that sent 300 requests without reading lost 44 replies.  Per the spec
     the first 128 are served and the rest refused with too_large, every one answered."""
-    with cluster.client() as c:
-        c.put_bytes(b"x", "f")
+    with shared_cluster.client() as c:
+        c.put_bytes(b"x", f"{prefix}f")
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.linger = 0
-    sock.connect(cluster.frontend)
+    sock.connect(shared_cluster.frontend)
     try:
         for i in range(300):
-            sock.send(request("stat", i, name="f"))
+            sock.send(request("stat", i, name=f"{prefix}f"))
         got = {}
         while len(got) < 300 and sock.poll(REPLY_TIMEOUT_MS):
             header = p.decode(sock.recv_multipart()[0])
@@ -386,22 +390,24 @@ def test_version_true_or_1_0_is_not_version_1(raw):
         assert reply["error"] == "version" and reply["id"] == 3, reply
 
 
-def test_the_chunk_and_read_fields_are_checked_over_the_wire(cluster, raw):
-    with cluster.client() as c:
-        c.put_bytes(b"z" * 5000, "f")
+def test_the_chunk_and_read_fields_are_checked_over_the_wire(shared_cluster, prefix, raw_of):
+    with shared_cluster.client() as c:
+        c.put_bytes(b"z" * 5000, f"{prefix}f")
+    raw = raw_of(shared_cluster)
     digest = h(b"z" * 5000)  # its one chunk, by the store's digest function
     for fields in ({"len": -1}, {"len": 2**40}, {"of": [1]}, {"fresh": "yes"}):
         reply = raw([request("chunk", 1, hash=digest, **fields)])
         assert reply["error"] == "bad_request", (fields, reply)
-    assert raw([request("get", 2, name="f", fresh="yes")])["error"] == "bad_request"
-    assert raw([request("get_many", 3, names=["f"], fresh=1)])["error"] == "bad_request"
-    assert raw([request("get", 4, name="f", fresh=None)])["ok"] is True  # nil: absent
+    assert raw([request("get", 2, name=f"{prefix}f", fresh="yes")])["error"] == "bad_request"
+    assert raw([request("get_many", 3, names=[f"{prefix}f"], fresh=1)])["error"] == "bad_request"
+    assert raw([request("get", 4, name=f"{prefix}f", fresh=None)])["ok"] is True  # nil: absent
     assert raw([request("ls", 5, prefix="", limit=None)])["ok"] is True
     served = raw([request("chunk", 6, hash=digest, len=5000, of=4)])
     assert served["ok"] is True
 
 
-def test_put_chunk_of_a_small_chunk_storage_holds_says_written_false(raw):
+def test_put_chunk_of_a_small_chunk_storage_holds_says_written_false(cluster, raw_of):
+    raw = raw_of(cluster)  # a fresh store: the first put of the chunk writes it
     data = b"small chunk" * 100  # 1,100 bytes: kept in the metadata database
     digest = h(data)
     first = raw([request("put_chunk", 1, hash=digest), p.pack_data(data)])

@@ -28,30 +28,34 @@ MiB = p.MiB
 # --- the interactive shell (more in test_shell.py) ---
 
 
-def test_shell_leaves_on_end_of_input(cluster):
-    run = cluster.cli(stdin=b"ls\n")  # Ctrl-D is end of input
+def test_shell_leaves_on_end_of_input(untouched_cluster):
+    run = untouched_cluster.cli(stdin=b"ls\n")  # Ctrl-D is end of input
     assert run.returncode == 0
 
 
 # --- progress bars ---
 
 
-def test_progress_bar_on_a_terminal_only_and_not_with_quiet(cluster, tmp_path):
+def test_progress_bar_on_a_terminal_only_and_not_with_quiet(shared_cluster, prefix, tmp_path):
+    cluster = shared_cluster
     src = tmp_path / "big.bin"
     src.write_bytes(random_bytes(6 * MiB, 6))
-    drawn = run_on_a_terminal(["--broker", cluster.frontend, "put", str(src), "big"], tmp_path)
+    drawn = run_on_a_terminal(
+        ["--broker", cluster.frontend, "put", str(src), f"{prefix}big"], tmp_path
+    )
     assert "100%" in drawn and "B/s" in drawn and "big" in drawn
     drawn = run_on_a_terminal(
-        ["--broker", cluster.frontend, "get", "big", str(tmp_path / "o")], tmp_path
+        ["--broker", cluster.frontend, "get", f"{prefix}big", str(tmp_path / "o")], tmp_path
     )
     assert "100%" in drawn and "B/s" in drawn
     quiet = run_on_a_terminal(
-        ["--broker", cluster.frontend, "--quiet", "get", "big", str(tmp_path / "o2")], tmp_path
+        ["--broker", cluster.frontend, "--quiet", "get", f"{prefix}big", str(tmp_path / "o2")],
+        tmp_path,
     )
     assert "%" not in quiet and quiet.strip() == ""
-    piped = cluster.cli("get", "big", str(tmp_path / "o3"))
+    piped = cluster.cli("get", f"{prefix}big", str(tmp_path / "o3"))
     assert b"%" not in piped.stderr  # not a terminal: no bar
-    small = run_on_a_terminal(["--broker", cluster.frontend, "get", "big", "-"], tmp_path)
+    small = run_on_a_terminal(["--broker", cluster.frontend, "get", f"{prefix}big", "-"], tmp_path)
     assert "100%" in small  # stdout is data, the bar on stderr
 
 
@@ -259,13 +263,14 @@ def test_every_command_has_help_with_an_example(command):
     assert helped.returncode == 0 and b"examples:" in helped.stdout
 
 
-def test_put_stream_without_a_progress_callback(cluster):
+def test_put_stream_without_a_progress_callback(shared_cluster, prefix):
     """``upload.put_stream`` takes ``report=None``: a stream of one chunk that is too large to
     travel with its commit goes in chunks, and nothing calls the missing callback."""
     from fms.client import upload
 
     data = random_bytes(p.INLINE_MAX + 1)
-    with cluster.client() as c:
-        stat = upload.put_stream(c.session, io.BytesIO(data), "stream/one", c.chunk_size)
+    with shared_cluster.client() as c:
+        name = f"{prefix}stream/one"
+        stat = upload.put_stream(c.session, io.BytesIO(data), name, c.chunk_size)
         assert stat["size"] == len(data)
-        assert c.get_bytes("stream/one") == data
+        assert c.get_bytes(name) == data
