@@ -865,16 +865,7 @@ class FmsMount(mfusepy.Operations):
     # --- lifecycle ---
 
     def init_with_config(self, conn: Any, config: Any) -> None:
-        if config is not None:
-            config.entry_timeout = self.cache_time
-            config.attr_timeout = self.cache_time
-            config.negative_timeout = 0.0
-            config.hard_remove = 1  # an unlinked open file is ours to keep, not renamed
-            config.nullpath_ok = 1
-            config.use_ino = 0
-        if conn is not None:
-            conn.max_write = p.MiB
-            conn.max_readahead = p.MiB
+        configure(conn, config, self.cache_time)
         ready = getattr(self, "on_ready", None)
         if ready is not None:
             ready()
@@ -893,6 +884,20 @@ class FmsMount(mfusepy.Operations):
                 log.error("event=commit_lost name=%r error=%r", file.name, str(exc))
             file.close()
         self.pool.close()
+
+
+def configure(conn: Any, config: Any, cache_time: float) -> None:
+    """libfuse's settings for a mount, at its start (benchmarks/toyfs.py takes the same)."""
+    if config is not None:
+        config.entry_timeout = cache_time
+        config.attr_timeout = cache_time
+        config.negative_timeout = 0.0
+        config.hard_remove = 1  # an unlinked open file is ours to keep, not renamed
+        config.nullpath_ok = 1
+        config.use_ino = 0
+    if conn is not None:
+        conn.max_write = p.MiB
+        conn.max_readahead = p.MiB
 
 
 class _MetaHolder:
