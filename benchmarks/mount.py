@@ -1,7 +1,7 @@
 """``fms mount`` against its peers, in one run (issue 25's speed points).
 
     python -m benchmarks.mount [--size 1G] [--files 1000] [--rounds 3] [--rows ROW,...]
-                               [--out bench-results]
+                               [--before CHECKOUT] [--out bench-results]
 
 One cluster (broker, cache of 2 GiB, two storage workers) and one mount of it, and the floor: a
 file system in memory on mfusepy with the mount's FUSE options (benchmarks/toyfs.py), the best a
@@ -17,7 +17,9 @@ alternates):
 - ``tar -xf`` of a ``--files``-file source tree into a new folder: the mount against local ext4,
   and a second mount of the same store with ``--writeback`` against local ext4 again;
 - the floor: the same write (``cp FILE TOY/NAME`` against ``fms put``) and the same untar (into
-  the toy against local ext4).  A floor under a bar means no Python mount reaches that bar here.
+  the toy against local ext4).  A floor under a bar means no Python mount reaches that bar here;
+- with ``--before CHECKOUT``: the two untars again into mounts run from that checkout's code
+  (main's, say), so a change is measured before and after in one run.
 
 Reported: the median seconds of each, and mount / peer as a speed ratio (peer time / mount
 time: 1 is as fast, above 1 faster), beside the issue's bar.  The machine is shared: only the
@@ -49,7 +51,10 @@ BARS = {
     "untar": 0.3,
     "untar wb": 0.3,
     "untar toy": 0.3,
+    "untar before": 0.3,
+    "untar wb before": 0.3,
 }
+BEFORE_ROWS = ("untar before", "untar wb before")  # only with --before
 MOUNT_TIMEOUT = 15.0  # seconds for the toy to be mounted
 
 
@@ -94,7 +99,7 @@ def source_tree(folder: str, files: int) -> None:
             f.write(text + b"\n")
 
 
-def one_run(row, side, r, args, mount, writeback, toy, cli, shm, work) -> float:
+def one_run(row, side, r, args, mount, writeback, toy, cli, shm, work, before) -> float:
     """Seconds of one side (0: the mount or the toy, 1: its peer) of ``row`` in round ``r``."""
     if row == "read":
         out = os.path.join(shm, f"read-{r}-{side}")
@@ -119,7 +124,7 @@ def one_run(row, side, r, args, mount, writeback, toy, cli, shm, work) -> float:
         folder = mount.p("lsdir") if side == 0 else os.path.join(work, "local-ls")
         subprocess.run(["ls", "-l", folder], capture_output=True, check=True)  # warm
         return statistics.median(timed(["ls", "-l", folder]) for _ in range(5))
-    into = {"untar": mount, "untar wb": writeback, "untar toy": toy}[row]
+    into = {"untar": mount, "untar wb": writeback, "untar toy": toy, **before}[row]
     name = f"{row.replace(' ', '-')}{r}"
     dest = into.p(name) if side == 0 else os.path.join(work, name)
     os.mkdir(dest)
@@ -163,11 +168,23 @@ def main(argv=None) -> int:
     parser.add_argument("--files", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
-        "--rows", default=",".join(BARS), help=f"the rows to time, of: {', '.join(BARS)}"
+        "--rows",
+        default=",".join(r for r in BARS if r not in BEFORE_ROWS),
+        help=f"the rows to time, of: {', '.join(BARS)}",
+    )
+    parser.add_argument(
+        "--before",
+        metavar="CHECKOUT",
+        help="also untar into mounts run from another checkout of fms (e.g. main's worktree), "
+        "in the same run: the rows 'untar before' and 'untar wb before'",
     )
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args(argv)
     rows = [row.strip() for row in args.rows.split(",")]
+    if args.before and args.rows == parser.get_default("rows"):
+        rows += BEFORE_ROWS
+    elif not args.before:
+        rows = [row for row in rows if row not in BEFORE_ROWS]
     unknown = [row for row in rows if row not in BARS]
     if unknown:
         parser.error(f"no such rows: {', '.join(unknown)}; the rows are: {', '.join(BARS)}")
@@ -176,6 +193,7 @@ def main(argv=None) -> int:
     cluster = Cluster(os.path.join(work, "cluster"))
     os.makedirs(cluster.tmp, exist_ok=True)
     mount = writeback = toy = None
+    before: dict = {}  # "untar before" / "untar wb before" -> a mount of the other checkout
     times = {row: ([], []) for row in rows}  # row -> (mount seconds, peer seconds)
     cli = [sys.executable, os.path.join(ROOT, "client.py")]
     try:
@@ -183,6 +201,12 @@ def main(argv=None) -> int:
         mount = Mount(cluster, os.path.join(work, "mnt"))
         writeback = Mount(cluster, os.path.join(work, "mnt-wb"), "--writeback")
         toy = Toy(os.path.join(work, "toy"))
+        if args.before:
+            old = os.path.abspath(args.before)
+            before["untar before"] = Mount(cluster, os.path.join(work, "mnt-b"), root=old)
+            before["untar wb before"] = Mount(
+                cluster, os.path.join(work, "mnt-bwb"), "--writeback", root=old
+            )
         cli += ["--broker", cluster.frontend, "--quiet"]
         big = os.path.join(shm, "big")
         random_file(big, args.size, 0)
@@ -209,12 +233,12 @@ def main(argv=None) -> int:
             for row in rows:
                 for side in order:  # 0: the mount (or the toy), 1: the peer
                     times[row][side].append(
-                        one_run(row, side, r, args, mount, writeback, toy, cli, shm, work)
+                        one_run(row, side, r, args, mount, writeback, toy, cli, shm, work, before)
                     )
             uptime = open("/proc/loadavg").read().split()[:3]
             print(f"round {r + 1}/{args.rounds} done, load {' '.join(uptime)}", file=sys.stderr)
     finally:
-        for m in (mount, writeback, toy):
+        for m in (mount, writeback, toy, *before.values()):
             if m is not None:
                 m.unmount()
         cluster.stop()
@@ -222,6 +246,7 @@ def main(argv=None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     peers = {"read": "fms get", "write": "fms put", "write toy": "fms put", "ls -l": "local ext4"}
     peers.update({"untar": "local ext4", "untar wb": "local ext4", "untar toy": "local ext4"})
+    peers.update({row: "local ext4" for row in BEFORE_ROWS})
     size = f"{args.size / (1 << 30):g} GiB" if args.size >= 1 << 30 else f"{args.size >> 20} MiB"
     what = {
         "read": f"sequential read, {size}",
@@ -231,6 +256,8 @@ def main(argv=None) -> int:
         "untar": f"untar of {args.files} files",
         "untar wb": f"untar of {args.files} files, --writeback",
         "untar toy": f"untar of {args.files} files into the toy (the floor)",
+        "untar before": f"untar of {args.files} files, {args.before}'s mount",
+        "untar wb before": f"untar of {args.files} files, --writeback, {args.before}'s mount",
     }
     load = open("/proc/loadavg").read().split()[:3]
     lines = [
