@@ -110,7 +110,8 @@ def one_run(row, side, r, args, mount, writeback, toy, cli, shm, work, before) -
         return elapsed
     if row in ("write", "write toy"):
         src = os.path.join(shm, "src")
-        random_file(src, args.size, 1000 + 2 * r + side)
+        toy_row = row == "write toy"
+        random_file(src, args.size, 1000 + 4 * r + 2 * toy_row + side)  # never seen: no dedup
         os.sync()
         name = f"w{r}-{side}" if row == "write" else f"t{r}-{side}"
         into = mount if row == "write" else toy

@@ -604,6 +604,22 @@ def test_a_storage_worker_killed_during_writes_loses_nothing_closed(cluster, mak
             assert f"f{i}" not in names or c.get_bytes(f"f{i}") == random_bytes(2 * MiB, seed=i)
 
 
+def test_a_storage_worker_killed_while_writeback_commits_loses_nothing_closed(cluster, make_mount):
+    m = make_mount(cluster, "--writeback")
+    os.mkdir(m.p("d"))
+    files = {f"d/f{i}": random_bytes(1000 + i, seed=i) for i in range(600)}
+    for i, (name, data) in enumerate(files.items()):
+        write(m.p(name), data)
+        if i == 200:  # the committer holds some, has sent some
+            cluster.proc("storage-a").kill()
+    assert m.unmount() == 0  # waits for the committer
+    assert "writeback_failed" not in m.log()
+    with cluster.client() as c:
+        for name, data in files.items():
+            assert c.get_bytes(name) == data, f"{name} was closed and is not stored whole"
+        assert c.stat("d/")["meta"]["fs.mode"] == "755"
+
+
 def test_the_broker_gone_is_eio_not_a_hang(cluster, make_mount):
     m = make_mount(cluster, timeout=1.0)
     write(m.p("f"), b"data")
