@@ -28,20 +28,27 @@ def fuse_missing() -> str | None:
 
 
 class Mount:
-    """A running ``client.py mount`` of ``cluster``'s store on ``path``."""
+    """A running ``client.py mount`` of ``cluster``'s store on ``path`` (the code of the
+    checkout ``root``: benchmarks/mount.py compares another)."""
 
     def __init__(
-        self, cluster, path: str, *args: str, timeout: float = 5.0, client_args: tuple = ()
+        self,
+        cluster,
+        path: str,
+        *args: str,
+        timeout: float = 5.0,
+        client_args: tuple = (),
+        root: str = ROOT,
     ):
         self.cluster = cluster
         self.path = path
         os.makedirs(path, exist_ok=True)
         self.log_path = f"{path}.log"
         self._log = open(self.log_path, "ab")
-        cmd = [sys.executable, os.path.join(ROOT, "client.py"), "--broker", cluster.frontend]
+        cmd = [sys.executable, os.path.join(root, "client.py"), "--broker", cluster.frontend]
         cmd += [*client_args, "--timeout", str(timeout), "mount", path]
         cmd += ["--spool", f"{path}.spool", *args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=root, stdout=self._log, stderr=subprocess.STDOUT)
         wait_for(
             lambda: os.path.ismount(path) or self.proc.poll() is not None,
             MOUNT_TIMEOUT,

@@ -473,6 +473,12 @@ def test_a_workers_credit_counts_the_bound_but_a_chunk_at_its_seen_or_usual_size
         header = {"limit": 100, "names": ["a", "b"]}
         assert expected_reply(op, header, 300) == reply_bound(op, header, 300)
     assert reply_bound("ls", {"limit": 10}, 50) < reply_bound("ls", {"limit": 5000}, 50)
+    # Every stat of a commit_many's reply echoes the message's metadata.
+    meta = {"fs.mode": "644", "note": "x" * 2000}
+    assert (
+        reply_bound("commit_many", {"meta": meta}, 4000)
+        >= reply_bound("commit_many", {}, 4000) + p.MAX_BATCH_FILES * 2000
+    )
     assert reply_bound("have", {}, 10_000) > reply_bound("have", {}, 100)
 
 

@@ -5,6 +5,7 @@ saying why)."""
 import errno
 import os
 import shutil
+import signal
 import sqlite3
 import stat
 import subprocess
@@ -437,6 +438,58 @@ def test_writeback_commits_small_files_after_close_and_loses_none_at_unmount(clu
         assert c.stat("d4/f9")["meta"]["fs.mode"] == "644"
 
 
+def test_writeback_folds_attribute_changes_into_the_version_still_waiting(cluster, make_mount):
+    # Entries are kept a minute, so nothing below but the commits needs the store.
+    m = make_mount(cluster, "--writeback", "--cache-time", "60")
+    NS = 1_600_000_000_123_456_789  # to the nanosecond: kept in the metadata
+    write(m.p("warm"), b"the connections and the digest function are known")
+    os.mkdir(m.p("d"))
+    storage = [cluster.proc(name) for name in ("storage-a", "storage-b")]
+    for proc in storage:
+        os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        write(m.p("d/a"), b"first")
+
+        def in_flight() -> int:
+            with cluster.client() as c:
+                workers = c.call("status")[0]["workers"]
+            return sum(w["inflight"] for w in workers if w["service"] == "storage")
+
+        wait_for(lambda: in_flight() >= 1, 10, "d/a's commit at a storage worker")
+        write(m.p("d/b"), b"second")  # waits behind d/a's commit: the committer is busy
+
+        def change() -> None:
+            os.chmod(m.p("d/b"), 0o600)
+            os.utime(m.p("d/b"), ns=(7, NS))
+            os.mkdir(m.p("d/e"), 0o750)  # its marker waits too, and takes the changes
+            os.chmod(m.p("d/e"), 0o700)
+            os.utime(m.p("d/e"), (1_500_000_000, 1_500_000_000))
+
+        changed = threading.Thread(target=change)
+        changed.start()
+        changed.join(30)  # made to the waiting versions: no commit of their own, no wait
+        waited = changed.is_alive()
+        st, folder = os.stat(m.p("d/b")), os.stat(m.p("d/e"))
+        listed = sorted(os.listdir(m.p("d")))
+    finally:
+        for proc in storage:
+            os.kill(proc.pid, signal.SIGCONT)
+    changed.join(60)
+    assert not waited, "changes of a file or folder waiting for its commit waited for the store"
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_mtime_ns == NS
+    assert stat.S_IMODE(folder.st_mode) == 0o700 and folder.st_mtime == 1_500_000_000
+    assert stat.S_ISDIR(folder.st_mode) and listed == ["a", "b", "e"]
+    assert m.unmount() == 0
+    with cluster.client() as c:
+        made = c.stat("d/b")
+        assert made["version"] == 1  # one commit: the content with its attributes
+        assert made["meta"]["fs.mode"] == "600" and made["meta"]["fs.mtime_ns"] == str(NS)
+        assert c.get_bytes("d/b") == b"second" and c.get_bytes("d/a") == b"first"
+        marker = c.stat("d/e/")
+        assert marker["version"] == 1 and marker["meta"]["fs.mode"] == "700"
+        assert marker["mtime"] == 1_500_000_000
+
+
 def test_daemon_mode_returns_once_mounted(cluster, tmp_path):
     from mounts import fuse_missing
 
@@ -549,6 +602,22 @@ def test_a_storage_worker_killed_during_writes_loses_nothing_closed(cluster, mak
         for i, _exc in failed:  # never half: the old (nothing) or the whole new content
             names = {e["name"] for e in c.ls("")}
             assert f"f{i}" not in names or c.get_bytes(f"f{i}") == random_bytes(2 * MiB, seed=i)
+
+
+def test_a_storage_worker_killed_while_writeback_commits_loses_nothing_closed(cluster, make_mount):
+    m = make_mount(cluster, "--writeback")
+    os.mkdir(m.p("d"))
+    files = {f"d/f{i}": random_bytes(1000 + i, seed=i) for i in range(600)}
+    for i, (name, data) in enumerate(files.items()):
+        write(m.p(name), data)
+        if i == 200:  # the committer holds some, has sent some
+            cluster.proc("storage-a").kill()
+    assert m.unmount() == 0  # waits for the committer
+    assert "writeback_failed" not in m.log()
+    with cluster.client() as c:
+        for name, data in files.items():
+            assert c.get_bytes(name) == data, f"{name} was closed and is not stored whole"
+        assert c.stat("d/")["meta"]["fs.mode"] == "755"
 
 
 def test_the_broker_gone_is_eio_not_a_hang(cluster, make_mount):

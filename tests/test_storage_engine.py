@@ -1285,6 +1285,43 @@ def test_commit_many_commits_each_file_with_its_own_result_in_one_message(store)
         service.handle_request({}, {**header, "id": 8}, _frame(b"short"))
 
 
+def test_commit_many_keeps_its_metadata_with_every_file(store):
+    link = Link()
+    service = StorageService(store, link)
+    header = {
+        "v": p.PROTOCOL_VERSION,
+        "id": 1,
+        "op": "commit_many",
+        "names": ["m1", "m2"],
+        "sizes": [2, 0],
+        "hashes": [h(b"m1"), h(b"")],
+        "mtimes": [1.0, 2.0],
+        "commits": ["k1", "k2"],
+        "chunk_size": CHUNK,
+        "meta": {"fs.mode": "600", "fs.uid": "5"},
+    }
+    service.handle_request({}, header, _frame(b"m1"))
+    service.handle_request(
+        {},
+        {
+            **header,
+            "id": 2,
+            "names": ["m3"],
+            "sizes": [0],
+            "hashes": [h(b"")],
+            "mtimes": [3.0],
+            "commits": ["k3"],
+            "meta": None,
+        },
+        _frame(b""),
+    )
+    first, second = link.replies
+    assert [r["ok"] for r in first["results"] + second["results"]] == [True, True, True]
+    assert first["results"][0]["stat"]["meta"] == {"fs.mode": "600", "fs.uid": "5"}
+    assert store.version("m2").meta == {"fs.mode": "600", "fs.uid": "5"}
+    assert store.version("m3").meta == {}  # none sent: none kept
+
+
 def test_get_many_answers_every_name_in_order_small_contents_inline_errors_per_name(store):
     link = Link()
     service = StorageService(store, link)

@@ -55,10 +55,17 @@ def _get_many(header: dict, size: int, seen: int) -> int:
     return min(p.MAX_BATCH_BYTES, count * p.INLINE_MAX) + count * p.MANIFEST_MAX + SMALL_REPLY
 
 
+# A version's metadata as msgpack: its keys and values, and a few bytes of framing per key.
+META_WIRE_MAX = p.MAX_META_BYTES + limits.MAX_MAP_LEN * 6
+
+
 def _commit_many(header: dict, size: int, seen: int) -> int:
     """A result per file: its stat, or an error whose message may name it (each at most a name
-    and 256 bytes), whatever the request holds."""
-    return size + p.MAX_BATCH_FILES * (p.MAX_NAME_BYTES + 256) + SMALL_REPLY
+    and 256 bytes, and the message's ``meta``, which every stat echoes), whatever the request
+    holds."""
+    meta = header.get("meta")
+    echoed = min(size, META_WIRE_MAX) if isinstance(meta, dict) and meta else 0
+    return size + p.MAX_BATCH_FILES * (p.MAX_NAME_BYTES + 256 + echoed) + SMALL_REPLY
 
 
 def _have(header: dict, size: int, seen: int) -> int:

@@ -200,7 +200,7 @@ def _batches(
         if plan.inline is None:
             large.append(i)
             continue
-        if plan.meta:  # commit_many carries no metadata: a commit of its own
+        if plan.meta:  # commit_many's metadata is every file's: a commit of its own
             yield [i]
             continue
         n = len(name.encode("utf-8")) + 64

@@ -160,19 +160,8 @@ def _serve(
     )
     if ready_fd is not None:
         ops.on_ready = lambda: _tell(ready_fd, "ready")
-    options = {
-        "foreground": True,
-        "fsname": "fms",
-        "subtype": "fms",
-        "default_permissions": True,  # the kernel checks the mode bits
-        "auto_unmount": True,  # a mount whose process died is removed, not left broken
-    }
-    if settings["allow_other"]:
-        options["allow_other"] = True
-    if read_only:
-        options["ro"] = True
     try:
-        fs.FmsFuse(ops, mountpoint, raw_fi=True, **options)
+        fs.FmsFuse(ops, mountpoint, **fuse_options(settings["allow_other"], read_only))
     except RuntimeError as exc:
         if exc.args == (LOOP_ENDED,):
             return 0  # served, then stopped by a signal (Ctrl-C, SIGTERM)
@@ -181,6 +170,23 @@ def _serve(
             f"there already? (unmount it with: fusermount3 -u {mountpoint})"
         ) from None
     return 0
+
+
+def fuse_options(allow_other: bool = False, read_only: bool = False) -> dict[str, Any]:
+    """The options the mount hands libfuse (benchmarks/toyfs.py mounts with the same)."""
+    options: dict[str, Any] = {
+        "raw_fi": True,
+        "foreground": True,
+        "fsname": "fms",
+        "subtype": "fms",
+        "default_permissions": True,  # the kernel checks the mode bits
+        "auto_unmount": True,  # a mount whose process died is removed, not left broken
+    }
+    if allow_other:
+        options["allow_other"] = True
+    if read_only:
+        options["ro"] = True
+    return options
 
 
 def access_under(whoami: dict, prefix: str) -> tuple[bool, bool]:

@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 import mfusepy
 
@@ -53,6 +53,17 @@ FileInfo: TypeAlias = Any  # mfusepy's fuse_file_info (a ctypes structure): fh, 
 # what a metadata change (chmod, chown, utimens, truncate) is applied to
 Changed: TypeAlias = "OpenFile | _MetaHolder"
 Change: TypeAlias = Callable[[Changed], None]
+
+
+class Attributed(Protocol):
+    """What a change of mode, owner or mtime is made to: an open file, a folder's marker, or a
+    version waiting for its commit (``--writeback``)."""
+
+    meta: dict[str, Any]
+    mtime: float
+
+
+MetaChange: TypeAlias = Callable[[Attributed], None]
 
 log = logging.getLogger("fms.mount")
 
@@ -239,9 +250,10 @@ class FmsMount(mfusepy.Operations):
             found = self._open.get(name)
         if found is not None:
             return self._open_entry(found)
-        waiting = self.committer.entry(name) if self.committer else None
-        if waiting is not None:
-            return waiting
+        if self.committer is not None:
+            waiting = self.committer.entry(name) or self.committer.entry(name + "/")
+            if waiting is not None:
+                return waiting  # a file, or a folder's marker, on its way to the store
         folder, base = self._split(name)
         listing = self._listing(folder)
         entry = listing.entries.get(base)
@@ -276,6 +288,9 @@ class FmsMount(mfusepy.Operations):
 
     def _folder_entry(self, folder: str) -> Entry:
         """A folder's attributes: its marker's, kept for ``cache_time``, else the defaults."""
+        waiting = self.committer.entry(folder) if self.committer and folder else None
+        if waiting is not None:
+            return waiting  # its marker is on its way to the store
         now = time.monotonic()
         with self._lock:
             found = self._folders.get(folder)
@@ -560,14 +575,16 @@ class FmsMount(mfusepy.Operations):
 
     def _change(self, path: str, change: Change) -> None:
         """Apply ``change`` to the closed file ``path`` and commit it at once (a truncate, a
-        chmod or chown, new times); a folder's marker gets the new metadata."""
-        self._drain()
+        chmod or chown, new times); a folder's marker gets the new metadata (with
+        ``--writeback``, a new marker handed to the committer)."""
         name = self._name(path)
         entry = self._entry(path)
         try:
             if entry.kind == "dir":
                 self._commit_marker(name + "/", entry, change)
                 return
+            self._drain()
+            entry = self._entry(path)
             manifest, inline = self._fetch(name)
             file = self._new_file(name, manifest, inline, manifest.get("meta") or {}, entry.mtime)
             file.mtime = manifest["mtime"]
@@ -585,7 +602,20 @@ class FmsMount(mfusepy.Operations):
     def _commit_marker(self, folder: str, entry: Entry, change: Change) -> None:
         holder = _MetaHolder(dict(entry.meta), entry.mtime)
         change(holder)
-        self._mkdir(folder, holder.meta, holder.mtime)
+        if self.committer is not None:
+            self._hand_marker(folder, holder.meta, holder.mtime)
+        else:
+            self._mkdir(folder, holder.meta, holder.mtime)
+
+    def _hand_marker(self, folder: str, meta: dict, mtime: float) -> None:
+        """With ``--writeback``: a new version of ``folder``'s marker goes to the committer
+        (after any it holds), and shows at once."""
+        assert self.committer is not None
+        entry = Entry("dir", 0, mtime, mtime, meta)
+        self.committer.put(Pending(folder, b"", self.chunk_size, meta, mtime, entry))
+        self._remember(folder[:-1], entry)
+        with self._lock:
+            self._folders.pop(folder, None)  # what was kept of it is older
 
     def _mkdir(self, folder: str, meta: dict, mtime: float) -> None:
         with self.pool.client() as client:
@@ -711,10 +741,14 @@ class FmsMount(mfusepy.Operations):
         except mfusepy.FuseOSError as exc:
             if exc.errno != errno.ENOENT:
                 raise
-        try:
-            self._mkdir(name + "/", self._owner_meta(mode), time.time())
-        except FmsError as exc:
-            raise _fail(_error(exc)) from None
+        meta, now = self._owner_meta(mode), time.time()
+        if self.committer is not None:  # the marker is committed with the files, after mkdir
+            self._hand_marker(name + "/", meta, now)
+        else:
+            try:
+                self._mkdir(name + "/", meta, now)
+            except FmsError as exc:
+                raise _fail(_error(exc)) from None
         with self._lock:
             self._listings[name + "/"] = Listing(
                 {}, time.monotonic() + self.cache_time, True, own=True
@@ -823,7 +857,7 @@ class FmsMount(mfusepy.Operations):
     def chown(self, path: str, uid: int, gid: int) -> int:
         self._writable()
 
-        def change(f: Changed) -> None:
+        def change(f: Attributed) -> None:
             if uid != -1:
                 f.meta[META_UID] = str(uid)
             if gid != -1:
@@ -839,14 +873,17 @@ class FmsMount(mfusepy.Operations):
             return 0
         mtime_ns = time.time_ns() if mtime_ns == UTIME_NOW else mtime_ns
 
-        def change(f: Changed) -> None:
+        def change(f: Attributed) -> None:
             f.mtime = mtime_ns / 1e9
-            f.meta[META_MTIME_NS] = str(mtime_ns)
+            if int(f.mtime * 1e9) == mtime_ns:
+                f.meta.pop(META_MTIME_NS, None)  # the mtime says it exactly (whole seconds)
+            else:
+                f.meta[META_MTIME_NS] = str(mtime_ns)
 
         self._set(path, change)
         return 0
 
-    def _set(self, path: str | None, change: Change) -> None:
+    def _set(self, path: str | None, change: MetaChange) -> None:
         """A metadata change: kept with the open file (committed with it), else committed."""
         if path is None:
             return  # a file removed while open: nothing of it is stored any more
@@ -860,21 +897,16 @@ class FmsMount(mfusepy.Operations):
             return
         if name is None:
             return  # the mount's root folder keeps no metadata
+        if self.committer is not None and (
+            self.committer.amend(name, change) or self.committer.amend(name + "/", change)
+        ):
+            return  # made to the version (or marker) waiting for its commit: sent with it
         self._change(path, change)
 
     # --- lifecycle ---
 
     def init_with_config(self, conn: Any, config: Any) -> None:
-        if config is not None:
-            config.entry_timeout = self.cache_time
-            config.attr_timeout = self.cache_time
-            config.negative_timeout = 0.0
-            config.hard_remove = 1  # an unlinked open file is ours to keep, not renamed
-            config.nullpath_ok = 1
-            config.use_ino = 0
-        if conn is not None:
-            conn.max_write = p.MiB
-            conn.max_readahead = p.MiB
+        configure(conn, config, self.cache_time)
         ready = getattr(self, "on_ready", None)
         if ready is not None:
             ready()
@@ -893,6 +925,20 @@ class FmsMount(mfusepy.Operations):
                 log.error("event=commit_lost name=%r error=%r", file.name, str(exc))
             file.close()
         self.pool.close()
+
+
+def configure(conn: Any, config: Any, cache_time: float) -> None:
+    """libfuse's settings for a mount, at its start (benchmarks/toyfs.py takes the same)."""
+    if config is not None:
+        config.entry_timeout = cache_time
+        config.attr_timeout = cache_time
+        config.negative_timeout = 0.0
+        config.hard_remove = 1  # an unlinked open file is ours to keep, not renamed
+        config.nullpath_ok = 1
+        config.use_ino = 0
+    if conn is not None:
+        conn.max_write = p.MiB
+        conn.max_readahead = p.MiB
 
 
 class _MetaHolder:

@@ -173,7 +173,11 @@ REQUEST_FIELDS: dict = {
     "digest": RequestField("bin", ("commit",), ("commit",), HASH_LEN, HASH_LEN, default="required"),
     "digest_kind": RequestField("str", ("commit",), default=DIGEST_TREE),
     "meta": RequestField(
-        "map", ("commit",), hi=MAX_META_BYTES, items=(1, MAX_META_KEY), default="empty"
+        "map",
+        ("commit", "commit_many"),
+        hi=MAX_META_BYTES,
+        items=(1, MAX_META_KEY),
+        default="empty",
     ),
     "mtime": RequestField(
         "number", ("commit",), lo=MTIME_MIN, hi=MTIME_MAX, default="storage's clock"
