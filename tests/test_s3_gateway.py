@@ -137,6 +137,23 @@ def test_empty_and_small_objects(s3, bucket):
     assert s3.get_object(Bucket=bucket, Key="one", Range="bytes=0-0")["Body"].read() == b"x"
 
 
+@pytest.mark.parametrize("size", [MiB - 1, MiB, MiB + 1, 2 * MiB + 5])
+def test_bodies_around_the_chunk_size(gw, s3, bucket, size):
+    """A body shorter than a chunk is stored whole, a longer one streamed chunk by chunk: either
+    way the bytes and the MD5 ETag are the body's, and a wrong sha256 stores nothing."""
+    body = os.urandom(size)
+    etag = f'"{hashlib.md5(body).hexdigest()}"'
+    assert s3.put_object(Bucket=bucket, Key="k", Body=body)["ETag"] == etag
+    got = s3.get_object(Bucket=bucket, Key="k")
+    assert got["ETag"] == etag and got["Body"].read() == body
+    assert s3.get_object(Bucket=bucket, Key="k", Range="bytes=3-")["Body"].read() == body[3:]
+    status, _, reply = raw(
+        gw, "PUT", f"/{bucket}/bad", body, payload_hash=hashlib.sha256(b"x").hexdigest()
+    )
+    assert status == 400 and b"XAmzContentSHA256Mismatch" in reply
+    assert raw(gw, "HEAD", f"/{bucket}/bad")[0] == 404
+
+
 def test_content_md5_is_verified(gw, bucket):
     body = b"content that is not what the digest says"
     status, headers, reply = raw(

@@ -49,10 +49,13 @@ class Sink(Protocol):
     def write(self, data: p.BytesLike, /) -> object: ...
 
 
-def chunk_list(session: Session, manifest: dict[str, Any], via: Via = None) -> ChunkList:
+def chunk_list(
+    session: Session, manifest: dict[str, Any], via: Via = None, pages: Session | None = None
+) -> ChunkList:
     """The chunk list of ``manifest``, its pages and body read on a connection of their own (a
-    chunk pipeline may be under way on ``session``); close it when done."""
-    aside: list[Session] = []
+    chunk pipeline may be under way on ``session``), or on ``pages`` (one that has no
+    pipeline under way while the list is read); close it when done."""
+    aside: list[Session] = [] if pages is None else [pages]
 
     def fetch(ident: bytes, fresh: bool = False) -> bytes:
         if not aside:
@@ -63,7 +66,7 @@ def chunk_list(session: Session, manifest: dict[str, Any], via: Via = None) -> C
         return bytes(p.unpack_data(frame.buffer)) if frame is not None else b""
 
     def close() -> None:
-        if aside:
+        if aside and aside[0] is not pages:
             aside[0].close()
 
     listing = ChunkList(manifest, fetch)

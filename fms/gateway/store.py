@@ -17,6 +17,7 @@ gateway itself, for its own state (bucket markers, the parts of multipart upload
 import asyncio
 import contextvars
 import copy
+import functools
 import hashlib
 import os
 import queue
@@ -260,8 +261,11 @@ class Store:
             return
 
         def fetch(client: fms.Client, put: Callable[[bytes | memoryview], None]) -> None:
-            with download.chunk_list(client.session, manifest, via) as listing:
-                for offset, piece in _range_chunks(client.session, listing, start, end, via):
+            # Its pages are read on this same connection: _range_chunks reads the list it needs
+            # before its pipeline starts (a connection aside per GET cost a connect each).
+            session = client.session
+            with download.chunk_list(session, manifest, via, pages=session) as listing:
+                for offset, piece in _range_chunks(session, listing, start, end, via):
                     lo, hi = max(start - offset, 0), min(end - offset, len(piece))
                     if lo < hi:
                         whole = (lo, hi) == (0, len(piece))
@@ -320,6 +324,18 @@ class Store:
         of a multipart upload, in the gateway's folder).
         :return: ``(stat, md5 digest)``.
         """
+        # The first chunk's worth is gathered here: a body shorter than that (most objects)
+        # is stored by one call on a pool thread, with no queue between the loop and it.
+        buf = bytearray()
+        async for piece in pieces:
+            buf += piece
+            if len(buf) >= CHUNK_SIZE:
+                break
+        else:
+            whole_body = functools.partial(
+                _put_whole, name=name, data=bytes(buf), check=check, meta=meta, own=commit_own
+            )
+            return await self._submit(whole_body)
         loop = asyncio.get_running_loop()
         blocks: Blocks = queue.Queue(QUEUE_CHUNKS)
         failed = threading.Event()
@@ -329,18 +345,17 @@ class Store:
             )
         )
         try:
-            buf = bytearray()
-            async for piece in pieces:
-                if task.done():
-                    break  # the thread failed: its error is raised below
-                buf += piece
+            while not task.done():  # done before the end: it failed, and it is raised below
                 while len(buf) >= CHUNK_SIZE:
                     await _hand(loop, blocks, bytes(buf[:CHUNK_SIZE]), task)
                     del buf[:CHUNK_SIZE]
-            else:
-                if buf:
-                    await _hand(loop, blocks, bytes(buf), task)
-                await _hand(loop, blocks, None, task)
+                try:
+                    buf += await anext(pieces)
+                except StopAsyncIteration:
+                    if buf:
+                        await _hand(loop, blocks, bytes(buf), task)
+                    await _hand(loop, blocks, None, task)
+                    break
         except BaseException:
             failed.set()
             _drain(blocks)
@@ -368,19 +383,8 @@ class Store:
         digests, size = bytearray(), 0
         try:
             first = _take(blocks, failed)
-            if first is None or len(first) < CHUNK_SIZE:  # the whole body: one chunk at most
-                if first is not None and _take(blocks, failed) is not None:
-                    raise S3Error("InternalError", "a short block before the end of a body")
-                data = first or b""
-                md5.update(data)
-                check(len(data), md5.digest(), p.sha256(data))
-                name = name(md5.digest()) if callable(name) else name
-                meta = _with_etag(meta, md5.digest())
-                if commit_own:
-                    if data and uploader is not None:  # the identity's own upload of the chunk
-                        session.call("put_chunk", p.pack_data(data), hash=hash_fn(data))
-                    session.acting_as = None
-                return _commit_bytes(session, name, data, meta), md5.digest()
+            if first is None:
+                raise S3Error("InternalError", "a body of less than a chunk handed to a thread")
 
             def requests() -> Iterator[tuple[None, str, dict[str, Any], p.Sendable]]:
                 nonlocal size
@@ -497,6 +501,26 @@ def _with_etag(meta: dict[str, Any] | None, md5: bytes) -> dict[str, Any] | None
     if meta is None:
         return None
     return {"etag": f'"{md5.hex()}"', **meta}  # a multipart ETag given in meta stays
+
+
+def _put_whole(
+    client: fms.Client, name: Naming, data: bytes, check: Check, meta: Stat | None, own: bool
+) -> tuple[Stat, bytes]:
+    """:meth:`Store.put_stream` of a body shorter than a chunk, whole in ``data``."""
+    session = client.session
+    md5 = hashlib.md5(data).digest()
+    check(len(data), md5, p.sha256(data))
+    name = name(md5) if callable(name) else name
+    meta = _with_etag(meta, md5)
+    uploader = session.acting_as
+    try:
+        if own:
+            if data and uploader is not None:  # the identity's own upload of the chunk
+                session.call("put_chunk", p.pack_data(data), hash=session.hasher()(data))
+            session.acting_as = None
+        return _commit_bytes(session, name, data, meta), md5
+    finally:
+        session.acting_as = uploader
 
 
 def _commit_bytes(session: Session, name: str, data: bytes, meta: dict[str, Any] | None) -> Stat:
