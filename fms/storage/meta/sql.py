@@ -253,6 +253,18 @@ def _chunk(row: Row) -> ChunkRow:
     )
 
 
+def _under(prefix: str, lo: str | None = None) -> tuple[str, builtins.list[object]]:
+    """The condition "the name is under ``prefix``" (and at or above ``lo``, if given), and
+    its arguments in order."""
+    where = "name >= ?"
+    args: builtins.list[object] = [prefix if lo is None else lo]
+    hi = prefix_end(prefix)
+    if hi is not None:
+        where += " AND name < ?"
+        args.append(hi)
+    return where, args
+
+
 def prefix_end(prefix: str) -> str | None:
     """The least string above every string that starts with ``prefix`` (None: no bound)."""
     while prefix:
@@ -652,24 +664,15 @@ class SQLMeta(AccessSQL, MetaEngine):
         return _version(row, lists=lists) if row else None
 
     def list(self, prefix: str, after: str, limit: int) -> builtins.list[Version]:
-        lo = max(prefix, after)
-        hi = prefix_end(prefix)
-        sql = f"SELECT {_STAT_COLUMNS} FROM names WHERE name >= ? AND name != ?"
-        args: builtins.list[object] = [lo, after]
-        if hi is not None:
-            sql += " AND name < ?"
-            args.append(hi)
+        where, args = _under(prefix, max(prefix, after))
+        sql = f"SELECT {_STAT_COLUMNS} FROM names WHERE {where} AND name != ?"
         sql += " AND deleted = 0 ORDER BY name LIMIT ?"
-        args.append(limit)
+        args += [after, limit]
         return [_version(r, lists=False) for r in self._all(sql, args)]
 
     def usage(self, prefix: str) -> tuple[int, int]:
-        sql = "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM names WHERE name >= ? AND deleted = 0"
-        args: builtins.list[object] = [prefix]
-        hi = prefix_end(prefix)
-        if hi is not None:
-            sql += " AND name < ?"
-            args.append(hi)
+        where, args = _under(prefix)
+        sql = f"SELECT COUNT(*), COALESCE(SUM(size), 0) FROM names WHERE {where} AND deleted = 0"
         files, nbytes = self._only(sql, args)
         return int(files), int(nbytes)
 
@@ -752,12 +755,8 @@ class SQLMeta(AccessSQL, MetaEngine):
         request = hashlib.sha256(msgpack.packb([prefix, dest], use_bin_type=True)).digest()
 
         def live_under(folder: str, count: int, but: str | None = None) -> builtins.list[str]:
-            sql = "SELECT name FROM names WHERE name >= ? AND deleted = 0"
-            args: builtins.list[object] = [folder]
-            hi = prefix_end(folder)
-            if hi is not None:
-                sql += " AND name < ?"
-                args.append(hi)
+            where, args = _under(folder)
+            sql = f"SELECT name FROM names WHERE {where} AND deleted = 0"
             if but is not None:
                 sql += " AND name != ?"
                 args.append(but)
