@@ -1,14 +1,15 @@
 """Does the cache pay for itself?  Issue 16, point 4, measured on a real cluster.
 
     python -m benchmarks.cachebench [--s3] [--far MS] [--caches 1] [--clients 4] [--gets 1000]
-                                    [--rounds 3] [--traces] [--out bench-results]
+                                    [--rounds 3] [--traces] [--cache-bytes 64M]
+                                    [--out bench-results]
 
 Stores the 2,000 files of the Zipf trace (benchmarks/traces.py: 411 MiB, most 4-64 KiB, some up
 to 8 MiB) in a cluster of one broker, two storage workers (SQLite + a local chunk directory, or
 with ``--s3`` the chunks in a real SeaweedFS on loopback, tests/servers.py; with ``--far MS``
 also the metadata in PostgreSQL and the chunks in SeaweedFS, both behind a proxy that delays
 every byte by MS milliseconds each way, tests/delayproxy.py) and ``--caches`` cache workers
-sharing 64 MiB.  Then:
+sharing ``--cache-bytes`` (64 MiB: a sixth of the trace's bytes).  Then:
 
 - **warm reads**: the cache is warmed with the trace's 20,000 Zipf 0.9 GETs; then ``--clients``
   processes each replay ``--gets`` further GETs of the same popularity, in rounds that alternate
@@ -38,11 +39,14 @@ import time
 
 from harness import Cluster
 
+from fms.cli import parse_size
+
 from . import cachesim
 from . import traces as t
 from .bench import _cpu_seconds, write_report
 
 WARM_GETS = t.GETS
+CACHE_BYTES = t.CACHE_BYTES  # shared by the cache workers (--cache-bytes)
 CLIENT_TIMEOUT = 30.0
 
 
@@ -130,7 +134,7 @@ def start_cluster(folder: str, caches: int, chunks: list) -> Cluster:
     cluster = Cluster(folder)
     cluster.start_broker()
     for i in range(1, caches + 1):
-        cluster.start_cache(max_bytes=str(t.CACHE_BYTES // caches), wid=f"cache-{i}")
+        cluster.start_cache(max_bytes=str(CACHE_BYTES // caches), wid=f"cache-{i}")
     for i in (1, 2):
         cluster.start_storage(wid=f"storage-{i}", extra=chunks)
     cluster.wait_workers(storage=2, cache=caches)
@@ -149,7 +153,7 @@ def restart_caches(cluster: Cluster, caches: int):
         shutil.rmtree(
             cluster.cache_dir if wid == "cache-1" else str(cluster.tmp / wid), ignore_errors=True
         )
-        cluster.start_cache(max_bytes=str(t.CACHE_BYTES // caches), wid=wid)
+        cluster.start_cache(max_bytes=str(CACHE_BYTES // caches), wid=wid)
     cluster.wait_workers(storage=2, cache=caches)
 
 
@@ -277,7 +281,8 @@ def markdown(report: dict) -> str:
         "",
         report["machine"],
         "",
-        f"{report['clients']} clients, {report['caches']} cache worker(s) sharing 64 MiB, "
+        f"{report['clients']} clients, {report['caches']} cache worker(s) sharing "
+        f"{report['cache_bytes'] / t.MiB:.0f} MiB, "
         f"2 storage workers; Zipf 0.9 trace, warm; medians of {report['rounds']} "
         f"alternated rounds of {report['gets']} GETs per client.",
         "",
@@ -344,8 +349,16 @@ def main(argv=None) -> int:
         action="store_true",
         help="also the hit ratios of every trace beside the simulation",
     )
+    ap.add_argument(
+        "--cache-bytes",
+        type=parse_size,
+        default=t.CACHE_BYTES,
+        help="shared by the cache workers (64M: the trace's, a sixth of its 411 MiB)",
+    )
     ap.add_argument("--out", default="bench-results")
     args = ap.parse_args(argv)
+    global CACHE_BYTES
+    CACHE_BYTES = args.cache_bytes
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
     runs = []
     with tempfile.TemporaryDirectory(prefix="fms-cachebench-") as folder:
@@ -376,6 +389,7 @@ def main(argv=None) -> int:
         f"{platform.python_version()}, load {os.getloadavg()[0]:.2f}",
         "clients": args.clients,
         "caches": args.caches,
+        "cache_bytes": args.cache_bytes,
         "gets": args.gets,
         "rounds": args.rounds,
         "runs": runs,
