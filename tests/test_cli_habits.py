@@ -540,22 +540,25 @@ def test_an_interrupted_put_run_again_sends_only_what_the_store_lacks(make_clust
 # --- point 5: progress ---
 
 
-def test_recursive_transfers_draw_files_and_bytes_and_hashing_is_on_the_bar(cluster, tmp_path):
+def test_recursive_transfers_draw_files_and_bytes_and_hashing_is_on_the_bar(
+    shared_cluster, prefix, tmp_path
+):
     from terminal import run_on_a_terminal
 
+    broker = ["--broker", shared_cluster.frontend]
     tree = tmp_path / "tree"
     tree.mkdir()
     for i in range(300):
         (tree / f"f{i:03d}").write_bytes(b"x" * 1000)
     (tree / "big").write_bytes(random_bytes(3 * 1024 * 1024, seed=31))
-    drawn = run_on_a_terminal(["--broker", cluster.frontend, "put", "-r", str(tree), "t"], tmp_path)
+    drawn = run_on_a_terminal([*broker, "put", "-r", str(tree), f"{prefix}t"], tmp_path)
     assert "files 301/301" in drawn and "put: 100%" in drawn
     drawn = run_on_a_terminal(
-        ["--broker", cluster.frontend, "get", "-r", "t", str(tmp_path / "back")], tmp_path
+        [*broker, "get", "-r", f"{prefix}t", str(tmp_path / "back")], tmp_path
     )
     assert "files 301/301" in drawn and "get: 100%" in drawn
     single = tmp_path / "single.bin"
     single.write_bytes(random_bytes(6 * 1024 * 1024, seed=32))
-    drawn = run_on_a_terminal(["--broker", cluster.frontend, "put", str(single), "s"], tmp_path)
-    assert "s (hashing): 100%" in drawn  # the hashing before the upload...
-    assert "\rs: 100%" in drawn  # ... then the upload, on the same line
+    drawn = run_on_a_terminal([*broker, "put", str(single), f"{prefix}s"], tmp_path)
+    assert f"{prefix}s (hashing): 100%" in drawn  # the hashing before the upload...
+    assert f"\r{prefix}s: 100%" in drawn  # ... then the upload, on the same line

@@ -38,31 +38,36 @@ def victim(tmp_path):
 # --- sync --delete ---
 
 
-def test_sync_delete_from_a_source_that_holds_nothing_is_refused(cluster, victim):
+def test_sync_delete_from_a_source_that_holds_nothing_is_refused(shared_cluster, prefix, victim):
+    cluster = shared_cluster
     with cluster.client() as c:
-        c.put_bytes(b"x", "album/p1.jpg")
+        c.put_bytes(b"x", f"{prefix}album/p1.jpg")
     before = tree_of(victim)
-    err = one_line_error(cluster.cli("sync", "fms:albun/", str(victim), "--delete"))  # a typo
-    assert "fms:albun/ holds nothing" in err and "--force" in err and "5 files" in err
+    typo = f"fms:{prefix}albun/"  # album/, mistyped
+    err = one_line_error(cluster.cli("sync", typo, str(victim), "--delete"))
+    assert f"{typo} holds nothing" in err and "--force" in err and "5 files" in err
     assert tree_of(victim) == before
     empty = victim.parent / "empty"
     empty.mkdir()
     with cluster.client() as c:  # the other way: an empty local folder against the store
-        err = one_line_error(cluster.cli("sync", str(empty), "fms:album/", "--delete"))
+        err = one_line_error(cluster.cli("sync", str(empty), f"fms:{prefix}album/", "--delete"))
         assert "holds nothing" in err
-        assert [e["name"] for e in c.ls("album/")] == ["album/p1.jpg"]
-    got = cluster.cli("sync", "fms:albun/", str(victim), "--delete", "--force")
+        assert [e["name"] for e in c.ls(f"{prefix}album/")] == [f"{prefix}album/p1.jpg"]
+    got = cluster.cli("sync", typo, str(victim), "--delete", "--force")
     assert got.returncode == 0, got.stderr
     assert tree_of(victim) == {}
 
 
-def test_sync_delete_asks_on_a_terminal_before_removing_more_than_a_few(cluster, victim):
+def test_sync_delete_asks_on_a_terminal_before_removing_more_than_a_few(
+    shared_cluster, prefix, victim
+):
     for i in range(5, 12):
         (victim / f"photo{i}.jpg").write_bytes(b"more")
-    with cluster.client() as c:
-        c.put_bytes(b"kept", "album/photo0.jpg")
+    with shared_cluster.client() as c:
+        c.put_bytes(b"kept", f"{prefix}album/photo0.jpg")
     before = tree_of(victim)
-    argv = ["--broker", cluster.frontend, "sync", "fms:album/", str(victim), "--delete"]
+    argv = ["--broker", shared_cluster.frontend]
+    argv += ["sync", f"fms:{prefix}album/", str(victim), "--delete"]
     code, drawn = run_on_a_pty(argv, "n\n", victim.parent)
     assert code == 1 and "delete 11 files from" in drawn and "[y/N]" in drawn, drawn
     assert tree_of(victim) == before  # nothing, not even the file to send
@@ -71,39 +76,44 @@ def test_sync_delete_asks_on_a_terminal_before_removing_more_than_a_few(cluster,
     assert tree_of(victim) == {"photo0.jpg": b"kept"}
 
 
-def test_every_download_checks_for_clashes_before_it_writes_anything(cluster, tmp_path):
+def test_every_download_checks_for_clashes_before_it_writes_anything(
+    shared_cluster, prefix, tmp_path
+):
+    cluster = shared_cluster
     with cluster.client() as c:
         for name in ["album", "album/p1.jpg", *(f"b/{i:02d}" for i in range(25))]:
-            c.put_bytes(b"x", name)
+            c.put_bytes(b"x", prefix + name)
     out = tmp_path / "out" / "all"
-    got = cluster.cli("sync", "fms:", str(out))
+    got = cluster.cli("sync", f"fms:{prefix}", str(out))
     err = one_line_error(got)
-    assert "'album'" in err and "'album/p1.jpg'" in err and "nothing was changed" in err
+    album, photo = f"'{prefix}album'", f"'{prefix}album/p1.jpg'"
+    assert album in err and photo in err and "nothing was changed" in err
     assert got.stdout == b""  # no `send` line for what was never sent
     assert not out.exists()
-    err = one_line_error(cluster.cli("get", "-r", "", str(out)))
-    assert "'album'" in err and not out.exists()
+    err = one_line_error(cluster.cli("get", "-r", prefix, str(out)))
+    assert album in err and not out.exists()
 
 
-def test_a_stored_name_too_long_for_a_local_file_is_a_clear_error(cluster, tmp_path):
+def test_a_stored_name_too_long_for_a_local_file_is_a_clear_error(shared_cluster, prefix, tmp_path):
+    cluster = shared_cluster
     long = "n" * 300  # a valid name (up to 1024 bytes), not a valid local file name (255)
     with cluster.client() as c:
-        c.put_bytes(b"x", f"t/{long}")
-        c.put_bytes(b"y", "t/short")
-    err = one_line_error(cluster.cli("get", f"t/{long}", cwd=str(tmp_path)))
+        c.put_bytes(b"x", f"{prefix}t/{long}")
+        c.put_bytes(b"y", f"{prefix}t/short")
+    err = one_line_error(cluster.cli("get", f"{prefix}t/{long}", cwd=str(tmp_path)))
     assert "File name too long" in err
-    err = one_line_error(cluster.cli("get", "-r", "t", str(tmp_path / "out")))
+    err = one_line_error(cluster.cli("get", "-r", f"{prefix}t", str(tmp_path / "out")))
     assert "300 bytes" in err and "get NAME DEST" in err
     assert not (tmp_path / "out").exists()
-    assert cluster.cli("get", f"t/{long}", str(tmp_path / "ok")).returncode == 0
+    assert cluster.cli("get", f"{prefix}t/{long}", str(tmp_path / "ok")).returncode == 0
     assert (tmp_path / "ok").read_bytes() == b"x"
 
 
-def test_a_destination_name_of_255_bytes_is_written(cluster, tmp_path):
+def test_a_destination_name_of_255_bytes_is_written(shared_cluster, prefix, tmp_path):
     name = "é" * 127  # 254 bytes: its temp file's name must fit too
-    with cluster.client() as c:
-        c.put_bytes(b"z" * 2_000_000, name)  # chunked: written through a temp file
-    got = cluster.cli("get", name, cwd=str(tmp_path))
+    with shared_cluster.client() as c:
+        c.put_bytes(b"z" * 2_000_000, prefix + name)  # chunked: written through a temp file
+    got = shared_cluster.cli("get", prefix + name, cwd=str(tmp_path))  # to its base name
     assert got.returncode == 0, got.stderr
     assert (tmp_path / name).stat().st_size == 2_000_000
 
@@ -181,26 +191,30 @@ def test_no_user_mistake_prints_a_traceback(mistakes, tmp_path, argv, says):
     assert says.format(tmp=tmp_path) in err
 
 
-def test_put_reads_stdin_a_pipe_and_a_device_to_their_end(cluster, tmp_path):
+def test_put_reads_stdin_a_pipe_and_a_device_to_their_end(shared_cluster, prefix, tmp_path):
+    cluster = shared_cluster
     data = random_bytes(3 * 1024 * 1024 + 17, seed=26)  # several chunks, the last one short
-    got = cluster.cli("put", "-", "from-stdin", stdin=data)
+    got = cluster.cli("put", "-", f"{prefix}from-stdin", stdin=data)
     assert got.returncode == 0, got.stderr
     fifo_with(tmp_path / "pipe", data[:5000])
-    assert cluster.cli("put", str(tmp_path / "pipe"), "from-pipe").returncode == 0
-    assert cluster.cli("put", "/dev/null", "empty").returncode == 0
-    assert cluster.cli("put", "-", "small", stdin=b"tiny").returncode == 0
-    stored = json.loads(cluster.cli("put", "-", "again", "--json", stdin=data).stdout)
+    assert cluster.cli("put", str(tmp_path / "pipe"), f"{prefix}from-pipe").returncode == 0
+    assert cluster.cli("put", "/dev/null", f"{prefix}empty").returncode == 0
+    assert cluster.cli("put", "-", f"{prefix}small", stdin=b"tiny").returncode == 0
+    stored = json.loads(cluster.cli("put", "-", f"{prefix}again", "--json", stdin=data).stdout)
     assert stored[0]["digest"] == digest_of(data, 1024 * 1024).hex()  # derived as from a file
     with cluster.client() as c:
-        assert c.get_bytes("from-stdin") == data
-        assert c.get_bytes("from-pipe") == data[:5000]
-        assert c.get_bytes("empty") == b"" and c.get_bytes("small") == b"tiny"
+        assert c.get_bytes(f"{prefix}from-stdin") == data
+        assert c.get_bytes(f"{prefix}from-pipe") == data[:5000]
+        assert c.get_bytes(f"{prefix}empty") == b"" and c.get_bytes(f"{prefix}small") == b"tiny"
 
 
 # --- what it says ---
 
 
-def test_ls_of_a_prefix_that_holds_nothing_is_an_error_and_of_an_empty_store_is_not(cluster):
+def test_ls_of_a_prefix_that_holds_nothing_is_an_error_and_of_an_empty_store_is_not(
+    untouched_cluster,
+):
+    cluster = untouched_cluster
     got = cluster.cli("ls")
     assert got.returncode == 0 and got.stdout == b""
     assert cluster.cli("ls", "--json").stdout.strip() == b"[]"
@@ -216,7 +230,8 @@ def test_a_timeout_that_is_not_a_positive_number_of_seconds_is_refused(mistakes,
     assert got.returncode == 2 and b"usage: client.py ls" in got.stderr
 
 
-def test_the_broker_may_be_given_as_host_port(cluster):
+def test_the_broker_may_be_given_as_host_port(untouched_cluster):
+    cluster = untouched_cluster
     host_port = cluster.frontend[len("tcp://") :]
     got = cluster.cli("--broker", host_port, "stats", broker=False)
     assert got.returncode == 0, got.stderr
@@ -239,7 +254,10 @@ def test_du_h_means_human_sizes_as_in_ls_and_find_needs_no_prefix(cluster):
     assert cluster.cli("find", "--name", "*.jpg").stdout.split() == [b"a/b.jpg"]
 
 
-def test_a_second_fms_up_on_the_same_ports_is_refused_before_anything_starts(cluster, tmp_path):
+def test_a_second_fms_up_on_the_same_ports_is_refused_before_anything_starts(
+    untouched_cluster, tmp_path
+):
+    cluster = untouched_cluster
     got = subprocess.run(
         [sys.executable, "-m", "fms", "up", "--frontend", cluster.frontend]
         + ["--backend", f"tcp://127.0.0.1:{free_port()}", "--data", str(tmp_path / "d")],

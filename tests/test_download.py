@@ -83,17 +83,18 @@ def test_a_client_killed_while_writing_leaves_no_partial_file_and_no_temp_file(
 
 
 def test_get_many_writes_every_file_and_fetches_a_bad_copy_again_from_storage(
-    cluster, tmp_path, monkeypatch
+    shared_cluster, prefix, tmp_path, monkeypatch
 ):
-    files = {f"t/{i:03d}": random_bytes(100 + i, i) for i in range(300)}
-    with cluster.client() as c:
+    files = {f"{prefix}t/{i:03d}": random_bytes(100 + i, i) for i in range(300)}
+    bad = f"{prefix}t/150"
+    with shared_cluster.client() as c:
         c.put_many([(write(tmp_path / "src" / n, d), n) for n, d in files.items()])
         read_batch = p.read_batch
 
         def one_bad(header, buffer, names):
             replies = read_batch(header, buffer, names)
-            if "t/150" in names:  # as if the cache had handed out a bad copy
-                k = names.index("t/150")
+            if bad in names:  # as if the cache had handed out a bad copy
+                k = names.index(bad)
                 result, data = replies[k]
                 replies[k] = (result, b"X" + bytes(data[1:]))
             return replies
@@ -109,12 +110,14 @@ def test_get_many_writes_every_file_and_fetches_a_bad_copy_again_from_storage(
     assert not [f for f in (tmp_path / "out").rglob("*") if f.name.startswith(".")]
 
 
-def test_a_file_that_cannot_be_written_stops_get_many_with_a_clear_error(cluster, tmp_path):
-    with cluster.client() as c:
-        c.put_many([(write(tmp_path / "src" / f"{i}", b"x"), f"t/{i}") for i in range(5)])
+def test_a_file_that_cannot_be_written_stops_get_many_with_a_clear_error(
+    shared_cluster, prefix, tmp_path
+):
+    with shared_cluster.client() as c:
+        c.put_many([(write(tmp_path / "src" / f"{i}", b"x"), f"{prefix}t/{i}") for i in range(5)])
         (tmp_path / "out").mkdir()
         (tmp_path / "out" / "file").write_bytes(b"")  # a file where a folder should be
-        items = [(f"t/{i}", str(tmp_path / "out" / "file" / f"{i}")) for i in range(5)]
+        items = [(f"{prefix}t/{i}", str(tmp_path / "out" / "file" / f"{i}")) for i in range(5)]
         with pytest.raises(fms.FmsError, match="cannot write to"):
             c.get_many(items)
 
@@ -176,12 +179,12 @@ def test_an_error_while_writing_many_stops_the_threads_and_leaves_only_whole_fil
 
 
 def test_a_small_file_the_disk_will_not_take_is_a_one_line_error_and_leaves_nothing(
-    cluster, tmp_path
+    shared_cluster, prefix, tmp_path
 ):
     """A write that fails (here: a file size limit, as a full disk or a quota would) names
     the destination, and nothing is left: neither the file nor a temp file."""
-    with cluster.client() as c:
-        c.put_bytes(random_bytes(4096, 1), "f")
+    with shared_cluster.client() as c:
+        c.put_bytes(random_bytes(4096, 1), f"{prefix}f")
 
     def small_files_only():
         resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
@@ -190,8 +193,8 @@ def test_a_small_file_the_disk_will_not_take_is_a_one_line_error_and_leaves_noth
     dest = tmp_path / "out" / "f"
     dest.parent.mkdir()
     run = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "client.py"), "--broker", cluster.frontend]
-        + ["get", "f", str(dest)],
+        [sys.executable, os.path.join(ROOT, "client.py"), "--broker", shared_cluster.frontend]
+        + ["get", f"{prefix}f", str(dest)],
         capture_output=True,
         timeout=60,
         preexec_fn=small_files_only,

@@ -52,6 +52,11 @@ class Machine:
         return out
 
     def start(self, command: str):
+        """Start `fms up` and wait until it is ready: its banner printed (which it prints as it
+        starts its processes), its broker listening and each of its workers registered, in the
+        log of this start (a loaded machine may take seconds between the banner and the broker,
+        longer than a command's 3 s to connect)."""
+        offset = self.up_log.stat().st_size if self.up_log.exists() else 0
         with open(self.up_log, "ab") as log:
             self.up = self.nets.popen(
                 0,
@@ -62,11 +67,18 @@ class Machine:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        wait_for(
-            lambda: b"Ctrl-C stops all" in self.up_log.read_bytes() or self.up.poll() is not None,
-            UP_TIMEOUT,
-            "fms up to start",
-        )
+
+        def ready() -> bool:
+            said = self.up_log.read_bytes()[offset:].decode("utf-8", "replace")
+            workers = re.search(r"(\d+) cache and (\d+) storage workers", said)
+            return self.up.poll() is not None or (
+                workers is not None
+                and "Ctrl-C stops all" in said
+                and "proc=fms.broker event=listening" in said
+                and said.count(" event=registered ") >= int(workers[1]) + int(workers[2])
+            )
+
+        wait_for(ready, UP_TIMEOUT, "fms up to start and its workers to register")
         assert self.up.poll() is None, self.log()
 
     def stop(self):

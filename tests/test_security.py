@@ -186,22 +186,7 @@ def secure(make_cluster, tmp_path):
         "--server-key",
         str(keys / "broker.key"),
     ]
-    cluster.start_cache()
-    cluster.procs[-1].popen.kill()  # restart it with keys
-    cluster.procs.pop()
-    cache = cluster._spawn(
-        "cache",
-        [
-            "cache",
-            "--broker",
-            cluster.backend,
-            "--dir",
-            cluster.cache_dir,
-            "--id",
-            "cache-1",
-            *worker_keys,
-        ],
-    )
+    cache = cluster.start_cache_with(worker_keys)
     storage = cluster.start_storage(wid="storage-a", extra=worker_keys)
     cluster.keys, cluster.allow, cluster.worker_keys = keys, allow, worker_keys
     cluster.allow_workers = allow_workers

@@ -56,22 +56,25 @@ def test_help_imports_neither_zeromq_nor_msgpack_nor_openssl():
     assert not HEAVY & modules, HEAVY & modules
 
 
-@pytest.mark.parametrize("argv", [["ls"], ["ls", "-r", "-l"], ["stat", "f"]])
-def test_ls_and_stat_import_only_what_they_use(cluster, argv):
-    with cluster.client() as c:
-        c.put_bytes(b"x", "f")
-    modules = imported("--broker", cluster.frontend, *argv)
+@pytest.mark.parametrize("argv", [["ls", "{p}"], ["ls", "-r", "-l", "{p}"], ["stat", "{p}f"]])
+def test_ls_and_stat_import_only_what_they_use(shared_cluster, prefix, argv):
+    with shared_cluster.client() as c:
+        c.put_bytes(b"x", f"{prefix}f")
+    modules = imported("--broker", shared_cluster.frontend, *[a.format(p=prefix) for a in argv])
     assert "zmq" in modules and "fms.client.session" in modules  # it did run
     assert not HEAVY & modules, HEAVY & modules
 
 
-def test_get_r_of_small_files_imports_neither_logging_nor_concurrent_futures(cluster, tmp_path):
+def test_get_r_of_small_files_imports_neither_logging_nor_concurrent_futures(
+    shared_cluster, prefix, tmp_path
+):
     """get -r writes small files on threads of its own: concurrent.futures would bring logging
     and traceback (5 to 30 ms of start-up)."""
-    with cluster.client() as c:
-        c.put_bytes(b"x", "d/f")
-        c.put_bytes(b"y", "d/e/g")
-    modules = imported("--broker", cluster.frontend, "get", "-r", "d", str(tmp_path / "out"))
+    with shared_cluster.client() as c:
+        c.put_bytes(b"x", f"{prefix}d/f")
+        c.put_bytes(b"y", f"{prefix}d/e/g")
+    out = str(tmp_path / "out")
+    modules = imported("--broker", shared_cluster.frontend, "get", "-r", f"{prefix}d", out)
     assert (tmp_path / "out" / "e" / "g").read_bytes() == b"y"  # it did run
     lighter = HEAVY - {"hashlib"}  # a download verifies what it writes
     assert not lighter & modules, lighter & modules

@@ -70,20 +70,21 @@ def test_fsck_names_each_damaged_chunk_with_the_files_it_breaks(cluster, tmp_pat
     assert cluster.cli("fsck").returncode == 0
 
 
-def test_ls_prints_a_long_listing_page_by_page_in_name_order(cluster, tmp_path):
-    names = [f"many/{i:05d}" for i in range(2345)]
+def test_ls_prints_a_long_listing_page_by_page_in_name_order(shared_cluster, prefix, tmp_path):
+    cluster, many = shared_cluster, f"{prefix}many/"
+    names = [f"{many}{i:05d}" for i in range(2345)]
     src = tmp_path / "src"
     src.mkdir()
     (src / "x").write_bytes(b"x")
     with cluster.client() as c:
         c.put_many([(str(src / "x"), n) for n in names])
-        pages = c.iter_ls("many/", page=1000)
+        pages = c.iter_ls(many, page=1000)
         assert next(pages)["name"] == names[0]  # a generator: the first page is enough
-        assert [e["name"] for e in c.iter_ls("many/", page=500)] == names
-    out = cluster.cli("ls", "many/")
+        assert [e["name"] for e in c.iter_ls(many, page=500)] == names
+    out = cluster.cli("ls", many)
     lines = out.stdout.decode().splitlines()
     assert out.returncode == 0 and [line.split()[-1] for line in lines] == names
-    listed = json.loads(cluster.cli("ls", "many/", "--json").stdout)
+    listed = json.loads(cluster.cli("ls", many, "--json").stdout)
     assert [e["name"] for e in listed] == names
 
 

@@ -204,13 +204,14 @@ def test_logs_are_key_value_lines_without_tracebacks_for_expected_errors(cluster
 # --- the Python API ---
 
 
-def test_client_api_round_trip_and_open_streams_with_seek(cluster, tmp_path):
+def test_client_api_round_trip_and_open_streams_with_seek(shared_cluster, prefix, tmp_path):
     data = random_bytes(3 * MiB + 77, 77)
     src = tmp_path / "d.bin"
     src.write_bytes(data)
-    with fms.Client(cluster.frontend, window=4) as c:
-        assert c.put(str(src), "d.bin")["size"] == len(data)
-        with c.open("d.bin") as f:
+    d, t = f"{prefix}d.bin", f"{prefix}t"
+    with fms.Client(shared_cluster.frontend, window=4) as c:
+        assert c.put(str(src), d)["size"] == len(data)
+        with c.open(d) as f:
             assert f.read(10) == data[:10]
             assert f.read(MiB) == data[10 : MiB + 10]
             f.seek(2 * MiB + 5)
@@ -219,15 +220,15 @@ def test_client_api_round_trip_and_open_streams_with_seek(cluster, tmp_path):
             assert f.read() == data[-7:]
             f.seek(0)
             assert f.read() == data
-        with c.open("d.bin") as f:
+        with c.open(d) as f:
             assert io.BufferedReader(f).read() == data
-        c.put_bytes(b"tiny", "t")
-        with c.open("t") as f:
+        c.put_bytes(b"tiny", t)
+        with c.open(t) as f:
             assert f.read() == b"tiny"
-        assert [e["name"] for e in c.ls()] == ["d.bin", "t"]
-        c.rm("t")
+        assert [e["name"] for e in c.ls(prefix)] == [d, t]
+        c.rm(t)
         with pytest.raises(fms.NotFound):
-            c.open("t")
+            c.open(t)
         with pytest.raises(fms.BadRequest):
             c.stat("../x")
     assert issubclass(fms.NotFound, fms.FmsError)
