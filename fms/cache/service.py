@@ -36,6 +36,7 @@ import zmq
 from .. import policy
 from .. import wire as p
 from ..errors import BadRequest, Forbidden, Unavailable
+from ..limits import BytesLike
 from ..policy import Identity, Policy
 from ..worker import Link
 from .chunks import ChunkCache
@@ -48,7 +49,7 @@ FETCH_TIMEOUT = 8.0
 log = logging.getLogger("fms.cache")
 
 # A hit: a manifest and, for a small file, the data frame of its content (None: not inline).
-Hit: TypeAlias = tuple[dict[str, Any], bytearray | None]
+Hit: TypeAlias = tuple[dict[str, Any], BytesLike | None]
 # Who waits for a fetch: the request's route and its id.
 Waiter: TypeAlias = tuple[dict[str, Any], int | str]
 
@@ -345,7 +346,8 @@ class CacheService:
             # Verified already; written after the answers, so the disk write is not on their
             # path (the reply frames are not touched by it).  A chunk's miss was counted by its
             # lookup; a small file's content is counted here (its manifest missed).
-            self.chunks.put(*to_cache, counted=fetch.kind == "chunk")
+            frame = data.buffer if data is not None else None
+            self.chunks.put(*to_cache, counted=fetch.kind == "chunk", frame=frame)
 
     def _check_chunk(
         self, digest: p.Digest, payload: memoryview | None
