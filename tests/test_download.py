@@ -1,6 +1,7 @@
 """Small files of a download written whole or not at all, and fast: an unnamed file linked
-into place (``O_TMPFILE`` and ``linkat``), a temp file renamed where that cannot be done, on
-threads while the next batch arrives (fms/client/download.py; issue 26, point 4)."""
+into place (``O_TMPFILE`` and ``linkat``), a temp file renamed where that cannot be done, each
+checked against its digest without building its chunk list (fms/client/download.py; issue 26,
+point 4)."""
 
 import os
 import resource
@@ -8,8 +9,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
-import time
 
 import pytest
 from conftest import ROOT, random_bytes
@@ -19,6 +18,7 @@ from test_e2e import current_umask, mode_of, write
 import fms
 from fms import wire as p
 from fms.client import download
+from fms.client.listing import ChunkList
 
 WAYS = ("unnamed", "renamed")  # O_TMPFILE + linkat, or a temp file renamed onto the name
 
@@ -144,38 +144,44 @@ def small_files_of(tmp_path, n: int) -> list:
     return out
 
 
-def test_small_files_wait_in_memory_up_to_a_bound_while_the_disk_is_slow(tmp_path, monkeypatch):
-    monkeypatch.setattr(download, "WRITES_QUEUED", 4)
-    write_small = download._write_small
+def test_a_small_file_is_checked_against_its_digest_without_building_its_chunk_list(tmp_path):
+    """small_ok: the one-chunk shortcut agrees with the chunk list (ChunkList) on every file,
+    and tells a wrong content (asked again from storage) from a damaged manifest (an error)."""
+    for _dest, manifest, data in small_files_of(tmp_path, 50):
+        assert download.small_ok(manifest, data)
+        ChunkList(manifest, None)  # the chunk list agrees: it gives the digest
+        extents, chunk = p.unpack_extents(manifest["extents"]), manifest["chunks"][0]
+        assert p.one_chunk_digest(manifest["extents"], chunk, h) == (
+            p.inline_digest(extents, [chunk], h)
+        )
+        assert not download.small_ok(manifest, b"X" + data[1:])
+        assert not download.small_ok(manifest, data[:-1])
+        damaged = {**manifest, "digest": h(b"another file")}
+        with pytest.raises(fms.IntegrityError, match="chunk list does not give its digest"):
+            download.small_ok(damaged, data)
+        with pytest.raises(fms.IntegrityError):
+            ChunkList(damaged, None)
 
-    def slow_disk(*args):
-        time.sleep(0.002)  # a file takes a while to create: received files pile up
-        return write_small(*args)
 
-    monkeypatch.setattr(download, "_write_small", slow_disk)
-    done, waiting = [], []
-    files = small_files_of(tmp_path, 60)
-    with download.SmallFiles(None, lambda key, manifest: done.append(key)) as small:
-        for i, (dest, manifest, data) in enumerate(files):
-            small.write(i, dest, manifest, data)
-            waiting.append(len(small._pending))
-    assert max(waiting) <= 4 and done == list(range(60))
-    assert all(open(dest, "rb").read() == data for dest, _m, data in files)
+def test_an_interrupted_get_many_leaves_whole_files_and_counts_each_one_written(cluster, tmp_path):
+    """A Ctrl-C in the middle of get_many (here: raised as the 100th file is reported done):
+    every file reported was written, whole, and no other file is there, whole or not."""
+    files = {f"t/{i:03d}": random_bytes(100 + i, i) for i in range(300)}
+    done: list[int] = []
 
+    def interrupt_at_100(i: int, _stat: dict) -> None:
+        done.append(i)
+        if len(done) == 100:
+            raise KeyboardInterrupt
 
-def test_an_error_while_writing_many_stops_the_threads_and_leaves_only_whole_files(tmp_path):
-    files = small_files_of(tmp_path, 200)
-    with pytest.raises(KeyboardInterrupt):  # as a Ctrl-C
-        with download.SmallFiles(None, lambda key, manifest: None) as small:
-            for i, (dest, manifest, data) in enumerate(files):
-                small.write(i, dest, manifest, data)
-                if i == 100:
-                    raise KeyboardInterrupt
-    assert not [t for t in threading.enumerate() if t.name.startswith("fms-write")]
-    written = {dest: data for dest, _m, data in files if os.path.exists(dest)}
-    out = tmp_path / "out"
-    assert len(os.listdir(out) if out.exists() else []) == len(written) <= 101
-    assert all(open(dest, "rb").read() == data for dest, data in written.items())
+    names = sorted(files)
+    with cluster.client() as c:
+        c.put_many([(write(tmp_path / "src" / n, d), n) for n, d in files.items()])
+        with pytest.raises(KeyboardInterrupt):
+            c.get_many([(n, str(tmp_path / "out" / n)) for n in names], done=interrupt_at_100)
+    left = sorted(f.name for f in (tmp_path / "out" / "t").iterdir())
+    assert left == sorted(names[i].split("/")[1] for i in done) and len(left) == 100
+    assert all((tmp_path / "out" / names[i]).read_bytes() == files[names[i]] for i in done)
 
 
 def test_a_small_file_the_disk_will_not_take_is_a_one_line_error_and_leaves_nothing(

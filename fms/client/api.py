@@ -596,20 +596,20 @@ class Client:
             if done is not None:
                 done(i, results[i])
 
-        with download.SmallFiles(self.session, written, self.fsync) as small:
-            for batch, header, frame in self.session.pipeline(requests, BATCH_WINDOW):
-                replies = p.read_batch(
-                    header,
-                    frame.buffer if frame is not None else None,
-                    [pairs[i][0] for i in batch],
+        for batch, header, frame in self.session.pipeline(requests, BATCH_WINDOW):
+            replies = p.read_batch(
+                header, frame.buffer if frame is not None else None, [pairs[i][0] for i in batch]
+            )
+            for i, (result, data) in zip(batch, replies, strict=False):
+                if "error" in result:
+                    raise from_reply(str(result["error"]), str(result.get("message")), result)
+                if data is None:
+                    later.append((i, result["manifest"]))
+                    continue
+                manifest = download.write_small(
+                    self.session, pairs[i][1], result["manifest"], data, self.fsync
                 )
-                for i, (result, data) in zip(batch, replies, strict=False):
-                    if "error" in result:
-                        raise from_reply(str(result["error"]), str(result.get("message")), result)
-                    if data is None:
-                        later.append((i, result["manifest"]))
-                        continue
-                    small.write(i, pairs[i][1], result["manifest"], data)
+                written(i, manifest)
         for i, manifest in later:
             results[i] = self._get_one(*pairs[i], manifest)
             if done is not None:

@@ -18,7 +18,7 @@ import io
 import os
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple, Protocol, TypeAlias
 
 import zmq
@@ -35,9 +35,6 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12
 
 VERIFY_THREADS = 2  # threads verifying and writing chunks while the next ones arrive
-WRITE_THREADS = 2  # threads writing the small files of a download of many (more fight for the GIL)
-WRITES_QUEUED = 512  # small files received and waiting to be written, at most ...
-WRITES_QUEUED_BYTES = 32 * p.MiB  # ... and bytes of them
 TEMP_NAME_BYTES = 200  # of a destination's name kept in its temp file's name
 
 Via: TypeAlias = dict[str, Any] | None  # fields of every chunk request (see iter_chunks)
@@ -79,8 +76,7 @@ def fetch_whole(
 ) -> tuple[dict[str, Any], p.BytesLike]:
     """The verified content of a small file that came with its manifest (``data``); if it does
     not match, asked once more from storage itself (``fresh``).  :return: (manifest, data)."""
-    if p.inline_ok(manifest, data):
-        ChunkList(manifest, None)  # its one-chunk list gives its digest
+    if small_ok(manifest, data):
         return manifest, data
     with session.aside() as aside:
         header, frame = aside.call("get", name=name, fresh=True)
@@ -408,11 +404,10 @@ class RemoteFile(io.RawIOBase):
 def checked_whole(manifest: dict[str, Any], data: memoryview) -> memoryview:
     """A small file's content, checked against its one chunk's digest (and that against the
     file digest)."""
-    if not p.inline_ok(manifest, data):
+    if not small_ok(manifest, data):
         raise IntegrityError(
             f"{manifest['name']!r} does not match its digest; nothing was written, try again"
         )
-    ChunkList(manifest, None)
     return data
 
 
@@ -426,9 +421,12 @@ def destination(dest: str) -> tuple[str, bool]:
         by :func:`atomic_file`.
     :raises FmsError: ``dest`` is a folder.
     """
-    path = os.path.realpath(dest) if os.path.islink(dest) else dest
+    path = dest
     try:
-        mode = os.stat(path).st_mode
+        mode = os.lstat(path).st_mode  # one system call for a new name, the common case
+        if stat.S_ISLNK(mode):
+            path = os.path.realpath(dest)
+            mode = os.stat(path).st_mode
     except (FileNotFoundError, NotADirectoryError):
         return path, False
     except OSError as exc:  # a name too long for the file system, a folder we may not enter
@@ -468,121 +466,50 @@ def atomic_file(dest: str, manifest: dict[str, Any], fsync: bool = False) -> Ite
         raise
 
 
-class SmallFiles:
-    """Small files whose content came with their manifests (``get_many``), each verified and
-    written (:func:`write_whole`) on one of :data:`WRITE_THREADS` threads while the caller
-    receives the next: creating a file waits on the file system's journal far longer than it
-    takes the CPU, so several wait at once.  At most :data:`WRITES_QUEUED` files and
-    :data:`WRITES_QUEUED_BYTES` wait to be written.
+def write_small(
+    session: Session, dest: str, manifest: dict[str, Any], data: p.BytesLike, fsync: bool = False
+) -> dict[str, Any]:
+    """Write a small file whose content came with its manifest (``get_many``) to ``dest`` as
+    :meth:`fms.Client.get` would (through a symlink, into a device: :func:`destination`), once
+    it is what ``manifest`` says; a copy that is not is asked once more from storage itself.
 
-    ``done(key, manifest)`` is called on the caller's thread as each file is written, in the
-    order they were given.  A file whose content does not match its manifest is asked once
-    more from storage, on the caller's thread.  Leaving the ``with`` block waits for every
-    file given, unless it is left by an exception: then files not yet begun are not written
-    (each file begun is written whole or not at all).
+    Written on the caller's thread, as each batch arrives: the next batches are on their way
+    meanwhile (ZeroMQ receives on a thread of its own), and the file system's work on a small
+    file (create, write, link) is a few system calls, so writer threads would cost more in
+    hand-offs and in the interpreter's lock than they could overlap.
 
-    Plain threads and queues: concurrent.futures would import logging, a tenth of start-up.
+    :return: the manifest of what was written.
     """
-
-    def __init__(
-        self, session: Session, done: Callable[[Any, dict[str, Any]], None], fsync: bool = False
-    ) -> None:
-        import queue  # here: only downloads of many files use them
-        import threading
-
-        self._session = session
-        self._done = done
-        self._fsync = fsync
-        self._todo: queue.SimpleQueue[tuple[int, str, dict[str, Any], p.BytesLike] | None] = (
-            queue.SimpleQueue()
-        )  # (seq, dest, manifest, data), or None: stop
-        self._finished: queue.SimpleQueue[tuple[int, bool | BaseException]] = (
-            queue.SimpleQueue()
-        )  # (seq, True, False or the exception raised)
-        self._outcomes: dict[
-            int, bool | BaseException
-        ] = {}  # seq -> outcome, finished but not yet settled
-        self._pending: collections.deque[tuple[int, Any, str, dict[str, Any], int]] = (
-            collections.deque()
-        )  # (seq, key, dest, manifest, size), in order
-        self._seq = 0
-        self._queued = 0  # bytes of content in _pending
-        self._cancelled = False
-        self._threads = [
-            threading.Thread(target=self._work, name=f"fms-write-{n}", daemon=True)
-            for n in range(WRITE_THREADS)
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    def write(self, key: object, dest: str, manifest: dict[str, Any], data: p.BytesLike) -> None:
-        """Write ``data``, the content of the file ``manifest`` describes, to ``dest`` as
-        :meth:`fms.Client.get` would (through a symlink, into a device: :func:`destination`)."""
-        self._todo.put((self._seq, dest, manifest, data))
-        self._pending.append((self._seq, key, dest, manifest, len(data)))
-        self._seq += 1
-        self._queued += len(data)
-        while not self._finished.empty():
-            seq, outcome = self._finished.get()
-            self._outcomes[seq] = outcome
-        while self._pending and (
-            len(self._pending) > WRITES_QUEUED
-            or self._queued > WRITES_QUEUED_BYTES
-            or self._pending[0][0] in self._outcomes
-        ):
-            self._settle()
-
-    def _work(self) -> None:
-        while (job := self._todo.get()) is not None:
-            seq, dest, manifest, data = job
-            outcome: bool | BaseException
-            try:
-                outcome = not self._cancelled and _write_small(dest, manifest, data, self._fsync)
-            except BaseException as exc:  # handed to the caller's thread
-                outcome = exc
-            self._finished.put((seq, outcome))
-
-    def _settle(self) -> None:
-        seq, key, dest, manifest, size = self._pending.popleft()
-        while seq not in self._outcomes:
-            done_seq, outcome = self._finished.get()
-            self._outcomes[done_seq] = outcome
-        outcome = self._outcomes.pop(seq)
-        self._queued -= size
-        if isinstance(outcome, BaseException):
-            raise outcome
-        if not outcome:  # not what its manifest says: from storage itself
-            manifest, data = fetch_whole(self._session, manifest["name"], manifest, b"")
-            _write_small(dest, manifest, data, self._fsync)
-        self._done(key, manifest)
-
-    def __enter__(self) -> "SmallFiles":
-        return self
-
-    def __exit__(self, kind: object, value: object, tb: object) -> None:
-        try:
-            while kind is None and self._pending:
-                self._settle()
-        finally:
-            self._cancelled = True  # what was not begun is not written
-            for _ in self._threads:
-                self._todo.put(None)
-            for thread in self._threads:
-                thread.join()
-
-
-def _write_small(dest: str, manifest: dict[str, Any], data: p.BytesLike, fsync: bool) -> bool:
-    """Write a small file's content to ``dest`` if it is what ``manifest`` says (its one-chunk
-    list giving the file digest).  :return: whether."""
-    if not p.inline_ok(manifest, data):
-        return False
-    ChunkList(manifest, None)
+    if not small_ok(manifest, data):  # not what its manifest says: from storage itself
+        manifest, data = fetch_whole(session, manifest["name"], manifest, b"")
     path, stream = destination(dest)
     if stream:
         with in_place(path) as out:
             out.write(data)
     else:
         write_whole(path, manifest, data, fsync)
+    return manifest
+
+
+def small_ok(manifest: dict[str, Any], data: p.BytesLike | None) -> bool:
+    """Whether ``data`` is the whole content of the file ``manifest`` describes, its one chunk
+    (:func:`fms.wire.inline_ok`), once the chunk list is checked against the file digest as
+    :class:`~fms.client.listing.ChunkList` checks it (:func:`fms.wire.one_chunk_digest`: a
+    download of many small files checks thousands).
+
+    :raises IntegrityError: the list does not give the file digest (a damaged manifest).
+    """
+    if not p.inline_ok(manifest, data):
+        return False
+    if "chunks" not in manifest or manifest["count"] != 1:
+        ChunkList(manifest, None)
+    elif manifest["digest_kind"] == p.DIGEST_TREE and manifest["digest"] != p.one_chunk_digest(
+        manifest["extents"], manifest["chunks"][0], p.manifest_hasher(manifest)
+    ):
+        raise IntegrityError(
+            f"the manifest of {manifest['name']!r} is damaged: its chunk list does not give "
+            f"its digest; try again"
+        )
     return True
 
 
@@ -621,10 +548,10 @@ def write_whole(
     _replace(tmp, dest)
 
 
-AT_FDCWD = -100  # linkat(2): a path relative to the working folder
-AT_EMPTY_PATH = 0x1000  # linkat(2): link the file open at the descriptor itself
-# Whether unnamed files can be made and linked on this machine: None until tried.
-_unnamed: dict[str, Any] = {"works": None, "linkat": None}
+PROC_FDS = "/proc/self/fd"  # a process's open files by number: how an unnamed file is linked
+# Whether unnamed files can be made and linked on this machine (None until tried), and the
+# folder PROC_FDS open (``fds``) in the process that opened it (``pid``).
+_unnamed: dict[str, Any] = {"works": None, "fds": None, "pid": None}
 
 
 def _open_unnamed(dest: str) -> int | None:
@@ -648,48 +575,44 @@ def _open_unnamed(dest: str) -> int | None:
 
 
 def _link_unnamed(fd: int, dest: str) -> bool:
-    """Name the unnamed file ``fd`` ``dest``; what is there is replaced by way of a temp name
-    and a rename (``linkat`` does not replace).  :return: False if this kernel will not link
-    it (then nothing was done)."""
-    linkat = _linkat()
+    """Name the unnamed file ``fd`` ``dest``, as open(2) shows it done: ``linkat`` of its
+    entry in :data:`PROC_FDS`, followed (``AT_SYMLINK_FOLLOW``), which needs no privilege
+    (``AT_EMPTY_PATH`` did before Linux 6.10) and no ctypes.  What is there is replaced by
+    way of a temp name and a rename (``linkat`` does not replace).  :return: False if this
+    machine will not link it (no /proc; then nothing was done)."""
+    fds = _proc_fds()
+    if fds is None:
+        return False
     at = dest
-    while linkat is not None:
-        if linkat(fd, b"", AT_FDCWD, os.fsencode(at), AT_EMPTY_PATH) == 0:
-            _unnamed["works"] = True
-            if at != dest:
-                _replace(at, dest)
-            return True
-        err = _errno()
-        if err == errno.EEXIST:
-            at = _temp_name(dest)
-        elif _unnamed["works"] is None and err in (errno.EPERM, errno.ENOENT, errno.EXDEV):
-            _unnamed["works"] = False  # before Linux 6.10 it takes CAP_DAC_READ_SEARCH
-            return False
-        else:
-            raise FmsError(f"cannot write to {dest}: {os.strerror(err)}")
-    return False
-
-
-def _linkat() -> Any:
-    """libc's ``linkat``, or None (not loaded: ctypes is imported only when it is used)."""
-    if _unnamed["linkat"] is None:
-        import ctypes  # here: only a download of small files loads it
-
+    while True:
         try:
-            linkat = ctypes.CDLL(None, use_errno=True).linkat
-        except (OSError, AttributeError):
+            # A folder descriptor makes os.link call linkat(2), which follows the entry.
+            os.link(str(fd), at, src_dir_fd=fds)
+        except FileExistsError:
+            at = _temp_name(dest)
+            continue
+        except OSError as exc:
+            if _unnamed["works"] is None and exc.errno in (errno.EPERM, errno.EXDEV):
+                _unnamed["works"] = False  # a sandbox that will not have it
+                return False
+            raise FmsError(f"cannot write to {dest}: {exc.strerror or exc}") from None
+        _unnamed["works"] = True
+        if at != dest:
+            _replace(at, dest)
+        return True
+
+
+def _proc_fds() -> int | None:
+    """:data:`PROC_FDS` open as a folder, in this process (opened again after a fork: the
+    folder is the opener's), or None where there is no /proc."""
+    if _unnamed["pid"] != os.getpid():
+        try:
+            fds = os.open(PROC_FDS, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
             _unnamed["works"] = False
             return None
-        int_, path = ctypes.c_int, ctypes.c_char_p
-        linkat.argtypes = (int_, path, int_, path, int_)
-        _unnamed["linkat"] = linkat
-    return _unnamed["linkat"]
-
-
-def _errno() -> int:
-    import ctypes
-
-    return ctypes.get_errno()
+        _unnamed["fds"], _unnamed["pid"] = fds, os.getpid()
+    return _unnamed["fds"]
 
 
 def _replace(tmp: str, dest: str) -> None:

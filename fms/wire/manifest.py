@@ -64,6 +64,7 @@ __all__ = [
     "inline_digest",
     "join_digests",
     "manifest_hasher",
+    "one_chunk_digest",
     "pack_body",
     "pack_extents",
     "page_counts",
@@ -232,6 +233,13 @@ def pages_of(extents: Iterable[Extent], digests: Sequence[Digest]) -> list[Seque
 def inline_digest(extents: Sequence[Extent], digests: Iterable[Digest], hash_fn: Hasher) -> Digest:
     """The ``tree`` digest of a file whose chunk list is known whole (a short one)."""
     return tree_digest(extents, page_ids(extents, join_digests(digests), hash_fn), hash_fn)
+
+
+def one_chunk_digest(extents: "BytesLike", digest: Digest, hash_fn: Hasher) -> Digest:
+    """:func:`inline_digest` of a file of one chunk, from its ``extents`` as they travel (one
+    extent, packed): its body is that extent and its one page's id, the digest of ``digest``.
+    A download of many small files checks one per file, without unpacking anything."""
+    return hash_fn(bytes(extents) + hash_fn(digest))
 
 
 def page_ids(extents: Iterable[Extent], digests: bytes, hash_fn: Hasher) -> list[Digest]:
