@@ -9,8 +9,8 @@ Both servers start the same way: each in a session of its own (``weed server`` i
 ``start_new_session``; fms's broker, cache, storage workers and gateway from a process that
 made a new session), and the clients run in the benchmark's.  Linux's autogroup scheduling
 (``/proc/sys/kernel/sched_autogroup_enabled``) shares the cores fairly between sessions: with
-fms's processes in the clients' session they shared one share with the clients while
-SeaweedFS had a share of its own, which on a loaded machine cost fms most of its speed.
+fms's processes in the clients' session, fms and its clients shared one share of a busy
+machine's CPU while SeaweedFS had a share of its own.
 
     .venv/bin/python -m benchmarks.s3gw [--size-mib 1024] [--rounds 3] [--small 2000]
         [--cache-bytes 1G] [--only boto3,aws,small]
