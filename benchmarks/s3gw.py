@@ -2,7 +2,15 @@
 clients: boto3's transfer manager (``upload_file``/``download_file``, default settings) and
 ``aws s3 cp``, for a 1 GiB object both ways, and 4 KiB objects PUT and GET by 8 client
 processes.  Each measurement alternates the two servers for ``--rounds`` rounds and reports
-the medians and the ratio fms / SeaweedFS (above 1.0: fms is faster).
+the medians and the ratio fms / SeaweedFS (above 1.0: fms is faster), and the CPU-seconds the
+servers' processes used for it (medians).
+
+Both servers start the same way: each in a session of its own (``weed server`` is started with
+``start_new_session``; fms's broker, cache, storage workers and gateway from a process that
+made a new session), and the clients run in the benchmark's.  Linux's autogroup scheduling
+(``/proc/sys/kernel/sched_autogroup_enabled``) shares the cores fairly between sessions: with
+fms's processes in the clients' session, fms and its clients shared one share of a busy
+machine's CPU while SeaweedFS had a share of its own.
 
     .venv/bin/python -m benchmarks.s3gw [--size-mib 1024] [--rounds 3] [--small 2000]
         [--cache-bytes 1G] [--only boto3,aws,small]
@@ -28,13 +36,30 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 MiB = 1 << 20
 SMALL = 4096
 SMALL_CLIENTS = 8
+TICKS = os.sysconf("SC_CLK_TCK")  # /proc/PID/stat's unit of CPU time
 
 
 class Target:
-    """One S3 server as the clients see it."""
+    """One S3 server as the clients see it, and the ids of its processes."""
 
-    def __init__(self, name, url, key_id, secret):
+    def __init__(self, name, url, key_id, secret, pids=()):
         self.name, self.url, self.key_id, self.secret = name, url, key_id, secret
+        self.pids = tuple(pids)
+
+    def __getstate__(self):  # sent to the client processes: what a client needs
+        return {**self.__dict__, "pids": ()}
+
+    def cpu(self) -> float:
+        """CPU-seconds (user and system) its processes have used so far."""
+        total = 0
+        for pid in self.pids:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rpartition(")")[2].split()
+            except FileNotFoundError:
+                continue
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / TICKS
 
     def client(self):
         import boto3
@@ -61,33 +86,63 @@ class Target:
         return env
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+_s3 = None  # a small-object client process's boto3 client
+
+
+def _small_start(target, ready) -> None:
+    """A small-object client process's start: boto3 imported and its client made before the
+    clock starts (``ready``: a barrier with the benchmark)."""
+    global _s3
+    _s3 = target.client()
+    ready.wait()
 
 
 def _small_worker(args):
-    target, bucket, worker, count, op = args
-    s3 = target.client()
+    bucket, worker, count, op = args
     body = os.urandom(SMALL)
-    start = time.perf_counter()
     for i in range(count):
         key = f"small/{worker}/{i}"
         if op == "put":
-            s3.put_object(Bucket=bucket, Key=key, Body=body)
+            _s3.put_object(Bucket=bucket, Key=key, Body=body)
         else:
-            s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-    return time.perf_counter() - start
+            _s3.get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
-def small(target, bucket, total: int, op: str) -> float:
-    """Objects per second, 8 processes each doing total/8 requests."""
-    per = total // SMALL_CLIENTS
-    with multiprocessing.get_context("spawn").Pool(SMALL_CLIENTS) as pool:
+def small(target, bucket, per: int, op: str) -> float:
+    """Seconds for 8 processes to make ``per`` requests each, from when all are ready."""
+    spawn = multiprocessing.get_context("spawn")
+    ready = spawn.Barrier(SMALL_CLIENTS + 1)
+    with spawn.Pool(SMALL_CLIENTS, _small_start, (target, ready)) as pool:
+        ready.wait()
         start = time.perf_counter()
-        pool.map(_small_worker, [(target, bucket, w, per, op) for w in range(SMALL_CLIENTS)])
-        return per * SMALL_CLIENTS / (time.perf_counter() - start)
+        pool.map(_small_worker, [(bucket, w, per, op) for w in range(SMALL_CLIENTS)], 1)
+        return time.perf_counter() - start
+
+
+def serve_fms(conn, cache_bytes: str) -> None:
+    """fms's side, run in a process of its own that starts a new session first: a broker, a
+    cache worker, two storage workers and the gateway.  Sends ``(url, key id, secret, pids)``
+    on ``conn``, then serves until ``conn`` says stop (or closes)."""
+    os.setsid()
+    from harness import Cluster
+    from s3gw import Gateway
+
+    tmp = tempfile.mkdtemp(prefix="fms-s3bench-")
+    cluster = Cluster(tmp)
+    try:
+        cluster.start_all(storage=2, cache_bytes=cache_bytes)
+        gateway = Gateway(cluster, tmp)
+        conn.send((gateway.url, gateway.key_id, gateway.secret, [p.pid for p in cluster.procs]))
+        try:
+            conn.recv()
+        except EOFError:
+            pass
+    except BaseException as exc:
+        conn.send(exc)
+        raise
+    finally:
+        cluster.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def aws_tool() -> str:
@@ -112,20 +167,25 @@ def main(argv=None):
     args = parser.parse_args(argv)
     only = set(filter(None, args.only.split(","))) or {"boto3", "aws", "small"}
 
-    from harness import Cluster
-    from s3gw import Gateway
     from servers import SeaweedS3
 
     tmp = tempfile.mkdtemp(prefix="fms-s3bench-")
-    cluster = Cluster(tmp)
+    spawn = multiprocessing.get_context("spawn")
+    conn, child_conn = spawn.Pipe()
+    host = spawn.Process(target=serve_fms, args=(child_conn, args.cache_bytes), daemon=True)
+    host.start()
     weed = None
     try:
-        cluster.start_all(storage=2, cache_bytes=args.cache_bytes)
-        gateway = Gateway(cluster, tmp)
+        started = conn.recv()
+        if isinstance(started, BaseException):
+            raise SystemExit(f"fms did not start: {started}")
+        url, key_id, secret, pids = started
         weed = SeaweedS3().launch()
         targets = [
-            Target("fms", gateway.url, gateway.key_id, gateway.secret),
-            Target("seaweedfs", weed.endpoint_url, weed.access_key, weed.secret_key),
+            Target("fms", url, key_id, secret, pids),
+            Target(
+                "seaweedfs", weed.endpoint_url, weed.access_key, weed.secret_key, [weed.proc.pid]
+            ),
         ]
         buckets = {}
         for t in targets:
@@ -138,55 +198,76 @@ def main(argv=None):
         size = args.size_mib * MiB
         results = {}
 
+        cpu = {}
+
         def record(what, name, value):
             results.setdefault(what, {}).setdefault(name, []).append(value)
 
+        def measured(what, t, fn) -> float:
+            """Seconds ``fn()`` took (what it returns, given a number); the CPU-seconds of
+            ``t``'s processes recorded."""
+            before = t.cpu()
+            start = time.perf_counter()
+            took = fn()
+            seconds = took if isinstance(took, float) else time.perf_counter() - start
+            cpu.setdefault(what, {}).setdefault(t.name, []).append(t.cpu() - before)
+            return seconds
+
         aws = aws_tool() if "aws" in only else None
+        per_small = args.small // SMALL_CLIENTS
         for rnd in range(args.rounds):
             order = targets if rnd % 2 == 0 else targets[::-1]
             for t in order:
                 b, dst = buckets[t.name], os.path.join(tmp, f"down-{t.name}.bin")
                 if "boto3" in only:
                     s3 = t.client()
-                    record(
-                        "boto3 PUT",
-                        t.name,
-                        size / timed(lambda: s3.upload_file(src, b, "big")) / MiB,
-                    )
-                    record(
-                        "boto3 GET",
-                        t.name,
-                        size / timed(lambda: s3.download_file(b, "big", dst)) / MiB,
-                    )
+                    put = measured("boto3 PUT", t, lambda: s3.upload_file(src, b, "big"))
+                    get = measured("boto3 GET", t, lambda: s3.download_file(b, "big", dst))
+                    record("boto3 PUT", t.name, size / put / MiB)
+                    record("boto3 GET", t.name, size / get / MiB)
                     os.unlink(dst)
                 if aws:
                     cmd = [aws, "--endpoint-url", t.url, "s3", "cp", "--only-show-errors"]
                     env = t.env()
-                    put = timed(
+                    put = measured(
+                        "aws s3 cp PUT",
+                        t,
                         lambda: subprocess.run(
                             [*cmd, src, f"s3://{b}/big-aws"], env=env, check=True
-                        )
+                        ),
                     )
-                    get = timed(
+                    get = measured(
+                        "aws s3 cp GET",
+                        t,
                         lambda: subprocess.run(
                             [*cmd, f"s3://{b}/big-aws", dst], env=env, check=True
-                        )
+                        ),
                     )
                     record("aws s3 cp PUT", t.name, size / put / MiB)
                     record("aws s3 cp GET", t.name, size / get / MiB)
                     os.unlink(dst)
                 if "small" in only:
-                    record("4 KiB PUT, 8 clients", t.name, small(t, b, args.small, "put"))
-                    record("4 KiB GET, 8 clients", t.name, small(t, b, args.small, "get"))
+                    for op in ("PUT", "GET"):
+                        what = f"4 KiB {op}, 8 clients"
+                        took = measured(what, t, lambda: small(t, b, per_small, op.lower()))
+                        record(what, t.name, per_small * SMALL_CLIENTS / took)
             print(f"round {rnd + 1} done", file=sys.stderr, flush=True)
-        print(f"\n{'measurement':28} {'fms':>12} {'SeaweedFS':>12} {'ratio':>7}  rounds (fms/weed)")
+        print(
+            f"\n{'measurement':22} {'fms':>11} {'SeaweedFS':>11} {'ratio':>6}  "
+            f"{'server CPU-s (fms/weed)':>23}  rounds (fms/weed)"
+        )
         for what, by in results.items():
             f, w = statistics.median(by["fms"]), statistics.median(by["seaweedfs"])
             unit = "MiB/s" if "cp" in what or "boto3" in what else "obj/s"
             per = ", ".join(f"{a / b:.2f}" for a, b in zip(by["fms"], by["seaweedfs"], strict=True))
-            print(f"{what:28} {f:8.0f} {unit} {w:8.0f} {unit} {f / w:6.2f}x  ({per})")
+            used = " / ".join(
+                f"{statistics.median(cpu[what][n]):.1f}" for n in ("fms", "seaweedfs")
+            )
+            print(f"{what:22} {f:5.0f} {unit} {w:5.0f} {unit} {f / w:5.2f}x  {used:>23}  ({per})")
+        print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     finally:
-        cluster.stop()
+        conn.close()
+        host.join(timeout=30)
         if weed is not None:
             weed.cleanup()
         shutil.rmtree(tmp, ignore_errors=True)
