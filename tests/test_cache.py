@@ -1,8 +1,11 @@
 """The cache tier as plain objects: the chunk cache, the manifest cache, the service handlers
 driven through a recording link instead of a socket."""
 
+import contextlib
 import os
+import sqlite3
 import threading
+import zlib
 
 import pytest
 from storage_helpers import digest_name, h, use_digest
@@ -10,6 +13,7 @@ from storage_helpers import manifest_of as storage_manifest
 
 from fms import wire as p
 from fms.cache import CacheService, ChunkCache, ManifestCache
+from fms.cache.chunks import SMALL_MAX
 
 
 def chunk(i: int, size: int = 1000) -> tuple:
@@ -56,27 +60,59 @@ def test_chunk_larger_than_the_cache_is_not_cached(tmp_path):
 
 
 def disk_files(cache) -> list:
+    """The entries on disk: files under chunks/, and rows of small.db (by their hex digest)."""
     cache.flush()
-    return [
+    files = [
         name
         for _root, _dirs, names in os.walk(os.path.join(cache.path, "chunks"))
         for name in names
     ]
+    return files + [digest.hex() for digest in rows(cache)]
 
 
-def test_chunk_cache_keeps_chunks_across_restarts_most_recent_first(tmp_path):
-    cache = ChunkCache(str(tmp_path), max_bytes=10_000)
-    keys = [chunk(i) for i in range(3)]
+def rows(cache) -> dict:
+    """small.db's rows, read through a connection of the test's own: digest -> (crc, data)."""
+    cache.flush()
+    with contextlib.closing(sqlite3.connect(os.path.join(cache.path, "small.db"))) as db:
+        return {
+            bytes(d): (crc, data)
+            for d, crc, data in db.execute("SELECT digest, crc, data FROM entries")
+        }
+
+
+def rewrite_row(cache, digest: bytes, sql: str, *args) -> None:
+    cache.flush()
+    with contextlib.closing(sqlite3.connect(os.path.join(cache.path, "small.db"))) as db:
+        with db:
+            assert db.execute(sql, (*args, digest)).rowcount == 1
+
+
+def age(cache, digest: bytes, when: float) -> None:
+    """Make a disk entry look filled at ``when``: a file's mtime, a row's ``filled``."""
+    if digest in cache._in_db:
+        rewrite_row(cache, digest, "UPDATE entries SET filled = ? WHERE digest = ?", when)
+    else:
+        os.utime(cache._path(digest), (when, when))
+
+
+SMALL, LARGE = 1000, SMALL_MAX + 1000  # a row of small.db, a file of its own
+
+
+@pytest.mark.parametrize("size", [SMALL, LARGE])
+def test_chunk_cache_keeps_chunks_across_restarts_most_recent_first(tmp_path, size):
+    cache = ChunkCache(str(tmp_path), max_bytes=size * 10)
+    keys = [chunk(i, size) for i in range(3)]
     for n, (digest, data) in enumerate(keys):
         cache.put(digest, data, counted=False)
         cache.flush()
-        os.utime(cache._path(digest), (1000 + n, 1000 + n))
+        age(cache, digest, 1000 + n)
     cache.close()
-    reopened = ChunkCache(str(tmp_path), max_bytes=2100)  # smaller: room for two
-    assert len(reopened) == 2 and reopened.bytes == 2000
+    reopened = ChunkCache(str(tmp_path), max_bytes=size * 2 + size // 20)  # room for two
+    assert len(reopened) == 2 and reopened.bytes == 2 * size
     assert keys[0][0] not in reopened  # the oldest went
     assert bytes(p.unpack_data(reopened.get(keys[2][0]))) == keys[2][1]
-    assert len(disk_files(reopened)) == 2
+    assert len(disk_files(reopened)) == 2  # and from the disk
+    reopened.close()
 
 
 def test_hits_come_from_memory_and_disk_reads_are_checked_against_their_crc(tmp_path):
@@ -134,15 +170,146 @@ def test_the_memory_a_cache_holds_is_bounded_whatever_its_size_on_disk(tmp_path,
     cache.close()
 
 
-def test_corrupt_cache_entry_is_dropped_not_served(tmp_path):
-    cache = ChunkCache(str(tmp_path), max_bytes=10_000, memory_bytes=0)
-    digest, data = chunk(7)
+@pytest.mark.parametrize("size", [SMALL, LARGE])
+def test_corrupt_cache_entry_is_dropped_not_served(tmp_path, size):
+    cache = ChunkCache(str(tmp_path), max_bytes=size * 10, memory_bytes=0)
+    digest, data = chunk(7, size)
     cache.put(digest, data, counted=False)
     cache.flush()
-    with open(cache._path(digest), "r+b") as f:
-        f.write(b"\xff")
+    if size <= SMALL_MAX:  # bit rot in the row's bytes: same length, another CRC
+        rewrite_row(
+            cache, digest, "UPDATE entries SET data = ? WHERE digest = ?", b"\xff" + data[1:]
+        )
+    else:
+        with open(cache._path(digest), "r+b") as f:
+            f.write(b"\xff")
     assert cache.get(digest) is None
     assert digest not in cache and cache.corrupt == 1
+    assert digest.hex() not in disk_files(cache)  # and the entry is deleted
+    assert cache.put(digest, data) and bytes(p.unpack_data(cache.get(digest))) == data  # refilled
+
+
+# --- small entries: rows of small.db ---
+
+
+@pytest.fixture
+def no_window(monkeypatch):
+    """Caches made now have no admission window: every entry goes to the disk tier at once."""
+    from fms.cache import policy
+
+    monkeypatch.setattr(policy, "WINDOW_BYTES_MAX", 1)
+
+
+def test_small_entries_are_rows_of_one_database_and_large_ones_files(tmp_path, no_window):
+    cache = ChunkCache(str(tmp_path), max_bytes=10 * p.MiB, memory_bytes=0)
+    small, small_data = chunk(1, SMALL_MAX)  # the largest that is a row
+    large, large_data = chunk(2, SMALL_MAX + 1)
+    cache.put(small, small_data, counted=False)
+    cache.put(large, large_data, counted=False)
+    cache.flush()
+    assert not os.path.exists(cache._path(small)) and os.path.exists(cache._path(large))
+    crc, data = rows(cache)[small]
+    assert data == small_data and crc == zlib.crc32(small_data)  # its CRC, with it
+    assert list(rows(cache)) == [small]
+    for digest, data in ((small, small_data), (large, large_data)):  # read from disk
+        assert bytes(p.unpack_data(cache.get(digest))) == data
+    cache.close()
+
+
+def test_a_row_written_before_it_is_read_is_answered_from_memory_until_committed(
+    tmp_path, no_window
+):
+    cache = ChunkCache(str(tmp_path), max_bytes=10 * p.MiB, memory_bytes=0)
+    digest, data = chunk(1, 4096)
+    with cache.batch():
+        cache.put(digest, data, counted=False)
+        assert bytes(p.unpack_data(cache.get(digest))) == data  # pending: from memory
+    cache.flush()
+    assert bytes(p.unpack_data(cache.get(digest))) == data  # from the row
+    cache.close()
+
+
+def test_the_rows_of_a_batch_are_written_in_one_transaction(tmp_path, no_window, monkeypatch):
+    from fms.cache import chunks as chunk_module
+
+    commits = []
+    real = chunk_module._WriteBehind._commit
+    monkeypatch.setattr(
+        chunk_module._WriteBehind,
+        "_commit",
+        lambda self, rows: commits.append(len(rows)) or real(self, rows),
+    )
+    cache = ChunkCache(str(tmp_path), max_bytes=10 * p.MiB)
+    keys = [chunk(i, 4096) for i in range(200)]
+    with cache.batch():
+        for digest, data in keys:
+            cache.put(digest, data, counted=False)
+    cache.flush()
+    assert commits == [200] and len(rows(cache)) == 200
+    assert all(bytes(p.unpack_data(cache.get(d))) == data for d, data in keys)
+    cache.close()
+
+
+def test_a_missing_row_is_a_miss(tmp_path):
+    cache = ChunkCache(str(tmp_path), max_bytes=10_000, memory_bytes=0)
+    digest, data = chunk(1)
+    cache.put(digest, data, counted=False)
+    rewrite_row(cache, digest, "DELETE FROM entries WHERE digest = ?")
+    assert cache.get(digest) is None and digest not in cache and cache.corrupt == 0
+    cache.close()
+
+
+def test_evicted_and_dropped_rows_are_deleted_and_counted_no_more(tmp_path):
+    cache = ChunkCache(str(tmp_path), max_bytes=3100, memory_bytes=0)  # room for three
+    keys = [chunk(i) for i in range(4)]
+    for digest, data in keys[:3]:
+        cache.get(digest)
+        cache.put(digest, data)
+    assert set(rows(cache)) == {d for d, _ in keys[:3]} and cache.bytes == 3000
+    for _ in range(3):
+        cache.get(keys[3][0])  # read often: worth a place
+    cache.put(keys[3][0], keys[3][1])
+    assert cache.evictions == 1 and cache.bytes <= 3100 and len(cache) == 3
+    assert set(rows(cache)) == {d for d, _ in keys if d in cache}  # the victim's row went
+    cache.drop(keys[3][0])
+    assert keys[3][0] not in rows(cache) and cache.bytes == 2000
+    cache.close()
+    reopened = ChunkCache(str(tmp_path), max_bytes=3100)
+    assert len(reopened) == 2 and reopened.bytes == 2000  # what is left, and no more
+    reopened.close()
+
+
+def test_restart_keeps_rows_and_files_alike_and_drops_what_does_not_fit(tmp_path, no_window):
+    cache = ChunkCache(str(tmp_path), max_bytes=10 * p.MiB)
+    keys = [chunk(i, 4096) for i in range(50)] + [chunk(99, SMALL_MAX + 1)]
+    with cache.batch():
+        for digest, data in keys:
+            cache.put(digest, data, counted=False)
+    cache.close()
+    reopened = ChunkCache(str(tmp_path), max_bytes=10 * p.MiB, memory_bytes=0)
+    assert len(reopened) == 51 and reopened.bytes == 50 * 4096 + SMALL_MAX + 1
+    assert all(bytes(p.unpack_data(reopened.get(d))) == data for d, data in keys)
+    reopened.close()
+    small = ChunkCache(str(tmp_path), max_bytes=20 * 4096)  # room for about 20 rows
+    assert 0 < len(small) <= 20 and len(rows(small)) == len(small)  # the others deleted
+    small.close()
+
+
+def test_a_damaged_database_is_started_afresh(tmp_path):
+    cache = ChunkCache(str(tmp_path), max_bytes=10_000)
+    digest, data = chunk(1)
+    cache.put(digest, data, counted=False)
+    cache.close()
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(tmp_path, "small.db" + suffix))
+    with open(os.path.join(tmp_path, "small.db"), "wb") as f:
+        f.write(b"not a database" * 100)
+    reopened = ChunkCache(str(tmp_path), max_bytes=10_000)
+    assert len(reopened) == 0 and reopened.get(digest) is None
+    assert reopened.put(digest, data, counted=False)
+    reopened.close()
+    assert len(ChunkCache(str(tmp_path), max_bytes=10_000)) == 1
 
 
 def test_a_one_time_scan_neither_displaces_the_hot_set_nor_touches_the_disk(tmp_path):

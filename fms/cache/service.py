@@ -408,8 +408,9 @@ class CacheService:
                 log.debug("event=stale_fill_dropped name=%r", name)
             fetched[name] = (manifest, payload)
         self._answer_batch(fetch, names, fetched, "miss")
-        for digest, payload in verified:
-            self.chunks.put(digest, payload, counted=False)
+        with self.chunks.batch():  # the rows this writes: one transaction
+            for digest, payload in verified:
+                self.chunks.put(digest, payload, counted=False)
 
     def _answer_batch(
         self,
