@@ -80,6 +80,22 @@ def test_commit_get_and_versions(engine):
     assert engine.get("nope") is None
 
 
+def test_get_many_and_small_chunks_read_a_batch_as_get_and_chunk_do(engine):
+    for i in range(3):
+        commit(engine, f"d/{i}", f"file {i}".encode(), f"c{i}")
+    claim_all(engine, b"b" * 5000, in_engine=False)  # a blob: not kept in the engine
+    commit(engine, "blob", b"b" * 5000, "cb")
+    remove(engine, "d/2", "rm")
+    names = ["d/0", "d/1", "d/2", "none", "d/0", "blob"]
+    found = engine.get_many(names)
+    assert found == {n: engine.get(n) for n in ("d/0", "d/1", "blob")}
+    assert engine.get_many([]) == {}
+    digests = [found[n].chunks[0] for n in ("d/0", "d/1", "blob")] + [h(b"nothing")]
+    assert engine.small_chunks(digests) == {h(b"file 0"): b"file 0", h(b"file 1"): b"file 1"}
+    with engine.snapshot():  # and inside a snapshot, as storage reads a batch
+        assert engine.get_many(["d/1"]) == {"d/1": found["d/1"]}
+
+
 def test_remove_leaves_a_tombstone_and_versions_keep_counting(engine):
     commit(engine, "n", b"data" * 2000, "c1")
     tomb = remove(engine, "n", "rm-1")

@@ -1335,6 +1335,45 @@ def test_get_many_answers_every_name_in_order_small_contents_inline_errors_per_n
     assert bytes(results[2][1]) == b"tiny" and results[0][0]["manifest"]["size"] == 2 * CHUNK
 
 
+def test_get_many_reads_its_batch_in_one_snapshot_with_a_query_for_names_and_one_for_chunks(
+    store, monkeypatch
+):
+    """The batch's versions and small chunks are read in one snapshot, not per name; a blob
+    (inline content over 64 KiB), a damaged small chunk and a lost blob are each that name's
+    answer alone, the damaged chunk marked lost after the snapshot (a write)."""
+    link = Link()
+    service = StorageService(store, link)
+    put_file(store, "small", b"tiny", commit="c1")
+    put_file(store, "smell", b"smelly", commit="c2")
+    medium = content(4, 100_000)  # one chunk over SMALL_CHUNK_MAX: a blob, still inline
+    put_file(store, "medium", medium, chunk_size=100_000, commit="c3")
+    lost = content(5, 90_000)
+    put_file(store, "lost", lost, chunk_size=90_000, commit="c4")
+    put_file(store, "big", content(3, 2 * CHUNK), commit="c5")
+    store.meta._execute("UPDATE chunks SET data = ? WHERE digest = ?", (b"smelly!", h(b"smelly")))
+    os.unlink(os.path.join(store.chunks.root, h(lost).hex()[:2], h(lost).hex()))
+    snapshots, queries = [], []
+    real_snapshot, real_execute = store.meta.snapshot, store.meta._execute
+    monkeypatch.setattr(store.meta, "snapshot", lambda: snapshots.append(1) or real_snapshot())
+    monkeypatch.setattr(
+        store.meta, "_execute", lambda sql, *a: queries.append(sql) or real_execute(sql, *a)
+    )
+    names = ["big", "gone", "small", "medium", "smell", "lost", "small"]
+    reply = request(service, link, op="get_many", names=names)
+    results = p.read_batch(reply, link.frames[-1], names)
+    errors = [r.get("error") for r, _ in results]
+    assert errors == [None, "not_found", None, None, "integrity", "not_found", None]
+    assert [r.get("inline") for r, _ in results if "error" not in r] == [False, True, True, True]
+    assert bytes(results[2][1]) == b"tiny" == bytes(results[6][1])
+    assert bytes(results[3][1]) == medium
+    assert snapshots == [1]
+    reads = [q for q in queries if q.lstrip().upper().startswith("SELECT")]
+    # the names, the small chunks; then read_chunk's row for each of the three read apart
+    assert len(reads) == 2 + 3, reads
+    assert store.meta.chunk(h(b"smelly")).lost and store.meta.chunk(h(lost)).lost
+    assert not store.meta.in_transaction
+
+
 @pytest.mark.parametrize("store_digest", p.DIGEST_FUNCTIONS)
 def test_chunk_reads_from_s3_in_one_drain_go_side_by_side_and_none_unverified(
     tmp_path, request, monkeypatch

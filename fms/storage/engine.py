@@ -23,7 +23,15 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
 from .. import wire as p
-from ..errors import BadRequest, FmsError, IntegrityError, MissingChunks, NoSpace, NotFound
+from ..errors import (
+    BadRequest,
+    FmsError,
+    IntegrityError,
+    MissingChunks,
+    NoSpace,
+    NotFound,
+    RemoteError,
+)
 from ..policy import Scans
 from .chunks.base import ChunkBackend
 from .chunks.localdir import LocalDirChunks
@@ -79,6 +87,44 @@ class Store:
         if found is None:
             raise NotFound(f"{name!r} not found; see what is stored with: ls")
         return found
+
+    def read_many(
+        self, names: Sequence[str]
+    ) -> builtins.list[tuple[Version, bytearray | None] | RemoteError]:
+        """For each of ``names``, its live version and, for a small file, its content as a
+        data frame (what :func:`~fms.wire.travels_inline` sends with the manifest), or the
+        error for that name alone (not found, its chunk lost or damaged; any other failure
+        is the batch's, raised).
+
+        The versions and the small chunks are read in one snapshot, a query for each (not two
+        per name); the chunks are verified after it.  A chunk that is a blob, or whose bytes
+        do not match, is read again the careful way (:meth:`read_chunk`: a damaged one is
+        marked lost, which takes a write transaction, so never inside the snapshot).
+        """
+        with self.meta.snapshot():
+            versions = self.meta.get_many(names)
+            small = self.meta.small_chunks(
+                v.chunks[0] for v in versions.values() if _inline(v) and v.chunks
+            )
+        results: builtins.list[tuple[Version, bytearray | None] | RemoteError] = []
+        for name in names:
+            version = versions.get(name)
+            if version is None:
+                results.append(NotFound(f"{name!r} not found; see what is stored with: ls"))
+                continue
+            if not _inline(version) or not version.chunks:
+                results.append((version, None))
+                continue
+            digest = version.chunks[0]
+            data = small.get(digest)
+            try:
+                if data is not None and self.hash(data) == digest:
+                    results.append((version, p.pack_data(data)))
+                else:
+                    results.append((version, self.read_chunk(digest)))
+            except RemoteError as exc:
+                results.append(exc)
+        return results
 
     def read_list(self, ident: bytes) -> bytes:
         """A page or a body by its id, verified against it.
@@ -648,3 +694,8 @@ def _tie(engine: MetaEngine, backend: ChunkBackend, chunks_where: str, meta_wher
             f"--chunks at the same store (mixing two would let gc delete the other "
             f"store's chunks)"
         )
+
+
+def _inline(version: Version) -> bool:
+    """Whether a version's content travels with its manifest (one small chunk)."""
+    return bool(version.chunks) and p.travels_inline(version.size, version.count)

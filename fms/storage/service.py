@@ -279,15 +279,25 @@ class StorageService:
 
     def op_get_many(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
         """Many names in one message (fms.wire.batch): what the cache asks for its misses."""
-        batch = p.BatchReply()
-        for name in p.need_names(header):
+        names = p.need_names(header)
+        # per name: its refusal, or None (allowed: read below, the batch in one snapshot)
+        refused: list[RemoteError | None] = []
+        for name in names:
             try:
                 policy.check(route["who"], "get_many", name)
-                version = self.store.version(name)
-                frame = _inline_frame(self.store, version)
-            except RemoteError as exc:  # this name's failure, not the batch's
-                batch.error(exc.code, str(exc))
+                refused.append(None)
+            except RemoteError as exc:
+                refused.append(exc)
+        read = iter(
+            self.store.read_many([n for n, r in zip(names, refused, strict=True) if r is None])
+        )
+        batch = p.BatchReply()
+        for refusal in refused:
+            result = refusal if refusal is not None else next(read)
+            if isinstance(result, RemoteError):  # this name's failure, not the batch's
+                batch.error(result.code, str(result))
                 continue
+            version, frame = result
             batch.manifest(
                 version.manifest(self.store.digest_fn),
                 p.unpack_data(frame) if frame is not None else None,

@@ -81,6 +81,12 @@ class MetaEngine(AccessMeta, ABC):
     def get(self, name: str, lists: bool = True) -> Version | None:
         """The live version of ``name`` with what it lists (``lists``), or None."""
 
+    def get_many(self, names: Iterable[str]) -> dict[str, Version]:
+        """The live versions, with what they list, of those of ``names`` that have one, by
+        name (an engine reads them in one query where it can)."""
+        found = {name: self.get(name) for name in names}
+        return {name: version for name, version in found.items() if version is not None}
+
     @abstractmethod
     def list(self, prefix: str, after: str, limit: int) -> builtins.list[Version]:
         """Up to ``limit`` live versions whose name starts with ``prefix`` and sorts after
@@ -163,6 +169,12 @@ class MetaEngine(AccessMeta, ABC):
     def mark_lost(self, digest: Digest) -> None:
         """The chunk's bytes were found gone or damaged: until they are claimed again, ``known``
         does not report it, so the next upload of a file that lists it sends it (and heals it)."""
+
+    def small_chunks(self, digests: Iterable[Digest]) -> dict[Digest, bytes]:
+        """The bytes of those of ``digests`` kept in the engine (small chunks), by digest, as
+        stored (unverified); a blob's digest is not in it."""
+        rows = (self.chunk(digest) for digest in set(digests))
+        return {row.digest: row.data for row in rows if row is not None and row.data is not None}
 
     @abstractmethod
     def chunk_rows(self, digests: Iterable[Digest]) -> dict[Digest, ChunkRow]:

@@ -663,6 +663,18 @@ class SQLMeta(AccessSQL, MetaEngine):
         row = self._one(f"SELECT {columns} FROM names WHERE name = ? AND deleted = 0", (name,))
         return _version(row, lists=lists) if row else None
 
+    def get_many(self, names: Iterable[str]) -> dict[str, Version]:
+        out: dict[str, Version] = {}
+        for part in _batches(sorted(set(names))):
+            for row in self._all(
+                f"SELECT {_ROW_COLUMNS} FROM names "
+                f"WHERE name IN ({_marks(len(part))}) AND deleted = 0",
+                part,
+            ):
+                version = _version(row)
+                out[version.name] = version
+        return out
+
     def list(self, prefix: str, after: str, limit: int) -> builtins.list[Version]:
         where, args = _under(prefix, max(prefix, after))
         sql = f"SELECT {_STAT_COLUMNS} FROM names WHERE {where} AND name != ?"
@@ -1246,6 +1258,17 @@ class SQLMeta(AccessSQL, MetaEngine):
             ):
                 chunk = _chunk(row)
                 out[chunk.digest] = chunk
+        return out
+
+    def small_chunks(self, digests: Iterable[Digest]) -> dict[Digest, bytes]:
+        out: dict[Digest, bytes] = {}
+        for part in _batches(sorted(set(digests))):
+            for digest, data in self._all(
+                f"SELECT digest, data FROM chunks "
+                f"WHERE digest IN ({_marks(len(part))}) AND data IS NOT NULL",
+                part,
+            ):
+                out[bytes(digest)] = bytes(data)
         return out
 
     def claim_chunk(self, digest: Digest, size: int, now: float, data: bytes | None = None) -> bool:
