@@ -445,40 +445,56 @@ def _get_tree(args: Namespace, client: Client) -> None:
 RANGE_PIECE = 1 * p.MiB  # bytes a ranged get reads and writes at a time
 
 
-def _copy_range(src: RemoteFile, start: int, end: int | None, out: BinaryIO) -> tuple[int, int]:
-    """Bytes ``start`` to ``end`` (None: the end; ``start`` < 0: the last -start bytes, as
-    HTTP's suffix range) of the open remote file ``src`` to the stream ``out``; only the
-    chunks that hold them are fetched.  :return: (first byte, byte after the last)."""
+def _range_of(src: RemoteFile, start: int, end: int | None) -> tuple[int, int]:
+    """``--range``'s bytes ``start`` to ``end`` (None: the end; ``start`` < 0: the last -start
+    bytes, as HTTP's suffix range) of the open remote file ``src``, as (first byte, byte after
+    the last).
+
+    :raises FmsError: ``start`` is past the end of the file (HTTP's 416)."""
     if start < 0:
         start = max(0, src.size + start)
+    elif start >= src.size:  # nothing of the file is in the range
+        raise FmsError(
+            f"--range starts at byte {start:,}, past the end of {shown(src.name)} "
+            f"({src.size:,} bytes: 0-{src.size - 1:,})"
+            if src.size
+            else f"--range starts at byte {start:,}, but {shown(src.name)} is empty"
+        )
     end = src.size if end is None else min(end, src.size)
+    return start, max(start, end)
+
+
+def _copy_range(src: RemoteFile, start: int, end: int, out: BinaryIO) -> None:
+    """Bytes ``start`` up to ``end`` (from :func:`_range_of`) of the open remote file ``src``
+    to the stream ``out``; only the chunks that hold them are fetched."""
     src.seek(start)
-    left = max(0, end - start)
+    left = end - start
     while left:
         piece = src.read(min(left, RANGE_PIECE))
         if not piece:
             break
         out.write(piece)
         left -= len(piece)
-    return start, max(start, end)
 
 
 def _get_range(args: Namespace, client: Client, name: str, dest: str | None) -> None:
-    """``get NAME [DEST] --range RANGE``: to stdout (``dest`` None) or to a file written whole
-    or not at all."""
-    from ..client.download import atomic_file
+    """``get NAME [DEST] --range RANGE``: to stdout (``dest`` None), into a destination that is
+    not a regular file (a pipe, a device), or to a file written whole or not at all."""
+    from ..client.download import atomic_file, destination, in_place
 
     if args.version_number is not None:
         raise FmsError("--range reads the current version: give --version without it")
-    first, last = args.range
     with client.open(name) as src:
+        start, end = _range_of(src, *args.range)
         if dest is None:
-            _copy_range(src, first, last, sys.stdout.buffer)
+            _copy_range(src, start, end, sys.stdout.buffer)
             sys.stdout.buffer.flush()
             return
-        with atomic_file(dest, src.manifest) as out:
-            start, end = _copy_range(src, first, last, out)
-    say(args, f"downloaded bytes {start}-{end - 1} of {shown(name)} to {dest}")
+        path, stream = destination(dest)
+        with in_place(path) if stream else atomic_file(path, src.manifest) as out:
+            _copy_range(src, start, end, out)
+    what = f"bytes {start}-{end - 1}" if end > start else "no bytes (it is empty)"
+    say(args, f"downloaded {what} of {shown(name)} to {dest}")
 
 
 def _to_stdout(args: Namespace, client: Client, name: str) -> None:

@@ -1,0 +1,118 @@
+"""The command line as a new user meets it (issue 26, an audit of its items): downloads to
+/dev/stdout and pipes, --range past the end, --version numbering, sync into a folder that is not
+there yet, "1 file", keygen's advice and --json, and a file asked for as a folder."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, random_bytes
+from harness import CLI_TIMEOUT
+
+
+def one_line_error(got, status: int = 1) -> str:
+    """The stderr of a command that must fail cleanly: ``status``, no traceback, and (exit 1)
+    one line."""
+    err = got.stderr.decode()
+    assert got.returncode == status, err
+    assert "Traceback" not in err, err
+    if status == 1:
+        assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
+@pytest.fixture
+def stored(shared_cluster, prefix):
+    """A small file (one message) and a 3-chunk file under ``prefix``."""
+    data = {"small": b"hello\n", "big": random_bytes(2 * 1024 * 1024 + 5, seed=26)}
+    with shared_cluster.client() as c:
+        for name, content in data.items():
+            c.put_bytes(content, prefix + name)
+    return data
+
+
+def fms_argv(cluster, *args) -> list:
+    return [sys.executable, os.path.join(ROOT, "client.py"), "--broker", cluster.frontend, *args]
+
+
+# --- get to /dev/stdout, /dev/fd/N and pipes: written into, never replaced ---
+
+
+@pytest.mark.parametrize("name", ["small", "big"])
+@pytest.mark.parametrize("dest", ["/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"])
+def test_get_to_dev_stdout_when_stdout_is_a_pipe(shared_cluster, prefix, stored, name, dest):
+    got = shared_cluster.cli("get", prefix + name, dest)  # stdout: a pipe to this test
+    assert got.returncode == 0, got.stderr
+    assert "Traceback" not in got.stderr.decode()
+    assert got.stdout == stored[name]
+
+
+def test_get_to_dev_stdout_piped_into_cat(shared_cluster, prefix, stored):
+    fms = subprocess.Popen(
+        fms_argv(shared_cluster, "get", f"{prefix}big", "/dev/stdout"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=str(shared_cluster.tmp),
+    )
+    cat = subprocess.Popen(["cat"], stdin=fms.stdout, stdout=subprocess.PIPE)
+    fms.stdout.close()  # cat holds the pipe now
+    try:
+        out, _ = cat.communicate(timeout=CLI_TIMEOUT)
+        err = fms.stderr.read()
+        assert fms.wait(timeout=CLI_TIMEOUT) == 0, err
+    finally:
+        fms.kill()
+        cat.kill()
+    assert out == stored["big"] and b"Traceback" not in err
+
+
+def test_get_to_dev_stdout_appends_to_a_file_the_shell_opened_for_appending(
+    shared_cluster, prefix, stored, tmp_path
+):
+    """`fms get NAME /dev/stdout >> log` writes where the shell's `>>` points, as cat would:
+    the file is neither truncated nor replaced under the shell."""
+    log = tmp_path / "log"
+    log.write_bytes(b"before\n")
+    inode = log.stat().st_ino
+    with open(log, "ab") as out:
+        got = subprocess.run(
+            fms_argv(shared_cluster, "get", f"{prefix}small", "/dev/stdout"),
+            stdout=out,
+            stderr=subprocess.PIPE,
+            timeout=CLI_TIMEOUT,
+        )
+    assert got.returncode == 0, got.stderr
+    assert log.read_bytes() == b"before\n" + stored["small"]
+    assert log.stat().st_ino == inode
+
+
+def test_get_to_a_descriptor_that_is_not_open_is_a_one_line_error(shared_cluster, prefix, stored):
+    err = one_line_error(shared_cluster.cli("get", f"{prefix}small", "/dev/fd/9"))
+    assert "/dev/fd/9" in err
+
+
+def test_a_ranged_get_to_dev_stdout_streams_the_range(shared_cluster, prefix, stored):
+    got = shared_cluster.cli("get", f"{prefix}big", "/dev/stdout", "--range", "1048570-1048590")
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == stored["big"][1048570:1048591]
+
+
+# --- --range past the end: an error, as HTTP's 416 ---
+
+
+@pytest.mark.parametrize("dest", ["out.bin", "-"])
+@pytest.mark.parametrize("start", [6, 7, 10**12])
+def test_a_range_that_starts_past_the_end_is_an_error_and_writes_nothing(
+    shared_cluster, prefix, stored, dest, start
+):
+    got = shared_cluster.cli("get", f"{prefix}small", dest, "--range", f"{start}-")
+    err = one_line_error(got)
+    assert "past the end" in err and "6 bytes" in err
+    assert got.stdout == b""
+    assert not (shared_cluster.tmp / "out.bin").exists()
+
+
+def test_a_range_that_starts_on_the_last_byte_is_that_byte(shared_cluster, prefix, stored):
+    got = shared_cluster.cli("cat", f"{prefix}small", "--range", "5-100")
+    assert got.returncode == 0 and got.stdout == b"\n", got.stderr
