@@ -116,3 +116,22 @@ def test_a_range_that_starts_past_the_end_is_an_error_and_writes_nothing(
 def test_a_range_that_starts_on_the_last_byte_is_that_byte(shared_cluster, prefix, stored):
     got = shared_cluster.cli("cat", f"{prefix}small", "--range", "5-100")
     assert got.returncode == 0 and got.stdout == b"\n", got.stderr
+
+
+# --- --version V: versions are numbered from 1 ---
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "x", "1.5"])
+@pytest.mark.parametrize(
+    "argv", [["get", "n", "out"], ["cat", "n"], ["restore", "n"], ["purge", "n"]]
+)
+def test_version_must_be_1_or_more_a_usage_error(value, argv, tmp_path):
+    got = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "client.py"), *argv, f"--version={value}"],
+        capture_output=True,
+        timeout=CLI_TIMEOUT,
+        cwd=tmp_path,
+    )
+    err = one_line_error(got, status=2)
+    assert "versions are numbered from 1" in err, err
+    assert "out of range" not in err  # said by the parser, not by the server's field check
