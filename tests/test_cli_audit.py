@@ -135,3 +135,34 @@ def test_version_must_be_1_or_more_a_usage_error(value, argv, tmp_path):
     err = one_line_error(got, status=2)
     assert "versions are numbered from 1" in err, err
     assert "out of range" not in err  # said by the parser, not by the server's field check
+
+
+# --- a file asked for as a folder ---
+
+
+@pytest.mark.parametrize(
+    "argv, advice",
+    [
+        (["get", "{p}small/"], "get {p}small"),
+        (["get", "{p}small/", "out"], "get {p}small"),
+        (["get", "-r", "{p}small/", "out"], "get {p}small"),
+        (["cat", "{p}small/"], "cat {p}small"),
+        (["stat", "{p}small/"], "stat {p}small"),
+        (["ls", "{p}small/"], "ls {p}small"),
+        (["ls", "-r", "{p}small/"], "ls {p}small"),
+    ],
+)
+def test_a_file_asked_for_as_a_folder_gets_a_hint(shared_cluster, prefix, stored, argv, advice):
+    err = one_line_error(shared_cluster.cli(*(a.format(p=prefix) for a in argv)))
+    assert f"'{prefix}small' is a file, not a folder; drop the trailing slash" in err, err
+    assert err.rstrip().endswith(advice.format(p=prefix)), err
+
+
+def test_get_r_of_a_file_says_to_drop_r(shared_cluster, prefix, stored):
+    err = one_line_error(shared_cluster.cli("get", "-r", f"{prefix}small", "out"))
+    assert f"'{prefix}small' is a file, not a folder; get it without -r" in err, err
+
+
+def test_a_missing_folder_is_still_not_found(shared_cluster, prefix, stored):
+    err = one_line_error(shared_cluster.cli("get", f"{prefix}nothere/"))
+    assert "no files under" in err and "is a file" not in err

@@ -253,9 +253,12 @@ def print_result(args: Namespace, result: object, text: str) -> None:
         say(args, text)
 
 
-def folder_hint(client: Client, name: str, command: str) -> FmsError | None:
+def folder_hint(
+    client: Client, name: str, command: str, recursive: bool = False
+) -> FmsError | None:
     """If ``name`` is a folder (names are stored under ``name/``): the error saying so and
-    what to run instead; else None."""
+    what to run instead; if it is a file asked for as a folder (``name/``, or ``recursive``:
+    ``get -r``), the error saying that; else None."""
     prefix = name.strip("/") + "/"
     if prefix == "/":
         return None
@@ -264,7 +267,7 @@ def folder_hint(client: Client, name: str, command: str) -> FmsError | None:
     except FmsError:
         return None
     if not held:
-        return None
+        return file_hint(client, name, command) if name.endswith("/") or recursive else None
     folder = prefix.rstrip("/")
     advice = {
         "get": f"get -r {folder} DESTDIR",
@@ -276,7 +279,22 @@ def folder_hint(client: Client, name: str, command: str) -> FmsError | None:
         "versions": f"ls -r {folder}/",
         "restore": f"ls -r {folder}/",
     }.get(command, f"ls {folder}/")
-    return NotFound(f"{folder!r} is a folder ({held:,} files under {prefix}); use: {advice}")
+    return NotFound(f"{folder!r} is a folder ({files(held)} under {prefix}); use: {advice}")
+
+
+def file_hint(client: Client, name: str, command: str) -> FmsError | None:
+    """If ``name`` (``file/``, or the name of ``get -r``) names a stored file, not a folder:
+    the error saying so and what to run instead; else None."""
+    file = name.rstrip("/")
+    if not file:
+        return None
+    try:
+        client.stat(file)
+    except FmsError:
+        return None
+    if command == "get" and not name.endswith("/"):
+        return NotFound(f"{file!r} is a file, not a folder; get it without -r: get {file}")
+    return NotFound(f"{file!r} is a file, not a folder; drop the trailing slash: {command} {file}")
 
 
 @contextlib.contextmanager
@@ -414,7 +432,7 @@ def _get_tree(args: Namespace, client: Client) -> None:
     if not entries:
         if wanted is not None:
             raise NotFound(f"no files under {args.name!r} that the filters let through")
-        raise folder_hint(client, args.name, "get") or NotFound(
+        raise folder_hint(client, args.name, "get", recursive=True) or NotFound(
             f"not found: no files under {args.name!r}; list names with: ls"
         )
     items = [(e["name"], dest) for e, dest in entries]
@@ -530,6 +548,9 @@ def cmd_ls(args: Namespace) -> None:
         )
         first = next(entries, None)
         if first is None and args.prefix:
+            hint = file_hint(client, args.prefix, "ls") if args.prefix.endswith("/") else None
+            if hint is not None:
+                raise hint
             parent = os.path.dirname(args.prefix.rstrip("/"))
             raise NotFound(
                 f"nothing is stored under {args.prefix!r}; see what is with: ls"
