@@ -2,6 +2,7 @@
 /dev/stdout and pipes, --range past the end, --version numbering, sync into a folder that is not
 there yet, "1 file", keygen's advice and --json, and a file asked for as a folder."""
 
+import json
 import os
 import subprocess
 import sys
@@ -135,6 +136,56 @@ def test_version_must_be_1_or_more_a_usage_error(value, argv, tmp_path):
     err = one_line_error(got, status=2)
     assert "versions are numbered from 1" in err, err
     assert "out of range" not in err  # said by the parser, not by the server's field check
+
+
+# --- keygen: advice that names the folders as the docs do, and --json ---
+
+
+def run_keygen(tmp_path, *args):
+    return subprocess.run(
+        [sys.executable, "-m", "fms", "keygen", str(tmp_path / "keys"), *args],
+        capture_output=True,
+        timeout=CLI_TIMEOUT,
+        cwd=ROOT,
+    )
+
+
+def test_keygen_says_where_a_worker_key_goes_and_never_into_allow(tmp_path):
+    got = run_keygen(tmp_path, "storage-a")
+    assert got.returncode == 0, got.stderr
+    out = got.stdout.decode()
+    (worker,) = [line for line in out.splitlines() if line.strip().startswith("a worker's")]
+    assert "--allow-workers folder (allow-workers/)" in worker and "--allow " not in worker, out
+    for line in out.splitlines():  # the clients' folder, named only to keep workers out of it
+        if "--allow " in line and "worker" in line:
+            assert "a worker's key never goes there" in line, line
+    assert "fms id add storage-a --key storage-a.key" in out
+    # the clients' folder, where it is named, by the name the docs give it
+    assert "--allow folder (allow-clients/)" in out and "allow/" not in out
+
+
+def test_keygen_json(tmp_path):
+    got = run_keygen(tmp_path, "alice", "--json")
+    assert got.returncode == 0, got.stderr
+    out = json.loads(got.stdout)
+    assert out == {
+        "public": str(tmp_path / "keys" / "alice.key"),
+        "secret": str(tmp_path / "keys" / "alice.key_secret"),
+    }
+    assert os.path.exists(out["public"]) and oct(os.stat(out["secret"]).st_mode & 0o777) == "0o600"
+
+
+def test_fms_up_names_the_clients_folder_as_the_docs_do(tmp_path):
+    """cluster_keys (fms up --curve) keeps its clients' keys in allow-clients/, and renames the
+    `allow` folder an older fms made."""
+    from fms.security import cluster_keys
+
+    keys = tmp_path / "keys"
+    (keys / "allow").mkdir(parents=True)
+    server, _workers, _client = cluster_keys(str(keys), client=True)
+    assert sorted(os.listdir(keys / "allow-clients")) == ["client.key"]
+    assert not (keys / "allow").exists()
+    assert server[server.index("--allow") + 1] == str(keys / "allow-clients")
 
 
 # --- a file asked for as a folder ---

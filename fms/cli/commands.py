@@ -786,16 +786,36 @@ def cmd_keygen(args: Namespace) -> None:
     from ..security import keygen
 
     public, secret = keygen(args.dir, args.name)
+    if args.json:
+        print(json.dumps({"public": public, "secret": secret}, indent=1))
+        return
+    base = os.path.basename(public)
     print(
-        f"wrote {public} (public: the broker's operator puts it in the broker's --allow "
-        f"folder if this is a client's key, in --allow-workers if a worker's)\n"
-        f"wrote {secret} (secret, mode 0600: keep it on this machine only)"
+        f"wrote {public} (public: give it to the broker's operator, who lets it in)\n"
+        f"wrote {secret} (secret, mode 0600: keep it on this machine only)\n"
+        f"the broker's operator lets the public key in:\n"
+        f"  a user's: as an identity, with its own grants: fms id add {args.name} --key {base}\n"
+        f"  a worker's (storage, cache): copied into the broker's {ALLOW_WORKERS} folder "
+        f"({ALLOW_WORKERS_DIR}/)\n"
+        f"  (a key copied into the broker's {ALLOW_CLIENTS} folder ({ALLOW_CLIENTS_DIR}/) may "
+        f"do everything, as an admin; a worker's key never goes there)"
     )
+
+
+# The broker's two allow folders: its options, and the folders' names in docs/SECURITY.md and
+# docs/SEVERAL-MACHINES.md, and in DATA/keys/ of `fms up --curve` (fms.security.cluster_keys)
+ALLOW_CLIENTS, ALLOW_CLIENTS_DIR = "--allow", "allow-clients"
+ALLOW_WORKERS, ALLOW_WORKERS_DIR = "--allow-workers", "allow-workers"
+
+
+def count(n: int, one: str, many: str | None = None) -> str:
+    """``n`` things, singular or plural: ``"1 chunk"``, ``"2,048 chunks"``."""
+    return f"{n:,} {one}" if n == 1 else f"{n:,} {many or one + 's'}"
 
 
 def files(n: int) -> str:
     """``"1 file"``, ``"2,048 files"``."""
-    return f"{n:,} file" if n == 1 else f"{n:,} files"
+    return count(n, "file")
 
 
 def human(n: float) -> str:

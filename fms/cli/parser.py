@@ -737,6 +737,7 @@ def _mount(cmd: argparse.ArgumentParser) -> None:
 def _keygen(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("dir", metavar="DIR")
     cmd.add_argument("name", metavar="NAME")
+    _json(cmd, 'print the paths written as JSON: {"public": ..., "secret": ...}')
 
 
 # --- users and permissions (fms.policy; handlers in admin.py) ---
