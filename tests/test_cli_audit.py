@@ -138,6 +138,100 @@ def test_version_must_be_1_or_more_a_usage_error(value, argv, tmp_path):
     assert "out of range" not in err  # said by the parser, not by the server's field check
 
 
+# --- sync into a folder that is not there yet ---
+
+
+def test_sync_into_a_folder_that_does_not_exist_makes_it_and_says_1_file(
+    shared_cluster, prefix, tmp_path
+):
+    with shared_cluster.client() as c:
+        c.put_bytes(b"one", f"{prefix}s/a.txt")
+    dest = tmp_path / "new" / "deeper"
+    got = shared_cluster.cli("sync", f"fms:{prefix}s/", str(dest))
+    assert got.returncode == 0, got.stderr
+    out, err = got.stdout.decode(), got.stderr.decode()
+    assert f"send  {prefix}s/a.txt -> {dest / 'a.txt'}" in out
+    assert "sync: sent 1 file (3 B), 0 unchanged" in err and "1 files" not in err
+    assert (dest / "a.txt").read_bytes() == b"one"
+    again = shared_cluster.cli("sync", f"fms:{prefix}s/", str(dest))
+    assert "sent 0 files (0 B), 1 unchanged" in again.stderr.decode()
+
+
+def test_sync_of_an_empty_source_still_makes_the_destination_folder(
+    shared_cluster, prefix, tmp_path
+):
+    dest = tmp_path / "mirror"
+    got = shared_cluster.cli("sync", f"fms:{prefix}nothing/", str(dest))
+    assert got.returncode == 0, got.stderr
+    assert dest.is_dir() and not any(dest.iterdir())
+
+
+def test_a_dry_run_sync_makes_no_folder(shared_cluster, prefix, tmp_path):
+    with shared_cluster.client() as c:
+        c.put_bytes(b"one", f"{prefix}s/a.txt")
+    dest = tmp_path / "new"
+    got = shared_cluster.cli("sync", f"fms:{prefix}s/", str(dest), "--dry-run")
+    assert got.returncode == 0 and b"would send" in got.stdout, got.stderr
+    assert not dest.exists()
+
+
+def test_sync_into_a_path_under_a_file_is_a_one_line_error(shared_cluster, prefix, tmp_path):
+    with shared_cluster.client() as c:
+        c.put_bytes(b"one", f"{prefix}s/a.txt")
+    (tmp_path / "file").write_bytes(b"mine")
+    err = one_line_error(shared_cluster.cli("sync", f"fms:{prefix}s/", str(tmp_path / "file/x")))
+    assert "nothing was changed" in err
+    assert (tmp_path / "file").read_bytes() == b"mine"
+
+
+# --- "1 file", not "1 files" ---
+
+
+def test_counts_of_one_are_singular(shared_cluster, prefix, tmp_path):
+    with shared_cluster.client() as c:
+        c.put_bytes(b"x", f"{prefix}one/a")
+    said = []
+    for argv in (
+        ["get", "-r", f"{prefix}one", str(tmp_path / "got")],
+        ["du", f"{prefix}one"],
+        ["rm", "-r", f"{prefix}one/", "--dry-run"],
+        ["sync", str(tmp_path / "got"), f"fms:{prefix}two/"],
+        ["cp", "-r", f"{prefix}one/", f"{prefix}three/"],
+    ):
+        got = shared_cluster.cli(*argv)
+        assert got.returncode == 0, (argv, got.stderr)
+        said.append(got.stdout.decode() + got.stderr.decode())
+    text = "\n".join(said)
+    assert "1 files" not in text, text
+    assert text.count("1 file") >= 5, text
+    # the question --delete asks when the source holds nothing names the one file
+    err = one_line_error(
+        shared_cluster.cli("sync", f"fms:{prefix}none/", str(tmp_path / "got"), "--delete")
+    )
+    assert "would remove the 1 file from" in err, err
+
+
+def test_fsck_and_gc_count_one_in_the_singular(cluster):
+    with cluster.client() as c:
+        c.put_bytes(b"x" * 100_000, "only")
+    fsck = cluster.cli("fsck")
+    assert fsck.returncode == 0, fsck.stderr
+    assert b"fsck: 1 file, 1 chunk " in fsck.stdout and b"0 orphan chunks" in fsck.stdout
+    assert b"0 reference counts wrong" in fsck.stdout
+    with cluster.client() as c:
+        c.rm("only")
+    gc = cluster.cli("gc", "--grace", "0")
+    assert gc.returncode == 0 and b"gc: freed 1 chunk, " in gc.stdout, gc
+    assert b"(1 orphan)" in gc.stdout or b"(0 orphans)" in gc.stdout, gc
+
+
+def test_count_helper():
+    from fms.cli.commands import count, files
+
+    assert [files(0), files(1), files(2048)] == ["0 files", "1 file", "2,048 files"]
+    assert count(1, "try", "tries") == "1 try" and count(3, "try", "tries") == "3 tries"
+
+
 # --- keygen: advice that names the folders as the docs do, and --json ---
 
 

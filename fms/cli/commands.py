@@ -598,7 +598,10 @@ def cmd_du(args: Namespace) -> None:
         print(json.dumps({"prefix": folder, **du}))
         return
     size = human(du["bytes"]) if args.human else f"{du['bytes']:,}"
-    print(f"{du['files']:>10,} files  {size:>14}  {shown(folder) or '(all)'}")
+    print(
+        f"{du['files']:>10,} {'file ' if du['files'] == 1 else 'files'}  {size:>14}  "
+        f"{shown(folder) or '(all)'}"
+    )
 
 
 def cmd_find(args: Namespace) -> None:
@@ -664,9 +667,9 @@ def cmd_gc(args: Namespace) -> None:
         return
     verb = "would free" if args.dry_run else "freed"
     print(
-        f"gc: {verb} {freed['chunks']:,} chunks, {human(freed['bytes'])} "
-        f"({freed['orphans']:,} orphans); dropped {freed['pruned']:,} old tombstones "
-        f"and commit ids"
+        f"gc: {verb} {count(freed['chunks'], 'chunk')}, {human(freed['bytes'])} "
+        f"({count(freed['orphans'], 'orphan')}); dropped {freed['pruned']:,} old "
+        f"tombstones and commit ids"
     )
 
 
@@ -708,10 +711,10 @@ def cmd_fsck(args: Namespace) -> int:
         print(json.dumps({**totals, "ok": not bad}, indent=1))
     else:
         print(
-            f"fsck: {totals['names']:,} files, {totals['chunks']:,} chunks "
+            f"fsck: {files(totals['names'])}, {count(totals['chunks'], 'chunk')} "
             f"({human(totals['bytes'])}) checked; {len(totals['damaged'])} damaged or missing; "
-            f"{totals['orphans']:,} orphan chunks (collected by gc after the grace period); "
-            f"{totals['refcount_errors']} reference counts wrong"
+            f"{count(totals['orphans'], 'orphan chunk')} (collected by gc after the grace "
+            f"period); {count(totals['refcount_errors'], 'reference count')} wrong"
         )
         if bad:
             print(
