@@ -349,15 +349,19 @@ def client_keys(secret_file: str | None, server_key_file: str | None) -> CurveCl
 
 def cluster_keys(folder: str, client: bool = True) -> tuple:
     """Keys for a one-machine cluster in ``folder``, made once and reused: the broker's, one
-    shared by the workers, and (``client``) one for clients; ``folder/allow`` holds the client's
-    public key (a key there may do everything: users are better given identities, see
-    fms.policy), ``folder/allow-workers`` the workers'.
+    shared by the workers, and (``client``) one for clients; ``folder/allow-clients`` holds the
+    client's public key (a key there may do everything: users are better given identities, see
+    fms.policy), ``folder/allow-workers`` the workers' (the two folders' names as the docs and
+    ``fms keygen`` call them; ``folder/allow``, as an older fms named the first, is renamed).
 
     :return: ``(broker args, worker args, (client secret file or None, broker public key
         file))``.
     """
-    allow = os.path.join(folder, "allow")
+    allow = os.path.join(folder, "allow-clients")
     allow_workers = os.path.join(folder, "allow-workers")
+    older = os.path.join(folder, "allow")
+    if os.path.isdir(older) and not os.path.lexists(allow):
+        os.rename(older, allow)
     os.makedirs(allow, exist_ok=True)
     os.makedirs(allow_workers, exist_ok=True)
     # Keys made by an older fms kept the worker's key among the clients': not any more.

@@ -178,4 +178,4 @@ def test_kill_of_a_host_mid_upload_costs_a_retry_and_gc_and_fsck_span_hosts(host
     gc_out = hosts.cli("gc", "--grace", "0")
     assert gc_out.returncode == 0 and b"freed 20 chunks" in gc_out.stdout, gc_out
     fsck = hosts.cli("fsck")
-    assert fsck.returncode == 0 and b"1 files" in fsck.stdout, fsck
+    assert fsck.returncode == 0 and b"fsck: 1 file," in fsck.stdout, fsck

@@ -70,7 +70,7 @@ class Machine:
 
         def ready() -> bool:
             said = self.up_log.read_bytes()[offset:].decode("utf-8", "replace")
-            workers = re.search(r"(\d+) cache and (\d+) storage workers", said)
+            workers = re.search(r"(\d+) cache workers? and (\d+) storage workers?", said)
             return self.up.poll() is not None or (
                 workers is not None
                 and "Ctrl-C stops all" in said

@@ -368,7 +368,7 @@ def test_fms_up_makes_and_uses_its_own_keys(tmp_path):
             assert c.get_bytes("hi") == b"hi"
             assert c.whoami()["identity"] == "admin"
         assert stat.S_IMODE(os.stat(admin_key).st_mode) == 0o600
-        assert os.listdir(keys / "allow") == []  # clients are identities now
+        assert os.listdir(keys / "allow-clients") == []  # clients are identities now
         assert os.listdir(keys / "allow-workers") == ["worker.key"]
         assert f"has the key {admin_key}" in (tmp_path / "up.log").read_text()
         with pytest.raises(fms.TransportError, match="requires encryption"):

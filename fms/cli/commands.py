@@ -253,9 +253,12 @@ def print_result(args: Namespace, result: object, text: str) -> None:
         say(args, text)
 
 
-def folder_hint(client: Client, name: str, command: str) -> FmsError | None:
+def folder_hint(
+    client: Client, name: str, command: str, recursive: bool = False
+) -> FmsError | None:
     """If ``name`` is a folder (names are stored under ``name/``): the error saying so and
-    what to run instead; else None."""
+    what to run instead; if it is a file asked for as a folder (``name/``, or ``recursive``:
+    ``get -r``), the error saying that; else None."""
     prefix = name.strip("/") + "/"
     if prefix == "/":
         return None
@@ -264,7 +267,7 @@ def folder_hint(client: Client, name: str, command: str) -> FmsError | None:
     except FmsError:
         return None
     if not held:
-        return None
+        return file_hint(client, name, command) if name.endswith("/") or recursive else None
     folder = prefix.rstrip("/")
     advice = {
         "get": f"get -r {folder} DESTDIR",
@@ -276,7 +279,22 @@ def folder_hint(client: Client, name: str, command: str) -> FmsError | None:
         "versions": f"ls -r {folder}/",
         "restore": f"ls -r {folder}/",
     }.get(command, f"ls {folder}/")
-    return NotFound(f"{folder!r} is a folder ({held:,} files under {prefix}); use: {advice}")
+    return NotFound(f"{folder!r} is a folder ({files(held)} under {prefix}); use: {advice}")
+
+
+def file_hint(client: Client, name: str, command: str) -> FmsError | None:
+    """If ``name`` (``file/``, or the name of ``get -r``) names a stored file, not a folder:
+    the error saying so and what to run instead; else None."""
+    file = name.rstrip("/")
+    if not file:
+        return None
+    try:
+        client.stat(file)
+    except FmsError:
+        return None
+    if command == "get" and not name.endswith("/"):
+        return NotFound(f"{file!r} is a file, not a folder; get it without -r: get {file}")
+    return NotFound(f"{file!r} is a file, not a folder; drop the trailing slash: {command} {file}")
 
 
 @contextlib.contextmanager
@@ -414,7 +432,7 @@ def _get_tree(args: Namespace, client: Client) -> None:
     if not entries:
         if wanted is not None:
             raise NotFound(f"no files under {args.name!r} that the filters let through")
-        raise folder_hint(client, args.name, "get") or NotFound(
+        raise folder_hint(client, args.name, "get", recursive=True) or NotFound(
             f"not found: no files under {args.name!r}; list names with: ls"
         )
     items = [(e["name"], dest) for e, dest in entries]
@@ -445,40 +463,56 @@ def _get_tree(args: Namespace, client: Client) -> None:
 RANGE_PIECE = 1 * p.MiB  # bytes a ranged get reads and writes at a time
 
 
-def _copy_range(src: RemoteFile, start: int, end: int | None, out: BinaryIO) -> tuple[int, int]:
-    """Bytes ``start`` to ``end`` (None: the end; ``start`` < 0: the last -start bytes, as
-    HTTP's suffix range) of the open remote file ``src`` to the stream ``out``; only the
-    chunks that hold them are fetched.  :return: (first byte, byte after the last)."""
+def _range_of(src: RemoteFile, start: int, end: int | None) -> tuple[int, int]:
+    """``--range``'s bytes ``start`` to ``end`` (None: the end; ``start`` < 0: the last -start
+    bytes, as HTTP's suffix range) of the open remote file ``src``, as (first byte, byte after
+    the last).
+
+    :raises FmsError: ``start`` is past the end of the file (HTTP's 416)."""
     if start < 0:
         start = max(0, src.size + start)
+    elif start >= src.size:  # nothing of the file is in the range
+        raise FmsError(
+            f"--range starts at byte {start:,}, past the end of {shown(src.name)} "
+            f"({src.size:,} bytes: 0-{src.size - 1:,})"
+            if src.size
+            else f"--range starts at byte {start:,}, but {shown(src.name)} is empty"
+        )
     end = src.size if end is None else min(end, src.size)
+    return start, max(start, end)
+
+
+def _copy_range(src: RemoteFile, start: int, end: int, out: BinaryIO) -> None:
+    """Bytes ``start`` up to ``end`` (from :func:`_range_of`) of the open remote file ``src``
+    to the stream ``out``; only the chunks that hold them are fetched."""
     src.seek(start)
-    left = max(0, end - start)
+    left = end - start
     while left:
         piece = src.read(min(left, RANGE_PIECE))
         if not piece:
             break
         out.write(piece)
         left -= len(piece)
-    return start, max(start, end)
 
 
 def _get_range(args: Namespace, client: Client, name: str, dest: str | None) -> None:
-    """``get NAME [DEST] --range RANGE``: to stdout (``dest`` None) or to a file written whole
-    or not at all."""
-    from ..client.download import atomic_file
+    """``get NAME [DEST] --range RANGE``: to stdout (``dest`` None), into a destination that is
+    not a regular file (a pipe, a device), or to a file written whole or not at all."""
+    from ..client.download import atomic_file, destination, in_place
 
     if args.version_number is not None:
         raise FmsError("--range reads the current version: give --version without it")
-    first, last = args.range
     with client.open(name) as src:
+        start, end = _range_of(src, *args.range)
         if dest is None:
-            _copy_range(src, first, last, sys.stdout.buffer)
+            _copy_range(src, start, end, sys.stdout.buffer)
             sys.stdout.buffer.flush()
             return
-        with atomic_file(dest, src.manifest) as out:
-            start, end = _copy_range(src, first, last, out)
-    say(args, f"downloaded bytes {start}-{end - 1} of {shown(name)} to {dest}")
+        path, stream = destination(dest)
+        with in_place(path) if stream else atomic_file(path, src.manifest) as out:
+            _copy_range(src, start, end, out)
+    what = f"bytes {start}-{end - 1}" if end > start else "no bytes (it is empty)"
+    say(args, f"downloaded {what} of {shown(name)} to {dest}")
 
 
 def _to_stdout(args: Namespace, client: Client, name: str) -> None:
@@ -514,6 +548,9 @@ def cmd_ls(args: Namespace) -> None:
         )
         first = next(entries, None)
         if first is None and args.prefix:
+            hint = file_hint(client, args.prefix, "ls") if args.prefix.endswith("/") else None
+            if hint is not None:
+                raise hint
             parent = os.path.dirname(args.prefix.rstrip("/"))
             raise NotFound(
                 f"nothing is stored under {args.prefix!r}; see what is with: ls"
@@ -561,7 +598,10 @@ def cmd_du(args: Namespace) -> None:
         print(json.dumps({"prefix": folder, **du}))
         return
     size = human(du["bytes"]) if args.human else f"{du['bytes']:,}"
-    print(f"{du['files']:>10,} files  {size:>14}  {shown(folder) or '(all)'}")
+    print(
+        f"{du['files']:>10,} {'file ' if du['files'] == 1 else 'files'}  {size:>14}  "
+        f"{shown(folder) or '(all)'}"
+    )
 
 
 def cmd_find(args: Namespace) -> None:
@@ -627,9 +667,9 @@ def cmd_gc(args: Namespace) -> None:
         return
     verb = "would free" if args.dry_run else "freed"
     print(
-        f"gc: {verb} {freed['chunks']:,} chunks, {human(freed['bytes'])} "
-        f"({freed['orphans']:,} orphans); dropped {freed['pruned']:,} old tombstones "
-        f"and commit ids"
+        f"gc: {verb} {count(freed['chunks'], 'chunk')}, {human(freed['bytes'])} "
+        f"({count(freed['orphans'], 'orphan')}); dropped {freed['pruned']:,} old "
+        f"tombstones and commit ids"
     )
 
 
@@ -671,10 +711,10 @@ def cmd_fsck(args: Namespace) -> int:
         print(json.dumps({**totals, "ok": not bad}, indent=1))
     else:
         print(
-            f"fsck: {totals['names']:,} files, {totals['chunks']:,} chunks "
+            f"fsck: {files(totals['names'])}, {count(totals['chunks'], 'chunk')} "
             f"({human(totals['bytes'])}) checked; {len(totals['damaged'])} damaged or missing; "
-            f"{totals['orphans']:,} orphan chunks (collected by gc after the grace period); "
-            f"{totals['refcount_errors']} reference counts wrong"
+            f"{count(totals['orphans'], 'orphan chunk')} (collected by gc after the grace "
+            f"period); {count(totals['refcount_errors'], 'reference count')} wrong"
         )
         if bad:
             print(
@@ -749,16 +789,36 @@ def cmd_keygen(args: Namespace) -> None:
     from ..security import keygen
 
     public, secret = keygen(args.dir, args.name)
+    if args.json:
+        print(json.dumps({"public": public, "secret": secret}, indent=1))
+        return
+    base = os.path.basename(public)
     print(
-        f"wrote {public} (public: the broker's operator puts it in the broker's --allow "
-        f"folder if this is a client's key, in --allow-workers if a worker's)\n"
-        f"wrote {secret} (secret, mode 0600: keep it on this machine only)"
+        f"wrote {public} (public: give it to the broker's operator, who lets it in)\n"
+        f"wrote {secret} (secret, mode 0600: keep it on this machine only)\n"
+        f"the broker's operator lets the public key in:\n"
+        f"  a user's: as an identity, with its own grants: fms id add {args.name} --key {base}\n"
+        f"  a worker's (storage, cache): copied into the broker's {ALLOW_WORKERS} folder "
+        f"({ALLOW_WORKERS_DIR}/)\n"
+        f"  (a key copied into the broker's {ALLOW_CLIENTS} folder ({ALLOW_CLIENTS_DIR}/) may "
+        f"do everything, as an admin; a worker's key never goes there)"
     )
+
+
+# The broker's two allow folders: its options, and the folders' names in docs/SECURITY.md and
+# docs/SEVERAL-MACHINES.md, and in DATA/keys/ of `fms up --curve` (fms.security.cluster_keys)
+ALLOW_CLIENTS, ALLOW_CLIENTS_DIR = "--allow", "allow-clients"
+ALLOW_WORKERS, ALLOW_WORKERS_DIR = "--allow-workers", "allow-workers"
+
+
+def count(n: int, one: str, many: str | None = None) -> str:
+    """``n`` things, singular or plural: ``"1 chunk"``, ``"2,048 chunks"``."""
+    return f"{n:,} {one}" if n == 1 else f"{n:,} {many or one + 's'}"
 
 
 def files(n: int) -> str:
     """``"1 file"``, ``"2,048 files"``."""
-    return f"{n:,} file" if n == 1 else f"{n:,} files"
+    return count(n, "file")
 
 
 def human(n: float) -> str:

@@ -99,6 +99,16 @@ def _timeout(text: str) -> float:
     return value
 
 
+def _version_number(text: str) -> int:
+    """``--version V``: a version of a name, numbered from 1 as ``versions NAME`` shows them."""
+    value = int(text.strip()) if re.fullmatch(r"\s*\d+\s*", text) else 0
+    if not 1 <= value < 2**63:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a version; versions are numbered from 1 (see: versions NAME)"
+        )
+    return value
+
+
 def _count(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not a count (0 or more)")
@@ -342,7 +352,9 @@ def _no_cache(cmd: argparse.ArgumentParser) -> None:
 
 
 def _version_of(cmd: argparse.ArgumentParser, text: str) -> None:
-    cmd.add_argument("--version", type=int, metavar="V", dest="version_number", help=text)
+    cmd.add_argument(
+        "--version", type=_version_number, metavar="V", dest="version_number", help=text
+    )
 
 
 def _byte_range(cmd: argparse.ArgumentParser) -> None:
@@ -725,6 +737,7 @@ def _mount(cmd: argparse.ArgumentParser) -> None:
 def _keygen(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("dir", metavar="DIR")
     cmd.add_argument("name", metavar="NAME")
+    _json(cmd, 'print the paths written as JSON: {"public": ..., "secret": ...}')
 
 
 # --- users and permissions (fms.policy; handlers in admin.py) ---
@@ -824,7 +837,7 @@ def _purge(cmd: argparse.ArgumentParser) -> None:
     which = cmd.add_mutually_exclusive_group(required=True)
     which.add_argument(
         "--version",
-        type=int,
+        type=_version_number,
         metavar="V",
         dest="version_number",
         help="this version, current or retained (see: versions NAME)",

@@ -69,9 +69,11 @@ def cmd_sync(args: Namespace) -> int | None:
         if args.delete and plan["extra"] and not plan["sources"] and not args.force:
             raise FmsError(
                 f"{args.src} holds nothing{' the filters let through' if wanted else ''}, so "
-                f"--delete would remove all {len(plan['extra']):,} files from {args.dst}; "
+                f"--delete would remove {_all(len(plan['extra']))} from {args.dst}; "
                 f"check the source's name, or add --force to empty {args.dst}; nothing was changed"
             )
+        if not (dst_remote or args.dry_run):
+            _make_folder(args.dst)  # the destination is a folder, as the plan prints it
         _report(args, plan)
         if args.dry_run:
             _summary(args, plan)
@@ -83,6 +85,18 @@ def cmd_sync(args: Namespace) -> int | None:
         _carry_out(client, plan, kind, delete=args.delete)
     _summary(args, plan)
     return None
+
+
+def _make_folder(folder: str) -> None:
+    """``folder`` made, with its parents (``mkdir -p``), before the plan that writes into it
+    is printed: a sync into a folder that is not there yet makes it, even when the source
+    holds nothing (as rsync does)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise FmsError(
+            f"cannot make the folder {folder}: {exc.strerror or exc}; nothing was changed"
+        ) from None
 
 
 def _summary(args: Namespace, plan: Plan) -> None:
@@ -109,12 +123,17 @@ def _confirmed(args: Namespace, plan: Plan) -> bool:
     if count <= ASK_ABOVE or args.force or not (sys.stdin.isatty() and sys.stderr.isatty()):
         return True
     print(
-        f"sync: delete {count:,} files from {args.dst} that {args.src} does not hold? [y/N] ",
+        f"sync: delete {files(count)} from {args.dst} that {args.src} does not hold? [y/N] ",
         end="",
         file=sys.stderr,
         flush=True,
     )
     return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
+def _all(n: int) -> str:
+    """``"the 1 file"``, ``"all 5 files"``."""
+    return "the 1 file" if n == 1 else f"all {files(n)}"
 
 
 def _prefix(remote: str) -> str:

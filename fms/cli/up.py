@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import wire as p
 from ..errors import FmsError
+from .commands import count
 from .daemons import StopFlag, check_endpoints
 from .main import EXIT_OK
 
@@ -158,8 +159,9 @@ def cmd_up(args: Namespace) -> int:
             secret = client[0] or admin_key
             hint = f"{fms}{broker} --curve-secret {secret} --server-key {client[1]} put FILE"
         print(
-            f"fms up: broker at {args.frontend} (workers on {args.backend}), {args.caches} "
-            f"cache and {args.storage} storage workers, data in {os.path.abspath(args.data)}"
+            f"fms up: broker at {args.frontend} (workers on {args.backend}), "
+            f"{count(args.caches, 'cache worker')} and "
+            f"{count(args.storage, 'storage worker')}, data in {os.path.abspath(args.data)}"
             f"{', CURVE on' if args.curve else ''}\n"
             f"fms up: the store's first admin (identity 'admin', which adds users: {fms} "
             f"id --help) has the key {admin_key}"

@@ -414,18 +414,25 @@ def checked_whole(manifest: dict[str, Any], data: memoryview) -> memoryview:
 def destination(dest: str) -> tuple[str, bool]:
     """Where a download to ``dest`` goes, as ``cp`` would write it: through a symlink to its
     target (the link stays a link), and into a destination that is not a regular file (a
-    device, a FIFO) as it is, never replacing it.
+    device, a FIFO, an open file named by /dev/stdout or /dev/fd/N) as it is, never replacing
+    it.
 
     :return: ``(path, in_place)``: ``in_place`` means write into ``path`` as a stream (it cannot
         be replaced atomically); otherwise ``path`` is a regular file or a new path, replaced
         by :func:`atomic_file`.
     :raises FmsError: ``dest`` is a folder.
     """
+    if _own_fd(dest) is not None:  # /dev/stdout, /dev/fd/N: a file this process holds open
+        return dest, True
     path = dest
     try:
         mode = os.lstat(path).st_mode  # one system call for a new name, the common case
         if stat.S_ISLNK(mode):
             path = os.path.realpath(dest)
+            if path.startswith("/proc/"):
+                # an open file of some process (/proc/PID/fd/N), which may be a pipe (its link
+                # names no path): written into through the link, as cp does
+                return dest, True
             mode = os.stat(path).st_mode
     except (FileNotFoundError, NotADirectoryError):
         return path, False
@@ -436,12 +443,30 @@ def destination(dest: str) -> tuple[str, bool]:
     return path, not stat.S_ISREG(mode)
 
 
+# This process's own open files by name: written through the descriptor itself
+OWN_FDS = {"/dev/stdout": 1, "/dev/stderr": 2}
+OWN_FD_FOLDERS = ("/dev/fd/", "/proc/self/fd/")
+
+
+def _own_fd(path: str) -> int | None:
+    """The descriptor ``path`` names in this process (/dev/stdout, /dev/fd/N), or None."""
+    if path in OWN_FDS:
+        return OWN_FDS[path]
+    for folder in OWN_FD_FOLDERS:
+        if path.startswith(folder) and path[len(folder) :].isdigit():
+            return int(path[len(folder) :])
+    return None
+
+
 @contextlib.contextmanager
 def in_place(path: str) -> Iterator[BinaryIO]:
-    """``path`` (a device, a FIFO) opened for writing as ``cp`` opens it; an OS error (such
-    as ENOSPC from /dev/full) becomes one clear :class:`FmsError`."""
+    """``path`` (a device, a FIFO) opened for writing as ``cp`` opens it, or, for one of this
+    process's open files (``/dev/stdout``, ``/dev/fd/N``), that file as it is open, as a shell's
+    ``>`` or ``>>`` opened it (not truncated: written at its offset, as ``cat`` writes); an OS
+    error (such as ENOSPC from /dev/full) becomes one clear :class:`FmsError`."""
+    fd = _own_fd(path)
     try:
-        with open(path, "wb") as out:
+        with open(path, "wb") if fd is None else open(os.dup(fd), "wb") as out:
             yield out
     except OSError as exc:
         raise FmsError(f"cannot write to {path}: {exc.strerror or exc}") from None

@@ -64,7 +64,8 @@ def gave_up(error: RemoteError, tries: int, seconds: float) -> RemoteError:
     advice to retry (the server's, meant for the client) replaced by how long it was tried."""
     text = re.sub(r"[;,]\s*(retrying|retry|try again|ask again)\b[^;]*$", "", str(error))
     return type(error)(
-        f"{text}; gave up after {tries} tries in {seconds:.0f} s (see what the cluster "
+        f"{text}; gave up after {tries} {'try' if tries == 1 else 'tries'} in {seconds:.0f} s "
+        f"(see what the cluster "
         f"has with: fms stats)",
         error.code,
     )
@@ -390,7 +391,8 @@ class Session:
                     raise gave_up(out.last_error, out.tries, now - out.first_sent)
                 raise Timeout(
                     f"no reply to {out.op} from the fms cluster at {self.broker} "
-                    f"within {now - out.first_sent:.0f} s ({out.tries} tries); is the "
+                    f"within {now - out.first_sent:.0f} s ({out.tries} "
+                    f"{'try' if out.tries == 1 else 'tries'}); is the "
                     f"broker up and does it have workers? (check with: stats)"
                 )
             out.tries += 1
