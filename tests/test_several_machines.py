@@ -156,8 +156,9 @@ def test_the_several_machines_recipe_runs_as_written(make_netns, postgres, tmp_p
             r.serve(name, "storage-run")
         # 5. A user.
         r.run("user", "user")
-        r.copy("user:.fms/alice.key", "broker:allow-clients/alice.key")
+        r.copy("user:.fms/alice.key", "broker:alice.key")
         r.copy("broker:keys/broker.key", "user:.fms/broker.key")
+        r.run("broker", "user-add")  # the admin makes her an identity with a folder of her own
         user = r.dirs["user"] / ".fms"
         curve = CurveClient(str(user / "alice.key_secret"), str(user / "broker.key"))
 
@@ -170,8 +171,13 @@ def test_the_several_machines_recipe_runs_as_written(make_netns, postgres, tmp_p
 
         wait_for(lambda: workers() == ["cache", "storage", "storage"], UP_TIMEOUT, r.tail())
         out = r.run("user", "user-run")
-        assert "hello from alice" in out and "uploaded notes/hello.txt" in out, out
+        assert "hello from alice" in out and "uploaded alice/hello.txt" in out, out
         assert out.count("worker  storage") == 2 and "worker  cache" in out, out
+        # Her key is her identity, not an admin's: outside her folder she is refused.
+        with fms.Client(f"tcp://{r.addr['broker']}:5555", curve=curve, timeout=10) as c:
+            assert c.whoami()["identity"] == "alice"
+            with pytest.raises(fms.Forbidden):
+                c.put_bytes(b"x", "notes/x")
         logs = r.tail()
         assert "Traceback" not in logs and "botocore" not in logs, logs  # no S3 INFO lines
     finally:
