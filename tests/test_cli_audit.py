@@ -311,3 +311,15 @@ def test_get_r_of_a_file_says_to_drop_r(shared_cluster, prefix, stored):
 def test_a_missing_folder_is_still_not_found(shared_cluster, prefix, stored):
     err = one_line_error(shared_cluster.cli("get", f"{prefix}nothere/"))
     assert "no files under" in err and "is a file" not in err
+
+
+def test_sync_from_a_stored_file_says_it_is_a_file(shared_cluster, prefix, tmp_path):
+    with shared_cluster.client() as c:
+        c.put_bytes(b"one", f"{prefix}f.txt")
+    dest = tmp_path / "out"
+    err = one_line_error(shared_cluster.cli("sync", f"fms:{prefix}f.txt/", str(dest)))
+    assert f"'{prefix}f.txt' is a file, not a folder" in err, err
+    assert f"get {prefix}f.txt {dest / 'f.txt'}" in err and "nothing was changed" in err, err
+    assert not dest.exists()
+    err = one_line_error(shared_cluster.cli("sync", f"fms:{prefix}f.txt", f"fms:{prefix}b/"))
+    assert f"cp {prefix}f.txt {prefix}b/f.txt" in err, err

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from ..client.upload import plan_file
-from ..errors import FmsError
+from ..errors import FmsError, NotFound
 from . import local
 from .commands import files, human, move_tree, open_client, say
 from .filters import selector
@@ -66,6 +66,8 @@ def cmd_sync(args: Namespace) -> int | None:
             plan = _upload_plan(client, args.src, _prefix(args.dst), wanted)
         else:
             plan = _download_plan(client, _prefix(args.src), args.dst, wanted)
+        if src_remote and not plan["sources"]:
+            _not_a_file(client, _prefix(args.src), args.dst)
         if args.delete and plan["extra"] and not plan["sources"] and not args.force:
             raise FmsError(
                 f"{args.src} holds nothing{' the filters let through' if wanted else ''}, so "
@@ -85,6 +87,26 @@ def cmd_sync(args: Namespace) -> int | None:
         _carry_out(client, plan, kind, delete=args.delete)
     _summary(args, plan)
     return None
+
+
+def _not_a_file(client: Client, prefix: str, dst: str) -> None:
+    """Raise if the source folder ``prefix``, which holds nothing, names a stored file."""
+    file = prefix.rstrip("/")
+    if not file:
+        return
+    try:
+        client.stat(file)
+    except FmsError:
+        return
+    base = file.rsplit("/", 1)[-1]
+    if dst.startswith(REMOTE):
+        copy = f"cp {file} {_prefix(dst)}{base}"
+    else:
+        copy = f"get {file} {os.path.join(dst, base)}"
+    raise NotFound(
+        f"{file!r} is a file, not a folder, and sync copies folders; to copy the file: {copy}; "
+        "nothing was changed"
+    )
 
 
 def _make_folder(folder: str) -> None:
