@@ -158,18 +158,22 @@ def test_the_several_machines_recipe_runs_as_written(make_netns, postgres, tmp_p
         r.run("user", "user")
         r.copy("user:.fms/alice.key", "broker:alice.key")
         r.copy("broker:keys/broker.key", "user:.fms/broker.key")
-        r.run("broker", "user-add")  # the admin makes her an identity with a folder of her own
-        user = r.dirs["user"] / ".fms"
-        curve = CurveClient(str(user / "alice.key_secret"), str(user / "broker.key"))
+        broker = r.dirs["broker"]
+        admin = CurveClient(
+            str(broker / "fms-scratch" / "admin.key_secret"), str(broker / "keys" / "broker.key")
+        )
 
         def workers() -> list:
             try:
-                with fms.Client(f"tcp://{r.addr['broker']}:5555", curve=curve, timeout=2) as c:
+                with fms.Client(f"tcp://{r.addr['broker']}:5555", curve=admin, timeout=2) as c:
                     return sorted(w["service"] for w in c.status()["workers"])
             except fms.FmsError:
                 return []
 
         wait_for(lambda: workers() == ["cache", "storage", "storage"], UP_TIMEOUT, r.tail())
+        r.run("broker", "user-add")  # the admin makes her an identity with a folder of her own
+        user = r.dirs["user"] / ".fms"
+        curve = CurveClient(str(user / "alice.key_secret"), str(user / "broker.key"))
         out = r.run("user", "user-run")
         assert "hello from alice" in out and "uploaded alice/hello.txt" in out, out
         assert out.count("worker  storage") == 2 and "worker  cache" in out, out
