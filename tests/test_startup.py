@@ -78,3 +78,56 @@ def test_get_r_of_small_files_imports_neither_logging_nor_concurrent_futures(
     assert (tmp_path / "out" / "e" / "g").read_bytes() == b"y"  # it did run
     lighter = HEAVY - {"hashlib"}  # a download verifies what it writes
     assert not lighter & modules, lighter & modules
+
+
+def _outcome(parser, argv: list) -> tuple:
+    """What parsing argv prints and returns, or its exit status."""
+    import contextlib
+    import io
+
+    from fms.cli.main import parse
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            result = sorted((k, repr(v)) for k, v in vars(parse(parser, argv)).items())
+        except SystemExit as exc:
+            result = exc.code
+    return result, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize("prog, client_only", [("fms", False), ("client.py", True)])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["ls"],
+        ["ls", "-r", "-l", "x/"],
+        ["-q", "--broker", "h:1", "--timeout=2", "stat", "a"],
+        ["-h", "ls"],
+        ["-qh", "ls"],
+        ["--he", "stat", "a"],
+        ["--version", "ls"],
+        ["--timeout", "0", "ls"],
+        ["--bogus", "ls"],
+        ["ls", "--bogus"],
+        ["stat"],
+        ["stat", "--help"],
+        ["ls", "-h", "--help"],
+        ["bogus"],
+        ["broker", "--help"],
+        ["up", "--bogus"],
+        ["--log-level", "ls", "ls"],
+    ],
+)
+def test_a_parser_of_one_command_parses_as_the_whole_one(monkeypatch, prog, client_only, argv):
+    """`fms ls` builds ls's parser alone, without even listing the other commands, and says
+    and returns exactly what the parser of every command would."""
+    from fms.cli.parser import build_parser, command_in, lists_commands
+
+    monkeypatch.setenv("COLUMNS", "100")
+    whole = build_parser(prog, client_only)
+    one = build_parser(prog, client_only, only=command_in(argv) or "", listed=lists_commands(argv))
+    assert _outcome(one, argv) == _outcome(whole, argv)
+    if argv[:1] == ["ls"]:
+        assert list(one.commands) == ["ls"]

@@ -12,7 +12,7 @@ from argparse import ArgumentParser, Namespace
 from collections.abc import Callable
 
 from ..errors import FmsError
-from .parser import Parser, build_parser, command_in, command_parser
+from .parser import Parser, build_parser, command_in, command_parser, lists_commands
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -78,8 +78,11 @@ def daemon_main(kind: str, argv: list[str] | None = None) -> int:
 
 
 def _run(prog: str, client_only: bool, argv: list[str]) -> int:
-    # Only the arguments of the command about to run are built (all of them for the shell).
-    parser = build_parser(prog, client_only, only=command_in(argv) or "")
+    # Only the arguments of the command about to run are built (all of them for the shell),
+    # and the other commands are listed only where the help or an error may show them.
+    parser = build_parser(
+        prog, client_only, only=command_in(argv) or "", listed=lists_commands(argv)
+    )
     args = parse(parser, argv)
     if not args.command:
         from .shell import run_shell
