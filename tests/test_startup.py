@@ -10,11 +10,13 @@ import sys
 import pytest
 from conftest import ROOT
 
+# client.py's own two lines; given its arguments, client_main returns rather than ending the
+# process (as a read-only command does when it reads the process's own).
 PROBE = """
-import json, runpy, sys
-sys.argv = ["client.py", *sys.argv[1:]]
+import json, sys
+from fms.cli import client_main
 try:
-    runpy.run_path(sys.argv[0], run_name="__main__")
+    client_main(sys.argv[1:])
 except SystemExit:
     pass
 print(json.dumps(sorted(sys.modules)), file=sys.stderr)
@@ -134,3 +136,18 @@ def test_a_parser_of_one_command_parses_as_the_whole_one(monkeypatch, prog, clie
     assert _outcome(one, argv) == _outcome(whole, argv)
     if argv[:1] == ["ls"]:
         assert list(one.commands) == ["ls"]
+
+
+def test_a_read_only_command_ends_the_process_with_its_output_and_status(shared_cluster, prefix):
+    """ls, stat and the like end the process once their output is flushed (os._exit, no
+    teardown): all of a long listing is printed, and the exit status is kept."""
+    names = [f"{prefix}{'n' * 60}{i:04d}" for i in range(400)]  # 26 KB of output, past a buffer
+    with shared_cluster.client() as c:
+        for name in names:
+            c.put_bytes(b"", name)
+    run = shared_cluster.cli("ls", prefix)
+    assert run.returncode == 0, run.stderr
+    assert [line.split()[-1] for line in run.stdout.decode().splitlines()] == names
+    run = shared_cluster.cli("stat", f"{prefix}nothing")
+    assert run.returncode == 1
+    assert b"not found" in run.stderr
