@@ -151,3 +151,17 @@ def test_a_read_only_command_ends_the_process_with_its_output_and_status(shared_
     run = shared_cluster.cli("stat", f"{prefix}nothing")
     assert run.returncode == 1
     assert b"not found" in run.stderr
+
+
+def test_a_pattern_compiled_on_use_acts_as_the_compiled_one():
+    import re
+
+    from fms.lazyre import compiled_on_use
+
+    lazy = compiled_on_use(r"(\d+)([kmg]?)", re.IGNORECASE)
+    assert "match" not in vars(lazy)  # not compiled yet
+    assert lazy.fullmatch("12K").groups() == ("12", "K")  # type: ignore[union-attr]
+    assert lazy.search("x") is None and lazy.flags & re.IGNORECASE
+    assert lazy.pattern == r"(\d+)([kmg]?)" and "fullmatch" in vars(lazy)  # kept
+    with pytest.raises(AttributeError):
+        lazy.nothing  # noqa: B018

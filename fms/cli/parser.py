@@ -18,12 +18,13 @@ from typing import Any, NamedTuple
 
 from .. import __version__
 from .. import wire as p
+from ..lazyre import compiled_on_use
 
 DEFAULT_DATA = "./fms-data"
 DEFAULT_CACHE_BYTES = "1G"
 MAX_TIMEOUT = 24 * 3600.0  # seconds: the longest --timeout taken (a day per try)
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+_SIZE = compiled_on_use(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 
 
 def parse_size(text: str) -> int:
@@ -53,7 +54,7 @@ def parse_range(text: str) -> tuple[int, int | None]:
     return int(match.group(1)), int(match.group(2)) + 1 if match.group(2) else None
 
 
-_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_AGE = compiled_on_use(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 
 
 def parse_when(text: str) -> float:
@@ -1183,7 +1184,7 @@ def _keep_for_arg(cmd: argparse.ArgumentParser) -> None:
     )
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_DURATION = compiled_on_use(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 
 
 def parse_duration(text: str) -> float:
