@@ -1,7 +1,7 @@
 """How long a CLI call takes, start to exit, against the floor of importing its two libraries
 (issue 26, point 4): whole processes, run again and again, the commands taking turns.
 
-    .venv/bin/python -m benchmarks.startup [--rounds 40] [--json]
+    .venv/bin/python -m benchmarks.startup [--rounds 40] [--json] [--against DIR]
 
 Starts a cluster (the tests' helper) with a few stored names, then runs, round after round and
 in a new order each round: ``python -c "import zmq, msgpack"`` (the peer), ``python client.py
@@ -10,7 +10,9 @@ against it, each a fresh process, with compiled modules cached (.pyc) as on a us
 Reports each one's median wall time and the ratio to the peer's median in the same run (target:
 at most 1.5x), and the same for CPU time (user + system), which a loaded machine disturbs less.
 Taking turns, rather than one command's runs after another's, keeps a shared machine's changing
-load out of the ratios.
+load out of the ratios.  ``--against DIR``: another checkout's client.py (e.g. main's, extracted
+with ``git archive main | tar -x -C DIR``) runs the same commands in the same turns, its rows
+named ``before ...``: a change measured before and after in one run, on one cluster.
 """
 
 import argparse
@@ -31,15 +33,15 @@ from harness import ROOT, Cluster
 TARGET = 1.5  # at most this many times the peer's time
 
 
-def commands(frontend: str) -> dict:
-    client = [sys.executable, os.path.join(ROOT, "client.py")]
-    return {
-        "peer": [sys.executable, "-c", "import zmq, msgpack"],
-        "--help": [*client, "--help"],
-        "ls": [*client, "--broker", frontend, "ls"],
-        "ls -r": [*client, "--broker", frontend, "ls", "-r"],
-        "stat": [*client, "--broker", frontend, "stat", "notes/hello.txt"],
-    }
+def commands(frontend: str, against: str | None = None) -> dict:
+    cmds = {"peer": [sys.executable, "-c", "import zmq, msgpack"]}
+    for label, root in [("", ROOT)] + ([("before ", against)] if against else []):
+        client = [sys.executable, os.path.join(root, "client.py")]
+        cmds[label + "--help"] = [*client, "--help"]
+        cmds[label + "ls"] = [*client, "--broker", frontend, "ls"]
+        cmds[label + "ls -r"] = [*client, "--broker", frontend, "ls", "-r"]
+        cmds[label + "stat"] = [*client, "--broker", frontend, "stat", "notes/hello.txt"]
+    return cmds
 
 
 # As on a user's machine, Python caches compiled modules (.pyc): a process started with
@@ -58,8 +60,8 @@ def run_once(argv: list) -> tuple:
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def measure(frontend: str, rounds: int) -> dict:
-    cmds = commands(frontend)
+def measure(frontend: str, rounds: int, against: str | None = None) -> dict:
+    cmds = commands(frontend, against)
     for argv in cmds.values():  # warm the page cache and the .pyc files
         run_once(argv)
     walls, cpus = {name: [] for name in cmds}, {name: [] for name in cmds}
@@ -87,6 +89,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--against", metavar="DIR", help="another checkout, taking turns with this one"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="fms-startup-") as folder:
         cluster = Cluster(folder)
@@ -96,20 +101,20 @@ def main(argv=None) -> int:
                 c.put_bytes(b"hello, fms\n", "notes/hello.txt")
                 for i in range(20):
                     c.put_bytes(b"x" * i, f"photos/{i:02d}.jpg")
-            results = measure(cluster.frontend, args.rounds)
+            results = measure(cluster.frontend, args.rounds, args.against)
         finally:
             cluster.stop()
     if args.json:
         print(json.dumps(results, indent=1))
         return 0
     print(
-        f"{'command':<10} {'median ms':>10} {'min ms':>8} {'vs peer':>8}  "
+        f"{'command':<17} {'median ms':>10} {'min ms':>8} {'vs peer':>8}  "
         f"{'CPU ms':>7} {'vs peer':>8}  target <= {TARGET}x"
     )
     for name, r in results.items():
         met = "" if name == "peer" else ("yes" if r["ratio"] <= TARGET else "NO")
         print(
-            f"{name:<10} {r['median_ms']:>10} {r['min_ms']:>8} {r['ratio']:>7}x  "
+            f"{name:<17} {r['median_ms']:>10} {r['min_ms']:>8} {r['ratio']:>7}x  "
             f"{r['cpu_ms']:>7} {r['cpu_ratio']:>7}x  {met}"
         )
     print(f"(peer: python -c 'import zmq, msgpack'; {args.rounds} rounds, commands in turns)")

@@ -291,15 +291,18 @@ class Cluster:
 
 
 def cli_with_rss(cluster, *args, timeout: float = 300) -> tuple:
-    """Run the CLI against ``cluster``: ``(completed process, its peak RSS in bytes)``."""
+    """Run the CLI against ``cluster``: ``(completed process, its peak RSS in bytes)``.  Its
+    arguments are passed to ``fms.cli.main``, which then returns (a read-only command run with
+    the process's own arguments ends the process at once, without this ``finally``)."""
     code = (
-        "import runpy, sys\n"
-        f"sys.argv = ['fms', '--broker', {cluster.frontend!r}, *{list(args)!r}]\n"
+        "import sys\n"
+        "from fms.cli import main\n"
         "try:\n"
-        "    runpy.run_module('fms', run_name='__main__')\n"
+        f"    status = main(['--broker', {cluster.frontend!r}, *{list(args)!r}])\n"
         "finally:\n"
         "    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
         "    sys.stderr.write('\\nPEAK ' + hwm.split()[1] + '\\n')\n"
+        "sys.exit(status)\n"
     )
     run = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, timeout=timeout, cwd=ROOT

@@ -10,11 +10,13 @@ import sys
 import pytest
 from conftest import ROOT
 
+# client.py's own two lines; given its arguments, client_main returns rather than ending the
+# process (as a read-only command does when it reads the process's own).
 PROBE = """
-import json, runpy, sys
-sys.argv = ["client.py", *sys.argv[1:]]
+import json, sys
+from fms.cli import client_main
 try:
-    runpy.run_path(sys.argv[0], run_name="__main__")
+    client_main(sys.argv[1:])
 except SystemExit:
     pass
 print(json.dumps(sorted(sys.modules)), file=sys.stderr)
@@ -37,6 +39,9 @@ HEAVY = {
     "concurrent.futures",
     "dataclasses",  # and with it inspect, ast, dis, tokenize
 }
+
+# A transfer's modules: fms.Client imports them when it puts or gets, not to list.
+TRANSFERS = {"fms.client.upload", "fms.client.download", "fms.client.listing"}
 
 
 def imported(*argv: str) -> set:
@@ -62,7 +67,7 @@ def test_ls_and_stat_import_only_what_they_use(shared_cluster, prefix, argv):
         c.put_bytes(b"x", f"{prefix}f")
     modules = imported("--broker", shared_cluster.frontend, *[a.format(p=prefix) for a in argv])
     assert "zmq" in modules and "fms.client.session" in modules  # it did run
-    assert not HEAVY & modules, HEAVY & modules
+    assert not (HEAVY | TRANSFERS) & modules, (HEAVY | TRANSFERS) & modules
 
 
 def test_get_r_of_small_files_imports_neither_logging_nor_concurrent_futures(
@@ -78,3 +83,85 @@ def test_get_r_of_small_files_imports_neither_logging_nor_concurrent_futures(
     assert (tmp_path / "out" / "e" / "g").read_bytes() == b"y"  # it did run
     lighter = HEAVY - {"hashlib"}  # a download verifies what it writes
     assert not lighter & modules, lighter & modules
+
+
+def _outcome(parser, argv: list) -> tuple:
+    """What parsing argv prints and returns, or its exit status."""
+    import contextlib
+    import io
+
+    from fms.cli.main import parse
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            result = sorted((k, repr(v)) for k, v in vars(parse(parser, argv)).items())
+        except SystemExit as exc:
+            result = exc.code
+    return result, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize("prog, client_only", [("fms", False), ("client.py", True)])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["ls"],
+        ["ls", "-r", "-l", "x/"],
+        ["-q", "--broker", "h:1", "--timeout=2", "stat", "a"],
+        ["-h", "ls"],
+        ["-qh", "ls"],
+        ["--he", "stat", "a"],
+        ["--version", "ls"],
+        ["--timeout", "0", "ls"],
+        ["--bogus", "ls"],
+        ["ls", "--bogus"],
+        ["stat"],
+        ["stat", "--help"],
+        ["ls", "-h", "--help"],
+        ["bogus"],
+        ["broker", "--help"],
+        ["up", "--bogus"],
+        ["--log-level", "ls", "ls"],
+    ],
+)
+def test_a_parser_of_one_command_parses_as_the_whole_one(monkeypatch, prog, client_only, argv):
+    """`fms ls` builds ls's parser alone, without even listing the other commands, and says
+    and returns exactly what the parser of every command would."""
+    from fms.cli.parser import build_parser, command_in, lists_commands
+
+    monkeypatch.setenv("COLUMNS", "100")
+    whole = build_parser(prog, client_only)
+    one = build_parser(prog, client_only, only=command_in(argv) or "", listed=lists_commands(argv))
+    assert _outcome(one, argv) == _outcome(whole, argv)
+    if argv[:1] == ["ls"]:
+        assert list(one.commands) == ["ls"]
+
+
+def test_a_read_only_command_ends_the_process_with_its_output_and_status(shared_cluster, prefix):
+    """ls, stat and the like end the process once their output is flushed (os._exit, no
+    teardown): all of a long listing is printed, and the exit status is kept."""
+    names = [f"{prefix}{'n' * 60}{i:04d}" for i in range(400)]  # 26 KB of output, past a buffer
+    with shared_cluster.client() as c:
+        for name in names:
+            c.put_bytes(b"", name)
+    run = shared_cluster.cli("ls", prefix)
+    assert run.returncode == 0, run.stderr
+    assert [line.split()[-1] for line in run.stdout.decode().splitlines()] == names
+    run = shared_cluster.cli("stat", f"{prefix}nothing")
+    assert run.returncode == 1
+    assert b"not found" in run.stderr
+
+
+def test_a_pattern_compiled_on_use_acts_as_the_compiled_one():
+    import re
+
+    from fms.lazyre import compiled_on_use
+
+    lazy = compiled_on_use(r"(\d+)([kmg]?)", re.IGNORECASE)
+    assert "match" not in vars(lazy)  # not compiled yet
+    assert lazy.fullmatch("12K").groups() == ("12", "K")  # type: ignore[union-attr]
+    assert lazy.search("x") is None and lazy.flags & re.IGNORECASE
+    assert lazy.pattern == r"(\d+)([kmg]?)" and "fullmatch" in vars(lazy)  # kept
+    with pytest.raises(AttributeError):
+        lazy.nothing  # noqa: B018

@@ -7,14 +7,20 @@ Each command parses its arguments, builds the object, runs it and sets the exit 
 """
 
 import importlib
+import os
 import sys
 from argparse import ArgumentParser, Namespace
 from collections.abc import Callable
 
 from ..errors import FmsError
-from .parser import Parser, build_parser, command_in, command_parser
+from .parser import Parser, build_parser, command_in, command_parser, lists_commands
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+# Commands that only read and print: run as the program (not called from Python), they end the
+# process as soon as their output is flushed, without the interpreter's teardown (ZeroMQ's
+# context, the garbage collector, every module's clean-up), which costs more than their work.
+READ_ONLY = frozenset({"ls", "stat", "du", "find", "versions", "stats"})
 
 # Each command's handler, as "module:function" in fms.cli: imported only when it runs, so
 # `fms ls` does not import the daemons, the storage engine or the shell.
@@ -59,13 +65,14 @@ def handler(command: str) -> Callable[[Namespace], int | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The ``fms`` console script."""
-    return _run("fms", False, sys.argv[1:] if argv is None else argv)
+    """The ``fms`` console script (``argv`` None: the process's own, which a read-only
+    command may then end, see :data:`READ_ONLY`)."""
+    return _run("fms", False, sys.argv[1:] if argv is None else argv, argv is None)
 
 
 def client_main(argv: list[str] | None = None) -> int:
-    """``python client.py``."""
-    return _run("client.py", True, sys.argv[1:] if argv is None else argv)
+    """``python client.py`` (``argv`` None: as :func:`main`)."""
+    return _run("client.py", True, sys.argv[1:] if argv is None else argv, argv is None)
 
 
 def daemon_main(kind: str, argv: list[str] | None = None) -> int:
@@ -77,15 +84,40 @@ def daemon_main(kind: str, argv: list[str] | None = None) -> int:
     return dispatch(args, parser)
 
 
-def _run(prog: str, client_only: bool, argv: list[str]) -> int:
-    # Only the arguments of the command about to run are built (all of them for the shell).
-    parser = build_parser(prog, client_only, only=command_in(argv) or "")
+def _run(prog: str, client_only: bool, argv: list[str], owns_process: bool = False) -> int:
+    # Only the arguments of the command about to run are built (all of them for the shell),
+    # and the other commands are listed only where the help or an error may show them.
+    parser = build_parser(
+        prog, client_only, only=command_in(argv) or "", listed=lists_commands(argv)
+    )
     args = parse(parser, argv)
     if not args.command:
         from .shell import run_shell
 
         return run_shell(args, prog)
-    return dispatch(args, parser)
+    status = dispatch(args, parser)
+    if owns_process and args.command in READ_ONLY:
+        exit_now(status)
+    return status
+
+
+def exit_now(status: int) -> None:
+    """End the process with ``status`` once stdout and stderr are flushed, skipping the
+    interpreter's teardown.  The command has closed its client (its socket with linger 0:
+    nothing is left to send), and logging, if configured, is shut down as at exit.  If the
+    output cannot be flushed (a reader gone), return: the interpreter's own exit reports it
+    as it always has."""
+    if "logging" in sys.modules:
+        import logging
+
+        logging.shutdown()
+    try:
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+    except (OSError, ValueError):  # ValueError: closed (dispatch closes stderr on EPIPE)
+        return
+    os._exit(status)
 
 
 def parse(parser: Parser, argv: list[str]) -> Namespace:

@@ -18,12 +18,13 @@ from typing import Any, NamedTuple
 
 from .. import __version__
 from .. import wire as p
+from ..lazyre import compiled_on_use
 
 DEFAULT_DATA = "./fms-data"
 DEFAULT_CACHE_BYTES = "1G"
 MAX_TIMEOUT = 24 * 3600.0  # seconds: the longest --timeout taken (a day per try)
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+_SIZE = compiled_on_use(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 
 
 def parse_size(text: str) -> int:
@@ -53,7 +54,7 @@ def parse_range(text: str) -> tuple[int, int | None]:
     return int(match.group(1)), int(match.group(2)) + 1 if match.group(2) else None
 
 
-_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_AGE = compiled_on_use(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 
 
 def parse_when(text: str) -> float:
@@ -209,13 +210,41 @@ def command_in(argv: list[str]) -> str | None:
     return None
 
 
+# Options of the top-level parser that print neither its help nor its list of commands.
+_QUIET = {"-q", "--quiet", "--version"}
+
+
+def lists_commands(argv: list[str]) -> bool:
+    """Whether parsing ``argv`` may print the list of commands: it names no command, or
+    something before its command is not plainly one of the connection options (``-h``,
+    ``--help``, an abbreviation, ``-qh``, an unknown option).  If not, the parser need not
+    list the commands it does not run."""
+    command = command_in(argv)
+    if command is None:
+        return True
+    words = iter(argv)
+    for word in words:
+        if word == command:
+            return False
+        if word in _VALUED:
+            next(words, None)
+        elif word not in _QUIET and word.split("=", 1)[0] not in _VALUED:
+            return True
+    return True
+
+
 def build_parser(
-    prog: str = "fms", client_only: bool = False, shell: bool = False, only: str | None = None
+    prog: str = "fms",
+    client_only: bool = False,
+    shell: bool = False,
+    only: str | None = None,
+    listed: bool = True,
 ) -> Parser:
     """The parser of ``fms`` (every command), of ``client.py`` (``client_only``: the client's
     commands) or of the shell (``shell``: the client's commands, no connection options, each
     command's usage without a program name).  ``only``: add the arguments of that command
-    alone (the others are listed, not parseable)."""
+    alone (the others are listed, not parseable); and with ``listed`` False, not even list
+    the others (see :func:`lists_commands`), unless ``only`` is not one of this parser's."""
     common = _client_options()
     parser = Parser(
         prog=prog,
@@ -234,11 +263,14 @@ def build_parser(
         dest="command", metavar="COMMAND", parser_class=argparse.ArgumentParser
     )
     parser.commands = sub.choices  # name -> its subparser
+    if only not in COMMANDS or not (COMMANDS[only].client or not (client_only or shell)):
+        listed = True  # not a command of this parser: the error lists its commands
     for cmd in COMMANDS.values():
         if not cmd.client and (client_only or shell):
             continue
         if only is not None and cmd.name != only:
-            sub.add_parser(cmd.name, help=cmd.summary, add_help=False)
+            if listed:
+                sub.add_parser(cmd.name, help=cmd.summary, add_help=False)
             continue
         parents = ([] if shell else [common]) if cmd.client else [_daemon_options()]
         examples = cmd.examples.format(prog=prog if not shell else "").strip("\n")
@@ -263,7 +295,7 @@ def build_parser(
 def command_parser(command: str, prog: str) -> argparse.ArgumentParser:
     """The parser of a daemon's own script (``python broker.py``): the ``fms`` command's
     options and help, under the script's name."""
-    cmd = build_parser("fms", only=command).commands[command]
+    cmd = build_parser("fms", only=command, listed=False).commands[command]
     cmd.prog = prog
     cmd.epilog = (cmd.epilog or "").replace(f"fms {command}", f"python {prog}")
     return cmd
@@ -1165,7 +1197,7 @@ def _keep_for_arg(cmd: argparse.ArgumentParser) -> None:
     )
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_DURATION = compiled_on_use(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 
 
 def parse_duration(text: str) -> float:

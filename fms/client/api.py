@@ -19,6 +19,8 @@ The connection, pipeline and retries are :class:`fms.client.session.Session`'s; 
 downloads are :mod:`fms.client.upload` and :mod:`fms.client.download`.
 """
 
+from __future__ import annotations
+
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -29,12 +31,12 @@ import zmq
 from .. import wire as p
 from ..errors import BadRequest, FmsError, from_reply
 from ..wire.frames import RawReader
-from . import download, upload
-from .download import RemoteFile
 from .session import DEFAULT_RETRIES, DEFAULT_TIMEOUT, DEFAULT_WINDOW, Progress, Reply, Session
 
 if TYPE_CHECKING:
     from ..security import CurveClient  # not imported at run time: `ls` needs no CURVE
+    from . import download, upload  # imported by the methods that transfer: `ls` needs neither
+    from .download import RemoteFile
 
 MAINTENANCE_TIMEOUT = 600.0  # seconds a gc or fsck page may take before it is asked again
 GET_BATCH = 128  # names per get_many message when fetching many files
@@ -73,7 +75,7 @@ class Client:
         chunk_size: int = p.DEFAULT_CHUNK_SIZE,
         progress: Progress | None = None,
         ctx: zmq.Context | None = None,
-        curve: "CurveClient | None" = None,
+        curve: CurveClient | None = None,
         fsync: bool = False,
         cache: bool = True,
         acting_as: str | None = None,
@@ -260,6 +262,8 @@ class Client:
         few small requests (how an S3 multipart upload completes).  ``meta``: the new version's
         metadata (default none).  :return: its stat.  :raises NotFound: a part is not stored.
         """
+        from . import download
+
         name = p.check_name(name)
         hash_fn = self.session.hasher()
         extents: list[p.Extent] = []
@@ -460,6 +464,8 @@ class Client:
     ) -> dict[str, Any]:
         """Upload a local file under ``name`` (default: its base name); ``meta``: a map of
         str to str (at most 2 KiB in all) kept with the version.  :return: its stat."""
+        from . import upload
+
         name = p.check_name(name if name is not None else os.path.basename(path))
         if meta is None:
             return self.put_many([(path, name)])[0]
@@ -476,6 +482,8 @@ class Client:
         meta: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """Upload bytes held in memory (for small data; large files should use :meth:`put`)."""
+        from . import upload
+
         name = p.check_name(name)  # in NFC, as storage keeps it
         data = bytes(data)
         plan = upload.plan_bytes(data, self.chunk_size, mtime, self.session.hasher())
@@ -490,6 +498,8 @@ class Client:
 
         :return: the stat of each, in order.
         """
+        from . import upload
+
         checked = [(path, p.check_name(name)) for path, name in items]  # every name, first
         if not checked:
             return []
@@ -507,6 +517,8 @@ class Client:
         """Upload what the unbuffered binary ``stream`` (stdin, a pipe) holds until its end,
         under ``name``, sent as it is read; nothing is visible under the name unless the stream
         was read whole.  :return: the stat of the new version."""
+        from . import upload
+
         stat = upload.put_stream(
             self.session, stream, p.check_name(name), self.chunk_size, self._report
         )
@@ -515,6 +527,8 @@ class Client:
     def _put_planned(
         self, planned: Iterable[upload.Planned], done: upload.Done | None = None
     ) -> list[dict[str, Any]]:
+        from . import upload
+
         tell = None if done is None else lambda i, stat: done(i, _public(stat))
         stats = upload.put_planned(self.session, planned, self._report, tell)
         return [_public(stat) for stat in stats]
@@ -580,6 +594,8 @@ class Client:
         :return: the stat of each, in order.
         :raises NotFound: a name is not stored (files before it in the batch may be written).
         """
+        from . import download
+
         pairs = [(p.check_name(name), dest) for name, dest in items]
         results: dict[int, dict[str, Any]] = {}  # index -> stat
         later: list[tuple[int, dict[str, Any]]] = []  # (index, manifest) of the large files
@@ -626,6 +642,8 @@ class Client:
         """Download one file; ``manifest``: already known (only a small file's content, which
         comes with a ``get``, is then asked for).  A destination that is not a regular file is
         written into, never replaced (:func:`download.destination`)."""
+        from . import download
+
         dest, in_place = download.destination(dest)
         if in_place:
             with download.in_place(dest) as out:
@@ -670,6 +688,8 @@ class Client:
 
     def get_bytes(self, name: str) -> bytes:
         """The content of ``name`` in memory (for small files)."""
+        from . import download
+
         manifest, frame, via = self._manifest(name)
         if frame is not None:
             return bytes(
@@ -684,6 +704,8 @@ class Client:
     ) -> dict[str, Any]:
         """Write the content of ``name`` (``version``: that one) to a binary stream (e.g.
         stdout), verified chunk by chunk before it is written (:raises IntegrityError:)."""
+        from . import download
+
         manifest, frame, via = self._manifest(name, version)
         if frame is not None:
             manifest, data = download.fetch_whole(
@@ -694,7 +716,7 @@ class Client:
             download.download_chunks(self.session, manifest, stream, self._report, via)
         return _public(manifest)
 
-    def open(self, name: str) -> "RemoteFile":
+    def open(self, name: str) -> RemoteFile:
         """A read-only, seekable, file-like stream of ``name``'s content.
 
         Chunks are fetched ahead (``window`` in flight) and verified one by one, against a chunk
@@ -703,6 +725,8 @@ class Client:
 
         :raises NotFound: no such name.
         """
+        from .download import RemoteFile
+
         manifest, frame, via = self._manifest(name)
         return RemoteFile(self.session, manifest, frame, via)
 

@@ -30,6 +30,7 @@ from ..errors import (
     Unavailable,
     from_reply,
 )
+from ..lazyre import compiled_on_use
 from ..wire.frames import Sendable, recv_frames, send_frames
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ _HANDSHAKE_FAILED = (
 )
 
 
-_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\s/:\[\]]+):\d{1,5}")
+_HOST_PORT = compiled_on_use(r"(\[[0-9A-Fa-f:.]+\]|[^\s/:\[\]]+):\d{1,5}")
 
 
 def endpoint(address: str) -> str:

@@ -1,12 +1,12 @@
 """Reading a header's fields: every handler reads its fields through these checks, never by
 bare indexing.  Also the rules for names, hashes, mtimes and how a file splits into chunks."""
 
-import re
 import unicodedata
 from collections.abc import Mapping
 from typing import Any, TypeAlias, TypeVar, overload
 
 from ..errors import BadRequest
+from ..lazyre import compiled_on_use
 from .messages import INLINE_MAX
 
 __all__ = [
@@ -181,10 +181,10 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 
 # --- names ---
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
+_CONTROL = compiled_on_use(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
 # Characters that make a name show as another (bidi controls: `invoice\u202efdp.exe` shows as
 # `invoiceexe.pdf`) or two names show alike (zero-width characters).
-_HIDDEN = re.compile(
+_HIDDEN = compiled_on_use(
     "[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"  # bidi marks, embeddings, isolates
     "\u200b-\u200d\u2060\ufeff\u180e]"  # zero-width space, (non-)joiner, word joiner, BOM
 )
