@@ -11,7 +11,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from ..security import CurveClient
-from .app import Gateway, make_app
+from .app import Gateway, make_server
 from .credentials import KEY_TTL, StaticKeys, StoreKeys
 from .store import Store
 
@@ -44,12 +44,8 @@ async def serve(
     seconds once looked up), and ``static``'s first."""
     store = Store(broker, curve)
     gateway = Gateway(store, StoreKeys(store.s3_key, key_ttl, static))
-    runner = web.AppRunner(
-        make_app(gateway),
-        auto_decompress=False,  # a body sent with Content-Encoding: gzip is stored as sent
-        access_log=None,
-        handle_signals=False,
-        shutdown_timeout=SHUTDOWN_TIMEOUT,
+    runner = web.ServerRunner(
+        make_server(gateway), handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT
     )
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=tls, backlog=1024, reuse_address=True)
