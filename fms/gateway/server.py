@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from .. import limits
 from ..security import CurveClient
 from .app import Gateway, make_server
 from .credentials import KEY_TTL, StaticKeys, StoreKeys
@@ -42,6 +43,7 @@ async def serve(
     """Run the gateway until ``stop`` is set (or forever).  ``ready(port)`` is called once it
     listens (the port it got, for port 0).  Access keys are the store's (kept ``key_ttl``
     seconds once looked up), and ``static``'s first."""
+    limits.tune_malloc()  # as the broker and workers: big bodies' buffers reused, not trimmed
     store = Store(broker, curve)
     gateway = Gateway(store, StoreKeys(store.s3_key, key_ttl, static))
     runner = web.ServerRunner(
