@@ -70,7 +70,10 @@ def main(argv=None) -> int:
         if args.op == "get":
             small(t, "prof", per, "put")  # the GETs read what was just written, as s3gw's do
         spies, paths = [], {}
+        chosen = set(filter(None, args.procs.split(","))) or set(pids)
         for name, pid in [] if spy is None else pids.items():
+            if name not in chosen:
+                continue
             paths[name] = os.path.join(args.out, f"profile-s3small-{args.op}-{name}.txt")
             spies.append(
                 subprocess.Popen(
