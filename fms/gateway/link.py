@@ -8,7 +8,8 @@ readable.  Replies are matched to requests by id, so any number are in flight at
 Requests are retried as :class:`fms.client.session.Session` retries them: sent again when no
 reply came within ``timeout`` seconds, and after a backoff when answered ``unavailable``, within
 ``timeout * (retries + 1)`` seconds in all.  Only idempotent requests are sent here (a ``get``;
-a ``commit`` carries its commit id, which storage answers once)."""
+a ``commit`` carries its commit id, which storage remembers: a repeat gets the first
+answer)."""
 
 import asyncio
 import itertools
