@@ -34,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 MiB = 1 << 20
+GiB = 1 << 30
 SMALL = 4096
 SMALL_CLIENTS = 8
 TICKS = os.sysconf("SC_CLK_TCK")  # /proc/PID/stat's unit of CPU time
@@ -44,22 +45,26 @@ class Target:
 
     def __init__(self, name, url, key_id, secret, pids=()):
         self.name, self.url, self.key_id, self.secret = name, url, key_id, secret
-        self.pids = tuple(pids)
+        self.pids = dict(pids)  # process name -> pid
 
     def __getstate__(self):  # sent to the client processes: what a client needs
-        return {**self.__dict__, "pids": ()}
+        return {**self.__dict__, "pids": {}}
 
-    def cpu(self) -> float:
-        """CPU-seconds (user and system) its processes have used so far."""
-        total = 0
-        for pid in self.pids:
+    def cpus(self) -> dict:
+        """CPU-seconds (user and system) each of its processes has used so far, by name."""
+        used = {}
+        for name, pid in self.pids.items():
             try:
                 with open(f"/proc/{pid}/stat") as f:
                     fields = f.read().rpartition(")")[2].split()
             except FileNotFoundError:
                 continue
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-        return total / TICKS
+            used[name] = (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
+        return used
+
+    def cpu(self) -> float:
+        """CPU-seconds (user and system) its processes have used so far."""
+        return sum(self.cpus().values())
 
     def client(self):
         import boto3
@@ -132,7 +137,8 @@ def serve_fms(conn, cache_bytes: str) -> None:
     try:
         cluster.start_all(storage=2, cache_bytes=cache_bytes)
         gateway = Gateway(cluster, tmp)
-        conn.send((gateway.url, gateway.key_id, gateway.secret, [p.pid for p in cluster.procs]))
+        procs = {p.name: p.pid for p in cluster.procs}
+        conn.send((gateway.url, gateway.key_id, gateway.secret, procs))
         try:
             conn.recv()
         except EOFError:
@@ -181,11 +187,10 @@ def main(argv=None):
             raise SystemExit(f"fms did not start: {started}")
         url, key_id, secret, pids = started
         weed = SeaweedS3().launch()
+        weed_pids = {"weed": weed.proc.pid}
         targets = [
             Target("fms", url, key_id, secret, pids),
-            Target(
-                "seaweedfs", weed.endpoint_url, weed.access_key, weed.secret_key, [weed.proc.pid]
-            ),
+            Target("seaweedfs", weed.endpoint_url, weed.access_key, weed.secret_key, weed_pids),
         ]
         buckets = {}
         for t in targets:
@@ -199,6 +204,7 @@ def main(argv=None):
         results = {}
 
         cpu = {}
+        procs_cpu = {}  # what -> server -> process -> CPU-seconds per round
 
         def record(what, name, value):
             results.setdefault(what, {}).setdefault(name, []).append(value)
@@ -206,11 +212,15 @@ def main(argv=None):
         def measured(what, t, fn) -> float:
             """Seconds ``fn()`` took (what it returns, given a number); the CPU-seconds of
             ``t``'s processes recorded."""
-            before = t.cpu()
+            before = t.cpus()
             start = time.perf_counter()
             took = fn()
             seconds = took if isinstance(took, float) else time.perf_counter() - start
-            cpu.setdefault(what, {}).setdefault(t.name, []).append(t.cpu() - before)
+            after = t.cpus()
+            used = {n: after[n] - before[n] for n in after if n in before}
+            cpu.setdefault(what, {}).setdefault(t.name, []).append(sum(used.values()))
+            for n, s in used.items():
+                procs_cpu.setdefault(what, {}).setdefault(t.name, {}).setdefault(n, []).append(s)
             return seconds
 
         aws = aws_tool() if "aws" in only else None
@@ -264,6 +274,15 @@ def main(argv=None):
                 f"{statistics.median(cpu[what][n]):.1f}" for n in ("fms", "seaweedfs")
             )
             print(f"{what:22} {f:5.0f} {unit} {w:5.0f} {unit} {f / w:5.2f}x  {used:>23}  ({per})")
+        print("\nserver CPU per 4 KiB request or per GiB, by process (medians of rounds):")
+        for what, by in procs_cpu.items():
+            small_op = what.startswith("4 KiB")
+            per, unit = (per_small * SMALL_CLIENTS, "ms/req") if small_op else (size / GiB, "s/GiB")
+            scale = 1000 if small_op else 1
+            for name, procs in by.items():
+                parts = [f"{n} {statistics.median(v) * scale / per:.3f}" for n, v in procs.items()]
+                total = statistics.median(cpu[what][name]) * scale / per
+                print(f"  {what:22} {name:9} total {total:.3f} {unit}: {', '.join(parts)}")
         print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     finally:
         conn.close()

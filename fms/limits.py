@@ -219,16 +219,24 @@ WORKER_PIPE = 16  # SNDHWM of a worker's link: replies queued towards the broker
 WORKER_BYTES = 64 * MiB  # per worker: data sent + replies expected, in flight
 
 
-def tune_malloc(threshold: int = 4 * MiB) -> None:
+MALLOC_KEEP = 64 * MiB  # bytes of freed heap glibc keeps for the next frames (not trimmed)
+
+
+def tune_malloc(threshold: int = 4 * MiB, keep: int = MALLOC_KEEP) -> None:
     """Have glibc serve allocations over ``threshold`` (data frames) with their own mappings,
-    given back to the system when freed.  By default the threshold grows with use up to 32 MiB,
-    after which 16 MiB frames come from the heap and a flood's peak stays resident for good.
-    A no-op where there is no glibc."""
+    given back to the system when freed, and keep up to ``keep`` bytes of freed heap at its top
+    instead of handing it back at once.  By default the mmap threshold grows with use up to
+    32 MiB, after which 16 MiB frames come from the heap and a flood's peak stays resident for
+    good; but setting it also fixes the trim threshold at its default, 128 KiB, so each 1 MiB
+    chunk freed at the heap's top was given back and the next one faulted its pages in again
+    (a transfer of 1 GiB: a thousand such round trips per process it crosses).  A no-op where
+    there is no glibc."""
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD (also stops it from growing)
+        libc.mallopt(-1, keep)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
 

@@ -437,6 +437,43 @@ def test_upload_part_copy(s3, bucket):
     assert s3.get_object(Bucket=bucket, Key="joined")["Body"].read() == src[: 5 * MiB] + b"tail"
 
 
+def test_expect_100_continue_is_answered_before_the_body(gw, s3, bucket):
+    """The gateway runs on aiohttp's low-level server, without the router that used to answer
+    ``Expect: 100-continue``: it answers it itself, before reading the body, and refuses an
+    expectation it does not know (417)."""
+    import socket
+
+    body = b"sent after 100 Continue"
+    path = f"/{bucket}/continued"
+    stamp = datetime.now(UTC)
+    amz_date, date = stamp.strftime("%Y%m%dT%H%M%SZ"), stamp.strftime("%Y%m%d")
+    host = gw.url.split("//")[1]
+    headers = {
+        "host": host,
+        "x-amz-date": amz_date,
+        "x-amz-content-sha256": hashlib.sha256(body).hexdigest(),
+        "content-length": str(len(body)),
+        "expect": "100-continue",
+    }
+    sign(headers, "PUT", path, "", gw, date, amz_date)
+    hostname, port = host.rsplit(":", 1)
+    with socket.create_connection((hostname, int(port)), timeout=10) as sock:
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        sock.sendall(f"PUT {path} HTTP/1.1\r\n{head}\r\n".encode())
+        interim = b""
+        while b"\r\n\r\n" not in interim:  # nothing of the body has been sent yet
+            interim += sock.recv(4096)
+        assert interim.startswith(b"HTTP/1.1 100 Continue\r\n")
+        sock.sendall(body)
+        final = b""
+        while b"\r\n\r\n" not in final:
+            final += sock.recv(4096)
+        assert final.startswith(b"HTTP/1.1 200 "), final
+    assert s3.get_object(Bucket=bucket, Key="continued")["Body"].read() == body
+    status, _, _ = raw(gw, "PUT", f"/{bucket}/odd", b"x", headers={"Expect": "something-else"})
+    assert status == 417
+
+
 # --- authentication ---
 
 

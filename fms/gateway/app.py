@@ -145,7 +145,14 @@ class Gateway:
 
     # --- the entry point ---
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """The one handler of aiohttp's low-level server (no router: every path is ours)."""
+        expect = request.headers.get("Expect")
+        if expect is not None:  # a web.Application's router answered this; we do it here
+            if expect.lower() != "100-continue":
+                return web.Response(status=417, text=f"unknown expectation: {expect[:64]}")
+            if request.version >= (1, 1):
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request_id = os.urandom(8).hex().upper()
         raw_path, _, raw_query = request.raw_path.partition("?")
         try:
@@ -180,7 +187,7 @@ class Gateway:
 
     async def dispatch(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         signed: Signed,
         bucket: str | None,
         key: str | None,
@@ -279,7 +286,7 @@ class Gateway:
         )
 
     async def bucket_op(
-        self, request: web.Request, signed: Signed, bucket: str, params: Params
+        self, request: web.BaseRequest, signed: Signed, bucket: str, params: Params
     ) -> web.StreamResponse:
         method = request.method
         if method == "PUT":
@@ -321,7 +328,7 @@ class Gateway:
         if not caller().may(policy.WRITE, name):
             raise _denied(f"{what} {name!r}", policy.WRITE, f"{name!r} or a folder above it")
 
-    async def create_bucket(self, request: web.Request, bucket: str) -> web.Response:
+    async def create_bucket(self, request: web.BaseRequest, bucket: str) -> web.Response:
         self.need_bucket_write(bucket, "create")
         if not BUCKET_NAME.match(bucket) or ".." in bucket:
             raise S3Error(
@@ -491,7 +498,7 @@ class Gateway:
     # --- objects ---
 
     async def get_object(
-        self, request: web.Request, bucket: str, key: str, name: str, params: Params
+        self, request: web.BaseRequest, bucket: str, key: str, name: str, params: Params
     ) -> web.StreamResponse:
         version = _version(params)
         opened = await self.store.open(name, version)
@@ -522,6 +529,9 @@ class Gateway:
         for param, header in RESPONSE_OVERRIDES.items():
             if param in params:
                 headers[header] = params[param]
+        if inline is not None and request.method != "HEAD":
+            # Headers and body in one write, with the request id the handler would add.
+            return web.Response(status=status, headers=headers, body=inline[start:end])
         headers["Content-Length"] = str(end - start)
         response = web.StreamResponse(status=status, headers=headers)
         if request.method == "HEAD":
@@ -539,7 +549,7 @@ class Gateway:
         return response
 
     async def put_object(
-        self, request: web.Request, signed: Signed, bucket: str, key: str, name: str
+        self, request: web.BaseRequest, signed: Signed, bucket: str, key: str, name: str
     ) -> web.Response:
         await self.need_bucket(bucket)
         meta = _meta_from_headers(request.headers, key)
@@ -550,7 +560,7 @@ class Gateway:
 
     async def _store_body(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         signed: Signed,
         name: str | Callable[[bytes], str],
         meta: dict[str, Any] | None,
@@ -610,7 +620,7 @@ class Gateway:
         return web.Response(status=204)
 
     async def copy_object(
-        self, request: web.Request, bucket: str, key: str, name: str
+        self, request: web.BaseRequest, bucket: str, key: str, name: str
     ) -> web.Response:
         await self.need_bucket(bucket)
         src_bucket, src_key, src_version = _copy_source(request.headers["x-amz-copy-source"])
@@ -682,7 +692,7 @@ class Gateway:
         stat, _ = await self.store.put_stream(name, content(), _no_check, meta)
         return stat
 
-    async def delete_objects(self, request: web.Request, bucket: str) -> web.Response:
+    async def delete_objects(self, request: web.BaseRequest, bucket: str) -> web.Response:
         await self.need_bucket(bucket)
         body = await _read_small(request)
         headers = request.headers
@@ -735,7 +745,7 @@ class Gateway:
             raise S3Error("NoSuchUpload", "the upload is for another key", Key=key)
         return info
 
-    async def create_upload(self, request: web.Request, bucket: str, key: str) -> web.Response:
+    async def create_upload(self, request: web.BaseRequest, bucket: str, key: str) -> web.Response:
         self.need_write(_name(bucket, key), "upload")
         await self.need_bucket(bucket)
         upload_id = os.urandom(16).hex()
@@ -773,7 +783,7 @@ class Gateway:
             after = header["entries"][-1]["name"]
 
     async def upload_part(
-        self, request: web.Request, signed: Signed, bucket: str, key: str, params: Params
+        self, request: web.BaseRequest, signed: Signed, bucket: str, key: str, params: Params
     ) -> web.Response:
         upload_id = params.get("uploadId", "")
         number = _part_number(params.get("partNumber"))
@@ -801,7 +811,7 @@ class Gateway:
             return _xml(body)
         return web.Response(status=200, headers={"ETag": etag, **_checksum_echo(request.headers)})
 
-    async def _copy_part(self, request: web.Request, prefix: str) -> tuple[Stat, bytes]:
+    async def _copy_part(self, request: web.BaseRequest, prefix: str) -> tuple[Stat, bytes]:
         """UploadPartCopy: the part is read from the source object (a range of it)."""
         src_bucket, src_key, src_version = _copy_source(request.headers["x-amz-copy-source"])
         opened = await self.store.open(_name(src_bucket, src_key), src_version)
@@ -912,7 +922,7 @@ class Gateway:
         return web.Response(status=204)
 
     async def complete_upload(
-        self, request: web.Request, signed: Signed, bucket: str, key: str, params: Params
+        self, request: web.BaseRequest, signed: Signed, bucket: str, key: str, params: Params
     ) -> web.StreamResponse:
         upload_id = params.get("uploadId", "")
         done = self._completed.get((bucket, upload_id))
@@ -1042,13 +1052,13 @@ class Gateway:
 
     # --- the console ---
 
-    async def console(self, request: web.Request, raw_path: str) -> web.StreamResponse:
+    async def console(self, request: web.BaseRequest, raw_path: str) -> web.StreamResponse:
         from .console import serve
 
         return await serve(request, raw_path)
 
     async def zip_folder(
-        self, request: web.Request, bucket: str, params: Params
+        self, request: web.BaseRequest, bucket: str, params: Params
     ) -> web.StreamResponse:
         from .console import zip_response
 
@@ -1198,7 +1208,7 @@ def _b64(text: str) -> bytes:
 
 
 def _body(
-    request: web.Request, signed: Signed, limit: int
+    request: web.BaseRequest, signed: Signed, limit: int
 ) -> tuple[int | None, AsyncIterator[bytes], Callable[[], None]]:
     """``(announced size or None, async iterator of the decoded body, finish())``."""
     headers = request.headers
@@ -1235,7 +1245,7 @@ def _body(
     return length, raw(), lambda: None
 
 
-async def _read_small(request: web.Request, limit: int = xmlio.MAX_BODY) -> bytes:
+async def _read_small(request: web.BaseRequest, limit: int = xmlio.MAX_BODY) -> bytes:
     data = await request.content.read(limit + 1)
     if len(data) > limit:
         raise S3Error("MalformedXML", "the request body is too large")
@@ -1360,7 +1370,7 @@ def _xml(body: bytes, status: int = 200, headers: dict[str, str] | None = None) 
     )
 
 
-def _error(request: web.Request, exc: S3Error, raw_path: str, request_id: str) -> web.Response:
+def _error(request: web.BaseRequest, exc: S3Error, raw_path: str, request_id: str) -> web.Response:
     headers = {"x-amz-request-id": request_id, **exc.headers}
     if request.method == "HEAD":  # HEAD errors carry no body
         return web.Response(status=exc.status, headers=headers)
@@ -1370,7 +1380,11 @@ def _error(request: web.Request, exc: S3Error, raw_path: str, request_id: str) -
     )
 
 
-def make_app(gateway: Gateway) -> web.Application:
-    app = web.Application(client_max_size=xmlio.MAX_BODY)
-    app.router.add_route("*", "/{tail:.*}", gateway.handle)
-    return app
+def make_server(gateway: Gateway) -> web.Server:
+    """aiohttp's low-level server with :meth:`Gateway.handle` for every request: no router,
+    no middlewares, no per-request Application state."""
+    return web.Server(
+        gateway.handle,
+        auto_decompress=False,  # a body sent with Content-Encoding: gzip is stored as sent
+        access_log=None,
+    )

@@ -10,8 +10,9 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from .. import limits
 from ..security import CurveClient
-from .app import Gateway, make_app
+from .app import Gateway, make_server
 from .credentials import KEY_TTL, StaticKeys, StoreKeys
 from .store import Store
 
@@ -42,14 +43,11 @@ async def serve(
     """Run the gateway until ``stop`` is set (or forever).  ``ready(port)`` is called once it
     listens (the port it got, for port 0).  Access keys are the store's (kept ``key_ttl``
     seconds once looked up), and ``static``'s first."""
+    limits.tune_malloc()  # as the broker and workers: big bodies' buffers reused, not trimmed
     store = Store(broker, curve)
     gateway = Gateway(store, StoreKeys(store.s3_key, key_ttl, static))
-    runner = web.AppRunner(
-        make_app(gateway),
-        auto_decompress=False,  # a body sent with Content-Encoding: gzip is stored as sent
-        access_log=None,
-        handle_signals=False,
-        shutdown_timeout=SHUTDOWN_TIMEOUT,
+    runner = web.ServerRunner(
+        make_server(gateway), handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT
     )
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=tls, backlog=1024, reuse_address=True)

@@ -1,6 +1,7 @@
 """The XML of S3's replies and of the request bodies it reads (DeleteObjects,
 CompleteMultipartUpload), with the standard library's ElementTree."""
 
+import functools
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -23,7 +24,14 @@ def iso(ts: float) -> str:
 
 
 def http_date(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%a, %d %b %Y %H:%M:%S GMT")
+    return _http_date(int(ts))
+
+
+@functools.lru_cache(maxsize=4096)
+def _http_date(seconds: int) -> str:
+    """Kept per second: objects written in the same second share theirs, and a GET's
+    Last-Modified is formatted on every request."""
+    return datetime.fromtimestamp(seconds, UTC).strftime("%a, %d %b %Y %H:%M:%S GMT")
 
 
 def document(root: str, children: Children) -> bytes:

@@ -24,7 +24,7 @@ ZIP_QUEUE = 8  # pieces of zip output held between the thread that writes it and
 MAX_ZIP_FILES = 100_000  # files in one zip download
 
 
-async def serve(request: web.Request, raw_path: str) -> web.StreamResponse:
+async def serve(request: web.BaseRequest, raw_path: str) -> web.StreamResponse:
     """The console's page; anything else under /console is not found."""
     if request.method not in ("GET", "HEAD"):
         raise S3Error("MethodNotAllowed", "the console is read with GET")
@@ -67,7 +67,7 @@ class _Writer:
 
 
 async def zip_response(
-    gateway: "Gateway", request: web.Request, bucket: str, prefix: str
+    gateway: "Gateway", request: web.BaseRequest, bucket: str, prefix: str
 ) -> web.StreamResponse:
     """Every object under ``prefix`` in one zip (stored, not compressed: most files that are
     worth zipping for a download are compressed already), streamed as it is made."""

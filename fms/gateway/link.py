@@ -1,0 +1,164 @@
+"""One connection to the broker used from the event loop itself, for the gateway's small
+requests: a ``get`` of a small object and the ``commit`` of a small body.  A request made on a
+pool thread costs a hop to the thread and one back to the loop (two wake-ups, the GIL handed
+over twice) and a ZeroMQ socket per thread; here a request is sent from the handler's
+coroutine and its reply completes a future when the socket's file descriptor says it is
+readable.  Replies are matched to requests by id, so any number are in flight at once.
+
+Requests are retried as :class:`fms.client.session.Session` retries them: sent again when no
+reply came within ``timeout`` seconds, and after a backoff when answered ``unavailable``, within
+``timeout * (retries + 1)`` seconds in all.  Only idempotent requests are sent here (a ``get``;
+a ``commit`` carries its commit id, which storage remembers: a repeat gets the first
+answer)."""
+
+import asyncio
+import itertools
+import time
+from typing import Any
+
+import zmq
+
+from fms import wire as p
+from fms.client.session import DEFAULT_RETRIES, RETRY_BACKOFF, RETRY_BACKOFF_MAX, endpoint
+from fms.errors import BadRequest, FmsError, Timeout, Unavailable, from_reply
+from fms.security import CurveClient
+from fms.wire.frames import Sendable, recv_frames, send_frames
+
+Reply = tuple[dict[str, Any], zmq.Frame | None]
+
+
+class AsyncLink:
+    """A DEALER socket to the broker driven by the running event loop (made on first use)."""
+
+    def __init__(
+        self,
+        broker: str,
+        curve: CurveClient | None = None,
+        timeout: float = 5.0,
+        retries: int = DEFAULT_RETRIES,
+    ) -> None:
+        self.broker = endpoint(broker)
+        self.curve = curve
+        self.timeout = timeout
+        self.retries = retries
+        self._sock: zmq.Socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[Reply]] = {}
+        self._digest_fn: str | None = None
+        self._fd = -1
+
+    def _socket(self) -> zmq.Socket:
+        if self._sock is None:
+            sock: zmq.Socket = zmq.Context.instance().socket(zmq.DEALER)
+            sock.linger = 0
+            sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_SIZE)
+            if self.curve is not None:
+                self.curve.apply(sock)
+            sock.connect(self.broker)
+            self._loop = asyncio.get_running_loop()
+            self._fd = int(sock.getsockopt(zmq.FD))
+            self._loop.add_reader(self._fd, self._readable)
+            self._sock = sock
+        return self._sock
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                try:
+                    self._loop.remove_reader(self._fd)
+                except (RuntimeError, zmq.ZMQError):
+                    pass
+            sock.close(linger=0)
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.cancel()
+        self._waiting.clear()
+
+    def _readable(self) -> None:
+        """Every reply waiting on the socket, each to its request's future.  ZeroMQ's file
+        descriptor is edge-triggered: the socket is drained until it has nothing more, and
+        checked again after each send (:meth:`_send`)."""
+        sock = self._sock
+        if sock is None:
+            return
+        while int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            frames = recv_frames(sock, zmq.NOBLOCK)
+            if len(frames) not in (1, 2):
+                continue
+            try:
+                header = p.decode(frames[0].buffer)
+            except BadRequest:
+                continue
+            fut = self._waiting.pop(header.get("id"), None)  # type: ignore[arg-type]
+            if fut is not None and not fut.done():
+                fut.set_result((header, frames[1] if len(frames) == 2 else None))
+
+    def _send(self, frames: list[Sendable]) -> None:
+        sock = self._socket()
+        try:
+            send_frames(sock, frames, zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # counts as a try: sent again when its reply does not come
+        if self._waiting:  # a send can leave the edge of a reply unseen: look now
+            self._readable()
+
+    async def call(
+        self, op: str, data: Sendable | None = None, acting: str | None = None, **fields: Any
+    ) -> Reply:
+        """One request; its ``(header, data frame or None)``.  :raises RemoteError: an error
+        reply (its subclass names the code); :raises Timeout: no reply within the budget."""
+        first = time.monotonic()
+        budget = self.timeout * (self.retries + 1)
+        tries, last_error = 0, None
+        while True:
+            tries += 1
+            req_id = next(self._ids)
+            header: dict[str, Any] = {
+                "v": p.PROTOCOL_VERSION,
+                "op": op,
+                "id": req_id,
+                "ttl_ms": int(self.timeout * 1000),
+                **fields,
+            }
+            if acting is not None:
+                header["as"] = acting
+            frames: list[Sendable] = [p.encode(header)]
+            if data is not None:
+                frames.append(data)
+            fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+            self._waiting[req_id] = fut
+            self._send(frames)
+            try:
+                reply, frame = await asyncio.wait_for(fut, self.timeout)
+            except TimeoutError:
+                self._waiting.pop(req_id, None)
+                if time.monotonic() - first >= budget:
+                    if last_error is not None:
+                        raise last_error from None
+                    raise Timeout(
+                        f"no reply to {op} from the fms cluster at {self.broker} within "
+                        f"{time.monotonic() - first:.0f} s ({tries} tries)"
+                    ) from None
+                continue
+            finally:
+                self._waiting.pop(req_id, None)
+            if reply.get("ok"):
+                return reply, frame
+            error = from_reply(str(reply.get("error")), str(reply.get("message")), reply)
+            if isinstance(error, Unavailable) and time.monotonic() - first < budget:
+                last_error = error
+                await asyncio.sleep(min(RETRY_BACKOFF * 2 ** (tries - 1), RETRY_BACKOFF_MAX))
+                continue
+            raise error
+
+    async def digest_fn(self) -> str:
+        """The store's digest function (asked once: ``hello``)."""
+        if self._digest_fn is None:
+            header, _ = await self.call("hello")
+            name = header.get("digest_fn")
+            if name not in p.DIGEST_FUNCTIONS:
+                raise FmsError(f"the broker says the store's digest function is {name!r:.40}")
+            self._digest_fn = str(name)
+        return self._digest_fn
