@@ -9,7 +9,13 @@ Requests are retried as :class:`fms.client.session.Session` retries them: sent a
 reply came within ``timeout`` seconds, and after a backoff when answered ``unavailable``, within
 ``timeout * (retries + 1)`` seconds in all.  Only idempotent requests are sent here (a ``get``;
 a ``commit`` carries its commit id, which storage remembers: a repeat gets the first
-answer)."""
+answer).
+
+The socket queues a request only on a live connection (``IMMEDIATE``, as Session's does): with
+the broker gone, a request waits for the connection within its try's time and is not kept in
+the socket, so a try that timed out is never delivered later, when the broker is back (a
+commit the client was told failed would then overwrite a newer one), and a broker that is down
+holds no bodies in the gateway's memory."""
 
 import asyncio
 import itertools
@@ -47,11 +53,14 @@ class AsyncLink:
         self._waiting: dict[int, asyncio.Future[Reply]] = {}
         self._digest_fn: str | None = None
         self._fd = -1
+        # resolved when the socket can take a request again (connected, or under its HWM)
+        self._writable: asyncio.Future[None] | None = None
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
             sock: zmq.Socket = zmq.Context.instance().socket(zmq.DEALER)
             sock.linger = 0
+            sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a live connection: see above
             sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_SIZE)
             if self.curve is not None:
                 self.curve.apply(sock)
@@ -75,15 +84,26 @@ class AsyncLink:
             if not fut.done():
                 fut.cancel()
         self._waiting.clear()
+        writable, self._writable = self._writable, None
+        if writable is not None and not writable.done():
+            writable.cancel()
 
     def _readable(self) -> None:
         """Every reply waiting on the socket, each to its request's future.  ZeroMQ's file
         descriptor is edge-triggered: the socket is drained until it has nothing more, and
-        checked again after each send (:meth:`_send`)."""
+        checked again after each send (:meth:`_send`).  A sender waiting for the socket to
+        take its request is woken too."""
         sock = self._sock
         if sock is None:
             return
-        while int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+        while True:
+            events = int(sock.getsockopt(zmq.EVENTS))
+            if events & zmq.POLLOUT and self._writable is not None:
+                writable, self._writable = self._writable, None
+                if not writable.done():
+                    writable.set_result(None)
+            if not events & zmq.POLLIN:
+                return
             frames = recv_frames(sock, zmq.NOBLOCK)
             if len(frames) not in (1, 2):
                 continue
@@ -95,12 +115,29 @@ class AsyncLink:
             if fut is not None and not fut.done():
                 fut.set_result((header, frames[1] if len(frames) == 2 else None))
 
-    def _send(self, frames: list[Sendable]) -> None:
+    async def _send(self, frames: list[Sendable], deadline: float) -> None:
+        """Send a request, waiting until ``deadline`` (the loop's time) for the socket to take
+        it (no connection yet, or the broker away); past it, the try counts as made, and is
+        sent again when its reply does not come."""
         sock = self._socket()
-        try:
-            send_frames(sock, frames, zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # counts as a try: sent again when its reply does not come
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                send_frames(sock, frames, zmq.NOBLOCK)
+                break
+            except zmq.Again:
+                pass
+            if self._writable is None or self._writable.done():
+                self._writable = loop.create_future()
+            writable = self._writable
+            self._readable()  # the connection may have come up meanwhile
+            wait = deadline - loop.time()
+            if wait <= 0:
+                break
+            try:
+                await asyncio.wait_for(asyncio.shield(writable), wait)
+            except TimeoutError:
+                break
         if self._waiting:  # a send can leave the edge of a reply unseen: look now
             self._readable()
 
@@ -127,11 +164,13 @@ class AsyncLink:
             frames: list[Sendable] = [p.encode(header)]
             if data is not None:
                 frames.append(data)
-            fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.timeout
+            fut: asyncio.Future[Reply] = loop.create_future()
             self._waiting[req_id] = fut
-            self._send(frames)
             try:
-                reply, frame = await asyncio.wait_for(fut, self.timeout)
+                await self._send(frames, deadline)
+                reply, frame = await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
             except TimeoutError:
                 self._waiting.pop(req_id, None)
                 if time.monotonic() - first >= budget:
