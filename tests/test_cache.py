@@ -312,6 +312,33 @@ def test_a_damaged_database_is_started_afresh(tmp_path):
     assert len(ChunkCache(str(tmp_path), max_bytes=10_000)) == 1
 
 
+@pytest.mark.parametrize("locking", ["rollback journal", "exclusive wal"])
+def test_a_locked_database_is_an_error_that_says_why_and_is_not_deleted(
+    tmp_path, monkeypatch, locking
+):
+    from fms.cache import chunks as chunk_module
+    from fms.errors import FmsError
+
+    monkeypatch.setattr(chunk_module, "DB_TIMEOUT", 0.05)
+    cache = ChunkCache(str(tmp_path), max_bytes=10_000)
+    digest, data = chunk(1)
+    cache.put(digest, data, counted=False)
+    cache.close()
+    db_path = os.path.join(tmp_path, "small.db")
+    with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as other:
+        if locking == "rollback journal":  # switching it back to WAL needs the lock
+            other.execute("PRAGMA journal_mode=DELETE")
+        else:  # a process that keeps the database to itself
+            other.execute("PRAGMA locking_mode=EXCLUSIVE")
+        other.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(FmsError, match="another cache worker may be using this folder"):
+            ChunkCache(str(tmp_path), max_bytes=10_000)
+        other.execute("COMMIT")
+    reopened = ChunkCache(str(tmp_path), max_bytes=10_000, memory_bytes=0)
+    assert len(reopened) == 1 and bytes(p.unpack_data(reopened.get(digest))) == data
+    reopened.close()
+
+
 def test_a_one_time_scan_neither_displaces_the_hot_set_nor_touches_the_disk(tmp_path):
     cache = ChunkCache(str(tmp_path), max_bytes=100 * 4096)
     hot = [chunk(i, 4096) for i in range(120)]  # more than fits: the cache is full

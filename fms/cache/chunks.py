@@ -39,6 +39,7 @@ import zlib
 from collections.abc import Iterator
 
 from .. import wire as p
+from ..errors import FmsError
 from ..limits import BytesLike
 from ..wire.fields import Digest
 from ..wire.frames import read_frame
@@ -56,6 +57,7 @@ CRC_LEN = 4  # the CRC-32 after a disk entry's bytes
 SMALL_MAX = 64 * 1024  # chunks up to this size are rows of small.db, not files
 SMALL_DB = "small.db"
 WRITE_BATCH_MAX = 4096  # disk jobs the writer takes in one go (one transaction for the rows)
+DB_TIMEOUT = 10.0  # seconds a connection to small.db waits for a lock before it gives up
 
 # A disk job: (digest, frame to write or None to delete, its file or None for a row of small.db)
 Job = tuple[Digest, BytesLike | None, str | None]
@@ -492,14 +494,22 @@ class _WriteBehind:
 
 
 def _connect(path: str) -> sqlite3.Connection:
-    db = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA synchronous=NORMAL")
+    db = sqlite3.connect(path, timeout=DB_TIMEOUT, isolation_level=None, check_same_thread=False)
+    try:
+        db.execute("PRAGMA synchronous=NORMAL")
+    except BaseException:
+        db.close()
+        raise
     return db
 
 
 def _open_small_db(path: str) -> tuple[sqlite3.Connection, list[tuple[bytes, int, float]]]:
-    """small.db, with its table, and ``(digest, size, time filled)`` of every row; one that
-    cannot be read as such is started afresh (a cache may forget)."""
+    """small.db, with its table, and ``(digest, size, time filled)`` of every row.
+
+    One that is damaged (not a database, malformed) is started afresh (a cache may forget).
+    One that cannot be used now (locked by another process, an I/O error, a full or read-only
+    disk) is left as it is: :class:`~fms.errors.FmsError` says what to do.
+    """
     for attempt in range(2):
         db = None
         try:
@@ -511,6 +521,16 @@ def _open_small_db(path: str) -> tuple[sqlite3.Connection, list[tuple[bytes, int
             )
             rows = db.execute("SELECT digest, length(data), filled FROM entries").fetchall()
             return db, rows
+        except sqlite3.OperationalError as exc:  # not damage: nothing to delete
+            if db is not None:
+                db.close()
+            hint = (
+                "another cache worker may be using this folder: stop it, or give this one a "
+                "--dir of its own"
+                if "locked" in str(exc) or "busy" in str(exc)
+                else "check the disk and the folder's permissions, then start the cache again"
+            )
+            raise FmsError(f"cannot use the cache database {path}: {exc}; {hint}") from None
         except sqlite3.DatabaseError as exc:
             if db is not None:
                 db.close()
