@@ -279,6 +279,62 @@ def test_evicted_and_dropped_rows_are_deleted_and_counted_no_more(tmp_path):
     reopened.close()
 
 
+class FailingDb:
+    """The writer's connection, failing as a full or broken disk would: each of its next
+    ``writes`` statements of many rows is done, then raises; each of its next ``rollbacks``
+    ROLLBACKs raises, leaving the connection inside its transaction."""
+
+    def __init__(self, db, writes=1, rollbacks=0):
+        self.db, self.writes, self.rollbacks = db, writes, rollbacks
+
+    def executemany(self, sql, args):
+        self.db.executemany(sql, args)
+        if self.writes:
+            self.writes -= 1
+            raise sqlite3.OperationalError("database or disk is full")
+
+    def execute(self, sql, *args):
+        if sql == "ROLLBACK" and self.rollbacks:
+            self.rollbacks -= 1
+            raise sqlite3.OperationalError("disk I/O error")
+        return self.db.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+
+
+def fail_writes(cache, **failures) -> None:
+    cache.flush()  # the writer is idle: its connection can be swapped
+    cache._writer._db = FailingDb(cache._writer._db, **failures)
+
+
+@pytest.mark.parametrize("writes", [1, 2], ids=["deletes-retried-at-once", "deletes-retried-later"])
+def test_a_failed_commit_forgets_the_rows_it_did_not_write_and_still_deletes(tmp_path, writes):
+    cache = ChunkCache(str(tmp_path), max_bytes=3100, memory_bytes=0)  # room for three
+    keys = [chunk(i) for i in range(4)]
+    for digest, data in keys[:3]:
+        cache.get(digest)
+        cache.put(digest, data)
+    assert set(rows(cache)) == {d for d, _ in keys[:3]}
+    fail_writes(cache, writes=writes)  # the new row's write, and with 2 the deletes alone too
+    for _ in range(3):
+        cache.get(keys[3][0])
+    with cache.batch():  # one transaction: the new row and the victim's delete
+        cache.put(keys[3][0], keys[3][1])
+    assert cache.evictions == 1
+    (victim,) = [d for d, _ in keys[:3] if d not in cache]
+    assert victim not in rows(cache)  # its delete was not lost with the transaction
+    # the row not written is not counted (nor found missing only when read)...
+    assert keys[3][0] not in cache and len(cache) == 2 and cache.bytes == 2000
+    # ...so the disk holds what is counted, within max_bytes
+    assert set(rows(cache)) == {d for d, _ in keys if d in cache}
+    assert sum(len(data) for _crc, data in rows(cache).values()) == cache.bytes
+    assert cache.put(keys[3][0], keys[3][1], counted=False)  # the disk works again
+    cache.flush()
+    assert keys[3][0] in rows(cache) and bytes(p.unpack_data(cache.get(keys[3][0]))) == keys[3][1]
+    cache.close()
+
+
 def test_restart_keeps_rows_and_files_alike_and_drops_what_does_not_fit(tmp_path, no_window):
     cache = ChunkCache(str(tmp_path), max_bytes=10 * p.MiB)
     keys = [chunk(i, 4096) for i in range(50)] + [chunk(99, SMALL_MAX + 1)]

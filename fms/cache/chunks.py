@@ -97,7 +97,7 @@ class ChunkCache:
         db_path = os.path.join(self.path, SMALL_DB)
         # this thread's connection (the event loop's: reads), and the rows kept from before
         self._db, rows = _open_small_db(db_path)
-        self._writer = _WriteBehind(self._tmp, _connect(db_path))
+        self._writer = _WriteBehind(self._tmp, db_path)
         self._load(rows)
 
     def _load(self, rows: list[tuple[bytes, int, float]]) -> None:
@@ -183,6 +183,8 @@ class ChunkCache:
         Every lookup counts towards the chunk's frequency, hit or miss.  A chunk read from
         disk that fails its CRC is dropped and counts as a miss, so it is refetched.
         """
+        if self._writer.failed:
+            self._forget_failed()
         self.policy.access(digest)
         frame = self._window.get(digest)
         if frame is not None:
@@ -268,6 +270,8 @@ class ChunkCache:
             time on a cold GET); else, or if it holds more (a batch), ``payload`` is copied.
         :return: True if it is now cached.
         """
+        if self._writer.failed:
+            self._forget_failed()
         if not counted:
             self.policy.access(digest)
         if digest in self.policy:
@@ -326,6 +330,17 @@ class ChunkCache:
     def flush(self) -> None:
         """Wait until every write and delete handed to the disk is done (tests, shutdown)."""
         self._writer.flush()
+        while self._writer.failed:  # their deletes too (which fail no write)
+            self._forget_failed()
+            self._writer.flush()
+
+    def _forget_failed(self) -> None:
+        """Take out the entries the writer could not write (disk full, I/O error), so they are
+        neither counted towards ``max_bytes`` nor looked for on disk.  Dropping one also deletes
+        it: an older row of the same chunk that the failed transaction was to replace."""
+        for digest in self._writer.take_failed():
+            if digest in self._on_disk:
+                self.drop(digest)
 
     def close(self) -> None:
         self._writer.close()
@@ -343,9 +358,13 @@ class _WriteBehind:
     transactions but not damage it (and a damaged one is started afresh: a cache may forget).
     """
 
-    def __init__(self, tmp_dir: str, db: sqlite3.Connection) -> None:
+    def __init__(self, tmp_dir: str, db_path: str) -> None:
         self._tmp = tmp_dir
-        self._db = db  # used on the writer's thread only
+        self._db_path = db_path
+        self._db = _connect(db_path)  # used on the writer's thread only
+        # chunks whose write failed, for the cache to forget (:meth:`take_failed`)
+        self.failed: list[Digest] = []
+        self._retry: set[Digest] = set()  # rows whose delete failed: tried again with the next
         # lists of jobs handed over together; None stops the thread
         self._queue: queue.Queue[list[Job] | None] = queue.Queue()
         self._pending: dict[Digest, BytesLike] = {}  # digest -> frame being written
@@ -359,6 +378,12 @@ class _WriteBehind:
     def pending(self, digest: Digest) -> BytesLike | None:
         with self._lock:
             return self._pending.get(digest)
+
+    def take_failed(self) -> list[Digest]:
+        """The chunks whose write failed since the last call, in order."""
+        with self._lock:
+            failed, self.failed = self.failed, []
+        return failed
 
     def write(self, digest: Digest, frame: BytesLike, path: str | None) -> None:
         with self._lock:
@@ -424,7 +449,9 @@ class _WriteBehind:
                 return
 
     def _apply(self, jobs: list[Job]) -> None:
-        rows: dict[Digest, BytesLike | None] = {}  # digest -> its last job's frame (None: gone)
+        # digest -> its last job's frame (None: gone); first the deletes that failed before
+        rows: dict[Digest, BytesLike | None] = dict.fromkeys(self._retry)
+        self._retry.clear()
         written: list[tuple[Digest, BytesLike]] = []  # rows' writes, to clear once committed
         for digest, frame, path in jobs:
             if path is None:
@@ -447,7 +474,12 @@ class _WriteBehind:
                         self.backlog -= len(frame)
 
     def _commit(self, rows: dict[Digest, BytesLike | None]) -> None:
-        """Rows written and deleted in one transaction, each written one with its CRC-32."""
+        """Rows written and deleted in one transaction, each written one with its CRC-32.
+
+        If it fails, the rows it was to write are handed to the cache to forget
+        (:attr:`failed`), and its deletes are tried again at once on their own, else with the
+        next transaction: an entry the cache no longer counts must not stay on the disk.
+        """
         now = time.time()
         puts = []
         for digest, frame in rows.items():
@@ -455,6 +487,26 @@ class _WriteBehind:
                 payload = memoryview(frame)[p.DATA_PREFIX_LEN :]
                 puts.append((digest, zlib.crc32(payload), now, payload))
         gone = [(digest,) for digest, frame in rows.items() if frame is None]
+        try:
+            self._transaction(puts, gone)
+            return
+        except sqlite3.Error as exc:
+            log.warning("event=cache_write_failed rows=%d error=%r", len(rows), str(exc))
+        with self._lock:
+            self.failed.extend(digest for digest, _crc, _now, _payload in puts)
+        if gone and puts:
+            try:
+                self._transaction([], gone)
+                return
+            except sqlite3.Error as exc:
+                log.warning("event=cache_write_failed rows=%d error=%r", len(gone), str(exc))
+        self._retry.update(digest for (digest,) in gone)
+
+    def _transaction(
+        self, puts: list[tuple[Digest, int, float, memoryview]], gone: list[tuple[Digest]]
+    ) -> None:
+        """Write ``puts`` and delete ``gone`` in one transaction; if it fails, roll it back and
+        raise."""
         db = self._db
         try:
             db.execute("BEGIN")
@@ -467,11 +519,10 @@ class _WriteBehind:
             if gone:
                 db.executemany("DELETE FROM entries WHERE digest = ?", gone)
             db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            # Rows not written are misses when read (the reader finds none and drops them).
-            log.warning("event=cache_write_failed rows=%d error=%r", len(rows), str(exc))
+        except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
+            raise
 
     def _write(self, digest: Digest, frame: BytesLike, path: str) -> None:
         tmp = os.path.join(self._tmp, uuid.uuid4().hex)
@@ -486,6 +537,8 @@ class _WriteBehind:
             log.warning("event=cache_write_failed chunk=%s error=%r", digest.hex(), exc.strerror)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+            with self._lock:
+                self.failed.append(digest)
         finally:
             with self._lock:
                 if self._pending.get(digest) is frame:
