@@ -335,6 +335,25 @@ def test_a_failed_commit_forgets_the_rows_it_did_not_write_and_still_deletes(tmp
     cache.close()
 
 
+def test_a_writer_whose_rollback_fails_reconnects_and_writes_again(tmp_path, no_window):
+    cache = ChunkCache(str(tmp_path), max_bytes=10 * p.MiB, memory_bytes=0)
+    lost, lost_data = chunk(1, 4096)
+    # one failed write, and from then on this connection cannot roll back (an I/O error):
+    # on it every later BEGIN would fail, "cannot start a transaction within a transaction"
+    fail_writes(cache, writes=1, rollbacks=10**9)
+    cache.put(lost, lost_data, counted=False)
+    cache.flush()
+    assert lost not in cache and rows(cache) == {}
+    keys = [chunk(i, 4096) for i in range(2, 5)]
+    with cache.batch():
+        for digest, data in keys:
+            cache.put(digest, data, counted=False)
+    cache.flush()
+    assert set(rows(cache)) == {d for d, _ in keys}  # a new transaction could begin
+    assert all(bytes(p.unpack_data(cache.get(d))) == data for d, data in keys)
+    cache.close()
+
+
 def test_restart_keeps_rows_and_files_alike_and_drops_what_does_not_fit(tmp_path, no_window):
     cache = ChunkCache(str(tmp_path), max_bytes=10 * p.MiB)
     keys = [chunk(i, 4096) for i in range(50)] + [chunk(99, SMALL_MAX + 1)]

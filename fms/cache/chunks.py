@@ -361,7 +361,8 @@ class _WriteBehind:
     def __init__(self, tmp_dir: str, db_path: str) -> None:
         self._tmp = tmp_dir
         self._db_path = db_path
-        self._db = _connect(db_path)  # used on the writer's thread only
+        # used on the writer's thread only; None after a reconnection failed (tried again)
+        self._db: sqlite3.Connection | None = _connect(db_path)
         # chunks whose write failed, for the cache to forget (:meth:`take_failed`)
         self.failed: list[Digest] = []
         self._retry: set[Digest] = set()  # rows whose delete failed: tried again with the next
@@ -420,8 +421,9 @@ class _WriteBehind:
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join()
-        with contextlib.suppress(sqlite3.Error):
-            self._db.close()
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
 
     def _run(self) -> None:
         while True:
@@ -505,8 +507,10 @@ class _WriteBehind:
     def _transaction(
         self, puts: list[tuple[Digest, int, float, memoryview]], gone: list[tuple[Digest]]
     ) -> None:
-        """Write ``puts`` and delete ``gone`` in one transaction; if it fails, roll it back and
-        raise."""
+        """Write ``puts`` and delete ``gone`` in one transaction; if it fails, leave the
+        connection out of it (rolled back, or replaced), and raise."""
+        if self._db is None:  # a reconnection failed: try again
+            self._db = _connect(self._db_path)
         db = self._db
         try:
             db.execute("BEGIN")
@@ -520,9 +524,26 @@ class _WriteBehind:
                 db.executemany("DELETE FROM entries WHERE digest = ?", gone)
             db.execute("COMMIT")
         except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
+            self._rollback()
             raise
+
+    def _rollback(self) -> None:
+        """Out of a failed transaction: rolled back, or if that fails, the connection closed
+        (which rolls it back) and a new one opened, since on this one every later BEGIN would
+        fail ("cannot start a transaction within a transaction")."""
+        db = self._db
+        assert db is not None
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        with contextlib.suppress(sqlite3.Error):
+            if not db.in_transaction:
+                return
+        log.warning("event=cache_db_reconnect path=%s", self._db_path)
+        with contextlib.suppress(sqlite3.Error):
+            db.close()
+        self._db = None
+        with contextlib.suppress(sqlite3.Error):
+            self._db = _connect(self._db_path)
 
     def _write(self, digest: Digest, frame: BytesLike, path: str) -> None:
         tmp = os.path.join(self._tmp, uuid.uuid4().hex)
