@@ -354,6 +354,35 @@ def test_a_writer_whose_rollback_fails_reconnects_and_writes_again(tmp_path, no_
     cache.close()
 
 
+def test_a_start_whose_rollback_fails_reconnects_and_keeps_no_lock(tmp_path, monkeypatch):
+    from fms.cache import chunks as chunk_module
+
+    cache = ChunkCache(str(tmp_path), max_bytes=10_000)
+    keys = [chunk(i) for i in range(3)]
+    for digest, data in keys:
+        cache.put(digest, data, counted=False)
+    cache.close()
+    monkeypatch.setattr(chunk_module, "DB_TIMEOUT", 0.05)  # a writer locked out fails at once
+    real = chunk_module._open_small_db
+    monkeypatch.setattr(  # the delete of what no longer fits fails, and so does its ROLLBACK
+        chunk_module,
+        "_open_small_db",
+        lambda path: (lambda db, rows: (FailingDb(db, writes=1, rollbacks=10**9), rows))(
+            *real(path)
+        ),
+    )
+    small = ChunkCache(str(tmp_path), max_bytes=2100, memory_bytes=0)  # room for two
+    kept = [(d, data) for d, data in keys if d in small]
+    assert len(kept) == 2
+    small.drop(kept[0][0])
+    small.flush()
+    # the start's failed transaction held no lock that kept the writer out...
+    assert kept[0][0] not in rows(small)
+    # ...and the rows kept are read through the new connection
+    assert bytes(p.unpack_data(small.get(kept[1][0]))) == kept[1][1]
+    small.close()
+
+
 def test_restart_keeps_rows_and_files_alike_and_drops_what_does_not_fit(tmp_path, no_window):
     cache = ChunkCache(str(tmp_path), max_bytes=10 * p.MiB)
     keys = [chunk(i, 4096) for i in range(50)] + [chunk(99, SMALL_MAX + 1)]

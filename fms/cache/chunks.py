@@ -98,9 +98,9 @@ class ChunkCache:
         # this thread's connection (the event loop's: reads), and the rows kept from before
         self._db, rows = _open_small_db(db_path)
         self._writer = _WriteBehind(self._tmp, db_path)
-        self._load(rows)
+        self._load(rows, db_path)
 
-    def _load(self, rows: list[tuple[bytes, int, float]]) -> None:
+    def _load(self, rows: list[tuple[bytes, int, float]], db_path: str) -> None:
         """Put back what an earlier run left on disk (``rows``: small.db's), the most recently
         filled first while there is room; the rest is deleted."""
         # (mtime or time filled, digest, size, whether it is a row of small.db)
@@ -138,8 +138,11 @@ class ChunkCache:
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:  # read again at the next start
                 log.warning("event=cache_write_failed rows=%d error=%r", len(unwanted), str(exc))
-                with contextlib.suppress(sqlite3.Error):
-                    self._db.execute("ROLLBACK")
+                try:  # else its lock would keep the writer out
+                    self._db = _out_of_transaction(self._db, db_path)
+                except sqlite3.OperationalError as again:
+                    self._writer.close()
+                    raise _unusable(db_path, again) from None
         log.info(
             "event=cache_loaded entries=%d bytes=%d rows=%d",
             len(self.policy),
@@ -524,26 +527,10 @@ class _WriteBehind:
                 db.executemany("DELETE FROM entries WHERE digest = ?", gone)
             db.execute("COMMIT")
         except BaseException:
-            self._rollback()
+            self._db = None
+            with contextlib.suppress(sqlite3.Error):
+                self._db = _out_of_transaction(db, self._db_path)
             raise
-
-    def _rollback(self) -> None:
-        """Out of a failed transaction: rolled back, or if that fails, the connection closed
-        (which rolls it back) and a new one opened, since on this one every later BEGIN would
-        fail ("cannot start a transaction within a transaction")."""
-        db = self._db
-        assert db is not None
-        with contextlib.suppress(sqlite3.Error):
-            db.execute("ROLLBACK")
-        with contextlib.suppress(sqlite3.Error):
-            if not db.in_transaction:
-                return
-        log.warning("event=cache_db_reconnect path=%s", self._db_path)
-        with contextlib.suppress(sqlite3.Error):
-            db.close()
-        self._db = None
-        with contextlib.suppress(sqlite3.Error):
-            self._db = _connect(self._db_path)
 
     def _write(self, digest: Digest, frame: BytesLike, path: str) -> None:
         tmp = os.path.join(self._tmp, uuid.uuid4().hex)
@@ -577,6 +564,35 @@ def _connect(path: str) -> sqlite3.Connection:
     return db
 
 
+def _out_of_transaction(db: sqlite3.Connection, path: str) -> sqlite3.Connection:
+    """``db`` after a failed transaction, rolled back; or if ROLLBACK fails too, closed (which
+    rolls back and releases its lock) and a new connection in its place, since on ``db`` every
+    later BEGIN would fail ("cannot start a transaction within a transaction").
+
+    :raises sqlite3.Error: if no new connection can be opened.
+    """
+    with contextlib.suppress(sqlite3.Error):
+        db.execute("ROLLBACK")
+    with contextlib.suppress(sqlite3.Error):
+        if not db.in_transaction:
+            return db
+    log.warning("event=cache_db_reconnect path=%s", path)
+    with contextlib.suppress(sqlite3.Error):
+        db.close()
+    return _connect(path)
+
+
+def _unusable(path: str, exc: sqlite3.Error) -> FmsError:
+    """The error of a small.db that cannot be used now (not damaged): locked, an I/O error."""
+    hint = (
+        "another cache worker may be using this folder: stop it, or give this one a "
+        "--dir of its own"
+        if "locked" in str(exc) or "busy" in str(exc)
+        else "check the disk and the folder's permissions, then start the cache again"
+    )
+    return FmsError(f"cannot use the cache database {path}: {exc}; {hint}")
+
+
 def _open_small_db(path: str) -> tuple[sqlite3.Connection, list[tuple[bytes, int, float]]]:
     """small.db, with its table, and ``(digest, size, time filled)`` of every row.
 
@@ -598,13 +614,7 @@ def _open_small_db(path: str) -> tuple[sqlite3.Connection, list[tuple[bytes, int
         except sqlite3.OperationalError as exc:  # not damage: nothing to delete
             if db is not None:
                 db.close()
-            hint = (
-                "another cache worker may be using this folder: stop it, or give this one a "
-                "--dir of its own"
-                if "locked" in str(exc) or "busy" in str(exc)
-                else "check the disk and the folder's permissions, then start the cache again"
-            )
-            raise FmsError(f"cannot use the cache database {path}: {exc}; {hint}") from None
+            raise _unusable(path, exc) from None
         except sqlite3.DatabaseError as exc:
             if db is not None:
                 db.close()
