@@ -279,6 +279,110 @@ def test_evicted_and_dropped_rows_are_deleted_and_counted_no_more(tmp_path):
     reopened.close()
 
 
+class FailingDb:
+    """The writer's connection, failing as a full or broken disk would: each of its next
+    ``writes`` statements of many rows is done, then raises; each of its next ``rollbacks``
+    ROLLBACKs raises, leaving the connection inside its transaction."""
+
+    def __init__(self, db, writes=1, rollbacks=0):
+        self.db, self.writes, self.rollbacks = db, writes, rollbacks
+
+    def executemany(self, sql, args):
+        self.db.executemany(sql, args)
+        if self.writes:
+            self.writes -= 1
+            raise sqlite3.OperationalError("database or disk is full")
+
+    def execute(self, sql, *args):
+        if sql == "ROLLBACK" and self.rollbacks:
+            self.rollbacks -= 1
+            raise sqlite3.OperationalError("disk I/O error")
+        return self.db.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+
+
+def fail_writes(cache, **failures) -> None:
+    cache.flush()  # the writer is idle: its connection can be swapped
+    cache._writer._db = FailingDb(cache._writer._db, **failures)
+
+
+@pytest.mark.parametrize("writes", [1, 2], ids=["deletes-retried-at-once", "deletes-retried-later"])
+def test_a_failed_commit_forgets_the_rows_it_did_not_write_and_still_deletes(tmp_path, writes):
+    cache = ChunkCache(str(tmp_path), max_bytes=3100, memory_bytes=0)  # room for three
+    keys = [chunk(i) for i in range(4)]
+    for digest, data in keys[:3]:
+        cache.get(digest)
+        cache.put(digest, data)
+    assert set(rows(cache)) == {d for d, _ in keys[:3]}
+    fail_writes(cache, writes=writes)  # the new row's write, and with 2 the deletes alone too
+    for _ in range(3):
+        cache.get(keys[3][0])
+    with cache.batch():  # one transaction: the new row and the victim's delete
+        cache.put(keys[3][0], keys[3][1])
+    assert cache.evictions == 1
+    (victim,) = [d for d, _ in keys[:3] if d not in cache]
+    assert victim not in rows(cache)  # its delete was not lost with the transaction
+    # the row not written is not counted (nor found missing only when read)...
+    assert keys[3][0] not in cache and len(cache) == 2 and cache.bytes == 2000
+    # ...so the disk holds what is counted, within max_bytes
+    assert set(rows(cache)) == {d for d, _ in keys if d in cache}
+    assert sum(len(data) for _crc, data in rows(cache).values()) == cache.bytes
+    assert cache.put(keys[3][0], keys[3][1], counted=False)  # the disk works again
+    cache.flush()
+    assert keys[3][0] in rows(cache) and bytes(p.unpack_data(cache.get(keys[3][0]))) == keys[3][1]
+    cache.close()
+
+
+def test_a_writer_whose_rollback_fails_reconnects_and_writes_again(tmp_path, no_window):
+    cache = ChunkCache(str(tmp_path), max_bytes=10 * p.MiB, memory_bytes=0)
+    lost, lost_data = chunk(1, 4096)
+    # one failed write, and from then on this connection cannot roll back (an I/O error):
+    # on it every later BEGIN would fail, "cannot start a transaction within a transaction"
+    fail_writes(cache, writes=1, rollbacks=10**9)
+    cache.put(lost, lost_data, counted=False)
+    cache.flush()
+    assert lost not in cache and rows(cache) == {}
+    keys = [chunk(i, 4096) for i in range(2, 5)]
+    with cache.batch():
+        for digest, data in keys:
+            cache.put(digest, data, counted=False)
+    cache.flush()
+    assert set(rows(cache)) == {d for d, _ in keys}  # a new transaction could begin
+    assert all(bytes(p.unpack_data(cache.get(d))) == data for d, data in keys)
+    cache.close()
+
+
+def test_a_start_whose_rollback_fails_reconnects_and_keeps_no_lock(tmp_path, monkeypatch):
+    from fms.cache import chunks as chunk_module
+
+    cache = ChunkCache(str(tmp_path), max_bytes=10_000)
+    keys = [chunk(i) for i in range(3)]
+    for digest, data in keys:
+        cache.put(digest, data, counted=False)
+    cache.close()
+    monkeypatch.setattr(chunk_module, "DB_TIMEOUT", 0.05)  # a writer locked out fails at once
+    real = chunk_module._open_small_db
+    monkeypatch.setattr(  # the delete of what no longer fits fails, and so does its ROLLBACK
+        chunk_module,
+        "_open_small_db",
+        lambda path: (lambda db, rows: (FailingDb(db, writes=1, rollbacks=10**9), rows))(
+            *real(path)
+        ),
+    )
+    small = ChunkCache(str(tmp_path), max_bytes=2100, memory_bytes=0)  # room for two
+    kept = [(d, data) for d, data in keys if d in small]
+    assert len(kept) == 2
+    small.drop(kept[0][0])
+    small.flush()
+    # the start's failed transaction held no lock that kept the writer out...
+    assert kept[0][0] not in rows(small)
+    # ...and the rows kept are read through the new connection
+    assert bytes(p.unpack_data(small.get(kept[1][0]))) == kept[1][1]
+    small.close()
+
+
 def test_restart_keeps_rows_and_files_alike_and_drops_what_does_not_fit(tmp_path, no_window):
     cache = ChunkCache(str(tmp_path), max_bytes=10 * p.MiB)
     keys = [chunk(i, 4096) for i in range(50)] + [chunk(99, SMALL_MAX + 1)]
@@ -310,6 +414,33 @@ def test_a_damaged_database_is_started_afresh(tmp_path):
     assert reopened.put(digest, data, counted=False)
     reopened.close()
     assert len(ChunkCache(str(tmp_path), max_bytes=10_000)) == 1
+
+
+@pytest.mark.parametrize("locking", ["rollback journal", "exclusive wal"])
+def test_a_locked_database_is_an_error_that_says_why_and_is_not_deleted(
+    tmp_path, monkeypatch, locking
+):
+    from fms.cache import chunks as chunk_module
+    from fms.errors import FmsError
+
+    monkeypatch.setattr(chunk_module, "DB_TIMEOUT", 0.05)
+    cache = ChunkCache(str(tmp_path), max_bytes=10_000)
+    digest, data = chunk(1)
+    cache.put(digest, data, counted=False)
+    cache.close()
+    db_path = os.path.join(tmp_path, "small.db")
+    with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as other:
+        if locking == "rollback journal":  # switching it back to WAL needs the lock
+            other.execute("PRAGMA journal_mode=DELETE")
+        else:  # a process that keeps the database to itself
+            other.execute("PRAGMA locking_mode=EXCLUSIVE")
+        other.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(FmsError, match="another cache worker may be using this folder"):
+            ChunkCache(str(tmp_path), max_bytes=10_000)
+        other.execute("COMMIT")
+    reopened = ChunkCache(str(tmp_path), max_bytes=10_000, memory_bytes=0)
+    assert len(reopened) == 1 and bytes(p.unpack_data(reopened.get(digest))) == data
+    reopened.close()
 
 
 def test_a_one_time_scan_neither_displaces_the_hot_set_nor_touches_the_disk(tmp_path):

@@ -39,6 +39,7 @@ import zlib
 from collections.abc import Iterator
 
 from .. import wire as p
+from ..errors import FmsError
 from ..limits import BytesLike
 from ..wire.fields import Digest
 from ..wire.frames import read_frame
@@ -56,6 +57,7 @@ CRC_LEN = 4  # the CRC-32 after a disk entry's bytes
 SMALL_MAX = 64 * 1024  # chunks up to this size are rows of small.db, not files
 SMALL_DB = "small.db"
 WRITE_BATCH_MAX = 4096  # disk jobs the writer takes in one go (one transaction for the rows)
+DB_TIMEOUT = 10.0  # seconds a connection to small.db waits for a lock before it gives up
 
 # A disk job: (digest, frame to write or None to delete, its file or None for a row of small.db)
 Job = tuple[Digest, BytesLike | None, str | None]
@@ -95,10 +97,10 @@ class ChunkCache:
         db_path = os.path.join(self.path, SMALL_DB)
         # this thread's connection (the event loop's: reads), and the rows kept from before
         self._db, rows = _open_small_db(db_path)
-        self._writer = _WriteBehind(self._tmp, _connect(db_path))
-        self._load(rows)
+        self._writer = _WriteBehind(self._tmp, db_path)
+        self._load(rows, db_path)
 
-    def _load(self, rows: list[tuple[bytes, int, float]]) -> None:
+    def _load(self, rows: list[tuple[bytes, int, float]], db_path: str) -> None:
         """Put back what an earlier run left on disk (``rows``: small.db's), the most recently
         filled first while there is room; the rest is deleted."""
         # (mtime or time filled, digest, size, whether it is a row of small.db)
@@ -136,8 +138,11 @@ class ChunkCache:
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:  # read again at the next start
                 log.warning("event=cache_write_failed rows=%d error=%r", len(unwanted), str(exc))
-                with contextlib.suppress(sqlite3.Error):
-                    self._db.execute("ROLLBACK")
+                try:  # else its lock would keep the writer out
+                    self._db = _out_of_transaction(self._db, db_path)
+                except sqlite3.OperationalError as again:
+                    self._writer.close()
+                    raise _unusable(db_path, again) from None
         log.info(
             "event=cache_loaded entries=%d bytes=%d rows=%d",
             len(self.policy),
@@ -181,6 +186,8 @@ class ChunkCache:
         Every lookup counts towards the chunk's frequency, hit or miss.  A chunk read from
         disk that fails its CRC is dropped and counts as a miss, so it is refetched.
         """
+        if self._writer.failed:
+            self._forget_failed()
         self.policy.access(digest)
         frame = self._window.get(digest)
         if frame is not None:
@@ -266,6 +273,8 @@ class ChunkCache:
             time on a cold GET); else, or if it holds more (a batch), ``payload`` is copied.
         :return: True if it is now cached.
         """
+        if self._writer.failed:
+            self._forget_failed()
         if not counted:
             self.policy.access(digest)
         if digest in self.policy:
@@ -324,6 +333,17 @@ class ChunkCache:
     def flush(self) -> None:
         """Wait until every write and delete handed to the disk is done (tests, shutdown)."""
         self._writer.flush()
+        while self._writer.failed:  # their deletes too (which fail no write)
+            self._forget_failed()
+            self._writer.flush()
+
+    def _forget_failed(self) -> None:
+        """Take out the entries the writer could not write (disk full, I/O error), so they are
+        neither counted towards ``max_bytes`` nor looked for on disk.  Dropping one also deletes
+        it: an older row of the same chunk that the failed transaction was to replace."""
+        for digest in self._writer.take_failed():
+            if digest in self._on_disk:
+                self.drop(digest)
 
     def close(self) -> None:
         self._writer.close()
@@ -341,9 +361,14 @@ class _WriteBehind:
     transactions but not damage it (and a damaged one is started afresh: a cache may forget).
     """
 
-    def __init__(self, tmp_dir: str, db: sqlite3.Connection) -> None:
+    def __init__(self, tmp_dir: str, db_path: str) -> None:
         self._tmp = tmp_dir
-        self._db = db  # used on the writer's thread only
+        self._db_path = db_path
+        # used on the writer's thread only; None after a reconnection failed (tried again)
+        self._db: sqlite3.Connection | None = _connect(db_path)
+        # chunks whose write failed, for the cache to forget (:meth:`take_failed`)
+        self.failed: list[Digest] = []
+        self._retry: set[Digest] = set()  # rows whose delete failed: tried again with the next
         # lists of jobs handed over together; None stops the thread
         self._queue: queue.Queue[list[Job] | None] = queue.Queue()
         self._pending: dict[Digest, BytesLike] = {}  # digest -> frame being written
@@ -357,6 +382,12 @@ class _WriteBehind:
     def pending(self, digest: Digest) -> BytesLike | None:
         with self._lock:
             return self._pending.get(digest)
+
+    def take_failed(self) -> list[Digest]:
+        """The chunks whose write failed since the last call, in order."""
+        with self._lock:
+            failed, self.failed = self.failed, []
+        return failed
 
     def write(self, digest: Digest, frame: BytesLike, path: str | None) -> None:
         with self._lock:
@@ -393,8 +424,9 @@ class _WriteBehind:
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join()
-        with contextlib.suppress(sqlite3.Error):
-            self._db.close()
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
 
     def _run(self) -> None:
         while True:
@@ -422,7 +454,9 @@ class _WriteBehind:
                 return
 
     def _apply(self, jobs: list[Job]) -> None:
-        rows: dict[Digest, BytesLike | None] = {}  # digest -> its last job's frame (None: gone)
+        # digest -> its last job's frame (None: gone); first the deletes that failed before
+        rows: dict[Digest, BytesLike | None] = dict.fromkeys(self._retry)
+        self._retry.clear()
         written: list[tuple[Digest, BytesLike]] = []  # rows' writes, to clear once committed
         for digest, frame, path in jobs:
             if path is None:
@@ -445,7 +479,12 @@ class _WriteBehind:
                         self.backlog -= len(frame)
 
     def _commit(self, rows: dict[Digest, BytesLike | None]) -> None:
-        """Rows written and deleted in one transaction, each written one with its CRC-32."""
+        """Rows written and deleted in one transaction, each written one with its CRC-32.
+
+        If it fails, the rows it was to write are handed to the cache to forget
+        (:attr:`failed`), and its deletes are tried again at once on their own, else with the
+        next transaction: an entry the cache no longer counts must not stay on the disk.
+        """
         now = time.time()
         puts = []
         for digest, frame in rows.items():
@@ -453,6 +492,28 @@ class _WriteBehind:
                 payload = memoryview(frame)[p.DATA_PREFIX_LEN :]
                 puts.append((digest, zlib.crc32(payload), now, payload))
         gone = [(digest,) for digest, frame in rows.items() if frame is None]
+        try:
+            self._transaction(puts, gone)
+            return
+        except sqlite3.Error as exc:
+            log.warning("event=cache_write_failed rows=%d error=%r", len(rows), str(exc))
+        with self._lock:
+            self.failed.extend(digest for digest, _crc, _now, _payload in puts)
+        if gone and puts:
+            try:
+                self._transaction([], gone)
+                return
+            except sqlite3.Error as exc:
+                log.warning("event=cache_write_failed rows=%d error=%r", len(gone), str(exc))
+        self._retry.update(digest for (digest,) in gone)
+
+    def _transaction(
+        self, puts: list[tuple[Digest, int, float, memoryview]], gone: list[tuple[Digest]]
+    ) -> None:
+        """Write ``puts`` and delete ``gone`` in one transaction; if it fails, leave the
+        connection out of it (rolled back, or replaced), and raise."""
+        if self._db is None:  # a reconnection failed: try again
+            self._db = _connect(self._db_path)
         db = self._db
         try:
             db.execute("BEGIN")
@@ -465,11 +526,11 @@ class _WriteBehind:
             if gone:
                 db.executemany("DELETE FROM entries WHERE digest = ?", gone)
             db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            # Rows not written are misses when read (the reader finds none and drops them).
-            log.warning("event=cache_write_failed rows=%d error=%r", len(rows), str(exc))
+        except BaseException:
+            self._db = None
             with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
+                self._db = _out_of_transaction(db, self._db_path)
+            raise
 
     def _write(self, digest: Digest, frame: BytesLike, path: str) -> None:
         tmp = os.path.join(self._tmp, uuid.uuid4().hex)
@@ -484,6 +545,8 @@ class _WriteBehind:
             log.warning("event=cache_write_failed chunk=%s error=%r", digest.hex(), exc.strerror)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+            with self._lock:
+                self.failed.append(digest)
         finally:
             with self._lock:
                 if self._pending.get(digest) is frame:
@@ -492,14 +555,51 @@ class _WriteBehind:
 
 
 def _connect(path: str) -> sqlite3.Connection:
-    db = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA synchronous=NORMAL")
+    db = sqlite3.connect(path, timeout=DB_TIMEOUT, isolation_level=None, check_same_thread=False)
+    try:
+        db.execute("PRAGMA synchronous=NORMAL")
+    except BaseException:
+        db.close()
+        raise
     return db
 
 
+def _out_of_transaction(db: sqlite3.Connection, path: str) -> sqlite3.Connection:
+    """``db`` after a failed transaction, rolled back; or if ROLLBACK fails too, closed (which
+    rolls back and releases its lock) and a new connection in its place, since on ``db`` every
+    later BEGIN would fail ("cannot start a transaction within a transaction").
+
+    :raises sqlite3.Error: if no new connection can be opened.
+    """
+    with contextlib.suppress(sqlite3.Error):
+        db.execute("ROLLBACK")
+    with contextlib.suppress(sqlite3.Error):
+        if not db.in_transaction:
+            return db
+    log.warning("event=cache_db_reconnect path=%s", path)
+    with contextlib.suppress(sqlite3.Error):
+        db.close()
+    return _connect(path)
+
+
+def _unusable(path: str, exc: sqlite3.Error) -> FmsError:
+    """The error of a small.db that cannot be used now (not damaged): locked, an I/O error."""
+    hint = (
+        "another cache worker may be using this folder: stop it, or give this one a "
+        "--dir of its own"
+        if "locked" in str(exc) or "busy" in str(exc)
+        else "check the disk and the folder's permissions, then start the cache again"
+    )
+    return FmsError(f"cannot use the cache database {path}: {exc}; {hint}")
+
+
 def _open_small_db(path: str) -> tuple[sqlite3.Connection, list[tuple[bytes, int, float]]]:
-    """small.db, with its table, and ``(digest, size, time filled)`` of every row; one that
-    cannot be read as such is started afresh (a cache may forget)."""
+    """small.db, with its table, and ``(digest, size, time filled)`` of every row.
+
+    One that is damaged (not a database, malformed) is started afresh (a cache may forget).
+    One that cannot be used now (locked by another process, an I/O error, a full or read-only
+    disk) is left as it is: :class:`~fms.errors.FmsError` says what to do.
+    """
     for attempt in range(2):
         db = None
         try:
@@ -511,6 +611,10 @@ def _open_small_db(path: str) -> tuple[sqlite3.Connection, list[tuple[bytes, int
             )
             rows = db.execute("SELECT digest, length(data), filled FROM entries").fetchall()
             return db, rows
+        except sqlite3.OperationalError as exc:  # not damage: nothing to delete
+            if db is not None:
+                db.close()
+            raise _unusable(path, exc) from None
         except sqlite3.DatabaseError as exc:
             if db is not None:
                 db.close()
