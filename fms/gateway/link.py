@@ -3,7 +3,8 @@ requests: a ``get`` of a small object and the ``commit`` of a small body.  A req
 pool thread costs a hop to the thread and one back to the loop (two wake-ups, the GIL handed
 over twice) and a ZeroMQ socket per thread; here a request is sent from the handler's
 coroutine and its reply completes a future when the socket's file descriptor says it is
-readable.  Replies are matched to requests by id, so any number are in flight at once.
+readable.  Replies are matched to requests by id, so many are in flight at once: at most
+``window`` (:data:`WINDOW`); the rest wait for a place, within their time budget.
 
 Requests are retried as :class:`fms.client.session.Session` retries them: sent again when no
 reply came within ``timeout`` seconds, and after a backoff when answered ``unavailable``, within
@@ -19,6 +20,7 @@ holds no bodies in the gateway's memory."""
 
 import asyncio
 import itertools
+import logging
 import time
 from typing import Any
 
@@ -32,6 +34,13 @@ from fms.wire.frames import Sendable, recv_frames, send_frames
 
 Reply = tuple[dict[str, Any], zmq.Frame | None]
 
+log = logging.getLogger("fms.gateway")
+
+# Requests in flight on one link at once, as many as the gateway's pool of threads has
+# (fms.gateway.store.THREADS): beyond it, a request waits for a place rather than adding to
+# the map of pending replies without bound.
+WINDOW = 64
+
 
 class AsyncLink:
     """A DEALER socket to the broker driven by the running event loop (made on first use)."""
@@ -42,6 +51,7 @@ class AsyncLink:
         curve: CurveClient | None = None,
         timeout: float = 5.0,
         retries: int = DEFAULT_RETRIES,
+        window: int = WINDOW,
     ) -> None:
         self.broker = endpoint(broker)
         self.curve = curve
@@ -51,6 +61,8 @@ class AsyncLink:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Reply]] = {}
+        self._slots = asyncio.Semaphore(max(1, window))  # places for requests in flight
+        self._closed = False
         self._digest_fn: str | None = None
         self._fd = -1
         # resolved when the socket can take a request again (connected, or under its HWM)
@@ -148,6 +160,28 @@ class AsyncLink:
         reply (its subclass names the code); :raises Timeout: no reply within the budget."""
         first = time.monotonic()
         budget = self.timeout * (self.retries + 1)
+        try:  # a place among the requests in flight, within the budget
+            await asyncio.wait_for(self._slots.acquire(), budget)
+        except TimeoutError:
+            raise Unavailable(
+                f"the gateway has {len(self._waiting)} requests in flight to the fms cluster "
+                f"at {self.broker}: no place for a {op} within {budget:.0f} s"
+            ) from None
+        try:
+            return await self._call(op, data, acting, fields, first, budget)
+        finally:
+            self._slots.release()
+
+    async def _call(
+        self,
+        op: str,
+        data: Sendable | None,
+        acting: str | None,
+        fields: dict[str, Any],
+        first: float,
+        budget: float,
+    ) -> Reply:
+        """:meth:`call`'s tries, once it has a place among the requests in flight."""
         tries, last_error = 0, None
         while True:
             tries += 1
