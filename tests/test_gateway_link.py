@@ -131,6 +131,43 @@ def test_a_request_that_finds_no_place_within_its_budget_is_unavailable():
     run(test, window=1, timeout=0.2, retries=1)
 
 
+def test_close_fails_waiting_calls_with_unavailable():
+    async def test(broker, link):
+        sent = asyncio.create_task(link.call("get", name="sent"))
+        await broker.recv()
+        queued = asyncio.create_task(link.call("get", name="queued"))  # no place: waits
+        await asyncio.sleep(0)  # let it start waiting (a turn of the loop, not a delay)
+        link.close()
+        for call in (sent, queued):
+            with pytest.raises(Unavailable, match="closed"):
+                await result(call)
+        with pytest.raises(Unavailable, match="closed"):  # and none reopens the socket
+            await result(asyncio.create_task(link.call("get", name="later")))
+        assert link._sock is None
+
+    run(test, window=1, timeout=RECV_TIMEOUT)
+
+
+def test_close_fails_a_call_waiting_to_send_with_unavailable(tmp_path) -> None:
+    """With no broker to connect to, a call waits for the connection to send: closed, it gets
+    Unavailable."""
+
+    async def main() -> None:
+        link = AsyncLink(f"ipc://{os.path.join(tmp_path, 'nobroker')}", timeout=RECV_TIMEOUT)
+        call = asyncio.create_task(link.call("get", name="n"))
+
+        async def waiting() -> None:  # until it waits for the socket (turns of the loop)
+            while link._writable is None:
+                await asyncio.sleep(0)
+
+        await asyncio.wait_for(waiting(), RECV_TIMEOUT)
+        link.close()
+        with pytest.raises(Unavailable, match="closed"):
+            await result(call)
+
+    asyncio.run(main())
+
+
 def test_no_reply_is_a_timeout():
     async def test(broker, link):
         call = asyncio.create_task(link.call("get", name="n"))

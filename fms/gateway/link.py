@@ -83,7 +83,14 @@ class AsyncLink:
             self._sock = sock
         return self._sock
 
+    def _closed_error(self) -> Unavailable:
+        return Unavailable(f"the gateway's link to the fms cluster at {self.broker} was closed")
+
     def close(self) -> None:
+        """Close the socket for good: calls waiting for a reply, or for a place, and any made
+        later, fail with :class:`~fms.errors.Unavailable` (not ``CancelledError``, which a
+        handler could take for its own cancellation)."""
+        self._closed = True
         sock, self._sock = self._sock, None
         if sock is not None:
             if self._loop is not None and not self._loop.is_closed():
@@ -94,11 +101,11 @@ class AsyncLink:
             sock.close(linger=0)
         for fut in self._waiting.values():
             if not fut.done():
-                fut.cancel()
+                fut.set_exception(self._closed_error())
         self._waiting.clear()
         writable, self._writable = self._writable, None
         if writable is not None and not writable.done():
-            writable.cancel()
+            writable.set_result(None)  # its sender finds the link closed
 
     def _readable(self) -> None:
         """Every reply waiting on the socket, each to its request's future.  ZeroMQ's file
@@ -150,6 +157,8 @@ class AsyncLink:
                 await asyncio.wait_for(asyncio.shield(writable), wait)
             except TimeoutError:
                 break
+            if self._closed:
+                raise self._closed_error()
         if self._waiting:  # a send can leave the edge of a reply unseen: look now
             self._readable()
 
@@ -160,6 +169,8 @@ class AsyncLink:
         reply (its subclass names the code); :raises Timeout: no reply within the budget."""
         first = time.monotonic()
         budget = self.timeout * (self.retries + 1)
+        if self._closed:
+            raise self._closed_error()
         try:  # a place among the requests in flight, within the budget
             await asyncio.wait_for(self._slots.acquire(), budget)
         except TimeoutError:
@@ -184,6 +195,8 @@ class AsyncLink:
         """:meth:`call`'s tries, once it has a place among the requests in flight."""
         tries, last_error = 0, None
         while True:
+            if self._closed:  # while this call waited for a place, or backed off
+                raise self._closed_error()
             tries += 1
             req_id = next(self._ids)
             header: dict[str, Any] = {
