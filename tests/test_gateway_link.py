@@ -3,9 +3,11 @@ test: a ROUTER socket that reads the link's requests and answers as it is told. 
 has a timeout; the tests wait for messages, never for time to pass."""
 
 import asyncio
+import logging
 import os
 import time
 
+import msgpack
 import pytest
 import zmq
 import zmq.asyncio
@@ -166,6 +168,25 @@ def test_close_fails_a_call_waiting_to_send_with_unavailable(tmp_path) -> None:
             await result(call)
 
     asyncio.run(main())
+
+
+def test_a_malformed_reply_is_dropped_and_the_rest_are_read(caplog):
+    async def test(broker, link):
+        calls = [asyncio.create_task(link.call("get", name=f"n{i}")) for i in range(2)]
+        requests = [await broker.recv() for _ in range(2)]
+        await broker.send(msgpack.packb({"id": [requests[0]["id"]], "ok": True}))  # unhashable
+        await broker.send(msgpack.packb([1, 2]))  # not a map
+        await broker.send(b"\xc1")  # not msgpack
+        for request in requests:
+            await broker.answer(request, name=request["name"])
+        for i, call in enumerate(calls):
+            header, _ = await result(call)
+            assert header["name"] == f"n{i}"
+
+    with caplog.at_level(logging.WARNING, logger="fms.gateway"):
+        run(test, timeout=RECV_TIMEOUT)
+    dropped = [r for r in caplog.records if "event=link_bad_reply" in r.getMessage()]
+    assert len(dropped) == 3
 
 
 def test_no_reply_is_a_timeout():

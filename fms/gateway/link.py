@@ -29,6 +29,7 @@ import zmq
 from fms import wire as p
 from fms.client.session import DEFAULT_RETRIES, RETRY_BACKOFF, RETRY_BACKOFF_MAX, endpoint
 from fms.errors import BadRequest, FmsError, Timeout, Unavailable, from_reply
+from fms.logutil import clip
 from fms.security import CurveClient
 from fms.wire.frames import Sendable, recv_frames, send_frames
 
@@ -124,15 +125,29 @@ class AsyncLink:
             if not events & zmq.POLLIN:
                 return
             frames = recv_frames(sock, zmq.NOBLOCK)
-            if len(frames) not in (1, 2):
-                continue
             try:
-                header = p.decode(frames[0].buffer)
-            except BadRequest:
-                continue
-            fut = self._waiting.pop(header.get("id"), None)  # type: ignore[arg-type]
-            if fut is not None and not fut.done():
-                fut.set_result((header, frames[1] if len(frames) == 2 else None))
+                self._deliver(frames)
+            except Exception as e:  # a malformed reply must not leave the others unread
+                log.warning(
+                    "event=link_bad_reply broker=%s frames=%d error=%s",
+                    self.broker,
+                    len(frames),
+                    clip(f"{type(e).__name__}: {e}"),
+                )
+
+    def _deliver(self, frames: list[zmq.Frame]) -> None:
+        """One reply to its request's future (none if its request was given up).
+
+        :raises BadRequest: the reply is malformed."""
+        if len(frames) not in (1, 2):
+            raise BadRequest(f"a reply of {len(frames)} frames")
+        header = p.decode(frames[0].buffer)
+        req_id = header.get("id")
+        if type(req_id) is not int:
+            raise BadRequest(f"a reply whose id is {type(req_id).__name__}, not int")
+        fut = self._waiting.pop(req_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result((header, frames[1] if len(frames) == 2 else None))
 
     async def _send(self, frames: list[Sendable], deadline: float) -> None:
         """Send a request, waiting until ``deadline`` (the loop's time) for the socket to take
