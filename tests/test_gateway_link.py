@@ -189,6 +189,26 @@ def test_a_malformed_reply_is_dropped_and_the_rest_are_read(caplog):
     assert len(dropped) == 3
 
 
+def test_the_last_try_ends_with_the_budget():
+    """Answered ``unavailable`` late in the budget, the try after is cut to what is left of it
+    (not a whole timeout past it)."""
+    timeout = 1.5  # one try, retries=0: the budget is one timeout
+
+    async def test(broker, link):
+        started = time.monotonic()
+        call = asyncio.create_task(link.call("get", name="n"))
+        first = await broker.recv()
+        await asyncio.sleep(timeout * 0.8)  # a slow broker: the answer comes late
+        await broker.refuse(first)
+        second = await broker.recv()
+        assert second["ttl_ms"] < timeout * 1000 * 0.5
+        with pytest.raises(Unavailable):
+            await result(call)
+        assert time.monotonic() - started < timeout * 1.5
+
+    run(test, timeout=timeout, retries=0)
+
+
 def test_no_reply_is_a_timeout():
     async def test(broker, link):
         call = asyncio.create_task(link.call("get", name="n"))

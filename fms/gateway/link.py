@@ -212,13 +212,22 @@ class AsyncLink:
         while True:
             if self._closed:  # while this call waited for a place, or backed off
                 raise self._closed_error()
+            left = budget - (time.monotonic() - first)
+            if left <= 0:
+                if last_error is not None:
+                    raise last_error
+                raise Timeout(
+                    f"no reply to {op} from the fms cluster at {self.broker} within "
+                    f"{time.monotonic() - first:.0f} s ({tries} {'try' if tries == 1 else 'tries'})"
+                )
+            wait = min(self.timeout, left)  # no try outlasts the budget
             tries += 1
             req_id = next(self._ids)
             header: dict[str, Any] = {
                 "v": p.PROTOCOL_VERSION,
                 "op": op,
                 "id": req_id,
-                "ttl_ms": int(self.timeout * 1000),
+                "ttl_ms": max(1, int(wait * 1000)),
                 **fields,
             }
             if acting is not None:
@@ -227,30 +236,24 @@ class AsyncLink:
             if data is not None:
                 frames.append(data)
             loop = asyncio.get_running_loop()
-            deadline = loop.time() + self.timeout
+            deadline = loop.time() + wait
             fut: asyncio.Future[Reply] = loop.create_future()
             self._waiting[req_id] = fut
             try:
                 await self._send(frames, deadline)
                 reply, frame = await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
             except TimeoutError:
-                self._waiting.pop(req_id, None)
-                if time.monotonic() - first >= budget:
-                    if last_error is not None:
-                        raise last_error from None
-                    raise Timeout(
-                        f"no reply to {op} from the fms cluster at {self.broker} within "
-                        f"{time.monotonic() - first:.0f} s ({tries} tries)"
-                    ) from None
-                continue
+                continue  # sent again while the budget lasts
             finally:
                 self._waiting.pop(req_id, None)
             if reply.get("ok"):
                 return reply, frame
             error = from_reply(str(reply.get("error")), str(reply.get("message")), reply)
-            if isinstance(error, Unavailable) and time.monotonic() - first < budget:
+            left = budget - (time.monotonic() - first)
+            if isinstance(error, Unavailable) and left > 0:
                 last_error = error
-                await asyncio.sleep(min(RETRY_BACKOFF * 2 ** (tries - 1), RETRY_BACKOFF_MAX))
+                backoff = min(RETRY_BACKOFF * 2 ** (tries - 1), RETRY_BACKOFF_MAX)
+                await asyncio.sleep(min(backoff, left))
                 continue
             raise error
 
