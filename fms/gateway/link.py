@@ -3,7 +3,8 @@ requests: a ``get`` of a small object and the ``commit`` of a small body.  A req
 pool thread costs a hop to the thread and one back to the loop (two wake-ups, the GIL handed
 over twice) and a ZeroMQ socket per thread; here a request is sent from the handler's
 coroutine and its reply completes a future when the socket's file descriptor says it is
-readable.  Replies are matched to requests by id, so any number are in flight at once.
+readable.  Replies are matched to requests by id, so many are in flight at once: at most
+``window`` (:data:`WINDOW`); the rest wait for a place, within their time budget.
 
 Requests are retried as :class:`fms.client.session.Session` retries them: sent again when no
 reply came within ``timeout`` seconds, and after a backoff when answered ``unavailable``, within
@@ -19,6 +20,7 @@ holds no bodies in the gateway's memory."""
 
 import asyncio
 import itertools
+import logging
 import time
 from typing import Any
 
@@ -27,10 +29,18 @@ import zmq
 from fms import wire as p
 from fms.client.session import DEFAULT_RETRIES, RETRY_BACKOFF, RETRY_BACKOFF_MAX, endpoint
 from fms.errors import BadRequest, FmsError, Timeout, Unavailable, from_reply
+from fms.logutil import clip
 from fms.security import CurveClient
 from fms.wire.frames import Sendable, recv_frames, send_frames
 
 Reply = tuple[dict[str, Any], zmq.Frame | None]
+
+log = logging.getLogger("fms.gateway")
+
+# Requests in flight on one link at once, as many as the gateway's pool of threads has
+# (fms.gateway.store.THREADS): beyond it, a request waits for a place rather than adding to
+# the map of pending replies without bound.
+WINDOW = 64
 
 
 class AsyncLink:
@@ -42,6 +52,7 @@ class AsyncLink:
         curve: CurveClient | None = None,
         timeout: float = 5.0,
         retries: int = DEFAULT_RETRIES,
+        window: int = WINDOW,
     ) -> None:
         self.broker = endpoint(broker)
         self.curve = curve
@@ -51,6 +62,8 @@ class AsyncLink:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Reply]] = {}
+        self._slots = asyncio.Semaphore(max(1, window))  # places for requests in flight
+        self._closed = False
         self._digest_fn: str | None = None
         self._fd = -1
         # resolved when the socket can take a request again (connected, or under its HWM)
@@ -71,7 +84,14 @@ class AsyncLink:
             self._sock = sock
         return self._sock
 
+    def _closed_error(self) -> Unavailable:
+        return Unavailable(f"the gateway's link to the fms cluster at {self.broker} was closed")
+
     def close(self) -> None:
+        """Close the socket for good: calls waiting for a reply, or for a place, and any made
+        later, fail with :class:`~fms.errors.Unavailable` (not ``CancelledError``, which a
+        handler could take for its own cancellation)."""
+        self._closed = True
         sock, self._sock = self._sock, None
         if sock is not None:
             if self._loop is not None and not self._loop.is_closed():
@@ -82,11 +102,11 @@ class AsyncLink:
             sock.close(linger=0)
         for fut in self._waiting.values():
             if not fut.done():
-                fut.cancel()
+                fut.set_exception(self._closed_error())
         self._waiting.clear()
         writable, self._writable = self._writable, None
         if writable is not None and not writable.done():
-            writable.cancel()
+            writable.set_result(None)  # its sender finds the link closed
 
     def _readable(self) -> None:
         """Every reply waiting on the socket, each to its request's future.  ZeroMQ's file
@@ -105,15 +125,29 @@ class AsyncLink:
             if not events & zmq.POLLIN:
                 return
             frames = recv_frames(sock, zmq.NOBLOCK)
-            if len(frames) not in (1, 2):
-                continue
             try:
-                header = p.decode(frames[0].buffer)
-            except BadRequest:
-                continue
-            fut = self._waiting.pop(header.get("id"), None)  # type: ignore[arg-type]
-            if fut is not None and not fut.done():
-                fut.set_result((header, frames[1] if len(frames) == 2 else None))
+                self._deliver(frames)
+            except Exception as e:  # a malformed reply must not leave the others unread
+                log.warning(
+                    "event=link_bad_reply broker=%s frames=%d error=%s",
+                    self.broker,
+                    len(frames),
+                    clip(f"{type(e).__name__}: {e}"),
+                )
+
+    def _deliver(self, frames: list[zmq.Frame]) -> None:
+        """One reply to its request's future (none if its request was given up).
+
+        :raises BadRequest: the reply is malformed."""
+        if len(frames) not in (1, 2):
+            raise BadRequest(f"a reply of {len(frames)} frames")
+        header = p.decode(frames[0].buffer)
+        req_id = header.get("id")
+        if type(req_id) is not int:
+            raise BadRequest(f"a reply whose id is {type(req_id).__name__}, not int")
+        fut = self._waiting.pop(req_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result((header, frames[1] if len(frames) == 2 else None))
 
     async def _send(self, frames: list[Sendable], deadline: float) -> None:
         """Send a request, waiting until ``deadline`` (the loop's time) for the socket to take
@@ -138,6 +172,8 @@ class AsyncLink:
                 await asyncio.wait_for(asyncio.shield(writable), wait)
             except TimeoutError:
                 break
+            if self._closed:
+                raise self._closed_error()
         if self._waiting:  # a send can leave the edge of a reply unseen: look now
             self._readable()
 
@@ -148,15 +184,50 @@ class AsyncLink:
         reply (its subclass names the code); :raises Timeout: no reply within the budget."""
         first = time.monotonic()
         budget = self.timeout * (self.retries + 1)
+        if self._closed:
+            raise self._closed_error()
+        try:  # a place among the requests in flight, within the budget
+            await asyncio.wait_for(self._slots.acquire(), budget)
+        except TimeoutError:
+            raise Unavailable(
+                f"the gateway has {len(self._waiting)} requests in flight to the fms cluster "
+                f"at {self.broker}: no place for a {op} within {budget:.0f} s"
+            ) from None
+        try:
+            return await self._call(op, data, acting, fields, first, budget)
+        finally:
+            self._slots.release()
+
+    async def _call(
+        self,
+        op: str,
+        data: Sendable | None,
+        acting: str | None,
+        fields: dict[str, Any],
+        first: float,
+        budget: float,
+    ) -> Reply:
+        """:meth:`call`'s tries, once it has a place among the requests in flight."""
         tries, last_error = 0, None
         while True:
+            if self._closed:  # while this call waited for a place, or backed off
+                raise self._closed_error()
+            left = budget - (time.monotonic() - first)
+            if left <= 0:
+                if last_error is not None:
+                    raise last_error
+                raise Timeout(
+                    f"no reply to {op} from the fms cluster at {self.broker} within "
+                    f"{time.monotonic() - first:.0f} s ({tries} {'try' if tries == 1 else 'tries'})"
+                )
+            wait = min(self.timeout, left)  # no try outlasts the budget
             tries += 1
             req_id = next(self._ids)
             header: dict[str, Any] = {
                 "v": p.PROTOCOL_VERSION,
                 "op": op,
                 "id": req_id,
-                "ttl_ms": int(self.timeout * 1000),
+                "ttl_ms": max(1, int(wait * 1000)),
                 **fields,
             }
             if acting is not None:
@@ -165,30 +236,24 @@ class AsyncLink:
             if data is not None:
                 frames.append(data)
             loop = asyncio.get_running_loop()
-            deadline = loop.time() + self.timeout
+            deadline = loop.time() + wait
             fut: asyncio.Future[Reply] = loop.create_future()
             self._waiting[req_id] = fut
             try:
                 await self._send(frames, deadline)
                 reply, frame = await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
             except TimeoutError:
-                self._waiting.pop(req_id, None)
-                if time.monotonic() - first >= budget:
-                    if last_error is not None:
-                        raise last_error from None
-                    raise Timeout(
-                        f"no reply to {op} from the fms cluster at {self.broker} within "
-                        f"{time.monotonic() - first:.0f} s ({tries} tries)"
-                    ) from None
-                continue
+                continue  # sent again while the budget lasts
             finally:
                 self._waiting.pop(req_id, None)
             if reply.get("ok"):
                 return reply, frame
             error = from_reply(str(reply.get("error")), str(reply.get("message")), reply)
-            if isinstance(error, Unavailable) and time.monotonic() - first < budget:
+            left = budget - (time.monotonic() - first)
+            if isinstance(error, Unavailable) and left > 0:
                 last_error = error
-                await asyncio.sleep(min(RETRY_BACKOFF * 2 ** (tries - 1), RETRY_BACKOFF_MAX))
+                backoff = min(RETRY_BACKOFF * 2 ** (tries - 1), RETRY_BACKOFF_MAX)
+                await asyncio.sleep(min(backoff, left))
                 continue
             raise error
 
