@@ -336,10 +336,8 @@ class Core:
         # Invalidate before the ack leaves: the cache's pipe is FIFO, so any read the client
         # sends after this ack reaches the cache after the invalidation.
         self.invalidate(names)
-        self.replies.deliver(
-            pending.origin, body, pending.deadline, admitted=pending.reserve, req_id=pending.req_id
-        )
         if pending.origin["via"] == FRONTEND:
+            # Counted before the reply leaves: a client that has its answer finds it counted.
             err = route.get("err")
             # A worker's word, bounded: a label the metrics keep for good.
             outcome = (
@@ -354,6 +352,9 @@ class Core:
             self.reads.tally(
                 pending.op, pending.origin["from"], pending.req_id, pending.read, route, nbytes
             )
+        self.replies.deliver(
+            pending.origin, body, pending.deadline, admitted=pending.reserve, req_id=pending.req_id
+        )
 
     def _worker_request(self, worker: Worker, route: dict, body: list) -> None:
         """A worker asks another service (a cache's miss goes to storage)."""
