@@ -751,7 +751,9 @@ def _fields(header: dict[str, Any], *keys: str) -> dict[str, Any]:
 def _public(entry: dict) -> dict:
     """A stat or manifest as the API returns it: a hex digest, the number of chunks (``chunks``),
     no chunk list."""
-    out = {k: v for k, v in entry.items() if k not in _NOT_PUBLIC}
+    out = dict(entry)
+    for key in _NOT_PUBLIC:
+        out.pop(key, None)
     out["digest"] = entry["digest"].hex()
     out["chunks"] = entry["count"]
     return out

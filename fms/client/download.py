@@ -524,12 +524,13 @@ def small_ok(manifest: dict[str, Any], data: p.BytesLike | None) -> bool:
 
     :raises IntegrityError: the list does not give the file digest (a damaged manifest).
     """
-    if not p.inline_ok(manifest, data):
+    hash_fn = p.manifest_hasher(manifest)
+    if not p.inline_ok(manifest, data, hash_fn):
         return False
     if "chunks" not in manifest or manifest["count"] != 1:
         ChunkList(manifest, None)
     elif manifest["digest_kind"] == p.DIGEST_TREE and manifest["digest"] != p.one_chunk_digest(
-        manifest["extents"], manifest["chunks"][0], p.manifest_hasher(manifest)
+        manifest["extents"], manifest["chunks"][0], hash_fn
     ):
         raise IntegrityError(
             f"the manifest of {manifest['name']!r} is damaged: its chunk list does not give "

@@ -19,6 +19,7 @@ from typing import Any
 from ..errors import BadRequest
 from ..limits import BytesLike
 from .codec import DATA_PREFIX_LEN, data_buffer, unpack_data
+from .digests import Hasher
 from .fields import check_name, need, travels_inline
 from .manifest import check_manifest, manifest_hasher
 from .messages import MAX_BATCH_BYTES, MAX_BATCH_FILES
@@ -34,12 +35,15 @@ def need_names(header: Mapping[str, Any]) -> list[str]:
     return [check_name(name) for name in names]
 
 
-def inline_ok(manifest: Mapping[str, Any], payload: BytesLike | None) -> bool:
-    """Whether ``payload`` is the whole, verified content of a file that travels inline."""
+def inline_ok(
+    manifest: Mapping[str, Any], payload: BytesLike | None, hash_fn: Hasher | None = None
+) -> bool:
+    """Whether ``payload`` is the whole, verified content of a file that travels inline;
+    ``hash_fn``: the manifest's (:func:`manifest_hasher`), if the caller has it at hand."""
     return (
         payload is not None
         and len(payload) == manifest["size"]
-        and manifest_hasher(manifest)(payload) == manifest["chunks"][0]
+        and (hash_fn or manifest_hasher(manifest))(payload) == manifest["chunks"][0]
     )
 
 
@@ -82,7 +86,8 @@ class BatchReply:
 def read_batch(
     header: Mapping[str, Any], data: BytesLike | None, names: list[str]
 ) -> list[tuple[dict[str, Any], memoryview | None]]:
-    """The results of a ``get_many`` reply for ``names``, as ``(result, payload)`` pairs:
+    """The results of a ``get_many`` reply for ``names`` (checked names, as :func:`need_names`
+    gives them), as ``(result, payload)`` pairs:
     ``payload`` is a memoryview over the data frame for an inline result, else None.  Payloads
     are not verified here (:func:`inline_ok`).
 
@@ -100,11 +105,11 @@ def read_batch(
         if "error" in result:
             out.append((result, None))
             continue
-        manifest = check_manifest(need(result, "manifest", dict))
+        manifest = check_manifest(need(result, "manifest", dict), name)
         if manifest["name"] != name:
             raise BadRequest("get_many: a manifest is for another name")
-        result = {**result, "manifest": manifest}
-        if need(result, "inline", bool):
+        inline = result.get("inline")
+        if inline is True or (inline is not False and need(result, "inline", bool)):
             end = at + manifest["size"]
             if end > len(payload):
                 raise BadRequest("get_many: the data frame is shorter than its results say")

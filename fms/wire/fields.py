@@ -203,6 +203,30 @@ def check_name(name: object) -> str:
         raise BadRequest(f"a name must be a string, got {type(name).__name__}")
     if not name:
         raise BadRequest("the name is empty; give a name such as 'photos/cat.jpg'")
+    if name.isascii() and name.isprintable():
+        # No NUL, control, bidi or zero-width character (none is printable ASCII), and in
+        # NFC already, a byte a character: the common name, checked without the patterns.
+        size = len(name)
+    else:
+        name, size = _check_characters(name)
+    if size > MAX_NAME_BYTES:
+        raise BadRequest(f"name is {size} bytes long; names are at most {MAX_NAME_BYTES} bytes")
+    if name.startswith("/"):
+        raise BadRequest(f"name {name!r} is absolute; names are relative keys such as 'a/b.txt'")
+    for part in name.split("/"):
+        if part == "..":
+            raise BadRequest(f"name {name!r} has a '..' component; names cannot climb out")
+        if part in ("", "."):
+            raise BadRequest(
+                f"name {name!r} has an empty or '.' component; write it as "
+                f"{'/'.join(p for p in name.split('/') if p not in ('', '.'))!r}"
+            )
+    return name
+
+
+def _check_characters(name: str) -> tuple[str, int]:
+    """``name`` in NFC and its length in UTF-8, if it holds no NUL, control, bidi or
+    zero-width character and encodes; else :class:`BadRequest` saying why."""
     if "\x00" in name:
         raise BadRequest(f"name {name!r} contains a NUL byte; remove it")
     if _CONTROL.search(name):
@@ -221,19 +245,7 @@ def check_name(name: object) -> str:
         size = len(name.encode("utf-8"))
     except UnicodeEncodeError:
         raise BadRequest(f"name {name!r} is not valid UTF-8") from None
-    if size > MAX_NAME_BYTES:
-        raise BadRequest(f"name is {size} bytes long; names are at most {MAX_NAME_BYTES} bytes")
-    if name.startswith("/"):
-        raise BadRequest(f"name {name!r} is absolute; names are relative keys such as 'a/b.txt'")
-    for part in name.split("/"):
-        if part == "..":
-            raise BadRequest(f"name {name!r} has a '..' component; names cannot climb out")
-        if part in ("", "."):
-            raise BadRequest(
-                f"name {name!r} has an empty or '.' component; write it as "
-                f"{'/'.join(p for p in name.split('/') if p not in ('', '.'))!r}"
-            )
-    return name
+    return name, size
 
 
 def is_folder_name(name: object) -> bool:

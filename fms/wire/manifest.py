@@ -29,6 +29,8 @@ from ..errors import BadRequest, TooLarge
 from .digests import DIGEST_FUNCTIONS, Hasher, hasher
 from .fields import (
     HASH_LEN,
+    MTIME_MAX,
+    MTIME_MIN,
     Digest,
     check_mtime,
     check_name,
@@ -255,16 +257,30 @@ def page_ids(extents: Iterable[Extent], digests: bytes, hash_fn: Hasher) -> list
     return out
 
 
-def check_manifest(manifest: object) -> dict[str, Any]:
+_INT_MAX = 2**63 - 1  # need_int's default bound
+
+
+def check_manifest(manifest: object, name: str | None = None) -> dict[str, Any]:
     """Check that a manifest from the wire has every field with the right type and a shape
     that adds up (its size, count, extents and list agree), so nothing downstream trips over it;
     whether its list gives its digest is checked where it is read (fms.client.listing).
 
+    ``name``: a name already checked (:func:`~fms.wire.fields.check_name`) that the caller
+    expects the manifest to have; a manifest whose name is that one is not checked again
+    (whether it is that one is the caller's check).
+
+    A manifest as every reply carries it (plain msgpack types, a short chunk list in one extent)
+    is checked in one pass (:func:`_plain_manifest_ok`); any other, or one that fails it, is
+    checked field by field, which says what is wrong.
+
     :raises BadRequest: it does not.
     """
+    if type(manifest) is dict and _plain_manifest_ok(manifest, name):
+        return manifest
     if not isinstance(manifest, dict):
         raise BadRequest("manifest must be a map")
-    check_name(need(manifest, "name", str))
+    if name is None or manifest.get("name") != name:
+        check_name(need(manifest, "name", str))
     size = need_int(manifest, "size")
     count = need_int(manifest, "count", hi=MAX_FILE_CHUNKS)
     need_int(manifest, "chunk_size", hi=MAX_CHUNK_SIZE)
@@ -288,6 +304,68 @@ def check_manifest(manifest: object) -> dict[str, Any]:
     if "chunks" not in manifest:
         need_hash(manifest, "body")
     return manifest
+
+
+def _plain_manifest_ok(m: dict[str, Any], name: str | None) -> bool:
+    """Whether ``m`` passes every check of :func:`check_manifest`, checked in one pass for the
+    common shape: every field of its exact msgpack type, a chunk list in it (``chunks``) and at
+    most one extent.  False for anything else, which :func:`check_manifest` then checks field by
+    field (so this accepts nothing that does not pass there; it may raise what that raises).
+    """
+    get = m.get
+    n = get("name")
+    size = get("size")
+    count = get("count")
+    chunk_size = get("chunk_size")
+    digest = get("digest")
+    mtime = get("mtime")
+    version = get("version")
+    chunks = get("chunks")
+    extents = get("extents")
+    if not (
+        type(n) is str
+        and type(size) is int
+        and type(count) is int
+        and type(chunk_size) is int
+        and type(version) is int
+        and type(digest) is bytes
+        and type(chunks) is list
+        and type(extents) is bytes
+        and (type(mtime) is float or type(mtime) is int)
+        and len(digest) == HASH_LEN
+        and 0 <= size <= _INT_MAX
+        and 0 <= count <= INLINE_CHUNKS
+        and len(chunks) == count
+        and 0 <= chunk_size <= MAX_CHUNK_SIZE
+        and 1 <= version <= _INT_MAX
+        and MTIME_MIN <= mtime <= MTIME_MAX
+        and get("digest_fn") in DIGEST_FUNCTIONS
+        and get("digest_kind") in DIGEST_KINDS
+    ):
+        return False
+    for chunk in chunks:
+        if type(chunk) is not bytes or len(chunk) != HASH_LEN:
+            return False
+    if len(extents) == EXTENT_LEN:
+        extent_chunk_size, extent_size = _EXTENT.unpack(extents)
+        if not (
+            MIN_CHUNK_SIZE <= extent_chunk_size <= MAX_CHUNK_SIZE
+            and extent_size == size
+            and size >= 1
+            and _count(extent_chunk_size, size) == count
+        ):
+            return False
+    elif extents or size or count:  # several extents: checked field by field
+        return False
+    if n != name or name is None:
+        check_name(n)  # the first field checked: what it raises, check_manifest raises
+    meta = get("meta")
+    if meta is not None:
+        if type(meta) is not dict:
+            return False
+        if meta:
+            check_meta(meta)  # every field before it passed: what it raises, so would that
+    return True
 
 
 def manifest_hasher(manifest: Mapping[str, Any]) -> Hasher:
