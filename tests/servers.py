@@ -71,11 +71,26 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
+def _ephemeral_low(default: int = 32768) -> int:
+    """The lowest port the kernel hands out as the local end of outgoing connections."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return default
+
+
 def free_port(hosts=("127.0.0.1",), offsets=(0,), low=20000, high=50000) -> int:
     """A port P such that P+offset is bindable on every host for every offset.
 
-    Random in [low, high) so that concurrent runs rarely collide; the caller still retries
-    when the server reports the port taken (another process may grab it in between)."""
+    Random in [low, high) so that concurrent runs rarely collide, and below the kernel's
+    ephemeral range where it has room: a server restarted on the ports it had (SeaweedFS's
+    stop and start) would otherwise find one taken by some client's outgoing connection. The
+    caller still retries when the server reports the port taken (another process may grab it
+    in between)."""
+    high = min(high, _ephemeral_low() - max(offsets))
+    if high - low < 1000:  # a machine whose ephemeral range starts low: take the whole span
+        low, high = 20000, 50000
     rng = secrets.SystemRandom()
     for _ in range(500):
         port = rng.randrange(low, high)
