@@ -98,9 +98,9 @@ class ChunkCache:
         # this thread's connection (the event loop's: reads), and the rows kept from before
         self._db, rows = _open_small_db(db_path)
         self._writer = _WriteBehind(self._tmp, db_path)
-        self._load(rows, db_path)
+        self._load(rows)
 
-    def _load(self, rows: list[tuple[bytes, int, float]], db_path: str) -> None:
+    def _load(self, rows: list[tuple[bytes, int, float]]) -> None:
         """Put back what an earlier run left on disk (``rows``: small.db's), the most recently
         filled first while there is room; the rest is deleted."""
         # (mtime or time filled, digest, size, whether it is a row of small.db)
@@ -120,29 +120,22 @@ class ChunkCache:
                     continue
                 found.append((st.st_mtime, digest, st.st_size - CRC_LEN, False))
         found.sort(reverse=True)  # the most recently filled first, while there is room
-        unwanted: list[tuple[Digest]] = []  # rows of small.db
+        unwanted: list[Digest] = []  # rows of small.db
         for _mtime, digest, size, in_db in found:
             if self.policy.restore(digest, size):
                 self._on_disk.add(digest)
                 if in_db:
                     self._in_db.add(digest)
             elif in_db:  # no room, or held as a file too (a duplicate of either kind goes)
-                unwanted.append((digest,))
+                unwanted.append(digest)
             else:
                 with contextlib.suppress(OSError):
                     os.unlink(self._path(digest))
-        if unwanted:
-            try:
-                self._db.execute("BEGIN")
-                self._db.executemany("DELETE FROM entries WHERE digest = ?", unwanted)
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:  # read again at the next start
-                log.warning("event=cache_write_failed rows=%d error=%r", len(unwanted), str(exc))
-                try:  # else its lock would keep the writer out
-                    self._db = _out_of_transaction(self._db, db_path)
-                except sqlite3.OperationalError as again:
-                    self._writer.close()
-                    raise _unusable(db_path, again) from None
+        if unwanted:  # by the writer, in one transaction, before the cache serves
+            with self.batch():
+                for digest in unwanted:
+                    self._writer.delete(digest, None)
+            self._writer.flush()
         log.info(
             "event=cache_loaded entries=%d bytes=%d rows=%d",
             len(self.policy),
