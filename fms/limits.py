@@ -35,6 +35,10 @@ MAX_FRAME = 32 * MiB  # ZMQ_MAXMSGSIZE (fms.wire.codec.MAX_FRAME_SIZE is this)
 MAX_CONTAINERS = 8  # arrays + maps one request header or route frame may hold
 MAX_MAP_LEN = 64  # keys in any one map of a request or route
 INV_NAME_BYTES = 32 * KiB  # names in one `inv` route frame to a cache (well under MAX_HEADER)
+# Bytes of commit fills (a small file's content handed to its cache with the invalidation) the
+# broker may have handed to ZeroMQ for one cache worker before the cache's heartbeat says it took
+# them; past this, a commit's invalidation goes without its content.
+FILL_WINDOW = 8 * MiB
 DIGEST_WIRE = 34  # a 32-byte digest as msgpack bin8: the smallest legit list item
 PEEK_KEYS = ("v", "op", "id", "ttl_ms", "fresh", "rx")
 

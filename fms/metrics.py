@@ -88,6 +88,13 @@ class BrokerMetrics:
             "displace, or too large)",
             registry=self.registry,
         )
+        self.cache_fills = Counter(
+            "fms_cache_commit_fills",
+            "Small files' content handed to their cache worker with a commit's invalidation "
+            "(sent), or not because the cache had not taken the earlier ones yet (window_full)",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.workers = Gauge(
             "fms_workers", "Live workers, by service", ["service"], registry=self.registry
         )

@@ -76,9 +76,9 @@ class Service(Protocol):
 
     def handle_reply(self, header: dict[str, Any], data: zmq.Frame | None) -> None: ...
 
-    def on_register(self) -> None: ...
+    def on_register(self, at: int | None = None) -> None: ...
 
-    def on_invalidate(self, name: str) -> None: ...
+    def on_invalidate(self, name: str, at: int | None = None) -> None: ...
 
     def tick(self, now: float) -> None: ...
 
@@ -95,6 +95,7 @@ class Link(Protocol):
         cache: str | None = None,
         chunks: int | None = None,
         batch: tuple[int, int] | None = None,
+        fill: bytes | None = None,
     ) -> None: ...
 
     def request(
@@ -216,6 +217,7 @@ class BrokerLink:
         cache: str | None = None,
         chunks: int | None = None,
         batch: tuple[int, int] | None = None,
+        fill: bytes | None = None,
     ) -> None:
         """Answer a request that reached this worker with ``route``.
 
@@ -223,13 +225,17 @@ class BrokerLink:
         a hit (for a ``get``, how many ``chunks`` requests the client will send for it; for a
         ``get_many``, ``batch``: names served whole from the cache, names fetched), so the
         broker can count them without decoding the header.  ``invalidate`` names a name the
-        broker must drop from the cache before it forwards this reply.
+        broker must drop from the cache before it forwards this reply; ``fill``, the encoded
+        manifest of the version a commit made whose whole content the request carried (the
+        broker may hand both to the cache with the invalidation).
         """
         back = {"t": "rep", "k": route.get("k"), "ok": bool(header.get("ok"))}
         if not back["ok"]:
             back["err"] = header.get("error")
         if invalidate is not None:
             back["inv"] = invalidate
+        if fill is not None:
+            back["fill"] = fill
         if cache is not None:
             back["cache"] = cache
         if chunks:
@@ -413,15 +419,26 @@ def _dispatch(
         if not link.registered:
             link.registered = True
             log.info("event=registered broker=%s", link.endpoint)
-            service.on_register()
+            service.on_register(_key_or_none(route, "at"))
     elif kind == "inv":
         names = route.get("names")
         if names is None:
             names = [p.need(route, "name", str)]
         elif not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise BadRequest("inv: 'names' must be an array of str")
+        at = _key_or_none(route, "at")
+        fill = route.get("fill")
+        on_fill = getattr(service, "on_fill", None)
+        if fill is not None and on_fill is not None:
+            if not isinstance(fill, bytes) or len(frames) != 2 or len(names) != 1 or at is None:
+                raise BadRequest("inv: a 'fill' is bytes, for one name, with 'at' and a data frame")
+            since = _key_or_none(route, "since")
+            if since is None:
+                raise BadRequest("inv: a 'fill' needs 'since'")
+            on_fill(names[0], at, since, fill, frames[1])
+            return
         for name in names:
-            service.on_invalidate(name)
+            service.on_invalidate(name, at)
     elif kind == "policy":
         _policy(service, frames)
     elif kind == "reregister":
@@ -506,3 +523,13 @@ def _handle_request(
     except Exception as exc:  # a bug must cost one request, not the process (invariant 5)
         log.exception("event=handler_crashed error=%r", exc)
         link.reply(route, p.error_reply(req_id, "internal", f"internal error: {exc!r}"))
+
+
+def _key_or_none(route: dict[str, Any], field: str) -> int | None:
+    """A broker request key in ``route`` (an int >= 0), or None if absent."""
+    value = route.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise BadRequest(f"{route.get('t')}: {field!r} must be an int >= 0")
+    return value

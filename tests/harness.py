@@ -191,11 +191,15 @@ class Cluster:
         self.frontend, self.backend = match.group(1), match.group(2)
         return proc
 
-    def start_storage(self, data=None, wid=None, extra=(), delay: float = 0.0) -> Proc:
+    def start_storage(
+        self, data=None, wid=None, extra=(), delay: float = 0.0, reply_delay: float = 0.0
+    ) -> Proc:
         """A storage worker; with ``delay``, one that waits that long before each request
-        (tests/slow_storage.py), so that a test can kill it in the middle of work."""
+        (tests/slow_storage.py), so that a test can kill it in the middle of work; with
+        ``reply_delay``, before each reply that changed names (its ack comes late)."""
         wid = wid or f"storage-{self._seq + 1}"
-        kind = ["slow_storage", str(delay)] if delay else ["storage"]
+        slow = delay or reply_delay
+        kind = ["slow_storage", f"{delay}:{reply_delay}"] if slow else ["storage"]
         return self._spawn(
             wid,
             [

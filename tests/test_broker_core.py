@@ -4,6 +4,7 @@ messages as from clients and workers and reads what it sent through a recording 
 import time
 
 import pytest
+from storage_helpers import commit_fields
 
 from fms import limits
 from fms import wire as p
@@ -209,7 +210,9 @@ def test_a_storage_reply_that_changed_a_name_invalidates_every_cache_before_the_
     sent = core.transport.take()
     order = [(to, ident) for to, ident, *_ in sent]
     assert order == [("worker", b"c1"), ("worker", b"c2"), ("client", b"alice")]
-    assert all(route == {"t": "inv", "name": "a"} for to, _, route, _ in sent if to == "worker")
+    assert all(
+        route == {"t": "inv", "name": "a", "at": key} for to, _, route, _ in sent if to == "worker"
+    )
 
 
 def test_a_cache_that_cannot_be_told_is_dropped_before_the_ack_leaves(core):
@@ -234,6 +237,93 @@ def test_a_late_storage_reply_still_invalidates_what_it_changed(core):
     answer(core, b"s", key, p.ok_reply(7, stat={}), inv="a")
     sent = core.transport.take()
     assert [(to, ident) for to, ident, *_ in sent] == [("worker", b"c1")]  # inv, no reply
+
+
+def _commit_with_fill(core, req_id: int, content: bytes, ttl_ms: int | None = None):
+    """A client commits ``content`` to "a" (inline) and storage s acks it with a fill: the key,
+    and what the broker sent (raw frames) after the ack came."""
+    fields = {k: v for k, v in commit_fields("a", content, f"x{req_id}").items() if k != "op"}
+    if ttl_ms is not None:
+        fields["ttl_ms"] = ttl_ms
+    ask(core, b"alice", "commit", req_id, data=content, **fields)
+    ((key, _),) = requests_to(core.transport.take(), b"s")
+    return key, lambda: answer(
+        core, b"s", key, p.ok_reply(req_id, stat={}), inv="a", fill=b"MANIFEST"
+    )
+
+
+def _fills(sent: list) -> dict:
+    """cache ident -> (inv route, data frame or None) of each inv sent, from raw frames."""
+    return {
+        ident: (p.decode(frames[0], "route"), frames[1] if len(frames) > 1 else None)
+        for to, ident, frames in sent
+        if to == "worker" and p.decode(frames[0], "route")["t"] == "inv"
+    }
+
+
+def test_a_commit_fill_goes_to_the_owner_of_the_name_with_the_requests_data_before_the_ack(core):
+    ready(core, b"c1", p.CACHE)
+    ready(core, b"c2", p.CACHE)
+    ready(core, b"s", p.STORAGE)
+    core.transport.take()
+    key, ack = _commit_with_fill(core, 7, b"hello")
+    ack()
+    sent = core.transport.sent[:]
+    core.transport.sent.clear()
+    told = _fills(sent)
+    owner = core.registry.get(b"c1" if told[b"c1"][1] is not None else b"c2")
+    ask(core, b"alice", "get", 8, name="a")  # the get goes to the cache that was filled
+    assert [ident for to, ident, *_ in core.transport.take()] == [owner.ident]
+    other = b"c2" if owner.ident == b"c1" else b"c1"
+    route, frame = told[owner.ident]
+    assert route == {"t": "inv", "name": "a", "at": key, "fill": b"MANIFEST", "since": key}
+    assert p.unpack_data(frame) == b"hello"
+    assert told[other] == ({"t": "inv", "name": "a", "at": key}, None)
+    assert [to for to, *_ in sent] == ["worker", "worker", "client"]  # the ack goes last
+    assert owner.fill_sent == len(p.pack_data(b"hello"))
+
+
+def test_commit_fills_stop_at_the_window_until_the_caches_heartbeat_says_it_took_them(
+    core, monkeypatch
+):
+    monkeypatch.setattr(limits, "FILL_WINDOW", 100)
+    ready(core, b"c1", p.CACHE)
+    ready(core, b"s", p.STORAGE)
+    content = b"x" * 40  # 45 bytes with its prefix: two fit in the window, not three
+    outcomes = []
+    for req_id in (1, 2, 3):
+        _key, ack = _commit_with_fill(core, req_id, content)
+        ack()
+        outcomes.append(_fills(core.transport.sent)[b"c1"][1] is not None)
+        core.transport.sent.clear()
+    assert outcomes == [True, True, False]
+    assert core.metrics.cache_fills.labels("window_full")._value.get() == 1
+    hb = {"t": "hb", "st": {"evictions": 0, "refused": 0, "filled": 90}}
+    core.worker_message(b"c1", [p.encode(hb)])
+    _key, ack = _commit_with_fill(core, 4, content)
+    ack()
+    assert _fills(core.transport.sent)[b"c1"][1] is not None  # room again
+
+
+def test_a_late_commit_reply_invalidates_without_a_fill(core):
+    ready(core, b"c1", p.CACHE)
+    ready(core, b"s", p.STORAGE)
+    core.transport.take()
+    _key, ack = _commit_with_fill(core, 7, b"hello", ttl_ms=50)
+    core.tick(time.monotonic() + 1 + limits.INFLIGHT_GRACE)  # given up on
+    ack()
+    route, frame = _fills(core.transport.sent)[b"c1"]
+    assert frame is None and "fill" not in route
+
+
+def test_a_welcome_says_the_newest_request_key(core):
+    ready(core, b"s", p.STORAGE)
+    ask(core, b"alice", "stat", 1, name="a")
+    ask(core, b"alice", "stat", 2, name="b")
+    core.transport.take()
+    ready(core, b"c1", p.CACHE)
+    (welcome,) = [r for to, ident, r, _ in core.transport.take() if r["t"] == "welcome"]
+    assert welcome["at"] == 2
 
 
 def test_invalidations_of_many_names_go_in_messages_of_bounded_size(core):
@@ -668,11 +758,12 @@ def test_hello_says_the_stores_digest_function_once_storage_has_announced_it(cor
     ask(core, b"c", "hello", 1)
     assert replies_to(core.transport.take(), b"c")[0]["error"] == "unavailable"  # no storage
     ready(core, b"k", p.CACHE)
-    assert routes_to(core.transport.take(), b"k") == [{"t": "welcome", "pol": True}]  # not yet
+    # not yet
+    assert routes_to(core.transport.take(), b"k") == [{"t": "welcome", "pol": True, "at": 0}]
     ready(core, b"s", p.STORAGE)
     sent = core.transport.take()
     # The cache hears of it before anything can be dispatched to the storage worker.
-    told = {"t": "welcome", "pol": True, "digest_fn": p.BLAKE3}
+    told = {"t": "welcome", "pol": True, "digest_fn": p.BLAKE3, "at": 0}
     assert routes_to(sent, b"k") == [told]
     assert routes_to(sent, b"s") == [told]
     ask(core, b"c", "hello", 2)

@@ -13,6 +13,7 @@ from storage_helpers import manifest_of as storage_manifest
 
 from fms import wire as p
 from fms.cache import CacheService, ChunkCache, ManifestCache
+from fms.cache import manifests as manifests_module
 from fms.cache.chunks import SMALL_MAX
 
 
@@ -624,6 +625,99 @@ def test_reregistering_drops_every_manifest(service):
     service.on_register()
     service.handle_request(route(1), get("f", 2), None)
     assert len(service.link.requests) == 2  # a miss again
+
+
+# --- fills on commit: a small file's content handed over with its commit's invalidation ---
+
+
+def commit_fill(service, name, content, version, since, at):
+    """The broker hands over the commit (request key ``since``) of ``content`` as ``version``
+    of ``name`` with its invalidation (``at``)."""
+    manifest = p.encode(manifest_of(name, content, version))
+    service.on_fill(name, at, since, manifest, Frame(p.pack_data(content)))
+
+
+def cached_version(service, name):
+    found = service.manifests.peek(name)
+    return found["version"] if found is not None else None
+
+
+def test_a_commit_fill_makes_the_next_read_a_hit_with_the_new_content(service):
+    service.on_register(0)
+    service.handle_request(route(1), get("f", 1), None)
+    storage_answers(service, service.link.requests[0][1], b"v1", 1)
+    commit_fill(service, "f", b"v2", 2, since=5, at=5)
+    service.handle_request(route(2), get("f", 2), None)
+    assert len(service.link.requests) == 1  # no fetch: a hit
+    assert service.link.outcomes[-1] == "hit"
+    _route, header, data = service.link.replies[-1]
+    assert header["manifest"]["version"] == 2 and bytes(p.unpack_data(data)) == b"v2"
+    assert service.stats()["commit_fills"] == 1
+    assert service.beat()["filled"] == len(p.pack_data(b"v2"))
+
+
+def test_a_commit_fill_overtaken_by_a_later_change_of_its_name_is_not_kept(service):
+    service.on_register(0)
+    service.on_invalidate("f", 6)  # an rm (admitted after the commit) was acked first
+    commit_fill(service, "f", b"old", 1, since=5, at=7)
+    assert cached_version(service, "f") is None
+    commit_fill(service, "g", b"v2", 2, since=9, at=9)  # two commits acked out of order:
+    commit_fill(service, "g", b"v1", 1, since=8, at=10)  # the older one is not kept
+    assert cached_version(service, "g") is None
+    assert service.stats()["commit_fills_refused"] == 2
+    commit_fill(service, "f", b"new", 3, since=11, at=11)  # newer than all heard: kept
+    assert cached_version(service, "f") == 3
+
+
+def test_a_commit_fill_under_a_folder_renamed_since_is_not_kept(service):
+    service.on_register(0)
+    service.on_invalidate("d/", 6)  # mv of a folder onto d/
+    commit_fill(service, "d/sub/x", b"old", 1, since=5, at=7)
+    commit_fill(service, "dx", b"other", 1, since=5, at=8)  # shares the letters only
+    assert cached_version(service, "d/sub/x") is None and cached_version(service, "dx") == 1
+    commit_fill(service, "d/sub/x", b"new", 2, since=9, at=9)
+    assert cached_version(service, "d/sub/x") == 2
+
+
+def test_no_commit_fill_older_than_the_welcome_or_after_an_inv_without_order_is_kept(service):
+    service.on_register(10)  # invalidations may have been lost while cut off
+    commit_fill(service, "f", b"v1", 1, since=9, at=11)
+    assert cached_version(service, "f") is None
+    commit_fill(service, "f", b"v2", 2, since=12, at=12)
+    assert cached_version(service, "f") == 2
+    service.on_invalidate("other")  # a broker that does not say `at`
+    commit_fill(service, "f", b"v3", 3, since=13, at=13)
+    assert cached_version(service, "f") is None
+    assert service.beat()["filled"] > 0
+    service.on_register(20)
+    assert service.beat()["filled"] == 0  # counted afresh, as the broker does
+    commit_fill(service, "f", b"v4", 4, since=21, at=21)
+    assert cached_version(service, "f") == 4
+
+
+def test_a_commit_fill_that_does_not_match_its_digest_is_dropped_and_still_invalidates(service):
+    service.on_register(0)
+    commit_fill(service, "f", b"v1", 1, since=1, at=1)
+    manifest = p.encode(manifest_of("f", b"v2", 2))
+    service.on_fill("f", 3, 2, manifest, Frame(p.pack_data(b"not v2")))
+    assert cached_version(service, "f") is None  # v1 dropped, v2 not kept
+    service.on_fill("f", 5, 4, manifest, Frame(p.pack_data(b"v2")))
+    assert cached_version(service, "f") == 2
+    other = p.encode(manifest_of("g", b"v2", 2))
+    service.on_fill("f", 7, 6, other, Frame(p.pack_data(b"v2")))  # another name's manifest
+    assert cached_version(service, "f") is None and cached_version(service, "g") is None
+
+
+def test_what_the_cache_remembers_for_commit_fills_is_bounded(monkeypatch):
+    monkeypatch.setattr(manifests_module, "CHANGED_MAX", 8)
+    m = ManifestCache()
+    m.welcomed(0)
+    for at in range(1, 101):
+        m.heard(f"n{at}", at)
+    assert len(m._changed) <= 8
+    assert not m.may_fill("n1", 50)  # forgotten: the floor refuses older fills
+    assert not m.may_fill("n100", 100)
+    assert m.may_fill("n100", 101) and m.may_fill("new", 101)
 
 
 def test_storage_error_is_forwarded_to_every_waiter(service):

@@ -737,10 +737,12 @@ class Link:
     def __init__(self):
         self.replies = []
         self.frames = []
+        self.fills = []
 
-    def reply(self, route, header, data=None, invalidate=None, cache=None):
+    def reply(self, route, header, data=None, invalidate=None, cache=None, fill=None):
         self.replies.append(header)
         self.frames.append(data)
+        self.fills.append(fill)
 
 
 def request(service, link, **header):
@@ -790,6 +792,31 @@ def test_commits_that_arrive_together_are_one_transaction_each_answered(store):
     service.flush()
     assert sorted(r["id"] for r in link.replies) == list(range(10))
     assert all(r["ok"] for r in link.replies) and store.totals().files == 10
+
+
+def test_only_a_commit_that_made_a_small_file_from_the_content_it_carried_offers_a_fill(store):
+    """Storage tells the broker it may hand a commit's content to the cache (``fill``, the new
+    version's manifest) only when the commit made that version now, from content it carried
+    whole (only a one-chunk file of at most INLINE_MAX may carry it): not a retry answered from
+    the log, not a commit of chunks uploaded before, not an rm."""
+    link = Link()
+    service = StorageService(store, link)
+
+    def commit(name, data, commit_id, inline=True, chunk_size=CHUNK):
+        fields = commit_fields(name, data, commit_id, chunk_size)
+        header = {"v": p.PROTOCOL_VERSION, "id": commit_id, **fields}
+        service.handle_request({}, header, _frame(data) if inline else None)
+        service.flush()
+        assert link.replies[-1]["ok"], link.replies[-1]["message"]
+        return link.fills[-1]
+
+    fill = commit("a", b"small", "c1")
+    assert p.decode(fill) == store.version("a").manifest(store.digest_fn)
+    assert commit("a", b"small", "c1") is None  # the same commit again: answered from the log
+    put_file(store, "b", b"stored before", commit="c2")
+    assert commit("b", b"stored before", "c3", inline=False) is None  # content not carried
+    assert request(service, link, op="rm", name="a", commit="c6")["ok"]
+    assert link.fills[-1] is None
 
 
 def test_missing_chunks_reply_lists_them(store):

@@ -130,9 +130,16 @@ def test_an_interrupted_put_r_counts_the_files_it_committed(make_cluster, tmp_pa
 # --- stats and metrics ---
 
 
+def _put_unfilled(c, data: bytes, name: str) -> None:
+    """Store ``data`` as ``name`` without handing it to the cache (a small file's commit
+    would: fills on commit) so that its first read is a miss: written elsewhere, then moved."""
+    c.put_bytes(data, name + ".tmp")
+    c.mv(name + ".tmp", name)
+
+
 def test_stats_json_shows_workers_cache_and_store(cluster, tmp_path):
     with cluster.client() as c:
-        c.put_bytes(b"a" * 1000, "a")
+        _put_unfilled(c, b"a" * 1000, "a")
         c.get_bytes("a")
         c.get_bytes("a")
     out = json.loads(cluster.cli("stats", "--json").stdout)
@@ -142,7 +149,7 @@ def test_stats_json_shows_workers_cache_and_store(cluster, tmp_path):
         ("storage", "storage-b"),
     ]
     assert all({"state", "inflight", "served"} <= set(w) for w in out["workers"])
-    assert out["cache"]["hits"] == 1 and out["cache"]["misses"] == 1  # lookups
+    assert out["cache"]["hits"] == 1 and out["cache"]["misses"] == 1, out["cache"]  # lookups
     assert out["cache"]["bytes"] == 1000
     assert (out["cache"]["get_hits"], out["cache"]["get_misses"]) == (1, 1)  # per GET
     assert (out["cache"]["bytes_hit"], out["cache"]["bytes_missed"]) == (1000, 1000)
@@ -161,7 +168,7 @@ def test_broker_serves_prometheus_metrics(make_cluster, tmp_path):
     cluster.start_storage(wid="storage-b")
     cluster.wait_workers(storage=2, cache=1)
     with cluster.client() as c:
-        c.put_bytes(b"m" * 100, "m")
+        _put_unfilled(c, b"m" * 100, "m")
         c.get_bytes("m")
         c.get_bytes("m")
         with pytest.raises(fms.NotFound):

@@ -78,10 +78,10 @@ class BlockingService:
     def handle_reply(self, header, data):
         pass
 
-    def on_register(self):
+    def on_register(self, at=None):
         pass
 
-    def on_invalidate(self, name):
+    def on_invalidate(self, name, at=None):
         pass
 
     def tick(self, now):

@@ -309,7 +309,9 @@ class Core:
         """The ``welcome`` route: ``pol`` (this broker passes access snapshots on), and the
         store's digest function once it is known."""
         known = self.registry.store
-        route = {"t": "welcome", "pol": True}
+        # `at`: the newest request key given; a cache keeps no commit fill of a request older
+        # than its welcome (an invalidation may have been lost while it was cut off).
+        route = {"t": "welcome", "pol": True, "at": self.dispatcher.newest_key}
         if known is not None:
             route["digest_fn"] = known[1]
         return route
@@ -334,8 +336,13 @@ class Core:
             self.admission.learn(pending.digest, h.nbytes(body[1]))
         self.dispatcher.pump(worker.service)  # its credit is free again
         # Invalidate before the ack leaves: the cache's pipe is FIFO, so any read the client
-        # sends after this ack reaches the cache after the invalidation.
-        self.invalidate(names)
+        # sends after this ack reaches the cache after the invalidation.  A commit that carried
+        # its whole content hands it to the cache with it (storage says so with `fill`).
+        fill = route.get("fill")
+        if isinstance(fill, bytes) and len(names) == 1 and len(pending.body) == 2:
+            self.dispatcher.invalidate(names, (fill, pending.body[1], key))
+        else:
+            self.invalidate(names)
         if pending.origin["via"] == FRONTEND:
             # Counted before the reply leaves: a client that has its answer finds it counted.
             err = route.get("err")

@@ -14,16 +14,18 @@ has held unanswered for ``INFLIGHT_GRACE`` past their deadline are dropped.
 
 import logging
 import time
+from typing import Any
 
 from .. import limits
 from .. import wire as p
 from ..logutil import RateLimitedLog
 from ..metrics import BrokerMetrics
+from . import headers as h
 from .admission import Admission
 from .headers import batches_of_names
 from .registry import Registry, Worker
 from .replies import FRONTEND, Replies
-from .routing import FairQueue, Pending, pick
+from .routing import FairQueue, Pending, pick, rendezvous
 from .transport import Transport
 
 log = logging.getLogger("fms.broker")
@@ -51,6 +53,11 @@ class Dispatcher:
         self.shed = 0  # queued requests answered `unavailable` to make room for another
         self._next_key = 0
         self._drops = RateLimitedLog(log)
+
+    @property
+    def newest_key(self) -> int:
+        """The newest request key given (0: none yet)."""
+        return self._next_key
 
     def _track(self, pending: Pending, delta: int) -> None:
         if pending.origin["via"] == FRONTEND:
@@ -129,18 +136,49 @@ class Dispatcher:
             worker.served += 1
             worker.last_used = key
 
-    def invalidate(self, names: list) -> None:
+    def invalidate(self, names: list, fill: tuple[bytes, Any, int] | None = None) -> None:
         """Tell every cache worker to drop ``names``: one ``inv`` message per at most
         INV_NAME_BYTES of names (an rm -r page changes a thousand: one message each would
         overflow the cache's pipe).  A cache that cannot be told must not serve reads any
-        more: it is let go."""
+        more: it is let go.
+
+        Each ``inv`` says ``at``, the newest request key given so far: every change whose
+        request was admitted after a change's ack left here has a key above it.  ``fill``
+        (one name, a commit whose content came whole with it): ``(its manifest encoded, the
+        request's data frame, its request key)``, handed with the ``inv`` to the cache that
+        owns the name, which keeps them unless it has heard of a change to the name at or after
+        that key (docs/PROTOCOL.md, *Fills on commit*).  At most ``FILL_WINDOW`` bytes of
+        fills wait in ZeroMQ for a cache: past that, the ``inv`` goes alone."""
+        at = self._next_key
         for batch in batches_of_names(names, limits.INV_NAME_BYTES):
-            message = p.encode(
-                {"t": "inv", "name": batch[0]} if len(batch) == 1 else {"t": "inv", "names": batch}
+            route: dict[str, Any] = (
+                {"t": "inv", "name": batch[0], "at": at}
+                if len(batch) == 1
+                else {"t": "inv", "names": batch, "at": at}
             )
-            for worker in self.registry.of(p.CACHE):
+            message = p.encode(route)
+            caches = self.registry.of(p.CACHE)
+            owner = _owner(batch[0], caches) if fill is not None and len(names) == 1 else None
+            for worker in caches:
+                if fill is not None and worker.ident == owner and self._fill(worker, route, fill):
+                    continue
                 if not self.transport.to_worker(worker.ident, [message]):
                     self.worker_lost(worker.ident, "missed an invalidation")
+
+    def _fill(self, worker: Worker, route: dict, fill: tuple[bytes, Any, int]) -> bool:
+        """Send ``route`` (an ``inv``) to cache ``worker`` with a commit's fill, if its window
+        has room; False: not sent (the plain ``inv`` goes instead)."""
+        manifest, frame, since = fill
+        size = h.nbytes(frame)
+        if worker.fill_sent - worker.fill_taken + size > limits.FILL_WINDOW:
+            self.metrics.cache_fills.labels("window_full").inc()
+            return False
+        message = p.encode({**route, "fill": manifest, "since": since})
+        if not self.transport.to_worker(worker.ident, [message, frame]):
+            return False
+        worker.fill_sent += size
+        self.metrics.cache_fills.labels("sent").inc()
+        return True
 
     def to_all_but(self, exclude: bytes, frames: list) -> None:
         """Send the newest access snapshot (``frames``) to every worker but the one it came
@@ -277,3 +315,12 @@ class Dispatcher:
             "queued": {s: q.waiting() for s, q in self.queues.items()},
             "dropped": self.dropped,
         }
+
+
+def _owner(name: str, caches: list[Worker]) -> bytes | None:
+    """The identity of the cache worker that owns ``name`` (serves its gets: routing.pick)."""
+    if len(caches) == 1:
+        return caches[0].ident
+    by_id = {w.worker_id: w.ident for w in caches}
+    owner = rendezvous(name, by_id)
+    return by_id[owner] if owner is not None else None

@@ -37,6 +37,10 @@ class Worker:
     last_used: int = 0  # request key of its latest dispatch
     stats: dict = field(default_factory=dict)  # a cache's counters, from its heartbeats
     digest_fn: str | None = None  # storage: its store's digest function
+    # a cache: bytes of commit fills handed to ZeroMQ for it, and how many of them its latest
+    # heartbeat said it took (dispatch.Dispatcher.invalidate)
+    fill_sent: int = 0
+    fill_taken: int = 0
 
 
 class Refused(Exception):
@@ -198,6 +202,11 @@ class Registry:
                     counter.inc(grown)
                 self._seen[(worker.worker_id, name)] = value
                 worker.stats[name] = value
+        taken = stats.get("filled")
+        if int_in(taken, 0):
+            # Counted since it registered, as fill_sent is: a beat sent before it registered
+            # again says at most what was sent since.
+            worker.fill_taken = min(taken, worker.fill_sent)
 
     def cache_counters(self) -> dict:
         """The counters the live cache workers last reported, summed (for ``status``)."""

@@ -5,15 +5,27 @@ where read-after-write (DESIGN.md invariant 1) is defended: a fetch records the 
 starts; an invalidation of the name (or of everything) ticks the clock; a fill whose fetch started
 before the latest invalidation of its name is *stale*: it is neither stored nor handed to requests
 that arrived after the invalidation.
+
+A fill can also come from a commit (*fills on commit*, docs/PROTOCOL.md): the broker hands a small
+file's new manifest and content to the cache with the commit's invalidation.  Commits of one name
+on two storage workers may be acked in either order, and an rm's ack may overtake the commit it
+removed, so such a fill is kept only if the cache has heard of no change to the name (or to a
+folder above it) at or after the commit's request key (``since``): every invalidation says
+``at``, the broker's newest request key when it was sent, and any change that landed after the
+commit was admitted is told with an ``at`` of at least its key.  What was heard is kept for the
+latest ``CHANGED_MAX`` names; beyond them, a floor (the newest ``at`` forgotten) refuses every
+older fill.
 """
 
 import collections
+import itertools
 from typing import Any
 
 from .policy import WTinyLFU
 
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # manifests kept in memory, by their estimated weight
 MANIFEST_OVERHEAD = 256  # bytes a manifest weighs besides its name and chunks
+CHANGED_MAX = 16384  # names (and folders) whose latest change the cache remembers, for fills
 
 
 def weight(name: str, manifest: dict[str, Any]) -> int:
@@ -48,6 +60,11 @@ class ManifestCache:
         # folder (ending in '/') -> clock of its latest invalidation
         self._folders_at: dict[str, int] = {}
         self._cleared_at = 0  # clock of the latest invalidate_all
+        # The broker's order (request keys): name, or folder, -> `at` of its latest change
+        # heard; fills on commit older than `_order_floor` are refused (see the module's doc).
+        self._changed: dict[str, int] = {}
+        self._changed_folders: dict[str, int] = {}
+        self._order_floor: float = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -131,6 +148,39 @@ class ManifestCache:
         self._refs.clear()
         self._invalidated_at.clear()  # cleared_at now dominates every older entry
         self._folders_at.clear()
+
+    def heard(self, name: str, at: int | None) -> None:
+        """A change of ``name`` (a folder if it ends in ``/``) was told with the broker's order
+        ``at`` (None: a broker that does not say: no fill on commit is kept from now on)."""
+        if at is None:
+            self._order_floor = float("inf")
+            return
+        changed = self._changed_folders if name.endswith("/") else self._changed
+        changed.pop(name, None)  # `at` only grows: the dict stays in the order heard
+        changed[name] = at
+        if len(changed) > CHANGED_MAX:
+            old = list(itertools.islice(changed, CHANGED_MAX // 2))
+            self._order_floor = max(self._order_floor, changed[old[-1]])
+            for forgotten in old:
+                del changed[forgotten]
+
+    def may_fill(self, name: str, since: int) -> bool:
+        """Whether a fill on commit of ``name``, by the request of key ``since``, is newer than
+        every change of it heard so far (call it before hearing the commit's own change)."""
+        if self._order_floor >= since or self._changed.get(name, -1) >= since:
+            return False
+        return not any(
+            at >= since and name.startswith(folder) for folder, at in self._changed_folders.items()
+        )
+
+    def welcomed(self, at: int | None) -> None:
+        """Registered (again) with a broker whose newest request key is ``at``: everything is
+        forgotten, and no fill on commit of an older request is kept (its invalidations may
+        have been lost while the cache was cut off)."""
+        self.invalidate_all()
+        self._changed.clear()
+        self._changed_folders.clear()
+        self._order_floor = float("inf") if at is None else at
 
     def forget_before(self, oldest_token: int | None) -> None:
         """Drop invalidation records no pending fetch can be compared with any more.

@@ -37,6 +37,7 @@ from .. import policy
 from .. import wire as p
 from ..errors import BadRequest, Forbidden, Unavailable
 from ..limits import BytesLike
+from ..logutil import RateLimitedLog
 from ..policy import Identity, Policy
 from ..worker import Link
 from .chunks import ChunkCache
@@ -90,6 +91,10 @@ class CacheService:
         self.hits = 0
         self.misses = 0
         self.fetches = 0
+        self.fills = 0  # fills on commit kept
+        self.fills_refused = 0  # fills on commit refused: a later change heard, or bad
+        self.filled_bytes = 0  # bytes of fills on commit taken since registering (beat)
+        self._bad_fill = RateLimitedLog(log)
         # the store's digest function's helper, once the broker has said it
         self.hash: p.Hasher | None = None
         self._ids = itertools.count(1)
@@ -489,11 +494,12 @@ class CacheService:
 
     # --- control ---
 
-    def on_invalidate(self, name: str) -> None:
+    def on_invalidate(self, name: str, at: int | None = None) -> None:
         """``name`` changed (a name ending in ``/``: every name under that folder): drop its
         manifest, its popularity, and the chunks of the dead version that no other cached
         manifest lists (content-addressed chunks are never stale, but these would only take
-        room)."""
+        room).  ``at``: the broker's order of the change (for fills on commit)."""
+        self.manifests.heard(name, at)
         if name.endswith("/"):  # a folder: every name under it (a folder was renamed)
             dropped = self.manifests.invalidate_folder(name)
         else:
@@ -504,9 +510,39 @@ class CacheService:
                     self.chunks.drop(digest, forget=True)
                     self.dropped_chunks += 1
 
-    def on_register(self) -> None:
+    def on_fill(self, name: str, at: int, since: int, manifest: bytes, frame: zmq.Frame) -> None:
+        """A commit of ``name`` (its request key ``since``) made a small file whose content
+        came with it: the broker hands the new manifest (encoded) and the request's data frame
+        here with the commit's invalidation (``at``), so that a read after the write is a hit.
+        Kept only if no later change of the name was heard (:meth:`ManifestCache.may_fill`),
+        and checked as a fetched fill is: the manifest whole, the content against its digest."""
+        self.filled_bytes += len(frame.buffer)  # taken off the broker's window, kept or not
+        keep = self.manifests.may_fill(name, since)
+        self.on_invalidate(name, at)
+        if not keep:
+            self.fills_refused += 1
+            return
+        try:
+            fields = p.check_manifest(p.decode(manifest))
+            if fields["name"] != name or not _inline(fields):
+                raise BadRequest("a fill's manifest is for another name, or not a small file")
+            payload = p.unpack_data(frame.buffer)
+            if not p.inline_ok(fields, payload):
+                raise BadRequest("a fill's content does not match its digest")
+        except BadRequest as exc:
+            self.fills_refused += 1
+            self._bad_fill.warning("event=fill_dropped name=%r error=%r", name, str(exc))
+            return
+        if fields["size"] > self.max_file:
+            return
+        if self.manifests.fill(name, fields, self.manifests.begin_fetch()):
+            self.fills += 1
+            self.chunks.put(fields["chunks"][0], payload, counted=False, frame=frame.buffer)
+
+    def on_register(self, at: int | None = None) -> None:
         # A broker we were cut off from may have acked writes we never heard of.
-        self.manifests.invalidate_all()
+        self.manifests.welcomed(at)
+        self.filled_bytes = 0  # the broker counts its window afresh for this registration
 
     def on_store(self, digest_fn: str) -> None:
         """The store's digest function (from the broker's ``welcome``): what storage's replies
@@ -543,11 +579,17 @@ class CacheService:
             "manifests": len(self.manifests),
             "manifest_evictions": self.manifests.policy.evictions,
             "pending_fetches": len(self._fetches),
+            "commit_fills": self.fills,
+            "commit_fills_refused": self.fills_refused,
         }
 
     def beat(self) -> dict[str, int]:
         """What the heartbeat tells the broker (for its Prometheus counters)."""
-        return {"evictions": self.chunks.evictions, "refused": self.chunks.refused}
+        return {
+            "evictions": self.chunks.evictions,
+            "refused": self.chunks.refused,
+            "filled": self.filled_bytes,
+        }
 
 
 def _inline(manifest: dict[str, Any]) -> bool:

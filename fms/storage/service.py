@@ -183,7 +183,7 @@ class StorageService:
     def handle_reply(self, header: Header, data: zmq.Frame | None) -> None:
         log.warning("event=unexpected_reply id=%r", header.get("id"))
 
-    def on_register(self) -> None:
+    def on_register(self, at: int | None = None) -> None:
         # The broker lets the store's identities in, and passes this on to the cache workers.
         self._policy_changed(self.access.policy)
 
@@ -193,7 +193,7 @@ class StorageService:
         if snapshot.epoch > self.access.policy.epoch:
             self.access.policy = snapshot
 
-    def on_invalidate(self, name: str) -> None:
+    def on_invalidate(self, name: str, at: int | None = None) -> None:
         pass
 
     def tick(self, now: float) -> None:
@@ -722,7 +722,7 @@ class StorageService:
         for (route, header, change, inline), result in zip(pending, results, strict=False):
             if inline is not None and not _failed(result):
                 self._own_inline(route, [(change, inline)])
-            self._answer_change(route, header, change, result)
+            self._answer_change(route, header, change, result, inline is not None)
 
     def _remove_in_reserve(self, pending: list[Pending], results: list[Version | FmsError]) -> None:
         """With the disk full, the removals of a group run again in the room of the disk's
@@ -757,8 +757,15 @@ class StorageService:
             return work(True)
 
     def _answer_change(
-        self, route: Route, header: Header, change: Change, result: Version | FmsError
+        self,
+        route: Route,
+        header: Header,
+        change: Change,
+        result: Version | FmsError,
+        inline: bool = False,
     ) -> None:
+        """Answer a change; ``inline``: a commit that carried its content (its whole content,
+        when the new version travels inline: the broker may hand it to the cache, ``fill``)."""
         if isinstance(result, FmsError):
             self._answer(route, header, result)
             return
@@ -787,7 +794,25 @@ class StorageService:
             route,
             p.ok_reply(header["id"], stat=result.summary()),
             invalidate=names[0] if len(names) == 1 else list(names),
+            fill=self._fill_of(change, result) if inline else None,
         )
+
+    def _fill_of(self, change: Change, made: Version) -> bytes | None:
+        """The manifest (encoded) of a version this commit just made whose content came whole
+        with the request (one chunk, small enough to travel inline), for the broker to hand to
+        the cache with the request's data frame (docs/PROTOCOL.md, *Fills on commit*); None
+        otherwise.  Only a version made now comes with its chunk list: a retried commit
+        answered from the log has a stat (the name may have changed since), so it never
+        fills, and neither does a tombstone."""
+        if (
+            not isinstance(change, NewVersion)
+            or made.deleted
+            or made.chunks is None
+            or len(made.chunks) != 1
+            or not p.travels_inline(made.size, made.count)
+        ):
+            return None
+        return p.encode(made.manifest(self.store.digest_fn))
 
     def _answer(
         self, route: Route | None, header: Header | None, result: dict[str, Any] | FmsError

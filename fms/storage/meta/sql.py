@@ -886,7 +886,9 @@ class SQLMeta(AccessSQL, MetaEngine):
             pages=pages,
             body=body,
         )
-        return self._install(version, now, "commit", request)
+        # With its lists: a commit made now (not a retry answered from the log, a stat) may
+        # hand a small file's manifest to the cache (fms.storage.service, fills on commit).
+        return self._install(version, now, "commit", request, lists=True)
 
     def _take_chunks(self, change: NewVersion, claimed: Mapping[Digest, int]) -> None:
         """A reference on each distinct chunk of a short chunk list, once each is found live
@@ -970,10 +972,16 @@ class SQLMeta(AccessSQL, MetaEngine):
         return True
 
     def _install(
-        self, version: Version, now: float, kind: str, request: bytes | None = None
+        self,
+        version: Version,
+        now: float,
+        kind: str,
+        request: bytes | None = None,
+        lists: bool = False,
     ) -> Version:
         """Make ``version`` (whose references are taken) the current one of its name: its
-        number follows the old one's, which is retained or released."""
+        number follows the old one's, which is retained or released.  :return: its stat (what a
+        retry is answered with), or with ``lists`` the whole version."""
         old = self._current(version.name)
         version = version.numbered(old.version + 1 if old else 1)
         self._execute(
@@ -991,7 +999,7 @@ class SQLMeta(AccessSQL, MetaEngine):
             nbytes=version.size - (replaced.size if replaced is not None else 0),
         )
         self._log(kind, version, now, request)
-        return version.stat()  # what a retry of it is answered with too
+        return version if lists else version.stat()
 
     def _copy(self, change: Copy, now: float) -> Version:
         """``change.name`` gets ``change.src``'s content as a new version: one reference more on
