@@ -426,15 +426,29 @@ def _dispatch(
             names = [p.need(route, "name", str)]
         elif not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise BadRequest("inv: 'names' must be an array of str")
-        at = _key_or_none(route, "at")
-        fill = route.get("fill")
-        on_fill = getattr(service, "on_fill", None)
+        # The names are dropped whatever else is wrong with the message (read-after-write); a
+        # malformed order or fill drops them with no order (no fill on commit is kept after).
+        try:
+            at = _key_or_none(route, "at")
+            fill = route.get("fill")
+            on_fill = getattr(service, "on_fill", None)
+            if fill is not None and on_fill is not None:
+                since = _key_or_none(route, "since")
+                if (
+                    not isinstance(fill, bytes)
+                    or len(frames) != 2
+                    or len(names) != 1
+                    or at is None
+                    or since is None
+                ):
+                    raise BadRequest(
+                        "inv: a 'fill' is bytes, for one name, with 'at', 'since' and a data frame"
+                    )
+        except BadRequest:
+            for name in names:
+                service.on_invalidate(name, None)
+            raise
         if fill is not None and on_fill is not None:
-            if not isinstance(fill, bytes) or len(frames) != 2 or len(names) != 1 or at is None:
-                raise BadRequest("inv: a 'fill' is bytes, for one name, with 'at' and a data frame")
-            since = _key_or_none(route, "since")
-            if since is None:
-                raise BadRequest("inv: a 'fill' needs 'since'")
             on_fill(names[0], at, since, fill, frames[1])
             return
         for name in names:

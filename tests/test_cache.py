@@ -708,6 +708,36 @@ def test_a_commit_fill_that_does_not_match_its_digest_is_dropped_and_still_inval
     assert cached_version(service, "f") is None and cached_version(service, "g") is None
 
 
+def test_a_commit_fill_never_puts_back_a_version_older_than_one_the_cache_fetched(service):
+    """C1 (key 5) then C2 (key 6) of f land in that order; a miss reads C2's version before
+    either ack reaches the broker; then C1's ack comes (at 6) with its fill.  The reader that
+    was given version 2 must not be given version 1 by its next get."""
+    service.on_register(0)
+    service.handle_request(route(1), get("f", 1), None)
+    storage_answers(service, service.link.requests[0][1], b"v2", 2)
+    assert service.link.replies[-1][1]["manifest"]["version"] == 2
+    commit_fill(service, "f", b"v1", 1, since=5, at=6)
+    assert cached_version(service, "f") != 1
+    service.handle_request(route(2), get("f", 2), None)
+    if len(service.link.requests) == 2:  # a miss: storage has version 2
+        storage_answers(service, service.link.requests[1][1], b"v2", 2)
+    assert [h["manifest"]["version"] for _r, h, _d in service.link.replies] == [2, 2]
+
+
+def test_a_commit_fill_is_checked_against_every_folder_above_its_name(service):
+    service.on_register(0)
+    for at, folder in enumerate(("a/", "a/b/", "a/b/c/", "z/"), start=10):
+        service.on_invalidate(folder, at)
+    commit_fill(service, "a/b/c/f", b"x", 1, since=12, at=14)  # a/b/c/ changed at 12
+    assert cached_version(service, "a/b/c/f") is None
+    commit_fill(service, "a/b/f", b"x", 1, since=12, at=15)  # a/b/ at 11, a/ at 10: kept
+    assert cached_version(service, "a/b/f") == 1
+    commit_fill(service, "a/bf", b"x", 1, since=11, at=16)  # not under a/b/; a/ at 10
+    assert cached_version(service, "a/bf") == 1
+    commit_fill(service, "a/bg", b"x", 1, since=10, at=17)  # a/ changed at 10
+    assert cached_version(service, "a/bg") is None
+
+
 def test_what_the_cache_remembers_for_commit_fills_is_bounded(monkeypatch):
     monkeypatch.setattr(manifests_module, "CHANGED_MAX", 8)
     m = ManifestCache()

@@ -12,6 +12,7 @@ from conftest import wait_for
 
 from fms import wire as p
 from fms import worker
+from fms.errors import BadRequest
 from fms.worker import BrokerLink, serve
 
 RECV_TIMEOUT = 5.0  # seconds any receive of the fake broker waits
@@ -206,3 +207,39 @@ def test_replies_and_heartbeats_never_interleave_on_the_one_socket(worker_at):
         assert kinds.count("hb") >= 2 and count > 10
     finally:
         broker.close()
+
+
+class _Frame:
+    def __init__(self, data: bytes):
+        self.buffer = memoryview(data)
+
+
+class _Invalidated:
+    """A cache-like service that records what it was told to drop."""
+
+    def __init__(self):
+        self.dropped = []
+        self.fills = []
+
+    def on_invalidate(self, name, at=None):
+        self.dropped.append((name, at))
+
+    def on_fill(self, name, at, since, manifest, frame):
+        self.fills.append(name)
+
+
+@pytest.mark.parametrize(
+    "route, frames",
+    [
+        ({"t": "inv", "name": "a", "at": 3, "fill": "not bytes", "since": 2}, 1),
+        ({"t": "inv", "name": "a", "at": 3, "fill": b"m"}, 2),  # no since
+        ({"t": "inv", "name": "a", "at": 3, "fill": b"m", "since": 2}, 1),  # no data frame
+        ({"t": "inv", "name": "a", "at": -1}, 1),  # a bad order
+    ],
+)
+def test_an_inv_whose_fill_or_order_is_malformed_still_drops_its_name(route, frames):
+    service = _Invalidated()
+    message = [_Frame(p.encode(route)), _Frame(p.pack_data(b"x"))][:frames]
+    with pytest.raises(BadRequest):
+        worker._dispatch(service, None, message, logging.getLogger("test.link"))
+    assert [name for name, _at in service.dropped] == ["a"] and not service.fills

@@ -169,9 +169,14 @@ class ManifestCache:
         every change of it heard so far (call it before hearing the commit's own change)."""
         if self._order_floor >= since or self._changed.get(name, -1) >= since:
             return False
-        return not any(
-            at >= since and name.startswith(folder) for folder, at in self._changed_folders.items()
-        )
+        # The folders above the name, looked up one by one (not a scan of the up to
+        # CHANGED_MAX folders remembered, on every fill).
+        cut = name.find("/")
+        while cut != -1:
+            if self._changed_folders.get(name[: cut + 1], -1) >= since:
+                return False
+            cut = name.find("/", cut + 1)
+        return True
 
     def welcomed(self, at: int | None) -> None:
         """Registered (again) with a broker whose newest request key is ``at``: everything is

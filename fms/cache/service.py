@@ -518,6 +518,10 @@ class CacheService:
         and checked as a fetched fill is: the manifest whole, the content against its digest."""
         self.filled_bytes += len(frame.buffer)  # taken off the broker's window, kept or not
         keep = self.manifests.may_fill(name, since)
+        # A version a miss fetched before this ack came may be newer than the commit's (a
+        # later commit landed, its ack not here yet): a reader given it must not be given
+        # this older one next.
+        held = self.manifests.peek(name)
         self.on_invalidate(name, at)
         if not keep:
             self.fills_refused += 1
@@ -534,6 +538,9 @@ class CacheService:
             self._bad_fill.warning("event=fill_dropped name=%r error=%r", name, str(exc))
             return
         if fields["size"] > self.max_file:
+            return
+        if held is not None and held.get("version", 0) > fields["version"]:
+            self.fills_refused += 1
             return
         if self.manifests.fill(name, fields, self.manifests.begin_fetch()):
             self.fills += 1
