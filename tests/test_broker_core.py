@@ -794,3 +794,25 @@ def test_a_storage_worker_of_the_same_store_with_another_function_is_refused_for
     ready(core, b"s-a", p.STORAGE)
     (refused,) = storage_ready(core, b"s-b", digest_fn=p.SHA256)
     assert core.registry.get(b"s-b") is None and refused["retry"] is True
+
+
+def test_a_fill_too_large_for_a_manifest_goes_as_a_plain_inv_the_cache_can_read(core):
+    """Storage's route may be up to MAX_HEADER: a 'fill' near that, with the inv's own fields,
+    would make a route the cache cannot decode, and it would lose the invalidation itself."""
+    ready(core, b"c1", p.CACHE)
+    ready(core, b"s", p.STORAGE)
+    core.transport.take()
+    fields = {k: v for k, v in commit_fields("a", b"x", "x1").items() if k != "op"}
+    ask(core, b"alice", "commit", 1, data=b"x", **fields)
+    ((key, _),) = requests_to(core.transport.take(), b"s")
+    # storage's route at its limit, exactly
+    base = len(p.encode({"t": "rep", "k": key, "ok": True, "inv": "a", "fill": b""}))
+    big = b"m" * (limits.MAX_HEADER - base - 4)
+    while len(p.encode({"t": "rep", "k": key, "ok": True, "inv": "a", "fill": big})) < (
+        limits.MAX_HEADER
+    ):
+        big += b"m"
+    answer(core, b"s", key, p.ok_reply(1, stat={}), inv="a", fill=big, ok=True)
+    (frames,) = [f for to, ident, f in core.transport.sent if to == "worker" and ident == b"c1"]
+    route = p.decode(frames[0], "route")  # what the cache worker does first
+    assert route["t"] == "inv" and route["name"] == "a"

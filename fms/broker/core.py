@@ -339,7 +339,14 @@ class Core:
         # sends after this ack reaches the cache after the invalidation.  A commit that carried
         # its whole content hands it to the cache with it (storage says so with `fill`).
         fill = route.get("fill")
-        if isinstance(fill, bytes) and len(names) == 1 and len(pending.body) == 2:
+        if (
+            isinstance(fill, bytes)
+            # a manifest's size at most: a larger one (storage's route may be up to MAX_HEADER)
+            # would make an `inv` the cache cannot read, and it would lose the invalidation
+            and len(fill) <= p.MANIFEST_MAX
+            and len(names) == 1
+            and len(pending.body) == 2
+        ):
             self.dispatcher.invalidate(names, (fill, pending.body[1], key))
         else:
             self.invalidate(names)
