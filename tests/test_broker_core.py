@@ -320,10 +320,23 @@ def test_a_welcome_says_the_newest_request_key(core):
     ready(core, b"s", p.STORAGE)
     ask(core, b"alice", "stat", 1, name="a")
     ask(core, b"alice", "stat", 2, name="b")
-    core.transport.take()
+    _first, (key, _) = requests_to(core.transport.take(), b"s")
     ready(core, b"c1", p.CACHE)
     (welcome,) = [r for to, ident, r, _ in core.transport.take() if r["t"] == "welcome"]
-    assert welcome["at"] == 2
+    assert welcome["at"] == key  # the second stat's
+
+
+def test_a_broker_started_again_gives_keys_above_the_last_ones_given(core):
+    ready(core, b"s", p.STORAGE)
+    ask(core, b"alice", "stat", 1, name="a")
+    ((old, _),) = requests_to(core.transport.take(), b"s")
+    again = Core(Recorder(), store="s1")  # a broker started again: its first key is above
+    ready(again, b"s", p.STORAGE)
+    ask(again, b"bob", "stat", 1, name="a")
+    ((new, _),) = requests_to(again.transport.take(), b"s")
+    assert new > old
+    answer(again, b"s", old, p.ok_reply(1, stat={}))  # the old broker's, answered late
+    assert replies_to(again.transport.take(), b"bob") == []  # not taken for bob's
 
 
 def test_invalidations_of_many_names_go_in_messages_of_bounded_size(core):
@@ -759,11 +772,12 @@ def test_hello_says_the_stores_digest_function_once_storage_has_announced_it(cor
     assert replies_to(core.transport.take(), b"c")[0]["error"] == "unavailable"  # no storage
     ready(core, b"k", p.CACHE)
     # not yet
-    assert routes_to(core.transport.take(), b"k") == [{"t": "welcome", "pol": True, "at": 0}]
+    start = core.dispatcher.newest_key
+    assert routes_to(core.transport.take(), b"k") == [{"t": "welcome", "pol": True, "at": start}]
     ready(core, b"s", p.STORAGE)
     sent = core.transport.take()
     # The cache hears of it before anything can be dispatched to the storage worker.
-    told = {"t": "welcome", "pol": True, "digest_fn": p.BLAKE3, "at": 0}
+    told = {"t": "welcome", "pol": True, "digest_fn": p.BLAKE3, "at": start}
     assert routes_to(sent, b"k") == [told]
     assert routes_to(sent, b"s") == [told]
     ask(core, b"c", "hello", 2)

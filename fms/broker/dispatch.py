@@ -51,12 +51,16 @@ class Dispatcher:
         self.queues = {service: FairQueue() for service in p.SERVICES}
         self.dropped = 0  # requests dropped: deadline passed, their client left, no answer
         self.shed = 0  # queued requests answered `unavailable` to make room for another
-        self._next_key = 0
+        # Request keys start at the time in microseconds: a broker started again on the same
+        # workers never gives a key the one before gave (a worker that answers one of those
+        # late is not taken to answer a new request), and its keys are above those (the
+        # order fills on commit go by).
+        self._next_key = time.time_ns() // 1000
         self._drops = RateLimitedLog(log)
 
     @property
     def newest_key(self) -> int:
-        """The newest request key given (0: none yet)."""
+        """The newest request key given (the start, if none yet)."""
         return self._next_key
 
     def _track(self, pending: Pending, delta: int) -> None:
