@@ -161,6 +161,15 @@ class Retry(Exception):
     """The transaction met a deadlock or a serialization failure: run it again."""
 
 
+class _Refused(Exception):
+    """The one change of a group was refused (``error``): its transaction is rolled back whole
+    instead of to a savepoint."""
+
+    def __init__(self, error: FmsError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
 class ConnectionLost(Unavailable):
     """The connection to the database was lost during a transaction: nothing of it stands, so
     no change of a group commit may be kept by rolling back to its savepoint."""
@@ -309,6 +318,27 @@ def _renamed(version: Version, name: str, commit: str, now: float) -> Version:
 
 def _marks(n: int) -> str:
     return ",".join("?" * n)
+
+
+# Statements a commit runs, their text made once.
+_SELECT_CURRENT = f"SELECT {_ROW_COLUMNS}, deleted FROM names WHERE name = ?"
+_SELECT_RETAINED = f"SELECT {_ROW_COLUMNS} FROM retained WHERE name = ? ORDER BY version DESC"
+_INSTALL = (
+    f"INSERT INTO names ({_ROW_COLUMNS}, deleted) VALUES ({_marks(15)}, 0) "
+    "ON CONFLICT (name) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _ROW_COLUMNS.split(", ")[1:])
+    + ", deleted = 0"
+)
+# A claim of a chunk held already (:meth:`SQLMeta._claim`): its clock starts again and it is no
+# longer lost; with its bytes, a small chunk's copy in the engine is healed if it differs.
+_CLAIM_HELD = (
+    "UPDATE chunks SET since = ?, lost = 0 WHERE digest = ? AND doomed = 0 "
+    "RETURNING data IS NOT NULL"
+)
+_CLAIM_HELD_BYTES = (
+    "UPDATE chunks SET since = ?, lost = 0, data = CASE WHEN data IS NOT NULL AND data != ? "
+    "THEN ? ELSE data END WHERE digest = ? AND doomed = 0 RETURNING data IS NOT NULL"
+)
 
 
 def _batches(items: Iterable[T], size: int = IN_BATCH) -> Iterator[list[T]]:
@@ -721,8 +751,11 @@ class SQLMeta(AccessSQL, MetaEngine):
                 )
             )
             results: builtins.list[Version | FmsError] = []
+            # A group of one needs no savepoint: a refusal rolls the whole transaction back.
+            alone = len(changes) == 1
             for i, change in enumerate(changes):
-                self._execute(f"SAVEPOINT c{i}")
+                if not alone:
+                    self._execute(f"SAVEPOINT c{i}")
                 saved = builtins.list(self._delta)
                 self._chunk_refs = collections.Counter()
                 self._made = False  # set by _log: this change was made now (not a retry's)
@@ -748,10 +781,13 @@ class SQLMeta(AccessSQL, MetaEngine):
                     self._refs("chunks", "digest", *_by_delta(self._chunk_refs), now)
                     if self._made:
                         self._audit(change_entry(change, result, now))
-                    self._execute(f"RELEASE SAVEPOINT c{i}")
+                    if not alone:
+                        self._execute(f"RELEASE SAVEPOINT c{i}")
                 except FmsError as exc:
                     if isinstance(exc, ConnectionLost):
                         raise  # the connection is gone: nothing of it stands
+                    if alone:
+                        raise _Refused(exc) from None  # nothing else to keep: roll back
                     self._execute(f"ROLLBACK TO SAVEPOINT c{i}")
                     self._execute(f"RELEASE SAVEPOINT c{i}")
                     self._delta = saved
@@ -759,7 +795,10 @@ class SQLMeta(AccessSQL, MetaEngine):
                 results.append(result)
             return results
 
-        return self._transaction(work)
+        try:
+            return self._transaction(work)
+        except _Refused as refused:
+            return [refused.error]
 
     def move_prefix(
         self, prefix: str, dest: str, commit: str, now: float, limit: int, actor: str = "local"
@@ -843,7 +882,7 @@ class SQLMeta(AccessSQL, MetaEngine):
         )
 
     def _current(self, name: str) -> Version | None:
-        row = self._one(f"SELECT {_ROW_COLUMNS}, deleted FROM names WHERE name = ?", (name,))
+        row = self._one(_SELECT_CURRENT, (name,))
         return _version(row, deleted=row[15]) if row else None
 
     def _commit(
@@ -976,13 +1015,7 @@ class SQLMeta(AccessSQL, MetaEngine):
         number follows the old one's, which is retained or released."""
         old = self._current(version.name)
         version = version.numbered(old.version + 1 if old else 1)
-        self._execute(
-            f"INSERT INTO names ({_ROW_COLUMNS}, deleted) VALUES "
-            f"({_marks(15)}, 0) ON CONFLICT (name) DO UPDATE SET "
-            + ", ".join(f"{c} = excluded.{c}" for c in _ROW_COLUMNS.split(", ")[1:])
-            + ", deleted = 0",
-            _row(version),
-        )
+        self._execute(_INSTALL, _row(version))
         replaced = old if old is not None and not old.deleted else None
         if replaced is not None:
             self._release(replaced, now)
@@ -1064,12 +1097,12 @@ class SQLMeta(AccessSQL, MetaEngine):
         """Drop the retained versions of ``name`` past the :attr:`keep_versions` newest, but
         those still held (``--keep-for``: no change pushes them out before their time), and
         release their references.  :return: how many were dropped."""
+        past = self._execute(_SELECT_RETAINED, (name,)).fetchall()[self.keep_versions :]
+        if not past:
+            return 0  # the usual case: no hold to look up
         held = self._held(name, now)
         dropped = 0
-        for row in self._execute(
-            f"SELECT {_ROW_COLUMNS} FROM retained WHERE name = ? ORDER BY version DESC",
-            (name,),
-        ).fetchall()[self.keep_versions :]:
+        for row in past:
             old = _version(row)
             if old.version in held:
                 continue
@@ -1286,26 +1319,25 @@ class SQLMeta(AccessSQL, MetaEngine):
             if inserted:
                 self._bump(chunks=1, chunk_bytes=size)
                 return data is not None
+            # Held already: unless it is being collected, its clock starts again, and the bytes
+            # arrive: a chunk found lost (its blob gone or damaged) is whole again once they are
+            # written, which the caller does next; a small one's bytes arriving again heal a
+            # damaged copy in the engine (a blob's row keeps no bytes).  One statement, which
+            # says whether the engine holds its bytes.
+            if data is None:
+                found = self._execute(_CLAIM_HELD, (now, digest)).fetchone()
+            else:
+                found = self._execute(_CLAIM_HELD_BYTES, (now, data, data, digest)).fetchone()
+            if found is not None:
+                return bool(found[0])
             row = self._execute(
-                f"SELECT doomed, data IS NOT NULL FROM chunks WHERE digest = ?{self.for_update}",
-                (digest,),
+                f"SELECT doomed FROM chunks WHERE digest = ?{self.for_update}", (digest,)
             ).fetchone()
-            if row is None:
-                continue  # collected between the two statements (PostgreSQL): insert it
-            if row[0]:
-                raise Unavailable(
-                    f"chunk {digest.hex()[:16]} is being collected right now; "
-                    f"send it again in a moment"
-                )
-            # The bytes arrive: a chunk found lost (its blob gone or damaged) is whole again
-            # once they are written, which the caller does next.
-            self._execute("UPDATE chunks SET since = ?, lost = 0 WHERE digest = ?", (now, digest))
-            if data is not None and row[1]:  # the bytes arrive again: heal a damaged copy
-                self._execute(
-                    "UPDATE chunks SET data = ? WHERE digest = ? AND data != ?",
-                    (data, digest, data),
-                )
-            return bool(row[1])
+            if row is None or not row[0]:
+                continue  # collected between the statements (PostgreSQL): insert it
+            raise Unavailable(
+                f"chunk {digest.hex()[:16]} is being collected right now; send it again in a moment"
+            )
         raise Unavailable(
             f"chunk {digest.hex()[:16]} is being collected right now; send it again in a moment"
         )
