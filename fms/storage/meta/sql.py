@@ -329,6 +329,11 @@ _INSTALL = (
     + ", ".join(f"{c} = excluded.{c}" for c in _ROW_COLUMNS.split(", ")[1:])
     + ", deleted = 0"
 )
+_REPLACE = (
+    "UPDATE names SET "
+    + ", ".join(f"{c} = ?" for c in _ROW_COLUMNS.split(", ")[1:])
+    + " WHERE name = ?"
+)
 # A claim of a chunk held already (:meth:`SQLMeta._claim`): its clock starts again and it is no
 # longer lost; with its bytes, a small chunk's copy in the engine is healed if it differs.
 _CLAIM_HELD = (
@@ -1015,8 +1020,14 @@ class SQLMeta(AccessSQL, MetaEngine):
         number follows the old one's, which is retained or released."""
         old = self._current(version.name)
         version = version.numbered(old.version + 1 if old else 1)
-        self._execute(_INSTALL, _row(version))
         replaced = old if old is not None and not old.deleted else None
+        row = _row(version)
+        if replaced is not None:
+            # A live row stays live: an UPDATE that leaves `deleted` alone leaves the index of
+            # live names alone too (an upsert setting it rewrote that index's page each time).
+            self._execute(_REPLACE, (*row[1:], version.name))
+        else:
+            self._execute(_INSTALL, row)
         if replaced is not None:
             self._release(replaced, now)
         self._bump(
