@@ -334,15 +334,17 @@ _REPLACE = (
     + ", ".join(f"{c} = ?" for c in _ROW_COLUMNS.split(", ")[1:])
     + " WHERE name = ?"
 )
-# A claim of a chunk held already (:meth:`SQLMeta._claim`): its clock starts again and it is no
-# longer lost; with its bytes, a small chunk's copy in the engine is healed if it differs.
+# A claim of a chunk held already (:meth:`SQLMeta._claim`): its clock starts again, it is no
+# longer lost, it gains the claim's references; with its bytes, a small chunk's copy in the
+# engine is healed if it differs.
 _CLAIM_HELD = (
-    "UPDATE chunks SET since = ?, lost = 0 WHERE digest = ? AND doomed = 0 "
+    "UPDATE chunks SET since = ?, lost = 0, refs = refs + ? WHERE digest = ? AND doomed = 0 "
     "RETURNING data IS NOT NULL"
 )
 _CLAIM_HELD_BYTES = (
-    "UPDATE chunks SET since = ?, lost = 0, data = CASE WHEN data IS NOT NULL AND data != ? "
-    "THEN ? ELSE data END WHERE digest = ? AND doomed = 0 RETURNING data IS NOT NULL"
+    "UPDATE chunks SET since = ?, lost = 0, refs = refs + ?, data = CASE WHEN data IS NOT NULL "
+    "AND data != ? THEN ? ELSE data END WHERE digest = ? AND doomed = 0 "
+    "RETURNING data IS NOT NULL"
 )
 
 
@@ -767,12 +769,7 @@ class SQLMeta(AccessSQL, MetaEngine):
                 result: Version | FmsError
                 try:
                     if isinstance(change, NewVersion):
-                        # live now, of this size: no need to look them up again
-                        claimed: dict[Digest, int] = {}
-                        for digest in sorted(set(change.chunks or ()) & small.keys()):
-                            self._claim(digest, len(small[digest]), now, bytes(small[digest]))
-                            claimed[digest] = len(small[digest])
-                        result = self._commit(change, now, claimed)
+                        result = self._commit(change, now, small)
                     elif isinstance(change, Removal):
                         result = self._remove(change, now)
                     elif isinstance(change, Copy):
@@ -891,11 +888,12 @@ class SQLMeta(AccessSQL, MetaEngine):
         return _version(row, deleted=row[15]) if row else None
 
     def _commit(
-        self, change: NewVersion, now: float, claimed: Mapping[Digest, int] | None = None
+        self, change: NewVersion, now: float, small: Mapping[Digest, BytesLike] | None = None
     ) -> Version:
         """A new version of checked content (the engine checked its shape and digest): its
         chunks or pages must be stored, with the sizes their places in the file need
-        (``claimed``: chunks claimed in this transaction, by digest, and their sizes)."""
+        (``small``: the bytes of small chunks sent with the commits of this group, by digest,
+        which are claimed as they are referenced)."""
         request = _request_digest(change)
         done = self._logged(change.commit, "commit", change.name, request)
         if done is not None:
@@ -912,7 +910,7 @@ class SQLMeta(AccessSQL, MetaEngine):
             else:
                 pages = tuple(change.pages)
         else:
-            self._take_chunks(change, claimed or {})
+            self._take_chunks(change, now, small or {})
         version = Version(
             change.name,
             change.size,
@@ -932,14 +930,23 @@ class SQLMeta(AccessSQL, MetaEngine):
         )
         return self._install(version, now, "commit", request)
 
-    def _take_chunks(self, change: NewVersion, claimed: Mapping[Digest, int]) -> None:
+    def _take_chunks(
+        self, change: NewVersion, now: float, small: Mapping[Digest, BytesLike]
+    ) -> None:
         """A reference on each distinct chunk of a short chunk list, once each is found live
-        (``FOR UPDATE``: the collector cannot doom it now; ``claimed``: live already) with the
-        size its place needs."""
+        (``FOR UPDATE``: the collector cannot doom it now) with the size its place needs.  A
+        chunk whose bytes came with the group (``small``) is claimed instead, live at once, of
+        their size, with its reference (one statement)."""
         chunks = change.chunks or ()
         wanted = sorted(set(chunks))
-        sizes = dict(claimed)
-        for part in _batches([d for d in wanted if d not in claimed]):
+        sizes: dict[Digest, int] = {}
+        for digest in wanted:
+            data = small.get(digest)
+            if data is not None:
+                self._claim(digest, len(data), now, bytes(data), refs=1)
+                sizes[digest] = len(data)
+        claimed = len(sizes)
+        for part in _batches([d for d in wanted if d not in sizes] if claimed else wanted):
             for digest, size in self._execute(
                 f"SELECT digest, size FROM chunks WHERE doomed = 0 AND digest IN "
                 f"({_marks(len(part))}) ORDER BY digest{self.for_update}",
@@ -950,7 +957,7 @@ class SQLMeta(AccessSQL, MetaEngine):
         if missing:
             raise MissingChunks.absent(change.name, missing)
         check_chunks(change.name, change.extents, chunks, sizes)
-        self._chunk_refs.update(wanted)
+        self._chunk_refs.update([d for d in wanted if d not in small] if claimed else wanted)
 
     def _take_body(self, change: NewVersion, now: float) -> Digest:
         """A reference on the body of a paged chunk list (stored now if new: its pages must be
@@ -1320,12 +1327,15 @@ class SQLMeta(AccessSQL, MetaEngine):
         # finds the chunk missing), and the commit that relies on it flushes it first.
         return self._transaction(lambda: self._claim(digest, size, now, data), durable=False)
 
-    def _claim(self, digest: Digest, size: int, now: float, data: bytes | None) -> bool:
+    def _claim(
+        self, digest: Digest, size: int, now: float, data: bytes | None, refs: int = 0
+    ) -> bool:
+        """Claim a chunk (see :meth:`claim_chunk`), taking ``refs`` references on it."""
         for _ in range(RETRIES):
             inserted = self._execute(
                 "INSERT INTO chunks (digest, size, refs, since, doomed, data) "
-                "VALUES (?, ?, 0, ?, 0, ?) ON CONFLICT (digest) DO NOTHING RETURNING digest",
-                (digest, size, now, data),
+                "VALUES (?, ?, ?, ?, 0, ?) ON CONFLICT (digest) DO NOTHING RETURNING digest",
+                (digest, size, refs, now, data),
             ).fetchall()
             if inserted:
                 self._bump(chunks=1, chunk_bytes=size)
@@ -1336,9 +1346,9 @@ class SQLMeta(AccessSQL, MetaEngine):
             # damaged copy in the engine (a blob's row keeps no bytes).  One statement, which
             # says whether the engine holds its bytes.
             if data is None:
-                found = self._execute(_CLAIM_HELD, (now, digest)).fetchone()
+                found = self._execute(_CLAIM_HELD, (now, refs, digest)).fetchone()
             else:
-                found = self._execute(_CLAIM_HELD_BYTES, (now, data, data, digest)).fetchone()
+                found = self._execute(_CLAIM_HELD_BYTES, (now, refs, data, data, digest)).fetchone()
             if found is not None:
                 return bool(found[0])
             row = self._execute(
