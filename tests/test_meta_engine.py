@@ -164,6 +164,44 @@ def test_small_content_travels_with_the_commit(engine):
     assert engine.chunk(change.chunks[0]).data == b"tiny"
 
 
+def test_a_refused_change_alone_leaves_nothing_behind(engine):
+    commit(engine, "a", b"one", "c1")
+    before, audited = engine.totals(), len(engine.audit_read(0, 0, 1000))
+    change = new_version("b", b"tiny", "c1")  # the id of another request
+    [refused] = engine.apply([change], NOW, {change.chunks[0]: b"tiny"})
+    assert isinstance(refused, BadRequest)
+    assert engine.chunk(change.chunks[0]) is None  # its claim went with it
+    assert engine.get("b") is None and engine.totals() == before
+    assert len(engine.audit_read(0, 0, 1000)) == audited
+    [made] = engine.apply([new_version("b", b"tiny", "c2")], NOW, {change.chunks[0]: b"tiny"})
+    assert made.version == 1 and engine.chunk(change.chunks[0]).refs == 1
+
+
+def test_an_inline_commit_of_a_held_chunk_restarts_its_clock_and_heals_it(engine):
+    change = new_version("a", b"tiny", "c1")
+    digest = change.chunks[0]
+    engine.apply([change], NOW, {digest: b"tiny"})
+    engine._execute("UPDATE chunks SET data = ?, lost = 1 WHERE digest = ?", (b"tony", digest))
+    [made] = engine.apply([new_version("b", b"tiny", "c2")], NOW + 10, {digest: b"tiny"})
+    row = engine.chunk(digest)
+    assert made.version == 1
+    assert (row.data, row.lost, row.since, row.refs) == (b"tiny", False, NOW + 10, 2)
+    engine.apply([new_version("c", b"tiny", "c3")], NOW + 20, {digest: b"tiny"})
+    assert (engine.chunk(digest).since, engine.chunk(digest).refs) == (NOW + 20, 3)
+    assert engine.totals().chunks == 1 and engine.refcount_errors() == []
+
+
+def test_an_inline_commit_sent_again_takes_no_second_reference(engine):
+    change = new_version("a", b"tiny", "c1")
+    small = {change.chunks[0]: b"tiny"}
+    [first] = engine.apply([change], NOW, small)
+    [again] = engine.apply([change], NOW + 5, small)
+    assert (again.version, again.commit) == (first.version, first.commit) == (1, "c1")
+    [other] = engine.apply([new_version("b", b"tiny", "c2"), change], NOW + 6, small)[:1]
+    assert other.version == 1 and engine.chunk(change.chunks[0]).refs == 2
+    assert engine.refcount_errors() == [] and engine.totals().files == 2
+
+
 def test_list_is_a_range_in_name_order_with_a_cursor(engine):
     names = ["b/2", "a/1", "b/1", "c", "b/10", "b", "bb/1"]
     for i, name in enumerate(names):

@@ -387,7 +387,11 @@ def check_meta(meta: object) -> dict[str, str]:
             klen, vlen = len(key.encode()), len(value.encode())
         except UnicodeEncodeError:
             raise BadRequest("field 'meta' holds a string that is not valid UTF-8") from None
-        if not 1 <= klen <= MAX_META_KEY or any(ord(c) < 32 or ord(c) == 127 for c in key):
+        if not 1 <= klen <= MAX_META_KEY or (
+            # printable ASCII holds none (the usual key, checked without a loop)
+            not (key.isascii() and key.isprintable())
+            and any(ord(c) < 32 or ord(c) == 127 for c in key)
+        ):
             raise BadRequest(
                 f"a metadata key is 1 to {MAX_META_KEY} bytes without control characters"
             )

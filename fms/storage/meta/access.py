@@ -215,6 +215,10 @@ class AccessMeta(ABC):
         """Drop audit entries older than ``cutoff``.  :return: how many."""
 
 
+# json.dumps(entry, ensure_ascii=False), without making an encoder for each entry
+_to_json = json.JSONEncoder(ensure_ascii=False).encode
+
+
 def audit_entry(now: float, identity: str, op: str, **fields: Any) -> dict[str, Any]:
     """One line of the audit log: time, identity, op, then what the op says (names or prefix,
     versions, result)."""
@@ -295,7 +299,7 @@ class AccessSQL(AccessMeta):
         """Inside a caller's transaction."""
         self._execute(
             "INSERT INTO audit (at, identity, op, entry) VALUES (?, ?, ?, ?)",
-            (entry["time"], entry["identity"], entry["op"], json.dumps(entry, ensure_ascii=False)),
+            (entry["time"], entry["identity"], entry["op"], _to_json(entry)),
         )
 
     def _once(

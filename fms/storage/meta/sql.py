@@ -161,6 +161,15 @@ class Retry(Exception):
     """The transaction met a deadlock or a serialization failure: run it again."""
 
 
+class _Refused(Exception):
+    """The one change of a group was refused (``error``): its transaction is rolled back whole
+    instead of to a savepoint."""
+
+    def __init__(self, error: FmsError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
 class ConnectionLost(Unavailable):
     """The connection to the database was lost during a transaction: nothing of it stands, so
     no change of a group commit may be kept by rolling back to its savepoint."""
@@ -309,6 +318,34 @@ def _renamed(version: Version, name: str, commit: str, now: float) -> Version:
 
 def _marks(n: int) -> str:
     return ",".join("?" * n)
+
+
+# Statements a commit runs, their text made once.
+_SELECT_CURRENT = f"SELECT {_ROW_COLUMNS}, deleted FROM names WHERE name = ?"
+_SELECT_RETAINED = f"SELECT {_ROW_COLUMNS} FROM retained WHERE name = ? ORDER BY version DESC"
+_INSTALL = (
+    f"INSERT INTO names ({_ROW_COLUMNS}, deleted) VALUES ({_marks(15)}, 0) "
+    "ON CONFLICT (name) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _ROW_COLUMNS.split(", ")[1:])
+    + ", deleted = 0"
+)
+_REPLACE = (
+    "UPDATE names SET "
+    + ", ".join(f"{c} = ?" for c in _ROW_COLUMNS.split(", ")[1:])
+    + " WHERE name = ?"
+)
+# A claim of a chunk held already (:meth:`SQLMeta._claim`): its clock starts again, it is no
+# longer lost, it gains the claim's references; with its bytes, a small chunk's copy in the
+# engine is healed if it differs.
+_CLAIM_HELD = (
+    "UPDATE chunks SET since = ?, lost = 0, refs = refs + ? WHERE digest = ? AND doomed = 0 "
+    "RETURNING data IS NOT NULL"
+)
+_CLAIM_HELD_BYTES = (
+    "UPDATE chunks SET since = ?, lost = 0, refs = refs + ?, data = CASE WHEN data IS NOT NULL "
+    "AND data != ? THEN ? ELSE data END WHERE digest = ? AND doomed = 0 "
+    "RETURNING data IS NOT NULL"
+)
 
 
 def _batches(items: Iterable[T], size: int = IN_BATCH) -> Iterator[list[T]]:
@@ -721,20 +758,18 @@ class SQLMeta(AccessSQL, MetaEngine):
                 )
             )
             results: builtins.list[Version | FmsError] = []
+            # A group of one needs no savepoint: a refusal rolls the whole transaction back.
+            alone = len(changes) == 1
             for i, change in enumerate(changes):
-                self._execute(f"SAVEPOINT c{i}")
+                if not alone:
+                    self._execute(f"SAVEPOINT c{i}")
                 saved = builtins.list(self._delta)
                 self._chunk_refs = collections.Counter()
                 self._made = False  # set by _log: this change was made now (not a retry's)
                 result: Version | FmsError
                 try:
                     if isinstance(change, NewVersion):
-                        # live now, of this size: no need to look them up again
-                        claimed: dict[Digest, int] = {}
-                        for digest in sorted(set(change.chunks or ()) & small.keys()):
-                            self._claim(digest, len(small[digest]), now, bytes(small[digest]))
-                            claimed[digest] = len(small[digest])
-                        result = self._commit(change, now, claimed)
+                        result = self._commit(change, now, small)
                     elif isinstance(change, Removal):
                         result = self._remove(change, now)
                     elif isinstance(change, Copy):
@@ -748,10 +783,13 @@ class SQLMeta(AccessSQL, MetaEngine):
                     self._refs("chunks", "digest", *_by_delta(self._chunk_refs), now)
                     if self._made:
                         self._audit(change_entry(change, result, now))
-                    self._execute(f"RELEASE SAVEPOINT c{i}")
+                    if not alone:
+                        self._execute(f"RELEASE SAVEPOINT c{i}")
                 except FmsError as exc:
                     if isinstance(exc, ConnectionLost):
                         raise  # the connection is gone: nothing of it stands
+                    if alone:
+                        raise _Refused(exc) from None  # nothing else to keep: roll back
                     self._execute(f"ROLLBACK TO SAVEPOINT c{i}")
                     self._execute(f"RELEASE SAVEPOINT c{i}")
                     self._delta = saved
@@ -759,7 +797,10 @@ class SQLMeta(AccessSQL, MetaEngine):
                 results.append(result)
             return results
 
-        return self._transaction(work)
+        try:
+            return self._transaction(work)
+        except _Refused as refused:
+            return [refused.error]
 
     def move_prefix(
         self, prefix: str, dest: str, commit: str, now: float, limit: int, actor: str = "local"
@@ -843,15 +884,16 @@ class SQLMeta(AccessSQL, MetaEngine):
         )
 
     def _current(self, name: str) -> Version | None:
-        row = self._one(f"SELECT {_ROW_COLUMNS}, deleted FROM names WHERE name = ?", (name,))
+        row = self._one(_SELECT_CURRENT, (name,))
         return _version(row, deleted=row[15]) if row else None
 
     def _commit(
-        self, change: NewVersion, now: float, claimed: Mapping[Digest, int] | None = None
+        self, change: NewVersion, now: float, small: Mapping[Digest, BytesLike] | None = None
     ) -> Version:
         """A new version of checked content (the engine checked its shape and digest): its
         chunks or pages must be stored, with the sizes their places in the file need
-        (``claimed``: chunks claimed in this transaction, by digest, and their sizes)."""
+        (``small``: the bytes of small chunks sent with the commits of this group, by digest,
+        which are claimed as they are referenced)."""
         request = _request_digest(change)
         done = self._logged(change.commit, "commit", change.name, request)
         if done is not None:
@@ -868,7 +910,7 @@ class SQLMeta(AccessSQL, MetaEngine):
             else:
                 pages = tuple(change.pages)
         else:
-            self._take_chunks(change, claimed or {})
+            self._take_chunks(change, now, small or {})
         version = Version(
             change.name,
             change.size,
@@ -890,14 +932,23 @@ class SQLMeta(AccessSQL, MetaEngine):
         # hand a small file's manifest to the cache (fms.storage.service, fills on commit).
         return self._install(version, now, "commit", request, lists=True)
 
-    def _take_chunks(self, change: NewVersion, claimed: Mapping[Digest, int]) -> None:
+    def _take_chunks(
+        self, change: NewVersion, now: float, small: Mapping[Digest, BytesLike]
+    ) -> None:
         """A reference on each distinct chunk of a short chunk list, once each is found live
-        (``FOR UPDATE``: the collector cannot doom it now; ``claimed``: live already) with the
-        size its place needs."""
+        (``FOR UPDATE``: the collector cannot doom it now) with the size its place needs.  A
+        chunk whose bytes came with the group (``small``) is claimed instead, live at once, of
+        their size, with its reference (one statement)."""
         chunks = change.chunks or ()
         wanted = sorted(set(chunks))
-        sizes = dict(claimed)
-        for part in _batches([d for d in wanted if d not in claimed]):
+        sizes: dict[Digest, int] = {}
+        for digest in wanted:
+            data = small.get(digest)
+            if data is not None:
+                self._claim(digest, len(data), now, bytes(data), refs=1)
+                sizes[digest] = len(data)
+        claimed = len(sizes)
+        for part in _batches([d for d in wanted if d not in sizes] if claimed else wanted):
             for digest, size in self._execute(
                 f"SELECT digest, size FROM chunks WHERE doomed = 0 AND digest IN "
                 f"({_marks(len(part))}) ORDER BY digest{self.for_update}",
@@ -908,7 +959,7 @@ class SQLMeta(AccessSQL, MetaEngine):
         if missing:
             raise MissingChunks.absent(change.name, missing)
         check_chunks(change.name, change.extents, chunks, sizes)
-        self._chunk_refs.update(wanted)
+        self._chunk_refs.update([d for d in wanted if d not in small] if claimed else wanted)
 
     def _take_body(self, change: NewVersion, now: float) -> Digest:
         """A reference on the body of a paged chunk list (stored now if new: its pages must be
@@ -984,14 +1035,14 @@ class SQLMeta(AccessSQL, MetaEngine):
         retry is answered with), or with ``lists`` the whole version."""
         old = self._current(version.name)
         version = version.numbered(old.version + 1 if old else 1)
-        self._execute(
-            f"INSERT INTO names ({_ROW_COLUMNS}, deleted) VALUES "
-            f"({_marks(15)}, 0) ON CONFLICT (name) DO UPDATE SET "
-            + ", ".join(f"{c} = excluded.{c}" for c in _ROW_COLUMNS.split(", ")[1:])
-            + ", deleted = 0",
-            _row(version),
-        )
         replaced = old if old is not None and not old.deleted else None
+        row = _row(version)
+        if replaced is not None:
+            # A live row stays live: an UPDATE that leaves `deleted` alone leaves the index of
+            # live names alone too (an upsert setting it rewrote that index's page each time).
+            self._execute(_REPLACE, (*row[1:], version.name))
+        else:
+            self._execute(_INSTALL, row)
         if replaced is not None:
             self._release(replaced, now)
         self._bump(
@@ -1072,12 +1123,12 @@ class SQLMeta(AccessSQL, MetaEngine):
         """Drop the retained versions of ``name`` past the :attr:`keep_versions` newest, but
         those still held (``--keep-for``: no change pushes them out before their time), and
         release their references.  :return: how many were dropped."""
+        past = self._execute(_SELECT_RETAINED, (name,)).fetchall()[self.keep_versions :]
+        if not past:
+            return 0  # the usual case: no hold to look up
         held = self._held(name, now)
         dropped = 0
-        for row in self._execute(
-            f"SELECT {_ROW_COLUMNS} FROM retained WHERE name = ? ORDER BY version DESC",
-            (name,),
-        ).fetchall()[self.keep_versions :]:
+        for row in past:
             old = _version(row)
             if old.version in held:
                 continue
@@ -1284,36 +1335,38 @@ class SQLMeta(AccessSQL, MetaEngine):
         # finds the chunk missing), and the commit that relies on it flushes it first.
         return self._transaction(lambda: self._claim(digest, size, now, data), durable=False)
 
-    def _claim(self, digest: Digest, size: int, now: float, data: bytes | None) -> bool:
+    def _claim(
+        self, digest: Digest, size: int, now: float, data: bytes | None, refs: int = 0
+    ) -> bool:
+        """Claim a chunk (see :meth:`claim_chunk`), taking ``refs`` references on it."""
         for _ in range(RETRIES):
             inserted = self._execute(
                 "INSERT INTO chunks (digest, size, refs, since, doomed, data) "
-                "VALUES (?, ?, 0, ?, 0, ?) ON CONFLICT (digest) DO NOTHING RETURNING digest",
-                (digest, size, now, data),
+                "VALUES (?, ?, ?, ?, 0, ?) ON CONFLICT (digest) DO NOTHING RETURNING digest",
+                (digest, size, refs, now, data),
             ).fetchall()
             if inserted:
                 self._bump(chunks=1, chunk_bytes=size)
                 return data is not None
+            # Held already: unless it is being collected, its clock starts again, and the bytes
+            # arrive: a chunk found lost (its blob gone or damaged) is whole again once they are
+            # written, which the caller does next; a small one's bytes arriving again heal a
+            # damaged copy in the engine (a blob's row keeps no bytes).  One statement, which
+            # says whether the engine holds its bytes.
+            if data is None:
+                found = self._execute(_CLAIM_HELD, (now, refs, digest)).fetchone()
+            else:
+                found = self._execute(_CLAIM_HELD_BYTES, (now, refs, data, data, digest)).fetchone()
+            if found is not None:
+                return bool(found[0])
             row = self._execute(
-                f"SELECT doomed, data IS NOT NULL FROM chunks WHERE digest = ?{self.for_update}",
-                (digest,),
+                f"SELECT doomed FROM chunks WHERE digest = ?{self.for_update}", (digest,)
             ).fetchone()
-            if row is None:
-                continue  # collected between the two statements (PostgreSQL): insert it
-            if row[0]:
-                raise Unavailable(
-                    f"chunk {digest.hex()[:16]} is being collected right now; "
-                    f"send it again in a moment"
-                )
-            # The bytes arrive: a chunk found lost (its blob gone or damaged) is whole again
-            # once they are written, which the caller does next.
-            self._execute("UPDATE chunks SET since = ?, lost = 0 WHERE digest = ?", (now, digest))
-            if data is not None and row[1]:  # the bytes arrive again: heal a damaged copy
-                self._execute(
-                    "UPDATE chunks SET data = ? WHERE digest = ? AND data != ?",
-                    (data, digest, data),
-                )
-            return bool(row[1])
+            if row is None or not row[0]:
+                continue  # collected between the statements (PostgreSQL): insert it
+            raise Unavailable(
+                f"chunk {digest.hex()[:16]} is being collected right now; send it again in a moment"
+            )
         raise Unavailable(
             f"chunk {digest.hex()[:16]} is being collected right now; send it again in a moment"
         )
