@@ -124,6 +124,18 @@ def small(target, bucket, per: int, op: str) -> float:
         return time.perf_counter() - start
 
 
+def timed(target, fn) -> tuple[float, dict]:
+    """``(seconds, {process name: CPU-seconds})``: how long ``fn()`` took (what it returns,
+    given a float, such as :func:`small`'s time from when its clients are ready) and the
+    CPU-seconds each of ``target``'s processes used meanwhile."""
+    before = target.cpus()
+    start = time.perf_counter()
+    took = fn()
+    seconds = took if isinstance(took, float) else time.perf_counter() - start
+    after = target.cpus()
+    return seconds, {n: after[n] - before[n] for n in after if n in before}
+
+
 def serve_fms(conn, cache_bytes: str) -> None:
     """fms's side, run in a process of its own that starts a new session first: a broker, a
     cache worker, two storage workers and the gateway.  Sends ``(url, key id, secret, pids)``
@@ -210,14 +222,9 @@ def main(argv=None):
             results.setdefault(what, {}).setdefault(name, []).append(value)
 
         def measured(what, t, fn) -> float:
-            """Seconds ``fn()`` took (what it returns, given a number); the CPU-seconds of
-            ``t``'s processes recorded."""
-            before = t.cpus()
-            start = time.perf_counter()
-            took = fn()
-            seconds = took if isinstance(took, float) else time.perf_counter() - start
-            after = t.cpus()
-            used = {n: after[n] - before[n] for n in after if n in before}
+            """Seconds ``fn()`` took (see :func:`timed`); the CPU-seconds of ``t``'s processes
+            recorded."""
+            seconds, used = timed(t, fn)
             cpu.setdefault(what, {}).setdefault(t.name, []).append(sum(used.values()))
             for n, s in used.items():
                 procs_cpu.setdefault(what, {}).setdefault(t.name, {}).setdefault(n, []).append(s)
