@@ -260,6 +260,61 @@ def test_a_missing_row_is_a_miss(tmp_path):
     cache.close()
 
 
+class StaleIndexDb:
+    """The event loop's connection to small.db, its index pointing a lookup of ``asked`` at
+    the row of ``instead`` (as a stale page of the index could after a machine's crash)."""
+
+    def __init__(self, db, asked: bytes, instead: bytes):
+        self.db, self.asked, self.instead = db, asked, instead
+
+    def execute(self, sql, args=()):
+        if "WHERE digest" in sql and args == (self.asked,):
+            args = (self.instead,)
+        return self.db.execute(sql, args)
+
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+
+
+def test_a_row_found_under_another_digest_is_a_miss_not_its_bytes(tmp_path, no_window):
+    cache = ChunkCache(str(tmp_path), max_bytes=10_000, memory_bytes=0)
+    (one, one_data), (other, other_data) = chunk(1), chunk(2)
+    with cache.batch():
+        cache.put(one, one_data, counted=False)
+        cache.put(other, other_data, counted=False)
+    cache.flush()
+    cache._db = StaleIndexDb(cache._db, asked=one, instead=other)
+    assert cache.get(one) is None  # the other row's bytes, whose CRC is right, are not served
+    assert one not in cache and cache.corrupt == 1
+    assert bytes(p.unpack_data(cache.get(other))) == other_data
+    cache.close()
+
+
+def test_the_rows_of_an_earlier_layout_are_kept(tmp_path):
+    """small.db as an earlier fms made it (a WITHOUT ROWID table keyed by the digest): its rows
+    move to the table of this one when the cache starts."""
+    keys = [chunk(i, 4096) for i in range(3)]
+    db_path = os.path.join(tmp_path, "small.db")
+    with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as db:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(
+            "CREATE TABLE entries (digest BLOB PRIMARY KEY, crc INTEGER NOT NULL, "
+            "filled REAL NOT NULL, data BLOB NOT NULL) WITHOUT ROWID"
+        )
+        db.executemany(
+            "INSERT INTO entries VALUES (?, ?, ?, ?)",
+            [(d, zlib.crc32(data), 1000.0 + i, data) for i, (d, data) in enumerate(keys)],
+        )
+    cache = ChunkCache(str(tmp_path), max_bytes=10 * p.MiB, memory_bytes=0)
+    assert len(cache) == 3 and cache.bytes == 3 * 4096
+    assert all(bytes(p.unpack_data(cache.get(d))) == data for d, data in keys)
+    cache.close()
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
+        tables = db.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'").fetchall()
+    assert [name for name, _sql in tables] == ["entries"]
+    assert "WITHOUT ROWID" not in tables[0][1].upper()
+
+
 def test_evicted_and_dropped_rows_are_deleted_and_counted_no_more(tmp_path):
     cache = ChunkCache(str(tmp_path), max_bytes=3100, memory_bytes=0)  # room for three
     keys = [chunk(i) for i in range(4)]

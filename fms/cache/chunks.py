@@ -220,7 +220,7 @@ class ChunkCache:
         """A small entry from small.db, checked against the CRC-32 recorded with it."""
         try:
             row = self._db.execute(
-                "SELECT crc, data FROM entries WHERE digest = ?", (digest,)
+                "SELECT digest, crc, data FROM entries WHERE digest = ?", (digest,)
             ).fetchone()
         except sqlite3.Error as exc:
             log.warning("event=cache_read_failed chunk=%s error=%r", digest.hex(), str(exc))
@@ -228,8 +228,10 @@ class ChunkCache:
         if row is None:  # gone (a write that failed): a miss
             self.drop(digest)
             return None
-        crc, data = row
-        if not isinstance(data, bytes) or zlib.crc32(data) != crc:
+        # The row's own digest is checked too: the index is another b-tree than the rows, and
+        # after a machine's crash one could point at another row (whose CRC would be right).
+        found, crc, data = row
+        if found != digest or not isinstance(data, bytes) or zlib.crc32(data) != crc:
             self._corrupt(digest)
             return None
         return p.pack_data(data)
@@ -586,6 +588,42 @@ def _unusable(path: str, exc: sqlite3.Error) -> FmsError:
     return FmsError(f"cannot use the cache database {path}: {exc}; {hint}")
 
 
+# small.db's one table.  A rowid table with an index on the digest, not a WITHOUT ROWID table
+# keyed by it: a row of a few KiB is larger than a page, and each insert at a random place in a
+# b-tree of such rows split and rewrote pages (measured, 1000 rows of 4 KiB in one transaction:
+# 39 ms of CPU against 16 ms; 1000 reads by digest 17 ms against 9 ms).  Rows are appended, and
+# only the index of small keys takes the random inserts.
+ENTRIES = (
+    "CREATE TABLE IF NOT EXISTS entries (digest BLOB NOT NULL UNIQUE, crc INTEGER NOT NULL, "
+    "filled REAL NOT NULL, data BLOB NOT NULL)"
+)
+
+
+def _make_table(db: sqlite3.Connection) -> None:
+    """Create small.db's table, or move the rows of an earlier fms's (WITHOUT ROWID) into it, in
+    one transaction."""
+    found = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'entries'")
+    row = found.fetchone()
+    if row is not None and "WITHOUT ROWID" not in str(row[0]).upper():
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if row is not None:
+            db.execute("ALTER TABLE entries RENAME TO entries_old")
+        db.execute(ENTRIES)
+        if row is not None:
+            db.execute(
+                "INSERT OR IGNORE INTO entries (digest, crc, filled, data) "
+                "SELECT digest, crc, filled, data FROM entries_old"
+            )
+            db.execute("DROP TABLE entries_old")
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
+
+
 def _open_small_db(path: str) -> tuple[sqlite3.Connection, list[tuple[bytes, int, float]]]:
     """small.db, with its table, and ``(digest, size, time filled)`` of every row.
 
@@ -598,10 +636,7 @@ def _open_small_db(path: str) -> tuple[sqlite3.Connection, list[tuple[bytes, int
         try:
             db = _connect(path)
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS entries (digest BLOB PRIMARY KEY, "
-                "crc INTEGER NOT NULL, filled REAL NOT NULL, data BLOB NOT NULL) WITHOUT ROWID"
-            )
+            _make_table(db)
             rows = db.execute("SELECT digest, length(data), filled FROM entries").fetchall()
             return db, rows
         except sqlite3.OperationalError as exc:  # not damage: nothing to delete
