@@ -423,8 +423,8 @@ def test_a_start_whose_rollback_fails_reconnects_and_keeps_no_lock(tmp_path, mon
     monkeypatch.setattr(  # the delete of what no longer fits fails, and so does its ROLLBACK
         chunk_module,
         "_open_small_db",
-        lambda path: (lambda db, rows: (FailingDb(db, writes=1, rollbacks=10**9), rows))(
-            *real(path)
+        lambda path, sync: (lambda db, rows: (FailingDb(db, writes=1, rollbacks=10**9), rows))(
+            *real(path, sync)
         ),
     )
     small = ChunkCache(str(tmp_path), max_bytes=2100, memory_bytes=0)  # room for two
@@ -470,6 +470,94 @@ def test_a_damaged_database_is_started_afresh(tmp_path):
     assert reopened.put(digest, data, counted=False)
     reopened.close()
     assert len(ChunkCache(str(tmp_path), max_bytes=10_000)) == 1
+
+
+def boot(monkeypatch, boot_id) -> None:
+    """The machine's boot id, as the cache reads it (None: none to read)."""
+    from fms.cache import chunks as chunk_module
+
+    monkeypatch.setattr(chunk_module, "_boot_id", lambda: boot_id)
+
+
+def synchronous(cache) -> int:
+    """The ``synchronous`` mode of the cache's connections (0: OFF, 1: NORMAL)."""
+    cache.flush()
+    modes = {
+        db.execute("PRAGMA synchronous").fetchone()[0] for db in (cache._db, cache._writer._db)
+    }
+    assert len(modes) == 1
+    return modes.pop()
+
+
+def die(cache) -> None:
+    """The cache's process dies: its connections go, and nothing else is done."""
+    cache._writer.close()
+    cache._db.close()
+
+
+def mark(tmp_path):
+    path = os.path.join(tmp_path, "small.db.open")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return f.read().strip()
+
+
+def test_small_db_is_written_without_fsync_while_marked_open_with_the_boot(tmp_path, monkeypatch):
+    boot(monkeypatch, "boot-1")
+    cache = ChunkCache(str(tmp_path), max_bytes=10_000)
+    assert mark(tmp_path) == "boot-1" and synchronous(cache) == 0
+    digest, data = chunk(1)
+    cache.put(digest, data, counted=False)
+    cache.close()
+    assert mark(tmp_path) is None  # closed, its file fsync'd: nothing to fear from a stop
+    boot(monkeypatch, "boot-2")
+    reopened = ChunkCache(str(tmp_path), max_bytes=10_000, memory_bytes=0)
+    assert len(reopened) == 1 and bytes(p.unpack_data(reopened.get(digest))) == data
+    reopened.close()
+
+
+@pytest.mark.parametrize("after", ["process died", "machine stopped"])
+def test_small_db_is_started_afresh_if_the_machine_stopped_while_it_was_open(
+    tmp_path, monkeypatch, after
+):
+    boot(monkeypatch, "boot-1")
+    cache = ChunkCache(str(tmp_path), max_bytes=10_000)
+    digest, data = chunk(1)
+    cache.put(digest, data, counted=False)
+    cache.flush()
+    die(cache)
+    assert mark(tmp_path) == "boot-1"
+    if after == "machine stopped":  # its latest writes may be half on disk: not trusted
+        boot(monkeypatch, "boot-2")
+    reopened = ChunkCache(str(tmp_path), max_bytes=10_000, memory_bytes=0)
+    if after == "machine stopped":
+        assert len(reopened) == 0 and reopened.get(digest) is None and rows(reopened) == {}
+        assert mark(tmp_path) == "boot-2"
+    else:  # what the process wrote was the OS's: kept
+        assert len(reopened) == 1 and bytes(p.unpack_data(reopened.get(digest))) == data
+    assert reopened.put(digest, data, counted=False)
+    reopened.close()
+    assert len(ChunkCache(str(tmp_path), max_bytes=10_000)) == 1
+
+
+@pytest.mark.parametrize("why", ["no boot id", "mark not writable"])
+def test_small_db_is_written_with_synchronous_normal_when_it_cannot_be_marked(
+    tmp_path, monkeypatch, why
+):
+    if why == "no boot id":
+        boot(monkeypatch, None)
+    else:
+        boot(monkeypatch, "boot-1")
+        os.mkdir(os.path.join(tmp_path, "small.db.open"))  # in the way of the mark
+    cache = ChunkCache(str(tmp_path), max_bytes=10_000)
+    assert synchronous(cache) == 1
+    digest, data = chunk(1)
+    cache.put(digest, data, counted=False)
+    cache.close()
+    reopened = ChunkCache(str(tmp_path), max_bytes=10_000)
+    assert len(reopened) == 1 and synchronous(reopened) == 1
+    reopened.close()
 
 
 @pytest.mark.parametrize("locking", ["rollback journal", "exclusive wal"])
