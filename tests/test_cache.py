@@ -260,6 +260,61 @@ def test_a_missing_row_is_a_miss(tmp_path):
     cache.close()
 
 
+class StaleIndexDb:
+    """The event loop's connection to small.db, its index pointing a lookup of ``asked`` at
+    the row of ``instead`` (as a stale page of the index could after a machine's crash)."""
+
+    def __init__(self, db, asked: bytes, instead: bytes):
+        self.db, self.asked, self.instead = db, asked, instead
+
+    def execute(self, sql, args=()):
+        if "WHERE digest" in sql and args == (self.asked,):
+            args = (self.instead,)
+        return self.db.execute(sql, args)
+
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+
+
+def test_a_row_found_under_another_digest_is_a_miss_not_its_bytes(tmp_path, no_window):
+    cache = ChunkCache(str(tmp_path), max_bytes=10_000, memory_bytes=0)
+    (one, one_data), (other, other_data) = chunk(1), chunk(2)
+    with cache.batch():
+        cache.put(one, one_data, counted=False)
+        cache.put(other, other_data, counted=False)
+    cache.flush()
+    cache._db = StaleIndexDb(cache._db, asked=one, instead=other)
+    assert cache.get(one) is None  # the other row's bytes, whose CRC is right, are not served
+    assert one not in cache and cache.corrupt == 1
+    assert bytes(p.unpack_data(cache.get(other))) == other_data
+    cache.close()
+
+
+def test_the_rows_of_an_earlier_layout_are_kept(tmp_path):
+    """small.db as an earlier fms made it (a WITHOUT ROWID table keyed by the digest): its rows
+    move to the table of this one when the cache starts."""
+    keys = [chunk(i, 4096) for i in range(3)]
+    db_path = os.path.join(tmp_path, "small.db")
+    with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as db:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(
+            "CREATE TABLE entries (digest BLOB PRIMARY KEY, crc INTEGER NOT NULL, "
+            "filled REAL NOT NULL, data BLOB NOT NULL) WITHOUT ROWID"
+        )
+        db.executemany(
+            "INSERT INTO entries VALUES (?, ?, ?, ?)",
+            [(d, zlib.crc32(data), 1000.0 + i, data) for i, (d, data) in enumerate(keys)],
+        )
+    cache = ChunkCache(str(tmp_path), max_bytes=10 * p.MiB, memory_bytes=0)
+    assert len(cache) == 3 and cache.bytes == 3 * 4096
+    assert all(bytes(p.unpack_data(cache.get(d))) == data for d, data in keys)
+    cache.close()
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
+        tables = db.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'").fetchall()
+    assert [name for name, _sql in tables] == ["entries"]
+    assert "WITHOUT ROWID" not in tables[0][1].upper()
+
+
 def test_evicted_and_dropped_rows_are_deleted_and_counted_no_more(tmp_path):
     cache = ChunkCache(str(tmp_path), max_bytes=3100, memory_bytes=0)  # room for three
     keys = [chunk(i) for i in range(4)]
@@ -368,8 +423,8 @@ def test_a_start_whose_rollback_fails_reconnects_and_keeps_no_lock(tmp_path, mon
     monkeypatch.setattr(  # the delete of what no longer fits fails, and so does its ROLLBACK
         chunk_module,
         "_open_small_db",
-        lambda path: (lambda db, rows: (FailingDb(db, writes=1, rollbacks=10**9), rows))(
-            *real(path)
+        lambda path, sync: (lambda db, rows: (FailingDb(db, writes=1, rollbacks=10**9), rows))(
+            *real(path, sync)
         ),
     )
     small = ChunkCache(str(tmp_path), max_bytes=2100, memory_bytes=0)  # room for two
@@ -415,6 +470,94 @@ def test_a_damaged_database_is_started_afresh(tmp_path):
     assert reopened.put(digest, data, counted=False)
     reopened.close()
     assert len(ChunkCache(str(tmp_path), max_bytes=10_000)) == 1
+
+
+def boot(monkeypatch, boot_id) -> None:
+    """The machine's boot id, as the cache reads it (None: none to read)."""
+    from fms.cache import chunks as chunk_module
+
+    monkeypatch.setattr(chunk_module, "_boot_id", lambda: boot_id)
+
+
+def synchronous(cache) -> int:
+    """The ``synchronous`` mode of the cache's connections (0: OFF, 1: NORMAL)."""
+    cache.flush()
+    modes = {
+        db.execute("PRAGMA synchronous").fetchone()[0] for db in (cache._db, cache._writer._db)
+    }
+    assert len(modes) == 1
+    return modes.pop()
+
+
+def die(cache) -> None:
+    """The cache's process dies: its connections go, and nothing else is done."""
+    cache._writer.close()
+    cache._db.close()
+
+
+def mark(tmp_path):
+    path = os.path.join(tmp_path, "small.db.open")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return f.read().strip()
+
+
+def test_small_db_is_written_without_fsync_while_marked_open_with_the_boot(tmp_path, monkeypatch):
+    boot(monkeypatch, "boot-1")
+    cache = ChunkCache(str(tmp_path), max_bytes=10_000)
+    assert mark(tmp_path) == "boot-1" and synchronous(cache) == 0
+    digest, data = chunk(1)
+    cache.put(digest, data, counted=False)
+    cache.close()
+    assert mark(tmp_path) is None  # closed, its file fsync'd: nothing to fear from a stop
+    boot(monkeypatch, "boot-2")
+    reopened = ChunkCache(str(tmp_path), max_bytes=10_000, memory_bytes=0)
+    assert len(reopened) == 1 and bytes(p.unpack_data(reopened.get(digest))) == data
+    reopened.close()
+
+
+@pytest.mark.parametrize("after", ["process died", "machine stopped"])
+def test_small_db_is_started_afresh_if_the_machine_stopped_while_it_was_open(
+    tmp_path, monkeypatch, after
+):
+    boot(monkeypatch, "boot-1")
+    cache = ChunkCache(str(tmp_path), max_bytes=10_000)
+    digest, data = chunk(1)
+    cache.put(digest, data, counted=False)
+    cache.flush()
+    die(cache)
+    assert mark(tmp_path) == "boot-1"
+    if after == "machine stopped":  # its latest writes may be half on disk: not trusted
+        boot(monkeypatch, "boot-2")
+    reopened = ChunkCache(str(tmp_path), max_bytes=10_000, memory_bytes=0)
+    if after == "machine stopped":
+        assert len(reopened) == 0 and reopened.get(digest) is None and rows(reopened) == {}
+        assert mark(tmp_path) == "boot-2"
+    else:  # what the process wrote was the OS's: kept
+        assert len(reopened) == 1 and bytes(p.unpack_data(reopened.get(digest))) == data
+    assert reopened.put(digest, data, counted=False)
+    reopened.close()
+    assert len(ChunkCache(str(tmp_path), max_bytes=10_000)) == 1
+
+
+@pytest.mark.parametrize("why", ["no boot id", "mark not writable"])
+def test_small_db_is_written_with_synchronous_normal_when_it_cannot_be_marked(
+    tmp_path, monkeypatch, why
+):
+    if why == "no boot id":
+        boot(monkeypatch, None)
+    else:
+        boot(monkeypatch, "boot-1")
+        os.mkdir(os.path.join(tmp_path, "small.db.open"))  # in the way of the mark
+    cache = ChunkCache(str(tmp_path), max_bytes=10_000)
+    assert synchronous(cache) == 1
+    digest, data = chunk(1)
+    cache.put(digest, data, counted=False)
+    cache.close()
+    reopened = ChunkCache(str(tmp_path), max_bytes=10_000)
+    assert len(reopened) == 1 and synchronous(reopened) == 1
+    reopened.close()
 
 
 @pytest.mark.parametrize("locking", ["rollback journal", "exclusive wal"])
