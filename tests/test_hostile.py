@@ -648,10 +648,13 @@ def test_many_uploaders_cannot_keep_another_clients_upload_out(slow_cluster):
     assert status["held_bytes"]["uploads"] <= limits.TOTAL_REQUEST_BYTES
 
 
-def test_large_request_headers_count_in_the_clients_budget(slow_cluster):
+def test_large_request_headers_count_in_the_clients_budget(make_cluster):
     """A `have` header may be up to 32 MiB: five of 16 MiB sent at once would hold 80 MiB at
     the broker (before, headers were in no budget: 128 of them could hold 4 GiB). Those over
-    the client's 64 MiB are refused at once."""
+    the client's 64 MiB are refused at once.  Storage takes 2 s a request, so that none is
+    answered (giving its room back) before all five have reached the broker, however slowly a
+    loaded machine moves 80 MiB through it (with 50 ms, one run in many saw a single refusal)."""
+    slow_cluster = _slow(make_cluster, 2.0)
     sock = _dealer(slow_cluster.frontend)
     header = p.encode(
         {"v": p.PROTOCOL_VERSION, "op": "have", "id": 0, "hashes": [bytes(32)] * (16 * MiB // 34)}
