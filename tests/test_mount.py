@@ -163,6 +163,21 @@ def test_truncate_extends_with_zeros_and_cuts(cluster, make_mount):
         assert c.get_bytes("t") == expected
 
 
+def test_a_file_written_to_reads_its_stored_chunks_while_it_is_open(cluster, make_mount):
+    """A file with unsaved changes reads the chunks it did not change from storage through its
+    chunk table (a manifest of its own, which must name the store's digest function)."""
+    m = make_mount(cluster)
+    data = random_bytes(2 * MiB + 100)
+    write(m.p("t"), data)
+    with open(m.p("t"), "r+b") as f:
+        f.seek(2 * MiB)
+        f.write(b"ZZ")
+        f.flush()
+        assert os.pread(f.fileno(), 100, 0) == data[:100]  # stored, not changed
+        assert os.pread(f.fileno(), 4, 2 * MiB - 2) == data[2 * MiB - 2 : 2 * MiB] + b"ZZ"
+    assert read(m.p("t")) == data[: 2 * MiB] + b"ZZ" + data[2 * MiB + 2 :]
+
+
 def test_rename_of_files_and_of_whole_folders_is_metadata_only(cluster, make_mount):
     m = make_mount(cluster)
     os.makedirs(m.p("src", "deep"))

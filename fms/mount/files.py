@@ -222,6 +222,7 @@ class OpenFile:
             "chunk_size": extents[0][0] if extents else 0,
             "mtime": self.mtime,
             "version": max(1, self.version),
+            "digest_fn": self.pool.digest_fn(),  # what each chunk is checked with
         }
 
     def _drop_reader(self) -> None:

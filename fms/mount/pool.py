@@ -23,14 +23,21 @@ class ClientPool:
         self._idle: list[Client] = []
         self._lock = threading.Lock()
         self._closed = False
-        self._hash: p.Hasher | None = None  # the store's digest function, once asked
+        self._digest_fn: str | None = None  # the store's digest function, once asked
+        self._hash: p.Hasher | None = None
+
+    def digest_fn(self) -> str:
+        """The name of the store's digest function (asked of the broker once)."""
+        if self._digest_fn is None:
+            with self.client() as client:
+                self._digest_fn = client.session.digest_fn()
+        return self._digest_fn
 
     def hasher(self) -> p.Hasher:
         """The helper of the store's digest function, with which every digest the mount sends
-        is made (asked of the broker once)."""
+        is made."""
         if self._hash is None:
-            with self.client() as client:
-                self._hash = client.session.hasher()
+            self._hash = p.hasher(self.digest_fn())
         return self._hash
 
     @contextlib.contextmanager
