@@ -35,6 +35,7 @@ machine's cores; run it under ``flock /tmp/fms-bench.lock`` on a quiet machine.
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import multiprocessing
@@ -46,7 +47,7 @@ import time
 import msgpack
 
 from benchmarks import bench
-from benchmarks.s3gw import SMALL_CLIENTS, Target, serve_fms, small, timed
+from benchmarks.s3gw import SMALL_CLIENTS, Target, fms_and_seaweed, small, timed
 
 KEY_ID = "FMSFLOORKEY000000001"
 SECRET = "fms-floor-secret-0123456789abcdefghijkl"
@@ -304,29 +305,11 @@ def main(argv=None) -> None:
     parser.add_argument("--cache-bytes", default="1G", help="fms's cache worker's bound")
     args = parser.parse_args(argv)
 
-    from servers import SeaweedS3  # tests/, on the path benchmarks.s3gw made
-
-    spawn = multiprocessing.get_context("spawn")
-    conn, child_conn = spawn.Pipe()
-    host = spawn.Process(target=serve_fms, args=(child_conn, args.cache_bytes), daemon=True)
-    host.start()
-    weed, floor_procs = None, []
+    servers = contextlib.ExitStack()
+    floor_procs: list = []
     try:
-        started = conn.recv()
-        if isinstance(started, BaseException):
-            raise SystemExit(f"fms did not start: {started}")
-        url, key_id, secret, pids = started
-        weed = SeaweedS3().launch()
-        targets = [
-            Target(
-                "seaweedfs",
-                weed.endpoint_url,
-                weed.access_key,
-                weed.secret_key,
-                {"weed": weed.proc.pid},
-            ),
-            Target("fms", url, key_id, secret, pids),
-        ]
+        fms, weed = servers.enter_context(fms_and_seaweed(args.cache_bytes))
+        targets = [weed, fms]
         for hop in (False, True):
             target, procs = start_floor(hop)
             targets.append(target)
@@ -350,13 +333,10 @@ def main(argv=None) -> None:
             print(f"round {rnd + 1} done", file=sys.stderr, flush=True)
         report(results, cpu, count, args.rounds)
     finally:
-        conn.close()
-        host.join(timeout=30)
         for proc in floor_procs:
             proc.terminate()
             proc.join(5)
-        if weed is not None:
-            weed.cleanup()
+        servers.close()
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ machine's cores; run it under ``flock /tmp/fms-bench.lock`` on a quiet machine.
 """
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import shutil
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -163,6 +165,40 @@ def serve_fms(conn, cache_bytes: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def fms_and_seaweed(cache_bytes: str) -> Iterator[tuple[Target, Target]]:
+    """fms (:func:`serve_fms`, in a process of its own) and SeaweedFS's S3 started side by side:
+    yields their targets ``(fms, seaweedfs)``, and stops both on the way out."""
+    from servers import SeaweedS3  # tests/, on the path this module made
+
+    spawn = multiprocessing.get_context("spawn")
+    conn, child_conn = spawn.Pipe()
+    host = spawn.Process(target=serve_fms, args=(child_conn, cache_bytes), daemon=True)
+    host.start()
+    weed = None
+    try:
+        started = conn.recv()
+        if isinstance(started, BaseException):
+            raise SystemExit(f"fms did not start: {started}")
+        url, key_id, secret, pids = started
+        weed = SeaweedS3().launch()
+        yield (
+            Target("fms", url, key_id, secret, pids),
+            Target(
+                "seaweedfs",
+                weed.endpoint_url,
+                weed.access_key,
+                weed.secret_key,
+                {"weed": weed.proc.pid},
+            ),
+        )
+    finally:
+        conn.close()
+        host.join(timeout=30)
+        if weed is not None:
+            weed.cleanup()
+
+
 def aws_tool() -> str:
     for cand in (os.path.join(ROOT, ".venv-s3tools", "bin", "aws"), shutil.which("aws")):
         if cand and os.access(cand, os.X_OK):
@@ -185,25 +221,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     only = set(filter(None, args.only.split(","))) or {"boto3", "aws", "small"}
 
-    from servers import SeaweedS3
-
     tmp = tempfile.mkdtemp(prefix="fms-s3bench-")
-    spawn = multiprocessing.get_context("spawn")
-    conn, child_conn = spawn.Pipe()
-    host = spawn.Process(target=serve_fms, args=(child_conn, args.cache_bytes), daemon=True)
-    host.start()
-    weed = None
+    servers = contextlib.ExitStack()
     try:
-        started = conn.recv()
-        if isinstance(started, BaseException):
-            raise SystemExit(f"fms did not start: {started}")
-        url, key_id, secret, pids = started
-        weed = SeaweedS3().launch()
-        weed_pids = {"weed": weed.proc.pid}
-        targets = [
-            Target("fms", url, key_id, secret, pids),
-            Target("seaweedfs", weed.endpoint_url, weed.access_key, weed.secret_key, weed_pids),
-        ]
+        targets = list(servers.enter_context(fms_and_seaweed(args.cache_bytes)))
         buckets = {}
         for t in targets:
             buckets[t.name] = f"bench-{os.getpid()}"
@@ -292,10 +313,7 @@ def main(argv=None):
                 print(f"  {what:22} {name:9} total {total:.3f} {unit}: {', '.join(parts)}")
         print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     finally:
-        conn.close()
-        host.join(timeout=30)
-        if weed is not None:
-            weed.cleanup()
+        servers.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
