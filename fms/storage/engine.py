@@ -104,7 +104,7 @@ class Store:
         with self.meta.snapshot():
             versions = self.meta.get_many(names)
             small = self.meta.small_chunks(
-                v.chunks[0] for v in versions.values() if _inline(v) and v.chunks
+                v.chunks[0] for v in versions.values() if travels_inline(v) and v.chunks
             )
         results: builtins.list[tuple[Version, bytearray | None] | RemoteError] = []
         for name in names:
@@ -112,7 +112,7 @@ class Store:
             if version is None:
                 results.append(NotFound(f"{name!r} not found; see what is stored with: ls"))
                 continue
-            if not _inline(version) or not version.chunks:
+            if not travels_inline(version) or not version.chunks:
                 results.append((version, None))
                 continue
             digest = version.chunks[0]
@@ -696,6 +696,6 @@ def _tie(engine: MetaEngine, backend: ChunkBackend, chunks_where: str, meta_wher
         )
 
 
-def _inline(version: Version) -> bool:
+def travels_inline(version: Version) -> bool:
     """Whether a version's content travels with its manifest (one small chunk)."""
     return bool(version.chunks) and p.travels_inline(version.size, version.count)

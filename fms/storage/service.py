@@ -56,7 +56,7 @@ from ..logutil import RateLimitedLog
 from ..policy import Policy
 from . import gc
 from .access import Access, AccessOps, Reads
-from .engine import FOLDER_END, SMALL_CHUNK_MAX, Store, os_failure
+from .engine import FOLDER_END, SMALL_CHUNK_MAX, Store, os_failure, travels_inline
 from .model import Change, Copy, NewVersion, Removal, Restore, Version
 from .reserve import SpaceReserve
 
@@ -803,14 +803,8 @@ class StorageService:
         the cache with the request's data frame (docs/PROTOCOL.md, *Fills on commit*); None
         otherwise.  Only a version made now comes with its chunk list: a retried commit
         answered from the log has a stat (the name may have changed since), so it never
-        fills, and neither does a tombstone."""
-        if (
-            not isinstance(change, NewVersion)
-            or made.deleted
-            or made.chunks is None
-            or len(made.chunks) != 1
-            or not p.travels_inline(made.size, made.count)
-        ):
+        fills, and neither does a tombstone (no chunk list either)."""
+        if not isinstance(change, NewVersion) or not travels_inline(made):
             return None
         return p.encode(made.manifest(self.store.digest_fn))
 
@@ -876,7 +870,7 @@ class StorageService:
 
 def _inline_frame(store: Store, version: Version) -> bytearray | None:
     """The content of a small file, which travels with its manifest (its one chunk), else None."""
-    if version.chunks and p.travels_inline(version.size, version.count):
+    if travels_inline(version) and version.chunks:
         return store.read_chunk(version.chunks[0])
     return None
 
