@@ -25,7 +25,7 @@ from .admission import Admission
 from .headers import batches_of_names
 from .registry import Registry, Worker
 from .replies import FRONTEND, Replies
-from .routing import FairQueue, Pending, pick, rendezvous
+from .routing import FairQueue, Pending, owner_of, pick
 from .transport import Transport
 
 log = logging.getLogger("fms.broker")
@@ -162,9 +162,14 @@ class Dispatcher:
             )
             message = p.encode(route)
             caches = self.registry.of(p.CACHE)
-            owner = _owner(batch[0], caches) if fill is not None and len(names) == 1 else None
+            owner = owner_of(batch[0], caches) if fill is not None and len(names) == 1 else None
             for worker in caches:
-                if fill is not None and worker.ident == owner and self._fill(worker, route, fill):
+                if (
+                    fill is not None
+                    and owner is not None
+                    and worker is owner
+                    and self._fill(worker, route, fill)
+                ):
                     continue
                 if not self.transport.to_worker(worker.ident, [message]):
                     self.worker_lost(worker.ident, "missed an invalidation")
@@ -319,12 +324,3 @@ class Dispatcher:
             "queued": {s: q.waiting() for s, q in self.queues.items()},
             "dropped": self.dropped,
         }
-
-
-def _owner(name: str, caches: list[Worker]) -> bytes | None:
-    """The identity of the cache worker that owns ``name`` (serves its gets: routing.pick)."""
-    if len(caches) == 1:
-        return caches[0].ident
-    by_id = {w.worker_id: w.ident for w in caches}
-    owner = rendezvous(name, by_id)
-    return by_id[owner] if owner is not None else None

@@ -117,15 +117,22 @@ class FairQueue(collections.OrderedDict):
                 del self[client]
 
 
+def owner_of(key: str | bytes, caches: list[Worker]) -> Worker | None:
+    """The cache worker among ``caches`` that owns ``key`` (None if there is none)."""
+    if len(caches) == 1:
+        return caches[0]  # the one cache worker owns every key
+    live = {w.worker_id: w for w in caches}
+    winner = rendezvous(key, live)
+    return live[winner] if winner is not None else None
+
+
 def pick(service: str, pending: Pending, free: list, registry: Registry) -> Worker | None:
     """The worker to send ``pending`` to among ``free``, or None (it waits)."""
     if service == p.CACHE and pending.owner is not None:
         caches = registry.of(p.CACHE)
-        if len(caches) == 1 and not pending.exclude:
-            owner: Worker | None = caches[0]  # the one cache worker owns every key
-        else:
-            live = {w.worker_id: w for w in caches if w.ident not in pending.exclude}
-            owner = live.get(rendezvous(pending.owner, live))
+        if pending.exclude:
+            caches = [w for w in caches if w.ident not in pending.exclude]
+        owner = owner_of(pending.owner, caches)
         return owner if owner in free else None
     return min(
         (w for w in free if w.ident not in pending.exclude),
