@@ -419,7 +419,7 @@ def _dispatch(
         if not link.registered:
             link.registered = True
             log.info("event=registered broker=%s", link.endpoint)
-            service.on_register(_key_or_none(route, "at"))
+            service.on_register(p.need_int(route, "at", optional=True))
     elif kind == "inv":
         names = route.get("names")
         if names is None:
@@ -429,11 +429,11 @@ def _dispatch(
         # The names are dropped whatever else is wrong with the message (read-after-write); a
         # malformed order or fill drops them with no order (no fill on commit is kept after).
         try:
-            at = _key_or_none(route, "at")
+            at = p.need_int(route, "at", optional=True)
             fill = route.get("fill")
             on_fill = getattr(service, "on_fill", None)
             if fill is not None and on_fill is not None:
-                since = _key_or_none(route, "since")
+                since = p.need_int(route, "since", optional=True)
                 if (
                     not isinstance(fill, bytes)
                     or len(frames) != 2
@@ -537,13 +537,3 @@ def _handle_request(
     except Exception as exc:  # a bug must cost one request, not the process (invariant 5)
         log.exception("event=handler_crashed error=%r", exc)
         link.reply(route, p.error_reply(req_id, "internal", f"internal error: {exc!r}"))
-
-
-def _key_or_none(route: dict[str, Any], field: str) -> int | None:
-    """A broker request key in ``route`` (an int >= 0), or None if absent."""
-    value = route.get(field)
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise BadRequest(f"{route.get('t')}: {field!r} must be an int >= 0")
-    return value
