@@ -2,6 +2,7 @@
 random loopback ports, with a well-behaved client beside it that must keep being served."""
 
 import os
+import signal
 import threading
 import time
 
@@ -651,10 +652,26 @@ def test_many_uploaders_cannot_keep_another_clients_upload_out(slow_cluster):
 def test_large_request_headers_count_in_the_clients_budget(make_cluster):
     """A `have` header may be up to 32 MiB: five of 16 MiB sent at once would hold 80 MiB at
     the broker (before, headers were in no budget: 128 of them could hold 4 GiB). Those over
-    the client's 64 MiB are refused at once.  Storage takes 2 s a request, so that none is
-    answered (giving its room back) before all five have reached the broker, however slowly a
-    loaded machine moves 80 MiB through it (with 50 ms, one run in many saw a single refusal)."""
-    slow_cluster = _slow(make_cluster, 2.0)
+    the client's 64 MiB are refused at once.  The storage workers are stopped (SIGSTOP) while
+    they are sent: storage refuses such a `have` as soon as it reads it (it takes at most 4096
+    digests), which gave its room back before the fifth reached a loaded broker (one run in
+    many saw a single refusal, with storage slowed by 50 ms and then by 2 s: the refusal
+    comes before the slow part)."""
+    slow_cluster = _slow(make_cluster, 0.05)
+    frozen = [slow_cluster.proc(wid).pid for wid in ("storage-a", "storage-b")]
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        refused, others = _five_large_headers(slow_cluster)
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    assert len(refused) == 2, (refused, others)
+
+
+def _five_large_headers(slow_cluster) -> tuple[list, list]:
+    """Send five 16 MiB `have` headers at once; :return: ``(refused, other replies)`` as read
+    until two refusals came (or five replies)."""
     sock = _dealer(slow_cluster.frontend)
     header = p.encode(
         {"v": p.PROTOCOL_VERSION, "op": "have", "id": 0, "hashes": [bytes(32)] * (16 * MiB // 34)}
@@ -675,7 +692,7 @@ def test_large_request_headers_count_in_the_clients_budget(make_cluster):
                 break
     finally:
         sock.close()
-    assert len(refused) == 2, (refused, others)
+    return refused, others
 
 
 def test_uploads_over_a_clients_byte_budget_back_off_and_large_chunks_still_upload(make_cluster):
