@@ -287,6 +287,13 @@ class Broker:
             return
         client_fd = self.transport.client_fd
         if client_fd.get(ident) != fd:
+            # A connection's first message.  Its fd may be one a client that left had: ZeroMQ
+            # wrote that one's disconnection to the monitor before it closed the fd, so before
+            # this connection was accepted on it.  Take it now, or it would be taken later for
+            # this client too (a drain of the frontend reads on past the poll that saw it).  All
+            # of them: the monitor's pipe bounds how many wait.
+            while drain(self.monitor, self.process_monitor, DRAIN_BATCH) == DRAIN_BATCH:
+                pass
             client_fd[ident] = fd
             self._fd_clients.setdefault(fd, set()).add(ident)
 
