@@ -670,11 +670,13 @@ class Link:
         self.requests = []  # (service, header)
         self.outcomes = []  # "hit" / "miss", as the route frame tells the broker
         self.chunks = []  # chunk requests to follow a get, as the route frame tells
+        self.batches = []  # a get_many's (names served whole from the cache, names fetched)
 
     def reply(self, route, header, data=None, invalidate=None, cache=None, chunks=None, batch=None):
         self.replies.append((route, header, data))
         self.outcomes.append(cache)
         self.chunks.append(chunks)
+        self.batches.append(batch)
 
     def request(self, service, header, data=None):
         self.requests.append((service, header))
@@ -1016,14 +1018,14 @@ def storage_answers_batch(service, fetch_header, contents: dict, corrupt=()):
             manifest_of(name, content), b"X" * len(content) if name in corrupt else content
         )
     frame = batch.frame()
-    service.handle_reply(
-        p.ok_reply(fetch_header["id"], results=batch.results),
-        Frame(frame) if frame is not None else None,
-    )
+    sent = Frame(frame) if frame is not None else None
+    service.handle_reply(p.ok_reply(fetch_header["id"], results=batch.results), sent)
+    return sent
 
 
 def batch_answer(service, names):
     _, header, data = service.link.replies[-1]
+    data = getattr(data, "buffer", data)  # storage's frame, passed on as it came
     return [
         (r.get("error"), bytes(d) if d is not None else None)
         for r, d in p.read_batch(header, data, names)
@@ -1056,6 +1058,74 @@ def test_get_many_never_delivers_or_keeps_content_that_does_not_verify(service):
         service, service.link.requests[0][1], {"a": b"alpha", "b": b"beta"}, corrupt={"b"}
     )
     assert batch_answer(service, ["a", "b"]) == [(None, b"alpha"), (None, None)]
+    assert h(b"beta") not in service.chunks and h(b"alpha") in service.chunks
+
+
+def test_a_batch_of_misses_is_answered_with_storages_frame_as_a_rebuild_would_answer_it(service):
+    names = ["a", "gone", "b", "c"]
+    contents = {"a": b"alpha", "b": b"beta", "c": b"gamma" * 1000}
+    service.handle_request(route(1), get_many(names, 7), None)
+    sent = storage_answers_batch(service, service.link.requests[0][1], contents)
+    (_, header, data), batch = service.link.replies[-1], service.link.batches[-1]
+    assert data is sent  # storage's data frame, passed on: no copy of the contents
+    rebuilt = p.BatchReply()  # what the cache answered with before: each result rebuilt
+    for name in names:
+        if name in contents:
+            rebuilt.manifest(manifest_of(name, contents[name]), contents[name])
+        else:
+            rebuilt.error("not_found", f"{name!r} not found")
+    assert header == p.ok_reply(7, results=rebuilt.results)
+    assert bytes(data.buffer) == bytes(rebuilt.frame())
+    assert batch == (0, 4) and service.link.outcomes[-1] == "miss"
+    # and filled as before: the next ask is all hits, answered from the cache alone
+    service.handle_request(route(1), get_many(["c", "a", "b"], 8), None)
+    assert len(service.link.requests) == 1
+    assert batch_answer(service, ["c", "a", "b"]) == [
+        (None, contents["c"]),
+        (None, b"alpha"),
+        (None, b"beta"),
+    ]
+
+
+def test_a_batch_of_misses_whose_every_name_is_an_error_is_answered_without_a_frame(service):
+    service.handle_request(route(1), get_many(["x", "y"], 1), None)
+    storage_answers_batch(service, service.link.requests[0][1], {})
+    _, header, data = service.link.replies[-1]
+    assert data is None
+    assert [r["error"] for r in header["results"]] == ["not_found", "not_found"]
+
+
+def test_a_batch_with_hits_is_rebuilt_with_the_hits_and_storages_answers(service):
+    service.handle_request(route(1), get_many(["hot"], 1), None)
+    storage_answers_batch(service, service.link.requests[0][1], {"hot": b"hot!"})
+    service.handle_request(route(1), get_many(["a", "hot", "b"], 2), None)
+    assert service.link.requests[1][1]["names"] == ["a", "b"]
+    sent = storage_answers_batch(service, service.link.requests[1][1], {"a": b"A", "b": b"B"})
+    _, _, data = service.link.replies[-1]
+    assert data is not sent
+    assert batch_answer(service, ["a", "hot", "b"]) == [
+        (None, b"A"),
+        (None, b"hot!"),
+        (None, b"B"),
+    ]
+    assert service.link.batches[-1] == (1, 2)
+
+
+def test_a_batch_of_misses_with_content_that_does_not_verify_is_never_passed_on(service):
+    service.handle_request(route(1), get_many(["a", "b", "c"], 1), None)
+    sent = storage_answers_batch(
+        service,
+        service.link.requests[0][1],
+        {"a": b"alpha", "b": b"beta", "c": b"gamma"},
+        corrupt={"b"},
+    )
+    _, _, data = service.link.replies[-1]
+    assert data is not sent and b"XXXX" not in bytes(data)  # rebuilt from what verified
+    assert batch_answer(service, ["a", "b", "c"]) == [
+        (None, b"alpha"),
+        (None, None),  # its manifest alone: the client asks for it by itself
+        (None, b"gamma"),
+    ]
     assert h(b"beta") not in service.chunks and h(b"alpha") in service.chunks
 
 

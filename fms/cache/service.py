@@ -390,8 +390,13 @@ class CacheService:
         header: dict[str, Any],
         data: zmq.Frame | None,
     ) -> None:
-        """Storage's answer to a batch of misses (``names``): verify and fill what came, answer
-        the waiter with the hits and these, then cache the content (off the answer's path)."""
+        """Storage's answer to a batch of misses (``names``): verify what came, answer the
+        waiter with the hits and these, then fill the manifests and cache the content (off
+        the answer's path).
+
+        A batch of nothing but misses whose every inline content verified is answered with
+        storage's data frame as it came (:meth:`_pass_batch`): the reply a rebuild would make,
+        without copying each content into a new frame."""
         try:
             results = p.read_batch(header, data.buffer if data is not None else None, list(names))
         except BadRequest as exc:
@@ -400,22 +405,58 @@ class CacheService:
         # name -> (manifest, verified inline content or None), or its error result
         fetched: dict[str, tuple[dict[str, Any], memoryview | None] | dict[str, Any]] = {}
         verified: list[tuple[p.Digest, memoryview]] = []
+        refused = False  # an inline content that did not verify: not passed on
         for name, (result, payload) in zip(names, results, strict=False):
             if "error" in result:
                 fetched[name] = result
                 continue
             manifest = result["manifest"]
-            if payload is not None and not p.inline_ok(manifest, payload):
+            if payload is not None and not (_inline(manifest) and p.inline_ok(manifest, payload)):
                 payload = None  # the client fetches this one alone, from storage if need be
+                refused = True
             if payload is not None:
                 verified.append((manifest["chunks"][0], payload))
-            if not self.manifests.fill(name, manifest, fetch.token):
-                log.debug("event=stale_fill_dropped name=%r", name)
             fetched[name] = (manifest, payload)
-        self._answer_batch(fetch, names, fetched, "miss")
+        if (
+            refused
+            or any(hit is not None for hit in fetch.found)
+            or sum(len(payload) for _digest, payload in verified) > p.MAX_BATCH_BYTES
+        ):
+            self._answer_batch(fetch, names, fetched, "miss")
+        else:
+            self._pass_batch(fetch, names, fetched, data if verified else None)
+        for name in names:
+            got = fetched[name]
+            if isinstance(got, tuple) and not self.manifests.fill(name, got[0], fetch.token):
+                log.debug("event=stale_fill_dropped name=%r", name)
         with self.chunks.batch():  # the rows this writes: one transaction
             for digest, payload in verified:
                 self.chunks.put(digest, payload, counted=False)
+
+    def _pass_batch(
+        self,
+        fetch: Fetch,
+        names: tuple[str, ...],
+        fetched: dict[str, tuple[dict[str, Any], memoryview | None] | dict[str, Any]],
+        data: zmq.Frame | None,
+    ) -> None:
+        """Answer a get_many that missed every name with storage's reply: its results as
+        :meth:`_answer_batch` writes them, and its data frame ``data`` as it came, which holds
+        exactly the inline contents, back to back, every one verified (the caller's checks:
+        :func:`fms.wire.read_batch` and :func:`fms.wire.inline_ok` for each)."""
+        route, req_id = fetch.waiters[0]
+        if self._expired(route, req_id, "miss"):
+            return
+        results: list[dict[str, Any]] = []
+        for name in names:
+            got = fetched[name]
+            if isinstance(got, dict):
+                results.append({"error": str(got["error"]), "message": str(got.get("message", ""))})
+            else:
+                results.append({"manifest": got[0], "inline": got[1] is not None})
+        self.link.reply(
+            route, p.ok_reply(req_id, results=results), data, cache="miss", batch=(0, len(names))
+        )
 
     def _answer_batch(
         self,
