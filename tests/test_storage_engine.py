@@ -1277,6 +1277,92 @@ def test_a_group_commit_that_crashes_still_answers_every_commit(store, monkeypat
     assert {r["error"] for r in link.replies} == {"internal"}
 
 
+class RouteLink:
+    """A link that keeps each reply with the route it answers (and its fill), and may run a
+    check at each reply (``on_reply``)."""
+
+    def __init__(self, on_reply=None):
+        self.sent = []  # (route, header, fill)
+        self.on_reply = on_reply
+
+    def reply(self, route, header, data=None, invalidate=None, cache=None, fill=None):
+        if self.on_reply is not None:
+            self.on_reply(route, header)
+        self.sent.append((route, header, fill))
+
+
+def _commit_in_group(service, key, name, data, commit_id, inline=None):
+    """Hand a commit of ``data`` to the service (held for the group), as route ``key``;
+    ``inline``: the content sent with it (``data`` unless given)."""
+    header = {"v": p.PROTOCOL_VERSION, "id": key, **commit_fields(name, data, commit_id)}
+    service.handle_request({"k": key}, header, _frame(data if inline is None else inline))
+
+
+def test_a_group_where_one_commit_fails_answers_each_on_its_own_route_with_its_own_fill(store):
+    """Three commits applied in one transaction, the middle one refused (its inline content
+    does not match its digest): the other two are made, and each of the three is answered on
+    its own route, a made one with the fill of its own version, the refused one with its
+    error and no fill."""
+    link = RouteLink()
+    service = StorageService(store, link)
+    _commit_in_group(service, "ka", "a", b"alpha", "c1")
+    _commit_in_group(service, "kb", "b", b"beta", "c2", inline=b"damaged")
+    _commit_in_group(service, "kc", "c", b"gamma", "c3")
+    assert link.sent == []  # one group, applied at the flush
+    service.flush()
+    by_route = {route["k"]: (header, fill) for route, header, fill in link.sent}
+    assert sorted(by_route) == ["ka", "kb", "kc"]
+    for key, name in (("ka", "a"), ("kc", "c")):
+        header, fill = by_route[key]
+        assert header["ok"] and header["id"] == key and header["stat"]["name"] == name
+        assert p.decode(fill) == store.version(name).manifest(store.digest_fn)
+    header, fill = by_route["kb"]
+    assert (header["ok"], header["error"], header["id"], fill) == (False, "integrity", "kb", None)
+    assert [v.name for v in store.list("", "", 10)] == ["a", "c"]
+
+
+def test_a_group_is_answered_only_once_committed_and_a_crash_before_a_reply_loses_nothing(
+    store, tmp_path
+):
+    """Every reply of a group leaves only once the transaction that made its version is
+    committed (another connection to the store sees it at that moment).  A worker that dies
+    between the commit and its replies (here: at the second reply) has lost nothing: what it
+    acknowledged stands, and the commits it did not answer are made once, answered from the
+    log when their clients send them again."""
+    other = open_local(str(tmp_path / "data"))  # its own connection: sees only what committed
+    seen = []
+
+    def committed_before_reply(route, header):
+        seen.append(other.version(header["stat"]["name"]).version)
+        if len(seen) == 2:
+            raise SystemExit("the worker dies here")
+
+    link = RouteLink(committed_before_reply)
+    service = StorageService(store, link)
+    for i in range(3):
+        _commit_in_group(service, f"k{i}", f"n{i}", b"%d" % i, f"c{i}")
+    with pytest.raises(SystemExit):
+        service.flush()
+    assert seen == [1, 1] and [r["k"] for r, _h, _f in link.sent] == ["k0"]
+    service.close()
+    other.close()
+    reopened = open_local(str(tmp_path / "data"))  # the worker's restart
+    try:
+        assert [reopened.version(f"n{i}").version for i in range(3)] == [1, 1, 1]
+        again = RouteLink()
+        retry = StorageService(reopened, again)
+        for i in (1, 2):  # the unanswered clients send the same commits again
+            _commit_in_group(retry, f"k{i}", f"n{i}", b"%d" % i, f"c{i}")
+        retry.flush()
+        assert [(r["k"], h["ok"], h["stat"]["version"]) for r, h, _f in again.sent] == [
+            ("k1", True, 1),
+            ("k2", True, 1),
+        ]
+        assert reopened.totals().files == 3
+    finally:
+        reopened.close()
+
+
 def test_chunks_of_one_store_cannot_be_used_by_another_stores_metadata(tmp_path, request):
     path = str(tmp_path / "data")
     open_local(path).close()  # chunks/ now belong to this SQLite store
