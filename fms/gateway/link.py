@@ -149,6 +149,18 @@ class AsyncLink:
         if fut is not None and not fut.done():
             fut.set_result((header, frames[1] if len(frames) == 2 else None))
 
+    def _send_now(self, frames: list[Sendable]) -> bool:
+        """Send a request if the socket takes it at once (the usual case: connected, under its
+        HWM); False if it cannot now (:meth:`_send` then waits for it)."""
+        sock = self._sock if self._sock is not None else self._socket()
+        try:
+            send_frames(sock, frames, zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        if self._waiting:  # a send can leave the edge of a reply unseen: look now
+            self._readable()
+        return True
+
     async def _send(self, frames: list[Sendable], deadline: float) -> None:
         """Send a request, waiting until ``deadline`` (the loop's time) for the socket to take
         it (no connection yet, or the broker away); past it, the try counts as made, and is
@@ -186,13 +198,16 @@ class AsyncLink:
         budget = self.timeout * (self.retries + 1)
         if self._closed:
             raise self._closed_error()
-        try:  # a place among the requests in flight, within the budget
-            await asyncio.wait_for(self._slots.acquire(), budget)
-        except TimeoutError:
-            raise Unavailable(
-                f"the gateway has {len(self._waiting)} requests in flight to the fms cluster "
-                f"at {self.broker}: no place for a {op} within {budget:.0f} s"
-            ) from None
+        if self._slots.locked():  # a place among the requests in flight, within the budget
+            try:
+                await asyncio.wait_for(self._slots.acquire(), budget)
+            except TimeoutError:
+                raise Unavailable(
+                    f"the gateway has {len(self._waiting)} requests in flight to the fms "
+                    f"cluster at {self.broker}: no place for a {op} within {budget:.0f} s"
+                ) from None
+        else:  # a place is free: taken at once (wait_for would make a task to take it)
+            await self._slots.acquire()
         try:
             return await self._call(op, data, acting, fields, first, budget)
         finally:
@@ -239,13 +254,20 @@ class AsyncLink:
             deadline = loop.time() + wait
             fut: asyncio.Future[Reply] = loop.create_future()
             self._waiting[req_id] = fut
+            # The try's time is a timer on its future, not wait_for (which wraps the future
+            # in one of its own, with callbacks both ways, per request).
+            timer = loop.call_at(deadline, _expire, fut)
             try:
-                await self._send(frames, deadline)
-                reply, frame = await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
+                if not self._send_now(frames):
+                    await self._send(frames, deadline)
+                reply, frame = await fut
             except TimeoutError:
                 continue  # sent again while the budget lasts
             finally:
+                timer.cancel()
                 self._waiting.pop(req_id, None)
+                if fut.done() and not fut.cancelled():
+                    fut.exception()  # an error no one awaited (the send failed): seen
             if reply.get("ok"):
                 return reply, frame
             error = from_reply(str(reply.get("error")), str(reply.get("message")), reply)
@@ -266,3 +288,9 @@ class AsyncLink:
                 raise FmsError(f"the broker says the store's digest function is {name!r:.40}")
             self._digest_fn = str(name)
         return self._digest_fn
+
+
+def _expire(fut: "asyncio.Future[Reply]") -> None:
+    """A try's time is up: its call stops waiting for the reply (and may try again)."""
+    if not fut.done():
+        fut.set_exception(TimeoutError())
