@@ -37,6 +37,11 @@ Reply = tuple[dict[str, Any], zmq.Frame | None]
 
 log = logging.getLogger("fms.gateway")
 
+# ZeroMQ's flags as plain ints: pyzmq's are enum.Flag members, and an operation on one (the
+# events & POLLIN of each read, the NOBLOCK | SNDMORE of each frame sent) makes a new enum
+# member in Python, a few microseconds a request in all.
+_POLLIN, _POLLOUT, _NOBLOCK = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.NOBLOCK)
+
 # Requests in flight on one link at once, as many as the gateway's pool of threads has
 # (fms.gateway.store.THREADS): beyond it, a request waits for a place rather than adding to
 # the map of pending replies without bound.
@@ -118,13 +123,13 @@ class AsyncLink:
             return
         while True:
             events = int(sock.getsockopt(zmq.EVENTS))
-            if events & zmq.POLLOUT and self._writable is not None:
+            if events & _POLLOUT and self._writable is not None:
                 writable, self._writable = self._writable, None
                 if not writable.done():
                     writable.set_result(None)
-            if not events & zmq.POLLIN:
+            if not events & _POLLIN:
                 return
-            frames = recv_frames(sock, zmq.NOBLOCK)
+            frames = recv_frames(sock, _NOBLOCK)
             try:
                 self._deliver(frames)
             except Exception as e:  # a malformed reply must not leave the others unread
@@ -154,7 +159,7 @@ class AsyncLink:
         HWM); False if it cannot now (:meth:`_send` then waits for it)."""
         sock = self._sock if self._sock is not None else self._socket()
         try:
-            send_frames(sock, frames, zmq.NOBLOCK)
+            send_frames(sock, frames, _NOBLOCK)
         except zmq.Again:
             return False
         if self._waiting:  # a send can leave the edge of a reply unseen: look now
@@ -169,7 +174,7 @@ class AsyncLink:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                send_frames(sock, frames, zmq.NOBLOCK)
+                send_frames(sock, frames, _NOBLOCK)
                 break
             except zmq.Again:
                 pass

@@ -227,7 +227,8 @@ class Store:
     async def open(
         self, name: str, version: int | None = None
     ) -> tuple[dict[str, Any], bytes | None, dict[str, Any]] | None:
-        """The manifest of ``name`` (a version of it), and its content if it came inline.
+        """The manifest of ``name`` (a version of it), and its content if it came inline;
+        ``name`` is a checked name (:func:`fms.wire.check_name`, as the gateway's ``_name``).
 
         :return: ``(manifest, inline bytes or None, via)`` or None if absent; ``via``: the
             fields of its chunk requests.
@@ -237,7 +238,9 @@ class Store:
                 header, frame = await self.link.call("get", acting=self.acting(), name=name)
             except NotFound:
                 return None
-            manifest = p.check_manifest(header.get("manifest"))
+            # ``name`` was checked (the gateway's _name): the manifest's, if it is that one, is
+            # not checked again
+            manifest = p.check_manifest(header.get("manifest"), name)
             via = {"fresh": True} if header.get("cache") is False else {"of": header["id"]}
             if frame is None:
                 return manifest, None, via
