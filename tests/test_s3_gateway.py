@@ -836,3 +836,36 @@ def test_fms_s3_refuses_bad_options_clearly(tmp_path):
     bad.write_text('[{"access_key": "x"}]')
     status, err = s3("--keys", str(bad))
     assert status == 1 and "secret_key" in err and "Traceback" not in err
+
+
+def test_signature_over_the_raw_path_or_the_path_sigv4_encodes():
+    """A signature holds over the raw path as sent, or over that path encoded as SigV4
+    prescribes (a client that sends '~' as %7E but signs it as '~'); over any other path, or
+    with another key, it is refused."""
+    stamp = datetime(2026, 12, 4, 12, tzinfo=UTC)
+    amz_date, date = stamp.strftime("%Y%m%dT%H%M%SZ"), stamp.strftime("%Y%m%d")
+    secret = "fms-unit-secret-0123456789abcdefghijklmn"
+
+    def headers_for(signed_path, secret=secret):
+        headers = {"x-amz-date": amz_date, "x-amz-content-sha256": sigv4.UNSIGNED}
+        headers["host"] = "127.0.0.1:9000"
+        gw = type("G", (), {"secret": secret, "key_id": "FMSUNITKEY0000000001"})
+        sign(headers, "GET", signed_path, "", gw, date, amz_date)
+        return {k.lower(): v for k, v in headers.items()}
+
+    def verify(raw_path, headers):
+        return sigv4.verify(
+            "GET", raw_path, "", headers, lambda key: (secret, "unit"), now=stamp.timestamp()
+        )
+
+    verify("/b/tilde%7E", headers_for("/b/tilde%7E"))  # the raw path, as sent
+    verify("/b/tilde%7E", headers_for("/b/tilde~"))  # the path as SigV4 encodes it
+    verify("/b/tilde~", headers_for("/b/tilde~"))
+    for raw_path, headers in (
+        ("/b/tilde%7E", headers_for("/b/tilde%7e%7E")),  # neither
+        ("/b/tilde~", headers_for("/b/tilde%7E")),  # the raw path is the encoded one
+        ("/b/tilde~", headers_for("/b/tilde~", secret + "x")),  # another key
+    ):
+        with pytest.raises(sigv4.S3Error) as err:
+            verify(raw_path, headers)
+        assert err.value.code == "SignatureDoesNotMatch"

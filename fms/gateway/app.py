@@ -59,6 +59,7 @@ MIN_PART = 5 * p.MiB  # bytes of every part but the last
 MAX_PARTS = 10000
 REGION = "us-east-1"
 STORED_HEADERS = ("content-type", "cache-control", "content-disposition", "content-encoding")
+_SERVED_HEADERS = STORED_HEADERS[1:]  # served as stored (Content-Type has a default)
 RESPONSE_OVERRIDES = {
     "response-content-type": "Content-Type",
     "response-content-language": "Content-Language",
@@ -198,9 +199,9 @@ class Gateway:
             if method == "GET":
                 return await self.list_buckets()
             raise S3Error("MethodNotAllowed", "only GET (ListBuckets) is allowed on /")
-        for sub in NOT_IMPLEMENTED:
-            if sub in params:
-                raise S3Error("NotImplemented", f"the ?{sub} subresource is not supported")
+        if params and not params.keys().isdisjoint(NOT_IMPLEMENTED):
+            sub = next(sub for sub in NOT_IMPLEMENTED if sub in params)
+            raise S3Error("NotImplemented", f"the ?{sub} subresource is not supported")
         if not (key is None and method == "PUT") and not sees_bucket(caller(), bucket):
             # Decided on the name alone, before anything is looked up: it tells nothing.
             raise _denied(f"reach bucket {bucket!r}", policy.READ, "it or a folder in it")
@@ -526,7 +527,7 @@ class Gateway:
                 status = 206
         if status == 206:
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-        for param, header in RESPONSE_OVERRIDES.items():
+        for param, header in RESPONSE_OVERRIDES.items() if params else ():
             if param in params:
                 headers[header] = params[param]
         if inline is not None and request.method != "HEAD":
@@ -1153,7 +1154,7 @@ def _object_headers(manifest: dict[str, Any]) -> dict[str, str]:
         "x-amz-version-id": str(manifest["version"]),
     }
     for key, value in meta.items():
-        if key in STORED_HEADERS[1:]:
+        if key in _SERVED_HEADERS:
             headers[key.title()] = value
         elif key.startswith("x-amz-meta-"):
             headers[key] = value

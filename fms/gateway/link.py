@@ -37,6 +37,11 @@ Reply = tuple[dict[str, Any], zmq.Frame | None]
 
 log = logging.getLogger("fms.gateway")
 
+# ZeroMQ's flags as plain ints: pyzmq's are enum.Flag members, and an operation on one (the
+# events & POLLIN of each read, the NOBLOCK | SNDMORE of each frame sent) makes a new enum
+# member in Python, a few microseconds a request in all.
+_POLLIN, _POLLOUT, _NOBLOCK = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.NOBLOCK)
+
 # Requests in flight on one link at once, as many as the gateway's pool of threads has
 # (fms.gateway.store.THREADS): beyond it, a request waits for a place rather than adding to
 # the map of pending replies without bound.
@@ -118,13 +123,13 @@ class AsyncLink:
             return
         while True:
             events = int(sock.getsockopt(zmq.EVENTS))
-            if events & zmq.POLLOUT and self._writable is not None:
+            if events & _POLLOUT and self._writable is not None:
                 writable, self._writable = self._writable, None
                 if not writable.done():
                     writable.set_result(None)
-            if not events & zmq.POLLIN:
+            if not events & _POLLIN:
                 return
-            frames = recv_frames(sock, zmq.NOBLOCK)
+            frames = recv_frames(sock, _NOBLOCK)
             try:
                 self._deliver(frames)
             except Exception as e:  # a malformed reply must not leave the others unread
@@ -149,6 +154,18 @@ class AsyncLink:
         if fut is not None and not fut.done():
             fut.set_result((header, frames[1] if len(frames) == 2 else None))
 
+    def _send_now(self, frames: list[Sendable]) -> bool:
+        """Send a request if the socket takes it at once (the usual case: connected, under its
+        HWM); False if it cannot now (:meth:`_send` then waits for it)."""
+        sock = self._sock if self._sock is not None else self._socket()
+        try:
+            send_frames(sock, frames, _NOBLOCK)
+        except zmq.Again:
+            return False
+        if self._waiting:  # a send can leave the edge of a reply unseen: look now
+            self._readable()
+        return True
+
     async def _send(self, frames: list[Sendable], deadline: float) -> None:
         """Send a request, waiting until ``deadline`` (the loop's time) for the socket to take
         it (no connection yet, or the broker away); past it, the try counts as made, and is
@@ -157,7 +174,7 @@ class AsyncLink:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                send_frames(sock, frames, zmq.NOBLOCK)
+                send_frames(sock, frames, _NOBLOCK)
                 break
             except zmq.Again:
                 pass
@@ -186,13 +203,16 @@ class AsyncLink:
         budget = self.timeout * (self.retries + 1)
         if self._closed:
             raise self._closed_error()
-        try:  # a place among the requests in flight, within the budget
-            await asyncio.wait_for(self._slots.acquire(), budget)
-        except TimeoutError:
-            raise Unavailable(
-                f"the gateway has {len(self._waiting)} requests in flight to the fms cluster "
-                f"at {self.broker}: no place for a {op} within {budget:.0f} s"
-            ) from None
+        if self._slots.locked():  # a place among the requests in flight, within the budget
+            try:
+                await asyncio.wait_for(self._slots.acquire(), budget)
+            except TimeoutError:
+                raise Unavailable(
+                    f"the gateway has {len(self._waiting)} requests in flight to the fms "
+                    f"cluster at {self.broker}: no place for a {op} within {budget:.0f} s"
+                ) from None
+        else:  # a place is free: taken at once (wait_for would make a task to take it)
+            await self._slots.acquire()
         try:
             return await self._call(op, data, acting, fields, first, budget)
         finally:
@@ -239,13 +259,20 @@ class AsyncLink:
             deadline = loop.time() + wait
             fut: asyncio.Future[Reply] = loop.create_future()
             self._waiting[req_id] = fut
+            # The try's time is a timer on its future, not wait_for (which wraps the future
+            # in one of its own, with callbacks both ways, per request).
+            timer = loop.call_at(deadline, _expire, fut)
             try:
-                await self._send(frames, deadline)
-                reply, frame = await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
+                if not self._send_now(frames):
+                    await self._send(frames, deadline)
+                reply, frame = await fut
             except TimeoutError:
                 continue  # sent again while the budget lasts
             finally:
+                timer.cancel()
                 self._waiting.pop(req_id, None)
+                if fut.done() and not fut.cancelled():
+                    fut.exception()  # an error no one awaited (the send failed): seen
             if reply.get("ok"):
                 return reply, frame
             error = from_reply(str(reply.get("error")), str(reply.get("message")), reply)
@@ -266,3 +293,9 @@ class AsyncLink:
                 raise FmsError(f"the broker says the store's digest function is {name!r:.40}")
             self._digest_fn = str(name)
         return self._digest_fn
+
+
+def _expire(fut: "asyncio.Future[Reply]") -> None:
+    """A try's time is up: its call stops waiting for the reply (and may try again)."""
+    if not fut.done():
+        fut.set_exception(TimeoutError())

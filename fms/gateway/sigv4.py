@@ -182,17 +182,18 @@ def _check(
     its path in a different (still valid) way, over the path encoded as SigV4 prescribes."""
     signed_list = signed_headers.split(";")
     canon_headers = _canonical_headers(headers, signed_list)
-    paths = [raw_path]
-    normal = _uri_encode(unquote(raw_path), slash=False)
-    if normal != raw_path:
-        paths.append(normal)
-    for path in paths:
+    path = raw_path
+    for _ in range(2):
         canonical = "\n".join([method, path, query, canon_headers, signed_headers, payload])
-        mine = hmac.new(
-            key, _string_to_sign(amz_date, cred.scope, canonical).encode(), hashlib.sha256
-        ).hexdigest()
+        to_sign = _string_to_sign(amz_date, cred.scope, canonical).encode()
+        mine = hmac.digest(key, to_sign, "sha256").hex()  # hmac.new's, in one C call
         if hmac.compare_digest(mine, signature):
             return
+        # the path encoded as SigV4 prescribes, made only when the raw one does not match
+        normal = _uri_encode(unquote(raw_path), slash=False)
+        if normal == path:
+            break
+        path = normal
     raise S3Error(
         "SignatureDoesNotMatch",
         "the request signature we calculated does not match the signature you provided; "

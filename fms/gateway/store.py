@@ -227,7 +227,8 @@ class Store:
     async def open(
         self, name: str, version: int | None = None
     ) -> tuple[dict[str, Any], bytes | None, dict[str, Any]] | None:
-        """The manifest of ``name`` (a version of it), and its content if it came inline.
+        """The manifest of ``name`` (a version of it), and its content if it came inline;
+        ``name`` is a checked name (:func:`fms.wire.check_name`, as the gateway's ``_name``).
 
         :return: ``(manifest, inline bytes or None, via)`` or None if absent; ``via``: the
             fields of its chunk requests.
@@ -237,7 +238,9 @@ class Store:
                 header, frame = await self.link.call("get", acting=self.acting(), name=name)
             except NotFound:
                 return None
-            manifest = p.check_manifest(header.get("manifest"))
+            # ``name`` was checked (the gateway's _name): the manifest's, if it is that one, is
+            # not checked again
+            manifest = p.check_manifest(header.get("manifest"), name)
             via = {"fresh": True} if header.get("cache") is False else {"of": header["id"]}
             if frame is None:
                 return manifest, None, via
@@ -391,17 +394,14 @@ class Store:
         md5 = hashlib.md5(data).digest()
         check(len(data), md5, p.sha256(data))
         name = name(md5) if callable(name) else name
-        plan = upload.plan_bytes(data, CHUNK_SIZE, None, p.hasher(await self.link.digest_fn()))
-        plan.meta = _with_etag(meta, md5) or None
-        if plan.inline is None:  # more than one chunk's digests: the usual way
+        meta = _with_etag(meta, md5) or None
+        if not 0 < len(data) <= min(CHUNK_SIZE, p.INLINE_MAX):  # not one chunk: the usual way
             return await self.run(
-                lambda client: _commit_bytes(client.session, name, data, plan.meta)
+                lambda client: _commit_bytes(client.session, name, data, meta)
             ), md5
+        fields = _inline_commit(name, data, p.hasher(await self.link.digest_fn()), meta)
         header, _ = await self.link.call(
-            "commit",
-            p.pack_data(plan.content()),
-            acting=self.acting(),
-            **upload._commit_fields(name, plan),
+            "commit", p.pack_data(data), acting=self.acting(), **fields
         )
         return header["stat"], md5
 
@@ -543,6 +543,28 @@ def _with_etag(meta: dict[str, Any] | None, md5: bytes) -> dict[str, Any] | None
     if meta is None:
         return None
     return {"etag": f'"{md5.hex()}"', **meta}  # a multipart ETag given in meta stays
+
+
+def _inline_commit(
+    name: str, data: bytes, hash_fn: p.Hasher, meta: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The fields of the ``commit`` of ``data``, one chunk of :data:`CHUNK_SIZE` that travels
+    with it: those :func:`fms.client.upload.plan_bytes` and ``_commit_fields`` make for it,
+    made directly (its file digest is :func:`fms.wire.one_chunk_digest`: no Plan, no page
+    list for one chunk)."""
+    chunk = hash_fn(data)
+    extents = p.pack_extents(((CHUNK_SIZE, len(data)),))
+    fields: dict[str, Any] = {
+        "name": name,
+        "extents": extents,
+        "digest": p.one_chunk_digest(extents, chunk, hash_fn),
+        "mtime": time.time(),
+        "commit": os.urandom(16).hex(),
+        "chunks": [chunk],
+    }
+    if meta:
+        fields["meta"] = meta
+    return fields
 
 
 def _put_whole(
