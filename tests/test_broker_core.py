@@ -151,6 +151,30 @@ def test_a_request_goes_to_the_least_loaded_worker_and_its_reply_back_to_the_cli
     assert reply["id"] == header["id"] and reply["stat"]["name"] == header["name"]
 
 
+def test_changes_go_to_one_storage_worker_while_it_has_credit_and_reads_are_spread(core):
+    """A storage worker commits the changes that reach it back to back in one transaction: the
+    broker packs changes onto the busiest worker with credit instead of spreading them (spread
+    over two workers, 8 writers' commits were mostly groups of one)."""
+    ready(core, b"s-a", p.STORAGE)
+    ready(core, b"s-b", p.STORAGE)
+    core.transport.take()
+    credit = limits.WORKER_CREDIT[p.STORAGE]
+    ask(core, b"reader", "stat", 0, name="r")  # one worker has a read in hand
+    (busy,) = {ident for _, ident, *_ in core.transport.take()}
+    idle = b"s-b" if busy == b"s-a" else b"s-a"
+    commit = {k: v for k, v in commit_fields("f", b"x").items() if k != "op"}
+    ops = [("commit", commit), ("rm", {"name": "g", "commit": "a" * 32})]
+    for i in range(credit):
+        op, fields = ops[i % 2]
+        ask(core, b"writer%d" % (i % 8), op, i, **fields)
+    sent = core.transport.take()
+    assert len(requests_to(sent, busy)) == credit - 1  # packed until its credit ran out
+    assert [h["op"] for _, h in requests_to(sent, idle)] == ["rm"]  # then the other
+    for i in range(4):  # reads still go to the least loaded
+        ask(core, b"reader", "stat", 10 + i, name=f"r{i}")
+    assert len(requests_to(core.transport.take(), idle)) == 4
+
+
 def test_a_worker_that_dies_hands_its_requests_to_another_and_its_late_reply_is_dropped(core):
     ready(core, b"s-a", p.STORAGE)
     ready(core, b"s-b", p.STORAGE)

@@ -65,13 +65,7 @@ if TYPE_CHECKING:
 
 CLEAN_INTERVAL = 60.0  # seconds between sweeps of temp files left by dead writers
 GC_INTERVAL = 300.0  # seconds between background collections
-CHANGE_OPS = (
-    "commit",
-    "rm",
-    "mv",
-    "cp",
-    "restore",
-)  # group committed; applied even past their deadline
+CHANGE_OPS = p.CHANGE_OPS  # group committed; applied even past their deadline
 VERSIONS_MAX = 256  # versions one `versions` reply lists, the newest
 RM_PAGE = 1000  # names an `rm_prefix` removes per request (one transaction)
 RM_PAGE_NAME_BYTES = 32 * p.KiB  # ... whose names add up to at most this: the broker's `inv`

@@ -8,6 +8,7 @@ from ..errors import BadRequest
 __all__ = [
     "BROKER",
     "CACHE",
+    "CHANGE_OPS",
     "DATA_OPS",
     "DEFAULT_BACKEND",
     "DEFAULT_CHUNK_SIZE",
@@ -119,6 +120,10 @@ OP_SERVICE = {
     "status": BROKER,  # answered by the broker itself: live workers
     "hello": BROKER,  # answered by the broker itself: the store and its digest function
 }
+# Storage's changes of one name or two: a storage worker applies those that reach it back to back
+# in one metadata transaction (a group commit), so the broker sends them to one worker while it
+# has credit (fms.broker.routing.pick) rather than spreading them.
+CHANGE_OPS = frozenset({"commit", "rm", "mv", "cp", "restore"})
 # Ops whose request may carry a data frame after its header; any other request is one frame.
 DATA_OPS = frozenset({"put_chunk", "put_page", "commit", "commit_many"})
 
