@@ -89,6 +89,7 @@ def main(argv=None) -> int:
                         "raw",
                         "--output",
                         paths[name],
+                        *(["--gil"] if args.gil else []),
                     ],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
