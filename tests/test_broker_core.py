@@ -151,28 +151,37 @@ def test_a_request_goes_to_the_least_loaded_worker_and_its_reply_back_to_the_cli
     assert reply["id"] == header["id"] and reply["stat"]["name"] == header["name"]
 
 
-def test_changes_go_to_one_storage_worker_while_it_has_credit_and_reads_are_spread(core):
+def test_changes_go_to_the_storage_worker_with_changes_in_hand_while_it_has_credit(core):
     """A storage worker commits the changes that reach it back to back in one transaction: the
-    broker packs changes onto the busiest worker with credit instead of spreading them (spread
-    over two workers, 8 writers' commits were mostly groups of one)."""
+    broker packs changes onto the worker that has changes in hand (while it has credit) instead
+    of spreading them (spread over two workers, 8 writers' commits were mostly groups of one).
+    A worker busy with reads does not draw them; with none in hand, the least loaded gets one."""
     ready(core, b"s-a", p.STORAGE)
     ready(core, b"s-b", p.STORAGE)
     core.transport.take()
     credit = limits.WORKER_CREDIT[p.STORAGE]
-    ask(core, b"reader", "stat", 0, name="r")  # one worker has a read in hand
-    (busy,) = {ident for _, ident, *_ in core.transport.take()}
-    idle = b"s-b" if busy == b"s-a" else b"s-a"
+    for i in range(3):  # one worker has reads in hand
+        ask(core, b"reader", "stat", 100 + i, name="r")
+    sent = core.transport.take()
+    reading = b"s-a" if len(requests_to(sent, b"s-a")) == 2 else b"s-b"
+    other = b"s-b" if reading == b"s-a" else b"s-a"
     commit = {k: v for k, v in commit_fields("f", b"x").items() if k != "op"}
     ops = [("commit", commit), ("rm", {"name": "g", "commit": "a" * 32})]
-    for i in range(credit):
+    for i in range(credit + 1):
         op, fields = ops[i % 2]
         ask(core, b"writer%d" % (i % 8), op, i, **fields)
     sent = core.transport.take()
-    assert len(requests_to(sent, busy)) == credit - 1  # packed until its credit ran out
-    assert [h["op"] for _, h in requests_to(sent, idle)] == ["rm"]  # then the other
-    for i in range(4):  # reads still go to the least loaded
-        ask(core, b"reader", "stat", 10 + i, name=f"r{i}")
-    assert len(requests_to(core.transport.take(), idle)) == 4
+    # The first to the least loaded (one read in hand against two), then packed there until
+    # its credit ran out, then to the other.
+    assert len(requests_to(sent, other)) == credit - 1
+    assert len(requests_to(sent, reading)) == 2
+    for worker in (other, reading):  # answered: no change in hand any more
+        for key, header in requests_to(sent, worker):
+            answer(core, worker, key, p.ok_reply(header["id"]))
+    core.transport.take()
+    assert core.registry.get(other).changes == core.registry.get(reading).changes == 0
+    ask(core, b"writer", "rm", 99, name="h", commit="b" * 32)  # to the least loaded again
+    assert [h["id"] for _, h in requests_to(core.transport.take(), other)] == [99]
 
 
 def test_a_worker_that_dies_hands_its_requests_to_another_and_its_late_reply_is_dropped(core):

@@ -137,6 +137,7 @@ class Dispatcher:
             pending.worker = worker.ident
             worker.inflight_bytes += pending.nbytes + pending.expect
             worker.inflight.add(key)
+            worker.changes += pending.op in p.CHANGE_OPS
             worker.served += 1
             worker.last_used = key
 
@@ -206,8 +207,7 @@ class Dispatcher:
         if pending is None or pending.worker != worker.ident:
             return None
         del self.pending[key]
-        worker.inflight.discard(key)
-        worker.inflight_bytes -= pending.nbytes + pending.expect
+        _release(worker, key, pending)
         self._track(pending, -1)
         return pending
 
@@ -255,8 +255,7 @@ class Dispatcher:
         ]:
             worker = self.registry.get(pending.worker) if pending.worker else None
             if worker is not None and key in worker.inflight:
-                worker.inflight.discard(key)
-                worker.inflight_bytes -= pending.nbytes + pending.expect
+                _release(worker, key, pending)
                 self._forget(key, pending, f"no answer from {worker.worker_id}")
                 self.pump(worker.service)
 
@@ -324,3 +323,10 @@ class Dispatcher:
             "queued": {s: q.waiting() for s, q in self.queues.items()},
             "dropped": self.dropped,
         }
+
+
+def _release(worker: Worker, key: int, pending: Pending) -> None:
+    """``worker`` holds request ``key`` no more: its credit (in requests and bytes) is free."""
+    worker.inflight.discard(key)
+    worker.inflight_bytes -= pending.nbytes + pending.expect
+    worker.changes -= pending.op in p.CHANGE_OPS

@@ -33,6 +33,7 @@ class Worker:
     expiry: float  # monotonic time past which it counts as dead unless heard from
     inflight: set = field(default_factory=set)  # broker request keys
     inflight_bytes: int = 0  # their data + the replies expected of them
+    changes: int = 0  # how many of them are storage changes (wire.CHANGE_OPS: routing.pick)
     served: int = 0
     last_used: int = 0  # request key of its latest dispatch
     stats: dict = field(default_factory=dict)  # a cache's counters, from its heartbeats

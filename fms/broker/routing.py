@@ -5,9 +5,10 @@ no worker can take yet waits in its service's :class:`FairQueue`, one deque per 
 round robin: one client's flood waits behind everyone else's next request, not in front of it.
 :func:`pick` chooses the worker among those with credit: a cache request goes to the owner of
 its key (rendezvous hashing, so each name and chunk is cached, and its misses coalesced, in one
-place); a change (commit, rm, mv, cp, restore) to the busiest storage worker that has credit,
-so that its changes arrive back to back and are committed together; anything else to the least
-loaded worker, ties to the one used least recently.
+place); a change (commit, rm, mv, cp, restore) to the storage worker with credit that has the
+most changes in hand, so that they arrive back to back and are committed together; anything
+else, and a change when none is in hand, to the least loaded worker, ties to the one used least
+recently.
 """
 
 import collections
@@ -140,11 +141,15 @@ def pick(service: str, pending: Pending, free: list, registry: Registry) -> Work
         # Packed, not spread: a storage worker applies the changes that reach it back to back in
         # one transaction, and two workers of one store take turns at its write lock anyway.
         # Spread over two, 8 writers' commits were mostly groups of one (docs/BENCHMARKS.md).
-        return max(
+        # To the worker with the most changes in hand, not the busiest: one busy with reads
+        # would make a change wait behind them.
+        packed = max(
             (w for w in free if w.ident not in pending.exclude),
-            key=lambda w: (len(w.inflight), w.last_used),
+            key=lambda w: (w.changes, -len(w.inflight), w.last_used),
             default=None,
         )
+        if packed is not None and packed.changes:
+            return packed
     return min(
         (w for w in free if w.ident not in pending.exclude),
         key=lambda w: (len(w.inflight), w.last_used),
