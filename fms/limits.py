@@ -200,6 +200,12 @@ SWEEP_INTERVAL = 0.25  # seconds between sweeps of queued requests whose deadlin
 # deadline passes or whose client leaves is dropped before it costs a worker anything.
 # Storage's also bounds its group commit: 8 made put -r of 1,000 small files 1.3x slower.
 WORKER_CREDIT = {"storage": 16, "cache": 32}
+# Storage changes are packed onto the storage worker with changes in hand
+# (fms.broker.routing.pick), unless it holds requests and has answered none for this long
+# (seconds): its heartbeats come from a thread of their own, so a worker stuck on its disk or a
+# lock stays registered, and packing would pile every client's changes onto it while another
+# sits idle.  Then the least loaded.
+PACK_STALL = 0.25
 
 # --- byte budgets (the broker, DESIGN.md invariant 4) ---
 # How the broker keeps them: fms/broker/admission.py (reservations, shedding, the reply

@@ -184,6 +184,28 @@ def test_changes_go_to_the_storage_worker_with_changes_in_hand_while_it_has_cred
     assert [h["id"] for _, h in requests_to(core.transport.take(), other)] == [99]
 
 
+def test_changes_are_not_packed_onto_a_storage_worker_that_has_stopped_answering(core):
+    """A storage worker's heartbeats come from a thread of their own, so one stuck in its work
+    (a hung disk, a lock wait) stays registered.  Packing changes must not pile every client's
+    changes onto it while the other sits idle: once it has answered nothing for
+    limits.PACK_STALL, changes go to the least loaded worker again (and pack there)."""
+    ready(core, b"s-a", p.STORAGE)
+    ready(core, b"s-b", p.STORAGE)
+    core.transport.take()
+    commit = {k: v for k, v in commit_fields("f", b"x").items() if k != "op"}
+    ask(core, b"writer0", "commit", 0, **commit)
+    (stuck,) = {ident for _, ident, *_ in core.transport.take()}
+    other = b"s-b" if stuck == b"s-a" else b"s-a"
+    # It holds that commit and answers nothing for longer than PACK_STALL (no sleep: its
+    # latest progress is moved back, as the clock would move it on).
+    core.registry.get(stuck).progress -= limits.PACK_STALL + 1
+    for i in range(1, 5):
+        ask(core, b"writer%d" % i, "commit", i, **commit)
+    sent = core.transport.take()
+    assert requests_to(sent, stuck) == []
+    assert len(requests_to(sent, other)) == 4
+
+
 def test_a_worker_that_dies_hands_its_requests_to_another_and_its_late_reply_is_dropped(core):
     ready(core, b"s-a", p.STORAGE)
     ready(core, b"s-b", p.STORAGE)

@@ -135,6 +135,8 @@ class Dispatcher:
                 self.worker_lost(worker.ident, "unreachable")
                 return  # worker_lost pumps again
             pending.worker = worker.ident
+            if not worker.inflight:
+                worker.progress = now
             worker.inflight_bytes += pending.nbytes + pending.expect
             worker.inflight.add(key)
             worker.changes += pending.op in p.CHANGE_OPS
@@ -208,6 +210,7 @@ class Dispatcher:
             return None
         del self.pending[key]
         _release(worker, key, pending)
+        worker.progress = time.monotonic()
         self._track(pending, -1)
         return pending
 

@@ -36,6 +36,8 @@ class Worker:
     changes: int = 0  # how many of them are storage changes (wire.CHANGE_OPS: routing.pick)
     served: int = 0
     last_used: int = 0  # request key of its latest dispatch
+    # monotonic time of its latest answer, or of the dispatch that found it idle (routing.pick)
+    progress: float = 0.0
     stats: dict = field(default_factory=dict)  # a cache's counters, from its heartbeats
     digest_fn: str | None = None  # storage: its store's digest function
     # a cache: bytes of commit fills handed to ZeroMQ for it, and how many of them its latest

@@ -13,9 +13,11 @@ recently.
 
 import collections
 import hashlib
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
+from .. import limits
 from .. import wire as p
 from .registry import Registry, Worker
 
@@ -142,9 +144,16 @@ def pick(service: str, pending: Pending, free: list, registry: Registry) -> Work
         # one transaction, and two workers of one store take turns at its write lock anyway.
         # Spread over two, 8 writers' commits were mostly groups of one (docs/BENCHMARKS.md).
         # To the worker with the most changes in hand, not the busiest: one busy with reads
-        # would make a change wait behind them.
+        # would make a change wait behind them.  Not onto one that holds requests and has
+        # answered none for PACK_STALL: stuck, it would collect every change up to its credit
+        # (its heartbeats go on from a thread of their own).
+        stalled = time.monotonic() - limits.PACK_STALL
         packed = max(
-            (w for w in free if w.ident not in pending.exclude),
+            (
+                w
+                for w in free
+                if w.ident not in pending.exclude and not (w.inflight and w.progress <= stalled)
+            ),
             key=lambda w: (w.changes, -len(w.inflight), w.last_used),
             default=None,
         )
