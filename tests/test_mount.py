@@ -256,6 +256,46 @@ def test_attributes_are_kept_in_the_versions_metadata(cluster, make_mount):
     assert (usage.f_blocks - usage.f_bfree) * usage.f_frsize >= 4  # the store's bytes
 
 
+@pytest.mark.parametrize("writeback", [False, True])
+def test_a_chown_that_finds_the_file_open_after_its_release_committed_is_kept(
+    cluster, tmp_path, monkeypatch, writeback
+):
+    """FUSE's release comes after close has returned, so a chown can find the file still open
+    after release has committed it and taken its metadata.  The mount's operations in this
+    process, the chown made at that very point: it is stored (before: chown said yes, and the
+    change was lost with the file's handle; a full suite's mount test met it once)."""
+    from types import SimpleNamespace
+
+    from fms.mount.files import Spool
+    from fms.mount.fs import FmsMount
+    from fms.mount.pool import ClientPool
+
+    pool = ClientPool(lambda: cluster.client())
+    spool = Spool(str(tmp_path / "spool"), 64 * MiB)
+    mount = FmsMount(pool, "", spool, 4 * MiB, writeback=writeback)
+    try:
+        fi = SimpleNamespace(fh=0, flags=os.O_WRONLY)
+        mount.create("/f", 0o644, fi)
+        mount.write("/f", b"data", 0, fi)
+        mount.flush("/f", fi)  # close(2): committed (handed to the committer, with writeback)
+        commit, chowned = mount._commit, []
+
+        def commit_then_chown(file, background=False):
+            commit(file, background)
+            if not chowned:  # release's commit is made: the chown comes now, once
+                chowned.append(mount.chown("/f", 1234, 5678))
+
+        monkeypatch.setattr(mount, "_commit", commit_then_chown)
+        mount.release("/f", fi)
+        assert chowned == [0]
+        mount._drain()  # with writeback: what waits for its commit is committed
+        with cluster.client() as c:
+            meta = c.stat("f")["meta"]
+        assert (meta["fs.uid"], meta["fs.gid"]) == ("1234", "5678")
+    finally:
+        mount.destroy(None)
+
+
 def fallocate(path: str) -> None:
     """fallocate(2) itself: glibc's posix_fallocate writes zeros where it is refused."""
     import ctypes

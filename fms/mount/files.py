@@ -93,6 +93,8 @@ class OpenFile:
         self.lock = threading.RLock()
         self.handles = 0
         self.unlinked = False  # removed while open: never committed
+        # its last handle was released: a metadata change goes as for a closed file (FmsMount._set)
+        self.released = False
         self.spool = spool
         self.pool = pool
         self.chunk_size = chunk_size

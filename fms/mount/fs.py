@@ -669,9 +669,11 @@ class FmsMount(mfusepy.Operations):
         if handle is None:
             return 0
         file = handle.file
+        committed = False
         try:
             if file.handles == 1:
                 self._commit(file, background=True)  # written since the last flush (mmap)
+            committed = True
         finally:
             with self._lock:
                 file.handles -= 1
@@ -679,7 +681,17 @@ class FmsMount(mfusepy.Operations):
                 if last and self._open.get(file.name) is file:
                     del self._open[file.name]
             if last:
-                file.close()
+                # A chown or chmod may have found the file open after the commit above took its
+                # metadata (FUSE's release comes after close has returned): committed again, or
+                # it would be lost.  From here on such a change goes as for a closed file.
+                with file.lock:
+                    file.released = True
+                    again = committed and file.changed and not file.unlinked
+                try:
+                    if again:
+                        self._commit(file, background=True)
+                finally:
+                    file.close()
         return 0
 
     def unlink(self, path: str) -> int:
@@ -892,9 +904,11 @@ class FmsMount(mfusepy.Operations):
             file = self._open.get(name) if name else None
         if file is not None:
             with file.lock:
-                change(file)
-                file.changed = True
-            return
+                if not file.released:
+                    change(file)
+                    file.changed = True
+                    return
+            # Released since it was looked up: its commit is made or waits in the committer.
         if name is None:
             return  # the mount's root folder keeps no metadata
         if self.committer is not None and (
