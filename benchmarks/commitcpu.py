@@ -36,39 +36,24 @@ from fms.client import upload
 from fms.storage.engine import Store, open_local
 from fms.storage.meta import sqlite
 from fms.storage.service import StorageService
+from fms.worker import reply_frames
 
 WARM = 200  # commits made before the timing starts (tables and caches warm)
 log = logging.getLogger("benchmarks.commitcpu")
 
 
 class EncodingLink:
-    """Encodes every reply as :meth:`fms.worker.BrokerLink.reply` does, sends nothing; counts
-    them and the refusals."""
+    """Encodes every reply as :meth:`fms.worker.BrokerLink.reply` does
+    (:func:`fms.worker.reply_frames`), sends nothing; counts them and the refusals."""
 
     def __init__(self) -> None:
         self.replies = 0
         self.refused: list[dict[str, Any]] = []
 
-    def reply(
-        self,
-        route: dict[str, Any],
-        header: dict[str, Any],
-        data: object = None,
-        invalidate: str | list[str] | None = None,
-        cache: str | None = None,
-        chunks: int | None = None,
-        batch: tuple[int, int] | None = None,
-        fill: bytes | None = None,
-    ) -> None:
-        back: dict[str, Any] = {"t": "rep", "k": route.get("k"), "ok": bool(header.get("ok"))}
-        if not back["ok"]:
-            back["err"] = header.get("error")
+    def reply(self, route: dict[str, Any], header: dict[str, Any], *args, **kwargs) -> None:
+        if not header.get("ok"):
             self.refused.append(header)
-        if invalidate is not None:
-            back["inv"] = invalidate
-        if fill is not None:
-            back["fill"] = fill
-        p.encode(back), p.encode(header)
+        reply_frames(route, header, *args, **kwargs)
         self.replies += 1
 
 

@@ -219,33 +219,8 @@ class BrokerLink:
         batch: tuple[int, int] | None = None,
         fill: bytes | None = None,
     ) -> None:
-        """Answer a request that reached this worker with ``route``.
-
-        The route frame repeats the outcome (``ok``, ``err``) and, from the cache, whether it was
-        a hit (for a ``get``, how many ``chunks`` requests the client will send for it; for a
-        ``get_many``, ``batch``: names served whole from the cache, names fetched), so the
-        broker can count them without decoding the header.  ``invalidate`` names a name the
-        broker must drop from the cache before it forwards this reply; ``fill``, the encoded
-        manifest of the version a commit made whose whole content the request carried (the
-        broker may hand both to the cache with the invalidation).
-        """
-        back = {"t": "rep", "k": route.get("k"), "ok": bool(header.get("ok"))}
-        if not back["ok"]:
-            back["err"] = header.get("error")
-        if invalidate is not None:
-            back["inv"] = invalidate
-        if fill is not None:
-            back["fill"] = fill
-        if cache is not None:
-            back["cache"] = cache
-        if chunks:
-            back["n"] = chunks
-        if batch is not None:
-            back["gh"], back["gm"] = batch
-        frames: list[Sendable] = [p.encode(back), p.encode(header)]
-        if data is not None:
-            frames.append(data)
-        self._send(frames)
+        """Answer a request that reached this worker with ``route`` (:func:`reply_frames`)."""
+        self._send(reply_frames(route, header, data, invalidate, cache, chunks, batch, fill))
 
     def send_policy(self, snapshot: Policy) -> None:
         """Send the store's access snapshot (a :class:`fms.policy.Policy`) to the broker, which
@@ -537,3 +512,42 @@ def _handle_request(
     except Exception as exc:  # a bug must cost one request, not the process (invariant 5)
         log.exception("event=handler_crashed error=%r", exc)
         link.reply(route, p.error_reply(req_id, "internal", f"internal error: {exc!r}"))
+
+
+def reply_frames(
+    route: dict[str, Any],
+    header: dict[str, Any],
+    data: Sendable | None = None,
+    invalidate: str | list[str] | None = None,
+    cache: str | None = None,
+    chunks: int | None = None,
+    batch: tuple[int, int] | None = None,
+    fill: bytes | None = None,
+) -> list[Sendable]:
+    """The frames of a worker's answer to a request that reached it with ``route``.
+
+    The route frame repeats the outcome (``ok``, ``err``) and, from the cache, whether it was
+    a hit (for a ``get``, how many ``chunks`` requests the client will send for it; for a
+    ``get_many``, ``batch``: names served whole from the cache, names fetched), so the
+    broker can count them without decoding the header.  ``invalidate`` names a name the
+    broker must drop from the cache before it forwards this reply; ``fill``, the encoded
+    manifest of the version a commit made whose whole content the request carried (the
+    broker may hand both to the cache with the invalidation).
+    """
+    back = {"t": "rep", "k": route.get("k"), "ok": bool(header.get("ok"))}
+    if not back["ok"]:
+        back["err"] = header.get("error")
+    if invalidate is not None:
+        back["inv"] = invalidate
+    if fill is not None:
+        back["fill"] = fill
+    if cache is not None:
+        back["cache"] = cache
+    if chunks:
+        back["n"] = chunks
+    if batch is not None:
+        back["gh"], back["gm"] = batch
+    frames: list[Sendable] = [p.encode(back), p.encode(header)]
+    if data is not None:
+        frames.append(data)
+    return frames
