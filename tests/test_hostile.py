@@ -1,6 +1,7 @@
 """Hostile load (issue 17): each attack with bounded time and count, against real processes on
 random loopback ports, with a well-behaved client beside it that must keep being served."""
 
+import contextlib
 import os
 import signal
 import threading
@@ -479,27 +480,17 @@ def test_a_flood_from_clients_that_leave_leaves_nothing_behind(slow_cluster):
     assert _storage_served(slow_cluster) - served <= 3
 
 
-def test_a_client_on_the_fd_of_one_that_left_is_not_taken_for_gone():
-    """The broker in this process, driven message by message.  A client leaves; another
-    connection gets its fd and is read before the broker has looked at its monitor (a drain
-    of the frontend reads on past the poll).  The one that left is gone; the new one's queued
-    work stays (before: both were taken for gone, and the new client's commit was dropped
-    unanswered; its put timed out)."""
+@contextlib.contextmanager
+def _broker_with_a_mute_worker():
+    """``(broker, worker, client)``: a broker in this process, driven message by message, with
+    one storage worker registered (a socket that answers nothing unless the test makes it) and
+    a client socket; all closed at the end."""
     from fms.broker import Broker
     from fms.wire.frames import drain
 
-    class Frame:  # what the loop reads of an identity frame: its bytes, and the fd it came on
-        def __init__(self, data, fd):
-            self.bytes, self.fd = data, fd
-
-        def get(self, option):
-            assert option == zmq.SRCFD
-            return self.fd
-
-    ctx = zmq.Context.instance()
-    broker = Broker("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", ctx=ctx)
+    broker = Broker("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", ctx=zmq.Context.instance())
     broker.bind()
-    worker, leaver = _dealer(broker.backend_endpoint), _dealer(broker.frontend_endpoint)
+    worker, client = _dealer(broker.backend_endpoint), _dealer(broker.frontend_endpoint)
     try:
         worker.send(
             p.encode(
@@ -515,6 +506,30 @@ def test_a_client_on_the_fd_of_one_that_left_is_not_taken_for_gone():
         )
         assert broker.backend.poll(5000)
         drain(broker.backend, broker.process_worker, 10)
+        yield broker, worker, client
+    finally:
+        worker.close()
+        client.close()
+        broker.close()
+
+
+def test_a_client_on_the_fd_of_one_that_left_is_not_taken_for_gone():
+    """The broker in this process, driven message by message.  A client leaves; another
+    connection gets its fd and is read before the broker has looked at its monitor (a drain
+    of the frontend reads on past the poll).  The one that left is gone; the new one's queued
+    work stays (before: both were taken for gone, and the new client's commit was dropped
+    unanswered; its put timed out)."""
+    from fms.wire.frames import drain
+
+    class Frame:  # what the loop reads of an identity frame: its bytes, and the fd it came on
+        def __init__(self, data, fd):
+            self.bytes, self.fd = data, fd
+
+        def get(self, option):
+            assert option == zmq.SRCFD
+            return self.fd
+
+    with _broker_with_a_mute_worker() as (broker, _worker, leaver):
 
         def stat(i):
             return p.encode({"v": p.PROTOCOL_VERSION, "op": "stat", "id": i, "name": "x"})
@@ -535,9 +550,6 @@ def test_a_client_on_the_fd_of_one_that_left_is_not_taken_for_gone():
         assert status["queued"]["storage"] == 5
         assert status["dropped"] == 0
         assert broker.transport.client_fd == {newcomer: fd}
-    finally:
-        worker.close()
-        broker.close()
 
 
 def test_a_flood_whose_deadline_passes_is_dropped_and_others_take_turns(slow_cluster):
@@ -928,28 +940,9 @@ def test_expired_work_is_dropped_and_a_worker_that_never_answers_loses_its_credi
     """The broker in this process, driven message by message: queued requests past their
     deadline are dropped; requests a worker holds unanswered long past theirs are forgotten,
     so its credit comes back and the next request reaches it."""
-    from fms.broker import Broker
     from fms.wire.frames import drain
 
-    ctx = zmq.Context.instance()
-    broker = Broker("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", ctx=ctx)
-    broker.bind()
-    worker, client = _dealer(broker.backend_endpoint), _dealer(broker.frontend_endpoint)
-    try:
-        worker.send(
-            p.encode(
-                {
-                    "t": "ready",
-                    "v": p.PROTOCOL_VERSION,
-                    "svc": "storage",
-                    "wid": "mute",
-                    "store": "s",
-                    "digest_fn": "blake3",
-                }
-            )
-        )
-        assert broker.backend.poll(5000)
-        drain(broker.backend, broker.process_worker, 10)
+    with _broker_with_a_mute_worker() as (broker, worker, client):
         for i in range(20):
             client.send(
                 p.encode(
@@ -978,7 +971,3 @@ def test_expired_work_is_dropped_and_a_worker_that_never_answers_loses_its_credi
         drain(broker.frontend, broker.process_client, 1)
         frames = _recv(worker)
         assert p.decode(frames[0])["t"] == "req" and p.decode(frames[1])["id"] == 99
-    finally:
-        worker.close()
-        client.close()
-        broker.close()
