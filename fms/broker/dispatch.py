@@ -119,7 +119,7 @@ class Dispatcher:
             if now >= pending.deadline:
                 self._forget(key, pending, "deadline passed")
                 continue
-            worker = pick(service, pending, free, self.registry)
+            worker = pick(service, pending, free, self.registry, now)
             if worker is None:  # its owner is busy, or only workers it must avoid are free:
                 queue.push_front(client, key)  # it waits; the next client's turn
                 queue.move_to_end(client)

@@ -13,7 +13,6 @@ recently.
 
 import collections
 import hashlib
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -131,8 +130,11 @@ def owner_of(key: str | bytes, caches: list[Worker]) -> Worker | None:
     return live[winner] if winner is not None else None
 
 
-def pick(service: str, pending: Pending, free: list, registry: Registry) -> Worker | None:
-    """The worker to send ``pending`` to among ``free``, or None (it waits)."""
+def pick(
+    service: str, pending: Pending, free: list, registry: Registry, now: float
+) -> Worker | None:
+    """The worker to send ``pending`` to among ``free`` at ``now`` (time.monotonic()), or None
+    (it waits)."""
     if service == p.CACHE and pending.owner is not None:
         caches = registry.of(p.CACHE)
         if pending.exclude:
@@ -147,7 +149,7 @@ def pick(service: str, pending: Pending, free: list, registry: Registry) -> Work
         # would make a change wait behind them.  Not onto one that holds requests and has
         # answered none for PACK_STALL: stuck, it would collect every change up to its credit
         # (its heartbeats go on from a thread of their own).
-        stalled = time.monotonic() - limits.PACK_STALL
+        stalled = now - limits.PACK_STALL
         packed = max(
             (
                 w
