@@ -11,7 +11,6 @@ import stat
 import subprocess
 import tempfile
 import threading
-import time
 
 import pytest
 from conftest import ROOT, random_bytes, wait_for
@@ -677,13 +676,12 @@ def test_a_storage_worker_killed_while_writeback_commits_loses_nothing_closed(cl
         assert c.stat("d/")["meta"]["fs.mode"] == "755"
 
 
+@pytest.mark.timeout(60)  # a hang runs into it; each call gives up after 3 tries of 1 s
 def test_the_broker_gone_is_eio_not_a_hang(cluster, make_mount):
     m = make_mount(cluster, timeout=1.0)
     write(m.p("f"), b"data")
     cluster.proc("broker").kill()
-    started = time.monotonic()
     for attempt in (lambda: read(m.p("f")), lambda: os.statvfs(m.path)):
         with pytest.raises(OSError) as raised:
             attempt()
         assert raised.value.errno == errno.EIO
-    assert time.monotonic() - started < 20  # each: 3 tries of 1 s, and a connection

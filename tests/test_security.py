@@ -6,7 +6,6 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 
 import pytest
 from conftest import ROOT, wait_for
@@ -223,9 +222,8 @@ def test_unlisted_and_plaintext_clients_get_a_clear_error_not_a_hang(secure):
         (secure.as_user("mallory"), b"refused this client's key"),
         ((), b"requires encryption"),
     ):
-        start = time.monotonic()
-        run = secure.cli(*args, "ls", timeout=30)
-        assert time.monotonic() - start < 10
+        # 10 minutes a try: a hang would outlast the harness's 30 s limit on the command.
+        run = secure.cli(*args, "--timeout", "600", "ls", timeout=30)
         assert run.returncode == 1 and words in run.stderr, run.stderr
 
 

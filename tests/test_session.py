@@ -5,7 +5,6 @@ import contextlib
 import itertools
 import re
 import threading
-import time
 
 import pytest
 import zmq
@@ -161,12 +160,10 @@ def test_patience_waits_longer_for_work_but_not_for_a_store_that_stays_unavailab
             answer(router, ident, p.error_reply(header["id"], "unavailable", "store down"))
 
     with serving(script), session.patience(600.0):
-        start = time.monotonic()
+        # Given up within the usual budget (0.9 s) and the backoff under way: the patient one
+        # (3 x 600 s) would run into the test's 20 s timeout.
         with pytest.raises(Unavailable, match="store down"):
             session.call("fsck")
-        # The usual budget (0.9 s) and the backoff under way, with room for a loaded machine:
-        # far from the patient budget (3 x 600 s).
-        assert time.monotonic() - start < 5.0
     assert len(set(asked)) == 1 and len(asked) >= 2  # retried, with the same id
 
 

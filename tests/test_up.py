@@ -5,7 +5,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 from conftest import ROOT, wait_for
@@ -86,10 +85,8 @@ def test_up_serves_and_ctrl_c_stops_every_process(tmp_path, caches):
             assert c.get_bytes("greeting") == b"hello from up"
         assert os.path.isdir(tmp_path / "data" / "storage" / "chunks")
 
-        start = time.monotonic()
         up.send_signal(signal.SIGINT)
-        up.wait(15)
-        assert time.monotonic() - start < 10
+        up.wait(15)  # raises if it has not stopped by then
         assert up.returncode == 0
         assert not [pid for pid in kids if alive(pid)]
     finally:
