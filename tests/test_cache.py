@@ -853,6 +853,30 @@ def test_a_commit_fill_that_does_not_match_its_digest_is_dropped_and_still_inval
     assert cached_version(service, "f") is None and cached_version(service, "g") is None
 
 
+def test_a_commit_fill_of_content_the_cache_holds_is_kept_without_hashing_it_again(
+    service, monkeypatch
+):
+    """Its bytes are neither kept nor served (the cache's own copy, verified when it was
+    filled, is): the digest check would be of bytes thrown away.  Other content is checked."""
+    service.on_register(0)
+    commit_fill(service, "f", b"same", 1, since=1, at=1)
+    hashed = []
+    inline_ok = p.inline_ok
+    monkeypatch.setattr(
+        p, "inline_ok", lambda m, data: hashed.append(m["name"]) or inline_ok(m, data)
+    )
+    commit_fill(service, "g", b"same", 1, since=2, at=2)
+    assert cached_version(service, "g") == 1 and hashed == []
+    manifest = p.encode(manifest_of("h", b"new!", 1))
+    service.on_fill("h", 4, 3, manifest, Frame(p.pack_data(b"old!")))  # same size, not held
+    assert cached_version(service, "h") is None and hashed == ["h"]
+    service.on_fill("h", 6, 5, p.encode(manifest_of("h", b"same", 1)), Frame(p.pack_data(b"sam")))
+    assert cached_version(service, "h") is None  # held, but not its size
+    service.handle_request(route(1), get("g", 1), None)
+    assert service.link.outcomes[-1] == "hit"
+    assert bytes(p.unpack_data(service.link.replies[-1][2])) == b"same"
+
+
 def test_a_commit_fill_never_puts_back_a_version_older_than_one_the_cache_fetched(service):
     """C1 (key 5) then C2 (key 6) of f land in that order; a miss reads C2's version before
     either ack reaches the broker; then C1's ack comes (at 6) with its fill.  The reader that
