@@ -37,6 +37,7 @@ from storage_helpers import manifest_of, use_digest
 from fms import wire as p
 from fms import worker
 from fms.cache import CacheService, ChunkCache
+from fms.cli import parse_size
 from fms.worker import reply_frames
 
 SIZE = 4096
@@ -90,9 +91,12 @@ class Files:
 
 
 class Bench:
-    def __init__(self, folder: str, drain: int) -> None:
+    def __init__(
+        self, folder: str, drain: int, gap: float = 0.0, cache_bytes: int = CACHE_BYTES
+    ) -> None:
         self.drain = drain  # messages per drain of the worker's loop
-        self.cache = ChunkCache(folder, CACHE_BYTES)
+        self.gap = gap  # seconds between drains (fill and hit)
+        self.cache = ChunkCache(folder, cache_bytes)
         self.link = EncodingLink()
         self.service = CacheService(self.cache, self.link)
         self.service.on_store(p.BLAKE3)
@@ -179,6 +183,8 @@ class Bench:
                 self.dispatch(message)
                 if i % self.drain == 0:  # the end of a drain of the worker's loop
                     worker._flush(self.service, log)  # type: ignore[arg-type]
+                    if self.gap:
+                        time.sleep(self.gap)
             worker._flush(self.service, log)  # type: ignore[arg-type]
         loop = time.thread_time() - loop
         self.cache.flush()
@@ -203,6 +209,20 @@ def main(argv: list[str] | None = None) -> int:
         "flush (1 to 64: from a light to a heavy load)",
     )
     ap.add_argument(
+        "--cache-bytes",
+        type=parse_size,
+        default=CACHE_BYTES,
+        help="the cache's bound (1G, fms up's; its window, 1 %%, is where fills wait before "
+        "the disk)",
+    )
+    ap.add_argument(
+        "--gap",
+        type=float,
+        default=0.0,
+        help="seconds between drains of fill and hit messages (0.002 with --drain 1: 500 "
+        "PUTs/s, as a cluster takes them), so the write-behind thread wakes as it does there",
+    )
+    ap.add_argument(
         "--s3gw",
         action="store_true",
         help="the files of benchmarks.s3gw (s3floor): the same names every round, 8 contents",
@@ -213,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     profile = cProfile.Profile() if args.profile else None
     for path in args.paths.split(","):
         scratch = tempfile.mkdtemp(prefix="fms-cachecpu-")
-        bench = Bench(scratch, args.drain)
+        bench = Bench(scratch, args.drain, args.gap, args.cache_bytes)
         try:
             per_file, loop = [], []
             for r in range(args.rounds + 1):  # the first round warms up

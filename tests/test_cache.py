@@ -5,6 +5,7 @@ import contextlib
 import os
 import sqlite3
 import threading
+import time
 import zlib
 
 import pytest
@@ -248,6 +249,36 @@ def test_the_rows_of_a_batch_are_written_in_one_transaction(tmp_path, no_window,
     cache.flush()
     assert commits == [200] and len(rows(cache)) == 200
     assert all(bytes(p.unpack_data(cache.get(d))) == data for d, data in keys)
+    cache.close()
+
+
+def test_rows_handed_over_one_by_one_while_the_writer_lingers_share_a_transaction(
+    tmp_path, no_window, monkeypatch
+):
+    """The writer, woken by one row, waits (WRITE_LINGER) for more before its transaction: a
+    fill on commit at a time would otherwise cost a transaction each.  A flush cuts the wait
+    short (the linger here is far longer than the test may take)."""
+    from fms.cache import chunks as chunk_module
+
+    commits = []
+    real = chunk_module._WriteBehind._commit
+    monkeypatch.setattr(
+        chunk_module._WriteBehind,
+        "_commit",
+        lambda self, rows: commits.append(len(rows)) or real(self, rows),
+    )
+    monkeypatch.setattr(chunk_module, "WRITE_LINGER", 600.0, raising=False)
+    cache = ChunkCache(str(tmp_path), max_bytes=10 * p.MiB)
+    keys = [chunk(i, 4096) for i in range(4)]
+    cache.put(*keys[0], counted=False)
+    deadline = time.monotonic() + 30
+    while cache._writer._queue.qsize() and time.monotonic() < deadline:  # until it took it
+        time.sleep(0.001)
+    assert cache._writer._queue.qsize() == 0
+    for digest, data in keys[1:]:
+        cache.put(digest, data, counted=False)
+    cache.flush()
+    assert commits == [4] and len(rows(cache)) == 4
     cache.close()
 
 
