@@ -280,20 +280,24 @@ class ChunkCache:
         """
         if self._writer.failed:
             self._forget_failed()
-        if not counted:
-            self.policy.access(digest)
-        if digest in self.policy:
+        policy = self.policy
+        # One pass over the policy's segments says whether it is held (access's, when the
+        # lookup is counted here), and insert_new does not look again.
+        if policy.access(digest) if not counted else digest in policy:
             return True
-        if frame is not None and len(frame) == p.DATA_PREFIX_LEN + len(payload):
-            self._window[digest] = frame
+        window, size = self._window, len(payload)
+        if frame is not None and len(frame) == p.DATA_PREFIX_LEN + size:
+            window[digest] = frame
         else:
-            self._window[digest] = p.pack_data(payload)
-        dropped, promoted = self.policy.insert(digest, len(payload))
+            window[digest] = p.pack_data(payload)
+        dropped, promoted = policy.insert_new(digest, size)
         for key in promoted:
-            self._to_disk(key, self._window.pop(key))
+            self._to_disk(key, window.pop(key))
+        if not dropped:
+            return True
         for key in dropped:
             self._forget_data(key)
-        return digest in self.policy
+        return digest not in dropped  # else it is held (in the window, or promoted)
 
     def _to_disk(self, digest: Digest, frame: BytesLike) -> None:
         if self._writer.backlog + len(frame) > WRITE_BEHIND_MAX:

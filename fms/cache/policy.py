@@ -180,11 +180,12 @@ class WTinyLFU(Generic[K]):
     def in_window(self, key: K) -> bool:
         return key in self._window
 
-    def access(self, key: K) -> list[K]:
-        """Count a lookup of ``key`` (hit or miss) and refresh it if resident.
+    def access(self, key: K) -> bool:
+        """Count a lookup of ``key`` (hit or miss) and refresh it if resident (a promotion
+        only moves keys between segments: none is pushed out).
 
-        :return: keys a promotion pushed out (none: a promotion only moves keys between
-            segments; the list is there so every call site reads alike).
+        :return: whether ``key`` is resident (what a fill asks next: one pass over the
+            segments instead of two).
         """
         self.sketch.increment(key)
         if key in self._window:
@@ -201,26 +202,34 @@ class WTinyLFU(Generic[K]):
                 self.protected_bytes -= old_size
                 self._probation[old] = old_size
                 self.probation_bytes += old_size
-        return []
+        else:
+            return False
+        return True
 
     def insert(self, key: K, size: int) -> tuple[list[K], list[K]]:
         """Add a filled ``key`` of ``size`` bytes (its lookup was counted by :meth:`access`).
 
         :return: ``(dropped, promoted)``: keys no longer resident (victims, refused
             candidates, or ``key`` itself when it is larger than the whole capacity), and keys
-            that moved from the window into the main part.
+            that moved from the window into the main part.  ``key`` is resident afterwards
+            unless it is among the dropped.
         """
         if key in self:
             return [], []
+        return self.insert_new(key, size)
+
+    def insert_new(self, key: K, size: int) -> tuple[list[K], list[K]]:
+        """:meth:`insert` of a ``key`` the caller knows is not resident."""
         if size > self.capacity:
             self.refused += 1
             return [key], []
-        self._window[key] = size
+        window = self._window
+        window[key] = size
         self.window_bytes += size
         dropped: list[K] = []
         promoted: list[K] = []
-        while self.window_bytes > self.window_max and self._window:
-            cand, cand_size = self._window.popitem(last=False)
+        while self.window_bytes > self.window_max and window:
+            cand, cand_size = window.popitem(last=False)
             self.window_bytes -= cand_size
             if self._admit(cand, cand_size, dropped):
                 promoted.append(cand)
