@@ -5,6 +5,7 @@ import contextlib
 import os
 import sqlite3
 import threading
+import time
 import zlib
 
 import pytest
@@ -248,6 +249,36 @@ def test_the_rows_of_a_batch_are_written_in_one_transaction(tmp_path, no_window,
     cache.flush()
     assert commits == [200] and len(rows(cache)) == 200
     assert all(bytes(p.unpack_data(cache.get(d))) == data for d, data in keys)
+    cache.close()
+
+
+def test_rows_handed_over_one_by_one_while_the_writer_lingers_share_a_transaction(
+    tmp_path, no_window, monkeypatch
+):
+    """The writer, woken by one row, waits (WRITE_LINGER) for more before its transaction: a
+    fill on commit at a time would otherwise cost a transaction each.  A flush cuts the wait
+    short (the linger here is far longer than the test may take)."""
+    from fms.cache import chunks as chunk_module
+
+    commits = []
+    real = chunk_module._WriteBehind._commit
+    monkeypatch.setattr(
+        chunk_module._WriteBehind,
+        "_commit",
+        lambda self, rows: commits.append(len(rows)) or real(self, rows),
+    )
+    monkeypatch.setattr(chunk_module, "WRITE_LINGER", 600.0, raising=False)
+    cache = ChunkCache(str(tmp_path), max_bytes=10 * p.MiB)
+    keys = [chunk(i, 4096) for i in range(4)]
+    cache.put(*keys[0], counted=False)
+    deadline = time.monotonic() + 30
+    while cache._writer._queue.qsize() and time.monotonic() < deadline:  # until it took it
+        time.sleep(0.001)
+    assert cache._writer._queue.qsize() == 0
+    for digest, data in keys[1:]:
+        cache.put(digest, data, counted=False)
+    cache.flush()
+    assert commits == [4] and len(rows(cache)) == 4
     cache.close()
 
 
@@ -851,6 +882,30 @@ def test_a_commit_fill_that_does_not_match_its_digest_is_dropped_and_still_inval
     other = p.encode(manifest_of("g", b"v2", 2))
     service.on_fill("f", 7, 6, other, Frame(p.pack_data(b"v2")))  # another name's manifest
     assert cached_version(service, "f") is None and cached_version(service, "g") is None
+
+
+def test_a_commit_fill_of_content_the_cache_holds_is_kept_without_hashing_it_again(
+    service, monkeypatch
+):
+    """Its bytes are neither kept nor served (the cache's own copy, verified when it was
+    filled, is): the digest check would be of bytes thrown away.  Other content is checked."""
+    service.on_register(0)
+    commit_fill(service, "f", b"same", 1, since=1, at=1)
+    hashed = []
+    inline_ok = p.inline_ok
+    monkeypatch.setattr(
+        p, "inline_ok", lambda m, data: hashed.append(m["name"]) or inline_ok(m, data)
+    )
+    commit_fill(service, "g", b"same", 1, since=2, at=2)
+    assert cached_version(service, "g") == 1 and hashed == []
+    manifest = p.encode(manifest_of("h", b"new!", 1))
+    service.on_fill("h", 4, 3, manifest, Frame(p.pack_data(b"old!")))  # same size, not held
+    assert cached_version(service, "h") is None and hashed == ["h"]
+    service.on_fill("h", 6, 5, p.encode(manifest_of("h", b"same", 1)), Frame(p.pack_data(b"sam")))
+    assert cached_version(service, "h") is None  # held, but not its size
+    service.handle_request(route(1), get("g", 1), None)
+    assert service.link.outcomes[-1] == "hit"
+    assert bytes(p.unpack_data(service.link.replies[-1][2])) == b"same"
 
 
 def test_a_commit_fill_never_puts_back_a_version_older_than_one_the_cache_fetched(service):

@@ -1,6 +1,7 @@
 """The cache's admission and eviction policy (fms.cache.policy) against the reference
 simulations of benchmarks/cachesim.py on the issue-16 traces (seeded, so the figures are fixed)."""
 
+import hashlib
 import random
 
 import pytest
@@ -66,3 +67,31 @@ def test_sketch_counts_ages_and_forgets():
     for n in range(10 * 1024):  # the sample period: all halve
         sketch.increment(("filler", n))
     assert sketch.frequency("c") <= 8
+
+
+def test_the_policy_decides_as_it_always_has():
+    """A fixed trace of digests and names (fills, reads, removals) gives the decisions and the
+    sketch recorded from the policy as first written: a change made for speed must not change
+    what is kept."""
+    policy = WTinyLFU(400_000)
+    rng = random.Random(24)
+    keys = [hashlib.sha256(b"%d" % k).digest() for k in range(3000)]
+    names = [f"n/{k}" for k in range(500)]
+    log = hashlib.sha256()
+    for step in range(40_000):
+        if step % 5 == 0:
+            key: bytes | str = rng.choice(names)
+        else:
+            key = keys[min(int(rng.paretovariate(0.8)) - 1, 2999)]
+        policy.access(key)
+        if key not in policy:
+            dropped, promoted = policy.insert(key, 1000 + len(str(key)) * 37 % 9000)
+            log.update(repr((step, dropped, promoted)).encode())
+        if step % 997 == 0:
+            policy.remove(key, forget=step % 2 == 0)
+    assert (policy.evictions, policy.refused) == (1023, 6062)
+    assert log.hexdigest() == "a47bd57d5da5eede22324b64c82c2ff4a1e4362c145d1cac7dd9627e1ab47a0b"
+    assert (
+        hashlib.sha256(policy.sketch._table).hexdigest()
+        == "c501100cad9e9521a75eb4fb50bdd5114ddb5b118f4baec54950df784c98cc9b"
+    )

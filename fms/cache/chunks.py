@@ -59,6 +59,12 @@ SMALL_DB = "small.db"
 OPEN_MARK = "small.db.open"  # while a cache has small.db open: the boot id of its machine
 BOOT_ID = "/proc/sys/kernel/random/boot_id"  # Linux: a new one at every boot
 WRITE_BATCH_MAX = 4096  # disk jobs the writer takes in one go (one transaction for the rows)
+# A few rows woke the writer: it waits this long for more before its transaction (a row in a
+# transaction of its own cost 27 µs of CPU, in one of 4 rows 15, of 16 12: the commit's), as
+# long as fewer than LINGER_ROWS came and fewer than LINGER_BYTES wait, and no flush is asked.
+WRITE_LINGER = 0.01  # seconds
+LINGER_ROWS = 64
+LINGER_BYTES = 1024 * 1024
 DB_TIMEOUT = 10.0  # seconds a connection to small.db waits for a lock before it gives up
 
 # A disk job: (digest, frame to write or None to delete, its file or None for a row of small.db)
@@ -274,20 +280,24 @@ class ChunkCache:
         """
         if self._writer.failed:
             self._forget_failed()
-        if not counted:
-            self.policy.access(digest)
-        if digest in self.policy:
+        policy = self.policy
+        # One pass over the policy's segments says whether it is held (access's, when the
+        # lookup is counted here), and insert_new does not look again.
+        if policy.access(digest) if not counted else digest in policy:
             return True
-        if frame is not None and len(frame) == p.DATA_PREFIX_LEN + len(payload):
-            self._window[digest] = frame
+        window, size = self._window, len(payload)
+        if frame is not None and len(frame) == p.DATA_PREFIX_LEN + size:
+            window[digest] = frame
         else:
-            self._window[digest] = p.pack_data(payload)
-        dropped, promoted = self.policy.insert(digest, len(payload))
+            window[digest] = p.pack_data(payload)
+        dropped, promoted = policy.insert_new(digest, size)
         for key in promoted:
-            self._to_disk(key, self._window.pop(key))
+            self._to_disk(key, window.pop(key))
+        if not dropped:
+            return True
         for key in dropped:
             self._forget_data(key)
-        return digest in self.policy
+        return digest not in dropped  # else it is held (in the window, or promoted)
 
     def _to_disk(self, digest: Digest, frame: BytesLike) -> None:
         if self._writer.backlog + len(frame) > WRITE_BEHIND_MAX:
@@ -356,8 +366,9 @@ class _WriteBehind:
     """Writes and deletes disk entries on a thread of its own, in order, off the event loop.
 
     A chunk waiting for its write stays readable through :meth:`pending`.  The thread takes
-    every job queued when it wakes (at most ``WRITE_BATCH_MAX``): files one by one, rows of
-    small.db in one transaction.  No fsync: a torn file fails its CRC on read and is refetched;
+    every job queued when it wakes (at most ``WRITE_BATCH_MAX``; woken by a few rows, it waits
+    ``WRITE_LINGER`` for more first): files one by one, rows of small.db in one transaction.
+    No fsync: a torn file fails its CRC on read and is refetched;
     small.db is in WAL mode with ``synchronous=OFF`` (see :func:`_mark_open` for why that is
     safe for a cache), else ``NORMAL``.
     """
@@ -378,6 +389,7 @@ class _WriteBehind:
         self._held: list[Job] | None = None  # jobs of a batch not yet handed over
         self._holds = 0
         self.backlog = 0  # bytes queued
+        self._hurry = threading.Event()  # set while someone waits for the queue (no lingering)
         self._thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
         self._thread.start()
 
@@ -421,9 +433,12 @@ class _WriteBehind:
                 self._queue.put(held)
 
     def flush(self) -> None:
+        self._hurry.set()  # no lingering for more: this waits
         self._queue.join()
+        self._hurry.clear()
 
     def close(self) -> None:
+        self._hurry.set()
         self._queue.put(None)
         self._thread.join()
         if self._db is not None:
@@ -435,6 +450,8 @@ class _WriteBehind:
             first = self._queue.get()
             taken, stop = 1, first is None
             jobs: list[Job] = list(first or ())
+            if not stop and self._linger(jobs):
+                self._hurry.wait(WRITE_LINGER)  # the rows that come meanwhile: one transaction
             while not stop and len(jobs) < WRITE_BATCH_MAX:
                 try:
                     more = self._queue.get_nowait()
@@ -454,6 +471,16 @@ class _WriteBehind:
                     self._queue.task_done()
             if stop:
                 return
+
+    def _linger(self, jobs: list[Job]) -> bool:
+        """Whether to wait for more jobs before these: a few rows of small.db (a file is
+        written alone anyway), and little waiting for the disk (:attr:`backlog`)."""
+        return (
+            len(jobs) < LINGER_ROWS
+            and self.backlog < LINGER_BYTES
+            and not self._hurry.is_set()
+            and all(path is None for _digest, _frame, path in jobs)
+        )
 
     def _apply(self, jobs: list[Job]) -> None:
         # digest -> its last job's frame (None: gone); first the deletes that failed before

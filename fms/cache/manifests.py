@@ -88,12 +88,12 @@ class ManifestCache:
 
     def fresh(self, name: str, token: int) -> bool:
         """True if no invalidation of ``name`` happened since the fetch that holds ``token``."""
-        return (
-            self._invalidated_at.get(name, 0) <= token
-            and self._cleared_at <= token
-            and not any(
-                at > token and name.startswith(folder) for folder, at in self._folders_at.items()
-            )
+        if self._invalidated_at.get(name, 0) > token or self._cleared_at > token:
+            return False
+        # No generator made when no folder was renamed (most of the time): this runs for
+        # every fill.
+        return not self._folders_at or not any(
+            at > token and name.startswith(folder) for folder, at in self._folders_at.items()
         )
 
     def fill(self, name: str, manifest: dict[str, Any], token: int) -> bool:
@@ -102,7 +102,9 @@ class ManifestCache:
             return False
         self._drop(name)
         self._entries[name] = manifest
-        self._refs.update(manifest.get("chunks") or ())
+        refs = self._refs
+        for digest in manifest.get("chunks") or ():  # Counter.update's checks, without them
+            refs[digest] = refs[digest] + 1
         dropped, _ = self.policy.insert(name, weight(name, manifest))
         for old in dropped:
             self._drop(old)
@@ -111,10 +113,13 @@ class ManifestCache:
     def _drop(self, name: str) -> dict[str, Any] | None:
         manifest = self._entries.pop(name, None)
         if manifest is not None:
-            self._refs.subtract(manifest.get("chunks") or ())
+            refs = self._refs
             for digest in manifest.get("chunks") or ():
-                if self._refs[digest] <= 0:
-                    del self._refs[digest]
+                left = refs[digest] - 1
+                if left > 0:
+                    refs[digest] = left
+                else:
+                    del refs[digest]  # a Counter's del: no KeyError for a missing key
         return manifest
 
     def invalidate(self, name: str) -> dict[str, Any] | None:

@@ -58,8 +58,8 @@ class FrequencySketch:
         self._reset_at = RESET_FACTOR * width
 
     def _slots(self, key: Hashable) -> tuple[int, int, int, int]:
-        """The key's counter in each row (written out: a lookup, hit or miss, and a fill each
-        count, and this ran about twice per file of a ``get -r``)."""
+        """The key's counter in each row (:meth:`increment` and :meth:`frequency` compute them
+        in line, as this does: they run for every lookup, hit or miss, and every fill)."""
         h = _stable_hash(key)
         h ^= h >> 29
         shift, width = self._shift, self.width
@@ -71,34 +71,64 @@ class FrequencySketch:
         )
 
     def increment(self, key: Hashable) -> None:
-        table = self._table
-        a, b, c, d = self._slots(key)
-        if table[a] < COUNTER_MAX:
-            table[a] += 1
-        if table[b] < COUNTER_MAX:
-            table[b] += 1
-        if table[c] < COUNTER_MAX:
-            table[c] += 1
-        if table[d] < COUNTER_MAX:
-            table[d] += 1
+        # _stable_hash and _slots written out: a cache hit runs this twice (the name's and the
+        # chunk's), and every call saved is a share of a hit's CPU.
+        if type(key) is bytes and len(key) >= 8:
+            h = int.from_bytes(key[:8], "little")
+        else:
+            h = _stable_hash(key)
+        h ^= h >> 29
+        shift, width, table = self._shift, self.width, self._table
+        slot = ((h * _SEED_0) & _M64) >> shift
+        count = table[slot]
+        if count < COUNTER_MAX:
+            table[slot] = count + 1
+        slot = width + (((h * _SEED_1) & _M64) >> shift)
+        count = table[slot]
+        if count < COUNTER_MAX:
+            table[slot] = count + 1
+        slot = 2 * width + (((h * _SEED_2) & _M64) >> shift)
+        count = table[slot]
+        if count < COUNTER_MAX:
+            table[slot] = count + 1
+        slot = 3 * width + (((h * _SEED_3) & _M64) >> shift)
+        count = table[slot]
+        if count < COUNTER_MAX:
+            table[slot] = count + 1
         self._additions += 1
         if self._additions >= self._reset_at:
-            self._table = bytearray(self._table.translate(_HALVE))
+            self._table = bytearray(table.translate(_HALVE))
             self._additions //= 2
 
     def frequency(self, key: Hashable) -> int:
         table = self._table
         a, b, c, d = self._slots(key)
-        return min(table[a], table[b], table[c], table[d])
+        low = table[a]
+        if table[b] < low:
+            low = table[b]
+        if table[c] < low:
+            low = table[c]
+        if table[d] < low:
+            low = table[d]
+        return low
 
     def forget(self, key: Hashable) -> None:
         """Take ``key``'s estimate out of its counters (a dead version must not keep its
         popularity); keys sharing a counter lose at most what they shared."""
         table = self._table
-        slots = self._slots(key)
-        estimate = min(table[slot] for slot in slots)
-        for slot in slots:
-            table[slot] -= estimate
+        a, b, c, d = self._slots(key)
+        low = table[a]
+        if table[b] < low:
+            low = table[b]
+        if table[c] < low:
+            low = table[c]
+        if table[d] < low:
+            low = table[d]
+        if low:
+            table[a] -= low
+            table[b] -= low
+            table[c] -= low
+            table[d] -= low
 
 
 def _stable_hash(key: Hashable) -> int:
@@ -150,11 +180,12 @@ class WTinyLFU(Generic[K]):
     def in_window(self, key: K) -> bool:
         return key in self._window
 
-    def access(self, key: K) -> list[K]:
-        """Count a lookup of ``key`` (hit or miss) and refresh it if resident.
+    def access(self, key: K) -> bool:
+        """Count a lookup of ``key`` (hit or miss) and refresh it if resident (a promotion
+        only moves keys between segments: none is pushed out).
 
-        :return: keys a promotion pushed out (none: a promotion only moves keys between
-            segments; the list is there so every call site reads alike).
+        :return: whether ``key`` is resident (what a fill asks next: one pass over the
+            segments instead of two).
         """
         self.sketch.increment(key)
         if key in self._window:
@@ -171,26 +202,34 @@ class WTinyLFU(Generic[K]):
                 self.protected_bytes -= old_size
                 self._probation[old] = old_size
                 self.probation_bytes += old_size
-        return []
+        else:
+            return False
+        return True
 
     def insert(self, key: K, size: int) -> tuple[list[K], list[K]]:
         """Add a filled ``key`` of ``size`` bytes (its lookup was counted by :meth:`access`).
 
         :return: ``(dropped, promoted)``: keys no longer resident (victims, refused
             candidates, or ``key`` itself when it is larger than the whole capacity), and keys
-            that moved from the window into the main part.
+            that moved from the window into the main part.  ``key`` is resident afterwards
+            unless it is among the dropped.
         """
         if key in self:
             return [], []
+        return self.insert_new(key, size)
+
+    def insert_new(self, key: K, size: int) -> tuple[list[K], list[K]]:
+        """:meth:`insert` of a ``key`` the caller knows is not resident."""
         if size > self.capacity:
             self.refused += 1
             return [key], []
-        self._window[key] = size
+        window = self._window
+        window[key] = size
         self.window_bytes += size
         dropped: list[K] = []
         promoted: list[K] = []
-        while self.window_bytes > self.window_max and self._window:
-            cand, cand_size = self._window.popitem(last=False)
+        while self.window_bytes > self.window_max and window:
+            cand, cand_size = window.popitem(last=False)
             self.window_bytes -= cand_size
             if self._admit(cand, cand_size, dropped):
                 promoted.append(cand)

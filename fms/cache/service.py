@@ -572,7 +572,12 @@ class CacheService:
             if fields["name"] != name or not _inline(fields):
                 raise BadRequest("a fill's manifest is for another name, or not a small file")
             payload = p.unpack_data(frame.buffer)
-            if not p.inline_ok(fields, payload):
+            digest = fields["chunks"][0]
+            # Content the cache holds already (verified when it was filled) is not hashed again:
+            # these bytes are then neither kept nor served (ChunkCache.put keeps what it has).
+            if len(payload) != fields["size"] or (
+                digest not in self.chunks and not p.inline_ok(fields, payload)
+            ):
                 raise BadRequest("a fill's content does not match its digest")
         except BadRequest as exc:
             self.fills_refused += 1
@@ -585,7 +590,7 @@ class CacheService:
             return
         if self.manifests.fill(name, fields, self.manifests.begin_fetch()):
             self.fills += 1
-            self.chunks.put(fields["chunks"][0], payload, counted=False, frame=frame.buffer)
+            self.chunks.put(digest, payload, counted=False, frame=frame.buffer)
 
     def on_register(self, at: int | None = None) -> None:
         # A broker we were cut off from may have acked writes we never heard of.
