@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 from conftest import wait_for
@@ -1579,3 +1580,60 @@ def test_a_versions_reply_stays_within_its_bound_whatever_is_kept(tmp_path):
     assert len(reply["versions"]) == VERSIONS_MAX and reply["versions"][0]["version"] == 300
     assert len(p.encode(reply)) < p.MiB
     store.close()
+
+
+# --- a small commit's path, made cheaper: what it must still do ---
+
+
+def test_a_write_transaction_is_undone_whole_and_never_leaves_the_connection_relaxed(store):
+    """The engine's write transaction (SQLMeta._write): a clean body commits; a body that
+    fails is rolled back whole, a driver's error raised as the wire's, any other as it is;
+    one that may commit without waiting for the disk (durable=False) runs relaxed and leaves
+    the connection durable (synchronous=FULL) however it ends, a failed BEGIN too."""
+    meta = store.meta
+
+    def synchronous() -> int:
+        return meta.db.execute("PRAGMA synchronous").fetchone()[0]
+
+    def idle() -> bool:
+        return not meta.in_transaction and not meta.db.in_transaction
+
+    full, normal = 2, 1
+    assert synchronous() == full
+    with meta._write(durable=False):
+        assert synchronous() == normal and meta.in_transaction
+        meta._execute("INSERT INTO settings VALUES ('probe', 'kept')")
+    assert meta.setting("probe") == "kept" and synchronous() == full and idle()
+    for durable in (True, False):
+        with pytest.raises(RuntimeError, match="boom"):
+            with meta._write(durable=durable):
+                meta._execute("UPDATE settings SET value = 'lost' WHERE key = 'probe'")
+                raise RuntimeError("boom")
+        assert meta.setting("probe") == "kept" and synchronous() == full and idle()
+        with pytest.raises(FmsError, match="metadata database error") as driver:
+            with meta._write(durable=durable):
+                meta._execute("UPDATE settings SET value = 'lost' WHERE key = 'probe'")
+                meta._execute("INSERT INTO no_such_table VALUES (1)")
+        assert type(driver.value) is FmsError and driver.value.__suppress_context__
+        assert meta.setting("probe") == "kept" and synchronous() == full and idle()
+    meta.begin_write = "BEGIN NOT A STATEMENT"  # a BEGIN that fails
+    with pytest.raises(FmsError, match="metadata database error"):
+        with meta._write(durable=False):
+            pytest.fail("the body must not run")
+    assert synchronous() == full and idle()
+
+
+def test_a_commits_audit_entry_is_the_one_audit_entry_makes(store):
+    """A commit's audit entry is built directly (the usual change): the same entry, keys in
+    the same order, as the general form gives."""
+    from fms.storage.meta.access import _to_json, audit_entry, change_entry
+
+    made = put_file(store, "n", b"data", commit="c1")
+    change = replace(new_version("n", b"data", "c1"), actor="alice")
+    entry = change_entry(change, made, 1234.5)
+    general = audit_entry(1234.5, "alice", "put", names=["n"], versions=[made.version], size=4)
+    assert _to_json(entry) == _to_json(general)
+    (logged,) = [e for e in store.meta.audit_read(0, 0, 10) if e["op"] == "put"]
+    assert {k: v for k, v in logged.items() if k not in ("seq", "time")} == {
+        k: v for k, v in general.items() if k != "time"
+    } | {"identity": "local"}
