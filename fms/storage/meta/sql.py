@@ -363,6 +363,13 @@ class WrongDigest(FmsError):
     """The store records another digest function than the one asked for."""
 
 
+class _Unread:
+    """The name's current row was not read yet (:meth:`SQLMeta._install`)."""
+
+
+_UNREAD = _Unread()
+
+
 class _Write:
     """One write transaction of ``meta`` (:meth:`SQLMeta._write`), as a context manager:
     begun on entry, committed on a clean exit, else rolled back, and driver errors become the
@@ -957,6 +964,7 @@ class SQLMeta(AccessSQL, MetaEngine):
                 pages = tuple(change.pages)
         else:
             self._take_chunks(change, now, small or {})
+        old = self._current(change.name)
         version = Version(
             change.name,
             change.size,
@@ -965,7 +973,7 @@ class SQLMeta(AccessSQL, MetaEngine):
             change.chunk_size,
             change.count,
             change.mtime,
-            0,  # set by _install
+            old.version + 1 if old is not None else 1,  # numbered here: one Version less
             change.commit,
             now,
             dict(change.meta),
@@ -976,7 +984,7 @@ class SQLMeta(AccessSQL, MetaEngine):
         )
         # With its lists: a commit made now (not a retry answered from the log, a stat) may
         # hand a small file's manifest to the cache (fms.storage.service, fills on commit).
-        return self._install(version, now, "commit", request, lists=True)
+        return self._install(version, now, "commit", request, lists=True, old=old)
 
     def _take_chunks(
         self, change: NewVersion, now: float, small: Mapping[Digest, BytesLike]
@@ -1081,12 +1089,16 @@ class SQLMeta(AccessSQL, MetaEngine):
         kind: str,
         request: bytes | None = None,
         lists: bool = False,
+        old: Version | _Unread | None = _UNREAD,
     ) -> Version:
         """Make ``version`` (whose references are taken) the current one of its name: its
-        number follows the old one's, which is retained or released.  :return: its stat (what a
-        retry is answered with), or with ``lists`` the whole version."""
-        old = self._current(version.name)
-        version = version.numbered(old.version + 1 if old else 1)
+        number follows the old one's, which is retained or released.  ``old``: the name's row
+        as :meth:`_current` read it in this transaction, ``version`` numbered after it already
+        (default: read here, and ``version`` numbered).  :return: its stat (what a retry is
+        answered with), or with ``lists`` the whole version."""
+        if isinstance(old, _Unread):
+            old = self._current(version.name)
+            version = version.numbered(old.version + 1 if old else 1)
         replaced = old if old is not None and not old.deleted else None
         row = _row(version)
         if replaced is not None:
