@@ -810,11 +810,14 @@ class SQLMeta(AccessSQL, MetaEngine):
                 )
             results: builtins.list[Version | FmsError] = []
             # A group of one needs no savepoint: a refusal rolls the whole transaction back.
+            # Each change's savepoint is released before the next one's is taken, so all go by
+            # one name: the statements' text stays the same, and the driver's statement cache
+            # (128) keeps them (a name per change made a group of 64 evict every statement).
             alone = len(changes) == 1
             saved = self._delta
-            for i, change in enumerate(changes):
+            for change in changes:
                 if not alone:
-                    self._execute(f"SAVEPOINT c{i}")
+                    self._execute("SAVEPOINT change")
                     saved = builtins.list(self._delta)
                 self._chunk_refs = collections.Counter()
                 self._made = False  # set by _log: this change was made now (not a retry's)
@@ -837,14 +840,14 @@ class SQLMeta(AccessSQL, MetaEngine):
                     if self._made:
                         self._audit(change_entry(change, result, now))
                     if not alone:
-                        self._execute(f"RELEASE SAVEPOINT c{i}")
+                        self._execute("RELEASE SAVEPOINT change")
                 except FmsError as exc:
                     if isinstance(exc, ConnectionLost):
                         raise  # the connection is gone: nothing of it stands
                     if alone:
                         raise _Refused(exc) from None  # nothing else to keep: roll back
-                    self._execute(f"ROLLBACK TO SAVEPOINT c{i}")
-                    self._execute(f"RELEASE SAVEPOINT c{i}")
+                    self._execute("ROLLBACK TO SAVEPOINT change")
+                    self._execute("RELEASE SAVEPOINT change")
                     self._delta = saved
                     result = exc
                 results.append(result)
