@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 from conftest import wait_for
@@ -1579,3 +1580,139 @@ def test_a_versions_reply_stays_within_its_bound_whatever_is_kept(tmp_path):
     assert len(reply["versions"]) == VERSIONS_MAX and reply["versions"][0]["version"] == 300
     assert len(p.encode(reply)) < p.MiB
     store.close()
+
+
+# --- a small commit's path, made cheaper: what it must still do ---
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("name", 7),
+        ("name", "a//b"),
+        ("name", "ab\u202e"),
+        ("digest", b"short"),
+        ("digest_kind", "content"),
+        ("extents", b"\x00" * 15),
+        ("chunks", [b"x" * 31]),
+        ("chunks", "not a list"),
+        ("mtime", True),
+        ("mtime", math.nan),
+        ("commit", ""),
+        ("commit", "c" * (p.MAX_COMMIT_ID + 1)),
+        ("meta", {"k": 1}),
+        ("meta", {"": "v"}),
+        ("meta", ["k", "v"]),
+    ],
+)
+def test_a_commit_with_a_field_the_table_refuses_is_refused_before_anything(store, field, value):
+    """A commit reads its fields as they come, because the service checks each against the
+    request table first (fms.wire.check_request): one that the table refuses is a bad_request,
+    and nothing is pending or stored."""
+    service = StorageService(store, Link())
+    header = {"v": p.PROTOCOL_VERSION, "id": 1, **commit_fields("n", b"data")}
+    header[field] = value
+    with pytest.raises(FmsError) as refused:
+        service.handle_request({}, header, _frame(b"data"))
+    assert refused.value.code in ("bad_request", "too_large")
+    service.flush()
+    assert store.totals().files == 0
+
+
+def test_a_commit_keeps_its_name_in_nfc_its_mtime_as_a_float_and_storage_clock_without_one(
+    store,
+):
+    link = Link()
+    service = StorageService(store, link)
+
+    def commit(fields, data):
+        header = {"v": p.PROTOCOL_VERSION, "id": len(link.replies) + 1, **fields}
+        service.handle_request({}, header, _frame(data) if data else None)
+        service.flush()
+        return link.replies[-1]
+
+    nfd, nfc = "cafe\u0301/menu.txt", "caf\u00e9/menu.txt"
+    fields = commit_fields(nfd, b"soup", "c1", mtime=1700000000)
+    assert isinstance(fields["mtime"], int)
+    reply = commit(fields, b"soup")
+    assert reply["ok"] and reply["stat"]["name"] == nfc
+    made = store.version(nfc)
+    assert made.mtime == 1700000000.0 and isinstance(made.mtime, float)
+    fields = commit_fields("plain", b"x", "c2")
+    del fields["mtime"]
+    before = time.time()
+    assert commit(fields, b"x")["ok"]
+    assert before <= store.version("plain").mtime <= time.time()
+    assert commit(commit_fields("folder/", b"", "c3"), b"")["ok"]
+    assert store.version("folder/").size == 0
+    with pytest.raises(BadRequest, match="folder's marker"):
+        commit(commit_fields("folder2/", b"x", "c4"), b"x")
+
+
+def test_a_commit_of_one_chunk_checks_its_file_digest_as_any_other(store):
+    """A one-chunk commit's file digest is checked by the short form (its one extent and the
+    digest of its one page): the same digest as the general one, and a wrong one is refused."""
+    for size in (1, CHUNK - 1, CHUNK):
+        data = content(size, size)
+        change = new_version(f"f{size}", data, f"c{size}")
+        assert change.chunks is not None and len(change.chunks) == 1
+        want = p.inline_digest(change.extents, change.chunks, h)
+        assert store.commit(change, data).digest == want
+    data = b"payload"
+    wrong = replace(new_version("w", data, "cw"), digest=h(b"another"))
+    with pytest.raises(IntegrityError, match="file digest"):
+        store.commit(wrong, data)
+
+
+def test_a_write_transaction_is_undone_whole_and_never_leaves_the_connection_relaxed(store):
+    """The engine's write transaction (SQLMeta._write): a clean body commits; a body that
+    fails is rolled back whole, a driver's error raised as the wire's, any other as it is;
+    one that may commit without waiting for the disk (durable=False) runs relaxed and leaves
+    the connection durable (synchronous=FULL) however it ends, a failed BEGIN too."""
+    meta = store.meta
+
+    def synchronous() -> int:
+        return meta.db.execute("PRAGMA synchronous").fetchone()[0]
+
+    def idle() -> bool:
+        return not meta.in_transaction and not meta.db.in_transaction
+
+    full, normal = 2, 1
+    assert synchronous() == full
+    with meta._write(durable=False):
+        assert synchronous() == normal and meta.in_transaction
+        meta._execute("INSERT INTO settings VALUES ('probe', 'kept')")
+    assert meta.setting("probe") == "kept" and synchronous() == full and idle()
+    for durable in (True, False):
+        with pytest.raises(RuntimeError, match="boom"):
+            with meta._write(durable=durable):
+                meta._execute("UPDATE settings SET value = 'lost' WHERE key = 'probe'")
+                raise RuntimeError("boom")
+        assert meta.setting("probe") == "kept" and synchronous() == full and idle()
+        with pytest.raises(FmsError, match="metadata database error") as driver:
+            with meta._write(durable=durable):
+                meta._execute("UPDATE settings SET value = 'lost' WHERE key = 'probe'")
+                meta._execute("INSERT INTO no_such_table VALUES (1)")
+        assert type(driver.value) is FmsError and driver.value.__suppress_context__
+        assert meta.setting("probe") == "kept" and synchronous() == full and idle()
+    meta.begin_write = "BEGIN NOT A STATEMENT"  # a BEGIN that fails
+    with pytest.raises(FmsError, match="metadata database error"):
+        with meta._write(durable=False):
+            pytest.fail("the body must not run")
+    assert synchronous() == full and idle()
+
+
+def test_a_commits_audit_entry_is_the_one_audit_entry_makes(store):
+    """A commit's audit entry is built directly (the usual change): the same entry, keys in
+    the same order, as the general form gives."""
+    from fms.storage.meta.access import _to_json, audit_entry, change_entry
+
+    made = put_file(store, "n", b"data", commit="c1")
+    change = replace(new_version("n", b"data", "c1"), actor="alice")
+    entry = change_entry(change, made, 1234.5)
+    general = audit_entry(1234.5, "alice", "put", names=["n"], versions=[made.version], size=4)
+    assert _to_json(entry) == _to_json(general)
+    (logged,) = [e for e in store.meta.audit_read(0, 0, 10) if e["op"] == "put"]
+    assert {k: v for k, v in logged.items() if k not in ("seq", "time")} == {
+        k: v for k, v in general.items() if k != "time"
+    } | {"identity": "local"}

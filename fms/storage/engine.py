@@ -457,12 +457,15 @@ class Store:
         changes: builtins.list[Change] = []
         where: builtins.list[int] = []  # each change's index in requests
         small: dict[p.Digest, bytes] = {}  # small chunks' bytes, sent inline
+        blobs = False  # whether a commit names chunks kept as blobs
         for i, (change, inline) in enumerate(requests):
             try:
                 if isinstance(change, NewVersion):
                     change, small_bytes = self._check(change, inline)
                     if small_bytes is not None and change.chunks:  # kept with its one chunk
                         small[change.chunks[0]] = small_bytes
+                    else:
+                        blobs = blobs or change.size > SMALL_CHUNK_MAX
             except FmsError as exc:
                 results[i] = exc
                 continue
@@ -472,7 +475,7 @@ class Store:
             changes.append(change)
             where.append(i)
         if changes:
-            if any(isinstance(c, NewVersion) and c.size > SMALL_CHUNK_MAX for c in changes):
+            if blobs:
                 try:
                     self.chunks.sync()  # the blobs these commits name, on disk before they are
                 except OSError as exc:
@@ -539,7 +542,10 @@ class Store:
         digests (:mod:`fms.wire.manifest`), in proportion to its pages; nothing is read back."""
         if change.digest_kind != p.DIGEST_TREE:
             raise BadRequest(f"a commit's digest is of kind {p.DIGEST_TREE!r}")
-        if change.chunks is not None:
+        if change.chunks is not None and len(change.chunks) == 1 == len(change.extents):
+            # A small file's (the usual commit): its body is its one extent and one page
+            want = p.one_chunk_digest(p.pack_extents(change.extents), change.chunks[0], self.hash)
+        elif change.chunks is not None:
             want = p.inline_digest(change.extents, change.chunks, self.hash)
         elif change.pages is not None:
             want = p.tree_digest(change.extents, change.pages, self.hash)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 import msgpack
 
 from ...errors import BadRequest, NotFound
-from ..model import Change, Version
+from ..model import Change, Copy, NewVersion, Removal, Restore, Version
 
 if TYPE_CHECKING:
     from .sql import Cursor, Row
@@ -233,13 +233,19 @@ def audit_entry(now: float, identity: str, op: str, **fields: Any) -> dict[str, 
 
 def change_entry(change: Change, result: Version, now: float) -> dict[str, Any]:
     """The audit entry of a change the engine made (a :mod:`fms.storage.model` change)."""
-    from ..model import Copy, NewVersion, Removal, Restore
-
+    if isinstance(change, NewVersion):  # the usual one, built directly (as audit_entry does)
+        return {
+            "time": now,
+            "identity": change.actor,
+            "op": "put",
+            "names": [result.name],
+            "versions": [result.version],
+            "size": result.size,
+            "result": "ok",
+        }
     names = [result.name]
     extra: dict[str, Any] = {}
-    if isinstance(change, NewVersion):
-        op, extra = "put", {"size": result.size}
-    elif isinstance(change, Removal):
+    if isinstance(change, Removal):
         op = "rm" if change.prefix is None else "rm -r"
         extra = {} if change.prefix is None else {"prefix": change.prefix}
     elif isinstance(change, Copy):

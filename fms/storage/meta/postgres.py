@@ -43,6 +43,7 @@ class PostgresMeta(SQLMeta):
     lazy_commit = ("SET synchronous_commit TO OFF", "SET synchronous_commit TO ON")
     for_update = " FOR UPDATE"
     skip_locked = " SKIP LOCKED"
+    locks_names = True
 
     def __init__(self, url: str, store_id: str | None = None, digest_fn: str | None = None) -> None:
         self.url = url

@@ -38,7 +38,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
-from typing import Any, Protocol, TypeAlias, TypedDict, TypeVar
+from typing import Any, Literal, Protocol, TypeAlias, TypedDict, TypeVar
 
 import msgpack
 
@@ -141,20 +141,6 @@ _STAT_COLUMNS = (
 _LIST_COLUMNS = "extent_list, chunk_list, page_list, body"
 _ROW_COLUMNS = f"{_STAT_COLUMNS}, {_LIST_COLUMNS}"  # what a names or retained row holds
 _CHUNK_COLUMNS = "digest, size, refs, since, doomed, data, lost"
-_STAT_FIELDS = (
-    "name",
-    "size",
-    "digest",
-    "digest_kind",
-    "chunk_size",
-    "count",
-    "mtime",
-    "version",
-    "commit",
-    "committed",
-    "meta",
-    "deleted",
-)  # what a remembered commit keeps of the version it made: its stat, never its chunk list
 
 
 class Retry(Exception):
@@ -253,6 +239,25 @@ def _row(version: Version) -> Row:
         p.join_digests(version.pages) if version.pages is not None else None,
         version.body,
     )
+
+
+def _stat_fields(version: Version) -> dict[str, Any]:
+    """What a remembered commit keeps of the version it made: its stat, never its chunk list
+    (a dict literal: a comprehension of ``getattr`` cost a commit 1 µs)."""
+    return {
+        "name": version.name,
+        "size": version.size,
+        "digest": version.digest,
+        "digest_kind": version.digest_kind,
+        "chunk_size": version.chunk_size,
+        "count": version.count,
+        "mtime": version.mtime,
+        "version": version.version,
+        "commit": version.commit,
+        "committed": version.committed,
+        "meta": version.meta,
+        "deleted": version.deleted,
+    }
 
 
 def _chunk(row: Row) -> ChunkRow:
@@ -358,6 +363,74 @@ class WrongDigest(FmsError):
     """The store records another digest function than the one asked for."""
 
 
+class _Unread:
+    """The name's current row was not read yet (:meth:`SQLMeta._install`)."""
+
+
+_UNREAD = _Unread()
+
+
+class _Write:
+    """One write transaction of ``meta`` (:meth:`SQLMeta._write`), as a context manager:
+    begun on entry, committed on a clean exit, else rolled back, and driver errors become the
+    wire's errors; ``relaxed``: run between the two statements of ``meta.lazy_commit`` (it
+    commits without waiting for the disk).  A class rather than a generator
+    (``contextlib.contextmanager``): every commit enters one, and the generator's machinery
+    cost a small commit about 2 µs."""
+
+    __slots__ = ("meta", "relax", "restore")
+    relax: str | None
+    restore: str | None
+
+    def __init__(self, meta: "SQLMeta", relaxed: bool) -> None:
+        self.meta = meta
+        self.relax = self.restore = None
+        if relaxed and meta.lazy_commit:
+            self.relax, self.restore = meta.lazy_commit
+
+    def __enter__(self) -> None:
+        meta = self.meta
+        if self.relax is not None:
+            meta._execute(self.relax)
+        try:
+            meta._execute(meta.begin_write)
+        except Exception as exc:
+            error = meta._error(exc)
+            if self.restore is not None:
+                meta._execute(self.restore)  # never left relaxed
+            raise error from None
+        meta.in_transaction = True
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> Literal[False]:
+        meta = self.meta
+        try:
+            if kind is None:
+                try:
+                    meta._execute("COMMIT")
+                except BaseException as failed:
+                    self._roll_back(failed)
+                    raise
+                return False
+            assert exc is not None
+            self._roll_back(exc)
+            return False  # the body's exception goes on
+        finally:
+            meta.in_transaction = False
+            if self.restore is not None:  # never left relaxed: if this fails, so does the
+                meta._execute(self.restore)  # request
+
+    def _roll_back(self, exc: BaseException) -> None:
+        """Roll back after ``exc``; raise it as the wire's error if it is the driver's."""
+        meta = self.meta
+        with contextlib.suppress(Exception):
+            meta._execute("ROLLBACK")
+        translated = meta._translate(exc)
+        if translated is not None:
+            raise translated from None
+
+
 class SQLMeta(AccessSQL, MetaEngine):
     """The engine over a DB-API connection ``self.db`` in autocommit mode; subclasses open it."""
 
@@ -371,6 +444,7 @@ class SQLMeta(AccessSQL, MetaEngine):
     # (the next durable commit, which names what it relied on, flushes it along): none here.
     lazy_commit: tuple[str, str] | tuple[()] = ()
     for_update = ""  # appended to SELECTs of rows about to be changed
+    locks_names = False  # whether _lock_names does anything (transactions run side by side)
     skip_locked = ""  # appended to the collector's SELECT
     in_transaction = False  # a lost connection must not be silently reopened midway
     _reading = False  # in a snapshot (see snapshot())
@@ -390,7 +464,8 @@ class SQLMeta(AccessSQL, MetaEngine):
         raise NotImplementedError
 
     def _lock_names(self, names: Sequence[str]) -> None:
-        """Hold ``names`` until the transaction ends (no-op where transactions are serial)."""
+        """Hold ``names`` until the transaction ends (no-op where transactions are serial,
+        :attr:`locks_names` false)."""
 
     def _lock_schema(self) -> None:
         """Hold off other workers creating the tables at the same moment (no-op if serial)."""
@@ -575,38 +650,10 @@ class SQLMeta(AccessSQL, MetaEngine):
                 f"INSERT INTO retained ({_ROW_COLUMNS}) VALUES ({_marks(15)})", _row(version)
             )
 
-    @contextlib.contextmanager
-    def _write(self, durable: bool = True) -> Iterator[None]:
+    def _write(self, durable: bool = True) -> "_Write":
         """One write transaction; driver errors become the wire's errors.  ``durable=False``
         lets it commit without waiting for the disk (:attr:`lazy_commit`)."""
-        if durable or not self.lazy_commit:
-            yield from self._write_body()
-            return
-        relax, restore = self.lazy_commit
-        self._execute(relax)
-        try:
-            yield from self._write_body()
-        finally:
-            self._execute(restore)  # never left relaxed: if this fails, so does the request
-
-    def _write_body(self) -> Iterator[None]:
-        try:
-            self._execute(self.begin_write)
-        except Exception as exc:
-            raise self._error(exc) from None
-        self.in_transaction = True
-        try:
-            yield
-            self._execute("COMMIT")
-        except BaseException as exc:
-            with contextlib.suppress(Exception):
-                self._execute("ROLLBACK")
-            translated = self._translate(exc)
-            if translated is not None:
-                raise translated from None
-            raise
-        finally:
-            self.in_transaction = False
+        return _Write(self, not durable)
 
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[None]:
@@ -649,8 +696,11 @@ class SQLMeta(AccessSQL, MetaEngine):
 
     def _bump(self, files: int = 0, nbytes: int = 0, chunks: int = 0, chunk_bytes: int = 0) -> None:
         """Add to the totals this transaction will write."""
-        for i, n in enumerate((files, nbytes, chunks, chunk_bytes)):
-            self._delta[i] += n
+        delta = self._delta
+        delta[0] += files
+        delta[1] += nbytes
+        delta[2] += chunks
+        delta[3] += chunk_bytes
 
     def _error(self, exc: Exception) -> Exception:
         translated = self._translate(exc)
@@ -751,19 +801,24 @@ class SQLMeta(AccessSQL, MetaEngine):
         self, changes: Sequence[Change], now: float, small: Mapping[Digest, BytesLike]
     ) -> builtins.list[Version | FmsError]:
         def work() -> builtins.list[Version | FmsError]:
-            self._lock_names(
-                sorted(
-                    {n for c in changes for n in c.names}
-                    | {c.src for c in changes if isinstance(c, Copy)}
+            if self.locks_names:
+                self._lock_names(
+                    sorted(
+                        {n for c in changes for n in c.names}
+                        | {c.src for c in changes if isinstance(c, Copy)}
+                    )
                 )
-            )
             results: builtins.list[Version | FmsError] = []
             # A group of one needs no savepoint: a refusal rolls the whole transaction back.
+            # Each change's savepoint is released before the next one's is taken, so all go by
+            # one name: the statements' text stays the same, and the driver's statement cache
+            # (128) keeps them (a name per change made a group of 64 evict every statement).
             alone = len(changes) == 1
-            for i, change in enumerate(changes):
+            saved = self._delta
+            for change in changes:
                 if not alone:
-                    self._execute(f"SAVEPOINT c{i}")
-                saved = builtins.list(self._delta)
+                    self._execute("SAVEPOINT change")
+                    saved = builtins.list(self._delta)
                 self._chunk_refs = collections.Counter()
                 self._made = False  # set by _log: this change was made now (not a retry's)
                 result: Version | FmsError
@@ -780,18 +835,19 @@ class SQLMeta(AccessSQL, MetaEngine):
                         raise TypeError(f"not a change: {change!r}")
                     # The chunk references the change takes and releases, in one pass sorted by
                     # digest: two transactions always lock shared rows in the same order.
-                    self._refs("chunks", "digest", *_by_delta(self._chunk_refs), now)
+                    if self._chunk_refs:
+                        self._refs("chunks", "digest", *_by_delta(self._chunk_refs), now)
                     if self._made:
                         self._audit(change_entry(change, result, now))
                     if not alone:
-                        self._execute(f"RELEASE SAVEPOINT c{i}")
+                        self._execute("RELEASE SAVEPOINT change")
                 except FmsError as exc:
                     if isinstance(exc, ConnectionLost):
                         raise  # the connection is gone: nothing of it stands
                     if alone:
                         raise _Refused(exc) from None  # nothing else to keep: roll back
-                    self._execute(f"ROLLBACK TO SAVEPOINT c{i}")
-                    self._execute(f"RELEASE SAVEPOINT c{i}")
+                    self._execute("ROLLBACK TO SAVEPOINT change")
+                    self._execute("RELEASE SAVEPOINT change")
                     self._delta = saved
                     result = exc
                 results.append(result)
@@ -877,7 +933,7 @@ class SQLMeta(AccessSQL, MetaEngine):
         # The `sha256` column holds the digest of the whole request (see _request_digest), so a
         # retry is recognised only if it is the very same request.  The result is the stat of
         # what it made, never its chunk list.
-        result = msgpack.packb({f: getattr(version, f) for f in _STAT_FIELDS}, use_bin_type=True)
+        result = msgpack.packb(_stat_fields(version), use_bin_type=True)
         self._execute(
             "INSERT INTO commits VALUES (?, ?, ?, ?, ?, ?)",
             (version.commit, kind, version.name, request, result, now),
@@ -911,6 +967,7 @@ class SQLMeta(AccessSQL, MetaEngine):
                 pages = tuple(change.pages)
         else:
             self._take_chunks(change, now, small or {})
+        old = self._current(change.name)
         version = Version(
             change.name,
             change.size,
@@ -919,7 +976,7 @@ class SQLMeta(AccessSQL, MetaEngine):
             change.chunk_size,
             change.count,
             change.mtime,
-            0,  # set by _install
+            old.version + 1 if old is not None else 1,  # numbered here: one Version less
             change.commit,
             now,
             dict(change.meta),
@@ -930,7 +987,7 @@ class SQLMeta(AccessSQL, MetaEngine):
         )
         # With its lists: a commit made now (not a retry answered from the log, a stat) may
         # hand a small file's manifest to the cache (fms.storage.service, fills on commit).
-        return self._install(version, now, "commit", request, lists=True)
+        return self._install(version, now, "commit", request, lists=True, old=old)
 
     def _take_chunks(
         self, change: NewVersion, now: float, small: Mapping[Digest, BytesLike]
@@ -940,6 +997,12 @@ class SQLMeta(AccessSQL, MetaEngine):
         chunk whose bytes came with the group (``small``) is claimed instead, live at once, of
         their size, with its reference (one statement)."""
         chunks = change.chunks or ()
+        if len(chunks) == 1:  # a small file's (claimed with its bytes, when they came along)
+            data = small.get(chunks[0])
+            if data is not None:
+                self._claim(chunks[0], len(data), now, bytes(data), refs=1)
+                check_chunks(change.name, change.extents, chunks, {chunks[0]: len(data)})
+                return
         wanted = sorted(set(chunks))
         sizes: dict[Digest, int] = {}
         for digest in wanted:
@@ -1029,12 +1092,16 @@ class SQLMeta(AccessSQL, MetaEngine):
         kind: str,
         request: bytes | None = None,
         lists: bool = False,
+        old: Version | _Unread | None = _UNREAD,
     ) -> Version:
         """Make ``version`` (whose references are taken) the current one of its name: its
-        number follows the old one's, which is retained or released.  :return: its stat (what a
-        retry is answered with), or with ``lists`` the whole version."""
-        old = self._current(version.name)
-        version = version.numbered(old.version + 1 if old else 1)
+        number follows the old one's, which is retained or released.  ``old``: the name's row
+        as :meth:`_current` read it in this transaction, ``version`` numbered after it already
+        (default: read here, and ``version`` numbered).  :return: its stat (what a retry is
+        answered with), or with ``lists`` the whole version."""
+        if isinstance(old, _Unread):
+            old = self._current(version.name)
+            version = version.numbered(old.version + 1 if old else 1)
         replaced = old if old is not None and not old.deleted else None
         row = _row(version)
         if replaced is not None:
