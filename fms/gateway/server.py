@@ -101,8 +101,8 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop's event loop where uvloop is installed, else None (asyncio's own).
 
     Every request's work on the loop (its socket reads and writes, the handles and timers of
-    its tasks, the broker link's reader) is the loop's own Python in asyncio and C in uvloop:
-    about a tenth of the gateway's instructions per 4 KiB PUT or GET (docs/BENCHMARKS.md)."""
+    its tasks, the broker link's reader) is Python in asyncio's loop and C in uvloop's: about
+    a tenth of the gateway's instructions per 4 KiB PUT or GET (callgrind)."""
     try:
         uvloop = importlib.import_module("uvloop")
     except ImportError:
