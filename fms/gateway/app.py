@@ -1167,12 +1167,16 @@ def _guess_type(name: str) -> str:
 
 def _meta_from_headers(headers: Headers, key: str) -> dict[str, str]:
     meta: dict[str, str] = {}
+    get = headers.get
     for name in STORED_HEADERS:
-        if name in headers:
-            meta[name] = headers[name]
+        value = get(name)
+        if value is not None:
+            meta[name] = value
     meta.setdefault("content-type", "application/octet-stream")
     for name, value in headers.items():
-        if name.lower().startswith("x-amz-meta-"):
+        # lowered only if its 11th character is the "-" of x-amz-meta- (no other character
+        # lowers to "-", and one that lowers to two characters makes it no x-amz-meta- name)
+        if name[10:11] == "-" and name.lower().startswith("x-amz-meta-"):
             meta[name.lower()] = value
     if sum(len(k.encode()) + len(v.encode()) for k, v in meta.items()) > MAX_META_HEADERS:
         raise S3Error(
@@ -1184,21 +1188,22 @@ def _meta_from_headers(headers: Headers, key: str) -> dict[str, str]:
     return meta
 
 
+# (algorithm, its header) for each x-amz-checksum-* header a request may send
+_CHECKSUM_HEADERS = tuple((a, f"x-amz-checksum-{a}") for a in sigv4.CHECKSUM_ALGORITHMS)
+
+
 def _header_checksums(headers: Headers) -> dict[str, sigv4.Hasher]:
     """Hashers for the x-amz-checksum-* headers sent with the request (not in a trailer)."""
     out: dict[str, sigv4.Hasher] = {}
-    for algorithm in sigv4.CHECKSUM_ALGORITHMS:
-        if f"x-amz-checksum-{algorithm}" in headers:
+    for algorithm, header in _CHECKSUM_HEADERS:
+        if header in headers:
             out[algorithm] = sigv4.new_checksum(algorithm)
     return out
 
 
 def _checksum_echo(headers: Headers) -> dict[str, str]:
-    return {
-        f"x-amz-checksum-{a}": headers[f"x-amz-checksum-{a}"]
-        for a in sigv4.CHECKSUM_ALGORITHMS
-        if f"x-amz-checksum-{a}" in headers
-    }
+    get = headers.get
+    return {header: value for _, header in _CHECKSUM_HEADERS if (value := get(header)) is not None}
 
 
 def _b64(text: str) -> bytes:

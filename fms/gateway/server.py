@@ -3,6 +3,7 @@ and key), its store client and its keys: the store's identities' S3 keys, and an
 given on the command line."""
 
 import asyncio
+import importlib
 import logging
 import signal
 import ssl
@@ -91,5 +92,20 @@ def run(
 
         await serve(broker, static, host, port, tls, curve, ready, stop, key_ttl)
 
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        runner.run(main())
     return 0
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop where uvloop is installed, else None (asyncio's own).
+
+    Every request's work on the loop (its socket reads and writes, the handles and timers of
+    its tasks, the broker link's reader) is Python in asyncio's loop and C in uvloop's: about
+    a tenth of the gateway's instructions per 4 KiB PUT or GET (callgrind)."""
+    try:
+        uvloop = importlib.import_module("uvloop")
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory

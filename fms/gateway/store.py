@@ -21,6 +21,7 @@ import functools
 import hashlib
 import os
 import queue
+import struct
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -72,6 +73,7 @@ class Store:
         self._own = False
         # small requests (a get, the commit of a small body) from the event loop itself
         self.link = AsyncLink(broker, curve, timeout)
+        self._inline_hash: p.Hasher | None = None  # the store's digest function, once known
 
     def own(self) -> "Store":
         """This store (the same threads and connections) acting for the gateway itself,
@@ -399,7 +401,10 @@ class Store:
             return await self.run(
                 lambda client: _commit_bytes(client.session, name, data, meta)
             ), md5
-        fields = _inline_commit(name, data, p.hasher(await self.link.digest_fn()), meta)
+        hash_fn = self._inline_hash
+        if hash_fn is None:  # the store's digest function, asked once
+            hash_fn = self._inline_hash = p.hasher(await self.link.digest_fn())
+        fields = _inline_commit(name, data, hash_fn, meta)
         header, _ = await self.link.call(
             "commit", p.pack_data(data), acting=self.acting(), **fields
         )
@@ -545,6 +550,9 @@ def _with_etag(meta: dict[str, Any] | None, md5: bytes) -> dict[str, Any] | None
     return {"etag": f'"{md5.hex()}"', **meta}  # a multipart ETag given in meta stays
 
 
+_ONE_EXTENT = struct.Struct(">QQ")  # an extent as it travels: chunk size, size (fms.wire)
+
+
 def _inline_commit(
     name: str, data: bytes, hash_fn: p.Hasher, meta: dict[str, Any] | None
 ) -> dict[str, Any]:
@@ -553,7 +561,7 @@ def _inline_commit(
     made directly (its file digest is :func:`fms.wire.one_chunk_digest`: no Plan, no page
     list for one chunk)."""
     chunk = hash_fn(data)
-    extents = p.pack_extents(((CHUNK_SIZE, len(data)),))
+    extents = _ONE_EXTENT.pack(CHUNK_SIZE, len(data))  # p.pack_extents of the one extent
     fields: dict[str, Any] = {
         "name": name,
         "extents": extents,
