@@ -5,7 +5,6 @@ has a timeout; the tests wait for messages, never for time to pass."""
 import asyncio
 import logging
 import os
-import time
 
 import msgpack
 import pytest
@@ -124,10 +123,8 @@ def test_requests_beyond_the_window_wait_for_a_place():
 def test_a_request_that_finds_no_place_within_its_budget_is_unavailable():
     async def test(broker, link):
         await link._slots.acquire()  # the window is full: a request is in flight
-        started = time.monotonic()
-        with pytest.raises(Unavailable, match="in flight"):
+        with pytest.raises(Unavailable, match="in flight"):  # within result's RECV_TIMEOUT
             await result(asyncio.create_task(link.call("get", name="n")))
-        assert time.monotonic() - started < RECV_TIMEOUT
         assert not link._waiting
 
     run(test, window=1, timeout=0.2, retries=1)
@@ -195,22 +192,26 @@ def test_the_last_try_ends_with_the_budget():
     timeout = 1.5  # one try, retries=0: the budget is one timeout
 
     async def test(broker, link):
-        started = time.monotonic()
         call = asyncio.create_task(link.call("get", name="n"))
         first = await broker.recv()
         await asyncio.sleep(timeout * 0.8)  # a slow broker: the answer comes late
         await broker.refuse(first)
         second = await broker.recv()
+        # What is left of the budget, not a whole timeout (a loaded machine only makes it less)
         assert second["ttl_ms"] < timeout * 1000 * 0.5
-        with pytest.raises(Unavailable):
+        with pytest.raises(Unavailable):  # the budget spent: no third try
             await result(call)
-        assert time.monotonic() - started < timeout * 1.5
 
     run(test, timeout=timeout, retries=0)
 
 
 def test_no_reply_is_a_timeout():
     async def test(broker, link):
+        # Connected first: a try made before the connection is up is not sent, and a loaded
+        # machine once took longer than the 0.2 s try to connect (one request, not two).
+        warm = asyncio.create_task(link.call("get", name="warm"))
+        await broker.answer(await broker.recv(), name="warm")
+        await result(warm)
         call = asyncio.create_task(link.call("get", name="n"))
         for _ in range(2):
             await broker.recv()
