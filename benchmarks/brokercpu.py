@@ -1,0 +1,296 @@
+"""The broker's CPU per 4 KiB request, alone: a real broker process between a client DEALER and
+fake workers that answer at once, its CPU read from /proc.
+
+    .venv/bin/python -m benchmarks.brokercpu [--op get|put|both] [--requests 20000]
+        [--window 8] [--rounds 3] [--tree PATH ...] [--profile OUT]
+
+- ``get``: the client sends ``get`` of a name (as the S3 gateway does for a small object); the
+  fake cache answers it as a hit, with a manifest-sized header and the 4 KiB as a data frame.
+- ``put``: the client sends a ``commit`` with the 4 KiB inline (the gateway's inline commit);
+  the fake storage worker acks it with ``inv`` and a ``fill`` (the version's manifest), so the
+  broker hands the fill to the fake cache before it forwards the ack (as a real commit does).
+
+The client keeps ``--window`` requests in flight (the gateway's link keeps several).  The fake
+workers heartbeat (the cache reports the fills it took, so the fill window keeps moving).  Each
+``--tree`` (a source tree holding ``fms``, e.g. a ``git worktree add --detach`` of the base
+commit; default: this one) gets a broker of its own, in turns within each round, the order
+turned each round.  Printed: the broker's CPU per request (µs) in all, and of its main thread
+alone (the rest is ZeroMQ's I/O thread), the median over rounds, and each tree's ratio to the
+first.  ``--profile OUT``: the broker runs under cProfile and its stats go to
+``OUT-TREE-OP.prof`` (its CPU figures are then the profiler's, not the broker's).
+"""
+
+import argparse
+import itertools
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+import msgpack
+import zmq
+
+from fms import wire as p
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TICK = os.sysconf("SC_CLK_TCK")
+
+CHILD = r"""
+import signal, sys
+stop = []
+signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+from fms.broker import Broker
+broker = Broker("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", store="bench-store")
+broker.bind()
+print(broker.frontend_endpoint, broker.backend_endpoint, flush=True)
+profile = sys.argv[1] if len(sys.argv) > 1 else ""
+if profile:
+    import cProfile, time
+    profiler = cProfile.Profile(time.thread_time)  # the main thread's CPU, not wall time
+    profiler.runcall(broker.run, lambda: bool(stop))
+    profiler.dump_stats(profile)
+else:
+    broker.run(lambda: bool(stop))
+broker.close()
+"""
+
+V = p.PROTOCOL_VERSION
+BLOB = bytes(p.pack_data(os.urandom(4096)))
+EXTENTS = p.pack_extents(((1 << 20, 4096),))
+MANIFEST = msgpack.packb(
+    {
+        "name": "bench/object-000001",
+        "size": 4096,
+        "digest": os.urandom(32),
+        "chunk_size": 1 << 20,
+        "chunks": [os.urandom(32)],
+        "mtime": 1.7e9,
+        "version": 12345,
+        "meta": {"etag": "0123456789abcdef0123456789abcdef"},
+    },
+    use_bin_type=True,
+)
+
+
+def pack(obj: dict) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def cpu(pid: int) -> tuple[float, float]:
+    """(process CPU-seconds, its main thread's) from /proc."""
+
+    def ticks(path: str) -> int:
+        with open(path) as f:
+            fields = f.read().rpartition(")")[2].split()
+        return int(fields[11]) + int(fields[12])  # utime, stime
+
+    return ticks(f"/proc/{pid}/stat") / TICK, ticks(f"/proc/{pid}/task/{pid}/stat") / TICK
+
+
+class Rig:
+    """A broker from ``tree`` with a client and two fake workers (cache, storage) around it."""
+
+    def __init__(self, tree: str, profile: str = "") -> None:
+        env = dict(os.environ, PYTHONPATH=tree)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, *([profile] if profile else [])],
+            cwd=tree,
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        frontend, backend = self.proc.stdout.readline().split()
+        self.ctx = zmq.Context()
+        self.client = self._socket(frontend)
+        self.cache = self._socket(backend, b"fake-cache")
+        self.storage = self._socket(backend, b"fake-storage")
+        self.cache.send(pack({"t": "ready", "v": V, "svc": "cache", "wid": "c1", "store": None}))
+        self.storage.send(
+            pack(
+                {
+                    "t": "ready",
+                    "v": V,
+                    "svc": "storage",
+                    "wid": "s1",
+                    "store": "bench-store",
+                    "digest_fn": "blake3",
+                }
+            )
+        )
+        for sock in (self.cache, self.storage):
+            assert sock.poll(5000), "no welcome"
+            route = msgpack.unpackb(sock.recv_multipart()[0])
+            assert route["t"] == "welcome", route
+        self.ids = itertools.count(1)
+        self.filled = 0  # bytes of fills the fake cache took
+        self.beat = 0.0
+
+    def _socket(self, endpoint: str, ident: bytes | None = None) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        if ident is not None:
+            sock.identity = ident
+        sock.connect(endpoint)
+        return sock
+
+    def _request(self, op: str) -> list:
+        req_id = next(self.ids)
+        name = f"bench/object-{req_id % 1000:06d}"
+        if op == "get":
+            return [pack({"v": V, "op": "get", "id": req_id, "ttl_ms": 30000, "name": name})]
+        header = {
+            "v": V,
+            "op": "commit",
+            "id": req_id,
+            "ttl_ms": 30000,
+            "name": name,
+            "extents": EXTENTS,
+            "digest": os.urandom(32),
+            "mtime": time.time(),
+            "commit": os.urandom(16).hex(),
+            "chunks": [os.urandom(32)],
+        }
+        return [pack(header), BLOB]
+
+    def _worker(self, sock: zmq.Socket) -> None:
+        """Answer what reached a fake worker (and take the cache's invalidations and fills)."""
+        while sock.poll(0):
+            frames = sock.recv_multipart(copy=False)
+            route = msgpack.unpackb(frames[0].buffer)
+            kind = route.get("t")
+            if kind != "req":
+                if kind == "inv" and len(frames) > 1:
+                    self.filled += len(frames[1].buffer)
+                continue
+            header = msgpack.unpackb(frames[1].buffer)
+            rep = {"t": "rep", "k": route["k"], "ok": True}
+            if header["op"] == "get":
+                rep["cache"] = "hit"
+                reply = {"v": V, "id": header["id"], "ok": True, "manifest": MANIFEST}
+                sock.send_multipart([pack(rep), pack(reply), BLOB], copy=False)
+            else:
+                rep["inv"] = header["name"]
+                rep["fill"] = MANIFEST
+                reply = {"v": V, "id": header["id"], "ok": True, "stat": {"version": 1}}
+                sock.send_multipart([pack(rep), pack(reply)], copy=False)
+
+    def _heartbeat(self) -> None:
+        now = time.monotonic()
+        if now - self.beat >= 0.25:
+            self.beat = now
+            self.cache.send(pack({"t": "hb", "st": {"filled": self.filled}}))
+            self.storage.send(pack({"t": "hb"}))
+
+    def run(self, op: str, count: int, window: int) -> None:
+        """``count`` requests of ``op``, ``window`` in flight."""
+        poller = zmq.Poller()
+        for sock in (self.client, self.cache, self.storage):
+            poller.register(sock, zmq.POLLIN)
+        sent = done = 0
+        while done < count:
+            while sent < count and sent - done < window:
+                self.client.send_multipart(self._request(op), copy=False)
+                sent += 1
+            events = dict(poller.poll(5000))
+            if not events:
+                raise RuntimeError(f"stalled at {done} of {count}")
+            if self.cache in events:
+                self._worker(self.cache)
+            if self.storage in events:
+                self._worker(self.storage)
+            while self.client.poll(0):
+                frames = self.client.recv_multipart(copy=False)
+                reply = msgpack.unpackb(frames[0].buffer)
+                if not reply.get("ok"):
+                    raise RuntimeError(f"error reply: {reply}")
+                done += 1
+            self._heartbeat()
+
+    def measure(self, op: str, count: int, window: int, spy: str = "") -> tuple[float, float]:
+        """µs of broker CPU per request (process, main thread) over ``count`` requests;
+        ``spy``: py-spy samples the broker meanwhile, its raw output to that file."""
+        self.run(op, 500, window)  # warm
+        sampler = None
+        if spy:
+            py_spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
+            sampler = subprocess.Popen(
+                [py_spy, "record", "-p", str(self.proc.pid), "-r", "500", "--native"]
+                + ["-f", "raw", "-o", spy],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(1.0)  # py-spy attaches
+        before = cpu(self.proc.pid)
+        self.run(op, count, window)
+        after = cpu(self.proc.pid)
+        if sampler is not None:
+            sampler.send_signal(signal.SIGINT)
+            sampler.wait(30)
+        return (after[0] - before[0]) * 1e6 / count, (after[1] - before[1]) * 1e6 / count
+
+    def close(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.ctx.destroy(linger=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--op", choices=("get", "put", "both"), default="both")
+    ap.add_argument("--requests", type=int, default=20000)
+    ap.add_argument("--window", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--tree", action="append", help="source tree of a broker (default: this)")
+    ap.add_argument("--profile", default="", help="cProfile the broker; stats to OUT-*.prof")
+    ap.add_argument("--spy", default="", help="py-spy the broker; raw samples to OUT-*.txt")
+    args = ap.parse_args(argv)
+    trees = [os.path.abspath(t) for t in (args.tree or [ROOT])]
+    ops = ("get", "put") if args.op == "both" else (args.op,)
+    results: dict = {}  # (tree, op) -> [(process µs, main thread µs)]
+    print(f"load average {os.getloadavg()}, {args.requests} requests, window {args.window}")
+    for r in range(args.rounds):
+        order = trees if r % 2 == 0 else trees[::-1]
+        for tree in order:
+            for op in ops:
+                out = ""
+                if args.profile:
+                    out = os.path.abspath(f"{args.profile}-{os.path.basename(tree)}-{op}.prof")
+                rig = Rig(tree, out)
+                spy = ""
+                if args.spy:
+                    spy = os.path.abspath(f"{args.spy}-{os.path.basename(tree)}-{op}.txt")
+                try:
+                    figures = rig.measure(op, args.requests, args.window, spy)
+                finally:
+                    rig.close()
+                results.setdefault((tree, op), []).append(figures)
+                print(
+                    f"round {r + 1} {os.path.basename(tree):>14} {op}: "
+                    f"{figures[0]:6.1f} µs/request, main thread {figures[1]:6.1f}",
+                    flush=True,
+                )
+    print(f"load average {os.getloadavg()}")
+    print("median over rounds (µs of broker CPU per request; ratio to the first tree)")
+    for op in ops:
+        base = None
+        for tree in trees:
+            runs = results[(tree, op)]
+            total = statistics.median(r[0] for r in runs)
+            main_thread = statistics.median(r[1] for r in runs)
+            base = base or total
+            print(
+                f"  {op} {os.path.basename(tree):>14}: {total:6.1f} "
+                f"(main thread {main_thread:6.1f})  x{total / base:.3f}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
