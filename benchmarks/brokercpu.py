@@ -1,8 +1,8 @@
 """The broker's CPU per 4 KiB request, alone: a real broker process between a client DEALER and
 fake workers that answer at once, its CPU read from /proc.
 
-    .venv/bin/python -m benchmarks.brokercpu [--op get|put|both] [--requests 20000]
-        [--window 8] [--rounds 3] [--tree PATH ...] [--profile OUT]
+    .venv/bin/python -m benchmarks.brokercpu [--op get|put|both] [--requests 5000]
+        [--window 8] [--rounds 10] [--tree PATH ...] [--profile OUT] [--spy OUT]
 
 - ``get``: the client sends ``get`` of a name (as the S3 gateway does for a small object); the
   fake cache answers it as a hit, with a manifest-sized header and the 4 KiB as a data frame.
@@ -13,11 +13,14 @@ fake workers that answer at once, its CPU read from /proc.
 The client keeps ``--window`` requests in flight (the gateway's link keeps several).  The fake
 workers heartbeat (the cache reports the fills it took, so the fill window keeps moving).  Each
 ``--tree`` (a source tree holding ``fms``, e.g. a ``git worktree add --detach`` of the base
-commit; default: this one) gets a broker of its own, in turns within each round, the order
-turned each round.  Printed: the broker's CPU per request (µs) in all, and of its main thread
-alone (the rest is ZeroMQ's I/O thread), the median over rounds, and each tree's ratio to the
-first.  ``--profile OUT``: the broker runs under cProfile and its stats go to
-``OUT-TREE-OP.prof`` (its CPU figures are then the profiler's, not the broker's).
+commit; default: this one) gets a broker of its own, all up at once; in each round every broker
+serves ``--requests`` of each op in turn (the order turned each round), so the figures compared
+are taken side by side on a shared machine.  The CPU is each thread's time on a CPU
+(/proc/PID/task/TID/schedstat, in ns).  Printed: the broker's CPU per request (µs) in all, and
+of its main thread alone (the rest is ZeroMQ's I/O thread), the medians over rounds, and the
+median of each round's ratio to the first tree.  ``--profile OUT``: a run of each tree and op
+under cProfile (the main thread's CPU), its stats to ``OUT-TREE-OP.prof``; ``--spy OUT``: under
+py-spy (``--native``), its raw samples to ``OUT-TREE-OP.txt``.
 """
 
 import argparse
@@ -35,7 +38,6 @@ import zmq
 from fms import wire as p
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TICK = os.sysconf("SC_CLK_TCK")
 
 CHILD = r"""
 import signal, sys
@@ -79,18 +81,25 @@ def pack(obj: dict) -> bytes:
 
 
 def cpu(pid: int) -> tuple[float, float]:
-    """(process CPU-seconds, its main thread's) from /proc."""
-
-    def ticks(path: str) -> int:
-        with open(path) as f:
-            fields = f.read().rpartition(")")[2].split()
-        return int(fields[11]) + int(fields[12])  # utime, stime
-
-    return ticks(f"/proc/{pid}/stat") / TICK, ticks(f"/proc/{pid}/task/{pid}/stat") / TICK
+    """(process CPU-seconds, its main thread's), in nanoseconds from each thread's
+    /proc/PID/task/TID/schedstat (its time on a CPU)."""
+    total = main = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                ns = int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that ended
+        total += ns
+        if int(tid) == pid:
+            main = ns
+    return total / 1e9, main / 1e9
 
 
 class Rig:
     """A broker from ``tree`` with a client and two fake workers (cache, storage) around it."""
+
+    live: "list[Rig]" = []  # every rig's fake workers beat while any rig runs
 
     def __init__(self, tree: str, profile: str = "") -> None:
         env = dict(os.environ, PYTHONPATH=tree)
@@ -127,6 +136,7 @@ class Rig:
         self.ids = itertools.count(1)
         self.filled = 0  # bytes of fills the fake cache took
         self.beat = 0.0
+        Rig.live.append(self)
 
     def _socket(self, endpoint: str, ident: bytes | None = None) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
@@ -207,12 +217,13 @@ class Rig:
                 if not reply.get("ok"):
                     raise RuntimeError(f"error reply: {reply}")
                 done += 1
-            self._heartbeat()
+            for rig in Rig.live:
+                rig._heartbeat()
 
     def measure(self, op: str, count: int, window: int, spy: str = "") -> tuple[float, float]:
         """µs of broker CPU per request (process, main thread) over ``count`` requests;
         ``spy``: py-spy samples the broker meanwhile, its raw output to that file."""
-        self.run(op, 500, window)  # warm
+        self.run(op, 200, window)  # warm
         sampler = None
         if spy:
             py_spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
@@ -232,6 +243,7 @@ class Rig:
         return (after[0] - before[0]) * 1e6 / count, (after[1] - before[1]) * 1e6 / count
 
     def close(self) -> None:
+        Rig.live.remove(self)
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(10)
@@ -244,50 +256,62 @@ class Rig:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--op", choices=("get", "put", "both"), default="both")
-    ap.add_argument("--requests", type=int, default=20000)
+    ap.add_argument("--requests", type=int, default=5000)
     ap.add_argument("--window", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--tree", action="append", help="source tree of a broker (default: this)")
     ap.add_argument("--profile", default="", help="cProfile the broker; stats to OUT-*.prof")
     ap.add_argument("--spy", default="", help="py-spy the broker; raw samples to OUT-*.txt")
     args = ap.parse_args(argv)
     trees = [os.path.abspath(t) for t in (args.tree or [ROOT])]
     ops = ("get", "put") if args.op == "both" else (args.op,)
-    results: dict = {}  # (tree, op) -> [(process µs, main thread µs)]
+    results: dict = {}  # (tree, op) -> [(process µs, main thread µs)] by round
     print(f"load average {os.getloadavg()}, {args.requests} requests, window {args.window}")
-    for r in range(args.rounds):
-        order = trees if r % 2 == 0 else trees[::-1]
-        for tree in order:
+    if args.profile or args.spy:  # one broker per run: its profile is of that run alone
+        for tree in trees:
             for op in ops:
-                out = ""
-                if args.profile:
-                    out = os.path.abspath(f"{args.profile}-{os.path.basename(tree)}-{op}.prof")
+                name = f"{os.path.basename(tree)}-{op}"
+                out = os.path.abspath(f"{args.profile}-{name}.prof") if args.profile else ""
+                spy = os.path.abspath(f"{args.spy}-{name}.txt") if args.spy else ""
                 rig = Rig(tree, out)
-                spy = ""
-                if args.spy:
-                    spy = os.path.abspath(f"{args.spy}-{os.path.basename(tree)}-{op}.txt")
                 try:
                     figures = rig.measure(op, args.requests, args.window, spy)
                 finally:
                     rig.close()
-                results.setdefault((tree, op), []).append(figures)
-                print(
-                    f"round {r + 1} {os.path.basename(tree):>14} {op}: "
-                    f"{figures[0]:6.1f} µs/request, main thread {figures[1]:6.1f}",
-                    flush=True,
-                )
+                print(f"{name}: {figures[0]:6.1f} µs/request, main thread {figures[1]:6.1f}")
+        return 0
+    # One broker per tree, all up at once; in each round every tree takes a turn at each op
+    # (the order turned every round), so that the figures compared were taken side by side.
+    rigs = {tree: Rig(tree) for tree in trees}
+    try:
+        for rig in rigs.values():
+            for op in ops:
+                rig.run(op, 2000, args.window)  # warm
+        for r in range(args.rounds):
+            for op in ops:
+                order = trees if r % 2 == 0 else trees[::-1]
+                for tree in order:
+                    figures = rigs[tree].measure(op, args.requests, args.window)
+                    results.setdefault((tree, op), []).append(figures)
+    finally:
+        for rig in rigs.values():
+            rig.close()
     print(f"load average {os.getloadavg()}")
-    print("median over rounds (µs of broker CPU per request; ratio to the first tree)")
+    print(
+        f"median over {args.rounds} rounds: µs of broker CPU per request (its main thread's); "
+        "the median of each round's ratio to the first tree"
+    )
     for op in ops:
-        base = None
+        first = results[(trees[0], op)]
         for tree in trees:
             runs = results[(tree, op)]
             total = statistics.median(r[0] for r in runs)
             main_thread = statistics.median(r[1] for r in runs)
-            base = base or total
+            ratio = statistics.median(r[0] / f[0] for r, f in zip(runs, first, strict=True))
+            ratio_main = statistics.median(r[1] / f[1] for r, f in zip(runs, first, strict=True))
             print(
-                f"  {op} {os.path.basename(tree):>14}: {total:6.1f} "
-                f"(main thread {main_thread:6.1f})  x{total / base:.3f}"
+                f"  {op} {os.path.basename(tree):>14}: {total:6.1f} ({main_thread:6.1f})  "
+                f"x{ratio:.3f} (x{ratio_main:.3f})"
             )
     return 0
 
