@@ -2,7 +2,7 @@
 fake workers that answer at once, its CPU read from /proc.
 
     .venv/bin/python -m benchmarks.brokercpu [--op get|put|both] [--requests 5000]
-        [--window 8] [--rounds 10] [--tree PATH ...] [--profile OUT] [--spy OUT]
+        [--window 8] [--rounds 10] [--tree PATH ...] [--profile OUT] [--spy OUT] [--core]
 
 - ``get``: the client sends ``get`` of a name (as the S3 gateway does for a small object); the
   fake cache answers it as a hit, with a manifest-sized header and the 4 KiB as a data frame.
@@ -20,7 +20,10 @@ are taken side by side on a shared machine.  The CPU is each thread's time on a 
 of its main thread alone (the rest is ZeroMQ's I/O thread), the medians over rounds, and the
 median of each round's ratio to the first tree.  ``--profile OUT``: a run of each tree and op
 under cProfile (the main thread's CPU), its stats to ``OUT-TREE-OP.prof``; ``--spy OUT``: under
-py-spy (``--native``), its raw samples to ``OUT-TREE-OP.txt``.
+py-spy (``--native``), its raw samples to ``OUT-TREE-OP.txt``.  ``--core``: no sockets and no
+loop, :class:`fms.broker.Core` alone in a process per tree and round (the frames of a request
+and its reply handed to it as the loop hands them, a transport that sends nothing): its CPU per
+request, less the frames' making.
 """
 
 import argparse
@@ -56,6 +59,80 @@ if profile:
 else:
     broker.run(lambda: bool(stop))
 broker.close()
+"""
+
+# --core: fms.broker.Core alone in a process of its own (from the tree's fms), with a transport
+# that sends nothing, fed the frames a GET or a PUT brings (zmq.Frame objects, as the loop hands
+# them).  Prints the µs of CPU per request: the median of 5 runs of ``n``, less the cost of
+# building the frames (timed alone in the same runs).
+CORE_CHILD = r"""
+import itertools, os, statistics, sys, time
+import zmq
+from fms import wire as p
+from fms.broker import Core
+from fms.broker.transport import SENT
+
+class Null:
+    acked = 0
+    def to_client(self, ident, frames): return SENT
+    def to_worker(self, ident, frames): return True
+    def queued(self, ident): return 0
+    def taken(self, ident):
+        self.acked += 1 << 30
+        return self.acked
+    def disconnect(self, ident): return False
+
+op, n = sys.argv[1], int(sys.argv[2])
+core = Core(Null(), store="s1")
+for ident, svc in ((b"cache", "cache"), (b"storage", "storage")):
+    ready = {"t": "ready", "v": p.PROTOCOL_VERSION, "svc": svc, "wid": svc, "store": "s1",
+             "digest_fn": p.BLAKE3}
+    core.worker_message(ident, [p.encode(ready)])
+F = zmq.Frame
+BLOB = F(bytes(p.pack_data(os.urandom(4096))))
+MANIFEST = p.encode({"name": "x", "size": 4096, "digest": os.urandom(32),
+                     "chunks": [os.urandom(32)], "version": 5})
+EXTENTS = p.pack_extents(((1 << 20, 4096),))
+ids = itertools.count(1)
+
+def frames(key):
+    rid = next(ids)
+    name = f"bench/object-{rid % 1000:06d}"
+    if op == "get":
+        request = [F(p.encode({"v": p.PROTOCOL_VERSION, "op": "get", "id": rid,
+                               "ttl_ms": 30000, "name": name}))]
+        route = {"t": "rep", "k": key, "ok": True, "cache": "hit"}
+        reply = [F(p.encode(route)), F(p.encode({"v": 3, "id": rid, "ok": True,
+                                                 "manifest": MANIFEST})), BLOB]
+    else:
+        header = {"v": p.PROTOCOL_VERSION, "op": "commit", "id": rid, "ttl_ms": 30000,
+                  "name": name, "extents": EXTENTS, "digest": os.urandom(32),
+                  "mtime": time.time(), "commit": os.urandom(16).hex(),
+                  "chunks": [os.urandom(32)]}
+        request = [F(p.encode(header)), BLOB]
+        route = {"t": "rep", "k": key, "ok": True, "inv": name, "fill": MANIFEST}
+        reply = [F(p.encode(route)), F(p.encode({"v": 3, "id": rid, "ok": True}))]
+    return request, reply
+
+worker = b"cache" if op == "get" else b"storage"
+def one():
+    request, reply = frames(core.dispatcher.newest_key + 1)
+    core.client_message(b"client-1", request)
+    core.worker_message(worker, reply)
+
+for _ in range(2000):
+    one()
+runs = []
+for _ in range(5):
+    t0 = time.process_time()
+    for _ in range(n):
+        one()
+    t1 = time.process_time()
+    for _ in range(n):
+        frames(1)
+    t2 = time.process_time()
+    runs.append(((t1 - t0) - (t2 - t1)) / n * 1e6)
+print(statistics.median(runs))
 """
 
 V = p.PROTOCOL_VERSION
@@ -253,6 +330,35 @@ class Rig:
         self.ctx.destroy(linger=0)
 
 
+def core_alone(trees: list[str], ops: tuple, count: int, rounds: int) -> int:
+    """``--core``: each tree's Core in a process of its own, in turns, ``rounds`` times."""
+    print(f"load average {os.getloadavg()}, {count} requests x 5 per run")
+    results: dict = {}  # (tree, op) -> [µs per request] by round
+    for r in range(rounds):
+        for op in ops:
+            for tree in trees if r % 2 == 0 else trees[::-1]:
+                out = subprocess.run(
+                    [sys.executable, "-c", CORE_CHILD, op, str(count)],
+                    cwd=tree,
+                    env=dict(os.environ, PYTHONPATH=tree),
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
+                results.setdefault((tree, op), []).append(float(out))
+    print(f"load average {os.getloadavg()}")
+    print(f"Core alone, median over {rounds} rounds: µs of CPU per request; median ratio")
+    for op in ops:
+        first = results[(trees[0], op)]
+        for tree in trees:
+            runs = results[(tree, op)]
+            ratio = statistics.median(a / b for a, b in zip(runs, first, strict=True))
+            print(
+                f"  {op} {os.path.basename(tree):>14}: {statistics.median(runs):6.2f}  x{ratio:.3f}"
+            )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--op", choices=("get", "put", "both"), default="both")
@@ -262,9 +368,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tree", action="append", help="source tree of a broker (default: this)")
     ap.add_argument("--profile", default="", help="cProfile the broker; stats to OUT-*.prof")
     ap.add_argument("--spy", default="", help="py-spy the broker; raw samples to OUT-*.txt")
+    ap.add_argument("--core", action="store_true", help="fms.broker.Core alone, no sockets")
     args = ap.parse_args(argv)
     trees = [os.path.abspath(t) for t in (args.tree or [ROOT])]
     ops = ("get", "put") if args.op == "both" else (args.op,)
+    if args.core:
+        return core_alone(trees, ops, args.requests, args.rounds)
     results: dict = {}  # (tree, op) -> [(process µs, main thread µs)] by round
     print(f"load average {os.getloadavg()}, {args.requests} requests, window {args.window}")
     if args.profile or args.spy:  # one broker per run: its profile is of that run alone

@@ -348,7 +348,7 @@ class Core:
             and len(pending.body) == 2
         ):
             self.dispatcher.invalidate(names, (fill, pending.body[1], key))
-        else:
+        elif names:
             self.invalidate(names)
         if pending.origin["via"] == FRONTEND:
             # Counted before the reply leaves: a client that has its answer finds it counted.

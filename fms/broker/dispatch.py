@@ -16,6 +16,8 @@ import logging
 import time
 from typing import Any
 
+import msgpack
+
 from .. import limits
 from .. import wire as p
 from ..logutil import RateLimitedLog
@@ -29,6 +31,9 @@ from .routing import FairQueue, Pending, owner_of, pick
 from .transport import Transport
 
 log = logging.getLogger("fms.broker")
+
+# fms.wire.encode (msgpack.packb) without a Packer made for each call: the same bytes.
+_encode = msgpack.Packer(use_bin_type=True).pack
 
 
 class Dispatcher:
@@ -129,7 +134,7 @@ class Dispatcher:
             route = {"t": "req", "k": key, "ttl": max(1, int((pending.deadline - now) * 1000))}
             if pending.user is not None:  # the key the loop authenticated: workers decide
                 route.update(pending.user)
-            if not self.transport.to_worker(worker.ident, [p.encode(route), *pending.body]):
+            if not self.transport.to_worker(worker.ident, [_encode(route), *pending.body]):
                 pending.exclude = (*pending.exclude, worker.ident)
                 queue.push_front(client, key)
                 self.worker_lost(worker.ident, "unreachable")
@@ -163,7 +168,7 @@ class Dispatcher:
                 if len(batch) == 1
                 else {"t": "inv", "names": batch, "at": at}
             )
-            message = p.encode(route)
+            message = _encode(route)
             caches = self.registry.of(p.CACHE)
             owner = owner_of(batch[0], caches) if fill is not None and len(names) == 1 else None
             for worker in caches:
@@ -185,7 +190,7 @@ class Dispatcher:
         if worker.fill_sent - worker.fill_taken + size > limits.FILL_WINDOW:
             self.metrics.cache_fills.labels("window_full").inc()
             return False
-        message = p.encode({**route, "fill": manifest, "since": since})
+        message = _encode({**route, "fill": manifest, "since": since})
         if not self.transport.to_worker(worker.ident, [message, frame]):
             return False
         worker.fill_sent += size

@@ -11,6 +11,8 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeGuard
 
+import zmq
+
 from .. import limits
 from .. import wire as p
 from ..errors import BadRequest
@@ -19,13 +21,24 @@ MAX_TAG_LEN = 128  # characters of a chunk request's `of` (a request id) the met
 
 
 def nbytes(frame: Any) -> int:
-    """The size of a frame (a zmq.Frame, or bytes in the unit tests)."""
-    return frame.buffer.nbytes if hasattr(frame, "buffer") else len(frame)
+    """The size of a frame in bytes (a zmq.Frame, or bytes in the unit tests): its length (a
+    memoryview's in bytes; anything else's ``buffer``'s).  A zmq.Frame's own length, not its
+    ``buffer``'s: a memoryview made anew, behind a weak reference, each time it is asked for."""
+    if type(frame) is memoryview:
+        return frame.nbytes
+    try:
+        return len(frame)
+    except TypeError:
+        return int(frame.buffer.nbytes)
 
 
 def buffer(frame: Any) -> Any:
-    """What a frame's bytes are read from (a zmq.Frame's buffer, or the bytes themselves)."""
-    return frame.buffer if hasattr(frame, "buffer") else frame
+    """What a frame's bytes are read from: a zmq.Frame or bytes themselves (the buffer
+    protocol reads them in place; a zmq.Frame's ``buffer`` is a memoryview made anew each time
+    it is asked for), anything else's ``buffer``."""
+    if isinstance(frame, (zmq.Frame, bytes, bytearray, memoryview)):
+        return frame
+    return frame.buffer
 
 
 def int_in(value: object, lo: int, hi: float = float("inf")) -> TypeGuard[int]:
@@ -36,7 +49,7 @@ def int_in(value: object, lo: int, hi: float = float("inf")) -> TypeGuard[int]:
 def read_header(buf: Any) -> dict:
     """The fields of a request header the broker needs, within bounds: a small header is
     decoded (with msgpack's limits), a large one (only commit and have may be) is only peeked
-    at, its lists skipped without being built.
+    at, its lists skipped without being built.  ``buf``: what :func:`buffer` gives of the frame.
 
     :raises BadRequest: not a bounded msgpack map (``too_large`` when over the limit).
     """
