@@ -17,9 +17,10 @@ KINDS = ("route", "request")
 
 
 def outcome(decode, buf, kind):
-    """What a decoder makes of ``buf``: ("ok", the map) or ("refused", its error code)."""
+    """What a decoder makes of ``buf``: ("ok", the map packed again: a NaN in it equals
+    itself so) or ("refused", its error code)."""
     try:
-        return "ok", decode(buf, kind)
+        return "ok", msgpack.packb(decode(buf, kind), use_bin_type=True)
     except BadRequest as exc:
         return "refused", exc.code
 
