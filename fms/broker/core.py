@@ -245,7 +245,7 @@ class Core:
         try:
             if not frames:
                 raise BadRequest("worker message without a route frame")
-            route = p.decode(h.buffer(frames[0]), "route")
+            route = h.decode(h.buffer(frames[0]), "route")
             kind = route.get("t")
             worker = self.registry.get(ident)
             if kind == "ready":
@@ -348,7 +348,7 @@ class Core:
             and len(pending.body) == 2
         ):
             self.dispatcher.invalidate(names, (fill, pending.body[1], key))
-        else:
+        elif names:
             self.invalidate(names)
         if pending.origin["via"] == FRONTEND:
             # Counted before the reply leaves: a client that has its answer finds it counted.

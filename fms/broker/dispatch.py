@@ -16,6 +16,8 @@ import logging
 import time
 from typing import Any
 
+import msgpack
+
 from .. import limits
 from .. import wire as p
 from ..logutil import RateLimitedLog
@@ -29,6 +31,9 @@ from .routing import FairQueue, Pending, owner_of, pick
 from .transport import Transport
 
 log = logging.getLogger("fms.broker")
+
+# fms.wire.encode (msgpack.packb) without a Packer made for each call: the same bytes.
+_encode = msgpack.Packer(use_bin_type=True).pack
 
 
 class Dispatcher:
@@ -57,6 +62,7 @@ class Dispatcher:
         # order fills on commit go by).
         self._next_key = time.time_ns() // 1000
         self._drops = RateLimitedLog(log)
+        self._fills: dict[str, Any] = {}  # outcome -> the fills counter's child
 
     @property
     def newest_key(self) -> int:
@@ -129,7 +135,7 @@ class Dispatcher:
             route = {"t": "req", "k": key, "ttl": max(1, int((pending.deadline - now) * 1000))}
             if pending.user is not None:  # the key the loop authenticated: workers decide
                 route.update(pending.user)
-            if not self.transport.to_worker(worker.ident, [p.encode(route), *pending.body]):
+            if not self.transport.to_worker(worker.ident, [_encode(route), *pending.body]):
                 pending.exclude = (*pending.exclude, worker.ident)
                 queue.push_front(client, key)
                 self.worker_lost(worker.ident, "unreachable")
@@ -163,7 +169,7 @@ class Dispatcher:
                 if len(batch) == 1
                 else {"t": "inv", "names": batch, "at": at}
             )
-            message = p.encode(route)
+            message = None  # encoded once a cache needs it (not for one that takes the fill)
             caches = self.registry.of(p.CACHE)
             owner = owner_of(batch[0], caches) if fill is not None and len(names) == 1 else None
             for worker in caches:
@@ -174,6 +180,8 @@ class Dispatcher:
                     and self._fill(worker, route, fill)
                 ):
                     continue
+                if message is None:
+                    message = _encode(route)
                 if not self.transport.to_worker(worker.ident, [message]):
                     self.worker_lost(worker.ident, "missed an invalidation")
 
@@ -183,14 +191,22 @@ class Dispatcher:
         manifest, frame, since = fill
         size = h.nbytes(frame)
         if worker.fill_sent - worker.fill_taken + size > limits.FILL_WINDOW:
-            self.metrics.cache_fills.labels("window_full").inc()
+            self._count_fill("window_full")
             return False
-        message = p.encode({**route, "fill": manifest, "since": since})
+        message = _encode({**route, "fill": manifest, "since": since})
         if not self.transport.to_worker(worker.ident, [message, frame]):
             return False
         worker.fill_sent += size
-        self.metrics.cache_fills.labels("sent").inc()
+        self._count_fill("sent")
         return True
+
+    def _count_fill(self, outcome: str) -> None:
+        """Count a commit's fill (sent, or not: window_full).  The counter's child for each
+        outcome is looked up once (``labels()`` takes a lock and builds a key each time)."""
+        child = self._fills.get(outcome)
+        if child is None:
+            child = self._fills[outcome] = self.metrics.cache_fills.labels(outcome)
+        child.inc()
 
     def to_all_but(self, exclude: bytes, frames: list) -> None:
         """Send the newest access snapshot (``frames``) to every worker but the one it came

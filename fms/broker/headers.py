@@ -11,21 +11,39 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeGuard
 
+import msgpack
+import zmq
+
 from .. import limits
 from .. import wire as p
 from ..errors import BadRequest
+from ..logutil import clip
 
 MAX_TAG_LEN = 128  # characters of a chunk request's `of` (a request id) the metrics take
+# A route or request header up to this size is decoded by :func:`decode` with its containers
+# counted after decoding (at most this many could be built: a bounded few KB at worst).
+SMALL_FRAME = 1024
 
 
 def nbytes(frame: Any) -> int:
-    """The size of a frame (a zmq.Frame, or bytes in the unit tests)."""
-    return frame.buffer.nbytes if hasattr(frame, "buffer") else len(frame)
+    """The size of a frame in bytes (a zmq.Frame, or bytes in the unit tests): its length (a
+    memoryview's in bytes; anything else's ``buffer``'s).  A zmq.Frame's own length, not its
+    ``buffer``'s: a memoryview made anew, behind a weak reference, each time it is asked for."""
+    if type(frame) is memoryview:
+        return frame.nbytes
+    try:
+        return len(frame)
+    except TypeError:
+        return int(frame.buffer.nbytes)
 
 
 def buffer(frame: Any) -> Any:
-    """What a frame's bytes are read from (a zmq.Frame's buffer, or the bytes themselves)."""
-    return frame.buffer if hasattr(frame, "buffer") else frame
+    """What a frame's bytes are read from: a zmq.Frame or bytes themselves (the buffer
+    protocol reads them in place; a zmq.Frame's ``buffer`` is a memoryview made anew each time
+    it is asked for), anything else's ``buffer``."""
+    if isinstance(frame, (zmq.Frame, bytes, bytearray, memoryview)):
+        return frame
+    return frame.buffer
 
 
 def int_in(value: object, lo: int, hi: float = float("inf")) -> TypeGuard[int]:
@@ -33,15 +51,70 @@ def int_in(value: object, lo: int, hi: float = float("inf")) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
 
 
+def decode(buf: Any, kind: str = "route") -> dict:
+    """``fms.wire.decode(buf, kind)`` of a route or a request header (``kind``), for less: the
+    same map, or a refusal with the same code (BadRequest, ``too_large`` over the limit).
+
+    A frame of at most SMALL_FRAME bytes is decoded with the same msgpack limits but without
+    the hooks that count its maps and arrays as they are built (a Python call per container,
+    and objects made for them per frame: about half of decoding a route); they are counted
+    after, a frame that holds more than MAX_CONTAINERS refused as before.  That frame's size
+    bounds what decoding can build before the count: a few KB at worst.  A larger frame is
+    decoded by fms.wire.decode itself.
+    """
+    size = limits.frame_len(buf)
+    if size > SMALL_FRAME:
+        return p.decode(buf, kind)
+    try:
+        obj = msgpack.unpackb(
+            buf,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=size,
+            max_bin_len=size,
+            max_array_len=size,
+            max_map_len=limits.MAX_MAP_LEN,
+            max_ext_len=0,
+        )
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise BadRequest(f"frame is not valid msgpack: {clip(str(exc))}") from None
+    if _over(obj, limits.MAX_CONTAINERS):
+        raise BadRequest("frame is not valid msgpack: too many nested arrays or maps")
+    if type(obj) is not dict:
+        raise BadRequest(f"frame must be a msgpack map, got {type(obj).__name__}")
+    return obj
+
+
+def _over(obj: object, limit: int) -> bool:
+    """Whether ``obj`` (decoded msgpack) is or holds more than ``limit`` maps and arrays in
+    all; counts no further than that (no recursion: nesting depth does not matter)."""
+    if type(obj) is dict:
+        todo: list = [obj]
+    elif type(obj) is list:
+        todo = [obj]
+    else:
+        return False
+    count = 1
+    while todo:
+        container = todo.pop()
+        for value in container.values() if type(container) is dict else container:
+            if type(value) is dict or type(value) is list:
+                count += 1
+                if count > limit:
+                    return True
+                todo.append(value)
+    return False
+
+
 def read_header(buf: Any) -> dict:
     """The fields of a request header the broker needs, within bounds: a small header is
     decoded (with msgpack's limits), a large one (only commit and have may be) is only peeked
-    at, its lists skipped without being built.
+    at, its lists skipped without being built.  ``buf``: what :func:`buffer` gives of the frame.
 
     :raises BadRequest: not a bounded msgpack map (``too_large`` when over the limit).
     """
     if limits.frame_len(buf) <= limits.MAX_HEADER:
-        return p.decode(buf, "request")
+        return decode(buf, "request")
     return limits.peek_large(buf)
 
 

@@ -182,6 +182,8 @@ class Registry:
     def serving(self, service: str, exclude: Iterable = ()) -> str | None:
         """The service whose workers take ``service``'s requests now: itself, else its
         fallback, else None."""
+        if not exclude and self._by_service.get(service):
+            return service  # (the usual case, without a generator per request)
         for candidate in (service, p.FALLBACK_SERVICE.get(service)):
             if candidate and any(w.ident not in exclude for w in self.of(candidate)):
                 return candidate

@@ -58,7 +58,7 @@ class Replies:
         ident = origin["from"]
         size = sum(map(nbytes, body))
         now = time.monotonic()
-        if ident not in self.outboxes and self.transit.may_send(ident, size, now):
+        if ident not in self.outboxes.boxes and self.transit.may_send(ident, size, now):
             outcome = self.transport.to_client(ident, body)
             if outcome == SENT:
                 self.transit.handed(ident, size)

@@ -141,6 +141,8 @@ def pick(
             caches = [w for w in caches if w.ident not in pending.exclude]
         owner = owner_of(pending.owner, caches)
         return owner if owner in free else None
+    if len(free) == 1:  # (whichever rule picks: the one free worker, unless it is avoided)
+        return None if free[0].ident in pending.exclude else free[0]
     if service == p.STORAGE and pending.op in p.CHANGE_OPS:
         # Packed, not spread: a storage worker applies the changes that reach it back to back in
         # one transaction, and two workers of one store take turns at its write lock anyway.

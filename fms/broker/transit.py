@@ -61,7 +61,8 @@ class Transit:
             return True
         if flow.held >= CLIENT_TRANSIT:
             self.refresh(ident, now)
-        return self.held(ident) < CLIENT_TRANSIT
+            return self.held(ident) < CLIENT_TRANSIT
+        return True
 
     def handed(self, ident: bytes, size: int) -> None:
         """A reply of ``size`` bytes went to ZeroMQ for ``ident``: count it until taken."""
