@@ -1,5 +1,8 @@
-"""The broker's decoding of small routes and request headers (fms.broker.headers.decode) gives
-what fms.wire.decode gives: the same map, or a refusal with the same code, whatever the bytes."""
+"""fms.wire.decode of a small route or request header (up to fms.limits.SMALL_FRAME bytes: decoded
+without msgpack's hooks, its maps and arrays counted after) gives what decoding with the hooks
+gives: the same map, or a refusal with the same code, whatever the bytes."""
+
+import contextlib
 
 import msgpack
 import pytest
@@ -12,6 +15,25 @@ from fms import limits
 from fms import wire as p
 from fms.broker import headers as h
 from fms.errors import BadRequest
+
+SMALL_FRAME = limits.SMALL_FRAME
+
+
+def hooked(buf, kind):
+    """fms.wire.decode with every frame's containers counted by the hooks as they are built
+    (as every frame was before the small ones were counted after)."""
+    with _small_frame(0):
+        return p.decode(buf, kind)
+
+
+@contextlib.contextmanager
+def _small_frame(size: int):
+    saved, limits.SMALL_FRAME = limits.SMALL_FRAME, size
+    try:
+        yield
+    finally:
+        limits.SMALL_FRAME = saved
+
 
 KINDS = ("route", "request")
 
@@ -27,10 +49,10 @@ def outcome(decode, buf, kind):
 
 def same(buf: bytes) -> None:
     for kind in KINDS:
-        want = outcome(p.decode, buf, kind)
-        assert outcome(h.decode, buf, kind) == want, (kind, buf)
-        # as the loop hands it: a zmq.Frame, read in place
-        assert outcome(h.decode, h.buffer(zmq.Frame(buf)), kind) == want, (kind, buf)
+        want = outcome(hooked, buf, kind)
+        assert outcome(p.decode, buf, kind) == want, (kind, buf)
+        # as the broker's loop hands it: a zmq.Frame, read in place
+        assert outcome(p.decode, h.buffer(zmq.Frame(buf)), kind) == want, (kind, buf)
 
 
 def nested(depth: int, width: int = 1) -> object:
@@ -66,7 +88,7 @@ def nested(depth: int, width: int = 1) -> object:
 )
 def test_same_outcome_as_the_wire_decoder(obj):
     buf = msgpack.packb(obj, use_bin_type=True)
-    assert len(buf) <= h.SMALL_FRAME or obj == {"deep": nested(500)}
+    assert len(buf) <= SMALL_FRAME or obj == {"deep": nested(500)}
     same(buf)
 
 
@@ -78,9 +100,9 @@ def test_the_container_limit_is_kept():
         ({"deep": nested(6)}, {"deep": nested(7)}),
     ]:
         for kind in KINDS:
-            assert h.decode(msgpack.packb(fits), kind) == fits
+            assert p.decode(msgpack.packb(fits), kind) == fits
             with pytest.raises(BadRequest, match="too many nested"):
-                h.decode(msgpack.packb(too_many), kind)
+                p.decode(msgpack.packb(too_many), kind)
 
 
 @pytest.mark.parametrize(
@@ -93,8 +115,8 @@ def test_the_container_limit_is_kept():
         b"\x81\xa1k\xdb\xff\xff\xff\xff",  # a str claiming 4 GiB
         b"\x81\xa1k\xdd\x00\x01\x00\x00",  # an array claiming 65536 items
         b"\x81\xa1k\xdf\x00\x01\x00\x00",  # a map claiming 65536 keys
-        msgpack.packb({"x": 1}) + b"\x00" * (h.SMALL_FRAME - 4),  # at the size limit
-        msgpack.packb({"x": "y" * h.SMALL_FRAME}),  # over it: fms.wire.decode's own
+        msgpack.packb({"x": 1}) + b"\x00" * (SMALL_FRAME - 4),  # at the size limit
+        msgpack.packb({"x": "y" * SMALL_FRAME}),  # over it: fms.wire.decode's own
     ],
 )
 def test_same_outcome_for_broken_frames(buf):

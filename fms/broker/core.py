@@ -245,7 +245,7 @@ class Core:
         try:
             if not frames:
                 raise BadRequest("worker message without a route frame")
-            route = h.decode(h.buffer(frames[0]), "route")
+            route = p.decode(h.buffer(frames[0]), "route")
             kind = route.get("t")
             worker = self.registry.get(ident)
             if kind == "ready":

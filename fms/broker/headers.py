@@ -11,18 +11,13 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeGuard
 
-import msgpack
 import zmq
 
 from .. import limits
 from .. import wire as p
 from ..errors import BadRequest
-from ..logutil import clip
 
 MAX_TAG_LEN = 128  # characters of a chunk request's `of` (a request id) the metrics take
-# A route or request header up to this size is decoded by :func:`decode` with its containers
-# counted after decoding (at most this many could be built: a bounded few KB at worst).
-SMALL_FRAME = 1024
 
 
 def nbytes(frame: Any) -> int:
@@ -51,61 +46,6 @@ def int_in(value: object, lo: int, hi: float = float("inf")) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
 
 
-def decode(buf: Any, kind: str = "route") -> dict:
-    """``fms.wire.decode(buf, kind)`` of a route or a request header (``kind``), for less: the
-    same map, or a refusal with the same code (BadRequest, ``too_large`` over the limit).
-
-    A frame of at most SMALL_FRAME bytes is decoded with the same msgpack limits but without
-    the hooks that count its maps and arrays as they are built (a Python call per container,
-    and objects made for them per frame: about half of decoding a route); they are counted
-    after, a frame that holds more than MAX_CONTAINERS refused as before.  That frame's size
-    bounds what decoding can build before the count: a few KB at worst.  A larger frame is
-    decoded by fms.wire.decode itself.
-    """
-    size = limits.frame_len(buf)
-    if size > SMALL_FRAME:
-        return p.decode(buf, kind)
-    try:
-        obj = msgpack.unpackb(
-            buf,
-            raw=False,
-            strict_map_key=True,
-            max_str_len=size,
-            max_bin_len=size,
-            max_array_len=size,
-            max_map_len=limits.MAX_MAP_LEN,
-            max_ext_len=0,
-        )
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise BadRequest(f"frame is not valid msgpack: {clip(str(exc))}") from None
-    if _over(obj, limits.MAX_CONTAINERS):
-        raise BadRequest("frame is not valid msgpack: too many nested arrays or maps")
-    if type(obj) is not dict:
-        raise BadRequest(f"frame must be a msgpack map, got {type(obj).__name__}")
-    return obj
-
-
-def _over(obj: object, limit: int) -> bool:
-    """Whether ``obj`` (decoded msgpack) is or holds more than ``limit`` maps and arrays in
-    all; counts no further than that (no recursion: nesting depth does not matter)."""
-    if type(obj) is dict:
-        todo: list = [obj]
-    elif type(obj) is list:
-        todo = [obj]
-    else:
-        return False
-    count = 1
-    while todo:
-        container = todo.pop()
-        for value in container.values() if type(container) is dict else container:
-            if type(value) is dict or type(value) is list:
-                count += 1
-                if count > limit:
-                    return True
-                todo.append(value)
-    return False
-
-
 def read_header(buf: Any) -> dict:
     """The fields of a request header the broker needs, within bounds: a small header is
     decoded (with msgpack's limits), a large one (only commit and have may be) is only peeked
@@ -114,7 +54,7 @@ def read_header(buf: Any) -> dict:
     :raises BadRequest: not a bounded msgpack map (``too_large`` when over the limit).
     """
     if limits.frame_len(buf) <= limits.MAX_HEADER:
-        return decode(buf, "request")
+        return p.decode(buf, "request")
     return limits.peek_large(buf)
 
 

@@ -48,9 +48,13 @@ def decode(buf: BytesLike, kind: str = "reply") -> dict[str, Any]:
             buf, max_size=limits.MAX_HEADER, max_containers=limits.MAX_CONTAINERS
         )
     elif kind == "request":
-        if size > limits.MAX_HEADER:
+        if size <= limits.MAX_HEADER:
+            obj = limits.unpack_bounded(
+                buf, max_size=limits.MAX_HEADER, max_containers=limits.MAX_CONTAINERS
+            )
+        else:
             limits.peek_large(buf)
-        obj = limits.unpack_bounded(buf, **limits.request_limits(size))
+            obj = limits.unpack_bounded(buf, **limits.request_limits(size))
     else:
         obj = limits.unpack_bounded(
             buf, max_size=MAX_FRAME_SIZE, max_containers=None, max_map=2**16
