@@ -908,6 +908,33 @@ def test_a_commit_fill_of_content_the_cache_holds_is_kept_without_hashing_it_aga
     assert bytes(p.unpack_data(service.link.replies[-1][2])) == b"same"
 
 
+@pytest.mark.parametrize("digest_fn", p.DIGEST_FUNCTIONS)
+def test_a_commit_fill_not_hashed_because_held_is_never_kept_once_the_held_copy_is_gone(
+    tmp_path, no_window, digest_fn
+):
+    """A fill's content is not hashed when the cache holds its digest (review6): but a chunk
+    whose disk write failed is still counted as held until the cache next looks at what
+    failed, which ChunkCache.put does first.  The unhashed bytes must then not be kept (nor
+    served) in place of the copy that was lost: every byte verified (invariant 3)."""
+    use_digest(digest_fn)
+    service = CacheService(ChunkCache(str(tmp_path), 10 * p.MiB, memory_bytes=0), Link())
+    service.on_store(digest_fn)
+    service.on_register(0)
+    fail_writes(service.chunks, writes=1)  # the next transaction of small.db fails
+    commit_fill(service, "f", b"same", 1, since=1, at=1)  # verified, kept: its row not written
+    service.chunks._writer.flush()  # the writer is done; the cache has not looked yet
+    digest = manifest_of("f", b"same")["chunks"][0]
+    assert digest in service.chunks  # still counted as held
+    # A fill naming that digest, with other bytes of its size (the bytes are not checked).
+    service.on_fill("g", 3, 2, p.encode(manifest_of("g", b"same", 1)), Frame(p.pack_data(b"evil")))
+    for i, name in enumerate(("g", "f"), start=1):
+        answered = len(service.link.replies)
+        service.handle_request(route(i), get(name, i), None)  # a hit, or a fetch from storage
+        if len(service.link.replies) > answered and service.link.outcomes[-1] == "hit":
+            assert bytes(p.unpack_data(service.link.replies[-1][2])) == b"same", name
+    service.chunks.close()
+
+
 def test_a_commit_fill_never_puts_back_a_version_older_than_one_the_cache_fetched(service):
     """C1 (key 5) then C2 (key 6) of f land in that order; a miss reads C2's version before
     either ack reaches the broker; then C1's ack comes (at 6) with its fill.  The reader that
