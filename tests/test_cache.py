@@ -366,6 +366,22 @@ def test_evicted_and_dropped_rows_are_deleted_and_counted_no_more(tmp_path):
     reopened.close()
 
 
+def test_put_says_a_chunk_is_not_cached_when_the_write_behind_backlog_refuses_it(
+    tmp_path, no_window, monkeypatch
+):
+    """ChunkCache.put returns whether the chunk is now cached (review6): one promoted out of
+    the window and refused because too much waits for the disk is not."""
+    from fms.cache import chunks as chunk_module
+
+    monkeypatch.setattr(chunk_module, "WRITE_BEHIND_MAX", 0)  # every disk write is refused
+    cache = ChunkCache(str(tmp_path), max_bytes=10 * p.MiB, memory_bytes=0)
+    digest, data = chunk(1)
+    cached = cache.put(digest, data, counted=False)
+    assert digest not in cache and cache.refused == 1
+    assert cached is False
+    cache.close()
+
+
 class FailingDb:
     """The writer's connection, failing as a full or broken disk would: each of its next
     ``writes`` statements of many rows is done, then raises; each of its next ``rollbacks``
