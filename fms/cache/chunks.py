@@ -291,25 +291,30 @@ class ChunkCache:
         else:
             window[digest] = p.pack_data(payload)
         dropped, promoted = policy.insert_new(digest, size)
+        kept = True  # held in the window, or promoted and handed to the disk
         for key in promoted:
-            self._to_disk(key, window.pop(key))
-        if not dropped:
-            return True
-        for key in dropped:
-            self._forget_data(key)
-        return digest not in dropped  # else it is held (in the window, or promoted)
+            if not self._to_disk(key, window.pop(key)) and key == digest:
+                kept = False  # promoted, but too much waits for the disk
+        if dropped:
+            for key in dropped:
+                self._forget_data(key)
+            kept = kept and digest not in dropped
+        return kept
 
-    def _to_disk(self, digest: Digest, frame: BytesLike) -> None:
+    def _to_disk(self, digest: Digest, frame: BytesLike) -> bool:
+        """Hand a chunk promoted out of the window to the disk.  :return: False if too much
+        waits for the disk already: then it is not cached."""
         if self._writer.backlog + len(frame) > WRITE_BEHIND_MAX:
             self.backlog_refused += 1
             self.policy.remove(digest)
-            return
+            return False
         self._on_disk.add(digest)
         if len(frame) - p.DATA_PREFIX_LEN <= SMALL_MAX:
             self._in_db.add(digest)
             self._writer.write(digest, frame, None)
         else:
             self._writer.write(digest, frame, self._path(digest))
+        return True
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:

@@ -573,10 +573,12 @@ class CacheService:
                 raise BadRequest("a fill's manifest is for another name, or not a small file")
             payload = p.unpack_data(frame.buffer)
             digest = fields["chunks"][0]
-            # Content the cache holds already (verified when it was filled) is not hashed again:
-            # these bytes are then neither kept nor served (ChunkCache.put keeps what it has).
+            # Content the cache holds already (verified when it was filled) is not hashed again,
+            # and these bytes are then never offered to the chunk cache: were the held copy
+            # lost meanwhile (its disk write failed), they would be kept unverified.
+            held_chunk = digest in self.chunks
             if len(payload) != fields["size"] or (
-                digest not in self.chunks and not p.inline_ok(fields, payload)
+                not held_chunk and not p.inline_ok(fields, payload)
             ):
                 raise BadRequest("a fill's content does not match its digest")
         except BadRequest as exc:
@@ -590,7 +592,8 @@ class CacheService:
             return
         if self.manifests.fill(name, fields, self.manifests.begin_fetch()):
             self.fills += 1
-            self.chunks.put(digest, payload, counted=False, frame=frame.buffer)
+            if not held_chunk:
+                self.chunks.put(digest, payload, counted=False, frame=frame.buffer)
 
     def on_register(self, at: int | None = None) -> None:
         # A broker we were cut off from may have acked writes we never heard of.
