@@ -17,7 +17,6 @@ import struct
 import termios
 import time
 from collections.abc import Callable
-from typing import cast
 
 import zmq
 from zmq.backend import Socket as _BackendSocket
@@ -27,6 +26,7 @@ from .. import wire as p
 from ..logutil import RateLimitedLog, clip
 from ..metrics import BrokerMetrics
 from ..security import CurveServer
+from ..wire.frames import drain
 from .core import Core
 from .transport import FULL, GONE, SENT, undeliverable
 
@@ -34,14 +34,10 @@ log = logging.getLogger("fms.broker")
 
 DRAIN_BATCH = 64  # messages taken from one socket per poll, so neither socket starves the other
 
-# pyzmq's own send and recv, called without the Python wrapper its Socket class puts around
-# send (about a microsecond per frame, several frames per message).
+# pyzmq's own send, called without the Python wrapper its Socket class puts around it (about a
+# microsecond per frame, several frames per message).
 _send = _BackendSocket.send
-_recv = _BackendSocket.recv
 _SNDMORE = int(zmq.SNDMORE)
-_NOBLOCK = int(zmq.NOBLOCK)
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
 
 
 def send_to(sock: zmq.Socket, ident: bytes, frames: list) -> None:
@@ -54,31 +50,6 @@ def send_to(sock: zmq.Socket, ident: bytes, frames: list) -> None:
     _send(sock, ident, _SNDMORE if last else 0, True)
     for i, frame in enumerate(frames, 1):
         _send(sock, frame, _SNDMORE if i < last else 0, False)
-
-
-def drain(
-    sock: zmq.Socket, handle: Callable[[list], object], limit: int, ready: bool = False
-) -> int:
-    """Hand up to ``limit`` queued messages from ``sock`` to ``handle`` without waiting, as
-    :func:`fms.wire.frames.drain` does; ``ready``: a poll has just said the socket holds a
-    message, so the first is taken without asking ZMQ_EVENTS again (an option look-up that
-    costs as much as the receive).  :return: how many messages were handled."""
-    done = 0
-    while done < limit:
-        if not ready and not cast(int, sock.get(_EVENTS)) & _POLLIN:
-            break
-        ready = False
-        try:
-            frame = _recv(sock, _NOBLOCK, False)
-        except zmq.Again:  # (only if something took it since the poll)
-            break
-        frames = [frame]
-        while frame.more:  # the rest of a message arrives with its first frame
-            frame = _recv(sock, 0, False)
-            frames.append(frame)
-        handle(frames)
-        done += 1
-    return done
 
 
 class ZmqTransport:

@@ -76,21 +76,29 @@ def drain(
     sock: zmq.Socket,
     handle: Callable[[list[zmq.Frame]], object],
     limit: int,
-    until: Callable[[], bool] | None = None,
+    ready: bool = False,
 ) -> int:
-    """Hand up to ``limit`` queued messages from ``sock`` to ``handle``, without waiting, and
-    none once ``until()`` is true (if given).
+    """Hand up to ``limit`` queued messages from ``sock`` to ``handle``, without waiting.
 
     Under load this takes what is queued without a poll per message (a poll costs about as
     much as routing one).  It asks the socket whether a message is waiting rather than trying
-    and catching ``zmq.Again``: an exception per call costs more than the check.
+    and catching ``zmq.Again``: an exception per call costs more than the check.  ``ready``: a
+    poll has just said the socket holds a message, so the first is taken without asking
+    (ZMQ_EVENTS is an option look-up that costs as much as the receive).
 
     :return: how many messages were handled.
     """
     done = 0
-    # pyzmq types get() as int or bytes; ZMQ_EVENTS is an int
-    while done < limit and cast(int, sock.get(_EVENTS)) & _POLLIN and not (until and until()):
-        handle(recv_frames(sock))
+    while done < limit:
+        # pyzmq types get() as int or bytes; ZMQ_EVENTS is an int
+        if not ready and not cast(int, sock.get(_EVENTS)) & _POLLIN:
+            break
+        ready = False
+        try:
+            frames = recv_frames(sock, NOBLOCK)
+        except zmq.Again:  # (only if something took it since the poll)
+            break
+        handle(frames)
         done += 1
     return done
 
