@@ -207,36 +207,17 @@ class Admission:
     def track(
         self, ident: bytes, delta: int, nbytes: int = 0, reserve: int = 0, heavy: bool = False
     ) -> None:
-        """A request of ``ident`` comes (+1) or goes (-1) with its bytes and reservation.
-        (:func:`_add` written out for the three counts every request changes: this runs twice
-        per request.)"""
+        """A request of ``ident`` comes (+1) or goes (-1) with its bytes and reservation."""
         if heavy:
             _add(self.heavy, ident, delta)
             self.total_heavy += delta
-        counts = self.inflight
-        value = counts.get(ident, 0) + delta
-        if value > 0:
-            counts[ident] = value
-        else:
-            counts.pop(ident, None)
-        if nbytes:  # (each request has a header; a status reserves nothing)
-            change = delta * nbytes
-            counts = self.req_bytes
-            value = counts.get(ident, 0) + change
-            if value > 0:
-                counts[ident] = value
-            else:
-                counts.pop(ident, None)
-            self.total_req += change
+        _add(self.inflight, ident, delta)
+        if nbytes:  # (each request has a header; a status reserves nothing: skip the calls)
+            _add(self.req_bytes, ident, delta * nbytes)
+            self.total_req += delta * nbytes
         if reserve:
-            change = delta * reserve
-            counts = self.reserved
-            value = counts.get(ident, 0) + change
-            if value > 0:
-                counts[ident] = value
-            else:
-                counts.pop(ident, None)
-            self.total_reserved += change
+            _add(self.reserved, ident, delta * reserve)
+            self.total_reserved += delta * reserve
 
     def turn(self, ident: bytes) -> str | None:
         """Whether a heavy request of ``ident`` may be held now; else why it must wait."""
