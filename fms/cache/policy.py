@@ -117,13 +117,7 @@ class FrequencySketch:
         popularity); keys sharing a counter lose at most what they shared."""
         table = self._table
         a, b, c, d = self._slots(key)
-        low = table[a]
-        if table[b] < low:
-            low = table[b]
-        if table[c] < low:
-            low = table[c]
-        if table[d] < low:
-            low = table[d]
+        low = min(table[a], table[b], table[c], table[d])  # (rare: a dead version's)
         if low:
             table[a] -= low
             table[b] -= low
