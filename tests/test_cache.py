@@ -5,10 +5,10 @@ import contextlib
 import os
 import sqlite3
 import threading
-import time
 import zlib
 
 import pytest
+from conftest import wait_for
 from storage_helpers import digest_name, h, use_digest
 from storage_helpers import manifest_of as storage_manifest
 
@@ -231,16 +231,22 @@ def test_a_row_written_before_it_is_read_is_answered_from_memory_until_committed
     cache.close()
 
 
-def test_the_rows_of_a_batch_are_written_in_one_transaction(tmp_path, no_window, monkeypatch):
+@pytest.fixture
+def commits(monkeypatch) -> list:
+    """The size (in rows) of each transaction the cache's writer commits to small.db."""
     from fms.cache import chunks as chunk_module
 
-    commits = []
+    sizes: list = []
     real = chunk_module._WriteBehind._commit
     monkeypatch.setattr(
         chunk_module._WriteBehind,
         "_commit",
-        lambda self, rows: commits.append(len(rows)) or real(self, rows),
+        lambda self, rows: sizes.append(len(rows)) or real(self, rows),
     )
+    return sizes
+
+
+def test_the_rows_of_a_batch_are_written_in_one_transaction(tmp_path, no_window, commits):
     cache = ChunkCache(str(tmp_path), max_bytes=10 * p.MiB)
     keys = [chunk(i, 4096) for i in range(200)]
     with cache.batch():
@@ -253,28 +259,18 @@ def test_the_rows_of_a_batch_are_written_in_one_transaction(tmp_path, no_window,
 
 
 def test_rows_handed_over_one_by_one_while_the_writer_lingers_share_a_transaction(
-    tmp_path, no_window, monkeypatch
+    tmp_path, no_window, commits, monkeypatch
 ):
     """The writer, woken by one row, waits (WRITE_LINGER) for more before its transaction: a
     fill on commit at a time would otherwise cost a transaction each.  A flush cuts the wait
     short (the linger here is far longer than the test may take)."""
     from fms.cache import chunks as chunk_module
 
-    commits = []
-    real = chunk_module._WriteBehind._commit
-    monkeypatch.setattr(
-        chunk_module._WriteBehind,
-        "_commit",
-        lambda self, rows: commits.append(len(rows)) or real(self, rows),
-    )
     monkeypatch.setattr(chunk_module, "WRITE_LINGER", 600.0, raising=False)
     cache = ChunkCache(str(tmp_path), max_bytes=10 * p.MiB)
     keys = [chunk(i, 4096) for i in range(4)]
     cache.put(*keys[0], counted=False)
-    deadline = time.monotonic() + 30
-    while cache._writer._queue.qsize() and time.monotonic() < deadline:  # until it took it
-        time.sleep(0.001)
-    assert cache._writer._queue.qsize() == 0
+    wait_for(lambda: cache._writer._queue.qsize() == 0, 30, "the writer to take the first row")
     for digest, data in keys[1:]:
         cache.put(digest, data, counted=False)
     cache.flush()
