@@ -447,15 +447,19 @@ class CacheService:
         route, req_id = fetch.waiters[0]
         if self._expired(route, req_id, "miss"):
             return
-        results: list[dict[str, Any]] = []
+        batch = p.BatchReply()  # its results only: its frame would be a copy of ``data``
         for name in names:
             got = fetched[name]
             if isinstance(got, dict):
-                results.append({"error": str(got["error"]), "message": str(got.get("message", ""))})
+                batch.error(str(got["error"]), str(got.get("message", "")))
             else:
-                results.append({"manifest": got[0], "inline": got[1] is not None})
+                batch.manifest(*got)
         self.link.reply(
-            route, p.ok_reply(req_id, results=results), data, cache="miss", batch=(0, len(names))
+            route,
+            p.ok_reply(req_id, results=batch.results),
+            data,
+            cache="miss",
+            batch=(0, len(names)),
         )
 
     def _answer_batch(
