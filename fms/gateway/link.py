@@ -167,17 +167,11 @@ class AsyncLink:
         return True
 
     async def _send(self, frames: list[Sendable], deadline: float) -> None:
-        """Send a request, waiting until ``deadline`` (the loop's time) for the socket to take
-        it (no connection yet, or the broker away); past it, the try counts as made, and is
-        sent again when its reply does not come."""
-        sock = self._socket()
+        """Send a request that :meth:`_send_now` could not, waiting until ``deadline`` (the
+        loop's time) for the socket to take it (no connection yet, or the broker away); past
+        it, the try counts as made, and is sent again when its reply does not come."""
         loop = asyncio.get_running_loop()
         while True:
-            try:
-                send_frames(sock, frames, _NOBLOCK)
-                break
-            except zmq.Again:
-                pass
             if self._writable is None or self._writable.done():
                 self._writable = loop.create_future()
             writable = self._writable
@@ -191,6 +185,8 @@ class AsyncLink:
                 break
             if self._closed:
                 raise self._closed_error()
+            if self._send_now(frames):
+                return
         if self._waiting:  # a send can leave the edge of a reply unseen: look now
             self._readable()
 
