@@ -21,7 +21,6 @@ import functools
 import hashlib
 import os
 import queue
-import struct
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -550,9 +549,6 @@ def _with_etag(meta: dict[str, Any] | None, md5: bytes) -> dict[str, Any] | None
     return {"etag": f'"{md5.hex()}"', **meta}  # a multipart ETag given in meta stays
 
 
-_ONE_EXTENT = struct.Struct(">QQ")  # an extent as it travels: chunk size, size (fms.wire)
-
-
 def _inline_commit(
     name: str, data: bytes, hash_fn: p.Hasher, meta: dict[str, Any] | None
 ) -> dict[str, Any]:
@@ -561,7 +557,7 @@ def _inline_commit(
     made directly (its file digest is :func:`fms.wire.one_chunk_digest`: no Plan, no page
     list for one chunk)."""
     chunk = hash_fn(data)
-    extents = _ONE_EXTENT.pack(CHUNK_SIZE, len(data))  # p.pack_extents of the one extent
+    extents = p.pack_extents(((CHUNK_SIZE, len(data)),))
     fields: dict[str, Any] = {
         "name": name,
         "extents": extents,
