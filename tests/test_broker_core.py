@@ -184,6 +184,46 @@ def test_changes_go_to_the_storage_worker_with_changes_in_hand_while_it_has_cred
     assert [h["id"] for _, h in requests_to(core.transport.take(), other)] == [99]
 
 
+def test_changes_stay_with_the_worker_that_took_the_last_one_while_both_are_idle(core):
+    """With no change in hand anywhere, a change goes to the least loaded storage worker, ties
+    to the one that took a change last, not round robin: SQLite keeps a connection's pages
+    cached between its transactions only while no other connection writes, so two workers
+    taking turns would each read their pages again.  Reads in between do not move the writer;
+    one busy with reads when the other is idle does."""
+    ready(core, b"s-a", p.STORAGE)
+    ready(core, b"s-b", p.STORAGE)
+    core.transport.take()
+    commit = {k: v for k, v in commit_fields("f", b"x").items() if k != "op"}
+    writers = []
+    for i in range(6):
+        ask(core, b"writer", "commit", i, **commit)
+        ((key, header),) = requests_to(sent := core.transport.take(), b"s-a") or requests_to(
+            sent, b"s-b"
+        )
+        writers.append(b"s-a" if requests_to(sent, b"s-a") else b"s-b")
+        answer(core, writers[-1], key, p.ok_reply(header["id"]))
+        core.transport.take()
+        if i % 3 != 2:
+            continue
+        ask(core, b"reader", "stat", 100 + i, name="r")  # now and then a read, answered
+        sent = core.transport.take()
+        for worker in (b"s-a", b"s-b"):
+            for rkey, rheader in requests_to(sent, worker):
+                answer(core, worker, rkey, p.ok_reply(rheader["id"]))
+        core.transport.take()
+    assert len(set(writers)) == 1, writers
+    writer = writers[0]
+    other = b"s-b" if writer == b"s-a" else b"s-a"
+    ask(core, b"reader", "stat", 200, name="r")  # the writer busy with a read: the other
+    sent = core.transport.take()
+    busy = requests_to(sent, writer) or requests_to(sent, other)
+    assert len(busy) == 1
+    if requests_to(sent, writer):
+        ask(core, b"writer", "rm", 201, name="g", commit="c" * 32)
+        sent = core.transport.take()
+        assert [h["id"] for _, h in requests_to(sent, other)] == [201]
+
+
 def test_changes_are_not_packed_onto_a_storage_worker_that_has_stopped_answering(core):
     """A storage worker's heartbeats come from a thread of their own, so one stuck in its work
     (a hung disk, a lock wait) stays registered.  Packing changes must not pile every client's

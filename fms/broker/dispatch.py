@@ -145,7 +145,9 @@ class Dispatcher:
                 worker.progress = now
             worker.inflight_bytes += pending.nbytes + pending.expect
             worker.inflight.add(key)
-            worker.changes += pending.op in p.CHANGE_OPS
+            if pending.op in p.CHANGE_OPS:
+                worker.changes += 1
+                worker.last_change = key
             worker.served += 1
             worker.last_used = key
 

@@ -36,6 +36,7 @@ class Worker:
     changes: int = 0  # how many of them are storage changes (wire.CHANGE_OPS: routing.pick)
     served: int = 0
     last_used: int = 0  # request key of its latest dispatch
+    last_change: int = 0  # request key of the latest change sent to it (routing.pick)
     # monotonic time of its latest answer, or of the dispatch that found it idle (routing.pick)
     progress: float = 0.0
     stats: dict = field(default_factory=dict)  # a cache's counters, from its heartbeats

@@ -6,9 +6,9 @@ round robin: one client's flood waits behind everyone else's next request, not i
 :func:`pick` chooses the worker among those with credit: a cache request goes to the owner of
 its key (rendezvous hashing, so each name and chunk is cached, and its misses coalesced, in one
 place); a change (commit, rm, mv, cp, restore) to the storage worker with credit that has the
-most changes in hand, so that they arrive back to back and are committed together; anything
-else, and a change when none is in hand, to the least loaded worker, ties to the one used least
-recently.
+most changes in hand, so that they arrive back to back and are committed together, and with
+none in hand to the least loaded, ties to the one that took a change last; anything else to the
+least loaded worker, ties to the one used least recently.
 """
 
 import collections
@@ -152,16 +152,21 @@ def pick(
         # answered none for PACK_STALL: stuck, it would collect every change up to its credit
         # (its heartbeats go on from a thread of their own).
         stalled = now - limits.PACK_STALL
+        # With none in hand anywhere: the least loaded, ties to the worker that took a change
+        # last.  Changes stay with one writer while it keeps up: SQLite keeps its pages cached
+        # between transactions unless another connection wrote meanwhile, so two workers taking
+        # turns each read their pages again (storage CPU per 4 KiB S3 PUT: 0.455 ms over two
+        # workers taking turns, 0.365 on one; docs/BENCHMARKS.md).
         packed = max(
             (
                 w
                 for w in free
                 if w.ident not in pending.exclude and not (w.inflight and w.progress <= stalled)
             ),
-            key=lambda w: (w.changes, -len(w.inflight), w.last_used),
+            key=lambda w: (w.changes, -len(w.inflight), w.last_change),
             default=None,
         )
-        if packed is not None and packed.changes:
+        if packed is not None:
             return packed
     return min(
         (w for w in free if w.ident not in pending.exclude),
