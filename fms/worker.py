@@ -15,6 +15,7 @@ A *service* (storage, cache) is an object with these methods, which know no even
 - ``tick(now)``: called at least once per heartbeat interval.
 - ``beat()`` (optional): a dict of counters each heartbeat carries to the broker; called from
   the link's heartbeat thread, so it only reads counters.
+- ``linger()`` (optional): seconds to wait for more messages after a drain before the flush.
 - ``flush()`` (optional): called after each drain, to finish what the service batched.
 
 (:class:`Service` says the same to the type checker.)
@@ -35,6 +36,7 @@ two uncontended acquires per message.)
 
 import errno
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -299,6 +301,10 @@ def serve(
     backoff = RECONNECT_MIN
     next_tick = time.monotonic() + p.HEARTBEAT_INTERVAL
     warn_at = time.monotonic() + REGISTER_WARN
+
+    def handle(frames: list[zmq.Frame]) -> None:
+        _handle(service, link, frames, log, bad)
+
     while not should_stop():
         # Woken at least every STOP_CHECK: a signal only sets the stop flag, it does not end
         # the poll, and a worker that takes a second to stop makes every restart slower.
@@ -309,9 +315,11 @@ def serve(
             link.busy_since = time.monotonic()
             # A stopping worker takes no more: the broker hands what it left to another worker
             # when this one says bye (every op is idempotent).
-            link.drain(
-                lambda frames: _handle(service, link, frames, log, bad), DRAIN_BATCH, should_stop
-            )
+            link.drain(handle, DRAIN_BATCH, should_stop)
+            wait = _linger(service)
+            while wait > 0 and link.poll(math.ceil(wait * 1000)):  # more for storage's group
+                link.drain(handle, DRAIN_BATCH, should_stop)
+                wait = _linger(service)
             _flush(service, log)
             link.busy_since = None
         now = time.monotonic()
@@ -338,6 +346,12 @@ def serve(
                 "is the broker running? if it requires CURVE, give --curve-secret "
                 "and --server-key, and have this worker's .key in its --allow folder",
             )
+
+
+def _linger(service: Service) -> float:
+    """Seconds to wait for more messages before the flush (storage's group commit), or 0."""
+    linger = getattr(service, "linger", None)
+    return linger() if linger is not None else 0.0
 
 
 def _flush(service: Service, log: logging.Logger) -> None:

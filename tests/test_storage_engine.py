@@ -1278,6 +1278,55 @@ def test_a_group_commit_that_crashes_still_answers_every_commit(store, monkeypat
     assert {r["error"] for r in link.replies} == {"internal"}
 
 
+def test_a_lone_change_waits_for_others_only_while_waiting_pays(store):
+    """Group commit under concurrent writers: a change that a drain found alone makes the
+    worker loop wait up to LINGER for more (``linger()``), while such waits have lately caught
+    another change.  One that catches nothing (a writer waiting for its answer before it sends
+    the next) skips the wait for the next 1, then 3, 7 ... groups; one that catches another
+    waits again at the next group.  Never with nothing pending or LINGER_GROUP in hand."""
+    service = StorageService(store, Link())
+    linger = storage_service.LINGER
+    n = iter(range(1000))
+
+    def commit() -> None:
+        i = next(n)
+        fields = commit_fields(f"n{i}", b"x", f"c{i}")
+        service.handle_request({}, {"v": p.PROTOCOL_VERSION, "id": i, **fields}, _frame(b"x"))
+
+    def waits() -> bool:
+        wait = service.linger()
+        assert 0 <= wait <= linger + 1e-9
+        return wait > 0
+
+    assert not waits()  # nothing pending
+    commit()
+    assert waits()
+    service.flush()  # a group of one: the wait caught nothing
+    skipped = []
+    for _ in range(1 + 3 + 7 + 3):
+        commit()
+        skipped.append(not waits())
+        service.flush()
+    # skip 1, wait (a miss), skip 3, wait (a miss), skip 7, wait (a miss), skip ...
+    assert skipped == [True, False, True, True, True, False] + [True] * 7 + [False]
+    for _ in range(15):  # skip the next 15
+        commit()
+        assert not waits()
+        service.flush()
+    commit()
+    assert waits()
+    commit()  # caught while waiting: waiting pays again
+    service.flush()
+    commit()
+    assert waits()
+    for _ in range(storage_service.LINGER_GROUP - 1):
+        commit()
+    assert not waits()  # a group this large commits at once
+    service.flush()
+    assert all(r["ok"] for r in service.link.replies)
+    assert len(store.list("", "", 1000)) == next(n)
+
+
 class RouteLink:
     """A link that keeps each reply with the route it answers (and its fill), and may run a
     check at each reply (``on_reply``)."""
