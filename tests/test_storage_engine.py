@@ -34,9 +34,10 @@ from fms.errors import (
     NotFound,
     Unavailable,
 )
-from fms.storage import gc
+from fms.storage import gc, groupwait
 from fms.storage import service as storage_service
 from fms.storage.engine import StoreError, open_local, open_store
+from fms.storage.groupwait import GroupWait
 from fms.storage.meta.base import RETAIN_SECONDS
 from fms.storage.model import NewVersion, Removal
 from fms.storage.reserve import RESERVE_BYTES, SpaceReserve
@@ -1278,53 +1279,23 @@ def test_a_group_commit_that_crashes_still_answers_every_commit(store, monkeypat
     assert {r["error"] for r in link.replies} == {"internal"}
 
 
-def test_a_lone_change_waits_for_others_only_while_waiting_pays(store):
-    """Group commit under concurrent writers: a change that a drain found alone makes the
-    worker loop wait up to LINGER for more (``linger()``), while such waits have lately caught
-    another change.  One that catches nothing (a writer waiting for its answer before it sends
-    the next) skips the wait for the next 1, then 3, 7 ... groups; one that catches another
-    waits again at the next group.  Never with nothing pending or LINGER_GROUP in hand."""
-    service = StorageService(store, Link())
-    linger = storage_service.LINGER
-    n = iter(range(1000))
-
-    def commit() -> None:
-        i = next(n)
-        fields = commit_fields(f"n{i}", b"x", f"c{i}")
-        service.handle_request({}, {"v": p.PROTOCOL_VERSION, "id": i, **fields}, _frame(b"x"))
-
-    def waits() -> bool:
-        wait = service.linger()
-        assert 0 <= wait <= linger + 1e-9
-        return wait > 0
-
-    assert not waits()  # nothing pending
-    commit()
-    assert waits()
-    service.flush()  # a group of one: the wait caught nothing
-    skipped = []
-    for _ in range(1 + 3 + 7 + 3):
-        commit()
-        skipped.append(not waits())
-        service.flush()
-    # skip 1, wait (a miss), skip 3, wait (a miss), skip 7, wait (a miss), skip ...
-    assert skipped == [True, False, True, True, True, False] + [True] * 7 + [False]
-    for _ in range(15):  # skip the next 15
-        commit()
-        assert not waits()
-        service.flush()
-    commit()
-    assert waits()
-    commit()  # caught while waiting: waiting pays again
+def test_a_lone_commit_waits_for_company_only_while_cpus_are_scarce(store):
+    """The worker loop asks ``linger()`` after each drain: a lone pending commit waits (up to
+    groupwait.WAIT) while CPUs are scarce, not otherwise, and never with nothing pending; the
+    flush then applies and answers it (tests/test_groupwait.py has the rules)."""
+    link = Link()
+    service = StorageService(store, link)
+    scarce = [False]
+    service.group_wait = GroupWait(scarce=lambda now: scarce[0])
+    assert service.linger() == 0
+    fields = commit_fields("a", b"x", "c1")
+    service.handle_request({}, {"v": p.PROTOCOL_VERSION, "id": 1, **fields}, _frame(b"x"))
+    assert service.linger() == 0  # CPUs to spare: no wait
+    scarce[0] = True
+    assert 0 < service.linger() <= groupwait.WAIT
     service.flush()
-    commit()
-    assert waits()
-    for _ in range(storage_service.LINGER_GROUP - 1):
-        commit()
-    assert not waits()  # a group this large commits at once
-    service.flush()
-    assert all(r["ok"] for r in service.link.replies)
-    assert len(store.list("", "", 1000)) == next(n)
+    assert [r["ok"] for r in link.replies] == [True] and store.version("a").name == "a"
+    assert service.linger() == 0
 
 
 class RouteLink:

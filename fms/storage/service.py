@@ -8,7 +8,8 @@ Commits and removes are *group committed*: those that arrive back to back (withi
 the worker's socket, with no other op between them) are applied in one metadata transaction, by
 :meth:`StorageService.flush` (which the worker loop calls after each drain) or before the next
 other op, so a burst of small uploads costs one fsync, not one each, and no commit waits behind
-other work.
+other work.  Under many writers on busy CPUs, a change that a drain found alone may wait a
+moment for others to join its group (:mod:`fms.storage.groupwait`).
 Chunk reads from a backend far away (S3: ``ChunkBackend.read_threads`` > 1) are gathered the
 same way: those that arrive in one drain are fetched side by side on a pool of threads by
 :meth:`StorageService.flush`, so a reader's pipeline of chunk requests costs about one round trip
@@ -58,6 +59,7 @@ from ..policy import Policy
 from . import gc
 from .access import Access, AccessOps, Reads
 from .engine import FOLDER_END, SMALL_CHUNK_MAX, Store, os_failure, travels_inline
+from .groupwait import GroupWait
 from .model import Change, Copy, NewVersion, Removal, Restore, Version
 from .reserve import SpaceReserve
 
@@ -72,16 +74,6 @@ RM_PAGE = 1000  # names an `rm_prefix` removes per request (one transaction)
 RM_PAGE_NAME_BYTES = 32 * p.KiB  # ... whose names add up to at most this: the broker's `inv`
 RESERVE_RM_PAGE = 100  # ... and at most this many in the room of the disk's reserve
 MV_PREFIX_MAX = 10_000  # names a folder rename (`mv_prefix`) moves, in one transaction
-
-# Group commit under concurrent writers: a change that a drain found alone waits up to LINGER
-# for others before its transaction, while waiting has lately paid (a change came meanwhile).
-# Eight S3 clients' 4 KiB PUTs: groups of 1.3 -> 2.7, storage CPU per PUT 0.37 -> 0.30 ms, and
-# the broker's and the cache's less too (docs/BENCHMARKS.md).  A wait that catches nothing
-# (one writer at a time: nothing can come until it is answered) waits no more for 1, 3, 7, ...
-# up to LINGER_SKIP_MAX groups: a sequential writer pays one wait in 64 commits.
-LINGER = 0.002  # seconds
-LINGER_GROUP = 16  # ... unless this many changes are already in hand
-LINGER_SKIP_MAX = 63
 
 T = TypeVar("T")
 log = logging.getLogger("fms.storage")
@@ -116,12 +108,7 @@ class StorageService:
         self.gc_grace = gc_grace
         self.served = 0
         self._pending: list[Pending] = []  # awaiting flush()
-        # linger(): when the wait for this group's changes ends (None: not waiting), how many
-        # it had then, how many groups to take without a wait, and the next skip after a miss
-        self._linger_until: float | None = None
-        self._linger_from = 0
-        self._linger_skip = 0
-        self._linger_backoff = 0
+        self.group_wait = GroupWait()  # linger(): a lone change's wait for company
         # (route, header, digest): chunk reads awaiting flush(), fetched side by side
         self._reads: list[tuple[Route, Header, p.Digest]] = []
         threads = getattr(store.chunks, "read_threads", 1)
@@ -713,29 +700,8 @@ class StorageService:
 
     def linger(self) -> float:
         """Seconds the worker loop should wait for more messages before :meth:`flush`: more
-        than 0 only while changes are pending (and nothing else), fewer than LINGER_GROUP,
-        and waiting has lately caught another change (see LINGER)."""
-        pending = len(self._pending)
-        if not pending or self._reads or pending >= LINGER_GROUP:
-            return 0.0
-        now = time.monotonic()
-        if self._linger_until is None:
-            if self._linger_skip:
-                self._linger_skip -= 1
-                return 0.0
-            self._linger_until, self._linger_from = now + LINGER, pending
-        return max(0.0, self._linger_until - now)
-
-    def _lingered(self, group: int) -> None:
-        """A group of ``group`` changes is applied: if it waited, learn whether that paid."""
-        if self._linger_until is None:
-            return
-        self._linger_until = None
-        if group > self._linger_from:
-            self._linger_backoff = 0
-        else:
-            self._linger_backoff = min(2 * self._linger_backoff + 1, LINGER_SKIP_MAX)
-            self._linger_skip = self._linger_backoff
+        than 0 only while changes are pending and nothing else (:mod:`.groupwait`)."""
+        return 0.0 if self._reads else self.group_wait.seconds(len(self._pending))
 
     def flush(self) -> None:
         """Apply the commits and removes received since the last flush in one transaction,
@@ -751,7 +717,7 @@ class StorageService:
 
     def _apply_pending(self) -> None:
         pending, self._pending = self._pending, []
-        self._lingered(len(pending))
+        self.group_wait.applied(len(pending))
         results: list[Version | FmsError]
         try:
             results = self.store.apply([(change, inline) for _r, _h, change, inline in pending])
