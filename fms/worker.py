@@ -15,7 +15,8 @@ A *service* (storage, cache) is an object with these methods, which know no even
 - ``tick(now)``: called at least once per heartbeat interval.
 - ``beat()`` (optional): a dict of counters each heartbeat carries to the broker; called from
   the link's heartbeat thread, so it only reads counters.
-- ``linger()`` (optional): seconds to wait for more messages after a drain before the flush.
+- ``linger()`` (optional): seconds to wait for more messages after a drain before the flush
+  (one wait a turn: what it says after the wait began can shorten it, never lengthen it).
 - ``flush()`` (optional): called after each drain, to finish what the service batched.
 
 (:class:`Service` says the same to the type checker.)
@@ -316,10 +317,15 @@ def serve(
             # A stopping worker takes no more: the broker hands what it left to another worker
             # when this one says bye (every op is idempotent).
             link.drain(handle, DRAIN_BATCH, should_stop)
+            # More for storage's group, for one wait at most: a group that another op applied
+            # meanwhile lets the next change start a wait of its own, which this turn does not
+            # take (a steady mix would keep the turn from ending: no tick, and past STUCK no
+            # heartbeat).
             wait = _linger(service)
-            while wait > 0 and link.poll(math.ceil(wait * 1000)):  # more for storage's group
+            until = time.monotonic() + wait
+            while wait > 0 and not should_stop() and link.poll(math.ceil(wait * 1000)):
                 link.drain(handle, DRAIN_BATCH, should_stop)
-                wait = _linger(service)
+                wait = min(_linger(service), until - time.monotonic())
             _flush(service, log)
             link.busy_since = None
         now = time.monotonic()

@@ -13,6 +13,7 @@ from conftest import wait_for
 from fms import wire as p
 from fms import worker
 from fms.errors import BadRequest
+from fms.storage import groupwait
 from fms.worker import BrokerLink, serve
 
 RECV_TIMEOUT = 5.0  # seconds any receive of the fake broker waits
@@ -243,3 +244,115 @@ def test_an_inv_whose_fill_or_order_is_malformed_still_drops_its_name(route, fra
     with pytest.raises(BadRequest):
         worker._dispatch(service, None, message, logging.getLogger("test.link"))
     assert [name for name, _at in service.dropped] == ["a"] and not service.fills
+
+
+class _Clock:
+    """A monotonic clock the test moves (fms.worker's and fms.storage.groupwait's)."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self):
+        return self.now
+
+
+class _ScriptedLink:
+    """A link whose socket always has another batch waiting: each drain hands up the next of
+    ``batches`` (lists of ops) and takes ``DRAIN_TIME`` of the clock, each poll a little."""
+
+    DRAIN_TIME = 0.0005
+    endpoint = "scripted"
+    registered = True
+    passes_policy = False
+
+    def __init__(self, clock, batches):
+        self.clock, self.batches = clock, iter(batches)
+        self.busy_since = None
+        self.drains = 0
+
+    def start(self, stats=None):
+        pass
+
+    def connect(self):
+        pass
+
+    def reply(self, route, header, *args, **kwargs):
+        pass
+
+    def poll(self, timeout_ms):
+        self.clock.now += 0.00001
+        return True
+
+    def drain(self, handle, limit, until=None):
+        if until is not None and until():
+            return 0
+        ops = next(self.batches)
+        self.clock.now += self.DRAIN_TIME
+        self.drains += 1
+        for i, op in enumerate(ops):
+            route = {"t": "req", "k": i}
+            handle([_Frame(p.encode(route)), _Frame(p.encode({"op": op, "id": i}))])
+        return len(ops)
+
+
+class _GroupingService(BlockingService):
+    """Storage's group commit in small: commits wait in hand for the flush or the next other
+    op, and ``linger()`` asks a real GroupWait (CPUs always scarce)."""
+
+    def __init__(self, clock):
+        super().__init__()
+        self.clock, self.pending, self.flushed_at = clock, 0, []
+        self.wait = groupwait.GroupWait(scarce=lambda now: True)
+
+    def handle_request(self, route, header, data):
+        if header["op"] == "commit":
+            self.pending += 1
+        elif self.pending:  # another op applies the group first, as storage's does
+            self.wait.applied(self.pending)
+            self.pending = 0
+
+    def linger(self):
+        return self.wait.seconds(self.pending)
+
+    def flush(self):
+        if self.pending:
+            self.wait.applied(self.pending)
+            self.pending = 0
+        self.flushed_at.append(self.clock.now)
+
+
+def test_a_turn_waits_for_company_once_however_the_messages_keep_coming(monkeypatch):
+    """Storage's group commit makes the loop wait a moment after a drain (``linger()``).  A
+    group that another op applies during that wait lets the next change start a wait of its
+    own; the turn must not take it, or under a steady mix of changes and other ops it would
+    never end: no tick, and after STUCK no heartbeat (the broker lets the worker go)."""
+    clock = _Clock()
+    monkeypatch.setattr(worker, "time", clock)
+    monkeypatch.setattr(groupwait, "time", clock)
+    service = _GroupingService(clock)
+    service.wait.applied(9)  # a large group lately: a wait goes on until 9 are in hand
+    # each drain: the group's commits, another op that applies them, a new lone commit
+    batches = [["commit"]] + [["commit"] * 7 + ["stat", "commit"]] * 1000
+    link = _ScriptedLink(clock, batches)
+
+    def stop() -> bool:
+        return bool(service.flushed_at) or link.drains >= 1000
+
+    serve(service, link, logging.getLogger("test.link"), stop)
+    started = 1000.0 + _ScriptedLink.DRAIN_TIME  # the first drain's end: the wait begins
+    assert service.flushed_at, "the turn never flushed"
+    assert service.flushed_at[0] <= started + groupwait.WAIT + _ScriptedLink.DRAIN_TIME + 1e-3
+    assert link.drains < 10
+
+
+def test_a_worker_told_to_stop_during_a_wait_for_company_flushes_and_stops():
+    """A stopping worker takes no more messages; it must not poll on through the rest of a
+    wait for company either (the messages it leaves make each poll return at once)."""
+    clock = _Clock()
+    service = _GroupingService(clock)
+    link = _ScriptedLink(clock, [["commit"]] * 10)
+    polls = []
+    link.poll = lambda timeout_ms: polls.append(timeout_ms) or True
+    serve(service, link, logging.getLogger("test.link"), lambda: link.drains >= 1)
+    assert link.drains == 1 and service.pending == 0 and service.flushed_at
+    assert len(polls) == 1  # the turn's first poll only: no poll waits once it should stop
