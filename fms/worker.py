@@ -71,7 +71,7 @@ class WorkerRefused(FmsError):
 
 class Service(Protocol):
     """What a worker serves (storage, cache): the handlers the loop calls, which know no event
-    loop.  ``beat()`` and ``flush()`` are optional and looked up by name."""
+    loop.  ``beat()``, ``linger()`` and ``flush()`` are optional and looked up by name."""
 
     def handle_request(
         self, route: dict[str, Any], header: dict[str, Any], data: zmq.Frame | None

@@ -155,8 +155,8 @@ def pick(
         # With none in hand anywhere: the least loaded, ties to the worker that took a change
         # last.  Changes stay with one writer while it keeps up: SQLite keeps its pages cached
         # between transactions unless another connection wrote meanwhile, so two workers taking
-        # turns each read their pages again (storage CPU per 4 KiB S3 PUT: 0.455 ms over two
-        # workers taking turns, 0.365 on one; docs/BENCHMARKS.md).
+        # turns each read their pages again (storage CPU per 4 KiB S3 PUT, in turns: 0.405 and
+        # 0.395 ms over two workers taking turns, 0.370 and 0.350 on one; docs/BENCHMARKS.md).
         packed = max(
             (
                 w

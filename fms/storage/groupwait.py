@@ -7,10 +7,11 @@ group was answered, and pays a transaction of its own.  So a change that a drain
 may wait up to :data:`WAIT` for others, when three things hold:
 
 - **CPUs are scarce.**  The worker's thread waited, on average, :data:`SCARCE_WAIT` or more for
-  a CPU each time it woke (Linux's ``/proc/thread-self/schedstat``, looked at every
-  :data:`LOOK_EVERY`).  Then a group's saved work goes to someone else's request, and a wait
-  costs only what a queue for the CPU would have cost anyway.  With CPUs to spare, a wait is
-  pure latency: never then (and never where the kernel does not say).
+  a CPU each time it was given one (after a wake-up, or after being preempted: Linux's
+  ``/proc/thread-self/schedstat``, looked at every :data:`LOOK_EVERY`).  Then a group's saved
+  work goes to someone else's request, and a wait costs only what a queue for the CPU would
+  have cost anyway.  With CPUs to spare, a wait is pure latency: never then (and never where
+  the kernel does not say).
 - **Waiting has lately paid.**  A wait that catches nothing (one writer at a time: nothing can
   come until it is answered) is not tried again for the next 1, then 3, 7, ... up to
   :data:`SKIP_MAX` groups.
@@ -18,8 +19,9 @@ may wait up to :data:`WAIT` for others, when three things hold:
   as the largest of the last :data:`HISTORY` groups had (at least 2, at most :data:`GROUP`):
   writers in step wait for each other, not for one more.
 
-Eight S3 clients' 4 KiB PUTs on two cores: groups of 1.3 -> 2.7 changes, fms's CPU per PUT
--15 % (storage, and the broker and gateway too: replies come in bursts); docs/BENCHMARKS.md.
+Eight S3 clients' 4 KiB PUTs on two cores, in turns: groups of 1.3 changes became 2.7, and
+fms's CPU per PUT fell 7 to 12 % (storage's, and the broker's and the gateway's too: replies
+come in bursts); the rate stayed the same within the noise (docs/BENCHMARKS.md).
 """
 
 import collections
@@ -31,11 +33,11 @@ WAIT = 0.002  # seconds a group waits for company at most
 GROUP = 16  # changes in hand past which a group never waits
 HISTORY = 16  # groups whose sizes say how many to wait for
 SKIP_MAX = 63  # groups taken without a wait, at most, after waits that caught nothing
-SCARCE_WAIT = 50e-6  # seconds a wake-up waits for a CPU, on average, past which CPUs are scarce
+SCARCE_WAIT = 50e-6  # seconds waited for a CPU per timeslice, on average: CPUs are scarce
 LOOK_EVERY = 0.5  # seconds between looks at the scheduler's counters
-LOOK_WAKES = 50  # wake-ups in a look, fewer of which say nothing (an idle worker)
+LOOK_SLICES = 50  # timeslices in a look, fewer of which mean not scarce (an idle worker)
 
-Schedstat = tuple[int, int, int]  # nanoseconds run, nanoseconds waited for a CPU, wake-ups
+Schedstat = tuple[int, int, int]  # nanoseconds run, nanoseconds waited for a CPU, timeslices
 
 
 def read_schedstat() -> Schedstat | None:
@@ -49,7 +51,7 @@ def read_schedstat() -> Schedstat | None:
 
 
 class CpuScarcity:
-    """Whether the calling thread has lately waited for a CPU when it woke (see the module).
+    """Whether the calling thread has lately waited long for a CPU (see the module).
 
     :param read: reads the thread's counters (:func:`read_schedstat`); None from it once means
         never scarce.
@@ -70,8 +72,8 @@ class CpuScarcity:
             self._next, self.scarce = math.inf, False
             return False
         if self._last is not None:
-            wait, wakes = stat[1] - self._last[1], stat[2] - self._last[2]
-            self.scarce = wakes >= LOOK_WAKES and wait / wakes >= SCARCE_WAIT * 1e9
+            wait, slices = stat[1] - self._last[1], stat[2] - self._last[2]
+            self.scarce = slices >= LOOK_SLICES and wait / slices >= SCARCE_WAIT * 1e9
         self._last = stat
         return self.scarce
 
@@ -102,7 +104,7 @@ class GroupWait:
             if not self.scarce(now):
                 return 0.0
             self._until, self._from = now + WAIT, pending
-        return min(WAIT, max(0.0, self._until - now))
+        return min(WAIT, max(0.0, self._until - now))  # (min: a rounding may pass WAIT)
 
     def applied(self, group: int) -> None:
         """A group of ``group`` changes is applied: if it waited, learn whether that paid."""
