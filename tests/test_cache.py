@@ -292,47 +292,15 @@ def test_a_burst_of_rows_waits_while_more_keep_coming_up_to_defer_bytes(tmp_path
     file = [(b"f" * 32, b"x" * 4096, os.path.join(str(tmp_path), "f"))]
     writer._hurry.clear()
     assert writer._linger(row) and not writer._linger(file)
-    assert not writer._more_coming(0)  # nothing came meanwhile: the burst is over
+    assert not writer._more_coming()  # nothing came meanwhile: the burst is over
     writer._queue.put(row)
-    assert writer._more_coming(0)
-    assert not writer._more_coming(1)  # queued before the last linger, nothing since: over
+    assert writer._more_coming()
     writer.backlog = chunk_module.DEFER_BYTES  # as much as may wait: written now
-    assert not writer._more_coming(0) and not writer._linger(row)
+    assert not writer._more_coming() and not writer._linger(row)
     writer.backlog = chunk_module.DEFER_BYTES - 1
-    assert writer._more_coming(0) and writer._linger(row)
-    monkeypatch.setattr(chunk_module, "WRITE_BATCH_MAX", 1)  # as many as one transaction takes
-    assert not writer._more_coming(0)
-    monkeypatch.setattr(chunk_module, "WRITE_BATCH_MAX", 2)
-    assert writer._more_coming(0)
+    assert writer._more_coming() and writer._linger(row)
     writer._hurry.set()  # a flush waits
-    assert not writer._more_coming(0) and not writer._linger(row)
-
-
-def test_a_burst_ends_when_nothing_more_came_during_a_linger(tmp_path, commits):
-    """The writer waits on only while more jobs come: a row that came during the first linger
-    and nothing after it are written once a linger passes with nothing new, with no flush.
-    (It waited on while anything was queued, which nothing took while it waited: rows stayed
-    in memory, and deletes undone, until DEFER_BYTES or a flush.)"""
-    import threading
-
-    cache = ChunkCache(str(tmp_path), max_bytes=10 * p.MiB)
-    writer = cache._writer
-    (first, one), (second, two) = chunk(1, 4096), chunk(2, 4096)
-
-    class AnotherRowDuringTheFirstLinger(threading.Event):
-        lingers = 0
-
-        def wait(self, timeout=None):
-            self.lingers += 1
-            if self.lingers == 1:
-                writer.write(second, p.pack_data(two), None)
-            return super().wait(timeout)
-
-    writer._hurry = AnotherRowDuringTheFirstLinger()
-    writer.write(first, p.pack_data(one), None)
-    wait_for(lambda: commits, 10, "the rows' transaction, with no flush")
-    assert commits == [2] and writer.backlog == 0
-    cache.close()
+    assert not writer._more_coming() and not writer._linger(row)
 
 
 def test_a_missing_row_is_a_miss(tmp_path):

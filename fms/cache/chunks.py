@@ -460,11 +460,8 @@ class _WriteBehind:
             taken, stop = 1, first is None
             jobs: list[Job] = list(first or ())
             if not stop and self._linger(jobs):
-                # the rows that come meanwhile, and on while more come: one transaction
-                queued = self._queue.qsize()
-                self._hurry.wait(WRITE_LINGER)
-                while self._more_coming(queued):
-                    queued = self._queue.qsize()
+                self._hurry.wait(WRITE_LINGER)  # the rows that come meanwhile: one transaction
+                while self._more_coming():
                     self._hurry.wait(WRITE_LINGER)
             while not stop and len(jobs) < WRITE_BATCH_MAX:
                 try:
@@ -495,18 +492,10 @@ class _WriteBehind:
             and all(path is None for _digest, _frame, path in jobs)
         )
 
-    def _more_coming(self, queued: int) -> bool:
-        """Whether to wait on after a linger: more came meanwhile (the queue holds more than
-        the ``queued`` it held before: a burst goes on; nothing takes from it while the writer
-        waits), fewer than ``WRITE_BATCH_MAX`` lists are queued (no more would join this
-        transaction; deletes count no bytes), fewer than DEFER_BYTES wait for the disk, and no
-        flush is asked."""
-        now = self._queue.qsize()
-        return (
-            queued < now < WRITE_BATCH_MAX
-            and self.backlog < DEFER_BYTES
-            and not self._hurry.is_set()
-        )
+    def _more_coming(self) -> bool:
+        """Whether to wait on after a linger: more came meanwhile (a burst goes on), fewer
+        than DEFER_BYTES wait for the disk, and no flush is asked."""
+        return not self._queue.empty() and self.backlog < DEFER_BYTES and not self._hurry.is_set()
 
     def _apply(self, jobs: list[Job]) -> None:
         # digest -> its last job's frame (None: gone); first the deletes that failed before
