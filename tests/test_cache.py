@@ -278,31 +278,6 @@ def test_rows_handed_over_one_by_one_while_the_writer_lingers_share_a_transactio
     cache.close()
 
 
-def test_a_burst_of_rows_waits_while_more_keep_coming_up_to_defer_bytes(tmp_path, monkeypatch):
-    """Woken by rows, the writer waits WRITE_LINGER, then on while more came meanwhile (a
-    burst of fills: its rows are written when it ends), unless DEFER_BYTES wait or a flush is
-    asked; a file is never waited for.  (The writer's thread is stopped here, so the queue and
-    the backlog are the test's to set.)"""
-    from fms.cache import chunks as chunk_module
-
-    cache = ChunkCache(str(tmp_path), max_bytes=10 * p.MiB)
-    writer = cache._writer
-    writer.close()  # its thread gone: nothing takes from the queue
-    row = [(b"d" * 32, b"x" * 4096, None)]
-    file = [(b"f" * 32, b"x" * 4096, os.path.join(str(tmp_path), "f"))]
-    writer._hurry.clear()
-    assert writer._linger(row) and not writer._linger(file)
-    assert not writer._more_coming()  # nothing came meanwhile: the burst is over
-    writer._queue.put(row)
-    assert writer._more_coming()
-    writer.backlog = chunk_module.DEFER_BYTES  # as much as may wait: written now
-    assert not writer._more_coming() and not writer._linger(row)
-    writer.backlog = chunk_module.DEFER_BYTES - 1
-    assert writer._more_coming() and writer._linger(row)
-    writer._hurry.set()  # a flush waits
-    assert not writer._more_coming() and not writer._linger(row)
-
-
 def test_a_missing_row_is_a_miss(tmp_path):
     cache = ChunkCache(str(tmp_path), max_bytes=10_000, memory_bytes=0)
     digest, data = chunk(1)

@@ -59,15 +59,12 @@ SMALL_DB = "small.db"
 OPEN_MARK = "small.db.open"  # while a cache has small.db open: the boot id of its machine
 BOOT_ID = "/proc/sys/kernel/random/boot_id"  # Linux: a new one at every boot
 WRITE_BATCH_MAX = 4096  # disk jobs the writer takes in one go (one transaction for the rows)
-# Rows of small.db woke the writer: it waits WRITE_LINGER for more before its transaction (a
-# row in a transaction of its own cost 27 µs of CPU, in one of 4 rows 15, of 16 12: the
-# commit's), and on, WRITE_LINGER at a time, while more keep coming (a burst of fills, such as
-# a cold read of many small files: its rows are written when it ends, in one transaction, not
-# on the CPUs the reader needs), as long as fewer than DEFER_BYTES wait and no flush is asked.
-# They stay readable meanwhile (``pending``).  Cold get -r of 1000 x 4 KiB: 3 to 5 % faster
-# (docs/BENCHMARKS.md).
+# A few rows woke the writer: it waits this long for more before its transaction (a row in a
+# transaction of its own cost 27 µs of CPU, in one of 4 rows 15, of 16 12: the commit's), as
+# long as fewer than LINGER_ROWS came and fewer than LINGER_BYTES wait, and no flush is asked.
 WRITE_LINGER = 0.01  # seconds
-DEFER_BYTES = 8 * 1024 * 1024
+LINGER_ROWS = 64
+LINGER_BYTES = 1024 * 1024
 DB_TIMEOUT = 10.0  # seconds a connection to small.db waits for a lock before it gives up
 
 # A disk job: (digest, frame to write or None to delete, its file or None for a row of small.db)
@@ -374,9 +371,8 @@ class _WriteBehind:
     """Writes and deletes disk entries on a thread of its own, in order, off the event loop.
 
     A chunk waiting for its write stays readable through :meth:`pending`.  The thread takes
-    every job queued when it wakes (at most ``WRITE_BATCH_MAX``; woken by rows, it waits
-    ``WRITE_LINGER`` for more first, and on while more keep coming: ``DEFER_BYTES``): files one
-    by one, rows of small.db in one transaction.
+    every job queued when it wakes (at most ``WRITE_BATCH_MAX``; woken by a few rows, it waits
+    ``WRITE_LINGER`` for more first): files one by one, rows of small.db in one transaction.
     No fsync: a torn file fails its CRC on read and is refetched;
     small.db is in WAL mode with ``synchronous=OFF`` (see :func:`_mark_open` for why that is
     safe for a cache), else ``NORMAL``.
@@ -461,8 +457,6 @@ class _WriteBehind:
             jobs: list[Job] = list(first or ())
             if not stop and self._linger(jobs):
                 self._hurry.wait(WRITE_LINGER)  # the rows that come meanwhile: one transaction
-                while self._more_coming():
-                    self._hurry.wait(WRITE_LINGER)
             while not stop and len(jobs) < WRITE_BATCH_MAX:
                 try:
                     more = self._queue.get_nowait()
@@ -484,18 +478,14 @@ class _WriteBehind:
                 return
 
     def _linger(self, jobs: list[Job]) -> bool:
-        """Whether to wait for more jobs before these: rows of small.db (a file is written
-        alone anyway), fewer than DEFER_BYTES waiting for the disk, and no flush asked."""
+        """Whether to wait for more jobs before these: a few rows of small.db (a file is
+        written alone anyway), and little waiting for the disk (:attr:`backlog`)."""
         return (
-            self.backlog < DEFER_BYTES
+            len(jobs) < LINGER_ROWS
+            and self.backlog < LINGER_BYTES
             and not self._hurry.is_set()
             and all(path is None for _digest, _frame, path in jobs)
         )
-
-    def _more_coming(self) -> bool:
-        """Whether to wait on after a linger: more came meanwhile (a burst goes on), fewer
-        than DEFER_BYTES wait for the disk, and no flush is asked."""
-        return not self._queue.empty() and self.backlog < DEFER_BYTES and not self._hurry.is_set()
 
     def _apply(self, jobs: list[Job]) -> None:
         # digest -> its last job's frame (None: gone); first the deletes that failed before
