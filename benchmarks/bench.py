@@ -249,10 +249,16 @@ RECENTLY_FREED = 360.0  # seconds an inode freed with its table block dirty is s
 CLEANED_MARK = os.path.join(tempfile.gettempdir(), "fms-bench-cleaned")
 
 
+MANY_FREED = 5000  # inodes a deletion frees past which the next run waits for them to age
+
+
 def remove_tree(path: str) -> None:
-    """Delete a scenario's files, and say when (:data:`CLEANED_MARK`, :func:`settled_disk`)."""
+    """Delete a scenario's files, and say when, if they were many (:data:`CLEANED_MARK`,
+    :func:`settled_disk`): a few large files free too few inodes to slow anyone down."""
+    freed = sum(len(dirs) + len(files) for _root, dirs, files in os.walk(path))
     shutil.rmtree(path, ignore_errors=True)
-    _mark_cleaned()
+    if freed >= MANY_FREED:
+        _mark_cleaned()
 
 
 def _mark_cleaned() -> None:
@@ -270,7 +276,7 @@ def settled_disk(folder: str) -> float:
     ``recently_deleted``).  Minutes after a large deletion (a test suite, an earlier benchmark's
     clean-up) a create costs 0.6-0.8 ms of system time instead of 0.013-0.07 (seen): a run
     then times the file system, for fms and curl alike, which squeezes their ratio toward 1 and
-    hides what either does.  So: past RECENTLY_FREED since this benchmark last deleted its
+    hides what either does.  So: past RECENTLY_FREED since this benchmark last deleted many
     files (:data:`CLEANED_MARK`), and creates in several new folders (their inodes may fall in
     different groups, some clean) each under SLOW_CREATE of the process's CPU.  The probes'
     files stay (deleting them would add to the wait)."""
@@ -300,7 +306,7 @@ def settled_disk(folder: str) -> float:
         why = (
             f"a file create takes {per * 1000:.2f} ms (usual: under {SLOW_CREATE * 1000:.1f})"
             if per >= SLOW_CREATE
-            else f"an earlier run deleted its files {since:.0f} s ago"
+            else f"a run of this benchmark deleted many files {since:.0f} s ago"
         )
         print(
             f"bench: {why}: recently freed inodes slow every create; waiting {SETTLE_STEP:.0f} s",
@@ -1545,7 +1551,6 @@ def main(argv=None) -> int:
             scenario_folder = _sub(folder, name)
             rows += runners[name](scenario_folder)
             remove_tree(scenario_folder)
-    _mark_cleaned()  # the folder is gone
     report = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
