@@ -245,11 +245,9 @@ SLOW_CREATE = 0.3e-3  # seconds per create past which the file system has not se
 SETTLE_MAX = 420.0  # seconds waited for it at most
 SETTLE_STEP = 30.0  # seconds between probes
 RECENTLY_FREED = 360.0  # seconds an inode freed with its table block dirty is stepped over
-# Touched when a run of this benchmark deletes its files, so that the next run waits.
-CLEANED_MARK = os.path.join(tempfile.gettempdir(), "fms-bench-cleaned")
-
-
 MANY_FREED = 5000  # inodes a deletion frees past which the next run waits for them to age
+# Touched when a run of this benchmark deletes many files, so that the next run waits.
+CLEANED_MARK = os.path.join(tempfile.gettempdir(), "fms-bench-cleaned")
 
 
 def remove_tree(path: str) -> None:
@@ -258,12 +256,8 @@ def remove_tree(path: str) -> None:
     freed = sum(len(dirs) + len(files) for _root, dirs, files in os.walk(path))
     shutil.rmtree(path, ignore_errors=True)
     if freed >= MANY_FREED:
-        _mark_cleaned()
-
-
-def _mark_cleaned() -> None:
-    with open(CLEANED_MARK, "w"):
-        pass
+        with open(CLEANED_MARK, "w"):  # its time is the mark
+            pass
 
 
 def settled_disk(folder: str) -> float:

@@ -42,6 +42,14 @@ SMALL_CLIENTS = 8
 TICKS = os.sysconf("SC_CLK_TCK")  # /proc/PID/stat's unit of CPU time
 
 
+def cpu_times(pid: int) -> tuple[float, float]:
+    """CPU-seconds process ``pid`` has used so far in user mode and in the kernel (all its
+    threads).  :raises FileNotFoundError: it is gone."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return int(fields[11]) / TICKS, int(fields[12]) / TICKS  # utime, stime
+
+
 class Target:
     """One S3 server as the clients see it, and the ids of its processes."""
 
@@ -57,11 +65,9 @@ class Target:
         used = {}
         for name, pid in self.pids.items():
             try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rpartition(")")[2].split()
+                used[name] = sum(cpu_times(pid))
             except FileNotFoundError:
                 continue
-            used[name] = (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
         return used
 
     def cpu(self) -> float:

@@ -20,7 +20,7 @@ import multiprocessing
 import time
 
 from benchmarks import s3gw
-from benchmarks.s3gw import SMALL_CLIENTS, TICKS, fms_and_seaweed
+from benchmarks.s3gw import SMALL_CLIENTS, cpu_times, fms_and_seaweed
 
 
 def _timed_worker(args) -> float:
@@ -46,8 +46,6 @@ def process_stats(pids: dict) -> dict:
     """``{name: (user s, system s, voluntary switches, involuntary switches)}``, all threads."""
     out = {}
     for name, pid in pids.items():
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
         switches = [0, 0]
         for path in glob.glob(f"/proc/{pid}/task/*/status"):
             try:
@@ -59,7 +57,7 @@ def process_stats(pids: dict) -> dict:
                             switches[1] += int(line.split()[1])
             except FileNotFoundError:  # a thread that ended meanwhile
                 pass
-        out[name] = (int(fields[11]) / TICKS, int(fields[12]) / TICKS, *switches)
+        out[name] = (*cpu_times(pid), *switches)
     return out
 
 
