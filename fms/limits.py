@@ -35,6 +35,10 @@ MAX_FRAME = 32 * MiB  # ZMQ_MAXMSGSIZE (fms.wire.codec.MAX_FRAME_SIZE is this)
 MAX_CONTAINERS = 8  # arrays + maps one request header or route frame may hold
 MAX_MAP_LEN = 64  # keys in any one map of a request or route
 INV_NAME_BYTES = 32 * KiB  # names in one `inv` route frame to a cache (well under MAX_HEADER)
+# Names and manifests of a `commit_many`'s fills in one route frame (storage's reply, and the
+# `inv` that hands them to a cache): under MAX_HEADER with the arrays' other bytes (an offset and
+# a nil or two per name, at most 256 names).
+FILL_ROUTE_BYTES = 48 * KiB
 # Bytes of commit fills (a small file's content handed to its cache with the invalidation) the
 # broker may have handed to ZeroMQ for one cache worker before the cache's heartbeat says it took
 # them; past this, a commit's invalidation goes without its content.

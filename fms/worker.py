@@ -99,6 +99,7 @@ class Link(Protocol):
         chunks: int | None = None,
         batch: tuple[int, int] | None = None,
         fill: bytes | None = None,
+        fills: list[tuple[int, bytes] | None] | None = None,
     ) -> None: ...
 
     def request(
@@ -221,9 +222,10 @@ class BrokerLink:
         chunks: int | None = None,
         batch: tuple[int, int] | None = None,
         fill: bytes | None = None,
+        fills: list[tuple[int, bytes] | None] | None = None,
     ) -> None:
         """Answer a request that reached this worker with ``route`` (:func:`reply_frames`)."""
-        self._send(reply_frames(route, header, data, invalidate, cache, chunks, batch, fill))
+        self._send(reply_frames(route, header, data, invalidate, cache, chunks, batch, fill, fills))
 
     def send_policy(self, snapshot: Policy) -> None:
         """Send the store's access snapshot (a :class:`fms.policy.Policy`) to the broker, which
@@ -425,26 +427,26 @@ def _dispatch(
         # malformed order or fill drops them with no order (no fill on commit is kept after).
         try:
             at = p.need_int(route, "at", optional=True)
-            fill = route.get("fill")
+            fill, fills = route.get("fill"), route.get("fills")
             on_fill = getattr(service, "on_fill", None)
-            if fill is not None and on_fill is not None:
+            if (fill is not None or fills is not None) and on_fill is not None:
                 since = p.need_int(route, "since", optional=True)
-                if (
-                    not isinstance(fill, bytes)
-                    or len(frames) != 2
-                    or len(names) != 1
-                    or at is None
-                    or since is None
-                ):
-                    raise BadRequest(
-                        "inv: a 'fill' is bytes, for one name, with 'at', 'since' and a data frame"
-                    )
+                if len(frames) != 2 or at is None or since is None:
+                    raise BadRequest("inv: a fill comes with 'at', 'since' and a data frame")
+                if fill is not None and (not isinstance(fill, bytes) or len(names) != 1):
+                    raise BadRequest("inv: a 'fill' is bytes, for one name")
+                if fills is not None:
+                    fills = _fills(route, names)
         except BadRequest:
             for name in names:
                 service.on_invalidate(name, None)
             raise
         if fill is not None and on_fill is not None:
             on_fill(names[0], at, since, fill, frames[1])
+            return
+        on_fills = getattr(service, "on_fills", None)
+        if fills is not None and on_fills is not None:
+            on_fills(names, at, since, fills, frames[1])
             return
         for name in names:
             service.on_invalidate(name, at)
@@ -465,6 +467,33 @@ def _dispatch(
         raise WorkerRefused(message)
     else:
         raise BadRequest(f"unknown route type {kind!r}")
+
+
+def _fills(route: dict[str, Any], names: list[str]) -> list[tuple[str, int, bytes]]:
+    """An ``inv``'s ``fills`` and ``offsets`` (a ``commit_many``'s), each an array with an
+    entry per name of ``names``: the manifest (bin) of the file made of the content at that
+    offset (an int, not negative) of the data frame, or nil for both.  :return: ``(name,
+    offset, manifest)`` of each file."""
+    fills, offsets = route.get("fills"), route.get("offsets")
+    if (
+        not isinstance(fills, list)
+        or not isinstance(offsets, list)
+        or not len(fills) == len(offsets) == len(names)
+    ):
+        raise BadRequest("inv: 'fills' and 'offsets' are arrays with an entry per name")
+    out = []
+    for name, manifest, offset in zip(names, fills, offsets, strict=True):
+        if manifest is None and offset is None:
+            continue
+        if (
+            not isinstance(manifest, bytes)
+            or not isinstance(offset, int)
+            or isinstance(offset, bool)
+            or offset < 0
+        ):
+            raise BadRequest("inv: a fill is a manifest (bin) and an offset (int, 0 or more)")
+        out.append((name, offset, manifest))
+    return out
 
 
 def _policy(service: "Service", frames: list[zmq.Frame]) -> None:
@@ -543,6 +572,7 @@ def reply_frames(
     chunks: int | None = None,
     batch: tuple[int, int] | None = None,
     fill: bytes | None = None,
+    fills: list[tuple[int, bytes] | None] | None = None,
 ) -> list[Sendable]:
     """The frames of a worker's answer to a request that reached it with ``route``.
 
@@ -552,7 +582,10 @@ def reply_frames(
     broker can count them without decoding the header.  ``invalidate`` names a name the
     broker must drop from the cache before it forwards this reply; ``fill``, the encoded
     manifest of the version a commit made whose whole content the request carried (the
-    broker may hand both to the cache with the invalidation).
+    broker may hand both to the cache with the invalidation); ``fills``, a ``commit_many``'s:
+    per name of ``invalidate``, ``(offset, manifest)`` of a file it made from the content it
+    carried (at ``offset`` of the request's data) or None, sent as two arrays (``fills``,
+    ``offsets``) beside ``inv``: a route frame holds few containers (fms.limits).
     """
     back = {"t": "rep", "k": route.get("k"), "ok": bool(header.get("ok"))}
     if not back["ok"]:
@@ -561,6 +594,9 @@ def reply_frames(
         back["inv"] = invalidate
     if fill is not None:
         back["fill"] = fill
+    if fills:
+        back["fills"] = [fill[1] if fill is not None else None for fill in fills]
+        back["offsets"] = [fill[0] if fill is not None else None for fill in fills]
     if cache is not None:
         back["cache"] = cache
     if chunks:

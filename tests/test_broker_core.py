@@ -921,3 +921,107 @@ def test_a_fill_too_large_for_a_manifest_goes_as_a_plain_inv_the_cache_can_read(
     (frames,) = [f for to, ident, f in core.transport.sent if to == "worker" and ident == b"c1"]
     route = p.decode(frames[0], "route")  # what the cache worker does first
     assert route["t"] == "inv" and route["name"] == "a"
+
+
+def _commit_many_with_fills(core, req_id: int, files: dict, fills: list | None = None):
+    """A client commits ``files`` (name -> content) in one ``commit_many``; storage s acks it
+    with a fill for each (or ``fills``): the key, and the ack."""
+    names = list(files)
+    data = b"".join(files.values())
+    fields = {
+        "names": names,
+        "sizes": [len(d) for d in files.values()],
+        "hashes": [p.sha256(d) for d in files.values()],
+        "mtimes": [1.0] * len(names),
+        "commits": [f"m{req_id}-{i}" for i in range(len(names))],
+        "chunk_size": 65536,
+    }
+    ask(core, b"alice", "commit_many", req_id, data=data, **fields)
+    ((key, _),) = requests_to(core.transport.take(), b"s")
+    if fills is None:
+        fills = {
+            "fills": [b"MANIFEST " + n.encode() for n in names],
+            "offsets": [sum(len(files[n]) for n in names[:i]) for i in range(len(names))],
+        }
+    return key, lambda: answer(core, b"s", key, p.ok_reply(req_id, results=[]), inv=names, **fills)
+
+
+def test_a_commit_manys_fills_go_each_to_the_owner_of_its_name_with_the_data_before_the_ack(
+    core,
+):
+    ready(core, b"c1", p.CACHE)
+    ready(core, b"c2", p.CACHE)
+    ready(core, b"s", p.STORAGE)
+    core.transport.take()
+    files = {f"d/{i}": b"%d" % i * (i + 1) for i in range(12)}
+    key, ack = _commit_many_with_fills(core, 7, files)
+    ack()
+    sent = core.transport.sent[:]
+    core.transport.sent.clear()
+    assert [to for to, *_ in sent] == ["worker", "worker", "client"]  # the ack goes last
+    told = _fills(sent)
+    owned = {}
+    for ident in (b"c1", b"c2"):
+        route, frame = told[ident]
+        assert route["names"] == list(files) and route["at"] == key  # each drops every name
+        assert route.get("since", key) == key
+        given = route.get("fills") or [None] * len(files)
+        owned[ident] = [name for name, manifest in zip(files, given, strict=True) if manifest]
+        if owned[ident]:
+            assert p.unpack_data(frame) == b"".join(files.values())  # the request's data
+            offered = zip(route["names"], route["fills"], route["offsets"], strict=True)
+            for name, manifest, offset in offered:
+                if manifest is None:
+                    assert offset is None
+                    continue
+                assert manifest == b"MANIFEST " + name.encode()
+                assert p.unpack_data(frame)[offset : offset + len(files[name])] == files[name]
+        else:
+            assert frame is None
+    assert sorted(owned[b"c1"] + owned[b"c2"]) == sorted(files)  # each file to one cache
+    assert owned[b"c1"] and owned[b"c2"]  # 12 names: both own some (rendezvous hashing)
+    for ident in (b"c1", b"c2"):  # a get of each goes to the cache that was given it
+        for name in owned[ident]:
+            ask(core, b"alice", "get", 8, name=name)
+            assert [i for _to, i, *_ in core.transport.take()] == [ident]
+    assert core.metrics.cache_fills.labels("sent")._value.get() == len(files)
+
+
+@pytest.mark.parametrize(
+    "fills",
+    [
+        {"fills": [b"M", None], "offsets": [-1, None]},  # an offset before the data
+        {"fills": ["M", None], "offsets": [0, None]},  # a manifest that is not bytes
+        {"fills": [b"M" * (p.MANIFEST_MAX + 1), None], "offsets": [0, None]},  # too large
+        {"fills": [b"M", None], "offsets": [None, None]},  # no offset
+        {"fills": [b"M"], "offsets": [0]},  # not an entry per name
+        {"fills": [b"M", None]},
+        {"fills": b"M", "offsets": 0},
+        {"fills": [None, None], "offsets": [None, None]},  # nothing offered
+    ],
+)
+def test_a_commit_manys_fills_the_cache_could_not_read_go_as_a_plain_inv(core, fills):
+    ready(core, b"c1", p.CACHE)
+    ready(core, b"s", p.STORAGE)
+    core.transport.take()
+    key, ack = _commit_many_with_fills(core, 3, {"d/0": b"zero", "d/1": b"one"}, fills)
+    ack()
+    told = _fills(core.transport.sent)
+    assert told[b"c1"] == ({"t": "inv", "names": ["d/0", "d/1"], "at": key}, None)
+
+
+def test_a_commit_manys_fills_stop_at_the_window(core, monkeypatch):
+    monkeypatch.setattr(limits, "FILL_WINDOW", 100)
+    ready(core, b"c1", p.CACHE)
+    ready(core, b"s", p.STORAGE)
+    core.transport.take()
+    outcomes = []
+    for req_id in (1, 2, 3):  # 40 bytes of content, 45 with the frame's prefix: two fit
+        _key, ack = _commit_many_with_fills(
+            core, req_id, {f"{req_id}/a": b"a" * 20, f"{req_id}/b": b"b" * 20}
+        )
+        ack()
+        outcomes.append(_fills(core.transport.sent)[b"c1"][1] is not None)
+        core.transport.sent.clear()
+    assert outcomes == [True, True, False]
+    assert core.metrics.cache_fills.labels("window_full")._value.get() == 2  # its two files

@@ -977,6 +977,62 @@ def test_a_commit_fill_is_checked_against_every_folder_above_its_name(service):
     assert cached_version(service, "a/bg") is None
 
 
+def commit_many_fills(service, files, version, since, at, filled=None, data=None):
+    """The broker hands over a ``commit_many`` (request key ``since``) of ``files`` (name ->
+    content, back to back in its data) with its invalidation (``at``): a fill for each of
+    ``filled`` (default: every file)."""
+    names = list(files)
+    offsets = {n: sum(len(files[m]) for m in names[: names.index(n)]) for n in names}
+    fills = [
+        (n, offsets[n], p.encode(manifest_of(n, files[n], version)))
+        for n in (names if filled is None else filled)
+    ]
+    frame = Frame(p.pack_data(data if data is not None else b"".join(files.values())))
+    service.on_fills(names, at, since, fills, frame)
+    return frame
+
+
+def test_a_commit_manys_fills_make_the_next_reads_hits_and_drop_the_other_names(service):
+    service.on_register(0)
+    for i, name in enumerate(("a", "b", "c"), start=1):  # each cached at version 1
+        service.handle_request(route(i), get(name, i), None)
+        storage_answers(service, service.link.requests[-1][1], b"old " + name.encode(), 1)
+    files = {"a": b"new a", "b": b"the new b", "c": b"c!", "d": b"dd"}
+    frame = commit_many_fills(service, files, 2, since=5, at=5, filled=["a", "b", "d"])
+    fetches = len(service.link.requests)
+    for i, name in enumerate(("a", "b", "d"), start=10):
+        service.handle_request(route(i), get(name, i), None)
+        assert service.link.outcomes[-1] == "hit", name
+        _route, header, data = service.link.replies[-1]
+        assert header["manifest"]["version"] == 2 and bytes(p.unpack_data(data)) == files[name]
+    assert len(service.link.requests) == fetches  # no fetch
+    assert cached_version(service, "c") is None  # changed, not filled: dropped
+    assert service.stats()["commit_fills"] == 3
+    assert service.beat()["filled"] == len(frame.buffer)  # the message, once
+
+
+def test_a_commit_manys_fill_that_does_not_check_is_dropped_alone(service):
+    service.on_register(0)
+    files = {"a": b"aaaa", "b": b"bbbb", "c": b"cccc"}
+    data = b"aaaaXXXXcccc"  # b's bytes are not its content
+    commit_many_fills(service, files, 1, since=3, at=3, data=data)
+    assert [cached_version(service, n) for n in files] == [1, None, 1]
+    assert service.stats()["commit_fills_refused"] == 1
+    files = {"e": b"eeee", "f": b"ffffff"}  # f's content runs past the end of the data
+    commit_many_fills(service, files, 1, since=4, at=4, data=b"eeeefff")
+    assert [cached_version(service, n) for n in files] == [1, None]
+
+
+def test_a_commit_manys_fills_overtaken_by_later_changes_are_not_kept(service):
+    service.on_register(0)
+    service.on_invalidate("a", 6)  # an rm of a (admitted after the commit_many) acked first
+    service.on_invalidate("d/", 7)  # and a folder renamed
+    files = {"a": b"1", "b": b"2", "d/x": b"3"}
+    commit_many_fills(service, files, 1, since=5, at=8)
+    assert [cached_version(service, n) for n in files] == [None, 1, None]
+    assert service.stats()["commit_fills_refused"] == 2
+
+
 def test_what_the_cache_remembers_for_commit_fills_is_bounded(monkeypatch):
     monkeypatch.setattr(manifests_module, "CHANGED_MAX", 8)
     m = ManifestCache()

@@ -164,13 +164,24 @@ def test_many_files_cost_one_message_and_one_storage_fetch_per_batch(
         c.put_many([(write(tmp_path / "src" / n, d), n) for n, d in files.items()])
         names = sorted(files)
         batches = -(-len(names) // GET_BATCH)
-        for label, fetches in (("cold", batches + 3), ("warm", 0)):  # + the big file's 3 chunks
+
+        def get_all(label: str, fetches: int) -> None:
             before, sent = c.cache_stats(), len(sends)
             c.get_many([(n, str(tmp_path / label / n)) for n in names])
             after = c.cache_stats()
             assert after["fetches"] - before["fetches"] == fetches, label
             assert len(sends) - sent - 1 == batches + 3, label  # - the cache_stats
             assert all((tmp_path / label / n).read_bytes() == d for n, d in files.items())
+
+        # The upload's commits handed the small files to the cache (fills on commit): only the
+        # big file is fetched, its manifest (one batch) and its 3 chunks.
+        get_all("after put", 1 + 3)
+        get_all("warm", 0)
+        cluster.proc("cache").stop()  # a cache that starts empty: each batch fetched once
+        cluster.wait_workers(storage=2, cache=0)
+        cluster.start_cache(directory=str(tmp_path / "empty-cache"))
+        cluster.wait_workers(storage=2, cache=1)
+        get_all("cold", batches + 3)
         with pytest.raises(fms.NotFound):
             c.get_many([("t/000", str(tmp_path / "x")), ("t/none", str(tmp_path / "y"))])
 

@@ -740,11 +740,13 @@ class Link:
         self.replies = []
         self.frames = []
         self.fills = []
+        self.many_fills = []  # a commit_many's: [name, offset, manifest] per file
 
-    def reply(self, route, header, data=None, invalidate=None, cache=None, fill=None):
+    def reply(self, route, header, data=None, invalidate=None, cache=None, fill=None, fills=None):
         self.replies.append(header)
         self.frames.append(data)
         self.fills.append(fill)
+        self.many_fills.append(fills)
 
 
 def request(service, link, **header):
@@ -1736,3 +1738,138 @@ def test_a_commits_audit_entry_is_the_one_audit_entry_makes(store):
     assert {k: v for k, v in logged.items() if k not in ("seq", "time")} == {
         k: v for k, v in general.items() if k != "time"
     } | {"identity": "local"}
+
+
+def test_commit_many_offers_a_fill_for_each_file_it_made_from_its_content(store):
+    """A ``commit_many`` tells the broker which of its files it may hand to the cache
+    (``fills``: name, the offset of its content in the request's data, the new version's
+    manifest): each file made now from the content it carried, not one refused, not an empty
+    one (no content), not a retry answered from the log."""
+    link = Link()
+    service = StorageService(store, link)
+    put_file(store, "taken", b"old", commit="used-id")
+    files = [("a", b"alpha"), ("empty", b""), ("b/c", b"beta" * 100), ("taken", b"new")]
+
+    def commit_many(req_id, ids):
+        header = {
+            "v": p.PROTOCOL_VERSION,
+            "id": req_id,
+            "op": "commit_many",
+            "names": [n for n, _ in files],
+            "sizes": [len(d) for _, d in files],
+            "hashes": [h(d) for _, d in files],
+            "mtimes": [1.0, 2.0, 3.0, 4.0],
+            "commits": ids,
+            "chunk_size": CHUNK,
+        }
+        service.handle_request({}, header, _frame(b"".join(d for _, d in files)))
+        return link.replies[-1], link.many_fills[-1]
+
+    reply, fills = commit_many(1, ["i1", "i2", "i3", "used-id"])
+    assert [r["ok"] for r in reply["results"]] == [True, True, True, False]
+    # one entry per changed name (the inv): a, empty, b/c
+    assert [fill and fill[0] for fill in fills] == [0, None, 5]
+    for name, fill in (("a", fills[0]), ("b/c", fills[2])):
+        assert p.decode(fill[1]) == store.version(name).manifest(store.digest_fn)
+    reply, fills = commit_many(2, ["i1", "i2", "i3", "used-id"])  # the same ids again
+    assert [r["ok"] for r in reply["results"]] == [True, True, True, False]
+    assert fills is None  # answered from the log: nothing made now
+
+
+def test_a_commit_manys_fills_fit_beside_its_names_in_one_route_frame(store, monkeypatch):
+    from fms import limits
+
+    link = Link()
+    service = StorageService(store, link)
+    files = [(f"n{i}", b"%d" % i) for i in range(4)]
+    names_bytes = sum(len(n) for n, _ in files)
+    manifest = len(p.encode(store_manifest_of(store, service, link)))  # one's size
+    monkeypatch.setattr(limits, "FILL_ROUTE_BYTES", names_bytes + 2 * manifest + 10)
+    header = {
+        "v": p.PROTOCOL_VERSION,
+        "id": 9,
+        "op": "commit_many",
+        "names": [n for n, _ in files],
+        "sizes": [len(d) for _, d in files],
+        "hashes": [h(d) for _, d in files],
+        "mtimes": [1.0] * 4,
+        "commits": [f"k{i}" for i in range(4)],
+        "chunk_size": CHUNK,
+    }
+    service.handle_request({}, header, _frame(b"".join(d for _, d in files)))
+    fills = link.many_fills[-1]
+    assert [fill is not None for fill in fills] == [True, True, False, False]
+
+
+def store_manifest_of(store, service, link):
+    """The manifest of a one-byte file named like the test's (made here, then measured)."""
+    header = {
+        "v": p.PROTOCOL_VERSION,
+        "id": 1,
+        "op": "commit_many",
+        "names": ["n9"],
+        "sizes": [1],
+        "hashes": [h(b"9")],
+        "mtimes": [1.0],
+        "commits": ["probe"],
+        "chunk_size": CHUNK,
+    }
+    service.handle_request({}, header, _frame(b"9"))
+    return store.version("n9").manifest(store.digest_fn)
+
+
+@pytest.mark.parametrize("name_len, meta_len", [(8, 0), (100, 0), (120, 1900), (250, 1000)])
+def test_a_commit_manys_reply_route_with_its_fills_stays_within_a_route_frame(
+    store, name_len, meta_len
+):
+    """The largest ``commit_many`` a client may send (256 files, their names under its
+    header's limit, metadata up to its limit): storage's reply route, fills and all, and the
+    ``inv`` the broker makes of it for a cache, decode as route frames."""
+    from fms import worker
+    from fms.broker import Core
+    from fms.broker.dispatch import Fill
+    from fms.client.upload import BATCH_HEADER_BYTES
+
+    link = Link()
+    service = StorageService(store, link)
+    count = min(p.MAX_BATCH_FILES, BATCH_HEADER_BYTES // (name_len + 64))
+    names = [f"{i:05d}".ljust(name_len, "n") for i in range(count)]
+    meta = {"k": "v" * meta_len} if meta_len else {}
+    header = {
+        "v": p.PROTOCOL_VERSION,
+        "id": 1,
+        "op": "commit_many",
+        "names": names,
+        "sizes": [1] * count,
+        "hashes": [h(b"%d" % (i % 10)) for i in range(count)],
+        "mtimes": [1.0] * count,
+        "commits": [f"c{i}" for i in range(count)],
+        "chunk_size": CHUNK,
+        "meta": meta,
+    }
+    service.handle_request({}, header, _frame(b"".join(b"%d" % (i % 10) for i in range(count))))
+    fills = link.many_fills[-1]
+    assert fills is not None and any(fills)
+    frames = worker.reply_frames({"k": 2**62}, link.replies[-1], invalidate=names, fills=fills)
+    route = p.decode(bytes(frames[0]), "route")  # within MAX_HEADER and MAX_CONTAINERS
+    fill = Fill.of_reply(route, names, p.pack_data(b"0123456789"), 2**62)
+    assert fill is not None and len(fill.entries) == sum(f is not None for f in fills)
+
+    class Sent:
+        sent = []
+
+        def to_worker(self, ident, frames):
+            self.sent.append(frames)
+            return True
+
+        def __getattr__(self, name):
+            return lambda *a, **k: True
+
+    core = Core(Sent(), store="s1")
+    ready = {"t": "ready", "v": p.PROTOCOL_VERSION, "svc": p.CACHE, "wid": "c1", "store": "s1"}
+    core.worker_message(b"c1", [p.encode(ready)])
+    core.dispatcher.invalidate(names, fill)
+    invs = [f for f in Sent.sent if p.decode(f[0], "route")["t"] == "inv"]
+    assert len(invs) >= 1
+    for frames in invs:
+        p.decode(frames[0], "route")  # the cache reads it

@@ -228,6 +228,47 @@ class _Invalidated:
     def on_fill(self, name, at, since, manifest, frame):
         self.fills.append(name)
 
+    def on_fills(self, names, at, since, fills, frame):
+        self.fills.extend(name for name, _offset, _manifest in fills)
+
+
+MANY = {"t": "inv", "names": ["a", "b"], "at": 3, "since": 2}
+
+
+@pytest.mark.parametrize(
+    "route, frames",
+    [
+        ({**MANY, "fills": [b"m", None], "offsets": [0, None]}, 1),  # no data frame
+        ({**MANY, "fills": [b"m", None]}, 2),  # no offsets
+        ({**MANY, "fills": [b"m"], "offsets": [0]}, 2),  # not an entry per name
+        ({**MANY, "fills": [b"m", None], "offsets": [-1, None]}, 2),  # before the data
+        ({**MANY, "fills": [b"m", None], "offsets": [True, None]}, 2),
+        ({**MANY, "fills": ["m", None], "offsets": [0, None]}, 2),
+        ({**MANY, "fills": [b"m", None], "offsets": [None, None]}, 2),
+        ({**MANY, "fills": {"a": b"m"}, "offsets": [0, None]}, 2),
+        (
+            {k: v for k, v in MANY.items() if k != "since"}
+            | {"fills": [b"m", None], "offsets": [0, None]},
+            2,
+        ),
+    ],
+)
+def test_an_inv_whose_fills_are_malformed_still_drops_every_name(route, frames):
+    service = _Invalidated()
+    message = [_Frame(p.encode(route)), _Frame(p.pack_data(b"x"))][:frames]
+    with pytest.raises(BadRequest):
+        worker._dispatch(service, None, message, logging.getLogger("test.link"))
+    assert [name for name, _at in service.dropped] == ["a", "b"] and not service.fills
+
+
+def test_an_inv_with_fills_hands_each_to_the_cache_with_its_offset():
+    service = _Invalidated()
+    route = {**MANY, "fills": [None, b"m"], "offsets": [None, 7]}
+    worker._dispatch(
+        service, None, [_Frame(p.encode(route)), _Frame(p.pack_data(b"x"))], logging.getLogger("t")
+    )
+    assert service.fills == ["b"] and service.dropped == []  # on_fills drops the names itself
+
 
 @pytest.mark.parametrize(
     "route, frames",

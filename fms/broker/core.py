@@ -31,7 +31,7 @@ from ..logutil import RateLimitedLog, clip
 from ..metrics import BrokerMetrics, ReadTally
 from . import headers as h
 from .admission import Admission, Refusal, expected_reply
-from .dispatch import Dispatcher
+from .dispatch import Dispatcher, Fill
 from .keys import StoreKeys
 from .outbox import Outboxes
 from .registry import Refused, Registry, Worker
@@ -338,16 +338,13 @@ class Core:
         # Invalidate before the ack leaves: the cache's pipe is FIFO, so any read the client
         # sends after this ack reaches the cache after the invalidation.  A commit that carried
         # its whole content hands it to the cache with it (storage says so with `fill`).
-        fill = route.get("fill")
-        if (
-            isinstance(fill, bytes)
-            # a manifest's size at most: a larger one (storage's route may be up to MAX_HEADER)
-            # would make an `inv` the cache cannot read, and it would lose the invalidation
-            and len(fill) <= p.MANIFEST_MAX
-            and len(names) == 1
-            and len(pending.body) == 2
-        ):
-            self.dispatcher.invalidate(names, (fill, pending.body[1], key))
+        fill = (
+            Fill.of_reply(route, names, pending.body[1], key)
+            if len(pending.body) == 2 and names
+            else None
+        )
+        if fill is not None:
+            self.dispatcher.invalidate(names, fill)
         elif names:
             self.invalidate(names)
         if pending.origin["via"] == FRONTEND:

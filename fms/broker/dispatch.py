@@ -14,6 +14,7 @@ has held unanswered for ``INFLIGHT_GRACE`` past their deadline are dropped.
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -34,6 +35,61 @@ log = logging.getLogger("fms.broker")
 
 # fms.wire.encode (msgpack.packb) without a Packer made for each call: the same bytes.
 _encode = msgpack.Packer(use_bin_type=True).pack
+
+
+@dataclass(frozen=True, slots=True)
+class Fill:
+    """The small files a commit (``single``: one name, the data frame its content alone, sent
+    to the cache as ``fill``) or a ``commit_many`` (sent as ``fills`` and ``offsets``) made
+    from the content it carried, for the cache that owns each name (docs/PROTOCOL.md, *Fills
+    on commit*): ``entries`` ``(name, offset of its content in the data, its manifest
+    encoded)``, ``frame`` the request's data frame, ``since`` its request key."""
+
+    entries: list[tuple[str, int, bytes]]
+    frame: Any
+    since: int
+    single: bool
+
+    @classmethod
+    def of_reply(cls, route: dict, names: list, frame: Any, since: int) -> "Fill | None":
+        """What storage's reply ``route`` offers (``fill``; or ``fills`` and ``offsets``, with
+        an entry per name of its ``inv``) for the ``names`` it changed, or None (nothing
+        offered, or not in a form the cache can take: a manifest larger than one may be; an
+        ``inv`` the cache cannot read would lose the invalidation)."""
+        fill, fills, offsets = route.get("fill"), route.get("fills"), route.get("offsets")
+        if isinstance(fill, bytes):
+            if len(fill) <= p.MANIFEST_MAX and len(names) == 1:
+                return cls([(names[0], 0, fill)], frame, since, True)
+            return None
+        if (
+            not isinstance(fills, list)
+            or not isinstance(offsets, list)
+            or not len(fills) == len(offsets) == len(names)
+        ):
+            return None
+        entries = []
+        for name, manifest, offset in zip(names, fills, offsets, strict=True):
+            if manifest is None and offset is None:
+                continue
+            if not (
+                isinstance(manifest, bytes)
+                and len(manifest) <= p.MANIFEST_MAX
+                and isinstance(offset, int)
+                and not isinstance(offset, bool)
+                and offset >= 0
+            ):
+                return None
+            entries.append((name, offset, manifest))
+        return cls(entries, frame, since, False) if entries else None
+
+    def by_owner(self, caches: list[Worker]) -> dict[bytes, list[tuple[str, int, bytes]]]:
+        """The entries each of ``caches`` owns, by its ident."""
+        owned: dict[bytes, list[tuple[str, int, bytes]]] = {}
+        for entry in self.entries:
+            owner = owner_of(entry[0], caches)
+            if owner is not None:
+                owned.setdefault(owner.ident, []).append(entry)
+        return owned
 
 
 class Dispatcher:
@@ -151,7 +207,7 @@ class Dispatcher:
             worker.served += 1
             worker.last_used = key
 
-    def invalidate(self, names: list, fill: tuple[bytes, Any, int] | None = None) -> None:
+    def invalidate(self, names: list, fill: "Fill | None" = None) -> None:
         """Tell every cache worker to drop ``names``: one ``inv`` message per at most
         INV_NAME_BYTES of names (an rm -r page changes a thousand: one message each would
         overflow the cache's pipe).  A cache that cannot be told must not serve reads any
@@ -159,56 +215,63 @@ class Dispatcher:
 
         Each ``inv`` says ``at``, the newest request key given so far: every change whose
         request was admitted after a change's ack left here has a key above it.  ``fill``
-        (one name, a commit whose content came whole with it): ``(its manifest encoded, the
-        request's data frame, its request key)``, handed with the ``inv`` to the cache that
-        owns the name, which keeps them unless it has heard of a change to the name at or after
-        that key (docs/PROTOCOL.md, *Fills on commit*).  At most ``FILL_WINDOW`` bytes of
-        fills wait in ZeroMQ for a cache: past that, the ``inv`` goes alone."""
+        (a commit, or a ``commit_many``, that made small files from the content it carried):
+        each of its files is handed, with the ``inv`` and the request's data frame, to the
+        cache that owns the name, which keeps it unless it has heard of a change to the name
+        at or after the request's key (docs/PROTOCOL.md, *Fills on commit*).  At most
+        ``FILL_WINDOW`` bytes of fills wait in ZeroMQ for a cache: past that, and when the
+        names take more than one message, the ``inv`` goes alone."""
         at = self._next_key
-        for batch in batches_of_names(names, limits.INV_NAME_BYTES):
+        batches = list(batches_of_names(names, limits.INV_NAME_BYTES))
+        caches = self.registry.of(p.CACHE)
+        owned = fill.by_owner(caches) if fill is not None and len(batches) == 1 else {}
+        for batch in batches:
             route: dict[str, Any] = (
                 {"t": "inv", "name": batch[0], "at": at}
                 if len(batch) == 1
                 else {"t": "inv", "names": batch, "at": at}
             )
-            message = None  # encoded once a cache needs it (not for one that takes the fill)
-            caches = self.registry.of(p.CACHE)
-            owner = owner_of(batch[0], caches) if fill is not None and len(names) == 1 else None
+            message = None  # encoded once a cache needs it (not for one that takes a fill)
             for worker in caches:
-                if (
-                    fill is not None
-                    and owner is not None
-                    and worker is owner
-                    and self._fill(worker, route, fill)
-                ):
+                entries = owned.get(worker.ident)
+                if entries and fill is not None and self._fill(worker, route, entries, fill):
                     continue
                 if message is None:
                     message = _encode(route)
                 if not self.transport.to_worker(worker.ident, [message]):
                     self.worker_lost(worker.ident, "missed an invalidation")
 
-    def _fill(self, worker: Worker, route: dict, fill: tuple[bytes, Any, int]) -> bool:
-        """Send ``route`` (an ``inv``) to cache ``worker`` with a commit's fill, if its window
-        has room; False: not sent (the plain ``inv`` goes instead)."""
-        manifest, frame, since = fill
-        size = h.nbytes(frame)
+    def _fill(self, worker: Worker, route: dict, entries: list, fill: "Fill") -> bool:
+        """Send ``route`` (an ``inv``) to cache ``worker`` with the files of ``fill`` it owns
+        (``entries``) and the request's data frame, if its window has room; False: not sent
+        (the plain ``inv`` goes instead)."""
+        size = h.nbytes(fill.frame)
         if worker.fill_sent - worker.fill_taken + size > limits.FILL_WINDOW:
-            self._count_fill("window_full")
+            self._count_fill("window_full", len(entries))
             return False
-        message = _encode({**route, "fill": manifest, "since": since})
-        if not self.transport.to_worker(worker.ident, [message, frame]):
+        if fill.single:
+            extra: dict[str, Any] = {"fill": entries[0][2]}
+        else:  # two arrays with an entry per name (a route frame holds few containers)
+            mine = {name: (offset, manifest) for name, offset, manifest in entries}
+            at = [mine.get(name) for name in route.get("names") or [route["name"]]]
+            extra = {
+                "fills": [one[1] if one else None for one in at],
+                "offsets": [one[0] if one else None for one in at],
+            }
+        message = _encode({**route, **extra, "since": fill.since})
+        if not self.transport.to_worker(worker.ident, [message, fill.frame]):
             return False
         worker.fill_sent += size
-        self._count_fill("sent")
+        self._count_fill("sent", len(entries))
         return True
 
-    def _count_fill(self, outcome: str) -> None:
-        """Count a commit's fill (sent, or not: window_full).  The counter's child for each
-        outcome is looked up once (``labels()`` takes a lock and builds a key each time)."""
+    def _count_fill(self, outcome: str, files: int = 1) -> None:
+        """Count ``files`` fills on commit (sent, or not: window_full).  The counter's child for
+        each outcome is looked up once (``labels()`` takes a lock and builds a key each time)."""
         child = self._fills.get(outcome)
         if child is None:
             child = self._fills[outcome] = self.metrics.cache_fills.labels(outcome)
-        child.inc()
+        child.inc(files)
 
     def to_all_but(self, exclude: bytes, frames: list) -> None:
         """Send the newest access snapshot (``frames``) to every worker but the one it came

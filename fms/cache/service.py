@@ -562,6 +562,46 @@ class CacheService:
         Kept only if no later change of the name was heard (:meth:`ManifestCache.may_fill`),
         and checked as a fetched fill is: the manifest whole, the content against its digest."""
         self.filled_bytes += len(frame.buffer)  # taken off the broker's window, kept or not
+        self._take_fill(name, at, since, manifest, p.unpack_data(frame.buffer), frame.buffer)
+
+    def on_fills(
+        self,
+        names: list[str],
+        at: int,
+        since: int,
+        fills: list[tuple[str, int, bytes]],
+        frame: zmq.Frame,
+    ) -> None:
+        """A ``commit_many`` (request key ``since``) changed ``names`` (its invalidation,
+        ``at``), and made the small files of ``fills`` (``(name, offset, manifest)``: the
+        content is at ``offset`` of the request's data, as long as the manifest says) from the
+        content it carried: each is taken as :meth:`on_fill` takes one, the others dropped as
+        :meth:`on_invalidate` drops them; the fills' disk writes go in one transaction."""
+        self.filled_bytes += len(frame.buffer)  # taken off the broker's window, kept or not
+        payload = p.unpack_data(frame.buffer)
+        offered = {name: (offset, manifest) for name, offset, manifest in fills}
+        with self.chunks.batch():
+            for name in names:
+                fill = offered.get(name)
+                if fill is None:
+                    self.on_invalidate(name, at)
+                    continue
+                offset, manifest = fill
+                self._take_fill(name, at, since, manifest, payload[offset:])
+
+    def _take_fill(
+        self,
+        name: str,
+        at: int,
+        since: int,
+        manifest: bytes,
+        content: memoryview,
+        frame: memoryview | None = None,
+    ) -> None:
+        """Drop ``name`` (the commit's invalidation) and keep the version its commit made
+        (``manifest``, encoded; its content the first ``size`` bytes of ``content``) unless a
+        later change was heard or it does not check.  ``frame``: the data frame that holds
+        the content alone, kept as it is (no copy)."""
         keep = self.manifests.may_fill(name, since)
         # A version a miss fetched before this ack came may be newer than the commit's (a
         # later commit landed, its ack not here yet): a reader given it must not be given
@@ -575,21 +615,22 @@ class CacheService:
             fields = p.check_manifest(p.decode(manifest))
             if fields["name"] != name or not _inline(fields):
                 raise BadRequest("a fill's manifest is for another name, or not a small file")
-            payload = p.unpack_data(frame.buffer)
+            size = fields["size"]
+            payload = content[:size]
             digest = fields["chunks"][0]
             # Content the cache holds already (verified when it was filled) is not hashed again,
             # and these bytes are then never offered to the chunk cache: were the held copy
             # lost meanwhile (its disk write failed), they would be kept unverified.
             held_chunk = digest in self.chunks
-            if len(payload) != fields["size"] or (
-                not held_chunk and not p.inline_ok(fields, payload)
-            ):
+            if (frame is not None and len(content) != size) or len(payload) != size:
+                raise BadRequest("a fill's content is not as long as its manifest says")
+            if not held_chunk and not p.inline_ok(fields, payload):
                 raise BadRequest("a fill's content does not match its digest")
         except BadRequest as exc:
             self.fills_refused += 1
             self._bad_fill.warning("event=fill_dropped name=%r error=%r", name, str(exc))
             return
-        if fields["size"] > self.max_file:
+        if size > self.max_file:
             return
         if held is not None and held.get("version", 0) > fields["version"]:
             self.fills_refused += 1
@@ -597,7 +638,7 @@ class CacheService:
         if self.manifests.fill(name, fields, self.manifests.begin_fetch()):
             self.fills += 1
             if not held_chunk:
-                self.chunks.put(digest, payload, counted=False, frame=frame.buffer)
+                self.chunks.put(digest, payload, counted=False, frame=frame)
 
     def on_register(self, at: int | None = None) -> None:
         # A broker we were cut off from may have acked writes we never heard of.

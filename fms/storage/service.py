@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import zmq
 
-from .. import policy
+from .. import limits, policy
 from .. import wire as p
 from ..errors import (
     BadRequest,
@@ -534,6 +534,7 @@ class StorageService:
                 f"{p.MAX_BATCH_BYTES} a message: send the rest in another"
             )
         requests: list[tuple[Change, bytes | None]] = []
+        offsets: list[int] = []
         offset = 0
         for i in range(count):
             item = {
@@ -556,6 +557,7 @@ class StorageService:
                 actor=route["who"].name,
             )
             requests.append((change, bytes(payload[offset : offset + size]) if size else None))
+            offsets.append(offset)
             offset += size
         if offset != len(payload):
             raise BadRequest(
@@ -582,7 +584,8 @@ class StorageService:
         )
         out: list[dict[str, Any]] = []
         changed: list[str] = []
-        for result in results:
+        offered: list[tuple[int, bytes] | None] = []
+        for (asked, inline), at, result in zip(requests, offsets, results, strict=True):
             assert result is not None  # each was refused or applied above
             if isinstance(result, FmsError):
                 out.append(
@@ -592,11 +595,19 @@ class StorageService:
                         "message": str(result),
                     }
                 )
-            else:
-                out.append({"ok": True, "stat": result.summary()})
-                changed.append(result.name)
-        # The broker drops every changed name from the cache before it forwards this ack.
-        self.link.reply(route, p.ok_reply(header["id"], results=out), invalidate=changed)
+                continue
+            out.append({"ok": True, "stat": result.summary()})
+            changed.append(result.name)
+            fill = self._fill_of(asked, result) if inline is not None else None
+            offered.append((at, fill) if fill is not None else None)
+        # The broker drops every changed name from the cache before it forwards this ack, and
+        # may hand the files made from the content carried here to it (`fills`).
+        self.link.reply(
+            route,
+            p.ok_reply(header["id"], results=out),
+            invalidate=changed,
+            fills=_within_route(changed, offered),
+        )
 
     def _own_inline(self, route: Route, requests: Sequence[tuple[Change, bytes | None]]) -> None:
         """An identity whose dedup is its own owns the chunks it sent inline with commits that
@@ -974,3 +985,21 @@ class _Maintenance:
                 log.exception("event=maintenance_crashed error=%r", exc)
                 result = FmsError(f"internal error: {exc!r}")
             self._done.append((route, header, result))
+
+
+def _within_route(
+    names: list[str], offered: list[tuple[int, bytes] | None]
+) -> list[tuple[int, bytes] | None] | None:
+    """A ``commit_many``'s fills (per changed name: the offset of its content in the request's
+    data and its new manifest, or None) as many as fit beside the names in the reply's route
+    frame (``FILL_ROUTE_BYTES`` of names and manifests: the broker hands them on in one
+    ``inv``, which must stay under ``MAX_HEADER``); None if there are none."""
+    room = limits.FILL_ROUTE_BYTES - sum(len(name.encode()) for name in names)
+    kept: list[tuple[int, bytes] | None] = []
+    for fill in offered:
+        if fill is not None and len(fill[1]) <= room:
+            room -= len(fill[1])
+            kept.append(fill)
+        else:
+            kept.append(None)
+    return kept if any(kept) else None
