@@ -1033,6 +1033,23 @@ def test_a_commit_manys_fills_overtaken_by_later_changes_are_not_kept(service):
     assert service.stats()["commit_fills_refused"] == 2
 
 
+@pytest.mark.parametrize("many", [False, True])
+def test_a_fill_whose_data_frame_is_not_bin_still_drops_every_name(service, many):
+    """The names are dropped whatever is wrong with the fills (read-after-write): a data frame
+    that is not msgpack bin too, which the cache must find out only after it has dropped them."""
+    service.on_register(0)
+    commit_fill(service, "a", b"v1", 1, since=1, at=1)
+    commit_fill(service, "b", b"v1", 1, since=2, at=2)
+    manifest = p.encode(manifest_of("a", b"v2", 2))
+    if many:
+        service.on_fills(["a", "b"], 4, 3, [("a", 0, manifest)], Frame(b"\x01not bin"))
+    else:
+        service.on_fill("a", 4, 3, manifest, Frame(b"\x01not bin"))
+    assert cached_version(service, "a") is None
+    assert cached_version(service, "b") == (None if many else 1)
+    assert service.stats()["commit_fills_refused"] == 1
+
+
 def test_what_the_cache_remembers_for_commit_fills_is_bounded(monkeypatch):
     monkeypatch.setattr(manifests_module, "CHANGED_MAX", 8)
     m = ManifestCache()

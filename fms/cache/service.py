@@ -562,7 +562,7 @@ class CacheService:
         Kept only if no later change of the name was heard (:meth:`ManifestCache.may_fill`),
         and checked as a fetched fill is: the manifest whole, the content against its digest."""
         self.filled_bytes += len(frame.buffer)  # taken off the broker's window, kept or not
-        self._take_fill(name, at, since, manifest, p.unpack_data(frame.buffer), frame.buffer)
+        self._take_fill(name, at, since, manifest, _content(frame), frame.buffer)
 
     def on_fills(
         self,
@@ -578,7 +578,7 @@ class CacheService:
         content it carried: each is taken as :meth:`on_fill` takes one, the others dropped as
         :meth:`on_invalidate` drops them; the fills' disk writes go in one transaction."""
         self.filled_bytes += len(frame.buffer)  # taken off the broker's window, kept or not
-        payload = p.unpack_data(frame.buffer)
+        payload = _content(frame)
         offered = {name: (offset, manifest) for name, offset, manifest in fills}
         with self.chunks.batch():
             for name in names:
@@ -587,7 +587,8 @@ class CacheService:
                     self.on_invalidate(name, at)
                     continue
                 offset, manifest = fill
-                self._take_fill(name, at, since, manifest, payload[offset:])
+                content = payload[offset:] if payload is not None else None
+                self._take_fill(name, at, since, manifest, content)
 
     def _take_fill(
         self,
@@ -595,13 +596,13 @@ class CacheService:
         at: int,
         since: int,
         manifest: bytes,
-        content: memoryview,
+        content: memoryview | None,
         frame: memoryview | None = None,
     ) -> None:
         """Drop ``name`` (the commit's invalidation) and keep the version its commit made
-        (``manifest``, encoded; its content the first ``size`` bytes of ``content``) unless a
-        later change was heard or it does not check.  ``frame``: the data frame that holds
-        the content alone, kept as it is (no copy)."""
+        (``manifest``, encoded; its content the first ``size`` bytes of ``content``, None: the
+        data frame was not msgpack bin) unless a later change was heard or it does not check.
+        ``frame``: the data frame that holds the content alone, kept as it is (no copy)."""
         keep = self.manifests.may_fill(name, since)
         # A version a miss fetched before this ack came may be newer than the commit's (a
         # later commit landed, its ack not here yet): a reader given it must not be given
@@ -615,6 +616,8 @@ class CacheService:
             fields = p.check_manifest(p.decode(manifest))
             if fields["name"] != name or not _inline(fields):
                 raise BadRequest("a fill's manifest is for another name, or not a small file")
+            if content is None:
+                raise BadRequest("a fill's data frame is not msgpack bin")
             size = fields["size"]
             payload = content[:size]
             digest = fields["chunks"][0]
@@ -691,6 +694,15 @@ class CacheService:
             "refused": self.chunks.refused,
             "filled": self.filled_bytes,
         }
+
+
+def _content(frame: zmq.Frame) -> memoryview | None:
+    """A fill's data frame's payload, or None if it is not msgpack bin: known only once its
+    names are dropped (:meth:`CacheService._take_fill`), whatever is wrong with it."""
+    try:
+        return p.unpack_data(frame.buffer)
+    except BadRequest:
+        return None
 
 
 def _inline(manifest: dict[str, Any]) -> bool:
