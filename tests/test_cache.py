@@ -1050,6 +1050,21 @@ def test_a_fill_whose_data_frame_is_not_bin_still_drops_every_name(service, many
     assert service.stats()["commit_fills_refused"] == 1
 
 
+def test_a_commit_manys_fill_with_a_page_list_is_refused_and_the_later_names_still_drop(service):
+    """A manifest that checks but lists its one chunk by a page (no ``chunks``) is no fill
+    the cache can take: refused, and every name after it in the ``commit_many`` is dropped."""
+    service.on_register(0)
+    for i, name in enumerate(("b", "c"), start=1):
+        commit_fill(service, name, b"old", 1, since=i, at=i)
+    paged = manifest_of("a", b"new", 2)
+    digest = paged.pop("chunks")[0]
+    paged |= {"pages": [digest], "body": digest}
+    fills = [("a", 0, p.encode(paged)), ("c", 3, p.encode(manifest_of("c", b"new", 2)))]
+    service.on_fills(["a", "b", "c"], 6, 5, fills, Frame(p.pack_data(b"newnew")))
+    assert [cached_version(service, n) for n in ("a", "b", "c")] == [None, None, 2]
+    assert service.stats()["commit_fills_refused"] == 1
+
+
 def test_what_the_cache_remembers_for_commit_fills_is_bounded(monkeypatch):
     monkeypatch.setattr(manifests_module, "CHANGED_MAX", 8)
     m = ManifestCache()

@@ -614,7 +614,7 @@ class CacheService:
             return
         try:
             fields = p.check_manifest(p.decode(manifest))
-            if fields["name"] != name or not _inline(fields):
+            if fields["name"] != name or not _inline(fields) or "chunks" not in fields:
                 raise BadRequest("a fill's manifest is for another name, or not a small file")
             if content is None:
                 raise BadRequest("a fill's data frame is not msgpack bin")
