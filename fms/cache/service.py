@@ -580,15 +580,22 @@ class CacheService:
         self.filled_bytes += len(frame.buffer)  # taken off the broker's window, kept or not
         payload = _content(frame)
         offered = {name: (offset, manifest) for name, offset, manifest in fills}
-        with self.chunks.batch():
-            for name in names:
-                fill = offered.get(name)
-                if fill is None:
-                    self.on_invalidate(name, at)
-                    continue
-                offset, manifest = fill
-                content = payload[offset:] if payload is not None else None
-                self._take_fill(name, at, since, manifest, content)
+        done = 0
+        try:
+            with self.chunks.batch():
+                for name in names:
+                    fill = offered.get(name)
+                    if fill is None:
+                        self.on_invalidate(name, at)
+                    else:
+                        offset, manifest = fill
+                        content = payload[offset:] if payload is not None else None
+                        self._take_fill(name, at, since, manifest, content)
+                    done += 1
+        finally:
+            # A bug met keeping one fill must not leave the names after it cached.
+            for name in names[done:]:
+                self.on_invalidate(name, at)
 
     def _take_fill(
         self,
