@@ -1025,3 +1025,28 @@ def test_a_commit_manys_fills_stop_at_the_window(core, monkeypatch):
         core.transport.sent.clear()
     assert outcomes == [True, True, False]
     assert core.metrics.cache_fills.labels("window_full")._value.get() == 2  # its two files
+
+
+def test_a_commit_manys_names_over_one_inv_go_as_plain_invs_to_every_cache(core, monkeypatch):
+    """Names that take more than one ``inv`` (INV_NAME_BYTES) hand no fill on: every cache
+    still drops every name before the ack, and no data frame goes with them."""
+    monkeypatch.setattr(limits, "INV_NAME_BYTES", 8)
+    ready(core, b"c1", p.CACHE)
+    ready(core, b"c2", p.CACHE)
+    ready(core, b"s", p.STORAGE)
+    core.transport.take()
+    files = {f"d/{i}": b"%d" % i for i in range(6)}
+    key, ack = _commit_many_with_fills(core, 3, files)
+    ack()
+    sent = core.transport.sent[:]
+    assert [to for to, *_ in sent][-1] == "client"  # the ack goes last
+    for ident in (b"c1", b"c2"):
+        told = [
+            p.decode(frames[0], "route")
+            for to, i, frames in sent
+            if to == "worker" and i == ident and len(frames) == 1
+        ]
+        assert [n for route in told for n in route["names"]] == list(files)
+        assert all(set(route) == {"t", "names", "at"} and route["at"] == key for route in told)
+    assert all(len(frames) == 1 for to, _i, frames in sent if to == "worker")
+    assert core.metrics.cache_fills.labels("sent")._value.get() == 0

@@ -1082,6 +1082,20 @@ def test_a_commit_manys_fill_that_crashes_still_leaves_no_name_cached(service, m
     assert [cached_version(service, n) for n in files] == [None, None, None]
 
 
+def test_a_name_listed_twice_in_a_commit_many_never_leaves_its_first_version_cached(service):
+    """Storage makes two versions of it in order, and offers both: whichever entries the cache
+    is given, it holds no version but the second (here none: its own first drop is a change
+    heard at or after the request's key)."""
+    service.on_register(0)
+    commit_fill(service, "a", b"v0", 1, since=1, at=1)
+    first, second = (p.encode(manifest_of("a", d, v)) for d, v in ((b"v1", 2), (b"v2!", 3)))
+    frame = Frame(p.pack_data(b"v1v2!"))
+    service.on_fills(["a", "a"], 5, 5, [("a", 0, first), ("a", 2, second)], frame)
+    assert cached_version(service, "a") in (None, 3)
+    service.on_fills(["a", "a"], 7, 7, [("a", 2, second), ("a", 0, first)], frame)
+    assert cached_version(service, "a") is None  # the entries out of order: nothing kept
+
+
 def test_what_the_cache_remembers_for_commit_fills_is_bounded(monkeypatch):
     monkeypatch.setattr(manifests_module, "CHANGED_MAX", 8)
     m = ManifestCache()

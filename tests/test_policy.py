@@ -128,9 +128,11 @@ ORDER = ["nobody", "reader", "writer", "padmin", "sadmin"]  # each may do what t
 class Link:
     def __init__(self):
         self.replies = []
+        self.routes = []  # what each reply tells the broker beside the header
 
     def reply(self, route, header, data=None, invalidate=None, **route_fields):
         self.replies.append(header)
+        self.routes.append({"invalidate": invalidate, **route_fields})
 
 
 @pytest.fixture(scope="module")
@@ -296,6 +298,32 @@ def test_batches_are_decided_per_name(fresh):
     assert [r["ok"] for r in reply["results"]] == [True, False]
     assert reply["results"][1]["error"] == "forbidden"
     assert ask(fresh, None, "stat", name="other/n2")["error"] == "not_found"
+
+
+def test_a_commit_manys_fills_skip_a_file_refused_in_the_middle_at_the_right_offsets(fresh):
+    """The cache is offered each file made (its offset in the data counts the refused one's
+    bytes), never the refused one."""
+    files = {"team/n1": b"n1", "other/n2": b"refused", "team/n3": b"n3!"}
+    reply = ask(
+        fresh,
+        KEYS["writer"],
+        "commit_many",
+        p.pack_data(b"".join(files.values())),
+        names=list(files),
+        sizes=[len(d) for d in files.values()],
+        hashes=[h(d) for d in files.values()],
+        mtimes=[1.0] * 3,
+        commits=["y1", "y2", "y3"],
+        chunk_size=p.DEFAULT_CHUNK_SIZE,
+    )
+    assert [r["ok"] for r in reply["results"]] == [True, False, True]
+    told = fresh.link.routes[-1]
+    assert told["invalidate"] == ["team/n1", "team/n3"]
+    data = b"".join(files.values())
+    for name, (offset, manifest) in zip(told["invalidate"], told["fills"], strict=True):
+        manifest = p.decode(manifest)
+        assert manifest["name"] == name and manifest["size"] == len(files[name])
+        assert data[offset : offset + manifest["size"]] == files[name]
 
 
 def test_mv_and_cp_are_decided_on_the_source_and_the_destination(fresh):
