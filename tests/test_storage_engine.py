@@ -1818,45 +1818,70 @@ def store_manifest_of(store, service, link):
     return store.version("n9").manifest(store.digest_fn)
 
 
-@pytest.mark.parametrize("name_len, meta_len", [(8, 0), (100, 0), (120, 1900), (250, 1000)])
+@pytest.mark.parametrize(
+    "name_len, meta_len, hostile",
+    [
+        (8, 0, False),
+        (100, 0, False),
+        (120, 1900, False),
+        (250, 1000, False),
+        # a request header up to its limit (MAX_HEADER), which fms's client never sends: names
+        # beyond one inv, or no room left for a fill
+        (40, 0, True),
+        (170, 0, True),
+        (170, 2000, True),
+        (1000, 0, True),
+    ],
+)
 def test_a_commit_manys_reply_route_with_its_fills_stays_within_a_route_frame(
-    store, name_len, meta_len
+    store, name_len, meta_len, hostile
 ):
     """The largest ``commit_many`` a client may send (256 files, their names under its
-    header's limit, metadata up to its limit): storage's reply route, fills and all, and the
-    ``inv`` the broker makes of it for a cache, decode as route frames."""
-    from fms import worker
+    header's limit, metadata up to its limit), and one a hostile client may (its header up to
+    MAX_HEADER, its content far into the data, so each offset takes 5 bytes): storage's reply
+    route, fills and all, and the ``inv`` the broker makes of it for a cache, decode as route
+    frames, and the fills reach the cache when the names fit one ``inv``."""
+    from fms import limits, worker
     from fms.broker import Core
     from fms.broker.dispatch import Fill
     from fms.client.upload import BATCH_HEADER_BYTES
 
     link = Link()
     service = StorageService(store, link)
-    count = min(p.MAX_BATCH_FILES, BATCH_HEADER_BYTES // (name_len + 64))
+    budget = limits.MAX_HEADER if hostile else BATCH_HEADER_BYTES
+    count = min(p.MAX_BATCH_FILES, budget // (name_len + 64))
     names = [f"{i:05d}".ljust(name_len, "n") for i in range(count)]
     meta = {"k": "v" * meta_len} if meta_len else {}
+    size = CHUNK if hostile else 1
     header = {
         "v": p.PROTOCOL_VERSION,
         "id": 1,
         "op": "commit_many",
         "names": names,
-        "sizes": [1] * count,
-        "hashes": [h(b"%d" % (i % 10)) for i in range(count)],
+        "sizes": [size] * count,
+        "hashes": [h(b"%d" % (i % 10) * size) for i in range(count)],
         "mtimes": [1.0] * count,
         "commits": [f"c{i}" for i in range(count)],
         "chunk_size": CHUNK,
         "meta": meta,
     }
-    service.handle_request({}, header, _frame(b"".join(b"%d" % (i % 10) for i in range(count))))
+    assert len(p.encode(header)) <= limits.MAX_HEADER  # a request the broker lets through
+    data = b"".join(b"%d" % (i % 10) * size for i in range(count))
+    service.handle_request({}, header, _frame(data))
+    assert all(r["ok"] for r in link.replies[-1]["results"])
     fills = link.many_fills[-1]
-    assert fills is not None and any(fills)
     frames = worker.reply_frames({"k": 2**62}, link.replies[-1], invalidate=names, fills=fills)
     route = p.decode(bytes(frames[0]), "route")  # within MAX_HEADER and MAX_CONTAINERS
-    fill = Fill.of_reply(route, names, p.pack_data(b"0123456789"), 2**62)
+    if sum(len(n) for n in names) >= limits.FILL_ROUTE_BYTES:
+        assert fills is None  # no room for one
+        return
+    assert fills is not None and any(fills)
+    fill = Fill.of_reply(route, names, p.pack_data(data), 2**62)
     assert fill is not None and len(fill.entries) == sum(f is not None for f in fills)
 
     class Sent:
-        sent = []
+        def __init__(self):
+            self.sent = []
 
         def to_worker(self, ident, frames):
             self.sent.append(frames)
@@ -1868,8 +1893,9 @@ def test_a_commit_manys_reply_route_with_its_fills_stays_within_a_route_frame(
     core = Core(Sent(), store="s1")
     ready = {"t": "ready", "v": p.PROTOCOL_VERSION, "svc": p.CACHE, "wid": "c1", "store": "s1"}
     core.worker_message(b"c1", [p.encode(ready)])
+    core.transport.sent.clear()
     core.dispatcher.invalidate(names, fill)
-    invs = [f for f in Sent.sent if p.decode(f[0], "route")["t"] == "inv"]
-    assert len(invs) >= 1
-    for frames in invs:
-        p.decode(frames[0], "route")  # the cache reads it
+    invs = [p.decode(f[0], "route") for f in core.transport.sent]  # the cache reads each
+    assert [n for inv in invs for n in inv["names"]] == names
+    one_inv = sum(len(n) for n in names) <= limits.INV_NAME_BYTES
+    assert [bool(inv.get("fills")) for inv in invs] == [one_inv] * len(invs)
