@@ -41,8 +41,10 @@ INV_NAME_BYTES = 32 * KiB  # names in one `inv` route frame to a cache (well und
 FILL_ROUTE_BYTES = 48 * KiB
 # Bytes of commit fills (a small file's content handed to its cache with the invalidation) the
 # broker may have handed to ZeroMQ for one cache worker before the cache's heartbeat says it took
-# them; past this, a commit's invalidation goes without its content.
-FILL_WINDOW = 8 * MiB
+# them; past this, a commit's invalidation goes without its content.  8 MiB and a data frame's
+# bin32 prefix: a `commit_many` of the most content a message may carry (MAX_BATCH_BYTES, e.g.
+# 128 files of 64 KiB) fits whole when the cache has taken all it was handed.
+FILL_WINDOW = 8 * MiB + 5
 DIGEST_WIRE = 34  # a 32-byte digest as msgpack bin8: the smallest legit list item
 PEEK_KEYS = ("v", "op", "id", "ttl_ms", "fresh", "rx")
 

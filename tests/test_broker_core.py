@@ -1050,3 +1050,19 @@ def test_a_commit_manys_names_over_one_inv_go_as_plain_invs_to_every_cache(core,
         assert all(set(route) == {"t", "names", "at"} and route["at"] == key for route in told)
     assert all(len(frames) == 1 for to, _i, frames in sent if to == "worker")
     assert core.metrics.cache_fills.labels("sent")._value.get() == 0
+
+
+def test_a_commit_many_of_the_most_content_a_message_may_carry_fills_an_idle_cache(core):
+    """128 files of 64 KiB (or 64 of 128 KiB) fill a commit_many to MAX_BATCH_BYTES: its data
+    frame, with its prefix, must fit the window of a cache that has taken all it was handed,
+    else a put -r of such files never fills the cache."""
+    ready(core, b"c1", p.CACHE)
+    ready(core, b"s", p.STORAGE)
+    core.transport.take()
+    size = p.MAX_BATCH_BYTES // p.MAX_BATCH_FILES * 2  # 64 KiB
+    files = {f"d/{i:03d}": bytes([i]) * size for i in range(p.MAX_BATCH_BYTES // size)}
+    _key, ack = _commit_many_with_fills(core, 1, files)
+    ack()
+    route, frame = _fills(core.transport.sent)[b"c1"]
+    assert frame is not None and len(route["fills"]) == len(files)
+    assert core.registry.get(b"c1").fill_sent == p.MAX_BATCH_BYTES + p.DATA_PREFIX_LEN
