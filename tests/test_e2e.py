@@ -345,16 +345,29 @@ def test_read_after_write_under_concurrent_reads_and_misses(make_cluster, caches
     assert stats["get_hits"] > 0  # and the cache really did serve in between
 
 
+@pytest.mark.parametrize("batched", [False, True])
 @pytest.mark.parametrize("caches", [1, 2])
 def test_racing_writes_of_a_small_name_leave_the_cache_with_what_storage_holds(
-    make_cluster, caches
+    make_cluster, caches, batched
 ):
     """Fills on commit, when acks overtake each other: two clients write (or one removes) the
     same small name at once through two storage workers, one of which sends its acks late, so
     a later change's ack often reaches the broker first.  Once both acks are in, a get returns
     what storage holds now (read around the cache), never the content of the older write,
-    kept by a fill that came late."""
+    kept by a fill that came late.  ``batched``: one of them writes it among other files of a
+    ``put_many`` (a ``commit_many``'s fills)."""
     cluster = make_cluster()
+    side = cluster.tmp / "side"
+    side.mkdir()
+
+    def put(client, content: bytes, who: str, r: int) -> None:
+        if not batched or who != "a":
+            client.put_bytes(content, "x")
+            return
+        (side / f"x{r}").write_bytes(content)
+        (side / f"y{r}").write_bytes(content[::-1])
+        client.put_many([(str(side / f"y{r}"), f"y/{r}"), (str(side / f"x{r}"), "x")])
+
     cluster.start_broker()
     for i in range(1, caches + 1):
         cluster.start_cache(wid=f"cache-{i}")
@@ -371,7 +384,7 @@ def test_racing_writes_of_a_small_name_leave_the_cache_with_what_storage_holds(
                 except NotFound:
                     pass
             else:
-                client.put_bytes(f"{who}{r:04d}".encode() * 50, "x")
+                put(client, f"{who}{r:04d}".encode() * 50, who, r)
         except Exception as exc:
             errors.append(repr(exc))
 
@@ -402,7 +415,7 @@ def test_racing_writes_of_a_small_name_leave_the_cache_with_what_storage_holds(
         # Racing commits keep no fill (each is refused once the other's ack is heard), but a
         # write nobody races fills the cache: the read after it is a hit.
         before = reader.status()["cache"]["get_hits"]
-        a.put_bytes(b"alone" * 50, "x")
+        put(a, b"alone" * 50, "a", 60)
         assert reader.get_bytes("x") == b"alone" * 50
         assert reader.status()["cache"]["get_hits"] == before + 1
 
