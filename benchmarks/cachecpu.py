@@ -2,12 +2,15 @@
 
 - ``fill``: a small file's commit handed to it (the broker's ``inv`` with a ``fill`` and the
   commit's data frame: what each 4 KiB S3 PUT costs the cache);
+- ``fills``: a ``put -r``'s ``commit_many`` of 128 small files handed to it (one ``inv`` with
+  ``fills`` and ``offsets`` and the request's data frame);
 - ``hit``: a ``get`` of a small file whose manifest and content it holds (a 4 KiB S3 GET after
   its PUT);
 - ``many``: a cold ``get -r``: ``get_many`` batches of 128 names that all miss, and storage's
   reply to each (its results and one data frame of the contents), verified and cached.
 
-    .venv/bin/python -m benchmarks.cachecpu [--paths fill,hit,many] [--files 2000] [--rounds 5]
+    .venv/bin/python -m benchmarks.cachecpu [--paths fill,fills,hit,many] [--files 2000]
+        [--rounds 5]
         [--profile PATH]
 
 The messages go through the worker's own path (:func:`fms.worker._dispatch` of the broker's
@@ -118,6 +121,25 @@ class Bench:
             out.append(frames(p.encode(route), bytes(p.pack_data(content))))
         return out
 
+    def many_fill_messages(self, files: Files) -> list[list[zmq.Frame]]:
+        out = []
+        for first in range(0, len(files.names), BATCH):
+            names = files.names[first : first + BATCH]
+            contents = files.contents[first : first + BATCH]
+            manifests = files.manifests[first : first + BATCH]
+            since, self.key = self.key, self.key + 1
+            offsets = [sum(len(c) for c in contents[:i]) for i in range(len(contents))]
+            route = {
+                "t": "inv",
+                "names": names,
+                "at": since,
+                "since": since,
+                "fills": [p.encode(m) for m in manifests],
+                "offsets": offsets,
+            }
+            out.append(frames(p.encode(route), bytes(p.pack_data(b"".join(contents)))))
+        return out
+
     def get_messages(self, files: Files) -> list[list[zmq.Frame]]:
         out = []
         for i, name in enumerate(files.names):
@@ -155,6 +177,8 @@ class Bench:
         todo: list[Any]
         if path == "fill":
             todo = self.fill_messages(files)
+        elif path == "fills":
+            todo = self.many_fill_messages(files)
         elif path == "hit":
             for message in self.fill_messages(files):  # what the PUTs before made
                 self.dispatch(message)
@@ -198,7 +222,7 @@ class Bench:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--paths", default="fill,hit,many")
+    ap.add_argument("--paths", default="fill,fills,hit,many")
     ap.add_argument("--files", type=int, default=2000, help="new files per round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument(
