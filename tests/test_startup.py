@@ -165,3 +165,39 @@ def test_a_pattern_compiled_on_use_acts_as_the_compiled_one():
     assert lazy.pattern == r"(\d+)([kmg]?)" and "fullmatch" in vars(lazy)  # kept
     with pytest.raises(AttributeError):
         lazy.nothing  # noqa: B018
+
+
+# exit_now as a one-shot command reaches it: with a thread still running it returns (the
+# interpreter's exit waits for that thread), else the process ends there with the status.
+EXIT_PROBE = """
+import sys, threading
+from fms.cli.main import exit_now
+go = threading.Event()
+if sys.argv[1] == "thread":
+    worker = threading.Thread(target=lambda: (go.wait(30), print("thread done", flush=True)))
+    worker.start()
+print("before", flush=True)
+exit_now(3)
+print("returned", flush=True)
+go.set()
+"""
+
+
+@pytest.mark.parametrize("thread", [False, True])
+def test_a_one_shot_command_ends_the_process_only_when_no_thread_of_its_own_runs(thread):
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_PROBE, "thread" if thread else "alone"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if thread:
+        assert done.returncode == 0 and done.stdout.split() == [
+            "before",
+            "returned",
+            "thread",
+            "done",
+        ]
+    else:
+        assert done.returncode == 3 and done.stdout.split() == ["before"]
