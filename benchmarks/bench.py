@@ -1534,6 +1534,12 @@ def main(argv=None) -> int:
         default=5,
         help="rounds of get -r, curl and the floor taking turns, for many (%(default)s)",
     )
+    parser.add_argument(
+        "--putr-rounds",
+        type=int,
+        default=3,
+        help="rounds of put -r and the curl uploads taking turns, for putr (%(default)s)",
+    )
     parser.add_argument("--out", default="bench-results", help="results folder (%(default)s)")
     args = parser.parse_args(argv)
     args.scenarios = [s for name in args.scenarios for s in ALIASES.get(name, (name,))]
@@ -1550,7 +1556,7 @@ def main(argv=None) -> int:
         "small": bench_small,
         "many": lambda f: bench_many(f, args.many_rounds),
         "ls": lambda f: bench_ls(f, args.names),
-        "putr": bench_putr,
+        "putr": lambda f: bench_putr(f, args.putr_rounds),
         "gc": bench_gc,
         "rss": lambda f: bench_rss(f, args.rss_size),
         "scale": bench_scale,
