@@ -99,6 +99,49 @@ def test_no_more_than_window_requests_are_in_flight(broker):
     assert len(replies) == 4
 
 
+def test_sent_runs_once_with_the_first_window_on_its_way_before_any_reply_is_waited_for(
+    broker,
+):
+    """``pipeline(sent=...)``: work that overlaps the first round trip (get -r's checks of its
+    destination): called once, after the first ``window`` requests went out; what it raises
+    ends the pipeline with nothing yielded."""
+    router, session = broker
+    calls = []
+
+    def script():
+        asked = [receive(router) for _ in range(2)]
+        calls.append(("broker saw", len(asked)))
+        for ident, header in asked:
+            answer(router, ident, p.ok_reply(header["id"]))
+        asked = [receive(router) for _ in range(2)]
+        for ident, header in asked:
+            answer(router, ident, p.ok_reply(header["id"]))
+
+    def sent():
+        assert router.poll(RECV_TIMEOUT_MS)  # the window is on its way
+        calls.append(("sent", None))
+
+    with serving(script), session.patience(30.0):
+        tags = [
+            tag
+            for tag, _header, _ in session.pipeline(
+                [(i, "stat", {"name": "x"}, None) for i in range(4)], window=2, sent=sent
+            )
+        ]
+    assert sorted(tags) == [0, 1, 2, 3]
+    assert calls.count(("sent", None)) == 1
+
+    def refuse():
+        raise NotFound("a check failed")
+
+    def unanswered():
+        receive(router)  # asked; its answer would come too late
+
+    with serving(unanswered), pytest.raises(NotFound, match="a check failed"):
+        for _ in session.pipeline([(0, "stat", {"name": "x"}, None)], sent=refuse):
+            pytest.fail("a reply was handed on after the check failed")
+
+
 def test_unavailable_is_sent_again_with_the_same_id_then_succeeds(broker):
     router, session = broker
     seen = []

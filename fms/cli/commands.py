@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import json
 import os
 import sys
@@ -436,18 +437,20 @@ def _get_tree(args: Namespace, client: Client) -> None:
             f"not found: no files under {args.name!r}; list names with: ls"
         )
     items = [(e["name"], dest) for e, dest in entries]
-    local.check_tree(items)
     skipped: list[str] = []
+    # The destination is checked before anything is written: while the first batches are on
+    # their way, or first with --no-clobber (what it skips is then not asked for).
+    check = functools.partial(local.check_tree, items)
     if args.no_clobber:
+        check()
         skipped = [dest for _name, dest in items if local.clobbers(dest)]
         gone = set(skipped)
         entries = [(e, dest) for e, dest in entries if dest not in gone]
         items = [(name, dest) for name, dest in items if dest not in gone]
     results: list[dict[str, Any]] = []
     if items:
-        results = move_tree(
-            client, client.get_many, items, [e["size"] for e, _dest in entries], "get"
-        )
+        get_many = functools.partial(client.get_many, before=None if args.no_clobber else check)
+        results = move_tree(client, get_many, items, [e["size"] for e, _dest in entries], "get")
     if args.json:
         out = [*results, *({"dest": d, "skipped": True} for d in skipped)]
         print(json.dumps(out, indent=1))

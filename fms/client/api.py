@@ -583,13 +583,18 @@ class Client:
         return self._get_one(p.check_name(name), dest, version=version)
 
     def get_many(
-        self, items: Iterable[tuple[str, str]], done: upload.Done | None = None
+        self,
+        items: Iterable[tuple[str, str]],
+        done: upload.Done | None = None,
+        before: Callable[[], None] | None = None,
     ) -> list[dict[str, Any]]:
         """Download many ``(name, dest path)`` pairs: manifests and the content of small files
         in batches (``get_many``, :data:`GET_BATCH` names a message, pipelined), then the other
         files one after another.
 
-        ``done(index, stat)`` is called as each file is written.
+        ``done(index, stat)`` is called as each file is written; ``before()`` once before
+        anything is written, while the first batches are on their way (what it raises ends the
+        download with nothing written: the destination's checks).
 
         :return: the stat of each, in order.
         :raises NotFound: a name is not stored (files before it in the batch may be written).
@@ -612,7 +617,7 @@ class Client:
             if done is not None:
                 done(i, results[i])
 
-        for batch, header, frame in self.session.pipeline(requests, BATCH_WINDOW):
+        for batch, header, frame in self.session.pipeline(requests, BATCH_WINDOW, sent=before):
             replies = p.read_batch(
                 header, frame.buffer if frame is not None else None, [pairs[i][0] for i in batch]
             )

@@ -314,6 +314,7 @@ class Session:
         requests: Iterable[tuple[T, str, dict[str, Any], Sendable | None]],
         window: int | None = None,
         errors: bool = False,
+        sent: Callable[[], None] | None = None,
     ) -> Iterator[tuple[T, dict[str, Any], zmq.Frame | None]]:
         """Send requests keeping at most ``window`` in flight; yield replies as they come.
 
@@ -325,6 +326,9 @@ class Session:
         :return: iterator of ``(tag, header, data_frame)`` in completion order.
         :param errors: yield an error reply that is not retried (its header: ``ok`` false)
             like any other, instead of raising it: for requests that may fail one by one.
+        :param sent: called once, when the first ``window`` requests are on their way and before
+            any reply is waited for: work that overlaps their round trip (what it raises ends
+            the pipeline).
         :raises RemoteError: the first error reply that is not retried (its subclass names the
             code), unless ``errors``.
         :raises Timeout: a request got no reply within its budget.
@@ -348,6 +352,9 @@ class Session:
                 now = time.monotonic()
                 inflight[req_id] = _Outstanding(tag, frames, op, now, now + self.timeout)
                 wake = min(wake, now + self.timeout)
+            if sent is not None:
+                overlap, sent = sent, None
+                overlap()
             if not inflight:
                 break
             reply = self._recv(wake)
