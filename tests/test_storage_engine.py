@@ -1740,6 +1740,22 @@ def test_a_commits_audit_entry_is_the_one_audit_entry_makes(store):
     } | {"identity": "local"}
 
 
+def commit_many_header(req_id, files, commits, **fields):
+    """A ``commit_many`` request header of ``files`` ((name, content) pairs)."""
+    return {
+        "v": p.PROTOCOL_VERSION,
+        "id": req_id,
+        "op": "commit_many",
+        "names": [n for n, _ in files],
+        "sizes": [len(d) for _, d in files],
+        "hashes": [h(d) for _, d in files],
+        "mtimes": [1.0] * len(files),
+        "commits": commits,
+        "chunk_size": CHUNK,
+        **fields,
+    }
+
+
 def test_commit_many_offers_a_fill_for_each_file_it_made_from_its_content(store):
     """A ``commit_many`` tells the broker which of its files it may hand to the cache
     (``fills``: name, the offset of its content in the request's data, the new version's
@@ -1751,17 +1767,7 @@ def test_commit_many_offers_a_fill_for_each_file_it_made_from_its_content(store)
     files = [("a", b"alpha"), ("empty", b""), ("b/c", b"beta" * 100), ("taken", b"new")]
 
     def commit_many(req_id, ids):
-        header = {
-            "v": p.PROTOCOL_VERSION,
-            "id": req_id,
-            "op": "commit_many",
-            "names": [n for n, _ in files],
-            "sizes": [len(d) for _, d in files],
-            "hashes": [h(d) for _, d in files],
-            "mtimes": [1.0, 2.0, 3.0, 4.0],
-            "commits": ids,
-            "chunk_size": CHUNK,
-        }
+        header = commit_many_header(req_id, files, ids)
         service.handle_request({}, header, _frame(b"".join(d for _, d in files)))
         return link.replies[-1], link.many_fills[-1]
 
@@ -1785,17 +1791,7 @@ def test_a_commit_manys_fills_fit_beside_its_names_in_one_route_frame(store, mon
     names_bytes = sum(len(n) for n, _ in files)
     manifest = len(p.encode(store_manifest_of(store, service, link)))  # one's size
     monkeypatch.setattr(limits, "FILL_ROUTE_BYTES", names_bytes + 2 * manifest + 10)
-    header = {
-        "v": p.PROTOCOL_VERSION,
-        "id": 9,
-        "op": "commit_many",
-        "names": [n for n, _ in files],
-        "sizes": [len(d) for _, d in files],
-        "hashes": [h(d) for _, d in files],
-        "mtimes": [1.0] * 4,
-        "commits": [f"k{i}" for i in range(4)],
-        "chunk_size": CHUNK,
-    }
+    header = commit_many_header(9, files, [f"k{i}" for i in range(4)])
     service.handle_request({}, header, _frame(b"".join(d for _, d in files)))
     fills = link.many_fills[-1]
     assert [fill is not None for fill in fills] == [True, True, False, False]
@@ -1803,18 +1799,7 @@ def test_a_commit_manys_fills_fit_beside_its_names_in_one_route_frame(store, mon
 
 def store_manifest_of(store, service, link):
     """The manifest of a one-byte file named like the test's (made here, then measured)."""
-    header = {
-        "v": p.PROTOCOL_VERSION,
-        "id": 1,
-        "op": "commit_many",
-        "names": ["n9"],
-        "sizes": [1],
-        "hashes": [h(b"9")],
-        "mtimes": [1.0],
-        "commits": ["probe"],
-        "chunk_size": CHUNK,
-    }
-    service.handle_request({}, header, _frame(b"9"))
+    service.handle_request({}, commit_many_header(1, [("n9", b"9")], ["probe"]), _frame(b"9"))
     return store.version("n9").manifest(store.digest_fn)
 
 
@@ -1853,20 +1838,12 @@ def test_a_commit_manys_reply_route_with_its_fills_stays_within_a_route_frame(
     names = [f"{i:05d}".ljust(name_len, "n") for i in range(count)]
     meta = {"k": "v" * meta_len} if meta_len else {}
     size = CHUNK if hostile else 1
-    header = {
-        "v": p.PROTOCOL_VERSION,
-        "id": 1,
-        "op": "commit_many",
-        "names": names,
-        "sizes": [size] * count,
-        "hashes": [h(b"%d" % (i % 10) * size) for i in range(count)],
-        "mtimes": [1.0] * count,
-        "commits": [f"c{i}" for i in range(count)],
-        "chunk_size": CHUNK,
-        "meta": meta,
-    }
+    contents = [b"%d" % (i % 10) * size for i in range(count)]
+    header = commit_many_header(
+        1, list(zip(names, contents, strict=True)), [f"c{i}" for i in range(count)], meta=meta
+    )
     assert len(p.encode(header)) <= limits.MAX_HEADER  # a request the broker lets through
-    data = b"".join(b"%d" % (i % 10) * size for i in range(count))
+    data = b"".join(contents)
     service.handle_request({}, header, _frame(data))
     assert all(r["ok"] for r in link.replies[-1]["results"])
     fills = link.many_fills[-1]
