@@ -107,10 +107,12 @@ def test_sent_runs_once_with_the_first_window_on_its_way_before_any_reply_is_wai
     ends the pipeline with nothing yielded."""
     router, session = broker
     calls = []
+    window_seen = threading.Event()  # the router is the script's alone (a socket, one thread)
 
     def script():
         asked = [receive(router) for _ in range(2)]
         calls.append(("broker saw", len(asked)))
+        window_seen.set()
         for ident, header in asked:
             answer(router, ident, p.ok_reply(header["id"]))
         asked = [receive(router) for _ in range(2)]
@@ -118,7 +120,8 @@ def test_sent_runs_once_with_the_first_window_on_its_way_before_any_reply_is_wai
             answer(router, ident, p.ok_reply(header["id"]))
 
     def sent():
-        assert router.poll(RECV_TIMEOUT_MS)  # the window is on its way
+        # The client's thread is here, so it sent the window before it came here.
+        assert window_seen.wait(RECV_TIMEOUT_MS / 1000)  # the window is on its way
         calls.append(("sent", None))
 
     with serving(script), session.patience(30.0):
