@@ -49,8 +49,9 @@ def run_on_a_pty(args: list, typed: str, cwd, env=None) -> tuple:
     return code, b"".join(out).decode("utf-8", "replace").replace("\r\n", "\n")
 
 
-def run_on_a_terminal(args, cwd) -> str:
-    """Run client.py with stderr on a pseudo-terminal; return what it drew there."""
+def run_on_a_terminal(args, cwd, status: int = 0) -> str:
+    """Run client.py with stderr on a pseudo-terminal; return what it drew there (its exit
+    status checked to be ``status``)."""
     master, slave = pty.openpty()
     fcntl.ioctl(
         slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0)
@@ -74,5 +75,5 @@ def run_on_a_terminal(args, cwd) -> str:
         chunks.append(data)
     proc.wait(60)
     os.close(master)
-    assert proc.returncode == 0, b"".join(chunks)
+    assert proc.returncode == status, b"".join(chunks)
     return b"".join(chunks).decode("utf-8", "replace")

@@ -59,6 +59,28 @@ def test_progress_bar_on_a_terminal_only_and_not_with_quiet(shared_cluster, pref
     assert "100%" in small  # stdout is data, the bar on stderr
 
 
+def test_a_get_r_refused_by_its_destination_s_checks_draws_no_bar_only_the_error(
+    shared_cluster, prefix, tmp_path
+):
+    """The checks of get -r's destination run while its first batches are on their way, but
+    a tree they refuse shows what it showed when they ran first: the error, no bar at 0 %."""
+    cluster = shared_cluster
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "big").write_bytes(random_bytes(2 * MiB, 7))
+    (tree / "sub" / "b").write_bytes(b"b")
+    assert cluster.cli("put", "-r", str(tree), f"{prefix}checked").returncode == 0
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "sub").write_bytes(b"a file where a folder is to go")
+    drawn = run_on_a_terminal(
+        ["--broker", cluster.frontend, "get", "-r", f"{prefix}checked", str(dest)], tmp_path, 1
+    )
+    assert "is a file" in drawn and "nothing was downloaded" in drawn
+    assert "%" not in drawn and drawn.lstrip("\r\n").startswith("client.py: error:"), drawn
+    assert sorted(os.listdir(dest)) == ["sub"]  # nothing written
+
+
 def test_an_upload_s_bar_moves_while_it_uploads_and_its_rate_is_real(make_cluster, tmp_path):
     """Issue 26: the bar sat at 0 % through a whole upload, then showed 7.79 TB/s."""
     cluster = make_cluster()

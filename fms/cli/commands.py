@@ -13,7 +13,7 @@ import os
 import sys
 from argparse import Namespace
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, Protocol, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, Protocol, TypedDict, TypeVar, cast
 
 from .. import wire as p
 from ..errors import FmsError, NotFound
@@ -184,23 +184,49 @@ class _Move(Protocol):
     ) -> list[dict[str, Any]]: ...
 
 
+class _Get(Protocol):
+    """``client.get_many``, which runs ``before()`` once before it writes anything."""
+
+    def __call__(
+        self,
+        items: Iterable[tuple[str, str]],
+        done: Done | None = None,
+        before: Callable[[], None] | None = None,
+    ) -> list[dict[str, Any]]: ...
+
+
 def move_tree(
-    client: Client, move: _Move, items: list[tuple[str, str]], sizes: list[int], verb: str
+    client: Client,
+    move: _Move,
+    items: list[tuple[str, str]],
+    sizes: list[int],
+    verb: str,
+    before: Callable[[], None] | None = None,
 ) -> list[dict[str, Any]]:
     """``move(items, done=...)`` (``client.put_many`` or ``get_many``), drawing one bar for the
     whole tree when progress is drawn, moved as each file is done.  Interrupted (Ctrl-C), it
-    says how many files were done first.  :return: the results, in order."""
+    says how many files were done first.  ``before``: checks ``move`` (then ``get_many``) runs
+    before it writes anything; the bar is drawn once they pass, so a tree they refuse shows
+    only why.  :return: the results, in order."""
     bars = client.progress if isinstance(client.progress, _ProgressBars) else None
     finished: list[int] = []
+
+    def start() -> None:
+        if before is not None:
+            before()
+        if bars is not None and len(items) > 1:
+            bars.tree(len(items), sum(sizes), verb)
 
     def done(i: int, _stat: dict[str, Any]) -> None:
         finished.append(i)
         if bars is not None and bars.files is not None:
             bars.file_done(sizes[i], len(finished))
 
-    if bars is not None and len(items) > 1:
-        bars.tree(len(items), sum(sizes), verb)
+    if before is None:
+        start()
     try:
+        if before is not None:
+            return cast("_Get", move)(items, done=done, before=start)
         return move(items, done=done)
     except KeyboardInterrupt:
         if bars is not None and bars.bar is not None:
@@ -449,8 +475,9 @@ def _get_tree(args: Namespace, client: Client) -> None:
         items = [(name, dest) for name, dest in items if dest not in gone]
     results: list[dict[str, Any]] = []
     if items:
-        get_many = functools.partial(client.get_many, before=None if args.no_clobber else check)
-        results = move_tree(client, get_many, items, [e["size"] for e, _dest in entries], "get")
+        sizes = [e["size"] for e, _dest in entries]
+        before = None if args.no_clobber else check
+        results = move_tree(client, client.get_many, items, sizes, "get", before)
     if args.json:
         out = [*results, *({"dest": d, "skipped": True} for d in skipped)]
         print(json.dumps(out, indent=1))
