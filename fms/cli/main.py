@@ -114,11 +114,17 @@ def exit_now(status: int) -> None:
     """End the process with ``status`` once stdout and stderr are flushed, skipping the
     interpreter's teardown.  The command has closed its client (its socket with linger 0:
     nothing is left to send), and logging, if configured, is shut down as at exit.  If the
-    output cannot be flushed (a reader gone), or a thread of the command's is still running
-    (one cut short by Ctrl-C), return: the interpreter's own exit waits for it and reports
-    what it reports, as it always has."""
+    output cannot be flushed (a reader gone), or a thread that the interpreter's exit would
+    wait for still runs (not a daemon: a pool cut short by Ctrl-C), return: the interpreter's
+    own exit waits for it and reports what it reports, as it always has.  Daemon threads (the
+    progress bars' monitor, pyzmq's collector of zero-copy frames, which a large upload starts)
+    end with the process either way."""
     threading = sys.modules.get("threading")  # not imported: no thread was started
-    if threading is not None and threading.active_count() > 1:
+    if threading is not None and any(
+        not thread.daemon
+        for thread in threading.enumerate()
+        if thread is not threading.main_thread()
+    ):
         return
     if "logging" in sys.modules:
         import logging
