@@ -436,7 +436,7 @@ def _dispatch(
                 if fill is not None and (not isinstance(fill, bytes) or len(names) != 1):
                     raise BadRequest("inv: a 'fill' is bytes, for one name")
                 if fills is not None:
-                    fills = _fills(route, names)
+                    fills = p.read_fills(route, names)
         except BadRequest:
             for name in names:
                 service.on_invalidate(name, None)
@@ -467,33 +467,6 @@ def _dispatch(
         raise WorkerRefused(message)
     else:
         raise BadRequest(f"unknown route type {kind!r}")
-
-
-def _fills(route: dict[str, Any], names: list[str]) -> list[tuple[str, int, bytes]]:
-    """An ``inv``'s ``fills`` and ``offsets`` (a ``commit_many``'s), each an array with an
-    entry per name of ``names``: the manifest (bin) of the file made of the content at that
-    offset (an int, not negative) of the data frame, or nil for both.  :return: ``(name,
-    offset, manifest)`` of each file."""
-    fills, offsets = route.get("fills"), route.get("offsets")
-    if (
-        not isinstance(fills, list)
-        or not isinstance(offsets, list)
-        or not len(fills) == len(offsets) == len(names)
-    ):
-        raise BadRequest("inv: 'fills' and 'offsets' are arrays with an entry per name")
-    out = []
-    for name, manifest, offset in zip(names, fills, offsets, strict=True):
-        if manifest is None and offset is None:
-            continue
-        if (
-            not isinstance(manifest, bytes)
-            or not isinstance(offset, int)
-            or isinstance(offset, bool)
-            or offset < 0
-        ):
-            raise BadRequest("inv: a fill is a manifest (bin) and an offset (int, 0 or more)")
-        out.append((name, offset, manifest))
-    return out
 
 
 def _policy(service: "Service", frames: list[zmq.Frame]) -> None:
@@ -595,8 +568,7 @@ def reply_frames(
     if fill is not None:
         back["fill"] = fill
     if fills:
-        back["fills"] = [fill[1] if fill is not None else None for fill in fills]
-        back["offsets"] = [fill[0] if fill is not None else None for fill in fills]
+        back.update(p.fills_fields(fills))
     if cache is not None:
         back["cache"] = cache
     if chunks:

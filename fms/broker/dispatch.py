@@ -21,6 +21,7 @@ import msgpack
 
 from .. import limits
 from .. import wire as p
+from ..errors import BadRequest
 from ..logutil import RateLimitedLog
 from ..metrics import BrokerMetrics
 from . import headers as h
@@ -56,31 +57,20 @@ class Fill:
         an entry per name of its ``inv``) for the ``names`` it changed, or None (nothing
         offered, or not in a form the cache can take: a manifest larger than one may be; an
         ``inv`` the cache cannot read would lose the invalidation)."""
-        fill, fills, offsets = route.get("fill"), route.get("fills"), route.get("offsets")
+        fill = route.get("fill")
         if isinstance(fill, bytes):
             if len(fill) <= p.MANIFEST_MAX and len(names) == 1:
                 return cls([(names[0], 0, fill)], frame, since, True)
             return None
-        if (
-            not isinstance(fills, list)
-            or not isinstance(offsets, list)
-            or not len(fills) == len(offsets) == len(names)
-        ):
+        if route.get("fills") is None:
             return None
-        entries = []
-        for name, manifest, offset in zip(names, fills, offsets, strict=True):
-            if manifest is None and offset is None:
-                continue
-            if not (
-                isinstance(manifest, bytes)
-                and len(manifest) <= p.MANIFEST_MAX
-                and isinstance(offset, int)
-                and not isinstance(offset, bool)
-                and offset >= 0
-            ):
-                return None
-            entries.append((name, offset, manifest))
-        return cls(entries, frame, since, False) if entries else None
+        try:
+            entries = p.read_fills(route, names)
+        except BadRequest:
+            return None
+        if not entries or any(len(manifest) > p.MANIFEST_MAX for _n, _o, manifest in entries):
+            return None
+        return cls(entries, frame, since, False)
 
     def by_owner(self, caches: list[Worker]) -> dict[bytes, list[tuple[str, int, bytes]]]:
         """The entries each of ``caches`` owns, by its ident."""
@@ -251,13 +241,9 @@ class Dispatcher:
             return False
         if fill.single:
             extra: dict[str, Any] = {"fill": entries[0][2]}
-        else:  # two arrays with an entry per name (a route frame holds few containers)
+        else:
             mine = {name: (offset, manifest) for name, offset, manifest in entries}
-            at = [mine.get(name) for name in route.get("names") or [route["name"]]]
-            extra = {
-                "fills": [one[1] if one else None for one in at],
-                "offsets": [one[0] if one else None for one in at],
-            }
+            extra = p.fills_fields([mine.get(n) for n in route.get("names") or [route["name"]]])
         message = _encode({**route, **extra, "since": fill.since})
         if not self.transport.to_worker(worker.ident, [message, fill.frame]):
             return False

@@ -41,8 +41,10 @@ __all__ = [
     "check_frame_count",
     "check_version",
     "error_reply",
+    "fills_fields",
     "is_version",
     "ok_reply",
+    "read_fills",
 ]
 
 PROTOCOL_VERSION = 3  # 2: every store used sha256; 1: manifests listed every chunk
@@ -185,3 +187,43 @@ def error_reply(req_id: object, code: str, message: str) -> dict[str, Any]:
 
 def ok_reply(req_id: object, **fields: Any) -> dict[str, Any]:
     return {"v": PROTOCOL_VERSION, "id": req_id, "ok": True, **fields}
+
+
+# A `commit_many`'s fills on commit, in a route frame (storage's `rep`, the broker's `inv`): two
+# arrays with an entry per name of the route's names, `fills` (the manifest of a file made from
+# the content the request carried, bin) and `offsets` (where that content starts in the data,
+# an int), nil for both where there is none: a route frame holds few containers (fms.limits).
+
+
+def fills_fields(per_name: list[tuple[int, bytes] | None]) -> dict[str, list[Any]]:
+    """The ``fills`` and ``offsets`` fields of ``per_name``: ``(offset, manifest)`` or None
+    for each name of the route."""
+    return {
+        "fills": [fill[1] if fill is not None else None for fill in per_name],
+        "offsets": [fill[0] if fill is not None else None for fill in per_name],
+    }
+
+
+def read_fills(route: dict[str, Any], names: list[str]) -> list[tuple[str, int, bytes]]:
+    """``(name, offset, manifest)`` of each fill a route's ``fills`` and ``offsets`` offer for
+    ``names``.  :raises BadRequest: they are not as :func:`fills_fields` makes them."""
+    fills, offsets = route.get("fills"), route.get("offsets")
+    if (
+        not isinstance(fills, list)
+        or not isinstance(offsets, list)
+        or not len(fills) == len(offsets) == len(names)
+    ):
+        raise BadRequest("'fills' and 'offsets' are arrays with an entry per name")
+    out = []
+    for name, manifest, offset in zip(names, fills, offsets, strict=True):
+        if manifest is None and offset is None:
+            continue
+        if (
+            not isinstance(manifest, bytes)
+            or not isinstance(offset, int)
+            or isinstance(offset, bool)
+            or offset < 0
+        ):
+            raise BadRequest("a fill is a manifest (bin) and an offset (int, 0 or more)")
+        out.append((name, offset, manifest))
+    return out
