@@ -370,6 +370,14 @@ class _Unread:
 _UNREAD = _Unread()
 
 
+class WriterQueue(Protocol):
+    """Writers of one store wait here, one at a time, before they begin a transaction."""
+
+    def enter(self) -> None: ...
+
+    def leave(self) -> None: ...
+
+
 class _Write:
     """One write transaction of ``meta`` (:meth:`SQLMeta._write`), as a context manager:
     begun on entry, committed on a clean exit, else rolled back, and driver errors become the
@@ -390,15 +398,23 @@ class _Write:
 
     def __enter__(self) -> None:
         meta = self.meta
-        if self.relax is not None:
-            meta._execute(self.relax)
+        gate = meta.writers
+        if gate is not None:
+            gate.enter()
         try:
-            meta._execute(meta.begin_write)
-        except Exception as exc:
-            error = meta._error(exc)
-            if self.restore is not None:
-                meta._execute(self.restore)  # never left relaxed
-            raise error from None
+            if self.relax is not None:
+                meta._execute(self.relax)
+            try:
+                meta._execute(meta.begin_write)
+            except Exception as exc:
+                error = meta._error(exc)
+                if self.restore is not None:
+                    meta._execute(self.restore)  # never left relaxed
+                raise error from None
+        except BaseException:
+            if gate is not None:
+                gate.leave()
+            raise
         meta.in_transaction = True
 
     def __exit__(
@@ -418,8 +434,12 @@ class _Write:
             return False  # the body's exception goes on
         finally:
             meta.in_transaction = False
-            if self.restore is not None:  # never left relaxed: if this fails, so does the
-                meta._execute(self.restore)  # request
+            try:
+                if self.restore is not None:  # never left relaxed: if this fails, so does
+                    meta._execute(self.restore)  # the request
+            finally:
+                if meta.writers is not None:
+                    meta.writers.leave()
 
     def _roll_back(self, exc: BaseException) -> None:
         """Roll back after ``exc``; raise it as the wire's error if it is the driver's."""
@@ -447,6 +467,9 @@ class SQLMeta(AccessSQL, MetaEngine):
     locks_names = False  # whether _lock_names does anything (transactions run side by side)
     skip_locked = ""  # appended to the collector's SELECT
     in_transaction = False  # a lost connection must not be silently reopened midway
+    # Where the writers of the store queue before the database's own lock, if it has one of its
+    # own (SQLite: see fms.storage.meta.sqlite.LockFileQueue).
+    writers: "WriterQueue | None" = None
     _reading = False  # in a snapshot (see snapshot())
     keep_versions = 0  # replaced versions retained per name (the worker's --keep-versions)
     _delta: builtins.list[int]  # what the transaction under way adds to the totals row

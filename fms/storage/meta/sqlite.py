@@ -6,7 +6,9 @@ midway), and a long busy timeout, so several worker processes on one machine can
 """
 
 import contextlib
+import fcntl
 import logging
+import os
 import sqlite3
 import time
 import uuid
@@ -20,16 +22,57 @@ BUSY_TIMEOUT = 60.0  # seconds a writer waits for another worker's transaction
 log = logging.getLogger("fms.storage.meta")
 
 
+class LockFileQueue:
+    """The writers of one SQLite file queue on a lock file beside it (``flock``) before they
+    ask for SQLite's write lock, so that the kernel hands the turn on the moment a transaction
+    ends.  SQLite's own busy handler polls instead, sleeping 1, 2, 5, 10, 15 ms and more between
+    tries: two storage workers sharing a store left it idle for milliseconds after each other's
+    transaction (a ``put -r`` of small files was 8 % slower with two workers than with one).
+    SQLite's lock stays the one that keeps transactions apart; this queue only orders them.
+    A writer that does not queue here (another program) is still waited for by the busy
+    handler.  Each connection opens the file itself: ``flock`` excludes other open files, in
+    this process too."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def enter(self) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def leave(self) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class SQLiteMeta(SQLMeta):
     """:param path: the database file (created with its tables if missing)."""
 
     begin_write = "BEGIN IMMEDIATE"
+    writers: LockFileQueue | None = None
     lazy_commit = ("PRAGMA synchronous=NORMAL", "PRAGMA synchronous=FULL")
 
     def __init__(
         self, path: str, store_id: str | None = None, digest_fn: str | None = None
     ) -> None:
         self.path = path
+        try:
+            self.writers = LockFileQueue(path + "-writers")
+        except OSError as exc:  # a read-only directory: SQLite's busy handler alone
+            log.info("event=writer_queue_unavailable path=%s error=%r", path, exc)
+        try:
+            self._open(store_id, digest_fn)
+        except BaseException:
+            if self.writers is not None:
+                self.writers.close()
+            raise
+        self.store_id = self._stored_id()
+
+    def _open(self, store_id: str | None, digest_fn: str | None) -> None:
+        """Connect, in WAL mode, and create or upgrade the tables, waiting for other workers
+        doing the same."""
+        path = self.path
         deadline = time.monotonic() + BUSY_TIMEOUT
         wait = 0.01
         while True:
@@ -56,7 +99,6 @@ class SQLiteMeta(SQLMeta):
                 raise
             except (sqlite3.DatabaseError, FmsError) as exc:
                 raise _cannot_open(path, exc) from None
-        self.store_id = self._stored_id()
 
     def _execute(self, sql: str, args: Sequence[object] = ()) -> Cursor:
         return self.db.execute(sql, args)
@@ -83,6 +125,9 @@ class SQLiteMeta(SQLMeta):
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
             self.db.close()
+        if self.writers is not None:
+            self.writers.close()
+            self.writers = None
 
 
 def _cannot_open(path: str, exc: Exception) -> FmsError:

@@ -1,0 +1,104 @@
+"""SQLite's writers queue on a lock file beside the database (``meta.db-writers``) before they
+ask for SQLite's write lock: each write transaction holds it from its BEGIN to its end, however it
+ends, so that the next writer (another storage worker) is woken when it is done rather than when
+SQLite's busy handler next looks."""
+
+import fcntl
+import os
+import threading
+
+import pytest
+from storage_helpers import h, new_version
+
+from fms.errors import Unavailable
+from fms.storage.meta.sqlite import SQLiteMeta
+
+NOW = 1_800_000_000.0
+
+
+def queued(path: str) -> bool:
+    """Whether a writer holds the queue's lock of the database at ``path`` now."""
+    fd = os.open(path + "-writers", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # (and with it the lock this took, if it took one)
+    return False
+
+
+def commit(meta: SQLiteMeta, name: str, data: bytes):
+    """A small file's commit, its content along (as commit_many brings it)."""
+    [result] = meta.apply([new_version(name, data, f"c-{name}")], NOW, {h(data): data})
+    return result
+
+
+@pytest.fixture
+def meta(tmp_path):
+    engine = SQLiteMeta(str(tmp_path / "meta.db"))
+    yield engine
+    engine.close()
+
+
+def test_a_write_transaction_holds_the_queue_to_its_commit(meta):
+    assert not queued(meta.path)
+    with meta._write():
+        assert queued(meta.path)
+    assert not queued(meta.path)
+    assert commit(meta, "a", b"x" * 10).name == "a" and not queued(meta.path)
+
+
+def test_a_transaction_that_fails_leaves_the_queue(meta):
+    with pytest.raises(RuntimeError), meta._write():
+        assert queued(meta.path)
+        raise RuntimeError("the work failed")
+    assert not queued(meta.path) and not meta.in_transaction
+
+
+def test_a_writer_that_cannot_begin_leaves_the_queue(meta, tmp_path):
+    other = SQLiteMeta(meta.path)
+    try:
+        other.writers = None  # a writer that does not queue (another program) holds SQLite's lock
+        other.db.execute("BEGIN IMMEDIATE")
+        meta.db.execute("PRAGMA busy_timeout = 50")
+        with pytest.raises(Unavailable, match="busy"), meta._write():
+            pass
+        assert not queued(meta.path)
+        other.db.execute("ROLLBACK")
+    finally:
+        other.close()
+    with meta._write():
+        pass
+
+
+def test_the_next_writer_waits_in_the_queue_and_goes_on_when_the_first_is_done(meta):
+    second = SQLiteMeta(meta.path)
+    waiting, done = threading.Event(), []
+
+    def write() -> None:
+        waiting.set()
+        done.append(commit(second, "b", b"y" * 10))
+
+    try:
+        with meta._write():
+            thread = threading.Thread(target=write, daemon=True)
+            thread.start()
+            assert waiting.wait(10)
+            thread.join(0.2)  # it cannot get past the queue while this transaction is open
+            assert not done
+        thread.join(10)
+        assert [v.name for v in done] == ["b"]
+    finally:
+        second.close()
+
+
+def test_without_a_queue_file_the_store_still_writes(tmp_path):
+    path = str(tmp_path / "meta.db")
+    os.mkdir(path + "-writers")  # cannot be opened as the queue's file
+    engine = SQLiteMeta(path)
+    try:
+        assert engine.writers is None
+        assert commit(engine, "a", b"x" * 10).name == "a"
+    finally:
+        engine.close()
