@@ -2,6 +2,7 @@
 derived from them, for every shape of file."""
 
 import os
+import threading
 
 import pytest
 from storage_helpers import h
@@ -37,3 +38,25 @@ def test_a_file_over_the_manifest_cap_is_refused_before_it_is_read(tmp_path):
         f.truncate((p.MAX_FILE_CHUNKS + 1) * CHUNK)  # sparse: nothing to read, much to refuse
     with pytest.raises(TooLarge, match="larger chunks"):
         plan_file(str(path), CHUNK, h)
+
+
+@pytest.mark.parametrize("size", [1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5])
+def test_a_file_longer_than_its_size_said_is_read_whole(tmp_path, size):
+    """A file of less than a chunk is read into a buffer of its size and a byte: one that grew
+    since (here a FIFO, whose size reads 0) is read on, to its end, in chunks."""
+    data = os.urandom(size)
+    fifo = tmp_path / "grows"
+    os.mkfifo(fifo)
+
+    def write() -> None:
+        with open(fifo, "wb") as f:
+            f.write(data)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    plan = plan_file(str(fifo), CHUNK, h)
+    writer.join(10)
+    assert not writer.is_alive()
+    assert plan.size == size
+    assert plan.chunks() == [h(data[i : i + CHUNK]) for i in range(0, size, CHUNK)]
+    assert plan.inline == (data if p.travels_inline(size, plan.count) else None)

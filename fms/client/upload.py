@@ -119,8 +119,15 @@ def plan_file(
         try:
             st = os.fstat(f.fileno())
             p.check_extents(((chunk_size, st.st_size),) if st.st_size else ())  # before reading
-            view = memoryview(bytearray(chunk_size))
+            # A file of less than a chunk is read into a buffer of its size and a byte (which
+            # finds that it grew): a zeroed chunk for each cost a put -r of 4 KiB files 8 µs
+            # a file in the client, a quarter of its work.
+            view = memoryview(bytearray(min(chunk_size, st.st_size + 1)))
             n = read_full(f, view)
+            if n == len(view) < chunk_size:  # it grew since: the rest of its first chunk
+                grown = memoryview(bytearray(chunk_size))
+                grown[:n] = view
+                view, n = grown, n + read_full(f, grown[n:])
             if n < chunk_size:  # one chunk at most: no thread
                 piece = bytes(view[:n])
                 digests = hash_fn(piece) if n else b""
