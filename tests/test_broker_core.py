@@ -220,6 +220,30 @@ def test_changes_stay_with_the_worker_that_took_the_last_one_while_both_are_idle
     assert [h["id"] for _, h in requests_to(core.transport.take(), other)] == [201]
 
 
+def test_a_put_rs_commit_many_batches_are_packed_onto_one_storage_worker(core):
+    """``commit_many`` takes storage's write lock as a change does (wire.WRITE_OPS): a put -r's
+    batches in flight go to one worker back to back, not one to each, where each worker's
+    transaction waited for the other's and found its pages changed by it."""
+    ready(core, b"s-a", p.STORAGE)
+    ready(core, b"s-b", p.STORAGE)
+    core.transport.take()
+    for i in range(4):
+        content = b"batch %d" % i
+        fields = {
+            "names": [f"tree/{i}"],
+            "sizes": [len(content)],
+            "hashes": [p.sha256(content)],
+            "mtimes": [1.0],
+            "commits": [f"m{i}"],
+            "chunk_size": 65536,
+        }
+        ask(core, b"alice", "commit_many", i, data=content, **fields)
+    sent = core.transport.take()
+    counts = sorted(len(requests_to(sent, w)) for w in (b"s-a", b"s-b"))
+    assert counts == [0, 4]
+    assert {w.changes for w in core.registry.of(p.STORAGE)} == {0, 4}
+
+
 def test_changes_are_not_packed_onto_a_storage_worker_that_has_stopped_answering(core):
     """A storage worker's heartbeats come from a thread of their own, so one stuck in its work
     (a hung disk, a lock wait) stays registered.  Packing changes must not pile every client's

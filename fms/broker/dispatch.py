@@ -191,7 +191,7 @@ class Dispatcher:
                 worker.progress = now
             worker.inflight_bytes += pending.nbytes + pending.expect
             worker.inflight.add(key)
-            if pending.op in p.CHANGE_OPS:
+            if pending.op in p.WRITE_OPS:
                 worker.changes += 1
                 worker.last_change = key
             worker.served += 1
@@ -399,4 +399,4 @@ def _release(worker: Worker, key: int, pending: Pending) -> None:
     """``worker`` holds request ``key`` no more: its credit (in requests and bytes) is free."""
     worker.inflight.discard(key)
     worker.inflight_bytes -= pending.nbytes + pending.expect
-    worker.changes -= pending.op in p.CHANGE_OPS
+    worker.changes -= pending.op in p.WRITE_OPS

@@ -33,7 +33,7 @@ class Worker:
     expiry: float  # monotonic time past which it counts as dead unless heard from
     inflight: set = field(default_factory=set)  # broker request keys
     inflight_bytes: int = 0  # their data + the replies expected of them
-    changes: int = 0  # how many of them are storage changes (wire.CHANGE_OPS: routing.pick)
+    changes: int = 0  # how many of them take storage's write lock (wire.WRITE_OPS: routing.pick)
     served: int = 0
     last_used: int = 0  # request key of its latest dispatch
     last_change: int = 0  # request key of the latest change sent to it (routing.pick)

@@ -143,7 +143,7 @@ def pick(
         return owner if owner in free else None
     if len(free) == 1:  # (whichever rule picks: the one free worker, unless it is avoided)
         return None if free[0].ident in pending.exclude else free[0]
-    if service == p.STORAGE and pending.op in p.CHANGE_OPS:
+    if service == p.STORAGE and pending.op in p.WRITE_OPS:
         # Packed, not spread: a storage worker applies the changes that reach it back to back in
         # one transaction, and two workers of one store take turns at its write lock anyway.
         # Spread over two, 8 writers' commits were mostly groups of one (docs/BENCHMARKS.md).
