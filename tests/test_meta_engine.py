@@ -157,6 +157,55 @@ def test_group_commit_applies_each_change_on_its_own(engine):
     assert [v.name for v in engine.list("", "", 10)] == ["ok1", "ok2"]
 
 
+def test_a_group_with_a_refused_change_leaves_only_the_others_made(engine):
+    """A group is made first without a savepoint per change; a refusal rolls that attempt back
+    whole and the group is made again, each change under a savepoint: what stands is exactly
+    what the changes that passed made (names, totals, audit, the chunks they claimed)."""
+    before, audited = engine.totals(), len(engine.audit_read(0, 0, 1000))
+    changes = [new_version(f"ok{i}", b"content %d" % i, f"g{i}") for i in range(3)]
+    # Refused after it claimed the first of its two chunks (its bytes came along); the second
+    # was never stored.
+    halves = [b"a" * CHUNK, b"never claimed"]
+    bad = new_version("bad", b"".join(halves), "g-bad")
+    small = {c.chunks[0]: b"content %d" % i for i, c in enumerate(changes)}
+    small[bad.chunks[0]] = halves[0]
+    results = engine.apply([changes[0], changes[1], bad, changes[2]], NOW, small)
+    assert [type(r).__name__ for r in results] == ["Version", "Version", "MissingChunks", "Version"]
+    assert [r.version for r in results if not isinstance(r, Exception)] == [1, 1, 1]
+    after = engine.totals()
+    assert (after.files - before.files, after.bytes - before.bytes) == (3, 3 * len(b"content 0"))
+    assert after.chunks - before.chunks == 3
+    assert len(engine.audit_read(0, 0, 1000)) == audited + 3
+    assert [v.name for v in engine.list("", "", 10)] == ["ok0", "ok1", "ok2"]
+    assert all(engine.chunk(c.chunks[0]).refs == 1 for c in changes)
+    assert engine.chunk(bad.chunks[0]) is None
+
+
+def test_a_group_answers_a_repeated_commit_from_the_log_and_refuses_a_reused_id(engine):
+    """The commit ids of a group are looked up together: a repeat of a request already made is
+    answered with what it made then, an id another request used is refused, the rest are made,
+    also when the id was used earlier in the same group (as a change, or as the id a move
+    makes for its source's removal, ID/src)."""
+    first = commit(engine, "a", b"one", "r1")
+    again = new_version("a", b"one", "r1")  # the same request again
+    reused = new_version("b", b"two", "r1")  # another request with its id
+    fresh = new_version("c", b"three", "r2")
+    small = {again.chunks[0]: b"one", reused.chunks[0]: b"two", fresh.chunks[0]: b"three"}
+    results = engine.apply([again, reused, fresh], NOW, small)
+    assert (results[0].name, results[0].version, results[0].digest) == ("a", 1, first.digest)
+    assert isinstance(results[1], BadRequest) and results[2].name == "c"
+    assert engine.get("b") is None and engine.get("a").version == 1
+    twice = [new_version("d", b"four", "r3"), new_version("e", b"five", "r3")]
+    small = {twice[0].chunks[0]: b"four", twice[1].chunks[0]: b"five"}
+    made, refused = engine.apply(twice, NOW, small)
+    assert made.name == "d" and isinstance(refused, BadRequest) and engine.get("e") is None
+    # A move logs its source's removal as "m/src": a change of the same group with that id is
+    # refused as one that reuses an id, not failed by the log's unique key.
+    moved, clash = engine.apply([Copy("c", "f", "m", move=True), Removal("d", "m/src")], NOW, {})
+    assert moved.name == "f" and isinstance(clash, BadRequest) and "already used" in str(clash)
+    assert engine.get("d") is not None
+
+
 def test_small_content_travels_with_the_commit(engine):
     change = new_version("s", b"tiny", "c1")
     [version] = engine.apply([change], NOW, {change.chunks[0]: b"tiny"})

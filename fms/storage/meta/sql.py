@@ -147,6 +147,11 @@ class Retry(Exception):
     """The transaction met a deadlock or a serialization failure: run it again."""
 
 
+class _Guard(Exception):
+    """A change of a group made without savepoints was refused: the group's transaction is
+    rolled back and made again with one around each change (SQLMeta.apply)."""
+
+
 class _Refused(Exception):
     """The one change of a group was refused (``error``): its transaction is rolled back whole
     instead of to a savepoint."""
@@ -823,7 +828,7 @@ class SQLMeta(AccessSQL, MetaEngine):
     def apply(
         self, changes: Sequence[Change], now: float, small: Mapping[Digest, BytesLike]
     ) -> builtins.list[Version | FmsError]:
-        def work() -> builtins.list[Version | FmsError]:
+        def work(guarded: bool) -> builtins.list[Version | FmsError]:
             if self.locks_names:
                 self._lock_names(
                     sorted(
@@ -833,13 +838,15 @@ class SQLMeta(AccessSQL, MetaEngine):
                 )
             results: builtins.list[Version | FmsError] = []
             # A group of one needs no savepoint: a refusal rolls the whole transaction back.
-            # Each change's savepoint is released before the next one's is taken, so all go by
-            # one name: the statements' text stays the same, and the driver's statement cache
-            # (128) keeps them (a name per change made a group of 64 evict every statement).
+            # Nor does a group's first attempt (``guarded`` False): a refusal rolls it back
+            # whole, and it is made again with a savepoint around each change.  Each change's
+            # savepoint is released before the next one's is taken, so all go by one name: the
+            # statements' text stays the same, and the driver's statement cache (128) keeps
+            # them (a name per change made a group of 64 evict every statement).
             alone = len(changes) == 1
             saved = self._delta
             for change in changes:
-                if not alone:
+                if guarded:
                     self._execute("SAVEPOINT change")
                     saved = builtins.list(self._delta)
                 self._chunk_refs = collections.Counter()
@@ -862,13 +869,15 @@ class SQLMeta(AccessSQL, MetaEngine):
                         self._refs("chunks", "digest", *_by_delta(self._chunk_refs), now)
                     if self._made:
                         self._audit(change_entry(change, result, now))
-                    if not alone:
+                    if guarded:
                         self._execute("RELEASE SAVEPOINT change")
                 except FmsError as exc:
                     if isinstance(exc, ConnectionLost):
                         raise  # the connection is gone: nothing of it stands
                     if alone:
                         raise _Refused(exc) from None  # nothing else to keep: roll back
+                    if not guarded:
+                        raise _Guard from None  # roll back; again, a savepoint each
                     self._execute("ROLLBACK TO SAVEPOINT change")
                     self._execute("RELEASE SAVEPOINT change")
                     self._delta = saved
@@ -877,7 +886,10 @@ class SQLMeta(AccessSQL, MetaEngine):
             return results
 
         try:
-            return self._transaction(work)
+            try:
+                return self._transaction(lambda: work(False))
+            except _Guard:
+                return self._transaction(lambda: work(True))
         except _Refused as refused:
             return [refused.error]
 
