@@ -4,6 +4,7 @@ ends, so that the next writer (another storage worker) is woken when it is done 
 SQLite's busy handler next looks."""
 
 import fcntl
+import gc
 import os
 import threading
 
@@ -102,3 +103,20 @@ def test_without_a_queue_file_the_store_still_writes(tmp_path):
         assert commit(engine, "a", b"x" * 10).name == "a"
     finally:
         engine.close()
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_an_engine_dropped_without_close_leaves_no_descriptor(tmp_path):
+    """An engine that is never closed (one whose opening failed further on, a test's) closes
+    its queue's file when it is collected, as sqlite3 closes its connection."""
+    path = str(tmp_path / "meta.db")
+    SQLiteMeta(path).close()
+    before = open_fds()
+    for _ in range(3):
+        engine = SQLiteMeta(path)
+        del engine
+        gc.collect()
+    assert open_fds() == before

@@ -12,6 +12,7 @@ import os
 import sqlite3
 import time
 import uuid
+import weakref
 from collections.abc import Sequence
 
 from ...errors import FmsError, NoSpace, Unavailable
@@ -35,6 +36,10 @@ class LockFileQueue:
 
     def __init__(self, path: str) -> None:
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Closed when the engine is dropped without close() (a constructor that failed
+        # further on, a test), as sqlite3 closes its connection: a descriptor per engine
+        # would leak otherwise.
+        self._closer = weakref.finalize(self, os.close, self.fd)
 
     def enter(self) -> None:
         fcntl.flock(self.fd, fcntl.LOCK_EX)
@@ -43,7 +48,7 @@ class LockFileQueue:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
-        os.close(self.fd)
+        self._closer()
 
 
 class SQLiteMeta(SQLMeta):
