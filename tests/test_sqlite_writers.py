@@ -120,3 +120,35 @@ def test_an_engine_dropped_without_close_leaves_no_descriptor(tmp_path):
         del engine
         gc.collect()
     assert open_fds() == before
+
+
+def test_a_writer_waits_in_the_queue_no_longer_than_for_sqlites_lock(meta):
+    """A worker stopped or stuck in its transaction (here: one left open) holds the queue: the
+    next writer gives up after the busy timeout with ``unavailable``, as it did on SQLite's lock
+    alone, rather than waiting forever; once the first is done, it writes again."""
+    stuck = SQLiteMeta(meta.path)
+    outcome: list[object] = []
+    try:
+        assert meta.writers is not None
+        meta.writers.timeout = 0.2
+        with stuck._write():
+            thread = threading.Thread(target=lambda: outcome.append(_attempt(meta)), daemon=True)
+            thread.start()
+            thread.join(10)
+            assert not thread.is_alive(), "the writer waited on past the timeout"
+            assert isinstance(outcome[0], Unavailable) and "busy" in str(outcome[0])
+            assert not meta.in_transaction
+        for waiter in threading.enumerate():  # the given-up wait's thread takes the turn
+            if waiter.name == "fms-writers-queue":  # now, and drops it with its descriptor
+                waiter.join(10)
+        assert not queued(meta.path)  # (the abandoned file's last): it holds nothing after
+        assert commit(meta, "a", b"x" * 10).name == "a" and not queued(meta.path)
+    finally:
+        stuck.close()
+
+
+def _attempt(meta: SQLiteMeta) -> object:
+    try:
+        return commit(meta, "late", b"z" * 10)
+    except Unavailable as exc:
+        return exc

@@ -10,6 +10,7 @@ import fcntl
 import logging
 import os
 import sqlite3
+import threading
 import time
 import uuid
 import weakref
@@ -32,20 +33,78 @@ class LockFileQueue:
     SQLite's lock stays the one that keeps transactions apart; this queue only orders them.
     A writer that does not queue here (another program) is still waited for by the busy
     handler.  Each connection opens the file itself: ``flock`` excludes other open files, in
-    this process too."""
+    this process too.
 
-    def __init__(self, path: str) -> None:
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    A writer waits here no longer than it would for SQLite's lock (``timeout``): a worker
+    stopped or stuck in its transaction must cost the others ``unavailable`` after that, as the
+    busy handler's timeout does, not hold them forever.  ``flock`` itself has no timeout, so a
+    contended wait is made on a thread of its own over a duplicate of the descriptor; one given
+    up is left to that thread, and this queue goes on with a new open file (the abandoned one's
+    lock, if the thread ever gets it, goes when the thread closes the last descriptor of it)."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self.path = path
+        self.timeout = timeout
+        self.fd: int | None = self._open()  # None: given up (see _abandon), not queuing
         # Closed when the engine is dropped without close() (a constructor that failed
-        # further on, a test), as sqlite3 closes its connection: a descriptor per engine
-        # would leak otherwise.
+        # further on, a test): a descriptor per engine would leak otherwise.
         self._closer = weakref.finalize(self, os.close, self.fd)
 
+    def _open(self) -> int:
+        return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
     def enter(self) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        """Wait for the turn.  :raises Unavailable: it did not come within ``timeout``."""
+        if self.fd is None:
+            return
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        waiter = os.dup(self.fd)  # the thread's own: it closes it whatever happens here
+        got = threading.Event()
+        failed: list[OSError] = []
+
+        def wait() -> None:
+            try:
+                fcntl.flock(waiter, fcntl.LOCK_EX)
+            except OSError as exc:
+                failed.append(exc)
+            finally:
+                os.close(waiter)
+                got.set()
+
+        try:
+            threading.Thread(target=wait, name="fms-writers-queue", daemon=True).start()
+        except BaseException:
+            os.close(waiter)
+            raise
+        try:
+            if got.wait(self.timeout):
+                if failed:
+                    raise failed[0]
+                return
+        except BaseException:
+            self._abandon()
+            raise
+        self._abandon()
+        raise Unavailable(f"the metadata database stayed busy for {self.timeout:.0f} s; try again")
+
+    def _abandon(self) -> None:
+        """Leave this open file (and the lock a waiting thread may yet take on it) behind."""
+        self._closer()  # (the thread still holds its duplicate, if it waits on)
+        try:
+            self.fd = self._open()
+        except OSError as exc:  # out of descriptors: SQLite's busy handler alone
+            log.warning("event=writer_queue_unavailable path=%s error=%r", self.path, exc)
+            self.fd = None
+            return
+        self._closer = weakref.finalize(self, os.close, self.fd)
 
     def leave(self) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         self._closer()
@@ -63,7 +122,7 @@ class SQLiteMeta(SQLMeta):
     ) -> None:
         self.path = path
         try:
-            self.writers = LockFileQueue(path + "-writers")
+            self.writers = LockFileQueue(path + "-writers", BUSY_TIMEOUT)
         except OSError as exc:  # a read-only directory: SQLite's busy handler alone
             log.info("event=writer_queue_unavailable path=%s error=%r", path, exc)
         try:
