@@ -391,19 +391,20 @@ class _Write:
     (``contextlib.contextmanager``): every commit enters one, and the generator's machinery
     cost a small commit about 2 µs."""
 
-    __slots__ = ("meta", "relax", "restore")
+    __slots__ = ("meta", "queue", "relax", "restore")
     relax: str | None
     restore: str | None
+    queue: "WriterQueue | None"  # the writers' queue it waited in (left when it ends)
 
     def __init__(self, meta: "SQLMeta", relaxed: bool) -> None:
         self.meta = meta
-        self.relax = self.restore = None
+        self.relax = self.restore = self.queue = None
         if relaxed and meta.lazy_commit:
             self.relax, self.restore = meta.lazy_commit
 
     def __enter__(self) -> None:
         meta = self.meta
-        gate = meta.writers
+        gate = self.queue = meta.writers
         if gate is not None:
             gate.enter()
         try:
@@ -443,8 +444,8 @@ class _Write:
                 if self.restore is not None:  # never left relaxed: if this fails, so does
                     meta._execute(self.restore)  # the request
             finally:
-                if meta.writers is not None:
-                    meta.writers.leave()
+                if self.queue is not None:
+                    self.queue.leave()
 
     def _roll_back(self, exc: BaseException) -> None:
         """Roll back after ``exc``; raise it as the wire's error if it is the driver's."""
