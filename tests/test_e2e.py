@@ -223,6 +223,24 @@ def test_two_storage_workers_serve_one_store_and_share_the_load(cluster, tmp_pat
     cluster.wait_workers(storage=3, cache=1)
 
 
+def test_a_put_rs_batches_go_to_one_storage_worker_of_an_sqlite_store(cluster, tmp_path):
+    """Both storage workers write one SQLite file, one transaction at a time: a tree's
+    ``commit_many`` batches all go to one of them (routing.packs), not one to each."""
+    from fms.client.upload import BATCH_FILES
+
+    folder = tmp_path / "tree"
+    folder.mkdir()
+    count = 3 * BATCH_FILES + 5
+    items = [(write(folder / f"f{i}", random_bytes(100, i)), f"tree/f{i}") for i in range(count)]
+    with cluster.client() as c:
+        before = cluster.served()
+        c.put_many(items)
+        after = cluster.served()
+        assert len(c.ls("tree/")) == count
+    gained = sorted(after[w] - before[w] for w in ("storage-a", "storage-b"))
+    assert gained == [0, 4], gained
+
+
 def test_sequential_requests_take_turns_across_storage_workers(cluster):
     with cluster.client() as c:
         c.put_bytes(b"x", "x")

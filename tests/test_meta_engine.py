@@ -206,6 +206,13 @@ def test_a_group_answers_a_repeated_commit_from_the_log_and_refuses_a_reused_id(
     assert engine.get("d") is not None
 
 
+def test_an_engine_says_whether_its_writes_take_turns(engine):
+    """SQLite's write transactions take turns on one lock; PostgreSQL's run side by side.
+    Storage says which in ``ready`` (``serial``), and the broker packs a put -r's batches onto
+    one worker only where they take turns."""
+    assert engine.serial_writes is isinstance(engine, SQLiteMeta)
+
+
 def test_small_content_travels_with_the_commit(engine):
     change = new_version("s", b"tiny", "c1")
     [version] = engine.apply([change], NOW, {change.chunks[0]: b"tiny"})

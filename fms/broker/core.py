@@ -291,7 +291,8 @@ class Core:
         if self.registry.get(ident) is not None:
             self.dispatcher.worker_lost(ident, "registered again")
         digest_fn = route.get("digest_fn") if service == p.STORAGE else None
-        changed = self.registry.add(ident, service, worker_id, store_id, digest_fn)
+        serial = service == p.STORAGE and route.get("serial") is True
+        changed = self.registry.add(ident, service, worker_id, store_id, digest_fn, serial)
         # `pol`: this broker passes the store's access snapshot on (keys.py); the newest one
         # follows the welcome.
         self._send_route(ident, self._welcome())

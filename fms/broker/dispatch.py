@@ -29,7 +29,7 @@ from .admission import Admission
 from .headers import batches_of_names
 from .registry import Registry, Worker
 from .replies import FRONTEND, Replies
-from .routing import FairQueue, Pending, owner_of, pick
+from .routing import FairQueue, Pending, owner_of, packs, pick
 from .transport import Transport
 
 log = logging.getLogger("fms.broker")
@@ -191,7 +191,7 @@ class Dispatcher:
                 worker.progress = now
             worker.inflight_bytes += pending.nbytes + pending.expect
             worker.inflight.add(key)
-            if pending.op in p.WRITE_OPS:
+            if packs(pending.op, worker):
                 worker.changes += 1
                 worker.last_change = key
             worker.served += 1
@@ -399,4 +399,4 @@ def _release(worker: Worker, key: int, pending: Pending) -> None:
     """``worker`` holds request ``key`` no more: its credit (in requests and bytes) is free."""
     worker.inflight.discard(key)
     worker.inflight_bytes -= pending.nbytes + pending.expect
-    worker.changes -= pending.op in p.WRITE_OPS
+    worker.changes -= packs(pending.op, worker)

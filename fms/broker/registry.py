@@ -33,7 +33,7 @@ class Worker:
     expiry: float  # monotonic time past which it counts as dead unless heard from
     inflight: set = field(default_factory=set)  # broker request keys
     inflight_bytes: int = 0  # their data + the replies expected of them
-    changes: int = 0  # how many of them take storage's write lock (wire.WRITE_OPS: routing.pick)
+    changes: int = 0  # how many of them are changes packed onto one worker (routing.packs)
     served: int = 0
     last_used: int = 0  # request key of its latest dispatch
     last_change: int = 0  # request key of the latest change sent to it (routing.pick)
@@ -41,6 +41,7 @@ class Worker:
     progress: float = 0.0
     stats: dict = field(default_factory=dict)  # a cache's counters, from its heartbeats
     digest_fn: str | None = None  # storage: its store's digest function
+    serial: bool = False  # storage: its store takes one write transaction at a time (SQLite)
     # a cache: bytes of commit fills handed to ZeroMQ for it, and how many of them its latest
     # heartbeat said it took (dispatch.Dispatcher.invalidate)
     fill_sent: int = 0
@@ -148,12 +149,14 @@ class Registry:
         worker_id: str,
         store_id: str | None,
         digest_fn: str | None = None,
+        serial: bool = False,
     ) -> bool:
         """Register a worker (checked).  :return: whether the store's digest function became
         known or changed (a storage worker of another store than the last one): the caches
         must be told."""
         worker = Worker(ident, service, worker_id, store_id, time.monotonic() + LIVENESS)
         worker.digest_fn = digest_fn
+        worker.serial = serial
         self.workers[ident] = worker
         self._changed()
         if service != p.STORAGE or digest_fn is None:

@@ -130,6 +130,16 @@ def owner_of(key: str | bytes, caches: list[Worker]) -> Worker | None:
     return live[winner] if winner is not None else None
 
 
+def packs(op: str, worker: Worker) -> bool:
+    """Whether ``op``, sent to storage ``worker``, is packed onto the worker with changes in
+    hand (:func:`pick`): every change (``CHANGE_OPS``: a worker commits those that reach it back
+    to back in one transaction), and a put -r's ``commit_many`` where the store takes one write
+    transaction at a time (SQLite, ``serial`` in ``ready``): spread over two workers, each batch
+    waited for the other's and then read again the pages it had changed; over PostgreSQL the
+    batches of two workers commit side by side."""
+    return op in p.CHANGE_OPS or (op == "commit_many" and worker.serial)
+
+
 def pick(
     service: str, pending: Pending, free: list, registry: Registry, now: float
 ) -> Worker | None:
@@ -143,7 +153,7 @@ def pick(
         return owner if owner in free else None
     if len(free) == 1:  # (whichever rule picks: the one free worker, unless it is avoided)
         return None if free[0].ident in pending.exclude else free[0]
-    if service == p.STORAGE and pending.op in p.WRITE_OPS:
+    if service == p.STORAGE and packs(pending.op, free[0]):  # (one store: one kind of engine)
         # Packed, not spread: a storage worker applies the changes that reach it back to back in
         # one transaction, and two workers of one store take turns at its write lock anyway.
         # Spread over two, 8 writers' commits were mostly groups of one (docs/BENCHMARKS.md).

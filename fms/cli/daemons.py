@@ -190,12 +190,14 @@ def cmd_storage(args: Namespace) -> int:
         return EXIT_OK
     store.chunks.clean_tmp()
     log = logging.getLogger("fms.storage")
-    ready = {
+    ready: dict[str, object] = {
         "svc": p.STORAGE,
         "wid": _worker_id(args, "storage"),
         "store": store.store_id,
         "digest_fn": store.digest_fn,
     }
+    if store.meta.serial_writes:
+        ready["serial"] = True
     try:
         link = _link(args, ready, log)
     except BaseException:

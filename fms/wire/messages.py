@@ -34,7 +34,6 @@ __all__ = [
     "SERVICES",
     "STORAGE",
     "WORKER_SEND_TIMEOUT",
-    "WRITE_OPS",
     "GiB",
     "KiB",
     "MiB",
@@ -127,10 +126,6 @@ OP_SERVICE = {
 # in one metadata transaction (a group commit), so the broker sends them to one worker while it
 # has credit (fms.broker.routing.pick) rather than spreading them.
 CHANGE_OPS = frozenset({"commit", "rm", "mv", "cp", "restore"})
-# Every request that takes storage's write lock: the broker packs these onto one worker as it
-# packs CHANGE_OPS (a put -r's commit_many batches, spread over two workers, each found the other's
-# pages changed and waited for its transaction to end).
-WRITE_OPS = CHANGE_OPS | {"commit_many"}
 # Ops whose request may carry a data frame after its header; any other request is one frame.
 DATA_OPS = frozenset({"put_chunk", "put_page", "commit", "commit_many"})
 

@@ -74,6 +74,9 @@ class MetaEngine(AccessMeta, ABC):
     digest_fn: str
     hash: Callable[..., bytes]
     keep_versions: int = 0  # replaced versions retained per name (0: none)
+    # Whether its write transactions take turns on one lock, all workers of the store together
+    # (SQLite), rather than run side by side (PostgreSQL): announced in ``ready`` as ``serial``.
+    serial_writes: bool = True
 
     # --- names ---
 

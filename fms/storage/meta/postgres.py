@@ -44,6 +44,7 @@ class PostgresMeta(SQLMeta):
     for_update = " FOR UPDATE"
     skip_locked = " SKIP LOCKED"
     locks_names = True
+    serial_writes = False
 
     def __init__(self, url: str, store_id: str | None = None, digest_fn: str | None = None) -> None:
         self.url = url
