@@ -12,7 +12,7 @@ import threading
 import pytest
 from storage_helpers import h, new_version
 
-from fms.errors import Unavailable
+from fms.errors import FmsError, Unavailable
 from fms.storage.meta.sqlite import SQLiteMeta
 
 NOW = 1_800_000_000.0
@@ -158,3 +158,27 @@ def _attempt(meta: SQLiteMeta) -> object:
         return commit(meta, "late", b"z" * 10)
     except Unavailable as exc:
         return exc
+
+
+def test_a_transaction_closed_under_it_leaves_no_other_queue(meta):
+    """close() from another thread while a write transaction is under way (a worker shutting
+    down while its maintenance thread still writes) closes the queue's file; the transaction
+    then fails on the closed database and leaves the queue as a no-op.  It left it by the
+    closed descriptor: its number, reused by the next file opened (here: another engine's
+    queue, whose writer holds the lock), was unlocked, or flock failed (EBADF) and an OSError
+    replaced the transaction's own error."""
+    other: SQLiteMeta | None = None
+    try:
+        with pytest.raises(FmsError, match="closed database"), meta._write():
+            closer = threading.Thread(target=meta.close)
+            closer.start()
+            closer.join(10)
+            other = SQLiteMeta(meta.path)  # its queue's file takes the lowest free number
+            assert other.writers is not None
+            other.writers.enter()  # a writer of the other engine holds the queue
+        assert queued(meta.path)  # it still does
+        other.writers.leave()
+        assert not queued(meta.path)
+    finally:
+        if other is not None:
+            other.close()

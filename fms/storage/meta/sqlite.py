@@ -103,10 +103,15 @@ class LockFileQueue:
         self._closer = weakref.finalize(self, os.close, self.fd)
 
     def leave(self) -> None:
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        fd = self.fd
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
+        """Close the file (its lock goes with it).  A transaction under way, which keeps this
+        queue to leave it (``_Write``), leaves it as a no-op: its descriptor's number may
+        already be another file's (flock on it would fail, or unlock that file)."""
+        self.fd = None
         self._closer()
 
 
