@@ -8,7 +8,7 @@ from storage_helpers import CHUNK, digest_of, h, new_version, page_blobs, split
 
 from fms import wire as p
 from fms.errors import BadRequest, Conflict, MissingChunks, NotFound, TooLarge, Unavailable
-from fms.storage.meta.sql import prefix_end
+from fms.storage.meta.sql import ConnectionLost, Retry, prefix_end
 from fms.storage.meta.sqlite import SQLiteMeta
 from fms.storage.model import Copy, Removal, Restore, Totals
 
@@ -211,6 +211,58 @@ def test_an_engine_says_whether_its_writes_take_turns(engine):
     Storage says which in ``ready`` (``serial``), and the broker packs a put -r's batches onto
     one worker only where they take turns."""
     assert engine.serial_writes is isinstance(engine, SQLiteMeta)
+
+
+def test_a_group_made_again_after_a_refusal_is_retried_or_fails_whole(engine, monkeypatch):
+    """The group's second attempt (a savepoint per change, after a refusal rolled the first
+    back) is a transaction like the first: a deadlock in either attempt runs that attempt
+    again from the start, never applying a change twice; a bug or a lost connection in it
+    leaves nothing of the group and goes on to the caller."""
+    audit = engine._audit
+    calls: list[int] = []
+    script: dict[int, BaseException] = {}
+
+    def scripted(entry):  # the audit of a change made: fails as the script says
+        calls.append(len(calls) + 1)
+        if len(calls) in script:
+            raise script[len(calls)]
+        audit(entry)
+
+    monkeypatch.setattr(engine, "_audit", scripted)
+
+    def group(tag):
+        """Two commits and, between them, one refused after it claimed its first chunk."""
+        ok = [new_version(f"{tag}{i}", b"%s %d" % (tag.encode(), i), f"{tag}-{i}") for i in (0, 1)]
+        small = {c.chunks[0]: b"%s %d" % (tag.encode(), i) for i, c in enumerate(ok)}
+        halves = [tag.encode() * CHUNK, b"never sent"]
+        bad = new_version(f"{tag}-bad", halves[0][:CHUNK] + halves[1], f"{tag}-b")
+        small[bad.chunks[0]] = halves[0][:CHUNK]
+        return [ok[0], bad, ok[1]], small
+
+    before, audited = engine.totals(), len(engine.audit_read(0, 0, 1000))
+    # Calls: 1 the first attempt's ok0 (Retry: again), 2 its ok0 (the refusal follows),
+    # 3 the second attempt's ok0 (Retry: again), 4 its ok0, 5 its ok1.
+    script.update({1: Retry(), 3: Retry()})
+    changes, small = group("r")
+    results = engine.apply(changes, NOW, small)
+    assert [type(r).__name__ for r in results] == ["Version", "MissingChunks", "Version"]
+    assert [r.version for r in results if not isinstance(r, Exception)] == [1, 1]
+    assert len(calls) == 5
+    after = engine.totals()
+    assert (after.files - before.files, after.chunks - before.chunks) == (2, 2)
+    assert len(engine.audit_read(0, 0, 1000)) == audited + 2
+    assert engine.chunk(changes[1].chunks[0]) is None
+    for failure in (RuntimeError("a bug"), ConnectionLost("the database went away")):
+        calls.clear()
+        script.clear()
+        script[2] = failure  # the second attempt's first change, made
+        changes, small = group(type(failure).__name__)
+        with pytest.raises(type(failure)):
+            engine.apply(changes, NOW, small)
+        assert len(calls) == 2 and not engine.in_transaction
+        assert engine.totals() == after and engine.get(changes[0].name) is None
+        assert engine.chunk(changes[0].chunks[0]) is None
+    assert len(engine.audit_read(0, 0, 1000)) == audited + 2
 
 
 def test_small_content_travels_with_the_commit(engine):
