@@ -93,7 +93,10 @@ class LockFileQueue:
 
     def _abandon(self) -> None:
         """Leave this open file (and the lock a waiting thread may yet take on it) behind."""
+        closed = self.fd is None  # (by close() meanwhile: no new file then)
         self._closer()  # (the thread still holds its duplicate, if it waits on)
+        if closed:
+            return
         try:
             self.fd = self._open()
         except OSError as exc:  # out of descriptors: SQLite's busy handler alone
