@@ -404,9 +404,9 @@ class _Write:
 
     def __enter__(self) -> None:
         meta = self.meta
-        gate = self.queue = meta.writers
-        if gate is not None:
-            gate.enter()
+        queue = self.queue = meta.writers
+        if queue is not None:
+            queue.enter()
         try:
             if self.relax is not None:
                 meta._execute(self.relax)
@@ -418,8 +418,8 @@ class _Write:
                     meta._execute(self.restore)  # never left relaxed
                 raise error from None
         except BaseException:
-            if gate is not None:
-                gate.leave()
+            if queue is not None:
+                queue.leave()
             raise
         meta.in_transaction = True
 

@@ -45,13 +45,14 @@ class LockFileQueue:
     def __init__(self, path: str, timeout: float) -> None:
         self.path = path
         self.timeout = timeout
-        self.fd: int | None = self._open()  # None: given up (see _abandon), not queuing
-        # Closed when the engine is dropped without close() (a constructor that failed
-        # further on, a test): a descriptor per engine would leak otherwise.
-        self._closer = weakref.finalize(self, os.close, self.fd)
+        self.fd: int | None = None  # None: closed or given up (see _abandon), not queuing
+        self._open()
 
-    def _open(self) -> int:
-        return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    def _open(self) -> None:
+        """Open the file, closed again when this queue is dropped without close() (an engine
+        whose constructor failed further on, a test): a descriptor per engine would leak."""
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._closer = weakref.finalize(self, os.close, self.fd)
 
     def enter(self) -> None:
         """Wait for the turn.  :raises Unavailable: it did not come within ``timeout``."""
@@ -97,13 +98,11 @@ class LockFileQueue:
         self._closer()  # (the thread still holds its duplicate, if it waits on)
         if closed:
             return
+        self.fd = None
         try:
-            self.fd = self._open()
+            self._open()
         except OSError as exc:  # out of descriptors: SQLite's busy handler alone
             log.warning("event=writer_queue_unavailable path=%s error=%r", self.path, exc)
-            self.fd = None
-            return
-        self._closer = weakref.finalize(self, os.close, self.fd)
 
     def leave(self) -> None:
         fd = self.fd
