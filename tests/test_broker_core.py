@@ -121,6 +121,18 @@ def answer(core, worker: bytes, key: int, reply: dict, data: bytes | None = None
     core.worker_message(worker, frames)
 
 
+def many(files: dict, req_id: int) -> dict:
+    """The fields of a ``commit_many`` of ``files`` (name -> content, sent as its data)."""
+    return {
+        "names": list(files),
+        "sizes": [len(d) for d in files.values()],
+        "hashes": [p.sha256(d) for d in files.values()],
+        "mtimes": [1.0] * len(files),
+        "commits": [f"m{req_id}-{i}" for i in range(len(files))],
+        "chunk_size": 65536,
+    }
+
+
 def requests_to(sent: list, worker: bytes) -> list:
     """(key, header) of each request sent to ``worker``."""
     return [
@@ -232,16 +244,8 @@ def test_a_put_rs_commit_many_batches_are_packed_where_the_store_writes_one_at_a
     ready(core, b"s-b", p.STORAGE, **extra)
     core.transport.take()
     for i in range(4):
-        content = b"batch %d" % i
-        fields = {
-            "names": [f"tree/{i}"],
-            "sizes": [len(content)],
-            "hashes": [p.sha256(content)],
-            "mtimes": [1.0],
-            "commits": [f"m{i}"],
-            "chunk_size": 65536,
-        }
-        ask(core, b"alice", "commit_many", i, data=content, **fields)
+        files = {f"tree/{i}": b"batch %d" % i}
+        ask(core, b"alice", "commit_many", i, data=b"".join(files.values()), **many(files, i))
     sent = core.transport.take()
     to = {w: requests_to(sent, w) for w in (b"s-a", b"s-b")}
     assert sorted(map(len, to.values())) == ([0, 4] if serial else [2, 2])
@@ -961,15 +965,7 @@ def _commit_many_with_fills(core, req_id: int, files: dict, fills: list | None =
     with a fill for each (or ``fills``): the key, and the ack."""
     names = list(files)
     data = b"".join(files.values())
-    fields = {
-        "names": names,
-        "sizes": [len(d) for d in files.values()],
-        "hashes": [p.sha256(d) for d in files.values()],
-        "mtimes": [1.0] * len(names),
-        "commits": [f"m{req_id}-{i}" for i in range(len(names))],
-        "chunk_size": 65536,
-    }
-    ask(core, b"alice", "commit_many", req_id, data=data, **fields)
+    ask(core, b"alice", "commit_many", req_id, data=data, **many(files, req_id))
     ((key, _),) = requests_to(core.transport.take(), b"s")
     if fills is None:
         fills = {
