@@ -710,6 +710,10 @@ def test_a_workers_credit_counts_the_bound_but_a_chunk_at_its_seen_or_usual_size
         reply_bound("commit_many", {"meta": meta}, 4000)
         >= reply_bound("commit_many", {}, 4000) + p.MAX_BATCH_FILES * 2000
     )
+    # Each file's own (``metas``) is echoed by its stat: all of them, at most the header's size.
+    metas = {"metas": [p.encode(meta)] * 20}
+    size = len(p.encode(metas))
+    assert reply_bound("commit_many", metas, size) >= reply_bound("commit_many", {}, size) + size
     assert reply_bound("have", {}, 10_000) > reply_bound("have", {}, 100)
 
 

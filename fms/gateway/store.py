@@ -35,6 +35,7 @@ from fms.client.session import Session
 from fms.errors import NotFound
 from fms.security import CurveClient
 
+from .batch import CommitBatcher
 from .errors import S3Error
 from .link import AsyncLink
 
@@ -72,6 +73,7 @@ class Store:
         self._own = False
         # small requests (a get, the commit of a small body) from the event loop itself
         self.link = AsyncLink(broker, curve, timeout)
+        self.commits = CommitBatcher(self.link, CHUNK_SIZE)  # small bodies' commits, batched
         self._inline_hash: p.Hasher | None = None  # the store's digest function, once known
 
     def own(self) -> "Store":
@@ -404,10 +406,7 @@ class Store:
         if hash_fn is None:  # the store's digest function, asked once
             hash_fn = self._inline_hash = p.hasher(await self.link.digest_fn())
         fields = _inline_commit(name, data, hash_fn, meta)
-        header, _ = await self.link.call(
-            "commit", p.pack_data(data), acting=self.acting(), **fields
-        )
-        return header["stat"], md5
+        return await self.commits.commit(fields, data, self.acting()), md5
 
     def _put_thread(
         self,

@@ -511,9 +511,9 @@ class StorageService:
         self._pending.append((route, header, change, inline))
 
     def op_commit_many(self, route: Route, header: Header, data: zmq.Frame | None) -> None:
-        """Small files (one chunk each, content inline, back to back in the data frame, all
-        with the same ``meta``) in one message and one transaction; one reply with a result per
-        file."""
+        """Small files (one chunk each, content inline, back to back in the data frame, each
+        with its entry of ``metas``, else the message's ``meta``) in one message and one
+        transaction; one reply with a result per file."""
         names = p.need(header, "names", list)
         count = len(names)
         if not 1 <= count <= p.MAX_BATCH_FILES:
@@ -526,6 +526,11 @@ class StorageService:
                 "commit_many: names, sizes, hashes, mtimes and commits must have one entry per file"
             )
         meta = p.check_meta(p.need(header, "meta", dict, optional=True, default={}))
+        metas = p.need(header, "metas", list, optional=True)
+        if metas is not None:  # one per file, in place of the message's
+            if len(metas) != count:
+                raise BadRequest("commit_many: metas must have one entry per file")
+            metas = [p.decode_meta(m) for m in metas]
         chunk_size = p.need_int(header, "chunk_size", lo=p.MIN_CHUNK_SIZE, hi=p.MAX_CHUNK_SIZE)
         payload = p.unpack_data(data.buffer) if data is not None else memoryview(b"")
         if len(payload) > p.MAX_BATCH_BYTES:
@@ -553,7 +558,7 @@ class StorageService:
                 p.check_mtime(p.need(item, "mtime", (int, float))),
                 _commit_id(item),
                 chunks=chunks,
-                meta=meta,
+                meta=meta if metas is None else metas[i],
                 actor=route["who"].name,
             )
             requests.append((change, bytes(payload[offset : offset + size]) if size else None))

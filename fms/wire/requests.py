@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from ..errors import BadRequest, TooLarge
+from .codec import decode
 from .fields import (
     HASH_LEN,
     MAX_NAME_BYTES,
@@ -56,6 +57,7 @@ __all__ = [
     "RM_PREFIX_PAGE_MAX",
     "RequestField",
     "check_request",
+    "decode_meta",
     "op_fields",
 ]
 
@@ -179,6 +181,14 @@ REQUEST_FIELDS: dict = {
         items=(1, MAX_META_KEY),
         default="empty",
     ),
+    "metas": RequestField(
+        "array of bin",
+        ("commit_many",),
+        hi=MAX_BATCH_FILES,
+        default="every file has `meta`",
+        rule="one per file: its `meta`, msgpack-encoded (the header stays flat), held to "
+        "its limits",
+    ),
     "mtime": RequestField(
         "number", ("commit",), lo=MTIME_MIN, hi=MTIME_MAX, default="storage's clock"
     ),
@@ -281,6 +291,14 @@ _KINDS = {
 }
 
 
+def decode_meta(blob: bytes) -> dict[str, str]:
+    """One entry of ``metas``: a ``meta`` map, msgpack-encoded.  :raises BadRequest:"""
+    try:
+        return check_meta(decode(blob, "route"))
+    except (BadRequest, TooLarge) as exc:
+        raise type(exc)(f"field 'metas': {exc}") from None
+
+
 def _digest_kind(kind: str) -> None:
     if kind != DIGEST_TREE:
         raise BadRequest(
@@ -321,6 +339,8 @@ def _check(op: str, key: str, f: RequestField, value: Any) -> None:
                 raise BadRequest(f"field {key!r} holds {v!r:.40}, out of range {list(f.items)}")
             if key == "names":
                 check_name(v)
+            elif key == "metas":
+                decode_meta(v)
         return
     accepts, what = _KINDS[f.kind]
     if not accepts(value):

@@ -1,0 +1,185 @@
+"""Small PUTs' commits that wait together go to the broker in one message (``commit_many``).
+
+Each 4 KiB PUT was one ``commit`` message through the broker to storage and back, and each
+message wakes every process on its way (the broker twice, storage, the cache for its fill): on a
+busy machine a wake-up costs about as much CPU as the work it wakes for.  Here the commit of a
+small body waits while :data:`WINDOW` messages of its identity's commits are in flight, and
+the commits that gathered meanwhile go together as one ``commit_many``: each file with its own
+commit id, ``meta`` (``metas``) and result, all in one transaction (docs/PROTOCOL.md).  A commit
+that finds no message in flight goes at once, alone, as a plain ``commit``: batches form only
+while commits come faster than storage answers them (group commit, done by the sender).
+
+What a PUT sees is what its own ``commit`` would have given it:
+
+- a file's result is its own: ``ok`` gives its stat, an error its error;
+- a file answered ``unavailable`` is sent again alone with the same commit id (a repeat is a
+  no-op), with the link's tries and backoff;
+- a message refused whole (which the checks here should make impossible: every name and
+  ``meta`` is checked before it joins) sends each of its files alone, for a verdict of its own;
+- a message that gets no answer (the link's tries spent) fails each of its files so;
+- a PUT whose handler is cancelled while its commit waits here is not sent."""
+
+import asyncio
+from collections import deque
+from typing import Any
+
+from fms import wire as p
+from fms.errors import FmsError, RemoteError, Unavailable, from_reply
+
+from .link import AsyncLink
+
+# Messages of one identity's commits in flight at once.  One: the commits that come while it is
+# answered go in the next (on a busy 2-core machine a window of 2 made batches of 1.3 to 1.5
+# commits, a window of 1 of 1.7 to 2.2, and less CPU per PUT: docs/BENCHMARKS.md).
+WINDOW = 1
+
+Key = str | None  # whom the commits act for (the request's identity, None: the gateway)
+
+
+class _Commit:
+    __slots__ = ("data", "fields", "fut")
+
+    def __init__(self, fields: dict[str, Any], data: bytes, fut: "asyncio.Future[dict]") -> None:
+        self.fields, self.data, self.fut = fields, data, fut
+
+
+class CommitBatcher:
+    """The commits of small bodies (one chunk each, its content inline) sent on ``link``."""
+
+    def __init__(self, link: AsyncLink, chunk_size: int, window: int = WINDOW) -> None:
+        self.link = link
+        self.chunk_size = chunk_size
+        self.window = max(1, window)
+        self._waiting: dict[Key, deque[_Commit]] = {}  # per identity, in arrival order
+        self._flying: dict[Key, int] = {}  # messages in flight per identity
+        self._tasks: set[asyncio.Future[None]] = set()  # the loop keeps weak references only
+        self.sizes: dict[int, int] = {}  # messages sent, by the commits each held
+
+    async def commit(self, fields: dict[str, Any], data: bytes, acting: Key) -> dict:
+        """The stat of the ``commit`` of ``fields``: one chunk of :attr:`chunk_size`, ``data``
+        its content (1 byte to ``min(chunk_size, INLINE_MAX)``), as
+        :func:`fms.gateway.store._inline_commit` makes them.
+
+        :raises FmsError: what this commit's own result, or its message's failure, says."""
+        p.check_name(fields["name"])  # what would refuse a whole message refuses this alone
+        p.check_meta(fields.get("meta") or {})
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[dict] = loop.create_future()
+        waiting = self._waiting.setdefault(acting, deque())
+        waiting.append(_Commit(fields, data, fut))
+        if len(waiting) == 1 and self._flying.get(acting, 0) < self.window:
+            loop.call_soon(self._flush, acting)  # with any that come in this pass of the loop
+        return await fut
+
+    def _flush(self, acting: Key) -> None:
+        """Send what waits for ``acting`` while its window has room."""
+        waiting = self._waiting.get(acting)
+        while waiting and self._flying.get(acting, 0) < self.window:
+            batch: list[_Commit] = []
+            nbytes = 0
+            while waiting and len(batch) < p.MAX_BATCH_FILES:
+                if waiting[0].fut.done():  # its handler gave up while it waited: not sent
+                    waiting.popleft()
+                elif batch and nbytes + len(waiting[0].data) > p.MAX_BATCH_BYTES:
+                    break
+                else:
+                    batch.append(waiting.popleft())
+                    nbytes += len(batch[-1].data)
+            if not batch:
+                break
+            self._flying[acting] = self._flying.get(acting, 0) + 1
+            self.sizes[len(batch)] = self.sizes.get(len(batch), 0) + 1
+            task = asyncio.ensure_future(self._send(acting, batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if not waiting:
+            self._waiting.pop(acting, None)
+
+    async def _send(self, acting: Key, batch: list[_Commit]) -> None:
+        try:
+            if len(batch) == 1:
+                await self._alone(acting, batch[0])
+            else:
+                await self._together(acting, batch)
+        finally:
+            self._flying[acting] -= 1
+            if not self._flying[acting]:
+                del self._flying[acting]
+            self._flush(acting)
+
+    async def _together(self, acting: Key, batch: list[_Commit]) -> None:
+        """``batch`` as one ``commit_many``; each file's result to its PUT."""
+        try:
+            header, _ = await self.link.call(
+                "commit_many",
+                p.pack_data(b"".join(one.data for one in batch)),
+                acting=acting,
+                names=[one.fields["name"] for one in batch],
+                sizes=[len(one.data) for one in batch],
+                hashes=[one.fields["chunks"][0] for one in batch],
+                mtimes=[one.fields["mtime"] for one in batch],
+                commits=[one.fields["commit"] for one in batch],
+                metas=[p.encode(one.fields.get("meta") or {}) for one in batch],
+                chunk_size=self.chunk_size,
+            )
+        except RemoteError as exc:
+            if isinstance(exc, Unavailable):  # the link's tries spent: each fails so
+                _fail_all(batch, exc)
+            else:  # refused whole: each alone, for a verdict of its own
+                await asyncio.gather(*(self._alone(acting, one) for one in batch))
+            return
+        except BaseException as exc:  # no answer, or cancelled: no PUT is left waiting
+            _fail_all(batch, exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        results = header.get("results")
+        if not isinstance(results, list) or len(results) != len(batch):
+            _fail_all(
+                batch, FmsError(f"commit_many of {len(batch)} files answered {results!r:.60}")
+            )
+            return
+        again = []
+        for one, result in zip(batch, results, strict=True):
+            if not isinstance(result, dict):
+                _fail(one, FmsError(f"commit_many answered a file with {result!r:.60}"))
+            elif result.get("ok"):
+                _done(one, result["stat"])
+            else:
+                error = from_reply(str(result.get("error")), str(result.get("message")), result)
+                if isinstance(error, Unavailable):
+                    again.append(one)  # alone, with its id (a repeat is a no-op)
+                else:
+                    _fail(one, error)
+        if again:
+            await asyncio.gather(*(self._alone(acting, one) for one in again))
+
+    async def _alone(self, acting: Key, one: _Commit) -> None:
+        """``one`` as a ``commit`` of its own."""
+        try:
+            header, _ = await self.link.call(
+                "commit", p.pack_data(one.data), acting=acting, **one.fields
+            )
+        except BaseException as exc:
+            _fail(one, exc)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            _done(one, header["stat"])
+
+
+def _done(one: _Commit, stat: dict) -> None:
+    if not one.fut.done():
+        one.fut.set_result(stat)
+
+
+def _fail(one: _Commit, exc: BaseException) -> None:
+    if not one.fut.done():
+        if not isinstance(exc, Exception):  # cancelled (the gateway stopping): not the PUT's own
+            exc = Unavailable("the gateway stopped before the commit was answered")
+        one.fut.set_exception(exc)
+
+
+def _fail_all(batch: list[_Commit], exc: BaseException) -> None:
+    for one in batch:
+        _fail(one, exc)

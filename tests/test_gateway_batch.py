@@ -1,0 +1,281 @@
+"""The gateway's batched commits of small bodies (fms.gateway.batch.CommitBatcher), against a
+broker played by the test (tests/test_gateway_link.py's), then against a real cluster.  Every
+receive has a timeout; the tests wait for messages, never for time to pass."""
+
+import asyncio
+import hashlib
+import os
+
+import pytest
+from test_gateway_link import RECV_TIMEOUT, FakeBroker, result
+
+from fms import wire as p
+from fms.errors import BadRequest, Forbidden, NotFound, TooLarge
+from fms.gateway import store
+from fms.gateway.batch import CommitBatcher
+from fms.gateway.link import AsyncLink
+
+HASH = p.hasher("sha256")
+
+
+def fields(name: str, data: bytes, meta: dict | None = None) -> dict:
+    return store._inline_commit(name, data, HASH, {"etag": f'"{name}"', **(meta or {})})
+
+
+async def recv(broker: FakeBroker) -> tuple[dict, bytes | None]:
+    """The next request: its header and its data (unpacked), within the receive timeout."""
+    try:
+        ident, header, *data = await asyncio.wait_for(broker.sock.recv_multipart(), RECV_TIMEOUT)
+    except TimeoutError:
+        raise AssertionError(f"no request from the link within {RECV_TIMEOUT} s") from None
+    broker.ident = ident
+    return p.decode(header, "request"), bytes(p.unpack_data(data[0])) if data else None
+
+
+def stat_of(name: str, version: int = 1) -> dict:
+    return {"name": name, "version": version}
+
+
+def run(test) -> None:
+    """``test(broker, batcher)`` in a new event loop, with a fake broker, a link to it and a
+    batcher on the link."""
+
+    async def main() -> None:
+        broker = FakeBroker()
+        link = AsyncLink(broker.endpoint, timeout=RECV_TIMEOUT, retries=0)
+        try:
+            await test(broker, CommitBatcher(link, store.CHUNK_SIZE))
+        finally:
+            link.close()
+            broker.close()
+
+    asyncio.run(main())
+
+
+def put(batcher: CommitBatcher, name: str, data: bytes, acting=None, **meta) -> asyncio.Task:
+    return asyncio.ensure_future(batcher.commit(fields(name, data, meta), data, acting))
+
+
+def test_a_lone_commit_goes_as_a_commit_of_its_own():
+    async def test(broker, batcher):
+        body = os.urandom(4096)
+        sent = fields("b/a", body)
+        task = asyncio.ensure_future(batcher.commit(sent, body, "alice"))
+        header, data = await recv(broker)
+        assert header["op"] == "commit" and header["as"] == "alice" and data == body
+        assert {k: header[k] for k in sent} == sent
+        await broker.answer(header, stat=stat_of("b/a"))
+        assert await result(task) == stat_of("b/a")
+        assert batcher.sizes == {1: 1}
+
+    run(test)
+
+
+def test_commits_that_come_while_one_is_answered_go_together_each_with_its_own_result():
+    """While a commit is in flight, three more wait; they go as one commit_many (names, sizes,
+    digests, mtimes, ids and each one's meta, the contents back to back), and each PUT gets its
+    own file's result: a stat, or the error storage gave that file alone."""
+
+    async def test(broker, batcher):
+        first = put(batcher, "b/first", b"1")
+        lone, _ = await recv(broker)
+        bodies = {f"b/k{i}": os.urandom(100 + i) for i in range(3)}
+        sent = {name: fields(name, body, {"x-amz-meta-i": name}) for name, body in bodies.items()}
+        tasks = {
+            name: asyncio.ensure_future(batcher.commit(sent[name], body, None))
+            for name, body in bodies.items()
+        }
+        for _ in range(3):  # passes of the loop: none is sent while one is in flight
+            await asyncio.sleep(0)
+        assert len(batcher._waiting[None]) == 3
+        await broker.answer(lone, stat=stat_of("b/first"))
+        assert await result(first) == stat_of("b/first")
+        header, data = await recv(broker)
+        assert header["op"] == "commit_many" and "as" not in header
+        assert header["names"] == list(bodies)
+        assert header["sizes"] == [len(b) for b in bodies.values()]
+        assert header["hashes"] == [HASH(b) for b in bodies.values()]
+        assert header["mtimes"] == [sent[n]["mtime"] for n in bodies]
+        assert header["commits"] == [sent[n]["commit"] for n in bodies]
+        assert [p.decode_meta(m) for m in header["metas"]] == [sent[n]["meta"] for n in bodies]
+        assert header["chunk_size"] == store.CHUNK_SIZE
+        assert data == b"".join(bodies.values())
+        refused = {"ok": False, "error": "forbidden", "message": "no write on b/k1"}
+        results = [{"ok": True, "stat": stat_of("b/k0")}, refused]
+        await broker.answer(header, results=[*results, {"ok": True, "stat": stat_of("b/k2")}])
+        assert await result(tasks["b/k0"]) == stat_of("b/k0")
+        with pytest.raises(Forbidden, match="no write on b/k1"):
+            await result(tasks["b/k1"])
+        assert await result(tasks["b/k2"]) == stat_of("b/k2")
+        assert batcher.sizes == {1: 1, 3: 1}
+
+    run(test)
+
+
+def test_identities_are_never_batched_together():
+    async def test(broker, batcher):
+        first = put(batcher, "b/first", b"1", acting="alice")
+        lone, _ = await recv(broker)
+        bob = put(batcher, "b/bob", b"2", acting="bob")
+        header, _ = await recv(broker)  # bob has nothing in flight: his goes at once
+        assert (header["op"], header["as"], header["name"]) == ("commit", "bob", "b/bob")
+        alice = [put(batcher, f"b/a{i}", b"3", acting="alice") for i in range(2)]
+        await asyncio.sleep(0)
+        for request, name in ((lone, "b/first"), (header, "b/bob")):
+            await broker.answer(request, stat=stat_of(name))
+        many, _ = await recv(broker)
+        assert (many["op"], many["as"], many["names"]) == ("commit_many", "alice", ["b/a0", "b/a1"])
+        await broker.answer(many, results=[{"ok": True, "stat": stat_of(n)} for n in many["names"]])
+        for task in (first, bob, *alice):
+            assert (await result(task))["version"] == 1
+
+    run(test)
+
+
+def test_a_file_answered_unavailable_is_sent_again_alone_with_its_commit_id():
+    async def test(broker, batcher):
+        first = put(batcher, "b/first", b"1")
+        lone, _ = await recv(broker)
+        tasks = [put(batcher, f"b/k{i}", b"x") for i in range(2)]
+        await asyncio.sleep(0)
+        await broker.answer(lone, stat=stat_of("b/first"))
+        many, _ = await recv(broker)
+        busy = {"ok": False, "error": "unavailable", "message": "busy"}
+        await broker.answer(many, results=[{"ok": True, "stat": stat_of("b/k0")}, busy])
+        again, data = await recv(broker)
+        assert (again["op"], again["name"], data) == ("commit", "b/k1", b"x")
+        assert again["commit"] == many["commits"][1]
+        await broker.answer(again, stat=stat_of("b/k1", 2))
+        assert await result(tasks[1]) == stat_of("b/k1", 2)
+        assert await result(tasks[0]) == stat_of("b/k0")
+        await result(first)
+
+    run(test)
+
+
+def test_a_message_refused_whole_sends_each_file_alone():
+    async def test(broker, batcher):
+        first = put(batcher, "b/first", b"1")
+        lone, _ = await recv(broker)
+        tasks = [put(batcher, f"b/k{i}", b"x") for i in range(2)]
+        await asyncio.sleep(0)
+        await broker.answer(lone, stat=stat_of("b/first"))
+        many, _ = await recv(broker)
+        await broker.refuse(many, "bad_request")
+        alone = [await recv(broker) for _ in range(2)]
+        assert sorted(h["name"] for h, _ in alone) == ["b/k0", "b/k1"]
+        for header, _ in alone:
+            if header["name"] == "b/k0":
+                await broker.answer(header, stat=stat_of("b/k0"))
+            else:
+                await broker.refuse(header, "not_found")
+        assert await result(tasks[0]) == stat_of("b/k0")
+        with pytest.raises(NotFound):
+            await result(tasks[1])
+        await result(first)
+
+    run(test)
+
+
+def test_a_commit_given_up_while_it_waited_is_not_sent():
+    async def test(broker, batcher):
+        first = put(batcher, "b/first", b"1")
+        lone, _ = await recv(broker)
+        gone, kept = put(batcher, "b/gone", b"2"), put(batcher, "b/kept", b"3")
+        await asyncio.sleep(0)
+        gone.cancel()
+        await broker.answer(lone, stat=stat_of("b/first"))
+        header, data = await recv(broker)
+        assert (header["op"], header["name"], data) == ("commit", "b/kept", b"3")
+        await broker.answer(header, stat=stat_of("b/kept"))
+        assert await result(kept) == stat_of("b/kept")
+        await result(first)
+
+    run(test)
+
+
+def test_metadata_over_its_limit_is_refused_for_its_put_alone_before_it_waits():
+    async def test(broker, batcher):
+        first = put(batcher, "b/first", b"1")
+        lone, _ = await recv(broker)
+        with pytest.raises(TooLarge):
+            await put(batcher, "b/big", b"2", **{"x-amz-meta-big": "v" * p.MAX_META_BYTES})
+        kept = put(batcher, "b/kept", b"3")
+        await asyncio.sleep(0)
+        await broker.answer(lone, stat=stat_of("b/first"))
+        header, _ = await recv(broker)
+        assert (header["op"], header["name"]) == ("commit", "b/kept")
+        await broker.answer(header, stat=stat_of("b/kept"))
+        await result(kept)
+        await result(first)
+
+    run(test)
+
+
+def test_concurrent_small_puts_through_a_real_cluster_keep_each_ones_metadata(cluster):
+    """Many small bodies committed at once by one gateway store: they go in fewer messages than
+    PUTs, and each name reads back with its own content and metadata (its ETag)."""
+
+    async def main() -> None:
+        gateway = store.Store(cluster.frontend)
+        try:
+            bodies = {f"b/m{i}": os.urandom(1 + 97 * i) for i in range(24)}
+
+            async def one(name: str) -> tuple[dict, bytes]:
+                meta = {"content-type": f"text/x-{name[-2:]}"}
+                return await gateway._put_inline(name, bodies[name], lambda *a: None, meta)
+
+            stats = await asyncio.wait_for(asyncio.gather(*map(one, bodies)), 30)
+            for (stat, md5), (name, body) in zip(stats, bodies.items(), strict=True):
+                assert (stat["name"], stat["size"], md5) == (name, len(body), _md5(body))
+            assert sum(gateway.commits.sizes.values()) < len(bodies)
+            for name, body in bodies.items():
+                opened = await asyncio.wait_for(gateway.open(name), 10)
+                assert opened is not None
+                manifest, content, _ = opened
+                assert content == body
+                want = {"etag": f'"{_md5(body).hex()}"', "content-type": f"text/x-{name[-2:]}"}
+                assert manifest["meta"] == want
+        finally:
+            gateway.close()
+
+    asyncio.run(main())
+
+
+def _md5(body: bytes) -> bytes:
+    return hashlib.md5(body).digest()
+
+
+def test_commit_manys_metas_are_checked_as_meta_is(cluster):
+    """``metas``: one per file, each a ``meta`` map msgpack-encoded, held to meta's limits;
+    anything else refuses the message with a clear error and makes nothing."""
+    client = cluster.client()
+    bodies = [b"one", b"two"]
+
+    def commit_many(**fields):
+        return client.call(
+            "commit_many",
+            p.pack_data(b"".join(bodies)),
+            names=["m/a", "m/b"],
+            sizes=[len(b) for b in bodies],
+            hashes=[client.session.hasher()(b) for b in bodies],
+            mtimes=[1.0, 2.0],
+            commits=[os.urandom(8).hex() for _ in bodies],
+            chunk_size=store.CHUNK_SIZE,
+            **fields,
+        )
+
+    bad = [
+        ([p.encode({"k": "v"})], "one entry per file"),
+        ([p.encode({"k": "v"}), b"\xc1"], "metas"),
+        ([p.encode({"k": "v"}), p.encode({"k": 1})], "strings"),
+        ([p.encode({}), p.encode({"k": "v" * p.MAX_META_BYTES})], "metadata of"),
+        (["k", "v"], "metas"),
+    ]
+    for metas, says in bad:
+        with pytest.raises((BadRequest, TooLarge), match=says):
+            commit_many(metas=metas)
+    assert client.ls("m/") == []
+    header, _ = commit_many(metas=[p.encode({"k": "a"}), p.encode({})], meta={"k": "all"})
+    assert [r["stat"].get("meta") or {} for r in header["results"]] == [{"k": "a"}, {}]
+    assert client.stat("m/a")["meta"] == {"k": "a"}
