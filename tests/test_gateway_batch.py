@@ -11,7 +11,7 @@ from test_gateway_link import RECV_TIMEOUT, FakeBroker, result
 
 from fms import wire as p
 from fms.errors import BadRequest, Forbidden, NotFound, TooLarge
-from fms.gateway import store
+from fms.gateway import batch, store
 from fms.gateway.batch import CommitBatcher
 from fms.gateway.link import AsyncLink
 
@@ -34,6 +34,11 @@ async def recv(broker: FakeBroker) -> tuple[dict, bytes | None]:
 
 def stat_of(name: str, version: int = 1) -> dict:
     return {"name": name, "version": version}
+
+
+def all_ok(many: dict) -> list[dict]:
+    """The results of a commit_many whose every file was made."""
+    return [{"ok": True, "stat": stat_of(name)} for name in many["names"]]
 
 
 def run(test) -> None:
@@ -125,7 +130,7 @@ def test_identities_are_never_batched_together():
             await broker.answer(request, stat=stat_of(name))
         many, _ = await recv(broker)
         assert (many["op"], many["as"], many["names"]) == ("commit_many", "alice", ["b/a0", "b/a1"])
-        await broker.answer(many, results=[{"ok": True, "stat": stat_of(n)} for n in many["names"]])
+        await broker.answer(many, results=all_ok(many))
         for task in (first, bob, *alice):
             assert (await result(task))["version"] == 1
 
@@ -208,6 +213,75 @@ def test_metadata_over_its_limit_is_refused_for_its_put_alone_before_it_waits():
         await broker.answer(header, stat=stat_of("b/kept"))
         await result(kept)
         await result(first)
+
+    run(test)
+
+
+def test_a_commit_waits_for_the_small_puts_of_its_identity_on_their_way(monkeypatch):
+    """A commit with another small PUT of its identity on its way (being read) is held for it,
+    and both go in one message as soon as it joins; one of another identity holds nothing."""
+    monkeypatch.setattr(batch, "HOLD", 60.0)  # only the arrivals can let it go in time
+
+    async def test(broker, batcher):
+        coming = batcher.expect("alice")
+        bobs = batcher.expect("bob")  # never comes: holds no commit of alice's
+        first = put(batcher, "b/first", b"1", acting="alice")
+        for _ in range(3):  # passes of the loop: it is held
+            await asyncio.sleep(0)
+        assert len(batcher._waiting["alice"]) == 1
+        body = b"second"
+        second = asyncio.ensure_future(
+            batcher.commit(fields("b/second", body), body, "alice", coming)
+        )
+        header, data = await recv(broker)
+        assert (header["op"], header["names"]) == ("commit_many", ["b/first", "b/second"])
+        assert data == b"1second" and coming.arrived
+        await broker.answer(
+            header, results=[{"ok": True, "stat": stat_of(n)} for n in header["names"]]
+        )
+        await result(first)
+        await result(second)
+        other = put(batcher, "b/other", b"2", acting="alice")
+        header, _ = await recv(broker)  # none on its way (bob's is not alice's): at once
+        assert (header["op"], header["name"]) == ("commit", "b/other")
+        await broker.answer(header, stat=stat_of("b/other"))
+        await result(other)
+        bobs.arrive()
+
+    run(test)
+
+
+def test_a_held_commit_goes_when_those_on_their_way_will_not_come(monkeypatch):
+    """The PUT it waited for failed before its commit (its handler says so on the way out):
+    the held commit goes then, alone."""
+    monkeypatch.setattr(batch, "HOLD", 60.0)
+
+    async def test(broker, batcher):
+        coming = batcher.expect(None)
+        first = put(batcher, "b/first", b"1")
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert len(batcher._waiting[None]) == 1
+        coming.arrive()
+        coming.arrive()  # said again (its ``finally``): counted once
+        header, _ = await recv(broker)
+        assert (header["op"], header["name"]) == ("commit", "b/first")
+        await broker.answer(header, stat=stat_of("b/first"))
+        await result(first)
+        assert batcher._coming == {} and batcher._sending == {}
+
+    run(test)
+
+
+def test_a_held_commit_goes_after_the_hold_at_the_latest():
+    async def test(broker, batcher):
+        coming = batcher.expect(None)  # never comes
+        first = put(batcher, "b/first", b"1")
+        header, _ = await recv(broker)  # within the receive timeout, far above HOLD
+        assert (header["op"], header["name"]) == ("commit", "b/first")
+        await broker.answer(header, stat=stat_of("b/first"))
+        await result(first)
+        coming.arrive()
 
     run(test)
 

@@ -613,7 +613,15 @@ class Gateway:
         if content_md5 is not None and len(_b64(content_md5)) != 16:
             raise S3Error("InvalidDigest", "the Content-MD5 you specified is not valid")
         whole = sigv4._is_hex_sha256(payload)  # the body's sha256 is needed only then
-        return await self.store.put_stream(name, counted(), check, meta, whole, commit_own)
+        small = size is not None and 0 < size <= p.INLINE_MAX and not commit_own
+        coming = self.store.commits.expect(self.store.acting()) if small else None
+        try:  # its commit may be waited for by those that go before it (fms.gateway.batch)
+            return await self.store.put_stream(
+                name, counted(), check, meta, whole, commit_own, coming
+            )
+        finally:
+            if coming is not None:
+                coming.arrive()
 
     async def delete_object(self, bucket: str, name: str) -> web.Response:
         await self.need_bucket(bucket)

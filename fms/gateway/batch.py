@@ -5,9 +5,12 @@ message wakes every process on its way (the broker twice, storage, the cache for
 busy machine a wake-up costs about as much CPU as the work it wakes for.  Here the commit of a
 small body waits while :data:`WINDOW` messages of its identity's commits are in flight, and
 the commits that gathered meanwhile go together as one ``commit_many``: each file with its own
-commit id, ``meta`` (``metas``) and result, all in one transaction (docs/PROTOCOL.md).  A commit
-that finds no message in flight goes at once, alone, as a plain ``commit``: batches form only
-while commits come faster than storage answers them (group commit, done by the sender).
+commit id, ``meta`` (``metas``) and result, all in one transaction (docs/PROTOCOL.md).  A
+message is also held, :data:`HOLD` at most, for the small PUTs of its identity that the gateway
+is reading at that moment (:meth:`CommitBatcher.expect`): it goes as soon as they have all
+joined.  A commit that finds no message in flight and no other small PUT on its way goes at
+once, alone, as a plain ``commit``: batches form only while PUTs come faster than storage
+answers them (group commit, done by the sender).
 
 What a PUT sees is what its own ``commit`` would have given it:
 
@@ -32,6 +35,10 @@ from .link import AsyncLink
 # answered go in the next (on a busy 2-core machine a window of 2 made batches of 1.3 to 1.5
 # commits, a window of 1 of 1.7 to 2.2, and less CPU per PUT: docs/BENCHMARKS.md).
 WINDOW = 1
+# The longest a message of commits is held for small PUTs of its identity that are already on
+# their way (their headers read, their bodies not yet whole): it goes as soon as the last of
+# them has joined (or failed), and at the latest after this.
+HOLD = 0.002
 
 Key = str | None  # whom the commits act for (the request's identity, None: the gateway)
 
@@ -41,6 +48,21 @@ class _Commit:
 
     def __init__(self, fields: dict[str, Any], data: bytes, fut: "asyncio.Future[dict]") -> None:
         self.fields, self.data, self.fut = fields, data, fut
+
+
+class Expected:
+    """A small PUT on its way to :meth:`CommitBatcher.commit` (see :meth:`~CommitBatcher.expect`):
+    :meth:`arrive` once its commit has joined, or once it will not come (any number of times)."""
+
+    __slots__ = ("_batcher", "acting", "arrived")
+
+    def __init__(self, batcher: "CommitBatcher", acting: Key) -> None:
+        self._batcher, self.acting, self.arrived = batcher, acting, False
+
+    def arrive(self) -> None:
+        if not self.arrived:
+            self.arrived = True
+            self._batcher._arrived(self.acting)
 
 
 class CommitBatcher:
@@ -54,25 +76,64 @@ class CommitBatcher:
         self._flying: dict[Key, int] = {}  # messages in flight per identity
         self._tasks: set[asyncio.Future[None]] = set()  # the loop keeps weak references only
         self.sizes: dict[int, int] = {}  # messages sent, by the commits each held
+        self._coming: dict[Key, int] = {}  # small PUTs on their way, per identity
+        self._sending: dict[Key, asyncio.Handle] = {}  # a flush to come, per identity
 
-    async def commit(self, fields: dict[str, Any], data: bytes, acting: Key) -> dict:
+    def expect(self, acting: Key) -> Expected:
+        """Say that a small PUT for ``acting`` is on its way (its body being read): a message
+        of its identity's commits may wait for it, up to :data:`HOLD`.  The caller must
+        :meth:`Expected.arrive` it, whatever happens (``finally``)."""
+        self._coming[acting] = self._coming.get(acting, 0) + 1
+        return Expected(self, acting)
+
+    def _arrived(self, acting: Key) -> None:
+        left = self._coming[acting] - 1
+        if left:
+            self._coming[acting] = left
+            return
+        del self._coming[acting]
+        held = self._sending.pop(acting, None)
+        if held is not None:  # held for those on their way: all are here
+            held.cancel()
+            self._schedule(acting)
+
+    async def commit(
+        self, fields: dict[str, Any], data: bytes, acting: Key, expected: Expected | None = None
+    ) -> dict:
         """The stat of the ``commit`` of ``fields``: one chunk of :attr:`chunk_size`, ``data``
         its content (1 byte to ``min(chunk_size, INLINE_MAX)``), as
-        :func:`fms.gateway.store._inline_commit` makes them.
+        :func:`fms.gateway.store._inline_commit` makes them; ``expected``: this PUT's
+        :meth:`expect`, if it said it was coming.
 
         :raises FmsError: what this commit's own result, or its message's failure, says."""
-        p.check_name(fields["name"])  # what would refuse a whole message refuses this alone
-        p.check_meta(fields.get("meta") or {})
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[dict] = loop.create_future()
-        waiting = self._waiting.setdefault(acting, deque())
-        waiting.append(_Commit(fields, data, fut))
-        if len(waiting) == 1 and self._flying.get(acting, 0) < self.window:
-            loop.call_soon(self._flush, acting)  # with any that come in this pass of the loop
+        try:
+            p.check_name(fields["name"])  # what would refuse a whole message refuses this alone
+            p.check_meta(fields.get("meta") or {})
+            fut: asyncio.Future[dict] = asyncio.get_running_loop().create_future()
+            self._waiting.setdefault(acting, deque()).append(_Commit(fields, data, fut))
+        finally:
+            if expected is not None:
+                expected.arrive()
+        self._schedule(acting)
         return await fut
+
+    def _schedule(self, acting: Key) -> None:
+        """Send what waits for ``acting`` once the window has room: in this pass of the loop
+        (with any other commit that comes in it), or after :data:`HOLD` while other small PUTs
+        of the identity are on their way (sooner if they all join)."""
+        if acting in self._sending or not self._waiting.get(acting):
+            return
+        if self._flying.get(acting, 0) >= self.window:
+            return  # sent when a message in flight is answered
+        loop = asyncio.get_running_loop()
+        if self._coming.get(acting):
+            self._sending[acting] = loop.call_later(HOLD, self._flush, acting)
+        else:
+            self._sending[acting] = loop.call_soon(self._flush, acting)
 
     def _flush(self, acting: Key) -> None:
         """Send what waits for ``acting`` while its window has room."""
+        self._sending.pop(acting, None)  # this call
         waiting = self._waiting.get(acting)
         while waiting and self._flying.get(acting, 0) < self.window:
             batch: list[_Commit] = []
@@ -105,7 +166,7 @@ class CommitBatcher:
             self._flying[acting] -= 1
             if not self._flying[acting]:
                 del self._flying[acting]
-            self._flush(acting)
+            self._schedule(acting)
 
     async def _together(self, acting: Key, batch: list[_Commit]) -> None:
         """``batch`` as one ``commit_many``; each file's result to its PUT."""

@@ -35,7 +35,7 @@ from fms.client.session import Session
 from fms.errors import NotFound
 from fms.security import CurveClient
 
-from .batch import CommitBatcher
+from .batch import CommitBatcher, Expected
 from .errors import S3Error
 from .link import AsyncLink
 
@@ -335,6 +335,7 @@ class Store:
         meta: dict[str, Any] | None = None,
         whole: bool = False,
         commit_own: bool = False,
+        expected: Expected | None = None,
     ) -> tuple[Stat, bytes]:
         """Store the bytes yielded by the async iterator ``pieces`` under ``name``.
 
@@ -344,7 +345,8 @@ class Store:
         commit: it raises S3Error (BadDigest, ...) to refuse it, so nothing becomes visible.
         ``commit_own``: the chunks are uploaded for the request's identity (so that it may
         commit them under a name of its own later) and committed by the gateway itself (a part
-        of a multipart upload, in the gateway's folder).
+        of a multipart upload, in the gateway's folder).  ``expected``: the body is small, and
+        :meth:`CommitBatcher.expect` was told (its commit joins the batch with it).
         :return: ``(stat, md5 digest)``.
         """
         # The first chunk's worth is gathered here: a body shorter than that (most objects)
@@ -357,7 +359,7 @@ class Store:
         else:
             data = bytes(buf)
             if not commit_own and len(data) <= p.INLINE_MAX:
-                return await self._put_inline(name, data, check, meta)
+                return await self._put_inline(name, data, check, meta, expected)
             whole_body = functools.partial(
                 _put_whole, name=name, data=data, check=check, meta=meta, own=commit_own
             )
@@ -390,7 +392,12 @@ class Store:
         return await task
 
     async def _put_inline(
-        self, name: Naming, data: bytes, check: Check, meta: dict[str, Any] | None
+        self,
+        name: Naming,
+        data: bytes,
+        check: Check,
+        meta: dict[str, Any] | None,
+        expected: Expected | None = None,
     ) -> tuple[Stat, bytes]:
         """A body small enough to travel with its commit, stored from the event loop: hashed
         here (microseconds at this size) and committed in one request on :attr:`link`."""
@@ -406,7 +413,7 @@ class Store:
         if hash_fn is None:  # the store's digest function, asked once
             hash_fn = self._inline_hash = p.hasher(await self.link.digest_fn())
         fields = _inline_commit(name, data, hash_fn, meta)
-        return await self.commits.commit(fields, data, self.acting()), md5
+        return await self.commits.commit(fields, data, self.acting(), expected), md5
 
     def _put_thread(
         self,
