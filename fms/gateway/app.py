@@ -614,7 +614,7 @@ class Gateway:
             raise S3Error("InvalidDigest", "the Content-MD5 you specified is not valid")
         whole = sigv4._is_hex_sha256(payload)  # the body's sha256 is needed only then
         small = size is not None and 0 < size <= p.INLINE_MAX and not commit_own
-        coming = self.store.commits.expect(self.store.acting()) if small else None
+        coming = self.store.expect_small() if small else None
         try:  # its commit may be waited for by those that go before it (fms.gateway.batch)
             return await self.store.put_stream(
                 name, counted(), check, meta, whole, commit_own, coming

@@ -327,6 +327,11 @@ class Store:
 
     # --- writes ---
 
+    def expect_small(self) -> Expected:
+        """Say that the body of a small PUT (one that travels with its commit) is being read:
+        :meth:`CommitBatcher.expect` for whom this store acts now."""
+        return self.commits.expect(self.acting())
+
     async def put_stream(
         self,
         name: Naming,
