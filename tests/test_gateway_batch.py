@@ -9,8 +9,9 @@ import os
 import pytest
 from test_gateway_link import RECV_TIMEOUT, FakeBroker, result
 
+from fms import limits
 from fms import wire as p
-from fms.errors import BadRequest, Forbidden, NotFound, TooLarge
+from fms.errors import BadRequest, FmsError, Forbidden, NotFound, TooLarge, Unavailable
 from fms.gateway import batch, store
 from fms.gateway.batch import CommitBatcher
 from fms.gateway.link import AsyncLink
@@ -353,3 +354,131 @@ def test_commit_manys_metas_are_checked_as_meta_is(cluster):
     header, _ = commit_many(metas=[p.encode({"k": "a"}), p.encode({})], meta={"k": "all"})
     assert [r["stat"].get("meta") or {} for r in header["results"]] == [{"k": "a"}, {}]
     assert client.stat("m/a")["meta"] == {"k": "a"}
+
+
+def test_an_answer_without_a_stat_fails_its_put_and_the_queue_goes_on():
+    """A reply the batcher cannot read (an ``ok`` without a stat, alone or for one file of a
+    batch) fails that PUT, as a plain commit's handler would fail; it must not leave it, or
+    the files after it in the batch, waiting for ever, nor keep the identity's window."""
+
+    async def test(broker, batcher):
+        first = put(batcher, "b/first", b"1")
+        lone, _ = await recv(broker)
+        tasks = [put(batcher, f"b/k{i}", b"x") for i in range(2)]
+        await asyncio.sleep(0)
+        await broker.answer(lone)  # ok, but no stat
+        with pytest.raises(FmsError, match="stat"):
+            await result(first)
+        many, _ = await recv(broker)
+        assert many["names"] == ["b/k0", "b/k1"]
+        await broker.answer(many, results=[{"ok": True}, {"ok": True, "stat": stat_of("b/k1")}])
+        with pytest.raises(FmsError, match="stat"):
+            await result(tasks[0])
+        assert await result(tasks[1]) == stat_of("b/k1")
+        after = put(batcher, "b/after", b"2")
+        header, _ = await recv(broker)
+        assert (header["op"], header["name"]) == ("commit", "b/after")
+        await broker.answer(header, stat=stat_of("b/after"))
+        assert await result(after) == stat_of("b/after")
+        assert not batcher._flying and not batcher._waiting
+
+    run(test)
+
+
+def test_a_send_cancelled_before_it_ran_fails_its_puts_and_frees_the_window():
+    """A send task cancelled before its first step (its coroutine never runs, so no ``finally``
+    of its own does): its PUTs fail rather than wait for ever, and the identity's next commit
+    still goes."""
+
+    async def test(broker, batcher):
+        task = put(batcher, "b/a", b"1")
+        while not batcher._tasks:  # the PUT queued, then the flush made the send task
+            await asyncio.sleep(0)
+        (send,) = batcher._tasks
+        send.cancel()
+        with pytest.raises(Unavailable):
+            await result(task)
+        after = put(batcher, "b/after", b"2")
+        header, _ = await recv(broker)
+        assert (header["op"], header["name"]) == ("commit", "b/after")
+        await broker.answer(header, stat=stat_of("b/after"))
+        assert await result(after) == stat_of("b/after")
+        assert not batcher._flying and not batcher._waiting
+
+    run(test)
+
+
+def test_a_batch_is_cut_before_its_header_is_over_the_brokers_limit():
+    """A request header is at most MAX_HEADER (64 KiB) but for commit and have: a larger
+    commit_many is refused whole (too_large), and each of its files then goes again alone.
+    Long names and metadata make a batch of a few dozen files that large: it is cut into
+    messages under the limit."""
+
+    async def test(broker, batcher):
+        first = put(batcher, "b/first", b"1")
+        lone, _ = await recv(broker)
+        names = [f"b/{i:03d}" + "n" * 900 for i in range(40)]
+        tasks = [put(batcher, name, b"x", **{"x-amz-meta-m": "v" * 1000}) for name in names]
+        await asyncio.sleep(0)
+        await broker.answer(lone, stat=stat_of("b/first"))
+        await result(first)
+        sent: list[str] = []
+        while len(sent) < len(names):
+            try:
+                ident, raw, *_ = await asyncio.wait_for(broker.sock.recv_multipart(), RECV_TIMEOUT)
+            except TimeoutError:
+                raise AssertionError("the batch's files were not all sent") from None
+            broker.ident = ident
+            assert len(raw) <= limits.MAX_HEADER
+            header = p.decode(raw, "request")
+            assert header["op"] == "commit_many"
+            sent += header["names"]
+            stats = [{"ok": True, "stat": stat_of(n)} for n in header["names"]]
+            await broker.answer(header, results=stats)
+        assert sent == names
+        for name, task in zip(names, tasks, strict=True):
+            assert (await result(task))["name"] == name
+
+    run(test)
+
+
+def test_the_link_closed_while_commits_wait_fails_them_all():
+    async def test(broker, batcher):
+        first = put(batcher, "b/first", b"1")
+        await recv(broker)
+        tasks = [put(batcher, f"b/k{i}", b"x") for i in range(2)]
+        await asyncio.sleep(0)
+        batcher.link.close()
+        for task in (first, *tasks):
+            with pytest.raises(Unavailable):
+                await result(task)
+        assert not batcher._flying and not batcher._waiting
+
+    run(test)
+
+
+def test_two_puts_of_one_name_in_one_batch_apply_in_order(cluster):
+    """Two commits of one name that wait together go in one commit_many, in the order they
+    came: the second is the newer version, and what a read gets."""
+
+    async def main() -> None:
+        gateway = store.Store(cluster.frontend)
+        try:
+            hash_fn = p.hasher(await gateway.link.digest_fn())
+            bodies = [b"older", b"newer"]
+            batcher = gateway.commits
+            tasks = [
+                asyncio.ensure_future(
+                    batcher.commit(store._inline_commit("d/same", body, hash_fn, None), body, None)
+                )
+                for body in bodies
+            ]
+            stats = await asyncio.wait_for(asyncio.gather(*tasks), 30)
+            assert batcher.sizes == {2: 1}
+            assert [s["version"] for s in stats] == [1, 2]
+            opened = await asyncio.wait_for(gateway.open("d/same"), 10)
+            assert opened is not None and opened[1] == b"newer"
+        finally:
+            gateway.close()
+
+    asyncio.run(main())

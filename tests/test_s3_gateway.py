@@ -8,9 +8,11 @@ import hashlib
 import hmac
 import http.client
 import os
+import threading
 import time
 import urllib.request
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from urllib.parse import quote
 
@@ -135,6 +137,43 @@ def test_empty_and_small_objects(s3, bucket):
     assert s3.head_object(Bucket=bucket, Key="empty")["ContentLength"] == 0
     s3.put_object(Bucket=bucket, Key="one", Body=b"x")
     assert s3.get_object(Bucket=bucket, Key="one", Range="bytes=0-0")["Body"].read() == b"x"
+
+
+def test_small_puts_made_at_once_read_back_at_once_with_their_own_metadata(gw, bucket):
+    """Small PUTs made at once: their commits wait together in the gateway and go as one
+    commit_many (one transaction, each file its own ETag and Content-Type, a fill of the cache
+    for each).  Each object read right after its PUT has its own body, ETag, Content-Type and
+    metadata, and so after it is overwritten (the cache held the first content, read before)."""
+    threads = 16
+    s3 = gw.boto3(max_pool_connections=threads)
+    keys = [f"at-once/{i:03d}" for i in range(4 * threads)]
+    start = threading.Barrier(threads)
+
+    def put_then_get(key: str, body: bytes, kind: str) -> None:
+        etag = f'"{hashlib.md5(body).hexdigest()}"'
+        put = s3.put_object(
+            Bucket=bucket, Key=key, Body=body, ContentType=kind, Metadata={"key": key}
+        )
+        assert put["ETag"] == etag
+        got = s3.get_object(Bucket=bucket, Key=key)
+        assert (got["Body"].read(), got["ETag"]) == (body, etag)
+        assert (got["ContentType"], got["Metadata"]) == (kind, {"key": key})
+
+    def worker(mine: list[str], round_: int) -> None:
+        start.wait(30)
+        for key in mine:
+            body = os.urandom(1 + (61 * int(key[-3:]) + 997 * round_) % 6000)
+            put_then_get(key, body, f"application/x-{round_}-{key[-3:]}")
+
+    for round_ in range(2):  # the second overwrites what the first wrote and read
+        with ThreadPoolExecutor(threads) as pool:
+            jobs = [pool.submit(worker, keys[i::threads], round_) for i in range(threads)]
+            for job in jobs:
+                job.result(timeout=60)
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix="at-once/")["Contents"]
+    assert [o["Key"] for o in listed] == keys
+    for entry in listed:
+        assert entry["ETag"] == s3.head_object(Bucket=bucket, Key=entry["Key"])["ETag"]
 
 
 @pytest.mark.parametrize("size", [MiB - 1, MiB, MiB + 1, 2 * MiB + 5])

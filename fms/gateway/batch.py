@@ -23,9 +23,12 @@ What a PUT sees is what its own ``commit`` would have given it:
 - a PUT whose handler is cancelled while its commit waits here is not sent."""
 
 import asyncio
+import functools
+import logging
 from collections import deque
 from typing import Any
 
+from fms import limits
 from fms import wire as p
 from fms.errors import FmsError, RemoteError, Unavailable, from_reply
 
@@ -40,14 +43,26 @@ WINDOW = 1
 # them has joined (or failed), and at the latest after this.
 HOLD = 0.002
 
+# A commit_many's header is at most limits.MAX_HEADER (only commit and have may be larger: a
+# larger one is refused whole, too_large).  A batch is cut before its files' fields (each name,
+# digest, id and meta: up to about 3 KiB a file) would take it over, with room for the rest of
+# the header (v, op, id, ttl_ms, as, chunk_size, the keys, the arrays' prefixes: under 300 bytes).
+HEADER_ROOM = limits.MAX_HEADER - 1024
+
+log = logging.getLogger("fms.gateway")
+
 Key = str | None  # whom the commits act for (the request's identity, None: the gateway)
 
 
 class _Commit:
-    __slots__ = ("data", "fields", "fut")
+    __slots__ = ("cost", "data", "fields", "fut", "meta")
 
     def __init__(self, fields: dict[str, Any], data: bytes, fut: "asyncio.Future[dict]") -> None:
         self.fields, self.data, self.fut = fields, data, fut
+        self.meta = p.encode(fields.get("meta") or {})  # its entry of ``metas``
+        # what it adds to a commit_many's header, at most (a few bytes over: the map's key)
+        mine = [fields["name"], len(data), fields["chunks"][0], fields["mtime"], fields["commit"]]
+        self.cost = len(p.encode({"": [*mine, self.meta]}))
 
 
 class Expected:
@@ -137,36 +152,51 @@ class CommitBatcher:
         waiting = self._waiting.get(acting)
         while waiting and self._flying.get(acting, 0) < self.window:
             batch: list[_Commit] = []
-            nbytes = 0
+            nbytes = header = 0
             while waiting and len(batch) < p.MAX_BATCH_FILES:
-                if waiting[0].fut.done():  # its handler gave up while it waited: not sent
+                one = waiting[0]
+                if one.fut.done():  # its handler gave up while it waited: not sent
                     waiting.popleft()
-                elif batch and nbytes + len(waiting[0].data) > p.MAX_BATCH_BYTES:
+                elif batch and (
+                    nbytes + len(one.data) > p.MAX_BATCH_BYTES or header + one.cost > HEADER_ROOM
+                ):
                     break
                 else:
                     batch.append(waiting.popleft())
-                    nbytes += len(batch[-1].data)
+                    nbytes += len(one.data)
+                    header += one.cost
             if not batch:
                 break
             self._flying[acting] = self._flying.get(acting, 0) + 1
             self.sizes[len(batch)] = self.sizes.get(len(batch), 0) + 1
             task = asyncio.ensure_future(self._send(acting, batch))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(functools.partial(self._sent, acting, batch))
         if not waiting:
             self._waiting.pop(acting, None)
 
     async def _send(self, acting: Key, batch: list[_Commit]) -> None:
-        try:
-            if len(batch) == 1:
-                await self._alone(acting, batch[0])
-            else:
-                await self._together(acting, batch)
-        finally:
-            self._flying[acting] -= 1
-            if not self._flying[acting]:
-                del self._flying[acting]
-            self._schedule(acting)
+        if len(batch) == 1:
+            await self._alone(acting, batch[0])
+        else:
+            await self._together(acting, batch)
+
+    def _sent(self, acting: Key, batch: list[_Commit], task: "asyncio.Future[None]") -> None:
+        """``batch``'s send is over, however it ended (even cancelled before it ran, when no
+        code of its own did): a PUT it did not answer fails rather than wait for ever, and the
+        identity's window takes the next."""
+        self._tasks.discard(task)
+        if task.cancelled():
+            _fail_all(batch, asyncio.CancelledError())
+        elif task.exception() is not None:  # a fault here: said, and each PUT left fails with it
+            exc = task.exception()
+            log.error("event=s3_commit_batch_failed files=%d error=%r", len(batch), exc)
+            _fail_all(batch, exc if isinstance(exc, Exception) else FmsError(repr(exc)))
+        _fail_all(batch, FmsError("the commit's message ended without an answer for it"))
+        self._flying[acting] -= 1
+        if not self._flying[acting]:
+            del self._flying[acting]
+        self._schedule(acting)
 
     async def _together(self, acting: Key, batch: list[_Commit]) -> None:
         """``batch`` as one ``commit_many``; each file's result to its PUT."""
@@ -180,7 +210,7 @@ class CommitBatcher:
                 hashes=[one.fields["chunks"][0] for one in batch],
                 mtimes=[one.fields["mtime"] for one in batch],
                 commits=[one.fields["commit"] for one in batch],
-                metas=[p.encode(one.fields.get("meta") or {}) for one in batch],
+                metas=[one.meta for one in batch],
                 chunk_size=self.chunk_size,
             )
         except RemoteError as exc:
@@ -205,7 +235,7 @@ class CommitBatcher:
             if not isinstance(result, dict):
                 _fail(one, FmsError(f"commit_many answered a file with {result!r:.60}"))
             elif result.get("ok"):
-                _done(one, result["stat"])
+                _done(one, result.get("stat"))
             else:
                 error = from_reply(str(result.get("error")), str(result.get("message")), result)
                 if isinstance(error, Unavailable):
@@ -226,11 +256,15 @@ class CommitBatcher:
             if not isinstance(exc, Exception):
                 raise
         else:
-            _done(one, header["stat"])
+            _done(one, header.get("stat"))
 
 
-def _done(one: _Commit, stat: dict) -> None:
-    if not one.fut.done():
+def _done(one: _Commit, stat: object) -> None:
+    if not isinstance(stat, dict):
+        _fail(
+            one, FmsError(f"the commit of {one.fields['name']!r:.80} was answered without a stat")
+        )
+    elif not one.fut.done():
         one.fut.set_result(stat)
 
 
