@@ -287,6 +287,42 @@ def test_a_held_commit_goes_after_the_hold_at_the_latest():
     run(test)
 
 
+def test_a_put_still_on_its_way_when_a_hold_runs_out_holds_no_later_message(monkeypatch):
+    """A small PUT whose body never comes whole (a stalled or byte-by-byte client) holds one
+    message of its identity, HOLD at most, and no later one: else each commit of everyone
+    acting as that identity (every static key acts as the gateway) waits HOLD for as long as
+    that client keeps its request open.  Those that come after it still hold as before."""
+    monkeypatch.setattr(batch, "HOLD", 0.001)
+
+    async def test(broker, batcher):
+        stalled = batcher.expect(None)  # never comes while this test runs
+        first = put(batcher, "b/first", b"1")
+        header, _ = await recv(broker)  # after the hold, without it
+        assert (header["op"], header["name"]) == ("commit", "b/first")
+        await broker.answer(header, stat=stat_of("b/first"))
+        await result(first)
+        monkeypatch.setattr(batch, "HOLD", 60.0)  # a hold now would outlast the receive
+        second = put(batcher, "b/second", b"2")
+        header, _ = await recv(broker)  # the stalled PUT no longer holds it
+        assert (header["op"], header["name"]) == ("commit", "b/second")
+        await broker.answer(header, stat=stat_of("b/second"))
+        await result(second)
+        coming = batcher.expect(None)  # a PUT that starts now holds a message as before
+        third = put(batcher, "b/third", b"3")
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert len(batcher._waiting[None]) == 1 and None in batcher._sending
+        coming.arrive()
+        header, _ = await recv(broker)
+        assert (header["op"], header["name"]) == ("commit", "b/third")
+        await broker.answer(header, stat=stat_of("b/third"))
+        await result(third)
+        stalled.arrive()  # its handler ends at last: nothing is counted twice
+        assert batcher._coming == {} and batcher._sending == {}
+
+    run(test)
+
+
 def test_concurrent_small_puts_through_a_real_cluster_keep_each_ones_metadata(cluster):
     """Many small bodies committed at once by one gateway store: they go in fewer messages than
     PUTs, and each name reads back with its own content and metadata (its ETag)."""

@@ -582,6 +582,12 @@ class Gateway:
                 total += len(piece)
                 if total > limit:
                     raise S3Error("EntityTooLarge", "your proposed upload exceeds the limit")
+                if size is not None and total > size:  # at once, not once all of it is read
+                    raise S3Error(
+                        "IncompleteBody",
+                        f"you did not provide the number of bytes announced "
+                        f"(at least {total} of {size})",
+                    )
                 for hasher in checks.values():
                     hasher.update(piece)
                 yield piece

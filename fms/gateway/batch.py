@@ -8,9 +8,10 @@ the commits that gathered meanwhile go together as one ``commit_many``: each fil
 commit id, ``meta`` (``metas``) and result, all in one transaction (docs/PROTOCOL.md).  A
 message is also held, :data:`HOLD` at most, for the small PUTs of its identity that the gateway
 is reading at that moment (:meth:`CommitBatcher.expect`): it goes as soon as they have all
-joined.  A commit that finds no message in flight and no other small PUT on its way goes at
-once, alone, as a plain ``commit``: batches form only while PUTs come faster than storage
-answers them (group commit, done by the sender).
+joined (those still on their way when a hold runs out hold no later message).  A commit that
+finds no message in flight and no other small PUT on its way goes at once, alone, as a plain
+``commit``: batches form only while PUTs come faster than storage answers them (group commit,
+done by the sender).
 
 What a PUT sees is what its own ``commit`` would have given it:
 
@@ -40,7 +41,9 @@ from .link import AsyncLink
 WINDOW = 1
 # The longest a message of commits is held for small PUTs of its identity that are already on
 # their way (their headers read, their bodies not yet whole): it goes as soon as the last of
-# them has joined (or failed), and at the latest after this.
+# them has joined (or failed), and at the latest after this.  Those still on their way when a
+# hold runs out hold no later message: a PUT holds at most one message, once, so a slow or
+# stalled body (a client that sends it byte by byte) cannot hold each of its identity's.
 HOLD = 0.002
 
 # A commit_many's header is at most limits.MAX_HEADER (only commit and have may be larger: a
@@ -77,7 +80,7 @@ class Expected:
     def arrive(self) -> None:
         if not self.arrived:
             self.arrived = True
-            self._batcher._arrived(self.acting)
+            self._batcher._arrived(self)
 
 
 class CommitBatcher:
@@ -91,20 +94,24 @@ class CommitBatcher:
         self._flying: dict[Key, int] = {}  # messages in flight per identity
         self._tasks: set[asyncio.Future[None]] = set()  # the loop keeps weak references only
         self.sizes: dict[int, int] = {}  # messages sent, by the commits each held
-        self._coming: dict[Key, int] = {}  # small PUTs on their way, per identity
+        self._coming: dict[Key, set[Expected]] = {}  # small PUTs on their way, per identity
         self._sending: dict[Key, asyncio.Handle] = {}  # a flush to come, per identity
 
     def expect(self, acting: Key) -> Expected:
         """Say that a small PUT for ``acting`` is on its way (its body being read): a message
         of its identity's commits may wait for it, up to :data:`HOLD`.  The caller must
         :meth:`Expected.arrive` it, whatever happens (``finally``)."""
-        self._coming[acting] = self._coming.get(acting, 0) + 1
-        return Expected(self, acting)
+        token = Expected(self, acting)
+        self._coming.setdefault(acting, set()).add(token)
+        return token
 
-    def _arrived(self, acting: Key) -> None:
-        left = self._coming[acting] - 1
-        if left:
-            self._coming[acting] = left
+    def _arrived(self, token: Expected) -> None:
+        acting = token.acting
+        coming = self._coming.get(acting)
+        if coming is None or token not in coming:
+            return  # a hold ran out while it was on its way: it holds nothing any more
+        coming.remove(token)
+        if coming:
             return
         del self._coming[acting]
         held = self._sending.pop(acting, None)
@@ -142,9 +149,15 @@ class CommitBatcher:
             return  # sent when a message in flight is answered
         loop = asyncio.get_running_loop()
         if self._coming.get(acting):
-            self._sending[acting] = loop.call_later(HOLD, self._flush, acting)
+            self._sending[acting] = loop.call_later(HOLD, self._held, acting)
         else:
             self._sending[acting] = loop.call_soon(self._flush, acting)
+
+    def _held(self, acting: Key) -> None:
+        """The hold ran out before all those on their way joined: they hold no later message
+        (each would again, for as long as its body takes), and what waits goes."""
+        self._coming.pop(acting, None)
+        self._flush(acting)
 
     def _flush(self, acting: Key) -> None:
         """Send what waits for ``acting`` while its window has room."""
