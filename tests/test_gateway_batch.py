@@ -11,7 +11,15 @@ from test_gateway_link import RECV_TIMEOUT, FakeBroker, result
 
 from fms import limits
 from fms import wire as p
-from fms.errors import BadRequest, FmsError, Forbidden, NotFound, TooLarge, Unavailable
+from fms.errors import (
+    BadRequest,
+    FmsError,
+    Forbidden,
+    NotFound,
+    Timeout,
+    TooLarge,
+    Unavailable,
+)
 from fms.gateway import batch, store
 from fms.gateway.batch import CommitBatcher
 from fms.gateway.link import AsyncLink
@@ -42,13 +50,13 @@ def all_ok(many: dict) -> list[dict]:
     return [{"ok": True, "stat": stat_of(name)} for name in many["names"]]
 
 
-def run(test) -> None:
-    """``test(broker, batcher)`` in a new event loop, with a fake broker, a link to it and a
-    batcher on the link."""
+def run(test, timeout: float = RECV_TIMEOUT) -> None:
+    """``test(broker, batcher)`` in a new event loop, with a fake broker, a link to it (each
+    call's budget ``timeout``) and a batcher on the link."""
 
     async def main() -> None:
         broker = FakeBroker()
-        link = AsyncLink(broker.endpoint, timeout=RECV_TIMEOUT, retries=0)
+        link = AsyncLink(broker.endpoint, timeout=timeout, retries=0)
         try:
             await test(broker, CommitBatcher(link, store.CHUNK_SIZE))
         finally:
@@ -60,6 +68,32 @@ def run(test) -> None:
 
 def put(batcher: CommitBatcher, name: str, data: bytes, acting=None, **meta) -> asyncio.Task:
     return asyncio.ensure_future(batcher.commit(fields(name, data, meta), data, acting))
+
+
+def test_the_time_a_commit_waits_counts_against_its_puts_budget():
+    """A PUT gives up when its own commit would have: the time its commit waited behind the
+    message in flight counts against its budget (its try's ttl is what is left), and one with
+    nothing left fails without being sent."""
+
+    async def test(broker, batcher):
+        first = put(batcher, "b/first", b"1")
+        await recv(broker)  # never answered: its budget runs out
+        late, later = put(batcher, "b/late", b"2"), put(batcher, "b/later", b"3")
+        for _ in range(3):
+            await asyncio.sleep(0)
+        batcher._waiting[None][0].since += 0.1  # as if it had come 0.1 s after the first
+        batcher._waiting[None][1].since -= 60  # as if it had waited a minute already
+        with pytest.raises(Timeout):
+            await result(first)
+        header, _ = await recv(broker)  # the late one alone, with what is left of its budget
+        assert header["name"] == "b/late" and header["ttl_ms"] < 300 / 2
+        with pytest.raises(Timeout, match="waited 60 s"):
+            await result(later)
+        with pytest.raises(Timeout):
+            await result(late)
+        assert batcher.sizes == {1: 1, 2: 1}  # the later one was never sent
+
+    run(test, timeout=0.3)
 
 
 def test_a_lone_commit_goes_as_a_commit_of_its_own():

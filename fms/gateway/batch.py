@@ -21,17 +21,20 @@ What a PUT sees is what its own ``commit`` would have given it:
 - a message refused whole (which the checks here should make impossible: every name and
   ``meta`` is checked before it joins) sends each of its files alone, for a verdict of its own;
 - a message that gets no answer (the link's tries spent) fails each of its files so;
+- a PUT's time budget (the link's) runs from when its commit came here, its wait included: one
+  that waited it all behind the message before it fails (Timeout) without being sent;
 - a PUT whose handler is cancelled while its commit waits here is not sent."""
 
 import asyncio
 import functools
 import logging
+import time
 from collections import deque
 from typing import Any
 
 from fms import limits
 from fms import wire as p
-from fms.errors import FmsError, RemoteError, Unavailable, from_reply
+from fms.errors import FmsError, RemoteError, Timeout, Unavailable, from_reply
 
 from .link import AsyncLink
 
@@ -58,10 +61,11 @@ Key = str | None  # whom the commits act for (the request's identity, None: the 
 
 
 class _Commit:
-    __slots__ = ("cost", "data", "fields", "fut", "meta")
+    __slots__ = ("cost", "data", "fields", "fut", "meta", "since")
 
     def __init__(self, fields: dict[str, Any], data: bytes, fut: "asyncio.Future[dict]") -> None:
         self.fields, self.data, self.fut = fields, data, fut
+        self.since = time.monotonic()  # its PUT's time budget runs from here, waits included
         self.meta = p.encode(fields.get("meta") or {})  # its entry of ``metas``
         # what it adds to a commit_many's header, at most (a few bytes over: the map's key)
         mine = [fields["name"], len(data), fields["chunks"][0], fields["mtime"], fields["commit"]]
@@ -189,10 +193,23 @@ class CommitBatcher:
             self._waiting.pop(acting, None)
 
     async def _send(self, acting: Key, batch: list[_Commit]) -> None:
-        if len(batch) == 1:
-            await self._alone(acting, batch[0])
-        else:
-            await self._together(acting, batch)
+        live = []
+        for one in batch:
+            if self._left(one.since) > 0:
+                live.append(one)
+            else:  # it waited its whole budget behind the message before it
+                _fail(
+                    one,
+                    Timeout(
+                        f"the commit of {one.fields['name']!r:.80} waited "
+                        f"{time.monotonic() - one.since:.0f} s for the commits before it to be "
+                        f"answered by the fms cluster at {self.link.broker}: its time is up"
+                    ),
+                )
+        if len(live) == 1:
+            await self._alone(acting, live[0])
+        elif live:
+            await self._together(acting, live)
 
     def _sent(self, acting: Key, batch: list[_Commit], task: "asyncio.Future[None]") -> None:
         """``batch``'s send is over, however it ended (even cancelled before it ran, when no
@@ -211,6 +228,11 @@ class CommitBatcher:
             del self._flying[acting]
         self._schedule(acting)
 
+    def _left(self, since: float) -> float:
+        """What is left of the link's budget for a PUT that came at ``since``: the time it
+        waited here counts, so that a PUT gives up when its own ``commit`` would have."""
+        return self.link.budget - (time.monotonic() - since)
+
     async def _together(self, acting: Key, batch: list[_Commit]) -> None:
         """``batch`` as one ``commit_many``; each file's result to its PUT."""
         try:
@@ -218,6 +240,7 @@ class CommitBatcher:
                 "commit_many",
                 p.pack_data(b"".join(one.data for one in batch)),
                 acting=acting,
+                within=self._left(min(one.since for one in batch)),
                 names=[one.fields["name"] for one in batch],
                 sizes=[len(one.data) for one in batch],
                 hashes=[one.fields["chunks"][0] for one in batch],
@@ -262,7 +285,11 @@ class CommitBatcher:
         """``one`` as a ``commit`` of its own."""
         try:
             header, _ = await self.link.call(
-                "commit", p.pack_data(one.data), acting=acting, **one.fields
+                "commit",
+                p.pack_data(one.data),
+                acting=acting,
+                within=self._left(one.since),
+                **one.fields,
             )
         except BaseException as exc:
             _fail(one, exc)

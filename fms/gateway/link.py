@@ -190,13 +190,26 @@ class AsyncLink:
         if self._waiting:  # a send can leave the edge of a reply unseen: look now
             self._readable()
 
+    @property
+    def budget(self) -> float:
+        """The seconds a call has in all, its tries and backoffs: ``timeout * (retries + 1)``."""
+        return self.timeout * (self.retries + 1)
+
     async def call(
-        self, op: str, data: Sendable | None = None, acting: str | None = None, **fields: Any
+        self,
+        op: str,
+        data: Sendable | None = None,
+        acting: str | None = None,
+        *,
+        within: float | None = None,
+        **fields: Any,
     ) -> Reply:
-        """One request; its ``(header, data frame or None)``.  :raises RemoteError: an error
-        reply (its subclass names the code); :raises Timeout: no reply within the budget."""
+        """One request; its ``(header, data frame or None)``; ``within``: seconds it has in all,
+        if less than :attr:`budget` (what is left of a caller's own).  :raises RemoteError: an
+        error reply (its subclass names the code); :raises Timeout: no reply within the
+        budget."""
         first = time.monotonic()
-        budget = self.timeout * (self.retries + 1)
+        budget = self.budget if within is None else min(within, self.budget)
         if self._closed:
             raise self._closed_error()
         if self._slots.locked():  # a place among the requests in flight, within the budget
