@@ -70,6 +70,20 @@ def put(batcher: CommitBatcher, name: str, data: bytes, acting=None, **meta) -> 
     return asyncio.ensure_future(batcher.commit(fields(name, data, meta), data, acting))
 
 
+async def one_in_flight(broker: FakeBroker, batcher: CommitBatcher, acting=None) -> tuple:
+    """A first commit (``b/first``) sent and not yet answered: ``(its PUT, its request)``.
+    While it is in flight, the commits that come wait."""
+    first = put(batcher, "b/first", b"1", acting=acting)
+    lone, _ = await recv(broker)
+    return first, lone
+
+
+async def answer_first(broker: FakeBroker, first: asyncio.Task, lone: dict) -> None:
+    """The first commit answered: its PUT gets its stat (and what waited may go)."""
+    await broker.answer(lone, stat=stat_of("b/first"))
+    assert await result(first) == stat_of("b/first")
+
+
 def test_the_time_a_commit_waits_counts_against_its_puts_budget():
     """A PUT gives up when its own commit would have: the time its commit waited behind the
     message in flight counts against its budget (its try's ttl is what is left), and one with
@@ -117,8 +131,7 @@ def test_commits_that_come_while_one_is_answered_go_together_each_with_its_own_r
     own file's result: a stat, or the error storage gave that file alone."""
 
     async def test(broker, batcher):
-        first = put(batcher, "b/first", b"1")
-        lone, _ = await recv(broker)
+        first, lone = await one_in_flight(broker, batcher)
         bodies = {f"b/k{i}": os.urandom(100 + i) for i in range(3)}
         sent = {name: fields(name, body, {"x-amz-meta-i": name}) for name, body in bodies.items()}
         tasks = {
@@ -128,8 +141,7 @@ def test_commits_that_come_while_one_is_answered_go_together_each_with_its_own_r
         for _ in range(3):  # passes of the loop: none is sent while one is in flight
             await asyncio.sleep(0)
         assert len(batcher._waiting[None]) == 3
-        await broker.answer(lone, stat=stat_of("b/first"))
-        assert await result(first) == stat_of("b/first")
+        await answer_first(broker, first, lone)
         header, data = await recv(broker)
         assert header["op"] == "commit_many" and "as" not in header
         assert header["names"] == list(bodies)
@@ -154,8 +166,7 @@ def test_commits_that_come_while_one_is_answered_go_together_each_with_its_own_r
 
 def test_identities_are_never_batched_together():
     async def test(broker, batcher):
-        first = put(batcher, "b/first", b"1", acting="alice")
-        lone, _ = await recv(broker)
+        first, lone = await one_in_flight(broker, batcher, "alice")
         bob = put(batcher, "b/bob", b"2", acting="bob")
         header, _ = await recv(broker)  # bob has nothing in flight: his goes at once
         assert (header["op"], header["as"], header["name"]) == ("commit", "bob", "b/bob")
@@ -174,11 +185,10 @@ def test_identities_are_never_batched_together():
 
 def test_a_file_answered_unavailable_is_sent_again_alone_with_its_commit_id():
     async def test(broker, batcher):
-        first = put(batcher, "b/first", b"1")
-        lone, _ = await recv(broker)
+        first, lone = await one_in_flight(broker, batcher)
         tasks = [put(batcher, f"b/k{i}", b"x") for i in range(2)]
         await asyncio.sleep(0)
-        await broker.answer(lone, stat=stat_of("b/first"))
+        await answer_first(broker, first, lone)
         many, _ = await recv(broker)
         busy = {"ok": False, "error": "unavailable", "message": "busy"}
         await broker.answer(many, results=[{"ok": True, "stat": stat_of("b/k0")}, busy])
@@ -188,18 +198,16 @@ def test_a_file_answered_unavailable_is_sent_again_alone_with_its_commit_id():
         await broker.answer(again, stat=stat_of("b/k1", 2))
         assert await result(tasks[1]) == stat_of("b/k1", 2)
         assert await result(tasks[0]) == stat_of("b/k0")
-        await result(first)
 
     run(test)
 
 
 def test_a_message_refused_whole_sends_each_file_alone():
     async def test(broker, batcher):
-        first = put(batcher, "b/first", b"1")
-        lone, _ = await recv(broker)
+        first, lone = await one_in_flight(broker, batcher)
         tasks = [put(batcher, f"b/k{i}", b"x") for i in range(2)]
         await asyncio.sleep(0)
-        await broker.answer(lone, stat=stat_of("b/first"))
+        await answer_first(broker, first, lone)
         many, _ = await recv(broker)
         await broker.refuse(many, "bad_request")
         alone = [await recv(broker) for _ in range(2)]
@@ -212,42 +220,37 @@ def test_a_message_refused_whole_sends_each_file_alone():
         assert await result(tasks[0]) == stat_of("b/k0")
         with pytest.raises(NotFound):
             await result(tasks[1])
-        await result(first)
 
     run(test)
 
 
 def test_a_commit_given_up_while_it_waited_is_not_sent():
     async def test(broker, batcher):
-        first = put(batcher, "b/first", b"1")
-        lone, _ = await recv(broker)
+        first, lone = await one_in_flight(broker, batcher)
         gone, kept = put(batcher, "b/gone", b"2"), put(batcher, "b/kept", b"3")
         await asyncio.sleep(0)
         gone.cancel()
-        await broker.answer(lone, stat=stat_of("b/first"))
+        await answer_first(broker, first, lone)
         header, data = await recv(broker)
         assert (header["op"], header["name"], data) == ("commit", "b/kept", b"3")
         await broker.answer(header, stat=stat_of("b/kept"))
         assert await result(kept) == stat_of("b/kept")
-        await result(first)
 
     run(test)
 
 
 def test_metadata_over_its_limit_is_refused_for_its_put_alone_before_it_waits():
     async def test(broker, batcher):
-        first = put(batcher, "b/first", b"1")
-        lone, _ = await recv(broker)
+        first, lone = await one_in_flight(broker, batcher)
         with pytest.raises(TooLarge):
             await put(batcher, "b/big", b"2", **{"x-amz-meta-big": "v" * p.MAX_META_BYTES})
         kept = put(batcher, "b/kept", b"3")
         await asyncio.sleep(0)
-        await broker.answer(lone, stat=stat_of("b/first"))
+        await answer_first(broker, first, lone)
         header, _ = await recv(broker)
         assert (header["op"], header["name"]) == ("commit", "b/kept")
         await broker.answer(header, stat=stat_of("b/kept"))
         await result(kept)
-        await result(first)
 
     run(test)
 
@@ -432,8 +435,7 @@ def test_an_answer_without_a_stat_fails_its_put_and_the_queue_goes_on():
     the files after it in the batch, waiting for ever, nor keep the identity's window."""
 
     async def test(broker, batcher):
-        first = put(batcher, "b/first", b"1")
-        lone, _ = await recv(broker)
+        first, lone = await one_in_flight(broker, batcher)
         tasks = [put(batcher, f"b/k{i}", b"x") for i in range(2)]
         await asyncio.sleep(0)
         await broker.answer(lone)  # ok, but no stat
@@ -485,13 +487,11 @@ def test_a_batch_is_cut_before_its_header_is_over_the_brokers_limit():
     messages under the limit."""
 
     async def test(broker, batcher):
-        first = put(batcher, "b/first", b"1")
-        lone, _ = await recv(broker)
+        first, lone = await one_in_flight(broker, batcher)
         names = [f"b/{i:03d}" + "n" * 900 for i in range(40)]
         tasks = [put(batcher, name, b"x", **{"x-amz-meta-m": "v" * 1000}) for name in names]
         await asyncio.sleep(0)
-        await broker.answer(lone, stat=stat_of("b/first"))
-        await result(first)
+        await answer_first(broker, first, lone)
         sent: list[str] = []
         while len(sent) < len(names):
             try:
