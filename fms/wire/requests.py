@@ -307,8 +307,11 @@ def _digest_kind(kind: str) -> None:
         )
 
 
-# What else a value must be, beyond its type and range (the spec's rule column).
+# What else a value must be, beyond its type and range (the spec's rule column); for an array,
+# each of its items.
 _RULES: dict[str, Callable[[Any], object]] = {
+    "names": check_name,
+    "metas": decode_meta,
     "name": check_entry_name,  # a file's name; the ops that take only those say so
     "src": check_name,
     "dest": check_folder_name,
@@ -328,6 +331,7 @@ def _check(op: str, key: str, f: RequestField, value: Any) -> None:
             raise BadRequest(f"field {key!r} holds {len(value)} items; {op} takes {lo} to {hi}")
         item = f.kind[len("array of ") :]
         accepts, what = _KINDS[item]
+        each = _RULES.get(key)
         for v in value:
             if not accepts(v) or (f.item_len is not None and len(v) != f.item_len):
                 size = f" of {f.item_len} bytes" if f.item_len is not None else ""
@@ -337,10 +341,8 @@ def _check(op: str, key: str, f: RequestField, value: Any) -> None:
                 and not f.items[0] <= (len(v) if item == "str" else v) <= f.items[1]
             ):
                 raise BadRequest(f"field {key!r} holds {v!r:.40}, out of range {list(f.items)}")
-            if key == "names":
-                check_name(v)
-            elif key == "metas":
-                decode_meta(v)
+            if each is not None:
+                each(v)
         return
     accepts, what = _KINDS[f.kind]
     if not accepts(value):
