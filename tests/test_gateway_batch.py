@@ -78,6 +78,17 @@ async def one_in_flight(broker: FakeBroker, batcher: CommitBatcher, acting=None)
     return first, lone
 
 
+async def the_queue_goes_on(broker: FakeBroker, batcher: CommitBatcher) -> None:
+    """The identity's next commit goes at once and is answered, and nothing is left in flight
+    or waiting."""
+    after = put(batcher, "b/after", b"2")
+    header, _ = await recv(broker)
+    assert (header["op"], header["name"]) == ("commit", "b/after")
+    await broker.answer(header, stat=stat_of("b/after"))
+    assert await result(after) == stat_of("b/after")
+    assert not batcher._flying and not batcher._waiting
+
+
 async def answer_first(broker: FakeBroker, first: asyncio.Task, lone: dict) -> None:
     """The first commit answered: its PUT gets its stat (and what waited may go)."""
     await broker.answer(lone, stat=stat_of("b/first"))
@@ -447,12 +458,7 @@ def test_an_answer_without_a_stat_fails_its_put_and_the_queue_goes_on():
         with pytest.raises(FmsError, match="stat"):
             await result(tasks[0])
         assert await result(tasks[1]) == stat_of("b/k1")
-        after = put(batcher, "b/after", b"2")
-        header, _ = await recv(broker)
-        assert (header["op"], header["name"]) == ("commit", "b/after")
-        await broker.answer(header, stat=stat_of("b/after"))
-        assert await result(after) == stat_of("b/after")
-        assert not batcher._flying and not batcher._waiting
+        await the_queue_goes_on(broker, batcher)
 
     run(test)
 
@@ -470,12 +476,7 @@ def test_a_send_cancelled_before_it_ran_fails_its_puts_and_frees_the_window():
         send.cancel()
         with pytest.raises(Unavailable):
             await result(task)
-        after = put(batcher, "b/after", b"2")
-        header, _ = await recv(broker)
-        assert (header["op"], header["name"]) == ("commit", "b/after")
-        await broker.answer(header, stat=stat_of("b/after"))
-        assert await result(after) == stat_of("b/after")
-        assert not batcher._flying and not batcher._waiting
+        await the_queue_goes_on(broker, batcher)
 
     run(test)
 
