@@ -78,6 +78,18 @@ async def one_in_flight(broker: FakeBroker, batcher: CommitBatcher, acting=None)
     return first, lone
 
 
+async def two_together(broker: FakeBroker, batcher: CommitBatcher) -> tuple[list, dict]:
+    """Two commits (``b/k0``, ``b/k1``, content ``x``) that waited behind a first one and went
+    together once it was answered: ``(their PUTs, their commit_many's request)``."""
+    first, lone = await one_in_flight(broker, batcher)
+    tasks = [put(batcher, f"b/k{i}", b"x") for i in range(2)]
+    await asyncio.sleep(0)
+    await answer_first(broker, first, lone)
+    many, _ = await recv(broker)
+    assert many["names"] == ["b/k0", "b/k1"]
+    return tasks, many
+
+
 async def the_queue_goes_on(broker: FakeBroker, batcher: CommitBatcher) -> None:
     """The identity's next commit goes at once and is answered, and nothing is left in flight
     or waiting."""
@@ -196,11 +208,7 @@ def test_identities_are_never_batched_together():
 
 def test_a_file_answered_unavailable_is_sent_again_alone_with_its_commit_id():
     async def test(broker, batcher):
-        first, lone = await one_in_flight(broker, batcher)
-        tasks = [put(batcher, f"b/k{i}", b"x") for i in range(2)]
-        await asyncio.sleep(0)
-        await answer_first(broker, first, lone)
-        many, _ = await recv(broker)
+        tasks, many = await two_together(broker, batcher)
         busy = {"ok": False, "error": "unavailable", "message": "busy"}
         await broker.answer(many, results=[{"ok": True, "stat": stat_of("b/k0")}, busy])
         again, data = await recv(broker)
@@ -215,11 +223,7 @@ def test_a_file_answered_unavailable_is_sent_again_alone_with_its_commit_id():
 
 def test_a_message_refused_whole_sends_each_file_alone():
     async def test(broker, batcher):
-        first, lone = await one_in_flight(broker, batcher)
-        tasks = [put(batcher, f"b/k{i}", b"x") for i in range(2)]
-        await asyncio.sleep(0)
-        await answer_first(broker, first, lone)
-        many, _ = await recv(broker)
+        tasks, many = await two_together(broker, batcher)
         await broker.refuse(many, "bad_request")
         alone = [await recv(broker) for _ in range(2)]
         assert sorted(h["name"] for h, _ in alone) == ["b/k0", "b/k1"]
