@@ -33,11 +33,16 @@ from collections.abc import Iterable
 from typing import Any, TypeAlias
 
 from .errors import Forbidden
+from .logutil import clip
 
 READ, WRITE, ADMIN = "read", "write", "admin"
 ROLES = (READ, WRITE, ADMIN)
 _RANK = {READ: 1, WRITE: 2, ADMIN: 3}
 STORE = ""  # the prefix of a grant on the whole store
+# What a refusal shows of an identity's grants (Identity.describe): this many, each folder cut
+# to this many characters.
+SHOWN_GRANTS = 8
+SHOWN_PREFIX = 80
 
 # An identity's name: what `id add` takes and the audit log shows.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
@@ -192,14 +197,22 @@ class Identity:
         return self.all or any(_RANK[g.role] >= _RANK[role] for g in self.grants)
 
     def describe(self) -> str:
-        """Its grants, for messages: ``write on 'bob', read on 'shared'``."""
+        """Its grants, for messages: ``write on 'bob', read on 'shared'``.  At most
+        :data:`SHOWN_GRANTS` of them, each folder cut to :data:`SHOWN_PREFIX` characters: a
+        refusal stays a few hundred bytes (within the reply room the broker reserved for it)
+        however many grants an identity has, and says how to list the rest."""
         if self.all:
             return "admin on the whole store"
         if not self.grants:
             return "no grants"
-        return ", ".join(
-            f"{g.role} on {repr(g.prefix) if g.prefix else 'the whole store'}" for g in self.grants
+        shown = ", ".join(
+            f"{g.role} on {clip(repr(g.prefix), SHOWN_PREFIX) if g.prefix else 'the whole store'}"
+            for g in self.grants[:SHOWN_GRANTS]
         )
+        more = len(self.grants) - SHOWN_GRANTS
+        if more <= 0:
+            return shown
+        return f"{shown} and {more} more (an admin's `fms id ls` lists them all)"
 
     def __repr__(self) -> str:
         return f"Identity({self.name!r}, {list(self.grants)!r})"

@@ -754,3 +754,20 @@ def test_the_cache_reads_a_chunk_of_a_long_list_by_its_cached_page(tmp_path):
         service, reader, "chunk", hash=digests[3], name="team/long", page=page_id, at=4
     )
     assert wrong is None and service.link.requests[-1][1]["at"] == 4  # storage decides
+
+
+def test_a_refusal_shows_a_few_grants_of_many_and_says_how_many_more():
+    """However many grants an identity has, its refusals stay short: the broker reserved a
+    few KiB for such a reply, and a list of thousands helps nobody."""
+    many = [Grant(READ, f"team-{i:04d}/" + "x" * 500) for i in range(1000)]
+    who = Identity("carol", many)
+    with pytest.raises(Forbidden) as refused:
+        policy.check(who, "rm", "alice/report.pdf")
+    text = str(refused.value)
+    assert len(text.encode()) < 2048
+    assert text.count("read on ") == policy.SHOWN_GRANTS
+    assert f"and {1000 - policy.SHOWN_GRANTS} more" in text and "fms id ls" in text
+    assert "'team-0000/x" in text and "more characters" in text  # each folder cut
+    # a few grants are shown whole, with nothing added
+    few = Identity("dave", [Grant(WRITE, "dave"), Grant(READ, "shared")])
+    assert few.describe() == "write on 'dave', read on 'shared'"
