@@ -1,7 +1,9 @@
 """Where the CPU of a 4 KiB S3 request goes, on both sides: each server process's user and
 system CPU and context switches (voluntary: it waited; involuntary: it was preempted) per
-request, the 8 boto3 clients' own CPU per request, and how much of the machine stayed idle,
-for SeaweedFS and fms each started in a session of their own as ``benchmarks.s3gw`` starts them.
+request (in brackets, the part of it spent by ZeroMQ's I/O thread, which moves every message
+between the process and its TCP connections), the 8 boto3 clients' own CPU per request, and how
+much of the machine stayed idle, for SeaweedFS and fms each started in a session of their own
+as ``benchmarks.s3gw`` starts them.
 
 On this 2-core machine the rate is about 2 cores / (the servers' CPU + the clients' CPU per
 request) when little stays idle: the clients' share matters as much as the servers', and a
@@ -20,7 +22,7 @@ import multiprocessing
 import time
 
 from benchmarks import s3gw
-from benchmarks.s3gw import SMALL_CLIENTS, cpu_times, fms_and_seaweed
+from benchmarks.s3gw import SMALL_CLIENTS, TICKS, cpu_times, fms_and_seaweed
 
 
 def _timed_worker(args) -> float:
@@ -43,21 +45,28 @@ def small(target, bucket: str, per: int, op: str) -> tuple[float, float]:
 
 
 def process_stats(pids: dict) -> dict:
-    """``{name: (user s, system s, voluntary switches, involuntary switches)}``, all threads."""
+    """``{name: (user s, system s, voluntary switches, involuntary switches, ZeroMQ's I/O
+    threads' user s and system s)}``, all threads."""
     out = {}
     for name, pid in pids.items():
-        switches = [0, 0]
-        for path in glob.glob(f"/proc/{pid}/task/*/status"):
+        switches, zmq_io = [0, 0], [0.0, 0.0]
+        for task in glob.glob(f"/proc/{pid}/task/*"):
             try:
-                with open(path) as f:
+                with open(f"{task}/status") as f:
                     for line in f:
                         if line.startswith("voluntary_ctxt_switches"):
                             switches[0] += int(line.split()[1])
                         elif line.startswith("nonvoluntary_ctxt_switches"):
                             switches[1] += int(line.split()[1])
+                with open(f"{task}/comm") as f:
+                    if f.read().startswith("ZMQbg/IO"):  # libzmq names its I/O threads so
+                        with open(f"{task}/stat") as stat:
+                            fields = stat.read().rpartition(")")[2].split()
+                        zmq_io[0] += int(fields[11]) / TICKS
+                        zmq_io[1] += int(fields[12]) / TICKS
             except FileNotFoundError:  # a thread that ended meanwhile
                 pass
-        out[name] = (*cpu_times(pid), *switches)
+        out[name] = (*cpu_times(pid), *switches, *zmq_io)
     return out
 
 
@@ -93,6 +102,7 @@ def main(argv=None) -> int:
                     parts.append(
                         f"{name} user {d[0] * 1000 / n:.3f} sys {d[1] * 1000 / n:.3f} "
                         f"switches {d[2] / n:.2f}+{d[3] / n:.2f}"
+                        + (f" (zmq I/O {(d[4] + d[5]) * 1000 / n:.3f})" if d[4] + d[5] else "")
                     )
                 print(
                     f"{target.name} {op}: {n / took:.0f}/s, idle {idle:.1%}, clients' CPU "

@@ -33,3 +33,33 @@ def test_the_machine_s_ticks_are_read_and_grow():
     sum(range(2_000_000))
     second = s3wake.machine_ticks()
     assert len(first) >= 5 and sum(second) > sum(first)
+
+
+def test_zeromq_s_io_thread_is_counted_apart_and_within_the_whole():
+    """The bracketed part: the CPU of libzmq's I/O threads (named ZMQbg/IO/N), which move
+    the messages between the sockets and their TCP connections."""
+    import zmq
+
+    ctx = zmq.Context()
+    try:
+        pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+        port = pull.bind_to_random_port("tcp://127.0.0.1")
+        push.connect(f"tcp://127.0.0.1:{port}")
+        (before,) = s3wake.process_stats({"me": os.getpid()}).values()
+        grew = False
+        for _ in range(50):  # until the I/O threads have a tick of their own (10 ms)
+            for _ in range(2000):
+                push.send(b"x" * 4096)
+            for _ in range(2000):
+                assert pull.poll(5000)
+                pull.recv()
+            (after,) = s3wake.process_stats({"me": os.getpid()}).values()
+            if after[4] + after[5] > before[4] + before[5]:
+                grew = True
+                break
+        assert grew
+        assert after[4] + after[5] <= after[0] + after[1]  # a part of the process's CPU
+        pull.close(0)
+        push.close(0)
+    finally:
+        ctx.term()
