@@ -33,16 +33,20 @@ from collections.abc import Iterable
 from typing import Any, TypeAlias
 
 from .errors import Forbidden
-from .logutil import clip
 
 READ, WRITE, ADMIN = "read", "write", "admin"
 ROLES = (READ, WRITE, ADMIN)
 _RANK = {READ: 1, WRITE: 2, ADMIN: 3}
 STORE = ""  # the prefix of a grant on the whole store
-# What a refusal shows of an identity's grants (Identity.describe): this many, each folder cut
-# to this many characters.
+# What a refusal shows, so that it fits the reply room the broker reserved for it (4 KiB,
+# fms.broker.admission.SMALL_REPLY), whatever the name and the grants: of an identity's grants
+# this many (Identity.describe), each folder quoted in at most SHOWN_PREFIX bytes of UTF-8, and
+# the name (twice) in at most SHOWN_NAME bytes: a name of 1,024 bytes (MAX_NAME_BYTES) and its
+# quotes, so a printable one shows whole; one that repr spells out (\U000f0000: ten bytes for
+# four) is cut.
 SHOWN_GRANTS = 8
 SHOWN_PREFIX = 80
+SHOWN_NAME = 1026
 
 # An identity's name: what `id add` takes and the audit log shows.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
@@ -198,15 +202,14 @@ class Identity:
 
     def describe(self) -> str:
         """Its grants, for messages: ``write on 'bob', read on 'shared'``.  At most
-        :data:`SHOWN_GRANTS` of them, each folder cut to :data:`SHOWN_PREFIX` characters: a
-        refusal stays a few hundred bytes (within the reply room the broker reserved for it)
-        however many grants an identity has, and says how to list the rest."""
+        :data:`SHOWN_GRANTS` of them, each folder quoted in at most :data:`SHOWN_PREFIX` bytes:
+        about a KiB at most however many grants an identity has, and says how to list the rest."""
         if self.all:
             return "admin on the whole store"
         if not self.grants:
             return "no grants"
         shown = ", ".join(
-            f"{g.role} on {clip(repr(g.prefix), SHOWN_PREFIX) if g.prefix else 'the whole store'}"
+            f"{g.role} on {quoted(g.prefix, SHOWN_PREFIX) if g.prefix else 'the whole store'}"
             for g in self.grants[:SHOWN_GRANTS]
         )
         more = len(self.grants) - SHOWN_GRANTS
@@ -323,6 +326,22 @@ class Policy:
 # --- decisions ---
 
 
+def quoted(text: str, limit: int) -> str:
+    """``text`` quoted (its repr) in at most ``limit`` bytes of UTF-8; a longer one is its
+    longest start that fits, quoted, then how many characters were left out."""
+    shown = repr(text)
+    if len(shown.encode()) <= limit:
+        return shown
+    fits, over = 0, len(text)  # the quoted start of ``fits`` characters fits; of ``over``, not
+    while over - fits > 1:
+        mid = (fits + over) // 2
+        if len(repr(text[:mid]).encode()) <= limit:
+            fits = mid
+        else:
+            over = mid
+    return f"{text[:fits]!r}...({len(text) - fits} more characters)"
+
+
 def _refuse(who: Identity, op: str, what: str, role: str, where: str) -> Forbidden:
     return Forbidden(
         f"forbidden: {who.name!r} may not {shown_op(op)} {what}: that needs the {role} role on "
@@ -339,7 +358,8 @@ def check(who: Identity, op: str, name: str, role: str | None = None) -> None:
         return
     role = role or OP_ROLE[op]
     if not who.may(role, name):
-        raise _refuse(who, op, repr(name), role, f"{name!r} or a folder above it")
+        shown = quoted(name, SHOWN_NAME)
+        raise _refuse(who, op, shown, role, f"{shown} or a folder above it")
 
 
 def check_through_file(who: Identity, header: dict[str, Any], op: str) -> str:
@@ -365,8 +385,8 @@ def check_folder(who: Identity, op: str, folder: str, role: str | None = None) -
         return
     role = role or OP_ROLE[op]
     if not who.may_folder(role, folder):
-        shown = normalise_prefix(folder) + "/"
-        raise _refuse(who, op, f"under {shown!r}", role, f"{shown!r} or a folder above it")
+        shown = quoted(normalise_prefix(folder) + "/", SHOWN_NAME)
+        raise _refuse(who, op, f"under {shown}", role, f"{shown} or a folder above it")
 
 
 def check_op(who: Identity, op: str) -> None:

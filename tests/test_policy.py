@@ -771,3 +771,30 @@ def test_a_refusal_shows_a_few_grants_of_many_and_says_how_many_more():
     # a few grants are shown whole, with nothing added
     few = Identity("dave", [Grant(WRITE, "dave"), Grant(READ, "shared")])
     assert few.describe() == "write on 'dave', read on 'shared'"
+
+
+def test_a_refusal_fits_the_reply_room_whatever_its_name_and_grants():
+    """The broker reserves SMALL_REPLY (4 KiB) for the reply to most ops, and a refusal is one:
+    it fits, with a name of 1,024 bytes (printable ASCII, shown whole; or characters that repr
+    spells out, \\U000f0000 ten bytes for four) and folders of 4-byte characters, which a cut
+    by characters left at 320 bytes each."""
+    from fms.broker.admission import SMALL_REPLY
+
+    def refusal(who, check, *args):
+        with pytest.raises(Forbidden) as refused:
+            check(who, *args)
+        text = str(refused.value)
+        assert len(p.encode(p.error_reply(2**63, "forbidden", text))) <= SMALL_REPLY, text[:200]
+        return text
+
+    emoji = Identity("e" * 64, [Grant(READ, f"{i:03d}" + "\U0001f600" * 255) for i in range(9)])
+    plain = "a/" + "b" * 1022
+    text = refusal(emoji, policy.check, "rm", plain)
+    assert text.count(repr(plain)) == 2  # a printable name shows whole
+    assert text.count("\U0001f600") < 8 * 80 and "and 1 more" in text
+    hidden = "a/" + "\U000f0000" * 255
+    for who in (emoji, Identity("nobody")):
+        text = refusal(who, policy.check, "rm", hidden)
+        assert "'a/\\U000f0000" in text and "more characters" in text  # cut, and says so
+        refusal(who, policy.check_folder, "rm_prefix", hidden)
+        refusal(who, policy.check_folder, "rm_prefix", "\\" * 1023)  # each one spelled \\
