@@ -798,3 +798,32 @@ def test_a_refusal_fits_the_reply_room_whatever_its_name_and_grants():
         assert "'a/\\U000f0000" in text and "more characters" in text  # cut, and says so
         refusal(who, policy.check_folder, "rm_prefix", hidden)
         refusal(who, policy.check_folder, "rm_prefix", "\\" * 1023)  # each one spelled \\
+
+
+def test_a_commit_manys_refusal_of_a_long_name_fits_the_room_reserved_for_each_file(fresh):
+    """A refusal names the file twice and the identity's grants (up to about 3 KiB); the broker
+    reserves RESULT_MESSAGE_MAX bytes for each file's message in a commit_many's reply, so
+    storage cuts a longer one: what it says first (the op, who, the name's start) stays."""
+    long = "other/" + "é" * 500  # 1,006 bytes of UTF-8, not the writer's to write
+    files = {"team/short": b"ok", long: b"refused"}
+    reply = ask(
+        fresh,
+        KEYS["writer"],
+        "commit_many",
+        p.pack_data(b"".join(files.values())),
+        names=list(files),
+        sizes=[len(d) for d in files.values()],
+        hashes=[h(d) for d in files.values()],
+        mtimes=[1.0] * 2,
+        commits=["z1", "z2"],
+        chunk_size=p.DEFAULT_CHUNK_SIZE,
+    )
+    assert [r["ok"] for r in reply["results"]] == [True, False]
+    refused = reply["results"][1]
+    assert refused["error"] == "forbidden"
+    message = refused["message"]
+    assert len(message.encode()) <= p.RESULT_MESSAGE_MAX
+    assert message.startswith("forbidden: 'writer' may not") and "'other/éé" in message
+    assert message.endswith("more characters)")
+    # a message that fits is left whole
+    assert p.result_message("forbidden: short") == "forbidden: short"

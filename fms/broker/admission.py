@@ -60,14 +60,14 @@ META_WIRE_MAX = p.MAX_META_BYTES + limits.MAX_MAP_LEN * 6
 
 
 def _commit_many(header: dict, size: int, seen: int) -> int:
-    """A result per file: its stat, or an error whose message may name it (each at most a name
-    and 256 bytes, and the message's ``meta``, which every stat echoes, or its own of
-    ``metas``), whatever the request holds."""
+    """A result per file: its stat, or an error whose message may name it (each at most
+    ``RESULT_MESSAGE_MAX`` bytes, a name and 256, storage cuts a longer one; and the message's
+    ``meta``, which every stat echoes, or its own of ``metas``), whatever the request holds."""
     meta = header.get("meta")
     echoed = min(size, META_WIRE_MAX) if isinstance(meta, dict) and meta else 0
     # each file's own (``metas``) is echoed once: together no more than the header holds
     own = size if isinstance(header.get("metas"), list) else 0
-    return size + own + p.MAX_BATCH_FILES * (p.MAX_NAME_BYTES + 256 + echoed) + SMALL_REPLY
+    return size + own + p.MAX_BATCH_FILES * (p.RESULT_MESSAGE_MAX + echoed) + SMALL_REPLY
 
 
 def _have(header: dict, size: int, seen: int) -> int:

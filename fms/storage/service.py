@@ -597,7 +597,7 @@ class StorageService:
                     {
                         "ok": False,
                         "error": getattr(result, "code", "internal"),
-                        "message": str(result),
+                        "message": p.result_message(str(result)),
                     }
                 )
                 continue

@@ -14,6 +14,7 @@ __all__ = [
     "MAX_NAME_BYTES",
     "MTIME_MAX",
     "MTIME_MIN",
+    "RESULT_MESSAGE_MAX",
     "Digest",
     "check_entry_name",
     "check_folder",
@@ -28,12 +29,16 @@ __all__ = [
     "need_hash",
     "need_hashes",
     "need_int",
+    "result_message",
     "travels_inline",
 ]
 
 HASH_LEN = 32  # a digest (sha256 or BLAKE3-256), bytes
 Digest: TypeAlias = bytes  # a digest (HASH_LEN bytes, the store's function): a chunk's or a file's
 MAX_NAME_BYTES = 1024  # a name in UTF-8
+# A file's error message in a batch's results (commit_many's): what the broker reserves for each
+# in the reply (fms.broker.admission), a name and a sentence, in UTF-8.
+RESULT_MESSAGE_MAX = MAX_NAME_BYTES + 256
 # A file's mtime, in seconds since the epoch: finite, from 1900-01-01 to 9999-12-31 (what
 # datetime and every filesystem fms writes to can hold).
 MTIME_MIN = -2208988800.0
@@ -299,3 +304,15 @@ def check_folder(prefix: object) -> str:
     both mean the names under ``album/`` (never ``albumX``); ``""`` is every name."""
     prefix = check_prefix(prefix)
     return prefix if not prefix or prefix.endswith("/") else prefix + "/"
+
+
+def result_message(text: str) -> str:
+    """``text`` as a file's error message in a batch's results: whole if it fits in
+    :data:`RESULT_MESSAGE_MAX` bytes of UTF-8, else its start, cut between characters, and how
+    many characters were left out (a refusal names the file twice and the identity's grants:
+    up to about 3 KiB, and a batch holds up to MAX_BATCH_FILES of them)."""
+    raw = text.encode()
+    if len(raw) <= RESULT_MESSAGE_MAX:
+        return text
+    kept = raw[: RESULT_MESSAGE_MAX - 40].decode("utf-8", "ignore")
+    return f"{kept}...({len(text) - len(kept)} more characters)"
