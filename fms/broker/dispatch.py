@@ -349,6 +349,16 @@ class Dispatcher:
                 if pending is not None:
                     self._forget(key, pending, "client gone")
 
+    def drop_unread(self) -> None:
+        """A request read after its client was seen gone (it was on its way when the connection
+        closed): dropped before admission, as its queued ones were."""
+        self.dropped += 1
+        self._drops.warning(
+            "event=request_dropped reason=%r dropped_total=%d",
+            "its client left before it was read",
+            self.dropped,
+        )
+
     def shed_queued(self, ident: bytes, uploads: bool) -> bool:
         """Answer ``unavailable`` to the newest request of ``ident`` still queued here that
         holds bytes of the kind wanted (request data, or reserved reply room)."""

@@ -8,6 +8,7 @@ queued work is dropped at once.  Timers: the core's sweep (deadlines), heartbeat
 outboxes that are due.
 """
 
+import collections
 import ctypes
 import fcntl
 import logging
@@ -33,6 +34,9 @@ from .transport import FULL, GONE, SENT, undeliverable
 log = logging.getLogger("fms.broker")
 
 DRAIN_BATCH = 64  # messages taken from one socket per poll, so neither socket starves the other
+# Clients seen gone, remembered (the newest) so that a message still on its way from one when its
+# connection closed is dropped, not taken for a new client's (see Broker.process_client).
+GONE_KEPT = 65536
 
 # pyzmq's own send, called without the Python wrapper its Socket class puts around it (about a
 # microsecond per frame, several frames per message).
@@ -191,6 +195,7 @@ class Broker:
             on_keys=curve.clients.set_identities if curve is not None else None,
         )
         self._fd_clients: dict[int, set] = {}  # fd -> client identities seen on it
+        self._gone: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self._crashes = RateLimitedLog(log)
         # Which key sent a client's message, as it stands now (ZAP authenticated it).
         self._who = curve.client if curve is not None else None
@@ -288,8 +293,17 @@ class Broker:
         return guarded
 
     def process_client(self, frames: list) -> None:
-        """``[identity, header, data?]`` from the frontend."""
+        """``[identity, header, data?]`` from the frontend.
+
+        A message from a client already seen gone is dropped: ZeroMQ still hands up what it
+        read from a connection before it closed, after the monitor said so, and its work would
+        otherwise be admitted and sent to the workers as a new client's, for nobody to read.
+        Only identities ZeroMQ made (a zero byte, then a number it never gives again) are
+        remembered: a peer that sets its own may come back under it on a new connection."""
         ident = frames[0].bytes
+        if ident in self._gone:
+            self.core.dispatcher.drop_unread()
+            return
         self._note_fd(ident, frames[0])
         self.core.client_message(ident, frames[1:], self._who)
 
@@ -328,3 +342,7 @@ class Broker:
             if client_fd.get(ident) == fd:
                 del client_fd[ident]
                 self.core.client_gone(ident)
+                if ident[:1] == b"\x00":  # made by ZeroMQ for that connection alone
+                    self._gone[ident] = None
+                    if len(self._gone) > GONE_KEPT:
+                        self._gone.popitem(last=False)
