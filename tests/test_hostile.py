@@ -528,6 +528,17 @@ def _broker_with_a_mute_worker():
         broker.close()
 
 
+class _IdentityFrame:
+    """What the broker's loop reads of an identity frame: its bytes, and the fd it came on."""
+
+    def __init__(self, data, fd):
+        self.bytes, self.fd = data, fd
+
+    def get(self, option):
+        assert option == zmq.SRCFD
+        return self.fd
+
+
 def test_a_client_on_the_fd_of_one_that_left_is_not_taken_for_gone():
     """The broker in this process, driven message by message.  A client leaves; another
     connection gets its fd and is read before the broker has looked at its monitor (a drain
@@ -535,14 +546,6 @@ def test_a_client_on_the_fd_of_one_that_left_is_not_taken_for_gone():
     work stays (before: both were taken for gone, and the new client's commit was dropped
     unanswered; its put timed out)."""
     from fms.wire.frames import drain
-
-    class Frame:  # what the loop reads of an identity frame: its bytes, and the fd it came on
-        def __init__(self, data, fd):
-            self.bytes, self.fd = data, fd
-
-        def get(self, option):
-            assert option == zmq.SRCFD
-            return self.fd
 
     with _broker_with_a_mute_worker() as (broker, _worker, leaver):
 
@@ -559,7 +562,7 @@ def test_a_client_on_the_fd_of_one_that_left_is_not_taken_for_gone():
         credit = limits.WORKER_CREDIT["storage"]
         newcomer = b"\x00newcomer"
         for i in range(credit + 4):  # the mute worker takes credit - 1 more; 5 are queued
-            broker.process_client([Frame(newcomer, fd), stat(i)])
+            broker.process_client([_IdentityFrame(newcomer, fd), stat(i)])
         drain(broker.monitor, broker.process_monitor, 10)
         status = broker.core.status()["broker"]
         assert status["queued"]["storage"] == 5
@@ -602,20 +605,21 @@ def test_a_message_read_after_its_client_left_is_dropped_not_sent_to_a_worker():
         assert after["queued"] == before["queued"]
         assert ident not in broker.transport.client_fd
         # a client that sets its own identity may come back under it on a new connection
-        for i in range(2):
-            named = _dealer(broker.frontend_endpoint, ROUTING_ID=b"me")
-            try:
-                named.send(stat(10 + i))
-                assert broker.frontend.poll(5000)
-                frames = broker.frontend.recv_multipart(copy=False)
-                assert frames[0].bytes == b"me"
-                broker.process_client(frames)
-                assert b"me" in broker.transport.client_fd
-            finally:
-                named.close()
-            assert broker.monitor.poll(5000)
-            drain(broker.monitor, broker.process_monitor, 10)
-            assert b"me" not in broker.transport.client_fd
+        named = _dealer(broker.frontend_endpoint, ROUTING_ID=b"me")
+        try:
+            named.send(stat(10))
+            assert broker.frontend.poll(5000)
+            frames = broker.frontend.recv_multipart(copy=False)
+            assert frames[0].bytes == b"me"
+            fd = frames[0].get(zmq.SRCFD)
+            broker.process_client(frames)
+        finally:
+            named.close()
+        assert broker.monitor.poll(5000)
+        drain(broker.monitor, broker.process_monitor, 10)
+        assert b"me" not in broker.transport.client_fd
+        broker.process_client([_IdentityFrame(b"me", fd + 1000), stat(11)])  # back, elsewhere
+        assert broker.transport.client_fd == {b"me": fd + 1000}
         assert broker.core.status()["broker"]["dropped"] == after["dropped"]
 
 
