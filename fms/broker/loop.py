@@ -154,6 +154,14 @@ def _on_fd(fd: int, use: Callable[[socket.socket], object]) -> object | None:
         sock.detach()
 
 
+def _made_by_zeromq(ident: bytes) -> bool:
+    """Whether a ROUTER's peer identity is one ZeroMQ made for a connection (a zero byte, then a
+    uint32 counter: never given again by that socket), not one the peer chose.  A chosen one may
+    start with a zero byte too (allowed since ZeroMQ 4.1), so only the length tells them apart,
+    and only for one chosen with ZeroMQ's reserved form."""
+    return len(ident) == 5 and ident[0] == 0
+
+
 def _endpoint(sock: zmq.Socket) -> str:
     endpoint = sock.last_endpoint
     return endpoint.decode() if isinstance(endpoint, bytes) else str(endpoint)
@@ -298,8 +306,9 @@ class Broker:
         A message from a client already seen gone is dropped: ZeroMQ still hands up what it
         read from a connection before it closed, after the monitor said so, and its work would
         otherwise be admitted and sent to the workers as a new client's, for nobody to read.
-        Only identities ZeroMQ made (a zero byte, then a number it never gives again) are
-        remembered: a peer that sets its own may come back under it on a new connection."""
+        Only identities ZeroMQ made (a zero byte, then a number it never gives again: 5 bytes) are
+        remembered: a peer that sets its own may come back under it on a new connection (and
+        since ZeroMQ 4.1 its own may start with a zero byte too, as a random UUID does)."""
         ident = frames[0].bytes
         if ident in self._gone:
             self.core.dispatcher.drop_unread()
@@ -342,7 +351,7 @@ class Broker:
             if client_fd.get(ident) == fd:
                 del client_fd[ident]
                 self.core.client_gone(ident)
-                if ident[:1] == b"\x00":  # made by ZeroMQ for that connection alone
+                if _made_by_zeromq(ident):  # for that connection alone
                     self._gone[ident] = None
                     if len(self._gone) > GONE_KEPT:
                         self._gone.popitem(last=False)
