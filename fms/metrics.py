@@ -1,13 +1,23 @@
 """The broker's Prometheus metrics (prometheus-client), served on loopback with --metrics-port.
 
-Only fms_ metrics are exported: they live in a registry of their own.
+Only fms_ metrics are exported: they live in a registry of their own.  Those counted for every
+request (requests and their latency by op and outcome, the cache's hits and misses, its GETs and
+bytes) are plain numbers the broker's thread adds to, read by a collector when /metrics is
+scraped (:class:`_PerRequest`): a prometheus-client ``Counter.inc`` or ``Histogram.observe``
+takes a lock and checks its labels, and the five of a GET were a fifth of the broker's own work
+for it.
 """
 
+import bisect
 import collections
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -31,51 +41,13 @@ class BrokerMetrics:
     """Counters the broker updates as requests come and go."""
 
     def __init__(self) -> None:
-        # (op, outcome) -> (counter, histogram) children
-        self._answered: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
+        # (op, outcome) -> [seconds in all, then a count per LATENCY_BUCKETS bound, then over]
+        self._answered: dict[tuple[str, str], list[float]] = {}
+        self.cache_hits = 0  # client reads answered from the cache
+        self.cache_misses = 0  # ... that the cache had to fetch from storage
+        self.reads = ReadTally(self)  # the broker's core counts GETs and bytes in it
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter(
-            "fms_requests",
-            "Client requests answered, by op and outcome (ok or the error code)",
-            ["op", "outcome"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "fms_request_duration_seconds",
-            "Time from a client request's "
-            "arrival at the broker to its reply leaving, by op and outcome",
-            ["op", "outcome"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.cache_hits = Counter(
-            "fms_cache_hits", "Client reads answered from the cache", registry=self.registry
-        )
-        self.cache_misses = Counter(
-            "fms_cache_misses",
-            "Client reads the cache had to fetch from storage",
-            registry=self.registry,
-        )
-        self.cache_get_hits = Counter(
-            "fms_cache_get_hits",
-            "Client GETs whose manifest and every chunk came from the cache",
-            registry=self.registry,
-        )
-        self.cache_get_misses = Counter(
-            "fms_cache_get_misses",
-            "Client GETs through the cache with the manifest or a chunk from storage",
-            registry=self.registry,
-        )
-        self.cache_bytes_hit = Counter(
-            "fms_cache_bytes_hit",
-            "Content bytes of client GETs served by the cache",
-            registry=self.registry,
-        )
-        self.cache_bytes_missed = Counter(
-            "fms_cache_bytes_missed",
-            "Content bytes of client GETs through the cache that came from storage",
-            registry=self.registry,
-        )
+        self.registry.register(_PerRequest(self))
         self.cache_evictions = Counter(
             "fms_cache_evictions",
             "Chunks the cache workers evicted to make room",
@@ -105,19 +77,78 @@ class BrokerMetrics:
         )
 
     def answered(self, op: str, outcome: str, seconds: float) -> None:
-        """A client request answered (``outcome``: ok or the error code) after ``seconds``.
-        Each label pair's children are looked up once: ``labels()`` cost about a third of the
-        broker's work per request."""
-        children = self._answered.get((op, outcome))
-        if children is None:
-            children = (self.requests.labels(op, outcome), self.latency.labels(op, outcome))
-            self._answered[(op, outcome)] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        """A client request answered (``outcome``: ok or the error code) after ``seconds``."""
+        tally = self._answered.get((op, outcome))
+        if tally is None:
+            tally = self._answered[(op, outcome)] = [0.0] * (len(LATENCY_BUCKETS) + 2)
+        tally[0] += seconds
+        tally[1 + bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
         """Serve /metrics on ``addr:port`` from a daemon thread."""
         start_http_server(port, addr=addr, registry=self.registry)
+
+
+class _PerRequest(Collector):
+    """The figures counted for every request (:class:`BrokerMetrics`), as Prometheus metrics
+    when /metrics is scraped, from the HTTP server's thread: each figure is copied whole (a
+    list copied by the interpreter at once), so a histogram's count is always its buckets'."""
+
+    def __init__(self, metrics: "BrokerMetrics") -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+        requests = CounterMetricFamily(
+            "fms_requests",
+            "Client requests answered, by op and outcome (ok or the error code)",
+            labels=["op", "outcome"],
+        )
+        latency = HistogramMetricFamily(
+            "fms_request_duration_seconds",
+            "Time from a client request's arrival at the broker to its reply leaving, by op "
+            "and outcome",
+            labels=["op", "outcome"],
+        )
+        for key, tally in sorted((k, list(t)) for k, t in list(m._answered.items())):
+            count, buckets = 0, []
+            for bound, n in zip((*LATENCY_BUCKETS, float("inf")), tally[1:], strict=True):
+                count += int(n)
+                buckets.append((floatToGoString(bound), count))
+            requests.add_metric(list(key), count)
+            latency.add_metric(list(key), buckets, tally[0])
+        yield requests
+        yield latency
+        reads = m.reads
+        for name, doc, value in (
+            ("fms_cache_hits", "Client reads answered from the cache", m.cache_hits),
+            (
+                "fms_cache_misses",
+                "Client reads the cache had to fetch from storage",
+                m.cache_misses,
+            ),
+            (
+                "fms_cache_get_hits",
+                "Client GETs whose manifest and every chunk came from the cache",
+                reads.get_hits,
+            ),
+            (
+                "fms_cache_get_misses",
+                "Client GETs through the cache with the manifest or a chunk from storage",
+                reads.get_misses,
+            ),
+            (
+                "fms_cache_bytes_hit",
+                "Content bytes of client GETs served by the cache",
+                reads.bytes_hit,
+            ),
+            (
+                "fms_cache_bytes_missed",
+                "Content bytes of client GETs through the cache that came from storage",
+                reads.bytes_missed,
+            ),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
 
 
 @dataclass(slots=True)
@@ -140,7 +171,7 @@ class ReadTally:
     (``bytes_hit``) or from storage for a GET that went through the cache (``bytes_missed``).
     GETs that skip the cache (``--no-cache``) are not counted.
 
-    :param metrics: the :class:`BrokerMetrics` whose counters follow these figures.
+    :param metrics: the :class:`BrokerMetrics` that exports these figures.
     """
 
     MAX_OPEN = 10_000  # GETs waiting for their chunks, kept at most
@@ -217,18 +248,14 @@ class ReadTally:
     def _bytes(self, hit: bool, nbytes: int) -> None:
         if hit:
             self.bytes_hit += nbytes
-            self.metrics.cache_bytes_hit.inc(nbytes)
         else:
             self.bytes_missed += nbytes
-            self.metrics.cache_bytes_missed.inc(nbytes)
 
     def _count(self, hit: bool, gets: int = 1) -> None:
         if hit:
             self.get_hits += gets
-            self.metrics.cache_get_hits.inc(gets)
         else:
             self.get_misses += gets
-            self.metrics.cache_get_misses.inc(gets)
 
     def figures(self) -> dict[str, int]:
         return {

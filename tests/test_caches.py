@@ -159,3 +159,50 @@ def test_a_chunk_request_tagged_with_junk_is_answered_and_crashes_nothing(make_c
         assert c.get_bytes("f") == data
         assert c.status()["cache"]["get_misses"] == 1
     assert "message_handling_crashed" not in cluster.procs[0].log()
+
+
+def test_the_per_request_figures_are_exported_as_prometheus_counters_and_histograms():
+    """The figures the broker counts for every request are plain numbers, turned into metrics
+    when /metrics is scraped: counts, a histogram whose buckets add up (cumulative, the last
+    +Inf equal to the count) and whose sum is the seconds, and the cache's counters."""
+    from prometheus_client import generate_latest
+
+    from fms.metrics import LATENCY_BUCKETS, BrokerMetrics
+
+    m = BrokerMetrics()
+    for seconds in (0.0002, 0.0005, 0.003, 0.003, 30.0):  # 0.0005: on a bound, counted in it
+        m.answered("get", "ok", seconds)
+    m.answered("stat", "not_found", 0.02)
+    m.cache_hits += 2
+    m.cache_misses += 1
+    m.reads.get_answered(b"c", 1, "hit", 0, 100)
+    m.reads.get_answered(b"c", 2, "miss", 0, 40)
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in generate_latest(m.registry).decode().splitlines()
+        if line and not line.startswith("#")
+    }
+    get = 'op="get",outcome="ok"'
+    assert samples[f"fms_requests_total{{{get}}}"] == 5
+    assert samples['fms_requests_total{op="stat",outcome="not_found"}'] == 1
+    assert samples[f"fms_request_duration_seconds_count{{{get}}}"] == 5
+    assert samples[f"fms_request_duration_seconds_sum{{{get}}}"] == pytest.approx(30.0067)
+    buckets = [
+        samples[f'fms_request_duration_seconds_bucket{{le="{b}",{get}}}']
+        for b in ("0.0005", "0.001", "0.0025", "0.005", "10.0", "+Inf")
+    ]
+    assert buckets == [2, 2, 2, 4, 4, 5]
+    assert (
+        len(
+            [
+                k
+                for k in samples
+                if k.startswith("fms_request_duration_seconds_bucket{") and get in k
+            ]
+        )
+        == len(LATENCY_BUCKETS) + 1
+    )
+    assert samples["fms_cache_hits_total"] == 2 and samples["fms_cache_misses_total"] == 1
+    assert samples["fms_cache_get_hits_total"] == 1 and samples["fms_cache_get_misses_total"] == 1
+    assert samples["fms_cache_bytes_hit_total"] == 100
+    assert samples["fms_cache_bytes_missed_total"] == 40

@@ -28,7 +28,7 @@ from typing import Any
 from .. import wire as p
 from ..errors import BadRequest, TooLarge
 from ..logutil import RateLimitedLog, clip
-from ..metrics import BrokerMetrics, ReadTally
+from ..metrics import BrokerMetrics
 from . import headers as h
 from .admission import Admission, Refusal, expected_reply
 from .dispatch import Dispatcher, Fill
@@ -70,7 +70,7 @@ class Core:
         self.dispatcher = Dispatcher(
             self.registry, self.admission, self.replies, transport, self.metrics
         )
-        self.reads = ReadTally(self.metrics)
+        self.reads = self.metrics.reads
         self.keys = StoreKeys(on_keys)
         self.started = time.time()
         self.endpoints: dict = {"frontend": None, "backend": None}  # the loop's, once bound
@@ -357,9 +357,9 @@ class Core:
             )
             self.metrics.answered(pending.op, outcome, time.monotonic() - pending.started)
             if route.get("cache") == "hit":
-                self.metrics.cache_hits.inc()
+                self.metrics.cache_hits += 1
             elif route.get("cache") == "miss":
-                self.metrics.cache_misses.inc()
+                self.metrics.cache_misses += 1
             nbytes = h.nbytes(body[1]) - p.DATA_PREFIX_LEN if len(body) > 1 else 0
             self.reads.tally(
                 pending.op, pending.origin["from"], pending.req_id, pending.read, route, nbytes
