@@ -277,24 +277,28 @@ def test_uploads_need_a_write_grant_somewhere(fresh):
             assert have["error"] == put["error"] == "forbidden"
 
 
+def commit_files(fresh, key, files: dict, commit: str) -> dict:
+    """One ``commit_many`` of ``files`` ({name: content}) as ``key``, the commit ids
+    ``commit`` + 1, 2, ...: its reply."""
+    return ask(
+        fresh,
+        key,
+        "commit_many",
+        p.pack_data(b"".join(files.values())),
+        names=list(files),
+        sizes=[len(d) for d in files.values()],
+        hashes=[h(d) for d in files.values()],
+        mtimes=[1.0] * len(files),
+        commits=[f"{commit}{i}" for i in range(1, len(files) + 1)],
+        chunk_size=p.DEFAULT_CHUNK_SIZE,
+    )
+
+
 def test_batches_are_decided_per_name(fresh):
     reply = ask(fresh, KEYS["reader"], "get_many", names=["team/a", "other/x", "teamX/y"])
     assert reply["ok"]
     assert [r.get("error") for r in reply["results"]] == [None, "forbidden", "forbidden"]
-    names = ["team/n1", "other/n2"]
-    content = b"n1n2"
-    reply = ask(
-        fresh,
-        KEYS["writer"],
-        "commit_many",
-        p.pack_data(content),
-        names=names,
-        sizes=[2, 2],
-        hashes=[h(b"n1"), h(b"n2")],
-        mtimes=[1.0, 1.0],
-        commits=["x1", "x2"],
-        chunk_size=p.DEFAULT_CHUNK_SIZE,
-    )
+    reply = commit_files(fresh, KEYS["writer"], {"team/n1": b"n1", "other/n2": b"n2"}, "x")
     assert [r["ok"] for r in reply["results"]] == [True, False]
     assert reply["results"][1]["error"] == "forbidden"
     assert ask(fresh, None, "stat", name="other/n2")["error"] == "not_found"
@@ -304,18 +308,7 @@ def test_a_commit_manys_fills_skip_a_file_refused_in_the_middle_at_the_right_off
     """The cache is offered each file made (its offset in the data counts the refused one's
     bytes), never the refused one."""
     files = {"team/n1": b"n1", "other/n2": b"refused", "team/n3": b"n3!"}
-    reply = ask(
-        fresh,
-        KEYS["writer"],
-        "commit_many",
-        p.pack_data(b"".join(files.values())),
-        names=list(files),
-        sizes=[len(d) for d in files.values()],
-        hashes=[h(d) for d in files.values()],
-        mtimes=[1.0] * 3,
-        commits=["y1", "y2", "y3"],
-        chunk_size=p.DEFAULT_CHUNK_SIZE,
-    )
+    reply = commit_files(fresh, KEYS["writer"], files, "y")
     assert [r["ok"] for r in reply["results"]] == [True, False, True]
     told = fresh.link.routes[-1]
     assert told["invalidate"] == ["team/n1", "team/n3"]
@@ -806,18 +799,7 @@ def test_a_commit_manys_refusal_of_a_long_name_fits_the_room_reserved_for_each_f
     storage cuts a longer one: what it says first (the op, who, the name's start) stays."""
     long = "other/" + "é" * 500  # 1,006 bytes of UTF-8, not the writer's to write
     files = {"team/short": b"ok", long: b"refused"}
-    reply = ask(
-        fresh,
-        KEYS["writer"],
-        "commit_many",
-        p.pack_data(b"".join(files.values())),
-        names=list(files),
-        sizes=[len(d) for d in files.values()],
-        hashes=[h(d) for d in files.values()],
-        mtimes=[1.0] * 2,
-        commits=["z1", "z2"],
-        chunk_size=p.DEFAULT_CHUNK_SIZE,
-    )
+    reply = commit_files(fresh, KEYS["writer"], files, "z")
     assert [r["ok"] for r in reply["results"]] == [True, False]
     refused = reply["results"][1]
     assert refused["error"] == "forbidden"
