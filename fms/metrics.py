@@ -45,7 +45,7 @@ class BrokerMetrics:
         self._answered: dict[tuple[str, str], list[float]] = {}
         self.cache_hits = 0  # client reads answered from the cache
         self.cache_misses = 0  # ... that the cache had to fetch from storage
-        self.reads = ReadTally(self)  # the broker's core counts GETs and bytes in it
+        self.reads = ReadTally()  # the broker's core counts GETs and bytes in it
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_PerRequest(self))
         self.cache_evictions = Counter(
@@ -171,13 +171,12 @@ class ReadTally:
     (``bytes_hit``) or from storage for a GET that went through the cache (``bytes_missed``).
     GETs that skip the cache (``--no-cache``) are not counted.
 
-    :param metrics: the :class:`BrokerMetrics` that exports these figures.
+    :class:`BrokerMetrics` holds one and exports its figures.
     """
 
     MAX_OPEN = 10_000  # GETs waiting for their chunks, kept at most
 
-    def __init__(self, metrics: BrokerMetrics) -> None:
-        self.metrics = metrics
+    def __init__(self) -> None:
         self.get_hits = self.get_misses = self.bytes_hit = self.bytes_missed = 0
         # (client, GET request id) -> its chunks still to come
         self._open: collections.OrderedDict[tuple[bytes, object], _OpenGet] = (

@@ -122,9 +122,9 @@ def test_no_cache_reads_and_files_over_max_file_skip_the_cache(make_cluster, tmp
 
 
 def test_read_tally_counts_a_get_as_a_hit_only_when_every_piece_came_from_the_cache():
-    from fms.metrics import BrokerMetrics, ReadTally
+    from fms.metrics import ReadTally
 
-    tally = ReadTally(BrokerMetrics())
+    tally = ReadTally()
     tally.get_answered(b"c", 1, "hit", 0, 100)  # a small file, inline: a hit
     tally.get_answered(b"c", 2, "hit", 2, 0)  # a manifest hit, 2 chunks to come
     tally.chunk_answered(b"c", 2, "hit", 1000)
