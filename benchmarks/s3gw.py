@@ -45,7 +45,13 @@ TICKS = os.sysconf("SC_CLK_TCK")  # /proc/PID/stat's unit of CPU time
 def cpu_times(pid: int) -> tuple[float, float]:
     """CPU-seconds process ``pid`` has used so far in user mode and in the kernel (all its
     threads).  :raises FileNotFoundError: it is gone."""
-    with open(f"/proc/{pid}/stat") as f:
+    return stat_times(f"/proc/{pid}/stat")
+
+
+def stat_times(path: str) -> tuple[float, float]:
+    """User and kernel CPU-seconds from a ``/proc`` ``stat`` file: a process's, or one thread's
+    (``/proc/PID/task/TID/stat``).  :raises FileNotFoundError: it is gone."""
+    with open(path) as f:
         fields = f.read().rpartition(")")[2].split()
     return int(fields[11]) / TICKS, int(fields[12]) / TICKS  # utime, stime
 

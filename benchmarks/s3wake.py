@@ -22,7 +22,7 @@ import multiprocessing
 import time
 
 from benchmarks import s3gw
-from benchmarks.s3gw import SMALL_CLIENTS, TICKS, cpu_times, fms_and_seaweed
+from benchmarks.s3gw import SMALL_CLIENTS, cpu_times, fms_and_seaweed, stat_times
 
 
 def _timed_worker(args) -> float:
@@ -60,10 +60,9 @@ def process_stats(pids: dict) -> dict:
                             switches[1] += int(line.split()[1])
                 with open(f"{task}/comm") as f:
                     if f.read().startswith("ZMQbg/IO"):  # libzmq names its I/O threads so
-                        with open(f"{task}/stat") as stat:
-                            fields = stat.read().rpartition(")")[2].split()
-                        zmq_io[0] += int(fields[11]) / TICKS
-                        zmq_io[1] += int(fields[12]) / TICKS
+                        user, system = stat_times(f"{task}/stat")
+                        zmq_io[0] += user
+                        zmq_io[1] += system
             except FileNotFoundError:  # a thread that ended meanwhile
                 pass
         out[name] = (*cpu_times(pid), *switches, *zmq_io)
